@@ -1,0 +1,131 @@
+-- sluice.buf: buffer handles into pooled memory.
+--
+-- A handle (sl_lbuf) points at a C sl_buf and remembers its generation; a
+-- released buffer's generation moves on, so every access through a stale
+-- handle is caught instead of reading freed or reused memory. A handle also
+-- counts the references it owns (refs); while it owns any it carries a
+-- finalizer, and a handle collected with references is a leak: reported,
+-- and its memory given back.
+--
+-- Ownership: a handle given to C (ctx:fire_read toward a C stage, ctx:write)
+-- gives one of its references away. retain() adds one, release() drops one.
+local ffi = require("ffi")
+local C = require("sluice.core")
+
+local ffi_gc = ffi.gc
+local ffi_string = ffi.string
+local error = error
+local type = type
+
+local lbuf_t = ffi.typeof("sl_lbuf")
+local errp = ffi.new("const char *[1]")
+local finalize = C.sl_ffi_buf_finalize
+
+local _M = {}
+local methods = {}
+
+local function dead(h, level)
+  error("buffer used after release (refcnt 0)", level or 3)
+end
+
+-- The live sl_buf behind h, or a Lua error.
+local function live(h)
+  local b = h.b
+  if b.gen ~= h.gen or b.root.refcnt == 0 then dead(h) end
+  return b
+end
+_M.live = live
+
+-- Wraps a +1 sl_buf pointer from C into a handle that owns that reference.
+function _M.wrap(ptr)
+  local b = ffi.cast("sl_buf *", ptr)
+  return ffi_gc(lbuf_t(b, b.gen, 1), finalize)
+end
+
+-- Marks one reference of h as given to C; the caller passes h.b on.
+function _M.give(h)
+  local b = live(h)
+  local refs = h.refs
+  if refs > 0 then
+    h.refs = refs - 1
+    if refs == 1 then ffi_gc(h, nil) end
+  end
+  return b
+end
+
+function methods.readable_bytes(h)
+  local b = live(h)
+  return b.wr - b.rd
+end
+
+function methods.capacity(h)
+  return live(h).cap
+end
+
+function methods.refcnt(h)
+  local b = h.b
+  if b.gen ~= h.gen then return 0 end
+  return b.root.refcnt
+end
+
+function methods.tostring(h, offset, len)
+  local b = live(h)
+  local avail = b.wr - b.rd
+  offset = offset or 0
+  len = len or (avail - offset)
+  if type(offset) ~= "number" or type(len) ~= "number" or offset < 0 or len < 0
+      or offset + len > avail then
+    error(("bad range: offset %s, length %s, readable bytes %d"):format(
+      tostring(offset), tostring(len), avail), 2)
+  end
+  return ffi_string(b.data + b.rd + offset, len)
+end
+
+function methods.retain(h, n)
+  n = n or 1
+  if type(n) ~= "number" or n < 1 then error("bad 'n' argument (positive number expected)", 2) end
+  local b = h.b
+  if b.gen ~= h.gen then error("refcnt 0, increment " .. n, 2) end
+  if C.sl_ffi_buf_retain(b, n, errp) < 0 then error(ffi_string(errp[0]), 2) end
+  if h.refs == 0 then ffi_gc(h, finalize) end
+  h.refs = h.refs + n
+  return h
+end
+
+function methods.release(h, n)
+  n = n or 1
+  if type(n) ~= "number" or n < 1 then error("bad 'n' argument (positive number expected)", 2) end
+  local b = h.b
+  if b.gen ~= h.gen then error("refcnt 0, decrement " .. n, 2) end
+  local rc = C.sl_ffi_buf_release(b, n, errp)
+  if rc < 0 then error(ffi_string(errp[0]), 2) end
+  local refs = h.refs
+  if refs > 0 then
+    refs = refs > n and refs - n or 0
+    h.refs = refs
+    if refs == 0 then ffi_gc(h, nil) end
+  end
+  return rc == 1
+end
+
+local mt = {
+  __index = methods,
+  __len = function(h)
+    local b = live(h)
+    return b.wr - b.rd
+  end,
+  __tostring = function(h)
+    local b = h.b
+    if b.gen ~= h.gen then return "sl_buf (released)" end
+    return ("sl_buf (%d readable, capacity %d, refcnt %d)"):format(b.wr - b.rd, b.cap,
+                                                                   b.root.refcnt)
+  end,
+}
+ffi.metatype(lbuf_t, mt)
+
+function _M.is_buf(v)
+  return type(v) == "cdata" and ffi.istype(lbuf_t, v)
+end
+
+_M.methods = methods
+return _M

@@ -1,0 +1,51 @@
+-- sluice.cdef: the C declarations Lua sees, loaded once per state. Mirrors
+-- src/buf/buf_types.h and src/lua/ffi.h exactly; nothing here depends on
+-- build flags.
+local ffi = require("ffi")
+
+ffi.cdef[[
+typedef struct sl_pool sl_pool;
+typedef struct sl_ctx sl_ctx;
+typedef struct sl_buf sl_buf;
+
+struct sl_buf {
+  uint8_t *data;
+  uint32_t rd;
+  uint32_t wr;
+  uint32_t cap;
+  uint32_t max_cap;
+  uint32_t refcnt;
+  uint32_t gen;
+  sl_buf *root;
+  sl_buf *views;
+  sl_pool *pool;
+  void *owner;
+  uint32_t block_size;
+  uint32_t flags;
+};
+
+typedef struct sl_lbuf {
+  sl_buf *b;
+  uint32_t gen;
+  int32_t refs;
+} sl_lbuf;
+
+int sl_ffi_abi(void);
+void sl_ffi_buf_finalize(sl_lbuf *h);
+int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err);
+int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err);
+sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap);
+sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
+double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
+void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
+void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
+void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
+void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
+int sl_ffi_ctx_is_writable(sl_ctx *ctx);
+void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
+const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+void sl_ffi_log(int level, const char *msg);
+int sl_ffi_log_enabled(int level);
+]]
+
+return true

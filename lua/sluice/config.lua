@@ -1,0 +1,749 @@
+-- sluice.config: load, validate and normalize a sluice configuration file.
+--
+-- The configuration is a Lua file that returns a table. `load` runs it in an
+-- environment of its own, `validate` checks the table against the schema below
+-- and returns a new, normalized table that the C core reads with the classic
+-- Lua C API. Pure Lua 5.1 / LuaJIT: no FFI, no C modules.
+--
+--   local cfg, err = config.load(path, opts)
+--   local cfg, err = config.validate(tbl, opts)
+--   local sp       = config.search_path(opts)
+--
+--   opts.root       sluice's own folder (holds lua/ and examples/), optional
+--   opts.config_dir folder of the configuration file, optional (`load`
+--                   derives it from `path` when absent)
+--   opts.builtin    set of stage names implemented in C: { [name] = true }
+--
+-- Errors. On failure `load` and `validate` return nil and exactly one line:
+--
+--   config error: <key path>: expected <what>, got <value>
+--
+-- <key path> is written as Lua would index it (`listeners[1].listen`,
+-- `upstreams["my-up"].servers[2]`), or `top level` for the table itself.
+-- <value> is shown as Lua would write it: strings double-quoted and escaped,
+-- numbers and booleans as is, `nil`, `a table` (`an empty table`),
+-- `a function`. Errors in the file itself are `config error: <path>: <msg>`.
+--
+-- Schema (unknown keys are errors at every level):
+--
+--   listeners   required non-empty array of listeners:
+--     name            required non-empty string, unique
+--     listen          required "host:port": IPv4, [IPv6], localhost (becomes
+--                     127.0.0.1) or * / 0.0.0.0; port 1-65535; unique
+--     upstream        optional name of an upstream
+--     pipeline        optional array of stages: "module.name" or
+--                     { "module.name", option = value, ... }
+--     low_water_mark  optional positive integer, default 32768 (or
+--                     high_water_mark when that is smaller)
+--     high_water_mark optional positive integer, default 65536
+--     (and at least an upstream or a non-empty pipeline)
+--   upstreams   optional table keyed by name ([%w_%-%.]+):
+--     servers            required non-empty array of "host:port" (no wildcard)
+--     connect_timeout_ms optional positive integer, default 5000
+--   log_level   optional "debug", "info", "warn" or "error", default "info"
+--
+-- Positive integers are 1..2^31-1 so that they fit a C int.
+--
+-- Check order (so the first error reported is deterministic): unknown keys of
+-- the top level, then log_level, upstreams (by sorted name), listeners (in
+-- array order). Inside each table: unknown keys first (the smallest unknown key
+-- is reported, numbers before strings), then the known keys in the order
+-- listed above; for a listener, then low <= high, then "an upstream or a
+-- pipeline". A stage is resolved (and its module run) when its entry is
+-- checked.
+--
+-- Normalized result (a new table; the input is never modified):
+--
+--   { log_level, search_path,
+--     listeners = { { name, listen = address, upstream (or nil), pipeline =
+--                     { { module, kind = "lua", file, options } or
+--                       { module, kind = "c", options } }, low_water_mark,
+--                     high_water_mark } },
+--     upstreams = { [name] = { name, servers = { address }, connect_timeout_ms } },
+--     upstream_names = { sorted names } }
+--
+--   address = { host (no brackets), port, text ("h:p" or "[h6]:p"),
+--               family = "inet" or "inet6" }; IPv6 hosts in RFC 5952 form.
+--
+-- Bad arguments (opts of the wrong type) are programming errors and raise.
+
+local _M = {}
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local next = next
+local pcall = pcall
+local error = error
+local tostring = tostring
+local tonumber = tonumber
+local loadfile = loadfile
+local setfenv = setfenv
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local format = string.format
+local byte = string.byte
+local concat = table.concat
+local sort = table.sort
+local floor = math.floor
+local package = package  -- package.path is read at call time, never cached
+local searchpath = package.searchpath
+local _G = _G
+
+-- The environment that configuration files and stage modules run in: reads
+-- fall through to the real globals, writes (including `_G.x = ...`) stay in
+-- the sandbox. Library tables (string, math, ...) are shared, not copied.
+local function sandbox()
+    local env = setmetatable({}, { __index = _G })
+    env._G = env
+    return env
+end
+
+local Failure = {}  -- metatable tagging the error objects thrown by fail()
+
+local DEFAULT_LOG_LEVEL = "info"
+local DEFAULT_LOW_WATER_MARK = 32768
+local DEFAULT_HIGH_WATER_MARK = 65536
+local DEFAULT_CONNECT_TIMEOUT_MS = 5000
+local MAX_INT = 2147483647  -- integers must fit a C int
+
+local LOG_LEVELS = { "debug", "info", "warn", "error" }
+
+-- Known keys of each table, in check order (also the order shown in errors).
+local TOP_KEYS = { "listeners", "upstreams", "log_level" }
+local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
+                        "low_water_mark", "high_water_mark" }
+local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
+
+-- Callback names a Lua stage module may define (function-valued fields).
+local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
+                    "channel_read_complete", "channel_writability_changed",
+                    "user_event", "error", "write", "flush", "close", "read" }
+
+local function set_of(list)
+    local set = {}
+    for _, v in ipairs(list) do set[v] = true end
+    return set
+end
+
+local LOG_LEVEL_SET = set_of(LOG_LEVELS)
+local CALLBACK_SET = set_of(CALLBACKS)
+
+
+---------------------------------------------------------------------------
+-- Formatting
+---------------------------------------------------------------------------
+
+local ESCAPES = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n',
+                  ['\r'] = '\\r', ['\t'] = '\\t' }
+
+-- Returns s in double quotes, escaped so the result stays on one line.
+local function quote(s)
+    return '"' .. s:gsub('[%c"\\]', function(c)
+        return ESCAPES[c] or format("\\%03d", byte(c))
+    end) .. '"'
+end
+
+-- Returns a one-line rendering of any value for the "got ..." part.
+local function show(v)
+    local t = type(v)
+    if t == "string" then
+        return quote(v)
+    elseif t == "number" or t == "boolean" or t == "nil" then
+        return tostring(v)
+    elseif t == "table" then
+        return next(v) == nil and "an empty table" or "a table"
+    end
+    return "a " .. t  -- function, userdata, thread
+end
+
+-- Returns the path of `key` inside the table at `parent` ("" = top level).
+local function key_path(parent, key)
+    if type(key) == "string" and key:find("^[%a_][%w_]*$") then
+        return parent == "" and key or parent .. "." .. key
+    elseif type(key) == "number" and key == floor(key) then
+        return format("%s[%d]", parent, key)
+    end
+    return format("%s[%s]", parent, show(key))
+end
+
+-- A total order on table keys of mixed types, for deterministic reports.
+local function key_less(a, b)
+    local ta, tb = type(a), type(b)
+    if ta ~= tb then return ta < tb end
+    if ta == "number" or ta == "string" then return a < b end
+    if ta == "boolean" then return not a and b end
+    return tostring(a) < tostring(b)
+end
+
+local function sorted_keys(t, filter)
+    local keys = {}
+    for k, v in pairs(t) do
+        if not filter or filter(k, v) then keys[#keys + 1] = k end
+    end
+    sort(keys, key_less)
+    return keys
+end
+
+local function one_line(s)
+    return (s:gsub("%s*\n%s*", " "))
+end
+
+-- Raises a validation failure at `path` (a key path, "" = top level).
+-- Caught by validate(), which turns it into `nil, msg`.
+local function fail(path, fmt, ...)
+    local msg = format("config error: %s: %s",
+                       path == "" and "top level" or path, format(fmt, ...))
+    error(setmetatable({ msg = one_line(msg) }, Failure), 0)
+end
+
+
+---------------------------------------------------------------------------
+-- Scalar checks
+---------------------------------------------------------------------------
+
+-- Raises unless every key of t is in `known` (a list). Smallest key first.
+local function check_keys(t, path, known)
+    local set = set_of(known)
+    local unknown = sorted_keys(t, function(k) return not set[k] end)
+    if unknown[1] ~= nil then
+        fail(key_path(path, unknown[1]), "unknown key (expected one of: %s)",
+             concat(known, ", "))
+    end
+end
+
+-- Raises unless the keys of table t are exactly 1..n. Returns n.
+local function check_array(t, path)
+    local n = 0
+    for _ in pairs(t) do n = n + 1 end
+    local bad = sorted_keys(t, function(k)
+        return type(k) ~= "number" or k < 1 or k > n or k ~= floor(k)
+    end)
+    if bad[1] ~= nil then
+        fail(key_path(path, bad[1]),
+             "unknown key (expected an array: keys 1, 2, ... without gaps)")
+    end
+    return n
+end
+
+-- Returns v if it is an integer in 1..MAX_INT, `default` if v is nil.
+local function check_positive_int(v, path, default)
+    if v == nil then return default end
+    if type(v) ~= "number" or v ~= v or v < 1 or v ~= floor(v) then
+        fail(path, "expected a positive integer, got %s", show(v))
+    end
+    if v > MAX_INT then
+        fail(path, "expected a positive integer no larger than %d, got %s",
+             MAX_INT, show(v))
+    end
+    return v
+end
+
+
+---------------------------------------------------------------------------
+-- Addresses
+---------------------------------------------------------------------------
+
+-- Returns the canonical text of a dotted-quad IPv4 address, or nil.
+-- Octets are 0-255 without leading zeros (inet_pton rejects them too).
+local function parse_ipv4(s)
+    local o = { s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$") }
+    if #o ~= 4 then return nil end
+    for i = 1, 4 do
+        if #o[i] > 3 or (#o[i] > 1 and o[i]:sub(1, 1) == "0")
+           or tonumber(o[i]) > 255 then
+            return nil
+        end
+        o[i] = tonumber(o[i])
+    end
+    return concat(o, "."), o
+end
+
+-- Appends the 16-bit groups of "h:h:...:h" (or "") to out. Returns false on
+-- a malformed group.
+local function hex_groups(s, out)
+    if s == "" then return true end
+    for g in (s .. ":"):gmatch("([^:]*):") do
+        if not g:find("^%x%x?%x?%x?$") then return false end
+        out[#out + 1] = tonumber(g, 16)
+    end
+    return true
+end
+
+-- Returns the canonical (RFC 5952: lower case, no leading zeros, longest run
+-- of two or more zero groups as "::") text of an IPv6 address, or nil.
+-- Accepts "::" compression and an embedded IPv4 tail; no zone ids.
+local function parse_ipv6(s)
+    if s:find("[^%x:%.]") then return nil end
+    local groups, tail = {}, {}
+    if s:find(".", 1, true) then  -- embedded IPv4 tail: "...:a.b.c.d"
+        local head, v4 = s:match("^(.*:)([^:]*)$")
+        local _, octets = parse_ipv4(v4 or "")
+        if not octets then return nil end
+        tail = { octets[1] * 256 + octets[2], octets[3] * 256 + octets[4] }
+        s = head:find("::$") and head or head:sub(1, -2)
+    end
+    local want = 8 - #tail
+    local a, b = s:find("::", 1, true)
+    if a then
+        if s:find("::", b, true) then return nil end  -- "::" twice, or ":::"
+        local left, right = {}, {}
+        if not hex_groups(s:sub(1, a - 1), left)
+           or not hex_groups(s:sub(b + 1), right)
+           or #left + #right >= want then
+            return nil
+        end
+        groups = left
+        for _ = 1, want - #left - #right do groups[#groups + 1] = 0 end
+        for _, g in ipairs(right) do groups[#groups + 1] = g end
+    elseif not hex_groups(s, groups) or #groups ~= want then
+        return nil
+    end
+    for _, g in ipairs(tail) do groups[#groups + 1] = g end
+
+    -- Longest run of zero groups (leftmost on ties), if at least two long.
+    local best_at, best_len, run_at = nil, 1, nil
+    for i = 1, 9 do
+        if groups[i] == 0 then
+            run_at = run_at or i
+        elseif run_at then
+            if i - run_at > best_len then best_at, best_len = run_at, i - run_at end
+            run_at = nil
+        end
+    end
+    local text = {}
+    for i = 1, 8 do text[i] = format("%x", groups[i]) end
+    if not best_at then return concat(text, ":") end
+    return concat(text, ":", 1, best_at - 1) .. "::"
+           .. concat(text, ":", best_at + best_len, 8)
+end
+
+-- Parses a "host:port" string. `listen` allows the wildcard hosts `*` and
+-- 0.0.0.0 (and [::]); servers may not use them.
+-- Returns { host, port, text, family } or nil, <what was expected>.
+local function parse_address(s, listen)
+    local expected = '"host:port"'
+    if type(s) ~= "string" then return nil, expected end
+    local host, port, bracketed = s:match("^%[([^%]]*)%]:(.*)$")
+    if host then
+        bracketed = true
+    elseif s:find("^%[") then
+        return nil, expected
+    elseif s:find(":.*:") then
+        return nil, expected .. ' with an IPv6 host in brackets, as "[::1]:80"'
+    else
+        host, port = s:match("^([^:]*):(.*)$")
+        if not host then return nil, expected end
+    end
+    port = port:find("^%d+$") and tonumber(port)
+    if not port or port < 1 or port > 65535 then
+        return nil, expected .. " with a port from 1 to 65535"
+    end
+
+    local family, text
+    if bracketed then
+        host, family = parse_ipv6(host), "inet6"
+    elseif host == "localhost" then
+        host, family = "127.0.0.1", "inet"
+    elseif host == "*" then
+        host, family = "0.0.0.0", "inet"
+    else
+        host, family = parse_ipv4(host), "inet"
+    end
+    if not host and bracketed then
+        return nil, expected .. " with a valid IPv6 address in the brackets"
+    elseif not host then
+        return nil, expected .. (listen
+            and " with host an IPv4 address, [IPv6 address], localhost or *"
+            or " with host an IPv4 address, [IPv6 address] or localhost")
+    end
+    if not listen and (host == "0.0.0.0" or host == "::") then
+        return nil, expected .. " with a host to connect to (not *, 0.0.0.0 or [::])"
+    end
+    if family == "inet6" then
+        text = format("[%s]:%d", host, port)
+    else
+        text = format("%s:%d", host, port)
+    end
+    return { host = host, port = port, text = text, family = family }
+end
+
+-- Returns the normalized address at `path`, or fails.
+local function check_address(v, path, listen)
+    local addr, expected = parse_address(v, listen)
+    if not addr then fail(path, "expected %s, got %s", expected, show(v)) end
+    return addr
+end
+
+
+---------------------------------------------------------------------------
+-- Search path and stage modules
+---------------------------------------------------------------------------
+
+-- Returns the two package.path templates for folder `dir`, or nil, err when
+-- the folder name cannot appear in a search path.
+local function templates(dir, what)
+    if type(dir) ~= "string" then return "" end
+    if dir:find("[;?]") then
+        return nil, format('config error: %s %s: a folder whose name contains ";" or "?" cannot be searched for modules',
+                           what, quote(dir))
+    end
+    local d = dir:find("/$") and dir or dir .. "/"
+    return d .. "?.lua;" .. d .. "?/init.lua;"
+end
+
+-- Returns the Lua package path used to find stage modules: the config's
+-- folder, then <root>/lua, then <root>, then the current package.path.
+-- Folders not given in opts are left out. Returns nil, err for a folder
+-- whose name contains ";" or "?".
+function _M.search_path(opts)
+    opts = opts or {}
+    local cfg, err = templates(opts.config_dir, "config_dir")
+    if not cfg then return nil, err end
+    local lib, root
+    lib, err = templates(opts.root and opts.root:gsub("/$", "") .. "/lua", "root")
+    if not lib then return nil, err end
+    root, err = templates(opts.root, "root")
+    if not root then return nil, err end
+    return cfg .. lib .. root .. package.path
+end
+
+-- Returns true if name looks like `a.b.c` (each part [%w_]+).
+local function valid_module_name(name)
+    if type(name) ~= "string" then return false end
+    local shape = name:gsub("[%w_]+", "x")
+    return shape:find("^x[%.x]*$") ~= nil and not shape:find("..", 1, true)
+           and not shape:find("%.$")
+end
+
+-- Loads a stage module the way the core will: compiled from `file`, run in a
+-- sandbox with package.path set to the search path (so its own `require`s
+-- resolve like at run time), called with its name. Returns true, its value,
+-- or false, err. Restores package.path; modules it requires stay in
+-- package.loaded (unloading them would re-run their ffi.cdef at run time).
+local function run_module(name, file, search_path)
+    local chunk, err = loadfile(file)
+    if not chunk then return false, err end
+    setfenv(chunk, sandbox())
+    local saved = package.path
+    package.path = search_path
+    local ok, res = pcall(chunk, name)
+    package.path = saved
+    if not ok then
+        return false, type(res) == "string" and res or "raised " .. show(res)
+    end
+    return true, res
+end
+
+-- Resolves and checks the stage module `name` for the entry at `path`.
+-- Returns { kind = "c" } or { kind = "lua", file = ... }. Results are
+-- cached per validation in ctx.modules so a module runs at most once.
+local function resolve_stage(name, path, ctx)
+    local cached = ctx.modules[name]
+    if cached then return cached end
+    local found
+    if ctx.builtin[name] then
+        found = { kind = "c" }
+    else
+        local file = searchpath(name, ctx.search_path)
+        if not file then fail(path, "module %s not found", quote(name)) end
+        local ok, mod = run_module(name, file, ctx.search_path)
+        if not ok then
+            fail(path, "module %s failed to load: %s", quote(name), mod)
+        end
+        if type(mod) ~= "table" then
+            fail(path, "module %s expected to return a table of callbacks, got %s",
+                 quote(name), show(mod))
+        end
+        local unknown = sorted_keys(mod, function(k, v)
+            return type(v) == "function" and not CALLBACK_SET[k]
+        end)
+        if unknown[1] ~= nil then
+            fail(path, "module %s has an unknown callback %s (known: %s)",
+                 quote(name), show(unknown[1]), concat(CALLBACKS, ", "))
+        end
+        found = { kind = "lua", file = file }
+    end
+    ctx.modules[name] = found
+    return found
+end
+
+local STAGE_EXPECTED = 'a module name or a table { "module.name", option = value, ... }'
+
+-- Returns the normalized pipeline entry at `path`:
+-- { module, kind, options, file (lua only) }. Options are a shallow copy.
+local function check_stage(entry, path, ctx)
+    local name, options = entry, {}
+    if type(entry) == "table" then
+        name = entry[1]
+        local extra = sorted_keys(entry, function(k)
+            return k ~= 1 and type(k) ~= "string"
+        end)
+        if extra[1] ~= nil then
+            fail(key_path(path, extra[1]),
+                 "unknown key (expected the module name at [1] and options under string keys)")
+        end
+        if not valid_module_name(name) then
+            fail(path .. "[1]", 'expected a module name like "examples.stages.log_chunks", got %s',
+                 show(name))
+        end
+        for k, v in pairs(entry) do
+            if k ~= 1 then options[k] = v end
+        end
+    elseif type(entry) ~= "string" then
+        fail(path, "expected %s, got %s", STAGE_EXPECTED, show(entry))
+    elseif not valid_module_name(entry) then
+        fail(path, 'expected a module name like "examples.stages.log_chunks", got %s',
+             show(entry))
+    end
+    local found = resolve_stage(name, path, ctx)
+    return { module = name, kind = found.kind, file = found.file, options = options }
+end
+
+
+---------------------------------------------------------------------------
+-- Tables
+---------------------------------------------------------------------------
+
+local function check_log_level(v)
+    if v == nil then return DEFAULT_LOG_LEVEL end
+    if not LOG_LEVEL_SET[v] then
+        fail("log_level", 'expected one of "%s", got %s',
+             concat(LOG_LEVELS, '", "'), show(v))
+    end
+    return v
+end
+
+-- Returns the normalized upstream `name` (keys: servers, connect_timeout_ms).
+local function check_upstream(name, up, path)
+    if type(up) ~= "table" then
+        fail(path, "expected a table { servers = { \"host:port\", ... } }, got %s", show(up))
+    end
+    check_keys(up, path, UPSTREAM_KEYS)
+    local spath = path .. ".servers"
+    local servers = up.servers
+    if type(servers) ~= "table" or next(servers) == nil then
+        fail(spath, 'expected a non-empty array of "host:port" strings, got %s', show(servers))
+    end
+    local out = {}
+    for i = 1, check_array(servers, spath) do
+        out[i] = check_address(servers[i], format("%s[%d]", spath, i), false)
+    end
+    return {
+        name = name,
+        servers = out,
+        connect_timeout_ms = check_positive_int(up.connect_timeout_ms,
+            path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS),
+    }
+end
+
+-- Returns the normalized upstreams table and the sorted list of their names.
+local function check_upstreams(ups)
+    if ups == nil then return {}, {} end
+    if type(ups) ~= "table" then
+        fail("upstreams", "expected a table of upstreams keyed by name, got %s", show(ups))
+    end
+    local out, names = {}, sorted_keys(ups)
+    for _, name in ipairs(names) do
+        local path = key_path("upstreams", name)
+        if type(name) ~= "string" or not name:find("^[%w_%-%.]+$") then
+            fail(path, 'expected an upstream name made of letters, digits, "_", "-" and ".", got %s',
+                 show(name))
+        end
+        out[name] = check_upstream(name, ups[name], path)
+    end
+    return out, names
+end
+
+-- Returns the normalized listener at `path`. ctx.names and
+-- ctx.addresses map names and listen texts to the path that used them first.
+local function check_listener(l, path, ctx)
+    if type(l) ~= "table" then
+        fail(path, "expected a listener table, got %s", show(l))
+    end
+    check_keys(l, path, LISTENER_KEYS)
+
+    local name = l.name
+    if type(name) ~= "string" or name == "" then
+        fail(path .. ".name", "expected a non-empty string, got %s", show(name))
+    end
+    if ctx.names[name] then
+        fail(path .. ".name", "expected a unique name, got %s (also %s)",
+             show(name), ctx.names[name])
+    end
+    ctx.names[name] = path
+
+    local listen = check_address(l.listen, path .. ".listen", true)
+    local other = ctx.addresses[listen.text]
+    if other then
+        fail(path .. ".listen", "expected a unique address, got %s (%s is also used by %s)",
+             show(l.listen), listen.text, other)
+    end
+    ctx.addresses[listen.text] = path
+
+    local upstream = l.upstream
+    if upstream ~= nil and (type(upstream) ~= "string" or not ctx.upstreams[upstream]) then
+        fail(path .. ".upstream", "expected the name of an upstream (%s), got %s",
+             #ctx.upstream_names == 0 and "no upstreams are defined"
+             or "one of: " .. concat(ctx.upstream_names, ", "),
+             show(upstream))
+    end
+
+    local pipeline = {}
+    local ppath = path .. ".pipeline"
+    if l.pipeline ~= nil then
+        if type(l.pipeline) ~= "table" then
+            fail(ppath, "expected an array of stages, got %s", show(l.pipeline))
+        end
+        for i = 1, check_array(l.pipeline, ppath) do
+            pipeline[i] = check_stage(l.pipeline[i], format("%s[%d]", ppath, i), ctx)
+        end
+    end
+
+    local low = check_positive_int(l.low_water_mark, path .. ".low_water_mark", nil)
+    local high = check_positive_int(l.high_water_mark, path .. ".high_water_mark",
+                                    DEFAULT_HIGH_WATER_MARK)
+    if low == nil then
+        -- The default low mark never exceeds an explicit, smaller high one.
+        low = DEFAULT_LOW_WATER_MARK < high and DEFAULT_LOW_WATER_MARK or high
+    elseif low > high then
+        fail(path .. ".low_water_mark", "expected at most high_water_mark (%d), got %s",
+             high, show(low))
+    end
+
+    if upstream == nil and #pipeline == 0 then
+        fail(path, "expected an upstream or a pipeline")
+    end
+
+    return {
+        name = name,
+        listen = listen,
+        upstream = upstream,
+        pipeline = pipeline,
+        low_water_mark = low,
+        high_water_mark = high,
+    }
+end
+
+local function check_listeners(ls, ctx)
+    if type(ls) ~= "table" or next(ls) == nil then
+        fail("listeners", "expected a non-empty array of listener tables, got %s", show(ls))
+    end
+    local out = {}
+    for i = 1, check_array(ls, "listeners") do
+        out[i] = check_listener(ls[i], format("listeners[%d]", i), ctx)
+    end
+    return out
+end
+
+local function check_root(t, ctx)
+    if type(t) ~= "table" then
+        fail("", "expected a table, got %s", show(t))
+    end
+    check_keys(t, "", TOP_KEYS)
+    local log_level = check_log_level(t.log_level)
+    local upstreams, names = check_upstreams(t.upstreams)
+    ctx.upstreams, ctx.upstream_names = upstreams, names
+    return {
+        log_level = log_level,
+        search_path = ctx.search_path,
+        listeners = check_listeners(t.listeners, ctx),
+        upstreams = upstreams,
+        upstream_names = names,
+    }
+end
+
+
+---------------------------------------------------------------------------
+-- Entry points
+---------------------------------------------------------------------------
+
+-- Raises on opts of the wrong shape; returns opts or an empty table.
+local function check_opts(opts, level)
+    if opts == nil then return {} end
+    if type(opts) ~= "table" then
+        error("bad 'opts' argument (table expected)", level + 1)
+    end
+    for _, k in ipairs({ "root", "config_dir" }) do
+        if opts[k] ~= nil and type(opts[k]) ~= "string" then
+            error(format("bad 'opts.%s' argument (string expected)", k), level + 1)
+        end
+    end
+    if opts.builtin ~= nil and type(opts.builtin) ~= "table" then
+        error("bad 'opts.builtin' argument (table expected)", level + 1)
+    end
+    return opts
+end
+
+-- Validates an evaluated configuration table. Borrows tbl and never modifies
+-- it. Returns a new normalized table, or nil, "config error: ..." (one line).
+-- Loads (and runs) every Lua stage module named by a pipeline.
+function _M.validate(tbl, opts)
+    opts = check_opts(opts, 2)
+    local search_path, err = _M.search_path(opts)
+    if not search_path then return nil, err end
+    local ctx = {
+        search_path = search_path,
+        builtin = opts.builtin or {},
+        modules = {},     -- module name -> { kind, file }
+        names = {},       -- listener name -> path of the listener using it
+        addresses = {},   -- listen text -> path of the listener using it
+    }
+    local ok, res = pcall(check_root, tbl, ctx)
+    if ok then return res end
+    if getmetatable(res) == Failure then return nil, res.msg end
+    error(res, 0)  -- a bug in this module, not in the configuration
+end
+
+-- Returns "config error: <path>: <msg>" for an error loading or running the
+-- file. Lua's messages already start with "<path>:<line>:"; those are kept
+-- as is rather than naming the path twice.
+local function file_error(path, err)
+    if type(err) ~= "string" then
+        err = "raised " .. show(err)
+    end
+    for _, verb in ipairs({ "open", "read" }) do
+        local prefix = "cannot " .. verb .. " " .. path .. ": "
+        if err:sub(1, #prefix) == prefix then
+            err = format("cannot %s file (%s)", verb, err:sub(#prefix + 1))
+        end
+    end
+    if err:sub(1, #path + 1) == path .. ":" then
+        return one_line("config error: " .. err)
+    end
+    return one_line(format("config error: %s: %s", path, err))
+end
+
+-- Returns the folder of path ("." when it has none).
+local function dirname(path)
+    local dir = path:match("^(.*)/[^/]*$")
+    if dir == nil then return "." end
+    return dir == "" and "/" or dir
+end
+
+-- Loads the configuration file at `path`, runs it in a sandbox (globals are
+-- readable, assignments stay in the sandbox) and validates what it returns.
+-- opts.config_dir defaults to the folder of path. Returns the normalized
+-- table, or nil, "config error: ..." (one line).
+function _M.load(path, opts)
+    if type(path) ~= "string" then
+        error("bad 'path' argument (string expected)", 2)
+    end
+    opts = check_opts(opts, 2)
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    if o.config_dir == nil then o.config_dir = dirname(path) end
+
+    local chunk, err = loadfile(path)
+    if not chunk then return nil, file_error(path, err) end
+    setfenv(chunk, sandbox())
+    local ok, res = pcall(chunk)
+    if not ok then return nil, file_error(path, res) end
+    if type(res) ~= "table" then
+        return nil, "config error: top level: expected the file to return a table, got "
+                    .. show(res)
+    end
+    return _M.validate(res, o)
+end
+
+return _M

@@ -1,0 +1,230 @@
+-- sluice.host: the Lua side of a worker's pipelines. The C host calls
+-- dispatch() for every event that reaches a Lua stage; between neighbouring
+-- Lua stages events go directly, in Lua, without returning to C.
+--
+-- A stage's callback runs under xpcall: if it raises, the error is logged
+-- with its traceback, the buffer the stage was handed is released (when the
+-- stage still owned it), and that connection is closed. Never the process.
+local ffi = require("ffi")
+local bit = require("bit")
+local C = require("sluice.core")
+local buf = require("sluice.buf")
+local log = require("sluice.log")
+
+local bor, lshift = bit.bor, bit.lshift
+local ffi_cast = ffi.cast
+local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
+local traceback = debug.traceback
+local xpcall, type, tostring, setmetatable = xpcall, type, tostring, setmetatable
+
+-- Event codes: src/pipeline/pipeline.h (sl_event) and src/lua/host.c.
+local ACTIVE, INACTIVE, READ, READ_COMPLETE, WRITABILITY, USER_EVENT, ERROR, WRITE, FLUSH, CLOSE =
+  0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+local ADDED, REMOVED = 100, 101
+
+local CALLBACK = {
+  [ACTIVE] = "channel_active", [INACTIVE] = "channel_inactive", [READ] = "channel_read",
+  [READ_COMPLETE] = "channel_read_complete", [WRITABILITY] = "channel_writability_changed",
+  [USER_EVENT] = "user_event", [ERROR] = "error", [WRITE] = "write", [FLUSH] = "flush",
+  [CLOSE] = "close",
+}
+local USER_EVENT_NAME = { [1] = "input_closed" }
+local USER_EVENT_CODE = { input_closed = 1 }
+
+local ctx_ptr_t = ffi.typeof("sl_ctx *")
+local buf_ptr_t = ffi.typeof("sl_buf *")
+local errp = ffi.new("const char *[1]")
+
+local _M = {}
+local stages = {}   -- key -> { name, mod, options }
+local ctxs = {}     -- Lua id -> ctx
+_M.contexts = ctxs
+
+local Ctx = {}
+Ctx.__index = Ctx
+
+local invoke
+
+local function stage_failed(ctx, ev, arg, err)
+  log.error("stage %s raised in %s on %s: %s", ctx.name, CALLBACK[ev],
+            ctx.cptr and ffi.string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
+            tostring(err))
+  -- The pipeline releases what the stage was handed and still owned.
+  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and arg.b.root.refcnt > 0 then
+    arg:release(arg.refs)
+  end
+  if ctx.cptr then
+    local first = tostring(err):match("^[^\n]*")
+    C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. first)
+  end
+end
+
+function invoke(ctx, ev, arg)
+  local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
+  if not ok then stage_failed(ctx, ev, arg, err) end
+end
+
+-- A buffer for C: handles give a reference away, strings are copied in.
+local function to_c(ctx, msg, what)
+  if is_buf(msg) then return give(msg) end
+  if type(msg) == "string" then
+    local b = C.sl_ffi_ctx_from(ctx.cptr, msg, #msg)
+    if b == nil then error("out of buffer memory", 3) end
+    return b
+  end
+  error(("bad argument to %s (buffer or string expected, got %s)"):format(what, type(msg)), 3)
+end
+
+-- Drops msg when the channel is gone.
+local function drop(msg)
+  if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
+  return nil, "closed"
+end
+
+local function next_lua(ctx, ev)
+  local id = C.sl_ffi_ctx_next(ctx.cptr, ev)
+  if id ~= 0 then return ctxs[id] end
+  return nil
+end
+
+function Ctx:fire_read(msg)
+  if not self.cptr then return drop(msg) end
+  local n = next_lua(self, READ)
+  if n then return invoke(n, READ, msg) end
+  C.sl_ffi_ctx_fire_read(self.cptr, to_c(self, msg, "fire_read"))
+end
+
+function Ctx:write(msg)
+  if not self.cptr then return drop(msg) end
+  local n = next_lua(self, WRITE)
+  if n then return invoke(n, WRITE, msg) end
+  C.sl_ffi_ctx_write(self.cptr, to_c(self, msg, "write"))
+end
+
+local function fire_simple(ev)
+  return function(self)
+    if not self.cptr then return end
+    local n = next_lua(self, ev)
+    if n then return invoke(n, ev) end
+    C.sl_ffi_ctx_fire(self.cptr, ev, 0)
+  end
+end
+
+Ctx.flush = fire_simple(FLUSH)
+Ctx.fire_read_complete = fire_simple(READ_COMPLETE)
+Ctx.fire_active = fire_simple(ACTIVE)
+Ctx.fire_inactive = fire_simple(INACTIVE)
+
+function Ctx:write_and_flush(msg)
+  self:write(msg)
+  self:flush()
+end
+
+function Ctx:fire_writability_changed(writable)
+  if not self.cptr then return end
+  local n = next_lua(self, WRITABILITY)
+  if n then return invoke(n, WRITABILITY, writable and true or false) end
+  C.sl_ffi_ctx_fire(self.cptr, WRITABILITY, writable and 1 or 0)
+end
+
+function Ctx:fire_user_event(event)
+  if not self.cptr then return end
+  local n = next_lua(self, USER_EVENT)
+  if n then return invoke(n, USER_EVENT, event) end
+  local code = USER_EVENT_CODE[event]
+  if code then C.sl_ffi_ctx_fire(self.cptr, USER_EVENT, code) end
+end
+
+function Ctx:fire_error(err)
+  if not self.cptr then return end
+  local n = next_lua(self, ERROR)
+  if n then return invoke(n, ERROR, err) end
+  C.sl_ffi_ctx_fire_text(self.cptr, ERROR, tostring(err))
+end
+
+function Ctx:close(reason)
+  if not self.cptr then return end
+  reason = reason and tostring(reason) or ("closed by stage " .. self.name)
+  local n = next_lua(self, CLOSE)
+  if n then return invoke(n, CLOSE, reason) end
+  C.sl_ffi_ctx_fire_text(self.cptr, CLOSE, reason)
+end
+
+function Ctx:alloc(cap, max_cap)
+  if type(cap) ~= "number" or cap < 0 then error("bad 'cap' argument (number expected)", 2) end
+  if not self.cptr then return nil, "closed" end
+  local b = C.sl_ffi_ctx_alloc(self.cptr, cap, max_cap or cap)
+  if b == nil then return nil, "out of buffer memory" end
+  return wrap(b)
+end
+
+function Ctx:is_writable()
+  return self.cptr ~= nil and C.sl_ffi_ctx_is_writable(self.cptr) ~= 0
+end
+
+function Ctx:set_autoread(on)
+  if self.cptr then C.sl_ffi_ctx_set_autoread(self.cptr, on and 1 or 0) end
+end
+
+function Ctx:describe()
+  if not self.cptr then return "closed channel" end
+  return ffi.string(C.sl_ffi_ctx_describe(self.cptr))
+end
+
+function _M.init(worker_id)
+  _M.worker_id = worker_id
+end
+
+-- Loads a stage module for this worker. Returns its key and the mask of the
+-- events it handles.
+function _M.load_stage(name, file, options)
+  local mod = require(name)
+  if type(mod) ~= "table" then
+    error(("module %q from %s did not return a table of callbacks"):format(name, file))
+  end
+  local mask = 0
+  for ev, cb in pairs(CALLBACK) do
+    if type(mod[cb]) == "function" then mask = bor(mask, lshift(1, ev)) end
+  end
+  stages[#stages + 1] = { name = name, mod = mod, options = options or {} }
+  return #stages, mask
+end
+
+function _M.dispatch(ev, id, ptr, n, str)
+  if ev == ADDED then
+    local stage = stages[n]
+    ctxs[id] = setmetatable({
+      cptr = ffi_cast(ctx_ptr_t, ptr), id = id, stage = stage, name = stage.name,
+      options = stage.options, state = {},
+    }, Ctx)
+    return
+  end
+  local ctx = ctxs[id]
+  if ev == REMOVED then
+    if ctx then
+      ctxs[id] = nil
+      ctx.cptr = nil
+    end
+    return
+  end
+  if ctx == nil then
+    -- Delivered after the stage left: nobody can own the buffer but us.
+    if ptr and (ev == READ or ev == WRITE) then
+      C.sl_ffi_buf_release(ffi_cast(buf_ptr_t, ptr), 1, errp)
+    end
+    return
+  end
+  local arg
+  if ev == READ or ev == WRITE then
+    arg = wrap(ptr)
+  elseif ev == WRITABILITY then
+    arg = n ~= 0
+  elseif ev == USER_EVENT then
+    arg = USER_EVENT_NAME[n] or n
+  elseif ev == ERROR or ev == CLOSE then
+    arg = str
+  end
+  invoke(ctx, ev, arg)
+end
+
+return _M

@@ -1,0 +1,644 @@
+-- Unit tests for sluice.config: loading, validation, normalization and the
+-- exact text of every kind of configuration error. No sockets, no binary.
+
+local config = require("sluice.config")
+
+local FIX = "spec/fixtures/config"
+local ORDER = FIX .. "/order"
+local OPTS = { config_dir = FIX, builtin = { ["sluice.stages.echo"] = true } }
+
+local NONE = {}  -- marks a field to remove in listener()/upstream()
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do out[deep_copy(k)] = deep_copy(x) end
+  return out
+end
+
+local function merge(base, fields)
+  for k, v in pairs(fields or {}) do
+    if v == NONE then base[k] = nil else base[k] = v end
+  end
+  return base
+end
+
+-- A valid listener, with `fields` replacing (or, with NONE, removing) keys.
+local function listener(fields)
+  return merge({ name = "front", listen = "127.0.0.1:7000", upstream = "demo" }, fields)
+end
+
+-- A valid configuration with the given listeners (default: one listener),
+-- an upstream "demo", and top-level `fields` merged in.
+local function conf(listeners, fields)
+  return merge({
+    upstreams = { demo = { servers = { "127.0.0.1:8000" } } },
+    listeners = listeners or { listener() },
+  }, fields)
+end
+
+-- Returns the error text of validating tbl (which must fail).
+local function err_of(tbl, opts)
+  local cfg, err = config.validate(tbl, opts or OPTS)
+  assert.is_nil(cfg)
+  assert.is_string(err)
+  assert.is_nil(err:find("\n", 1, true), "error spans several lines: " .. err)
+  return err
+end
+
+-- Returns the normalized table for tbl (which must validate).
+local function ok_of(tbl, opts)
+  local cfg, err = config.validate(tbl, opts or OPTS)
+  assert.is_nil(err)
+  assert.is_table(cfg)
+  return cfg
+end
+
+local function addr(host, port, family)
+  local text = family == "inet6" and ("[" .. host .. "]:" .. port) or (host .. ":" .. port)
+  return { host = host, port = port, text = text, family = family or "inet" }
+end
+
+local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
+  .. "channel_writability_changed, user_event, error, write, flush, close, read"
+
+describe("sluice.config", function()
+
+  describe("search_path", function()
+    it("puts the config folder, root/lua and root before package.path", function()
+      assert.are.equal(
+        "/etc/sluice/?.lua;/etc/sluice/?/init.lua;"
+          .. "/opt/sluice/lua/?.lua;/opt/sluice/lua/?/init.lua;"
+          .. "/opt/sluice/?.lua;/opt/sluice/?/init.lua;" .. package.path,
+        config.search_path({ config_dir = "/etc/sluice", root = "/opt/sluice/" }))
+    end)
+
+    it("leaves out folders that are not given", function()
+      assert.are.equal("cfg/?.lua;cfg/?/init.lua;" .. package.path,
+                       config.search_path({ config_dir = "cfg" }))
+      assert.are.equal(package.path, config.search_path({}))
+    end)
+
+    it("is part of the normalized configuration", function()
+      assert.are.equal(config.search_path(OPTS), ok_of(conf()).search_path)
+    end)
+  end)
+
+  describe("normalization", function()
+    it("fills in every default", function()
+      assert.are.same({
+        log_level = "info",
+        search_path = config.search_path(OPTS),
+        listeners = {
+          { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
+            pipeline = {}, low_water_mark = 32768, high_water_mark = 65536 },
+        },
+        upstreams = {
+          demo = { name = "demo", servers = { addr("127.0.0.1", 8000) },
+                   connect_timeout_ms = 5000 },
+        },
+        upstream_names = { "demo" },
+      }, ok_of(conf()))
+    end)
+
+    it("loads a complete file from the fixtures folder", function()
+      local cfg, err = config.load(FIX .. "/valid.lua",
+                                   { builtin = { ["sluice.stages.echo"] = true } })
+      assert.is_nil(err)
+      assert.are.same({
+        log_level = "debug",
+        search_path = config.search_path({ config_dir = FIX }),
+        listeners = {
+          { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
+            pipeline = {
+              { module = "stages.pass", kind = "lua", file = FIX .. "/stages/pass.lua",
+                options = { label = "front" } },
+            },
+            low_water_mark = 32768, high_water_mark = 65536 },
+          { name = "echo", listen = addr("::1", 7002, "inet6"),
+            pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
+            low_water_mark = 1024, high_water_mark = 1024 },
+        },
+        upstreams = {
+          demo = { name = "demo", servers = { addr("127.0.0.1", 7001) },
+                   connect_timeout_ms = 5000 },
+        },
+        upstream_names = { "demo" },
+      }, cfg)
+    end)
+
+    it("keeps explicit values", function()
+      local cfg = ok_of(conf({
+        listener({ low_water_mark = 100, high_water_mark = 200 }),
+      }, {
+        log_level = "warn",
+        upstreams = {
+          demo = { servers = { "10.0.0.1:80", "10.0.0.2:80" }, connect_timeout_ms = 250 },
+          b = { servers = { "[2001:db8::1]:443" } },
+          ["a-1.x"] = { servers = { "localhost:81" } },
+        },
+      }))
+      assert.are.equal("warn", cfg.log_level)
+      assert.are.equal(100, cfg.listeners[1].low_water_mark)
+      assert.are.equal(200, cfg.listeners[1].high_water_mark)
+      assert.are.same({ "a-1.x", "b", "demo" }, cfg.upstream_names)
+      assert.are.same({ name = "demo", connect_timeout_ms = 250,
+                        servers = { addr("10.0.0.1", 80), addr("10.0.0.2", 80) } },
+                      cfg.upstreams.demo)
+      assert.are.same({ addr("2001:db8::1", 443, "inet6") }, cfg.upstreams.b.servers)
+      assert.are.same({ addr("127.0.0.1", 81) }, cfg.upstreams["a-1.x"].servers)
+    end)
+
+    it("lowers the default low_water_mark to an explicit, smaller high_water_mark", function()
+      local l = ok_of(conf({ listener({ high_water_mark = 1000 }) })).listeners[1]
+      assert.are.equal(1000, l.low_water_mark)
+      assert.are.equal(1000, l.high_water_mark)
+    end)
+
+    it("normalizes localhost to 127.0.0.1", function()
+      assert.are.same(addr("127.0.0.1", 7000),
+                      ok_of(conf({ listener({ listen = "localhost:7000" }) })).listeners[1].listen)
+    end)
+
+    it("normalizes * to 0.0.0.0 and accepts 0.0.0.0 for a listener", function()
+      assert.are.same(addr("0.0.0.0", 80),
+                      ok_of(conf({ listener({ listen = "*:80" }) })).listeners[1].listen)
+      assert.are.same(addr("0.0.0.0", 80),
+                      ok_of(conf({ listener({ listen = "0.0.0.0:80" }) })).listeners[1].listen)
+    end)
+
+    it("accepts IPv6 in brackets and writes it in canonical form", function()
+      local cases = {
+        ["[::1]:7000"] = "::1",
+        ["[::]:7000"] = "::",
+        ["[2001:DB8:0:0:1:0:0:1]:7000"] = "2001:db8::1:0:0:1",
+        ["[fe80:0000::0001]:7000"] = "fe80::1",
+        ["[1:0:0:2:0:0:0:3]:7000"] = "1:0:0:2::3",
+        ["[1:2:3:4:5:6:7::]:7000"] = "1:2:3:4:5:6:7:0",
+        ["[::ffff:192.0.2.1]:7000"] = "::ffff:c000:201",
+      }
+      for listen, host in pairs(cases) do
+        assert.are.same(addr(host, 7000, "inet6"),
+                        ok_of(conf({ listener({ listen = listen }) })).listeners[1].listen)
+      end
+    end)
+
+    it("passes stage options through", function()
+      local nested = { "a", "b" }
+      local entry = { "stages.pass", prefix = ">", count = 3, enabled = false, list = nested }
+      local stage = ok_of(conf({ listener({ pipeline = { entry } }) })).listeners[1].pipeline[1]
+      assert.are.same({ prefix = ">", count = 3, enabled = false, list = nested }, stage.options)
+      assert.are.equal(nested, stage.options.list)       -- values are passed as they are
+      assert.are_not.equal(entry, stage.options)         -- in a table of its own
+    end)
+
+    it("allows non-function fields in a stage module", function()
+      local stage = ok_of(conf({ listener({ pipeline = { "stages.with_data" } }) }))
+        .listeners[1].pipeline[1]
+      assert.are.same({ module = "stages.with_data", kind = "lua",
+                        file = FIX .. "/stages/with_data.lua", options = {} }, stage)
+    end)
+
+    it("accepts a pipeline without an upstream, and an empty pipeline with one", function()
+      local cfg = ok_of(conf({
+        listener({ name = "echo", listen = "127.0.0.1:1", upstream = NONE,
+                   pipeline = { "sluice.stages.echo" } }),
+        listener({ listen = "127.0.0.1:2", pipeline = {} }),
+      }))
+      assert.is_nil(cfg.listeners[1].upstream)
+      assert.are.same({}, cfg.listeners[2].pipeline)
+    end)
+
+    it("accepts a configuration without upstreams", function()
+      local cfg = ok_of({ listeners = { listener({ upstream = NONE,
+                                                   pipeline = { "stages.pass" } }) } })
+      assert.are.same({}, cfg.upstreams)
+      assert.are.same({}, cfg.upstream_names)
+    end)
+
+    it("does not modify the input table", function()
+      local input = conf({
+        listener({ pipeline = { { "stages.pass", opt = { 1 } }, "sluice.stages.echo" } }),
+        listener({ name = "b", listen = "localhost:7001", low_water_mark = 10 }),
+      })
+      local before = deep_copy(input)
+      local cfg = ok_of(input)
+      assert.are.same(before, input)
+      assert.are_not.equal(input.listeners, cfg.listeners)
+      assert.are_not.equal(input.listeners[1], cfg.listeners[1])
+      assert.are_not.equal(input.upstreams, cfg.upstreams)
+      assert.are_not.equal(input.upstreams.demo.servers, cfg.upstreams.demo.servers)
+    end)
+  end)
+
+  describe("stage resolution", function()
+    local opts = { config_dir = ORDER .. "/cfg", root = ORDER .. "/root",
+                   builtin = { ["order.first"] = true, ["sluice.stages.echo"] = true } }
+
+    local function stage(name, o)
+      return ok_of(conf({ listener({ pipeline = { name } }) }), o or opts).listeners[1].pipeline[1]
+    end
+
+    it("prefers a C builtin to any Lua file of the same name", function()
+      assert.are.same({ module = "order.first", kind = "c", options = {} }, stage("order.first"))
+    end)
+
+    it("looks in the config folder, then root/lua, then root", function()
+      local lua_opts = { config_dir = opts.config_dir, root = opts.root }
+      assert.are.equal(ORDER .. "/cfg/order/first.lua", stage("order.first", lua_opts).file)
+      assert.are.equal(ORDER .. "/root/lua/order/second.lua", stage("order.second", lua_opts).file)
+      assert.are.equal(ORDER .. "/root/order/third.lua", stage("order.third", lua_opts).file)
+      assert.are.equal("lua", stage("order.third", lua_opts).kind)
+    end)
+
+    it("finds <name>/init.lua", function()
+      assert.are.equal(ORDER .. "/root/lua/order/pkg/init.lua", stage("order.pkg").file)
+    end)
+
+    it("finds a module in the folder of the loaded file", function()
+      local cfg, err = config.load(FIX .. "/pollutes.lua")
+      assert.is_nil(err)
+      assert.are.equal(FIX .. "/stages/pass.lua", cfg.listeners[1].pipeline[1].file)
+    end)
+
+    it("lets a module require a sibling through the search path", function()
+      local saved = package.path
+      local s = stage("stages.requires", OPTS)
+      package.loaded["stages.pass"] = nil
+      assert.are.equal(FIX .. "/stages/requires.lua", s.file)
+      assert.are.equal(saved, package.path)
+    end)
+
+    it("does not let a module set globals", function()
+      stage("stages.pollutes", OPTS)
+      assert.is_nil(rawget(_G, "sluice_test_stage_leaked"))
+    end)
+  end)
+
+  describe("load", function()
+    it("reports a syntax error with the file's path", function()
+      local cfg, err = config.load(FIX .. "/syntax_error.lua")
+      assert.is_nil(cfg)
+      assert.are.equal("config error: " .. FIX .. "/syntax_error.lua:3: '}' expected near 'listen'", err)
+    end)
+
+    it("reports an error raised by the file", function()
+      local cfg, err = config.load(FIX .. "/raises.lua")
+      assert.is_nil(cfg)
+      assert.are.equal("config error: " .. FIX .. "/raises.lua:2: SLUICE_PORT is not set", err)
+    end)
+
+    it("reports a missing file", function()
+      local cfg, err = config.load(FIX .. "/no_such_file.lua")
+      assert.is_nil(cfg)
+      assert.are.equal("config error: " .. FIX
+        .. "/no_such_file.lua: cannot open file (No such file or directory)", err)
+    end)
+
+    it("requires the file to return a table", function()
+      assert.are.same({ nil, "config error: top level: expected the file to return a table, got nil" },
+                      { config.load(FIX .. "/returns_nothing.lua") })
+      assert.are.same({ nil, 'config error: top level: expected the file to return a table, got "listeners"' },
+                      { config.load(FIX .. "/returns_string.lua") })
+    end)
+
+    it("does not let the file set globals", function()
+      local cfg, err = config.load(FIX .. "/pollutes.lua")
+      assert.is_nil(err)
+      assert.is_table(cfg)
+      assert.is_nil(rawget(_G, "sluice_test_leaked"))
+      assert.is_nil(rawget(_G, "sluice_test_leaked_via_G"))
+      assert.is_nil(rawget(_G, "sluice_test_leaked_via_rawset"))
+    end)
+
+    it("raises on bad arguments", function()
+      assert.has_error(function() config.load(nil) end, "bad 'path' argument (string expected)")
+      assert.has_error(function() config.validate({}, "x") end, "bad 'opts' argument (table expected)")
+      assert.has_error(function() config.validate({}, { root = 1 }) end,
+                       "bad 'opts.root' argument (string expected)")
+      assert.has_error(function() config.validate({}, { builtin = "x" }) end,
+                       "bad 'opts.builtin' argument (table expected)")
+    end)
+
+    it("refuses a folder that cannot be put on the search path", function()
+      assert.are.equal('config error: config_dir "a;b": a folder whose name contains ";" or "?" '
+                       .. "cannot be searched for modules", err_of(conf(), { config_dir = "a;b" }))
+    end)
+  end)
+
+  describe("errors", function()
+    describe("top level", function()
+      it("needs a table", function()
+        assert.are.equal("config error: top level: expected a table, got nil", err_of(nil))
+      end)
+
+      it("rejects unknown keys", function()
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level)",
+                         err_of(conf(nil, { listener = {}, zzz = 1 })))
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level)',
+                         err_of(conf(nil, { [1] = "x" })))
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level)',
+                         err_of(conf(nil, { ["log level"] = "x" })))
+      end)
+
+      it("checks log_level", function()
+        assert.are.equal('config error: log_level: expected one of "debug", "info", "warn", "error", got "verbose"',
+                         err_of(conf(nil, { log_level = "verbose" })))
+        assert.are.equal('config error: log_level: expected one of "debug", "info", "warn", "error", got 3',
+                         err_of(conf(nil, { log_level = 3 })))
+      end)
+
+      it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
+        local bad = { listeners = 1, upstreams = 1, log_level = 1 }
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level)",
+                         err_of(merge(deep_copy(bad), { bogus = 1 })))
+        assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
+        assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))
+      end)
+    end)
+
+    describe("listeners", function()
+      it("are required and non-empty", function()
+        assert.are.equal("config error: listeners: expected a non-empty array of listener tables, got nil",
+                         err_of(conf(nil, { listeners = NONE })))
+        assert.are.equal("config error: listeners: expected a non-empty array of listener tables, got an empty table",
+                         err_of(conf({})))
+        assert.are.equal('config error: listeners: expected a non-empty array of listener tables, got "front"',
+                         err_of(conf(nil, { listeners = "front" })))
+      end)
+
+      it("must be an array", function()
+        assert.are.equal("config error: listeners[3]: unknown key (expected an array: keys 1, 2, ... without gaps)",
+                         err_of(conf({ [1] = listener(), [3] = listener() })))
+        assert.are.equal("config error: listeners.front: unknown key (expected an array: keys 1, 2, ... without gaps)",
+                         err_of(conf({ front = listener() })))
+      end)
+
+      it("must be tables", function()
+        assert.are.equal('config error: listeners[1]: expected a listener table, got "front"',
+                         err_of(conf({ "front" })))
+      end)
+
+      it("reject unknown keys", function()
+        assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
+                         .. "upstream, pipeline, low_water_mark, high_water_mark)",
+                         err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
+      end)
+
+      it("need a name", function()
+        assert.are.equal("config error: listeners[1].name: expected a non-empty string, got nil",
+                         err_of(conf({ listener({ name = NONE }) })))
+        assert.are.equal("config error: listeners[2].name: expected a non-empty string, got 2",
+                         err_of(conf({ listener(), listener({ name = 2, listen = "127.0.0.1:1" }) })))
+        assert.are.equal('config error: listeners[1].name: expected a non-empty string, got ""',
+                         err_of(conf({ listener({ name = "" }) })))
+      end)
+
+      it("need unique names", function()
+        assert.are.equal('config error: listeners[2].name: expected a unique name, got "front" (also listeners[1])',
+                         err_of(conf({ listener(), listener({ listen = "127.0.0.1:7001" }) })))
+      end)
+
+      it("need a host:port listen string", function()
+        assert.are.equal('config error: listeners[1].listen: expected "host:port", got 7000',
+                         err_of(conf({ listener({ listen = 7000 }) })))
+        assert.are.equal('config error: listeners[1].listen: expected "host:port", got "127.0.0.1"',
+                         err_of(conf({ listener({ listen = "127.0.0.1" }) })))
+        assert.are.equal('config error: listeners[1].listen: expected "host:port", got nil',
+                         err_of(conf({ listener({ listen = NONE }) })))
+        assert.are.equal('config error: listeners[1].listen: expected "host:port", got "[::1]"',
+                         err_of(conf({ listener({ listen = "[::1]" }) })))
+      end)
+
+      it("need a port from 1 to 65535", function()
+        for _, listen in ipairs({ "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:", "127.0.0.1:http",
+                                   "127.0.0.1:-1", "127.0.0.1:80.5" }) do
+          assert.are.equal('config error: listeners[1].listen: expected "host:port" with a port from 1 to 65535, got "'
+                           .. listen .. '"', err_of(conf({ listener({ listen = listen }) })))
+        end
+      end)
+
+      it("need a numeric host", function()
+        for _, listen in ipairs({ "example.com:80", "256.0.0.1:80", "01.2.3.4:80", "1.2.3:80", ":80",
+                                   "1.2.3.4.5:80" }) do
+          assert.are.equal('config error: listeners[1].listen: expected "host:port" with host an IPv4 address, '
+                           .. '[IPv6 address], localhost or *, got "' .. listen .. '"',
+                           err_of(conf({ listener({ listen = listen }) })))
+        end
+      end)
+
+      it("need IPv6 hosts in brackets", function()
+        assert.are.equal('config error: listeners[1].listen: expected "host:port" with an IPv6 host in brackets, '
+                         .. 'as "[::1]:80", got "::1:7000"',
+                         err_of(conf({ listener({ listen = "::1:7000" }) })))
+      end)
+
+      it("need a valid IPv6 address in the brackets", function()
+        for _, host in ipairs({ ":::1", "1::2::3", "1:2:3:4:5:6:7:8:9", "12345::", "1:2:3:4:5:6:7",
+                                 "1.2.3.4", "::1.2.3", "g::1", "::1%eth0", "" }) do
+          assert.are.equal('config error: listeners[1].listen: expected "host:port" with a valid IPv6 address '
+                           .. 'in the brackets, got "[' .. host .. ']:7000"',
+                           err_of(conf({ listener({ listen = "[" .. host .. "]:7000" }) })))
+        end
+      end)
+
+      it("need unique listen addresses", function()
+        assert.are.equal('config error: listeners[2].listen: expected a unique address, got "localhost:7000" '
+                         .. "(127.0.0.1:7000 is also used by listeners[1])",
+                         err_of(conf({ listener(), listener({ name = "b", listen = "localhost:7000" }) })))
+        assert.are.equal('config error: listeners[2].listen: expected a unique address, got "[0::1]:7000" '
+                         .. "([::1]:7000 is also used by listeners[1])",
+                         err_of(conf({ listener({ listen = "[::1]:7000" }),
+                                       listener({ name = "b", listen = "[0::1]:7000" }) })))
+      end)
+
+      it("name a defined upstream", function()
+        assert.are.equal('config error: listeners[1].upstream: expected the name of an upstream (one of: demo), got "nope"',
+                         err_of(conf({ listener({ upstream = "nope" }) })))
+        assert.are.equal('config error: listeners[1].upstream: expected the name of an upstream (one of: a, demo), got 1',
+                         err_of(conf({ listener({ upstream = 1 }) },
+                                     { upstreams = { demo = { servers = { "127.0.0.1:1" } },
+                                                     a = { servers = { "127.0.0.1:2" } } } })))
+        assert.are.equal('config error: listeners[1].upstream: expected the name of an upstream '
+                         .. '(no upstreams are defined), got "demo"',
+                         err_of(conf(nil, { upstreams = NONE })))
+      end)
+
+      it("need an upstream or a pipeline", function()
+        assert.are.equal("config error: listeners[1]: expected an upstream or a pipeline",
+                         err_of(conf({ listener({ upstream = NONE }) })))
+        assert.are.equal("config error: listeners[1]: expected an upstream or a pipeline",
+                         err_of(conf({ listener({ upstream = NONE, pipeline = {} }) })))
+      end)
+
+      it("need positive integer water marks", function()
+        assert.are.equal("config error: listeners[1].low_water_mark: expected a positive integer, got 1.5",
+                         err_of(conf({ listener({ low_water_mark = 1.5 }) })))
+        assert.are.equal("config error: listeners[1].high_water_mark: expected a positive integer, got 0",
+                         err_of(conf({ listener({ high_water_mark = 0 }) })))
+        assert.are.equal('config error: listeners[1].high_water_mark: expected a positive integer, got "64k"',
+                         err_of(conf({ listener({ high_water_mark = "64k" }) })))
+        assert.are.equal("config error: listeners[1].high_water_mark: expected a positive integer no larger "
+                         .. "than 2147483647, got 4294967296",
+                         err_of(conf({ listener({ high_water_mark = 2 ^ 32 }) })))
+        assert.are.equal("config error: listeners[1].low_water_mark: expected a positive integer, got nan",
+                         err_of(conf({ listener({ low_water_mark = 0 / 0 }) })):gsub("%-nan$", "nan"))
+      end)
+
+      it("need low_water_mark <= high_water_mark", function()
+        assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (65536), got 100000",
+                         err_of(conf({ listener({ low_water_mark = 100000 }) })))
+        assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (10), got 11",
+                         err_of(conf({ listener({ low_water_mark = 11, high_water_mark = 10 }) })))
+      end)
+    end)
+
+    describe("pipelines", function()
+      local function perr(pipeline, opts)
+        return err_of(conf({ listener({ pipeline = pipeline }) }), opts)
+      end
+
+      it("must be arrays", function()
+        assert.are.equal('config error: listeners[1].pipeline: expected an array of stages, got "stages.pass"',
+                         perr("stages.pass"))
+        assert.are.equal("config error: listeners[1].pipeline.first: unknown key (expected an array: keys 1, 2, "
+                         .. "... without gaps)", perr({ first = "stages.pass" }))
+      end)
+
+      it("hold module names or stage tables", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: expected a module name or a table '
+                         .. '{ "module.name", option = value, ... }, got true', perr({ true }))
+      end)
+
+      it("need well-formed module names", function()
+        for _, name in ipairs({ "", "stages/pass", ".stages", "stages.", "stages..pass", "stages pass" }) do
+          assert.are.equal('config error: listeners[1].pipeline[1]: expected a module name like '
+                           .. '"examples.stages.log_chunks", got "' .. name .. '"', perr({ name }))
+        end
+        assert.are.equal('config error: listeners[1].pipeline[1][1]: expected a module name like '
+                         .. '"examples.stages.log_chunks", got nil', perr({ { prefix = ">" } }))
+        assert.are.equal('config error: listeners[1].pipeline[2][1]: expected a module name like '
+                         .. '"examples.stages.log_chunks", got "a-b"', perr({ "stages.pass", { "a-b" } }))
+      end)
+
+      it("take options under string keys only", function()
+        assert.are.equal("config error: listeners[1].pipeline[1][2]: unknown key (expected the module name at [1] "
+                         .. "and options under string keys)", perr({ { "stages.pass", "extra" } }))
+      end)
+
+      it("report a module that is not found", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: module "examples.nope" not found',
+                         perr({ "examples.nope" }, { root = ORDER .. "/root" }))
+      end)
+
+      it("report a module that does not compile", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.syntax" failed to load: '
+                         .. FIX .. "/stages/syntax.lua:3: unexpected symbol near '}'", perr({ "stages.syntax" }))
+      end)
+
+      it("report a module that raises, on one line", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.raises" failed to load: '
+                         .. FIX .. "/stages/raises.lua:1: stage setup failed", perr({ "stages.raises" }))
+        assert.are.equal('config error: listeners[1].pipeline[2]: module "stages.raises_multiline" failed to load: '
+                         .. FIX .. "/stages/raises_multiline.lua:1: first line second line",
+                         perr({ "stages.pass", { "stages.raises_multiline" } }))
+      end)
+
+      it("report a module that does not return a table", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.notatable" expected to return '
+                         .. "a table of callbacks, got 42", perr({ "stages.notatable" }))
+      end)
+
+      it("report an unknown callback", function()
+        assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.typo" has an unknown callback '
+                         .. '"channel_reed" (known: ' .. CALLBACKS .. ")", perr({ "stages.typo" }))
+      end)
+
+      it("restore package.path after loading a module", function()
+        local saved = package.path
+        perr({ "stages.raises" })
+        assert.are.equal(saved, package.path)
+      end)
+    end)
+
+    describe("upstreams", function()
+      local function uerr(upstreams)
+        return err_of(conf({ listener({ upstream = NONE, pipeline = { "stages.pass" } }) },
+                           { upstreams = upstreams }))
+      end
+
+      it("must be a table", function()
+        assert.are.equal('config error: upstreams: expected a table of upstreams keyed by name, got "demo"',
+                         uerr("demo"))
+      end)
+
+      it("need well-formed names", function()
+        assert.are.equal('config error: upstreams["a b"]: expected an upstream name made of letters, digits, '
+                         .. '"_", "-" and ".", got "a b"', uerr({ ["a b"] = { servers = { "127.0.0.1:1" } } }))
+        assert.are.equal('config error: upstreams[1]: expected an upstream name made of letters, digits, '
+                         .. '"_", "-" and ".", got 1', uerr({ { servers = { "127.0.0.1:1" } } }))
+      end)
+
+      it("must be tables", function()
+        assert.are.equal('config error: upstreams.demo: expected a table { servers = { "host:port", ... } }, '
+                         .. 'got "127.0.0.1:1"', uerr({ demo = "127.0.0.1:1" }))
+      end)
+
+      it("reject unknown keys", function()
+        assert.are.equal("config error: upstreams.demo.server: unknown key (expected one of: servers, "
+                         .. "connect_timeout_ms)", uerr({ demo = { server = "127.0.0.1:1" } }))
+      end)
+
+      it("need servers", function()
+        assert.are.equal('config error: upstreams.demo.servers: expected a non-empty array of "host:port" '
+                         .. "strings, got nil", uerr({ demo = {} }))
+        assert.are.equal('config error: upstreams.demo.servers: expected a non-empty array of "host:port" '
+                         .. "strings, got an empty table", uerr({ demo = { servers = {} } }))
+        assert.are.equal('config error: upstreams.demo.servers: expected a non-empty array of "host:port" '
+                         .. 'strings, got "127.0.0.1:1"', uerr({ demo = { servers = "127.0.0.1:1" } }))
+        assert.are.equal("config error: upstreams.demo.servers.main: unknown key (expected an array: keys 1, 2, "
+                         .. "... without gaps)", uerr({ demo = { servers = { main = "127.0.0.1:1" } } }))
+      end)
+
+      it("need host:port servers", function()
+        assert.are.equal('config error: upstreams.demo.servers[2]: expected "host:port", got 8000',
+                         uerr({ demo = { servers = { "127.0.0.1:1", 8000 } } }))
+        assert.are.equal('config error: upstreams["my-up"].servers[1]: expected "host:port" with host an IPv4 '
+                         .. 'address, [IPv6 address] or localhost, got "db.internal:5432"',
+                         uerr({ ["my-up"] = { servers = { "db.internal:5432" } } }))
+      end)
+
+      it("need servers to connect to, not wildcards", function()
+        for _, server in ipairs({ "*:80", "0.0.0.0:80", "[::]:80", "[0:0::0]:80" }) do
+          assert.are.equal('config error: upstreams.demo.servers[1]: expected "host:port" with a host to '
+                           .. 'connect to (not *, 0.0.0.0 or [::]), got "' .. server .. '"',
+                           uerr({ demo = { servers = { server } } }))
+        end
+      end)
+
+      it("need a positive integer connect_timeout_ms", function()
+        assert.are.equal("config error: upstreams.demo.connect_timeout_ms: expected a positive integer, got 1.5",
+                         uerr({ demo = { servers = { "127.0.0.1:1" }, connect_timeout_ms = 1.5 } }))
+        assert.are.equal("config error: upstreams.demo.connect_timeout_ms: expected a positive integer, got -1",
+                         uerr({ demo = { servers = { "127.0.0.1:1" }, connect_timeout_ms = -1 } }))
+      end)
+
+      it("are checked in name order", function()
+        assert.matches("^config error: upstreams%.a%.servers:",
+                       uerr({ b = { servers = {} }, a = { servers = {} } }))
+      end)
+    end)
+
+    it("shows strings escaped on one line", function()
+      assert.are.equal('config error: listeners[1].listen: expected "host:port", got "a\\nb\\"c\\\\\\000"',
+                       err_of(conf({ listener({ listen = 'a\nb"c\\\0' }) })))
+    end)
+
+    it("shows functions and tables by kind", function()
+      assert.are.equal("config error: listeners[1].listen: expected \"host:port\", got a function",
+                       err_of(conf({ listener({ listen = print }) })))
+      assert.are.equal("config error: listeners[1].listen: expected \"host:port\", got a table",
+                       err_of(conf({ listener({ listen = { "127.0.0.1", 7000 } }) })))
+    end)
+  end)
+end)

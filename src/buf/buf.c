@@ -1,0 +1,188 @@
+#include "buf/buf.h"
+
+#include <string.h>
+
+#include "alloc/pool.h"
+#include "util/common.h"
+
+static sl_buf *sl_buf_header(struct sl_pool *pool) {
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) return NULL;
+  uint32_t gen = b->gen;       /* survives reuse */
+  memset(b, 0, sizeof(*b));
+  b->gen = gen;
+  b->pool = pool;
+  return b;
+}
+
+sl_buf *sl_buf_alloc(struct sl_pool *pool, size_t cap, size_t max_cap) {
+  if (max_cap < cap) max_cap = cap;
+  if (max_cap > SL_BUF_MAX_CAPACITY) return NULL;
+  sl_buf *b = sl_buf_header(pool);
+  if (b == NULL) return NULL;
+  size_t usable = 0;
+  b->data = sl_pool_alloc(pool, cap, &usable);
+  if (b->data == NULL) {
+    sl_pool_header_put(pool, b);
+    return NULL;
+  }
+  if (usable > max_cap) usable = max_cap;
+  b->cap = (uint32_t)(usable < cap ? cap : usable);
+  b->block_size = (uint32_t)usable;
+  b->max_cap = (uint32_t)max_cap;
+  b->refcnt = 1;
+  b->root = b;
+  sl_pool_note_buf(pool, 1, b->block_size);
+  return b;
+}
+
+sl_buf *sl_buf_from(struct sl_pool *pool, const void *src, size_t len) {
+  sl_buf *b = sl_buf_alloc(pool, len, len);
+  if (b == NULL) return NULL;
+  if (len > 0) memcpy(b->data, src, len);
+  b->wr = (uint32_t)len;
+  return b;
+}
+
+void sl_buf_retain(sl_buf *b) {
+  sl_buf *r = b->root;
+  SL_ASSERT(r->refcnt > 0, "retain of a released buffer");
+  r->refcnt++;
+}
+
+static void sl_buf_free(sl_buf *r) {
+  struct sl_pool *pool = r->pool;
+  sl_buf *v = r->views;
+  while (v != NULL) {
+    sl_buf *next = v->views;
+    v->gen++;
+    sl_pool_header_put(pool, v);
+    v = next;
+  }
+  sl_pool_note_buf(pool, -1, -(int64_t)r->block_size);
+  sl_pool_free(pool, r->data, r->block_size);
+  r->views = NULL;
+  r->gen++;
+  sl_pool_header_put(pool, r);
+}
+
+int sl_buf_release(sl_buf *b) {
+  sl_buf *r = b->root;
+  SL_ASSERT(r->refcnt > 0, "release of a released buffer");
+  if (--r->refcnt > 0) return 0;
+  sl_buf_free(r);
+  return 1;
+}
+
+int sl_buf_retain_n(sl_buf *b, uint32_t n, const char **err) {
+  sl_buf *r = b->root;
+  if (r->refcnt == 0) {
+    *err = "refcnt 0, increment";
+    return SL_ERROR;
+  }
+  if (n == 0 || r->refcnt + n < r->refcnt || r->refcnt + n > 0x7fffffffu) {
+    *err = "refcount overflow or zero increment";
+    return SL_ERROR;
+  }
+  r->refcnt += n;
+  return 0;
+}
+
+int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err) {
+  static const char *const msgs[] = {
+      "refcnt 0, decrement 1", "refcnt 1, decrement 2", "refcnt 2, decrement 3"};
+  sl_buf *r = b->root;
+  if (n == 0) {
+    *err = "decrement must be positive";
+    return SL_ERROR;
+  }
+  if (r->refcnt < n) {
+    /* Static text: the common cases verbatim, the rest generic. */
+    *err = (n - r->refcnt == 1 && r->refcnt < 3) ? msgs[r->refcnt]
+                                                 : "refcnt lower than decrement";
+    return SL_ERROR;
+  }
+  r->refcnt -= n;
+  if (r->refcnt > 0) return 0;
+  sl_buf_free(r);
+  return 1;
+}
+
+static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap) {
+  sl_buf *r = b->root;
+  sl_buf *v = sl_buf_header(r->pool);
+  if (v == NULL) return NULL;
+  v->data = data;
+  v->cap = cap;
+  v->max_cap = cap;
+  v->root = r;
+  v->owner = r->owner;
+  v->flags = SL_BUF_VIEW;
+  v->views = r->views;
+  r->views = v;
+  return v;
+}
+
+sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err) {
+  SL_ASSERT(sl_buf_is_live(b), "slice of a released buffer");
+  if (index > b->cap || len > b->cap - index) {
+    *err = "slice out of range";
+    return NULL;
+  }
+  sl_buf *v = sl_buf_view(b, b->data + index, (uint32_t)len);
+  if (v == NULL) {
+    *err = "out of memory";
+    return NULL;
+  }
+  v->wr = (uint32_t)len;
+  return v;
+}
+
+sl_buf *sl_buf_duplicate(sl_buf *b) {
+  SL_ASSERT(sl_buf_is_live(b), "duplicate of a released buffer");
+  sl_buf *v = sl_buf_view(b, b->data, b->cap);
+  if (v == NULL) return NULL;
+  v->rd = b->rd;
+  v->wr = b->wr;
+  return v;
+}
+
+int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
+  if (n <= sl_buf_writable(b)) return SL_OK;
+  if (b->flags & SL_BUF_VIEW || b->views != NULL) {
+    *err = "cannot grow a buffer that has views";
+    return SL_ERROR;
+  }
+  size_t need = (size_t)b->wr + n;
+  if (need > b->max_cap) {
+    *err = "exceeds max capacity";
+    return SL_ERROR;
+  }
+  if (need <= b->block_size) {
+    b->cap = (uint32_t)need;
+    return SL_OK;
+  }
+  size_t want = b->cap < 64 ? 64 : b->cap;
+  while (want < need) want *= 2;
+  if (want > b->max_cap) want = b->max_cap;
+  size_t usable = 0;
+  uint8_t *mem = sl_pool_alloc(b->pool, want, &usable);
+  if (mem == NULL) {
+    *err = "out of memory";
+    return SL_ERROR;
+  }
+  memcpy(mem, b->data, b->wr);
+  sl_pool_free(b->pool, b->data, b->block_size);
+  sl_pool_note_buf(b->pool, 0, (int64_t)usable - (int64_t)b->block_size);
+  b->data = mem;
+  b->block_size = (uint32_t)usable;
+  b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);
+  return SL_OK;
+}
+
+int sl_buf_write(sl_buf *b, const void *src, size_t len, const char **err) {
+  if (sl_buf_ensure_writable(b, len, err) != SL_OK) return SL_ERROR;
+  memcpy(b->data + b->wr, src, len);
+  b->wr += (uint32_t)len;
+  return SL_OK;
+}

@@ -1,0 +1,64 @@
+/*
+ * sl_buf: a reference-counted byte buffer with reader and writer indexes,
+ * Netty's ByteBuf semantics. See buf_types.h for the layout and states.
+ *
+ * Ownership vocabulary: a function that "returns +1" gives the caller one
+ * reference to release; "takes ownership" consumes one of the caller's;
+ * "borrows" does neither.
+ */
+#ifndef SL_BUF_H
+#define SL_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf/buf_types.h"
+
+struct sl_pool;
+
+#define SL_BUF_MAX_CAPACITY 0x7fffffffu
+
+/* Allocates a buffer of capacity cap that may grow to max_cap (0: cap).
+ * Returns +1, or NULL when memory cannot be had. */
+sl_buf *sl_buf_alloc(struct sl_pool *pool, size_t cap, size_t max_cap);
+
+/* Allocates a buffer holding a copy of len bytes. Returns +1 or NULL. */
+sl_buf *sl_buf_from(struct sl_pool *pool, const void *src, size_t len);
+
+/* Adds one reference. The buffer must be live (an invariant). */
+void sl_buf_retain(sl_buf *b);
+
+/* Drops one reference; at zero, returns the memory and kills every view.
+ * Returns 1 when the memory was returned, else 0. Aborts on a dead buffer:
+ * in C an over-release is a broken invariant. */
+int sl_buf_release(sl_buf *b);
+
+/* Checked forms for callers that take counts from scripts: refuse instead
+ * of aborting. Return 1 (released) or 0 (still live) or SL_ERROR with *err
+ * set, e.g. "refcnt 1, decrement 2"; nothing changes on refusal. */
+int sl_buf_retain_n(sl_buf *b, uint32_t n, const char **err);
+int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err);
+
+/* A view of [index, index + len) of b's capacity, sharing its memory and
+ * refcount (no retain: the view is valid while b's refcount is above zero).
+ * Returns the view, or NULL on a bad range (*err) or ENOMEM. */
+sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err);
+
+/* A view of b's whole capacity with b's indexes. NULL on ENOMEM. */
+sl_buf *sl_buf_duplicate(sl_buf *b);
+
+/* Makes room for n more writable bytes, growing a root within max_cap (the
+ * contents move to a larger block). SL_OK, or SL_ERROR with *err. */
+int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err);
+
+/* Appends len bytes, growing as ensure_writable does. */
+int sl_buf_write(sl_buf *b, const void *src, size_t len, const char **err);
+
+static inline int sl_buf_is_live(const sl_buf *b) { return b->root->refcnt > 0; }
+static inline uint32_t sl_buf_refcnt(const sl_buf *b) { return b->root->refcnt; }
+static inline size_t sl_buf_readable(const sl_buf *b) { return b->wr - b->rd; }
+static inline size_t sl_buf_writable(const sl_buf *b) { return b->cap - b->wr; }
+static inline uint8_t *sl_buf_rptr(const sl_buf *b) { return b->data + b->rd; }
+static inline uint8_t *sl_buf_wptr(const sl_buf *b) { return b->data + b->wr; }
+
+#endif

@@ -1,0 +1,53 @@
+/*
+ * The sl_buf layout. It is visible to LuaJIT through lua/sluice/cdef.lua,
+ * which must mirror it exactly; nothing here depends on build flags.
+ *
+ * A buffer is a root (owns a memory block) or a view (slice or duplicate of
+ * a root: shares the root's memory and refcount, has its own indexes).
+ *
+ * States of a root:
+ *   live      refcnt > 0; data points at a block of block_size bytes
+ *   released  refcnt == 0; the block is back in the pool, gen was bumped and
+ *             the header is on the pool's free list (it may be reused, with a
+ *             newer gen). Views of a released root are released with it.
+ *
+ * Invariants: 0 <= rd <= wr <= cap <= max_cap; a view's
+ * [data, data + cap) lies inside its root's block; views never outlive
+ * their root's memory (they die together).
+ */
+#ifndef SL_BUF_TYPES_H
+#define SL_BUF_TYPES_H
+
+#include <stdint.h>
+
+struct sl_pool;
+
+typedef struct sl_buf sl_buf;
+
+struct sl_buf {
+  uint8_t *data;         /* first byte of this buffer */
+  uint32_t rd;           /* reader index */
+  uint32_t wr;           /* writer index */
+  uint32_t cap;          /* capacity */
+  uint32_t max_cap;      /* roots may grow to this; views: == cap */
+  uint32_t refcnt;       /* roots only; views use root->refcnt */
+  uint32_t gen;          /* bumped on release; handles keep a copy */
+  sl_buf *root;          /* self for a root */
+  sl_buf *views;         /* root: first view; view: next sibling */
+  struct sl_pool *pool;  /* owner of the block and the header */
+  void *owner;           /* channel the buffer was allocated for, or NULL */
+  uint32_t block_size;   /* roots: usable size of the block */
+  uint32_t flags;        /* SL_BUF_* */
+};
+
+#define SL_BUF_VIEW 0x1u
+
+/* A Lua handle: what a script holds. refs is the number of references this
+ * handle owns (a handle that passed its buffer on owns none). */
+typedef struct sl_lbuf {
+  sl_buf *b;
+  uint32_t gen;
+  int32_t refs;
+} sl_lbuf;
+
+#endif

@@ -1,0 +1,44 @@
+#include "io/addr.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "util/common.h"
+
+int sl_addr_parse(sl_addr *a, const char *host, int port) {
+  memset(a, 0, sizeof(*a));
+  if (port < 0 || port > 65535) return SL_ERROR;
+  struct sockaddr_in *in4 = (struct sockaddr_in *)&a->ss;
+  if (inet_pton(AF_INET, host, &in4->sin_addr) == 1) {
+    in4->sin_family = AF_INET;
+    in4->sin_port = htons((uint16_t)port);
+    a->len = sizeof(*in4);
+    return SL_OK;
+  }
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a->ss;
+  if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    a->len = sizeof(*in6);
+    return SL_OK;
+  }
+  return SL_ERROR;
+}
+
+char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
+  char ip[INET6_ADDRSTRLEN] = "?";
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in4 = (const struct sockaddr_in *)(const void *)sa;
+    inet_ntop(AF_INET, &in4->sin_addr, ip, sizeof(ip));
+    snprintf(out, outlen, "%s:%u", ip, ntohs(in4->sin_port));
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+    inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+    snprintf(out, outlen, "[%s]:%u", ip, ntohs(in6->sin6_port));
+  } else {
+    snprintf(out, outlen, "?");
+  }
+  return out;
+}

@@ -1,0 +1,19 @@
+/* Socket addresses: parse "host" + port, format for logs. */
+#ifndef SL_ADDR_H
+#define SL_ADDR_H
+
+#include <sys/socket.h>
+
+typedef struct sl_addr {
+  struct sockaddr_storage ss;
+  socklen_t len;
+} sl_addr;
+
+/* Parses a numeric IPv4 or IPv6 host (no brackets) and a port.
+ * SL_OK or SL_ERROR. */
+int sl_addr_parse(sl_addr *a, const char *host, int port);
+
+/* Writes "1.2.3.4:80" or "[::1]:80" into out. Returns out. */
+char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen);
+
+#endif

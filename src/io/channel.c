@@ -1,0 +1,423 @@
+#include "io/channel.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "alloc/pool.h"
+#include "buf/buf.h"
+#include "io/worker.h"
+#include "util/common.h"
+#include "util/log.h"
+
+/* ---- adaptive receive sizes ---- */
+
+/* 16..496 in steps of 16, then powers of two up to SL_RECV_MAX (Netty's table). */
+static const uint32_t sl_recv_table[] = {
+    16,   32,   48,   64,   80,   96,   112,  128,  144,   160,   176,   192,  208,
+    224,  240,  256,  272,  288,  304,  320,  336,  352,  368,   384,   400,  416,
+    432,  448,  464,  480,  496,  512,  1024, 2048, 4096, 8192, 16384, 32768, 65536};
+enum { SL_RECV_MIN_INDEX = 3, SL_RECV_INITIAL_INDEX = 33, SL_RECV_MAX_INDEX = 38,
+       SL_RECV_GROW = 4, SL_RECV_SHRINK = 1 };
+
+size_t sl_channel_recv_size(const sl_channel *ch) { return sl_recv_table[ch->recv_index]; }
+
+void sl_channel_recv_reset(sl_channel *ch) {
+  ch->recv_index = SL_RECV_INITIAL_INDEX;
+  ch->recv_shrink_armed = 0;
+}
+
+void sl_channel_recv_record(sl_channel *ch, size_t n) {
+  int i = ch->recv_index;
+  int lower = i - SL_RECV_SHRINK < 0 ? 0 : i - SL_RECV_SHRINK;
+  if (n <= sl_recv_table[lower]) {
+    if (ch->recv_shrink_armed) {
+      ch->recv_index = (uint8_t)SL_MAX(lower, SL_RECV_MIN_INDEX);
+      ch->recv_shrink_armed = 0;
+    } else {
+      ch->recv_shrink_armed = 1;
+    }
+  } else if (n >= sl_recv_table[i]) {
+    ch->recv_index = (uint8_t)SL_MIN(i + SL_RECV_GROW, SL_RECV_MAX_INDEX);
+    ch->recv_shrink_armed = 0;
+  }
+}
+
+/* ---- lifetime ---- */
+
+static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents);
+static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents);
+static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents);
+
+static void sl_channel_writability(void *ud, int writable) {
+  sl_channel *ch = ud;
+  if (ch->flags & SL_CH_CLOSED) return;
+  sl_pipeline_fire_writability(&ch->pipe, writable);
+}
+
+static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_config *cfg) {
+  sl_channel *ch = calloc(1, sizeof(*ch));
+  if (ch == NULL) return NULL;
+  ch->w = w;
+  ch->fd = fd;
+  ch->refs = 1;
+  ch->flags = SL_CH_AUTOREAD;
+  ch->started = ev_now(w->loop);
+  sl_channel_recv_reset(ch);
+  sl_pipeline_init(&ch->pipe, ch);
+  sl_outq_init(&ch->outq, cfg->low_water_mark, cfg->high_water_mark,
+               sl_channel_writability, ch);
+  ev_io_init(&ch->rio, sl_channel_on_readable, fd, EV_READ);
+  ev_io_init(&ch->wio, sl_channel_on_writable, fd, EV_WRITE);
+  ev_init(&ch->timer, sl_channel_on_timer);
+  ch->next = w->channels;
+  if (w->channels) w->channels->prev = ch;
+  w->channels = ch;
+  w->nchannels++;
+  w->stats.channels_opened++;
+  return ch;
+}
+
+static void sl_channel_free(sl_channel *ch) {
+  sl_worker *w = ch->w;
+  sl_pipeline_destroy(&ch->pipe);
+  sl_outq_destroy(&ch->outq);
+  if (ch->prev) ch->prev->next = ch->next;
+  else w->channels = ch->next;
+  if (ch->next) ch->next->prev = ch->prev;
+  w->nchannels--;
+  free(ch);
+}
+
+void sl_channel_ref(sl_channel *ch) { ch->refs++; }
+
+void sl_channel_unref(sl_channel *ch) {
+  SL_ASSERT(ch->refs > 0, "channel reference count underflow");
+  if (--ch->refs == 0) sl_channel_free(ch);
+}
+
+const char *sl_channel_describe(const sl_channel *ch) { return ch->desc; }
+
+void sl_channel_note_unhandled(sl_channel *ch) { ch->w->stats.unhandled_inbound++; }
+
+static void sl_socket_tune(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
+                                const sl_channel_config *cfg, const char *listener) {
+  sl_channel *ch = sl_channel_new(w, fd, cfg);
+  if (ch == NULL) {
+    close(fd);
+    return NULL;
+  }
+  sl_socket_tune(fd);
+  ch->remote = *remote;
+  char a[64];
+  snprintf(ch->desc, sizeof(ch->desc), "client %s on %s",
+           sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)), listener);
+  return ch;
+}
+
+sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double timeout,
+                               const sl_channel_config *cfg, sl_channel_connect_fn on_connect,
+                               void *ud, const char *for_name) {
+  int fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return NULL;
+  sl_socket_tune(fd);
+  if (connect(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 && errno != EINPROGRESS) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return NULL;
+  }
+  sl_channel *ch = sl_channel_new(w, fd, cfg);
+  if (ch == NULL) {
+    close(fd);
+    errno = ENOMEM;
+    return NULL;
+  }
+  ch->remote = *addr;
+  ch->on_connect = on_connect;
+  ch->ud = ud;
+  ch->flags |= SL_CH_CONNECTING;
+  char a[64];
+  snprintf(ch->desc, sizeof(ch->desc), "upstream %s for %s",
+           sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)), for_name);
+  ev_io_start(w->loop, &ch->wio);
+  ev_timer_set(&ch->timer, timeout, 0.);
+  ev_timer_start(w->loop, &ch->timer);
+  return ch;
+}
+
+static void sl_channel_update_reading(sl_channel *ch) {
+  int want = (ch->flags & (SL_CH_ACTIVE | SL_CH_AUTOREAD)) == (SL_CH_ACTIVE | SL_CH_AUTOREAD) &&
+             !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
+                            SL_CH_READ_PAUSED));
+  if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
+  else if (!want && ev_is_active(&ch->rio)) ev_io_stop(ch->w->loop, &ch->rio);
+}
+
+void sl_channel_activate(sl_channel *ch) {
+  ch->flags |= SL_CH_ACTIVE;
+  sl_channel_ref(ch);
+  sl_pipeline_fire_active(&ch->pipe);
+  sl_channel_update_reading(ch);
+  sl_channel_unref(ch);
+}
+
+void sl_channel_set_autoread(sl_channel *ch, int on) {
+  if (on) ch->flags |= SL_CH_AUTOREAD;
+  else ch->flags &= ~(uint32_t)SL_CH_AUTOREAD;
+  sl_channel_update_reading(ch);
+}
+
+void sl_channel_join(sl_channel *a, sl_channel *b) {
+  a->peer = b;
+  b->peer = a;
+}
+
+/* ---- closing ---- */
+
+static void sl_channel_close_peer(sl_channel *ch) {
+  sl_channel *p = ch->peer;
+  if (p == NULL) return;
+  ch->peer = NULL;
+  p->peer = NULL;
+  char why[200];
+  if (ch->flags & SL_CH_ERROR) {
+    snprintf(why, sizeof(why), "peer closed: %s", ch->reason);
+    sl_channel_close(p, why, 1);
+  } else {
+    sl_channel_close_after_flush(p, "peer closed");
+  }
+}
+
+void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
+  if (ch->flags & SL_CH_CLOSED) return;
+  sl_worker *w = ch->w;
+  ch->flags |= SL_CH_CLOSED;
+  if (is_error) ch->flags |= SL_CH_ERROR;
+  if (reason != ch->reason) snprintf(ch->reason, sizeof(ch->reason), "%s", reason ? reason : "closed");
+  ev_io_stop(w->loop, &ch->rio);
+  ev_io_stop(w->loop, &ch->wio);
+  ev_timer_stop(w->loop, &ch->timer);
+  if (ch->fd >= 0) {
+    close(ch->fd);
+    ch->fd = -1;
+  }
+  size_t dropped = sl_outq_release_all(&ch->outq);
+  w->stats.channels_closed++;
+  sl_log(is_error ? SL_LOG_WARN : SL_LOG_INFO,
+         "%s closed: %s (in %llu B, out %llu B, %.0f ms%s)", ch->desc, ch->reason,
+         (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
+         (ev_now(w->loop) - ch->started) * 1000.0, dropped ? ", unsent data dropped" : "");
+  sl_channel_ref(ch);
+  sl_channel_close_peer(ch);
+  if (ch->flags & SL_CH_ACTIVE) sl_pipeline_fire_inactive(&ch->pipe);
+  sl_pipeline_fire_removed(&ch->pipe);
+  sl_channel_unref(ch);
+  sl_channel_unref(ch); /* the open reference */
+}
+
+static void sl_channel_output_done(sl_channel *ch) {
+  if (ch->flags & SL_CH_CLOSE_PENDING) {
+    sl_channel_close(ch, ch->reason[0] ? ch->reason : "closed", 0);
+    return;
+  }
+  if (ch->flags & SL_CH_SHUTDOWN_PENDING) {
+    ch->flags &= ~(uint32_t)SL_CH_SHUTDOWN_PENDING;
+    ch->flags |= SL_CH_OUTPUT_CLOSED;
+    shutdown(ch->fd, SHUT_WR);
+    if (ch->flags & SL_CH_INPUT_CLOSED) sl_channel_close(ch, "eof", 0);
+  }
+}
+
+/* Writes what is flushed; returns SL_OK, SL_AGAIN or SL_ERROR (closed). */
+static int sl_channel_do_write(sl_channel *ch) {
+  size_t n = 0;
+  int rc = sl_outq_write(&ch->outq, ch->fd, 16 * SL_OUTQ_MAX_GATHER_BYTES, &n);
+  ch->bytes_out += n;
+  ch->w->stats.bytes_out += n;
+  if (rc == SL_ERROR) {
+    int e = errno;
+    char why[128];
+    snprintf(why, sizeof(why), "%s (%s)",
+             e == ECONNRESET || e == EPIPE ? "reset" : "write error", strerror(e));
+    sl_channel_close(ch, why, 1);
+    return SL_ERROR;
+  }
+  if (rc == SL_AGAIN) {
+    if (!ev_is_active(&ch->wio)) ev_io_start(ch->w->loop, &ch->wio);
+    return SL_AGAIN;
+  }
+  if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
+  if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
+  return SL_OK;
+}
+
+int sl_channel_write(sl_channel *ch, sl_buf *b) {
+  if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) {
+    if (sl_log_enabled(SL_LOG_DEBUG))
+      sl_log(SL_LOG_DEBUG, "%s: write of %zu bytes after close or shutdown dropped",
+             ch->desc, sl_buf_readable(b));
+    sl_buf_release(b);
+    return SL_ERROR;
+  }
+  if (sl_outq_add(&ch->outq, b) != SL_OK) {
+    sl_channel_close(ch, "out of memory queueing a write", 1);
+    return SL_ERROR;
+  }
+  return SL_OK;
+}
+
+void sl_channel_flush(sl_channel *ch) {
+  if (ch->flags & SL_CH_CLOSED) return;
+  sl_outq_flush(&ch->outq);
+  if (ch->flags & SL_CH_CONNECTING) return;   /* written once connected */
+  if (ev_is_active(&ch->wio)) return;         /* the socket is full: wait */
+  sl_channel_do_write(ch);
+}
+
+void sl_channel_shutdown_output(sl_channel *ch) {
+  if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) return;
+  ch->flags |= SL_CH_SHUTDOWN_PENDING;
+  sl_outq_flush(&ch->outq);
+  if (ch->flags & SL_CH_CONNECTING) return;
+  if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
+  else if (!ev_is_active(&ch->wio)) sl_channel_do_write(ch);
+}
+
+void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
+  if (ch->flags & SL_CH_CLOSED) return;
+  if (!(ch->flags & SL_CH_CLOSE_PENDING))
+    snprintf(ch->reason, sizeof(ch->reason), "%s", reason);
+  ch->flags |= SL_CH_CLOSE_PENDING;
+  sl_channel_update_reading(ch);
+  sl_outq_flush(&ch->outq);
+  if (ch->flags & SL_CH_CONNECTING || sl_outq_is_empty(&ch->outq)) {
+    sl_channel_close(ch, ch->reason, 0);
+    return;
+  }
+  if (!ev_is_active(&ch->wio)) sl_channel_do_write(ch);
+}
+
+/* ---- events ---- */
+
+/* The peer sent FIN. Stages hear of it first (the bridge passes it on);
+ * a channel whose output is already shut is then done. */
+static void sl_channel_input_closed(sl_channel *ch) {
+  ch->flags |= SL_CH_INPUT_CLOSED;
+  sl_channel_update_reading(ch);
+  sl_pipeline_fire_user_event(&ch->pipe, SL_UEV_INPUT_CLOSED);
+  if ((ch->flags & (SL_CH_OUTPUT_CLOSED | SL_CH_CLOSED)) == SL_CH_OUTPUT_CLOSED)
+    sl_channel_close(ch, "eof", 0);
+}
+
+static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, rio);
+  sl_worker *w = ch->w;
+  size_t total = 0;
+  int eof = 0;
+  sl_channel_ref(ch);
+  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
+    if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
+    size_t size = sl_channel_recv_size(ch);
+    sl_buf *b = sl_buf_alloc(w->pool, size, size);
+    if (b == NULL) {
+      /* Out of buffer memory: pause this channel and retry shortly. */
+      ch->flags |= SL_CH_READ_PAUSED;
+      sl_channel_update_reading(ch);
+      ev_timer_set(&ch->timer, 0.05, 0.);
+      ev_timer_start(w->loop, &ch->timer);
+      sl_log(SL_LOG_WARN, "%s: no buffer memory, reading paused", ch->desc);
+      break;
+    }
+    b->owner = ch;
+    ssize_t n = recv(ch->fd, b->data, size, 0);
+    if (n > 0) {
+      b->wr = (uint32_t)n;
+      total += (size_t)n;
+      ch->bytes_in += (uint64_t)n;
+      w->stats.bytes_in += (uint64_t)n;
+      if ((size_t)n == size) sl_channel_recv_record(ch, (size_t)n); /* grow fast */
+      sl_pipeline_fire_read(&ch->pipe, b);
+      if ((size_t)n < size) break;
+      continue;
+    }
+    sl_buf_release(b);
+    if (n == 0) {
+      eof = 1;
+      break;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    char why[128];
+    if (errno == ECONNRESET) snprintf(why, sizeof(why), "reset (%s)", strerror(errno));
+    else snprintf(why, sizeof(why), "read error (%s)", strerror(errno));
+    sl_channel_close(ch, why, 1);
+    break;
+  }
+  if (total > 0 && !(ch->flags & SL_CH_CLOSED)) {
+    sl_channel_recv_record(ch, total);
+    sl_pipeline_fire_read_complete(&ch->pipe);
+  }
+  if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
+  sl_channel_unref(ch);
+}
+
+static void sl_channel_connected(sl_channel *ch, int err) {
+  sl_channel_connect_fn fn = ch->on_connect;
+  ch->on_connect = NULL;
+  ch->flags &= ~(uint32_t)SL_CH_CONNECTING;
+  ev_timer_stop(ch->w->loop, &ch->timer);
+  if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
+  sl_channel_ref(ch);
+  fn(ch, err);
+  /* Writes queued while connecting go out now. */
+  if (!err && !(ch->flags & SL_CH_CLOSED) && sl_outq_has_flushed(&ch->outq))
+    sl_channel_do_write(ch);
+  else if (!err && !(ch->flags & SL_CH_CLOSED) && sl_outq_is_empty(&ch->outq) &&
+           (ch->flags & (SL_CH_SHUTDOWN_PENDING | SL_CH_CLOSE_PENDING)))
+    sl_channel_output_done(ch);
+  sl_channel_unref(ch);
+}
+
+static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, wio);
+  if (ch->flags & SL_CH_CONNECTING) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(ch->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    sl_channel_connected(ch, err);
+    return;
+  }
+  sl_channel_ref(ch);
+  sl_channel_do_write(ch);
+  sl_channel_unref(ch);
+}
+
+static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(t, sl_channel, timer);
+  if (ch->flags & SL_CH_CONNECTING) {
+    sl_channel_connected(ch, ETIMEDOUT);
+    return;
+  }
+  if (ch->flags & SL_CH_READ_PAUSED) {
+    ch->flags &= ~(uint32_t)SL_CH_READ_PAUSED;
+    sl_channel_update_reading(ch);
+  }
+}

@@ -1,0 +1,86 @@
+#include "lua/ffi.h"
+
+#include "alloc/pool.h"
+#include "buf/buf.h"
+#include "io/channel.h"
+#include "io/worker.h"
+#include "util/common.h"
+#include "util/log.h"
+
+int sl_ffi_abi(void) { return SL_FFI_ABI; }
+
+void sl_ffi_buf_finalize(sl_lbuf *h) {
+  sl_buf *b = h->b;
+  if (h->refs <= 0 || b == NULL || b->gen != h->gen || !sl_buf_is_live(b)) return;
+  const char *err = NULL;
+  uint32_t refs = (uint32_t)h->refs;
+  if (refs > sl_buf_refcnt(b)) refs = sl_buf_refcnt(b);
+  sl_log(SL_LOG_ERROR,
+         "LEAK: buffer of %u bytes was not released before its Lua handle was "
+         "garbage-collected (refcnt %u); its memory was reclaimed",
+         b->root->cap, sl_buf_refcnt(b));
+  h->refs = 0;
+  sl_buf_release_n(b, refs, &err);
+}
+
+int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err) { return sl_buf_retain_n(b, n, err); }
+
+int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err) {
+  return sl_buf_release_n(b, n, err);
+}
+
+sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap) {
+  sl_channel *ch = sl_ctx_channel(ctx);
+  sl_buf *b = sl_buf_alloc(ch->w->pool, cap, max_cap);
+  if (b) b->owner = ch;
+  return b;
+}
+
+sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len) {
+  sl_channel *ch = sl_ctx_channel(ctx);
+  sl_buf *b = sl_buf_from(ch->w->pool, src, len);
+  if (b) b->owner = ch;
+  return b;
+}
+
+double sl_ffi_ctx_next(sl_ctx *ctx, int ev) {
+  if (ev < 0 || ev >= SL_EV_COUNT) return 0;
+  return sl_ctx_next_handler(ctx, (sl_event)ev)->lua_id;
+}
+
+void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b) { sl_ctx_fire_read(ctx, b); }
+
+void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b) { sl_ctx_write(ctx, b); }
+
+void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
+  switch (ev) {
+    case SL_EV_ACTIVE: sl_ctx_fire_active(ctx); break;
+    case SL_EV_INACTIVE: sl_ctx_fire_inactive(ctx); break;
+    case SL_EV_READ_COMPLETE: sl_ctx_fire_read_complete(ctx); break;
+    case SL_EV_WRITABILITY: sl_ctx_fire_writability(ctx, n); break;
+    case SL_EV_USER_EVENT: sl_ctx_fire_user_event(ctx, n); break;
+    case SL_EV_FLUSH: sl_ctx_flush(ctx); break;
+    default: break;
+  }
+}
+
+void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text) {
+  if (ev == SL_EV_ERROR) sl_ctx_fire_error(ctx, text);
+  else if (ev == SL_EV_CLOSE) sl_ctx_close(ctx, text);
+}
+
+int sl_ffi_ctx_is_writable(sl_ctx *ctx) { return sl_channel_is_writable(sl_ctx_channel(ctx)); }
+
+void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on) {
+  sl_channel_set_autoread(sl_ctx_channel(ctx), on);
+}
+
+const char *sl_ffi_ctx_describe(sl_ctx *ctx) { return sl_channel_describe(sl_ctx_channel(ctx)); }
+
+void sl_ffi_log(int level, const char *msg) {
+  if (level < SL_LOG_DEBUG) level = SL_LOG_DEBUG;
+  if (level > SL_LOG_ERROR) level = SL_LOG_ERROR;
+  sl_log_text((sl_log_level)level, msg);
+}
+
+int sl_ffi_log_enabled(int level) { return sl_log_enabled((sl_log_level)level); }

@@ -1,0 +1,67 @@
+/*
+ * FFI shims: the only functions Lua calls on the data path. Declared again,
+ * identically, in lua/sluice/cdef.lua.
+ *
+ * Rules (lua-resty-core's): plain C types, no lua_State, no structs by value,
+ * at most 8 arguments, an int status and a const char **err for failures. A
+ * shim never raises and never calls back into Lua: events it causes for
+ * Lua stages are queued by the host and delivered after Lua returns.
+ */
+#ifndef SL_FFI_H
+#define SL_FFI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf/buf_types.h"
+#include "pipeline/pipeline.h"
+
+#define SL_FFI_ABI 1
+
+#if defined(__GNUC__)
+#define SL_FFI_EXPORT __attribute__((visibility("default"), used))
+#else
+#define SL_FFI_EXPORT
+#endif
+
+SL_FFI_EXPORT int sl_ffi_abi(void);
+
+/* Finalizer of a Lua handle: a handle collected while it still owns
+ * references is a leak; it is reported and its references released. */
+SL_FFI_EXPORT void sl_ffi_buf_finalize(sl_lbuf *h);
+
+/* retain/release n references. release returns 1 when the memory went back,
+ * 0 when still live, -1 with *err ("refcnt 0, decrement 1"). */
+SL_FFI_EXPORT int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err);
+SL_FFI_EXPORT int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err);
+
+/* A new buffer for ctx's channel (returns +1), or NULL (out of memory).
+ * With src, the buffer holds a copy of len bytes. */
+SL_FFI_EXPORT sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap);
+SL_FFI_EXPORT sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
+
+/* The Lua id of the next handler of ev after (inbound) or before (outbound)
+ * ctx when that handler is a Lua stage, else 0 (C goes on with the shims). */
+SL_FFI_EXPORT double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
+
+/* ctx:fire_read(b) and ctx:write(b) toward a C handler: take ownership. */
+SL_FFI_EXPORT void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
+SL_FFI_EXPORT void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
+
+/* Events without a buffer: ACTIVE, INACTIVE, READ_COMPLETE, WRITABILITY (n),
+ * USER_EVENT (n), FLUSH; and with text: ERROR, CLOSE. */
+SL_FFI_EXPORT void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
+SL_FFI_EXPORT void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
+
+/* 1 while the channel's outbound queue is under its high water mark. */
+SL_FFI_EXPORT int sl_ffi_ctx_is_writable(sl_ctx *ctx);
+SL_FFI_EXPORT void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
+
+/* "client 127.0.0.1:5000 on front": for log lines. */
+SL_FFI_EXPORT const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+
+/* One log record at level (0 debug .. 3 error). */
+SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);
+SL_FFI_EXPORT int sl_ffi_log_enabled(int level);
+
+#endif

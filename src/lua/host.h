@@ -1,0 +1,39 @@
+/*
+ * The Lua host: one lua_State per worker, the Lua stage vtable, and
+ * dispatch of pipeline events into Lua.
+ *
+ * Re-entrancy: Lua reaches C only through FFI shims, and a shim must never
+ * call back into Lua. So while Lua runs (depth > 0), an event that a C stage
+ * or the channel sends to a Lua stage is queued, with a reference on its
+ * channel, and delivered in order as soon as the outermost dispatch
+ * returns. Between Lua stages, events go directly in Lua (one C-to-Lua
+ * transition per read, however many Lua stages follow each other).
+ */
+#ifndef SL_LUA_HOST_H
+#define SL_LUA_HOST_H
+
+#include <stddef.h>
+
+#include "pipeline/pipeline.h"
+
+struct sl_worker;
+struct sl_config;
+struct sl_stage_spec;
+typedef struct sl_lua_host sl_lua_host;
+
+/* Creates the worker's state, loads sluice's Lua library and every Lua stage
+ * of every listener (with its options copied from the config). Returns NULL
+ * with a message in err on failure. */
+sl_lua_host *sl_lua_host_create(struct sl_worker *w, const struct sl_config *cfg,
+                                char *err, size_t errlen);
+
+/* Closes the state: finalizers run and reclaim what scripts leaked. */
+void sl_lua_host_destroy(sl_lua_host *h);
+
+/* Appends a Lua stage to p. Returns the context or NULL on ENOMEM. */
+sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const struct sl_stage_spec *spec);
+
+/* Bytes of Lua heap in use. */
+size_t sl_lua_host_memory(const sl_lua_host *h);
+
+#endif

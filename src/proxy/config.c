@@ -1,0 +1,228 @@
+#include "proxy/config.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/stages.h"
+#include "util/common.h"
+
+#ifndef SLUICE_ROOT_DIR
+#define SLUICE_ROOT_DIR "."
+#endif
+
+const char *sl_config_root(void) {
+  const char *r = getenv("SLUICE_ROOT");
+  return r && *r ? r : SLUICE_ROOT_DIR;
+}
+
+static char *sl_strdup_field(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  const char *s = lua_tostring(L, -1);
+  char *copy = s ? strdup(s) : NULL;
+  lua_pop(L, 1);
+  return copy;
+}
+
+static lua_Number sl_num_field(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  lua_Number n = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return n;
+}
+
+/* Reads a normalized address table { host, port, text } at idx. */
+static int sl_read_addr(lua_State *L, int idx, sl_addr *a, char **text) {
+  char *host = sl_strdup_field(L, idx, "host");
+  int port = (int)sl_num_field(L, idx, "port");
+  int rc = host ? sl_addr_parse(a, host, port) : SL_ERROR;
+  free(host);
+  if (text) *text = sl_strdup_field(L, idx, "text");
+  return rc;
+}
+
+static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, size_t errlen) {
+  lua_getfield(L, cfg, "upstream_names");
+  c->nupstreams = lua_objlen(L, -1);
+  c->upstreams = calloc(c->nupstreams + 1, sizeof(*c->upstreams));
+  lua_getfield(L, cfg, "upstreams");
+  for (size_t i = 0; i < c->nupstreams; i++) {
+    sl_upstream_cfg *u = &c->upstreams[i];
+    lua_rawgeti(L, -2, (int)i + 1);
+    lua_gettable(L, -2);
+    int ut = lua_gettop(L);
+    u->name = sl_strdup_field(L, ut, "name");
+    u->connect_timeout = sl_num_field(L, ut, "connect_timeout_ms") / 1000.0;
+    lua_getfield(L, ut, "servers");
+    u->nservers = lua_objlen(L, -1);
+    u->servers = calloc(u->nservers, sizeof(*u->servers));
+    u->server_text = calloc(u->nservers, sizeof(char *));
+    for (size_t j = 0; j < u->nservers; j++) {
+      lua_rawgeti(L, -1, (int)j + 1);
+      if (sl_read_addr(L, lua_gettop(L), &u->servers[j], &u->server_text[j]) != SL_OK) {
+        snprintf(err, errlen, "config error: upstreams.%s.servers[%zu]: unusable address", u->name,
+                 j + 1);
+        return SL_ERROR;
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 2);
+  return SL_OK;
+}
+
+static sl_upstream_cfg *sl_find_upstream(sl_config *c, const char *name) {
+  for (size_t i = 0; i < c->nupstreams; i++)
+    if (strcmp(c->upstreams[i].name, name) == 0) return &c->upstreams[i];
+  return NULL;
+}
+
+static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg *l) {
+  lua_getfield(L, lt, "pipeline");
+  l->nstages = lua_objlen(L, -1);
+  l->stages = calloc(l->nstages + 1, sizeof(*l->stages));
+  for (size_t j = 0; j < l->nstages; j++) {
+    sl_stage_spec *s = &l->stages[j];
+    lua_rawgeti(L, -1, (int)j + 1);
+    int st = lua_gettop(L);
+    s->module = sl_strdup_field(L, st, "module");
+    s->options_ref = LUA_NOREF;
+    lua_getfield(L, st, "kind");
+    int is_c = strcmp(lua_tostring(L, -1), "c") == 0;
+    lua_pop(L, 1);
+    if (is_c) {
+      s->ops = sl_stage_builtin(s->module);
+      SL_ASSERT(s->ops != NULL, "config named a C stage that is not registered");
+    } else {
+      s->file = sl_strdup_field(L, st, "file");
+      lua_getfield(L, st, "options");
+      s->options_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+      s->lua_key = ++c->nlua_stages;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return SL_OK;
+}
+
+static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, size_t errlen) {
+  lua_getfield(L, cfg, "listeners");
+  c->nlisteners = lua_objlen(L, -1);
+  c->listeners = calloc(c->nlisteners + 1, sizeof(*c->listeners));
+  for (size_t i = 0; i < c->nlisteners; i++) {
+    sl_listener_cfg *l = &c->listeners[i];
+    lua_rawgeti(L, -1, (int)i + 1);
+    int lt = lua_gettop(L);
+    l->name = sl_strdup_field(L, lt, "name");
+    l->low_water_mark = (size_t)sl_num_field(L, lt, "low_water_mark");
+    l->high_water_mark = (size_t)sl_num_field(L, lt, "high_water_mark");
+    lua_getfield(L, lt, "listen");
+    if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
+      snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);
+      return SL_ERROR;
+    }
+    lua_pop(L, 1);
+    char *up = sl_strdup_field(L, lt, "upstream");
+    if (up) {
+      l->upstream = sl_find_upstream(c, up);
+      free(up);
+      SL_ASSERT(l->upstream != NULL, "validated upstream name not found");
+    }
+    sl_read_pipeline(c, L, lt, l);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return SL_OK;
+}
+
+sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
+  sl_config *c = calloc(1, sizeof(*c));
+  lua_State *L = luaL_newstate();
+  if (c == NULL || L == NULL) {
+    snprintf(err, errlen, "config error: out of memory");
+    free(c);
+    if (L) lua_close(L);
+    return NULL;
+  }
+  c->L = L;
+  c->path = strdup(path);
+  c->root = strdup(sl_config_root());
+  luaL_openlibs(L);
+
+  /* package.path: sluice's own library first. */
+  lua_getglobal(L, "package");
+  lua_getfield(L, -1, "path");
+  lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s", c->root, c->root, lua_tostring(L, -1));
+  lua_setfield(L, -3, "path");
+  lua_pop(L, 2);
+
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "sluice.config");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    snprintf(err, errlen, "config error: cannot load sluice.config from %s/lua: %s", c->root,
+             lua_tostring(L, -1));
+    sl_config_free(c);
+    return NULL;
+  }
+  lua_getfield(L, -1, "load");
+  lua_pushstring(L, path);
+  lua_newtable(L); /* opts */
+  lua_pushstring(L, c->root);
+  lua_setfield(L, -2, "root");
+  lua_newtable(L);
+  for (const char *const *n = sl_stage_builtin_names(); *n; n++) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, *n);
+  }
+  lua_setfield(L, -2, "builtin");
+  if (lua_pcall(L, 2, 2, 0) != 0 || lua_isnil(L, -2)) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    sl_config_free(c);
+    return NULL;
+  }
+  lua_pop(L, 1);
+  int cfg = lua_gettop(L);
+
+  char *level = sl_strdup_field(L, cfg, "log_level");
+  if (level == NULL || sl_log_parse_level(level, &c->log_level) != SL_OK) c->log_level = SL_LOG_INFO;
+  free(level);
+  c->search_path = sl_strdup_field(L, cfg, "search_path");
+  if (sl_read_upstreams(c, L, cfg, err, errlen) != SL_OK ||
+      sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
+    sl_config_free(c);
+    return NULL;
+  }
+  lua_settop(L, 0);
+  return c;
+}
+
+void sl_config_free(sl_config *c) {
+  if (c == NULL) return;
+  for (size_t i = 0; c->listeners && i < c->nlisteners; i++) {
+    sl_listener_cfg *l = &c->listeners[i];
+    for (size_t j = 0; l->stages && j < l->nstages; j++) {
+      free(l->stages[j].module);
+      free(l->stages[j].file);
+    }
+    free(l->stages);
+    free(l->name);
+    free(l->listen_text);
+  }
+  free(c->listeners);
+  for (size_t i = 0; c->upstreams && i < c->nupstreams; i++) {
+    sl_upstream_cfg *u = &c->upstreams[i];
+    for (size_t j = 0; u->server_text && j < u->nservers; j++) free(u->server_text[j]);
+    free(u->server_text);
+    free(u->servers);
+    free(u->name);
+  }
+  free(c->upstreams);
+  free(c->search_path);
+  free(c->root);
+  free(c->path);
+  if (c->L) lua_close(c->L);
+  free(c);
+}

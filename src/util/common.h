@@ -1,0 +1,36 @@
+/* Return codes, assertions and small helpers shared by every sluice module. */
+#ifndef SL_COMMON_H
+#define SL_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#define SL_OK        0
+#define SL_ERROR    -1
+#define SL_AGAIN    -2
+#define SL_DONE     -4
+#define SL_DECLINED -5
+
+#define SL_VERSION "0.1.0"
+
+#define SL_UNUSED(x) ((void)(x))
+#define SL_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define SL_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+/* container_of: recover the struct that embeds a member (libev watchers). */
+#define SL_CONTAINER_OF(ptr, type, member) \
+  ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+/* A broken invariant aborts loudly with the place and the message. */
+#define SL_ASSERT(cond, msg)                                                  \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      fprintf(stderr, "sluice: assertion failed at %s:%d: %s (%s)\n",         \
+              __FILE__, __LINE__, (msg), #cond);                              \
+      abort();                                                                \
+    }                                                                         \
+  } while (0)
+
+#endif

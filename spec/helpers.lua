@@ -1,1 +1,187 @@
-return {}
+-- Test helpers shared by the busted specs: free ports, temporary files,
+-- starting the real sluice binary and real peers, and stopping them by PID.
+-- Every process a spec starts is stopped by the spec; every wait is bounded.
+local ffi = require("ffi")
+
+local H = {}
+
+H.root = os.getenv("SLUICE_ROOT") or "."
+H.bin = os.getenv("SLUICE_BIN") or (H.root .. "/build/sluice")
+H.wrapper = os.getenv("SLUICE_WRAPPER") or ""
+
+ffi.cdef[[
+int socket(int domain, int type, int protocol);
+int bind(int fd, const void *addr, unsigned int len);
+int getsockname(int fd, void *addr, unsigned int *len);
+int close(int fd);
+int usleep(unsigned int usec);
+struct sl_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; };
+]]
+
+function H.sleep(seconds)
+  ffi.C.usleep(math.floor(seconds * 1e6))
+end
+
+-- A TCP port on 127.0.0.1 that nothing listens on right now.
+function H.free_port()
+  local fd = ffi.C.socket(2, 1, 0)
+  assert(fd >= 0, "socket() failed")
+  local sa = ffi.new("struct sl_spec_sockaddr_in")
+  sa.family = 2
+  sa.addr = 0x0100007f -- 127.0.0.1, network order on little-endian
+  assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0, "bind() failed")
+  local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
+  assert(ffi.C.getsockname(fd, sa, len) == 0)
+  local port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8))
+  ffi.C.close(fd)
+  return port
+end
+
+-- Runs a shell command; returns its stdout and exit status.
+function H.sh(cmd)
+  local f = assert(io.popen(cmd .. "; echo \"__rc=$?\""))
+  local out = f:read("*a")
+  f:close()
+  local rc = tonumber(out:match("__rc=(%d+)%s*$"))
+  return out:gsub("__rc=%d+%s*$", ""), rc
+end
+
+function H.shq(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local tmpdir
+function H.tmpdir()
+  if not tmpdir then
+    tmpdir = (H.sh("mktemp -d /tmp/sluice-spec.XXXXXX")):gsub("%s+$", "")
+  end
+  return tmpdir
+end
+
+local seq = 0
+function H.tmpfile(name, content)
+  seq = seq + 1
+  local base, ext = name:match("^(.-)(%.?[^.]*)$")
+  local path = ("%s/%s_%d%s"):format(H.tmpdir(), base, seq, ext)
+  if content then
+    local f = assert(io.open(path, "wb"))
+    f:write(content)
+    f:close()
+  end
+  return path
+end
+
+function H.read(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- Waits until fn() is true, for at most timeout seconds. Returns fn's value.
+function H.wait_for(fn, timeout)
+  local deadline = os.time() + (timeout or 10)
+  repeat
+    local v = fn()
+    if v then return v end
+    H.sleep(0.02)
+  until os.time() > deadline
+  return fn()
+end
+
+-- Starts a command in the background; returns { pid, log, rc_file }.
+function H.spawn(cmd, name)
+  local log = H.tmpfile((name or "proc") .. ".log", "")
+  local pidf = H.tmpfile((name or "proc") .. ".pid")
+  local rcf = H.tmpfile((name or "proc") .. ".rc")
+  os.execute(("( %s >>%s 2>&1 & echo $! >%s; wait $!; echo $? >%s ) >/dev/null 2>&1 &")
+    :format(cmd, H.shq(log), H.shq(pidf), H.shq(rcf)))
+  local pid = H.wait_for(function() return tonumber(H.read(pidf)) end, 5)
+  assert(pid, "could not start: " .. cmd)
+  return { pid = pid, log = log, rc_file = rcf, cmd = cmd }
+end
+
+function H.alive(p)
+  return H.read(p.rc_file) == "" and select(2, H.sh("kill -0 " .. p.pid .. " 2>/dev/null")) == 0
+end
+
+-- Sends sig (default TERM) and waits for the exit. Returns the exit status
+-- (nil if it did not exit in time; it is then killed).
+function H.stop(p, sig, timeout)
+  if H.read(p.rc_file) == "" then
+    os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", p.pid))
+  end
+  local rc = H.wait_for(function() return tonumber(H.read(p.rc_file)) end, timeout or 20)
+  if not rc then
+    os.execute(("kill -KILL %d 2>/dev/null"):format(p.pid))
+    H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 5)
+  end
+  return rc
+end
+
+-- Is something accepting on 127.0.0.1:port?
+function H.port_open(port)
+  local _, rc = H.sh(("socat -T1 /dev/null TCP:127.0.0.1:%d,connect-timeout=1 2>/dev/null"):format(port))
+  return rc == 0
+end
+
+-- Writes a config and starts sluice on it; waits until it logs that it started.
+function H.start_sluice(config_text, env)
+  local cfg = H.tmpfile("sluice.lua", config_text)
+  local p = H.spawn(("%s SLUICE_ROOT=%s %s %s -c %s"):format(
+    env and ("env " .. env) or "env", H.shq(H.root), H.wrapper, H.shq(H.bin), H.shq(cfg)), "sluice")
+  local ok = H.wait_for(function()
+    return H.read(p.log):find("started with", 1, true) or not H.alive(p)
+  end, 30)
+  assert(ok and H.alive(p), "sluice did not start:\n" .. H.read(p.log))
+  p.config = cfg
+  return p
+end
+
+-- Stops sluice with SIGTERM and checks what every test must see: exit 0,
+-- the pool back to zero, no leak reported.
+function H.stop_sluice(p)
+  local rc = H.stop(p, "TERM")
+  local log = H.read(p.log)
+  assert(rc == 0, ("sluice exited with %s:\n%s"):format(tostring(rc), log))
+  assert(log:find("pool clean at exit", 1, true), "pool not clean at exit:\n" .. log)
+  assert(not log:find("LEAK", 1, true), "leak reported:\n" .. log)
+  return log
+end
+
+-- A socat echo peer on a fresh port (each connection gets its own cat).
+function H.start_echo(port)
+  port = port or H.free_port()
+  local p = H.spawn(("socat TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork EXEC:cat"):format(port), "echo")
+  assert(H.wait_for(function() return H.port_open(port) end, 10), "echo peer did not start")
+  p.port = port
+  return p
+end
+
+-- A socat peer that runs a shell command per connection (stdin/stdout = socket).
+function H.start_peer(cmd, port)
+  port = port or H.free_port()
+  local p = H.spawn(("socat TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork SYSTEM:%s")
+    :format(port, H.shq(cmd)), "peer")
+  assert(H.wait_for(function() return H.port_open(port) end, 10), "peer did not start")
+  p.port = port
+  return p
+end
+
+-- Sends input (a string, or { file = path }) to 127.0.0.1:port, half-closes,
+-- and returns everything received until the server closes.
+function H.exchange(port, input, timeout)
+  local src
+  if type(input) == "table" then
+    src = H.shq(input.file)
+  else
+    src = H.shq(H.tmpfile("in", input))
+  end
+  local out = H.tmpfile("out")
+  local _, rc = H.sh(("timeout %d socat -t %d - TCP:127.0.0.1:%d <%s >%s 2>/dev/null"):format(
+    (timeout or 30) + 5, timeout or 30, port, src, H.shq(out)))
+  return H.read(out), rc, out
+end
+
+return H

@@ -1,0 +1,93 @@
+-- The command line: --version, --help, --check, bad configs, signals.
+local H = require("helpers")
+
+local function config_with(listen_port)
+  return ([[
+return {
+  listeners = {
+    { name = "echo", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+  },
+}
+]]):format(listen_port)
+end
+
+describe("sluice command line", function()
+  it("prints its version", function()
+    local out, rc = H.sh(H.shq(H.bin) .. " --version")
+    assert.are.equal(0, rc)
+    assert.matches("^sluice %d+%.%d+%.%d+\n$", out)
+  end)
+
+  it("prints usage with --help, and exits 2 on an unknown option", function()
+    local out, rc = H.sh(H.shq(H.bin) .. " --help")
+    assert.are.equal(0, rc)
+    assert.matches("sluice %-c FILE", out)
+    local _, rc2 = H.sh(H.shq(H.bin) .. " --frobnicate 2>/dev/null")
+    assert.are.equal(2, rc2)
+  end)
+
+  it("--check accepts a valid config and starts nothing", function()
+    local port = H.free_port()
+    local cfg = H.tmpfile("ok.lua", config_with(port))
+    local out, rc = H.sh(H.shq(H.bin) .. " --check " .. H.shq(cfg))
+    assert.are.equal(0, rc)
+    assert.matches("config ok", out)
+    assert.is_false(H.port_open(port))
+  end)
+
+  it("exits 2 with the key path and what was expected on a bad config", function()
+    local cfg = H.tmpfile("bad.lua", [[
+return { listeners = { { name = "front", listen = 7000, pipeline = { "sluice.stages.echo" } } } }
+]])
+    for _, flag in ipairs({ "--check", "-c" }) do
+      local out, rc = H.sh(("%s %s %s 2>&1"):format(H.shq(H.bin), flag, H.shq(cfg)))
+      assert.are.equal(2, rc)
+      assert.are.equal('config error: listeners[1].listen: expected "host:port", got 7000\n', out)
+    end
+  end)
+
+  it("exits 2 naming a pipeline module that does not exist", function()
+    local cfg = H.tmpfile("nomod.lua", [[
+return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "examples.nope" } } } }
+]])
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal('config error: listeners[1].pipeline[1]: module "examples.nope" not found\n', out)
+  end)
+
+  it("exits 2 when the config file is missing", function()
+    local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
+    assert.are.equal(2, rc)
+    assert.matches("^config error: /nonexistent/sluice.lua: cannot open", out)
+  end)
+
+  it("exits 1 with the reason when a port cannot be bound", function()
+    local port = H.free_port()
+    local holder = H.start_echo(port)
+    local cfg = H.tmpfile("busy.lua", config_with(port))
+    local out, rc = H.sh(("%s -c %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    H.stop(holder)
+    assert.are.equal(1, rc)
+    assert.matches("cannot listen on 127.0.0.1:" .. port, out, 1, true)
+  end)
+
+  it("stops on SIGTERM with exit 0, closing open connections", function()
+    local port = H.free_port()
+    local p = H.start_sluice(config_with(port))
+    -- A client that stays connected: sluice must close it to exit.
+    local client = H.spawn(("socat -T 30 EXEC:'sleep 30' TCP:127.0.0.1:%d"):format(port), "client")
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("accepted", 1, true)
+                                          or H.read(p.log):find("client", 1, true) end, 5) or true)
+    H.sleep(0.2)
+    local log = H.stop_sluice(p)
+    assert.matches("SIGTERM: stopping", log)
+    H.stop(client, "KILL")
+  end)
+
+  it("stops on SIGINT with exit 0", function()
+    local p = H.start_sluice(config_with(H.free_port()))
+    local rc = H.stop(p, "INT")
+    assert.are.equal(0, rc)
+    assert.matches("pool clean at exit", H.read(p.log))
+  end)
+end)

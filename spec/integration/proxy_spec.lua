@@ -1,0 +1,105 @@
+-- The proxy through the real binary, with real peers (socat) on loopback.
+local H = require("helpers")
+
+local function proxy_config(port, upstream_port, pipeline)
+  return ([[
+return {
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = %s },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" }, connect_timeout_ms = 2000 } },
+}
+]]):format(port, pipeline or "{}", upstream_port)
+end
+
+describe("proxying", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+
+  local function digest(path)
+    return (H.sh("sha256sum < " .. H.shq(path))):match("^(%x+)")
+  end
+
+  for _, pipeline in ipairs({ "{}", '{ "examples.stages.log_chunks" }' }) do
+    it("carries 16 MiB of random bytes to an echo peer and back intact, pipeline " .. pipeline,
+      function()
+        local echo = H.start_echo()
+        peers[#peers + 1] = echo
+        local port = H.free_port()
+        local p = H.start_sluice(proxy_config(port, echo.port, pipeline))
+        local input = H.tmpfile("random.bin")
+        H.sh(("head -c %d /dev/urandom > %s"):format(16 * 1024 * 1024, H.shq(input)))
+        local _, rc, out = H.exchange(port, { file = input }, 60)
+        assert.are.equal(0, rc)
+        assert.are.equal(16 * 1024 * 1024, #H.read(out))
+        assert.are.equal(digest(input), digest(out))
+        H.stop_sluice(p)
+      end)
+  end
+
+  it("passes the client's FIN to the upstream, and the reply still arrives", function()
+    -- wc -c answers only after end of input: the reply proves the FIN got through.
+    local peer = H.start_peer("wc -c")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, peer.port, '{ "examples.stages.log_chunks" }'))
+    local out, rc = H.exchange(port, "hello\n", 10)
+    assert.are.equal(0, rc)
+    assert.are.equal("6", out:match("^%s*(%d+)%s*$"))
+    local log = H.stop_sluice(p)
+    assert.matches("chunk of 6 bytes", log)
+  end)
+
+  it("closes the client with a logged reason when the upstream refuses", function()
+    local dead = H.free_port()
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, dead))
+    local out, rc = H.exchange(port, "hello\n", 5)
+    assert.are.equal(0, rc)
+    assert.are.equal("", out)
+    local log = H.stop_sluice(p)
+    assert.matches("upstream 127.0.0.1:" .. dead .. " connect failed: Connection refused", log, 1, true)
+    assert.matches("client 127.0.0.1:%d+ on front closed: upstream", log)
+  end)
+
+  it("serves the quickstart: hello through a Lua stage to the built-in echo", function()
+    local text = H.read(H.root .. "/examples/quickstart.lua")
+    local front, echo = H.free_port(), H.free_port()
+    text = text:gsub("7000", tostring(front)):gsub("7001", tostring(echo))
+    local p = H.start_sluice(text)
+    local out, rc = H.exchange(front, "hello\n", 10)
+    assert.are.equal(0, rc)
+    assert.are.equal("hello\n", out)
+    local log = H.stop_sluice(p)
+    assert.matches("chunk of 6 bytes", log)
+  end)
+
+  it("contains a Lua error to its connection: logged with a traceback, others carry on", function()
+    local stage = H.tmpfile("boom_stage.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    if buf:tostring():find("boom", 1, true) then error("boom requested") end
+    ctx:fire_read(buf)
+  end,
+}
+]])
+    local dir, mod = stage:match("^(.*)/([^/]+)%.lua$")
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, echo.port, ("{ %q }"):format(mod)))
+    local out1 = H.exchange(port, "boom\n", 5)
+    assert.are.equal("", out1)
+    local out2, rc2 = H.exchange(port, "fine\n", 5)
+    assert.are.equal(0, rc2)
+    assert.are.equal("fine\n", out2)
+    local log = H.stop_sluice(p)
+    assert.matches("boom requested", log, 1, true)
+    assert.matches("stack traceback", log, 1, true)
+    assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
+    assert.is_truthy(dir)
+  end)
+end)

@@ -15,6 +15,8 @@ int bind(int fd, const void *addr, unsigned int len);
 int getsockname(int fd, void *addr, unsigned int *len);
 int close(int fd);
 int usleep(unsigned int usec);
+int listen(int fd, int backlog);
+int connect(int fd, const void *addr, unsigned int len);
 struct sl_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; };
 ]]
 
@@ -35,6 +37,30 @@ function H.free_port()
   local port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8))
   ffi.C.close(fd)
   return port
+end
+
+-- A port whose listener never accepts and whose accept queue is full, so
+-- that new connects hang (the kernel drops their SYNs): for connect timeouts.
+-- Returns the port and a function that closes every socket involved.
+function H.blackhole()
+  local fds = {}
+  local fd = ffi.C.socket(2, 1, 0)
+  local sa = ffi.new("struct sl_spec_sockaddr_in")
+  sa.family = 2
+  sa.addr = 0x0100007f
+  assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0 and ffi.C.listen(fd, 0) == 0)
+  local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
+  assert(ffi.C.getsockname(fd, sa, len) == 0)
+  fds[1] = fd
+  for _ = 1, 4 do -- fill the accept queue (backlog 0 holds one or two)
+    local c = ffi.C.socket(2, bit.bor(1, 0x800), 0) -- SOCK_NONBLOCK
+    ffi.C.connect(c, sa, ffi.sizeof(sa))
+    fds[#fds + 1] = c
+  end
+  local port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8))
+  return port, function()
+    for _, f in ipairs(fds) do ffi.C.close(f) end
+  end
 end
 
 -- Runs a shell command; returns its stdout and exit status.

@@ -216,8 +216,9 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   size_t dropped = sl_outq_release_all(&ch->outq);
   w->stats.channels_closed++;
   sl_log(is_error ? SL_LOG_WARN : SL_LOG_INFO,
-         "%s closed: %s (in %llu B, out %llu B, %.0f ms%s)", ch->desc, ch->reason,
-         (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
+         "%s closed: %s (in %llu B, out %llu B, peak queue %zu B, %.0f ms%s)", ch->desc,
+         ch->reason, (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
+         ch->outq.peak,
          (ev_now(w->loop) - ch->started) * 1000.0, dropped ? ", unsent data dropped" : "");
   sl_channel_ref(ch);
   sl_channel_close_peer(ch);

@@ -17,6 +17,7 @@ void sl_outq_init(sl_outq *q, size_t low, size_t high,
   q->mask = 0;
   q->head = q->count = q->nflushed = 0;
   q->pending = 0;
+  q->peak = 0;
   q->low = low;
   q->high = high;
   q->writable = 1;
@@ -45,6 +46,7 @@ static int sl_outq_grow(sl_outq *q) {
 
 static void sl_outq_pending_add(sl_outq *q, size_t n) {
   q->pending += n;
+  if (q->pending > q->peak) q->peak = q->pending;
   if (q->writable && q->pending > q->high) {
     q->writable = 0;
     if (q->on_writability) q->on_writability(q->ud, 0);

@@ -34,6 +34,7 @@ typedef struct sl_outq {
   uint32_t count;          /* entries in the queue */
   uint32_t nflushed;       /* the first nflushed entries are flushed */
   size_t pending;          /* bytes + per-entry overhead */
+  size_t peak;             /* highest pending seen */
   size_t low, high;        /* water marks */
   int writable;            /* 1 until pending > high, again once < low */
   sl_outq_writability_fn on_writability;

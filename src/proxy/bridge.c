@@ -86,8 +86,14 @@ static void sl_bridge_read_complete(sl_ctx *ctx) {
 
 static void sl_bridge_writability(sl_ctx *ctx, int writable) {
   /* Our queue is full: stop reading from the side that fills it. */
-  sl_channel *peer = sl_ctx_channel(ctx)->peer;
-  if (peer) sl_channel_set_autoread(peer, writable);
+  sl_channel *ch = sl_ctx_channel(ctx);
+  sl_channel *peer = ch->peer;
+  if (peer) {
+    if (sl_log_enabled(SL_LOG_DEBUG))
+      sl_log(SL_LOG_DEBUG, "%s: %s reading from %s (queue %zu bytes)", ch->desc,
+             writable ? "resumed" : "paused", peer->desc, ch->outq.pending);
+    sl_channel_set_autoread(peer, writable);
+  }
   sl_ctx_fire_writability(ctx, writable);
 }
 

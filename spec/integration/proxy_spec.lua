@@ -136,4 +136,60 @@ return {
     assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
     assert.is_truthy(dir)
   end)
+
+  it("reports a buffer a stage dropped without releasing, and reclaims its memory", function()
+    local stage = H.tmpfile("dropper.lua", [[
+local kept = {}
+return {
+  channel_read = function(ctx, buf)
+    if buf:tostring():find("drop", 1, true) then
+      kept[#kept + 1] = buf          -- neither passed on nor released
+      ctx:write("dropped\n")
+      ctx:flush()
+      return
+    end
+    ctx:fire_read(buf)
+  end,
+  channel_inactive = function(ctx)
+    kept = {}                        -- the handles become garbage here
+    collectgarbage()
+    ctx:fire_inactive()
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, echo.port, ("{ %q }"):format(mod)))
+    local out = H.exchange(port, "drop this\n", 5)
+    assert.are.equal("dropped\n", out)
+    local log = H.stop_sluice(p, { leaks_expected = true })
+    assert.matches("LEAK: buffer of %d+ bytes was not released before its Lua handle was " ..
+                   "garbage%-collected %(refcnt 1%); its memory was reclaimed", log)
+    -- stop_sluice has checked the pool is back to zero.
+  end)
+
+  it("closes both sides with a logged reason when the upstream resets", function()
+    local up = H.raw_listener()
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, up.port))
+    -- The client stays connected (sleep keeps socat's input open).
+    local client = H.spawn(("socat -t 0.5 SYSTEM:'printf hello; sleep 10' TCP:127.0.0.1:%d")
+      :format(port), "client")
+    local conn = up.accept(10)
+    assert.is_not_nil(conn)
+    assert.are.equal("hello", up.read(conn, 10))
+    up.reset(conn)
+    up.close()
+    -- socat exits once sluice closes the client side.
+    local closed = H.wait_for(function()
+      return H.read(p.log):find("on front closed: peer closed: reset", 1, true)
+    end, 10)
+    local log = H.stop_sluice(p)
+    H.stop(client, "KILL")
+    assert.is_truthy(closed, log)
+    assert.matches("upstream 127.0.0.1:" .. up.port .. " for front closed: reset (Connection reset by peer)",
+                   log, 1, true)
+  end)
 end)

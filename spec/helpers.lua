@@ -29,17 +29,25 @@ function H.sleep(seconds)
   ffi.C.usleep(math.floor(seconds * 1e6))
 end
 
--- A TCP port on 127.0.0.1 that nothing listens on right now.
-function H.free_port()
+-- A TCP socket bound to 127.0.0.1 on a port the kernel picks; listening
+-- when backlog is given. Returns fd, the sockaddr and the port.
+local function bound_socket(backlog)
   local fd = ffi.C.socket(2, 1, 0)
   assert(fd >= 0, "socket() failed")
   local sa = ffi.new("struct sl_spec_sockaddr_in")
   sa.family = 2
   sa.addr = 0x0100007f -- 127.0.0.1, network order on little-endian
   assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0, "bind() failed")
+  if backlog then assert(ffi.C.listen(fd, backlog) == 0, "listen() failed") end
   local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
   assert(ffi.C.getsockname(fd, sa, len) == 0)
   local port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8))
+  return fd, sa, port
+end
+
+-- A TCP port on 127.0.0.1 that nothing listens on right now.
+function H.free_port()
+  local fd, _, port = bound_socket()
   ffi.C.close(fd)
   return port
 end
@@ -48,21 +56,13 @@ end
 -- that new connects hang (the kernel drops their SYNs): for connect timeouts.
 -- Returns the port and a function that closes every socket involved.
 function H.blackhole()
-  local fds = {}
-  local fd = ffi.C.socket(2, 1, 0)
-  local sa = ffi.new("struct sl_spec_sockaddr_in")
-  sa.family = 2
-  sa.addr = 0x0100007f
-  assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0 and ffi.C.listen(fd, 0) == 0)
-  local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
-  assert(ffi.C.getsockname(fd, sa, len) == 0)
-  fds[1] = fd
+  local fd, sa, port = bound_socket(0)
+  local fds = { fd }
   for _ = 1, 4 do -- fill the accept queue (backlog 0 holds one or two)
     local c = ffi.C.socket(2, bit.bor(1, 0x800), 0) -- SOCK_NONBLOCK
     ffi.C.connect(c, sa, ffi.sizeof(sa))
     fds[#fds + 1] = c
   end
-  local port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8))
   return port, function()
     for _, f in ipairs(fds) do ffi.C.close(f) end
   end
@@ -73,14 +73,8 @@ end
 -- accept(timeout_s) -> fd or nil, reset(fd) (close with RST: SO_LINGER 0),
 -- read(fd, timeout_s) -> string or nil, close().
 function H.raw_listener()
-  local fd = ffi.C.socket(2, 1, 0)
-  local sa = ffi.new("struct sl_spec_sockaddr_in")
-  sa.family = 2
-  sa.addr = 0x0100007f
-  assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0 and ffi.C.listen(fd, 16) == 0)
-  local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
-  assert(ffi.C.getsockname(fd, sa, len) == 0)
-  local L = { port = bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8)) }
+  local fd, _, port = bound_socket(16)
+  local L = { port = port }
   local function ready(f, timeout)
     local p = ffi.new("struct sl_spec_pollfd[1]")
     p[0].fd, p[0].events = f, 1 -- POLLIN

@@ -1,1 +1,536 @@
-int main(void){return 0;}
+/*
+ * sl_outq, the outbound queue, against real AF_UNIX stream sockets: write
+ * versus flush, gathering, partial writes, water marks, release on close,
+ * write errors and the write budget. The queue writes to fds[0]
+ * (non-blocking); the test reads what arrived from fds[1].
+ */
+#include "test_util.h"
+
+#include "alloc/pool.h"
+#include "buf/buf.h"
+#include "io/outq.h"
+#include "util/common.h"
+
+typedef struct fixture {
+  sl_pool *pool;
+  int fds[2];
+} fixture;
+
+static int fixture_setup(void **state) {
+  fixture *f = calloc(1, sizeof(*f));
+  if (f == NULL) return -1;
+  f->pool = sl_pool_create(sizeof(sl_buf));
+  if (f->pool == NULL || socketpair(AF_UNIX, SOCK_STREAM, 0, f->fds) != 0) return -1;
+  int fl = fcntl(f->fds[0], F_GETFL);
+  if (fl < 0 || fcntl(f->fds[0], F_SETFL, fl | O_NONBLOCK) != 0) return -1;
+  *state = f;
+  return 0;
+}
+
+static int fixture_teardown(void **state) {
+  fixture *f = *state;
+  if (f->fds[0] >= 0) close(f->fds[0]);
+  if (f->fds[1] >= 0) close(f->fds[1]);
+  sl_pool_destroy(f->pool);
+  free(f);
+  return 0;
+}
+
+/* A buffer of len bytes holding the pattern from stream offset. */
+static sl_buf *pattern_buf(sl_pool *pool, size_t len, size_t offset) {
+  sl_buf *b = sl_buf_alloc(pool, len, 0);
+  assert_non_null(b);
+  sl_test_fill_pattern(b->data, len, offset);
+  b->wr = (uint32_t)len;
+  return b;
+}
+
+/* Queues one pattern buffer per size, continuing the stream at *offset. */
+static void add_pattern(sl_outq *q, sl_pool *pool, const size_t *sizes, size_t n,
+                        size_t *offset) {
+  for (size_t i = 0; i < n; i++) {
+    assert_int_equal(sl_outq_add(q, pattern_buf(pool, sizes[i], *offset)), SL_OK);
+    *offset += sizes[i];
+  }
+}
+
+/* Reads exactly n bytes from fd and checks they continue the pattern. */
+static void expect_pattern(int fd, size_t n, size_t offset) {
+  uint8_t *got = malloc(n ? n : 1);
+  assert_non_null(got);
+  sl_test_read_exact(fd, got, n);
+  size_t bad = sl_test_pattern_mismatch(got, n, offset);
+  free(got);
+  if (bad != n) fail_msg("byte %zu of the stream differs", offset + bad);
+}
+
+static uint64_t bufs_active(const sl_pool *pool) { return sl_test_stats(pool).bufs_active; }
+
+/* Records every writability change with the pending value it saw. */
+typedef struct wm_log {
+  const sl_outq *q;
+  int n;
+  int writable[8];
+  size_t pending[8];
+} wm_log;
+
+static void wm_record(void *ud, int writable) {
+  wm_log *l = ud;
+  assert_true(l->n < 8);
+  l->writable[l->n] = writable;
+  l->pending[l->n] = l->q->pending;
+  l->n++;
+}
+
+/* ---- write versus flush ---- */
+
+static void test_write_sends_only_flushed_entries(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 2 << 20, NULL, NULL);
+  size_t n = 99, off = 0;
+  const size_t first[] = {100, 200};
+  add_pattern(&q, f->pool, first, 2, &off);
+  assert_int_equal(q.count, 2);
+  assert_int_equal(q.pending, 300 + 2 * SL_OUTQ_ENTRY_OVERHEAD);
+  assert_false(sl_outq_has_flushed(&q));
+
+  /* Written but not flushed: nothing goes out. */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+  assert_int_equal(q.count, 2);
+  assert_int_equal(bufs_active(f->pool), 2);
+
+  /* Flushed: out in order. An entry added after the flush stays. */
+  sl_outq_flush(&q);
+  assert_true(sl_outq_has_flushed(&q));
+  const size_t later[] = {50};
+  add_pattern(&q, f->pool, later, 1, &off);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, 300);
+  expect_pattern(f->fds[1], 300, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+  assert_int_equal(q.count, 1);
+  assert_int_equal(q.nflushed, 0);
+  assert_int_equal(q.pending, 50 + SL_OUTQ_ENTRY_OVERHEAD);
+  assert_int_equal(bufs_active(f->pool), 1);
+
+  sl_outq_flush(&q);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, 50);
+  expect_pattern(f->fds[1], 50, 300);
+  assert_true(sl_outq_is_empty(&q));
+  assert_int_equal(q.pending, 0);
+
+  sl_outq_destroy(&q);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+}
+
+/* ---- gathering ---- */
+
+static void test_many_small_buffers_arrive_in_order(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 2 << 20, NULL, NULL);
+  /* More entries than one sendmsg gathers, with empty ones in between. */
+  enum { N = 3000 };
+  size_t off = 0, expected_pending = 0;
+  for (size_t i = 0; i < N; i++) {
+    sl_buf *b;
+    if (i % 100 == 7) {
+      b = sl_buf_alloc(f->pool, 16, 0); /* nothing readable */
+      assert_non_null(b);
+    } else {
+      size_t len = 1 + (i * 13) % 16;
+      b = pattern_buf(f->pool, len, off);
+      off += len;
+    }
+    expected_pending += sl_buf_readable(b) + SL_OUTQ_ENTRY_OVERHEAD;
+    assert_int_equal(sl_outq_add(&q, b), SL_OK);
+  }
+  assert_true(N > SL_OUTQ_MAX_IOV);
+  assert_int_equal(q.count, N);
+  assert_int_equal(q.pending, expected_pending);
+  sl_outq_flush(&q);
+
+  size_t n = 0;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, off);
+  assert_true(sl_outq_is_empty(&q));
+  assert_int_equal(q.pending, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  expect_pattern(f->fds[1], off, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+  sl_outq_destroy(&q);
+}
+
+static void test_only_empty_entries_are_released(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1000, 2000, NULL, NULL);
+  for (int i = 0; i < 3; i++) {
+    sl_buf *b = sl_buf_alloc(f->pool, 8, 0);
+    assert_non_null(b);
+    assert_int_equal(sl_outq_add(&q, b), SL_OK);
+  }
+  sl_outq_flush(&q);
+  size_t n = 99;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, 0);
+  assert_true(sl_outq_is_empty(&q));
+  assert_int_equal(q.pending, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+static void test_slices_of_one_buffer_release_it_when_all_written(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 2 << 20, NULL, NULL);
+  const char *err = NULL;
+  sl_buf *root = pattern_buf(f->pool, 4096, 0);
+  const size_t cuts[][2] = {{0, 1000}, {1000, 2000}, {3000, 1096}};
+  for (size_t i = 0; i < 3; i++) {
+    sl_buf *v = sl_buf_slice(root, cuts[i][0], cuts[i][1], &err);
+    assert_non_null(v);
+    sl_buf_retain(v); /* the queue's reference */
+    assert_int_equal(sl_outq_add(&q, v), SL_OK);
+  }
+  assert_int_equal(sl_buf_release(root), 0); /* ours */
+  assert_int_equal(sl_buf_refcnt(root), 3);
+  sl_outq_flush(&q);
+
+  size_t n = 0;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1000, &n), SL_AGAIN);
+  assert_int_equal(n, 1000);
+  assert_int_equal(sl_buf_refcnt(root), 2); /* the first slice went */
+  assert_int_equal(sl_test_stats(f->pool).blocks_in_use, 1);
+
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, 3096);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  expect_pattern(f->fds[1], 4096, 0);
+  sl_outq_destroy(&q);
+}
+
+static void test_ring_growth_with_wrapped_head_keeps_order(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 2 << 20, NULL, NULL);
+  size_t off = 0, n = 0;
+  const size_t six[] = {10, 20, 30, 40, 50, 60};
+  add_pattern(&q, f->pool, six, 6, &off);
+  sl_outq_flush(&q);
+  /* Write the first four entries (100 bytes): the head moves to slot 4. */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 100, &n), SL_AGAIN);
+  assert_int_equal(n, 100);
+  assert_int_equal(q.count, 2);
+  assert_int_equal(q.nflushed, 2);
+
+  /* Twenty more: the ring wraps, then grows twice. */
+  size_t more[20];
+  for (size_t i = 0; i < 20; i++) more[i] = 5 + i;
+  add_pattern(&q, f->pool, more, 20, &off);
+  assert_int_equal(q.count, 22);
+  assert_int_equal(q.nflushed, 2);
+  assert_true(q.mask + 1 >= 22);
+  sl_outq_flush(&q);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(n, off - 100);
+  expect_pattern(f->fds[1], off, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+/* ---- partial writes ---- */
+
+/* Checks the queue against the stream after `written` bytes went out:
+ * which entry is first, how far it was read, pending, live buffers.
+ * Returns the first entry's reader index. */
+static uint32_t check_after_written(const sl_outq *q, const sl_pool *pool, const size_t *sizes,
+                                    size_t nsizes, size_t total, size_t written) {
+  size_t first = 0, skipped = 0;
+  while (first < nsizes && skipped + sizes[first] <= written) skipped += sizes[first++];
+  size_t left = nsizes - first;
+  assert_int_equal(q->count, left);
+  assert_int_equal(q->nflushed, left);
+  assert_int_equal(q->pending, (total - written) + left * SL_OUTQ_ENTRY_OVERHEAD);
+  assert_int_equal(bufs_active(pool), left); /* each buffer went as it was written */
+  if (left == 0) return 0;
+  const sl_buf *b = q->ring[q->head];
+  assert_int_equal(b->rd, written - skipped);
+  assert_int_equal(sl_buf_readable(b), sizes[first] - (written - skipped));
+  return b->rd;
+}
+
+static void test_partial_writes_resume_where_the_socket_stopped(void **state) {
+  fixture *f = *state;
+  sl_test_small_buffers(f->fds[0], f->fds[1], 4096);
+  sl_outq q;
+  sl_outq_init(&q, 1 << 30, 2u << 30, NULL, NULL);
+
+  /* 1 MiB in buffers of varying sizes, small ones first. */
+  const size_t total = 1 << 20;
+  size_t sizes[1024], nsizes = 0, off = 0;
+  while (off < total) {
+    size_t len = 1 + (nsizes * 7919) % (nsizes < 40 ? 1500 : 40000);
+    if (len > total - off) len = total - off;
+    sizes[nsizes++] = len;
+    add_pattern(&q, f->pool, &sizes[nsizes - 1], 1, &off);
+  }
+  assert_int_equal(off, total);
+  sl_outq_flush(&q);
+
+  size_t written = 0, n = 0;
+  int rc = sl_outq_write(&q, f->fds[0], SIZE_MAX, &n);
+  assert_int_equal(rc, SL_AGAIN); /* 1 MiB cannot fit in the socket */
+  written += n;
+  assert_true(written > 0 && written < total);
+  check_after_written(&q, f->pool, sizes, nsizes, total, written);
+  assert_true(bufs_active(f->pool) < nsizes);
+
+  uint8_t *got = malloc(total);
+  assert_non_null(got);
+  size_t received = 0;
+  int partial_entries = 0, rounds = 0;
+  while (rc == SL_AGAIN) {
+    assert_true(++rounds < 1000000);
+    received += sl_test_read_available(f->fds[1], got + received, total - received);
+    rc = sl_outq_write(&q, f->fds[0], SIZE_MAX, &n);
+    assert_true(rc == SL_OK || rc == SL_AGAIN);
+    written += n;
+    if (check_after_written(&q, f->pool, sizes, nsizes, total, written) > 0) partial_entries++;
+  }
+  assert_int_equal(written, total);
+  /* The socket stopped inside an entry at least once. */
+  assert_true(partial_entries > 0);
+  sl_test_read_exact(f->fds[1], got + received, total - received);
+  assert_int_equal(sl_test_pattern_mismatch(got, total, 0), total);
+  free(got);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+  assert_true(sl_outq_is_empty(&q));
+  assert_int_equal(q.pending, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+/* ---- water marks ---- */
+
+static void test_water_marks_fire_once_each_way(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  wm_log log = {.q = &q};
+  sl_outq_init(&q, 1000, 2000, wm_record, &log);
+  const size_t e = 500 + SL_OUTQ_ENTRY_OVERHEAD; /* 596 per entry */
+  size_t off = 0, n = 0;
+  const size_t one[] = {500};
+
+  for (int i = 0; i < 3; i++) add_pattern(&q, f->pool, one, 1, &off);
+  assert_int_equal(q.pending, 3 * e); /* 1788: not above 2000 */
+  assert_int_equal(log.n, 0);
+  assert_int_equal(q.writable, 1);
+
+  add_pattern(&q, f->pool, one, 1, &off); /* 2384 > 2000 */
+  assert_int_equal(log.n, 1);
+  assert_int_equal(log.writable[0], 0);
+  assert_int_equal(log.pending[0], 4 * e);
+  assert_int_equal(q.writable, 0);
+
+  /* Still above: no further calls. */
+  for (int i = 0; i < 3; i++) add_pattern(&q, f->pool, one, 1, &off);
+  assert_int_equal(q.pending, 7 * e);
+  assert_int_equal(log.n, 1);
+
+  /* Written down to between the marks (1192): still unwritable, no call. */
+  sl_outq_flush(&q);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 5 * 500, &n), SL_AGAIN);
+  assert_int_equal(q.pending, 2 * e);
+  assert_int_equal(log.n, 1);
+  assert_int_equal(q.writable, 0);
+
+  /* Below low: exactly one writable=1, when the next entry goes (596). */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(log.n, 2);
+  assert_int_equal(log.writable[1], 1);
+  assert_int_equal(log.pending[1], e);
+  assert_int_equal(q.writable, 1);
+  assert_int_equal(q.pending, 0);
+
+  expect_pattern(f->fds[1], 7 * 500, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+static void test_water_marks_are_strict(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  wm_log log = {.q = &q};
+  sl_outq_init(&q, 1000, 2000, wm_record, &log);
+  size_t off = 0, n = 0;
+
+  /* Exactly at high is not above it. */
+  const size_t at_high[] = {2000 - SL_OUTQ_ENTRY_OVERHEAD};
+  add_pattern(&q, f->pool, at_high, 1, &off);
+  assert_int_equal(q.pending, 2000);
+  assert_int_equal(log.n, 0);
+  const size_t one_byte[] = {1};
+  add_pattern(&q, f->pool, one_byte, 1, &off);
+  assert_int_equal(log.n, 1);
+  assert_int_equal(log.pending[0], 2000 + 1 + SL_OUTQ_ENTRY_OVERHEAD);
+
+  /* Exactly at low is not below it; one byte more is. */
+  sl_outq_flush(&q);
+  size_t to_low = q.pending - 1000;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], to_low, &n), SL_AGAIN);
+  assert_int_equal(n, to_low);
+  assert_int_equal(q.pending, 1000);
+  assert_int_equal(log.n, 1);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1, &n), SL_AGAIN);
+  assert_int_equal(q.pending, 999);
+  assert_int_equal(log.n, 2);
+  assert_int_equal(log.writable[1], 1);
+  assert_int_equal(log.pending[1], 999);
+
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  assert_int_equal(log.n, 2);
+  expect_pattern(f->fds[1], off, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+/* ---- release on close ---- */
+
+static void test_release_all_releases_flushed_and_unflushed(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  wm_log log = {.q = &q};
+  sl_outq_init(&q, 1000, 2000, wm_record, &log);
+  size_t off = 0;
+  const size_t sizes[] = {700, 800, 900, 1000, 1100};
+  add_pattern(&q, f->pool, sizes, 3, &off);
+  sl_outq_flush(&q);
+  add_pattern(&q, f->pool, sizes + 3, 2, &off);
+  assert_int_equal(bufs_active(f->pool), 5);
+  assert_int_equal(log.n, 1); /* went unwritable on the way */
+
+  assert_int_equal(sl_outq_release_all(&q), 5);
+  assert_int_equal(q.count, 0);
+  assert_int_equal(q.nflushed, 0);
+  assert_int_equal(q.pending, 0);
+  assert_int_equal(q.writable, 1);
+  assert_int_equal(log.n, 1); /* no writability event on close */
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  assert_int_equal(sl_outq_release_all(&q), 0);
+
+  /* The queue is still usable afterwards. */
+  add_pattern(&q, f->pool, sizes, 1, &off);
+  sl_outq_flush(&q);
+  size_t n = 0;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_OK);
+  expect_pattern(f->fds[1], 700, off - 700);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+static void test_destroy_releases_entries(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1000, 2000, NULL, NULL);
+  size_t off = 0;
+  const size_t sizes[] = {10, 20, 30, 40, 50, 60, 70, 80, 90};
+  add_pattern(&q, f->pool, sizes, 4, &off);
+  sl_outq_flush(&q);
+  add_pattern(&q, f->pool, sizes + 4, 5, &off);
+  assert_int_equal(bufs_active(f->pool), 9);
+  sl_outq_destroy(&q);
+  assert_null(q.ring);
+  assert_int_equal(q.count, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+}
+
+/* ---- write errors ---- */
+
+static void test_write_to_closed_peer_fails_with_epipe(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1000, 2000, NULL, NULL);
+  close(f->fds[1]);
+  f->fds[1] = -1;
+  size_t off = 0, n = 99;
+  const size_t sizes[] = {100, 200};
+  add_pattern(&q, f->pool, sizes, 2, &off);
+  sl_outq_flush(&q);
+  size_t pending = q.pending;
+
+  /* MSG_NOSIGNAL: an error code, not a SIGPIPE that kills the test. */
+  errno = 0;
+  assert_int_equal(sl_outq_write(&q, f->fds[0], SIZE_MAX, &n), SL_ERROR);
+  assert_int_equal(errno, EPIPE);
+  assert_int_equal(n, 0);
+  assert_int_equal(q.count, 2);
+  assert_int_equal(q.nflushed, 2);
+  assert_int_equal(q.pending, pending);
+  assert_int_equal(q.ring[q.head]->rd, 0);
+  assert_int_equal(bufs_active(f->pool), 2);
+
+  assert_int_equal(sl_outq_release_all(&q), 2);
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+/* ---- budget ---- */
+
+static void test_budget_limits_bytes_per_call(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 2 << 20, NULL, NULL);
+  size_t off = 0, n = 99;
+  const size_t sizes[] = {1000, 1000, 1000};
+  add_pattern(&q, f->pool, sizes, 3, &off);
+  sl_outq_flush(&q);
+
+  /* A zero budget writes nothing. */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 0, &n), SL_AGAIN);
+  assert_int_equal(n, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+
+  /* The budget is exact: the last piece is cut inside an entry. */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1500, &n), SL_AGAIN);
+  assert_int_equal(n, 1500);
+  assert_int_equal(q.count, 2);
+  assert_int_equal(q.ring[q.head]->rd, 500);
+  assert_int_equal(q.pending, 1500 + 2 * SL_OUTQ_ENTRY_OVERHEAD);
+  assert_int_equal(bufs_active(f->pool), 2);
+  expect_pattern(f->fds[1], 1500, 0);
+  sl_test_assert_nothing_to_read(f->fds[1]);
+
+  /* A budget equal to what is left finishes the queue: SL_OK. */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1500, &n), SL_OK);
+  assert_int_equal(n, 1500);
+  expect_pattern(f->fds[1], 1500, 1500);
+  assert_true(sl_outq_is_empty(&q));
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
+#define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      FIXTURE_TEST(test_write_sends_only_flushed_entries),
+      FIXTURE_TEST(test_many_small_buffers_arrive_in_order),
+      FIXTURE_TEST(test_only_empty_entries_are_released),
+      FIXTURE_TEST(test_slices_of_one_buffer_release_it_when_all_written),
+      FIXTURE_TEST(test_ring_growth_with_wrapped_head_keeps_order),
+      FIXTURE_TEST(test_partial_writes_resume_where_the_socket_stopped),
+      FIXTURE_TEST(test_water_marks_fire_once_each_way),
+      FIXTURE_TEST(test_water_marks_are_strict),
+      FIXTURE_TEST(test_release_all_releases_flushed_and_unflushed),
+      FIXTURE_TEST(test_destroy_releases_entries),
+      FIXTURE_TEST(test_write_to_closed_peer_fails_with_epipe),
+      FIXTURE_TEST(test_budget_limits_bytes_per_call),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

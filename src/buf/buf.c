@@ -26,9 +26,10 @@ sl_buf *sl_buf_alloc(struct sl_pool *pool, size_t cap, size_t max_cap) {
     sl_pool_header_put(pool, b);
     return NULL;
   }
-  if (usable > max_cap) usable = max_cap;
-  b->cap = (uint32_t)(usable < cap ? cap : usable);
+  /* block_size is what the pool reported (it gets exactly that back);
+   * only the capacity is limited by max_cap. */
   b->block_size = (uint32_t)usable;
+  b->cap = (uint32_t)(usable > max_cap ? max_cap : usable);
   b->max_cap = (uint32_t)max_cap;
   b->refcnt = 1;
   b->root = b;

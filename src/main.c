@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc/arena.h"
+#include "alloc/pool.h"
 #include "io/worker.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
@@ -29,7 +31,8 @@ static void sl_usage(FILE *out) {
           "       sluice --help\n"
           "\n"
           "Signals: SIGINT and SIGTERM stop accepting, close connections and exit 0.\n"
-          "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL.\n");
+          "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL,\n"
+          "             SLUICE_ALLOCATOR (pooled or unpooled).\n");
 }
 
 static void *sl_worker_thread(void *arg) {
@@ -50,8 +53,16 @@ static int sl_run(sl_config *cfg) {
   sl_worker *workers[SL_MAX_WORKERS];
   int nworkers = SL_MAX_WORKERS;
   char err[512];
+  sl_alloc_config acfg = cfg->alloc;
+  if (acfg.arenas == 0) acfg.arenas = nworkers;
+  const char *aerr = NULL;
+  sl_alloc *alloc = sl_alloc_create(&acfg, &aerr);
+  if (alloc == NULL) {
+    fprintf(stderr, "sluice: cannot start: allocator: %s\n", aerr);
+    return 1;
+  }
   for (int i = 0; i < nworkers; i++) {
-    workers[i] = sl_worker_create(i);
+    workers[i] = sl_worker_create(i, alloc);
     if (workers[i] == NULL || sl_server_start(workers[i], cfg, err, sizeof(err)) != SL_OK) {
       fprintf(stderr, "sluice: cannot start: %s\n", workers[i] ? err : "out of memory");
       for (int j = 0; j <= i; j++) {
@@ -59,6 +70,7 @@ static int sl_run(sl_config *cfg) {
         sl_server_free(workers[j]);
         sl_worker_destroy(workers[j]);
       }
+      sl_alloc_destroy(alloc);
       return 1;
     }
   }
@@ -67,8 +79,9 @@ static int sl_run(sl_config *cfg) {
     sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,
            l->upstream ? l->upstream->name : "pipeline", l->nstages, l->nstages == 1 ? "" : "s");
   }
-  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s (config %s)", SL_VERSION, nworkers,
-         nworkers == 1 ? "" : "s", cfg->path);
+  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
+         nworkers, nworkers == 1 ? "" : "s",
+         acfg.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
 
   pthread_t threads[SL_MAX_WORKERS];
   for (int i = 0; i < nworkers; i++) pthread_create(&threads[i], NULL, sl_worker_thread, workers[i]);
@@ -87,9 +100,13 @@ static int sl_run(sl_config *cfg) {
   uint64_t leaked = 0;
   for (int i = 0; i < nworkers; i++) {
     pthread_join(threads[i], NULL);
+    /* The worker thread is gone: this thread owns the pool now, and the
+     * Lua state's finalizers release into it. */
+    sl_pool_bind_thread(workers[i]->pool);
     sl_server_free(workers[i]);
     leaked += sl_worker_destroy(workers[i]);
   }
+  sl_alloc_destroy(alloc);
   sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
   return 0;
 }
@@ -139,6 +156,16 @@ int main(int argc, char **argv) {
     return 2;
   }
   sl_log_set_level(level);
+  const char *atype = getenv("SLUICE_ALLOCATOR");
+  if (atype && *atype) {
+    if (strcmp(atype, "unpooled") == 0) cfg->alloc.type = SL_ALLOC_UNPOOLED;
+    else if (strcmp(atype, "pooled") == 0) cfg->alloc.type = SL_ALLOC_POOLED;
+    else {
+      fprintf(stderr, "sluice: SLUICE_ALLOCATOR: expected pooled or unpooled, got \"%s\"\n", atype);
+      sl_config_free(cfg);
+      return 2;
+    }
+  }
   int rc = sl_run(cfg);
   sl_config_free(cfg);
   return rc;

@@ -19,7 +19,7 @@ typedef struct fixture {
 static int fixture_setup(void **state) {
   fixture *f = calloc(1, sizeof(*f));
   if (f == NULL) return -1;
-  f->pool = sl_pool_create(sizeof(sl_buf));
+  f->pool = sl_pool_create(NULL, 0);
   if (f->pool == NULL || socketpair(AF_UNIX, SOCK_STREAM, 0, f->fds) != 0) return -1;
   int fl = fcntl(f->fds[0], F_GETFL);
   if (fl < 0 || fcntl(f->fds[0], F_SETFL, fl | O_NONBLOCK) != 0) return -1;

@@ -109,7 +109,7 @@ typedef struct fixture {
 static int fixture_setup(void **state) {
   fixture *f = calloc(1, sizeof(*f));
   if (f == NULL) return -1;
-  f->w = sl_worker_create(0);
+  f->w = sl_worker_create(0, NULL);
   if (f->w == NULL) return -1;
   f->peer = -1;
   rec_reset();

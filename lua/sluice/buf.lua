@@ -28,10 +28,11 @@ local function dead(h, level)
   error("buffer used after release (refcnt 0)", level or 3)
 end
 
--- The live sl_buf behind h, or a Lua error.
+-- The live sl_buf behind h, or a Lua error. A released buffer's header has
+-- generation 0 (or, reused, a newer one): one compare tells.
 local function live(h)
   local b = h.b
-  if b.gen ~= h.gen or b.root.refcnt == 0 then dead(h) end
+  if b.gen ~= h.gen then dead(h) end
   return b
 end
 _M.live = live

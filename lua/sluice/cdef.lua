@@ -18,7 +18,6 @@ struct sl_buf {
   uint32_t gen;
   sl_buf *root;
   sl_buf *views;
-  sl_pool *pool;
   void *owner;
   uint32_t block_size;
   uint32_t flags;

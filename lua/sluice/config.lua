@@ -110,7 +110,10 @@ local MAX_INT = 2147483647  -- integers must fit a C int
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
-local TOP_KEYS = { "listeners", "upstreams", "log_level" }
+local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator" }
+local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cache",
+                         "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
+                         "max_memory" }
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark" }
 local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
@@ -235,6 +238,31 @@ local function check_positive_int(v, path, default)
     if v > MAX_INT then
         fail(path, "expected a positive integer no larger than %d, got %s",
              MAX_INT, show(v))
+    end
+    return v
+end
+
+
+-- Returns v if it is an integer in 0..max, `default` if v is nil.
+local function check_count(v, path, default, max)
+    if v == nil then return default end
+    if type(v) ~= "number" or v ~= v or v < 0 or v ~= floor(v) or v > max then
+        fail(path, "expected an integer from 0 to %d, got %s", max, show(v))
+    end
+    return v
+end
+
+-- Returns v if it is a power of two in lo..hi, `default` if v is nil.
+local function check_pow2(v, path, default, lo, hi)
+    if v == nil then return default end
+    local ok = type(v) == "number" and v >= lo and v <= hi and v == floor(v)
+    if ok then
+        local x = v
+        while x > 1 and x % 2 == 0 do x = x / 2 end
+        ok = x == 1
+    end
+    if not ok then
+        fail(path, "expected a power of two from %d to %d, got %s", lo, hi, show(v))
     end
     return v
 end
@@ -514,6 +542,42 @@ local function check_log_level(v)
     return v
 end
 
+-- Returns the normalized allocator section (every key filled in).
+local function check_allocator(a)
+    if a == nil then a = {} end
+    if type(a) ~= "table" then
+        fail("allocator", "expected a table, got %s", show(a))
+    end
+    check_keys(a, "allocator", ALLOCATOR_KEYS)
+    local out = {}
+    if a.type ~= nil and a.type ~= "pooled" and a.type ~= "unpooled" then
+        fail("allocator.type", 'expected "pooled" or "unpooled", got %s', show(a.type))
+    end
+    out.type = a.type or "pooled"
+    out.arenas = check_positive_int(a.arenas, "allocator.arenas", 0)
+    if out.arenas > 256 then
+        fail("allocator.arenas", "expected at most 256, got %s", show(a.arenas))
+    end
+    out.page_size = check_pow2(a.page_size, "allocator.page_size", 8192, 4096, 1048576)
+    out.chunk_size = check_pow2(a.chunk_size, "allocator.chunk_size", 4194304,
+                                65536, 1073741824)
+    if out.chunk_size < 16 * out.page_size then
+        fail("allocator.chunk_size", "expected at least 16 pages (%d), got %s",
+             16 * out.page_size, show(out.chunk_size))
+    end
+    out.small_cache = check_count(a.small_cache, "allocator.small_cache", 256, 65536)
+    out.normal_cache = check_count(a.normal_cache, "allocator.normal_cache", 64, 65536)
+    out.max_cached = check_count(a.max_cached, "allocator.max_cached", 32768, out.chunk_size)
+    out.trim_interval = check_positive_int(a.trim_interval, "allocator.trim_interval", 8192)
+    out.trim_idle_ms = check_positive_int(a.trim_idle_ms, "allocator.trim_idle_ms", 10000)
+    out.max_memory = check_count(a.max_memory, "allocator.max_memory", 0, 2 ^ 53)
+    if out.max_memory ~= 0 and out.max_memory < out.chunk_size then
+        fail("allocator.max_memory", "expected 0 (no limit) or at least chunk_size (%d), got %s",
+             out.chunk_size, show(a.max_memory))
+    end
+    return out
+end
+
 -- Returns the normalized upstream `name` (keys: servers, connect_timeout_ms).
 local function check_upstream(name, up, path)
     if type(up) ~= "table" then
@@ -642,10 +706,12 @@ local function check_root(t, ctx)
     end
     check_keys(t, "", TOP_KEYS)
     local log_level = check_log_level(t.log_level)
+    local allocator = check_allocator(t.allocator)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,
+        allocator = allocator,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

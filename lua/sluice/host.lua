@@ -50,7 +50,7 @@ local function stage_failed(ctx, ev, arg, err)
             ctx.cptr and ffi.string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
             tostring(err))
   -- The pipeline releases what the stage was handed and still owned.
-  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and arg.b.root.refcnt > 0 then
+  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
     arg:release(arg.refs)
   end
   if ctx.cptr then

@@ -59,6 +59,12 @@ local function addr(host, port, family)
   return { host = host, port = port, text = text, family = family or "inet" }
 end
 
+local ALLOCATOR_DEFAULTS = {
+  type = "pooled", arenas = 0, page_size = 8192, chunk_size = 4194304, small_cache = 256,
+  normal_cache = 64, max_cached = 32768, trim_interval = 8192, trim_idle_ms = 10000,
+  max_memory = 0,
+}
+
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
   .. "channel_writability_changed, user_event, error, write, flush, close, read"
 
@@ -88,6 +94,7 @@ describe("sluice.config", function()
     it("fills in every default", function()
       assert.are.same({
         log_level = "info",
+        allocator = ALLOCATOR_DEFAULTS,
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -107,6 +114,7 @@ describe("sluice.config", function()
       assert.is_nil(err)
       assert.are.same({
         log_level = "debug",
+        allocator = ALLOCATOR_DEFAULTS,
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -326,6 +334,36 @@ describe("sluice.config", function()
     end)
   end)
 
+  describe("allocator", function()
+    it("takes every key, filling in the rest", function()
+      local a = ok_of(conf(nil, { allocator = { type = "unpooled", arenas = 2,
+                                                max_memory = 64 * 1048576 } })).allocator
+      assert.are.equal("unpooled", a.type)
+      assert.are.equal(2, a.arenas)
+      assert.are.equal(64 * 1048576, a.max_memory)
+      assert.are.equal(8192, a.page_size)
+    end)
+
+    it("names the key and what was expected", function()
+      local cases = {
+        { { tipe = "pooled" }, 'config error: allocator.tipe: unknown key (expected one of: '
+          .. 'type, arenas, page_size, chunk_size, small_cache, normal_cache, max_cached, '
+          .. 'trim_interval, trim_idle_ms, max_memory)' },
+        { { type = "jemalloc" }, 'config error: allocator.type: expected "pooled" or "unpooled", got "jemalloc"' },
+        { { page_size = 5000 }, "config error: allocator.page_size: expected a power of two from 4096 to 1048576, got 5000" },
+        { { chunk_size = 65536 }, "config error: allocator.chunk_size: expected at least 16 pages (131072), got 65536" },
+        { { small_cache = -1 }, "config error: allocator.small_cache: expected an integer from 0 to 65536, got -1" },
+        { { trim_idle_ms = 0 }, "config error: allocator.trim_idle_ms: expected a positive integer, got 0" },
+        { { arenas = 300 }, "config error: allocator.arenas: expected at most 256, got 300" },
+        { { max_memory = 1000 }, "config error: allocator.max_memory: expected 0 (no limit) or at least chunk_size (4194304), got 1000" },
+        { "big", 'config error: allocator: expected a table, got "big"' },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], err_of(conf(nil, { allocator = c[1] })))
+      end
+    end)
+  end)
+
   describe("errors", function()
     describe("top level", function()
       it("needs a table", function()
@@ -333,11 +371,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -350,7 +388,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

@@ -3,117 +3,305 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <time.h>
 
 #include "util/common.h"
 
-#define SL_POOL_SLAB_HEADERS 64
+__thread sl_pool *sl_pool_tls;
 
-/* A slab of headers; slabs are chained and freed only with the pool. */
-typedef struct sl_pool_slab {
-  struct sl_pool_slab *next;
-  /* headers follow, each header_size bytes, aligned to 16 */
-} sl_pool_slab;
+/* Free headers are linked through their last word, away from the fields a
+ * stale handle reads (the generation stays 0). */
+static void **sl_hdr_link(void *hdr) { return (void **)(void *)((char *)hdr + SL_HDR_SIZE - 8); }
 
-/* The free-list link lives at the end of a free header, so that the fields
- * a stale handle reads (data pointer, indexes, generation) stay intact. */
-struct sl_pool {
-  size_t header_size;       /* rounded up to 16 */
-  sl_pool_slab *slabs;      /* every slab ever made */
-  void *free_headers;       /* free list, linked through the last word */
-  unsigned fail_next;       /* injected failures still to give */
-  sl_pool_stats st;
-};
-
-static void **sl_pool_link(const sl_pool *p, void *hdr) {
-  return (void **)(void *)((char *)hdr + p->header_size - sizeof(void *));
+static int sl_pool_map_region(sl_pool *p, uint32_t max_headers) {
+  size_t len = SL_HDR_REGION_SPAN * 2;
+  void *m = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return SL_ERROR;
+  p->hdr_map = m;
+  p->hdr_map_len = len;
+  p->hdr_base = (uint8_t *)(((uintptr_t)m + SL_HDR_REGION_SPAN - 1) & ~(SL_HDR_REGION_SPAN - 1));
+  *(sl_pool **)(void *)p->hdr_base = p;     /* slot 0: the owner, for sl_pool_of */
+  p->hdr_next = 1;
+  p->hdr_max = (uint32_t)SL_MIN((uintptr_t)max_headers, SL_HDR_REGION_SPAN / SL_HDR_SIZE);
+  return SL_OK;
 }
 
-sl_pool *sl_pool_create(size_t header_size) {
+sl_pool *sl_pool_create(sl_alloc *a, int id) {
+  int own = 0;
+  if (a == NULL) {
+    sl_alloc_config cfg;
+    const char *err;
+    sl_alloc_config_defaults(&cfg);
+    a = sl_alloc_create(&cfg, &err);
+    if (a == NULL) return NULL;
+    own = 1;
+  }
   sl_pool *p = calloc(1, sizeof(*p));
-  if (p == NULL) return NULL;
-  p->header_size = (header_size + sizeof(void *) + 15) & ~(size_t)15;
+  if (p == NULL) goto fail;
+  const sl_alloc_config *cfg = &a->cfg;
+  p->alloc = a;
+  p->own_alloc = own;
+  p->id = id;
+  p->arena = &a->arenas[id % cfg->arenas];
+  p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
+  p->next_gen = 1;
+  p->rec_cap = (uint32_t)cfg->recycler_cap;
+  p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
+  if (p->recycler == NULL || sl_retq_init(&p->retq, (size_t)cfg->return_queue_cap) != SL_OK ||
+      sl_pool_map_region(p, cfg->max_headers) != SL_OK)
+    goto fail;
+  if (cfg->type == SL_ALLOC_POOLED && cfg->max_cached > 0) {
+    size_t max = SL_MIN(cfg->max_cached, cfg->chunk_size);
+    unsigned nbins = sl_sc_index(max) + 1;
+    if (sl_sc_size(nbins - 1) > max) nbins--;   /* only classes that fit entirely */
+    for (unsigned i = 0; i < nbins; i++) {
+      sl_cache_bin *bin = &p->bins[i];
+      bin->cap = (uint32_t)(i < a->nsmall ? cfg->small_cache : cfg->normal_cache);
+      if (bin->cap == 0) continue;
+      bin->items = malloc(sizeof(void *) * bin->cap);
+      if (bin->items == NULL) goto fail;
+    }
+    p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
+  }
+  sl_pool_bind_thread(p);
   return p;
+fail:
+  if (p) {
+    for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) free(p->bins[i].items);
+    free(p->recycler);
+    sl_retq_destroy(&p->retq);
+    if (p->hdr_map) munmap(p->hdr_map, p->hdr_map_len);
+    free(p);
+  }
+  if (own) sl_alloc_destroy(a);
+  return NULL;
+}
+
+void sl_pool_bind_thread(sl_pool *p) { sl_pool_tls = p; }
+
+static void sl_pool_take_remote_headers(sl_pool *p) {
+  void *h = atomic_exchange(&p->hdr_remote, NULL);
+  while (h != NULL) {
+    void *next = *sl_hdr_link(h);
+    *sl_hdr_link(h) = p->hdr_overflow;
+    p->hdr_overflow = h;
+    p->hdr_overflow_n++;
+    h = next;
+  }
 }
 
 void sl_pool_destroy(sl_pool *p) {
   if (p == NULL) return;
-  sl_pool_slab *s = p->slabs;
-  while (s != NULL) {
-    sl_pool_slab *next = s->next;
-    free(s);
-    s = next;
-  }
+  sl_pool_trim(p, 1);
+  sl_arena_release_empty(p->arena, 0, 1);
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) free(p->bins[i].items);
+  free(p->recycler);
+  sl_retq_destroy(&p->retq);
+  munmap(p->hdr_map, p->hdr_map_len);
+  if (sl_pool_tls == p) sl_pool_tls = NULL;
+  sl_alloc *a = p->own_alloc ? p->alloc : NULL;
   free(p);
+  sl_alloc_destroy(a);
 }
 
-void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
+static unsigned sl_pool_class(const sl_pool *p, size_t size) {
+  return size > p->alloc->cfg.chunk_size ? p->alloc->nclasses : sl_sc_index(size | (size == 0));
+}
+
+void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable) {
   if (p->fail_next > 0) {
     p->fail_next--;
-    p->st.alloc_failures++;
+    p->alloc_failures++;
     errno = ENOMEM;
     return NULL;
   }
-  if (size == 0) size = 1;
-  void *mem = malloc(size);
+  sl_alloc *a = p->alloc;
+  if (a->cfg.type == SL_ALLOC_UNPOOLED) {
+    size_t n = size ? size : 1;
+    void *mem = malloc(n);
+    if (mem == NULL) {
+      p->alloc_failures++;
+      return NULL;
+    }
+    *usable = n;
+    p->unpooled_bytes += n;
+    p->allocs++;
+    return mem;
+  }
+  unsigned idx = sl_pool_class(p, size);
+  void *mem = sl_arena_alloc(p->arena, idx, size);
   if (mem == NULL) {
-    p->st.alloc_failures++;
+    p->alloc_failures++;
+    errno = ENOMEM;
     return NULL;
   }
-  *usable = size;
-  p->st.bytes_in_use += size;
-  p->st.blocks_in_use++;
-  p->st.allocs++;
+  p->allocs++;
+  if (idx < a->nclasses) {
+    *usable = sl_sc_size(idx);
+    p->cls[idx].allocs++;
+    SL_UNPOISON(mem, *usable);
+  } else {
+    *usable = sl_alloc_huge_size(a, size);
+    p->unpooled_bytes += *usable;
+  }
+  if (++p->allocs_since_trim >= p->trim_interval) sl_pool_trim(p, 0);
   return mem;
 }
 
-void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
-  if (mem == NULL) return;
-  SL_ASSERT(p->st.blocks_in_use > 0, "pool block freed twice");
-  p->st.bytes_in_use -= usable;
-  p->st.blocks_in_use--;
-  p->st.frees++;
-  free(mem);
-}
-
-static int sl_pool_grow_headers(sl_pool *p) {
-  sl_pool_slab *s = malloc(16 + p->header_size * SL_POOL_SLAB_HEADERS);
-  if (s == NULL) return SL_ERROR;
-  s->next = p->slabs;
-  p->slabs = s;
-  char *h = (char *)s + 16;
-  for (int i = 0; i < SL_POOL_SLAB_HEADERS; i++, h += p->header_size) {
-    memset(h, 0, p->header_size);
-    *sl_pool_link(p, h) = p->free_headers;
-    p->free_headers = h;
+void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable) {
+  p->frees++;
+  if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED) {
+    p->unpooled_bytes -= usable;
+    free(mem);
+    return;
   }
-  p->st.headers_total += SL_POOL_SLAB_HEADERS;
-  p->st.headers_free += SL_POOL_SLAB_HEADERS;
-  return SL_OK;
-}
-
-void *sl_pool_header_get(sl_pool *p) {
-  if (p->free_headers == NULL && sl_pool_grow_headers(p) != SL_OK) {
-    errno = ENOMEM;
-    return NULL;
+  unsigned idx = sl_pool_class(p, usable);
+  if (idx < p->alloc->nclasses) {
+    p->cls[idx].frees++;
+    SL_POISON(mem, usable);
+  } else {
+    p->unpooled_bytes -= usable;
   }
-  void *h = p->free_headers;
-  p->free_headers = *sl_pool_link(p, h);
-  p->st.headers_free--;
-  /* The generation survives reuse: a stale handle keeps seeing a mismatch. */
-  return h;
+  sl_arena_free(p->arena, mem, idx, usable);
 }
 
-void sl_pool_header_put(sl_pool *p, void *hdr) {
-  *sl_pool_link(p, hdr) = p->free_headers;
-  p->free_headers = hdr;
-  p->st.headers_free++;
+void *sl_pool_header_get_slow(sl_pool *p) {
+  if (p->hdr_overflow == NULL && atomic_load_explicit(&p->hdr_remote, memory_order_relaxed))
+    sl_pool_take_remote_headers(p);
+  if (p->hdr_overflow != NULL) {
+    void *h = p->hdr_overflow;
+    p->hdr_overflow = *sl_hdr_link(h);
+    p->hdr_overflow_n--;
+    return h;
+  }
+  if (p->hdr_next < p->hdr_max) return p->hdr_base + (size_t)p->hdr_next++ * SL_HDR_SIZE;
+  errno = ENOMEM;
+  return NULL;
 }
 
-void sl_pool_note_buf(sl_pool *p, int delta, int64_t bytes) {
-  p->st.bufs_active = (uint64_t)((int64_t)p->st.bufs_active + delta);
-  p->st.bufs_active_bytes = (uint64_t)((int64_t)p->st.bufs_active_bytes + bytes);
+void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
+  *sl_hdr_link(hdr) = p->hdr_overflow;
+  p->hdr_overflow = hdr;
+  p->hdr_overflow_n++;
+  p->recycler_overflows++;
+}
+
+int sl_pool_retq_push(sl_pool *p, void *item) {
+  int rc = sl_retq_push(&p->retq, item);
+  if (rc == SL_OK) atomic_fetch_add_explicit(&p->remote_queued, 1, memory_order_relaxed);
+  return rc;
+}
+
+void *sl_pool_retq_pop(sl_pool *p) {
+  void *item = sl_retq_pop(&p->retq);
+  if (item) p->drained++;
+  return item;
+}
+
+void sl_pool_free_foreign(sl_pool *p, void *mem, size_t usable) {
+  atomic_fetch_add_explicit(&p->remote_direct, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&p->remote_direct_bytes, usable, memory_order_relaxed);
+  if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED) {
+    free(mem);
+    return;
+  }
+  unsigned idx = sl_pool_class(p, usable);
+  if (idx < p->alloc->nclasses) SL_POISON(mem, usable);
+  sl_arena_free(p->arena, mem, idx, usable);
+}
+
+void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
+  void *old = atomic_load_explicit(&p->hdr_remote, memory_order_relaxed);
+  do {
+    *sl_hdr_link(hdr) = old;
+  } while (!atomic_compare_exchange_weak_explicit(&p->hdr_remote, &old, hdr, memory_order_release,
+                                                  memory_order_relaxed));
+}
+
+void sl_pool_trim(sl_pool *p, int everything) {
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_cache_bin *bin = &p->bins[i];
+    if (bin->n == 0) {
+      bin->used = 0;
+      continue;
+    }
+    /* What went unused since the last trim goes back: the oldest entries. */
+    uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
+    if (give > 0) {
+      sl_arena_free_many(p->arena, bin->items, give, i);
+      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
+      bin->n -= give;
+    }
+    bin->used = 0;
+  }
+  p->allocs_since_trim = 0;
+  p->trims++;
+}
+
+/* Gives the header region's memory back when no header is live. */
+static void sl_pool_reset_region(sl_pool *p) {
+  sl_pool_take_remote_headers(p);
+  uint64_t live = (uint64_t)(p->hdr_next - 1) - p->rec_n - p->hdr_overflow_n;
+  if (live != 0 || p->hdr_next <= 64) return;
+  size_t page = 4096;
+  uint8_t *from = p->hdr_base + page;   /* the first page keeps slot 0 */
+  size_t len = ((size_t)p->hdr_next * SL_HDR_SIZE + page - 1) / page * page - page;
+  madvise(from, len, MADV_DONTNEED);    /* reads as zeros: generation 0, dead */
+  p->rec_n = 0;
+  p->hdr_overflow = NULL;
+  p->hdr_overflow_n = 0;
+  p->hdr_next = 1;
+  p->region_resets++;
+}
+
+void sl_pool_tick(sl_pool *p, int64_t now_ms) {
+  if (p->allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
+    p->allocs_at_tick = p->allocs;
+    p->last_activity_ms = now_ms;
+    return;
+  }
+  if (now_ms - p->last_activity_ms < p->alloc->cfg.trim_idle_ms) return;
+  int cached = 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES && !cached; i++) cached = p->bins[i].n > 0;
+  if (cached) {
+    sl_pool_trim(p, 1);
+    p->idle_trims++;
+  }
+  sl_pool_reset_region(p);
+  sl_arena_release_empty(p->arena, now_ms, 0);
 }
 
 void sl_pool_fail_next(sl_pool *p, unsigned n) { p->fail_next = n; }
 
-void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *out) { *out = p->st; }
+void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
+  memset(st, 0, sizeof(*st));
+  uint64_t direct = atomic_load(&((sl_pool *)p)->remote_direct);
+  uint64_t bytes = p->unpooled_bytes - atomic_load(&((sl_pool *)p)->remote_direct_bytes);
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    bytes += (p->cls[i].allocs - p->cls[i].frees) * sl_sc_size(i);
+    st->cached_blocks += p->bins[i].n;
+    st->cached_bytes += p->bins[i].n * sl_sc_size(i);
+  }
+  st->allocs = p->allocs;
+  st->frees = p->frees + direct;
+  st->blocks_in_use = p->allocs - p->frees - direct;
+  st->bytes_in_use = bytes;
+  st->alloc_failures = p->alloc_failures;
+  st->cache_hits = p->cache_hits;
+  st->cache_misses = p->allocs - p->cache_hits;
+  st->trims = p->trims;
+  st->idle_trims = p->idle_trims;
+  st->headers_total = p->hdr_next - 1;
+  st->headers_free = p->rec_n + p->hdr_overflow_n;
+  st->recycler_size = p->rec_n;
+  st->recycler_cap = p->rec_cap;
+  st->recycler_overflows = p->recycler_overflows;
+  st->region_resets = p->region_resets;
+  st->remote_queued = atomic_load(&((sl_pool *)p)->remote_queued);
+  st->remote_direct = direct;
+  st->return_queue_cap = sl_retq_capacity(&p->retq);
+  st->bufs_active = st->blocks_in_use;
+  st->bufs_active_bytes = st->bytes_in_use;
+}

@@ -1,60 +1,143 @@
 /*
- * sl_pool: where buffer memory and buffer headers come from.
- *
- * One pool per worker; it is not thread-safe and needs none (a worker is one
- * thread). This version is backed by malloc: blocks are exact-size malloc
- * allocations. The pooled allocator (arenas, chunks, subpages, caches) replaces
- * the inside of these functions without changing their contract.
- *
- * Headers are type-stable: a header given back with sl_pool_header_put goes to
- * a free list and its memory is only returned to the system by
- * sl_pool_destroy. A Lua handle may therefore always read a header's
- * generation number, even after the buffer it described was released.
+ * sl_pool: one worker's allocator front (see pool_types.h for its parts).
+ * Not thread-safe except where said: a pool belongs to the thread that
+ * bound it (sl_pool_bind_thread); other threads may only give buffers back
+ * through sl_pool_retq_push / sl_pool_free_foreign / sl_pool_header_put_foreign.
  */
 #ifndef SL_POOL_H
 #define SL_POOL_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
-typedef struct sl_pool sl_pool;
+#include "alloc/pool_types.h"
+#include "alloc/size_class.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define SL_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define SL_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#elif defined(SLUICE_POOL_DEBUG)
+#define SL_POISON(p, n) memset((p), 0xde, (n))
+#define SL_UNPOISON(p, n) ((void)0)
+#else
+#define SL_POISON(p, n) ((void)0)
+#define SL_UNPOISON(p, n) ((void)0)
+#endif
 
 typedef struct sl_pool_stats {
-  uint64_t bytes_in_use;     /* sum of usable sizes of live blocks */
-  uint64_t blocks_in_use;    /* live blocks */
-  uint64_t allocs;           /* blocks handed out since creation */
-  uint64_t frees;            /* blocks given back since creation */
-  uint64_t alloc_failures;   /* requests refused (out of memory, injected) */
-  uint64_t headers_total;    /* headers ever created (type-stable memory) */
-  uint64_t headers_free;     /* headers on the free list */
-  uint64_t bufs_active;      /* live sl_buf roots (maintained by buf) */
-  uint64_t bufs_active_bytes;/* capacity of live sl_buf roots */
+  uint64_t bytes_in_use;      /* blocks handed out and not given back */
+  uint64_t blocks_in_use;
+  uint64_t allocs, frees;
+  uint64_t alloc_failures;
+  uint64_t cache_hits, cache_misses;
+  uint64_t cached_blocks, cached_bytes;
+  uint64_t trims, idle_trims;
+  uint64_t headers_total;     /* header slots ever used in the region */
+  uint64_t headers_free;      /* recycler + overflow list */
+  uint64_t recycler_size, recycler_cap, recycler_overflows;
+  uint64_t region_resets;
+  uint64_t remote_queued, remote_direct, return_queue_cap;
+  uint64_t bufs_active;       /* == blocks_in_use: one block per live buffer */
+  uint64_t bufs_active_bytes; /* == bytes_in_use */
 } sl_pool_stats;
 
-/* Creates a pool whose headers are header_size bytes. Returns NULL on ENOMEM. */
-sl_pool *sl_pool_create(size_t header_size);
+/* Creates a pool on arena id % arenas of a. With a NULL, the pool gets a
+ * private allocator with the default configuration (tests, tools). The
+ * calling thread is bound to it. NULL on ENOMEM. */
+sl_pool *sl_pool_create(sl_alloc *a, int id);
 
-/* Frees everything the pool owns. Live blocks at this point are a leak; the
- * caller reports them first (sl_pool_stats). */
+/* Gives everything cached back and frees the pool. Live blocks are a leak
+ * (the caller reports them first). */
 void sl_pool_destroy(sl_pool *p);
 
-/* Returns a block of at least size bytes and stores its usable size in
- * *usable, or NULL when the memory cannot be had (errno ENOMEM). */
-void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable);
+/* Makes p the pool of the calling thread (the worker thread at start). */
+void sl_pool_bind_thread(sl_pool *p);
+
+extern __thread sl_pool *sl_pool_tls;
+static inline sl_pool *sl_pool_current(void) { return sl_pool_tls; }
+
+/* The pool a header belongs to. */
+static inline sl_pool *sl_pool_of(const void *hdr) {
+  return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));
+}
+
+void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable);
+void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable);
+void *sl_pool_header_get_slow(sl_pool *p);
+void sl_pool_header_put_slow(sl_pool *p, void *hdr);
+void sl_pool_trim(sl_pool *p, int everything);
+
+/* Returns a block of at least size bytes and its usable size, or NULL. */
+static inline void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
+  if (size <= p->max_cached_size && p->fail_next == 0) {
+    unsigned idx = sl_sc_index(size | (size == 0));
+    sl_cache_bin *bin = &p->bins[idx];
+    if (bin->n > 0) {
+      void *mem = bin->items[--bin->n];
+      bin->used++;
+      p->allocs++;
+      p->cache_hits++;
+      p->cls[idx].allocs++;
+      *usable = sl_sc_size(idx);
+      SL_UNPOISON(mem, *usable);
+      if (++p->allocs_since_trim >= p->trim_interval) sl_pool_trim(p, 0);
+      return mem;
+    }
+  }
+  return sl_pool_alloc_slow(p, size, usable);
+}
 
 /* Gives back a block from sl_pool_alloc; usable is the size it reported. */
-void sl_pool_free(sl_pool *p, void *mem, size_t usable);
+static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
+  if (usable <= p->max_cached_size) {
+    unsigned idx = sl_sc_index(usable);
+    sl_cache_bin *bin = &p->bins[idx];
+    if (bin->n < bin->cap) {
+      SL_POISON(mem, usable);
+      bin->items[bin->n++] = mem;
+      p->frees++;
+      p->cls[idx].frees++;
+      return;
+    }
+  }
+  sl_pool_free_slow(p, mem, usable);
+}
 
-/* Returns a zeroed header (type-stable memory), or NULL on ENOMEM. */
-void *sl_pool_header_get(sl_pool *p);
+/* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */
+static inline void *sl_pool_header_get(sl_pool *p) {
+  if (p->rec_n > 0) return p->recycler[--p->rec_n];
+  return sl_pool_header_get_slow(p);
+}
 
-/* Gives a header back to the free list. The caller has already bumped its
- * generation; only the first sizeof(void *) bytes after `keep` are reused
- * as the free-list link, so fields before `keep` stay readable. */
-void sl_pool_header_put(sl_pool *p, void *hdr);
+/* Gives a header back (its generation already set to 0). */
+static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
+  if (p->rec_n < p->rec_cap) {
+    p->recycler[p->rec_n++] = hdr;
+    return;
+  }
+  sl_pool_header_put_slow(p, hdr);
+}
 
-/* Counters kept by buf for live roots. */
-void sl_pool_note_buf(sl_pool *p, int delta, int64_t bytes);
+static inline uint32_t sl_pool_next_gen(sl_pool *p) {
+  uint32_t g = p->next_gen++;
+  if (g == 0) g = p->next_gen++;
+  return g;
+}
+
+/* Foreign threads: queue an item for the owner (SL_OK or SL_AGAIN when
+ * full), or free a block straight into the arena, or return a header. */
+int sl_pool_retq_push(sl_pool *p, void *item);
+void sl_pool_free_foreign(sl_pool *p, void *mem, size_t usable);
+void sl_pool_header_put_foreign(sl_pool *p, void *hdr);
+
+/* The owner: the next queued item, or NULL. */
+void *sl_pool_retq_pop(sl_pool *p);
+
+/* The owner, from its timer: trims after trim_idle_ms without allocations
+ * (caches, empty chunks, the header region when no header is live). */
+void sl_pool_tick(sl_pool *p, int64_t now_ms);
 
 /* Test aid: make the next n allocations fail (0 turns it off). */
 void sl_pool_fail_next(sl_pool *p, unsigned n);

@@ -1,43 +1,53 @@
 #include "buf/buf.h"
 
+#include <errno.h>
 #include <string.h>
 
 #include "alloc/pool.h"
 #include "util/common.h"
 
-static sl_buf *sl_buf_header(struct sl_pool *pool) {
+_Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
+
+static sl_buf *sl_buf_header(sl_pool *pool) {
   sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) return NULL;
-  uint32_t gen = b->gen;       /* survives reuse */
-  memset(b, 0, sizeof(*b));
-  b->gen = gen;
-  b->pool = pool;
+  b->gen = sl_pool_next_gen(pool);
   return b;
 }
 
-sl_buf *sl_buf_alloc(struct sl_pool *pool, size_t cap, size_t max_cap) {
+sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
-  if (max_cap > SL_BUF_MAX_CAPACITY) return NULL;
-  sl_buf *b = sl_buf_header(pool);
+  if (max_cap > SL_BUF_MAX_CAPACITY) {
+    errno = EINVAL;
+    return NULL;
+  }
+  if (pool->rec_n == 0) sl_buf_drain(pool);
+  sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) return NULL;
-  size_t usable = 0;
-  b->data = sl_pool_alloc(pool, cap, &usable);
-  if (b->data == NULL) {
+  size_t usable;
+  uint8_t *data = sl_pool_alloc(pool, cap, &usable);
+  if (data == NULL) {
     sl_pool_header_put(pool, b);
     return NULL;
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  b->block_size = (uint32_t)usable;
+  b->data = data;
+  b->rd = 0;
+  b->wr = 0;
   b->cap = (uint32_t)(usable > max_cap ? max_cap : usable);
   b->max_cap = (uint32_t)max_cap;
   b->refcnt = 1;
+  b->gen = sl_pool_next_gen(pool);
   b->root = b;
-  sl_pool_note_buf(pool, 1, b->block_size);
+  b->views = NULL;
+  b->owner = NULL;
+  b->block_size = (uint32_t)usable;
+  b->flags = 0;
   return b;
 }
 
-sl_buf *sl_buf_from(struct sl_pool *pool, const void *src, size_t len) {
+sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len) {
   sl_buf *b = sl_buf_alloc(pool, len, len);
   if (b == NULL) return NULL;
   if (len > 0) memcpy(b->data, src, len);
@@ -51,20 +61,51 @@ void sl_buf_retain(sl_buf *b) {
   r->refcnt++;
 }
 
-static void sl_buf_free(sl_buf *r) {
-  struct sl_pool *pool = r->pool;
+/* Frees a root whose refcount reached zero, on its pool's thread. */
+static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   sl_buf *v = r->views;
   while (v != NULL) {
     sl_buf *next = v->views;
-    v->gen++;
+    v->gen = 0;
     sl_pool_header_put(pool, v);
     v = next;
   }
-  sl_pool_note_buf(pool, -1, -(int64_t)r->block_size);
   sl_pool_free(pool, r->data, r->block_size);
-  r->views = NULL;
-  r->gen++;
+  r->gen = 0;
   sl_pool_header_put(pool, r);
+}
+
+/* Frees a root released on a thread that does not own its pool: through
+ * the owner's bounded return queue, or straight into the arena when the
+ * queue is full (nothing piles up). */
+static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
+  r->gen = 0;
+  for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
+  if (sl_pool_retq_push(pool, r) == SL_OK) return;
+  sl_buf *v = r->views;
+  while (v != NULL) {
+    sl_buf *next = v->views;
+    sl_pool_header_put_foreign(pool, v);
+    v = next;
+  }
+  sl_pool_free_foreign(pool, r->data, r->block_size);
+  sl_pool_header_put_foreign(pool, r);
+}
+
+static void sl_buf_free(sl_buf *r) {
+  sl_pool *pool = sl_pool_of(r);
+  if (pool == sl_pool_current()) sl_buf_free_local(pool, r);
+  else sl_buf_free_foreign(pool, r);
+}
+
+size_t sl_buf_drain(sl_pool *pool) {
+  size_t n = 0;
+  sl_buf *r;
+  while ((r = sl_pool_retq_pop(pool)) != NULL) {
+    sl_buf_free_local(pool, r);
+    n++;
+  }
+  return n;
 }
 
 int sl_buf_release(sl_buf *b) {
@@ -111,13 +152,17 @@ int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err) {
 
 static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap) {
   sl_buf *r = b->root;
-  sl_buf *v = sl_buf_header(r->pool);
+  sl_buf *v = sl_buf_header(sl_pool_of(r));
   if (v == NULL) return NULL;
   v->data = data;
+  v->rd = 0;
+  v->wr = 0;
   v->cap = cap;
   v->max_cap = cap;
+  v->refcnt = 0;
   v->root = r;
   v->owner = r->owner;
+  v->block_size = 0;
   v->flags = SL_BUF_VIEW;
   v->views = r->views;
   r->views = v;
@@ -167,14 +212,14 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   while (want < need) want *= 2;
   if (want > b->max_cap) want = b->max_cap;
   size_t usable = 0;
-  uint8_t *mem = sl_pool_alloc(b->pool, want, &usable);
+  sl_pool *pool = sl_pool_of(b);
+  uint8_t *mem = sl_pool_alloc(pool, want, &usable);
   if (mem == NULL) {
     *err = "out of memory";
     return SL_ERROR;
   }
   memcpy(mem, b->data, b->wr);
-  sl_pool_free(b->pool, b->data, b->block_size);
-  sl_pool_note_buf(b->pool, 0, (int64_t)usable - (int64_t)b->block_size);
+  sl_pool_free(pool, b->data, b->block_size);
   b->data = mem;
   b->block_size = (uint32_t)usable;
   b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);

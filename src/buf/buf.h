@@ -14,16 +14,21 @@
 
 #include "buf/buf_types.h"
 
-struct sl_pool;
+#include "alloc/pool.h"
 
 #define SL_BUF_MAX_CAPACITY 0x7fffffffu
 
 /* Allocates a buffer of capacity cap that may grow to max_cap (0: cap).
  * Returns +1, or NULL when memory cannot be had. */
-sl_buf *sl_buf_alloc(struct sl_pool *pool, size_t cap, size_t max_cap);
+sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap);
 
 /* Allocates a buffer holding a copy of len bytes. Returns +1 or NULL. */
-sl_buf *sl_buf_from(struct sl_pool *pool, const void *src, size_t len);
+sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len);
+
+/* The owner of pool takes back the buffers foreign threads released
+ * (sl_buf_alloc does it when its recycler runs dry, the worker's timer
+ * regularly). Returns how many. */
+size_t sl_buf_drain(sl_pool *pool);
 
 /* Adds one reference. The buffer must be live (an invariant). */
 void sl_buf_retain(sl_buf *b);

@@ -6,21 +6,25 @@
  * a root: shares the root's memory and refcount, has its own indexes).
  *
  * States of a root:
- *   live      refcnt > 0; data points at a block of block_size bytes
- *   released  refcnt == 0; the block is back in the pool, gen was bumped and
- *             the header is on the pool's free list (it may be reused, with a
- *             newer gen). Views of a released root are released with it.
+ *   live      refcnt > 0, gen != 0; data points at a block of block_size
+ *             bytes from the pool
+ *   released  refcnt == 0, gen == 0; the block is back in the pool and the
+ *             header on its free list (it may be reused, with a new gen).
+ *             Views of a released root are released with it.
+ *
+ * Generations come from a per-pool counter and are never 0, so a handle
+ * (which keeps the gen it saw) can tell that its buffer is gone by one
+ * compare, whatever happened to the header since. Headers live in memory
+ * that stays mapped as long as their pool (alloc/pool_types.h).
  *
  * Invariants: 0 <= rd <= wr <= cap <= max_cap; a view's
  * [data, data + cap) lies inside its root's block; views never outlive
- * their root's memory (they die together).
+ * their root's memory (they die together). sizeof(sl_buf) == 64.
  */
 #ifndef SL_BUF_TYPES_H
 #define SL_BUF_TYPES_H
 
 #include <stdint.h>
-
-struct sl_pool;
 
 typedef struct sl_buf sl_buf;
 
@@ -31,14 +35,13 @@ struct sl_buf {
   uint32_t cap;          /* capacity */
   uint32_t max_cap;      /* roots may grow to this; views: == cap */
   uint32_t refcnt;       /* roots only; views use root->refcnt */
-  uint32_t gen;          /* bumped on release; handles keep a copy */
+  uint32_t gen;          /* != 0 while live; handles keep a copy */
   sl_buf *root;          /* self for a root */
   sl_buf *views;         /* root: first view; view: next sibling */
-  struct sl_pool *pool;  /* owner of the block and the header */
   void *owner;           /* channel the buffer was allocated for, or NULL */
   uint32_t block_size;   /* roots: usable size of the block */
   uint32_t flags;        /* SL_BUF_* */
-};
+};                       /* the pool is sl_pool_of(header) */
 
 #define SL_BUF_VIEW 0x1u
 

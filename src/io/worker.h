@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 struct sl_pool;
+struct sl_alloc;
 struct sl_channel;
 struct sl_lua_host;
 
@@ -32,15 +33,17 @@ struct sl_worker {
   int id;
   int stopping;
   ev_async stop_watcher;          /* another thread asks the worker to stop */
+  ev_timer pool_timer;            /* drains returned buffers, trims when idle */
   void (*on_stop)(sl_worker *w);  /* closes listeners and channels */
   void *app;                      /* the proxy's per-worker state */
   sl_worker_stats stats;
 };
 
-/* Creates a worker with its own loop and pool. NULL on failure. */
-sl_worker *sl_worker_create(int id);
+/* Creates a worker with its own loop and a pool on alloc. NULL on failure. */
+sl_worker *sl_worker_create(int id, struct sl_alloc *alloc);
 
-/* Runs the loop until it is stopped and every channel is gone. */
+/* Runs the loop until it is stopped and every channel is gone. The calling
+ * thread becomes the pool's owner. */
 void sl_worker_run(sl_worker *w);
 
 /* Thread-safe: asks the worker's loop to stop. */

@@ -11,7 +11,7 @@ int sl_ffi_abi(void) { return SL_FFI_ABI; }
 
 void sl_ffi_buf_finalize(sl_lbuf *h) {
   sl_buf *b = h->b;
-  if (h->refs <= 0 || b == NULL || b->gen != h->gen || !sl_buf_is_live(b)) return;
+  if (h->refs <= 0 || b == NULL || b->gen != h->gen) return;
   const char *err = NULL;
   uint32_t refs = (uint32_t)h->refs;
   if (refs > sl_buf_refcnt(b)) refs = sl_buf_refcnt(b);

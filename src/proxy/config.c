@@ -43,6 +43,26 @@ static int sl_read_addr(lua_State *L, int idx, sl_addr *a, char **text) {
   return rc;
 }
 
+static void sl_read_allocator(sl_config *c, lua_State *L, int cfg) {
+  sl_alloc_config *a = &c->alloc;
+  sl_alloc_config_defaults(a);
+  lua_getfield(L, cfg, "allocator");
+  int t = lua_gettop(L);
+  char *type = sl_strdup_field(L, t, "type");
+  a->type = type && strcmp(type, "unpooled") == 0 ? SL_ALLOC_UNPOOLED : SL_ALLOC_POOLED;
+  free(type);
+  a->arenas = (int)sl_num_field(L, t, "arenas");
+  a->page_size = (size_t)sl_num_field(L, t, "page_size");
+  a->chunk_size = (size_t)sl_num_field(L, t, "chunk_size");
+  a->small_cache = (int)sl_num_field(L, t, "small_cache");
+  a->normal_cache = (int)sl_num_field(L, t, "normal_cache");
+  a->max_cached = (size_t)sl_num_field(L, t, "max_cached");
+  a->trim_interval = (int)sl_num_field(L, t, "trim_interval");
+  a->trim_idle_ms = (int)sl_num_field(L, t, "trim_idle_ms");
+  a->max_memory = (size_t)sl_num_field(L, t, "max_memory");
+  lua_pop(L, 1);
+}
+
 static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, size_t errlen) {
   lua_getfield(L, cfg, "upstream_names");
   c->nupstreams = lua_objlen(L, -1);
@@ -190,6 +210,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   if (level == NULL || sl_log_parse_level(level, &c->log_level) != SL_OK) c->log_level = SL_LOG_INFO;
   free(level);
   c->search_path = sl_strdup_field(L, cfg, "search_path");
+  sl_read_allocator(c, L, cfg);
   if (sl_read_upstreams(c, L, cfg, err, errlen) != SL_OK ||
       sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
     sl_config_free(c);

@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 
+#include "alloc/arena.h"
 #include "io/addr.h"
 #include "pipeline/pipeline.h"
 #include "util/log.h"
@@ -46,6 +47,7 @@ typedef struct sl_config {
   char *root;                  /* sluice's own folder (lua/, examples/) */
   char *search_path;           /* package.path for stage modules */
   sl_log_level log_level;
+  sl_alloc_config alloc;       /* arenas 0: one per worker */
   sl_listener_cfg *listeners;
   size_t nlisteners;
   sl_upstream_cfg *upstreams;

@@ -1,0 +1,356 @@
+#include "alloc/arena.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "util/common.h"
+
+/* Usage lists: allocation tries the fullest chunks first, so that the
+ * emptiest drain and become empty (and can go back to the OS). */
+enum { SL_Q_EMPTY = 0, SL_Q_LOW, SL_Q_25, SL_Q_50, SL_Q_75, SL_Q_FULL, SL_Q_COUNT };
+static const int sl_q_order[] = {SL_Q_75, SL_Q_50, SL_Q_25, SL_Q_LOW, SL_Q_EMPTY};
+
+void sl_alloc_config_defaults(sl_alloc_config *cfg) {
+  memset(cfg, 0, sizeof(*cfg));
+  cfg->type = SL_ALLOC_POOLED;
+  cfg->arenas = 1;
+  cfg->page_size = 8192;
+  cfg->chunk_size = 4u << 20;
+  cfg->small_cache = 256;
+  cfg->normal_cache = 64;
+  cfg->max_cached = 32768;
+  cfg->trim_interval = 8192;
+  cfg->trim_idle_ms = 10000;
+  cfg->max_memory = 0;
+  cfg->recycler_cap = 4096;
+  cfg->return_queue_cap = 1024;
+  cfg->max_headers = 1u << 21;
+}
+
+static int sl_is_pow2(size_t x) { return x && !(x & (x - 1)); }
+
+/* Pages per subpage run for a small class: the run of 1..8 pages that wastes
+ * the smallest share of its bytes. */
+static uint32_t sl_subpage_run(size_t elem, size_t page) {
+  uint32_t best = 1;
+  double best_waste = 1.0;
+  for (uint32_t k = 1; k <= 8; k++) {
+    size_t run = k * page;
+    if (run < elem) continue;
+    double waste = (double)(run % elem) / (double)run;
+    if (waste + 0.01 < best_waste) {
+      best_waste = waste;
+      best = k;
+    }
+  }
+  return best;
+}
+
+sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
+  if (!sl_is_pow2(cfg->page_size) || cfg->page_size < 4096 || cfg->page_size > (1u << 20)) {
+    *err = "page_size must be a power of two from 4096 to 1048576";
+    return NULL;
+  }
+  if (!sl_is_pow2(cfg->chunk_size) || cfg->chunk_size < cfg->page_size * 16 ||
+      cfg->chunk_size > (1u << 30)) {
+    *err = "chunk_size must be a power of two, at least 16 pages, at most 1 GiB";
+    return NULL;
+  }
+  if (cfg->arenas < 1 || cfg->arenas > 256) {
+    *err = "arenas must be from 1 to 256";
+    return NULL;
+  }
+  sl_alloc *a = calloc(1, sizeof(*a));
+  if (a == NULL) {
+    *err = "out of memory";
+    return NULL;
+  }
+  a->cfg = *cfg;
+  a->nclasses = sl_sc_count(cfg->chunk_size);
+  a->nsmall = sl_sc_count(SL_SC_SMALL_MAX);
+  for (unsigned i = 0; i < a->nclasses; i++) {
+    size_t sz = sl_sc_size(i);
+    a->run_pages[i] = i < a->nsmall ? sl_subpage_run(sz, cfg->page_size)
+                                    : (uint32_t)((sz + cfg->page_size - 1) / cfg->page_size);
+  }
+  a->arenas = calloc((size_t)cfg->arenas, sizeof(sl_arena));
+  if (a->arenas == NULL) {
+    free(a);
+    *err = "out of memory";
+    return NULL;
+  }
+  for (int i = 0; i < cfg->arenas; i++) {
+    pthread_mutex_init(&a->arenas[i].lock, NULL);
+    a->arenas[i].alloc = a;
+    a->arenas[i].id = i;
+  }
+  return a;
+}
+
+static void sl_list_remove(sl_chunk **head, sl_chunk *c) {
+  if (c->prev) c->prev->next = c->next;
+  else *head = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+}
+
+static void sl_list_push(sl_chunk **head, sl_chunk *c) {
+  c->prev = NULL;
+  c->next = *head;
+  if (*head) (*head)->prev = c;
+  *head = c;
+}
+
+void sl_alloc_destroy(sl_alloc *a) {
+  if (a == NULL) return;
+  for (int i = 0; i < a->cfg.arenas; i++) {
+    sl_arena *ar = &a->arenas[i];
+    for (int q = 0; q < SL_Q_COUNT; q++) {
+      while (ar->lists[q]) {
+        sl_chunk *c = ar->lists[q];
+        sl_list_remove(&ar->lists[q], c);
+        for (uint32_t p = c->meta_pages; p < c->npages; p++) {
+          sl_subpage *s = c->sub[p];
+          if (s && s->first_page == p) free(s);
+        }
+        sl_chunk_delete(c, a->cfg.chunk_size);
+      }
+    }
+    pthread_mutex_destroy(&ar->lock);
+  }
+  free(a->arenas);
+  free(a);
+}
+
+static int sl_chunk_list_for(const sl_chunk *c) {
+  uint32_t usable = sl_chunk_usable_pages(c);
+  uint32_t used = usable - c->free_pages;
+  if (used == 0) return SL_Q_EMPTY;
+  if (used == usable) return SL_Q_FULL;
+  uint32_t pct = (uint32_t)((uint64_t)used * 100 / usable);
+  return pct < 25 ? SL_Q_LOW : pct < 50 ? SL_Q_25 : pct < 75 ? SL_Q_50 : SL_Q_75;
+}
+
+static int64_t sl_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Moves c to the list its usage says. */
+static void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
+  int q = sl_chunk_list_for(c);
+  if (q == c->list) return;
+  sl_list_remove(&ar->lists[c->list], c);
+  c->list = q;
+  if (q == SL_Q_EMPTY) c->empty_since_ms = sl_now_ms();
+  sl_list_push(&ar->lists[q], c);
+}
+
+static int sl_reserve(sl_alloc *a, size_t n) {
+  size_t cur = atomic_load(&a->reserved);
+  for (;;) {
+    if (a->cfg.max_memory && cur + n > a->cfg.max_memory) {
+      atomic_fetch_add(&a->refused, 1);
+      errno = ENOMEM;
+      return SL_ERROR;
+    }
+    if (atomic_compare_exchange_weak(&a->reserved, &cur, cur + n)) return SL_OK;
+  }
+}
+
+static void sl_unreserve(sl_alloc *a, size_t n) { atomic_fetch_sub(&a->reserved, n); }
+
+/* A run of n pages from the fullest chunk that has one, or a new chunk. */
+static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
+  for (size_t k = 0; k < sizeof(sl_q_order) / sizeof(sl_q_order[0]); k++) {
+    for (sl_chunk *c = ar->lists[sl_q_order[k]]; c != NULL; c = c->next) {
+      int p = sl_chunk_run_alloc(c, n);
+      if (p >= 0) {
+        *page = p;
+        return c;
+      }
+    }
+  }
+  sl_alloc *a = ar->alloc;
+  if (sl_reserve(a, a->cfg.chunk_size) != SL_OK) return NULL;
+  sl_chunk *c = sl_chunk_new(ar, a->cfg.chunk_size, a->cfg.page_size);
+  if (c == NULL) {
+    sl_unreserve(a, a->cfg.chunk_size);
+    return NULL;
+  }
+  ar->chunks_created++;
+  ar->chunks++;
+  c->list = SL_Q_EMPTY;
+  c->empty_since_ms = sl_now_ms();
+  sl_list_push(&ar->lists[SL_Q_EMPTY], c);
+  *page = sl_chunk_run_alloc(c, n);
+  SL_ASSERT(*page >= 0, "a new chunk has no room for a run");
+  return c;
+}
+
+size_t sl_alloc_huge_size(const sl_alloc *a, size_t size) {
+  return (size + a->cfg.page_size - 1) & ~(a->cfg.page_size - 1);
+}
+
+static void *sl_arena_huge(sl_arena *ar, size_t size) {
+  sl_alloc *a = ar->alloc;
+  size_t n = sl_alloc_huge_size(a, size);
+  if (sl_reserve(a, n) != SL_OK) return NULL;
+  void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) {
+    sl_unreserve(a, n);
+    return NULL;
+  }
+  pthread_mutex_lock(&ar->lock);
+  ar->huge_allocs++;
+  ar->huge_bytes += n;
+  pthread_mutex_unlock(&ar->lock);
+  return p;
+}
+
+static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
+  sl_subpage *s = ar->subpages[sclass];
+  if (s == NULL) {
+    int page;
+    uint32_t n = ar->alloc->run_pages[sclass];
+    sl_chunk *c = sl_arena_run(ar, n, &page);
+    if (c == NULL) return NULL;
+    s = sl_subpage_new(c, (uint32_t)page, n, (uint32_t)sl_sc_size(sclass), sclass);
+    if (s == NULL) {
+      sl_chunk_run_free(c, (uint32_t)page, n);
+      sl_chunk_relist(ar, c);
+      return NULL;
+    }
+    c->run_len[page] = 0; /* a subpage run, found through sub[] */
+    sl_chunk_relist(ar, c);
+    ar->subpages[sclass] = s;
+  }
+  void *p = sl_subpage_alloc(s);
+  if (s->nfree == 0) { /* full: off the list */
+    ar->subpages[sclass] = s->next;
+    if (s->next) s->next->prev = NULL;
+    s->next = s->prev = NULL;
+  }
+  return p;
+}
+
+void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
+  sl_alloc *a = ar->alloc;
+  if (sclass >= a->nclasses) return sl_arena_huge(ar, size);
+  void *p;
+  pthread_mutex_lock(&ar->lock);
+  if (sclass < a->nsmall) {
+    p = sl_arena_small(ar, sclass);
+  } else {
+    int page;
+    sl_chunk *c = sl_arena_run(ar, a->run_pages[sclass], &page);
+    p = NULL;
+    if (c) {
+      sl_chunk_relist(ar, c);
+      p = c->mem + ((size_t)page << c->page_shift);
+    }
+  }
+  if (p) ar->cls[sclass].allocs++;
+  pthread_mutex_unlock(&ar->lock);
+  return p;
+}
+
+static void sl_subpage_release(sl_arena *ar, sl_subpage *s);
+
+/* Frees one block with the lock held. */
+static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
+  sl_alloc *a = ar->alloc;
+  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
+  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
+  ar->cls[sclass].frees++;
+  if (sclass >= a->nsmall) {
+    SL_ASSERT(c->run_len[page] == a->run_pages[sclass], "normal block freed with the wrong class");
+    sl_chunk_run_free(c, page, a->run_pages[sclass]);
+    sl_chunk_relist(ar, c);
+    return;
+  }
+  sl_subpage *s = c->sub[page];
+  SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+  int was_full = s->nfree == 0;
+  int empty = sl_subpage_free(s, p);
+  if (was_full) { /* back on the list */
+    s->next = ar->subpages[sclass];
+    s->prev = NULL;
+    if (s->next) s->next->prev = s;
+    ar->subpages[sclass] = s;
+  }
+  /* An empty subpage goes back to its chunk unless it is its class's only
+   * one (kept to avoid churn; trimming returns it). */
+  if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+}
+
+void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
+  sl_alloc *a = ar->alloc;
+  if (sclass >= a->nclasses) {
+    size_t n = sl_alloc_huge_size(a, size);
+    munmap(p, n);
+    sl_unreserve(a, n);
+    pthread_mutex_lock(&ar->lock);
+    ar->huge_frees++;
+    ar->huge_bytes -= n;
+    pthread_mutex_unlock(&ar->lock);
+    return;
+  }
+  pthread_mutex_lock(&ar->lock);
+  sl_arena_free_locked(ar, p, sclass);
+  pthread_mutex_unlock(&ar->lock);
+}
+
+void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
+  if (n == 0) return;
+  pthread_mutex_lock(&ar->lock);
+  for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
+  pthread_mutex_unlock(&ar->lock);
+}
+
+/* Returns an empty subpage's run to its chunk. Lock held. */
+static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
+  sl_chunk *c = s->chunk;
+  if (s->prev) s->prev->next = s->next;
+  else ar->subpages[s->sclass] = s->next;
+  if (s->next) s->next->prev = s->prev;
+  for (uint32_t q = s->first_page; q < s->first_page + s->npages; q++) c->sub[q] = NULL;
+  c->run_len[s->first_page] = s->npages;
+  sl_chunk_run_free(c, s->first_page, s->npages);
+  free(s);
+  sl_chunk_relist(ar, c);
+}
+
+unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
+  sl_alloc *a = ar->alloc;
+  unsigned released = 0;
+  pthread_mutex_lock(&ar->lock);
+  /* Subpages kept as their class's last one go back too, so that their
+   * chunks can empty. */
+  for (unsigned k = 0; k < a->nsmall; k++) {
+    sl_subpage *s = ar->subpages[k];
+    while (s != NULL) {
+      sl_subpage *next = s->next;
+      if (s->nfree == s->nelems) sl_subpage_release(ar, s);
+      s = next;
+    }
+  }
+  sl_chunk *c = ar->lists[SL_Q_EMPTY];
+  while (c != NULL) {
+    sl_chunk *next = c->next;
+    if (force || now_ms - c->empty_since_ms >= a->cfg.trim_idle_ms) {
+      sl_list_remove(&ar->lists[SL_Q_EMPTY], c);
+      sl_chunk_delete(c, a->cfg.chunk_size);
+      sl_unreserve(a, a->cfg.chunk_size);
+      ar->chunks_released++;
+      ar->chunks--;
+      released++;
+    }
+    c = next;
+  }
+  pthread_mutex_unlock(&ar->lock);
+  return released;
+}

@@ -1,0 +1,97 @@
+/*
+ * The shared side of the allocator: sl_alloc holds the configuration and the
+ * arenas; an arena holds chunks (in usage lists, fullest first) and the
+ * subpages of each small class, behind a lock, because several workers may
+ * share one arena and a buffer released on a foreign thread may be freed
+ * straight into it. Workers reach an arena only on a cache miss.
+ *
+ * Memory comes back: a chunk that has been empty for trim_idle_ms is
+ * unmapped; huge blocks (above the chunk size) are unmapped when freed;
+ * max_memory caps what all arenas together have mapped.
+ */
+#ifndef SL_ARENA_H
+#define SL_ARENA_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "alloc/chunk.h"
+#include "alloc/size_class.h"
+
+typedef enum { SL_ALLOC_POOLED = 0, SL_ALLOC_UNPOOLED = 1 } sl_alloc_type;
+
+typedef struct sl_alloc_config {
+  sl_alloc_type type;
+  int arenas;               /* default: one per worker */
+  size_t page_size;         /* 8 KiB */
+  size_t chunk_size;        /* 4 MiB */
+  int small_cache;          /* worker cache entries per small class: 256 */
+  int normal_cache;         /* per normal class: 64 */
+  size_t max_cached;        /* largest size a worker caches: 32 KiB */
+  int trim_interval;        /* allocations between cache trims: 8192 */
+  int trim_idle_ms;         /* idle time before caches and empty chunks go: 10000 */
+  size_t max_memory;        /* ceiling on mapped bytes; 0: none */
+  int recycler_cap;         /* free headers a worker keeps: 4096 */
+  int return_queue_cap;     /* cross-thread returns queued per worker: 1024 */
+  uint32_t max_headers;     /* live headers per worker (address space): 1 << 21 */
+} sl_alloc_config;
+
+/* Fills cfg with the defaults above (arenas = 1). */
+void sl_alloc_config_defaults(sl_alloc_config *cfg);
+
+/* Per class counters of one arena (blocks served to and taken back from
+ * worker caches and callers). */
+typedef struct sl_class_stats {
+  uint64_t allocs;
+  uint64_t frees;
+} sl_class_stats;
+
+typedef struct sl_arena {
+  pthread_mutex_t lock;
+  struct sl_alloc *alloc;
+  int id;
+  sl_chunk *lists[6];                       /* see SL_Q_* in arena.c */
+  sl_subpage *subpages[SL_SC_MAX_CLASSES];  /* small classes: subpages with room */
+  sl_class_stats cls[SL_SC_MAX_CLASSES];
+  uint64_t chunks_created, chunks_released;
+  uint64_t chunks;                          /* mapped now */
+  uint64_t huge_allocs, huge_frees;
+  uint64_t huge_bytes;                      /* mapped now for huge blocks */
+} sl_arena;
+
+typedef struct sl_alloc {
+  sl_alloc_config cfg;
+  sl_arena *arenas;
+  unsigned nclasses;                        /* classes up to chunk_size */
+  unsigned nsmall;                          /* classes up to SL_SC_SMALL_MAX */
+  uint32_t run_pages[SL_SC_MAX_CLASSES];    /* pages per subpage run, or per normal block */
+  atomic_size_t reserved;                   /* bytes mapped by every arena */
+  atomic_uint_fast64_t refused;             /* allocations refused by max_memory */
+} sl_alloc;
+
+/* Checks cfg and creates the arenas. NULL with *err on a bad config. */
+sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err);
+
+/* Unmaps everything; every pool using it must be gone. */
+void sl_alloc_destroy(sl_alloc *a);
+
+/* Allocates a block of class sclass (or a huge block of size bytes when
+ * sclass >= nclasses). NULL when max_memory or the OS refuses. */
+void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size);
+
+/* Frees a block of class sclass (huge: size is its mapped size). */
+void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size);
+
+/* Frees n blocks of one class under one lock. */
+void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass);
+
+/* Unmaps chunks empty since before now_ms - trim_idle_ms (or all empty chunks
+ * when force). Returns the number released. */
+unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force);
+
+/* Mapped size of a huge block of size bytes. */
+size_t sl_alloc_huge_size(const sl_alloc *a, size_t size);
+
+#endif

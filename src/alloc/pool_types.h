@@ -1,0 +1,89 @@
+/*
+ * sl_pool's layout, visible so that the cache and recycler fast paths in
+ * pool.h can be inlined into the buffer code. Only alloc/ and buf/ use it.
+ *
+ * A pool is one worker's front of the allocator:
+ *   - bins: per size class (up to max_cached), a stack of freed blocks;
+ *     bounded (small_cache / normal_cache), trimmed every trim_interval
+ *     allocations (entries that went unused are given back) and when the
+ *     worker has been idle for trim_idle_ms (everything is given back);
+ *   - headers: buffer headers come from a region of address space reserved
+ *     for this pool and aligned to SL_HDR_REGION_SPAN, so the pool of any
+ *     header is found by masking its address. The region is never unmapped
+ *     while the pool lives: a stale Lua handle always reads a header
+ *     safely, and a released header's generation is 0, which no live
+ *     buffer has. The recycler keeps up to recycler_cap free headers on a
+ *     stack; more go to an overflow list (counted); when no header is live
+ *     and the worker is idle, the whole region's memory is given back to
+ *     the OS (madvise), which zeroes it;
+ *   - retq: buffers released on foreign threads come back through a bounded
+ *     queue; when it is full, the releasing thread frees the block straight
+ *     into the arena and pushes the headers on a lock-free stack.
+ */
+#ifndef SL_POOL_TYPES_H
+#define SL_POOL_TYPES_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "alloc/arena.h"
+#include "alloc/retq.h"
+
+#define SL_HDR_SIZE 64
+#define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
+
+typedef struct sl_pool sl_pool;
+
+typedef struct sl_cache_bin {
+  void **items;
+  uint32_t n;             /* cached now */
+  uint32_t cap;
+  uint32_t used;          /* served since the last trim */
+} sl_cache_bin;
+
+typedef struct sl_pool_class_stats {
+  uint64_t allocs;        /* blocks handed out by this pool */
+  uint64_t frees;
+} sl_pool_class_stats;
+
+struct sl_pool {
+  /* hot: the fast paths touch only these */
+  size_t max_cached_size;         /* largest size the bins serve (0: none) */
+  uint32_t rec_n, rec_cap;        /* recycler stack */
+  void **recycler;
+  uint32_t next_gen;              /* generation of the next buffer (never 0) */
+  uint32_t allocs_since_trim;
+  uint32_t trim_interval;
+  unsigned fail_next;             /* injected failures still to give */
+  uint64_t allocs, frees, cache_hits;
+  sl_pool_class_stats cls[SL_SC_MAX_CLASSES];
+  sl_cache_bin bins[SL_SC_MAX_CLASSES];
+
+  /* cold */
+  sl_alloc *alloc;
+  sl_arena *arena;
+  int own_alloc;                  /* created with the pool (tests) */
+  int id;
+  uint8_t *hdr_base;              /* region start (the first slot holds this pool) */
+  void *hdr_map;                  /* what mmap returned */
+  size_t hdr_map_len;
+  uint32_t hdr_next;              /* next never-used slot */
+  uint32_t hdr_max;               /* slots in the region */
+  void *hdr_overflow;             /* free headers beyond the recycler */
+  uint64_t hdr_overflow_n;
+  _Atomic(void *) hdr_remote;     /* headers freed by foreign threads */
+  sl_retq retq;
+  uint64_t alloc_failures;
+  uint64_t trims, idle_trims;
+  uint64_t recycler_overflows;    /* headers that did not fit the recycler */
+  uint64_t region_resets;         /* header memory given back to the OS */
+  uint64_t unpooled_bytes;        /* unpooled and huge blocks live now */
+  uint64_t drained;               /* buffers taken back from the return queue */
+  atomic_uint_fast64_t remote_queued;   /* pushed by foreign threads */
+  atomic_uint_fast64_t remote_direct;   /* freed directly: queue was full */
+  atomic_uint_fast64_t remote_direct_bytes;
+  int64_t last_activity_ms;
+  uint64_t allocs_at_tick;
+};
+
+#endif

@@ -1,0 +1,45 @@
+/*
+ * Size classes, as Netty's SizeClasses: a 16-byte quantum and four classes
+ * per doubling. The first group is 16, 32, 48, 64; after it each group g
+ * (delta d = 2^(g+4)) holds 5d, 6d, 7d, 8d: 80, 96, 112, 128, then 160, 192,
+ * 224, 256, and so on up to the chunk size.
+ *
+ * Classes up to SL_SC_SMALL_MAX (28 KiB) are "small" and come from subpages;
+ * larger classes up to the chunk size are "normal" and come from runs of
+ * pages; anything above the chunk size is "huge" and is mapped directly.
+ */
+#ifndef SL_SIZE_CLASS_H
+#define SL_SIZE_CLASS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SL_SC_SMALL_MAX (28u * 1024u)
+#define SL_SC_MAX_CLASSES 80         /* enough for chunks up to 1 GiB */
+#define SL_SC_LOOKUP_MAX 4096        /* sizes up to this use a table */
+
+extern const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+
+/* The size of class idx. */
+static inline size_t sl_sc_size(unsigned idx) {
+  if (idx < 4) return (size_t)(idx + 1) << 4;
+  unsigned g = (idx - 4) >> 2;       /* group after the first */
+  unsigned i = (idx - 4) & 3;        /* 0..3: 5d, 6d, 7d, 8d */
+  return (size_t)(5 + i) << (g + 4);
+}
+
+/* The smallest class whose size is at least size (size >= 1). */
+static inline unsigned sl_sc_index(size_t size) {
+  if (size <= SL_SC_LOOKUP_MAX) return sl_sc_lookup[(size + 15) >> 4];
+  /* 4d < size <= 8d with d = 2^k: k = floor(log2(size - 1)) - 2 */
+  unsigned log2 = 63u - (unsigned)__builtin_clzll((unsigned long long)(size - 1));
+  unsigned k = log2 - 2;
+  size_t d = (size_t)1 << k;
+  unsigned i = (unsigned)((size + d - 1) >> k) - 5; /* 0..3 */
+  return 4 + ((k - 4) << 2) + i;
+}
+
+/* Number of classes up to and including max_size (a class size). */
+unsigned sl_sc_count(size_t max_size);
+
+#endif

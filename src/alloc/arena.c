@@ -68,8 +68,13 @@ sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
     return NULL;
   }
   a->cfg = *cfg;
-  a->nclasses = sl_sc_count(cfg->chunk_size);
-  a->nsmall = sl_sc_count(SL_SC_SMALL_MAX);
+  /* A class must fit in the pages a chunk has left after its metadata. */
+  size_t usable = (cfg->chunk_size / cfg->page_size -
+                   sl_chunk_meta_pages(cfg->chunk_size, cfg->page_size)) * cfg->page_size;
+  a->nclasses = sl_sc_index(usable) + 1;
+  if (sl_sc_size(a->nclasses - 1) > usable) a->nclasses--;
+  a->max_class_size = sl_sc_size(a->nclasses - 1);
+  a->nsmall = SL_MIN(sl_sc_count(SL_SC_SMALL_MAX), a->nclasses);
   for (unsigned i = 0; i < a->nclasses; i++) {
     size_t sz = sl_sc_size(i);
     a->run_pages[i] = i < a->nsmall ? sl_subpage_run(sz, cfg->page_size)

@@ -64,7 +64,8 @@ typedef struct sl_arena {
 typedef struct sl_alloc {
   sl_alloc_config cfg;
   sl_arena *arenas;
-  unsigned nclasses;                        /* classes up to chunk_size */
+  unsigned nclasses;                        /* classes a chunk can hold; above: huge */
+  size_t max_class_size;                    /* size of the largest of them */
   unsigned nsmall;                          /* classes up to SL_SC_SMALL_MAX */
   uint32_t run_pages[SL_SC_MAX_CLASSES];    /* pages per subpage run, or per normal block */
   atomic_size_t reserved;                   /* bytes mapped by every arena */

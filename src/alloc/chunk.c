@@ -30,6 +30,16 @@ static uint32_t sl_bits_find(const uint64_t *bits, uint32_t i, uint32_t limit, i
   return limit;
 }
 
+static size_t sl_chunk_meta_bytes(uint32_t npages) {
+  return sizeof(sl_chunk) + ((npages + 63) / 64) * 8 + npages * sizeof(uint32_t) + 8 +
+         npages * sizeof(sl_subpage *);
+}
+
+uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
+  return (uint32_t)((sl_chunk_meta_bytes((uint32_t)(chunk_size / page_size)) + page_size - 1) /
+                    page_size);
+}
+
 sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_size) {
   /* Map twice the size and keep the aligned middle. */
   size_t span = chunk_size * 2;
@@ -42,13 +52,11 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_si
 
   sl_chunk *c = (sl_chunk *)start;
   uint32_t npages = (uint32_t)(chunk_size / page_size);
-  size_t meta = sizeof(*c) + ((npages + 63) / 64) * 8 + npages * sizeof(uint32_t) +
-                npages * sizeof(sl_subpage *);
   memset(c, 0, sizeof(*c));
   c->arena = arena;
   c->mem = (uint8_t *)start;
   c->npages = npages;
-  c->meta_pages = (uint32_t)((meta + page_size - 1) / page_size);
+  c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
   c->used = (uint64_t *)(void *)(c + 1);
   c->run_len = (uint32_t *)(void *)(c->used + (npages + 63) / 64);

@@ -45,6 +45,9 @@ struct sl_chunk {
   sl_subpage **sub;            /* per page of a subpage run: the subpage */
 };
 
+/* Pages a chunk of this geometry spends on its own metadata. */
+uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size);
+
 /* Maps a new chunk. NULL when the OS refuses. */
 sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_size);
 void sl_chunk_delete(sl_chunk *c, size_t chunk_size);

@@ -53,7 +53,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
       sl_pool_map_region(p, cfg->max_headers) != SL_OK)
     goto fail;
   if (cfg->type == SL_ALLOC_POOLED && cfg->max_cached > 0) {
-    size_t max = SL_MIN(cfg->max_cached, cfg->chunk_size);
+    size_t max = SL_MIN(cfg->max_cached, a->max_class_size);
     unsigned nbins = sl_sc_index(max) + 1;
     if (sl_sc_size(nbins - 1) > max) nbins--;   /* only classes that fit entirely */
     for (unsigned i = 0; i < nbins; i++) {
@@ -107,7 +107,7 @@ void sl_pool_destroy(sl_pool *p) {
 }
 
 static unsigned sl_pool_class(const sl_pool *p, size_t size) {
-  return size > p->alloc->cfg.chunk_size ? p->alloc->nclasses : sl_sc_index(size | (size == 0));
+  return size > p->alloc->max_class_size ? p->alloc->nclasses : sl_sc_index(size | (size == 0));
 }
 
 void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable) {

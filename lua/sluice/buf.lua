@@ -124,6 +124,26 @@ local mt = {
 }
 ffi.metatype(lbuf_t, mt)
 
+-- sluice.buf.alloc(cap [, max_cap]): a new, empty buffer from this worker's
+-- pool; the caller owns it. Returns nil, err when memory cannot be had.
+function _M.alloc(cap, max_cap)
+  if type(cap) ~= "number" or cap < 0 then error("bad 'cap' argument (number expected)", 2) end
+  if max_cap ~= nil and (type(max_cap) ~= "number" or max_cap < cap) then
+    error("bad 'max_cap' argument (number >= cap expected)", 2)
+  end
+  local b = C.sl_ffi_pool_alloc(cap, max_cap or cap)
+  if b == nil then return nil, "out of buffer memory" end
+  return _M.wrap(b)
+end
+
+-- sluice.buf.from(str): a new buffer holding a copy of str; the caller owns it.
+function _M.from(str)
+  if type(str) ~= "string" then error("bad 'str' argument (string expected)", 2) end
+  local b = C.sl_ffi_pool_from(str, #str)
+  if b == nil then return nil, "out of buffer memory" end
+  return _M.wrap(b)
+end
+
 function _M.is_buf(v)
   return type(v) == "cdata" and ffi.istype(lbuf_t, v)
 end

@@ -43,6 +43,23 @@ void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
 int sl_ffi_ctx_is_writable(sl_ctx *ctx);
 void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+typedef struct sl_ffi_pool_stats {
+  uint64_t bytes_in_use, blocks_in_use, allocs, frees, alloc_failures;
+  uint64_t cache_hits, cache_misses, cached_blocks, cached_bytes, trims, idle_trims;
+  uint64_t headers_total, headers_free, recycler_size, recycler_cap, recycler_overflows;
+  uint64_t region_resets, remote_queued, remote_direct, return_queue_cap;
+  uint64_t reserved_bytes, chunks, chunks_created, chunks_released, chunk_bytes, chunk_used_bytes;
+  uint64_t huge_allocs, huge_frees, huge_bytes;
+  uint64_t nclasses;
+  uint64_t class_size[80], class_allocs[80], class_frees[80];
+  uint64_t arena_allocs[80], arena_frees[80];
+  int32_t arena, unpooled;
+} sl_ffi_pool_stats;
+int sl_ffi_pool_stats_get(sl_ffi_pool_stats *out);
+sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap);
+sl_buf *sl_ffi_pool_from(const char *src, size_t len);
+int sl_ffi_pool_open(void);
+uint64_t sl_ffi_pool_close(void);
 void sl_ffi_log(int level, const char *msg);
 int sl_ffi_log_enabled(int level);
 ]]

@@ -359,3 +359,22 @@ unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
   pthread_mutex_unlock(&ar->lock);
   return released;
 }
+
+void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *st) {
+  sl_alloc *a = ar->alloc;
+  memset(st, 0, sizeof(*st));
+  pthread_mutex_lock(&ar->lock);
+  st->chunks = ar->chunks;
+  st->chunks_created = ar->chunks_created;
+  st->chunks_released = ar->chunks_released;
+  st->chunk_bytes = ar->chunks * a->cfg.chunk_size;
+  for (int q = 0; q < SL_Q_COUNT; q++)
+    for (sl_chunk *c = ar->lists[q]; c != NULL; c = c->next)
+      st->used_bytes += (uint64_t)(sl_chunk_usable_pages(c) - c->free_pages) * a->cfg.page_size;
+  st->huge_allocs = ar->huge_allocs;
+  st->huge_frees = ar->huge_frees;
+  st->huge_bytes = ar->huge_bytes;
+  st->nclasses = a->nclasses;
+  memcpy(st->cls, ar->cls, sizeof(st->cls));
+  pthread_mutex_unlock(&ar->lock);
+}

@@ -92,6 +92,18 @@ void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass
  * when force). Returns the number released. */
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force);
 
+typedef struct sl_arena_stats {
+  uint64_t chunks, chunks_created, chunks_released;
+  uint64_t chunk_bytes;                     /* mapped for chunks now */
+  uint64_t used_bytes;                      /* pages in use in those chunks */
+  uint64_t huge_allocs, huge_frees, huge_bytes;
+  unsigned nclasses;
+  sl_class_stats cls[SL_SC_MAX_CLASSES];
+} sl_arena_stats;
+
+/* A consistent copy of ar's counters (takes the lock). */
+void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *out);
+
 /* Mapped size of a huge block of size bytes. */
 size_t sl_alloc_huge_size(const sl_alloc *a, size_t size);
 

@@ -1,5 +1,8 @@
 #include "lua/ffi.h"
 
+#include <string.h>
+
+#include "alloc/arena.h"
 #include "alloc/pool.h"
 #include "buf/buf.h"
 #include "io/channel.h"
@@ -76,6 +79,83 @@ void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on) {
 }
 
 const char *sl_ffi_ctx_describe(sl_ctx *ctx) { return sl_channel_describe(sl_ctx_channel(ctx)); }
+
+_Static_assert(SL_SC_MAX_CLASSES <= 80, "sl_ffi_pool_stats holds 80 classes");
+
+int sl_ffi_pool_stats_get(sl_ffi_pool_stats *o) {
+  sl_pool *p = sl_pool_current();
+  if (p == NULL) return -1;
+  sl_pool_stats st;
+  sl_arena_stats as;
+  sl_pool_get_stats(p, &st);
+  sl_arena_get_stats(p->arena, &as);
+  memset(o, 0, sizeof(*o));
+  o->bytes_in_use = st.bytes_in_use;
+  o->blocks_in_use = st.blocks_in_use;
+  o->allocs = st.allocs;
+  o->frees = st.frees;
+  o->alloc_failures = st.alloc_failures;
+  o->cache_hits = st.cache_hits;
+  o->cache_misses = st.cache_misses;
+  o->cached_blocks = st.cached_blocks;
+  o->cached_bytes = st.cached_bytes;
+  o->trims = st.trims;
+  o->idle_trims = st.idle_trims;
+  o->headers_total = st.headers_total;
+  o->headers_free = st.headers_free;
+  o->recycler_size = st.recycler_size;
+  o->recycler_cap = st.recycler_cap;
+  o->recycler_overflows = st.recycler_overflows;
+  o->region_resets = st.region_resets;
+  o->remote_queued = st.remote_queued;
+  o->remote_direct = st.remote_direct;
+  o->return_queue_cap = st.return_queue_cap;
+  o->reserved_bytes = atomic_load(&p->alloc->reserved);
+  o->chunks = as.chunks;
+  o->chunks_created = as.chunks_created;
+  o->chunks_released = as.chunks_released;
+  o->chunk_bytes = as.chunk_bytes;
+  o->chunk_used_bytes = as.used_bytes;
+  o->huge_allocs = as.huge_allocs;
+  o->huge_frees = as.huge_frees;
+  o->huge_bytes = as.huge_bytes;
+  o->nclasses = as.nclasses;
+  for (unsigned i = 0; i < as.nclasses; i++) {
+    o->class_size[i] = sl_sc_size(i);
+    o->class_allocs[i] = p->cls[i].allocs;
+    o->class_frees[i] = p->cls[i].frees;
+    o->arena_allocs[i] = as.cls[i].allocs;
+    o->arena_frees[i] = as.cls[i].frees;
+  }
+  o->arena = p->arena->id;
+  o->unpooled = p->alloc->cfg.type == SL_ALLOC_UNPOOLED;
+  return 0;
+}
+
+sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap) {
+  sl_pool *p = sl_pool_current();
+  return p ? sl_buf_alloc(p, cap, max_cap) : NULL;
+}
+
+sl_buf *sl_ffi_pool_from(const char *src, size_t len) {
+  sl_pool *p = sl_pool_current();
+  return p ? sl_buf_from(p, src, len) : NULL;
+}
+
+int sl_ffi_pool_open(void) {
+  if (sl_pool_current() != NULL) return 0;
+  return sl_pool_create(NULL, 0) != NULL ? 0 : -1;
+}
+
+uint64_t sl_ffi_pool_close(void) {
+  sl_pool *p = sl_pool_current();
+  if (p == NULL) return 0;
+  sl_buf_drain(p);
+  sl_pool_stats st;
+  sl_pool_get_stats(p, &st);
+  sl_pool_destroy(p);
+  return st.blocks_in_use;
+}
 
 void sl_ffi_log(int level, const char *msg) {
   if (level < SL_LOG_DEBUG) level = SL_LOG_DEBUG;

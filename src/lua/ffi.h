@@ -60,6 +60,34 @@ SL_FFI_EXPORT void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 /* "client 127.0.0.1:5000 on front": for log lines. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_describe(sl_ctx *ctx);
 
+/* What sluice.pool.stats() returns, flat. Counts for the calling thread's
+ * pool and its arena. */
+typedef struct sl_ffi_pool_stats {
+  uint64_t bytes_in_use, blocks_in_use, allocs, frees, alloc_failures;
+  uint64_t cache_hits, cache_misses, cached_blocks, cached_bytes, trims, idle_trims;
+  uint64_t headers_total, headers_free, recycler_size, recycler_cap, recycler_overflows;
+  uint64_t region_resets, remote_queued, remote_direct, return_queue_cap;
+  uint64_t reserved_bytes, chunks, chunks_created, chunks_released, chunk_bytes, chunk_used_bytes;
+  uint64_t huge_allocs, huge_frees, huge_bytes;
+  uint64_t nclasses;
+  uint64_t class_size[80], class_allocs[80], class_frees[80];
+  uint64_t arena_allocs[80], arena_frees[80];
+  int32_t arena, unpooled;
+} sl_ffi_pool_stats;
+
+/* Fills out for the calling thread's pool. 0, or -1 when the thread has none. */
+SL_FFI_EXPORT int sl_ffi_pool_stats_get(sl_ffi_pool_stats *out);
+
+/* A new buffer from the calling thread's pool (+1), or NULL. */
+SL_FFI_EXPORT sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap);
+SL_FFI_EXPORT sl_buf *sl_ffi_pool_from(const char *src, size_t len);
+
+/* Outside a worker (busted specs, tools): a pool with the default
+ * allocator, bound to the calling thread; and its destruction (0, or the
+ * number of buffers still outstanding, which are then leaked). */
+SL_FFI_EXPORT int sl_ffi_pool_open(void);
+SL_FFI_EXPORT uint64_t sl_ffi_pool_close(void);
+
 /* One log record at level (0 debug .. 3 error). */
 SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);
 SL_FFI_EXPORT int sl_ffi_log_enabled(int level);

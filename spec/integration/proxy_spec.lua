@@ -192,4 +192,22 @@ return {
     assert.matches("upstream 127.0.0.1:" .. up.port .. " for front closed: reset (Connection reset by peer)",
                    log, 1, true)
   end)
+
+  it("pauses reading at allocator.max_memory and carries on: nothing is lost", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    -- Two 64 KiB chunks in all: far less than what is in flight.
+    local cfg = proxy_config(port, echo.port):gsub("^return {", [[return {
+  allocator = { page_size = 4096, chunk_size = 65536, max_memory = 131072 },]])
+    local p = H.start_sluice(cfg)
+    local input = H.tmpfile("pressure.bin")
+    H.sh(("head -c %d /dev/urandom > %s"):format(4 * 1024 * 1024, H.shq(input)))
+    local _, rc, out = H.exchange(port, { file = input }, 60)
+    assert.are.equal(0, rc)
+    assert.are.equal(digest(input), digest(out))
+    local log = H.stop_sluice(p)
+    assert.matches("no buffer memory, reading paused", log, 1, true)
+    assert.not_matches("closed: [^\n]*memory", log)
+  end)
 end)

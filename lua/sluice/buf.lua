@@ -24,15 +24,16 @@ local finalize = C.sl_ffi_buf_finalize
 local _M = {}
 local methods = {}
 
-local function dead(h, level)
-  error("buffer used after release (refcnt 0)", level or 3)
+-- Raised from live(), which methods call: level 4 is the stage's line.
+local function dead()
+  error("buffer used after release (refcnt 0)", 4)
 end
 
 -- The live sl_buf behind h, or a Lua error. A released buffer's header has
 -- generation 0 (or, reused, a newer one): one compare tells.
 local function live(h)
   local b = h.b
-  if b.gen ~= h.gen then dead(h) end
+  if b.gen ~= h.gen then dead() end
   return b
 end
 _M.live = live
@@ -43,14 +44,19 @@ function _M.wrap(ptr)
   return ffi_gc(lbuf_t(b, b.gen, 1), finalize)
 end
 
--- Marks one reference of h as given to C; the caller passes h.b on.
+-- Marks one reference of h as given to C; the caller passes h.b on. A
+-- handle that owns no reference (it passed its buffer on already) cannot
+-- give one: C would later release a reference nobody had.
 function _M.give(h)
-  local b = live(h)
+  local b = h.b
+  if b.gen ~= h.gen then error("buffer used after release (refcnt 0)", 3) end
   local refs = h.refs
-  if refs > 0 then
-    h.refs = refs - 1
-    if refs == 1 then ffi_gc(h, nil) end
+  if refs <= 0 then
+    error("buffer passed on twice: this handle no longer owns a reference (refcnt "
+          .. b.root.refcnt .. ")", 3)
   end
+  h.refs = refs - 1
+  if refs == 1 then ffi_gc(h, nil) end
   return b
 end
 
@@ -98,14 +104,20 @@ function methods.release(h, n)
   if type(n) ~= "number" or n < 1 then error("bad 'n' argument (positive number expected)", 2) end
   local b = h.b
   if b.gen ~= h.gen then error("refcnt 0, decrement " .. n, 2) end
+  -- A handle releases only references it owns: after fire_read or write
+  -- the reference belongs to whoever took it, who releases it in turn.
+  local refcnt = b.root.refcnt
+  if refcnt < n then error(("refcnt %d, decrement %d"):format(refcnt, n), 2) end
+  local refs = h.refs
+  if refs < n then
+    error(("release of a reference this handle does not own (it owns %d, refcnt %d, "
+           .. "decrement %d): was the buffer passed on?"):format(refs, b.root.refcnt, n), 2)
+  end
   local rc = C.sl_ffi_buf_release(b, n, errp)
   if rc < 0 then error(ffi_string(errp[0]), 2) end
-  local refs = h.refs
-  if refs > 0 then
-    refs = refs > n and refs - n or 0
-    h.refs = refs
-    if refs == 0 then ffi_gc(h, nil) end
-  end
+  refs = refs - n
+  h.refs = refs
+  if refs == 0 then ffi_gc(h, nil) end
   return rc == 1
 end
 

@@ -41,11 +41,18 @@
 --     servers            required non-empty array of "host:port" (no wildcard)
 --     connect_timeout_ms optional positive integer, default 5000
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
+--   allocator   optional table: type ("pooled" | "unpooled"), arenas (0: one
+--               per worker), page_size (power of two, 4 KiB-1 MiB, 8 KiB),
+--               chunk_size (power of two, >= 16 pages, 4 MiB), small_cache
+--               (256), normal_cache (64), max_cached (32768), trim_interval
+--               (8192), trim_idle_ms (10000), max_memory (0: no limit)
+--   Stage options (string keys of a pipeline entry) are plain data: strings,
+--   numbers, booleans and tables of them.
 --
 -- Positive integers are 1..2^31-1 so that they fit a C int.
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
--- the top level, then log_level, upstreams (by sorted name), listeners (in
+-- the top level, then log_level, allocator, upstreams (by sorted name), listeners (in
 -- array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then "an upstream or a
@@ -121,7 +128,7 @@ local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 -- Callback names a Lua stage module may define (function-valued fields).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close", "read" }
+                    "user_event", "error", "write", "flush", "close" }
 
 local function set_of(list)
     local set = {}
@@ -498,6 +505,23 @@ end
 
 local STAGE_EXPECTED = 'a module name or a table { "module.name", option = value, ... }'
 
+-- Options reach every worker's own Lua state by copy: plain data only.
+local function check_plain(v, path, depth)
+    local t = type(v)
+    if t == "table" then
+        if depth > 32 then fail(path, "expected plain data nested at most 32 deep") end
+        for k, x in pairs(v) do
+            if type(k) ~= "string" and type(k) ~= "number" then
+                fail(path, "expected plain data (table keys are strings or numbers), got a %s key",
+                     type(k))
+            end
+            check_plain(x, key_path(path, k), depth + 1)
+        end
+    elseif t ~= "string" and t ~= "number" and t ~= "boolean" then
+        fail(path, "expected plain data (a string, number, boolean or table), got %s", show(v))
+    end
+end
+
 -- Returns the normalized pipeline entry at `path`:
 -- { module, kind, options, file (lua only) }. Options are a shallow copy.
 local function check_stage(entry, path, ctx)
@@ -516,7 +540,10 @@ local function check_stage(entry, path, ctx)
                  show(name))
         end
         for k, v in pairs(entry) do
-            if k ~= 1 then options[k] = v end
+            if k ~= 1 then
+                check_plain(v, key_path(path, k), 1)
+                options[k] = v
+            end
         end
     elseif type(entry) ~= "string" then
         fail(path, "expected %s, got %s", STAGE_EXPECTED, show(entry))

@@ -194,20 +194,47 @@ return {
   end)
 
   it("pauses reading at allocator.max_memory and carries on: nothing is lost", function()
-    local echo = H.start_echo()
-    peers[#peers + 1] = echo
+    local sink = H.tmpfile("sink.bin")
+    -- A slow upstream: what the client sends piles up in sluice first.
+    local peer = H.start_peer("sleep 1; cat > " .. H.shq(sink) .. "; echo stored")
+    peers[#peers + 1] = peer
     local port = H.free_port()
-    -- Two 64 KiB chunks in all: far less than what is in flight.
-    local cfg = proxy_config(port, echo.port):gsub("^return {", [[return {
+    -- Two 64 KiB chunks in all, far below the 1 MiB high water mark: the
+    -- ceiling, not backpressure, is what stops the reads.
+    local cfg = proxy_config(port, peer.port)
+      :gsub("^return {", [[return {
   allocator = { page_size = 4096, chunk_size = 65536, max_memory = 131072 },]])
+      :gsub('upstream = "back",', 'upstream = "back", low_water_mark = 524288, high_water_mark = 1048576,')
     local p = H.start_sluice(cfg)
     local input = H.tmpfile("pressure.bin")
     H.sh(("head -c %d /dev/urandom > %s"):format(4 * 1024 * 1024, H.shq(input)))
-    local _, rc, out = H.exchange(port, { file = input }, 60)
+    local out, rc = H.exchange(port, { file = input }, 60)
     assert.are.equal(0, rc)
-    assert.are.equal(digest(input), digest(out))
+    assert.are.equal("stored\n", out)
+    assert.are.equal(digest(input), digest(sink))
     local log = H.stop_sluice(p)
     assert.matches("no buffer memory, reading paused", log, 1, true)
     assert.not_matches("closed: [^\n]*memory", log)
+  end)
+
+  it("contains a stage that releases a buffer it passed on: an error, not a double free", function()
+    local stage = H.tmpfile("overrelease.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    ctx:fire_read(buf)
+    buf:release()       -- wrong: the reference went with fire_read
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    local peer = H.start_peer("cat > /dev/null")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, peer.port, ("{ %q }"):format(mod)))
+    H.exchange(port, "one\n", 5)
+    H.exchange(port, "two\n", 5)
+    local log = H.stop_sluice(p)  -- exit 0, pool clean: nothing was freed twice
+    assert.matches("release of a reference this handle does not own", log, 1, true)
+    assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
   end)
 end)

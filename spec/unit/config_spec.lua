@@ -66,7 +66,7 @@ local ALLOCATOR_DEFAULTS = {
 }
 
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
-  .. "channel_writability_changed, user_event, error, write, flush, close, read"
+  .. "channel_writability_changed, user_event, error, write, flush, close"
 
 describe("sluice.config", function()
 
@@ -331,6 +331,21 @@ describe("sluice.config", function()
     it("refuses a folder that cannot be put on the search path", function()
       assert.are.equal('config error: config_dir "a;b": a folder whose name contains ";" or "?" '
                        .. "cannot be searched for modules", err_of(conf(), { config_dir = "a;b" }))
+    end)
+  end)
+
+  describe("stage options", function()
+    it("must be plain data, since every worker gets its own copy", function()
+      local l = listener({ pipeline = { { "sluice.stages.echo", on_line = print } } })
+      assert.are.equal('config error: listeners[1].pipeline[1].on_line: expected plain data '
+                       .. '(a string, number, boolean or table), got a function',
+                       err_of(conf({ l })))
+      local nested = listener({ pipeline = { { "sluice.stages.echo", deny = { "A", { f = print } } } } })
+      assert.are.equal('config error: listeners[1].pipeline[1].deny[2].f: expected plain data '
+                       .. '(a string, number, boolean or table), got a function',
+                       err_of(conf({ nested })))
+      local ok = listener({ pipeline = { { "sluice.stages.echo", deny = { "FLUSHALL" }, n = 3 } } })
+      assert.are.same({ deny = { "FLUSHALL" }, n = 3 }, ok_of(conf({ ok })).listeners[1].pipeline[1].options)
     end)
   end)
 

@@ -103,4 +103,20 @@ describe("sluice.pool and buffer handles", function()
     assert.are.equal(hits + 1, pool.stats().cache_hits)
     c:release()
   end)
+
+  it("a handle that passed its buffer on can neither release it nor pass it again", function()
+    local ffi = require("ffi")
+    local C = require("sluice.core")
+    local b = buf.from("abc")
+    local ptr = buf.give(b) -- what ctx:fire_read / ctx:write do toward C
+    assert.has_error(function() b:release() end,
+      "release of a reference this handle does not own (it owns 0, refcnt 1, decrement 1): "
+      .. "was the buffer passed on?")
+    assert.has_error(function() buf.give(b) end,
+      "buffer passed on twice: this handle no longer owns a reference (refcnt 1)")
+    assert.are.equal(1, b:refcnt())
+    assert.are.equal("abc", b:tostring()) -- reading while someone owns it is fine
+    -- The new owner releases.
+    assert.are.equal(1, C.sl_ffi_buf_release(ptr, 1, ffi.new("const char *[1]")))
+  end)
 end)

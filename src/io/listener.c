@@ -53,8 +53,9 @@ int sl_listener_open(sl_listener *l, struct sl_worker *w, const sl_addr *addr,
   int fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return SL_ERROR;
   int one = 1;
+  /* No SO_REUSEPORT while one worker listens: a second process on the same
+   * port must fail to bind rather than silently share the connections. */
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
   if (bind(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 || listen(fd, 511) < 0) {
     int e = errno;
     close(fd);

@@ -23,7 +23,7 @@ struct sl_listener {
   char text[64];             /* "127.0.0.1:7000" */
 };
 
-/* Binds and listens on addr (SO_REUSEADDR and SO_REUSEPORT), starts
+/* Binds and listens on addr (SO_REUSEADDR), starts
  * accepting. SL_OK, or SL_ERROR with errno set. */
 int sl_listener_open(sl_listener *l, struct sl_worker *w, const sl_addr *addr,
                      sl_listener_accept_fn fn, void *ud);

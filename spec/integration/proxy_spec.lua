@@ -23,20 +23,26 @@ describe("proxying", function()
     return (H.sh("sha256sum < " .. H.shq(path))):match("^(%x+)")
   end
 
-  for _, pipeline in ipairs({ "{}", '{ "examples.stages.log_chunks" }' }) do
-    it("carries 16 MiB of random bytes to an echo peer and back intact, pipeline " .. pipeline,
-      function()
+  local variants = {
+    { pipeline = "{}" },
+    { pipeline = '{ "examples.stages.log_chunks" }' },
+    { pipeline = '{ "examples.stages.log_chunks" }', env = "SLUICE_ALLOCATOR=unpooled" },
+  }
+  for _, v in ipairs(variants) do
+    it(("carries 16 MiB of random bytes to an echo peer and back intact, pipeline %s%s")
+      :format(v.pipeline, v.env and (", " .. v.env) or ""), function()
         local echo = H.start_echo()
         peers[#peers + 1] = echo
         local port = H.free_port()
-        local p = H.start_sluice(proxy_config(port, echo.port, pipeline))
+        local p = H.start_sluice(proxy_config(port, echo.port, v.pipeline), v.env)
         local input = H.tmpfile("random.bin")
         H.sh(("head -c %d /dev/urandom > %s"):format(16 * 1024 * 1024, H.shq(input)))
         local _, rc, out = H.exchange(port, { file = input }, 60)
         assert.are.equal(0, rc)
         assert.are.equal(16 * 1024 * 1024, #H.read(out))
         assert.are.equal(digest(input), digest(out))
-        H.stop_sluice(p)
+        local log = H.stop_sluice(p)
+        assert.matches(v.env and "unpooled allocator" or "pooled allocator", log, 1, true)
       end)
   end
 
@@ -236,5 +242,24 @@ return {
     local log = H.stop_sluice(p)  -- exit 0, pool clean: nothing was freed twice
     assert.matches("release of a reference this handle does not own", log, 1, true)
     assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
+  end)
+
+  it("gives memory back to the OS once idle for allocator.trim_idle_ms", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    local cfg = proxy_config(port, echo.port)
+      :gsub("^return {", "return {\n  allocator = { trim_idle_ms = 200 },")
+    local p = H.start_sluice(cfg)
+    local input = H.tmpfile("idle.bin")
+    H.sh(("head -c %d /dev/urandom > %s"):format(4 * 1024 * 1024, H.shq(input)))
+    local _, rc = H.exchange(port, { file = input }, 30)
+    assert.are.equal(0, rc)
+    local line = H.wait_for(function()
+      return H.read(p.log):match("pool idle: gave back [^\n]* 0 bytes mapped now")
+    end, 10)
+    local log = H.stop_sluice(p)
+    assert.is_truthy(line, log)
+    assert.matches("pool idle: gave back %d+ cached blocks, [1-9]%d* chunks", log)
   end)
 end)

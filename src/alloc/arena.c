@@ -138,7 +138,7 @@ static int sl_chunk_list_for(const sl_chunk *c) {
   return pct < 25 ? SL_Q_LOW : pct < 50 ? SL_Q_25 : pct < 75 ? SL_Q_50 : SL_Q_75;
 }
 
-static int64_t sl_now_ms(void) {
+int64_t sl_alloc_now_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
@@ -150,7 +150,7 @@ static void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
   if (q == c->list) return;
   sl_list_remove(&ar->lists[c->list], c);
   c->list = q;
-  if (q == SL_Q_EMPTY) c->empty_since_ms = sl_now_ms();
+  if (q == SL_Q_EMPTY) c->empty_since_ms = sl_alloc_now_ms();
   sl_list_push(&ar->lists[q], c);
 }
 
@@ -189,7 +189,7 @@ static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
   ar->chunks_created++;
   ar->chunks++;
   c->list = SL_Q_EMPTY;
-  c->empty_since_ms = sl_now_ms();
+  c->empty_since_ms = sl_alloc_now_ms();
   sl_list_push(&ar->lists[SL_Q_EMPTY], c);
   *page = sl_chunk_run_alloc(c, n);
   SL_ASSERT(*page >= 0, "a new chunk has no room for a run");

@@ -104,6 +104,10 @@ typedef struct sl_arena_stats {
 /* A consistent copy of ar's counters (takes the lock). */
 void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *out);
 
+/* The allocator's clock: CLOCK_MONOTONIC in milliseconds. sl_pool_tick and
+ * sl_arena_release_empty take times from it. */
+int64_t sl_alloc_now_ms(void);
+
 /* Mapped size of a huge block of size bytes. */
 size_t sl_alloc_huge_size(const sl_alloc *a, size_t size);
 

@@ -241,10 +241,10 @@ void sl_pool_trim(sl_pool *p, int everything) {
 }
 
 /* Gives the header region's memory back when no header is live. */
-static void sl_pool_reset_region(sl_pool *p) {
+static int sl_pool_reset_region(sl_pool *p) {
   sl_pool_take_remote_headers(p);
   uint64_t live = (uint64_t)(p->hdr_next - 1) - p->rec_n - p->hdr_overflow_n;
-  if (live != 0 || p->hdr_next <= 64) return;
+  if (live != 0 || p->hdr_next <= 64) return 0;
   size_t page = 4096;
   uint8_t *from = p->hdr_base + page;   /* the first page keeps slot 0 */
   size_t len = ((size_t)p->hdr_next * SL_HDR_SIZE + page - 1) / page * page - page;
@@ -254,23 +254,25 @@ static void sl_pool_reset_region(sl_pool *p) {
   p->hdr_overflow_n = 0;
   p->hdr_next = 1;
   p->region_resets++;
+  return 1;
 }
 
-void sl_pool_tick(sl_pool *p, int64_t now_ms) {
+int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
+  memset(r, 0, sizeof(*r));
   if (p->allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
     p->allocs_at_tick = p->allocs;
     p->last_activity_ms = now_ms;
-    return;
+    return 0;
   }
-  if (now_ms - p->last_activity_ms < p->alloc->cfg.trim_idle_ms) return;
-  int cached = 0;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES && !cached; i++) cached = p->bins[i].n > 0;
-  if (cached) {
+  if (now_ms - p->last_activity_ms < p->alloc->cfg.trim_idle_ms) return 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) r->blocks += p->bins[i].n;
+  if (r->blocks) {
     sl_pool_trim(p, 1);
     p->idle_trims++;
   }
-  sl_pool_reset_region(p);
-  sl_arena_release_empty(p->arena, now_ms, 0);
+  r->headers = sl_pool_reset_region(p);
+  r->chunks = sl_arena_release_empty(p->arena, now_ms, 0);
+  return r->blocks || r->headers || r->chunks;
 }
 
 void sl_pool_fail_next(sl_pool *p, unsigned n) { p->fail_next = n; }

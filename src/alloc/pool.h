@@ -135,9 +135,17 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr);
 /* The owner: the next queued item, or NULL. */
 void *sl_pool_retq_pop(sl_pool *p);
 
-/* The owner, from its timer: trims after trim_idle_ms without allocations
- * (caches, empty chunks, the header region when no header is live). */
-void sl_pool_tick(sl_pool *p, int64_t now_ms);
+typedef struct sl_pool_trim_report {
+  uint64_t blocks;        /* cached blocks given back to the arena */
+  unsigned chunks;        /* chunks unmapped */
+  int headers;            /* 1 when the header region went back to the OS */
+} sl_pool_trim_report;
+
+/* The owner, from its timer (now_ms from sl_alloc_now_ms): after
+ * trim_idle_ms without allocations, gives back the caches, empty chunks and
+ * the header region when no header is live. Returns 1 and fills r when it
+ * gave anything back, else 0. */
+int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r);
 
 /* Test aid: make the next n allocations fail (0 turns it off). */
 void sl_pool_fail_next(sl_pool *p, unsigned n);

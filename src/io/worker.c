@@ -25,7 +25,14 @@ static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int reven
   SL_UNUSED(revents);
   sl_worker *w = SL_CONTAINER_OF(t, sl_worker, pool_timer);
   sl_buf_drain(w->pool);
-  sl_pool_tick(w->pool, (int64_t)(ev_now(loop) * 1000.0));
+  SL_UNUSED(loop);
+  sl_pool_trim_report r;
+  if (sl_pool_tick(w->pool, sl_alloc_now_ms(), &r)) {
+    sl_log(SL_LOG_INFO,
+           "worker %d: pool idle: gave back %llu cached blocks, %u chunks%s; %zu bytes mapped now",
+           w->id, (unsigned long long)r.blocks, r.chunks, r.headers ? ", header memory" : "",
+           (size_t)atomic_load(&w->pool->alloc->reserved));
+  }
 }
 
 sl_worker *sl_worker_create(int id, struct sl_alloc *alloc) {

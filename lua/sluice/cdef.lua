@@ -20,7 +20,8 @@ struct sl_buf {
   sl_buf *views;
   void *owner;
   uint32_t block_size;
-  uint32_t flags;
+  uint16_t sclass;
+  uint16_t flags;
 };
 
 typedef struct sl_lbuf {

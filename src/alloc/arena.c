@@ -87,7 +87,7 @@ sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
     return NULL;
   }
   for (int i = 0; i < cfg->arenas; i++) {
-    pthread_mutex_init(&a->arenas[i].lock, NULL);
+    sl_spin_init(&a->arenas[i].lock);
     a->arenas[i].alloc = a;
     a->arenas[i].id = i;
   }
@@ -123,7 +123,6 @@ void sl_alloc_destroy(sl_alloc *a) {
         sl_chunk_delete(c, a->cfg.chunk_size);
       }
     }
-    pthread_mutex_destroy(&ar->lock);
   }
   free(a->arenas);
   free(a);
@@ -172,6 +171,7 @@ static void sl_unreserve(sl_alloc *a, size_t n) { atomic_fetch_sub(&a->reserved,
 static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
   for (size_t k = 0; k < sizeof(sl_q_order) / sizeof(sl_q_order[0]); k++) {
     for (sl_chunk *c = ar->lists[sl_q_order[k]]; c != NULL; c = c->next) {
+      if (c->max_free < n) continue;
       int p = sl_chunk_run_alloc(c, n);
       if (p >= 0) {
         *page = p;
@@ -209,10 +209,10 @@ static void *sl_arena_huge(sl_arena *ar, size_t size) {
     sl_unreserve(a, n);
     return NULL;
   }
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   ar->huge_allocs++;
   ar->huge_bytes += n;
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
   return p;
 }
 
@@ -246,7 +246,7 @@ void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
   sl_alloc *a = ar->alloc;
   if (sclass >= a->nclasses) return sl_arena_huge(ar, size);
   void *p;
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   if (sclass < a->nsmall) {
     p = sl_arena_small(ar, sclass);
   } else {
@@ -259,7 +259,7 @@ void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
     }
   }
   if (p) ar->cls[sclass].allocs++;
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
   return p;
 }
 
@@ -298,22 +298,22 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
     size_t n = sl_alloc_huge_size(a, size);
     munmap(p, n);
     sl_unreserve(a, n);
-    pthread_mutex_lock(&ar->lock);
+    sl_spin_lock(&ar->lock);
     ar->huge_frees++;
     ar->huge_bytes -= n;
-    pthread_mutex_unlock(&ar->lock);
+    sl_spin_unlock(&ar->lock);
     return;
   }
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   sl_arena_free_locked(ar, p, sclass);
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
 }
 
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
   if (n == 0) return;
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
 }
 
 /* Returns an empty subpage's run to its chunk. Lock held. */
@@ -332,7 +332,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
   sl_alloc *a = ar->alloc;
   unsigned released = 0;
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   /* Subpages kept as their class's last one go back too, so that their
    * chunks can empty. */
   for (unsigned k = 0; k < a->nsmall; k++) {
@@ -356,14 +356,14 @@ unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
     }
     c = next;
   }
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
   return released;
 }
 
 void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *st) {
   sl_alloc *a = ar->alloc;
   memset(st, 0, sizeof(*st));
-  pthread_mutex_lock(&ar->lock);
+  sl_spin_lock(&ar->lock);
   st->chunks = ar->chunks;
   st->chunks_created = ar->chunks_created;
   st->chunks_released = ar->chunks_released;
@@ -376,5 +376,5 @@ void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *st) {
   st->huge_bytes = ar->huge_bytes;
   st->nclasses = a->nclasses;
   memcpy(st->cls, ar->cls, sizeof(st->cls));
-  pthread_mutex_unlock(&ar->lock);
+  sl_spin_unlock(&ar->lock);
 }

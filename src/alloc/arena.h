@@ -19,6 +19,7 @@
 
 #include "alloc/chunk.h"
 #include "alloc/size_class.h"
+#include "alloc/spin.h"
 
 typedef enum { SL_ALLOC_POOLED = 0, SL_ALLOC_UNPOOLED = 1 } sl_alloc_type;
 
@@ -49,7 +50,7 @@ typedef struct sl_class_stats {
 } sl_class_stats;
 
 typedef struct sl_arena {
-  pthread_mutex_t lock;
+  sl_spin lock;
   struct sl_alloc *alloc;
   int id;
   sl_chunk *lists[6];                       /* see SL_Q_* in arena.c */

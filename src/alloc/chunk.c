@@ -6,38 +6,64 @@
 
 #include "util/common.h"
 
+#define SL_NONE 0xffffffffu
+
 static int sl_bit(const uint64_t *bits, uint32_t i) { return (int)((bits[i >> 6] >> (i & 63)) & 1); }
 
-static void sl_bits_set(uint64_t *bits, uint32_t from, uint32_t n, int on) {
-  for (uint32_t i = from; i < from + n; i++) {
-    if (on) bits[i >> 6] |= 1ull << (i & 63);
-    else bits[i >> 6] &= ~(1ull << (i & 63));
-  }
-}
-
-/* First page >= i whose bit equals want, or limit. */
-static uint32_t sl_bits_find(const uint64_t *bits, uint32_t i, uint32_t limit, int want) {
-  while (i < limit) {
-    uint64_t w = bits[i >> 6];
-    if (!want) w = ~w;
-    w &= ~0ull << (i & 63);
-    if (w) {
-      uint32_t r = (i & ~63u) + (uint32_t)__builtin_ctzll(w);
-      return r < limit ? r : limit;
-    }
-    i = (i & ~63u) + 64;
-  }
-  return limit;
-}
-
 static size_t sl_chunk_meta_bytes(uint32_t npages) {
-  return sizeof(sl_chunk) + ((npages + 63) / 64) * 8 + npages * sizeof(uint32_t) + 8 +
-         npages * sizeof(sl_subpage *);
+  size_t words = (npages + 1 + 63) / 64;
+  return sizeof(sl_chunk) + 8 * (size_t)npages * sizeof(uint32_t) + words * 8 + 16 +
+         (size_t)npages * sizeof(sl_subpage *);
 }
 
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
   return (uint32_t)((sl_chunk_meta_bytes((uint32_t)(chunk_size / page_size)) + page_size - 1) /
                     page_size);
+}
+
+static void sl_free_insert(sl_chunk *c, uint32_t start, uint32_t len) {
+  c->free_head[start] = len;
+  c->free_tail[start + len - 1] = len;
+  uint32_t first = c->bucket[len];
+  c->free_next[start] = first;
+  c->free_prev[start] = SL_NONE;
+  if (first != SL_NONE) c->free_prev[first] = start;
+  c->bucket[len] = start;
+  c->nonempty[len >> 6] |= 1ull << (len & 63);
+  if (len > c->max_free) c->max_free = len;
+}
+
+/* The longest length whose bucket is non-empty, or 0. */
+static uint32_t sl_free_longest(const sl_chunk *c) {
+  for (int w = (int)((c->npages + 1 + 63) / 64) - 1; w >= 0; w--)
+    if (c->nonempty[w]) return (uint32_t)w * 64 + 63 - (uint32_t)__builtin_clzll(c->nonempty[w]);
+  return 0;
+}
+
+static void sl_free_remove(sl_chunk *c, uint32_t start) {
+  uint32_t len = c->free_head[start];
+  uint32_t next = c->free_next[start], prev = c->free_prev[start];
+  if (prev != SL_NONE) c->free_next[prev] = next;
+  else c->bucket[len] = next;
+  if (next != SL_NONE) c->free_prev[next] = prev;
+  if (c->bucket[len] == SL_NONE) {
+    c->nonempty[len >> 6] &= ~(1ull << (len & 63));
+    if (len == c->max_free) c->max_free = sl_free_longest(c);
+  }
+  c->free_head[start] = 0;
+  c->free_tail[start + len - 1] = 0;
+}
+
+/* The smallest length >= n whose bucket has a free run, or 0. */
+static uint32_t sl_free_fit(const sl_chunk *c, uint32_t n) {
+  uint32_t words = (c->npages + 1 + 63) / 64;
+  uint32_t w = n >> 6;
+  uint64_t bits = c->nonempty[w] & (~0ull << (n & 63));
+  for (;;) {
+    if (bits) return (w << 6) + (uint32_t)__builtin_ctzll(bits);
+    if (++w >= words) return 0;
+    bits = c->nonempty[w];
+  }
 }
 
 sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_size) {
@@ -58,40 +84,54 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_si
   c->npages = npages;
   c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
-  c->used = (uint64_t *)(void *)(c + 1);
-  c->run_len = (uint32_t *)(void *)(c->used + (npages + 63) / 64);
-  c->sub = (sl_subpage **)(void *)(((uintptr_t)(c->run_len + npages) + 7) & ~(uintptr_t)7);
-  sl_bits_set(c->used, 0, c->meta_pages, 1);
+  uint32_t *u = (uint32_t *)(void *)(c + 1);   /* fresh mmap: all zero */
+  c->run_len = u;
+  c->free_head = u + npages;
+  c->free_tail = u + 2 * npages;
+  c->free_next = u + 3 * npages;
+  c->free_prev = u + 4 * npages;
+  c->bucket = u + 5 * npages;                  /* npages + 1 entries */
+  c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 7 * npages) + 7) & ~(uintptr_t)7);
+  uint32_t words = (npages + 1 + 63) / 64;
+  c->sub = (sl_subpage **)(void *)(c->nonempty + words);
+  memset(c->bucket, 0xff, (npages + 1) * sizeof(uint32_t));
   c->free_pages = npages - c->meta_pages;
+  sl_free_insert(c, c->meta_pages, c->free_pages);
   return c;
 }
 
 void sl_chunk_delete(sl_chunk *c, size_t chunk_size) { munmap(c->mem, chunk_size); }
 
 int sl_chunk_run_alloc(sl_chunk *c, uint32_t n) {
-  if (n > c->free_pages) return -1;
-  uint32_t i = c->meta_pages;
-  while (i < c->npages) {
-    uint32_t start = sl_bits_find(c->used, i, c->npages, 0);
-    if (start + n > c->npages) return -1;
-    uint32_t end = sl_bits_find(c->used, start, start + n, 1);
-    if (end == start + n) {
-      sl_bits_set(c->used, start, n, 1);
-      c->run_len[start] = n;
-      c->free_pages -= n;
-      return (int)start;
-    }
-    i = sl_bits_find(c->used, end, c->npages, 0);
-  }
-  return -1;
+  if (n == 0 || n > c->max_free) return -1;
+  uint32_t len = sl_free_fit(c, n);
+  if (len == 0) return -1;
+  uint32_t start = c->bucket[len];
+  sl_free_remove(c, start);
+  if (len > n) sl_free_insert(c, start + n, len - n);
+  c->run_len[start] = n;
+  c->free_pages -= n;
+  return (int)start;
 }
 
 void sl_chunk_run_free(sl_chunk *c, uint32_t page, uint32_t n) {
-  SL_ASSERT(page >= c->meta_pages && page + n <= c->npages && sl_bit(c->used, page),
+  SL_ASSERT(page >= c->meta_pages && page + n <= c->npages && c->run_len[page] == n,
             "run freed that is not allocated");
-  sl_bits_set(c->used, page, n, 0);
   c->run_len[page] = 0;
   c->free_pages += n;
+  uint32_t start = page, len = n;
+  if (page > c->meta_pages && c->free_tail[page - 1]) {   /* merge left */
+    uint32_t l = c->free_tail[page - 1];
+    start = page - l;
+    sl_free_remove(c, start);
+    len += l;
+  }
+  if (page + n < c->npages && c->free_head[page + n]) {    /* merge right */
+    uint32_t r = c->free_head[page + n];
+    sl_free_remove(c, page + n);
+    len += r;
+  }
+  sl_free_insert(c, start, len);
 }
 
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,

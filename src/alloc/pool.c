@@ -46,6 +46,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->id = id;
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
+  p->trim_countdown = p->trim_interval;
   p->next_gen = 1;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
@@ -65,6 +66,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     }
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
   }
+  p->cached_limit = p->max_cached_size;
   sl_pool_bind_thread(p);
   return p;
 fail:
@@ -110,14 +112,21 @@ static unsigned sl_pool_class(const sl_pool *p, size_t size) {
   return size > p->alloc->max_class_size ? p->alloc->nclasses : sl_sc_index(size | (size == 0));
 }
 
-void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable) {
+unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
+  if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED || usable > p->alloc->max_class_size)
+    return SL_SC_NONE;
+  return sl_sc_index(usable | (usable == 0));
+}
+
+__attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass) {
   if (p->fail_next > 0) {
-    p->fail_next--;
+    if (--p->fail_next == 0) p->max_cached_size = p->cached_limit;
     p->alloc_failures++;
     errno = ENOMEM;
     return NULL;
   }
   sl_alloc *a = p->alloc;
+  *sclass = SL_SC_NONE;
   if (a->cfg.type == SL_ALLOC_UNPOOLED) {
     size_t n = size ? size : 1;
     void *mem = malloc(n);
@@ -127,7 +136,7 @@ void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable) {
     }
     *usable = n;
     p->unpooled_bytes += n;
-    p->allocs++;
+    p->other_allocs++;
     return mem;
   }
   unsigned idx = sl_pool_class(p, size);
@@ -137,37 +146,39 @@ void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable) {
     errno = ENOMEM;
     return NULL;
   }
-  p->allocs++;
   if (idx < a->nclasses) {
     *usable = sl_sc_size(idx);
+    *sclass = idx;
     p->cls[idx].allocs++;
     SL_UNPOISON(mem, *usable);
   } else {
     *usable = sl_alloc_huge_size(a, size);
     p->unpooled_bytes += *usable;
+    p->other_allocs++;
   }
-  if (++p->allocs_since_trim >= p->trim_interval) sl_pool_trim(p, 0);
+  if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
   return mem;
 }
 
-void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable) {
-  p->frees++;
+__attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
   if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED) {
+    p->other_frees++;
     p->unpooled_bytes -= usable;
     free(mem);
     return;
   }
-  unsigned idx = sl_pool_class(p, usable);
-  if (idx < p->alloc->nclasses) {
-    p->cls[idx].frees++;
+  if (sclass != SL_SC_NONE) {
+    p->cls[sclass].frees++;
     SL_POISON(mem, usable);
-  } else {
-    p->unpooled_bytes -= usable;
+    sl_arena_free(p->arena, mem, sclass, usable);
+    return;
   }
-  sl_arena_free(p->arena, mem, idx, usable);
+  p->other_frees++;
+  p->unpooled_bytes -= usable;
+  sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-void *sl_pool_header_get_slow(sl_pool *p) {
+__attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
   if (p->hdr_overflow == NULL && atomic_load_explicit(&p->hdr_remote, memory_order_relaxed))
     sl_pool_take_remote_headers(p);
   if (p->hdr_overflow != NULL) {
@@ -181,7 +192,7 @@ void *sl_pool_header_get_slow(sl_pool *p) {
   return NULL;
 }
 
-void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
+__attribute__((noinline)) void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
   *sl_hdr_link(hdr) = p->hdr_overflow;
   p->hdr_overflow = hdr;
   p->hdr_overflow_n++;
@@ -220,10 +231,11 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
                                                   memory_order_relaxed));
 }
 
-void sl_pool_trim(sl_pool *p, int everything) {
+__attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
     if (bin->n == 0) {
+      p->cache_hits += bin->used;
       bin->used = 0;
       continue;
     }
@@ -234,9 +246,10 @@ void sl_pool_trim(sl_pool *p, int everything) {
       memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
       bin->n -= give;
     }
+    p->cache_hits += bin->used;
     bin->used = 0;
   }
-  p->allocs_since_trim = 0;
+  p->trim_countdown = p->trim_interval;
   p->trims++;
 }
 
@@ -259,8 +272,10 @@ static int sl_pool_reset_region(sl_pool *p) {
 
 int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
   memset(r, 0, sizeof(*r));
-  if (p->allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
-    p->allocs_at_tick = p->allocs;
+  uint64_t allocs = p->other_allocs;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) allocs += p->cls[i].allocs;
+  if (allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
+    p->allocs_at_tick = allocs;
     p->last_activity_ms = now_ms;
     return 0;
   }
@@ -275,24 +290,32 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
   return r->blocks || r->headers || r->chunks;
 }
 
-void sl_pool_fail_next(sl_pool *p, unsigned n) { p->fail_next = n; }
+void sl_pool_fail_next(sl_pool *p, unsigned n) {
+  p->fail_next = n;
+  /* While failing on purpose every allocation takes the slow path. */
+  p->max_cached_size = n ? 0 : p->cached_limit;
+}
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   memset(st, 0, sizeof(*st));
   uint64_t direct = atomic_load(&((sl_pool *)p)->remote_direct);
   uint64_t bytes = p->unpooled_bytes - atomic_load(&((sl_pool *)p)->remote_direct_bytes);
+  uint64_t allocs = p->other_allocs, frees = p->other_frees, hits = p->cache_hits;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     bytes += (p->cls[i].allocs - p->cls[i].frees) * sl_sc_size(i);
+    allocs += p->cls[i].allocs;
+    frees += p->cls[i].frees;
+    hits += p->bins[i].used;
     st->cached_blocks += p->bins[i].n;
     st->cached_bytes += p->bins[i].n * sl_sc_size(i);
   }
-  st->allocs = p->allocs;
-  st->frees = p->frees + direct;
-  st->blocks_in_use = p->allocs - p->frees - direct;
+  st->allocs = allocs;
+  st->frees = frees + direct;
+  st->blocks_in_use = allocs - frees - direct;
   st->bytes_in_use = bytes;
   st->alloc_failures = p->alloc_failures;
-  st->cache_hits = p->cache_hits;
-  st->cache_misses = p->allocs - p->cache_hits;
+  st->cache_hits = hits;
+  st->cache_misses = allocs - hits;
   st->trims = p->trims;
   st->idle_trims = p->idle_trims;
   st->headers_total = p->hdr_next - 1;

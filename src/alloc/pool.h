@@ -63,46 +63,67 @@ static inline sl_pool *sl_pool_of(const void *hdr) {
   return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));
 }
 
-void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable);
-void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable);
+#define SL_SC_NONE 0xffffu   /* the class of huge and unpooled blocks */
+
+void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass);
+void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass);
 void *sl_pool_header_get_slow(sl_pool *p);
 void sl_pool_header_put_slow(sl_pool *p, void *hdr);
 void sl_pool_trim(sl_pool *p, int everything);
 
-/* Returns a block of at least size bytes and its usable size, or NULL. */
-static inline void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
-  if (size <= p->max_cached_size && p->fail_next == 0) {
+/* Returns a block of at least size bytes, its usable size and its class
+ * (SL_SC_NONE for huge and unpooled blocks), or NULL. The cache hit is a
+ * stack pop. */
+static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
+                                      unsigned *sclass) {
+  if (size <= p->max_cached_size) {
     unsigned idx = sl_sc_index(size | (size == 0));
     sl_cache_bin *bin = &p->bins[idx];
-    if (bin->n > 0) {
-      void *mem = bin->items[--bin->n];
+    uint32_t n = bin->n;
+    if (n > 0) {
+      void *mem = bin->items[n - 1];
+      bin->n = n - 1;
       bin->used++;
-      p->allocs++;
-      p->cache_hits++;
       p->cls[idx].allocs++;
       *usable = sl_sc_size(idx);
+      *sclass = idx;
       SL_UNPOISON(mem, *usable);
-      if (++p->allocs_since_trim >= p->trim_interval) sl_pool_trim(p, 0);
+      if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
       return mem;
     }
   }
-  return sl_pool_alloc_slow(p, size, usable);
+  return sl_pool_alloc_slow(p, size, usable, sclass);
 }
 
-/* Gives back a block from sl_pool_alloc; usable is the size it reported. */
-static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
-  if (usable <= p->max_cached_size) {
-    unsigned idx = sl_sc_index(usable);
-    sl_cache_bin *bin = &p->bins[idx];
+/* Gives back a block with the usable size and class sl_pool_alloc_cls
+ * reported. The cache hit is a stack push. */
+static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
+  if (sclass < SL_SC_MAX_CLASSES) {
+    sl_cache_bin *bin = &p->bins[sclass];
     if (bin->n < bin->cap) {
       SL_POISON(mem, usable);
       bin->items[bin->n++] = mem;
-      p->frees++;
-      p->cls[idx].frees++;
+      p->cls[sclass].frees++;
       return;
     }
   }
-  sl_pool_free_slow(p, mem, usable);
+  sl_pool_free_slow(p, mem, usable, sclass);
+}
+
+/* The same without the class (derived from usable). */
+static inline void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
+  unsigned sclass;
+  return sl_pool_alloc_cls(p, size, usable, &sclass);
+}
+unsigned sl_pool_class_of(const sl_pool *p, size_t usable);
+static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
+  sl_pool_free_cls(p, mem, usable, sl_pool_class_of(p, usable));
+}
+
+/* Whether foreign threads have queued buffers for the owner. */
+static inline int sl_pool_has_returns(sl_pool *p) {
+  sl_retq_cell *c = &p->retq.cells[p->retq.head & p->retq.mask];
+  return atomic_load_explicit(&c->seq, memory_order_acquire) == p->retq.head + 1;
 }
 
 /* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */

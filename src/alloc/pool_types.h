@@ -48,18 +48,20 @@ typedef struct sl_pool_class_stats {
 
 struct sl_pool {
   /* hot: the fast paths touch only these */
-  size_t max_cached_size;         /* largest size the bins serve (0: none) */
+  size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
   uint32_t next_gen;              /* generation of the next buffer (never 0) */
-  uint32_t allocs_since_trim;
-  uint32_t trim_interval;
-  unsigned fail_next;             /* injected failures still to give */
-  uint64_t allocs, frees, cache_hits;
+  uint32_t trim_countdown;        /* allocations until the next count-based trim */
   sl_pool_class_stats cls[SL_SC_MAX_CLASSES];
   sl_cache_bin bins[SL_SC_MAX_CLASSES];
 
   /* cold */
+  size_t cached_limit;            /* max_cached_size when not failing on purpose */
+  uint32_t trim_interval;
+  unsigned fail_next;             /* injected failures still to give */
+  uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
+  uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
   sl_alloc *alloc;
   sl_arena *arena;
   int own_alloc;                  /* created with the pool (tests) */

@@ -21,11 +21,12 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
     errno = EINVAL;
     return NULL;
   }
-  if (pool->rec_n == 0) sl_buf_drain(pool);
+  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
   sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) return NULL;
   size_t usable;
-  uint8_t *data = sl_pool_alloc(pool, cap, &usable);
+  unsigned sclass;
+  uint8_t *data = sl_pool_alloc_cls(pool, cap, &usable, &sclass);
   if (data == NULL) {
     sl_pool_header_put(pool, b);
     return NULL;
@@ -43,6 +44,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   b->views = NULL;
   b->owner = NULL;
   b->block_size = (uint32_t)usable;
+  b->sclass = (uint16_t)sclass;
   b->flags = 0;
   return b;
 }
@@ -70,7 +72,7 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
     sl_pool_header_put(pool, v);
     v = next;
   }
-  sl_pool_free(pool, r->data, r->block_size);
+  sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   r->gen = 0;
   sl_pool_header_put(pool, r);
 }
@@ -78,7 +80,7 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
 /* Frees a root released on a thread that does not own its pool: through
  * the owner's bounded return queue, or straight into the arena when the
  * queue is full (nothing piles up). */
-static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
   r->gen = 0;
   for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
@@ -92,10 +94,16 @@ static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
   sl_pool_header_put_foreign(pool, r);
 }
 
-static void sl_buf_free(sl_buf *r) {
+void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
-  if (pool == sl_pool_current()) sl_buf_free_local(pool, r);
+  if (__builtin_expect(pool == sl_pool_current(), 1)) sl_buf_free_local(pool, r);
   else sl_buf_free_foreign(pool, r);
+}
+
+void sl_buf_release_dead(const sl_buf *b) {
+  SL_UNUSED(b);
+  SL_ASSERT(0, "release of a released buffer");
+  abort();
 }
 
 size_t sl_buf_drain(sl_pool *pool) {
@@ -108,13 +116,6 @@ size_t sl_buf_drain(sl_pool *pool) {
   return n;
 }
 
-int sl_buf_release(sl_buf *b) {
-  sl_buf *r = b->root;
-  SL_ASSERT(r->refcnt > 0, "release of a released buffer");
-  if (--r->refcnt > 0) return 0;
-  sl_buf_free(r);
-  return 1;
-}
 
 int sl_buf_retain_n(sl_buf *b, uint32_t n, const char **err) {
   sl_buf *r = b->root;
@@ -212,14 +213,16 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   while (want < need) want *= 2;
   if (want > b->max_cap) want = b->max_cap;
   size_t usable = 0;
+  unsigned sclass;
   sl_pool *pool = sl_pool_of(b);
-  uint8_t *mem = sl_pool_alloc(pool, want, &usable);
+  uint8_t *mem = sl_pool_alloc_cls(pool, want, &usable, &sclass);
   if (mem == NULL) {
     *err = "out of memory";
     return SL_ERROR;
   }
   memcpy(mem, b->data, b->wr);
-  sl_pool_free(pool, b->data, b->block_size);
+  sl_pool_free_cls(pool, b->data, b->block_size, b->sclass);
+  b->sclass = (uint16_t)sclass;
   b->data = mem;
   b->block_size = (uint32_t)usable;
   b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);

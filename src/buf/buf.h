@@ -30,13 +30,25 @@ sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len);
  * regularly). Returns how many. */
 size_t sl_buf_drain(sl_pool *pool);
 
+/* Aborts: release of a released buffer (a broken invariant in C). */
+_Noreturn void sl_buf_release_dead(const sl_buf *b);
+
 /* Adds one reference. The buffer must be live (an invariant). */
 void sl_buf_retain(sl_buf *b);
+
+/* Frees a root whose refcount reached zero (release's slow half). */
+void sl_buf_free(sl_buf *r);
 
 /* Drops one reference; at zero, returns the memory and kills every view.
  * Returns 1 when the memory was returned, else 0. Aborts on a dead buffer:
  * in C an over-release is a broken invariant. */
-int sl_buf_release(sl_buf *b);
+static inline int sl_buf_release(sl_buf *b) {
+  sl_buf *r = b->root;
+  if (__builtin_expect(r->refcnt == 0, 0)) sl_buf_release_dead(b);
+  if (--r->refcnt > 0) return 0;
+  sl_buf_free(r);
+  return 1;
+}
 
 /* Checked forms for callers that take counts from scripts: refuse instead
  * of aborting. Return 1 (released) or 0 (still live) or SL_ERROR with *err

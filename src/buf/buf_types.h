@@ -40,7 +40,8 @@ struct sl_buf {
   sl_buf *views;         /* root: first view; view: next sibling */
   void *owner;           /* channel the buffer was allocated for, or NULL */
   uint32_t block_size;   /* roots: usable size of the block */
-  uint32_t flags;        /* SL_BUF_* */
+  uint16_t sclass;       /* roots: the block's size class (SL_SC_NONE: huge) */
+  uint16_t flags;        /* SL_BUF_* */
 };                       /* the pool is sl_pool_of(header) */
 
 #define SL_BUF_VIEW 0x1u

@@ -265,6 +265,19 @@ void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
 
 static void sl_subpage_release(sl_arena *ar, sl_subpage *s);
 
+unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned n) {
+  unsigned k = 0;
+  sl_spin_lock(&ar->lock);
+  while (k < n) {
+    void *p = sl_arena_small(ar, sclass);
+    if (p == NULL) break;
+    out[k++] = p;
+  }
+  ar->cls[sclass].allocs += k;
+  sl_spin_unlock(&ar->lock);
+  return k;
+}
+
 /* Frees one block with the lock held. */
 static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   sl_alloc *a = ar->alloc;

@@ -118,6 +118,19 @@ unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
   return sl_sc_index(usable | (usable == 0));
 }
 
+/* A block of class idx from the arena; a small-class miss refills its bin
+ * in the same trip. */
+static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
+  sl_cache_bin *bin = &p->bins[idx];
+  if (idx < p->alloc->nsmall && bin->cap >= 8 && size <= p->max_cached_size) {
+    unsigned got = sl_arena_alloc_many(p->arena, idx, bin->items, SL_MIN(bin->cap / 8, 32u));
+    void *mem = got ? bin->items[--got] : NULL;
+    bin->n = got;
+    return mem;
+  }
+  return sl_arena_alloc(p->arena, idx, size);
+}
+
 __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass) {
   if (p->fail_next > 0) {
     if (--p->fail_next == 0) p->max_cached_size = p->cached_limit;
@@ -140,7 +153,14 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
     return mem;
   }
   unsigned idx = sl_pool_class(p, size);
-  void *mem = sl_arena_alloc(p->arena, idx, size);
+  void *mem = sl_pool_arena_get(p, idx, size);
+  if (mem == NULL) {
+    /* Refused (max_memory) or the OS said no: the caches are memory too.
+     * Give them back, unmap what that empties, and try once more. */
+    sl_pool_trim(p, 1);
+    sl_arena_release_empty(p->arena, 0, 1);
+    mem = sl_pool_arena_get(p, idx, size);
+  }
   if (mem == NULL) {
     p->alloc_failures++;
     errno = ENOMEM;
@@ -170,6 +190,16 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   if (sclass != SL_SC_NONE) {
     p->cls[sclass].frees++;
     SL_POISON(mem, usable);
+    sl_cache_bin *bin = &p->bins[sclass];
+    if (bin->cap >= 8) {
+      /* A full bin gives its older half back in one trip, then keeps mem. */
+      uint32_t give = bin->cap / 2;
+      sl_arena_free_many(p->arena, bin->items, give, sclass);
+      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
+      bin->n -= give;
+      bin->items[bin->n++] = mem;
+      return;
+    }
     sl_arena_free(p->arena, mem, sclass, usable);
     return;
   }

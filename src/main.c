@@ -15,6 +15,7 @@
 
 #include "alloc/arena.h"
 #include "alloc/pool.h"
+#include "buf/leak.h"
 #include "io/worker.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
@@ -32,7 +33,8 @@ static void sl_usage(FILE *out) {
           "\n"
           "Signals: SIGINT and SIGTERM stop accepting, close connections and exit 0.\n"
           "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL,\n"
-          "             SLUICE_ALLOCATOR (pooled or unpooled).\n");
+          "             SLUICE_ALLOCATOR (pooled or unpooled),\n"
+          "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid).\n");
 }
 
 static void *sl_worker_thread(void *arg) {
@@ -165,6 +167,13 @@ int main(int argc, char **argv) {
       sl_config_free(cfg);
       return 2;
     }
+  }
+  const char *leak = getenv("SLUICE_LEAK_DETECTION");
+  if (leak && *leak && sl_leak_parse_level(leak, &cfg->alloc.leak_level) != SL_OK) {
+    fprintf(stderr, "sluice: SLUICE_LEAK_DETECTION: expected disabled, simple, advanced or "
+                    "paranoid, got \"%s\"\n", leak);
+    sl_config_free(cfg);
+    return 2;
   }
   int rc = sl_run(cfg);
   sl_config_free(cfg);

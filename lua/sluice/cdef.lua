@@ -54,8 +54,13 @@ typedef struct sl_ffi_pool_stats {
   uint64_t nclasses;
   uint64_t class_size[80], class_allocs[80], class_frees[80];
   uint64_t arena_allocs[80], arena_frees[80];
-  int32_t arena, unpooled;
+  uint64_t leaks, leaked_bytes, leak_recorded;
+  int32_t arena, unpooled, leak_level, leak_sample;
 } sl_ffi_pool_stats;
+void sl_ffi_buf_touch(sl_buf *b, const char *hint);
+void sl_ffi_buf_set_site(sl_buf *b, const char *site);
+int sl_ffi_leak_level(void);
+int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t *bytes);
 int sl_ffi_pool_stats_get(sl_ffi_pool_stats *out);
 sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap);
 sl_buf *sl_ffi_pool_from(const char *src, size_t len);

@@ -46,6 +46,8 @@
 --               chunk_size (power of two, >= 16 pages, 4 MiB), small_cache
 --               (256), normal_cache (64), max_cached (32768), trim_interval
 --               (8192), trim_idle_ms (10000), max_memory (0: no limit)
+--   leak_detection  optional "disabled", "simple" (default), "advanced",
+--               "paranoid", or { level = ..., sample_rate = 128 }
 --   Stage options (string keys of a pipeline entry) are plain data: strings,
 --   numbers, booleans and tables of them.
 --
@@ -117,7 +119,9 @@ local MAX_INT = 2147483647  -- integers must fit a C int
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
-local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator" }
+local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection" }
+local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
+local LEAK_KEYS = { "level", "sample_rate" }
 local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cache",
                          "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
                          "max_memory" }
@@ -569,6 +573,27 @@ local function check_log_level(v)
     return v
 end
 
+-- leak_detection = "simple" or { level = "simple", sample_rate = 128 }.
+local function check_leak_detection(v)
+    local level, rate = "simple", 128
+    if type(v) == "table" then
+        check_keys(v, "leak_detection", LEAK_KEYS)
+        level = v.level == nil and level or v.level
+        rate = check_positive_int(v.sample_rate, "leak_detection.sample_rate", 128)
+        if type(level) ~= "string" or not set_of(LEAK_LEVELS)[level] then
+            fail("leak_detection.level", 'expected one of "%s", got %s',
+                 concat(LEAK_LEVELS, '", "'), show(level))
+        end
+    elseif v ~= nil then
+        if type(v) ~= "string" or not set_of(LEAK_LEVELS)[v] then
+            fail("leak_detection", 'expected one of "%s" or a table { level = ..., sample_rate = ... }, got %s',
+                 concat(LEAK_LEVELS, '", "'), show(v))
+        end
+        level = v
+    end
+    return { level = level, sample_rate = rate }
+end
+
 -- Returns the normalized allocator section (every key filled in).
 local function check_allocator(a)
     if a == nil then a = {} end
@@ -734,11 +759,13 @@ local function check_root(t, ctx)
     check_keys(t, "", TOP_KEYS)
     local log_level = check_log_level(t.log_level)
     local allocator = check_allocator(t.allocator)
+    local leak_detection = check_leak_detection(t.leak_detection)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,
         allocator = allocator,
+        leak_detection = leak_detection,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

@@ -11,11 +11,11 @@ local C = require("sluice.core")
 local buf = require("sluice.buf")
 local log = require("sluice.log")
 
-local bor, lshift = bit.bor, bit.lshift
+local bor, band, lshift = bit.bor, bit.band, bit.lshift
 local ffi_cast = ffi.cast
 local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
 local traceback = debug.traceback
-local xpcall, type, tostring, setmetatable = xpcall, type, tostring, setmetatable
+local xpcall, type, tostring, tonumber, setmetatable = xpcall, type, tostring, tonumber, setmetatable
 
 -- Event codes: src/pipeline/pipeline.h (sl_event) and src/lua/host.c.
 local ACTIVE, INACTIVE, READ, READ_COMPLETE, WRITABILITY, USER_EVENT, ERROR, WRITE, FLUSH, CLOSE =
@@ -59,17 +59,37 @@ local function stage_failed(ctx, ev, arg, err)
   end
 end
 
+local RECORDED = 2 -- SL_BUF_RECORDED
+local touching = false -- leak_detection advanced or paranoid: record each hop
+
+-- Records a hop into a Lua stage on a buffer leak tracking follows (hops
+-- from C are recorded by the C pipeline; this covers Lua to Lua).
+local function touch(ctx, arg)
+  if is_buf(arg) and arg.b.gen == arg.gen and band(arg.b.root.flags, RECORDED) ~= 0 then
+    C.sl_ffi_buf_touch(arg.b, ctx.name)
+  end
+end
+
 function invoke(ctx, ev, arg)
   local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
   if not ok then stage_failed(ctx, ev, arg, err) end
 end
 
 -- A buffer for C: handles give a reference away, strings are copied in.
+-- Where a buffer made by a stage came from, for leak reports (recorded
+-- buffers only: 1 in sample_rate, or all at paranoid).
+local function note_site(b, ctx, what)
+  if band(b.flags, RECORDED) ~= 0 then
+    C.sl_ffi_buf_set_site(b, traceback(what .. " in stage " .. ctx.name, 3))
+  end
+end
+
 local function to_c(ctx, msg, what)
   if is_buf(msg) then return give(msg) end
   if type(msg) == "string" then
     local b = C.sl_ffi_ctx_from(ctx.cptr, msg, #msg)
     if b == nil then error("out of buffer memory", 3) end
+    note_site(b, ctx, "ctx:" .. what .. "(string)")
     return b
   end
   error(("bad argument to %s (buffer or string expected, got %s)"):format(what, type(msg)), 3)
@@ -90,14 +110,20 @@ end
 function Ctx:fire_read(msg)
   if not self.cptr then return drop(msg) end
   local n = next_lua(self, READ)
-  if n then return invoke(n, READ, msg) end
+  if n then
+    if touching then touch(n, msg) end
+    return invoke(n, READ, msg)
+  end
   C.sl_ffi_ctx_fire_read(self.cptr, to_c(self, msg, "fire_read"))
 end
 
 function Ctx:write(msg)
   if not self.cptr then return drop(msg) end
   local n = next_lua(self, WRITE)
-  if n then return invoke(n, WRITE, msg) end
+  if n then
+    if touching then touch(n, msg) end
+    return invoke(n, WRITE, msg)
+  end
   C.sl_ffi_ctx_write(self.cptr, to_c(self, msg, "write"))
 end
 
@@ -155,6 +181,7 @@ function Ctx:alloc(cap, max_cap)
   if not self.cptr then return nil, "closed" end
   local b = C.sl_ffi_ctx_alloc(self.cptr, cap, max_cap or cap)
   if b == nil then return nil, "out of buffer memory" end
+  note_site(b, self, "ctx:alloc")
   return wrap(b)
 end
 
@@ -166,6 +193,14 @@ function Ctx:set_autoread(on)
   if self.cptr then C.sl_ffi_ctx_set_autoread(self.cptr, on and 1 or 0) end
 end
 
+-- Buffers and bytes this connection answers for now (leak tracking).
+function Ctx:outstanding()
+  if not self.cptr then return 0, 0 end
+  local c, n = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+  C.sl_ffi_buf_outstanding(self.cptr, c, n)
+  return tonumber(c[0]), tonumber(n[0])
+end
+
 function Ctx:describe()
   if not self.cptr then return "closed channel" end
   return ffi.string(C.sl_ffi_ctx_describe(self.cptr))
@@ -173,6 +208,7 @@ end
 
 function _M.init(worker_id)
   _M.worker_id = worker_id
+  touching = C.sl_ffi_leak_level() >= 2
 end
 
 -- Loads a stage module for this worker. Returns its key and the mask of the

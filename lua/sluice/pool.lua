@@ -22,6 +22,9 @@ function _M.stats()
   local s = stats_t()
   if C.sl_ffi_pool_stats_get(s) ~= 0 then return nil, "no buffer pool on this thread" end
   local t = { arena = s.arena, type = s.unpooled ~= 0 and "unpooled" or "pooled" }
+  t.leaks = { count = tonumber(s.leaks), bytes = tonumber(s.leaked_bytes),
+              recorded = tonumber(s.leak_recorded), sample_rate = s.leak_sample,
+              level = ({ [0] = "disabled", "simple", "advanced", "paranoid" })[s.leak_level] }
   for _, k in ipairs(FIELDS) do t[k] = tonumber(s[k]) end
   t.headers = { total = tonumber(s.headers_total), free = tonumber(s.headers_free),
                 region_resets = tonumber(s.region_resets) }

@@ -95,6 +95,7 @@ describe("sluice.config", function()
       assert.are.same({
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
+        leak_detection = { level = "simple", sample_rate = 128 },
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -115,6 +116,7 @@ describe("sluice.config", function()
       assert.are.same({
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
+        leak_detection = { level = "simple", sample_rate = 128 },
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -349,6 +351,28 @@ describe("sluice.config", function()
     end)
   end)
 
+  describe("leak_detection", function()
+    it("takes a level name or a table with a sample rate", function()
+      assert.are.same({ level = "paranoid", sample_rate = 128 },
+                      ok_of(conf(nil, { leak_detection = "paranoid" })).leak_detection)
+      assert.are.same({ level = "advanced", sample_rate = 16 },
+                      ok_of(conf(nil, { leak_detection = { level = "advanced", sample_rate = 16 } })).leak_detection)
+    end)
+
+    it("names the key and what was expected", function()
+      assert.are.equal('config error: leak_detection: expected one of "disabled", "simple", "advanced", '
+                       .. '"paranoid" or a table { level = ..., sample_rate = ... }, got "loud"',
+                       err_of(conf(nil, { leak_detection = "loud" })))
+      assert.are.equal('config error: leak_detection.level: expected one of "disabled", "simple", '
+                       .. '"advanced", "paranoid", got 3',
+                       err_of(conf(nil, { leak_detection = { level = 3 } })))
+      assert.are.equal("config error: leak_detection.sample_rate: expected a positive integer, got 0",
+                       err_of(conf(nil, { leak_detection = { sample_rate = 0 } })))
+      assert.are.equal("config error: leak_detection.rate: unknown key (expected one of: level, sample_rate)",
+                       err_of(conf(nil, { leak_detection = { rate = 1 } })))
+    end)
+  end)
+
   describe("allocator", function()
     it("takes every key, filling in the rest", function()
       local a = ok_of(conf(nil, { allocator = { type = "unpooled", arenas = 2,
@@ -386,11 +410,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -403,7 +427,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

@@ -27,6 +27,8 @@ void sl_alloc_config_defaults(sl_alloc_config *cfg) {
   cfg->recycler_cap = 4096;
   cfg->return_queue_cap = 1024;
   cfg->max_headers = 1u << 21;
+  cfg->leak_level = 1;
+  cfg->leak_sample = 128;
 }
 
 static int sl_is_pow2(size_t x) { return x && !(x & (x - 1)); }

@@ -37,6 +37,8 @@ typedef struct sl_alloc_config {
   int recycler_cap;         /* free headers a worker keeps: 4096 */
   int return_queue_cap;     /* cross-thread returns queued per worker: 1024 */
   uint32_t max_headers;     /* live headers per worker (address space): 1 << 21 */
+  int leak_level;           /* buf/leak.h: 0 disabled .. 3 paranoid; default 1 */
+  uint32_t leak_sample;     /* simple and advanced record 1 in this many: 128 */
 } sl_alloc_config;
 
 /* Fills cfg with the defaults above (arenas = 1). */

@@ -67,6 +67,9 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
   }
   p->cached_limit = p->max_cached_size;
+  p->leak_level = cfg->leak_level;
+  p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
+  p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
   sl_pool_bind_thread(p);
   return p;
 fail:
@@ -102,6 +105,7 @@ void sl_pool_destroy(sl_pool *p) {
   free(p->recycler);
   sl_retq_destroy(&p->retq);
   munmap(p->hdr_map, p->hdr_map_len);
+  if (p->leak_rec) munmap(p->leak_rec, p->leak_map_len);
   if (sl_pool_tls == p) sl_pool_tls = NULL;
   sl_alloc *a = p->own_alloc ? p->alloc : NULL;
   free(p);

@@ -86,6 +86,13 @@ struct sl_pool {
   atomic_uint_fast64_t remote_direct_bytes;
   int64_t last_activity_ms;
   uint64_t allocs_at_tick;
+  /* leak tracking (buf/leak.c); level 0 leaves the rest unused */
+  int leak_level;
+  uint32_t leak_sample, leak_countdown;
+  uint32_t *leak_next, *leak_prev;       /* per header slot: owner list links */
+  void **leak_rec;                       /* per header slot: record or NULL */
+  size_t leak_map_len;
+  uint64_t leaks, leaked_bytes, leak_recorded;
 };
 
 #endif

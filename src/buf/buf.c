@@ -1,9 +1,11 @@
 #include "buf/buf.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 
 #include "alloc/pool.h"
+#include "buf/leak.h"
 #include "util/common.h"
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
@@ -46,6 +48,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   b->block_size = (uint32_t)usable;
   b->sclass = (uint16_t)sclass;
   b->flags = 0;
+  if (pool->leak_level) sl_leak_on_alloc(pool, b, NULL);
   return b;
 }
 
@@ -65,6 +68,7 @@ void sl_buf_retain(sl_buf *b) {
 
 /* Frees a root whose refcount reached zero, on its pool's thread. */
 static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
+  if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
   sl_buf *v = r->views;
   while (v != NULL) {
     sl_buf *next = v->views;
@@ -84,6 +88,12 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf 
   r->gen = 0;
   for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
+  if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) {
+    /* Owner lists and records belong to the owner's thread: wait for room
+     * rather than touch them here. */
+    while (sl_pool_retq_push(pool, r) != SL_OK) sched_yield();
+    return;
+  }
   sl_buf *v = r->views;
   while (v != NULL) {
     sl_buf *next = v->views;
@@ -162,7 +172,7 @@ static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap) {
   v->max_cap = cap;
   v->refcnt = 0;
   v->root = r;
-  v->owner = r->owner;
+  v->owner = NULL;
   v->block_size = 0;
   v->flags = SL_BUF_VIEW;
   v->views = r->views;
@@ -223,6 +233,7 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   memcpy(mem, b->data, b->wr);
   sl_pool_free_cls(pool, b->data, b->block_size, b->sclass);
   b->sclass = (uint16_t)sclass;
+  if (b->owner) b->owner->bytes += usable - b->block_size;
   b->data = mem;
   b->block_size = (uint32_t)usable;
   b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);

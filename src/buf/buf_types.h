@@ -38,13 +38,23 @@ struct sl_buf {
   uint32_t gen;          /* != 0 while live; handles keep a copy */
   sl_buf *root;          /* self for a root */
   sl_buf *views;         /* root: first view; view: next sibling */
-  void *owner;           /* channel the buffer was allocated for, or NULL */
+  struct sl_buf_owner *owner; /* roots: who is answerable for it (a channel) */
   uint32_t block_size;   /* roots: usable size of the block */
   uint16_t sclass;       /* roots: the block's size class (SL_SC_NONE: huge) */
   uint16_t flags;        /* SL_BUF_* */
 };                       /* the pool is sl_pool_of(header) */
 
 #define SL_BUF_VIEW 0x1u
+#define SL_BUF_RECORDED 0x2u   /* leak tracking keeps a record (site, touches) */
+
+/* Something buffers can be owned by (a channel embeds one): the live roots
+ * it answers for, linked through a per-pool side table (buf/leak.c). */
+typedef struct sl_buf_owner {
+  uint32_t head;         /* first buffer's header slot, 0: none */
+  uint32_t count;        /* buffers owned now */
+  uint64_t bytes;        /* their block bytes */
+  const char *name;      /* for leak reports: "client 127.0.0.1:5000 on front" */
+} sl_buf_owner;
 
 /* A Lua handle: what a script holds. refs is the number of references this
  * handle owns (a handle that passed its buffer on owns none). */

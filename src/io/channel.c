@@ -12,6 +12,7 @@
 
 #include "alloc/pool.h"
 #include "buf/buf.h"
+#include "buf/leak.h"
 #include "io/worker.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -68,6 +69,7 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ch->fd = fd;
   ch->refs = 1;
   ch->flags = SL_CH_AUTOREAD;
+  ch->owned.name = ch->desc;
   ch->started = ev_now(w->loop);
   sl_channel_recv_reset(ch);
   sl_pipeline_init(&ch->pipe, ch);
@@ -88,6 +90,13 @@ static void sl_channel_free(sl_channel *ch) {
   sl_worker *w = ch->w;
   sl_pipeline_destroy(&ch->pipe);
   sl_outq_destroy(&ch->outq);
+  /* Everything is closed, every stage is gone: what the channel still owns
+   * was leaked (held by a script or a stage). Report it and take it back. */
+  if (ch->owned.count > 0) {
+    char why[200];
+    snprintf(why, sizeof(why), "its connection was closed (%s)", ch->desc);
+    sl_leak_reclaim_owner(w->pool, &ch->owned, why);
+  }
   if (ch->prev) ch->prev->next = ch->next;
   else w->channels = ch->next;
   if (ch->next) ch->next->prev = ch->prev;
@@ -103,6 +112,12 @@ void sl_channel_unref(sl_channel *ch) {
 }
 
 const char *sl_channel_describe(const sl_channel *ch) { return ch->desc; }
+
+void sl_channel_note_site(sl_channel *ch, sl_buf *b) {
+  char site[160];
+  snprintf(site, sizeof(site), "read from %s (src/io/channel.c)", ch->desc);
+  sl_leak_set_site(b, site);
+}
 
 void sl_channel_note_unhandled(sl_channel *ch) { ch->w->stats.unhandled_inbound++; }
 
@@ -272,6 +287,7 @@ int sl_channel_write(sl_channel *ch, sl_buf *b) {
     sl_buf_release(b);
     return SL_ERROR;
   }
+  sl_buf_set_owner(b, &ch->owned); /* queued here: this channel answers for it */
   if (sl_outq_add(&ch->outq, b) != SL_OK) {
     sl_channel_close(ch, "out of memory queueing a write", 1);
     return SL_ERROR;
@@ -343,7 +359,8 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
       sl_log(SL_LOG_WARN, "%s: no buffer memory, reading paused", ch->desc);
       break;
     }
-    b->owner = ch;
+    sl_buf_set_owner(b, &ch->owned);
+    if (b->flags & SL_BUF_RECORDED) sl_channel_note_site(ch, b);
     ssize_t n = recv(ch->fd, b->data, size, 0);
     if (n > 0) {
       b->wr = (uint32_t)n;

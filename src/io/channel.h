@@ -70,6 +70,7 @@ struct sl_channel {
   sl_channel_connect_fn on_connect;
   void *ud;                  /* owner's data (the proxy's listener or upstream) */
   uint64_t bytes_in, bytes_out;
+  sl_buf_owner owned;        /* buffers this channel answers for (leak tracking) */
   ev_tstamp started;
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
   char reason[160];          /* why it closed */
@@ -115,6 +116,9 @@ void sl_channel_ref(sl_channel *ch);
 void sl_channel_unref(sl_channel *ch);
 
 void sl_channel_note_unhandled(sl_channel *ch);
+
+/* Records b's creation site as "read from <channel>" (recorded buffers). */
+void sl_channel_note_site(sl_channel *ch, sl_buf *b);
 const char *sl_channel_describe(const sl_channel *ch);
 
 static inline int sl_channel_is_closed(const sl_channel *ch) { return (ch->flags & SL_CH_CLOSED) != 0; }

@@ -5,6 +5,7 @@
 #include "alloc/arena.h"
 #include "alloc/pool.h"
 #include "buf/buf.h"
+#include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
 #include "util/common.h"
@@ -16,14 +17,40 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
   sl_buf *b = h->b;
   if (h->refs <= 0 || b == NULL || b->gen != h->gen) return;
   const char *err = NULL;
+  sl_buf *r = b->root;
+  sl_pool *p = sl_pool_of(r);
   uint32_t refs = (uint32_t)h->refs;
-  if (refs > sl_buf_refcnt(b)) refs = sl_buf_refcnt(b);
-  sl_log(SL_LOG_ERROR,
-         "LEAK: buffer of %u bytes was not released before its Lua handle was "
-         "garbage-collected (refcnt %u); its memory was reclaimed",
-         b->root->cap, sl_buf_refcnt(b));
+  if (refs > r->refcnt) refs = r->refcnt;
+  sl_leak_report(p, r, "its Lua handle was garbage-collected");
+  p->leaks++;
+  p->leaked_bytes += r->block_size;
   h->refs = 0;
   sl_buf_release_n(b, refs, &err);
+}
+
+void sl_ffi_buf_touch(sl_buf *b, const char *hint) { sl_leak_touch(b, hint, 0); }
+
+void sl_ffi_buf_set_site(sl_buf *b, const char *site) { sl_leak_set_site(b, site); }
+
+int sl_ffi_leak_level(void) {
+  sl_pool *p = sl_pool_current();
+  return p ? p->leak_level : -1;
+}
+
+int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t *bytes) {
+  if (ctx != NULL) {
+    sl_channel *ch = sl_ctx_channel(ctx);
+    *count = ch->owned.count;
+    *bytes = ch->owned.bytes;
+    return 0;
+  }
+  sl_pool *p = sl_pool_current();
+  if (p == NULL) return -1;
+  sl_pool_stats st;
+  sl_pool_get_stats(p, &st);
+  *count = st.blocks_in_use;
+  *bytes = st.bytes_in_use;
+  return 0;
 }
 
 int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err) { return sl_buf_retain_n(b, n, err); }
@@ -35,14 +62,14 @@ int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err) {
 sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap) {
   sl_channel *ch = sl_ctx_channel(ctx);
   sl_buf *b = sl_buf_alloc(ch->w->pool, cap, max_cap);
-  if (b) b->owner = ch;
+  if (b) sl_buf_set_owner(b, &ch->owned);
   return b;
 }
 
 sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len) {
   sl_channel *ch = sl_ctx_channel(ctx);
   sl_buf *b = sl_buf_from(ch->w->pool, src, len);
-  if (b) b->owner = ch;
+  if (b) sl_buf_set_owner(b, &ch->owned);
   return b;
 }
 
@@ -127,6 +154,11 @@ int sl_ffi_pool_stats_get(sl_ffi_pool_stats *o) {
     o->arena_allocs[i] = as.cls[i].allocs;
     o->arena_frees[i] = as.cls[i].frees;
   }
+  o->leaks = p->leaks;
+  o->leaked_bytes = p->leaked_bytes;
+  o->leak_recorded = p->leak_recorded;
+  o->leak_level = p->leak_level;
+  o->leak_sample = (int32_t)p->leak_sample;
   o->arena = p->arena->id;
   o->unpooled = p->alloc->cfg.type == SL_ALLOC_UNPOOLED;
   return 0;

@@ -72,7 +72,8 @@ typedef struct sl_ffi_pool_stats {
   uint64_t nclasses;
   uint64_t class_size[80], class_allocs[80], class_frees[80];
   uint64_t arena_allocs[80], arena_frees[80];
-  int32_t arena, unpooled;
+  uint64_t leaks, leaked_bytes, leak_recorded;
+  int32_t arena, unpooled, leak_level, leak_sample;
 } sl_ffi_pool_stats;
 
 /* Fills out for the calling thread's pool. 0, or -1 when the thread has none. */
@@ -87,6 +88,16 @@ SL_FFI_EXPORT sl_buf *sl_ffi_pool_from(const char *src, size_t len);
  * number of buffers still outstanding, which are then leaked). */
 SL_FFI_EXPORT int sl_ffi_pool_open(void);
 SL_FFI_EXPORT uint64_t sl_ffi_pool_close(void);
+
+/* Leak tracking (buf/leak.h). touch records hint (copied) on a recorded
+ * buffer at level advanced and up; set_site replaces its creation site. */
+SL_FFI_EXPORT void sl_ffi_buf_touch(sl_buf *b, const char *hint);
+SL_FFI_EXPORT void sl_ffi_buf_set_site(sl_buf *b, const char *site);
+/* The leak detection level of the calling thread's pool (0..3), -1 without. */
+SL_FFI_EXPORT int sl_ffi_leak_level(void);
+/* Buffers and bytes outstanding: for ctx's channel, or the whole pool when
+ * ctx is NULL. 0, or -1 without a pool. */
+SL_FFI_EXPORT int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t *bytes);
 
 /* One log record at level (0 debug .. 3 error). */
 SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);

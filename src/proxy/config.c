@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "buf/leak.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
 
@@ -60,6 +61,13 @@ static void sl_read_allocator(sl_config *c, lua_State *L, int cfg) {
   a->trim_interval = (int)sl_num_field(L, t, "trim_interval");
   a->trim_idle_ms = (int)sl_num_field(L, t, "trim_idle_ms");
   a->max_memory = (size_t)sl_num_field(L, t, "max_memory");
+  lua_pop(L, 1);
+  lua_getfield(L, cfg, "leak_detection");
+  t = lua_gettop(L);
+  char *level = sl_strdup_field(L, t, "level");
+  if (level == NULL || sl_leak_parse_level(level, &a->leak_level) != SL_OK) a->leak_level = 1;
+  free(level);
+  a->leak_sample = (uint32_t)sl_num_field(L, t, "sample_rate");
   lua_pop(L, 1);
 }
 

@@ -1,0 +1,70 @@
+/*
+ * Leak tracking: who owns each live buffer, and where it came from.
+ *
+ * Levels (Netty's): disabled, simple, advanced, paranoid.
+ *   - From simple up, every root buffer allocated for a channel is on that
+ *     channel's owner list; when the channel is torn down, whatever is still
+ *     on it is reported at once and its memory reclaimed (no waiting for a
+ *     garbage collector). Buffers queued on another channel move to it.
+ *   - simple records where 1 in sample_rate buffers were allocated; advanced
+ *     also records touches (each pipeline hop and buf:touch(hint)), keeping
+ *     the newest 4; paranoid records every buffer.
+ * The lists and records live in side tables indexed by header slot, so the
+ * 64-byte header does not grow. Owner thread only.
+ */
+#ifndef SL_LEAK_H
+#define SL_LEAK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "alloc/pool_types.h"
+#include "buf/buf_types.h"
+
+typedef enum {
+  SL_LEAK_DISABLED = 0,
+  SL_LEAK_SIMPLE = 1,
+  SL_LEAK_ADVANCED = 2,
+  SL_LEAK_PARANOID = 3,
+} sl_leak_level;
+
+#define SL_LEAK_TOUCHES 4
+
+/* Parses "disabled", "simple", "advanced", "paranoid". SL_OK or SL_ERROR. */
+int sl_leak_parse_level(const char *s, int *out);
+const char *sl_leak_level_name(int level);
+
+static inline int sl_leak_level_of(const sl_pool *p) { return p->leak_level; }
+
+/* Makes o answerable for root b (NULL: nobody). Borrows both. */
+void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o);
+
+/* Called by the buffer code when a root is allocated (decides sampling and
+ * keeps site, a C description copied when recorded; NULL: the caller sets it
+ * later with sl_leak_set_site) and when it is freed. */
+void sl_leak_on_alloc(sl_pool *p, sl_buf *b, const char *site);
+void sl_leak_on_free(sl_pool *p, sl_buf *r);
+
+/* Records a touch (advanced and up, recorded buffers only). hint is copied
+ * unless is_static. */
+void sl_leak_touch(sl_buf *b, const char *hint, int is_static);
+
+/* Sets or replaces the creation site of a recorded buffer (copied). */
+void sl_leak_set_site(sl_buf *b, const char *site);
+
+/* Reports every buffer o still owns as leaked "before <why>", releases
+ * their references (memory goes back) and returns how many there were. */
+size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why);
+
+/* Writes one LEAK log record for root b: "LEAK: buffer of N bytes was not
+ * released before <why>", then its creation site and touches if recorded. */
+void sl_leak_report(sl_pool *p, const sl_buf *b, const char *why);
+
+typedef struct sl_leak_stats {
+  uint64_t leaks, leaked_bytes;   /* reported (and reclaimed) so far */
+  uint64_t recorded;              /* buffers with a record now */
+} sl_leak_stats;
+
+void sl_leak_get_stats(const sl_pool *p, sl_leak_stats *out);
+
+#endif

@@ -93,6 +93,9 @@ struct sl_pool {
   void **leak_rec;                       /* per header slot: record or NULL */
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
+  const char *release_site;              /* who releases now; kept in dead headers */
+  char release_ring[64][160];            /* recent release sites with file:line */
+  unsigned release_ring_next;
 };
 
 #endif

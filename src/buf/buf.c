@@ -78,7 +78,16 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   r->gen = 0;
+  /* A dead header keeps who released it (its data pointer is unused now). */
+  r->data = (uint8_t *)(uintptr_t)(pool->release_site ? pool->release_site : "the core");
+  r->flags |= SL_BUF_DEAD_SITE;
   sl_pool_header_put(pool, r);
+}
+
+const char *sl_buf_released_by(const sl_buf *b) {
+  const sl_buf *r = b->root;
+  if (r->gen != 0 || !(r->flags & SL_BUF_DEAD_SITE)) return NULL;
+  return (const char *)r->data;
 }
 
 /* Frees a root released on a thread that does not own its pool: through

@@ -36,6 +36,15 @@ _Noreturn void sl_buf_release_dead(const sl_buf *b);
 /* Adds one reference. The buffer must be live (an invariant). */
 void sl_buf_retain(sl_buf *b);
 
+/* Who is releasing buffers right now, for "released by ..." in errors
+ * about dead handles: a static string, or NULL for "the core". Kept by
+ * the headers the next frees put back; reset after each free. */
+static inline void sl_buf_release_site(sl_pool *p, const char *site) { p->release_site = site; }
+
+/* The description a dead header keeps of who released it, or NULL when the
+ * header was reused or never held a buffer. */
+const char *sl_buf_released_by(const sl_buf *b);
+
 /* Frees a root whose refcount reached zero (release's slow half). */
 void sl_buf_free(sl_buf *r);
 

@@ -196,7 +196,9 @@ size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why) {
     p->leaked_bytes += r->block_size;
     sl_buf_set_owner(r, NULL);
     const char *err;
+    sl_buf_release_site(p, "leak detection, when its connection was closed");
     sl_buf_release_n(r, r->refcnt, &err);
+    sl_buf_release_site(p, NULL);
     n++;
   }
   return n;

@@ -284,7 +284,9 @@ int sl_channel_write(sl_channel *ch, sl_buf *b) {
     if (sl_log_enabled(SL_LOG_DEBUG))
       sl_log(SL_LOG_DEBUG, "%s: write of %zu bytes after close or shutdown dropped",
              ch->desc, sl_buf_readable(b));
+    sl_buf_release_site(ch->w->pool, "a write on a closed connection");
     sl_buf_release(b);
+    sl_buf_release_site(ch->w->pool, NULL);
     return SL_ERROR;
   }
   sl_buf_set_owner(b, &ch->owned); /* queued here: this channel answers for it */

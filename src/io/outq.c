@@ -81,7 +81,10 @@ static void sl_outq_pop(sl_outq *q, size_t bytes_left) {
   q->head = (q->head + 1) & q->mask;
   q->count--;
   q->nflushed--;
+  sl_pool *p = sl_pool_of(b->root);
+  sl_buf_release_site(p, "the outbound queue, after writing it");
   sl_buf_release(b);
+  sl_buf_release_site(p, NULL);
   sl_outq_pending_sub(q, bytes_left + SL_OUTQ_ENTRY_OVERHEAD);
 }
 
@@ -149,7 +152,10 @@ size_t sl_outq_release_all(sl_outq *q) {
     q->ring[q->head] = NULL;
     q->head = (q->head + 1) & q->mask;
     q->count--;
+    sl_pool *p = sl_pool_of(b->root);
+    sl_buf_release_site(p, "its connection's close, unsent");
     sl_buf_release(b);
+    sl_buf_release_site(p, NULL);
   }
   q->nflushed = 0;
   q->pending = 0;

@@ -25,7 +25,9 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
   p->leaks++;
   p->leaked_bytes += r->block_size;
   h->refs = 0;
+  sl_buf_release_site(p, "leak detection, when its Lua handle was garbage-collected");
   sl_buf_release_n(b, refs, &err);
+  sl_buf_release_site(p, NULL);
 }
 
 void sl_ffi_buf_touch(sl_buf *b, const char *hint) { sl_leak_touch(b, hint, 0); }
@@ -58,6 +60,26 @@ int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err) { return sl_buf_r
 int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err) {
   return sl_buf_release_n(b, n, err);
 }
+
+int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
+                          const char **err) {
+  sl_pool *p = sl_pool_of(b->root);
+  const char *site = NULL;
+  if (where != NULL) {
+    /* A ring of recent sites: enough for the errors that follow soon. */
+    char *slot = p->release_ring[p->release_ring_next++ % 64];
+    snprintf(slot, sizeof(p->release_ring[0]), "stage %s at %s", by ? by->name : "?", where);
+    site = slot;
+  } else if (by != NULL) {
+    site = by->name;   /* the config keeps stage names for the process's life */
+  }
+  sl_buf_release_site(p, site);
+  int rc = sl_buf_release_n(b, n, err);
+  sl_buf_release_site(p, NULL);
+  return rc;
+}
+
+const char *sl_ffi_buf_released_by(sl_buf *b) { return sl_buf_released_by(b); }
 
 sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap) {
   sl_channel *ch = sl_ctx_channel(ctx);

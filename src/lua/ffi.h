@@ -35,6 +35,15 @@ SL_FFI_EXPORT void sl_ffi_buf_finalize(sl_lbuf *h);
 SL_FFI_EXPORT int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err);
 SL_FFI_EXPORT int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err);
 
+/* release, noting who released it for later errors: the stage of ctx `by`
+ * (may be NULL), and `where` ("file:line", may be NULL; copied). */
+SL_FFI_EXPORT int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
+                                        const char **err);
+
+/* Who released b's buffer ("the outbound queue, after writing it", a stage
+ * name, ...), or NULL when its header was reused since. */
+SL_FFI_EXPORT const char *sl_ffi_buf_released_by(sl_buf *b);
+
 /* A new buffer for ctx's channel (returns +1), or NULL (out of memory).
  * With src, the buffer holds a copy of len bytes. */
 SL_FFI_EXPORT sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap);

@@ -33,7 +33,10 @@ static void sl_tail_read(sl_ctx *ctx, sl_buf *b) {
     sl_log(SL_LOG_DEBUG, "%s: %zu inbound bytes reached the tail of the pipeline and were released",
            sl_channel_describe(ch), sl_buf_readable(b));
   }
+  sl_pool *p = sl_pool_of(b->root);
+  sl_buf_release_site(p, "the tail of the pipeline (no stage consumed it)");
   sl_buf_release(b);
+  sl_buf_release_site(p, NULL);
 }
 
 static void sl_tail_user_event(sl_ctx *ctx, int event) {

@@ -48,7 +48,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   b->block_size = (uint32_t)usable;
   b->sclass = (uint16_t)sclass;
   b->flags = 0;
-  if (pool->leak_level) sl_leak_on_alloc(pool, b, NULL);
+  sl_leak_on_alloc(pool, b);
   return b;
 }
 

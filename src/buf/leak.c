@@ -102,12 +102,7 @@ static void sl_leak_free_rec(sl_leak_rec *rec) {
   free(rec);
 }
 
-void sl_leak_on_alloc(sl_pool *p, sl_buf *b, const char *site) {
-  if (p->leak_level == SL_LEAK_DISABLED) return;
-  if (p->leak_level != SL_LEAK_PARANOID) {
-    if (--p->leak_countdown != 0) return;
-    p->leak_countdown = p->leak_sample;
-  }
+void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {
   if (sl_leak_maps(p) != SL_OK) return;
   sl_leak_rec *rec = calloc(1, sizeof(*rec));
   if (rec == NULL) return;

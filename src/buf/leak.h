@@ -39,10 +39,21 @@ static inline int sl_leak_level_of(const sl_pool *p) { return p->leak_level; }
 /* Makes o answerable for root b (NULL: nobody). Borrows both. */
 void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o);
 
-/* Called by the buffer code when a root is allocated (decides sampling and
- * keeps site, a C description copied when recorded; NULL: the caller sets it
- * later with sl_leak_set_site) and when it is freed. */
-void sl_leak_on_alloc(sl_pool *p, sl_buf *b, const char *site);
+/* Starts a record for root b (site: a C description, copied; NULL: the
+ * caller sets it later with sl_leak_set_site). */
+void sl_leak_record(sl_pool *p, sl_buf *b, const char *site);
+
+/* Called by the buffer code when a root is allocated: decides sampling. */
+static inline void sl_leak_on_alloc(sl_pool *p, sl_buf *b) {
+  if (p->leak_level == SL_LEAK_DISABLED) return;
+  if (p->leak_level != SL_LEAK_PARANOID) {
+    if (--p->leak_countdown != 0) return;
+    p->leak_countdown = p->leak_sample;
+  }
+  sl_leak_record(p, b, NULL);
+}
+
+/* Called when a root that is owned or recorded is freed. */
 void sl_leak_on_free(sl_pool *p, sl_buf *r);
 
 /* Records a touch (advanced and up, recorded buffers only). hint is copied

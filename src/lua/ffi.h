@@ -112,4 +112,30 @@ SL_FFI_EXPORT int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t 
 SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);
 SL_FFI_EXPORT int sl_ffi_log_enabled(int level);
 
+/* ---- buffer access shims (ffi_buf.c) ----
+ * Used by lua/sluice/buf.lua. Each takes the Lua handle and checks its
+ * generation and the buffer's indexes first; failures are NULL or SL_ERROR
+ * with a static *err, never an abort. */
+
+/* A view of [index, index + len) of h's capacity, or of all of it with h's
+ * indexes (duplicate); with retain, plus one reference (returns +1), else
+ * borrowed. NULL with *err on a bad range or out of memory. */
+SL_FFI_EXPORT sl_buf *sl_ffi_buf_slice(const sl_lbuf *h, size_t index, size_t len, int retain,
+                                       const char **err);
+SL_FFI_EXPORT sl_buf *sl_ffi_buf_duplicate(const sl_lbuf *h, int retain, const char **err);
+/* Room for n more writable bytes, growing a root without views within its
+ * max capacity. SL_OK, or SL_ERROR with *err ("exceeds max capacity", "a
+ * view cannot grow", "a buffer with views cannot grow", "out of buffer
+ * memory"). */
+SL_FFI_EXPORT int sl_ffi_buf_ensure_writable(const sl_lbuf *h, size_t n, const char **err);
+/* Moves the readable bytes to index 0 (memmove). Bytes discarded, or SL_ERROR. */
+SL_FFI_EXPORT int sl_ffi_buf_discard_read_bytes(const sl_lbuf *h, const char **err);
+/* A new root (+1) holding a copy of [index, index + len), or NULL with *err. */
+SL_FFI_EXPORT sl_buf *sl_ffi_buf_copy(const sl_lbuf *h, size_t index, size_t len,
+                                      const char **err);
+/* First match of needle (nlen bytes) in [from, to): 1 and *at, 0 for none,
+ * SL_ERROR with *err. */
+SL_FFI_EXPORT int sl_ffi_buf_find(const sl_lbuf *h, size_t from, size_t to, const void *needle,
+                                  size_t nlen, size_t *at, const char **err);
+
 #endif

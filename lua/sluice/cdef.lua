@@ -70,6 +70,14 @@ int sl_ffi_pool_open(void);
 uint64_t sl_ffi_pool_close(void);
 void sl_ffi_log(int level, const char *msg);
 int sl_ffi_log_enabled(int level);
+/* buffer access shims (ffi_buf.c) */
+sl_buf *sl_ffi_buf_slice(const sl_lbuf *h, size_t index, size_t len, int retain, const char **err);
+sl_buf *sl_ffi_buf_duplicate(const sl_lbuf *h, int retain, const char **err);
+int sl_ffi_buf_ensure_writable(const sl_lbuf *h, size_t n, const char **err);
+int sl_ffi_buf_discard_read_bytes(const sl_lbuf *h, const char **err);
+sl_buf *sl_ffi_buf_copy(const sl_lbuf *h, size_t index, size_t len, const char **err);
+int sl_ffi_buf_find(const sl_lbuf *h, size_t from, size_t to, const void *needle, size_t nlen,
+                    size_t *at, const char **err);
 ]]
 
 return true

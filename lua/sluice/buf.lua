@@ -71,19 +71,40 @@ local TWO64 = 18446744073709551616
 local _M = {}
 local methods = {}
 
+-- Who released a dead buffer, for errors: the core keeps it in the header.
+local function released_by(h)
+  local s = C.sl_ffi_buf_released_by(h.b, h.gen)
+  if s ~= nil then return "released by " .. ffi_string(s) end
+  return "released; its header has been reused since"
+end
+_M.released_by = released_by
+
 -- Raised from live(), which methods call: level 4 is the stage's line.
-local function dead()
-  error("buffer used after release (refcnt 0)", 4)
+local function dead(h)
+  error("buffer used after release (refcnt 0, " .. released_by(h) .. ")", 4)
 end
 
 -- The live sl_buf behind h, or a Lua error. A released buffer's header has
 -- generation 0 (or, reused, a newer one): one compare tells.
 local function live(h)
   local b = h.b
-  if b.gen ~= h.gen then dead() end
+  if b.gen ~= h.gen then dead(h) end
   return b
 end
 _M.live = live
+
+-- Set by the host while a stage runs: releases then name the stage (and,
+-- from leak_detection = "advanced" up, the file and line).
+_M.stage = nil
+_M.where = false
+local debug_getinfo = debug.getinfo
+local traceback = debug.traceback
+local RECORDED = 2 -- SL_BUF_RECORDED
+
+-- Where a buffer made here came from, for leak reports (recorded buffers only).
+local function note_site(b, what)
+  if band(b.flags, RECORDED) ~= 0 then C.sl_ffi_buf_set_site(b, traceback(what, 3)) end
+end
 
 -- Wraps a +1 sl_buf pointer from C into a handle that owns that reference.
 local function wrap(ptr)
@@ -646,7 +667,18 @@ function methods.copy(h, index, len)
   index, len = range_args(b, index, len, "copy")
   local c = C.sl_ffi_buf_copy(h, index, len, errp)
   if c == nil then return nil, ffi_string(errp[0]) end
+  note_site(c, "buf:copy")
   return wrap(c)
+end
+
+-- touch(hint): records hint on the buffer for leak reports (from
+-- leak_detection = "advanced" up, on recorded buffers). Returns the buffer.
+function methods.touch(h, hint)
+  local b = live(h)
+  if band(b.root.flags, RECORDED) ~= 0 then
+    C.sl_ffi_buf_touch(b, hint == nil and "buf:touch()" or tostring(hint))
+  end
+  return h
 end
 
 ---------------------------------------------------------------------------
@@ -674,7 +706,9 @@ function methods.release(h, n)
   n = n or 1
   if bad_n(n) then error("bad 'n' argument (positive number expected)", 2) end
   local b = h.b
-  if b.gen ~= h.gen then error("refcnt 0, decrement " .. n, 2) end
+  if b.gen ~= h.gen then
+    error("refcnt 0, decrement " .. n .. " (" .. released_by(h) .. ")", 2)
+  end
   -- A handle releases only references it owns: after fire_read or write
   -- the reference belongs to whoever took it, who releases it in turn.
   local refcnt = b.root.refcnt
@@ -684,7 +718,12 @@ function methods.release(h, n)
     error(("release of a reference this handle does not own (it owns %d, refcnt %d, "
            .. "decrement %d): was the buffer passed on?"):format(refs, b.root.refcnt, n), 2)
   end
-  local rc = C.sl_ffi_buf_release(b, n, errp)
+  local where = nil
+  if _M.where then
+    local info = debug_getinfo(2, "Sl")
+    where = info.short_src .. ":" .. info.currentline
+  end
+  local rc = C.sl_ffi_buf_release_by(b, n, _M.stage, where, errp)
   if rc < 0 then error(ffi_string(errp[0]), 2) end
   refs = refs - n
   h.refs = refs
@@ -710,6 +749,24 @@ ffi.metatype(lbuf_t, mt)
 ---------------------------------------------------------------------------
 -- Creating buffers.
 
+-- Raises (at the caller's caller) unless cap and max_cap are valid sizes.
+function _M.check_caps(cap, max_cap)
+  if type(cap) ~= "number" then error("bad 'cap' argument (number expected)", 3) end
+  if not (cap >= 0 and cap <= MAX_CAPACITY) or cap ~= floor(cap) then
+    error(s_format("bad 'cap' argument (integer in [0, %d] expected, got %s)", MAX_CAPACITY,
+                   num(cap)), 3)
+  end
+  if max_cap ~= nil then
+    if type(max_cap) ~= "number" or max_cap < cap then
+      error("bad 'max_cap' argument (number >= cap expected)", 3)
+    end
+    if not (max_cap <= MAX_CAPACITY) or max_cap ~= floor(max_cap) then
+      error(s_format("bad 'max_cap' argument (integer in [cap, %d] expected, got %s)",
+                     MAX_CAPACITY, num(max_cap)), 3)
+    end
+  end
+end
+
 -- sluice.buf.alloc(cap [, max_cap]): a new, empty buffer from this worker's
 -- pool; the caller owns it. Returns nil, err when memory cannot be had.
 function _M.alloc(cap, max_cap)
@@ -729,6 +786,7 @@ function _M.alloc(cap, max_cap)
   end
   local b = C.sl_ffi_pool_alloc(cap, max_cap or cap)
   if b == nil then return nil, "out of buffer memory" end
+  note_site(b, "sluice.buf.alloc")
   return wrap(b)
 end
 
@@ -737,6 +795,7 @@ function _M.from(str)
   if type(str) ~= "string" then error("bad 'str' argument (string expected)", 2) end
   local b = C.sl_ffi_pool_from(str, #str)
   if b == nil then return nil, "out of buffer memory" end
+  note_site(b, "sluice.buf.from")
   return wrap(b)
 end
 

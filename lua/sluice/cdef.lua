@@ -35,7 +35,7 @@ void sl_ffi_buf_finalize(sl_lbuf *h);
 int sl_ffi_buf_retain(sl_buf *b, uint32_t n, const char **err);
 int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err);
 int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where, const char **err);
-const char *sl_ffi_buf_released_by(sl_buf *b);
+const char *sl_ffi_buf_released_by(sl_buf *b, uint32_t gen);
 sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap);
 sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
 double sl_ffi_ctx_next(sl_ctx *ctx, int ev);

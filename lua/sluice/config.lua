@@ -43,7 +43,7 @@
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   allocator   optional table: type ("pooled" | "unpooled"), arenas (0: one
 --               per worker), page_size (power of two, 4 KiB-1 MiB, 8 KiB),
---               chunk_size (power of two, >= 16 pages, 4 MiB), small_cache
+--               chunk_size (power of two, >= 16 pages, <= 32 MiB, 4 MiB), small_cache
 --               (256), normal_cache (64), max_cached (32768), trim_interval
 --               (8192), trim_idle_ms (10000), max_memory (0: no limit)
 --   leak_detection  optional "disabled", "simple" (default), "advanced",
@@ -612,7 +612,7 @@ local function check_allocator(a)
     end
     out.page_size = check_pow2(a.page_size, "allocator.page_size", 8192, 4096, 1048576)
     out.chunk_size = check_pow2(a.chunk_size, "allocator.chunk_size", 4194304,
-                                65536, 1073741824)
+                                65536, 33554432)
     if out.chunk_size < 16 * out.page_size then
         fail("allocator.chunk_size", "expected at least 16 pages (%d), got %s",
              16 * out.page_size, show(out.chunk_size))

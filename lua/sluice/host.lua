@@ -71,7 +71,10 @@ local function touch(ctx, arg)
 end
 
 function invoke(ctx, ev, arg)
+  local outer = buf.stage
+  buf.stage = ctx.cptr  -- releases in this callback name this stage
   local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
+  buf.stage = outer
   if not ok then stage_failed(ctx, ev, arg, err) end
 end
 
@@ -177,7 +180,7 @@ function Ctx:close(reason)
 end
 
 function Ctx:alloc(cap, max_cap)
-  if type(cap) ~= "number" or cap < 0 then error("bad 'cap' argument (number expected)", 2) end
+  buf.check_caps(cap, max_cap)
   if not self.cptr then return nil, "closed" end
   local b = C.sl_ffi_ctx_alloc(self.cptr, cap, max_cap or cap)
   if b == nil then return nil, "out of buffer memory" end
@@ -209,6 +212,7 @@ end
 function _M.init(worker_id)
   _M.worker_id = worker_id
   touching = C.sl_ffi_leak_level() >= 2
+  buf.where = touching  -- releases record file:line from "advanced" up
 end
 
 -- Loads a stage module for this worker. Returns its key and the mask of the

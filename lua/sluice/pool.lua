@@ -56,6 +56,9 @@ end
 -- Closes the pool open() made; returns the number of buffers still
 -- outstanding (leaked) at that moment.
 function _M.close()
+  -- Handles that are garbage already are finalized while the pool exists.
+  collectgarbage()
+  collectgarbage()
   return tonumber(C.sl_ffi_pool_close())
 end
 

@@ -262,4 +262,30 @@ return {
     assert.is_truthy(line, log)
     assert.matches("pool idle: gave back %d+ cached blocks, [1-9]%d* chunks", log)
   end)
+
+  for _, level in ipairs({ "simple", "advanced" }) do
+    it("names where a buffer was released when a dead handle is used (" .. level .. ")", function()
+      local stage = H.tmpfile("lateuse.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    local copy = buf:tostring()
+    buf:release()
+    ctx:write(copy)
+    ctx:flush()
+    return #buf          -- wrong: used after its release
+  end,
+}
+]])
+      local mod = stage:match("([^/]+)%.lua$")
+      local peer = H.start_peer("cat > /dev/null")
+      peers[#peers + 1] = peer
+      local port = H.free_port()
+      local p = H.start_sluice(proxy_config(port, peer.port, ("{ %q }"):format(mod)),
+                               "SLUICE_LEAK_DETECTION=" .. level)
+      H.exchange(port, "x", 5)
+      local log = H.stop_sluice(p)
+      local site = level == "advanced" and ("stage " .. mod .. " at [^)]*" .. mod .. "%.lua:4") or mod
+      assert.matches("buffer used after release %(refcnt 0, released by " .. site .. "%)", log)
+    end)
+  end
 end)

@@ -56,8 +56,8 @@ sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
     return NULL;
   }
   if (!sl_is_pow2(cfg->chunk_size) || cfg->chunk_size < cfg->page_size * 16 ||
-      cfg->chunk_size > (1u << 30)) {
-    *err = "chunk_size must be a power of two, at least 16 pages, at most 1 GiB";
+      cfg->chunk_size > SL_SC_MAX_CHUNK) {
+    *err = "chunk_size must be a power of two, at least 16 pages, at most 32 MiB";
     return NULL;
   }
   if (cfg->arenas < 1 || cfg->arenas > 256) {

@@ -4,6 +4,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "alloc/poison.h"
 #include "util/common.h"
 
 #define SL_NONE 0xffffffffu
@@ -100,7 +101,10 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_si
   return c;
 }
 
-void sl_chunk_delete(sl_chunk *c, size_t chunk_size) { munmap(c->mem, chunk_size); }
+void sl_chunk_delete(sl_chunk *c, size_t chunk_size) {
+  SL_UNPOISON(c->mem, chunk_size);
+  munmap(c->mem, chunk_size);
+}
 
 int sl_chunk_run_alloc(sl_chunk *c, uint32_t n) {
   if (n == 0 || n > c->max_free) return -1;

@@ -233,6 +233,22 @@ __attribute__((noinline)) void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
   p->recycler_overflows++;
 }
 
+void sl_pool_header_quarantine(sl_pool *p, void *hdr) {
+  void *old = p->quarantine[p->quarantine_head];
+  p->quarantine[p->quarantine_head] = hdr;
+  p->quarantine_head = (p->quarantine_head + 1) % 64;
+  if (old != NULL) sl_pool_header_put(p, old);
+  else p->quarantine_n++;
+}
+
+static void sl_pool_quarantine_flush(sl_pool *p) {
+  for (unsigned i = 0; i < 64; i++) {
+    if (p->quarantine[i] != NULL) sl_pool_header_put(p, p->quarantine[i]);
+    p->quarantine[i] = NULL;
+  }
+  p->quarantine_n = 0;
+}
+
 int sl_pool_retq_push(sl_pool *p, void *item) {
   int rc = sl_retq_push(&p->retq, item);
   if (rc == SL_OK) atomic_fetch_add_explicit(&p->remote_queued, 1, memory_order_relaxed);
@@ -255,6 +271,20 @@ void sl_pool_free_foreign(sl_pool *p, void *mem, size_t usable) {
   unsigned idx = sl_pool_class(p, usable);
   if (idx < p->alloc->nclasses) SL_POISON(mem, usable);
   sl_arena_free(p->arena, mem, idx, usable);
+}
+
+void sl_pool_remote_push(sl_pool *p, void *item, size_t link_offset) {
+  atomic_fetch_add_explicit(&p->remote_stacked, 1, memory_order_relaxed);
+  void **link = (void **)(void *)((char *)item + link_offset);
+  void *old = atomic_load_explicit(&p->bufs_remote, memory_order_relaxed);
+  do {
+    *link = old;
+  } while (!atomic_compare_exchange_weak_explicit(&p->bufs_remote, &old, item,
+                                                  memory_order_release, memory_order_relaxed));
+}
+
+void *sl_pool_remote_take(sl_pool *p) {
+  return atomic_exchange_explicit(&p->bufs_remote, NULL, memory_order_acquire);
 }
 
 void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
@@ -290,6 +320,7 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
 /* Gives the header region's memory back when no header is live. */
 static int sl_pool_reset_region(sl_pool *p) {
   sl_pool_take_remote_headers(p);
+  sl_pool_quarantine_flush(p);
   uint64_t live = (uint64_t)(p->hdr_next - 1) - p->rec_n - p->hdr_overflow_n;
   if (live != 0 || p->hdr_next <= 64) return 0;
   size_t page = 4096;
@@ -353,13 +384,14 @@ void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   st->trims = p->trims;
   st->idle_trims = p->idle_trims;
   st->headers_total = p->hdr_next - 1;
-  st->headers_free = p->rec_n + p->hdr_overflow_n;
+  st->headers_free = p->rec_n + p->hdr_overflow_n + p->quarantine_n;
   st->recycler_size = p->rec_n;
   st->recycler_cap = p->rec_cap;
   st->recycler_overflows = p->recycler_overflows;
   st->region_resets = p->region_resets;
   st->remote_queued = atomic_load(&((sl_pool *)p)->remote_queued);
   st->remote_direct = direct;
+  st->remote_stacked = atomic_load(&((sl_pool *)p)->remote_stacked);
   st->return_queue_cap = sl_retq_capacity(&p->retq);
   st->bufs_active = st->blocks_in_use;
   st->bufs_active_bytes = st->bytes_in_use;

@@ -14,17 +14,7 @@
 #include "alloc/pool_types.h"
 #include "alloc/size_class.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/asan_interface.h>
-#define SL_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
-#define SL_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
-#elif defined(SLUICE_POOL_DEBUG)
-#define SL_POISON(p, n) memset((p), 0xde, (n))
-#define SL_UNPOISON(p, n) ((void)0)
-#else
-#define SL_POISON(p, n) ((void)0)
-#define SL_UNPOISON(p, n) ((void)0)
-#endif
+#include "alloc/poison.h"
 
 typedef struct sl_pool_stats {
   uint64_t bytes_in_use;      /* blocks handed out and not given back */
@@ -39,6 +29,7 @@ typedef struct sl_pool_stats {
   uint64_t recycler_size, recycler_cap, recycler_overflows;
   uint64_t region_resets;
   uint64_t remote_queued, remote_direct, return_queue_cap;
+  uint64_t remote_stacked;    /* tracked buffers handed back through a lock-free stack */
   uint64_t bufs_active;       /* == blocks_in_use: one block per live buffer */
   uint64_t bufs_active_bytes; /* == bytes_in_use */
 } sl_pool_stats;
@@ -123,7 +114,8 @@ static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
 /* Whether foreign threads have queued buffers for the owner. */
 static inline int sl_pool_has_returns(sl_pool *p) {
   sl_retq_cell *c = &p->retq.cells[p->retq.head & p->retq.mask];
-  return atomic_load_explicit(&c->seq, memory_order_acquire) == p->retq.head + 1;
+  return atomic_load_explicit(&c->seq, memory_order_acquire) == p->retq.head + 1 ||
+         atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
 }
 
 /* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */
@@ -141,6 +133,11 @@ static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
   sl_pool_header_put_slow(p, hdr);
 }
 
+/* Gives a header back through the quarantine: it becomes reusable only
+ * after 64 more have gone through, so errors about a handle to it can still
+ * say who released it. */
+void sl_pool_header_quarantine(sl_pool *p, void *hdr);
+
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
   uint32_t g = p->next_gen++;
   if (g == 0) g = p->next_gen++;
@@ -155,6 +152,13 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr);
 
 /* The owner: the next queued item, or NULL. */
 void *sl_pool_retq_pop(sl_pool *p);
+
+/* Foreign threads: hands a whole item to the owner through a lock-free
+ * stack linked through the 8 bytes at link_offset inside the item (no
+ * memory of its own, so nothing piles up beyond the items themselves). The
+ * owner takes them all with sl_pool_remote_take. */
+void sl_pool_remote_push(sl_pool *p, void *item, size_t link_offset);
+void *sl_pool_remote_take(sl_pool *p);
 
 typedef struct sl_pool_trim_report {
   uint64_t blocks;        /* cached blocks given back to the arena */

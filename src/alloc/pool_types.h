@@ -74,6 +74,8 @@ struct sl_pool {
   void *hdr_overflow;             /* free headers beyond the recycler */
   uint64_t hdr_overflow_n;
   _Atomic(void *) hdr_remote;     /* headers freed by foreign threads */
+  _Atomic(void *) bufs_remote;    /* whole buffers freed by foreign threads that the
+                                     owner must take back itself (tracked ones) */
   sl_retq retq;
   uint64_t alloc_failures;
   uint64_t trims, idle_trims;
@@ -84,6 +86,7 @@ struct sl_pool {
   atomic_uint_fast64_t remote_queued;   /* pushed by foreign threads */
   atomic_uint_fast64_t remote_direct;   /* freed directly: queue was full */
   atomic_uint_fast64_t remote_direct_bytes;
+  atomic_uint_fast64_t remote_stacked;  /* handed over through bufs_remote */
   int64_t last_activity_ms;
   uint64_t allocs_at_tick;
   /* leak tracking (buf/leak.c); level 0 leaves the rest unused */
@@ -94,6 +97,9 @@ struct sl_pool {
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
   const char *release_site;              /* who releases now; kept in dead headers */
+  int quarantine_next;                   /* the next freed header waits its turn */
+  void *quarantine[64];                  /* headers released from Lua, oldest reused first */
+  unsigned quarantine_head, quarantine_n;
   char release_ring[64][160];            /* recent release sites with file:line */
   unsigned release_ring_next;
 };

@@ -15,7 +15,8 @@
 #include <stdint.h>
 
 #define SL_SC_SMALL_MAX (28u * 1024u)
-#define SL_SC_MAX_CLASSES 80         /* enough for chunks up to 1 GiB */
+#define SL_SC_MAX_CLASSES 80         /* enough for chunks up to 32 MiB */
+#define SL_SC_MAX_CHUNK (32u << 20)  /* the largest chunk_size accepted */
 #define SL_SC_LOOKUP_MAX 4096        /* sizes up to this use a table */
 
 extern const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];

@@ -72,20 +72,28 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   sl_buf *v = r->views;
   while (v != NULL) {
     sl_buf *next = v->views;
+    v->rd = v->gen; /* a dead header keeps the generation it died with */
     v->gen = 0;
     sl_pool_header_put(pool, v);
     v = next;
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
+  r->rd = r->gen;
   r->gen = 0;
   /* A dead header keeps who released it (its data pointer is unused now). */
   r->data = (uint8_t *)(uintptr_t)(pool->release_site ? pool->release_site : "the core");
   r->flags |= SL_BUF_DEAD_SITE;
+  if (__builtin_expect(pool->quarantine_next, 0)) {
+    pool->quarantine_next = 0;
+    sl_pool_header_quarantine(pool, r);
+    return;
+  }
   sl_pool_header_put(pool, r);
 }
 
-const char *sl_buf_released_by(const sl_buf *b) {
-  const sl_buf *r = b->root;
+const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
+  if (b->gen != 0 || b->rd != gen) return NULL; /* reused since */
+  const sl_buf *r = (b->flags & SL_BUF_VIEW) ? b->root : b;
   if (r->gen != 0 || !(r->flags & SL_BUF_DEAD_SITE)) return NULL;
   return (const char *)r->data;
 }
@@ -98,9 +106,10 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf 
   for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) {
-    /* Owner lists and records belong to the owner's thread: wait for room
-     * rather than touch them here. */
-    while (sl_pool_retq_push(pool, r) != SL_OK) sched_yield();
+    /* Owner lists and records belong to the owner's thread: hand the whole
+     * buffer over through the lock-free stack (linked through its reader and
+     * writer indexes, unused now). */
+    sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
     return;
   }
   sl_buf *v = r->views;
@@ -130,6 +139,13 @@ size_t sl_buf_drain(sl_pool *pool) {
   sl_buf *r;
   while ((r = sl_pool_retq_pop(pool)) != NULL) {
     sl_buf_free_local(pool, r);
+    n++;
+  }
+  r = sl_pool_remote_take(pool);
+  while (r != NULL) {
+    sl_buf *next = *(sl_buf **)(void *)&r->rd;
+    sl_buf_free_local(pool, r);
+    r = next;
     n++;
   }
   return n;
@@ -217,6 +233,10 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   if (n <= sl_buf_writable(b)) return SL_OK;
   if (b->flags & SL_BUF_VIEW || b->views != NULL) {
     *err = "cannot grow a buffer that has views";
+    return SL_ERROR;
+  }
+  if (n > SL_BUF_MAX_CAPACITY) {
+    *err = "exceeds max capacity";
     return SL_ERROR;
   }
   size_t need = (size_t)b->wr + n;

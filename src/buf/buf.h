@@ -41,9 +41,9 @@ void sl_buf_retain(sl_buf *b);
  * the headers the next frees put back; reset after each free. */
 static inline void sl_buf_release_site(sl_pool *p, const char *site) { p->release_site = site; }
 
-/* The description a dead header keeps of who released it, or NULL when the
- * header was reused or never held a buffer. */
-const char *sl_buf_released_by(const sl_buf *b);
+/* The description a dead header keeps of who released the buffer of
+ * generation gen, or NULL when the header was reused since. */
+const char *sl_buf_released_by(const sl_buf *b, uint32_t gen);
 
 /* Frees a root whose refcount reached zero (release's slow half). */
 void sl_buf_free(sl_buf *r);

@@ -15,7 +15,12 @@ int sl_ffi_abi(void) { return SL_FFI_ABI; }
 
 void sl_ffi_buf_finalize(sl_lbuf *h) {
   sl_buf *b = h->b;
-  if (h->refs <= 0 || b == NULL || b->gen != h->gen) return;
+  if (h->refs <= 0 || b == NULL) return;
+  /* A handle that outlived its pool (a tool that closed the pool first)
+   * points at unmapped memory: leave it. */
+  sl_pool *cur = sl_pool_current();
+  if (cur == NULL || (uintptr_t)b - (uintptr_t)cur->hdr_base >= SL_HDR_REGION_SPAN) return;
+  if (b->gen != h->gen) return;
   const char *err = NULL;
   sl_buf *r = b->root;
   sl_pool *p = sl_pool_of(r);
@@ -72,14 +77,18 @@ int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
     site = slot;
   } else if (by != NULL) {
     site = by->name;   /* the config keeps stage names for the process's life */
+  } else {
+    site = "Lua code outside a stage";
   }
   sl_buf_release_site(p, site);
+  p->quarantine_next = 1;   /* a script may use its handle again by mistake */
   int rc = sl_buf_release_n(b, n, err);
+  p->quarantine_next = 0;
   sl_buf_release_site(p, NULL);
   return rc;
 }
 
-const char *sl_ffi_buf_released_by(sl_buf *b) { return sl_buf_released_by(b); }
+const char *sl_ffi_buf_released_by(sl_buf *b, uint32_t gen) { return sl_buf_released_by(b, gen); }
 
 sl_buf *sl_ffi_ctx_alloc(sl_ctx *ctx, size_t cap, size_t max_cap) {
   sl_channel *ch = sl_ctx_channel(ctx);

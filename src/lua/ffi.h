@@ -40,9 +40,10 @@ SL_FFI_EXPORT int sl_ffi_buf_release(sl_buf *b, uint32_t n, const char **err);
 SL_FFI_EXPORT int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
                                         const char **err);
 
-/* Who released b's buffer ("the outbound queue, after writing it", a stage
- * name, ...), or NULL when its header was reused since. */
-SL_FFI_EXPORT const char *sl_ffi_buf_released_by(sl_buf *b);
+/* Who released the buffer of generation gen that header b held ("the
+ * outbound queue, after writing it", a stage name, ...), or NULL when the
+ * header was reused since. */
+SL_FFI_EXPORT const char *sl_ffi_buf_released_by(sl_buf *b, uint32_t gen);
 
 /* A new buffer for ctx's channel (returns +1), or NULL (out of memory).
  * With src, the buffer holds a copy of len bytes. */

@@ -51,7 +51,9 @@ static void sl_lua_run(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n, co
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->dispatch_ref);
   lua_pushinteger(L, ev);
   lua_pushnumber(L, ctx->lua_id);
-  if (ptr) lua_pushlightuserdata(L, ptr);
+  /* Pointers go as numbers: LuaJIT compiles casting a number to a pointer,
+   * not a lightuserdata (user-space addresses are exact in a double). */
+  if (ptr) lua_pushnumber(L, (lua_Number)(uintptr_t)ptr);
   else lua_pushnil(L);
   lua_pushinteger(L, n);
   if (str) lua_pushstring(L, str);

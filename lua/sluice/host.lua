@@ -70,12 +70,31 @@ local function touch(ctx, arg)
   end
 end
 
+-- Events from a Lua stage to the next Lua stage are queued and delivered
+-- when the callback that sent them has returned, in order, by a tail call:
+-- the Lua stack does not grow with the number of stages, and no trace has
+-- to return into a stage's frame (which LuaJIT cannot compile).
+local hop_ctx, hop_ev, hop_arg = {}, {}, {}
+local hop_head, hop_tail = 1, 0
+
+local function hop(ctx, ev, arg)
+  local t = hop_tail + 1
+  hop_tail = t
+  hop_ctx[t], hop_ev[t], hop_arg[t] = ctx, ev, arg
+end
+
 function invoke(ctx, ev, arg)
-  local outer = buf.stage
   buf.stage = ctx.cptr  -- releases in this callback name this stage
   local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
-  buf.stage = outer
+  buf.stage = nil
   if not ok then stage_failed(ctx, ev, arg, err) end
+  local i = hop_head
+  if i <= hop_tail then
+    local nctx, nev, narg = hop_ctx[i], hop_ev[i], hop_arg[i]
+    hop_ctx[i], hop_arg[i] = nil, nil
+    if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
+    return invoke(nctx, nev, narg)
+  end
 end
 
 -- A buffer for C: handles give a reference away, strings are copied in.
@@ -104,10 +123,18 @@ local function drop(msg)
   return nil, "closed"
 end
 
+-- The next handler of ev when it is a Lua stage (nil when it is C). A
+-- pipeline does not change while its connection lives, so each context
+-- remembers the answer per event (false: C).
 local function next_lua(ctx, ev)
-  local id = C.sl_ffi_ctx_next(ctx.cptr, ev)
-  if id ~= 0 then return ctxs[id] end
-  return nil
+  local nx = ctx.next
+  local n = nx[ev]
+  if n == nil then
+    local id = C.sl_ffi_ctx_next(ctx.cptr, ev)
+    n = id ~= 0 and ctxs[id] or false
+    nx[ev] = n
+  end
+  return n or nil
 end
 
 function Ctx:fire_read(msg)
@@ -115,7 +142,7 @@ function Ctx:fire_read(msg)
   local n = next_lua(self, READ)
   if n then
     if touching then touch(n, msg) end
-    return invoke(n, READ, msg)
+    return hop(n, READ, msg)
   end
   C.sl_ffi_ctx_fire_read(self.cptr, to_c(self, msg, "fire_read"))
 end
@@ -125,7 +152,7 @@ function Ctx:write(msg)
   local n = next_lua(self, WRITE)
   if n then
     if touching then touch(n, msg) end
-    return invoke(n, WRITE, msg)
+    return hop(n, WRITE, msg)
   end
   C.sl_ffi_ctx_write(self.cptr, to_c(self, msg, "write"))
 end
@@ -134,7 +161,7 @@ local function fire_simple(ev)
   return function(self)
     if not self.cptr then return end
     local n = next_lua(self, ev)
-    if n then return invoke(n, ev) end
+    if n then return hop(n, ev) end
     C.sl_ffi_ctx_fire(self.cptr, ev, 0)
   end
 end
@@ -152,14 +179,14 @@ end
 function Ctx:fire_writability_changed(writable)
   if not self.cptr then return end
   local n = next_lua(self, WRITABILITY)
-  if n then return invoke(n, WRITABILITY, writable and true or false) end
+  if n then return hop(n, WRITABILITY, writable and true or false) end
   C.sl_ffi_ctx_fire(self.cptr, WRITABILITY, writable and 1 or 0)
 end
 
 function Ctx:fire_user_event(event)
   if not self.cptr then return end
   local n = next_lua(self, USER_EVENT)
-  if n then return invoke(n, USER_EVENT, event) end
+  if n then return hop(n, USER_EVENT, event) end
   local code = USER_EVENT_CODE[event]
   if code then C.sl_ffi_ctx_fire(self.cptr, USER_EVENT, code) end
 end
@@ -167,7 +194,7 @@ end
 function Ctx:fire_error(err)
   if not self.cptr then return end
   local n = next_lua(self, ERROR)
-  if n then return invoke(n, ERROR, err) end
+  if n then return hop(n, ERROR, err) end
   C.sl_ffi_ctx_fire_text(self.cptr, ERROR, tostring(err))
 end
 
@@ -175,7 +202,7 @@ function Ctx:close(reason)
   if not self.cptr then return end
   reason = reason and tostring(reason) or ("closed by stage " .. self.name)
   local n = next_lua(self, CLOSE)
-  if n then return invoke(n, CLOSE, reason) end
+  if n then return hop(n, CLOSE, reason) end
   C.sl_ffi_ctx_fire_text(self.cptr, CLOSE, reason)
 end
 
@@ -235,7 +262,7 @@ function _M.dispatch(ev, id, ptr, n, str)
     local stage = stages[n]
     ctxs[id] = setmetatable({
       cptr = ffi_cast(ctx_ptr_t, ptr), id = id, stage = stage, name = stage.name,
-      options = stage.options, state = {},
+      options = stage.options, state = {}, next = {},
     }, Ctx)
     return
   end

@@ -288,4 +288,35 @@ return {
       assert.matches("buffer used after release %(refcnt 0, released by " .. site .. "%)", log)
     end)
   end
+
+  it("delivers several events from one Lua stage to the next Lua stage in order", function()
+    local split = H.tmpfile("splitter.lua", [[
+local sluice = require("sluice")
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    for i = 1, #s do ctx:fire_read(sluice.buf.from(s:sub(i, i))) end
+  end,
+}
+]])
+    local wrap = H.tmpfile("bracket.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    ctx:write("[" .. s .. "]")
+    ctx:flush()
+  end,
+}
+]])
+    local m1, m2 = split:match("([^/]+)%.lua$"), wrap:match("([^/]+)%.lua$")
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { %q, %q } } } }
+]]):format(port, m1, m2))
+    local out = H.exchange(port, "abc", 5)
+    assert.are.equal("[a][b][c]", out)
+    H.stop_sluice(p)
+  end)
 end)

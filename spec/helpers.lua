@@ -100,6 +100,30 @@ function H.raw_listener()
   return L
 end
 
+-- In-process specs (the core through SLUICE_CORE_LIB): gives the calling
+-- describe block a buffer pool of its own, and fails any test that leaves a
+-- buffer outstanding. Returns a table whose .base holds the pool's stats as
+-- each test started.
+function H.with_pool()
+  local pool = require("sluice").pool
+  local guard = {}
+  local spec = getfenv(2) -- busted's setup, teardown, ... live in the spec's environment
+  local assert = spec.assert
+  spec.setup(function() pool.open() end)
+  spec.teardown(function() assert.are.equal(0, pool.close()) end)
+  spec.before_each(function()
+    collectgarbage()
+    guard.base = pool.stats()
+  end)
+  spec.after_each(function()
+    collectgarbage()
+    local now = pool.stats()
+    assert.are.equal(guard.base.blocks_in_use, now.blocks_in_use, "buffers left outstanding")
+    assert.are.equal(guard.base.bytes_in_use, now.bytes_in_use, "bytes left outstanding")
+  end)
+  return guard
+end
+
 -- Runs a shell command; returns its stdout and exit status.
 function H.sh(cmd)
   local f = assert(io.popen(cmd .. "; echo \"__rc=$?\""))

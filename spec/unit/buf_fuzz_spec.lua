@@ -126,13 +126,10 @@ local function encode(t, v)
   return msb
 end
 
+local H = require("helpers")
+
 describe("sluice.buf fuzz", function()
-  setup(function()
-    pool.open()
-  end)
-  teardown(function()
-    assert.are.equal(0, pool.close())
-  end)
+  H.with_pool()
 
   it(("keeps every buffer equal to its model over %d random calls (seed %d)"):format(
     ITERATIONS, SEED), function()

@@ -34,25 +34,10 @@ local function counting(n, max)
   return b
 end
 
+local H = require("helpers")
+
 describe("sluice.buf access", function()
-  local base
-  setup(function()
-    pool.open()
-  end)
-  teardown(function()
-    assert.are.equal(0, pool.close())
-  end)
-  before_each(function()
-    collectgarbage()
-    base = pool.stats()
-  end)
-  after_each(function()
-    collectgarbage()
-    local now = pool.stats()
-    -- Every spec ends with the pool where it started.
-    assert.are.equal(base.blocks_in_use, now.blocks_in_use)
-    assert.are.equal(base.bytes_in_use, now.bytes_in_use)
-  end)
+  H.with_pool() -- every spec ends with the pool where it started
 
   -- Sizes and indexes ------------------------------------------------------
 

@@ -3,34 +3,19 @@
 local sluice = require("sluice")
 local pool, buf = sluice.pool, sluice.buf
 
+local H = require("helpers")
+
 describe("sluice.pool and buffer handles", function()
-  local base
-  setup(function()
-    pool.open()
-  end)
-  teardown(function()
-    assert.are.equal(0, pool.close())
-  end)
-  before_each(function()
-    collectgarbage()
-    base = pool.stats()
-  end)
-  after_each(function()
-    collectgarbage()
-    local now = pool.stats()
-    -- Every spec ends with the pool where it started.
-    assert.are.equal(base.blocks_in_use, now.blocks_in_use)
-    assert.are.equal(base.bytes_in_use, now.bytes_in_use)
-  end)
+  local guard = H.with_pool() -- every spec ends with the pool where it started
 
   it("counts a buffer from allocation to release", function()
     local b = buf.alloc(1000)
     local st = pool.stats()
-    assert.are.equal(base.blocks_in_use + 1, st.blocks_in_use)
-    assert.are.equal(base.bytes_in_use + 1024, st.bytes_in_use) -- the 1024-byte class
+    assert.are.equal(guard.base.blocks_in_use + 1, st.blocks_in_use)
+    assert.are.equal(guard.base.bytes_in_use + 1024, st.bytes_in_use) -- the 1024-byte class
     assert.are.equal(1, b:refcnt())
     assert.is_true(b:release())
-    assert.are.equal(base.blocks_in_use, pool.stats().blocks_in_use)
+    assert.are.equal(guard.base.blocks_in_use, pool.stats().blocks_in_use)
   end)
 
   it("reports per size class", function()
@@ -124,5 +109,15 @@ describe("sluice.pool and buffer handles", function()
     assert.are.equal("abc", b:tostring()) -- reading while someone owns it is fine
     -- The new owner releases.
     assert.are.equal(1, C.sl_ffi_buf_release(ptr, 1, ffi.new("const char *[1]")))
+  end)
+
+  it("tells how many buffers and bytes are outstanding", function()
+    local n0, b0 = buf.outstanding()
+    local b = buf.alloc(3000)
+    local n1, b1 = buf.outstanding()
+    assert.are.equal(n0 + 1, n1)
+    assert.are.equal(b0 + 3072, b1)
+    b:release()
+    assert.are.same({ n0, b0 }, { buf.outstanding() })
   end)
 end)

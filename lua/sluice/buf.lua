@@ -117,9 +117,13 @@ _M.wrap = wrap
 -- handle that owns no reference (it passed its buffer on already, or it is
 -- a view that never owned one) cannot give one: C would later release a
 -- reference nobody had.
-function _M.give(h)
+-- Checks that h can pass its buffer on; raises (at level 4: the stage's
+-- line) when it owns no reference.
+local function passable(h)
   local b = h.b
-  if b.gen ~= h.gen then error("buffer used after release (refcnt 0)", 3) end
+  if b.gen ~= h.gen then
+    error("buffer used after release (refcnt 0, " .. released_by(h) .. ")", 4)
+  end
   local refs = h.refs
   if refs <= 0 then
     if band(b.flags, VIEW) ~= 0 then
@@ -128,11 +132,29 @@ function _M.give(h)
             .. "(refcnt " .. b.root.refcnt .. ")", 3)
     end
     error("buffer passed on twice: this handle no longer owns a reference (refcnt "
-          .. b.root.refcnt .. ")", 3)
+          .. b.root.refcnt .. ")", 4)
   end
+  return b, refs
+end
+
+function _M.give(h)
+  local b, refs = passable(h)
   h.refs = refs - 1
   if refs == 1 then ffi_gc(h, nil) end
   return b
+end
+
+-- A hop to the next Lua stage lends the reference: until it is delivered
+-- (lend_back), the sender owns nothing, so it can neither release it nor
+-- pass it again by mistake. The handle stays reachable from the queue, so
+-- its finalizer stays in place.
+function _M.lend(h)
+  local _, refs = passable(h)
+  h.refs = refs - 1
+end
+
+function _M.lend_back(h)
+  h.refs = h.refs + 1
 end
 
 ---------------------------------------------------------------------------
@@ -767,8 +789,15 @@ function _M.check_caps(cap, max_cap)
   end
 end
 
+-- No buffer: because there is no pool here, or no memory.
+local function no_buffer()
+  if C.sl_ffi_leak_level() < 0 then return nil, "no buffer pool on this thread" end
+  return nil, "out of buffer memory"
+end
+
 -- sluice.buf.alloc(cap [, max_cap]): a new, empty buffer from this worker's
--- pool; the caller owns it. Returns nil, err when memory cannot be had.
+-- pool; the caller owns it (inside a stage, its connection answers for it).
+-- Returns nil, err when memory cannot be had.
 function _M.alloc(cap, max_cap)
   if type(cap) ~= "number" then error("bad 'cap' argument (number expected)", 2) end
   if not (cap >= 0 and cap <= MAX_CAPACITY) or cap ~= floor(cap) then
@@ -784,8 +813,10 @@ function _M.alloc(cap, max_cap)
                      MAX_CAPACITY, num(max_cap)), 2)
     end
   end
-  local b = C.sl_ffi_pool_alloc(cap, max_cap or cap)
-  if b == nil then return nil, "out of buffer memory" end
+  local stage = _M.stage
+  local b = stage and C.sl_ffi_ctx_alloc(stage, cap, max_cap or cap)
+                  or C.sl_ffi_pool_alloc(cap, max_cap or cap)
+  if b == nil then return no_buffer() end
   note_site(b, "sluice.buf.alloc")
   return wrap(b)
 end
@@ -793,10 +824,23 @@ end
 -- sluice.buf.from(str): a new buffer holding a copy of str; the caller owns it.
 function _M.from(str)
   if type(str) ~= "string" then error("bad 'str' argument (string expected)", 2) end
-  local b = C.sl_ffi_pool_from(str, #str)
-  if b == nil then return nil, "out of buffer memory" end
+  local stage = _M.stage
+  local b = stage and C.sl_ffi_ctx_from(stage, str, #str) or C.sl_ffi_pool_from(str, #str)
+  if b == nil then return no_buffer() end
   note_site(b, "sluice.buf.from")
   return wrap(b)
+end
+
+-- sluice.buf.outstanding([ctx]): buffers and bytes not yet released, in the
+-- whole pool or answered for by ctx's connection. Test harnesses use it to
+-- fail a test that leaks.
+function _M.outstanding(ctx)
+  local c, n = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+  if ctx ~= nil and ctx.cptr == nil then return 0, 0 end -- a closed connection
+  if C.sl_ffi_buf_outstanding(ctx and ctx.cptr or nil, c, n) ~= 0 then
+    return nil, "no buffer pool on this thread"
+  end
+  return tonumber(c[0]), tonumber(n[0])
 end
 
 function _M.is_buf(v)

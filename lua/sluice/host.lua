@@ -77,22 +77,26 @@ end
 local hop_ctx, hop_ev, hop_arg = {}, {}, {}
 local hop_head, hop_tail = 1, 0
 
+local lend, lend_back = buf.lend, buf.lend_back
+
 local function hop(ctx, ev, arg)
   local t = hop_tail + 1
   hop_tail = t
+  if is_buf(arg) then lend(arg) end
   hop_ctx[t], hop_ev[t], hop_arg[t] = ctx, ev, arg
 end
 
 function invoke(ctx, ev, arg)
   buf.stage = ctx.cptr  -- releases in this callback name this stage
   local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
-  buf.stage = nil
   if not ok then stage_failed(ctx, ev, arg, err) end
+  buf.stage = nil
   local i = hop_head
   if i <= hop_tail then
     local nctx, nev, narg = hop_ctx[i], hop_ev[i], hop_arg[i]
     hop_ctx[i], hop_arg[i] = nil, nil
     if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
+    if is_buf(narg) then lend_back(narg) end
     return invoke(nctx, nev, narg)
   end
 end

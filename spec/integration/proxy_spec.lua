@@ -319,4 +319,54 @@ return { listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { %
     assert.are.equal("[a][b][c]", out)
     H.stop_sluice(p)
   end)
+
+  local function two_stage_proxy(first_src)
+    local first = H.tmpfile("first.lua", first_src)
+    local echo_stage = H.tmpfile("writer.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    ctx:write(buf)      -- the reference goes on to the connection
+    ctx:flush()
+  end,
+}
+]])
+    local m1, m2 = first:match("([^/]+)%.lua$"), echo_stage:match("([^/]+)%.lua$")
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { %q, %q } } } }
+]]):format(port, m1, m2))
+    return p, port, m1, m2
+  end
+
+  it("catches a release after passing a buffer to the next Lua stage, where it happens", function()
+    local p, port, m1 = two_stage_proxy([[
+return {
+  channel_read = function(ctx, buf)
+    ctx:fire_read(buf)
+    buf:release()       -- wrong: the next stage owns it now
+  end,
+}
+]])
+    H.exchange(port, "x", 5)
+    local log = H.stop_sluice(p)  -- pool clean: the buffer was released once
+    -- The mistake is reported in the stage that made it, not in the next one.
+    assert.matches("stage " .. m1 .. " raised in channel_read", log, 1, true)
+    assert.matches("release of a reference this handle does not own", log, 1, true)
+    assert.not_matches("buffer used after release", log, 1, true)
+  end)
+
+  it("does not release what a failing stage had already passed to the next Lua stage", function()
+    local p, port, m1 = two_stage_proxy([[
+return {
+  channel_read = function(ctx, buf)
+    ctx:fire_read(buf)
+    error("after passing it on")
+  end,
+}
+]])
+    H.exchange(port, "x", 5)
+    local log = H.stop_sluice(p)  -- pool clean: released exactly once, by the connection
+    assert.matches("stage " .. m1 .. " raised in channel_read", log, 1, true)
+    assert.not_matches("buffer used after release", log, 1, true)
+  end)
 end)

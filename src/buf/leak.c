@@ -160,7 +160,10 @@ void sl_leak_report(sl_pool *p, const sl_buf *b, const char *why) {
                               r->block_size, why, r->refcnt);
   const sl_leak_rec *rec = sl_leak_rec_of(r);
   if (rec == NULL) {
-    if (p->leak_level != SL_LEAK_PARANOID && n < sizeof(text))
+    if (p->leak_level == SL_LEAK_DISABLED && n < sizeof(text))
+      n += (size_t)snprintf(text + n, sizeof(text) - n,
+                            "\n  (leak_detection is \"disabled\": nothing was recorded)");
+    else if (p->leak_level != SL_LEAK_PARANOID && n < sizeof(text))
       n += (size_t)snprintf(text + n, sizeof(text) - n,
                             "\n  (where it was allocated is recorded for 1 in %u buffers; "
                             "leak_detection = \"paranoid\" records every one)",

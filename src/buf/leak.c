@@ -202,8 +202,3 @@ size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why) {
   return n;
 }
 
-void sl_leak_get_stats(const sl_pool *p, sl_leak_stats *st) {
-  st->leaks = p->leaks;
-  st->leaked_bytes = p->leaked_bytes;
-  st->recorded = p->leak_recorded;
-}

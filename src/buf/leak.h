@@ -71,11 +71,5 @@ size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why);
  * released before <why>", then its creation site and touches if recorded. */
 void sl_leak_report(sl_pool *p, const sl_buf *b, const char *why);
 
-typedef struct sl_leak_stats {
-  uint64_t leaks, leaked_bytes;   /* reported (and reclaimed) so far */
-  uint64_t recorded;              /* buffers with a record now */
-} sl_leak_stats;
-
-void sl_leak_get_stats(const sl_pool *p, sl_leak_stats *out);
 
 #endif

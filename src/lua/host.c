@@ -301,6 +301,3 @@ void sl_lua_host_destroy(sl_lua_host *h) {
   free(h);
 }
 
-size_t sl_lua_host_memory(const sl_lua_host *h) {
-  return (size_t)lua_gc(h->L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(h->L, LUA_GCCOUNTB, 0);
-}

@@ -33,7 +33,5 @@ void sl_lua_host_destroy(sl_lua_host *h);
 /* Appends a Lua stage to p. Returns the context or NULL on ENOMEM. */
 sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const struct sl_stage_spec *spec);
 
-/* Bytes of Lua heap in use. */
-size_t sl_lua_host_memory(const sl_lua_host *h);
 
 #endif

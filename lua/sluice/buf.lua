@@ -109,7 +109,23 @@ end
 -- Wraps a +1 sl_buf pointer from C into a handle that owns that reference.
 local function wrap(ptr)
   local b = ffi_cast(buf_ptr_t, ptr)
-  return ffi_gc(lbuf_t(b, b.gen, 1), finalize)
+  return ffi_gc(lbuf_t(b, b.gen, 1, 1), finalize)
+end
+
+-- Finalizers are attached lazily where that is safe: setting and removing
+-- one costs LuaJIT far more than the rest of a hop. The dispatcher wraps the
+-- buffers it delivers without one (it holds the handle until the callbacks
+-- are done), then adopts those that still own a reference.
+function _M.wrap_lazy(ptr)
+  local b = ffi_cast(buf_ptr_t, ptr)
+  return lbuf_t(b, b.gen, 1, 0)
+end
+
+function _M.adopt(h)
+  if h.refs > 0 and h.fin == 0 then
+    ffi_gc(h, finalize)
+    h.fin = 1
+  end
 end
 _M.wrap = wrap
 
@@ -140,7 +156,10 @@ end
 function _M.give(h)
   local b, refs = passable(h)
   h.refs = refs - 1
-  if refs == 1 then ffi_gc(h, nil) end
+  if refs == 1 and h.fin ~= 0 then
+    ffi_gc(h, nil)
+    h.fin = 0
+  end
   return b
 end
 
@@ -638,8 +657,8 @@ end
 
 local function view(v, retained)
   if v == nil then return nil, ffi_string(errp[0]) end
-  if retained then return ffi_gc(lbuf_t(v, v.gen, 1), finalize) end
-  return lbuf_t(v, v.gen, 0)
+  if retained then return ffi_gc(lbuf_t(v, v.gen, 1, 1), finalize) end
+  return lbuf_t(v, v.gen, 0, 0)
 end
 
 -- slice(index, len): a view of [index, index + len) of the capacity (reader
@@ -716,7 +735,10 @@ function methods.retain(h, n)
   local b = h.b
   if b.gen ~= h.gen then error("refcnt 0, increment " .. n, 2) end
   if C.sl_ffi_buf_retain(b, n, errp) < 0 then error(ffi_string(errp[0]), 2) end
-  if h.refs == 0 then ffi_gc(h, finalize) end
+  if h.fin == 0 then
+    ffi_gc(h, finalize)
+    h.fin = 1
+  end
   h.refs = h.refs + n
   return h
 end
@@ -749,7 +771,10 @@ function methods.release(h, n)
   if rc < 0 then error(ffi_string(errp[0]), 2) end
   refs = refs - n
   h.refs = refs
-  if refs == 0 then ffi_gc(h, nil) end
+  if refs == 0 and h.fin ~= 0 then
+    ffi_gc(h, nil)
+    h.fin = 0
+  end
   return rc == 1
 end
 

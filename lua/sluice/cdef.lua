@@ -28,6 +28,8 @@ typedef struct sl_lbuf {
   sl_buf *b;
   uint32_t gen;
   int32_t refs;
+  int32_t fin;
+  int32_t pad;
 } sl_lbuf;
 
 int sl_ffi_abi(void);

@@ -14,6 +14,7 @@ local log = require("sluice.log")
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 local ffi_cast = ffi.cast
 local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
+local wrap_lazy, adopt = buf.wrap_lazy, buf.adopt
 local traceback = debug.traceback
 local xpcall, type, tostring, tonumber, setmetatable = xpcall, type, tostring, tonumber, setmetatable
 
@@ -287,15 +288,19 @@ function _M.dispatch(ev, id, ptr, n, str)
   end
   local arg
   if ev == READ or ev == WRITE then
-    arg = wrap(ptr)
+    arg = wrap_lazy(ptr)
   elseif ev == WRITABILITY then
-    arg = n ~= 0
+    arg = (n or 0) ~= 0 -- n is left out when 0
   elseif ev == USER_EVENT then
     arg = USER_EVENT_NAME[n] or n
   elseif ev == ERROR or ev == CLOSE then
     arg = str
   end
   invoke(ctx, ev, arg)
+  -- Still owned by a script once every callback is done (kept in a table,
+  -- say): from now on the garbage collector may find it, so it needs its
+  -- finalizer.
+  if arg ~= nil and is_buf(arg) then adopt(arg) end
 end
 
 return _M

@@ -369,4 +369,30 @@ return {
     assert.matches("stage " .. m1 .. " raised in channel_read", log, 1, true)
     assert.not_matches("buffer used after release", log, 1, true)
   end)
+
+  it("tells a Lua stage when its connection stops and starts being writable", function()
+    local stage = H.tmpfile("watch.lua", [[
+local log = require("sluice.log")
+return {
+  channel_writability_changed = function(ctx, writable)
+    log.info("writability: %s", tostring(writable))
+    ctx:fire_writability_changed(writable)
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    -- The upstream sends 8 MiB at once; the client reads only after a second.
+    local peer = H.start_peer("head -c 8388608 /dev/zero")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, peer.port, ("{ %q }"):format(mod)))
+    local out = H.tmpfile("slow.out")
+    local _, rc = H.sh(("timeout 30 socat -u TCP:127.0.0.1:%d SYSTEM:'sleep 1; cat > %s'")
+      :format(port, out))
+    assert.are.equal(0, rc)
+    assert.are.equal(8388608, #H.read(out))
+    local log = H.stop_sluice(p)
+    assert.matches("writability: false", log, 1, true)
+    assert.matches("writability: true", log, 1, true)
+  end)
 end)

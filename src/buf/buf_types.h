@@ -58,11 +58,14 @@ typedef struct sl_buf_owner {
 } sl_buf_owner;
 
 /* A Lua handle: what a script holds. refs is the number of references this
- * handle owns (a handle that passed its buffer on owns none). */
+ * handle owns (a handle that passed its buffer on owns none); fin is 1
+ * while the handle carries its finalizer (attached lazily: see buf.lua). */
 typedef struct sl_lbuf {
   sl_buf *b;
   uint32_t gen;
   int32_t refs;
+  int32_t fin;
+  int32_t pad;
 } sl_lbuf;
 
 #endif

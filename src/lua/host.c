@@ -47,18 +47,29 @@ static void sl_lua_run(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n, co
   sl_channel *ch = sl_ctx_channel(ctx);
   sl_channel_ref(ch);
   h->depth++;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->traceback_ref);
+  /* The dispatcher catches stage errors itself (with a traceback); this
+   * pcall only contains a failure of the dispatcher (out of Lua memory).
+   * Only the arguments the event uses are pushed: dispatch(ev, id, ptr, n, str). */
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->dispatch_ref);
   lua_pushinteger(L, ev);
   lua_pushnumber(L, ctx->lua_id);
-  /* Pointers go as numbers: LuaJIT compiles casting a number to a pointer,
-   * not a lightuserdata (user-space addresses are exact in a double). */
-  if (ptr) lua_pushnumber(L, (lua_Number)(uintptr_t)ptr);
-  else lua_pushnil(L);
-  lua_pushinteger(L, n);
-  if (str) lua_pushstring(L, str);
-  else lua_pushnil(L);
-  if (lua_pcall(L, 5, 0, -7) != 0) {
+  int nargs = 2;
+  if (ptr || n || str) {
+    /* Pointers go as numbers: LuaJIT compiles casting a number to a pointer,
+     * not a lightuserdata (user-space addresses are exact in a double). */
+    if (ptr) lua_pushnumber(L, (lua_Number)(uintptr_t)ptr);
+    else lua_pushnil(L);
+    nargs = 3;
+    if (n || str) {
+      lua_pushinteger(L, n);
+      nargs = 4;
+      if (str) {
+        lua_pushstring(L, str);
+        nargs = 5;
+      }
+    }
+  }
+  if (lua_pcall(L, nargs, 0, 0) != 0) {
     /* The dispatcher catches stage errors itself; this is the host failing
      * (out of memory in Lua). Contain it to this connection. */
     sl_log(SL_LOG_ERROR, "%s: Lua dispatch failed: %s", sl_channel_describe(ch),
@@ -66,7 +77,6 @@ static void sl_lua_run(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n, co
     lua_pop(L, 1);
     sl_channel_close(ch, "Lua dispatch failed", 1);
   }
-  lua_pop(L, 1);
   h->depth--;
   sl_channel_unref(ch);
 }

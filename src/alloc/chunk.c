@@ -34,11 +34,22 @@ static void sl_free_insert(sl_chunk *c, uint32_t start, uint32_t len) {
   if (len > c->max_free) c->max_free = len;
 }
 
-/* The longest length whose bucket is non-empty, or 0. */
-static uint32_t sl_free_longest(const sl_chunk *c) {
-  for (int w = (int)((c->npages + 1 + 63) / 64) - 1; w >= 0; w--)
-    if (c->nonempty[w]) return (uint32_t)w * 64 + 63 - (uint32_t)__builtin_clzll(c->nonempty[w]);
-  return 0;
+/* After runs were taken out and put back: if the longest free run's bucket
+ * emptied, the longest is now shorter; find it scanning down from there. */
+static void sl_free_fix_max(sl_chunk *c) {
+  uint32_t m = c->max_free;
+  if (m == 0 || c->bucket[m] != SL_NONE) return;
+  int w = (int)(m >> 6);
+  uint64_t bits = c->nonempty[w] & (~0ull >> (63 - (m & 63)));
+  for (;;) {
+    if (bits) {
+      c->max_free = (uint32_t)w * 64 + 63 - (uint32_t)__builtin_clzll(bits);
+      return;
+    }
+    if (--w < 0) break;
+    bits = c->nonempty[w];
+  }
+  c->max_free = 0;
 }
 
 static void sl_free_remove(sl_chunk *c, uint32_t start) {
@@ -47,10 +58,7 @@ static void sl_free_remove(sl_chunk *c, uint32_t start) {
   if (prev != SL_NONE) c->free_next[prev] = next;
   else c->bucket[len] = next;
   if (next != SL_NONE) c->free_prev[next] = prev;
-  if (c->bucket[len] == SL_NONE) {
-    c->nonempty[len >> 6] &= ~(1ull << (len & 63));
-    if (len == c->max_free) c->max_free = sl_free_longest(c);
-  }
+  if (c->bucket[len] == SL_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
   c->free_head[start] = 0;
   c->free_tail[start + len - 1] = 0;
 }
@@ -113,6 +121,7 @@ int sl_chunk_run_alloc(sl_chunk *c, uint32_t n) {
   uint32_t start = c->bucket[len];
   sl_free_remove(c, start);
   if (len > n) sl_free_insert(c, start + n, len - n);
+  sl_free_fix_max(c);
   c->run_len[start] = n;
   c->free_pages -= n;
   return (int)start;
@@ -136,6 +145,7 @@ void sl_chunk_run_free(sl_chunk *c, uint32_t page, uint32_t n) {
     len += r;
   }
   sl_free_insert(c, start, len);
+  sl_free_fix_max(c);
 }
 
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,

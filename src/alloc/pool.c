@@ -70,6 +70,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->leak_level = cfg->leak_level;
   p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
   p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
+  p->release_site = "the core";
   sl_pool_bind_thread(p);
   return p;
 fail:

@@ -78,11 +78,11 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
     v = next;
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
+  /* A dead header keeps the generation it died with and who released it
+   * (its index and data fields are unused now). */
   r->rd = r->gen;
   r->gen = 0;
-  /* A dead header keeps who released it (its data pointer is unused now). */
-  r->data = (uint8_t *)(uintptr_t)(pool->release_site ? pool->release_site : "the core");
-  r->flags |= SL_BUF_DEAD_SITE;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, r);
@@ -93,8 +93,12 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
 
 const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
   if (b->gen != 0 || b->rd != gen) return NULL; /* reused since */
-  const sl_buf *r = (b->flags & SL_BUF_VIEW) ? b->root : b;
-  if (r->gen != 0 || !(r->flags & SL_BUF_DEAD_SITE)) return NULL;
+  const sl_buf *r = b;
+  if (b->flags & SL_BUF_VIEW) {
+    /* A view died with its root; the root must not have been reused. */
+    r = b->root;
+    if (r->gen != 0 || r->flags & SL_BUF_VIEW) return NULL;
+  }
   return (const char *)r->data;
 }
 

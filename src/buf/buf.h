@@ -39,7 +39,9 @@ void sl_buf_retain(sl_buf *b);
 /* Who is releasing buffers right now, for "released by ..." in errors
  * about dead handles: a static string, or NULL for "the core". Kept by
  * the headers the next frees put back; reset after each free. */
-static inline void sl_buf_release_site(sl_pool *p, const char *site) { p->release_site = site; }
+static inline void sl_buf_release_site(sl_pool *p, const char *site) {
+  p->release_site = site ? site : "the core";
+}
 
 /* The description a dead header keeps of who released the buffer of
  * generation gen, or NULL when the header was reused since. */

@@ -46,7 +46,6 @@ struct sl_buf {
 
 #define SL_BUF_VIEW 0x1u
 #define SL_BUF_RECORDED 0x2u   /* leak tracking keeps a record (site, touches) */
-#define SL_BUF_DEAD_SITE 0x4u  /* released: data points at who released it */
 
 /* Something buffers can be owned by (a channel embeds one): the live roots
  * it answers for, linked through a per-pool side table (buf/leak.c). */

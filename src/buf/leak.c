@@ -102,6 +102,15 @@ static void sl_leak_free_rec(sl_leak_rec *rec) {
   free(rec);
 }
 
+void sl_leak_sampled(sl_pool *p, sl_buf *b) {
+  if (p->leak_level == SL_LEAK_DISABLED) {
+    p->leak_countdown = UINT32_MAX;
+    return;
+  }
+  p->leak_countdown = p->leak_level == SL_LEAK_PARANOID ? 1 : p->leak_sample;
+  sl_leak_record(p, b, NULL);
+}
+
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {
   if (sl_leak_maps(p) != SL_OK) return;
   sl_leak_rec *rec = calloc(1, sizeof(*rec));

@@ -43,14 +43,14 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o);
  * caller sets it later with sl_leak_set_site). */
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site);
 
-/* Called by the buffer code when a root is allocated: decides sampling. */
+/* The countdown reached zero: record b (or, disabled, wind the countdown
+ * back up without recording). */
+void sl_leak_sampled(sl_pool *p, sl_buf *b);
+
+/* Called by the buffer code when a root is allocated: decides sampling with
+ * one countdown (paranoid counts from 1, disabled from 2^32). */
 static inline void sl_leak_on_alloc(sl_pool *p, sl_buf *b) {
-  if (p->leak_level == SL_LEAK_DISABLED) return;
-  if (p->leak_level != SL_LEAK_PARANOID) {
-    if (--p->leak_countdown != 0) return;
-    p->leak_countdown = p->leak_sample;
-  }
-  sl_leak_record(p, b, NULL);
+  if (__builtin_expect(--p->leak_countdown == 0, 0)) sl_leak_sampled(p, b);
 }
 
 /* Called when a root that is owned or recorded is freed. */

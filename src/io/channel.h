@@ -42,6 +42,7 @@ enum {
   SL_CH_CLOSED = 0x80,
   SL_CH_ERROR = 0x100,          /* closed because of an error */
   SL_CH_READ_PAUSED = 0x200,    /* out of buffer memory: retrying */
+  SL_CH_READ_ONCE = 0x400,      /* autoread off, one read asked for (ctx:read) */
 };
 
 /* Called when an outgoing connect completes (err 0) or fails (errno value). */
@@ -109,6 +110,10 @@ void sl_channel_shutdown_output(sl_channel *ch);
 void sl_channel_close_after_flush(sl_channel *ch, const char *reason);
 
 void sl_channel_set_autoread(sl_channel *ch, int on);
+
+/* With autoread off: reads once more (one wake-up's worth), as Netty's
+ * Channel.read(). Nothing to do with autoread on. */
+void sl_channel_read_request(sl_channel *ch);
 
 void sl_channel_join(sl_channel *a, sl_channel *b);
 

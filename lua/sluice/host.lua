@@ -156,29 +156,35 @@ local function deliver(e)
   return call(ctx, ev, arg, nil)
 end
 
+-- One step per callback, looping by tail calls: the Lua stack does not
+-- grow with the number of stages or events, and every callback returns into
+-- this frame (LuaJIT compiles tail recursion into a loop). `event` itself
+-- stays referenced here: a reference to event[0] would not keep it alive.
 local function run()
-  local e = event[0]
-  while true do
-    local i = hop_head
-    if i <= hop_tail then
-      local ctx, ev, arg, p = hop_ctx[i], hop_ev[i], hop_arg[i], hop_p[i]
-      hop_ctx[i], hop_arg[i], hop_p[i] = nil, nil, nil
-      if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
-      if is_buf(arg) then lend_back(arg) end
-      if ctx.cptr then
-        call(ctx, ev, arg, p)
-      elseif is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
-        arg:release(arg.refs) -- the stage left while the event waited
-      end
-    else
-      if top_arg ~= nil then
-        adopt(top_arg)
-        top_arg = nil
-      end
-      if C.sl_ffi_host_next(host, e) == 0 then return end
-      deliver(e)
+  local i = hop_head
+  if i <= hop_tail then
+    local ctx, ev, arg, p = hop_ctx[i], hop_ev[i], hop_arg[i], hop_p[i]
+    hop_ctx[i], hop_arg[i], hop_p[i] = nil, nil, nil
+    if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
+    if is_buf(arg) then lend_back(arg) end
+    if ctx.cptr then
+      cur_ctx, cur_ev, cur_arg = ctx, ev, arg
+      buf.stage = ctx.cptr
+      ctx.mod[CALLBACK[ev]](ctx, arg, p)
+      buf.stage = nil
+      cur_ctx = nil
+    elseif is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
+      arg:release(arg.refs) -- the stage left while the event waited
     end
+    return run()
   end
+  if top_arg ~= nil then
+    adopt(top_arg)
+    top_arg = nil
+  end
+  if C.sl_ffi_host_next(host, event) == 0 then return end
+  deliver(event[0])
+  return run()
 end
 
 -- Runs every queued event. Called by C once per loop iteration in a

@@ -707,6 +707,19 @@ _M.run_timers = run_timers
 
 ---------------------------------------------------------------------------
 
+_M.new_ctx = new_ctx
+
+-- Forgets every stage and context (sluice.testing, after its in-memory
+-- worker was made anew).
+function _M.reset()
+  for k in pairs(stages) do stages[k] = nil end
+  for k in pairs(keys) do keys[k] = nil end
+  for k in pairs(ctxs) do ctxs[k] = nil end
+  hop_head, hop_tail = 1, 0
+  heap, nheap, armed_at = {}, 0, nil
+  epoch = epoch + 1
+end
+
 function _M.init(worker_id, h)
   _M.worker_id = worker_id
   host = ffi_cast("sl_lua_host *", h)

@@ -43,6 +43,7 @@ enum {
   SL_CH_ERROR = 0x100,          /* closed because of an error */
   SL_CH_READ_PAUSED = 0x200,    /* out of buffer memory: retrying */
   SL_CH_READ_ONCE = 0x400,      /* autoread off, one read asked for (ctx:read) */
+  SL_CH_EMBEDDED = 0x800,       /* no socket: sluice.testing drives it */
 };
 
 /* Called when an outgoing connect completes (err 0) or fails (errno value). */
@@ -82,6 +83,15 @@ struct sl_channel {
  * closed). */
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
                                 const sl_channel_config *cfg, const char *desc_fmt_name);
+
+/* A channel without a socket (sluice.testing's EmbeddedChannel): flushed
+ * writes stay queued until sl_outq_take. NULL on ENOMEM. */
+sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
+                                const char *name);
+
+/* Forces writability (tests simulating a slow peer); fires the event on a
+ * change. */
+void sl_channel_set_writable(sl_channel *ch, int on);
 
 /* Starts a non-blocking connect to addr; on_connect runs when it completes,
  * fails or times out. Returns the channel, or NULL with errno set. */

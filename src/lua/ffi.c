@@ -218,6 +218,7 @@ int sl_ffi_pool_open(void) {
 uint64_t sl_ffi_pool_close(void) {
   sl_pool *p = sl_pool_current();
   if (p == NULL) return 0;
+  sl_ffi_embedded_shutdown(); /* sluice.testing's worker lives on this pool */
   sl_buf_drain(p);
   sl_pool_stats st;
   sl_pool_get_stats(p, &st);

@@ -239,4 +239,24 @@ SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 /* The current time in ms of the worker's loop. */
 SL_FFI_EXPORT double sl_ffi_ctx_now(sl_ctx *ctx);
 
+/* ---- the in-memory channel of sluice.testing (embedded.c) ---- */
+SL_FFI_EXPORT sl_lua_host *sl_ffi_host_open(struct sl_worker *w);
+SL_FFI_EXPORT sl_lua_host *sl_ffi_embedded_host(void);
+SL_FFI_EXPORT struct sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high);
+SL_FFI_EXPORT double sl_ffi_embedded_add_lua(struct sl_channel *ch, int key, const char *name,
+                                             sl_ctx **out);
+SL_FFI_EXPORT sl_ctx *sl_ffi_embedded_add_c(struct sl_channel *ch, const char *name,
+                                            const char **err);
+SL_FFI_EXPORT void sl_ffi_embedded_activate(struct sl_channel *ch);
+SL_FFI_EXPORT void sl_ffi_embedded_fire(struct sl_channel *ch, int ev, sl_buf *b, int n,
+                                        const char *text);
+SL_FFI_EXPORT sl_buf *sl_ffi_embedded_take(struct sl_channel *ch);
+SL_FFI_EXPORT void sl_ffi_embedded_set_writable(struct sl_channel *ch, int on);
+SL_FFI_EXPORT int sl_ffi_embedded_is_open(struct sl_channel *ch);
+SL_FFI_EXPORT const char *sl_ffi_embedded_reason(struct sl_channel *ch);
+SL_FFI_EXPORT void sl_ffi_embedded_close(struct sl_channel *ch, const char *reason);
+SL_FFI_EXPORT void sl_ffi_embedded_owned(struct sl_channel *ch, uint64_t *count, uint64_t *bytes);
+SL_FFI_EXPORT size_t sl_ffi_embedded_release(struct sl_channel *ch, char *report, size_t size);
+SL_FFI_EXPORT void sl_ffi_embedded_shutdown(void);
+
 #endif

@@ -3,6 +3,7 @@
 #define SL_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 typedef enum {
   SL_LOG_DEBUG = 0,
@@ -24,6 +25,11 @@ void sl_log(sl_log_level level, const char *fmt, ...)
 
 /* Writes a preformatted message (may hold newlines: a traceback). */
 void sl_log_text(sl_log_level level, const char *text);
+
+/* Collects this thread's records (text and newline, no prefix) into buf
+ * instead of printing them; buf NULL prints again. */
+void sl_log_capture(char *buf, size_t size);
+size_t sl_log_captured(void);
 
 #define sl_log_enabled(l) ((l) >= sl_log_get_level())
 

@@ -247,9 +247,9 @@ function _M.init(worker_id)
   buf.where = touching  -- releases record file:line from "advanced" up
 end
 
--- Loads a stage module for this worker. Returns its key and the mask of the
--- events it handles.
-function _M.load_stage(name, file, options)
+-- Loads a stage module for this worker under `key`. Returns the key and the
+-- mask of the events it handles.
+function _M.load_stage(name, file, options, key)
   local mod = require(name)
   if type(mod) ~= "table" then
     error(("module %q from %s did not return a table of callbacks"):format(name, file))
@@ -258,8 +258,14 @@ function _M.load_stage(name, file, options)
   for ev, cb in pairs(CALLBACK) do
     if type(mod[cb]) == "function" then mask = bor(mask, lshift(1, ev)) end
   end
-  stages[#stages + 1] = { name = name, mod = mod, options = options or {} }
-  return #stages, mask
+  key = key or #stages + 1
+  stages[key] = { name = name, mod = mod, options = options or {} }
+  return key, mask
+end
+
+-- Forgets the stage loaded under `key` (contexts that use it keep it).
+function _M.unload_stage(key)
+  stages[key] = nil
 end
 
 function _M.dispatch(ev, id, ptr, n, str)

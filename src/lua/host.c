@@ -35,7 +35,10 @@ struct sl_lua_host {
   size_t qhead, qlen, qcap;
   double next_id;
   uint32_t *masks;        /* per loaded stage key: events it handles */
-  int nstages;
+  int nstages;            /* highest key loaded */
+  int load_ref;           /* registry: sluice.host.load_stage */
+  int unload_ref;         /* registry: sluice.host.unload_stage */
+  int loaded_any;         /* a configuration's stages were loaded before */
 };
 
 static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ctx)->w->lua; }
@@ -231,7 +234,8 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, const sl_config *cfg,
     lua_settop(L, 0);
     return SL_ERROR;
   }
-  if (lua_pcall(L, 3, 2, -5) != 0) {
+  lua_pushinteger(L, spec->lua_key);
+  if (lua_pcall(L, 4, 2, -6) != 0) {
     snprintf(err, errlen, "stage %s: %s", spec->module, lua_tostring(L, -1));
     lua_settop(L, 0);
     return SL_ERROR;
@@ -252,8 +256,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
     return NULL;
   }
   h->w = w;
-  h->nstages = cfg->nlua_stages;
-  h->masks = calloc((size_t)h->nstages + 1, sizeof(uint32_t));
+  h->masks = calloc(1, sizeof(uint32_t));
   h->L = luaL_newstate();
   if (h->L == NULL || h->masks == NULL) {
     snprintf(err, errlen, "out of memory");
@@ -281,25 +284,71 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   lua_getfield(L, -1, "dispatch");
   h->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "load_stage");
-  int load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  h->load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "unload_stage");
+  h->unload_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "init");
   lua_pushinteger(L, w->id);
   lua_call(L, 1, 0);
   lua_settop(L, 0);
+  h->loaded_any = 0;
+  if (sl_lua_host_load(h, cfg, err, errlen) != SL_OK) {
+    sl_lua_host_destroy(h);
+    return NULL;
+  }
+  return h;
+}
 
+int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t errlen) {
+  lua_State *L = h->L;
+  int last = cfg->lua_key_first + cfg->nlua_stages - 1;
+  if (last > h->nstages) {
+    uint32_t *m = realloc(h->masks, ((size_t)last + 1) * sizeof(uint32_t));
+    if (m == NULL) {
+      snprintf(err, errlen, "out of memory");
+      return SL_ERROR;
+    }
+    memset(m + h->nstages, 0, ((size_t)last + 1 - (size_t)h->nstages) * sizeof(uint32_t));
+    h->masks = m;
+    h->nstages = last;
+  }
+  /* A later configuration runs its stage modules anew: connections that
+   * are still open keep the tables of the earlier run. */
+  if (h->loaded_any) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+      const sl_listener_cfg *lc = &cfg->listeners[i];
+      for (size_t j = 0; j < lc->nstages; j++) {
+        if (lc->stages[j].ops != NULL) continue;
+        lua_pushnil(L);
+        lua_setfield(L, -2, lc->stages[j].module);
+      }
+    }
+    lua_settop(L, 0);
+  }
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const sl_listener_cfg *lc = &cfg->listeners[i];
     for (size_t j = 0; j < lc->nstages; j++) {
       if (lc->stages[j].ops != NULL) continue;
-      if (sl_lua_load_stage(h, load_ref, cfg, &lc->stages[j], err, errlen) != SL_OK) {
-        luaL_unref(L, LUA_REGISTRYINDEX, load_ref);
-        sl_lua_host_destroy(h);
-        return NULL;
+      if (sl_lua_load_stage(h, h->load_ref, cfg, &lc->stages[j], err, errlen) != SL_OK) {
+        sl_lua_host_unload(h, cfg->lua_key_first, cfg->nlua_stages);
+        return SL_ERROR;
       }
     }
   }
-  luaL_unref(L, LUA_REGISTRYINDEX, load_ref);
-  return h;
+  h->loaded_any = 1;
+  return SL_OK;
+}
+
+void sl_lua_host_unload(sl_lua_host *h, int first, int n) {
+  lua_State *L = h->L;
+  for (int key = first; key < first + n && key <= h->nstages; key++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->unload_ref);
+    lua_pushinteger(L, key);
+    if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+    h->masks[key - 1] = 0;
+  }
 }
 
 void sl_lua_host_destroy(sl_lua_host *h) {

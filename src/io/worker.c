@@ -15,7 +15,7 @@ static void sl_worker_on_stop(struct ev_loop *loop, ev_async *a, int revents) {
   if (w->stopping) {
     /* Asked again while draining: close everything now. */
     if (w->stopping == 1 && w->nchannels > 0) {
-      sl_log(SL_LOG_INFO, "worker %d: stopping at once: closing %llu connections", w->id,
+      sl_log(SL_LOG_INFO, "worker %d: stopping at once: closing %llu open sockets", w->id,
              (unsigned long long)w->nchannels);
       w->stopping = 2;
       ev_timer_stop(loop, &w->drain_timer);
@@ -30,7 +30,7 @@ static void sl_worker_on_stop(struct ev_loop *loop, ev_async *a, int revents) {
   if (w->on_stop) w->on_stop(w);
   if (w->nchannels == 0) return; /* the loop ends by itself once no watcher is left */
   if (w->drain_timeout > 0) {
-    sl_log(SL_LOG_INFO, "worker %d: draining %llu connections (at most %.3g s)", w->id,
+    sl_log(SL_LOG_INFO, "worker %d: draining %llu open sockets (at most %.3g s)", w->id,
            (unsigned long long)w->nchannels, w->drain_timeout);
     ev_timer_set(&w->drain_timer, w->drain_timeout, 0.);
     ev_timer_start(loop, &w->drain_timer);
@@ -44,7 +44,7 @@ static void sl_worker_on_drain_deadline(struct ev_loop *loop, ev_timer *t, int r
   SL_UNUSED(loop);
   SL_UNUSED(revents);
   sl_worker *w = SL_CONTAINER_OF(t, sl_worker, drain_timer);
-  sl_log(SL_LOG_INFO, "worker %d: drain deadline: closing %llu connections", w->id,
+  sl_log(SL_LOG_INFO, "worker %d: drain deadline: closing %llu open sockets", w->id,
          (unsigned long long)w->nchannels);
   w->stopping = 2;
   sl_worker_close_channels(w, "shutdown");

@@ -461,13 +461,20 @@ local function register(name, mod, options)
 end
 _M.register = register
 
--- Loads a stage module named in the config for this worker. Returns its key.
-function _M.load_stage(name, file, options)
+-- Loads a stage module named in the config for this worker under `key`.
+-- Returns the key and the mask of the events it handles.
+function _M.load_stage(name, file, options, key)
   local mod = require(name)
   if type(mod) ~= "table" then
     error(("module %q from %s did not return a table of callbacks"):format(name, file))
   end
-  return register(name, mod, options)
+  stages[key] = { name = name, mod = mod, options = options or {} }
+  return key, mask_of(mod)
+end
+
+-- Forgets the stage loaded under `key` (contexts that use it keep it).
+function _M.unload_stage(key)
+  stages[key] = nil
 end
 
 -- A stage given while running: a table of callbacks, a module name, or

@@ -163,7 +163,8 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
-  it("write promises fail with 'closed' on a closed channel", function()
+  local promises = pcall(function() return require("sluice.core").sl_ffi_ctx_write_p end)
+  ;(promises and it or pending)("write promises fail with 'closed' on a closed channel", function()
     local result
     local stage = { channel_read = function(ctx, b)
       b:release()

@@ -33,7 +33,12 @@ struct sl_lua_host {
   int has_cur;
   double next_id;
   uint32_t *masks;        /* per loaded stage key: events it handles */
-  int nstages, capstages;
+  int nstages;            /* highest configuration key loaded */
+  int load_ref;           /* registry: sluice.host.load_stage */
+  int unload_ref;         /* registry: sluice.host.unload_stage */
+  int loaded_any;         /* a configuration's stages were loaded before */
+  uint32_t *adhoc;        /* stages added while running: key SL_LUA_ADHOC_KEY + i */
+  int nadhoc, capadhoc;
   ev_timer timer;         /* the earliest Lua timer */
 };
 
@@ -217,13 +222,15 @@ static const sl_stage_ops sl_lua_stage_ops = {
     .on_removed = sl_lua_on_removed,
 };
 
+static uint32_t sl_lua_mask_of(const sl_lua_host *h, int key);
+
 sl_ctx *sl_lua_host_insert(sl_lua_host *h, sl_pipeline *p, sl_ctx *before, int key,
                            const char *name, int announce) {
-  SL_ASSERT(key > 0 && key <= h->nstages, "unknown Lua stage key");
+  uint32_t mask = sl_lua_mask_of(h, key);
   sl_ctx *ctx = sl_pipeline_insert(p, before, &sl_lua_stage_ops, name);
   if (ctx == NULL) return NULL;
   ctx->lua_stage = key;
-  ctx->mask = h->masks[key - 1];
+  ctx->mask = mask;
   ctx->lua_id = ++h->next_id;
   if (announce) sl_lua_call(ctx, SL_LEV_ADDED, ctx, key, NULL);
   return ctx;
@@ -287,27 +294,43 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, int tb_ref, const sl_
     lua_settop(L, 0);
     return SL_ERROR;
   }
-  if (lua_pcall(L, 3, 1, -5) != 0) {
+  lua_pushinteger(L, spec->lua_key);
+  if (lua_pcall(L, 4, 2, -6) != 0) {
     snprintf(err, errlen, "stage %s: %s", spec->module, lua_tostring(L, -1));
     lua_settop(L, 0);
     return SL_ERROR;
   }
-  int key = (int)lua_tointeger(L, -1);
+  int key = (int)lua_tointeger(L, -2);
+  uint32_t mask = (uint32_t)lua_tointeger(L, -1);
   lua_settop(L, 0);
   SL_ASSERT(key == spec->lua_key, "Lua stage keys out of step with the config");
+  h->masks[key - 1] = mask;
   return SL_OK;
 }
 
+/* Stages added while running (ctx:pipeline(), sluice.testing) have keys of
+ * their own, above any configuration's. */
+#define SL_LUA_ADHOC_KEY (1 << 24)
+
 int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask) {
-  if (h->nstages == h->capstages) {
-    int cap = h->capstages ? h->capstages * 2 : 16;
-    uint32_t *m = realloc(h->masks, sizeof(uint32_t) * (size_t)cap);
+  if (h->nadhoc == h->capadhoc) {
+    int cap = h->capadhoc ? h->capadhoc * 2 : 16;
+    uint32_t *m = realloc(h->adhoc, sizeof(uint32_t) * (size_t)cap);
     if (m == NULL) return 0;
-    h->masks = m;
-    h->capstages = cap;
+    h->adhoc = m;
+    h->capadhoc = cap;
   }
-  h->masks[h->nstages++] = mask;
-  return h->nstages;
+  h->adhoc[h->nadhoc++] = mask;
+  return SL_LUA_ADHOC_KEY + h->nadhoc;
+}
+
+static uint32_t sl_lua_mask_of(const sl_lua_host *h, int key) {
+  if (key > SL_LUA_ADHOC_KEY) {
+    SL_ASSERT(key - SL_LUA_ADHOC_KEY <= h->nadhoc, "unknown Lua stage key");
+    return h->adhoc[key - SL_LUA_ADHOC_KEY - 1];
+  }
+  SL_ASSERT(key > 0 && key <= h->nstages, "unknown Lua stage key");
+  return h->masks[key - 1];
 }
 
 static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
@@ -322,7 +345,8 @@ static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
-  if (h == NULL || (h->L = luaL_newstate()) == NULL) {
+  if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
+      (h->L = luaL_newstate()) == NULL) {
     snprintf(err, errlen, "out of memory");
     sl_lua_host_destroy(h);
     return NULL;
@@ -334,16 +358,11 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   lua_pushstring(L, cfg->search_path);
   lua_setfield(L, -2, "path");
   lua_pop(L, 1);
-  lua_getglobal(L, "debug");
-  lua_getfield(L, -1, "traceback");
-  int tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pop(L, 1);
 
   lua_getglobal(L, "require");
   lua_pushstring(L, "sluice.host");
   if (lua_pcall(L, 1, 1, 0) != 0) {
     snprintf(err, errlen, "loading sluice.host: %s", lua_tostring(L, -1));
-    luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
     w->lua = NULL;
     sl_lua_host_destroy(h);
     return NULL;
@@ -351,30 +370,81 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   lua_getfield(L, -1, "drain");
   h->drain_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "load_stage");
-  int load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  h->load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "unload_stage");
+  h->unload_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "init");
   lua_pushinteger(L, w->id);
   lua_pushnumber(L, (lua_Number)(uintptr_t)h);
   lua_call(L, 2, 0);
   lua_settop(L, 0);
-
-  int rc = SL_OK;
-  for (size_t i = 0; i < cfg->nlisteners && rc == SL_OK; i++) {
-    const sl_listener_cfg *lc = &cfg->listeners[i];
-    for (size_t j = 0; j < lc->nstages && rc == SL_OK; j++) {
-      if (lc->stages[j].ops != NULL) continue;
-      rc = sl_lua_load_stage(h, load_ref, tb_ref, cfg, &lc->stages[j], err, errlen);
-    }
-  }
-  luaL_unref(L, LUA_REGISTRYINDEX, load_ref);
-  luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
-  if (rc != SL_OK) {
+  h->loaded_any = 0;
+  if (sl_lua_host_load(h, cfg, err, errlen) != SL_OK) {
     w->lua = NULL;
     sl_lua_host_destroy(h);
     return NULL;
   }
   w->lua_hold = sl_lua_host_hold;
   return h;
+}
+
+int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t errlen) {
+  lua_State *L = h->L;
+  int last = cfg->lua_key_first + cfg->nlua_stages - 1;
+  if (last > h->nstages) {
+    uint32_t *m = realloc(h->masks, ((size_t)last + 1) * sizeof(uint32_t));
+    if (m == NULL) {
+      snprintf(err, errlen, "out of memory");
+      return SL_ERROR;
+    }
+    memset(m + h->nstages, 0, ((size_t)last + 1 - (size_t)h->nstages) * sizeof(uint32_t));
+    h->masks = m;
+    h->nstages = last;
+  }
+  /* A later configuration runs its stage modules anew: connections that
+   * are still open keep the tables of the earlier run. */
+  if (h->loaded_any) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+      const sl_listener_cfg *lc = &cfg->listeners[i];
+      for (size_t j = 0; j < lc->nstages; j++) {
+        if (lc->stages[j].ops != NULL) continue;
+        lua_pushnil(L);
+        lua_setfield(L, -2, lc->stages[j].module);
+      }
+    }
+    lua_settop(L, 0);
+  }
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  int tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, 1);
+  int rc = SL_OK;
+  for (size_t i = 0; i < cfg->nlisteners && rc == SL_OK; i++) {
+    const sl_listener_cfg *lc = &cfg->listeners[i];
+    for (size_t j = 0; j < lc->nstages && rc == SL_OK; j++) {
+      if (lc->stages[j].ops != NULL) continue;
+      rc = sl_lua_load_stage(h, h->load_ref, tb_ref, cfg, &lc->stages[j], err, errlen);
+    }
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
+  if (rc != SL_OK) {
+    sl_lua_host_unload(h, cfg->lua_key_first, cfg->nlua_stages);
+    return SL_ERROR;
+  }
+  h->loaded_any = 1;
+  return SL_OK;
+}
+
+void sl_lua_host_unload(sl_lua_host *h, int first, int n) {
+  lua_State *L = h->L;
+  for (int key = first; key < first + n && key <= h->nstages; key++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->unload_ref);
+    lua_pushinteger(L, key);
+    if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+    h->masks[key - 1] = 0;
+  }
 }
 
 void sl_lua_host_defer(sl_lua_host *h) { h->deferred = 1; }
@@ -396,5 +466,6 @@ void sl_lua_host_destroy(sl_lua_host *h) {
   if (h->L) lua_close(h->L);
   free(h->q);
   free(h->masks);
+  free(h->adhoc);
   free(h);
 }

@@ -28,6 +28,17 @@ struct sl_channel;
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const struct sl_config *cfg,
                                 char *err, size_t errlen);
 
+/* Loads the Lua stages of cfg (a reloaded configuration) into h's state
+ * under their keys; modules loaded before are run anew, and the stages of
+ * earlier configurations stay for the connections that use them. Borrows
+ * cfg (its Lua state is read: one thread at a time). SL_OK, or SL_ERROR with
+ * a message in err and nothing of cfg left loaded. */
+int sl_lua_host_load(sl_lua_host *h, const struct sl_config *cfg, char *err, size_t errlen);
+
+/* Forgets the stages with keys first..first+n-1 (a configuration that no
+ * connection of this worker uses any more, or a reload that failed). */
+void sl_lua_host_unload(sl_lua_host *h, int first, int n);
+
 /* Closes the state: finalizers run and reclaim what scripts leaked. */
 void sl_lua_host_destroy(sl_lua_host *h);
 

@@ -39,6 +39,17 @@ void sl_log_capture(char *buf, size_t size) {
 
 size_t sl_log_captured(void) { return sl_log_cap_len; }
 
+int sl_log_format_time(char *out, size_t outlen) {
+  struct timespec ts;
+  struct tm tm;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  gmtime_r(&ts.tv_sec, &tm);
+  int n = snprintf(out, outlen, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+                   tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                   ts.tv_nsec / 1000000);
+  return n < 0 ? 0 : (int)SL_MIN((size_t)n, outlen - 1);
+}
+
 static void sl_log_emit(sl_log_level level, const char *msg, size_t len) {
   if (sl_log_cap != NULL) {
     size_t room = sl_log_cap_size - sl_log_cap_len;
@@ -52,13 +63,8 @@ static void sl_log_emit(sl_log_level level, const char *msg, size_t len) {
     return;
   }
   char line[8192];
-  struct timespec ts;
-  struct tm tm;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  gmtime_r(&ts.tv_sec, &tm);
-  int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ [%s] ",
-                   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-                   tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000, sl_log_names[level]);
+  int n = sl_log_format_time(line, sizeof(line));
+  n += snprintf(line + n, sizeof(line) - (size_t)n, " [%s] ", sl_log_names[level]);
   size_t room = sizeof(line) - (size_t)n - 1;
   if (len > room) len = room;
   memcpy(line + n, msg, len);

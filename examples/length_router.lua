@@ -50,6 +50,7 @@ local function decode(ctx, cum, out)
       log.warn("%s: %s (length %d, header %s)", ctx:describe(), why, n,
                n > 0 and header and ("0x%02x"):format(header) or "none")
       cum:skip(#cum) -- nothing after a bad frame can be trusted
+      if echoed then ctx:flush() end -- the answers before it still go out
       return ctx:close(why)
     end
     if #cum < 4 + n then break end -- the rest of the frame is not here yet

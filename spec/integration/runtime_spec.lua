@@ -343,6 +343,45 @@ return { workers = 2, listeners = {
       assert.not_matches("configuration reloaded", log, 1, true)
     end)
 
+    it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()
+      local flag = H.tmpfile("refuse_flag")
+      -- Raises only inside a worker's Lua state (where sluice.host is
+      -- loaded), and only while the flag file exists: the configuration
+      -- checks pass, a worker's load fails.
+      local stage = H.tmpfile("picky.lua", ([[
+local f = io.open(%q)
+if f then
+  f:close()
+  if package.loaded["sluice.host"] then error("refusing to load in a worker") end
+end
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    ctx:fire_read("p:" .. s)
+  end,
+}
+]]):format(flag))
+      local mod = stage:match("([^/]+)%.lua$")
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 2,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } } }
+]]):format(port, mod))
+      assert.are.equal("p:a\n", (H.exchange(port, "a\n", 10)))
+      H.sh("touch " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 10))
+      assert.matches("SIGHUP: reload refused, the running configuration stays: worker 0: stage "
+                     .. mod .. ": [^\n]*refusing to load in a worker", H.read(p.log))
+      assert.are.equal("p:b\n", (H.exchange(port, "b\n", 10)))
+      H.sh("rm -f " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
+      assert.are.equal("p:c\n", (H.exchange(port, "c\n", 10)))
+      H.stop_sluice(p)
+    end)
+
     it("reopens the access log (and on SIGUSR1), for rotation", function()
       local port = H.free_port()
       local alog = H.tmpfile("access.log")

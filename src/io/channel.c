@@ -133,6 +133,22 @@ static void sl_socket_tune(int fd) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
+                                const char *name) {
+  sl_channel *ch = sl_channel_new(w, -1, cfg);
+  if (ch == NULL) return NULL;
+  ch->flags |= SL_CH_EMBEDDED;
+  snprintf(ch->desc, sizeof(ch->desc), "embedded channel %s", name);
+  return ch;
+}
+
+void sl_channel_set_writable(sl_channel *ch, int on) {
+  on = on ? 1 : 0;
+  if (ch->outq.writable == on || (ch->flags & SL_CH_CLOSED)) return;
+  ch->outq.writable = on;
+  sl_pipeline_fire_writability(&ch->pipe, on);
+}
+
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
                                 const sl_channel_config *cfg, const char *listener) {
   sl_channel *ch = sl_channel_new(w, fd, cfg);
@@ -180,7 +196,8 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
 }
 
 static void sl_channel_update_reading(sl_channel *ch) {
-  int want = (ch->flags & (SL_CH_ACTIVE | SL_CH_AUTOREAD)) == (SL_CH_ACTIVE | SL_CH_AUTOREAD) &&
+  if (ch->flags & SL_CH_EMBEDDED) return;
+  int want = (ch->flags & SL_CH_ACTIVE) && (ch->flags & (SL_CH_AUTOREAD | SL_CH_READ_ONCE)) &&
              !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
                             SL_CH_READ_PAUSED));
   if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
@@ -198,6 +215,12 @@ void sl_channel_activate(sl_channel *ch) {
 void sl_channel_set_autoread(sl_channel *ch, int on) {
   if (on) ch->flags |= SL_CH_AUTOREAD;
   else ch->flags &= ~(uint32_t)SL_CH_AUTOREAD;
+  sl_channel_update_reading(ch);
+}
+
+void sl_channel_read_request(sl_channel *ch) {
+  if (ch->flags & SL_CH_AUTOREAD) return;
+  ch->flags |= SL_CH_READ_ONCE;
   sl_channel_update_reading(ch);
 }
 
@@ -338,6 +361,7 @@ int sl_channel_write(sl_channel *ch, sl_buf *b) {
 void sl_channel_flush(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSED) return;
   sl_outq_flush(&ch->outq);
+  if (ch->flags & SL_CH_EMBEDDED) return;     /* the test reads what is flushed */
   if (ch->flags & SL_CH_CONNECTING) return;   /* written once connected */
   if (ev_is_active(&ch->wio)) return;         /* the socket is full: wait */
   sl_channel_do_write(ch);
@@ -384,7 +408,11 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
   sl_worker *w = ch->w;
   size_t total = 0;
   int eof = 0;
+  char why[128];
+  why[0] = '\0';
   sl_channel_ref(ch);
+  /* Every read of this wake-up reaches Lua stages in one transition. */
+  if (w->lua) w->lua_hold(w->lua, 1);
   for (int i = 0; i < SL_RECV_MAX_READS; i++) {
     if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
     size_t size = sl_channel_recv_size(ch);
@@ -418,11 +446,15 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-    char why[128];
     if (errno == ECONNRESET) snprintf(why, sizeof(why), "reset (%s)", strerror(errno));
     else snprintf(why, sizeof(why), "read error (%s)", strerror(errno));
-    sl_channel_close(ch, why, 1);
     break;
+  }
+  if (w->lua) w->lua_hold(w->lua, 0);
+  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close(ch, why, 1);
+  if (ch->flags & SL_CH_READ_ONCE) {
+    ch->flags &= ~(uint32_t)SL_CH_READ_ONCE; /* one wake-up's reads were asked for */
+    sl_channel_update_reading(ch);
   }
   if (total > 0) ch->last_active = ev_now(loop);
   if (total > 0 && !(ch->flags & SL_CH_CLOSED)) {

@@ -42,6 +42,8 @@ enum {
   SL_CH_CLOSED = 0x80,
   SL_CH_ERROR = 0x100,          /* closed because of an error */
   SL_CH_READ_PAUSED = 0x200,    /* out of buffer memory: retrying */
+  SL_CH_READ_ONCE = 0x400,      /* autoread off, one read asked for (ctx:read) */
+  SL_CH_EMBEDDED = 0x800,       /* no socket: sluice.testing drives it */
 };
 
 /* Called when an outgoing connect completes (err 0) or fails (errno value). */
@@ -92,6 +94,15 @@ struct sl_channel {
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
                                 const sl_channel_config *cfg, const char *desc_fmt_name);
 
+/* A channel without a socket (sluice.testing's EmbeddedChannel): flushed
+ * writes stay queued until sl_outq_take. NULL on ENOMEM. */
+sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
+                                const char *name);
+
+/* Forces writability (tests simulating a slow peer); fires the event on a
+ * change. */
+void sl_channel_set_writable(sl_channel *ch, int on);
+
 /* Starts a non-blocking connect to addr; on_connect runs when it completes,
  * fails or times out. Returns the channel, or NULL with errno set. */
 sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double timeout,
@@ -119,6 +130,10 @@ void sl_channel_shutdown_output(sl_channel *ch);
 void sl_channel_close_after_flush(sl_channel *ch, const char *reason);
 
 void sl_channel_set_autoread(sl_channel *ch, int on);
+
+/* With autoread off: reads once more (one wake-up's worth), as Netty's
+ * Channel.read(). Nothing to do with autoread on. */
+void sl_channel_read_request(sl_channel *ch);
 
 /* Joins a client and its upstream: each remembers the other's address. */
 void sl_channel_join(sl_channel *a, sl_channel *b);

@@ -47,6 +47,7 @@ struct sl_worker {
   struct ev_loop *loop;
   struct sl_pool *pool;
   struct sl_lua_host *lua;        /* NULL while no configuration has a Lua stage */
+  void (*lua_hold)(struct sl_lua_host *h, int on); /* batches a read loop's reads */
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
   int id;

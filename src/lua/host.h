@@ -14,12 +14,13 @@
 
 #include <stddef.h>
 
+#include "lua/ffi.h"
 #include "pipeline/pipeline.h"
 
 struct sl_worker;
 struct sl_config;
 struct sl_stage_spec;
-typedef struct sl_lua_host sl_lua_host;
+struct sl_channel;
 
 /* Creates the worker's state, loads sluice's Lua library and every Lua stage
  * of every listener (with its options copied from the config). Returns NULL
@@ -43,6 +44,22 @@ void sl_lua_host_destroy(sl_lua_host *h);
 
 /* Appends a Lua stage to p. Returns the context or NULL on ENOMEM. */
 sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const struct sl_stage_spec *spec);
+
+/* Inserts Lua stage `key` before `before` in p; announce != 0 queues the
+ * ADDED event that creates its Lua side. NULL on ENOMEM. */
+sl_ctx *sl_lua_host_insert(sl_lua_host *h, sl_pipeline *p, sl_ctx *before, int key,
+                           const char *name, int announce);
+
+/* Delivers every queued event in one call into Lua (a worker does this once
+ * per loop iteration; without a loop, after each event). */
+void sl_lua_host_drain(sl_lua_host *h);
+
+/* Events wait in the queue until sl_lua_host_drain (a driver without a
+ * loop that batches by itself). */
+void sl_lua_host_defer(sl_lua_host *h);
+
+/* A write promise completed (err NULL) or failed: queues it for Lua. */
+void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);
 
 
 #endif

@@ -400,4 +400,28 @@ return { access_log = %q,
       H.stop_sluice(p)
     end)
   end)
+
+  it("writes its log to error_log, and reopens it on SIGUSR1", function()
+    local port = H.free_port()
+    local elog = H.tmpfile("error.log")
+    local cfg = H.tmpfile("elog.lua", ([[
+return { error_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(elog, port))
+    local p = H.spawn(("env SLUICE_ROOT=%s %s %s -c %s"):format(H.shq(H.root), H.wrapper,
+      H.shq(H.bin), H.shq(cfg)), "sluice")
+    assert.truthy(H.wait_for(function() return H.read(elog):find("started with", 1, true) end, 30))
+    assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+    assert.truthy(H.wait_for(function() return H.read(elog):find("on e closed: eof", 1, true) end, 10))
+    H.sh(("mv %s %s.1"):format(H.shq(elog), H.shq(elog)))
+    os.execute("kill -USR1 " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(elog):find("log files reopened", 1, true) end, 10))
+    assert.are.equal(0, H.stop(p, "TERM"))
+    local log = H.read(elog)
+    assert.matches("pool clean at exit", log, 1, true)
+    assert.not_matches("started with", log, 1, true)
+    assert.matches("started with", H.read(elog .. ".1"), 1, true)
+    -- Nothing went to standard error.
+    assert.are.equal("", H.read(p.log))
+  end)
 end)

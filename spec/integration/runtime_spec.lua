@@ -216,6 +216,23 @@ return {
     end)
   end)
 
+  it("closes everything at once on a second SIGTERM while draining", function()
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { drain_timeout_ms = 600000,
+  listeners = { { name = "held", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+    local c = held_client(port, "hi\n")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+    os.execute("kill -TERM " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("draining 1 open sockets", 1, true) end, 10))
+    local log = H.stop_sluice(p)
+    assert.matches("SIGTERM again: closing every connection now", log, 1, true)
+    assert.matches("on held closed: shutdown", log, 1, true)
+    c.release()
+    assert.are.equal(0, c.finish())
+  end)
+
   describe("on SIGHUP", function()
     -- A stage module that tags what the client sends with its version.
     local function tag_stage(dir, version)

@@ -101,6 +101,9 @@ int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
 void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 double sl_ffi_ctx_now(sl_ctx *ctx);
+/* the admin endpoint's hooks */
+void sl_ffi_host_stage_error(sl_lua_host *h, const char *name);
+void sl_ffi_buf_hold(sl_buf *b, sl_ctx *ctx);
 /* the in-memory channel of sluice.testing (embedded.c) */
 typedef struct sl_channel sl_channel;
 sl_lua_host *sl_ffi_embedded_host(void);

@@ -52,6 +52,11 @@
 --               open connections, default 10000
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
+--   admin       optional table: the admin endpoint (/metrics, /memory,
+--               /health); off when absent:
+--     listen          required "host:port"; a loopback host (127.0.0.0/8,
+--                     [::1], localhost) unless public is true
+--     public          optional boolean, default false: allow any address
 --   allocator   optional table: type ("pooled" | "unpooled"), arenas (0: one
 --               per worker), page_size (power of two, 4 KiB-1 MiB, 8 KiB),
 --               chunk_size (power of two, >= 16 pages, <= 32 MiB, 4 MiB), small_cache
@@ -66,7 +71,7 @@
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
 -- the top level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, upstreams (by sorted name),
+-- drain_timeout_ms, error_log, access_log, admin, upstreams (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then "an upstream or a
@@ -76,6 +81,7 @@
 -- Normalized result (a new table; the input is never modified):
 --
 --   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
+--     admin = { listen = address, public } (or nil),
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
@@ -134,7 +140,8 @@ local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
-                   "workers", "drain_timeout_ms", "error_log", "access_log" }
+                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin" }
+local ADMIN_KEYS = { "listen", "public" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
 local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cache",
@@ -661,6 +668,36 @@ local function check_allocator(a)
     return out
 end
 
+-- Is the normalized address on the loopback interface?
+local function is_loopback(addr)
+    if addr.family == "inet6" then return addr.host == "::1" end
+    return addr.host:find("^127%.") ~= nil
+end
+
+-- admin = { listen = "127.0.0.1:9901", public = false }. Returns the
+-- normalized table, or nil when absent (no admin endpoint).
+local function check_admin(a, ctx)
+    if a == nil then return nil end
+    if type(a) ~= "table" then
+        fail("admin", 'expected a table { listen = "127.0.0.1:9901" }, got %s', show(a))
+    end
+    check_keys(a, "admin", ADMIN_KEYS)
+    if a.listen == nil then
+        fail("admin.listen", 'expected "host:port" (the admin endpoint\'s address), got nil')
+    end
+    local listen = check_address(a.listen, "admin.listen", true)
+    if a.public ~= nil and type(a.public) ~= "boolean" then
+        fail("admin.public", "expected a boolean, got %s", show(a.public))
+    end
+    local public = a.public == true
+    if not public and not is_loopback(listen) then
+        fail("admin.listen", "expected a loopback address (127.0.0.1, [::1] or localhost) "
+             .. "unless admin.public = true, got %s", show(a.listen))
+    end
+    ctx.addresses[listen.text] = "admin.listen"
+    return { listen = listen, public = public }
+end
+
 -- Returns the normalized upstream `name` (keys: servers, connect_timeout_ms).
 local function check_upstream(name, up, path)
     if type(up) ~= "table" then
@@ -806,6 +843,7 @@ local function check_root(t, ctx)
                               DEFAULT_DRAIN_TIMEOUT_MS, MAX_INT)
     local error_log = check_log_target(t.error_log, "error_log", false)
     local access_log = check_log_target(t.access_log, "access_log", true)
+    local admin = check_admin(t.admin, ctx)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -816,6 +854,7 @@ local function check_root(t, ctx)
         drain_timeout_ms = drain,
         error_log = error_log,
         access_log = access_log,
+        admin = admin,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

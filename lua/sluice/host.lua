@@ -92,6 +92,7 @@ local function hop(ctx, ev, arg, p)
   if is_buf(arg) then
     passable(arg)
     arg.owner = ctx.sid
+    C.sl_ffi_buf_hold(arg.b, ctx.cptr) -- the memory summary's "held by" (two stores)
   end
   cur_ctx, cur_ev, cur_arg = ctx, ev, arg
   buf.stage, buf.stage_id = ctx.cptr, ctx.sid
@@ -101,6 +102,7 @@ local function hop(ctx, ev, arg, p)
 end
 
 local function stage_failed(ctx, ev, arg, err)
+  if host ~= nil then C.sl_ffi_host_stage_error(host, ctx.name) end
   local what = CALLBACK[ev] or (ev == TIMER and "a timer") or (ev == PROMISE and "a promise callback")
                or (ev == REMOVED and "removed") or (ev == ADDED and "added") or tostring(ev)
   log.error("stage %s raised in %s on %s: %s", ctx.name, what,

@@ -447,6 +447,56 @@ describe("sluice.config", function()
     end)
   end)
 
+  describe("admin", function()
+    it("is off when absent, and takes a loopback address", function()
+      assert.is_nil(ok_of(conf()).admin)
+      assert.are.same({ listen = addr("127.0.0.1", 9901), public = false },
+                      ok_of(conf(nil, { admin = { listen = "127.0.0.1:9901" } })).admin)
+      assert.are.same({ listen = addr("127.0.0.1", 9901), public = false },
+                      ok_of(conf(nil, { admin = { listen = "localhost:9901" } })).admin)
+      assert.are.same({ listen = addr("127.3.2.1", 9901), public = false },
+                      ok_of(conf(nil, { admin = { listen = "127.3.2.1:9901" } })).admin)
+      assert.are.same({ listen = addr("::1", 9901, "inet6"), public = false },
+                      ok_of(conf(nil, { admin = { listen = "[::1]:9901" } })).admin)
+    end)
+
+    it("takes any address with public = true", function()
+      assert.are.same({ listen = addr("0.0.0.0", 9901), public = true },
+                      ok_of(conf(nil, { admin = { listen = "*:9901", public = true } })).admin)
+      assert.are.same({ listen = addr("10.1.2.3", 9901), public = true },
+                      ok_of(conf(nil, { admin = { listen = "10.1.2.3:9901", public = true } })).admin)
+    end)
+
+    it("name the key and what was expected", function()
+      local loopback = "expected a loopback address (127.0.0.1, [::1] or localhost) unless "
+        .. "admin.public = true, got "
+      local cases = {
+        { { listen = "0.0.0.0:9901" }, "config error: admin.listen: " .. loopback .. '"0.0.0.0:9901"' },
+        { { listen = "*:9901", public = false }, "config error: admin.listen: " .. loopback .. '"*:9901"' },
+        { { listen = "10.1.2.3:9901" }, "config error: admin.listen: " .. loopback .. '"10.1.2.3:9901"' },
+        { { listen = "[::]:9901" }, "config error: admin.listen: " .. loopback .. '"[::]:9901"' },
+        { { listen = "127.0.0.1:0" },
+          'config error: admin.listen: expected "host:port" with a port from 1 to 65535, got "127.0.0.1:0"' },
+        { {}, "config error: admin.listen: expected \"host:port\" (the admin endpoint's address), got nil" },
+        { { listen = "127.0.0.1:9901", public = "yes" },
+          'config error: admin.public: expected a boolean, got "yes"' },
+        { { listen = "127.0.0.1:9901", path = "/x" },
+          'config error: admin.path: unknown key (expected one of: listen, public)' },
+        { "127.0.0.1:9901",
+          'config error: admin: expected a table { listen = "127.0.0.1:9901" }, got "127.0.0.1:9901"' },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], err_of(conf(nil, { admin = c[1] })))
+      end
+    end)
+
+    it("may not share an address with a listener", function()
+      assert.are.equal('config error: listeners[1].listen: expected a unique address, got '
+                       .. '"127.0.0.1:7000" (127.0.0.1:7000 is also used by admin.listen)',
+                       err_of(conf(nil, { admin = { listen = "127.0.0.1:7000" } })))
+    end)
+  end)
+
   describe("listener limits", function()
     it("take max_connections and idle_timeout_ms", function()
       local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000 }) }))
@@ -480,11 +530,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -497,7 +547,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

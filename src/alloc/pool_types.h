@@ -102,6 +102,9 @@ struct sl_pool {
   unsigned quarantine_head, quarantine_n;
   char release_ring[64][160];            /* recent release sites with file:line */
   unsigned release_ring_next;
+  /* holders (buf/holder.c): per header slot, who holds the buffer now */
+  struct sl_holder *holders;             /* NULL: not tracked */
+  size_t holders_map_len;
 };
 
 #endif

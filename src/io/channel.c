@@ -60,6 +60,7 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_writability(void *ud, int writable) {
   sl_channel *ch = ud;
   if (ch->flags & SL_CH_CLOSED) return;
+  ch->w->stats.writability_changes++;
   sl_pipeline_fire_writability(&ch->pipe, writable);
 }
 

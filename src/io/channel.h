@@ -84,6 +84,8 @@ struct sl_channel {
   sl_addr peer_remote;       /* the joined channel's address (kept after unjoin) */
   sl_buf_owner owned;        /* buffers this channel answers for (leak tracking) */
   ev_tstamp started;
+  uint16_t mlistener;        /* the listener it serves: index in the worker's metrics, 0: none */
+  uint8_t mclient;           /* 1: an open client connection whose bytes metrics add */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
   char reason[160];          /* why it closed */
 };

@@ -24,6 +24,7 @@ struct sl_pool;
 struct sl_alloc;
 struct sl_channel;
 struct sl_lua_host;
+struct sl_metrics;
 
 typedef struct sl_worker_stats {
   uint64_t unhandled_inbound;   /* buffers released by the tail */
@@ -31,6 +32,7 @@ typedef struct sl_worker_stats {
   uint64_t channels_closed;
   uint64_t bytes_in;
   uint64_t bytes_out;
+  uint64_t writability_changes; /* outbound queues crossing a water mark */
 } sl_worker_stats;
 
 typedef struct sl_worker sl_worker;
@@ -70,6 +72,7 @@ struct sl_worker {
   void (*on_wake)(sl_worker *w);  /* retries listeners paused at their limit */
   void (*on_gen_done)(sl_worker *w, sl_worker_gen *g); /* g has no channel left */
   void *app;                      /* the proxy's per-worker state */
+  struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   sl_worker_stats stats;
 };
 

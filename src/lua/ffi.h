@@ -259,4 +259,11 @@ SL_FFI_EXPORT void sl_ffi_embedded_owned(struct sl_channel *ch, uint64_t *count,
 SL_FFI_EXPORT size_t sl_ffi_embedded_release(struct sl_channel *ch, char *report, size_t size);
 SL_FFI_EXPORT void sl_ffi_embedded_shutdown(void);
 
+/* ---- the admin endpoint's hooks (proxy/metrics.h, buf/holder.h) ---- */
+
+/* Counts a failure of the stage named name (sluice.host's stage_failed). */
+SL_FFI_EXPORT void sl_ffi_host_stage_error(sl_lua_host *h, const char *name);
+/* Records ctx as the holder of b (a hop between Lua stages). */
+SL_FFI_EXPORT void sl_ffi_buf_hold(sl_buf *b, sl_ctx *ctx);
+
 #endif

@@ -11,6 +11,7 @@
 #include "io/worker.h"
 #include "lua/ffi.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -472,6 +473,15 @@ void sl_lua_host_unload(sl_lua_host *h, int first, int n) {
 void sl_lua_host_defer(sl_lua_host *h) { h->deferred = 1; }
 
 uint64_t sl_lua_host_entries(const sl_lua_host *h) { return h ? h->entries : 0; }
+
+size_t sl_lua_host_memory(const sl_lua_host *h) {
+  if (h == NULL || h->L == NULL) return 0;
+  return (size_t)lua_gc(h->L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(h->L, LUA_GCCOUNTB, 0);
+}
+
+void sl_ffi_host_stage_error(sl_lua_host *h, const char *name) {
+  if (h != NULL && h->w != NULL) sl_metrics_stage_error(h->w, name);
+}
 
 sl_lua_host *sl_ffi_host_open(struct sl_worker *w) {
   sl_lua_host *h = sl_lua_host_new(w);

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "buf/buf.h"
+#include "buf/holder.h"
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "util/common.h"
@@ -183,6 +184,7 @@ void sl_ctx_fire_inactive(sl_ctx *ctx) {
 
 void sl_ctx_fire_read(sl_ctx *ctx, sl_buf *b) {
   sl_ctx *n = sl_ctx_next_handler(ctx, SL_EV_READ);
+  sl_buf_hold(b, n);
   if (b->root->flags & SL_BUF_RECORDED) sl_leak_touch(b, n->name, 1);
   n->ops->on_read(n, b);
 }
@@ -209,6 +211,7 @@ void sl_ctx_fire_error(sl_ctx *ctx, const char *err) {
 
 void sl_ctx_write(sl_ctx *ctx, sl_buf *b) {
   sl_ctx *n = sl_ctx_next_handler(ctx, SL_EV_WRITE);
+  sl_buf_hold(b, n); /* the head: the outbound queue holds it */
   if (b->root->flags & SL_BUF_RECORDED) sl_leak_touch(b, n->name, 1);
   n->ops->write(n, b);
 }

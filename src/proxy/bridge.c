@@ -8,6 +8,7 @@
 #include "io/channel.h"
 #include "io/worker.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "proxy/server.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -21,6 +22,7 @@ static const sl_stage_ops sl_bridge_ops;
 static void sl_bridge_on_connect(sl_channel *up, int err) {
   sl_channel *client = up->peer;
   const sl_listener_cfg *l = up->ud;
+  sl_metrics_connect_done(up->w, l->upstream->name, ev_now(up->w->loop) - up->started, err);
   if (err) {
     char why[200];
     char a[64];
@@ -35,7 +37,6 @@ static void sl_bridge_on_connect(sl_channel *up, int err) {
     sl_channel_close(up, why, 1);
     return;
   }
-  SL_UNUSED(l);
   if (sl_pipeline_add_last(&up->pipe, &sl_bridge_ops, "bridge") == NULL) {
     sl_channel_close(up, "out of memory building the upstream pipeline", 1);
     return;
@@ -57,6 +58,7 @@ static void sl_bridge_active(sl_ctx *ctx) {
                                         sl_bridge_on_connect, (void *)br->listener,
                                         br->listener->name);
     if (up == NULL) {
+      sl_metrics_connect_done(ch->w, u->name, 0, errno ? errno : ENOMEM);
       char why[200];
       char a[64];
       snprintf(why, sizeof(why), "upstream %s connect failed: %s",
@@ -64,6 +66,7 @@ static void sl_bridge_active(sl_ctx *ctx) {
       sl_channel_close(ch, why, 1);
       return;
     }
+    up->mlistener = ch->mlistener;
     sl_channel_join(ch, up);
   }
   sl_ctx_fire_active(ctx);

@@ -227,6 +227,17 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->lua_key_first = 1;
   atomic_init(&c->refs, 1);
   sl_read_allocator(c, L, cfg);
+  lua_getfield(L, cfg, "admin");
+  if (lua_istable(L, -1)) {
+    lua_getfield(L, -1, "listen");
+    if (sl_read_addr(L, lua_gettop(L), &c->admin_addr, &c->admin_text) != SL_OK) {
+      snprintf(err, errlen, "config error: admin.listen: unusable address");
+      sl_config_free(c);
+      return NULL;
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
   if (sl_read_upstreams(c, L, cfg, err, errlen) != SL_OK ||
       sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
     sl_config_free(c);
@@ -260,6 +271,7 @@ void sl_config_free(sl_config *c) {
   free(c->search_path);
   free(c->error_log);
   free(c->access_log);
+  free(c->admin_text);
   free(c->root);
   free(c->path);
   if (c->L) lua_close(c->L);

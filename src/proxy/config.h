@@ -64,6 +64,8 @@ typedef struct sl_config {
   double drain_timeout;        /* seconds a stop waits for open connections */
   char *error_log;             /* "stderr" or a path */
   char *access_log;            /* "off", "stderr" or a path */
+  char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */
+  sl_addr admin_addr;
   _Atomic uint32_t refs;       /* the running process and each worker still using it */
   lua_State *L;
 } sl_config;

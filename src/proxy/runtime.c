@@ -15,7 +15,9 @@
 #include "alloc/pool.h"
 #include "io/listener.h"
 #include "io/worker.h"
+#include "proxy/admin.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "proxy/server.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -34,6 +36,7 @@ typedef struct sl_runtime {
   sl_listen_set *retired;      /* dropped by reloads; their gates live until exit */
   int stderr_copy;             /* standard error as sluice started (access_log "stderr") */
   int access_fd;               /* the access log's descriptor, never closed while running */
+  sl_admin *admin;             /* the admin endpoint, or NULL */
 } sl_runtime;
 
 /* ---- logs ---- */
@@ -161,6 +164,7 @@ static int sl_runtime_sets_for(sl_runtime *rt, const sl_config *cfg, sl_listen_s
 static void *sl_runtime_thread(void *arg) {
   sl_worker *w = arg;
   sl_worker_run(w);
+  sl_metrics_gone(w);
   sl_runtime *rt = w->app;
   atomic_fetch_add(&rt->nexited, 1);
   return NULL;
@@ -188,6 +192,8 @@ static void sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
  * number of leaked buffers. */
 static uint64_t sl_runtime_release(sl_runtime *rt) {
   uint64_t leaked = 0;
+  sl_admin_stop(rt->admin);
+  rt->admin = NULL;
   for (int i = 0; i < rt->nworkers; i++) {
     sl_worker *w = rt->workers[i];
     if (w == NULL) continue;
@@ -195,6 +201,7 @@ static uint64_t sl_runtime_release(sl_runtime *rt) {
      * Lua state's finalizers release into it. */
     sl_pool_bind_thread(w->pool);
     sl_server_free(w);
+    sl_metrics_detach(w);
     leaked += sl_worker_destroy(w);
     rt->workers[i] = NULL;
   }
@@ -247,6 +254,9 @@ static void sl_runtime_note_fixed(const sl_config *old, const sl_config *nc) {
            "SIGHUP: allocator or leak_detection changed: takes effect at the next start");
   if (old->log_level != nc->log_level)
     sl_log(SL_LOG_WARN, "SIGHUP: log_level changed: takes effect at the next start");
+  if ((old->admin_text == NULL) != (nc->admin_text == NULL) ||
+      (old->admin_text && strcmp(old->admin_text, nc->admin_text) != 0))
+    sl_log(SL_LOG_WARN, "SIGHUP: admin changed: takes effect at the next start");
 }
 
 static void sl_runtime_reload(sl_runtime *rt) {
@@ -355,6 +365,10 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
       return SL_ERROR;
     }
     rt->workers[i]->app = rt;
+    if (sl_metrics_attach(rt->workers[i]) != SL_OK) {
+      snprintf(err, errlen, "out of memory");
+      return SL_ERROR;
+    }
   }
   sl_listen_set **sets = calloc(cfg->nlisteners + 1, sizeof(*sets));
   if (sets == NULL) {
@@ -368,6 +382,14 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
   for (size_t i = cfg->nlisteners; i-- > 0;) {
     sets[i]->next = rt->sets;
     rt->sets = sets[i];
+  }
+  if (cfg->admin_text != NULL) {
+    rt->admin = sl_admin_create(&cfg->admin_addr, cfg->admin_text, rt->workers, rt->nworkers,
+                                rt->alloc, err, errlen);
+    if (rt->admin == NULL) {
+      free(sets);
+      return SL_ERROR;
+    }
   }
   int rc = SL_OK;
   for (int i = 0; i < rt->nworkers && rc == SL_OK; i++) {
@@ -429,6 +451,13 @@ int sl_runtime_run(sl_config *cfg) {
     }
     rt->nthreads++;
   }
+  if (rt->admin && sl_admin_start(rt->admin) != SL_OK) {
+    fprintf(stderr, "sluice: cannot start: admin: cannot create its thread: %s\n", strerror(errno));
+    sl_runtime_stop_workers(rt, &set);
+    sl_runtime_release(rt);
+    sl_config_unref(rt->cfg);
+    return 1;
+  }
   sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
          rt->nworkers, rt->nworkers == 1 ? "" : "s",
          cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
@@ -448,6 +477,7 @@ int sl_runtime_run(sl_config *cfg) {
     }
     sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",
            sig == SIGINT ? "SIGINT" : "SIGTERM", rt->cfg->drain_timeout);
+    sl_admin_set_draining(rt->admin);
     break;
   }
   sl_runtime_stop_workers(rt, &set);

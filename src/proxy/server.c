@@ -12,6 +12,7 @@
 #include "lua/host.h"
 #include "proxy/bridge.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -25,6 +26,7 @@ typedef struct sl_server_listener {
   sl_listener l;
   const sl_listener_cfg *lc;   /* borrowed from gen->cfg */
   sl_listen_set *set;          /* borrowed from the runtime */
+  uint16_t metrics;            /* index in the worker's metrics (proxy/metrics.h) */
 } sl_server_listener;
 
 /* A configuration as one worker runs it. Invariant: freed only once no
@@ -85,6 +87,7 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
 static void sl_server_on_client_close(sl_channel *ch) {
   sl_server_listener *sl = ch->ud;
   sl_listen_gate_leave(&sl->set->gate);
+  sl_metrics_client_closed(ch->w, ch->mlistener, ch);
   sl_server_access_log(ch, sl);
 }
 
@@ -101,6 +104,9 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   }
   ch->ud = sl;
   ch->on_close = sl_server_on_client_close;
+  ch->mlistener = sl->metrics;
+  ch->mclient = 1;
+  sl_metrics_client_opened(w, sl->metrics);
   for (size_t i = 0; i < lc->nstages; i++) {
     const sl_stage_spec *s = &lc->stages[i];
     sl_ctx *ctx = s->ops ? sl_pipeline_add_last(&ch->pipe, s->ops, s->module)
@@ -168,6 +174,7 @@ static sl_server_gen *sl_server_gen_new(sl_config *cfg, sl_listen_set **sets) {
 static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
   for (size_t i = 0; i < g->cfg->nlisteners; i++) {
     sl_server_listener *sl = &g->ls[i];
+    sl->metrics = sl_metrics_listener(w, sl->lc->name);
     atomic_store(&sl->set->gate.max, sl->lc->max_connections);
     sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
                       sl_server_on_accept, sl);

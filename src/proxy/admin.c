@@ -1,0 +1,313 @@
+#include "proxy/admin.h"
+
+#include <errno.h>
+#include <ev.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "alloc/arena.h"
+#include "io/listener.h"
+#include "io/worker.h"
+#include "proxy/admin_format.h"
+#include "proxy/metrics.h"
+#include "util/common.h"
+#include "util/log.h"
+
+#define SL_ADMIN_MAX_REQUEST 8192
+#define SL_ADMIN_MAX_CONNS 32
+#define SL_ADMIN_TIMEOUT 10.0          /* seconds an admin connection may take */
+#define SL_ADMIN_WORKER_TIMEOUT 2.0    /* seconds a worker may take to answer */
+
+typedef struct sl_admin_conn sl_admin_conn;
+
+/* One admin connection: reading its request, then writing the answer. */
+struct sl_admin_conn {
+  ev_io io;
+  ev_timer timer;
+  sl_admin *a;
+  int fd;
+  size_t n;                         /* request bytes read */
+  char req[SL_ADMIN_MAX_REQUEST];
+  sl_text out;                      /* the response, once known */
+  size_t sent;
+  sl_admin_conn *prev, *next;
+};
+
+struct sl_admin {
+  struct ev_loop *loop;
+  ev_io accept_io;
+  ev_async stop_watcher;
+  int fd;
+  pthread_t thread;
+  int started;
+  _Atomic int draining;
+  struct sl_worker **workers;       /* borrowed */
+  int nworkers;
+  struct sl_alloc *alloc;           /* borrowed */
+  sl_admin_conn *conns;
+  int nconns;
+  char text[64];
+};
+
+/* ---- answers ---- */
+
+static void sl_admin_answer(sl_admin_conn *c, int status, const char *reason, const char *ctype,
+                            const char *extra, const char *body, size_t len) {
+  sl_text_reset(&c->out);
+  sl_text_printf(&c->out,
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
+                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+                 status, reason, ctype, len, extra ? extra : "");
+  sl_text_append(&c->out, body, len);
+}
+
+static void sl_admin_plain(sl_admin_conn *c, int status, const char *reason, const char *extra,
+                           const char *body) {
+  sl_admin_answer(c, status, reason, "text/plain; charset=utf-8", extra, body, strlen(body));
+}
+
+/* Snapshots of every worker (NULL where a worker did not answer). */
+static sl_metrics_snap **sl_admin_collect(sl_admin *a, int memory) {
+  sl_metrics_snap **s = calloc((size_t)a->nworkers + 1, sizeof(*s));
+  if (s == NULL) return NULL;
+  for (int i = 0; i < a->nworkers; i++)
+    s[i] = sl_metrics_collect(a->workers[i], memory, SL_ADMIN_WORKER_TIMEOUT);
+  return s;
+}
+
+static void sl_admin_free_snaps(sl_admin *a, sl_metrics_snap **s) {
+  if (s == NULL) return;
+  for (int i = 0; i < a->nworkers; i++) sl_metrics_snap_free(s[i]);
+  free(s);
+}
+
+static void sl_admin_respond(sl_admin_conn *c, const char *path) {
+  sl_admin *a = c->a;
+  if (strcmp(path, "/health") == 0) {
+    if (atomic_load(&a->draining)) sl_admin_plain(c, 503, "Service Unavailable", NULL, "draining\n");
+    else sl_admin_plain(c, 200, "OK", NULL, "ok\n");
+    return;
+  }
+  int memory = strcmp(path, "/memory") == 0;
+  if (!memory && strcmp(path, "/metrics") != 0) {
+    sl_admin_plain(c, 404, "Not Found", NULL, "not found: try /metrics, /memory or /health\n");
+    return;
+  }
+  sl_metrics_snap **snaps = sl_admin_collect(a, memory);
+  sl_text body = {0};
+  sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining)};
+  if (snaps != NULL) {
+    if (memory) sl_admin_format_memory(&body, &r);
+    else sl_admin_format_metrics(&body, &r);
+  }
+  if (snaps == NULL || body.failed) {
+    sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");
+  } else {
+    sl_admin_answer(c, 200, "OK",
+                    memory ? "text/plain; charset=utf-8" : "text/plain; version=0.0.4; charset=utf-8",
+                    NULL, body.p, body.len);
+  }
+  sl_text_reset(&body);
+  sl_admin_free_snaps(a, snaps);
+}
+
+/* Parses the request in c->req (complete up to its blank line) and fills
+ * c->out with the answer. */
+static void sl_admin_handle(sl_admin_conn *c) {
+  char *line_end = memchr(c->req, '\n', c->n);
+  char method[16], target[1024], version[16];
+  if (line_end == NULL) {
+    sl_admin_plain(c, 400, "Bad Request", NULL, "bad request\n");
+    return;
+  }
+  *line_end = '\0';
+  if (sscanf(c->req, "%15s %1023s %15s", method, target, version) != 3 ||
+      strncmp(version, "HTTP/1.", 7) != 0 || target[0] != '/') {
+    sl_admin_plain(c, 400, "Bad Request", NULL, "bad request\n");
+    return;
+  }
+  if (strcmp(method, "GET") != 0) {
+    sl_admin_plain(c, 405, "Method Not Allowed", "Allow: GET\r\n", "method not allowed: GET only\n");
+    return;
+  }
+  char *q = strchr(target, '?');
+  if (q) *q = '\0';
+  sl_admin_respond(c, target);
+}
+
+/* ---- connections ---- */
+
+static void sl_admin_conn_close(sl_admin_conn *c) {
+  sl_admin *a = c->a;
+  ev_io_stop(a->loop, &c->io);
+  ev_timer_stop(a->loop, &c->timer);
+  close(c->fd);
+  if (c->prev) c->prev->next = c->next;
+  else a->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  a->nconns--;
+  sl_text_reset(&c->out);
+  free(c);
+}
+
+static void sl_admin_on_write(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_admin_conn *c = SL_CONTAINER_OF(io, sl_admin_conn, io);
+  while (c->sent < c->out.len) {
+    ssize_t n = send(c->fd, c->out.p + c->sent, c->out.len - c->sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      c->sent += (size_t)n;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    break;
+  }
+  sl_admin_conn_close(c);
+}
+
+static void sl_admin_on_read(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(revents);
+  sl_admin_conn *c = SL_CONTAINER_OF(io, sl_admin_conn, io);
+  ssize_t n = recv(c->fd, c->req + c->n, sizeof(c->req) - 1 - c->n, 0);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+  if (n <= 0) {
+    sl_admin_conn_close(c);
+    return;
+  }
+  c->n += (size_t)n;
+  c->req[c->n] = '\0';
+  if (strstr(c->req, "\r\n\r\n") != NULL || strstr(c->req, "\n\n") != NULL) {
+    sl_admin_handle(c);
+  } else if (c->n >= sizeof(c->req) - 1) {
+    sl_admin_plain(c, 400, "Bad Request", NULL, "bad request: larger than 8 KiB\n");
+  } else {
+    return;
+  }
+  if (c->out.failed) {
+    sl_admin_conn_close(c);
+    return;
+  }
+  ev_io_stop(loop, &c->io);
+  ev_io_set(&c->io, c->fd, EV_WRITE);
+  ev_set_cb(&c->io, sl_admin_on_write);
+  ev_io_start(loop, &c->io);
+  sl_admin_on_write(loop, &c->io, EV_WRITE);
+}
+
+static void sl_admin_on_timeout(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_admin_conn_close(SL_CONTAINER_OF(t, sl_admin_conn, timer));
+}
+
+static void sl_admin_on_accept(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(revents);
+  sl_admin *a = SL_CONTAINER_OF(io, sl_admin, accept_io);
+  for (;;) {
+    int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        sl_log(SL_LOG_WARN, "admin %s: accept: %s", a->text, strerror(errno));
+      return;
+    }
+    sl_admin_conn *c = a->nconns < SL_ADMIN_MAX_CONNS ? calloc(1, sizeof(*c)) : NULL;
+    if (c == NULL) {
+      close(fd); /* at the limit: the client retries */
+      continue;
+    }
+    c->a = a;
+    c->fd = fd;
+    c->next = a->conns;
+    if (a->conns) a->conns->prev = c;
+    a->conns = c;
+    a->nconns++;
+    ev_io_init(&c->io, sl_admin_on_read, fd, EV_READ);
+    ev_io_start(loop, &c->io);
+    ev_timer_init(&c->timer, sl_admin_on_timeout, SL_ADMIN_TIMEOUT, 0.);
+    ev_timer_start(loop, &c->timer);
+  }
+}
+
+/* ---- life cycle ---- */
+
+static void sl_admin_on_stop(struct ev_loop *loop, ev_async *w, int revents) {
+  SL_UNUSED(revents);
+  sl_admin *a = SL_CONTAINER_OF(w, sl_admin, stop_watcher);
+  ev_io_stop(loop, &a->accept_io);
+  ev_async_stop(loop, &a->stop_watcher);
+  while (a->conns) sl_admin_conn_close(a->conns);
+}
+
+static void *sl_admin_thread(void *arg) {
+  sl_admin *a = arg;
+  ev_run(a->loop, 0);
+  return NULL;
+}
+
+sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worker **workers,
+                          int n, struct sl_alloc *alloc, char *err, size_t errlen) {
+  sl_admin *a = calloc(1, sizeof(*a));
+  if (a == NULL) {
+    snprintf(err, errlen, "admin: out of memory");
+    return NULL;
+  }
+  snprintf(a->text, sizeof(a->text), "%s", text);
+  a->fd = sl_listener_bind(addr, 0);
+  if (a->fd < 0) {
+    snprintf(err, errlen, "admin.listen: cannot listen on %s: %s", text, strerror(errno));
+    free(a);
+    return NULL;
+  }
+  a->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+  if (a->loop == NULL) {
+    snprintf(err, errlen, "admin: cannot create its event loop");
+    close(a->fd);
+    free(a);
+    return NULL;
+  }
+  a->workers = workers;
+  a->nworkers = n;
+  a->alloc = alloc;
+  ev_io_init(&a->accept_io, sl_admin_on_accept, a->fd, EV_READ);
+  ev_io_start(a->loop, &a->accept_io);
+  ev_async_init(&a->stop_watcher, sl_admin_on_stop);
+  ev_async_start(a->loop, &a->stop_watcher);
+  return a;
+}
+
+int sl_admin_start(sl_admin *a) {
+  int rc = pthread_create(&a->thread, NULL, sl_admin_thread, a);
+  if (rc != 0) {
+    errno = rc;
+    return SL_ERROR;
+  }
+  a->started = 1;
+  sl_log(SL_LOG_INFO, "admin endpoint on %s (/metrics, /memory, /health)", a->text);
+  return SL_OK;
+}
+
+void sl_admin_set_draining(sl_admin *a) {
+  if (a) atomic_store(&a->draining, 1);
+}
+
+void sl_admin_stop(sl_admin *a) {
+  if (a == NULL) return;
+  if (a->started) {
+    ev_async_send(a->loop, &a->stop_watcher);
+    pthread_join(a->thread, NULL);
+  } else {
+    sl_admin_on_stop(a->loop, &a->stop_watcher, 0);
+  }
+  ev_loop_destroy(a->loop);
+  close(a->fd);
+  free(a);
+}

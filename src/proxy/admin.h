@@ -1,0 +1,44 @@
+/*
+ * The admin endpoint: a small HTTP/1.1 server on a thread of its own with
+ * its own ev_loop, off the data path. It answers GET only, one request per
+ * connection (Connection: close), requests of at most 8 KiB:
+ *
+ *   /health   200 "ok" while running, 503 "draining" after SIGTERM/SIGINT
+ *   /metrics  Prometheus text format (docs/operations.md lists the names)
+ *   /memory   the memory summary: pool memory by arena and worker, the
+ *             live buffers by listener and by the stage holding them, the
+ *             outbound queues, the Lua heaps
+ *
+ * Anything else: 400 (malformed or too large), 404 (unknown path), 405
+ * (another method). Worker state is read through snapshots each worker
+ * builds on its own thread (proxy/metrics.h); the arenas' counters are read
+ * under their own locks.
+ */
+#ifndef SL_ADMIN_H
+#define SL_ADMIN_H
+
+#include <stddef.h>
+
+#include "io/addr.h"
+
+struct sl_worker;
+struct sl_alloc;
+typedef struct sl_admin sl_admin;
+
+/* Main thread: binds addr (text is its "host:port" for messages). Returns
+ * the endpoint, not yet serving, or NULL with a message in err. workers
+ * (n of them) and alloc are borrowed until sl_admin_stop. */
+sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worker **workers,
+                          int n, struct sl_alloc *alloc, char *err, size_t errlen);
+
+/* Starts the endpoint's thread. SL_OK or SL_ERROR (errno). */
+int sl_admin_start(sl_admin *a);
+
+/* Any thread: /health answers 503 "draining" from now on. */
+void sl_admin_set_draining(sl_admin *a);
+
+/* Stops the thread (closing open admin connections), frees everything.
+ * a may be NULL. */
+void sl_admin_stop(sl_admin *a);
+
+#endif

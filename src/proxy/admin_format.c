@@ -1,0 +1,457 @@
+#include "proxy/admin_format.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "alloc/arena.h"
+#include "alloc/size_class.h"
+#include "proxy/metrics.h"
+#include "util/common.h"
+
+/* ---- text ---- */
+
+static int sl_text_reserve(sl_text *t, size_t n) {
+  if (t->failed) return SL_ERROR;
+  if (t->len + n + 1 <= t->cap) return SL_OK;
+  size_t cap = t->cap ? t->cap : 4096;
+  while (cap < t->len + n + 1) cap *= 2;
+  char *p = realloc(t->p, cap);
+  if (p == NULL) {
+    t->failed = 1;
+    return SL_ERROR;
+  }
+  t->p = p;
+  t->cap = cap;
+  return SL_OK;
+}
+
+void sl_text_append(sl_text *t, const char *s, size_t n) {
+  if (sl_text_reserve(t, n) != SL_OK) return;
+  memcpy(t->p + t->len, s, n);
+  t->len += n;
+  t->p[t->len] = '\0';
+}
+
+void sl_text_printf(sl_text *t, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char small[512];
+  int n = vsnprintf(small, sizeof(small), fmt, ap);
+  va_end(ap);
+  if (n < 0) {
+    t->failed = 1;
+    return;
+  }
+  if ((size_t)n < sizeof(small)) {
+    sl_text_append(t, small, (size_t)n);
+    return;
+  }
+  if (sl_text_reserve(t, (size_t)n) != SL_OK) return;
+  va_start(ap, fmt);
+  vsnprintf(t->p + t->len, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  t->len += (size_t)n;
+}
+
+void sl_text_reset(sl_text *t) {
+  free(t->p);
+  memset(t, 0, sizeof(*t));
+}
+
+/* ---- sums over workers, by name ---- */
+
+#define SL_AGG_VALUES 8
+
+typedef struct sl_agg_row {
+  char key[2 * SL_METRICS_NAME];   /* name, or "listener\0stage" */
+  uint64_t v[SL_AGG_VALUES];
+  uint64_t buckets[SL_METRICS_NBUCKETS];
+  double seconds;
+} sl_agg_row;
+
+typedef struct sl_agg {
+  sl_agg_row *rows;
+  size_t n;
+  int failed;
+} sl_agg;
+
+static sl_agg_row *sl_agg_get(sl_agg *g, const char *a, const char *b) {
+  char key[2 * SL_METRICS_NAME];
+  memset(key, 0, sizeof(key));
+  snprintf(key, SL_METRICS_NAME, "%s", a);
+  if (b) snprintf(key + SL_METRICS_NAME, SL_METRICS_NAME, "%s", b);
+  for (size_t i = 0; i < g->n; i++)
+    if (memcmp(g->rows[i].key, key, sizeof(key)) == 0) return &g->rows[i];
+  sl_agg_row *t = realloc(g->rows, (g->n + 1) * sizeof(*t));
+  if (t == NULL) {
+    g->failed = 1;
+    return NULL;
+  }
+  g->rows = t;
+  sl_agg_row *r = &t[g->n++];
+  memset(r, 0, sizeof(*r));
+  memcpy(r->key, key, sizeof(key));
+  return r;
+}
+
+static const char *sl_agg_second(const sl_agg_row *r) { return r->key + SL_METRICS_NAME; }
+
+/* ---- Prometheus text ---- */
+
+static void sl_prom_head(sl_text *o, const char *name, const char *type, const char *help) {
+  sl_text_printf(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A label value, escaped as the text format wants (\\, \", \n). */
+static void sl_prom_value(sl_text *o, const char *s) {
+  for (; *s; s++) {
+    if (*s == '\\') sl_text_append(o, "\\\\", 2);
+    else if (*s == '"') sl_text_append(o, "\\\"", 2);
+    else if (*s == '\n') sl_text_append(o, "\\n", 2);
+    else sl_text_append(o, s, 1);
+  }
+}
+
+static void sl_prom_named(sl_text *o, const char *metric, const char *label, const char *value,
+                          uint64_t v) {
+  sl_text_printf(o, "%s{%s=\"", metric, label);
+  sl_prom_value(o, value);
+  sl_text_printf(o, "\"} %llu\n", (unsigned long long)v);
+}
+
+static void sl_prom_worker(sl_text *o, const char *metric, int worker, uint64_t v) {
+  sl_text_printf(o, "%s{worker=\"%d\"} %llu\n", metric, worker, (unsigned long long)v);
+}
+
+#define SL_EACH_SNAP(r, s)                                           \
+  for (int sl_i_ = 0; sl_i_ < (r)->nworkers; sl_i_++)                \
+    for (const sl_metrics_snap *s = (r)->snaps[sl_i_]; s; s = NULL)
+
+/* A per-worker counter or gauge: one line per answering worker. */
+#define SL_PROM_PER_WORKER(o, r, name, type, help, expr)             \
+  do {                                                               \
+    sl_prom_head(o, name, type, help);                               \
+    SL_EACH_SNAP(r, s) sl_prom_worker(o, name, s->worker, (expr));   \
+  } while (0)
+
+enum { SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES };
+
+static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
+  SL_EACH_SNAP(r, s) {
+    for (size_t i = 0; i < s->nlisteners; i++) {
+      const sl_metrics_listener_snap *l = &s->listeners[i];
+      sl_agg_row *row = sl_agg_get(g, l->name, NULL);
+      if (row == NULL) return;
+      row->v[SL_L_OPENED] += l->opened;
+      row->v[SL_L_CLOSED] += l->closed;
+      row->v[SL_L_IN] += l->bytes_in;
+      row->v[SL_L_OUT] += l->bytes_out;
+      row->v[SL_L_OUTQ] += l->outq_bytes;
+      row->v[SL_L_BUFS] += l->held_bufs;
+      row->v[SL_L_BYTES] += l->held_bytes;
+    }
+  }
+}
+
+static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
+  sl_agg g = {0};
+  sl_admin_sum_listeners(r, &g);
+  static const struct {
+    const char *name, *type, *help;
+  } m[] = {
+      {"sluice_connections_open", "gauge", "Client connections open now, by listener."},
+      {"sluice_connections_total", "counter", "Client connections accepted, by listener."},
+      {"sluice_received_bytes_total", "counter", "Bytes read from clients, by listener."},
+      {"sluice_sent_bytes_total", "counter", "Bytes written to clients, by listener."},
+      {"sluice_outbound_queued_bytes", "gauge",
+       "Bytes waiting in the outbound queues of a listener's connections (client and upstream "
+       "side), with the per-entry overhead."},
+  };
+  for (size_t k = 0; k < sizeof(m) / sizeof(m[0]); k++) {
+    sl_prom_head(o, m[k].name, m[k].type, m[k].help);
+    for (size_t i = 0; i < g.n; i++) {
+      const uint64_t *v = g.rows[i].v;
+      uint64_t x = k == 0   ? v[SL_L_OPENED] - v[SL_L_CLOSED]
+                   : k == 1 ? v[SL_L_OPENED]
+                   : k == 2 ? v[SL_L_IN]
+                   : k == 3 ? v[SL_L_OUT]
+                            : v[SL_L_OUTQ];
+      sl_prom_named(o, m[k].name, "listener", g.rows[i].key, x);
+    }
+  }
+  if (g.failed) o->failed = 1;
+  free(g.rows);
+}
+
+static void sl_admin_metrics_upstreams(sl_text *o, const sl_admin_report *r) {
+  sl_agg g = {0};
+  SL_EACH_SNAP(r, s) {
+    for (size_t i = 0; i < s->nupstreams; i++) {
+      const sl_metrics_upstream_snap *u = &s->upstreams[i];
+      sl_agg_row *row = sl_agg_get(&g, u->name, NULL);
+      if (row == NULL) break;
+      row->v[0] += u->connects;
+      row->v[1] += u->failures;
+      for (int b = 0; b < SL_METRICS_NBUCKETS; b++) row->buckets[b] += u->buckets[b];
+      row->seconds += u->seconds;
+    }
+  }
+  sl_prom_head(o, "sluice_upstream_connects_total", "counter",
+               "Connects to an upstream's servers that completed.");
+  for (size_t i = 0; i < g.n; i++)
+    sl_prom_named(o, "sluice_upstream_connects_total", "upstream", g.rows[i].key, g.rows[i].v[0]);
+  sl_prom_head(o, "sluice_upstream_connect_failures_total", "counter",
+               "Connects to an upstream's servers that failed or timed out.");
+  for (size_t i = 0; i < g.n; i++)
+    sl_prom_named(o, "sluice_upstream_connect_failures_total", "upstream", g.rows[i].key,
+                  g.rows[i].v[1]);
+  sl_prom_head(o, "sluice_upstream_connect_seconds", "histogram",
+               "Time from starting a connect to an upstream's server to its completion.");
+  for (size_t i = 0; i < g.n; i++) {
+    const sl_agg_row *row = &g.rows[i];
+    uint64_t cum = 0;
+    for (int b = 0; b < SL_METRICS_NBUCKETS; b++) {
+      cum += row->buckets[b];
+      sl_text_printf(o, "sluice_upstream_connect_seconds_bucket{upstream=\"");
+      sl_prom_value(o, row->key);
+      sl_text_printf(o, "\",le=\"%g\"} %llu\n", sl_metrics_buckets[b], (unsigned long long)cum);
+    }
+    sl_text_printf(o, "sluice_upstream_connect_seconds_bucket{upstream=\"");
+    sl_prom_value(o, row->key);
+    sl_text_printf(o, "\",le=\"+Inf\"} %llu\n", (unsigned long long)row->v[0]);
+    sl_text_printf(o, "sluice_upstream_connect_seconds_sum{upstream=\"");
+    sl_prom_value(o, row->key);
+    sl_text_printf(o, "\"} %.9f\n", row->seconds);
+    sl_text_printf(o, "sluice_upstream_connect_seconds_count{upstream=\"");
+    sl_prom_value(o, row->key);
+    sl_text_printf(o, "\"} %llu\n", (unsigned long long)row->v[0]);
+  }
+  if (g.failed) o->failed = 1;
+  free(g.rows);
+}
+
+/* The arenas' counters, read under their locks. */
+static int sl_admin_narenas(const sl_admin_report *r) {
+  return r->alloc && r->alloc->arenas ? r->alloc->cfg.arenas : 0;
+}
+
+static void sl_admin_metrics_arenas(sl_text *o, const sl_admin_report *r) {
+  int n = sl_admin_narenas(r);
+  sl_arena_stats *st = calloc((size_t)n + 1, sizeof(*st));
+  if (st == NULL) {
+    o->failed = 1;
+    return;
+  }
+  for (int i = 0; i < n; i++) sl_arena_get_stats(&r->alloc->arenas[i], &st[i]);
+  sl_prom_head(o, "sluice_pool_mapped_bytes", "gauge",
+               "Bytes every arena has mapped from the operating system.");
+  sl_text_printf(o, "sluice_pool_mapped_bytes %llu\n",
+                 (unsigned long long)(r->alloc ? atomic_load(&r->alloc->reserved) : 0));
+  sl_prom_head(o, "sluice_pool_reserved_bytes", "gauge",
+               "Bytes an arena holds from the operating system (chunks and huge blocks).");
+  for (int i = 0; i < n; i++)
+    sl_text_printf(o, "sluice_pool_reserved_bytes{arena=\"%d\"} %llu\n", i,
+                   (unsigned long long)(st[i].chunk_bytes + st[i].huge_bytes));
+  sl_prom_head(o, "sluice_pool_used_bytes", "gauge",
+               "Bytes of an arena's reservation handed out (pages in use, huge blocks).");
+  for (int i = 0; i < n; i++)
+    sl_text_printf(o, "sluice_pool_used_bytes{arena=\"%d\"} %llu\n", i,
+                   (unsigned long long)(st[i].used_bytes + st[i].huge_bytes));
+  sl_prom_head(o, "sluice_pool_class_bytes", "gauge",
+               "Bytes of blocks of a size class an arena has handed out (to buffers or to the "
+               "workers' caches).");
+  for (int i = 0; i < n; i++) {
+    for (unsigned c = 0; c < st[i].nclasses && c < SL_SC_MAX_CLASSES; c++) {
+      if (st[i].cls[c].allocs == 0) continue;
+      sl_text_printf(o, "sluice_pool_class_bytes{arena=\"%d\",size_class=\"%zu\"} %llu\n", i,
+                     sl_sc_size(c),
+                     (unsigned long long)((st[i].cls[c].allocs - st[i].cls[c].frees) * sl_sc_size(c)));
+    }
+  }
+  free(st);
+}
+
+static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_in_use_bytes", "gauge",
+                     "Bytes of the blocks a worker's live buffers hold.", s->pool.bytes_in_use);
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_buffers", "gauge", "A worker's live buffers.",
+                     s->pool.blocks_in_use);
+  sl_prom_head(o, "sluice_pool_buffer_bytes", "gauge",
+               "Bytes a worker's live buffers hold, by size class (classes in use only).");
+  SL_EACH_SNAP(r, s) {
+    for (unsigned c = 0; c < SL_SC_MAX_CLASSES; c++) {
+      if (s->class_blocks[c] == 0) continue;
+      sl_text_printf(o, "sluice_pool_buffer_bytes{worker=\"%d\",size_class=\"%zu\"} %llu\n",
+                     s->worker, sl_sc_size(c),
+                     (unsigned long long)(s->class_blocks[c] * sl_sc_size(c)));
+    }
+  }
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_cached_bytes", "gauge",
+                     "Bytes of free blocks a worker's cache keeps.", s->pool.cached_bytes);
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_cache_hits_total", "counter",
+                     "Allocations a worker's cache served.", s->pool.cache_hits);
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_cache_misses_total", "counter",
+                     "Allocations that went past a worker's cache to its arena.",
+                     s->pool.cache_misses);
+  sl_prom_head(o, "sluice_pool_trims_total", "counter",
+               "Trims of a worker's cache: every trim_interval allocations (count) or after "
+               "trim_idle_ms of idleness (idle).");
+  SL_EACH_SNAP(r, s) {
+    sl_text_printf(o, "sluice_pool_trims_total{worker=\"%d\",reason=\"count\"} %llu\n", s->worker,
+                   (unsigned long long)s->pool.trims);
+    sl_text_printf(o, "sluice_pool_trims_total{worker=\"%d\",reason=\"idle\"} %llu\n", s->worker,
+                   (unsigned long long)s->pool.idle_trims);
+  }
+  SL_PROM_PER_WORKER(o, r, "sluice_pool_alloc_failures_total", "counter",
+                     "Allocations refused (max_memory or the operating system).",
+                     s->pool.alloc_failures);
+  SL_PROM_PER_WORKER(o, r, "sluice_leaks_total", "counter",
+                     "Buffers found leaked (collected or closed with references left) and "
+                     "reclaimed.", s->leaks);
+  SL_PROM_PER_WORKER(o, r, "sluice_leaked_bytes_total", "counter",
+                     "Bytes of the leaked buffers' blocks.", s->leaked_bytes);
+  SL_PROM_PER_WORKER(o, r, "sluice_unhandled_inbound_total", "counter",
+                     "Inbound messages that reached the tail of a pipeline and were released.",
+                     s->stats.unhandled_inbound);
+  SL_PROM_PER_WORKER(o, r, "sluice_writability_changes_total", "counter",
+                     "Outbound queues crossing a water mark (unwritable above high, writable "
+                     "again below low).", s->stats.writability_changes);
+  SL_PROM_PER_WORKER(o, r, "sluice_channels", "gauge",
+                     "A worker's connections (client and upstream side), open or closing.",
+                     s->channels);
+  sl_prom_head(o, "sluice_lua_memory_bytes", "gauge", "The heap of a worker's Lua state.");
+  SL_EACH_SNAP(r, s) {
+    if (s->has_lua) sl_prom_worker(o, "sluice_lua_memory_bytes", s->worker, s->lua_bytes);
+  }
+}
+
+static void sl_admin_metrics_stages(sl_text *o, const sl_admin_report *r) {
+  sl_agg g = {0};
+  SL_EACH_SNAP(r, s) {
+    for (size_t i = 0; i < s->nstages; i++) {
+      sl_agg_row *row = sl_agg_get(&g, s->stages[i].name, NULL);
+      if (row) row->v[0] += s->stages[i].errors;
+    }
+  }
+  sl_prom_head(o, "sluice_stage_errors_total", "counter",
+               "Errors raised by a Lua stage (each closed its connection), by stage name.");
+  for (size_t i = 0; i < g.n; i++)
+    sl_prom_named(o, "sluice_stage_errors_total", "stage", g.rows[i].key, g.rows[i].v[0]);
+  if (g.failed) o->failed = 1;
+  free(g.rows);
+}
+
+void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
+  int answered = 0;
+  SL_EACH_SNAP(r, s) answered++;
+  sl_prom_head(o, "sluice_workers", "gauge", "Worker threads.");
+  sl_text_printf(o, "sluice_workers %d\n", r->nworkers);
+  sl_prom_head(o, "sluice_workers_answering", "gauge",
+               "Workers whose counters are in this answer (a worker that did not answer in "
+               "time is left out).");
+  sl_text_printf(o, "sluice_workers_answering %d\n", answered);
+  sl_prom_head(o, "sluice_draining", "gauge", "1 while stopping (after SIGTERM or SIGINT).");
+  sl_text_printf(o, "sluice_draining %d\n", r->draining ? 1 : 0);
+  sl_admin_metrics_listeners(o, r);
+  sl_admin_metrics_upstreams(o, r);
+  sl_admin_metrics_arenas(o, r);
+  sl_admin_metrics_workers(o, r);
+  sl_admin_metrics_stages(o, r);
+}
+
+/* ---- the memory summary ---- */
+
+static void sl_admin_memory_arenas(sl_text *o, const sl_admin_report *r) {
+  int n = sl_admin_narenas(r);
+  uint64_t reserved = 0, used = 0;
+  sl_text rows = {0};
+  for (int i = 0; i < n; i++) {
+    sl_arena_stats st;
+    sl_arena_get_stats(&r->alloc->arenas[i], &st);
+    uint64_t res = st.chunk_bytes + st.huge_bytes, u = st.used_bytes + st.huge_bytes;
+    reserved += res;
+    used += u;
+    sl_text_printf(&rows, "  arena=%d reserved=%llu used=%llu chunks=%llu huge_bytes=%llu\n", i,
+                   (unsigned long long)res, (unsigned long long)u,
+                   (unsigned long long)st.chunks, (unsigned long long)st.huge_bytes);
+  }
+  sl_text_printf(o, "Total pool: reserved=%llu used=%llu\n\n", (unsigned long long)reserved,
+                 (unsigned long long)used);
+  sl_text_printf(o, "Pool by arena (reserved: mapped from the OS; used: handed out):\n");
+  if (rows.failed) o->failed = 1;
+  else if (rows.len) sl_text_append(o, rows.p, rows.len);
+  sl_text_reset(&rows);
+}
+
+void sl_admin_format_memory(sl_text *o, const sl_admin_report *r) {
+  sl_text_printf(o, "sluice memory summary (%d worker%s%s)\n\n", r->nworkers,
+                 r->nworkers == 1 ? "" : "s", r->draining ? ", draining" : "");
+  sl_admin_memory_arenas(o, r);
+
+  sl_text_printf(o, "\nPool by worker (buffers: blocks live buffers hold; cached: free blocks "
+                    "its cache keeps):\n");
+  uint64_t lua_total = 0, outq_total = 0;
+  for (int i = 0; i < r->nworkers; i++) {
+    const sl_metrics_snap *s = r->snaps[i];
+    if (s == NULL) {
+      sl_text_printf(o, "  worker=%d (did not answer)\n", i);
+      continue;
+    }
+    sl_text_printf(o, "  worker=%d buffers=%llu buffer_bytes=%llu cached_blocks=%llu "
+                      "cached_bytes=%llu\n",
+                   s->worker, (unsigned long long)s->pool.blocks_in_use,
+                   (unsigned long long)s->pool.bytes_in_use,
+                   (unsigned long long)s->pool.cached_blocks,
+                   (unsigned long long)s->pool.cached_bytes);
+    lua_total += s->lua_bytes;
+    outq_total += s->outq_bytes;
+  }
+
+  sl_agg lis = {0};
+  sl_admin_sum_listeners(r, &lis);
+  sl_text_printf(o, "\nHeld by listener (live buffers of its connections, both sides):\n");
+  for (size_t i = 0; i < lis.n; i++) {
+    const uint64_t *v = lis.rows[i].v;
+    sl_text_printf(o, "  listener=\"");
+    sl_prom_value(o, lis.rows[i].key);
+    sl_text_printf(o, "\" buffers=%llu bytes=%llu connections=%llu outbound_queued=%llu\n",
+                   (unsigned long long)v[SL_L_BUFS], (unsigned long long)v[SL_L_BYTES],
+                   (unsigned long long)(v[SL_L_OPENED] - v[SL_L_CLOSED]),
+                   (unsigned long long)v[SL_L_OUTQ]);
+  }
+  if (lis.failed) o->failed = 1;
+  free(lis.rows);
+
+  sl_agg held = {0};
+  SL_EACH_SNAP(r, s) {
+    for (size_t i = 0; i < s->nheld; i++) {
+      sl_agg_row *row = sl_agg_get(&held, s->held[i].stage, s->held[i].listener);
+      if (row == NULL) break;
+      row->v[0] += s->held[i].bufs;
+      row->v[1] += s->held[i].bytes;
+    }
+  }
+  sl_text_printf(o, "\nHeld by stage (live buffers, by the stage that last received them; "
+                    "\"outbound queue\": written, not yet sent; \"-\": none recorded):\n");
+  for (size_t i = 0; i < held.n; i++) {
+    sl_text_printf(o, "  stage=\"");
+    sl_prom_value(o, held.rows[i].key);
+    sl_text_printf(o, "\" listener=\"");
+    sl_prom_value(o, sl_agg_second(&held.rows[i]));
+    sl_text_printf(o, "\" buffers=%llu bytes=%llu\n", (unsigned long long)held.rows[i].v[0],
+                   (unsigned long long)held.rows[i].v[1]);
+  }
+  if (held.failed) o->failed = 1;
+  free(held.rows);
+
+  sl_text_printf(o, "\nOutbound queues: queued=%llu\n", (unsigned long long)outq_total);
+  sl_text_printf(o, "\nLua heaps:\n");
+  SL_EACH_SNAP(r, s) {
+    if (s->has_lua)
+      sl_text_printf(o, "  worker=%d bytes=%llu\n", s->worker, (unsigned long long)s->lua_bytes);
+  }
+  sl_text_printf(o, "  total=%llu\n", (unsigned long long)lua_total);
+}

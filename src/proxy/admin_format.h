@@ -1,0 +1,37 @@
+/*
+ * What the admin endpoint answers: /metrics in Prometheus text format and
+ * the /memory summary, formatted from the workers' snapshots
+ * (proxy/metrics.h) and the arenas' counters. The names, meanings and the
+ * summary's layout are documented in docs/operations.md.
+ */
+#ifndef SL_ADMIN_FORMAT_H
+#define SL_ADMIN_FORMAT_H
+
+#include <stddef.h>
+
+struct sl_alloc;
+struct sl_metrics_snap;
+
+/* A growing text. failed is set (and stays) when memory ran out. */
+typedef struct sl_text {
+  char *p;
+  size_t len, cap;
+  int failed;
+} sl_text;
+
+void sl_text_append(sl_text *t, const char *s, size_t n);
+void sl_text_printf(sl_text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Frees the text and makes it empty. */
+void sl_text_reset(sl_text *t);
+
+typedef struct sl_admin_report {
+  struct sl_metrics_snap **snaps;   /* one per worker; NULL: it did not answer */
+  int nworkers;
+  struct sl_alloc *alloc;
+  int draining;
+} sl_admin_report;
+
+void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);
+void sl_admin_format_memory(sl_text *out, const sl_admin_report *r);
+
+#endif

@@ -1,0 +1,419 @@
+#include "proxy/metrics.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "buf/holder.h"
+#include "io/channel.h"
+#include "lua/host.h"
+#include "util/common.h"
+
+const double sl_metrics_buckets[SL_METRICS_NBUCKETS] = {
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
+};
+
+typedef struct sl_metrics_lis {
+  char *name;
+  uint64_t opened, closed, bytes_in, bytes_out;   /* closed connections' bytes */
+} sl_metrics_lis;
+
+typedef struct sl_metrics_named {
+  char *name;
+  uint64_t n, failures;
+  uint64_t buckets[SL_METRICS_NBUCKETS];
+  double seconds;
+} sl_metrics_named;
+
+/* One worker's counters (written by its thread only) and its side of the
+ * snapshot hand-off (under lock). */
+struct sl_metrics {
+  sl_worker *w;
+  sl_metrics_lis *listeners;
+  size_t nlisteners;
+  sl_metrics_named *upstreams;
+  size_t nupstreams;
+  sl_metrics_named *stages;      /* n: errors */
+  size_t nstages;
+  ev_async snap_watcher;         /* a snapshot was asked for */
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  uint64_t asked, answered;      /* request sequence numbers */
+  int memory;                    /* the pending request wants the buffer walk */
+  sl_metrics_snap *result;       /* the answer to `answered`, until taken */
+  _Atomic int gone;              /* the loop has ended */
+};
+
+/* ---- name tables ---- */
+
+static char *sl_metrics_strdup(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *c = malloc(n);
+  if (c) memcpy(c, s, n);
+  return c;
+}
+
+/* The entry named `name` in *tab (added, zeroed, when missing), or NULL. */
+static sl_metrics_named *sl_metrics_find(sl_metrics_named **tab, size_t *n, const char *name) {
+  for (size_t i = 0; i < *n; i++)
+    if (strcmp((*tab)[i].name, name) == 0) return &(*tab)[i];
+  sl_metrics_named *t = realloc(*tab, (*n + 1) * sizeof(**tab));
+  if (t == NULL) return NULL;
+  *tab = t;
+  sl_metrics_named *e = &t[*n];
+  memset(e, 0, sizeof(*e));
+  e->name = sl_metrics_strdup(name);
+  if (e->name == NULL) return NULL;
+  (*n)++;
+  return e;
+}
+
+uint16_t sl_metrics_listener(sl_worker *w, const char *name) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return 0;
+  for (size_t i = 0; i < m->nlisteners; i++)
+    if (strcmp(m->listeners[i].name, name) == 0) return (uint16_t)(i + 1);
+  if (m->nlisteners >= UINT16_MAX) return 0;
+  sl_metrics_lis *t = realloc(m->listeners, (m->nlisteners + 1) * sizeof(*t));
+  if (t == NULL) return 0;
+  m->listeners = t;
+  sl_metrics_lis *l = &t[m->nlisteners];
+  memset(l, 0, sizeof(*l));
+  l->name = sl_metrics_strdup(name);
+  if (l->name == NULL) return 0;
+  return (uint16_t)++m->nlisteners;
+}
+
+void sl_metrics_client_opened(sl_worker *w, uint16_t li) {
+  sl_metrics *m = w->metrics;
+  if (m && li > 0) m->listeners[li - 1].opened++;
+}
+
+void sl_metrics_client_closed(sl_worker *w, uint16_t li, sl_channel *ch) {
+  sl_metrics *m = w->metrics;
+  ch->mclient = 0; /* counted: snapshots no longer add its bytes */
+  if (m == NULL || li == 0) return;
+  sl_metrics_lis *l = &m->listeners[li - 1];
+  l->closed++;
+  l->bytes_in += ch->bytes_in;
+  l->bytes_out += ch->bytes_out;
+}
+
+void sl_metrics_connect_done(sl_worker *w, const char *upstream, double seconds, int err) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return;
+  sl_metrics_named *u = sl_metrics_find(&m->upstreams, &m->nupstreams, upstream);
+  if (u == NULL) return;
+  if (err) {
+    u->failures++;
+    return;
+  }
+  u->n++;
+  u->seconds += seconds;
+  for (int i = 0; i < SL_METRICS_NBUCKETS; i++) {
+    if (seconds <= sl_metrics_buckets[i]) {
+      u->buckets[i]++;
+      break;
+    }
+  }
+}
+
+void sl_metrics_stage_error(sl_worker *w, const char *name) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return;
+  sl_metrics_named *s = sl_metrics_find(&m->stages, &m->nstages, name);
+  if (s) s->n++;
+}
+
+/* ---- the memory walk (worker thread) ---- */
+
+typedef struct sl_metrics_ref {
+  const void *ptr;               /* a live context, or a channel's owner record */
+  const sl_ctx *ctx;             /* NULL for owner records */
+  const sl_channel *ch;
+} sl_metrics_ref;
+
+typedef struct sl_metrics_walk {
+  sl_metrics_ref *ctxs, *owners;
+  size_t nctxs, nowners;
+  sl_metrics_snap *s;
+  int failed;                    /* out of memory: rows are missing */
+} sl_metrics_walk;
+
+static int sl_metrics_ref_cmp(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t)((const sl_metrics_ref *)a)->ptr;
+  uintptr_t y = (uintptr_t)((const sl_metrics_ref *)b)->ptr;
+  return x < y ? -1 : x > y;
+}
+
+static const sl_metrics_ref *sl_metrics_ref_find(const sl_metrics_ref *tab, size_t n,
+                                                 const void *ptr) {
+  if (ptr == NULL || n == 0) return NULL;
+  sl_metrics_ref key = {ptr, NULL, NULL};
+  return bsearch(&key, tab, n, sizeof(*tab), sl_metrics_ref_cmp);
+}
+
+static void sl_metrics_copy_name(char *dst, const char *src) {
+  snprintf(dst, SL_METRICS_NAME, "%s", src);
+}
+
+static const char *sl_metrics_listener_name(const sl_metrics *m, const sl_channel *ch) {
+  if (ch == NULL || ch->mlistener == 0 || ch->mlistener > m->nlisteners) return "-";
+  return m->listeners[ch->mlistener - 1].name;
+}
+
+static void sl_metrics_add_held(sl_metrics_walk *wk, const char *listener, const char *stage,
+                                uint64_t bytes) {
+  sl_metrics_snap *s = wk->s;
+  for (size_t i = 0; i < s->nheld; i++) {
+    sl_metrics_held_snap *h = &s->held[i];
+    if (strncmp(h->listener, listener, SL_METRICS_NAME - 1) == 0 &&
+        strncmp(h->stage, stage, SL_METRICS_NAME - 1) == 0) {
+      h->bufs++;
+      h->bytes += bytes;
+      return;
+    }
+  }
+  sl_metrics_held_snap *t = realloc(s->held, (s->nheld + 1) * sizeof(*t));
+  if (t == NULL) {
+    wk->failed = 1;
+    return;
+  }
+  s->held = t;
+  sl_metrics_held_snap *h = &t[s->nheld++];
+  sl_metrics_copy_name(h->listener, listener);
+  sl_metrics_copy_name(h->stage, stage);
+  h->bufs = 1;
+  h->bytes = bytes;
+}
+
+static void sl_metrics_on_buf(void *ud, const sl_buf *b, const void *who) {
+  sl_metrics_walk *wk = ud;
+  const sl_metrics_ref *h = sl_metrics_ref_find(wk->ctxs, wk->nctxs, who);
+  const sl_metrics_ref *o = sl_metrics_ref_find(wk->owners, wk->nowners, b->owner);
+  const sl_channel *ch = o ? o->ch : h ? h->ch : NULL;
+  const char *stage = "-";
+  if (h != NULL) {
+    if (h->ctx == &h->ctx->pipe->head) stage = "outbound queue";
+    else stage = h->ctx->name;
+  }
+  uint64_t bytes = b->block_size;
+  wk->s->held_bufs++;
+  wk->s->held_bytes += bytes;
+  const char *lname = "-";
+  if (ch != NULL) {
+    lname = sl_metrics_listener_name(ch->w->metrics, ch);
+    if (ch->mlistener > 0 && ch->mlistener <= wk->s->nlisteners) {
+      wk->s->listeners[ch->mlistener - 1].held_bufs++;
+      wk->s->listeners[ch->mlistener - 1].held_bytes += bytes;
+    }
+  }
+  sl_metrics_add_held(wk, lname, stage, bytes);
+}
+
+static int sl_metrics_push_ref(sl_metrics_ref **tab, size_t *n, size_t *cap, const void *ptr,
+                               const sl_ctx *ctx, const sl_channel *ch) {
+  if (*n == *cap) {
+    size_t nc = *cap ? *cap * 2 : 64;
+    sl_metrics_ref *t = realloc(*tab, nc * sizeof(*t));
+    if (t == NULL) return SL_ERROR;
+    *tab = t;
+    *cap = nc;
+  }
+  (*tab)[(*n)++] = (sl_metrics_ref){ptr, ctx, ch};
+  return SL_OK;
+}
+
+static void sl_metrics_walk_buffers(sl_worker *w, sl_metrics_snap *s) {
+  sl_metrics_walk wk = {0};
+  wk.s = s;
+  size_t cctx = 0, cown = 0;
+  int rc = SL_OK;
+  for (sl_channel *ch = w->channels; ch != NULL && rc == SL_OK; ch = ch->next) {
+    rc = sl_metrics_push_ref(&wk.owners, &wk.nowners, &cown, &ch->owned, NULL, ch);
+    for (sl_ctx *c = &ch->pipe.head; rc == SL_OK; c = c->next) {
+      rc = sl_metrics_push_ref(&wk.ctxs, &wk.nctxs, &cctx, c, c, ch);
+      if (c == &ch->pipe.tail) break;
+    }
+    for (sl_ctx *c = ch->pipe.removed; c != NULL && rc == SL_OK; c = c->gone)
+      rc = sl_metrics_push_ref(&wk.ctxs, &wk.nctxs, &cctx, c, c, ch);
+  }
+  if (rc == SL_OK) {
+    if (wk.nctxs > 0) qsort(wk.ctxs, wk.nctxs, sizeof(*wk.ctxs), sl_metrics_ref_cmp);
+    if (wk.nowners > 0) qsort(wk.owners, wk.nowners, sizeof(*wk.owners), sl_metrics_ref_cmp);
+    sl_holder_walk(w->pool, sl_metrics_on_buf, &wk);
+  }
+  free(wk.ctxs);
+  free(wk.owners);
+}
+
+/* ---- snapshots ---- */
+
+static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
+  sl_metrics *m = w->metrics;
+  sl_metrics_snap *s = calloc(1, sizeof(*s));
+  if (s == NULL) return NULL;
+  s->worker = w->id;
+  s->draining = w->stopping != 0;
+  s->stats = w->stats;
+  sl_pool *p = w->pool;
+  sl_pool_get_stats(p, &s->pool);
+  s->leaks = p->leaks;
+  s->leaked_bytes = p->leaked_bytes;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    s->class_blocks[i] = p->cls[i].allocs - p->cls[i].frees;
+  if (w->lua) {
+    s->has_lua = 1;
+    s->lua_bytes = sl_lua_host_memory(w->lua);
+  }
+  s->channels = w->nchannels;
+  s->listeners = calloc(m->nlisteners + 1, sizeof(*s->listeners));
+  s->upstreams = calloc(m->nupstreams + 1, sizeof(*s->upstreams));
+  s->stages = calloc(m->nstages + 1, sizeof(*s->stages));
+  if (s->listeners == NULL || s->upstreams == NULL || s->stages == NULL) {
+    sl_metrics_snap_free(s);
+    return NULL;
+  }
+  s->nlisteners = m->nlisteners;
+  for (size_t i = 0; i < m->nlisteners; i++) {
+    const sl_metrics_lis *l = &m->listeners[i];
+    sl_metrics_listener_snap *o = &s->listeners[i];
+    sl_metrics_copy_name(o->name, l->name);
+    o->opened = l->opened;
+    o->closed = l->closed;
+    o->bytes_in = l->bytes_in;
+    o->bytes_out = l->bytes_out;
+  }
+  for (sl_channel *ch = w->channels; ch != NULL; ch = ch->next) {
+    s->outq_bytes += ch->outq.pending;
+    if (ch->mlistener == 0 || ch->mlistener > m->nlisteners) continue;
+    sl_metrics_listener_snap *o = &s->listeners[ch->mlistener - 1];
+    o->outq_bytes += ch->outq.pending;
+    /* Open client connections: their bytes so far (closed ones are in the
+     * listener's totals already). */
+    if (ch->mclient) {
+      o->bytes_in += ch->bytes_in;
+      o->bytes_out += ch->bytes_out;
+    }
+  }
+  s->nupstreams = m->nupstreams;
+  for (size_t i = 0; i < m->nupstreams; i++) {
+    const sl_metrics_named *u = &m->upstreams[i];
+    sl_metrics_upstream_snap *o = &s->upstreams[i];
+    sl_metrics_copy_name(o->name, u->name);
+    o->connects = u->n;
+    o->failures = u->failures;
+    memcpy(o->buckets, u->buckets, sizeof(o->buckets));
+    o->seconds = u->seconds;
+  }
+  s->nstages = m->nstages;
+  for (size_t i = 0; i < m->nstages; i++) {
+    sl_metrics_copy_name(s->stages[i].name, m->stages[i].name);
+    s->stages[i].errors = m->stages[i].n;
+  }
+  if (memory) sl_metrics_walk_buffers(w, s);
+  return s;
+}
+
+void sl_metrics_snap_free(sl_metrics_snap *s) {
+  if (s == NULL) return;
+  free(s->listeners);
+  free(s->upstreams);
+  free(s->stages);
+  free(s->held);
+  free(s);
+}
+
+/* Worker thread: answers the newest request. */
+static void sl_metrics_on_snap(struct ev_loop *loop, ev_async *a, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_metrics *m = SL_CONTAINER_OF(a, sl_metrics, snap_watcher);
+  pthread_mutex_lock(&m->lock);
+  uint64_t asked = m->asked;
+  int memory = m->memory;
+  pthread_mutex_unlock(&m->lock);
+  if (asked == m->answered) return;
+  sl_metrics_snap *s = sl_metrics_build(m->w, memory);
+  pthread_mutex_lock(&m->lock);
+  sl_metrics_snap_free(m->result);   /* an answer nobody waited for */
+  m->result = s;
+  m->answered = asked;
+  pthread_cond_broadcast(&m->cond);
+  pthread_mutex_unlock(&m->lock);
+}
+
+sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL || atomic_load(&m->gone)) return NULL;
+  pthread_mutex_lock(&m->lock);
+  uint64_t seq = ++m->asked;
+  m->memory = memory;
+  pthread_mutex_unlock(&m->lock);
+  ev_async_send(w->loop, &m->snap_watcher);
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  long ns = (long)((timeout - (double)(long)timeout) * 1e9);
+  until.tv_sec += (time_t)timeout + (until.tv_nsec + ns) / 1000000000L;
+  until.tv_nsec = (until.tv_nsec + ns) % 1000000000L;
+  sl_metrics_snap *s = NULL;
+  pthread_mutex_lock(&m->lock);
+  while (m->answered != seq && !atomic_load(&m->gone)) {
+    if (pthread_cond_timedwait(&m->cond, &m->lock, &until) == ETIMEDOUT) break;
+  }
+  if (m->answered == seq) {
+    s = m->result;
+    m->result = NULL;
+  }
+  pthread_mutex_unlock(&m->lock);
+  return s;
+}
+
+/* ---- life cycle ---- */
+
+int sl_metrics_attach(sl_worker *w) {
+  sl_metrics *m = calloc(1, sizeof(*m));
+  if (m == NULL) return SL_ERROR;
+  m->w = w;
+  pthread_mutex_init(&m->lock, NULL);
+  pthread_cond_init(&m->cond, NULL);
+  ev_async_init(&m->snap_watcher, sl_metrics_on_snap);
+  ev_async_start(w->loop, &m->snap_watcher);
+  ev_unref(w->loop); /* answering snapshots keeps no loop running */
+  w->metrics = m;
+  /* Without the table, the memory summary shows no stage ("-"). */
+  sl_holder_enable(w->pool);
+  return SL_OK;
+}
+
+void sl_metrics_gone(sl_worker *w) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return;
+  pthread_mutex_lock(&m->lock);
+  atomic_store(&m->gone, 1);
+  pthread_cond_broadcast(&m->cond);
+  pthread_mutex_unlock(&m->lock);
+}
+
+void sl_metrics_detach(sl_worker *w) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return;
+  ev_ref(w->loop);
+  ev_async_stop(w->loop, &m->snap_watcher);
+  sl_holder_disable(w->pool);
+  for (size_t i = 0; i < m->nlisteners; i++) free(m->listeners[i].name);
+  for (size_t i = 0; i < m->nupstreams; i++) free(m->upstreams[i].name);
+  for (size_t i = 0; i < m->nstages; i++) free(m->stages[i].name);
+  free(m->listeners);
+  free(m->upstreams);
+  free(m->stages);
+  sl_metrics_snap_free(m->result);
+  pthread_mutex_destroy(&m->lock);
+  pthread_cond_destroy(&m->cond);
+  free(m);
+  w->metrics = NULL;
+}

@@ -156,8 +156,24 @@ static void sl_admin_conn_close(sl_admin_conn *c) {
   free(c);
 }
 
-static void sl_admin_on_write(struct ev_loop *loop, ev_io *io, int revents) {
+/* After the answer: reads and drops whatever the client still sends until
+ * it closes (or the connection's timeout), so that closing with unread
+ * bytes does not reset the connection before the answer is read. */
+static void sl_admin_on_linger(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_admin_conn *c = SL_CONTAINER_OF(io, sl_admin_conn, io);
+  for (;;) {
+    ssize_t n = recv(c->fd, c->req, sizeof(c->req), 0);
+    if (n > 0) continue;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    break;
+  }
+  sl_admin_conn_close(c);
+}
+
+static void sl_admin_on_write(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(revents);
   sl_admin_conn *c = SL_CONTAINER_OF(io, sl_admin_conn, io);
   while (c->sent < c->out.len) {
@@ -168,9 +184,14 @@ static void sl_admin_on_write(struct ev_loop *loop, ev_io *io, int revents) {
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    break;
+    sl_admin_conn_close(c);
+    return;
   }
-  sl_admin_conn_close(c);
+  shutdown(c->fd, SHUT_WR);
+  ev_io_stop(loop, &c->io);
+  ev_io_set(&c->io, c->fd, EV_READ);
+  ev_set_cb(&c->io, sl_admin_on_linger);
+  ev_io_start(loop, &c->io);
 }
 
 static void sl_admin_on_read(struct ev_loop *loop, ev_io *io, int revents) {

@@ -21,6 +21,7 @@
 #include "alloc/arena.h"
 #include "alloc/pool.h"
 #include "buf/buf.h"
+#include "buf/holder.h"
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
@@ -100,6 +101,10 @@ int main(int argc, char **argv) {
   sl_worker *w = sl_worker_create(0, alloc);
   if (w == NULL) die("worker");
   sl_pool_bind_thread(w->pool);
+  /* The running proxy records buffer holders (the memory summary): so does
+   * the benchmark, unless SLUICE_HOLDERS=0. */
+  const char *holders = getenv("SLUICE_HOLDERS");
+  if (!(holders && strcmp(holders, "0") == 0) && sl_holder_enable(w->pool) != 0) die("holders");
   if (lua && n > 0) {
     /* No loop runs here: events wait for the drains in push(). */
     struct ev_loop *loop = w->loop;
@@ -138,6 +143,7 @@ int main(int argc, char **argv) {
   sl_lua_host_destroy(w->lua);
   w->lua = NULL;
   close(sv[1]);
+  sl_holder_disable(w->pool);
   uint64_t leaked = sl_worker_destroy(w);
   sl_alloc_destroy(alloc);
   sl_config_free(cfg);

@@ -13,6 +13,7 @@ struct sl_pool;
 struct sl_alloc;
 struct sl_channel;
 struct sl_lua_host;
+struct sl_upstreams;
 
 typedef struct sl_worker_stats {
   uint64_t unhandled_inbound;   /* buffers released by the tail */
@@ -28,6 +29,7 @@ struct sl_worker {
   struct ev_loop *loop;
   struct sl_pool *pool;
   struct sl_lua_host *lua;        /* NULL when no listener has a Lua stage */
+  struct sl_upstreams *upstreams; /* balancing and health of the config's upstreams */
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
   int id;

@@ -8,6 +8,7 @@
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
+#include "proxy/bridge.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -137,6 +138,10 @@ void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on) {
 }
 
 const char *sl_ffi_ctx_describe(sl_ctx *ctx) { return sl_channel_describe(sl_ctx_channel(ctx)); }
+
+int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err) {
+  return sl_bridge_connect(sl_ctx_channel(ctx), target, err) == SL_OK ? 0 : -1;
+}
 
 _Static_assert(SL_SC_MAX_CLASSES <= 80, "sl_ffi_pool_stats holds 80 classes");
 

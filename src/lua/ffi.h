@@ -70,6 +70,12 @@ SL_FFI_EXPORT void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 /* "client 127.0.0.1:5000 on front": for log lines. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_describe(sl_ctx *ctx);
 
+/* ctx:connect(target): connects ctx's connection to target, the name of an
+ * upstream or "host:port" (src/proxy/bridge.h, sl_bridge_connect). 0 while
+ * connecting, -1 with *err. Closing the client (every try failed at once)
+ * queues its events for Lua like any close. */
+SL_FFI_EXPORT int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err);
+
 /* What sluice.pool.stats() returns, flat. Counts for the calling thread's
  * pool and its arena. */
 typedef struct sl_ffi_pool_stats {

@@ -12,6 +12,7 @@
 #include "alloc/arena.h"
 #include "io/addr.h"
 #include "pipeline/pipeline.h"
+#include "proxy/balance.h"
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
@@ -24,12 +25,27 @@ typedef struct sl_stage_spec {
   int lua_key;                 /* Lua stages: 1-based index among all Lua stages */
 } sl_stage_spec;
 
+/* Active TCP health checks of an upstream's servers (health_check). */
+typedef struct sl_health_cfg {
+  double interval;             /* seconds between checks of a server */
+  double timeout;              /* seconds a check's connect may take */
+  int fails;                   /* failed checks in a row that mark a server down */
+  int passes;                  /* passed checks in a row that mark it up again */
+} sl_health_cfg;
+
 typedef struct sl_upstream_cfg {
   char *name;
   sl_addr *servers;
   char **server_text;
+  int *weights;                /* per server, >= 1 */
   size_t nservers;
   double connect_timeout;      /* seconds */
+  sl_balance balance;
+  int tries;                   /* servers a connection tries, 1..nservers */
+  int max_fails;               /* failed connects in a row to skip a server; 0: never */
+  double fail_timeout;         /* seconds such a server is skipped */
+  int has_health_check;        /* 1: health below runs */
+  sl_health_cfg health;
 } sl_upstream_cfg;
 
 typedef struct sl_listener_cfg {

@@ -11,6 +11,7 @@
 #include "lua/host.h"
 #include "proxy/bridge.h"
 #include "proxy/config.h"
+#include "proxy/upstream.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -18,7 +19,6 @@ typedef struct sl_server {
   const sl_config *cfg;
   sl_listener *listeners;      /* one per cfg->listeners */
   size_t nlisteners;
-  uint32_t *rr;                /* round-robin position per upstream */
 } sl_server;
 
 static void sl_server_close_listeners(sl_server *s) {
@@ -53,13 +53,6 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_channel_activate(ch);
 }
 
-const sl_addr *sl_server_pick(sl_worker *w, const sl_upstream_cfg *u) {
-  sl_server *s = w->app;
-  size_t idx = (size_t)(u - s->cfg->upstreams);
-  uint32_t n = s->rr[idx]++;
-  return &u->servers[n % u->nservers];
-}
-
 int sl_server_start(sl_worker *w, const sl_config *cfg, char *err, size_t errlen) {
   sl_server *s = calloc(1, sizeof(*s));
   if (s == NULL) {
@@ -68,10 +61,10 @@ int sl_server_start(sl_worker *w, const sl_config *cfg, char *err, size_t errlen
   }
   s->cfg = cfg;
   s->listeners = calloc(cfg->nlisteners + 1, sizeof(*s->listeners));
-  s->rr = calloc(cfg->nupstreams + 1, sizeof(uint32_t));
+  w->upstreams = sl_upstreams_create(w, cfg);
   w->app = s;
   w->on_stop = sl_server_on_stop;
-  if (s->listeners == NULL || s->rr == NULL) {
+  if (s->listeners == NULL || w->upstreams == NULL) {
     snprintf(err, errlen, "out of memory");
     sl_server_free(w);
     return SL_ERROR;
@@ -102,8 +95,9 @@ void sl_server_free(sl_worker *w) {
   sl_server_close_listeners(s);
   sl_lua_host_destroy(w->lua);
   w->lua = NULL;
+  sl_upstreams_destroy(w->upstreams);
+  w->upstreams = NULL;
   free(s->listeners);
-  free(s->rr);
   free(s);
   w->app = NULL;
   w->on_stop = NULL;

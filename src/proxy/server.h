@@ -19,7 +19,4 @@ int sl_server_start(struct sl_worker *w, const struct sl_config *cfg, char *err,
  * worker's channels are gone). */
 void sl_server_free(struct sl_worker *w);
 
-/* The next server of u for a new connection (round robin per worker). */
-const sl_addr *sl_server_pick(struct sl_worker *w, const struct sl_upstream_cfg *u);
-
 #endif

@@ -30,17 +30,18 @@ struct sl_upstreams {
 };
 
 /*
- * A client's way to its upstream: from the first try until the upstream
- * connection closes. States: trying (ch is the connecting channel, joined
- * to client), connected (ch is the upstream connection, client is NULL),
- * and freed when ch leaves (its lease stage is removed). Between tries, ch
- * is NULL only inside this file's functions.
+ * A client's way to its upstream, while it tries servers: ch is the
+ * connecting channel of the current try, joined to client (between tries,
+ * ch is NULL only inside this file's functions). Once connected, the
+ * attempt hands its reference on the set to the channel's lease and is
+ * freed; so is an attempt whose channel closed while connecting (the
+ * client went away, or sluice is stopping).
  */
 typedef struct sl_attempt {
   sl_upstreams *set;          /* referenced */
   sl_upstream_rt *up;         /* NULL: a plain address */
   sl_addr addr;               /* the plain address */
-  struct sl_channel *client;  /* while trying */
+  struct sl_channel *client;
   struct sl_channel *ch;      /* the channel of the current try */
   sl_ctx *lease;              /* ch's lease stage */
   sl_upstream_ready_fn ready;
@@ -51,6 +52,14 @@ typedef struct sl_attempt {
   char tried[320];            /* "127.0.0.1:7001 (Connection refused), ..." */
   uint8_t skip[];             /* servers tried already */
 } sl_attempt;
+
+/* The state of the lease stage, a C stage with no event callbacks that the
+ * upstream channel carries so that its close is noticed (on_removed). */
+typedef struct sl_lease {
+  sl_attempt *attempt;        /* while connecting */
+  sl_upstreams *set;          /* once connected: referenced */
+  sl_peer *peer;              /* once connected: its server's state (NULL: an address) */
+} sl_lease;
 
 /* ---- the set ---- */
 
@@ -156,20 +165,32 @@ int sl_upstream_resolve(struct sl_worker *w, const char *target, const sl_upstre
   return SL_OK;
 }
 
-/* ---- the lease stage: tells the attempt when its channel is gone ---- */
+/* A connection to the server of p closed, or a try of it ended. */
+static void sl_upstream_peer_done(sl_peer *p) {
+  SL_ASSERT(p->active > 0, "upstream server active count underflow");
+  p->active--;
+}
+
+/* ---- the lease stage: notices when the upstream channel is gone ---- */
 
 static void sl_attempt_gone(sl_attempt *a);
 
 static void sl_lease_removed(sl_ctx *ctx) {
-  sl_attempt **slot = ctx->state;
-  sl_attempt *a = *slot;
-  *slot = NULL;
-  if (a != NULL) sl_attempt_gone(a);
+  sl_lease *l = ctx->state;
+  if (l->attempt != NULL) {
+    sl_attempt *a = l->attempt;
+    l->attempt = NULL;
+    sl_attempt_gone(a);
+  } else if (l->set != NULL) {
+    if (l->peer) sl_upstream_peer_done(l->peer);
+    sl_upstreams_unref(l->set);
+    l->set = NULL;
+  }
 }
 
 static const sl_stage_ops sl_lease_ops = {
     .name = "upstream",
-    .state_size = sizeof(sl_attempt *),
+    .state_size = sizeof(sl_lease),
     .on_removed = sl_lease_removed,
 };
 
@@ -188,18 +209,14 @@ static void sl_attempt_free(sl_attempt *a) {
 /* The current try's channel leaves the attempt: its server has one active
  * connection less. The lease forgets the attempt. */
 static void sl_attempt_detach(sl_attempt *a) {
-  if (a->up && a->server >= 0) {
-    sl_peer *p = &a->up->bal.peers[a->server];
-    SL_ASSERT(p->active > 0, "upstream server active count underflow");
-    p->active--;
-  }
-  if (a->lease) *(sl_attempt **)a->lease->state = NULL;
+  if (a->up && a->server >= 0) sl_upstream_peer_done(&a->up->bal.peers[a->server]);
+  if (a->lease) ((sl_lease *)a->lease->state)->attempt = NULL;
   a->lease = NULL;
   a->ch = NULL;
 }
 
-/* The channel closed: after the connection ended, or while connecting
- * because the client went away (or sluice is stopping). */
+/* The channel closed while connecting: the client went away (or sluice
+ * is stopping). */
 static void sl_attempt_gone(sl_attempt *a) {
   a->lease = NULL;
   sl_attempt_detach(a);
@@ -302,7 +319,7 @@ static int sl_attempt_next(sl_attempt *a) {
       sl_attempt_failed(a, "out of memory");   /* closes ch */
       continue;
     }
-    *(sl_attempt **)a->lease->state = a;
+    ((sl_lease *)a->lease->state)->attempt = a;
     sl_channel_join(a->client, ch);
     return SL_OK;
   }
@@ -319,8 +336,14 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
     return;
   }
   if (a->up) sl_balance_report(&a->up->bal, (size_t)a->server, 1, ev_now(a->set->w->loop));
-  a->client = NULL;
-  a->ready(ch);
+  /* The lease keeps the set and the server's active count from now on. */
+  sl_lease *l = a->lease->state;
+  l->attempt = NULL;
+  l->set = a->set;
+  l->peer = a->up ? &a->up->bal.peers[a->server] : NULL;
+  sl_upstream_ready_fn ready = a->ready;
+  free(a);
+  ready(ch);
 }
 
 int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, const sl_addr *addr,

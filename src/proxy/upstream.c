@@ -350,16 +350,24 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
                         const char *for_name, sl_upstream_ready_fn ready) {
   if (sl_channel_is_closed(client)) return SL_ERROR;
   sl_upstreams *s = client->w->upstreams;
+  SL_ASSERT(s != NULL, "a worker connects to upstreams before its server started");
   sl_upstream_rt *rt = NULL;
   if (u != NULL) {
-    SL_ASSERT(s != NULL && (size_t)(u - s->cfg->upstreams) < s->n,
-              "upstream from another config than the worker's");
-    rt = &s->ups[u - s->cfg->upstreams];
+    /* By name: a connection accepted before a config reload finds its
+     * upstream in the worker's new set. */
+    for (size_t i = 0; i < s->n && rt == NULL; i++)
+      if (s->ups[i].cfg == u || strcmp(s->ups[i].cfg->name, u->name) == 0) rt = &s->ups[i];
+    if (rt == NULL) {
+      sl_log(SL_LOG_WARN, "%s: upstream %s unavailable: it is no longer in the configuration",
+             sl_channel_describe(client), u->name);
+      sl_channel_close(client, "upstream_unavailable", 1);
+      return SL_ERROR;
+    }
+    u = rt->cfg;
   }
   size_t nskip = u ? u->nservers : 0;
   sl_attempt *a = calloc(1, sizeof(*a) + nskip);
-  if (a == NULL || s == NULL) {
-    free(a);
+  if (a == NULL) {
     sl_channel_close(client, "out of memory connecting to the upstream", 1);
     return SL_ERROR;
   }

@@ -102,7 +102,7 @@ int sl_bridge_connect(sl_channel *client, const char *target, const char **err) 
     *err = "already connected to an upstream";
     return SL_ERROR;
   }
-  if (sl_upstream_resolve(client->w, target, &u, &addr, err) != SL_OK) return SL_ERROR;
+  if (sl_upstream_resolve(client, target, &u, &addr, err) != SL_OK) return SL_ERROR;
   /* A listener without an upstream has no bridge yet: the last stage. */
   sl_ctx *c = client->pipe.head.next;
   while (c != &client->pipe.tail && c->ops != &sl_bridge_ops) c = c->next;

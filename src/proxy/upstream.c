@@ -11,6 +11,7 @@
 #include "proxy/balance.h"
 #include "proxy/config.h"
 #include "proxy/health.h"
+#include "proxy/server.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -116,18 +117,26 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
   return s;
 }
 
-void sl_upstreams_destroy(sl_upstreams *s) {
+void sl_upstreams_stop_checks(sl_upstreams *s) {
   if (s == NULL) return;
   for (size_t i = 0; i < s->n; i++) {
+    if (s->ups[i].health == NULL) continue;
     sl_health_stop(s->ups[i].health);
     s->ups[i].health = NULL;
+    /* Without checks, only passive health decides. */
+    for (size_t j = 0; j < s->ups[i].bal.n; j++) s->ups[i].bal.peers[j].check_down = 0;
   }
+}
+
+void sl_upstreams_destroy(sl_upstreams *s) {
+  if (s == NULL) return;
+  sl_upstreams_stop_checks(s);
   sl_upstreams_unref(s);
 }
 
-int sl_upstream_resolve(struct sl_worker *w, const char *target, const sl_upstream_cfg **u,
-                        sl_addr *addr, const char **err) {
-  sl_upstreams *s = w->upstreams;
+int sl_upstream_resolve(const struct sl_channel *client, const char *target,
+                        const sl_upstream_cfg **u, sl_addr *addr, const char **err) {
+  sl_upstreams *s = sl_server_upstreams(client);
   *u = NULL;
   for (size_t i = 0; s && i < s->n; i++) {
     if (strcmp(s->ups[i].cfg->name, target) == 0) {
@@ -263,7 +272,10 @@ static void sl_attempt_failed(sl_attempt *a, const char *why) {
     char reason[160];
     snprintf(reason, sizeof(reason), "connect failed: %s", why);
     ch->peer = NULL;
-    if (a->client) a->client->peer = NULL;
+    if (a->client) {
+      a->client->peer = NULL;
+      a->client->peer_remote.len = 0;   /* no upstream, for the access log */
+    }
     sl_channel_close(ch, reason, 1);
   } else {
     sl_log(SL_LOG_WARN, "upstream %s for %s: connect failed: %s", server, a->for_name, why);
@@ -349,12 +361,12 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
 int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, const sl_addr *addr,
                         const char *for_name, sl_upstream_ready_fn ready) {
   if (sl_channel_is_closed(client)) return SL_ERROR;
-  sl_upstreams *s = client->w->upstreams;
-  SL_ASSERT(s != NULL, "a worker connects to upstreams before its server started");
+  sl_upstreams *s = sl_server_upstreams(client);
+  SL_ASSERT(s != NULL, "a connection outside a server connects to an upstream");
   sl_upstream_rt *rt = NULL;
   if (u != NULL) {
-    /* By name: a connection accepted before a config reload finds its
-     * upstream in the worker's new set. */
+    /* u belongs to the configuration the client started with (found by
+     * name too, should a caller hold another configuration's). */
     for (size_t i = 0; i < s->n && rt == NULL; i++)
       if (s->ups[i].cfg == u || strcmp(s->ups[i].cfg->name, u->name) == 0) rt = &s->ups[i];
     if (rt == NULL) {

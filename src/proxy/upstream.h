@@ -4,7 +4,8 @@
  * the way a client connection reaches its upstream: pick a server, connect,
  * on a failed or timed-out connect try the next one, up to `tries`.
  *
- * Each worker has its own sl_upstreams: it balances its own connections and
+ * Each worker has its own sl_upstreams per configuration it runs (the
+ * server keeps one per generation): it balances its own connections and
  * counts its own active connections and failures, with no locks (a client
  * and its upstream connection live on one worker).
  *
@@ -38,17 +39,22 @@ typedef void (*sl_upstream_ready_fn)(struct sl_channel *up);
  * must outlive the set. NULL on ENOMEM. */
 sl_upstreams *sl_upstreams_create(struct sl_worker *w, const struct sl_config *cfg);
 
+/* Stops the health checks (a configuration that new connections no longer
+ * use); servers they held down count as up again. NULL is fine. */
+void sl_upstreams_stop_checks(sl_upstreams *s);
+
 /* Stops the health checks and drops the creator's reference. NULL is fine. */
 void sl_upstreams_destroy(sl_upstreams *s);
 
-/* Resolves a ctx:connect target on w: the name of an upstream of the
- * running config (*u set), or "host:port" with a numeric IPv4 host, an IPv6
- * host in brackets or localhost (*u NULL, *addr filled). SL_OK, or SL_ERROR
- * with *err. */
-int sl_upstream_resolve(struct sl_worker *w, const char *target, const struct sl_upstream_cfg **u,
-                        sl_addr *addr, const char **err);
+/* Resolves a ctx:connect target for client: the name of an upstream of the
+ * configuration the client started with (*u set), or "host:port" with a
+ * numeric IPv4 host, an IPv6 host in brackets or localhost (*u NULL, *addr
+ * filled). SL_OK, or SL_ERROR with *err. */
+int sl_upstream_resolve(const struct sl_channel *client, const char *target,
+                        const struct sl_upstream_cfg **u, sl_addr *addr, const char **err);
 
-/* Connects client to upstream u (balanced, retried, with passive health) or,
+/* Connects client to upstream u (balanced, retried, with passive health,
+ * using the upstream state of the client's configuration) or,
  * when u is NULL, to addr (one try). Stops reading from the client until the
  * upstream is there; the connecting channel is joined to the client, so a
  * client that closes meanwhile abandons the attempt. When every try has

@@ -163,10 +163,12 @@ local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "ma
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
 local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes" }
 
--- Callback names a Lua stage module may define (function-valued fields).
+-- Callback names a Lua stage module may define (function-valued fields):
+-- the events, and added/removed (the stage joined or left a pipeline, as
+-- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close" }
+                    "user_event", "error", "write", "flush", "close", "added", "removed" }
 
 local function set_of(list)
     local set = {}

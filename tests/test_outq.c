@@ -49,7 +49,7 @@ static sl_buf *pattern_buf(sl_pool *pool, size_t len, size_t offset) {
 static void add_pattern(sl_outq *q, sl_pool *pool, const size_t *sizes, size_t n,
                         size_t *offset) {
   for (size_t i = 0; i < n; i++) {
-    assert_int_equal(sl_outq_add(q, pattern_buf(pool, sizes[i], *offset)), SL_OK);
+    assert_int_equal(sl_outq_add(q, pattern_buf(pool, sizes[i], *offset), 0), SL_OK);
     *offset += sizes[i];
   }
 }
@@ -147,7 +147,7 @@ static void test_many_small_buffers_arrive_in_order(void **state) {
       off += len;
     }
     expected_pending += sl_buf_readable(b) + SL_OUTQ_ENTRY_OVERHEAD;
-    assert_int_equal(sl_outq_add(&q, b), SL_OK);
+    assert_int_equal(sl_outq_add(&q, b, 0), SL_OK);
   }
   assert_true(N > SL_OUTQ_MAX_IOV);
   assert_int_equal(q.count, N);
@@ -172,7 +172,7 @@ static void test_only_empty_entries_are_released(void **state) {
   for (int i = 0; i < 3; i++) {
     sl_buf *b = sl_buf_alloc(f->pool, 8, 0);
     assert_non_null(b);
-    assert_int_equal(sl_outq_add(&q, b), SL_OK);
+    assert_int_equal(sl_outq_add(&q, b, 0), SL_OK);
   }
   sl_outq_flush(&q);
   size_t n = 99;
@@ -196,14 +196,14 @@ static void test_slices_of_one_buffer_release_it_when_all_written(void **state) 
     sl_buf *v = sl_buf_slice(root, cuts[i][0], cuts[i][1], &err);
     assert_non_null(v);
     sl_buf_retain(v); /* the queue's reference */
-    assert_int_equal(sl_outq_add(&q, v), SL_OK);
+    assert_int_equal(sl_outq_add(&q, v, 0), SL_OK);
   }
   assert_int_equal(sl_buf_release(root), 0); /* ours */
   assert_int_equal(sl_buf_refcnt(root), 3);
   sl_outq_flush(&q);
 
   size_t n = 0;
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 1000, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1000, &n), SL_DONE);
   assert_int_equal(n, 1000);
   assert_int_equal(sl_buf_refcnt(root), 2); /* the first slice went */
   assert_int_equal(sl_test_stats(f->pool).blocks_in_use, 1);
@@ -224,7 +224,7 @@ static void test_ring_growth_with_wrapped_head_keeps_order(void **state) {
   add_pattern(&q, f->pool, six, 6, &off);
   sl_outq_flush(&q);
   /* Write the first four entries (100 bytes): the head moves to slot 4. */
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 100, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 100, &n), SL_DONE);
   assert_int_equal(n, 100);
   assert_int_equal(q.count, 2);
   assert_int_equal(q.nflushed, 2);
@@ -259,7 +259,7 @@ static uint32_t check_after_written(const sl_outq *q, const sl_pool *pool, const
   assert_int_equal(q->pending, (total - written) + left * SL_OUTQ_ENTRY_OVERHEAD);
   assert_int_equal(bufs_active(pool), left); /* each buffer went as it was written */
   if (left == 0) return 0;
-  const sl_buf *b = q->ring[q->head];
+  const sl_buf *b = q->ring[q->head].buf;
   assert_int_equal(b->rd, written - skipped);
   assert_int_equal(sl_buf_readable(b), sizes[first] - (written - skipped));
   return b->rd;
@@ -295,11 +295,11 @@ static void test_partial_writes_resume_where_the_socket_stopped(void **state) {
   assert_non_null(got);
   size_t received = 0;
   int partial_entries = 0, rounds = 0;
-  while (rc == SL_AGAIN) {
+  while (rc != SL_OK) {
     assert_true(++rounds < 1000000);
     received += sl_test_read_available(f->fds[1], got + received, total - received);
     rc = sl_outq_write(&q, f->fds[0], SIZE_MAX, &n);
-    assert_true(rc == SL_OK || rc == SL_AGAIN);
+    assert_true(rc == SL_OK || rc == SL_AGAIN || rc == SL_DONE);
     written += n;
     if (check_after_written(&q, f->pool, sizes, nsizes, total, written) > 0) partial_entries++;
   }
@@ -345,7 +345,7 @@ static void test_water_marks_fire_once_each_way(void **state) {
 
   /* Written down to between the marks (1192): still unwritable, no call. */
   sl_outq_flush(&q);
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 5 * 500, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 5 * 500, &n), SL_DONE);
   assert_int_equal(q.pending, 2 * e);
   assert_int_equal(log.n, 1);
   assert_int_equal(q.writable, 0);
@@ -383,11 +383,11 @@ static void test_water_marks_are_strict(void **state) {
   /* Exactly at low is not below it; one byte more is. */
   sl_outq_flush(&q);
   size_t to_low = q.pending - 1000;
-  assert_int_equal(sl_outq_write(&q, f->fds[0], to_low, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], to_low, &n), SL_DONE);
   assert_int_equal(n, to_low);
   assert_int_equal(q.pending, 1000);
   assert_int_equal(log.n, 1);
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 1, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1, &n), SL_DONE);
   assert_int_equal(q.pending, 999);
   assert_int_equal(log.n, 2);
   assert_int_equal(log.writable[1], 1);
@@ -415,14 +415,14 @@ static void test_release_all_releases_flushed_and_unflushed(void **state) {
   assert_int_equal(bufs_active(f->pool), 5);
   assert_int_equal(log.n, 1); /* went unwritable on the way */
 
-  assert_int_equal(sl_outq_release_all(&q), 5);
+  assert_int_equal(sl_outq_release_all(&q, "closed"), 5);
   assert_int_equal(q.count, 0);
   assert_int_equal(q.nflushed, 0);
   assert_int_equal(q.pending, 0);
   assert_int_equal(q.writable, 1);
   assert_int_equal(log.n, 1); /* no writability event on close */
   SL_TEST_ASSERT_POOL_CLEAN(f->pool);
-  assert_int_equal(sl_outq_release_all(&q), 0);
+  assert_int_equal(sl_outq_release_all(&q, "closed"), 0);
 
   /* The queue is still usable afterwards. */
   add_pattern(&q, f->pool, sizes, 1, &off);
@@ -472,10 +472,10 @@ static void test_write_to_closed_peer_fails_with_epipe(void **state) {
   assert_int_equal(q.count, 2);
   assert_int_equal(q.nflushed, 2);
   assert_int_equal(q.pending, pending);
-  assert_int_equal(q.ring[q.head]->rd, 0);
+  assert_int_equal(q.ring[q.head].buf->rd, 0);
   assert_int_equal(bufs_active(f->pool), 2);
 
-  assert_int_equal(sl_outq_release_all(&q), 2);
+  assert_int_equal(sl_outq_release_all(&q, "closed"), 2);
   SL_TEST_ASSERT_POOL_CLEAN(f->pool);
   sl_outq_destroy(&q);
 }
@@ -491,16 +491,16 @@ static void test_budget_limits_bytes_per_call(void **state) {
   add_pattern(&q, f->pool, sizes, 3, &off);
   sl_outq_flush(&q);
 
-  /* A zero budget writes nothing. */
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 0, &n), SL_AGAIN);
+  /* A zero budget writes nothing (SL_DONE: spent, the socket not full). */
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 0, &n), SL_DONE);
   assert_int_equal(n, 0);
   sl_test_assert_nothing_to_read(f->fds[1]);
 
   /* The budget is exact: the last piece is cut inside an entry. */
-  assert_int_equal(sl_outq_write(&q, f->fds[0], 1500, &n), SL_AGAIN);
+  assert_int_equal(sl_outq_write(&q, f->fds[0], 1500, &n), SL_DONE);
   assert_int_equal(n, 1500);
   assert_int_equal(q.count, 2);
-  assert_int_equal(q.ring[q.head]->rd, 500);
+  assert_int_equal(q.ring[q.head].buf->rd, 500);
   assert_int_equal(q.pending, 1500 + 2 * SL_OUTQ_ENTRY_OVERHEAD);
   assert_int_equal(bufs_active(f->pool), 2);
   expect_pattern(f->fds[1], 1500, 0);

@@ -36,6 +36,13 @@
 --     low_water_mark  optional positive integer, default 32768 (or
 --                     high_water_mark when that is smaller)
 --     high_water_mark optional positive integer, default 65536
+--     outbound_limit  optional positive integer, at least high_water_mark,
+--                     default 16777216: a connection whose outbound queue
+--                     would grow above it is closed (reason outbound_limit)
+--     write_spin_count optional positive integer, default 16: sendmsg calls
+--                     per connection per loop iteration
+--     max_bytes_per_gathering_write optional positive integer: bytes per
+--                     sendmsg call; absent, it adapts (from 2 x SO_SNDBUF)
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -57,8 +64,8 @@
 -- the top level, then log_level, allocator, upstreams (by sorted name), listeners (in
 -- array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
--- listed above; for a listener, then low <= high, then "an upstream or a
--- pipeline". A stage is resolved (and its module run) when its entry is
+-- listed above; for a listener, then low <= high, then high <=
+-- outbound_limit, then "an upstream or a pipeline". A stage is resolved (and its module run) when its entry is
 -- checked.
 --
 -- Normalized result (a new table; the input is never modified):
@@ -67,7 +74,8 @@
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
---                     high_water_mark } },
+--                     high_water_mark, outbound_limit, write_spin_count,
+--                     max_bytes_per_gathering_write (or nil: adaptive) } },
 --     upstreams = { [name] = { name, servers = { address }, connect_timeout_ms } },
 --     upstream_names = { sorted names } }
 --
@@ -113,6 +121,8 @@ local Failure = {}  -- metatable tagging the error objects thrown by fail()
 local DEFAULT_LOG_LEVEL = "info"
 local DEFAULT_LOW_WATER_MARK = 32768
 local DEFAULT_HIGH_WATER_MARK = 65536
+local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
+local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
 local MAX_INT = 2147483647  -- integers must fit a C int
 
@@ -126,7 +136,8 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
                          "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
                          "max_memory" }
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
-                        "low_water_mark", "high_water_mark" }
+                        "low_water_mark", "high_water_mark", "outbound_limit",
+                        "write_spin_count", "max_bytes_per_gathering_write" }
 local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 
 -- Callback names a Lua stage module may define (function-valued fields).
@@ -719,12 +730,22 @@ local function check_listener(l, path, ctx)
     local low = check_positive_int(l.low_water_mark, path .. ".low_water_mark", nil)
     local high = check_positive_int(l.high_water_mark, path .. ".high_water_mark",
                                     DEFAULT_HIGH_WATER_MARK)
+    local limit = check_positive_int(l.outbound_limit, path .. ".outbound_limit",
+                                     DEFAULT_OUTBOUND_LIMIT)
+    local spin = check_positive_int(l.write_spin_count, path .. ".write_spin_count",
+                                    DEFAULT_WRITE_SPIN_COUNT)
+    local gather = check_positive_int(l.max_bytes_per_gathering_write,
+                                      path .. ".max_bytes_per_gathering_write", nil)
     if low == nil then
         -- The default low mark never exceeds an explicit, smaller high one.
         low = DEFAULT_LOW_WATER_MARK < high and DEFAULT_LOW_WATER_MARK or high
     elseif low > high then
         fail(path .. ".low_water_mark", "expected at most high_water_mark (%d), got %s",
              high, show(low))
+    end
+    if limit < high then
+        fail(path .. ".outbound_limit", "expected at least high_water_mark (%d), got %s",
+             high, show(limit))
     end
 
     if upstream == nil and #pipeline == 0 then
@@ -738,6 +759,9 @@ local function check_listener(l, path, ctx)
         pipeline = pipeline,
         low_water_mark = low,
         high_water_mark = high,
+        outbound_limit = limit,
+        write_spin_count = spin,
+        max_bytes_per_gathering_write = gather,
     }
 end
 

@@ -35,6 +35,9 @@ struct sl_worker {
   ev_async stop_watcher;          /* another thread asks the worker to stop */
   ev_timer pool_timer;            /* drains returned buffers, trims when idle */
   void (*on_stop)(sl_worker *w);  /* closes listeners and channels */
+  /* Write promises of this worker's channels: err NULL (written) or an
+   * SL_PROMISE_* reason. See io/channel.h. NULL: ids are dropped. */
+  void (*promise_done)(struct sl_channel *ch, uint32_t pid, const char *err);
   void *app;                      /* the proxy's per-worker state */
   sl_worker_stats stats;
 };

@@ -8,6 +8,7 @@
 #define SL_CONFIG_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "alloc/arena.h"
 #include "io/addr.h"
@@ -15,6 +16,7 @@
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
+struct sl_channel_config;
 
 typedef struct sl_stage_spec {
   char *module;                /* module name, also the stage's name in logs */
@@ -40,6 +42,9 @@ typedef struct sl_listener_cfg {
   sl_stage_spec *stages;
   size_t nstages;
   size_t low_water_mark, high_water_mark;
+  size_t outbound_limit;       /* bytes a connection's outbound queue may hold */
+  size_t max_bytes_per_gathering_write; /* 0: adaptive */
+  uint32_t write_spin_count;   /* sendmsg calls per wake-up */
 } sl_listener_cfg;
 
 typedef struct sl_config {
@@ -64,5 +69,9 @@ const char *sl_config_root(void);
 sl_config *sl_config_load(const char *path, char *err, size_t errlen);
 
 void sl_config_free(sl_config *c);
+
+/* The channel settings of a connection accepted by l (or made for it to
+ * its upstream): water marks, outbound limit, write limits. */
+void sl_listener_channel_config(const sl_listener_cfg *l, struct sl_channel_config *out);
 
 #endif

@@ -30,7 +30,8 @@ static void sl_server_on_stop(sl_worker *w) { sl_server_close_listeners(w->app);
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   const sl_listener_cfg *lc = l->ud;
-  sl_channel_config cc = {lc->low_water_mark, lc->high_water_mark};
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
   sl_channel *ch = sl_channel_accepted(w, fd, remote, &cc, lc->name);
   if (ch == NULL) {
     sl_log(SL_LOG_ERROR, "listener %s: out of memory accepting a connection", lc->name);

@@ -323,6 +323,36 @@ static void test_peer_gone_fails_promises_with_reset(void **state) {
   assert_int_equal(plog.n, 2);
   assert_string_equal(plog.err[0], "reset");
   assert_string_equal(plog.err[1], "reset");
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 3);
+  assert_string_equal(plog.err[2], "closed");
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(ch);
+  finish(f);
+}
+
+/* Writes and flushes at once (as a stage doing write_and_flush). */
+static void flushing_write(sl_ctx *ctx, sl_buf *b) {
+  sl_ctx_write(ctx, b);
+  sl_ctx_flush(ctx);
+}
+
+static const sl_stage_ops flushing_ops = {.name = "flushing", .write = flushing_write};
+
+static void test_reset_seen_while_flushing_a_write_fails_it_with_reset(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  sl_ctx *fl = sl_pipeline_add_last(&ch->pipe, &flushing_ops, "flushing");
+  assert_non_null(fl);
+  close(f->peer[0]);
+  f->peer[0] = -1;
+  sl_channel_ref(ch);
+  /* The stage queues it, flushes, meets EPIPE: this write closed it. */
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  assert_true(sl_channel_is_closed(ch));
+  assert_int_equal(plog.n, 1);
+  assert_string_equal(plog.err[0], "reset");
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 2);
+  assert_string_equal(plog.err[1], "closed");
   assert_int_equal(bufs_active(f), 0);
   sl_channel_unref(ch);
   finish(f);
@@ -457,6 +487,10 @@ static void test_outbound_limit_closes_both_sides_and_fails_promises(void **stat
   assert_string_equal(plog.err[4], "closed");
   assert_int_equal(plog.pid[5], 5);
   assert_string_equal(plog.err[5], "outbound_limit");
+  /* A later write finds the channel closed: just "closed". */
+  write_p(a, pattern_buf(f->w->pool, 10, 0), 6);
+  assert_int_equal(plog.n, 7);
+  assert_string_equal(plog.err[6], "closed");
   assert_int_equal(bufs_active(f), 0);
   sl_channel_unref(a);
   sl_channel_unref(b);
@@ -578,6 +612,7 @@ int main(void) {
       FIXTURE_TEST(test_write_after_output_shutdown_fails_while_earlier_ones_complete),
       FIXTURE_TEST(test_close_fails_every_queued_promise_and_releases),
       FIXTURE_TEST(test_peer_gone_fails_promises_with_reset),
+      FIXTURE_TEST(test_reset_seen_while_flushing_a_write_fails_it_with_reset),
       FIXTURE_TEST(test_connect_timeout_fails_queued_promises_with_timeout),
       FIXTURE_TEST(test_close_with_names_the_promise_failure),
       FIXTURE_TEST(test_a_completion_may_write_and_flush_inside_a_burst),

@@ -246,6 +246,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   if (ch->flags & SL_CH_CLOSED) return;
   sl_worker *w = ch->w;
   ch->flags |= SL_CH_CLOSED;
+  ch->writes_at_close = ch->writes;
   if (is_error) ch->flags |= SL_CH_ERROR;
   if (reason != ch->reason) snprintf(ch->reason, sizeof(ch->reason), "%s", reason ? reason : "closed");
   ev_io_stop(w->loop, &ch->rio);
@@ -374,7 +375,8 @@ void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid) {
   const char *err = NULL;
   int rc = SL_DECLINED;
   if (ch->flags & SL_CH_CLOSED) {
-    err = ch->promise_err ? ch->promise_err : SL_PROMISE_CLOSED;
+    /* Closed by this write call (its write reached the head first)? */
+    err = ch->writes_at_close > mark && ch->promise_err ? ch->promise_err : SL_PROMISE_CLOSED;
   } else if (ch->writes != mark && (ch->flags & SL_CH_LAST_WRITE_DROPPED)) {
     err = SL_PROMISE_CLOSED;      /* output closed: it will never be written */
   } else if (ch->writes == mark &&

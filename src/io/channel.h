@@ -101,6 +101,7 @@ struct sl_channel {
   ev_tstamp started;
   const char *promise_err;   /* SL_PROMISE_* for what its close fails, NULL: closed */
   uint64_t writes;           /* sl_channel_write calls */
+  uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
   char reason[160];          /* why it closed */
@@ -135,7 +136,9 @@ int sl_channel_write(sl_channel *ch, sl_buf *b);
  * No entry queued (a stage kept or dropped the write): a marker entry takes
  * the id, which completes once everything queued before it is written. The
  * last write dropped (output closed) or the channel closed: the id fails at
- * once ("closed", or the reason that closed the channel). pid 0: nothing. */
+ * once, with the reason that closed the channel when this write is what
+ * closed it (over the limit, or a reset seen while flushing it), else with
+ * "closed". pid 0: nothing. */
 static inline uint64_t sl_channel_promise_mark(const sl_channel *ch) { return ch->writes; }
 void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid);
 

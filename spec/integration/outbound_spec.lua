@@ -37,20 +37,34 @@ local function client(port)
     end
     return table.concat(parts)
   end
-  function c.close() ffi.C.close(fd) end
+  function c.close()
+    if fd >= 0 then ffi.C.close(fd) end
+    fd = -1
+  end
   return c
 end
 
 -- Answers every request line with 256 KiB and never asks whether the client
--- keeps up (ctx:is_writable()); passes the request on to the upstream.
+-- keeps up (ctx:is_writable()); passes the request on to the upstream. Logs
+-- the first reply of each connection that was written, and the first that
+-- failed for each reason (write promises).
 local REPLY = 4 * 65536
 local SERVER_STAGE = [[
+local log = require("sluice.log")
 local BLOCK = string.rep("x", 65536)
 return {
   channel_read = function(ctx, buf)
     local _, lines = buf:tostring():gsub("\n", "\n")
+    local seen, name = ctx.state, ctx:describe()
     for _ = 1, lines do
-      for _ = 1, 4 do ctx:write(BLOCK) end
+      for _ = 1, 3 do ctx:write(BLOCK, false) end
+      ctx:write(BLOCK):on_complete(function(ok, err)
+        local what = ok and "written" or ("failed: " .. err)
+        if not seen[what] then
+          seen[what] = true
+          log.info("%s: a reply %s", name, what)
+        end
+      end)
       ctx:flush()
     end
     ctx:fire_read(buf)
@@ -61,6 +75,7 @@ return {
 local function config(port, upstream_port, mod, extra)
   return ([[
 return {
+  drain_timeout_ms = 100,
   listeners = {
     { name = "front", listen = "127.0.0.1:%d", upstream = "back",
       pipeline = { %q }, %s },
@@ -106,9 +121,23 @@ describe("the outbound limit", function()
     good.send("GET\nGET\n")
     assert.are.equal(2 * REPLY, #good.read(2 * REPLY, 10))
 
+    good.close()
     local log = H.stop_sluice(p) -- exit 0, pool clean, no leak
     assert.matches("upstream 127.0.0.1:" .. up.port .. " for front closed: peer closed: outbound_limit",
                    log, 1, true)
+    -- The stage heard of it through its write promises: the flooded
+    -- connection's queued replies failed with outbound_limit, the ones it
+    -- wrote after the close with closed (the first ones, which the socket
+    -- took, were written); the other connection's were all written.
+    local flooded = closed:match("^(client 127%.0%.0%.1:%d+ on front)")
+    assert.matches(flooded .. ": a reply failed: outbound_limit", log, 1, true)
+    assert.matches(flooded .. ": a reply failed: closed", log, 1, true)
+    local good_name
+    for name in log:gmatch("(client 127%.0%.0%.1:%d+ on front): a reply written") do
+      if name ~= flooded then good_name = name end
+    end
+    assert.is_truthy(good_name, log)
+    assert.not_matches(good_name .. ": a reply failed", log, 1, true)
     -- What the flooded connection held never went far above the limit.
     local peak = tonumber(closed:match("peak queue (%d+) B"))
     assert.is_true(peak ~= nil and peak <= 1048576, "peak queue " .. tostring(peak))

@@ -140,6 +140,18 @@ static void sl_outq_pop(sl_outq *q, size_t bytes_left) {
   sl_outq_pending_sub(q, bytes_left + SL_OUTQ_ENTRY_OVERHEAD);
 }
 
+sl_buf *sl_outq_take(sl_outq *q) {
+  while (q->nflushed > 0) {
+    sl_outq_entry e = sl_outq_shift(q);
+    q->nflushed--;
+    size_t len = e.buf ? sl_buf_readable(e.buf) : 0;
+    if (e.pid && q->on_done) q->on_done(q->ud, e.pid, NULL);
+    sl_outq_pending_sub(q, len + SL_OUTQ_ENTRY_OVERHEAD);
+    if (e.buf) return e.buf;
+  }
+  return NULL;
+}
+
 /* Accounts n written bytes: pops entries that are done (empty ones and
  * markers too), advances a partially written one. Stops if a callback
  * released the queue. */

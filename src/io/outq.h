@@ -121,6 +121,11 @@ void sl_outq_flush(sl_outq *q);
  * kept) on a write error. *written gets the bytes written. */
 int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written);
 
+/* Takes the first flushed buffer out of the queue, as if it had been
+ * written (the in-memory channel of sluice.testing): its promise, and those
+ * of markers before it, complete. Returns it (+1), or NULL. */
+sl_buf *sl_outq_take(sl_outq *q);
+
 /* Releases every entry (close), failing each promise with err; pending
  * drops to 0 without a writability event. Returns the number of entries. */
 size_t sl_outq_release_all(sl_outq *q, const char *err);

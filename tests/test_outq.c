@@ -869,6 +869,44 @@ static void test_entries_added_inside_a_completion_go_out_in_order(void **state)
   sl_outq_destroy(&q);
 }
 
+static void test_take_completes_promises_as_if_written(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  done_log log;
+  init_with_promises(&q, &log, f->pool);
+  size_t off = 0;
+  add_promised(&q, f->pool, 10, &off, 1);
+  assert_int_equal(sl_outq_add_marker(&q, 2), SL_OK);
+  add_promised(&q, f->pool, 20, &off, 3);
+  add_promised(&q, f->pool, 30, &off, 4); /* not flushed */
+  assert_null(sl_outq_take(&q));          /* nothing flushed yet */
+  sl_outq_flush(&q);
+  add_promised(&q, f->pool, 40, &off, 5);
+  sl_buf *b = sl_outq_take(&q);
+  assert_int_equal(sl_buf_readable(b), 10);
+  assert_int_equal(log.n, 1);
+  sl_buf_release(b);
+  /* The marker goes with the next buffer taken. */
+  b = sl_outq_take(&q);
+  assert_int_equal(sl_buf_readable(b), 20);
+  assert_int_equal(log.n, 3);
+  assert_int_equal(log.pid[1], 2);
+  assert_int_equal(log.pid[2], 3);
+  sl_buf_release(b);
+  b = sl_outq_take(&q);
+  assert_int_equal(sl_buf_readable(b), 30);
+  sl_buf_release(b);
+  assert_null(sl_outq_take(&q)); /* 5 was written after the flush */
+  assert_int_equal(log.n, 4);
+  assert_int_equal(q.count, 1);
+  assert_int_equal(q.pending, 40 + SL_OUTQ_ENTRY_OVERHEAD);
+  assert_int_equal(sl_outq_release_all(&q, "closed"), 1);
+  assert_int_equal(log.n, 5);
+  assert_string_equal(log.err[4], "closed");
+  SL_TEST_ASSERT_POOL_CLEAN(f->pool);
+  sl_outq_destroy(&q);
+}
+
 static void test_over_limit_counts_bytes_and_overhead(void **state) {
   fixture *f = *state;
   sl_outq q;
@@ -914,6 +952,7 @@ int main(void) {
       FIXTURE_TEST(test_release_all_fails_every_promise_in_order),
       FIXTURE_TEST(test_release_inside_a_completion_stops_the_write),
       FIXTURE_TEST(test_entries_added_inside_a_completion_go_out_in_order),
+      FIXTURE_TEST(test_take_completes_promises_as_if_written),
       FIXTURE_TEST(test_over_limit_counts_bytes_and_overhead),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

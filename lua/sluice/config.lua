@@ -158,10 +158,12 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "max_connections", "idle_timeout_ms" }
 local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 
--- Callback names a Lua stage module may define (function-valued fields).
+-- Callback names a Lua stage module may define (function-valued fields):
+-- the events, and added/removed (the stage joined or left a pipeline, as
+-- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close" }
+                    "user_event", "error", "write", "flush", "close", "added", "removed" }
 
 local function set_of(list)
     local set = {}

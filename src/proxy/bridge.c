@@ -6,6 +6,7 @@
 #include "io/channel.h"
 #include "io/worker.h"
 #include "proxy/config.h"
+#include "proxy/server.h"
 #include "proxy/upstream.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -32,8 +33,12 @@ static void sl_bridge_active(sl_ctx *ctx) {
   sl_bridge *br = ctx->state;
   sl_channel *ch = sl_ctx_channel(ctx);
   /* No upstream yet (a Lua stage may have chosen one with ctx:connect). */
-  if (br->listener != NULL && ch->peer == NULL)
-    sl_upstream_connect(ch, br->listener->upstream, NULL, br->listener->name, sl_bridge_on_connect);
+  if (br->listener != NULL && ch->peer == NULL) {
+    sl_channel_config cc;
+    sl_listener_channel_config(br->listener, &cc);
+    sl_upstream_connect(ch, br->listener->upstream, NULL, &cc, br->listener->name,
+                        sl_bridge_on_connect);
+  }
   sl_ctx_fire_active(ctx);
 }
 
@@ -44,6 +49,11 @@ static void sl_bridge_read(sl_ctx *ctx, sl_buf *b) {
     return;
   }
   sl_pipeline_write(&peer->pipe, b);
+  /* Over the high water mark: write now instead of at the end of the read
+   * burst. A socket that takes it all makes the queue writable again and
+   * the read loop goes on; one that does not stops reading (backpressure)
+   * with the bytes already on their way. */
+  if (!sl_channel_is_writable(peer)) sl_pipeline_flush(&peer->pipe);
 }
 
 static void sl_bridge_read_complete(sl_ctx *ctx) {
@@ -102,6 +112,11 @@ int sl_bridge_connect(sl_channel *client, const char *target, const char **err) 
     *err = "already connected to an upstream";
     return SL_ERROR;
   }
+  const sl_listener_cfg *lc = sl_server_listener_cfg(client);
+  if (lc == NULL) {
+    *err = "not a client connection";
+    return SL_ERROR;
+  }
   if (sl_upstream_resolve(client, target, &u, &addr, err) != SL_OK) return SL_ERROR;
   /* A listener without an upstream has no bridge yet: the last stage. */
   sl_ctx *c = client->pipe.head.next;
@@ -110,9 +125,10 @@ int sl_bridge_connect(sl_channel *client, const char *target, const char **err) 
     *err = "out of memory";
     return SL_ERROR;
   }
-  const char *on = strstr(client->desc, " on ");   /* "client A:P on LISTENER" */
-  if (sl_upstream_connect(client, u, u ? NULL : &addr, on ? on + 4 : client->desc,
-                          sl_bridge_on_connect) != SL_OK) {
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
+  if (sl_upstream_connect(client, u, u ? NULL : &addr, &cc, lc->name, sl_bridge_on_connect) !=
+      SL_OK) {
     *err = "upstream unavailable";
     return SL_ERROR;
   }

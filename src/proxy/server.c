@@ -93,7 +93,8 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   sl_server_listener *sl = l->ud;
   const sl_listener_cfg *lc = sl->lc;
-  sl_channel_config cc = {lc->low_water_mark, lc->high_water_mark};
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
   sl_channel *ch = sl_channel_accepted(w, fd, remote, &cc, lc->name);
   if (ch == NULL) {
     sl_listen_gate_leave(l->gate);
@@ -118,6 +119,11 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_channel_set_idle_timeout(ch, lc->idle_timeout);
   if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
   sl_channel_activate(ch);
+}
+
+const sl_listener_cfg *sl_server_listener_cfg(const sl_channel *ch) {
+  if (ch->on_close != sl_server_on_client_close) return NULL;
+  return ((const sl_server_listener *)ch->ud)->lc;
 }
 
 sl_upstreams *sl_server_upstreams(const sl_channel *ch) {

@@ -64,6 +64,11 @@ int sl_server_commit(struct sl_worker *w, struct sl_config *cfg, sl_listen_set *
 
 struct sl_channel;
 struct sl_upstreams;
+struct sl_listener_cfg;
+
+/* The listener a client channel was accepted on (the configuration it
+ * started with), or NULL for another channel. */
+const struct sl_listener_cfg *sl_server_listener_cfg(const struct sl_channel *ch);
 
 /* The upstreams (balancing and health state on this worker) of the
  * configuration ch was created under, or NULL outside a server. */

@@ -49,6 +49,7 @@ typedef struct sl_attempt {
   int server;                 /* index of the current try's server, -1 for an address */
   int ntried;
   uint64_t key;               /* hash of the client's address */
+  sl_channel_config cc;       /* for the upstream channel */
   char for_name[64];
   char tried[320];            /* "127.0.0.1:7001 (Connection refused), ..." */
   uint8_t skip[];             /* servers tried already */
@@ -318,9 +319,8 @@ static int sl_attempt_next(sl_attempt *a) {
       break;
     }
     a->ntried++;
-    sl_channel_config cc = {a->client->outq.low, a->client->outq.high};
     struct sl_channel *ch =
-        sl_channel_connect(w, addr, timeout, &cc, sl_attempt_on_connect, a, a->for_name);
+        sl_channel_connect(w, addr, timeout, &a->cc, sl_attempt_on_connect, a, a->for_name);
     if (ch == NULL) {
       sl_attempt_failed(a, strerror(errno));
       continue;
@@ -359,7 +359,8 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
 }
 
 int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, const sl_addr *addr,
-                        const char *for_name, sl_upstream_ready_fn ready) {
+                        const sl_channel_config *cc, const char *for_name,
+                        sl_upstream_ready_fn ready) {
   if (sl_channel_is_closed(client)) return SL_ERROR;
   sl_upstreams *s = sl_server_upstreams(client);
   SL_ASSERT(s != NULL, "a connection outside a server connects to an upstream");
@@ -391,6 +392,7 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
   a->ready = ready;
   a->server = -1;
   a->key = sl_upstream_addr_hash(&client->remote);
+  a->cc = *cc;
   snprintf(a->for_name, sizeof(a->for_name), "%s", for_name);
   /* Nothing is read from the client until the upstream is there. */
   sl_channel_set_autoread(client, 0);

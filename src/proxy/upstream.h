@@ -24,6 +24,7 @@
 struct sl_worker;
 struct sl_config;
 struct sl_channel;
+struct sl_channel_config;
 struct sl_upstream_cfg;
 typedef struct sl_upstreams sl_upstreams;
 
@@ -59,10 +60,11 @@ int sl_upstream_resolve(const struct sl_channel *client, const char *target,
  * upstream is there; the connecting channel is joined to the client, so a
  * client that closes meanwhile abandons the attempt. When every try has
  * failed, the client is closed with the reason "upstream_unavailable" and a
- * line naming the servers tried is logged. for_name names the listener in
- * log lines (copied). Returns SL_OK while a connect is under way, SL_ERROR
+ * line naming the servers tried is logged. cc configures the upstream
+ * channel and for_name names the listener in its log lines (both copied). Returns SL_OK while a connect is under way, SL_ERROR
  * when the client is closed (already, or because every try failed at once). */
 int sl_upstream_connect(struct sl_channel *client, const struct sl_upstream_cfg *u,
-                        const sl_addr *addr, const char *for_name, sl_upstream_ready_fn ready);
+                        const sl_addr *addr, const struct sl_channel_config *cc,
+                        const char *for_name, sl_upstream_ready_fn ready);
 
 #endif

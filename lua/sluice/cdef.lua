@@ -43,6 +43,7 @@ sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
 double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
 void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
 int sl_ffi_ctx_is_writable(sl_ctx *ctx);

@@ -36,6 +36,13 @@
 --     low_water_mark  optional positive integer, default 32768 (or
 --                     high_water_mark when that is smaller)
 --     high_water_mark optional positive integer, default 65536
+--     outbound_limit  optional positive integer, at least high_water_mark,
+--                     default 16777216: a connection whose outbound queue
+--                     would grow above it is closed (reason outbound_limit)
+--     write_spin_count optional positive integer, default 16: sendmsg calls
+--                     per connection per loop iteration
+--     max_bytes_per_gathering_write optional positive integer: bytes per
+--                     sendmsg call; absent, it adapts (from 2 x SO_SNDBUF)
 --     max_connections optional positive integer: open client connections
 --                     of this listener (all workers together) at which
 --                     accepting pauses; default 0 (no limit)
@@ -69,9 +76,10 @@
 -- drain_timeout_ms, error_log, access_log, upstreams (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
--- listed above; for a listener, then low <= high, then "an upstream or a
--- pipeline". A stage is resolved (and its module run) when its entry is
--- checked.
+-- listed above; for a listener, then low <= high, then high <=
+-- outbound_limit, then max_connections and idle_timeout_ms, then "an
+-- upstream or a pipeline". A stage is resolved (and its module run) when its
+-- entry is checked.
 --
 -- Normalized result (a new table; the input is never modified):
 --
@@ -79,7 +87,9 @@
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
---                     high_water_mark, max_connections, idle_timeout_ms } },
+--                     high_water_mark, outbound_limit, write_spin_count,
+--                     max_bytes_per_gathering_write (or nil: adaptive),
+--                     max_connections, idle_timeout_ms } },
 --     upstreams = { [name] = { name, servers = { address }, connect_timeout_ms } },
 --     upstream_names = { sorted names } }
 --
@@ -125,6 +135,8 @@ local Failure = {}  -- metatable tagging the error objects thrown by fail()
 local DEFAULT_LOG_LEVEL = "info"
 local DEFAULT_LOW_WATER_MARK = 32768
 local DEFAULT_HIGH_WATER_MARK = 65536
+local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
+local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
 local DEFAULT_DRAIN_TIMEOUT_MS = 10000
 local MAX_WORKERS = 256
@@ -141,8 +153,9 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
                          "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
                          "max_memory" }
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
-                        "low_water_mark", "high_water_mark", "max_connections",
-                        "idle_timeout_ms" }
+                        "low_water_mark", "high_water_mark", "outbound_limit",
+                        "write_spin_count", "max_bytes_per_gathering_write",
+                        "max_connections", "idle_timeout_ms" }
 local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 
 -- Callback names a Lua stage module may define (function-valued fields):
@@ -750,12 +763,22 @@ local function check_listener(l, path, ctx)
     local low = check_positive_int(l.low_water_mark, path .. ".low_water_mark", nil)
     local high = check_positive_int(l.high_water_mark, path .. ".high_water_mark",
                                     DEFAULT_HIGH_WATER_MARK)
+    local limit = check_positive_int(l.outbound_limit, path .. ".outbound_limit",
+                                     DEFAULT_OUTBOUND_LIMIT)
+    local spin = check_positive_int(l.write_spin_count, path .. ".write_spin_count",
+                                    DEFAULT_WRITE_SPIN_COUNT)
+    local gather = check_positive_int(l.max_bytes_per_gathering_write,
+                                      path .. ".max_bytes_per_gathering_write", nil)
     if low == nil then
         -- The default low mark never exceeds an explicit, smaller high one.
         low = DEFAULT_LOW_WATER_MARK < high and DEFAULT_LOW_WATER_MARK or high
     elseif low > high then
         fail(path .. ".low_water_mark", "expected at most high_water_mark (%d), got %s",
              high, show(low))
+    end
+    if limit < high then
+        fail(path .. ".outbound_limit", "expected at least high_water_mark (%d), got %s",
+             high, show(limit))
     end
 
     local max_connections = check_positive_int(l.max_connections,
@@ -774,6 +797,9 @@ local function check_listener(l, path, ctx)
         pipeline = pipeline,
         low_water_mark = low,
         high_water_mark = high,
+        outbound_limit = limit,
+        write_spin_count = spin,
+        max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
         idle_timeout_ms = idle_timeout_ms,
     }

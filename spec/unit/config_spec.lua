@@ -101,6 +101,7 @@ describe("sluice.config", function()
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 32768, high_water_mark = 65536,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
@@ -128,10 +129,12 @@ describe("sluice.config", function()
                 options = { label = "front" } },
             },
             low_water_mark = 32768, high_water_mark = 65536,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
@@ -528,7 +531,8 @@ describe("sluice.config", function()
 
       it("reject unknown keys", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
-                         .. "upstream, pipeline, low_water_mark, high_water_mark, max_connections, "
+                         .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
+                         .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
                          .. "idle_timeout_ms)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
@@ -631,6 +635,46 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ high_water_mark = 2 ^ 32 }) })))
         assert.are.equal("config error: listeners[1].low_water_mark: expected a positive integer, got nan",
                          err_of(conf({ listener({ low_water_mark = 0 / 0 }) })):gsub("%-nan$", "nan"))
+      end)
+
+      it("take outbound_limit, write_spin_count and max_bytes_per_gathering_write", function()
+        local l = ok_of(conf({ listener({ outbound_limit = 1048576, write_spin_count = 4,
+                                          max_bytes_per_gathering_write = 8192 }) })).listeners[1]
+        assert.are.equal(1048576, l.outbound_limit)
+        assert.are.equal(4, l.write_spin_count)
+        assert.are.equal(8192, l.max_bytes_per_gathering_write)
+        -- The limit may equal the high water mark.
+        l = ok_of(conf({ listener({ high_water_mark = 4096, outbound_limit = 4096 }) })).listeners[1]
+        assert.are.equal(4096, l.outbound_limit)
+        assert.is_nil(l.max_bytes_per_gathering_write)
+      end)
+
+      it("need positive integers for the write limits", function()
+        assert.are.equal("config error: listeners[1].outbound_limit: expected a positive integer, got 0",
+                         err_of(conf({ listener({ outbound_limit = 0 }) })))
+        assert.are.equal('config error: listeners[1].outbound_limit: expected a positive integer, got "16m"',
+                         err_of(conf({ listener({ outbound_limit = "16m" }) })))
+        assert.are.equal("config error: listeners[1].outbound_limit: expected a positive integer no larger "
+                         .. "than 2147483647, got 4294967296",
+                         err_of(conf({ listener({ outbound_limit = 2 ^ 32 }) })))
+        assert.are.equal("config error: listeners[1].write_spin_count: expected a positive integer, got 0",
+                         err_of(conf({ listener({ write_spin_count = 0 }) })))
+        assert.are.equal("config error: listeners[1].write_spin_count: expected a positive integer, got 2.5",
+                         err_of(conf({ listener({ write_spin_count = 2.5 }) })))
+        assert.are.equal("config error: listeners[1].max_bytes_per_gathering_write: expected a positive "
+                         .. "integer, got -1",
+                         err_of(conf({ listener({ max_bytes_per_gathering_write = -1 }) })))
+        assert.are.equal("config error: listeners[1].max_bytes_per_gathering_write: expected a positive "
+                         .. "integer, got true",
+                         err_of(conf({ listener({ max_bytes_per_gathering_write = true }) })))
+      end)
+
+      it("need outbound_limit >= high_water_mark", function()
+        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (65536), got 65535",
+                         err_of(conf({ listener({ outbound_limit = 65535 }) })))
+        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (100000), got 99999",
+                         err_of(conf({ listener({ high_water_mark = 100000, low_water_mark = 10,
+                                                  outbound_limit = 99999 }) })))
       end)
 
       it("need low_water_mark <= high_water_mark", function()

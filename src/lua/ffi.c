@@ -117,6 +117,13 @@ void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b) { sl_ctx_fire_read(ctx, b); }
 
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b) { sl_ctx_write(ctx, b); }
 
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid) {
+  sl_channel *ch = sl_ctx_channel(ctx);
+  uint64_t mark = sl_channel_promise_mark(ch);
+  sl_ctx_write(ctx, b);
+  sl_channel_promise_attach(ch, mark, pid);
+}
+
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
   switch (ev) {
     case SL_EV_ACTIVE: sl_ctx_fire_active(ctx); break;

@@ -108,6 +108,13 @@ SL_FFI_EXPORT double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 SL_FFI_EXPORT void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 SL_FFI_EXPORT void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
 
+/* ctx:write(b) toward a C handler carrying promise id pid (0: none): takes
+ * ownership of b. pid is reported once through the worker's promise_done
+ * hook (io/worker.h), possibly before this returns (channel closed: "closed"
+ * or the reason that closed it; its bytes written already: NULL); the rule
+ * for stages that split a write is sl_channel_promise_attach's. */
+SL_FFI_EXPORT void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
+
 /* Events without a buffer: ACTIVE, INACTIVE, READ_COMPLETE, WRITABILITY (n),
  * USER_EVENT (n), FLUSH; and with text: ERROR, CLOSE. */
 SL_FFI_EXPORT void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);

@@ -50,7 +50,8 @@ static void sl_bridge_active(sl_ctx *ctx) {
   if (br->listener != NULL && ch->peer == NULL) {
     const sl_upstream_cfg *u = br->listener->upstream;
     const sl_addr *addr = sl_server_pick(ch->w, u);
-    sl_channel_config cc = {br->listener->low_water_mark, br->listener->high_water_mark};
+    sl_channel_config cc;
+    sl_listener_channel_config(br->listener, &cc);
     /* Nothing is read from the client until the upstream is there. */
     sl_channel_set_autoread(ch, 0);
     sl_channel *up = sl_channel_connect(ch->w, addr, u->connect_timeout, &cc,

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "buf/leak.h"
+#include "io/channel.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
 
@@ -147,6 +148,10 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->name = sl_strdup_field(L, lt, "name");
     l->low_water_mark = (size_t)sl_num_field(L, lt, "low_water_mark");
     l->high_water_mark = (size_t)sl_num_field(L, lt, "high_water_mark");
+    l->outbound_limit = (size_t)sl_num_field(L, lt, "outbound_limit");
+    l->write_spin_count = (uint32_t)sl_num_field(L, lt, "write_spin_count");
+    l->max_bytes_per_gathering_write =
+        (size_t)sl_num_field(L, lt, "max_bytes_per_gathering_write"); /* nil: 0 */
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "listen");
@@ -280,4 +285,12 @@ void sl_config_ref(sl_config *c) { atomic_fetch_add(&c->refs, 1); }
 
 void sl_config_unref(sl_config *c) {
   if (c != NULL && atomic_fetch_sub(&c->refs, 1) == 1) sl_config_free(c);
+}
+
+void sl_listener_channel_config(const sl_listener_cfg *l, sl_channel_config *out) {
+  out->low_water_mark = l->low_water_mark;
+  out->high_water_mark = l->high_water_mark;
+  out->outbound_limit = l->outbound_limit;
+  out->max_bytes_per_gathering_write = l->max_bytes_per_gathering_write;
+  out->write_spin_count = l->write_spin_count;
 }

@@ -17,6 +17,7 @@
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
+struct sl_channel_config;
 
 typedef struct sl_stage_spec {
   char *module;                /* module name, also the stage's name in logs */
@@ -44,6 +45,9 @@ typedef struct sl_listener_cfg {
   sl_stage_spec *stages;
   size_t nstages;
   size_t low_water_mark, high_water_mark;
+  size_t outbound_limit;       /* bytes a connection's outbound queue may hold */
+  size_t max_bytes_per_gathering_write; /* 0: adaptive */
+  uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
 } sl_listener_cfg;
@@ -85,5 +89,9 @@ void sl_config_rebase(sl_config *c, const sl_config *prev);
  * has one reference (its loader's); sl_config_unref frees it at zero. */
 void sl_config_ref(sl_config *c);
 void sl_config_unref(sl_config *c);
+
+/* The channel settings of a connection accepted by l (or made for it to
+ * its upstream): water marks, outbound limit, write limits. */
+void sl_listener_channel_config(const sl_listener_cfg *l, struct sl_channel_config *out);
 
 #endif

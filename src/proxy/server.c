@@ -92,7 +92,8 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   sl_server_listener *sl = l->ud;
   const sl_listener_cfg *lc = sl->lc;
-  sl_channel_config cc = {lc->low_water_mark, lc->high_water_mark};
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
   sl_channel *ch = sl_channel_accepted(w, fd, remote, &cc, lc->name);
   if (ch == NULL) {
     sl_listen_gate_leave(l->gate);

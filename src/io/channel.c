@@ -247,8 +247,8 @@ void sl_channel_read_request(sl_channel *ch) {
 void sl_channel_join(sl_channel *a, sl_channel *b) {
   a->peer = b;
   b->peer = a;
-  a->peer_remote = b->remote;
-  b->peer_remote = a->remote;
+  memcpy(&a->peer_addr, &b->remote.ss, SL_MIN(sizeof(a->peer_addr), (size_t)b->remote.len));
+  memcpy(&b->peer_addr, &a->remote.ss, SL_MIN(sizeof(b->peer_addr), (size_t)a->remote.len));
 }
 
 /* ---- idle timeout ---- */

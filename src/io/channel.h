@@ -37,6 +37,7 @@
 #define SL_CHANNEL_H
 
 #include <ev.h>
+#include <netinet/in.h>
 #include <stdint.h>
 
 #include "io/addr.h"
@@ -108,7 +109,11 @@ struct sl_channel {
   uint64_t bytes_in, bytes_out;
   ev_tstamp last_active;     /* loop time of the last bytes read or written */
   double idle_timeout;       /* seconds; 0: none */
-  sl_addr peer_remote;       /* the joined channel's address (kept after unjoin) */
+  union {                    /* the joined channel's address, kept after unjoin; */
+    struct sockaddr sa;      /* sa_family AF_UNSPEC until joined */
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+  } peer_addr;
   sl_buf_owner owned;        /* buffers this channel answers for (leak tracking) */
   ev_tstamp started;
   const char *promise_err;   /* SL_PROMISE_* for what its close fails, NULL: closed */

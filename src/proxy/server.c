@@ -63,8 +63,8 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
   if (fd < 0) return;
   char line[640], client[64], up[64];
   sl_addr_format((const struct sockaddr *)&ch->remote.ss, client, sizeof(client));
-  if (ch->peer_remote.len > 0)
-    sl_addr_format((const struct sockaddr *)&ch->peer_remote.ss, up, sizeof(up));
+  if (ch->peer_addr.sa.sa_family != AF_UNSPEC)
+    sl_addr_format(&ch->peer_addr.sa, up, sizeof(up));
   else
     snprintf(up, sizeof(up), "-");
   int n = sl_log_format_time(line, sizeof(line));

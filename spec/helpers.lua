@@ -259,6 +259,18 @@ function H.start_peer(cmd, port)
   return p
 end
 
+-- A redis-server on a fresh port, without persistence; waits for PONG.
+function H.start_redis(port)
+  port = port or H.free_port()
+  local p = H.spawn(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no")
+    :format(port), "redis")
+  assert(H.wait_for(function()
+    return (H.sh(("redis-cli -p %d PING 2>/dev/null"):format(port))):find("PONG", 1, true)
+  end, 10), "redis-server did not start:\n" .. H.read(p.log))
+  p.port = port
+  return p
+end
+
 -- Sends input (a string, or { file = path }) to 127.0.0.1:port, half-closes,
 -- and returns everything received until the server closes.
 function H.exchange(port, input, timeout)

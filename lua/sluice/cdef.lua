@@ -105,7 +105,8 @@ void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 double sl_ffi_ctx_now(sl_ctx *ctx);
 /* the admin endpoint's hooks */
 void sl_ffi_host_stage_error(sl_lua_host *h, const char *name);
-void sl_ffi_buf_hold(sl_buf *b, sl_ctx *ctx);
+typedef struct sl_holder { const void *who; uint32_t gen; uint32_t unused; } sl_holder;
+sl_holder *sl_ffi_host_holders(sl_lua_host *h, uintptr_t *base);
 /* the in-memory channel of sluice.testing (embedded.c) */
 typedef struct sl_channel sl_channel;
 sl_lua_host *sl_ffi_embedded_host(void);

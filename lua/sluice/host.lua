@@ -73,6 +73,10 @@ local cur_ctx, cur_ev, cur_arg = nil, nil, nil
 local top_arg = nil
 
 local touching = false -- leak_detection advanced or paranoid: record each hop
+-- The pool's holder table (buf/holder.h) and header region start, or nil
+-- when holders are not recorded (set by init).
+local holders, hdr_base = nil, 0
+local intptr_t = ffi.typeof("intptr_t")
 local RECORDED = 2 -- SL_BUF_RECORDED
 
 local function touch(ctx, arg)
@@ -92,7 +96,12 @@ local function hop(ctx, ev, arg, p)
   if is_buf(arg) then
     passable(arg)
     arg.owner = ctx.sid
-    C.sl_ffi_buf_hold(arg.b, ctx.cptr) -- the memory summary's "held by" (two stores)
+    if holders then
+      -- The memory summary's "held by": buf/holder.h's sl_buf_hold, inline.
+      local r = arg.b.root
+      local h = holders[(tonumber(ffi_cast(intptr_t, r)) - hdr_base) / 64]
+      h.who, h.gen = ctx.cptr, r.gen
+    end
   end
   cur_ctx, cur_ev, cur_arg = ctx, ev, arg
   buf.stage, buf.stage_id = ctx.cptr, ctx.sid
@@ -757,6 +766,9 @@ function _M.init(worker_id, h)
   jit.opt.start("recunroll=6")
   _M.worker_id = worker_id
   host = ffi_cast("sl_lua_host *", h)
+  local base = ffi.new("uintptr_t[1]")
+  local t = C.sl_ffi_host_holders(host, base)
+  if t ~= nil then holders, hdr_base = t, tonumber(base[0]) else holders, hdr_base = nil, 0 end
   touching = C.sl_ffi_leak_level() >= 2
   buf.where = touching  -- releases record file:line from "advanced" up
 end

@@ -61,12 +61,14 @@ describe("the admin endpoint", function()
   end
 
   -- sluice with one listener "front" to a socat echo upstream, through the
-  -- holding stage when hold is given (its options table as Lua text).
+  -- holding stage when hold is given (its options as Lua text), after a
+  -- pass-through Lua stage when opts.pass is set.
   local function start(opts)
     opts = opts or {}
     local echo = echo_peer()
     local port, admin = H.free_port(), H.free_port()
-    local pipeline = opts.hold and (("pipeline = { { %q, %s } },"):format(HOLD, opts.hold)) or ""
+    local pipeline = opts.hold and (("pipeline = { %s{ %q, %s } },"):format(
+      opts.pass and '"spec.fixtures.config.stages.pass", ' or "", HOLD, opts.hold)) or ""
     local p = H.start_sluice(([[
 return {
   workers = %d,
@@ -176,7 +178,9 @@ return {
   end)
 
   it("attributes a held buffer to its stage and listener in /memory, until the connection closes", function()
-    local p, port, admin = start({ workers = 1, hold = "leak = false" })
+    -- The holding stage is the second Lua stage: the buffer reaches it by a
+    -- hop between Lua stages.
+    local p, port, admin = start({ workers = 1, hold = "leak = false", pass = true })
     local c = held_client(port, "held by the stage")
     local status, body
     assert.truthy(H.wait_for(function()

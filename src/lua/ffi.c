@@ -7,7 +7,6 @@
 #include "alloc/arena.h"
 #include "alloc/pool.h"
 #include "buf/buf.h"
-#include "buf/holder.h"
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
@@ -43,7 +42,7 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
 
 void sl_ffi_buf_touch(sl_buf *b, const char *hint) { sl_leak_touch(b, hint, 0); }
 
-void sl_ffi_buf_hold(sl_buf *b, sl_ctx *ctx) { sl_buf_hold(b, ctx); }
+
 
 void sl_ffi_buf_set_site(sl_buf *b, const char *site) { sl_leak_set_site(b, site); }
 

@@ -276,7 +276,11 @@ SL_FFI_EXPORT void sl_ffi_embedded_shutdown(void);
 
 /* Counts a failure of the stage named name (sluice.host's stage_failed). */
 SL_FFI_EXPORT void sl_ffi_host_stage_error(sl_lua_host *h, const char *name);
-/* Records ctx as the holder of b (a hop between Lua stages). */
-SL_FFI_EXPORT void sl_ffi_buf_hold(sl_buf *b, sl_ctx *ctx);
+/* The holder table of h's worker's pool and the start of its header region
+ * in *base (a header's slot is (address - base) / 64): Lua records the
+ * holder at a hop between Lua stages with two stores, as sl_buf_hold does.
+ * NULL when holders are not recorded. */
+struct sl_holder;
+SL_FFI_EXPORT struct sl_holder *sl_ffi_host_holders(sl_lua_host *h, uintptr_t *base);
 
 #endif

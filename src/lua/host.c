@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc/pool.h"
 #include "buf/buf.h"
 #include "io/channel.h"
 #include "io/worker.h"
@@ -478,6 +479,12 @@ uint64_t sl_lua_host_entries(const sl_lua_host *h) { return h ? h->entries : 0; 
 size_t sl_lua_host_memory(const sl_lua_host *h) {
   if (h == NULL || h->L == NULL) return 0;
   return (size_t)lua_gc(h->L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(h->L, LUA_GCCOUNTB, 0);
+}
+
+struct sl_holder *sl_ffi_host_holders(sl_lua_host *h, uintptr_t *base) {
+  if (h == NULL || h->w == NULL || h->w->pool == NULL || h->w->pool->holders == NULL) return NULL;
+  *base = (uintptr_t)h->w->pool->hdr_base;
+  return h->w->pool->holders;
 }
 
 void sl_ffi_host_stage_error(sl_lua_host *h, const char *name) {

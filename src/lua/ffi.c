@@ -42,8 +42,6 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
 
 void sl_ffi_buf_touch(sl_buf *b, const char *hint) { sl_leak_touch(b, hint, 0); }
 
-
-
 void sl_ffi_buf_set_site(sl_buf *b, const char *site) { sl_leak_set_site(b, site); }
 
 int sl_ffi_leak_level(void) {

@@ -395,10 +395,4 @@ function stage.write(ctx, msg, p)
   end
 end
 
--- Flushes travel behind our writes (the bridge's flush would otherwise skip
--- this stage and reach the socket before the writes queued for it).
-function stage.flush(ctx)
-  ctx:flush()
-end
-
 return stage

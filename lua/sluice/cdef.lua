@@ -19,7 +19,10 @@ struct sl_buf {
   sl_buf *root;
   sl_buf *views;
   void *owner;
-  uint32_t block_size;
+  union {
+    uint32_t block_size;
+    uint32_t parent_off;
+  };
   uint16_t sclass;
   uint16_t flags;
 };

@@ -28,7 +28,7 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
   if (refs > r->refcnt) refs = r->refcnt;
   sl_leak_report(p, r, "its Lua handle was garbage-collected");
   p->leaks++;
-  p->leaked_bytes += r->block_size;
+  p->leaked_bytes += sl_leak_block_bytes(r);
   h->refs = 0;
   sl_buf_release_site(p, "leak detection, when its Lua handle was garbage-collected");
   sl_buf_release_n(b, refs, &err);

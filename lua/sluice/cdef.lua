@@ -73,6 +73,13 @@ sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap);
 sl_buf *sl_ffi_pool_from(const char *src, size_t len);
 int sl_ffi_pool_open(void);
 uint64_t sl_ffi_pool_close(void);
+typedef struct sl_opts sl_opts;
+sl_opts *sl_ffi_opts_new(void);
+void sl_ffi_opts_free(sl_opts *o);
+int sl_ffi_opts_add(sl_opts *o, const char *key, int type, double num, const char *s, size_t len);
+int sl_ffi_stage_configure(const char *module, const sl_opts *o, void **conf, char *err,
+                           size_t errlen);
+void sl_ffi_stage_unconfigure(const char *module, void *conf);
 void sl_ffi_log(int level, const char *msg);
 int sl_ffi_log_enabled(int level);
 /* buffer access shims (ffi_buf.c) */

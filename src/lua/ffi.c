@@ -8,6 +8,7 @@
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
+#include "pipeline/stages.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -227,3 +228,35 @@ void sl_ffi_log(int level, const char *msg) {
 }
 
 int sl_ffi_log_enabled(int level) { return sl_log_enabled((sl_log_level)level); }
+
+sl_opts *sl_ffi_opts_new(void) { return sl_opts_new(); }
+
+void sl_ffi_opts_free(sl_opts *o) { sl_opts_free(o); }
+
+int sl_ffi_opts_add(sl_opts *o, const char *key, int type, double num, const char *s, size_t len) {
+  switch (type) {
+    case 0: return sl_opts_list_push(o, key, s, len);
+    case SL_OPT_NUMBER: return sl_opts_add_number(o, key, num);
+    case SL_OPT_STRING: return sl_opts_add_string(o, key, s, len);
+    case SL_OPT_BOOLEAN: return sl_opts_add_boolean(o, key, num != 0);
+    case SL_OPT_LIST: return sl_opts_add_list(o, key);
+    case SL_OPT_TABLE: return sl_opts_add_table(o, key);
+    default: return SL_ERROR;
+  }
+}
+
+int sl_ffi_stage_configure(const char *module, const sl_opts *o, void **conf, char *err,
+                           size_t errlen) {
+  const sl_stage_ops *ops = sl_stage_builtin(module);
+  *conf = NULL;
+  if (ops == NULL) {
+    snprintf(err, errlen, "no C stage named \"%s\"", module);
+    return SL_ERROR;
+  }
+  return sl_stage_configure(ops, o, conf, err, errlen);
+}
+
+void sl_ffi_stage_unconfigure(const char *module, void *conf) {
+  const sl_stage_ops *ops = sl_stage_builtin(module);
+  if (ops != NULL) sl_stage_unconfigure(ops, conf);
+}

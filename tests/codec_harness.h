@@ -46,7 +46,7 @@ typedef struct sl_ch {
   int bad;                    /* a frame that was not a derived buffer */
 } sl_ch;
 
-static void sl_ch_append(sl_ch *h, const uint8_t *p, size_t n) {
+static inline void sl_ch_append(sl_ch *h, const uint8_t *p, size_t n) {
   if (h->out_len + n + 4 > h->out_cap) {
     size_t cap = h->out_cap ? h->out_cap : 4096;
     while (cap < h->out_len + n + 4) cap *= 2;
@@ -61,7 +61,7 @@ static void sl_ch_append(sl_ch *h, const uint8_t *p, size_t n) {
 }
 
 /* The connection closes: inactive, then removed, as sl_channel_close. */
-static void sl_ch_front_close(sl_ctx *ctx, const char *reason) {
+static inline void sl_ch_front_close(sl_ctx *ctx, const char *reason) {
   sl_ch *h = (sl_ch *)(uintptr_t)ctx->conf;
   if (h->closed) return;
   h->closed = 1;
@@ -70,14 +70,14 @@ static void sl_ch_front_close(sl_ctx *ctx, const char *reason) {
   sl_pipeline_fire_removed(&h->pipe);
 }
 
-static void sl_ch_front_write(sl_ctx *ctx, sl_buf *b) {
+static inline void sl_ch_front_write(sl_ctx *ctx, sl_buf *b) {
   sl_ch *h = (sl_ch *)(uintptr_t)ctx->conf;
   sl_ch_append(h, sl_buf_rptr(b), sl_buf_readable(b));
   h->nwrites++;
   sl_buf_release(b);
 }
 
-static void sl_ch_front_flush(sl_ctx *ctx) { (void)ctx; }
+static inline void sl_ch_front_flush(sl_ctx *ctx) { (void)ctx; }
 
 static const sl_stage_ops sl_ch_front_ops = {
     .name = "front",
@@ -86,7 +86,7 @@ static const sl_stage_ops sl_ch_front_ops = {
     .close = sl_ch_front_close,
 };
 
-static void sl_ch_collect(sl_ctx *ctx, sl_buf *b) {
+static inline void sl_ch_collect(sl_ctx *ctx, sl_buf *b) {
   sl_ch *h = (sl_ch *)(uintptr_t)ctx->conf;
   if ((b->flags & (SL_BUF_VIEW | SL_BUF_DERIVED)) != (SL_BUF_VIEW | SL_BUF_DERIVED) ||
       b->refcnt != 1) {
@@ -106,12 +106,12 @@ static void sl_ch_collect(sl_ctx *ctx, sl_buf *b) {
   if (h->close_after && h->nframes == h->close_after) sl_pipeline_close(&h->pipe, "collector");
 }
 
-static void sl_ch_error(sl_ctx *ctx, const char *err) {
+static inline void sl_ch_error(sl_ctx *ctx, const char *err) {
   sl_ch *h = (sl_ch *)(uintptr_t)ctx->conf;
   sl_pipeline_close(&h->pipe, err);
 }
 
-static void sl_ch_nop(sl_ctx *ctx) { (void)ctx; }
+static inline void sl_ch_nop(sl_ctx *ctx) { (void)ctx; }
 
 static const sl_stage_ops sl_ch_collector_ops = {
     .name = "collector",
@@ -123,8 +123,8 @@ static const sl_stage_ops sl_ch_collector_ops = {
 
 /* Sets h up around the C stage `module` configured with opts. SL_OK, or
  * SL_ERROR with err (the options were refused). */
-static int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const sl_opts *opts, char *err,
-                      size_t errlen) {
+static inline int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const sl_opts *opts,
+                             char *err, size_t errlen) {
   memset(h, 0, sizeof(*h));
   h->pool = pool;
   h->ops = sl_stage_builtin(module);
@@ -143,7 +143,7 @@ static int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const sl_opts
 }
 
 /* One read of n bytes (a fresh buffer, as a socket read gives). */
-static void sl_ch_feed(sl_ch *h, const uint8_t *p, size_t n) {
+static inline void sl_ch_feed(sl_ch *h, const uint8_t *p, size_t n) {
   sl_buf *b = sl_buf_from(h->pool, p, n);
   if (b == NULL) abort();
   sl_pipeline_fire_read(&h->pipe, b);
@@ -151,7 +151,7 @@ static void sl_ch_feed(sl_ch *h, const uint8_t *p, size_t n) {
 }
 
 /* A tiny deterministic generator (xorshift64*), for chunkings. */
-static uint64_t sl_ch_rand(uint64_t *s) {
+static inline uint64_t sl_ch_rand(uint64_t *s) {
   *s ^= *s >> 12;
   *s ^= *s << 25;
   *s ^= *s >> 27;
@@ -159,8 +159,8 @@ static uint64_t sl_ch_rand(uint64_t *s) {
 }
 
 /* Feeds p in reads of 1..max_chunk bytes chosen by seed. */
-static void sl_ch_feed_chunked(sl_ch *h, const uint8_t *p, size_t n, uint64_t seed,
-                               size_t max_chunk) {
+static inline void sl_ch_feed_chunked(sl_ch *h, const uint8_t *p, size_t n, uint64_t seed,
+                                      size_t max_chunk) {
   uint64_t s = seed | 1;
   size_t off = 0;
   while (off < n) {
@@ -172,7 +172,7 @@ static void sl_ch_feed_chunked(sl_ch *h, const uint8_t *p, size_t n, uint64_t se
 }
 
 /* An outbound write of n bytes through the stage (the prepender). */
-static void sl_ch_write(sl_ch *h, const uint8_t *p, size_t n) {
+static inline void sl_ch_write(sl_ch *h, const uint8_t *p, size_t n) {
   sl_buf *b = sl_buf_from(h->pool, p, n);
   if (b == NULL) abort();
   sl_pipeline_write(&h->pipe, b);
@@ -180,7 +180,7 @@ static void sl_ch_write(sl_ch *h, const uint8_t *p, size_t n) {
 
 /* Closes (if still open, as "eof"), frees the pipeline, the held frames
  * and the configuration; h->out stays until sl_ch_free. */
-static void sl_ch_close(sl_ch *h) {
+static inline void sl_ch_close(sl_ch *h) {
   if (!h->closed) sl_pipeline_close(&h->pipe, "eof");
   sl_pipeline_destroy(&h->pipe);
   for (size_t i = 0; i < h->nkept; i++) sl_buf_release(h->kept[i]);
@@ -189,7 +189,7 @@ static void sl_ch_close(sl_ch *h) {
   h->conf = NULL;
 }
 
-static void sl_ch_free(sl_ch *h) {
+static inline void sl_ch_free(sl_ch *h) {
   free(h->out);
   h->out = NULL;
 }

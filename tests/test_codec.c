@@ -535,8 +535,9 @@ static void test_prepender_every_size_and_order(void **state) {
     for (int big = 0; big <= 1; big++) {
       for (int adj = -1; adj <= 2; adj += 3) {
         char spec[128];
-        snprintf(spec, sizeof(spec), "length_field_length=%d byte_order=str:%s length_adjustment=%d",
-                 lens[l], big ? "big" : "little", adj);
+        snprintf(spec, sizeof(spec),
+                 "length_field_length=%d byte_order=str:%s length_adjustment=%d", lens[l],
+                 big ? "big" : "little", adj);
         sl_ch h;
         open_codec(&h, pool, "sluice.codec.length_field_prepender", spec);
         bytes want = {0};
@@ -546,7 +547,8 @@ static void test_prepender_every_size_and_order(void **state) {
           sl_ch_write(&h, msg, n);
           uint8_t field[8];
           uint64_t v = (uint64_t)((int64_t)n + adj);
-          for (int i = 0; i < lens[l]; i++) field[big ? lens[l] - 1 - i : i] = (uint8_t)(v >> (8 * i));
+          for (int i = 0; i < lens[l]; i++)
+            field[big ? lens[l] - 1 - i : i] = (uint8_t)(v >> (8 * i));
           put_frame(&want, field, (size_t)lens[l]);
           put_frame(&want, msg, n);
         }

@@ -123,19 +123,7 @@ void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {
   b->flags |= SL_BUF_RECORDED;
 }
 
-int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d) {
-  if (sl_leak_maps(p) != SL_OK) return SL_ERROR;
-  p->leak_derived[sl_slot(p, parent)]++;
-  if (parent->owner != NULL) sl_buf_set_owner(d, parent->owner);
-  return SL_OK;
-}
-
-void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent) {
-  if (d->owner != NULL) sl_buf_set_owner(d, NULL);
-  uint32_t *n = &p->leak_derived[sl_slot(p, parent)];
-  SL_ASSERT(*n > 0, "derived count underflow");
-  (*n)--;
-}
+int sl_leak_map_tables(sl_pool *p) { return sl_leak_maps(p); }
 
 uint32_t sl_buf_derived_count(const sl_buf *b) {
   const sl_pool *p = sl_pool_of(b);

@@ -55,13 +55,29 @@ static inline void sl_leak_on_alloc(sl_pool *p, sl_buf *b) {
   if (__builtin_expect(--p->leak_countdown == 0, 0)) sl_leak_sampled(p, b);
 }
 
+/* Maps the side tables (once). SL_OK, or SL_ERROR when they cannot be. */
+int sl_leak_map_tables(sl_pool *p);
+
+/* The side-table index of header b. */
+static inline uint32_t sl_leak_slot(const sl_pool *p, const sl_buf *b) {
+  return (uint32_t)(((const uint8_t *)b - p->hdr_base) / SL_HDR_SIZE);
+}
+
 /* Called when derived buffer d is made from parent: counts it against the
  * parent (a side table, mapped on first use: SL_ERROR when it cannot be)
  * and makes the parent's owner answer for it. */
-int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d);
+static inline int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d) {
+  if (__builtin_expect(p->leak_derived == NULL, 0) && sl_leak_map_tables(p) != 0) return -1;
+  p->leak_derived[sl_leak_slot(p, parent)]++;
+  if (parent->owner != NULL) sl_buf_set_owner(d, parent->owner);
+  return 0;
+}
 
 /* Called when derived buffer d is freed. */
-void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent);
+static inline void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent) {
+  if (d->owner != NULL) sl_buf_set_owner(d, NULL);
+  p->leak_derived[sl_leak_slot(p, parent)]--;
+}
 
 /* How many live derived buffers hold a reference on b. */
 uint32_t sl_buf_derived_count(const sl_buf *b);

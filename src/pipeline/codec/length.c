@@ -7,7 +7,8 @@ int sl_length_options(const sl_opts *o, int *length, int *big, int64_t *adjustme
   static const char *const orders[] = {"big", "little", NULL};
   int64_t n;
   int order;
-  if (sl_opts_int(o, "length_field_length", 1, 8, 0, 4, "1, 2, 3, 4 or 8", &n, err, errlen) != SL_OK)
+  if (sl_opts_int(o, "length_field_length", 1, 8, 0, 4, "1, 2, 3, 4 or 8", &n, err, errlen) !=
+      SL_OK)
     return SL_ERROR;
   if (n > 4 && n != 8) {
     char shown[64];

@@ -526,6 +526,29 @@ static void test_cumulation_closed_by_a_frame(void **state) {
   SL_TEST_ASSERT_POOL_CLEAN(pool);
 }
 
+/* Taken out of a running pipeline (a protocol switch), a decoder passes
+ * what it has not decoded on to the next stage, as Netty's handlerRemoved;
+ * later reads go past it. */
+static void test_cumulation_removed_while_running_passes_the_rest_on(void **state) {
+  sl_pool *pool = *state;
+  sl_ch h;
+  open_codec(&h, pool, "sluice.codec.line", "max_length=10");
+  sl_ch_feed(&h, (const uint8_t *)"ab\ncd", 5);
+  sl_pipeline_remove(h.codec);
+  sl_ch_feed(&h, (const uint8_t *)"ef\n", 3);
+  bytes want = {0};
+  put_frame(&want, "ab", 2);
+  put_frame(&want, "cd", 2);   /* the rest, as it was */
+  put_frame(&want, "ef\n", 3); /* raw: the decoder is gone */
+  assert_int_equal(h.out_len, want.n);
+  assert_memory_equal(h.out, want.p, want.n);
+  assert_false(h.closed);
+  sl_ch_close(&h);
+  sl_ch_free(&h);
+  bytes_free(&want);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
 /* ---- length_field_prepender ---- */
 
 static void test_prepender_every_size_and_order(void **state) {
@@ -677,6 +700,7 @@ int main(void) {
       POOL_TEST(test_cumulation_first_buffer_is_not_copied),
       POOL_TEST(test_cumulation_release_and_discard),
       POOL_TEST(test_cumulation_closed_by_a_frame),
+      POOL_TEST(test_cumulation_removed_while_running_passes_the_rest_on),
       POOL_TEST(test_prepender_every_size_and_order),
       POOL_TEST(test_prepender_refuses),
       POOL_TEST(test_option_errors),

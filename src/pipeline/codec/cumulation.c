@@ -76,6 +76,21 @@ static void sl_cum_fail(sl_ctx *ctx, sl_cum *c, const char *reason) {
   if (!c->removed) sl_ctx_close(ctx, reason);
 }
 
+/* The stage leaves: with the connection open (taken out of a running
+ * pipeline) what is left goes on to the next stage, as Netty's
+ * handlerRemoved does; with the connection closed it is released. */
+static void sl_cum_leave(sl_ctx *ctx, sl_cum *c) {
+  sl_buf *b = c->buf;
+  c->buf = NULL;
+  if (b == NULL) return;
+  if (ctx != NULL && c->pass_on && !c->failed && sl_buf_readable(b) > 0) {
+    sl_ctx_fire_read(ctx, b);
+    sl_ctx_fire_read_complete(ctx);
+    return;
+  }
+  sl_cum_release(b);
+}
+
 /* Runs step until it makes no progress; returns how many frames it fired. */
 static size_t sl_cum_decode(sl_ctx *ctx, sl_cum *c, sl_cum_step_fn step) {
   size_t frames = 0;
@@ -98,10 +113,7 @@ static size_t sl_cum_decode(sl_ctx *ctx, sl_cum *c, sl_cum_step_fn step) {
     if (sl_buf_readable(cum) == before) break;
   }
   c->busy = 0;
-  if (c->removed && c->buf != NULL) {
-    sl_cum_release(c->buf);
-    c->buf = NULL;
-  }
+  if (c->removed) sl_cum_leave(ctx, c);
   return frames;
 }
 
@@ -147,11 +159,10 @@ void sl_cum_inactive(sl_ctx *ctx, sl_cum *c, sl_cum_step_fn step) {
   sl_ctx_fire_inactive(ctx);
 }
 
-void sl_cum_removed(sl_cum *c) {
+void sl_cum_removed(sl_ctx *ctx, sl_cum *c) {
   c->removed = 1;
-  if (c->busy || c->buf == NULL) return;
-  sl_cum_release(c->buf);
-  c->buf = NULL;
+  c->pass_on = ctx != NULL && ctx->removed;
+  if (!c->busy) sl_cum_leave(ctx, c);
 }
 
 void sl_cum_on_read(sl_ctx *ctx, sl_buf *b) {
@@ -162,4 +173,6 @@ void sl_cum_on_inactive(sl_ctx *ctx) {
   sl_cum_inactive(ctx, ctx->state, ((const sl_cum_conf *)ctx->conf)->step);
 }
 
-void sl_cum_on_removed(sl_ctx *ctx) { sl_cum_removed(ctx->state); }
+void sl_cum_on_removed(sl_ctx *ctx) { sl_cum_removed(ctx, ctx->state); }
+
+void sl_cum_on_destroy(sl_ctx *ctx) { sl_cum_removed(NULL, ctx->state); }

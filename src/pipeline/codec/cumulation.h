@@ -13,8 +13,9 @@
  *     are discarded when nothing else holds the buffer (Netty's
  *     discardSomeReadBytes).
  *   - Inactive: what is left is decoded once more, then passed on.
- *     Removed (the connection closed) or destroyed: the cumulation is
- *     released.
+ *     Removed because the connection closed, or destroyed: the cumulation
+ *     is released. Removed from a running pipeline (a protocol switch):
+ *     its readable bytes go on to the next stage (Netty's handlerRemoved).
  *   - A step that fails (malformed or oversized frame) fires the error event
  *     with the reason ("frame_too_large", "malformed_frame"), closes the
  *     connection if no stage did, and releases the cumulation; everything
@@ -44,6 +45,7 @@ typedef struct sl_cum {
   uint8_t busy;       /* inside the step loop */
   uint8_t removed;    /* left the pipeline: nothing more is decoded */
   uint8_t failed;     /* a step failed: the connection is closing */
+  uint8_t pass_on;    /* removed from a running pipeline: the rest goes on */
 } sl_cum;
 
 /* One decoding step on cum (its readable bytes; the step advances the
@@ -63,13 +65,14 @@ typedef struct sl_cum_conf {
 void sl_cum_on_read(sl_ctx *ctx, sl_buf *b);
 void sl_cum_on_inactive(sl_ctx *ctx);
 void sl_cum_on_removed(sl_ctx *ctx);
+void sl_cum_on_destroy(sl_ctx *ctx);
 
 /* The sl_stage_ops initializer of a decoder built on the cumulation. */
 #define SL_CUM_DECODER(module, state_sz, conf_sz, configure_fn, unconfigure_fn)                 \
   {                                                                                        \
     .name = (module), .state_size = (state_sz), .conf_size = (conf_sz),                    \
     .configure = (configure_fn), .unconfigure = (unconfigure_fn),                          \
-    .destroy = sl_cum_on_removed, .on_read = sl_cum_on_read,                               \
+    .destroy = sl_cum_on_destroy, .on_read = sl_cum_on_read,                               \
     .on_inactive = sl_cum_on_inactive, .on_removed = sl_cum_on_removed,                    \
   }
 
@@ -79,9 +82,9 @@ void sl_cum_read(sl_ctx *ctx, sl_cum *c, sl_buf *in, sl_cum_step_fn step);
 /* on_inactive: decodes what is left, then passes the event on. */
 void sl_cum_inactive(sl_ctx *ctx, sl_cum *c, sl_cum_step_fn step);
 
-/* on_removed and destroy: releases the cumulation (now, or when the step
- * loop under way ends). */
-void sl_cum_removed(sl_cum *c);
+/* on_removed (ctx) and destroy (ctx NULL): lets go of the cumulation (now,
+ * or when the step loop under way ends), as described above. */
+void sl_cum_removed(sl_ctx *ctx, sl_cum *c);
 
 /* Adds in (takes ownership) to the cumulation as described above. SL_OK, or
  * SL_ERROR (out of memory: in is released). Exposed for tests. */

@@ -32,7 +32,7 @@ typedef struct sl_lbuf {
   uint32_t gen;
   int32_t refs;
   int32_t fin;
-  int32_t pad;
+  int32_t owner;
 } sl_lbuf;
 
 int sl_ffi_abi(void);

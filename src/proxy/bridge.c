@@ -76,6 +76,11 @@ static void sl_bridge_read(sl_ctx *ctx, sl_buf *b) {
     return;
   }
   sl_pipeline_write(&peer->pipe, b);
+  /* Over the high water mark: write now instead of at the end of the read
+   * burst. A socket that takes it all makes the queue writable again and
+   * the read loop goes on; one that does not stops reading (backpressure)
+   * with the bytes already on their way. */
+  if (!sl_channel_is_writable(peer)) sl_pipeline_flush(&peer->pipe);
 }
 
 static void sl_bridge_read_complete(sl_ctx *ctx) {

@@ -163,7 +163,7 @@ local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 -- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close", "added", "removed" }
+                    "user_event", "error", "write", "flush", "close", "read", "added", "removed" }
 
 local function set_of(list)
     local set = {}

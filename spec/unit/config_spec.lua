@@ -66,7 +66,7 @@ local ALLOCATOR_DEFAULTS = {
 }
 
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
-  .. "channel_writability_changed, user_event, error, write, flush, close, added, removed"
+  .. "channel_writability_changed, user_event, error, write, flush, close, read, added, removed"
 
 describe("sluice.config", function()
 

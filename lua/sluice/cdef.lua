@@ -46,11 +46,13 @@ sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
 double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
 void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
 int sl_ffi_ctx_is_writable(sl_ctx *ctx);
 void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err);
 typedef struct sl_ffi_pool_stats {
   uint64_t bytes_in_use, blocks_in_use, allocs, frees, alloc_failures;
   uint64_t cache_hits, cache_misses, cached_blocks, cached_bytes, trims, idle_trims;

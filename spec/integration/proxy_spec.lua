@@ -67,8 +67,11 @@ describe("proxying", function()
     assert.are.equal(0, rc)
     assert.are.equal("", out)
     local log = H.stop_sluice(p)
-    assert.matches("upstream 127.0.0.1:" .. dead .. " connect failed: Connection refused", log, 1, true)
-    assert.matches("client 127.0.0.1:%d+ on front closed: upstream", log)
+    assert.matches("upstream 127.0.0.1:" .. dead .. " for front closed: connect failed: Connection refused",
+                   log, 1, true)
+    assert.matches("client 127.0.0.1:%d+ on front: upstream back unavailable after 1 try: 127.0.0.1:"
+                   .. dead .. " %(Connection refused%)", log)
+    assert.matches("client 127.0.0.1:%d+ on front closed: upstream_unavailable", log)
   end)
 
   it("gives up on an upstream that does not answer at its connect timeout", function()
@@ -80,7 +83,7 @@ describe("proxying", function()
     assert.are.equal(0, rc)
     assert.are.equal("", out)
     local log = H.stop_sluice(p)
-    assert.matches("upstream 127.0.0.1:" .. hole .. " connect failed: timed out", log, 1, true)
+    assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: connect failed: timed out", log, 1, true)
   end)
 
   it("stops reading from the client while the upstream's queue is over its high mark", function()

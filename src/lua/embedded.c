@@ -41,7 +41,7 @@ sl_lua_host *sl_ffi_embedded_host(void) {
 
 sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high) {
   if (sl_ffi_embedded_host() == NULL) return NULL;
-  sl_channel_config cc = {low, high};
+  sl_channel_config cc = {.low_water_mark = low, .high_water_mark = high};
   sl_channel *ch = sl_channel_embedded(sl_emb_worker, &cc, name);
   if (ch) sl_channel_ref(ch); /* the harness's: the struct outlives a close */
   return ch;

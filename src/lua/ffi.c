@@ -12,6 +12,7 @@
 #include "io/worker.h"
 #include "lua/host.h"
 #include "pipeline/stages.h"
+#include "proxy/bridge.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -117,6 +118,13 @@ void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b) { sl_ctx_fire_read(ctx, b); }
 
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b) { sl_ctx_write(ctx, b); }
 
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid) {
+  sl_channel *ch = sl_ctx_channel(ctx);
+  uint64_t mark = sl_channel_promise_mark(ch);
+  sl_ctx_write(ctx, b);
+  sl_channel_promise_attach(ch, mark, pid);
+}
+
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
   switch (ev) {
     case SL_EV_ACTIVE: sl_ctx_fire_active(ctx); break;
@@ -142,6 +150,10 @@ void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on) {
 }
 
 const char *sl_ffi_ctx_describe(sl_ctx *ctx) { return sl_channel_describe(sl_ctx_channel(ctx)); }
+
+int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err) {
+  return sl_bridge_connect(sl_ctx_channel(ctx), target, err) == SL_OK ? 0 : -1;
+}
 
 _Static_assert(SL_SC_MAX_CLASSES <= 80, "sl_ffi_pool_stats holds 80 classes");
 

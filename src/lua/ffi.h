@@ -108,6 +108,13 @@ SL_FFI_EXPORT double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 SL_FFI_EXPORT void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 SL_FFI_EXPORT void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
 
+/* ctx:write(b) toward a C handler carrying promise id pid (0: none): takes
+ * ownership of b. pid is reported once through the worker's promise_done
+ * hook (io/worker.h), possibly before this returns (channel closed: "closed"
+ * or the reason that closed it; its bytes written already: NULL); the rule
+ * for stages that split a write is sl_channel_promise_attach's. */
+SL_FFI_EXPORT void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
+
 /* Events without a buffer: ACTIVE, INACTIVE, READ_COMPLETE, WRITABILITY (n),
  * USER_EVENT (n), FLUSH; and with text: ERROR, CLOSE. */
 SL_FFI_EXPORT void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
@@ -119,6 +126,12 @@ SL_FFI_EXPORT void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 
 /* "client 127.0.0.1:5000 on front": for log lines. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+
+/* ctx:connect(target): connects ctx's connection to target, the name of an
+ * upstream or "host:port" (src/proxy/bridge.h, sl_bridge_connect). 0 while
+ * connecting, -1 with *err. Closing the client (every try failed at once)
+ * queues its events for Lua like any close. */
+SL_FFI_EXPORT int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err);
 
 /* What sluice.pool.stats() returns, flat. Counts for the calling thread's
  * pool and its arena. */

@@ -275,7 +275,7 @@ static void sl_attempt_failed(sl_attempt *a, const char *why) {
     ch->peer = NULL;
     if (a->client) {
       a->client->peer = NULL;
-      a->client->peer_remote.len = 0;   /* no upstream, for the access log */
+      a->client->peer_addr.sa.sa_family = AF_UNSPEC;   /* no upstream, for the access log */
     }
     sl_channel_close(ch, reason, 1);
   } else {

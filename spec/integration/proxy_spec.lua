@@ -386,7 +386,9 @@ return {
 ]])
     local mod = stage:match("([^/]+)%.lua$")
     -- The upstream sends 8 MiB at once; the client reads only after a second.
-    local peer = H.start_peer("head -c 8388608 /dev/zero")
+    -- (-t 30: the peer keeps its socket until sluice has read everything,
+    -- however long the slow client holds sluice's reads back.)
+    local peer = H.start_peer("head -c 8388608 /dev/zero", nil, "-t 30")
     peers[#peers + 1] = peer
     local port = H.free_port()
     local p = H.start_sluice(proxy_config(port, peer.port, ("{ %q }"):format(mod)))

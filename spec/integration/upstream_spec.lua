@@ -219,6 +219,43 @@ describe("upstreams", function()
     assert.are.equal(2, after.B, log)
   end)
 
+  describe("examples/config/redis_pool.lua with two redis-servers", function()
+    local path = H.root .. "/examples/config/redis_pool.lua"
+
+    it("passes sluice --check", function()
+      local out, rc = H.sh(H.shq(H.bin) .. " --check " .. H.shq(path) .. " 2>&1")
+      assert.are.equal(0, rc, out)
+      assert.matches("config ok", out, 1, true)
+    end)
+
+    it("spreads redis-cli connections by weight, and keeps answering when a server stops", function()
+      local r1, r2 = H.start_redis(), H.start_redis()
+      peers[#peers + 1] = r1
+      peers[#peers + 1] = r2
+      local port = H.free_port()
+      local p = H.start_sluice(H.read(path), ("SLUICE_EXAMPLE_LISTEN=127.0.0.1:%d SLUICE_EXAMPLE_SERVERS=127.0.0.1:%d,127.0.0.1:%d")
+        :format(port, r1.port, r2.port))
+      local served = {}
+      for _ = 1, 6 do
+        local out = H.sh(("timeout 20 redis-cli -p %d INFO server 2>&1"):format(port))
+        local which = tonumber(out:match("tcp_port:(%d+)"))
+        served[which or "none"] = (served[which or "none"] or 0) + 1
+      end
+      H.stop(r2, "KILL")    -- the heavier server goes away
+      local answers = {}
+      for i = 1, 4 do
+        answers[i] = (H.sh(("timeout 20 redis-cli -p %d PING 2>&1"):format(port))):gsub("%s+$", "")
+      end
+      local log = H.stop_sluice(p)
+      -- Each worker takes its own turns, 1:2, so both servers answered and
+      -- the heavier one at least as often.
+      assert.is_nil(served.none, log)
+      assert.is_true((served[r1.port] or 0) >= 1 and (served[r2.port] or 0) >= (served[r1.port] or 0),
+                     ("%d: %s, %d: %s"):format(r1.port, tostring(served[r1.port]), r2.port, tostring(served[r2.port])))
+      assert.are.same({ "PONG", "PONG", "PONG", "PONG" }, answers, log)
+    end)
+  end)
+
   describe("chosen by a Lua stage with ctx:connect", function()
     it("route by the client's first byte to an upstream name or an address", function()
       local a, b = peer("A"), peer("B")

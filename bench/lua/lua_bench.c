@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
   if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) die("socketpair");
   sl_addr addr;
   memset(&addr, 0, sizeof(addr));
-  sl_channel_config cc = {32768, 65536};
+  sl_channel_config cc = {.low_water_mark = 32768, .high_water_mark = 65536};
   sl_channel *ch = sl_channel_accepted(w, sv[0], &addr, &cc, "bench");
   const sl_listener_cfg *l = &cfg->listeners[0];
   for (int i = 0; i < n; i++) {
@@ -124,11 +124,14 @@ int main(int argc, char **argv) {
   ch->flags |= SL_CH_ACTIVE;
 
   warm_up(w, ch, size, 20000);
+  uint64_t e0 = sl_lua_host_entries(w->lua);
   double t0 = cpu_ns();
   measure(w, ch, size, count);
   double ns = (cpu_ns() - t0) / (double)count;
-  printf("stages=%s n=%d size=%zu level=%s buffers=%ld ns_per_buffer=%.1f buffers_per_s=%.0f\n",
-         argv[1], n, size, sl_leak_level_name(w->pool->leak_level), count, ns, 1e9 / ns);
+  double entries = (double)(sl_lua_host_entries(w->lua) - e0) / (double)count;
+  printf("stages=%s n=%d size=%zu level=%s buffers=%ld ns_per_buffer=%.1f buffers_per_s=%.0f "
+         "lua_entries_per_buffer=%.4f\n",
+         argv[1], n, size, sl_leak_level_name(w->pool->leak_level), count, ns, 1e9 / ns, entries);
 
   sl_channel_close(ch, "done", 0);
   sl_lua_host_drain(w->lua);

@@ -1,16 +1,15 @@
 -- sluice.host: the Lua side of a worker's pipelines.
 --
--- C queues every event meant for a Lua stage (src/lua/host.c); drain() pops
+-- C queues every event meant for a Lua stage (src/lua/host.c); run() pops
 -- them through an FFI call and runs the callbacks, so one C-to-Lua
--- transition delivers everything a loop iteration produced. Between
--- neighbouring Lua stages, events never leave Lua: they are queued here and
--- delivered by the same loop.
+-- transition delivers everything a channel's read loop produced. Between
+-- neighbouring Lua stages, events never leave Lua: they are direct calls.
 --
--- One xpcall guards the whole loop, not each callback: when a callback
--- raises, the loop knows which stage and event it was running, logs the
--- error with its traceback, releases the buffer that stage was handed (when
--- it still owned it), closes that connection, and carries on with the next
--- event. Never the process.
+-- One protected call guards the whole loop, not each callback: when a
+-- callback raises, the caller knows which stage and event was running,
+-- logs the error with its traceback, releases the buffer that stage was
+-- handed (when it still owned it), closes that connection, and runs the
+-- loop again for the next event. Never the process.
 local ffi = require("ffi")
 local bit = require("bit")
 local C = require("sluice.core")
@@ -21,8 +20,7 @@ local promise = require("sluice.promise")
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 local ffi_cast, ffi_string = ffi.cast, ffi.string
 local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
-local wrap_lazy, adopt = buf.wrap_lazy, buf.adopt
-local lend, lend_back = buf.lend, buf.lend_back
+local wrap_lazy, adopt, passable = buf.wrap_lazy, buf.adopt, buf.passable
 local traceback = debug.traceback
 local xpcall, type, tostring, setmetatable, pairs = xpcall, type, tostring, setmetatable, pairs
 local floor = math.floor
@@ -74,10 +72,6 @@ local cur_ctx, cur_ev, cur_arg = nil, nil, nil
 -- finalizer) once every callback it caused is done, if a script kept it.
 local top_arg = nil
 
--- Events from a Lua stage to the next Lua stage wait here, in order.
-local hop_ctx, hop_ev, hop_arg, hop_p = {}, {}, {}, {}
-local hop_head, hop_tail = 1, 0
-
 local touching = false -- leak_detection advanced or paranoid: record each hop
 local RECORDED = 2 -- SL_BUF_RECORDED
 
@@ -87,11 +81,23 @@ local function touch(ctx, arg)
   end
 end
 
+-- An event from a Lua stage to the next Lua stage is a direct call, as in
+-- Netty: the next stage has handled it (and whatever it caused) when
+-- fire_read returns. A stage that raises ends the whole event: the error
+-- goes to run()'s caller, which knows the innermost stage from cur_ctx.
+-- A buffer handed on belongs to the receiving stage: the sender can no
+-- longer release it or pass it again (the handle records its owner).
 local function hop(ctx, ev, arg, p)
-  local t = hop_tail + 1
-  hop_tail = t
-  if is_buf(arg) then lend(arg) end
-  hop_ctx[t], hop_ev[t], hop_arg[t], hop_p[t] = ctx, ev, arg, p
+  local pc, pe, pa = cur_ctx, cur_ev, cur_arg
+  if is_buf(arg) then
+    passable(arg)
+    arg.owner = ctx.sid
+  end
+  cur_ctx, cur_ev, cur_arg = ctx, ev, arg
+  buf.stage, buf.stage_id = ctx.cptr, ctx.sid
+  ctx.fns[ev + 1](ctx, arg, p)
+  cur_ctx, cur_ev, cur_arg = pc, pe, pa
+  if pc then buf.stage, buf.stage_id = pc.cptr, pc.sid else buf.stage, buf.stage_id = nil, 0 end
 end
 
 local function stage_failed(ctx, ev, arg, err)
@@ -112,9 +118,9 @@ end
 
 local function call(ctx, ev, arg, p)
   cur_ctx, cur_ev, cur_arg = ctx, ev, arg
-  buf.stage = ctx.cptr  -- releases in this callback name this stage
-  ctx.mod[CALLBACK[ev]](ctx, arg, p)
-  buf.stage = nil
+  buf.stage, buf.stage_id = ctx.cptr, ctx.sid  -- releases in this callback name this stage
+  ctx.fns[ev + 1](ctx, arg, p)
+  buf.stage, buf.stage_id = nil, 0
   cur_ctx = nil
 end
 
@@ -145,6 +151,7 @@ local function deliver(e)
   local arg
   if ev == READ or ev == WRITE then
     arg = wrap_lazy(e.ptr)
+    arg.owner = ctx.sid
     top_arg = arg
   elseif ev == WRITABILITY then
     arg = e.n ~= 0
@@ -156,28 +163,10 @@ local function deliver(e)
   return call(ctx, ev, arg, nil)
 end
 
--- One step per callback, looping by tail calls: the Lua stack does not
--- grow with the number of stages or events, and every callback returns into
--- this frame (LuaJIT compiles tail recursion into a loop). `event` itself
--- stays referenced here: a reference to event[0] would not keep it alive.
+-- Delivers every queued event, looping by tail calls (LuaJIT compiles tail
+-- recursion into a loop). `event` itself stays referenced here: a reference
+-- to event[0] would not keep it alive.
 local function run()
-  local i = hop_head
-  if i <= hop_tail then
-    local ctx, ev, arg, p = hop_ctx[i], hop_ev[i], hop_arg[i], hop_p[i]
-    hop_ctx[i], hop_arg[i], hop_p[i] = nil, nil, nil
-    if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
-    if is_buf(arg) then lend_back(arg) end
-    if ctx.cptr then
-      cur_ctx, cur_ev, cur_arg = ctx, ev, arg
-      buf.stage = ctx.cptr
-      ctx.mod[CALLBACK[ev]](ctx, arg, p)
-      buf.stage = nil
-      cur_ctx = nil
-    elseif is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
-      arg:release(arg.refs) -- the stage left while the event waited
-    end
-    return run()
-  end
   if top_arg ~= nil then
     adopt(top_arg)
     top_arg = nil
@@ -187,20 +176,29 @@ local function run()
   return run()
 end
 
--- Runs every queued event. Called by C once per loop iteration in a
--- worker, and by sluice.testing after each operation.
+-- A callback raised (err carries its traceback): contain it.
+local function failed(err)
+  buf.stage, buf.stage_id = nil, 0
+  local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
+  cur_ctx = nil
+  if ctx then
+    stage_failed(ctx, ev, arg, err)
+  else
+    log.error("Lua dispatch: %s", tostring(err))
+  end
+end
+
+-- C drives run() itself (lua_pcall with a traceback handler, failed() on
+-- an error, again until it returns): the trace returns straight to C.
+_M.run, _M.failed = run, failed
+
+-- Runs every queued event in Lua (sluice.testing drives its channels this
+-- way, after each operation).
 function _M.drain()
   while true do
     local ok, err = xpcall(run, traceback)
     if ok then return end
-    buf.stage = nil
-    local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
-    cur_ctx = nil
-    if ctx then
-      stage_failed(ctx, ev, arg, err)
-    else
-      log.error("Lua dispatch: %s", tostring(err))
-    end
+    failed(err)
   end
 end
 
@@ -224,11 +222,14 @@ local function next_lua(ctx, ev)
   return n or nil
 end
 
+local next_sid = 0
 local function new_ctx(id, cptr, key)
   local stage = stages[key]
+  next_sid = next_sid < 2147483647 and next_sid + 1 or 1
   local ctx = setmetatable({
-    cptr = ffi_cast(ctx_ptr_t, cptr), id = id, stage = stage, mod = stage.mod,
+    cptr = ffi_cast(ctx_ptr_t, cptr), id = id, stage = stage, mod = stage.mod, fns = stage.fns,
     name = stage.name, options = stage.options, state = {}, next = {}, epoch = epoch,
+    sid = next_sid,
   }, Ctx)
   ctxs[id] = ctx
   return ctx
@@ -409,6 +410,18 @@ function Ctx:outstanding()
   return tonumber(c[0]), tonumber(n[0])
 end
 
+-- Connects this connection to an upstream (a name from the config) or to
+-- "host:port", as OpenResty's balancer_by_lua chooses a peer: call it in
+-- channel_active before ctx:fire_active(). true while connecting, or nil, err.
+function Ctx:connect(target)
+  if type(target) ~= "string" then
+    error(("bad argument to connect (string expected, got %s)"):format(type(target)), 2)
+  end
+  if not self.cptr then return nil, "closed" end
+  if C.sl_ffi_ctx_connect(self.cptr, target, errp) ~= 0 then return nil, ffi_string(errp[0]) end
+  return true
+end
+
 function Ctx:describe()
   if not self.cptr then return "closed channel" end
   return ffi_string(C.sl_ffi_ctx_describe(self.cptr))
@@ -453,10 +466,18 @@ local function mask_of(mod)
   return mask
 end
 
+-- The stage's callbacks by event code + 1 (an array the JIT indexes
+-- directly); read once, when the stage is loaded.
+local function fns_of(mod)
+  local fns = {}
+  for ev = 0, READ_REQUEST do fns[ev + 1] = mod[CALLBACK[ev]] or false end
+  return fns
+end
+
 local function register(name, mod, options)
   local key = C.sl_ffi_host_register_stage(host, mask_of(mod))
   if key == 0 then error("out of memory registering stage " .. tostring(name)) end
-  stages[key] = { name = name, mod = mod, options = options or {} }
+  stages[key] = { name = name, mod = mod, fns = fns_of(mod), options = options or {} }
   return key
 end
 _M.register = register
@@ -468,7 +489,7 @@ function _M.load_stage(name, file, options, key)
   if type(mod) ~= "table" then
     error(("module %q from %s did not return a table of callbacks"):format(name, file))
   end
-  stages[key] = { name = name, mod = mod, options = options or {} }
+  stages[key] = { name = name, mod = mod, fns = fns_of(mod), options = options or {} }
   return key, mask_of(mod)
 end
 
@@ -722,12 +743,16 @@ function _M.reset()
   for k in pairs(stages) do stages[k] = nil end
   for k in pairs(keys) do keys[k] = nil end
   for k in pairs(ctxs) do ctxs[k] = nil end
-  hop_head, hop_tail = 1, 0
   heap, nheap, armed_at = {}, 0, nil
   epoch = epoch + 1
 end
 
 function _M.init(worker_id, h)
+  -- Events between Lua stages are direct calls through the same few
+  -- functions (Ctx:fire_read -> the next stage -> Ctx:fire_read ...): let
+  -- the JIT inline that chain across several stages instead of treating it
+  -- as recursion after two.
+  jit.opt.start("recunroll=6")
   _M.worker_id = worker_id
   host = ffi_cast("sl_lua_host *", h)
   touching = C.sl_ffi_leak_level() >= 2

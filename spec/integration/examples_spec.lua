@@ -20,16 +20,7 @@ local function start_example(name, upstream_port)
   return p, port
 end
 
-local function start_redis()
-  local port = H.free_port()
-  local p = H.spawn(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no")
-    :format(port), "redis")
-  assert(H.wait_for(function()
-    return (H.sh(("redis-cli -p %d PING 2>/dev/null"):format(port))):find("PONG", 1, true)
-  end, 10), "redis-server did not start:\n" .. H.read(p.log))
-  p.port = port
-  return p
-end
+local start_redis = H.start_redis
 
 local function cli(port, args)
   local out, rc = H.sh(("timeout 20 redis-cli -p %d %s 2>&1"):format(port, args))

@@ -79,8 +79,10 @@ return {
     end
     assert.is_true((per_worker["0"] or 0) > 0, "worker 0 served none")
     assert.is_true((per_worker["1"] or 0) > 0, "worker 1 served none")
-    -- Both pools were checked at exit.
-    assert.are.equal(2, count(log, "pool clean at exit"))
+    -- Both pools were checked at exit, and no buffer went from one worker
+    -- to another.
+    assert.are.equal(2, count(log, "pool clean at exit %(0 buffers outstanding, %d+ allocated in all, "
+                                .. "0 freed by other threads%)"))
   end)
 
   it("refuses to start, with nothing left running, when another process holds the port", function()
@@ -216,6 +218,23 @@ return {
     end)
   end)
 
+  it("closes everything at once on a second SIGTERM while draining", function()
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { drain_timeout_ms = 600000,
+  listeners = { { name = "held", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+    local c = held_client(port, "hi\n")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+    os.execute("kill -TERM " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("draining 1 open sockets", 1, true) end, 10))
+    local log = H.stop_sluice(p)
+    assert.matches("SIGTERM again: closing every connection now", log, 1, true)
+    assert.matches("on held closed: shutdown", log, 1, true)
+    c.release()
+    assert.are.equal(0, c.finish())
+  end)
+
   describe("on SIGHUP", function()
     -- A stage module that tags what the client sends with its version.
     local function tag_stage(dir, version)
@@ -343,6 +362,45 @@ return { workers = 2, listeners = {
       assert.not_matches("configuration reloaded", log, 1, true)
     end)
 
+    it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()
+      local flag = H.tmpfile("refuse_flag")
+      -- Raises only inside a worker's Lua state (where sluice.host is
+      -- loaded), and only while the flag file exists: the configuration
+      -- checks pass, a worker's load fails.
+      local stage = H.tmpfile("picky.lua", ([[
+local f = io.open(%q)
+if f then
+  f:close()
+  if package.loaded["sluice.host"] then error("refusing to load in a worker") end
+end
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    ctx:fire_read("p:" .. s)
+  end,
+}
+]]):format(flag))
+      local mod = stage:match("([^/]+)%.lua$")
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 2,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } } }
+]]):format(port, mod))
+      assert.are.equal("p:a\n", (H.exchange(port, "a\n", 10)))
+      H.sh("touch " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 10))
+      assert.matches("SIGHUP: reload refused, the running configuration stays: worker 0: stage "
+                     .. mod .. ": [^\n]*refusing to load in a worker", H.read(p.log))
+      assert.are.equal("p:b\n", (H.exchange(port, "b\n", 10)))
+      H.sh("rm -f " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
+      assert.are.equal("p:c\n", (H.exchange(port, "c\n", 10)))
+      H.stop_sluice(p)
+    end)
+
     it("reopens the access log (and on SIGUSR1), for rotation", function()
       local port = H.free_port()
       local alog = H.tmpfile("access.log")
@@ -360,5 +418,29 @@ return { access_log = %q,
       assert.are.equal(1, #access_lines(alog .. ".1"))
       H.stop_sluice(p)
     end)
+  end)
+
+  it("writes its log to error_log, and reopens it on SIGUSR1", function()
+    local port = H.free_port()
+    local elog = H.tmpfile("error.log")
+    local cfg = H.tmpfile("elog.lua", ([[
+return { error_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(elog, port))
+    local p = H.spawn(("env SLUICE_ROOT=%s %s %s -c %s"):format(H.shq(H.root), H.wrapper,
+      H.shq(H.bin), H.shq(cfg)), "sluice")
+    assert.truthy(H.wait_for(function() return H.read(elog):find("started with", 1, true) end, 30))
+    assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+    assert.truthy(H.wait_for(function() return H.read(elog):find("on e closed: eof", 1, true) end, 10))
+    H.sh(("mv %s %s.1"):format(H.shq(elog), H.shq(elog)))
+    os.execute("kill -USR1 " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(elog):find("log files reopened", 1, true) end, 10))
+    assert.are.equal(0, H.stop(p, "TERM"))
+    local log = H.read(elog)
+    assert.matches("pool clean at exit", log, 1, true)
+    assert.not_matches("started with", log, 1, true)
+    assert.matches("started with", H.read(elog .. ".1"), 1, true)
+    -- Nothing went to standard error.
+    assert.are.equal("", H.read(p.log))
   end)
 end)

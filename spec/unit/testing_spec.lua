@@ -167,6 +167,34 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("sends read requests from a stage through the outbound read callbacks to the head", function()
+    local seen = {}
+    local watcher = { read = function(ctx) seen[#seen + 1] = "read"; ctx:read() end }
+    local asker = { channel_active = function(ctx)
+      ctx:set_autoread(false)
+      ctx:read()
+      ctx:fire_active()
+    end }
+    local ch = testing.channel{ watcher, asker }
+    assert.are.same({ "read" }, seen)
+    assert.is_false(ch:finish())
+  end)
+
+  it("lists, adds and removes stages of a running pipeline", function()
+    local names
+    local probe = { channel_read = function(ctx, b)
+      local p = ctx:pipeline()
+      p:add_after(ctx.name, "sluice.stages.echo", "echo")
+      names = p:names()
+      b:release()
+    end }
+    local ch = testing.channel{ probe }
+    ch:write_inbound("x")
+    assert.are.equal(3, #names) -- probe, echo, and the channel's capture stage
+    assert.are.equal("sluice.stages.echo", names[2])
+    assert.is_false(ch:finish())
+  end)
+
   it("simple_inbound releases after the handler unless it retained", function()
     local sluice = require("sluice")
     local seen

@@ -23,8 +23,11 @@
 struct sl_lua_host {
   lua_State *L;           /* NULL: the Lua side drives the queue (sluice.testing) */
   struct sl_worker *w;
-  int drain_ref;          /* registry: sluice.host.drain */
+  int run_ref;            /* registry: sluice.host.run */
+  int failed_ref;         /* registry: sluice.host.failed */
+  int traceback_ref;      /* registry: debug.traceback */
   int depth;              /* > 0 while Lua drains the queue */
+  uint64_t entries;       /* transitions from C into Lua */
   int deferred;           /* events wait for an explicit drain (no loop) */
   int hold;               /* > 0: a read loop is running; drain at its end */
   sl_lua_event *q;        /* ring of pending events */
@@ -114,19 +117,32 @@ void sl_lua_host_drain(sl_lua_host *h) {
   if (h == NULL || h->L == NULL || h->depth > 0 || h->qlen == 0) return;
   lua_State *L = h->L;
   h->depth++;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->drain_ref);
-  if (lua_pcall(L, 0, 0, 0) != 0) {
-    /* drain() catches stage errors itself; this is the host failing (out
-     * of Lua memory). What is still queued cannot be delivered: release it
-     * and close the channels it belonged to. */
-    sl_log(SL_LOG_ERROR, "Lua dispatch failed: %s", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    sl_lua_event e;
-    while (sl_ffi_host_next(h, &e)) {
-      if (e.ptr && (e.ev == SL_EV_READ || e.ev == SL_EV_WRITE)) sl_buf_release(e.ptr);
-      if (e.ch) sl_channel_close(e.ch, "Lua dispatch failed", 1);
+  h->entries++;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->traceback_ref);
+  int tb = lua_gettop(L);
+  for (;;) {
+    /* run() delivers every queued event and returns; a stage that raises
+     * stops it with the traceback, failed() contains the error (logs it,
+     * releases what the stage was handed, closes its connection), and run()
+     * goes on with the next event. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->run_ref);
+    if (lua_pcall(L, 0, 0, tb) == 0) break;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->failed_ref);
+    lua_insert(L, -2);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+      /* The host itself failed (out of Lua memory). What is still queued
+       * cannot be delivered: release it, close the channels it belonged to. */
+      sl_log(SL_LOG_ERROR, "Lua dispatch failed: %s", lua_tostring(L, -1));
+      lua_pop(L, 1);
+      sl_lua_event e;
+      while (sl_ffi_host_next(h, &e)) {
+        if (e.ptr && (e.ev == SL_EV_READ || e.ev == SL_EV_WRITE)) sl_buf_release(e.ptr);
+        if (e.ch) sl_channel_close(e.ch, "Lua dispatch failed", 1);
+      }
+      break;
     }
   }
+  lua_settop(L, tb - 1);
   sl_lua_settle(h);
   h->depth--;
 }
@@ -339,6 +355,7 @@ static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
   h->w = w;
   ev_init(&h->timer, sl_lua_on_timer);
   h->timer.data = h;
+  w->promise_done = sl_lua_host_promise_done; /* write promises reach Lua */
   return h;
 }
 
@@ -367,8 +384,14 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
     sl_lua_host_destroy(h);
     return NULL;
   }
-  lua_getfield(L, -1, "drain");
-  h->drain_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "run");
+  h->run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "failed");
+  h->failed_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  h->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, 1);
   lua_getfield(L, -1, "load_stage");
   h->load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "unload_stage");
@@ -448,6 +471,8 @@ void sl_lua_host_unload(sl_lua_host *h, int first, int n) {
 }
 
 void sl_lua_host_defer(sl_lua_host *h) { h->deferred = 1; }
+
+uint64_t sl_lua_host_entries(const sl_lua_host *h) { return h ? h->entries : 0; }
 
 sl_lua_host *sl_ffi_host_open(struct sl_worker *w) {
   sl_lua_host *h = sl_lua_host_new(w);

@@ -58,6 +58,9 @@ void sl_lua_host_drain(sl_lua_host *h);
  * loop that batches by itself). */
 void sl_lua_host_defer(sl_lua_host *h);
 
+/* How many times C entered Lua to deliver events (metrics, benchmarks). */
+uint64_t sl_lua_host_entries(const sl_lua_host *h);
+
 /* A write promise completed (err NULL) or failed: queues it for Lua. */
 void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);
 

@@ -101,8 +101,8 @@ int main(int argc, char **argv) {
   sl_worker *w = sl_worker_create(0, alloc);
   if (w == NULL) die("worker");
   sl_pool_bind_thread(w->pool);
-  /* The running proxy records buffer holders (the memory summary): so does
-   * the benchmark, unless SLUICE_HOLDERS=0. */
+  /* With an admin endpoint, the proxy records buffer holders (the memory
+   * summary): so does the benchmark, unless SLUICE_HOLDERS=0. */
   const char *holders = getenv("SLUICE_HOLDERS");
   if (!(holders && strcmp(holders, "0") == 0) && sl_holder_enable(w->pool) != 0) die("holders");
   if (lua && n > 0) {

@@ -73,10 +73,10 @@ local cur_ctx, cur_ev, cur_arg = nil, nil, nil
 local top_arg = nil
 
 local touching = false -- leak_detection advanced or paranoid: record each hop
--- The pool's holder table (buf/holder.h) and header region start, or nil
--- when holders are not recorded (set by init).
-local holders, hdr_base = nil, 0
-local intptr_t = ffi.typeof("intptr_t")
+-- The pool's holder table (buf/holder.h) and header region start (as an
+-- sl_buf *: header address - hdr_base is the slot), or nil when holders are
+-- not recorded (set by init).
+local holders, hdr_base = nil, nil
 local RECORDED = 2 -- SL_BUF_RECORDED
 
 local function touch(ctx, arg)
@@ -99,7 +99,7 @@ local function hop(ctx, ev, arg, p)
     if holders then
       -- The memory summary's "held by": buf/holder.h's sl_buf_hold, inline.
       local r = arg.b.root
-      local h = holders[(tonumber(ffi_cast(intptr_t, r)) - hdr_base) / 64]
+      local h = holders[r - hdr_base] -- the header's slot (64-byte headers)
       h.who, h.gen = ctx.cptr, r.gen
     end
   end
@@ -768,7 +768,7 @@ function _M.init(worker_id, h)
   host = ffi_cast("sl_lua_host *", h)
   local base = ffi.new("uintptr_t[1]")
   local t = C.sl_ffi_host_holders(host, base)
-  if t ~= nil then holders, hdr_base = t, tonumber(base[0]) else holders, hdr_base = nil, 0 end
+  if t ~= nil then holders, hdr_base = t, ffi_cast(buf_ptr_t, base[0]) else holders, hdr_base = nil, nil end
   touching = C.sl_ffi_leak_level() >= 2
   buf.where = touching  -- releases record file:line from "advanced" up
 end

@@ -375,7 +375,7 @@ sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout) {
 
 /* ---- life cycle ---- */
 
-int sl_metrics_attach(sl_worker *w) {
+int sl_metrics_attach(sl_worker *w, int holders) {
   sl_metrics *m = calloc(1, sizeof(*m));
   if (m == NULL) return SL_ERROR;
   m->w = w;
@@ -386,7 +386,7 @@ int sl_metrics_attach(sl_worker *w) {
   ev_unref(w->loop); /* answering snapshots keeps no loop running */
   w->metrics = m;
   /* Without the table, the memory summary shows no stage ("-"). */
-  sl_holder_enable(w->pool);
+  if (holders) sl_holder_enable(w->pool);
   return SL_OK;
 }
 

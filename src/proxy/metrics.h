@@ -85,9 +85,12 @@ typedef struct sl_metrics_snap {
   uint64_t held_bufs, held_bytes;/* every live buffer walked (memory summary only) */
 } sl_metrics_snap;
 
-/* Main thread, before w runs: gives w its metrics and starts recording
- * buffer holders in its pool. SL_OK or SL_ERROR (out of memory). */
-int sl_metrics_attach(sl_worker *w);
+/* Main thread, before w runs (and before its Lua state is created): gives w
+ * its metrics, and with holders != 0 starts recording buffer holders in
+ * its pool (the memory summary's stage rows; a store or two per pipeline
+ * hop, so only when an admin endpoint can show them). SL_OK or SL_ERROR
+ * (out of memory). */
+int sl_metrics_attach(sl_worker *w, int holders);
 
 /* After w's loop has ended and nobody collects any more: frees them. */
 void sl_metrics_detach(sl_worker *w);

@@ -365,7 +365,7 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
       return SL_ERROR;
     }
     rt->workers[i]->app = rt;
-    if (sl_metrics_attach(rt->workers[i]) != SL_OK) {
+    if (sl_metrics_attach(rt->workers[i], cfg->admin_text != NULL) != SL_OK) {
       snprintf(err, errlen, "out of memory");
       return SL_ERROR;
     }

@@ -410,6 +410,18 @@ function Ctx:outstanding()
   return tonumber(c[0]), tonumber(n[0])
 end
 
+-- Connects this connection to an upstream (a name from the config) or to
+-- "host:port", as OpenResty's balancer_by_lua chooses a peer: call it in
+-- channel_active before ctx:fire_active(). true while connecting, or nil, err.
+function Ctx:connect(target)
+  if type(target) ~= "string" then
+    error(("bad argument to connect (string expected, got %s)"):format(type(target)), 2)
+  end
+  if not self.cptr then return nil, "closed" end
+  if C.sl_ffi_ctx_connect(self.cptr, target, errp) ~= 0 then return nil, ffi_string(errp[0]) end
+  return true
+end
+
 function Ctx:describe()
   if not self.cptr then return "closed channel" end
   return ffi_string(C.sl_ffi_ctx_describe(self.cptr))

@@ -29,6 +29,19 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("keeps delivering inbound messages after some were read", function()
+    local ch = testing.channel{ upper }
+    assert.is_true(ch:write_inbound("one"))
+    assert.are.equal("ONE", ch:read_inbound())
+    assert.is_true(ch:write_inbound("two", "three"))
+    assert.are.equal("TWO", ch:read_inbound())
+    assert.is_true(ch:write_inbound("four"))
+    assert.are.equal("THREE", ch:read_inbound())
+    assert.are.equal("FOUR", ch:read_inbound())
+    assert.is_nil(ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+
   it("lets a stage answer through the real outbound queue", function()
     local ch = testing.channel{ upper, answer }
     ch:write_inbound("ping")

@@ -14,6 +14,7 @@
 #include "alloc/arena.h"
 #include "io/addr.h"
 #include "pipeline/pipeline.h"
+#include "proxy/balance.h"
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
@@ -22,6 +23,7 @@ struct sl_channel_config;
 typedef struct sl_stage_spec {
   char *module;                /* module name, also the stage's name in logs */
   const sl_stage_ops *ops;     /* C stages; NULL for Lua stages */
+  void *conf;                  /* C stages: parsed options (sl_stage_configure) */
   char *file;                  /* Lua stages: the file that was found */
   int options_ref;             /* Lua stages: options table in the config state */
   int lua_key;                 /* Lua stages: key in each worker's Lua state; unique
@@ -29,12 +31,27 @@ typedef struct sl_stage_spec {
                                   keys follow its predecessor's, see sl_config_rebase) */
 } sl_stage_spec;
 
+/* Active TCP health checks of an upstream's servers (health_check). */
+typedef struct sl_health_cfg {
+  double interval;             /* seconds between checks of a server */
+  double timeout;              /* seconds a check's connect may take */
+  int fails;                   /* failed checks in a row that mark a server down */
+  int passes;                  /* passed checks in a row that mark it up again */
+} sl_health_cfg;
+
 typedef struct sl_upstream_cfg {
   char *name;
   sl_addr *servers;
   char **server_text;
+  int *weights;                /* per server, >= 1 */
   size_t nservers;
   double connect_timeout;      /* seconds */
+  sl_balance balance;
+  int tries;                   /* servers a connection tries, 1..nservers */
+  int max_fails;               /* failed connects in a row to skip a server; 0: never */
+  double fail_timeout;         /* seconds such a server is skipped */
+  int has_health_check;        /* 1: health below runs */
+  sl_health_cfg health;
 } sl_upstream_cfg;
 
 typedef struct sl_listener_cfg {

@@ -75,7 +75,20 @@
 --   leak_detection  optional "disabled", "simple" (default), "advanced",
 --               "paranoid", or { level = ..., sample_rate = 128 }
 --   Stage options (string keys of a pipeline entry) are plain data: strings,
---   numbers, booleans and tables of them.
+--   numbers, booleans and tables of them. The options of the built-in C
+--   codecs are checked here too (see C_STAGE_OPTIONS; the C stages check
+--   them again at load, with the same messages):
+--     sluice.codec.length_field  max_frame_length (required), length_field_offset
+--         (0), length_field_length (1, 2, 3, 4 or 8; 4), byte_order ("big" or
+--         "little"; "big"), length_adjustment (0), initial_bytes_to_strip (0),
+--         fail_fast (true)
+--     sluice.codec.line          max_length (required), strip_delimiter (true),
+--         fail_fast (false)
+--     sluice.codec.delimiter     delimiters (required: non-empty strings),
+--         max_frame_length (required), strip_delimiter (true), fail_fast (true)
+--     sluice.codec.fixed_length  frame_length (required)
+--     sluice.codec.length_field_prepender  length_field_length, byte_order,
+--         length_adjustment (as length_field)
 --
 -- Positive integers are 1..2^31-1 so that they fit a C int.
 --
@@ -558,6 +571,99 @@ end
 
 local STAGE_EXPECTED = 'a module name or a table { "module.name", option = value, ... }'
 
+-- Options of the built-in C stages: for each, its keys in check order and a
+-- check per key (value, path) that raises. The C stages parse them again
+-- (src/pipeline/codec/*.c) and word their errors the same way.
+local function opt_int(lo, hi, what, required)
+    return function(v, path)
+        if v == nil and not required then return end
+        if type(v) ~= "number" or v ~= v or v < lo or v > hi or v ~= floor(v) then
+            fail(path, "expected %s, got %s", what, show(v))
+        end
+    end
+end
+
+local function opt_bool(v, path)
+    if v ~= nil and type(v) ~= "boolean" then
+        fail(path, "expected true or false, got %s", show(v))
+    end
+end
+
+local function opt_byte_order(v, path)
+    if v ~= nil and v ~= "big" and v ~= "little" then
+        fail(path, 'expected "big" or "little", got %s', show(v))
+    end
+end
+
+local function opt_field_length(v, path)
+    if v ~= nil and v ~= 1 and v ~= 2 and v ~= 3 and v ~= 4 and v ~= 8 then
+        fail(path, "expected 1, 2, 3, 4 or 8, got %s", show(v))
+    end
+end
+
+local function opt_delimiters(v, path)
+    local ok = type(v) == "table" and #v > 0
+    if ok then
+        local n = 0
+        for _, d in pairs(v) do
+            n = n + 1
+            ok = ok and type(d) == "string" and #d > 0
+        end
+        ok = ok and n == #v
+    end
+    if not ok then
+        fail(path, "expected a non-empty list of non-empty strings, got %s", show(v))
+    end
+end
+
+local POSITIVE = opt_int(1, MAX_INT, "a positive integer", true)
+local COUNT = opt_int(0, MAX_INT, "an integer from 0 to 2147483647")
+local ADJUSTMENT = opt_int(-MAX_INT - 1, MAX_INT, "an integer from -2147483648 to 2147483647")
+
+local C_STAGE_OPTIONS = {
+    ["sluice.codec.length_field"] = {
+        { "max_frame_length", POSITIVE }, { "length_field_offset", COUNT },
+        { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
+        { "length_adjustment", ADJUSTMENT }, { "initial_bytes_to_strip", COUNT },
+        { "fail_fast", opt_bool },
+        after = function(o, path)
+            local max, len = o.max_frame_length, o.length_field_length or 4
+            if (o.length_field_offset or 0) > max - len then
+                fail(path .. ".length_field_offset",
+                     "expected at most max_frame_length - length_field_length (%d), got %d",
+                     max - len, o.length_field_offset)
+            end
+        end,
+    },
+    ["sluice.codec.line"] = {
+        { "max_length", POSITIVE }, { "strip_delimiter", opt_bool }, { "fail_fast", opt_bool },
+    },
+    ["sluice.codec.delimiter"] = {
+        { "delimiters", opt_delimiters }, { "max_frame_length", POSITIVE },
+        { "strip_delimiter", opt_bool }, { "fail_fast", opt_bool },
+    },
+    ["sluice.codec.fixed_length"] = {
+        { "frame_length", POSITIVE },
+    },
+    ["sluice.codec.length_field_prepender"] = {
+        { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
+        { "length_adjustment", ADJUSTMENT },
+    },
+}
+
+-- Checks the options of C stage `name` (those without a schema take any).
+local function check_c_options(name, options, path)
+    local schema = C_STAGE_OPTIONS[name]
+    if not schema then return end
+    local keys = {}
+    for i, spec in ipairs(schema) do keys[i] = spec[1] end
+    check_keys(options, path, keys)
+    for _, spec in ipairs(schema) do
+        spec[2](options[spec[1]], key_path(path, spec[1]))
+    end
+    if schema.after then schema.after(options, path) end
+end
+
 -- Options reach every worker's own Lua state by copy: plain data only.
 local function check_plain(v, path, depth)
     local t = type(v)
@@ -605,6 +711,7 @@ local function check_stage(entry, path, ctx)
              show(entry))
     end
     local found = resolve_stage(name, path, ctx)
+    if found.kind == "c" then check_c_options(name, options, path) end
     return { module = name, kind = found.kind, file = found.file, options = options }
 end
 

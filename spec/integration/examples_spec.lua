@@ -94,6 +94,10 @@ describe("examples through the binary", function()
       assert.are.equal("v", cli(port, "GET k"))
       assert.are.equal("ERR command 'FLUSHALL' is not allowed", cli(port, "FLUSHALL"))
       assert.are.equal("ERR command 'KEYS' is not allowed", cli(port, "keys '*'"))
+      -- inline forms redis-server reads as FLUSHALL; then one it reads as PING
+      local tricks = '"\\x46LUSHALL"\r\nFLUSH"ALL"\r\n\'flushall\' async\r\n"\\x50ING"\r\n'
+      local want = denied("FLUSHALL"):rep(3) .. "+PONG\r\n"
+      assert.are.equal(want, converse(port, tricks, #want))
       assert.are.equal("v", cli(port, "GET k"))
       assert.are.equal("v", cli(redis.port, "GET k")) -- asked of the server itself
       assert.are.equal("1", cli(redis.port, "DBSIZE"))

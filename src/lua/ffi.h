@@ -67,6 +67,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
 SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 /* The channel's addresses as "host:port" text ("" when unknown). */
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+/* 1 while ctx's channel is open (not closed, though perhaps closing). */
+SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */
 SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 /* The current time in ms of the worker's loop. */
@@ -172,6 +174,25 @@ SL_FFI_EXPORT int sl_ffi_leak_level(void);
  * ctx is NULL. 0, or -1 without a pool. */
 SL_FFI_EXPORT int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t *bytes);
 
+/* ---- options of C stages (pipeline/opts.h, pipeline/stages.h) ----
+ * Used by lua/sluice/options.lua to build an sl_opts from a Lua table and
+ * parse it for a C stage, as the config reader does. */
+struct sl_opts;
+SL_FFI_EXPORT struct sl_opts *sl_ffi_opts_new(void);
+SL_FFI_EXPORT void sl_ffi_opts_free(struct sl_opts *o);
+/* Adds key = a value of type (pipeline/opts.h's sl_opt_type): NUMBER num,
+ * STRING s (len bytes), BOOLEAN num != 0, LIST (empty), TABLE; type 0
+ * appends s to the list under key. 0, or -1 (out of memory, not a list). */
+SL_FFI_EXPORT int sl_ffi_opts_add(struct sl_opts *o, const char *key, int type, double num,
+                                  const char *s, size_t len);
+/* Parses o for the C stage registered as module into *conf (+1: free it
+ * with sl_ffi_stage_unconfigure; NULL for a stage without options). 0, or
+ * -1 with the message in err ("max_length: expected a positive integer,
+ * got 0", "no C stage named ..."). */
+SL_FFI_EXPORT int sl_ffi_stage_configure(const char *module, const struct sl_opts *o, void **conf,
+                                         char *err, size_t errlen);
+SL_FFI_EXPORT void sl_ffi_stage_unconfigure(const char *module, void *conf);
+
 /* One log record at level (0 debug .. 3 error). */
 SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);
 SL_FFI_EXPORT int sl_ffi_log_enabled(int level);
@@ -258,8 +279,10 @@ SL_FFI_EXPORT sl_lua_host *sl_ffi_embedded_host(void);
 SL_FFI_EXPORT struct sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high);
 SL_FFI_EXPORT double sl_ffi_embedded_add_lua(struct sl_channel *ch, int key, const char *name,
                                              sl_ctx **out);
+/* conf: the stage's configuration from sl_ffi_stage_configure (borrowed: it
+ * must outlive the channel), NULL for a stage without options. */
 SL_FFI_EXPORT sl_ctx *sl_ffi_embedded_add_c(struct sl_channel *ch, const char *name,
-                                            const char **err);
+                                            const void *conf, const char **err);
 SL_FFI_EXPORT void sl_ffi_embedded_activate(struct sl_channel *ch);
 SL_FFI_EXPORT void sl_ffi_embedded_fire(struct sl_channel *ch, int ev, sl_buf *b, int n,
                                         const char *text);

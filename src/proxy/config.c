@@ -128,7 +128,22 @@ static sl_upstream_cfg *sl_find_upstream(sl_config *c, const char *name) {
   return NULL;
 }
 
-static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg *l) {
+/* Parses the options of C stage s (the entry's table at st) into s->conf. */
+static int sl_read_c_options(lua_State *L, int st, sl_stage_spec *s, size_t li, size_t si,
+                             char *err, size_t errlen) {
+  char why[400];
+  lua_getfield(L, st, "options");
+  sl_opts *o = sl_opts_from_lua(L, lua_gettop(L), why, sizeof(why));
+  lua_pop(L, 1);
+  int rc = o ? sl_stage_configure(s->ops, o, &s->conf, why, sizeof(why)) : SL_ERROR;
+  sl_opts_free(o);
+  if (rc != SL_OK)
+    snprintf(err, errlen, "config error: listeners[%zu].pipeline[%zu].%s", li, si, why);
+  return rc;
+}
+
+static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg *l, size_t li,
+                            char *err, size_t errlen) {
   lua_getfield(L, lt, "pipeline");
   l->nstages = lua_objlen(L, -1);
   l->stages = calloc(l->nstages + 1, sizeof(*l->stages));
@@ -144,6 +159,7 @@ static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg 
     if (is_c) {
       s->ops = sl_stage_builtin(s->module);
       SL_ASSERT(s->ops != NULL, "config named a C stage that is not registered");
+      if (sl_read_c_options(L, st, s, li, j + 1, err, errlen) != SL_OK) return SL_ERROR;
     } else {
       s->file = sl_strdup_field(L, st, "file");
       lua_getfield(L, st, "options");
@@ -185,7 +201,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
       free(up);
       SL_ASSERT(l->upstream != NULL, "validated upstream name not found");
     }
-    sl_read_pipeline(c, L, lt, l);
+    if (sl_read_pipeline(c, L, lt, l, i + 1, err, errlen) != SL_OK) return SL_ERROR;
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
@@ -265,6 +281,7 @@ void sl_config_free(sl_config *c) {
   for (size_t i = 0; c->listeners && i < c->nlisteners; i++) {
     sl_listener_cfg *l = &c->listeners[i];
     for (size_t j = 0; l->stages && j < l->nstages; j++) {
+      if (l->stages[j].ops) sl_stage_unconfigure(l->stages[j].ops, l->stages[j].conf);
       free(l->stages[j].module);
       free(l->stages[j].file);
     }

@@ -23,6 +23,7 @@ struct sl_channel_config;
 typedef struct sl_stage_spec {
   char *module;                /* module name, also the stage's name in logs */
   const sl_stage_ops *ops;     /* C stages; NULL for Lua stages */
+  void *conf;                  /* C stages: parsed options (sl_stage_configure) */
   char *file;                  /* Lua stages: the file that was found */
   int options_ref;             /* Lua stages: options table in the config state */
   int lua_key;                 /* Lua stages: key in each worker's Lua state; unique

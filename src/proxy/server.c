@@ -10,6 +10,7 @@
 #include "io/listener.h"
 #include "io/worker.h"
 #include "lua/host.h"
+#include "pipeline/stages.h"
 #include "proxy/bridge.h"
 #include "proxy/config.h"
 #include "proxy/upstream.h"
@@ -105,7 +106,7 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   ch->on_close = sl_server_on_client_close;
   for (size_t i = 0; i < lc->nstages; i++) {
     const sl_stage_spec *s = &lc->stages[i];
-    sl_ctx *ctx = s->ops ? sl_pipeline_add_last(&ch->pipe, s->ops, s->module)
+    sl_ctx *ctx = s->ops ? sl_stage_add(&ch->pipe, s->ops, s->module, s->conf)
                          : sl_lua_host_add_stage(w->lua, &ch->pipe, s);
     if (ctx == NULL) {
       sl_channel_close(ch, "out of memory building the pipeline", 1);

@@ -113,6 +113,7 @@ void sl_ffi_ctx_remove(sl_ctx *ctx);
 int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
 void sl_ffi_ctx_unhandled(sl_ctx *ctx);
+int sl_ffi_ctx_is_open(sl_ctx *ctx);
 double sl_ffi_ctx_now(sl_ctx *ctx);
 /* the in-memory channel of sluice.testing (embedded.c) */
 typedef struct sl_channel sl_channel;

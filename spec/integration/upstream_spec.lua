@@ -143,6 +143,22 @@ describe("upstreams", function()
     assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: connect failed: timed out", log, 1, true)
   end)
 
+  it("abandon a connect in progress when sluice stops, leaving nothing behind", function()
+    local hole, close_hole = H.blackhole()
+    local port = H.free_port()
+    local text = config(port, { hole }, "connect_timeout_ms = 60000")
+      :gsub("workers = 1,", "workers = 1, drain_timeout_ms = 0,")
+    local p = H.start_sluice(text, "SLUICE_LOG_LEVEL=debug")
+    local held = H.spawn(("socat -t 5 SYSTEM:'printf h; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")
+    local waiting = H.wait_for(function() return H.read(p.log):find("on front accepted", 1, true) end, 10)
+    local log = H.stop_sluice(p)   -- exit 0, pool clean, nothing leaked
+    H.stop(held, "KILL")
+    close_hole()
+    assert.is_truthy(waiting)
+    assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: ", log, 1, true)
+    assert.not_matches("connect failed", log, 1, true)
+  end)
+
   it("try at most `tries` servers", function()
     local d1, d2 = H.free_port(), H.free_port()
     local b = peer("B")
@@ -184,15 +200,20 @@ describe("upstreams", function()
     assert.are.equal(4, count.B, log)
   end)
 
-  it("spread with random_two", function()
+  it("send new connections to the less busy of two random choices (random_two)", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port, b.port }, 'balance = "random_two"'))
-    local count = spread(port, 6)
-    H.stop_sluice(p)
-    -- Two servers, both idle between requests: the first of the two drawn
-    -- wins, so both are used over a few connections (drawn at random).
-    assert.are.equal(6, (count.A or 0) + (count.B or 0))
+    -- One client stays connected, to whichever server was drawn first.
+    local held = H.spawn(("socat -t 5 SYSTEM:'printf h; head -c 1 >&2; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")
+    local busy = H.wait_for(function() return H.read(held.log):match("[AB]") end, 10)
+    -- With two servers both are always the two choices: the idle one wins.
+    local count = spread(port, 4)
+    H.stop(held, "KILL")
+    local log = H.stop_sluice(p)
+    assert.is_truthy(busy, H.read(held.log))
+    local idle = busy == "A" and "B" or "A"
+    assert.are.equal(4, count[idle], log)
   end)
 
   it("skip a server its health checks find down, and use it again once they pass", function()

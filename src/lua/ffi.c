@@ -334,4 +334,6 @@ const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote) {
 
 double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }
 
+int sl_ffi_ctx_is_open(sl_ctx *ctx) { return !sl_channel_is_closed(sl_ctx_channel(ctx)); }
+
 void sl_ffi_ctx_unhandled(sl_ctx *ctx) { sl_channel_note_unhandled(sl_ctx_channel(ctx)); }

@@ -69,6 +69,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
 SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 /* The channel's addresses as "host:port" text ("" when unknown). */
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+/* 1 while ctx's channel is open (not closed, though perhaps closing). */
+SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */
 SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 /* The current time in ms of the worker's loop. */

@@ -240,6 +240,30 @@ describe("upstreams", function()
     assert.are.equal(2, after.B, log)
   end)
 
+  it("use the new servers after a reload, with their own health checks", function()
+    local a, b = peer("A"), peer("B")
+    local port = H.free_port()
+    local hc = "health_check = { interval_ms = 100 }"
+    local p = H.start_sluice(config(port, { a.port }, hc))
+    -- A client that stays connected across the reload, to A.
+    local held = H.spawn(("socat -t 5 SYSTEM:'printf h; head -c 1 >&2; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")
+    assert.truthy(H.wait_for(function() return H.read(held.log):find("A", 1, true) end, 10))
+    assert.are.equal("Ax", (H.exchange(port, "x", 10)))
+    local f = assert(io.open(p.config, "w"))
+    f:write(config(port, { b.port }, hc))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    local after = spread(port, 3)
+    local still = H.alive(held)
+    H.stop(held, "KILL")
+    local log = H.stop_sluice(p)
+    assert.are.equal(3, after.B, log)
+    assert.is_true(still)
+  end)
+
   describe("examples/config/redis_pool.lua with two redis-servers", function()
     local path = H.root .. "/examples/config/redis_pool.lua"
 

@@ -221,7 +221,7 @@ describe("upstreams", function()
     local b = peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { dead, b.port },
-      "max_fails = 0, health_check = { interval_ms = 100, timeout_ms = 100, fails = 1, passes = 2 }"))
+      "max_fails = 0, health_check = { interval_ms = 500, timeout_ms = 500, fails = 1, passes = 2 }"))
     local down = H.wait_for(function()
       return H.read(p.log):find("upstream back: server 127.0.0.1:" .. dead .. " is down (health check: 1 failed in a row, last: Connection refused)", 1, true)
     end, 10)
@@ -243,7 +243,7 @@ describe("upstreams", function()
   it("use the new servers after a reload, with their own health checks", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
-    local hc = "health_check = { interval_ms = 100 }"
+    local hc = "health_check = { interval_ms = 500 }"
     local p = H.start_sluice(config(port, { a.port }, hc))
     -- A client that stays connected across the reload, to A.
     local held = H.spawn(("socat -t 5 SYSTEM:'printf h; head -c 1 >&2; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")

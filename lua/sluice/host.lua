@@ -16,6 +16,7 @@ local C = require("sluice.core")
 local buf = require("sluice.buf")
 local log = require("sluice.log")
 local promise = require("sluice.promise")
+local options = require("sluice.options")
 
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 local ffi_cast, ffi_string = ffi.cast, ffi.string
@@ -118,7 +119,10 @@ local function stage_failed(ctx, ev, arg, err)
             ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
             tostring(err))
   -- The pipeline releases what the stage was handed and still owned.
-  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
+  -- (Only while the failing stage still owns it: a buffer it passed on to a
+  -- Lua stage that kept it belongs to that stage now.)
+  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and
+     (arg.owner == 0 or arg.owner == ctx.sid) then
     arg:release(arg.refs)
   end
   if ctx.cptr then
@@ -451,7 +455,10 @@ function Ctx:channel()
   return ch
 end
 
-function Channel:is_active() return self.ctx.cptr ~= nil end
+function Channel:is_active()
+  local c = self.ctx.cptr
+  return c ~= nil and C.sl_ffi_ctx_is_open(c) ~= 0
+end
 function Channel:is_writable() return self.ctx:is_writable() end
 function Channel:set_autoread(on) return self.ctx:set_autoread(on) end
 function Channel:read() return self.ctx:read() end
@@ -512,6 +519,7 @@ end
 -- A stage given while running: a table of callbacks, a module name, or
 -- { "module.name", option = value }. Returns the Lua key, or nil and the
 -- builtin C stage's name.
+local unnamed = 0 -- table stages given without a name: stage1, stage2, ...
 local function resolve(stage, name)
   local opts
   if type(stage) == "table" and type(stage[1]) == "string" then
@@ -535,7 +543,8 @@ local function resolve(stage, name)
   end
   local k = keys[stage]
   if not k or (name and stages[k].name ~= name) then
-    k = register(name or ("stage" .. (#stages + 1)), stage, nil)
+    unnamed = unnamed + 1
+    k = register(name or ("stage" .. unnamed), stage, nil)
     keys[stage] = k
   end
   return k, stages[k].name
@@ -578,7 +587,7 @@ local function find(self, name)
 end
 
 local function insert(at, after, stage, name)
-  local key, cname = resolve(stage, name)
+  local key, cname, opts = resolve(stage, name)
   epoch = epoch + 1
   if key then
     local id = C.sl_ffi_ctx_insert_lua(at, after and 1 or 0, key, cname, ctx_out)
@@ -588,7 +597,11 @@ local function insert(at, after, stage, name)
     if ctx.mod.added then ctx.mod.added(ctx) end
     return ctx
   end
-  local c = C.sl_ffi_ctx_insert_c(at, after and 1 or 0, cname, errp)
+  -- A C stage: its options parsed once per set of options, kept for the
+  -- life of this state (pipelines that use it may outlive any one stage).
+  local conf, err = options.cached(cname, opts)
+  if err then error(("cannot add stage %q: %s"):format(cname, err), 3) end
+  local c = C.sl_ffi_ctx_insert_c(at, after and 1 or 0, cname, conf, errp)
   if c == nil then error(("cannot add stage %q: %s"):format(cname, ffi_string(errp[0])), 3) end
   return nil
 end
@@ -728,12 +741,13 @@ function run_timers(now)
     now = now or (ctx.cptr and _M.clock(ctx))
     if now and t.due > now then break end
     heap_pop()
-    if ctx.cptr then
-      cur_ctx, cur_ev, cur_arg = ctx, TIMER, nil
-      buf.stage = ctx.cptr
-      t.fn(ctx)
-      buf.stage = nil
-      cur_ctx = nil
+    if ctx.cptr and C.sl_ffi_ctx_is_open(ctx.cptr) ~= 0 then
+      -- Each timer is protected on its own: one that raises closes its
+      -- connection and the others still run.
+      buf.stage, buf.stage_id = ctx.cptr, ctx.sid
+      local ok, err = xpcall(t.fn, traceback, ctx)
+      buf.stage, buf.stage_id = nil, 0
+      if not ok then stage_failed(ctx, TIMER, nil, err) end
     end
   end
   armed_at = nil

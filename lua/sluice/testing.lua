@@ -74,6 +74,7 @@ local function add_stage(self, spec, i)
     if id == 0 then error("out of memory adding stage " .. tostring(name), 3) end
     local ctx = host.new_ctx(id, ctx_out[0], key)
     ctx.name = name
+    if ctx.mod.added then ctx.mod.added(ctx) end -- as a worker does for its stages
     return ctx
   end
   -- A C stage: its options parsed as the config reader does; the channel
@@ -140,8 +141,8 @@ function Channel:write_inbound(...)
   return self.nend > before
 end
 
--- Writes each argument from the end of the pipeline, then flushes.
--- Returns true when bytes were flushed towards the socket.
+-- Writes each argument from the end of the pipeline, then flushes; what
+-- reached the socket side waits for read_outbound().
 function Channel:write_outbound(...)
   for i = 1, select("#", ...) do
     local b = to_buf((select(i, ...)), "write_outbound")

@@ -401,6 +401,25 @@ return { workers = 2,
       H.stop_sluice(p)
     end)
 
+    it("keeps workers as they are until the next start, and says so", function()
+      local port = H.free_port()
+      local text = ([[
+return { workers = 1,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port)
+      local p = H.start_sluice(text)
+      local f = assert(io.open(p.config, "wb"))
+      f:write((text:gsub("workers = 1", "workers = 2")))
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
+      assert.are.equal("x\n", (H.exchange(port, "x\n", 10)))
+      local log = H.stop_sluice(p)
+      assert.matches("SIGHUP: workers changed: takes effect at the next start", log, 1, true)
+      assert.not_matches("allocator or leak_detection changed", log, 1, true)
+      assert.are.equal(1, count(log, "pool clean at exit"))
+    end)
+
     it("reopens the access log (and on SIGUSR1), for rotation", function()
       local port = H.free_port()
       local alog = H.tmpfile("access.log")

@@ -408,7 +408,7 @@ static void test_subpage_fills_bitmap_then_opens_another_and_drains_to_no_chunk(
 
 static void test_chunk_runs_split_fill_holes_and_coalesce(void **state) {
   (void)state;
-  sl_chunk *c = sl_chunk_new(NULL, 64 * KiB, 4096);
+  sl_chunk *c = sl_chunk_new(NULL, NULL, 64 * KiB, 4096);
   assert_non_null(c);
   assert_int_equal((uintptr_t)c % (64 * KiB), 0);
   assert_int_equal(c->npages, 16);

@@ -10,7 +10,6 @@
 /* Usage lists: allocation tries the fullest chunks first, so that the
  * emptiest drain and become empty (and can go back to the OS). */
 enum { SL_Q_EMPTY = 0, SL_Q_LOW, SL_Q_25, SL_Q_50, SL_Q_75, SL_Q_FULL, SL_Q_COUNT };
-static const int sl_q_order[] = {SL_Q_75, SL_Q_50, SL_Q_25, SL_Q_LOW, SL_Q_EMPTY};
 
 void sl_alloc_config_defaults(sl_alloc_config *cfg) {
   memset(cfg, 0, sizeof(*cfg));
@@ -96,18 +95,20 @@ sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
   return a;
 }
 
-static void sl_list_remove(sl_chunk **head, sl_chunk *c) {
+static void sl_list_remove(sl_arena *ar, int q, sl_chunk *c) {
   if (c->prev) c->prev->next = c->next;
-  else *head = c->next;
+  else ar->lists[q] = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
+  if (ar->lists[q] == NULL) ar->list_mask &= ~(1u << q);
 }
 
-static void sl_list_push(sl_chunk **head, sl_chunk *c) {
+static void sl_list_push(sl_arena *ar, int q, sl_chunk *c) {
   c->prev = NULL;
-  c->next = *head;
-  if (*head) (*head)->prev = c;
-  *head = c;
+  c->next = ar->lists[q];
+  if (c->next) c->next->prev = c;
+  ar->lists[q] = c;
+  ar->list_mask |= 1u << q;
 }
 
 void sl_alloc_destroy(sl_alloc *a) {
@@ -117,7 +118,7 @@ void sl_alloc_destroy(sl_alloc *a) {
     for (int q = 0; q < SL_Q_COUNT; q++) {
       while (ar->lists[q]) {
         sl_chunk *c = ar->lists[q];
-        sl_list_remove(&ar->lists[q], c);
+        sl_list_remove(ar, q, c);
         for (uint32_t p = c->meta_pages; p < c->npages; p++) {
           sl_subpage *s = c->sub[p];
           if (s && s->first_page == p) free(s);
@@ -130,13 +131,35 @@ void sl_alloc_destroy(sl_alloc *a) {
   free(a);
 }
 
-static int sl_chunk_list_for(const sl_chunk *c) {
-  uint32_t usable = sl_chunk_usable_pages(c);
-  uint32_t used = usable - c->free_pages;
+/* The usage list for a chunk with used of usable pages in use: empty,
+ * below 25%, 25-50%, 50-75%, 75% and more, full. */
+static int sl_chunk_list_for(uint32_t used, uint32_t usable) {
   if (used == 0) return SL_Q_EMPTY;
   if (used == usable) return SL_Q_FULL;
-  uint32_t pct = (uint32_t)((uint64_t)used * 100 / usable);
-  return pct < 25 ? SL_Q_LOW : pct < 50 ? SL_Q_25 : pct < 75 ? SL_Q_50 : SL_Q_75;
+  return used < usable / 4 ? SL_Q_LOW : used < usable / 2 ? SL_Q_25
+       : used < usable / 4 * 3 ? SL_Q_50 : SL_Q_75;
+}
+
+/* Sets the free-page range in which c stays on list q: the list's own
+ * range widened by an eighth of the chunk on both sides (exact at empty
+ * and full), so that a chunk whose usage goes up and down around a
+ * boundary does not move on every allocation. */
+static void sl_chunk_set_list(sl_chunk *c, int q) {
+  uint32_t u = c->usable, m = u / 8 ? u / 8 : 1;
+  uint32_t lo_used, hi_used;   /* the chunk stays while lo_used <= used <= hi_used */
+  switch (q) {
+  case SL_Q_EMPTY: lo_used = 0; hi_used = 0; break;
+  case SL_Q_LOW: lo_used = 1; hi_used = u / 4 + m; break;
+  case SL_Q_25: lo_used = u / 4 - m; hi_used = u / 2 + m; break;
+  case SL_Q_50: lo_used = u / 2 - m; hi_used = u / 4 * 3 + m; break;
+  case SL_Q_75: lo_used = u / 4 * 3 - m; hi_used = u - 1; break;
+  default: lo_used = u; hi_used = u; break;
+  }
+  if (lo_used < 1 && q != SL_Q_EMPTY) lo_used = 1;
+  if (hi_used > u - 1 && q != SL_Q_FULL) hi_used = u - 1;
+  c->list = q;
+  c->list_lo = u - hi_used;
+  c->list_hi = u - lo_used;
 }
 
 int64_t sl_alloc_now_ms(void) {
@@ -145,14 +168,15 @@ int64_t sl_alloc_now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Moves c to the list its usage says. */
-static void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
-  int q = sl_chunk_list_for(c);
-  if (q == c->list) return;
-  sl_list_remove(&ar->lists[c->list], c);
-  c->list = q;
+/* Moves c to the list its usage says, when its free pages left the range
+ * of the list it is on. */
+static inline void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
+  if (__builtin_expect(c->free_pages >= c->list_lo && c->free_pages <= c->list_hi, 1)) return;
+  int q = sl_chunk_list_for(c->usable - c->free_pages, c->usable);
+  sl_list_remove(ar, c->list, c);
+  sl_chunk_set_list(c, q);
   if (q == SL_Q_EMPTY) c->empty_since_ms = sl_alloc_now_ms();
-  sl_list_push(&ar->lists[q], c);
+  sl_list_push(ar, q, c);
 }
 
 static int sl_reserve(sl_alloc *a, size_t n) {
@@ -169,11 +193,27 @@ static int sl_reserve(sl_alloc *a, size_t n) {
 
 static void sl_unreserve(sl_alloc *a, size_t n) { atomic_fetch_sub(&a->reserved, n); }
 
-/* A run of n pages from the fullest chunk that has one, or a new chunk. */
+/* A run of n pages: from a chunk that lists one (the index prefers exact
+ * runs, then fuller chunks), else from a chunk whose free runs make one
+ * once merged, else from a new chunk. */
 static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
-  for (size_t k = 0; k < sizeof(sl_q_order) / sizeof(sl_q_order[0]); k++) {
-    for (sl_chunk *c = ar->lists[sl_q_order[k]]; c != NULL; c = c->next) {
-      if (c->max_free < n) continue;
+  /* A chunk with a free run as it is, from the index. */
+  for (;;) {
+    sl_chunk *c = sl_chunk_avail_find(&ar->avail, n);
+    if (c == NULL) break;
+    int p = sl_chunk_run_take(c, n);   /* fails only for n >= 64, tightening max_run */
+    if (p >= 0) {
+      *page = p;
+      return c;
+    }
+  }
+  /* None: merge the neighbouring free runs of a chunk that has the pages,
+   * emptiest first (the likeliest to yield a long run). */
+  unsigned mask = ar->list_mask & ((1u << SL_Q_FULL) - 1);
+  while (mask) {
+    int q = __builtin_ctz(mask);
+    mask &= mask - 1;
+    for (sl_chunk *c = ar->lists[q]; c != NULL; c = c->next) {
       int p = sl_chunk_run_alloc(c, n);
       if (p >= 0) {
         *page = p;
@@ -183,16 +223,16 @@ static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
   }
   sl_alloc *a = ar->alloc;
   if (sl_reserve(a, a->cfg.chunk_size) != SL_OK) return NULL;
-  sl_chunk *c = sl_chunk_new(ar, a->cfg.chunk_size, a->cfg.page_size);
+  sl_chunk *c = sl_chunk_new(ar, &ar->avail, a->cfg.chunk_size, a->cfg.page_size);
   if (c == NULL) {
     sl_unreserve(a, a->cfg.chunk_size);
     return NULL;
   }
   ar->chunks_created++;
   ar->chunks++;
-  c->list = SL_Q_EMPTY;
+  sl_chunk_set_list(c, SL_Q_EMPTY);
   c->empty_since_ms = sl_alloc_now_ms();
-  sl_list_push(&ar->lists[SL_Q_EMPTY], c);
+  sl_list_push(ar, SL_Q_EMPTY, c);
   *page = sl_chunk_run_alloc(c, n);
   SL_ASSERT(*page >= 0, "a new chunk has no room for a run");
   return c;
@@ -244,22 +284,31 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
   return p;
 }
 
+void *sl_arena_alloc_normal(sl_arena *ar, unsigned sclass) {
+  uint32_t n = ar->alloc->run_pages[sclass];
+  int page;
+  sl_spin_lock(&ar->lock);
+  /* The common case inline: the index's first chunk for n lists a run of
+   * exactly n pages. */
+  sl_chunk *c = n < SL_AVAIL_LENS ? ar->avail.head[n] : NULL;
+  if (c != NULL && c->bucket[n] != SL_CHUNK_NONE) page = (int)sl_chunk_run_take_exact(c, n);
+  else c = sl_arena_run(ar, n, &page);
+  void *p = NULL;
+  if (c != NULL) {
+    sl_chunk_relist(ar, c);
+    p = c->mem + ((size_t)page << c->page_shift);
+    ar->cls[sclass].allocs++;
+  }
+  sl_spin_unlock(&ar->lock);
+  return p;
+}
+
 void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
   sl_alloc *a = ar->alloc;
   if (sclass >= a->nclasses) return sl_arena_huge(ar, size);
-  void *p;
+  if (sclass >= a->nsmall) return sl_arena_alloc_normal(ar, sclass);
   sl_spin_lock(&ar->lock);
-  if (sclass < a->nsmall) {
-    p = sl_arena_small(ar, sclass);
-  } else {
-    int page;
-    sl_chunk *c = sl_arena_run(ar, a->run_pages[sclass], &page);
-    p = NULL;
-    if (c) {
-      sl_chunk_relist(ar, c);
-      p = c->mem + ((size_t)page << c->page_shift);
-    }
-  }
+  void *p = sl_arena_small(ar, sclass);
   if (p) ar->cls[sclass].allocs++;
   sl_spin_unlock(&ar->lock);
   return p;
@@ -287,8 +336,7 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
   ar->cls[sclass].frees++;
   if (sclass >= a->nsmall) {
-    SL_ASSERT(c->run_len[page] == a->run_pages[sclass], "normal block freed with the wrong class");
-    sl_chunk_run_free(c, page, a->run_pages[sclass]);
+    sl_chunk_run_free_inline(c, page, a->run_pages[sclass]);   /* checks the run's length */
     sl_chunk_relist(ar, c);
     return;
   }
@@ -321,6 +369,18 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
   }
   sl_spin_lock(&ar->lock);
   sl_arena_free_locked(ar, p, sclass);
+  sl_spin_unlock(&ar->lock);
+}
+
+void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) {
+  sl_alloc *a = ar->alloc;
+  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
+  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
+  uint32_t n = a->run_pages[sclass];
+  sl_spin_lock(&ar->lock);
+  ar->cls[sclass].frees++;
+  sl_chunk_run_free_inline(c, page, n);
+  sl_chunk_relist(ar, c);
   sl_spin_unlock(&ar->lock);
 }
 
@@ -362,7 +422,7 @@ unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
   while (c != NULL) {
     sl_chunk *next = c->next;
     if (force || now_ms - c->empty_since_ms >= a->cfg.trim_idle_ms) {
-      sl_list_remove(&ar->lists[SL_Q_EMPTY], c);
+      sl_list_remove(ar, SL_Q_EMPTY, c);
       sl_chunk_delete(c, a->cfg.chunk_size);
       sl_unreserve(a, a->cfg.chunk_size);
       ar->chunks_released++;

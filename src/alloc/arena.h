@@ -56,6 +56,8 @@ typedef struct sl_arena {
   struct sl_alloc *alloc;
   int id;
   sl_chunk *lists[6];                       /* see SL_Q_* in arena.c */
+  unsigned list_mask;                       /* bit q: lists[q] is not empty */
+  sl_chunk_avail avail;                     /* chunks by the free runs they list */
   sl_subpage *subpages[SL_SC_MAX_CLASSES];  /* small classes: subpages with room */
   sl_class_stats cls[SL_SC_MAX_CLASSES];
   uint64_t chunks_created, chunks_released;
@@ -84,6 +86,12 @@ void sl_alloc_destroy(sl_alloc *a);
 /* Allocates a block of class sclass (or a huge block of size bytes when
  * sclass >= nclasses). NULL when max_memory or the OS refuses. */
 void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size);
+
+/* The same for a normal class (nsmall <= sclass < nclasses): a run of
+ * pages, in O(1) when a chunk lists a free run of that length. */
+void *sl_arena_alloc_normal(sl_arena *ar, unsigned sclass);
+/* Frees a normal block (its run goes on its chunk's list of that length). */
+void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass);
 
 /* Allocates up to n blocks of small class sclass under one lock (a worker
  * cache refill). Returns how many it got (0 when memory is refused). */

@@ -49,6 +49,12 @@ void sl_pool_bind_thread(sl_pool *p);
 extern __thread sl_pool *sl_pool_tls;
 static inline sl_pool *sl_pool_current(void) { return sl_pool_tls; }
 
+/* Whether the calling thread is the one p was last bound to (a compare
+ * with the thread pointer: no TLS lookup on the free path). */
+static inline int sl_pool_is_owner(const sl_pool *p) {
+  return p->owner_tp == __builtin_thread_pointer();
+}
+
 /* The pool a header belongs to. */
 static inline sl_pool *sl_pool_of(const void *hdr) {
   return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));
@@ -68,7 +74,7 @@ void sl_pool_trim(sl_pool *p, int everything);
 static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
                                       unsigned *sclass) {
   if (size <= p->max_cached_size) {
-    unsigned idx = sl_sc_index(size | (size == 0));
+    unsigned idx = sl_sc_index(size);
     sl_cache_bin *bin = &p->bins[idx];
     uint32_t n = bin->n;
     if (n > 0) {

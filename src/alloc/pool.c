@@ -10,9 +10,9 @@
 
 __thread sl_pool *sl_pool_tls;
 
-/* Free headers are linked through their last word, away from the fields a
- * stale handle reads (the generation stays 0). */
-static void **sl_hdr_link(void *hdr) { return (void **)(void *)((char *)hdr + SL_HDR_SIZE - 8); }
+/* Free headers are linked through the word at SL_HDR_LINK_OFFSET, away
+ * from the fields a stale handle reads (the generation stays 0). */
+static void **sl_hdr_link(void *hdr) { return sl_pool_hdr_link(hdr); }
 
 static int sl_pool_map_region(sl_pool *p, uint32_t max_headers) {
   size_t len = SL_HDR_REGION_SPAN * 2;
@@ -223,24 +223,13 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
 }
 
 __attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
-  if (p->hdr_overflow == NULL && atomic_load_explicit(&p->hdr_remote, memory_order_relaxed))
+  if (atomic_load_explicit(&p->hdr_remote, memory_order_relaxed)) {
     sl_pool_take_remote_headers(p);
-  if (p->hdr_overflow != NULL) {
-    void *h = p->hdr_overflow;
-    p->hdr_overflow = *sl_hdr_link(h);
-    p->hdr_overflow_n--;
-    return h;
+    if (p->hdr_overflow != NULL) return sl_pool_header_take(p);
   }
   if (p->hdr_next < p->hdr_max) return p->hdr_base + (size_t)p->hdr_next++ * SL_HDR_SIZE;
   errno = ENOMEM;
   return NULL;
-}
-
-__attribute__((noinline)) void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
-  *sl_hdr_link(hdr) = p->hdr_overflow;
-  p->hdr_overflow = hdr;
-  p->hdr_overflow_n++;
-  p->recycler_overflows++;
 }
 
 void sl_pool_header_quarantine(sl_pool *p, void *hdr) {

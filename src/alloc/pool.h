@@ -65,7 +65,6 @@ static inline sl_pool *sl_pool_of(const void *hdr) {
 void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass);
 void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass);
 void *sl_pool_header_get_slow(sl_pool *p);
-void sl_pool_header_put_slow(sl_pool *p, void *hdr);
 void sl_pool_trim(sl_pool *p, int everything);
 
 /* Returns a block of at least size bytes, its usable size and its class
@@ -124,19 +123,48 @@ static inline int sl_pool_has_returns(sl_pool *p) {
          atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
 }
 
+static inline void **sl_pool_hdr_link(void *hdr) {
+  return (void **)(void *)((char *)hdr + SL_HDR_LINK_OFFSET);
+}
+
+/* Whether a free header is at hand (recycler or overflow list). */
+static inline int sl_pool_header_ready(const sl_pool *p) {
+  return p->rec_n != 0 || p->hdr_overflow != NULL;
+}
+
+/* A free header, when sl_pool_header_ready(p): the recycler's top, else
+ * the overflow list's first. */
+static inline void *sl_pool_header_take(sl_pool *p) {
+  uint32_t rn = p->rec_n;
+  if (__builtin_expect(rn != 0, 1)) {
+    p->rec_n = rn - 1;
+    return p->recycler[rn - 1];
+  }
+  void *h = p->hdr_overflow;
+  p->hdr_overflow = *sl_pool_hdr_link(h);
+  p->hdr_overflow_n--;
+  return h;
+}
+
 /* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */
 static inline void *sl_pool_header_get(sl_pool *p) {
-  if (p->rec_n > 0) return p->recycler[--p->rec_n];
+  if (sl_pool_header_ready(p)) return sl_pool_header_take(p);
   return sl_pool_header_get_slow(p);
 }
 
-/* Gives a header back (its generation already set to 0). */
+/* Gives a header back (its generation already set to 0): onto the
+ * recycler, or beyond its cap onto the overflow list (counted). */
 static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
-  if (p->rec_n < p->rec_cap) {
-    p->recycler[p->rec_n++] = hdr;
+  uint32_t rn = p->rec_n;
+  if (__builtin_expect(rn < p->rec_cap, 1)) {
+    p->recycler[rn] = hdr;
+    p->rec_n = rn + 1;
     return;
   }
-  sl_pool_header_put_slow(p, hdr);
+  *sl_pool_hdr_link(hdr) = p->hdr_overflow;
+  p->hdr_overflow = hdr;
+  p->hdr_overflow_n++;
+  p->recycler_overflows++;
 }
 
 /* Gives a header back through the quarantine: it becomes reusable only

@@ -30,6 +30,11 @@
 #include "alloc/retq.h"
 
 #define SL_HDR_SIZE 64
+/* Free headers on the overflow list and the foreign-return stack are linked
+ * through the pointer at this offset: sl_buf's views field, unused in a
+ * dead header (buf.c checks the offset), so that a dead header keeps what
+ * errors about stale handles read (generation, flags, root, release site). */
+#define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
 
 typedef struct sl_pool sl_pool;

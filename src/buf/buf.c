@@ -9,6 +9,7 @@
 #include "util/common.h"
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
+_Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
 
 static sl_buf *sl_buf_header(sl_pool *pool) {
   sl_buf *b = sl_pool_header_get(pool);
@@ -89,7 +90,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   uint32_t usable = sl_sc_sizes[idx];
   pool->cls[idx].allocs++;
   SL_UNPOISON(data, usable);
-  sl_buf *b = pool->recycler[--pool->rec_n];
+  sl_buf *b = sl_pool_header_take(pool);
   sl_buf_init_root(pool, b, data, usable, idx, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
@@ -99,9 +100,8 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
  * sampling) as in the slow path. Sizes above max_cached go to the arena
  * directly (sl_buf_alloc_normal). */
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
-  uint32_t rn = pool->rec_n;
   if (max_cap < cap) max_cap = cap;
-  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && rn != 0, 1)) {
+  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && sl_pool_header_ready(pool), 1)) {
     if (__builtin_expect(cap <= pool->max_cached_size, 1)) {
       unsigned idx = sl_sc_index(cap);
       sl_cache_bin *bin = &pool->bins[idx];
@@ -109,11 +109,10 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
       if (__builtin_expect(n != 0, 1)) {
         uint8_t *data = bin->items[n - 1];
         uint32_t usable = sl_sc_sizes[idx];
-        sl_buf *b = pool->recycler[rn - 1];
         bin->n = n - 1;
         bin->used++;
         pool->cls[idx].allocs++;
-        pool->rec_n = rn - 1;
+        sl_buf *b = sl_pool_header_take(pool);
         SL_UNPOISON(data, usable);
         sl_buf_init_root(pool, b, data, usable, idx, max_cap);
         return sl_buf_alloc_done(pool, b);
@@ -200,23 +199,22 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf 
 }
 
 /* A dead root header keeps the generation it died with and who released
- * it (its index and data fields are unused now); it goes on the recycler
- * (rn < rec_cap). */
-static inline void sl_buf_bury(sl_pool *pool, sl_buf *r, uint32_t rn) {
+ * it (its index and data fields are unused now); it goes back to the
+ * recycler. */
+static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
   r->rd = r->gen;
   r->gen = 0;
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
-  pool->recycler[rn] = r;
-  pool->rec_n = rn + 1;
+  sl_pool_header_put(pool, r);
 }
 
 /* A normal block that no bin caches: straight back to its chunk. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r, uint32_t rn) {
+__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
   SL_POISON(r->data, r->block_size);
   pool->cls[sc].frees++;
   sl_arena_free_normal(pool->arena, r->data, sc);
-  sl_buf_bury(pool, r, rn);
+  sl_buf_bury(pool, r);
 }
 
 void sl_buf_free(sl_buf *r) {
@@ -228,11 +226,10 @@ void sl_buf_free(sl_buf *r) {
   /* The fast path: no owner, record or views, no quarantine; the block
    * fits its bin and the header the recycler (both stack pushes). */
   unsigned sc = r->sclass;
-  uint32_t rn = pool->rec_n;
   if (__builtin_expect(((uintptr_t)r->owner | (uintptr_t)r->views |
                         (uintptr_t)(r->flags & SL_BUF_RECORDED) |
                         (uintptr_t)pool->quarantine_next) == 0 &&
-                           sc < SL_SC_MAX_CLASSES && rn < pool->rec_cap,
+                           sc < SL_SC_MAX_CLASSES,
                        1)) {
     sl_cache_bin *bin = &pool->bins[sc];
     uint32_t n = bin->n;
@@ -241,11 +238,11 @@ void sl_buf_free(sl_buf *r) {
       bin->items[n] = r->data;
       bin->n = n + 1;
       pool->cls[sc].frees++;
-      sl_buf_bury(pool, r, rn);
+      sl_buf_bury(pool, r);
       return;
     }
     if (bin->cap == 0 && sc >= pool->nsmall) {
-      sl_buf_free_normal(pool, r, rn);
+      sl_buf_free_normal(pool, r);
       return;
     }
   }

@@ -258,7 +258,9 @@ static void *sl_arena_huge(sl_arena *ar, size_t size) {
   return p;
 }
 
-static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
+/* The first subpage of sclass with a free element (a new one when there is
+ * none), or NULL. Lock held. */
+static sl_subpage *sl_arena_subpage(sl_arena *ar, unsigned sclass) {
   sl_subpage *s = ar->subpages[sclass];
   if (s == NULL) {
     int page;
@@ -275,12 +277,21 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
     sl_chunk_relist(ar, c);
     ar->subpages[sclass] = s;
   }
+  return s;
+}
+
+/* Takes a full subpage (the list's first) off its class's list. */
+static void sl_arena_subpage_full(sl_arena *ar, sl_subpage *s) {
+  ar->subpages[s->sclass] = s->next;
+  if (s->next) s->next->prev = NULL;
+  s->next = s->prev = NULL;
+}
+
+static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
+  sl_subpage *s = sl_arena_subpage(ar, sclass);
+  if (s == NULL) return NULL;
   void *p = sl_subpage_alloc(s);
-  if (s->nfree == 0) { /* full: off the list */
-    ar->subpages[sclass] = s->next;
-    if (s->next) s->next->prev = NULL;
-    s->next = s->prev = NULL;
-  }
+  if (s->nfree == 0) sl_arena_subpage_full(ar, s);
   return p;
 }
 
@@ -320,13 +331,22 @@ unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned
   unsigned k = 0;
   sl_spin_lock(&ar->lock);
   while (k < n) {
-    void *p = sl_arena_small(ar, sclass);
-    if (p == NULL) break;
-    out[k++] = p;
+    sl_subpage *s = sl_arena_subpage(ar, sclass);
+    if (s == NULL) break;
+    k += sl_subpage_alloc_many(s, out + k, n - k);
+    if (s->nfree == 0) sl_arena_subpage_full(ar, s);
   }
   ar->cls[sclass].allocs += k;
   sl_spin_unlock(&ar->lock);
   return k;
+}
+
+/* A subpage that was full has a free element again: back on its list. */
+static void sl_arena_subpage_relink(sl_arena *ar, sl_subpage *s) {
+  s->next = ar->subpages[s->sclass];
+  s->prev = NULL;
+  if (s->next) s->next->prev = s;
+  ar->subpages[s->sclass] = s;
 }
 
 /* Frees one block with the lock held. */
@@ -344,12 +364,7 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   int was_full = s->nfree == 0;
   int empty = sl_subpage_free(s, p);
-  if (was_full) { /* back on the list */
-    s->next = ar->subpages[sclass];
-    s->prev = NULL;
-    if (s->next) s->next->prev = s;
-    ar->subpages[sclass] = s;
-  }
+  if (was_full) sl_arena_subpage_relink(ar, s);
   /* An empty subpage goes back to its chunk unless it is its class's only
    * one (kept to avoid churn; trimming returns it). */
   if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
@@ -386,8 +401,28 @@ void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) {
 
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
   if (n == 0) return;
+  sl_alloc *a = ar->alloc;
   sl_spin_lock(&ar->lock);
-  for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
+  if (sclass >= a->nsmall) {
+    for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
+    sl_spin_unlock(&ar->lock);
+    return;
+  }
+  /* Small blocks (a worker cache flushing): sl_arena_free_locked's small
+   * half, with what is the same for every block hoisted. */
+  uintptr_t chunk_mask = ~((uintptr_t)a->cfg.chunk_size - 1);
+  uint32_t page_shift = (uint32_t)__builtin_ctzll(a->cfg.page_size);
+  ar->cls[sclass].frees += n;
+  for (unsigned i = 0; i < n; i++) {
+    uint8_t *p = blocks[i];
+    sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
+    sl_subpage *s = c->sub[(uintptr_t)(p - c->mem) >> page_shift];
+    SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+    int was_full = s->nfree == 0;
+    int empty = sl_subpage_free(s, p);
+    if (was_full) sl_arena_subpage_relink(ar, s);
+    if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+  }
   sl_spin_unlock(&ar->lock);
 }
 

@@ -8,7 +8,6 @@
 #include "util/common.h"
 
 
-static int sl_bit(const uint64_t *bits, uint32_t i) { return (int)((bits[i >> 6] >> (i & 63)) & 1); }
 
 static size_t sl_chunk_meta_bytes(uint32_t npages) {
   size_t words = (npages + 1 + 63) / 64;
@@ -232,6 +231,7 @@ sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
   s->nelems = s->nfree = nelems;
   s->sclass = sclass;
   s->nwords = nwords;
+  s->recip = ((uint64_t)1 << 40) / elem_size + 1;
   /* Bits past nelems are marked used so they are never handed out. */
   if (nelems & 63) s->bits[nwords - 1] = ~0ull << (nelems & 63);
   for (uint32_t p = first_page; p < first_page + npages; p++) c->sub[p] = s;
@@ -255,13 +255,22 @@ void *sl_subpage_alloc(sl_subpage *s) {
   return NULL;
 }
 
-int sl_subpage_free(sl_subpage *s, void *p) {
-  size_t off = (size_t)((uint8_t *)p - s->base);
-  uint32_t i = (uint32_t)(off / s->elem_size);
-  SL_ASSERT(off % s->elem_size == 0 && i < s->nelems, "pointer is not an element of its subpage");
-  SL_ASSERT(sl_bit(s->bits, i), "subpage element freed twice");
-  s->bits[i >> 6] &= ~(1ull << (i & 63));
-  s->nfree++;
-  s->hint = i >> 6;
-  return s->nfree == s->nelems;
+unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n) {
+  if (n > s->nfree) n = s->nfree;
+  unsigned k = 0;
+  uint32_t w = s->hint;
+  while (k < n) {
+    uint64_t free_bits = ~s->bits[w];
+    uint8_t *base = s->base + (size_t)w * 64 * s->elem_size;
+    while (free_bits != 0 && k < n) {
+      out[k++] = base + (size_t)__builtin_ctzll(free_bits) * s->elem_size;
+      free_bits &= free_bits - 1;
+    }
+    s->bits[w] = ~free_bits;
+    if (k < n && ++w == s->nwords) w = 0;
+  }
+  s->nfree -= n;
+  s->hint = w;
+  return n;
 }
+

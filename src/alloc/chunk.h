@@ -58,6 +58,7 @@ struct sl_subpage {
   uint32_t sclass;
   uint32_t nwords;             /* bitmap words */
   uint32_t hint;               /* a word that may have a free bit */
+  uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
   uint64_t bits[];             /* 1 = element in use */
 };
 
@@ -183,8 +184,30 @@ void sl_chunk_coalesce(sl_chunk *c);
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
                            uint32_t elem_size, uint32_t sclass);
 void *sl_subpage_alloc(sl_subpage *s);
-/* Returns 1 when the subpage became empty. */
-int sl_subpage_free(sl_subpage *s, void *p);
+/* Takes up to n free elements into out (fewer only when it runs out), from
+ * the hinted bitmap word on. Returns how many. */
+unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n);
+/* The element index of p in s (exact for runs below 16 MiB and elements
+ * below 32 KiB, which subpages are; checked in sl_subpage_free). */
+static inline uint32_t sl_subpage_index(const sl_subpage *s, const void *p) {
+  uint64_t off = (uint64_t)((const uint8_t *)p - s->base);
+  return (uint32_t)((off * s->recip) >> 40);
+}
+
+/* Frees element p. Returns 1 when the subpage became empty. Aborts on a
+ * pointer that is not an element, or one that is free already. */
+static inline int sl_subpage_free(sl_subpage *s, void *p) {
+  uint32_t i = sl_subpage_index(s, p);
+  uint64_t bit = 1ull << (i & 63);
+  if (__builtin_expect(i >= s->nelems || s->base + (size_t)i * s->elem_size != (uint8_t *)p ||
+                           !(s->bits[i >> 6] & bit), 0)) {
+    fprintf(stderr, "sluice: subpage element freed twice or not an element (%p)\n", p);
+    abort();
+  }
+  s->bits[i >> 6] &= ~bit;
+  s->hint = i >> 6;
+  return ++s->nfree == s->nelems;
+}
 
 static inline sl_chunk *sl_chunk_of(const void *p, size_t chunk_size) {
   return (sl_chunk *)(void *)((uintptr_t)p & ~((uintptr_t)chunk_size - 1));

@@ -20,9 +20,13 @@
 #define SL_SC_LOOKUP_MAX 4096        /* sizes up to this use a table by 16 B */
 #define SL_SC_LOOKUP_K_MAX 65536     /* and up to this one by 1 KiB */
 
-extern const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
-extern const uint8_t sl_sc_lookup_k[SL_SC_LOOKUP_K_MAX / 1024 + 1];
-extern const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES];
+/* Hidden: the tables are read on every allocation, and a hidden symbol is
+ * addressed directly rather than through the GOT in position-independent
+ * code (the core is also built into a shared library). */
+#define SL_SC_HIDDEN __attribute__((visibility("hidden")))
+extern SL_SC_HIDDEN const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+extern SL_SC_HIDDEN const uint8_t sl_sc_lookup_k[SL_SC_LOOKUP_K_MAX / 1024 + 1];
+extern SL_SC_HIDDEN const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES];
 
 /* The size of class idx: 16 << idx for idx < 4; then with g = (idx - 4) / 4
  * and i = (idx - 4) % 4, (5 + i) << (g + 4). From a table for the classes

@@ -168,16 +168,15 @@ int64_t sl_alloc_now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Moves c to the list its usage says, when its free pages left the range
- * of the list it is on. */
-static inline void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
-  if (__builtin_expect(c->free_pages >= c->list_lo && c->free_pages <= c->list_hi, 1)) return;
+void sl_arena_relist_move(sl_arena *ar, sl_chunk *c) {
   int q = sl_chunk_list_for(c->usable - c->free_pages, c->usable);
   sl_list_remove(ar, c->list, c);
   sl_chunk_set_list(c, q);
   if (q == SL_Q_EMPTY) c->empty_since_ms = sl_alloc_now_ms();
   sl_list_push(ar, q, c);
 }
+
+static inline void sl_chunk_relist(sl_arena *ar, sl_chunk *c) { sl_arena_relist(ar, c); }
 
 static int sl_reserve(sl_alloc *a, size_t n) {
   size_t cur = atomic_load(&a->reserved);
@@ -295,15 +294,9 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
   return p;
 }
 
-void *sl_arena_alloc_normal(sl_arena *ar, unsigned sclass) {
-  uint32_t n = ar->alloc->run_pages[sclass];
+void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
   int page;
-  sl_spin_lock(&ar->lock);
-  /* The common case inline: the index's first chunk for n lists a run of
-   * exactly n pages. */
-  sl_chunk *c = n < SL_AVAIL_LENS ? ar->avail.head[n] : NULL;
-  if (c != NULL && c->bucket[n] != SL_CHUNK_NONE) page = (int)sl_chunk_run_take_exact(c, n);
-  else c = sl_arena_run(ar, n, &page);
+  sl_chunk *c = sl_arena_run(ar, ar->alloc->run_pages[sclass], &page);
   void *p = NULL;
   if (c != NULL) {
     sl_chunk_relist(ar, c);
@@ -384,18 +377,6 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
   }
   sl_spin_lock(&ar->lock);
   sl_arena_free_locked(ar, p, sclass);
-  sl_spin_unlock(&ar->lock);
-}
-
-void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) {
-  sl_alloc *a = ar->alloc;
-  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
-  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
-  uint32_t n = a->run_pages[sclass];
-  sl_spin_lock(&ar->lock);
-  ar->cls[sclass].frees++;
-  sl_chunk_run_free_inline(c, page, n);
-  sl_chunk_relist(ar, c);
   sl_spin_unlock(&ar->lock);
 }
 

@@ -1,28 +1,21 @@
 /*
- * The sluice command line: load and check the config, start the workers,
- * wait for a signal, stop them, and report what the pools still hold.
+ * The sluice command line: load and check the config, apply the
+ * environment's overrides, and hand over to the runtime (src/proxy/runtime.c).
  *
  * Exit codes: 0 after a clean stop or a good --check, 1 when start-up fails
  * (a port in use), 2 on a bad command line or a bad config.
  */
-#include <errno.h>
 #include <getopt.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "alloc/arena.h"
-#include "alloc/pool.h"
 #include "buf/leak.h"
-#include "io/worker.h"
 #include "proxy/config.h"
-#include "proxy/server.h"
+#include "proxy/runtime.h"
 #include "util/common.h"
 #include "util/log.h"
-
-#define SL_MAX_WORKERS 1
 
 static void sl_usage(FILE *out) {
   fprintf(out,
@@ -31,86 +24,12 @@ static void sl_usage(FILE *out) {
           "       sluice --version\n"
           "       sluice --help\n"
           "\n"
-          "Signals: SIGINT and SIGTERM stop accepting, close connections and exit 0.\n"
+          "Signals: SIGINT and SIGTERM stop accepting, let open connections finish for\n"
+          "         drain_timeout_ms, close the rest and exit 0 (a second one closes at once);\n"
+          "         SIGHUP reloads FILE and reopens the log files; SIGUSR1 reopens the log files.\n"
           "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL,\n"
           "             SLUICE_ALLOCATOR (pooled or unpooled),\n"
           "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid).\n");
-}
-
-static void *sl_worker_thread(void *arg) {
-  sl_worker_run(arg);
-  return NULL;
-}
-
-static int sl_run(sl_config *cfg) {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGHUP);
-  /* Workers inherit the mask: only this thread takes the signals. */
-  pthread_sigmask(SIG_BLOCK, &set, NULL);
-  signal(SIGPIPE, SIG_IGN);
-
-  sl_worker *workers[SL_MAX_WORKERS];
-  int nworkers = SL_MAX_WORKERS;
-  char err[512];
-  sl_alloc_config acfg = cfg->alloc;
-  if (acfg.arenas == 0) acfg.arenas = nworkers;
-  const char *aerr = NULL;
-  sl_alloc *alloc = sl_alloc_create(&acfg, &aerr);
-  if (alloc == NULL) {
-    fprintf(stderr, "sluice: cannot start: allocator: %s\n", aerr);
-    return 1;
-  }
-  for (int i = 0; i < nworkers; i++) {
-    workers[i] = sl_worker_create(i, alloc);
-    if (workers[i] == NULL || sl_server_start(workers[i], cfg, err, sizeof(err)) != SL_OK) {
-      fprintf(stderr, "sluice: cannot start: %s\n", workers[i] ? err : "out of memory");
-      for (int j = 0; j <= i; j++) {
-        if (workers[j] == NULL) continue;
-        sl_server_free(workers[j]);
-        sl_worker_destroy(workers[j]);
-      }
-      sl_alloc_destroy(alloc);
-      return 1;
-    }
-  }
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    const sl_listener_cfg *l = &cfg->listeners[i];
-    sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,
-           l->upstream ? l->upstream->name : "pipeline", l->nstages, l->nstages == 1 ? "" : "s");
-  }
-  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
-         nworkers, nworkers == 1 ? "" : "s",
-         acfg.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
-
-  pthread_t threads[SL_MAX_WORKERS];
-  for (int i = 0; i < nworkers; i++) pthread_create(&threads[i], NULL, sl_worker_thread, workers[i]);
-
-  for (;;) {
-    int sig = 0;
-    if (sigwait(&set, &sig) != 0) continue;
-    if (sig == SIGHUP) {
-      sl_log(SL_LOG_WARN, "SIGHUP: configuration reload is not supported yet; ignored");
-      continue;
-    }
-    sl_log(SL_LOG_INFO, "%s: stopping", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    break;
-  }
-  for (int i = 0; i < nworkers; i++) sl_worker_request_stop(workers[i]);
-  uint64_t leaked = 0;
-  for (int i = 0; i < nworkers; i++) {
-    pthread_join(threads[i], NULL);
-    /* The worker thread is gone: this thread owns the pool now, and the
-     * Lua state's finalizers release into it. */
-    sl_pool_bind_thread(workers[i]->pool);
-    sl_server_free(workers[i]);
-    leaked += sl_worker_destroy(workers[i]);
-  }
-  sl_alloc_destroy(alloc);
-  sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
-  return 0;
 }
 
 int main(int argc, char **argv) {
@@ -175,7 +94,5 @@ int main(int argc, char **argv) {
     sl_config_free(cfg);
     return 2;
   }
-  int rc = sl_run(cfg);
-  sl_config_free(cfg);
-  return rc;
+  return sl_runtime_run(cfg);
 }

@@ -96,6 +96,7 @@ _M.live = live
 -- Set by the host while a stage runs: releases then name the stage (and,
 -- from leak_detection = "advanced" up, the file and line).
 _M.stage = nil
+_M.stage_id = 0   -- the running stage's id (0: no stage: a test, the host)
 _M.where = false
 local debug_getinfo = debug.getinfo
 local traceback = debug.traceback
@@ -135,7 +136,17 @@ _M.wrap = wrap
 -- reference nobody had.
 -- Checks that h can pass its buffer on; raises (at level 4: the stage's
 -- line) when it owns no reference.
+local function foreign(h)
+  local o = h.owner
+  return o ~= 0 and _M.stage_id ~= 0 and o ~= _M.stage_id
+end
+_M.foreign = foreign
+
 local function passable(h)
+  if foreign(h) then
+    error("buffer passed on by a stage that does not own it: it was passed on already, "
+          .. "and the next stage owns it now", 4)
+  end
   local b = h.b
   if b.gen ~= h.gen then
     error("buffer used after release (refcnt 0, " .. released_by(h) .. ")", 4)
@@ -152,6 +163,8 @@ local function passable(h)
   end
   return b, refs
 end
+
+_M.passable = passable
 
 function _M.give(h)
   local b, refs = passable(h)
@@ -749,6 +762,10 @@ end
 function methods.release(h, n)
   n = n or 1
   if bad_n(n) then error("bad 'n' argument (positive number expected)", 2) end
+  if foreign(h) then
+    error(("release of a reference this handle does not own (decrement %d): the buffer was "
+           .. "passed on, and the stage it went to owns it now"):format(n), 2)
+  end
   local b = h.b
   if b.gen ~= h.gen then
     error("refcnt 0, decrement " .. n .. " (" .. released_by(h) .. ")", 2)

@@ -29,7 +29,7 @@ typedef struct sl_lbuf {
   uint32_t gen;
   int32_t refs;
   int32_t fin;
-  int32_t pad;
+  int32_t owner;
 } sl_lbuf;
 
 int sl_ffi_abi(void);
@@ -80,6 +80,43 @@ int sl_ffi_buf_discard_read_bytes(const sl_lbuf *h, const char **err);
 sl_buf *sl_ffi_buf_copy(const sl_lbuf *h, size_t index, size_t len, const char **err);
 int sl_ffi_buf_find(const sl_lbuf *h, size_t from, size_t to, const void *needle, size_t nlen,
                     size_t *at, const char **err);
+/* the Lua host's event queue and running pipelines (host.c, ffi.c) */
+typedef struct sl_lua_host sl_lua_host;
+typedef struct sl_lua_event {
+  sl_ctx *ctx;
+  void *ch;
+  void *ptr;
+  char *str;
+  double id;
+  int32_t ev;
+  int32_t n;
+} sl_lua_event;
+int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out);
+int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask);
+void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
+double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, sl_ctx **out);
+sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const char **err);
+void sl_ffi_ctx_remove(sl_ctx *ctx);
+int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
+const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+void sl_ffi_ctx_unhandled(sl_ctx *ctx);
+double sl_ffi_ctx_now(sl_ctx *ctx);
+/* the in-memory channel of sluice.testing (embedded.c) */
+typedef struct sl_channel sl_channel;
+sl_lua_host *sl_ffi_embedded_host(void);
+sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high);
+double sl_ffi_embedded_add_lua(sl_channel *ch, int key, const char *name, sl_ctx **out);
+sl_ctx *sl_ffi_embedded_add_c(sl_channel *ch, const char *name, const char **err);
+void sl_ffi_embedded_activate(sl_channel *ch);
+void sl_ffi_embedded_fire(sl_channel *ch, int ev, sl_buf *b, int n, const char *text);
+sl_buf *sl_ffi_embedded_take(sl_channel *ch);
+void sl_ffi_embedded_set_writable(sl_channel *ch, int on);
+int sl_ffi_embedded_is_open(sl_channel *ch);
+const char *sl_ffi_embedded_reason(sl_channel *ch);
+void sl_ffi_embedded_close(sl_channel *ch, const char *reason);
+void sl_ffi_embedded_owned(sl_channel *ch, uint64_t *count, uint64_t *bytes);
+size_t sl_ffi_embedded_release(sl_channel *ch, char *report, size_t size);
+void sl_ffi_embedded_shutdown(void);
 ]]
 
 return true

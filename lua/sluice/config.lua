@@ -36,11 +36,22 @@
 --     low_water_mark  optional positive integer, default 32768 (or
 --                     high_water_mark when that is smaller)
 --     high_water_mark optional positive integer, default 65536
+--     max_connections optional positive integer: open client connections
+--                     of this listener (all workers together) at which
+--                     accepting pauses; default 0 (no limit)
+--     idle_timeout_ms optional positive integer: a client connection with
+--                     no bytes either way for this long is closed; default
+--                     0 (none)
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
 --     connect_timeout_ms optional positive integer, default 5000
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
+--   workers     optional integer 1-256, default 0 (one per core)
+--   drain_timeout_ms optional integer 0-2^31-1: how long a stop waits for
+--               open connections, default 10000
+--   error_log   optional "stderr" or a file path, default "stderr"
+--   access_log  optional "off", "stderr" or a file path, default "off"
 --   allocator   optional table: type ("pooled" | "unpooled"), arenas (0: one
 --               per worker), page_size (power of two, 4 KiB-1 MiB, 8 KiB),
 --               chunk_size (power of two, >= 16 pages, <= 32 MiB, 4 MiB), small_cache
@@ -54,8 +65,9 @@
 -- Positive integers are 1..2^31-1 so that they fit a C int.
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
--- the top level, then log_level, allocator, upstreams (by sorted name), listeners (in
--- array order). Inside each table: unknown keys first (the smallest unknown key
+-- the top level, then log_level, allocator, leak_detection, workers,
+-- drain_timeout_ms, error_log, access_log, upstreams (by sorted name),
+-- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then "an upstream or a
 -- pipeline". A stage is resolved (and its module run) when its entry is
@@ -63,11 +75,11 @@
 --
 -- Normalized result (a new table; the input is never modified):
 --
---   { log_level, search_path,
+--   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
---                     high_water_mark } },
+--                     high_water_mark, max_connections, idle_timeout_ms } },
 --     upstreams = { [name] = { name, servers = { address }, connect_timeout_ms } },
 --     upstream_names = { sorted names } }
 --
@@ -114,25 +126,31 @@ local DEFAULT_LOG_LEVEL = "info"
 local DEFAULT_LOW_WATER_MARK = 32768
 local DEFAULT_HIGH_WATER_MARK = 65536
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
+local DEFAULT_DRAIN_TIMEOUT_MS = 10000
+local MAX_WORKERS = 256
 local MAX_INT = 2147483647  -- integers must fit a C int
 
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
-local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection" }
+local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
+                   "workers", "drain_timeout_ms", "error_log", "access_log" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
 local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cache",
                          "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
                          "max_memory" }
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
-                        "low_water_mark", "high_water_mark" }
+                        "low_water_mark", "high_water_mark", "max_connections",
+                        "idle_timeout_ms" }
 local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
 
--- Callback names a Lua stage module may define (function-valued fields).
+-- Callback names a Lua stage module may define (function-valued fields):
+-- the events, and added/removed (the stage joined or left a pipeline, as
+-- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close" }
+                    "user_event", "error", "write", "flush", "close", "added", "removed" }
 
 local function set_of(list)
     local set = {}
@@ -573,6 +591,19 @@ local function check_log_level(v)
     return v
 end
 
+-- A log destination: "stderr", "off" (when allowed) or a file path, which
+-- is opened for appending when sluice starts (not here).
+local function check_log_target(v, path, may_be_off)
+    local default = may_be_off and "off" or "stderr"
+    if v == nil then return default end
+    if type(v) ~= "string" or v == "" or v:find("[%z\n]")
+       or (v == "off" and not may_be_off) then
+        fail(path, 'expected %s or a file path, got %s',
+             may_be_off and '"stderr", "off"' or '"stderr"', show(v))
+    end
+    return v
+end
+
 -- leak_detection = "simple" or { level = "simple", sample_rate = 128 }.
 local function check_leak_detection(v)
     local level, rate = "simple", 128
@@ -727,6 +758,11 @@ local function check_listener(l, path, ctx)
              high, show(low))
     end
 
+    local max_connections = check_positive_int(l.max_connections,
+                                               path .. ".max_connections", 0)
+    local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
+                                               path .. ".idle_timeout_ms", 0)
+
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
     end
@@ -738,6 +774,8 @@ local function check_listener(l, path, ctx)
         pipeline = pipeline,
         low_water_mark = low,
         high_water_mark = high,
+        max_connections = max_connections,
+        idle_timeout_ms = idle_timeout_ms,
     }
 end
 
@@ -760,12 +798,24 @@ local function check_root(t, ctx)
     local log_level = check_log_level(t.log_level)
     local allocator = check_allocator(t.allocator)
     local leak_detection = check_leak_detection(t.leak_detection)
+    local workers = check_positive_int(t.workers, "workers", 0)
+    if workers > MAX_WORKERS then
+        fail("workers", "expected at most %d, got %s", MAX_WORKERS, show(t.workers))
+    end
+    local drain = check_count(t.drain_timeout_ms, "drain_timeout_ms",
+                              DEFAULT_DRAIN_TIMEOUT_MS, MAX_INT)
+    local error_log = check_log_target(t.error_log, "error_log", false)
+    local access_log = check_log_target(t.access_log, "access_log", true)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,
         allocator = allocator,
         leak_detection = leak_detection,
+        workers = workers,
+        drain_timeout_ms = drain,
+        error_log = error_log,
+        access_log = access_log,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

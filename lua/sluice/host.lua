@@ -1,33 +1,40 @@
--- sluice.host: the Lua side of a worker's pipelines. The C host calls
--- dispatch() for every event that reaches a Lua stage; between neighbouring
--- Lua stages events go directly, in Lua, without returning to C.
+-- sluice.host: the Lua side of a worker's pipelines.
 --
--- A stage's callback runs under xpcall: if it raises, the error is logged
--- with its traceback, the buffer the stage was handed is released (when the
--- stage still owned it), and that connection is closed. Never the process.
+-- C queues every event meant for a Lua stage (src/lua/host.c); run() pops
+-- them through an FFI call and runs the callbacks, so one C-to-Lua
+-- transition delivers everything a channel's read loop produced. Between
+-- neighbouring Lua stages, events never leave Lua: they are direct calls.
+--
+-- One protected call guards the whole loop, not each callback: when a
+-- callback raises, the caller knows which stage and event was running,
+-- logs the error with its traceback, releases the buffer that stage was
+-- handed (when it still owned it), closes that connection, and runs the
+-- loop again for the next event. Never the process.
 local ffi = require("ffi")
 local bit = require("bit")
 local C = require("sluice.core")
 local buf = require("sluice.buf")
 local log = require("sluice.log")
+local promise = require("sluice.promise")
 
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
-local ffi_cast = ffi.cast
+local ffi_cast, ffi_string = ffi.cast, ffi.string
 local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
-local wrap_lazy, adopt = buf.wrap_lazy, buf.adopt
+local wrap_lazy, adopt, passable = buf.wrap_lazy, buf.adopt, buf.passable
 local traceback = debug.traceback
-local xpcall, type, tostring, tonumber, setmetatable = xpcall, type, tostring, tonumber, setmetatable
+local xpcall, type, tostring, setmetatable, pairs = xpcall, type, tostring, setmetatable, pairs
+local floor = math.floor
 
 -- Event codes: src/pipeline/pipeline.h (sl_event) and src/lua/host.c.
-local ACTIVE, INACTIVE, READ, READ_COMPLETE, WRITABILITY, USER_EVENT, ERROR, WRITE, FLUSH, CLOSE =
-  0, 1, 2, 3, 4, 5, 6, 7, 8, 9
-local ADDED, REMOVED = 100, 101
+local ACTIVE, INACTIVE, READ, READ_COMPLETE, WRITABILITY, USER_EVENT, ERROR, WRITE, FLUSH, CLOSE,
+  READ_REQUEST = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+local ADDED, REMOVED, PROMISE, TIMER = 100, 101, 102, 103
 
 local CALLBACK = {
   [ACTIVE] = "channel_active", [INACTIVE] = "channel_inactive", [READ] = "channel_read",
   [READ_COMPLETE] = "channel_read_complete", [WRITABILITY] = "channel_writability_changed",
   [USER_EVENT] = "user_event", [ERROR] = "error", [WRITE] = "write", [FLUSH] = "flush",
-  [CLOSE] = "close",
+  [CLOSE] = "close", [READ_REQUEST] = "read",
 }
 local USER_EVENT_NAME = { [1] = "input_closed" }
 local USER_EVENT_CODE = { input_closed = 1 }
@@ -35,20 +42,69 @@ local USER_EVENT_CODE = { input_closed = 1 }
 local ctx_ptr_t = ffi.typeof("sl_ctx *")
 local buf_ptr_t = ffi.typeof("sl_buf *")
 local errp = ffi.new("const char *[1]")
+local ctx_out = ffi.new("sl_ctx *[1]")
+local event = ffi.new("sl_lua_event[1]")
 
 local _M = {}
 local stages = {}   -- key -> { name, mod, options }
+local keys = {}     -- stage table -> key (stages added while running)
 local ctxs = {}     -- Lua id -> ctx
 _M.contexts = ctxs
+_M.stages = stages
+local host          -- sl_lua_host * of this state
+-- Writes that carry a promise id (the outbound queue reports them done).
+local write_p = (function()
+  local ok, f = pcall(function() return C.sl_ffi_ctx_write_p end)
+  return ok and f or nil
+end)()
+local epoch = 0     -- bumped whenever a running pipeline changes
 
 local Ctx = {}
 Ctx.__index = Ctx
+_M.Ctx = Ctx
 
-local invoke
+---------------------------------------------------------------------------
+-- The loop
+
+-- What runs now, for the error handler.
+local cur_ctx, cur_ev, cur_arg = nil, nil, nil
+-- The buffer the current queued event delivered: adopted (given its
+-- finalizer) once every callback it caused is done, if a script kept it.
+local top_arg = nil
+
+local touching = false -- leak_detection advanced or paranoid: record each hop
+local RECORDED = 2 -- SL_BUF_RECORDED
+
+local function touch(ctx, arg)
+  if is_buf(arg) and arg.b.gen == arg.gen and band(arg.b.root.flags, RECORDED) ~= 0 then
+    C.sl_ffi_buf_touch(arg.b, ctx.name)
+  end
+end
+
+-- An event from a Lua stage to the next Lua stage is a direct call, as in
+-- Netty: the next stage has handled it (and whatever it caused) when
+-- fire_read returns. A stage that raises ends the whole event: the error
+-- goes to run()'s caller, which knows the innermost stage from cur_ctx.
+-- A buffer handed on belongs to the receiving stage: the sender can no
+-- longer release it or pass it again (the handle records its owner).
+local function hop(ctx, ev, arg, p)
+  local pc, pe, pa = cur_ctx, cur_ev, cur_arg
+  if is_buf(arg) then
+    passable(arg)
+    arg.owner = ctx.sid
+  end
+  cur_ctx, cur_ev, cur_arg = ctx, ev, arg
+  buf.stage, buf.stage_id = ctx.cptr, ctx.sid
+  ctx.fns[ev + 1](ctx, arg, p)
+  cur_ctx, cur_ev, cur_arg = pc, pe, pa
+  if pc then buf.stage, buf.stage_id = pc.cptr, pc.sid else buf.stage, buf.stage_id = nil, 0 end
+end
 
 local function stage_failed(ctx, ev, arg, err)
-  log.error("stage %s raised in %s on %s: %s", ctx.name, CALLBACK[ev],
-            ctx.cptr and ffi.string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
+  local what = CALLBACK[ev] or (ev == TIMER and "a timer") or (ev == PROMISE and "a promise callback")
+               or (ev == REMOVED and "removed") or (ev == ADDED and "added") or tostring(ev)
+  log.error("stage %s raised in %s on %s: %s", ctx.name, what,
+            ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
             tostring(err))
   -- The pipeline releases what the stage was handed and still owned.
   if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
@@ -60,51 +116,148 @@ local function stage_failed(ctx, ev, arg, err)
   end
 end
 
-local RECORDED = 2 -- SL_BUF_RECORDED
-local touching = false -- leak_detection advanced or paranoid: record each hop
+local function call(ctx, ev, arg, p)
+  cur_ctx, cur_ev, cur_arg = ctx, ev, arg
+  buf.stage, buf.stage_id = ctx.cptr, ctx.sid  -- releases in this callback name this stage
+  ctx.fns[ev + 1](ctx, arg, p)
+  buf.stage, buf.stage_id = nil, 0
+  cur_ctx = nil
+end
 
--- Records a hop into a Lua stage on a buffer leak tracking follows (hops
--- from C are recorded by the C pipeline; this covers Lua to Lua).
-local function touch(ctx, arg)
-  if is_buf(arg) and arg.b.gen == arg.gen and band(arg.b.root.flags, RECORDED) ~= 0 then
-    C.sl_ffi_buf_touch(arg.b, ctx.name)
+local run_timers, on_added, on_removed
+
+-- Delivers one event popped from C.
+local function deliver(e)
+  local ev = e.ev
+  if ev == PROMISE then
+    return promise.settle(e.n, e.str ~= nil and ffi_string(e.str) or nil)
+  elseif ev == TIMER then
+    return run_timers()
+  elseif ev == ADDED then
+    return on_added(e.id, e.ptr, e.n)
+  end
+  local ctx = ctxs[e.id]
+  if ev == REMOVED then
+    if ctx then return on_removed(ctx) end
+    return
+  end
+  if ctx == nil then
+    -- Delivered after the stage left: nobody can own the buffer but us.
+    if e.ptr ~= nil and (ev == READ or ev == WRITE) then
+      C.sl_ffi_buf_release(ffi_cast(buf_ptr_t, e.ptr), 1, errp)
+    end
+    return
+  end
+  local arg
+  if ev == READ or ev == WRITE then
+    arg = wrap_lazy(e.ptr)
+    arg.owner = ctx.sid
+    top_arg = arg
+  elseif ev == WRITABILITY then
+    arg = e.n ~= 0
+  elseif ev == USER_EVENT then
+    arg = USER_EVENT_NAME[e.n] or e.n
+  elseif ev == ERROR or ev == CLOSE then
+    arg = e.str ~= nil and ffi_string(e.str) or nil
+  end
+  return call(ctx, ev, arg, nil)
+end
+
+-- Delivers every queued event, looping by tail calls (LuaJIT compiles tail
+-- recursion into a loop). `event` itself stays referenced here: a reference
+-- to event[0] would not keep it alive.
+local function run()
+  if top_arg ~= nil then
+    adopt(top_arg)
+    top_arg = nil
+  end
+  if C.sl_ffi_host_next(host, event) == 0 then return end
+  deliver(event[0])
+  return run()
+end
+
+-- A callback raised (err carries its traceback): contain it.
+local function failed(err)
+  buf.stage, buf.stage_id = nil, 0
+  local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
+  cur_ctx = nil
+  if ctx then
+    stage_failed(ctx, ev, arg, err)
+  else
+    log.error("Lua dispatch: %s", tostring(err))
   end
 end
 
--- Events from a Lua stage to the next Lua stage are queued and delivered
--- when the callback that sent them has returned, in order, by a tail call:
--- the Lua stack does not grow with the number of stages, and no trace has
--- to return into a stage's frame (which LuaJIT cannot compile).
-local hop_ctx, hop_ev, hop_arg = {}, {}, {}
-local hop_head, hop_tail = 1, 0
+-- C drives run() itself (lua_pcall with a traceback handler, failed() on
+-- an error, again until it returns): the trace returns straight to C.
+_M.run, _M.failed = run, failed
 
-local lend, lend_back = buf.lend, buf.lend_back
-
-local function hop(ctx, ev, arg)
-  local t = hop_tail + 1
-  hop_tail = t
-  if is_buf(arg) then lend(arg) end
-  hop_ctx[t], hop_ev[t], hop_arg[t] = ctx, ev, arg
+-- Runs every queued event in Lua (sluice.testing drives its channels this
+-- way, after each operation).
+function _M.drain()
+  while true do
+    local ok, err = xpcall(run, traceback)
+    if ok then return end
+    failed(err)
+  end
 end
 
-function invoke(ctx, ev, arg)
-  buf.stage = ctx.cptr  -- releases in this callback name this stage
-  local ok, err = xpcall(ctx.stage.mod[CALLBACK[ev]], traceback, ctx, arg)
-  if not ok then stage_failed(ctx, ev, arg, err) end
-  buf.stage = nil
-  local i = hop_head
-  if i <= hop_tail then
-    local nctx, nev, narg = hop_ctx[i], hop_ev[i], hop_arg[i]
-    hop_ctx[i], hop_arg[i] = nil, nil
-    if i == hop_tail then hop_head, hop_tail = 1, 0 else hop_head = i + 1 end
-    if is_buf(narg) then lend_back(narg) end
-    return invoke(nctx, nev, narg)
+---------------------------------------------------------------------------
+-- Contexts
+
+-- The next handler of ev when it is a Lua stage (nil when it is C). Each
+-- context remembers the answer per event until a pipeline changes.
+local function next_lua(ctx, ev)
+  local nx = ctx.next
+  if ctx.epoch ~= epoch then
+    nx = {}
+    ctx.next, ctx.epoch = nx, epoch
   end
+  local n = nx[ev]
+  if n == nil then
+    local id = C.sl_ffi_ctx_next(ctx.cptr, ev)
+    n = id ~= 0 and ctxs[id] or false
+    nx[ev] = n
+  end
+  return n or nil
+end
+
+local next_sid = 0
+local function new_ctx(id, cptr, key)
+  local stage = stages[key]
+  next_sid = next_sid < 2147483647 and next_sid + 1 or 1
+  local ctx = setmetatable({
+    cptr = ffi_cast(ctx_ptr_t, cptr), id = id, stage = stage, mod = stage.mod, fns = stage.fns,
+    name = stage.name, options = stage.options, state = {}, next = {}, epoch = epoch,
+    sid = next_sid,
+  }, Ctx)
+  ctxs[id] = ctx
+  return ctx
+end
+
+function on_added(id, cptr, key)
+  local ctx = new_ctx(id, cptr, key)
+  if ctx.mod.added then
+    cur_ctx, cur_ev, cur_arg = ctx, ADDED, nil
+    ctx.mod.added(ctx)
+    cur_ctx = nil
+  end
+end
+
+function on_removed(ctx)
+  if ctx.mod.removed then
+    cur_ctx, cur_ev, cur_arg = ctx, REMOVED, nil
+    buf.stage = ctx.cptr
+    ctx.mod.removed(ctx)
+    buf.stage = nil
+    cur_ctx = nil
+  end
+  ctxs[ctx.id] = nil
+  ctx.cptr = nil
+  epoch = epoch + 1
 end
 
 -- A buffer for C: handles give a reference away, strings are copied in.
--- Where a buffer made by a stage came from, for leak reports (recorded
--- buffers only: 1 in sample_rate, or all at paranoid).
 local function note_site(b, ctx, what)
   if band(b.flags, RECORDED) ~= 0 then
     C.sl_ffi_buf_set_site(b, traceback(what .. " in stage " .. ctx.name, 3))
@@ -119,27 +272,14 @@ local function to_c(ctx, msg, what)
     note_site(b, ctx, "ctx:" .. what .. "(string)")
     return b
   end
-  error(("bad argument to %s (buffer or string expected, got %s)"):format(what, type(msg)), 3)
+  return nil
 end
 
 -- Drops msg when the channel is gone.
-local function drop(msg)
+local function drop(msg, p)
   if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
-  return nil, "closed"
-end
-
--- The next handler of ev when it is a Lua stage (nil when it is C). A
--- pipeline does not change while its connection lives, so each context
--- remembers the answer per event (false: C).
-local function next_lua(ctx, ev)
-  local nx = ctx.next
-  local n = nx[ev]
-  if n == nil then
-    local id = C.sl_ffi_ctx_next(ctx.cptr, ev)
-    n = id ~= 0 and ctxs[id] or false
-    nx[ev] = n
-  end
-  return n or nil
+  if p then promise.fail(p, "closed") end
+  return p
 end
 
 function Ctx:fire_read(msg)
@@ -149,17 +289,42 @@ function Ctx:fire_read(msg)
     if touching then touch(n, msg) end
     return hop(n, READ, msg)
   end
-  C.sl_ffi_ctx_fire_read(self.cptr, to_c(self, msg, "fire_read"))
+  local b = to_c(self, msg, "fire_read")
+  if b == nil then
+    -- Not bytes: only Lua stages can take it. The tail (or a C stage)
+    -- drops it, as Netty's tail drops what nobody handled.
+    C.sl_ffi_ctx_unhandled(self.cptr)
+    if C.sl_ffi_log_enabled(0) ~= 0 then
+      log.debug("%s: a %s fired by stage %s reached a C stage or the tail and was dropped",
+                ffi_string(C.sl_ffi_ctx_describe(self.cptr)), type(msg), self.name)
+    end
+    return
+  end
+  C.sl_ffi_ctx_fire_read(self.cptr, b)
 end
 
-function Ctx:write(msg)
-  if not self.cptr then return drop(msg) end
+-- Writes msg towards the head. Returns the write's promise: the one given,
+-- or a new one; `false` asks for none (the cheapest write).
+function Ctx:write(msg, p)
+  if p == nil then p = promise.new() elseif p == false then p = nil end
+  if not self.cptr then return drop(msg, p) end
   local n = next_lua(self, WRITE)
   if n then
     if touching then touch(n, msg) end
-    return hop(n, WRITE, msg)
+    hop(n, WRITE, msg, p)
+    return p
   end
-  C.sl_ffi_ctx_write(self.cptr, to_c(self, msg, "write"))
+  local b = to_c(self, msg, "write")
+  if b == nil then
+    error(("bad argument to write (buffer or string expected, got %s): a C stage or the "
+           .. "socket is next"):format(type(msg)), 2)
+  end
+  if p and write_p then
+    write_p(self.cptr, b, promise.id(p))
+  else
+    C.sl_ffi_ctx_write(self.cptr, b)
+  end
+  return p
 end
 
 local function fire_simple(ev)
@@ -176,9 +341,10 @@ Ctx.fire_read_complete = fire_simple(READ_COMPLETE)
 Ctx.fire_active = fire_simple(ACTIVE)
 Ctx.fire_inactive = fire_simple(INACTIVE)
 
-function Ctx:write_and_flush(msg)
-  self:write(msg)
+function Ctx:write_and_flush(msg, p)
+  p = self:write(msg, p)
   self:flush()
+  return p
 end
 
 function Ctx:fire_writability_changed(writable)
@@ -188,11 +354,11 @@ function Ctx:fire_writability_changed(writable)
   C.sl_ffi_ctx_fire(self.cptr, WRITABILITY, writable and 1 or 0)
 end
 
-function Ctx:fire_user_event(event)
+function Ctx:fire_user_event(ev)
   if not self.cptr then return end
   local n = next_lua(self, USER_EVENT)
-  if n then return hop(n, USER_EVENT, event) end
-  local code = USER_EVENT_CODE[event]
+  if n then return hop(n, USER_EVENT, ev) end
+  local code = USER_EVENT_CODE[ev]
   if code then C.sl_ffi_ctx_fire(self.cptr, USER_EVENT, code) end
 end
 
@@ -228,6 +394,14 @@ function Ctx:set_autoread(on)
   if self.cptr then C.sl_ffi_ctx_set_autoread(self.cptr, on and 1 or 0) end
 end
 
+-- Asks for one more read when autoread is off (Netty's ChannelHandlerContext.read).
+function Ctx:read()
+  if not self.cptr then return end
+  local n = next_lua(self, READ_REQUEST)
+  if n then return hop(n, READ_REQUEST) end
+  C.sl_ffi_ctx_fire(self.cptr, READ_REQUEST, 0)
+end
+
 -- Buffers and bytes this connection answers for now (leak tracking).
 function Ctx:outstanding()
   if not self.cptr then return 0, 0 end
@@ -238,69 +412,339 @@ end
 
 function Ctx:describe()
   if not self.cptr then return "closed channel" end
-  return ffi.string(C.sl_ffi_ctx_describe(self.cptr))
+  return ffi_string(C.sl_ffi_ctx_describe(self.cptr))
 end
 
-function _M.init(worker_id)
-  _M.worker_id = worker_id
-  touching = C.sl_ffi_leak_level() >= 2
-  buf.where = touching  -- releases record file:line from "advanced" up
-end
+-- The channel as a stage sees it.
+local Channel = {}
+Channel.__index = Channel
 
--- Loads a stage module for this worker. Returns its key and the mask of the
--- events it handles.
-function _M.load_stage(name, file, options)
-  local mod = require(name)
-  if type(mod) ~= "table" then
-    error(("module %q from %s did not return a table of callbacks"):format(name, file))
+function Ctx:channel()
+  local ch = self.chan
+  if ch == nil then
+    ch = setmetatable({ ctx = self }, Channel)
+    self.chan = ch
   end
+  return ch
+end
+
+function Channel:is_active() return self.ctx.cptr ~= nil end
+function Channel:is_writable() return self.ctx:is_writable() end
+function Channel:set_autoread(on) return self.ctx:set_autoread(on) end
+function Channel:read() return self.ctx:read() end
+function Channel:close(reason) return self.ctx:close(reason) end
+function Channel:describe() return self.ctx:describe() end
+function Channel:remote_address()
+  local c = self.ctx.cptr
+  return c and ffi_string(C.sl_ffi_ctx_address(c, 1)) or nil
+end
+function Channel:local_address()
+  local c = self.ctx.cptr
+  return c and ffi_string(C.sl_ffi_ctx_address(c, 0)) or nil
+end
+
+---------------------------------------------------------------------------
+-- Stages
+
+local function mask_of(mod)
   local mask = 0
   for ev, cb in pairs(CALLBACK) do
     if type(mod[cb]) == "function" then mask = bor(mask, lshift(1, ev)) end
   end
-  stages[#stages + 1] = { name = name, mod = mod, options = options or {} }
-  return #stages, mask
+  return mask
 end
 
-function _M.dispatch(ev, id, ptr, n, str)
-  if ev == ADDED then
-    local stage = stages[n]
-    ctxs[id] = setmetatable({
-      cptr = ffi_cast(ctx_ptr_t, ptr), id = id, stage = stage, name = stage.name,
-      options = stage.options, state = {}, next = {},
-    }, Ctx)
-    return
+-- The stage's callbacks by event code + 1 (an array the JIT indexes
+-- directly); read once, when the stage is loaded.
+local function fns_of(mod)
+  local fns = {}
+  for ev = 0, READ_REQUEST do fns[ev + 1] = mod[CALLBACK[ev]] or false end
+  return fns
+end
+
+local function register(name, mod, options)
+  local key = C.sl_ffi_host_register_stage(host, mask_of(mod))
+  if key == 0 then error("out of memory registering stage " .. tostring(name)) end
+  stages[key] = { name = name, mod = mod, fns = fns_of(mod), options = options or {} }
+  return key
+end
+_M.register = register
+
+-- Loads a stage module named in the config for this worker under `key`.
+-- Returns the key and the mask of the events it handles.
+function _M.load_stage(name, file, options, key)
+  local mod = require(name)
+  if type(mod) ~= "table" then
+    error(("module %q from %s did not return a table of callbacks"):format(name, file))
   end
-  local ctx = ctxs[id]
-  if ev == REMOVED then
-    if ctx then
-      ctxs[id] = nil
-      ctx.cptr = nil
+  stages[key] = { name = name, mod = mod, fns = fns_of(mod), options = options or {} }
+  return key, mask_of(mod)
+end
+
+-- Forgets the stage loaded under `key` (contexts that use it keep it).
+function _M.unload_stage(key)
+  stages[key] = nil
+end
+
+-- A stage given while running: a table of callbacks, a module name, or
+-- { "module.name", option = value }. Returns the Lua key, or nil and the
+-- builtin C stage's name.
+local function resolve(stage, name)
+  local opts
+  if type(stage) == "table" and type(stage[1]) == "string" then
+    opts = {}
+    for k, v in pairs(stage) do if k ~= 1 then opts[k] = v end end
+    stage = stage[1]
+  end
+  if type(stage) == "string" then
+    local ok, mod = pcall(require, stage)
+    if not ok or type(mod) ~= "table" then return nil, stage, opts end
+    name = name or stage
+    local k = opts == nil and keys[mod]
+    if not k then
+      k = register(name, mod, opts)
+      if opts == nil then keys[mod] = k end
     end
-    return
+    return k, name
   end
-  if ctx == nil then
-    -- Delivered after the stage left: nobody can own the buffer but us.
-    if ptr and (ev == READ or ev == WRITE) then
-      C.sl_ffi_buf_release(ffi_cast(buf_ptr_t, ptr), 1, errp)
+  if type(stage) ~= "table" then
+    error(("bad stage (table of callbacks or module name expected, got %s)"):format(type(stage)), 3)
+  end
+  local k = keys[stage]
+  if not k or (name and stages[k].name ~= name) then
+    k = register(name or ("stage" .. (#stages + 1)), stage, nil)
+    keys[stage] = k
+  end
+  return k, stages[k].name
+end
+_M.resolve = resolve
+
+---------------------------------------------------------------------------
+-- Changing a running pipeline (Netty's ChannelPipeline add/remove/replace)
+
+local Pipeline = {}
+Pipeline.__index = Pipeline
+
+function Ctx:pipeline()
+  return setmetatable({ ctx = self }, Pipeline)
+end
+
+local names_out = ffi.new("const char *[64]")
+local ctxs_out = ffi.new("sl_ctx *[64]")
+
+local function stage_list(self)
+  local cptr = self.ctx.cptr
+  if cptr == nil then error("the channel is closed", 3) end
+  local n = C.sl_ffi_ctx_stages(cptr, names_out, ctxs_out, 64)
+  if n > 64 then n = 64 end
+  return n
+end
+
+function Pipeline:names()
+  local out = {}
+  for i = 0, stage_list(self) - 1 do out[#out + 1] = ffi_string(names_out[i]) end
+  return out
+end
+
+local function find(self, name)
+  local n = stage_list(self)
+  for i = 0, n - 1 do
+    if ffi_string(names_out[i]) == name then return ctxs_out[i], i, n end
+  end
+  error(("no stage named %q in this pipeline"):format(tostring(name)), 3)
+end
+
+local function insert(at, after, stage, name)
+  local key, cname = resolve(stage, name)
+  epoch = epoch + 1
+  if key then
+    local id = C.sl_ffi_ctx_insert_lua(at, after and 1 or 0, key, cname, ctx_out)
+    if id == 0 then error("out of memory adding a stage", 3) end
+    local ctx = new_ctx(id, ctx_out[0], key)
+    ctx.name = cname
+    if ctx.mod.added then ctx.mod.added(ctx) end
+    return ctx
+  end
+  local c = C.sl_ffi_ctx_insert_c(at, after and 1 or 0, cname, errp)
+  if c == nil then error(("cannot add stage %q: %s"):format(cname, ffi_string(errp[0])), 3) end
+  return nil
+end
+
+function Pipeline:add_last(stage, name)
+  local n = stage_list(self)
+  if n == 0 then error("an empty pipeline has no stage to add next to", 2) end
+  return insert(ctxs_out[n - 1], true, stage, name)
+end
+
+function Pipeline:add_first(stage, name)
+  if stage_list(self) == 0 then error("an empty pipeline has no stage to add next to", 2) end
+  return insert(ctxs_out[0], false, stage, name)
+end
+
+function Pipeline:add_before(base, stage, name)
+  return insert((find(self, base)), false, stage, name)
+end
+
+function Pipeline:add_after(base, stage, name)
+  return insert((find(self, base)), true, stage, name)
+end
+
+function Pipeline:remove(name)
+  local c = find(self, name)
+  epoch = epoch + 1
+  C.sl_ffi_ctx_remove(c)
+end
+
+function Pipeline:replace(old, stage, name)
+  local c = find(self, old)
+  local added = insert(c, true, stage, name)
+  C.sl_ffi_ctx_remove(c)
+  return added
+end
+
+---------------------------------------------------------------------------
+-- Timers: one heap per state, one C timer armed at the earliest deadline.
+
+local heap, nheap = {}, 0
+local armed_at = nil
+_M.clock = function(ctx) return C.sl_ffi_ctx_now(ctx.cptr) end
+
+local function heap_up(i)
+  local t = heap[i]
+  while i > 1 do
+    local p = floor(i / 2)
+    if heap[p].due <= t.due then break end
+    heap[i] = heap[p]
+    heap[i].slot = i
+    i = p
+  end
+  heap[i] = t
+  t.slot = i
+end
+
+local function heap_down(i)
+  local t = heap[i]
+  while true do
+    local c = i * 2
+    if c > nheap then break end
+    if c < nheap and heap[c + 1].due < heap[c].due then c = c + 1 end
+    if heap[c].due >= t.due then break end
+    heap[i] = heap[c]
+    heap[i].slot = i
+    i = c
+  end
+  heap[i] = t
+  t.slot = i
+end
+
+local function heap_pop()
+  local top = heap[1]
+  heap[1] = heap[nheap]
+  heap[nheap] = nil
+  nheap = nheap - 1
+  if nheap > 0 then heap_down(1) end
+  top.slot = nil
+  return top
+end
+
+local function rearm(now)
+  if host == nil then return end
+  if nheap == 0 then
+    if armed_at then C.sl_ffi_host_arm_timer(host, -1) end
+    armed_at = nil
+  elseif armed_at ~= heap[1].due then
+    armed_at = heap[1].due
+    C.sl_ffi_host_arm_timer(host, armed_at - now > 0 and armed_at - now or 0)
+  end
+end
+
+local Timer = {}
+Timer.__index = Timer
+
+function Timer:cancel()
+  local i = self.slot
+  if not i then return false end
+  local last = heap[nheap]
+  heap[nheap] = nil
+  nheap = nheap - 1
+  self.slot = nil
+  if i <= nheap then
+    heap[i] = last
+    last.slot = i
+    heap_up(i)
+    heap_down(last.slot)
+  end
+  return true
+end
+
+-- Runs fn(ctx) once, ms milliseconds from now, unless cancelled or the
+-- stage leaves the pipeline first. Returns the timer.
+function Ctx:after(ms, fn)
+  if type(ms) ~= "number" or ms < 0 then
+    error(("bad 'ms' argument (non-negative number expected, got %s)"):format(tostring(ms)), 2)
+  end
+  if type(fn) ~= "function" then
+    error(("bad 'fn' argument (function expected, got %s)"):format(type(fn)), 2)
+  end
+  if not self.cptr then return nil, "closed" end
+  local now = _M.clock(self)
+  local t = setmetatable({ due = now + ms, ctx = self, fn = fn }, Timer)
+  nheap = nheap + 1
+  heap[nheap] = t
+  heap_up(nheap)
+  rearm(now)
+  return t
+end
+
+-- Runs the timers due at `now` (the C timer fired, or a test's virtual
+-- clock moved).
+function run_timers(now)
+  while nheap > 0 do
+    local t = heap[1]
+    local ctx = t.ctx
+    now = now or (ctx.cptr and _M.clock(ctx))
+    if now and t.due > now then break end
+    heap_pop()
+    if ctx.cptr then
+      cur_ctx, cur_ev, cur_arg = ctx, TIMER, nil
+      buf.stage = ctx.cptr
+      t.fn(ctx)
+      buf.stage = nil
+      cur_ctx = nil
     end
-    return
   end
-  local arg
-  if ev == READ or ev == WRITE then
-    arg = wrap_lazy(ptr)
-  elseif ev == WRITABILITY then
-    arg = (n or 0) ~= 0 -- n is left out when 0
-  elseif ev == USER_EVENT then
-    arg = USER_EVENT_NAME[n] or n
-  elseif ev == ERROR or ev == CLOSE then
-    arg = str
+  armed_at = nil
+  if nheap > 0 then
+    local ctx = heap[1].ctx
+    rearm(now or (ctx.cptr and _M.clock(ctx)) or heap[1].due)
   end
-  invoke(ctx, ev, arg)
-  -- Still owned by a script once every callback is done (kept in a table,
-  -- say): from now on the garbage collector may find it, so it needs its
-  -- finalizer.
-  if arg ~= nil and is_buf(arg) then adopt(arg) end
+end
+_M.run_timers = run_timers
+
+---------------------------------------------------------------------------
+
+_M.new_ctx = new_ctx
+
+-- Forgets every stage and context (sluice.testing, after its in-memory
+-- worker was made anew).
+function _M.reset()
+  for k in pairs(stages) do stages[k] = nil end
+  for k in pairs(keys) do keys[k] = nil end
+  for k in pairs(ctxs) do ctxs[k] = nil end
+  heap, nheap, armed_at = {}, 0, nil
+  epoch = epoch + 1
+end
+
+function _M.init(worker_id, h)
+  -- Events between Lua stages are direct calls through the same few
+  -- functions (Ctx:fire_read -> the next stage -> Ctx:fire_read ...): let
+  -- the JIT inline that chain across several stages instead of treating it
+  -- as recursion after two.
+  jit.opt.start("recunroll=6")
+  _M.worker_id = worker_id
+  host = ffi_cast("sl_lua_host *", h)
+  touching = C.sl_ffi_leak_level() >= 2
+  buf.where = touching  -- releases record file:line from "advanced" up
 end
 
 return _M

@@ -73,14 +73,14 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "e
 
   it("stops on SIGTERM with exit 0, closing open connections", function()
     local port = H.free_port()
-    local p = H.start_sluice(config_with(port))
+    local p = H.start_sluice((config_with(port):gsub("^return {", "return { drain_timeout_ms = 200,")),
+                             "SLUICE_LOG_LEVEL=debug")
     -- A client that stays connected: sluice must close it to exit.
     local client = H.spawn(("socat -T 30 EXEC:'sleep 30' TCP:127.0.0.1:%d"):format(port), "client")
-    assert.truthy(H.wait_for(function() return H.read(p.log):find("accepted", 1, true)
-                                          or H.read(p.log):find("client", 1, true) end, 5) or true)
-    H.sleep(0.2)
+    assert.truthy(H.wait_for(function() return H.read(p.log):find(" accepted", 1, true) end, 10))
     local log = H.stop_sluice(p)
     assert.matches("SIGTERM: stopping", log)
+    assert.matches("on echo closed: shutdown", log, 1, true)
     H.stop(client, "KILL")
   end)
 

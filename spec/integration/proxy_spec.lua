@@ -209,6 +209,7 @@ return {
     -- ceiling, not backpressure, is what stops the reads.
     local cfg = proxy_config(port, peer.port)
       :gsub("^return {", [[return {
+  workers = 1,
   allocator = { page_size = 4096, chunk_size = 65536, max_memory = 131072 },]])
       :gsub('upstream = "back",', 'upstream = "back", low_water_mark = 524288, high_water_mark = 1048576,')
     local p = H.start_sluice(cfg)

@@ -66,7 +66,7 @@ local ALLOCATOR_DEFAULTS = {
 }
 
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
-  .. "channel_writability_changed, user_event, error, write, flush, close"
+  .. "channel_writability_changed, user_event, error, write, flush, close, added, removed"
 
 describe("sluice.config", function()
 
@@ -96,10 +96,12 @@ describe("sluice.config", function()
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off",
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
-            pipeline = {}, low_water_mark = 32768, high_water_mark = 65536 },
+            pipeline = {}, low_water_mark = 32768, high_water_mark = 65536,
+            max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
           demo = { name = "demo", servers = { addr("127.0.0.1", 8000) },
@@ -117,6 +119,7 @@ describe("sluice.config", function()
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off",
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -124,10 +127,12 @@ describe("sluice.config", function()
               { module = "stages.pass", kind = "lua", file = FIX .. "/stages/pass.lua",
                 options = { label = "front" } },
             },
-            low_water_mark = 32768, high_water_mark = 65536 },
+            low_water_mark = 32768, high_water_mark = 65536,
+            max_connections = 0, idle_timeout_ms = 0 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
-            low_water_mark = 1024, high_water_mark = 1024 },
+            low_water_mark = 1024, high_water_mark = 1024,
+            max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
           demo = { name = "demo", servers = { addr("127.0.0.1", 7001) },
@@ -403,6 +408,71 @@ describe("sluice.config", function()
     end)
   end)
 
+  describe("workers, draining and logs", function()
+    it("take their values, and defaults when absent", function()
+      local cfg = ok_of(conf(nil, { workers = 4, drain_timeout_ms = 0,
+                                    error_log = "/var/log/sluice/error.log",
+                                    access_log = "stderr" }))
+      assert.are.equal(4, cfg.workers)
+      assert.are.equal(0, cfg.drain_timeout_ms)
+      assert.are.equal("/var/log/sluice/error.log", cfg.error_log)
+      assert.are.equal("stderr", cfg.access_log)
+      assert.are.equal("off", ok_of(conf(nil, { access_log = "off" })).access_log)
+      assert.are.equal("access.log", ok_of(conf(nil, { access_log = "access.log" })).access_log)
+    end)
+
+    it("name the key and what was expected", function()
+      local cases = {
+        { { workers = 0 }, "config error: workers: expected a positive integer, got 0" },
+        { { workers = 2.5 }, "config error: workers: expected a positive integer, got 2.5" },
+        { { workers = "auto" }, 'config error: workers: expected a positive integer, got "auto"' },
+        { { workers = 257 }, "config error: workers: expected at most 256, got 257" },
+        { { drain_timeout_ms = -1 },
+          "config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got -1" },
+        { { drain_timeout_ms = "10s" },
+          'config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got "10s"' },
+        { { error_log = "off" },
+          'config error: error_log: expected "stderr" or a file path, got "off"' },
+        { { error_log = "" }, 'config error: error_log: expected "stderr" or a file path, got ""' },
+        { { error_log = true },
+          'config error: error_log: expected "stderr" or a file path, got true' },
+        { { access_log = 1 },
+          'config error: access_log: expected "stderr", "off" or a file path, got 1' },
+        { { access_log = "a\nb" },
+          'config error: access_log: expected "stderr", "off" or a file path, got "a\\nb"' },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], err_of(conf(nil, c[1])))
+      end
+    end)
+  end)
+
+  describe("listener limits", function()
+    it("take max_connections and idle_timeout_ms", function()
+      local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000 }) }))
+        .listeners[1]
+      assert.are.equal(100, l.max_connections)
+      assert.are.equal(30000, l.idle_timeout_ms)
+    end)
+
+    it("name the key and what was expected", function()
+      local cases = {
+        { { max_connections = 0 },
+          "config error: listeners[1].max_connections: expected a positive integer, got 0" },
+        { { max_connections = "many" },
+          'config error: listeners[1].max_connections: expected a positive integer, got "many"' },
+        { { idle_timeout_ms = -5 },
+          "config error: listeners[1].idle_timeout_ms: expected a positive integer, got -5" },
+        { { idle_timeout_ms = 1e10 },
+          "config error: listeners[1].idle_timeout_ms: expected a positive integer no larger than "
+          .. "2147483647, got 10000000000" },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], err_of(conf({ listener(c[1]) })))
+      end
+    end)
+  end)
+
   describe("errors", function()
     describe("top level", function()
       it("needs a table", function()
@@ -410,11 +480,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -427,7 +497,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))
@@ -458,7 +528,8 @@ describe("sluice.config", function()
 
       it("reject unknown keys", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
-                         .. "upstream, pipeline, low_water_mark, high_water_mark)",
+                         .. "upstream, pipeline, low_water_mark, high_water_mark, max_connections, "
+                         .. "idle_timeout_ms)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 

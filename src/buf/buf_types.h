@@ -64,7 +64,7 @@ typedef struct sl_lbuf {
   uint32_t gen;
   int32_t refs;
   int32_t fin;
-  int32_t pad;
+  int32_t owner;         /* the Lua stage that owns its references (0: any) */
 } sl_lbuf;
 
 #endif

@@ -55,6 +55,7 @@ void sl_channel_recv_record(sl_channel *ch, size_t n) {
 static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents);
 static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents);
 static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents);
+static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents);
 
 static void sl_channel_writability(void *ud, int writable) {
   sl_channel *ch = ud;
@@ -71,6 +72,9 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ch->flags = SL_CH_AUTOREAD;
   ch->owned.name = ch->desc;
   ch->started = ev_now(w->loop);
+  ch->last_active = ch->started;
+  ch->gen = w->gen;
+  if (ch->gen) ch->gen->channels++;
   sl_channel_recv_reset(ch);
   sl_pipeline_init(&ch->pipe, ch);
   sl_outq_init(&ch->outq, cfg->low_water_mark, cfg->high_water_mark,
@@ -78,6 +82,7 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ev_io_init(&ch->rio, sl_channel_on_readable, fd, EV_READ);
   ev_io_init(&ch->wio, sl_channel_on_writable, fd, EV_WRITE);
   ev_init(&ch->timer, sl_channel_on_timer);
+  ev_init(&ch->idle, sl_channel_on_idle);
   ch->next = w->channels;
   if (w->channels) w->channels->prev = ch;
   w->channels = ch;
@@ -101,7 +106,9 @@ static void sl_channel_free(sl_channel *ch) {
   else w->channels = ch->next;
   if (ch->next) ch->next->prev = ch->prev;
   w->nchannels--;
+  sl_worker_gen *gen = ch->gen;
   free(ch);
+  sl_worker_channel_freed(w, gen);
 }
 
 void sl_channel_ref(sl_channel *ch) { ch->refs++; }
@@ -124,6 +131,22 @@ void sl_channel_note_unhandled(sl_channel *ch) { ch->w->stats.unhandled_inbound+
 static void sl_socket_tune(int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
+                                const char *name) {
+  sl_channel *ch = sl_channel_new(w, -1, cfg);
+  if (ch == NULL) return NULL;
+  ch->flags |= SL_CH_EMBEDDED;
+  snprintf(ch->desc, sizeof(ch->desc), "embedded channel %s", name);
+  return ch;
+}
+
+void sl_channel_set_writable(sl_channel *ch, int on) {
+  on = on ? 1 : 0;
+  if (ch->outq.writable == on || (ch->flags & SL_CH_CLOSED)) return;
+  ch->outq.writable = on;
+  sl_pipeline_fire_writability(&ch->pipe, on);
 }
 
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
@@ -173,7 +196,8 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
 }
 
 static void sl_channel_update_reading(sl_channel *ch) {
-  int want = (ch->flags & (SL_CH_ACTIVE | SL_CH_AUTOREAD)) == (SL_CH_ACTIVE | SL_CH_AUTOREAD) &&
+  if (ch->flags & SL_CH_EMBEDDED) return;
+  int want = (ch->flags & SL_CH_ACTIVE) && (ch->flags & (SL_CH_AUTOREAD | SL_CH_READ_ONCE)) &&
              !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
                             SL_CH_READ_PAUSED));
   if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
@@ -194,9 +218,43 @@ void sl_channel_set_autoread(sl_channel *ch, int on) {
   sl_channel_update_reading(ch);
 }
 
+void sl_channel_read_request(sl_channel *ch) {
+  if (ch->flags & SL_CH_AUTOREAD) return;
+  ch->flags |= SL_CH_READ_ONCE;
+  sl_channel_update_reading(ch);
+}
+
 void sl_channel_join(sl_channel *a, sl_channel *b) {
   a->peer = b;
   b->peer = a;
+  a->peer_remote = b->remote;
+  b->peer_remote = a->remote;
+}
+
+/* ---- idle timeout ---- */
+
+/* The timer runs at most once per timeout: reads and writes only note the
+ * loop time, and an early expiry re-arms for the time left (libev's
+ * "be smart about timeouts"). */
+static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(t, sl_channel, idle);
+  ev_tstamp left = ch->last_active + ch->idle_timeout - ev_now(loop);
+  if (left > 0) {
+    ev_timer_set(t, left, 0.);
+    ev_timer_start(loop, t);
+    return;
+  }
+  sl_channel_close(ch, "idle_timeout", 0);
+}
+
+void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
+  ch->idle_timeout = seconds;
+  ev_timer_stop(ch->w->loop, &ch->idle);
+  if (seconds <= 0 || (ch->flags & SL_CH_CLOSED)) return;
+  ch->last_active = ev_now(ch->w->loop);
+  ev_timer_set(&ch->idle, seconds, 0.);
+  ev_timer_start(ch->w->loop, &ch->idle);
 }
 
 /* ---- closing ---- */
@@ -224,6 +282,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_io_stop(w->loop, &ch->rio);
   ev_io_stop(w->loop, &ch->wio);
   ev_timer_stop(w->loop, &ch->timer);
+  ev_timer_stop(w->loop, &ch->idle);
   if (ch->fd >= 0) {
     close(ch->fd);
     ch->fd = -1;
@@ -236,6 +295,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
          ch->outq.peak,
          (ev_now(w->loop) - ch->started) * 1000.0, dropped ? ", unsent data dropped" : "");
   sl_channel_ref(ch);
+  if (ch->on_close) ch->on_close(ch);
   sl_channel_close_peer(ch);
   if (ch->flags & SL_CH_ACTIVE) sl_pipeline_fire_inactive(&ch->pipe);
   sl_pipeline_fire_removed(&ch->pipe);
@@ -260,6 +320,7 @@ static void sl_channel_output_done(sl_channel *ch) {
 static int sl_channel_do_write(sl_channel *ch) {
   size_t n = 0;
   int rc = sl_outq_write(&ch->outq, ch->fd, 16 * SL_OUTQ_MAX_GATHER_BYTES, &n);
+  if (n > 0) ch->last_active = ev_now(ch->w->loop);
   ch->bytes_out += n;
   ch->w->stats.bytes_out += n;
   if (rc == SL_ERROR) {
@@ -300,6 +361,7 @@ int sl_channel_write(sl_channel *ch, sl_buf *b) {
 void sl_channel_flush(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSED) return;
   sl_outq_flush(&ch->outq);
+  if (ch->flags & SL_CH_EMBEDDED) return;     /* the test reads what is flushed */
   if (ch->flags & SL_CH_CONNECTING) return;   /* written once connected */
   if (ev_is_active(&ch->wio)) return;         /* the socket is full: wait */
   sl_channel_do_write(ch);
@@ -341,13 +403,16 @@ static void sl_channel_input_closed(sl_channel *ch) {
 }
 
 static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents) {
-  SL_UNUSED(loop);
   SL_UNUSED(revents);
   sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, rio);
   sl_worker *w = ch->w;
   size_t total = 0;
   int eof = 0;
+  char why[128];
+  why[0] = '\0';
   sl_channel_ref(ch);
+  /* Every read of this wake-up reaches Lua stages in one transition. */
+  if (w->lua) w->lua_hold(w->lua, 1);
   for (int i = 0; i < SL_RECV_MAX_READS; i++) {
     if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
     size_t size = sl_channel_recv_size(ch);
@@ -381,12 +446,17 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-    char why[128];
     if (errno == ECONNRESET) snprintf(why, sizeof(why), "reset (%s)", strerror(errno));
     else snprintf(why, sizeof(why), "read error (%s)", strerror(errno));
-    sl_channel_close(ch, why, 1);
     break;
   }
+  if (w->lua) w->lua_hold(w->lua, 0);
+  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close(ch, why, 1);
+  if (ch->flags & SL_CH_READ_ONCE) {
+    ch->flags &= ~(uint32_t)SL_CH_READ_ONCE; /* one wake-up's reads were asked for */
+    sl_channel_update_reading(ch);
+  }
+  if (total > 0) ch->last_active = ev_now(loop);
   if (total > 0 && !(ch->flags & SL_CH_CLOSED)) {
     sl_channel_recv_record(ch, total);
     sl_pipeline_fire_read_complete(&ch->pipe);

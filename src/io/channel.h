@@ -42,10 +42,16 @@ enum {
   SL_CH_CLOSED = 0x80,
   SL_CH_ERROR = 0x100,          /* closed because of an error */
   SL_CH_READ_PAUSED = 0x200,    /* out of buffer memory: retrying */
+  SL_CH_READ_ONCE = 0x400,      /* autoread off, one read asked for (ctx:read) */
+  SL_CH_EMBEDDED = 0x800,       /* no socket: sluice.testing drives it */
 };
 
 /* Called when an outgoing connect completes (err 0) or fails (errno value). */
 typedef void (*sl_channel_connect_fn)(sl_channel *ch, int err);
+
+/* Called once when the channel closes, after its close line is logged and
+ * before its stages hear of it (the owner's accounting: access log, limits). */
+typedef void (*sl_channel_close_fn)(sl_channel *ch);
 
 typedef struct sl_channel_config {
   size_t low_water_mark;
@@ -56,7 +62,9 @@ struct sl_channel {
   ev_io rio;                 /* readable */
   ev_io wio;                 /* writable: queue waiting, or connect pending */
   ev_timer timer;            /* connect timeout, read retry */
+  ev_timer idle;             /* idle timeout (client channels that have one) */
   struct sl_worker *w;
+  struct sl_worker_gen *gen; /* the worker's generation it was created in */
   int fd;
   uint32_t flags;            /* SL_CH_* */
   uint32_t refs;
@@ -68,8 +76,12 @@ struct sl_channel {
   uint8_t recv_index;        /* adaptive receive size: index in the table */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */
   sl_channel_connect_fn on_connect;
+  sl_channel_close_fn on_close;
   void *ud;                  /* owner's data (the proxy's listener or upstream) */
   uint64_t bytes_in, bytes_out;
+  ev_tstamp last_active;     /* loop time of the last bytes read or written */
+  double idle_timeout;       /* seconds; 0: none */
+  sl_addr peer_remote;       /* the joined channel's address (kept after unjoin) */
   sl_buf_owner owned;        /* buffers this channel answers for (leak tracking) */
   ev_tstamp started;
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
@@ -81,6 +93,15 @@ struct sl_channel {
  * closed). */
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
                                 const sl_channel_config *cfg, const char *desc_fmt_name);
+
+/* A channel without a socket (sluice.testing's EmbeddedChannel): flushed
+ * writes stay queued until sl_outq_take. NULL on ENOMEM. */
+sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
+                                const char *name);
+
+/* Forces writability (tests simulating a slow peer); fires the event on a
+ * change. */
+void sl_channel_set_writable(sl_channel *ch, int on);
 
 /* Starts a non-blocking connect to addr; on_connect runs when it completes,
  * fails or times out. Returns the channel, or NULL with errno set. */
@@ -110,7 +131,16 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason);
 
 void sl_channel_set_autoread(sl_channel *ch, int on);
 
+/* With autoread off: reads once more (one wake-up's worth), as Netty's
+ * Channel.read(). Nothing to do with autoread on. */
+void sl_channel_read_request(sl_channel *ch);
+
+/* Joins a client and its upstream: each remembers the other's address. */
 void sl_channel_join(sl_channel *a, sl_channel *b);
+
+/* Closes ch with reason "idle_timeout" when no bytes were read or written
+ * for seconds (0: never). Call before activating. */
+void sl_channel_set_idle_timeout(sl_channel *ch, double seconds);
 
 void sl_channel_ref(sl_channel *ch);
 void sl_channel_unref(sl_channel *ch);

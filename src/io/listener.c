@@ -1,6 +1,7 @@
 #include "io/listener.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -10,69 +11,143 @@
 #include "util/log.h"
 
 #define SL_ACCEPTS_PER_WAKEUP 16
+#define SL_LISTEN_BACKLOG 511
+
+/* ---- the gate ---- */
+
+void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud) {
+  atomic_init(&g->open, 0);
+  atomic_init(&g->max, max);
+  atomic_init(&g->waiting, 0);
+  g->wake = wake;
+  g->wake_ud = ud;
+}
+
+/* Takes a place: SL_OK, or SL_AGAIN at the limit. */
+static int sl_listen_gate_enter(sl_listen_gate *g) {
+  uint32_t n = atomic_load(&g->open);
+  for (;;) {
+    uint32_t max = atomic_load(&g->max);
+    if (max != 0 && n >= max) return SL_AGAIN;
+    if (atomic_compare_exchange_weak(&g->open, &n, n + 1)) return SL_OK;
+  }
+}
+
+static int sl_listen_gate_has_room(sl_listen_gate *g) {
+  uint32_t max = atomic_load(&g->max);
+  return max == 0 || atomic_load(&g->open) < max;
+}
+
+void sl_listen_gate_leave(sl_listen_gate *g) {
+  atomic_fetch_sub(&g->open, 1);
+  /* Pairs with the store-then-check in sl_listener_pause_at_limit: either
+   * the pausing worker sees the room, or this sees it waiting. */
+  if (atomic_load(&g->waiting) && atomic_exchange(&g->waiting, 0) && g->wake)
+    g->wake(g->wake_ud);
+}
+
+/* ---- accepting ---- */
+
+/* Stops the watcher at the gate's limit. Returns 1 when paused, 0 when a
+ * place freed up meanwhile (keep accepting). */
+static int sl_listener_pause_at_limit(sl_listener *l) {
+  atomic_store(&l->gate->waiting, 1);
+  if (sl_listen_gate_has_room(l->gate)) return 0;
+  ev_io_stop(l->w->loop, &l->io);
+  if (!l->at_limit)
+    sl_log(SL_LOG_INFO, "listener %s: %u connections open, its max_connections: accepting paused",
+           l->name, (unsigned)atomic_load(&l->gate->open));
+  l->at_limit = 1;
+  return 1;
+}
+
+void sl_listener_retry_gate(sl_listener *l) {
+  if (l->fd < 0 || !l->at_limit) return;
+  if (!sl_listen_gate_has_room(l->gate)) {
+    atomic_store(&l->gate->waiting, 1);
+    if (!sl_listen_gate_has_room(l->gate)) return;
+  }
+  l->at_limit = 0;
+  sl_log(SL_LOG_INFO, "listener %s: below max_connections: accepting resumed", l->name);
+  if (!ev_is_active(&l->retry)) ev_io_start(l->w->loop, &l->io);
+}
 
 static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(revents);
   sl_listener *l = SL_CONTAINER_OF(io, sl_listener, io);
   for (int i = 0; i < SL_ACCEPTS_PER_WAKEUP; i++) {
+    if (sl_listen_gate_enter(l->gate) != SL_OK) {
+      if (sl_listener_pause_at_limit(l)) return;
+      continue;
+    }
     sl_addr remote;
     remote.len = sizeof(remote.ss);
     int fd = accept4(l->fd, (struct sockaddr *)&remote.ss, &remote.len,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+      int e = errno;
+      sl_listen_gate_leave(l->gate);
+      if (e == EINTR || e == ECONNABORTED) continue;
+      if (e == EAGAIN || e == EWOULDBLOCK) return;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
         sl_log(SL_LOG_ERROR, "listener %s: accept: %s; pausing accepts for 100 ms",
-               l->text, strerror(errno));
+               l->name, strerror(e));
         ev_io_stop(loop, &l->io);
         ev_timer_set(&l->retry, 0.1, 0.);
         ev_timer_start(loop, &l->retry);
         return;
       }
-      sl_log(SL_LOG_ERROR, "listener %s: accept: %s", l->text, strerror(errno));
+      sl_log(SL_LOG_ERROR, "listener %s: accept: %s", l->name, strerror(e));
       return;
     }
     l->on_accept(l, fd, &remote);
-    if (l->fd < 0) return; /* closed by the callback */
+    if (l->fd < 0 || !ev_is_active(&l->io)) return; /* stopped by the callback */
   }
 }
 
 static void sl_listener_on_retry(struct ev_loop *loop, ev_timer *t, int revents) {
   SL_UNUSED(revents);
   sl_listener *l = SL_CONTAINER_OF(t, sl_listener, retry);
-  if (l->fd >= 0) ev_io_start(loop, &l->io);
+  if (l->fd >= 0 && !l->at_limit) ev_io_start(loop, &l->io);
 }
 
-int sl_listener_open(sl_listener *l, struct sl_worker *w, const sl_addr *addr,
-                     sl_listener_accept_fn fn, void *ud) {
-  l->w = w;
-  l->on_accept = fn;
-  l->ud = ud;
-  sl_addr_format((const struct sockaddr *)&addr->ss, l->text, sizeof(l->text));
+int sl_listener_bind(const sl_addr *addr, int reuseport) {
   int fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return SL_ERROR;
+  if (fd < 0) return -1;
   int one = 1;
-  /* No SO_REUSEPORT while one worker listens: a second process on the same
-   * port must fail to bind rather than silently share the connections. */
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (bind(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 || listen(fd, 511) < 0) {
+  if (addr->ss.ss_family == AF_INET6) {
+    /* [::] means IPv6 only: 0.0.0.0 is a listener of its own. */
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+  }
+  if ((reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
+      bind(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 ||
+      listen(fd, SL_LISTEN_BACKLOG) < 0) {
     int e = errno;
     close(fd);
     errno = e;
-    return SL_ERROR;
+    return -1;
   }
+  return fd;
+}
+
+void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_gate *gate,
+                       const char *name, sl_listener_accept_fn fn, void *ud) {
+  l->w = w;
   l->fd = fd;
+  l->gate = gate;
+  l->name = name;
+  l->on_accept = fn;
+  l->ud = ud;
+  l->at_limit = 0;
   ev_io_init(&l->io, sl_listener_on_accept, fd, EV_READ);
   ev_timer_init(&l->retry, sl_listener_on_retry, 0., 0.);
   ev_io_start(w->loop, &l->io);
-  return SL_OK;
 }
 
-void sl_listener_close(sl_listener *l) {
+void sl_listener_stop(sl_listener *l) {
   if (l->fd < 0) return;
   ev_io_stop(l->w->loop, &l->io);
   ev_timer_stop(l->w->loop, &l->retry);
-  close(l->fd);
   l->fd = -1;
 }

@@ -1,34 +1,72 @@
-/* A listening socket on a worker's loop: accepts and hands each new,
- * non-blocking fd to on_accept. */
+/*
+ * Listening sockets. Each worker accepts on a socket of its own: every
+ * listen address has one SO_REUSEPORT socket per worker, opened by the main
+ * thread before the workers start (so a bind error stops the start-up with
+ * nothing running), and the kernel spreads new connections over them.
+ *
+ * A gate counts the connections accepted on an address by all workers
+ * together and enforces its max_connections: a worker that finds the gate
+ * full stops its accept watcher (connections wait in the kernel's queue) and
+ * is woken when a connection of that address closes.
+ */
 #ifndef SL_LISTENER_H
 #define SL_LISTENER_H
 
 #include <ev.h>
+#include <stdatomic.h>
+#include <stdint.h>
 
 #include "io/addr.h"
 
 struct sl_worker;
 typedef struct sl_listener sl_listener;
 
+/* Shared by the workers listening on one address. open and max change with
+ * atomics on accept and close only (never per read or write). */
+typedef struct sl_listen_gate {
+  _Atomic uint32_t open;         /* connections accepted and not yet left */
+  _Atomic uint32_t max;          /* 0: no limit; may change on reload */
+  _Atomic int waiting;           /* some worker paused at the limit */
+  void (*wake)(void *ud);        /* wakes every worker (any thread) */
+  void *wake_ud;
+} sl_listen_gate;
+
 /* Takes ownership of fd. */
 typedef void (*sl_listener_accept_fn)(sl_listener *l, int fd, const sl_addr *remote);
 
+/* States: STOPPED (fd < 0) -> ACCEPTING <-> PAUSED (at the gate's limit, or
+ * out of file descriptors) -> STOPPED. */
 struct sl_listener {
   ev_io io;
   ev_timer retry;            /* accepting paused after EMFILE/ENFILE */
   struct sl_worker *w;
-  int fd;
+  int fd;                    /* borrowed: the socket set owns it */
+  int at_limit;              /* paused at the gate's limit */
+  sl_listen_gate *gate;      /* borrowed */
   sl_listener_accept_fn on_accept;
   void *ud;
-  char text[64];             /* "127.0.0.1:7000" */
+  const char *name;          /* for logs (borrowed) */
 };
 
-/* Binds and listens on addr (SO_REUSEADDR), starts
- * accepting. SL_OK, or SL_ERROR with errno set. */
-int sl_listener_open(sl_listener *l, struct sl_worker *w, const sl_addr *addr,
-                     sl_listener_accept_fn fn, void *ud);
+/* Opens a listening socket on addr (SO_REUSEADDR, and SO_REUSEPORT when
+ * reuseport is set). Returns the fd, or -1 with errno set. */
+int sl_listener_bind(const sl_addr *addr, int reuseport);
 
-/* Stops accepting and closes the socket. */
-void sl_listener_close(sl_listener *l);
+/* Starts accepting on fd (borrowed) on w's loop. Every accepted connection
+ * has entered gate: the owner calls sl_listen_gate_leave when it closes. */
+void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_gate *gate,
+                       const char *name, sl_listener_accept_fn fn, void *ud);
+
+/* Stops accepting; the socket stays open (its owner closes it). */
+void sl_listener_stop(sl_listener *l);
+
+/* Resumes a listener paused at its gate's limit when there is room again
+ * (called on the listener's worker after the gate's wake). */
+void sl_listener_retry_gate(sl_listener *l);
+
+void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud);
+
+/* A connection counted by g has closed: may wake paused workers. */
+void sl_listen_gate_leave(sl_listen_gate *g);
 
 #endif

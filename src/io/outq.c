@@ -88,6 +88,17 @@ static void sl_outq_pop(sl_outq *q, size_t bytes_left) {
   sl_outq_pending_sub(q, bytes_left + SL_OUTQ_ENTRY_OVERHEAD);
 }
 
+sl_buf *sl_outq_take(sl_outq *q) {
+  if (q->nflushed == 0) return NULL;
+  sl_buf *b = q->ring[q->head];
+  q->ring[q->head] = NULL;
+  q->head = (q->head + 1) & q->mask;
+  q->count--;
+  q->nflushed--;
+  sl_outq_pending_sub(q, sl_buf_readable(b) + SL_OUTQ_ENTRY_OVERHEAD);
+  return b;
+}
+
 /* Accounts n written bytes: pops entries that are done (empty ones too),
  * advances a partially written one. */
 static void sl_outq_consume(sl_outq *q, size_t n) {

@@ -60,6 +60,10 @@ void sl_outq_flush(sl_outq *q);
  * (errno kept) on a write error. *written gets the bytes written. */
 int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written);
 
+/* Takes the first flushed entry out of the queue, as if it had been written
+ * (the in-memory channel of sluice.testing). Returns it (+1), or NULL. */
+sl_buf *sl_outq_take(sl_outq *q);
+
 /* Releases every entry (close); pending drops to 0 without a writability
  * event. Returns the number of entries released. */
 size_t sl_outq_release_all(sl_outq *q);

@@ -12,13 +12,115 @@
 static void sl_worker_on_stop(struct ev_loop *loop, ev_async *a, int revents) {
   SL_UNUSED(revents);
   sl_worker *w = SL_CONTAINER_OF(a, sl_worker, stop_watcher);
+  if (w->stopping) {
+    /* Asked again while draining: close everything now. */
+    if (w->stopping == 1 && w->nchannels > 0) {
+      sl_log(SL_LOG_INFO, "worker %d: stopping at once: closing %llu open sockets", w->id,
+             (unsigned long long)w->nchannels);
+      w->stopping = 2;
+      ev_timer_stop(loop, &w->drain_timer);
+      sl_worker_close_channels(w, "shutdown");
+    }
+    return;
+  }
   w->stopping = 1;
-  ev_async_stop(loop, a);
-  ev_ref(loop);
-  ev_timer_stop(loop, &w->pool_timer);
+  ev_unref(loop); /* a second stop request is still heard, but keeps nothing alive */
+  ev_async_stop(loop, &w->wake_watcher);
+  ev_async_stop(loop, &w->call_watcher);
   if (w->on_stop) w->on_stop(w);
+  if (w->nchannels == 0) return; /* the loop ends by itself once no watcher is left */
+  if (w->drain_timeout > 0) {
+    sl_log(SL_LOG_INFO, "worker %d: draining %llu open sockets (at most %.3g s)", w->id,
+           (unsigned long long)w->nchannels, w->drain_timeout);
+    ev_timer_set(&w->drain_timer, w->drain_timeout, 0.);
+    ev_timer_start(loop, &w->drain_timer);
+  } else {
+    w->stopping = 2;
+    sl_worker_close_channels(w, "shutdown");
+  }
+}
+
+static void sl_worker_on_drain_deadline(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(t, sl_worker, drain_timer);
+  sl_log(SL_LOG_INFO, "worker %d: drain deadline: closing %llu open sockets", w->id,
+         (unsigned long long)w->nchannels);
+  w->stopping = 2;
   sl_worker_close_channels(w, "shutdown");
-  /* The loop ends by itself once no watcher is left. */
+}
+
+static void sl_worker_on_wake(struct ev_loop *loop, ev_async *a, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(a, sl_worker, wake_watcher);
+  if (w->on_wake && !w->stopping) w->on_wake(w);
+}
+
+static void sl_worker_on_call(struct ev_loop *loop, ev_async *a, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(a, sl_worker, call_watcher);
+  pthread_mutex_lock(&w->call_lock);
+  sl_worker_call_fn fn = w->call_fn;
+  void *arg = w->call_arg;
+  pthread_mutex_unlock(&w->call_lock);
+  if (fn == NULL) return;
+  int rc = fn(w, arg);
+  pthread_mutex_lock(&w->call_lock);
+  w->call_fn = NULL;
+  w->call_rc = rc;
+  w->call_done = 1;
+  pthread_cond_signal(&w->call_cond);
+  pthread_mutex_unlock(&w->call_lock);
+}
+
+int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg) {
+  pthread_mutex_lock(&w->call_lock);
+  w->call_fn = fn;
+  w->call_arg = arg;
+  w->call_done = 0;
+  pthread_mutex_unlock(&w->call_lock);
+  ev_async_send(w->loop, &w->call_watcher);
+  pthread_mutex_lock(&w->call_lock);
+  while (!w->call_done) pthread_cond_wait(&w->call_cond, &w->call_lock);
+  int rc = w->call_rc;
+  pthread_mutex_unlock(&w->call_lock);
+  return rc;
+}
+
+/* Retires the older generations that have no channel left. */
+static void sl_worker_on_gen_timer(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(t, sl_worker, gen_timer);
+  if (w->gen == NULL) return;
+  sl_worker_gen **pp = &w->gen->older;
+  while (*pp != NULL) {
+    sl_worker_gen *g = *pp;
+    if (g->channels == 0) {
+      *pp = g->older;
+      g->older = NULL;
+      if (w->on_gen_done) w->on_gen_done(w, g);
+    } else {
+      pp = &g->older;
+    }
+  }
+}
+
+void sl_worker_push_gen(sl_worker *w, sl_worker_gen *g) {
+  g->older = w->gen;
+  w->gen = g;
+  if (g->older && !ev_is_active(&w->gen_timer)) ev_timer_start(w->loop, &w->gen_timer);
+}
+
+void sl_worker_channel_freed(sl_worker *w, sl_worker_gen *g) {
+  if (g != NULL && --g->channels == 0 && g != w->gen && !ev_is_active(&w->gen_timer))
+    ev_timer_start(w->loop, &w->gen_timer);
+  if (w->stopping && w->nchannels == 0) {
+    if (ev_is_active(&w->drain_timer)) sl_log(SL_LOG_INFO, "worker %d: drained", w->id);
+    ev_timer_stop(w->loop, &w->drain_timer);
+  }
 }
 
 static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int revents) {
@@ -47,8 +149,16 @@ sl_worker *sl_worker_create(int id, struct sl_alloc *alloc) {
     free(w);
     return NULL;
   }
+  pthread_mutex_init(&w->call_lock, NULL);
+  pthread_cond_init(&w->call_cond, NULL);
   ev_async_init(&w->stop_watcher, sl_worker_on_stop);
   ev_async_start(w->loop, &w->stop_watcher);
+  ev_async_init(&w->wake_watcher, sl_worker_on_wake);
+  ev_async_start(w->loop, &w->wake_watcher);
+  ev_async_init(&w->call_watcher, sl_worker_on_call);
+  ev_async_start(w->loop, &w->call_watcher);
+  ev_timer_init(&w->drain_timer, sl_worker_on_drain_deadline, 0., 0.);
+  ev_timer_init(&w->gen_timer, sl_worker_on_gen_timer, 0., 0.);
   /* Often enough to notice trim_idle_ms of idleness, at most once a second. */
   double every = SL_MAX(0.01, SL_MIN(1.0, alloc ? alloc->cfg.trim_idle_ms / 2000.0 : 1.0));
   ev_timer_init(&w->pool_timer, sl_worker_on_pool_timer, every, every);
@@ -63,6 +173,8 @@ void sl_worker_run(sl_worker *w) {
 }
 
 void sl_worker_request_stop(sl_worker *w) { ev_async_send(w->loop, &w->stop_watcher); }
+
+void sl_worker_wake(sl_worker *w) { ev_async_send(w->loop, &w->wake_watcher); }
 
 void sl_worker_close_channels(sl_worker *w, const char *reason) {
   /* Closing one channel may close its peer: restart from the list head. */
@@ -90,6 +202,8 @@ uint64_t sl_worker_destroy(sl_worker *w) {
   }
   ev_loop_destroy(w->loop);
   sl_pool_destroy(w->pool);
+  pthread_mutex_destroy(&w->call_lock);
+  pthread_cond_destroy(&w->call_cond);
   free(w);
   return st.bufs_active;
 }

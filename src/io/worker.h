@@ -2,11 +2,22 @@
  * A worker: one thread, one ev_loop, one pool, one Lua state, and the
  * channels that live on it. Nothing here is shared between workers; a
  * client connection and its upstream connection stay on one worker.
+ *
+ * Other threads reach a worker only through its ev_async watchers: stop
+ * (drain, then close), wake (a listener may accept again), and a control
+ * call (sl_worker_call: run a function on the worker's thread and wait for
+ * its result, used by reloads). None of them is on the data path.
+ *
+ * Generations: each configuration a worker runs is a generation. A channel
+ * belongs to the generation that was current when it was created; once an
+ * older generation has no channel left, on_gen_done retires it (outside any
+ * event callback).
  */
 #ifndef SL_WORKER_H
 #define SL_WORKER_H
 
 #include <ev.h>
+#include <pthread.h>
 #include <stdint.h>
 
 struct sl_pool;
@@ -24,17 +35,40 @@ typedef struct sl_worker_stats {
 
 typedef struct sl_worker sl_worker;
 
+typedef struct sl_worker_gen {
+  uint64_t channels;              /* channels created under it, not yet freed */
+  struct sl_worker_gen *older;    /* the generation before (still in use) */
+  void *app;                      /* the proxy's per-generation state */
+} sl_worker_gen;
+
+typedef int (*sl_worker_call_fn)(sl_worker *w, void *arg);
+
 struct sl_worker {
   struct ev_loop *loop;
   struct sl_pool *pool;
-  struct sl_lua_host *lua;        /* NULL when no listener has a Lua stage */
+  struct sl_lua_host *lua;        /* NULL while no configuration has a Lua stage */
+  void (*lua_hold)(struct sl_lua_host *h, int on); /* batches a read loop's reads */
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
   int id;
-  int stopping;
+  int stopping;                   /* 1: draining; 2: closing everything */
+  double drain_timeout;           /* seconds a stop waits for open channels */
+  sl_worker_gen *gen;             /* the current generation (NULL: none yet) */
   ev_async stop_watcher;          /* another thread asks the worker to stop */
+  ev_async wake_watcher;          /* a listener gate has room again */
+  ev_async call_watcher;          /* a control call is waiting */
   ev_timer pool_timer;            /* drains returned buffers, trims when idle */
-  void (*on_stop)(sl_worker *w);  /* closes listeners and channels */
+  ev_timer drain_timer;           /* the drain deadline */
+  ev_timer gen_timer;             /* retires generations that became unused */
+  pthread_mutex_t call_lock;
+  pthread_cond_t call_cond;
+  sl_worker_call_fn call_fn;      /* the pending call, NULL when none */
+  void *call_arg;
+  int call_rc;
+  int call_done;
+  void (*on_stop)(sl_worker *w);  /* stops accepting */
+  void (*on_wake)(sl_worker *w);  /* retries listeners paused at their limit */
+  void (*on_gen_done)(sl_worker *w, sl_worker_gen *g); /* g has no channel left */
   void *app;                      /* the proxy's per-worker state */
   sl_worker_stats stats;
 };
@@ -46,11 +80,26 @@ sl_worker *sl_worker_create(int id, struct sl_alloc *alloc);
  * thread becomes the pool's owner. */
 void sl_worker_run(sl_worker *w);
 
-/* Thread-safe: asks the worker's loop to stop. */
+/* Thread-safe: asks the worker to stop: it stops accepting, lets open
+ * channels finish for drain_timeout seconds, then closes what is left with
+ * reason "shutdown". A second request closes everything at once. */
 void sl_worker_request_stop(sl_worker *w);
+
+/* Thread-safe: the worker calls on_wake soon. */
+void sl_worker_wake(sl_worker *w);
+
+/* From another thread: runs fn(w, arg) on the worker's thread and returns
+ * its result, blocking until then. One caller at a time. */
+int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg);
 
 /* Closes every channel with reason (used when stopping). */
 void sl_worker_close_channels(sl_worker *w, const char *reason);
+
+/* Makes g the current generation; the previous one becomes g->older. */
+void sl_worker_push_gen(sl_worker *w, sl_worker_gen *g);
+
+/* The channel layer: a channel of g was freed. */
+void sl_worker_channel_freed(sl_worker *w, sl_worker_gen *g);
 
 /* Frees the loop and the pool; logs a leak report when buffers are still
  * outstanding. Returns the number of leaked buffers. */

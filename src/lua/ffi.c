@@ -1,6 +1,8 @@
 #include "lua/ffi.h"
 
+#include <arpa/inet.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "alloc/arena.h"
 #include "alloc/pool.h"
@@ -8,6 +10,8 @@
 #include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
+#include "lua/host.h"
+#include "pipeline/stages.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -121,6 +125,7 @@ void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
     case SL_EV_WRITABILITY: sl_ctx_fire_writability(ctx, n); break;
     case SL_EV_USER_EVENT: sl_ctx_fire_user_event(ctx, n); break;
     case SL_EV_FLUSH: sl_ctx_flush(ctx); break;
+    case SL_EV_READ_REQUEST: sl_ctx_read(ctx); break;
     default: break;
   }
 }
@@ -213,6 +218,7 @@ int sl_ffi_pool_open(void) {
 uint64_t sl_ffi_pool_close(void) {
   sl_pool *p = sl_pool_current();
   if (p == NULL) return 0;
+  sl_ffi_embedded_shutdown(); /* sluice.testing's worker lives on this pool */
   sl_buf_drain(p);
   sl_pool_stats st;
   sl_pool_get_stats(p, &st);
@@ -227,3 +233,56 @@ void sl_ffi_log(int level, const char *msg) {
 }
 
 int sl_ffi_log_enabled(int level) { return sl_log_enabled((sl_log_level)level); }
+
+/* ---- running pipelines ---- */
+
+double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, sl_ctx **out) {
+  sl_ctx *n = sl_lua_host_insert(sl_ctx_channel(ctx)->w->lua, ctx->pipe, after ? ctx->next : ctx,
+                                 key, name, 0);
+  *out = n;
+  return n ? n->lua_id : 0;
+}
+
+sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const char **err) {
+  const sl_stage_ops *ops = sl_stage_builtin(name);
+  if (ops == NULL) {
+    *err = "no builtin stage of that name";
+    return NULL;
+  }
+  sl_ctx *n = sl_pipeline_insert(ctx->pipe, after ? ctx->next : ctx, ops, ops->name);
+  if (n == NULL) *err = "out of memory";
+  return n;
+}
+
+void sl_ffi_ctx_remove(sl_ctx *ctx) { sl_pipeline_remove(ctx); }
+
+int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max) {
+  int n = 0;
+  sl_pipeline *p = ctx->pipe;
+  for (sl_ctx *c = p->head.next; c != &p->tail; c = c->next, n++) {
+    if (n < max) {
+      names[n] = c->name;
+      ctxs[n] = c;
+    }
+  }
+  return n;
+}
+
+const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote) {
+  static __thread char text[INET6_ADDRSTRLEN + 8];
+  sl_channel *ch = sl_ctx_channel(ctx);
+  text[0] = '\0';
+  if (remote) {
+    if (ch->remote.len > 0) sl_addr_format((const struct sockaddr *)&ch->remote.ss, text, sizeof(text));
+  } else if (ch->fd >= 0) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    if (getsockname(ch->fd, (struct sockaddr *)&ss, &len) == 0)
+      sl_addr_format((const struct sockaddr *)&ss, text, sizeof(text));
+  }
+  return text;
+}
+
+double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }
+
+void sl_ffi_ctx_unhandled(sl_ctx *ctx) { sl_channel_note_unhandled(sl_ctx_channel(ctx)); }

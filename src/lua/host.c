@@ -9,6 +9,7 @@
 #include "buf/buf.h"
 #include "io/channel.h"
 #include "io/worker.h"
+#include "lua/ffi.h"
 #include "proxy/config.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -16,75 +17,50 @@
 /* Event codes beyond sl_event, known to lua/sluice/host.lua. */
 #define SL_LEV_ADDED 100
 #define SL_LEV_REMOVED 101
-
-typedef struct sl_lua_pending {
-  sl_ctx *ctx;      /* its channel is referenced until delivery */
-  int ev;
-  void *ptr;        /* a buffer for READ and WRITE (owned by the entry) */
-  int n;
-  char *str;        /* ERROR and CLOSE text, malloc'd */
-} sl_lua_pending;
+#define SL_LEV_PROMISE 102
+#define SL_LEV_TIMER 103
 
 struct sl_lua_host {
-  lua_State *L;
+  lua_State *L;           /* NULL: the Lua side drives the queue (sluice.testing) */
   struct sl_worker *w;
-  int dispatch_ref;       /* registry: sluice.host.dispatch */
+  int run_ref;            /* registry: sluice.host.run */
+  int failed_ref;         /* registry: sluice.host.failed */
   int traceback_ref;      /* registry: debug.traceback */
-  int depth;              /* > 0 while Lua runs */
-  sl_lua_pending *q;      /* ring of deferred events */
+  int depth;              /* > 0 while Lua drains the queue */
+  uint64_t entries;       /* transitions from C into Lua */
+  int deferred;           /* events wait for an explicit drain (no loop) */
+  int hold;               /* > 0: a read loop is running; drain at its end */
+  sl_lua_event *q;        /* ring of pending events */
   size_t qhead, qlen, qcap;
+  sl_lua_event cur;       /* the event Lua is handling (its channel referenced) */
+  int has_cur;
   double next_id;
   uint32_t *masks;        /* per loaded stage key: events it handles */
-  int nstages;
+  int nstages;            /* highest configuration key loaded */
+  int load_ref;           /* registry: sluice.host.load_stage */
+  int unload_ref;         /* registry: sluice.host.unload_stage */
+  int loaded_any;         /* a configuration's stages were loaded before */
+  uint32_t *adhoc;        /* stages added while running: key SL_LUA_ADHOC_KEY + i */
+  int nadhoc, capadhoc;
+  ev_timer timer;         /* the earliest Lua timer */
 };
 
 static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ctx)->w->lua; }
 
-/* ---- dispatch ---- */
+/* ---- the event queue ----
+ *
+ * Every event for a Lua stage goes through one ring. Lua pops the events
+ * itself through sl_ffi_host_next (an FFI call the JIT compiles), so one
+ * C-to-Lua transition delivers every event that is waiting: in a worker,
+ * everything one loop iteration produced; between Lua stages, events never
+ * leave Lua at all. Each queued event holds a reference on its channel until
+ * Lua is done with it. */
 
-static void sl_lua_run(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n, const char *str) {
-  lua_State *L = h->L;
-  sl_channel *ch = sl_ctx_channel(ctx);
-  sl_channel_ref(ch);
-  h->depth++;
-  /* The dispatcher catches stage errors itself (with a traceback); this
-   * pcall only contains a failure of the dispatcher (out of Lua memory).
-   * Only the arguments the event uses are pushed: dispatch(ev, id, ptr, n, str). */
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->dispatch_ref);
-  lua_pushinteger(L, ev);
-  lua_pushnumber(L, ctx->lua_id);
-  int nargs = 2;
-  if (ptr || n || str) {
-    /* Pointers go as numbers: LuaJIT compiles casting a number to a pointer,
-     * not a lightuserdata (user-space addresses are exact in a double). */
-    if (ptr) lua_pushnumber(L, (lua_Number)(uintptr_t)ptr);
-    else lua_pushnil(L);
-    nargs = 3;
-    if (n || str) {
-      lua_pushinteger(L, n);
-      nargs = 4;
-      if (str) {
-        lua_pushstring(L, str);
-        nargs = 5;
-      }
-    }
-  }
-  if (lua_pcall(L, nargs, 0, 0) != 0) {
-    /* The dispatcher catches stage errors itself; this is the host failing
-     * (out of memory in Lua). Contain it to this connection. */
-    sl_log(SL_LOG_ERROR, "%s: Lua dispatch failed: %s", sl_channel_describe(ch),
-           lua_tostring(L, -1));
-    lua_pop(L, 1);
-    sl_channel_close(ch, "Lua dispatch failed", 1);
-  }
-  h->depth--;
-  sl_channel_unref(ch);
-}
-
-static int sl_lua_enqueue(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n, const char *str) {
+static int sl_lua_enqueue(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, void *ptr,
+                          int n, const char *str) {
   if (h->qlen == h->qcap) {
-    size_t cap = h->qcap ? h->qcap * 2 : 16;
-    sl_lua_pending *q = malloc(sizeof(*q) * cap);
+    size_t cap = h->qcap ? h->qcap * 2 : 64;
+    sl_lua_event *q = malloc(sizeof(*q) * cap);
     if (q == NULL) return SL_ERROR;
     for (size_t i = 0; i < h->qlen; i++) q[i] = h->q[(h->qhead + i) % h->qcap];
     free(h->q);
@@ -92,39 +68,133 @@ static int sl_lua_enqueue(sl_lua_host *h, sl_ctx *ctx, int ev, void *ptr, int n,
     h->qcap = cap;
     h->qhead = 0;
   }
-  sl_lua_pending *e = &h->q[(h->qhead + h->qlen) % h->qcap];
+  char *copy = NULL;
+  if (str != NULL && (copy = strdup(str)) == NULL) return SL_ERROR;
+  sl_lua_event *e = &h->q[(h->qhead + h->qlen) % h->qcap];
   e->ctx = ctx;
-  e->ev = ev;
+  e->ch = ch;
   e->ptr = ptr;
+  e->str = copy;
+  e->id = ctx ? ctx->lua_id : 0;
+  e->ev = ev;
   e->n = n;
-  e->str = str ? strdup(str) : NULL;
   h->qlen++;
-  sl_channel_ref(sl_ctx_channel(ctx));
+  if (ch) sl_channel_ref(ch);
   return SL_OK;
 }
 
-static void sl_lua_drain(sl_lua_host *h) {
-  while (h->qlen > 0) {
-    sl_lua_pending e = h->q[h->qhead];
-    h->qhead = (h->qhead + 1) % h->qcap;
-    h->qlen--;
-    sl_lua_run(h, e.ctx, e.ev, e.ptr, e.n, e.str);
-    free(e.str);
-    sl_channel_unref(sl_ctx_channel(e.ctx));
+/* Lets go of the event Lua finished with. */
+static void sl_lua_settle(sl_lua_host *h) {
+  if (!h->has_cur) return;
+  h->has_cur = 0;
+  free(h->cur.str);
+  if (h->cur.ch) sl_channel_unref(h->cur.ch);
+}
+
+int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out) {
+  sl_lua_settle(h);
+  if (h->qlen == 0) return 0;
+  h->cur = h->q[h->qhead];
+  h->has_cur = 1;
+  h->qhead = (h->qhead + 1) % h->qcap;
+  h->qlen--;
+  *out = h->cur;
+  return 1;
+}
+
+int sl_ffi_host_pending(sl_lua_host *h) { return h->qlen > 0 || h->has_cur; }
+
+/* Drops every pending event (the state is closing): buffers are released. */
+static void sl_lua_discard(sl_lua_host *h) {
+  sl_lua_event e;
+  while (sl_ffi_host_next(h, &e)) {
+    if (e.ptr && (e.ev == SL_EV_READ || e.ev == SL_EV_WRITE)) sl_buf_release(e.ptr);
   }
+  sl_lua_settle(h);
+}
+
+void sl_lua_host_drain(sl_lua_host *h) {
+  if (h == NULL || h->L == NULL || h->depth > 0 || h->qlen == 0) return;
+  lua_State *L = h->L;
+  h->depth++;
+  h->entries++;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->traceback_ref);
+  int tb = lua_gettop(L);
+  for (;;) {
+    /* run() delivers every queued event and returns; a stage that raises
+     * stops it with the traceback, failed() contains the error (logs it,
+     * releases what the stage was handed, closes its connection), and run()
+     * goes on with the next event. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->run_ref);
+    if (lua_pcall(L, 0, 0, tb) == 0) break;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->failed_ref);
+    lua_insert(L, -2);
+    if (lua_pcall(L, 1, 0, 0) != 0) {
+      /* The host itself failed (out of Lua memory). What is still queued
+       * cannot be delivered: release it, close the channels it belonged to. */
+      sl_log(SL_LOG_ERROR, "Lua dispatch failed: %s", lua_tostring(L, -1));
+      lua_pop(L, 1);
+      sl_lua_event e;
+      while (sl_ffi_host_next(h, &e)) {
+        if (e.ptr && (e.ev == SL_EV_READ || e.ev == SL_EV_WRITE)) sl_buf_release(e.ptr);
+        if (e.ch) sl_channel_close(e.ch, "Lua dispatch failed", 1);
+      }
+      break;
+    }
+  }
+  lua_settop(L, tb - 1);
+  sl_lua_settle(h);
+  h->depth--;
+}
+
+static void sl_lua_call_ch(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, void *ptr, int n,
+                           const char *str) {
+  if (sl_lua_enqueue(h, ch, ctx, ev, ptr, n, str) != SL_OK) {
+    if (ptr && (ev == SL_EV_READ || ev == SL_EV_WRITE)) sl_buf_release(ptr);
+    sl_channel_close(ch, "out of memory queueing a Lua event", 1);
+    return;
+  }
+  if (!h->deferred && h->hold == 0) sl_lua_host_drain(h);
+}
+
+/* A channel's read loop holds the queue, so that every read of one wake-up
+ * reaches Lua in one transition; it lets go (and the queue drains) before
+ * it fires anything but reads, so no event overtakes the queued ones. */
+static void sl_lua_host_hold(struct sl_lua_host *h, int on) {
+  if (on) {
+    h->hold++;
+    return;
+  }
+  if (--h->hold == 0 && !h->deferred) sl_lua_host_drain(h);
 }
 
 static void sl_lua_call(sl_ctx *ctx, int ev, void *ptr, int n, const char *str) {
-  sl_lua_host *h = sl_lua_host_of(ctx);
-  if (h->depth > 0) {
-    if (sl_lua_enqueue(h, ctx, ev, ptr, n, str) != SL_OK) {
-      if (ptr && (ev == SL_EV_READ || ev == SL_EV_WRITE)) sl_buf_release(ptr);
-      sl_channel_close(sl_ctx_channel(ctx), "out of memory queueing a Lua event", 1);
-    }
-    return;
-  }
-  sl_lua_run(h, ctx, ev, ptr, n, str);
-  sl_lua_drain(h);
+  sl_lua_call_ch(sl_lua_host_of(ctx), sl_ctx_channel(ctx), ctx, ev, ptr, n, str);
+}
+
+void sl_lua_host_promise_done(sl_channel *ch, uint32_t pid, const char *err) {
+  sl_lua_host *h = ch->w->lua;
+  if (h == NULL || pid == 0) return;
+  sl_lua_call_ch(h, ch, NULL, SL_LEV_PROMISE, NULL, (int)pid, err);
+}
+
+/* Timers: Lua keeps them (a heap per worker) and asks for one wake-up at
+ * the earliest deadline. */
+static void sl_lua_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
+  (void)loop;
+  (void)revents;
+  sl_lua_host *h = t->data;
+  if (sl_lua_enqueue(h, NULL, NULL, SL_LEV_TIMER, NULL, 0, NULL) == SL_OK && !h->deferred &&
+      h->hold == 0)
+    sl_lua_host_drain(h);
+}
+
+void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms) {
+  if (h->w == NULL || h->w->loop == NULL) return;
+  ev_timer_stop(h->w->loop, &h->timer);
+  if (delay_ms < 0) return;
+  ev_timer_set(&h->timer, delay_ms / 1000.0, 0.);
+  ev_timer_start(h->w->loop, &h->timer);
 }
 
 /* ---- the Lua stage vtable ---- */
@@ -149,6 +219,7 @@ static void sl_lua_flush(sl_ctx *ctx) { sl_lua_call(ctx, SL_EV_FLUSH, NULL, 0, N
 static void sl_lua_close(sl_ctx *ctx, const char *reason) {
   sl_lua_call(ctx, SL_EV_CLOSE, NULL, 0, reason);
 }
+static void sl_lua_read(sl_ctx *ctx) { sl_lua_call(ctx, SL_EV_READ_REQUEST, NULL, 0, NULL); }
 static void sl_lua_on_removed(sl_ctx *ctx) { sl_lua_call(ctx, SL_LEV_REMOVED, NULL, 0, NULL); }
 
 static const sl_stage_ops sl_lua_stage_ops = {
@@ -163,18 +234,26 @@ static const sl_stage_ops sl_lua_stage_ops = {
     .write = sl_lua_write,
     .flush = sl_lua_flush,
     .close = sl_lua_close,
+    .read = sl_lua_read,
     .on_removed = sl_lua_on_removed,
 };
 
-sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const sl_stage_spec *spec) {
-  SL_ASSERT(spec->lua_key > 0 && spec->lua_key <= h->nstages, "unknown Lua stage key");
-  sl_ctx *ctx = sl_pipeline_add_last(p, &sl_lua_stage_ops, spec->module);
+static uint32_t sl_lua_mask_of(const sl_lua_host *h, int key);
+
+sl_ctx *sl_lua_host_insert(sl_lua_host *h, sl_pipeline *p, sl_ctx *before, int key,
+                           const char *name, int announce) {
+  uint32_t mask = sl_lua_mask_of(h, key);
+  sl_ctx *ctx = sl_pipeline_insert(p, before, &sl_lua_stage_ops, name);
   if (ctx == NULL) return NULL;
-  ctx->lua_stage = spec->lua_key;
-  ctx->mask = h->masks[spec->lua_key - 1];
+  ctx->lua_stage = key;
+  ctx->mask = mask;
   ctx->lua_id = ++h->next_id;
-  sl_lua_call(ctx, SL_LEV_ADDED, ctx, spec->lua_key, NULL);
+  if (announce) sl_lua_call(ctx, SL_LEV_ADDED, ctx, key, NULL);
   return ctx;
+}
+
+sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const sl_stage_spec *spec) {
+  return sl_lua_host_insert(h, p, &p->tail, spec->lua_key, spec->module, 1);
 }
 
 /* ---- state set-up ---- */
@@ -215,11 +294,11 @@ static int sl_lua_copy(lua_State *from, int idx, lua_State *to, int depth, const
   }
 }
 
-static int sl_lua_load_stage(sl_lua_host *h, int load_ref, const sl_config *cfg,
+static int sl_lua_load_stage(sl_lua_host *h, int load_ref, int tb_ref, const sl_config *cfg,
                              const sl_stage_spec *spec, char *err, size_t errlen) {
   lua_State *L = h->L;
   const char *cerr = NULL;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->traceback_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, tb_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, load_ref);
   lua_pushstring(L, spec->module);
   lua_pushstring(L, spec->file);
@@ -231,7 +310,8 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, const sl_config *cfg,
     lua_settop(L, 0);
     return SL_ERROR;
   }
-  if (lua_pcall(L, 3, 2, -5) != 0) {
+  lua_pushinteger(L, spec->lua_key);
+  if (lua_pcall(L, 4, 2, -6) != 0) {
     snprintf(err, errlen, "stage %s: %s", spec->module, lua_tostring(L, -1));
     lua_settop(L, 0);
     return SL_ERROR;
@@ -244,70 +324,172 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, const sl_config *cfg,
   return SL_OK;
 }
 
+/* Stages added while running (ctx:pipeline(), sluice.testing) have keys of
+ * their own, above any configuration's. */
+#define SL_LUA_ADHOC_KEY (1 << 24)
+
+int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask) {
+  if (h->nadhoc == h->capadhoc) {
+    int cap = h->capadhoc ? h->capadhoc * 2 : 16;
+    uint32_t *m = realloc(h->adhoc, sizeof(uint32_t) * (size_t)cap);
+    if (m == NULL) return 0;
+    h->adhoc = m;
+    h->capadhoc = cap;
+  }
+  h->adhoc[h->nadhoc++] = mask;
+  return SL_LUA_ADHOC_KEY + h->nadhoc;
+}
+
+static uint32_t sl_lua_mask_of(const sl_lua_host *h, int key) {
+  if (key > SL_LUA_ADHOC_KEY) {
+    SL_ASSERT(key - SL_LUA_ADHOC_KEY <= h->nadhoc, "unknown Lua stage key");
+    return h->adhoc[key - SL_LUA_ADHOC_KEY - 1];
+  }
+  SL_ASSERT(key > 0 && key <= h->nstages, "unknown Lua stage key");
+  return h->masks[key - 1];
+}
+
+static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
+  sl_lua_host *h = calloc(1, sizeof(*h));
+  if (h == NULL) return NULL;
+  h->w = w;
+  ev_init(&h->timer, sl_lua_on_timer);
+  h->timer.data = h;
+  return h;
+}
+
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
-  sl_lua_host *h = calloc(1, sizeof(*h));
-  if (h == NULL) {
-    snprintf(err, errlen, "out of memory");
-    return NULL;
-  }
-  h->w = w;
-  h->nstages = cfg->nlua_stages;
-  h->masks = calloc((size_t)h->nstages + 1, sizeof(uint32_t));
-  h->L = luaL_newstate();
-  if (h->L == NULL || h->masks == NULL) {
+  sl_lua_host *h = sl_lua_host_new(w);
+  if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
+      (h->L = luaL_newstate()) == NULL) {
     snprintf(err, errlen, "out of memory");
     sl_lua_host_destroy(h);
     return NULL;
   }
+  w->lua = h;
   lua_State *L = h->L;
   luaL_openlibs(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, cfg->search_path);
   lua_setfield(L, -2, "path");
   lua_pop(L, 1);
-  lua_getglobal(L, "debug");
-  lua_getfield(L, -1, "traceback");
-  h->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_pop(L, 1);
 
   lua_getglobal(L, "require");
   lua_pushstring(L, "sluice.host");
   if (lua_pcall(L, 1, 1, 0) != 0) {
     snprintf(err, errlen, "loading sluice.host: %s", lua_tostring(L, -1));
+    w->lua = NULL;
     sl_lua_host_destroy(h);
     return NULL;
   }
-  lua_getfield(L, -1, "dispatch");
-  h->dispatch_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "run");
+  h->run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "failed");
+  h->failed_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  h->traceback_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, 1);
   lua_getfield(L, -1, "load_stage");
-  int load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  h->load_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, -1, "unload_stage");
+  h->unload_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "init");
   lua_pushinteger(L, w->id);
-  lua_call(L, 1, 0);
+  lua_pushnumber(L, (lua_Number)(uintptr_t)h);
+  lua_call(L, 2, 0);
   lua_settop(L, 0);
+  h->loaded_any = 0;
+  if (sl_lua_host_load(h, cfg, err, errlen) != SL_OK) {
+    w->lua = NULL;
+    sl_lua_host_destroy(h);
+    return NULL;
+  }
+  w->lua_hold = sl_lua_host_hold;
+  return h;
+}
 
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    const sl_listener_cfg *lc = &cfg->listeners[i];
-    for (size_t j = 0; j < lc->nstages; j++) {
-      if (lc->stages[j].ops != NULL) continue;
-      if (sl_lua_load_stage(h, load_ref, cfg, &lc->stages[j], err, errlen) != SL_OK) {
-        luaL_unref(L, LUA_REGISTRYINDEX, load_ref);
-        sl_lua_host_destroy(h);
-        return NULL;
+int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t errlen) {
+  lua_State *L = h->L;
+  int last = cfg->lua_key_first + cfg->nlua_stages - 1;
+  if (last > h->nstages) {
+    uint32_t *m = realloc(h->masks, ((size_t)last + 1) * sizeof(uint32_t));
+    if (m == NULL) {
+      snprintf(err, errlen, "out of memory");
+      return SL_ERROR;
+    }
+    memset(m + h->nstages, 0, ((size_t)last + 1 - (size_t)h->nstages) * sizeof(uint32_t));
+    h->masks = m;
+    h->nstages = last;
+  }
+  /* A later configuration runs its stage modules anew: connections that
+   * are still open keep the tables of the earlier run. */
+  if (h->loaded_any) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    for (size_t i = 0; i < cfg->nlisteners; i++) {
+      const sl_listener_cfg *lc = &cfg->listeners[i];
+      for (size_t j = 0; j < lc->nstages; j++) {
+        if (lc->stages[j].ops != NULL) continue;
+        lua_pushnil(L);
+        lua_setfield(L, -2, lc->stages[j].module);
       }
     }
+    lua_settop(L, 0);
   }
-  luaL_unref(L, LUA_REGISTRYINDEX, load_ref);
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  int tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pop(L, 1);
+  int rc = SL_OK;
+  for (size_t i = 0; i < cfg->nlisteners && rc == SL_OK; i++) {
+    const sl_listener_cfg *lc = &cfg->listeners[i];
+    for (size_t j = 0; j < lc->nstages && rc == SL_OK; j++) {
+      if (lc->stages[j].ops != NULL) continue;
+      rc = sl_lua_load_stage(h, h->load_ref, tb_ref, cfg, &lc->stages[j], err, errlen);
+    }
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
+  if (rc != SL_OK) {
+    sl_lua_host_unload(h, cfg->lua_key_first, cfg->nlua_stages);
+    return SL_ERROR;
+  }
+  h->loaded_any = 1;
+  return SL_OK;
+}
+
+void sl_lua_host_unload(sl_lua_host *h, int first, int n) {
+  lua_State *L = h->L;
+  for (int key = first; key < first + n && key <= h->nstages; key++) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->unload_ref);
+    lua_pushinteger(L, key);
+    if (lua_pcall(L, 1, 0, 0) != 0) lua_pop(L, 1);
+    h->masks[key - 1] = 0;
+  }
+}
+
+void sl_lua_host_defer(sl_lua_host *h) { h->deferred = 1; }
+
+uint64_t sl_lua_host_entries(const sl_lua_host *h) { return h ? h->entries : 0; }
+
+sl_lua_host *sl_ffi_host_open(struct sl_worker *w) {
+  sl_lua_host *h = sl_lua_host_new(w);
+  if (h == NULL) return NULL;
+  h->deferred = 1; /* the Lua side pops events itself */
+  w->lua = h;
   return h;
 }
 
 void sl_lua_host_destroy(sl_lua_host *h) {
   if (h == NULL) return;
-  SL_ASSERT(h->qlen == 0, "Lua host destroyed with events pending");
+  if (h->L) sl_lua_host_drain(h);
+  sl_lua_discard(h);
+  if (h->w && h->w->loop) ev_timer_stop(h->w->loop, &h->timer);
+  if (h->w && h->w->lua == h) h->w->lua = NULL;
   if (h->L) lua_close(h->L);
   free(h->q);
   free(h->masks);
+  free(h->adhoc);
   free(h);
 }
-

@@ -14,12 +14,13 @@
 
 #include <stddef.h>
 
+#include "lua/ffi.h"
 #include "pipeline/pipeline.h"
 
 struct sl_worker;
 struct sl_config;
 struct sl_stage_spec;
-typedef struct sl_lua_host sl_lua_host;
+struct sl_channel;
 
 /* Creates the worker's state, loads sluice's Lua library and every Lua stage
  * of every listener (with its options copied from the config). Returns NULL
@@ -27,11 +28,41 @@ typedef struct sl_lua_host sl_lua_host;
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const struct sl_config *cfg,
                                 char *err, size_t errlen);
 
+/* Loads the Lua stages of cfg (a reloaded configuration) into h's state
+ * under their keys; modules loaded before are run anew, and the stages of
+ * earlier configurations stay for the connections that use them. Borrows
+ * cfg (its Lua state is read: one thread at a time). SL_OK, or SL_ERROR with
+ * a message in err and nothing of cfg left loaded. */
+int sl_lua_host_load(sl_lua_host *h, const struct sl_config *cfg, char *err, size_t errlen);
+
+/* Forgets the stages with keys first..first+n-1 (a configuration that no
+ * connection of this worker uses any more, or a reload that failed). */
+void sl_lua_host_unload(sl_lua_host *h, int first, int n);
+
 /* Closes the state: finalizers run and reclaim what scripts leaked. */
 void sl_lua_host_destroy(sl_lua_host *h);
 
 /* Appends a Lua stage to p. Returns the context or NULL on ENOMEM. */
 sl_ctx *sl_lua_host_add_stage(sl_lua_host *h, sl_pipeline *p, const struct sl_stage_spec *spec);
+
+/* Inserts Lua stage `key` before `before` in p; announce != 0 queues the
+ * ADDED event that creates its Lua side. NULL on ENOMEM. */
+sl_ctx *sl_lua_host_insert(sl_lua_host *h, sl_pipeline *p, sl_ctx *before, int key,
+                           const char *name, int announce);
+
+/* Delivers every queued event in one call into Lua (a worker does this once
+ * per loop iteration; without a loop, after each event). */
+void sl_lua_host_drain(sl_lua_host *h);
+
+/* Events wait in the queue until sl_lua_host_drain (a driver without a
+ * loop that batches by itself). */
+void sl_lua_host_defer(sl_lua_host *h);
+
+/* How many times C entered Lua to deliver events (metrics, benchmarks). */
+uint64_t sl_lua_host_entries(const sl_lua_host *h);
+
+/* A write promise completed (err NULL) or failed: queues it for Lua. */
+void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);
 
 
 #endif

@@ -17,11 +17,14 @@ static void sl_head_close(sl_ctx *ctx, const char *reason) {
   sl_channel_close(sl_ctx_channel(ctx), reason, 0);
 }
 
+static void sl_head_read(sl_ctx *ctx) { sl_channel_read_request(sl_ctx_channel(ctx)); }
+
 static const sl_stage_ops sl_head_ops = {
     .name = "head",
     .write = sl_head_write,
     .flush = sl_head_flush,
     .close = sl_head_close,
+    .read = sl_head_read,
 };
 
 /* ---- tail: the end of the inbound path ---- */
@@ -74,6 +77,7 @@ static uint32_t sl_ops_mask(const sl_stage_ops *ops) {
   if (ops->write) m |= SL_EV_BIT(SL_EV_WRITE);
   if (ops->flush) m |= SL_EV_BIT(SL_EV_FLUSH);
   if (ops->close) m |= SL_EV_BIT(SL_EV_CLOSE);
+  if (ops->read) m |= SL_EV_BIT(SL_EV_READ_REQUEST);
   return m;
 }
 
@@ -83,7 +87,8 @@ void sl_pipeline_init(sl_pipeline *p, struct sl_channel *ch) {
   p->head.ops = &sl_head_ops;
   p->head.name = "head";
   p->head.pipe = p;
-  p->head.mask = SL_EV_BIT(SL_EV_WRITE) | SL_EV_BIT(SL_EV_FLUSH) | SL_EV_BIT(SL_EV_CLOSE);
+  p->head.mask = SL_EV_BIT(SL_EV_WRITE) | SL_EV_BIT(SL_EV_FLUSH) | SL_EV_BIT(SL_EV_CLOSE) |
+                 SL_EV_BIT(SL_EV_READ_REQUEST);
   p->tail.ops = &sl_tail_ops;
   p->tail.name = "tail";
   p->tail.pipe = p;
@@ -92,7 +97,10 @@ void sl_pipeline_init(sl_pipeline *p, struct sl_channel *ch) {
   p->tail.prev = &p->head;
 }
 
-sl_ctx *sl_pipeline_add_last(sl_pipeline *p, const sl_stage_ops *ops, const char *name) {
+sl_ctx *sl_pipeline_insert(sl_pipeline *p, sl_ctx *before, const sl_stage_ops *ops,
+                           const char *name) {
+  SL_ASSERT(before != &p->head && before->pipe == p && !before->removed,
+            "a stage is inserted before a live context of its own pipeline");
   sl_ctx *ctx = calloc(1, sizeof(*ctx) + ops->state_size);
   if (ctx == NULL) return NULL;
   ctx->ops = ops;
@@ -100,12 +108,31 @@ sl_ctx *sl_pipeline_add_last(sl_pipeline *p, const sl_stage_ops *ops, const char
   ctx->name = name ? name : ops->name;
   ctx->mask = sl_ops_mask(ops);
   ctx->state = ops->state_size ? (void *)(ctx + 1) : NULL;
-  ctx->prev = p->tail.prev;
-  ctx->next = &p->tail;
-  p->tail.prev->next = ctx;
-  p->tail.prev = ctx;
+  ctx->prev = before->prev;
+  ctx->next = before;
+  before->prev->next = ctx;
+  before->prev = ctx;
   p->nstages++;
   return ctx;
+}
+
+sl_ctx *sl_pipeline_add_last(sl_pipeline *p, const sl_stage_ops *ops, const char *name) {
+  return sl_pipeline_insert(p, &p->tail, ops, name);
+}
+
+void sl_pipeline_remove(sl_ctx *ctx) {
+  sl_pipeline *p = ctx->pipe;
+  SL_ASSERT(ctx != &p->head && ctx != &p->tail, "head and tail stay");
+  if (ctx->removed) return;
+  ctx->prev->next = ctx->next;
+  ctx->next->prev = ctx->prev;
+  /* ctx keeps its next and prev: an event it sends while it is being
+   * removed still reaches its old neighbours, as in Netty. */
+  ctx->removed = 1;
+  ctx->gone = p->removed;
+  p->removed = ctx;
+  p->nstages--;
+  if (ctx->ops->on_removed) ctx->ops->on_removed(ctx);
 }
 
 void sl_pipeline_fire_removed(sl_pipeline *p) {
@@ -120,6 +147,12 @@ void sl_pipeline_destroy(sl_pipeline *p) {
     if (ctx->ops->destroy) ctx->ops->destroy(ctx);
     free(ctx);
     ctx = next;
+  }
+  while (p->removed != NULL) {
+    sl_ctx *gone = p->removed;
+    p->removed = gone->gone;
+    if (gone->ops->destroy) gone->ops->destroy(gone);
+    free(gone);
   }
   p->head.next = &p->tail;
   p->tail.prev = &p->head;
@@ -190,6 +223,11 @@ void sl_ctx_close(sl_ctx *ctx, const char *reason) {
   n->ops->close(n, reason);
 }
 
+void sl_ctx_read(sl_ctx *ctx) {
+  sl_ctx *n = sl_ctx_next_handler(ctx, SL_EV_READ_REQUEST);
+  n->ops->read(n);
+}
+
 void sl_pipeline_fire_active(sl_pipeline *p) { sl_ctx_fire_active(&p->head); }
 void sl_pipeline_fire_inactive(sl_pipeline *p) { sl_ctx_fire_inactive(&p->head); }
 void sl_pipeline_fire_read(sl_pipeline *p, sl_buf *b) { sl_ctx_fire_read(&p->head, b); }
@@ -200,3 +238,4 @@ void sl_pipeline_fire_error(sl_pipeline *p, const char *err) { sl_ctx_fire_error
 void sl_pipeline_write(sl_pipeline *p, sl_buf *b) { sl_ctx_write(&p->tail, b); }
 void sl_pipeline_flush(sl_pipeline *p) { sl_ctx_flush(&p->tail); }
 void sl_pipeline_close(sl_pipeline *p, const char *reason) { sl_ctx_close(&p->tail, reason); }
+void sl_pipeline_read(sl_pipeline *p) { sl_ctx_read(&p->tail); }

@@ -36,6 +36,7 @@ typedef enum {
   SL_EV_WRITE,
   SL_EV_FLUSH,
   SL_EV_CLOSE,
+  SL_EV_READ_REQUEST,    /* outbound: read once more (autoread off) */
   SL_EV_COUNT
 } sl_event;
 
@@ -64,6 +65,7 @@ typedef struct sl_stage_ops {
   void (*write)(sl_ctx *ctx, sl_buf *b);            /* takes ownership of b */
   void (*flush)(sl_ctx *ctx);
   void (*close)(sl_ctx *ctx, const char *reason);
+  void (*read)(sl_ctx *ctx);
   void (*on_removed)(sl_ctx *ctx);   /* the channel closed: after inactive */
 } sl_stage_ops;
 
@@ -77,6 +79,8 @@ struct sl_ctx {
   int lua_stage;        /* Lua stages: key of the loaded stage, else 0 */
   double lua_id;        /* Lua stages: id of the Lua-side context, else 0 */
   void *state;          /* ops->state_size bytes, or NULL */
+  int removed;          /* left the pipeline while its channel lives */
+  sl_ctx *gone;         /* next on the pipeline's removed list */
 };
 
 struct sl_pipeline {
@@ -84,6 +88,7 @@ struct sl_pipeline {
   sl_ctx tail;          /* releases what reaches it */
   struct sl_channel *ch;
   uint32_t nstages;
+  sl_ctx *removed;      /* contexts removed while running, freed with the pipeline */
 };
 
 /* Sets up an empty pipeline (head <-> tail) for ch. */
@@ -92,6 +97,16 @@ void sl_pipeline_init(sl_pipeline *p, struct sl_channel *ch);
 /* Appends a stage before the tail. Returns the context, or NULL on ENOMEM. */
 sl_ctx *sl_pipeline_add_last(sl_pipeline *p, const sl_stage_ops *ops,
                              const char *name);
+
+/* Inserts a stage before `before` (a live context of p, or &p->tail).
+ * Returns the context, or NULL on ENOMEM. */
+sl_ctx *sl_pipeline_insert(sl_pipeline *p, sl_ctx *before, const sl_stage_ops *ops,
+                           const char *name);
+
+/* Takes a stage out of a running pipeline: on_removed runs, the context
+ * stays allocated (and still forwards what it sends) until the pipeline is
+ * destroyed. */
+void sl_pipeline_remove(sl_ctx *ctx);
 
 /* Tells every stage, head to tail, that it leaves the pipeline (the channel
  * closed); the contexts stay allocated until sl_pipeline_destroy. */
@@ -111,6 +126,7 @@ void sl_pipeline_fire_error(sl_pipeline *p, const char *err);
 void sl_pipeline_write(sl_pipeline *p, sl_buf *b);        /* takes ownership */
 void sl_pipeline_flush(sl_pipeline *p);
 void sl_pipeline_close(sl_pipeline *p, const char *reason);
+void sl_pipeline_read(sl_pipeline *p);
 
 /* From a context: the next handler in the event's direction gets it. */
 void sl_ctx_fire_active(sl_ctx *ctx);
@@ -123,6 +139,7 @@ void sl_ctx_fire_error(sl_ctx *ctx, const char *err);
 void sl_ctx_write(sl_ctx *ctx, sl_buf *b);                /* takes ownership */
 void sl_ctx_flush(sl_ctx *ctx);
 void sl_ctx_close(sl_ctx *ctx, const char *reason);
+void sl_ctx_read(sl_ctx *ctx);
 
 /* The next context after ctx (inbound events) or before it (outbound) that
  * handles ev; never NULL (head and tail handle everything). */

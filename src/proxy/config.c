@@ -147,6 +147,8 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->name = sl_strdup_field(L, lt, "name");
     l->low_water_mark = (size_t)sl_num_field(L, lt, "low_water_mark");
     l->high_water_mark = (size_t)sl_num_field(L, lt, "high_water_mark");
+    l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
+    l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);
@@ -218,6 +220,12 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   if (level == NULL || sl_log_parse_level(level, &c->log_level) != SL_OK) c->log_level = SL_LOG_INFO;
   free(level);
   c->search_path = sl_strdup_field(L, cfg, "search_path");
+  c->workers = (int)sl_num_field(L, cfg, "workers");
+  c->drain_timeout = sl_num_field(L, cfg, "drain_timeout_ms") / 1000.0;
+  c->error_log = sl_strdup_field(L, cfg, "error_log");
+  c->access_log = sl_strdup_field(L, cfg, "access_log");
+  c->lua_key_first = 1;
+  atomic_init(&c->refs, 1);
   sl_read_allocator(c, L, cfg);
   if (sl_read_upstreams(c, L, cfg, err, errlen) != SL_OK ||
       sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
@@ -250,8 +258,26 @@ void sl_config_free(sl_config *c) {
   }
   free(c->upstreams);
   free(c->search_path);
+  free(c->error_log);
+  free(c->access_log);
   free(c->root);
   free(c->path);
   if (c->L) lua_close(c->L);
   free(c);
+}
+
+void sl_config_rebase(sl_config *c, const sl_config *prev) {
+  int shift = prev->lua_key_first + prev->nlua_stages - c->lua_key_first;
+  for (size_t i = 0; i < c->nlisteners; i++) {
+    sl_listener_cfg *l = &c->listeners[i];
+    for (size_t j = 0; j < l->nstages; j++)
+      if (l->stages[j].ops == NULL) l->stages[j].lua_key += shift;
+  }
+  c->lua_key_first += shift;
+}
+
+void sl_config_ref(sl_config *c) { atomic_fetch_add(&c->refs, 1); }
+
+void sl_config_unref(sl_config *c) {
+  if (c != NULL && atomic_fetch_sub(&c->refs, 1) == 1) sl_config_free(c);
 }

@@ -7,7 +7,9 @@
 #ifndef SL_CONFIG_H
 #define SL_CONFIG_H
 
+#include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "alloc/arena.h"
 #include "io/addr.h"
@@ -21,7 +23,9 @@ typedef struct sl_stage_spec {
   const sl_stage_ops *ops;     /* C stages; NULL for Lua stages */
   char *file;                  /* Lua stages: the file that was found */
   int options_ref;             /* Lua stages: options table in the config state */
-  int lua_key;                 /* Lua stages: 1-based index among all Lua stages */
+  int lua_key;                 /* Lua stages: key in each worker's Lua state; unique
+                                  across the configurations of one run (a reload's
+                                  keys follow its predecessor's, see sl_config_rebase) */
 } sl_stage_spec;
 
 typedef struct sl_upstream_cfg {
@@ -40,6 +44,8 @@ typedef struct sl_listener_cfg {
   sl_stage_spec *stages;
   size_t nstages;
   size_t low_water_mark, high_water_mark;
+  uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
+  double idle_timeout;         /* seconds; 0: none */
 } sl_listener_cfg;
 
 typedef struct sl_config {
@@ -53,6 +59,12 @@ typedef struct sl_config {
   sl_upstream_cfg *upstreams;
   size_t nupstreams;
   int nlua_stages;
+  int lua_key_first;           /* Lua stage keys are lua_key_first..+nlua_stages-1 */
+  int workers;                 /* 0: one per core */
+  double drain_timeout;        /* seconds a stop waits for open connections */
+  char *error_log;             /* "stderr" or a path */
+  char *access_log;            /* "off", "stderr" or a path */
+  _Atomic uint32_t refs;       /* the running process and each worker still using it */
   lua_State *L;
 } sl_config;
 
@@ -64,5 +76,14 @@ const char *sl_config_root(void);
 sl_config *sl_config_load(const char *path, char *err, size_t errlen);
 
 void sl_config_free(sl_config *c);
+
+/* Gives c's Lua stages the keys after those of prev (a reload: the workers'
+ * Lua states keep prev's stages for the connections still using them). */
+void sl_config_rebase(sl_config *c, const sl_config *prev);
+
+/* Reference counting for configurations shared by threads: a new config
+ * has one reference (its loader's); sl_config_unref frees it at zero. */
+void sl_config_ref(sl_config *c);
+void sl_config_unref(sl_config *c);
 
 #endif

@@ -1,6 +1,7 @@
 #include "proxy/server.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -14,28 +15,92 @@
 #include "util/common.h"
 #include "util/log.h"
 
-typedef struct sl_server {
-  const sl_config *cfg;
-  sl_listener *listeners;      /* one per cfg->listeners */
-  size_t nlisteners;
-  uint32_t *rr;                /* round-robin position per upstream */
-} sl_server;
+_Atomic int sl_access_log_fd = -1;
 
-static void sl_server_close_listeners(sl_server *s) {
-  for (size_t i = 0; i < s->nlisteners; i++) sl_listener_close(&s->listeners[i]);
+typedef struct sl_server_gen sl_server_gen;
+
+/* One listener of one configuration on one worker. Its client channels
+ * point at it (ud) until they close. */
+typedef struct sl_server_listener {
+  sl_listener l;
+  const sl_listener_cfg *lc;   /* borrowed from gen->cfg */
+  sl_listen_set *set;          /* borrowed from the runtime */
+} sl_server_listener;
+
+/* A configuration as one worker runs it. Invariant: freed only once no
+ * channel created under it is left (its listeners stopped long before). */
+struct sl_server_gen {
+  sl_worker_gen base;
+  sl_config *cfg;              /* one reference */
+  sl_server_listener *ls;      /* one per cfg->listeners */
+  uint32_t *rr;                /* round-robin position per upstream */
+};
+
+static sl_server_gen *sl_server_gen_of(sl_worker_gen *g) {
+  return SL_CONTAINER_OF(g, sl_server_gen, base);
 }
 
-static void sl_server_on_stop(sl_worker *w) { sl_server_close_listeners(w->app); }
+/* ---- access log ---- */
+
+/* Appends s to out as a logfmt value: quoted, with " and \ escaped and
+ * control characters replaced. */
+static size_t sl_server_quote(char *out, size_t room, const char *s) {
+  size_t n = 0;
+  if (room < 3) return 0;
+  out[n++] = '"';
+  for (; *s && n + 3 < room; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c == '"' || c == '\\') out[n++] = '\\';
+    out[n++] = c < 0x20 ? ' ' : (char)c;
+  }
+  out[n++] = '"';
+  return n;
+}
+
+static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
+  int fd = atomic_load_explicit(&sl_access_log_fd, memory_order_relaxed);
+  if (fd < 0) return;
+  char line[640], client[64], up[64];
+  sl_addr_format((const struct sockaddr *)&ch->remote.ss, client, sizeof(client));
+  if (ch->peer_remote.len > 0)
+    sl_addr_format((const struct sockaddr *)&ch->peer_remote.ss, up, sizeof(up));
+  else
+    snprintf(up, sizeof(up), "-");
+  int n = sl_log_format_time(line, sizeof(line));
+  n += snprintf(line + n, sizeof(line) - (size_t)n,
+                " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu bytes_out=%llu"
+                " duration_ms=%.0f reason=",
+                client, sl->lc->name, up, ch->w->id, (unsigned long long)ch->bytes_in,
+                (unsigned long long)ch->bytes_out, (ev_now(ch->w->loop) - ch->started) * 1000.0);
+  if (n >= (int)sizeof(line) - 4) n = (int)sizeof(line) - 4;
+  n += (int)sl_server_quote(line + n, sizeof(line) - (size_t)n - 1, ch->reason);
+  line[n++] = '\n';
+  /* One write per line: lines from several workers never mix. */
+  ssize_t w = write(fd, line, (size_t)n);
+  SL_UNUSED(w);
+}
+
+/* ---- accepting ---- */
+
+static void sl_server_on_client_close(sl_channel *ch) {
+  sl_server_listener *sl = ch->ud;
+  sl_listen_gate_leave(&sl->set->gate);
+  sl_server_access_log(ch, sl);
+}
 
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
-  const sl_listener_cfg *lc = l->ud;
+  sl_server_listener *sl = l->ud;
+  const sl_listener_cfg *lc = sl->lc;
   sl_channel_config cc = {lc->low_water_mark, lc->high_water_mark};
   sl_channel *ch = sl_channel_accepted(w, fd, remote, &cc, lc->name);
   if (ch == NULL) {
+    sl_listen_gate_leave(l->gate);
     sl_log(SL_LOG_ERROR, "listener %s: out of memory accepting a connection", lc->name);
     return;
   }
+  ch->ud = sl;
+  ch->on_close = sl_server_on_client_close;
   for (size_t i = 0; i < lc->nstages; i++) {
     const sl_stage_spec *s = &lc->stages[i];
     sl_ctx *ctx = s->ops ? sl_pipeline_add_last(&ch->pipe, s->ops, s->module)
@@ -49,62 +114,169 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
     sl_channel_close(ch, "out of memory building the pipeline", 1);
     return;
   }
-  sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
+  sl_channel_set_idle_timeout(ch, lc->idle_timeout);
+  if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
   sl_channel_activate(ch);
 }
 
 const sl_addr *sl_server_pick(sl_worker *w, const sl_upstream_cfg *u) {
-  sl_server *s = w->app;
-  size_t idx = (size_t)(u - s->cfg->upstreams);
-  uint32_t n = s->rr[idx]++;
-  return &u->servers[n % u->nservers];
+  /* u belongs to the configuration its connection started with. */
+  for (sl_worker_gen *g = w->gen; g != NULL; g = g->older) {
+    sl_server_gen *sg = sl_server_gen_of(g);
+    const sl_config *c = sg->cfg;
+    if (u >= c->upstreams && u < c->upstreams + c->nupstreams) {
+      uint32_t n = sg->rr[u - c->upstreams]++;
+      return &u->servers[n % u->nservers];
+    }
+  }
+  return &u->servers[0];
 }
 
-int sl_server_start(sl_worker *w, const sl_config *cfg, char *err, size_t errlen) {
-  sl_server *s = calloc(1, sizeof(*s));
-  if (s == NULL) {
-    snprintf(err, errlen, "out of memory");
-    return SL_ERROR;
+/* ---- generations ---- */
+
+static void sl_server_gen_free(sl_worker *w, sl_server_gen *g) {
+  if (g == NULL) return;
+  for (size_t i = 0; g->ls && i < g->cfg->nlisteners; i++) sl_listener_stop(&g->ls[i].l);
+  free(g->ls);
+  free(g->rr);
+  sl_config_unref(g->cfg);
+  SL_UNUSED(w);
+  free(g);
+}
+
+static sl_server_gen *sl_server_gen_new(sl_config *cfg, sl_listen_set **sets) {
+  sl_server_gen *g = calloc(1, sizeof(*g));
+  if (g == NULL) return NULL;
+  g->ls = calloc(cfg->nlisteners + 1, sizeof(*g->ls));
+  g->rr = calloc(cfg->nupstreams + 1, sizeof(*g->rr));
+  if (g->ls == NULL || g->rr == NULL) {
+    free(g->ls);
+    free(g->rr);
+    free(g);
+    return NULL;
   }
-  s->cfg = cfg;
-  s->listeners = calloc(cfg->nlisteners + 1, sizeof(*s->listeners));
-  s->rr = calloc(cfg->nupstreams + 1, sizeof(uint32_t));
-  w->app = s;
-  w->on_stop = sl_server_on_stop;
-  if (s->listeners == NULL || s->rr == NULL) {
-    snprintf(err, errlen, "out of memory");
-    sl_server_free(w);
-    return SL_ERROR;
+  sl_config_ref(cfg);
+  g->cfg = cfg;
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    g->ls[i].lc = &cfg->listeners[i];
+    g->ls[i].set = sets[i];
+    g->ls[i].l.fd = -1;
   }
+  return g;
+}
+
+static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
+  for (size_t i = 0; i < g->cfg->nlisteners; i++) {
+    sl_server_listener *sl = &g->ls[i];
+    atomic_store(&sl->set->gate.max, sl->lc->max_connections);
+    sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
+                      sl_server_on_accept, sl);
+  }
+}
+
+static void sl_server_gen_stop(sl_server_gen *g) {
+  for (size_t i = 0; i < g->cfg->nlisteners; i++) sl_listener_stop(&g->ls[i].l);
+}
+
+/* A configuration no connection of w uses any more. */
+static void sl_server_on_gen_done(sl_worker *w, sl_worker_gen *wg) {
+  sl_server_gen *g = sl_server_gen_of(wg);
+  if (w->lua && g->cfg->nlua_stages > 0)
+    sl_lua_host_unload(w->lua, g->cfg->lua_key_first, g->cfg->nlua_stages);
+  sl_log(SL_LOG_DEBUG, "worker %d: the configuration before a reload has no connection left",
+         w->id);
+  sl_server_gen_free(w, g);
+}
+
+static void sl_server_on_stop(sl_worker *w) {
+  if (w->gen == NULL) return;
+  sl_server_gen *g = sl_server_gen_of(w->gen);
+  sl_server_gen_stop(g);
+  /* Closed, not just left alone: new connections are refused at once
+   * instead of waiting in the kernel's queue. */
+  for (size_t i = 0; i < g->cfg->nlisteners; i++) {
+    sl_listen_set *set = g->ls[i].set;
+    if (set->fds[w->id] >= 0) {
+      close(set->fds[w->id]);
+      set->fds[w->id] = -1;
+    }
+  }
+}
+
+static void sl_server_on_wake(sl_worker *w) {
+  if (w->gen == NULL) return;
+  sl_server_gen *g = sl_server_gen_of(w->gen);
+  for (size_t i = 0; i < g->cfg->nlisteners; i++) sl_listener_retry_gate(&g->ls[i].l);
+}
+
+/* ---- life cycle ---- */
+
+int sl_server_start(sl_worker *w, sl_config *cfg, sl_listen_set **sets, char *err,
+                    size_t errlen) {
   if (cfg->nlua_stages > 0) {
     w->lua = sl_lua_host_create(w, cfg, err, errlen);
-    if (w->lua == NULL) {
-      sl_server_free(w);
-      return SL_ERROR;
+    if (w->lua == NULL) return SL_ERROR;
+  }
+  sl_server_gen *g = sl_server_gen_new(cfg, sets);
+  if (g == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return SL_ERROR;
+  }
+  w->on_stop = sl_server_on_stop;
+  w->on_wake = sl_server_on_wake;
+  w->on_gen_done = sl_server_on_gen_done;
+  w->drain_timeout = cfg->drain_timeout;
+  sl_worker_push_gen(w, &g->base);
+  sl_server_gen_listen(w, g);
+  return SL_OK;
+}
+
+int sl_server_prepare(sl_worker *w, const sl_config *cfg, char *err, size_t errlen) {
+  if (cfg->nlua_stages == 0) return SL_OK;
+  if (w->lua == NULL) {
+    w->lua = sl_lua_host_create(w, cfg, err, errlen);
+    return w->lua ? SL_OK : SL_ERROR;
+  }
+  return sl_lua_host_load(w->lua, cfg, err, errlen);
+}
+
+void sl_server_abort(sl_worker *w, const sl_config *cfg) {
+  if (w->lua && cfg->nlua_stages > 0)
+    sl_lua_host_unload(w->lua, cfg->lua_key_first, cfg->nlua_stages);
+}
+
+int sl_server_commit(sl_worker *w, sl_config *cfg, sl_listen_set **sets,
+                     sl_listen_set **dropped) {
+  sl_server_gen *g = sl_server_gen_new(cfg, sets);
+  if (g == NULL) return SL_ERROR;
+  if (w->gen) sl_server_gen_stop(sl_server_gen_of(w->gen));
+  for (; *dropped; dropped++) {
+    sl_listen_set *set = *dropped;
+    if (set->fds[w->id] >= 0) {
+      close(set->fds[w->id]);
+      set->fds[w->id] = -1;
     }
   }
-  for (size_t i = 0; i < cfg->nlisteners; i++) {
-    const sl_listener_cfg *lc = &cfg->listeners[i];
-    if (sl_listener_open(&s->listeners[i], w, &lc->addr, sl_server_on_accept, (void *)lc) != SL_OK) {
-      snprintf(err, errlen, "listeners[%zu] (%s): cannot listen on %s: %s", i + 1, lc->name,
-               lc->listen_text, strerror(errno));
-      sl_server_free(w);
-      return SL_ERROR;
-    }
-    s->nlisteners++;
-  }
+  w->drain_timeout = cfg->drain_timeout;
+  sl_worker_push_gen(w, &g->base);
+  sl_server_gen_listen(w, g);
+  /* Listeners that stayed may have been paused at their old limit. */
+  sl_server_on_wake(w);
   return SL_OK;
 }
 
 void sl_server_free(sl_worker *w) {
-  sl_server *s = w->app;
-  if (s == NULL) return;
-  sl_server_close_listeners(s);
+  sl_worker_gen *g = w->gen;
+  w->gen = NULL;
+  while (g != NULL) {
+    sl_worker_gen *older = g->older;
+    SL_ASSERT(g->channels == 0, "configuration freed while channels use it");
+    sl_server_gen_free(w, sl_server_gen_of(g));
+    g = older;
+  }
   sl_lua_host_destroy(w->lua);
   w->lua = NULL;
-  free(s->listeners);
-  free(s->rr);
-  free(s);
-  w->app = NULL;
   w->on_stop = NULL;
+  w->on_wake = NULL;
+  w->on_gen_done = NULL;
 }

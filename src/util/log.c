@@ -25,15 +25,46 @@ int sl_log_parse_level(const char *s, sl_log_level *out) {
   return SL_ERROR;
 }
 
-static void sl_log_emit(sl_log_level level, const char *msg, size_t len) {
-  char line[8192];
+/* A thread may collect its records instead of printing them (the test
+ * harness reads a leak report this way). */
+static __thread char *sl_log_cap;
+static __thread size_t sl_log_cap_size, sl_log_cap_len;
+
+void sl_log_capture(char *buf, size_t size) {
+  sl_log_cap = buf;
+  sl_log_cap_size = size;
+  sl_log_cap_len = 0;
+  if (buf && size) buf[0] = '\0';
+}
+
+size_t sl_log_captured(void) { return sl_log_cap_len; }
+
+int sl_log_format_time(char *out, size_t outlen) {
   struct timespec ts;
   struct tm tm;
   clock_gettime(CLOCK_REALTIME, &ts);
   gmtime_r(&ts.tv_sec, &tm);
-  int n = snprintf(line, sizeof(line), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ [%s] ",
-                   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-                   tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000, sl_log_names[level]);
+  int n = snprintf(out, outlen, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+                   tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                   ts.tv_nsec / 1000000);
+  return n < 0 ? 0 : (int)SL_MIN((size_t)n, outlen - 1);
+}
+
+static void sl_log_emit(sl_log_level level, const char *msg, size_t len) {
+  if (sl_log_cap != NULL) {
+    size_t room = sl_log_cap_size - sl_log_cap_len;
+    if (room > 1) {
+      size_t n = len < room - 2 ? len : room - 2;
+      memcpy(sl_log_cap + sl_log_cap_len, msg, n);
+      sl_log_cap_len += n;
+      sl_log_cap[sl_log_cap_len++] = '\n';
+      sl_log_cap[sl_log_cap_len] = '\0';
+    }
+    return;
+  }
+  char line[8192];
+  int n = sl_log_format_time(line, sizeof(line));
+  n += snprintf(line + n, sizeof(line) - (size_t)n, " [%s] ", sl_log_names[level]);
   size_t room = sizeof(line) - (size_t)n - 1;
   if (len > room) len = room;
   memcpy(line + n, msg, len);

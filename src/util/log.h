@@ -1,8 +1,10 @@
-/* Leveled logging to stderr (or a file later), one record per line. */
+/* Leveled logging to standard error, one record per line. The error_log
+ * setting points standard error at a file (the runtime dup2s it). */
 #ifndef SL_LOG_H
 #define SL_LOG_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 typedef enum {
   SL_LOG_DEBUG = 0,
@@ -24,6 +26,15 @@ void sl_log(sl_log_level level, const char *fmt, ...)
 
 /* Writes a preformatted message (may hold newlines: a traceback). */
 void sl_log_text(sl_log_level level, const char *text);
+
+/* Collects this thread's records (text and newline, no prefix) into buf
+ * instead of printing them; buf NULL prints again. */
+void sl_log_capture(char *buf, size_t size);
+size_t sl_log_captured(void);
+
+/* Writes the current UTC time as "2026-11-22T02:51:56.070Z" into out.
+ * Returns its length. */
+int sl_log_format_time(char *out, size_t outlen);
 
 #define sl_log_enabled(l) ((l) >= sl_log_get_level())
 

@@ -1,0 +1,359 @@
+-- examples.redis_guard: a Redis proxy stage that refuses some commands.
+--
+--   pipeline = { { "examples.redis_guard", deny = { "FLUSHALL", "KEYS" } } },
+--   upstream = "redis",
+--
+-- What the client sends is decoded with sluice.codec.decoder: RESP arrays of
+-- bulk strings (what redis-cli and redis-benchmark send) and inline commands
+-- ("PING\r\n"). Allowed commands go on to the server as slices of the bytes
+-- the client sent: nothing is copied or re-encoded, and consecutive allowed
+-- commands go on as one slice. A denied command never reaches the server;
+-- the client gets
+--
+--   -ERR command 'FLUSHALL' is not allowed
+--
+-- Replies must reach the client in the order of its commands, pipelining
+-- included: a client may send many commands before it reads any reply, so a
+-- denied command in the middle of a pipeline must have its error delivered
+-- after the replies to the commands before it, which are still on their way
+-- from the server. So the stage watches the replies too. With an upstream,
+-- the bridge comes after the listed stages, and what the server answers
+-- travels back to the client as writes through this stage: `write` below
+-- counts the complete RESP replies going by and slips each error in at its
+-- place. Per connection, a queue holds what the client is owed, in order: a
+-- number n means "n replies from the server", a string is a reply of ours.
+--
+-- Bytes that are not RESP close the connection with reason "malformed_frame"
+-- (logged). Limits: a command the server answers with no reply or with
+-- several (CLIENT REPLY OFF, SUBSCRIBE to several channels) puts the count
+-- out; replies that arrive while the queue expects none (pub/sub messages)
+-- pass through untouched.
+local codec = require("sluice.codec")
+local log = require("sluice.log")
+
+local byte, upper, match, type = string.byte, string.upper, string.match, type
+
+local CR, LF, STAR, DOLLAR, MINUS = 13, 10, 42, 36, 45
+local MAX_ARGS = 1048576        -- the limits redis-server applies itself
+local MAX_BULK = 536870912
+local MAX_INLINE = 65536
+local MAX_DEPTH = 32            -- nesting of the replies we count
+
+---------------------------------------------------------------------------
+-- Reading RESP in place: every index is absolute (buf:find, buf:get_u8),
+-- and nothing is copied but the command name.
+
+-- The integer written in [from, cr), which must be followed by "\r".
+-- Returns nil when it is not one.
+local function int_at(b, from, cr)
+  if cr <= from or cr - from > 12 or b:get_u8(cr) ~= CR then return nil end
+  local neg = b:get_u8(from) == MINUS
+  if neg then from = from + 1 end
+  if from == cr then return nil end
+  local n = 0
+  for k = from, cr - 1 do
+    local d = b:get_u8(k) - 48
+    if d < 0 or d > 9 then return nil end
+    n = n * 10 + d
+  end
+  return neg and -n or n
+end
+
+-- One command starting at index i of b (w is the writer index, ri the reader
+-- index). Returns the index just past it and its name in upper case (""
+-- when the name is longer than `namelen`, so cannot be denied; nil for an
+-- empty command, which redis-server ignores without a reply). Returns nil
+-- when the command is not complete yet, false and a reason when malformed.
+local function parse_command(b, i, w, ri, namelen)
+  if b:get_u8(i) ~= STAR then
+    -- Inline: words up to "\n" (or "\r\n").
+    local nl = b:find(LF, i, w)
+    if nl == nil then
+      if w - i > MAX_INLINE then return false, "inline command too long" end
+      return nil
+    end
+    local name = match(b:tostring(i - ri, nl - i), "^%s*(%S+)")
+    return nl + 1, name and upper(name)
+  end
+  -- "*<n>\r\n" then n times "$<len>\r\n<len bytes>\r\n".
+  local nl = b:find(LF, i, w)
+  if nl == nil then
+    if w - i > 16 then return false, "bad array header" end
+    return nil
+  end
+  local n = int_at(b, i + 1, nl - 1)
+  if n == nil or n > MAX_ARGS then return false, "bad array header" end
+  local j = nl + 1
+  if n <= 0 then return j, nil end
+  local name = ""
+  for k = 1, n do
+    if j >= w then return nil end
+    if b:get_u8(j) ~= DOLLAR then return false, "expected '$'" end
+    nl = b:find(LF, j, w)
+    if nl == nil then
+      if w - j > 16 then return false, "bad bulk length" end
+      return nil
+    end
+    local len = int_at(b, j + 1, nl - 1)
+    if len == nil or len < 0 or len > MAX_BULK then return false, "bad bulk length" end
+    j = nl + 1
+    if w - j < len + 2 then return nil end
+    if b:get_u8(j + len) ~= CR or b:get_u8(j + len + 1) ~= LF then
+      return false, "bulk string not followed by CRLF"
+    end
+    if k == 1 and len <= namelen then name = upper(b:tostring(j - ri, len)) end
+    j = j + len + 2
+  end
+  return j, name
+end
+
+---------------------------------------------------------------------------
+-- Counting the server's replies as they stream by, across chunks. The
+-- scanner `rs` keeps: skip (bytes of a bulk string still to pass), part (a
+-- header line cut by the end of a chunk), and a stack of the elements still
+-- expected by each open array (left[1..depth]).
+
+local SIMPLE = { [43] = true, [45] = true, [58] = true, [95] = true, -- + - : _
+                 [44] = true, [35] = true, [40] = true }              -- , # (
+local BULK = { [36] = true, [33] = true, [61] = true }                -- $ ! =
+local ARRAY = { [42] = 1, [126] = 1, [62] = 1, [37] = 2, [124] = 2 }  -- * ~ > % |
+
+-- One element ended: returns true when that completed a whole reply.
+local function element_done(rs)
+  local left, d = rs.left, rs.depth
+  while d > 0 do
+    if left[d] > 1 then
+      left[d] = left[d] - 1
+      rs.depth = d
+      return false
+    end
+    d = d - 1
+  end
+  rs.depth = 0
+  return true
+end
+
+-- Scans b from index i (w the writer index). Returns the index just past the
+-- first reply that ends in [i, w); nil when none does (the scanner keeps
+-- its place for the next chunk); false when the bytes are not RESP.
+local function scan_reply(rs, b, i, w)
+  while i < w do
+    if rs.skip > 0 then
+      if w - i < rs.skip then
+        rs.skip = rs.skip - (w - i)
+        return nil
+      end
+      i = i + rs.skip
+      rs.skip = 0
+      if element_done(rs) then return i end
+    else
+      local nl = b:find(LF, i, w)
+      if nl == nil then -- the header line goes on in the next chunk
+        rs.part = (rs.part or "") .. b:tostring(i - b:reader_index(), w - i)
+        if #rs.part > MAX_INLINE then return false end
+        return nil
+      end
+      local t, n
+      if rs.part then
+        local line = rs.part .. b:tostring(i - b:reader_index(), nl + 1 - i)
+        rs.part = nil
+        t, n = byte(line), tonumber(line:sub(2, -3))
+      else
+        t = b:get_u8(i)
+        if not SIMPLE[t] then n = int_at(b, i + 1, nl - 1) end
+      end
+      i = nl + 1
+      if SIMPLE[t] then
+        if element_done(rs) then return i end
+      elseif BULK[t] and n then
+        if n < 0 then
+          if element_done(rs) then return i end
+        else
+          rs.skip = n + 2 -- the bytes and their "\r\n"
+        end
+      elseif ARRAY[t] and n then
+        if n <= 0 then
+          if element_done(rs) then return i end
+        elseif rs.depth == MAX_DEPTH then
+          return false
+        else
+          rs.depth = rs.depth + 1
+          rs.left[rs.depth] = n * ARRAY[t]
+        end
+      else
+        return false
+      end
+    end
+  end
+  return nil
+end
+
+---------------------------------------------------------------------------
+-- What the client is owed, in order (g.q[g.head .. g.tail]).
+
+local function owe_server(g, n)
+  if n == 0 then return end
+  local q, t = g.q, g.tail
+  if t >= g.head and type(q[t]) == "number" then
+    q[t] = q[t] + n
+  else
+    g.tail = t + 1
+    q[t + 1] = n
+  end
+end
+
+-- A reply of ours: written at once when nothing is owed before it.
+local function owe_local(ctx, g, reply)
+  if g.tail < g.head then
+    ctx:write_and_flush(reply)
+  else
+    g.tail = g.tail + 1
+    g.q[g.tail] = reply
+  end
+end
+
+-- A reply from the server went by. Returns our replies that are due right
+-- after it (a string), or nil.
+local function server_replied(g)
+  local q, h = g.q, g.head
+  local n = q[h]
+  if n == nil then return nil end -- not expected: passes through
+  if n > 1 then
+    q[h] = n - 1
+    return nil
+  end
+  q[h] = nil
+  h = h + 1
+  local due
+  while type(q[h]) == "string" do
+    due = (due or "") .. q[h]
+    q[h] = nil
+    h = h + 1
+  end
+  if h > g.tail then h, g.tail = 1, 0 end
+  g.head = h
+  return due
+end
+
+---------------------------------------------------------------------------
+-- Per-connection state, and the deny list made a set (once per options table).
+
+local deny_sets = setmetatable({}, { __mode = "k" })
+
+local function deny_set(options)
+  local set = deny_sets[options]
+  if set then return set end
+  local list = options.deny or {}
+  if type(list) ~= "table" then
+    error("examples.redis_guard: option 'deny' must be a list of command names", 0)
+  end
+  set = { longest = 0 }
+  for i, name in ipairs(list) do
+    if type(name) ~= "string" then
+      error(("examples.redis_guard: deny[%d] must be a string"):format(i), 0)
+    end
+    set[upper(name)] = true
+    if #name > set.longest then set.longest = #name end
+  end
+  deny_sets[options] = set
+  return set
+end
+
+local function guard(ctx)
+  local g = ctx.state.guard
+  if g == nil then
+    g = { deny = deny_set(ctx.options), q = {}, head = 1, tail = 0, pieces = {},
+          rs = { skip = 0, part = nil, depth = 0, left = {} } }
+    ctx.state.guard = g
+  end
+  return g
+end
+
+local function malformed(ctx, g, what, why)
+  log.warn("%s: malformed RESP %s (%s)", ctx:describe(), what, why)
+  g.closed = true
+  ctx:close("malformed_frame")
+end
+
+---------------------------------------------------------------------------
+-- The client's commands: decode_fn for sluice.codec.decoder. It takes every
+-- complete command in the cumulation `cum` (the decoder owns cum; we only
+-- read from it). Allowed commands become retained slices in `out`, which the
+-- decoder fires on to the bridge; the bridge owns them from then on.
+
+local function decode(ctx, cum, out)
+  local g = guard(ctx)
+  if g.closed then return cum:skip(#cum) end -- closing: drop the rest
+  local ri, w = cum:reader_index(), cum:writer_index()
+  local i, run = ri, 0 -- [ri, i) holds `run` allowed commands not passed on yet
+  while i < w do
+    local e, name = parse_command(cum, i, w, ri, g.deny.longest)
+    if e == nil then break end -- wait for more bytes
+    if e == false then
+      if i > ri then
+        out[#out + 1] = cum:read_slice(i - ri):retain()
+        owe_server(g, run)
+      end
+      return malformed(ctx, g, "from the client", name)
+    end
+    if name and g.deny[name] then
+      if i > ri then -- the allowed commands before it go on first
+        out[#out + 1] = cum:read_slice(i - ri):retain()
+        owe_server(g, run)
+      end
+      cum:skip(e - i) -- the denied command's bytes are dropped
+      owe_local(ctx, g, "-ERR command '" .. name .. "' is not allowed\r\n")
+      ri, run = e, 0
+    elseif name then
+      run = run + 1
+    end -- an empty command goes on too, and the server answers nothing
+    i = e
+  end
+  if i > ri then
+    out[#out + 1] = cum:read_slice(i - ri):retain()
+    owe_server(g, run)
+  end
+end
+
+local stage = codec.decoder(decode, { max_cumulation = 8388608 })
+
+-- The server's replies on their way to the client. A chunk that completes
+-- the replies a local error waits for is split there: slices of the chunk
+-- and the error go out in order, and the chunk itself is released.
+function stage.write(ctx, msg, p)
+  local g = guard(ctx)
+  local ri, w = msg:reader_index(), msg:writer_index()
+  local from, i = ri, ri -- [ri, from) already went out as slices
+  local pieces = g.pieces
+  while i < w and not g.closed do
+    local e = scan_reply(g.rs, msg, i, w)
+    if e == nil then break end
+    if e == false then
+      malformed(ctx, g, "from the server", "not a RESP reply")
+      break
+    end
+    local due = server_replied(g)
+    if due then
+      pieces[#pieces + 1] = msg:retained_slice(from, e - from)
+      pieces[#pieces + 1] = due
+      from = e
+    end
+    i = e
+  end
+  if from == ri then return ctx:write(msg, p) end -- the common case: as it came
+  if from < w then pieces[#pieces + 1] = msg:retained_slice(from, w - from) end
+  msg:release() -- each piece holds its own reference now
+  local n = #pieces
+  for k = 1, n do
+    ctx:write(pieces[k], k == n and p or false)
+    pieces[k] = nil
+  end
+end
+
+-- Flushes travel behind our writes (the bridge's flush would otherwise skip
+-- this stage and reach the socket before the writes queued for it).
+function stage.flush(ctx)
+  ctx:flush()
+end
+
+return stage

@@ -1,0 +1,195 @@
+-- sluice.codec: decoders written in Lua (Netty's ByteToMessageDecoder).
+--
+--   local codec = require("sluice.codec")
+--   return codec.decoder(function(ctx, cum, out)
+--     if #cum < 4 then return end                  -- wait for more bytes
+--     local n = cum:get_u32be(cum:reader_index())
+--     if #cum < 4 + n then return end
+--     cum:skip(4)
+--     out[#out + 1] = cum:read_slice(n):retain()   -- or a string, a table...
+--   end, { max_cumulation = 1048576 })
+--
+-- Incoming buffers are cumulated: the first becomes the cumulation as it is
+-- (no copy); later ones are copied onto its end (into a larger pooled
+-- buffer when it cannot grow in place, or when slices of it are alive).
+-- decode_fn(ctx, cum, out) is called until it stops making progress (it
+-- neither reads from cum nor adds to out); every message it appends to out
+-- is fired to the next stage, in order, and belongs to that stage. The
+-- cumulation belongs to the decoder: decode_fn reads from it and never
+-- releases it. Read bytes are discarded every `discard_after` reads (16).
+-- When the channel goes inactive, what is left is decoded once more, then
+-- released. A cumulation longer than max_cumulation (default 1 MiB) closes
+-- the connection with reason "frame_too_large" and releases everything.
+-- When the stage is removed from a running pipeline, the bytes it still
+-- holds are passed on to the next stage.
+local buf = require("sluice.buf")
+
+local is_buf = buf.is_buf
+local type, error = type, error
+
+local _M = {}
+
+local DEFAULTS = { max_cumulation = 1048576, discard_after = 16 }
+
+local function check_opts(opts)
+  local o = { max_cumulation = DEFAULTS.max_cumulation, discard_after = DEFAULTS.discard_after }
+  if opts == nil then return o end
+  if type(opts) ~= "table" then
+    error(("bad 'opts' argument (table expected, got %s)"):format(type(opts)), 3)
+  end
+  for k, v in pairs(opts) do
+    if DEFAULTS[k] == nil then error(("bad option %q (max_cumulation or discard_after)"):format(tostring(k)), 3) end
+    if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then
+      error(("bad option %s (positive integer expected, got %s)"):format(k, tostring(v)), 3)
+    end
+    o[k] = v
+  end
+  return o
+end
+
+local function release(b)
+  if b ~= nil and b.refs > 0 and b.b.gen == b.gen then b:release(b.refs) end
+end
+
+-- Appends msg's bytes to the cumulation (msg is released). Returns the
+-- cumulation, or nil and an error.
+local function cumulate(ctx, cum, msg)
+  local n = #msg
+  local b = cum.b
+  local exclusive = cum:refcnt() == 1 and b.views == nil and b.root == b
+  if exclusive and b.wr + n <= b.max_cap then
+    local ok = cum:ensure_writable(n)
+    if ok then
+      cum:write_bytes(msg)
+      msg:release()
+      return cum
+    end
+  end
+  local have = #cum
+  local size = have + n
+  local cap = size < 4096 and 4096 or size
+  local bigger, err = ctx:alloc(cap, cap * 2 > 16777216 and cap or cap * 2)
+  if not bigger then
+    msg:release()
+    return nil, err
+  end
+  bigger:write_bytes(cum)
+  bigger:write_bytes(msg)
+  cum:release()
+  msg:release()
+  return bigger
+end
+
+function _M.decoder(decode_fn, opts)
+  if type(decode_fn) ~= "function" then
+    error(("bad 'decode_fn' argument (function expected, got %s)"):format(type(decode_fn)), 2)
+  end
+  local o = check_opts(opts)
+  local max_cum, discard_after = o.max_cumulation, o.discard_after
+
+  -- Runs decode_fn until it makes no progress, firing what it produces.
+  local function decode(ctx, st)
+    local cum = st.cum
+    local out = st.out
+    if cum ~= nil and cum.b.gen ~= cum.gen then -- released when a decode raised
+      st.cum = nil
+      return
+    end
+    while cum ~= nil and ctx.cptr ~= nil do
+      local before = #cum
+      local nout = #out
+      decode_fn(ctx, cum, out)
+      local produced = #out - nout
+      for i = nout + 1, #out do
+        local m = out[i]
+        out[i] = nil
+        ctx:fire_read(m)
+      end
+      if cum ~= st.cum then return end -- the stage was removed meanwhile
+      local left = #cum
+      if produced == 0 then
+        if left == before then break end
+      elseif left == before then
+        error("decode_fn produced a message without reading any byte", 2)
+      end
+      if left == 0 then break end
+    end
+  end
+
+  local function settle(st)
+    local cum = st.cum
+    if cum == nil then return end
+    if #cum == 0 then
+      st.cum = nil
+      st.reads = 0
+      cum:release()
+      return
+    end
+    st.reads = st.reads + 1
+    if st.reads >= discard_after and cum:refcnt() == 1 and cum.b.views == nil then
+      cum:discard_read_bytes()
+      st.reads = 0
+    end
+  end
+
+  local stage = {}
+
+  function stage.added(ctx)
+    ctx.state.out = {}
+    ctx.state.reads = 0
+  end
+
+  function stage.channel_read(ctx, msg)
+    if not is_buf(msg) then return ctx:fire_read(msg) end
+    local st = ctx.state
+    if st.out == nil then stage.added(ctx) end
+    if st.cum == nil then
+      st.cum = msg
+    else
+      local cum, err = cumulate(ctx, st.cum, msg)
+      if cum == nil then
+        release(st.cum)
+        st.cum = nil
+        return ctx:close(err)
+      end
+      st.cum = cum
+    end
+    if #st.cum > max_cum then
+      release(st.cum)
+      st.cum = nil
+      return ctx:close("frame_too_large")
+    end
+    decode(ctx, st)
+    settle(st)
+  end
+
+  function stage.channel_read_complete(ctx)
+    ctx:fire_read_complete()
+  end
+
+  function stage.channel_inactive(ctx)
+    local st = ctx.state
+    if st.cum ~= nil then
+      decode(ctx, st)
+      release(st.cum)
+      st.cum = nil
+    end
+    ctx:fire_inactive()
+  end
+
+  function stage.removed(ctx)
+    local st = ctx.state
+    local cum = st.cum
+    st.cum = nil
+    if cum == nil then return end
+    if ctx.cptr ~= nil and #cum > 0 then
+      ctx:fire_read(cum) -- the bytes not decoded yet go on to the next stage
+    else
+      release(cum)
+    end
+  end
+
+  return stage
+end
+
+return _M

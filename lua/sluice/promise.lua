@@ -1,0 +1,75 @@
+-- sluice.promise: the result of a write (Netty's ChannelPromise).
+--
+--   local p = ctx:write(buf)
+--   p:on_complete(function(ok, err) ... end)   -- err: "closed", "reset",
+--                                              -- "timeout", "outbound_limit"
+--
+-- A promise completes once: ok when the last byte of the write left through
+-- the socket, or with the reason the write failed. Callbacks registered
+-- after completion run at once. C reports completions by id; ids of
+-- promises nobody holds any more are forgotten (weak table).
+local setmetatable, type, tostring = setmetatable, type, tostring
+
+local _M = {}
+
+local Promise = {}
+Promise.__index = Promise
+
+local live = setmetatable({}, { __mode = "v" }) -- id -> promise
+local next_id = 0
+
+function _M.new()
+  local id = next_id + 1
+  if id >= 4294967295 then id = 1 end
+  next_id = id
+  local p = setmetatable({ id = id }, Promise)
+  live[id] = p
+  return p
+end
+
+function _M.id(p) return p.id end
+
+function _M.is_promise(v) return getmetatable(v) == Promise end
+
+local function complete(p, ok, err)
+  if p.done then return end
+  p.done, p.ok, p.err = true, ok, err
+  live[p.id] = nil
+  local cbs = p.cbs
+  if cbs then
+    p.cbs = nil
+    for i = 1, #cbs do cbs[i](ok, err) end
+  end
+end
+
+function _M.fail(p, reason) complete(p, false, reason) end
+function _M.succeed(p) complete(p, true, nil) end
+
+-- C reports write `id` done (err nil) or failed.
+function _M.settle(id, err)
+  local p = live[id]
+  if p then complete(p, err == nil, err) end
+end
+
+function Promise:on_complete(fn)
+  if type(fn) ~= "function" then
+    error(("bad 'fn' argument (function expected, got %s)"):format(type(fn)), 2)
+  end
+  if self.done then
+    fn(self.ok, self.err)
+  else
+    local cbs = self.cbs
+    if cbs then cbs[#cbs + 1] = fn else self.cbs = { fn } end
+  end
+  return self
+end
+
+function Promise:is_done() return self.done == true end
+function Promise:is_success() return self.done == true and self.ok end
+function Promise:cause() return self.err end
+
+Promise.__tostring = function(p)
+  return "promise " .. tostring(p.id) .. (p.done and (p.ok and " (done)" or " (failed: " .. tostring(p.err) .. ")") or " (pending)")
+end
+
+return _M

@@ -1,0 +1,444 @@
+-- Running sluice: workers, connection limits, idle timeouts, draining on
+-- SIGTERM, reloading on SIGHUP, and the access log. The real binary, real
+-- peers (socat), 127.0.0.1 only; every wait is bounded, and nothing depends
+-- on how fast the machine is: clients that must stay open wait for a file
+-- the spec creates.
+local H = require("helpers")
+
+-- A client that sends `first`, waits for the file `go`, sends `second`,
+-- half-closes and writes what it received to `out`.
+local function held_client(port, first, second)
+  local go = H.tmpfile("go")
+  local out = H.tmpfile("held.out", "")
+  local script = ("printf %s; while [ ! -e %s ]; do sleep 0.02; done; printf %s")
+    :format(H.shq(first), H.shq(go), H.shq(second or ""))
+  local p = H.spawn(("sh -c %s"):format(H.shq(("(%s) | socat -t 10 - TCP:127.0.0.1:%d > %s")
+    :format(script, port, H.shq(out)))), "held")
+  return { proc = p, out = out, go = go,
+           release = function() H.sh("touch " .. H.shq(go)) end,
+           -- Waits for the client to end; returns its exit status.
+           finish = function() return H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20) end }
+end
+
+local function count(s, pattern)
+  local n = 0
+  for _ in s:gmatch(pattern) do n = n + 1 end
+  return n
+end
+
+local function access_lines(path)
+  local lines = {}
+  for line in H.read(path):gmatch("[^\n]+") do lines[#lines + 1] = line end
+  return lines
+end
+
+describe("running sluice", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+
+  local function echo_peer()
+    local e = H.start_echo()
+    peers[#peers + 1] = e
+    return e
+  end
+
+  it("serves connections on every worker, and logs each one with every field", function()
+    local echo = echo_peer()
+    local port = H.free_port()
+    local alog = H.tmpfile("access.log")
+    local p = H.start_sluice(([[
+return {
+  workers = 2,
+  access_log = %q,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(alog, port, echo.port))
+    -- 64 connections, each from a new source port: the kernel spreads them
+    -- over the workers' sockets by a hash of the addresses.
+    local replies = H.tmpfile("replies")
+    local _, rc = H.sh(("for i in $(seq 64); do printf 'hello\\n' | timeout 10 socat -t 5 - TCP:127.0.0.1:%d; done > %s")
+      :format(port, H.shq(replies)))
+    assert.are.equal(0, rc)
+    assert.are.equal(64, count(H.read(replies), "hello\n"))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 64 end, 10))
+    local log = H.stop_sluice(p)
+    assert.matches("started with 2 workers", log, 1, true)
+    local lines = access_lines(alog)
+    assert.are.equal(64, #lines)
+    local per_worker = {}
+    for _, line in ipairs(lines) do
+      local w = assert(line:match(
+        "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ client=127%.0%.0%.1:%d+ listener=front "
+        .. "upstream=127%.0%.0%.1:" .. echo.port .. " worker=(%d) bytes_in=6 bytes_out=6 "
+        .. "duration_ms=%d+ reason=\"eof\"$"), line)
+      per_worker[w] = (per_worker[w] or 0) + 1
+    end
+    assert.is_true((per_worker["0"] or 0) > 0, "worker 0 served none")
+    assert.is_true((per_worker["1"] or 0) > 0, "worker 1 served none")
+    -- Both pools were checked at exit.
+    assert.are.equal(2, count(log, "pool clean at exit"))
+  end)
+
+  it("refuses to start, with nothing left running, when another process holds the port", function()
+    local port = H.free_port()
+    local cfg = ([[
+return { workers = 2,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port)
+    local first = H.start_sluice(cfg)
+    -- The same configuration again: SO_REUSEPORT must not let it share the port.
+    local path = H.tmpfile("second.lua", cfg)
+    local out, rc = H.sh(("SLUICE_ROOT=%s %s -c %s 2>&1"):format(H.shq(H.root), H.shq(H.bin), H.shq(path)))
+    assert.are.equal(1, rc)
+    assert.matches("sluice: cannot start: listeners[1] (e): cannot listen on 127.0.0.1:" .. port
+                   .. ": Address already in use", out, 1, true)
+    assert.not_matches("started with", out, 1, true)
+    -- The first one still serves.
+    assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
+    H.stop_sluice(first)
+  end)
+
+  it("pauses accepting at max_connections and resumes below it", function()
+    local port = H.free_port()
+    local alog = H.tmpfile("access.log")
+    local p = H.start_sluice(([[
+return {
+  workers = 2,
+  access_log = %q,
+  listeners = { { name = "capped", listen = "127.0.0.1:%d", max_connections = 2,
+                  pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(alog, port), "SLUICE_LOG_LEVEL=debug")
+    local a = held_client(port, "a\n")
+    local b = held_client(port, "b\n")
+    assert.truthy(H.wait_for(function() return H.read(a.out) == "a\n" and H.read(b.out) == "b\n" end, 10))
+    -- A third connection completes in the kernel but is not accepted.
+    local c = held_client(port, "c\n")
+    c.release()
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("listener capped: 2 connections open, its max_connections: accepting paused", 1, true)
+    end, 10))
+    assert.are.equal(2, count(H.read(p.log), " accepted"))
+    assert.are.equal("", H.read(c.out))
+    -- One closes: the third is accepted and answered.
+    a.release()
+    assert.are.equal(0, a.finish())
+    assert.are.equal(0, c.finish())
+    assert.are.equal("c\n", H.read(c.out))
+    local log = H.read(p.log)
+    assert.matches("listener capped: below max_connections: accepting resumed", log, 1, true)
+    assert.are.equal(3, count(log, " accepted"))
+    b.release()
+    assert.are.equal(0, b.finish())
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 3 end, 10))
+    H.stop_sluice(p)
+  end)
+
+  it("closes a connection idle for idle_timeout_ms with the reason idle_timeout", function()
+    local port = H.free_port()
+    local alog = H.tmpfile("access.log")
+    local p = H.start_sluice(([[
+return {
+  access_log = %q,
+  listeners = { { name = "quiet", listen = "127.0.0.1:%d", idle_timeout_ms = 200,
+                  pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(alog, port))
+    -- Sends one line, then nothing: sluice closes it.
+    local c = held_client(port, "x\n")
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("closed: idle_timeout", 1, true) end, 10))
+    c.release()
+    assert.are.equal(0, c.finish())
+    assert.are.equal("x\n", H.read(c.out))
+    local log = H.stop_sluice(p)
+    assert.matches("client 127.0.0.1:%d+ on quiet closed: idle_timeout", log)
+    local lines = access_lines(alog)
+    assert.are.equal(1, #lines)
+    assert.matches('listener=quiet upstream=%- worker=%d bytes_in=2 bytes_out=2 duration_ms=%d+ reason="idle_timeout"$',
+                   lines[1])
+    assert.is_true(tonumber(lines[1]:match("duration_ms=(%d+)")) >= 200)
+  end)
+
+  describe("on SIGTERM", function()
+    it("stops accepting and lets an open connection finish, then exits 0", function()
+      local sink = H.tmpfile("sink")
+      local go = H.tmpfile("peer_go")
+      -- The upstream answers only once the spec says so (after SIGTERM).
+      local peer = H.start_peer(("cat > %s; while [ ! -e %s ]; do sleep 0.02; done; echo stored")
+        :format(H.shq(sink), H.shq(go)))
+      peers[#peers + 1] = peer
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return {
+  workers = 2, drain_timeout_ms = 60000,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(port, peer.port), "SLUICE_LOG_LEVEL=debug")
+      local c = held_client(port, "payload\n")
+      c.release() -- sends everything and half-closes; the reply is pending
+      assert.truthy(H.wait_for(function() return H.read(sink) == "payload\n" end, 10))
+      os.execute("kill -TERM " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("draining 2 open sockets", 1, true) end, 10))
+      -- New connections are refused while the open one finishes.
+      assert.is_false(H.port_open(port))
+      assert.is_true(H.alive(p))
+      H.sh("touch " .. H.shq(go))
+      assert.are.equal(0, c.finish())
+      assert.are.equal("stored\n", H.read(c.out))
+      local log = H.stop_sluice(p)
+      assert.matches("SIGTERM: stopping", log, 1, true)
+      assert.matches("drained", log, 1, true)
+      assert.not_matches("closed: shutdown", log, 1, true)
+    end)
+
+    it("closes a connection still open at drain_timeout_ms with the reason shutdown", function()
+      local port = H.free_port()
+      local alog = H.tmpfile("access.log")
+      local p = H.start_sluice(([[
+return {
+  drain_timeout_ms = 300, access_log = %q,
+  listeners = { { name = "stuck", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(alog, port))
+      local c = held_client(port, "hi\n")
+      assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("worker %d: drain deadline: closing 1 open sockets", log)
+      assert.matches("on stuck closed: shutdown", log, 1, true)
+      assert.matches('reason="shutdown"', H.read(alog), 1, true)
+      c.release()
+      assert.are.equal(0, c.finish())
+    end)
+  end)
+
+  it("closes everything at once on a second SIGTERM while draining", function()
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { drain_timeout_ms = 600000,
+  listeners = { { name = "held", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+    local c = held_client(port, "hi\n")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+    os.execute("kill -TERM " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("draining 1 open sockets", 1, true) end, 10))
+    local log = H.stop_sluice(p)
+    assert.matches("SIGTERM again: closing every connection now", log, 1, true)
+    assert.matches("on held closed: shutdown", log, 1, true)
+    c.release()
+    assert.are.equal(0, c.finish())
+  end)
+
+  describe("on SIGHUP", function()
+    -- A stage module that tags what the client sends with its version.
+    local function tag_stage(dir, version)
+      local f = assert(io.open(dir .. "/tagger.lua", "wb"))
+      f:write(([[
+local TAG = %q
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    ctx:fire_read(TAG .. ":" .. s)
+  end,
+}
+]]):format(version))
+      f:close()
+    end
+
+    it("gives new connections the new pipeline and listeners, and drops no open one", function()
+      local dir = H.tmpdir() .. "/reload_" .. H.free_port()
+      H.sh("mkdir -p " .. H.shq(dir))
+      tag_stage(dir, "v1")
+      local echo = echo_peer()
+      local port, gone, extra = H.free_port(), H.free_port(), H.free_port()
+      local cfg_path = dir .. "/sluice.lua"
+      local function write_config(listeners)
+        local f = assert(io.open(cfg_path, "wb"))
+        f:write(([[
+return {
+  workers = 2,
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = { "tagger" } },
+    %s
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(port, listeners, echo.port))
+        f:close()
+      end
+      write_config(('{ name = "gone", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },')
+        :format(gone))
+      local p = H.spawn(("env SLUICE_ROOT=%s %s %s -c %s"):format(H.shq(H.root), H.wrapper,
+        H.shq(H.bin), H.shq(cfg_path)), "sluice")
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("started with", 1, true) end, 30),
+                    H.read(p.log))
+      -- Connections opened before the reload, mid-conversation.
+      local held = {}
+      for i = 1, 6 do
+        held[i] = held_client(port, "before\n", "after\n")
+      end
+      assert.truthy(H.wait_for(function()
+        for _, c in ipairs(held) do
+          if H.read(c.out) ~= "v1:before\n" then return false end
+        end
+        return true
+      end, 10))
+      -- Short connections one after another, all through the reload.
+      local replies, stop, sent = H.tmpfile("replies", ""), H.tmpfile("stop"), H.tmpfile("sent")
+      local loop = H.spawn(("sh -c %s"):format(H.shq((
+        "n=0; while [ ! -e %s ]; do printf 'ping\\n' | timeout 10 socat -t 5 - TCP:127.0.0.1:%d >> %s; " ..
+        "n=$((n+1)); done; echo $n > %s"):format(H.shq(stop), port, H.shq(replies), H.shq(sent)))), "loop")
+      assert.truthy(H.wait_for(function() return H.read(replies):find("v1:ping", 1, true) end, 10))
+      -- The new configuration: the stage module changed, "gone" removed, "extra" added.
+      tag_stage(dir, "v2")
+      write_config(('{ name = "extra", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },')
+        :format(extra))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function()
+        return H.read(p.log):find("configuration reloaded", 1, true)
+      end, 10), H.read(p.log))
+      assert.truthy(H.wait_for(function() return H.read(replies):find("v2:ping", 1, true) end, 10))
+      H.sh("touch " .. H.shq(stop))
+      assert.truthy(H.wait_for(function() return tonumber(H.read(sent)) end, 20))
+      assert.truthy(H.wait_for(function() return tonumber(H.read(loop.rc_file)) end, 10))
+      -- Every short connection was answered, by one pipeline or the other.
+      local n = tonumber(H.read(sent))
+      local got = H.read(replies)
+      assert.are.equal(n, count(got, "[^\n]+\n"), got)
+      assert.are.equal(n, count(got, "v[12]:ping\n"), got)
+      -- New connections: the new stage; the new listener serves, the removed one is gone.
+      assert.are.equal("v2:new\n", (H.exchange(port, "new\n", 10)))
+      assert.are.equal("more\n", (H.exchange(extra, "more\n", 10)))
+      assert.is_false(H.port_open(gone))
+      -- The connections opened before keep their stage (the module as it was).
+      for _, c in ipairs(held) do c.release() end
+      for _, c in ipairs(held) do
+        assert.are.equal(0, c.finish())
+        assert.are.equal("v1:before\nv1:after\n", H.read(c.out))
+      end
+      local log = H.stop_sluice(p)
+      assert.matches("2 listeners (1 kept, 1 added, 1 removed)", log, 1, true)
+      assert.not_matches("reset", log, 1, true)
+      assert.not_matches("stage tagger failed", log, 1, true)
+    end)
+
+    it("refuses an invalid configuration, logs why, and keeps serving the old one", function()
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 2,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+      local f = assert(io.open(p.config, "wb"))
+      f:write([[return { listeners = { { name = "e", listen = 7000, pipeline = { "sluice.stages.echo" } } } }]])
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 10))
+      assert.matches('SIGHUP: reload refused, the running configuration stays: config error: '
+                     .. 'listeners[1].listen: expected "host:port", got 7000', H.read(p.log), 1, true)
+      assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
+      -- A valid file whose new address cannot be bound is refused too.
+      local holder = H.start_echo()
+      peers[#peers + 1] = holder
+      f = assert(io.open(p.config, "wb"))
+      f:write(([[
+return { workers = 2, listeners = {
+  { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+  { name = "taken", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port, holder.port))
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function()
+        return H.read(p.log):find("cannot listen on 127.0.0.1:" .. holder.port, 1, true)
+      end, 10))
+      assert.are.equal("again\n", (H.exchange(port, "again\n", 10)))
+      local log = H.stop_sluice(p)
+      assert.not_matches("configuration reloaded", log, 1, true)
+    end)
+
+    it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()
+      local flag = H.tmpfile("refuse_flag")
+      -- Raises only inside a worker's Lua state (where sluice.host is
+      -- loaded), and only while the flag file exists: the configuration
+      -- checks pass, a worker's load fails.
+      local stage = H.tmpfile("picky.lua", ([[
+local f = io.open(%q)
+if f then
+  f:close()
+  if package.loaded["sluice.host"] then error("refusing to load in a worker") end
+end
+return {
+  channel_read = function(ctx, buf)
+    local s = buf:tostring()
+    buf:release()
+    ctx:fire_read("p:" .. s)
+  end,
+}
+]]):format(flag))
+      local mod = stage:match("([^/]+)%.lua$")
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 2,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } } }
+]]):format(port, mod))
+      assert.are.equal("p:a\n", (H.exchange(port, "a\n", 10)))
+      H.sh("touch " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 10))
+      assert.matches("SIGHUP: reload refused, the running configuration stays: worker 0: stage "
+                     .. mod .. ": [^\n]*refusing to load in a worker", H.read(p.log))
+      assert.are.equal("p:b\n", (H.exchange(port, "b\n", 10)))
+      H.sh("rm -f " .. H.shq(flag))
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
+      assert.are.equal("p:c\n", (H.exchange(port, "c\n", 10)))
+      H.stop_sluice(p)
+    end)
+
+    it("reopens the access log (and on SIGUSR1), for rotation", function()
+      local port = H.free_port()
+      local alog = H.tmpfile("access.log")
+      local p = H.start_sluice(([[
+return { access_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(alog, port))
+      assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+      assert.truthy(H.wait_for(function() return #access_lines(alog) == 1 end, 10))
+      H.sh(("mv %s %s.1"):format(H.shq(alog), H.shq(alog)))
+      os.execute("kill -USR1 " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("log files reopened", 1, true) end, 10))
+      assert.are.equal("two\n", (H.exchange(port, "two\n", 10)))
+      assert.truthy(H.wait_for(function() return #access_lines(alog) == 1 end, 10))
+      assert.are.equal(1, #access_lines(alog .. ".1"))
+      H.stop_sluice(p)
+    end)
+  end)
+
+  it("writes its log to error_log, and reopens it on SIGUSR1", function()
+    local port = H.free_port()
+    local elog = H.tmpfile("error.log")
+    local cfg = H.tmpfile("elog.lua", ([[
+return { error_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(elog, port))
+    local p = H.spawn(("env SLUICE_ROOT=%s %s %s -c %s"):format(H.shq(H.root), H.wrapper,
+      H.shq(H.bin), H.shq(cfg)), "sluice")
+    assert.truthy(H.wait_for(function() return H.read(elog):find("started with", 1, true) end, 30))
+    assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+    assert.truthy(H.wait_for(function() return H.read(elog):find("on e closed: eof", 1, true) end, 10))
+    H.sh(("mv %s %s.1"):format(H.shq(elog), H.shq(elog)))
+    os.execute("kill -USR1 " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(elog):find("log files reopened", 1, true) end, 10))
+    assert.are.equal(0, H.stop(p, "TERM"))
+    local log = H.read(elog)
+    assert.matches("pool clean at exit", log, 1, true)
+    assert.not_matches("started with", log, 1, true)
+    assert.matches("started with", H.read(elog .. ".1"), 1, true)
+    -- Nothing went to standard error.
+    assert.are.equal("", H.read(p.log))
+  end)
+end)

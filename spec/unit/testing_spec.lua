@@ -1,0 +1,179 @@
+-- sluice.testing: the in-memory channel runs the real pipeline.
+local testing = require("sluice.testing")
+local buf = require("sluice.buf")
+
+local upper = {
+  channel_read = function(ctx, b)
+    local s = b:tostring():upper()
+    b:release()
+    ctx:fire_read(s)
+  end,
+}
+
+local answer = {
+  channel_read = function(ctx, msg)
+    local s = type(msg) == "string" and msg or msg:tostring()
+    if type(msg) ~= "string" then msg:release() end
+    ctx:write_and_flush("got " .. s)
+  end,
+}
+
+describe("sluice.testing channel", function()
+  after_each(function() assert.no_leaks() end)
+
+  it("carries inbound messages to read_inbound and writes to read_outbound", function()
+    local ch = testing.channel{ upper }
+    assert.is_true(ch:write_inbound("hello"))
+    assert.are.equal("HELLO", ch:read_inbound())
+    assert.is_nil(ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+
+  it("lets a stage answer through the real outbound queue", function()
+    local ch = testing.channel{ upper, answer }
+    ch:write_inbound("ping")
+    assert.outbound(ch, "got PING")
+    assert.is_false(ch:finish())
+  end)
+
+  it("runs builtin C stages by name", function()
+    local ch = testing.channel{ "sluice.stages.echo" }
+    ch:write_inbound("abc", "def")
+    assert.outbound(ch, "abcdef")
+    assert.is_false(ch:finish())
+  end)
+
+  it("hands the buffer that reached the end to the reader, who releases it", function()
+    local ch = testing.channel{ { channel_read = function(ctx, b) ctx:fire_read(b) end } }
+    ch:write_inbound("xyz")
+    local b = ch:read_inbound()
+    assert.are.equal("xyz", b:tostring())
+    assert.are.equal(1, ch:outstanding())
+    b:release()
+    assert.is_false(ch:finish())
+  end)
+
+  it("finish() reports unread messages and releases them", function()
+    local ch = testing.channel{}
+    ch:write_inbound("left")
+    assert.is_true(ch:finish())
+  end)
+
+  it("finish() raises with the leak report when a stage keeps a buffer", function()
+    local kept
+    local ch = testing.channel{ { channel_read = function(ctx, b) kept = b end } }
+    ch:write_inbound("kept")
+    local ok, err = pcall(ch.finish, ch)
+    assert.is_false(ok)
+    assert.matches("1 buffer %(%d+ bytes%) still outstanding", err)
+    assert.matches("LEAK: buffer of %d+ bytes was not released", err)
+    assert.are.equal(0, kept:refcnt())
+  end)
+
+  it("closes the channel when a stage raises, releasing what it was handed", function()
+    local ch = testing.channel{ { channel_read = function() error("bad frame") end } }
+    ch:write_inbound("x")
+    assert.is_false(ch:is_open())
+    assert.matches("stage .* failed: .*bad frame", ch:close_reason())
+    assert.is_false(ch:finish())
+  end)
+
+  it("runs timers on the virtual clock", function()
+    local fired = {}
+    local stage = {
+      channel_active = function(ctx)
+        ctx:after(100, function() fired[#fired + 1] = "a" end)
+        local t = ctx:after(50, function() fired[#fired + 1] = "cancelled" end)
+        t:cancel()
+        ctx:after(150, function(c) fired[#fired + 1] = "b"; c:write_and_flush("tick") end)
+      end,
+    }
+    local ch = testing.channel{ stage }
+    ch:advance_time(99)
+    assert.are.same({}, fired)
+    ch:advance_time(1)
+    assert.are.same({ "a" }, fired)
+    ch:advance_time(100)
+    assert.are.same({ "a", "b" }, fired)
+    assert.outbound(ch, "tick")
+    assert.is_false(ch:finish())
+  end)
+
+  it("delivers writability changes when the test says the peer is slow", function()
+    local seen = {}
+    local ch = testing.channel{ { channel_writability_changed = function(ctx, w)
+      seen[#seen + 1] = w
+      seen[#seen + 1] = ctx:is_writable()
+    end } }
+    ch:set_writable(false)
+    ch:set_writable(true)
+    assert.are.same({ false, false, true, true }, seen)
+    assert.is_false(ch:finish())
+  end)
+
+  it("crosses the water marks of the real outbound queue", function()
+    local seen = {}
+    local ch = testing.channel({ { channel_writability_changed = function(_, w) seen[#seen + 1] = w end } },
+                               { low_water_mark = 100, high_water_mark = 200 })
+    ch:write_outbound(string.rep("x", 300))
+    assert.are.same({ false }, seen)
+    local b = ch:read_outbound()
+    assert.are.equal(300, #b)
+    b:release()
+    assert.are.same({ false, true }, seen)
+    assert.is_false(ch:finish())
+  end)
+
+  it("passes tables between Lua stages", function()
+    local decode = { channel_read = function(ctx, b)
+      local s = b:tostring()
+      b:release()
+      ctx:fire_read({ cmd = s:match("^(%w+)"), raw = s })
+    end }
+    local route = { channel_read = function(ctx, m) ctx:fire_read(m.cmd) end }
+    local ch = testing.channel{ decode, route }
+    ch:write_inbound("GET key")
+    assert.are.equal("GET", ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+
+  it("changes a running pipeline: replace a stage by another", function()
+    local switch
+    switch = { channel_read = function(ctx, b)
+      if b:tostring() == "UPGRADE" then
+        b:release()
+        ctx:pipeline():replace(ctx.name, upper, "upper")
+        return
+      end
+      ctx:fire_read(b)
+    end }
+    local ch = testing.channel{ switch }
+    ch:write_inbound("UPGRADE")
+    ch:write_inbound("quiet")
+    assert.are.equal("QUIET", ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+
+  it("simple_inbound releases after the handler unless it retained", function()
+    local sluice = require("sluice")
+    local seen
+    local ch = testing.channel{ sluice.simple_inbound(function(ctx, b) seen = b:tostring() end) }
+    ch:write_inbound("once")
+    assert.are.equal("once", seen)
+    assert.is_false(ch:finish())
+  end)
+
+  local promises = pcall(function() return require("sluice.core").sl_ffi_ctx_write_p end)
+  ;(promises and it or pending)("write promises fail with 'closed' on a closed channel", function()
+    local result
+    local stage = { channel_read = function(ctx, b)
+      b:release()
+      ctx:close("done")
+      ctx:write("late"):on_complete(function(ok, err) result = { ok, err } end)
+    end }
+    local ch = testing.channel{ stage }
+    ch:write_inbound("x")
+    assert.are.same({ false, "closed" }, result)
+    assert.is_false(ch:finish())
+  end)
+end)

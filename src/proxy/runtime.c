@@ -1,0 +1,462 @@
+#include "proxy/runtime.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "alloc/arena.h"
+#include "alloc/pool.h"
+#include "io/listener.h"
+#include "io/worker.h"
+#include "proxy/config.h"
+#include "proxy/server.h"
+#include "util/common.h"
+#include "util/log.h"
+
+#define SL_MAX_WORKERS 256
+
+typedef struct sl_runtime {
+  sl_config *cfg;              /* the configuration new connections get (one reference) */
+  struct sl_alloc *alloc;
+  sl_worker *workers[SL_MAX_WORKERS];
+  pthread_t threads[SL_MAX_WORKERS];
+  int nworkers;
+  int nthreads;                /* threads started */
+  _Atomic int nexited;         /* threads whose loop has ended */
+  sl_listen_set *sets;         /* the sockets of cfg's listeners */
+  sl_listen_set *retired;      /* dropped by reloads; their gates live until exit */
+  int stderr_copy;             /* standard error as sluice started (access_log "stderr") */
+  int access_fd;               /* the access log's descriptor, never closed while running */
+} sl_runtime;
+
+/* ---- logs ---- */
+
+static int sl_runtime_open_append(const char *path) {
+  return open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+}
+
+/* Points fd at target ("stderr" or a path). SL_OK, or SL_ERROR with errno. */
+static int sl_runtime_point(sl_runtime *rt, int fd, const char *target) {
+  int src = strcmp(target, "stderr") == 0 ? rt->stderr_copy : sl_runtime_open_append(target);
+  if (src < 0) return SL_ERROR;
+  int rc = dup2(src, fd) < 0 ? SL_ERROR : SL_OK;
+  int e = errno;
+  if (src != rt->stderr_copy) close(src);
+  errno = e;
+  return rc;
+}
+
+/* Opens (or reopens, for rotation) the error and access logs of cfg. A
+ * target that cannot be opened is reported and the previous one kept. */
+static int sl_runtime_open_logs(sl_runtime *rt, const sl_config *cfg, int starting) {
+  int rc = SL_OK;
+  if (sl_runtime_point(rt, STDERR_FILENO, cfg->error_log) != SL_OK) {
+    if (starting)
+      fprintf(stderr, "sluice: cannot start: error_log: cannot open %s: %s\n", cfg->error_log,
+              strerror(errno));
+    else
+      sl_log(SL_LOG_ERROR, "error_log: cannot open %s: %s (logging where it did)", cfg->error_log,
+             strerror(errno));
+    rc = SL_ERROR;
+  }
+  if (strcmp(cfg->access_log, "off") == 0) {
+    atomic_store(&sl_access_log_fd, -1);
+    return rc;
+  }
+  if (sl_runtime_point(rt, rt->access_fd, cfg->access_log) != SL_OK) {
+    if (starting)
+      fprintf(stderr, "sluice: cannot start: access_log: cannot open %s: %s\n", cfg->access_log,
+              strerror(errno));
+    else
+      sl_log(SL_LOG_ERROR, "access_log: cannot open %s: %s (logging where it did)",
+             cfg->access_log, strerror(errno));
+    return SL_ERROR;
+  }
+  atomic_store(&sl_access_log_fd, rt->access_fd);
+  return rc;
+}
+
+/* ---- listening sockets ---- */
+
+static void sl_runtime_wake_all(void *ud) {
+  sl_runtime *rt = ud;
+  for (int i = 0; i < rt->nworkers; i++) sl_worker_wake(rt->workers[i]);
+}
+
+static void sl_runtime_free_set(sl_listen_set *set) {
+  for (int i = 0; i < set->nfds; i++)
+    if (set->fds[i] >= 0) close(set->fds[i]);
+  free(set->fds);
+  free(set);
+}
+
+/* One socket per worker on lc's address. With several workers they share
+ * the port (SO_REUSEPORT); a plain bind first makes sure no other process
+ * holds it, since the kernel would otherwise share the port with it too. */
+static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc, size_t index,
+                                      char *err, size_t errlen) {
+  sl_listen_set *set = calloc(1, sizeof(*set));
+  int *fds = calloc((size_t)rt->nworkers, sizeof(int));
+  if (set == NULL || fds == NULL) {
+    free(set);
+    free(fds);
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  set->addr = lc->addr;
+  snprintf(set->text, sizeof(set->text), "%s", lc->listen_text);
+  set->fds = fds;
+  set->nfds = rt->nworkers;
+  for (int i = 0; i < rt->nworkers; i++) fds[i] = -1;
+  sl_listen_gate_init(&set->gate, lc->max_connections, sl_runtime_wake_all, rt);
+  int reuseport = rt->nworkers > 1;
+  int probe = reuseport ? sl_listener_bind(&lc->addr, 0) : 0;
+  if (probe >= 0 && reuseport) close(probe);
+  for (int i = 0; probe >= 0 && i < rt->nworkers; i++) {
+    fds[i] = sl_listener_bind(&lc->addr, reuseport);
+    if (fds[i] < 0) probe = -1;
+  }
+  if (probe < 0) {
+    snprintf(err, errlen, "listeners[%zu] (%s): cannot listen on %s: %s", index + 1, lc->name,
+             lc->listen_text, strerror(errno));
+    sl_runtime_free_set(set);
+    return NULL;
+  }
+  return set;
+}
+
+static sl_listen_set *sl_runtime_find_set(sl_listen_set *list, const char *text) {
+  for (; list; list = list->next)
+    if (strcmp(list->text, text) == 0) return list;
+  return NULL;
+}
+
+/* The sockets for cfg's listeners in sets[] (in listener order): those of
+ * current (the running configuration's) that keep their address, and new
+ * ones. SL_OK, or SL_ERROR with err (the new sockets are closed). */
+static int sl_runtime_sets_for(sl_runtime *rt, const sl_config *cfg, sl_listen_set *current,
+                               sl_listen_set **sets, char *err, size_t errlen) {
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    sets[i] = sl_runtime_find_set(current, cfg->listeners[i].listen_text);
+    if (sets[i] != NULL) continue;
+    sets[i] = sl_runtime_bind(rt, &cfg->listeners[i], i, err, errlen);
+    if (sets[i] == NULL) {
+      for (size_t j = 0; j < i; j++)
+        if (!sl_runtime_find_set(current, sets[j]->text)) sl_runtime_free_set(sets[j]);
+      return SL_ERROR;
+    }
+  }
+  return SL_OK;
+}
+
+/* ---- workers ---- */
+
+static void *sl_runtime_thread(void *arg) {
+  sl_worker *w = arg;
+  sl_worker_run(w);
+  sl_runtime *rt = w->app;
+  atomic_fetch_add(&rt->nexited, 1);
+  return NULL;
+}
+
+/* Asks every worker to stop and waits for their threads; a second SIGINT
+ * or SIGTERM meanwhile closes every connection at once. */
+static void sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
+  for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
+  while (atomic_load(&rt->nexited) < rt->nthreads) {
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    int sig = sigtimedwait(set, NULL, &ts);
+    if (sig == SIGINT || sig == SIGTERM) {
+      sl_log(SL_LOG_INFO, "%s again: closing every connection now",
+             sig == SIGINT ? "SIGINT" : "SIGTERM");
+      for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
+    } else if (sig == SIGHUP || sig == SIGUSR1) {
+      sl_log(SL_LOG_INFO, "%s: stopping; ignored", sig == SIGHUP ? "SIGHUP" : "SIGUSR1");
+    }
+  }
+  for (int i = 0; i < rt->nthreads; i++) pthread_join(rt->threads[i], NULL);
+}
+
+/* Frees what the workers, the sockets and the pools hold. Returns the
+ * number of leaked buffers. */
+static uint64_t sl_runtime_release(sl_runtime *rt) {
+  uint64_t leaked = 0;
+  for (int i = 0; i < rt->nworkers; i++) {
+    sl_worker *w = rt->workers[i];
+    if (w == NULL) continue;
+    /* The worker's thread is gone: this thread owns its pool now, and the
+     * Lua state's finalizers release into it. */
+    sl_pool_bind_thread(w->pool);
+    sl_server_free(w);
+    leaked += sl_worker_destroy(w);
+    rt->workers[i] = NULL;
+  }
+  while (rt->sets) {
+    sl_listen_set *next = rt->sets->next;
+    sl_runtime_free_set(rt->sets);
+    rt->sets = next;
+  }
+  while (rt->retired) {
+    sl_listen_set *next = rt->retired->next;
+    sl_runtime_free_set(rt->retired);
+    rt->retired = next;
+  }
+  if (rt->alloc) sl_alloc_destroy(rt->alloc);
+  rt->alloc = NULL;
+  return leaked;
+}
+
+/* ---- reload ---- */
+
+typedef struct sl_reload_msg {
+  sl_config *cfg;
+  sl_listen_set **sets;
+  sl_listen_set **dropped;
+  char err[1024];
+} sl_reload_msg;
+
+static int sl_runtime_prepare_fn(sl_worker *w, void *arg) {
+  sl_reload_msg *m = arg;
+  return sl_server_prepare(w, m->cfg, m->err, sizeof(m->err));
+}
+
+static int sl_runtime_abort_fn(sl_worker *w, void *arg) {
+  sl_reload_msg *m = arg;
+  sl_server_abort(w, m->cfg);
+  return SL_OK;
+}
+
+static int sl_runtime_commit_fn(sl_worker *w, void *arg) {
+  sl_reload_msg *m = arg;
+  return sl_server_commit(w, m->cfg, m->sets, m->dropped);
+}
+
+/* Settings that a running process keeps until it is restarted. */
+static void sl_runtime_note_fixed(const sl_config *old, const sl_config *nc) {
+  if (old->workers != nc->workers)
+    sl_log(SL_LOG_WARN, "SIGHUP: workers changed: takes effect at the next start");
+  if (memcmp(&old->alloc, &nc->alloc, sizeof(old->alloc)) != 0)
+    sl_log(SL_LOG_WARN,
+           "SIGHUP: allocator or leak_detection changed: takes effect at the next start");
+  if (old->log_level != nc->log_level)
+    sl_log(SL_LOG_WARN, "SIGHUP: log_level changed: takes effect at the next start");
+}
+
+static void sl_runtime_reload(sl_runtime *rt) {
+  sl_reload_msg m;
+  memset(&m, 0, sizeof(m));
+  sl_config *nc = sl_config_load(rt->cfg->path, m.err, sizeof(m.err));
+  if (nc == NULL) {
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: %s", m.err);
+    sl_runtime_open_logs(rt, rt->cfg, 0);
+    return;
+  }
+  /* The environment's choices hold for the whole run. */
+  nc->alloc = rt->cfg->alloc;
+  nc->log_level = rt->cfg->log_level;
+  sl_config_rebase(nc, rt->cfg);
+  size_t ncurrent = 0, ndropped = 0;
+  for (sl_listen_set *s = rt->sets; s; s = s->next) ncurrent++;
+  sl_listen_set **sets = calloc(nc->nlisteners + 1, sizeof(*sets));
+  sl_listen_set **dropped = calloc(ncurrent + 1, sizeof(*dropped));
+  if (sets == NULL || dropped == NULL) {
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: out of memory");
+    goto refused;
+  }
+  if (sl_runtime_sets_for(rt, nc, rt->sets, sets, m.err, sizeof(m.err)) != SL_OK) {
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: %s", m.err);
+    goto refused;
+  }
+  m.cfg = nc;
+  m.sets = sets;
+  int prepared = 0;
+  for (; prepared < rt->nthreads; prepared++) {
+    if (sl_worker_call(rt->workers[prepared], sl_runtime_prepare_fn, &m) != SL_OK) break;
+  }
+  if (prepared < rt->nthreads) {
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: worker %d: %s",
+           prepared, m.err);
+    for (int i = 0; i < prepared; i++) sl_worker_call(rt->workers[i], sl_runtime_abort_fn, &m);
+    for (size_t i = 0; i < nc->nlisteners; i++)
+      if (!sl_runtime_find_set(rt->sets, sets[i]->text)) sl_runtime_free_set(sets[i]);
+    goto refused;
+  }
+  /* Every worker has the new stages: switch. */
+  size_t kept = 0;
+  for (sl_listen_set *s = rt->sets; s; s = s->next) {
+    int used = 0;
+    for (size_t i = 0; i < nc->nlisteners && !used; i++) used = sets[i] == s;
+    if (used) kept++;
+    else dropped[ndropped++] = s;
+  }
+  m.dropped = dropped;
+  sl_runtime_note_fixed(rt->cfg, nc);
+  for (int i = 0; i < rt->nthreads; i++) {
+    if (sl_worker_call(rt->workers[i], sl_runtime_commit_fn, &m) != SL_OK)
+      sl_log(SL_LOG_ERROR, "SIGHUP: worker %d: out of memory switching configurations; it "
+                           "keeps the one before", i);
+  }
+  for (size_t i = 0; i < ndropped; i++) {
+    dropped[i]->next = rt->retired;
+    rt->retired = dropped[i];
+  }
+  rt->sets = NULL;
+  for (size_t i = nc->nlisteners; i-- > 0;) {
+    sets[i]->next = rt->sets;
+    rt->sets = sets[i];
+  }
+  sl_config_unref(rt->cfg);
+  rt->cfg = nc;
+  sl_runtime_open_logs(rt, nc, 0);
+  sl_log(SL_LOG_INFO,
+         "SIGHUP: configuration reloaded from %s: %zu listener%s (%zu kept, %zu added, %zu "
+         "removed); open connections keep the configuration they started with",
+         nc->path, nc->nlisteners, nc->nlisteners == 1 ? "" : "s", kept,
+         nc->nlisteners - kept, ndropped);
+  free(sets);
+  free(dropped);
+  return;
+refused:
+  free(sets);
+  free(dropped);
+  sl_config_unref(nc);
+  sl_runtime_open_logs(rt, rt->cfg, 0);
+}
+
+/* ---- the run ---- */
+
+static int sl_runtime_workers(const sl_config *cfg) {
+  if (cfg->workers > 0) return cfg->workers;
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n < 1 ? 1 : (int)SL_MIN(n, SL_MAX_WORKERS);
+}
+
+static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
+  sl_config *cfg = rt->cfg;
+  sl_alloc_config acfg = cfg->alloc;
+  if (acfg.arenas == 0) acfg.arenas = rt->nworkers;
+  const char *aerr = NULL;
+  rt->alloc = sl_alloc_create(&acfg, &aerr);
+  if (rt->alloc == NULL) {
+    snprintf(err, errlen, "allocator: %s", aerr);
+    return SL_ERROR;
+  }
+  for (int i = 0; i < rt->nworkers; i++) {
+    rt->workers[i] = sl_worker_create(i, rt->alloc);
+    if (rt->workers[i] == NULL) {
+      snprintf(err, errlen, "out of memory");
+      return SL_ERROR;
+    }
+    rt->workers[i]->app = rt;
+  }
+  sl_listen_set **sets = calloc(cfg->nlisteners + 1, sizeof(*sets));
+  if (sets == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return SL_ERROR;
+  }
+  if (sl_runtime_sets_for(rt, cfg, NULL, sets, err, errlen) != SL_OK) {
+    free(sets);
+    return SL_ERROR;
+  }
+  for (size_t i = cfg->nlisteners; i-- > 0;) {
+    sets[i]->next = rt->sets;
+    rt->sets = sets[i];
+  }
+  int rc = SL_OK;
+  for (int i = 0; i < rt->nworkers && rc == SL_OK; i++) {
+    char werr[1024];
+    rc = sl_server_start(rt->workers[i], cfg, sets, werr, sizeof(werr));
+    if (rc != SL_OK) snprintf(err, errlen, "worker %d: %s", i, werr);
+  }
+  free(sets);
+  return rc;
+}
+
+int sl_runtime_run(sl_config *cfg) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGUSR1);
+  /* Threads inherit the mask: only this thread takes the signals. */
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  signal(SIGPIPE, SIG_IGN);
+
+  static sl_runtime runtime;
+  sl_runtime *rt = &runtime;
+  rt->cfg = cfg;
+  rt->nworkers = sl_runtime_workers(cfg);
+  rt->stderr_copy = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+  rt->access_fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+  if (rt->stderr_copy < 0 || rt->access_fd < 0) {
+    fprintf(stderr, "sluice: cannot start: %s\n", strerror(errno));
+    sl_config_unref(cfg);
+    return 1;
+  }
+  char err[1200];
+  if (sl_runtime_open_logs(rt, cfg, 1) != SL_OK) {
+    sl_config_unref(cfg);
+    return 1;
+  }
+  if (sl_runtime_start(rt, err, sizeof(err)) != SL_OK) {
+    if (strcmp(cfg->error_log, "stderr") != 0) sl_log(SL_LOG_ERROR, "cannot start: %s", err);
+    dprintf(rt->stderr_copy, "sluice: cannot start: %s\n", err);
+    sl_runtime_release(rt);
+    sl_config_unref(cfg);
+    return 1;
+  }
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const sl_listener_cfg *l = &cfg->listeners[i];
+    sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,
+           l->upstream ? l->upstream->name : "pipeline", l->nstages, l->nstages == 1 ? "" : "s");
+  }
+  for (int i = 0; i < rt->nworkers; i++) {
+    if (pthread_create(&rt->threads[i], NULL, sl_runtime_thread, rt->workers[i]) != 0) {
+      fprintf(stderr, "sluice: cannot start: worker %d: cannot create its thread: %s\n", i,
+              strerror(errno));
+      sl_runtime_stop_workers(rt, &set);
+      sl_runtime_release(rt);
+      sl_config_unref(rt->cfg);
+      return 1;
+    }
+    rt->nthreads++;
+  }
+  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
+         rt->nworkers, rt->nworkers == 1 ? "" : "s",
+         cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
+
+  for (;;) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) continue;
+    if (sig == SIGHUP) {
+      sl_log(SL_LOG_INFO, "SIGHUP: reloading %s", rt->cfg->path);
+      sl_runtime_reload(rt);
+      continue;
+    }
+    if (sig == SIGUSR1) {
+      sl_runtime_open_logs(rt, rt->cfg, 0);
+      sl_log(SL_LOG_INFO, "SIGUSR1: log files reopened");
+      continue;
+    }
+    sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",
+           sig == SIGINT ? "SIGINT" : "SIGTERM", rt->cfg->drain_timeout);
+    break;
+  }
+  sl_runtime_stop_workers(rt, &set);
+  uint64_t leaked = sl_runtime_release(rt);
+  sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
+  atomic_store(&sl_access_log_fd, -1);
+  close(rt->access_fd);
+  close(rt->stderr_copy);
+  sl_config_unref(rt->cfg);
+  rt->cfg = NULL;
+  return 0;
+}

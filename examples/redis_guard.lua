@@ -31,7 +31,8 @@
 local codec = require("sluice.codec")
 local log = require("sluice.log")
 
-local byte, upper, match, type = string.byte, string.upper, string.match, type
+local byte, char, upper, type = string.byte, string.char, string.upper, type
+local concat = table.concat
 
 local CR, LF, STAR, DOLLAR, MINUS = 13, 10, 42, 36, 45
 local MAX_ARGS = 1048576        -- the limits redis-server applies itself
@@ -59,6 +60,48 @@ local function int_at(b, from, cr)
   return neg and -n or n
 end
 
+-- The first word of an inline command as redis-server reads it (its
+-- sdssplitargs), so that "\x46LUSHALL", 'flushall' and FLUSH"ALL" are all
+-- FLUSHALL. Returns nil for an empty line, "" for unbalanced quotes (the
+-- server answers those with an error).
+local ISSPACE = { [32] = true, [9] = true, [10] = true, [11] = true, [12] = true, [13] = true }
+local ENDS_WORD = { [32] = true, [9] = true, [10] = true, [13] = true, [0] = true }
+local ESCAPES = { [110] = 10, [114] = 13, [116] = 9, [98] = 8, [97] = 7 } -- \n \r \t \b \a
+
+local function inline_name(line)
+  local j, n = 1, #line
+  while j <= n and ISSPACE[byte(line, j)] do j = j + 1 end
+  if j > n or byte(line, j) == 0 then return nil end
+  local name, quote = {}, nil
+  while j <= n do
+    local c = byte(line, j)
+    if quote == nil then
+      if ENDS_WORD[c] then break end
+      if c == 34 or c == 39 then quote, c = c, nil end -- " or ': a quoted part begins
+    elseif c == quote then -- it ends, and must end the word too
+      local after = byte(line, j + 1)
+      if after and after ~= 0 and not ISSPACE[after] then return "" end
+      return concat(name)
+    elseif c == 0 then
+      return ""
+    elseif c == 92 and quote == 34 and j < n then -- a backslash escape in "..."
+      local hex = line:match("^x(%x%x)", j + 1)
+      if hex then
+        c, j = tonumber(hex, 16), j + 3
+      else
+        j = j + 1
+        c = ESCAPES[byte(line, j)] or byte(line, j)
+      end
+    elseif c == 92 and quote == 39 and byte(line, j + 1) == 39 then -- \' in '...'
+      c, j = 39, j + 1
+    end
+    if c then name[#name + 1] = char(c) end
+    j = j + 1
+  end
+  if quote then return "" end
+  return concat(name)
+end
+
 -- One command starting at index i of b (w is the writer index, ri the reader
 -- index). Returns the index just past it and its name in upper case (""
 -- when the name is longer than `namelen`, so cannot be denied; nil for an
@@ -72,7 +115,9 @@ local function parse_command(b, i, w, ri, namelen)
       if w - i > MAX_INLINE then return false, "inline command too long" end
       return nil
     end
-    local name = match(b:tostring(i - ri, nl - i), "^%s*(%S+)")
+    local stop = nl -- redis-server drops the "\r" before the "\n"
+    if stop > i and b:get_u8(stop - 1) == CR then stop = stop - 1 end
+    local name = inline_name(b:tostring(i - ri, stop - i))
     return nl + 1, name and upper(name)
   end
   -- "*<n>\r\n" then n times "$<len>\r\n<len bytes>\r\n".
@@ -348,12 +393,6 @@ function stage.write(ctx, msg, p)
     ctx:write(pieces[k], k == n and p or false)
     pieces[k] = nil
   end
-end
-
--- Flushes travel behind our writes (the bridge's flush would otherwise skip
--- this stage and reach the socket before the writes queued for it).
-function stage.flush(ctx)
-  ctx:flush()
 end
 
 return stage

@@ -250,11 +250,25 @@ function H.start_echo(port)
 end
 
 -- A socat peer that runs a shell command per connection (stdin/stdout = socket).
-function H.start_peer(cmd, port)
+-- opts: extra socat options (e.g. "-t 30": after the command's output ends,
+-- keep going until the socket side has taken all of it).
+function H.start_peer(cmd, port, opts)
   port = port or H.free_port()
-  local p = H.spawn(("socat TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork SYSTEM:%s")
-    :format(port, H.shq(cmd)), "peer")
+  local p = H.spawn(("socat %s TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork SYSTEM:%s")
+    :format(opts or "", port, H.shq(cmd)), "peer")
   assert(H.wait_for(function() return H.port_open(port) end, 10), "peer did not start")
+  p.port = port
+  return p
+end
+
+-- A redis-server on a fresh port, without persistence; waits for PONG.
+function H.start_redis(port)
+  port = port or H.free_port()
+  local p = H.spawn(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no")
+    :format(port), "redis")
+  assert(H.wait_for(function()
+    return (H.sh(("redis-cli -p %d PING 2>/dev/null"):format(port))):find("PONG", 1, true)
+  end, 10), "redis-server did not start:\n" .. H.read(p.log))
   p.port = port
   return p
 end

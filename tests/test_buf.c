@@ -7,6 +7,7 @@
 
 #include "alloc/pool.h"
 #include "buf/buf.h"
+#include "buf/leak.h"
 #include "util/common.h"
 
 static int pool_setup(void **state) {
@@ -329,6 +330,218 @@ static void test_slice_out_of_range_is_refused(void **state) {
 
 /* ---- checked retain/release refuse instead of aborting ---- */
 
+
+/* ---- derived buffers (retained slices and duplicates) ---- */
+
+static void test_retained_slice_has_own_refcount(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 100, 0);
+  sl_buf *d = sl_buf_retained_slice(root, 10, 20, &err);
+  assert_non_null(d);
+  assert_ptr_equal(d->root, d);
+  assert_ptr_equal(sl_buf_parent(d), root);
+  assert_ptr_equal(sl_buf_memory_root(d), root);
+  assert_int_equal(d->flags & (SL_BUF_VIEW | SL_BUF_DERIVED), SL_BUF_VIEW | SL_BUF_DERIVED);
+  assert_ptr_equal(d->data, root->data + 10);
+  assert_int_equal(d->rd, 0);
+  assert_int_equal(d->wr, 20);
+  assert_int_equal(sl_buf_refcnt(d), 1);
+  assert_int_equal(sl_buf_refcnt(root), 2); /* one held by the derived buffer */
+  assert_int_equal(sl_test_pattern_mismatch(sl_buf_rptr(d), 20, 10), 20);
+  assert_int_equal(sl_test_stats(pool).blocks_in_use, 1); /* no copy */
+
+  /* Its own count: retain and release it without touching the root's. */
+  sl_buf_retain(d);
+  assert_int_equal(sl_buf_refcnt(d), 2);
+  assert_int_equal(sl_buf_refcnt(root), 2);
+  assert_int_equal(sl_buf_release(d), 0);
+
+  /* The root's holder lets go first: the derived buffer keeps the memory. */
+  uint32_t dgen = d->gen;
+  assert_int_equal(sl_buf_release(root), 0);
+  assert_int_equal(sl_test_pattern_mismatch(sl_buf_rptr(d), 20, 10), 20);
+  assert_int_equal(sl_buf_release(d), 1);
+  assert_int_not_equal(d->gen, dgen);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+/* The point of derived buffers: released ones give their header back at
+ * once, so a long-lived buffer sliced into many frames does not pile up
+ * headers (plain views live as long as their buffer). */
+static void test_derived_header_goes_back_on_release(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 4096, 0);
+  sl_pool_stats st = sl_test_stats(pool);
+  uint64_t live_before = st.headers_total - st.headers_free;
+  for (size_t i = 0; i < 4096; i++) {
+    sl_buf *d = sl_buf_retained_slice(root, i, 1, &err);
+    assert_non_null(d);
+    st = sl_test_stats(pool);
+    assert_int_equal(st.headers_total - st.headers_free, live_before + 1);
+    assert_int_equal(*sl_buf_rptr(d), sl_test_pattern_byte(i));
+    assert_int_equal(sl_buf_release(d), 1); /* d is gone; the root stays */
+    st = sl_test_stats(pool);
+    assert_int_equal(st.headers_total - st.headers_free, live_before);
+  }
+  assert_int_equal(st.headers_total, live_before + 1); /* one slot reused throughout */
+  assert_int_equal(sl_buf_refcnt(root), 1);
+  assert_int_equal(sl_buf_release(root), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+static void test_read_retained_slice_advances(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 64, 0);
+  root->rd = 4;
+  sl_buf *d = sl_buf_read_retained_slice(root, 10, &err);
+  assert_non_null(d);
+  assert_int_equal(root->rd, 14);
+  assert_ptr_equal(d->data, root->data + 4);
+  assert_null(sl_buf_read_retained_slice(root, 51, &err));
+  assert_string_equal(err, "slice out of range");
+  assert_int_equal(root->rd, 14);
+  assert_int_equal(sl_buf_refcnt(root), 2);
+  assert_int_equal(sl_buf_release(root), 0);
+  assert_int_equal(sl_buf_release(d), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+static void test_retained_duplicate_keeps_indexes(void **state) {
+  sl_pool *pool = *state;
+  sl_buf *root = patterned(pool, 64, 0);
+  root->rd = 3;
+  root->wr = 40;
+  sl_buf *d = sl_buf_retained_duplicate(root);
+  assert_non_null(d);
+  assert_int_equal(d->rd, 3);
+  assert_int_equal(d->wr, 40);
+  assert_int_equal(d->cap, root->cap);
+  d->rd = 10; /* its own indexes */
+  assert_int_equal(root->rd, 3);
+  assert_int_equal(sl_buf_release(d), 1);
+  assert_int_equal(sl_buf_release(root), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+/* Views of a derived buffer share its refcount and die with it (not with
+ * the root); derived buffers of derived buffers hold their parent. */
+static void test_views_and_derived_of_derived(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 256, 0);
+  sl_buf *d = sl_buf_retained_slice(root, 100, 100, &err);
+  assert_non_null(d);
+  sl_buf *v = sl_buf_slice(d, 10, 10, &err);
+  assert_non_null(v);
+  assert_ptr_equal(v->root, d);
+  assert_ptr_equal(sl_buf_memory_root(v), root);
+  assert_int_equal(sl_test_pattern_mismatch(sl_buf_rptr(v), 10, 110), 10);
+  sl_buf *dd = sl_buf_retained_slice(d, 50, 50, &err);
+  assert_non_null(dd);
+  assert_ptr_equal(sl_buf_parent(dd), d);
+  assert_ptr_equal(sl_buf_memory_root(dd), root);
+  assert_int_equal(sl_buf_refcnt(d), 2);
+  assert_int_equal(sl_buf_refcnt(root), 2);
+  /* Bounded by the derived buffer. */
+  assert_null(sl_buf_retained_slice(d, 90, 11, &err));
+  assert_string_equal(err, "slice out of range");
+
+  uint32_t vgen = v->gen;
+  assert_int_equal(sl_buf_release(d), 0);   /* dd still holds d */
+  assert_int_equal(v->gen, vgen);
+  assert_int_equal(sl_buf_release(root), 0);
+  assert_int_equal(sl_test_pattern_mismatch(sl_buf_rptr(dd), 50, 150), 50);
+  assert_int_equal(sl_buf_release(dd), 1);  /* dd, then d, then the root */
+  assert_int_not_equal(v->gen, vgen);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+static void test_buffer_with_derived_does_not_grow(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 64, 1 << 20);
+  sl_buf *d = sl_buf_retained_slice(root, 0, 8, &err);
+  assert_non_null(d);
+  uint8_t *data = root->data;
+  assert_int_equal(sl_buf_ensure_writable(root, 4096, &err), SL_ERROR);
+  assert_string_equal(err, "cannot grow a buffer that has views");
+  assert_ptr_equal(root->data, data);
+  assert_int_equal(sl_buf_may_grow(d, &err), 0);
+  assert_string_equal(err, "a view cannot grow");
+  assert_int_equal(sl_buf_release(d), 1);
+  /* Refcount 1: no derived buffer is left, it grows again. */
+  assert_int_equal(sl_buf_ensure_writable(root, 4096, &err), SL_OK);
+  assert_int_equal(sl_test_pattern_mismatch(root->data, 64, 0), 64);
+  assert_int_equal(sl_buf_release(root), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+static void test_dead_derived_says_who_released_it(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf *root = patterned(pool, 64, 0);
+  sl_buf *d = sl_buf_retained_slice(root, 0, 8, &err);
+  sl_buf *v = sl_buf_slice(d, 0, 4, &err);
+  uint32_t dgen = d->gen, vgen = v->gen;
+  sl_buf_release_site(pool, "the frame's reader");
+  assert_int_equal(sl_buf_release(d), 1);
+  sl_buf_release_site(pool, NULL);
+  assert_string_equal(sl_buf_released_by(d, dgen), "the frame's reader");
+  assert_string_equal(sl_buf_released_by(v, vgen), "the frame's reader");
+  assert_int_equal(sl_buf_release(root), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+/* Leak tracking: a derived buffer answers to its parent's owner, moves to
+ * another owner on its own, and a channel's teardown reclaims only what
+ * was leaked: references held by derived buffers of another owner stay. */
+static void test_reclaim_leaves_references_held_by_derived(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf_owner a = {.name = "a"}, b = {.name = "b"};
+  sl_buf *root = patterned(pool, 128, 0);
+  sl_buf_set_owner(root, &a);
+  sl_buf *d1 = sl_buf_retained_slice(root, 0, 10, &err);
+  sl_buf *d2 = sl_buf_retained_slice(root, 10, 10, &err);
+  assert_ptr_equal(d1->owner, &a);
+  assert_int_equal(a.count, 3);
+  assert_int_equal(a.bytes, root->block_size); /* the block, counted once */
+  sl_buf_set_owner(d2, &b);                    /* queued elsewhere */
+  assert_int_equal(a.count, 2);
+  assert_int_equal(b.count, 1);
+  assert_int_equal(b.bytes, 0);
+
+  /* a's holder releases the root as it should; d1 is leaked on a. */
+  assert_int_equal(sl_buf_release(root), 0);
+  assert_int_equal(sl_leak_reclaim_owner(pool, &a, "a test"), 1);
+  assert_int_equal(a.count, 0);
+  /* d2 and the memory under it are intact and answer to b. */
+  assert_true(sl_buf_is_live(d2));
+  assert_int_equal(sl_buf_refcnt(root), 1);
+  assert_int_equal(sl_test_pattern_mismatch(sl_buf_rptr(d2), 10, 10), 10);
+  assert_int_equal(sl_buf_release(d2), 1);
+  assert_int_equal(b.count, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
+static void test_reclaim_of_leaked_root_with_derived(void **state) {
+  sl_pool *pool = *state;
+  const char *err = NULL;
+  sl_buf_owner a = {.name = "a"}, b = {.name = "b"};
+  sl_buf *root = patterned(pool, 128, 0);
+  sl_buf_set_owner(root, &a);
+  sl_buf *d = sl_buf_retained_slice(root, 0, 10, &err);
+  sl_buf_set_owner(d, &b);
+  sl_buf_retain(root); /* a leaks two references of its own */
+  assert_int_equal(sl_leak_reclaim_owner(pool, &a, "a test"), 1);
+  assert_int_equal(sl_buf_refcnt(root), 1); /* d's reference stays */
+  assert_int_equal(sl_leak_reclaim_owner(pool, &b, "a test"), 1);
+  SL_TEST_ASSERT_POOL_CLEAN(pool);
+}
+
 static void test_release_n_refuses_over_release(void **state) {
   sl_pool *pool = *state;
   sl_buf *b = sl_buf_alloc(pool, 64, 0);
@@ -638,6 +851,15 @@ int main(void) {
       POOL_TEST(test_view_keeps_memory_after_parent_release),
       POOL_TEST(test_slice_of_view_shares_root),
       POOL_TEST(test_slice_out_of_range_is_refused),
+      POOL_TEST(test_retained_slice_has_own_refcount),
+      POOL_TEST(test_derived_header_goes_back_on_release),
+      POOL_TEST(test_read_retained_slice_advances),
+      POOL_TEST(test_retained_duplicate_keeps_indexes),
+      POOL_TEST(test_views_and_derived_of_derived),
+      POOL_TEST(test_buffer_with_derived_does_not_grow),
+      POOL_TEST(test_dead_derived_says_who_released_it),
+      POOL_TEST(test_reclaim_leaves_references_held_by_derived),
+      POOL_TEST(test_reclaim_of_leaked_root_with_derived),
       POOL_TEST(test_release_n_refuses_over_release),
       POOL_TEST(test_checked_calls_refuse_a_released_buffer),
       POOL_TEST(test_retain_n_refuses_overflow_and_zero),

@@ -21,6 +21,7 @@
 #include <cmocka.h>
 
 #include "alloc/pool.h"
+#include "buf/buf.h"
 
 /* How long a test waits for bytes that should arrive, in milliseconds. */
 #define SL_TEST_WAIT_MS 5000
@@ -60,6 +61,15 @@ static inline size_t sl_test_pattern_mismatch(const uint8_t *got, size_t n, size
   for (size_t i = 0; i < n; i++)
     if (got[i] != sl_test_pattern_byte(offset + i)) return i;
   return n;
+}
+
+/* A new buffer of len readable bytes holding the pattern from stream offset. */
+static inline sl_buf *sl_test_pattern_buf(sl_pool *pool, size_t len, size_t offset) {
+  sl_buf *b = sl_buf_alloc(pool, len, 0);
+  assert_non_null(b);
+  sl_test_fill_pattern(b->data, len, offset);
+  b->wr = (uint32_t)len;
+  return b;
 }
 
 static inline void sl_test_set_nonblock(int fd) {

@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
   if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) die("socketpair");
   sl_addr addr;
   memset(&addr, 0, sizeof(addr));
-  sl_channel_config cc = {32768, 65536};
+  sl_channel_config cc = {.low_water_mark = 32768, .high_water_mark = 65536};
   sl_channel *ch = sl_channel_accepted(w, sv[0], &addr, &cc, "bench");
   const sl_listener_cfg *l = &cfg->listeners[0];
   for (int i = 0; i < n; i++) {

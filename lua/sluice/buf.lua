@@ -21,10 +21,15 @@
 --
 -- Every accessor checks the handle's generation first (live), then the
 -- bounds, in Lua, before it touches a byte; a failed check raises and
--- changes nothing. Derived buffers (slice, read_slice, duplicate) are views:
--- they share memory and refcount with their buffer and their handles own no
--- reference (release them through the handle that owns one, or take them
--- with retained_slice / retained_duplicate, whose handles own one).
+-- changes nothing.
+--
+-- Views and derived buffers share their buffer's memory (Netty's slices):
+--   slice, read_slice, duplicate        views: they share the buffer's
+--       refcount and die with it; their handles own no reference.
+--   retained_slice, read_retained_slice, retained_duplicate
+--       derived buffers: their own refcount (1, owned by the new handle),
+--       holding one reference on the buffer; released to zero, they let
+--       go of it. Decoded frames are derived buffers.
 local ffi = require("ffi")
 local bit = require("bit")
 local C = require("sluice.core")
@@ -62,6 +67,7 @@ local needle_byte = ffi.new("uint8_t[1]")
 local finalize = C.sl_ffi_buf_finalize
 
 local VIEW = 1                 -- SL_BUF_VIEW
+local DERIVED = 4              -- SL_BUF_DERIVED
 local MAX_CAPACITY = 2147483647 -- SL_BUF_MAX_CAPACITY
 local EXACT = 9007199254740992  -- 2^53
 local TWO32 = 4294967296
@@ -153,7 +159,7 @@ local function passable(h)
   end
   local refs = h.refs
   if refs <= 0 then
-    if band(b.flags, VIEW) ~= 0 then
+    if band(b.flags, VIEW + DERIVED) == VIEW then
       error("view passed on without a reference: this handle owns none (slice() and "
             .. "duplicate() own none; use retained_slice(), retained_duplicate() or retain()) "
             .. "(refcnt " .. b.root.refcnt .. ")", 3)
@@ -547,13 +553,17 @@ function methods.write_bytes(h, src)
   if wr + n > b.cap and C.sl_ffi_buf_ensure_writable(h, n, errp) ~= 0 then
     grow_fail(b, n, "write_bytes", ffi_string(errp[0]))
   end
+  local dst = b.data + wr
   if sb == nil then
-    ffi_copy(b.data + wr, src, n)
-  elseif sb.root == b.root then
-    -- The same memory (the buffer itself, a view of it): may overlap.
-    ffi_copy(b.data + wr, ffi_string(sb.data + sb.rd, n), n)
+    ffi_copy(dst, src, n)
   else
-    ffi_copy(b.data + wr, sb.data + sb.rd, n)
+    local from = sb.data + sb.rd
+    if from < dst + n and dst < from + n then
+      -- The same memory (the buffer itself, a view of it): overlaps.
+      ffi_copy(dst, ffi_string(from, n), n)
+    else
+      ffi_copy(dst, from, n)
+    end
   end
   b.wr = wr + n
   return h
@@ -683,7 +693,9 @@ function methods.slice(h, index, len)
   return view(C.sl_ffi_buf_slice(h, index, len, 0, errp), false)
 end
 
--- The same with one more reference, owned by the new handle.
+-- retained_slice(index, len) / retained_slice(): the same bytes as a derived
+-- buffer: its own refcount, 1, owned by the new handle, and one reference on
+-- h's buffer, released when the derived buffer's refcount reaches 0.
 function methods.retained_slice(h, index, len)
   local b = live(h)
   index, len = range_args(b, index, len, "retained_slice")
@@ -702,12 +714,26 @@ function methods.read_slice(h, n)
   return v
 end
 
+-- read_retained_slice(n): a derived buffer of the next n readable bytes
+-- (as retained_slice); advances the reader index.
+function methods.read_retained_slice(h, n)
+  local b = live(h)
+  if type(n) ~= "number" or not (n >= 0) or n ~= floor(n) then count_fail("n", n) end
+  local rd = b.rd
+  if b.wr - rd < n then read_fail(b, n, "read_retained_slice") end
+  local v, err = view(C.sl_ffi_buf_slice(h, rd, n, 1, errp), true)
+  if v == nil then return nil, err end
+  b.rd = rd + n
+  return v
+end
+
 -- A view of the whole capacity with the same indexes (its own from now on).
 function methods.duplicate(h)
   live(h)
   return view(C.sl_ffi_buf_duplicate(h, 0, errp), false)
 end
 
+-- The same as a derived buffer (see retained_slice).
 function methods.retained_duplicate(h)
   live(h)
   return view(C.sl_ffi_buf_duplicate(h, 1, errp), true)

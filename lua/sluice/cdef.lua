@@ -19,7 +19,10 @@ struct sl_buf {
   sl_buf *root;
   sl_buf *views;
   void *owner;
-  uint32_t block_size;
+  union {
+    uint32_t block_size;
+    uint32_t parent_off;
+  };
   uint16_t sclass;
   uint16_t flags;
 };
@@ -43,11 +46,13 @@ sl_buf *sl_ffi_ctx_from(sl_ctx *ctx, const char *src, size_t len);
 double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
 void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
 int sl_ffi_ctx_is_writable(sl_ctx *ctx);
 void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err);
 typedef struct sl_ffi_pool_stats {
   uint64_t bytes_in_use, blocks_in_use, allocs, frees, alloc_failures;
   uint64_t cache_hits, cache_misses, cached_blocks, cached_bytes, trims, idle_trims;
@@ -70,6 +75,13 @@ sl_buf *sl_ffi_pool_alloc(size_t cap, size_t max_cap);
 sl_buf *sl_ffi_pool_from(const char *src, size_t len);
 int sl_ffi_pool_open(void);
 uint64_t sl_ffi_pool_close(void);
+typedef struct sl_opts sl_opts;
+sl_opts *sl_ffi_opts_new(void);
+void sl_ffi_opts_free(sl_opts *o);
+int sl_ffi_opts_add(sl_opts *o, const char *key, int type, double num, const char *s, size_t len);
+int sl_ffi_stage_configure(const char *module, const sl_opts *o, void **conf, char *err,
+                           size_t errlen);
+void sl_ffi_stage_unconfigure(const char *module, void *conf);
 void sl_ffi_log(int level, const char *msg);
 int sl_ffi_log_enabled(int level);
 /* buffer access shims (ffi_buf.c) */
@@ -100,13 +112,15 @@ void sl_ffi_ctx_remove(sl_ctx *ctx);
 int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
 void sl_ffi_ctx_unhandled(sl_ctx *ctx);
+int sl_ffi_ctx_is_open(sl_ctx *ctx);
 double sl_ffi_ctx_now(sl_ctx *ctx);
 /* the in-memory channel of sluice.testing (embedded.c) */
 typedef struct sl_channel sl_channel;
 sl_lua_host *sl_ffi_embedded_host(void);
 sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high);
 double sl_ffi_embedded_add_lua(sl_channel *ch, int key, const char *name, sl_ctx **out);
-sl_ctx *sl_ffi_embedded_add_c(sl_channel *ch, const char *name, const char **err);
+sl_ctx *sl_ffi_embedded_add_c(sl_channel *ch, const char *name, const void *conf,
+                              const char **err);
 void sl_ffi_embedded_activate(sl_channel *ch);
 void sl_ffi_embedded_fire(sl_channel *ch, int ev, sl_buf *b, int n, const char *text);
 sl_buf *sl_ffi_embedded_take(sl_channel *ch);

@@ -36,6 +36,13 @@
 --     low_water_mark  optional positive integer, default 32768 (or
 --                     high_water_mark when that is smaller)
 --     high_water_mark optional positive integer, default 65536
+--     outbound_limit  optional positive integer, at least high_water_mark,
+--                     default 16777216: a connection whose outbound queue
+--                     would grow above it is closed (reason outbound_limit)
+--     write_spin_count optional positive integer, default 16: sendmsg calls
+--                     per connection per loop iteration
+--     max_bytes_per_gathering_write optional positive integer: bytes per
+--                     sendmsg call; absent, it adapts (from 2 x SO_SNDBUF)
 --     max_connections optional positive integer: open client connections
 --                     of this listener (all workers together) at which
 --                     accepting pauses; default 0 (no limit)
@@ -45,7 +52,15 @@
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
+--                        or { "host:port", weight = 1..1000 } (weight 1)
+--     balance            optional "round_robin" (default), "least_conn",
+--                        "hash" (on the client address) or "random_two"
 --     connect_timeout_ms optional positive integer, default 5000
+--     tries              optional integer 1..#servers, default #servers
+--     max_fails          optional integer 0..2^31-1, default 1 (0: never)
+--     fail_timeout_ms    optional positive integer, default 10000
+--     health_check       optional table: interval_ms (2000), timeout_ms
+--                        (1000, at most interval_ms), fails (3), passes (2)
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   workers     optional integer 1-256, default 0 (one per core)
 --   drain_timeout_ms optional integer 0-2^31-1: how long a stop waits for
@@ -60,7 +75,20 @@
 --   leak_detection  optional "disabled", "simple" (default), "advanced",
 --               "paranoid", or { level = ..., sample_rate = 128 }
 --   Stage options (string keys of a pipeline entry) are plain data: strings,
---   numbers, booleans and tables of them.
+--   numbers, booleans and tables of them. The options of the built-in C
+--   codecs are checked here too (see C_STAGE_OPTIONS; the C stages check
+--   them again at load, with the same messages):
+--     sluice.codec.length_field  max_frame_length (required), length_field_offset
+--         (0), length_field_length (1, 2, 3, 4 or 8; 4), byte_order ("big" or
+--         "little"; "big"), length_adjustment (0), initial_bytes_to_strip (0),
+--         fail_fast (true)
+--     sluice.codec.line          max_length (required), strip_delimiter (true),
+--         fail_fast (false)
+--     sluice.codec.delimiter     delimiters (required: non-empty strings),
+--         max_frame_length (required), strip_delimiter (true), fail_fast (true)
+--     sluice.codec.fixed_length  frame_length (required)
+--     sluice.codec.length_field_prepender  length_field_length, byte_order,
+--         length_adjustment (as length_field)
 --
 -- Positive integers are 1..2^31-1 so that they fit a C int.
 --
@@ -69,9 +97,10 @@
 -- drain_timeout_ms, error_log, access_log, upstreams (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
--- listed above; for a listener, then low <= high, then "an upstream or a
--- pipeline". A stage is resolved (and its module run) when its entry is
--- checked.
+-- listed above; for a listener, then low <= high, then high <=
+-- outbound_limit, then max_connections and idle_timeout_ms, then "an
+-- upstream or a pipeline". A stage is resolved (and its module run) when its
+-- entry is checked.
 --
 -- Normalized result (a new table; the input is never modified):
 --
@@ -79,8 +108,13 @@
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
---                     high_water_mark, max_connections, idle_timeout_ms } },
---     upstreams = { [name] = { name, servers = { address }, connect_timeout_ms } },
+--                     high_water_mark, outbound_limit, write_spin_count,
+--                     max_bytes_per_gathering_write (or nil: adaptive),
+--                     max_connections, idle_timeout_ms } },
+--     upstreams = { [name] = { name, servers = { address with weight },
+--                   balance, connect_timeout_ms, tries, max_fails,
+--                   fail_timeout_ms, health_check (or nil) =
+--                   { interval_ms, timeout_ms, fails, passes } } },
 --     upstream_names = { sorted names } }
 --
 --   address = { host (no brackets), port, text ("h:p" or "[h6]:p"),
@@ -125,7 +159,13 @@ local Failure = {}  -- metatable tagging the error objects thrown by fail()
 local DEFAULT_LOG_LEVEL = "info"
 local DEFAULT_LOW_WATER_MARK = 32768
 local DEFAULT_HIGH_WATER_MARK = 65536
+local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
+local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
+local DEFAULT_MAX_FAILS = 1
+local DEFAULT_FAIL_TIMEOUT_MS = 10000
+local MAX_WEIGHT = 1000
+local HEALTH_DEFAULTS = { interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }
 local DEFAULT_DRAIN_TIMEOUT_MS = 10000
 local MAX_WORKERS = 256
 local MAX_INT = 2147483647  -- integers must fit a C int
@@ -141,16 +181,20 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
                          "normal_cache", "max_cached", "trim_interval", "trim_idle_ms",
                          "max_memory" }
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
-                        "low_water_mark", "high_water_mark", "max_connections",
-                        "idle_timeout_ms" }
-local UPSTREAM_KEYS = { "servers", "connect_timeout_ms" }
+                        "low_water_mark", "high_water_mark", "outbound_limit",
+                        "write_spin_count", "max_bytes_per_gathering_write",
+                        "max_connections", "idle_timeout_ms" }
+local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
+                        "fail_timeout_ms", "health_check" }
+local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
+local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes" }
 
 -- Callback names a Lua stage module may define (function-valued fields):
 -- the events, and added/removed (the stage joined or left a pipeline, as
 -- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close", "added", "removed" }
+                    "user_event", "error", "write", "flush", "close", "read", "added", "removed" }
 
 local function set_of(list)
     local set = {}
@@ -527,6 +571,99 @@ end
 
 local STAGE_EXPECTED = 'a module name or a table { "module.name", option = value, ... }'
 
+-- Options of the built-in C stages: for each, its keys in check order and a
+-- check per key (value, path) that raises. The C stages parse them again
+-- (src/pipeline/codec/*.c) and word their errors the same way.
+local function opt_int(lo, hi, what, required)
+    return function(v, path)
+        if v == nil and not required then return end
+        if type(v) ~= "number" or v ~= v or v < lo or v > hi or v ~= floor(v) then
+            fail(path, "expected %s, got %s", what, show(v))
+        end
+    end
+end
+
+local function opt_bool(v, path)
+    if v ~= nil and type(v) ~= "boolean" then
+        fail(path, "expected true or false, got %s", show(v))
+    end
+end
+
+local function opt_byte_order(v, path)
+    if v ~= nil and v ~= "big" and v ~= "little" then
+        fail(path, 'expected "big" or "little", got %s', show(v))
+    end
+end
+
+local function opt_field_length(v, path)
+    if v ~= nil and v ~= 1 and v ~= 2 and v ~= 3 and v ~= 4 and v ~= 8 then
+        fail(path, "expected 1, 2, 3, 4 or 8, got %s", show(v))
+    end
+end
+
+local function opt_delimiters(v, path)
+    local ok = type(v) == "table" and #v > 0
+    if ok then
+        local n = 0
+        for _, d in pairs(v) do
+            n = n + 1
+            ok = ok and type(d) == "string" and #d > 0
+        end
+        ok = ok and n == #v
+    end
+    if not ok then
+        fail(path, "expected a non-empty list of non-empty strings, got %s", show(v))
+    end
+end
+
+local POSITIVE = opt_int(1, MAX_INT, "a positive integer", true)
+local COUNT = opt_int(0, MAX_INT, "an integer from 0 to 2147483647")
+local ADJUSTMENT = opt_int(-MAX_INT - 1, MAX_INT, "an integer from -2147483648 to 2147483647")
+
+local C_STAGE_OPTIONS = {
+    ["sluice.codec.length_field"] = {
+        { "max_frame_length", POSITIVE }, { "length_field_offset", COUNT },
+        { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
+        { "length_adjustment", ADJUSTMENT }, { "initial_bytes_to_strip", COUNT },
+        { "fail_fast", opt_bool },
+        after = function(o, path)
+            local max, len = o.max_frame_length, o.length_field_length or 4
+            if (o.length_field_offset or 0) > max - len then
+                fail(path .. ".length_field_offset",
+                     "expected at most max_frame_length - length_field_length (%d), got %d",
+                     max - len, o.length_field_offset)
+            end
+        end,
+    },
+    ["sluice.codec.line"] = {
+        { "max_length", POSITIVE }, { "strip_delimiter", opt_bool }, { "fail_fast", opt_bool },
+    },
+    ["sluice.codec.delimiter"] = {
+        { "delimiters", opt_delimiters }, { "max_frame_length", POSITIVE },
+        { "strip_delimiter", opt_bool }, { "fail_fast", opt_bool },
+    },
+    ["sluice.codec.fixed_length"] = {
+        { "frame_length", POSITIVE },
+    },
+    ["sluice.codec.length_field_prepender"] = {
+        { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
+        { "length_adjustment", ADJUSTMENT },
+    },
+}
+
+-- Checks the options of C stage `name` (those without a schema take any).
+local function check_c_options(name, options, path)
+    local schema = C_STAGE_OPTIONS[name]
+    if not schema then return end
+    local keys = {}
+    for i, spec in ipairs(schema) do keys[i] = spec[1] end
+    check_keys(options, path, keys)
+    for _, spec in ipairs(schema) do
+        spec[2](options[spec[1]], key_path(path, spec[1]))
+    end
+    if schema.after then schema.after(options, path) end
+end
+
 -- Options reach every worker's own Lua state by copy: plain data only.
 local function check_plain(v, path, depth)
     local t = type(v)
@@ -574,6 +711,7 @@ local function check_stage(entry, path, ctx)
              show(entry))
     end
     local found = resolve_stage(name, path, ctx)
+    if found.kind == "c" then check_c_options(name, options, path) end
     return { module = name, kind = found.kind, file = found.file, options = options }
 end
 
@@ -661,7 +799,58 @@ local function check_allocator(a)
     return out
 end
 
--- Returns the normalized upstream `name` (keys: servers, connect_timeout_ms).
+local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n }'
+
+-- Returns the normalized server at `path`: an address with its weight.
+local function check_server(v, path)
+    local text, weight = v, 1
+    if type(v) == "table" then
+        local extra = sorted_keys(v, function(k) return k ~= 1 and k ~= "weight" end)
+        if extra[1] ~= nil then
+            fail(key_path(path, extra[1]),
+                 'unknown key (expected the address at [1] and an optional weight)')
+        end
+        weight = v.weight
+        if weight ~= nil and (type(weight) ~= "number" or weight ~= floor(weight)
+                              or weight < 1 or weight > MAX_WEIGHT) then
+            fail(path .. ".weight", "expected an integer from 1 to %d, got %s",
+                 MAX_WEIGHT, show(weight))
+        end
+        text, path, weight = v[1], path .. "[1]", weight or 1
+    elseif type(v) ~= "string" then
+        fail(path, "expected %s, got %s", SERVER_EXPECTED, show(v))
+    end
+    local addr = check_address(text, path, false)
+    addr.weight = weight
+    return addr
+end
+
+-- health_check = { interval_ms, timeout_ms, fails, passes }: all optional.
+local function check_health(h, path)
+    if h == nil then return nil end
+    if type(h) ~= "table" then
+        fail(path, "expected a table { interval_ms = n, timeout_ms = n, fails = n, passes = n }, got %s",
+             show(h))
+    end
+    check_keys(h, path, HEALTH_KEYS)
+    local interval = check_positive_int(h.interval_ms, path .. ".interval_ms",
+                                        HEALTH_DEFAULTS.interval_ms)
+    local timeout = check_positive_int(h.timeout_ms, path .. ".timeout_ms", nil)
+    if timeout == nil then
+        timeout = HEALTH_DEFAULTS.timeout_ms < interval and HEALTH_DEFAULTS.timeout_ms or interval
+    elseif timeout > interval then
+        fail(path .. ".timeout_ms", "expected at most interval_ms (%d), got %s", interval,
+             show(timeout))
+    end
+    return {
+        interval_ms = interval,
+        timeout_ms = timeout,
+        fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails),
+        passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes),
+    }
+end
+
+-- Returns the normalized upstream `name`.
 local function check_upstream(name, up, path)
     if type(up) ~= "table" then
         fail(path, "expected a table { servers = { \"host:port\", ... } }, got %s", show(up))
@@ -674,13 +863,34 @@ local function check_upstream(name, up, path)
     end
     local out = {}
     for i = 1, check_array(servers, spath) do
-        out[i] = check_address(servers[i], format("%s[%d]", spath, i), false)
+        out[i] = check_server(servers[i], format("%s[%d]", spath, i))
+    end
+    local balance = up.balance
+    if balance == nil then
+        balance = "round_robin"
+    elseif not set_of(BALANCES)[balance] then
+        fail(path .. ".balance", 'expected one of "%s", got %s', concat(BALANCES, '", "'),
+             show(balance))
+    end
+    local connect_timeout = check_positive_int(up.connect_timeout_ms,
+        path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
+    local tries = up.tries
+    if tries == nil then
+        tries = #out
+    elseif type(tries) ~= "number" or tries ~= floor(tries) or tries < 1 or tries > #out then
+        fail(path .. ".tries", "expected an integer from 1 to %d (the number of servers), got %s",
+             #out, show(tries))
     end
     return {
         name = name,
         servers = out,
-        connect_timeout_ms = check_positive_int(up.connect_timeout_ms,
-            path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS),
+        balance = balance,
+        connect_timeout_ms = connect_timeout,
+        tries = tries,
+        max_fails = check_count(up.max_fails, path .. ".max_fails", DEFAULT_MAX_FAILS, MAX_INT),
+        fail_timeout_ms = check_positive_int(up.fail_timeout_ms, path .. ".fail_timeout_ms",
+                                             DEFAULT_FAIL_TIMEOUT_MS),
+        health_check = check_health(up.health_check, path .. ".health_check"),
     }
 end
 
@@ -750,12 +960,22 @@ local function check_listener(l, path, ctx)
     local low = check_positive_int(l.low_water_mark, path .. ".low_water_mark", nil)
     local high = check_positive_int(l.high_water_mark, path .. ".high_water_mark",
                                     DEFAULT_HIGH_WATER_MARK)
+    local limit = check_positive_int(l.outbound_limit, path .. ".outbound_limit",
+                                     DEFAULT_OUTBOUND_LIMIT)
+    local spin = check_positive_int(l.write_spin_count, path .. ".write_spin_count",
+                                    DEFAULT_WRITE_SPIN_COUNT)
+    local gather = check_positive_int(l.max_bytes_per_gathering_write,
+                                      path .. ".max_bytes_per_gathering_write", nil)
     if low == nil then
         -- The default low mark never exceeds an explicit, smaller high one.
         low = DEFAULT_LOW_WATER_MARK < high and DEFAULT_LOW_WATER_MARK or high
     elseif low > high then
         fail(path .. ".low_water_mark", "expected at most high_water_mark (%d), got %s",
              high, show(low))
+    end
+    if limit < high then
+        fail(path .. ".outbound_limit", "expected at least high_water_mark (%d), got %s",
+             high, show(limit))
     end
 
     local max_connections = check_positive_int(l.max_connections,
@@ -774,6 +994,9 @@ local function check_listener(l, path, ctx)
         pipeline = pipeline,
         low_water_mark = low,
         high_water_mark = high,
+        outbound_limit = limit,
+        write_spin_count = spin,
+        max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
         idle_timeout_ms = idle_timeout_ms,
     }

@@ -107,7 +107,10 @@ local function stage_failed(ctx, ev, arg, err)
             ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
             tostring(err))
   -- The pipeline releases what the stage was handed and still owned.
-  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen then
+  -- (Only while the failing stage still owns it: a buffer it passed on to a
+  -- Lua stage that kept it belongs to that stage now.)
+  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and
+     (arg.owner == 0 or arg.owner == ctx.sid) then
     arg:release(arg.refs)
   end
   if ctx.cptr then
@@ -410,6 +413,18 @@ function Ctx:outstanding()
   return tonumber(c[0]), tonumber(n[0])
 end
 
+-- Connects this connection to an upstream (a name from the config) or to
+-- "host:port", as OpenResty's balancer_by_lua chooses a peer: call it in
+-- channel_active before ctx:fire_active(). true while connecting, or nil, err.
+function Ctx:connect(target)
+  if type(target) ~= "string" then
+    error(("bad argument to connect (string expected, got %s)"):format(type(target)), 2)
+  end
+  if not self.cptr then return nil, "closed" end
+  if C.sl_ffi_ctx_connect(self.cptr, target, errp) ~= 0 then return nil, ffi_string(errp[0]) end
+  return true
+end
+
 function Ctx:describe()
   if not self.cptr then return "closed channel" end
   return ffi_string(C.sl_ffi_ctx_describe(self.cptr))
@@ -428,7 +443,10 @@ function Ctx:channel()
   return ch
 end
 
-function Channel:is_active() return self.ctx.cptr ~= nil end
+function Channel:is_active()
+  local c = self.ctx.cptr
+  return c ~= nil and C.sl_ffi_ctx_is_open(c) ~= 0
+end
 function Channel:is_writable() return self.ctx:is_writable() end
 function Channel:set_autoread(on) return self.ctx:set_autoread(on) end
 function Channel:read() return self.ctx:read() end
@@ -489,6 +507,7 @@ end
 -- A stage given while running: a table of callbacks, a module name, or
 -- { "module.name", option = value }. Returns the Lua key, or nil and the
 -- builtin C stage's name.
+local unnamed = 0 -- table stages given without a name: stage1, stage2, ...
 local function resolve(stage, name)
   local opts
   if type(stage) == "table" and type(stage[1]) == "string" then
@@ -512,7 +531,8 @@ local function resolve(stage, name)
   end
   local k = keys[stage]
   if not k or (name and stages[k].name ~= name) then
-    k = register(name or ("stage" .. (#stages + 1)), stage, nil)
+    unnamed = unnamed + 1
+    k = register(name or ("stage" .. unnamed), stage, nil)
     keys[stage] = k
   end
   return k, stages[k].name
@@ -705,12 +725,13 @@ function run_timers(now)
     now = now or (ctx.cptr and _M.clock(ctx))
     if now and t.due > now then break end
     heap_pop()
-    if ctx.cptr then
-      cur_ctx, cur_ev, cur_arg = ctx, TIMER, nil
-      buf.stage = ctx.cptr
-      t.fn(ctx)
-      buf.stage = nil
-      cur_ctx = nil
+    if ctx.cptr and C.sl_ffi_ctx_is_open(ctx.cptr) ~= 0 then
+      -- Each timer is protected on its own: one that raises closes its
+      -- connection and the others still run.
+      buf.stage, buf.stage_id = ctx.cptr, ctx.sid
+      local ok, err = xpcall(t.fn, traceback, ctx)
+      buf.stage, buf.stage_id = nil, 0
+      if not ok then stage_failed(ctx, TIMER, nil, err) end
     end
   end
   armed_at = nil

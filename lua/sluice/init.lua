@@ -21,7 +21,11 @@ function _M.simple_inbound(fn)
   return {
     channel_read = function(ctx, msg)
       fn(ctx, msg)
-      if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release() end
+      -- Still this stage's (not passed on to a Lua stage that owns it now).
+      if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen and
+         (msg.owner == 0 or msg.owner == ctx.sid) then
+        msg:release()
+      end
     end,
   }
 end

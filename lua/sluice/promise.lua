@@ -7,7 +7,9 @@
 -- A promise completes once: ok when the last byte of the write left through
 -- the socket, or with the reason the write failed. Callbacks registered
 -- after completion run at once. C reports completions by id; ids of
--- promises nobody holds any more are forgotten (weak table).
+-- promises nobody holds any more are forgotten (weak table), but a pending
+-- promise with a callback is held until it completes (`ctx:write(b):on_complete(fn)`
+-- keeps no reference of its own).
 local setmetatable, type, tostring = setmetatable, type, tostring
 
 local _M = {}
@@ -16,6 +18,7 @@ local Promise = {}
 Promise.__index = Promise
 
 local live = setmetatable({}, { __mode = "v" }) -- id -> promise
+local held = {} -- id -> pending promise with callbacks
 local next_id = 0
 
 function _M.new()
@@ -35,6 +38,7 @@ local function complete(p, ok, err)
   if p.done then return end
   p.done, p.ok, p.err = true, ok, err
   live[p.id] = nil
+  held[p.id] = nil
   local cbs = p.cbs
   if cbs then
     p.cbs = nil
@@ -60,6 +64,7 @@ function Promise:on_complete(fn)
   else
     local cbs = self.cbs
     if cbs then cbs[#cbs + 1] = fn else self.cbs = { fn } end
+    held[self.id] = self
   end
   return self
 end

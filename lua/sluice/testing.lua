@@ -14,6 +14,7 @@ local ffi = require("ffi")
 local C = require("sluice.core")
 local buf = require("sluice.buf")
 local host = require("sluice.host")
+local options = require("sluice.options")
 
 local is_buf, wrap = buf.is_buf, buf.wrap
 local ffi_string = ffi.string
@@ -49,7 +50,9 @@ local harness_of = setmetatable({}, { __mode = "k" }) -- capture ctx -> channel
 local capture = {
   channel_read = function(ctx, msg)
     local ch = harness_of[ctx]
-    ch.inbound[#ch.inbound + 1] = msg
+    -- (after the reads so far: read_inbound leaves the front of the list empty)
+    ch.nend = ch.nend + 1
+    ch.inbound[ch.nend] = msg
   end,
   user_event = function(ctx, ev)
     local ch = harness_of[ctx]
@@ -65,15 +68,21 @@ local Channel = {}
 Channel.__index = Channel
 
 local function add_stage(self, spec, i)
-  local key, name = host.resolve(spec)
+  local key, name, opts = host.resolve(spec)
   if key then
     local id = C.sl_ffi_embedded_add_lua(self.ch, key, name, ctx_out)
     if id == 0 then error("out of memory adding stage " .. tostring(name), 3) end
     local ctx = host.new_ctx(id, ctx_out[0], key)
     ctx.name = name
+    if ctx.mod.added then ctx.mod.added(ctx) end -- as a worker does for its stages
     return ctx
   end
-  local c = C.sl_ffi_embedded_add_c(self.ch, name, errp)
+  -- A C stage: its options parsed as the config reader does; the channel
+  -- keeps the configuration for as long as it lives.
+  local conf, err = options.configure(name, opts or {})
+  if err then error(("stage %d (%s): %s"):format(i, tostring(name), err), 3) end
+  self.confs[#self.confs + 1] = conf
+  local c = C.sl_ffi_embedded_add_c(self.ch, name, conf, errp)
   if c == nil then
     error(("stage %d (%s): %s"):format(i, tostring(name), ffi_string(errp[0])), 3)
   end
@@ -90,7 +99,8 @@ function _M.channel(stages, opts)
   local ch = C.sl_ffi_embedded_open("test", opts.low_water_mark or 32768,
                                     opts.high_water_mark or 65536)
   if ch == nil then error("out of memory creating a channel", 2) end
-  local self = setmetatable({ ch = ch, inbound = {}, events = {}, errors = {}, nin = 1 }, Channel)
+  local self = setmetatable({ ch = ch, inbound = {}, events = {}, errors = {}, nin = 1, nend = 0,
+                              confs = {} }, Channel)
   for i = 1, #stages do add_stage(self, stages[i], i) end
   local cap = add_stage(self, capture, #stages + 1)
   harness_of[cap] = self
@@ -120,7 +130,7 @@ end
 -- Each argument is read from the channel (one read each), then
 -- read_complete. Returns true when something reached the end.
 function Channel:write_inbound(...)
-  local before = #self.inbound
+  local before = self.nend
   for i = 1, select("#", ...) do
     local b = to_buf((select(i, ...)), "write_inbound")
     C.sl_ffi_embedded_fire(self.ch, READ, b, 0, nil)
@@ -128,11 +138,11 @@ function Channel:write_inbound(...)
   end
   C.sl_ffi_embedded_fire(self.ch, READ_COMPLETE, nil, 0, nil)
   self:run_pending()
-  return #self.inbound > before
+  return self.nend > before
 end
 
--- Writes each argument from the end of the pipeline, then flushes.
--- Returns true when bytes were flushed towards the socket.
+-- Writes each argument from the end of the pipeline, then flushes; what
+-- reached the socket side waits for read_outbound().
 function Channel:write_outbound(...)
   for i = 1, select("#", ...) do
     local b = to_buf((select(i, ...)), "write_outbound")

@@ -20,16 +20,7 @@ local function start_example(name, upstream_port)
   return p, port
 end
 
-local function start_redis()
-  local port = H.free_port()
-  local p = H.spawn(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no")
-    :format(port), "redis")
-  assert(H.wait_for(function()
-    return (H.sh(("redis-cli -p %d PING 2>/dev/null"):format(port))):find("PONG", 1, true)
-  end, 10), "redis-server did not start:\n" .. H.read(p.log))
-  p.port = port
-  return p
-end
+local start_redis = H.start_redis
 
 local function cli(port, args)
   local out, rc = H.sh(("timeout 20 redis-cli -p %d %s 2>&1"):format(port, args))
@@ -103,6 +94,10 @@ describe("examples through the binary", function()
       assert.are.equal("v", cli(port, "GET k"))
       assert.are.equal("ERR command 'FLUSHALL' is not allowed", cli(port, "FLUSHALL"))
       assert.are.equal("ERR command 'KEYS' is not allowed", cli(port, "keys '*'"))
+      -- inline forms redis-server reads as FLUSHALL; then one it reads as PING
+      local tricks = '"\\x46LUSHALL"\r\nFLUSH"ALL"\r\n\'flushall\' async\r\n"\\x50ING"\r\n'
+      local want = denied("FLUSHALL"):rep(3) .. "+PONG\r\n"
+      assert.are.equal(want, converse(port, tricks, #want))
       assert.are.equal("v", cli(port, "GET k"))
       assert.are.equal("v", cli(redis.port, "GET k")) -- asked of the server itself
       assert.are.equal("1", cli(redis.port, "DBSIZE"))

@@ -67,8 +67,11 @@ describe("proxying", function()
     assert.are.equal(0, rc)
     assert.are.equal("", out)
     local log = H.stop_sluice(p)
-    assert.matches("upstream 127.0.0.1:" .. dead .. " connect failed: Connection refused", log, 1, true)
-    assert.matches("client 127.0.0.1:%d+ on front closed: upstream", log)
+    assert.matches("upstream 127.0.0.1:" .. dead .. " for front closed: connect failed: Connection refused",
+                   log, 1, true)
+    assert.matches("client 127.0.0.1:%d+ on front: upstream back unavailable after 1 try: 127.0.0.1:"
+                   .. dead .. " %(Connection refused%)", log)
+    assert.matches("client 127.0.0.1:%d+ on front closed: upstream_unavailable", log)
   end)
 
   it("gives up on an upstream that does not answer at its connect timeout", function()
@@ -80,7 +83,7 @@ describe("proxying", function()
     assert.are.equal(0, rc)
     assert.are.equal("", out)
     local log = H.stop_sluice(p)
-    assert.matches("upstream 127.0.0.1:" .. hole .. " connect failed: timed out", log, 1, true)
+    assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: connect failed: timed out", log, 1, true)
   end)
 
   it("stops reading from the client while the upstream's queue is over its high mark", function()
@@ -383,7 +386,9 @@ return {
 ]])
     local mod = stage:match("([^/]+)%.lua$")
     -- The upstream sends 8 MiB at once; the client reads only after a second.
-    local peer = H.start_peer("head -c 8388608 /dev/zero")
+    -- (-t 30: the peer keeps its socket until sluice has read everything,
+    -- however long the slow client holds sluice's reads back.)
+    local peer = H.start_peer("head -c 8388608 /dev/zero", nil, "-t 30")
     peers[#peers + 1] = peer
     local port = H.free_port()
     local p = H.start_sluice(proxy_config(port, peer.port, ("{ %q }"):format(mod)))

@@ -79,8 +79,10 @@ return {
     end
     assert.is_true((per_worker["0"] or 0) > 0, "worker 0 served none")
     assert.is_true((per_worker["1"] or 0) > 0, "worker 1 served none")
-    -- Both pools were checked at exit.
-    assert.are.equal(2, count(log, "pool clean at exit"))
+    -- Both pools were checked at exit, and no buffer went from one worker
+    -- to another.
+    assert.are.equal(2, count(log, "pool clean at exit %(0 buffers outstanding, %d+ allocated in all, "
+                                .. "0 freed by other threads%)"))
   end)
 
   it("refuses to start, with nothing left running, when another process holds the port", function()
@@ -397,6 +399,25 @@ return { workers = 2,
       assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
       assert.are.equal("p:c\n", (H.exchange(port, "c\n", 10)))
       H.stop_sluice(p)
+    end)
+
+    it("keeps workers as they are until the next start, and says so", function()
+      local port = H.free_port()
+      local text = ([[
+return { workers = 1,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port)
+      local p = H.start_sluice(text)
+      local f = assert(io.open(p.config, "wb"))
+      f:write((text:gsub("workers = 1", "workers = 2")))
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("configuration reloaded", 1, true) end, 10))
+      assert.are.equal("x\n", (H.exchange(port, "x\n", 10)))
+      local log = H.stop_sluice(p)
+      assert.matches("SIGHUP: workers changed: takes effect at the next start", log, 1, true)
+      assert.not_matches("allocator or leak_detection changed", log, 1, true)
+      assert.are.equal(1, count(log, "pool clean at exit"))
     end)
 
     it("reopens the access log (and on SIGUSR1), for rotation", function()

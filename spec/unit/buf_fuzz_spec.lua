@@ -143,9 +143,13 @@ describe("sluice.buf fuzz", function()
     end
 
     -- Model: a root R = { mem (1-based bytes of [0, cap)), refcnt, nviews,
-    -- dead, guard, node, nodes }; a node (a handle) = { h, root, base, cap,
-    -- max, rd, wr, refs, view }.
+    -- dead, shared, guard, node, nodes }; a node (a handle) = { h, root,
+    -- holder, base, cap, max, rd, wr, refs, view }. A holder is what owns the
+    -- refcount a handle's references count on: R itself, or for a derived
+    -- buffer (retained_*) and the views made from it, a holder of its own
+    -- { refcnt, dead, parent } that holds one reference on its parent's.
     local nodes, nroots = {}, 0
+    local release_holder
     local stats = { calls = 0, ok = 0, raised = 0, grown = 0 }
 
     local function node_bytes(nd)
@@ -185,6 +189,7 @@ describe("sluice.buf fuzz", function()
       local b = h.b
       check(b.gen == h.gen, "the buffer died while the model holds %d references", R.refcnt)
       check(b.refcnt == R.refcnt, "refcnt %d, model %d", b.refcnt, R.refcnt)
+      check(R.refcnt > 0, "the model's root died but not the buffer")
       local cap = R.node.cap
       check(b.cap == cap, "capacity %d, model %d", b.cap, cap)
       check(tonumber(ffi.cast("uintptr_t", b.data)) == R.data, "the block moved")
@@ -193,12 +198,19 @@ describe("sluice.buf fuzz", function()
             "bytes past the capacity changed")
       for _, nd in ipairs(R.nodes) do
         local v = nd.h.b
+        if nd.holder.dead then
+          check(v.gen ~= nd.h.gen, "a handle of a released derived buffer is still live")
+          goto continue
+        end
         check(v.gen == nd.h.gen, "a view died while its buffer lives")
+        check(v.root.refcnt == nd.holder.refcnt, "refcnt %d, model %d", v.root.refcnt,
+              nd.holder.refcnt)
         check(v.rd == nd.rd and v.wr == nd.wr and v.cap == nd.cap and v.max_cap == nd.max,
               "indexes (%d, %d, %d, %d), model (%d, %d, %d, %d)", v.rd, v.wr, v.cap, v.max_cap,
               nd.rd, nd.wr, nd.cap, nd.max)
         check(tonumber(v.data - b.data) == nd.base, "a view's offset moved")
         check(nd.h.refs == nd.refs, "handle owns %d, model %d", nd.h.refs, nd.refs)
+        ::continue::
       end
     end
 
@@ -215,14 +227,33 @@ describe("sluice.buf fuzz", function()
       end
     end
 
+    -- A root grows without views and while no derived buffer made from it
+    -- lives.
     local function may_grow(nd, n)
-      return not nd.view and nd.root.nviews == 0 and nd.wr + n <= nd.max
+      local R = nd.root
+      return not nd.view and R.nviews == 0 and (R.nderived or 0) == 0 and nd.wr + n <= nd.max
+    end
+
+    -- m references of holder H (of root R) are released: at zero it dies
+    -- and lets go of its parent's reference, up to the root.
+    function release_holder(R, H, m)
+      while H do
+        H.refcnt = H.refcnt - m
+        if H.refcnt > 0 then return end
+        H.dead = true
+        if H == R then
+          nroots = nroots - 1
+          return
+        end
+        H, m = H.parent, 1
+        H.nderived = H.nderived - 1
+      end
     end
 
     local function add_root(h, mem, max)
       local R = { mem = mem, refcnt = 1, nviews = 0, dead = false, nodes = {} }
-      local nd = { h = h, root = R, base = 0, cap = #mem, max = max, rd = h.b.rd, wr = h.b.wr,
-                   refs = 1, view = false }
+      local nd = { h = h, root = R, holder = R, base = 0, cap = #mem, max = max, rd = h.b.rd,
+                   wr = h.b.wr, refs = 1, view = false }
       R.node, R.nodes[1] = nd, nd
       nodes[#nodes + 1] = nd
       nroots = nroots + 1
@@ -232,10 +263,16 @@ describe("sluice.buf fuzz", function()
 
     local function add_view(parent, h, base, cap, rd, wr, retained)
       local R = parent.root
-      local nd = { h = h, root = R, base = base, cap = cap, max = cap, rd = rd, wr = wr,
-                   refs = retained and 1 or 0, view = true }
-      R.nviews = R.nviews + 1
-      if retained then R.refcnt = R.refcnt + 1 end
+      local holder = parent.holder
+      if retained then -- a derived buffer: a holder of its own
+        holder.refcnt = holder.refcnt + 1
+        holder.nderived = (holder.nderived or 0) + 1
+        holder = { refcnt = 1, dead = false, parent = holder }
+      elseif holder == R then
+        R.nviews = R.nviews + 1
+      end
+      local nd = { h = h, root = R, holder = holder, base = base, cap = cap, max = cap, rd = rd,
+                   wr = wr, refs = retained and 1 or 0, view = true }
       R.nodes[#R.nodes + 1] = nd
       nodes[#nodes + 1] = nd
       return nd
@@ -448,7 +485,7 @@ describe("sluice.buf fuzz", function()
       else
         local other = nodes[random(#nodes)]
         if random(4) == 1 then other = nd end
-        src, src_dead = other.h, other.root.dead
+        src, src_dead = other.h, other.holder.dead
         bytes = not src_dead and readable(other) or ""
         ctx = ctx .. " write_bytes(a buffer of " .. #bytes .. " readable bytes)"
       end
@@ -502,7 +539,7 @@ describe("sluice.buf fuzz", function()
       local other, other_dead, want
       if random(2) == 1 then
         local o = nodes[random(#nodes)]
-        other, other_dead = o.h, o.root.dead
+        other, other_dead = o.h, o.holder.dead
         want = not dead and not other_dead and readable(nd) == readable(o)
       else
         other = not dead and readable(nd) or ""
@@ -584,15 +621,16 @@ describe("sluice.buf fuzz", function()
       if random(10) == 1 then n = nil end
       ctx = ctx .. " " .. which .. "(" .. show(n) .. ")"
       local R = nd.root
+      local H = nd.holder
       local ok, r = pcall(nd.h[which], nd.h, n)
       local m = n or 1
       local good_n = is_int(m) and m >= 1 and m <= 2 ^ 31 - 1
       stats.calls = stats.calls + 1
       local valid
       if which == "retain" then
-        valid = good_n and not dead and R.refcnt + m <= 2 ^ 31 - 1
+        valid = good_n and not dead and H.refcnt + m <= 2 ^ 31 - 1
       else
-        valid = good_n and not dead and m <= R.refcnt and m <= nd.refs
+        valid = good_n and not dead and m <= H.refcnt and m <= nd.refs
       end
       check(ok == valid, "%s where the model says it must %s: %s", ok and "succeeded" or "raised",
             valid and "succeed" or "raise", tostring(r))
@@ -602,14 +640,11 @@ describe("sluice.buf fuzz", function()
       end
       stats.ok = stats.ok + 1
       if which == "retain" then
-        R.refcnt, nd.refs = R.refcnt + m, nd.refs + m
+        H.refcnt, nd.refs = H.refcnt + m, nd.refs + m
       else
-        R.refcnt, nd.refs = R.refcnt - m, nd.refs - m
-        check(r == (R.refcnt == 0), "release returned %s", tostring(r))
-        if R.refcnt == 0 then
-          R.dead = true
-          nroots = nroots - 1
-        end
+        nd.refs = nd.refs - m
+        check(r == (H.refcnt == m), "release returned %s", tostring(r))
+        release_holder(R, H, m)
       end
     end
 
@@ -617,14 +652,14 @@ describe("sluice.buf fuzz", function()
     local function drop(R)
       for _, nd in ipairs(R.nodes) do
         if nd.refs > 0 then
-          local freed = nd.h:release(nd.refs)
-          R.refcnt, nd.refs = R.refcnt - nd.refs, 0
-          check(freed == (R.refcnt == 0), "release returned %s", tostring(freed))
+          local m = nd.refs
+          local freed = nd.h:release(m)
+          nd.refs = 0
+          check(freed == (nd.holder.refcnt == m), "release returned %s", tostring(freed))
+          release_holder(R, nd.holder, m)
         end
       end
-      check(R.refcnt == 0, "references left")
-      R.dead = true
-      nroots = nroots - 1
+      check(R.dead, "references left")
     end
 
     local WEIGHTS = {
@@ -672,16 +707,16 @@ describe("sluice.buf fuzz", function()
         nodes = keep
       end
       local nd = nodes[random(#nodes)]
-      if nd.root.dead and random(4) ~= 1 then -- mostly live handles
+      if nd.holder.dead and random(4) ~= 1 then -- mostly live handles
         for _ = 1, 10 do
           nd = nodes[random(#nodes)]
-          if not nd.root.dead then break end
+          if not nd.holder.dead then break end
         end
       end
       ctx = ctx .. ", a " .. (nd.view and "view" or "buffer") .. " [rd " .. nd.rd .. ", wr "
             .. nd.wr .. ", cap " .. nd.cap .. ", max " .. nd.max .. "]"
       local R = nd.root
-      pick_op()(nd, R.dead)
+      pick_op()(nd, nd.holder.dead)
       check_root(R)
       if it % 500 == 0 then
         for _, x in ipairs(nodes) do check_root(x.root) end

@@ -552,22 +552,69 @@ describe("sluice.buf access", function()
     b:release()
   end)
 
-  it("retained_slice and retained_duplicate add a reference their handle owns", function()
+  it("retained_slice and retained_duplicate are derived buffers: own refcount, one reference on the buffer", function()
     local b = buf.from("0123456789")
     local v = b:retained_slice(2, 3)
-    assert.are.equal(2, b:refcnt())
+    assert.are.same({ 2, 1 }, { b:refcnt(), v:refcnt() })
     local d = b:retained_duplicate()
-    assert.are.equal(3, b:refcnt())
+    assert.are.same({ 3, 1 }, { b:refcnt(), d:refcnt() })
     local r = b:retained_slice() -- the readable bytes
-    assert.are.equal(4, r:refcnt())
+    assert.are.same({ 4, 1 }, { b:refcnt(), r:refcnt() })
     assert.are.same({ 1, 1, 1, 1 }, { b.refs, v.refs, d.refs, r.refs })
-    assert.is_false(b:release()) -- the parent handle lets go first
-    assert.are.equal("234", v:tostring()) -- the views keep the memory
-    assert.are.equal("0123456789", d:tostring())
+    v:retain() -- its own count: the buffer's does not move
+    assert.are.same({ 4, 2 }, { b:refcnt(), v:refcnt() })
     assert.is_false(v:release())
-    assert.is_false(r:release())
-    assert.is_true(d:release())
+    assert.is_false(b:release()) -- the parent handle lets go first
+    assert.are.equal("234", v:tostring()) -- the derived buffers keep the memory
+    assert.are.equal("0123456789", d:tostring())
+    assert.is_true(v:release()) -- v is gone; the buffer stays for d and r
     assert.has_error(function() return #v end)
+    assert.are.equal("0123456789", r:tostring())
+    assert.is_true(r:release())
+    assert.are.equal(1, d:refcnt())
+    local blocks = pool.stats().blocks_in_use
+    assert.is_true(d:release()) -- the last: the memory goes back
+    assert.are.equal(blocks - 1, pool.stats().blocks_in_use)
+  end)
+
+  it("read_retained_slice gives a derived buffer of the next n readable bytes and advances", function()
+    local b = buf.from("headbodytail")
+    b:skip(4)
+    local body = b:read_retained_slice(4)
+    assert.are.same({ "body", 8, 2, 1 }, { body:tostring(), b:reader_index(), b:refcnt(), body:refcnt() })
+    assert.are.equal("read_retained_slice: 5 bytes needed, 4 readable (reader index 8, writer index 12)",
+                     raised(b.read_retained_slice, b, 5))
+    local v = body:slice(1, 2) -- a view of the derived buffer shares its count
+    assert.are.same({ "od", 1 }, { v:tostring(), v:refcnt() })
+    assert.is_false(b:release())
+    assert.are.equal("body", body:tostring())
+    assert.is_true(body:release())
+    assert.matches("^buffer used after release", raised(v.get_u8, v, 0))
+  end)
+
+  it("a derived buffer passed on gives its own reference away", function()
+    local b = buf.from("abcdef")
+    local d = b:retained_slice(0, 3)
+    assert.are.equal(d.b, buf.give(d))
+    assert.are.equal("buffer passed on twice: this handle no longer owns a reference (refcnt 1)",
+                     raised(function() return buf.give(d) end))
+    -- what took it releases it
+    local err = require("ffi").new("const char *[1]")
+    assert.are.equal(1, require("sluice.core").sl_ffi_buf_release(d.b, 1, err))
+    assert.are.equal(1, b:refcnt())
+    b:release()
+  end)
+
+  it("write_bytes from a derived buffer into its own buffer copies overlapping bytes safely", function()
+    local b = buf.alloc(8, 32)
+    b:write_bytes("abcdefgh")
+    b:skip(2)
+    local d = b:retained_slice(0, 8)
+    b:writer_index(4)
+    b:write_bytes(d) -- d's readable bytes [0, 8) onto [4, 12): overlapping memory
+    assert.are.equal("cdabcdefgh", b:tostring())
+    d:release()
+    b:release()
   end)
 
   it("copy is an independent new buffer the caller owns", function()
@@ -629,7 +676,7 @@ describe("sluice.buf access", function()
     local b = buf.from("abcdef")
     do
       local v = b:retained_slice(0, 2) -- never released
-      assert.are.equal(2, v:refcnt())
+      assert.are.same({ 1, 2 }, { v:refcnt(), b:refcnt() })
     end
     collectgarbage()
     collectgarbage()

@@ -59,6 +59,20 @@ local function addr(host, port, family)
   return { host = host, port = port, text = text, family = family or "inet" }
 end
 
+-- A normalized server: an address with its weight (1 unless given).
+local function server(host, port, family, weight)
+  local a = addr(host, port, family)
+  a.weight = weight or 1
+  return a
+end
+
+-- A normalized upstream with every default filled in, `fields` replacing keys.
+local function upstream_defaults(name, servers, fields)
+  return merge({ name = name, servers = servers, balance = "round_robin",
+                 connect_timeout_ms = 5000, tries = #servers, max_fails = 1,
+                 fail_timeout_ms = 10000 }, fields)
+end
+
 local ALLOCATOR_DEFAULTS = {
   type = "pooled", arenas = 0, page_size = 8192, chunk_size = 4194304, small_cache = 256,
   normal_cache = 64, max_cached = 32768, trim_interval = 8192, trim_idle_ms = 10000,
@@ -66,7 +80,7 @@ local ALLOCATOR_DEFAULTS = {
 }
 
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
-  .. "channel_writability_changed, user_event, error, write, flush, close, added, removed"
+  .. "channel_writability_changed, user_event, error, write, flush, close, read, added, removed"
 
 describe("sluice.config", function()
 
@@ -101,11 +115,11 @@ describe("sluice.config", function()
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 32768, high_water_mark = 65536,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
-          demo = { name = "demo", servers = { addr("127.0.0.1", 8000) },
-                   connect_timeout_ms = 5000 },
+          demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
         },
         upstream_names = { "demo" },
       }, ok_of(conf()))
@@ -128,15 +142,16 @@ describe("sluice.config", function()
                 options = { label = "front" } },
             },
             low_water_mark = 32768, high_water_mark = 65536,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
+            outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0 },
         },
         upstreams = {
-          demo = { name = "demo", servers = { addr("127.0.0.1", 7001) },
-                   connect_timeout_ms = 5000 },
+          demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
         },
         upstream_names = { "demo" },
       }, cfg)
@@ -157,11 +172,47 @@ describe("sluice.config", function()
       assert.are.equal(100, cfg.listeners[1].low_water_mark)
       assert.are.equal(200, cfg.listeners[1].high_water_mark)
       assert.are.same({ "a-1.x", "b", "demo" }, cfg.upstream_names)
-      assert.are.same({ name = "demo", connect_timeout_ms = 250,
-                        servers = { addr("10.0.0.1", 80), addr("10.0.0.2", 80) } },
+      assert.are.same(upstream_defaults("demo", { server("10.0.0.1", 80), server("10.0.0.2", 80) },
+                                        { connect_timeout_ms = 250 }),
                       cfg.upstreams.demo)
-      assert.are.same({ addr("2001:db8::1", 443, "inet6") }, cfg.upstreams.b.servers)
-      assert.are.same({ addr("127.0.0.1", 81) }, cfg.upstreams["a-1.x"].servers)
+      assert.are.same({ server("2001:db8::1", 443, "inet6") }, cfg.upstreams.b.servers)
+      assert.are.same({ server("127.0.0.1", 81) }, cfg.upstreams["a-1.x"].servers)
+    end)
+
+    it("keeps every upstream key, and weights on servers given as tables", function()
+      local cfg = ok_of(conf(nil, { upstreams = { demo = {
+        servers = { "127.0.0.1:6379", { "127.0.0.1:6380", weight = 2 }, { "[::1]:6381" } },
+        balance = "least_conn", connect_timeout_ms = 300, tries = 2, max_fails = 3,
+        fail_timeout_ms = 5000,
+        health_check = { interval_ms = 500, timeout_ms = 200, fails = 2, passes = 1 },
+      } } }))
+      assert.are.same(upstream_defaults("demo",
+        { server("127.0.0.1", 6379), server("127.0.0.1", 6380, "inet", 2),
+          server("::1", 6381, "inet6") },
+        { balance = "least_conn", connect_timeout_ms = 300, tries = 2, max_fails = 3,
+          fail_timeout_ms = 5000,
+          health_check = { interval_ms = 500, timeout_ms = 200, fails = 2, passes = 1 } }),
+        cfg.upstreams.demo)
+    end)
+
+    it("fills in health_check defaults, with timeout_ms at most interval_ms", function()
+      local function hc(h)
+        return ok_of(conf(nil, { upstreams = { demo = { servers = { "127.0.0.1:1" },
+                                                        health_check = h } } })).upstreams.demo.health_check
+      end
+      assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }, hc({}))
+      assert.are.same({ interval_ms = 300, timeout_ms = 300, fails = 3, passes = 2 },
+                      hc({ interval_ms = 300 }))
+      assert.is_nil(hc(nil))
+    end)
+
+    it("accepts every balance name, and max_fails 0", function()
+      for _, b in ipairs({ "round_robin", "least_conn", "hash", "random_two" }) do
+        local u = ok_of(conf(nil, { upstreams = { demo = { servers = { "127.0.0.1:1" }, balance = b,
+                                                           max_fails = 0 } } })).upstreams.demo
+        assert.are.equal(b, u.balance)
+        assert.are.equal(0, u.max_fails)
+      end
     end)
 
     it("lowers the default low_water_mark to an explicit, smaller high_water_mark", function()
@@ -528,7 +579,8 @@ describe("sluice.config", function()
 
       it("reject unknown keys", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
-                         .. "upstream, pipeline, low_water_mark, high_water_mark, max_connections, "
+                         .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
+                         .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
                          .. "idle_timeout_ms)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
@@ -633,6 +685,46 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ low_water_mark = 0 / 0 }) })):gsub("%-nan$", "nan"))
       end)
 
+      it("take outbound_limit, write_spin_count and max_bytes_per_gathering_write", function()
+        local l = ok_of(conf({ listener({ outbound_limit = 1048576, write_spin_count = 4,
+                                          max_bytes_per_gathering_write = 8192 }) })).listeners[1]
+        assert.are.equal(1048576, l.outbound_limit)
+        assert.are.equal(4, l.write_spin_count)
+        assert.are.equal(8192, l.max_bytes_per_gathering_write)
+        -- The limit may equal the high water mark.
+        l = ok_of(conf({ listener({ high_water_mark = 4096, outbound_limit = 4096 }) })).listeners[1]
+        assert.are.equal(4096, l.outbound_limit)
+        assert.is_nil(l.max_bytes_per_gathering_write)
+      end)
+
+      it("need positive integers for the write limits", function()
+        assert.are.equal("config error: listeners[1].outbound_limit: expected a positive integer, got 0",
+                         err_of(conf({ listener({ outbound_limit = 0 }) })))
+        assert.are.equal('config error: listeners[1].outbound_limit: expected a positive integer, got "16m"',
+                         err_of(conf({ listener({ outbound_limit = "16m" }) })))
+        assert.are.equal("config error: listeners[1].outbound_limit: expected a positive integer no larger "
+                         .. "than 2147483647, got 4294967296",
+                         err_of(conf({ listener({ outbound_limit = 2 ^ 32 }) })))
+        assert.are.equal("config error: listeners[1].write_spin_count: expected a positive integer, got 0",
+                         err_of(conf({ listener({ write_spin_count = 0 }) })))
+        assert.are.equal("config error: listeners[1].write_spin_count: expected a positive integer, got 2.5",
+                         err_of(conf({ listener({ write_spin_count = 2.5 }) })))
+        assert.are.equal("config error: listeners[1].max_bytes_per_gathering_write: expected a positive "
+                         .. "integer, got -1",
+                         err_of(conf({ listener({ max_bytes_per_gathering_write = -1 }) })))
+        assert.are.equal("config error: listeners[1].max_bytes_per_gathering_write: expected a positive "
+                         .. "integer, got true",
+                         err_of(conf({ listener({ max_bytes_per_gathering_write = true }) })))
+      end)
+
+      it("need outbound_limit >= high_water_mark", function()
+        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (65536), got 65535",
+                         err_of(conf({ listener({ outbound_limit = 65535 }) })))
+        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (100000), got 99999",
+                         err_of(conf({ listener({ high_water_mark = 100000, low_water_mark = 10,
+                                                  outbound_limit = 99999 }) })))
+      end)
+
       it("need low_water_mark <= high_water_mark", function()
         assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (65536), got 100000",
                          err_of(conf({ listener({ low_water_mark = 100000 }) })))
@@ -734,7 +826,8 @@ describe("sluice.config", function()
 
       it("reject unknown keys", function()
         assert.are.equal("config error: upstreams.demo.server: unknown key (expected one of: servers, "
-                         .. "connect_timeout_ms)", uerr({ demo = { server = "127.0.0.1:1" } }))
+                         .. "balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms, health_check)",
+                         uerr({ demo = { server = "127.0.0.1:1" } }))
       end)
 
       it("need servers", function()
@@ -749,7 +842,8 @@ describe("sluice.config", function()
       end)
 
       it("need host:port servers", function()
-        assert.are.equal('config error: upstreams.demo.servers[2]: expected "host:port", got 8000',
+        assert.are.equal('config error: upstreams.demo.servers[2]: expected "host:port" or '
+                         .. '{ "host:port", weight = n }, got 8000',
                          uerr({ demo = { servers = { "127.0.0.1:1", 8000 } } }))
         assert.are.equal('config error: upstreams["my-up"].servers[1]: expected "host:port" with host an IPv4 '
                          .. 'address, [IPv6 address] or localhost, got "db.internal:5432"',
@@ -762,6 +856,78 @@ describe("sluice.config", function()
                            .. 'connect to (not *, 0.0.0.0 or [::]), got "' .. server .. '"',
                            uerr({ demo = { servers = { server } } }))
         end
+      end)
+
+      it("need servers given as tables to hold an address and an optional weight", function()
+        local function serr(entry)
+          return uerr({ demo = { servers = { "127.0.0.1:1", entry } } })
+        end
+        assert.are.equal('config error: upstreams.demo.servers[2][1]: expected "host:port", got nil',
+                         serr({ weight = 2 }))
+        assert.are.equal('config error: upstreams.demo.servers[2][1]: expected "host:port", got 8000',
+                         serr({ 8000 }))
+        assert.are.equal('config error: upstreams.demo.servers[2][1]: expected "host:port" with a port from '
+                         .. '1 to 65535, got "127.0.0.1:0"', serr({ "127.0.0.1:0" }))
+        assert.are.equal("config error: upstreams.demo.servers[2].wieght: unknown key (expected the address "
+                         .. "at [1] and an optional weight)", serr({ "127.0.0.1:2", wieght = 2 }))
+        assert.are.equal("config error: upstreams.demo.servers[2][2]: unknown key (expected the address "
+                         .. "at [1] and an optional weight)", serr({ "127.0.0.1:2", "127.0.0.1:3" }))
+        for _, w in ipairs({ 0, 1.5, 1001, -1 }) do
+          assert.are.equal("config error: upstreams.demo.servers[2].weight: expected an integer from 1 "
+                           .. "to 1000, got " .. tostring(w), serr({ "127.0.0.1:2", weight = w }))
+        end
+        assert.are.equal('config error: upstreams.demo.servers[2].weight: expected an integer from 1 '
+                         .. 'to 1000, got "2"', serr({ "127.0.0.1:2", weight = "2" }))
+      end)
+
+      it("need a known balance", function()
+        assert.are.equal('config error: upstreams.demo.balance: expected one of "round_robin", "least_conn", '
+                         .. '"hash", "random_two", got "rr"',
+                         uerr({ demo = { servers = { "127.0.0.1:1" }, balance = "rr" } }))
+        assert.are.equal('config error: upstreams.demo.balance: expected one of "round_robin", "least_conn", '
+                         .. '"hash", "random_two", got 1',
+                         uerr({ demo = { servers = { "127.0.0.1:1" }, balance = 1 } }))
+      end)
+
+      it("need tries from 1 to the number of servers", function()
+        local two = { "127.0.0.1:1", "127.0.0.1:2" }
+        for _, t in ipairs({ 0, 3, 1.5 }) do
+          assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 2 (the number "
+                           .. "of servers), got " .. tostring(t), uerr({ demo = { servers = two, tries = t } }))
+        end
+        assert.are.equal('config error: upstreams.demo.tries: expected an integer from 1 to 2 (the number '
+                         .. 'of servers), got "2"', uerr({ demo = { servers = two, tries = "2" } }))
+      end)
+
+      it("need max_fails from 0 and a positive fail_timeout_ms", function()
+        assert.are.equal("config error: upstreams.demo.max_fails: expected an integer from 0 to 2147483647, "
+                         .. "got -1", uerr({ demo = { servers = { "127.0.0.1:1" }, max_fails = -1 } }))
+        assert.are.equal("config error: upstreams.demo.max_fails: expected an integer from 0 to 2147483647, "
+                         .. "got true", uerr({ demo = { servers = { "127.0.0.1:1" }, max_fails = true } }))
+        assert.are.equal("config error: upstreams.demo.fail_timeout_ms: expected a positive integer, got 0",
+                         uerr({ demo = { servers = { "127.0.0.1:1" }, fail_timeout_ms = 0 } }))
+      end)
+
+      it("need a well-formed health_check", function()
+        local function herr(h)
+          return uerr({ demo = { servers = { "127.0.0.1:1" }, health_check = h } })
+        end
+        assert.are.equal("config error: upstreams.demo.health_check: expected a table { interval_ms = n, "
+                         .. "timeout_ms = n, fails = n, passes = n }, got true", herr(true))
+        assert.are.equal("config error: upstreams.demo.health_check.interval: unknown key (expected one of: "
+                         .. "interval_ms, timeout_ms, fails, passes)", herr({ interval = 1 }))
+        assert.are.equal("config error: upstreams.demo.health_check.interval_ms: expected a positive "
+                         .. "integer, got 0", herr({ interval_ms = 0 }))
+        assert.are.equal("config error: upstreams.demo.health_check.timeout_ms: expected a positive "
+                         .. "integer, got -5", herr({ timeout_ms = -5 }))
+        assert.are.equal("config error: upstreams.demo.health_check.timeout_ms: expected at most "
+                         .. "interval_ms (100), got 200", herr({ interval_ms = 100, timeout_ms = 200 }))
+        assert.are.equal("config error: upstreams.demo.health_check.timeout_ms: expected at most "
+                         .. "interval_ms (2000), got 3000", herr({ timeout_ms = 3000 }))
+        assert.are.equal("config error: upstreams.demo.health_check.fails: expected a positive "
+                         .. "integer, got 0", herr({ fails = 0 }))
+        assert.are.equal("config error: upstreams.demo.health_check.passes: expected a positive "
+                         .. "integer, got 2.5", herr({ passes = 2.5 }))
       end)
 
       it("need a positive integer connect_timeout_ms", function()

@@ -65,6 +65,21 @@ describe("examples.redis_guard", function()
     assert.is_false(ch:finish())
   end)
 
+  it("reads an inline command's name as redis-server does: quotes and escapes", function()
+    local ch = testing.channel{ GUARD }
+    for _, line in ipairs({ '"\\x46LUSHALL"', "'flushall' async", 'FLUSH"ALL"', '"flush\\x61ll"',
+                            "\t  flushall", "'key\\'s'" }) do
+      ch:write_inbound(line .. "\r\n")
+    end
+    assert.outbound(ch, denied("FLUSHALL"):rep(5))
+    assert.are.equal("'key\\'s'\r\n", to_server(ch)) -- KEY'S is not KEYS
+    ch:write_outbound("-ERR unknown command\r\n")
+    ch:write_inbound('"FLUSHALL\r\n' .. 'FLUSHALL"x\r\n' .. "'keys\r\n") -- unbalanced quotes
+    assert.outbound(ch, "-ERR unknown command\r\n")
+    assert.are.equal('"FLUSHALL\r\n' .. 'FLUSHALL"x\r\n' .. "'keys\r\n", to_server(ch))
+    assert.is_false(ch:finish())
+  end)
+
   it("decodes pipelined commands split at every byte the same as whole", function()
     local stream = resp("SET", "key:1", string.rep("x", 100)) .. "PING\n" .. resp("KEYS", "*")
                    .. resp("GET", "key:1") .. "\r\n" .. resp("DEL", "a", "b", "c") .. "keys a*\r\n"

@@ -29,6 +29,19 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("keeps delivering inbound messages after some were read", function()
+    local ch = testing.channel{ upper }
+    assert.is_true(ch:write_inbound("one"))
+    assert.are.equal("ONE", ch:read_inbound())
+    assert.is_true(ch:write_inbound("two", "three"))
+    assert.are.equal("TWO", ch:read_inbound())
+    assert.is_true(ch:write_inbound("four"))
+    assert.are.equal("THREE", ch:read_inbound())
+    assert.are.equal("FOUR", ch:read_inbound())
+    assert.is_nil(ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+
   it("lets a stage answer through the real outbound queue", function()
     local ch = testing.channel{ upper, answer }
     ch:write_inbound("ping")
@@ -154,6 +167,34 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("sends read requests from a stage through the outbound read callbacks to the head", function()
+    local seen = {}
+    local watcher = { read = function(ctx) seen[#seen + 1] = "read"; ctx:read() end }
+    local asker = { channel_active = function(ctx)
+      ctx:set_autoread(false)
+      ctx:read()
+      ctx:fire_active()
+    end }
+    local ch = testing.channel{ watcher, asker }
+    assert.are.same({ "read" }, seen)
+    assert.is_false(ch:finish())
+  end)
+
+  it("lists, adds and removes stages of a running pipeline", function()
+    local names
+    local probe = { channel_read = function(ctx, b)
+      local p = ctx:pipeline()
+      p:add_after(ctx.name, "sluice.stages.echo", "echo")
+      names = p:names()
+      b:release()
+    end }
+    local ch = testing.channel{ probe }
+    ch:write_inbound("x")
+    assert.are.equal(3, #names) -- probe, echo, and the channel's capture stage
+    assert.are.equal("sluice.stages.echo", names[2])
+    assert.is_false(ch:finish())
+  end)
+
   it("simple_inbound releases after the handler unless it retained", function()
     local sluice = require("sluice")
     local seen
@@ -174,6 +215,64 @@ describe("sluice.testing channel", function()
     local ch = testing.channel{ stage }
     ch:write_inbound("x")
     assert.are.same({ false, "closed" }, result)
+    assert.is_false(ch:finish())
+  end)
+end)
+
+describe("sluice.testing channel, failures", function()
+  after_each(function() assert.no_leaks() end)
+
+  it("a timer that raises closes its connection and the other timers still run", function()
+    local fired = {}
+    local stage = { channel_active = function(ctx)
+      ctx:after(10, function() error("timer broke") end)
+      ctx:after(20, function() fired[#fired + 1] = "late" end)
+    end }
+    local ch = testing.channel{ stage }
+    local other = testing.channel{ { channel_active = function(ctx)
+      ctx:after(30, function() fired[#fired + 1] = "other" end)
+    end } }
+    ch:advance_time(40)
+    assert.is_false(ch:is_open())
+    assert.matches("timer broke", ch:close_reason())
+    assert.are.same({ "other" }, fired)
+    assert.is_false(ch:finish())
+    assert.is_false(other:finish())
+  end)
+
+  it("a stage that raises after passing a buffer on does not release it under the next stage", function()
+    local kept
+    local first = { channel_read = function(ctx, b)
+      ctx:fire_read(b)
+      error("after passing it on")
+    end }
+    local keeper = { channel_read = function(ctx, b) kept = b end }
+    local ch = testing.channel{ first, keeper }
+    ch:write_inbound("x")
+    assert.are.equal(1, kept:refcnt())
+    kept:release()
+    assert.is_false(ch:finish())
+  end)
+
+  it("simple_inbound lets its handler pass the buffer to a Lua stage", function()
+    local sluice = require("sluice")
+    local got
+    local ch = testing.channel{
+      sluice.simple_inbound(function(ctx, b) ctx:fire_read(b) end),
+      { channel_read = function(ctx, b) got = b:tostring(); b:release() end },
+    }
+    ch:write_inbound("pass")
+    assert.are.equal("pass", got)
+    assert.is_true(ch:is_open())
+    assert.is_false(ch:finish())
+  end)
+
+  it("calls added for the stages it is given, and names unnamed stages apart", function()
+    local names = {}
+    local function stage() return { added = function(ctx) names[#names + 1] = ctx.name end } end
+    local ch = testing.channel{ stage(), stage() }
+    assert.are.equal(2, #names)
+    assert.are_not.equal(names[1], names[2])
     assert.is_false(ch:finish())
   end)
 end)

@@ -102,6 +102,7 @@ struct sl_pool {
   int leak_level;
   uint32_t leak_sample, leak_countdown;
   uint32_t *leak_next, *leak_prev;       /* per header slot: owner list links */
+  uint32_t *leak_derived;                /* per header slot: live derived buffers */
   void **leak_rec;                       /* per header slot: record or NULL */
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;

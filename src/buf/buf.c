@@ -11,12 +11,6 @@
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
 
-static sl_buf *sl_buf_header(sl_pool *pool) {
-  sl_buf *b = sl_pool_header_get(pool);
-  if (b == NULL) return NULL;
-  b->gen = sl_pool_next_gen(pool);
-  return b;
-}
 
 /* Makes b a live root over data (usable bytes of class idx): refcount 1,
  * a new generation. */
@@ -138,10 +132,11 @@ void sl_buf_retain(sl_buf *b) {
   r->refcnt++;
 }
 
-/* Frees a root whose refcount reached zero, on its pool's thread. */
-static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
-  if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
-  sl_buf *v = r->views;
+static void sl_buf_free_derived(sl_pool *pool, sl_buf *d);
+
+/* Kills the views of refcount holder h (they die with it). */
+static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
+  sl_buf *v = h->views;
   while (v != NULL) {
     sl_buf *next = v->views;
     v->rd = v->gen; /* a dead header keeps the generation it died with */
@@ -149,6 +144,18 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
     sl_pool_header_put(pool, v);
     v = next;
   }
+  h->views = NULL;
+}
+
+
+/* Frees a root whose refcount reached zero, on its pool's thread. */
+static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
+  if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {
+    sl_buf_free_derived(pool, r);
+    return;
+  }
+  if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
+  if (r->views != NULL) sl_buf_kill_views(pool, r);
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   /* A dead header keeps the generation it died with and who released it
    * (its index and data fields are unused now). */
@@ -166,10 +173,11 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
 const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
   if (b->gen != 0 || b->rd != gen) return NULL; /* reused since */
   const sl_buf *r = b;
-  if (b->flags & SL_BUF_VIEW) {
-    /* A view died with its root; the root must not have been reused. */
+  if ((b->flags & (SL_BUF_VIEW | SL_BUF_DERIVED)) == SL_BUF_VIEW) {
+    /* A view died with its refcount holder, which must not have been
+     * reused since (a dead root or derived header keeps who released it). */
     r = b->root;
-    if (r->gen != 0 || r->flags & SL_BUF_VIEW) return NULL;
+    if (r->gen != 0 || (r->flags & (SL_BUF_VIEW | SL_BUF_DERIVED)) == SL_BUF_VIEW) return NULL;
   }
   return (const char *)r->data;
 }
@@ -178,6 +186,11 @@ const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
  * the owner's bounded return queue, or straight into the arena when the
  * queue is full (nothing piles up). */
 __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
+  if (r->flags & SL_BUF_VIEW) {
+    /* A derived buffer releases its parent: the owner does it all. */
+    sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
+    return;
+  }
   r->gen = 0;
   for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
@@ -223,11 +236,12 @@ void sl_buf_free(sl_buf *r) {
     sl_buf_free_foreign(pool, r);
     return;
   }
-  /* The fast path: no owner, record or views, no quarantine; the block
-   * fits its bin and the header the recycler (both stack pushes). */
+  /* The fast path: a root (not a view or derived buffer) with no owner,
+   * record or views, no quarantine, whose block fits its bin; block and
+   * header go back by two stack pushes. */
   unsigned sc = r->sclass;
   if (__builtin_expect(((uintptr_t)r->owner | (uintptr_t)r->views |
-                        (uintptr_t)(r->flags & SL_BUF_RECORDED) |
+                        (uintptr_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW)) |
                         (uintptr_t)pool->quarantine_next) == 0 &&
                            sc < SL_SC_MAX_CLASSES,
                        1)) {
@@ -307,32 +321,53 @@ int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err) {
   return 1;
 }
 
-static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap) {
-  sl_buf *r = b->root;
-  sl_buf *v = sl_buf_header(sl_pool_of(r));
+/* A view (derived == 0: shares the refcount of b's holder, on whose list it
+ * dies) or a derived buffer (derived == 1: refcount 1, one reference on b's
+ * holder) over [data, data + cap) of b's memory. NULL on ENOMEM. */
+static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) {
+  sl_buf *h = b->root;
+  sl_pool *pool = sl_pool_of(h);
+  sl_buf *v = sl_pool_header_get(pool);
   if (v == NULL) return NULL;
   v->data = data;
   v->rd = 0;
   v->wr = 0;
   v->cap = cap;
   v->max_cap = cap;
-  v->refcnt = 0;
-  v->root = r;
+  v->gen = sl_pool_next_gen(pool);
   v->owner = NULL;
-  v->block_size = 0;
-  v->flags = SL_BUF_VIEW;
-  v->views = r->views;
-  r->views = v;
+  v->sclass = SL_SC_NONE;
+  if (!derived) {
+    v->refcnt = 0;
+    v->root = h;
+    v->block_size = 0;
+    v->flags = SL_BUF_VIEW;
+    v->views = h->views;
+    h->views = v;
+    return v;
+  }
+  v->refcnt = 1;
+  v->root = v;
+  v->views = NULL;
+  v->parent_off = (uint32_t)((uintptr_t)h & (SL_HDR_REGION_SPAN - 1));
+  v->flags = SL_BUF_VIEW | SL_BUF_DERIVED;
+  if (sl_leak_on_derive(pool, h, v) != SL_OK) {
+    v->gen = 0;
+    sl_pool_header_put(pool, v);
+    return NULL;
+  }
+  h->refcnt++;
+  h->flags |= SL_BUF_SHARED;
   return v;
 }
 
-sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err) {
+static sl_buf *sl_buf_range(sl_buf *b, size_t index, size_t len, int derived, const char **err) {
   SL_ASSERT(sl_buf_is_live(b), "slice of a released buffer");
   if (index > b->cap || len > b->cap - index) {
     *err = "slice out of range";
     return NULL;
   }
-  sl_buf *v = sl_buf_view(b, b->data + index, (uint32_t)len);
+  sl_buf *v = sl_buf_view(b, b->data + index, (uint32_t)len, derived);
   if (v == NULL) {
     *err = "out of memory";
     return NULL;
@@ -341,18 +376,78 @@ sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err) {
   return v;
 }
 
-sl_buf *sl_buf_duplicate(sl_buf *b) {
+static sl_buf *sl_buf_whole(sl_buf *b, int derived) {
   SL_ASSERT(sl_buf_is_live(b), "duplicate of a released buffer");
-  sl_buf *v = sl_buf_view(b, b->data, b->cap);
+  sl_buf *v = sl_buf_view(b, b->data, b->cap, derived);
   if (v == NULL) return NULL;
   v->rd = b->rd;
   v->wr = b->wr;
   return v;
 }
 
+sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err) {
+  return sl_buf_range(b, index, len, 0, err);
+}
+
+sl_buf *sl_buf_duplicate(sl_buf *b) { return sl_buf_whole(b, 0); }
+
+sl_buf *sl_buf_retained_slice(sl_buf *b, size_t index, size_t len, const char **err) {
+  return sl_buf_range(b, index, len, 1, err);
+}
+
+sl_buf *sl_buf_retained_duplicate(sl_buf *b) { return sl_buf_whole(b, 1); }
+
+sl_buf *sl_buf_read_retained_slice(sl_buf *b, size_t len, const char **err) {
+  if (len > sl_buf_readable(b)) {
+    *err = "slice out of range";
+    return NULL;
+  }
+  sl_buf *d = sl_buf_retained_slice(b, b->rd, len, err);
+  if (d != NULL) b->rd += (uint32_t)len;
+  return d;
+}
+
+/* A derived buffer's refcount reached zero: its views die, its header goes
+ * back (keeping, dead, who released it) and its parent's reference is
+ * released, which may free the parent in turn. */
+static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
+  sl_buf *parent = sl_buf_parent(d);
+  sl_leak_on_free_derived(pool, d, parent);
+  if (d->views != NULL) sl_buf_kill_views(pool, d);
+  d->rd = d->gen;
+  d->gen = 0;
+  d->data = (uint8_t *)(uintptr_t)pool->release_site;
+  if (__builtin_expect(pool->quarantine_next, 0)) {
+    pool->quarantine_next = 0;
+    sl_pool_header_quarantine(pool, d);
+  } else {
+    sl_pool_header_put(pool, d);
+  }
+  sl_buf_release(parent);
+}
+
+sl_buf *sl_buf_memory_root(sl_buf *b) {
+  for (;;) {
+    if (!(b->flags & SL_BUF_VIEW)) return b;
+    b = (b->flags & SL_BUF_DERIVED) ? sl_buf_parent(b) : b->root;
+  }
+}
+
+int sl_buf_may_grow(const sl_buf *b, const char **err) {
+  if (b->flags & SL_BUF_VIEW) {
+    *err = "a view cannot grow";
+    return 0;
+  }
+  if (b->views != NULL || sl_buf_derived_count(b) > 0) {
+    *err = "a buffer with views cannot grow";
+    return 0;
+  }
+  return 1;
+}
+
 int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   if (n <= sl_buf_writable(b)) return SL_OK;
-  if (b->flags & SL_BUF_VIEW || b->views != NULL) {
+  if (!sl_buf_may_grow(b, err)) {
     *err = "cannot grow a buffer that has views";
     return SL_ERROR;
   }

@@ -47,11 +47,13 @@ static inline void sl_buf_release_site(sl_pool *p, const char *site) {
  * generation gen, or NULL when the header was reused since. */
 const char *sl_buf_released_by(const sl_buf *b, uint32_t gen);
 
-/* Frees a root whose refcount reached zero (release's slow half). */
+/* Frees a root or derived buffer whose refcount reached zero (release's
+ * slow half). */
 void sl_buf_free(sl_buf *r);
 
-/* Drops one reference; at zero, returns the memory and kills every view.
- * Returns 1 when the memory was returned, else 0. Aborts on a dead buffer:
+/* Drops one reference; at zero, returns the memory (a derived buffer: its
+ * header, and its parent's reference) and kills every view. Returns 1 when
+ * the refcount reached zero, else 0. Aborts on a dead buffer:
  * in C an over-release is a broken invariant. */
 static inline int sl_buf_release(sl_buf *b) {
   sl_buf *r = b->root;
@@ -68,12 +70,40 @@ int sl_buf_retain_n(sl_buf *b, uint32_t n, const char **err);
 int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err);
 
 /* A view of [index, index + len) of b's capacity, sharing its memory and
- * refcount (no retain: the view is valid while b's refcount is above zero).
- * Returns the view, or NULL on a bad range (*err) or ENOMEM. */
+ * refcount (no retain: the view is valid while b's refcount is above zero,
+ * and dies with it). Returns the view, or NULL on a bad range (*err) or
+ * ENOMEM. */
 sl_buf *sl_buf_slice(sl_buf *b, size_t index, size_t len, const char **err);
 
 /* A view of b's whole capacity with b's indexes. NULL on ENOMEM. */
 sl_buf *sl_buf_duplicate(sl_buf *b);
+
+/* A derived buffer (Netty's retainedSlice): [index, index + len) of b's
+ * capacity, reader index 0, writer index len, with its own refcount and one
+ * reference on b's refcount holder, released when the derived buffer's
+ * refcount reaches zero (its header goes back then). Answers to b's owner.
+ * Returns +1, or NULL on a bad range (*err) or ENOMEM (*err). b borrowed. */
+sl_buf *sl_buf_retained_slice(sl_buf *b, size_t index, size_t len, const char **err);
+
+/* The same for the next len readable bytes of b, whose reader index
+ * advances past them (Netty's readRetainedSlice). Returns +1 or NULL. */
+sl_buf *sl_buf_read_retained_slice(sl_buf *b, size_t len, const char **err);
+
+/* A derived buffer over b's whole capacity with b's indexes. +1 or NULL. */
+sl_buf *sl_buf_retained_duplicate(sl_buf *b);
+
+/* The header a derived buffer holds its reference on. */
+static inline sl_buf *sl_buf_parent(const sl_buf *d) {
+  return (sl_buf *)(((uintptr_t)d & ~(SL_HDR_REGION_SPAN - 1)) + d->parent_off);
+}
+
+/* The root whose block b's bytes lie in (b itself for a root). */
+sl_buf *sl_buf_memory_root(sl_buf *b);
+
+/* 1 when b may move its memory to grow: a root without views and without
+ * live derived buffers. Else 0 with
+ * *err: "a view cannot grow" or "a buffer with views cannot grow". */
+int sl_buf_may_grow(const sl_buf *b, const char **err);
 
 /* Makes room for n more writable bytes, growing a root within max_cap (the
  * contents move to a larger block). SL_OK, or SL_ERROR with *err. */

@@ -58,13 +58,14 @@ static sl_buf *sl_slot_buf(const sl_pool *p, uint32_t slot) {
 static int sl_leak_maps(sl_pool *p) {
   if (p->leak_next != NULL) return SL_OK;
   size_t n = p->hdr_max;
-  size_t len = n * (2 * sizeof(uint32_t) + sizeof(void *));
+  size_t len = n * (3 * sizeof(uint32_t) + sizeof(void *));
   void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                  -1, 0);
   if (m == MAP_FAILED) return SL_ERROR;
   p->leak_rec = m;
   p->leak_next = (uint32_t *)(void *)((void **)m + n);
   p->leak_prev = p->leak_next + n;
+  p->leak_derived = p->leak_prev + n;
   p->leak_map_len = len;
   return SL_OK;
 }
@@ -82,7 +83,7 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
     else old->head = nx;
     if (nx) p->leak_prev[nx] = pv;
     old->count--;
-    old->bytes -= r->block_size;
+    old->bytes -= sl_leak_block_bytes(r);
   }
   r->owner = o;
   if (o != NULL) {
@@ -91,7 +92,7 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
     if (o->head) p->leak_prev[o->head] = s;
     o->head = s;
     o->count++;
-    o->bytes += r->block_size;
+    o->bytes += sl_leak_block_bytes(r);
   }
 }
 
@@ -122,6 +123,14 @@ void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {
   b->flags |= SL_BUF_RECORDED;
 }
 
+int sl_leak_map_tables(sl_pool *p) { return sl_leak_maps(p); }
+
+uint32_t sl_buf_derived_count(const sl_buf *b) {
+  const sl_pool *p = sl_pool_of(b);
+  if (!(b->flags & SL_BUF_SHARED) || p->leak_derived == NULL) return 0;
+  return p->leak_derived[sl_slot(p, b)];
+}
+
 void sl_leak_on_free(sl_pool *p, sl_buf *r) {
   if (r->owner) sl_buf_set_owner(r, NULL);
   if (r->flags & SL_BUF_RECORDED) {
@@ -135,6 +144,7 @@ void sl_leak_on_free(sl_pool *p, sl_buf *r) {
 
 static sl_leak_rec *sl_leak_rec_of(const sl_buf *b) {
   const sl_buf *r = b->root;
+  if (r->flags & SL_BUF_VIEW) r = sl_buf_memory_root((sl_buf *)(uintptr_t)r);
   if (!(r->flags & SL_BUF_RECORDED)) return NULL;
   sl_pool *p = sl_pool_of(r);
   return p->leak_rec[sl_slot(p, r)];
@@ -163,10 +173,14 @@ void sl_leak_set_site(sl_buf *b, const char *site) {
 void sl_leak_report(sl_pool *p, const sl_buf *b, const char *why) {
   const sl_buf *r = b->root;
   char text[8192];
+  int derived = (r->flags & SL_BUF_VIEW) != 0;
   size_t n = (size_t)snprintf(text, sizeof(text),
-                              "LEAK: buffer of %u bytes was not released before %s "
-                              "(refcnt %u); its memory was reclaimed",
-                              r->block_size, why, r->refcnt);
+                              "LEAK: %s of %u bytes was not released before %s "
+                              "(refcnt %u); %s",
+                              derived ? "retained view" : "buffer",
+                              derived ? r->cap : r->block_size, why, r->refcnt,
+                              derived ? "its references were released"
+                                      : "its memory was reclaimed");
   const sl_leak_rec *rec = sl_leak_rec_of(r);
   if (rec == NULL) {
     if (p->leak_level == SL_LEAK_DISABLED && n < sizeof(text))
@@ -197,14 +211,19 @@ void sl_leak_report(sl_pool *p, const sl_buf *b, const char *why) {
 size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why) {
   size_t n = 0;
   while (o->head != 0) {
-    sl_buf *r = sl_slot_buf(p, o->head);
+    uint32_t s = o->head;
+    sl_buf *r = sl_slot_buf(p, s);
+    /* References held by derived buffers are theirs to answer for: the
+     * rest were leaked. Only those are released. */
+    uint32_t held = p->leak_derived != NULL ? p->leak_derived[s] : 0;
+    sl_buf_set_owner(r, NULL);
+    if (r->refcnt <= held) continue;
     sl_leak_report(p, r, why);
     p->leaks++;
-    p->leaked_bytes += r->block_size;
-    sl_buf_set_owner(r, NULL);
+    p->leaked_bytes += sl_leak_block_bytes(r);
     const char *err;
     sl_buf_release_site(p, "leak detection, when its connection was closed");
-    sl_buf_release_n(r, r->refcnt, &err);
+    sl_buf_release_n(r, r->refcnt - held, &err);
     sl_buf_release_site(p, NULL);
     n++;
   }

@@ -2,7 +2,8 @@
  * Leak tracking: who owns each live buffer, and where it came from.
  *
  * Levels (Netty's): disabled, simple, advanced, paranoid.
- *   - From simple up, every root buffer allocated for a channel is on that
+ *   - From simple up, every root buffer allocated for a channel (and every
+ *     derived buffer made from one) is on that
  *     channel's owner list; when the channel is torn down, whatever is still
  *     on it is reported at once and its memory reclaimed (no waiting for a
  *     garbage collector). Buffers queued on another channel move to it.
@@ -10,7 +11,8 @@
  *     also records touches (each pipeline hop and buf:touch(hint)), keeping
  *     the newest 4; paranoid records every buffer.
  * The lists and records live in side tables indexed by header slot, so the
- * 64-byte header does not grow. Owner thread only.
+ * 64-byte header does not grow; so does the count of derived buffers that
+ * hold a reference on each header (kept at every level). Owner thread only.
  */
 #ifndef SL_LEAK_H
 #define SL_LEAK_H
@@ -53,6 +55,39 @@ static inline void sl_leak_on_alloc(sl_pool *p, sl_buf *b) {
   if (__builtin_expect(--p->leak_countdown == 0, 0)) sl_leak_sampled(p, b);
 }
 
+/* Maps the side tables (once). SL_OK, or SL_ERROR when they cannot be. */
+int sl_leak_map_tables(sl_pool *p);
+
+/* The side-table index of header b. */
+static inline uint32_t sl_leak_slot(const sl_pool *p, const sl_buf *b) {
+  return (uint32_t)(((const uint8_t *)b - p->hdr_base) / SL_HDR_SIZE);
+}
+
+/* Called when derived buffer d is made from parent: counts it against the
+ * parent (a side table, mapped on first use: SL_ERROR when it cannot be)
+ * and makes the parent's owner answer for it. */
+static inline int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d) {
+  if (__builtin_expect(p->leak_derived == NULL, 0) && sl_leak_map_tables(p) != 0) return -1;
+  p->leak_derived[sl_leak_slot(p, parent)]++;
+  if (parent->owner != NULL) sl_buf_set_owner(d, parent->owner);
+  return 0;
+}
+
+/* Called when derived buffer d is freed. */
+static inline void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent) {
+  if (d->owner != NULL) sl_buf_set_owner(d, NULL);
+  p->leak_derived[sl_leak_slot(p, parent)]--;
+}
+
+/* How many live derived buffers hold a reference on b. */
+uint32_t sl_buf_derived_count(const sl_buf *b);
+
+/* The block bytes an owner answers for through b: a root's block, nothing
+ * for a derived buffer (its root's block is counted once, with the root). */
+static inline uint32_t sl_leak_block_bytes(const sl_buf *b) {
+  return (b->flags & SL_BUF_VIEW) ? 0 : b->block_size;
+}
+
 /* Called when a root that is owned or recorded is freed. */
 void sl_leak_on_free(sl_pool *p, sl_buf *r);
 
@@ -64,7 +99,9 @@ void sl_leak_touch(sl_buf *b, const char *hint, int is_static);
 void sl_leak_set_site(sl_buf *b, const char *site);
 
 /* Reports every buffer o still owns as leaked "before <why>", releases
- * their references (memory goes back) and returns how many there were. */
+ * their references (memory goes back) and returns how many there were.
+ * References held by derived buffers are not leaks of o's: a buffer whose
+ * only references are those is disowned and left to them. */
 size_t sl_leak_reclaim_owner(sl_pool *p, sl_buf_owner *o, const char *why);
 
 /* Writes one LEAK log record for root b: "LEAK: buffer of N bytes was not

@@ -63,6 +63,25 @@ static void sl_channel_writability(void *ud, int writable) {
   sl_pipeline_fire_writability(&ch->pipe, writable);
 }
 
+static void sl_channel_promise_done(void *ud, uint32_t pid, const char *err) {
+  sl_channel *ch = ud;
+  if (ch->w->promise_done) ch->w->promise_done(ch, pid, err);
+}
+
+/* The queue's limits from cfg; the adaptive gather starts, as Netty's, at
+ * twice the socket's send buffer. */
+static void sl_channel_outq_limits(sl_channel *ch, const sl_channel_config *cfg) {
+  int sndbuf = 0;
+  socklen_t len = sizeof(sndbuf);
+  size_t start = SL_OUTQ_GATHER_INITIAL;
+  if (getsockopt(ch->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) == 0 && sndbuf > 0)
+    start = (size_t)sndbuf * 2;
+  sl_outq_set_write_limits(&ch->outq, cfg->write_spin_count, cfg->max_bytes_per_gathering_write,
+                           start);
+  ch->outq.limit = cfg->outbound_limit ? cfg->outbound_limit : SL_OUTQ_DEFAULT_LIMIT;
+  ch->outq.on_done = sl_channel_promise_done;
+}
+
 static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_config *cfg) {
   sl_channel *ch = calloc(1, sizeof(*ch));
   if (ch == NULL) return NULL;
@@ -79,6 +98,7 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   sl_pipeline_init(&ch->pipe, ch);
   sl_outq_init(&ch->outq, cfg->low_water_mark, cfg->high_water_mark,
                sl_channel_writability, ch);
+  sl_channel_outq_limits(ch, cfg);
   ev_io_init(&ch->rio, sl_channel_on_readable, fd, EV_READ);
   ev_io_init(&ch->wio, sl_channel_on_writable, fd, EV_WRITE);
   ev_init(&ch->timer, sl_channel_on_timer);
@@ -227,8 +247,8 @@ void sl_channel_read_request(sl_channel *ch) {
 void sl_channel_join(sl_channel *a, sl_channel *b) {
   a->peer = b;
   b->peer = a;
-  a->peer_remote = b->remote;
-  b->peer_remote = a->remote;
+  memcpy(&a->peer_addr, &b->remote.ss, SL_MIN(sizeof(a->peer_addr), (size_t)b->remote.len));
+  memcpy(&b->peer_addr, &a->remote.ss, SL_MIN(sizeof(b->peer_addr), (size_t)a->remote.len));
 }
 
 /* ---- idle timeout ---- */
@@ -245,7 +265,7 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents) {
     ev_timer_start(loop, t);
     return;
   }
-  sl_channel_close(ch, "idle_timeout", 0);
+  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT, "idle_timeout", 0);
 }
 
 void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
@@ -273,10 +293,18 @@ static void sl_channel_close_peer(sl_channel *ch) {
   }
 }
 
+void sl_channel_close_with(sl_channel *ch, const char *promise_err, const char *reason,
+                           int is_error) {
+  if (ch->flags & SL_CH_CLOSED) return;
+  ch->promise_err = promise_err;
+  sl_channel_close(ch, reason, is_error);
+}
+
 void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   if (ch->flags & SL_CH_CLOSED) return;
   sl_worker *w = ch->w;
   ch->flags |= SL_CH_CLOSED;
+  ch->writes_at_close = ch->writes;
   if (is_error) ch->flags |= SL_CH_ERROR;
   if (reason != ch->reason) snprintf(ch->reason, sizeof(ch->reason), "%s", reason ? reason : "closed");
   ev_io_stop(w->loop, &ch->rio);
@@ -287,14 +315,15 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
     close(ch->fd);
     ch->fd = -1;
   }
-  size_t dropped = sl_outq_release_all(&ch->outq);
+  sl_channel_ref(ch);
+  size_t dropped = sl_outq_release_all(&ch->outq,
+                                       ch->promise_err ? ch->promise_err : SL_PROMISE_CLOSED);
   w->stats.channels_closed++;
   sl_log(is_error ? SL_LOG_WARN : SL_LOG_INFO,
          "%s closed: %s (in %llu B, out %llu B, peak queue %zu B, %.0f ms%s)", ch->desc,
          ch->reason, (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
          ch->outq.peak,
          (ev_now(w->loop) - ch->started) * 1000.0, dropped ? ", unsent data dropped" : "");
-  sl_channel_ref(ch);
   if (ch->on_close) ch->on_close(ch);
   sl_channel_close_peer(ch);
   if (ch->flags & SL_CH_ACTIVE) sl_pipeline_fire_inactive(&ch->pipe);
@@ -316,46 +345,117 @@ static void sl_channel_output_done(sl_channel *ch) {
   }
 }
 
-/* Writes what is flushed; returns SL_OK, SL_AGAIN or SL_ERROR (closed). */
+/* What a socket error fails queued promises with. */
+static const char *sl_channel_errno_reason(int e) {
+  switch (e) {
+    case ECONNRESET: case EPIPE: case ECONNABORTED: case ECONNREFUSED: return SL_PROMISE_RESET;
+    case ETIMEDOUT: return SL_PROMISE_TIMEOUT;
+    default: return SL_PROMISE_ERROR;
+  }
+}
+
+/* One write burst: at most write_spin_count sendmsg calls. Socket full, or
+ * the burst spent with more to write: EV_WRITE brings the channel back (on
+ * the next loop iteration at the latest, after the other ready channels).
+ * Returns SL_OK, SL_AGAIN (more to write) or SL_ERROR (closed). Re-entered
+ * from a callback of the burst (a promise, a writability change), it
+ * returns SL_AGAIN: the running burst writes what was flushed since. */
 static int sl_channel_do_write(sl_channel *ch) {
+  if (ch->flags & SL_CH_WRITING) return SL_AGAIN;
   size_t n = 0;
-  int rc = sl_outq_write(&ch->outq, ch->fd, 16 * SL_OUTQ_MAX_GATHER_BYTES, &n);
+  sl_channel_ref(ch);
+  ch->flags |= SL_CH_WRITING;
+  int rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, &n);
+  int e = errno;
+  ch->flags &= ~(uint32_t)SL_CH_WRITING;
   if (n > 0) ch->last_active = ev_now(ch->w->loop);
   ch->bytes_out += n;
   ch->w->stats.bytes_out += n;
-  if (rc == SL_ERROR) {
-    int e = errno;
+  if (ch->flags & SL_CH_CLOSED) {
+    rc = SL_ERROR; /* a callback closed it */
+  } else if (rc == SL_ERROR) {
     char why[128];
-    snprintf(why, sizeof(why), "%s (%s)",
-             e == ECONNRESET || e == EPIPE ? "reset" : "write error", strerror(e));
-    sl_channel_close(ch, why, 1);
-    return SL_ERROR;
-  }
-  if (rc == SL_AGAIN) {
+    const char *code = sl_channel_errno_reason(e);
+    snprintf(why, sizeof(why), "%s (%s)", strcmp(code, SL_PROMISE_ERROR) == 0 ? "write error" : code,
+             strerror(e));
+    sl_channel_close_with(ch, code, why, 1);
+  } else if (rc != SL_OK || sl_outq_has_flushed(&ch->outq)) {
+    rc = SL_AGAIN;
     if (!ev_is_active(&ch->wio)) ev_io_start(ch->w->loop, &ch->wio);
-    return SL_AGAIN;
+  } else {
+    if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
+    if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
   }
-  if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
-  if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
-  return SL_OK;
+  sl_channel_unref(ch);
+  return rc;
+}
+
+static void sl_channel_drop_write(sl_channel *ch, sl_buf *b, const char *site) {
+  ch->flags |= SL_CH_LAST_WRITE_DROPPED;
+  sl_pool *p = sl_pool_of(b->root);
+  sl_buf_release_site(p, site);
+  sl_buf_release(b);
+  sl_buf_release_site(p, NULL);
 }
 
 int sl_channel_write(sl_channel *ch, sl_buf *b) {
+  ch->writes++;
   if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) {
     if (sl_log_enabled(SL_LOG_DEBUG))
       sl_log(SL_LOG_DEBUG, "%s: write of %zu bytes after close or shutdown dropped",
              ch->desc, sl_buf_readable(b));
-    sl_buf_release_site(ch->w->pool, "a write on a closed connection");
-    sl_buf_release(b);
-    sl_buf_release_site(ch->w->pool, NULL);
+    sl_channel_drop_write(ch, b, "a write on a closed connection");
+    return SL_ERROR;
+  }
+  size_t len = sl_buf_readable(b);
+  if (sl_outq_over_limit(&ch->outq, len)) {
+    /* Beyond Netty (#7123): a peer that does not read cannot make this
+     * queue grow without bound. */
+    char why[160];
+    snprintf(why, sizeof(why),
+             "outbound_limit (%zu B queued, a write of %zu B, limit %zu B)",
+             ch->outq.pending, len, ch->outq.limit);
+    sl_channel_drop_write(ch, b, "a write over the outbound limit");
+    sl_channel_close_with(ch, SL_PROMISE_OUTBOUND_LIMIT, why, 1);
     return SL_ERROR;
   }
   sl_buf_set_owner(b, &ch->owned); /* queued here: this channel answers for it */
-  if (sl_outq_add(&ch->outq, b) != SL_OK) {
+  uint64_t seq = sl_outq_next_seq(&ch->outq);
+  if (sl_outq_add(&ch->outq, b, 0) != SL_OK) {
+    ch->flags |= SL_CH_LAST_WRITE_DROPPED;
     sl_channel_close(ch, "out of memory queueing a write", 1);
     return SL_ERROR;
   }
+  ch->flags &= ~(uint32_t)SL_CH_LAST_WRITE_DROPPED;
+  ch->last_seq = seq;
   return SL_OK;
+}
+
+void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid) {
+  if (pid == 0) return;
+  const char *err = NULL;
+  int rc = SL_DECLINED;
+  if (ch->flags & SL_CH_CLOSED) {
+    /* Closed by this write call (its write reached the head first)? */
+    err = ch->writes_at_close > mark && ch->promise_err ? ch->promise_err : SL_PROMISE_CLOSED;
+  } else if (ch->writes != mark && (ch->flags & SL_CH_LAST_WRITE_DROPPED)) {
+    err = SL_PROMISE_CLOSED;      /* output closed: it will never be written */
+  } else if (ch->writes == mark &&
+             (ch->flags & (SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING))) {
+    err = SL_PROMISE_CLOSED;
+  } else if (ch->writes != mark) {
+    rc = sl_outq_set_promise(&ch->outq, ch->last_seq, pid);
+    if (rc == SL_OK) return;
+  }
+  /* Nothing queued by this call, or its last entry has a promise already:
+   * a marker after everything queued. */
+  if (err == NULL && rc == SL_DECLINED) {
+    if (sl_outq_add_marker(&ch->outq, pid) == SL_OK) return;
+    sl_channel_close(ch, "out of memory queueing a write", 1);
+    err = SL_PROMISE_CLOSED;
+  }
+  /* err NULL here: SL_DONE, the last entry has been written already. */
+  sl_channel_promise_done(ch, pid, err);
 }
 
 void sl_channel_flush(sl_channel *ch) {
@@ -409,6 +509,7 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
   size_t total = 0;
   int eof = 0;
   char why[128];
+  const char *why_code = NULL;
   why[0] = '\0';
   sl_channel_ref(ch);
   /* Every read of this wake-up reaches Lua stages in one transition. */
@@ -446,12 +547,13 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
     }
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    why_code = sl_channel_errno_reason(errno);
     if (errno == ECONNRESET) snprintf(why, sizeof(why), "reset (%s)", strerror(errno));
     else snprintf(why, sizeof(why), "read error (%s)", strerror(errno));
     break;
   }
   if (w->lua) w->lua_hold(w->lua, 0);
-  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close(ch, why, 1);
+  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
   if (ch->flags & SL_CH_READ_ONCE) {
     ch->flags &= ~(uint32_t)SL_CH_READ_ONCE; /* one wake-up's reads were asked for */
     sl_channel_update_reading(ch);
@@ -471,6 +573,7 @@ static void sl_channel_connected(sl_channel *ch, int err) {
   ch->flags &= ~(uint32_t)SL_CH_CONNECTING;
   ev_timer_stop(ch->w->loop, &ch->timer);
   if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
+  if (err) ch->promise_err = sl_channel_errno_reason(err); /* what queued writes fail with */
   sl_channel_ref(ch);
   fn(ch, err);
   /* Writes queued while connecting go out now. */

@@ -17,11 +17,27 @@
  * Joined channels (a client and its upstream) point at each other through
  * peer; closing one unlinks both and closes the other: at once if the
  * close was an error, after its queue drains otherwise.
+ *
+ * Writing: flushed entries go out in bursts of at most write_spin_count
+ * sendmsg calls (Netty's writeSpinCount); a channel with more left than one
+ * burst waits for its next EV_WRITE, so that every other ready channel of
+ * the worker gets its turn first. A write that would take the queue above
+ * outbound_limit closes the channel (reason "outbound_limit ...", an error:
+ * the peer closes at once) and releases everything queued.
+ *
+ * Write promises: a write may carry a promise id (sl_channel_promise_mark /
+ * sl_channel_promise_attach). Each id is reported exactly once through the
+ * worker's promise_done hook: err NULL once the bytes of its write are all
+ * written, or one of the SL_PROMISE_* reasons when they never will be. Ids
+ * that reached the queue are reported in queue order. The hook runs where
+ * the channel is consistent; it may write, flush or close (a flush inside a
+ * write burst only marks entries flushed: the running burst sends them).
  */
 #ifndef SL_CHANNEL_H
 #define SL_CHANNEL_H
 
 #include <ev.h>
+#include <netinet/in.h>
 #include <stdint.h>
 
 #include "io/addr.h"
@@ -44,7 +60,16 @@ enum {
   SL_CH_READ_PAUSED = 0x200,    /* out of buffer memory: retrying */
   SL_CH_READ_ONCE = 0x400,      /* autoread off, one read asked for (ctx:read) */
   SL_CH_EMBEDDED = 0x800,       /* no socket: sluice.testing drives it */
+  SL_CH_WRITING = 0x1000,       /* inside a write burst (Netty's inFlush0) */
+  SL_CH_LAST_WRITE_DROPPED = 0x2000, /* the last sl_channel_write did not queue */
 };
+
+/* Why a write promise failed (static strings, compared by value). */
+#define SL_PROMISE_CLOSED "closed"                 /* closed before it was written */
+#define SL_PROMISE_RESET "reset"                   /* the peer reset the connection */
+#define SL_PROMISE_TIMEOUT "timeout"               /* a timeout closed the connection */
+#define SL_PROMISE_OUTBOUND_LIMIT "outbound_limit" /* the queue went over its limit */
+#define SL_PROMISE_ERROR "error"                   /* another socket error */
 
 /* Called when an outgoing connect completes (err 0) or fails (errno value). */
 typedef void (*sl_channel_connect_fn)(sl_channel *ch, int err);
@@ -56,6 +81,9 @@ typedef void (*sl_channel_close_fn)(sl_channel *ch);
 typedef struct sl_channel_config {
   size_t low_water_mark;
   size_t high_water_mark;
+  size_t outbound_limit;           /* 0: SL_OUTQ_DEFAULT_LIMIT */
+  size_t max_bytes_per_gathering_write; /* 0: adaptive, from 2 x SO_SNDBUF */
+  uint32_t write_spin_count;       /* 0: SL_OUTQ_DEFAULT_SPIN */
 } sl_channel_config;
 
 struct sl_channel {
@@ -81,9 +109,17 @@ struct sl_channel {
   uint64_t bytes_in, bytes_out;
   ev_tstamp last_active;     /* loop time of the last bytes read or written */
   double idle_timeout;       /* seconds; 0: none */
-  sl_addr peer_remote;       /* the joined channel's address (kept after unjoin) */
+  union {                    /* the joined channel's address, kept after unjoin; */
+    struct sockaddr sa;      /* sa_family AF_UNSPEC until joined */
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+  } peer_addr;
   sl_buf_owner owned;        /* buffers this channel answers for (leak tracking) */
   ev_tstamp started;
+  const char *promise_err;   /* SL_PROMISE_* for what its close fails, NULL: closed */
+  uint64_t writes;           /* sl_channel_write calls */
+  uint64_t writes_at_close;  /* writes when it closed */
+  uint64_t last_seq;         /* queue number of the last write queued */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
   char reason[160];          /* why it closed */
 };
@@ -113,15 +149,38 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
 void sl_channel_activate(sl_channel *ch);
 
 /* Queues b (takes ownership). On a closed or output-closed channel b is
- * released at once and SL_ERROR returned. */
+ * released at once and SL_ERROR returned; over the outbound limit, b is
+ * released, the channel closed and SL_ERROR returned. */
 int sl_channel_write(sl_channel *ch, sl_buf *b);
+
+/* A write with a promise id brackets the pipeline call that carries it:
+ *   mark = sl_channel_promise_mark(ch); sl_ctx_write(ctx, b);
+ *   sl_channel_promise_attach(ch, mark, pid);
+ * The id goes to the last entry the head queued during the call: when a
+ * stage turned the write into several (a header, then the body), it
+ * completes once the last of them is written, so once all of them are.
+ * No entry queued (a stage kept or dropped the write): a marker entry takes
+ * the id, which completes once everything queued before it is written. The
+ * last write dropped (output closed) or the channel closed: the id fails at
+ * once, with the reason that closed the channel when this write is what
+ * closed it (over the limit, or a reset seen while flushing it), else with
+ * "closed". pid 0: nothing. */
+static inline uint64_t sl_channel_promise_mark(const sl_channel *ch) { return ch->writes; }
+void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid);
 
 /* Marks everything queued as flushed and writes what the socket takes. */
 void sl_channel_flush(sl_channel *ch);
 
-/* Closes now: stops watchers, releases the queue, fires channel_inactive,
- * closes the peer. reason is copied. is_error marks an abnormal close. */
+/* Closes now: stops watchers, releases the queue (failing its promises with
+ * ch->promise_err, "closed" unless a socket error or a limit set another),
+ * fires channel_inactive, closes the peer. reason is copied. is_error marks
+ * an abnormal close. */
 void sl_channel_close(sl_channel *ch, const char *reason, int is_error);
+
+/* sl_channel_close, failing queued promises with promise_err (one of the
+ * SL_PROMISE_* strings: "timeout" for an idle timeout, say). */
+void sl_channel_close_with(sl_channel *ch, const char *promise_err, const char *reason,
+                           int is_error);
 
 /* Sends FIN once everything queued is written. */
 void sl_channel_shutdown_output(sl_channel *ch);

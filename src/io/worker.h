@@ -69,6 +69,9 @@ struct sl_worker {
   void (*on_stop)(sl_worker *w);  /* stops accepting */
   void (*on_wake)(sl_worker *w);  /* retries listeners paused at their limit */
   void (*on_gen_done)(sl_worker *w, sl_worker_gen *g); /* g has no channel left */
+  /* Write promises of this worker's channels: err NULL (written) or an
+   * SL_PROMISE_* reason. See io/channel.h. NULL: ids are dropped. */
+  void (*promise_done)(struct sl_channel *ch, uint32_t pid, const char *err);
   void *app;                      /* the proxy's per-worker state */
   sl_worker_stats stats;
 };

@@ -41,7 +41,7 @@ sl_lua_host *sl_ffi_embedded_host(void) {
 
 sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high) {
   if (sl_ffi_embedded_host() == NULL) return NULL;
-  sl_channel_config cc = {low, high};
+  sl_channel_config cc = {.low_water_mark = low, .high_water_mark = high};
   sl_channel *ch = sl_channel_embedded(sl_emb_worker, &cc, name);
   if (ch) sl_channel_ref(ch); /* the harness's: the struct outlives a close */
   return ch;
@@ -53,13 +53,18 @@ double sl_ffi_embedded_add_lua(sl_channel *ch, int key, const char *name, sl_ctx
   return ctx ? ctx->lua_id : 0;
 }
 
-sl_ctx *sl_ffi_embedded_add_c(sl_channel *ch, const char *name, const char **err) {
+sl_ctx *sl_ffi_embedded_add_c(sl_channel *ch, const char *name, const void *conf,
+                              const char **err) {
   const sl_stage_ops *ops = sl_stage_builtin(name);
   if (ops == NULL) {
     *err = "no builtin stage of that name";
     return NULL;
   }
-  sl_ctx *ctx = sl_pipeline_add_last(&ch->pipe, ops, ops->name);
+  if (ops->configure != NULL && conf == NULL) {
+    *err = "its options were not parsed";
+    return NULL;
+  }
+  sl_ctx *ctx = sl_stage_add(&ch->pipe, ops, ops->name, conf);
   if (ctx == NULL) *err = "out of memory";
   return ctx;
 }

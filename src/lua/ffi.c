@@ -12,6 +12,7 @@
 #include "io/worker.h"
 #include "lua/host.h"
 #include "pipeline/stages.h"
+#include "proxy/bridge.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -32,7 +33,7 @@ void sl_ffi_buf_finalize(sl_lbuf *h) {
   if (refs > r->refcnt) refs = r->refcnt;
   sl_leak_report(p, r, "its Lua handle was garbage-collected");
   p->leaks++;
-  p->leaked_bytes += r->block_size;
+  p->leaked_bytes += sl_leak_block_bytes(r);
   h->refs = 0;
   sl_buf_release_site(p, "leak detection, when its Lua handle was garbage-collected");
   sl_buf_release_n(b, refs, &err);
@@ -117,6 +118,13 @@ void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b) { sl_ctx_fire_read(ctx, b); }
 
 void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b) { sl_ctx_write(ctx, b); }
 
+void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid) {
+  sl_channel *ch = sl_ctx_channel(ctx);
+  uint64_t mark = sl_channel_promise_mark(ch);
+  sl_ctx_write(ctx, b);
+  sl_channel_promise_attach(ch, mark, pid);
+}
+
 void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
   switch (ev) {
     case SL_EV_ACTIVE: sl_ctx_fire_active(ctx); break;
@@ -142,6 +150,10 @@ void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on) {
 }
 
 const char *sl_ffi_ctx_describe(sl_ctx *ctx) { return sl_channel_describe(sl_ctx_channel(ctx)); }
+
+int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err) {
+  return sl_bridge_connect(sl_ctx_channel(ctx), target, err) == SL_OK ? 0 : -1;
+}
 
 _Static_assert(SL_SC_MAX_CLASSES <= 80, "sl_ffi_pool_stats holds 80 classes");
 
@@ -234,6 +246,38 @@ void sl_ffi_log(int level, const char *msg) {
 
 int sl_ffi_log_enabled(int level) { return sl_log_enabled((sl_log_level)level); }
 
+sl_opts *sl_ffi_opts_new(void) { return sl_opts_new(); }
+
+void sl_ffi_opts_free(sl_opts *o) { sl_opts_free(o); }
+
+int sl_ffi_opts_add(sl_opts *o, const char *key, int type, double num, const char *s, size_t len) {
+  switch (type) {
+    case 0: return sl_opts_list_push(o, key, s, len);
+    case SL_OPT_NUMBER: return sl_opts_add_number(o, key, num);
+    case SL_OPT_STRING: return sl_opts_add_string(o, key, s, len);
+    case SL_OPT_BOOLEAN: return sl_opts_add_boolean(o, key, num != 0);
+    case SL_OPT_LIST: return sl_opts_add_list(o, key);
+    case SL_OPT_TABLE: return sl_opts_add_table(o, key);
+    default: return SL_ERROR;
+  }
+}
+
+int sl_ffi_stage_configure(const char *module, const sl_opts *o, void **conf, char *err,
+                           size_t errlen) {
+  const sl_stage_ops *ops = sl_stage_builtin(module);
+  *conf = NULL;
+  if (ops == NULL) {
+    snprintf(err, errlen, "no C stage named \"%s\"", module);
+    return SL_ERROR;
+  }
+  return sl_stage_configure(ops, o, conf, err, errlen);
+}
+
+void sl_ffi_stage_unconfigure(const char *module, void *conf) {
+  const sl_stage_ops *ops = sl_stage_builtin(module);
+  if (ops != NULL) sl_stage_unconfigure(ops, conf);
+}
+
 /* ---- running pipelines ---- */
 
 double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, sl_ctx **out) {
@@ -247,6 +291,11 @@ sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const char
   const sl_stage_ops *ops = sl_stage_builtin(name);
   if (ops == NULL) {
     *err = "no builtin stage of that name";
+    return NULL;
+  }
+  if (ops->configure != NULL) {
+    /* Its configuration would have to live as long as the pipeline. */
+    *err = "it takes options: add it in the configuration's pipeline";
     return NULL;
   }
   sl_ctx *n = sl_pipeline_insert(ctx->pipe, after ? ctx->next : ctx, ops, ops->name);
@@ -284,5 +333,7 @@ const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote) {
 }
 
 double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }
+
+int sl_ffi_ctx_is_open(sl_ctx *ctx) { return !sl_channel_is_closed(sl_ctx_channel(ctx)); }
 
 void sl_ffi_ctx_unhandled(sl_ctx *ctx) { sl_channel_note_unhandled(sl_ctx_channel(ctx)); }

@@ -67,6 +67,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
 SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 /* The channel's addresses as "host:port" text ("" when unknown). */
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+/* 1 while ctx's channel is open (not closed, though perhaps closing). */
+SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */
 SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 /* The current time in ms of the worker's loop. */
@@ -108,6 +110,13 @@ SL_FFI_EXPORT double sl_ffi_ctx_next(sl_ctx *ctx, int ev);
 SL_FFI_EXPORT void sl_ffi_ctx_fire_read(sl_ctx *ctx, sl_buf *b);
 SL_FFI_EXPORT void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
 
+/* ctx:write(b) toward a C handler carrying promise id pid (0: none): takes
+ * ownership of b. pid is reported once through the worker's promise_done
+ * hook (io/worker.h), possibly before this returns (channel closed: "closed"
+ * or the reason that closed it; its bytes written already: NULL); the rule
+ * for stages that split a write is sl_channel_promise_attach's. */
+SL_FFI_EXPORT void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
+
 /* Events without a buffer: ACTIVE, INACTIVE, READ_COMPLETE, WRITABILITY (n),
  * USER_EVENT (n), FLUSH; and with text: ERROR, CLOSE. */
 SL_FFI_EXPORT void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
@@ -119,6 +128,12 @@ SL_FFI_EXPORT void sl_ffi_ctx_set_autoread(sl_ctx *ctx, int on);
 
 /* "client 127.0.0.1:5000 on front": for log lines. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_describe(sl_ctx *ctx);
+
+/* ctx:connect(target): connects ctx's connection to target, the name of an
+ * upstream or "host:port" (src/proxy/bridge.h, sl_bridge_connect). 0 while
+ * connecting, -1 with *err. Closing the client (every try failed at once)
+ * queues its events for Lua like any close. */
+SL_FFI_EXPORT int sl_ffi_ctx_connect(sl_ctx *ctx, const char *target, const char **err);
 
 /* What sluice.pool.stats() returns, flat. Counts for the calling thread's
  * pool and its arena. */
@@ -158,6 +173,25 @@ SL_FFI_EXPORT int sl_ffi_leak_level(void);
 /* Buffers and bytes outstanding: for ctx's channel, or the whole pool when
  * ctx is NULL. 0, or -1 without a pool. */
 SL_FFI_EXPORT int sl_ffi_buf_outstanding(sl_ctx *ctx, uint64_t *count, uint64_t *bytes);
+
+/* ---- options of C stages (pipeline/opts.h, pipeline/stages.h) ----
+ * Used by lua/sluice/options.lua to build an sl_opts from a Lua table and
+ * parse it for a C stage, as the config reader does. */
+struct sl_opts;
+SL_FFI_EXPORT struct sl_opts *sl_ffi_opts_new(void);
+SL_FFI_EXPORT void sl_ffi_opts_free(struct sl_opts *o);
+/* Adds key = a value of type (pipeline/opts.h's sl_opt_type): NUMBER num,
+ * STRING s (len bytes), BOOLEAN num != 0, LIST (empty), TABLE; type 0
+ * appends s to the list under key. 0, or -1 (out of memory, not a list). */
+SL_FFI_EXPORT int sl_ffi_opts_add(struct sl_opts *o, const char *key, int type, double num,
+                                  const char *s, size_t len);
+/* Parses o for the C stage registered as module into *conf (+1: free it
+ * with sl_ffi_stage_unconfigure; NULL for a stage without options). 0, or
+ * -1 with the message in err ("max_length: expected a positive integer,
+ * got 0", "no C stage named ..."). */
+SL_FFI_EXPORT int sl_ffi_stage_configure(const char *module, const struct sl_opts *o, void **conf,
+                                         char *err, size_t errlen);
+SL_FFI_EXPORT void sl_ffi_stage_unconfigure(const char *module, void *conf);
 
 /* One log record at level (0 debug .. 3 error). */
 SL_FFI_EXPORT void sl_ffi_log(int level, const char *msg);
@@ -245,8 +279,10 @@ SL_FFI_EXPORT sl_lua_host *sl_ffi_embedded_host(void);
 SL_FFI_EXPORT struct sl_channel *sl_ffi_embedded_open(const char *name, size_t low, size_t high);
 SL_FFI_EXPORT double sl_ffi_embedded_add_lua(struct sl_channel *ch, int key, const char *name,
                                              sl_ctx **out);
+/* conf: the stage's configuration from sl_ffi_stage_configure (borrowed: it
+ * must outlive the channel), NULL for a stage without options. */
 SL_FFI_EXPORT sl_ctx *sl_ffi_embedded_add_c(struct sl_channel *ch, const char *name,
-                                            const char **err);
+                                            const void *conf, const char **err);
 SL_FFI_EXPORT void sl_ffi_embedded_activate(struct sl_channel *ch);
 SL_FFI_EXPORT void sl_ffi_embedded_fire(struct sl_channel *ch, int ev, sl_buf *b, int n,
                                         const char *text);

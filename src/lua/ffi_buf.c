@@ -30,13 +30,14 @@ static sl_buf *sl_ffi_buf_checked(const sl_lbuf *h, const char **err) {
     return NULL;
   }
   /* Lua can write the header's fields; never trust them to stay sane. */
-  sl_buf *r = b->root;
   int ok = b->rd <= b->wr && b->wr <= b->cap && b->cap <= b->max_cap;
-  if (b == r) {
-    ok = ok && b->cap <= b->block_size;
+  if (!(b->flags & SL_BUF_VIEW)) {
+    ok = ok && b->root == b && b->cap <= b->block_size;
   } else {
-    ok = ok && (b->flags & SL_BUF_VIEW) && b->data >= r->data &&
-         (size_t)(b->data - r->data) + b->cap <= r->block_size;
+    /* Views and derived buffers: inside the block whose bytes they share. */
+    sl_buf *m = sl_buf_memory_root(b);
+    ok = ok && m->refcnt > 0 && b->data >= m->data &&
+         (size_t)(b->data - m->data) + b->cap <= m->block_size;
   }
   if (!ok) {
     *err = "buffer indexes out of order";
@@ -45,10 +46,10 @@ static sl_buf *sl_ffi_buf_checked(const sl_lbuf *h, const char **err) {
   return b;
 }
 
-/* A view of [index, index + len) of h's capacity (sl_buf_slice), plus one
- * reference when retain is set. Returns the view (+1 when retained, else
- * borrowed: valid while the buffer's refcount is above zero), or NULL with
- * *err. Nothing changes on failure. */
+/* A view of [index, index + len) of h's capacity (sl_buf_slice), or with
+ * retain a derived buffer (sl_buf_retained_slice). Returns the view
+ * (borrowed: valid while the buffer's refcount is above zero) or the
+ * derived buffer (+1), or NULL with *err. Nothing changes on failure. */
 sl_buf *sl_ffi_buf_slice(const sl_lbuf *h, size_t index, size_t len, int retain,
                          const char **err) {
   sl_buf *b = sl_ffi_buf_checked(h, err);
@@ -61,17 +62,16 @@ sl_buf *sl_ffi_buf_slice(const sl_lbuf *h, size_t index, size_t len, int retain,
     *err = "refcount overflow";
     return NULL;
   }
-  sl_buf *v = sl_buf_slice(b, index, len, err);
+  sl_buf *v = retain ? sl_buf_retained_slice(b, index, len, err) : sl_buf_slice(b, index, len, err);
   if (v == NULL) {
     *err = "out of buffer memory";
     return NULL;
   }
-  if (retain) sl_buf_retain(v);
   return v;
 }
 
-/* A view of h's whole capacity with h's indexes (sl_buf_duplicate), plus
- * one reference when retain is set. As sl_ffi_buf_slice. */
+/* A view of h's whole capacity with h's indexes (sl_buf_duplicate), or with
+ * retain a derived buffer (sl_buf_retained_duplicate). As sl_ffi_buf_slice. */
 sl_buf *sl_ffi_buf_duplicate(const sl_lbuf *h, int retain, const char **err) {
   sl_buf *b = sl_ffi_buf_checked(h, err);
   if (b == NULL) return NULL;
@@ -79,12 +79,11 @@ sl_buf *sl_ffi_buf_duplicate(const sl_lbuf *h, int retain, const char **err) {
     *err = "refcount overflow";
     return NULL;
   }
-  sl_buf *v = sl_buf_duplicate(b);
+  sl_buf *v = retain ? sl_buf_retained_duplicate(b) : sl_buf_duplicate(b);
   if (v == NULL) {
     *err = "out of buffer memory";
     return NULL;
   }
-  if (retain) sl_buf_retain(v);
   return v;
 }
 
@@ -98,14 +97,7 @@ int sl_ffi_buf_ensure_writable(const sl_lbuf *h, size_t n, const char **err) {
   sl_buf *b = sl_ffi_buf_checked(h, err);
   if (b == NULL) return SL_ERROR;
   if (n <= (size_t)(b->cap - b->wr)) return SL_OK;
-  if (b->flags & SL_BUF_VIEW) {
-    *err = "a view cannot grow";
-    return SL_ERROR;
-  }
-  if (b->views != NULL) {
-    *err = "a buffer with views cannot grow";
-    return SL_ERROR;
-  }
+  if (!sl_buf_may_grow(b, err)) return SL_ERROR;
   /* Checked here: sl_buf_ensure_writable computes wr + n unchecked. */
   if (n > (size_t)(b->max_cap - b->wr)) {
     *err = "exceeds max capacity";

@@ -355,6 +355,7 @@ static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
   h->w = w;
   ev_init(&h->timer, sl_lua_on_timer);
   h->timer.data = h;
+  w->promise_done = sl_lua_host_promise_done; /* write promises reach Lua */
   return h;
 }
 

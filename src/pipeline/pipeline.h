@@ -51,9 +51,19 @@ typedef enum {
   SL_UEV_INPUT_CLOSED = 1,  /* the peer sent FIN: no more reads */
 } sl_user_event;
 
+struct sl_opts;
+
 typedef struct sl_stage_ops {
   const char *name;
   size_t state_size;                 /* bytes of per-context state, zeroed */
+  /* Options (C stages): configure parses a pipeline entry's options once,
+   * at load, into conf_size zeroed bytes that every context of the stage
+   * then reads (ctx->conf). SL_OK, or SL_ERROR with "<key>: expected ...,
+   * got ..." in err. unconfigure frees what configure allocated. A stage
+   * without configure takes no options. See stages.h. */
+  size_t conf_size;
+  int (*configure)(void *conf, const struct sl_opts *opts, char *err, size_t errlen);
+  void (*unconfigure)(void *conf);
   void (*destroy)(sl_ctx *ctx);      /* frees what the state holds */
   void (*on_active)(sl_ctx *ctx);
   void (*on_inactive)(sl_ctx *ctx);
@@ -79,6 +89,7 @@ struct sl_ctx {
   int lua_stage;        /* Lua stages: key of the loaded stage, else 0 */
   double lua_id;        /* Lua stages: id of the Lua-side context, else 0 */
   void *state;          /* ops->state_size bytes, or NULL */
+  const void *conf;     /* the stage's parsed options (C stages), or NULL */
   int removed;          /* left the pipeline while its channel lives */
   sl_ctx *gone;         /* next on the pipeline's removed list */
 };

@@ -1,7 +1,5 @@
 #include "proxy/bridge.h"
 
-#include <errno.h>
-#include <stdio.h>
 #include <string.h>
 
 #include "buf/buf.h"
@@ -9,6 +7,7 @@
 #include "io/worker.h"
 #include "proxy/config.h"
 #include "proxy/server.h"
+#include "proxy/upstream.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -18,24 +17,10 @@ typedef struct sl_bridge {
 
 static const sl_stage_ops sl_bridge_ops;
 
-static void sl_bridge_on_connect(sl_channel *up, int err) {
+/* The upstream is connected and joined to its client: it gets its own
+ * bridge, and the client is read from again. */
+static void sl_bridge_on_connect(sl_channel *up) {
   sl_channel *client = up->peer;
-  const sl_listener_cfg *l = up->ud;
-  if (err) {
-    char why[200];
-    char a[64];
-    snprintf(why, sizeof(why), "upstream %s connect failed: %s",
-             sl_addr_format((const struct sockaddr *)&up->remote.ss, a, sizeof(a)),
-             err == ETIMEDOUT ? "timed out" : strerror(err));
-    up->peer = NULL;
-    if (client) {
-      client->peer = NULL;
-      sl_channel_close(client, why, 1);
-    }
-    sl_channel_close(up, why, 1);
-    return;
-  }
-  SL_UNUSED(l);
   if (sl_pipeline_add_last(&up->pipe, &sl_bridge_ops, "bridge") == NULL) {
     sl_channel_close(up, "out of memory building the upstream pipeline", 1);
     return;
@@ -47,24 +32,12 @@ static void sl_bridge_on_connect(sl_channel *up, int err) {
 static void sl_bridge_active(sl_ctx *ctx) {
   sl_bridge *br = ctx->state;
   sl_channel *ch = sl_ctx_channel(ctx);
+  /* No upstream yet (a Lua stage may have chosen one with ctx:connect). */
   if (br->listener != NULL && ch->peer == NULL) {
-    const sl_upstream_cfg *u = br->listener->upstream;
-    const sl_addr *addr = sl_server_pick(ch->w, u);
-    sl_channel_config cc = {br->listener->low_water_mark, br->listener->high_water_mark};
-    /* Nothing is read from the client until the upstream is there. */
-    sl_channel_set_autoread(ch, 0);
-    sl_channel *up = sl_channel_connect(ch->w, addr, u->connect_timeout, &cc,
-                                        sl_bridge_on_connect, (void *)br->listener,
-                                        br->listener->name);
-    if (up == NULL) {
-      char why[200];
-      char a[64];
-      snprintf(why, sizeof(why), "upstream %s connect failed: %s",
-               sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)), strerror(errno));
-      sl_channel_close(ch, why, 1);
-      return;
-    }
-    sl_channel_join(ch, up);
+    sl_channel_config cc;
+    sl_listener_channel_config(br->listener, &cc);
+    sl_upstream_connect(ch, br->listener->upstream, NULL, &cc, br->listener->name,
+                        sl_bridge_on_connect);
   }
   sl_ctx_fire_active(ctx);
 }
@@ -76,6 +49,11 @@ static void sl_bridge_read(sl_ctx *ctx, sl_buf *b) {
     return;
   }
   sl_pipeline_write(&peer->pipe, b);
+  /* Over the high water mark: write now instead of at the end of the read
+   * burst. A socket that takes it all makes the queue writable again and
+   * the read loop goes on; one that does not stops reading (backpressure)
+   * with the bytes already on their way. */
+  if (!sl_channel_is_writable(peer)) sl_pipeline_flush(&peer->pipe);
 }
 
 static void sl_bridge_read_complete(sl_ctx *ctx) {
@@ -121,4 +99,38 @@ sl_ctx *sl_bridge_add_client(sl_pipeline *p, const sl_listener_cfg *listener) {
   sl_ctx *ctx = sl_pipeline_add_last(p, &sl_bridge_ops, "bridge");
   if (ctx) ((sl_bridge *)ctx->state)->listener = listener;
   return ctx;
+}
+
+int sl_bridge_connect(sl_channel *client, const char *target, const char **err) {
+  const sl_upstream_cfg *u = NULL;
+  sl_addr addr;
+  if (sl_channel_is_closed(client)) {
+    *err = "closed";
+    return SL_ERROR;
+  }
+  if (client->peer != NULL) {
+    *err = "already connected to an upstream";
+    return SL_ERROR;
+  }
+  const sl_listener_cfg *lc = sl_server_listener_cfg(client);
+  if (lc == NULL) {
+    *err = "not a client connection";
+    return SL_ERROR;
+  }
+  if (sl_upstream_resolve(client, target, &u, &addr, err) != SL_OK) return SL_ERROR;
+  /* A listener without an upstream has no bridge yet: the last stage. */
+  sl_ctx *c = client->pipe.head.next;
+  while (c != &client->pipe.tail && c->ops != &sl_bridge_ops) c = c->next;
+  if (c == &client->pipe.tail && sl_bridge_add_client(&client->pipe, NULL) == NULL) {
+    *err = "out of memory";
+    return SL_ERROR;
+  }
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
+  if (sl_upstream_connect(client, u, u ? NULL : &addr, &cc, lc->name, sl_bridge_on_connect) !=
+      SL_OK) {
+    *err = "upstream unavailable";
+    return SL_ERROR;
+  }
+  return SL_OK;
 }

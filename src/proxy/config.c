@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "buf/leak.h"
+#include "io/channel.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
 
@@ -83,12 +84,31 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, siz
     int ut = lua_gettop(L);
     u->name = sl_strdup_field(L, ut, "name");
     u->connect_timeout = sl_num_field(L, ut, "connect_timeout_ms") / 1000.0;
+    u->tries = (int)sl_num_field(L, ut, "tries");
+    u->max_fails = (int)sl_num_field(L, ut, "max_fails");
+    u->fail_timeout = sl_num_field(L, ut, "fail_timeout_ms") / 1000.0;
+    char *balance = sl_strdup_field(L, ut, "balance");
+    int bad_balance = balance == NULL || sl_balance_parse(balance, &u->balance) != SL_OK;
+    free(balance);
+    SL_ASSERT(!bad_balance, "validated balance name not known");
+    lua_getfield(L, ut, "health_check");
+    if (lua_istable(L, -1)) {
+      int ht = lua_gettop(L);
+      u->has_health_check = 1;
+      u->health.interval = sl_num_field(L, ht, "interval_ms") / 1000.0;
+      u->health.timeout = sl_num_field(L, ht, "timeout_ms") / 1000.0;
+      u->health.fails = (int)sl_num_field(L, ht, "fails");
+      u->health.passes = (int)sl_num_field(L, ht, "passes");
+    }
+    lua_pop(L, 1);
     lua_getfield(L, ut, "servers");
     u->nservers = lua_objlen(L, -1);
     u->servers = calloc(u->nservers, sizeof(*u->servers));
     u->server_text = calloc(u->nservers, sizeof(char *));
+    u->weights = calloc(u->nservers, sizeof(int));
     for (size_t j = 0; j < u->nservers; j++) {
       lua_rawgeti(L, -1, (int)j + 1);
+      u->weights[j] = (int)sl_num_field(L, lua_gettop(L), "weight");
       if (sl_read_addr(L, lua_gettop(L), &u->servers[j], &u->server_text[j]) != SL_OK) {
         snprintf(err, errlen, "config error: upstreams.%s.servers[%zu]: unusable address", u->name,
                  j + 1);
@@ -108,7 +128,22 @@ static sl_upstream_cfg *sl_find_upstream(sl_config *c, const char *name) {
   return NULL;
 }
 
-static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg *l) {
+/* Parses the options of C stage s (the entry's table at st) into s->conf. */
+static int sl_read_c_options(lua_State *L, int st, sl_stage_spec *s, size_t li, size_t si,
+                             char *err, size_t errlen) {
+  char why[400];
+  lua_getfield(L, st, "options");
+  sl_opts *o = sl_opts_from_lua(L, lua_gettop(L), why, sizeof(why));
+  lua_pop(L, 1);
+  int rc = o ? sl_stage_configure(s->ops, o, &s->conf, why, sizeof(why)) : SL_ERROR;
+  sl_opts_free(o);
+  if (rc != SL_OK)
+    snprintf(err, errlen, "config error: listeners[%zu].pipeline[%zu].%s", li, si, why);
+  return rc;
+}
+
+static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg *l, size_t li,
+                            char *err, size_t errlen) {
   lua_getfield(L, lt, "pipeline");
   l->nstages = lua_objlen(L, -1);
   l->stages = calloc(l->nstages + 1, sizeof(*l->stages));
@@ -124,6 +159,7 @@ static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg 
     if (is_c) {
       s->ops = sl_stage_builtin(s->module);
       SL_ASSERT(s->ops != NULL, "config named a C stage that is not registered");
+      if (sl_read_c_options(L, st, s, li, j + 1, err, errlen) != SL_OK) return SL_ERROR;
     } else {
       s->file = sl_strdup_field(L, st, "file");
       lua_getfield(L, st, "options");
@@ -147,6 +183,10 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->name = sl_strdup_field(L, lt, "name");
     l->low_water_mark = (size_t)sl_num_field(L, lt, "low_water_mark");
     l->high_water_mark = (size_t)sl_num_field(L, lt, "high_water_mark");
+    l->outbound_limit = (size_t)sl_num_field(L, lt, "outbound_limit");
+    l->write_spin_count = (uint32_t)sl_num_field(L, lt, "write_spin_count");
+    l->max_bytes_per_gathering_write =
+        (size_t)sl_num_field(L, lt, "max_bytes_per_gathering_write"); /* nil: 0 */
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "listen");
@@ -161,7 +201,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
       free(up);
       SL_ASSERT(l->upstream != NULL, "validated upstream name not found");
     }
-    sl_read_pipeline(c, L, lt, l);
+    if (sl_read_pipeline(c, L, lt, l, i + 1, err, errlen) != SL_OK) return SL_ERROR;
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
@@ -241,6 +281,7 @@ void sl_config_free(sl_config *c) {
   for (size_t i = 0; c->listeners && i < c->nlisteners; i++) {
     sl_listener_cfg *l = &c->listeners[i];
     for (size_t j = 0; l->stages && j < l->nstages; j++) {
+      if (l->stages[j].ops) sl_stage_unconfigure(l->stages[j].ops, l->stages[j].conf);
       free(l->stages[j].module);
       free(l->stages[j].file);
     }
@@ -254,6 +295,7 @@ void sl_config_free(sl_config *c) {
     for (size_t j = 0; u->server_text && j < u->nservers; j++) free(u->server_text[j]);
     free(u->server_text);
     free(u->servers);
+    free(u->weights);
     free(u->name);
   }
   free(c->upstreams);
@@ -280,4 +322,12 @@ void sl_config_ref(sl_config *c) { atomic_fetch_add(&c->refs, 1); }
 
 void sl_config_unref(sl_config *c) {
   if (c != NULL && atomic_fetch_sub(&c->refs, 1) == 1) sl_config_free(c);
+}
+
+void sl_listener_channel_config(const sl_listener_cfg *l, sl_channel_config *out) {
+  out->low_water_mark = l->low_water_mark;
+  out->high_water_mark = l->high_water_mark;
+  out->outbound_limit = l->outbound_limit;
+  out->max_bytes_per_gathering_write = l->max_bytes_per_gathering_write;
+  out->write_spin_count = l->write_spin_count;
 }

@@ -14,13 +14,16 @@
 #include "alloc/arena.h"
 #include "io/addr.h"
 #include "pipeline/pipeline.h"
+#include "proxy/balance.h"
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
+struct sl_channel_config;
 
 typedef struct sl_stage_spec {
   char *module;                /* module name, also the stage's name in logs */
   const sl_stage_ops *ops;     /* C stages; NULL for Lua stages */
+  void *conf;                  /* C stages: parsed options (sl_stage_configure) */
   char *file;                  /* Lua stages: the file that was found */
   int options_ref;             /* Lua stages: options table in the config state */
   int lua_key;                 /* Lua stages: key in each worker's Lua state; unique
@@ -28,12 +31,27 @@ typedef struct sl_stage_spec {
                                   keys follow its predecessor's, see sl_config_rebase) */
 } sl_stage_spec;
 
+/* Active TCP health checks of an upstream's servers (health_check). */
+typedef struct sl_health_cfg {
+  double interval;             /* seconds between checks of a server */
+  double timeout;              /* seconds a check's connect may take */
+  int fails;                   /* failed checks in a row that mark a server down */
+  int passes;                  /* passed checks in a row that mark it up again */
+} sl_health_cfg;
+
 typedef struct sl_upstream_cfg {
   char *name;
   sl_addr *servers;
   char **server_text;
+  int *weights;                /* per server, >= 1 */
   size_t nservers;
   double connect_timeout;      /* seconds */
+  sl_balance balance;
+  int tries;                   /* servers a connection tries, 1..nservers */
+  int max_fails;               /* failed connects in a row to skip a server; 0: never */
+  double fail_timeout;         /* seconds such a server is skipped */
+  int has_health_check;        /* 1: health below runs */
+  sl_health_cfg health;
 } sl_upstream_cfg;
 
 typedef struct sl_listener_cfg {
@@ -44,6 +62,9 @@ typedef struct sl_listener_cfg {
   sl_stage_spec *stages;
   size_t nstages;
   size_t low_water_mark, high_water_mark;
+  size_t outbound_limit;       /* bytes a connection's outbound queue may hold */
+  size_t max_bytes_per_gathering_write; /* 0: adaptive */
+  uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
 } sl_listener_cfg;
@@ -85,5 +106,9 @@ void sl_config_rebase(sl_config *c, const sl_config *prev);
  * has one reference (its loader's); sl_config_unref frees it at zero. */
 void sl_config_ref(sl_config *c);
 void sl_config_unref(sl_config *c);
+
+/* The channel settings of a connection accepted by l (or made for it to
+ * its upstream): water marks, outbound limit, write limits. */
+void sl_listener_channel_config(const sl_listener_cfg *l, struct sl_channel_config *out);
 
 #endif

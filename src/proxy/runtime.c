@@ -238,11 +238,26 @@ static int sl_runtime_commit_fn(sl_worker *w, void *arg) {
   return sl_server_commit(w, m->cfg, m->sets, m->dropped);
 }
 
-/* Settings that a running process keeps until it is restarted. */
-static void sl_runtime_note_fixed(const sl_config *old, const sl_config *nc) {
+static int sl_runtime_env_set(const char *name) {
+  const char *v = getenv(name);
+  return v != NULL && *v != '\0';
+}
+
+/* Settings that a running process keeps until it is restarted (nc's values
+ * that the environment overrides are taken as the running ones first). */
+static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
+  if (sl_runtime_env_set("SLUICE_ALLOCATOR")) nc->alloc.type = old->alloc.type;
+  if (sl_runtime_env_set("SLUICE_LEAK_DETECTION")) nc->alloc.leak_level = old->alloc.leak_level;
+  if (sl_runtime_env_set("SLUICE_LOG_LEVEL")) nc->log_level = old->log_level;
   if (old->workers != nc->workers)
     sl_log(SL_LOG_WARN, "SIGHUP: workers changed: takes effect at the next start");
-  if (memcmp(&old->alloc, &nc->alloc, sizeof(old->alloc)) != 0)
+  const sl_alloc_config *a = &old->alloc, *b = &nc->alloc;
+  if (a->type != b->type || a->arenas != b->arenas || a->page_size != b->page_size ||
+      a->chunk_size != b->chunk_size || a->small_cache != b->small_cache ||
+      a->normal_cache != b->normal_cache || a->max_cached != b->max_cached ||
+      a->trim_interval != b->trim_interval || a->trim_idle_ms != b->trim_idle_ms ||
+      a->max_memory != b->max_memory || a->leak_level != b->leak_level ||
+      a->leak_sample != b->leak_sample)
     sl_log(SL_LOG_WARN,
            "SIGHUP: allocator or leak_detection changed: takes effect at the next start");
   if (old->log_level != nc->log_level)
@@ -258,6 +273,7 @@ static void sl_runtime_reload(sl_runtime *rt) {
     sl_runtime_open_logs(rt, rt->cfg, 0);
     return;
   }
+  sl_runtime_note_fixed(rt->cfg, nc);
   /* The environment's choices hold for the whole run. */
   nc->alloc = rt->cfg->alloc;
   nc->log_level = rt->cfg->log_level;
@@ -297,7 +313,6 @@ static void sl_runtime_reload(sl_runtime *rt) {
     else dropped[ndropped++] = s;
   }
   m.dropped = dropped;
-  sl_runtime_note_fixed(rt->cfg, nc);
   for (int i = 0; i < rt->nthreads; i++) {
     if (sl_worker_call(rt->workers[i], sl_runtime_commit_fn, &m) != SL_OK)
       sl_log(SL_LOG_ERROR, "SIGHUP: worker %d: out of memory switching configurations; it "

@@ -10,8 +10,10 @@
 #include "io/listener.h"
 #include "io/worker.h"
 #include "lua/host.h"
+#include "pipeline/stages.h"
 #include "proxy/bridge.h"
 #include "proxy/config.h"
+#include "proxy/upstream.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -33,7 +35,7 @@ struct sl_server_gen {
   sl_worker_gen base;
   sl_config *cfg;              /* one reference */
   sl_server_listener *ls;      /* one per cfg->listeners */
-  uint32_t *rr;                /* round-robin position per upstream */
+  sl_upstreams *ups;           /* balancing and health of cfg's upstreams on this worker */
 };
 
 static sl_server_gen *sl_server_gen_of(sl_worker_gen *g) {
@@ -62,8 +64,8 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
   if (fd < 0) return;
   char line[640], client[64], up[64];
   sl_addr_format((const struct sockaddr *)&ch->remote.ss, client, sizeof(client));
-  if (ch->peer_remote.len > 0)
-    sl_addr_format((const struct sockaddr *)&ch->peer_remote.ss, up, sizeof(up));
+  if (ch->peer_addr.sa.sa_family != AF_UNSPEC)
+    sl_addr_format(&ch->peer_addr.sa, up, sizeof(up));
   else
     snprintf(up, sizeof(up), "-");
   int n = sl_log_format_time(line, sizeof(line));
@@ -92,7 +94,8 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   sl_server_listener *sl = l->ud;
   const sl_listener_cfg *lc = sl->lc;
-  sl_channel_config cc = {lc->low_water_mark, lc->high_water_mark};
+  sl_channel_config cc;
+  sl_listener_channel_config(lc, &cc);
   sl_channel *ch = sl_channel_accepted(w, fd, remote, &cc, lc->name);
   if (ch == NULL) {
     sl_listen_gate_leave(l->gate);
@@ -103,7 +106,7 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   ch->on_close = sl_server_on_client_close;
   for (size_t i = 0; i < lc->nstages; i++) {
     const sl_stage_spec *s = &lc->stages[i];
-    sl_ctx *ctx = s->ops ? sl_pipeline_add_last(&ch->pipe, s->ops, s->module)
+    sl_ctx *ctx = s->ops ? sl_stage_add(&ch->pipe, s->ops, s->module, s->conf)
                          : sl_lua_host_add_stage(w->lua, &ch->pipe, s);
     if (ctx == NULL) {
       sl_channel_close(ch, "out of memory building the pipeline", 1);
@@ -119,17 +122,13 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_channel_activate(ch);
 }
 
-const sl_addr *sl_server_pick(sl_worker *w, const sl_upstream_cfg *u) {
-  /* u belongs to the configuration its connection started with. */
-  for (sl_worker_gen *g = w->gen; g != NULL; g = g->older) {
-    sl_server_gen *sg = sl_server_gen_of(g);
-    const sl_config *c = sg->cfg;
-    if (u >= c->upstreams && u < c->upstreams + c->nupstreams) {
-      uint32_t n = sg->rr[u - c->upstreams]++;
-      return &u->servers[n % u->nservers];
-    }
-  }
-  return &u->servers[0];
+const sl_listener_cfg *sl_server_listener_cfg(const sl_channel *ch) {
+  if (ch->on_close != sl_server_on_client_close) return NULL;
+  return ((const sl_server_listener *)ch->ud)->lc;
+}
+
+sl_upstreams *sl_server_upstreams(const sl_channel *ch) {
+  return ch->gen ? sl_server_gen_of(ch->gen)->ups : NULL;
 }
 
 /* ---- generations ---- */
@@ -138,20 +137,20 @@ static void sl_server_gen_free(sl_worker *w, sl_server_gen *g) {
   if (g == NULL) return;
   for (size_t i = 0; g->ls && i < g->cfg->nlisteners; i++) sl_listener_stop(&g->ls[i].l);
   free(g->ls);
-  free(g->rr);
+  sl_upstreams_destroy(g->ups);
   sl_config_unref(g->cfg);
   SL_UNUSED(w);
   free(g);
 }
 
-static sl_server_gen *sl_server_gen_new(sl_config *cfg, sl_listen_set **sets) {
+static sl_server_gen *sl_server_gen_new(sl_worker *w, sl_config *cfg, sl_listen_set **sets) {
   sl_server_gen *g = calloc(1, sizeof(*g));
   if (g == NULL) return NULL;
   g->ls = calloc(cfg->nlisteners + 1, sizeof(*g->ls));
-  g->rr = calloc(cfg->nupstreams + 1, sizeof(*g->rr));
-  if (g->ls == NULL || g->rr == NULL) {
+  g->ups = sl_upstreams_create(w, cfg);
+  if (g->ls == NULL || g->ups == NULL) {
     free(g->ls);
-    free(g->rr);
+    sl_upstreams_destroy(g->ups);
     free(g);
     return NULL;
   }
@@ -176,6 +175,7 @@ static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
 
 static void sl_server_gen_stop(sl_server_gen *g) {
   for (size_t i = 0; i < g->cfg->nlisteners; i++) sl_listener_stop(&g->ls[i].l);
+  sl_upstreams_stop_checks(g->ups);
 }
 
 /* A configuration no connection of w uses any more. */
@@ -217,7 +217,7 @@ int sl_server_start(sl_worker *w, sl_config *cfg, sl_listen_set **sets, char *er
     w->lua = sl_lua_host_create(w, cfg, err, errlen);
     if (w->lua == NULL) return SL_ERROR;
   }
-  sl_server_gen *g = sl_server_gen_new(cfg, sets);
+  sl_server_gen *g = sl_server_gen_new(w, cfg, sets);
   if (g == NULL) {
     snprintf(err, errlen, "out of memory");
     return SL_ERROR;
@@ -247,7 +247,7 @@ void sl_server_abort(sl_worker *w, const sl_config *cfg) {
 
 int sl_server_commit(sl_worker *w, sl_config *cfg, sl_listen_set **sets,
                      sl_listen_set **dropped) {
-  sl_server_gen *g = sl_server_gen_new(cfg, sets);
+  sl_server_gen *g = sl_server_gen_new(w, cfg, sets);
   if (g == NULL) return SL_ERROR;
   if (w->gen) sl_server_gen_stop(sl_server_gen_of(w->gen));
   for (; *dropped; dropped++) {

@@ -62,11 +62,20 @@ void sl_server_abort(struct sl_worker *w, const struct sl_config *cfg);
 int sl_server_commit(struct sl_worker *w, struct sl_config *cfg, sl_listen_set **sets,
                      sl_listen_set **dropped);
 
+struct sl_channel;
+struct sl_upstreams;
+struct sl_listener_cfg;
+
+/* The listener a client channel was accepted on (the configuration it
+ * started with), or NULL for another channel. */
+const struct sl_listener_cfg *sl_server_listener_cfg(const struct sl_channel *ch);
+
+/* The upstreams (balancing and health state on this worker) of the
+ * configuration ch was created under, or NULL outside a server. */
+struct sl_upstreams *sl_server_upstreams(const struct sl_channel *ch);
+
 /* After w's loop has ended: frees the generations and the Lua state, and
  * releases the configurations. */
 void sl_server_free(struct sl_worker *w);
-
-/* The next server of u for a new connection (round robin per worker). */
-const sl_addr *sl_server_pick(struct sl_worker *w, const struct sl_upstream_cfg *u);
 
 #endif

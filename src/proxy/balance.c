@@ -1,0 +1,180 @@
+#include "proxy/balance.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "util/common.h"
+
+static const char *const sl_balance_names[] = {"round_robin", "least_conn", "hash", "random_two"};
+
+int sl_balance_parse(const char *name, sl_balance *out) {
+  for (int i = 0; i < 4; i++) {
+    if (strcmp(name, sl_balance_names[i]) == 0) {
+      *out = (sl_balance)i;
+      return SL_OK;
+    }
+  }
+  return SL_ERROR;
+}
+
+const char *sl_balance_name(sl_balance kind) {
+  return (unsigned)kind < 4 ? sl_balance_names[kind] : "?";
+}
+
+static uint64_t sl_balance_mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  return x;
+}
+
+uint64_t sl_balance_hash(const void *data, size_t len) {
+  const uint8_t *p = data;
+  uint64_t h = 0x9e3779b97f4a7c15ULL ^ len;
+  for (size_t i = 0; i < len; i++) h = sl_balance_mix(h ^ p[i]) + i;
+  return sl_balance_mix(h);
+}
+
+int sl_balance_available(const sl_balancer *b, size_t i, double now) {
+  const sl_peer *p = &b->peers[i];
+  return !p->check_down && now >= p->down_until;
+}
+
+static int sl_balance_candidate(const sl_balancer *b, size_t i, const uint8_t *skip, double now) {
+  return (skip == NULL || !skip[i]) && sl_balance_available(b, i, now);
+}
+
+/* Smooth weighted round robin over the peers with cand[i] set. */
+static int sl_balance_smooth(sl_balancer *b, const uint8_t *cand) {
+  int best = -1;
+  int total = 0;
+  for (size_t i = 0; i < b->n; i++) {
+    if (!cand[i]) continue;
+    sl_peer *p = &b->peers[i];
+    p->current += p->weight;
+    total += p->weight;
+    if (best < 0 || p->current > b->peers[best].current) best = (int)i;
+  }
+  if (best >= 0) b->peers[best].current -= total;
+  return best;
+}
+
+/* a's load is below b's: active / weight, compared without division. */
+static int sl_balance_lighter(const sl_peer *a, const sl_peer *b) {
+  return (uint64_t)a->active * (uint64_t)b->weight < (uint64_t)b->active * (uint64_t)a->weight;
+}
+
+static int sl_balance_same_load(const sl_peer *a, const sl_peer *b) {
+  return (uint64_t)a->active * (uint64_t)b->weight == (uint64_t)b->active * (uint64_t)a->weight;
+}
+
+static uint64_t sl_balance_random(sl_balancer *b) {
+  /* xorshift64* */
+  uint64_t x = b->rng ? b->rng : 0x2545f4914f6cdd1dULL;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  b->rng = x;
+  return x * 0x2545f4914f6cdd1dULL;
+}
+
+/* A candidate drawn at random in proportion to weight, other than not. */
+static int sl_balance_draw(sl_balancer *b, const uint8_t *cand, int not) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < b->n; i++)
+    if (cand[i] && (int)i != not) total += (uint64_t)b->peers[i].weight;
+  if (total == 0) return -1;
+  uint64_t r = (sl_balance_random(b) >> 11) % total;
+  for (size_t i = 0; i < b->n; i++) {
+    if (!cand[i] || (int)i == not) continue;
+    if (r < (uint64_t)b->peers[i].weight) return (int)i;
+    r -= (uint64_t)b->peers[i].weight;
+  }
+  return -1;
+}
+
+static double sl_balance_score(const sl_peer *p, uint64_t key) {
+  uint64_t h = sl_balance_mix(key ^ sl_balance_mix(p->id + 0x9e3779b97f4a7c15ULL));
+  double u = ((double)(h >> 11) + 0.5) * (1.0 / 9007199254740992.0); /* (0, 1) */
+  return -(double)p->weight / log(u);
+}
+
+int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double now) {
+  uint8_t cand_small[64];
+  uint8_t *cand = b->n <= sizeof(cand_small) ? cand_small : malloc(b->n);
+  if (cand == NULL) return -1;
+  size_t ncand = 0;
+  int only = -1;
+  for (size_t i = 0; i < b->n; i++) {
+    cand[i] = (uint8_t)sl_balance_candidate(b, i, skip, now);
+    if (cand[i]) {
+      ncand++;
+      only = (int)i;
+    }
+  }
+  int pick = -1;
+  if (ncand <= 1) {
+    pick = only;
+  } else {
+    switch (b->kind) {
+      case SL_BALANCE_ROUND_ROBIN: pick = sl_balance_smooth(b, cand); break;
+      case SL_BALANCE_LEAST_CONN: {
+        int best = -1;
+        for (size_t i = 0; i < b->n; i++)
+          if (cand[i] && (best < 0 || sl_balance_lighter(&b->peers[i], &b->peers[best])))
+            best = (int)i;
+        /* Only the least loaded take part in the round robin. */
+        for (size_t i = 0; i < b->n; i++)
+          if (cand[i] && !sl_balance_same_load(&b->peers[i], &b->peers[best])) cand[i] = 0;
+        pick = sl_balance_smooth(b, cand);
+        break;
+      }
+      case SL_BALANCE_HASH: {
+        double best_score = -1.0;
+        for (size_t i = 0; i < b->n; i++) {
+          if (!cand[i]) continue;
+          double s = sl_balance_score(&b->peers[i], key);
+          if (s > best_score) {
+            best_score = s;
+            pick = (int)i;
+          }
+        }
+        break;
+      }
+      case SL_BALANCE_RANDOM_TWO: {
+        int x = sl_balance_draw(b, cand, -1);
+        int y = sl_balance_draw(b, cand, x);
+        pick = sl_balance_lighter(&b->peers[y], &b->peers[x]) ? y : x;
+        break;
+      }
+    }
+  }
+  if (cand != cand_small) free(cand);
+  return pick;
+}
+
+int sl_balance_report(sl_balancer *b, size_t i, int ok, double now) {
+  sl_peer *p = &b->peers[i];
+  if (ok) {
+    p->fails = 0;
+    return 0;
+  }
+  p->fails++;
+  if (b->max_fails <= 0 || b->n < 2 || p->fails < (uint32_t)b->max_fails) return 0;
+  /* Marked again at each failure past max_fails: a server that fails the
+   * one connect it gets after fail_timeout is skipped for another period. */
+  p->down_until = now + b->fail_timeout;
+  return 1;
+}
+
+size_t sl_balance_reset_passive(sl_balancer *b) {
+  size_t n = 0;
+  for (size_t i = 0; i < b->n; i++) {
+    if (b->peers[i].down_until > 0) n++;
+    b->peers[i].down_until = 0;
+    b->peers[i].fails = 0;
+  }
+  return n;
+}

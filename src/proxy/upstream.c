@@ -1,0 +1,400 @@
+#include "proxy/upstream.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "io/channel.h"
+#include "io/worker.h"
+#include "proxy/balance.h"
+#include "proxy/config.h"
+#include "proxy/health.h"
+#include "proxy/server.h"
+#include "util/common.h"
+#include "util/log.h"
+
+/* One upstream on one worker. */
+typedef struct sl_upstream_rt {
+  const sl_upstream_cfg *cfg;
+  sl_balancer bal;
+  sl_health *health;          /* NULL without health_check */
+} sl_upstream_rt;
+
+struct sl_upstreams {
+  struct sl_worker *w;
+  const sl_config *cfg;
+  uint32_t refs;              /* the creator's, plus one per attempt */
+  size_t n;
+  sl_upstream_rt ups[];       /* one per cfg->upstreams */
+};
+
+/*
+ * A client's way to its upstream, while it tries servers: ch is the
+ * connecting channel of the current try, joined to client (between tries,
+ * ch is NULL only inside this file's functions). Once connected, the
+ * attempt hands its reference on the set to the channel's lease and is
+ * freed; so is an attempt whose channel closed while connecting (the
+ * client went away, or sluice is stopping).
+ */
+typedef struct sl_attempt {
+  sl_upstreams *set;          /* referenced */
+  sl_upstream_rt *up;         /* NULL: a plain address */
+  sl_addr addr;               /* the plain address */
+  struct sl_channel *client;
+  struct sl_channel *ch;      /* the channel of the current try */
+  sl_ctx *lease;              /* ch's lease stage */
+  sl_upstream_ready_fn ready;
+  int server;                 /* index of the current try's server, -1 for an address */
+  int ntried;
+  uint64_t key;               /* hash of the client's address */
+  sl_channel_config cc;       /* for the upstream channel */
+  char for_name[64];
+  char tried[320];            /* "127.0.0.1:7001 (Connection refused), ..." */
+  uint8_t skip[];             /* servers tried already */
+} sl_attempt;
+
+/* The state of the lease stage, a C stage with no event callbacks that the
+ * upstream channel carries so that its close is noticed (on_removed). */
+typedef struct sl_lease {
+  sl_attempt *attempt;        /* while connecting */
+  sl_upstreams *set;          /* once connected: referenced */
+  sl_peer *peer;              /* once connected: its server's state (NULL: an address) */
+} sl_lease;
+
+/* ---- the set ---- */
+
+static uint64_t sl_upstream_addr_hash(const sl_addr *a) {
+  if (a->ss.ss_family == AF_INET) {
+    const struct sockaddr_in *in4 = (const struct sockaddr_in *)(const void *)&a->ss;
+    return sl_balance_hash(&in4->sin_addr, sizeof(in4->sin_addr));
+  }
+  if (a->ss.ss_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)&a->ss;
+    return sl_balance_hash(&in6->sin6_addr, sizeof(in6->sin6_addr));
+  }
+  return 0;
+}
+
+static void sl_upstreams_unref(sl_upstreams *s) {
+  SL_ASSERT(s->refs > 0, "upstream set reference count underflow");
+  if (--s->refs > 0) return;
+  for (size_t i = 0; i < s->n; i++) free(s->ups[i].bal.peers);
+  free(s);
+}
+
+sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
+  sl_upstreams *s = calloc(1, sizeof(*s) + cfg->nupstreams * sizeof(sl_upstream_rt));
+  if (s == NULL) return NULL;
+  s->w = w;
+  s->cfg = cfg;
+  s->refs = 1;
+  s->n = cfg->nupstreams;
+  uint64_t seed = sl_balance_hash(&w, sizeof(w)) ^ (uint64_t)(ev_time() * 1e6) ^ (uint64_t)w->id;
+  for (size_t i = 0; i < s->n; i++) {
+    const sl_upstream_cfg *u = &cfg->upstreams[i];
+    sl_upstream_rt *rt = &s->ups[i];
+    rt->cfg = u;
+    rt->bal.kind = u->balance;
+    rt->bal.n = u->nservers;
+    rt->bal.max_fails = u->max_fails;
+    rt->bal.fail_timeout = u->fail_timeout;
+    rt->bal.rng = seed + 0x9e3779b97f4a7c15ULL * (i + 1);
+    rt->bal.peers = calloc(u->nservers, sizeof(sl_peer));
+    if (rt->bal.peers == NULL) {
+      sl_upstreams_destroy(s);
+      return NULL;
+    }
+    for (size_t j = 0; j < u->nservers; j++) {
+      rt->bal.peers[j].weight = u->weights ? u->weights[j] : 1;
+      rt->bal.peers[j].id = sl_balance_hash(u->server_text[j], strlen(u->server_text[j]));
+    }
+    if (u->has_health_check && (rt->health = sl_health_start(w, u, &rt->bal)) == NULL) {
+      sl_upstreams_destroy(s);
+      return NULL;
+    }
+  }
+  return s;
+}
+
+void sl_upstreams_stop_checks(sl_upstreams *s) {
+  if (s == NULL) return;
+  for (size_t i = 0; i < s->n; i++) {
+    if (s->ups[i].health == NULL) continue;
+    sl_health_stop(s->ups[i].health);
+    s->ups[i].health = NULL;
+    /* Without checks, only passive health decides. */
+    for (size_t j = 0; j < s->ups[i].bal.n; j++) s->ups[i].bal.peers[j].check_down = 0;
+  }
+}
+
+void sl_upstreams_destroy(sl_upstreams *s) {
+  if (s == NULL) return;
+  sl_upstreams_stop_checks(s);
+  sl_upstreams_unref(s);
+}
+
+int sl_upstream_resolve(const struct sl_channel *client, const char *target,
+                        const sl_upstream_cfg **u, sl_addr *addr, const char **err) {
+  sl_upstreams *s = sl_server_upstreams(client);
+  *u = NULL;
+  for (size_t i = 0; s && i < s->n; i++) {
+    if (strcmp(s->ups[i].cfg->name, target) == 0) {
+      *u = s->ups[i].cfg;
+      return SL_OK;
+    }
+  }
+  /* "host:port", "[v6]:port" or "localhost:port". */
+  char host[64];
+  const char *colon = strrchr(target, ':');
+  size_t hlen = colon ? (size_t)(colon - target) : 0;
+  char *end = NULL;
+  long port = colon ? strtol(colon + 1, &end, 10) : -1;
+  if (colon == NULL || hlen == 0 || hlen >= sizeof(host) || end == colon + 1 || *end != '\0' ||
+      port < 1 || port > 65535) {
+    *err = "expected the name of an upstream or \"host:port\"";
+    return SL_ERROR;
+  }
+  memcpy(host, target, hlen);
+  host[hlen] = '\0';
+  const char *h = host;
+  if (host[0] == '[' && host[hlen - 1] == ']') {
+    host[hlen - 1] = '\0';
+    h = host + 1;
+  } else if (strchr(host, ':') != NULL) {
+    *err = "expected an IPv6 host in brackets, as \"[::1]:80\"";
+    return SL_ERROR;
+  } else if (strcmp(host, "localhost") == 0) {
+    h = "127.0.0.1";
+  }
+  if (sl_addr_parse(addr, h, (int)port) != SL_OK) {
+    *err = "expected the name of an upstream or \"host:port\" with a numeric host";
+    return SL_ERROR;
+  }
+  return SL_OK;
+}
+
+/* A connection to the server of p closed, or a try of it ended. */
+static void sl_upstream_peer_done(sl_peer *p) {
+  SL_ASSERT(p->active > 0, "upstream server active count underflow");
+  p->active--;
+}
+
+/* ---- the lease stage: notices when the upstream channel is gone ---- */
+
+static void sl_attempt_gone(sl_attempt *a);
+
+static void sl_lease_removed(sl_ctx *ctx) {
+  sl_lease *l = ctx->state;
+  if (l->attempt != NULL) {
+    sl_attempt *a = l->attempt;
+    l->attempt = NULL;
+    sl_attempt_gone(a);
+  } else if (l->set != NULL) {
+    if (l->peer) sl_upstream_peer_done(l->peer);
+    sl_upstreams_unref(l->set);
+    l->set = NULL;
+  }
+}
+
+static const sl_stage_ops sl_lease_ops = {
+    .name = "upstream",
+    .state_size = sizeof(sl_lease),
+    .on_removed = sl_lease_removed,
+};
+
+/* ---- attempts ---- */
+
+static const char *sl_attempt_server_text(const sl_attempt *a, char *buf, size_t len) {
+  if (a->up) return a->up->cfg->server_text[a->server];
+  return sl_addr_format((const struct sockaddr *)&a->addr.ss, buf, len);
+}
+
+static void sl_attempt_free(sl_attempt *a) {
+  sl_upstreams_unref(a->set);
+  free(a);
+}
+
+/* The current try's channel leaves the attempt: its server has one active
+ * connection less. The lease forgets the attempt. */
+static void sl_attempt_detach(sl_attempt *a) {
+  if (a->up && a->server >= 0) sl_upstream_peer_done(&a->up->bal.peers[a->server]);
+  if (a->lease) ((sl_lease *)a->lease->state)->attempt = NULL;
+  a->lease = NULL;
+  a->ch = NULL;
+}
+
+/* The channel closed while connecting: the client went away (or sluice
+ * is stopping). */
+static void sl_attempt_gone(sl_attempt *a) {
+  a->lease = NULL;
+  sl_attempt_detach(a);
+  sl_attempt_free(a);
+}
+
+static void sl_attempt_note(sl_attempt *a, const char *server, const char *why) {
+  size_t used = strlen(a->tried);
+  snprintf(a->tried + used, sizeof(a->tried) - used, "%s%s (%s)", used ? ", " : "", server, why);
+}
+
+/* Every try failed (or no server was available): the client goes. */
+static void sl_attempt_give_up(sl_attempt *a, const char *none_left) {
+  struct sl_channel *client = a->client;
+  char what[96] = "upstream";
+  if (a->up) snprintf(what, sizeof(what), "upstream %s", a->up->cfg->name);
+  if (a->ntried == 0)
+    sl_log(SL_LOG_WARN, "%s: %s unavailable: %s", sl_channel_describe(client), what, none_left);
+  else
+    sl_log(SL_LOG_WARN, "%s: %s unavailable after %d tr%s: %s", sl_channel_describe(client), what,
+           a->ntried, a->ntried == 1 ? "y" : "ies", a->tried);
+  a->client = NULL;
+  sl_attempt_free(a);
+  sl_channel_close(client, "upstream_unavailable", 1);
+}
+
+/* A try failed: note it, count it against the server, and drop its
+ * channel (when it had one) without touching the client. */
+static void sl_attempt_failed(sl_attempt *a, const char *why) {
+  char buf[64];
+  const char *server = sl_attempt_server_text(a, buf, sizeof(buf));
+  sl_attempt_note(a, server, why);
+  struct sl_channel *ch = a->ch;
+  if (a->up && a->server >= 0) {
+    sl_worker *w = a->set->w;
+    if (sl_balance_report(&a->up->bal, (size_t)a->server, 0, ev_now(w->loop)))
+      sl_log(SL_LOG_WARN,
+             "worker %d: upstream %s: server %s skipped for %.0f ms after %u failed connect%s in a row",
+             w->id, a->up->cfg->name, server, a->up->cfg->fail_timeout * 1000.0,
+             a->up->bal.peers[a->server].fails, a->up->bal.peers[a->server].fails == 1 ? "" : "s");
+  }
+  sl_attempt_detach(a);
+  if (ch != NULL) {
+    char reason[160];
+    snprintf(reason, sizeof(reason), "connect failed: %s", why);
+    ch->peer = NULL;
+    if (a->client) {
+      a->client->peer = NULL;
+      a->client->peer_addr.sa.sa_family = AF_UNSPEC;   /* no upstream, for the access log */
+    }
+    sl_channel_close(ch, reason, 1);
+  } else {
+    sl_log(SL_LOG_WARN, "upstream %s for %s: connect failed: %s", server, a->for_name, why);
+  }
+}
+
+static void sl_attempt_on_connect(struct sl_channel *ch, int err);
+
+/* Starts the next try, or gives up. SL_OK while a try is under way. */
+static int sl_attempt_next(sl_attempt *a) {
+  sl_worker *w = a->set->w;
+  for (;;) {
+    const sl_addr *addr = &a->addr;
+    double timeout = SL_UPSTREAM_ADDRESS_TIMEOUT;
+    if (a->up) {
+      const sl_upstream_cfg *u = a->up->cfg;
+      if (a->ntried >= u->tries) break;
+      int i = sl_balance_pick(&a->up->bal, a->key, a->skip, ev_now(w->loop));
+      if (i < 0) {
+        if (a->ntried > 0) break;
+        /* Nothing available at all: this client fails at once, and the
+         * passive marks are cleared so that the next one tries again. */
+        sl_balance_reset_passive(&a->up->bal);
+        char all[240] = "";
+        for (size_t j = 0; j < u->nservers; j++) {
+          size_t used = strlen(all);
+          snprintf(all + used, sizeof(all) - used, "%s%s", j ? ", " : "", u->server_text[j]);
+        }
+        char why[300];
+        snprintf(why, sizeof(why), "no server available (down: %s)", all);
+        sl_attempt_give_up(a, why);
+        return SL_ERROR;
+      }
+      a->server = i;
+      a->skip[i] = 1;
+      a->up->bal.peers[i].active++;
+      addr = &u->servers[i];
+      timeout = u->connect_timeout;
+    } else if (a->ntried >= 1) {
+      break;
+    }
+    a->ntried++;
+    struct sl_channel *ch =
+        sl_channel_connect(w, addr, timeout, &a->cc, sl_attempt_on_connect, a, a->for_name);
+    if (ch == NULL) {
+      sl_attempt_failed(a, strerror(errno));
+      continue;
+    }
+    a->ch = ch;
+    a->lease = sl_pipeline_add_last(&ch->pipe, &sl_lease_ops, "upstream");
+    if (a->lease == NULL) {
+      sl_attempt_failed(a, "out of memory");   /* closes ch */
+      continue;
+    }
+    ((sl_lease *)a->lease->state)->attempt = a;
+    sl_channel_join(a->client, ch);
+    return SL_OK;
+  }
+  sl_attempt_give_up(a, "");
+  return SL_ERROR;
+}
+
+static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
+  sl_attempt *a = ch->ud;
+  SL_ASSERT(a != NULL && a->ch == ch, "connect completion for a channel its attempt left");
+  if (err) {
+    sl_attempt_failed(a, err == ETIMEDOUT ? "timed out" : strerror(err));
+    sl_attempt_next(a);
+    return;
+  }
+  if (a->up) sl_balance_report(&a->up->bal, (size_t)a->server, 1, ev_now(a->set->w->loop));
+  /* The lease keeps the set and the server's active count from now on. */
+  sl_lease *l = a->lease->state;
+  l->attempt = NULL;
+  l->set = a->set;
+  l->peer = a->up ? &a->up->bal.peers[a->server] : NULL;
+  sl_upstream_ready_fn ready = a->ready;
+  free(a);
+  ready(ch);
+}
+
+int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, const sl_addr *addr,
+                        const sl_channel_config *cc, const char *for_name,
+                        sl_upstream_ready_fn ready) {
+  if (sl_channel_is_closed(client)) return SL_ERROR;
+  sl_upstreams *s = sl_server_upstreams(client);
+  SL_ASSERT(s != NULL, "a connection outside a server connects to an upstream");
+  sl_upstream_rt *rt = NULL;
+  if (u != NULL) {
+    /* u belongs to the configuration the client started with (found by
+     * name too, should a caller hold another configuration's). */
+    for (size_t i = 0; i < s->n && rt == NULL; i++)
+      if (s->ups[i].cfg == u || strcmp(s->ups[i].cfg->name, u->name) == 0) rt = &s->ups[i];
+    if (rt == NULL) {
+      sl_log(SL_LOG_WARN, "%s: upstream %s unavailable: it is no longer in the configuration",
+             sl_channel_describe(client), u->name);
+      sl_channel_close(client, "upstream_unavailable", 1);
+      return SL_ERROR;
+    }
+    u = rt->cfg;
+  }
+  size_t nskip = u ? u->nservers : 0;
+  sl_attempt *a = calloc(1, sizeof(*a) + nskip);
+  if (a == NULL) {
+    sl_channel_close(client, "out of memory connecting to the upstream", 1);
+    return SL_ERROR;
+  }
+  s->refs++;
+  a->set = s;
+  a->up = rt;
+  if (addr) a->addr = *addr;
+  a->client = client;
+  a->ready = ready;
+  a->server = -1;
+  a->key = sl_upstream_addr_hash(&client->remote);
+  a->cc = *cc;
+  snprintf(a->for_name, sizeof(a->for_name), "%s", for_name);
+  /* Nothing is read from the client until the upstream is there. */
+  sl_channel_set_autoread(client, 0);
+  return sl_attempt_next(a);
+}

@@ -1,0 +1,70 @@
+/*
+ * Upstreams on one worker: the balancing state of every upstream of a
+ * config (src/proxy/balance.h), its health checks (src/proxy/health.h), and
+ * the way a client connection reaches its upstream: pick a server, connect,
+ * on a failed or timed-out connect try the next one, up to `tries`.
+ *
+ * Each worker has its own sl_upstreams per configuration it runs (the
+ * server keeps one per generation): it balances its own connections and
+ * counts its own active connections and failures, with no locks (a client
+ * and its upstream connection live on one worker).
+ *
+ * Lifetime: the creator holds one reference; every connection in progress
+ * or open holds another (so a set replaced by a config reload stays valid
+ * for the connections that still use it). Health checks stop when the
+ * creator lets go.
+ */
+#ifndef SL_UPSTREAM_H
+#define SL_UPSTREAM_H
+
+#include <stddef.h>
+
+#include "io/addr.h"
+
+struct sl_worker;
+struct sl_config;
+struct sl_channel;
+struct sl_channel_config;
+struct sl_upstream_cfg;
+typedef struct sl_upstreams sl_upstreams;
+
+/* How long a connect to a plain address (ctx:connect("host:port")) may take. */
+#define SL_UPSTREAM_ADDRESS_TIMEOUT 5.0
+
+/* Called once the upstream channel is connected and joined to its client
+ * (up->peer): the caller builds its pipeline and activates it. */
+typedef void (*sl_upstream_ready_fn)(struct sl_channel *up);
+
+/* Creates w's state for every upstream of cfg and starts their health
+ * checks (their watchers do not keep the loop running). Borrows cfg, which
+ * must outlive the set. NULL on ENOMEM. */
+sl_upstreams *sl_upstreams_create(struct sl_worker *w, const struct sl_config *cfg);
+
+/* Stops the health checks (a configuration that new connections no longer
+ * use); servers they held down count as up again. NULL is fine. */
+void sl_upstreams_stop_checks(sl_upstreams *s);
+
+/* Stops the health checks and drops the creator's reference. NULL is fine. */
+void sl_upstreams_destroy(sl_upstreams *s);
+
+/* Resolves a ctx:connect target for client: the name of an upstream of the
+ * configuration the client started with (*u set), or "host:port" with a
+ * numeric IPv4 host, an IPv6 host in brackets or localhost (*u NULL, *addr
+ * filled). SL_OK, or SL_ERROR with *err. */
+int sl_upstream_resolve(const struct sl_channel *client, const char *target,
+                        const struct sl_upstream_cfg **u, sl_addr *addr, const char **err);
+
+/* Connects client to upstream u (balanced, retried, with passive health,
+ * using the upstream state of the client's configuration) or,
+ * when u is NULL, to addr (one try). Stops reading from the client until the
+ * upstream is there; the connecting channel is joined to the client, so a
+ * client that closes meanwhile abandons the attempt. When every try has
+ * failed, the client is closed with the reason "upstream_unavailable" and a
+ * line naming the servers tried is logged. cc configures the upstream
+ * channel and for_name names the listener in its log lines (both copied). Returns SL_OK while a connect is under way, SL_ERROR
+ * when the client is closed (already, or because every try failed at once). */
+int sl_upstream_connect(struct sl_channel *client, const struct sl_upstream_cfg *u,
+                        const sl_addr *addr, const struct sl_channel_config *cc,
+                        const char *for_name, sl_upstream_ready_fn ready);
+
+#endif

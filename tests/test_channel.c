@@ -1,0 +1,626 @@
+/*
+ * A channel's write side on a real worker loop and real sockets: write
+ * promises through the worker's promise_done hook (order, split writes,
+ * closed channels, close, reset, timeout, outbound_limit), the outbound
+ * limit closing both sides of a joined pair, write bursts that yield to
+ * other channels (the spin count), and writability events on every
+ * crossing of the water marks. Channels wrap one end of an AF_UNIX
+ * socketpair; the test holds the other end ("peer").
+ */
+#include "test_util.h"
+
+#include <netinet/in.h>
+#include <stdio.h>
+
+#include "alloc/pool.h"
+#include "buf/buf.h"
+#include "io/channel.h"
+#include "io/worker.h"
+#include "lua/ffi.h"
+#include "pipeline/pipeline.h"
+#include "pipeline/stages.h"
+#include "util/common.h"
+
+/* ---- what the promise hook saw ---- */
+
+typedef struct promise_log {
+  int n;
+  uint32_t pid[256];
+  char err[256][32];        /* "" for success */
+  uint32_t queued[256];     /* entries still queued at the report */
+  uint32_t close_on;        /* close the channel when this pid completes */
+  uint32_t write_on;        /* write (and flush) more when this pid completes */
+  size_t write_len, write_offset;
+} promise_log;
+
+static promise_log plog;
+
+#define pattern_buf sl_test_pattern_buf
+
+static void on_promise(sl_channel *ch, uint32_t pid, const char *err) {
+  assert_true(plog.n < 256);
+  plog.pid[plog.n] = pid;
+  snprintf(plog.err[plog.n], sizeof(plog.err[0]), "%s", err ? err : "");
+  plog.queued[plog.n] = ch->outq.count;
+  plog.n++;
+  if (pid == plog.close_on) sl_channel_close(ch, "closed by a promise callback", 0);
+  if (pid == plog.write_on) {
+    sl_pipeline_write(&ch->pipe, pattern_buf(ch->w->pool, plog.write_len, plog.write_offset));
+    sl_pipeline_flush(&ch->pipe);
+  }
+}
+
+/* ---- fixture: a worker and up to four channels ---- */
+
+typedef struct fixture {
+  sl_worker *w;
+  sl_channel *ch[4];
+  int peer[4];
+  int n;
+} fixture;
+
+static int fixture_setup(void **state) {
+  fixture *f = calloc(1, sizeof(*f));
+  if (f == NULL) return -1;
+  f->w = sl_worker_create(0, NULL);
+  if (f->w == NULL) return -1;
+  f->w->promise_done = on_promise;
+  for (int i = 0; i < 4; i++) f->peer[i] = -1;
+  memset(&plog, 0, sizeof(plog));
+  *state = f;
+  return 0;
+}
+
+static int fixture_teardown(void **state) {
+  fixture *f = *state;
+  if (f->w != NULL) {
+    sl_worker_close_channels(f->w, "teardown");
+    sl_worker_destroy(f->w);
+  }
+  for (int i = 0; i < 4; i++)
+    if (f->peer[i] >= 0) close(f->peer[i]);
+  free(f);
+  return 0;
+}
+
+/* An active channel on a fresh socketpair; its index in f. */
+static int open_channel(fixture *f, const sl_channel_config *cfg) {
+  assert_true(f->n < 4);
+  int sv[2];
+  sl_test_socketpair(sv);
+  sl_addr addr;
+  memset(&addr, 0, sizeof(addr));
+  sl_channel *ch = sl_channel_accepted(f->w, sv[0], &addr, cfg, "test");
+  assert_non_null(ch);
+  f->ch[f->n] = ch;
+  f->peer[f->n] = sv[1];
+  return f->n++;
+}
+
+/* An active channel without stages; low and high are its water marks. */
+static sl_channel *open_active(fixture *f, size_t low, size_t high) {
+  sl_channel_config cfg = {.low_water_mark = low, .high_water_mark = high};
+  sl_channel *ch = f->ch[open_channel(f, &cfg)];
+  sl_channel_activate(ch);
+  return ch;
+}
+
+/* The same with small socket buffers, so that the peer, not reading, stops
+ * the writes soon; stage (may be NULL) goes in first. *peer gets the
+ * peer's fd. */
+static sl_channel *open_slow(fixture *f, size_t low, size_t high, const sl_stage_ops *stage,
+                             int *peer) {
+  sl_channel_config cfg = {.low_water_mark = low, .high_water_mark = high};
+  int i = open_channel(f, &cfg);
+  sl_channel *ch = f->ch[i];
+  sl_test_small_buffers(ch->fd, f->peer[i], 4096);
+  if (stage) assert_non_null(sl_pipeline_add_last(&ch->pipe, stage, stage->name));
+  sl_channel_activate(ch);
+  *peer = f->peer[i];
+  return ch;
+}
+
+static void finish(fixture *f) {
+  sl_worker_close_channels(f->w, "test done");
+  SL_TEST_ASSERT_POOL_CLEAN(f->w->pool);
+  assert_int_equal(f->w->nchannels, 0);
+  sl_worker *w = f->w;
+  f->w = NULL;
+  assert_int_equal(sl_worker_destroy(w), 0);
+}
+
+static uint64_t bufs_active(const fixture *f) { return sl_test_stats(f->w->pool).bufs_active; }
+
+/* A write with promise pid, as the Lua host makes it: from the tail. */
+static void write_p(sl_channel *ch, sl_buf *b, uint32_t pid) {
+  sl_ffi_ctx_write_p(&ch->pipe.tail, b, pid);
+}
+
+/* Reads what the peer has and runs the loop once, until cond or a bound. */
+#define PUMP_UNTIL(f, peer, sink, cap, received, cond)                           \
+  do {                                                                           \
+    for (int pump_i_ = 0; pump_i_ < 100000 && !(cond); pump_i_++) {              \
+      (received) += sl_test_read_available((peer), (sink) + (received),          \
+                                           (cap) - (received));                  \
+      ev_run((f)->w->loop, EVRUN_NOWAIT);                                        \
+    }                                                                            \
+    assert_true(cond);                                                           \
+  } while (0)
+
+/* ---- a stage that turns one write into a header and the body ---- */
+
+static void split_write(sl_ctx *ctx, sl_buf *b) {
+  uint8_t hdr[4] = {'L', 'E', 'N', ':'};
+  sl_buf *h = sl_buf_from(sl_ctx_channel(ctx)->w->pool, hdr, sizeof(hdr));
+  assert_non_null(h);
+  sl_ctx_write(ctx, h);
+  sl_ctx_write(ctx, b);
+}
+
+static const sl_stage_ops split_ops = {.name = "split", .write = split_write};
+
+/* Consumes writes (releases them): nothing reaches the head. */
+static void swallow_write(sl_ctx *ctx, sl_buf *b) {
+  SL_UNUSED(ctx);
+  sl_buf_release(b);
+}
+
+static const sl_stage_ops swallow_ops = {.name = "swallow", .write = swallow_write};
+
+/* ---- promises ---- */
+
+static void test_promises_complete_in_queue_order_when_written(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  size_t off = 0;
+  for (uint32_t i = 1; i <= 6; i++) {
+    if (i % 2) write_p(ch, pattern_buf(f->w->pool, 1000, off), i);
+    else sl_pipeline_write(&ch->pipe, pattern_buf(f->w->pool, 1000, off));
+    off += 1000;
+  }
+  assert_int_equal(plog.n, 0); /* queued, not flushed */
+  assert_int_equal(ch->outq.count, 6);
+  sl_pipeline_flush(&ch->pipe);
+  assert_int_equal(plog.n, 3);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(plog.pid[i], 2 * i + 1);
+    assert_string_equal(plog.err[i], "");
+  }
+  uint8_t got[6000];
+  sl_test_read_exact(f->peer[0], got, sizeof(got));
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  finish(f);
+}
+
+static void test_promise_of_a_split_write_completes_with_its_last_part(void **state) {
+  fixture *f = *state;
+  int peer;
+  sl_channel *ch = open_slow(f, 1 << 20, 1 << 21, &split_ops, &peer);
+
+  enum { BODY = 256 * 1024 };
+  write_p(ch, pattern_buf(f->w->pool, BODY, 0), 42);
+  /* Two entries: the header without the promise, the body with it. */
+  assert_int_equal(ch->outq.count, 2);
+  assert_int_equal(ch->outq.ring[ch->outq.head].pid, 0);
+  assert_int_equal(ch->outq.ring[(ch->outq.head + 1) & ch->outq.mask].pid, 42);
+
+  sl_pipeline_flush(&ch->pipe);
+  assert_true(ch->bytes_out > 4); /* the header went, the body did not fit */
+  assert_int_equal(plog.n, 0);
+
+  static uint8_t got[4 + BODY];
+  size_t received = 0;
+  PUMP_UNTIL(f, peer, got, sizeof(got), received, plog.n > 0);
+  assert_int_equal(plog.n, 1);
+  assert_int_equal(plog.pid[0], 42);
+  assert_string_equal(plog.err[0], "");
+  assert_int_equal(plog.queued[0], 0); /* reported once the last byte went */
+  sl_test_read_exact(peer, got + received, sizeof(got) - received);
+  assert_memory_equal(got, "LEN:", 4);
+  assert_int_equal(sl_test_pattern_mismatch(got + 4, BODY, 0), BODY);
+  finish(f);
+}
+
+static void test_promise_of_a_swallowed_write_follows_what_was_queued(void **state) {
+  fixture *f = *state;
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  sl_channel *ch = f->ch[open_channel(f, &cfg)];
+  sl_ctx *sw = sl_pipeline_add_last(&ch->pipe, &swallow_ops, "swallow");
+  assert_non_null(sw);
+  sl_channel_activate(ch);
+  /* Written below the swallowing stage: queued, promise 1. */
+  sl_ffi_ctx_write_p(sw, pattern_buf(f->w->pool, 500, 0), 1);
+  /* Swallowed: a marker after entry 1 carries promise 2. */
+  write_p(ch, pattern_buf(f->w->pool, 500, 500), 2);
+  assert_int_equal(ch->outq.count, 2);
+  assert_null(ch->outq.ring[(ch->outq.head + 1) & ch->outq.mask].buf);
+  assert_int_equal(bufs_active(f), 1);
+  sl_pipeline_flush(&ch->pipe);
+  assert_int_equal(plog.n, 2);
+  assert_int_equal(plog.pid[0], 1);
+  assert_int_equal(plog.pid[1], 2);
+  assert_string_equal(plog.err[1], "");
+  uint8_t got[500];
+  sl_test_read_exact(f->peer[0], got, sizeof(got));
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  sl_test_assert_nothing_to_read(f->peer[0]);
+  finish(f);
+}
+
+static void test_write_to_a_closed_channel_fails_at_once(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  sl_channel_ref(ch); /* readable after the close */
+  sl_channel_close(ch, "closed by the test", 0);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 7);
+  assert_int_equal(plog.n, 1);
+  assert_int_equal(plog.pid[0], 7);
+  assert_string_equal(plog.err[0], "closed");
+  assert_int_equal(bufs_active(f), 0); /* released at once */
+  /* Without an id nothing is reported. */
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 0);
+  assert_int_equal(plog.n, 1);
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(ch);
+  finish(f);
+}
+
+static void test_write_after_output_shutdown_fails_while_earlier_ones_complete(void **state) {
+  fixture *f = *state;
+  int peer;
+  sl_channel *ch = open_slow(f, 1 << 20, 1 << 21, NULL, &peer);
+  enum { LEN = 128 * 1024 };
+  write_p(ch, pattern_buf(f->w->pool, LEN, 0), 1);
+  sl_channel_shutdown_output(ch); /* flushes; the FIN waits for the queue */
+  write_p(ch, pattern_buf(f->w->pool, 10, 0), 2);
+  assert_int_equal(plog.n, 1);
+  assert_int_equal(plog.pid[0], 2);
+  assert_string_equal(plog.err[0], "closed");
+  static uint8_t got[LEN];
+  size_t received = 0;
+  PUMP_UNTIL(f, peer, got, sizeof(got), received, plog.n == 2);
+  assert_int_equal(plog.pid[1], 1);
+  assert_string_equal(plog.err[1], "");
+  sl_test_read_exact(peer, got + received, sizeof(got) - received);
+  assert_int_equal(sl_test_pattern_mismatch(got, LEN, 0), LEN);
+  finish(f);
+}
+
+static void test_close_fails_every_queued_promise_and_releases(void **state) {
+  fixture *f = *state;
+  int peer;
+  sl_channel *ch = open_slow(f, 1 << 20, 1 << 21, NULL, &peer);
+  write_p(ch, pattern_buf(f->w->pool, 200000, 0), 1); /* partly written */
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 2);
+  sl_pipeline_flush(&ch->pipe);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 3); /* not flushed */
+  assert_int_equal(plog.n, 0);
+  assert_int_equal(bufs_active(f), 3);
+  sl_channel_close(ch, "closed by the test", 0);
+  assert_int_equal(plog.n, 3);
+  for (int k = 0; k < 3; k++) {
+    assert_int_equal(plog.pid[k], k + 1);
+    assert_string_equal(plog.err[k], "closed");
+  }
+  assert_int_equal(bufs_active(f), 0);
+  finish(f);
+}
+
+static void test_peer_gone_fails_promises_with_reset(void **state) {
+  fixture *f = *state;
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  int i = open_channel(f, &cfg);
+  sl_channel *ch = f->ch[i];
+  sl_channel_activate(ch);
+  close(f->peer[i]);
+  f->peer[i] = -1;
+  sl_channel_ref(ch);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 2);
+  sl_pipeline_flush(&ch->pipe); /* EPIPE */
+  assert_true(sl_channel_is_closed(ch));
+  assert_true(strncmp(ch->reason, "reset (", 7) == 0);
+  assert_int_equal(plog.n, 2);
+  assert_string_equal(plog.err[0], "reset");
+  assert_string_equal(plog.err[1], "reset");
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 3);
+  assert_string_equal(plog.err[2], "closed");
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(ch);
+  finish(f);
+}
+
+/* Writes and flushes at once (as a stage doing write_and_flush). */
+static void flushing_write(sl_ctx *ctx, sl_buf *b) {
+  sl_ctx_write(ctx, b);
+  sl_ctx_flush(ctx);
+}
+
+static const sl_stage_ops flushing_ops = {.name = "flushing", .write = flushing_write};
+
+static void test_reset_seen_while_flushing_a_write_fails_it_with_reset(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  sl_ctx *fl = sl_pipeline_add_last(&ch->pipe, &flushing_ops, "flushing");
+  assert_non_null(fl);
+  close(f->peer[0]);
+  f->peer[0] = -1;
+  sl_channel_ref(ch);
+  /* The stage queues it, flushes, meets EPIPE: this write closed it. */
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  assert_true(sl_channel_is_closed(ch));
+  assert_int_equal(plog.n, 1);
+  assert_string_equal(plog.err[0], "reset");
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 2);
+  assert_string_equal(plog.err[1], "closed");
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(ch);
+  finish(f);
+}
+
+/* A TCP listener whose accept queue is full: connects to it hang. */
+static int full_listener(sl_addr *addr, int fillers[4]) {
+  int l = socket(AF_INET, SOCK_STREAM, 0);
+  assert_true(l >= 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  assert_int_equal(bind(l, (struct sockaddr *)&sa, sizeof(sa)), 0);
+  assert_int_equal(listen(l, 0), 0);
+  socklen_t len = sizeof(sa);
+  assert_int_equal(getsockname(l, (struct sockaddr *)&sa, &len), 0);
+  for (int i = 0; i < 4; i++) {
+    fillers[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    connect(fillers[i], (struct sockaddr *)&sa, sizeof(sa));
+  }
+  memset(addr, 0, sizeof(*addr));
+  memcpy(&addr->ss, &sa, sizeof(sa));
+  addr->len = sizeof(sa);
+  return l;
+}
+
+static int connect_err = -1;
+static void on_connect_close(sl_channel *ch, int err) {
+  connect_err = err;
+  if (err) sl_channel_close(ch, "connect failed", 1);
+}
+
+static void test_connect_timeout_fails_queued_promises_with_timeout(void **state) {
+  fixture *f = *state;
+  int fillers[4];
+  sl_addr addr;
+  int l = full_listener(&addr, fillers);
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  connect_err = -1;
+  sl_channel *ch = sl_channel_connect(f->w, &addr, 0.05, &cfg, on_connect_close, NULL, "test");
+  assert_non_null(ch);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  sl_pipeline_flush(&ch->pipe); /* waits for the connect */
+  assert_int_equal(plog.n, 0);
+  for (int i = 0; i < 1000 && connect_err < 0; i++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_int_equal(connect_err, ETIMEDOUT);
+  assert_int_equal(plog.n, 1);
+  assert_int_equal(plog.pid[0], 1);
+  assert_string_equal(plog.err[0], "timeout");
+  for (int i = 0; i < 4; i++) close(fillers[i]);
+  close(l);
+  finish(f);
+}
+
+static void test_close_with_names_the_promise_failure(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT, "idle for 30 s", 1);
+  assert_int_equal(plog.n, 1);
+  assert_string_equal(plog.err[0], "timeout");
+  finish(f);
+}
+
+/* ---- promise callbacks inside a write burst ---- */
+
+static void test_a_completion_may_write_and_flush_inside_a_burst(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  /* One sendmsg takes all three; completing 1 writes and flushes a fourth
+   * while 2 and 3 are still in the queue (sent, not yet accounted). */
+  plog.write_on = 1;
+  plog.write_len = 300;
+  plog.write_offset = 900;
+  for (uint32_t p = 1; p <= 3; p++) write_p(ch, pattern_buf(f->w->pool, 300, 300 * (p - 1)), p);
+  sl_pipeline_flush(&ch->pipe);
+  assert_int_equal(plog.n, 3);
+  uint8_t got[1200];
+  sl_test_read_exact(f->peer[0], got, sizeof(got));
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  sl_test_assert_nothing_to_read(f->peer[0]);
+  assert_true(sl_outq_is_empty(&ch->outq));
+  finish(f);
+}
+
+static void test_a_completion_may_close_the_channel_inside_a_burst(void **state) {
+  fixture *f = *state;
+  sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
+  plog.close_on = 1;
+  for (uint32_t p = 1; p <= 3; p++) write_p(ch, pattern_buf(f->w->pool, 300, 0), p);
+  sl_pipeline_flush(&ch->pipe); /* the channel is gone after this */
+  assert_int_equal(plog.n, 3);
+  assert_string_equal(plog.err[0], "");
+  assert_string_equal(plog.err[1], "closed");
+  assert_string_equal(plog.err[2], "closed");
+  assert_int_equal(f->w->nchannels, 0);
+  finish(f);
+}
+
+/* ---- the outbound limit ---- */
+
+static void test_outbound_limit_closes_both_sides_and_fails_promises(void **state) {
+  fixture *f = *state;
+  sl_channel_config cfg = {.low_water_mark = 4000, .high_water_mark = 8000,
+                           .outbound_limit = 20000};
+  sl_channel *a = f->ch[open_channel(f, &cfg)];
+  sl_channel *b = f->ch[open_channel(f, &cfg)];
+  sl_channel_join(a, b);
+  sl_channel_activate(a);
+  sl_channel_activate(b);
+  sl_channel_ref(a);
+  sl_channel_ref(b);
+  /* Four entries of 4000 + overhead fit (16352); the fifth does not. */
+  for (uint32_t p = 1; p <= 4; p++) write_p(a, pattern_buf(f->w->pool, 4000, 0), p);
+  write_p(b, pattern_buf(f->w->pool, 10, 0), 100); /* queued on the peer */
+  assert_false(sl_channel_is_closed(a));
+  assert_int_equal(a->outq.pending, 4 * (4000 + SL_OUTQ_ENTRY_OVERHEAD));
+  assert_int_equal(plog.n, 0);
+  write_p(a, pattern_buf(f->w->pool, 4000, 0), 5);
+
+  assert_true(sl_channel_is_closed(a));
+  assert_string_equal(a->reason,
+                      "outbound_limit (16352 B queued, a write of 4000 B, limit 20000 B)");
+  assert_int_equal(plog.n, 6);
+  for (uint32_t k = 0; k < 4; k++) {
+    assert_int_equal(plog.pid[k], k + 1);
+    assert_string_equal(plog.err[k], "outbound_limit");
+  }
+  /* The peer closed at once (an error close), failing what it held. */
+  assert_true(sl_channel_is_closed(b));
+  assert_string_equal(b->reason, "peer closed: outbound_limit (16352 B queued, a write of "
+                                 "4000 B, limit 20000 B)");
+  assert_int_equal(plog.pid[4], 100);
+  assert_string_equal(plog.err[4], "closed");
+  assert_int_equal(plog.pid[5], 5);
+  assert_string_equal(plog.err[5], "outbound_limit");
+  /* A later write finds the channel closed: just "closed". */
+  write_p(a, pattern_buf(f->w->pool, 10, 0), 6);
+  assert_int_equal(plog.n, 7);
+  assert_string_equal(plog.err[6], "closed");
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(a);
+  sl_channel_unref(b);
+  finish(f);
+}
+
+static void test_default_outbound_limit_is_16_mib(void **state) {
+  fixture *f = *state;
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  sl_channel *ch = f->ch[open_channel(f, &cfg)];
+  assert_int_equal(ch->outq.limit, 16u << 20);
+  assert_int_equal(ch->outq.spin, 16);
+  assert_true(ch->outq.gather_adaptive);
+  finish(f);
+}
+
+/* ---- write bursts yield to other channels ---- */
+
+static void test_a_busy_channel_yields_after_its_spin_count(void **state) {
+  fixture *f = *state;
+  sl_channel_config busy_cfg = {.low_water_mark = 32 << 20, .high_water_mark = 64 << 20,
+                                .outbound_limit = 64 << 20, .write_spin_count = 16,
+                                .max_bytes_per_gathering_write = 1024};
+  sl_channel_config echo_cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  sl_channel *a = f->ch[open_channel(f, &busy_cfg)];
+  sl_channel *b = f->ch[open_channel(f, &echo_cfg)];
+  assert_non_null(sl_pipeline_add_last(&b->pipe, &sl_stage_echo, "echo"));
+  sl_channel_activate(a);
+  sl_channel_activate(b);
+
+  enum { TOTAL = 1 << 20, BURST = 16 * 1024 };
+  for (size_t off = 0; off < TOTAL; off += 65536)
+    sl_pipeline_write(&a->pipe, pattern_buf(f->w->pool, 65536, off));
+  sl_pipeline_flush(&a->pipe);
+  /* One burst: 16 sendmsg calls of 1024 bytes, then a yield. */
+  assert_int_equal(a->bytes_out, BURST);
+  assert_int_equal(a->outq.sendmsg_calls, 16);
+  assert_int_equal(a->outq.yields, 1);
+  assert_true(ev_is_active(&a->wio));
+
+  static uint8_t got[TOTAL];
+  size_t received = sl_test_read_available(f->peer[0], got, TOTAL);
+  assert_int_equal(received, BURST);
+  /* Each loop iteration serves the echo channel and one more burst of A. */
+  for (int iter = 1; iter <= 8; iter++) {
+    char ping[16];
+    int len = snprintf(ping, sizeof(ping), "ping %d", iter);
+    assert_int_equal(send(f->peer[1], ping, (size_t)len, 0), len);
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+    char back[16];
+    assert_int_equal(sl_test_read_available(f->peer[1], (uint8_t *)back, sizeof(back)), len);
+    assert_memory_equal(back, ping, (size_t)len);
+    assert_int_equal(a->bytes_out, (size_t)(iter + 1) * BURST);
+    assert_int_equal(a->outq.yields, (uint64_t)iter + 1);
+    received += sl_test_read_available(f->peer[0], got + received, TOTAL - received);
+    assert_int_equal(received, (size_t)(iter + 1) * BURST);
+  }
+  /* A finishes alone: TOTAL / BURST bursts in all, the last without a yield. */
+  for (int i = 0; i < 1000 && received < TOTAL; i++) {
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+    received += sl_test_read_available(f->peer[0], got + received, TOTAL - received);
+  }
+  assert_int_equal(received, TOTAL);
+  assert_int_equal(a->outq.sendmsg_calls, TOTAL / 1024);
+  assert_int_equal(a->outq.yields, TOTAL / BURST - 1);
+  assert_false(ev_is_active(&a->wio));
+  assert_int_equal(sl_test_pattern_mismatch(got, TOTAL, 0), TOTAL);
+  finish(f);
+}
+
+/* ---- writability on every crossing ---- */
+
+static char wlog[256];
+
+static void wrec_writability(sl_ctx *ctx, int writable) {
+  size_t len = strlen(wlog);
+  assert_true(len + 2 < sizeof(wlog));
+  wlog[len] = writable ? '1' : '0';
+  wlog[len + 1] = '\0';
+  sl_ctx_fire_writability(ctx, writable);
+}
+
+static const sl_stage_ops wrec_ops = {.name = "wrec", .on_writability = wrec_writability};
+
+static void test_writability_reaches_stages_on_every_crossing(void **state) {
+  fixture *f = *state;
+  int peer;
+  sl_channel *ch = open_slow(f, 8192, 32768, &wrec_ops, &peer);
+  wlog[0] = '\0';
+  enum { CYCLES = 6, N = 24, LEN = 4096 };
+  static uint8_t got[CYCLES * N * LEN];
+  size_t received = 0, off = 0;
+  for (int c = 0; c < CYCLES; c++) {
+    for (int k = 0; k < N; k++) {
+      sl_pipeline_write(&ch->pipe, pattern_buf(f->w->pool, LEN, off));
+      off += LEN;
+    }
+    sl_pipeline_flush(&ch->pipe);
+    assert_int_equal(strlen(wlog), 2 * c + 1);
+    assert_int_equal(wlog[2 * c], '0');
+    PUMP_UNTIL(f, peer, got, sizeof(got), received, sl_outq_is_empty(&ch->outq));
+    assert_int_equal(strlen(wlog), 2 * c + 2);
+    assert_int_equal(wlog[2 * c + 1], '1');
+  }
+  assert_string_equal(wlog, "010101010101");
+  sl_test_read_exact(peer, got + received, sizeof(got) - received);
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  finish(f);
+}
+
+#define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      FIXTURE_TEST(test_promises_complete_in_queue_order_when_written),
+      FIXTURE_TEST(test_promise_of_a_split_write_completes_with_its_last_part),
+      FIXTURE_TEST(test_promise_of_a_swallowed_write_follows_what_was_queued),
+      FIXTURE_TEST(test_write_to_a_closed_channel_fails_at_once),
+      FIXTURE_TEST(test_write_after_output_shutdown_fails_while_earlier_ones_complete),
+      FIXTURE_TEST(test_close_fails_every_queued_promise_and_releases),
+      FIXTURE_TEST(test_peer_gone_fails_promises_with_reset),
+      FIXTURE_TEST(test_reset_seen_while_flushing_a_write_fails_it_with_reset),
+      FIXTURE_TEST(test_connect_timeout_fails_queued_promises_with_timeout),
+      FIXTURE_TEST(test_close_with_names_the_promise_failure),
+      FIXTURE_TEST(test_a_completion_may_write_and_flush_inside_a_burst),
+      FIXTURE_TEST(test_a_completion_may_close_the_channel_inside_a_burst),
+      FIXTURE_TEST(test_outbound_limit_closes_both_sides_and_fails_promises),
+      FIXTURE_TEST(test_default_outbound_limit_is_16_mib),
+      FIXTURE_TEST(test_a_busy_channel_yields_after_its_spin_count),
+      FIXTURE_TEST(test_writability_reaches_stages_on_every_crossing),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -90,7 +90,7 @@ fail:
 
 void sl_pool_bind_thread(sl_pool *p) {
   sl_pool_tls = p;
-  p->owner_tp = __builtin_thread_pointer();
+  if (p != NULL) p->owner_tp = __builtin_thread_pointer();
 }
 
 static void sl_pool_take_remote_headers(sl_pool *p) {

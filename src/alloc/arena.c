@@ -176,7 +176,6 @@ void sl_arena_relist_move(sl_arena *ar, sl_chunk *c) {
   sl_list_push(ar, q, c);
 }
 
-static inline void sl_chunk_relist(sl_arena *ar, sl_chunk *c) { sl_arena_relist(ar, c); }
 
 static int sl_reserve(sl_alloc *a, size_t n) {
   size_t cur = atomic_load(&a->reserved);
@@ -269,11 +268,11 @@ static sl_subpage *sl_arena_subpage(sl_arena *ar, unsigned sclass) {
     s = sl_subpage_new(c, (uint32_t)page, n, (uint32_t)sl_sc_size(sclass), sclass);
     if (s == NULL) {
       sl_chunk_run_free(c, (uint32_t)page, n);
-      sl_chunk_relist(ar, c);
+      sl_arena_relist(ar, c);
       return NULL;
     }
     c->run_len[page] = 0; /* a subpage run, found through sub[] */
-    sl_chunk_relist(ar, c);
+    sl_arena_relist(ar, c);
     ar->subpages[sclass] = s;
   }
   return s;
@@ -299,7 +298,7 @@ void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
   sl_chunk *c = sl_arena_run(ar, ar->alloc->run_pages[sclass], &page);
   void *p = NULL;
   if (c != NULL) {
-    sl_chunk_relist(ar, c);
+    sl_arena_relist(ar, c);
     p = c->mem + ((size_t)page << c->page_shift);
     ar->cls[sclass].allocs++;
   }
@@ -350,7 +349,7 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   ar->cls[sclass].frees++;
   if (sclass >= a->nsmall) {
     sl_chunk_run_free_inline(c, page, a->run_pages[sclass]);   /* checks the run's length */
-    sl_chunk_relist(ar, c);
+    sl_arena_relist(ar, c);
     return;
   }
   sl_subpage *s = c->sub[page];
@@ -417,7 +416,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
   c->run_len[s->first_page] = s->npages;
   sl_chunk_run_free(c, s->first_page, s->npages);
   free(s);
-  sl_chunk_relist(ar, c);
+  sl_arena_relist(ar, c);
 }
 
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {

@@ -33,8 +33,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
+
+#include "util/common.h"
 
 struct sl_arena;
 typedef struct sl_chunk sl_chunk;
@@ -109,6 +109,9 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *avail, uint32_t n);
 
 #define SL_CHUNK_NONE 0xffffffffu
 
+/* Puts c on its index's list for key k (a length below SL_AVAIL_LENS, or
+ * SL_AVAIL_LENS for longer runs); nothing when it is on it already or has
+ * no index. */
 void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
 
 /* Puts the free run [start, start + len) on its length's list (and c on
@@ -144,14 +147,11 @@ static inline uint32_t sl_chunk_run_take_exact(sl_chunk *c, uint32_t n) {
 /* Makes c one free run of all its usable pages (it has none in use). */
 void sl_chunk_reset(sl_chunk *c);
 
+/* sl_chunk_run_free, inline for the arena's normal-size path. Aborts when
+ * page does not start an allocated run of n pages (page lies in the chunk,
+ * as it comes from a block's address; a meta page has run_len 0). */
 static inline void sl_chunk_run_free_inline(sl_chunk *c, uint32_t page, uint32_t n) {
-  /* page lies in the chunk (it comes from a block's address); a meta page
-   * or a page that does not start an allocated run of n has another
-   * run_len. */
-  if (__builtin_expect(c->run_len[page] != n || n == 0, 0)) {
-    fprintf(stderr, "sluice: run freed that is not allocated (page %u, %u pages)\n", page, n);
-    abort();
-  }
+  SL_ASSERT(c->run_len[page] == n && n != 0, "run freed that is not allocated");
   c->run_len[page] = 0;
   c->free_pages += n;
   if (__builtin_expect(c->free_pages == c->usable, 0)) {
@@ -199,11 +199,9 @@ static inline uint32_t sl_subpage_index(const sl_subpage *s, const void *p) {
 static inline int sl_subpage_free(sl_subpage *s, void *p) {
   uint32_t i = sl_subpage_index(s, p);
   uint64_t bit = 1ull << (i & 63);
-  if (__builtin_expect(i >= s->nelems || s->base + (size_t)i * s->elem_size != (uint8_t *)p ||
-                           !(s->bits[i >> 6] & bit), 0)) {
-    fprintf(stderr, "sluice: subpage element freed twice or not an element (%p)\n", p);
-    abort();
-  }
+  SL_ASSERT(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
+            "pointer is not an element of its subpage");
+  SL_ASSERT(s->bits[i >> 6] & bit, "subpage element freed twice");
   s->bits[i >> 6] &= ~bit;
   s->hint = i >> 6;
   return ++s->nfree == s->nelems;

@@ -50,7 +50,10 @@ extern __thread sl_pool *sl_pool_tls;
 static inline sl_pool *sl_pool_current(void) { return sl_pool_tls; }
 
 /* Whether the calling thread is the one p was last bound to (a compare
- * with the thread pointer: no TLS lookup on the free path). */
+ * with the thread pointer: no TLS lookup on the free path). A pool whose
+ * thread has ended is bound again before anything uses it (main.c does
+ * at exit), so that a new thread at the same address is not taken for
+ * its owner. */
 static inline int sl_pool_is_owner(const sl_pool *p) {
   return p->owner_tp == __builtin_thread_pointer();
 }
@@ -123,6 +126,7 @@ static inline int sl_pool_has_returns(sl_pool *p) {
          atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
 }
 
+/* The link word of a free header (SL_HDR_LINK_OFFSET). */
 static inline void **sl_pool_hdr_link(void *hdr) {
   return (void **)(void *)((char *)hdr + SL_HDR_LINK_OFFSET);
 }

@@ -82,6 +82,8 @@ static inline void sl_fuzz_feed(sl_ch *h, const sl_fuzz_input *in, int chunked) 
 static inline void sl_fuzz_finish(sl_ch *h) {
   SL_FUZZ_CHECK(!h->bad, "a frame that is not a derived buffer of the cumulation");
   sl_ch_close(h);
+  SL_FUZZ_CHECK(h->owner.count == 0 && h->owner.bytes == 0, "%u buffers still owned",
+                h->owner.count);
   sl_pool_stats st;
   sl_pool_get_stats(sl_fuzz_pool, &st);
   SL_FUZZ_CHECK(st.blocks_in_use == 0 && st.bufs_active == 0, "%llu blocks outstanding",

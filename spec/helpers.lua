@@ -186,7 +186,27 @@ function H.spawn(cmd, name)
     :format(cmd, H.shq(log), H.shq(pidf), H.shq(rcf)))
   local pid = H.wait_for(function() return tonumber(H.read(pidf)) end, 5)
   assert(pid, "could not start: " .. cmd)
-  return { pid = pid, log = log, rc_file = rcf, cmd = cmd }
+  local p = { pid = pid, log = log, rc_file = rcf, cmd = cmd }
+  H.spawned[#H.spawned + 1] = p
+  return p
+end
+
+-- Every process a spec file started: whatever a failed test left running is
+-- stopped (by its PID) when the file ends.
+H.spawned = {}
+local ok_busted, busted = pcall(require, "busted")
+if ok_busted and busted.subscribe then
+  busted.subscribe({ "file", "end" }, function()
+    for i = #H.spawned, 1, -1 do
+      local p = H.spawned[i]
+      H.spawned[i] = nil
+      if H.read(p.rc_file) == "" then
+        os.execute(("kill -KILL %d 2>/dev/null"):format(p.pid))
+        H.wait_for(function() return H.read(p.rc_file) ~= "" end, 5)
+      end
+    end
+    return nil, true
+  end)
 end
 
 function H.alive(p)

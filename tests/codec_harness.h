@@ -11,6 +11,8 @@
  * buffer sharing the cumulation's memory, and releases it, or with
  * keep_every holds every k-th frame until sl_ch_close (so cumulations live
  * on under frames). An error event closes the connection, as the tail does.
+ * Every buffer fed in answers to h->owner, as a channel's reads do, so the
+ * derived buffers made from them are on its list too.
  */
 #ifndef SL_CODEC_HARNESS_H
 #define SL_CODEC_HARNESS_H
@@ -22,6 +24,7 @@
 
 #include "alloc/pool.h"
 #include "buf/buf.h"
+#include "buf/leak.h"
 #include "pipeline/codec/cumulation.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
@@ -44,6 +47,7 @@ typedef struct sl_ch {
   char reason[64];            /* why it closed; "" while open */
   int closed;
   int bad;                    /* a frame that was not a derived buffer */
+  sl_buf_owner owner;         /* what the "connection" answers for */
 } sl_ch;
 
 static inline void sl_ch_append(sl_ch *h, const uint8_t *p, size_t n) {
@@ -127,6 +131,7 @@ static inline int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const 
                              char *err, size_t errlen) {
   memset(h, 0, sizeof(*h));
   h->pool = pool;
+  h->owner.name = "codec harness";
   h->ops = sl_stage_builtin(module);
   if (h->ops == NULL) {
     snprintf(err, errlen, "no C stage %s", module);
@@ -146,6 +151,7 @@ static inline int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const 
 static inline void sl_ch_feed(sl_ch *h, const uint8_t *p, size_t n) {
   sl_buf *b = sl_buf_from(h->pool, p, n);
   if (b == NULL) abort();
+  sl_buf_set_owner(b, &h->owner);
   sl_pipeline_fire_read(&h->pipe, b);
   if (!h->closed) sl_pipeline_fire_read_complete(&h->pipe);
 }

@@ -144,6 +144,7 @@ static void check_chunkings(sl_pool *pool, const char *module, const char *spec,
       assert_string_equal(h.reason, reason);
     }
     sl_ch_close(&h);
+    assert_int_equal(h.owner.count, 0);
     sl_ch_free(&h);
     SL_TEST_ASSERT_POOL_CLEAN(pool);
   }

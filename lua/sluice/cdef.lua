@@ -107,7 +107,8 @@ int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out);
 int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask);
 void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
 double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, sl_ctx **out);
-sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const char **err);
+sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const void *conf,
+                            const char **err);
 void sl_ffi_ctx_remove(sl_ctx *ctx);
 int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);

@@ -17,9 +17,13 @@
 -- is fired to the next stage, in order, and belongs to that stage. The
 -- cumulation belongs to the decoder: decode_fn reads from it and never
 -- releases it. Read bytes are discarded every `discard_after` reads (16).
--- When the channel goes inactive, what is left is decoded once more, then
--- released. A cumulation longer than max_cumulation (default 1 MiB) closes
--- the connection with reason "frame_too_large" and releases everything.
+-- When the peer half-closes (input_closed) or the channel goes inactive,
+-- what is left is decoded once more with decode_fn(ctx, cum, out, true)
+-- (Netty's decodeLast), then released. Without opts, max_cumulation and
+-- discard_after come from the stage's options in the config (ctx.options).
+-- The decoder keeps its state apart from ctx.state, which stays the stage's.
+-- A cumulation longer than max_cumulation (default 1 MiB) closes the
+-- connection with reason "frame_too_large" and releases everything.
 -- When the stage is removed from a running pipeline, the bytes it still
 -- holds are passed on to the next stage.
 local buf = require("sluice.buf")
@@ -84,11 +88,29 @@ function _M.decoder(decode_fn, opts)
   if type(decode_fn) ~= "function" then
     error(("bad 'decode_fn' argument (function expected, got %s)"):format(type(decode_fn)), 2)
   end
-  local o = check_opts(opts)
-  local max_cum, discard_after = o.max_cumulation, o.discard_after
+  local fixed = opts ~= nil and check_opts(opts) or nil
+
+  -- The decoder's own state per connection, apart from ctx.state (which
+  -- belongs to the stage built on it). Without opts, the limits come from
+  -- the stage's options in the config (ctx.options), else the defaults.
+  local states = setmetatable({}, { __mode = "k" })
+  local function state(ctx)
+    local st = states[ctx]
+    if st == nil then
+      local o = fixed
+      if o == nil then
+        local co = ctx.options or {}
+        o = check_opts({ max_cumulation = co.max_cumulation, discard_after = co.discard_after })
+      end
+      st = { out = {}, reads = 0, max_cum = o.max_cumulation, discard_after = o.discard_after }
+      states[ctx] = st
+    end
+    return st
+  end
 
   -- Runs decode_fn until it makes no progress, firing what it produces.
-  local function decode(ctx, st)
+  -- last: no more bytes will come (Netty's decodeLast).
+  local function decode(ctx, st, last)
     local cum = st.cum
     local out = st.out
     if cum ~= nil and cum.b.gen ~= cum.gen then -- released when a decode raised
@@ -98,7 +120,7 @@ function _M.decoder(decode_fn, opts)
     while cum ~= nil and ctx.cptr ~= nil do
       local before = #cum
       local nout = #out
-      decode_fn(ctx, cum, out)
+      decode_fn(ctx, cum, out, last)
       local produced = #out - nout
       for i = nout + 1, #out do
         local m = out[i]
@@ -126,7 +148,7 @@ function _M.decoder(decode_fn, opts)
       return
     end
     st.reads = st.reads + 1
-    if st.reads >= discard_after and cum:refcnt() == 1 and cum.b.views == nil then
+    if st.reads >= st.discard_after and cum:refcnt() == 1 and cum.b.views == nil then
       cum:discard_read_bytes()
       st.reads = 0
     end
@@ -135,14 +157,12 @@ function _M.decoder(decode_fn, opts)
   local stage = {}
 
   function stage.added(ctx)
-    ctx.state.out = {}
-    ctx.state.reads = 0
+    state(ctx)
   end
 
   function stage.channel_read(ctx, msg)
     if not is_buf(msg) then return ctx:fire_read(msg) end
-    local st = ctx.state
-    if st.out == nil then stage.added(ctx) end
+    local st = state(ctx)
     if st.cum == nil then
       st.cum = msg
     else
@@ -154,7 +174,7 @@ function _M.decoder(decode_fn, opts)
       end
       st.cum = cum
     end
-    if #st.cum > max_cum then
+    if #st.cum > st.max_cum then
       release(st.cum)
       st.cum = nil
       return ctx:close("frame_too_large")
@@ -167,18 +187,28 @@ function _M.decoder(decode_fn, opts)
     ctx:fire_read_complete()
   end
 
-  function stage.channel_inactive(ctx)
-    local st = ctx.state
+  -- No more bytes will come: decode what is left, then let it go.
+  local function finish(ctx, st)
     if st.cum ~= nil then
-      decode(ctx, st)
+      decode(ctx, st, true)
       release(st.cum)
       st.cum = nil
     end
+  end
+
+  function stage.user_event(ctx, ev)
+    if ev == "input_closed" then finish(ctx, state(ctx)) end
+    ctx:fire_user_event(ev)
+  end
+
+  function stage.channel_inactive(ctx)
+    finish(ctx, state(ctx))
     ctx:fire_inactive()
   end
 
   function stage.removed(ctx)
-    local st = ctx.state
+    local st = state(ctx)
+    states[ctx] = nil
     local cum = st.cum
     st.cum = nil
     if cum == nil then return end

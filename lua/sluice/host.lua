@@ -16,6 +16,7 @@ local C = require("sluice.core")
 local buf = require("sluice.buf")
 local log = require("sluice.log")
 local promise = require("sluice.promise")
+local options = require("sluice.options")
 
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 local ffi_cast, ffi_string = ffi.cast, ffi.string
@@ -575,7 +576,7 @@ local function find(self, name)
 end
 
 local function insert(at, after, stage, name)
-  local key, cname = resolve(stage, name)
+  local key, cname, opts = resolve(stage, name)
   epoch = epoch + 1
   if key then
     local id = C.sl_ffi_ctx_insert_lua(at, after and 1 or 0, key, cname, ctx_out)
@@ -585,7 +586,11 @@ local function insert(at, after, stage, name)
     if ctx.mod.added then ctx.mod.added(ctx) end
     return ctx
   end
-  local c = C.sl_ffi_ctx_insert_c(at, after and 1 or 0, cname, errp)
+  -- A C stage: its options parsed once per set of options, kept for the
+  -- life of this state (pipelines that use it may outlive any one stage).
+  local conf, err = options.cached(cname, opts)
+  if err then error(("cannot add stage %q: %s"):format(cname, err), 3) end
+  local c = C.sl_ffi_ctx_insert_c(at, after and 1 or 0, cname, conf, errp)
   if c == nil then error(("cannot add stage %q: %s"):format(cname, ffi_string(errp[0])), 3) end
   return nil
 end

@@ -10,6 +10,12 @@
 -- cdata, freed when collected: keep it referenced while any pipeline uses
 -- it; nil for a stage without options, then err is nil too), or nil and
 -- "max_length: expected a positive integer, got 0".
+--
+--   local conf, err = options.cached("sluice.codec.line", { max_length = 1024 })
+--
+-- cached is configure for stages added while pipelines run: one
+-- configuration per module and set of options, kept for the life of the
+-- Lua state (so as many as there are distinct option sets in the code).
 local ffi = require("ffi")
 local C = require("sluice.core")
 
@@ -79,6 +85,42 @@ function _M.configure(module, tbl)
   local conf = confp[0]
   if conf == nil then return nil end
   return ffi.gc(conf, function(c) C.sl_ffi_stage_unconfigure(module, c) end)
+end
+
+-- A key for a plain options table: sorted keys, values by type.
+local function key_of(module, tbl)
+  local keys = {}
+  for k in pairs(tbl) do
+    if type(k) == "string" then keys[#keys + 1] = k end
+  end
+  table.sort(keys)
+  local parts = { module }
+  for _, k in ipairs(keys) do
+    local v = tbl[k]
+    if type(v) == "table" then
+      local items = {}
+      for i = 1, #v do items[i] = ("%q"):format(tostring(v[i])) end
+      v = "{" .. table.concat(items, ",") .. "}"
+    else
+      v = type(v) .. ":" .. ("%q"):format(tostring(v))
+    end
+    parts[#parts + 1] = ("%q=%s"):format(k, v)
+  end
+  return table.concat(parts, ";")
+end
+
+local cache = {}
+
+function _M.cached(module, tbl)
+  if type(module) ~= "string" then error("bad 'module' argument (string expected)", 2) end
+  tbl = tbl or {}
+  local key = key_of(module, tbl)
+  local hit = cache[key]
+  if hit then return hit.conf end
+  local conf, err = _M.configure(module, tbl)
+  if err then return nil, err end
+  cache[key] = { conf = conf }
+  return conf
 end
 
 return _M

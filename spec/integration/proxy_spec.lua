@@ -217,7 +217,9 @@ return {
       :gsub('upstream = "back",', 'upstream = "back", low_water_mark = 524288, high_water_mark = 1048576,')
     local p = H.start_sluice(cfg)
     local input = H.tmpfile("pressure.bin")
-    H.sh(("head -c %d /dev/urandom > %s"):format(4 * 1024 * 1024, H.shq(input)))
+    -- More than the kernel's socket buffers can absorb while the upstream
+    -- sleeps (tcp_wmem's maximum is 4 MiB here): sluice must hold the rest.
+    H.sh(("head -c %d /dev/urandom > %s"):format(8 * 1024 * 1024, H.shq(input)))
     local out, rc = H.exchange(port, { file = input }, 60)
     assert.are.equal(0, rc)
     assert.are.equal("stored\n", out)

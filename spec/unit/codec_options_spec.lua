@@ -131,3 +131,17 @@ describe("codec options", function()
                     { options.configure("sluice.codec.nope", {}) })
   end)
 end)
+
+describe("cached codec options", function()
+  it("give one configuration per module and set of options", function()
+    local a = options.cached("sluice.codec.line", { max_length = 10 })
+    assert.are.equal(a, options.cached("sluice.codec.line", { max_length = 10 }))
+    assert.are_not.equal(a, options.cached("sluice.codec.line", { max_length = 11 }))
+    assert.are_not.equal(a, options.cached("sluice.codec.line", { max_length = "10" }))
+    local d = options.cached("sluice.codec.delimiter", { delimiters = { "a", "b" }, max_frame_length = 3 })
+    assert.are.equal(d, options.cached("sluice.codec.delimiter",
+                                       { max_frame_length = 3, delimiters = { "a", "b" } }))
+    assert.are.same({ nil, "max_length: expected a positive integer, got 0" },
+                    { options.cached("sluice.codec.line", { max_length = 0 }) })
+  end)
+end)

@@ -75,6 +75,56 @@ describe("codecs on the in-memory channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("a frame a stage keeps past its connection is reported and taken back, once", function()
+    local kept = {}
+    local keeper = { channel_read = function(_, frame) kept[#kept + 1] = frame end }
+    local ch = testing.channel{ { "sluice.codec.line", max_length = 8 }, keeper }
+    ch:write_inbound("abc\nde")
+    assert.are.equal(1, #kept)
+    local ok, err = pcall(ch.finish, ch)
+    assert.is_false(ok)
+    -- outstanding: the frame, and the block under it
+    assert.matches("2 buffers (16 bytes) still outstanding", err, 1, true)
+    assert.matches("LEAK: retained view of 3 bytes was not released before its connection was "
+                   .. "closed", err, 1, true)
+    local _, n = err:gsub("LEAK:", "")
+    assert.are.equal(1, n) -- the frame; its cumulation answered to it, not leaked itself
+    assert.has_error(function() return kept[1]:tostring() end)
+  end)
+
+  it("a stage switches protocols: it adds a line codec with options while running", function()
+    local switch = {
+      channel_read = function(ctx, b)
+        if b:tostring() == "LINES\n" then
+          b:release()
+          ctx:pipeline():add_after(ctx.name, { "sluice.codec.line", max_length = 8 })
+          ctx:pipeline():remove(ctx.name)
+          return
+        end
+        ctx:fire_read(b)
+      end,
+    }
+    local ch = testing.channel{ switch }
+    ch:write_inbound("LINES\n")
+    ch:write_inbound("ab\ncd", "\n")
+    assert.are.same({ "ab", "cd" }, frames(ch))
+    ch:write_inbound("toolongline\n")
+    assert.are.equal("frame_too_large", ch:close_reason())
+    assert.is_false(ch:finish())
+    local bad = testing.channel{ {
+      channel_read = function(ctx, b)
+        b:release()
+        local ok, err = pcall(ctx:pipeline().add_after, ctx:pipeline(), ctx.name,
+                              { "sluice.codec.line", max_length = -1 })
+        ctx:fire_read(ok and "added" or err)
+      end,
+    } }
+    bad:write_inbound("x")
+    assert.matches('cannot add stage "sluice.codec.line": max_length: expected a positive '
+                   .. "integer, got -1", bad:read_inbound(), 1, true)
+    assert.is_false(bad:finish())
+  end)
+
   it("refuses bad options when the channel is built, with the key and what was expected", function()
     local ok, err = pcall(testing.channel, { "sluice.stages.echo", { "sluice.codec.line" } })
     assert.is_false(ok)

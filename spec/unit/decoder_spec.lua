@@ -106,3 +106,54 @@ describe("sluice.codec.decoder", function()
     assert.is_false(ch:finish())
   end)
 end)
+
+describe("sluice.codec.decoder at the end of input", function()
+  after_each(function() assert.no_leaks() end)
+
+  -- Lines; at the end of input the last line may lack its newline.
+  local lines = codec.decoder(function(ctx, cum, out, last)
+    local i = cum:find("\n", cum:reader_index())
+    if i then
+      out[#out + 1] = cum:read_bytes(i - cum:reader_index() + 1)
+    elseif last and #cum > 0 then
+      out[#out + 1] = cum:read_bytes(#cum)
+    end
+  end)
+
+  it("decodes the rest with last = true when the peer half-closes, then passes the event on", function()
+    local events = {}
+    local ch = testing.channel{ lines }
+    ch:write_inbound("one\ntw")
+    assert.are.equal("one\n", ch:read_inbound())
+    ch:fire_user_event("input_closed")
+    assert.are.equal("tw", ch:read_inbound())
+    assert.are.same({ "input_closed" }, ch.events)
+    assert.is_false(ch:finish())
+  end)
+
+  it("takes its limits from the stage's options when it was given none", function()
+    local dec = codec.decoder(function() end)
+    package.preload["spec.fixtures.limited_decoder"] = function() return dec end
+    local ch = testing.channel{ dec }
+    ch:write_inbound(string.rep("a", 2048)) -- the default limit (1 MiB) holds these
+    assert.is_true(ch:is_open())
+    assert.is_false(ch:finish())
+    local limited = testing.channel{ { "spec.fixtures.limited_decoder", max_cumulation = 100 } }
+    limited:write_inbound(string.rep("b", 200))
+    assert.are.equal("frame_too_large", limited:close_reason())
+    assert.is_false(limited:finish())
+  end)
+
+  it("keeps its state apart from ctx.state", function()
+    local seen
+    local dec = codec.decoder(function(ctx, cum, out)
+      seen = ctx.state.cum
+      out[#out + 1] = cum:read_bytes(#cum)
+    end)
+    local ch = testing.channel{ dec }
+    ch:write_inbound("z")
+    assert.is_nil(seen)
+    assert.are.equal("z", ch:read_inbound())
+    assert.is_false(ch:finish())
+  end)
+end)

@@ -147,7 +147,6 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
   h->views = NULL;
 }
 
-
 /* Frees a root whose refcount reached zero, on its pool's thread. */
 static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {

@@ -65,17 +65,37 @@ static inline uint32_t sl_leak_slot(const sl_pool *p, const sl_buf *b) {
 
 /* Called when derived buffer d is made from parent: counts it against the
  * parent (a side table, mapped on first use: SL_ERROR when it cannot be)
- * and makes the parent's owner answer for it. */
+ * and makes the parent's owner answer for it (sl_buf_set_owner for a new
+ * derived buffer, inline: no bytes, no previous owner). */
 static inline int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d) {
   if (__builtin_expect(p->leak_derived == NULL, 0) && sl_leak_map_tables(p) != 0) return -1;
   p->leak_derived[sl_leak_slot(p, parent)]++;
-  if (parent->owner != NULL) sl_buf_set_owner(d, parent->owner);
+  sl_buf_owner *o = parent->owner;
+  if (o != NULL) {
+    uint32_t s = sl_leak_slot(p, d);
+    d->owner = o;
+    p->leak_prev[s] = 0;
+    p->leak_next[s] = o->head;
+    if (o->head) p->leak_prev[o->head] = s;
+    o->head = s;
+    o->count++;
+  }
   return 0;
 }
 
-/* Called when derived buffer d is freed. */
+/* Called when derived buffer d is freed: off its owner's list (inline, as
+ * sl_buf_set_owner(d, NULL) does it) and its parent's count. */
 static inline void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent) {
-  if (d->owner != NULL) sl_buf_set_owner(d, NULL);
+  sl_buf_owner *o = d->owner;
+  if (o != NULL) {
+    uint32_t s = sl_leak_slot(p, d);
+    uint32_t nx = p->leak_next[s], pv = p->leak_prev[s];
+    if (pv) p->leak_next[pv] = nx;
+    else o->head = nx;
+    if (nx) p->leak_prev[nx] = pv;
+    o->count--;
+    d->owner = NULL;
+  }
   p->leak_derived[sl_leak_slot(p, parent)]--;
 }
 

@@ -287,18 +287,18 @@ double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, 
   return n ? n->lua_id : 0;
 }
 
-sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const char **err) {
+sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const void *conf,
+                            const char **err) {
   const sl_stage_ops *ops = sl_stage_builtin(name);
   if (ops == NULL) {
     *err = "no builtin stage of that name";
     return NULL;
   }
-  if (ops->configure != NULL) {
-    /* Its configuration would have to live as long as the pipeline. */
-    *err = "it takes options: add it in the configuration's pipeline";
+  if (ops->configure != NULL && conf == NULL) {
+    *err = "its options were not parsed";
     return NULL;
   }
-  sl_ctx *n = sl_pipeline_insert(ctx->pipe, after ? ctx->next : ctx, ops, ops->name);
+  sl_ctx *n = sl_stage_insert(ctx->pipe, after ? ctx->next : ctx, ops, ops->name, conf);
   if (n == NULL) *err = "out of memory";
   return n;
 }

@@ -55,10 +55,12 @@ SL_FFI_EXPORT void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
  * context in *out. No ADDED event: the caller creates the Lua side. */
 SL_FFI_EXPORT double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name,
                                            sl_ctx **out);
-/* Inserts the builtin C stage `name` next to ctx. Returns the context, or
- * NULL with *err set. */
+/* Inserts the builtin C stage `name` next to ctx, with its configuration
+ * (from sl_ffi_stage_configure, borrowed: it must outlive the pipeline;
+ * NULL for a stage without options). Returns the context, or NULL with
+ * *err set. */
 SL_FFI_EXPORT sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name,
-                                          const char **err);
+                                          const void *conf, const char **err);
 /* Takes ctx out of its pipeline (its on_removed runs; for a Lua stage a
  * REMOVED event follows). */
 SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
@@ -256,10 +258,12 @@ SL_FFI_EXPORT void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
  * context in *out. No ADDED event: the caller creates the Lua side. */
 SL_FFI_EXPORT double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name,
                                            sl_ctx **out);
-/* Inserts the builtin C stage `name` next to ctx. Returns the context, or
- * NULL with *err set. */
+/* Inserts the builtin C stage `name` next to ctx, with its configuration
+ * (from sl_ffi_stage_configure, borrowed: it must outlive the pipeline;
+ * NULL for a stage without options). Returns the context, or NULL with
+ * *err set. */
 SL_FFI_EXPORT sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name,
-                                          const char **err);
+                                          const void *conf, const char **err);
 /* Takes ctx out of its pipeline (its on_removed runs; for a Lua stage a
  * REMOVED event follows). */
 SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);

@@ -58,9 +58,14 @@ void sl_stage_unconfigure(const sl_stage_ops *ops, void *conf) {
   free(conf);
 }
 
-sl_ctx *sl_stage_add(sl_pipeline *p, const sl_stage_ops *ops, const char *name,
-                     const void *conf) {
-  sl_ctx *ctx = sl_pipeline_add_last(p, ops, name);
+sl_ctx *sl_stage_insert(sl_pipeline *p, sl_ctx *before, const sl_stage_ops *ops,
+                        const char *name, const void *conf) {
+  sl_ctx *ctx = sl_pipeline_insert(p, before, ops, name);
   if (ctx != NULL) ctx->conf = conf;
   return ctx;
+}
+
+sl_ctx *sl_stage_add(sl_pipeline *p, const sl_stage_ops *ops, const char *name,
+                     const void *conf) {
+  return sl_stage_insert(p, &p->tail, ops, name, conf);
 }

@@ -27,6 +27,11 @@ void sl_stage_unconfigure(const sl_stage_ops *ops, void *conf);
 sl_ctx *sl_stage_add(sl_pipeline *p, const sl_stage_ops *ops, const char *name,
                      const void *conf);
 
+/* The same before `before` (a live context of p, or &p->tail), as
+ * sl_pipeline_insert: for stages added while the pipeline runs. */
+sl_ctx *sl_stage_insert(sl_pipeline *p, sl_ctx *before, const sl_stage_ops *ops,
+                        const char *name, const void *conf);
+
 /* sluice.stages.echo: writes back what it reads. */
 extern const sl_stage_ops sl_stage_echo;
 

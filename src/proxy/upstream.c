@@ -25,7 +25,7 @@ typedef struct sl_upstream_rt {
 struct sl_upstreams {
   struct sl_worker *w;
   const sl_config *cfg;
-  uint32_t refs;              /* the creator's, plus one per attempt */
+  uint32_t refs;              /* the creator's, plus one per connection trying or open */
   size_t n;
   sl_upstream_rt ups[];       /* one per cfg->upstreams */
 };

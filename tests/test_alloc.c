@@ -1,5 +1,6 @@
 /*
- * The pooled allocator: size classes, subpages, runs, usage lists, worker
+ * The pooled allocator: size classes, subpages, runs (deferred coalescing,
+ * the arena's index of free runs by length), usage lists, worker
  * caches and their trims, the header region and its recycler, generations,
  * the cross-thread return queue, max_memory, unpooled mode, huge blocks,
  * and a randomized stress that checks every byte it wrote.
@@ -408,7 +409,7 @@ static void test_subpage_fills_bitmap_then_opens_another_and_drains_to_no_chunk(
 
 static void test_chunk_runs_split_fill_holes_and_coalesce(void **state) {
   (void)state;
-  sl_chunk *c = sl_chunk_new(NULL, 64 * KiB, 4096);
+  sl_chunk *c = sl_chunk_new(NULL, NULL, 64 * KiB, 4096);
   assert_non_null(c);
   assert_int_equal((uintptr_t)c % (64 * KiB), 0);
   assert_int_equal(c->npages, 16);
@@ -456,6 +457,87 @@ static void test_chunk_runs_split_fill_holes_and_coalesce(void **state) {
   sl_chunk_run_free(c, m, u);
   assert_int_equal(c->free_pages, u);
   sl_chunk_delete(c, 64 * KiB);
+}
+
+/* Frees go onto per-length lists and are merged only when an allocation
+ * finds no run long enough: a chunk cut into one-page runs and freed page
+ * by page still serves a run of every free page, after one sweep. */
+static void test_chunk_defers_coalescing_until_a_run_does_not_fit(void **state) {
+  (void)state;
+  sl_chunk *c = sl_chunk_new(NULL, NULL, 64 * KiB, 4096);
+  assert_non_null(c);
+  uint32_t m = c->meta_pages, u = sl_chunk_usable_pages(c);
+  for (uint32_t i = 0; i < u; i++) assert_int_equal(sl_chunk_run_alloc(c, 1), m + i);
+  /* Free all but the last page, from the end: nothing merges. */
+  for (uint32_t i = u - 1; i-- > 0;) sl_chunk_run_free(c, m + i, 1);
+  assert_int_equal(c->free_pages, u - 1);
+  assert_int_equal(c->unmerged, u - 1);
+  assert_int_equal(c->sweeps, 0);
+  assert_int_not_equal(c->bucket[1], SL_CHUNK_NONE);
+  assert_int_equal(c->bucket[u - 1], SL_CHUNK_NONE);
+
+  /* A one-page run comes straight off its list: the last freed. */
+  assert_int_equal(sl_chunk_run_take(c, 1), m);
+  sl_chunk_run_free(c, m, 1);
+  assert_int_equal(c->sweeps, 0);
+
+  /* Two pages: no listed run fits; a take refuses, an alloc sweeps once
+   * and gets every free page as one run. */
+  assert_int_equal(sl_chunk_run_take(c, 2), -1);
+  assert_int_equal(sl_chunk_run_alloc(c, u - 1), m);
+  assert_int_equal(c->sweeps, 1);
+  assert_int_equal(c->unmerged, 0);
+  assert_int_equal(c->free_pages, 0);
+  assert_int_equal(sl_chunk_run_alloc(c, 1), -1);
+  assert_int_equal(c->sweeps, 1); /* nothing unmerged: no second sweep */
+
+  /* The last used run freed: one free run of every usable page at once. */
+  sl_chunk_run_free(c, m, u - 1);
+  assert_int_equal(c->unmerged, 1);
+  sl_chunk_run_free(c, m + u - 1, 1);
+  assert_int_equal(c->free_pages, u);
+  assert_int_equal(c->unmerged, 0);
+  assert_int_equal(c->bucket[u], m);
+  assert_int_equal(c->bucket[1], SL_CHUNK_NONE);
+  assert_int_equal(sl_chunk_run_alloc(c, u), m);
+  assert_int_equal(c->sweeps, 1);
+  sl_chunk_run_free(c, m, u);
+  sl_chunk_delete(c, 64 * KiB);
+}
+
+/* The element index of a subpage is a multiply and a shift, not a
+ * division: exact for every small class, page size and element (checked
+ * at each element's first and last byte). */
+static void test_subpage_index_by_multiply_is_exact(void **state) {
+  (void)state;
+  static const size_t pages[] = {4096, 8192, 65536, 1024 * KiB};
+  for (size_t g = 0; g < sizeof(pages) / sizeof(pages[0]); g++) {
+    sl_alloc_config cfg;
+    sl_alloc_config_defaults(&cfg);
+    cfg.page_size = pages[g];
+    cfg.chunk_size = SL_MAX(pages[g] * 16, (size_t)4 * MiB);
+    sl_alloc *a = new_alloc(&cfg);
+    sl_chunk *c = sl_chunk_new(NULL, NULL, cfg.chunk_size, cfg.page_size);
+    assert_non_null(c);
+    for (unsigned k = 0; k < a->nsmall; k++) {
+      uint32_t elem = (uint32_t)sl_sc_size(k);
+      sl_subpage *s = sl_subpage_new(c, c->meta_pages, a->run_pages[k], elem, k);
+      assert_non_null(s);
+      /* The largest runs have half a million elements: every element of
+       * the last 4096, a stride through the rest. */
+      uint32_t stride = s->nelems > 8192 ? 61 : 1;
+      for (uint32_t i = 0; i < s->nelems; i += (i + 4096 >= s->nelems ? 1 : stride)) {
+        uint8_t *e = s->base + (size_t)i * elem;
+        if (sl_subpage_index(s, e) != i || sl_subpage_index(s, e + elem - 1) != i)
+          fail_msg("page %zu, class %u (%u B): element %u maps to %u", pages[g], k, elem, i,
+                   sl_subpage_index(s, e));
+      }
+      for (uint32_t p = c->meta_pages; p < c->meta_pages + a->run_pages[k]; p++) c->sub[p] = NULL;
+      free(s);
+    }
+    sl_chunk_delete(c, cfg.chunk_size);
+    sl_alloc_destroy(a);
+  }
 }
 
 /* ---- 4. usage lists ---- */
@@ -522,6 +604,140 @@ static void test_arena_allocates_from_fuller_chunk_and_unmaps_idle_empty_one(voi
   for (int i = 7; i < 12; i++) sl_arena_free(ar, blk[i], k32, 32 * KiB);
   sl_arena_free(ar, n1, k32, 32 * KiB);
   sl_arena_free(ar, n2, k32, 32 * KiB);
+  finish(NULL, a);
+}
+
+/* The usage list q that holds c, or -1. */
+static int arena_list_of(const sl_arena *ar, const sl_chunk *c) {
+  for (size_t q = 0; q < arena_list_count(); q++)
+    for (sl_chunk *x = ar->lists[q]; x != NULL; x = x->next)
+      if (x == c) return (int)q;
+  return -1;
+}
+
+/* A chunk whose usage goes up and down around a list boundary stays on
+ * its list (an eighth of the chunk of slack each way), and still moves to
+ * the empty list the moment its last page is freed. */
+static void test_chunk_keeps_its_usage_list_near_a_boundary(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB); /* 63 usable pages: boundary 25% at 15, slack 7 */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_arena *ar = &a->arenas[0];
+  unsigned k32 = sl_sc_index(32 * KiB); /* 8 pages */
+  void *b[3];
+  for (int i = 0; i < 2; i++) assert_non_null(b[i] = sl_arena_alloc(ar, k32, 32 * KiB));
+  sl_chunk *c = sl_chunk_of(b[0], cfg.chunk_size);
+  int low = arena_list_of(ar, c); /* 16 of 63 used: still the first list above empty */
+  assert_true(low > 0);
+  assert_non_null(b[2] = sl_arena_alloc(ar, k32, 32 * KiB)); /* 24: past the slack */
+  int q25 = arena_list_of(ar, c);
+  assert_true(q25 > low);
+  for (int round = 0; round < 10; round++) { /* 16, 24, 16, ...: no move */
+    sl_arena_free(ar, b[2], k32, 32 * KiB);
+    assert_int_equal(arena_list_of(ar, c), q25);
+    assert_non_null(b[2] = sl_arena_alloc(ar, k32, 32 * KiB));
+    assert_int_equal(arena_list_of(ar, c), q25);
+  }
+  sl_arena_free(ar, b[2], k32, 32 * KiB);
+  sl_arena_free(ar, b[1], k32, 32 * KiB); /* 8: still within the slack */
+  assert_int_equal(arena_list_of(ar, c), q25);
+  sl_arena_free(ar, b[0], k32, 32 * KiB); /* empty, exactly */
+  assert_int_equal(arena_list_of(ar, c), 0);
+  assert_int_equal(c->free_pages, sl_chunk_usable_pages(c));
+  finish(NULL, a);
+}
+
+/* Across chunks, a freed run is found by its length (the arena's index),
+ * without walking chunks or merging: the next block of that length takes
+ * that very run, and a longer request splits the shortest longer run. */
+static void test_arena_serves_freed_runs_by_length_across_chunks(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB); /* 63 usable pages */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_arena *ar = &a->arenas[0];
+  unsigned k32 = sl_sc_index(32 * KiB), k40 = sl_sc_index(40 * KiB), k48 = sl_sc_index(48 * KiB);
+  assert_true(k32 >= a->nsmall); /* normal classes: runs of pages */
+  assert_int_equal(a->run_pages[k40], 10);
+  assert_int_equal(a->run_pages[k48], 12);
+  void *blk[5];
+  for (int i = 0; i < 5; i++) assert_non_null(blk[i] = sl_arena_alloc(ar, k32, 32 * KiB));
+  void *ten = sl_arena_alloc(ar, k40, 40 * KiB);
+  void *twelve = sl_arena_alloc(ar, k48, 48 * KiB); /* 62 of A's 63 pages used */
+  sl_chunk *A = sl_chunk_of(blk[0], cfg.chunk_size);
+  assert_ptr_equal(sl_chunk_of(ten, cfg.chunk_size), A);
+  assert_ptr_equal(sl_chunk_of(twelve, cfg.chunk_size), A);
+  void *other = sl_arena_alloc(ar, k32, 32 * KiB); /* no room in A: chunk B */
+  sl_chunk *B = sl_chunk_of(other, cfg.chunk_size);
+  assert_ptr_not_equal(A, B);
+
+  /* An 8-page run freed in A is the next 8-page block, though B has a
+   * 55-page run. */
+  sl_arena_free(ar, blk[3], k32, 32 * KiB);
+  void *again = sl_arena_alloc(ar, k32, 32 * KiB);
+  assert_ptr_equal(again, blk[3]);
+  blk[3] = again;
+
+  /* A 10-page hole in A cannot hold 12 pages: B's long run is split, and
+   * neither chunk is swept. */
+  sl_arena_free(ar, ten, k40, 40 * KiB);
+  void *twelve2 = sl_arena_alloc(ar, k48, 48 * KiB);
+  assert_ptr_equal(sl_chunk_of(twelve2, cfg.chunk_size), B);
+  assert_int_equal(A->sweeps + B->sweeps, 0);
+  /* ... and the 10-page hole is the next 10-page block. */
+  void *ten2 = sl_arena_alloc(ar, k40, 40 * KiB);
+  assert_ptr_equal(ten2, ten);
+
+  sl_arena_free(ar, ten2, k40, 40 * KiB);
+  sl_arena_free(ar, twelve, k48, 48 * KiB);
+  sl_arena_free(ar, twelve2, k48, 48 * KiB);
+  sl_arena_free(ar, other, k32, 32 * KiB);
+  for (int i = 0; i < 5; i++) sl_arena_free(ar, blk[i], k32, 32 * KiB);
+  finish(NULL, a);
+}
+
+/* Emptiness is the used-page count: a chunk whose runs were freed in an
+ * order that left every free run unmerged is still one free run, on the
+ * empty list, as soon as its last block goes, and is unmapped once it has
+ * been empty for trim_idle_ms (not before). */
+static void test_empty_chunk_with_unmerged_frees_is_released_after_idle(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.trim_idle_ms = 1000;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_arena *ar = &a->arenas[0];
+  /* Normal blocks of 8, 10 and 12 pages, twice: 60 of 63 pages. */
+  static const size_t sizes[] = {32 * KiB, 40 * KiB, 48 * KiB};
+  void *blk[6];
+  for (int i = 0; i < 6; i++) {
+    size_t sz = sizes[i % 3];
+    assert_true(sl_sc_index(sz) >= a->nsmall);
+    assert_non_null(blk[i] = sl_arena_alloc(ar, sl_sc_index(sz), sz));
+  }
+  sl_chunk *c = sl_chunk_of(blk[0], cfg.chunk_size);
+  for (int i = 0; i < 6; i++) assert_ptr_equal(sl_chunk_of(blk[i], cfg.chunk_size), c);
+  static const int order[] = {4, 0, 2, 5, 1};   /* never two neighbours in a row */
+  for (int j = 0; j < 5; j++) {
+    size_t sz = sizes[order[j] % 3];
+    sl_arena_free(ar, blk[order[j]], sl_sc_index(sz), sz);
+  }
+  assert_int_equal(c->unmerged, 5);
+  assert_int_equal(c->sweeps, 0);
+  assert_int_not_equal(arena_list_of(ar, c), 0);
+
+  sl_arena_free(ar, blk[3], sl_sc_index(sizes[0]), sizes[0]);
+  int64_t emptied = mono_ms();
+  assert_int_equal(arena_list_of(ar, c), 0);
+  assert_int_equal(c->free_pages, sl_chunk_usable_pages(c));
+  assert_int_equal(c->bucket[sl_chunk_usable_pages(c)], c->meta_pages);
+  assert_int_equal(c->unmerged, 0);
+  assert_int_equal(release_chunks(ar, emptied, 0), 0);
+  assert_true(is_mapped(c));
+  assert_int_equal(release_chunks(ar, mono_ms() + 1000000, 0), 1);
+  assert_false(is_mapped(c));
+  assert_int_equal(ar->chunks, 0);
   finish(NULL, a);
 }
 
@@ -1742,7 +1958,12 @@ int main(void) {
       cmocka_unit_test(test_size_class_of_every_size_is_smallest_that_fits),
       cmocka_unit_test(test_subpage_fills_bitmap_then_opens_another_and_drains_to_no_chunk),
       cmocka_unit_test(test_chunk_runs_split_fill_holes_and_coalesce),
+      cmocka_unit_test(test_chunk_defers_coalescing_until_a_run_does_not_fit),
+      cmocka_unit_test(test_subpage_index_by_multiply_is_exact),
       cmocka_unit_test(test_arena_allocates_from_fuller_chunk_and_unmaps_idle_empty_one),
+      cmocka_unit_test(test_chunk_keeps_its_usage_list_near_a_boundary),
+      cmocka_unit_test(test_arena_serves_freed_runs_by_length_across_chunks),
+      cmocka_unit_test(test_empty_chunk_with_unmerged_frees_is_released_after_idle),
       cmocka_unit_test(test_worker_cache_keeps_at_most_small_cache_blocks_per_class),
       cmocka_unit_test(test_cache_trim_every_interval_gives_back_unused_entries),
       cmocka_unit_test(test_idle_tick_gives_back_cache_chunks_and_header_region),

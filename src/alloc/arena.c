@@ -10,7 +10,6 @@
 /* Usage lists: allocation tries the fullest chunks first, so that the
  * emptiest drain and become empty (and can go back to the OS). */
 enum { SL_Q_EMPTY = 0, SL_Q_LOW, SL_Q_25, SL_Q_50, SL_Q_75, SL_Q_FULL, SL_Q_COUNT };
-static const int sl_q_order[] = {SL_Q_75, SL_Q_50, SL_Q_25, SL_Q_LOW, SL_Q_EMPTY};
 
 void sl_alloc_config_defaults(sl_alloc_config *cfg) {
   memset(cfg, 0, sizeof(*cfg));
@@ -96,18 +95,20 @@ sl_alloc *sl_alloc_create(const sl_alloc_config *cfg, const char **err) {
   return a;
 }
 
-static void sl_list_remove(sl_chunk **head, sl_chunk *c) {
+static void sl_list_remove(sl_arena *ar, int q, sl_chunk *c) {
   if (c->prev) c->prev->next = c->next;
-  else *head = c->next;
+  else ar->lists[q] = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
+  if (ar->lists[q] == NULL) ar->list_mask &= ~(1u << q);
 }
 
-static void sl_list_push(sl_chunk **head, sl_chunk *c) {
+static void sl_list_push(sl_arena *ar, int q, sl_chunk *c) {
   c->prev = NULL;
-  c->next = *head;
-  if (*head) (*head)->prev = c;
-  *head = c;
+  c->next = ar->lists[q];
+  if (c->next) c->next->prev = c;
+  ar->lists[q] = c;
+  ar->list_mask |= 1u << q;
 }
 
 void sl_alloc_destroy(sl_alloc *a) {
@@ -117,7 +118,7 @@ void sl_alloc_destroy(sl_alloc *a) {
     for (int q = 0; q < SL_Q_COUNT; q++) {
       while (ar->lists[q]) {
         sl_chunk *c = ar->lists[q];
-        sl_list_remove(&ar->lists[q], c);
+        sl_list_remove(ar, q, c);
         for (uint32_t p = c->meta_pages; p < c->npages; p++) {
           sl_subpage *s = c->sub[p];
           if (s && s->first_page == p) free(s);
@@ -130,13 +131,35 @@ void sl_alloc_destroy(sl_alloc *a) {
   free(a);
 }
 
-static int sl_chunk_list_for(const sl_chunk *c) {
-  uint32_t usable = sl_chunk_usable_pages(c);
-  uint32_t used = usable - c->free_pages;
+/* The usage list for a chunk with used of usable pages in use: empty,
+ * below 25%, 25-50%, 50-75%, 75% and more, full. */
+static int sl_chunk_list_for(uint32_t used, uint32_t usable) {
   if (used == 0) return SL_Q_EMPTY;
   if (used == usable) return SL_Q_FULL;
-  uint32_t pct = (uint32_t)((uint64_t)used * 100 / usable);
-  return pct < 25 ? SL_Q_LOW : pct < 50 ? SL_Q_25 : pct < 75 ? SL_Q_50 : SL_Q_75;
+  return used < usable / 4 ? SL_Q_LOW : used < usable / 2 ? SL_Q_25
+       : used < usable / 4 * 3 ? SL_Q_50 : SL_Q_75;
+}
+
+/* Sets the free-page range in which c stays on list q: the list's own
+ * range widened by an eighth of the chunk on both sides (exact at empty
+ * and full), so that a chunk whose usage goes up and down around a
+ * boundary does not move on every allocation. */
+static void sl_chunk_set_list(sl_chunk *c, int q) {
+  uint32_t u = c->usable, m = u / 8 ? u / 8 : 1;
+  uint32_t lo_used, hi_used;   /* the chunk stays while lo_used <= used <= hi_used */
+  switch (q) {
+  case SL_Q_EMPTY: lo_used = 0; hi_used = 0; break;
+  case SL_Q_LOW: lo_used = 1; hi_used = u / 4 + m; break;
+  case SL_Q_25: lo_used = u / 4 - m; hi_used = u / 2 + m; break;
+  case SL_Q_50: lo_used = u / 2 - m; hi_used = u / 4 * 3 + m; break;
+  case SL_Q_75: lo_used = u / 4 * 3 - m; hi_used = u - 1; break;
+  default: lo_used = u; hi_used = u; break;
+  }
+  if (lo_used < 1 && q != SL_Q_EMPTY) lo_used = 1;
+  if (hi_used > u - 1 && q != SL_Q_FULL) hi_used = u - 1;
+  c->list = q;
+  c->list_lo = u - hi_used;
+  c->list_hi = u - lo_used;
 }
 
 int64_t sl_alloc_now_ms(void) {
@@ -145,15 +168,14 @@ int64_t sl_alloc_now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Moves c to the list its usage says. */
-static void sl_chunk_relist(sl_arena *ar, sl_chunk *c) {
-  int q = sl_chunk_list_for(c);
-  if (q == c->list) return;
-  sl_list_remove(&ar->lists[c->list], c);
-  c->list = q;
+void sl_arena_relist_move(sl_arena *ar, sl_chunk *c) {
+  int q = sl_chunk_list_for(c->usable - c->free_pages, c->usable);
+  sl_list_remove(ar, c->list, c);
+  sl_chunk_set_list(c, q);
   if (q == SL_Q_EMPTY) c->empty_since_ms = sl_alloc_now_ms();
-  sl_list_push(&ar->lists[q], c);
+  sl_list_push(ar, q, c);
 }
+
 
 static int sl_reserve(sl_alloc *a, size_t n) {
   size_t cur = atomic_load(&a->reserved);
@@ -169,11 +191,27 @@ static int sl_reserve(sl_alloc *a, size_t n) {
 
 static void sl_unreserve(sl_alloc *a, size_t n) { atomic_fetch_sub(&a->reserved, n); }
 
-/* A run of n pages from the fullest chunk that has one, or a new chunk. */
+/* A run of n pages: from a chunk that lists one (the index prefers exact
+ * runs, then fuller chunks), else from a chunk whose free runs make one
+ * once merged, else from a new chunk. */
 static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
-  for (size_t k = 0; k < sizeof(sl_q_order) / sizeof(sl_q_order[0]); k++) {
-    for (sl_chunk *c = ar->lists[sl_q_order[k]]; c != NULL; c = c->next) {
-      if (c->max_free < n) continue;
+  /* A chunk with a free run as it is, from the index. */
+  for (;;) {
+    sl_chunk *c = sl_chunk_avail_find(&ar->avail, n);
+    if (c == NULL) break;
+    int p = sl_chunk_run_take(c, n);   /* fails only for n >= 64, tightening max_run */
+    if (p >= 0) {
+      *page = p;
+      return c;
+    }
+  }
+  /* None: merge the neighbouring free runs of a chunk that has the pages,
+   * emptiest first (the likeliest to yield a long run). */
+  unsigned mask = ar->list_mask & ((1u << SL_Q_FULL) - 1);
+  while (mask) {
+    int q = __builtin_ctz(mask);
+    mask &= mask - 1;
+    for (sl_chunk *c = ar->lists[q]; c != NULL; c = c->next) {
       int p = sl_chunk_run_alloc(c, n);
       if (p >= 0) {
         *page = p;
@@ -183,16 +221,16 @@ static sl_chunk *sl_arena_run(sl_arena *ar, uint32_t n, int *page) {
   }
   sl_alloc *a = ar->alloc;
   if (sl_reserve(a, a->cfg.chunk_size) != SL_OK) return NULL;
-  sl_chunk *c = sl_chunk_new(ar, a->cfg.chunk_size, a->cfg.page_size);
+  sl_chunk *c = sl_chunk_new(ar, &ar->avail, a->cfg.chunk_size, a->cfg.page_size);
   if (c == NULL) {
     sl_unreserve(a, a->cfg.chunk_size);
     return NULL;
   }
   ar->chunks_created++;
   ar->chunks++;
-  c->list = SL_Q_EMPTY;
+  sl_chunk_set_list(c, SL_Q_EMPTY);
   c->empty_since_ms = sl_alloc_now_ms();
-  sl_list_push(&ar->lists[SL_Q_EMPTY], c);
+  sl_list_push(ar, SL_Q_EMPTY, c);
   *page = sl_chunk_run_alloc(c, n);
   SL_ASSERT(*page >= 0, "a new chunk has no room for a run");
   return c;
@@ -218,7 +256,9 @@ static void *sl_arena_huge(sl_arena *ar, size_t size) {
   return p;
 }
 
-static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
+/* The first subpage of sclass with a free element (a new one when there is
+ * none), or NULL. Lock held. */
+static sl_subpage *sl_arena_subpage(sl_arena *ar, unsigned sclass) {
   sl_subpage *s = ar->subpages[sclass];
   if (s == NULL) {
     int page;
@@ -228,38 +268,50 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
     s = sl_subpage_new(c, (uint32_t)page, n, (uint32_t)sl_sc_size(sclass), sclass);
     if (s == NULL) {
       sl_chunk_run_free(c, (uint32_t)page, n);
-      sl_chunk_relist(ar, c);
+      sl_arena_relist(ar, c);
       return NULL;
     }
     c->run_len[page] = 0; /* a subpage run, found through sub[] */
-    sl_chunk_relist(ar, c);
+    sl_arena_relist(ar, c);
     ar->subpages[sclass] = s;
   }
+  return s;
+}
+
+/* Takes a full subpage (the list's first) off its class's list. */
+static void sl_arena_subpage_full(sl_arena *ar, sl_subpage *s) {
+  ar->subpages[s->sclass] = s->next;
+  if (s->next) s->next->prev = NULL;
+  s->next = s->prev = NULL;
+}
+
+static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
+  sl_subpage *s = sl_arena_subpage(ar, sclass);
+  if (s == NULL) return NULL;
   void *p = sl_subpage_alloc(s);
-  if (s->nfree == 0) { /* full: off the list */
-    ar->subpages[sclass] = s->next;
-    if (s->next) s->next->prev = NULL;
-    s->next = s->prev = NULL;
+  if (s->nfree == 0) sl_arena_subpage_full(ar, s);
+  return p;
+}
+
+void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
+  int page;
+  sl_chunk *c = sl_arena_run(ar, ar->alloc->run_pages[sclass], &page);
+  void *p = NULL;
+  if (c != NULL) {
+    sl_arena_relist(ar, c);
+    p = c->mem + ((size_t)page << c->page_shift);
+    ar->cls[sclass].allocs++;
   }
+  sl_spin_unlock(&ar->lock);
   return p;
 }
 
 void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
   sl_alloc *a = ar->alloc;
   if (sclass >= a->nclasses) return sl_arena_huge(ar, size);
-  void *p;
+  if (sclass >= a->nsmall) return sl_arena_alloc_normal(ar, sclass);
   sl_spin_lock(&ar->lock);
-  if (sclass < a->nsmall) {
-    p = sl_arena_small(ar, sclass);
-  } else {
-    int page;
-    sl_chunk *c = sl_arena_run(ar, a->run_pages[sclass], &page);
-    p = NULL;
-    if (c) {
-      sl_chunk_relist(ar, c);
-      p = c->mem + ((size_t)page << c->page_shift);
-    }
-  }
+  void *p = sl_arena_small(ar, sclass);
   if (p) ar->cls[sclass].allocs++;
   sl_spin_unlock(&ar->lock);
   return p;
@@ -271,13 +323,22 @@ unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned
   unsigned k = 0;
   sl_spin_lock(&ar->lock);
   while (k < n) {
-    void *p = sl_arena_small(ar, sclass);
-    if (p == NULL) break;
-    out[k++] = p;
+    sl_subpage *s = sl_arena_subpage(ar, sclass);
+    if (s == NULL) break;
+    k += sl_subpage_alloc_many(s, out + k, n - k);
+    if (s->nfree == 0) sl_arena_subpage_full(ar, s);
   }
   ar->cls[sclass].allocs += k;
   sl_spin_unlock(&ar->lock);
   return k;
+}
+
+/* A subpage that was full has a free element again: back on its list. */
+static void sl_arena_subpage_relink(sl_arena *ar, sl_subpage *s) {
+  s->next = ar->subpages[s->sclass];
+  s->prev = NULL;
+  if (s->next) s->next->prev = s;
+  ar->subpages[s->sclass] = s;
 }
 
 /* Frees one block with the lock held. */
@@ -287,21 +348,15 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
   ar->cls[sclass].frees++;
   if (sclass >= a->nsmall) {
-    SL_ASSERT(c->run_len[page] == a->run_pages[sclass], "normal block freed with the wrong class");
-    sl_chunk_run_free(c, page, a->run_pages[sclass]);
-    sl_chunk_relist(ar, c);
+    sl_chunk_run_free_inline(c, page, a->run_pages[sclass]);   /* checks the run's length */
+    sl_arena_relist(ar, c);
     return;
   }
   sl_subpage *s = c->sub[page];
   SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   int was_full = s->nfree == 0;
   int empty = sl_subpage_free(s, p);
-  if (was_full) { /* back on the list */
-    s->next = ar->subpages[sclass];
-    s->prev = NULL;
-    if (s->next) s->next->prev = s;
-    ar->subpages[sclass] = s;
-  }
+  if (was_full) sl_arena_subpage_relink(ar, s);
   /* An empty subpage goes back to its chunk unless it is its class's only
    * one (kept to avoid churn; trimming returns it). */
   if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
@@ -326,8 +381,28 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
 
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
   if (n == 0) return;
+  sl_alloc *a = ar->alloc;
   sl_spin_lock(&ar->lock);
-  for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
+  if (sclass >= a->nsmall) {
+    for (unsigned i = 0; i < n; i++) sl_arena_free_locked(ar, blocks[i], sclass);
+    sl_spin_unlock(&ar->lock);
+    return;
+  }
+  /* Small blocks (a worker cache flushing): sl_arena_free_locked's small
+   * half, with what is the same for every block hoisted. */
+  uintptr_t chunk_mask = ~((uintptr_t)a->cfg.chunk_size - 1);
+  uint32_t page_shift = (uint32_t)__builtin_ctzll(a->cfg.page_size);
+  ar->cls[sclass].frees += n;
+  for (unsigned i = 0; i < n; i++) {
+    uint8_t *p = blocks[i];
+    sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
+    sl_subpage *s = c->sub[(uintptr_t)(p - c->mem) >> page_shift];
+    SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+    int was_full = s->nfree == 0;
+    int empty = sl_subpage_free(s, p);
+    if (was_full) sl_arena_subpage_relink(ar, s);
+    if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+  }
   sl_spin_unlock(&ar->lock);
 }
 
@@ -341,7 +416,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
   c->run_len[s->first_page] = s->npages;
   sl_chunk_run_free(c, s->first_page, s->npages);
   free(s);
-  sl_chunk_relist(ar, c);
+  sl_arena_relist(ar, c);
 }
 
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
@@ -362,7 +437,7 @@ unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {
   while (c != NULL) {
     sl_chunk *next = c->next;
     if (force || now_ms - c->empty_since_ms >= a->cfg.trim_idle_ms) {
-      sl_list_remove(&ar->lists[SL_Q_EMPTY], c);
+      sl_list_remove(ar, SL_Q_EMPTY, c);
       sl_chunk_delete(c, a->cfg.chunk_size);
       sl_unreserve(a, a->cfg.chunk_size);
       ar->chunks_released++;

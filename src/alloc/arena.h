@@ -56,6 +56,8 @@ typedef struct sl_arena {
   struct sl_alloc *alloc;
   int id;
   sl_chunk *lists[6];                       /* see SL_Q_* in arena.c */
+  unsigned list_mask;                       /* bit q: lists[q] is not empty */
+  sl_chunk_avail avail;                     /* chunks by the free runs they list */
   sl_subpage *subpages[SL_SC_MAX_CLASSES];  /* small classes: subpages with room */
   sl_class_stats cls[SL_SC_MAX_CLASSES];
   uint64_t chunks_created, chunks_released;
@@ -94,6 +96,51 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size);
 
 /* Frees n blocks of one class under one lock. */
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass);
+
+/* Moves c to the usage list its use says (its free pages left the range
+ * of the one it is on). Lock held. */
+void sl_arena_relist_move(sl_arena *ar, sl_chunk *c);
+
+/* Keeps c on the right usage list after a run was taken or freed. */
+static inline void sl_arena_relist(sl_arena *ar, sl_chunk *c) {
+  if (__builtin_expect(c->free_pages < c->list_lo || c->free_pages > c->list_hi, 0))
+    sl_arena_relist_move(ar, c);
+}
+
+/* sl_arena_alloc_normal's general case, called with the lock held (it
+ * unlocks). */
+void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass);
+
+/* A block of normal class sclass (nsmall <= sclass < nclasses): a run of
+ * pages, or NULL when memory is refused. The common case is inline: the
+ * index's first chunk for that length lists a run of exactly that length
+ * (a pop); anything else goes through sl_arena_alloc_normal_slow. */
+static inline void *sl_arena_alloc_normal(sl_arena *ar, unsigned sclass) {
+  uint32_t n = ar->alloc->run_pages[sclass];
+  sl_spin_lock(&ar->lock);
+  sl_chunk *c = n < SL_AVAIL_LENS ? ar->avail.head[n] : NULL;
+  if (__builtin_expect(c == NULL || c->bucket[n] == SL_CHUNK_NONE, 0))
+    return sl_arena_alloc_normal_slow(ar, sclass);
+  uint32_t page = sl_chunk_run_take_exact(c, n);
+  sl_arena_relist(ar, c);
+  ar->cls[sclass].allocs++;
+  sl_spin_unlock(&ar->lock);
+  return c->mem + ((size_t)page << c->page_shift);
+}
+
+/* Frees a normal block: its run goes on its chunk's list of that length
+ * (merging is deferred). */
+static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) {
+  sl_alloc *a = ar->alloc;
+  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
+  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
+  uint32_t n = a->run_pages[sclass];
+  sl_spin_lock(&ar->lock);
+  ar->cls[sclass].frees++;
+  sl_chunk_run_free_inline(c, page, n);
+  sl_arena_relist(ar, c);
+  sl_spin_unlock(&ar->lock);
+}
 
 /* Unmaps chunks empty since before now_ms - trim_idle_ms (or all empty chunks
  * when force). Returns the number released. */

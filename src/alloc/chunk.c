@@ -7,13 +7,11 @@
 #include "alloc/poison.h"
 #include "util/common.h"
 
-#define SL_NONE 0xffffffffu
 
-static int sl_bit(const uint64_t *bits, uint32_t i) { return (int)((bits[i >> 6] >> (i & 63)) & 1); }
 
 static size_t sl_chunk_meta_bytes(uint32_t npages) {
   size_t words = (npages + 1 + 63) / 64;
-  return sizeof(sl_chunk) + 8 * (size_t)npages * sizeof(uint32_t) + words * 8 + 16 +
+  return sizeof(sl_chunk) + (4 * (size_t)npages + 1) * sizeof(uint32_t) + 8 + words * 8 +
          (size_t)npages * sizeof(sl_subpage *);
 }
 
@@ -22,49 +20,81 @@ uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
                     page_size);
 }
 
-static void sl_free_insert(sl_chunk *c, uint32_t start, uint32_t len) {
-  c->free_head[start] = len;
-  c->free_tail[start + len - 1] = len;
-  uint32_t first = c->bucket[len];
-  c->free_next[start] = first;
-  c->free_prev[start] = SL_NONE;
-  if (first != SL_NONE) c->free_prev[first] = start;
-  c->bucket[len] = start;
-  c->nonempty[len >> 6] |= 1ull << (len & 63);
-  if (len > c->max_free) c->max_free = len;
-}
+static inline uint32_t sl_avail_key(uint32_t len) { return len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS; }
 
-/* After runs were taken out and put back: if the longest free run's bucket
- * emptied, the longest is now shorter; find it scanning down from there. */
-static void sl_free_fix_max(sl_chunk *c) {
-  uint32_t m = c->max_free;
-  if (m == 0 || c->bucket[m] != SL_NONE) return;
-  int w = (int)(m >> 6);
-  uint64_t bits = c->nonempty[w] & (~0ull >> (63 - (m & 63)));
-  for (;;) {
-    if (bits) {
-      c->max_free = (uint32_t)w * 64 + 63 - (uint32_t)__builtin_clzll(bits);
-      return;
-    }
-    if (--w < 0) break;
-    bits = c->nonempty[w];
+void sl_chunk_avail_join(sl_chunk *c, uint32_t k) {
+  uint64_t bit = 1ull << (k - 1);
+  sl_chunk_avail *av = c->avail;
+  if (av == NULL || (c->av_in & bit)) return;
+  sl_chunk *h = av->head[k];
+  c->av_in |= bit;
+  if (h == NULL) {
+    c->av_next[k] = c->av_prev[k] = c;
+    av->head[k] = c;
+    av->mask |= bit;
+    return;
   }
-  c->max_free = 0;
+  sl_chunk *t = h->av_prev[k];   /* insert between the tail and the head */
+  c->av_next[k] = h;
+  c->av_prev[k] = t;
+  t->av_next[k] = c;
+  h->av_prev[k] = c;
+  if (c->free_pages <= h->free_pages) av->head[k] = c;   /* fuller: first */
 }
 
-static void sl_free_remove(sl_chunk *c, uint32_t start) {
-  uint32_t len = c->free_head[start];
-  uint32_t next = c->free_next[start], prev = c->free_prev[start];
-  if (prev != SL_NONE) c->free_next[prev] = next;
-  else c->bucket[len] = next;
-  if (next != SL_NONE) c->free_prev[next] = prev;
-  if (c->bucket[len] == SL_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
-  c->free_head[start] = 0;
-  c->free_tail[start + len - 1] = 0;
+static void sl_avail_leave(sl_chunk *c, uint32_t k) {
+  uint64_t bit = 1ull << (k - 1);
+  if (!(c->av_in & bit)) return;
+  sl_chunk_avail *av = c->avail;
+  c->av_in &= ~bit;
+  if (c->av_next[k] == c) {
+    av->head[k] = NULL;
+    av->mask &= ~bit;
+    return;
+  }
+  c->av_prev[k]->av_next[k] = c->av_next[k];
+  c->av_next[k]->av_prev[k] = c->av_prev[k];
+  if (av->head[k] == c) av->head[k] = c->av_next[k];
 }
 
-/* The smallest length >= n whose bucket has a free run, or 0. */
-static uint32_t sl_free_fit(const sl_chunk *c, uint32_t n) {
+/* Whether c lists any free run of SL_AVAIL_LENS pages or more. */
+static int sl_free_has_long(const sl_chunk *c) {
+  uint32_t words = (c->npages + 1 + 63) / 64;
+  for (uint32_t w = SL_AVAIL_LENS / 64; w < words; w++)
+    if (c->nonempty[w]) return 1;
+  return 0;
+}
+
+/* Whether c (on the index under key k) still lists a run for that key. */
+static int sl_avail_valid(const sl_chunk *c, uint32_t k) {
+  return k < SL_AVAIL_LENS ? c->bucket[k] != SL_CHUNK_NONE : sl_free_has_long(c);
+}
+
+sl_chunk *sl_chunk_avail_find(sl_chunk_avail *av, uint32_t n) {
+  if (n < SL_AVAIL_LENS) {
+    /* An exact run, else the shortest longer one; stale entries (their
+     * runs were taken since) leave the index as they are met. */
+    for (;;) {
+      uint64_t keys = av->mask & ~((1ull << (n - 1)) - 1);   /* keys n .. 64 */
+      if (keys == 0) return NULL;
+      uint32_t k = (uint32_t)__builtin_ctzll(keys) + 1;
+      sl_chunk *c = av->head[k];
+      if (sl_avail_valid(c, k)) return c;
+      sl_avail_leave(c, k);
+    }
+  }
+  sl_chunk *h = av->head[SL_AVAIL_LENS];
+  if (h == NULL) return NULL;
+  sl_chunk *c = h;
+  do {
+    if (c->max_run >= n) return c;
+    c = c->av_next[SL_AVAIL_LENS];
+  } while (c != h);
+  return NULL;
+}
+
+/* The smallest length >= n whose list has a run, or 0. */
+static inline uint32_t sl_free_fit(const sl_chunk *c, uint32_t n) {
   uint32_t words = (c->npages + 1 + 63) / 64;
   uint32_t w = n >> 6;
   uint64_t bits = c->nonempty[w] & (~0ull << (n & 63));
@@ -75,7 +105,26 @@ static uint32_t sl_free_fit(const sl_chunk *c, uint32_t n) {
   }
 }
 
-sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_size) {
+/* Empties every list; with unmark, the runs lose their free_head marks too
+ * (otherwise the marks stay, for a sweep to read). */
+static void sl_free_clear_lists(sl_chunk *c, int unmark) {
+  uint32_t words = (c->npages + 1 + 63) / 64;
+  for (uint32_t w = 0; w < words; w++) {
+    uint64_t bits = c->nonempty[w];
+    while (bits) {
+      uint32_t len = (w << 6) + (uint32_t)__builtin_ctzll(bits);
+      bits &= bits - 1;
+      if (c->avail != NULL) sl_avail_leave(c, sl_avail_key(len));
+      if (unmark)
+        for (uint32_t r = c->bucket[len]; r != SL_CHUNK_NONE; r = c->free_next[r]) c->free_head[r] = 0;
+      c->bucket[len] = SL_CHUNK_NONE;
+    }
+    c->nonempty[w] = 0;
+  }
+}
+
+sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chunk_size,
+                       size_t page_size) {
   /* Map twice the size and keep the aligned middle. */
   size_t span = chunk_size * 2;
   uint8_t *raw = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -89,64 +138,84 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_si
   uint32_t npages = (uint32_t)(chunk_size / page_size);
   memset(c, 0, sizeof(*c));
   c->arena = arena;
+  c->avail = avail;
   c->mem = (uint8_t *)start;
   c->npages = npages;
   c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
+  c->usable = npages - c->meta_pages;
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
   uint32_t *u = (uint32_t *)(void *)(c + 1);   /* fresh mmap: all zero */
   c->run_len = u;
   c->free_head = u + npages;
-  c->free_tail = u + 2 * npages;
-  c->free_next = u + 3 * npages;
-  c->free_prev = u + 4 * npages;
-  c->bucket = u + 5 * npages;                  /* npages + 1 entries */
-  c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 7 * npages) + 7) & ~(uintptr_t)7);
+  c->free_next = u + 2 * npages;
+  c->bucket = u + 3 * npages;                  /* npages + 1 entries */
+  c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 4 * npages + 1) + 7) & ~(uintptr_t)7);
   uint32_t words = (npages + 1 + 63) / 64;
   c->sub = (sl_subpage **)(void *)(c->nonempty + words);
   memset(c->bucket, 0xff, (npages + 1) * sizeof(uint32_t));
-  c->free_pages = npages - c->meta_pages;
-  sl_free_insert(c, c->meta_pages, c->free_pages);
+  c->free_pages = c->usable;
+  sl_chunk_free_push(c, c->meta_pages, c->usable);
   return c;
 }
 
 void sl_chunk_delete(sl_chunk *c, size_t chunk_size) {
+  while (c->av_in) sl_avail_leave(c, (uint32_t)__builtin_ctzll(c->av_in) + 1);
   SL_UNPOISON(c->mem, chunk_size);
   munmap(c->mem, chunk_size);
 }
 
-int sl_chunk_run_alloc(sl_chunk *c, uint32_t n) {
-  if (n == 0 || n > c->max_free) return -1;
+void sl_chunk_coalesce(sl_chunk *c) {
+  sl_free_clear_lists(c, 0);
+  c->max_run = 0;
+  uint32_t p = c->meta_pages;
+  while (p < c->npages) {
+    if (c->free_head[p]) {
+      uint32_t start = p;
+      while (p < c->npages && c->free_head[p]) {
+        uint32_t len = c->free_head[p];
+        c->free_head[p] = 0;
+        p += len;
+      }
+      sl_chunk_free_push(c, start, p - start);
+      continue;
+    }
+    uint32_t step = c->run_len[p] ? c->run_len[p] : c->sub[p] ? c->sub[p]->npages : 0;
+    SL_ASSERT(step > 0, "chunk page map has a hole");
+    p += step;
+  }
+  c->unmerged = 0;
+  c->sweeps++;
+}
+
+int sl_chunk_run_take(sl_chunk *c, uint32_t n) {
+  if (n == 0 || n > c->max_run) return -1;
   uint32_t len = sl_free_fit(c, n);
-  if (len == 0) return -1;
-  uint32_t start = c->bucket[len];
-  sl_free_remove(c, start);
-  if (len > n) sl_free_insert(c, start + n, len - n);
-  sl_free_fix_max(c);
+  if (len == 0) {
+    c->max_run = n - 1;   /* no listed run is n pages or longer */
+    return -1;
+  }
+  uint32_t start = sl_chunk_free_pop(c, len);
+  if (len > n) sl_chunk_free_push(c, start + n, len - n);
   c->run_len[start] = n;
   c->free_pages -= n;
   return (int)start;
 }
 
-void sl_chunk_run_free(sl_chunk *c, uint32_t page, uint32_t n) {
-  SL_ASSERT(page >= c->meta_pages && page + n <= c->npages && c->run_len[page] == n,
-            "run freed that is not allocated");
-  c->run_len[page] = 0;
-  c->free_pages += n;
-  uint32_t start = page, len = n;
-  if (page > c->meta_pages && c->free_tail[page - 1]) {   /* merge left */
-    uint32_t l = c->free_tail[page - 1];
-    start = page - l;
-    sl_free_remove(c, start);
-    len += l;
-  }
-  if (page + n < c->npages && c->free_head[page + n]) {    /* merge right */
-    uint32_t r = c->free_head[page + n];
-    sl_free_remove(c, page + n);
-    len += r;
-  }
-  sl_free_insert(c, start, len);
-  sl_free_fix_max(c);
+int sl_chunk_run_alloc(sl_chunk *c, uint32_t n) {
+  int page = sl_chunk_run_take(c, n);
+  if (page >= 0 || n > c->free_pages || c->unmerged == 0) return page;
+  sl_chunk_coalesce(c);
+  return sl_chunk_run_take(c, n);
 }
+
+void sl_chunk_reset(sl_chunk *c) {
+  sl_free_clear_lists(c, 1);
+  c->max_run = 0;
+  c->unmerged = 0;
+  sl_chunk_free_push(c, c->meta_pages, c->usable);
+}
+
+void sl_chunk_run_free(sl_chunk *c, uint32_t page, uint32_t n) { sl_chunk_run_free_inline(c, page, n); }
 
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
                            uint32_t elem_size, uint32_t sclass) {
@@ -162,6 +231,7 @@ sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
   s->nelems = s->nfree = nelems;
   s->sclass = sclass;
   s->nwords = nwords;
+  s->recip = ((uint64_t)1 << 40) / elem_size + 1;
   /* Bits past nelems are marked used so they are never handed out. */
   if (nelems & 63) s->bits[nwords - 1] = ~0ull << (nelems & 63);
   for (uint32_t p = first_page; p < first_page + npages; p++) c->sub[p] = s;
@@ -185,13 +255,22 @@ void *sl_subpage_alloc(sl_subpage *s) {
   return NULL;
 }
 
-int sl_subpage_free(sl_subpage *s, void *p) {
-  size_t off = (size_t)((uint8_t *)p - s->base);
-  uint32_t i = (uint32_t)(off / s->elem_size);
-  SL_ASSERT(off % s->elem_size == 0 && i < s->nelems, "pointer is not an element of its subpage");
-  SL_ASSERT(sl_bit(s->bits, i), "subpage element freed twice");
-  s->bits[i >> 6] &= ~(1ull << (i & 63));
-  s->nfree++;
-  s->hint = i >> 6;
-  return s->nfree == s->nelems;
+unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n) {
+  if (n > s->nfree) n = s->nfree;
+  unsigned k = 0;
+  uint32_t w = s->hint;
+  while (k < n) {
+    uint64_t free_bits = ~s->bits[w];
+    uint8_t *base = s->base + (size_t)w * 64 * s->elem_size;
+    while (free_bits != 0 && k < n) {
+      out[k++] = base + (size_t)__builtin_ctzll(free_bits) * s->elem_size;
+      free_bits &= free_bits - 1;
+    }
+    s->bits[w] = ~free_bits;
+    if (k < n && ++w == s->nwords) w = 0;
+  }
+  s->nfree -= n;
+  s->hint = w;
+  return n;
 }
+

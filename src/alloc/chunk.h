@@ -3,13 +3,30 @@
  * into pages. Its metadata lives in its own first pages, so the chunk of any
  * block is found by masking the block's address.
  *
- * Pages are handed out in runs. Free runs sit in buckets by length (a bitmap
- * says which buckets are non-empty), so an allocation takes the smallest
- * free run that fits and splits it, and a freed run merges with free
- * neighbours on both sides (their lengths are kept at both ends of every
- * free run). A run serves either one normal block or a subpage: equal
- * elements of one small size class tracked by a bitmap. Not thread-safe:
- * the owning arena's lock covers every call.
+ * Pages are handed out in runs. Free runs sit on one list per exact length
+ * (a bitmap says which lists are non-empty), so an allocation pops a run of
+ * exactly the length it needs, or else splits the shortest longer one, and
+ * a free pushes the run on its length's list: both O(1). Coalescing is
+ * deferred: neighbouring free runs are merged, in one sweep over the
+ * chunk, only when an allocation finds no run long enough although the
+ * chunk has the pages, and at once when the chunk's last used page is
+ * freed (the chunk is then one free run again). Emptiness is the used-page
+ * count, never the shape of the free lists, so an empty chunk is always
+ * seen as empty (and released after trim_idle_ms).
+ *
+ * Across the chunks of an arena, an index (sl_chunk_avail) lists for each
+ * length 1..63 the chunks that have a free run of exactly that length, and
+ * for 64 those with a run of 64 pages or more, with a bitmap of the
+ * lengths that have any: the arena finds a chunk with an exact run, or the
+ * shortest longer run, without walking chunks. A chunk joins a length's
+ * list when its list of that length gets a run (at the head when it is at
+ * least as full as the chunk there, else at the tail, so that fuller
+ * chunks tend to serve first); it leaves lazily, when a search finds its
+ * list empty again.
+ *
+ * A run serves either one normal block or a subpage: equal elements of one
+ * small size class tracked by a bitmap. Not thread-safe: the owning
+ * arena's lock covers every call.
  */
 #ifndef SL_CHUNK_H
 #define SL_CHUNK_H
@@ -17,9 +34,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "util/common.h"
+
 struct sl_arena;
 typedef struct sl_chunk sl_chunk;
 typedef struct sl_subpage sl_subpage;
+
+#define SL_AVAIL_LENS 64   /* lengths indexed exactly below this; this one: or more */
+
+/* Per arena: head[k], a circular list of the chunks with a free run of k
+ * pages (k = 64: 64 or more); bit k-1 of mask: head[k] is not NULL. */
+typedef struct sl_chunk_avail {
+  sl_chunk *head[SL_AVAIL_LENS + 1];
+  uint64_t mask;
+} sl_chunk_avail;
 
 struct sl_subpage {
   sl_chunk *chunk;
@@ -30,57 +58,159 @@ struct sl_subpage {
   uint32_t sclass;
   uint32_t nwords;             /* bitmap words */
   uint32_t hint;               /* a word that may have a free bit */
+  uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
   uint64_t bits[];             /* 1 = element in use */
 };
 
 struct sl_chunk {
   struct sl_arena *arena;
+  sl_chunk_avail *avail;       /* the arena's index (NULL: a chunk on its own) */
   sl_chunk *prev, *next;       /* the arena's usage list */
   uint8_t *mem;                /* == (uint8_t *)this */
   uint32_t npages;             /* pages in the chunk, metadata included */
   uint32_t meta_pages;         /* pages holding this struct and its maps */
-  uint32_t free_pages;
-  uint32_t max_free;           /* length of the longest free run */
+  uint32_t free_pages;         /* pages not in any allocated run */
+  uint32_t usable;             /* npages - meta_pages */
+  uint32_t list_lo, list_hi;   /* the usage list is kept while free_pages is in
+                                  [list_lo, list_hi] (set by the arena) */
+  uint32_t max_run;            /* no listed free run is longer (an upper bound,
+                                  made exact when a search or sweep fails) */
+  uint32_t unmerged;           /* frees since the last sweep (0: no two free runs
+                                  are neighbours) */
   int list;                    /* index of the usage list it is on */
   int64_t empty_since_ms;      /* when it last became empty */
   uint32_t page_shift;
-  uint32_t *run_len;           /* at an allocated run's first page: its length */
-  uint32_t *free_head;         /* at a free run's first page: its length */
-  uint32_t *free_tail;         /* at a free run's last page: its length */
-  uint32_t *free_next;         /* at a free run's first page: bucket list links */
-  uint32_t *free_prev;
+  uint32_t sweeps;             /* coalescing sweeps so far */
+  uint32_t *run_len;           /* at an allocated run's first page: its length
+                                  (0 for a subpage run: see sub[]) */
+  uint32_t *free_head;         /* at a free run's first page: its length, else 0 */
+  uint32_t *free_next;         /* at a free run's first page: next run of its list */
   uint32_t *bucket;            /* per length 0..npages: first free run, or NONE */
-  uint64_t *nonempty;          /* bit per length: its bucket has a run */
+  uint64_t *nonempty;          /* bit per length: its list has a run */
   sl_subpage **sub;            /* per page of a subpage run: the subpage */
+  uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
+  sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];
 };
 
 /* Pages a chunk of this geometry spends on its own metadata. */
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size);
 
-/* Maps a new chunk. NULL when the OS refuses. */
-sl_chunk *sl_chunk_new(struct sl_arena *arena, size_t chunk_size, size_t page_size);
+/* Maps a new chunk, indexed in avail (may be NULL). NULL when the OS
+ * refuses. */
+sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chunk_size,
+                       size_t page_size);
+/* Takes c out of its index and unmaps it. */
 void sl_chunk_delete(sl_chunk *c, size_t chunk_size);
 
-/* Allocates a run of n pages (the smallest free run that fits, split);
- * returns its first page index or -1. */
+/* A chunk of avail with a free run of at least n pages, preferring an
+ * exact one, then the shortest longer one; NULL when the index has none
+ * (coalescing might still make one). */
+sl_chunk *sl_chunk_avail_find(sl_chunk_avail *avail, uint32_t n);
+
+#define SL_CHUNK_NONE 0xffffffffu
+
+/* Puts c on its index's list for key k (a length below SL_AVAIL_LENS, or
+ * SL_AVAIL_LENS for longer runs); nothing when it is on it already or has
+ * no index. */
+void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
+
+/* Puts the free run [start, start + len) on its length's list (and c on
+ * the index for it). */
+static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len) {
+  uint32_t first = c->bucket[len];
+  c->free_head[start] = len;
+  c->free_next[start] = first;
+  c->bucket[len] = start;
+  c->nonempty[len >> 6] |= 1ull << (len & 63);
+  if (len > c->max_run) c->max_run = len;
+  if (first == SL_CHUNK_NONE) sl_chunk_avail_join(c, len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS);
+}
+
+/* Takes the first run off the (non-empty) list of length len. */
+static inline uint32_t sl_chunk_free_pop(sl_chunk *c, uint32_t len) {
+  uint32_t start = c->bucket[len];
+  uint32_t next = c->free_next[start];
+  c->bucket[len] = next;
+  c->free_head[start] = 0;
+  if (next == SL_CHUNK_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
+  return start;
+}
+
+/* Allocates the first run of the (non-empty) list of length n, whole. */
+static inline uint32_t sl_chunk_run_take_exact(sl_chunk *c, uint32_t n) {
+  uint32_t start = sl_chunk_free_pop(c, n);
+  c->run_len[start] = n;
+  c->free_pages -= n;
+  return start;
+}
+
+/* Makes c one free run of all its usable pages (it has none in use). */
+void sl_chunk_reset(sl_chunk *c);
+
+/* sl_chunk_run_free, inline for the arena's normal-size path. Aborts when
+ * page does not start an allocated run of n pages (page lies in the chunk,
+ * as it comes from a block's address; a meta page has run_len 0). */
+static inline void sl_chunk_run_free_inline(sl_chunk *c, uint32_t page, uint32_t n) {
+  SL_ASSERT(c->run_len[page] == n && n != 0, "run freed that is not allocated");
+  c->run_len[page] = 0;
+  c->free_pages += n;
+  if (__builtin_expect(c->free_pages == c->usable, 0)) {
+    sl_chunk_reset(c);   /* the last used run: one free run again */
+    return;
+  }
+  sl_chunk_free_push(c, page, n);
+  c->unmerged++;
+}
+
+/* Takes a run of n pages off the lists without merging anything: a free
+ * run of length n, else the shortest longer one, split. -1 when no listed
+ * run is long enough. O(1) for the lengths of normal blocks. */
+int sl_chunk_run_take(sl_chunk *c, uint32_t n);
+/* Allocates a run of n pages: a free run of length n, else the shortest
+ * longer one, split; when none is long enough but the chunk has n free
+ * pages and unmerged frees, merges neighbouring free runs and tries once
+ * more. Returns the run's first page index or -1. */
 int sl_chunk_run_alloc(sl_chunk *c, uint32_t n);
-/* Frees the run of n pages that starts at page, merging free neighbours. */
+/* Frees the run of n pages that starts at page: onto its length's list
+ * (merging is deferred), or, when it was the chunk's last used run, the
+ * whole chunk becomes one free run. */
 void sl_chunk_run_free(sl_chunk *c, uint32_t page, uint32_t n);
+/* Merges every pair of neighbouring free runs (run_alloc does this when it
+ * must). */
+void sl_chunk_coalesce(sl_chunk *c);
 
 /* Turns a run into a subpage of elem_size elements. NULL on ENOMEM (the run
  * is left allocated; the caller frees it). */
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
                            uint32_t elem_size, uint32_t sclass);
 void *sl_subpage_alloc(sl_subpage *s);
-/* Returns 1 when the subpage became empty. */
-int sl_subpage_free(sl_subpage *s, void *p);
+/* Takes up to n free elements into out (fewer only when it runs out), from
+ * the hinted bitmap word on. Returns how many. */
+unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n);
+/* The element index of p in s (exact for runs below 16 MiB and elements
+ * below 32 KiB, which subpages are; checked in sl_subpage_free). */
+static inline uint32_t sl_subpage_index(const sl_subpage *s, const void *p) {
+  uint64_t off = (uint64_t)((const uint8_t *)p - s->base);
+  return (uint32_t)((off * s->recip) >> 40);
+}
+
+/* Frees element p. Returns 1 when the subpage became empty. Aborts on a
+ * pointer that is not an element, or one that is free already. */
+static inline int sl_subpage_free(sl_subpage *s, void *p) {
+  uint32_t i = sl_subpage_index(s, p);
+  uint64_t bit = 1ull << (i & 63);
+  SL_ASSERT(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
+            "pointer is not an element of its subpage");
+  SL_ASSERT(s->bits[i >> 6] & bit, "subpage element freed twice");
+  s->bits[i >> 6] &= ~bit;
+  s->hint = i >> 6;
+  return ++s->nfree == s->nelems;
+}
 
 static inline sl_chunk *sl_chunk_of(const void *p, size_t chunk_size) {
   return (sl_chunk *)(void *)((uintptr_t)p & ~((uintptr_t)chunk_size - 1));
 }
 
-static inline uint32_t sl_chunk_usable_pages(const sl_chunk *c) {
-  return c->npages - c->meta_pages;
-}
+static inline uint32_t sl_chunk_usable_pages(const sl_chunk *c) { return c->usable; }
 
 #endif

@@ -10,9 +10,9 @@
 
 __thread sl_pool *sl_pool_tls;
 
-/* Free headers are linked through their last word, away from the fields a
- * stale handle reads (the generation stays 0). */
-static void **sl_hdr_link(void *hdr) { return (void **)(void *)((char *)hdr + SL_HDR_SIZE - 8); }
+/* Free headers are linked through the word at SL_HDR_LINK_OFFSET, away
+ * from the fields a stale handle reads (the generation stays 0). */
+static void **sl_hdr_link(void *hdr) { return sl_pool_hdr_link(hdr); }
 
 static int sl_pool_map_region(sl_pool *p, uint32_t max_headers) {
   size_t len = SL_HDR_REGION_SPAN * 2;
@@ -67,6 +67,9 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
   }
   p->cached_limit = p->max_cached_size;
+  p->nsmall = a->nsmall;
+  p->normal_limit = cfg->type == SL_ALLOC_POOLED ? a->max_class_size : 0;
+  p->normal_max_size = p->normal_limit;
   p->leak_level = cfg->leak_level;
   p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
   p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
@@ -85,7 +88,10 @@ fail:
   return NULL;
 }
 
-void sl_pool_bind_thread(sl_pool *p) { sl_pool_tls = p; }
+void sl_pool_bind_thread(sl_pool *p) {
+  sl_pool_tls = p;
+  if (p != NULL) p->owner_tp = __builtin_thread_pointer();
+}
 
 static void sl_pool_take_remote_headers(sl_pool *p) {
   void *h = atomic_exchange(&p->hdr_remote, NULL);
@@ -114,13 +120,13 @@ void sl_pool_destroy(sl_pool *p) {
 }
 
 static unsigned sl_pool_class(const sl_pool *p, size_t size) {
-  return size > p->alloc->max_class_size ? p->alloc->nclasses : sl_sc_index(size | (size == 0));
+  return size > p->alloc->max_class_size ? p->alloc->nclasses : sl_sc_index(size);
 }
 
 unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
   if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED || usable > p->alloc->max_class_size)
     return SL_SC_NONE;
-  return sl_sc_index(usable | (usable == 0));
+  return sl_sc_index(usable);
 }
 
 /* A block of class idx from the arena; a small-class miss refills its bin
@@ -138,7 +144,10 @@ static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
 
 __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass) {
   if (p->fail_next > 0) {
-    if (--p->fail_next == 0) p->max_cached_size = p->cached_limit;
+    if (--p->fail_next == 0) {
+      p->max_cached_size = p->cached_limit;
+      p->normal_max_size = p->normal_limit;
+    }
     p->alloc_failures++;
     errno = ENOMEM;
     return NULL;
@@ -214,24 +223,13 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
 }
 
 __attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
-  if (p->hdr_overflow == NULL && atomic_load_explicit(&p->hdr_remote, memory_order_relaxed))
+  if (atomic_load_explicit(&p->hdr_remote, memory_order_relaxed)) {
     sl_pool_take_remote_headers(p);
-  if (p->hdr_overflow != NULL) {
-    void *h = p->hdr_overflow;
-    p->hdr_overflow = *sl_hdr_link(h);
-    p->hdr_overflow_n--;
-    return h;
+    if (p->hdr_overflow != NULL) return sl_pool_header_take(p);
   }
   if (p->hdr_next < p->hdr_max) return p->hdr_base + (size_t)p->hdr_next++ * SL_HDR_SIZE;
   errno = ENOMEM;
   return NULL;
-}
-
-__attribute__((noinline)) void sl_pool_header_put_slow(sl_pool *p, void *hdr) {
-  *sl_hdr_link(hdr) = p->hdr_overflow;
-  p->hdr_overflow = hdr;
-  p->hdr_overflow_n++;
-  p->recycler_overflows++;
 }
 
 void sl_pool_header_quarantine(sl_pool *p, void *hdr) {
@@ -360,6 +358,7 @@ void sl_pool_fail_next(sl_pool *p, unsigned n) {
   p->fail_next = n;
   /* While failing on purpose every allocation takes the slow path. */
   p->max_cached_size = n ? 0 : p->cached_limit;
+  p->normal_max_size = n ? 0 : p->normal_limit;
 }
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {

@@ -49,6 +49,15 @@ void sl_pool_bind_thread(sl_pool *p);
 extern __thread sl_pool *sl_pool_tls;
 static inline sl_pool *sl_pool_current(void) { return sl_pool_tls; }
 
+/* Whether the calling thread is the one p was last bound to (a compare
+ * with the thread pointer: no TLS lookup on the free path). A pool whose
+ * thread has ended is bound again before anything uses it (main.c does
+ * at exit), so that a new thread at the same address is not taken for
+ * its owner. */
+static inline int sl_pool_is_owner(const sl_pool *p) {
+  return p->owner_tp == __builtin_thread_pointer();
+}
+
 /* The pool a header belongs to. */
 static inline sl_pool *sl_pool_of(const void *hdr) {
   return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));
@@ -59,7 +68,6 @@ static inline sl_pool *sl_pool_of(const void *hdr) {
 void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass);
 void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass);
 void *sl_pool_header_get_slow(sl_pool *p);
-void sl_pool_header_put_slow(sl_pool *p, void *hdr);
 void sl_pool_trim(sl_pool *p, int everything);
 
 /* Returns a block of at least size bytes, its usable size and its class
@@ -68,7 +76,7 @@ void sl_pool_trim(sl_pool *p, int everything);
 static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
                                       unsigned *sclass) {
   if (size <= p->max_cached_size) {
-    unsigned idx = sl_sc_index(size | (size == 0));
+    unsigned idx = sl_sc_index(size);
     sl_cache_bin *bin = &p->bins[idx];
     uint32_t n = bin->n;
     if (n > 0) {
@@ -118,19 +126,49 @@ static inline int sl_pool_has_returns(sl_pool *p) {
          atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
 }
 
+/* The link word of a free header (SL_HDR_LINK_OFFSET). */
+static inline void **sl_pool_hdr_link(void *hdr) {
+  return (void **)(void *)((char *)hdr + SL_HDR_LINK_OFFSET);
+}
+
+/* Whether a free header is at hand (recycler or overflow list). */
+static inline int sl_pool_header_ready(const sl_pool *p) {
+  return p->rec_n != 0 || p->hdr_overflow != NULL;
+}
+
+/* A free header, when sl_pool_header_ready(p): the recycler's top, else
+ * the overflow list's first. */
+static inline void *sl_pool_header_take(sl_pool *p) {
+  uint32_t rn = p->rec_n;
+  if (__builtin_expect(rn != 0, 1)) {
+    p->rec_n = rn - 1;
+    return p->recycler[rn - 1];
+  }
+  void *h = p->hdr_overflow;
+  p->hdr_overflow = *sl_pool_hdr_link(h);
+  p->hdr_overflow_n--;
+  return h;
+}
+
 /* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */
 static inline void *sl_pool_header_get(sl_pool *p) {
-  if (p->rec_n > 0) return p->recycler[--p->rec_n];
+  if (sl_pool_header_ready(p)) return sl_pool_header_take(p);
   return sl_pool_header_get_slow(p);
 }
 
-/* Gives a header back (its generation already set to 0). */
+/* Gives a header back (its generation already set to 0): onto the
+ * recycler, or beyond its cap onto the overflow list (counted). */
 static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
-  if (p->rec_n < p->rec_cap) {
-    p->recycler[p->rec_n++] = hdr;
+  uint32_t rn = p->rec_n;
+  if (__builtin_expect(rn < p->rec_cap, 1)) {
+    p->recycler[rn] = hdr;
+    p->rec_n = rn + 1;
     return;
   }
-  sl_pool_header_put_slow(p, hdr);
+  *sl_pool_hdr_link(hdr) = p->hdr_overflow;
+  p->hdr_overflow = hdr;
+  p->hdr_overflow_n++;
+  p->recycler_overflows++;
 }
 
 /* Gives a header back through the quarantine: it becomes reusable only

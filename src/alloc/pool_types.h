@@ -30,6 +30,11 @@
 #include "alloc/retq.h"
 
 #define SL_HDR_SIZE 64
+/* Free headers on the overflow list and the foreign-return stack are linked
+ * through the pointer at this offset: sl_buf's views field, unused in a
+ * dead header (buf.c checks the offset), so that a dead header keeps what
+ * errors about stale handles read (generation, flags, root, release site). */
+#define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
 
 typedef struct sl_pool sl_pool;
@@ -48,7 +53,10 @@ typedef struct sl_pool_class_stats {
 
 struct sl_pool {
   /* hot: the fast paths touch only these */
+  void *owner_tp;                 /* thread pointer of the bound thread */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
+  size_t normal_max_size;         /* largest size a chunk serves (0: unpooled, or failing) */
+  uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
   uint32_t next_gen;              /* generation of the next buffer (never 0) */
@@ -58,6 +66,7 @@ struct sl_pool {
 
   /* cold */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
+  size_t normal_limit;            /* normal_max_size likewise */
   uint32_t trim_interval;
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */

@@ -9,8 +9,33 @@
 #include "util/common.h"
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
+_Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
 
-sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
+
+/* Makes b a live root over data (usable bytes of class idx): refcount 1,
+ * a new generation. */
+static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
+                                    unsigned idx, size_t max_cap) {
+  b->data = data;
+  b->rd = 0;
+  b->wr = 0;
+  b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
+  b->max_cap = (uint32_t)max_cap;
+  b->refcnt = 1;
+  b->gen = sl_pool_next_gen(pool);
+  b->root = b;
+  b->views = NULL;
+  b->owner = NULL;
+  b->block_size = usable;
+  b->sclass = (uint16_t)idx;
+  b->flags = 0;
+}
+
+/* Any allocation the fast path below does not take: an empty recycler
+ * (foreign threads' returns are taken back first), a miss in the worker
+ * cache, sizes above max_cached, bad arguments, failures. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t cap,
+                                                           size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
   if (max_cap > SL_BUF_MAX_CAPACITY) {
     errno = EINVAL;
@@ -28,21 +53,69 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  b->data = data;
-  b->rd = 0;
-  b->wr = 0;
-  b->cap = (uint32_t)(usable > max_cap ? max_cap : usable);
-  b->max_cap = (uint32_t)max_cap;
-  b->refcnt = 1;
-  b->gen = sl_pool_next_gen(pool);
-  b->root = b;
-  b->views = NULL;
-  b->owner = NULL;
-  b->block_size = (uint32_t)usable;
-  b->sclass = (uint16_t)sclass;
-  b->flags = 0;
+  sl_buf_init_root(pool, b, data, (uint32_t)usable, sclass, max_cap);
   sl_leak_on_alloc(pool, b);
   return b;
+}
+
+/* The count-based trim or the leak sample is due (rare). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_event(sl_pool *pool, sl_buf *b) {
+  if (pool->trim_countdown == 0) sl_pool_trim(pool, 0);
+  if (pool->leak_countdown == 0) sl_leak_sampled(pool, b);
+  return b;
+}
+
+/* Counts an allocation down towards the next trim and the next leak
+ * sample; returns b. */
+static inline sl_buf *sl_buf_alloc_done(sl_pool *pool, sl_buf *b) {
+  uint32_t tc = --pool->trim_countdown, lc = --pool->leak_countdown;
+  if (__builtin_expect(tc == 0 || lc == 0, 0)) return sl_buf_alloc_event(pool, b);
+  return b;
+}
+
+/* A normal size above max_cached: a run straight from the arena (O(1)
+ * there in the common case), the header from the recycler. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
+                                                             size_t max_cap) {
+  unsigned idx = sl_sc_index(cap);
+  if (idx < pool->nsmall) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uint8_t *data = sl_arena_alloc_normal(pool->arena, idx);
+  if (data == NULL) return sl_buf_alloc_slow(pool, cap, max_cap);   /* trims, retries, fails */
+  uint32_t usable = sl_sc_sizes[idx];
+  pool->cls[idx].allocs++;
+  SL_UNPOISON(data, usable);
+  sl_buf *b = sl_pool_header_take(pool);
+  sl_buf_init_root(pool, b, data, usable, idx, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* The fast path: a header from the recycler and a block from the worker
+ * cache, both stack pops; the generation and both countdowns (trim, leak
+ * sampling) as in the slow path. Sizes above max_cached go to the arena
+ * directly (sl_buf_alloc_normal). */
+sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
+  if (max_cap < cap) max_cap = cap;
+  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && sl_pool_header_ready(pool), 1)) {
+    if (__builtin_expect(cap <= pool->max_cached_size, 1)) {
+      unsigned idx = sl_sc_index(cap);
+      sl_cache_bin *bin = &pool->bins[idx];
+      uint32_t n = bin->n;
+      if (__builtin_expect(n != 0, 1)) {
+        uint8_t *data = bin->items[n - 1];
+        uint32_t usable = sl_sc_sizes[idx];
+        bin->n = n - 1;
+        bin->used++;
+        pool->cls[idx].allocs++;
+        sl_buf *b = sl_pool_header_take(pool);
+        SL_UNPOISON(data, usable);
+        sl_buf_init_root(pool, b, data, usable, idx, max_cap);
+        return sl_buf_alloc_done(pool, b);
+      }
+    } else if (cap <= pool->normal_max_size) {
+      return sl_buf_alloc_normal(pool, cap, max_cap);
+    }
+  }
+  return sl_buf_alloc_slow(pool, cap, max_cap);
 }
 
 sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len) {
@@ -137,10 +210,56 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf 
   sl_pool_header_put_foreign(pool, r);
 }
 
+/* A dead root header keeps the generation it died with and who released
+ * it (its index and data fields are unused now); it goes back to the
+ * recycler. */
+static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_pool_header_put(pool, r);
+}
+
+/* A normal block that no bin caches: straight back to its chunk. */
+__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+  unsigned sc = r->sclass;
+  SL_POISON(r->data, r->block_size);
+  pool->cls[sc].frees++;
+  sl_arena_free_normal(pool->arena, r->data, sc);
+  sl_buf_bury(pool, r);
+}
+
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
-  if (__builtin_expect(pool == sl_pool_current(), 1)) sl_buf_free_local(pool, r);
-  else sl_buf_free_foreign(pool, r);
+  if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
+    sl_buf_free_foreign(pool, r);
+    return;
+  }
+  /* The fast path: a root (not a view or derived buffer) with no owner,
+   * record or views, no quarantine, whose block fits its bin; block and
+   * header go back by two stack pushes. */
+  unsigned sc = r->sclass;
+  if (__builtin_expect(((uintptr_t)r->owner | (uintptr_t)r->views |
+                        (uintptr_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW)) |
+                        (uintptr_t)pool->quarantine_next) == 0 &&
+                           sc < SL_SC_MAX_CLASSES,
+                       1)) {
+    sl_cache_bin *bin = &pool->bins[sc];
+    uint32_t n = bin->n;
+    if (__builtin_expect(n < bin->cap, 1)) {
+      SL_POISON(r->data, r->block_size);
+      bin->items[n] = r->data;
+      bin->n = n + 1;
+      pool->cls[sc].frees++;
+      sl_buf_bury(pool, r);
+      return;
+    }
+    if (bin->cap == 0 && sc >= pool->nsmall) {
+      sl_buf_free_normal(pool, r);
+      return;
+    }
+  }
+  sl_buf_free_local(pool, r);
 }
 
 void sl_buf_release_dead(const sl_buf *b) {

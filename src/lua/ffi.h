@@ -22,60 +22,6 @@
 #define SL_FFI_EXPORT __attribute__((visibility("default"), used))
 #else
 #define SL_FFI_EXPORT
-/* ---- the Lua host's event queue (src/lua/host.c) ----
- *
- * An event for a Lua stage: Lua pops them with sl_ffi_host_next. ptr is a
- * buffer the event hands over (READ, WRITE: +1 for the receiver), str a
- * text valid until the next pop. id is the Lua id of ctx (0 for events
- * that belong to no stage: promises, timers). */
-typedef struct sl_lua_event {
-  sl_ctx *ctx;
-  struct sl_channel *ch;
-  void *ptr;
-  char *str;
-  double id;
-  int32_t ev;
-  int32_t n;
-} sl_lua_event;
-
-typedef struct sl_lua_host sl_lua_host;
-struct sl_worker;
-
-/* Pops the next event into out: 1, or 0 when the queue is empty. The
- * previous event's channel reference is dropped. */
-SL_FFI_EXPORT int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out);
-/* Registers a Lua stage that handles the events in mask; returns its key
- * (1-based), 0 on ENOMEM. */
-SL_FFI_EXPORT int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask);
-/* Asks for a TIMER event after delay_ms (< 0: none). */
-SL_FFI_EXPORT void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
-
-/* Inserts Lua stage `key` next to ctx (after it when after != 0, else
- * before it). Returns the new context's Lua id (0 on ENOMEM) and the
- * context in *out. No ADDED event: the caller creates the Lua side. */
-SL_FFI_EXPORT double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name,
-                                           sl_ctx **out);
-/* Inserts the builtin C stage `name` next to ctx, with its configuration
- * (from sl_ffi_stage_configure, borrowed: it must outlive the pipeline;
- * NULL for a stage without options). Returns the context, or NULL with
- * *err set. */
-SL_FFI_EXPORT sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name,
-                                          const void *conf, const char **err);
-/* Takes ctx out of its pipeline (its on_removed runs; for a Lua stage a
- * REMOVED event follows). */
-SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
-/* Names of the stages of ctx's pipeline, head to tail, in out (up to max),
- * with their contexts; returns how many there are. */
-SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
-/* The channel's addresses as "host:port" text ("" when unknown). */
-SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
-/* 1 while ctx's channel is open (not closed, though perhaps closing). */
-SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
-/* Counts a message that no stage handled (the tail's counter). */
-SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
-/* The current time in ms of the worker's loop. */
-SL_FFI_EXPORT double sl_ffi_ctx_now(sl_ctx *ctx);
-
 #endif
 
 SL_FFI_EXPORT int sl_ffi_abi(void);
@@ -272,6 +218,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
 SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 /* The channel's addresses as "host:port" text ("" when unknown). */
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+/* 1 while ctx's channel is open (not closed, though perhaps closing). */
+SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */
 SL_FFI_EXPORT void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 /* The current time in ms of the worker's loop. */

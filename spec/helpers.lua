@@ -293,6 +293,41 @@ function H.start_redis(port)
   return p
 end
 
+-- An nginx answering every request with `body` (100 bytes by default), in
+-- the foreground (one process, stopped by its PID), everything it writes in
+-- a folder of the spec's own.
+function H.start_nginx(port, body)
+  port = port or H.free_port()
+  body = body or string.rep("x", 99) .. "\n"
+  local dir = H.tmpfile("nginx")
+  H.sh("mkdir -p " .. H.shq(dir) .. "/logs")
+  local conf = H.tmpfile("nginx.conf", ([[
+daemon off;
+master_process off;
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/logs/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path %s/body;
+  proxy_temp_path %s/proxy;
+  fastcgi_temp_path %s/fastcgi;
+  uwsgi_temp_path %s/uwsgi;
+  scgi_temp_path %s/scgi;
+  server {
+    listen 127.0.0.1:%d;
+    location / { default_type text/plain; return 200 %q; }
+  }
+}
+]]):format(dir, dir, dir, dir, dir, dir, dir, port, body))
+  local p = H.spawn(("nginx -p %s -c %s"):format(H.shq(dir), H.shq(conf)), "nginx")
+  assert(H.wait_for(function() return H.port_open(port) end, 10),
+         "nginx did not start:\n" .. H.read(p.log))
+  p.port = port
+  return p
+end
+
 -- Sends input (a string, or { file = path }) to 127.0.0.1:port, half-closes,
 -- and returns everything received until the server closes.
 function H.exchange(port, input, timeout)

@@ -46,6 +46,8 @@
 --     max_connections optional positive integer: open client connections
 --                     of this listener (all workers together) at which
 --                     accepting pauses; default 0 (no limit)
+--     connect_timeout_ms optional positive integer: overrides the upstream's
+--                     connect timeout for this listener's connections
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
@@ -190,7 +192,7 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "idle_timeout_ms" }
+                        "max_connections", "idle_timeout_ms", "connect_timeout_ms" }
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
@@ -1019,6 +1021,8 @@ local function check_listener(l, path, ctx)
                                                path .. ".max_connections", 0)
     local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
                                                path .. ".idle_timeout_ms", 0)
+    local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
+                                                  path .. ".connect_timeout_ms", 0)
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -1036,6 +1040,7 @@ local function check_listener(l, path, ctx)
         max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
         idle_timeout_ms = idle_timeout_ms,
+        connect_timeout_ms = connect_timeout_ms,
     }
 end
 

@@ -86,6 +86,21 @@ describe("proxying", function()
     assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: connect failed: timed out", log, 1, true)
   end)
 
+  it("uses the listener's connect timeout over the upstream's", function()
+    local hole, close_hole = H.blackhole()
+    local port = H.free_port()
+    -- The upstream would wait 60 s; the listener says 300 ms.
+    local cfg = proxy_config(port, hole):gsub("2000", "60000")
+      :gsub('pipeline = {}', 'pipeline = {}, connect_timeout_ms = 300')
+    local p = H.start_sluice(cfg)
+    local out, rc = H.exchange(port, "hello\n", 20)
+    close_hole()
+    assert.are.equal(0, rc)
+    assert.are.equal("", out)
+    local log = H.stop_sluice(p)
+    assert.matches("upstream 127.0.0.1:" .. hole .. " for front closed: connect failed: timed out", log, 1, true)
+  end)
+
   it("stops reading from the client while the upstream's queue is over its high mark", function()
     local sink = H.tmpfile("sink.bin")
     -- The upstream reads nothing for a second, then everything.

@@ -116,7 +116,7 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 32768, high_water_mark = 65536,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0 },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0 },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
@@ -143,12 +143,12 @@ describe("sluice.config", function()
             },
             low_water_mark = 32768, high_water_mark = 65536,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0 },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0 },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0 },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
@@ -549,11 +549,12 @@ describe("sluice.config", function()
   end)
 
   describe("listener limits", function()
-    it("take max_connections and idle_timeout_ms", function()
-      local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000 }) }))
-        .listeners[1]
+    it("take max_connections, idle_timeout_ms and connect_timeout_ms", function()
+      local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000,
+                                        connect_timeout_ms = 250 }) })).listeners[1]
       assert.are.equal(100, l.max_connections)
       assert.are.equal(30000, l.idle_timeout_ms)
+      assert.are.equal(250, l.connect_timeout_ms)
     end)
 
     it("name the key and what was expected", function()
@@ -564,6 +565,8 @@ describe("sluice.config", function()
           'config error: listeners[1].max_connections: expected a positive integer, got "many"' },
         { { idle_timeout_ms = -5 },
           "config error: listeners[1].idle_timeout_ms: expected a positive integer, got -5" },
+        { { connect_timeout_ms = 0 },
+          "config error: listeners[1].connect_timeout_ms: expected a positive integer, got 0" },
         { { idle_timeout_ms = 1e10 },
           "config error: listeners[1].idle_timeout_ms: expected a positive integer no larger than "
           .. "2147483647, got 10000000000" },
@@ -631,7 +634,7 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "idle_timeout_ms)",
+                         .. "idle_timeout_ms, connect_timeout_ms)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 

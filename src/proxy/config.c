@@ -189,6 +189,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
         (size_t)sl_num_field(L, lt, "max_bytes_per_gathering_write"); /* nil: 0 */
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
+    l->connect_timeout = sl_num_field(L, lt, "connect_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);

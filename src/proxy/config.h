@@ -67,6 +67,7 @@ typedef struct sl_listener_cfg {
   uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
+  double connect_timeout;      /* seconds; 0: the upstream's */
 } sl_listener_cfg;
 
 typedef struct sl_config {

@@ -291,7 +291,10 @@ static int sl_attempt_next(sl_attempt *a) {
   sl_worker *w = a->set->w;
   for (;;) {
     const sl_addr *addr = &a->addr;
-    double timeout = SL_UPSTREAM_ADDRESS_TIMEOUT;
+    /* The listener's connect timeout, when it sets one, overrides. */
+    const sl_listener_cfg *lc = sl_server_listener_cfg(a->client);
+    double timeout = lc && lc->connect_timeout > 0 ? lc->connect_timeout
+                                                   : SL_UPSTREAM_ADDRESS_TIMEOUT;
     if (a->up) {
       const sl_upstream_cfg *u = a->up->cfg;
       if (a->ntried >= u->tries) break;
@@ -315,7 +318,7 @@ static int sl_attempt_next(sl_attempt *a) {
       a->skip[i] = 1;
       a->up->bal.peers[i].active++;
       addr = &u->servers[i];
-      timeout = u->connect_timeout;
+      if (!(lc && lc->connect_timeout > 0)) timeout = u->connect_timeout;
     } else if (a->ntried >= 1) {
       break;
     }

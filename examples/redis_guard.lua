@@ -395,4 +395,21 @@ function stage.write(ctx, msg, p)
   end
 end
 
+-- Checked by `sluice --check` and at start-up: the key at fault and what it
+-- expected, or nothing.
+function stage.check_options(options)
+  local list = options.deny
+  if list == nil then return end
+  if type(list) ~= "table" then return "deny", "a list of command names" end
+  for i = 1, #list do
+    if type(list[i]) ~= "string" or list[i] == "" then return "deny", "a list of command names" end
+  end
+  for k in pairs(list) do
+    if type(k) ~= "number" then return "deny", "a list of command names" end
+  end
+  for k in pairs(options) do
+    if k ~= "deny" then return k, "no such option (redis_guard takes: deny)" end
+  end
+end
+
 return stage

@@ -203,7 +203,8 @@ local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes" }
 -- sluice.codec.decoder defines them).
 local CALLBACKS = { "channel_active", "channel_inactive", "channel_read",
                     "channel_read_complete", "channel_writability_changed",
-                    "user_event", "error", "write", "flush", "close", "read", "added", "removed" }
+                    "user_event", "error", "write", "flush", "close", "read", "added", "removed",
+                    "check_options" }
 
 local function set_of(list)
     local set = {}
@@ -572,7 +573,7 @@ local function resolve_stage(name, path, ctx)
             fail(path, "module %s has an unknown callback %s (known: %s)",
                  quote(name), show(unknown[1]), concat(CALLBACKS, ", "))
         end
-        found = { kind = "lua", file = file }
+        found = { kind = "lua", file = file, check = mod.check_options }
     end
     ctx.modules[name] = found
     return found
@@ -721,6 +722,17 @@ local function check_stage(entry, path, ctx)
     end
     local found = resolve_stage(name, path, ctx)
     if found.kind == "c" then check_c_options(name, options, path) end
+    -- A Lua stage may check its own options: check_options(options) returns
+    -- nothing when they are fine, or the key at fault and what it expected.
+    if found.check then
+        local ok, key, expected = pcall(found.check, options)
+        if not ok then
+            fail(path, "module %s raised in check_options: %s", quote(name), one_line(tostring(key)))
+        end
+        if key ~= nil then
+            fail(key_path(path, key), "expected %s, got %s", tostring(expected), show(options[key]))
+        end
+    end
     return { module = name, kind = found.kind, file = found.file, options = options }
 end
 

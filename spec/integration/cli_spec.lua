@@ -55,6 +55,18 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "e
     assert.are.equal('config error: listeners[1].pipeline[1]: module "examples.nope" not found\n', out)
   end)
 
+  it("exits 2 naming a Lua stage's bad option, as the stage's check_options says", function()
+    local cfg = H.tmpfile("badopt.lua", [[
+return { listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "r",
+  pipeline = { { "examples.redis_guard", deny = "FLUSHALL" } } } },
+  upstreams = { r = { servers = { "127.0.0.1:6379" } } } }
+]])
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal('config error: listeners[1].pipeline[1].deny: expected a list of command names, '
+                     .. 'got "FLUSHALL"\n', out)
+  end)
+
   it("exits 2 when the config file is missing", function()
     local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
     assert.are.equal(2, rc)

@@ -80,7 +80,8 @@ local ALLOCATOR_DEFAULTS = {
 }
 
 local CALLBACKS = "channel_active, channel_inactive, channel_read, channel_read_complete, "
-  .. "channel_writability_changed, user_event, error, write, flush, close, read, added, removed"
+  .. "channel_writability_changed, user_event, error, write, flush, close, read, added, removed, "
+  .. "check_options"
 
 describe("sluice.config", function()
 
@@ -840,6 +841,13 @@ describe("sluice.config", function()
       it("report a module that does not return a table", function()
         assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.notatable" expected to return '
                          .. "a table of callbacks, got 42", perr({ "stages.notatable" }))
+      end)
+
+      it("let a Lua stage check its options, naming the key and what it expected", function()
+        assert.are.equal("config error: listeners[1].pipeline[1].size: expected a positive integer, got 0",
+                         perr({ { "stages.checked", size = 0 } }))
+        local l = ok_of(conf({ listener({ pipeline = { { "stages.checked", size = 4 } } }) })).listeners[1]
+        assert.are.equal(4, l.pipeline[1].options.size)
       end)
 
       it("report an unknown callback", function()

@@ -341,8 +341,13 @@ static void sl_channel_output_done(sl_channel *ch) {
   if (ch->flags & SL_CH_SHUTDOWN_PENDING) {
     ch->flags &= ~(uint32_t)SL_CH_SHUTDOWN_PENDING;
     ch->flags |= SL_CH_OUTPUT_CLOSED;
+    /* Both ways done: close() sends the FIN itself (the input is at EOF, so
+     * nothing unread turns it into a reset); one syscall less per connection. */
+    if (ch->flags & SL_CH_INPUT_CLOSED) {
+      sl_channel_close(ch, "eof", 0);
+      return;
+    }
     shutdown(ch->fd, SHUT_WR);
-    if (ch->flags & SL_CH_INPUT_CLOSED) sl_channel_close(ch, "eof", 0);
   }
 }
 

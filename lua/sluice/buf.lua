@@ -867,20 +867,7 @@ end
 -- pool; the caller owns it (inside a stage, its connection answers for it).
 -- Returns nil, err when memory cannot be had.
 function _M.alloc(cap, max_cap)
-  if type(cap) ~= "number" then error("bad 'cap' argument (number expected)", 2) end
-  if not (cap >= 0 and cap <= MAX_CAPACITY) or cap ~= floor(cap) then
-    error(s_format("bad 'cap' argument (integer in [0, %d] expected, got %s)", MAX_CAPACITY,
-                   num(cap)), 2)
-  end
-  if max_cap ~= nil then
-    if type(max_cap) ~= "number" or max_cap < cap then
-      error("bad 'max_cap' argument (number >= cap expected)", 2)
-    end
-    if not (max_cap <= MAX_CAPACITY) or max_cap ~= floor(max_cap) then
-      error(s_format("bad 'max_cap' argument (integer in [cap, %d] expected, got %s)",
-                     MAX_CAPACITY, num(max_cap)), 2)
-    end
-  end
+  _M.check_caps(cap, max_cap) -- raises at this function's caller
   local stage = _M.stage
   local b = stage and C.sl_ffi_ctx_alloc(stage, cap, max_cap or cap)
                   or C.sl_ffi_pool_alloc(cap, max_cap or cap)

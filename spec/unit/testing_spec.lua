@@ -275,4 +275,27 @@ describe("sluice.testing channel, failures", function()
     assert.are_not.equal(names[1], names[2])
     assert.is_false(ch:finish())
   end)
+
+  it("closes the channel when a stage closes it in added: later stages are not added", function()
+    local later, active = false, false
+    local ch = testing.channel{
+      { added = function(ctx) ctx:close("denied") end },
+      { added = function() later = true end, channel_active = function() active = true end },
+    }
+    assert.is_false(ch:is_open())
+    assert.are.equal("denied", ch:close_reason())
+    assert.is_false(later)
+    assert.is_false(active)
+    ch:write_inbound("dropped")  -- a closed channel releases what it is given
+    assert.is_false(ch:finish())
+  end)
+
+  it("contains an error raised in added: the channel closes naming the stage", function()
+    local ch = testing.channel{
+      { added = function() error("no config for this client") end },
+    }
+    assert.is_false(ch:is_open())
+    assert.matches("failed: .*no config for this client", ch:close_reason())
+    assert.is_false(ch:finish())
+  end)
 end)

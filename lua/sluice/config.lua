@@ -479,6 +479,30 @@ local function parse_address(s, listen)
     return { host = host, port = port, text = text, family = family }
 end
 
+local function is_wildcard(addr) return addr.host == "0.0.0.0" or addr.host == "::" end
+
+-- Records that `owner` listens on addr, or fails when something already
+-- does: the same address, or the same port where either is the wildcard of
+-- the family (the kernel would refuse the second bind at start-up).
+-- (IPv6 listeners are IPv6-only, so the families do not overlap.)
+local function claim_address(ctx, addr, owner, path, given)
+    local other = ctx.addresses[addr.text]
+    if other then
+        fail(path, "expected a unique address, got %s (%s is also used by %s)",
+             show(given), addr.text, other)
+    end
+    ctx.listening = ctx.listening or {}
+    for _, o in ipairs(ctx.listening) do
+        if o.addr.family == addr.family and o.addr.port == addr.port
+           and (is_wildcard(o.addr) or is_wildcard(addr)) then
+            fail(path, "expected an address that does not overlap another, got %s "
+                 .. "(%s overlaps %s used by %s)", show(given), addr.text, o.addr.text, o.owner)
+        end
+    end
+    ctx.addresses[addr.text] = owner
+    ctx.listening[#ctx.listening + 1] = { addr = addr, owner = owner }
+end
+
 -- Returns the normalized address at `path`, or fails.
 local function check_address(v, path, listen)
     local addr, expected = parse_address(v, listen)
@@ -724,12 +748,17 @@ local function check_stage(entry, path, ctx)
     if found.kind == "c" then check_c_options(name, options, path) end
     -- A Lua stage may check its own options: check_options(options) returns
     -- nothing when they are fine, or the key at fault and what it expected.
+    -- Returning the key alone says it is not an option of the stage (a
+    -- third value may list the ones it takes).
     if found.check then
-        local ok, key, expected = pcall(found.check, options)
+        local ok, key, expected, known = pcall(found.check, options)
         if not ok then
             fail(path, "module %s raised in check_options: %s", quote(name), one_line(tostring(key)))
         end
-        if key ~= nil then
+        if key ~= nil and expected == nil then
+            fail(key_path(path, key), "unknown key (%s takes %s)", quote(name),
+                 known and ("one of: " .. tostring(known)) or "no such option")
+        elseif key ~= nil then
             fail(key_path(path, key), "expected %s, got %s", tostring(expected), show(options[key]))
         end
     end
@@ -846,7 +875,7 @@ local function check_admin(a, ctx)
         fail("admin.listen", "expected a loopback address (127.0.0.1, [::1] or localhost) "
              .. "unless admin.public = true, got %s", show(a.listen))
     end
-    ctx.addresses[listen.text] = "admin.listen"
+    claim_address(ctx, listen, "admin.listen", "admin.listen", a.listen)
     return { listen = listen, public = public }
 end
 
@@ -982,12 +1011,7 @@ local function check_listener(l, path, ctx)
     ctx.names[name] = path
 
     local listen = check_address(l.listen, path .. ".listen", true)
-    local other = ctx.addresses[listen.text]
-    if other then
-        fail(path .. ".listen", "expected a unique address, got %s (%s is also used by %s)",
-             show(l.listen), listen.text, other)
-    end
-    ctx.addresses[listen.text] = path
+    claim_address(ctx, listen, path, path .. ".listen", l.listen)
 
     local upstream = l.upstream
     if upstream ~= nil and (type(upstream) ~= "string" or not ctx.upstreams[upstream]) then
@@ -1070,6 +1094,13 @@ end
 local function check_root(t, ctx)
     if type(t) ~= "table" then
         fail("", "expected a table, got %s", show(t))
+    end
+    -- A stage module given where a configuration belongs: say so.
+    for _, name in ipairs(CALLBACKS) do
+        if type(t[name]) == "function" then
+            fail("", "expected a configuration table, got a stage module (it defines %s); "
+                 .. "name the module in a listener's pipeline instead", name)
+        end
     end
     check_keys(t, "", TOP_KEYS)
     local log_level = check_log_level(t.log_level)

@@ -70,7 +70,7 @@
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
 --   admin       optional table: the admin endpoint (/metrics, /memory,
---               /health); off when absent:
+--               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
 --                     [::1], localhost) unless public is true
 --     public          optional boolean, default false: allow any address

@@ -8,6 +8,7 @@
 
 #include "io/worker.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -62,6 +63,7 @@ static void sl_health_finish(sl_health_check *c, int err) {
   c->fails++;
   if (!p->check_down && c->fails >= h->u->health.fails) {
     p->check_down = 1;
+    sl_metrics_server_down(p->m, SL_METRICS_DOWN_CHECK);
     sl_log(SL_LOG_WARN,
            "worker %d: upstream %s: server %s is down (health check: %d failed in a row, last: %s)",
            h->w->id, h->u->name, server, c->fails,

@@ -140,6 +140,10 @@ sl_upstreams *sl_server_upstreams(const sl_channel *ch) {
 
 /* ---- generations ---- */
 
+sl_upstreams *sl_server_gen_upstreams(sl_worker_gen *g) {
+  return g ? sl_server_gen_of(g)->ups : NULL;
+}
+
 static void sl_server_gen_free(sl_worker *w, sl_server_gen *g) {
   if (g == NULL) return;
   for (size_t i = 0; g->ls && i < g->cfg->nlisteners; i++) sl_listener_stop(&g->ls[i].l);

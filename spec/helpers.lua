@@ -380,6 +380,26 @@ http {
   return p
 end
 
+-- The value of one sample in sluice's /metrics on the admin port (nil when
+-- absent), e.g. H.metric(admin, "sluice_received_bytes_total", 'listener="front"').
+function H.metric(admin_port, name, labels)
+  local text = H.exchange(admin_port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 10)
+  local want = name .. (labels and ("{" .. labels .. "}") or "")
+  for line in text:gmatch("[^\n]+") do
+    local k, v = line:match("^(%S+) (%S+)$")
+    if k == want then return tonumber(v) end
+  end
+  return nil
+end
+
+-- Waits until sluice has read `bytes` from the clients of a listener (so
+-- that what a spec sends next arrives in a later read). True when it has.
+function H.wait_received(admin_port, listener, bytes)
+  return H.wait_for(function()
+    return H.metric(admin_port, "sluice_received_bytes_total", ('listener="%s"'):format(listener)) == bytes
+  end, 10)
+end
+
 -- Sends input (a string, or { file = path }) to 127.0.0.1:port, half-closes,
 -- and returns everything received until the server closes.
 function H.exchange(port, input, timeout)

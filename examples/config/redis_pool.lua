@@ -1,4 +1,4 @@
--- Two redis-servers behind one address: 127.0.0.1:7020 balances new
+-- Two redis-servers behind one address: 127.0.0.1:7040 balances new
 -- connections over 127.0.0.1:6379 and 127.0.0.1:6380 (twice the share),
 -- retries a connect that fails on the other server, skips a server whose
 -- health checks fail and takes it back once they pass.
@@ -6,7 +6,7 @@
 --   redis-server --port 6379 --save '' &
 --   redis-server --port 6380 --save '' &
 --   build/sluice -c examples/config/redis_pool.lua &
---   redis-cli -p 7020 INFO server | grep tcp_port   # 6379 or 6380
+--   redis-cli -p 7040 INFO server | grep tcp_port   # 6379 or 6380
 --
 -- A pool of independent servers suits caches and read replicas: each
 -- connection stays on the server it was given, so keys are not shared
@@ -16,11 +16,11 @@ local servers = {}
 for s in (os.getenv("SLUICE_EXAMPLE_SERVERS") or "127.0.0.1:6379,127.0.0.1:6380"):gmatch("[^,]+") do
   servers[#servers + 1] = s
 end
-servers[2] = { servers[2], weight = 2 }
+if servers[2] then servers[2] = { servers[2], weight = 2 } end
 
 return {
   listeners = {
-    { name = "redis_pool", listen = os.getenv("SLUICE_EXAMPLE_LISTEN") or "127.0.0.1:7020",
+    { name = "redis_pool", listen = os.getenv("SLUICE_EXAMPLE_LISTEN") or "127.0.0.1:7040",
       upstream = "redis" },
   },
   upstreams = {

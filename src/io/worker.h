@@ -77,6 +77,8 @@ struct sl_worker {
   void (*promise_done)(struct sl_channel *ch, uint32_t pid, const char *err);
   void *app;                      /* the proxy's per-worker state */
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
+  /* Counts an error raised by the named stage (set with metrics). */
+  void (*stage_error)(struct sl_worker *w, const char *stage);
   sl_worker_stats stats;
 };
 

@@ -557,6 +557,7 @@ int sl_metrics_attach(sl_worker *w, int holders) {
   ev_async_start(w->loop, &m->snap_watcher);
   ev_unref(w->loop); /* answering snapshots keeps no loop running */
   w->metrics = m;
+  w->stage_error = sl_metrics_stage_error;
   /* Without the table, the memory summary shows no stage ("-"). */
   if (holders) sl_holder_enable(w->pool);
   return SL_OK;
@@ -590,4 +591,5 @@ void sl_metrics_detach(sl_worker *w) {
   pthread_cond_destroy(&m->cond);
   free(m);
   w->metrics = NULL;
+  w->stage_error = NULL;
 }

@@ -1,7 +1,7 @@
 -- Two redis-servers behind one address: 127.0.0.1:7040 balances new
 -- connections over 127.0.0.1:6379 and 127.0.0.1:6380 (twice the share),
--- retries a connect that fails on the other server, skips a server whose
--- health checks fail and takes it back once they pass.
+-- retries a connect that fails on the other server, skips a server that
+-- stops answering PING (health checks) and takes it back once it answers.
 --
 --   redis-server --port 6379 --save '' &
 --   redis-server --port 6380 --save '' &
@@ -29,7 +29,9 @@ return {
       balance = "round_robin",
       connect_timeout_ms = 1000,
       max_fails = 1, fail_timeout_ms = 10000,
-      health_check = { interval_ms = 1000, timeout_ms = 500, fails = 2, passes = 2 },
+      -- a server is up when it answers PING, not merely when it accepts
+      health_check = { interval_ms = 1000, timeout_ms = 500, fails = 2, passes = 2,
+                       send = "PING\r\n", expect = "+PONG" },
     },
   },
 }

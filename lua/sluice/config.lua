@@ -62,7 +62,9 @@
 --     max_fails          optional integer 0..2^31-1, default 1 (0: never)
 --     fail_timeout_ms    optional positive integer, default 10000
 --     health_check       optional table: interval_ms (2000), timeout_ms
---                        (1000, at most interval_ms), fails (3), passes (2)
+--                        (1000, at most interval_ms), fails (3), passes (2),
+--                        send (bytes to write once connected), expect (bytes
+--                        the answer must contain): strings, optional
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   workers     optional integer 1-256, default 0 (one per core)
 --   drain_timeout_ms optional integer 0-2^31-1: how long a stop waits for
@@ -196,7 +198,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
-local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes" }
+local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
 -- Callback names a Lua stage module may define (function-valued fields):
 -- the events, and added/removed (the stage joined or left a pipeline, as
@@ -905,7 +907,7 @@ local function check_server(v, path)
     return addr
 end
 
--- health_check = { interval_ms, timeout_ms, fails, passes }: all optional.
+-- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
 local function check_health(h, path)
     if h == nil then return nil end
     if type(h) ~= "table" then
@@ -922,11 +924,24 @@ local function check_health(h, path)
         fail(path .. ".timeout_ms", "expected at most interval_ms (%d), got %s", interval,
              show(timeout))
     end
+    local fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails)
+    local passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes)
+    -- send: bytes written once connected; expect: bytes the answer must
+    -- contain (within its first 4096 bytes).
+    local function bytes(key, max)
+        local v = h[key]
+        if v ~= nil and (type(v) ~= "string" or #v == 0 or #v > max) then
+            fail(path .. "." .. key, "expected a string of 1 to %d bytes, got %s", max, show(v))
+        end
+        return v
+    end
     return {
         interval_ms = interval,
         timeout_ms = timeout,
-        fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails),
-        passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes),
+        fails = fails,
+        passes = passes,
+        send = bytes("send", 1024),
+        expect = bytes("expect", 256),
     }
 end
 

@@ -204,6 +204,9 @@ describe("sluice.config", function()
       assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }, hc({}))
       assert.are.same({ interval_ms = 300, timeout_ms = 300, fails = 3, passes = 2 },
                       hc({ interval_ms = 300 }))
+      assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2,
+                        send = "PING\r\n", expect = "+PONG" },
+                      hc({ send = "PING\r\n", expect = "+PONG" }))
       assert.is_nil(hc(nil))
     end)
 
@@ -1018,7 +1021,13 @@ describe("sluice.config", function()
         assert.are.equal("config error: upstreams.demo.health_check: expected a table { interval_ms = n, "
                          .. "timeout_ms = n, fails = n, passes = n }, got true", herr(true))
         assert.are.equal("config error: upstreams.demo.health_check.interval: unknown key (expected one of: "
-                         .. "interval_ms, timeout_ms, fails, passes)", herr({ interval = 1 }))
+                         .. "interval_ms, timeout_ms, fails, passes, send, expect)", herr({ interval = 1 }))
+        assert.are.equal("config error: upstreams.demo.health_check.send: expected a string of 1 to 1024 "
+                         .. "bytes, got 42", herr({ send = 42 }))
+        assert.are.equal("config error: upstreams.demo.health_check.expect: expected a string of 1 to 256 "
+                         .. 'bytes, got ""', herr({ expect = "" }))
+        assert.matches("^config error: upstreams.demo.health_check.expect: expected a string of 1 to 256 ",
+                       herr({ expect = ("x"):rep(257) }))
         assert.are.equal("config error: upstreams.demo.health_check.interval_ms: expected a positive "
                          .. "integer, got 0", herr({ interval_ms = 0 }))
         assert.are.equal("config error: upstreams.demo.health_check.timeout_ms: expected a positive "

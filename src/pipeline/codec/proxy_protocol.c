@@ -35,6 +35,7 @@ typedef struct sl_pp_state {
   uint32_t total;                 /* v2: the header's whole length, once known */
   uint32_t consumed;              /* v2: bytes of the header seen (TLVs are skipped) */
   int done;                       /* the header went by: reads pass through */
+  int failed;                     /* a bad header closed the connection */
 } sl_pp_state;
 
 /* Sets the client address from a v1 line ("PROXY TCP4 a b p q\r\n").
@@ -164,6 +165,7 @@ static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, con
 }
 
 static void sl_pp_fail(sl_ctx *ctx, const char *why) {
+  ((sl_pp_state *)ctx->state)->failed = 1;
   sl_channel *ch = sl_ctx_channel(ctx);
   char reason[128];
   snprintf(reason, sizeof(reason), "bad PROXY protocol header (%s)", why);
@@ -179,6 +181,10 @@ static void sl_pp_read(sl_ctx *ctx, sl_buf *b) {
   sl_pp_state *st = ctx->state;
   if (st->done) {
     sl_ctx_fire_read(ctx, b);
+    return;
+  }
+  if (st->failed) { /* closing: nothing more is looked at */
+    sl_buf_release(b);
     return;
   }
   size_t used = 0;
@@ -211,6 +217,7 @@ static void sl_pp_read_complete(sl_ctx *ctx) {
 static void sl_pp_user_event(sl_ctx *ctx, int event) {
   sl_pp_state *st = ctx->state;
   if (!st->done && event == SL_UEV_INPUT_CLOSED) {
+    if (st->failed) return;
     sl_pp_fail(ctx, "the client closed before the header was complete");
     return;
   }

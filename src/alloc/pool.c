@@ -46,7 +46,6 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->id = id;
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
-  p->trim_countdown = p->trim_interval;
   p->next_gen = 1;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
@@ -66,13 +65,18 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     }
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
   }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32;   /* flags 0 */
   p->cached_limit = p->max_cached_size;
+  p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;
   p->normal_limit = cfg->type == SL_ALLOC_POOLED ? a->max_class_size : 0;
   p->normal_max_size = p->normal_limit;
   p->leak_level = cfg->leak_level;
   p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
   p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
+  p->trim_countdown = p->trim_interval;
+  sl_pool_countdown_arm(p);
   p->release_site = "the core";
   sl_pool_bind_thread(p);
   return p;
@@ -146,6 +150,7 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   if (p->fail_next > 0) {
     if (--p->fail_next == 0) {
       p->max_cached_size = p->cached_limit;
+      p->lookup_max_size = SL_MIN(p->cached_limit, SL_SC_LOOKUP_MAX);
       p->normal_max_size = p->normal_limit;
     }
     p->alloc_failures++;
@@ -190,7 +195,6 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
     p->unpooled_bytes += *usable;
     p->other_allocs++;
   }
-  if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
   return mem;
 }
 
@@ -294,6 +298,26 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
                                                   memory_order_relaxed));
 }
 
+void sl_pool_countdown_sync(sl_pool *p) {
+  uint32_t done = p->countdown_set - p->countdown;
+  p->trim_countdown -= done;
+  p->leak_countdown -= done;
+  p->countdown_set = p->countdown;
+}
+
+void sl_pool_countdown_arm(sl_pool *p) {
+  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
+  if (n == 0) n = 1;
+  p->countdown = p->countdown_set = n;
+}
+
+__attribute__((noinline)) void sl_pool_event(sl_pool *p) {
+  sl_pool_countdown_sync(p);
+  if (p->trim_countdown == 0) sl_pool_trim(p, 0);
+  if (p->leak_countdown == 0) p->leak_countdown = 1;   /* the next buffer is sampled */
+  sl_pool_countdown_arm(p);
+}
+
 __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
@@ -312,7 +336,9 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
     p->cache_hits += bin->used;
     bin->used = 0;
   }
+  sl_pool_countdown_sync(p);
   p->trim_countdown = p->trim_interval;
+  sl_pool_countdown_arm(p);
   p->trims++;
 }
 
@@ -358,6 +384,7 @@ void sl_pool_fail_next(sl_pool *p, unsigned n) {
   p->fail_next = n;
   /* While failing on purpose every allocation takes the slow path. */
   p->max_cached_size = n ? 0 : p->cached_limit;
+  p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->normal_max_size = n ? 0 : p->normal_limit;
 }
 

@@ -70,11 +70,22 @@ void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass);
 void *sl_pool_header_get_slow(sl_pool *p);
 void sl_pool_trim(sl_pool *p, int everything);
 
-/* Returns a block of at least size bytes, its usable size and its class
- * (SL_SC_NONE for huge and unpooled blocks), or NULL. The cache hit is a
- * stack pop. */
-static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
-                                      unsigned *sclass) {
+/* One countdown stands for two: allocations until the next count-based trim
+ * and until the next leak sample (buf/leak.c). It is set to the nearer of
+ * the two; when it reaches zero, sl_pool_countdown_sync brings both up to
+ * date, whichever is due runs, and sl_pool_countdown_arm sets it again.
+ * Whatever changes trim_countdown or leak_countdown syncs before and arms
+ * after. */
+void sl_pool_countdown_sync(sl_pool *p);
+void sl_pool_countdown_arm(sl_pool *p);
+/* The countdown reached zero on an allocation that made no buffer: a due
+ * trim runs; a due leak sample waits for the next buffer. */
+void sl_pool_event(sl_pool *p);
+
+/* sl_pool_alloc_cls without counting towards the trim (the buffer code
+ * counts its allocations itself, with the buffer). */
+static inline void *sl_pool_alloc_block(sl_pool *p, size_t size, size_t *usable,
+                                        unsigned *sclass) {
   if (size <= p->max_cached_size) {
     unsigned idx = sl_sc_index(size);
     sl_cache_bin *bin = &p->bins[idx];
@@ -83,15 +94,24 @@ static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
       void *mem = bin->items[n - 1];
       bin->n = n - 1;
       bin->used++;
-      p->cls[idx].allocs++;
+      bin->allocs++;
       *usable = sl_sc_size(idx);
       *sclass = idx;
       SL_UNPOISON(mem, *usable);
-      if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
       return mem;
     }
   }
   return sl_pool_alloc_slow(p, size, usable, sclass);
+}
+
+/* Returns a block of at least size bytes, its usable size and its class
+ * (SL_SC_NONE for huge and unpooled blocks), or NULL. The cache hit is a
+ * stack pop. */
+static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
+                                      unsigned *sclass) {
+  void *mem = sl_pool_alloc_block(p, size, usable, sclass);
+  if (mem != NULL && --p->countdown == 0) sl_pool_event(p);
+  return mem;
 }
 
 /* Gives back a block with the usable size and class sl_pool_alloc_cls
@@ -102,7 +122,7 @@ static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsign
     if (bin->n < bin->cap) {
       SL_POISON(mem, usable);
       bin->items[bin->n++] = mem;
-      p->cls[sclass].frees++;
+      bin->frees++;
       return;
     }
   }
@@ -176,9 +196,10 @@ static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
  * say who released it. */
 void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 
+/* Generations are odd, so never 0, without a test. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint32_t g = p->next_gen++;
-  if (g == 0) g = p->next_gen++;
+  uint32_t g = p->next_gen | 1;
+  p->next_gen = g + 2;
   return g;
 }
 

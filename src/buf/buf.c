@@ -109,8 +109,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
   if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && sl_pool_header_ready(pool), 1)) {
     if (__builtin_expect(cap <= pool->lookup_max_size, 1)) {
-      unsigned idx = sl_sc_lookup[(cap + 15) >> 4];
-      sl_cache_bin *bin = &pool->bins[idx];
+      sl_cache_bin *bin = &pool->bins[sl_sc_lookup[(cap + 15) >> 4]];
       uint32_t n = bin->n;
       if (__builtin_expect(n != 0, 1)) {
         uint8_t *data = bin->items[n - 1];
@@ -251,7 +250,7 @@ void sl_buf_free(sl_buf *r) {
   /* The fast path: a root (not a view or derived buffer) with no owner,
    * record or views, no quarantine, whose block fits its bin; block and
    * header go back by two stack pushes. */
-  unsigned sc = r->sclass;
+  size_t sc = r->sclass;
   if (__builtin_expect(((r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
                                      SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED)) |
                         pool->quarantine_next) == 0,

@@ -236,6 +236,18 @@ __attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
   return NULL;
 }
 
+uint32_t sl_pool_header_refill(sl_pool *p) {
+  uint32_t k = 0, room = SL_MAX(p->rec_cap, 1u) - p->rec_n;
+  while (k < 32 && k < room && p->hdr_overflow != NULL) {
+    void *h = p->hdr_overflow;
+    p->hdr_overflow = *sl_pool_hdr_link(h);
+    p->hdr_overflow_n--;
+    p->recycler[p->rec_n++] = h;
+    k++;
+  }
+  return k;
+}
+
 void sl_pool_header_quarantine(sl_pool *p, void *hdr) {
   void *old = p->quarantine[p->quarantine_head];
   p->quarantine[p->quarantine_head] = hdr;

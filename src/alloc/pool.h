@@ -170,6 +170,10 @@ static inline void *sl_pool_header_take(sl_pool *p) {
   return h;
 }
 
+/* Moves up to 32 headers from the overflow list onto the (empty) recycler.
+ * Returns how many. */
+uint32_t sl_pool_header_refill(sl_pool *p);
+
 /* A header slot (SL_HDR_SIZE bytes, contents unspecified), or NULL. */
 static inline void *sl_pool_header_get(sl_pool *p) {
   if (sl_pool_header_ready(p)) return sl_pool_header_take(p);

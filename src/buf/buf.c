@@ -100,16 +100,25 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   return sl_buf_alloc_done(pool, b);
 }
 
-/* The fast path: a header from the recycler and a block from the worker
- * cache, both stack pops; the generation and the countdown (trim, leak
+/* The fast path: a header from the recycler (refilled from the overflow
+ * list when empty) and a block from the worker cache, both stack pops; the generation and the countdown (trim, leak
  * sampling) as in the slow path. Sizes up to the lookup table's end take
  * the class from one load; sizes above max_cached go to the arena directly
  * (sl_buf_alloc_normal). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_refill(sl_pool *pool, size_t cap,
+                                                             size_t max_cap) {
+  if (sl_pool_header_refill(pool) == 0) return sl_buf_alloc_slow(pool, cap, max_cap);
+  return sl_buf_alloc(pool, cap, max_cap);
+}
+
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
-  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && sl_pool_header_ready(pool), 1)) {
+  uint32_t rn = pool->rec_n;   /* headers on the recycler */
+  if (__builtin_expect(rn == 0, 0)) return sl_buf_alloc_refill(pool, cap, max_cap);
+  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY, 1)) {
     if (__builtin_expect(cap <= pool->lookup_max_size, 1)) {
-      sl_cache_bin *bin = &pool->bins[sl_sc_lookup[(cap + 15) >> 4]];
+      size_t idx = sl_sc_lookup[(cap + 15) >> 4];
+      sl_cache_bin *bin = pool->bins + idx;
       uint32_t n = bin->n;
       if (__builtin_expect(n != 0, 1)) {
         uint8_t *data = bin->items[n - 1];
@@ -117,7 +126,8 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
         bin->n = n - 1;
         bin->used++;
         bin->allocs++;
-        sl_buf *b = sl_pool_header_take(pool);
+        pool->rec_n = rn - 1;
+        sl_buf *b = pool->recycler[rn - 1];
         SL_UNPOISON(data, (uint32_t)tail);
         sl_buf_init_root(pool, b, data, tail, max_cap);
         return sl_buf_alloc_done(pool, b);

@@ -993,8 +993,13 @@ static void test_recycler_keeps_cap_headers_and_overflows_the_rest(void **state)
   cfg.recycler_cap = 8;
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
+  /* A size no bin caches: a root over a cached size parks its header with
+   * its block when released (see test_released_root_parks_with_its_block),
+   * these go to the recycler. */
+  const size_t size = 40000;
+  assert_true(size > p->max_cached_size);
   sl_buf *b[20];
-  for (int i = 0; i < 20; i++) assert_non_null(b[i] = sl_buf_alloc(p, 64, 0));
+  for (int i = 0; i < 20; i++) assert_non_null(b[i] = sl_buf_alloc(p, size, 0));
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(st.headers_total, 20);
   assert_int_equal(st.headers_free, 0);
@@ -1009,7 +1014,7 @@ static void test_recycler_keeps_cap_headers_and_overflows_the_rest(void **state)
   /* Allocating again reuses exactly those headers. */
   sl_buf *c[20];
   for (int i = 0; i < 20; i++) {
-    assert_non_null(c[i] = sl_buf_alloc(p, 64, 0));
+    assert_non_null(c[i] = sl_buf_alloc(p, size, 0));
     int found = 0;
     for (int j = 0; j < 20; j++) found |= c[i] == b[j];
     assert_true(found);
@@ -1179,8 +1184,9 @@ static void test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly(vo
   assert_int_equal(p->drained, 16);
 
   /* The headers the other thread freed come back into use: 100 more
-   * buffers need no new header slot. */
-  for (int i = 0; i < 100; i++) assert_non_null(b[i] = sl_buf_alloc(p, 100, 0));
+   * buffers of the same sizes need no new header slot (the drained 2000 B
+   * roots are parked with their blocks, and serve the first of them). */
+  for (int i = 0; i < 100; i++) assert_non_null(b[i] = sl_buf_alloc(p, i % 2 ? 2000 : 40000, 0));
   assert_int_equal(sl_test_stats(p).headers_total, 100);
   for (int i = 0; i < 100; i++) sl_buf_release(b[i]);
   SL_TEST_ASSERT_POOL_CLEAN(p);

@@ -140,6 +140,7 @@ static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
   if (idx < p->alloc->nsmall && bin->cap >= 8 && size <= p->max_cached_size) {
     unsigned got = sl_arena_alloc_many(p->arena, idx, bin->items, SL_MIN(bin->cap / 8, 32u));
     void *mem = got ? bin->items[--got] : NULL;
+    for (unsigned i = 0; i < got; i++) bin->items[i] = sl_pool_bare_item(bin->items[i]);
     bin->n = got;
     return mem;
   }
@@ -198,6 +199,25 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   return mem;
 }
 
+/* Gives the give oldest entries of bin sclass back to the arena (parked
+ * headers to the recycler). */
+static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
+  sl_cache_bin *bin = &p->bins[sclass];
+  if (give == 0) return;
+  for (uint32_t i = 0; i < give; i++) bin->items[i] = sl_pool_item_block(p, bin->items[i]);
+  sl_arena_free_many(p->arena, bin->items, give, sclass);
+  memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
+  bin->n -= give;
+}
+
+__attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass) {
+  sl_cache_bin *bin = &p->bins[sclass];
+  sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
+  bin->items[bin->n++] = hdr;
+  bin->frees++;
+  p->parked_hint = 1;
+}
+
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
   if (p->alloc->cfg.type == SL_ALLOC_UNPOOLED) {
     p->other_frees++;
@@ -211,11 +231,8 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
     sl_cache_bin *bin = &p->bins[sclass];
     if (bin->cap >= 8) {
       /* A full bin gives its older half back in one trip, then keeps mem. */
-      uint32_t give = bin->cap / 2;
-      sl_arena_free_many(p->arena, bin->items, give, sclass);
-      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
-      bin->n -= give;
-      bin->items[bin->n++] = mem;
+      sl_pool_bin_give(p, sclass, bin->cap / 2);
+      bin->items[bin->n++] = sl_pool_bare_item(mem);
       return;
     }
     sl_arena_free(p->arena, mem, sclass, usable);
@@ -226,26 +243,71 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-__attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
+/* A parked header, the one nearest the top of the first bin that has one
+ * (its block stays there, bare), or NULL. parked_hint is set whenever a
+ * header parks and cleared when a search finds none. */
+static void *sl_pool_unpark(sl_pool *p) {
+  if (!p->parked_hint) return NULL;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_cache_bin *bin = &p->bins[i];
+    for (uint32_t k = bin->n; k > 0; k--) {
+      void *item = bin->items[k - 1];
+      if ((uintptr_t)item & SL_BIN_BARE) continue;
+      bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
+      return item;
+    }
+  }
+  p->parked_hint = 0;
+  return NULL;
+}
+
+/* Every parked header to the recycler (their blocks stay, bare). */
+static void sl_pool_unpark_all(sl_pool *p) {
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_cache_bin *bin = &p->bins[i];
+    for (uint32_t k = 0; k < bin->n; k++)
+      bin->items[k] = sl_pool_bare_item(sl_pool_item_block(p, bin->items[k]));
+  }
+}
+
+/* Parked headers (free, as far as the header count goes). */
+static uint64_t sl_pool_parked(const sl_pool *p) {
+  uint64_t n = 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    for (uint32_t k = 0; k < p->bins[i].n; k++) n += !((uintptr_t)p->bins[i].items[k] & SL_BIN_BARE);
+  return n;
+}
+
+/* A header when the recycler and the overflow list are empty: one freed by
+ * a foreign thread, else a parked one (near the top of a bin) or a new
+ * slot, in the order parked_first says. NULL with ENOMEM. */
+static void *sl_pool_header_find(sl_pool *p, int parked_first) {
   if (atomic_load_explicit(&p->hdr_remote, memory_order_relaxed)) {
     sl_pool_take_remote_headers(p);
     if (p->hdr_overflow != NULL) return sl_pool_header_take(p);
   }
+  void *h = parked_first ? sl_pool_unpark(p) : NULL;
+  if (h != NULL) return h;
   if (p->hdr_next < p->hdr_max) return p->hdr_base + (size_t)p->hdr_next++ * SL_HDR_SIZE;
+  h = sl_pool_unpark(p);
+  if (h != NULL) return h;
   errno = ENOMEM;
   return NULL;
 }
 
-uint32_t sl_pool_header_refill(sl_pool *p) {
-  uint32_t k = 0, room = SL_MAX(p->rec_cap, 1u) - p->rec_n;
-  while (k < 32 && k < room && p->hdr_overflow != NULL) {
-    void *h = p->hdr_overflow;
-    p->hdr_overflow = *sl_pool_hdr_link(h);
-    p->hdr_overflow_n--;
-    p->recycler[p->rec_n++] = h;
-    k++;
-  }
-  return k;
+/* A root buffer's header: a new slot before a parked one. A root parks
+ * with its block when released, so taking a parked header would only leave
+ * a bare block to take the next free header each time round; the count
+ * stays bounded, as the bins are. */
+__attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
+  return sl_pool_header_find(p, 0);
+}
+
+/* Views and derived buffers never park: their headers come from parked ones
+ * first, so that the header count does not grow for them. */
+__attribute__((noinline)) void *sl_pool_header_get_view(sl_pool *p) {
+  if (sl_pool_header_ready(p)) return sl_pool_header_take(p);
+  return sl_pool_header_find(p, 1);
 }
 
 void sl_pool_header_quarantine(sl_pool *p, void *hdr) {
@@ -340,11 +402,7 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
     }
     /* What went unused since the last trim goes back: the oldest entries. */
     uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
-    if (give > 0) {
-      sl_arena_free_many(p->arena, bin->items, give, i);
-      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
-      bin->n -= give;
-    }
+    sl_pool_bin_give(p, i, give);
     p->cache_hits += bin->used;
     bin->used = 0;
   }
@@ -358,6 +416,7 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
 static int sl_pool_reset_region(sl_pool *p) {
   sl_pool_take_remote_headers(p);
   sl_pool_quarantine_flush(p);
+  sl_pool_unpark_all(p);
   uint64_t live = (uint64_t)(p->hdr_next - 1) - p->rec_n - p->hdr_overflow_n;
   if (live != 0 || p->hdr_next <= 64) return 0;
   size_t page = 4096;
@@ -423,7 +482,7 @@ void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   st->trims = p->trims;
   st->idle_trims = p->idle_trims;
   st->headers_total = p->hdr_next - 1;
-  st->headers_free = p->rec_n + p->hdr_overflow_n + p->quarantine_n;
+  st->headers_free = p->rec_n + p->hdr_overflow_n + p->quarantine_n + sl_pool_parked(p);
   st->recycler_size = p->rec_n;
   st->recycler_cap = p->rec_cap;
   st->recycler_overflows = p->recycler_overflows;

@@ -6,7 +6,20 @@
  *   - bins: per size class (up to max_cached), a stack of freed blocks;
  *     bounded (small_cache / normal_cache), trimmed every trim_interval
  *     allocations (entries that went unused are given back) and when the
- *     worker has been idle for trim_idle_ms (everything is given back);
+ *     worker has been idle for trim_idle_ms (everything is given back).
+ *     An entry is either a bare block (tagged with SL_BIN_BARE: refills
+ *     from the arena, blocks freed without a buffer) or, most often, a
+ *     parked header: the dead header of a root buffer released on its
+ *     worker, still carrying its block (at SL_HDR_BLOCK_OFFSET), so that a
+ *     cache hit is one pop and a release one push. A parked header is dead
+ *     as any free header (generation 0, who released it kept) and still
+ *     what a root over that block needs (root itself, no views, no owner,
+ *     flags 0, block_size and sclass of its bin's class): an allocation
+ *     sets only the indexes, capacities, refcount and generation. Taking a
+ *     block without a buffer, flushing or trimming gives the header to the
+ *     recycler; a header needed when the recycler and the overflow list are
+ *     empty is taken from a parked one near the top of a bin, which stays
+ *     there as a bare block, before a new slot is used;
  *   - headers: buffer headers come from a region of address space reserved
  *     for this pool and aligned to SL_HDR_REGION_SPAN, so the pool of any
  *     header is found by masking its address. The region is never unmapped
@@ -36,6 +49,10 @@
  * errors about stale handles read (generation, flags, root, release site). */
 #define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
+/* A parked header keeps its block here: sl_buf's cap and max_cap, which a
+ * dead header does not use (buf.c checks the offset). */
+#define SL_HDR_BLOCK_OFFSET 16
+#define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
 
 typedef struct sl_pool sl_pool;
 
@@ -66,6 +83,7 @@ struct sl_pool {
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
   uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
+  uint32_t parked_hint;           /* a header parked since the last search found none */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
   /* Per size class: the cache bin and the counters. The same array under two

@@ -10,6 +10,9 @@
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
+_Static_assert(offsetof(sl_buf, cap) == SL_HDR_BLOCK_OFFSET &&
+                   offsetof(sl_buf, max_cap) == SL_HDR_BLOCK_OFFSET + 4,
+               "a parked header keeps its block in cap and max_cap");
 
 
 _Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) == 60 &&
@@ -90,46 +93,71 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   unsigned idx = sl_sc_index(cap);
   if (idx < pool->nsmall || cap <= pool->max_cached_size)
     return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) return NULL;
   uint8_t *data = sl_arena_alloc_normal(pool->arena, idx);
-  if (data == NULL) return sl_buf_alloc_slow(pool, cap, max_cap);   /* trims, retries, fails */
+  if (data == NULL) {   /* the slow path trims, retries or fails */
+    sl_pool_header_put(pool, b);
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  }
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf *b = sl_pool_header_take(pool);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 
-/* The fast path: a header from the recycler (refilled from the overflow
- * list when empty) and a block from the worker cache, both stack pops; the generation and the countdown (trim, leak
+/* A bare block popped from bin: it gets a header (NULL: the block goes
+ * back, and the slow path reports the failure). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cache_bin *bin,
+                                                           uint8_t *data, size_t cap,
+                                                           size_t max_cap) {
+  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) {
+    bin->items[bin->n++] = sl_pool_bare_item(data);
+    bin->used--;
+    bin->allocs--;
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  }
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* The fast path: a parked header from the worker cache, which brings its
+ * block (a bare block gets a header from the recycler); the indexes,
+ * capacities, refcount, generation and the countdown (trim, leak
  * sampling) as in the slow path. Sizes up to the lookup table's end take
  * the class from one load; sizes above max_cached go to the arena directly
  * (sl_buf_alloc_normal). */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_refill(sl_pool *pool, size_t cap,
-                                                             size_t max_cap) {
-  if (sl_pool_header_refill(pool) == 0) return sl_buf_alloc_slow(pool, cap, max_cap);
-  return sl_buf_alloc(pool, cap, max_cap);
-}
-
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
-  uint32_t rn = pool->rec_n;   /* headers on the recycler */
-  if (__builtin_expect(rn == 0, 0)) return sl_buf_alloc_refill(pool, cap, max_cap);
   if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY, 1)) {
     if (__builtin_expect(cap <= pool->lookup_max_size, 1)) {
-      size_t idx = sl_sc_lookup[(cap + 15) >> 4];
-      sl_cache_bin *bin = pool->bins + idx;
+      sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
       uint32_t n = bin->n;
       if (__builtin_expect(n != 0, 1)) {
-        uint8_t *data = bin->items[n - 1];
-        uint64_t tail = bin->tail;
+        uintptr_t item = (uintptr_t)bin->items[n - 1];
         bin->n = n - 1;
         bin->used++;
         bin->allocs++;
-        pool->rec_n = rn - 1;
-        sl_buf *b = pool->recycler[rn - 1];
-        SL_UNPOISON(data, (uint32_t)tail);
-        sl_buf_init_root(pool, b, data, tail, max_cap);
+        if (__builtin_expect(item & SL_BIN_BARE, 0))
+          return sl_buf_alloc_bare(pool, bin, (uint8_t *)(item - SL_BIN_BARE), cap, max_cap);
+        /* A parked header: root, views, owner, block_size, sclass and
+         * flags are already those of a root over its block. */
+        sl_buf *b = (sl_buf *)item;
+        uint8_t *data = sl_pool_parked_block(b);
+        uint32_t usable = b->block_size;
+        SL_UNPOISON(data, usable);
+        b->data = data;
+        b->rd = 0;
+        b->wr = 0;
+        b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
+        b->max_cap = (uint32_t)max_cap;
+        b->refcnt = 1;
+        b->gen = sl_pool_next_gen(pool);
         return sl_buf_alloc_done(pool, b);
       }
     } else if (cap <= pool->normal_max_size) {
@@ -169,6 +197,20 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
   h->flags &= (uint16_t)~SL_BUF_HAS_VIEWS;
 }
 
+/* Makes root r (released: no owner, record, views or shared flag left, so
+ * flags 0) a parked header, to go on the bin of its class: the block
+ * pointer moves to SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the
+ * generation it died with and who released it (its index and data fields
+ * are unused now). */
+static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
+  SL_POISON(r->data, r->block_size);
+  *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  pool->parked_hint = 1;
+}
+
 /* Frees a root whose refcount reached zero, on its pool's thread. */
 static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {
@@ -177,6 +219,19 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   }
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
   if (r->views != NULL) sl_buf_kill_views(pool, r);
+  r->flags &= (uint16_t)~SL_BUF_SHARED;   /* its derived buffers are gone */
+  unsigned sc = r->sclass;
+  if (!pool->quarantine_next && !(r->flags & SL_BUF_UNBINNED) && pool->bins[sc].cap > 0) {
+    sl_cache_bin *bin = &pool->bins[sc];
+    sl_buf_to_parked(pool, r);
+    if (bin->n < bin->cap) {
+      bin->items[bin->n++] = r;
+      bin->frees++;
+    } else {
+      sl_pool_park_slow(pool, r, sc);   /* the older half goes to the arena first */
+    }
+    return;
+  }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   /* A dead header keeps the generation it died with and who released it
    * (its index and data fields are unused now). */
@@ -258,21 +313,20 @@ void sl_buf_free(sl_buf *r) {
     return;
   }
   /* The fast path: a root (not a view or derived buffer) with no owner,
-   * record or views, no quarantine, whose block fits its bin; block and
-   * header go back by two stack pushes. */
+   * record, views or derived buffers, no quarantine, whose bin has room:
+   * the header parks there with its block, one stack push. */
   size_t sc = r->sclass;
   if (__builtin_expect(((r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
-                                     SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED)) |
+                                     SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
                         pool->quarantine_next) == 0,
                        1)) {
     sl_cache_bin *bin = &pool->bins[sc];
     uint32_t n = bin->n;
     if (__builtin_expect(n < bin->cap, 1)) {
-      SL_POISON(r->data, r->block_size);
-      bin->items[n] = r->data;
+      sl_buf_to_parked(pool, r);
+      bin->items[n] = r;
       bin->n = n + 1;
       bin->frees++;
-      sl_buf_bury(pool, r);
       return;
     }
     if (bin->cap == 0 && sc >= pool->nsmall) {
@@ -347,7 +401,7 @@ int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err) {
 static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) {
   sl_buf *h = b->root;
   sl_pool *pool = sl_pool_of(h);
-  sl_buf *v = sl_pool_header_get(pool);
+  sl_buf *v = sl_pool_header_get_view(pool);
   if (v == NULL) return NULL;
   v->data = data;
   v->rd = 0;

@@ -143,8 +143,16 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
         bin->n = n - 1;
         bin->used++;
         bin->allocs++;
-        if (__builtin_expect(item & SL_BIN_BARE, 0))
-          return sl_buf_alloc_bare(pool, bin, (uint8_t *)(item - SL_BIN_BARE), cap, max_cap);
+        if (__builtin_expect(item & SL_BIN_BARE, 0)) {
+          /* A bare block: a header from the recycler or the overflow list
+           * when they have one. */
+          uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
+          if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
+          sl_buf *b = sl_pool_header_take(pool);
+          SL_UNPOISON(data, (uint32_t)bin->tail);
+          sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+          return sl_buf_alloc_done(pool, b);
+        }
         /* A parked header: root, views, owner, block_size, sclass and
          * flags are already those of a root over its block. */
         sl_buf *b = (sl_buf *)item;

@@ -380,16 +380,27 @@ http {
   return p
 end
 
--- The value of one sample in sluice's /metrics on the admin port (nil when
--- absent), e.g. H.metric(admin, "sluice_received_bytes_total", 'listener="front"').
-function H.metric(admin_port, name, labels)
-  local text = H.exchange(admin_port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 10)
+-- An admin request: GET path on 127.0.0.1:port. Returns status, headers, body.
+function H.admin_get(port, path)
+  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)
+  local head, body = out:match("^(.-)\r\n\r\n(.*)$")
+  return tonumber(out:match("^HTTP/1%.1 (%d%d%d) ")), head or "", body or ""
+end
+
+-- The value of one sample of Prometheus text (nil when absent), e.g.
+-- H.sample(text, "sluice_received_bytes_total", 'listener="front"').
+function H.sample(text, name, labels)
   local want = name .. (labels and ("{" .. labels .. "}") or "")
   for line in text:gmatch("[^\n]+") do
     local k, v = line:match("^(%S+) (%S+)$")
     if k == want then return tonumber(v) end
   end
   return nil
+end
+
+-- The same, read from sluice's /metrics on the admin port.
+function H.metric(admin_port, name, labels)
+  return H.sample(select(3, H.admin_get(admin_port, "/metrics")), name, labels)
 end
 
 -- Waits until sluice has read `bytes` in all from the clients of a listener

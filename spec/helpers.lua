@@ -15,6 +15,7 @@ int bind(int fd, const void *addr, unsigned int len);
 int getsockname(int fd, void *addr, unsigned int *len);
 int close(int fd);
 int usleep(unsigned int usec);
+int getpid(void);
 int listen(int fd, int backlog);
 int connect(int fd, const void *addr, unsigned int len);
 int accept(int fd, void *addr, void *len);
@@ -48,11 +49,30 @@ local function bound_socket(backlog)
   return fd, sa, port
 end
 
--- A TCP port on 127.0.0.1 that nothing listens on right now.
+-- A TCP port on 127.0.0.1 that nothing uses right now, picked below the
+-- kernel's ephemeral range (32768 and up), so that the outgoing connections
+-- of this and other processes cannot take it before the spec listens on it.
+local picked = {}
+math.randomseed(os.time() + tonumber(ffi.C.getpid()))
 function H.free_port()
-  local fd, _, port = bound_socket()
-  ffi.C.close(fd)
-  return port
+  for _ = 1, 1000 do
+    local port = math.random(20000, 32767)
+    if not picked[port] then
+      local fd = ffi.C.socket(2, 1, 0)
+      assert(fd >= 0, "socket() failed")
+      local sa = ffi.new("struct sl_spec_sockaddr_in")
+      sa.family = 2
+      sa.addr = 0x0100007f
+      sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+      local ok = ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0
+      ffi.C.close(fd)
+      if ok then
+        picked[port] = true
+        return port
+      end
+    end
+  end
+  error("no free port between 20000 and 32767")
 end
 
 -- A port whose listener never accepts and whose accept queue is full, so

@@ -186,8 +186,11 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
   sl_socket_tune(fd);
   ch->remote = *remote;
   char a[64];
-  snprintf(ch->desc, sizeof(ch->desc), "client %s on %s",
-           sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)), listener);
+  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "client ");
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
+                    sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)));
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " on ");
+  sl_str_append(ch->desc, sizeof(ch->desc), n, listener);
   return ch;
 }
 
@@ -214,8 +217,11 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
   ch->ud = ud;
   ch->flags |= SL_CH_CONNECTING;
   char a[64];
-  snprintf(ch->desc, sizeof(ch->desc), "upstream %s for %s",
-           sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)), for_name);
+  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "upstream ");
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
+                    sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)));
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " for ");
+  sl_str_append(ch->desc, sizeof(ch->desc), n, for_name);
   ev_io_start(w->loop, &ch->wio);
   ev_timer_set(&ch->timer, timeout, 0.);
   ev_timer_start(w->loop, &ch->timer);
@@ -313,7 +319,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ch->flags |= SL_CH_CLOSED;
   ch->writes_at_close = ch->writes;
   if (is_error) ch->flags |= SL_CH_ERROR;
-  if (reason != ch->reason) snprintf(ch->reason, sizeof(ch->reason), "%s", reason ? reason : "closed");
+  if (reason != ch->reason) sl_str_append(ch->reason, sizeof(ch->reason), 0, reason ? reason : "closed");
   ev_io_stop(w->loop, &ch->rio);
   ev_io_stop(w->loop, &ch->wio);
   ev_timer_stop(w->loop, &ch->timer);
@@ -543,7 +549,7 @@ int sl_channel_move_queue(sl_channel *from, sl_channel *to) {
 void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
   if (ch->flags & SL_CH_CLOSED) return;
   if (!(ch->flags & SL_CH_CLOSE_PENDING))
-    snprintf(ch->reason, sizeof(ch->reason), "%s", reason);
+    sl_str_append(ch->reason, sizeof(ch->reason), 0, reason);
   ch->flags |= SL_CH_CLOSE_PENDING;
   sl_channel_update_reading(ch);
   sl_outq_flush(&ch->outq);

@@ -414,7 +414,7 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
   a->server = -1;
   a->key = sl_upstream_addr_hash(&client->remote);
   a->cc = *cc;
-  snprintf(a->for_name, sizeof(a->for_name), "%s", for_name);
+  sl_str_append(a->for_name, sizeof(a->for_name), 0, for_name);
   /* Nothing is read from the client until the upstream is there. */
   sl_channel_set_autoread(client, 0);
   return sl_attempt_next(a, NULL);

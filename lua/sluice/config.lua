@@ -33,9 +33,9 @@
 --     upstream        optional name of an upstream
 --     pipeline        optional array of stages: "module.name" or
 --                     { "module.name", option = value, ... }
---     low_water_mark  optional positive integer, default 32768 (or
+--     low_water_mark  optional positive integer, default 524288 (or
 --                     high_water_mark when that is smaller)
---     high_water_mark optional positive integer, default 65536
+--     high_water_mark optional positive integer, default 1048576
 --     outbound_limit  optional positive integer, at least high_water_mark,
 --                     default 16777216: a connection whose outbound queue
 --                     would grow above it is closed (reason outbound_limit)
@@ -165,8 +165,10 @@ end
 local Failure = {}  -- metatable tagging the error objects thrown by fail()
 
 local DEFAULT_LOG_LEVEL = "info"
-local DEFAULT_LOW_WATER_MARK = 32768
-local DEFAULT_HIGH_WATER_MARK = 65536
+-- 1 MiB: a read burst (16 reads of up to 64 KiB) goes out in one gathered
+-- write instead of one write per read; see docs/operations.md (Tuning).
+local DEFAULT_LOW_WATER_MARK = 524288
+local DEFAULT_HIGH_WATER_MARK = 1048576
 local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
 local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000

@@ -65,4 +65,12 @@ local function decode(ctx, cum, out)
   if echoed then ctx:flush() end
 end
 
-return codec.decoder(decode)
+local stage = codec.decoder(decode)
+
+-- At `sluice --check` and start-up: a misspelt or mistyped option stops the
+-- config.
+function stage.check_options(options)
+  return codec.check_options(options, { max_frame_length = codec.positive_integer })
+end
+
+return stage

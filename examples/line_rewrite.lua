@@ -89,4 +89,18 @@ local function decode(ctx, cum, out)
   end
 end
 
-return codec.decoder(decode)
+local stage = codec.decoder(decode)
+
+-- At `sluice --check` and start-up: a broken rule or an unknown key stops
+-- the config instead of failing every connection.
+function stage.check_options(options)
+  return codec.check_options(options, {
+    max_length = codec.positive_integer,
+    rules = function(rules)
+      local ok, err = pcall(rules_of, { rules = rules })
+      if not ok then return "a list of { match = pattern, replace = string } (" .. err .. ")" end
+    end,
+  })
+end
+
+return stage

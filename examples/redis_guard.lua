@@ -408,7 +408,7 @@ function stage.check_options(options)
     if type(k) ~= "number" then return "deny", "a list of command names" end
   end
   for k in pairs(options) do
-    if k ~= "deny" then return k, "no such option (redis_guard takes: deny)" end
+    if k ~= "deny" then return k, nil, "deny" end
   end
 end
 

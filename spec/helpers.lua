@@ -22,6 +22,9 @@ int setsockopt(int fd, int level, int name, const void *val, unsigned int len);
 struct sl_spec_pollfd { int fd; short events; short revents; };
 int poll(struct sl_spec_pollfd *fds, unsigned long n, int timeout);
 long read(int fd, void *buf, unsigned long n);
+long write(int fd, const void *buf, unsigned long n);
+struct sl_spec_timespec { long sec; long nsec; };
+int clock_gettime(int clk, struct sl_spec_timespec *ts);
 struct sl_spec_sockaddr_in { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; };
 ]]
 
@@ -72,14 +75,15 @@ end
 -- ways socat cannot (reset a connection). Returns an object with port,
 -- accept(timeout_s) -> fd or nil, reset(fd) (close with RST: SO_LINGER 0),
 -- read(fd, timeout_s) -> string or nil, close().
+local function ready(f, timeout)
+  local p = ffi.new("struct sl_spec_pollfd[1]")
+  p[0].fd, p[0].events = f, 1 -- POLLIN
+  return ffi.C.poll(p, 1, math.floor(timeout * 1000)) == 1
+end
+
 function H.raw_listener()
   local fd, _, port = bound_socket(16)
   local L = { port = port }
-  local function ready(f, timeout)
-    local p = ffi.new("struct sl_spec_pollfd[1]")
-    p[0].fd, p[0].events = f, 1 -- POLLIN
-    return ffi.C.poll(p, 1, math.floor(timeout * 1000)) == 1
-  end
   function L.accept(timeout)
     if not ready(fd, timeout or 10) then return nil end
     local c = ffi.C.accept(fd, nil, nil)
@@ -98,6 +102,39 @@ function H.raw_listener()
   end
   function L.close() ffi.C.close(fd) end
   return L
+end
+
+-- A client connection to 127.0.0.1:port held by the spec itself, for
+-- tests that need several connections open at once. Returns an object with
+-- send(s), recv(n, timeout_s) -> the next n bytes (fewer if the peer closed;
+-- nil on timeout), close().
+function H.connect(port)
+  local fd = ffi.C.socket(2, 1, 0)
+  assert(fd >= 0, "socket() failed")
+  local sa = ffi.new("struct sl_spec_sockaddr_in")
+  sa.family = 2
+  sa.addr = 0x0100007f
+  sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+  assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect() to port " .. port .. " failed")
+  local c = {}
+  function c.send(s)
+    assert(ffi.C.write(fd, s, #s) == #s, "short write")
+  end
+  function c.recv(n, timeout)
+    local got, buf = {}, ffi.new("char[4096]")
+    local have, deadline = 0, H.now() + (timeout or 10)
+    while have < n do
+      local left = deadline - H.now()
+      if left <= 0 or not ready(fd, left) then return nil end
+      local r = tonumber(ffi.C.read(fd, buf, math.min(4096, n - have)))
+      if r <= 0 then break end
+      got[#got + 1] = ffi.string(buf, r)
+      have = have + r
+    end
+    return table.concat(got)
+  end
+  function c.close() ffi.C.close(fd) end
+  return c
 end
 
 -- In-process specs (the core through SLUICE_CORE_LIB): gives the calling
@@ -166,14 +203,21 @@ function H.read(path)
   return s
 end
 
+-- Seconds on the monotonic clock.
+local ts = ffi.new("struct sl_spec_timespec")
+function H.now()
+  ffi.C.clock_gettime(1, ts) -- CLOCK_MONOTONIC
+  return tonumber(ts.sec) + tonumber(ts.nsec) * 1e-9
+end
+
 -- Waits until fn() is true, for at most timeout seconds. Returns fn's value.
 function H.wait_for(fn, timeout)
-  local deadline = os.time() + (timeout or 10)
+  local deadline = H.now() + (timeout or 10)
   repeat
     local v = fn()
     if v then return v end
     H.sleep(0.02)
-  until os.time() > deadline
+  until H.now() > deadline
   return fn()
 end
 
@@ -253,7 +297,15 @@ function H.stop_sluice(p, opts)
   local rc = H.stop(p, "TERM")
   local log = H.read(p.log)
   assert(rc == 0, ("sluice exited with %s:\n%s"):format(tostring(rc), log))
-  assert(log:find("pool clean at exit", 1, true), "pool not clean at exit:\n" .. log)
+  -- Every worker reports its pool clean, and the last line says so for all.
+  local workers = tonumber(log:match("started with (%d+) worker"))
+  assert(workers, "no start line:\n" .. log)
+  for i = 0, workers - 1 do
+    assert(log:find(("worker %d: pool clean at exit"):format(i), 1, true),
+           ("worker %d: pool not clean at exit:\n%s"):format(i, log))
+  end
+  local last = log:match("([^\n]*)\n?$")
+  assert(last:match("%] stopped$"), "the last line is not a clean stop:\n" .. log)
   if not (opts and opts.leaks_expected) then
     assert(not log:find("LEAK", 1, true), "leak reported:\n" .. log)
   end
@@ -326,6 +378,26 @@ http {
          "nginx did not start:\n" .. H.read(p.log))
   p.port = port
   return p
+end
+
+-- The value of one sample in sluice's /metrics on the admin port (nil when
+-- absent), e.g. H.metric(admin, "sluice_received_bytes_total", 'listener="front"').
+function H.metric(admin_port, name, labels)
+  local text = H.exchange(admin_port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 10)
+  local want = name .. (labels and ("{" .. labels .. "}") or "")
+  for line in text:gmatch("[^\n]+") do
+    local k, v = line:match("^(%S+) (%S+)$")
+    if k == want then return tonumber(v) end
+  end
+  return nil
+end
+
+-- Waits until sluice has read `bytes` from the clients of a listener (so
+-- that what a spec sends next arrives in a later read). True when it has.
+function H.wait_received(admin_port, listener, bytes)
+  return H.wait_for(function()
+    return H.metric(admin_port, "sluice_received_bytes_total", ('listener="%s"'):format(listener)) == bytes
+  end, 10)
 end
 
 -- Sends input (a string, or { file = path }) to 127.0.0.1:port, half-closes,

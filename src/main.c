@@ -20,7 +20,8 @@
 static void sl_usage(FILE *out) {
   fprintf(out,
           "usage: sluice -c FILE        run the proxy described by FILE\n"
-          "       sluice --check FILE   validate FILE and exit (0: valid, 2: invalid)\n"
+          "       sluice --check FILE   validate FILE and exit (0: valid, 2: invalid);\n"
+          "                             also --check -c FILE\n"
           "       sluice --version\n"
           "       sluice --help\n"
           "\n"
@@ -35,7 +36,7 @@ static void sl_usage(FILE *out) {
 int main(int argc, char **argv) {
   static const struct option longopts[] = {
       {"config", required_argument, NULL, 'c'},
-      {"check", required_argument, NULL, 'k'},
+      {"check", no_argument, NULL, 'k'},
       {"version", no_argument, NULL, 'V'},
       {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0},
@@ -46,12 +47,14 @@ int main(int argc, char **argv) {
   while ((opt = getopt_long(argc, argv, "c:hV", longopts, NULL)) != -1) {
     switch (opt) {
       case 'c': path = optarg; break;
-      case 'k': path = optarg; check_only = 1; break;
+      case 'k': check_only = 1; break;
       case 'V': printf("sluice %s\n", SL_VERSION); return 0;
       case 'h': sl_usage(stdout); return 0;
       default: sl_usage(stderr); return 2;
     }
   }
+  /* --check FILE: the file is the one operand. */
+  if (check_only && path == NULL && optind == argc - 1) path = argv[optind++];
   if (path == NULL || optind < argc) {
     sl_usage(stderr);
     return 2;

@@ -35,6 +35,7 @@
 #include "alloc/retq.h"
 #include "alloc/size_class.h"
 #include "buf/buf.h"
+#include "buf/leak.h"
 #include "io/worker.h"
 #include "util/common.h"
 
@@ -993,8 +994,13 @@ static void test_recycler_keeps_cap_headers_and_overflows_the_rest(void **state)
   cfg.recycler_cap = 8;
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
+  /* A size no bin caches: a root over a cached size parks its header with
+   * its block when released (see test_released_root_parks_with_its_block),
+   * these go to the recycler. */
+  const size_t size = 40000;
+  assert_true(size > p->max_cached_size);
   sl_buf *b[20];
-  for (int i = 0; i < 20; i++) assert_non_null(b[i] = sl_buf_alloc(p, 64, 0));
+  for (int i = 0; i < 20; i++) assert_non_null(b[i] = sl_buf_alloc(p, size, 0));
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(st.headers_total, 20);
   assert_int_equal(st.headers_free, 0);
@@ -1009,7 +1015,7 @@ static void test_recycler_keeps_cap_headers_and_overflows_the_rest(void **state)
   /* Allocating again reuses exactly those headers. */
   sl_buf *c[20];
   for (int i = 0; i < 20; i++) {
-    assert_non_null(c[i] = sl_buf_alloc(p, 64, 0));
+    assert_non_null(c[i] = sl_buf_alloc(p, size, 0));
     int found = 0;
     for (int j = 0; j < 20; j++) found |= c[i] == b[j];
     assert_true(found);
@@ -1023,6 +1029,118 @@ static void test_recycler_keeps_cap_headers_and_overflows_the_rest(void **state)
   st = sl_test_stats(p);
   assert_int_equal(st.recycler_size, 8);
   assert_int_equal(st.recycler_overflows, 24);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* A root released on its worker parks its header with its block in the
+ * cache: the next allocation of that class is the same header over the same
+ * block, with a new generation; the dead header meanwhile answers as any
+ * released one (generation 0, who released it). Taking the block without a
+ * buffer, or trimming, gives the header to the recycler. */
+static void test_released_root_parks_with_its_block(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf *b = sl_buf_alloc(p, 100, 0);
+  assert_non_null(b);
+  uint8_t *data = b->data;
+  uint32_t gen = b->gen;
+  uint64_t total = sl_test_stats(p).headers_total;
+  sl_buf_release_site(p, "the parking test");
+  sl_buf_release(b);
+  sl_buf_release_site(p, NULL);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(b->gen, 0);
+  assert_string_equal(sl_buf_released_by(b, gen), "the parking test");
+  assert_int_equal(st.recycler_size, 0);              /* parked, not recycled */
+  assert_int_equal(st.headers_free, st.headers_total);
+  assert_true(st.cached_blocks >= 1);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+
+  sl_buf *c = sl_buf_alloc(p, 100, 0);
+  assert_ptr_equal(c, b);
+  assert_ptr_equal(c->data, data);
+  assert_true(c->gen != 0 && c->gen != gen);
+  assert_null(sl_buf_released_by(c, gen));           /* reused since */
+  assert_int_equal(c->refcnt, 1);
+  assert_ptr_equal(c->root, c);
+  assert_null(c->views);
+  assert_null(c->owner);
+  assert_int_equal(c->flags, 0);
+  assert_int_equal(c->rd, 0);
+  assert_int_equal(c->wr, 0);
+  assert_int_equal(c->cap, 100);   /* max_cap (0: the size asked) */
+  assert_int_equal(c->block_size, 112);
+  assert_int_equal(sl_test_stats(p).headers_total, total);
+  sl_buf_release(c);
+
+  /* A block taken without a buffer: the parked header goes to the recycler. */
+  size_t usable;
+  void *m = sl_pool_alloc(p, 100, &usable);
+  assert_ptr_equal(m, data);
+  assert_int_equal(sl_test_stats(p).recycler_size, 1);
+  sl_pool_free(p, m, usable);
+  assert_int_equal(sl_test_stats(p).recycler_size, 1);   /* the block comes back bare */
+
+  /* A bare block gets the recycler's header; released, it parks again; a
+   * trim gives every parked header to the recycler. */
+  c = sl_buf_alloc(p, 100, 0);
+  assert_ptr_equal(c->data, data);
+  assert_int_equal(sl_test_stats(p).recycler_size, 0);
+  sl_buf_release(c);
+  uint64_t cached = sl_test_stats(p).cached_blocks;
+  sl_pool_trim(p, 1);
+  st = sl_test_stats(p);
+  assert_int_equal(st.cached_blocks, 0);
+  assert_int_equal(st.recycler_size, 1);
+  assert_true(cached >= 1);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* A view needs a header when the recycler is empty: it takes a parked one
+ * (whose block stays cached, bare) rather than a new slot; a root over the
+ * bare block then gets one. A buffer with views or derived buffers does not
+ * park until they are gone, and then parks clean. */
+static void test_views_take_parked_headers_and_roots_park_clean(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  const char *err = NULL;
+  sl_buf *b1 = sl_buf_alloc(p, 100, 0);
+  uint8_t *data1 = b1->data;
+  sl_buf_release(b1);                                 /* parked */
+  sl_buf *b2 = sl_buf_alloc(p, 5000, 0);
+  assert_non_null(b2);
+  uint64_t total = sl_test_stats(p).headers_total;
+  assert_int_equal(sl_test_stats(p).recycler_size, 0);
+  sl_buf *v = sl_buf_slice(b2, 0, 10, &err);
+  assert_ptr_equal(v, b1);                            /* the parked header */
+  assert_int_equal(sl_test_stats(p).headers_total, total);
+  sl_buf *d = sl_buf_retained_slice(b2, 10, 10, &err);
+  assert_non_null(d);
+  assert_true(b2->flags & SL_BUF_HAS_VIEWS);
+  assert_true(b2->flags & SL_BUF_SHARED);
+  sl_buf *c = sl_buf_alloc(p, 100, 0);               /* the bare block, a new header */
+  assert_ptr_equal(c->data, data1);
+  assert_ptr_not_equal(c, b1);
+  assert_ptr_equal(c->root, c);
+  assert_int_equal(c->flags, 0);
+  sl_buf_release(c);
+  sl_buf_release(d);
+  assert_int_equal(sl_buf_release(b2), 1);            /* views die, then it parks */
+  assert_int_equal(b2->flags, 0);
+  assert_null(b2->views);
+  sl_buf *e = sl_buf_alloc(p, 5000, 0);
+  assert_ptr_equal(e, b2);
+  assert_int_equal(e->flags, 0);
+  assert_int_equal(sl_buf_derived_count(e), 0);
+  sl_buf_release(e);
   SL_TEST_ASSERT_POOL_CLEAN(p);
   finish(p, a);
 }
@@ -1179,8 +1297,9 @@ static void test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly(vo
   assert_int_equal(p->drained, 16);
 
   /* The headers the other thread freed come back into use: 100 more
-   * buffers need no new header slot. */
-  for (int i = 0; i < 100; i++) assert_non_null(b[i] = sl_buf_alloc(p, 100, 0));
+   * buffers of the same sizes need no new header slot (the drained 2000 B
+   * roots are parked with their blocks, and serve the first of them). */
+  for (int i = 0; i < 100; i++) assert_non_null(b[i] = sl_buf_alloc(p, i % 2 ? 2000 : 40000, 0));
   assert_int_equal(sl_test_stats(p).headers_total, 100);
   for (int i = 0; i < 100; i++) sl_buf_release(b[i]);
   SL_TEST_ASSERT_POOL_CLEAN(p);
@@ -1970,6 +2089,8 @@ int main(void) {
       cmocka_unit_test(test_idle_tick_keeps_chunk_emptied_less_than_idle_ago),
       cmocka_unit_test(test_worker_timer_keeps_chunk_emptied_less_than_idle_ago),
       cmocka_unit_test(test_recycler_keeps_cap_headers_and_overflows_the_rest),
+      cmocka_unit_test(test_released_root_parks_with_its_block),
+      cmocka_unit_test(test_views_take_parked_headers_and_roots_park_clean),
       cmocka_unit_test(test_header_exhaustion_refuses_without_taking_a_block),
       cmocka_unit_test(test_released_header_has_gen_zero_and_live_gen_is_never_zero),
       cmocka_unit_test(test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly),

@@ -51,6 +51,35 @@ local function check_opts(opts)
   return o
 end
 
+-- For a stage built on the decoder to define check_options (see the
+-- configuration reference): checks options against the decoder's own keys
+-- and the stage's, given as key -> function(value) that returns nothing
+-- when the value is fine, else what was expected. A missing key is never
+-- checked (defaults apply). Returns nothing, or the key at fault and what
+-- was expected (nil for a key that is no option, then the options there are).
+function _M.check_options(options, own)
+  for k, v in pairs(options) do
+    local check = own[k]
+    if check ~= nil then
+      local expected = check(v)
+      if expected ~= nil then return k, expected end
+    elseif DEFAULTS[k] ~= nil then
+      if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then return k, "a positive integer" end
+    else
+      local keys = {}
+      for name in pairs(own) do keys[#keys + 1] = name end
+      for name in pairs(DEFAULTS) do keys[#keys + 1] = name end
+      table.sort(keys)
+      return k, nil, table.concat(keys, ", ")
+    end
+  end
+end
+
+-- A check for codec.check_options: a positive integer.
+function _M.positive_integer(v)
+  if type(v) ~= "number" or v < 1 or v ~= math.floor(v) then return "a positive integer" end
+end
+
 local function release(b)
   if b ~= nil and b.refs > 0 and b.b.gen == b.gen then b:release(b.refs) end
 end

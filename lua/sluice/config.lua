@@ -62,7 +62,9 @@
 --     max_fails          optional integer 0..2^31-1, default 1 (0: never)
 --     fail_timeout_ms    optional positive integer, default 10000
 --     health_check       optional table: interval_ms (2000), timeout_ms
---                        (1000, at most interval_ms), fails (3), passes (2)
+--                        (1000, at most interval_ms), fails (3), passes (2),
+--                        send (bytes to write once connected), expect (bytes
+--                        the answer must contain): strings, optional
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   workers     optional integer 1-256, default 0 (one per core)
 --   drain_timeout_ms optional integer 0-2^31-1: how long a stop waits for
@@ -70,7 +72,7 @@
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
 --   admin       optional table: the admin endpoint (/metrics, /memory,
---               /health); off when absent:
+--               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
 --                     [::1], localhost) unless public is true
 --     public          optional boolean, default false: allow any address
@@ -198,7 +200,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
-local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes" }
+local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
 -- Callback names a Lua stage module may define (function-valued fields):
 -- the events, and added/removed (the stage joined or left a pipeline, as
@@ -481,6 +483,30 @@ local function parse_address(s, listen)
     return { host = host, port = port, text = text, family = family }
 end
 
+local function is_wildcard(addr) return addr.host == "0.0.0.0" or addr.host == "::" end
+
+-- Records that `owner` listens on addr, or fails when something already
+-- does: the same address, or the same port where either is the wildcard of
+-- the family (the kernel would refuse the second bind at start-up).
+-- (IPv6 listeners are IPv6-only, so the families do not overlap.)
+local function claim_address(ctx, addr, owner, path, given)
+    local other = ctx.addresses[addr.text]
+    if other then
+        fail(path, "expected a unique address, got %s (%s is also used by %s)",
+             show(given), addr.text, other)
+    end
+    ctx.listening = ctx.listening or {}
+    for _, o in ipairs(ctx.listening) do
+        if o.addr.family == addr.family and o.addr.port == addr.port
+           and (is_wildcard(o.addr) or is_wildcard(addr)) then
+            fail(path, "expected an address that does not overlap another, got %s "
+                 .. "(%s overlaps %s used by %s)", show(given), addr.text, o.addr.text, o.owner)
+        end
+    end
+    ctx.addresses[addr.text] = owner
+    ctx.listening[#ctx.listening + 1] = { addr = addr, owner = owner }
+end
+
 -- Returns the normalized address at `path`, or fails.
 local function check_address(v, path, listen)
     local addr, expected = parse_address(v, listen)
@@ -726,12 +752,17 @@ local function check_stage(entry, path, ctx)
     if found.kind == "c" then check_c_options(name, options, path) end
     -- A Lua stage may check its own options: check_options(options) returns
     -- nothing when they are fine, or the key at fault and what it expected.
+    -- Returning the key alone says it is not an option of the stage (a
+    -- third value may list the ones it takes).
     if found.check then
-        local ok, key, expected = pcall(found.check, options)
+        local ok, key, expected, known = pcall(found.check, options)
         if not ok then
             fail(path, "module %s raised in check_options: %s", quote(name), one_line(tostring(key)))
         end
-        if key ~= nil then
+        if key ~= nil and expected == nil then
+            fail(key_path(path, key), "unknown key (%s takes %s)", quote(name),
+                 known and ("one of: " .. tostring(known)) or "no such option")
+        elseif key ~= nil then
             fail(key_path(path, key), "expected %s, got %s", tostring(expected), show(options[key]))
         end
     end
@@ -848,7 +879,7 @@ local function check_admin(a, ctx)
         fail("admin.listen", "expected a loopback address (127.0.0.1, [::1] or localhost) "
              .. "unless admin.public = true, got %s", show(a.listen))
     end
-    ctx.addresses[listen.text] = "admin.listen"
+    claim_address(ctx, listen, "admin.listen", "admin.listen", a.listen)
     return { listen = listen, public = public }
 end
 
@@ -878,7 +909,7 @@ local function check_server(v, path)
     return addr
 end
 
--- health_check = { interval_ms, timeout_ms, fails, passes }: all optional.
+-- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
 local function check_health(h, path)
     if h == nil then return nil end
     if type(h) ~= "table" then
@@ -895,11 +926,24 @@ local function check_health(h, path)
         fail(path .. ".timeout_ms", "expected at most interval_ms (%d), got %s", interval,
              show(timeout))
     end
+    local fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails)
+    local passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes)
+    -- send: bytes written once connected; expect: bytes the answer must
+    -- contain (within its first 4096 bytes).
+    local function bytes(key, max)
+        local v = h[key]
+        if v ~= nil and (type(v) ~= "string" or #v == 0 or #v > max) then
+            fail(path .. "." .. key, "expected a string of 1 to %d bytes, got %s", max, show(v))
+        end
+        return v
+    end
     return {
         interval_ms = interval,
         timeout_ms = timeout,
-        fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails),
-        passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes),
+        fails = fails,
+        passes = passes,
+        send = bytes("send", 1024),
+        expect = bytes("expect", 256),
     }
 end
 
@@ -984,12 +1028,7 @@ local function check_listener(l, path, ctx)
     ctx.names[name] = path
 
     local listen = check_address(l.listen, path .. ".listen", true)
-    local other = ctx.addresses[listen.text]
-    if other then
-        fail(path .. ".listen", "expected a unique address, got %s (%s is also used by %s)",
-             show(l.listen), listen.text, other)
-    end
-    ctx.addresses[listen.text] = path
+    claim_address(ctx, listen, path, path .. ".listen", l.listen)
 
     local upstream = l.upstream
     if upstream ~= nil and (type(upstream) ~= "string" or not ctx.upstreams[upstream]) then
@@ -1072,6 +1111,13 @@ end
 local function check_root(t, ctx)
     if type(t) ~= "table" then
         fail("", "expected a table, got %s", show(t))
+    end
+    -- A stage module given where a configuration belongs: say so.
+    for _, name in ipairs(CALLBACKS) do
+        if type(t[name]) == "function" then
+            fail("", "expected a configuration table, got a stage module (it defines %s); "
+                 .. "name the module in a listener's pipeline instead", name)
+        end
     end
     check_keys(t, "", TOP_KEYS)
     local log_level = check_log_level(t.log_level)

@@ -259,6 +259,15 @@ function on_added(id, cptr, key)
   end
 end
 
+-- Runs a stage's added callback as a worker does, containing an error
+-- (sluice.testing adds its stages this way).
+function _M.added(ctx)
+  if not ctx.mod.added then return end
+  cur_ctx, cur_ev, cur_arg = ctx, ADDED, nil
+  local ok, err = xpcall(ctx.mod.added, traceback, ctx)
+  if ok then cur_ctx = nil else failed(err) end
+end
+
 function on_removed(ctx)
   if ctx.mod.removed then
     cur_ctx, cur_ev, cur_arg = ctx, REMOVED, nil

@@ -74,7 +74,7 @@ local function add_stage(self, spec, i)
     if id == 0 then error("out of memory adding stage " .. tostring(name), 3) end
     local ctx = host.new_ctx(id, ctx_out[0], key)
     ctx.name = name
-    if ctx.mod.added then ctx.mod.added(ctx) end -- as a worker does for its stages
+    host.added(ctx) -- as a worker does for its stages: an error closes the channel
     return ctx
   end
   -- A C stage: its options parsed as the config reader does; the channel
@@ -102,11 +102,20 @@ function _M.channel(stages, opts)
   if ch == nil then error("out of memory creating a channel", 2) end
   local self = setmetatable({ ch = ch, inbound = {}, events = {}, errors = {}, nin = 1, nend = 0,
                               confs = {} }, Channel)
-  for i = 1, #stages do add_stage(self, stages[i], i) end
-  local cap = add_stage(self, capture, #stages + 1)
-  harness_of[cap] = self
-  self.capture = cap
-  C.sl_ffi_embedded_activate(ch)
+  -- A stage may close the channel from added (or fail there): as in a
+  -- worker, the stages after it are not added and the channel never
+  -- becomes active.
+  local function open() host.drain() return C.sl_ffi_embedded_is_open(ch) ~= 0 end
+  for i = 1, #stages do
+    if not open() then break end
+    add_stage(self, stages[i], i)
+  end
+  if open() then
+    local cap = add_stage(self, capture, #stages + 1)
+    harness_of[cap] = self
+    self.capture = cap
+  end
+  if open() then C.sl_ffi_embedded_activate(ch) end
   host.drain()
   return self
 end

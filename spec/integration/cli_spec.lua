@@ -67,6 +67,25 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "r",
                      .. 'got "FLUSHALL"\n', out)
   end)
 
+  it("takes --check with -c as well as with the file alone", function()
+    local cfg = H.root .. "/examples/quickstart.lua"
+    for _, args in ipairs({ "--check " .. H.shq(cfg), "--check -c " .. H.shq(cfg),
+                            "-c " .. H.shq(cfg) .. " --check" }) do
+      local out, rc = H.sh(("%s %s 2>&1"):format(H.shq(H.bin), args))
+      assert.are.equal(0, rc, args)
+      assert.matches("^config ok: ", out)
+    end
+    local _, rc = H.sh(("%s --check 2>&1"):format(H.shq(H.bin)))
+    assert.are.equal(2, rc)
+  end)
+
+  it("exits 2 saying so when given a stage module instead of a config", function()
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin),
+                                                       H.shq(H.root .. "/examples/redis_guard.lua")))
+    assert.are.equal(2, rc)
+    assert.matches("^config error: top level: expected a configuration table, got a stage module", out)
+  end)
+
   it("exits 2 when the config file is missing", function()
     local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
     assert.are.equal(2, rc)

@@ -72,19 +72,21 @@ describe("frame codecs", function()
 
   it("a line codec before the echo stage: lines in pieces come back whole; an oversized "
      .. "line closes only its connection", function()
-    local port = H.free_port()
+    local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(([[
 return {
+  admin = { listen = "127.0.0.1:%d" },
   listeners = {
     { name = "lines", listen = "127.0.0.1:%d",
       pipeline = { { "sluice.codec.line", max_length = 16, strip_delimiter = false },
                    "sluice.stages.echo" } },
   },
 }
-]]):format(port))
+]]):format(admin, port))
     local a = client(port)
     a.send("hel")
-    H.sleep(0.05)
+    -- sluice has read the first piece before the rest is sent: two reads.
+    assert.is_true(H.wait_received(admin, "lines", 3))
     a.send("lo\r\nwor")
     assert.are.equal("hello\r\n", a.recv(7))
     a.send("ld\n")
@@ -106,9 +108,10 @@ return {
   it("a length field decoder and prepender around an echo upstream", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
-    local port = H.free_port()
+    local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(([[
 return {
+  admin = { listen = "127.0.0.1:%d" },
   listeners = {
     { name = "framed", listen = "127.0.0.1:%d", upstream = "back",
       pipeline = {
@@ -119,14 +122,14 @@ return {
   },
   upstreams = { back = { servers = { "127.0.0.1:%d" } } },
 }
-]]):format(port, echo.port))
+]]):format(admin, port, echo.port))
     local a = client(port)
     -- A frame in three reads: the upstream sees the body only, and what it
     -- sends back gets its length field again.
     a.send(be16(5):sub(1, 1))
-    H.sleep(0.05)
+    assert.is_true(H.wait_received(admin, "framed", 1))
     a.send(be16(5):sub(2) .. "he")
-    H.sleep(0.05)
+    assert.is_true(H.wait_received(admin, "framed", 4))
     a.send("llo")
     assert.are.equal(be16(5) .. "hello", a.recv(7))
     local body = ("0123456789"):rep(100)

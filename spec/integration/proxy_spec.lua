@@ -145,13 +145,20 @@ return {
   end,
 }
 ]])
-    local dir, mod = stage:match("^(.*)/([^/]+)%.lua$")
+    local mod = stage:match("([^/]+)%.lua$")
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local port = H.free_port()
     local p = H.start_sluice(proxy_config(port, echo.port, ("{ %q }"):format(mod)))
+    -- A connection open across the failure of another one.
+    local held = H.connect(port)
+    held.send("before\n")
+    assert.are.equal("before\n", held.recv(7, 10))
     local out1 = H.exchange(port, "boom\n", 5)
     assert.are.equal("", out1)
+    held.send("after\n")
+    assert.are.equal("after\n", held.recv(6, 10))
+    held.close()
     local out2, rc2 = H.exchange(port, "fine\n", 5)
     assert.are.equal(0, rc2)
     assert.are.equal("fine\n", out2)
@@ -159,8 +166,50 @@ return {
     assert.matches("boom requested", log, 1, true)
     assert.matches("stack traceback", log, 1, true)
     assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
-    assert.is_truthy(dir)
   end)
+
+  -- A stage may refuse a connection as it is added (a deny list) or fail
+  -- there: that connection closes before it is active, the process serves on.
+  local refusals = {
+    { "closes it", [[ctx:close("denied")]], "closed: denied" },
+    { "raises", [[error("no route")]], "failed: .*no route" },
+    { "fires an error", [[ctx:fire_error("refused early")]], "closed: " },
+  }
+  for _, r in ipairs(refusals) do
+    it("closes a connection whose stage " .. r[1] .. " in added, and serves the next", function()
+      local stage = H.tmpfile("added_stage.lua", ([[
+local n = 0
+return {
+  added = function(ctx)
+    n = n + 1
+    if n %% 2 == 1 then %s end
+  end,
+}
+]]):format(r[2]))
+      local mod = stage:match("([^/]+)%.lua$")
+      local echo = H.start_echo()
+      peers[#peers + 1] = echo
+      local port = H.free_port()
+      local cfg = proxy_config(port, echo.port, ("{ %q }"):format(mod))
+      local p = H.start_sluice((cfg:gsub("return {", "return { workers = 1,", 1)))
+      -- One worker: its stage refuses the 1st, 3rd, ... connection.
+      local served, refused = 0, 0
+      for i = 1, 4 do
+        local out, rc = H.exchange(port, "hello " .. i .. "\n", 5)
+        if i % 2 == 1 then
+          assert.are.equal("", out)
+          refused = refused + 1
+        else
+          assert.are.equal(0, rc)
+          assert.are.equal("hello " .. i .. "\n", out)
+          served = served + 1
+        end
+      end
+      assert.are.same({ 2, 2 }, { served, refused })
+      local log = H.stop_sluice(p)
+      assert.matches(r[3], log)
+    end)
+  end
 
   it("reports a buffer a stage dropped without releasing, and reclaims its memory", function()
     local stage = H.tmpfile("dropper.lua", [[

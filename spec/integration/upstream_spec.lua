@@ -289,6 +289,38 @@ describe("upstreams", function()
     assert.are.equal(2, after.B, log)
   end)
 
+  it("check servers by what they answer: send and expect, as for redis PING", function()
+    local redis = H.start_redis()
+    peers[#peers + 1] = redis
+    -- Each wrong in its own way: an error then a close; 5000 bytes of
+    -- something else; silence.
+    local closes = H.start_peer([[printf '%s\r\n' '-ERR nope']])
+    local chatty = H.start_peer("head -c 5000 /dev/zero; sleep 5")
+    local silent = H.start_peer("sleep 5")
+    for _, q in ipairs({ closes, chatty, silent }) do peers[#peers + 1] = q end
+    local port = H.free_port()
+    local p = H.start_sluice(config(port, { redis.port, closes.port, chatty.port, silent.port },
+      [[max_fails = 0, tries = 1, health_check = { interval_ms = 500, timeout_ms = 400, fails = 1,
+        send = "PING\r\n", expect = "+PONG" }]]))
+    local function down(q, why)
+      return H.wait_for(function()
+        return H.read(p.log):find(("upstream back: server 127.0.0.1:%d is down (health check: 1 failed "
+                                   .. "in a row, last: %s)"):format(q.port, why), 1, true)
+      end, 10)
+    end
+    assert.is_truthy(down(closes, "closed before the expected answer"), H.read(p.log))
+    assert.is_truthy(down(chatty, "the answer did not contain the expected bytes"), H.read(p.log))
+    assert.is_truthy(down(silent, "timed out"), H.read(p.log))
+    -- Only the redis-server is left to serve: every client gets PONG.
+    for _ = 1, 6 do
+      local out, rc = H.sh(("redis-cli -p %d PING"):format(port))
+      assert.are.equal(0, rc)
+      assert.are.equal("PONG\n", out)
+    end
+    local log = H.stop_sluice(p)
+    assert.not_matches("server 127.0.0.1:" .. redis.port .. " is down", log, 1, true)
+  end)
+
   it("use the new servers after a reload, with their own health checks", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()

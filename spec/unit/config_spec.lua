@@ -204,6 +204,9 @@ describe("sluice.config", function()
       assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }, hc({}))
       assert.are.same({ interval_ms = 300, timeout_ms = 300, fails = 3, passes = 2 },
                       hc({ interval_ms = 300 }))
+      assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2,
+                        send = "PING\r\n", expect = "+PONG" },
+                      hc({ send = "PING\r\n", expect = "+PONG" }))
       assert.is_nil(hc(nil))
     end)
 
@@ -706,6 +709,25 @@ describe("sluice.config", function()
                                        listener({ name = "b", listen = "[0::1]:7000" }) })))
       end)
 
+      it("may not overlap the wildcard address of their family on the same port", function()
+        assert.are.equal('config error: listeners[2].listen: expected an address that does not overlap '
+                         .. 'another, got "127.0.0.1:7000" (127.0.0.1:7000 overlaps 0.0.0.0:7000 used by '
+                         .. "listeners[1])",
+                         err_of(conf({ listener({ listen = "*:7000" }),
+                                       listener({ name = "b", listen = "127.0.0.1:7000" }) })))
+        assert.are.equal('config error: listeners[2].listen: expected an address that does not overlap '
+                         .. 'another, got "[::]:7000" ([::]:7000 overlaps [::1]:7000 used by listeners[1])',
+                         err_of(conf({ listener({ listen = "[::1]:7000" }),
+                                       listener({ name = "b", listen = "[::]:7000" }) })))
+        assert.are.equal('config error: listeners[1].listen: expected an address that does not overlap '
+                         .. 'another, got "*:7000" (0.0.0.0:7000 overlaps 127.0.0.1:7000 used by admin.listen)',
+                         err_of(conf({ listener({ listen = "*:7000" }) },
+                                     { admin = { listen = "127.0.0.1:7000" } })))
+        -- IPv6 listeners are IPv6-only; other ports never overlap.
+        ok_of(conf({ listener({ listen = "*:7000" }), listener({ name = "b", listen = "[::]:7000" }),
+                     listener({ name = "c", listen = "127.0.0.1:7001" }) }))
+      end)
+
       it("name a defined upstream", function()
         assert.are.equal('config error: listeners[1].upstream: expected the name of an upstream (one of: demo), got "nope"',
                          err_of(conf({ listener({ upstream = "nope" }) })))
@@ -850,6 +872,29 @@ describe("sluice.config", function()
         assert.are.equal(4, l.pipeline[1].options.size)
       end)
 
+      it("let a Lua stage refuse a key that is none of its options", function()
+        assert.are.equal('config error: listeners[1].pipeline[1].mode: unknown key ("stages.checked" takes '
+                         .. "no such option)", perr({ { "stages.checked", mode = 1 } }))
+        assert.are.equal('config error: listeners[1].pipeline[1].flag: unknown key ("stages.checked" takes '
+                         .. "one of: size)", perr({ { "stages.checked", flag = true } }))
+      end)
+
+      it("check the options of the examples built on the decoder", function()
+        assert.are.equal('config error: listeners[1].pipeline[1].max_frame_lenght: unknown key '
+                         .. '("examples.length_router" takes one of: discard_after, max_cumulation, '
+                         .. "max_frame_length)",
+                         perr({ { "examples.length_router", max_frame_lenght = 16 } }))
+        assert.are.equal("config error: listeners[1].pipeline[1].max_frame_length: expected a positive "
+                         .. 'integer, got "64k"', perr({ { "examples.length_router", max_frame_length = "64k" } }))
+        assert.are.equal("config error: listeners[1].pipeline[1].max_cumulation: expected a positive "
+                         .. "integer, got 0", perr({ { "examples.line_rewrite", max_cumulation = 0 } }))
+        assert.matches("^config error: listeners%[1%]%.pipeline%[1%]%.rules: expected a list of .*"
+                       .. "malformed pattern",
+                       perr({ { "examples.line_rewrite", rules = { { match = "[x", replace = "y" } } } }))
+        ok_of(conf({ listener({ pipeline = { { "examples.line_rewrite", max_length = 64,
+                                               rules = { { match = "a", replace = "b" } } } } }) }))
+      end)
+
       it("report an unknown callback", function()
         assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.typo" has an unknown callback '
                          .. '"channel_reed" (known: ' .. CALLBACKS .. ")", perr({ "stages.typo" }))
@@ -976,7 +1021,13 @@ describe("sluice.config", function()
         assert.are.equal("config error: upstreams.demo.health_check: expected a table { interval_ms = n, "
                          .. "timeout_ms = n, fails = n, passes = n }, got true", herr(true))
         assert.are.equal("config error: upstreams.demo.health_check.interval: unknown key (expected one of: "
-                         .. "interval_ms, timeout_ms, fails, passes)", herr({ interval = 1 }))
+                         .. "interval_ms, timeout_ms, fails, passes, send, expect)", herr({ interval = 1 }))
+        assert.are.equal("config error: upstreams.demo.health_check.send: expected a string of 1 to 1024 "
+                         .. "bytes, got 42", herr({ send = 42 }))
+        assert.are.equal("config error: upstreams.demo.health_check.expect: expected a string of 1 to 256 "
+                         .. 'bytes, got ""', herr({ expect = "" }))
+        assert.matches("^config error: upstreams.demo.health_check.expect: expected a string of 1 to 256 ",
+                       herr({ expect = ("x"):rep(257) }))
         assert.are.equal("config error: upstreams.demo.health_check.interval_ms: expected a positive "
                          .. "integer, got 0", herr({ interval_ms = 0 }))
         assert.are.equal("config error: upstreams.demo.health_check.timeout_ms: expected a positive "

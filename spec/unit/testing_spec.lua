@@ -197,15 +197,21 @@ describe("sluice.testing channel", function()
 
   it("simple_inbound releases after the handler unless it retained", function()
     local sluice = require("sluice")
-    local seen
-    local ch = testing.channel{ sluice.simple_inbound(function(ctx, b) seen = b:tostring() end) }
-    ch:write_inbound("once")
-    assert.are.equal("once", seen)
+    local seen, kept = {}, nil
+    local ch = testing.channel{ sluice.simple_inbound(function(ctx, b)
+      seen[#seen + 1] = b:tostring()
+      if b:tostring() == "keep" then kept = b:retain() end -- one more reference: ours
+    end) }
+    ch:write_inbound("once", "keep")
+    assert.are.same({ "once", "keep" }, seen)
+    -- simple_inbound released its reference; the retained one is still live.
+    assert.are.equal(1, kept.refs)
+    assert.are.equal("keep", kept:tostring())
+    kept:release()
     assert.is_false(ch:finish())
   end)
 
-  local promises = pcall(function() return require("sluice.core").sl_ffi_ctx_write_p end)
-  ;(promises and it or pending)("write promises fail with 'closed' on a closed channel", function()
+  it("write promises fail with 'closed' on a closed channel", function()
     local result
     local stage = { channel_read = function(ctx, b)
       b:release()
@@ -273,6 +279,29 @@ describe("sluice.testing channel, failures", function()
     local ch = testing.channel{ stage(), stage() }
     assert.are.equal(2, #names)
     assert.are_not.equal(names[1], names[2])
+    assert.is_false(ch:finish())
+  end)
+
+  it("closes the channel when a stage closes it in added: later stages are not added", function()
+    local later, active = false, false
+    local ch = testing.channel{
+      { added = function(ctx) ctx:close("denied") end },
+      { added = function() later = true end, channel_active = function() active = true end },
+    }
+    assert.is_false(ch:is_open())
+    assert.are.equal("denied", ch:close_reason())
+    assert.is_false(later)
+    assert.is_false(active)
+    ch:write_inbound("dropped")  -- a closed channel releases what it is given
+    assert.is_false(ch:finish())
+  end)
+
+  it("contains an error raised in added: the channel closes naming the stage", function()
+    local ch = testing.channel{
+      { added = function() error("no config for this client") end },
+    }
+    assert.is_false(ch:is_open())
+    assert.matches("failed: .*no config for this client", ch:close_reason())
     assert.is_false(ch:finish())
   end)
 end)

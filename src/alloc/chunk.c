@@ -42,7 +42,7 @@ void sl_chunk_avail_join(sl_chunk *c, uint32_t k) {
   if (c->free_pages <= h->free_pages) av->head[k] = c;   /* fuller: first */
 }
 
-static void sl_avail_leave(sl_chunk *c, uint32_t k) {
+void sl_chunk_avail_leave(sl_chunk *c, uint32_t k) {
   uint64_t bit = 1ull << (k - 1);
   if (!(c->av_in & bit)) return;
   sl_chunk_avail *av = c->avail;
@@ -80,7 +80,7 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *av, uint32_t n) {
       uint32_t k = (uint32_t)__builtin_ctzll(keys) + 1;
       sl_chunk *c = av->head[k];
       if (sl_avail_valid(c, k)) return c;
-      sl_avail_leave(c, k);
+      sl_chunk_avail_leave(c, k);
     }
   }
   sl_chunk *h = av->head[SL_AVAIL_LENS];
@@ -114,7 +114,7 @@ static void sl_free_clear_lists(sl_chunk *c, int unmark) {
     while (bits) {
       uint32_t len = (w << 6) + (uint32_t)__builtin_ctzll(bits);
       bits &= bits - 1;
-      if (c->avail != NULL) sl_avail_leave(c, sl_avail_key(len));
+      if (c->avail != NULL) sl_chunk_avail_leave(c, sl_avail_key(len));
       if (unmark)
         for (uint32_t r = c->bucket[len]; r != SL_CHUNK_NONE; r = c->free_next[r]) c->free_head[r] = 0;
       c->bucket[len] = SL_CHUNK_NONE;
@@ -159,7 +159,7 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chu
 }
 
 void sl_chunk_delete(sl_chunk *c, size_t chunk_size) {
-  while (c->av_in) sl_avail_leave(c, (uint32_t)__builtin_ctzll(c->av_in) + 1);
+  while (c->av_in) sl_chunk_avail_leave(c, (uint32_t)__builtin_ctzll(c->av_in) + 1);
   SL_UNPOISON(c->mem, chunk_size);
   munmap(c->mem, chunk_size);
 }

@@ -46,7 +46,6 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->id = id;
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
-  p->trim_countdown = p->trim_interval;
   p->next_gen = 1;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
@@ -66,13 +65,18 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     }
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
   }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32;   /* flags 0 */
   p->cached_limit = p->max_cached_size;
+  p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;
   p->normal_limit = cfg->type == SL_ALLOC_POOLED ? a->max_class_size : 0;
   p->normal_max_size = p->normal_limit;
   p->leak_level = cfg->leak_level;
   p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
   p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
+  p->trim_countdown = p->trim_interval;
+  sl_pool_countdown_arm(p);
   p->release_site = "the core";
   sl_pool_bind_thread(p);
   return p;
@@ -136,6 +140,7 @@ static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
   if (idx < p->alloc->nsmall && bin->cap >= 8 && size <= p->max_cached_size) {
     unsigned got = sl_arena_alloc_many(p->arena, idx, bin->items, SL_MIN(bin->cap / 8, 32u));
     void *mem = got ? bin->items[--got] : NULL;
+    for (unsigned i = 0; i < got; i++) bin->items[i] = sl_pool_bare_item(bin->items[i]);
     bin->n = got;
     return mem;
   }
@@ -146,6 +151,7 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   if (p->fail_next > 0) {
     if (--p->fail_next == 0) {
       p->max_cached_size = p->cached_limit;
+      p->lookup_max_size = SL_MIN(p->cached_limit, SL_SC_LOOKUP_MAX);
       p->normal_max_size = p->normal_limit;
     }
     p->alloc_failures++;
@@ -190,8 +196,26 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
     p->unpooled_bytes += *usable;
     p->other_allocs++;
   }
-  if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
   return mem;
+}
+
+/* Gives the give oldest entries of bin sclass back to the arena (parked
+ * headers to the recycler). */
+static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
+  sl_cache_bin *bin = &p->bins[sclass];
+  if (give == 0) return;
+  for (uint32_t i = 0; i < give; i++) bin->items[i] = sl_pool_item_block(p, bin->items[i]);
+  sl_arena_free_many(p->arena, bin->items, give, sclass);
+  memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
+  bin->n -= give;
+}
+
+__attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass) {
+  sl_cache_bin *bin = &p->bins[sclass];
+  sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
+  bin->items[bin->n++] = hdr;
+  bin->frees++;
+  p->parked_hint = 1;
 }
 
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
@@ -207,11 +231,8 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
     sl_cache_bin *bin = &p->bins[sclass];
     if (bin->cap >= 8) {
       /* A full bin gives its older half back in one trip, then keeps mem. */
-      uint32_t give = bin->cap / 2;
-      sl_arena_free_many(p->arena, bin->items, give, sclass);
-      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
-      bin->n -= give;
-      bin->items[bin->n++] = mem;
+      sl_pool_bin_give(p, sclass, bin->cap / 2);
+      bin->items[bin->n++] = sl_pool_bare_item(mem);
       return;
     }
     sl_arena_free(p->arena, mem, sclass, usable);
@@ -222,14 +243,71 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-__attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
+/* A parked header, the one nearest the top of the first bin that has one
+ * (its block stays there, bare), or NULL. parked_hint is set whenever a
+ * header parks and cleared when a search finds none. */
+static void *sl_pool_unpark(sl_pool *p) {
+  if (!p->parked_hint) return NULL;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_cache_bin *bin = &p->bins[i];
+    for (uint32_t k = bin->n; k > 0; k--) {
+      void *item = bin->items[k - 1];
+      if ((uintptr_t)item & SL_BIN_BARE) continue;
+      bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
+      return item;
+    }
+  }
+  p->parked_hint = 0;
+  return NULL;
+}
+
+/* Every parked header to the recycler (their blocks stay, bare). */
+static void sl_pool_unpark_all(sl_pool *p) {
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_cache_bin *bin = &p->bins[i];
+    for (uint32_t k = 0; k < bin->n; k++)
+      bin->items[k] = sl_pool_bare_item(sl_pool_item_block(p, bin->items[k]));
+  }
+}
+
+/* Parked headers (free, as far as the header count goes). */
+static uint64_t sl_pool_parked(const sl_pool *p) {
+  uint64_t n = 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    for (uint32_t k = 0; k < p->bins[i].n; k++) n += !((uintptr_t)p->bins[i].items[k] & SL_BIN_BARE);
+  return n;
+}
+
+/* A header when the recycler and the overflow list are empty: one freed by
+ * a foreign thread, else a parked one (near the top of a bin) or a new
+ * slot, in the order parked_first says. NULL with ENOMEM. */
+static void *sl_pool_header_find(sl_pool *p, int parked_first) {
   if (atomic_load_explicit(&p->hdr_remote, memory_order_relaxed)) {
     sl_pool_take_remote_headers(p);
     if (p->hdr_overflow != NULL) return sl_pool_header_take(p);
   }
+  void *h = parked_first ? sl_pool_unpark(p) : NULL;
+  if (h != NULL) return h;
   if (p->hdr_next < p->hdr_max) return p->hdr_base + (size_t)p->hdr_next++ * SL_HDR_SIZE;
+  h = sl_pool_unpark(p);
+  if (h != NULL) return h;
   errno = ENOMEM;
   return NULL;
+}
+
+/* A root buffer's header: a new slot before a parked one. A root parks
+ * with its block when released, so taking a parked header would only leave
+ * a bare block to take the next free header each time round; the count
+ * stays bounded, as the bins are. */
+__attribute__((noinline)) void *sl_pool_header_get_slow(sl_pool *p) {
+  return sl_pool_header_find(p, 0);
+}
+
+/* Views and derived buffers never park: their headers come from parked ones
+ * first, so that the header count does not grow for them. */
+__attribute__((noinline)) void *sl_pool_header_get_view(sl_pool *p) {
+  if (sl_pool_header_ready(p)) return sl_pool_header_take(p);
+  return sl_pool_header_find(p, 1);
 }
 
 void sl_pool_header_quarantine(sl_pool *p, void *hdr) {
@@ -294,6 +372,26 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
                                                   memory_order_relaxed));
 }
 
+void sl_pool_countdown_sync(sl_pool *p) {
+  uint32_t done = p->countdown_set - p->countdown;
+  p->trim_countdown -= done;
+  p->leak_countdown -= done;
+  p->countdown_set = p->countdown;
+}
+
+void sl_pool_countdown_arm(sl_pool *p) {
+  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
+  if (n == 0) n = 1;
+  p->countdown = p->countdown_set = n;
+}
+
+__attribute__((noinline)) void sl_pool_event(sl_pool *p) {
+  sl_pool_countdown_sync(p);
+  if (p->trim_countdown == 0) sl_pool_trim(p, 0);
+  if (p->leak_countdown == 0) p->leak_countdown = 1;   /* the next buffer is sampled */
+  sl_pool_countdown_arm(p);
+}
+
 __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
@@ -304,15 +402,13 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
     }
     /* What went unused since the last trim goes back: the oldest entries. */
     uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
-    if (give > 0) {
-      sl_arena_free_many(p->arena, bin->items, give, i);
-      memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
-      bin->n -= give;
-    }
+    sl_pool_bin_give(p, i, give);
     p->cache_hits += bin->used;
     bin->used = 0;
   }
+  sl_pool_countdown_sync(p);
   p->trim_countdown = p->trim_interval;
+  sl_pool_countdown_arm(p);
   p->trims++;
 }
 
@@ -320,6 +416,7 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
 static int sl_pool_reset_region(sl_pool *p) {
   sl_pool_take_remote_headers(p);
   sl_pool_quarantine_flush(p);
+  sl_pool_unpark_all(p);
   uint64_t live = (uint64_t)(p->hdr_next - 1) - p->rec_n - p->hdr_overflow_n;
   if (live != 0 || p->hdr_next <= 64) return 0;
   size_t page = 4096;
@@ -358,6 +455,7 @@ void sl_pool_fail_next(sl_pool *p, unsigned n) {
   p->fail_next = n;
   /* While failing on purpose every allocation takes the slow path. */
   p->max_cached_size = n ? 0 : p->cached_limit;
+  p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->normal_max_size = n ? 0 : p->normal_limit;
 }
 
@@ -384,7 +482,7 @@ void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   st->trims = p->trims;
   st->idle_trims = p->idle_trims;
   st->headers_total = p->hdr_next - 1;
-  st->headers_free = p->rec_n + p->hdr_overflow_n + p->quarantine_n;
+  st->headers_free = p->rec_n + p->hdr_overflow_n + p->quarantine_n + sl_pool_parked(p);
   st->recycler_size = p->rec_n;
   st->recycler_cap = p->rec_cap;
   st->recycler_overflows = p->recycler_overflows;

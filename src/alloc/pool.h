@@ -68,63 +68,23 @@ static inline sl_pool *sl_pool_of(const void *hdr) {
 void *sl_pool_alloc_slow(sl_pool *p, size_t size, size_t *usable, unsigned *sclass);
 void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass);
 void *sl_pool_header_get_slow(sl_pool *p);
+/* A header for a view or a derived buffer: the recycler's, the overflow
+ * list's, else a parked one before a new slot (sl_pool_header_get takes a
+ * new slot first); NULL with ENOMEM. */
+void *sl_pool_header_get_view(sl_pool *p);
 void sl_pool_trim(sl_pool *p, int everything);
 
-/* Returns a block of at least size bytes, its usable size and its class
- * (SL_SC_NONE for huge and unpooled blocks), or NULL. The cache hit is a
- * stack pop. */
-static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
-                                      unsigned *sclass) {
-  if (size <= p->max_cached_size) {
-    unsigned idx = sl_sc_index(size);
-    sl_cache_bin *bin = &p->bins[idx];
-    uint32_t n = bin->n;
-    if (n > 0) {
-      void *mem = bin->items[n - 1];
-      bin->n = n - 1;
-      bin->used++;
-      p->cls[idx].allocs++;
-      *usable = sl_sc_size(idx);
-      *sclass = idx;
-      SL_UNPOISON(mem, *usable);
-      if (--p->trim_countdown == 0) sl_pool_trim(p, 0);
-      return mem;
-    }
-  }
-  return sl_pool_alloc_slow(p, size, usable, sclass);
-}
-
-/* Gives back a block with the usable size and class sl_pool_alloc_cls
- * reported. The cache hit is a stack push. */
-static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
-  if (sclass < SL_SC_MAX_CLASSES) {
-    sl_cache_bin *bin = &p->bins[sclass];
-    if (bin->n < bin->cap) {
-      SL_POISON(mem, usable);
-      bin->items[bin->n++] = mem;
-      p->cls[sclass].frees++;
-      return;
-    }
-  }
-  sl_pool_free_slow(p, mem, usable, sclass);
-}
-
-/* The same without the class (derived from usable). */
-static inline void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
-  unsigned sclass;
-  return sl_pool_alloc_cls(p, size, usable, &sclass);
-}
-unsigned sl_pool_class_of(const sl_pool *p, size_t usable);
-static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
-  sl_pool_free_cls(p, mem, usable, sl_pool_class_of(p, usable));
-}
-
-/* Whether foreign threads have queued buffers for the owner. */
-static inline int sl_pool_has_returns(sl_pool *p) {
-  sl_retq_cell *c = &p->retq.cells[p->retq.head & p->retq.mask];
-  return atomic_load_explicit(&c->seq, memory_order_acquire) == p->retq.head + 1 ||
-         atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
-}
+/* One countdown stands for two: allocations until the next count-based trim
+ * and until the next leak sample (buf/leak.c). It is set to the nearer of
+ * the two; when it reaches zero, sl_pool_countdown_sync brings both up to
+ * date, whichever is due runs, and sl_pool_countdown_arm sets it again.
+ * Whatever changes trim_countdown or leak_countdown syncs before and arms
+ * after. */
+void sl_pool_countdown_sync(sl_pool *p);
+void sl_pool_countdown_arm(sl_pool *p);
+/* The countdown reached zero on an allocation that made no buffer: a due
+ * trim runs; a due leak sample waits for the next buffer. */
+void sl_pool_event(sl_pool *p);
 
 /* The link word of a free header (SL_HDR_LINK_OFFSET). */
 static inline void **sl_pool_hdr_link(void *hdr) {
@@ -171,14 +131,102 @@ static inline void sl_pool_header_put(sl_pool *p, void *hdr) {
   p->recycler_overflows++;
 }
 
+/* Bin items (see pool_types.h): a parked header, or a bare block with
+ * SL_BIN_BARE set. */
+static inline void *sl_pool_bare_item(void *mem) { return (void *)((uintptr_t)mem | SL_BIN_BARE); }
+
+/* The block a parked header carries. */
+static inline void *sl_pool_parked_block(const void *hdr) {
+  return *(void *const *)(const void *)((const char *)hdr + SL_HDR_BLOCK_OFFSET);
+}
+
+/* The block of a bin item taken out of its bin; a parked header goes to the
+ * recycler. */
+static inline void *sl_pool_item_block(sl_pool *p, void *item) {
+  uintptr_t v = (uintptr_t)item;
+  if (v & SL_BIN_BARE) return (void *)(v - SL_BIN_BARE);
+  void *mem = sl_pool_parked_block(item);
+  sl_pool_header_put(p, item);
+  return mem;
+}
+
+/* Flushes the older half of a full bin to the arena and parks hdr (a dead
+ * root header whose block is of class sclass) on it. */
+void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
+
+/* sl_pool_alloc_cls without counting towards the trim (the buffer code
+ * counts its allocations itself, with the buffer). */
+static inline void *sl_pool_alloc_block(sl_pool *p, size_t size, size_t *usable,
+                                        unsigned *sclass) {
+  if (size <= p->max_cached_size) {
+    unsigned idx = sl_sc_index(size);
+    sl_cache_bin *bin = &p->bins[idx];
+    uint32_t n = bin->n;
+    if (n > 0) {
+      void *mem = sl_pool_item_block(p, bin->items[n - 1]);
+      bin->n = n - 1;
+      bin->used++;
+      bin->allocs++;
+      *usable = sl_sc_size(idx);
+      *sclass = idx;
+      SL_UNPOISON(mem, *usable);
+      return mem;
+    }
+  }
+  return sl_pool_alloc_slow(p, size, usable, sclass);
+}
+
+/* Returns a block of at least size bytes, its usable size and its class
+ * (SL_SC_NONE for huge and unpooled blocks), or NULL. The cache hit is a
+ * stack pop (and, for a parked header, a push on the recycler). */
+static inline void *sl_pool_alloc_cls(sl_pool *p, size_t size, size_t *usable,
+                                      unsigned *sclass) {
+  void *mem = sl_pool_alloc_block(p, size, usable, sclass);
+  if (mem != NULL && --p->countdown == 0) sl_pool_event(p);
+  return mem;
+}
+
+/* Gives back a block with the usable size and class sl_pool_alloc_cls
+ * reported. The cache hit is a stack push. */
+static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
+  if (sclass < SL_SC_MAX_CLASSES) {
+    sl_cache_bin *bin = &p->bins[sclass];
+    if (bin->n < bin->cap) {
+      SL_POISON(mem, usable);
+      bin->items[bin->n++] = sl_pool_bare_item(mem);
+      bin->frees++;
+      return;
+    }
+  }
+  sl_pool_free_slow(p, mem, usable, sclass);
+}
+
+/* The same without the class (derived from usable). */
+static inline void *sl_pool_alloc(sl_pool *p, size_t size, size_t *usable) {
+  unsigned sclass;
+  return sl_pool_alloc_cls(p, size, usable, &sclass);
+}
+unsigned sl_pool_class_of(const sl_pool *p, size_t usable);
+static inline void sl_pool_free(sl_pool *p, void *mem, size_t usable) {
+  sl_pool_free_cls(p, mem, usable, sl_pool_class_of(p, usable));
+}
+
+/* Whether foreign threads have queued buffers for the owner. */
+static inline int sl_pool_has_returns(sl_pool *p) {
+  sl_retq_cell *c = &p->retq.cells[p->retq.head & p->retq.mask];
+  return atomic_load_explicit(&c->seq, memory_order_acquire) == p->retq.head + 1 ||
+         atomic_load_explicit(&p->bufs_remote, memory_order_relaxed) != NULL;
+}
+
 /* Gives a header back through the quarantine: it becomes reusable only
  * after 64 more have gone through, so errors about a handle to it can still
  * say who released it. */
 void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 
+/* Generations are odd, so never 0, without a test. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint32_t g = p->next_gen++;
-  if (g == 0) g = p->next_gen++;
+  uint32_t g = p->next_gen | 1;
+  p->next_gen = g + 2;
   return g;
 }
 

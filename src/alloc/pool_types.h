@@ -6,7 +6,20 @@
  *   - bins: per size class (up to max_cached), a stack of freed blocks;
  *     bounded (small_cache / normal_cache), trimmed every trim_interval
  *     allocations (entries that went unused are given back) and when the
- *     worker has been idle for trim_idle_ms (everything is given back);
+ *     worker has been idle for trim_idle_ms (everything is given back).
+ *     An entry is either a bare block (tagged with SL_BIN_BARE: refills
+ *     from the arena, blocks freed without a buffer) or, most often, a
+ *     parked header: the dead header of a root buffer released on its
+ *     worker, still carrying its block (at SL_HDR_BLOCK_OFFSET), so that a
+ *     cache hit is one pop and a release one push. A parked header is dead
+ *     as any free header (generation 0, who released it kept) and still
+ *     what a root over that block needs (root itself, no views, no owner,
+ *     flags 0, block_size and sclass of its bin's class): an allocation
+ *     sets only the indexes, capacities, refcount and generation. Taking a
+ *     block without a buffer, flushing or trimming gives the header to the
+ *     recycler; a header needed when the recycler and the overflow list are
+ *     empty is taken from a parked one near the top of a bin, which stays
+ *     there as a bare block, before a new slot is used;
  *   - headers: buffer headers come from a region of address space reserved
  *     for this pool and aligned to SL_HDR_REGION_SPAN, so the pool of any
  *     header is found by masking its address. The region is never unmapped
@@ -36,38 +49,58 @@
  * errors about stale handles read (generation, flags, root, release site). */
 #define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
+/* A parked header keeps its block here: sl_buf's cap and max_cap, which a
+ * dead header does not use (buf.c checks the offset). */
+#define SL_HDR_BLOCK_OFFSET 16
+#define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
 
 typedef struct sl_pool sl_pool;
 
+/* One size class of a pool: its cache bin and its counters, one cache line,
+ * so that a hit reads and writes one line beside the buffer header. */
 typedef struct sl_cache_bin {
   void **items;
   uint32_t n;             /* cached now */
   uint32_t cap;
   uint32_t used;          /* served since the last trim */
-} sl_cache_bin;
-
-typedef struct sl_pool_class_stats {
+  uint32_t spare32;
+  uint64_t tail;          /* the last 8 bytes of a root header over a block of this
+                             class (block_size, sclass, flags 0): one store */
   uint64_t allocs;        /* blocks handed out by this pool */
   uint64_t frees;
-} sl_pool_class_stats;
+  uint64_t spare[2];
+} sl_cache_bin;
+
+_Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
 
 struct sl_pool {
   /* hot: the fast paths touch only these */
   void *owner_tp;                 /* thread pointer of the bound thread */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
+  size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
   size_t normal_max_size;         /* largest size a chunk serves (0: unpooled, or failing) */
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
-  uint32_t next_gen;              /* generation of the next buffer (never 0) */
-  uint32_t trim_countdown;        /* allocations until the next count-based trim */
-  sl_pool_class_stats cls[SL_SC_MAX_CLASSES];
-  sl_cache_bin bins[SL_SC_MAX_CLASSES];
+  uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
+  uint32_t parked_hint;           /* a header parked since the last search found none */
+  uint32_t countdown;             /* allocations until the next event: a count-based
+                                     trim or a leak sample (see sl_pool_event) */
+  /* Per size class: the cache bin and the counters. The same array under two
+   * names: bins for the cache, cls for what readers of the counters use
+   * (cls[i].allocs, cls[i].frees). */
+  union {
+    sl_cache_bin bins[SL_SC_MAX_CLASSES];
+    sl_cache_bin cls[SL_SC_MAX_CLASSES];
+  };
 
   /* cold */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
   size_t normal_limit;            /* normal_max_size likewise */
   uint32_t trim_interval;
+  uint32_t trim_countdown;        /* allocations until the next count-based trim, */
+  uint32_t leak_countdown;        /* and the next leak sample, as of the time */
+  uint32_t countdown_set;         /* countdown was last set to this (sl_pool_event) */
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
@@ -100,7 +133,7 @@ struct sl_pool {
   uint64_t allocs_at_tick;
   /* leak tracking (buf/leak.c); level 0 leaves the rest unused */
   int leak_level;
-  uint32_t leak_sample, leak_countdown;
+  uint32_t leak_sample;
   uint32_t *leak_next, *leak_prev;       /* per header slot: owner list links */
   uint32_t *leak_derived;                /* per header slot: live derived buffers */
   void **leak_rec;                       /* per header slot: record or NULL */

@@ -17,18 +17,16 @@
 #define SL_SC_SMALL_MAX (28u * 1024u)
 #define SL_SC_MAX_CLASSES 80         /* enough for chunks up to 32 MiB */
 #define SL_SC_MAX_CHUNK (32u << 20)  /* the largest chunk_size accepted */
-#define SL_SC_LOOKUP_MAX 4096        /* sizes up to this use a table by 16 B */
-#define SL_SC_LOOKUP_K_MAX 65536     /* and up to this one by 1 KiB */
+#define SL_SC_LOOKUP_MAX 65536       /* sizes up to this use a table by 16 B */
 
 /* Hidden: the tables are read on every allocation, and a hidden symbol is
  * addressed directly rather than through the GOT in position-independent
  * code (the core is also built into a shared library). */
 #define SL_SC_HIDDEN __attribute__((visibility("hidden")))
 extern SL_SC_HIDDEN const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
-extern SL_SC_HIDDEN const uint8_t sl_sc_lookup_k[SL_SC_LOOKUP_K_MAX / 1024 + 1];
 extern SL_SC_HIDDEN const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES];
 
-/* The size of class idx: 16 << idx for idx < 4; then with g = (idx - 4) / 4
+/* The size of class idx: 16 * (idx + 1) for idx < 4; then with g = (idx - 4) / 4
  * and i = (idx - 4) % 4, (5 + i) << (g + 4). From a table for the classes
  * a chunk can hold (hot paths read sl_sc_sizes directly). */
 static inline size_t sl_sc_size(unsigned idx) {
@@ -40,8 +38,6 @@ static inline size_t sl_sc_size(unsigned idx) {
 /* The smallest class whose size is at least size (0 maps to class 0). */
 static inline unsigned sl_sc_index(size_t size) {
   if (size <= SL_SC_LOOKUP_MAX) return sl_sc_lookup[(size + 15) >> 4];
-  /* Above 4 KiB class sizes are multiples of 1 KiB. */
-  if (size <= SL_SC_LOOKUP_K_MAX) return sl_sc_lookup_k[(size + 1023) >> 10];
   /* 4d < size <= 8d with d = 2^k: k = floor(log2(size - 1)) - 2 */
   unsigned log2 = 63u - (unsigned)__builtin_clzll((unsigned long long)(size - 1));
   unsigned k = log2 - 2;

@@ -10,12 +10,27 @@
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
+_Static_assert(offsetof(sl_buf, cap) == SL_HDR_BLOCK_OFFSET &&
+                   offsetof(sl_buf, max_cap) == SL_HDR_BLOCK_OFFSET + 4,
+               "a parked header keeps its block in cap and max_cap");
 
 
-/* Makes b a live root over data (usable bytes of class idx): refcount 1,
- * a new generation. */
-static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
-                                    unsigned idx, size_t max_cap) {
+_Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) == 60 &&
+                   offsetof(sl_buf, flags) == 62 && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "a header's last 8 bytes are block_size, sclass, flags");
+
+/* The last 8 bytes of a root header over a block: block_size, sclass and
+ * flags (0, or SL_BUF_UNBINNED for a block no bin takes). */
+static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
+  uint64_t flags = sclass < SL_SC_MAX_CLASSES ? 0 : SL_BUF_UNBINNED;
+  return usable | (uint64_t)sclass << 32 | flags << 48;
+}
+
+/* Makes b a live root over data: refcount 1, a new generation; tail is
+ * its block_size, sclass and flags (sl_buf_tail, or a bin's copy). */
+static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint64_t tail,
+                                    size_t max_cap) {
+  uint32_t usable = (uint32_t)tail;
   b->data = data;
   b->rd = 0;
   b->wr = 0;
@@ -26,9 +41,23 @@ static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uin
   b->root = b;
   b->views = NULL;
   b->owner = NULL;
-  b->block_size = usable;
-  b->sclass = (uint16_t)idx;
-  b->flags = 0;
+  memcpy(&b->block_size, &tail, sizeof(tail));
+}
+
+/* The count-based trim or the leak sample is due (rare). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_event(sl_pool *pool, sl_buf *b) {
+  sl_pool_countdown_sync(pool);
+  if (pool->trim_countdown == 0) sl_pool_trim(pool, 0);
+  if (pool->leak_countdown == 0) sl_leak_sampled(pool, b);
+  sl_pool_countdown_arm(pool);
+  return b;
+}
+
+/* Counts an allocation down towards the next trim or leak sample (one
+ * countdown for both); returns b. */
+static inline sl_buf *sl_buf_alloc_done(sl_pool *pool, sl_buf *b) {
+  if (__builtin_expect(--pool->countdown == 0, 0)) return sl_buf_alloc_event(pool, b);
+  return b;
 }
 
 /* Any allocation the fast path below does not take: an empty recycler
@@ -46,31 +75,15 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   if (b == NULL) return NULL;
   size_t usable;
   unsigned sclass;
-  uint8_t *data = sl_pool_alloc_cls(pool, cap, &usable, &sclass);
+  uint8_t *data = sl_pool_alloc_block(pool, cap, &usable, &sclass);
   if (data == NULL) {
     sl_pool_header_put(pool, b);
     return NULL;
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  sl_buf_init_root(pool, b, data, (uint32_t)usable, sclass, max_cap);
-  sl_leak_on_alloc(pool, b);
-  return b;
-}
-
-/* The count-based trim or the leak sample is due (rare). */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_event(sl_pool *pool, sl_buf *b) {
-  if (pool->trim_countdown == 0) sl_pool_trim(pool, 0);
-  if (pool->leak_countdown == 0) sl_leak_sampled(pool, b);
-  return b;
-}
-
-/* Counts an allocation down towards the next trim and the next leak
- * sample; returns b. */
-static inline sl_buf *sl_buf_alloc_done(sl_pool *pool, sl_buf *b) {
-  uint32_t tc = --pool->trim_countdown, lc = --pool->leak_countdown;
-  if (__builtin_expect(tc == 0 || lc == 0, 0)) return sl_buf_alloc_event(pool, b);
-  return b;
+  sl_buf_init_root(pool, b, data, sl_buf_tail((uint32_t)usable, sclass), max_cap);
+  return sl_buf_alloc_done(pool, b);
 }
 
 /* A normal size above max_cached: a run straight from the arena (O(1)
@@ -78,37 +91,81 @@ static inline sl_buf *sl_buf_alloc_done(sl_pool *pool, sl_buf *b) {
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
                                                              size_t max_cap) {
   unsigned idx = sl_sc_index(cap);
-  if (idx < pool->nsmall) return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (idx < pool->nsmall || cap <= pool->max_cached_size)
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) return NULL;
   uint8_t *data = sl_arena_alloc_normal(pool->arena, idx);
-  if (data == NULL) return sl_buf_alloc_slow(pool, cap, max_cap);   /* trims, retries, fails */
-  uint32_t usable = sl_sc_sizes[idx];
-  pool->cls[idx].allocs++;
-  SL_UNPOISON(data, usable);
-  sl_buf *b = sl_pool_header_take(pool);
-  sl_buf_init_root(pool, b, data, usable, idx, max_cap);
+  if (data == NULL) {   /* the slow path trims, retries or fails */
+    sl_pool_header_put(pool, b);
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  }
+  sl_cache_bin *bin = &pool->bins[idx];
+  bin->allocs++;
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 
-/* The fast path: a header from the recycler and a block from the worker
- * cache, both stack pops; the generation and both countdowns (trim, leak
- * sampling) as in the slow path. Sizes above max_cached go to the arena
- * directly (sl_buf_alloc_normal). */
+/* A bare block popped from bin: it gets a header (NULL: the block goes
+ * back, and the slow path reports the failure). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cache_bin *bin,
+                                                           uint8_t *data, size_t cap,
+                                                           size_t max_cap) {
+  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) {
+    bin->items[bin->n++] = sl_pool_bare_item(data);
+    bin->used--;
+    bin->allocs--;
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  }
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* The fast path: a parked header from the worker cache, which brings its
+ * block (a bare block gets a header from the recycler); the indexes,
+ * capacities, refcount, generation and the countdown (trim, leak
+ * sampling) as in the slow path. Sizes up to the lookup table's end take
+ * the class from one load; sizes above max_cached go to the arena directly
+ * (sl_buf_alloc_normal). */
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (max_cap < cap) max_cap = cap;
-  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY && sl_pool_header_ready(pool), 1)) {
-    if (__builtin_expect(cap <= pool->max_cached_size, 1)) {
-      unsigned idx = sl_sc_index(cap);
-      sl_cache_bin *bin = &pool->bins[idx];
+  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY, 1)) {
+    if (__builtin_expect(cap <= pool->lookup_max_size, 1)) {
+      sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
       uint32_t n = bin->n;
       if (__builtin_expect(n != 0, 1)) {
-        uint8_t *data = bin->items[n - 1];
-        uint32_t usable = sl_sc_sizes[idx];
+        uintptr_t item = (uintptr_t)bin->items[n - 1];
         bin->n = n - 1;
         bin->used++;
-        pool->cls[idx].allocs++;
-        sl_buf *b = sl_pool_header_take(pool);
+        bin->allocs++;
+        if (__builtin_expect(item & SL_BIN_BARE, 0)) {
+          /* A bare block: a header from the recycler or the overflow list
+           * when they have one. */
+          uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
+          if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
+          sl_buf *b = sl_pool_header_take(pool);
+          SL_UNPOISON(data, (uint32_t)bin->tail);
+          sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+          return sl_buf_alloc_done(pool, b);
+        }
+        /* A parked header: root, views, owner, block_size, sclass and
+         * flags are already those of a root over its block. */
+        sl_buf *b = (sl_buf *)item;
+        uint8_t *data = sl_pool_parked_block(b);
+        uint32_t usable = b->block_size;
         SL_UNPOISON(data, usable);
-        sl_buf_init_root(pool, b, data, usable, idx, max_cap);
+        b->data = data;
+        b->rd = 0;
+        b->wr = 0;
+        b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
+        b->max_cap = (uint32_t)max_cap;
+        b->refcnt = 1;
+        b->gen = sl_pool_next_gen(pool);
         return sl_buf_alloc_done(pool, b);
       }
     } else if (cap <= pool->normal_max_size) {
@@ -145,6 +202,21 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
     v = next;
   }
   h->views = NULL;
+  h->flags &= (uint16_t)~SL_BUF_HAS_VIEWS;
+}
+
+/* Makes root r (released: no owner, record, views or shared flag left, so
+ * flags 0) a parked header, to go on the bin of its class: the block
+ * pointer moves to SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the
+ * generation it died with and who released it (its index and data fields
+ * are unused now). */
+static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
+  SL_POISON(r->data, r->block_size);
+  *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  pool->parked_hint = 1;
 }
 
 /* Frees a root whose refcount reached zero, on its pool's thread. */
@@ -155,6 +227,19 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   }
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
   if (r->views != NULL) sl_buf_kill_views(pool, r);
+  r->flags &= (uint16_t)~SL_BUF_SHARED;   /* its derived buffers are gone */
+  unsigned sc = r->sclass;
+  if (!pool->quarantine_next && !(r->flags & SL_BUF_UNBINNED) && pool->bins[sc].cap > 0) {
+    sl_cache_bin *bin = &pool->bins[sc];
+    sl_buf_to_parked(pool, r);
+    if (bin->n < bin->cap) {
+      bin->items[bin->n++] = r;
+      bin->frees++;
+    } else {
+      sl_pool_park_slow(pool, r, sc);   /* the older half goes to the arena first */
+    }
+    return;
+  }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   /* A dead header keeps the generation it died with and who released it
    * (its index and data fields are unused now). */
@@ -224,7 +309,7 @@ static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
 __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
   SL_POISON(r->data, r->block_size);
-  pool->cls[sc].frees++;
+  pool->bins[sc].frees++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
 }
@@ -236,22 +321,20 @@ void sl_buf_free(sl_buf *r) {
     return;
   }
   /* The fast path: a root (not a view or derived buffer) with no owner,
-   * record or views, no quarantine, whose block fits its bin; block and
-   * header go back by two stack pushes. */
-  unsigned sc = r->sclass;
-  if (__builtin_expect(((uintptr_t)r->owner | (uintptr_t)r->views |
-                        (uintptr_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW)) |
-                        (uintptr_t)pool->quarantine_next) == 0 &&
-                           sc < SL_SC_MAX_CLASSES,
+   * record, views or derived buffers, no quarantine, whose bin has room:
+   * the header parks there with its block, one stack push. */
+  size_t sc = r->sclass;
+  if (__builtin_expect(((r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
+                                     SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
+                        pool->quarantine_next) == 0,
                        1)) {
     sl_cache_bin *bin = &pool->bins[sc];
     uint32_t n = bin->n;
     if (__builtin_expect(n < bin->cap, 1)) {
-      SL_POISON(r->data, r->block_size);
-      bin->items[n] = r->data;
+      sl_buf_to_parked(pool, r);
+      bin->items[n] = r;
       bin->n = n + 1;
-      pool->cls[sc].frees++;
-      sl_buf_bury(pool, r);
+      bin->frees++;
       return;
     }
     if (bin->cap == 0 && sc >= pool->nsmall) {
@@ -326,7 +409,7 @@ int sl_buf_release_n(sl_buf *b, uint32_t n, const char **err) {
 static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) {
   sl_buf *h = b->root;
   sl_pool *pool = sl_pool_of(h);
-  sl_buf *v = sl_pool_header_get(pool);
+  sl_buf *v = sl_pool_header_get_view(pool);
   if (v == NULL) return NULL;
   v->data = data;
   v->rd = 0;
@@ -343,6 +426,7 @@ static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) 
     v->flags = SL_BUF_VIEW;
     v->views = h->views;
     h->views = v;
+    h->flags |= SL_BUF_HAS_VIEWS;
     return v;
   }
   v->refcnt = 1;
@@ -477,6 +561,8 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   memcpy(mem, b->data, b->wr);
   sl_pool_free_cls(pool, b->data, b->block_size, b->sclass);
   b->sclass = (uint16_t)sclass;
+  b->flags = (uint16_t)(sclass < SL_SC_MAX_CLASSES ? b->flags & ~SL_BUF_UNBINNED
+                                                   : b->flags | SL_BUF_UNBINNED);
   if (b->owner) b->owner->bytes += usable - b->block_size;
   b->data = mem;
   b->block_size = (uint32_t)usable;

@@ -68,6 +68,11 @@ struct sl_buf {
 #define SL_BUF_RECORDED 0x2u   /* leak tracking keeps a record (site, touches) */
 #define SL_BUF_DERIVED 0x4u    /* with SL_BUF_VIEW: a derived buffer */
 #define SL_BUF_SHARED 0x8u     /* derived buffers were made from it */
+/* Kept with the fields they stand for, so that a release tests one word:
+ * owner != NULL, views != NULL, a block no cache bin takes (huge, unpooled). */
+#define SL_BUF_OWNED 0x10u
+#define SL_BUF_HAS_VIEWS 0x20u
+#define SL_BUF_UNBINNED 0x40u
 
 /* Something buffers can be owned by (a channel embeds one): the live roots
  * it answers for, linked through a per-pool side table (buf/leak.c). */

@@ -86,6 +86,7 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
     old->bytes -= sl_leak_block_bytes(r);
   }
   r->owner = o;
+  r->flags = (uint16_t)(o != NULL ? r->flags | SL_BUF_OWNED : r->flags & ~SL_BUF_OWNED);
   if (o != NULL) {
     p->leak_prev[s] = 0;
     p->leak_next[s] = o->head;
@@ -104,12 +105,14 @@ static void sl_leak_free_rec(sl_leak_rec *rec) {
 }
 
 void sl_leak_sampled(sl_pool *p, sl_buf *b) {
+  sl_pool_countdown_sync(p);
   if (p->leak_level == SL_LEAK_DISABLED) {
     p->leak_countdown = UINT32_MAX;
-    return;
+  } else {
+    p->leak_countdown = p->leak_level == SL_LEAK_PARANOID ? 1 : p->leak_sample;
+    sl_leak_record(p, b, NULL);
   }
-  p->leak_countdown = p->leak_level == SL_LEAK_PARANOID ? 1 : p->leak_sample;
-  sl_leak_record(p, b, NULL);
+  sl_pool_countdown_arm(p);
 }
 
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {

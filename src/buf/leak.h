@@ -45,15 +45,12 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o);
  * caller sets it later with sl_leak_set_site). */
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site);
 
-/* The countdown reached zero: record b (or, disabled, wind the countdown
- * back up without recording). */
+/* The leak countdown reached zero on the allocation of root b: record b
+ * (or, disabled, wind the countdown back up without recording) and set the
+ * countdown for the next sample (paranoid counts from 1, simple and advanced
+ * from the sample rate, disabled from 2^32). The buffer code counts
+ * allocations down with the pool's shared countdown (sl_pool_event). */
 void sl_leak_sampled(sl_pool *p, sl_buf *b);
-
-/* Called by the buffer code when a root is allocated: decides sampling with
- * one countdown (paranoid counts from 1, disabled from 2^32). */
-static inline void sl_leak_on_alloc(sl_pool *p, sl_buf *b) {
-  if (__builtin_expect(--p->leak_countdown == 0, 0)) sl_leak_sampled(p, b);
-}
 
 /* Maps the side tables (once). SL_OK, or SL_ERROR when they cannot be. */
 int sl_leak_map_tables(sl_pool *p);
@@ -74,6 +71,7 @@ static inline int sl_leak_on_derive(sl_pool *p, sl_buf *parent, sl_buf *d) {
   if (o != NULL) {
     uint32_t s = sl_leak_slot(p, d);
     d->owner = o;
+    d->flags |= SL_BUF_OWNED;
     p->leak_prev[s] = 0;
     p->leak_next[s] = o->head;
     if (o->head) p->leak_prev[o->head] = s;
@@ -95,6 +93,7 @@ static inline void sl_leak_on_free_derived(sl_pool *p, sl_buf *d, sl_buf *parent
     if (nx) p->leak_prev[nx] = pv;
     o->count--;
     d->owner = NULL;
+    d->flags &= (uint16_t)~SL_BUF_OWNED;
   }
   p->leak_derived[sl_leak_slot(p, parent)]--;
 }

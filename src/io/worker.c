@@ -168,6 +168,7 @@ sl_worker *sl_worker_create(int id, struct sl_alloc *alloc) {
 }
 
 void sl_worker_run(sl_worker *w) {
+  w->ran = 1;
   sl_pool_bind_thread(w->pool);
   ev_run(w->loop, 0);
 }
@@ -196,8 +197,9 @@ uint64_t sl_worker_destroy(sl_worker *w) {
            "LEAK: worker %d: %llu buffers (%llu bytes) still outstanding at exit",
            w->id, (unsigned long long)st.bufs_active,
            (unsigned long long)st.bufs_active_bytes);
-  } else {
-    /* Buffers never cross workers: one freed by another thread shows here. */
+  } else if (w->ran) {
+    /* Buffers never cross workers: one freed by another thread shows here.
+     * (A worker that never ran, after a failed start, has nothing to say.) */
     sl_log(SL_LOG_INFO,
            "worker %d: pool clean at exit (0 buffers outstanding, %llu allocated in all, "
            "%llu freed by other threads)",

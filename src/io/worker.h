@@ -54,6 +54,7 @@ struct sl_worker {
   uint64_t nchannels;
   int id;
   int stopping;                   /* 1: draining; 2: closing everything */
+  int ran;                        /* sl_worker_run was called (its exit is reported) */
   double drain_timeout;           /* seconds a stop waits for open channels */
   sl_worker_gen *gen;             /* the current generation (NULL: none yet) */
   ev_async stop_watcher;          /* another thread asks the worker to stop */
@@ -80,6 +81,8 @@ struct sl_worker {
    * getsockopt per kind and worker instead of one per connection). */
   int sndbuf[2];
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
+  /* Counts an error raised by the named stage (set with metrics). */
+  void (*stage_error)(struct sl_worker *w, const char *stage);
   sl_worker_stats stats;
 };
 

@@ -12,7 +12,6 @@
 #include "io/worker.h"
 #include "lua/ffi.h"
 #include "proxy/config.h"
-#include "proxy/metrics.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -488,7 +487,7 @@ struct sl_holder *sl_ffi_host_holders(sl_lua_host *h, uintptr_t *base) {
 }
 
 void sl_ffi_host_stage_error(sl_lua_host *h, const char *name) {
-  if (h != NULL && h->w != NULL) sl_metrics_stage_error(h->w, name);
+  if (h != NULL && h->w != NULL && h->w->stage_error != NULL) h->w->stage_error(h->w, name);
 }
 
 sl_lua_host *sl_ffi_host_open(struct sl_worker *w) {

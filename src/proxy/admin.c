@@ -94,24 +94,30 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
     else sl_admin_plain(c, 200, "OK", NULL, "ok\n");
     return;
   }
-  int memory = strcmp(path, "/memory") == 0;
-  if (!memory && strcmp(path, "/metrics") != 0) {
-    sl_admin_plain(c, 404, "Not Found", NULL, "not found: try /metrics, /memory or /health\n");
+  static const struct {
+    const char *path, *ctype;
+    void (*format)(sl_text *out, const sl_admin_report *r);
+  } pages[] = {
+      {"/metrics", "text/plain; version=0.0.4; charset=utf-8", sl_admin_format_metrics},
+      {"/memory", "text/plain; charset=utf-8", sl_admin_format_memory},
+      {"/upstreams", "application/json", sl_admin_format_upstreams},
+  };
+  size_t page = 0;
+  while (page < sizeof(pages) / sizeof(pages[0]) && strcmp(path, pages[page].path) != 0) page++;
+  if (page == sizeof(pages) / sizeof(pages[0])) {
+    sl_admin_plain(c, 404, "Not Found", NULL,
+                   "not found: try /metrics, /memory, /upstreams or /health\n");
     return;
   }
+  int memory = pages[page].format == sl_admin_format_memory;
   sl_metrics_snap **snaps = sl_admin_collect(a, memory);
   sl_text body = {0};
   sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining)};
-  if (snaps != NULL) {
-    if (memory) sl_admin_format_memory(&body, &r);
-    else sl_admin_format_metrics(&body, &r);
-  }
+  if (snaps != NULL) pages[page].format(&body, &r);
   if (snaps == NULL || body.failed) {
     sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");
   } else {
-    sl_admin_answer(c, 200, "OK",
-                    memory ? "text/plain; charset=utf-8" : "text/plain; version=0.0.4; charset=utf-8",
-                    NULL, body.p, body.len);
+    sl_admin_answer(c, 200, "OK", pages[page].ctype, NULL, body.p, body.len);
   }
   sl_text_reset(&body);
   sl_admin_free_snaps(a, snaps);
@@ -312,7 +318,7 @@ int sl_admin_start(sl_admin *a) {
     return SL_ERROR;
   }
   a->started = 1;
-  sl_log(SL_LOG_INFO, "admin endpoint on %s (/metrics, /memory, /health)", a->text);
+  sl_log(SL_LOG_INFO, "admin endpoint on %s (/metrics, /memory, /upstreams, /health)", a->text);
   return SL_OK;
 }
 

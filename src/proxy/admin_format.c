@@ -1,6 +1,7 @@
 #include "proxy/admin_format.h"
 
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -186,6 +187,41 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
   free(g.rows);
 }
 
+/* The label set {upstream="u"} or {upstream="u",server="s"} (server NULL:
+ * the first), then extra (`,le="0.1"`, or "") inside the braces. */
+static void sl_prom_labels(sl_text *o, const char *upstream, const char *server,
+                           const char *extra) {
+  sl_text_printf(o, "{upstream=\"");
+  sl_prom_value(o, upstream);
+  if (server) {
+    sl_text_printf(o, "\",server=\"");
+    sl_prom_value(o, server);
+  }
+  sl_text_printf(o, "\"%s}", extra);
+}
+
+/* The samples of one connect time histogram. */
+static void sl_prom_histogram(sl_text *o, const char *name, const char *upstream,
+                              const char *server, const uint64_t *buckets, uint64_t count,
+                              double seconds) {
+  uint64_t cum = 0;
+  char le[48];
+  for (int b = 0; b < SL_METRICS_NBUCKETS; b++) {
+    cum += buckets[b];
+    snprintf(le, sizeof(le), ",le=\"%g\"", sl_metrics_buckets[b]);
+    sl_text_printf(o, "%s_bucket", name);
+    sl_prom_labels(o, upstream, server, le);
+    sl_text_printf(o, " %llu\n", (unsigned long long)cum);
+  }
+  sl_text_printf(o, "%s_bucket", name);
+  sl_prom_labels(o, upstream, server, ",le=\"+Inf\"");
+  sl_text_printf(o, " %llu\n%s_sum", (unsigned long long)count, name);
+  sl_prom_labels(o, upstream, server, "");
+  sl_text_printf(o, " %.9f\n%s_count", seconds, name);
+  sl_prom_labels(o, upstream, server, "");
+  sl_text_printf(o, " %llu\n", (unsigned long long)count);
+}
+
 static void sl_admin_metrics_upstreams(sl_text *o, const sl_admin_report *r) {
   sl_agg g = {0};
   SL_EACH_SNAP(r, s) {
@@ -210,27 +246,80 @@ static void sl_admin_metrics_upstreams(sl_text *o, const sl_admin_report *r) {
                   g.rows[i].v[1]);
   sl_prom_head(o, "sluice_upstream_connect_seconds", "histogram",
                "Time from starting a connect to an upstream's server to its completion.");
-  for (size_t i = 0; i < g.n; i++) {
-    const sl_agg_row *row = &g.rows[i];
-    uint64_t cum = 0;
-    for (int b = 0; b < SL_METRICS_NBUCKETS; b++) {
-      cum += row->buckets[b];
-      sl_text_printf(o, "sluice_upstream_connect_seconds_bucket{upstream=\"");
-      sl_prom_value(o, row->key);
-      sl_text_printf(o, "\",le=\"%g\"} %llu\n", sl_metrics_buckets[b], (unsigned long long)cum);
-    }
-    sl_text_printf(o, "sluice_upstream_connect_seconds_bucket{upstream=\"");
-    sl_prom_value(o, row->key);
-    sl_text_printf(o, "\",le=\"+Inf\"} %llu\n", (unsigned long long)row->v[0]);
-    sl_text_printf(o, "sluice_upstream_connect_seconds_sum{upstream=\"");
-    sl_prom_value(o, row->key);
-    sl_text_printf(o, "\"} %.9f\n", row->seconds);
-    sl_text_printf(o, "sluice_upstream_connect_seconds_count{upstream=\"");
-    sl_prom_value(o, row->key);
-    sl_text_printf(o, "\"} %llu\n", (unsigned long long)row->v[0]);
-  }
+  for (size_t i = 0; i < g.n; i++)
+    sl_prom_histogram(o, "sluice_upstream_connect_seconds", g.rows[i].key, NULL,
+                      g.rows[i].buckets, g.rows[i].v[0], g.rows[i].seconds);
   if (g.failed) o->failed = 1;
   free(g.rows);
+}
+
+/* One sample per server: name{upstream,server} value. */
+#define SL_PROM_PER_SERVER(o, rows, n, name, type, help, expr)                   \
+  do {                                                                          \
+    sl_prom_head(o, name, type, help);                                          \
+    for (size_t k_ = 0; k_ < (n); k_++) {                                       \
+      const sl_admin_server *x = &(rows)[k_];                                   \
+      sl_text_printf(o, "%s", name);                                            \
+      sl_prom_labels(o, x->sum.upstream, x->sum.server, "");                    \
+      sl_text_printf(o, " %llu\n", (unsigned long long)(expr));                 \
+    }                                                                           \
+  } while (0)
+
+/* A counter per server and value of label (one of nvalues), read from the
+ * array of nvalues counters at offset `at` in each row's sums. */
+static void sl_prom_servers_by(sl_text *o, const sl_admin_server *rows, size_t n,
+                               const char *name, const char *help, const char *label,
+                               const char *const *values, int nvalues, size_t at) {
+  sl_prom_head(o, name, "counter", help);
+  for (size_t i = 0; i < n; i++) {
+    const uint64_t *v = (const uint64_t *)(const void *)((const char *)&rows[i].sum + at);
+    for (int k = 0; k < nvalues; k++) {
+      char extra[64];
+      snprintf(extra, sizeof(extra), ",%s=\"%s\"", label, values[k]);
+      sl_text_printf(o, "%s", name);
+      sl_prom_labels(o, rows[i].sum.upstream, rows[i].sum.server, extra);
+      sl_text_printf(o, " %llu\n", (unsigned long long)v[k]);
+    }
+  }
+}
+
+static void sl_admin_metrics_servers(sl_text *o, const sl_admin_report *r) {
+  size_t n = 0;
+  sl_admin_server *rows = sl_admin_servers_sum(r, &n);
+  if (rows == NULL) {
+    o->failed = 1;
+    return;
+  }
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_connections_total", "counter",
+                     "Connections opened to a server (connects that completed).",
+                     x->sum.opened);
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_connections_open", "gauge",
+                     "Connections open to a server now.", x->sum.open);
+  sl_prom_servers_by(o, rows, n, "sluice_upstream_server_connect_failures_total",
+                     "Connects to a server that failed, by reason: refused, timeout, other.",
+                     "reason", sl_metrics_reasons, SL_METRICS_NREASONS,
+                     offsetof(sl_metrics_server_snap, failures));
+  sl_prom_head(o, "sluice_upstream_server_connect_seconds", "histogram",
+               "Time from starting a connect to a server to its completion.");
+  for (size_t i = 0; i < n; i++)
+    sl_prom_histogram(o, "sluice_upstream_server_connect_seconds", rows[i].sum.upstream,
+                      rows[i].sum.server, rows[i].sum.buckets, rows[i].sum.opened,
+                      rows[i].sum.seconds);
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_sent_bytes_total", "counter",
+                     "Bytes written to a server (open connections included).",
+                     x->sum.bytes_to);
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_received_bytes_total", "counter",
+                     "Bytes read from a server (open connections included).",
+                     x->sum.bytes_from);
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_up", "gauge",
+                     "1 when no worker holds a server down, 0 when a passive mark or a health "
+                     "check does on at least one worker.", x->ndown == 0);
+  sl_prom_servers_by(o, rows, n, "sluice_upstream_server_marked_down_total",
+                     "Times a server went down, by cause: passive (failed connects), "
+                     "health_check.",
+                     "cause", sl_metrics_causes, SL_METRICS_NCAUSES,
+                     offsetof(sl_metrics_server_snap, downs));
+  free(rows);
 }
 
 /* The arenas' counters, read under their locks. */
@@ -357,6 +446,7 @@ void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
   sl_text_printf(o, "sluice_draining %d\n", r->draining ? 1 : 0);
   sl_admin_metrics_listeners(o, r);
   sl_admin_metrics_upstreams(o, r);
+  sl_admin_metrics_servers(o, r);
   sl_admin_metrics_arenas(o, r);
   sl_admin_metrics_workers(o, r);
   sl_admin_metrics_stages(o, r);

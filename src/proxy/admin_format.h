@@ -1,6 +1,6 @@
 /*
- * What the admin endpoint answers: /metrics in Prometheus text format and
- * the /memory summary, formatted from the workers' snapshots
+ * What the admin endpoint answers: /metrics in Prometheus text format, the
+ * /memory summary and the /upstreams document, formatted from the workers' snapshots
  * (proxy/metrics.h) and the arenas' counters. The names, meanings and the
  * summary's layout are documented in docs/operations.md.
  */
@@ -8,6 +8,9 @@
 #define SL_ADMIN_FORMAT_H
 
 #include <stddef.h>
+#include <stdint.h>
+
+#include "proxy/metrics.h"
 
 struct sl_alloc;
 struct sl_metrics_snap;
@@ -33,5 +36,20 @@ typedef struct sl_admin_report {
 
 void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);
 void sl_admin_format_memory(sl_text *out, const sl_admin_report *r);
+/* The /upstreams JSON document (admin_upstreams.c). */
+void sl_admin_format_upstreams(sl_text *out, const sl_admin_report *r);
+
+/* One server of one upstream over every answering worker. */
+typedef struct sl_admin_server {
+  sl_metrics_server_snap sum;  /* counters summed; names; balance, weight and indexes from a
+                                  worker where it is current; retired: on every worker */
+  unsigned ndown;              /* workers that hold it down */
+  uint64_t rank;               /* its upstream's place in the order */
+} sl_admin_server;
+
+/* The servers of r's snapshots summed by (upstream, server), in the
+ * configuration's order (those only old connections still use after).
+ * Returns a new array of *n rows (free it), or NULL out of memory. */
+sl_admin_server *sl_admin_servers_sum(const sl_admin_report *r, size_t *n);
 
 #endif

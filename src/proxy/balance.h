@@ -28,6 +28,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct sl_metrics_server;
+
 typedef enum {
   SL_BALANCE_ROUND_ROBIN = 0,
   SL_BALANCE_LEAST_CONN,
@@ -44,6 +46,7 @@ typedef struct sl_peer {
   double down_until;     /* passive health: skipped while now < down_until */
   int check_down;        /* active health check: 1 while it holds it down */
   uint64_t id;           /* hash of the server's address (HASH) */
+  struct sl_metrics_server *m; /* its counters (proxy/metrics.h), one reference; NULL: none */
 } sl_peer;
 
 typedef struct sl_balancer {

@@ -28,6 +28,21 @@ static char *sl_strdup_field(lua_State *L, int idx, const char *key) {
   return copy;
 }
 
+/* A string field that may hold any bytes: a copy and its length, or NULL. */
+static char *sl_bytes_field(lua_State *L, int idx, const char *key, size_t *len) {
+  lua_getfield(L, idx, key);
+  size_t n = 0;
+  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+  char *copy = s ? malloc(n + 1) : NULL;
+  if (copy) {
+    memcpy(copy, s, n);
+    copy[n] = '\0';
+  }
+  *len = copy ? n : 0;
+  lua_pop(L, 1);
+  return copy;
+}
+
 static lua_Number sl_num_field(lua_State *L, int idx, const char *key) {
   lua_getfield(L, idx, key);
   lua_Number n = lua_tonumber(L, -1);
@@ -99,6 +114,8 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, siz
       u->health.timeout = sl_num_field(L, ht, "timeout_ms") / 1000.0;
       u->health.fails = (int)sl_num_field(L, ht, "fails");
       u->health.passes = (int)sl_num_field(L, ht, "passes");
+      u->health.send = sl_bytes_field(L, ht, "send", &u->health.send_len);
+      u->health.expect = sl_bytes_field(L, ht, "expect", &u->health.expect_len);
     }
     lua_pop(L, 1);
     lua_getfield(L, ut, "servers");
@@ -308,6 +325,8 @@ void sl_config_free(sl_config *c) {
     free(u->server_text);
     free(u->servers);
     free(u->weights);
+    free(u->health.send);
+    free(u->health.expect);
     free(u->name);
   }
   free(c->upstreams);

@@ -37,6 +37,10 @@ typedef struct sl_health_cfg {
   double timeout;              /* seconds a check's connect may take */
   int fails;                   /* failed checks in a row that mark a server down */
   int passes;                  /* passed checks in a row that mark it up again */
+  char *send;                  /* bytes written once connected, or NULL */
+  size_t send_len;
+  char *expect;                /* bytes the answer must contain, or NULL */
+  size_t expect_len;
 } sl_health_cfg;
 
 typedef struct sl_upstream_cfg {

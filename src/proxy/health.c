@@ -8,18 +8,31 @@
 
 #include "io/worker.h"
 #include "proxy/config.h"
+#include "proxy/metrics.h"
 #include "util/common.h"
 #include "util/log.h"
 
+/* Results that are not an errno. */
+#define SL_HEALTH_BAD_ANSWER (-1)   /* 4 KiB of answer without `expect` */
+#define SL_HEALTH_CLOSED (-2)       /* the server closed before `expect` came */
+
+#define SL_HEALTH_ANSWER_MAX 4096
+
 /* One server's check. In flight while fd >= 0: io and timeout are started
- * (and unreferenced from the loop); otherwise both are stopped. */
+ * (and unreferenced from the loop); otherwise both are stopped. A check
+ * connects, then writes `send` (if any), then reads until the answer
+ * contains `expect` (if any); all of it within the timeout. */
 typedef struct sl_health_check {
-  ev_io io;                  /* connect completion */
-  ev_timer timeout;          /* the check's connect timeout */
+  ev_io io;                  /* connect completion, then writing, then reading */
+  ev_timer timeout;          /* the whole check's timeout */
   sl_health *h;
   size_t index;              /* server index in the upstream */
   int fd;                    /* -1 when no check is in flight */
+  int connected;             /* the connect completed */
+  size_t sent;               /* bytes of `send` written */
+  size_t got;                /* bytes of answer in `answer` */
   int fails, passes;         /* results in a row */
+  char answer[SL_HEALTH_ANSWER_MAX];
 } sl_health_check;
 
 struct sl_health {
@@ -62,21 +75,108 @@ static void sl_health_finish(sl_health_check *c, int err) {
   c->fails++;
   if (!p->check_down && c->fails >= h->u->health.fails) {
     p->check_down = 1;
+    sl_metrics_server_down(p->m, SL_METRICS_DOWN_CHECK);
     sl_log(SL_LOG_WARN,
            "worker %d: upstream %s: server %s is down (health check: %d failed in a row, last: %s)",
            h->w->id, h->u->name, server, c->fails,
-           err == ETIMEDOUT ? "timed out" : strerror(err));
+           err == ETIMEDOUT ? "timed out"
+           : err == SL_HEALTH_BAD_ANSWER ? "the answer did not contain the expected bytes"
+           : err == SL_HEALTH_CLOSED ? "closed before the expected answer"
+           : strerror(err));
   }
+}
+
+/* Waits for `events` on the check's socket instead of what it waited for. */
+static void sl_health_wait(sl_health_check *c, int events) {
+  struct ev_loop *loop = c->h->w->loop;
+  ev_ref(loop);
+  ev_io_stop(loop, &c->io);
+  ev_io_set(&c->io, c->fd, events);
+  ev_io_start(loop, &c->io);
+  ev_unref(loop);
+}
+
+/* Writes what is left of `send`. Returns 0 when all of it is written, 1
+ * to wait for room, or an errno. */
+static int sl_health_send(sl_health_check *c) {
+  const sl_health_cfg *hc = &c->h->u->health;
+  while (c->sent < hc->send_len) {
+    ssize_t n = send(c->fd, hc->send + c->sent, hc->send_len - c->sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      c->sent += (size_t)n;
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return 1;
+    } else {
+      return n < 0 ? errno : EPIPE;
+    }
+  }
+  return 0;
+}
+
+/* Reads the answer. Returns 0 once it contains `expect`, 1 to wait for
+ * more, or a result that fails the check. */
+static int sl_health_read(sl_health_check *c) {
+  const sl_health_cfg *hc = &c->h->u->health;
+  for (;;) {
+    if (c->got == sizeof(c->answer)) return SL_HEALTH_BAD_ANSWER;
+    ssize_t n = recv(c->fd, c->answer + c->got, sizeof(c->answer) - c->got, 0);
+    if (n > 0) {
+      /* Search from where the expected bytes could start in what is new. */
+      size_t from = c->got >= hc->expect_len ? c->got - hc->expect_len + 1 : 0;
+      c->got += (size_t)n;
+      if (memmem(c->answer + from, c->got - from, hc->expect, hc->expect_len) != NULL) return 0;
+    } else if (n == 0) {
+      return SL_HEALTH_CLOSED;
+    } else if (errno == EINTR) {
+      continue;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      return 1;
+    } else {
+      return errno;
+    }
+  }
+}
+
+/* Takes the check as far as it can go now. */
+static void sl_health_advance(sl_health_check *c) {
+  const sl_health_cfg *hc = &c->h->u->health;
+  if (c->sent < hc->send_len) {
+    int r = sl_health_send(c);
+    if (r == 1) return; /* wait for room (EV_WRITE, as for the connect) */
+    if (r != 0) {
+      sl_health_finish(c, r);
+      return;
+    }
+  }
+  if (hc->expect == NULL) {
+    sl_health_finish(c, 0);
+    return;
+  }
+  int r = sl_health_read(c);
+  if (r != 1) {
+    sl_health_finish(c, r);
+    return;
+  }
+  if (!(c->io.events & EV_READ)) sl_health_wait(c, EV_READ);
 }
 
 static void sl_health_on_io(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(loop);
   SL_UNUSED(revents);
   sl_health_check *c = SL_CONTAINER_OF(io, sl_health_check, io);
-  int err = 0;
-  socklen_t len = sizeof(err);
-  if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-  sl_health_finish(c, err);
+  if (!c->connected) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err != 0) {
+      sl_health_finish(c, err);
+      return;
+    }
+    c->connected = 1;
+  }
+  sl_health_advance(c);
 }
 
 static void sl_health_on_timeout(struct ev_loop *loop, ev_timer *t, int revents) {
@@ -96,6 +196,9 @@ static void sl_health_begin(sl_health *h, sl_health_check *c) {
   int rc = connect(fd, (const struct sockaddr *)&a->ss, a->len);
   int err = rc == 0 ? 0 : errno;
   c->fd = fd;
+  c->connected = 0;
+  c->sent = 0;
+  c->got = 0;
   struct ev_loop *loop = h->w->loop;
   ev_io_set(&c->io, fd, EV_WRITE);
   ev_io_start(loop, &c->io);
@@ -103,7 +206,13 @@ static void sl_health_begin(sl_health *h, sl_health_check *c) {
   ev_timer_set(&c->timeout, h->u->health.timeout, 0.);
   ev_timer_start(loop, &c->timeout);
   ev_unref(loop);
-  if (err != EINPROGRESS) sl_health_finish(c, err);   /* done at once: passed or failed */
+  if (err == EINPROGRESS) return;
+  if (err != 0) {
+    sl_health_finish(c, err);
+    return;
+  }
+  c->connected = 1; /* connected at once */
+  sl_health_advance(c);
 }
 
 static void sl_health_on_tick(struct ev_loop *loop, ev_timer *t, int revents) {

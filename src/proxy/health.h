@@ -1,7 +1,9 @@
 /*
- * Active TCP health checks of one upstream on one worker: every interval,
- * each server gets a non-blocking connect that must complete within the
- * timeout (then it is closed at once). `fails` failed checks in a row mark
+ * Active health checks of one upstream on one worker: every interval, each
+ * server gets a non-blocking connect that must complete within the timeout;
+ * with `send`, those bytes are written; with `expect`, the server's answer
+ * must contain those bytes within its first 4 KiB (as HAProxy's tcp-check
+ * send/expect). All of it within the timeout; then the socket is closed. `fails` failed checks in a row mark
  * a server down (sl_peer.check_down: the balancer skips it), `passes`
  * passed checks in a row mark it up again. Servers start up.
  *

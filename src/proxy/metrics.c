@@ -11,10 +11,30 @@
 #include "buf/holder.h"
 #include "io/channel.h"
 #include "lua/host.h"
+#include "proxy/balance.h"
+#include "proxy/config.h"
+#include "proxy/server.h"
+#include "proxy/upstream.h"
 #include "util/common.h"
 
 const double sl_metrics_buckets[SL_METRICS_NBUCKETS] = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
+};
+
+const char *const sl_metrics_reasons[SL_METRICS_NREASONS] = {"refused", "timeout", "other"};
+const char *const sl_metrics_causes[SL_METRICS_NCAUSES] = {"passive", "health_check"};
+
+struct sl_metrics_server {
+  char *upstream, *server;
+  uint32_t refs;                 /* generations (upstream sets) that list it */
+  uint64_t opened, open;
+  uint64_t failures[SL_METRICS_NREASONS];
+  uint64_t buckets[SL_METRICS_NBUCKETS];
+  double seconds;
+  uint64_t bytes_to, bytes_from; /* closed connections' bytes */
+  uint64_t downs[SL_METRICS_NCAUSES];
+  size_t row;                    /* while a snapshot is built: its row */
+  uint64_t noted;                /* the snapshot whose row has its state */
 };
 
 typedef struct sl_metrics_lis {
@@ -39,6 +59,9 @@ struct sl_metrics {
   size_t nupstreams;
   sl_metrics_named *stages;      /* n: errors */
   size_t nstages;
+  sl_metrics_server **servers;   /* in the order they were first listed */
+  size_t nservers;
+  uint64_t builds;               /* snapshots built */
   ev_async snap_watcher;         /* a snapshot was asked for */
   pthread_mutex_t lock;
   pthread_cond_t cond;
@@ -103,9 +126,35 @@ void sl_metrics_client_closed(sl_worker *w, uint16_t li, sl_channel *ch) {
   l->bytes_out += ch->bytes_out;
 }
 
-void sl_metrics_connect_done(sl_worker *w, const char *upstream, double seconds, int err) {
+static void sl_metrics_observe(uint64_t *buckets, double seconds) {
+  for (int i = 0; i < SL_METRICS_NBUCKETS; i++) {
+    if (seconds <= sl_metrics_buckets[i]) {
+      buckets[i]++;
+      return;
+    }
+  }
+}
+
+int sl_metrics_failure_reason(int err) {
+  if (err == ECONNREFUSED) return SL_METRICS_REFUSED;
+  if (err == ETIMEDOUT) return SL_METRICS_TIMEOUT;
+  return SL_METRICS_OTHER;
+}
+
+void sl_metrics_connect_done(sl_worker *w, const char *upstream, sl_metrics_server *e,
+                             double seconds, int err) {
   sl_metrics *m = w->metrics;
   if (m == NULL) return;
+  if (e != NULL) {
+    if (err) {
+      e->failures[sl_metrics_failure_reason(err)]++;
+    } else {
+      e->opened++;
+      e->open++;
+      e->seconds += seconds;
+      sl_metrics_observe(e->buckets, seconds);
+    }
+  }
   sl_metrics_named *u = sl_metrics_find(&m->upstreams, &m->nupstreams, upstream);
   if (u == NULL) return;
   if (err) {
@@ -114,12 +163,68 @@ void sl_metrics_connect_done(sl_worker *w, const char *upstream, double seconds,
   }
   u->n++;
   u->seconds += seconds;
-  for (int i = 0; i < SL_METRICS_NBUCKETS; i++) {
-    if (seconds <= sl_metrics_buckets[i]) {
-      u->buckets[i]++;
-      break;
+  sl_metrics_observe(u->buckets, seconds);
+}
+
+/* ---- servers ---- */
+
+static void sl_metrics_server_free(sl_metrics_server *e) {
+  free(e->upstream);
+  free(e->server);
+  free(e);
+}
+
+sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, const char *server) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return NULL;
+  for (size_t i = 0; i < m->nservers; i++) {
+    sl_metrics_server *e = m->servers[i];
+    if (strcmp(e->upstream, upstream) == 0 && strcmp(e->server, server) == 0) {
+      e->refs++;
+      return e;
     }
   }
+  sl_metrics_server **t = realloc(m->servers, (m->nservers + 1) * sizeof(*t));
+  if (t == NULL) return NULL;
+  m->servers = t;
+  sl_metrics_server *e = calloc(1, sizeof(*e));
+  if (e == NULL) return NULL;
+  e->upstream = sl_metrics_strdup(upstream);
+  e->server = sl_metrics_strdup(server);
+  if (e->upstream == NULL || e->server == NULL) {
+    sl_metrics_server_free(e);
+    return NULL;
+  }
+  e->refs = 1;
+  m->servers[m->nservers++] = e;
+  return e;
+}
+
+void sl_metrics_server_unref(sl_worker *w, sl_metrics_server *e) {
+  sl_metrics *m = w->metrics;
+  if (e == NULL || m == NULL) return;
+  SL_ASSERT(e->refs > 0, "server metrics reference count underflow");
+  if (--e->refs > 0) return;
+  SL_ASSERT(e->open == 0, "server metrics dropped while a connection of it is open");
+  for (size_t i = 0; i < m->nservers; i++) {
+    if (m->servers[i] != e) continue;
+    memmove(&m->servers[i], &m->servers[i + 1], (m->nservers - i - 1) * sizeof(*m->servers));
+    m->nservers--;
+    break;
+  }
+  sl_metrics_server_free(e);
+}
+
+void sl_metrics_server_closed(sl_metrics_server *e, const sl_channel *ch) {
+  if (e == NULL) return;
+  SL_ASSERT(e->open > 0, "server metrics: more connections closed than opened");
+  e->open--;
+  e->bytes_to += ch->bytes_out;
+  e->bytes_from += ch->bytes_in;
+}
+
+void sl_metrics_server_down(sl_metrics_server *e, int cause) {
+  if (e) e->downs[cause]++;
 }
 
 void sl_metrics_stage_error(sl_worker *w, const char *name) {
@@ -253,6 +358,66 @@ static void sl_metrics_walk_buffers(sl_worker *w, sl_metrics_snap *s) {
 
 /* ---- snapshots ---- */
 
+typedef struct sl_metrics_noting {
+  sl_metrics_snap *s;
+  uint64_t stamp;
+  int current;                   /* the generation new connections use */
+  double now;
+} sl_metrics_noting;
+
+/* A server of a generation: its row gets the state of the newest
+ * generation that lists it (generations are walked newest first). */
+static void sl_metrics_note_peer(void *ud, const sl_upstream_cfg *u, size_t ui, size_t index,
+                                 const sl_peer *p) {
+  sl_metrics_noting *n = ud;
+  sl_metrics_server *e = p->m;
+  if (e == NULL || e->noted == n->stamp) return;
+  e->noted = n->stamp;
+  sl_metrics_server_snap *o = &n->s->servers[e->row];
+  o->balance = (int)u->balance;
+  o->retired = !n->current;
+  o->weight = p->weight;
+  o->uindex = (unsigned)ui;
+  o->index = (unsigned)index;
+  o->down_until = p->down_until;
+  o->now = n->now;
+  if (p->check_down) o->down = SL_METRICS_DOWN_CHECK + 1;
+  else if (n->now < p->down_until) o->down = SL_METRICS_DOWN_PASSIVE + 1;
+}
+
+static void sl_metrics_build_servers(sl_worker *w, sl_metrics_snap *s) {
+  sl_metrics *m = w->metrics;
+  s->nservers = m->nservers;
+  for (size_t i = 0; i < m->nservers; i++) {
+    sl_metrics_server *e = m->servers[i];
+    sl_metrics_server_snap *o = &s->servers[i];
+    e->row = i;
+    sl_metrics_copy_name(o->upstream, e->upstream);
+    sl_metrics_copy_name(o->server, e->server);
+    o->retired = 1;
+    o->opened = e->opened;
+    o->open = e->open;
+    memcpy(o->failures, e->failures, sizeof(o->failures));
+    memcpy(o->buckets, e->buckets, sizeof(o->buckets));
+    o->seconds = e->seconds;
+    o->bytes_to = e->bytes_to;
+    o->bytes_from = e->bytes_from;
+    memcpy(o->downs, e->downs, sizeof(o->downs));
+  }
+  /* Open connections: their bytes so far. */
+  for (sl_channel *ch = w->channels; ch != NULL; ch = ch->next) {
+    sl_metrics_server *e = sl_upstream_metrics_of(ch);
+    if (e == NULL) continue;
+    s->servers[e->row].bytes_to += ch->bytes_out;
+    s->servers[e->row].bytes_from += ch->bytes_in;
+  }
+  sl_metrics_noting n = {s, ++m->builds, 0, ev_now(w->loop)};
+  for (sl_worker_gen *g = w->gen; g != NULL; g = g->older) {
+    n.current = g == w->gen;
+    sl_upstreams_each(sl_server_gen_upstreams(g), sl_metrics_note_peer, &n);
+  }
+}
+
 static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
   sl_metrics *m = w->metrics;
   sl_metrics_snap *s = calloc(1, sizeof(*s));
@@ -274,7 +439,8 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
   s->listeners = calloc(m->nlisteners + 1, sizeof(*s->listeners));
   s->upstreams = calloc(m->nupstreams + 1, sizeof(*s->upstreams));
   s->stages = calloc(m->nstages + 1, sizeof(*s->stages));
-  if (s->listeners == NULL || s->upstreams == NULL || s->stages == NULL) {
+  s->servers = calloc(m->nservers + 1, sizeof(*s->servers));
+  if (s->listeners == NULL || s->upstreams == NULL || s->stages == NULL || s->servers == NULL) {
     sl_metrics_snap_free(s);
     return NULL;
   }
@@ -310,6 +476,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     memcpy(o->buckets, u->buckets, sizeof(o->buckets));
     o->seconds = u->seconds;
   }
+  sl_metrics_build_servers(w, s);
   s->nstages = m->nstages;
   for (size_t i = 0; i < m->nstages; i++) {
     sl_metrics_copy_name(s->stages[i].name, m->stages[i].name);
@@ -319,10 +486,15 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
   return s;
 }
 
+sl_metrics_snap *sl_metrics_snapshot(sl_worker *w, int memory) {
+  return w->metrics ? sl_metrics_build(w, memory) : NULL;
+}
+
 void sl_metrics_snap_free(sl_metrics_snap *s) {
   if (s == NULL) return;
   free(s->listeners);
   free(s->upstreams);
+  free(s->servers);
   free(s->stages);
   free(s->held);
   free(s);
@@ -385,6 +557,7 @@ int sl_metrics_attach(sl_worker *w, int holders) {
   ev_async_start(w->loop, &m->snap_watcher);
   ev_unref(w->loop); /* answering snapshots keeps no loop running */
   w->metrics = m;
+  w->stage_error = sl_metrics_stage_error;
   /* Without the table, the memory summary shows no stage ("-"). */
   if (holders) sl_holder_enable(w->pool);
   return SL_OK;
@@ -408,6 +581,8 @@ void sl_metrics_detach(sl_worker *w) {
   for (size_t i = 0; i < m->nlisteners; i++) free(m->listeners[i].name);
   for (size_t i = 0; i < m->nupstreams; i++) free(m->upstreams[i].name);
   for (size_t i = 0; i < m->nstages; i++) free(m->stages[i].name);
+  for (size_t i = 0; i < m->nservers; i++) sl_metrics_server_free(m->servers[i]);
+  free(m->servers);
   free(m->listeners);
   free(m->upstreams);
   free(m->stages);
@@ -416,4 +591,5 @@ void sl_metrics_detach(sl_worker *w) {
   pthread_cond_destroy(&m->cond);
   free(m);
   w->metrics = NULL;
+  w->stage_error = NULL;
 }

@@ -5,7 +5,8 @@
  * Threading: every counter here is written by its worker's thread only,
  * with plain (non-atomic) increments on the paths that already run there:
  * accept and close (connections and bytes by listener), connect completion
- * (upstreams), a Lua stage's failure (stage errors). No other thread reads
+ * and close (upstreams and their servers), a server marked down, a Lua
+ * stage's failure (stage errors). No other thread reads
  * them in place. The admin thread asks for a snapshot instead
  * (sl_metrics_collect): an ev_async wakes the worker, which copies its
  * counters, its pool's statistics and, for the memory summary, the bytes
@@ -36,6 +37,24 @@ extern const double sl_metrics_buckets[SL_METRICS_NBUCKETS];
 
 typedef struct sl_metrics sl_metrics;
 
+/* Why a connect to a server failed (sluice_upstream_server_connect_failures_total). */
+enum { SL_METRICS_REFUSED, SL_METRICS_TIMEOUT, SL_METRICS_OTHER, SL_METRICS_NREASONS };
+extern const char *const sl_metrics_reasons[SL_METRICS_NREASONS];
+
+/* What marked a server down. */
+enum { SL_METRICS_DOWN_PASSIVE, SL_METRICS_DOWN_CHECK, SL_METRICS_NCAUSES };
+extern const char *const sl_metrics_causes[SL_METRICS_NCAUSES];
+
+/*
+ * One server of one upstream (by name: "back", "127.0.0.1:7001") on one
+ * worker. Every configuration (generation) that lists the server holds a
+ * reference (sl_upstreams, through sl_peer.m), so its counters go on across
+ * reloads that keep it, and it is dropped, its series with it, once no
+ * generation that lists it is left (a removed server: once the last
+ * connection of the old generation has closed).
+ */
+typedef struct sl_metrics_server sl_metrics_server;
+
 typedef struct sl_metrics_listener_snap {
   char name[SL_METRICS_NAME];
   uint64_t opened, closed;       /* client connections accepted, closed */
@@ -50,6 +69,25 @@ typedef struct sl_metrics_upstream_snap {
   uint64_t buckets[SL_METRICS_NBUCKETS]; /* connects at most that long (not cumulative) */
   double seconds;                /* sum of connect times */
 } sl_metrics_upstream_snap;
+
+/* One server as one worker sees it. The state comes from the newest
+ * generation that lists it. */
+typedef struct sl_metrics_server_snap {
+  char upstream[SL_METRICS_NAME];
+  char server[SL_METRICS_NAME];  /* its address as the configuration writes it */
+  int balance;                   /* sl_balance of its upstream */
+  int retired;                   /* 1: not in the configuration new connections use */
+  int weight;
+  unsigned uindex, index;        /* its upstream's index in the configuration, its own */
+  int down;                      /* 0: available, else SL_METRICS_DOWN_* + 1 */
+  double down_until, now;        /* passive: skipped until (Unix time); the worker's now */
+  uint64_t opened, open;         /* connections opened (connects completed), open now */
+  uint64_t failures[SL_METRICS_NREASONS];
+  uint64_t buckets[SL_METRICS_NBUCKETS]; /* connects at most that long (not cumulative) */
+  double seconds;                /* sum of connect times */
+  uint64_t bytes_to, bytes_from; /* written to it, read from it (open connections too) */
+  uint64_t downs[SL_METRICS_NCAUSES]; /* times marked down */
+} sl_metrics_server_snap;
 
 typedef struct sl_metrics_stage_snap {
   char name[SL_METRICS_NAME];
@@ -78,6 +116,8 @@ typedef struct sl_metrics_snap {
   size_t nlisteners;
   sl_metrics_upstream_snap *upstreams;
   size_t nupstreams;
+  sl_metrics_server_snap *servers;
+  size_t nservers;
   sl_metrics_stage_snap *stages;
   size_t nstages;
   sl_metrics_held_snap *held;    /* memory summary only */
@@ -104,6 +144,10 @@ void sl_metrics_gone(sl_worker *w);
 sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout);
 void sl_metrics_snap_free(sl_metrics_snap *s);
 
+/* On w's own thread: the snapshot sl_metrics_collect hands over (tests).
+ * NULL without metrics or out of memory. */
+sl_metrics_snap *sl_metrics_snapshot(sl_worker *w, int memory);
+
 /* ---- hooks, on the worker's thread; all do nothing without metrics ---- */
 
 /* The 1-based index of listener `name` in w's table (added on first use;
@@ -115,8 +159,29 @@ uint16_t sl_metrics_listener(sl_worker *w, const char *name);
 void sl_metrics_client_opened(sl_worker *w, uint16_t li);
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, struct sl_channel *ch);
 
-/* A connect to upstream `name` completed after seconds (err 0) or failed. */
-void sl_metrics_connect_done(sl_worker *w, const char *upstream, double seconds, int err);
+/* The server `server` of `upstream`: returns a reference (found, or added
+ * with zero counts), NULL without metrics or on ENOMEM (hooks take NULL). */
+sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, const char *server);
+
+/* Drops a reference; at the last one the server and its series are gone.
+ * NULL is fine. */
+void sl_metrics_server_unref(sl_worker *w, sl_metrics_server *e);
+
+/* A connect to upstream `name` (its server e, NULL for a plain address)
+ * completed after seconds (err 0: a connection of e is open from now on)
+ * or failed with errno value err. */
+void sl_metrics_connect_done(sl_worker *w, const char *upstream, sl_metrics_server *e,
+                             double seconds, int err);
+
+/* SL_METRICS_REFUSED, _TIMEOUT or _OTHER for a connect's errno value. */
+int sl_metrics_failure_reason(int err);
+
+/* A connection of e has closed: its bytes (bytes_out went to the server,
+ * bytes_in came from it) join e's, and it is open no more. e may be NULL. */
+void sl_metrics_server_closed(sl_metrics_server *e, const struct sl_channel *ch);
+
+/* e was marked down (cause SL_METRICS_DOWN_*). e may be NULL. */
+void sl_metrics_server_down(sl_metrics_server *e, int cause);
 
 /* A stage named `name` raised. */
 void sl_metrics_stage_error(sl_worker *w, const char *name);

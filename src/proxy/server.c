@@ -110,22 +110,23 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   ch->mlistener = sl->metrics;
   ch->mclient = 1;
   sl_metrics_client_opened(w, sl->metrics);
-  for (size_t i = 0; i < lc->nstages; i++) {
+  /* A stage's added callback may close the channel (a deny list, an error):
+   * the reference keeps it alive until the build stops. */
+  sl_channel_ref(ch);
+  for (size_t i = 0; i < lc->nstages && !sl_channel_is_closed(ch); i++) {
     const sl_stage_spec *s = &lc->stages[i];
     sl_ctx *ctx = s->ops ? sl_stage_add(&ch->pipe, s->ops, s->module, s->conf)
                          : sl_lua_host_add_stage(w->lua, &ch->pipe, s);
-    if (ctx == NULL) {
-      sl_channel_close(ch, "out of memory building the pipeline", 1);
-      return;
-    }
+    if (ctx == NULL) sl_channel_close(ch, "out of memory building the pipeline", 1);
   }
-  if (lc->upstream && sl_bridge_add_client(&ch->pipe, lc) == NULL) {
+  if (!sl_channel_is_closed(ch) && lc->upstream && sl_bridge_add_client(&ch->pipe, lc) == NULL)
     sl_channel_close(ch, "out of memory building the pipeline", 1);
-    return;
+  if (!sl_channel_is_closed(ch)) {
+    sl_channel_set_idle_timeout(ch, lc->idle_timeout);
+    if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
+    sl_channel_activate(ch);
   }
-  sl_channel_set_idle_timeout(ch, lc->idle_timeout);
-  if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
-  sl_channel_activate(ch);
+  sl_channel_unref(ch);
 }
 
 const sl_listener_cfg *sl_server_listener_cfg(const sl_channel *ch) {
@@ -138,6 +139,10 @@ sl_upstreams *sl_server_upstreams(const sl_channel *ch) {
 }
 
 /* ---- generations ---- */
+
+sl_upstreams *sl_server_gen_upstreams(sl_worker_gen *g) {
+  return g ? sl_server_gen_of(g)->ups : NULL;
+}
 
 static void sl_server_gen_free(sl_worker *w, sl_server_gen *g) {
   if (g == NULL) return;

@@ -74,6 +74,11 @@ const struct sl_listener_cfg *sl_server_listener_cfg(const struct sl_channel *ch
  * configuration ch was created under, or NULL outside a server. */
 struct sl_upstreams *sl_server_upstreams(const struct sl_channel *ch);
 
+struct sl_worker_gen;
+
+/* The upstreams of generation g on its worker (NULL: none). */
+struct sl_upstreams *sl_server_gen_upstreams(struct sl_worker_gen *g);
+
 /* After w's loop has ended: frees the generations and the Lua state, and
  * releases the configurations. */
 void sl_server_free(struct sl_worker *w);

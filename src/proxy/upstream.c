@@ -81,7 +81,11 @@ static uint64_t sl_upstream_addr_hash(const sl_addr *a) {
 static void sl_upstreams_unref(sl_upstreams *s) {
   SL_ASSERT(s->refs > 0, "upstream set reference count underflow");
   if (--s->refs > 0) return;
-  for (size_t i = 0; i < s->n; i++) free(s->ups[i].bal.peers);
+  for (size_t i = 0; i < s->n; i++) {
+    for (size_t j = 0; s->ups[i].bal.peers && j < s->ups[i].bal.n; j++)
+      sl_metrics_server_unref(s->w, s->ups[i].bal.peers[j].m);
+    free(s->ups[i].bal.peers);
+  }
   free(s);
 }
 
@@ -110,6 +114,7 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
     for (size_t j = 0; j < u->nservers; j++) {
       rt->bal.peers[j].weight = u->weights ? u->weights[j] : 1;
       rt->bal.peers[j].id = sl_balance_hash(u->server_text[j], strlen(u->server_text[j]));
+      rt->bal.peers[j].m = sl_metrics_server_ref(w, u->name, u->server_text[j]);
     }
     if (u->has_health_check && (rt->health = sl_health_start(w, u, &rt->bal)) == NULL) {
       sl_upstreams_destroy(s);
@@ -183,6 +188,25 @@ static void sl_upstream_peer_done(sl_peer *p) {
 }
 
 /* ---- the lease stage: notices when the upstream channel is gone ---- */
+
+/* A connected upstream channel closed (ud: its lease): its bytes go to its
+ * server's counters. */
+static void sl_upstream_on_close(struct sl_channel *ch) {
+  sl_lease *l = ch->ud;
+  ch->ud = NULL;   /* counted: snapshots no longer add its bytes */
+  if (l && l->peer) sl_metrics_server_closed(l->peer->m, ch);
+}
+
+sl_metrics_server *sl_upstream_metrics_of(const struct sl_channel *ch) {
+  if (ch->on_close != sl_upstream_on_close || ch->ud == NULL) return NULL;
+  const sl_lease *l = ch->ud;
+  return l->peer ? l->peer->m : NULL;
+}
+
+void sl_upstreams_each(const sl_upstreams *s, sl_upstreams_peer_fn fn, void *ud) {
+  for (size_t i = 0; s && i < s->n; i++)
+    for (size_t j = 0; j < s->ups[i].bal.n; j++) fn(ud, s->ups[i].cfg, i, j, &s->ups[i].bal.peers[j]);
+}
 
 static void sl_attempt_gone(sl_attempt *a);
 
@@ -265,11 +289,15 @@ static struct sl_channel *sl_attempt_failed_keep(sl_attempt *a, const char *why,
   struct sl_channel *ch = a->ch;
   if (a->up && a->server >= 0) {
     sl_worker *w = a->set->w;
-    if (sl_balance_report(&a->up->bal, (size_t)a->server, 0, ev_now(w->loop)))
+    sl_peer *p = &a->up->bal.peers[a->server];
+    int was_up = sl_balance_available(&a->up->bal, (size_t)a->server, ev_now(w->loop));
+    if (sl_balance_report(&a->up->bal, (size_t)a->server, 0, ev_now(w->loop))) {
+      if (was_up) sl_metrics_server_down(p->m, SL_METRICS_DOWN_PASSIVE);
       sl_log(SL_LOG_WARN,
              "worker %d: upstream %s: server %s skipped for %.0f ms after %u failed connect%s in a row",
-             w->id, a->up->cfg->name, server, a->up->cfg->fail_timeout * 1000.0,
-             a->up->bal.peers[a->server].fails, a->up->bal.peers[a->server].fails == 1 ? "" : "s");
+             w->id, a->up->cfg->name, server, a->up->cfg->fail_timeout * 1000.0, p->fails,
+             p->fails == 1 ? "" : "s");
+    }
   }
   sl_attempt_detach(a);
   if (ch != NULL) {
@@ -332,7 +360,8 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
     struct sl_channel *ch =
         sl_channel_connect(w, addr, timeout, &a->cc, sl_attempt_on_connect, a, a->for_name);
     if (ch == NULL) {
-      sl_metrics_connect_done(w, a->up ? a->up->cfg->name : "-", 0, errno);
+      sl_metrics_connect_done(w, a->up ? a->up->cfg->name : "-",
+                              a->up ? a->up->bal.peers[a->server].m : NULL, 0, errno);
       sl_attempt_failed(a, strerror(errno));
       continue;
     }
@@ -357,8 +386,9 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
 static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
   sl_attempt *a = ch->ud;
   SL_ASSERT(a != NULL && a->ch == ch, "connect completion for a channel its attempt left");
-  sl_metrics_connect_done(ch->w, a->up ? a->up->cfg->name : "-", ev_now(ch->w->loop) - ch->started,
-                          err);
+  sl_metrics_connect_done(ch->w, a->up ? a->up->cfg->name : "-",
+                          a->up ? a->up->bal.peers[a->server].m : NULL,
+                          ev_now(ch->w->loop) - ch->started, err);
   if (err) {
     struct sl_channel *failed =
         sl_attempt_failed_keep(a, err == ETIMEDOUT ? "timed out" : strerror(err), 1);
@@ -374,6 +404,8 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
   l->attempt = NULL;
   l->set = a->set;
   l->peer = a->up ? &a->up->bal.peers[a->server] : NULL;
+  ch->ud = l;
+  ch->on_close = sl_upstream_on_close;
   sl_upstream_ready_fn ready = a->ready;
   free(a);
   ready(ch);

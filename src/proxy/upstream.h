@@ -26,6 +26,8 @@ struct sl_config;
 struct sl_channel;
 struct sl_channel_config;
 struct sl_upstream_cfg;
+struct sl_peer;
+struct sl_metrics_server;
 typedef struct sl_upstreams sl_upstreams;
 
 /* How long a connect to a plain address (ctx:connect("host:port")) may take. */
@@ -66,5 +68,16 @@ int sl_upstream_resolve(const struct sl_channel *client, const char *target,
 int sl_upstream_connect(struct sl_channel *client, const struct sl_upstream_cfg *u,
                         const sl_addr *addr, const struct sl_channel_config *cc,
                         const char *for_name, sl_upstream_ready_fn ready);
+
+/* The server counters of a connected upstream channel, until its close has
+ * added its bytes to them; NULL for any other channel (a plain address, a
+ * client, one still connecting). Borrowed. */
+struct sl_metrics_server *sl_upstream_metrics_of(const struct sl_channel *ch);
+
+/* Calls fn for every server of every upstream of s (NULL: none), with its
+ * upstream, the upstream's index in the configuration and the server's. */
+typedef void (*sl_upstreams_peer_fn)(void *ud, const struct sl_upstream_cfg *u, size_t ui,
+                                     size_t index, const struct sl_peer *p);
+void sl_upstreams_each(const sl_upstreams *s, sl_upstreams_peer_fn fn, void *ud);
 
 #endif

@@ -1,0 +1,304 @@
+-- Per-server upstream metrics and the /upstreams view through the real
+-- binary: socat backends that answer their name then echo, on 127.0.0.1.
+-- Every count is compared with what the spec sent and received; every wait
+-- is bounded, and no figure depends on timing.
+local H = require("helpers")
+local json = require("dkjson")
+
+local function get(port, path)
+  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)
+  local head, body = out:match("^(.-)\r\n\r\n(.*)$")
+  return tonumber(out:match("^HTTP/1%.1 (%d%d%d) ")), head or "", body or ""
+end
+
+local function metrics(admin) return select(3, get(admin, "/metrics")) end
+
+local function upstreams(admin)
+  local status, head, body = get(admin, "/upstreams")
+  assert.are.equal(200, status)
+  assert.matches("Content-Type: application/json", head, 1, true)
+  local doc, _, err = json.decode(body)
+  assert(doc, ("not JSON (%s): %s"):format(tostring(err), body))
+  return doc
+end
+
+-- The value of one sample (nil when absent).
+local function sample(text, name, labels)
+  local want = name .. (labels and ("{" .. labels .. "}") or "")
+  for line in text:gmatch("[^\n]+") do
+    local k, v = line:match("^(%S+) (%S+)$")
+    if k == want then return tonumber(v) end
+  end
+  return nil
+end
+
+local function server_labels(port, extra)
+  return ('upstream="back",server="127.0.0.1:%d"%s'):format(port, extra or "")
+end
+
+local function srv(text, name, port, extra)
+  return sample(text, "sluice_upstream_server_" .. name, server_labels(port, extra))
+end
+
+-- The server entry of /upstreams for upstream "back" and port (nil: absent).
+local function server_of(doc, port)
+  for _, u in ipairs(doc.upstreams) do
+    if u.name == "back" then
+      for _, s in ipairs(u.servers) do
+        if s.address == "127.0.0.1:" .. port then return s, u end
+      end
+    end
+  end
+  return nil
+end
+
+-- A client that sends `first`, then waits for the file `go` before it
+-- half-closes. Returns it with release() and finish() (its exit status).
+local function held_client(port, first)
+  local go = H.tmpfile("go")
+  local out = H.tmpfile("held.out", "")
+  local script = ("printf %s; while [ ! -e %s ]; do sleep 0.02; done"):format(H.shq(first), H.shq(go))
+  local p = H.spawn(("sh -c %s"):format(H.shq(("(%s) | socat -t 10 - TCP:127.0.0.1:%d > %s")
+    :format(script, port, H.shq(out)))), "held")
+  return { out = out,
+           release = function() H.sh("touch " .. H.shq(go)) end,
+           finish = function() return H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20) end }
+end
+
+local function config(workers, admin, port, servers, extra)
+  local list = {}
+  for i, s in ipairs(servers) do list[i] = ('"127.0.0.1:%d"'):format(s) end
+  return ([[
+return {
+  workers = %d,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { %s }%s } },
+}
+]]):format(workers, admin, port, table.concat(list, ", "), extra and (", " .. extra) or "")
+end
+
+describe("per-server upstream metrics", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+  local function peer(name, port)
+    local p = H.start_peer("printf " .. name .. "; cat", port)
+    peers[#peers + 1] = p
+    return p
+  end
+
+  -- Sends each payload on a connection of its own; adds what went to and
+  -- came from each server (by the name its reply starts with) to sent/got.
+  -- Returns the names, in order.
+  local function traffic(port, payloads, sent, got)
+    local names = {}
+    for i, data in ipairs(payloads) do
+      local out, rc = H.exchange(port, data, 10)
+      assert.are.equal(0, rc)
+      local who = out:sub(1, 1)
+      assert.are.equal(who .. data, out)
+      sent[who] = (sent[who] or 0) + #data
+      got[who] = (got[who] or 0) + #out
+      names[i] = who
+    end
+    return names
+  end
+
+  it("count connections, bytes, failures and the down state of each server, as sent", function()
+    local a, b = peer("A"), peer("B")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(1, admin, port, { a.port, b.port }, "fail_timeout_ms = 60000"))
+    local text = metrics(admin)
+    assert.are.equal(0, srv(text, "connections_total", a.port))
+    assert.are.equal(1, srv(text, "up", a.port))
+    assert.matches("# TYPE sluice_upstream_server_connect_seconds histogram", text, 1, true)
+
+    -- Four connections of different sizes: round robin gives each server two.
+    local sent, got = {}, {}
+    traffic(port, { ("a"):rep(100), ("b"):rep(2000), ("c"):rep(30), ("d"):rep(4096) }, sent, got)
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), text)
+    for name, s in pairs({ A = a, B = b }) do
+      assert.are.equal(2, srv(text, "connections_total", s.port), text)
+      assert.are.equal(0, srv(text, "connections_open", s.port))
+      assert.are.equal(sent[name], srv(text, "sent_bytes_total", s.port))
+      assert.are.equal(got[name], srv(text, "received_bytes_total", s.port))
+      assert.are.equal(2, srv(text, "connect_seconds_count", s.port))
+      assert.are.equal(2, srv(text, "connect_seconds_bucket", s.port, ',le="+Inf"'))
+      assert.are.equal(0, srv(text, "connect_failures_total", s.port, ',reason="refused"'))
+      assert.are.equal(0, srv(text, "marked_down_total", s.port, ',cause="passive"'))
+      assert.are.equal(1, srv(text, "up", s.port))
+    end
+    -- The upstream's own series: the sum over its servers.
+    assert.are.equal(4, sample(text, "sluice_upstream_connects_total", 'upstream="back"'))
+
+    -- A stops: the next connect to it is refused and retried on B, and A
+    -- is skipped from then on.
+    H.stop(a, "KILL")
+    assert.is_false(H.port_open(a.port))
+    local sent_a = sent.A
+    assert.are.same({ "B", "B", "B" }, traffic(port, { ("e"):rep(10), ("f"):rep(20), ("g"):rep(30) }, sent, got))
+    assert.are.equal(sent_a, sent.A)
+    -- A client held open on B, with its first bytes echoed.
+    local c = held_client(port, "held!")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "Bheld!" end, 10))
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return srv(text, "connections_open", b.port) == 1 and srv(text, "received_bytes_total", b.port) == got.B + 6
+    end, 10), text)
+    assert.are.equal(2, srv(text, "connections_total", a.port))
+    assert.are.equal(1, srv(text, "connect_failures_total", a.port, ',reason="refused"'))
+    assert.are.equal(0, srv(text, "connect_failures_total", a.port, ',reason="timeout"'))
+    assert.are.equal(0, srv(text, "connect_failures_total", a.port, ',reason="other"'))
+    assert.are.equal(1, srv(text, "marked_down_total", a.port, ',cause="passive"'))
+    assert.are.equal(0, srv(text, "marked_down_total", a.port, ',cause="health_check"'))
+    assert.are.equal(0, srv(text, "up", a.port))
+    assert.are.equal(1, srv(text, "up", b.port))
+    assert.are.equal(sent.A, srv(text, "sent_bytes_total", a.port))
+    assert.are.equal(got.A, srv(text, "received_bytes_total", a.port))
+    assert.are.equal(6, srv(text, "connections_total", b.port))   -- 2 + 3 + the held one
+    assert.are.equal(sent.B + 5, srv(text, "sent_bytes_total", b.port))
+    assert.are.equal(1, sample(text, "sluice_upstream_connect_failures_total", 'upstream="back"'))
+
+    local doc = upstreams(admin)
+    assert.are.equal(1, doc.workers)
+    local sa, up = server_of(doc, a.port)
+    assert.are.equal("round_robin", up.balance)
+    assert.is_false(up.retired)
+    assert.are.equal("down", sa.state)
+    assert.are.equal(1, #sa.down)
+    assert.are.equal(0, sa.down[1].worker)
+    assert.are.equal("passive", sa.down[1].cause)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", sa.down[1]["until"])
+    assert.is_true(sa.down[1].remaining_ms > 0 and sa.down[1].remaining_ms <= 60000)
+    assert.are.same({ refused = 1, timeout = 0, other = 0 }, sa.failures)
+    assert.are.same({ passive = 1, health_check = 0 }, sa.marked_down)
+    assert.are.equal(2, sa.connections)
+    assert.are.equal(0, sa.active)
+    assert.are.equal(sent.A, sa.sent_bytes)
+    assert.are.equal(got.A, sa.received_bytes)
+    local sb = server_of(doc, b.port)
+    assert.are.equal("up", sb.state)
+    assert.are.same({}, sb.down)
+    assert.are.equal(1, sb.active)
+    assert.are.equal(6, sb.connections)
+    assert.are.equal(1, sb.weight)
+    assert.are.equal(a.port, tonumber(up.servers[1].address:match(":(%d+)$")))  -- configuration order
+
+    c.release()
+    assert.are.equal(0, c.finish())
+    assert.truthy(H.wait_for(function()
+      return srv(metrics(admin), "connections_open", b.port) == 0
+    end, 10))
+    text = metrics(admin)
+    assert.are.equal(sent.B + 5, srv(text, "sent_bytes_total", b.port))
+    assert.are.equal(got.B + 6, srv(text, "received_bytes_total", b.port))
+    H.stop_sluice(p)
+  end)
+
+  it("sum the servers over workers", function()
+    local a, b = peer("A"), peer("B")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(2, admin, port, { a.port, b.port }))
+    local sent, got = {}, {}
+    local payloads = {}
+    for i = 1, 10 do payloads[i] = ("z"):rep(50 * i) end
+    traffic(port, payloads, sent, got)
+    local text
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), text)
+    local total = 0
+    for name, s in pairs({ A = a, B = b }) do
+      local n = srv(text, "connections_total", s.port)
+      total = total + n
+      assert.are.equal(sent[name] or 0, srv(text, "sent_bytes_total", s.port))
+      assert.are.equal(got[name] or 0, srv(text, "received_bytes_total", s.port))
+      assert.are.equal(n, srv(text, "connect_seconds_count", s.port))
+    end
+    assert.are.equal(10, total)
+    assert.are.equal(10, sample(text, "sluice_upstream_connects_total", 'upstream="back"'))
+    local doc = upstreams(admin)
+    assert.are.equal(2, doc.workers)
+    assert.are.equal(2, doc.workers_answering)
+    assert.are.equal(10, server_of(doc, a.port).connections + server_of(doc, b.port).connections)
+    H.stop_sluice(p)
+  end)
+
+  it("count a connect that times out, and a server a health check holds down", function()
+    local hole, close_hole = H.blackhole()
+    local dead = H.free_port()
+    local b = peer("B")
+    local port, admin = H.free_port(), H.free_port()
+    -- Passive marks off: the health checks alone hold dead down.
+    local p = H.start_sluice(config(1, admin, port, { hole, dead, b.port },
+      "connect_timeout_ms = 300, max_fails = 0, " ..
+      "health_check = { interval_ms = 60000, timeout_ms = 60000, fails = 1 }"))
+    local text
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return srv(text, "marked_down_total", dead, ',cause="health_check"') == 1
+    end, 10), text)
+    assert.are.equal(0, srv(text, "up", dead))
+    assert.are.equal(0, srv(text, "connect_failures_total", dead, ',reason="refused"'))
+    -- The first client tries the hole (round robin's first), waits for its
+    -- timeout, and gets B; dead is skipped.
+    assert.are.equal("Bx", (H.exchange(port, "x", 10)))
+    text = metrics(admin)
+    close_hole()
+    assert.are.equal(1, srv(text, "connect_failures_total", hole, ',reason="timeout"'), text)
+    assert.are.equal(0, srv(text, "connections_total", hole))
+    assert.are.equal(0, srv(text, "marked_down_total", hole, ',cause="passive"'))
+    assert.are.equal(1, srv(text, "up", hole))
+    assert.are.equal(1, srv(text, "connections_total", b.port))
+    local sd = server_of(upstreams(admin), dead)
+    assert.are.equal("down", sd.state)
+    assert.are.same({ { worker = 0, cause = "health_check" } }, sd.down)
+    H.stop_sluice(p)
+  end)
+
+  it("keep a removed server's series while a connection of the old configuration uses it", function()
+    local a, b = peer("A"), peer("B")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(1, admin, port, { a.port }))
+    local c = held_client(port, "old")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "Aold" end, 10))
+    local f = assert(io.open(p.config, "w"))
+    f:write(config(1, admin, port, { b.port }))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.equal("Bnew", (H.exchange(port, "new", 10)))
+    local text = metrics(admin)
+    assert.are.equal(1, srv(text, "connections_open", a.port))
+    assert.are.equal(1, srv(text, "connections_total", b.port))
+    local doc = upstreams(admin)
+    local sa, up = server_of(doc, a.port)
+    assert.is_true(sa.retired)
+    assert.are.equal(1, sa.active)
+    assert.is_false(up.retired)
+    assert.is_false(server_of(doc, b.port).retired)
+    assert.are.equal(b.port, tonumber(up.servers[1].address:match(":(%d+)$")))  -- current first
+    -- The old connection closes: A's series go once the old configuration
+    -- is released; the upstream's own series stay.
+    c.release()
+    assert.are.equal(0, c.finish())
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return srv(text, "connections_total", a.port) == nil
+    end, 10), text)
+    assert.is_nil(srv(text, "sent_bytes_total", a.port))
+    assert.are.equal(1, srv(text, "connections_total", b.port))
+    assert.are.equal(2, sample(text, "sluice_upstream_connects_total", 'upstream="back"'))
+    assert.is_nil(server_of(upstreams(admin), a.port))
+    H.stop_sluice(p)
+  end)
+end)

@@ -1,0 +1,345 @@
+/*
+ * Per-server upstream metrics (src/proxy/metrics.c) and how the admin
+ * endpoint shows them (src/proxy/admin_format.c, admin_upstreams.c): the
+ * counters a worker keeps per (upstream, server), their life across
+ * configurations (upstream sets made from a real configuration file), the
+ * snapshot that carries them, and the sums over workers in /metrics and
+ * /upstreams. The proxy path itself (real connects, real peers) is in
+ * spec/integration/upstream_metrics_spec.lua.
+ */
+#include "test_util.h"
+
+#include <stdio.h>
+
+#include "io/channel.h"
+#include "io/worker.h"
+#include "proxy/admin_format.h"
+#include "proxy/balance.h"
+#include "proxy/config.h"
+#include "proxy/metrics.h"
+#include "proxy/upstream.h"
+#include "util/common.h"
+
+typedef struct fixture {
+  sl_worker *w;
+} fixture;
+
+static int fixture_setup(void **state) {
+  fixture *f = calloc(1, sizeof(*f));
+  if (f == NULL) return -1;
+  f->w = sl_worker_create(0, NULL);
+  if (f->w == NULL || sl_metrics_attach(f->w, 0) != SL_OK) return -1;
+  *state = f;
+  return 0;
+}
+
+static int fixture_teardown(void **state) {
+  fixture *f = *state;
+  SL_TEST_ASSERT_POOL_CLEAN(f->w->pool);
+  sl_metrics_detach(f->w);
+  sl_worker_destroy(f->w);
+  free(f);
+  return 0;
+}
+
+static const sl_metrics_server_snap *find_row(const sl_metrics_snap *s, const char *upstream,
+                                              const char *server) {
+  for (size_t i = 0; i < s->nservers; i++)
+    if (strcmp(s->servers[i].upstream, upstream) == 0 && strcmp(s->servers[i].server, server) == 0)
+      return &s->servers[i];
+  return NULL;
+}
+
+/* ---- reasons ---- */
+
+static void test_failure_reasons(void **state) {
+  SL_UNUSED(state);
+  assert_int_equal(sl_metrics_failure_reason(ECONNREFUSED), SL_METRICS_REFUSED);
+  assert_int_equal(sl_metrics_failure_reason(ETIMEDOUT), SL_METRICS_TIMEOUT);
+  assert_int_equal(sl_metrics_failure_reason(EHOSTUNREACH), SL_METRICS_OTHER);
+  assert_int_equal(sl_metrics_failure_reason(ENETUNREACH), SL_METRICS_OTHER);
+  assert_string_equal(sl_metrics_reasons[SL_METRICS_TIMEOUT], "timeout");
+  assert_string_equal(sl_metrics_causes[SL_METRICS_DOWN_CHECK], "health_check");
+}
+
+/* ---- counters ---- */
+
+static void test_server_counts_reach_the_snapshot(void **state) {
+  fixture *f = *state;
+  sl_worker *w = f->w;
+  sl_metrics_server *a = sl_metrics_server_ref(w, "back", "127.0.0.1:7001");
+  sl_metrics_server *b = sl_metrics_server_ref(w, "back", "127.0.0.1:7002");
+  assert_non_null(a);
+  assert_non_null(b);
+  assert_ptr_equal(sl_metrics_server_ref(w, "back", "127.0.0.1:7001"), a); /* a second generation */
+  assert_ptr_not_equal(sl_metrics_server_ref(w, "other", "127.0.0.1:7001"), a);
+
+  sl_metrics_connect_done(w, "back", a, 0, ECONNREFUSED);
+  sl_metrics_connect_done(w, "back", a, 0, ETIMEDOUT);
+  sl_metrics_connect_done(w, "back", a, 0, EHOSTUNREACH);
+  sl_metrics_connect_done(w, "back", a, 0.0003, 0);
+  sl_metrics_connect_done(w, "back", b, 0.02, 0);
+  sl_metrics_connect_done(w, "back", b, 0.02, 0);
+  sl_metrics_server_down(a, SL_METRICS_DOWN_PASSIVE);
+  sl_metrics_server_down(a, SL_METRICS_DOWN_CHECK);
+  sl_metrics_server_down(a, SL_METRICS_DOWN_CHECK);
+  /* One of b's connections closes after 10 bytes out, 25 in. */
+  sl_channel_config cc = {0};
+  sl_channel *ch = sl_channel_embedded(w, &cc, "test");
+  assert_non_null(ch);
+  ch->bytes_out = 10;
+  ch->bytes_in = 25;
+  sl_metrics_server_closed(b, ch);
+  sl_channel_close(ch, "done", 0);
+
+  sl_metrics_snap *s = sl_metrics_snapshot(w, 0);
+  assert_non_null(s);
+  assert_int_equal(s->nservers, 3);
+  const sl_metrics_server_snap *ra = find_row(s, "back", "127.0.0.1:7001");
+  const sl_metrics_server_snap *rb = find_row(s, "back", "127.0.0.1:7002");
+  assert_non_null(ra);
+  assert_non_null(rb);
+  assert_int_equal(ra->failures[SL_METRICS_REFUSED], 1);
+  assert_int_equal(ra->failures[SL_METRICS_TIMEOUT], 1);
+  assert_int_equal(ra->failures[SL_METRICS_OTHER], 1);
+  assert_int_equal(ra->opened, 1);
+  assert_int_equal(ra->open, 1);
+  assert_int_equal(ra->buckets[2], 1); /* 0.3 ms: at most 0.5 ms */
+  assert_int_equal(ra->downs[SL_METRICS_DOWN_PASSIVE], 1);
+  assert_int_equal(ra->downs[SL_METRICS_DOWN_CHECK], 2);
+  assert_int_equal(rb->opened, 2);
+  assert_int_equal(rb->open, 1);
+  assert_int_equal(rb->buckets[7], 2); /* 20 ms: at most 25 ms */
+  assert_int_equal(rb->bytes_to, 10);
+  assert_int_equal(rb->bytes_from, 25);
+  /* No configuration lists them: nothing new connections use. */
+  assert_int_equal(ra->retired, 1);
+  /* The upstream's own series go on as before: the sum over its servers. */
+  assert_int_equal(s->nupstreams, 1);
+  assert_string_equal(s->upstreams[0].name, "back");
+  assert_int_equal(s->upstreams[0].connects, 3);
+  assert_int_equal(s->upstreams[0].failures, 3);
+  sl_metrics_snap_free(s);
+
+  /* a's two references, then the rest: each goes with its last one. */
+  sl_metrics_connect_done(w, "back", a, 0, ECONNREFUSED);
+  sl_channel *cha = sl_channel_embedded(w, &cc, "a");
+  sl_channel *chb = sl_channel_embedded(w, &cc, "b");
+  sl_metrics_server_closed(a, cha);
+  sl_metrics_server_closed(b, chb);
+  sl_channel_close(cha, "done", 0);
+  sl_channel_close(chb, "done", 0);
+  sl_metrics_server_unref(w, a);
+  s = sl_metrics_snapshot(w, 0);
+  assert_non_null(find_row(s, "back", "127.0.0.1:7001"));
+  assert_int_equal(find_row(s, "back", "127.0.0.1:7001")->failures[SL_METRICS_REFUSED], 2);
+  sl_metrics_snap_free(s);
+  sl_metrics_server_unref(w, a);
+  sl_metrics_server_unref(w, b);
+  s = sl_metrics_snapshot(w, 0);
+  assert_int_equal(s->nservers, 1);
+  assert_non_null(find_row(s, "other", "127.0.0.1:7001"));
+  assert_int_equal(s->upstreams[0].failures, 4);
+  sl_metrics_snap_free(s);
+  sl_metrics_server *o = sl_metrics_server_ref(w, "other", "127.0.0.1:7001");
+  sl_metrics_server_unref(w, o);
+  sl_metrics_server_unref(w, NULL);
+  sl_metrics_server_unref(w, o);        /* its last reference */
+  s = sl_metrics_snapshot(w, 0);
+  assert_int_equal(s->nservers, 0);
+  sl_metrics_snap_free(s);
+}
+
+/* ---- life across configurations ---- */
+
+static sl_config *load_config(const char *text) {
+  char path[] = "/tmp/sluice-test-metrics-XXXXXX";
+  int fd = mkstemp(path);
+  assert_true(fd >= 0);
+  assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+  close(fd);
+  char err[512] = "";
+  sl_config *c = sl_config_load(path, err, sizeof(err));
+  unlink(path);
+  if (c == NULL) fail_msg("%s", err);
+  return c;
+}
+
+typedef struct seen {
+  int n;
+  int with_metrics;
+  char text[8][64];
+} seen;
+
+static void count_peer(void *ud, const sl_upstream_cfg *u, size_t ui, size_t index,
+                       const sl_peer *p) {
+  seen *s = ud;
+  if (s->n < 8)
+    snprintf(s->text[s->n], sizeof(s->text[0]), "%s/%zu/%s/%zu", u->name, ui,
+             u->server_text[index], index);
+  s->n++;
+  s->with_metrics += p->m != NULL;
+}
+
+static void test_servers_live_while_a_configuration_lists_them(void **state) {
+  fixture *f = *state;
+  sl_worker *w = f->w;
+  sl_config *one = load_config(
+      "return { listeners = { { name = 'f', listen = '127.0.0.1:1', upstream = 'back' } },\n"
+      "  upstreams = { back = { servers = { '127.0.0.1:7001', '127.0.0.1:7002' } } } }\n");
+  sl_config *two = load_config(
+      "return { listeners = { { name = 'f', listen = '127.0.0.1:1', upstream = 'back' } },\n"
+      "  upstreams = { back = { servers = { '127.0.0.1:7002', '127.0.0.1:7003' } } } }\n");
+  sl_upstreams *old = sl_upstreams_create(w, one);
+  sl_upstreams *cur = sl_upstreams_create(w, two);
+  assert_non_null(old);
+  assert_non_null(cur);
+  seen s = {0};
+  sl_upstreams_each(cur, count_peer, &s);
+  assert_int_equal(s.n, 2);
+  assert_int_equal(s.with_metrics, 2);
+  assert_string_equal(s.text[0], "back/0/127.0.0.1:7002/0");
+  assert_string_equal(s.text[1], "back/0/127.0.0.1:7003/1");
+  sl_upstreams_each(NULL, count_peer, &s);
+  assert_int_equal(s.n, 2);
+
+  sl_metrics_snap *snap = sl_metrics_snapshot(w, 0);
+  assert_int_equal(snap->nservers, 3); /* 7002 once, for both */
+  sl_metrics_snap_free(snap);
+  sl_upstreams_destroy(old);          /* the old configuration's last user is gone */
+  snap = sl_metrics_snapshot(w, 0);
+  assert_int_equal(snap->nservers, 2);
+  assert_null(find_row(snap, "back", "127.0.0.1:7001"));
+  assert_non_null(find_row(snap, "back", "127.0.0.1:7002"));
+  assert_non_null(find_row(snap, "back", "127.0.0.1:7003"));
+  sl_metrics_snap_free(snap);
+  sl_upstreams_destroy(cur);
+  snap = sl_metrics_snapshot(w, 0);
+  assert_int_equal(snap->nservers, 0);
+  sl_metrics_snap_free(snap);
+  sl_config_unref(one);
+  sl_config_unref(two);
+}
+
+/* ---- sums over workers ---- */
+
+static sl_metrics_server_snap row(const char *up, const char *server, unsigned ui, unsigned index,
+                                  int retired) {
+  sl_metrics_server_snap r;
+  memset(&r, 0, sizeof(r));
+  snprintf(r.upstream, sizeof(r.upstream), "%s", up);
+  snprintf(r.server, sizeof(r.server), "%s", server);
+  r.uindex = ui;
+  r.index = index;
+  r.retired = retired;
+  r.weight = 1;
+  r.balance = SL_BALANCE_LEAST_CONN;
+  return r;
+}
+
+static void assert_contains_all(const char *text, const char *const *want, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (strstr(text, want[i]) == NULL) fail_msg("missing: %s\nin:\n%s", want[i], text);
+}
+
+static void test_admin_sums_servers_over_workers(void **state) {
+  SL_UNUSED(state);
+  sl_metrics_snap w0, w1;
+  memset(&w0, 0, sizeof(w0));
+  memset(&w1, 0, sizeof(w1));
+  w1.worker = 1;
+  /* Worker 0 lists them in another order than the configuration. */
+  sl_metrics_server_snap r0[3] = {row("back", "b:2", 0, 1, 0), row("back", "old:9", 0, 5, 1),
+                                  row("back", "a:1", 0, 0, 0)};
+  sl_metrics_server_snap r1[3] = {row("back", "a:1", 0, 0, 0), row("back", "b:2", 0, 1, 0),
+                                  row("gone", "g:1", 3, 0, 1)};
+  r0[2].opened = 3;
+  r0[2].bytes_to = 100;
+  r0[2].bytes_from = 7;
+  r1[0].opened = 2;
+  r1[0].open = 1;
+  r1[0].bytes_to = 50;
+  r1[0].bytes_from = 3;
+  r1[0].failures[SL_METRICS_REFUSED] = 1;
+  r1[0].downs[SL_METRICS_DOWN_PASSIVE] = 1;
+  r1[0].down = SL_METRICS_DOWN_PASSIVE + 1;
+  r1[0].down_until = 1795000000.5;
+  r1[0].now = 1795000000.0;
+  r0[1].open = 1;                         /* an old connection keeps old:9 */
+  w0.servers = r0;
+  w0.nservers = 3;
+  w1.servers = r1;
+  w1.nservers = 3;
+  sl_metrics_snap *snaps[3] = {&w0, &w1, NULL};
+  sl_admin_report r = {snaps, 3, NULL, 0};
+
+  size_t n = 0;
+  sl_admin_server *rows = sl_admin_servers_sum(&r, &n);
+  assert_non_null(rows);
+  assert_int_equal(n, 4);
+  const char *order[] = {"a:1", "b:2", "old:9", "g:1"};
+  for (size_t i = 0; i < n; i++) assert_string_equal(rows[i].sum.server, order[i]);
+  assert_int_equal(rows[0].sum.opened, 5);
+  assert_int_equal(rows[0].sum.open, 1);
+  assert_int_equal(rows[0].sum.bytes_to, 150);
+  assert_int_equal(rows[0].sum.bytes_from, 10);
+  assert_int_equal(rows[0].ndown, 1);
+  assert_int_equal(rows[1].ndown, 0);
+  free(rows);
+
+  sl_text t = {0};
+  sl_admin_format_upstreams(&t, &r);
+  assert_false(t.failed);
+  static const char *const json[] = {
+      "{\"workers\": 3, \"workers_answering\": 2, \"upstreams\": [",
+      "{\"name\": \"back\", \"balance\": \"least_conn\", \"retired\": false,",
+      "{\"name\": \"gone\", \"balance\": \"least_conn\", \"retired\": true,",
+      "{\"address\": \"a:1\", \"weight\": 1, \"state\": \"down\", \"down\": "
+       "[{\"worker\": 1, \"cause\": \"passive\", \"until\": "
+       "\"2026-11-18T11:06:40.500Z\", \"remaining_ms\": 500}], "
+       "\"retired\": false,",
+      "\"active\": 1, \"connections\": 5, \"failures\": {\"refused\": 1, "
+       "\"timeout\": 0, \"other\": 0},",
+      "\"sent_bytes\": 150, \"received_bytes\": 10, \"marked_down\": "
+       "{\"passive\": 1, \"health_check\": 0}}",
+      "{\"address\": \"b:2\", \"weight\": 1, \"state\": \"up\", \"down\": [], "
+       "\"retired\": false,",
+      "{\"address\": \"old:9\", \"weight\": 1, \"state\": \"up\", \"down\": [], "
+       "\"retired\": true,",
+  };
+  assert_contains_all(t.p, json, sizeof(json) / sizeof(json[0]));
+  assert_true(strstr(t.p, "\"back\"") < strstr(t.p, "\"gone\""));
+  assert_true(strstr(t.p, "\"b:2\"") < strstr(t.p, "\"old:9\""));
+  sl_text_reset(&t);
+
+  sl_admin_format_metrics(&t, &r);
+  assert_false(t.failed);
+  static const char *const prom[] = {
+      "sluice_upstream_server_connections_total{upstream=\"back\",server=\"a:1\"} 5\n",
+      "sluice_upstream_server_connections_open{upstream=\"back\",server=\"old:9\"} 1\n",
+      "sluice_upstream_server_sent_bytes_total{upstream=\"back\",server=\"a:1\"} 150\n",
+      "sluice_upstream_server_received_bytes_total{upstream=\"back\",server=\"a:1\"} 10\n",
+      "sluice_upstream_server_up{upstream=\"back\",server=\"a:1\"} 0\n",
+      "sluice_upstream_server_up{upstream=\"back\",server=\"b:2\"} 1\n",
+      "sluice_upstream_server_connect_failures_total{upstream=\"back\","
+       "server=\"a:1\",reason=\"refused\"} 1\n",
+      "sluice_upstream_server_marked_down_total{upstream=\"back\","
+       "server=\"a:1\",cause=\"passive\"} 1\n",
+      "sluice_upstream_server_connect_seconds_count{upstream=\"back\","
+       "server=\"a:1\"} 5\n",
+  };
+  assert_contains_all(t.p, prom, sizeof(prom) / sizeof(prom[0]));
+  sl_text_reset(&t);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_failure_reasons),
+      cmocka_unit_test_setup_teardown(test_server_counts_reach_the_snapshot, fixture_setup,
+                                      fixture_teardown),
+      cmocka_unit_test_setup_teardown(test_servers_live_while_a_configuration_lists_them,
+                                      fixture_setup, fixture_teardown),
+      cmocka_unit_test(test_admin_sums_servers_over_workers),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

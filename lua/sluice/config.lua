@@ -1046,6 +1046,11 @@ local function check_listener(l, path, ctx)
         end
         for i = 1, check_array(l.pipeline, ppath) do
             pipeline[i] = check_stage(l.pipeline[i], format("%s[%d]", ppath, i), ctx)
+            -- The PROXY protocol header is the first thing on the wire.
+            if pipeline[i].module == "sluice.proxy_protocol" and i ~= 1 then
+                fail(format("%s[%d]", ppath, i), 'expected "sluice.proxy_protocol" only as the first '
+                     .. "stage (the header comes before any other byte), got it at %d", i)
+            end
         end
     end
 

@@ -194,6 +194,24 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
   return ch;
 }
 
+void sl_channel_set_remote(sl_channel *ch, const sl_addr *a) {
+  ch->remote = *a;
+  /* "client ADDRESS on LISTENER": the listener part stays (cut short if
+   * the new address is longer and the name long). */
+  const char *on = strstr(ch->desc, " on ");
+  char rest[sizeof(ch->desc)];
+  snprintf(rest, sizeof(rest), "%s", on ? on : "");
+  char text[64];
+  sl_addr_format((const struct sockaddr *)&a->ss, text, sizeof(text));
+  size_t len = (size_t)snprintf(ch->desc, sizeof(ch->desc), "client %s", text);
+  if (len < sizeof(ch->desc)) {
+    size_t room = sizeof(ch->desc) - 1 - len;
+    size_t take = strlen(rest) < room ? strlen(rest) : room;
+    memcpy(ch->desc + len, rest, take);
+    ch->desc[len + take] = '\0';
+  }
+}
+
 sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double timeout,
                                const sl_channel_config *cfg, sl_channel_connect_fn on_connect,
                                void *ud, const char *for_name) {

@@ -233,6 +233,10 @@ void sl_channel_note_site(sl_channel *ch, sl_buf *b);
 const char *sl_channel_describe(const sl_channel *ch);
 
 static inline int sl_channel_is_closed(const sl_channel *ch) { return (ch->flags & SL_CH_CLOSED) != 0; }
+
+/* Makes a the client's address (a PROXY protocol header told it): logs, the
+ * access log and balancing by address use it from now on. */
+void sl_channel_set_remote(sl_channel *ch, const sl_addr *a);
 static inline int sl_channel_is_writable(const sl_channel *ch) { return ch->outq.writable; }
 
 /* The adaptive receive sizes (Netty's AdaptiveRecvByteBufAllocator). */

@@ -256,9 +256,14 @@ static void sl_channel_update_reading(sl_channel *ch) {
 }
 
 void sl_channel_activate(sl_channel *ch) {
-  ch->flags |= SL_CH_ACTIVE;
+  ch->flags |= SL_CH_ACTIVE | SL_CH_ACTIVATING;
   sl_channel_ref(ch);
   sl_pipeline_fire_active(&ch->pipe);
+  ch->flags &= ~(uint32_t)SL_CH_ACTIVATING;
+  if (ch->flags & SL_CH_READ_NOW) {
+    ch->flags &= ~(uint32_t)SL_CH_READ_NOW;
+    sl_channel_read_now(ch);
+  }
   sl_channel_update_reading(ch);
   sl_channel_unref(ch);
 }
@@ -669,6 +674,10 @@ void sl_channel_read_now(sl_channel *ch) {
   if ((ch->flags & (SL_CH_ACTIVE | SL_CH_EMBEDDED | SL_CH_INPUT_CLOSED | SL_CH_CLOSED |
                     SL_CH_CLOSE_PENDING | SL_CH_READ_PAUSED | SL_CH_READING)) != SL_CH_ACTIVE)
     return;
+  if (ch->flags & SL_CH_ACTIVATING) {   /* not inside a stage's channel_active */
+    ch->flags |= SL_CH_READ_NOW;
+    return;
+  }
   sl_channel_read(ch, 1);
 }
 

@@ -64,6 +64,8 @@ enum {
   SL_CH_LAST_WRITE_DROPPED = 0x2000, /* the last sl_channel_write did not queue */
   SL_CH_SPECULATED = 0x4000,    /* a write was tried while connecting */
   SL_CH_READING = 0x8000,       /* inside a read burst */
+  SL_CH_ACTIVATING = 0x10000,   /* inside sl_channel_activate's channel_active */
+  SL_CH_READ_NOW = 0x20000,     /* sl_channel_read_now asked while activating */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -156,7 +158,8 @@ void sl_channel_activate(sl_channel *ch);
  * its bytes there at accept, so they can go out with the upstream's connect
  * instead of after it. Nothing on a channel that is not active, whose
  * input is closed, or that is inside a read already (a stage that connects
- * from channel_read: what it holds must come first). */
+ * from channel_read: what it holds must come first). Asked while
+ * channel_active runs, the read waits until every stage has had it. */
 void sl_channel_read_now(sl_channel *ch);
 
 /* Queues b (takes ownership). On a closed or output-closed channel b is

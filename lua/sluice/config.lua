@@ -33,9 +33,9 @@
 --     upstream        optional name of an upstream
 --     pipeline        optional array of stages: "module.name" or
 --                     { "module.name", option = value, ... }
---     low_water_mark  optional positive integer, default 32768 (or
+--     low_water_mark  optional positive integer, default 524288 (or
 --                     high_water_mark when that is smaller)
---     high_water_mark optional positive integer, default 65536
+--     high_water_mark optional positive integer, default 1048576
 --     outbound_limit  optional positive integer, at least high_water_mark,
 --                     default 16777216: a connection whose outbound queue
 --                     would grow above it is closed (reason outbound_limit)
@@ -51,6 +51,10 @@
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
+--     defer_accept    optional boolean, default false: TCP_DEFER_ACCEPT
+--                     (1 s), the kernel hands over a connection once its
+--                     client has sent something (for protocols where the
+--                     client speaks first)
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -167,8 +171,10 @@ end
 local Failure = {}  -- metatable tagging the error objects thrown by fail()
 
 local DEFAULT_LOG_LEVEL = "info"
-local DEFAULT_LOW_WATER_MARK = 32768
-local DEFAULT_HIGH_WATER_MARK = 65536
+-- 1 MiB: a read burst (16 reads of up to 64 KiB) goes out in one gathered
+-- write instead of one write per read; see docs/operations.md (Tuning).
+local DEFAULT_LOW_WATER_MARK = 524288
+local DEFAULT_HIGH_WATER_MARK = 1048576
 local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
 local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
@@ -194,7 +200,8 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "idle_timeout_ms", "connect_timeout_ms" }
+                        "max_connections", "idle_timeout_ms", "connect_timeout_ms",
+                        "defer_accept" }
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
@@ -1079,6 +1086,9 @@ local function check_listener(l, path, ctx)
                                                path .. ".idle_timeout_ms", 0)
     local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
                                                   path .. ".connect_timeout_ms", 0)
+    if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
+        fail(path .. ".defer_accept", "expected a boolean, got %s", show(l.defer_accept))
+    end
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -1097,6 +1107,7 @@ local function check_listener(l, path, ctx)
         max_connections = max_connections,
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
+        defer_accept = l.defer_accept == true,
     }
 end
 

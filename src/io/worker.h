@@ -50,6 +50,9 @@ struct sl_worker {
   struct sl_pool *pool;
   struct sl_lua_host *lua;        /* NULL while no configuration has a Lua stage */
   void (*lua_hold)(struct sl_lua_host *h, int on); /* batches a read loop's reads */
+  /* The worker went idle (its pool gave memory back): the Lua state
+   * collects its garbage. Returns the heap's bytes before and after. */
+  void (*lua_idle)(struct sl_lua_host *h, size_t *before, size_t *after);
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
   int id;

@@ -66,6 +66,7 @@ enum {
   SL_CH_READING = 0x8000,       /* inside a read burst */
   SL_CH_ACTIVATING = 0x10000,   /* inside sl_channel_activate's channel_active */
   SL_CH_READ_NOW = 0x20000,     /* sl_channel_read_now asked while activating */
+  SL_CH_FIN_PENDING = 0x40000,  /* output closed, its shutdown() at the iteration's end */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -104,6 +105,7 @@ struct sl_channel {
   sl_outq outq;
   sl_channel *peer;          /* joined channel, or NULL */
   sl_channel *prev, *next;   /* the worker's channel list */
+  sl_channel *fin_next;      /* the worker's fin_list, while SL_CH_FIN_PENDING */
   sl_addr remote;
   uint8_t recv_index;        /* adaptive receive size: index in the table */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */

@@ -83,6 +83,11 @@ struct sl_worker {
    * asked: the adaptive gather's start for every channel of that kind (one
    * getsockopt per kind and worker instead of one per connection). */
   int sndbuf[2];
+  /* Channels whose FIN waits for the end of this loop iteration (see
+   * channel.c, sl_channel_output_done), linked through fin_next; the
+   * prepare watcher sends them before the loop polls again. */
+  struct sl_channel *fin_list;
+  ev_prepare fin_watcher;
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   /* Counts an error raised by the named stage (set with metrics). */
   void (*stage_error)(struct sl_worker *w, const char *stage);

@@ -294,6 +294,21 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
 }
 
 void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
+  uint32_t n = ar->alloc->run_pages[sclass];
+  if (n < SL_AVAIL_LENS) {
+    /* The index's first chunk for n had no run of n left (chunks leave
+     * lazily): the next one on that list may have one. */
+    sl_chunk *c;
+    while ((c = ar->avail.head[n]) != NULL && c->bucket[n] == SL_CHUNK_NONE)
+      sl_chunk_avail_leave(c, n);
+    if (c != NULL) {
+      uint32_t page = sl_chunk_run_take_exact(c, n);
+      sl_arena_relist(ar, c);
+      ar->cls[sclass].allocs++;
+      sl_spin_unlock(&ar->lock);
+      return c->mem + ((size_t)page << c->page_shift);
+    }
+  }
   int page;
   sl_chunk *c = sl_arena_run(ar, ar->alloc->run_pages[sclass], &page);
   void *p = NULL;

@@ -1,6 +1,7 @@
 #include "alloc/arena.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -28,6 +29,15 @@ void sl_alloc_config_defaults(sl_alloc_config *cfg) {
   cfg->max_headers = 1u << 21;
   cfg->leak_level = 1;
   cfg->leak_sample = 128;
+}
+
+__attribute__((noinline, cold)) void sl_spin_lock_wait(sl_spin *l) {
+  do {
+    for (int i = 0; atomic_load_explicit(&l->v, memory_order_relaxed); i++) {
+      if (i < 64) __builtin_ia32_pause();
+      else sched_yield();
+    }
+  } while (atomic_exchange_explicit(&l->v, 1, memory_order_acquire));
 }
 
 static int sl_is_pow2(size_t x) { return x && !(x & (x - 1)); }

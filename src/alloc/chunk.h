@@ -123,7 +123,10 @@ static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len)
   c->bucket[len] = start;
   c->nonempty[len >> 6] |= 1ull << (len & 63);
   if (len > c->max_run) c->max_run = len;
-  if (first == SL_CHUNK_NONE) sl_chunk_avail_join(c, len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS);
+  if (first == SL_CHUNK_NONE) {
+    uint32_t k = len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS;
+    if (!(c->av_in & (1ull << (k - 1)))) sl_chunk_avail_join(c, k);   /* not on it already */
+  }
 }
 
 /* Takes c off its index's list for key k (nothing when it is not on it). */

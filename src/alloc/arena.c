@@ -404,6 +404,15 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
   sl_spin_unlock(&ar->lock);
 }
 
+/* Subpage s had nfree free elements before one more was freed: it was
+ * full (back on its class's list), or it is now empty (back to its chunk,
+ * unless it is its class's only one). */
+__attribute__((noinline)) static void sl_arena_subpage_moved(sl_arena *ar, sl_subpage *s,
+                                                             uint32_t nfree) {
+  if (nfree == 0) sl_arena_subpage_relink(ar, s);
+  if (s->nfree == s->nelems && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+}
+
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
   if (n == 0) return;
   sl_alloc *a = ar->alloc;
@@ -414,19 +423,20 @@ void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass
     return;
   }
   /* Small blocks (a worker cache flushing): sl_arena_free_locked's small
-   * half, with what is the same for every block hoisted. */
+   * half, with what is the same for every block hoisted, and the rare
+   * list moves out of the loop. */
   uintptr_t chunk_mask = ~((uintptr_t)a->cfg.chunk_size - 1);
   uint32_t page_shift = (uint32_t)__builtin_ctzll(a->cfg.page_size);
   ar->cls[sclass].frees += n;
   for (unsigned i = 0; i < n; i++) {
     uint8_t *p = blocks[i];
     sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
-    sl_subpage *s = c->sub[(uintptr_t)(p - c->mem) >> page_shift];
+    sl_subpage *s = c->sub[((uintptr_t)p & ~chunk_mask) >> page_shift];
     SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
-    int was_full = s->nfree == 0;
-    int empty = sl_subpage_free(s, p);
-    if (was_full) sl_arena_subpage_relink(ar, s);
-    if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+    uint32_t nfree = s->nfree;
+    sl_subpage_free(s, p);
+    if (__builtin_expect(nfree == 0 || nfree + 1 == s->nelems, 0))
+      sl_arena_subpage_moved(ar, s, nfree);
   }
   sl_spin_unlock(&ar->lock);
 }

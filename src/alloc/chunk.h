@@ -114,6 +114,16 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *avail, uint32_t n);
  * no index. */
 void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
 
+/* Puts the free run [start, start + len) on its length's list, c being on
+ * the index for that length already (or the list having runs). */
+static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {
+  c->free_head[start] = len;
+  c->free_next[start] = c->bucket[len];
+  c->bucket[len] = start;
+  c->nonempty[len >> 6] |= 1ull << (len & 63);
+  if (len > c->max_run) c->max_run = len;
+}
+
 /* Puts the free run [start, start + len) on its length's list (and c on
  * the index for it). */
 static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len) {

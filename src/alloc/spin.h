@@ -24,6 +24,11 @@ static inline void sl_spin_lock(sl_spin *l) {
     sl_spin_lock_wait(l);
 }
 
+/* Takes the lock if it is free: 1, else 0 (no waiting). */
+static inline int sl_spin_trylock(sl_spin *l) {
+  return atomic_exchange_explicit(&l->v, 1, memory_order_acquire) == 0;
+}
+
 static inline void sl_spin_unlock(sl_spin *l) { atomic_store_explicit(&l->v, 0, memory_order_release); }
 
 #endif

@@ -86,10 +86,10 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A normal size above max_cached: a run straight from the arena (O(1)
- * there in the common case), the header from the recycler. */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
-                                                             size_t max_cap) {
+/* sl_buf_alloc_normal's general case: headers found however they can be,
+ * the arena's general path, small or cached sizes (the slow path). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool, size_t cap,
+                                                                  size_t max_cap) {
   unsigned idx = sl_sc_index(cap);
   if (idx < pool->nsmall || cap <= pool->max_cached_size)
     return sl_buf_alloc_slow(pool, cap, max_cap);
@@ -101,6 +101,27 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
     sl_pool_header_put(pool, b);
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
+  sl_cache_bin *bin = &pool->bins[idx];
+  bin->allocs++;
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* A normal size above max_cached: a run straight from the arena (O(1)
+ * there in the common case), the header from the recycler. Only that
+ * common case is here, with no call but tail calls, so that it keeps no
+ * registers; the rest is sl_buf_alloc_normal_slow. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
+                                                             size_t max_cap) {
+  unsigned idx = sl_sc_index(cap);
+  uint32_t rn = pool->rec_n;
+  if (idx < pool->nsmall || cap <= pool->max_cached_size || rn == 0)
+    return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, idx);
+  if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  pool->rec_n = rn - 1;
+  sl_buf *b = pool->recycler[rn - 1];
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
@@ -306,12 +327,29 @@ static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
 }
 
 /* A normal block that no bin caches: straight back to its chunk. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
-  SL_POISON(r->data, r->block_size);
   pool->bins[sc].frees++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
+}
+
+/* The common case of that with no call but tail calls (see
+ * sl_buf_alloc_normal); the rest is sl_buf_free_normal_slow. */
+__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+  unsigned sc = r->sclass;
+  SL_POISON(r->data, r->block_size);
+  uint32_t rn = pool->rec_n;
+  if (rn >= pool->rec_cap || !sl_arena_free_normal_try(pool->arena, r->data, sc)) {
+    sl_buf_free_normal_slow(pool, r);
+    return;
+  }
+  pool->bins[sc].frees++;
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  pool->recycler[rn] = r;
+  pool->rec_n = rn + 1;
 }
 
 void sl_buf_free(sl_buf *r) {

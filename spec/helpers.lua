@@ -392,8 +392,8 @@ function H.metric(admin_port, name, labels)
   return nil
 end
 
--- Waits until sluice has read `bytes` from the clients of a listener (so
--- that what a spec sends next arrives in a later read). True when it has.
+-- Waits until sluice has read `bytes` in all from the clients of a listener
+-- (so that what a spec sends next arrives in a later read). True when it has.
 function H.wait_received(admin_port, listener, bytes)
   return H.wait_for(function()
     return H.metric(admin_port, "sluice_received_bytes_total", ('listener="%s"'):format(listener)) == bytes

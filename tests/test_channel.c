@@ -405,6 +405,117 @@ static void test_connect_timeout_fails_queued_promises_with_timeout(void **state
   finish(f);
 }
 
+/* A listener on 127.0.0.1 with room in its backlog; closed: a port that
+ * refuses. */
+static int open_listener(sl_addr *addr) {
+  int l = socket(AF_INET, SOCK_STREAM, 0);
+  assert_true(l >= 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  assert_int_equal(bind(l, (struct sockaddr *)&sa, sizeof(sa)), 0);
+  assert_int_equal(listen(l, 16), 0);
+  socklen_t len = sizeof(sa);
+  assert_int_equal(getsockname(l, (struct sockaddr *)&sa, &len), 0);
+  memset(addr, 0, sizeof(*addr));
+  memcpy(&addr->ss, &sa, sizeof(sa));
+  addr->len = sizeof(sa);
+  return l;
+}
+
+static void test_a_write_flushed_while_connecting_goes_out_with_the_connect(void **state) {
+  fixture *f = *state;
+  sl_addr addr;
+  int l = open_listener(&addr);
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  connect_err = -1;
+  sl_channel *ch = sl_channel_connect(f->w, &addr, 5.0, &cfg, on_connect_close, NULL, "test");
+  assert_non_null(ch);
+  write_p(ch, pattern_buf(f->w->pool, 100, 0), 1);
+  sl_pipeline_flush(&ch->pipe);     /* tried at once: sent, or left to EV_WRITE */
+  assert_true(ch->flags & SL_CH_SPECULATED);
+  for (int i = 0; i < 1000 && (connect_err < 0 || plog.n == 0); i++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_int_equal(connect_err, 0);
+  assert_int_equal(plog.n, 1);
+  assert_string_equal(plog.err[0], "");
+  assert_int_equal(ch->bytes_out, 100);
+  int peer = accept(l, NULL, NULL);
+  assert_true(peer >= 0);
+  uint8_t got[100];
+  sl_test_read_exact(peer, got, sizeof(got));
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  close(peer);
+  close(l);
+  finish(f);
+}
+
+/* A refused connect hands what it never wrote to a second try. */
+static sl_addr retry_addr;
+static sl_channel *retry_ch;
+static size_t refused_queued;
+static int refused_err;
+static void on_connect_retry(sl_channel *ch, int err) {
+  refused_err = err;
+  if (!err) return;
+  refused_queued = ch->outq.count;
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  retry_ch = sl_channel_connect(ch->w, &retry_addr, 5.0, &cfg, on_connect_close, NULL, "retry");
+  assert_non_null(retry_ch);
+  assert_int_equal(sl_channel_move_queue(ch, retry_ch), SL_OK);
+  assert_true(sl_outq_is_empty(&ch->outq));
+  sl_channel_close(ch, "connect failed", 1);
+}
+
+static void test_a_refused_connect_keeps_its_queue_for_the_next_try(void **state) {
+  fixture *f = *state;
+  sl_addr refused;
+  close(open_listener(&refused));
+  int l = open_listener(&retry_addr);
+  sl_channel_config cfg = {.low_water_mark = 1 << 16, .high_water_mark = 1 << 17};
+  connect_err = -1;
+  refused_err = -1;
+  retry_ch = NULL;
+  sl_channel *ch = sl_channel_connect(f->w, &refused, 5.0, &cfg, on_connect_retry, NULL, "test");
+  assert_non_null(ch);
+  write_p(ch, pattern_buf(f->w->pool, 60, 0), 1);
+  write_p(ch, pattern_buf(f->w->pool, 40, 60), 2);
+  sl_pipeline_flush(&ch->pipe);
+  for (int i = 0; i < 1000 && retry_ch == NULL; i++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_int_equal(refused_err, ECONNREFUSED);
+  assert_int_equal(refused_queued, 2);       /* nothing was lost to the refused write */
+  /* The promises went along: reported once, by the second try, as written. */
+  for (int i = 0; i < 1000 && plog.n < 2; i++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_int_equal(connect_err, 0);
+  assert_int_equal(plog.n, 2);
+  assert_int_equal(plog.pid[0], 1);
+  assert_int_equal(plog.pid[1], 2);
+  assert_string_equal(plog.err[0], "");
+  assert_string_equal(plog.err[1], "");
+  assert_int_equal(retry_ch->bytes_out, 100);
+  int peer = accept(l, NULL, NULL);
+  assert_true(peer >= 0);
+  uint8_t got[100];
+  sl_test_read_exact(peer, got, sizeof(got));
+  assert_int_equal(sl_test_pattern_mismatch(got, sizeof(got), 0), sizeof(got));
+  close(peer);
+  close(l);
+  finish(f);
+}
+
+static void test_addresses_format_for_logs(void **state) {
+  SL_UNUSED(state);
+  sl_addr a;
+  char out[64];
+  assert_int_equal(sl_addr_parse(&a, "127.0.0.1", 80), SL_OK);
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), "127.0.0.1:80");
+  assert_int_equal(sl_addr_parse(&a, "255.255.255.255", 65535), SL_OK);
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)),
+                      "255.255.255.255:65535");
+  assert_int_equal(sl_addr_parse(&a, "0.0.0.0", 0), SL_OK);
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), "0.0.0.0:0");
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, 4), "0.0");   /* truncated */
+  assert_int_equal(sl_addr_parse(&a, "::1", 443), SL_OK);
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), "[::1]:443");
+}
+
 static void test_close_with_names_the_promise_failure(void **state) {
   fixture *f = *state;
   sl_channel *ch = open_active(f, 1 << 16, 1 << 17);
@@ -614,6 +725,9 @@ int main(void) {
       FIXTURE_TEST(test_peer_gone_fails_promises_with_reset),
       FIXTURE_TEST(test_reset_seen_while_flushing_a_write_fails_it_with_reset),
       FIXTURE_TEST(test_connect_timeout_fails_queued_promises_with_timeout),
+      FIXTURE_TEST(test_a_write_flushed_while_connecting_goes_out_with_the_connect),
+      FIXTURE_TEST(test_a_refused_connect_keeps_its_queue_for_the_next_try),
+      cmocka_unit_test(test_addresses_format_for_logs),
       FIXTURE_TEST(test_close_with_names_the_promise_failure),
       FIXTURE_TEST(test_a_completion_may_write_and_flush_inside_a_burst),
       FIXTURE_TEST(test_a_completion_may_close_the_channel_inside_a_burst),

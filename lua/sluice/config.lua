@@ -33,9 +33,9 @@
 --     upstream        optional name of an upstream
 --     pipeline        optional array of stages: "module.name" or
 --                     { "module.name", option = value, ... }
---     low_water_mark  optional positive integer, default 32768 (or
+--     low_water_mark  optional positive integer, default 524288 (or
 --                     high_water_mark when that is smaller)
---     high_water_mark optional positive integer, default 65536
+--     high_water_mark optional positive integer, default 1048576
 --     outbound_limit  optional positive integer, at least high_water_mark,
 --                     default 16777216: a connection whose outbound queue
 --                     would grow above it is closed (reason outbound_limit)
@@ -167,8 +167,10 @@ end
 local Failure = {}  -- metatable tagging the error objects thrown by fail()
 
 local DEFAULT_LOG_LEVEL = "info"
-local DEFAULT_LOW_WATER_MARK = 32768
-local DEFAULT_HIGH_WATER_MARK = 65536
+-- 1 MiB: a read burst (16 reads of up to 64 KiB) goes out in one gathered
+-- write instead of one write per read; see docs/operations.md (Tuning).
+local DEFAULT_LOW_WATER_MARK = 524288
+local DEFAULT_HIGH_WATER_MARK = 1048576
 local DEFAULT_OUTBOUND_LIMIT = 16 * 1024 * 1024
 local DEFAULT_WRITE_SPIN_COUNT = 16
 local DEFAULT_CONNECT_TIMEOUT_MS = 5000
@@ -1044,6 +1046,11 @@ local function check_listener(l, path, ctx)
         end
         for i = 1, check_array(l.pipeline, ppath) do
             pipeline[i] = check_stage(l.pipeline[i], format("%s[%d]", ppath, i), ctx)
+            -- The PROXY protocol header is the first thing on the wire.
+            if pipeline[i].module == "sluice.proxy_protocol" and i ~= 1 then
+                fail(format("%s[%d]", ppath, i), 'expected "sluice.proxy_protocol" only as the first '
+                     .. "stage (the header comes before any other byte), got it at %d", i)
+            end
         end
     end
 

@@ -89,7 +89,8 @@ local function add_stage(self, spec, i)
 end
 
 -- A new in-memory channel with the given stages, active at once.
--- opts: low_water_mark, high_water_mark (the listener defaults otherwise).
+-- opts: low_water_mark, high_water_mark (32768 and 65536 otherwise, Netty's
+-- defaults: small enough that a stage test sees writability change).
 function _M.channel(stages, opts)
   if type(stages) ~= "table" then
     error(("bad 'stages' argument (table expected, got %s)"):format(type(stages)), 2)

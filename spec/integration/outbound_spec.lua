@@ -153,7 +153,7 @@ describe("the outbound limit", function()
     local p = H.start_sluice(([[
 return {
   listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back",
-                  outbound_limit = 262144 } },
+                  outbound_limit = 4194304 } },
   upstreams = { back = { servers = { "127.0.0.1:%d" } } },
 }
 ]]):format(port, peer.port))

@@ -171,6 +171,55 @@ describe("upstreams", function()
                    .. "127.0.0.1:" .. d2 .. " (Connection refused)", log, 1, true)
   end)
 
+  -- Clients that spoke before sluice accepted them (it is stopped while they
+  -- connect and send): their bytes are read at accept and written with the
+  -- upstream's connect (speculative I/O), so a refused connect is seen by
+  -- that write, not by EV_WRITE and SO_ERROR.
+  local function send_while_stopped(p, port, inputs)
+    assert.are.equal(0, os.execute(("kill -STOP %d"):format(p.pid)) and 0 or 1)
+    local clients = {}
+    for i, input in ipairs(inputs) do
+      local out = H.tmpfile("out")
+      clients[i] = H.spawn(("(socat -t 10 - TCP:127.0.0.1:%d <%s >%s)"):format(
+        port, H.shq(H.tmpfile("in", input)), H.shq(out)), "client")
+      clients[i].out = out
+    end
+    H.sleep(0.3)   -- connected and sent, waiting in the listen queue
+    os.execute(("kill -CONT %d"):format(p.pid))
+    local outs = {}
+    for i, c in ipairs(clients) do
+      assert.are.equal(0, H.stop(c, "CONT", 20))   -- a no-op signal: waits for its end
+      outs[i] = H.read(c.out)
+    end
+    return outs
+  end
+
+  it("retry a connect refused to a write sent with it, carrying the client's bytes to the next server", function()
+    local d = H.free_port()
+    local b = peer("B")
+    local port = H.free_port()
+    local p = H.start_sluice(config(port, { d, b.port }))
+    local outs = send_while_stopped(p, port, { "x1", "x2" })
+    local log = H.stop_sluice(p)
+    -- Round robin tries d first: one client is refused there, its bytes go
+    -- to B, and d is then skipped. Both get the whole answer.
+    table.sort(outs)
+    assert.are.same({ "Bx1", "Bx2" }, outs, log)
+    assert.are.equal(1, count_of(log, "upstream 127%.0%.0%.1:" .. d .. " for front closed: connect failed: Connection refused"), log)
+    assert.not_matches("upstream_unavailable", log, 1, true)
+  end)
+
+  it("release the bytes sent with refused connects when every try fails", function()
+    local d1, d2 = H.free_port(), H.free_port()
+    local port = H.free_port()
+    local p = H.start_sluice(config(port, { d1, d2 }))
+    local outs = send_while_stopped(p, port, { "x1" })
+    local log = H.stop_sluice(p)   -- checks the pool is clean
+    assert.are.same({ "" }, outs)
+    assert.matches("upstream back unavailable after 2 tries: 127.0.0.1:" .. d1 .. " (Connection refused), "
+                   .. "127.0.0.1:" .. d2 .. " (Connection refused)", log, 1, true)
+  end)
+
   it("keep a client on one server with hash, and move it when that server stops", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()

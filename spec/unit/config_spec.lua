@@ -115,7 +115,7 @@ describe("sluice.config", function()
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
-            pipeline = {}, low_water_mark = 32768, high_water_mark = 65536,
+            pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0 },
         },
@@ -142,7 +142,7 @@ describe("sluice.config", function()
               { module = "stages.pass", kind = "lua", file = FIX .. "/stages/pass.lua",
                 options = { label = "front" } },
             },
-            low_water_mark = 32768, high_water_mark = 65536,
+            low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
@@ -794,16 +794,16 @@ describe("sluice.config", function()
       end)
 
       it("need outbound_limit >= high_water_mark", function()
-        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (65536), got 65535",
-                         err_of(conf({ listener({ outbound_limit = 65535 }) })))
+        assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (1048576), got 1048575",
+                         err_of(conf({ listener({ outbound_limit = 1048575 }) })))
         assert.are.equal("config error: listeners[1].outbound_limit: expected at least high_water_mark (100000), got 99999",
                          err_of(conf({ listener({ high_water_mark = 100000, low_water_mark = 10,
                                                   outbound_limit = 99999 }) })))
       end)
 
       it("need low_water_mark <= high_water_mark", function()
-        assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (65536), got 100000",
-                         err_of(conf({ listener({ low_water_mark = 100000 }) })))
+        assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (1048576), got 2000000",
+                         err_of(conf({ listener({ low_water_mark = 2000000 }) })))
         assert.are.equal("config error: listeners[1].low_water_mark: expected at most high_water_mark (10), got 11",
                          err_of(conf({ listener({ low_water_mark = 11, high_water_mark = 10 }) })))
       end)

@@ -27,12 +27,34 @@ int sl_addr_parse(sl_addr *a, const char *host, int port) {
   return SL_ERROR;
 }
 
+/* Writes v in decimal at p; returns the end. */
+static char *sl_addr_decimal(char *p, unsigned v) {
+  char tmp[12];
+  int n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  while (n) *p++ = tmp[--n];
+  return p;
+}
+
 char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
   char ip[INET6_ADDRSTRLEN] = "?";
   if (sa->sa_family == AF_INET) {
+    /* By hand: this runs for every connection (inet_ntop and snprintf
+     * both go through vfprintf). */
     const struct sockaddr_in *in4 = (const struct sockaddr_in *)(const void *)sa;
-    inet_ntop(AF_INET, &in4->sin_addr, ip, sizeof(ip));
-    snprintf(out, outlen, "%s:%u", ip, ntohs(in4->sin_port));
+    const unsigned char *b = (const unsigned char *)&in4->sin_addr;
+    char text[sizeof("255.255.255.255:65535")], *p = text;
+    for (int i = 0; i < 4; i++) {
+      p = sl_addr_decimal(p, b[i]);
+      *p++ = i < 3 ? '.' : ':';
+    }
+    p = sl_addr_decimal(p, ntohs(in4->sin_port));
+    *p = '\0';
+    if (outlen) out[0] = '\0';
+    sl_str_append(out, outlen, 0, text);
   } else if (sa->sa_family == AF_INET6) {
     const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
     inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));

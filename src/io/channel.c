@@ -70,20 +70,26 @@ static void sl_channel_promise_done(void *ud, uint32_t pid, const char *err) {
 }
 
 /* The queue's limits from cfg; the adaptive gather starts, as Netty's, at
- * twice the socket's send buffer. */
-static void sl_channel_outq_limits(sl_channel *ch, const sl_channel_config *cfg) {
-  int sndbuf = 0;
-  socklen_t len = sizeof(sndbuf);
+ * twice the socket's send buffer: the first socket of its kind (accepted
+ * or connected, kind 0 or 1; -1: no socket) on this worker is asked, the
+ * others take its answer. */
+static void sl_channel_outq_limits(sl_channel *ch, const sl_channel_config *cfg, int kind) {
   size_t start = SL_OUTQ_GATHER_INITIAL;
-  if (getsockopt(ch->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) == 0 && sndbuf > 0)
-    start = (size_t)sndbuf * 2;
+  if (kind >= 0) {
+    int *sndbuf = &ch->w->sndbuf[kind];
+    socklen_t len = sizeof(*sndbuf);
+    if (*sndbuf <= 0 && (getsockopt(ch->fd, SOL_SOCKET, SO_SNDBUF, sndbuf, &len) != 0 || *sndbuf < 0))
+      *sndbuf = 0;
+    if (*sndbuf > 0) start = (size_t)*sndbuf * 2;
+  }
   sl_outq_set_write_limits(&ch->outq, cfg->write_spin_count, cfg->max_bytes_per_gathering_write,
                            start);
   ch->outq.limit = cfg->outbound_limit ? cfg->outbound_limit : SL_OUTQ_DEFAULT_LIMIT;
   ch->outq.on_done = sl_channel_promise_done;
 }
 
-static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_config *cfg) {
+static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_config *cfg,
+                                  int kind) {
   sl_channel *ch = calloc(1, sizeof(*ch));
   if (ch == NULL) return NULL;
   ch->w = w;
@@ -99,7 +105,7 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   sl_pipeline_init(&ch->pipe, ch);
   sl_outq_init(&ch->outq, cfg->low_water_mark, cfg->high_water_mark,
                sl_channel_writability, ch);
-  sl_channel_outq_limits(ch, cfg);
+  sl_channel_outq_limits(ch, cfg, kind);
   ev_io_init(&ch->rio, sl_channel_on_readable, fd, EV_READ);
   ev_io_init(&ch->wio, sl_channel_on_writable, fd, EV_WRITE);
   ev_init(&ch->timer, sl_channel_on_timer);
@@ -156,7 +162,7 @@ static void sl_socket_tune(int fd) {
 
 sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
                                 const char *name) {
-  sl_channel *ch = sl_channel_new(w, -1, cfg);
+  sl_channel *ch = sl_channel_new(w, -1, cfg, -1);
   if (ch == NULL) return NULL;
   ch->flags |= SL_CH_EMBEDDED;
   snprintf(ch->desc, sizeof(ch->desc), "embedded channel %s", name);
@@ -172,7 +178,7 @@ void sl_channel_set_writable(sl_channel *ch, int on) {
 
 sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remote,
                                 const sl_channel_config *cfg, const char *listener) {
-  sl_channel *ch = sl_channel_new(w, fd, cfg);
+  sl_channel *ch = sl_channel_new(w, fd, cfg, 0);
   if (ch == NULL) {
     close(fd);
     return NULL;
@@ -180,9 +186,30 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
   sl_socket_tune(fd);
   ch->remote = *remote;
   char a[64];
-  snprintf(ch->desc, sizeof(ch->desc), "client %s on %s",
-           sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)), listener);
+  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "client ");
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
+                    sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)));
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " on ");
+  sl_str_append(ch->desc, sizeof(ch->desc), n, listener);
   return ch;
+}
+
+void sl_channel_set_remote(sl_channel *ch, const sl_addr *a) {
+  ch->remote = *a;
+  /* "client ADDRESS on LISTENER": the listener part stays (cut short if
+   * the new address is longer and the name long). */
+  const char *on = strstr(ch->desc, " on ");
+  char rest[sizeof(ch->desc)];
+  snprintf(rest, sizeof(rest), "%s", on ? on : "");
+  char text[64];
+  sl_addr_format((const struct sockaddr *)&a->ss, text, sizeof(text));
+  size_t len = (size_t)snprintf(ch->desc, sizeof(ch->desc), "client %s", text);
+  if (len < sizeof(ch->desc)) {
+    size_t room = sizeof(ch->desc) - 1 - len;
+    size_t take = strlen(rest) < room ? strlen(rest) : room;
+    memcpy(ch->desc + len, rest, take);
+    ch->desc[len + take] = '\0';
+  }
 }
 
 sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double timeout,
@@ -197,7 +224,7 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
     errno = e;
     return NULL;
   }
-  sl_channel *ch = sl_channel_new(w, fd, cfg);
+  sl_channel *ch = sl_channel_new(w, fd, cfg, 1);
   if (ch == NULL) {
     close(fd);
     errno = ENOMEM;
@@ -208,8 +235,11 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
   ch->ud = ud;
   ch->flags |= SL_CH_CONNECTING;
   char a[64];
-  snprintf(ch->desc, sizeof(ch->desc), "upstream %s for %s",
-           sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)), for_name);
+  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "upstream ");
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
+                    sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)));
+  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " for ");
+  sl_str_append(ch->desc, sizeof(ch->desc), n, for_name);
   ev_io_start(w->loop, &ch->wio);
   ev_timer_set(&ch->timer, timeout, 0.);
   ev_timer_start(w->loop, &ch->timer);
@@ -307,7 +337,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ch->flags |= SL_CH_CLOSED;
   ch->writes_at_close = ch->writes;
   if (is_error) ch->flags |= SL_CH_ERROR;
-  if (reason != ch->reason) snprintf(ch->reason, sizeof(ch->reason), "%s", reason ? reason : "closed");
+  if (reason != ch->reason) sl_str_append(ch->reason, sizeof(ch->reason), 0, reason ? reason : "closed");
   ev_io_stop(w->loop, &ch->rio);
   ev_io_stop(w->loop, &ch->wio);
   ev_timer_stop(w->loop, &ch->timer);
@@ -366,17 +396,25 @@ static const char *sl_channel_errno_reason(int e) {
  * Returns SL_OK, SL_AGAIN (more to write) or SL_ERROR (closed). Re-entered
  * from a callback of the burst (a promise, a writability change), it
  * returns SL_AGAIN: the running burst writes what was flushed since. */
+/* sl_outq_write under SL_CH_WRITING, counting what went out; the caller
+ * holds a reference. *e gets errno. */
+static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
+  ch->flags |= SL_CH_WRITING;
+  int rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
+  *e = errno;
+  ch->flags &= ~(uint32_t)SL_CH_WRITING;
+  if (*n > 0) ch->last_active = ev_now(ch->w->loop);
+  ch->bytes_out += *n;
+  ch->w->stats.bytes_out += *n;
+  return rc;
+}
+
 static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_WRITING) return SL_AGAIN;
   size_t n = 0;
+  int e = 0;
   sl_channel_ref(ch);
-  ch->flags |= SL_CH_WRITING;
-  int rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, &n);
-  int e = errno;
-  ch->flags &= ~(uint32_t)SL_CH_WRITING;
-  if (n > 0) ch->last_active = ev_now(ch->w->loop);
-  ch->bytes_out += n;
-  ch->w->stats.bytes_out += n;
+  int rc = sl_channel_send(ch, &n, &e);
   if (ch->flags & SL_CH_CLOSED) {
     rc = SL_ERROR; /* a callback closed it */
   } else if (rc == SL_ERROR) {
@@ -464,11 +502,39 @@ void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid) {
   sl_channel_promise_done(ch, pid, err);
 }
 
+static void sl_channel_connected(sl_channel *ch, int err);
+
+/* Speculative I/O: the first flush while connecting tries sendmsg at once
+ * instead of waiting for EV_WRITE (on loopback and fast networks the
+ * handshake is often done by then). Bytes taken prove the connect (no
+ * getsockopt, no EV_WRITE wake-up); EAGAIN or ENOTCONN: still under way,
+ * EV_WRITE decides as before; another error is the connect's failure, and
+ * what is queued stays queued (sl_channel_move_queue hands it to a retry). */
+static void sl_channel_write_early(sl_channel *ch) {
+  if (ch->flags & (SL_CH_SPECULATED | SL_CH_WRITING) || !sl_outq_has_flushed(&ch->outq)) return;
+  ch->flags |= SL_CH_SPECULATED;
+  size_t n = 0;
+  int e = 0;
+  sl_channel_ref(ch);
+  int rc = sl_channel_send(ch, &n, &e);
+  if (ch->flags & SL_CH_CLOSED) {
+    /* a callback closed it */
+  } else if (n > 0) {
+    sl_channel_connected(ch, 0);               /* writes the rest, if any */
+  } else if (rc == SL_ERROR && e != ENOTCONN) {
+    sl_channel_connected(ch, e);
+  }
+  sl_channel_unref(ch);
+}
+
 void sl_channel_flush(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSED) return;
   sl_outq_flush(&ch->outq);
   if (ch->flags & SL_CH_EMBEDDED) return;     /* the test reads what is flushed */
-  if (ch->flags & SL_CH_CONNECTING) return;   /* written once connected */
+  if (ch->flags & SL_CH_CONNECTING) {         /* written once connected */
+    sl_channel_write_early(ch);
+    return;
+  }
   if (ev_is_active(&ch->wio)) return;         /* the socket is full: wait */
   sl_channel_do_write(ch);
 }
@@ -482,10 +548,26 @@ void sl_channel_shutdown_output(sl_channel *ch) {
   else if (!ev_is_active(&ch->wio)) sl_channel_do_write(ch);
 }
 
+static void sl_channel_adopt(void *ud, sl_buf *b) {
+  sl_buf_set_owner(b, &((sl_channel *)ud)->owned);
+}
+
+int sl_channel_move_queue(sl_channel *from, sl_channel *to) {
+  if (sl_outq_is_empty(&from->outq)) return SL_OK;
+  if (to->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) return SL_ERROR;
+  if (sl_outq_move(&from->outq, &to->outq, sl_channel_adopt, to) != SL_OK) {
+    sl_channel_close(to, "out of memory queueing a write", 1);
+    return SL_ERROR;
+  }
+  to->last_seq = sl_outq_next_seq(&to->outq) - 1;
+  sl_channel_flush(to);
+  return SL_OK;
+}
+
 void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
   if (ch->flags & SL_CH_CLOSED) return;
   if (!(ch->flags & SL_CH_CLOSE_PENDING))
-    snprintf(ch->reason, sizeof(ch->reason), "%s", reason);
+    sl_str_append(ch->reason, sizeof(ch->reason), 0, reason);
   ch->flags |= SL_CH_CLOSE_PENDING;
   sl_channel_update_reading(ch);
   sl_outq_flush(&ch->outq);
@@ -508,20 +590,23 @@ static void sl_channel_input_closed(sl_channel *ch) {
     sl_channel_close(ch, "eof", 0);
 }
 
-static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents) {
-  SL_UNUSED(revents);
-  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, rio);
+/* One wake-up's reads: up to SL_RECV_MAX_READS while the read watcher stays
+ * on; speculative (sl_channel_read_now): one read, watcher or not. */
+static void sl_channel_read(sl_channel *ch, int speculative) {
   sl_worker *w = ch->w;
+  struct ev_loop *loop = w->loop;
   size_t total = 0;
   int eof = 0;
   char why[128];
   const char *why_code = NULL;
   why[0] = '\0';
   sl_channel_ref(ch);
+  uint32_t was_reading = ch->flags & SL_CH_READING;
+  ch->flags |= SL_CH_READING;
   /* Every read of this wake-up reaches Lua stages in one transition. */
   if (w->lua) w->lua_hold(w->lua, 1);
-  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
-    if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
+  for (int i = 0; i < (speculative ? 1 : SL_RECV_MAX_READS); i++) {
+    if (!speculative && !ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
     size_t size = sl_channel_recv_size(ch);
     sl_buf *b = sl_buf_alloc(w->pool, size, size);
     if (b == NULL) {
@@ -560,7 +645,7 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
   }
   if (w->lua) w->lua_hold(w->lua, 0);
   if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
-  if (ch->flags & SL_CH_READ_ONCE) {
+  if (!speculative && (ch->flags & SL_CH_READ_ONCE)) {
     ch->flags &= ~(uint32_t)SL_CH_READ_ONCE; /* one wake-up's reads were asked for */
     sl_channel_update_reading(ch);
   }
@@ -570,7 +655,21 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
     sl_pipeline_fire_read_complete(&ch->pipe);
   }
   if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
+  ch->flags = (ch->flags & ~(uint32_t)SL_CH_READING) | was_reading;
   sl_channel_unref(ch);
+}
+
+static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_channel_read(SL_CONTAINER_OF(io, sl_channel, rio), 0);
+}
+
+void sl_channel_read_now(sl_channel *ch) {
+  if ((ch->flags & (SL_CH_ACTIVE | SL_CH_EMBEDDED | SL_CH_INPUT_CLOSED | SL_CH_CLOSED |
+                    SL_CH_CLOSE_PENDING | SL_CH_READ_PAUSED | SL_CH_READING)) != SL_CH_ACTIVE)
+    return;
+  sl_channel_read(ch, 1);
 }
 
 static void sl_channel_connected(sl_channel *ch, int err) {

@@ -62,6 +62,8 @@ enum {
   SL_CH_EMBEDDED = 0x800,       /* no socket: sluice.testing drives it */
   SL_CH_WRITING = 0x1000,       /* inside a write burst (Netty's inFlush0) */
   SL_CH_LAST_WRITE_DROPPED = 0x2000, /* the last sl_channel_write did not queue */
+  SL_CH_SPECULATED = 0x4000,    /* a write was tried while connecting */
+  SL_CH_READING = 0x8000,       /* inside a read burst */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -150,6 +152,13 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
 /* Fires channel_active and starts reading when autoread is on. */
 void sl_channel_activate(sl_channel *ch);
 
+/* Reads once now, whatever autoread says: a client that speaks first has
+ * its bytes there at accept, so they can go out with the upstream's connect
+ * instead of after it. Nothing on a channel that is not active, whose
+ * input is closed, or that is inside a read already (a stage that connects
+ * from channel_read: what it holds must come first). */
+void sl_channel_read_now(sl_channel *ch);
+
 /* Queues b (takes ownership). On a closed or output-closed channel b is
  * released at once and SL_ERROR returned; over the outbound limit, b is
  * released, the channel closed and SL_ERROR returned. */
@@ -170,8 +179,19 @@ int sl_channel_write(sl_channel *ch, sl_buf *b);
 static inline uint64_t sl_channel_promise_mark(const sl_channel *ch) { return ch->writes; }
 void sl_channel_promise_attach(sl_channel *ch, uint64_t mark, uint32_t pid);
 
-/* Marks everything queued as flushed and writes what the socket takes. */
+/* Marks everything queued as flushed and writes what the socket takes.
+ * While connecting, the first flush tries the write at once (speculative
+ * I/O): bytes taken complete the connect (on_connect runs with err 0 before
+ * this returns), a socket error fails it (on_connect with that errno), and
+ * EAGAIN leaves it to EV_WRITE. */
 void sl_channel_flush(sl_channel *ch);
+
+/* Moves everything queued on from and not yet sent (the bytes a failed
+ * connect never wrote) to the end of to's queue, in order, with their
+ * promises, and flushes to; the buffers are to's from now on. SL_OK, or
+ * SL_ERROR when to cannot take them (closed or output closed: they stay on
+ * from; out of memory: to is closed). */
+int sl_channel_move_queue(sl_channel *from, sl_channel *to);
 
 /* Closes now: stops watchers, releases the queue (failing its promises with
  * ch->promise_err, "closed" unless a socket error or a limit set another),
@@ -213,6 +233,10 @@ void sl_channel_note_site(sl_channel *ch, sl_buf *b);
 const char *sl_channel_describe(const sl_channel *ch);
 
 static inline int sl_channel_is_closed(const sl_channel *ch) { return (ch->flags & SL_CH_CLOSED) != 0; }
+
+/* Makes a the client's address (a PROXY protocol header told it): logs, the
+ * access log and balancing by address use it from now on. */
+void sl_channel_set_remote(sl_channel *ch, const sl_addr *a);
 static inline int sl_channel_is_writable(const sl_channel *ch) { return ch->outq.writable; }
 
 /* The adaptive receive sizes (Netty's AdaptiveRecvByteBufAllocator). */

@@ -228,6 +228,21 @@ int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
   return SL_OK;
 }
 
+int sl_outq_move(sl_outq *from, sl_outq *to, void (*adopt)(void *ud, sl_buf *b), void *ud) {
+  while (from->count > 0) {
+    sl_outq_entry *e = &from->ring[from->head];
+    size_t cost = (e->buf ? sl_buf_readable(e->buf) : 0) + SL_OUTQ_ENTRY_OVERHEAD;
+    if (sl_outq_push(to, e->buf, e->pid) != SL_OK) return SL_ERROR;
+    if (e->buf && adopt) adopt(ud, e->buf);
+    sl_outq_shift(from);
+    if (from->nflushed > 0) from->nflushed--;
+    from->pending -= SL_MIN(cost, from->pending);
+  }
+  from->pending = 0;
+  from->writable = 1;
+  return SL_OK;
+}
+
 size_t sl_outq_release_all(sl_outq *q, const char *err) {
   size_t n = 0;
   /* Nothing is flushed or pending from here on; an entry a callback adds

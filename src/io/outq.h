@@ -126,6 +126,14 @@ int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written);
  * of markers before it, complete. Returns it (+1), or NULL. */
 sl_buf *sl_outq_take(sl_outq *q);
 
+/* Moves every entry of from, in order and with its promise, to the end of
+ * to, unflushed (nothing is reported: the entries are still to be written,
+ * now by to). adopt(ud, b), when not NULL, runs for each moved buffer. from
+ * ends empty, its pending 0 without a writability event; to's pending rises
+ * as with sl_outq_add. SL_OK, or SL_ERROR when to's ring cannot grow (the
+ * entries not moved yet stay in from). */
+int sl_outq_move(sl_outq *from, sl_outq *to, void (*adopt)(void *ud, sl_buf *b), void *ud);
+
 /* Releases every entry (close), failing each promise with err; pending
  * drops to 0 without a writability event. Returns the number of entries. */
 size_t sl_outq_release_all(sl_outq *q, const char *err);

@@ -76,6 +76,10 @@ struct sl_worker {
    * SL_PROMISE_* reason. See io/channel.h. NULL: ids are dropped. */
   void (*promise_done)(struct sl_channel *ch, uint32_t pid, const char *err);
   void *app;                      /* the proxy's per-worker state */
+  /* SO_SNDBUF of the first accepted [0] and connected [1] socket, 0 until
+   * asked: the adaptive gather's start for every channel of that kind (one
+   * getsockopt per kind and worker instead of one per connection). */
+  int sndbuf[2];
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   /* Counts an error raised by the named stage (set with metrics). */
   void (*stage_error)(struct sl_worker *w, const char *stage);

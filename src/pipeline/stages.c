@@ -12,6 +12,7 @@ static const sl_stage_ops *const sl_stage_table[] = {
     &sl_codec_delimiter,
     &sl_codec_fixed_length,
     &sl_codec_length_field_prepender,
+    &sl_stage_proxy_protocol,
     NULL,
 };
 
@@ -22,6 +23,7 @@ static const char *const sl_stage_names[] = {
     "sluice.codec.delimiter",
     "sluice.codec.fixed_length",
     "sluice.codec.length_field_prepender",
+    "sluice.proxy_protocol",
     NULL,
 };
 

@@ -44,5 +44,8 @@ extern const sl_stage_ops sl_codec_line;
 extern const sl_stage_ops sl_codec_delimiter;
 extern const sl_stage_ops sl_codec_fixed_length;
 extern const sl_stage_ops sl_codec_length_field_prepender;
+/* sluice.proxy_protocol: the PROXY protocol header (v1, v2) sets the client
+ * address; the first stage of a pipeline (codec/proxy_protocol.c). */
+extern const sl_stage_ops sl_stage_proxy_protocol;
 
 #endif

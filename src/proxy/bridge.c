@@ -40,6 +40,10 @@ static void sl_bridge_active(sl_ctx *ctx) {
                         sl_bridge_on_connect);
   }
   sl_ctx_fire_active(ctx);
+  /* Speculative I/O: what the client sent already goes out with the
+   * connect (sl_channel_flush tries the write at once), which then needs
+   * no wait for EV_WRITE; nothing there costs one recv. */
+  if (ch->peer != NULL && (ch->peer->flags & SL_CH_CONNECTING)) sl_channel_read_now(ch);
 }
 
 static void sl_bridge_read(sl_ctx *ctx, sl_buf *b) {

@@ -279,8 +279,10 @@ static void sl_attempt_give_up(sl_attempt *a, const char *none_left) {
 }
 
 /* A try failed: note it, count it against the server, and drop its
- * channel (when it had one) without touching the client. */
-static void sl_attempt_failed(sl_attempt *a, const char *why) {
+ * channel (when it had one) without touching the client. With keep, the
+ * channel is unjoined but left open, its close reason set, and returned:
+ * the caller hands its queued bytes to the next try, then closes it. */
+static struct sl_channel *sl_attempt_failed_keep(sl_attempt *a, const char *why, int keep) {
   char buf[64];
   const char *server = sl_attempt_server_text(a, buf, sizeof(buf));
   sl_attempt_note(a, server, why);
@@ -299,23 +301,27 @@ static void sl_attempt_failed(sl_attempt *a, const char *why) {
   }
   sl_attempt_detach(a);
   if (ch != NULL) {
-    char reason[160];
-    snprintf(reason, sizeof(reason), "connect failed: %s", why);
     ch->peer = NULL;
     if (a->client) {
       a->client->peer = NULL;
       a->client->peer_addr.sa.sa_family = AF_UNSPEC;   /* no upstream, for the access log */
     }
-    sl_channel_close(ch, reason, 1);
+    snprintf(ch->reason, sizeof(ch->reason), "connect failed: %s", why);
+    if (keep) return ch;
+    sl_channel_close(ch, ch->reason, 1);
   } else {
     sl_log(SL_LOG_WARN, "upstream %s for %s: connect failed: %s", server, a->for_name, why);
   }
+  return NULL;
 }
+
+static void sl_attempt_failed(sl_attempt *a, const char *why) { sl_attempt_failed_keep(a, why, 0); }
 
 static void sl_attempt_on_connect(struct sl_channel *ch, int err);
 
-/* Starts the next try, or gives up. SL_OK while a try is under way. */
-static int sl_attempt_next(sl_attempt *a) {
+/* Starts the next try, or gives up. SL_OK while a try is under way. What
+ * carry (a failed try's channel, or NULL) has queued goes to the new try. */
+static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
   sl_worker *w = a->set->w;
   for (;;) {
     const sl_addr *addr = &a->addr;
@@ -368,6 +374,9 @@ static int sl_attempt_next(sl_attempt *a) {
     }
     ((sl_lease *)a->lease->state)->attempt = a;
     sl_channel_join(a->client, ch);
+    /* The client's bytes a failed try took (read while it connected) are
+     * this try's to write. */
+    if (carry) sl_channel_move_queue(carry, ch);
     return SL_OK;
   }
   sl_attempt_give_up(a, "");
@@ -381,8 +390,12 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
                           a->up ? a->up->bal.peers[a->server].m : NULL,
                           ev_now(ch->w->loop) - ch->started, err);
   if (err) {
-    sl_attempt_failed(a, err == ETIMEDOUT ? "timed out" : strerror(err));
-    sl_attempt_next(a);
+    struct sl_channel *failed =
+        sl_attempt_failed_keep(a, err == ETIMEDOUT ? "timed out" : strerror(err), 1);
+    sl_attempt_next(a, failed);
+    /* Closed after the next try took its bytes (or with them, when none
+     * could); a is gone if that try gave up. */
+    if (failed) sl_channel_close(failed, failed->reason, 1);
     return;
   }
   if (a->up) sl_balance_report(&a->up->bal, (size_t)a->server, 1, ev_now(a->set->w->loop));
@@ -433,8 +446,8 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
   a->server = -1;
   a->key = sl_upstream_addr_hash(&client->remote);
   a->cc = *cc;
-  snprintf(a->for_name, sizeof(a->for_name), "%s", for_name);
+  sl_str_append(a->for_name, sizeof(a->for_name), 0, for_name);
   /* Nothing is read from the client until the upstream is there. */
   sl_channel_set_autoread(client, 0);
-  return sl_attempt_next(a);
+  return sl_attempt_next(a, NULL);
 }

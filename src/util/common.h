@@ -33,4 +33,14 @@
     }                                                                         \
   } while (0)
 
+/* Appends src to the string in dst (of size bytes), truncating; returns
+ * the new length. Per-connection strings are built with it rather than
+ * snprintf, which costs a pass through vfprintf per piece. */
+static inline size_t sl_str_append(char *dst, size_t size, size_t len, const char *src) {
+  if (size == 0) return 0;
+  while (*src && len + 1 < size) dst[len++] = *src++;
+  dst[len] = '\0';
+  return len;
+}
+
 #endif

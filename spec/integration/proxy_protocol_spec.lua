@@ -1,0 +1,140 @@
+-- sluice.proxy_protocol through the real binary: a PROXY protocol header
+-- (v1 text, v2 binary, split across reads) gives the connection its real
+-- client address (logs, hash balancing); a bad header closes only its
+-- connection. Real socat peers on 127.0.0.1; every wait is bounded.
+local bit = require("bit")
+local H = require("helpers")
+
+local function be16(n) return string.char(bit.rshift(n, 8), bit.band(n, 0xff)) end
+
+-- A v2 PROXY header for TCP over IPv4.
+local function v2(src, dst, sport, dport)
+  local function ip(s)
+    local a, b, c, d = s:match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+    return string.char(tonumber(a), tonumber(b), tonumber(c), tonumber(d))
+  end
+  return "\r\n\r\n\0\r\nQUIT\n" .. "\x21\x11" .. be16(12) .. ip(src) .. ip(dst) .. be16(sport)
+         .. be16(dport)
+end
+
+local function config(port, admin, servers, balance)
+  local list = {}
+  for i, s in ipairs(servers) do list[i] = ('"127.0.0.1:%d"'):format(s) end
+  return ([[
+return {
+  workers = 1,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back",
+                  pipeline = { "sluice.proxy_protocol" } } },
+  upstreams = { back = { servers = { %s }, balance = %q } },
+}
+]]):format(admin, port, table.concat(list, ", "), balance or "round_robin")
+end
+
+describe("sluice.proxy_protocol", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+
+  it("takes the client address from a v1 or v2 header and passes the rest on", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, { echo.port }))
+    local out, rc = H.exchange(port, "PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\nhello\n", 10)
+    assert.are.equal(0, rc)
+    assert.are.equal("hello\n", out)
+    out = H.exchange(port, v2("198.51.100.9", "10.0.0.1", 40000, 443) .. "binary\n", 10)
+    assert.are.equal("binary\n", out)
+    out = H.exchange(port, "PROXY TCP6 2001:db8::5 2001:db8::1 6000 443\r\nsix\n", 10)
+    assert.are.equal("six\n", out)
+    -- A header in pieces, each read by sluice before the next is sent.
+    local base = H.metric(admin, "sluice_received_bytes_total", 'listener="front"')
+    local c = H.connect(port)
+    local header = "PROXY TCP4 192.0.2.44 10.0.0.1 1234 443\r\n"
+    c.send(header:sub(1, 9))
+    assert.is_true(H.wait_received(admin, "front", base + 9))
+    c.send(header:sub(10, 30))
+    assert.is_true(H.wait_received(admin, "front", base + 30))
+    c.send(header:sub(31) .. "pieces\n")
+    assert.are.equal("pieces\n", c.recv(7, 10))
+    c.close()
+    local log = H.stop_sluice(p)
+    assert.matches("client 203.0.113.7:51234 on front closed: eof", log, 1, true)
+    assert.matches("client 198.51.100.9:40000 on front closed: eof", log, 1, true)
+    assert.matches("client [2001:db8::5]:6000 on front closed: eof", log, 1, true)
+    assert.matches("client 192.0.2.44:1234 on front closed", log, 1, true)
+  end)
+
+  it("closes a connection whose header is bad, releasing what it read; others carry on", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, { echo.port }))
+    local held = H.connect(port)
+    held.send("PROXY TCP4 192.0.2.1 10.0.0.1 1000 443\r\nfirst\n")
+    assert.are.equal("first\n", held.recv(6, 10))
+    local bad = {
+      { "GET / HTTP/1.1\r\n\r\n", "not a PROXY protocol header" },
+      { "PROXY TCP4 999.0.0.1 10.0.0.1 1 2\r\nx", "bad source address" },
+      { "PROXY TCP4 192.0.2.1 10.0.0.1 99999 2\r\nx", "bad source port" },
+      { "PROXY " .. ("x"):rep(120), "v1 line longer than 107 bytes" },
+      { "\r\n\r\n\0\r\nQUIT\n\x31\x11\0\0", "unknown version" },
+      { "PROXY TCP4 192.0.2.1", "the client closed before the header was complete" },
+    }
+    for _, b in ipairs(bad) do
+      local out = H.exchange(port, b[1], 10)
+      assert.are.equal("", out)
+    end
+    held.send("still here\n")
+    assert.are.equal("still here\n", held.recv(11, 10))
+    held.close()
+    local log = H.stop_sluice(p)
+    for _, b in ipairs(bad) do
+      assert.matches("closed: bad PROXY protocol header (" .. b[2] .. ")", log, 1, true)
+    end
+    -- No upstream connection was made for a bad header.
+    assert.are.equal(1, select(2, log:gsub("upstream 127%.0%.0%.1:%d+ for front closed", "")))
+  end)
+
+  it("balances by the address in the header with balance = hash", function()
+    local a = H.start_peer("printf A; cat")
+    local b = H.start_peer("printf B; cat")
+    peers[#peers + 1], peers[#peers + 2] = a, b
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, { a.port, b.port }, "hash"))
+    local seen, by_ip = {}, {}
+    for i = 1, 20 do
+      local ip = ("192.0.2.%d"):format(i)
+      local out = H.exchange(port, ("PROXY TCP4 %s 10.0.0.1 5000 443\r\nx"):format(ip), 10)
+      local who = out:sub(1, 1)
+      seen[who] = (seen[who] or 0) + 1
+      by_ip[ip] = who
+    end
+    -- The same address again goes where it went.
+    for i = 1, 20, 5 do
+      local ip = ("192.0.2.%d"):format(i)
+      local out = H.exchange(port, ("PROXY TCP4 %s 10.0.0.1 6000 443\r\nx"):format(ip), 10)
+      assert.are.equal(by_ip[ip], out:sub(1, 1))
+    end
+    H.stop_sluice(p)
+    -- From one real address (127.0.0.1) hash would pick one server for all.
+    assert.is_true((seen.A or 0) > 0 and (seen.B or 0) > 0, "spread: " .. tostring(seen.A) .. "/" ..
+                   tostring(seen.B))
+  end)
+end)
+
+describe("sluice.proxy_protocol in the config", function()
+  it("is refused anywhere but first in a pipeline", function()
+    local cfg = H.tmpfile("pp.lua", [[
+return { listeners = { { name = "f", listen = "127.0.0.1:1",
+  pipeline = { "sluice.stages.echo", "sluice.proxy_protocol" } } } }
+]])
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal('config error: listeners[1].pipeline[2]: expected "sluice.proxy_protocol" only '
+                     .. "as the first stage (the header comes before any other byte), got it at 2\n", out)
+  end)
+end)

@@ -1,0 +1,240 @@
+/*
+ * sluice.proxy_protocol: reads the PROXY protocol header (versions 1 and 2,
+ * as HAProxy defines them) that a load balancer in front of sluice sends
+ * first on each connection, and makes the address it carries the
+ * connection's client address: logs, the access log, `hash` balancing and
+ * ctx:channel() then see the real client. It must be the first stage.
+ *
+ * The stage holds channel_active back until the header is complete, so the
+ * stages after it (and the upstream connect) start with the real address.
+ * Bytes after the header are passed on unchanged; after the header the
+ * stage only passes reads on. A header that is malformed closes the
+ * connection with the reason "bad PROXY protocol header (...)"; so does
+ * the end of input before the header is complete. A v2 LOCAL command or a
+ * v1 UNKNOWN keeps the socket's own address (health checks of the balancer).
+ */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <string.h>
+
+#include "buf/buf.h"
+#include "io/channel.h"
+#include "pipeline/stages.h"
+#include "util/common.h"
+#include "util/log.h"
+
+#define SL_PP_V1_MAX 107   /* the longest v1 line, "\r\n" included */
+#define SL_PP_V2_FIXED 16  /* signature, version and command, family, length */
+
+static const uint8_t sl_pp_v2_sig[12] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d,
+                                         0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a};
+
+typedef struct sl_pp_state {
+  uint8_t hdr[SL_PP_V1_MAX + 1];  /* the header's first bytes */
+  uint32_t have;                  /* bytes in hdr */
+  uint32_t total;                 /* v2: the header's whole length, once known */
+  uint32_t consumed;              /* v2: bytes of the header seen (TLVs are skipped) */
+  int done;                       /* the header went by: reads pass through */
+  int failed;                     /* a bad header closed the connection */
+} sl_pp_state;
+
+/* Sets the client address from a v1 line ("PROXY TCP4 a b p q\r\n").
+ * NULL, or what is wrong. */
+static const char *sl_pp_v1(sl_channel *ch, char *line) {
+  char *save = NULL;
+  char *f[7];
+  int n = 0;
+  for (char *t = strtok_r(line, " ", &save); t != NULL && n < 7; t = strtok_r(NULL, " ", &save))
+    f[n++] = t;
+  if (n < 2 || strcmp(f[0], "PROXY") != 0) return "not a PROXY line";
+  if (strcmp(f[1], "UNKNOWN") == 0) return NULL;
+  int v6 = strcmp(f[1], "TCP6") == 0;
+  if (!v6 && strcmp(f[1], "TCP4") != 0) return "unknown protocol";
+  if (n != 6) return n < 6 ? "missing fields" : "too many fields";
+  char *end = NULL;
+  long port = strtol(f[4], &end, 10);
+  if (*f[4] < '0' || *f[4] > '9' || *end != '\0' || port > 65535 || (f[4][0] == '0' && f[4][1]))
+    return "bad source port";
+  sl_addr a;
+  memset(&a, 0, sizeof(a));
+  if (v6) {
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a.ss;
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET6, f[2], &s6->sin6_addr) != 1) return "bad source address";
+    a.len = sizeof(*s6);
+  } else {
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&a.ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, f[2], &s4->sin_addr) != 1) return "bad source address";
+    a.len = sizeof(*s4);
+  }
+  if (ch != NULL) sl_channel_set_remote(ch, &a);
+  return NULL;
+}
+
+/* Sets the client address from a complete v2 header's first bytes. */
+static const char *sl_pp_v2(sl_channel *ch, const uint8_t *h, uint32_t total) {
+  if ((h[12] >> 4) != 2) return "unknown version";
+  int cmd = h[12] & 0x0f;
+  if (cmd == 0) return NULL; /* LOCAL: the balancer's own connection */
+  if (cmd != 1) return "unknown command";
+  int fam = h[13] >> 4;
+  sl_addr a;
+  memset(&a, 0, sizeof(a));
+  if (fam == 1) { /* AF_INET: src, dst, sport, dport */
+    if (total < SL_PP_V2_FIXED + 12) return "address block too short";
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&a.ss;
+    s4->sin_family = AF_INET;
+    memcpy(&s4->sin_addr, h + 16, 4);
+    memcpy(&s4->sin_port, h + 24, 2);
+    a.len = sizeof(*s4);
+  } else if (fam == 2) {
+    if (total < SL_PP_V2_FIXED + 36) return "address block too short";
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a.ss;
+    s6->sin6_family = AF_INET6;
+    memcpy(&s6->sin6_addr, h + 16, 16);
+    memcpy(&s6->sin6_port, h + 48, 2);
+    a.len = sizeof(*s6);
+  } else {
+    return NULL; /* UNSPEC or UNIX: nothing sluice can use */
+  }
+  if (ch != NULL) sl_channel_set_remote(ch, &a);
+  return NULL;
+}
+
+/* Takes header bytes from p. Returns 1 when the header is complete (*used:
+ * the bytes of p it took), 0 when it needs more (all of p taken), or -1
+ * with *why set. */
+static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, const char **why) {
+  sl_pp_state *st = ctx->state;
+  size_t before = st->have;
+  *used = 0;
+  if (n == 0) return 0;
+  if (st->have == 0 && p[0] != 'P' && p[0] != sl_pp_v2_sig[0]) {
+    *why = "not a PROXY protocol header";
+    return -1;
+  }
+  if (st->have > 0 ? st->hdr[0] == 'P' : p[0] == 'P') {
+    size_t take = n < SL_PP_V1_MAX - st->have ? n : SL_PP_V1_MAX - st->have;
+    memcpy(st->hdr + st->have, p, take);
+    st->have += (uint32_t)take;
+    for (uint32_t i = before ? (uint32_t)before - 1 : 0; i + 1 < st->have; i++) {
+      if (st->hdr[i] == '\r' && st->hdr[i + 1] == '\n') {
+        *used = i + 2 - before;
+        st->hdr[i] = '\0';
+        *why = sl_pp_v1(sl_ctx_channel(ctx), (char *)st->hdr);
+        return *why ? -1 : 1;
+      }
+    }
+    if (st->have == SL_PP_V1_MAX) {
+      *why = "v1 line longer than 107 bytes";
+      return -1;
+    }
+    *used = n;
+    return 0;
+  }
+  /* v2: keep the fixed part and the addresses, count the rest (TLVs). */
+  size_t taken = 0;
+  for (;;) {
+    if (st->total == 0 && st->have >= SL_PP_V2_FIXED) {
+      if (memcmp(st->hdr, sl_pp_v2_sig, sizeof(sl_pp_v2_sig)) != 0) {
+        *why = "bad v2 signature";
+        return -1;
+      }
+      st->total = SL_PP_V2_FIXED + ((uint32_t)st->hdr[14] << 8 | st->hdr[15]);
+    }
+    if (st->total != 0 && st->consumed == st->total) break;
+    if (taken == n) {
+      *used = taken;
+      return 0;
+    }
+    size_t want = st->total ? st->total - st->consumed : SL_PP_V2_FIXED - st->have;
+    size_t chunk = n - taken < want ? n - taken : want;
+    size_t room = sizeof(st->hdr) - st->have;
+    size_t keep = chunk < room ? chunk : room;
+    memcpy(st->hdr + st->have, p + taken, keep);
+    st->have += (uint32_t)keep;
+    st->consumed += (uint32_t)chunk;
+    taken += chunk;
+  }
+  *used = taken;
+  *why = sl_pp_v2(sl_ctx_channel(ctx), st->hdr, st->total);
+  return *why ? -1 : 1;
+}
+
+static void sl_pp_fail(sl_ctx *ctx, const char *why) {
+  ((sl_pp_state *)ctx->state)->failed = 1;
+  sl_channel *ch = sl_ctx_channel(ctx);
+  char reason[128];
+  snprintf(reason, sizeof(reason), "bad PROXY protocol header (%s)", why);
+  sl_log(SL_LOG_WARN, "%s: %s", ch ? ch->desc : "a connection", reason);
+  sl_ctx_close(ctx, reason);
+}
+
+static void sl_pp_active(sl_ctx *ctx) {
+  SL_UNUSED(ctx); /* held back until the header is complete */
+}
+
+static void sl_pp_read(sl_ctx *ctx, sl_buf *b) {
+  sl_pp_state *st = ctx->state;
+  if (st->done) {
+    sl_ctx_fire_read(ctx, b);
+    return;
+  }
+  if (st->failed) { /* closing: nothing more is looked at */
+    sl_buf_release(b);
+    return;
+  }
+  size_t used = 0;
+  const char *why = NULL;
+  int r = sl_pp_feed(ctx, sl_buf_rptr(b), sl_buf_readable(b), &used, &why);
+  if (r < 0) {
+    sl_buf_release(b);
+    sl_pp_fail(ctx, why);
+    return;
+  }
+  if (r == 0) {
+    sl_buf_release(b);
+    return;
+  }
+  st->done = 1;
+  b->rd += (uint32_t)used;
+  sl_channel *ch = sl_ctx_channel(ctx); /* NULL in a pipeline without one (tests) */
+  if (ch) sl_channel_ref(ch);
+  sl_ctx_fire_active(ctx);
+  if (sl_buf_readable(b) > 0 && !(ch && sl_channel_is_closed(ch))) sl_ctx_fire_read(ctx, b);
+  else sl_buf_release(b);
+  if (ch) sl_channel_unref(ch);
+}
+
+static void sl_pp_read_complete(sl_ctx *ctx) {
+  sl_pp_state *st = ctx->state;
+  if (st->done) sl_ctx_fire_read_complete(ctx);
+}
+
+static void sl_pp_user_event(sl_ctx *ctx, int event) {
+  sl_pp_state *st = ctx->state;
+  if (!st->done && event == SL_UEV_INPUT_CLOSED) {
+    if (st->failed) return;
+    sl_pp_fail(ctx, "the client closed before the header was complete");
+    return;
+  }
+  sl_ctx_fire_user_event(ctx, event);
+}
+
+static void sl_pp_inactive(sl_ctx *ctx) {
+  sl_pp_state *st = ctx->state;
+  if (st->done) sl_ctx_fire_inactive(ctx); /* the stages after it never saw active */
+}
+
+const sl_stage_ops sl_stage_proxy_protocol = {
+    .name = "sluice.proxy_protocol",
+    .state_size = sizeof(sl_pp_state),
+    .on_active = sl_pp_active,
+    .on_inactive = sl_pp_inactive,
+    .on_read = sl_pp_read,
+    .on_read_complete = sl_pp_read_complete,
+    .on_user_event = sl_pp_user_event,
+};

@@ -1,0 +1,153 @@
+/*
+ * sluice.proxy_protocol on its own, in the codec harness (a pipeline
+ * without a socket): v1 and v2 headers, with TLVs, fed whole and split at
+ * every byte, pass on exactly the bytes after the header; bad headers close
+ * with their reason; every test ends with the pool clean. (The address it
+ * sets on a real channel is proved by spec/integration/proxy_protocol_spec.lua.)
+ */
+#include "test_util.h"
+
+#include "codec_harness.h"
+#include "util/common.h"
+#include "util/log.h"
+
+static int pool_setup(void **state) {
+  sl_pool *p = sl_pool_create(NULL, 0);
+  if (p == NULL) return -1;
+  sl_pool_bind_thread(p);
+  *state = p;
+  return 0;
+}
+
+static int pool_teardown(void **state) {
+  sl_pool_bind_thread(NULL);
+  sl_pool_destroy(*state);
+  return 0;
+}
+
+/* The bytes the harness collected, without its u32 frame lengths. */
+static size_t collected(const sl_ch *h, uint8_t *out, size_t cap) {
+  size_t n = 0;
+  for (size_t off = 0; off + 4 <= h->out_len;) {
+    uint32_t len;
+    memcpy(&len, h->out + off, 4);
+    assert_true(n + len <= cap);
+    memcpy(out + n, h->out + off + 4, len);
+    n += len;
+    off += 4 + len;
+  }
+  return n;
+}
+
+/* Feeds stream in reads split at `split` (0: whole), returns what came out
+ * and the close reason ("" while open). */
+static size_t run(sl_pool *pool, const uint8_t *stream, size_t n, size_t split, uint8_t *out,
+                  size_t cap, char *reason) {
+  sl_ch h;
+  char err[128];
+  assert_int_equal(SL_OK, sl_ch_open(&h, pool, "sluice.proxy_protocol", NULL, err, sizeof(err)));
+  if (split == 0 || split >= n) {
+    sl_ch_feed(&h, stream, n);
+  } else {
+    sl_ch_feed(&h, stream, split);
+    if (!h.closed) sl_ch_feed(&h, stream + split, n - split);
+  }
+  size_t got = collected(&h, out, cap);
+  snprintf(reason, 64, "%s", h.closed ? h.reason : "");
+  h.bad = 0; /* the stage passes buffers on as they come: not derived frames */
+  sl_ch_close(&h);
+  sl_ch_free(&h);
+  sl_pool_stats st;
+  sl_pool_get_stats(pool, &st);
+  assert_int_equal(0, st.blocks_in_use);
+  return got;
+}
+
+/* Every split of header + payload gives the payload, and stays open. */
+static void check_every_split(sl_pool *pool, const uint8_t *hdr, size_t hn) {
+  static const char payload[] = "the bytes after the header";
+  uint8_t stream[512], out[512];
+  char reason[64];
+  memcpy(stream, hdr, hn);
+  memcpy(stream + hn, payload, sizeof(payload) - 1);
+  size_t n = hn + sizeof(payload) - 1;
+  for (size_t split = 0; split < n; split++) {
+    size_t got = run(pool, stream, n, split, out, sizeof(out), reason);
+    assert_string_equal("", reason);
+    assert_int_equal(sizeof(payload) - 1, got);
+    assert_memory_equal(payload, out, got);
+  }
+}
+
+static void test_v1_tcp4_tcp6_unknown(void **state) {
+  const char *lines[] = {
+      "PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n",
+      "PROXY TCP6 2001:db8::5 2001:db8::1 6000 443\r\n",
+      "PROXY UNKNOWN\r\n",
+      "PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+  };
+  for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
+    check_every_split(*state, (const uint8_t *)lines[i], strlen(lines[i]));
+}
+
+static void test_v2_with_tlvs_and_local(void **state) {
+  /* PROXY, TCP over IPv4, 12 address bytes + a 7-byte TLV. */
+  uint8_t v4[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a,
+                  0x21, 0x11, 0x00, 12 + 7, 198,  51,   100,  9,    10,   0,    0,    1,
+                  0x9c, 0x40, 0x01, 0xbb, 0x04, 0x00, 0x04, 't',  'e',  's',  't'};
+  check_every_split(*state, v4, sizeof(v4));
+  /* PROXY, TCP over IPv6. */
+  uint8_t v6[16 + 36] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51,
+                         0x55, 0x49, 0x54, 0x0a, 0x21, 0x21, 0x00, 36};
+  v6[16] = 0x20;
+  v6[17] = 0x01;
+  check_every_split(*state, v6, sizeof(v6));
+  /* LOCAL, no addresses. */
+  uint8_t local[] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51,
+                     0x55, 0x49, 0x54, 0x0a, 0x20, 0x00, 0x00, 0x00};
+  check_every_split(*state, local, sizeof(local));
+}
+
+static void test_bad_headers_close_with_their_reason(void **state) {
+  struct {
+    const char *stream;
+    size_t n;
+    const char *reason;
+  } cases[] = {
+      {"GET / HTTP/1.1\r\n\r\n", 18, "bad PROXY protocol header (not a PROXY protocol header)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", 34, "bad PROXY protocol header (too many fields)"},
+      {"PROXY TCP4 1.2.3.4\r\n", 20, "bad PROXY protocol header (missing fields)"},
+      {"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", 32, "bad PROXY protocol header (unknown protocol)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", 33, "bad PROXY protocol header (bad source port)"},
+      {"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n", 32,
+       "bad PROXY protocol header (bad source address)"},
+      {"\r\n\r\n\0\r\nQUIX\n\x21\x11\0\0", 16, "bad PROXY protocol header (bad v2 signature)"},
+      {"\r\n\r\n\0\r\nQUIT\n\x22\x11\0\0", 16, "bad PROXY protocol header (unknown command)"},
+      {"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x04\1\2\3\4", 20,
+       "bad PROXY protocol header (address block too short)"},
+  };
+  uint8_t out[256];
+  char reason[64];
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    for (size_t split = 0; split < cases[i].n; split++) {
+      run(*state, (const uint8_t *)cases[i].stream, cases[i].n, split, out, sizeof(out), reason);
+      assert_string_equal(cases[i].reason ? cases[i].reason : "", reason);
+    }
+  }
+  /* A v1 line that never ends within 107 bytes. */
+  uint8_t longline[200];
+  memset(longline, 'x', sizeof(longline));
+  memcpy(longline, "PROXY ", 6);
+  run(*state, longline, sizeof(longline), 50, out, sizeof(out), reason);
+  assert_string_equal("bad PROXY protocol header (v1 line longer than 107 bytes)", reason);
+}
+
+int main(void) {
+  sl_log_set_level(SL_LOG_ERROR);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_v1_tcp4_tcp6_unknown),
+      cmocka_unit_test(test_v2_with_tlvs_and_local),
+      cmocka_unit_test(test_bad_headers_close_with_their_reason),
+  };
+  return cmocka_run_group_tests(tests, pool_setup, pool_teardown);
+}

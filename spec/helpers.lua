@@ -15,6 +15,7 @@ int bind(int fd, const void *addr, unsigned int len);
 int getsockname(int fd, void *addr, unsigned int *len);
 int close(int fd);
 int usleep(unsigned int usec);
+int getpid(void);
 int listen(int fd, int backlog);
 int connect(int fd, const void *addr, unsigned int len);
 int accept(int fd, void *addr, void *len);
@@ -48,11 +49,30 @@ local function bound_socket(backlog)
   return fd, sa, port
 end
 
--- A TCP port on 127.0.0.1 that nothing listens on right now.
+-- A TCP port on 127.0.0.1 that nothing uses right now, picked below the
+-- kernel's ephemeral range (32768 and up), so that the outgoing connections
+-- of this and other processes cannot take it before the spec listens on it.
+local picked = {}
+math.randomseed(os.time() + tonumber(ffi.C.getpid()))
 function H.free_port()
-  local fd, _, port = bound_socket()
-  ffi.C.close(fd)
-  return port
+  for _ = 1, 1000 do
+    local port = math.random(20000, 32767)
+    if not picked[port] then
+      local fd = ffi.C.socket(2, 1, 0)
+      assert(fd >= 0, "socket() failed")
+      local sa = ffi.new("struct sl_spec_sockaddr_in")
+      sa.family = 2
+      sa.addr = 0x0100007f
+      sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+      local ok = ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0
+      ffi.C.close(fd)
+      if ok then
+        picked[port] = true
+        return port
+      end
+    end
+  end
+  error("no free port between 20000 and 32767")
 end
 
 -- A port whose listener never accepts and whose accept queue is full, so
@@ -380,16 +400,27 @@ http {
   return p
 end
 
--- The value of one sample in sluice's /metrics on the admin port (nil when
--- absent), e.g. H.metric(admin, "sluice_received_bytes_total", 'listener="front"').
-function H.metric(admin_port, name, labels)
-  local text = H.exchange(admin_port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 10)
+-- An admin request: GET path on 127.0.0.1:port. Returns status, headers, body.
+function H.admin_get(port, path)
+  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)
+  local head, body = out:match("^(.-)\r\n\r\n(.*)$")
+  return tonumber(out:match("^HTTP/1%.1 (%d%d%d) ")), head or "", body or ""
+end
+
+-- The value of one sample of Prometheus text (nil when absent), e.g.
+-- H.sample(text, "sluice_received_bytes_total", 'listener="front"').
+function H.sample(text, name, labels)
   local want = name .. (labels and ("{" .. labels .. "}") or "")
   for line in text:gmatch("[^\n]+") do
     local k, v = line:match("^(%S+) (%S+)$")
     if k == want then return tonumber(v) end
   end
   return nil
+end
+
+-- The same, read from sluice's /metrics on the admin port.
+function H.metric(admin_port, name, labels)
+  return H.sample(select(3, H.admin_get(admin_port, "/metrics")), name, labels)
 end
 
 -- Waits until sluice has read `bytes` in all from the clients of a listener

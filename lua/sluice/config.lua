@@ -51,6 +51,10 @@
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
+--     defer_accept    optional boolean, default false: TCP_DEFER_ACCEPT
+--                     (1 s), the kernel hands over a connection once its
+--                     client has sent something (for protocols where the
+--                     client speaks first)
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -196,7 +200,8 @@ local ALLOCATOR_KEYS = { "type", "arenas", "page_size", "chunk_size", "small_cac
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "idle_timeout_ms", "connect_timeout_ms" }
+                        "max_connections", "idle_timeout_ms", "connect_timeout_ms",
+                        "defer_accept" }
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
@@ -1081,6 +1086,9 @@ local function check_listener(l, path, ctx)
                                                path .. ".idle_timeout_ms", 0)
     local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
                                                   path .. ".connect_timeout_ms", 0)
+    if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
+        fail(path .. ".defer_accept", "expected a boolean, got %s", show(l.defer_accept))
+    end
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -1099,6 +1107,7 @@ local function check_listener(l, path, ctx)
         max_connections = max_connections,
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
+        defer_accept = l.defer_accept == true,
     }
 end
 

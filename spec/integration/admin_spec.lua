@@ -13,19 +13,9 @@ local function http(port, request)
   return status, head or "", body or ""
 end
 
-local function get(port, path)
-  return http(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path))
-end
+local get = H.admin_get
 
--- The value of one sample of the Prometheus text (nil when absent).
-local function sample(text, name, labels)
-  local want = name .. (labels and ("{" .. labels .. "}") or "")
-  for line in text:gmatch("[^\n]+") do
-    local k, v = line:match("^(%S+) (%S+)$")
-    if k == want then return tonumber(v) end
-  end
-  return nil
-end
+local sample = H.sample
 
 -- Sum of a per-worker sample over every worker.
 local function per_worker_sum(text, name)

@@ -46,6 +46,20 @@ return { listeners = { { name = "front", listen = 7000, pipeline = { "sluice.sta
     end
   end)
 
+  it("exits 2 on a defer_accept that is not a boolean, and accepts a boolean", function()
+    local bad = H.tmpfile("defer.lua", [[
+return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "sluice.stages.echo" },
+                         defer_accept = 1 } } }
+]])
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(bad)))
+    assert.are.equal(2, rc)
+    assert.are.equal("config error: listeners[1].defer_accept: expected a boolean, got 1\n", out)
+    local good = H.tmpfile("defer_ok.lua", (H.read(bad):gsub("defer_accept = 1", "defer_accept = true")))
+    out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(good)))
+    assert.are.equal(0, rc, out)
+    assert.matches("config ok", out)
+  end)
+
   it("exits 2 naming a pipeline module that does not exist", function()
     local cfg = H.tmpfile("nomod.lua", [[
 return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "examples.nope" } } } }

@@ -46,6 +46,30 @@ describe("proxying", function()
       end)
   end
 
+  it("with defer_accept, leaves a silent client to the kernel until it speaks, then proxies it", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, echo.port)
+      :gsub('upstream = "back",', 'upstream = "back", defer_accept = true,')))
+    local function on_port(state)
+      return (H.sh(("ss -tnH state %s 'sport = :%d'"):format(state, port))):match("%S") ~= nil
+    end
+    -- A client that connects and says nothing for a while.
+    local input = H.tmpfile("late.sh", "sleep 0.5; printf hello")
+    local client = H.spawn(("(sh %s | socat -t 5 - TCP:127.0.0.1:%d > %s)"):format(
+      H.shq(input), port, H.shq(H.tmpfile("late.out"))), "client")
+    -- Connected from its side, not yet handed to sluice: the kernel holds it
+    -- half-open (SYN-RECV) instead of established and accepted.
+    assert.is_truthy(H.wait_for(function() return on_port("syn-recv") end, 5))
+    assert.is_false(on_port("established"))
+    assert.are.equal(0, H.stop(client, "CONT", 20))   -- waits for its end
+    local out = H.exchange(port, "again", 10)
+    local log = H.stop_sluice(p)
+    assert.are.equal("again", out, log)
+    assert.matches("client 127.0.0.1:%d+ on front closed", log)
+  end)
+
   it("passes the client's FIN to the upstream, and the reply still arrives", function()
     -- wc -c answers only after end of input: the reply proves the FIN got through.
     local peer = H.start_peer("wc -c")

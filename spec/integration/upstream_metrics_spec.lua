@@ -5,11 +5,7 @@
 local H = require("helpers")
 local json = require("dkjson")
 
-local function get(port, path)
-  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)
-  local head, body = out:match("^(.-)\r\n\r\n(.*)$")
-  return tonumber(out:match("^HTTP/1%.1 (%d%d%d) ")), head or "", body or ""
-end
+local get = H.admin_get
 
 local function metrics(admin) return select(3, get(admin, "/metrics")) end
 
@@ -22,15 +18,7 @@ local function upstreams(admin)
   return doc
 end
 
--- The value of one sample (nil when absent).
-local function sample(text, name, labels)
-  local want = name .. (labels and ("{" .. labels .. "}") or "")
-  for line in text:gmatch("[^\n]+") do
-    local k, v = line:match("^(%S+) (%S+)$")
-    if k == want then return tonumber(v) end
-  end
-  return nil
-end
+local sample = H.sample
 
 local function server_labels(port, extra)
   return ('upstream="back",server="127.0.0.1:%d"%s'):format(port, extra or "")

@@ -256,9 +256,14 @@ static void sl_channel_update_reading(sl_channel *ch) {
 }
 
 void sl_channel_activate(sl_channel *ch) {
-  ch->flags |= SL_CH_ACTIVE;
+  ch->flags |= SL_CH_ACTIVE | SL_CH_ACTIVATING;
   sl_channel_ref(ch);
   sl_pipeline_fire_active(&ch->pipe);
+  ch->flags &= ~(uint32_t)SL_CH_ACTIVATING;
+  if (ch->flags & SL_CH_READ_NOW) {
+    ch->flags &= ~(uint32_t)SL_CH_READ_NOW;
+    sl_channel_read_now(ch);
+  }
   sl_channel_update_reading(ch);
   sl_channel_unref(ch);
 }
@@ -308,6 +313,46 @@ void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
   ev_timer_start(ch->w->loop, &ch->idle);
 }
 
+/* ---- FINs at the end of the loop iteration ---- */
+
+/* A FIN passed on (the peer's input closed) waits until every event of this
+ * loop iteration has run: when the channel's own input turns out closed as
+ * well (both ends closed at about the same time, as a client and a server
+ * of one request often do), close() sends the FIN and the shutdown() call
+ * is saved, as is the wake-up that would follow for the half-closed socket. */
+static void sl_channel_send_fins(struct ev_loop *loop, ev_prepare *p, int revents) {
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(p, sl_worker, fin_watcher);
+  while (w->fin_list != NULL) {
+    sl_channel *ch = w->fin_list;
+    w->fin_list = ch->fin_next;
+    ch->fin_next = NULL;
+    ch->flags &= ~(uint32_t)SL_CH_FIN_PENDING;
+    shutdown(ch->fd, SHUT_WR);
+  }
+  ev_prepare_stop(loop, p);
+}
+
+static void sl_channel_fin_later(sl_channel *ch) {
+  sl_worker *w = ch->w;
+  ch->flags |= SL_CH_FIN_PENDING;
+  ch->fin_next = w->fin_list;
+  w->fin_list = ch;
+  if (!ev_is_active(&w->fin_watcher)) {
+    ev_prepare_init(&w->fin_watcher, sl_channel_send_fins);
+    ev_prepare_start(w->loop, &w->fin_watcher);
+  }
+}
+
+/* Closing: its FIN goes with close(). */
+static void sl_channel_fin_drop(sl_channel *ch) {
+  sl_channel **pp = &ch->w->fin_list;
+  while (*pp != ch) pp = &(*pp)->fin_next;
+  *pp = ch->fin_next;
+  ch->fin_next = NULL;
+  ch->flags &= ~(uint32_t)SL_CH_FIN_PENDING;
+}
+
 /* ---- closing ---- */
 
 static void sl_channel_close_peer(sl_channel *ch) {
@@ -342,6 +387,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_io_stop(w->loop, &ch->wio);
   ev_timer_stop(w->loop, &ch->timer);
   ev_timer_stop(w->loop, &ch->idle);
+  if (ch->flags & SL_CH_FIN_PENDING) sl_channel_fin_drop(ch);
   if (ch->fd >= 0) {
     close(ch->fd);
     ch->fd = -1;
@@ -377,7 +423,7 @@ static void sl_channel_output_done(sl_channel *ch) {
       sl_channel_close(ch, "eof", 0);
       return;
     }
-    shutdown(ch->fd, SHUT_WR);
+    sl_channel_fin_later(ch);
   }
 }
 
@@ -669,6 +715,10 @@ void sl_channel_read_now(sl_channel *ch) {
   if ((ch->flags & (SL_CH_ACTIVE | SL_CH_EMBEDDED | SL_CH_INPUT_CLOSED | SL_CH_CLOSED |
                     SL_CH_CLOSE_PENDING | SL_CH_READ_PAUSED | SL_CH_READING)) != SL_CH_ACTIVE)
     return;
+  if (ch->flags & SL_CH_ACTIVATING) {   /* not inside a stage's channel_active */
+    ch->flags |= SL_CH_READ_NOW;
+    return;
+  }
   sl_channel_read(ch, 1);
 }
 

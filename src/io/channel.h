@@ -64,6 +64,9 @@ enum {
   SL_CH_LAST_WRITE_DROPPED = 0x2000, /* the last sl_channel_write did not queue */
   SL_CH_SPECULATED = 0x4000,    /* a write was tried while connecting */
   SL_CH_READING = 0x8000,       /* inside a read burst */
+  SL_CH_ACTIVATING = 0x10000,   /* inside sl_channel_activate's channel_active */
+  SL_CH_READ_NOW = 0x20000,     /* sl_channel_read_now asked while activating */
+  SL_CH_FIN_PENDING = 0x40000,  /* output closed, its shutdown() at the iteration's end */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -102,6 +105,7 @@ struct sl_channel {
   sl_outq outq;
   sl_channel *peer;          /* joined channel, or NULL */
   sl_channel *prev, *next;   /* the worker's channel list */
+  sl_channel *fin_next;      /* the worker's fin_list, while SL_CH_FIN_PENDING */
   sl_addr remote;
   uint8_t recv_index;        /* adaptive receive size: index in the table */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */
@@ -156,7 +160,8 @@ void sl_channel_activate(sl_channel *ch);
  * its bytes there at accept, so they can go out with the upstream's connect
  * instead of after it. Nothing on a channel that is not active, whose
  * input is closed, or that is inside a read already (a stage that connects
- * from channel_read: what it holds must come first). */
+ * from channel_read: what it holds must come first). Asked while
+ * channel_active runs, the read waits until every stage has had it. */
 void sl_channel_read_now(sl_channel *ch);
 
 /* Queues b (takes ownership). On a closed or output-closed channel b is

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -129,6 +130,11 @@ int sl_listener_bind(const sl_addr *addr, int reuseport) {
     return -1;
   }
   return fd;
+}
+
+int sl_listener_defer_accept(int fd, int on) {
+  int secs = on ? 1 : 0;
+  return setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs)) == 0 ? SL_OK : SL_ERROR;
 }
 
 void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_gate *gate,

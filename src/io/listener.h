@@ -52,6 +52,11 @@ struct sl_listener {
  * reuseport is set). Returns the fd, or -1 with errno set. */
 int sl_listener_bind(const sl_addr *addr, int reuseport);
 
+/* Turns TCP_DEFER_ACCEPT on (1 s: the kernel hands a connection to accept
+ * once its client has sent data) or off on the listening socket fd.
+ * SL_OK, or SL_ERROR with errno. */
+int sl_listener_defer_accept(int fd, int on);
+
 /* Starts accepting on fd (borrowed) on w's loop. Every accepted connection
  * has entered gate: the owner calls sl_listen_gate_leave when it closes. */
 void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_gate *gate,

@@ -130,10 +130,13 @@ static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int reven
   SL_UNUSED(loop);
   sl_pool_trim_report r;
   if (sl_pool_tick(w->pool, sl_alloc_now_ms(), &r)) {
+    size_t lua_before = 0, lua_after = 0;
+    if (w->lua && w->lua_idle) w->lua_idle(w->lua, &lua_before, &lua_after);
     sl_log(SL_LOG_INFO,
-           "worker %d: pool idle: gave back %llu cached blocks, %u chunks%s; %zu bytes mapped now",
+           "worker %d: pool idle: gave back %llu cached blocks, %u chunks%s; %zu bytes mapped now; "
+           "Lua heap %zu KiB -> %zu KiB",
            w->id, (unsigned long long)r.blocks, r.chunks, r.headers ? ", header memory" : "",
-           (size_t)atomic_load(&w->pool->alloc->reserved));
+           (size_t)atomic_load(&w->pool->alloc->reserved), lua_before / 1024, lua_after / 1024);
   }
 }
 

@@ -50,6 +50,9 @@ struct sl_worker {
   struct sl_pool *pool;
   struct sl_lua_host *lua;        /* NULL while no configuration has a Lua stage */
   void (*lua_hold)(struct sl_lua_host *h, int on); /* batches a read loop's reads */
+  /* The worker went idle (its pool gave memory back): the Lua state
+   * collects its garbage. Returns the heap's bytes before and after. */
+  void (*lua_idle)(struct sl_lua_host *h, size_t *before, size_t *after);
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
   int id;
@@ -80,6 +83,11 @@ struct sl_worker {
    * asked: the adaptive gather's start for every channel of that kind (one
    * getsockopt per kind and worker instead of one per connection). */
   int sndbuf[2];
+  /* Channels whose FIN waits for the end of this loop iteration (see
+   * channel.c, sl_channel_output_done), linked through fin_next; the
+   * prepare watcher sends them before the loop polls again. */
+  struct sl_channel *fin_list;
+  ev_prepare fin_watcher;
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   /* Counts an error raised by the named stage (set with metrics). */
   void (*stage_error)(struct sl_worker *w, const char *stage);

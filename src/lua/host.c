@@ -161,6 +161,17 @@ static void sl_lua_call_ch(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, 
 /* A channel's read loop holds the queue, so that every read of one wake-up
  * reaches Lua in one transition; it lets go (and the queue drains) before
  * it fires anything but reads, so no event overtakes the queued ones. */
+/* A full collection when the worker is idle: modules of retired
+ * configurations and the garbage of the last burst go, and LuaJIT's
+ * allocator can give their memory back. Never inside Lua (a timer calls it). */
+static void sl_lua_host_idle(struct sl_lua_host *h, size_t *before, size_t *after) {
+  *before = *after = 0;
+  if (h == NULL || h->L == NULL || h->depth > 0) return;
+  *before = sl_lua_host_memory(h);
+  lua_gc(h->L, LUA_GCCOLLECT, 0);
+  *after = sl_lua_host_memory(h);
+}
+
 static void sl_lua_host_hold(struct sl_lua_host *h, int on) {
   if (on) {
     h->hold++;
@@ -409,6 +420,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
     return NULL;
   }
   w->lua_hold = sl_lua_host_hold;
+  w->lua_idle = sl_lua_host_idle;
   return h;
 }
 

@@ -207,6 +207,9 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     l->connect_timeout = sl_num_field(L, lt, "connect_timeout_ms") / 1000.0;
+    lua_getfield(L, lt, "defer_accept");
+    l->defer_accept = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);

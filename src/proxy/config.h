@@ -72,6 +72,7 @@ typedef struct sl_listener_cfg {
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
+  int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
 } sl_listener_cfg;
 
 typedef struct sl_config {

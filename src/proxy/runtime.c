@@ -148,8 +148,17 @@ static int sl_runtime_sets_for(sl_runtime *rt, const sl_config *cfg, sl_listen_s
                                sl_listen_set **sets, char *err, size_t errlen) {
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     sets[i] = sl_runtime_find_set(current, cfg->listeners[i].listen_text);
-    if (sets[i] != NULL) continue;
-    sets[i] = sl_runtime_bind(rt, &cfg->listeners[i], i, err, errlen);
+    if (sets[i] == NULL) sets[i] = sl_runtime_bind(rt, &cfg->listeners[i], i, err, errlen);
+    /* Kept sockets too: a reload may turn defer_accept on or off. */
+    for (int k = 0; sets[i] != NULL && k < sets[i]->nfds; k++) {
+      if (sets[i]->fds[k] < 0 ||
+          sl_listener_defer_accept(sets[i]->fds[k], cfg->listeners[i].defer_accept) == SL_OK)
+        continue;
+      snprintf(err, errlen, "listeners[%zu] (%s): cannot set defer_accept on %s: %s", i + 1,
+               cfg->listeners[i].name, cfg->listeners[i].listen_text, strerror(errno));
+      if (!sl_runtime_find_set(current, sets[i]->text)) sl_runtime_free_set(sets[i]);
+      sets[i] = NULL;
+    }
     if (sets[i] == NULL) {
       for (size_t j = 0; j < i; j++)
         if (!sl_runtime_find_set(current, sets[j]->text)) sl_runtime_free_set(sets[j]);

@@ -2,12 +2,15 @@
  * sluice.proxy_protocol on its own, in the codec harness (a pipeline
  * without a socket): v1 and v2 headers, with TLVs, fed whole and split at
  * every byte, pass on exactly the bytes after the header; bad headers close
- * with their reason; every test ends with the pool clean. (The address it
+ * with their reason; the headers sluice writes (send_proxy) read back; every
+ * test ends with the pool clean. (The address it
  * sets on a real channel is proved by spec/integration/proxy_protocol_spec.lua.)
  */
 #include "test_util.h"
 
 #include "codec_harness.h"
+#include "io/addr.h"
+#include "pipeline/codec/proxy_protocol.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -142,12 +145,50 @@ static void test_bad_headers_close_with_their_reason(void **state) {
   assert_string_equal("bad PROXY protocol header (v1 line longer than 107 bytes)", reason);
 }
 
+static void addr4(sl_addr *a, const char *ip, int port) {
+  assert_int_equal(SL_OK, sl_addr_parse(a, ip, port));
+}
+
+static void test_written_headers_read_back(void **state) {
+  sl_addr src, dst, src6, dst6;
+  addr4(&src, "203.0.113.7", 51234);
+  addr4(&dst, "10.0.0.1", 443);
+  addr4(&src6, "2001:db8::5", 6000);
+  addr4(&dst6, "2001:db8::1", 443);
+  uint8_t h[SL_PROXY_HEADER_MAX];
+  size_t n = sl_proxy_header(1, &src, &dst, h);
+  assert_int_equal(strlen("PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n"), n);
+  assert_memory_equal("PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n", h, n);
+  n = sl_proxy_header(1, &src6, &dst6, h);
+  assert_memory_equal("PROXY TCP6 2001:db8::5 2001:db8::1 6000 443\r\n", h, n);
+  n = sl_proxy_header(1, NULL, NULL, h);
+  assert_memory_equal("PROXY UNKNOWN\r\n", h, n);
+  n = sl_proxy_header(1, &src, &dst6, h); /* families differ: no address */
+  assert_memory_equal("PROXY UNKNOWN\r\n", h, n);
+  /* Every header written, v1 and v2, reads back whole at every split. */
+  const sl_addr *pairs[][2] = {{&src, &dst}, {&src6, &dst6}, {NULL, NULL}};
+  for (int v = 1; v <= 2; v++) {
+    for (size_t i = 0; i < 3; i++) {
+      n = sl_proxy_header(v, pairs[i][0], pairs[i][1], h);
+      assert_true(n > 0 && n <= SL_PROXY_HEADER_MAX);
+      check_every_split(*state, h, n);
+    }
+  }
+  n = sl_proxy_header(2, &src, &dst, h);
+  assert_int_equal(16 + 12, n);
+  assert_int_equal(0x21, h[12]);
+  assert_int_equal(0x11, h[13]);
+  assert_int_equal(203, h[16]);
+  assert_int_equal(51234 >> 8, h[24]);
+}
+
 int main(void) {
   sl_log_set_level(SL_LOG_ERROR);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_v1_tcp4_tcp6_unknown),
       cmocka_unit_test(test_v2_with_tlvs_and_local),
       cmocka_unit_test(test_bad_headers_close_with_their_reason),
+      cmocka_unit_test(test_written_headers_read_back),
   };
   return cmocka_run_group_tests(tests, pool_setup, pool_teardown);
 }

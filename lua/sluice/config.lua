@@ -65,6 +65,8 @@
 --     tries              optional integer 1..#servers, default #servers
 --     max_fails          optional integer 0..2^31-1, default 1 (0: never)
 --     fail_timeout_ms    optional positive integer, default 10000
+--     send_proxy         optional "v1" or "v2": a PROXY protocol header first
+--                        on every connection to the servers (and health checks)
 --     health_check       optional table: interval_ms (2000), timeout_ms
 --                        (1000, at most interval_ms), fails (3), passes (2),
 --                        send (bytes to write once connected), expect (bytes
@@ -203,7 +205,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "max_connections", "idle_timeout_ms", "connect_timeout_ms",
                         "defer_accept" }
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
-                        "fail_timeout_ms", "health_check" }
+                        "fail_timeout_ms", "health_check", "send_proxy" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
 local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
@@ -952,6 +954,14 @@ local function check_health(h, path)
     }
 end
 
+-- send_proxy = "v1" or "v2": the PROXY protocol header sent first on each
+-- connection to the upstream's servers. Returns 1, 2 or nil.
+local function check_send_proxy(v, path)
+    if v == nil then return nil end
+    if v == "v1" then return 1 elseif v == "v2" then return 2 end
+    fail(path, 'expected "v1" or "v2", got %s', show(v))
+end
+
 -- Returns the normalized upstream `name`.
 local function check_upstream(name, up, path)
     if type(up) ~= "table" then
@@ -993,6 +1003,7 @@ local function check_upstream(name, up, path)
         fail_timeout_ms = check_positive_int(up.fail_timeout_ms, path .. ".fail_timeout_ms",
                                              DEFAULT_FAIL_TIMEOUT_MS),
         health_check = check_health(up.health_check, path .. ".health_check"),
+        send_proxy = check_send_proxy(up.send_proxy, path .. ".send_proxy"),
     }
 end
 

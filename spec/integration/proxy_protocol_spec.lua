@@ -126,6 +126,97 @@ describe("sluice.proxy_protocol", function()
   end)
 end)
 
+describe("send_proxy", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+
+  it("sends a v1 header before the client's bytes", function()
+    local raw = H.raw_listener()
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:%d" }, send_proxy = "v1" } },
+}
+]]):format(port, raw.port))
+    local c = H.connect(port)
+    c.send("hello\n")
+    local fd = raw.accept(10)
+    assert.is_truthy(fd)
+    local got = ""
+    while not got:find("hello\n", 1, true) do
+      local more = raw.read(fd, 10)
+      if not more or more == "" then break end
+      got = got .. more
+    end
+    assert.matches(("^PROXY TCP4 127%%.0%%.0%%.1 127%%.0%%.0%%.1 %%d+ %d\r\nhello\n$"):format(port), got)
+    raw.reset(fd)
+    c.close()
+    raw.close()
+    H.stop_sluice(p)
+  end)
+
+  it("carries the client's address through a second sluice that reads v2, health checks included", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local front, back = H.free_port(), H.free_port()
+    -- The second sluice reads the header, then echoes through its upstream.
+    local b = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = { { name = "inner", listen = "127.0.0.1:%d", upstream = "echo",
+                  pipeline = { "sluice.proxy_protocol" } } },
+  upstreams = { echo = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(back, echo.port))
+    -- The first sends v2, and its health checks (send/expect through the
+    -- second, which would refuse them without a header) send LOCAL first.
+    local a = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = { { name = "outer", listen = "127.0.0.1:%d", upstream = "inner" } },
+  upstreams = { inner = { servers = { "127.0.0.1:%d" }, send_proxy = "v2",
+                          health_check = { interval_ms = 200, timeout_ms = 200, fails = 1,
+                                           send = "ping\n", expect = "ping" } } },
+}
+]]):format(front, back))
+    -- A few checks have passed through the second sluice.
+    assert.is_truthy(H.wait_for(function()
+      local _, n = H.read(b.log):gsub("on inner closed: eof %(in 21 B, out 5 B", "")
+      return n >= 3 -- a LOCAL header (16 B) and "ping\n" in, "ping\n" back
+    end, 10), H.read(b.log))
+    for i = 1, 3 do
+      local out = H.exchange(front, "through " .. i .. "\n", 10)
+      assert.are.equal("through " .. i .. "\n", out)
+    end
+    local alog = H.stop_sluice(a)
+    local blog = H.stop_sluice(b)
+    assert.not_matches("is down", alog, 1, true)
+    assert.not_matches("bad PROXY protocol header", blog, 1, true)
+    -- Each client port the first sluice saw is the client the second one logged.
+    local n = 0
+    for cport in alog:gmatch("client 127%.0%.0%.1:(%d+) on outer closed") do
+      assert.matches("client 127%.0%.0%.1:" .. cport .. " on inner closed", blog)
+      n = n + 1
+    end
+    assert.are.equal(3, n)
+  end)
+
+  it("is refused unless v1 or v2", function()
+    local cfg = H.tmpfile("sp.lua", [[
+return { listeners = { { name = "f", listen = "127.0.0.1:1", upstream = "u" } },
+         upstreams = { u = { servers = { "127.0.0.1:2" }, send_proxy = true } } }
+]])
+    local out, rc = H.sh(("%s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal('config error: upstreams.u.send_proxy: expected "v1" or "v2", got true\n', out)
+  end)
+end)
+
 describe("sluice.proxy_protocol in the config", function()
   it("is refused anywhere but first in a pipeline", function()
     local cfg = H.tmpfile("pp.lua", [[

@@ -941,7 +941,8 @@ describe("sluice.config", function()
 
       it("reject unknown keys", function()
         assert.are.equal("config error: upstreams.demo.server: unknown key (expected one of: servers, "
-                         .. "balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms, health_check)",
+                         .. "balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms, health_check, "
+                         .. "send_proxy)",
                          uerr({ demo = { server = "127.0.0.1:1" } }))
       end)
 

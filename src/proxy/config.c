@@ -102,6 +102,7 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, siz
     u->tries = (int)sl_num_field(L, ut, "tries");
     u->max_fails = (int)sl_num_field(L, ut, "max_fails");
     u->fail_timeout = sl_num_field(L, ut, "fail_timeout_ms") / 1000.0;
+    u->send_proxy = (int)sl_num_field(L, ut, "send_proxy");
     char *balance = sl_strdup_field(L, ut, "balance");
     int bad_balance = balance == NULL || sl_balance_parse(balance, &u->balance) != SL_OK;
     free(balance);

@@ -54,6 +54,7 @@ typedef struct sl_upstream_cfg {
   int tries;                   /* servers a connection tries, 1..nservers */
   int max_fails;               /* failed connects in a row to skip a server; 0: never */
   double fail_timeout;         /* seconds such a server is skipped */
+  int send_proxy;              /* PROXY protocol version sent first (1, 2), or 0 */
   int has_health_check;        /* 1: health below runs */
   sl_health_cfg health;
 } sl_upstream_cfg;

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "io/worker.h"
+#include "pipeline/codec/proxy_protocol.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "util/common.h"
@@ -37,6 +38,8 @@ typedef struct sl_health_check {
 
 struct sl_health {
   ev_timer tick;             /* every interval: starts a check per server */
+  uint8_t proxy[SL_PROXY_HEADER_MAX]; /* sent first with send_proxy: no address */
+  size_t proxy_len;
   struct sl_worker *w;
   const sl_upstream_cfg *u;
   sl_balancer *b;
@@ -96,12 +99,20 @@ static void sl_health_wait(sl_health_check *c, int events) {
   ev_unref(loop);
 }
 
-/* Writes what is left of `send`. Returns 0 when all of it is written, 1
- * to wait for room, or an errno. */
+/* What a check writes: the PROXY header (send_proxy), then `send`. */
+static size_t sl_health_send_len(const sl_health *h) { return h->proxy_len + h->u->health.send_len; }
+
+/* Writes what is left of it. Returns 0 when all of it is written, 1 to
+ * wait for room, or an errno. */
 static int sl_health_send(sl_health_check *c) {
-  const sl_health_cfg *hc = &c->h->u->health;
-  while (c->sent < hc->send_len) {
-    ssize_t n = send(c->fd, hc->send + c->sent, hc->send_len - c->sent, MSG_NOSIGNAL);
+  const sl_health *h = c->h;
+  const sl_health_cfg *hc = &h->u->health;
+  while (c->sent < sl_health_send_len(h)) {
+    const char *from = c->sent < h->proxy_len ? (const char *)h->proxy + c->sent
+                                              : hc->send + (c->sent - h->proxy_len);
+    size_t left = c->sent < h->proxy_len ? h->proxy_len - c->sent
+                                         : hc->send_len - (c->sent - h->proxy_len);
+    ssize_t n = send(c->fd, from, left, MSG_NOSIGNAL);
     if (n > 0) {
       c->sent += (size_t)n;
     } else if (n < 0 && errno == EINTR) {
@@ -142,7 +153,7 @@ static int sl_health_read(sl_health_check *c) {
 /* Takes the check as far as it can go now. */
 static void sl_health_advance(sl_health_check *c) {
   const sl_health_cfg *hc = &c->h->u->health;
-  if (c->sent < hc->send_len) {
+  if (c->sent < sl_health_send_len(c->h)) {
     int r = sl_health_send(c);
     if (r == 1) return; /* wait for room (EV_WRITE, as for the connect) */
     if (r != 0) {
@@ -230,6 +241,7 @@ sl_health *sl_health_start(struct sl_worker *w, const sl_upstream_cfg *u, sl_bal
   h->w = w;
   h->u = u;
   h->b = b;
+  if (u->send_proxy) h->proxy_len = sl_proxy_header(u->send_proxy, NULL, NULL, h->proxy);
   for (size_t i = 0; i < u->nservers; i++) {
     sl_health_check *c = &h->checks[i];
     c->h = h;

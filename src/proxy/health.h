@@ -3,7 +3,9 @@
  * server gets a non-blocking connect that must complete within the timeout;
  * with `send`, those bytes are written; with `expect`, the server's answer
  * must contain those bytes within its first 4 KiB (as HAProxy's tcp-check
- * send/expect). All of it within the timeout; then the socket is closed. `fails` failed checks in a row mark
+ * send/expect). All of it within the timeout; then the socket is closed.
+ * With the upstream's send_proxy, a PROXY header without an address goes
+ * before `send`. `fails` failed checks in a row mark
  * a server down (sl_peer.check_down: the balancer skips it), `passes`
  * passed checks in a row mark it up again. Servers start up.
  *

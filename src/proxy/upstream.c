@@ -5,9 +5,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
+#include "buf/buf.h"
+#include "buf/leak.h"
 #include "io/channel.h"
 #include "io/worker.h"
+#include "pipeline/codec/proxy_protocol.h"
 #include "proxy/balance.h"
 #include "proxy/config.h"
 #include "proxy/health.h"
@@ -319,6 +323,26 @@ static void sl_attempt_failed(sl_attempt *a, const char *why) { sl_attempt_faile
 
 static void sl_attempt_on_connect(struct sl_channel *ch, int err);
 
+/* Queues the PROXY protocol header first on the upstream channel: the
+ * client's address and the address it connected to. A try that fails
+ * hands it on with the client's bytes (sl_channel_move_queue). */
+static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
+  sl_addr local;
+  local.len = sizeof(local.ss);
+  const sl_addr *dst = getsockname(a->client->fd, (struct sockaddr *)&local.ss, &local.len) == 0
+                           ? &local
+                           : NULL;
+  uint8_t hdr[SL_PROXY_HEADER_MAX];
+  size_t n = sl_proxy_header(a->up->cfg->send_proxy, &a->client->remote, dst, hdr);
+  sl_buf *b = sl_buf_from(ch->w->pool, hdr, n);
+  if (b == NULL) {
+    sl_channel_close(ch, "out of buffer memory for the PROXY header", 1);
+    return;
+  }
+  sl_buf_set_owner(b, &ch->owned);
+  sl_channel_write(ch, b);
+}
+
 /* Starts the next try, or gives up. SL_OK while a try is under way. What
  * carry (a failed try's channel, or NULL) has queued goes to the new try. */
 static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
@@ -375,8 +399,9 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
     ((sl_lease *)a->lease->state)->attempt = a;
     sl_channel_join(a->client, ch);
     /* The client's bytes a failed try took (read while it connected) are
-     * this try's to write. */
+     * this try's to write, after the PROXY header it queued first. */
     if (carry) sl_channel_move_queue(carry, ch);
+    else if (a->up && a->up->cfg->send_proxy) sl_upstream_send_proxy(a, ch);
     return SL_OK;
   }
   sl_attempt_give_up(a, "");

@@ -12,10 +12,14 @@
  * connection with the reason "bad PROXY protocol header (...)"; so does
  * the end of input before the header is complete. A v2 LOCAL command or a
  * v1 UNKNOWN keeps the socket's own address (health checks of the balancer).
+ *
+ * sl_proxy_header writes the same headers for upstreams with `send_proxy`.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <string.h>
+
+#include "pipeline/codec/proxy_protocol.h"
 
 #include "buf/buf.h"
 #include "io/channel.h"
@@ -238,3 +242,67 @@ const sl_stage_ops sl_stage_proxy_protocol = {
     .on_read_complete = sl_pp_read_complete,
     .on_user_event = sl_pp_user_event,
 };
+
+/* ---- writing a header ---- */
+
+size_t sl_proxy_header(int version, const sl_addr *src, const sl_addr *dst, uint8_t *out) {
+  int fam = src && dst && src->ss.ss_family == dst->ss.ss_family ? src->ss.ss_family : AF_UNSPEC;
+  if (fam != AF_INET && fam != AF_INET6) fam = AF_UNSPEC;
+  if (version == 1) {
+    if (fam == AF_UNSPEC) {
+      memcpy(out, "PROXY UNKNOWN\r\n", 15);
+      return 15;
+    }
+    char a[INET6_ADDRSTRLEN], b[INET6_ADDRSTRLEN];
+    unsigned sp, dp;
+    if (fam == AF_INET) {
+      const struct sockaddr_in *s4 = (const struct sockaddr_in *)&src->ss;
+      const struct sockaddr_in *d4 = (const struct sockaddr_in *)&dst->ss;
+      inet_ntop(AF_INET, &s4->sin_addr, a, sizeof(a));
+      inet_ntop(AF_INET, &d4->sin_addr, b, sizeof(b));
+      sp = ntohs(s4->sin_port);
+      dp = ntohs(d4->sin_port);
+    } else {
+      const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&src->ss;
+      const struct sockaddr_in6 *d6 = (const struct sockaddr_in6 *)&dst->ss;
+      inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof(a));
+      inet_ntop(AF_INET6, &d6->sin6_addr, b, sizeof(b));
+      sp = ntohs(s6->sin6_port);
+      dp = ntohs(d6->sin6_port);
+    }
+    int n = snprintf((char *)out, SL_PROXY_HEADER_MAX, "PROXY %s %s %s %u %u\r\n",
+                     fam == AF_INET ? "TCP4" : "TCP6", a, b, sp, dp);
+    return n > 0 && n < SL_PROXY_HEADER_MAX ? (size_t)n : 0;
+  }
+  memcpy(out, sl_pp_v2_sig, sizeof(sl_pp_v2_sig));
+  if (fam == AF_UNSPEC) {
+    out[12] = 0x20; /* version 2, LOCAL */
+    out[13] = 0x00;
+    out[14] = out[15] = 0;
+    return SL_PP_V2_FIXED;
+  }
+  out[12] = 0x21; /* version 2, PROXY */
+  size_t len;
+  if (fam == AF_INET) {
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)&src->ss;
+    const struct sockaddr_in *d4 = (const struct sockaddr_in *)&dst->ss;
+    out[13] = 0x11; /* TCP over IPv4 */
+    memcpy(out + 16, &s4->sin_addr, 4);
+    memcpy(out + 20, &d4->sin_addr, 4);
+    memcpy(out + 24, &s4->sin_port, 2);
+    memcpy(out + 26, &d4->sin_port, 2);
+    len = 12;
+  } else {
+    const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&src->ss;
+    const struct sockaddr_in6 *d6 = (const struct sockaddr_in6 *)&dst->ss;
+    out[13] = 0x21; /* TCP over IPv6 */
+    memcpy(out + 16, &s6->sin6_addr, 16);
+    memcpy(out + 32, &d6->sin6_addr, 16);
+    memcpy(out + 48, &s6->sin6_port, 2);
+    memcpy(out + 50, &d6->sin6_port, 2);
+    len = 36;
+  }
+  out[14] = (uint8_t)(len >> 8);
+  out[15] = (uint8_t)len;
+  return SL_PP_V2_FIXED + len;
+}

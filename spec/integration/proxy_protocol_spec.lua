@@ -126,6 +126,38 @@ describe("sluice.proxy_protocol", function()
   end)
 end)
 
+describe("sluice.proxy_protocol before a Lua stage", function()
+  it("gives the stage the header's address from channel_active on (ctx:channel())", function()
+    local stage = H.tmpfile("where.lua", [[
+local log = require("sluice.log")
+return {
+  channel_active = function(ctx)
+    local ch = ctx:channel()
+    log.info("active: remote %s local %s", ch:remote_address(), ch:local_address())
+    ctx:fire_active()
+  end,
+  channel_read = function(ctx, buf)
+    ctx:write(buf)
+    ctx:flush()
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = { { name = "front", listen = "127.0.0.1:%d",
+                  pipeline = { "sluice.proxy_protocol", %q } } },
+}
+]]):format(port, mod))
+    local out = H.exchange(port, "PROXY TCP4 198.51.100.23 10.0.0.1 4711 443\r\nback\n", 10)
+    assert.are.equal("back\n", out)
+    local log = H.stop_sluice(p)
+    assert.matches("active: remote 198.51.100.23:4711 local 127.0.0.1:" .. port, log, 1, true)
+  end)
+end)
+
 describe("send_proxy", function()
   local peers = {}
   after_each(function()

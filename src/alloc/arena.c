@@ -1,6 +1,7 @@
 #include "alloc/arena.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -28,6 +29,15 @@ void sl_alloc_config_defaults(sl_alloc_config *cfg) {
   cfg->max_headers = 1u << 21;
   cfg->leak_level = 1;
   cfg->leak_sample = 128;
+}
+
+__attribute__((noinline, cold)) void sl_spin_lock_wait(sl_spin *l) {
+  do {
+    for (int i = 0; atomic_load_explicit(&l->v, memory_order_relaxed); i++) {
+      if (i < 64) __builtin_ia32_pause();
+      else sched_yield();
+    }
+  } while (atomic_exchange_explicit(&l->v, 1, memory_order_acquire));
 }
 
 static int sl_is_pow2(size_t x) { return x && !(x & (x - 1)); }
@@ -294,6 +304,21 @@ static void *sl_arena_small(sl_arena *ar, unsigned sclass) {
 }
 
 void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
+  uint32_t n = ar->alloc->run_pages[sclass];
+  if (n < SL_AVAIL_LENS) {
+    /* The index's first chunk for n had no run of n left (chunks leave
+     * lazily): the next one on that list may have one. */
+    sl_chunk *c;
+    while ((c = ar->avail.head[n]) != NULL && c->bucket[n] == SL_CHUNK_NONE)
+      sl_chunk_avail_leave(c, n);
+    if (c != NULL) {
+      uint32_t page = sl_chunk_run_take_exact(c, n);
+      sl_arena_relist(ar, c);
+      ar->cls[sclass].allocs++;
+      sl_spin_unlock(&ar->lock);
+      return c->mem + ((size_t)page << c->page_shift);
+    }
+  }
   int page;
   sl_chunk *c = sl_arena_run(ar, ar->alloc->run_pages[sclass], &page);
   void *p = NULL;
@@ -379,6 +404,15 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size) {
   sl_spin_unlock(&ar->lock);
 }
 
+/* Subpage s had nfree free elements before one more was freed: it was
+ * full (back on its class's list), or it is now empty (back to its chunk,
+ * unless it is its class's only one). */
+__attribute__((noinline)) static void sl_arena_subpage_moved(sl_arena *ar, sl_subpage *s,
+                                                             uint32_t nfree) {
+  if (nfree == 0) sl_arena_subpage_relink(ar, s);
+  if (s->nfree == s->nelems && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+}
+
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass) {
   if (n == 0) return;
   sl_alloc *a = ar->alloc;
@@ -389,19 +423,20 @@ void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass
     return;
   }
   /* Small blocks (a worker cache flushing): sl_arena_free_locked's small
-   * half, with what is the same for every block hoisted. */
+   * half, with what is the same for every block hoisted, and the rare
+   * list moves out of the loop. */
   uintptr_t chunk_mask = ~((uintptr_t)a->cfg.chunk_size - 1);
   uint32_t page_shift = (uint32_t)__builtin_ctzll(a->cfg.page_size);
   ar->cls[sclass].frees += n;
   for (unsigned i = 0; i < n; i++) {
     uint8_t *p = blocks[i];
     sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
-    sl_subpage *s = c->sub[(uintptr_t)(p - c->mem) >> page_shift];
+    sl_subpage *s = c->sub[((uintptr_t)p & ~chunk_mask) >> page_shift];
     SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
-    int was_full = s->nfree == 0;
-    int empty = sl_subpage_free(s, p);
-    if (was_full) sl_arena_subpage_relink(ar, s);
-    if (empty && (s->prev != NULL || s->next != NULL)) sl_subpage_release(ar, s);
+    uint32_t nfree = s->nfree;
+    sl_subpage_free(s, p);
+    if (__builtin_expect(nfree == 0 || nfree + 1 == s->nelems, 0))
+      sl_arena_subpage_moved(ar, s, nfree);
   }
   sl_spin_unlock(&ar->lock);
 }

@@ -142,6 +142,65 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
   sl_spin_unlock(&ar->lock);
 }
 
+/* sl_arena_alloc_normal's common case alone, without waiting and without
+ * calling anything (so that callers keep no registers for it): the lock
+ * free, one of the first chunks on the index's list for the run's length
+ * with a run of exactly that length (it becomes the list's head: stale
+ * chunks stay on the list, for the runs freed next), the chunk staying on
+ * its usage list. NULL otherwise, nothing allocated: the caller then calls
+ * sl_arena_alloc_normal. */
+static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass) {
+  uint32_t n = ar->alloc->run_pages[sclass];
+  if (n >= SL_AVAIL_LENS || !sl_spin_trylock(&ar->lock)) return NULL;
+  sl_chunk *c = ar->avail.head[n];
+  if (c != NULL && c->bucket[n] == SL_CHUNK_NONE) {
+    /* Stale (chunks leave lazily): the next few on the list may have one;
+     * the first that has becomes the head. */
+    sl_chunk *h = c;
+    for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket[n] == SL_CHUNK_NONE; k++) {
+    }
+    if (c == h || c->bucket[n] == SL_CHUNK_NONE) c = NULL;
+    else ar->avail.head[n] = c;
+  }
+  if (__builtin_expect(c == NULL || c->free_pages - n < c->list_lo, 0)) {
+    sl_spin_unlock(&ar->lock);
+    return NULL;
+  }
+  uint32_t page = sl_chunk_run_take_exact(c, n);
+  ar->cls[sclass].allocs++;
+  sl_spin_unlock(&ar->lock);
+  return c->mem + ((size_t)page << c->page_shift);
+}
+
+/* sl_arena_free_normal's common case alone, likewise: the lock free, the
+ * run allocated as a block of sclass, not the chunk's last used one, its
+ * length's list with runs or the chunk on the index for that length
+ * already, the chunk staying on its usage list. 0 otherwise, nothing
+ * changed: the caller then calls sl_arena_free_normal. */
+static inline int sl_arena_free_normal_try(sl_arena *ar, void *p, unsigned sclass) {
+  sl_alloc *a = ar->alloc;
+  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
+  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
+  uint32_t n = a->run_pages[sclass];
+  if (!sl_spin_trylock(&ar->lock)) return 0;
+  uint32_t free_pages = c->free_pages + n;
+  uint32_t key = n < SL_AVAIL_LENS ? n : SL_AVAIL_LENS;
+  if (__builtin_expect(c->run_len[page] != n || n == 0 || free_pages == c->usable ||
+                           free_pages > c->list_hi ||
+                           (c->bucket[n] == SL_CHUNK_NONE && !(c->av_in & (1ull << (key - 1)))),
+                       0)) {
+    sl_spin_unlock(&ar->lock);
+    return 0;
+  }
+  ar->cls[sclass].frees++;
+  c->run_len[page] = 0;
+  c->free_pages = free_pages;
+  sl_chunk_free_push_listed(c, page, n);
+  c->unmerged++;
+  sl_spin_unlock(&ar->lock);
+  return 1;
+}
+
 /* Unmaps chunks empty since before now_ms - trim_idle_ms (or all empty chunks
  * when force). Returns the number released. */
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force);

@@ -21,8 +21,8 @@
  * shortest longer run, without walking chunks. A chunk joins a length's
  * list when its list of that length gets a run (at the head when it is at
  * least as full as the chunk there, else at the tail, so that fuller
- * chunks tend to serve first); it leaves when its list of that length
- * empties (for 64 and longer: lazily, when a search finds it has none).
+ * chunks tend to serve first); it leaves lazily, when a search finds its
+ * list empty again (a run of that length is often freed again before).
  *
  * A run serves either one normal block or a subpage: equal elements of one
  * small size class tracked by a bitmap. Not thread-safe: the owning
@@ -114,6 +114,16 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *avail, uint32_t n);
  * no index. */
 void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
 
+/* Puts the free run [start, start + len) on its length's list, c being on
+ * the index for that length already (or the list having runs). */
+static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {
+  c->free_head[start] = len;
+  c->free_next[start] = c->bucket[len];
+  c->bucket[len] = start;
+  c->nonempty[len >> 6] |= 1ull << (len & 63);
+  if (len > c->max_run) c->max_run = len;
+}
+
 /* Puts the free run [start, start + len) on its length's list (and c on
  * the index for it). */
 static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len) {
@@ -123,26 +133,22 @@ static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len)
   c->bucket[len] = start;
   c->nonempty[len >> 6] |= 1ull << (len & 63);
   if (len > c->max_run) c->max_run = len;
-  if (first == SL_CHUNK_NONE) sl_chunk_avail_join(c, len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS);
+  if (first == SL_CHUNK_NONE) {
+    uint32_t k = len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS;
+    if (!(c->av_in & (1ull << (k - 1)))) sl_chunk_avail_join(c, k);   /* not on it already */
+  }
 }
 
 /* Takes c off its index's list for key k (nothing when it is not on it). */
 void sl_chunk_avail_leave(sl_chunk *c, uint32_t k);
 
-/* Takes the first run off the (non-empty) list of length len. A chunk
- * whose list of an exact length empties leaves the index's list for that
- * length at once, so that the index's first chunk for a length below
- * SL_AVAIL_LENS always has a run of it (the arena's fast path relies on
- * it only for speed: it checks). */
+/* Takes the first run off the (non-empty) list of length len. */
 static inline uint32_t sl_chunk_free_pop(sl_chunk *c, uint32_t len) {
   uint32_t start = c->bucket[len];
   uint32_t next = c->free_next[start];
   c->bucket[len] = next;
   c->free_head[start] = 0;
-  if (next == SL_CHUNK_NONE) {
-    c->nonempty[len >> 6] &= ~(1ull << (len & 63));
-    if (len < SL_AVAIL_LENS) sl_chunk_avail_leave(c, len);
-  }
+  if (next == SL_CHUNK_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
   return start;
 }
 

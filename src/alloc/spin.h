@@ -7,7 +7,6 @@
 #ifndef SL_SPIN_H
 #define SL_SPIN_H
 
-#include <sched.h>
 #include <stdatomic.h>
 
 typedef struct sl_spin {
@@ -16,13 +15,18 @@ typedef struct sl_spin {
 
 static inline void sl_spin_init(sl_spin *l) { atomic_init(&l->v, 0); }
 
+/* The contended case (alloc/arena.c), out of line so that the uncontended
+ * one is an exchange and a test in its callers. */
+void sl_spin_lock_wait(sl_spin *l);
+
 static inline void sl_spin_lock(sl_spin *l) {
-  while (atomic_exchange_explicit(&l->v, 1, memory_order_acquire)) {
-    for (int i = 0; atomic_load_explicit(&l->v, memory_order_relaxed); i++) {
-      if (i < 64) __builtin_ia32_pause();
-      else sched_yield();
-    }
-  }
+  if (__builtin_expect(atomic_exchange_explicit(&l->v, 1, memory_order_acquire), 0))
+    sl_spin_lock_wait(l);
+}
+
+/* Takes the lock if it is free: 1, else 0 (no waiting). */
+static inline int sl_spin_trylock(sl_spin *l) {
+  return atomic_exchange_explicit(&l->v, 1, memory_order_acquire) == 0;
 }
 
 static inline void sl_spin_unlock(sl_spin *l) { atomic_store_explicit(&l->v, 0, memory_order_release); }

@@ -10,6 +10,7 @@
 
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
+_Static_assert(offsetof(sl_buf, gen) == offsetof(sl_buf, refcnt) + 4, "refcnt, gen adjacent");
 _Static_assert(offsetof(sl_buf, cap) == SL_HDR_BLOCK_OFFSET &&
                    offsetof(sl_buf, max_cap) == SL_HDR_BLOCK_OFFSET + 4,
                "a parked header keeps its block in cap and max_cap");
@@ -86,10 +87,10 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A normal size above max_cached: a run straight from the arena (O(1)
- * there in the common case), the header from the recycler. */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
-                                                             size_t max_cap) {
+/* sl_buf_alloc_normal's general case: headers found however they can be,
+ * the arena's general path, small or cached sizes (the slow path). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool, size_t cap,
+                                                                  size_t max_cap) {
   unsigned idx = sl_sc_index(cap);
   if (idx < pool->nsmall || cap <= pool->max_cached_size)
     return sl_buf_alloc_slow(pool, cap, max_cap);
@@ -101,6 +102,27 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
     sl_pool_header_put(pool, b);
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
+  sl_cache_bin *bin = &pool->bins[idx];
+  bin->allocs++;
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* A normal size above max_cached: a run straight from the arena (O(1)
+ * there in the common case), the header from the recycler. Only that
+ * common case is here, with no call but tail calls, so that it keeps no
+ * registers; the rest is sl_buf_alloc_normal_slow. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
+                                                             size_t max_cap) {
+  unsigned idx = sl_sc_index(cap);
+  uint32_t rn = pool->rec_n;
+  if (idx < pool->nsmall || cap <= pool->max_cached_size || rn == 0)
+    return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, idx);
+  if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  pool->rec_n = rn - 1;
+  sl_buf *b = pool->recycler[rn - 1];
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
@@ -133,46 +155,44 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
  * the class from one load; sizes above max_cached go to the arena directly
  * (sl_buf_alloc_normal). */
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
-  if (max_cap < cap) max_cap = cap;
-  if (__builtin_expect(max_cap <= SL_BUF_MAX_CAPACITY, 1)) {
-    if (__builtin_expect(cap <= pool->lookup_max_size, 1)) {
-      sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
-      uint32_t n = bin->n;
-      if (__builtin_expect(n != 0, 1)) {
-        uintptr_t item = (uintptr_t)bin->items[n - 1];
-        bin->n = n - 1;
-        bin->used++;
-        bin->allocs++;
-        if (__builtin_expect(item & SL_BIN_BARE, 0)) {
-          /* A bare block: a header from the recycler or the overflow list
-           * when they have one. */
-          uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
-          if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
-          sl_buf *b = sl_pool_header_take(pool);
-          SL_UNPOISON(data, (uint32_t)bin->tail);
-          sl_buf_init_root(pool, b, data, bin->tail, max_cap);
-          return sl_buf_alloc_done(pool, b);
-        }
-        /* A parked header: root, views, owner, block_size, sclass and
-         * flags are already those of a root over its block. */
-        sl_buf *b = (sl_buf *)item;
-        uint8_t *data = sl_pool_parked_block(b);
-        uint32_t usable = b->block_size;
-        SL_UNPOISON(data, usable);
-        b->data = data;
-        b->rd = 0;
-        b->wr = 0;
-        b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
-        b->max_cap = (uint32_t)max_cap;
-        b->refcnt = 1;
-        b->gen = sl_pool_next_gen(pool);
-        return sl_buf_alloc_done(pool, b);
-      }
-    } else if (cap <= pool->normal_max_size) {
-      return sl_buf_alloc_normal(pool, cap, max_cap);
-    }
+  if (__builtin_expect(cap > pool->lookup_max_size, 0)) {
+    if (cap <= pool->normal_max_size && max_cap <= SL_BUF_MAX_CAPACITY)
+      return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
+    return sl_buf_alloc_slow(pool, cap, max_cap);
   }
-  return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (max_cap <= cap) max_cap = cap;   /* then below the limit, as cap is */
+  else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
+  sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
+  uint32_t n = bin->n;
+  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uintptr_t item = (uintptr_t)bin->items[n - 1];
+  bin->n = n - 1;
+  bin->used++;
+  bin->allocs++;
+  if (__builtin_expect(item & SL_BIN_BARE, 0)) {
+    /* A bare block: a header from the recycler or the overflow list when
+     * they have one. */
+    uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
+    if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
+    sl_buf *b = sl_pool_header_take(pool);
+    SL_UNPOISON(data, (uint32_t)bin->tail);
+    sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+    return sl_buf_alloc_done(pool, b);
+  }
+  /* A parked header: root, views, owner, block_size, sclass and flags are
+   * already those of a root over its block. */
+  sl_buf *b = (sl_buf *)item;
+  uint8_t *data = sl_pool_parked_block(b);
+  uint32_t usable = b->block_size;
+  SL_UNPOISON(data, usable);
+  b->data = data;
+  b->rd = 0;
+  b->wr = 0;
+  b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
+  b->max_cap = (uint32_t)max_cap;
+  b->refcnt = 1;
+  b->gen = sl_pool_next_gen(pool);
+  return sl_buf_alloc_done(pool, b);
 }
 
 sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len) {
@@ -214,7 +234,7 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
   *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
-  r->gen = 0;
+  memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
   pool->parked_hint = 1;
 }
@@ -306,17 +326,35 @@ static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
 }
 
 /* A normal block that no bin caches: straight back to its chunk. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
-  SL_POISON(r->data, r->block_size);
   pool->bins[sc].frees++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
 }
 
+/* The common case of that with no call but tail calls (see
+ * sl_buf_alloc_normal); the rest is sl_buf_free_normal_slow. */
+__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+  unsigned sc = r->sclass;
+  SL_POISON(r->data, r->block_size);
+  uint32_t rn = pool->rec_n;
+  if (rn >= pool->rec_cap || !sl_arena_free_normal_try(pool->arena, r->data, sc)) {
+    sl_buf_free_normal_slow(pool, r);
+    return;
+  }
+  pool->bins[sc].frees++;
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  pool->recycler[rn] = r;
+  pool->rec_n = rn + 1;
+}
+
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
   if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
+    r->refcnt = 0;
     sl_buf_free_foreign(pool, r);
     return;
   }
@@ -331,17 +369,19 @@ void sl_buf_free(sl_buf *r) {
     sl_cache_bin *bin = &pool->bins[sc];
     uint32_t n = bin->n;
     if (__builtin_expect(n < bin->cap, 1)) {
-      sl_buf_to_parked(pool, r);
+      sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
       bin->items[n] = r;
       bin->n = n + 1;
       bin->frees++;
       return;
     }
     if (bin->cap == 0 && sc >= pool->nsmall) {
+      r->refcnt = 0;
       sl_buf_free_normal(pool, r);
       return;
     }
   }
+  r->refcnt = 0;
   sl_buf_free_local(pool, r);
 }
 

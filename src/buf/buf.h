@@ -47,8 +47,9 @@ static inline void sl_buf_release_site(sl_pool *p, const char *site) {
  * generation gen, or NULL when the header was reused since. */
 const char *sl_buf_released_by(const sl_buf *b, uint32_t gen);
 
-/* Frees a root or derived buffer whose refcount reached zero (release's
- * slow half). */
+/* Frees a root or derived buffer whose last reference goes (its refcount
+ * is 1, or already 0): sets the refcount to 0 and does what release does
+ * at zero (release's slow half). */
 void sl_buf_free(sl_buf *r);
 
 /* Drops one reference; at zero, returns the memory (a derived buffer: its
@@ -57,10 +58,14 @@ void sl_buf_free(sl_buf *r);
  * in C an over-release is a broken invariant. */
 static inline int sl_buf_release(sl_buf *b) {
   sl_buf *r = b->root;
-  if (__builtin_expect(r->refcnt == 0, 0)) sl_buf_release_dead(b);
-  if (--r->refcnt > 0) return 0;
-  sl_buf_free(r);
-  return 1;
+  uint32_t refcnt = r->refcnt;
+  if (__builtin_expect(refcnt == 1, 1)) {
+    sl_buf_free(r);   /* the refcount goes to 0 there */
+    return 1;
+  }
+  if (__builtin_expect(refcnt == 0, 0)) sl_buf_release_dead(b);
+  r->refcnt = refcnt - 1;
+  return 0;
 }
 
 /* Checked forms for callers that take counts from scripts: refuse instead

@@ -6,7 +6,7 @@ local H = require("helpers")
 
 pcall(ffi.cdef, "long write(int fd, const void *buf, unsigned long n);")
 
-local CONFIGS = { "redis_guard", "line_rewrite", "length_router" }
+local CONFIGS = { "redis_guard", "line_rewrite", "length_router", "redis_pool", "behind_balancer" }
 
 local function config_path(name) return H.root .. "/examples/config/" .. name .. ".lua" end
 
@@ -84,6 +84,27 @@ describe("examples through the binary", function()
       assert.matches("config ok", out, 1, true)
     end)
   end
+
+  describe("behind_balancer: the PROXY protocol from edge to inner, then redis", function()
+    it("serves redis through both, and inner logs the client edge saw", function()
+      local redis = H.start_redis()
+      local port, inner = H.free_port(), H.free_port()
+      local p = H.start_sluice(H.read(config_path("behind_balancer")),
+        ("SLUICE_EXAMPLE_LISTEN=127.0.0.1:%d SLUICE_EXAMPLE_INNER=127.0.0.1:%d "
+         .. "SLUICE_EXAMPLE_UPSTREAM=127.0.0.1:%d"):format(port, inner, redis.port))
+      assert.are.equal("OK", cli(port, "SET k v"))
+      assert.are.equal("v", cli(port, "GET k"))
+      assert.matches("not allowed", cli(port, "FLUSHALL"), 1, true)
+      local log = H.stop_sluice(p)
+      H.stop(redis)
+      local n = 0
+      for cport in log:gmatch("client 127%.0%.0%.1:(%d+) on edge closed") do
+        assert.matches("client 127%.0%.0%.1:" .. cport .. " on inner closed", log)
+        n = n + 1
+      end
+      assert.are.equal(3, n)
+    end)
+  end)
 
   describe("examples.redis_guard in front of redis-server", function()
     local redis, p, port

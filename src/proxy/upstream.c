@@ -340,7 +340,9 @@ static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
     return;
   }
   sl_buf_set_owner(b, &ch->owned);
-  sl_channel_write(ch, b);
+  /* Flushed at once: a server that speaks first must not wait for the
+   * client's first bytes to get its header. */
+  if (sl_channel_write(ch, b) == SL_OK) sl_channel_flush(ch);
 }
 
 /* Starts the next try, or gives up. SL_OK while a try is under way. What

@@ -1951,7 +1951,9 @@ static void test_worker_timer_keeps_chunk_emptied_less_than_idle_ago(void **stat
   (void)state;
   sl_alloc_config cfg;
   small_config(&cfg, 256 * KiB);
-  cfg.trim_idle_ms = 300;                /* the timer runs every 150 ms */
+  /* Wall-clock sleeps against the worker's timer: the margins (about a
+   * second either way) leave room for a machine that stalls the test. */
+  cfg.trim_idle_ms = 2000;               /* the timer runs every second */
   sl_alloc *a = new_alloc(&cfg);
   sl_worker *w = sl_worker_create(0, a);
   assert_non_null(w);
@@ -1959,20 +1961,20 @@ static void test_worker_timer_keeps_chunk_emptied_less_than_idle_ago(void **stat
   sl_buf *b = sl_buf_alloc(p, 40000, 0); /* normal: never cached */
   assert_non_null(b);
   ev_run(w->loop, EVRUN_NOWAIT);
-  run_loop_after_ms(w, 160);             /* tick: notes the allocation */
-  run_loop_after_ms(w, 160);             /* tick: idle 160 ms, nothing */
+  run_loop_after_ms(w, 1050);            /* tick: notes the allocation */
+  run_loop_after_ms(w, 1050);            /* tick: idle 1.05 s, nothing */
   sl_buf_release(b);                     /* the chunk empties now */
   assert_int_equal(p->arena->chunks, 1);
-  run_loop_after_ms(w, 160);             /* tick: pool idle 320 ms, chunk 160 ms */
+  run_loop_after_ms(w, 1050);            /* tick: pool idle 2.1 s, chunk 1.05 s */
   uint64_t chunks = p->arena->chunks;
-  run_loop_after_ms(w, 200);             /* tick: chunk empty 360 ms */
+  run_loop_after_ms(w, 1100);            /* tick: chunk empty 2.15 s */
   uint64_t chunks_later = p->arena->chunks;
   release_chunks(p->arena, 0, 1);
   assert_int_equal(sl_worker_destroy(w), 0);
   finish(NULL, a);
   if (chunks != 1)
-    fail_msg("the worker's idle tick unmapped a chunk that had been empty for 160 ms "
-             "(trim_idle_ms 300)");
+    fail_msg("the worker's idle tick unmapped a chunk that had been empty for about 1 s "
+             "(trim_idle_ms 2000)");
   assert_int_equal(chunks_later, 0);
 }
 

@@ -243,14 +243,16 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-/* A parked header, the one nearest the top of the first bin that has one
- * (its block stays there, bare), or NULL. parked_hint is set whenever a
- * header parks and cleared when a search finds none. */
+/* A parked header among the top few entries of a bin (its block stays
+ * there, bare), or NULL. Only the tops are looked at, so that a search
+ * costs at most a few entries per class: headers park on top. parked_hint
+ * is set whenever a header parks and cleared when a search finds none. */
 static void *sl_pool_unpark(sl_pool *p) {
   if (!p->parked_hint) return NULL;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
-    for (uint32_t k = bin->n; k > 0; k--) {
+    uint32_t low = bin->n > 8 ? bin->n - 8 : 0;
+    for (uint32_t k = bin->n; k > low; k--) {
       void *item = bin->items[k - 1];
       if ((uintptr_t)item & SL_BIN_BARE) continue;
       bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));

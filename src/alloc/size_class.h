@@ -23,7 +23,7 @@
  * addressed directly rather than through the GOT in position-independent
  * code (the core is also built into a shared library). */
 #define SL_SC_HIDDEN __attribute__((visibility("hidden")))
-extern SL_SC_HIDDEN const uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+extern SL_SC_HIDDEN uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
 extern SL_SC_HIDDEN const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES];
 
 /* The size of class idx: 16 * (idx + 1) for idx < 4; then with g = (idx - 4) / 4

@@ -165,6 +165,26 @@ return {
     assert.is_true(tonumber(lines[1]:match("duration_ms=(%d+)")) >= 200)
   end)
 
+  it("raises its soft open-files limit to the hard one at start, and says so", function()
+    local port = H.free_port()
+    local cfg = H.tmpfile("nofile.lua", ([[
+return { workers = 1, listeners = { { name = "e", listen = "127.0.0.1:%d",
+                                      pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+    local p = H.spawn("sh -c " .. H.shq(("ulimit -Sn 256 && exec env SLUICE_ROOT=%s %s %s -c %s")
+      :format(H.shq(H.root), H.wrapper, H.shq(H.bin), H.shq(cfg))), "sluice")
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find("started with", 1, true) end, 30),
+                     H.read(p.log))
+    local hard = tonumber((H.sh("sh -c 'ulimit -Hn'")))
+    local limits = H.read("/proc/" .. p.pid .. "/limits")
+    local soft = tonumber(limits:match("Max open files%s+(%d+)"))
+    local log = H.stop_sluice(p)
+    if hard and hard > 256 then
+      assert.matches("open files: soft limit raised from 256 to the hard limit, " .. hard, log, 1, true)
+      assert.are.equal(hard, soft)
+    end
+  end)
+
   describe("on SIGTERM", function()
     it("stops accepting and lets an open connection finish, then exits 0", function()
       local sink = H.tmpfile("sink")

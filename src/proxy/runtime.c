@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -425,6 +426,19 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
   return rc;
 }
 
+/* Each proxied connection takes two descriptors: the soft open-files limit
+ * goes up to the hard one (as nginx's worker_rlimit_nofile, HAProxy's
+ * automatic setting). Logged when it changes. */
+static void sl_runtime_raise_nofile(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max) return;
+  rlim_t was = rl.rlim_cur;
+  rl.rlim_cur = rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+    sl_log(SL_LOG_INFO, "open files: soft limit raised from %llu to the hard limit, %llu",
+           (unsigned long long)was, (unsigned long long)rl.rlim_max);
+}
+
 int sl_runtime_run(sl_config *cfg) {
   sigset_t set;
   sigemptyset(&set);
@@ -452,6 +466,7 @@ int sl_runtime_run(sl_config *cfg) {
     sl_config_unref(cfg);
     return 1;
   }
+  sl_runtime_raise_nofile();
   if (sl_runtime_start(rt, err, sizeof(err)) != SL_OK) {
     if (strcmp(cfg->error_log, "stderr") != 0) sl_log(SL_LOG_ERROR, "cannot start: %s", err);
     dprintf(rt->stderr_copy, "sluice: cannot start: %s\n", err);

@@ -179,12 +179,11 @@ return { workers = 1, listeners = { { name = "e", listen = "127.0.0.1:%d",
     local limits = H.read("/proc/" .. p.pid .. "/limits")
     local soft = tonumber(limits:match("Max open files%s+(%d+)"))
     local log = H.stop_sluice(p)
-    if hard and hard > 256 then
+    -- (Under valgrind, which keeps descriptors of its own above the limit
+    -- it shows the program, the limit is valgrind's: only the stop counts.)
+    if hard and hard > 256 and H.wrapper == "" then
       assert.are.equal(hard, soft)
-      -- (valgrind raises the limit itself and shows the program its own)
-      if H.wrapper == "" then
-        assert.matches("open files: soft limit raised from 256 to the hard limit, " .. hard, log, 1, true)
-      end
+      assert.matches("open files: soft limit raised from 256 to the hard limit, " .. hard, log, 1, true)
     end
   end)
 

@@ -400,6 +400,23 @@ http {
   return p
 end
 
+-- A socat client on 127.0.0.1:port that sends `first`, waits until the spec
+-- calls release(), sends `second` (if any) and half-closes; what it receives
+-- goes to the file `out`. finish() waits for it to end and returns its exit
+-- status.
+function H.held_client(port, first, second)
+  local go = H.tmpfile("go")
+  local out = H.tmpfile("held.out", "")
+  local script = ("printf %s; while [ ! -e %s ]; do sleep 0.02; done; printf %s")
+    :format(H.shq(first), H.shq(go), H.shq(second or ""))
+  local p = H.spawn(("sh -c %s"):format(H.shq(("(%s) | socat -t 10 - TCP:127.0.0.1:%d > %s")
+    :format(script, port, H.shq(out)))), "held")
+  return { proc = p, out = out, go = go,
+           release = function() H.sh("touch " .. H.shq(go)) end,
+           -- Waits for the client to end; returns its exit status.
+           finish = function() return H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20) end }
+end
+
 -- An admin request: GET path on 127.0.0.1:port. Returns status, headers, body.
 function H.admin_get(port, path)
   local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)

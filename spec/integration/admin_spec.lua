@@ -24,18 +24,7 @@ local function per_worker_sum(text, name)
   return sum
 end
 
--- A client that sends `first`, waits for the file `go`, then half-closes.
-local function held_client(port, first)
-  local go = H.tmpfile("go")
-  local out = H.tmpfile("held.out", "")
-  local script = ("printf %s; while [ ! -e %s ]; do sleep 0.02; done")
-    :format(H.shq(first), H.shq(go))
-  local p = H.spawn(("sh -c %s"):format(H.shq(("(%s) | socat -t 10 - TCP:127.0.0.1:%d > %s")
-    :format(script, port, H.shq(out)))), "held")
-  return { proc = p, out = out,
-           release = function() H.sh("touch " .. H.shq(go)) end,
-           finish = function() return H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20) end }
-end
+local held_client = H.held_client
 
 describe("the admin endpoint", function()
   local peers = {}

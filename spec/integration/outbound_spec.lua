@@ -2,47 +2,9 @@
 -- each request with a large reply, whether or not the client reads, makes a
 -- non-reading client's queue grow until outbound_limit closes it (and its
 -- upstream), while another connection on the same listener carries on.
-local ffi = require("ffi")
 local H = require("helpers")
 
-pcall(ffi.cdef, [[
-long write(int fd, const void *buf, unsigned long n);
-]])
-
--- A TCP client driven from the spec: connect, send, read a known amount.
-local function client(port)
-  local fd = ffi.C.socket(2, 1, 0)
-  assert(fd >= 0, "socket() failed")
-  local sa = ffi.new("struct sl_spec_sockaddr_in")
-  sa.family = 2
-  sa.addr = 0x0100007f
-  sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
-  assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect() failed")
-  local c = {}
-  function c.send(s)
-    assert(ffi.C.write(fd, s, #s) == #s, "short write")
-  end
-  -- Reads exactly n bytes, waiting at most timeout seconds for each read.
-  function c.read(n, timeout)
-    local buf = ffi.new("char[65536]")
-    local parts, got = {}, 0
-    local p = ffi.new("struct sl_spec_pollfd[1]")
-    while got < n do
-      p[0].fd, p[0].events = fd, 1
-      if ffi.C.poll(p, 1, math.floor((timeout or 10) * 1000)) ~= 1 then break end
-      local r = ffi.C.read(fd, buf, math.min(65536, n - got))
-      if r <= 0 then break end
-      parts[#parts + 1] = ffi.string(buf, r)
-      got = got + tonumber(r)
-    end
-    return table.concat(parts)
-  end
-  function c.close()
-    if fd >= 0 then ffi.C.close(fd) end
-    fd = -1
-  end
-  return c
-end
+local client = H.connect
 
 -- Answers every request line with 256 KiB and never asks whether the client
 -- keeps up (ctx:is_writable()); passes the request on to the upstream. Logs
@@ -104,7 +66,7 @@ describe("the outbound limit", function()
     local good = client(port)
     cleanup[#cleanup + 1] = good.close
     good.send("GET\n")
-    assert.are.equal(REPLY, #good.read(REPLY, 10))
+    assert.are.equal(REPLY, #good.recv(REPLY, 10))
 
     -- A client that sends 200 requests (50 MiB of replies) and reads nothing.
     local req = H.tmpfile("requests.txt", ("GET\n"):rep(200))
@@ -119,7 +81,7 @@ describe("the outbound limit", function()
 
     -- The first client is still served.
     good.send("GET\nGET\n")
-    assert.are.equal(2 * REPLY, #good.read(2 * REPLY, 10))
+    assert.are.equal(2 * REPLY, #good.recv(2 * REPLY, 10))
 
     good.close()
     local log = H.stop_sluice(p) -- exit 0, pool clean, no leak

@@ -5,20 +5,7 @@
 -- the spec creates.
 local H = require("helpers")
 
--- A client that sends `first`, waits for the file `go`, sends `second`,
--- half-closes and writes what it received to `out`.
-local function held_client(port, first, second)
-  local go = H.tmpfile("go")
-  local out = H.tmpfile("held.out", "")
-  local script = ("printf %s; while [ ! -e %s ]; do sleep 0.02; done; printf %s")
-    :format(H.shq(first), H.shq(go), H.shq(second or ""))
-  local p = H.spawn(("sh -c %s"):format(H.shq(("(%s) | socat -t 10 - TCP:127.0.0.1:%d > %s")
-    :format(script, port, H.shq(out)))), "held")
-  return { proc = p, out = out, go = go,
-           release = function() H.sh("touch " .. H.shq(go)) end,
-           -- Waits for the client to end; returns its exit status.
-           finish = function() return H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20) end }
-end
+local held_client = H.held_client
 
 local function count(s, pattern)
   local n = 0

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "alloc/poison.h"
 #include "util/common.h"
 
 /* Usage lists: allocation tries the fullest chunks first, so that the
@@ -358,6 +359,32 @@ unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned
   return k;
 }
 
+/* An element of a subpage that a worker owns, freed by someone else
+ * (lock held): onto the owner's remote stack, linked through its first
+ * 8 bytes (see chunk.h). */
+static void sl_sub_owner_push(sl_sub_owner *o, void *p) {
+  SL_UNPOISON(p, sizeof(void *));
+  void *old = atomic_load_explicit(&o->remote, memory_order_relaxed);
+  do {
+    *(void **)p = old;
+  } while (!atomic_compare_exchange_weak_explicit(&o->remote, &old, p, memory_order_release,
+                                                  memory_order_relaxed));
+}
+
+sl_subpage *sl_arena_subpage_own(sl_arena *ar, unsigned sclass, sl_sub_owner *o,
+                                 uint32_t allocs, uint32_t frees) {
+  sl_spin_lock(&ar->lock);
+  ar->cls[sclass].allocs += allocs;
+  ar->cls[sclass].frees += frees;
+  sl_subpage *s = sl_arena_subpage(ar, sclass);   /* the list's first */
+  if (s != NULL) {
+    sl_arena_subpage_full(ar, s);
+    s->owner = o;
+  }
+  sl_spin_unlock(&ar->lock);
+  return s;
+}
+
 /* A subpage that was full has a free element again: back on its list. */
 static void sl_arena_subpage_relink(sl_arena *ar, sl_subpage *s) {
   s->next = ar->subpages[s->sclass];
@@ -379,6 +406,10 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   }
   sl_subpage *s = c->sub[page];
   SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+  if (s->owner != NULL) {
+    sl_sub_owner_push(s->owner, p);
+    return;
+  }
   int was_full = s->nfree == 0;
   int empty = sl_subpage_free(s, p);
   if (was_full) sl_arena_subpage_relink(ar, s);
@@ -433,6 +464,10 @@ void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass
     sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
     sl_subpage *s = c->sub[((uintptr_t)p & ~chunk_mask) >> page_shift];
     SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+    if (__builtin_expect(s->owner != NULL, 0)) {
+      sl_sub_owner_push(s->owner, p);
+      continue;
+    }
     uint32_t nfree = s->nfree;
     sl_subpage_free(s, p);
     if (__builtin_expect(nfree == 0 || nfree + 1 == s->nelems, 0))
@@ -452,6 +487,14 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
   sl_chunk_run_free(c, s->first_page, s->npages);
   free(s);
   sl_arena_relist(ar, c);
+}
+
+void sl_arena_subpage_disown(sl_arena *ar, sl_subpage *s) {
+  s->owner = NULL;
+  s->prev = s->next = s->own_prev = s->own_next = NULL;
+  if (s->nfree == 0) return;   /* full: off the lists, as the arena keeps full ones */
+  sl_arena_subpage_relink(ar, s);
+  if (s->nfree == s->nelems && s->next != NULL) sl_subpage_release(ar, s);
 }
 
 unsigned sl_arena_release_empty(sl_arena *ar, int64_t now_ms, int force) {

@@ -97,6 +97,23 @@ void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size);
 /* Frees n blocks of one class under one lock. */
 void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass);
 
+/* A subpage of small class sclass for o to own (see chunk.h): the
+ * arena's first with a free element, else a new one; it leaves the
+ * arena's lists. The counts o has not reported yet (blocks it took from
+ * and gave back to subpages of that class) are added to the arena's
+ * under the same lock. NULL when memory is refused. */
+sl_subpage *sl_arena_subpage_own(sl_arena *ar, unsigned sclass, sl_sub_owner *o,
+                                 uint32_t allocs, uint32_t frees);
+
+/* Gives an owned subpage back to the arena (its owner has taken it off
+ * its own lists): on its class's list when it has a free element, and
+ * back to its chunk when it is empty, unless it is its class's only one.
+ * Lock held. */
+void sl_arena_subpage_disown(sl_arena *ar, sl_subpage *s);
+
+static inline void sl_arena_lock(sl_arena *ar) { sl_spin_lock(&ar->lock); }
+static inline void sl_arena_unlock(sl_arena *ar) { sl_spin_unlock(&ar->lock); }
+
 /* Moves c to the usage list its use says (its free pages left the range
  * of the one it is on). Lock held. */
 void sl_arena_relist_move(sl_arena *ar, sl_chunk *c);

@@ -255,6 +255,18 @@ void *sl_subpage_alloc(sl_subpage *s) {
   return NULL;
 }
 
+uint32_t sl_subpage_free_word(sl_subpage *s) {
+  for (uint32_t k = 0, w = s->hint; k < s->nwords; k++) {
+    if (++w == s->nwords) w = 0;
+    if (~s->bits[w]) {
+      s->hint = w;
+      return w;
+    }
+  }
+  SL_ASSERT(0, "subpage bitmap disagrees with its free count");
+  return 0;
+}
+
 unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n) {
   if (n > s->nfree) n = s->nfree;
   /* Locals: the stores to out must not make the compiler read s again. */

@@ -31,6 +31,7 @@
 #ifndef SL_CHUNK_H
 #define SL_CHUNK_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,9 +50,26 @@ typedef struct sl_chunk_avail {
   uint64_t mask;
 } sl_chunk_avail;
 
+/* A worker that owns subpages (alloc/pool.c): it takes and frees their
+ * elements without the arena's lock. Another thread that frees an element
+ * of one of them (under the lock) pushes it here, linked through its first
+ * 8 bytes; the owner takes these back before it takes another subpage and
+ * before it gives its subpages back (under the lock, so that no push can
+ * come in between). */
+typedef struct sl_sub_owner {
+  _Atomic(void *) remote;
+} sl_sub_owner;
+
+/* A subpage is on exactly one side:
+ *   arena's   owner NULL; on the arena's list of its class while it has a
+ *             free element (prev, next); the arena's lock covers it;
+ *   owned     owner set; off the arena's lists; on its owner's list of all
+ *             it owns (own_prev, own_next) and, while it has a free
+ *             element, on the owner's list for its class (prev, next).
+ *             Only the owner's thread touches its bitmap. */
 struct sl_subpage {
   sl_chunk *chunk;
-  sl_subpage *prev, *next;     /* the arena's list of subpages with free elements */
+  sl_subpage *prev, *next;     /* the list of subpages of its class with free elements */
   uint8_t *base;               /* first element */
   uint32_t first_page, npages; /* the run */
   uint32_t elem_size, nelems, nfree;
@@ -59,6 +77,8 @@ struct sl_subpage {
   uint32_t nwords;             /* bitmap words */
   uint32_t hint;               /* a word that may have a free bit */
   uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
+  sl_sub_owner *owner;         /* NULL: the arena's */
+  sl_subpage *own_prev, *own_next;   /* owned: its owner's list of all it owns */
   uint64_t bits[];             /* 1 = element in use */
 };
 
@@ -203,6 +223,24 @@ void *sl_subpage_alloc(sl_subpage *s);
 /* Takes up to n free elements into out (fewer only when it runs out), from
  * the hinted bitmap word on. Returns how many. */
 unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n);
+/* A bitmap word of s with a free element, from the hint on (s has one);
+ * it becomes the hint. */
+uint32_t sl_subpage_free_word(sl_subpage *s);
+
+/* Takes one free element of s (it has one): the first of the hinted word. */
+static inline void *sl_subpage_take(sl_subpage *s) {
+  uint32_t w = s->hint;
+  uint64_t free_bits = ~s->bits[w];
+  if (__builtin_expect(free_bits == 0, 0)) {
+    w = sl_subpage_free_word(s);
+    free_bits = ~s->bits[w];
+  }
+  uint32_t bit = (uint32_t)__builtin_ctzll(free_bits);
+  s->bits[w] = ~(free_bits & (free_bits - 1));
+  s->nfree--;
+  return s->base + (size_t)(w * 64 + bit) * s->elem_size;
+}
+
 /* The element index of p in s (exact for runs below 16 MiB and elements
  * below 32 KiB, which subpages are; checked in sl_subpage_free). */
 static inline uint32_t sl_subpage_index(const sl_subpage *s, const void *p) {
@@ -221,6 +259,22 @@ static inline int sl_subpage_free(sl_subpage *s, void *p) {
   s->bits[i >> 6] &= ~bit;
   s->hint = i >> 6;
   return ++s->nfree == s->nelems;
+}
+
+/* sl_subpage_free for the owner of s: whether p is an element of s is
+ * checked in debug builds only (the owner's blocks come from its own
+ * headers); an element freed twice still aborts. Returns nfree as it was
+ * before. */
+static inline uint32_t sl_subpage_put(sl_subpage *s, void *p) {
+  uint32_t i = sl_subpage_index(s, p);
+  uint64_t bit = 1ull << (i & 63);
+  uint64_t *w = &s->bits[i >> 6];
+  SL_ASSERT_DEBUG(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
+                  "pointer is not an element of its subpage");
+  SL_ASSERT(*w & bit, "subpage element freed twice");
+  *w &= ~bit;
+  s->hint = i >> 6;
+  return s->nfree++;
 }
 
 static inline sl_chunk *sl_chunk_of(const void *p, size_t chunk_size) {

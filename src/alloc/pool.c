@@ -64,7 +64,10 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
       if (bin->items == NULL) goto fail;
     }
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
+    for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
+  p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
+  p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32;   /* flags 0 */
   p->cached_limit = p->max_cached_size;
@@ -133,17 +136,121 @@ unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
   return sl_sc_index(usable);
 }
 
-/* A block of class idx from the arena; a small-class miss refills its bin
- * in the same trip. */
-static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
-  sl_cache_bin *bin = &p->bins[idx];
-  if (idx < p->alloc->nsmall && bin->cap >= 8 && size <= p->max_cached_size) {
-    unsigned got = sl_arena_alloc_many(p->arena, idx, bin->items, SL_MIN(bin->cap / 8, 32u));
-    void *mem = got ? bin->items[--got] : NULL;
-    for (unsigned i = 0; i < got; i++) bin->items[i] = sl_pool_bare_item(bin->items[i]);
-    bin->n = got;
-    return mem;
+/* ---- owned subpages (see pool_types.h) ---- */
+
+static void sl_pool_own_link(sl_cache_bin *bin, sl_subpage *s) {
+  s->prev = NULL;
+  s->next = bin->own;
+  if (s->next != NULL) s->next->prev = s;
+  bin->own = s;
+}
+
+static void sl_pool_own_unlink(sl_cache_bin *bin, sl_subpage *s) {
+  if (s->prev != NULL) s->prev->next = s->next;
+  else if (bin->own == s) bin->own = s->next;
+  if (s->next != NULL) s->next->prev = s->prev;
+  s->prev = s->next = NULL;
+}
+
+/* Adds the pool's share of class k's counts to the arena's. Lock held. */
+static void sl_pool_own_report(sl_pool *p, unsigned k) {
+  sl_cache_bin *bin = &p->bins[k];
+  p->arena->cls[k].allocs += bin->own_allocs;
+  p->arena->cls[k].frees += bin->own_frees;
+  bin->own_allocs = bin->own_frees = 0;
+}
+
+/* The same for every class, under the lock (a trim). */
+static void sl_pool_own_report_all(sl_pool *p) {
+  int any = 0;
+  for (unsigned k = 0; k < p->nsmall && !any; k++)
+    any = p->bins[k].own_allocs != 0 || p->bins[k].own_frees != 0;
+  if (!any) return;
+  sl_arena_lock(p->arena);
+  for (unsigned k = 0; k < p->nsmall; k++) sl_pool_own_report(p, k);
+  sl_arena_unlock(p->arena);
+}
+
+/* Gives owned subpage s back to the arena. Lock held. */
+static void sl_pool_own_disown(sl_pool *p, sl_subpage *s) {
+  sl_pool_own_unlink(&p->bins[s->sclass], s);
+  if (s->own_prev != NULL) s->own_prev->own_next = s->own_next;
+  else p->owned = s->own_next;
+  if (s->own_next != NULL) s->own_next->own_prev = s->own_prev;
+  sl_pool_own_report(p, s->sclass);
+  sl_arena_subpage_disown(p->arena, s);
+}
+
+/* s was full, or has become empty; locked: the caller holds the arena's
+ * lock (then an empty subpage stays owned: everything is being given
+ * back anyway). */
+static void sl_pool_own_moved_in(sl_pool *p, sl_subpage *s, uint32_t nfree, int locked) {
+  sl_cache_bin *bin = &p->bins[s->sclass];
+  if (nfree == 0) sl_pool_own_link(bin, s);
+  if (!locked && s->nfree == s->nelems && (s->prev != NULL || s->next != NULL)) {
+    sl_arena_lock(p->arena);
+    sl_pool_own_disown(p, s);
+    sl_arena_unlock(p->arena);
   }
+}
+
+__attribute__((noinline)) void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree) {
+  sl_pool_own_moved_in(p, s, nfree, 0);
+}
+
+/* Takes back the elements of owned subpages that other threads freed
+ * (the arena counted them then). */
+static void sl_pool_own_reclaim(sl_pool *p, int locked) {
+  void *b = atomic_exchange_explicit(&p->sub_owner.remote, NULL, memory_order_acquire);
+  while (b != NULL) {
+    void *next = *(void **)b;
+    SL_POISON(b, sizeof(void *));
+    uintptr_t c = (uintptr_t)b & p->chunk_mask;
+    sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)b - c) >> p->page_shift];
+    SL_ASSERT(s != NULL && s->owner == &p->sub_owner, "remote element of a subpage not owned");
+    uint32_t nfree = sl_subpage_put(s, b);
+    if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved_in(p, s, nfree, locked);
+    b = next;
+  }
+}
+
+/* Gives every owned subpage back to the arena (after the elements other
+ * threads freed, under the same lock: no more can come). */
+static void sl_pool_own_return_all(sl_pool *p) {
+  if (p->owned == NULL && atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed) == NULL)
+    return;
+  sl_arena_lock(p->arena);
+  sl_pool_own_reclaim(p, 1);
+  while (p->owned != NULL) sl_pool_own_disown(p, p->owned);
+  sl_arena_unlock(p->arena);
+}
+
+/* A block of small class idx from an owned subpage: the first with room,
+ * else (after taking back what other threads freed) one more from the
+ * arena. NULL when memory is refused. */
+static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
+  sl_cache_bin *bin = &p->bins[idx];
+  if (bin->own == NULL && atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed))
+    sl_pool_own_reclaim(p, 0);
+  if (bin->own == NULL) {
+    sl_subpage *s = sl_arena_subpage_own(p->arena, idx, &p->sub_owner, bin->own_allocs,
+                                         bin->own_frees);
+    if (s == NULL) return NULL;
+    bin->own_allocs = bin->own_frees = 0;
+    s->own_prev = NULL;
+    s->own_next = p->owned;
+    if (p->owned != NULL) p->owned->own_prev = s;
+    p->owned = s;
+    sl_pool_own_link(bin, s);
+  }
+  return sl_pool_own_take(bin);
+}
+
+/* A block of class idx from the arena (an owned subpage for the classes
+ * that own them). */
+static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
+  if (idx < p->alloc->nsmall && p->bins[idx].owns && size <= p->max_cached_size)
+    return sl_pool_own_alloc(p, idx);
   return sl_arena_alloc(p->arena, idx, size);
 }
 
@@ -205,7 +312,14 @@ static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   sl_cache_bin *bin = &p->bins[sclass];
   if (give == 0) return;
   for (uint32_t i = 0; i < give; i++) bin->items[i] = sl_pool_item_block(p, bin->items[i]);
-  sl_arena_free_many(p->arena, bin->items, give, sclass);
+  uint32_t rest = give;
+  if (bin->owns) {
+    /* Owned subpages take theirs; the rest go to the arena. */
+    rest = 0;
+    for (uint32_t i = 0; i < give; i++)
+      if (!sl_pool_own_give(p, bin, bin->items[i], sclass)) bin->items[rest++] = bin->items[i];
+  }
+  sl_arena_free_many(p->arena, bin->items, rest, sclass);
   memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
   bin->n -= give;
 }
@@ -230,6 +344,7 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
     SL_POISON(mem, usable);
     sl_cache_bin *bin = &p->bins[sclass];
     if (bin->cap >= 8) {
+      if (bin->owns && sl_pool_own_give(p, bin, mem, sclass)) return;
       /* A full bin gives its older half back in one trip, then keeps mem. */
       sl_pool_bin_give(p, sclass, bin->cap / 2);
       bin->items[bin->n++] = sl_pool_bare_item(mem);
@@ -408,6 +523,8 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
     p->cache_hits += bin->used;
     bin->used = 0;
   }
+  if (everything) sl_pool_own_return_all(p);
+  sl_pool_own_report_all(p);
   sl_pool_countdown_sync(p);
   p->trim_countdown = p->trim_interval;
   sl_pool_countdown_arm(p);
@@ -447,6 +564,8 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
   if (r->blocks) {
     sl_pool_trim(p, 1);
     p->idle_trims++;
+  } else {
+    sl_pool_own_return_all(p);
   }
   r->headers = sl_pool_reset_region(p);
   r->chunks = sl_arena_release_empty(p->arena, now_ms, 0);

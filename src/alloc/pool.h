@@ -15,6 +15,7 @@
 #include "alloc/size_class.h"
 
 #include "alloc/poison.h"
+#include "util/common.h"
 
 typedef struct sl_pool_stats {
   uint64_t bytes_in_use;      /* blocks handed out and not given back */
@@ -153,6 +154,57 @@ static inline void *sl_pool_item_block(sl_pool *p, void *item) {
 /* Flushes the older half of a full bin to the arena and parks hdr (a dead
  * root header whose block is of class sclass) on it. */
 void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
+
+/* Owned subpages (see pool_types.h). */
+
+/* Takes a block from the first owned subpage of bin's class (bin->own is
+ * not NULL); a subpage left full leaves the list. The caller counts the
+ * allocation (bin->allocs). */
+static inline void *sl_pool_own_take(sl_cache_bin *bin) {
+  sl_subpage *s = bin->own;
+  void *mem = sl_subpage_take(s);
+  if (__builtin_expect(s->nfree == 0, 0)) {
+    bin->own = s->next;
+    if (s->next != NULL) s->next->prev = NULL;
+    s->next = NULL;
+  }
+  bin->own_allocs++;
+  return mem;
+}
+
+/* Subpage s of p had nfree free elements before one more was freed: it
+ * was full (back on its class's list), or it is empty now (back to the
+ * arena unless it is its class's only one with room). */
+void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree);
+
+/* The subpage of mem, a block of small class sclass, when p owns it;
+ * NULL when it is the arena's or another pool's. */
+static inline sl_subpage *sl_pool_own_subpage(const sl_pool *p, const void *mem, unsigned sclass) {
+  uintptr_t c = (uintptr_t)mem & p->chunk_mask;
+  sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)mem - c) >> p->page_shift];
+  SL_ASSERT_DEBUG(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
+  (void)sclass;
+  return s->owner == &p->sub_owner ? s : NULL;
+}
+
+/* Whether a subpage that had nfree free elements before one more was
+ * freed changes lists (see sl_pool_own_moved). */
+static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
+  return nfree == 0 || nfree + 1 == s->nelems;
+}
+
+/* Gives mem, a block of small class sclass whose bin owns subpages, back
+ * to its subpage when p owns it: 1. Else 0, and nothing is done (the
+ * caller gives it to the arena). Aborts on an element freed twice. The
+ * caller counts the free (bin->frees). */
+static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
+  sl_subpage *s = sl_pool_own_subpage(p, mem, sclass);
+  if (__builtin_expect(s == NULL, 0)) return 0;
+  uint32_t nfree = sl_subpage_put(s, mem);
+  bin->own_frees++;
+  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(p, s, nfree);
+  return 1;
+}
 
 /* sl_pool_alloc_cls without counting towards the trim (the buffer code
  * counts its allocations itself, with the buffer). */

@@ -29,6 +29,18 @@
  *     stack; more go to an overflow list (counted); when no header is live
  *     and the worker is idle, the whole region's memory is given back to
  *     the OS (madvise), which zeroes it;
+ *   - owned subpages: a small class whose bin holds 8 or more takes whole
+ *     subpages from the arena (alloc/chunk.h) and serves its misses from
+ *     them without the arena's lock: a miss takes one element from the
+ *     first owned subpage with room, and a release that finds the bin
+ *     full gives the block back to its owned subpage (the header goes to
+ *     the recycler). Like the arena, the pool keeps at most one empty
+ *     subpage per class: a subpage that becomes empty while others of
+ *     its class have room goes back to the arena. Trimming everything
+ *     (idle, out of memory, destroy) gives every owned subpage back, so
+ *     that empty chunks can go to the OS. The arena's per class counts
+ *     take the pool's share (own_allocs, own_frees) whenever the pool
+ *     takes the arena's lock, and at every trim;
  *   - retq: buffers released on foreign threads come back through a bounded
  *     queue; when it is full, the releasing thread frees the block straight
  *     into the arena and pushes the headers on a lock-free stack.
@@ -63,12 +75,15 @@ typedef struct sl_cache_bin {
   uint32_t n;             /* cached now */
   uint32_t cap;
   uint32_t used;          /* served since the last trim */
-  uint32_t spare32;
+  uint32_t own_allocs;    /* blocks taken from owned subpages, not yet in the arena's counts */
   uint64_t tail;          /* the last 8 bytes of a root header over a block of this
                              class (block_size, sclass, flags 0): one store */
   uint64_t allocs;        /* blocks handed out by this pool */
   uint64_t frees;
-  uint64_t spare[2];
+  struct sl_subpage *own; /* owned subpages of this class with a free element */
+  uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
+  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+                             bin holds 8 or more) */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
@@ -86,6 +101,8 @@ struct sl_pool {
   uint32_t parked_hint;           /* a header parked since the last search found none */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
+  uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
+  uint32_t page_shift;            /* log2(page_size): a block's page in it */
   /* Per size class: the cache bin and the counters. The same array under two
    * names: bins for the cache, cls for what readers of the counters use
    * (cls[i].allocs, cls[i].frees). */
@@ -106,6 +123,8 @@ struct sl_pool {
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
   sl_alloc *alloc;
   sl_arena *arena;
+  sl_sub_owner sub_owner;         /* this pool as the owner of subpages */
+  struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */
   int own_alloc;                  /* created with the pool (tests) */
   int id;
   uint8_t *hdr_base;              /* region start (the first slot holds this pool) */

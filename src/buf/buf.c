@@ -148,6 +148,24 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   return sl_buf_alloc_done(pool, b);
 }
 
+/* A miss in a bin whose class owns subpages: a block from the hinted
+ * bitmap word of the first owned subpage with room and a free header
+ * (recycler or overflow list), with no call but tail calls; anything
+ * else (no owned subpage with room, the hinted word full, no free header)
+ * goes to the slow path. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, sl_cache_bin *bin,
+                                                           size_t cap, size_t max_cap) {
+  sl_subpage *s = bin->own;
+  if (s == NULL || !sl_pool_header_ready(pool) || ~s->bits[s->hint] == 0)
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  uint8_t *data = sl_pool_own_take(bin);
+  bin->allocs++;
+  sl_buf *b = sl_pool_header_take(pool);
+  SL_UNPOISON(data, (uint32_t)bin->tail);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  return sl_buf_alloc_done(pool, b);
+}
+
 /* The fast path: a parked header from the worker cache, which brings its
  * block (a bare block gets a header from the recycler); the indexes,
  * capacities, refcount, generation and the countdown (trim, leak
@@ -164,7 +182,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
   sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
   uint32_t n = bin->n;
-  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, bin, cap, max_cap);
   uintptr_t item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
   bin->used++;
@@ -239,6 +257,16 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   pool->parked_hint = 1;
 }
 
+/* A dead root header keeps the generation it died with and who released
+ * it (its index and data fields are unused now); it goes back to the
+ * recycler. */
+static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
+  r->rd = r->gen;
+  r->gen = 0;
+  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_pool_header_put(pool, r);
+}
+
 /* Frees a root whose refcount reached zero, on its pool's thread. */
 static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {
@@ -251,13 +279,24 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
   if (!pool->quarantine_next && !(r->flags & SL_BUF_UNBINNED) && pool->bins[sc].cap > 0) {
     sl_cache_bin *bin = &pool->bins[sc];
-    sl_buf_to_parked(pool, r);
-    if (bin->n < bin->cap) {
+    if (__builtin_expect(bin->n < bin->cap, 1)) {
+      sl_buf_to_parked(pool, r);
       bin->items[bin->n++] = r;
       bin->frees++;
-    } else {
-      sl_pool_park_slow(pool, r, sc);   /* the older half goes to the arena first */
+      return;
     }
+    if (bin->owns) {
+      /* A full bin whose class owns subpages: the block goes back to its
+       * subpage (when the pool still owns it), the header to the recycler. */
+      SL_POISON(r->data, r->block_size);
+      if (sl_pool_own_give(pool, bin, r->data, sc)) {
+        bin->frees++;
+        sl_buf_bury(pool, r);
+        return;
+      }
+    }
+    sl_buf_to_parked(pool, r);
+    sl_pool_park_slow(pool, r, sc);   /* the older half goes to the arena first */
     return;
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
@@ -315,16 +354,6 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf 
   sl_pool_header_put_foreign(pool, r);
 }
 
-/* A dead root header keeps the generation it died with and who released
- * it (its index and data fields are unused now); it goes back to the
- * recycler. */
-static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
-  r->rd = r->gen;
-  r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
-  sl_pool_header_put(pool, r);
-}
-
 /* A normal block that no bin caches: straight back to its chunk. */
 __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
@@ -349,6 +378,37 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
+}
+
+/* sl_buf_free_miss when the subpage changes lists. */
+__attribute__((noinline)) static void sl_buf_free_moved(sl_pool *pool, sl_buf *r, sl_subpage *s,
+                                                        uint32_t nfree) {
+  sl_pool_own_moved(pool, s, nfree);
+  sl_buf_bury(pool, r);
+}
+
+/* A root released on its worker into a full bin whose class owns
+ * subpages: the block goes back to its owned subpage and the header to
+ * the recycler, with no call but tail calls. A block of a subpage the
+ * pool does not own (given back to the arena since) takes the general
+ * path. */
+__attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_cache_bin *bin,
+                                                       sl_buf *r) {
+  uint8_t *data = r->data;
+  sl_subpage *s = sl_pool_own_subpage(pool, data, r->sclass);
+  if (__builtin_expect(s == NULL, 0)) {
+    sl_buf_free_local(pool, r);
+    return;
+  }
+  SL_POISON(data, r->block_size);
+  uint32_t nfree = sl_subpage_put(s, data);
+  bin->own_frees++;
+  bin->frees++;
+  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) {
+    sl_buf_free_moved(pool, r, s, nfree);
+    return;
+  }
+  sl_buf_bury(pool, r);
 }
 
 void sl_buf_free(sl_buf *r) {
@@ -378,6 +438,11 @@ void sl_buf_free(sl_buf *r) {
     if (bin->cap == 0 && sc >= pool->nsmall) {
       r->refcnt = 0;
       sl_buf_free_normal(pool, r);
+      return;
+    }
+    if (bin->owns) {
+      r->refcnt = 0;
+      sl_buf_free_miss(pool, bin, r);
       return;
     }
   }

@@ -33,6 +33,14 @@
     }                                                                         \
   } while (0)
 
+/* The expensive level: checks that would weigh on a hot path, made only
+ * in debug builds (without NDEBUG: the test builds, with the sanitizers). */
+#ifdef NDEBUG
+#define SL_ASSERT_DEBUG(cond, msg) ((void)sizeof(!(cond)))
+#else
+#define SL_ASSERT_DEBUG(cond, msg) SL_ASSERT(cond, msg)
+#endif
+
 /* Appends src to the string in dst (of size bytes), truncating; returns
  * the new length. Per-connection strings are built with it rather than
  * snprintf, which costs a pass through vfprintf per piece. */

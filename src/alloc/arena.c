@@ -379,7 +379,7 @@ sl_subpage *sl_arena_subpage_own(sl_arena *ar, unsigned sclass, sl_sub_owner *o,
   sl_subpage *s = sl_arena_subpage(ar, sclass);   /* the list's first */
   if (s != NULL) {
     sl_arena_subpage_full(ar, s);
-    s->owner = o;
+    sl_subpage_set_owner(s, o);
   }
   sl_spin_unlock(&ar->lock);
   return s;
@@ -406,8 +406,8 @@ static void sl_arena_free_locked(sl_arena *ar, void *p, unsigned sclass) {
   }
   sl_subpage *s = c->sub[page];
   SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
-  if (s->owner != NULL) {
-    sl_sub_owner_push(s->owner, p);
+  if (sl_subpage_owner(s) != NULL) {
+    sl_sub_owner_push(sl_subpage_owner(s), p);
     return;
   }
   int was_full = s->nfree == 0;
@@ -464,8 +464,8 @@ void sl_arena_free_many(sl_arena *ar, void **blocks, unsigned n, unsigned sclass
     sl_chunk *c = (sl_chunk *)(void *)((uintptr_t)p & chunk_mask);
     sl_subpage *s = c->sub[((uintptr_t)p & ~chunk_mask) >> page_shift];
     SL_ASSERT(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
-    if (__builtin_expect(s->owner != NULL, 0)) {
-      sl_sub_owner_push(s->owner, p);
+    if (__builtin_expect(sl_subpage_owner(s) != NULL, 0)) {
+      sl_sub_owner_push(sl_subpage_owner(s), p);
       continue;
     }
     uint32_t nfree = s->nfree;
@@ -490,7 +490,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
 }
 
 void sl_arena_subpage_disown(sl_arena *ar, sl_subpage *s) {
-  s->owner = NULL;
+  sl_subpage_set_owner(s, NULL);
   s->prev = s->next = s->own_prev = s->own_next = NULL;
   if (s->nfree == 0) return;   /* full: off the lists, as the arena keeps full ones */
   sl_arena_subpage_relink(ar, s);

@@ -66,7 +66,8 @@ typedef struct sl_sub_owner {
  *   owned     owner set; off the arena's lists; on its owner's list of all
  *             it owns (own_prev, own_next) and, while it has a free
  *             element, on the owner's list for its class (prev, next).
- *             Only the owner's thread touches its bitmap. */
+ *             Only the owner's thread touches its bitmap.
+ * The owner is read with sl_subpage_owner (relaxed: a plain load). */
 struct sl_subpage {
   sl_chunk *chunk;
   sl_subpage *prev, *next;     /* the list of subpages of its class with free elements */
@@ -77,7 +78,8 @@ struct sl_subpage {
   uint32_t nwords;             /* bitmap words */
   uint32_t hint;               /* a word that may have a free bit */
   uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
-  sl_sub_owner *owner;         /* NULL: the arena's */
+  _Atomic(sl_sub_owner *) owner;     /* NULL: the arena's. Set and cleared under the
+                                        arena's lock; its owner reads it without */
   sl_subpage *own_prev, *own_next;   /* owned: its owner's list of all it owns */
   uint64_t bits[];             /* 1 = element in use */
 };
@@ -223,6 +225,14 @@ void *sl_subpage_alloc(sl_subpage *s);
 /* Takes up to n free elements into out (fewer only when it runs out), from
  * the hinted bitmap word on. Returns how many. */
 unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n);
+static inline sl_sub_owner *sl_subpage_owner(const sl_subpage *s) {
+  return atomic_load_explicit(&((sl_subpage *)s)->owner, memory_order_relaxed);
+}
+
+static inline void sl_subpage_set_owner(sl_subpage *s, sl_sub_owner *o) {
+  atomic_store_explicit(&s->owner, o, memory_order_relaxed);
+}
+
 /* A bitmap word of s with a free element, from the hint on (s has one);
  * it becomes the hint. */
 uint32_t sl_subpage_free_word(sl_subpage *s);

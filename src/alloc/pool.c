@@ -207,7 +207,7 @@ static void sl_pool_own_reclaim(sl_pool *p, int locked) {
     SL_POISON(b, sizeof(void *));
     uintptr_t c = (uintptr_t)b & p->chunk_mask;
     sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)b - c) >> p->page_shift];
-    SL_ASSERT(s != NULL && s->owner == &p->sub_owner, "remote element of a subpage not owned");
+    SL_ASSERT(s != NULL && sl_subpage_owner(s) == &p->sub_owner, "remote element of a subpage not owned");
     uint32_t nfree = sl_subpage_put(s, b);
     if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved_in(p, s, nfree, locked);
     b = next;
@@ -524,6 +524,8 @@ __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
     bin->used = 0;
   }
   if (everything) sl_pool_own_return_all(p);
+  else if (atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed) != NULL)
+    sl_pool_own_reclaim(p, 0);
   sl_pool_own_report_all(p);
   sl_pool_countdown_sync(p);
   p->trim_countdown = p->trim_interval;

@@ -177,14 +177,18 @@ static inline void *sl_pool_own_take(sl_cache_bin *bin) {
  * arena unless it is its class's only one with room). */
 void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree);
 
-/* The subpage of mem, a block of small class sclass, when p owns it;
- * NULL when it is the arena's or another pool's. */
-static inline sl_subpage *sl_pool_own_subpage(const sl_pool *p, const void *mem, unsigned sclass) {
+/* The subpage of mem, a block of small class sclass. */
+static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, unsigned sclass) {
   uintptr_t c = (uintptr_t)mem & p->chunk_mask;
   sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)mem - c) >> p->page_shift];
   SL_ASSERT_DEBUG(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   (void)sclass;
-  return s->owner == &p->sub_owner ? s : NULL;
+  return s;
+}
+
+/* Whether p owns s (else it is the arena's or another pool's). */
+static inline int sl_pool_owns(const sl_pool *p, const sl_subpage *s) {
+  return sl_subpage_owner(s) == &p->sub_owner;
 }
 
 /* Whether a subpage that had nfree free elements before one more was
@@ -198,8 +202,8 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
  * caller gives it to the arena). Aborts on an element freed twice. The
  * caller counts the free (bin->frees). */
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
-  sl_subpage *s = sl_pool_own_subpage(p, mem, sclass);
-  if (__builtin_expect(s == NULL, 0)) return 0;
+  sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
+  if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;
   uint32_t nfree = sl_subpage_put(s, mem);
   bin->own_frees++;
   if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(p, s, nfree);

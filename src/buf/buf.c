@@ -395,8 +395,8 @@ __attribute__((noinline)) static void sl_buf_free_moved(sl_pool *pool, sl_buf *r
 __attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_cache_bin *bin,
                                                        sl_buf *r) {
   uint8_t *data = r->data;
-  sl_subpage *s = sl_pool_own_subpage(pool, data, r->sclass);
-  if (__builtin_expect(s == NULL, 0)) {
+  sl_subpage *s = sl_pool_subpage_of(pool, data, r->sclass);
+  if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
     sl_buf_free_local(pool, r);
     return;
   }

@@ -1483,6 +1483,180 @@ static void test_cross_thread_release_keeps_memory_bounded(void **state) {
   finish(p, a);
 }
 
+/* ---- 11b. subpages owned by a worker ---- */
+
+/* The subpage of a pooled small block. */
+static sl_subpage *subpage_of(const sl_pool *p, const void *mem) {
+  sl_chunk *c = sl_chunk_of(mem, p->alloc->cfg.chunk_size);
+  return c->sub[((const uint8_t *)mem - c->mem) >> c->page_shift];
+}
+
+static size_t owned_count(const sl_pool *p) {
+  size_t n = 0;
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) {
+    assert_ptr_equal(sl_subpage_owner(s), &p->sub_owner);
+    n++;
+  }
+  return n;
+}
+
+/* Misses of a small class take elements of subpages the pool owns; a
+ * release into a full bin gives the block back to its subpage; a subpage
+ * that empties while another of its class has room goes back to the
+ * arena (which keeps one empty subpage per class, as before), and trimming
+ * everything gives every owned subpage back. The arena's counts include
+ * the pool's share after a trim. */
+static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB); /* 4 KiB pages: 1 KiB elements, 4 per subpage */
+  cfg.small_cache = 8;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_arena *ar = p->arena;
+  unsigned k = sl_sc_index(1024);
+  sl_cache_bin *bin = &p->bins[k];
+  assert_int_equal(a->run_pages[k], 1);
+  assert_true(bin->owns);
+  assert_false(p->bins[sl_sc_index(40000)].owns); /* not cached: the arena serves it */
+
+  sl_buf *b[20];
+  for (int i = 0; i < 20; i++) {
+    assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+    sl_subpage *s = subpage_of(p, b[i]->data);
+    assert_ptr_equal(sl_subpage_owner(s), &p->sub_owner);
+    if (i % 4 > 0) assert_ptr_equal(s, subpage_of(p, b[i - 1]->data)); /* filled in turn */
+    sl_test_fill_pattern(b[i]->data, b[i]->cap, (size_t)i);
+  }
+  assert_int_equal(owned_count(p), 5);
+  assert_null(ar->subpages[k]);   /* owned subpages are off the arena's lists */
+  assert_null(bin->own);          /* all five are full */
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.cache_misses, 20);
+  assert_int_equal(st.blocks_in_use, 20);
+  for (int i = 0; i < 20; i++)
+    assert_int_equal(sl_test_pattern_mismatch(b[i]->data, b[i]->cap, (size_t)i), b[i]->cap);
+
+  /* The first eight park in the bin (cap 8); the other twelve go back to
+   * subpages 2, 3 and 4. Subpage 2 empties first, alone on the list: it
+   * stays. 3 and 4 empty with 2 beside them: they go back to the arena,
+   * which keeps 3 (its class's only one) and gives 4's page back. */
+  uint8_t *data[20];
+  for (int i = 0; i < 20; i++) data[i] = b[i]->data;
+  sl_subpage *s2 = subpage_of(p, data[8]), *s3 = subpage_of(p, data[12]);
+  for (int i = 0; i < 20; i++) sl_buf_release(b[i]);
+  st = sl_test_stats(p);
+  assert_int_equal(st.blocks_in_use, 0);
+  assert_int_equal(st.cached_blocks, 8);
+  assert_int_equal(bin->n, 8);
+  assert_int_equal(owned_count(p), 3);
+  assert_ptr_equal(bin->own, s2);
+  assert_int_equal(s2->nfree, s2->nelems);
+  assert_ptr_equal(ar->subpages[k], s3);
+  assert_null(sl_subpage_owner(s3));
+  assert_int_equal(s3->nfree, s3->nelems);
+  assert_null(s3->next);
+  assert_null(subpage_of(p, data[16]));   /* 4's page went back to its chunk */
+
+  /* Twelve again: eight hits (LIFO), then four misses from subpage 2. */
+  for (int i = 0; i < 12; i++) {
+    assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+    if (i < 8) assert_ptr_equal(b[i]->data, data[7 - i]);
+    else assert_ptr_equal(subpage_of(p, b[i]->data), s2);
+  }
+  assert_null(bin->own);
+  assert_int_equal(sl_test_stats(p).cache_hits, 8);
+  for (int i = 0; i < 12; i++) sl_buf_release(b[i]);
+
+  /* Everything back: no owned subpage, the arena's counts complete. */
+  sl_pool_trim(p, 1);
+  assert_null(p->owned);
+  assert_null(bin->own);
+  assert_int_equal(sl_test_stats(p).cached_blocks, 0);
+  assert_int_equal(ar->cls[k].allocs, 24);
+  assert_int_equal(ar->cls[k].frees, 24);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* Elements of owned subpages freed on another thread (the return queue
+ * full) go onto the owner's remote stack; the owner takes them back before
+ * it takes another subpage, so that no new memory is used for them. */
+static void test_foreign_frees_into_owned_subpages_come_back_to_the_owner(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.return_queue_cap = 2;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_arena *ar = p->arena;
+  unsigned k = sl_sc_index(1024);
+  sl_buf *b[40];
+  uint8_t *data[40];
+  for (int i = 0; i < 40; i++) {
+    assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+    data[i] = b[i]->data;
+  }
+  assert_int_equal(owned_count(p), 10);
+  uint64_t frees0 = ar->cls[k].frees;
+
+  release_job job = {.bufs = b, .n = 40, .tls_seen = p};
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, release_all_thread, &job), 0);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.remote_queued, 2);
+  assert_int_equal(st.remote_direct, 38);
+  assert_int_equal(ar->cls[k].frees - frees0, 38); /* counted by the arena at once */
+  assert_non_null(atomic_load(&p->sub_owner.remote));
+  for (sl_subpage *s = p->owned; s != NULL; s = s->own_next) assert_int_equal(s->nfree, 0);
+
+  assert_int_equal(sl_buf_drain(p), 2);   /* those two park in the bin */
+  /* Forty again: two hits, then the 38 from the remote stack, in the same
+   * ten subpages. */
+  for (int i = 0; i < 40; i++) {
+    assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+    int found = 0;
+    for (int j = 0; j < 40 && !found; j++) found = b[i]->data == data[j];
+    assert_true(found);
+  }
+  assert_null(atomic_load(&p->sub_owner.remote));
+  assert_int_equal(owned_count(p), 10);
+  assert_int_equal(ar->chunks, 1);
+  for (int i = 0; i < 40; i++) sl_buf_release(b[i]);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* An idle pool whose bins are empty still gives its owned subpages back,
+ * so that their chunk goes to the OS. */
+static void test_idle_tick_gives_back_owned_subpages(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.small_cache = 8;
+  cfg.trim_idle_ms = 50;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf *b[20];
+  for (int i = 0; i < 20; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  for (int i = 0; i < 20; i++) sl_buf_release(b[i]);
+  sl_pool_trim(p, 0);   /* nothing was used since: the bin empties into its subpages */
+  assert_int_equal(sl_test_stats(p).cached_blocks, 0);
+  assert_true(owned_count(p) >= 1);
+  assert_int_equal(p->arena->chunks, 1);
+
+  int64_t t = mono_ms() + 1000000;
+  idle_tick(p, t);
+  sl_pool_trim_report r = idle_tick(p, t + cfg.trim_idle_ms + 1);
+  assert_int_equal(r.blocks, 0);
+  assert_int_equal(r.chunks, 1);
+  assert_null(p->owned);
+  assert_int_equal(p->arena->chunks, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* ---- 12. max_memory ---- */
 
 static void test_max_memory_refuses_new_chunks_and_huge_blocks(void **state) {
@@ -2098,6 +2272,9 @@ int main(void) {
       cmocka_unit_test(test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly),
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
+      cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
+      cmocka_unit_test(test_foreign_frees_into_owned_subpages_come_back_to_the_owner),
+      cmocka_unit_test(test_idle_tick_gives_back_owned_subpages),
       cmocka_unit_test(test_max_memory_refuses_new_chunks_and_huge_blocks),
       cmocka_unit_test(test_unpooled_mode_behaves_like_pooled),
       cmocka_unit_test(test_huge_blocks_are_mapped_directly_and_unmapped_on_free),

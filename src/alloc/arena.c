@@ -490,6 +490,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
 }
 
 void sl_arena_subpage_disown(sl_arena *ar, sl_subpage *s) {
+  sl_subpage_to_bits(s);
   sl_subpage_set_owner(s, NULL);
   s->prev = s->next = s->own_prev = s->own_next = NULL;
   if (s->nfree == 0) return;   /* full: off the lists, as the arena keeps full ones */

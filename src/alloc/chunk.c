@@ -255,16 +255,36 @@ void *sl_subpage_alloc(sl_subpage *s) {
   return NULL;
 }
 
-uint32_t sl_subpage_free_word(sl_subpage *s) {
-  for (uint32_t k = 0, w = s->hint; k < s->nwords; k++) {
-    if (++w == s->nwords) w = 0;
-    if (~s->bits[w]) {
-      s->hint = w;
-      return w;
+void sl_subpage_to_list(sl_subpage *s) {
+  void *head = NULL;
+  size_t es = s->elem_size;
+  for (uint32_t w = s->nwords; w-- > 0;) {
+    uint64_t free_bits = ~s->bits[w];
+    while (free_bits != 0) {   /* highest first, so that the list starts low */
+      uint32_t bit = 63 - (uint32_t)__builtin_clzll(free_bits);
+      free_bits &= ~(1ull << bit);
+      void *e = s->base + ((size_t)w * 64 + bit) * es;
+      SL_UNPOISON(e, sizeof(void *));
+      *(void **)e = head;
+      head = e;
     }
   }
-  SL_ASSERT(0, "subpage bitmap disagrees with its free count");
-  return 0;
+  s->free = head;
+}
+
+void sl_subpage_to_bits(sl_subpage *s) {
+  for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
+  uint32_t n = 0;
+  for (void *e = s->free, *next; e != NULL; e = next) {
+    next = *(void **)e;
+    SL_POISON(e, sizeof(void *));
+    uint32_t i = sl_subpage_index(s, e);
+    s->bits[i >> 6] &= ~(1ull << (i & 63));
+    n++;
+  }
+  SL_ASSERT(n == s->nfree, "owned subpage's free list disagrees with its free count");
+  s->free = NULL;
+  s->hint = 0;
 }
 
 unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n) {

@@ -35,6 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "alloc/poison.h"
 #include "util/common.h"
 
 struct sl_arena;
@@ -66,7 +67,12 @@ typedef struct sl_sub_owner {
  *   owned     owner set; off the arena's lists; on its owner's list of all
  *             it owns (own_prev, own_next) and, while it has a free
  *             element, on the owner's list for its class (prev, next).
- *             Only the owner's thread touches its bitmap.
+ *             Only the owner's thread touches it. Its free elements are
+ *             on its free list (LIFO), not in the bitmap: the bitmap is
+ *             rebuilt when the arena takes the subpage back. Debug builds
+ *             keep the bitmap up to date as well, and abort on an element
+ *             freed twice (release builds only check that in the arena's
+ *             subpages).
  * The owner is read with sl_subpage_owner (relaxed: a plain load). */
 struct sl_subpage {
   sl_chunk *chunk;
@@ -80,6 +86,8 @@ struct sl_subpage {
   uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
   _Atomic(sl_sub_owner *) owner;     /* NULL: the arena's. Set and cleared under the
                                         arena's lock; its owner reads it without */
+  void *free;                  /* owned: its free elements, linked through their
+                                  first 8 bytes (see sl_subpage_to_list) */
   sl_subpage *own_prev, *own_next;   /* owned: its owner's list of all it owns */
   uint64_t bits[];             /* 1 = element in use */
 };
@@ -233,23 +241,12 @@ static inline void sl_subpage_set_owner(sl_subpage *s, sl_sub_owner *o) {
   atomic_store_explicit(&s->owner, o, memory_order_relaxed);
 }
 
-/* A bitmap word of s with a free element, from the hint on (s has one);
- * it becomes the hint. */
-uint32_t sl_subpage_free_word(sl_subpage *s);
-
-/* Takes one free element of s (it has one): the first of the hinted word. */
-static inline void *sl_subpage_take(sl_subpage *s) {
-  uint32_t w = s->hint;
-  uint64_t free_bits = ~s->bits[w];
-  if (__builtin_expect(free_bits == 0, 0)) {
-    w = sl_subpage_free_word(s);
-    free_bits = ~s->bits[w];
-  }
-  uint32_t bit = (uint32_t)__builtin_ctzll(free_bits);
-  s->bits[w] = ~(free_bits & (free_bits - 1));
-  s->nfree--;
-  return s->base + (size_t)(w * 64 + bit) * s->elem_size;
-}
+/* An arena's subpage becomes owned: its free elements go on its free
+ * list. */
+void sl_subpage_to_list(sl_subpage *s);
+/* An owned subpage goes back to the arena: its bitmap is rebuilt from the
+ * free list, which empties. */
+void sl_subpage_to_bits(sl_subpage *s);
 
 /* The element index of p in s (exact for runs below 16 MiB and elements
  * below 32 KiB, which subpages are; checked in sl_subpage_free). */
@@ -271,19 +268,38 @@ static inline int sl_subpage_free(sl_subpage *s, void *p) {
   return ++s->nfree == s->nelems;
 }
 
-/* sl_subpage_free for the owner of s: whether p is an element of s is
- * checked in debug builds only (the owner's blocks come from its own
- * headers); an element freed twice still aborts. Returns nfree as it was
+/* Takes an element of an owned subpage (it has a free one). */
+static inline void *sl_subpage_pop(sl_subpage *s) {
+  void *p = s->free;
+  s->free = *(void **)p;
+  s->nfree--;
+#ifndef NDEBUG
+  {
+    uint32_t i = sl_subpage_index(s, p);
+    SL_ASSERT(!(s->bits[i >> 6] & (1ull << (i & 63))), "owned subpage's free list has an element in use");
+    s->bits[i >> 6] |= 1ull << (i & 63);
+  }
+#endif
+  return p;
+}
+
+/* Gives element p back to its owned subpage s. Whether p is an element
+ * of s, and not free already, is checked in debug builds only (the
+ * owner's blocks come from its own headers). Returns nfree as it was
  * before. */
-static inline uint32_t sl_subpage_put(sl_subpage *s, void *p) {
-  uint32_t i = sl_subpage_index(s, p);
-  uint64_t bit = 1ull << (i & 63);
-  uint64_t *w = &s->bits[i >> 6];
-  SL_ASSERT_DEBUG(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
-                  "pointer is not an element of its subpage");
-  SL_ASSERT(*w & bit, "subpage element freed twice");
-  *w &= ~bit;
-  s->hint = i >> 6;
+static inline uint32_t sl_subpage_push(sl_subpage *s, void *p) {
+#ifndef NDEBUG
+  {
+    uint32_t i = sl_subpage_index(s, p);
+    SL_ASSERT(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
+              "pointer is not an element of its subpage");
+    SL_ASSERT(s->bits[i >> 6] & (1ull << (i & 63)), "subpage element freed twice");
+    s->bits[i >> 6] &= ~(1ull << (i & 63));
+  }
+#endif
+  SL_UNPOISON(p, sizeof(void *));
+  *(void **)p = s->free;
+  s->free = p;
   return s->nfree++;
 }
 

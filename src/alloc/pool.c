@@ -204,11 +204,10 @@ static void sl_pool_own_reclaim(sl_pool *p, int locked) {
   void *b = atomic_exchange_explicit(&p->sub_owner.remote, NULL, memory_order_acquire);
   while (b != NULL) {
     void *next = *(void **)b;
-    SL_POISON(b, sizeof(void *));
     uintptr_t c = (uintptr_t)b & p->chunk_mask;
     sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)b - c) >> p->page_shift];
     SL_ASSERT(s != NULL && sl_subpage_owner(s) == &p->sub_owner, "remote element of a subpage not owned");
-    uint32_t nfree = sl_subpage_put(s, b);
+    uint32_t nfree = sl_subpage_push(s, b);
     if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved_in(p, s, nfree, locked);
     b = next;
   }
@@ -237,6 +236,7 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
                                          bin->own_frees);
     if (s == NULL) return NULL;
     bin->own_allocs = bin->own_frees = 0;
+    sl_subpage_to_list(s);
     s->own_prev = NULL;
     s->own_next = p->owned;
     if (p->owned != NULL) p->owned->own_prev = s;

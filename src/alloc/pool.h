@@ -162,7 +162,7 @@ void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
  * allocation (bin->allocs). */
 static inline void *sl_pool_own_take(sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
-  void *mem = sl_subpage_take(s);
+  void *mem = sl_subpage_pop(s);
   if (__builtin_expect(s->nfree == 0, 0)) {
     bin->own = s->next;
     if (s->next != NULL) s->next->prev = NULL;
@@ -204,7 +204,7 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
   sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
   if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;
-  uint32_t nfree = sl_subpage_put(s, mem);
+  uint32_t nfree = sl_subpage_push(s, mem);
   bin->own_frees++;
   if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(p, s, nfree);
   return 1;

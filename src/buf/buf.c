@@ -148,15 +148,14 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A miss in a bin whose class owns subpages: a block from the hinted
- * bitmap word of the first owned subpage with room and a free header
- * (recycler or overflow list), with no call but tail calls; anything
- * else (no owned subpage with room, the hinted word full, no free header)
- * goes to the slow path. */
+/* A miss in a bin whose class owns subpages: a block from the first owned
+ * subpage with room and a free header (recycler or overflow list), with no
+ * call but tail calls; anything else (no owned subpage with room, no free
+ * header) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, sl_cache_bin *bin,
                                                            size_t cap, size_t max_cap) {
   sl_subpage *s = bin->own;
-  if (s == NULL || !sl_pool_header_ready(pool) || ~s->bits[s->hint] == 0)
+  if (s == NULL || !sl_pool_header_ready(pool))
     return sl_buf_alloc_slow(pool, cap, max_cap);
   uint8_t *data = sl_pool_own_take(bin);
   bin->allocs++;
@@ -401,7 +400,7 @@ __attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_cache_b
     return;
   }
   SL_POISON(data, r->block_size);
-  uint32_t nfree = sl_subpage_put(s, data);
+  uint32_t nfree = sl_subpage_push(s, data);
   bin->own_frees++;
   bin->frees++;
   if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) {

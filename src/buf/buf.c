@@ -152,8 +152,8 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
  * subpage with room and a free header (recycler or overflow list), with no
  * call but tail calls; anything else (no owned subpage with room, no free
  * header) goes to the slow path. */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, sl_cache_bin *bin,
-                                                           size_t cap, size_t max_cap) {
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
+                                                           size_t max_cap, sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
   if (s == NULL || !sl_pool_header_ready(pool))
     return sl_buf_alloc_slow(pool, cap, max_cap);
@@ -181,7 +181,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
   sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
   uint32_t n = bin->n;
-  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, bin, cap, max_cap);
+  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
   uintptr_t item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
   bin->used++;
@@ -391,8 +391,8 @@ __attribute__((noinline)) static void sl_buf_free_moved(sl_pool *pool, sl_buf *r
  * the recycler, with no call but tail calls. A block of a subpage the
  * pool does not own (given back to the arena since) takes the general
  * path. */
-__attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_cache_bin *bin,
-                                                       sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_buf *r,
+                                                       sl_cache_bin *bin) {
   uint8_t *data = r->data;
   sl_subpage *s = sl_pool_subpage_of(pool, data, r->sclass);
   if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
@@ -441,7 +441,7 @@ void sl_buf_free(sl_buf *r) {
     }
     if (bin->owns) {
       r->refcnt = 0;
-      sl_buf_free_miss(pool, bin, r);
+      sl_buf_free_miss(pool, r, bin);
       return;
     }
   }

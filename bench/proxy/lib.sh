@@ -327,14 +327,15 @@ bench_stop_proxy() {
 }
 
 bench_config_haproxy() {   # file workers upstream-port contender
-  local splice=""
+  local splice="" per_conn=2
   # HAProxy splices only when told to; sluice splices pass-through by default.
+  # Its pipes (up to maxconn / 4 of them) take descriptors too.
   case $4 in *-splice) splice="
-  option splice-auto" ;; esac
+  option splice-auto" per_conn=3 ;; esac
   cat >"$1" <<EOF
 global
   nbthread $2
-  maxconn $(( (NOFILE - 256) / 2 ))
+  maxconn $(( (NOFILE - 256) / per_conn ))
 defaults
   mode tcp$splice
   timeout connect 5s

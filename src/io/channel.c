@@ -753,16 +753,21 @@ static int sl_channel_splice_read(sl_channel *ch) {
   char why[128];
   const char *why_code = NULL;
   why[0] = '\0';
-  for (int i = 0; i < SL_RECV_MAX_READS && rc == SL_OK; i++) {
+  /* Fills the pipe as a read burst fills buffers (until the socket is
+   * empty or the pipe full), then hands it all to the peer at once, as
+   * the bridge flushes a burst: fewer, larger writes wake the reader on the
+   * other side less often. */
+  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
     if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
-    ssize_t n = sl_splice_in(ch->fd, &ch->spl, SL_PIPE_SIZE_MAX);
+    size_t room = ch->spl.cap - ch->spl_len;
+    if (room == 0) break;
+    ssize_t n = sl_splice_in(ch->fd, &ch->spl, room);
     if (n > 0) {
-      ch->spl_len = (uint32_t)n;
+      ch->spl_len += (uint32_t)n;
       total += (size_t)n;
       ch->bytes_in += (uint64_t)n;
       w->stats.bytes_in += (uint64_t)n;
-      rc = sl_channel_splice_drain(ch);
-      if ((size_t)n < SL_PIPE_SIZE_MIN) break;   /* the socket is likely empty */
+      if ((size_t)n < room) break;   /* the socket is empty, most likely */
       continue;
     }
     if (n == 0) {
@@ -773,9 +778,10 @@ static int sl_channel_splice_read(sl_channel *ch) {
     break;
   }
   if (total > 0) ch->last_active = ev_now(w->loop);
+  if (ch->spl_len > 0) rc = sl_channel_splice_drain(ch);   /* what was read goes on first */
   if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
   if (!(ch->flags & SL_CH_CLOSED)) {
-    if (eof) {
+    if (eof && rc == SL_OK) {
       sl_channel_input_closed(ch);
     } else if (total < SL_SPLICE_MIN_BURST && ch->spl_len == 0) {
       sl_channel_pipe_put(ch);   /* interactive again: buffers */

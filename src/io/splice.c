@@ -25,8 +25,10 @@ int sl_pipe_get(sl_pipe_pool *pp, size_t size, sl_pipe *out) {
   }
   size = SL_MAX(SL_MIN(size, (size_t)SL_PIPE_SIZE_MAX), (size_t)SL_PIPE_SIZE_MIN);
   (void)fcntl(fds[1], F_SETPIPE_SZ, (int)size);   /* refused: the default stays */
+  int cap = fcntl(fds[1], F_GETPIPE_SZ);
   out->rd = fds[0];
   out->wr = fds[1];
+  out->cap = cap > 0 ? (uint32_t)cap : SL_PIPE_SIZE_MIN;
   pp->open++;
   pp->created++;
   return SL_OK;

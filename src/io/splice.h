@@ -24,6 +24,7 @@
 
 typedef struct sl_pipe {
   int rd, wr;
+  uint32_t cap;                    /* bytes it holds at most (F_GETPIPE_SZ) */
 } sl_pipe;
 
 typedef struct sl_pipe_pool {

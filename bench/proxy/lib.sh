@@ -113,7 +113,7 @@ bench_settings() {   # mode
     bulk_bytes=${BULK_BYTES:-4294967296} idle_conns=${IDLE_CONNS:-10000}
   fi
   read -r -a workloads <<<"${WORKLOADS:-http-small redis-p16 bulk churn idle}"
-  all_contenders=(baseline haproxy-1w haproxy-2w nginx-1w nginx-2w
+  all_contenders=(baseline haproxy-1w haproxy-1w-splice haproxy-2w nginx-1w nginx-2w
                   sluice-1w sluice-1w-lua sluice-1w-guard sluice-2w sluice-2w-lua sluice-2w-guard)
   read -r -a contenders <<<"${CONTENDERS:-${all_contenders[*]}}"
   load_cpus=${LOAD_CPUS:-0}
@@ -266,9 +266,13 @@ bench_contender_workers() {
 }
 
 # Whether a contender belongs on a workload: the RESP guard rows run on
-# redis-p16 only.
+# redis-p16 only, HAProxy with splice-auto on bulk only (where it splices).
 bench_applies() {   # contender workload
-  case $1 in *-guard) [ "$2" = redis-p16 ] ;; *) return 0 ;; esac
+  case $1 in
+    *-guard) [ "$2" = redis-p16 ] ;;
+    *-splice) [ "$2" = bulk ] ;;
+    *) return 0 ;;
+  esac
 }
 
 # Why a contender has no figure on a workload ("" when it runs).
@@ -302,7 +306,7 @@ bench_start_proxy() {
     local d="$work/run/$c"
     mkdir -p "$d"
     case $c in
-      haproxy-*) bench_config_haproxy "$d/haproxy.cfg" "$n" "$up"
+      haproxy-*) bench_config_haproxy "$d/haproxy.cfg" "$n" "$up" "$c"
                  bench_spawn "$d/out.log" "$cpus" haproxy -db -f "$d/haproxy.cfg" ;;
       nginx-*)   bench_config_nginx "$d" "$n" "$up"
                  bench_spawn "$d/out.log" "$cpus" nginx -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
@@ -322,13 +326,18 @@ bench_stop_proxy() {
   PROXY_PID=""
 }
 
-bench_config_haproxy() {   # file workers upstream-port
+bench_config_haproxy() {   # file workers upstream-port contender
+  local splice="" per_conn=2
+  # HAProxy splices only when told to; sluice splices pass-through by default.
+  # Its pipes (up to maxconn / 4 of them) take descriptors too.
+  case $4 in *-splice) splice="
+  option splice-auto" per_conn=3 ;; esac
   cat >"$1" <<EOF
 global
   nbthread $2
-  maxconn $(( (NOFILE - 256) / 2 ))
+  maxconn $(( (NOFILE - 256) / per_conn ))
 defaults
-  mode tcp
+  mode tcp$splice
   timeout connect 5s
   timeout client 300s
   timeout server 300s

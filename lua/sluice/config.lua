@@ -55,6 +55,9 @@
 --                     (1 s), the kernel hands over a connection once its
 --                     client has sent something (for protocols where the
 --                     client speaks first)
+--     splice          optional boolean, default true: a pass-through
+--                     connection (no pipeline) moves bulk bytes socket to
+--                     socket with splice(2), without copying them
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -203,7 +206,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
                         "max_connections", "idle_timeout_ms", "connect_timeout_ms",
-                        "defer_accept" }
+                        "defer_accept", "splice" }
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check", "send_proxy" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
@@ -1100,6 +1103,9 @@ local function check_listener(l, path, ctx)
     if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
         fail(path .. ".defer_accept", "expected a boolean, got %s", show(l.defer_accept))
     end
+    if l.splice ~= nil and type(l.splice) ~= "boolean" then
+        fail(path .. ".splice", "expected a boolean, got %s", show(l.splice))
+    end
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -1119,6 +1125,7 @@ local function check_listener(l, path, ctx)
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
+        splice = l.splice ~= false,
     }
 end
 

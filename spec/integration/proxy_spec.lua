@@ -304,7 +304,9 @@ return {
       :gsub("^return {", [[return {
   workers = 1,
   allocator = { page_size = 4096, chunk_size = 65536, max_memory = 131072 },]])
-      :gsub('upstream = "back",', 'upstream = "back", low_water_mark = 524288, high_water_mark = 1048576,')
+      :gsub('upstream = "back",',
+            -- Buffers, not pipes: splicing would carry the bytes past the pool.
+            'upstream = "back", low_water_mark = 524288, high_water_mark = 1048576, splice = false,')
     local p = H.start_sluice(cfg)
     local input = H.tmpfile("pressure.bin")
     -- More than the kernel's socket buffers can absorb while the upstream

@@ -117,7 +117,7 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
@@ -144,12 +144,12 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
@@ -638,7 +638,7 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "idle_timeout_ms, connect_timeout_ms, defer_accept)",
+                         .. "idle_timeout_ms, connect_timeout_ms, defer_accept, splice)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 
@@ -763,7 +763,7 @@ describe("sluice.config", function()
 
       it("take defer_accept as a boolean", function()
         assert.is_true(ok_of(conf({ listener({ defer_accept = true }) })).listeners[1].defer_accept)
-        assert.is_false(ok_of(conf({ listener({ defer_accept = false }) })).listeners[1].defer_accept)
+        assert.is_false(ok_of(conf({ listener({ defer_accept = false, splice = true }) })).listeners[1].defer_accept)
         assert.are.equal("config error: listeners[1].defer_accept: expected a boolean, got 1",
                          err_of(conf({ listener({ defer_accept = 1 }) })))
         assert.are.equal('config error: listeners[1].defer_accept: expected a boolean, got "yes"',

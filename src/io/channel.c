@@ -250,7 +250,7 @@ static void sl_channel_update_reading(sl_channel *ch) {
   if (ch->flags & SL_CH_EMBEDDED) return;
   int want = (ch->flags & SL_CH_ACTIVE) && (ch->flags & (SL_CH_AUTOREAD | SL_CH_READ_ONCE)) &&
              !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
-                            SL_CH_READ_PAUSED));
+                            SL_CH_READ_PAUSED | SL_CH_SPLICE_FULL));
   if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
   else if (!want && ev_is_active(&ch->rio)) ev_io_stop(ch->w->loop, &ch->rio);
 }
@@ -285,6 +285,12 @@ void sl_channel_join(sl_channel *a, sl_channel *b) {
   b->peer = a;
   memcpy(&a->peer_addr, &b->remote.ss, SL_MIN(sizeof(a->peer_addr), (size_t)b->remote.len));
   memcpy(&b->peer_addr, &a->remote.ss, SL_MIN(sizeof(b->peer_addr), (size_t)a->remote.len));
+}
+
+void sl_channel_allow_splice(sl_channel *a, sl_channel *b) {
+  if ((a->flags | b->flags) & SL_CH_EMBEDDED) return;
+  a->flags |= SL_CH_SPLICE_OK;
+  b->flags |= SL_CH_SPLICE_OK;
 }
 
 /* ---- idle timeout ---- */
@@ -353,6 +359,14 @@ static void sl_channel_fin_drop(sl_channel *ch) {
   ch->flags &= ~(uint32_t)SL_CH_FIN_PENDING;
 }
 
+/* Gives the channel's pipe back to the worker's pool (closed unless empty). */
+static void sl_channel_pipe_put(sl_channel *ch) {
+  sl_pipe_put(&ch->w->pipes, &ch->spl, ch->spl_len == 0);
+  ch->w->stats.splice_pipes = ch->w->pipes.open;
+  ch->spl_len = 0;
+  ch->flags &= ~(uint32_t)(SL_CH_HAS_PIPE | SL_CH_SPLICE_FULL);
+}
+
 /* ---- closing ---- */
 
 static void sl_channel_close_peer(sl_channel *ch) {
@@ -388,6 +402,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_timer_stop(w->loop, &ch->timer);
   ev_timer_stop(w->loop, &ch->idle);
   if (ch->flags & SL_CH_FIN_PENDING) sl_channel_fin_drop(ch);
+  if (ch->flags & SL_CH_HAS_PIPE) sl_channel_pipe_put(ch);   /* bytes in it are dropped */
   if (ch->fd >= 0) {
     close(ch->fd);
     ch->fd = -1;
@@ -436,12 +451,6 @@ static const char *sl_channel_errno_reason(int e) {
   }
 }
 
-/* One write burst: at most write_spin_count sendmsg calls. Socket full, or
- * the burst spent with more to write: EV_WRITE brings the channel back (on
- * the next loop iteration at the latest, after the other ready channels).
- * Returns SL_OK, SL_AGAIN (more to write) or SL_ERROR (closed). Re-entered
- * from a callback of the burst (a promise, a writability change), it
- * returns SL_AGAIN: the running burst writes what was flushed since. */
 /* sl_outq_write under SL_CH_WRITING, counting what went out; the caller
  * holds a reference. *e gets errno. */
 static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
@@ -455,6 +464,21 @@ static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
   return rc;
 }
 
+/* A write (sendmsg or splice) failed with errno e: closes ch as an error. */
+static void sl_channel_write_failed(sl_channel *ch, int e) {
+  char why[128];
+  const char *code = sl_channel_errno_reason(e);
+  snprintf(why, sizeof(why), "%s (%s)", strcmp(code, SL_PROMISE_ERROR) == 0 ? "write error" : code,
+           strerror(e));
+  sl_channel_close_with(ch, code, why, 1);
+}
+
+/* One write burst: at most write_spin_count sendmsg calls. Socket full, or
+ * the burst spent with more to write: EV_WRITE brings the channel back (on
+ * the next loop iteration at the latest, after the other ready channels).
+ * Returns SL_OK, SL_AGAIN (more to write) or SL_ERROR (closed). Re-entered
+ * from a callback of the burst (a promise, a writability change), it
+ * returns SL_AGAIN: the running burst writes what was flushed since. */
 static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_WRITING) return SL_AGAIN;
   size_t n = 0;
@@ -464,11 +488,7 @@ static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSED) {
     rc = SL_ERROR; /* a callback closed it */
   } else if (rc == SL_ERROR) {
-    char why[128];
-    const char *code = sl_channel_errno_reason(e);
-    snprintf(why, sizeof(why), "%s (%s)", strcmp(code, SL_PROMISE_ERROR) == 0 ? "write error" : code,
-             strerror(e));
-    sl_channel_close_with(ch, code, why, 1);
+    sl_channel_write_failed(ch, e);
   } else if (rc != SL_OK || sl_outq_has_flushed(&ch->outq)) {
     rc = SL_AGAIN;
     if (!ev_is_active(&ch->wio)) ev_io_start(ch->w->loop, &ch->wio);
@@ -636,9 +656,147 @@ static void sl_channel_input_closed(sl_channel *ch) {
     sl_channel_close(ch, "eof", 0);
 }
 
+/* What a failed read (recv or splice: -1 with errno e) means: 1, try again
+ * (EINTR); 0, stop: the socket is empty (why stays empty) or failed (why
+ * and *code say how, for the close). */
+static int sl_channel_read_error(int e, char *why, size_t len, const char **code) {
+  if (e == EINTR) return 1;
+  if (e == EAGAIN || e == EWOULDBLOCK) return 0;
+  *code = sl_channel_errno_reason(e);
+  if (e == ECONNRESET) snprintf(why, len, "reset (%s)", strerror(e));
+  else snprintf(why, len, "read error (%s)", strerror(e));
+  return 0;
+}
+
+/* ---- kernel splicing ---- */
+
+/* A wake-up that splices less than this gives its pipe back: the
+ * exchange has turned interactive, and buffers serve it as well. */
+#define SL_SPLICE_MIN_BURST 4096
+
+/* Moves what src's pipe holds into its peer's socket. SL_OK: all of it
+ * (src reads again if it was paused); SL_AGAIN: the peer's socket is full,
+ * src stops reading and the peer's EV_WRITE goes on; SL_ERROR: the peer
+ * failed and was closed (src with it). The caller holds a reference on
+ * src. */
+static int sl_channel_splice_drain(sl_channel *src) {
+  sl_channel *dst = src->peer;
+  sl_worker *w = src->w;
+  size_t moved = 0;
+  while (src->spl_len > 0) {
+    ssize_t m = sl_splice_out(&src->spl, dst->fd, src->spl_len);
+    if (m > 0) {
+      src->spl_len -= (uint32_t)m;
+      moved += (size_t)m;
+      continue;
+    }
+    if (m < 0 && errno == EINTR) continue;
+    int e = m < 0 ? errno : EPIPE;
+    if (moved > 0) {
+      dst->bytes_out += moved;
+      w->stats.bytes_out += moved;
+      w->stats.spliced_bytes += moved;
+      dst->last_active = ev_now(w->loop);
+    }
+    if (e == EAGAIN || e == EWOULDBLOCK) {
+      if (!(src->flags & SL_CH_SPLICE_FULL)) {
+        src->flags |= SL_CH_SPLICE_FULL;
+        sl_channel_update_reading(src);
+        if (sl_log_enabled(SL_LOG_DEBUG))
+          sl_log(SL_LOG_DEBUG, "%s: paused reading from %s (%u bytes in its pipe)", dst->desc,
+                 src->desc, src->spl_len);
+      }
+      if (!ev_is_active(&dst->wio)) ev_io_start(w->loop, &dst->wio);
+      return SL_AGAIN;
+    }
+    sl_channel_write_failed(dst, e);
+    return SL_ERROR;
+  }
+  if (moved > 0) {
+    dst->bytes_out += moved;
+    w->stats.bytes_out += moved;
+    w->stats.spliced_bytes += moved;
+    dst->last_active = ev_now(w->loop);
+  }
+  if (src->flags & SL_CH_SPLICE_FULL) {
+    src->flags &= ~(uint32_t)SL_CH_SPLICE_FULL;
+    sl_channel_update_reading(src);
+    if (sl_log_enabled(SL_LOG_DEBUG))
+      sl_log(SL_LOG_DEBUG, "%s: resumed reading from %s (its pipe is empty)", dst->desc, src->desc);
+  }
+  return SL_OK;
+}
+
+/* One wake-up's reads through the pipe (see channel.h). SL_DECLINED when
+ * the peer cannot take spliced bytes now (its queue holds bytes that must
+ * go first, it is connecting or its output is closed) or no pipe is to be
+ * had: the caller reads into buffers instead. */
+static int sl_channel_splice_read(sl_channel *ch) {
+  sl_worker *w = ch->w;
+  sl_channel *dst = ch->peer;
+  if (dst == NULL ||
+      (dst->flags & (SL_CH_ACTIVE | SL_CH_CONNECTING | SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED |
+                     SL_CH_SHUTDOWN_PENDING | SL_CH_CLOSE_PENDING)) != SL_CH_ACTIVE ||
+      !sl_outq_is_empty(&dst->outq))
+    return SL_DECLINED;
+  if (!(ch->flags & SL_CH_HAS_PIPE)) {
+    if (sl_pipe_get(&w->pipes, dst->outq.high, &ch->spl) != SL_OK) {
+      ch->flags &= ~(uint32_t)SL_CH_SPLICING;   /* buffers from now on */
+      return SL_DECLINED;
+    }
+    ch->flags |= SL_CH_HAS_PIPE;
+    w->stats.splice_pipes = w->pipes.open;
+  }
+  sl_channel_ref(ch);
+  size_t total = 0;
+  int eof = 0, rc = SL_OK;
+  char why[128];
+  const char *why_code = NULL;
+  why[0] = '\0';
+  /* Fills the pipe as a read burst fills buffers (until the socket is
+   * empty or the pipe full), then hands it all to the peer at once, as
+   * the bridge flushes a burst: fewer, larger writes wake the reader on the
+   * other side less often. */
+  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
+    if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
+    size_t room = ch->spl.cap - ch->spl_len;
+    if (room == 0) break;
+    ssize_t n = sl_splice_in(ch->fd, &ch->spl, room);
+    if (n > 0) {
+      ch->spl_len += (uint32_t)n;
+      total += (size_t)n;
+      ch->bytes_in += (uint64_t)n;
+      w->stats.bytes_in += (uint64_t)n;
+      if ((size_t)n < room) break;   /* the socket is empty, most likely */
+      continue;
+    }
+    if (n == 0) {
+      eof = 1;
+      break;
+    }
+    if (sl_channel_read_error(errno, why, sizeof(why), &why_code)) continue;
+    break;
+  }
+  if (total > 0) ch->last_active = ev_now(w->loop);
+  if (ch->spl_len > 0) rc = sl_channel_splice_drain(ch);   /* what was read goes on first */
+  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
+  if (!(ch->flags & SL_CH_CLOSED)) {
+    if (eof && rc == SL_OK) {
+      sl_channel_input_closed(ch);
+    } else if (total < SL_SPLICE_MIN_BURST && ch->spl_len == 0) {
+      sl_channel_pipe_put(ch);   /* interactive again: buffers */
+      ch->flags &= ~(uint32_t)SL_CH_SPLICING;
+      sl_channel_recv_reset(ch);
+    }
+  }
+  sl_channel_unref(ch);
+  return SL_OK;
+}
+
 /* One wake-up's reads: up to SL_RECV_MAX_READS while the read watcher stays
  * on; speculative (sl_channel_read_now): one read, watcher or not. */
 static void sl_channel_read(sl_channel *ch, int speculative) {
+  if ((ch->flags & SL_CH_SPLICING) && !speculative && sl_channel_splice_read(ch) == SL_OK) return;
   sl_worker *w = ch->w;
   struct ev_loop *loop = w->loop;
   size_t total = 0;
@@ -672,7 +830,12 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       total += (size_t)n;
       ch->bytes_in += (uint64_t)n;
       w->stats.bytes_in += (uint64_t)n;
-      if ((size_t)n == size) sl_channel_recv_record(ch, (size_t)n); /* grow fast */
+      if ((size_t)n == size) {
+        sl_channel_recv_record(ch, (size_t)n); /* grow fast */
+        /* A bulk stream on a pass-through pair: splice from the next wake-up. */
+        if ((ch->flags & SL_CH_SPLICE_OK) && ch->recv_index == SL_RECV_MAX_INDEX)
+          ch->flags |= SL_CH_SPLICING;
+      }
       sl_pipeline_fire_read(&ch->pipe, b);
       if ((size_t)n < size) break;
       continue;
@@ -682,11 +845,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       eof = 1;
       break;
     }
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-    why_code = sl_channel_errno_reason(errno);
-    if (errno == ECONNRESET) snprintf(why, sizeof(why), "reset (%s)", strerror(errno));
-    else snprintf(why, sizeof(why), "read error (%s)", strerror(errno));
+    if (sl_channel_read_error(errno, why, sizeof(why), &why_code)) continue;
     break;
   }
   if (w->lua) w->lua_hold(w->lua, 0);
@@ -752,6 +911,17 @@ static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents)
     return;
   }
   sl_channel_ref(ch);
+  /* Bytes the peer spliced go first: its queue waits behind them. */
+  sl_channel *src = ch->peer;
+  if (src != NULL && src->spl_len > 0) {
+    sl_channel_ref(src);
+    int rc = sl_channel_splice_drain(src);
+    sl_channel_unref(src);
+    if (rc != SL_OK) {
+      sl_channel_unref(ch);
+      return;
+    }
+  }
   sl_channel_do_write(ch);
   sl_channel_unref(ch);
 }

@@ -25,6 +25,17 @@
  * outbound_limit closes the channel (reason "outbound_limit ...", an error:
  * the peer closes at once) and releases everything queued.
  *
+ * Kernel splicing: the two channels of a pass-through pair (no stage but
+ * the bridges, see sl_channel_allow_splice) move bulk bytes with splice(2)
+ * through a kernel pipe instead of buffers: once a channel's reads have
+ * grown to the largest receive size, it splices what it reads into a pipe
+ * and from there into its peer's socket, as long as the peer's outbound
+ * queue is empty (bytes stay in order). The pipe is the peer's queue for
+ * them: while it holds bytes the peer's socket did not take, the channel
+ * reads nothing (backpressure, as with the high water mark) and the
+ * peer's EV_WRITE moves them on. A wake-up that splices little (an
+ * interactive exchange) gives the pipe back and reads into buffers again.
+ *
  * Write promises: a write may carry a promise id (sl_channel_promise_mark /
  * sl_channel_promise_attach). Each id is reported exactly once through the
  * worker's promise_done hook: err NULL once the bytes of its write are all
@@ -42,6 +53,7 @@
 
 #include "io/addr.h"
 #include "io/outq.h"
+#include "io/splice.h"
 #include "pipeline/pipeline.h"
 
 struct sl_worker;
@@ -67,6 +79,10 @@ enum {
   SL_CH_ACTIVATING = 0x10000,   /* inside sl_channel_activate's channel_active */
   SL_CH_READ_NOW = 0x20000,     /* sl_channel_read_now asked while activating */
   SL_CH_FIN_PENDING = 0x40000,  /* output closed, its shutdown() at the iteration's end */
+  SL_CH_SPLICE_OK = 0x80000,    /* a pass-through pair: may splice to its peer */
+  SL_CH_SPLICING = 0x100000,    /* reads go through a pipe to the peer (kernel splicing) */
+  SL_CH_SPLICE_FULL = 0x200000, /* its pipe holds bytes the peer's socket did not take */
+  SL_CH_HAS_PIPE = 0x400000,    /* spl is a pipe from the worker's pool */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -128,9 +144,15 @@ struct sl_channel {
   uint64_t writes;           /* sl_channel_write calls */
   uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
+  sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
+  uint32_t spl_len;          /* bytes in spl, not yet taken by the peer's socket */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
   char reason[160];          /* why it closed */
 };
+
+/* Lets a pass-through pair (joined, each with no stage but its bridge)
+ * splice bulk bytes to each other (see above). */
+void sl_channel_allow_splice(sl_channel *a, sl_channel *b);
 
 /* Wraps an accepted, non-blocking fd. Returns the channel (not yet active:
  * build its pipeline, then sl_channel_activate), or NULL on ENOMEM (the fd is

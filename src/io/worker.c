@@ -130,6 +130,8 @@ static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int reven
   SL_UNUSED(loop);
   sl_pool_trim_report r;
   if (sl_pool_tick(w->pool, sl_alloc_now_ms(), &r)) {
+    sl_pipe_pool_trim(&w->pipes);   /* idle pipes go with the idle memory */
+    w->stats.splice_pipes = w->pipes.open;
     size_t lua_before = 0, lua_after = 0;
     if (w->lua && w->lua_idle) w->lua_idle(w->lua, &lua_before, &lua_after);
     sl_log(SL_LOG_INFO,
@@ -154,6 +156,7 @@ sl_worker *sl_worker_create(int id, struct sl_alloc *alloc) {
   }
   pthread_mutex_init(&w->call_lock, NULL);
   pthread_cond_init(&w->call_cond, NULL);
+  sl_pipe_pool_init(&w->pipes);
   ev_async_init(&w->stop_watcher, sl_worker_on_stop);
   ev_async_start(w->loop, &w->stop_watcher);
   ev_async_init(&w->wake_watcher, sl_worker_on_wake);
@@ -209,6 +212,7 @@ uint64_t sl_worker_destroy(sl_worker *w) {
            w->id, (unsigned long long)st.allocs,
            (unsigned long long)(st.remote_queued + st.remote_direct + st.remote_stacked));
   }
+  sl_pipe_pool_trim(&w->pipes);   /* every channel is gone: every pipe is idle */
   ev_loop_destroy(w->loop);
   sl_pool_destroy(w->pool);
   pthread_mutex_destroy(&w->call_lock);

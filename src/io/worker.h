@@ -20,6 +20,8 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "io/splice.h"
+
 struct sl_pool;
 struct sl_alloc;
 struct sl_channel;
@@ -33,6 +35,8 @@ typedef struct sl_worker_stats {
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t writability_changes; /* outbound queues crossing a water mark */
+  uint64_t spliced_bytes;       /* bytes_out that went socket to socket through a pipe */
+  uint64_t splice_pipes;        /* pipes open now (in use and idle) */
 } sl_worker_stats;
 
 typedef struct sl_worker sl_worker;
@@ -88,6 +92,7 @@ struct sl_worker {
    * prepare watcher sends them before the loop polls again. */
   struct sl_channel *fin_list;
   ev_prepare fin_watcher;
+  sl_pipe_pool pipes;             /* kernel pipes for splicing (io/splice.h) */
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   /* Counts an error raised by the named stage (set with metrics). */
   void (*stage_error)(struct sl_worker *w, const char *stage);

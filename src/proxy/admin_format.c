@@ -408,6 +408,13 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
   SL_PROM_PER_WORKER(o, r, "sluice_writability_changes_total", "counter",
                      "Outbound queues crossing a water mark (unwritable above high, writable "
                      "again below low).", s->stats.writability_changes);
+  SL_PROM_PER_WORKER(o, r, "sluice_spliced_bytes_total", "counter",
+                     "Bytes of pass-through connections moved socket to socket through a "
+                     "kernel pipe (splice), never copied into sluice; part of the sent bytes.",
+                     s->stats.spliced_bytes);
+  SL_PROM_PER_WORKER(o, r, "sluice_splice_pipes", "gauge",
+                     "Kernel pipes a worker has open for splicing (in use and idle; two "
+                     "descriptors each).", s->stats.splice_pipes);
   SL_PROM_PER_WORKER(o, r, "sluice_channels", "gauge",
                      "A worker's connections (client and upstream side), open or closing.",
                      s->channels);

@@ -17,13 +17,25 @@ typedef struct sl_bridge {
 
 static const sl_stage_ops sl_bridge_ops;
 
+/* Whether the bridge is p's only stage. */
+static int sl_bridge_alone(const sl_pipeline *p) {
+  const sl_ctx *first = p->head.next;
+  return first != &p->tail && first->ops == &sl_bridge_ops && first->next == &p->tail;
+}
+
 /* The upstream is connected and joined to its client: it gets its own
- * bridge, and the client is read from again. */
+ * bridge, and the client is read from again. A pass-through pair (no
+ * stage but the bridges) may splice (sl_channel_allow_splice) unless its
+ * listener says splice = false. */
 static void sl_bridge_on_connect(sl_channel *up) {
   sl_channel *client = up->peer;
   if (sl_pipeline_add_last(&up->pipe, &sl_bridge_ops, "bridge") == NULL) {
     sl_channel_close(up, "out of memory building the upstream pipeline", 1);
     return;
+  }
+  if (client != NULL && sl_bridge_alone(&client->pipe)) {
+    const sl_listener_cfg *lc = sl_server_listener_cfg(client);
+    if (lc != NULL && lc->splice) sl_channel_allow_splice(client, up);
   }
   sl_channel_activate(up);
   if (client && !sl_channel_is_closed(client)) sl_channel_set_autoread(client, 1);

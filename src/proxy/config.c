@@ -211,6 +211,9 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     lua_getfield(L, lt, "defer_accept");
     l->defer_accept = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    lua_getfield(L, lt, "splice");
+    l->splice = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);

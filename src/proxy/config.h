@@ -74,6 +74,7 @@ typedef struct sl_listener_cfg {
   double idle_timeout;         /* seconds; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
+  int splice;                  /* 1: pass-through connections may splice (io/splice.h) */
 } sl_listener_cfg;
 
 typedef struct sl_config {

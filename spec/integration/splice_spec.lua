@@ -1,0 +1,130 @@
+-- Kernel splicing on pass-through listeners, through the real binary with
+-- real peers (socat) on loopback: bytes intact and in order, every byte
+-- counted, the peer's FIN after the last spliced byte, a slow reader, a
+-- peer that goes away mid-transfer, and the listeners that must not splice.
+local H = require("helpers")
+
+local MiB = 1024 * 1024
+
+local function config(port, admin_port, upstream_port, extra, log_level)
+  return ([[
+return {
+  workers = 1,
+  log_level = "%s",
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back", %s },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" }, connect_timeout_ms = 2000 } },
+  admin = { listen = "127.0.0.1:%d" },
+}
+]]):format(log_level or "info", port, extra or "", upstream_port, admin_port)
+end
+
+local function digest(path)
+  return (H.sh("sha256sum < " .. H.shq(path))):match("^(%x+)")
+end
+
+local function random_file(name, bytes)
+  local path = H.tmpfile(name)
+  H.sh(("head -c %d /dev/urandom > %s"):format(bytes, H.shq(path)))
+  return path
+end
+
+describe("splicing", function()
+  local peers = {}
+  after_each(function()
+    for _, p in ipairs(peers) do H.stop(p, "KILL") end
+    peers = {}
+  end)
+
+  -- Runs one exchange of `bytes` random bytes with an echo peer and returns
+  -- the spliced and sent byte counts from /metrics.
+  local function echo_run(extra, bytes)
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, echo.port, extra))
+    local input = random_file("in.bin", bytes)
+    local _, rc, out = H.exchange(port, { file = input }, 60)
+    assert.are.equal(0, rc)
+    assert.are.equal(bytes, #H.read(out))
+    assert.are.equal(digest(input), digest(out))
+    -- The access log line is written at close: wait for it, then read.
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_connections_total", 'listener="front"') == 1 and
+             H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+    end, 10))
+    local m = {
+      spliced = H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"'),
+      pipes = H.metric(admin, "sluice_splice_pipes", 'worker="0"'),
+      sent = H.metric(admin, "sluice_sent_bytes_total", 'listener="front"'),
+      received = H.metric(admin, "sluice_received_bytes_total", 'listener="front"'),
+    }
+    m.log = H.stop_sluice(p)
+    return m
+  end
+
+  it("moves a bulk echo exchange through pipes, intact, counting every byte", function()
+    local m = echo_run(nil, 32 * MiB)
+    -- Both ways together sent 64 MiB; all but the first reads of each way
+    -- (before the reads grow to the largest size) went through a pipe.
+    assert.is_true(m.spliced > 48 * MiB and m.spliced <= 64 * MiB, tostring(m.spliced))
+    assert.are.equal(32 * MiB, m.received)
+    assert.are.equal(32 * MiB, m.sent)
+    -- The pipes went back to the worker's pool, empty, for the next ones.
+    assert.is_true(m.pipes >= 1 and m.pipes <= 2, tostring(m.pipes))
+    assert.matches(("closed: eof %%(in %d B, out %d B"):format(32 * MiB, 32 * MiB), m.log)
+  end)
+
+  it("does not splice with splice = false", function()
+    local m = echo_run("splice = false", 8 * MiB)
+    assert.are.equal(0, m.spliced)
+    assert.are.equal(0, m.pipes)
+    assert.are.equal(8 * MiB, m.sent)
+  end)
+
+  it("does not splice where a stage sees the bytes", function()
+    local m = echo_run('pipeline = { "examples.stages.log_chunks" }', 8 * MiB)
+    assert.are.equal(0, m.spliced)
+    assert.are.equal(8 * MiB, m.sent)
+  end)
+
+  it("waits for a slow reader, and sends the client's FIN after the last spliced byte", function()
+    -- The peer reads nothing for a second, so the pipe and both sockets
+    -- fill up and sluice must stop reading; then it hashes everything it
+    -- gets up to the FIN and answers with the hash.
+    local peer = H.start_peer("sleep 1; sha256sum", nil, "-t 10")
+    peers[#peers + 1] = peer
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, peer.port, nil, "debug"))
+    local input = random_file("slow.bin", 48 * MiB)
+    local out, rc = H.exchange(port, { file = input }, 60)
+    local spliced = H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"')
+    local log = H.stop_sluice(p)
+    assert.are.equal(0, rc, log)
+    assert.are.equal(digest(input), out:match("^(%x+)"), log)
+    assert.is_true(spliced > 32 * MiB, tostring(spliced))
+    assert.matches("upstream [^\n]*: paused reading from client [^\n]* bytes in its pipe%)", log)
+    assert.matches("upstream [^\n]*: resumed reading from client [^\n]*%(its pipe is empty%)", log)
+  end)
+
+  it("closes both sides when the peer goes away mid-transfer, and serves the next client", function()
+    -- Reads 1 MiB, then exits: the rest of the transfer meets a closed socket.
+    local peer = H.start_peer("head -c 1048576 > /dev/null")
+    peers[#peers + 1] = peer
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, peer.port))
+    local input = random_file("cut.bin", 64 * MiB)
+    H.exchange(port, { file = input }, 30)
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+    end, 10))
+    -- The next connection is served as usual (the peer takes its few bytes).
+    local _, rc = H.exchange(port, "hello", 10)
+    assert.are.equal(0, rc)
+    assert.are.equal(2, H.metric(admin, "sluice_connections_total", 'listener="front"'))
+    local log = H.stop_sluice(p)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed", log)
+    assert.is_falsy(log:find("LEAK", 1, true))
+  end)
+end)

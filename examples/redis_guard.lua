@@ -48,6 +48,13 @@ local MAX_DEPTH = 32            -- nesting of the replies we count
 -- Returns nil when it is not one.
 local function int_at(b, from, cr)
   if cr <= from or cr - from > 12 or b:get_u8(cr) ~= CR then return nil end
+  -- One or two digits without a loop (see uint_line).
+  local d1 = b:get_u8(from) - 48
+  if d1 >= 0 and d1 <= 9 then
+    if cr - from == 1 then return d1 end
+    local d2 = b:get_u8(from + 1) - 48
+    if cr - from == 2 and d2 >= 0 and d2 <= 9 then return d1 * 10 + d2 end
+  end
   local neg = b:get_u8(from) == MINUS
   if neg then from = from + 1 end
   if from == cr then return nil end
@@ -58,6 +65,45 @@ local function int_at(b, from, cr)
     n = n * 10 + d
   end
   return neg and -n or n
+end
+
+-- The line "<digits>\r\n" starting at index from (digits only, at most 12):
+-- returns its value and the index just past its "\n"; nil when it goes on
+-- past w (more bytes needed); false when it is not such a line. One pass
+-- over the bytes, without searching for the "\n" first.
+local function uint_line(b, from, w)
+  -- One or two digits, the common case, without a loop: a loop that runs
+  -- once or twice inside the hot loops above makes LuaJIT's traces abort
+  -- ("inner loop in root trace") and may leave the parser interpreted.
+  if from + 3 < w then
+    local d1, c2 = b:get_u8(from) - 48, b:get_u8(from + 1)
+    if d1 >= 0 and d1 <= 9 then
+      if c2 == CR then
+        if b:get_u8(from + 2) ~= LF then return false end
+        return d1, from + 3
+      end
+      local c3 = b:get_u8(from + 2)
+      if c2 >= 48 and c2 <= 57 and c3 == CR then
+        if b:get_u8(from + 3) ~= LF then return false end
+        return d1 * 10 + c2 - 48, from + 4
+      end
+    end
+  end
+  local n, k = 0, from
+  local last = from + 12
+  while k < w do
+    local d = b:get_u8(k) - 48
+    if d < 0 or d > 9 then
+      if d ~= CR - 48 or k == from then return false end
+      if k + 1 >= w then return nil end
+      if b:get_u8(k + 1) ~= LF then return false end
+      return n, k + 2
+    end
+    if k == last then return false end
+    n = n * 10 + d
+    k = k + 1
+  end
+  return nil
 end
 
 -- The first word of an inline command as redis-server reads it (its
@@ -102,54 +148,34 @@ local function inline_name(line)
   return concat(name)
 end
 
--- One command starting at index i of b (w is the writer index, ri the reader
--- index). Returns the index just past it and its name in upper case (""
--- when the name is longer than `namelen`, so cannot be denied; nil for an
--- empty command, which redis-server ignores without a reply). Returns nil
--- when the command is not complete yet, false and a reason when malformed.
-local function parse_command(b, i, w, ri, namelen)
-  if b:get_u8(i) ~= STAR then
-    -- Inline: words up to "\n" (or "\r\n").
-    local nl = b:find(LF, i, w)
-    if nl == nil then
-      if w - i > MAX_INLINE then return false, "inline command too long" end
-      return nil
-    end
-    local stop = nl -- redis-server drops the "\r" before the "\n"
-    if stop > i and b:get_u8(stop - 1) == CR then stop = stop - 1 end
-    local name = inline_name(b:tostring(i - ri, stop - i))
-    return nl + 1, name and upper(name)
-  end
-  -- "*<n>\r\n" then n times "$<len>\r\n<len bytes>\r\n".
+-- An inline command starting at index i of b (w is the writer index, ri
+-- the reader index): words up to "\n" (or "\r\n"). Returns the index just
+-- past it and its name in upper case (nil for an empty line, which
+-- redis-server ignores without a reply); nil when the line is not complete
+-- yet; false and a reason when it is too long.
+local function parse_inline(b, i, w, ri)
   local nl = b:find(LF, i, w)
   if nl == nil then
-    if w - i > 16 then return false, "bad array header" end
+    if w - i > MAX_INLINE then return false, "inline command too long" end
+    return nil
+  end
+  local stop = nl -- redis-server drops the "\r" before the "\n"
+  if stop > i and b:get_u8(stop - 1) == CR then stop = stop - 1 end
+  local name = inline_name(b:tostring(i - ri, stop - i))
+  return nl + 1, name and upper(name)
+end
+
+-- The header "*<n>\r\n" of a command at index i: n and the index past it;
+-- nil when it is not complete yet; false when malformed.
+local function array_header(b, i, w)
+  local nl = b:find(LF, i, w)
+  if nl == nil then
+    if w - i > 16 then return false end
     return nil
   end
   local n = int_at(b, i + 1, nl - 1)
-  if n == nil or n > MAX_ARGS then return false, "bad array header" end
-  local j = nl + 1
-  if n <= 0 then return j, nil end
-  local name = ""
-  for k = 1, n do
-    if j >= w then return nil end
-    if b:get_u8(j) ~= DOLLAR then return false, "expected '$'" end
-    nl = b:find(LF, j, w)
-    if nl == nil then
-      if w - j > 16 then return false, "bad bulk length" end
-      return nil
-    end
-    local len = int_at(b, j + 1, nl - 1)
-    if len == nil or len < 0 or len > MAX_BULK then return false, "bad bulk length" end
-    j = nl + 1
-    if w - j < len + 2 then return nil end
-    if b:get_u8(j + len) ~= CR or b:get_u8(j + len + 1) ~= LF then
-      return false, "bulk string not followed by CRLF"
-    end
-    if k == 1 and len <= namelen then name = upper(b:tostring(j - ri, len)) end
-    j = j + len + 2
-  end
-  return j, name
+  if n == nil or n > MAX_ARGS then return false end
+  return n, nl + 1
 end
 
 ---------------------------------------------------------------------------
@@ -178,59 +204,51 @@ local function element_done(rs)
   return true
 end
 
--- Scans b from index i (w the writer index). Returns the index just past the
--- first reply that ends in [i, w); nil when none does (the scanner keeps
--- its place for the next chunk); false when the bytes are not RESP.
-local function scan_reply(rs, b, i, w)
-  while i < w do
-    if rs.skip > 0 then
-      if w - i < rs.skip then
-        rs.skip = rs.skip - (w - i)
-        return nil
-      end
-      i = i + rs.skip
-      rs.skip = 0
-      if element_done(rs) then return i end
-    else
-      local nl = b:find(LF, i, w)
-      if nl == nil then -- the header line goes on in the next chunk
-        rs.part = (rs.part or "") .. b:tostring(i - b:reader_index(), w - i)
-        if #rs.part > MAX_INLINE then return false end
-        return nil
-      end
-      local t, n
-      if rs.part then
-        local line = rs.part .. b:tostring(i - b:reader_index(), nl + 1 - i)
-        rs.part = nil
-        t, n = byte(line), tonumber(line:sub(2, -3))
-      else
-        t = b:get_u8(i)
-        if not SIMPLE[t] then n = int_at(b, i + 1, nl - 1) end
-      end
-      i = nl + 1
-      if SIMPLE[t] then
-        if element_done(rs) then return i end
-      elseif BULK[t] and n then
-        if n < 0 then
-          if element_done(rs) then return i end
-        else
-          rs.skip = n + 2 -- the bytes and their "\r\n"
-        end
-      elseif ARRAY[t] and n then
-        if n <= 0 then
-          if element_done(rs) then return i end
-        elseif rs.depth == MAX_DEPTH then
-          return false
-        else
-          rs.depth = rs.depth + 1
-          rs.left[rs.depth] = n * ARRAY[t]
-        end
-      else
-        return false
-      end
+-- Scans one element of a reply at index i of b (w the writer index):
+-- returns the index just past it and whether it completed a reply; nil when
+-- it goes on in the next chunk (the scanner keeps its place); false when the
+-- bytes are not RESP. The caller loops (one element per turn, no loop
+-- nested in it for the common replies).
+local function scan_element(rs, b, i, w)
+  if rs.skip > 0 then
+    if w - i < rs.skip then
+      rs.skip = rs.skip - (w - i)
+      return nil
     end
+    i = i + rs.skip
+    rs.skip = 0
+    return i, element_done(rs)
   end
-  return nil
+  local nl = b:find(LF, i, w)
+  if nl == nil then -- the header line goes on in the next chunk
+    rs.part = (rs.part or "") .. b:tostring(i - b:reader_index(), w - i)
+    if #rs.part > MAX_INLINE then return false end
+    return nil
+  end
+  local t, n
+  if rs.part then
+    local line = rs.part .. b:tostring(i - b:reader_index(), nl + 1 - i)
+    rs.part = nil
+    t, n = byte(line), tonumber(line:sub(2, -3))
+  else
+    t = b:get_u8(i)
+    if not SIMPLE[t] then n = int_at(b, i + 1, nl - 1) end
+  end
+  i = nl + 1
+  if SIMPLE[t] then return i, element_done(rs) end
+  if BULK[t] and n then
+    if n < 0 then return i, element_done(rs) end
+    rs.skip = n + 2 -- the bytes and their "\r\n"
+    return i, false
+  end
+  if ARRAY[t] and n then
+    if n <= 0 then return i, element_done(rs) end
+    if rs.depth == MAX_DEPTH then return false end
+    rs.depth = rs.depth + 1
+    rs.left[rs.depth] = n * ARRAY[t]
+    return i, false
+  end
+  return false
 end
 
 ---------------------------------------------------------------------------
@@ -292,13 +310,13 @@ local function deny_set(options)
   if type(list) ~= "table" then
     error("examples.redis_guard: option 'deny' must be a list of command names", 0)
   end
-  set = { longest = 0 }
+  set = { lens = {} }
   for i, name in ipairs(list) do
     if type(name) ~= "string" then
       error(("examples.redis_guard: deny[%d] must be a string"):format(i), 0)
     end
     set[upper(name)] = true
-    if #name > set.longest then set.longest = #name end
+    set.lens[#name] = true
   end
   deny_sets[options] = set
   return set
@@ -329,33 +347,72 @@ end
 local function decode(ctx, cum, out)
   local g = guard(ctx)
   if g.closed then return cum:skip(#cum) end -- closing: drop the rest
+  local lens = g.deny.lens
   local ri, w = cum:reader_index(), cum:writer_index()
-  local i, run = ri, 0 -- [ri, i) holds `run` allowed commands not passed on yet
+  -- [ri, done) holds `run` allowed commands not passed on yet; a command
+  -- starts at `done`, of which `left` bulk strings are still to be read.
+  -- One token (a header, a bulk string or an inline line) per turn of one
+  -- loop: no loop nested in it on the common path, so that LuaJIT compiles
+  -- it as one trace.
+  local i, done, run, left, name, first = ri, ri, 0, 0, nil, false
   while i < w do
-    local e, name = parse_command(cum, i, w, ri, g.deny.longest)
-    if e == nil then break end -- wait for more bytes
-    if e == false then
-      if i > ri then
-        out[#out + 1] = cum:read_slice(i - ri):retain()
-        owe_server(g, run)
+    local e, why
+    if left == 0 then -- a command starts at i
+      if cum:get_u8(i) ~= STAR then
+        e, why = parse_inline(cum, i, w, ri)
+        if e == nil then break end -- wait for more bytes
+        name = why
+      else
+        local n, at = array_header(cum, i, w)
+        if n == nil then break end
+        if n == false then e, why = false, "bad array header"
+        elseif n <= 0 then e, name = at, nil -- empty: no reply
+        else
+          left, name, first, i = n, "", true, at
+        end
       end
-      return malformed(ctx, g, "from the client", name)
+    elseif cum:get_u8(i) ~= DOLLAR then -- one bulk string of the command
+      e, why = false, "expected '$'"
+    else
+      local len, at = uint_line(cum, i + 1, w)
+      if len == nil then break end
+      if len == false or len > MAX_BULK then
+        e, why = false, "bad bulk length"
+      elseif w - at < len + 2 then
+        break
+      elseif cum:get_u8(at + len) ~= CR or cum:get_u8(at + len + 1) ~= LF then
+        e, why = false, "bulk string not followed by CRLF"
+      else
+        -- The name is read only when a denied one is that long.
+        if first and lens[len] then name = upper(cum:tostring(at - ri, len)) end
+        first, left, i = false, left - 1, at + len + 2
+        if left == 0 then e = i end
+      end
     end
-    if name and g.deny[name] then
-      if i > ri then -- the allowed commands before it go on first
-        out[#out + 1] = cum:read_slice(i - ri):retain()
+    if e == false then
+      if done > ri then -- the complete commands before it go on first
+        out[#out + 1] = cum:read_slice(done - ri):retain()
         owe_server(g, run)
       end
-      cum:skip(e - i) -- the denied command's bytes are dropped
-      owe_local(ctx, g, "-ERR command '" .. name .. "' is not allowed\r\n")
-      ri, run = e, 0
-    elseif name then
-      run = run + 1
-    end -- an empty command goes on too, and the server answers nothing
-    i = e
+      return malformed(ctx, g, "from the client", why)
+    end
+    if e then -- the command [done, e) is complete
+      if name and g.deny[name] then
+        if done > ri then -- the allowed commands before it go on first
+          out[#out + 1] = cum:read_slice(done - ri):retain()
+          owe_server(g, run)
+        end
+        cum:skip(e - done) -- the denied command's bytes are dropped
+        owe_local(ctx, g, "-ERR command '" .. name .. "' is not allowed\r\n")
+        ri, run = e, 0
+      elseif name then
+        run = run + 1
+      end -- an empty command goes on too, and the server answers nothing
+      done, i = e, e
+    end
   end
-  if i > ri then
-    out[#out + 1] = cum:read_slice(i - ri):retain()
+  if done > ri then
+    out[#out + 1] = cum:read_slice(done - ri):retain()
     owe_server(g, run)
   end
 end
@@ -371,13 +428,13 @@ function stage.write(ctx, msg, p)
   local from, i = ri, ri -- [ri, from) already went out as slices
   local pieces = g.pieces
   while i < w and not g.closed do
-    local e = scan_reply(g.rs, msg, i, w)
+    local e, complete = scan_element(g.rs, msg, i, w)
     if e == nil then break end
     if e == false then
       malformed(ctx, g, "from the server", "not a RESP reply")
       break
     end
-    local due = server_replied(g)
+    local due = complete and server_replied(g)
     if due then
       pieces[#pieces + 1] = msg:retained_slice(from, e - from)
       pieces[#pieces + 1] = due

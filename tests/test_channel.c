@@ -3,8 +3,10 @@
  * promises through the worker's promise_done hook (order, split writes,
  * closed channels, close, reset, timeout, outbound_limit), the outbound
  * limit closing both sides of a joined pair, write bursts that yield to
- * other channels (the spin count), and writability events on every
- * crossing of the water marks. Channels wrap one end of an AF_UNIX
+ * other channels (the spin count), writability events on every
+ * crossing of the water marks, and kernel splicing between a joined pair
+ * (the worker's pipe pool, a pipe the peer does not empty pausing reads,
+ * order kept). Channels wrap one end of an AF_UNIX
  * socketpair; the test holds the other end ("peer").
  */
 #include "test_util.h"
@@ -712,6 +714,87 @@ static void test_writability_reaches_stages_on_every_crossing(void **state) {
   finish(f);
 }
 
+/* ---- kernel splicing ---- */
+
+static void test_pipe_pool_reuses_empty_pipes_and_keeps_its_bounds(void **state) {
+  SL_UNUSED(state);
+  sl_pipe_pool pp;
+  sl_pipe_pool_init(&pp);
+  pp.max_open = 2;
+  sl_pipe a, b, c;
+  assert_int_equal(sl_pipe_get(&pp, 1 << 20, &a), SL_OK);
+  assert_true(a.cap >= SL_PIPE_SIZE_MIN);
+  assert_int_equal(sl_pipe_get(&pp, 0, &b), SL_OK);
+  assert_int_equal(pp.open, 2);
+  assert_int_equal(sl_pipe_get(&pp, 0, &c), SL_ERROR);   /* at max_open */
+  assert_int_equal(pp.refused, 1);
+  sl_pipe_put(&pp, &a, 1);                              /* empty: kept */
+  assert_int_equal(pp.nidle, 1);
+  assert_int_equal(pp.open, 2);
+  assert_int_equal(sl_pipe_get(&pp, 0, &c), SL_OK);
+  assert_int_equal(c.rd, a.rd);                         /* the same pipe again */
+  sl_pipe_put(&pp, &b, 0);                              /* not empty: closed */
+  assert_int_equal(pp.open, 1);
+  assert_int_equal(pp.nidle, 0);
+  sl_pipe_put(&pp, &c, 1);
+  sl_pipe_pool_trim(&pp);
+  assert_int_equal(pp.open, 0);
+  assert_int_equal(pp.created, 2);
+}
+
+/* Writes what the socket takes of src[*sent..total) without blocking. */
+static void send_some(int fd, const uint8_t *src, size_t total, size_t *sent) {
+  if (*sent == total) return;
+  ssize_t n = send(fd, src + *sent, total - *sent, MSG_DONTWAIT);
+  if (n > 0) *sent += (size_t)n;
+}
+
+static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **state) {
+  fixture *f = *state;
+  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
+  int pb;
+  sl_channel *b = open_slow(f, 1 << 16, 1 << 17, NULL, &pb);
+  sl_channel_join(a, b);
+  sl_channel_allow_splice(a, b);
+  a->flags |= SL_CH_SPLICING;   /* what reads grown to the largest size do */
+  sl_channel_ref(a);            /* its end of input closes it: read its flags after */
+  enum { TOTAL = 2 << 20 };
+  static uint8_t src[TOTAL], got[TOTAL];
+  sl_test_fill_pattern(src, TOTAL, 0);
+  size_t sent = 0, received = 0;
+  /* The peer reads nothing: the pipe fills, a stops reading and waits for
+   * b's socket to take more. */
+  for (int i = 0; i < 100000 && !(a->flags & SL_CH_SPLICE_FULL); i++) {
+    send_some(f->peer[0], src, TOTAL, &sent);
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+  }
+  assert_true(a->flags & SL_CH_SPLICE_FULL);
+  assert_true(a->spl_len > 0);
+  assert_false(ev_is_active(&a->rio));
+  assert_true(ev_is_active(&b->wio));
+  /* The peer reads: everything arrives, in order, and a reads again. */
+  for (int i = 0; i < 1000000 && received < TOTAL; i++) {
+    send_some(f->peer[0], src, TOTAL, &sent);
+    received += sl_test_read_available(pb, got + received, TOTAL - received);
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+  }
+  assert_int_equal(received, TOTAL);
+  assert_int_equal(sl_test_pattern_mismatch(got, TOTAL, 0), TOTAL);
+  assert_int_equal(a->bytes_in, TOTAL);
+  assert_int_equal(b->bytes_out, TOTAL);
+  /* Small last reads may go through buffers; the bulk went through pipes. */
+  assert_true(f->w->stats.spliced_bytes >= TOTAL / 2);
+  assert_int_equal(a->spl_len, 0);
+  assert_false(a->flags & SL_CH_SPLICE_FULL);
+  /* The end of input is seen after the last byte went on. */
+  assert_int_equal(shutdown(f->peer[0], SHUT_WR), 0);
+  for (int i = 0; i < 100000 && !(a->flags & SL_CH_INPUT_CLOSED); i++)
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+  assert_true(a->flags & SL_CH_INPUT_CLOSED);
+  sl_channel_unref(a);
+  finish(f);
+}
+
 #define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
 
 int main(void) {
@@ -735,6 +818,8 @@ int main(void) {
       FIXTURE_TEST(test_default_outbound_limit_is_16_mib),
       FIXTURE_TEST(test_a_busy_channel_yields_after_its_spin_count),
       FIXTURE_TEST(test_writability_reaches_stages_on_every_crossing),
+      cmocka_unit_test(test_pipe_pool_reuses_empty_pipes_and_keeps_its_bounds),
+      FIXTURE_TEST(test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -490,7 +490,7 @@ void sl_admin_format_memory(sl_text *o, const sl_admin_report *r) {
 
   sl_text_printf(o, "\nPool by worker (buffers: blocks live buffers hold; cached: free blocks "
                     "its cache keeps):\n");
-  uint64_t lua_total = 0, outq_total = 0;
+  uint64_t lua_total = 0, outq_total = 0, pipe_total = 0, pipes = 0;
   for (int i = 0; i < r->nworkers; i++) {
     const sl_metrics_snap *s = r->snaps[i];
     if (s == NULL) {
@@ -505,6 +505,8 @@ void sl_admin_format_memory(sl_text *o, const sl_admin_report *r) {
                    (unsigned long long)s->pool.cached_bytes);
     lua_total += s->lua_bytes;
     outq_total += s->outq_bytes;
+    pipe_total += s->pipe_bytes;
+    pipes += s->stats.splice_pipes;
   }
 
   sl_agg lis = {0};
@@ -545,6 +547,9 @@ void sl_admin_format_memory(sl_text *o, const sl_admin_report *r) {
   free(held.rows);
 
   sl_text_printf(o, "\nOutbound queues: queued=%llu\n", (unsigned long long)outq_total);
+  /* Spliced bytes wait in the kernel, not in the pool: shown apart. */
+  sl_text_printf(o, "Splice pipes (kernel memory): pipes=%llu waiting=%llu\n",
+                 (unsigned long long)pipes, (unsigned long long)pipe_total);
   sl_text_printf(o, "\nLua heaps:\n");
   SL_EACH_SNAP(r, s) {
     if (s->has_lua)

@@ -456,6 +456,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
   }
   for (sl_channel *ch = w->channels; ch != NULL; ch = ch->next) {
     s->outq_bytes += ch->outq.pending;
+    s->pipe_bytes += ch->spl_len;
     if (ch->mlistener == 0 || ch->mlistener > m->nlisteners) continue;
     sl_metrics_listener_snap *o = &s->listeners[ch->mlistener - 1];
     o->outq_bytes += ch->outq.pending;

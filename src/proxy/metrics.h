@@ -112,6 +112,7 @@ typedef struct sl_metrics_snap {
   int has_lua;
   uint64_t channels;             /* open or closing */
   uint64_t outq_bytes;           /* every outbound queue of the worker */
+  uint64_t pipe_bytes;           /* in its connections' splice pipes, not yet sent */
   sl_metrics_listener_snap *listeners;
   size_t nlisteners;
   sl_metrics_upstream_snap *upstreams;

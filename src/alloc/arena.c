@@ -345,20 +345,6 @@ void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size) {
 
 static void sl_subpage_release(sl_arena *ar, sl_subpage *s);
 
-unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned n) {
-  unsigned k = 0;
-  sl_spin_lock(&ar->lock);
-  while (k < n) {
-    sl_subpage *s = sl_arena_subpage(ar, sclass);
-    if (s == NULL) break;
-    k += sl_subpage_alloc_many(s, out + k, n - k);
-    if (s->nfree == 0) sl_arena_subpage_full(ar, s);
-  }
-  ar->cls[sclass].allocs += k;
-  sl_spin_unlock(&ar->lock);
-  return k;
-}
-
 /* An element of a subpage that a worker owns, freed by someone else
  * (lock held): onto the owner's remote stack, linked through its first
  * 8 bytes (see chunk.h). */

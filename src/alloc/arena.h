@@ -87,10 +87,6 @@ void sl_alloc_destroy(sl_alloc *a);
  * sclass >= nclasses). NULL when max_memory or the OS refuses. */
 void *sl_arena_alloc(sl_arena *ar, unsigned sclass, size_t size);
 
-/* Allocates up to n blocks of small class sclass under one lock (a worker
- * cache refill). Returns how many it got (0 when memory is refused). */
-unsigned sl_arena_alloc_many(sl_arena *ar, unsigned sclass, void **out, unsigned n);
-
 /* Frees a block of class sclass (huge: size is its mapped size). */
 void sl_arena_free(sl_arena *ar, void *p, unsigned sclass, size_t size);
 

@@ -286,26 +286,3 @@ void sl_subpage_to_bits(sl_subpage *s) {
   s->free = NULL;
   s->hint = 0;
 }
-
-unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n) {
-  if (n > s->nfree) n = s->nfree;
-  /* Locals: the stores to out must not make the compiler read s again. */
-  void **o = out, **end = out + n;
-  uint64_t *bits = s->bits;
-  uint8_t *base = s->base;
-  size_t es = s->elem_size;
-  uint32_t w = s->hint, nwords = s->nwords;
-  while (o < end) {
-    uint64_t free_bits = ~bits[w];
-    uint8_t *word_base = base + (size_t)w * 64 * es;
-    while (free_bits != 0 && o < end) {
-      *o++ = word_base + (size_t)__builtin_ctzll(free_bits) * es;
-      free_bits &= free_bits - 1;
-    }
-    bits[w] = ~free_bits;
-    if (o < end && ++w == nwords) w = 0;
-  }
-  s->nfree -= n;
-  s->hint = w;
-  return n;
-}

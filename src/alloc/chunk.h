@@ -230,9 +230,6 @@ void sl_chunk_coalesce(sl_chunk *c);
 sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
                            uint32_t elem_size, uint32_t sclass);
 void *sl_subpage_alloc(sl_subpage *s);
-/* Takes up to n free elements into out (fewer only when it runs out), from
- * the hinted bitmap word on. Returns how many. */
-unsigned sl_subpage_alloc_many(sl_subpage *s, void **out, unsigned n);
 static inline sl_sub_owner *sl_subpage_owner(const sl_subpage *s) {
   return atomic_load_explicit(&((sl_subpage *)s)->owner, memory_order_relaxed);
 }
@@ -276,7 +273,8 @@ static inline void *sl_subpage_pop(sl_subpage *s) {
 #ifndef NDEBUG
   {
     uint32_t i = sl_subpage_index(s, p);
-    SL_ASSERT(!(s->bits[i >> 6] & (1ull << (i & 63))), "owned subpage's free list has an element in use");
+    SL_ASSERT(!(s->bits[i >> 6] & (1ull << (i & 63))),
+              "owned subpage's free list has an element in use");
     s->bits[i >> 6] |= 1ull << (i & 63);
   }
 #endif

@@ -206,7 +206,8 @@ static void sl_pool_own_reclaim(sl_pool *p, int locked) {
     void *next = *(void **)b;
     uintptr_t c = (uintptr_t)b & p->chunk_mask;
     sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)b - c) >> p->page_shift];
-    SL_ASSERT(s != NULL && sl_subpage_owner(s) == &p->sub_owner, "remote element of a subpage not owned");
+    SL_ASSERT(s != NULL && sl_subpage_owner(s) == &p->sub_owner,
+              "remote element of a subpage not owned");
     uint32_t nfree = sl_subpage_push(s, b);
     if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved_in(p, s, nfree, locked);
     b = next;

@@ -7,8 +7,8 @@
  *     bounded (small_cache / normal_cache), trimmed every trim_interval
  *     allocations (entries that went unused are given back) and when the
  *     worker has been idle for trim_idle_ms (everything is given back).
- *     An entry is either a bare block (tagged with SL_BIN_BARE: refills
- *     from the arena, blocks freed without a buffer) or, most often, a
+ *     An entry is either a bare block (tagged with SL_BIN_BARE: a block
+ *     freed without a buffer) or, most often, a
  *     parked header: the dead header of a root buffer released on its
  *     worker, still carrying its block (at SL_HDR_BLOCK_OFFSET), so that a
  *     cache hit is one pop and a release one push. A parked header is dead

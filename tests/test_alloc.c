@@ -1657,6 +1657,61 @@ static void test_idle_tick_gives_back_owned_subpages(void **state) {
   finish(p, a);
 }
 
+/* Under max_memory, the memory a pool holds in its cache and its owned
+ * subpages is given back before an allocation is refused: a chunk filled
+ * with one class, released, then serves another class. */
+static void test_max_memory_takes_back_owned_subpages_before_refusing(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.max_memory = 256 * KiB; /* one chunk */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  static sl_buf *b[512];
+  size_t n = 0;
+  while (n < 512 && (b[n] = sl_buf_alloc(p, 1000, 0)) != NULL) n++;
+  assert_true(n > 200 && n < 512); /* the chunk's pages, four 1 KiB elements each */
+  assert_int_equal(errno, ENOMEM);
+  assert_true(atomic_load(&a->refused) >= 1);
+  assert_int_equal(sl_test_stats(p).blocks_in_use, n);
+  assert_int_equal(p->arena->chunks, 1);
+  /* The refused allocation gave the owned subpages back first (then
+   * retried): the live blocks' subpages are the arena's now. */
+  assert_int_equal(owned_count(p), 0);
+  for (size_t i = 0; i < n; i++) sl_buf_release(b[i]);
+  assert_int_equal(sl_test_stats(p).cached_blocks, n);
+
+  /* Every page holds 1 KiB elements, all in the pool's cache: 2 KiB
+   * buffers get them back. */
+  size_t m = 0;
+  while (m < 512 && (b[m] = sl_buf_alloc(p, 2000, 0)) != NULL) m++;
+  assert_true(m >= n / 2 - 8);
+  assert_int_equal(p->arena->chunks, 1);
+  for (size_t i = 0; i < m; i++) sl_buf_release(b[i]);
+  sl_pool_trim(p, 1);
+  release_chunks(p->arena, 0, 1);
+
+  /* Owned subpages half used: a refusal gives them back to the arena,
+   * and the next misses take them again (no new chunk). The chunk holds
+   * n 1 KiB blocks exactly, so filling it refuses nothing. */
+  for (size_t i = 0; i < n; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  for (size_t i = 0; i < n; i += 2) sl_buf_release(b[i]);   /* the odd ones stay */
+  sl_pool_trim(p, 0);
+  sl_pool_trim(p, 0);   /* the cache empties into the owned subpages */
+  assert_int_equal(sl_test_stats(p).cached_blocks, 0);
+  assert_true(owned_count(p) > 0);
+  errno = 0;
+  assert_null(sl_buf_alloc(p, 2000, 0));   /* every page holds a live 1 KiB block */
+  assert_int_equal(errno, ENOMEM);
+  assert_int_equal(owned_count(p), 0);
+  assert_non_null(p->arena->subpages[sl_sc_index(1024)]);
+  for (size_t i = 0; i < n; i += 2) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  assert_int_equal(p->arena->chunks, 1);
+  for (size_t i = 0; i < n; i++) sl_buf_release(b[i]);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* ---- 12. max_memory ---- */
 
 static void test_max_memory_refuses_new_chunks_and_huge_blocks(void **state) {
@@ -2275,6 +2330,7 @@ int main(void) {
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
       cmocka_unit_test(test_foreign_frees_into_owned_subpages_come_back_to_the_owner),
       cmocka_unit_test(test_idle_tick_gives_back_owned_subpages),
+      cmocka_unit_test(test_max_memory_takes_back_owned_subpages_before_refusing),
       cmocka_unit_test(test_max_memory_refuses_new_chunks_and_huge_blocks),
       cmocka_unit_test(test_unpooled_mode_behaves_like_pooled),
       cmocka_unit_test(test_huge_blocks_are_mapped_directly_and_unmapped_on_free),

@@ -761,6 +761,17 @@ static void send_some(int fd, const uint8_t *src, size_t total, size_t *sent) {
   if (n > 0) *sent += (size_t)n;
 }
 
+/* A joined pair a -> b that splices (as reads grown to the largest size
+ * make it); b's peer (*pb) has small buffers, so it fills soon. */
+static sl_channel *open_splicing_pair(fixture *f, sl_channel **b, int *pb) {
+  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
+  *b = open_slow(f, 1 << 16, 1 << 17, NULL, pb);
+  sl_channel_join(a, *b);
+  sl_channel_allow_splice(a, *b);
+  a->flags |= SL_CH_SPLICING;
+  return a;
+}
+
 static uint64_t fill_pipe(fixture *f, sl_channel *a, const uint8_t *src, size_t total,
                           size_t *sent) {
   for (int i = 0; i < 100000 && !(a->flags & SL_CH_SPLICE_FULL); i++) {
@@ -774,12 +785,9 @@ static uint64_t fill_pipe(fixture *f, sl_channel *a, const uint8_t *src, size_t 
 
 static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **state) {
   fixture *f = *state;
-  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
   int pb;
-  sl_channel *b = open_slow(f, 1 << 16, 1 << 17, NULL, &pb);
-  sl_channel_join(a, b);
-  sl_channel_allow_splice(a, b);
-  a->flags |= SL_CH_SPLICING;   /* what reads grown to the largest size do */
+  sl_channel *b;
+  sl_channel *a = open_splicing_pair(f, &b, &pb);
   sl_channel_ref(a);            /* its end of input closes it: read its flags after */
   enum { TOTAL = 2 << 20 };
   static uint8_t src[TOTAL], got[TOTAL];
@@ -821,12 +829,9 @@ static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **s
  * bytes it read still reach its peer, before the peer's FIN. */
 static void test_a_clean_close_hands_its_pipe_on_before_the_fin(void **state) {
   fixture *f = *state;
-  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
   int pb;
-  sl_channel *b = open_slow(f, 1 << 16, 1 << 17, NULL, &pb);
-  sl_channel_join(a, b);
-  sl_channel_allow_splice(a, b);
-  a->flags |= SL_CH_SPLICING;
+  sl_channel *b;
+  sl_channel *a = open_splicing_pair(f, &b, &pb);
   enum { TOTAL = 2 << 20 };
   static uint8_t src[TOTAL], got[TOTAL];
   sl_test_fill_pattern(src, TOTAL, 0);

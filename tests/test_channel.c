@@ -737,10 +737,22 @@ static void test_pipe_pool_reuses_empty_pipes_and_keeps_its_bounds(void **state)
   assert_int_equal(pp.open, 1);
   assert_int_equal(pp.nidle, 0);
   sl_pipe_put(&pp, &c, 1);
-  sl_pipe_pool_trim(&pp);
+  /* Idle pipes close once none has been taken for the idle time. */
+  assert_int_equal(sl_pipe_pool_tick(&pp, 1000, 500), 0);   /* starts watching */
+  assert_int_equal(sl_pipe_pool_tick(&pp, 1400, 500), 0);
+  assert_int_equal(sl_pipe_get(&pp, 0, &c), SL_OK);         /* taken: quiet again from now */
+  sl_pipe_put(&pp, &c, 1);
+  assert_int_equal(sl_pipe_pool_tick(&pp, 1600, 500), 0);
+  assert_int_equal(sl_pipe_pool_tick(&pp, 2000, 500), 0);
+  assert_int_equal(sl_pipe_pool_tick(&pp, 2100, 500), 1);
   assert_int_equal(pp.open, 0);
   assert_int_equal(pp.created, 2);
 }
+
+/* A splicing pair with a's pipe full (b's peer reads nothing); returns what
+ * a has read. src must hold total bytes. */
+static uint64_t fill_pipe(fixture *f, sl_channel *a, const uint8_t *src, size_t total,
+                          size_t *sent);
 
 /* Writes what the socket takes of src[*sent..total) without blocking. */
 static void send_some(int fd, const uint8_t *src, size_t total, size_t *sent) {
@@ -749,14 +761,33 @@ static void send_some(int fd, const uint8_t *src, size_t total, size_t *sent) {
   if (n > 0) *sent += (size_t)n;
 }
 
+/* A joined pair a -> b that splices (as reads grown to the largest size
+ * make it); b's peer (*pb) has small buffers, so it fills soon. */
+static sl_channel *open_splicing_pair(fixture *f, sl_channel **b, int *pb) {
+  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
+  *b = open_slow(f, 1 << 16, 1 << 17, NULL, pb);
+  sl_channel_join(a, *b);
+  sl_channel_allow_splice(a, *b);
+  a->flags |= SL_CH_SPLICING;
+  return a;
+}
+
+static uint64_t fill_pipe(fixture *f, sl_channel *a, const uint8_t *src, size_t total,
+                          size_t *sent) {
+  for (int i = 0; i < 100000 && !(a->flags & SL_CH_SPLICE_FULL); i++) {
+    send_some(f->peer[0], src, total, sent);
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+  }
+  assert_true(a->flags & SL_CH_SPLICE_FULL);
+  assert_true(a->spl_len > 0);
+  return a->bytes_in;
+}
+
 static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **state) {
   fixture *f = *state;
-  sl_channel *a = open_active(f, 1 << 16, 1 << 17);
   int pb;
-  sl_channel *b = open_slow(f, 1 << 16, 1 << 17, NULL, &pb);
-  sl_channel_join(a, b);
-  sl_channel_allow_splice(a, b);
-  a->flags |= SL_CH_SPLICING;   /* what reads grown to the largest size do */
+  sl_channel *b;
+  sl_channel *a = open_splicing_pair(f, &b, &pb);
   sl_channel_ref(a);            /* its end of input closes it: read its flags after */
   enum { TOTAL = 2 << 20 };
   static uint8_t src[TOTAL], got[TOTAL];
@@ -764,12 +795,7 @@ static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **s
   size_t sent = 0, received = 0;
   /* The peer reads nothing: the pipe fills, a stops reading and waits for
    * b's socket to take more. */
-  for (int i = 0; i < 100000 && !(a->flags & SL_CH_SPLICE_FULL); i++) {
-    send_some(f->peer[0], src, TOTAL, &sent);
-    ev_run(f->w->loop, EVRUN_NOWAIT);
-  }
-  assert_true(a->flags & SL_CH_SPLICE_FULL);
-  assert_true(a->spl_len > 0);
+  fill_pipe(f, a, src, TOTAL, &sent);
   assert_false(ev_is_active(&a->rio));
   assert_true(ev_is_active(&b->wio));
   /* The peer reads: everything arrives, in order, and a reads again. */
@@ -786,12 +812,43 @@ static void test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order(void **s
   assert_true(f->w->stats.spliced_bytes >= TOTAL / 2);
   assert_int_equal(a->spl_len, 0);
   assert_false(a->flags & SL_CH_SPLICE_FULL);
+  /* Its pipe went back to the pool once empty; it still splices. */
+  assert_false(a->flags & SL_CH_HAS_PIPE);
+  assert_true(a->flags & SL_CH_SPLICING);
+  assert_true(f->w->pipes.nidle >= 1);
   /* The end of input is seen after the last byte went on. */
   assert_int_equal(shutdown(f->peer[0], SHUT_WR), 0);
   for (int i = 0; i < 100000 && !(a->flags & SL_CH_INPUT_CLOSED); i++)
     ev_run(f->w->loop, EVRUN_NOWAIT);
   assert_true(a->flags & SL_CH_INPUT_CLOSED);
   sl_channel_unref(a);
+  finish(f);
+}
+
+/* Closed without an error (an idle timeout) while its pipe holds bytes: the
+ * bytes it read still reach its peer, before the peer's FIN. */
+static void test_a_clean_close_hands_its_pipe_on_before_the_fin(void **state) {
+  fixture *f = *state;
+  int pb;
+  sl_channel *b;
+  sl_channel *a = open_splicing_pair(f, &b, &pb);
+  enum { TOTAL = 2 << 20 };
+  static uint8_t src[TOTAL], got[TOTAL];
+  sl_test_fill_pattern(src, TOTAL, 0);
+  size_t sent = 0, received = 0;
+  uint64_t read_in = fill_pipe(f, a, src, TOTAL, &sent);
+  sl_channel_close_with(a, SL_PROMISE_TIMEOUT, "idle_timeout", 0);   /* as the idle timer does */
+  int eof = 0;
+  for (int i = 0; i < 1000000 && !eof; i++) {
+    ssize_t n = recv(pb, got + received, TOTAL - received, MSG_DONTWAIT);
+    if (n > 0) received += (size_t)n;
+    else if (n == 0) eof = 1;
+    ev_run(f->w->loop, EVRUN_NOWAIT);
+  }
+  assert_true(eof);
+  assert_int_equal(received, read_in);
+  assert_int_equal(sl_test_pattern_mismatch(got, received, 0), received);
+  assert_int_equal(f->w->nchannels, 0);
   finish(f);
 }
 
@@ -820,6 +877,7 @@ int main(void) {
       FIXTURE_TEST(test_writability_reaches_stages_on_every_crossing),
       cmocka_unit_test(test_pipe_pool_reuses_empty_pipes_and_keeps_its_bounds),
       FIXTURE_TEST(test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order),
+      FIXTURE_TEST(test_a_clean_close_hands_its_pipe_on_before_the_fin),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

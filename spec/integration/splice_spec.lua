@@ -117,6 +117,36 @@ describe("splicing", function()
     assert.matches("upstream [^\n]*: resumed reading from client [^\n]*%(its pipe is empty%)", log)
   end)
 
+  it("hands what its pipe holds on when an idle timeout closes a paused upload", function()
+    -- The upstream reads nothing for 3 s, then counts what it gets up to
+    -- the FIN; the client's connection, paused with its pipe full, goes
+    -- idle for 1 s and is closed: every byte sluice read from it must
+    -- still reach the upstream, before the FIN.
+    local count = H.tmpfile("count.txt", "")
+    local peer = H.start_peer(("sleep 3; wc -c >> %s"):format(H.shq(count)), nil, "-t 10")
+    peers[#peers + 1] = peer
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, peer.port, "idle_timeout_ms = 1000"))
+    local input = H.tmpfile("zeros.bin")
+    H.sh(("head -c %d /dev/zero > %s"):format(32 * MiB, H.shq(input)))
+    local client = H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > /dev/null")
+      :format(port, H.shq(input)))), "client")
+    -- (The peer's readiness probe was a connection too: it counted 0.)
+    local got
+    assert.is_truthy(H.wait_for(function()
+      for n in H.read(count):gmatch("%d+") do
+        if tonumber(n) > 0 then got = tonumber(n) end
+      end
+      return got
+    end, 20))
+    H.stop(client, "KILL")
+    local log = H.stop_sluice(p)
+    local read_in = tonumber(log:match("client [^\n]* closed: idle_timeout %(in (%d+) B"))
+    assert.is_truthy(read_in, log)
+    assert.are.equal(read_in, got, log)
+    assert.is_falsy(log:find("unsent data dropped", 1, true), log)
+  end)
+
   it("closes both sides when the peer goes away mid-transfer, and serves the next client", function()
     -- Reads 1 MiB, then exits: the rest of the transfer meets a closed socket.
     local peer = H.start_peer("head -c 1048576 > /dev/null")

@@ -367,6 +367,30 @@ static void sl_channel_pipe_put(sl_channel *ch) {
   ch->flags &= ~(uint32_t)(SL_CH_HAS_PIPE | SL_CH_SPLICE_FULL);
 }
 
+/* A channel closing without an error while its pipe holds bytes (an idle
+ * timeout while its peer was slow): those bytes were read from its socket
+ * and go on, as they would from buffers. They move into the peer's queue,
+ * empty while the pipe holds bytes (so order is kept), which the peer
+ * writes before its own close. Returns the bytes that could not move (no
+ * memory, or the peer cannot take writes). */
+static size_t sl_channel_pipe_hand_on(sl_channel *ch) {
+  sl_channel *p = ch->peer;
+  while (ch->spl_len > 0 && p != NULL) {
+    size_t len = SL_MIN((size_t)ch->spl_len, (size_t)65536);
+    sl_buf *b = sl_buf_alloc(ch->w->pool, len, len);
+    if (b == NULL) break;
+    ssize_t n = read(ch->spl.rd, b->data, len);
+    if (n <= 0) {
+      sl_buf_release(b);
+      break;
+    }
+    b->wr = (uint32_t)n;
+    ch->spl_len -= (uint32_t)n;
+    if (sl_channel_write(p, b) != SL_OK) break;
+  }
+  return ch->spl_len;
+}
+
 /* ---- closing ---- */
 
 static void sl_channel_close_peer(sl_channel *ch) {
@@ -402,7 +426,13 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_timer_stop(w->loop, &ch->timer);
   ev_timer_stop(w->loop, &ch->idle);
   if (ch->flags & SL_CH_FIN_PENDING) sl_channel_fin_drop(ch);
-  if (ch->flags & SL_CH_HAS_PIPE) sl_channel_pipe_put(ch);   /* bytes in it are dropped */
+  size_t pipe_dropped = 0;
+  if (ch->flags & SL_CH_HAS_PIPE) {
+    pipe_dropped = ch->spl_len;
+    if (pipe_dropped > 0 && !is_error && ch->peer != NULL && !(ch->peer->flags & SL_CH_CLOSED))
+      pipe_dropped = sl_channel_pipe_hand_on(ch);
+    sl_channel_pipe_put(ch);   /* what is still in it is dropped */
+  }
   if (ch->fd >= 0) {
     close(ch->fd);
     ch->fd = -1;
@@ -415,7 +445,8 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
          "%s closed: %s (in %llu B, out %llu B, peak queue %zu B, %.0f ms%s)", ch->desc,
          ch->reason, (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
          ch->outq.peak,
-         (ev_now(w->loop) - ch->started) * 1000.0, dropped ? ", unsent data dropped" : "");
+         (ev_now(w->loop) - ch->started) * 1000.0,
+         dropped || pipe_dropped ? ", unsent data dropped" : "");
   if (ch->on_close) ch->on_close(ch);
   sl_channel_close_peer(ch);
   if (ch->flags & SL_CH_ACTIVE) sl_pipeline_fire_inactive(&ch->pipe);
@@ -718,8 +749,10 @@ static int sl_channel_splice_drain(sl_channel *src) {
     w->stats.spliced_bytes += moved;
     dst->last_active = ev_now(w->loop);
   }
-  if (src->flags & SL_CH_SPLICE_FULL) {
-    src->flags &= ~(uint32_t)SL_CH_SPLICE_FULL;
+  /* Empty: back to the pool, so that only bytes in flight hold a pipe. */
+  uint32_t was_full = src->flags & SL_CH_SPLICE_FULL;
+  sl_channel_pipe_put(src);
+  if (was_full) {
     sl_channel_update_reading(src);
     if (sl_log_enabled(SL_LOG_DEBUG))
       sl_log(SL_LOG_DEBUG, "%s: resumed reading from %s (its pipe is empty)", dst->desc, src->desc);
@@ -781,11 +814,11 @@ static int sl_channel_splice_read(sl_channel *ch) {
   if (ch->spl_len > 0) rc = sl_channel_splice_drain(ch);   /* what was read goes on first */
   if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
   if (!(ch->flags & SL_CH_CLOSED)) {
+    if (ch->spl_len == 0 && (ch->flags & SL_CH_HAS_PIPE)) sl_channel_pipe_put(ch);
     if (eof && rc == SL_OK) {
       sl_channel_input_closed(ch);
     } else if (total < SL_SPLICE_MIN_BURST && ch->spl_len == 0) {
-      sl_channel_pipe_put(ch);   /* interactive again: buffers */
-      ch->flags &= ~(uint32_t)SL_CH_SPLICING;
+      ch->flags &= ~(uint32_t)SL_CH_SPLICING;   /* interactive again: buffers */
       sl_channel_recv_reset(ch);
     }
   }

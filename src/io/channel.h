@@ -33,8 +33,10 @@
  * queue is empty (bytes stay in order). The pipe is the peer's queue for
  * them: while it holds bytes the peer's socket did not take, the channel
  * reads nothing (backpressure, as with the high water mark) and the
- * peer's EV_WRITE moves them on. A wake-up that splices little (an
- * interactive exchange) gives the pipe back and reads into buffers again.
+ * peer's EV_WRITE moves them on. The pipe comes from the worker's pool for
+ * a read burst and goes back once empty; a wake-up that splices little (an
+ * interactive exchange) turns the channel back to buffers. A clean close
+ * (an idle timeout) with bytes in the pipe hands them to the peer's queue.
  *
  * Write promises: a write may carry a promise id (sl_channel_promise_mark /
  * sl_channel_promise_attach). Each id is reported exactly once through the

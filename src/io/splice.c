@@ -11,9 +11,13 @@ void sl_pipe_pool_init(sl_pipe_pool *pp) {
   pp->max_open = SL_PIPE_MAX_OPEN;
   pp->created = 0;
   pp->refused = 0;
+  pp->gets = 0;
+  pp->gets_at_tick = 0;
+  pp->quiet_since_ms = 0;
 }
 
 int sl_pipe_get(sl_pipe_pool *pp, size_t size, sl_pipe *out) {
+  pp->gets++;
   if (pp->nidle > 0) {
     *out = pp->idle[--pp->nidle];
     return SL_OK;
@@ -41,12 +45,24 @@ static void sl_pipe_close(sl_pipe_pool *pp, const sl_pipe *p) {
 }
 
 void sl_pipe_put(sl_pipe_pool *pp, const sl_pipe *p, int empty) {
-  if (empty && pp->nidle < SL_PIPE_IDLE_MAX) pp->idle[pp->nidle++] = *p;
+  if (empty && pp->nidle < SL_PIPE_MAX_OPEN) pp->idle[pp->nidle++] = *p;
   else sl_pipe_close(pp, p);
 }
 
 void sl_pipe_pool_trim(sl_pipe_pool *pp) {
   while (pp->nidle > 0) sl_pipe_close(pp, &pp->idle[--pp->nidle]);
+}
+
+unsigned sl_pipe_pool_tick(sl_pipe_pool *pp, int64_t now_ms, int64_t idle_ms) {
+  if (pp->gets != pp->gets_at_tick || pp->quiet_since_ms == 0) {
+    pp->gets_at_tick = pp->gets;
+    pp->quiet_since_ms = now_ms;
+    return 0;
+  }
+  if (pp->nidle == 0 || now_ms - pp->quiet_since_ms < idle_ms) return 0;
+  unsigned n = pp->nidle;
+  sl_pipe_pool_trim(pp);
+  return n;
 }
 
 ssize_t sl_splice_in(int sock, const sl_pipe *p, size_t max) {

@@ -3,12 +3,14 @@
  * from one socket to the other through a pipe with splice(2), so they are
  * never copied into user space (HAProxy's splice, Netty epoll's spliceTo).
  *
- * A worker keeps its pipes in a pool: a connection that splices takes one
- * and gives it back when it stops splicing or closes; an empty pipe is
- * kept for the next connection (up to SL_PIPE_IDLE_MAX), one that still
- * holds bytes is closed, and so are the idle ones when the worker goes
- * idle. At most max_open pipes are open at once (two descriptors each);
- * past that, or when the system refuses a pipe, connections use buffers.
+ * A worker keeps its pipes in a pool: a connection takes one for a read
+ * burst and gives it back as soon as the peer's socket has taken all of
+ * it (a pop and a push), so only connections with bytes in flight hold a
+ * pipe; an empty pipe stays in the pool for the next burst, one that still
+ * holds bytes (a connection closed with an error) is closed. Idle pipes are
+ * closed once none has been taken for the worker's trim_idle_ms. At most
+ * max_open pipes are open at once (two descriptors each); past that, or
+ * when the system refuses a pipe, connections use buffers.
  */
 #ifndef SL_SPLICE_H
 #define SL_SPLICE_H
@@ -17,7 +19,6 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define SL_PIPE_IDLE_MAX 16
 #define SL_PIPE_MAX_OPEN 1024      /* per worker */
 #define SL_PIPE_SIZE_MIN 65536     /* the kernel's default */
 #define SL_PIPE_SIZE_MAX 1048576   /* /proc/sys/fs/pipe-max-size's default */
@@ -28,11 +29,14 @@ typedef struct sl_pipe {
 } sl_pipe;
 
 typedef struct sl_pipe_pool {
-  sl_pipe idle[SL_PIPE_IDLE_MAX];
+  sl_pipe idle[SL_PIPE_MAX_OPEN];
   unsigned nidle;
   unsigned open;                   /* in use and idle */
-  unsigned max_open;
+  unsigned max_open;               /* at most SL_PIPE_MAX_OPEN */
   uint64_t created, refused;
+  uint64_t gets;                   /* pipes taken */
+  uint64_t gets_at_tick;           /* gets when the last tick saw them change */
+  int64_t quiet_since_ms;          /* since then no pipe was taken */
 } sl_pipe_pool;
 
 void sl_pipe_pool_init(sl_pipe_pool *pp);
@@ -42,12 +46,16 @@ void sl_pipe_pool_init(sl_pipe_pool *pp);
  * kernel's). SL_OK, or SL_ERROR at max_open or when pipe2 fails. */
 int sl_pipe_get(sl_pipe_pool *pp, size_t size, sl_pipe *out);
 
-/* Gives p back: kept for reuse when it is empty and the pool has room,
- * else closed. */
+/* Gives p back: kept for reuse when it is empty, else closed. */
 void sl_pipe_put(sl_pipe_pool *pp, const sl_pipe *p, int empty);
 
 /* Closes every idle pipe. */
 void sl_pipe_pool_trim(sl_pipe_pool *pp);
+
+/* From the worker's timer (now_ms on the allocator's clock): closes the
+ * idle pipes once no pipe has been taken for idle_ms. Returns how many it
+ * closed. */
+unsigned sl_pipe_pool_tick(sl_pipe_pool *pp, int64_t now_ms, int64_t idle_ms);
 
 /* splice(2) from the socket sock into p, at most max bytes; and from p
  * into sock, at most len bytes. Non-blocking; as splice(2): bytes moved,

@@ -129,9 +129,10 @@ static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int reven
   sl_buf_drain(w->pool);
   SL_UNUSED(loop);
   sl_pool_trim_report r;
-  if (sl_pool_tick(w->pool, sl_alloc_now_ms(), &r)) {
-    sl_pipe_pool_trim(&w->pipes);   /* idle pipes go with the idle memory */
+  int64_t now_ms = sl_alloc_now_ms();
+  if (sl_pipe_pool_tick(&w->pipes, now_ms, w->pool->alloc->cfg.trim_idle_ms) > 0)
     w->stats.splice_pipes = w->pipes.open;
+  if (sl_pool_tick(w->pool, now_ms, &r)) {
     size_t lua_before = 0, lua_after = 0;
     if (w->lua && w->lua_idle) w->lua_idle(w->lua, &lua_before, &lua_after);
     sl_log(SL_LOG_INFO,

@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 build="$root/build-bench"          # sluice in Release (-O2 -g, no sanitizers)
 work="$build/proxy"                # netload, generated configs, logs, raw figures
-sluice="$build/sluice"
+sluice="${SLUICE_BIN:-$build/sluice}"   # SLUICE_BIN: measure that binary instead (A/B runs)
 netload="$work/netload"
 
 bench_pids=()                      # every process started, in start order
@@ -146,9 +146,14 @@ bench_prepare() {
   [ -f "$nginx_stream_module" ] || missing+=("$nginx_stream_module (libnginx-mod-stream)")
   [ "${#missing[@]}" -eq 0 ] || die "missing after setup: ${missing[*]}"
 
-  say "building sluice (Release, -O2 -g, no sanitizers) in ${build#"$root"/}"
   mkdir -p "$work"
-  if ! { cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+  if [ -n "${SLUICE_BIN:-}" ]; then
+    [ -x "$SLUICE_BIN" ] || die "SLUICE_BIN=$SLUICE_BIN is not an executable"
+    say "measuring $SLUICE_BIN (not building)"
+  else
+    say "building sluice (Release, -O2 -g, no sanitizers) in ${build#"$root"/}"
+  fi
+  if [ -z "${SLUICE_BIN:-}" ] && ! { cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
            -DCMAKE_C_FLAGS_RELEASE="-O2 -g -DNDEBUG" -DSLUICE_TESTS=OFF \
            -DSLUICE_ASAN=OFF -DSLUICE_UBSAN=OFF -DSLUICE_WERROR=OFF &&
          cmake --build "$build" --target sluice -j 2; } >"$work/cmake.log" 2>&1; then

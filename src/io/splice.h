@@ -9,8 +9,9 @@
  * pipe; an empty pipe stays in the pool for the next burst, one that still
  * holds bytes (a connection closed with an error) is closed. Idle pipes are
  * closed once none has been taken for the worker's trim_idle_ms. At most
- * max_open pipes are open at once (two descriptors each); past that, or
- * when the system refuses a pipe, connections use buffers.
+ * max_open pipes are open at once (two descriptors each; the runtime sets
+ * it from the open-files limit); past that, or when the system refuses a
+ * pipe, connections use buffers.
  */
 #ifndef SL_SPLICE_H
 #define SL_SPLICE_H

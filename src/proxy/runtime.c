@@ -373,6 +373,17 @@ static int sl_runtime_workers(const sl_config *cfg) {
   return n < 1 ? 1 : (int)SL_MIN(n, SL_MAX_WORKERS);
 }
 
+/* Splice pipes take at most a quarter of the open-files limit (two
+ * descriptors each), shared by the workers, and at most SL_PIPE_MAX_OPEN
+ * per worker: connections need the rest. */
+static unsigned sl_runtime_pipes_per_worker(int nworkers) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
+  if (rl.rlim_cur == RLIM_INFINITY) return SL_PIPE_MAX_OPEN;
+  rlim_t per = rl.rlim_cur / 8 / (rlim_t)(nworkers > 0 ? nworkers : 1);
+  return (unsigned)(per < SL_PIPE_MAX_OPEN ? per : SL_PIPE_MAX_OPEN);
+}
+
 static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
   sl_config *cfg = rt->cfg;
   sl_alloc_config acfg = cfg->alloc;
@@ -383,12 +394,14 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
     snprintf(err, errlen, "allocator: %s", aerr);
     return SL_ERROR;
   }
+  unsigned pipes = sl_runtime_pipes_per_worker(rt->nworkers);
   for (int i = 0; i < rt->nworkers; i++) {
     rt->workers[i] = sl_worker_create(i, rt->alloc);
     if (rt->workers[i] == NULL) {
       snprintf(err, errlen, "out of memory");
       return SL_ERROR;
     }
+    rt->workers[i]->pipes.max_open = pipes;
     rt->workers[i]->app = rt;
     if (sl_metrics_attach(rt->workers[i], cfg->admin_text != NULL) != SL_OK) {
       snprintf(err, errlen, "out of memory");

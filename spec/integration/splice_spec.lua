@@ -147,6 +147,35 @@ describe("splicing", function()
     assert.is_falsy(log:find("unsent data dropped", 1, true), log)
   end)
 
+  it("carries a spliced transfer through a reload, and finishes it while draining", function()
+    local peer = H.start_peer("sleep 1; sha256sum", nil, "-t 10")
+    peers[#peers + 1] = peer
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice((config(port, admin, peer.port)
+      :gsub("^return {", "return {\n  drain_timeout_ms = 30000,")))
+    local input = random_file("through.bin", 48 * MiB)
+    local out = H.tmpfile("through.out")
+    local client = H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > %s")
+      :format(port, H.shq(input), H.shq(out)))), "client")
+    -- Under way: the pipe holds bytes the sleeping peer has not taken.
+    assert.is_truthy(H.wait_for(function()
+      local _, _, body = H.admin_get(admin, "/memory")
+      local waiting = tonumber(body:match("pipes=%d+ waiting=(%d+)"))
+      return waiting and waiting > 0
+    end, 10))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    -- SIGTERM: no new connections; this one may finish (drain_timeout_ms).
+    os.execute("kill -TERM " .. p.pid)
+    assert.are.equal(0, H.stop(client, "CONT", 60))   -- waits for its end
+    assert.are.equal(digest(input), H.read(out):match("^(%x+)"), H.read(p.log))
+    local log = H.stop_sluice(p)   -- it has stopped by itself: checks how
+    assert.matches("worker 0: drained", log, 1, true)
+    assert.not_matches("closed: shutdown", log)
+  end)
+
   it("closes both sides when the peer goes away mid-transfer, and serves the next client", function()
     -- Reads 1 MiB, then exits: the rest of the transfer meets a closed socket.
     local peer = H.start_peer("head -c 1048576 > /dev/null")

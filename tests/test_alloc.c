@@ -1709,6 +1709,13 @@ static void test_max_memory_takes_back_owned_subpages_before_refusing(void **sta
   assert_int_equal(p->arena->chunks, 1);
   for (size_t i = 0; i < n; i++) sl_buf_release(b[i]);
   SL_TEST_ASSERT_POOL_CLEAN(p);
+  /* Everything back and reported: the arena's per-class counts agree, the
+   * refusals above included (the counts a pool hands over with a refused
+   * request are not handed over again). */
+  sl_pool_trim(p, 1);
+  sl_arena_stats as;
+  sl_arena_get_stats(p->arena, &as);
+  for (unsigned c = 0; c < SL_SC_MAX_CLASSES; c++) assert_int_equal(as.cls[c].allocs, as.cls[c].frees);
   finish(p, a);
 }
 

@@ -235,8 +235,8 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
   if (bin->own == NULL) {
     sl_subpage *s = sl_arena_subpage_own(p->arena, idx, &p->sub_owner, bin->own_allocs,
                                          bin->own_frees);
+    bin->own_allocs = bin->own_frees = 0;   /* the arena took them, refused or not */
     if (s == NULL) return NULL;
-    bin->own_allocs = bin->own_frees = 0;
     sl_subpage_to_list(s);
     s->own_prev = NULL;
     s->own_next = p->owned;

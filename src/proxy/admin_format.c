@@ -355,9 +355,12 @@ static void sl_admin_metrics_arenas(sl_text *o, const sl_admin_report *r) {
   for (int i = 0; i < n; i++) {
     for (unsigned c = 0; c < st[i].nclasses && c < SL_SC_MAX_CLASSES; c++) {
       if (st[i].cls[c].allocs == 0) continue;
+      /* Blocks a worker takes from its own subpages reach these counts at
+       * its next trim, a block freed from another thread at once: for a
+       * while frees may exceed allocs. Shown as 0 then, never wrapped. */
+      uint64_t a = st[i].cls[c].allocs, f = st[i].cls[c].frees;
       sl_text_printf(o, "sluice_pool_class_bytes{arena=\"%d\",size_class=\"%zu\"} %llu\n", i,
-                     sl_sc_size(c),
-                     (unsigned long long)((st[i].cls[c].allocs - st[i].cls[c].frees) * sl_sc_size(c)));
+                     sl_sc_size(c), (unsigned long long)(a > f ? (a - f) * sl_sc_size(c) : 0));
     }
   }
   free(st);

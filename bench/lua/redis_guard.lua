@@ -9,14 +9,7 @@
 --   bench/lua/redis_guard.sh [COMMANDS]      (default 800000)
 local testing = require("sluice.testing")
 
-local function resp(...)
-  local parts = { "*" .. select("#", ...) .. "\r\n" }
-  for i = 1, select("#", ...) do
-    local a = tostring((select(i, ...)))
-    parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
-  end
-  return table.concat(parts)
-end
+local resp = require("resp").command
 
 local cmds, replies = {}, {}
 for i = 1, 16 do

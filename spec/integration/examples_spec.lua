@@ -58,14 +58,7 @@ local function converse(port, data, want)
   return table.concat(got)
 end
 
-local function resp(...)
-  local parts = { "*" .. select("#", ...) .. "\r\n" }
-  for i = 1, select("#", ...) do
-    local a = tostring((select(i, ...)))
-    parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
-  end
-  return table.concat(parts)
-end
+local resp = require("resp").command
 
 local function denied(name) return "-ERR command '" .. name .. "' is not allowed\r\n" end
 

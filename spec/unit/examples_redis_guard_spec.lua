@@ -7,14 +7,7 @@ local buf = require("sluice.buf")
 
 local GUARD = { "examples.redis_guard", deny = { "FLUSHALL", "keys" } }
 
-local function resp(...)
-  local parts = { "*" .. select("#", ...) .. "\r\n" }
-  for i = 1, select("#", ...) do
-    local a = tostring((select(i, ...)))
-    parts[#parts + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
-  end
-  return table.concat(parts)
-end
+local resp = require("resp").command
 
 local function denied(name) return "-ERR command '" .. name .. "' is not allowed\r\n" end
 

@@ -27,11 +27,11 @@ static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
   return usable | (uint64_t)sclass << 32 | flags << 48;
 }
 
-/* Makes b a live root over data: refcount 1, a new generation; tail is
- * its block_size, sclass and flags (sl_buf_tail, or a bin's copy). */
-static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint64_t tail,
+/* The fields every allocation sets: b over data (usable bytes) is live,
+ * empty, refcount 1, with a new generation. A parked header needs only
+ * these (it is a root over its block already). */
+static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
                                     size_t max_cap) {
-  uint32_t usable = (uint32_t)tail;
   b->data = data;
   b->rd = 0;
   b->wr = 0;
@@ -39,6 +39,13 @@ static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uin
   b->max_cap = (uint32_t)max_cap;
   b->refcnt = 1;
   b->gen = sl_pool_next_gen(pool);
+}
+
+/* Makes b a live root over data: refcount 1, a new generation; tail is
+ * its block_size, sclass and flags (sl_buf_tail, or a bin's copy). */
+static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint64_t tail,
+                                    size_t max_cap) {
+  sl_buf_init_live(pool, b, data, (uint32_t)tail, max_cap);
   b->root = b;
   b->views = NULL;
   b->owner = NULL;
@@ -202,13 +209,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   uint8_t *data = sl_pool_parked_block(b);
   uint32_t usable = b->block_size;
   SL_UNPOISON(data, usable);
-  b->data = data;
-  b->rd = 0;
-  b->wr = 0;
-  b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
-  b->max_cap = (uint32_t)max_cap;
-  b->refcnt = 1;
-  b->gen = sl_pool_next_gen(pool);
+  sl_buf_init_live(pool, b, data, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 

@@ -705,6 +705,16 @@ static int sl_channel_read_error(int e, char *why, size_t len, const char **code
  * exchange has turned interactive, and buffers serve it as well. */
 #define SL_SPLICE_MIN_BURST 4096
 
+/* Counts n bytes spliced into dst's socket as sent. */
+static void sl_channel_spliced(sl_channel *dst, size_t n) {
+  if (n == 0) return;
+  sl_worker *w = dst->w;
+  dst->bytes_out += n;
+  w->stats.bytes_out += n;
+  w->stats.spliced_bytes += n;
+  dst->last_active = ev_now(w->loop);
+}
+
 /* Moves what src's pipe holds into its peer's socket. SL_OK: all of it
  * (src reads again if it was paused); SL_AGAIN: the peer's socket is full,
  * src stops reading and the peer's EV_WRITE goes on; SL_ERROR: the peer
@@ -723,12 +733,7 @@ static int sl_channel_splice_drain(sl_channel *src) {
     }
     if (m < 0 && errno == EINTR) continue;
     int e = m < 0 ? errno : EPIPE;
-    if (moved > 0) {
-      dst->bytes_out += moved;
-      w->stats.bytes_out += moved;
-      w->stats.spliced_bytes += moved;
-      dst->last_active = ev_now(w->loop);
-    }
+    sl_channel_spliced(dst, moved);
     if (e == EAGAIN || e == EWOULDBLOCK) {
       if (!(src->flags & SL_CH_SPLICE_FULL)) {
         src->flags |= SL_CH_SPLICE_FULL;
@@ -743,12 +748,7 @@ static int sl_channel_splice_drain(sl_channel *src) {
     sl_channel_write_failed(dst, e);
     return SL_ERROR;
   }
-  if (moved > 0) {
-    dst->bytes_out += moved;
-    w->stats.bytes_out += moved;
-    w->stats.spliced_bytes += moved;
-    dst->last_active = ev_now(w->loop);
-  }
+  sl_channel_spliced(dst, moved);
   /* Empty: back to the pool, so that only bytes in flight hold a pipe. */
   uint32_t was_full = src->flags & SL_CH_SPLICE_FULL;
   sl_channel_pipe_put(src);

@@ -100,6 +100,15 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "r",
     assert.matches("^config error: top level: expected a configuration table, got a stage module", out)
   end)
 
+  it("exits 2 on a config that never finishes, naming the file", function()
+    local cfg = H.tmpfile("spins.lua", "while true do pcall(function() while true do end end) end\n")
+    -- `timeout` only bounds the spec; sluice gives up on its own long before.
+    local out, rc = H.sh(("timeout 120 %s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal(("config error: %s: still running after 100000000 Lua instructions "
+                      .. "(a loop that never ends?)\n"):format(cfg), out)
+  end)
+
   it("exits 2 when the config file is missing", function()
     local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
     assert.are.equal(2, rc)

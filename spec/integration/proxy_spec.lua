@@ -157,8 +157,33 @@ describe("proxying", function()
     local out, rc = H.exchange(front, "hello\n", 10)
     assert.are.equal(0, rc)
     assert.are.equal("hello\n", out)
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function() return H.read(p.log):find("reloaded from", 1, true) end, 10))
     local log = H.stop_sluice(p)
     assert.matches("chunk of 6 bytes", log)
+    -- The README's tour and operations.md's session show these lines: each is
+    -- one this run logged, but for the time, the clients' ports, the
+    -- durations, the config's path and the counts that depend on the worker.
+    local ports = { [tostring(front)] = "7000", [tostring(echo)] = "7001" }
+    local function normalize(line)
+      line = line:gsub("^%d%d%d%d%-%S+ ", ""):gsub("client 127%.0%.0%.1:%d+", "client 127.0.0.1:*")
+      line = line:gsub("%d+ ms%)", "* ms)"):gsub("%d+ allocated in all", "* allocated in all")
+      line = line:gsub("started with %d+ workers", "started with * workers")
+      line = line:gsub("%(config [^)]*%)", "(config *)"):gsub("(reload[a-z]*) [^:]*%.lua", "%1 *")
+      return (line:gsub(":(%d+)%f[%D]", function(port) return ":" .. (ports[port] or port) end))
+    end
+    local logged = {}
+    for line in log:gmatch("[^\n]+") do logged[normalize(line)] = true end
+    local shown = {
+      README = H.read(H.root .. "/README.md"):match("and sluice logs the chunk.-```\n(.-)```"),
+      operations = H.read(H.root .. "/docs/operations.md")
+                     :match("A whole session with `examples/quickstart.lua`.-```\n(.-)```"),
+    }
+    for doc, lines in pairs(shown) do
+      for line in lines:gmatch("[^\n]+") do
+        assert.is_true(logged[normalize(line)], doc .. " line not logged: " .. line .. "\n" .. log)
+      end
+    end
   end)
 
   it("contains a Lua error to its connection: logged with a traceback, others carry on", function()

@@ -715,12 +715,22 @@ local C_STAGE_OPTIONS = {
         { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
         { "length_adjustment", ADJUSTMENT },
     },
+    -- None: an option such as a list of trusted balancers would be a
+    -- restriction that is not there (any client may send a header).
+    ["sluice.proxy_protocol"] = {},
 }
 
 -- Checks the options of C stage `name` (those without a schema take any).
 local function check_c_options(name, options, path)
     local schema = C_STAGE_OPTIONS[name]
     if not schema then return end
+    if schema[1] == nil then
+        local given = sorted_keys(options, function() return true end)
+        if given[1] ~= nil then
+            fail(key_path(path, given[1]), "unknown key (%s takes no options)", quote(name))
+        end
+        return
+    end
     local keys = {}
     for i, spec in ipairs(schema) do keys[i] = spec[1] end
     check_keys(options, path, keys)

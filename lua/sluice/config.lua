@@ -80,6 +80,9 @@
 --               open connections, default 10000
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
+--   max_pipes   optional integer 0-2^31-1: splice pipes open at once, all
+--               workers together (at most 1024 per worker); 0 turns
+--               splicing off; absent (nil): a quarter of the open-files limit
 --   admin       optional table: the admin endpoint (/metrics, /memory,
 --               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
@@ -112,7 +115,7 @@
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
 -- the top level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin, upstreams (by sorted name),
+-- drain_timeout_ms, error_log, access_log, admin, max_pipes, upstreams (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then high <=
@@ -123,6 +126,7 @@
 -- Normalized result (a new table; the input is never modified):
 --
 --   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
+--     max_pipes (or nil: from the open-files limit),
 --     admin = { listen = address, public } (or nil),
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
@@ -195,7 +199,8 @@ local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
-                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin" }
+                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
+                   "max_pipes" }
 local ADMIN_KEYS = { "listen", "public" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
@@ -1164,6 +1169,7 @@ local function check_root(t, ctx)
     local error_log = check_log_target(t.error_log, "error_log", false)
     local access_log = check_log_target(t.access_log, "access_log", true)
     local admin = check_admin(t.admin, ctx)
+    local max_pipes = check_count(t.max_pipes, "max_pipes", nil, MAX_INT)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -1175,6 +1181,7 @@ local function check_root(t, ctx)
         error_log = error_log,
         access_log = access_log,
         admin = admin,
+        max_pipes = max_pipes,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

@@ -474,6 +474,9 @@ describe("sluice.config", function()
       assert.are.equal("stderr", cfg.access_log)
       assert.are.equal("off", ok_of(conf(nil, { access_log = "off" })).access_log)
       assert.are.equal("access.log", ok_of(conf(nil, { access_log = "access.log" })).access_log)
+      assert.is_nil(ok_of(conf(nil, {})).max_pipes)
+      assert.are.equal(0, ok_of(conf(nil, { max_pipes = 0 })).max_pipes)
+      assert.are.equal(4096, ok_of(conf(nil, { max_pipes = 4096 })).max_pipes)
     end)
 
     it("name the key and what was expected", function()
@@ -486,6 +489,12 @@ describe("sluice.config", function()
           "config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got -1" },
         { { drain_timeout_ms = "10s" },
           'config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got "10s"' },
+        { { max_pipes = -1 },
+          "config error: max_pipes: expected an integer from 0 to 2147483647, got -1" },
+        { { max_pipes = 1.5 },
+          "config error: max_pipes: expected an integer from 0 to 2147483647, got 1.5" },
+        { { max_pipes = "auto" },
+          'config error: max_pipes: expected an integer from 0 to 2147483647, got "auto"' },
         { { error_log = "off" },
           'config error: error_log: expected "stderr" or a file path, got "off"' },
         { { error_log = "" }, 'config error: error_log: expected "stderr" or a file path, got ""' },
@@ -588,11 +597,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -605,7 +614,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

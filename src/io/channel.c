@@ -775,6 +775,7 @@ static int sl_channel_splice_read(sl_channel *ch) {
   if (!(ch->flags & SL_CH_HAS_PIPE)) {
     if (sl_pipe_get(&w->pipes, dst->outq.high, &ch->spl) != SL_OK) {
       ch->flags &= ~(uint32_t)SL_CH_SPLICING;   /* buffers from now on */
+      w->stats.splice_refused++;
       return SL_DECLINED;
     }
     ch->flags |= SL_CH_HAS_PIPE;

@@ -287,6 +287,9 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->search_path = sl_strdup_field(L, cfg, "search_path");
   c->workers = (int)sl_num_field(L, cfg, "workers");
   c->drain_timeout = sl_num_field(L, cfg, "drain_timeout_ms") / 1000.0;
+  lua_getfield(L, cfg, "max_pipes");
+  c->max_pipes = lua_isnil(L, -1) ? -1 : (int)lua_tonumber(L, -1);
+  lua_pop(L, 1);
   c->error_log = sl_strdup_field(L, cfg, "error_log");
   c->access_log = sl_strdup_field(L, cfg, "access_log");
   c->lua_key_first = 1;

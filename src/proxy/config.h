@@ -91,6 +91,8 @@ typedef struct sl_config {
   int lua_key_first;           /* Lua stage keys are lua_key_first..+nlua_stages-1 */
   int workers;                 /* 0: one per core */
   double drain_timeout;        /* seconds a stop waits for open connections */
+  int max_pipes;               /* splice pipes open at once, all workers; -1: from the
+                                  open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */
   char *access_log;            /* "off", "stderr" or a path */
   char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */

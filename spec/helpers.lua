@@ -342,6 +342,17 @@ function H.start_echo(port)
   return p
 end
 
+-- Inside a describe: a list of processes (peers) that after_each kills
+-- and empties. Append what a test starts: list[#list + 1] = H.start_echo().
+function H.killed_after_each()
+  local list = {}
+  require("busted").after_each(function()
+    for _, p in ipairs(list) do H.stop(p, "KILL") end
+    for i = #list, 1, -1 do list[i] = nil end
+  end)
+  return list
+end
+
 -- A socat peer that runs a shell command per connection (stdin/stdout = socket).
 -- opts: extra socat options (e.g. "-t 30": after the command's output ends,
 -- keep going until the socket side has taken all of it).

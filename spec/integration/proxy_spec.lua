@@ -13,11 +13,7 @@ return {
 end
 
 describe("proxying", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   local function digest(path)
     return (H.sh("sha256sum < " .. H.shq(path))):match("^(%x+)")

@@ -39,11 +39,7 @@ local function random_file(name, bytes)
 end
 
 describe("splicing", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   -- Runs one exchange of `bytes` random bytes with an echo peer and returns
   -- the spliced and sent byte counts from /metrics.

@@ -1,10 +1,13 @@
 #include "proxy/config.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <lua.h>
 #include <lualib.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "buf/leak.h"
 #include "io/channel.h"
@@ -15,9 +18,33 @@
 #define SLUICE_ROOT_DIR "."
 #endif
 
+static char sl_installed_root[PATH_MAX + 32];
+static pthread_once_t sl_installed_once = PTHREAD_ONCE_INIT;
+
+/* An installed binary is PREFIX/bin/sluice, its library in
+ * PREFIX/share/sluice/lua (CMake's install rules): found from
+ * /proc/self/exe, so that an installed tree can be moved as a whole. */
+static void sl_find_installed_root(void) {
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0) return;
+  exe[n] = '\0';
+  for (int up = 0; up < 2; up++) {   /* PREFIX/bin/sluice -> PREFIX */
+    char *slash = strrchr(exe, '/');
+    if (slash == NULL) return;
+    *slash = '\0';
+  }
+  char probe[PATH_MAX + 64];
+  snprintf(probe, sizeof(probe), "%s/share/sluice/lua/sluice/config.lua", exe);
+  if (access(probe, R_OK) == 0)
+    snprintf(sl_installed_root, sizeof(sl_installed_root), "%s/share/sluice", exe);
+}
+
 const char *sl_config_root(void) {
   const char *r = getenv("SLUICE_ROOT");
-  return r && *r ? r : SLUICE_ROOT_DIR;
+  if (r && *r) return r;
+  pthread_once(&sl_installed_once, sl_find_installed_root);
+  return sl_installed_root[0] ? sl_installed_root : SLUICE_ROOT_DIR;
 }
 
 static char *sl_strdup_field(lua_State *L, int idx, const char *key) {

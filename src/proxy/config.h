@@ -101,7 +101,9 @@ typedef struct sl_config {
   lua_State *L;
 } sl_config;
 
-/* sluice's own folder: $SLUICE_ROOT, else the folder it was built from. */
+/* sluice's own folder, whose lua/ holds its Lua library: $SLUICE_ROOT;
+ * else PREFIX/share/sluice for a binary installed as PREFIX/bin/sluice;
+ * else the source folder it was built from. */
 const char *sl_config_root(void);
 
 /* Loads and validates path. Returns the config, or NULL with the message

@@ -308,7 +308,8 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents) {
     ev_timer_start(loop, t);
     return;
   }
-  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT, "idle_timeout", 0);
+  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT,
+                       (ch->flags & SL_CH_HALF_CLOSED) ? "half_close_timeout" : "idle_timeout", 0);
 }
 
 void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
@@ -318,6 +319,32 @@ void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
   ch->last_active = ev_now(ch->w->loop);
   ev_timer_set(&ch->idle, seconds, 0.);
   ev_timer_start(ch->w->loop, &ch->idle);
+}
+
+void sl_channel_set_half_close_timeout(sl_channel *ch, double seconds) {
+  ch->half_close_timeout = seconds;
+}
+
+/* One direction has ended: the shorter timeout from now on (the FIN was
+ * activity: the time counts from it). */
+static void sl_channel_half_closed(sl_channel *ch) {
+  double t = ch->half_close_timeout;
+  if (t <= 0 || (ch->flags & (SL_CH_HALF_CLOSED | SL_CH_CLOSED))) return;
+  ch->flags |= SL_CH_HALF_CLOSED;
+  if (ch->idle_timeout <= 0 || t < ch->idle_timeout) sl_channel_set_idle_timeout(ch, t);
+}
+
+int sl_channel_set_keepalive(sl_channel *ch, int idle_s, int interval_s, int count) {
+  int on = 1;
+  if (setsockopt(ch->fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) != 0) return SL_ERROR;
+  if (idle_s > 0 && setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof(idle_s)) != 0)
+    return SL_ERROR;
+  if (interval_s > 0 &&
+      setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof(interval_s)) != 0)
+    return SL_ERROR;
+  if (count > 0 && setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count)) != 0)
+    return SL_ERROR;
+  return SL_OK;
 }
 
 /* ---- FINs at the end of the loop iteration ---- */
@@ -608,6 +635,7 @@ void sl_channel_flush(sl_channel *ch) {
 void sl_channel_shutdown_output(sl_channel *ch) {
   if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) return;
   ch->flags |= SL_CH_SHUTDOWN_PENDING;
+  sl_channel_half_closed(ch);
   sl_outq_flush(&ch->outq);
   if (ch->flags & SL_CH_CONNECTING) return;
   if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
@@ -651,6 +679,7 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
 void sl_channel_input_closed(sl_channel *ch) {
   ch->flags |= SL_CH_INPUT_CLOSED;
   sl_channel_update_reading(ch);
+  sl_channel_half_closed(ch);
   sl_pipeline_fire_user_event(&ch->pipe, SL_UEV_INPUT_CLOSED);
   if ((ch->flags & (SL_CH_OUTPUT_CLOSED | SL_CH_CLOSED)) == SL_CH_OUTPUT_CLOSED)
     sl_channel_close(ch, "eof", 0);

@@ -241,6 +241,16 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     lua_getfield(L, lt, "splice");
     l->splice = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    l->half_close_timeout = sl_num_field(L, lt, "half_close_timeout_ms") / 1000.0;
+    lua_getfield(L, lt, "tcp_keepalive");
+    if (lua_istable(L, -1)) {   /* milliseconds, rounded up to the seconds TCP takes */
+      int kt = lua_gettop(L);
+      l->keepalive = 1;
+      l->keepalive_idle = (int)((sl_num_field(L, kt, "idle_ms") + 999) / 1000);
+      l->keepalive_interval = (int)((sl_num_field(L, kt, "interval_ms") + 999) / 1000);
+      l->keepalive_count = (int)sl_num_field(L, kt, "count");
+    }
+    lua_pop(L, 1);
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);

@@ -75,6 +75,10 @@ typedef struct sl_listener_cfg {
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
   int splice;                  /* 1: pass-through connections may splice (io/splice.h) */
+  double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
+  int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
+  int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the
+                                                                system's */
 } sl_listener_cfg;
 
 typedef struct sl_config {

@@ -254,6 +254,34 @@ return {
     end)
   end)
 
+  it("exits 3 on SIGTERM, naming the worker, when a Lua stage never returns", function()
+    local spin_port, echo_port = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1, drain_timeout_ms = 0,
+  listeners = {
+    { name = "spin", listen = "127.0.0.1:%d", pipeline = { "spec.fixtures.stages.spins_on_read" } },
+    { name = "echo", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+  },
+}
+]]):format(spin_port, echo_port))
+    local talker = H.tmpfile("talker.sh", "printf x\nexec sleep 60\n")
+    local client = H.spawn(("socat -T 60 EXEC:'sh %s' TCP:127.0.0.1:%d"):format(talker, spin_port),
+                           "client")
+    -- The worker is stuck once it no longer answers on the other listener.
+    assert.truthy(H.wait_for(function()
+      return select(2, H.sh(("printf 'y' | timeout 2 socat -t 1 - TCP:127.0.0.1:%d | grep -q y")
+                              :format(echo_port))) ~= 0
+    end, 20))
+    local rc = H.stop(p, "TERM", 60)
+    H.stop(client, "TERM")
+    assert.are.equal(3, rc)
+    local log = H.read(p.log)
+    assert.matches("worker 0 has not stopped 5 s after the drain deadline: it does not return to "
+                   .. "its event loop (a Lua stage that never returns?)", log, 1, true)
+    assert.matches("%[error%] stopped without its stuck workers %(exit 3%)\n$", log)
+  end)
+
   it("closes everything at once on a second SIGTERM while draining", function()
     local port = H.free_port()
     local p = H.start_sluice(([[

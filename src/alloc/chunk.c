@@ -266,16 +266,20 @@ void sl_subpage_to_list(sl_subpage *s) {
       void *e = s->base + ((size_t)w * 64 + bit) * es;
       SL_UNPOISON(e, sizeof(void *));
       *(void **)e = head;
-      head = e;
+      head = (void *)((uintptr_t)e | SL_SUB_BARE);
     }
   }
   s->free = head;
+  s->nparked = 0;
 }
 
 void sl_subpage_to_bits(sl_subpage *s) {
+  SL_ASSERT(s->nparked == 0, "owned subpage goes back with carried items");
   for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
   uint32_t n = 0;
-  for (void *e = s->free, *next; e != NULL; e = next) {
+  for (void *item = s->free, *next; item != NULL; item = next) {
+    SL_ASSERT((uintptr_t)item & SL_SUB_BARE, "owned subpage goes back with a carried item");
+    void *e = (void *)((uintptr_t)item - SL_SUB_BARE);
     next = *(void **)e;
     SL_POISON(e, sizeof(void *));
     uint32_t i = sl_subpage_index(s, e);

@@ -171,8 +171,36 @@ static void sl_pool_own_report_all(sl_pool *p) {
   sl_arena_unlock(p->arena);
 }
 
-/* Gives owned subpage s back to the arena. Lock held. */
+/* Turns the parked headers on owned subpage s's free list into bare
+ * blocks; the headers go to the recycler (or the overflow list). */
+static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
+  if (s->nparked == 0) return;
+  void **prev = &s->free;
+  uintptr_t item = (uintptr_t)s->free;
+  while (item != 0) {
+    if (item & SL_BIN_BARE) {
+      prev = (void **)(item - SL_BIN_BARE);   /* a bare block links through its first bytes */
+      item = (uintptr_t)*prev;
+      continue;
+    }
+    void *h = (void *)item;
+    void *next = *sl_pool_hdr_link(h);
+    uint8_t *mem = sl_pool_parked_block(h);
+    SL_UNPOISON(mem, sizeof(void *));
+    *(void **)mem = next;
+    *prev = sl_pool_bare_item(mem);
+    prev = (void **)mem;
+    *sl_pool_hdr_link(h) = NULL;
+    sl_pool_header_put(p, h);
+    item = (uintptr_t)next;
+  }
+  s->nparked = 0;
+}
+
+/* Gives owned subpage s back to the arena, its parked headers to the
+ * recycler first. Lock held. */
 static void sl_pool_own_disown(sl_pool *p, sl_subpage *s) {
+  sl_pool_own_unpark(p, s);
   sl_pool_own_unlink(&p->bins[s->sclass], s);
   if (s->own_prev != NULL) s->own_prev->own_next = s->own_next;
   else p->owned = s->own_next;
@@ -244,7 +272,19 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
     p->owned = s;
     sl_pool_own_link(bin, s);
   }
-  return sl_pool_own_take(bin);
+  sl_subpage *s = bin->own;
+  uintptr_t item = (uintptr_t)s->free;
+  void *mem;
+  if (item & SL_BIN_BARE) {
+    mem = sl_subpage_pop_bare(s, item);
+  } else {
+    /* A parked header: its block is what is asked for, it goes back. */
+    sl_pool_own_pop_parked(s, (void *)item);
+    mem = sl_pool_parked_block((void *)item);
+    sl_pool_header_put(p, (void *)item);
+  }
+  sl_pool_own_took(bin, s);
+  return mem;
 }
 
 /* A block of class idx from the arena (an owned subpage for the classes
@@ -307,18 +347,31 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   return mem;
 }
 
-/* Gives the give oldest entries of bin sclass back to the arena (parked
- * headers to the recycler). */
+/* Gives bin item item of small class sclass, whose bin owns subpages, to
+ * its block's subpage when p owns it, a parked header with its block: 1.
+ * Else 0, nothing done. */
+static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
+  uintptr_t v = (uintptr_t)item;
+  if (v & SL_BIN_BARE) return sl_pool_own_give(p, bin, (void *)(v - SL_BIN_BARE), sclass);
+  sl_subpage *s = sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass);
+  if (!sl_pool_owns(p, s)) return 0;
+  uint32_t nfree = sl_pool_own_push_parked(s, item);
+  bin->own_frees++;
+  if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved(p, s, nfree);
+  return 1;
+}
+
+/* Gives the give oldest entries of bin sclass back: to the owned subpages
+ * of their blocks (parked headers stay parked there), else to the arena
+ * (parked headers to the recycler). */
 static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   sl_cache_bin *bin = &p->bins[sclass];
   if (give == 0) return;
-  for (uint32_t i = 0; i < give; i++) bin->items[i] = sl_pool_item_block(p, bin->items[i]);
-  uint32_t rest = give;
-  if (bin->owns) {
-    /* Owned subpages take theirs; the rest go to the arena. */
-    rest = 0;
-    for (uint32_t i = 0; i < give; i++)
-      if (!sl_pool_own_give(p, bin, bin->items[i], sclass)) bin->items[rest++] = bin->items[i];
+  uint32_t rest = 0;
+  for (uint32_t i = 0; i < give; i++) {
+    void *item = bin->items[i];
+    if (bin->owns && sl_pool_own_give_item(p, bin, item, sclass)) continue;
+    bin->items[rest++] = sl_pool_item_block(p, item);
   }
   sl_arena_free_many(p->arena, bin->items, rest, sclass);
   memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
@@ -359,7 +412,8 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-/* A parked header among the top few entries of a bin (its block stays
+/* A parked header among the top few entries of a bin, or first on the
+ * free list of a class's first owned subpage with room (its block stays
  * there, bare), or NULL. Only the tops are looked at, so that a search
  * costs at most a few entries per class: headers park on top. parked_hint
  * is set whenever a header parks and cleared when a search finds none. */
@@ -374,6 +428,17 @@ static void *sl_pool_unpark(sl_pool *p) {
       bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
       return item;
     }
+    sl_subpage *s = bin->own;
+    void *h = s != NULL ? s->free : NULL;
+    if (h != NULL && !((uintptr_t)h & SL_BIN_BARE)) {
+      uint8_t *mem = sl_pool_parked_block(h);
+      SL_UNPOISON(mem, sizeof(void *));
+      *(void **)mem = *sl_pool_hdr_link(h);
+      *sl_pool_hdr_link(h) = NULL;
+      s->free = sl_pool_bare_item(mem);
+      s->nparked--;
+      return h;
+    }
   }
   p->parked_hint = 0;
   return NULL;
@@ -386,13 +451,16 @@ static void sl_pool_unpark_all(sl_pool *p) {
     for (uint32_t k = 0; k < bin->n; k++)
       bin->items[k] = sl_pool_bare_item(sl_pool_item_block(p, bin->items[k]));
   }
+  for (sl_subpage *s = p->owned; s != NULL; s = s->own_next) sl_pool_own_unpark(p, s);
 }
 
-/* Parked headers (free, as far as the header count goes). */
+/* Parked headers, in bins and on owned subpages (free, as far as the
+ * header count goes). */
 static uint64_t sl_pool_parked(const sl_pool *p) {
   uint64_t n = 0;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     for (uint32_t k = 0; k < p->bins[i].n; k++) n += !((uintptr_t)p->bins[i].items[k] & SL_BIN_BARE);
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nparked;
   return n;
 }
 

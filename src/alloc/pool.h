@@ -155,21 +155,45 @@ static inline void *sl_pool_item_block(sl_pool *p, void *item) {
  * root header whose block is of class sclass) on it. */
 void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
 
-/* Owned subpages (see pool_types.h). */
+/* Owned subpages (see pool_types.h). Their free lists hold bare blocks
+ * (tagged SL_BIN_BARE, which is chunk.h's SL_SUB_BARE) and parked headers
+ * (linked through SL_HDR_LINK_OFFSET, counted in nparked). */
+_Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
-/* Takes a block from the first owned subpage of bin's class (bin->own is
- * not NULL); a subpage left full leaves the list. The caller counts the
- * allocation (bin->allocs). */
-static inline void *sl_pool_own_take(sl_cache_bin *bin) {
-  sl_subpage *s = bin->own;
-  void *mem = sl_subpage_pop(s);
+/* An element was taken from s, the first owned subpage of bin's class: a
+ * subpage left full leaves the list. The caller counts the allocation
+ * (bin->allocs). */
+static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
   if (__builtin_expect(s->nfree == 0, 0)) {
     bin->own = s->next;
     if (s->next != NULL) s->next->prev = NULL;
     s->next = NULL;
   }
   bin->own_allocs++;
-  return mem;
+}
+
+/* Takes parked header hdr, the first item of owned subpage s, off its
+ * list; its link (sl_buf's views) is NULL again, as a parked header's is.
+ * The caller then calls sl_pool_own_took. */
+static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
+  void **link = sl_pool_hdr_link(hdr);
+  s->free = *link;
+  *link = NULL;
+  s->nfree--;
+  s->nparked--;
+  sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
+}
+
+/* Puts hdr, a parked header whose block is an element of s (owned by the
+ * pool), on s's free list. Returns s's nfree as it was before (see
+ * sl_pool_own_moves). The caller counts the free (bin->own_frees,
+ * bin->frees). */
+static inline uint32_t sl_pool_own_push_parked(sl_subpage *s, void *hdr) {
+  sl_subpage_debug_give(s, sl_pool_parked_block(hdr));
+  *sl_pool_hdr_link(hdr) = s->free;
+  s->free = hdr;
+  s->nparked++;
+  return s->nfree++;
 }
 
 /* Subpage s of p had nfree free elements before one more was freed: it
@@ -199,8 +223,8 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back
  * to its subpage when p owns it: 1. Else 0, and nothing is done (the
- * caller gives it to the arena). Aborts on an element freed twice. The
- * caller counts the free (bin->frees). */
+ * caller gives it to the arena). Aborts on an element freed twice (debug
+ * builds). The caller counts the free (bin->frees). */
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
   sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
   if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;

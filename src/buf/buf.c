@@ -155,16 +155,30 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A miss in a bin whose class owns subpages: a block from the first owned
- * subpage with room and a free header (recycler or overflow list), with no
- * call but tail calls; anything else (no owned subpage with room, no free
- * header) goes to the slow path. */
+/* A miss in a bin whose class owns subpages: the first item of the first
+ * owned subpage with room, a parked header (set up as a hit's) or a bare
+ * block with a free header (recycler or overflow list), with no call but
+ * tail calls; anything else (no owned subpage with room, no free header)
+ * goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
-  if (s == NULL || !sl_pool_header_ready(pool))
-    return sl_buf_alloc_slow(pool, cap, max_cap);
-  uint8_t *data = sl_pool_own_take(bin);
+  if (s == NULL) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uintptr_t item = (uintptr_t)s->free;
+  if (__builtin_expect(!(item & SL_BIN_BARE), 1)) {
+    sl_buf *b = (sl_buf *)item;
+    sl_pool_own_pop_parked(s, b);
+    sl_pool_own_took(bin, s);
+    bin->allocs++;
+    uint8_t *data = sl_pool_parked_block(b);
+    uint32_t usable = b->block_size;
+    SL_UNPOISON(data, usable);
+    sl_buf_init_live(pool, b, data, usable, max_cap);
+    return sl_buf_alloc_done(pool, b);
+  }
+  if (!sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uint8_t *data = sl_subpage_pop_bare(s, item);
+  sl_pool_own_took(bin, s);
   bin->allocs++;
   sl_buf *b = sl_pool_header_take(pool);
   SL_UNPOISON(data, (uint32_t)bin->tail);
@@ -257,6 +271,17 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   pool->parked_hint = 1;
 }
 
+/* Parks root r (released, flags 0) on s, the owned subpage of its block
+ * (of bin's class), instead of the full bin: the header stays with its
+ * block, so that a miss takes both back as a hit does. */
+static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
+  sl_buf_to_parked(pool, r);
+  uint32_t nfree = sl_pool_own_push_parked(s, r);
+  bin->own_frees++;
+  bin->frees++;
+  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(pool, s, nfree);
+}
+
 /* A dead root header keeps the generation it died with and who released
  * it (its index and data fields are unused now); it goes back to the
  * recycler. */
@@ -286,12 +311,11 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
       return;
     }
     if (bin->owns) {
-      /* A full bin whose class owns subpages: the block goes back to its
-       * subpage (when the pool still owns it), the header to the recycler. */
-      SL_POISON(r->data, r->block_size);
-      if (sl_pool_own_give(pool, bin, r->data, sc)) {
-        bin->frees++;
-        sl_buf_bury(pool, r);
+      /* A full bin whose class owns subpages: the header parks with its
+       * block on the block's subpage (when the pool still owns it). */
+      sl_subpage *s = sl_pool_subpage_of(pool, r->data, sc);
+      if (sl_pool_owns(pool, s)) {
+        sl_buf_park_own(pool, r, bin, s);
         return;
       }
     }
@@ -380,35 +404,18 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   pool->rec_n = rn + 1;
 }
 
-/* sl_buf_free_miss when the subpage changes lists. */
-__attribute__((noinline)) static void sl_buf_free_moved(sl_pool *pool, sl_buf *r, sl_subpage *s,
-                                                        uint32_t nfree) {
-  sl_pool_own_moved(pool, s, nfree);
-  sl_buf_bury(pool, r);
-}
-
 /* A root released on its worker into a full bin whose class owns
- * subpages: the block goes back to its owned subpage and the header to
- * the recycler, with no call but tail calls. A block of a subpage the
- * pool does not own (given back to the arena since) takes the general
- * path. */
+ * subpages: the header parks with its block on the block's owned subpage,
+ * with no call but tail calls. A block of a subpage the pool does not own
+ * (given back to the arena since) takes the general path. */
 __attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_buf *r,
                                                        sl_cache_bin *bin) {
-  uint8_t *data = r->data;
-  sl_subpage *s = sl_pool_subpage_of(pool, data, r->sclass);
+  sl_subpage *s = sl_pool_subpage_of(pool, r->data, r->sclass);
   if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
     sl_buf_free_local(pool, r);
     return;
   }
-  SL_POISON(data, r->block_size);
-  uint32_t nfree = sl_subpage_push(s, data);
-  bin->own_frees++;
-  bin->frees++;
-  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) {
-    sl_buf_free_moved(pool, r, s, nfree);
-    return;
-  }
-  sl_buf_bury(pool, r);
+  sl_buf_park_own(pool, r, bin, s);
 }
 
 void sl_buf_free(sl_buf *r) {

@@ -144,14 +144,13 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chu
   c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
   c->usable = npages - c->meta_pages;
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
-  uint32_t *u = (uint32_t *)(void *)(c + 1);   /* fresh mmap: all zero */
+  c->sub = sl_chunk_sub(c);                    /* fresh mmap: all zero */
+  uint32_t *u = (uint32_t *)(void *)(c->sub + npages);
   c->run_len = u;
   c->free_head = u + npages;
   c->free_next = u + 2 * npages;
   c->bucket = u + 3 * npages;                  /* npages + 1 entries */
   c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 4 * npages + 1) + 7) & ~(uintptr_t)7);
-  uint32_t words = (npages + 1 + 63) / 64;
-  c->sub = (sl_subpage **)(void *)(c->nonempty + words);
   memset(c->bucket, 0xff, (npages + 1) * sizeof(uint32_t));
   c->free_pages = c->usable;
   sl_chunk_free_push(c, c->meta_pages, c->usable);

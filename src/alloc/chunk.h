@@ -127,10 +127,15 @@ struct sl_chunk {
   uint32_t *free_next;         /* at a free run's first page: next run of its list */
   uint32_t *bucket;            /* per length 0..npages: first free run, or NONE */
   uint64_t *nonempty;          /* bit per length: its list has a run */
-  sl_subpage **sub;            /* per page of a subpage run: the subpage */
+  sl_subpage **sub;            /* per page of a subpage run: the subpage (right
+                                  after this struct: sl_chunk_sub) */
   uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
   sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];
 };
+
+/* c->sub, from c's address alone: the map of subpages follows the struct
+ * (one load less on the owner's release path). */
+static inline sl_subpage **sl_chunk_sub(sl_chunk *c) { return (sl_subpage **)(void *)(c + 1); }
 
 /* Pages a chunk of this geometry spends on its own metadata. */
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size);
@@ -307,11 +312,10 @@ static inline void sl_subpage_debug_give(sl_subpage *s, const void *p) {
 }
 
 /* The element of a bare item (the first of an owned subpage's free list),
- * taken off the list. */
+ * taken off the list. The caller then counts it out of nfree. */
 static inline void *sl_subpage_pop_bare(sl_subpage *s, uintptr_t item) {
   void *p = (void *)(item - SL_SUB_BARE);
   s->free = *(void **)p;
-  s->nfree--;
   sl_subpage_debug_take(s, p);
   return p;
 }

@@ -8,6 +8,8 @@
 
 #include "util/common.h"
 
+_Static_assert(offsetof(sl_pool, sub_owner) == 0, "a subpage's owner is its pool's address");
+
 __thread sl_pool *sl_pool_tls;
 
 /* Free headers are linked through the word at SL_HDR_LINK_OFFSET, away
@@ -416,12 +418,12 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
  * free list of a class's first owned subpage with room (its block stays
  * there, bare), or NULL. Only the tops are looked at, so that a search
  * costs at most a few entries per class: headers park on top. parked_hint
- * is set whenever a header parks and cleared when a search finds none. */
+ * is set whenever a header parks in a bin and cleared when a search finds
+ * none there; the subpages are looked at every time. */
 static void *sl_pool_unpark(sl_pool *p) {
-  if (!p->parked_hint) return NULL;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
-    uint32_t low = bin->n > 8 ? bin->n - 8 : 0;
+    uint32_t low = !p->parked_hint ? bin->n : bin->n > 8 ? bin->n - 8 : 0;
     for (uint32_t k = bin->n; k > low; k--) {
       void *item = bin->items[k - 1];
       if ((uintptr_t)item & SL_BIN_BARE) continue;

@@ -160,11 +160,11 @@ void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
  * (linked through SL_HDR_LINK_OFFSET, counted in nparked). */
 _Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
-/* An element was taken from s, the first owned subpage of bin's class: a
- * subpage left full leaves the list. The caller counts the allocation
- * (bin->allocs). */
+/* An element was taken off the free list of s, the first owned subpage
+ * of bin's class: one free element less; a subpage left full leaves the
+ * list. The caller counts the allocation (bin->allocs). */
 static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
-  if (__builtin_expect(s->nfree == 0, 0)) {
+  if (__builtin_expect(--s->nfree == 0, 0)) {
     bin->own = s->next;
     if (s->next != NULL) s->next->prev = NULL;
     s->next = NULL;
@@ -177,10 +177,9 @@ static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
  * The caller then calls sl_pool_own_took. */
 static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
   void **link = sl_pool_hdr_link(hdr);
+  s->nparked--;
   s->free = *link;
   *link = NULL;
-  s->nfree--;
-  s->nparked--;
   sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
 }
 
@@ -204,7 +203,7 @@ void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree);
 /* The subpage of mem, a block of small class sclass. */
 static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, unsigned sclass) {
   uintptr_t c = (uintptr_t)mem & p->chunk_mask;
-  sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)mem - c) >> p->page_shift];
+  sl_subpage *s = sl_chunk_sub((sl_chunk *)c)[((uintptr_t)mem - c) >> p->page_shift];
   SL_ASSERT_DEBUG(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   (void)sclass;
   return s;
@@ -212,7 +211,7 @@ static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, 
 
 /* Whether p owns s (else it is the arena's or another pool's). */
 static inline int sl_pool_owns(const sl_pool *p, const sl_subpage *s) {
-  return sl_subpage_owner(s) == &p->sub_owner;
+  return (const void *)sl_subpage_owner(s) == (const void *)p;   /* sub_owner is first */
 }
 
 /* Whether a subpage that had nfree free elements before one more was
@@ -305,7 +304,8 @@ void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 
 /* Generations are odd, so never 0, without a test. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint32_t g = p->next_gen | 1;
+  uint32_t g = p->next_gen;   /* odd from the start, and + 2 keeps it odd */
+  SL_ASSERT_DEBUG(g & 1, "generations are odd");
   p->next_gen = g + 2;
   return g;
 }

@@ -90,6 +90,10 @@ _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
 
 struct sl_pool {
   /* hot: the fast paths touch only these */
+  sl_sub_owner sub_owner;         /* this pool as the owner of subpages: first, so that
+                                     a subpage's owner compares with the pool's address
+                                     (written by other threads only when they free an
+                                     owned subpage's element, which is rare) */
   void *owner_tp;                 /* thread pointer of the bound thread */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
@@ -123,7 +127,6 @@ struct sl_pool {
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
   sl_alloc *alloc;
   sl_arena *arena;
-  sl_sub_owner sub_owner;         /* this pool as the owner of subpages */
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */
   int own_alloc;                  /* created with the pool (tests) */
   int id;

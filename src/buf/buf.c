@@ -198,9 +198,10 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
       return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
-  if (max_cap <= cap) max_cap = cap;   /* then below the limit, as cap is */
+  if (__builtin_expect(max_cap <= cap, 1)) max_cap = cap;   /* then below the limit, as cap is */
   else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
-  sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
+  _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
   if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
   uintptr_t item = (uintptr_t)bin->items[n - 1];
@@ -258,16 +259,22 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
 }
 
 /* Makes root r (released: no owner, record, views or shared flag left, so
- * flags 0) a parked header, to go on the bin of its class: the block
- * pointer moves to SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the
- * generation it died with and who released it (its index and data fields
- * are unused now). */
-static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
+ * flags 0) a parked header: the block pointer moves to
+ * SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the generation it died
+ * with and who released it (its index and data fields are unused now). */
+static inline void sl_buf_to_parked_header(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
   *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
   memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
+}
+
+/* The same for a header to go on the bin of its class (a search for
+ * parked headers looks at the bins' tops only when one parked since it
+ * last found none: parked_hint). */
+static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
+  sl_buf_to_parked_header(pool, r);
   pool->parked_hint = 1;
 }
 
@@ -275,7 +282,7 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
  * (of bin's class), instead of the full bin: the header stays with its
  * block, so that a miss takes both back as a hit does. */
 static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
-  sl_buf_to_parked(pool, r);
+  sl_buf_to_parked_header(pool, r);
   uint32_t nfree = sl_pool_own_push_parked(s, r);
   bin->own_frees++;
   bin->frees++;
@@ -412,6 +419,7 @@ __attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_buf *r,
                                                        sl_cache_bin *bin) {
   sl_subpage *s = sl_pool_subpage_of(pool, r->data, r->sclass);
   if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
+    r->refcnt = 0;
     sl_buf_free_local(pool, r);
     return;
   }
@@ -448,8 +456,7 @@ void sl_buf_free(sl_buf *r) {
       return;
     }
     if (bin->owns) {
-      r->refcnt = 0;
-      sl_buf_free_miss(pool, r, bin);
+      sl_buf_free_miss(pool, r, bin);   /* the refcount goes to 0 there */
       return;
     }
   }

@@ -113,6 +113,16 @@ static void sl_pool_take_remote_headers(sl_pool *p) {
   }
 }
 
+/* Frees the leak records kept for reuse (buf/leak.c). */
+static void sl_pool_free_spare_records(sl_pool *p) {
+  for (void *r = p->leak_spare, *next; r != NULL; r = next) {
+    next = *(void **)r;
+    free(r);
+  }
+  p->leak_spare = NULL;
+  p->leak_spare_n = 0;
+}
+
 void sl_pool_destroy(sl_pool *p) {
   if (p == NULL) return;
   sl_pool_trim(p, 1);
@@ -122,6 +132,7 @@ void sl_pool_destroy(sl_pool *p) {
   sl_retq_destroy(&p->retq);
   munmap(p->hdr_map, p->hdr_map_len);
   if (p->leak_rec) munmap(p->leak_rec, p->leak_map_len);
+  sl_pool_free_spare_records(p);
   if (sl_pool_tls == p) sl_pool_tls = NULL;
   sl_alloc *a = p->own_alloc ? p->alloc : NULL;
   free(p);
@@ -641,6 +652,7 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
     sl_pool_own_return_all(p);
   }
   r->headers = sl_pool_reset_region(p);
+  sl_pool_free_spare_records(p);
   r->chunks = sl_arena_release_empty(p->arena, now_ms, 0);
   return r->blocks || r->headers || r->chunks;
 }

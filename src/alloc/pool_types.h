@@ -159,6 +159,9 @@ struct sl_pool {
   uint32_t *leak_next, *leak_prev;       /* per header slot: owner list links */
   uint32_t *leak_derived;                /* per header slot: live derived buffers */
   void **leak_rec;                       /* per header slot: record or NULL */
+  void *leak_spare;                      /* records kept for the next samples (malloc'd,
+                                            linked through their first word) */
+  uint32_t leak_spare_n;                 /* at most SL_LEAK_SPARE (buf/leak.h) */
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
   const char *release_site;              /* who releases now; kept in dead headers */

@@ -155,28 +155,17 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A miss in a bin whose class owns subpages: the first item of the first
- * owned subpage with room, a parked header (set up as a hit's) or a bare
- * block with a free header (recycler or overflow list), with no call but
- * tail calls; anything else (no owned subpage with room, no free header)
- * goes to the slow path. */
+/* A miss that sl_buf_alloc does not serve itself (it takes headers
+ * parked on owned subpages): a bare block first on the first owned
+ * subpage with room, with a free header (recycler or overflow list), with
+ * no call but tail calls; anything else (no owned subpage with room, no
+ * free header) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
-  if (s == NULL) return sl_buf_alloc_slow(pool, cap, max_cap);
+  if (s == NULL || !sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
   uintptr_t item = (uintptr_t)s->free;
-  if (__builtin_expect(!(item & SL_BIN_BARE), 1)) {
-    sl_buf *b = (sl_buf *)item;
-    sl_pool_own_pop_parked(s, b);
-    sl_pool_own_took(bin, s);
-    bin->allocs++;
-    uint8_t *data = sl_pool_parked_block(b);
-    uint32_t usable = b->block_size;
-    SL_UNPOISON(data, usable);
-    sl_buf_init_live(pool, b, data, usable, max_cap);
-    return sl_buf_alloc_done(pool, b);
-  }
-  if (!sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
   uint8_t *data = sl_subpage_pop_bare(s, item);
   sl_pool_own_took(bin, s);
   bin->allocs++;
@@ -203,8 +192,19 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
   sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
-  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
-  uintptr_t item = (uintptr_t)bin->items[n - 1];
+  uintptr_t item;
+  if (__builtin_expect(n == 0, 0)) {
+    /* A miss: a header parked on the first owned subpage with room comes
+     * back as from the bin; anything else is sl_buf_alloc_miss's. */
+    sl_subpage *s = bin->own;
+    if (s == NULL || ((item = (uintptr_t)s->free) & SL_BIN_BARE))
+      return sl_buf_alloc_miss(pool, cap, max_cap, bin);
+    sl_pool_own_pop_parked(s, (void *)item);
+    sl_pool_own_took(bin, s);
+    bin->allocs++;
+    goto parked;
+  }
+  item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
   bin->used++;
   bin->allocs++;
@@ -218,6 +218,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
     sl_buf_init_root(pool, b, data, bin->tail, max_cap);
     return sl_buf_alloc_done(pool, b);
   }
+parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
   sl_buf *b = (sl_buf *)item;
@@ -411,21 +412,6 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   pool->rec_n = rn + 1;
 }
 
-/* A root released on its worker into a full bin whose class owns
- * subpages: the header parks with its block on the block's owned subpage,
- * with no call but tail calls. A block of a subpage the pool does not own
- * (given back to the arena since) takes the general path. */
-__attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_buf *r,
-                                                       sl_cache_bin *bin) {
-  sl_subpage *s = sl_pool_subpage_of(pool, r->data, r->sclass);
-  if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
-    r->refcnt = 0;
-    sl_buf_free_local(pool, r);
-    return;
-  }
-  sl_buf_park_own(pool, r, bin, s);
-}
-
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
   if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
@@ -456,7 +442,15 @@ void sl_buf_free(sl_buf *r) {
       return;
     }
     if (bin->owns) {
-      sl_buf_free_miss(pool, r, bin);   /* the refcount goes to 0 there */
+      /* The bin is full: the header parks with its block on the block's
+       * owned subpage (sl_buf_free_miss when the pool no longer owns it). */
+      sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
+      if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
+        sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
+        return;
+      }
+      r->refcnt = 0;
+      sl_buf_free_local(pool, r);
       return;
     }
   }

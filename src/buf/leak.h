@@ -31,6 +31,10 @@ typedef enum {
 } sl_leak_level;
 
 #define SL_LEAK_TOUCHES 4
+/* Records a pool keeps for reuse (about 30 KiB), so that a sample costs
+ * no malloc and no free while fewer than this many recorded buffers live
+ * at once (1 in 128 of 32 Ki live buffers); an idle pool frees them. */
+#define SL_LEAK_SPARE 256
 
 /* Parses "disabled", "simple", "advanced", "paranoid". SL_OK or SL_ERROR. */
 int sl_leak_parse_level(const char *s, int *out);

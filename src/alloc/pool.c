@@ -40,8 +40,9 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     if (a == NULL) return NULL;
     own = 1;
   }
-  sl_pool *p = calloc(1, sizeof(*p));
+  sl_pool *p = aligned_alloc(_Alignof(sl_pool), sizeof(*p));   /* bins on cache lines */
   if (p == NULL) goto fail;
+  memset(p, 0, sizeof(*p));
   const sl_alloc_config *cfg = &a->cfg;
   p->alloc = a;
   p->own_alloc = own;
@@ -68,6 +69,10 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
     for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    p->bins[i].full = p->bins[i].owns                          ? SL_BIN_FULL_OWN
+                      : p->bins[i].cap == 0 && i >= a->nsmall ? SL_BIN_FULL_ARENA
+                                                              : SL_BIN_FULL_LOCAL;
   p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
   p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
@@ -396,7 +401,6 @@ __attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned
   sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
   bin->items[bin->n++] = hdr;
   bin->frees++;
-  p->parked_hint = 1;
 }
 
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
@@ -428,20 +432,28 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
 /* A parked header among the top few entries of a bin, or first on the
  * free list of a class's first owned subpage with room (its block stays
  * there, bare), or NULL. Only the tops are looked at, so that a search
- * costs at most a few entries per class: headers park on top. parked_hint
- * is set whenever a header parks in a bin and cleared when a search finds
- * none there; the subpages are looked at every time. */
+ * costs at most a few entries per class: headers park on top. A header
+ * parks in a bin only with a release that the bin counts (frees): the
+ * bins are not searched again while their count has not moved since a
+ * search found none there. */
 static void *sl_pool_unpark(sl_pool *p) {
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    sl_cache_bin *bin = &p->bins[i];
-    uint32_t low = !p->parked_hint ? bin->n : bin->n > 8 ? bin->n - 8 : 0;
-    for (uint32_t k = bin->n; k > low; k--) {
-      void *item = bin->items[k - 1];
-      if ((uintptr_t)item & SL_BIN_BARE) continue;
-      bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
-      return item;
+  uint64_t frees = 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees;
+  if (frees != p->unpark_frees) {
+    for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+      sl_cache_bin *bin = &p->bins[i];
+      uint32_t low = bin->n > 8 ? bin->n - 8 : 0;
+      for (uint32_t k = bin->n; k > low; k--) {
+        void *item = bin->items[k - 1];
+        if ((uintptr_t)item & SL_BIN_BARE) continue;
+        bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
+        return item;
+      }
     }
-    sl_subpage *s = bin->own;
+    p->unpark_frees = frees;
+  }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+    sl_subpage *s = p->bins[i].own;
     void *h = s != NULL ? s->free : NULL;
     if (h != NULL && !((uintptr_t)h & SL_BIN_BARE)) {
       uint8_t *mem = sl_pool_parked_block(h);
@@ -453,7 +465,6 @@ static void *sl_pool_unpark(sl_pool *p) {
       return h;
     }
   }
-  p->parked_hint = 0;
   return NULL;
 }
 

@@ -65,6 +65,10 @@
  * dead header does not use (buf.c checks the offset). */
 #define SL_HDR_BLOCK_OFFSET 16
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
+/* A release of a root whose bin is full (or holds nothing) goes: */
+#define SL_BIN_FULL_LOCAL 0    /* the general path */
+#define SL_BIN_FULL_OWN 1      /* to its block's owned subpage (owns) */
+#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches */
 
 typedef struct sl_pool sl_pool;
 
@@ -82,8 +86,9 @@ typedef struct sl_cache_bin {
   uint64_t frees;
   struct sl_subpage *own; /* owned subpages of this class with a free element */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
-  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+  uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
                              bin holds 8 or more) */
+  uint16_t full;          /* what a release finds when the bin is full: SL_BIN_FULL_* */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
@@ -102,7 +107,6 @@ struct sl_pool {
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
   uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
-  uint32_t parked_hint;           /* a header parked since the last search found none */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
   uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
@@ -111,7 +115,7 @@ struct sl_pool {
    * names: bins for the cache, cls for what readers of the counters use
    * (cls[i].allocs, cls[i].frees). */
   union {
-    sl_cache_bin bins[SL_SC_MAX_CLASSES];
+    _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
     sl_cache_bin cls[SL_SC_MAX_CLASSES];
   };
 
@@ -125,6 +129,8 @@ struct sl_pool {
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
+  uint64_t unpark_frees;          /* the bins' frees when a search last found no parked
+                                     header in them (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */

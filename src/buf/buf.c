@@ -260,10 +260,11 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
 }
 
 /* Makes root r (released: no owner, record, views or shared flag left, so
- * flags 0) a parked header: the block pointer moves to
- * SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the generation it died
- * with and who released it (its index and data fields are unused now). */
-static inline void sl_buf_to_parked_header(sl_pool *pool, sl_buf *r) {
+ * flags 0) a parked header, to go on the bin of its class or on its
+ * block's owned subpage: the block pointer moves to SL_HDR_BLOCK_OFFSET,
+ * and the header keeps, dead, the generation it died with and who
+ * released it (its index and data fields are unused now). */
+static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
   *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
@@ -271,19 +272,11 @@ static inline void sl_buf_to_parked_header(sl_pool *pool, sl_buf *r) {
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
 }
 
-/* The same for a header to go on the bin of its class (a search for
- * parked headers looks at the bins' tops only when one parked since it
- * last found none: parked_hint). */
-static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
-  sl_buf_to_parked_header(pool, r);
-  pool->parked_hint = 1;
-}
-
 /* Parks root r (released, flags 0) on s, the owned subpage of its block
  * (of bin's class), instead of the full bin: the header stays with its
  * block, so that a miss takes both back as a hit does. */
 static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
-  sl_buf_to_parked_header(pool, r);
+  sl_buf_to_parked(pool, r);
   uint32_t nfree = sl_pool_own_push_parked(s, r);
   bin->own_frees++;
   bin->frees++;
@@ -436,12 +429,13 @@ void sl_buf_free(sl_buf *r) {
       bin->frees++;
       return;
     }
-    if (bin->cap == 0 && sc >= pool->nsmall) {
+    uint32_t full = bin->full;
+    if (full == SL_BIN_FULL_ARENA) {
       r->refcnt = 0;
       sl_buf_free_normal(pool, r);
       return;
     }
-    if (bin->owns) {
+    if (full == SL_BIN_FULL_OWN) {
       /* The bin is full: the header parks with its block on the block's
        * owned subpage (sl_buf_free_miss when the pool no longer owns it). */
       sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);

@@ -26,7 +26,8 @@ typedef struct sl_pool_stats {
   uint64_t cached_blocks, cached_bytes;
   uint64_t trims, idle_trims;
   uint64_t headers_total;     /* header slots ever used in the region */
-  uint64_t headers_free;      /* recycler + overflow list */
+  uint64_t headers_free;      /* recycler + overflow list + quarantine + parked (in
+                                 bins and on owned subpages) */
   uint64_t recycler_size, recycler_cap, recycler_overflows;
   uint64_t region_resets;
   uint64_t remote_queued, remote_direct, return_queue_cap;

@@ -17,9 +17,11 @@
  *     flags 0, block_size and sclass of its bin's class): an allocation
  *     sets only the indexes, capacities, refcount and generation. Taking a
  *     block without a buffer, flushing or trimming gives the header to the
- *     recycler; a header needed when the recycler and the overflow list are
- *     empty is taken from a parked one near the top of a bin, which stays
- *     there as a bare block, before a new slot is used;
+ *     recycler (flushing or trimming a class that owns subpages parks it,
+ *     with its block, on the block's owned subpage); a header needed when the recycler and the overflow list are
+ *     empty is taken from a parked one near the top of a bin, or first on
+ *     an owned subpage's list, whose block stays there bare, before a new
+ *     slot is used;
  *   - headers: buffer headers come from a region of address space reserved
  *     for this pool and aligned to SL_HDR_REGION_SPAN, so the pool of any
  *     header is found by masking its address. The region is never unmapped
@@ -31,16 +33,23 @@
  *     the OS (madvise), which zeroes it;
  *   - owned subpages: a small class whose bin holds 8 or more takes whole
  *     subpages from the arena (alloc/chunk.h) and serves its misses from
- *     them without the arena's lock: a miss takes one element from the
+ *     them without the arena's lock: a miss takes the first item of the
  *     first owned subpage with room, and a release that finds the bin
- *     full gives the block back to its owned subpage (the header goes to
- *     the recycler). Like the arena, the pool keeps at most one empty
- *     subpage per class: a subpage that becomes empty while others of
- *     its class have room goes back to the arena. Trimming everything
- *     (idle, out of memory, destroy) gives every owned subpage back, so
- *     that empty chunks can go to the OS. The arena's per class counts
- *     take the pool's share (own_allocs, own_frees) whenever the pool
- *     takes the arena's lock, and at every trim;
+ *     full puts its block back on its owned subpage. A subpage's free
+ *     list holds items as a bin does: a root released on its worker parks
+ *     there, header with block (linked through SL_HDR_LINK_OFFSET, counted
+ *     in the subpage's nparked), so that a miss is set up as a hit is;
+ *     other blocks are bare (SL_BIN_BARE, linked through their first 8
+ *     bytes) and get a header from the recycler. Parked headers there are
+ *     free headers (headers_free). Like the arena, the pool keeps at most
+ *     one empty subpage per class: a subpage that becomes empty while
+ *     others of its class have room goes back to the arena. Trimming
+ *     everything (idle, out of memory, destroy) gives every owned subpage
+ *     back, so that empty chunks can go to the OS. Whatever gives a
+ *     subpage back first moves its parked headers to the recycler (their
+ *     blocks stay, bare). The arena's per class counts take the pool's
+ *     share (own_allocs, own_frees) whenever the pool takes the arena's
+ *     lock, and at every trim;
  *   - retq: buffers released on foreign threads come back through a bounded
  *     queue; when it is full, the releasing thread frees the block straight
  *     into the arena and pushes the headers on a lock-free stack.

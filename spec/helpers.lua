@@ -52,18 +52,24 @@ end
 -- A TCP port on 127.0.0.1 that nothing uses right now, picked below the
 -- kernel's ephemeral range (32768 and up), so that the outgoing connections
 -- of this and other processes cannot take it before the spec listens on it.
+-- A new TCP socket and the address 127.0.0.1:port for it.
+local function loopback_socket(port)
+  local fd = ffi.C.socket(2, 1, 0)
+  assert(fd >= 0, "socket() failed")
+  local sa = ffi.new("struct sl_spec_sockaddr_in")
+  sa.family = 2
+  sa.addr = 0x0100007f
+  sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+  return fd, sa
+end
+
 local picked = {}
 math.randomseed(os.time() + tonumber(ffi.C.getpid()))
 function H.free_port()
   for _ = 1, 1000 do
     local port = math.random(20000, 32767)
     if not picked[port] then
-      local fd = ffi.C.socket(2, 1, 0)
-      assert(fd >= 0, "socket() failed")
-      local sa = ffi.new("struct sl_spec_sockaddr_in")
-      sa.family = 2
-      sa.addr = 0x0100007f
-      sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+      local fd, sa = loopback_socket(port)
       local ok = ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0
       ffi.C.close(fd)
       if ok then
@@ -129,12 +135,7 @@ end
 -- send(s), recv(n, timeout_s) -> the next n bytes (fewer if the peer closed;
 -- nil on timeout), close().
 function H.connect(port)
-  local fd = ffi.C.socket(2, 1, 0)
-  assert(fd >= 0, "socket() failed")
-  local sa = ffi.new("struct sl_spec_sockaddr_in")
-  sa.family = 2
-  sa.addr = 0x0100007f
-  sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+  local fd, sa = loopback_socket(port)
   assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect() to port " .. port .. " failed")
   local c = {}
   function c.send(s)
@@ -339,6 +340,17 @@ function H.start_echo(port)
   assert(H.wait_for(function() return H.port_open(port) end, 10), "echo peer did not start")
   p.port = port
   return p
+end
+
+-- Inside a describe: a list of processes (peers) that after_each kills
+-- and empties. Append what a test starts: list[#list + 1] = H.start_echo().
+function H.killed_after_each()
+  local list = {}
+  require("busted").after_each(function()
+    for _, p in ipairs(list) do H.stop(p, "KILL") end
+    for i = #list, 1, -1 do list[i] = nil end
+  end)
+  return list
 end
 
 -- A socat peer that runs a shell command per connection (stdin/stdout = socket).

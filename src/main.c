@@ -48,7 +48,7 @@ int main(int argc, char **argv) {
     switch (opt) {
       case 'c': path = optarg; break;
       case 'k': check_only = 1; break;
-      case 'V': printf("sluice %s\n", SL_VERSION); return 0;
+      case 'V': printf("sluice %s\nLua library: %s/lua\n", SL_VERSION, sl_config_root()); return 0;
       case 'h': sl_usage(stdout); return 0;
       default: sl_usage(stderr); return 2;
     }

@@ -15,20 +15,6 @@
 
 #define CHUNKINGS 64
 
-static int pool_setup(void **state) {
-  sl_pool *p = sl_pool_create(NULL, 0);
-  if (p == NULL) return -1;
-  sl_pool_bind_thread(p);
-  *state = p;
-  return 0;
-}
-
-static int pool_teardown(void **state) {
-  sl_pool_bind_thread(NULL);
-  sl_pool_destroy(*state);
-  return 0;
-}
-
 /* ---- building streams and the frames they must give ---- */
 
 typedef struct bytes {
@@ -684,7 +670,7 @@ static void test_option_errors(void **state) {
   sl_opts_free(o);
 }
 
-#define POOL_TEST(fn) cmocka_unit_test_setup_teardown(fn, pool_setup, pool_teardown)
+#define POOL_TEST(fn) cmocka_unit_test_setup_teardown(fn, sl_test_pool_setup, sl_test_pool_teardown)
 
 int main(void) {
   sl_log_set_level(SL_LOG_ERROR);

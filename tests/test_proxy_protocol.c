@@ -14,20 +14,6 @@
 #include "util/common.h"
 #include "util/log.h"
 
-static int pool_setup(void **state) {
-  sl_pool *p = sl_pool_create(NULL, 0);
-  if (p == NULL) return -1;
-  sl_pool_bind_thread(p);
-  *state = p;
-  return 0;
-}
-
-static int pool_teardown(void **state) {
-  sl_pool_bind_thread(NULL);
-  sl_pool_destroy(*state);
-  return 0;
-}
-
 /* The bytes the harness collected, without its u32 frame lengths. */
 static size_t collected(const sl_ch *h, uint8_t *out, size_t cap) {
   size_t n = 0;
@@ -190,5 +176,5 @@ int main(void) {
       cmocka_unit_test(test_bad_headers_close_with_their_reason),
       cmocka_unit_test(test_written_headers_read_back),
   };
-  return cmocka_run_group_tests(tests, pool_setup, pool_teardown);
+  return cmocka_run_group_tests(tests, sl_test_pool_setup, sl_test_pool_teardown);
 }

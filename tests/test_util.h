@@ -45,6 +45,21 @@ static inline sl_pool_stats sl_test_stats(const sl_pool *p) {
   return st;
 }
 
+/* cmocka group fixtures: a private pool bound to the test thread as *state. */
+static inline int sl_test_pool_setup(void **state) {
+  sl_pool *p = sl_pool_create(NULL, 0);
+  if (p == NULL) return -1;
+  sl_pool_bind_thread(p);
+  *state = p;
+  return 0;
+}
+
+static inline int sl_test_pool_teardown(void **state) {
+  sl_pool_bind_thread(NULL);
+  sl_pool_destroy(*state);
+  return 0;
+}
+
 /* The byte at stream offset k: not periodic in 256, so a reordered,
  * duplicated or dropped chunk shows up as a mismatch. */
 static inline uint8_t sl_test_pattern_byte(size_t k) {

@@ -55,6 +55,14 @@
 --                     (1 s), the kernel hands over a connection once its
 --                     client has sent something (for protocols where the
 --                     client speaks first)
+--     half_close_timeout_ms optional positive integer: once one direction
+--                     has ended (a FIN either way), the idle timeout of the
+--                     client connection becomes this when shorter; default
+--                     0 (idle_timeout_ms goes on)
+--     tcp_keepalive   optional boolean or table { idle_ms, interval_ms,
+--                     count } (each optional; the system's setting when
+--                     absent): TCP keepalive on the client and upstream
+--                     sockets; default false
 --     splice          optional boolean, default true: a pass-through
 --                     connection (no pipeline) moves bulk bytes socket to
 --                     socket with splice(2), without copying them
@@ -80,6 +88,9 @@
 --               open connections, default 10000
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
+--   max_pipes   optional integer 0-2^31-1: splice pipes open at once, all
+--               workers together (at most 1024 per worker); 0 turns
+--               splicing off; absent (nil): a quarter of the open-files limit
 --   admin       optional table: the admin endpoint (/metrics, /memory,
 --               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
@@ -112,7 +123,7 @@
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
 -- the top level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin, upstreams (by sorted name),
+-- drain_timeout_ms, error_log, access_log, admin, max_pipes, upstreams (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then high <=
@@ -123,13 +134,17 @@
 -- Normalized result (a new table; the input is never modified):
 --
 --   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
+--     max_pipes (or nil: from the open-files limit),
 --     admin = { listen = address, public } (or nil),
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
 --                       { module, kind = "c", options } }, low_water_mark,
 --                     high_water_mark, outbound_limit, write_spin_count,
 --                     max_bytes_per_gathering_write (or nil: adaptive),
---                     max_connections, idle_timeout_ms } },
+--                     max_connections, idle_timeout_ms, connect_timeout_ms,
+--                     defer_accept, splice, half_close_timeout_ms,
+--                     tcp_keepalive (false or { idle_ms, interval_ms, count },
+--                     0: the system's) } },
 --     upstreams = { [name] = { name, servers = { address with weight },
 --                   balance, connect_timeout_ms, tries, max_fails,
 --                   fail_timeout_ms, health_check (or nil) =
@@ -195,7 +210,8 @@ local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
-                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin" }
+                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
+                   "max_pipes" }
 local ADMIN_KEYS = { "listen", "public" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
@@ -206,7 +222,10 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
                         "max_connections", "idle_timeout_ms", "connect_timeout_ms",
-                        "defer_accept", "splice" }
+                        "defer_accept", "splice", "half_close_timeout_ms", "tcp_keepalive" }
+local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
+local MAX_KEEPALIVE_MS = 32767000  -- TCP_KEEPIDLE and TCP_KEEPINTVL take up to 32767 s
+local MAX_KEEPALIVE_COUNT = 127
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
                         "fail_timeout_ms", "health_check", "send_proxy" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
@@ -1030,6 +1049,30 @@ end
 
 -- Returns the normalized listener at `path`. ctx.names and
 -- ctx.addresses map names and listen texts to the path that used them first.
+-- tcp_keepalive: false (off), true (on, the system's settings) or a table of
+-- idle_ms, interval_ms and count (each optional). Normalized to false or
+-- { idle_ms, interval_ms, count } with 0 for "the system's".
+local function check_keepalive(v, path)
+    if v == nil or v == false then return false end
+    if v == true then return { idle_ms = 0, interval_ms = 0, count = 0 } end
+    if type(v) ~= "table" then
+        fail(path, "expected a boolean or a table { idle_ms, interval_ms, count }, got %s", show(v))
+    end
+    check_keys(v, path, KEEPALIVE_KEYS)
+    local out = {}
+    for _, k in ipairs({ "idle_ms", "interval_ms" }) do
+        out[k] = check_positive_int(v[k], path .. "." .. k, 0)
+        if out[k] > MAX_KEEPALIVE_MS then
+            fail(path .. "." .. k, "expected at most %d, got %s", MAX_KEEPALIVE_MS, show(v[k]))
+        end
+    end
+    out.count = check_positive_int(v.count, path .. ".count", 0)
+    if out.count > MAX_KEEPALIVE_COUNT then
+        fail(path .. ".count", "expected at most %d, got %s", MAX_KEEPALIVE_COUNT, show(v.count))
+    end
+    return out
+end
+
 local function check_listener(l, path, ctx)
     if type(l) ~= "table" then
         fail(path, "expected a listener table, got %s", show(l))
@@ -1106,6 +1149,9 @@ local function check_listener(l, path, ctx)
     if l.splice ~= nil and type(l.splice) ~= "boolean" then
         fail(path .. ".splice", "expected a boolean, got %s", show(l.splice))
     end
+    local half_close_timeout_ms = check_positive_int(l.half_close_timeout_ms,
+                                                     path .. ".half_close_timeout_ms", 0)
+    local keepalive = check_keepalive(l.tcp_keepalive, path .. ".tcp_keepalive")
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -1126,6 +1172,8 @@ local function check_listener(l, path, ctx)
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
         splice = l.splice ~= false,
+        half_close_timeout_ms = half_close_timeout_ms,
+        tcp_keepalive = keepalive,
     }
 end
 
@@ -1164,6 +1212,7 @@ local function check_root(t, ctx)
     local error_log = check_log_target(t.error_log, "error_log", false)
     local access_log = check_log_target(t.access_log, "access_log", true)
     local admin = check_admin(t.admin, ctx)
+    local max_pipes = check_count(t.max_pipes, "max_pipes", nil, MAX_INT)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -1175,6 +1224,7 @@ local function check_root(t, ctx)
         error_log = error_log,
         access_log = access_log,
         admin = admin,
+        max_pipes = max_pipes,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

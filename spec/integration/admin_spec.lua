@@ -27,11 +27,7 @@ end
 local held_client = H.held_client
 
 describe("the admin endpoint", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   local function echo_peer()
     local e = H.start_echo()

@@ -15,7 +15,7 @@ describe("sluice command line", function()
   it("prints its version", function()
     local out, rc = H.sh(H.shq(H.bin) .. " --version")
     assert.are.equal(0, rc)
-    assert.matches("^sluice %d+%.%d+%.%d+\n$", out)
+    assert.matches("^sluice %d+%.%d+%.%d+\nLua library: [^\n]+/lua\n$", out)
   end)
 
   it("prints usage with --help, and exits 2 on an unknown option", function()

@@ -32,11 +32,7 @@ return {
 end
 
 describe("sluice.proxy_protocol", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   it("takes the client address from a v1 or v2 header and passes the rest on", function()
     local echo = H.start_echo()
@@ -159,11 +155,7 @@ return {
 end)
 
 describe("send_proxy", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   it("sends a v1 header before the client's bytes", function()
     local raw = H.raw_listener()

@@ -13,11 +13,7 @@ return {
 end
 
 describe("proxying", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   local function digest(path)
     return (H.sh("sha256sum < " .. H.shq(path))):match("^(%x+)")
@@ -81,6 +77,72 @@ describe("proxying", function()
     assert.are.equal("6", out:match("^%s*(%d+)%s*$"))
     local log = H.stop_sluice(p)
     assert.matches("chunk of 6 bytes", log)
+  end)
+
+  it("closes a connection whose client sent its FIN at half_close_timeout_ms", function()
+    -- The peer takes everything up to the FIN, then keeps its side open:
+    -- only the half-close timeout (not the long idle one) ends it.
+    local peer = H.start_peer("cat > /dev/null; sleep 10")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
+      'upstream = "back", idle_timeout_ms = 600000, half_close_timeout_ms = 300,')))
+    local _, rc = H.exchange(port, "hello\n", 20)
+    assert.are.equal(0, rc)
+    local log = H.stop_sluice(p)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: half_close_timeout %(in 6 B, out 0 B", log)
+  end)
+
+  it("closes a connection whose upstream sent its FIN at half_close_timeout_ms", function()
+    -- The peer says bye and ends its output (socat half-closes, and keeps
+    -- reading for 30 s); the client reads the bye and the FIN and keeps its
+    -- own side open.
+    local peer = H.start_peer("printf bye", nil, "-t 30")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
+      'upstream = "back", half_close_timeout_ms = 300,')))
+    local c = H.connect(port)
+    assert.are.equal("bye", c.recv(3, 10))
+    assert.are.equal("", c.recv(1, 10))   -- the FIN sluice passed on
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("closed: half_close_timeout", 1, true)
+    end, 10), H.read(p.log))
+    c.close()
+    H.stop_sluice(p)
+  end)
+
+  it("turns TCP keepalive on for both sockets of a connection with tcp_keepalive", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port, plain = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back",
+      tcp_keepalive = { idle_ms = 45000, interval_ms = 5000, count = 4 } },
+    { name = "plain", listen = "127.0.0.1:%d", upstream = "back" },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(port, plain, echo.port))
+    local function timers(filter)
+      return H.sh(("ss -tnoH state established '%s'"):format(filter))
+    end
+    local c = H.connect(port)
+    c.send("x")
+    assert.are.equal("x", c.recv(1, 10))
+    -- The client's socket on sluice's side, and sluice's to the upstream:
+    -- a keepalive timer in seconds (the system's default idle is hours).
+    assert.matches("timer:%(keepalive,%d+sec,0%)", timers(("sport = :%d"):format(port)))
+    assert.matches("timer:%(keepalive,%d+sec,0%)", timers(("dport = :%d"):format(echo.port)))
+    c.close()
+    local d = H.connect(plain)
+    d.send("y")
+    assert.are.equal("y", d.recv(1, 10))
+    assert.not_matches("keepalive", timers(("sport = :%d"):format(plain)))
+    d.close()
+    H.stop_sluice(p)
   end)
 
   it("closes the client with a logged reason when the upstream refuses", function()

@@ -20,11 +20,7 @@ local function access_lines(path)
 end
 
 describe("running sluice", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   local function echo_peer()
     local e = H.start_echo()

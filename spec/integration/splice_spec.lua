@@ -6,10 +6,11 @@ local H = require("helpers")
 
 local MiB = 1024 * 1024
 
-local function config(port, admin_port, upstream_port, extra, log_level)
+-- top: more top-level keys ("max_pipes = 1"), or nil.
+local function config(port, admin_port, upstream_port, extra, log_level, top)
   return ([[
 return {
-  workers = 1,
+  %sworkers = 1,
   log_level = "%s",
   listeners = {
     { name = "front", listen = "127.0.0.1:%d", upstream = "back", %s },
@@ -17,7 +18,14 @@ return {
   upstreams = { back = { servers = { "127.0.0.1:%d" }, connect_timeout_ms = 2000 } },
   admin = { listen = "127.0.0.1:%d" },
 }
-]]):format(log_level or "info", port, extra or "", upstream_port, admin_port)
+]]):format(top and top .. ",\n  " or "", log_level or "info", port, extra or "",
+                upstream_port, admin_port)
+end
+
+-- A client that sends the file input and writes what comes back to out.
+local function upload(port, input, out, name)
+  return H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > %s")
+    :format(port, H.shq(input), H.shq(out)))), name or "client")
 end
 
 local function digest(path)
@@ -31,19 +39,15 @@ local function random_file(name, bytes)
 end
 
 describe("splicing", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
 
   -- Runs one exchange of `bytes` random bytes with an echo peer and returns
   -- the spliced and sent byte counts from /metrics.
-  local function echo_run(extra, bytes)
+  local function echo_run(extra, bytes, top)
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local port, admin = H.free_port(), H.free_port()
-    local p = H.start_sluice(config(port, admin, echo.port, extra))
+    local p = H.start_sluice(config(port, admin, echo.port, extra, nil, top))
     local input = random_file("in.bin", bytes)
     local _, rc, out = H.exchange(port, { file = input }, 60)
     assert.are.equal(0, rc)
@@ -83,6 +87,47 @@ describe("splicing", function()
     assert.are.equal(8 * MiB, m.sent)
   end)
 
+  it("does not splice with max_pipes = 0", function()
+    local m = echo_run(nil, 8 * MiB, "max_pipes = 0")
+    assert.are.equal(0, m.spliced)
+    assert.are.equal(0, m.pipes)
+    assert.are.equal(8 * MiB, m.sent)
+  end)
+
+  it("opens no more pipes than max_pipes; the other connections use buffers", function()
+    -- Two uploads to peers that read nothing for 2 s: each connection
+    -- would hold a full pipe; with max_pipes = 1 one of them carries on
+    -- with buffers, and both arrive intact.
+    local peer = H.start_peer("sleep 2; sha256sum", nil, "-t 10")
+    peers[#peers + 1] = peer
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, peer.port, nil, nil, "max_pipes = 1"))
+    local input = random_file("two.bin", 32 * MiB)
+    local clients, outs = {}, {}
+    for i = 1, 2 do
+      outs[i] = H.tmpfile(("two.%d.out"):format(i))
+      clients[i] = upload(port, input, outs[i], "client" .. i)
+    end
+    -- While the peers sleep, one pipe is full and the other connection
+    -- was refused one.
+    local most = 0
+    assert.is_truthy(H.wait_for(function()
+      local _, _, body = H.admin_get(admin, "/memory")
+      local pipes, waiting = body:match("Splice pipes %(kernel memory%): pipes=(%d+) waiting=(%d+)")
+      pipes, waiting = tonumber(pipes), tonumber(waiting)
+      if pipes and pipes > most then most = pipes end
+      return waiting and waiting > 0 and
+             H.metric(admin, "sluice_splice_refused_total", 'worker="0"') >= 1
+    end, 10))
+    for i = 1, 2 do
+      assert.are.equal(0, H.stop(clients[i], "CONT", 60))   -- waits for its end
+      assert.are.equal(digest(input), H.read(outs[i]):match("^(%x+)"), H.read(p.log))
+    end
+    assert.are.equal(1, most)
+    assert.are.equal(1, H.metric(admin, "sluice_splice_pipes", 'worker="0"'))
+    H.stop_sluice(p)
+  end)
+
   it("does not splice where a stage sees the bytes", function()
     local m = echo_run('pipeline = { "examples.stages.log_chunks" }', 8 * MiB)
     assert.are.equal(0, m.spliced)
@@ -99,8 +144,7 @@ describe("splicing", function()
     local p = H.start_sluice(config(port, admin, peer.port, nil, "debug"))
     local input = random_file("slow.bin", 48 * MiB)
     local out = H.tmpfile("slow.out")
-    local client = H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > %s")
-      :format(port, H.shq(input), H.shq(out)))), "client")
+    local client = upload(port, input, out, "client")
     -- While the peer sleeps, /memory shows the bytes waiting in the pipe.
     local waiting
     assert.is_truthy(H.wait_for(function()
@@ -129,8 +173,7 @@ describe("splicing", function()
     local p = H.start_sluice(config(port, admin, peer.port, "idle_timeout_ms = 1000"))
     local input = H.tmpfile("zeros.bin")
     H.sh(("head -c %d /dev/zero > %s"):format(32 * MiB, H.shq(input)))
-    local client = H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > /dev/null")
-      :format(port, H.shq(input)))), "client")
+    local client = upload(port, input, "/dev/null")
     -- (The peer's readiness probe was a connection too: it counted 0.)
     local got
     assert.is_truthy(H.wait_for(function()
@@ -151,12 +194,10 @@ describe("splicing", function()
     local peer = H.start_peer("sleep 1; sha256sum", nil, "-t 10")
     peers[#peers + 1] = peer
     local port, admin = H.free_port(), H.free_port()
-    local p = H.start_sluice((config(port, admin, peer.port)
-      :gsub("^return {", "return {\n  drain_timeout_ms = 30000,")))
+    local p = H.start_sluice(config(port, admin, peer.port, nil, nil, "drain_timeout_ms = 30000"))
     local input = random_file("through.bin", 48 * MiB)
     local out = H.tmpfile("through.out")
-    local client = H.spawn(("sh -c %s"):format(H.shq(("socat -t 30 - TCP:127.0.0.1:%d < %s > %s")
-      :format(port, H.shq(input), H.shq(out)))), "client")
+    local client = upload(port, input, out, "client")
     -- Under way: the pipe holds bytes the sleeping peer has not taken.
     assert.is_truthy(H.wait_for(function()
       local _, _, body = H.admin_get(admin, "/memory")

@@ -67,11 +67,7 @@ return {
 end
 
 describe("per-server upstream metrics", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
   local function peer(name, port)
     local p = H.start_peer("printf " .. name .. "; cat", port)
     peers[#peers + 1] = p

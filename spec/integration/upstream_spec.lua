@@ -46,11 +46,7 @@ local function count_of(s, pattern)
 end
 
 describe("upstreams", function()
-  local peers = {}
-  after_each(function()
-    for _, p in ipairs(peers) do H.stop(p, "KILL") end
-    peers = {}
-  end)
+  local peers = H.killed_after_each()
   local function peer(name, port)
     local p = named_peer(name, port)
     peers[#peers + 1] = p

@@ -117,7 +117,8 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
@@ -144,12 +145,14 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            half_close_timeout_ms = 0, tcp_keepalive = false },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true },
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
@@ -474,6 +477,9 @@ describe("sluice.config", function()
       assert.are.equal("stderr", cfg.access_log)
       assert.are.equal("off", ok_of(conf(nil, { access_log = "off" })).access_log)
       assert.are.equal("access.log", ok_of(conf(nil, { access_log = "access.log" })).access_log)
+      assert.is_nil(ok_of(conf(nil, {})).max_pipes)
+      assert.are.equal(0, ok_of(conf(nil, { max_pipes = 0 })).max_pipes)
+      assert.are.equal(4096, ok_of(conf(nil, { max_pipes = 4096 })).max_pipes)
     end)
 
     it("name the key and what was expected", function()
@@ -486,6 +492,12 @@ describe("sluice.config", function()
           "config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got -1" },
         { { drain_timeout_ms = "10s" },
           'config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got "10s"' },
+        { { max_pipes = -1 },
+          "config error: max_pipes: expected an integer from 0 to 2147483647, got -1" },
+        { { max_pipes = 1.5 },
+          "config error: max_pipes: expected an integer from 0 to 2147483647, got 1.5" },
+        { { max_pipes = "auto" },
+          'config error: max_pipes: expected an integer from 0 to 2147483647, got "auto"' },
         { { error_log = "off" },
           'config error: error_log: expected "stderr" or a file path, got "off"' },
         { { error_log = "" }, 'config error: error_log: expected "stderr" or a file path, got ""' },
@@ -588,11 +600,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -605,7 +617,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))
@@ -638,7 +650,8 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "idle_timeout_ms, connect_timeout_ms, defer_accept, splice)",
+                         .. "idle_timeout_ms, connect_timeout_ms, defer_accept, splice, "
+                         .. "half_close_timeout_ms, tcp_keepalive)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 
@@ -768,6 +781,35 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ defer_accept = 1 }) })))
         assert.are.equal('config error: listeners[1].defer_accept: expected a boolean, got "yes"',
                          err_of(conf({ listener({ defer_accept = "yes" }) })))
+      end)
+
+      it("take half_close_timeout_ms as a positive integer", function()
+        assert.are.equal(5000, ok_of(conf({ listener({ half_close_timeout_ms = 5000 }) }))
+          .listeners[1].half_close_timeout_ms)
+        assert.are.equal("config error: listeners[1].half_close_timeout_ms: expected a positive integer, got 0",
+                         err_of(conf({ listener({ half_close_timeout_ms = 0 }) })))
+        assert.are.equal('config error: listeners[1].half_close_timeout_ms: expected a positive integer, got "5s"',
+                         err_of(conf({ listener({ half_close_timeout_ms = "5s" }) })))
+      end)
+
+      it("take tcp_keepalive as a boolean or a table of idle_ms, interval_ms and count", function()
+        local function ka(v) return ok_of(conf({ listener({ tcp_keepalive = v }) })).listeners[1].tcp_keepalive end
+        assert.is_false(ka(false))
+        assert.are.same({ idle_ms = 0, interval_ms = 0, count = 0 }, ka(true))
+        assert.are.same({ idle_ms = 0, interval_ms = 0, count = 0 }, ka({}))
+        assert.are.same({ idle_ms = 60000, interval_ms = 10000, count = 5 },
+                        ka({ idle_ms = 60000, interval_ms = 10000, count = 5 }))
+        local function bad(v) return err_of(conf({ listener({ tcp_keepalive = v }) })) end
+        assert.are.equal('config error: listeners[1].tcp_keepalive: expected a boolean or a table '
+                         .. '{ idle_ms, interval_ms, count }, got "on"', bad("on"))
+        assert.are.equal("config error: listeners[1].tcp_keepalive.idle: unknown key (expected one of: "
+                         .. "idle_ms, interval_ms, count)", bad({ idle = 60 }))
+        assert.are.equal("config error: listeners[1].tcp_keepalive.interval_ms: expected a positive "
+                         .. "integer, got 0", bad({ interval_ms = 0 }))
+        assert.are.equal("config error: listeners[1].tcp_keepalive.idle_ms: expected at most 32767000, "
+                         .. "got 40000000", bad({ idle_ms = 40000000 }))
+        assert.are.equal("config error: listeners[1].tcp_keepalive.count: expected at most 127, got 200",
+                         bad({ count = 200 }))
       end)
 
       it("take outbound_limit, write_spin_count and max_bytes_per_gathering_write", function()

@@ -13,6 +13,7 @@
 #include "alloc/pool.h"
 #include "buf/buf.h"
 #include "buf/leak.h"
+#include "io/channel_internal.h"
 #include "io/worker.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -246,7 +247,7 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
   return ch;
 }
 
-static void sl_channel_update_reading(sl_channel *ch) {
+void sl_channel_update_reading(sl_channel *ch) {
   if (ch->flags & SL_CH_EMBEDDED) return;
   int want = (ch->flags & SL_CH_ACTIVE) && (ch->flags & (SL_CH_AUTOREAD | SL_CH_READ_ONCE)) &&
              !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
@@ -307,7 +308,8 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents) {
     ev_timer_start(loop, t);
     return;
   }
-  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT, "idle_timeout", 0);
+  sl_channel_close_with(ch, SL_PROMISE_TIMEOUT,
+                       (ch->flags & SL_CH_HALF_CLOSED) ? "half_close_timeout" : "idle_timeout", 0);
 }
 
 void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
@@ -317,6 +319,32 @@ void sl_channel_set_idle_timeout(sl_channel *ch, double seconds) {
   ch->last_active = ev_now(ch->w->loop);
   ev_timer_set(&ch->idle, seconds, 0.);
   ev_timer_start(ch->w->loop, &ch->idle);
+}
+
+void sl_channel_set_half_close_timeout(sl_channel *ch, double seconds) {
+  ch->half_close_timeout = seconds;
+}
+
+/* One direction has ended: the shorter timeout from now on (the FIN was
+ * activity: the time counts from it). */
+static void sl_channel_half_closed(sl_channel *ch) {
+  double t = ch->half_close_timeout;
+  if (t <= 0 || (ch->flags & (SL_CH_HALF_CLOSED | SL_CH_CLOSED))) return;
+  ch->flags |= SL_CH_HALF_CLOSED;
+  if (ch->idle_timeout <= 0 || t < ch->idle_timeout) sl_channel_set_idle_timeout(ch, t);
+}
+
+int sl_channel_set_keepalive(sl_channel *ch, int idle_s, int interval_s, int count) {
+  int on = 1;
+  if (setsockopt(ch->fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) != 0) return SL_ERROR;
+  if (idle_s > 0 && setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof(idle_s)) != 0)
+    return SL_ERROR;
+  if (interval_s > 0 &&
+      setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof(interval_s)) != 0)
+    return SL_ERROR;
+  if (count > 0 && setsockopt(ch->fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count)) != 0)
+    return SL_ERROR;
+  return SL_OK;
 }
 
 /* ---- FINs at the end of the loop iteration ---- */
@@ -357,38 +385,6 @@ static void sl_channel_fin_drop(sl_channel *ch) {
   *pp = ch->fin_next;
   ch->fin_next = NULL;
   ch->flags &= ~(uint32_t)SL_CH_FIN_PENDING;
-}
-
-/* Gives the channel's pipe back to the worker's pool (closed unless empty). */
-static void sl_channel_pipe_put(sl_channel *ch) {
-  sl_pipe_put(&ch->w->pipes, &ch->spl, ch->spl_len == 0);
-  ch->w->stats.splice_pipes = ch->w->pipes.open;
-  ch->spl_len = 0;
-  ch->flags &= ~(uint32_t)(SL_CH_HAS_PIPE | SL_CH_SPLICE_FULL);
-}
-
-/* A channel closing without an error while its pipe holds bytes (an idle
- * timeout while its peer was slow): those bytes were read from its socket
- * and go on, as they would from buffers. They move into the peer's queue,
- * empty while the pipe holds bytes (so order is kept), which the peer
- * writes before its own close. Returns the bytes that could not move (no
- * memory, or the peer cannot take writes). */
-static size_t sl_channel_pipe_hand_on(sl_channel *ch) {
-  sl_channel *p = ch->peer;
-  while (ch->spl_len > 0 && p != NULL) {
-    size_t len = SL_MIN((size_t)ch->spl_len, (size_t)65536);
-    sl_buf *b = sl_buf_alloc(ch->w->pool, len, len);
-    if (b == NULL) break;
-    ssize_t n = read(ch->spl.rd, b->data, len);
-    if (n <= 0) {
-      sl_buf_release(b);
-      break;
-    }
-    b->wr = (uint32_t)n;
-    ch->spl_len -= (uint32_t)n;
-    if (sl_channel_write(p, b) != SL_OK) break;
-  }
-  return ch->spl_len;
 }
 
 /* ---- closing ---- */
@@ -496,7 +492,7 @@ static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
 }
 
 /* A write (sendmsg or splice) failed with errno e: closes ch as an error. */
-static void sl_channel_write_failed(sl_channel *ch, int e) {
+void sl_channel_write_failed(sl_channel *ch, int e) {
   char why[128];
   const char *code = sl_channel_errno_reason(e);
   snprintf(why, sizeof(why), "%s (%s)", strcmp(code, SL_PROMISE_ERROR) == 0 ? "write error" : code,
@@ -639,6 +635,7 @@ void sl_channel_flush(sl_channel *ch) {
 void sl_channel_shutdown_output(sl_channel *ch) {
   if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) return;
   ch->flags |= SL_CH_SHUTDOWN_PENDING;
+  sl_channel_half_closed(ch);
   sl_outq_flush(&ch->outq);
   if (ch->flags & SL_CH_CONNECTING) return;
   if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
@@ -679,151 +676,23 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
 
 /* The peer sent FIN. Stages hear of it first (the bridge passes it on);
  * a channel whose output is already shut is then done. */
-static void sl_channel_input_closed(sl_channel *ch) {
+void sl_channel_input_closed(sl_channel *ch) {
   ch->flags |= SL_CH_INPUT_CLOSED;
   sl_channel_update_reading(ch);
+  sl_channel_half_closed(ch);
   sl_pipeline_fire_user_event(&ch->pipe, SL_UEV_INPUT_CLOSED);
   if ((ch->flags & (SL_CH_OUTPUT_CLOSED | SL_CH_CLOSED)) == SL_CH_OUTPUT_CLOSED)
     sl_channel_close(ch, "eof", 0);
 }
 
-/* What a failed read (recv or splice: -1 with errno e) means: 1, try again
- * (EINTR); 0, stop: the socket is empty (why stays empty) or failed (why
- * and *code say how, for the close). */
-static int sl_channel_read_error(int e, char *why, size_t len, const char **code) {
+/* (channel_internal.h) */
+int sl_channel_read_error(int e, char *why, size_t len, const char **code) {
   if (e == EINTR) return 1;
   if (e == EAGAIN || e == EWOULDBLOCK) return 0;
   *code = sl_channel_errno_reason(e);
   if (e == ECONNRESET) snprintf(why, len, "reset (%s)", strerror(e));
   else snprintf(why, len, "read error (%s)", strerror(e));
   return 0;
-}
-
-/* ---- kernel splicing ---- */
-
-/* A wake-up that splices less than this gives its pipe back: the
- * exchange has turned interactive, and buffers serve it as well. */
-#define SL_SPLICE_MIN_BURST 4096
-
-/* Counts n bytes spliced into dst's socket as sent. */
-static void sl_channel_spliced(sl_channel *dst, size_t n) {
-  if (n == 0) return;
-  sl_worker *w = dst->w;
-  dst->bytes_out += n;
-  w->stats.bytes_out += n;
-  w->stats.spliced_bytes += n;
-  dst->last_active = ev_now(w->loop);
-}
-
-/* Moves what src's pipe holds into its peer's socket. SL_OK: all of it
- * (src reads again if it was paused); SL_AGAIN: the peer's socket is full,
- * src stops reading and the peer's EV_WRITE goes on; SL_ERROR: the peer
- * failed and was closed (src with it). The caller holds a reference on
- * src. */
-static int sl_channel_splice_drain(sl_channel *src) {
-  sl_channel *dst = src->peer;
-  sl_worker *w = src->w;
-  size_t moved = 0;
-  while (src->spl_len > 0) {
-    ssize_t m = sl_splice_out(&src->spl, dst->fd, src->spl_len);
-    if (m > 0) {
-      src->spl_len -= (uint32_t)m;
-      moved += (size_t)m;
-      continue;
-    }
-    if (m < 0 && errno == EINTR) continue;
-    int e = m < 0 ? errno : EPIPE;
-    sl_channel_spliced(dst, moved);
-    if (e == EAGAIN || e == EWOULDBLOCK) {
-      if (!(src->flags & SL_CH_SPLICE_FULL)) {
-        src->flags |= SL_CH_SPLICE_FULL;
-        sl_channel_update_reading(src);
-        if (sl_log_enabled(SL_LOG_DEBUG))
-          sl_log(SL_LOG_DEBUG, "%s: paused reading from %s (%u bytes in its pipe)", dst->desc,
-                 src->desc, src->spl_len);
-      }
-      if (!ev_is_active(&dst->wio)) ev_io_start(w->loop, &dst->wio);
-      return SL_AGAIN;
-    }
-    sl_channel_write_failed(dst, e);
-    return SL_ERROR;
-  }
-  sl_channel_spliced(dst, moved);
-  /* Empty: back to the pool, so that only bytes in flight hold a pipe. */
-  uint32_t was_full = src->flags & SL_CH_SPLICE_FULL;
-  sl_channel_pipe_put(src);
-  if (was_full) {
-    sl_channel_update_reading(src);
-    if (sl_log_enabled(SL_LOG_DEBUG))
-      sl_log(SL_LOG_DEBUG, "%s: resumed reading from %s (its pipe is empty)", dst->desc, src->desc);
-  }
-  return SL_OK;
-}
-
-/* One wake-up's reads through the pipe (see channel.h). SL_DECLINED when
- * the peer cannot take spliced bytes now (its queue holds bytes that must
- * go first, it is connecting or its output is closed) or no pipe is to be
- * had: the caller reads into buffers instead. */
-static int sl_channel_splice_read(sl_channel *ch) {
-  sl_worker *w = ch->w;
-  sl_channel *dst = ch->peer;
-  if (dst == NULL ||
-      (dst->flags & (SL_CH_ACTIVE | SL_CH_CONNECTING | SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED |
-                     SL_CH_SHUTDOWN_PENDING | SL_CH_CLOSE_PENDING)) != SL_CH_ACTIVE ||
-      !sl_outq_is_empty(&dst->outq))
-    return SL_DECLINED;
-  if (!(ch->flags & SL_CH_HAS_PIPE)) {
-    if (sl_pipe_get(&w->pipes, dst->outq.high, &ch->spl) != SL_OK) {
-      ch->flags &= ~(uint32_t)SL_CH_SPLICING;   /* buffers from now on */
-      return SL_DECLINED;
-    }
-    ch->flags |= SL_CH_HAS_PIPE;
-    w->stats.splice_pipes = w->pipes.open;
-  }
-  sl_channel_ref(ch);
-  size_t total = 0;
-  int eof = 0, rc = SL_OK;
-  char why[128];
-  const char *why_code = NULL;
-  why[0] = '\0';
-  /* Fills the pipe as a read burst fills buffers (until the socket is
-   * empty or the pipe full), then hands it all to the peer at once, as
-   * the bridge flushes a burst: fewer, larger writes wake the reader on the
-   * other side less often. */
-  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
-    if (!ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
-    size_t room = ch->spl.cap - ch->spl_len;
-    if (room == 0) break;
-    ssize_t n = sl_splice_in(ch->fd, &ch->spl, room);
-    if (n > 0) {
-      ch->spl_len += (uint32_t)n;
-      total += (size_t)n;
-      ch->bytes_in += (uint64_t)n;
-      w->stats.bytes_in += (uint64_t)n;
-      if ((size_t)n < room) break;   /* the socket is empty, most likely */
-      continue;
-    }
-    if (n == 0) {
-      eof = 1;
-      break;
-    }
-    if (sl_channel_read_error(errno, why, sizeof(why), &why_code)) continue;
-    break;
-  }
-  if (total > 0) ch->last_active = ev_now(w->loop);
-  if (ch->spl_len > 0) rc = sl_channel_splice_drain(ch);   /* what was read goes on first */
-  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
-  if (!(ch->flags & SL_CH_CLOSED)) {
-    if (ch->spl_len == 0 && (ch->flags & SL_CH_HAS_PIPE)) sl_channel_pipe_put(ch);
-    if (eof && rc == SL_OK) {
-      sl_channel_input_closed(ch);
-    } else if (total < SL_SPLICE_MIN_BURST && ch->spl_len == 0) {
-      ch->flags &= ~(uint32_t)SL_CH_SPLICING;   /* interactive again: buffers */
-      sl_channel_recv_reset(ch);
-    }
-  }
-  sl_channel_unref(ch);
-  return SL_OK;
 }
 
 /* One wake-up's reads: up to SL_RECV_MAX_READS while the read watcher stays

@@ -85,6 +85,7 @@ enum {
   SL_CH_SPLICING = 0x100000,    /* reads go through a pipe to the peer (kernel splicing) */
   SL_CH_SPLICE_FULL = 0x200000, /* its pipe holds bytes the peer's socket did not take */
   SL_CH_HAS_PIPE = 0x400000,    /* spl is a pipe from the worker's pool */
+  SL_CH_HALF_CLOSED = 0x800000, /* one direction ended: half_close_timeout applies */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -133,6 +134,7 @@ struct sl_channel {
   uint64_t bytes_in, bytes_out;
   ev_tstamp last_active;     /* loop time of the last bytes read or written */
   double idle_timeout;       /* seconds; 0: none */
+  double half_close_timeout; /* seconds, once one direction has ended; 0: idle_timeout */
   union {                    /* the joined channel's address, kept after unjoin; */
     struct sockaddr sa;      /* sa_family AF_UNSPEC until joined */
     struct sockaddr_in in4;
@@ -251,6 +253,17 @@ void sl_channel_join(sl_channel *a, sl_channel *b);
 /* Closes ch with reason "idle_timeout" when no bytes were read or written
  * for seconds (0: never). Call before activating. */
 void sl_channel_set_idle_timeout(sl_channel *ch, double seconds);
+
+/* Once ch's input has ended (its peer's FIN) or its output was shut down,
+ * the idle timeout becomes seconds when that is shorter (0: no change), and
+ * its expiry closes ch with reason "half_close_timeout" (HAProxy's timeout
+ * client-fin). Call before activating. */
+void sl_channel_set_half_close_timeout(sl_channel *ch, double seconds);
+
+/* TCP keepalive probes on ch's socket: after idle_s seconds without
+ * traffic, every interval_s, count unanswered ones reset it (0: the
+ * system's setting for that one). SL_OK, or SL_ERROR with errno. */
+int sl_channel_set_keepalive(sl_channel *ch, int idle_s, int interval_s, int count);
 
 void sl_channel_ref(sl_channel *ch);
 void sl_channel_unref(sl_channel *ch);

@@ -418,6 +418,10 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
   SL_PROM_PER_WORKER(o, r, "sluice_splice_pipes", "gauge",
                      "Kernel pipes a worker has open for splicing (in use and idle; two "
                      "descriptors each).", s->stats.splice_pipes);
+  SL_PROM_PER_WORKER(o, r, "sluice_splice_refused_total", "counter",
+                     "Pass-through connections that wanted a splice pipe and got none "
+                     "(max_pipes reached, or the system refused one); they use buffers.",
+                     s->stats.splice_refused);
   SL_PROM_PER_WORKER(o, r, "sluice_channels", "gauge",
                      "A worker's connections (client and upstream side), open or closing.",
                      s->channels);

@@ -33,9 +33,10 @@ static void sl_bridge_on_connect(sl_channel *up) {
     sl_channel_close(up, "out of memory building the upstream pipeline", 1);
     return;
   }
-  if (client != NULL && sl_bridge_alone(&client->pipe)) {
-    const sl_listener_cfg *lc = sl_server_listener_cfg(client);
-    if (lc != NULL && lc->splice) sl_channel_allow_splice(client, up);
+  const sl_listener_cfg *lc = client != NULL ? sl_server_listener_cfg(client) : NULL;
+  if (lc != NULL) {
+    sl_server_tcp_keepalive(up, lc);
+    if (lc->splice && sl_bridge_alone(&client->pipe)) sl_channel_allow_splice(client, up);
   }
   sl_channel_activate(up);
   if (client && !sl_channel_is_closed(client)) sl_channel_set_autoread(client, 1);

@@ -1,10 +1,13 @@
 #include "proxy/config.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <lua.h>
 #include <lualib.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "buf/leak.h"
 #include "io/channel.h"
@@ -15,9 +18,33 @@
 #define SLUICE_ROOT_DIR "."
 #endif
 
+static char sl_installed_root[PATH_MAX + 32];
+static pthread_once_t sl_installed_once = PTHREAD_ONCE_INIT;
+
+/* An installed binary is PREFIX/bin/sluice, its library in
+ * PREFIX/share/sluice/lua (CMake's install rules): found from
+ * /proc/self/exe, so that an installed tree can be moved as a whole. */
+static void sl_find_installed_root(void) {
+  char exe[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0) return;
+  exe[n] = '\0';
+  for (int up = 0; up < 2; up++) {   /* PREFIX/bin/sluice -> PREFIX */
+    char *slash = strrchr(exe, '/');
+    if (slash == NULL) return;
+    *slash = '\0';
+  }
+  char probe[PATH_MAX + 64];
+  snprintf(probe, sizeof(probe), "%s/share/sluice/lua/sluice/config.lua", exe);
+  if (access(probe, R_OK) == 0)
+    snprintf(sl_installed_root, sizeof(sl_installed_root), "%s/share/sluice", exe);
+}
+
 const char *sl_config_root(void) {
   const char *r = getenv("SLUICE_ROOT");
-  return r && *r ? r : SLUICE_ROOT_DIR;
+  if (r && *r) return r;
+  pthread_once(&sl_installed_once, sl_find_installed_root);
+  return sl_installed_root[0] ? sl_installed_root : SLUICE_ROOT_DIR;
 }
 
 static char *sl_strdup_field(lua_State *L, int idx, const char *key) {
@@ -214,6 +241,16 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     lua_getfield(L, lt, "splice");
     l->splice = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    l->half_close_timeout = sl_num_field(L, lt, "half_close_timeout_ms") / 1000.0;
+    lua_getfield(L, lt, "tcp_keepalive");
+    if (lua_istable(L, -1)) {   /* milliseconds, rounded up to the seconds TCP takes */
+      int kt = lua_gettop(L);
+      l->keepalive = 1;
+      l->keepalive_idle = (int)((sl_num_field(L, kt, "idle_ms") + 999) / 1000);
+      l->keepalive_interval = (int)((sl_num_field(L, kt, "interval_ms") + 999) / 1000);
+      l->keepalive_count = (int)sl_num_field(L, kt, "count");
+    }
+    lua_pop(L, 1);
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
       snprintf(err, errlen, "config error: listeners[%zu].listen: unusable address", i + 1);
@@ -287,6 +324,9 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->search_path = sl_strdup_field(L, cfg, "search_path");
   c->workers = (int)sl_num_field(L, cfg, "workers");
   c->drain_timeout = sl_num_field(L, cfg, "drain_timeout_ms") / 1000.0;
+  lua_getfield(L, cfg, "max_pipes");
+  c->max_pipes = lua_isnil(L, -1) ? -1 : (int)lua_tonumber(L, -1);
+  lua_pop(L, 1);
   c->error_log = sl_strdup_field(L, cfg, "error_log");
   c->access_log = sl_strdup_field(L, cfg, "access_log");
   c->lua_key_first = 1;

@@ -75,6 +75,10 @@ typedef struct sl_listener_cfg {
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
   int splice;                  /* 1: pass-through connections may splice (io/splice.h) */
+  double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
+  int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
+  int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the
+                                                                system's */
 } sl_listener_cfg;
 
 typedef struct sl_config {
@@ -91,6 +95,8 @@ typedef struct sl_config {
   int lua_key_first;           /* Lua stage keys are lua_key_first..+nlua_stages-1 */
   int workers;                 /* 0: one per core */
   double drain_timeout;        /* seconds a stop waits for open connections */
+  int max_pipes;               /* splice pipes open at once, all workers; -1: from the
+                                  open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */
   char *access_log;            /* "off", "stderr" or a path */
   char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */
@@ -99,7 +105,9 @@ typedef struct sl_config {
   lua_State *L;
 } sl_config;
 
-/* sluice's own folder: $SLUICE_ROOT, else the folder it was built from. */
+/* sluice's own folder, whose lua/ holds its Lua library: $SLUICE_ROOT;
+ * else PREFIX/share/sluice for a binary installed as PREFIX/bin/sluice;
+ * else the source folder it was built from. */
 const char *sl_config_root(void);
 
 /* Loads and validates path. Returns the config, or NULL with the message

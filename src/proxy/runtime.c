@@ -277,6 +277,8 @@ static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
       a->leak_sample != b->leak_sample)
     sl_log(SL_LOG_WARN,
            "SIGHUP: allocator or leak_detection changed: takes effect at the next start");
+  if (old->max_pipes != nc->max_pipes)
+    sl_log(SL_LOG_WARN, "SIGHUP: max_pipes changed: takes effect at the next start");
   if (old->log_level != nc->log_level)
     sl_log(SL_LOG_WARN, "SIGHUP: log_level changed: takes effect at the next start");
   if ((old->admin_text == NULL) != (nc->admin_text == NULL) ||
@@ -373,14 +375,19 @@ static int sl_runtime_workers(const sl_config *cfg) {
   return n < 1 ? 1 : (int)SL_MIN(n, SL_MAX_WORKERS);
 }
 
-/* Splice pipes take at most a quarter of the open-files limit (two
- * descriptors each), shared by the workers, and at most SL_PIPE_MAX_OPEN
- * per worker: connections need the rest. */
-static unsigned sl_runtime_pipes_per_worker(int nworkers) {
-  struct rlimit rl;
-  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
-  if (rl.rlim_cur == RLIM_INFINITY) return SL_PIPE_MAX_OPEN;
-  rlim_t per = rl.rlim_cur / 8 / (rlim_t)(nworkers > 0 ? nworkers : 1);
+/* Splice pipes per worker: max_pipes shared by the workers (rounded up),
+ * or by default a quarter of the open-files limit (two descriptors each),
+ * so that connections keep the rest; at most SL_PIPE_MAX_OPEN either way. */
+static unsigned sl_runtime_pipes_per_worker(int nworkers, int max_pipes) {
+  rlim_t n = (rlim_t)(nworkers > 0 ? nworkers : 1), per;
+  if (max_pipes >= 0) {
+    per = ((rlim_t)max_pipes + n - 1) / n;
+  } else {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
+    if (rl.rlim_cur == RLIM_INFINITY) return SL_PIPE_MAX_OPEN;
+    per = rl.rlim_cur / 8 / n;
+  }
   return (unsigned)(per < SL_PIPE_MAX_OPEN ? per : SL_PIPE_MAX_OPEN);
 }
 
@@ -394,7 +401,7 @@ static int sl_runtime_start(sl_runtime *rt, char *err, size_t errlen) {
     snprintf(err, errlen, "allocator: %s", aerr);
     return SL_ERROR;
   }
-  unsigned pipes = sl_runtime_pipes_per_worker(rt->nworkers);
+  unsigned pipes = sl_runtime_pipes_per_worker(rt->nworkers, cfg->max_pipes);
   for (int i = 0; i < rt->nworkers; i++) {
     rt->workers[i] = sl_worker_create(i, rt->alloc);
     if (rt->workers[i] == NULL) {

@@ -123,10 +123,19 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
     sl_channel_close(ch, "out of memory building the pipeline", 1);
   if (!sl_channel_is_closed(ch)) {
     sl_channel_set_idle_timeout(ch, lc->idle_timeout);
+    sl_channel_set_half_close_timeout(ch, lc->half_close_timeout);
+    sl_server_tcp_keepalive(ch, lc);
     if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
     sl_channel_activate(ch);
   }
   sl_channel_unref(ch);
+}
+
+void sl_server_tcp_keepalive(sl_channel *ch, const sl_listener_cfg *lc) {
+  if (!lc->keepalive) return;
+  if (sl_channel_set_keepalive(ch, lc->keepalive_idle, lc->keepalive_interval,
+                               lc->keepalive_count) != SL_OK)
+    sl_log(SL_LOG_WARN, "%s: tcp_keepalive refused: %s", sl_channel_describe(ch), strerror(errno));
 }
 
 const sl_listener_cfg *sl_server_listener_cfg(const sl_channel *ch) {

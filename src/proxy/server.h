@@ -70,6 +70,10 @@ struct sl_listener_cfg;
  * started with), or NULL for another channel. */
 const struct sl_listener_cfg *sl_server_listener_cfg(const struct sl_channel *ch);
 
+/* Turns on TCP keepalive on ch's socket as lc says (nothing when it says
+ * off); a refusal is logged, the connection goes on. */
+void sl_server_tcp_keepalive(struct sl_channel *ch, const struct sl_listener_cfg *lc);
+
 /* The upstreams (balancing and health state on this worker) of the
  * configuration ch was created under, or NULL outside a server. */
 struct sl_upstreams *sl_server_upstreams(const struct sl_channel *ch);

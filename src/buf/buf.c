@@ -32,11 +32,12 @@ static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
  * these (it is a root over its block already). */
 static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
                                     size_t max_cap) {
+  uint32_t max = (uint32_t)max_cap;   /* at most SL_BUF_MAX_CAPACITY (checked) */
   b->data = data;
   b->rd = 0;
   b->wr = 0;
-  b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
-  b->max_cap = (uint32_t)max_cap;
+  b->cap = usable > max ? max : usable;
+  b->max_cap = max;
   b->refcnt = 1;
   b->gen = sl_pool_next_gen(pool);
 }
@@ -405,6 +406,48 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   pool->rec_n = rn + 1;
 }
 
+/* sl_buf_free's common case, r being a root on its worker with no owner,
+ * record, views or derived buffers, and no quarantine: the header parks
+ * with its block in its bin (one stack push) or, the bin full, on the
+ * block's owned subpage; a normal class no bin caches goes straight to
+ * the arena. */
+static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
+  size_t sc = r->sclass;
+  sl_cache_bin *bin = &pool->bins[sc];
+  uint32_t n = bin->n;
+  if (__builtin_expect(n < bin->cap, 1)) {
+    sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
+    bin->items[n] = r;
+    bin->n = n + 1;
+    bin->frees++;
+    return;
+  }
+  uint32_t full = bin->full;
+  if (full == SL_BIN_FULL_ARENA) {
+    r->refcnt = 0;
+    sl_buf_free_normal(pool, r);
+    return;
+  }
+  if (full == SL_BIN_FULL_OWN) {
+    /* The bin is full: the header parks with its block on the block's
+     * owned subpage (when the pool still owns it). */
+    sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
+    if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
+      sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
+      return;
+    }
+  }
+  r->refcnt = 0;
+  sl_buf_free_local(pool, r);
+}
+
+/* A root whose only difference from the common case is its leak record
+ * (a sampled buffer): the record goes back, then as in the common case. */
+__attribute__((noinline)) static void sl_buf_free_recorded(sl_pool *pool, sl_buf *r) {
+  sl_leak_on_free(pool, r);
+  sl_buf_free_plain(pool, r);
+}
+
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
   if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
@@ -412,41 +455,16 @@ void sl_buf_free(sl_buf *r) {
     sl_buf_free_foreign(pool, r);
     return;
   }
-  /* The fast path: a root (not a view or derived buffer) with no owner,
-   * record, views or derived buffers, no quarantine, whose bin has room:
-   * the header parks there with its block, one stack push. */
-  size_t sc = r->sclass;
-  if (__builtin_expect(((r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
-                                     SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
-                        pool->quarantine_next) == 0,
-                       1)) {
-    sl_cache_bin *bin = &pool->bins[sc];
-    uint32_t n = bin->n;
-    if (__builtin_expect(n < bin->cap, 1)) {
-      sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
-      bin->items[n] = r;
-      bin->n = n + 1;
-      bin->frees++;
-      return;
-    }
-    uint32_t full = bin->full;
-    if (full == SL_BIN_FULL_ARENA) {
-      r->refcnt = 0;
-      sl_buf_free_normal(pool, r);
-      return;
-    }
-    if (full == SL_BIN_FULL_OWN) {
-      /* The bin is full: the header parks with its block on the block's
-       * owned subpage (sl_buf_free_miss when the pool no longer owns it). */
-      sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
-      if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
-        sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
-        return;
-      }
-      r->refcnt = 0;
-      sl_buf_free_local(pool, r);
-      return;
-    }
+  uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
+                                             SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
+                     (uint32_t)pool->quarantine_next;
+  if (__builtin_expect(special == 0, 1)) {
+    sl_buf_free_plain(pool, r);
+    return;
+  }
+  if (special == SL_BUF_RECORDED) {
+    sl_buf_free_recorded(pool, r);
+    return;
   }
   r->refcnt = 0;
   sl_buf_free_local(pool, r);

@@ -129,14 +129,12 @@ static sl_leak_rec *sl_leak_new_rec(sl_pool *p) {
 }
 
 void sl_leak_sampled(sl_pool *p, sl_buf *b) {
-  sl_pool_countdown_sync(p);
   if (p->leak_level == SL_LEAK_DISABLED) {
     p->leak_countdown = UINT32_MAX;
   } else {
     p->leak_countdown = p->leak_level == SL_LEAK_PARANOID ? 1 : p->leak_sample;
     sl_leak_record(p, b, NULL);
   }
-  sl_pool_countdown_arm(p);
 }
 
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {

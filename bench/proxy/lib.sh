@@ -527,6 +527,32 @@ bench_cpu_ticks() {
   echo "$total"
 }
 
+# Busy and total ticks of the CPUs in a list such as "0", "0-1" or "0,2"
+# (all work on them, whoever does it), from /proc/stat: "busy total".
+bench_cpus_ticks() {
+  awk -v list="$1" '
+    BEGIN {
+      n = split(list, parts, ",")
+      for (i = 1; i <= n; i++) {
+        if (split(parts[i], r, "-") == 2) { for (c = r[1]; c <= r[2]; c++) want["cpu" c] = 1 }
+        else want["cpu" parts[i]] = 1
+      }
+    }
+    $1 in want {
+      t = 0
+      for (i = 2; i <= NF; i++) t += $i
+      total += t; busy += t - $5 - $6   # less idle and iowait
+    }
+    END { print busy + 0, total + 0 }' /proc/stat
+}
+
+# Percent busy between two bench_cpus_ticks readings.
+bench_busy_pct() {   # "busy0 total0" "busy1 total1"
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    split(a, x, " "); split(b, y, " ")
+    printf "%.0f", (y[2] > x[2]) ? 100 * (y[1] - x[1]) / (y[2] - x[2]) : 0 }'
+}
+
 bench_status_kb() {   # pid field(VmHWM|VmRSS) -> summed over the set, in kB
   local total=0 p v
   for p in $(bench_proc_set "$1"); do

@@ -33,6 +33,36 @@ static void sl_usage(FILE *out) {
           "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid).\n");
 }
 
+/* Applies SLUICE_LOG_LEVEL, SLUICE_ALLOCATOR and SLUICE_LEAK_DETECTION to cfg
+ * (borrowed) and sets the log level. Returns SL_ERROR, after saying why on
+ * stderr, when one holds a value that is not allowed. */
+static int sl_apply_env(sl_config *cfg) {
+  sl_log_level level = cfg->log_level;
+  const char *env = getenv("SLUICE_LOG_LEVEL");
+  if (env && *env && sl_log_parse_level(env, &level) != SL_OK) {
+    fprintf(stderr, "sluice: SLUICE_LOG_LEVEL: expected debug, info, warn or error, got \"%s\"\n",
+            env);
+    return SL_ERROR;
+  }
+  sl_log_set_level(level);
+  const char *atype = getenv("SLUICE_ALLOCATOR");
+  if (atype && *atype) {
+    if (strcmp(atype, "unpooled") == 0) cfg->alloc.type = SL_ALLOC_UNPOOLED;
+    else if (strcmp(atype, "pooled") == 0) cfg->alloc.type = SL_ALLOC_POOLED;
+    else {
+      fprintf(stderr, "sluice: SLUICE_ALLOCATOR: expected pooled or unpooled, got \"%s\"\n", atype);
+      return SL_ERROR;
+    }
+  }
+  const char *leak = getenv("SLUICE_LEAK_DETECTION");
+  if (leak && *leak && sl_leak_parse_level(leak, &cfg->alloc.leak_level) != SL_OK) {
+    fprintf(stderr, "sluice: SLUICE_LEAK_DETECTION: expected disabled, simple, advanced or "
+                    "paranoid, got \"%s\"\n", leak);
+    return SL_ERROR;
+  }
+  return SL_OK;
+}
+
 int main(int argc, char **argv) {
   static const struct option longopts[] = {
       {"config", required_argument, NULL, 'c'},
@@ -65,37 +95,17 @@ int main(int argc, char **argv) {
     fprintf(stderr, "%s\n", err);
     return 2;
   }
+  /* The environment's overrides are checked by --check too: a value that
+   * would stop the start must not pass the check. */
+  if (sl_apply_env(cfg) != SL_OK) {
+    sl_config_free(cfg);
+    return 2;
+  }
   if (check_only) {
     printf("config ok: %s (%zu listener%s, %zu upstream%s)\n", path, cfg->nlisteners,
            cfg->nlisteners == 1 ? "" : "s", cfg->nupstreams, cfg->nupstreams == 1 ? "" : "s");
     sl_config_free(cfg);
     return 0;
-  }
-  sl_log_level level = cfg->log_level;
-  const char *env = getenv("SLUICE_LOG_LEVEL");
-  if (env && *env && sl_log_parse_level(env, &level) != SL_OK) {
-    fprintf(stderr, "sluice: SLUICE_LOG_LEVEL: expected debug, info, warn or error, got \"%s\"\n",
-            env);
-    sl_config_free(cfg);
-    return 2;
-  }
-  sl_log_set_level(level);
-  const char *atype = getenv("SLUICE_ALLOCATOR");
-  if (atype && *atype) {
-    if (strcmp(atype, "unpooled") == 0) cfg->alloc.type = SL_ALLOC_UNPOOLED;
-    else if (strcmp(atype, "pooled") == 0) cfg->alloc.type = SL_ALLOC_POOLED;
-    else {
-      fprintf(stderr, "sluice: SLUICE_ALLOCATOR: expected pooled or unpooled, got \"%s\"\n", atype);
-      sl_config_free(cfg);
-      return 2;
-    }
-  }
-  const char *leak = getenv("SLUICE_LEAK_DETECTION");
-  if (leak && *leak && sl_leak_parse_level(leak, &cfg->alloc.leak_level) != SL_OK) {
-    fprintf(stderr, "sluice: SLUICE_LEAK_DETECTION: expected disabled, simple, advanced or "
-                    "paranoid, got \"%s\"\n", leak);
-    sl_config_free(cfg);
-    return 2;
   }
   return sl_runtime_run(cfg);
 }

@@ -13,6 +13,15 @@
 --   opts.config_dir folder of the configuration file, optional (`load`
 --                   derives it from `path` when absent)
 --   opts.builtin    set of stage names implemented in C: { [name] = true }
+--   opts.instruction_limit  Lua instructions a load or validation may run,
+--                   optional (default 100 million; see below)
+--
+-- A load or a validation runs user code (the file, the stage modules it
+-- names, their check_options) on the thread that also takes sluice's
+-- signals, so one that never ends would hang `--check`, the start, or a
+-- reload together with the SIGTERM after it. It runs with the JIT off
+-- (compiled code runs no hooks) under a count hook: past the limit it fails
+-- with `still running after N Lua instructions (a loop that never ends?)`.
 --
 -- Errors. On failure `load` and `validate` return nil and exactly one line:
 --
@@ -175,6 +184,11 @@ local byte = string.byte
 local concat = table.concat
 local sort = table.sort
 local floor = math.floor
+local ceil = math.ceil
+local unpack = unpack
+local maxn = table.maxn
+local gethook, sethook, getinfo = debug.gethook, debug.sethook, debug.getinfo
+local jit = jit
 local package = package  -- package.path is read at call time, never cached
 local searchpath = package.searchpath
 local _G = _G
@@ -203,6 +217,10 @@ local DEFAULT_FAIL_TIMEOUT_MS = 10000
 local MAX_WEIGHT = 1000
 local HEALTH_DEFAULTS = { interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }
 local DEFAULT_DRAIN_TIMEOUT_MS = 10000
+-- About a quarter of a second of interpreted Lua here: thousands of times
+-- what a configuration and its stage modules take.
+local DEFAULT_INSTRUCTION_LIMIT = 100000000
+local HOOK_STEP = 100000
 local MAX_WORKERS = 256
 local MAX_INT = 2147483647  -- integers must fit a C int
 
@@ -716,12 +734,22 @@ local C_STAGE_OPTIONS = {
         { "length_field_length", opt_field_length }, { "byte_order", opt_byte_order },
         { "length_adjustment", ADJUSTMENT },
     },
+    -- None: an option such as a list of trusted balancers would be a
+    -- restriction that is not there (any client may send a header).
+    ["sluice.proxy_protocol"] = {},
 }
 
 -- Checks the options of C stage `name` (those without a schema take any).
 local function check_c_options(name, options, path)
     local schema = C_STAGE_OPTIONS[name]
     if not schema then return end
+    if schema[1] == nil then
+        local given = sorted_keys(options, function() return true end)
+        if given[1] ~= nil then
+            fail(key_path(path, given[1]), "unknown key (%s takes no options)", quote(name))
+        end
+        return
+    end
     local keys = {}
     for i, spec in ipairs(schema) do keys[i] = spec[1] end
     check_keys(options, path, keys)
@@ -1251,14 +1279,54 @@ local function check_opts(opts, level)
     if opts.builtin ~= nil and type(opts.builtin) ~= "table" then
         error("bad 'opts.builtin' argument (table expected)", level + 1)
     end
+    local limit = opts.instruction_limit
+    if limit ~= nil and (type(limit) ~= "number" or limit < 1 or limit % 1 ~= 0) then
+        error("bad 'opts.instruction_limit' argument (positive integer expected)", level + 1)
+    end
     return opts
+end
+
+local THIS_SOURCE = getinfo(1, "S").source
+local bounded_depth = 0  -- > 0 while a bounded call runs (validate inside load)
+
+-- Calls fn(...) under the instruction limit (see the top of this file).
+-- Returns what fn returns, or nil, "config error: <where>: still running
+-- ..." when the limit was reached. Past the limit the hook raises at every
+-- instruction of code outside this file, so a pcall in user code cannot
+-- swallow it, while this file's own code finishes and reports it. Other
+-- errors pass through.
+local function bounded(where, limit, fn, ...)
+    if bounded_depth > 0 then return fn(...) end
+    local msg = format("still running after %d Lua instructions (a loop that never ends?)",
+                       limit)
+    local steps, max_steps, over = 0, ceil(limit / HOOK_STEP), false
+    local function hook()
+        if not over then
+            steps = steps + 1
+            if steps < max_steps then return end
+            over = true
+            sethook(hook, "", 1)
+        end
+        if getinfo(2, "S").source ~= THIS_SOURCE then error(msg, 0) end
+    end
+    local old_hook, old_mask, old_count = gethook()
+    local jit_on = jit.status()
+    jit.off()
+    bounded_depth = bounded_depth + 1
+    sethook(hook, "", HOOK_STEP)
+    local res = { pcall(fn, ...) }
+    sethook(old_hook, old_mask, old_count)
+    bounded_depth = bounded_depth - 1
+    if jit_on then jit.on() end
+    if res[1] then return unpack(res, 2, maxn(res)) end
+    if res[2] == msg then return nil, format("config error: %s: %s", where, msg) end
+    error(res[2], 0)
 end
 
 -- Validates an evaluated configuration table. Borrows tbl and never modifies
 -- it. Returns a new normalized table, or nil, "config error: ..." (one line).
 -- Loads (and runs) every Lua stage module named by a pipeline.
-function _M.validate(tbl, opts)
-    opts = check_opts(opts, 2)
+local function validate(tbl, opts)
     local search_path, err = _M.search_path(opts)
     if not search_path then return nil, err end
     local ctx = {
@@ -1277,6 +1345,13 @@ end
 -- Returns "config error: <path>: <msg>" for an error loading or running the
 -- file. Lua's messages already start with "<path>:<line>:"; those are kept
 -- as is rather than naming the path twice.
+-- validate() above, under the instruction limit (see the top of this file).
+function _M.validate(tbl, opts)
+    opts = check_opts(opts, 2)
+    return bounded("top level", opts.instruction_limit or DEFAULT_INSTRUCTION_LIMIT,
+                   validate, tbl, opts)
+end
+
 local function file_error(path, err)
     if type(err) ~= "string" then
         err = "raised " .. show(err)
@@ -1313,16 +1388,18 @@ function _M.load(path, opts)
     for k, v in pairs(opts) do o[k] = v end
     if o.config_dir == nil then o.config_dir = dirname(path) end
 
-    local chunk, err = loadfile(path)
-    if not chunk then return nil, file_error(path, err) end
-    setfenv(chunk, sandbox())
-    local ok, res = pcall(chunk)
-    if not ok then return nil, file_error(path, res) end
-    if type(res) ~= "table" then
-        return nil, "config error: top level: expected the file to return a table, got "
-                    .. show(res)
-    end
-    return _M.validate(res, o)
+    return bounded(path, o.instruction_limit or DEFAULT_INSTRUCTION_LIMIT, function()
+        local chunk, err = loadfile(path)
+        if not chunk then return nil, file_error(path, err) end
+        setfenv(chunk, sandbox())
+        local ok, res = pcall(chunk)
+        if not ok then return nil, file_error(path, res) end
+        if type(res) ~= "table" then
+            return nil, "config error: top level: expected the file to return a table, got "
+                        .. show(res)
+        end
+        return validate(res, o)
+    end)
 end
 
 return _M

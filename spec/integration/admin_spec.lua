@@ -152,6 +152,29 @@ return {
     assert.matches("LEAK: buffer of", log, 1, true)
   end)
 
+  it("counts what reaches the tail unconsumed: a buffer, a table and a string, all released", function()
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "sink", listen = "127.0.0.1:%d",
+                  pipeline = { "spec.fixtures.stages.to_tail" } } },
+}
+]]):format(admin, port), "SLUICE_LOG_LEVEL=debug")
+    assert.are.equal("", (H.exchange(port, "hello\n", 10)))
+    local _, _, text = get(admin, "/metrics")
+    assert.are.equal(3, sample(text, "sluice_unhandled_inbound_total", 'worker="0"'))
+    assert.are.equal(0, sample(text, "sluice_pool_buffers", 'worker="0"'))
+    local log = H.stop_sluice(p)
+    assert.matches("on sink: 6 inbound bytes reached the tail of the pipeline and were released",
+                   log, 1, true)
+    assert.matches("on sink: a table fired by stage spec.fixtures.stages.to_tail reached a C stage "
+                   .. "or the tail and was dropped", log, 1, true)
+    assert.matches("on sink: 8 inbound bytes reached the tail of the pipeline and were released",
+                   log, 1, true)
+  end)
+
   it("attributes a held buffer to its stage and listener in /memory, until the connection closes", function()
     -- The holding stage is the second Lua stage: the buffer reaches it by a
     -- hop between Lua stages.

@@ -100,6 +100,40 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "r",
     assert.matches("^config error: top level: expected a configuration table, got a stage module", out)
   end)
 
+  it("exits 2 on a config that never finishes, naming the file", function()
+    local cfg = H.tmpfile("spins.lua", "while true do pcall(function() while true do end end) end\n")
+    -- `timeout` only bounds the spec; sluice gives up on its own long before.
+    local out, rc = H.sh(("timeout 120 %s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal(("config error: %s: still running after 100000000 Lua instructions "
+                      .. "(a loop that never ends?)\n"):format(cfg), out)
+  end)
+
+  it("exits 2 on a bad environment value, with --check as with -c, and starts nothing", function()
+    local port = H.free_port()
+    local cfg = H.tmpfile("env.lua", config_with(port))
+    local cases = {
+      { "SLUICE_LOG_LEVEL=loud", 'sluice: SLUICE_LOG_LEVEL: expected debug, info, warn or error, got "loud"' },
+      { "SLUICE_ALLOCATOR=slab", 'sluice: SLUICE_ALLOCATOR: expected pooled or unpooled, got "slab"' },
+      { "SLUICE_LEAK_DETECTION=some", "sluice: SLUICE_LEAK_DETECTION: expected disabled, simple, "
+                                      .. 'advanced or paranoid, got "some"' },
+    }
+    for _, case in ipairs(cases) do
+      for _, flag in ipairs({ "--check", "-c" }) do
+        local out, rc = H.sh(("env %s timeout 60 %s %s %s 2>&1"):format(case[1], H.shq(H.bin), flag,
+                                                                       H.shq(cfg)))
+        assert.are.equal(2, rc, case[1] .. " " .. flag .. ": " .. out)
+        assert.are.equal(case[2] .. "\n", out)
+      end
+    end
+    assert.is_false(H.port_open(port))
+    -- Good values pass the check.
+    local out, rc = H.sh(("env SLUICE_LOG_LEVEL=warn SLUICE_ALLOCATOR=unpooled "
+                          .. "SLUICE_LEAK_DETECTION=paranoid %s --check %s 2>&1"):format(H.shq(H.bin), H.shq(cfg)))
+    assert.are.equal(0, rc, out)
+    assert.matches("^config ok", out)
+  end)
+
   it("exits 2 when the config file is missing", function()
     local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
     assert.are.equal(2, rc)

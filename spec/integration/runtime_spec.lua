@@ -368,6 +368,24 @@ return { workers = 2, listeners = {
       assert.not_matches("configuration reloaded", log, 1, true)
     end)
 
+    it("refuses a configuration that never finishes, and still stops on SIGTERM", function()
+      local port = H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 1,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port))
+      local f = assert(io.open(p.config, "wb"))
+      f:write("while true do end\n")
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 60))
+      assert.matches("SIGHUP: reload refused, the running configuration stays: config error: "
+                     .. p.config .. ": still running after 100000000 Lua instructions "
+                     .. "(a loop that never ends?)", H.read(p.log), 1, true)
+      assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
+      H.stop_sluice(p)
+    end)
+
     it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()
       local flag = H.tmpfile("refuse_flag")
       -- Raises only inside a worker's Lua state (where sluice.host is

@@ -125,6 +125,17 @@ describe("codec options", function()
     end
   end)
 
+  it("are refused for sluice.proxy_protocol, which takes none", function()
+    local cfg, err = config.validate({
+      listeners = { { name = "front", listen = "127.0.0.1:7000", upstream = "back",
+                      pipeline = { { "sluice.proxy_protocol", trusted = { "10.0.0.1" } } } } },
+      upstreams = { back = { servers = { "127.0.0.1:7001" } } },
+    }, { builtin = { ["sluice.proxy_protocol"] = true } })
+    assert.is_nil(cfg)
+    assert.are.equal('config error: listeners[1].pipeline[1].trusted: unknown key '
+                     .. '("sluice.proxy_protocol" takes no options)', err)
+  end)
+
   it("of a C stage without options are ignored; unknown stages are named", function()
     assert.are.same({ nil, nil }, { options.configure("sluice.stages.echo", { x = 1 }) })
     assert.are.same({ nil, 'no C stage named "sluice.codec.nope"' },

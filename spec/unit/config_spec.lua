@@ -375,6 +375,30 @@ describe("sluice.config", function()
                       { config.load(FIX .. "/returns_string.lua") })
     end)
 
+    it("stops a file, a stage module or check_options that never finishes", function()
+      local limit = { instruction_limit = 1000000 }
+      local spin = "still running after 1000000 Lua instructions (a loop that never ends?)"
+      assert.are.same({ nil, "config error: " .. FIX .. "/spins.lua: " .. spin },
+                      { config.load(FIX .. "/spins.lua", limit) })
+      local o = merge(deep_copy(OPTS), limit)
+      assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.spins" failed to '
+                       .. "load: " .. spin,
+                       err_of(conf({ listener({ pipeline = { "stages.spins" } }) }), o))
+      assert.are.equal('config error: listeners[1].pipeline[1]: module "stages.spins_in_check" '
+                       .. "raised in check_options: " .. spin,
+                       err_of(conf({ listener({ pipeline = { "stages.spins_in_check" } }) }), o))
+      local looping = setmetatable({}, { __index = function() while true do end end })
+      assert.are.equal("config error: top level: " .. spin, err_of(looping, o))
+      -- The default limit holds too, and the state is as it was.
+      assert.are.equal("config error: " .. FIX .. "/spins.lua: still running after 100000000 Lua "
+                       .. "instructions (a loop that never ends?)",
+                       select(2, config.load(FIX .. "/spins.lua")))
+      assert.is_true((jit.status()))
+      assert.is_nil(debug.gethook())
+      assert.is_table(config.load(FIX .. "/valid.lua", { config_dir = FIX,
+                                                         builtin = OPTS.builtin }))
+    end)
+
     it("does not let the file set globals", function()
       local cfg, err = config.load(FIX .. "/pollutes.lua")
       assert.is_nil(err)
@@ -391,6 +415,8 @@ describe("sluice.config", function()
                        "bad 'opts.root' argument (string expected)")
       assert.has_error(function() config.validate({}, { builtin = "x" }) end,
                        "bad 'opts.builtin' argument (table expected)")
+      assert.has_error(function() config.validate({}, { instruction_limit = 0 }) end,
+                       "bad 'opts.instruction_limit' argument (positive integer expected)")
     end)
 
     it("refuses a folder that cannot be put on the search path", function()

@@ -1197,7 +1197,9 @@ static void test_released_header_has_gen_zero_and_live_gen_is_never_zero(void **
   assert_int_equal(v->gen, 0); /* its views die with it */
   assert_int_equal(b->refcnt, 0);
 
-  /* Wrap-around skips 0, for roots and for views. */
+  /* Wrap-around skips 0, for roots and for views: generations are odd
+   * (the next one stays odd, from 1 on). */
+  assert_true(p->next_gen & 1);
   p->next_gen = 0xffffffffu;
   sl_buf *b1 = sl_buf_alloc(p, 100, 0);
   sl_buf *b2 = sl_buf_alloc(p, 100, 0);
@@ -1206,14 +1208,17 @@ static void test_released_header_has_gen_zero_and_live_gen_is_never_zero(void **
   assert_int_equal(b1->gen, 0xffffffffu);
   assert_true(b2->gen != 0);
   assert_int_equal(b2->gen, 1);
-  p->next_gen = 0;
   sl_buf *v2 = sl_buf_duplicate(b2);
   assert_non_null(v2);
-  assert_true(v2->gen != 0);
-  p->next_gen = 0;
+  assert_int_equal(v2->gen, 3);
+  p->next_gen = 0xfffffffdu;
   sl_buf *b3 = sl_buf_alloc(p, 100, 0);
+  sl_buf *v3 = sl_buf_duplicate(b3);
   assert_non_null(b3);
-  assert_true(b3->gen != 0);
+  assert_non_null(v3);
+  assert_int_equal(b3->gen, 0xfffffffdu);
+  assert_int_equal(v3->gen, 0xffffffffu);
+  assert_int_equal(p->next_gen, 1);
   sl_buf_release(b1);
   sl_buf_release(b2);
   sl_buf_release(b3);
@@ -1575,6 +1580,201 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   assert_int_equal(sl_test_stats(p).cached_blocks, 0);
   assert_int_equal(ar->cls[k].allocs, 24);
   assert_int_equal(ar->cls[k].frees, 24);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* Headers parked on owned subpages now, and the blocks they carry. */
+static uint32_t parked_on_subpages(const sl_pool *p) {
+  uint32_t n = 0;
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nparked;
+  return n;
+}
+
+/* A release into a full bin of a class that owns subpages parks the
+ * header with its block on the block's subpage: no header goes to the
+ * recycler, and the header counts as free. A miss then takes it back with
+ * its block, set up as a hit's. A subpage that empties, and a trim of
+ * everything, give the headers parked on it to the recycler. */
+static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB); /* 4 KiB pages: 1 KiB elements, 4 per subpage */
+  cfg.small_cache = 8;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  unsigned k = sl_sc_index(1024);
+  sl_cache_bin *bin = &p->bins[k];
+  sl_buf *b[24], *live[4], *parked[12];
+  uint8_t *parked_data[12];
+  for (int i = 0; i < 24; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  assert_int_equal(owned_count(p), 6);
+
+  /* The first eight fill the bin. Of each of the other four subpages,
+   * three elements are released and one stays live (none empties). */
+  int np = 0, nl = 0;
+  for (int i = 0; i < 24; i++) {
+    if (i >= 8 && i % 4 == 3) {
+      live[nl++] = b[i];
+      continue;
+    }
+    if (i >= 8) {
+      parked[np] = b[i];
+      parked_data[np++] = b[i]->data;
+    }
+    sl_buf_release(b[i]);
+  }
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(bin->n, 8);
+  assert_int_equal(st.cached_blocks, 8);
+  assert_int_equal(st.blocks_in_use, 4);
+  assert_int_equal(st.recycler_size, 0);   /* every header stayed with its block */
+  assert_int_equal(parked_on_subpages(p), 12);
+  assert_int_equal(st.headers_total, 24);
+  assert_int_equal(st.headers_free, 20);   /* 8 in the bin, 12 on subpages */
+  for (int j = 0; j < 12; j++) {
+    assert_int_equal(parked[j]->gen, 0);
+    assert_int_equal(parked[j]->refcnt, 0);
+  }
+
+  /* Twenty again: eight hits, then twelve misses, each one of the
+   * headers parked on a subpage, over the block it parked with. */
+  uint64_t misses = st.cache_misses;
+  for (int i = 0; i < 20; i++) {
+    assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+    sl_test_fill_pattern(b[i]->data, b[i]->cap, (size_t)i * 1000);
+    if (i < 8) continue;
+    int found = -1;
+    for (int j = 0; j < 12; j++)
+      if (b[i] == parked[j]) found = j;
+    assert_true(found >= 0);
+    assert_ptr_equal(b[i]->data, parked_data[found]);
+    assert_true(b[i]->gen != 0);
+    assert_int_equal(b[i]->refcnt, 1);
+    assert_ptr_equal(b[i]->root, b[i]);
+    assert_null(b[i]->views);
+    assert_null(b[i]->owner);
+    assert_int_equal(b[i]->flags, 0);
+    assert_int_equal(b[i]->block_size, 1024);
+    assert_int_equal(b[i]->cap, 1000);
+    assert_int_equal(b[i]->rd, 0);
+    assert_int_equal(b[i]->wr, 0);
+  }
+  st = sl_test_stats(p);
+  assert_int_equal(st.cache_misses - misses, 12);
+  assert_int_equal(st.headers_total, 24);  /* no new header */
+  assert_int_equal(st.recycler_size, 0);
+  assert_int_equal(parked_on_subpages(p), 0);
+  for (int i = 0; i < 20; i++)
+    assert_int_equal(sl_test_pattern_mismatch(b[i]->data, b[i]->cap, (size_t)i * 1000),
+                     b[i]->cap);
+
+  /* All back: the eight hits fill the bin, the twelve park on their
+   * subpages, then the live four empty their subpages: those that go
+   * back to the arena give their four headers to the recycler. */
+  for (int i = 0; i < 20; i++) sl_buf_release(b[i]);
+  assert_int_equal(parked_on_subpages(p), 12);
+  size_t owned = owned_count(p);
+  for (int i = 0; i < 4; i++) sl_buf_release(live[i]);
+  st = sl_test_stats(p);
+  size_t gone = owned - owned_count(p);
+  assert_true(gone >= 3);   /* all but one with room (the arena keeps one) */
+  assert_int_equal(st.recycler_size, 4 * gone);
+  assert_int_equal(parked_on_subpages(p) + st.recycler_size, 16);
+  assert_int_equal(st.headers_free, st.headers_total);
+
+  /* A trim of everything gives every owned subpage back, and its parked
+   * headers to the recycler: every header is there. */
+  sl_pool_trim(p, 1);
+  assert_null(p->owned);
+  st = sl_test_stats(p);
+  assert_int_equal(st.headers_total, 24);
+  assert_int_equal(st.recycler_size, 24);
+  assert_int_equal(st.headers_free, 24);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* A view's header, with the recycler empty, comes from a parked header
+ * before a new slot: one first on an owned subpage's free list too (its
+ * block stays there, bare). */
+static void test_views_take_headers_parked_on_owned_subpages(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.small_cache = 8;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf *b[12];
+  void *raw[8];
+  size_t usable;
+  for (int i = 0; i < 12; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  for (int i = 0; i < 8; i++) assert_non_null(raw[i] = sl_pool_alloc(p, 1000, &usable));
+  for (int i = 0; i < 8; i++) sl_pool_free(p, raw[i], usable);   /* the bin: bare blocks */
+  for (int i = 0; i < 12; i++)
+    if (i % 4 != 3) sl_buf_release(b[i]);   /* nine park on subpages */
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.recycler_size, 0);
+  assert_int_equal(parked_on_subpages(p), 9);
+  assert_int_equal(st.headers_total, 12);
+
+  sl_buf *v = sl_buf_duplicate(b[3]);
+  assert_non_null(v);
+  int found = 0;
+  for (int i = 0; i < 12; i++) found |= i % 4 != 3 && v == b[i];
+  assert_true(found);
+  assert_int_equal(parked_on_subpages(p), 8);
+  st = sl_test_stats(p);
+  assert_int_equal(st.headers_total, 12);   /* no new slot */
+  assert_int_equal(st.headers_free, 8);    /* the bin's blocks are bare */
+  sl_buf_release(b[3]);   /* the view dies with it */
+  sl_buf_release(b[7]);
+  sl_buf_release(b[11]);
+  st = sl_test_stats(p);
+  assert_int_equal(st.headers_free, st.headers_total);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* An idle pool gives back every chunk and the header region although
+ * headers were parked on its owned subpages. */
+static void test_idle_tick_takes_headers_off_owned_subpages(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  cfg.small_cache = 8;
+  cfg.trim_idle_ms = 50;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf *b[100];
+  for (int i = 0; i < 100; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
+  for (int i = 0; i < 100; i++)
+    if (i % 4 != 3) sl_buf_release(b[i]);
+  assert_int_equal(parked_on_subpages(p), 75 - 8);
+  for (int i = 3; i < 100; i += 4) sl_buf_release(b[i]);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.blocks_in_use, 0);
+  assert_int_equal(st.headers_total, 100);
+  assert_int_equal(st.headers_free, 100);
+  assert_true(parked_on_subpages(p) > 0);   /* the subpage its class keeps */
+
+  int64_t t = mono_ms() + 1000000;
+  idle_tick(p, t);
+  sl_pool_trim_report r = idle_tick(p, t + cfg.trim_idle_ms + 1);
+  assert_int_equal(r.blocks, 8);
+  assert_int_equal(r.chunks, 1);
+  assert_int_equal(r.headers, 1);
+  assert_null(p->owned);
+  st = sl_test_stats(p);
+  assert_int_equal(st.region_resets, 1);
+  assert_int_equal(st.headers_total, 0);
+  assert_int_equal(st.headers_free, 0);
+  assert_int_equal(p->arena->chunks, 0);
+  assert_int_equal(atomic_load(&a->reserved), 0);
+
+  sl_buf *x = sl_buf_alloc(p, 1000, 0);
+  assert_non_null(x);
+  sl_buf_release(x);
   SL_TEST_ASSERT_POOL_CLEAN(p);
   finish(p, a);
 }
@@ -2335,6 +2535,9 @@ int main(void) {
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
+      cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
+      cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
+      cmocka_unit_test(test_idle_tick_takes_headers_off_owned_subpages),
       cmocka_unit_test(test_foreign_frees_into_owned_subpages_come_back_to_the_owner),
       cmocka_unit_test(test_idle_tick_gives_back_owned_subpages),
       cmocka_unit_test(test_max_memory_takes_back_owned_subpages_before_refusing),

@@ -9,6 +9,7 @@
 #include "buf/buf.h"
 #include "buf/leak.h"
 #include "util/common.h"
+#include "util/log.h"
 
 static int pool_setup(void **state) {
   sl_pool *p = sl_pool_create(NULL, 0);
@@ -835,11 +836,80 @@ static void test_empty_buffer_returns_its_bytes(void **state) {
   SL_TEST_ASSERT_POOL_CLEAN(pool);
 }
 
+/* ---- leak records ---- */
+
+/* The records of sampled buffers are kept for reuse, so that a sample
+ * costs no malloc and no free: a record taken again starts with no
+ * touches and no site, the pool keeps at most SL_LEAK_SPARE, and an idle
+ * pool frees them. */
+static void test_leak_records_are_reused_clean_and_freed_when_idle(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  const char *err = NULL;
+  sl_alloc_config_defaults(&cfg);
+  cfg.leak_level = SL_LEAK_ADVANCED;   /* touches are recorded */
+  cfg.leak_sample = 1;                 /* every buffer */
+  cfg.trim_idle_ms = 50;
+  sl_alloc *a = sl_alloc_create(&cfg, &err);
+  assert_non_null(a);
+  sl_pool *p = sl_pool_create(a, 0);
+  assert_non_null(p);
+
+  sl_buf *b = sl_buf_alloc(p, 100, 0);
+  assert_non_null(b);
+  assert_true(b->flags & SL_BUF_RECORDED);
+  sl_leak_set_site(b, "the first site");
+  for (int i = 0; i < 6; i++) sl_leak_touch(b, i % 2 ? "a static hint" : "a copied hint", i % 2);
+  void *rec = p->leak_rec[sl_leak_slot(p, b)];
+  assert_non_null(rec);
+  sl_buf_release(b);
+  assert_int_equal(p->leak_spare_n, 1);
+  assert_ptr_equal(p->leak_spare, rec);
+
+  sl_buf *c = sl_buf_alloc(p, 100, 0);
+  assert_non_null(c);
+  assert_true(c->flags & SL_BUF_RECORDED);
+  assert_ptr_equal(p->leak_rec[sl_leak_slot(p, c)], rec);   /* the same record */
+  assert_int_equal(p->leak_spare_n, 0);
+  sl_leak_touch(c, "the second buffer's hop", 1);
+  char text[4096];
+  sl_log_capture(text, sizeof(text));
+  sl_leak_report(p, c, "a test");
+  sl_log_capture(NULL, 0);
+  assert_non_null(strstr(text, "LEAK: buffer of 112 bytes was not released before a test"));
+  assert_non_null(strstr(text, "#1 touched by the second buffer's hop"));
+  assert_null(strstr(text, "hint"));
+  assert_null(strstr(text, "older touches"));
+  assert_non_null(strstr(text, "created at: (site not recorded)"));
+  sl_buf_release(c);
+
+  static sl_buf *many[SL_LEAK_SPARE + 8];
+  for (int i = 0; i < SL_LEAK_SPARE + 8; i++) {
+    assert_non_null(many[i] = sl_buf_alloc(p, 100, 0));
+    assert_true(many[i]->flags & SL_BUF_RECORDED);
+  }
+  assert_int_equal(p->leak_spare_n, 0);
+  for (int i = 0; i < SL_LEAK_SPARE + 8; i++) sl_buf_release(many[i]);
+  assert_int_equal(p->leak_spare_n, SL_LEAK_SPARE);
+  assert_int_equal(p->leak_recorded, 0);
+
+  sl_pool_trim_report r;
+  int64_t t = sl_alloc_now_ms() + 1000000;
+  sl_pool_tick(p, t, &r);
+  sl_pool_tick(p, t + cfg.trim_idle_ms + 1, &r);
+  assert_int_equal(p->leak_spare_n, 0);
+  assert_null(p->leak_spare);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  sl_pool_destroy(p);
+  sl_alloc_destroy(a);
+}
+
 #define POOL_TEST(fn) cmocka_unit_test_setup_teardown(fn, pool_setup, pool_teardown)
 
 int main(void) {
   const struct CMUnitTest tests[] = {
       POOL_TEST(test_alloc_returns_fresh_root),
+      cmocka_unit_test(test_leak_records_are_reused_clean_and_freed_when_idle),
       POOL_TEST(test_alloc_refuses_capacity_beyond_limit),
       POOL_TEST(test_from_copies_bytes),
       POOL_TEST(test_release_returns_memory_on_last_reference),

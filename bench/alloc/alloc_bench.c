@@ -122,10 +122,10 @@ static void bench_describe(FILE *f) {
   sl_pool_stats st;
   sl_pool_get_stats(bench_pool, &st);
   fprintf(f, " sl_allocs=%llu sl_cache_hits=%llu sl_remote_queued=%llu sl_remote_direct=%llu"
-             " sl_recycler_overflows=%llu sl_chunks_created=%llu",
+             " sl_recycler_overflows=%llu sl_headers_total=%llu sl_chunks_created=%llu",
           (unsigned long long)st.allocs, (unsigned long long)st.cache_hits,
           (unsigned long long)st.remote_queued, (unsigned long long)st.remote_direct,
-          (unsigned long long)st.recycler_overflows,
+          (unsigned long long)st.recycler_overflows, (unsigned long long)st.headers_total,
           (unsigned long long)bench_alloc_state->arenas[0].chunks_created);
 }
 

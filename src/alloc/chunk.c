@@ -144,14 +144,13 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chu
   c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
   c->usable = npages - c->meta_pages;
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
-  uint32_t *u = (uint32_t *)(void *)(c + 1);   /* fresh mmap: all zero */
+  c->sub = sl_chunk_sub(c);                    /* fresh mmap: all zero */
+  uint32_t *u = (uint32_t *)(void *)(c->sub + npages);
   c->run_len = u;
   c->free_head = u + npages;
   c->free_next = u + 2 * npages;
   c->bucket = u + 3 * npages;                  /* npages + 1 entries */
   c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 4 * npages + 1) + 7) & ~(uintptr_t)7);
-  uint32_t words = (npages + 1 + 63) / 64;
-  c->sub = (sl_subpage **)(void *)(c->nonempty + words);
   memset(c->bucket, 0xff, (npages + 1) * sizeof(uint32_t));
   c->free_pages = c->usable;
   sl_chunk_free_push(c, c->meta_pages, c->usable);
@@ -266,16 +265,20 @@ void sl_subpage_to_list(sl_subpage *s) {
       void *e = s->base + ((size_t)w * 64 + bit) * es;
       SL_UNPOISON(e, sizeof(void *));
       *(void **)e = head;
-      head = e;
+      head = (void *)((uintptr_t)e | SL_SUB_BARE);
     }
   }
   s->free = head;
+  s->nparked = 0;
 }
 
 void sl_subpage_to_bits(sl_subpage *s) {
+  SL_ASSERT(s->nparked == 0, "owned subpage goes back with carried items");
   for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
   uint32_t n = 0;
-  for (void *e = s->free, *next; e != NULL; e = next) {
+  for (void *item = s->free, *next; item != NULL; item = next) {
+    SL_ASSERT((uintptr_t)item & SL_SUB_BARE, "owned subpage goes back with a carried item");
+    void *e = (void *)((uintptr_t)item - SL_SUB_BARE);
     next = *(void **)e;
     SL_POISON(e, sizeof(void *));
     uint32_t i = sl_subpage_index(s, e);

@@ -73,7 +73,17 @@ typedef struct sl_sub_owner {
  *             keep the bitmap up to date as well, and abort on an element
  *             freed twice (release builds only check that in the arena's
  *             subpages).
- * The owner is read with sl_subpage_owner (relaxed: a plain load). */
+ * The owner is read with sl_subpage_owner (relaxed: a plain load).
+ *
+ * An owned subpage's free list holds items, one per free element:
+ *   bare      the element itself, tagged with SL_SUB_BARE, linked through
+ *             its first 8 bytes;
+ *   carried   something of the owner's that carries the element (a pool's
+ *             parked header, alloc/pool.h), untagged; the owner links and
+ *             reads it, and counts it in nparked.
+ * sl_subpage_to_list makes bare items only, and sl_subpage_to_bits takes
+ * bare items only: the owner turns its carried items into bare ones
+ * before the subpage goes back to the arena. */
 struct sl_subpage {
   sl_chunk *chunk;
   sl_subpage *prev, *next;     /* the list of subpages of its class with free elements */
@@ -86,8 +96,8 @@ struct sl_subpage {
   uint64_t recip;              /* 2^40 / elem_size + 1: offset -> index by a multiply */
   _Atomic(sl_sub_owner *) owner;     /* NULL: the arena's. Set and cleared under the
                                         arena's lock; its owner reads it without */
-  void *free;                  /* owned: its free elements, linked through their
-                                  first 8 bytes (see sl_subpage_to_list) */
+  void *free;                  /* owned: its free items (see above) */
+  uint32_t nparked;            /* owned: carried items among them */
   sl_subpage *own_prev, *own_next;   /* owned: its owner's list of all it owns */
   uint64_t bits[];             /* 1 = element in use */
 };
@@ -117,10 +127,15 @@ struct sl_chunk {
   uint32_t *free_next;         /* at a free run's first page: next run of its list */
   uint32_t *bucket;            /* per length 0..npages: first free run, or NONE */
   uint64_t *nonempty;          /* bit per length: its list has a run */
-  sl_subpage **sub;            /* per page of a subpage run: the subpage */
+  sl_subpage **sub;            /* per page of a subpage run: the subpage (right
+                                  after this struct: sl_chunk_sub) */
   uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
   sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];
 };
+
+/* c->sub, from c's address alone: the map of subpages follows the struct
+ * (one load less on the owner's release path). */
+static inline sl_subpage **sl_chunk_sub(sl_chunk *c) { return (sl_subpage **)(void *)(c + 1); }
 
 /* Pages a chunk of this geometry spends on its own metadata. */
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size);
@@ -265,39 +280,55 @@ static inline int sl_subpage_free(sl_subpage *s, void *p) {
   return ++s->nfree == s->nelems;
 }
 
-/* Takes an element of an owned subpage (it has a free one). */
-static inline void *sl_subpage_pop(sl_subpage *s) {
-  void *p = s->free;
-  s->free = *(void **)p;
-  s->nfree--;
+#define SL_SUB_BARE ((uintptr_t)1)   /* a free-list item with this bit is a bare element */
+
+/* Debug builds: element p of owned subpage s leaves its free list (the
+ * bitmap marks it used; aborts when it was not free). */
+static inline void sl_subpage_debug_take(sl_subpage *s, const void *p) {
 #ifndef NDEBUG
-  {
-    uint32_t i = sl_subpage_index(s, p);
-    SL_ASSERT(!(s->bits[i >> 6] & (1ull << (i & 63))),
-              "owned subpage's free list has an element in use");
-    s->bits[i >> 6] |= 1ull << (i & 63);
-  }
+  uint32_t i = sl_subpage_index(s, p);
+  SL_ASSERT(!(s->bits[i >> 6] & (1ull << (i & 63))),
+            "owned subpage's free list has an element in use");
+  s->bits[i >> 6] |= 1ull << (i & 63);
+#else
+  (void)s;
+  (void)p;
 #endif
+}
+
+/* Debug builds: element p joins the free list of owned subpage s (aborts
+ * when p is not an element of s, or is free already). */
+static inline void sl_subpage_debug_give(sl_subpage *s, const void *p) {
+#ifndef NDEBUG
+  uint32_t i = sl_subpage_index(s, p);
+  SL_ASSERT(i < s->nelems && s->base + (size_t)i * s->elem_size == (const uint8_t *)p,
+            "pointer is not an element of its subpage");
+  SL_ASSERT(s->bits[i >> 6] & (1ull << (i & 63)), "subpage element freed twice");
+  s->bits[i >> 6] &= ~(1ull << (i & 63));
+#else
+  (void)s;
+  (void)p;
+#endif
+}
+
+/* The element of a bare item (the first of an owned subpage's free list),
+ * taken off the list. The caller then counts it out of nfree. */
+static inline void *sl_subpage_pop_bare(sl_subpage *s, uintptr_t item) {
+  void *p = (void *)(item - SL_SUB_BARE);
+  s->free = *(void **)p;
+  sl_subpage_debug_take(s, p);
   return p;
 }
 
-/* Gives element p back to its owned subpage s. Whether p is an element
- * of s, and not free already, is checked in debug builds only (the
- * owner's blocks come from its own headers). Returns nfree as it was
- * before. */
+/* Gives element p back to its owned subpage s as a bare item. Whether p
+ * is an element of s, and not free already, is checked in debug builds
+ * only (the owner's blocks come from its own headers). Returns nfree as
+ * it was before. */
 static inline uint32_t sl_subpage_push(sl_subpage *s, void *p) {
-#ifndef NDEBUG
-  {
-    uint32_t i = sl_subpage_index(s, p);
-    SL_ASSERT(i < s->nelems && s->base + (size_t)i * s->elem_size == (uint8_t *)p,
-              "pointer is not an element of its subpage");
-    SL_ASSERT(s->bits[i >> 6] & (1ull << (i & 63)), "subpage element freed twice");
-    s->bits[i >> 6] &= ~(1ull << (i & 63));
-  }
-#endif
+  sl_subpage_debug_give(s, p);
   SL_UNPOISON(p, sizeof(void *));
   *(void **)p = s->free;
-  s->free = p;
+  s->free = (void *)((uintptr_t)p | SL_SUB_BARE);
   return s->nfree++;
 }
 

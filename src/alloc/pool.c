@@ -8,6 +8,8 @@
 
 #include "util/common.h"
 
+_Static_assert(offsetof(sl_pool, sub_owner) == 0, "a subpage's owner is its pool's address");
+
 __thread sl_pool *sl_pool_tls;
 
 /* Free headers are linked through the word at SL_HDR_LINK_OFFSET, away
@@ -38,8 +40,9 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     if (a == NULL) return NULL;
     own = 1;
   }
-  sl_pool *p = calloc(1, sizeof(*p));
+  sl_pool *p = aligned_alloc(_Alignof(sl_pool), sizeof(*p));   /* bins on cache lines */
   if (p == NULL) goto fail;
+  memset(p, 0, sizeof(*p));
   const sl_alloc_config *cfg = &a->cfg;
   p->alloc = a;
   p->own_alloc = own;
@@ -66,6 +69,10 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
     for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
+    p->bins[i].full = p->bins[i].owns                          ? SL_BIN_FULL_OWN
+                      : p->bins[i].cap == 0 && i >= a->nsmall ? SL_BIN_FULL_ARENA
+                                                              : SL_BIN_FULL_LOCAL;
   p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
   p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
@@ -111,6 +118,16 @@ static void sl_pool_take_remote_headers(sl_pool *p) {
   }
 }
 
+/* Frees the leak records kept for reuse (buf/leak.c). */
+static void sl_pool_free_spare_records(sl_pool *p) {
+  for (void *r = p->leak_spare, *next; r != NULL; r = next) {
+    next = *(void **)r;
+    free(r);
+  }
+  p->leak_spare = NULL;
+  p->leak_spare_n = 0;
+}
+
 void sl_pool_destroy(sl_pool *p) {
   if (p == NULL) return;
   sl_pool_trim(p, 1);
@@ -120,6 +137,7 @@ void sl_pool_destroy(sl_pool *p) {
   sl_retq_destroy(&p->retq);
   munmap(p->hdr_map, p->hdr_map_len);
   if (p->leak_rec) munmap(p->leak_rec, p->leak_map_len);
+  sl_pool_free_spare_records(p);
   if (sl_pool_tls == p) sl_pool_tls = NULL;
   sl_alloc *a = p->own_alloc ? p->alloc : NULL;
   free(p);
@@ -171,8 +189,36 @@ static void sl_pool_own_report_all(sl_pool *p) {
   sl_arena_unlock(p->arena);
 }
 
-/* Gives owned subpage s back to the arena. Lock held. */
+/* Turns the parked headers on owned subpage s's free list into bare
+ * blocks; the headers go to the recycler (or the overflow list). */
+static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
+  if (s->nparked == 0) return;
+  void **prev = &s->free;
+  uintptr_t item = (uintptr_t)s->free;
+  while (item != 0) {
+    if (item & SL_BIN_BARE) {
+      prev = (void **)(item - SL_BIN_BARE);   /* a bare block links through its first bytes */
+      item = (uintptr_t)*prev;
+      continue;
+    }
+    void *h = (void *)item;
+    void *next = *sl_pool_hdr_link(h);
+    uint8_t *mem = sl_pool_parked_block(h);
+    SL_UNPOISON(mem, sizeof(void *));
+    *(void **)mem = next;
+    *prev = sl_pool_bare_item(mem);
+    prev = (void **)mem;
+    *sl_pool_hdr_link(h) = NULL;
+    sl_pool_header_put(p, h);
+    item = (uintptr_t)next;
+  }
+  s->nparked = 0;
+}
+
+/* Gives owned subpage s back to the arena, its parked headers to the
+ * recycler first. Lock held. */
 static void sl_pool_own_disown(sl_pool *p, sl_subpage *s) {
+  sl_pool_own_unpark(p, s);
   sl_pool_own_unlink(&p->bins[s->sclass], s);
   if (s->own_prev != NULL) s->own_prev->own_next = s->own_next;
   else p->owned = s->own_next;
@@ -244,7 +290,19 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
     p->owned = s;
     sl_pool_own_link(bin, s);
   }
-  return sl_pool_own_take(bin);
+  sl_subpage *s = bin->own;
+  uintptr_t item = (uintptr_t)s->free;
+  void *mem;
+  if (item & SL_BIN_BARE) {
+    mem = sl_subpage_pop_bare(s, item);
+  } else {
+    /* A parked header: its block is what is asked for, it goes back. */
+    sl_pool_own_pop_parked(s, (void *)item);
+    mem = sl_pool_parked_block((void *)item);
+    sl_pool_header_put(p, (void *)item);
+  }
+  sl_pool_own_took(bin, s);
+  return mem;
 }
 
 /* A block of class idx from the arena (an owned subpage for the classes
@@ -307,18 +365,31 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   return mem;
 }
 
-/* Gives the give oldest entries of bin sclass back to the arena (parked
- * headers to the recycler). */
+/* Gives bin item item of small class sclass, whose bin owns subpages, to
+ * its block's subpage when p owns it, a parked header with its block: 1.
+ * Else 0, nothing done. */
+static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
+  uintptr_t v = (uintptr_t)item;
+  if (v & SL_BIN_BARE) return sl_pool_own_give(p, bin, (void *)(v - SL_BIN_BARE), sclass);
+  sl_subpage *s = sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass);
+  if (!sl_pool_owns(p, s)) return 0;
+  uint32_t nfree = sl_pool_own_push_parked(s, item);
+  bin->own_frees++;
+  if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved(p, s, nfree);
+  return 1;
+}
+
+/* Gives the give oldest entries of bin sclass back: to the owned subpages
+ * of their blocks (parked headers stay parked there), else to the arena
+ * (parked headers to the recycler). */
 static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   sl_cache_bin *bin = &p->bins[sclass];
   if (give == 0) return;
-  for (uint32_t i = 0; i < give; i++) bin->items[i] = sl_pool_item_block(p, bin->items[i]);
-  uint32_t rest = give;
-  if (bin->owns) {
-    /* Owned subpages take theirs; the rest go to the arena. */
-    rest = 0;
-    for (uint32_t i = 0; i < give; i++)
-      if (!sl_pool_own_give(p, bin, bin->items[i], sclass)) bin->items[rest++] = bin->items[i];
+  uint32_t rest = 0;
+  for (uint32_t i = 0; i < give; i++) {
+    void *item = bin->items[i];
+    if (bin->owns && sl_pool_own_give_item(p, bin, item, sclass)) continue;
+    bin->items[rest++] = sl_pool_item_block(p, item);
   }
   sl_arena_free_many(p->arena, bin->items, rest, sclass);
   memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
@@ -330,7 +401,6 @@ __attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned
   sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
   bin->items[bin->n++] = hdr;
   bin->frees++;
-  p->parked_hint = 1;
 }
 
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
@@ -359,23 +429,42 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
   sl_arena_free(p->arena, mem, p->alloc->nclasses, usable);
 }
 
-/* A parked header among the top few entries of a bin (its block stays
+/* A parked header among the top few entries of a bin, or first on the
+ * free list of a class's first owned subpage with room (its block stays
  * there, bare), or NULL. Only the tops are looked at, so that a search
- * costs at most a few entries per class: headers park on top. parked_hint
- * is set whenever a header parks and cleared when a search finds none. */
+ * costs at most a few entries per class: headers park on top. A header
+ * parks in a bin only with a release that the bin counts (frees): the
+ * bins are not searched again while their count has not moved since a
+ * search found none there. */
 static void *sl_pool_unpark(sl_pool *p) {
-  if (!p->parked_hint) return NULL;
+  uint64_t frees = 0;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees;
+  if (frees != p->unpark_frees) {
+    for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
+      sl_cache_bin *bin = &p->bins[i];
+      uint32_t low = bin->n > 8 ? bin->n - 8 : 0;
+      for (uint32_t k = bin->n; k > low; k--) {
+        void *item = bin->items[k - 1];
+        if ((uintptr_t)item & SL_BIN_BARE) continue;
+        bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
+        return item;
+      }
+    }
+    p->unpark_frees = frees;
+  }
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    sl_cache_bin *bin = &p->bins[i];
-    uint32_t low = bin->n > 8 ? bin->n - 8 : 0;
-    for (uint32_t k = bin->n; k > low; k--) {
-      void *item = bin->items[k - 1];
-      if ((uintptr_t)item & SL_BIN_BARE) continue;
-      bin->items[k - 1] = sl_pool_bare_item(sl_pool_parked_block(item));
-      return item;
+    sl_subpage *s = p->bins[i].own;
+    void *h = s != NULL ? s->free : NULL;
+    if (h != NULL && !((uintptr_t)h & SL_BIN_BARE)) {
+      uint8_t *mem = sl_pool_parked_block(h);
+      SL_UNPOISON(mem, sizeof(void *));
+      *(void **)mem = *sl_pool_hdr_link(h);
+      *sl_pool_hdr_link(h) = NULL;
+      s->free = sl_pool_bare_item(mem);
+      s->nparked--;
+      return h;
     }
   }
-  p->parked_hint = 0;
   return NULL;
 }
 
@@ -386,13 +475,16 @@ static void sl_pool_unpark_all(sl_pool *p) {
     for (uint32_t k = 0; k < bin->n; k++)
       bin->items[k] = sl_pool_bare_item(sl_pool_item_block(p, bin->items[k]));
   }
+  for (sl_subpage *s = p->owned; s != NULL; s = s->own_next) sl_pool_own_unpark(p, s);
 }
 
-/* Parked headers (free, as far as the header count goes). */
+/* Parked headers, in bins and on owned subpages (free, as far as the
+ * header count goes). */
 static uint64_t sl_pool_parked(const sl_pool *p) {
   uint64_t n = 0;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     for (uint32_t k = 0; k < p->bins[i].n; k++) n += !((uintptr_t)p->bins[i].items[k] & SL_BIN_BARE);
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nparked;
   return n;
 }
 
@@ -571,6 +663,7 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
     sl_pool_own_return_all(p);
   }
   r->headers = sl_pool_reset_region(p);
+  sl_pool_free_spare_records(p);
   r->chunks = sl_arena_release_empty(p->arena, now_ms, 0);
   return r->blocks || r->headers || r->chunks;
 }

@@ -26,7 +26,8 @@ typedef struct sl_pool_stats {
   uint64_t cached_blocks, cached_bytes;
   uint64_t trims, idle_trims;
   uint64_t headers_total;     /* header slots ever used in the region */
-  uint64_t headers_free;      /* recycler + overflow list */
+  uint64_t headers_free;      /* recycler + overflow list + quarantine + parked (in
+                                 bins and on owned subpages) */
   uint64_t recycler_size, recycler_cap, recycler_overflows;
   uint64_t region_resets;
   uint64_t remote_queued, remote_direct, return_queue_cap;
@@ -155,21 +156,44 @@ static inline void *sl_pool_item_block(sl_pool *p, void *item) {
  * root header whose block is of class sclass) on it. */
 void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
 
-/* Owned subpages (see pool_types.h). */
+/* Owned subpages (see pool_types.h). Their free lists hold bare blocks
+ * (tagged SL_BIN_BARE, which is chunk.h's SL_SUB_BARE) and parked headers
+ * (linked through SL_HDR_LINK_OFFSET, counted in nparked). */
+_Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
-/* Takes a block from the first owned subpage of bin's class (bin->own is
- * not NULL); a subpage left full leaves the list. The caller counts the
- * allocation (bin->allocs). */
-static inline void *sl_pool_own_take(sl_cache_bin *bin) {
-  sl_subpage *s = bin->own;
-  void *mem = sl_subpage_pop(s);
-  if (__builtin_expect(s->nfree == 0, 0)) {
+/* An element was taken off the free list of s, the first owned subpage
+ * of bin's class: one free element less; a subpage left full leaves the
+ * list. The caller counts the allocation (bin->allocs). */
+static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
+  if (__builtin_expect(--s->nfree == 0, 0)) {
     bin->own = s->next;
     if (s->next != NULL) s->next->prev = NULL;
     s->next = NULL;
   }
   bin->own_allocs++;
-  return mem;
+}
+
+/* Takes parked header hdr, the first item of owned subpage s, off its
+ * list; its link (sl_buf's views) is NULL again, as a parked header's is.
+ * The caller then calls sl_pool_own_took. */
+static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
+  void **link = sl_pool_hdr_link(hdr);
+  s->nparked--;
+  s->free = *link;
+  *link = NULL;
+  sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
+}
+
+/* Puts hdr, a parked header whose block is an element of s (owned by the
+ * pool), on s's free list. Returns s's nfree as it was before (see
+ * sl_pool_own_moves). The caller counts the free (bin->own_frees,
+ * bin->frees). */
+static inline uint32_t sl_pool_own_push_parked(sl_subpage *s, void *hdr) {
+  sl_subpage_debug_give(s, sl_pool_parked_block(hdr));
+  *sl_pool_hdr_link(hdr) = s->free;
+  s->free = hdr;
+  s->nparked++;
+  return s->nfree++;
 }
 
 /* Subpage s of p had nfree free elements before one more was freed: it
@@ -180,7 +204,7 @@ void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree);
 /* The subpage of mem, a block of small class sclass. */
 static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, unsigned sclass) {
   uintptr_t c = (uintptr_t)mem & p->chunk_mask;
-  sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)mem - c) >> p->page_shift];
+  sl_subpage *s = sl_chunk_sub((sl_chunk *)c)[((uintptr_t)mem - c) >> p->page_shift];
   SL_ASSERT_DEBUG(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   (void)sclass;
   return s;
@@ -188,7 +212,7 @@ static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, 
 
 /* Whether p owns s (else it is the arena's or another pool's). */
 static inline int sl_pool_owns(const sl_pool *p, const sl_subpage *s) {
-  return sl_subpage_owner(s) == &p->sub_owner;
+  return (const void *)sl_subpage_owner(s) == (const void *)p;   /* sub_owner is first */
 }
 
 /* Whether a subpage that had nfree free elements before one more was
@@ -199,8 +223,8 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back
  * to its subpage when p owns it: 1. Else 0, and nothing is done (the
- * caller gives it to the arena). Aborts on an element freed twice. The
- * caller counts the free (bin->frees). */
+ * caller gives it to the arena). Aborts on an element freed twice (debug
+ * builds). The caller counts the free (bin->frees). */
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
   sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
   if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;
@@ -281,7 +305,8 @@ void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 
 /* Generations are odd, so never 0, without a test. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint32_t g = p->next_gen | 1;
+  uint32_t g = p->next_gen;   /* odd from the start, and + 2 keeps it odd */
+  SL_ASSERT_DEBUG(g & 1, "generations are odd");
   p->next_gen = g + 2;
   return g;
 }

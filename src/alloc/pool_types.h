@@ -17,9 +17,11 @@
  *     flags 0, block_size and sclass of its bin's class): an allocation
  *     sets only the indexes, capacities, refcount and generation. Taking a
  *     block without a buffer, flushing or trimming gives the header to the
- *     recycler; a header needed when the recycler and the overflow list are
- *     empty is taken from a parked one near the top of a bin, which stays
- *     there as a bare block, before a new slot is used;
+ *     recycler (flushing or trimming a class that owns subpages parks it,
+ *     with its block, on the block's owned subpage); a header needed when the recycler and the overflow list are
+ *     empty is taken from a parked one near the top of a bin, or first on
+ *     an owned subpage's list, whose block stays there bare, before a new
+ *     slot is used;
  *   - headers: buffer headers come from a region of address space reserved
  *     for this pool and aligned to SL_HDR_REGION_SPAN, so the pool of any
  *     header is found by masking its address. The region is never unmapped
@@ -31,16 +33,23 @@
  *     the OS (madvise), which zeroes it;
  *   - owned subpages: a small class whose bin holds 8 or more takes whole
  *     subpages from the arena (alloc/chunk.h) and serves its misses from
- *     them without the arena's lock: a miss takes one element from the
+ *     them without the arena's lock: a miss takes the first item of the
  *     first owned subpage with room, and a release that finds the bin
- *     full gives the block back to its owned subpage (the header goes to
- *     the recycler). Like the arena, the pool keeps at most one empty
- *     subpage per class: a subpage that becomes empty while others of
- *     its class have room goes back to the arena. Trimming everything
- *     (idle, out of memory, destroy) gives every owned subpage back, so
- *     that empty chunks can go to the OS. The arena's per class counts
- *     take the pool's share (own_allocs, own_frees) whenever the pool
- *     takes the arena's lock, and at every trim;
+ *     full puts its block back on its owned subpage. A subpage's free
+ *     list holds items as a bin does: a root released on its worker parks
+ *     there, header with block (linked through SL_HDR_LINK_OFFSET, counted
+ *     in the subpage's nparked), so that a miss is set up as a hit is;
+ *     other blocks are bare (SL_BIN_BARE, linked through their first 8
+ *     bytes) and get a header from the recycler. Parked headers there are
+ *     free headers (headers_free). Like the arena, the pool keeps at most
+ *     one empty subpage per class: a subpage that becomes empty while
+ *     others of its class have room goes back to the arena. Trimming
+ *     everything (idle, out of memory, destroy) gives every owned subpage
+ *     back, so that empty chunks can go to the OS. Whatever gives a
+ *     subpage back first moves its parked headers to the recycler (their
+ *     blocks stay, bare). The arena's per class counts take the pool's
+ *     share (own_allocs, own_frees) whenever the pool takes the arena's
+ *     lock, and at every trim;
  *   - retq: buffers released on foreign threads come back through a bounded
  *     queue; when it is full, the releasing thread frees the block straight
  *     into the arena and pushes the headers on a lock-free stack.
@@ -65,6 +74,10 @@
  * dead header does not use (buf.c checks the offset). */
 #define SL_HDR_BLOCK_OFFSET 16
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
+/* A release of a root whose bin is full (or holds nothing) goes: */
+#define SL_BIN_FULL_LOCAL 0    /* the general path */
+#define SL_BIN_FULL_OWN 1      /* to its block's owned subpage (owns) */
+#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches */
 
 typedef struct sl_pool sl_pool;
 
@@ -82,14 +95,19 @@ typedef struct sl_cache_bin {
   uint64_t frees;
   struct sl_subpage *own; /* owned subpages of this class with a free element */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
-  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+  uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
                              bin holds 8 or more) */
+  uint16_t full;          /* what a release finds when the bin is full: SL_BIN_FULL_* */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
 
 struct sl_pool {
   /* hot: the fast paths touch only these */
+  sl_sub_owner sub_owner;         /* this pool as the owner of subpages: first, so that
+                                     a subpage's owner compares with the pool's address
+                                     (written by other threads only when they free an
+                                     owned subpage's element, which is rare) */
   void *owner_tp;                 /* thread pointer of the bound thread */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
@@ -98,7 +116,6 @@ struct sl_pool {
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
   uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
-  uint32_t parked_hint;           /* a header parked since the last search found none */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
   uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
@@ -107,7 +124,7 @@ struct sl_pool {
    * names: bins for the cache, cls for what readers of the counters use
    * (cls[i].allocs, cls[i].frees). */
   union {
-    sl_cache_bin bins[SL_SC_MAX_CLASSES];
+    _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
     sl_cache_bin cls[SL_SC_MAX_CLASSES];
   };
 
@@ -121,9 +138,10 @@ struct sl_pool {
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
+  uint64_t unpark_frees;          /* the bins' frees when a search last found no parked
+                                     header in them (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
-  sl_sub_owner sub_owner;         /* this pool as the owner of subpages */
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */
   int own_alloc;                  /* created with the pool (tests) */
   int id;
@@ -156,6 +174,9 @@ struct sl_pool {
   uint32_t *leak_next, *leak_prev;       /* per header slot: owner list links */
   uint32_t *leak_derived;                /* per header slot: live derived buffers */
   void **leak_rec;                       /* per header slot: record or NULL */
+  void *leak_spare;                      /* records kept for the next samples (malloc'd,
+                                            linked through their first word) */
+  uint32_t leak_spare_n;                 /* at most SL_LEAK_SPARE (buf/leak.h) */
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
   const char *release_site;              /* who releases now; kept in dead headers */

@@ -1,10 +1,11 @@
 #include "alloc/size_class.h"
 
 /* sl_sc_lookup[(size + 15) / 16] for sizes up to 64 KiB: the smallest class
- * whose size is at least 16 * entry, so that the hot path is one load.
- * Filled from sl_sc_sizes when the program (or the library) is loaded,
- * before anything can allocate. */
-uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+ * whose size is at least 16 * entry, shifted by SL_SC_LOOKUP_SHIFT, so that
+ * the hot path finds a class's bin (64 bytes each) with one load and one
+ * add. Filled from sl_sc_sizes when the program (or the library) is
+ * loaded, before anything can allocate. */
+uint16_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
 
 /* sl_sc_size(idx), from the closed form in size_class.h. */
 const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES] = {
@@ -24,7 +25,7 @@ __attribute__((constructor)) static void sl_sc_fill_lookup(void) {
   unsigned c = 0;
   for (size_t i = 0; i <= SL_SC_LOOKUP_MAX / 16; i++) {
     while (sl_sc_sizes[c] < i * 16) c++;
-    sl_sc_lookup[i] = (uint8_t)c;
+    sl_sc_lookup[i] = (uint16_t)(c << SL_SC_LOOKUP_SHIFT);
   }
 }
 

@@ -23,7 +23,8 @@
  * addressed directly rather than through the GOT in position-independent
  * code (the core is also built into a shared library). */
 #define SL_SC_HIDDEN __attribute__((visibility("hidden")))
-extern SL_SC_HIDDEN uint8_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+extern SL_SC_HIDDEN uint16_t sl_sc_lookup[SL_SC_LOOKUP_MAX / 16 + 1];
+#define SL_SC_LOOKUP_SHIFT 6   /* sl_sc_lookup holds class << this: a 64-byte bin's offset */
 extern SL_SC_HIDDEN const uint32_t sl_sc_sizes[SL_SC_MAX_CLASSES];
 
 /* The size of class idx: 16 * (idx + 1) for idx < 4; then with g = (idx - 4) / 4
@@ -37,7 +38,7 @@ static inline size_t sl_sc_size(unsigned idx) {
 
 /* The smallest class whose size is at least size (0 maps to class 0). */
 static inline unsigned sl_sc_index(size_t size) {
-  if (size <= SL_SC_LOOKUP_MAX) return sl_sc_lookup[(size + 15) >> 4];
+  if (size <= SL_SC_LOOKUP_MAX) return sl_sc_lookup[(size + 15) >> 4] >> SL_SC_LOOKUP_SHIFT;
   /* 4d < size <= 8d with d = 2^k: k = floor(log2(size - 1)) - 2 */
   unsigned log2 = 63u - (unsigned)__builtin_clzll((unsigned long long)(size - 1));
   unsigned k = log2 - 2;

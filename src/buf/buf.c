@@ -32,11 +32,12 @@ static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
  * these (it is a root over its block already). */
 static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
                                     size_t max_cap) {
+  uint32_t max = (uint32_t)max_cap;   /* at most SL_BUF_MAX_CAPACITY (checked) */
   b->data = data;
   b->rd = 0;
   b->wr = 0;
-  b->cap = usable > max_cap ? (uint32_t)max_cap : usable;
-  b->max_cap = (uint32_t)max_cap;
+  b->cap = usable > max ? max : usable;
+  b->max_cap = max;
   b->refcnt = 1;
   b->gen = sl_pool_next_gen(pool);
 }
@@ -155,16 +156,19 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A miss in a bin whose class owns subpages: a block from the first owned
- * subpage with room and a free header (recycler or overflow list), with no
- * call but tail calls; anything else (no owned subpage with room, no free
- * header) goes to the slow path. */
+/* A miss that sl_buf_alloc does not serve itself (it takes headers
+ * parked on owned subpages): a bare block first on the first owned
+ * subpage with room, with a free header (recycler or overflow list), with
+ * no call but tail calls; anything else (no owned subpage with room, no
+ * free header) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
-  if (s == NULL || !sl_pool_header_ready(pool))
-    return sl_buf_alloc_slow(pool, cap, max_cap);
-  uint8_t *data = sl_pool_own_take(bin);
+  if (s == NULL || !sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uintptr_t item = (uintptr_t)s->free;
+  SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
+  uint8_t *data = sl_subpage_pop_bare(s, item);
+  sl_pool_own_took(bin, s);
   bin->allocs++;
   sl_buf *b = sl_pool_header_take(pool);
   SL_UNPOISON(data, (uint32_t)bin->tail);
@@ -184,12 +188,24 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
       return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
-  if (max_cap <= cap) max_cap = cap;   /* then below the limit, as cap is */
+  if (__builtin_expect(max_cap <= cap, 1)) max_cap = cap;   /* then below the limit, as cap is */
   else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
-  sl_cache_bin *bin = pool->bins + sl_sc_lookup[(cap + 15) >> 4];
+  _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
-  if (__builtin_expect(n == 0, 0)) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
-  uintptr_t item = (uintptr_t)bin->items[n - 1];
+  uintptr_t item;
+  if (__builtin_expect(n == 0, 0)) {
+    /* A miss: a header parked on the first owned subpage with room comes
+     * back as from the bin; anything else is sl_buf_alloc_miss's. */
+    sl_subpage *s = bin->own;
+    if (s == NULL || ((item = (uintptr_t)s->free) & SL_BIN_BARE))
+      return sl_buf_alloc_miss(pool, cap, max_cap, bin);
+    sl_pool_own_pop_parked(s, (void *)item);
+    sl_pool_own_took(bin, s);
+    bin->allocs++;
+    goto parked;
+  }
+  item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
   bin->used++;
   bin->allocs++;
@@ -203,6 +219,7 @@ sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
     sl_buf_init_root(pool, b, data, bin->tail, max_cap);
     return sl_buf_alloc_done(pool, b);
   }
+parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
   sl_buf *b = (sl_buf *)item;
@@ -244,17 +261,27 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
 }
 
 /* Makes root r (released: no owner, record, views or shared flag left, so
- * flags 0) a parked header, to go on the bin of its class: the block
- * pointer moves to SL_HDR_BLOCK_OFFSET, and the header keeps, dead, the
- * generation it died with and who released it (its index and data fields
- * are unused now). */
+ * flags 0) a parked header, to go on the bin of its class or on its
+ * block's owned subpage: the block pointer moves to SL_HDR_BLOCK_OFFSET,
+ * and the header keeps, dead, the generation it died with and who
+ * released it (its index and data fields are unused now). */
 static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
   *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
   memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
   r->data = (uint8_t *)(uintptr_t)pool->release_site;
-  pool->parked_hint = 1;
+}
+
+/* Parks root r (released, flags 0) on s, the owned subpage of its block
+ * (of bin's class), instead of the full bin: the header stays with its
+ * block, so that a miss takes both back as a hit does. */
+static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
+  sl_buf_to_parked(pool, r);
+  uint32_t nfree = sl_pool_own_push_parked(s, r);
+  bin->own_frees++;
+  bin->frees++;
+  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(pool, s, nfree);
 }
 
 /* A dead root header keeps the generation it died with and who released
@@ -286,12 +313,11 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
       return;
     }
     if (bin->owns) {
-      /* A full bin whose class owns subpages: the block goes back to its
-       * subpage (when the pool still owns it), the header to the recycler. */
-      SL_POISON(r->data, r->block_size);
-      if (sl_pool_own_give(pool, bin, r->data, sc)) {
-        bin->frees++;
-        sl_buf_bury(pool, r);
+      /* A full bin whose class owns subpages: the header parks with its
+       * block on the block's subpage (when the pool still owns it). */
+      sl_subpage *s = sl_pool_subpage_of(pool, r->data, sc);
+      if (sl_pool_owns(pool, s)) {
+        sl_buf_park_own(pool, r, bin, s);
         return;
       }
     }
@@ -380,35 +406,46 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   pool->rec_n = rn + 1;
 }
 
-/* sl_buf_free_miss when the subpage changes lists. */
-__attribute__((noinline)) static void sl_buf_free_moved(sl_pool *pool, sl_buf *r, sl_subpage *s,
-                                                        uint32_t nfree) {
-  sl_pool_own_moved(pool, s, nfree);
-  sl_buf_bury(pool, r);
+/* sl_buf_free's common case, r being a root on its worker with no owner,
+ * record, views or derived buffers, and no quarantine: the header parks
+ * with its block in its bin (one stack push) or, the bin full, on the
+ * block's owned subpage; a normal class no bin caches goes straight to
+ * the arena. */
+static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
+  size_t sc = r->sclass;
+  sl_cache_bin *bin = &pool->bins[sc];
+  uint32_t n = bin->n;
+  if (__builtin_expect(n < bin->cap, 1)) {
+    sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
+    bin->items[n] = r;
+    bin->n = n + 1;
+    bin->frees++;
+    return;
+  }
+  uint32_t full = bin->full;
+  if (full == SL_BIN_FULL_ARENA) {
+    r->refcnt = 0;
+    sl_buf_free_normal(pool, r);
+    return;
+  }
+  if (full == SL_BIN_FULL_OWN) {
+    /* The bin is full: the header parks with its block on the block's
+     * owned subpage (when the pool still owns it). */
+    sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
+    if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
+      sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
+      return;
+    }
+  }
+  r->refcnt = 0;
+  sl_buf_free_local(pool, r);
 }
 
-/* A root released on its worker into a full bin whose class owns
- * subpages: the block goes back to its owned subpage and the header to
- * the recycler, with no call but tail calls. A block of a subpage the
- * pool does not own (given back to the arena since) takes the general
- * path. */
-__attribute__((noinline)) static void sl_buf_free_miss(sl_pool *pool, sl_buf *r,
-                                                       sl_cache_bin *bin) {
-  uint8_t *data = r->data;
-  sl_subpage *s = sl_pool_subpage_of(pool, data, r->sclass);
-  if (__builtin_expect(!sl_pool_owns(pool, s), 0)) {
-    sl_buf_free_local(pool, r);
-    return;
-  }
-  SL_POISON(data, r->block_size);
-  uint32_t nfree = sl_subpage_push(s, data);
-  bin->own_frees++;
-  bin->frees++;
-  if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) {
-    sl_buf_free_moved(pool, r, s, nfree);
-    return;
-  }
-  sl_buf_bury(pool, r);
+/* A root whose only difference from the common case is its leak record
+ * (a sampled buffer): the record goes back, then as in the common case. */
+__attribute__((noinline)) static void sl_buf_free_recorded(sl_pool *pool, sl_buf *r) {
+  sl_leak_on_free(pool, r);
+  sl_buf_free_plain(pool, r);
 }
 
 void sl_buf_free(sl_buf *r) {
@@ -418,33 +455,16 @@ void sl_buf_free(sl_buf *r) {
     sl_buf_free_foreign(pool, r);
     return;
   }
-  /* The fast path: a root (not a view or derived buffer) with no owner,
-   * record, views or derived buffers, no quarantine, whose bin has room:
-   * the header parks there with its block, one stack push. */
-  size_t sc = r->sclass;
-  if (__builtin_expect(((r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
-                                     SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
-                        pool->quarantine_next) == 0,
-                       1)) {
-    sl_cache_bin *bin = &pool->bins[sc];
-    uint32_t n = bin->n;
-    if (__builtin_expect(n < bin->cap, 1)) {
-      sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
-      bin->items[n] = r;
-      bin->n = n + 1;
-      bin->frees++;
-      return;
-    }
-    if (bin->cap == 0 && sc >= pool->nsmall) {
-      r->refcnt = 0;
-      sl_buf_free_normal(pool, r);
-      return;
-    }
-    if (bin->owns) {
-      r->refcnt = 0;
-      sl_buf_free_miss(pool, r, bin);
-      return;
-    }
+  uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
+                                             SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
+                     (uint32_t)pool->quarantine_next;
+  if (__builtin_expect(special == 0, 1)) {
+    sl_buf_free_plain(pool, r);
+    return;
+  }
+  if (special == SL_BUF_RECORDED) {
+    sl_buf_free_recorded(pool, r);
+    return;
   }
   r->refcnt = 0;
   sl_buf_free_local(pool, r);

@@ -1,5 +1,6 @@
 #include "buf/leak.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,27 +98,48 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
   }
 }
 
-static void sl_leak_free_rec(sl_leak_rec *rec) {
+/* Gives a record back: what it owns is freed, and the record itself is
+ * kept for the next sample while the pool keeps fewer than SL_LEAK_SPARE. */
+static void sl_leak_free_rec(sl_pool *p, sl_leak_rec *rec) {
   free(rec->site);
   for (uint32_t i = 0; i < SL_LEAK_TOUCHES && i < rec->ntouch; i++)
     if (!rec->touch[i].is_static) free(rec->touch[i].hint);
+  if (p->leak_spare_n < SL_LEAK_SPARE) {
+    _Static_assert(offsetof(sl_leak_rec, site) == 0, "a spare record links through site");
+    *(void **)(void *)rec = p->leak_spare;
+    p->leak_spare = rec;
+    p->leak_spare_n++;
+    return;
+  }
   free(rec);
 }
 
+/* A record with no touches: a spare one, else a new one. NULL on ENOMEM. */
+static sl_leak_rec *sl_leak_new_rec(sl_pool *p) {
+  sl_leak_rec *rec = p->leak_spare;
+  if (rec != NULL) {
+    p->leak_spare = *(void **)(void *)rec;
+    p->leak_spare_n--;
+  } else {
+    rec = malloc(sizeof(*rec));
+    if (rec == NULL) return NULL;
+  }
+  rec->ntouch = 0;   /* touches are read only below ntouch */
+  return rec;
+}
+
 void sl_leak_sampled(sl_pool *p, sl_buf *b) {
-  sl_pool_countdown_sync(p);
   if (p->leak_level == SL_LEAK_DISABLED) {
     p->leak_countdown = UINT32_MAX;
   } else {
     p->leak_countdown = p->leak_level == SL_LEAK_PARANOID ? 1 : p->leak_sample;
     sl_leak_record(p, b, NULL);
   }
-  sl_pool_countdown_arm(p);
 }
 
 void sl_leak_record(sl_pool *p, sl_buf *b, const char *site) {
   if (sl_leak_maps(p) != SL_OK) return;
-  sl_leak_rec *rec = calloc(1, sizeof(*rec));
+  sl_leak_rec *rec = sl_leak_new_rec(p);
   if (rec == NULL) return;
   rec->created_us = sl_leak_now_us();
   rec->site = site ? strdup(site) : NULL;
@@ -138,7 +160,7 @@ void sl_leak_on_free(sl_pool *p, sl_buf *r) {
   if (r->owner) sl_buf_set_owner(r, NULL);
   if (r->flags & SL_BUF_RECORDED) {
     uint32_t s = sl_slot(p, r);
-    sl_leak_free_rec(p->leak_rec[s]);
+    sl_leak_free_rec(p, p->leak_rec[s]);
     p->leak_rec[s] = NULL;
     p->leak_recorded--;
     r->flags &= (uint16_t)~SL_BUF_RECORDED;

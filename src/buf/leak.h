@@ -31,6 +31,10 @@ typedef enum {
 } sl_leak_level;
 
 #define SL_LEAK_TOUCHES 4
+/* Records a pool keeps for reuse (about 30 KiB), so that a sample costs
+ * no malloc and no free while fewer than this many recorded buffers live
+ * at once (1 in 128 of 32 Ki live buffers); an idle pool frees them. */
+#define SL_LEAK_SPARE 256
 
 /* Parses "disabled", "simple", "advanced", "paranoid". SL_OK or SL_ERROR. */
 int sl_leak_parse_level(const char *s, int *out);
@@ -49,7 +53,8 @@ void sl_leak_record(sl_pool *p, sl_buf *b, const char *site);
  * (or, disabled, wind the countdown back up without recording) and set the
  * countdown for the next sample (paranoid counts from 1, simple and advanced
  * from the sample rate, disabled from 2^32). The buffer code counts
- * allocations down with the pool's shared countdown (sl_pool_event). */
+ * allocations down with the pool's shared countdown (sl_pool_event): the
+ * caller has synced it (sl_pool_countdown_sync) and arms it after. */
 void sl_leak_sampled(sl_pool *p, sl_buf *b);
 
 /* Maps the side tables (once). SL_OK, or SL_ERROR when they cannot be. */

@@ -187,6 +187,36 @@ return {
     H.stop_sluice(p)
   end)
 
+  it("carries an IPv6 client read from a header on an IPv4 listener, its own address mapped", function()
+    local raw = H.raw_listener()
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back",
+                  pipeline = { "sluice.proxy_protocol" } } },
+  upstreams = { back = { servers = { "127.0.0.1:%d" }, send_proxy = "v1" } },
+}
+]]):format(port, raw.port))
+    local c = H.connect(port)
+    c.send("PROXY TCP6 2001:db8::7 2001:db8::1 4321 443\r\nhello\n")
+    local fd = raw.accept(10)
+    assert.is_truthy(fd)
+    local want = ("PROXY TCP6 2001:db8::7 ::ffff:127.0.0.1 4321 %d\r\nhello\n"):format(port)
+    local got = ""
+    while #got < #want do
+      local more = raw.read(fd, 10)
+      if not more or more == "" then break end
+      got = got .. more
+    end
+    assert.are.equal(want, got)
+    raw.reset(fd)
+    c.close()
+    raw.close()
+    local log = H.stop_sluice(p)
+    assert.matches("client [2001:db8::7]:4321 on front closed", log, 1, true)
+  end)
+
   it("carries the client's address through a second sluice that reads v2, health checks included", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo

@@ -444,6 +444,31 @@ return { workers = 1,
       H.stop_sluice(p)
     end)
 
+    it("refuses os.exit from a configuration and from a stage, and keeps serving", function()
+      local port, exit_port = H.free_port(), H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 1,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+                { name = "x", listen = "127.0.0.1:%d",
+                  pipeline = { "spec.fixtures.stages.exits_on_read" } } } }
+]]):format(port, exit_port))
+      assert.are.equal("", (H.exchange(exit_port, "bye\n", 10)))
+      local f = assert(io.open(p.config, "wb"))
+      f:write("os.exit(0)\n")
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 20))
+      assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
+      local log = H.stop_sluice(p)
+      local refused = "os.exit is refused: it would end every connection of sluice (a stage closes "
+                      .. "its own with ctx:close; SIGTERM stops sluice)"
+      assert.matches("SIGHUP: reload refused, the running configuration stays: config error: "
+                     .. p.config .. ":1: " .. refused, log, 1, true)
+      assert.matches("stage spec.fixtures.stages.exits_on_read raised in channel_read on client "
+                     .. "127.0.0.1:", log, 1, true)
+      assert.matches("exits_on_read.lua:5: " .. refused, log, 1, true)
+    end)
+
     it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()
       local flag = H.tmpfile("refuse_flag")
       -- Raises only inside a worker's Lua state (where sluice.host is

@@ -11,6 +11,7 @@
 
 #include "buf/leak.h"
 #include "io/channel.h"
+#include "lua/host.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
 
@@ -283,6 +284,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->path = strdup(path);
   c->root = strdup(sl_config_root());
   luaL_openlibs(L);
+  sl_lua_refuse_exit(L);
 
   /* package.path: sluice's own library first. */
   lua_getglobal(L, "package");

@@ -255,16 +255,16 @@ return {
   end)
 
   it("exits 3 on SIGTERM, naming the worker, when a Lua stage never returns", function()
-    local spin_port, echo_port = H.free_port(), H.free_port()
+    local spin_port, echo_port, admin = H.free_port(), H.free_port(), H.free_port()
     local p = H.start_sluice(([[
 return {
-  workers = 1, drain_timeout_ms = 0,
+  workers = 1, drain_timeout_ms = 0, admin = { listen = "127.0.0.1:%d" },
   listeners = {
     { name = "spin", listen = "127.0.0.1:%d", pipeline = { "spec.fixtures.stages.spins_on_read" } },
     { name = "echo", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
   },
 }
-]]):format(spin_port, echo_port))
+]]):format(admin, spin_port, echo_port))
     local talker = H.tmpfile("talker.sh", "printf x\nexec sleep 60\n")
     local client = H.spawn(("socat -T 60 EXEC:'sh %s' TCP:127.0.0.1:%d"):format(talker, spin_port),
                            "client")
@@ -273,6 +273,10 @@ return {
       return select(2, H.sh(("printf 'y' | timeout 2 socat -t 1 - TCP:127.0.0.1:%d | grep -q y")
                               :format(echo_port))) ~= 0
     end, 20))
+    -- A scrape leaves the worker out, and says so in the log.
+    assert.are.equal(0, H.metric(admin, "sluice_workers_answering"))
+    assert.matches("admin: worker 0 did not answer within 2 s: it is not returning to its event "
+                   .. "loop (a Lua stage that never returns?)", H.read(p.log), 1, true)
     local rc = H.stop(p, "TERM", 60)
     H.stop(client, "TERM")
     assert.are.equal(3, rc)

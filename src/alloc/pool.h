@@ -218,7 +218,7 @@ static inline int sl_pool_owns(const sl_pool *p, const sl_subpage *s) {
 /* Whether a subpage that had nfree free elements before one more was
  * freed changes lists (see sl_pool_own_moved). */
 static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
-  return nfree == 0 || nfree + 1 == s->nelems;
+  return nfree - 1 >= s->nmove;   /* nfree == 0 || nfree + 1 == nelems, in one compare */
 }
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back

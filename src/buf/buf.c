@@ -295,7 +295,7 @@ static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
 }
 
 /* Frees a root whose refcount reached zero, on its pool's thread. */
-static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
+static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
   if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {
     sl_buf_free_derived(pool, r);
     return;
@@ -354,7 +354,7 @@ const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
 /* Frees a root released on a thread that does not own its pool: through
  * the owner's bounded return queue, or straight into the arena when the
  * queue is full (nothing piles up). */
-__attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *pool) {
   if (r->flags & SL_BUF_VIEW) {
     /* A derived buffer releases its parent: the owner does it all. */
     sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
@@ -390,7 +390,7 @@ __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_
 
 /* The common case of that with no call but tail calls (see
  * sl_buf_alloc_normal); the rest is sl_buf_free_normal_slow. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool) {
   unsigned sc = r->sclass;
   SL_POISON(r->data, r->block_size);
   uint32_t rn = pool->rec_n;
@@ -425,7 +425,7 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
   uint32_t full = bin->full;
   if (full == SL_BIN_FULL_ARENA) {
     r->refcnt = 0;
-    sl_buf_free_normal(pool, r);
+    sl_buf_free_normal(r, pool);
     return;
   }
   if (full == SL_BIN_FULL_OWN) {
@@ -438,12 +438,12 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
     }
   }
   r->refcnt = 0;
-  sl_buf_free_local(pool, r);
+  sl_buf_free_local(r, pool);
 }
 
 /* A root whose only difference from the common case is its leak record
  * (a sampled buffer): the record goes back, then as in the common case. */
-__attribute__((noinline)) static void sl_buf_free_recorded(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
   sl_leak_on_free(pool, r);
   sl_buf_free_plain(pool, r);
 }
@@ -452,7 +452,7 @@ void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
   if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
     r->refcnt = 0;
-    sl_buf_free_foreign(pool, r);
+    sl_buf_free_foreign(r, pool);
     return;
   }
   uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
@@ -463,11 +463,11 @@ void sl_buf_free(sl_buf *r) {
     return;
   }
   if (special == SL_BUF_RECORDED) {
-    sl_buf_free_recorded(pool, r);
+    sl_buf_free_recorded(r, pool);
     return;
   }
   r->refcnt = 0;
-  sl_buf_free_local(pool, r);
+  sl_buf_free_local(r, pool);
 }
 
 void sl_buf_release_dead(const sl_buf *b) {
@@ -480,13 +480,13 @@ size_t sl_buf_drain(sl_pool *pool) {
   size_t n = 0;
   sl_buf *r;
   while ((r = sl_pool_retq_pop(pool)) != NULL) {
-    sl_buf_free_local(pool, r);
+    sl_buf_free_local(r, pool);
     n++;
   }
   r = sl_pool_remote_take(pool);
   while (r != NULL) {
     sl_buf *next = *(sl_buf **)(void *)&r->rd;
-    sl_buf_free_local(pool, r);
+    sl_buf_free_local(r, pool);
     r = next;
     n++;
   }

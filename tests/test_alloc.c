@@ -1607,6 +1607,7 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
   sl_cache_bin *bin = &p->bins[k];
   sl_buf *b[24], *live[4], *parked[12];
   uint8_t *parked_data[12];
+  uint32_t parked_gen[12];
   for (int i = 0; i < 24; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
   assert_int_equal(owned_count(p), 6);
 
@@ -1620,9 +1621,12 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
     }
     if (i >= 8) {
       parked[np] = b[i];
+      parked_gen[np] = b[i]->gen;
       parked_data[np++] = b[i]->data;
     }
+    sl_buf_release_site(p, i >= 8 ? "the subpage test" : "the bin test");
     sl_buf_release(b[i]);
+    sl_buf_release_site(p, NULL);
   }
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(bin->n, 8);
@@ -1635,6 +1639,8 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
   for (int j = 0; j < 12; j++) {
     assert_int_equal(parked[j]->gen, 0);
     assert_int_equal(parked[j]->refcnt, 0);
+    /* A stale handle still learns who released it. */
+    assert_string_equal(sl_buf_released_by(parked[j], parked_gen[j]), "the subpage test");
   }
 
   /* Twenty again: eight hits, then twelve misses, each one of the

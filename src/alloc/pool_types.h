@@ -70,9 +70,10 @@
  * errors about stale handles read (generation, flags, root, release site). */
 #define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
-/* A parked header keeps its block here: sl_buf's cap and max_cap, which a
- * dead header does not use (buf.c checks the offset). */
-#define SL_HDR_BLOCK_OFFSET 16
+/* A parked header keeps its block here: sl_buf's data, as it was while
+ * live (buf.c checks the offset; a dead header keeps who released it in
+ * its cap and max_cap). */
+#define SL_HDR_BLOCK_OFFSET 0
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
 /* A release of a root whose bin is full (or holds nothing) goes: */
 #define SL_BIN_FULL_LOCAL 0    /* the general path */

@@ -11,9 +11,16 @@
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
 _Static_assert(offsetof(sl_buf, gen) == offsetof(sl_buf, refcnt) + 4, "refcnt, gen adjacent");
-_Static_assert(offsetof(sl_buf, cap) == SL_HDR_BLOCK_OFFSET &&
-                   offsetof(sl_buf, max_cap) == SL_HDR_BLOCK_OFFSET + 4,
-               "a parked header keeps its block in cap and max_cap");
+_Static_assert(offsetof(sl_buf, data) == SL_HDR_BLOCK_OFFSET, "a parked header keeps its block");
+_Static_assert(offsetof(sl_buf, max_cap) == offsetof(sl_buf, cap) + 4,
+               "a dead header keeps who released it in cap and max_cap");
+
+/* A dead header (of a root or a derived buffer) keeps who released it in
+ * its cap and max_cap, which it does not use: its data may stay (a parked
+ * header's block). */
+static inline void sl_buf_set_released_by(sl_buf *b, const char *site) {
+  memcpy(&b->cap, &site, sizeof(site));
+}
 
 
 _Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) == 60 &&
@@ -27,19 +34,24 @@ static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
   return usable | (uint64_t)sclass << 32 | flags << 48;
 }
 
-/* The fields every allocation sets: b over data (usable bytes) is live,
- * empty, refcount 1, with a new generation. A parked header needs only
- * these (it is a root over its block already). */
-static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
-                                    size_t max_cap) {
+/* The fields every allocation sets but data: b, over a block of usable
+ * bytes, is live, empty, refcount 1, with a new generation. A parked
+ * header needs only these (it is a root over its block already). */
+static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size_t max_cap) {
   uint32_t max = (uint32_t)max_cap;   /* at most SL_BUF_MAX_CAPACITY (checked) */
-  b->data = data;
   b->rd = 0;
   b->wr = 0;
   b->cap = usable > max ? max : usable;
   b->max_cap = max;
   b->refcnt = 1;
   b->gen = sl_pool_next_gen(pool);
+}
+
+/* The same over data. */
+static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
+                                    size_t max_cap) {
+  b->data = data;
+  sl_buf_revive(pool, b, usable, max_cap);
 }
 
 /* Makes b a live root over data: refcount 1, a new generation; tail is
@@ -223,10 +235,9 @@ parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
   sl_buf *b = (sl_buf *)item;
-  uint8_t *data = sl_pool_parked_block(b);
   uint32_t usable = b->block_size;
-  SL_UNPOISON(data, usable);
-  sl_buf_init_live(pool, b, data, usable, max_cap);
+  SL_UNPOISON(b->data, usable);
+  sl_buf_revive(pool, b, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -262,15 +273,14 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
 
 /* Makes root r (released: no owner, record, views or shared flag left, so
  * flags 0) a parked header, to go on the bin of its class or on its
- * block's owned subpage: the block pointer moves to SL_HDR_BLOCK_OFFSET,
- * and the header keeps, dead, the generation it died with and who
- * released it (its index and data fields are unused now). */
+ * block's owned subpage: its data stays the block (SL_HDR_BLOCK_OFFSET),
+ * and the header keeps, dead, the generation it died with (in rd) and who
+ * released it (in cap and max_cap). */
 static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
-  *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
   memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
 }
 
 /* Parks root r (released, flags 0) on s, the owned subpage of its block
@@ -285,12 +295,12 @@ static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, 
 }
 
 /* A dead root header keeps the generation it died with and who released
- * it (its index and data fields are unused now); it goes back to the
+ * it (in rd, and in cap and max_cap: sl_buf_set_released_by); it goes back to the
  * recycler. */
 static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   sl_pool_header_put(pool, r);
 }
 
@@ -327,10 +337,10 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   /* A dead header keeps the generation it died with and who released it
-   * (its index and data fields are unused now). */
+   * (sl_buf_set_released_by). */
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, r);
@@ -348,7 +358,9 @@ const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
     r = b->root;
     if (r->gen != 0 || (r->flags & (SL_BUF_VIEW | SL_BUF_DERIVED)) == SL_BUF_VIEW) return NULL;
   }
-  return (const char *)r->data;
+  const char *site;
+  memcpy(&site, &r->cap, sizeof(site));
+  return site;
 }
 
 /* Frees a root released on a thread that does not own its pool: through
@@ -401,7 +413,7 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
   pool->bins[sc].frees++;
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
 }
@@ -624,7 +636,7 @@ static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   if (d->views != NULL) sl_buf_kill_views(pool, d);
   d->rd = d->gen;
   d->gen = 0;
-  d->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(d, pool->release_site);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, d);

@@ -116,7 +116,11 @@ struct sl_pool {
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
-  uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
+  uint64_t gen_word;              /* the next buffer's refcount and generation as its
+                                     header holds them (one store): 1 below, the
+                                     generation (odd, never 0) above */
+  uint64_t gen_step;              /* 2 << 32, added to gen_word from memory (x86 has no
+                                     64-bit immediate add) */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
   uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */

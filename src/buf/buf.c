@@ -43,8 +43,7 @@ static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size
   b->wr = 0;
   b->cap = usable > max ? max : usable;
   b->max_cap = max;
-  b->refcnt = 1;
-  b->gen = sl_pool_next_gen(pool);
+  sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
 }
 
 /* The same over data. */

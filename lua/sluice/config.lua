@@ -36,7 +36,8 @@
 -- Schema (unknown keys are errors at every level):
 --
 --   listeners   required non-empty array of listeners:
---     name            required non-empty string, unique
+--     name            required non-empty string of letters, digits, "_", "-"
+--                     and ".", unique
 --     listen          required "host:port": IPv4, [IPv6], localhost (becomes
 --                     127.0.0.1) or * / 0.0.0.0; port 1-65535; unique
 --     upstream        optional name of an upstream
@@ -1110,6 +1111,12 @@ local function check_listener(l, path, ctx)
     local name = l.name
     if type(name) ~= "string" or name == "" then
         fail(path .. ".name", "expected a non-empty string, got %s", show(name))
+    end
+    -- The name goes unquoted into log lines, the access log's logfmt and
+    -- metric labels: a space, a quote or a newline would break them.
+    if not name:find("^[%w_%-%.]+$") then
+        fail(path .. ".name", 'expected a name made of letters, digits, "_", "-" and ".", got %s',
+             show(name))
     end
     if ctx.names[name] then
         fail(path .. ".name", "expected a unique name, got %s (also %s)",

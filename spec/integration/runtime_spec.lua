@@ -68,6 +68,36 @@ return {
                                 .. "0 freed by other threads%)"))
   end)
 
+  it("logs a stage's close reason on one line, control characters as spaces", function()
+    local close_port, error_port = H.free_port(), H.free_port()
+    local alog = H.tmpfile("access.log")
+    local p = H.start_sluice(([[
+return {
+  workers = 1, access_log = %q,
+  listeners = {
+    { name = "c", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.close_lines", how = "close" } } },
+    { name = "e", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.close_lines", how = "error" } } },
+  },
+}
+]]):format(alog, close_port, error_port))
+    assert.are.equal("", (H.exchange(close_port, "hello\n", 10)))
+    assert.are.equal("", (H.exchange(error_port, "hello\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 2 end, 10))
+    local log = H.stop_sluice(p)
+    local reason = 'said "bye" 2026-01-01T00:00:00.000Z [info] forged record  end'
+    for _, listener in ipairs({ "c", "e" }) do
+      assert.matches(("\n[^\n]* %%[%s%%] client 127%%.0%%.0%%.1:%%d+ on %s closed: %s %%(in 6 B, "):format(
+        listener == "c" and "info" or "warn", listener, reason:gsub("%p", "%%%0")), log)
+    end
+    assert.not_matches("\n2026%-01%-01", log)
+    local escaped = reason:gsub('"', '\\"')
+    for _, line in ipairs(access_lines(alog)) do
+      assert.are.equal(' reason="' .. escaped .. '"', line:match(' reason=".*$'))
+    end
+  end)
+
   it("refuses to start, with nothing left running, when another process holds the port", function()
     local port = H.free_port()
     local cfg = ([[
@@ -222,6 +252,34 @@ return {
       c.release()
       assert.are.equal(0, c.finish())
     end)
+  end)
+
+  it("exits 3 on SIGTERM, naming the worker, when a Lua stage never returns", function()
+    local spin_port, echo_port = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1, drain_timeout_ms = 0,
+  listeners = {
+    { name = "spin", listen = "127.0.0.1:%d", pipeline = { "spec.fixtures.stages.spins_on_read" } },
+    { name = "echo", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+  },
+}
+]]):format(spin_port, echo_port))
+    local talker = H.tmpfile("talker.sh", "printf x\nexec sleep 60\n")
+    local client = H.spawn(("socat -T 60 EXEC:'sh %s' TCP:127.0.0.1:%d"):format(talker, spin_port),
+                           "client")
+    -- The worker is stuck once it no longer answers on the other listener.
+    assert.truthy(H.wait_for(function()
+      return select(2, H.sh(("printf 'y' | timeout 2 socat -t 1 - TCP:127.0.0.1:%d | grep -q y")
+                              :format(echo_port))) ~= 0
+    end, 20))
+    local rc = H.stop(p, "TERM", 60)
+    H.stop(client, "TERM")
+    assert.are.equal(3, rc)
+    local log = H.read(p.log)
+    assert.matches("worker 0 has not stopped 5 s after the drain deadline: it does not return to "
+                   .. "its event loop (a Lua stage that never returns?)", log, 1, true)
+    assert.matches("[error] stopped without its stuck workers (exit 3)", log, 1, true)
   end)
 
   it("closes everything at once on a second SIGTERM while draining", function()

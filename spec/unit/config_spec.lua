@@ -690,6 +690,17 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ name = "" }) })))
       end)
 
+      it("need a name that log lines, the access log and labels can carry as is", function()
+        for _, bad in ipairs({ "my front", 'a"b', "a\nb", "a=b", "caf\195\169" }) do
+          assert.are.equal(('config error: listeners[1].name: expected a name made of letters, '
+                            .. 'digits, "_", "-" and ".", got %s'):format(
+                              (("%q"):format(bad):gsub("\\\n", "\\n"))),
+                           err_of(conf({ listener({ name = bad }) })))
+        end
+        assert.are.equal("front-2.b_c", ok_of(conf({ listener({ name = "front-2.b_c" }) }))
+                                           .listeners[1].name)
+      end)
+
       it("need unique names", function()
         assert.are.equal('config error: listeners[2].name: expected a unique name, got "front" (also listeners[1])',
                          err_of(conf({ listener(), listener({ listen = "127.0.0.1:7001" }) })))

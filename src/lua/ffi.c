@@ -139,8 +139,18 @@ void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n) {
 }
 
 void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text) {
-  if (ev == SL_EV_ERROR) sl_ctx_fire_error(ctx, text);
-  else if (ev == SL_EV_CLOSE) sl_ctx_close(ctx, text);
+  /* The text becomes a close reason, which the log writes on one line (and
+   * keeps to 159 bytes): a control character from a stage must not start a
+   * line of its own that reads as another record. */
+  char line[160];
+  size_t n = 0;
+  for (; text[n] != '\0' && n < sizeof(line) - 1; n++) {
+    unsigned char c = (unsigned char)text[n];
+    line[n] = c < 0x20 || c == 0x7f ? ' ' : (char)c;
+  }
+  line[n] = '\0';
+  if (ev == SL_EV_ERROR) sl_ctx_fire_error(ctx, line);
+  else if (ev == SL_EV_CLOSE) sl_ctx_close(ctx, line);
 }
 
 int sl_ffi_ctx_is_writable(sl_ctx *ctx) { return sl_channel_is_writable(sl_ctx_channel(ctx)); }

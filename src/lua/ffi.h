@@ -66,7 +66,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_write(sl_ctx *ctx, sl_buf *b);
 SL_FFI_EXPORT void sl_ffi_ctx_write_p(sl_ctx *ctx, sl_buf *b, uint32_t pid);
 
 /* Events without a buffer: ACTIVE, INACTIVE, READ_COMPLETE, WRITABILITY (n),
- * USER_EVENT (n), FLUSH; and with text: ERROR, CLOSE. */
+ * USER_EVENT (n), FLUSH; and with text (borrowed): ERROR, CLOSE. The text is
+ * a close reason: its first 159 bytes go on, control characters as spaces. */
 SL_FFI_EXPORT void sl_ffi_ctx_fire(sl_ctx *ctx, int ev, int n);
 SL_FFI_EXPORT void sl_ffi_ctx_fire_text(sl_ctx *ctx, int ev, const char *text);
 

@@ -24,6 +24,10 @@
 #include "util/log.h"
 
 #define SL_MAX_WORKERS 256
+/* A worker still running this long after the drain deadline (or after a
+ * second SIGINT or SIGTERM) no longer returns to its event loop: a Lua
+ * stage that never returns. sluice then exits without it (status 3). */
+#define SL_STOP_GRACE_S 5.0
 
 typedef struct sl_runtime {
   sl_config *cfg;              /* the configuration new connections get (one reference) */
@@ -33,6 +37,7 @@ typedef struct sl_runtime {
   int nworkers;
   int nthreads;                /* threads started */
   _Atomic int nexited;         /* threads whose loop has ended */
+  _Atomic int exited[SL_MAX_WORKERS]; /* 1 once that worker's loop has ended */
   sl_listen_set *sets;         /* the sockets of cfg's listeners */
   sl_listen_set *retired;      /* dropped by reloads; their gates live until exit */
   int stderr_copy;             /* standard error as sluice started (access_log "stderr") */
@@ -176,14 +181,25 @@ static void *sl_runtime_thread(void *arg) {
   sl_worker_run(w);
   sl_metrics_gone(w);
   sl_runtime *rt = w->app;
+  atomic_store(&rt->exited[w->id], 1);
   atomic_fetch_add(&rt->nexited, 1);
   return NULL;
 }
 
+static double sl_runtime_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 /* Asks every worker to stop and waits for their threads; a second SIGINT
- * or SIGTERM meanwhile closes every connection at once. */
-static void sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
+ * or SIGTERM meanwhile closes every connection at once. Returns SL_OK once
+ * every thread is joined, or SL_ERROR, after logging which workers, when
+ * some are still running SL_STOP_GRACE_S after the drain deadline (or
+ * after a second signal): their threads are left running. */
+static int sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
   for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
+  double give_up = sl_runtime_now() + (rt->cfg ? rt->cfg->drain_timeout : 0) + SL_STOP_GRACE_S;
   while (atomic_load(&rt->nexited) < rt->nthreads) {
     struct timespec ts = {0, 20 * 1000 * 1000};
     int sig = sigtimedwait(set, NULL, &ts);
@@ -191,11 +207,22 @@ static void sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
       sl_log(SL_LOG_INFO, "%s again: closing every connection now",
              sig == SIGINT ? "SIGINT" : "SIGTERM");
       for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
+      if (sl_runtime_now() + SL_STOP_GRACE_S < give_up) give_up = sl_runtime_now() + SL_STOP_GRACE_S;
     } else if (sig == SIGHUP || sig == SIGUSR1) {
       sl_log(SL_LOG_INFO, "%s: stopping; ignored", sig == SIGHUP ? "SIGHUP" : "SIGUSR1");
     }
+    if (atomic_load(&rt->nexited) < rt->nthreads && sl_runtime_now() >= give_up) {
+      for (int i = 0; i < rt->nthreads; i++) {
+        if (atomic_load(&rt->exited[i])) continue;
+        sl_log(SL_LOG_ERROR, "worker %d has not stopped %.3g s after the drain deadline: it "
+               "does not return to its event loop (a Lua stage that never returns?)", i,
+               SL_STOP_GRACE_S);
+      }
+      return SL_ERROR;
+    }
   }
   for (int i = 0; i < rt->nthreads; i++) pthread_join(rt->threads[i], NULL);
+  return SL_OK;
 }
 
 /* Frees what the workers, the sockets and the pools hold. Returns the
@@ -503,7 +530,7 @@ int sl_runtime_run(sl_config *cfg) {
     if (pthread_create(&rt->threads[i], NULL, sl_runtime_thread, rt->workers[i]) != 0) {
       fprintf(stderr, "sluice: cannot start: worker %d: cannot create its thread: %s\n", i,
               strerror(errno));
-      sl_runtime_stop_workers(rt, &set);
+      (void)sl_runtime_stop_workers(rt, &set);
       sl_runtime_release(rt);
       sl_config_unref(rt->cfg);
       return 1;
@@ -512,7 +539,7 @@ int sl_runtime_run(sl_config *cfg) {
   }
   if (rt->admin && sl_admin_start(rt->admin) != SL_OK) {
     fprintf(stderr, "sluice: cannot start: admin: cannot create its thread: %s\n", strerror(errno));
-    sl_runtime_stop_workers(rt, &set);
+    (void)sl_runtime_stop_workers(rt, &set);
     sl_runtime_release(rt);
     sl_config_unref(rt->cfg);
     return 1;
@@ -539,7 +566,13 @@ int sl_runtime_run(sl_config *cfg) {
     sl_admin_set_draining(rt->admin);
     break;
   }
-  sl_runtime_stop_workers(rt, &set);
+  if (sl_runtime_stop_workers(rt, &set) != SL_OK) {
+    /* A stuck thread still uses its pool, its Lua state and the arenas:
+     * nothing can be freed or checked, and exit handlers must not run
+     * beside it. */
+    sl_log(SL_LOG_ERROR, "stopped without its stuck workers (exit 3)");
+    _exit(3);
+  }
   uint64_t leaked = sl_runtime_release(rt);
   sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
   atomic_store(&sl_access_log_fd, -1);

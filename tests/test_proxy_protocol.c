@@ -149,12 +149,26 @@ static void test_written_headers_read_back(void **state) {
   assert_memory_equal("PROXY TCP6 2001:db8::5 2001:db8::1 6000 443\r\n", h, n);
   n = sl_proxy_header(1, NULL, NULL, h);
   assert_memory_equal("PROXY UNKNOWN\r\n", h, n);
-  n = sl_proxy_header(1, &src, &dst6, h); /* families differ: no address */
-  assert_memory_equal("PROXY UNKNOWN\r\n", h, n);
+  /* Families differ (a client behind sluice.proxy_protocol): both as IPv6,
+   * the IPv4 one mapped, so that the client's address goes on. */
+  n = sl_proxy_header(1, &src6, &dst, h);
+  assert_int_equal(strlen("PROXY TCP6 2001:db8::5 ::ffff:10.0.0.1 6000 443\r\n"), n);
+  assert_memory_equal("PROXY TCP6 2001:db8::5 ::ffff:10.0.0.1 6000 443\r\n", h, n);
+  n = sl_proxy_header(1, &src, &dst6, h);
+  assert_memory_equal("PROXY TCP6 ::ffff:203.0.113.7 2001:db8::1 51234 443\r\n", h, n);
+  n = sl_proxy_header(2, &src6, &dst, h);
+  assert_int_equal(16 + 36, n);
+  assert_int_equal(0x21, h[13]);
+  assert_int_equal(0x20, h[16]); /* 2001:db8::5 */
+  assert_int_equal(0xff, h[32 + 10]);
+  assert_int_equal(0xff, h[32 + 11]);
+  assert_int_equal(10, h[32 + 12]);
+  assert_int_equal(443 >> 8, h[50]);
+  assert_int_equal(443 & 0xff, h[51]);
   /* Every header written, v1 and v2, reads back whole at every split. */
-  const sl_addr *pairs[][2] = {{&src, &dst}, {&src6, &dst6}, {NULL, NULL}};
+  const sl_addr *pairs[][2] = {{&src, &dst}, {&src6, &dst6}, {NULL, NULL}, {&src6, &dst}};
   for (int v = 1; v <= 2; v++) {
-    for (size_t i = 0; i < 3; i++) {
+    for (size_t i = 0; i < 4; i++) {
       n = sl_proxy_header(v, pairs[i][0], pairs[i][1], h);
       assert_true(n > 0 && n <= SL_PROXY_HEADER_MAX);
       check_every_split(*state, h, n);

@@ -157,16 +157,23 @@ end)
 describe("send_proxy", function()
   local peers = H.killed_after_each()
 
-  it("sends a v1 header before the client's bytes", function()
+  -- sluice with a listener "front" (pipeline given as Lua text) to a raw
+  -- listener, with send_proxy v1. Returns sluice, front's port, the listener.
+  local function front_to_raw(pipeline)
     local raw = H.raw_listener()
     local port = H.free_port()
     local p = H.start_sluice(([[
 return {
   workers = 1,
-  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = %s } },
   upstreams = { back = { servers = { "127.0.0.1:%d" }, send_proxy = "v1" } },
 }
-]]):format(port, raw.port))
+]]):format(port, pipeline, raw.port))
+    return p, port, raw
+  end
+
+  it("sends a v1 header before the client's bytes", function()
+    local p, port, raw = front_to_raw("{}")
     local c = H.connect(port)
     local fd = raw.accept(10)
     assert.is_truthy(fd)
@@ -185,6 +192,27 @@ return {
     c.close()
     raw.close()
     H.stop_sluice(p)
+  end)
+
+  it("carries an IPv6 client read from a header on an IPv4 listener, its own address mapped", function()
+    local p, port, raw = front_to_raw('{ "sluice.proxy_protocol" }')
+    local c = H.connect(port)
+    c.send("PROXY TCP6 2001:db8::7 2001:db8::1 4321 443\r\nhello\n")
+    local fd = raw.accept(10)
+    assert.is_truthy(fd)
+    local want = ("PROXY TCP6 2001:db8::7 ::ffff:127.0.0.1 4321 %d\r\nhello\n"):format(port)
+    local got = ""
+    while #got < #want do
+      local more = raw.read(fd, 10)
+      if not more or more == "" then break end
+      got = got .. more
+    end
+    assert.are.equal(want, got)
+    raw.reset(fd)
+    c.close()
+    raw.close()
+    local log = H.stop_sluice(p)
+    assert.matches("client [2001:db8::7]:4321 on front closed", log, 1, true)
   end)
 
   it("carries the client's address through a second sluice that reads v2, health checks included", function()

@@ -245,9 +245,40 @@ const sl_stage_ops sl_stage_proxy_protocol = {
 
 /* ---- writing a header ---- */
 
+/* a as IPv6: itself, or an IPv4 address mapped (::ffff:a.b.c.d), port kept. */
+static void sl_pp_as_v6(const sl_addr *a, sl_addr *out) {
+  if (a->ss.ss_family == AF_INET6) {
+    *out = *a;
+    return;
+  }
+  const struct sockaddr_in *s4 = (const struct sockaddr_in *)&a->ss;
+  struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&out->ss;
+  memset(out, 0, sizeof(*out));
+  s6->sin6_family = AF_INET6;
+  s6->sin6_port = s4->sin_port;
+  s6->sin6_addr.s6_addr[10] = 0xff;
+  s6->sin6_addr.s6_addr[11] = 0xff;
+  memcpy(&s6->sin6_addr.s6_addr[12], &s4->sin_addr, 4);
+  out->len = sizeof(*s6);
+}
+
 size_t sl_proxy_header(int version, const sl_addr *src, const sl_addr *dst, uint8_t *out) {
-  int fam = src && dst && src->ss.ss_family == dst->ss.ss_family ? src->ss.ss_family : AF_UNSPEC;
-  if (fam != AF_INET && fam != AF_INET6) fam = AF_UNSPEC;
+  int fam = AF_UNSPEC;
+  sl_addr src6, dst6;
+  if (src && dst) {
+    int sf = src->ss.ss_family, df = dst->ss.ss_family;
+    if ((sf == AF_INET || sf == AF_INET6) && (df == AF_INET || df == AF_INET6)) fam = sf;
+    /* A client behind sluice.proxy_protocol may have an address of the
+     * other family than the socket it reached: both go as IPv6, the IPv4
+     * one mapped, rather than losing the client's address to UNKNOWN. */
+    if (fam != AF_UNSPEC && sf != df) {
+      sl_pp_as_v6(src, &src6);
+      sl_pp_as_v6(dst, &dst6);
+      src = &src6;
+      dst = &dst6;
+      fam = AF_INET6;
+    }
+  }
   if (version == 1) {
     if (fam == AF_UNSPEC) {
       memcpy(out, "PROXY UNKNOWN\r\n", 15);

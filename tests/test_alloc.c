@@ -272,6 +272,10 @@ static size_t pat_check(const uint8_t *d, size_t from, size_t to, uint64_t key) 
   return to;
 }
 
+/* The generation the pool gives next, and a way to set it. */
+static uint32_t next_gen(const sl_pool *p) { return (uint32_t)(p->gen_word >> 32); }
+static void set_next_gen(sl_pool *p, uint32_t g) { p->gen_word = (uint64_t)g << 32 | 1; }
+
 /* ---- 1. size classes ---- */
 
 static void test_size_class_of_every_size_is_smallest_that_fits(void **state) {
@@ -1199,8 +1203,8 @@ static void test_released_header_has_gen_zero_and_live_gen_is_never_zero(void **
 
   /* Wrap-around skips 0, for roots and for views: generations are odd
    * (the next one stays odd, from 1 on). */
-  assert_true(p->next_gen & 1);
-  p->next_gen = 0xffffffffu;
+  assert_true(next_gen(p) & 1);
+  set_next_gen(p, 0xffffffffu);
   sl_buf *b1 = sl_buf_alloc(p, 100, 0);
   sl_buf *b2 = sl_buf_alloc(p, 100, 0);
   assert_non_null(b1);
@@ -1211,14 +1215,14 @@ static void test_released_header_has_gen_zero_and_live_gen_is_never_zero(void **
   sl_buf *v2 = sl_buf_duplicate(b2);
   assert_non_null(v2);
   assert_int_equal(v2->gen, 3);
-  p->next_gen = 0xfffffffdu;
+  set_next_gen(p, 0xfffffffdu);
   sl_buf *b3 = sl_buf_alloc(p, 100, 0);
   sl_buf *v3 = sl_buf_duplicate(b3);
   assert_non_null(b3);
   assert_non_null(v3);
   assert_int_equal(b3->gen, 0xfffffffdu);
   assert_int_equal(v3->gen, 0xffffffffu);
-  assert_int_equal(p->next_gen, 1);
+  assert_int_equal(next_gen(p), 1);
   sl_buf_release(b1);
   sl_buf_release(b2);
   sl_buf_release(b3);
@@ -1227,7 +1231,7 @@ static void test_released_header_has_gen_zero_and_live_gen_is_never_zero(void **
 
   /* Without tampering, every buffer gets a generation of its own, also
    * when headers are reused. */
-  p->next_gen = 1;
+  set_next_gen(p, 1);
   sl_buf *many[64];
   uint32_t seen[512];
   for (int round = 0; round < 8; round++) {
@@ -1607,6 +1611,7 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
   sl_cache_bin *bin = &p->bins[k];
   sl_buf *b[24], *live[4], *parked[12];
   uint8_t *parked_data[12];
+  uint32_t parked_gen[12];
   for (int i = 0; i < 24; i++) assert_non_null(b[i] = sl_buf_alloc(p, 1000, 0));
   assert_int_equal(owned_count(p), 6);
 
@@ -1620,9 +1625,12 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
     }
     if (i >= 8) {
       parked[np] = b[i];
+      parked_gen[np] = b[i]->gen;
       parked_data[np++] = b[i]->data;
     }
+    sl_buf_release_site(p, i >= 8 ? "the subpage test" : "the bin test");
     sl_buf_release(b[i]);
+    sl_buf_release_site(p, NULL);
   }
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(bin->n, 8);
@@ -1635,6 +1643,8 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
   for (int j = 0; j < 12; j++) {
     assert_int_equal(parked[j]->gen, 0);
     assert_int_equal(parked[j]->refcnt, 0);
+    /* A stale handle still learns who released it. */
+    assert_string_equal(sl_buf_released_by(parked[j], parked_gen[j]), "the subpage test");
   }
 
   /* Twenty again: eight hits, then twelve misses, each one of the

@@ -228,6 +228,7 @@ sl_subpage *sl_subpage_new(sl_chunk *c, uint32_t first_page, uint32_t npages,
   s->npages = npages;
   s->elem_size = elem_size;
   s->nelems = s->nfree = nelems;
+  s->nmove = nelems - 2;
   s->sclass = sclass;
   s->nwords = nwords;
   s->recip = ((uint64_t)1 << 40) / elem_size + 1;

@@ -98,6 +98,9 @@ struct sl_subpage {
                                         arena's lock; its owner reads it without */
   void *free;                  /* owned: its free items (see above) */
   uint32_t nparked;            /* owned: carried items among them */
+  uint32_t nmove;              /* nelems - 2 (wrapping): a free with nfree - 1 at or
+                                  above it changes the subpage's lists (it was full,
+                                  or it is empty now) */
   sl_subpage *own_prev, *own_next;   /* owned: its owner's list of all it owns */
   uint64_t bits[];             /* 1 = element in use */
 };

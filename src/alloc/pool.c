@@ -49,7 +49,8 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->id = id;
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
-  p->next_gen = 1;
+  p->gen_word = (uint64_t)1 << 32 | 1;   /* generation 1, refcount 1 */
+  p->gen_step = (uint64_t)2 << 32;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
   if (p->recycler == NULL || sl_retq_init(&p->retq, (size_t)cfg->return_queue_cap) != SL_OK ||

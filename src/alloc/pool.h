@@ -218,7 +218,7 @@ static inline int sl_pool_owns(const sl_pool *p, const sl_subpage *s) {
 /* Whether a subpage that had nfree free elements before one more was
  * freed changes lists (see sl_pool_own_moved). */
 static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
-  return nfree == 0 || nfree + 1 == s->nelems;
+  return nfree - 1 >= s->nmove;   /* nfree == 0 || nfree + 1 == nelems, in one compare */
 }
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back
@@ -303,12 +303,23 @@ static inline int sl_pool_has_returns(sl_pool *p) {
  * say who released it. */
 void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 
-/* Generations are odd, so never 0, without a test. */
+/* Generations are odd, so never 0, without a test: odd from the start,
+ * and + 2 keeps them odd. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint32_t g = p->next_gen;   /* odd from the start, and + 2 keeps it odd */
-  SL_ASSERT_DEBUG(g & 1, "generations are odd");
-  p->next_gen = g + 2;
-  return g;
+  uint64_t w = p->gen_word;
+  SL_ASSERT_DEBUG((w >> 32) & 1, "generations are odd");
+  p->gen_word = w + p->gen_step;
+  return (uint32_t)(w >> 32);
+}
+
+/* Writes a new buffer's refcount (1) and its generation as the 8 bytes
+ * at dst (sl_buf's refcnt and gen, adjacent: buf.c checks), one store. */
+static inline void sl_pool_take_refcnt_gen(sl_pool *p, void *dst) {
+  uint64_t w = p->gen_word;
+  SL_ASSERT_DEBUG(((w >> 32) & 1) && (uint32_t)w == 1, "generations are odd");
+  memcpy(dst, &w, sizeof(w));
+  w += p->gen_step;
+  p->gen_word = w;
 }
 
 /* Foreign threads: queue an item for the owner (SL_OK or SL_AGAIN when

@@ -70,9 +70,10 @@
  * errors about stale handles read (generation, flags, root, release site). */
 #define SL_HDR_LINK_OFFSET 40
 #define SL_HDR_REGION_SPAN ((uintptr_t)1 << 27)   /* 2 Mi headers */
-/* A parked header keeps its block here: sl_buf's cap and max_cap, which a
- * dead header does not use (buf.c checks the offset). */
-#define SL_HDR_BLOCK_OFFSET 16
+/* A parked header keeps its block here: sl_buf's data, as it was while
+ * live (buf.c checks the offset; a dead header keeps who released it in
+ * its cap and max_cap). */
+#define SL_HDR_BLOCK_OFFSET 0
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
 /* A release of a root whose bin is full (or holds nothing) goes: */
 #define SL_BIN_FULL_LOCAL 0    /* the general path */
@@ -115,7 +116,11 @@ struct sl_pool {
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
-  uint32_t next_gen;              /* generation of the next buffer (odd, never 0) */
+  uint64_t gen_word;              /* the next buffer's refcount and generation as its
+                                     header holds them (one store): 1 below, the
+                                     generation (odd, never 0) above */
+  uint64_t gen_step;              /* 2 << 32, added to gen_word from memory (x86 has no
+                                     64-bit immediate add) */
   uint32_t countdown;             /* allocations until the next event: a count-based
                                      trim or a leak sample (see sl_pool_event) */
   uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */

@@ -11,9 +11,16 @@
 _Static_assert(sizeof(sl_buf) == SL_HDR_SIZE, "sl_buf must fill one header slot");
 _Static_assert(offsetof(sl_buf, views) == SL_HDR_LINK_OFFSET, "free headers link through views");
 _Static_assert(offsetof(sl_buf, gen) == offsetof(sl_buf, refcnt) + 4, "refcnt, gen adjacent");
-_Static_assert(offsetof(sl_buf, cap) == SL_HDR_BLOCK_OFFSET &&
-                   offsetof(sl_buf, max_cap) == SL_HDR_BLOCK_OFFSET + 4,
-               "a parked header keeps its block in cap and max_cap");
+_Static_assert(offsetof(sl_buf, data) == SL_HDR_BLOCK_OFFSET, "a parked header keeps its block");
+_Static_assert(offsetof(sl_buf, max_cap) == offsetof(sl_buf, cap) + 4,
+               "a dead header keeps who released it in cap and max_cap");
+
+/* A dead header (of a root or a derived buffer) keeps who released it in
+ * its cap and max_cap, which it does not use: its data may stay (a parked
+ * header's block). */
+static inline void sl_buf_set_released_by(sl_buf *b, const char *site) {
+  memcpy(&b->cap, &site, sizeof(site));
+}
 
 
 _Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) == 60 &&
@@ -27,19 +34,23 @@ static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
   return usable | (uint64_t)sclass << 32 | flags << 48;
 }
 
-/* The fields every allocation sets: b over data (usable bytes) is live,
- * empty, refcount 1, with a new generation. A parked header needs only
- * these (it is a root over its block already). */
-static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
-                                    size_t max_cap) {
+/* The fields every allocation sets but data: b, over a block of usable
+ * bytes, is live, empty, refcount 1, with a new generation. A parked
+ * header needs only these (it is a root over its block already). */
+static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size_t max_cap) {
   uint32_t max = (uint32_t)max_cap;   /* at most SL_BUF_MAX_CAPACITY (checked) */
-  b->data = data;
   b->rd = 0;
   b->wr = 0;
   b->cap = usable > max ? max : usable;
   b->max_cap = max;
-  b->refcnt = 1;
-  b->gen = sl_pool_next_gen(pool);
+  sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
+}
+
+/* The same over data. */
+static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
+                                    size_t max_cap) {
+  b->data = data;
+  sl_buf_revive(pool, b, usable, max_cap);
 }
 
 /* Makes b a live root over data: refcount 1, a new generation; tail is
@@ -223,10 +234,9 @@ parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
   sl_buf *b = (sl_buf *)item;
-  uint8_t *data = sl_pool_parked_block(b);
   uint32_t usable = b->block_size;
-  SL_UNPOISON(data, usable);
-  sl_buf_init_live(pool, b, data, usable, max_cap);
+  SL_UNPOISON(b->data, usable);
+  sl_buf_revive(pool, b, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -262,15 +272,14 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
 
 /* Makes root r (released: no owner, record, views or shared flag left, so
  * flags 0) a parked header, to go on the bin of its class or on its
- * block's owned subpage: the block pointer moves to SL_HDR_BLOCK_OFFSET,
- * and the header keeps, dead, the generation it died with and who
- * released it (its index and data fields are unused now). */
+ * block's owned subpage: its data stays the block (SL_HDR_BLOCK_OFFSET),
+ * and the header keeps, dead, the generation it died with (in rd) and who
+ * released it (in cap and max_cap). */
 static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
-  *(uint8_t **)(void *)((char *)r + SL_HDR_BLOCK_OFFSET) = r->data;
   r->rd = r->gen;
   memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
 }
 
 /* Parks root r (released, flags 0) on s, the owned subpage of its block
@@ -285,17 +294,17 @@ static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, 
 }
 
 /* A dead root header keeps the generation it died with and who released
- * it (its index and data fields are unused now); it goes back to the
+ * it (in rd, and in cap and max_cap: sl_buf_set_released_by); it goes back to the
  * recycler. */
 static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   sl_pool_header_put(pool, r);
 }
 
 /* Frees a root whose refcount reached zero, on its pool's thread. */
-static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
+static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
   if (__builtin_expect(r->flags & SL_BUF_VIEW, 0)) {
     sl_buf_free_derived(pool, r);
     return;
@@ -327,10 +336,10 @@ static void sl_buf_free_local(sl_pool *pool, sl_buf *r) {
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   /* A dead header keeps the generation it died with and who released it
-   * (its index and data fields are unused now). */
+   * (sl_buf_set_released_by). */
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, r);
@@ -348,13 +357,15 @@ const char *sl_buf_released_by(const sl_buf *b, uint32_t gen) {
     r = b->root;
     if (r->gen != 0 || (r->flags & (SL_BUF_VIEW | SL_BUF_DERIVED)) == SL_BUF_VIEW) return NULL;
   }
-  return (const char *)r->data;
+  const char *site;
+  memcpy(&site, &r->cap, sizeof(site));
+  return site;
 }
 
 /* Frees a root released on a thread that does not own its pool: through
  * the owner's bounded return queue, or straight into the arena when the
  * queue is full (nothing piles up). */
-__attribute__((noinline)) static void sl_buf_free_foreign(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *pool) {
   if (r->flags & SL_BUF_VIEW) {
     /* A derived buffer releases its parent: the owner does it all. */
     sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
@@ -390,7 +401,7 @@ __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_
 
 /* The common case of that with no call but tail calls (see
  * sl_buf_alloc_normal); the rest is sl_buf_free_normal_slow. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool) {
   unsigned sc = r->sclass;
   SL_POISON(r->data, r->block_size);
   uint32_t rn = pool->rec_n;
@@ -401,7 +412,7 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_pool *pool, sl_buf *
   pool->bins[sc].frees++;
   r->rd = r->gen;
   r->gen = 0;
-  r->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(r, pool->release_site);
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
 }
@@ -425,7 +436,7 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
   uint32_t full = bin->full;
   if (full == SL_BIN_FULL_ARENA) {
     r->refcnt = 0;
-    sl_buf_free_normal(pool, r);
+    sl_buf_free_normal(r, pool);
     return;
   }
   if (full == SL_BIN_FULL_OWN) {
@@ -438,12 +449,12 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
     }
   }
   r->refcnt = 0;
-  sl_buf_free_local(pool, r);
+  sl_buf_free_local(r, pool);
 }
 
 /* A root whose only difference from the common case is its leak record
  * (a sampled buffer): the record goes back, then as in the common case. */
-__attribute__((noinline)) static void sl_buf_free_recorded(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
   sl_leak_on_free(pool, r);
   sl_buf_free_plain(pool, r);
 }
@@ -452,7 +463,7 @@ void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
   if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
     r->refcnt = 0;
-    sl_buf_free_foreign(pool, r);
+    sl_buf_free_foreign(r, pool);
     return;
   }
   uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
@@ -463,11 +474,11 @@ void sl_buf_free(sl_buf *r) {
     return;
   }
   if (special == SL_BUF_RECORDED) {
-    sl_buf_free_recorded(pool, r);
+    sl_buf_free_recorded(r, pool);
     return;
   }
   r->refcnt = 0;
-  sl_buf_free_local(pool, r);
+  sl_buf_free_local(r, pool);
 }
 
 void sl_buf_release_dead(const sl_buf *b) {
@@ -480,13 +491,13 @@ size_t sl_buf_drain(sl_pool *pool) {
   size_t n = 0;
   sl_buf *r;
   while ((r = sl_pool_retq_pop(pool)) != NULL) {
-    sl_buf_free_local(pool, r);
+    sl_buf_free_local(r, pool);
     n++;
   }
   r = sl_pool_remote_take(pool);
   while (r != NULL) {
     sl_buf *next = *(sl_buf **)(void *)&r->rd;
-    sl_buf_free_local(pool, r);
+    sl_buf_free_local(r, pool);
     r = next;
     n++;
   }
@@ -624,7 +635,7 @@ static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   if (d->views != NULL) sl_buf_kill_views(pool, d);
   d->rd = d->gen;
   d->gen = 0;
-  d->data = (uint8_t *)(uintptr_t)pool->release_site;
+  sl_buf_set_released_by(d, pool->release_site);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, d);

@@ -725,7 +725,8 @@ end
 -- Runs fn(ctx) once, ms milliseconds from now, unless cancelled or the
 -- stage leaves the pipeline first. Returns the timer.
 function Ctx:after(ms, fn)
-  if type(ms) ~= "number" or ms < 0 then
+  -- not (ms >= 0): NaN too, whose deadline would break the timer heap's order.
+  if type(ms) ~= "number" or not (ms >= 0) then
     error(("bad 'ms' argument (non-negative number expected, got %s)"):format(tostring(ms)), 2)
   end
   if type(fn) ~= "function" then

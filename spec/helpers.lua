@@ -198,9 +198,20 @@ function H.shq(s)
 end
 
 local tmpdir
+-- A folder of the spec file's own for its files (inputs, outputs, logs,
+-- configs), removed when the file ends (its bulk inputs run to hundreds of
+-- MiB), unless SLUICE_KEEP_TMP=1 keeps it to look at.
 function H.tmpdir()
   if not tmpdir then
     tmpdir = (H.sh("mktemp -d /tmp/sluice-spec.XXXXXX")):gsub("%s+$", "")
+    if os.getenv("SLUICE_KEEP_TMP") ~= "1" then
+      local mine = tmpdir
+      require("busted").subscribe({ "file", "end" }, function()
+        os.execute("rm -rf " .. H.shq(mine))
+        if tmpdir == mine then tmpdir = nil end
+        return nil, true
+      end)
+    end
   end
   return tmpdir
 end

@@ -16,6 +16,7 @@ local C = require("sluice.core")
 local buf = require("sluice.buf")
 local log = require("sluice.log")
 local promise = require("sluice.promise")
+local is_promise = promise.is_promise
 local options = require("sluice.options")
 
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
@@ -330,7 +331,14 @@ end
 -- Writes msg towards the head. Returns the write's promise: the one given,
 -- or a new one; `false` asks for none (the cheapest write).
 function Ctx:write(msg, p)
-  if p == nil then p = promise.new() elseif p == false then p = nil end
+  if p == nil then
+    p = promise.new()
+  elseif p == false then
+    p = nil
+  elseif not is_promise(p) then
+    -- Checked before a string is copied into a buffer that nobody would own.
+    error(("bad 'promise' argument (promise, false or nil expected, got %s)"):format(type(p)), 2)
+  end
   if not self.cptr then return drop(msg, p) end
   local n = next_lua(self, WRITE)
   if n then
@@ -725,7 +733,8 @@ end
 -- Runs fn(ctx) once, ms milliseconds from now, unless cancelled or the
 -- stage leaves the pipeline first. Returns the timer.
 function Ctx:after(ms, fn)
-  if type(ms) ~= "number" or ms < 0 then
+  -- not (ms >= 0): NaN too, whose deadline would break the timer heap's order.
+  if type(ms) ~= "number" or not (ms >= 0) then
     error(("bad 'ms' argument (non-negative number expected, got %s)"):format(tostring(ms)), 2)
   end
   if type(fn) ~= "function" then

@@ -134,6 +134,16 @@ return { listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "r",
     assert.matches("^config ok", out)
   end)
 
+  it("exits 2 in one line when SLUICE_ROOT does not hold sluice's Lua library", function()
+    local cfg = H.tmpfile("root.lua", config_with(H.free_port()))
+    local out, rc = H.sh(("env SLUICE_ROOT=/nonexistent %s --check %s 2>&1"):format(H.shq(H.bin),
+                                                                                 H.shq(cfg)))
+    assert.are.equal(2, rc)
+    assert.are.equal("config error: cannot load sluice.config from /nonexistent/lua (SLUICE_ROOT, "
+                     .. "or the source folder sluice was built from): module 'sluice.config' not "
+                     .. "found\n", out)
+  end)
+
   it("exits 2 when the config file is missing", function()
     local out, rc = H.sh(H.shq(H.bin) .. " -c /nonexistent/sluice.lua 2>&1")
     assert.are.equal(2, rc)

@@ -255,16 +255,16 @@ return {
   end)
 
   it("exits 3 on SIGTERM, naming the worker, when a Lua stage never returns", function()
-    local spin_port, echo_port = H.free_port(), H.free_port()
+    local spin_port, echo_port, admin = H.free_port(), H.free_port(), H.free_port()
     local p = H.start_sluice(([[
 return {
-  workers = 1, drain_timeout_ms = 0,
+  workers = 1, drain_timeout_ms = 0, admin = { listen = "127.0.0.1:%d" },
   listeners = {
     { name = "spin", listen = "127.0.0.1:%d", pipeline = { "spec.fixtures.stages.spins_on_read" } },
     { name = "echo", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
   },
 }
-]]):format(spin_port, echo_port))
+]]):format(admin, spin_port, echo_port))
     local talker = H.tmpfile("talker.sh", "printf x\nexec sleep 60\n")
     local client = H.spawn(("socat -T 60 EXEC:'sh %s' TCP:127.0.0.1:%d"):format(talker, spin_port),
                            "client")
@@ -273,6 +273,10 @@ return {
       return select(2, H.sh(("printf 'y' | timeout 2 socat -t 1 - TCP:127.0.0.1:%d | grep -q y")
                               :format(echo_port))) ~= 0
     end, 20))
+    -- A scrape leaves the worker out, and says so in the log.
+    assert.are.equal(0, H.metric(admin, "sluice_workers_answering"))
+    assert.matches("admin: worker 0 did not answer within 2 s: it is not returning to its event "
+                   .. "loop (a Lua stage that never returns?)", H.read(p.log), 1, true)
     local rc = H.stop(p, "TERM", 60)
     H.stop(client, "TERM")
     assert.are.equal(3, rc)
@@ -442,6 +446,31 @@ return { workers = 1,
                      .. "(a loop that never ends?)", H.read(p.log), 1, true)
       assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
       H.stop_sluice(p)
+    end)
+
+    it("refuses os.exit from a configuration and from a stage, and keeps serving", function()
+      local port, exit_port = H.free_port(), H.free_port()
+      local p = H.start_sluice(([[
+return { workers = 1,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+                { name = "x", listen = "127.0.0.1:%d",
+                  pipeline = { "spec.fixtures.stages.exits_on_read" } } } }
+]]):format(port, exit_port))
+      assert.are.equal("", (H.exchange(exit_port, "bye\n", 10)))
+      local f = assert(io.open(p.config, "wb"))
+      f:write("os.exit(0)\n")
+      f:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end, 20))
+      assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
+      local log = H.stop_sluice(p)
+      local refused = "os.exit is refused: it would end every connection of sluice (a stage closes "
+                      .. "its own with ctx:close; SIGTERM stops sluice)"
+      assert.matches("SIGHUP: reload refused, the running configuration stays: config error: "
+                     .. p.config .. ":1: " .. refused, log, 1, true)
+      assert.matches("stage spec.fixtures.stages.exits_on_read raised in channel_read on client "
+                     .. "127.0.0.1:", log, 1, true)
+      assert.matches("exits_on_read.lua:5: " .. refused, log, 1, true)
     end)
 
     it("refuses a reload that a worker cannot load, and keeps the stages it runs", function()

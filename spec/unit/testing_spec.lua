@@ -112,6 +112,28 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("refuses a timer without a non-negative delay or a function, NaN included", function()
+    local errors = {}
+    local stage = {
+      channel_active = function(ctx)
+        for _, ms in ipairs({ -1, 0 / 0, "10" }) do
+          local ok, err = pcall(ctx.after, ctx, ms, function() end)
+          errors[#errors + 1] = not ok and err
+        end
+        local ok, err = pcall(ctx.after, ctx, 10)
+        errors[#errors + 1] = not ok and err
+      end,
+    }
+    local ch = testing.channel{ stage }
+    assert.are.same({
+      "bad 'ms' argument (non-negative number expected, got -1)",
+      "bad 'ms' argument (non-negative number expected, got " .. tostring(0 / 0) .. ")",
+      "bad 'ms' argument (non-negative number expected, got 10)",
+      "bad 'fn' argument (function expected, got nil)",
+    }, errors)
+    assert.is_false(ch:finish())
+  end)
+
   it("delivers writability changes when the test says the peer is slow", function()
     local seen = {}
     local ch = testing.channel{ { channel_writability_changed = function(ctx, w)

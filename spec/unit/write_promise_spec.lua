@@ -30,6 +30,28 @@ describe("write promises", function()
     assert.is_false(ch:finish())
   end)
 
+  it("refuse what is not a promise, false or nil, before making a buffer of a string", function()
+    local errors = {}
+    local stage = { channel_read = function(ctx, b)
+      b:release()
+      for _, bad in ipairs({ 5, true, {} }) do
+        local ok, err = pcall(ctx.write, ctx, "reply", bad)
+        errors[#errors + 1] = not ok and err
+      end
+      ctx:write("fine", false)
+      ctx:flush()
+    end }
+    local ch = testing.channel{ stage }
+    ch:write_inbound("go")
+    assert.are.same({
+      "bad 'promise' argument (promise, false or nil expected, got number)",
+      "bad 'promise' argument (promise, false or nil expected, got boolean)",
+      "bad 'promise' argument (promise, false or nil expected, got table)",
+    }, errors)
+    assert.are.equal("fine", ch:outbound_string())
+    assert.is_false(ch:finish())
+  end)
+
   it("fail with outbound_limit when the queue would exceed it, then with closed", function()
     local results = {}
     local block = string.rep("x", 65536)

@@ -371,6 +371,21 @@ static sl_lua_host *sl_lua_host_new(struct sl_worker *w) {
   return h;
 }
 
+static int sl_lua_exit_refused(lua_State *L) {
+  luaL_where(L, 1);
+  lua_pushstring(L, "os.exit is refused: it would end every connection of sluice (a stage "
+                    "closes its own with ctx:close; SIGTERM stops sluice)");
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+void sl_lua_refuse_exit(lua_State *L) {
+  lua_getglobal(L, "os");
+  lua_pushcfunction(L, sl_lua_exit_refused);
+  lua_setfield(L, -2, "exit");
+  lua_pop(L, 1);
+}
+
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
@@ -383,6 +398,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   w->lua = h;
   lua_State *L = h->L;
   luaL_openlibs(L);
+  sl_lua_refuse_exit(L);
   lua_getglobal(L, "package");
   lua_pushstring(L, cfg->search_path);
   lua_setfield(L, -2, "path");

@@ -21,6 +21,13 @@ struct sl_worker;
 struct sl_config;
 struct sl_stage_spec;
 struct sl_channel;
+struct lua_State;
+
+/* Replaces os.exit in L (borrowed) by a function that raises "os.exit is
+ * refused ...": a configuration file or a stage that calls it must not end
+ * every connection of the process. For sluice's own states only (the
+ * workers', the configuration check's), never a state it does not own. */
+void sl_lua_refuse_exit(struct lua_State *L);
 
 /* Creates the worker's state, loads sluice's Lua library and every Lua stage
  * of every listener (with its options copied from the config). Returns NULL

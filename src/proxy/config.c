@@ -11,6 +11,7 @@
 
 #include "buf/leak.h"
 #include "io/channel.h"
+#include "lua/host.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
 
@@ -283,6 +284,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->path = strdup(path);
   c->root = strdup(sl_config_root());
   luaL_openlibs(L);
+  sl_lua_refuse_exit(L);
 
   /* package.path: sluice's own library first. */
   lua_getglobal(L, "package");
@@ -294,8 +296,13 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   lua_getglobal(L, "require");
   lua_pushstring(L, "sluice.config");
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    snprintf(err, errlen, "config error: cannot load sluice.config from %s/lua: %s", c->root,
-             lua_tostring(L, -1));
+    /* One line: require lists every place it looked on the lines after. */
+    const char *why = lua_tostring(L, -1);
+    if (why == NULL) why = "(no message)";
+    size_t n = strcspn(why, "\n");
+    if (n > 0 && why[n - 1] == ':') n--;
+    snprintf(err, errlen, "config error: cannot load sluice.config from %s/lua (SLUICE_ROOT, or "
+             "the source folder sluice was built from): %.*s", c->root, (int)n, why);
     sl_config_free(c);
     return NULL;
   }

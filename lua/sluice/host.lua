@@ -546,7 +546,20 @@ local function resolve(stage, name)
   end
   if type(stage) == "string" then
     local ok, mod = pcall(require, stage)
-    if not ok or type(mod) ~= "table" then return nil, stage, opts end
+    if not ok then
+      -- Only a name that no module has is looked up among the builtin C
+      -- stages: a module that is there but fails to load says why.
+      local missing = "module '" .. stage .. "' not found"
+      if type(mod) == "string" and mod:sub(1, #missing) == missing then
+        return nil, stage, opts
+      end
+      package.loaded[stage] = nil -- the next try runs it again ("loop or previous error" else)
+      error(("cannot add stage %q: module failed to load: %s"):format(stage, tostring(mod)), 4)
+    end
+    if type(mod) ~= "table" then
+      error(("cannot add stage %q: the module returned %s, not a table of callbacks")
+            :format(stage, type(mod)), 4)
+    end
     name = name or stage
     local k = opts == nil and keys[mod]
     if not k then

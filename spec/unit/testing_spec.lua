@@ -202,6 +202,33 @@ describe("sluice.testing channel", function()
     assert.is_false(ch:finish())
   end)
 
+  it("says why a stage module cannot be added: its own load error, or no such stage", function()
+    local errors = {}
+    local stage = { channel_read = function(ctx, b)
+      b:release()
+      for _, m in ipairs({ "spec.fixtures.stages.broken_syntax", "spec.fixtures.stages.raises_at_load",
+                           "spec.fixtures.stages.not_there" }) do
+        local ok, err = pcall(ctx:pipeline().add_last, ctx:pipeline(), m)
+        errors[#errors + 1] = not ok and err
+      end
+    end }
+    local ch = testing.channel{ stage }
+    ch:write_inbound("go")
+    assert.matches('cannot add stage "spec%.fixtures%.stages%.broken_syntax": module failed to load: '
+                   .. "error loading module 'spec%.fixtures%.stages%.broken_syntax' from file "
+                   .. "'%./spec/fixtures/stages/broken_syntax%.lua':\n[^\n]*broken_syntax%.lua:3: '}' "
+                   .. "expected", errors[1])
+    assert.matches('cannot add stage "spec%.fixtures%.stages%.raises_at_load": module failed to load: '
+                   .. "[^\n]*raises_at_load%.lua:2: cannot start: no key configured$", errors[2])
+    assert.matches('cannot add stage "spec.fixtures.stages.not_there": no C stage named '
+                   .. '"spec.fixtures.stages.not_there"', errors[3], 1, true)
+    assert.is_false(ch:finish())
+    assert.has_error(function() testing.channel{ "spec.fixtures.stages.raises_at_load" } end)
+    local ok, err = pcall(testing.channel, { "spec.fixtures.stages.raises_at_load" })
+    assert.is_false(ok)
+    assert.matches("module failed to load: [^\n]*cannot start: no key configured", err)
+  end)
+
   it("lists, adds and removes stages of a running pipeline", function()
     local names
     local probe = { channel_read = function(ctx, b)

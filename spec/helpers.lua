@@ -1,6 +1,8 @@
 -- Test helpers shared by the busted specs: free ports, temporary files,
 -- starting the real sluice binary and real peers, and stopping them by PID.
 -- Every process a spec starts is stopped by the spec; every wait is bounded.
+-- Temporary files live in one folder per busted run, removed when the run
+-- ends (SLUICE_KEEP_TMP=1 keeps it).
 local ffi = require("ffi")
 
 local H = {}
@@ -196,9 +198,20 @@ function H.shq(s)
 end
 
 local tmpdir
+-- A folder of the spec file's own for its files (inputs, outputs, logs,
+-- configs), removed when the file ends (its bulk inputs run to hundreds of
+-- MiB), unless SLUICE_KEEP_TMP=1 keeps it to look at.
 function H.tmpdir()
   if not tmpdir then
     tmpdir = (H.sh("mktemp -d /tmp/sluice-spec.XXXXXX")):gsub("%s+$", "")
+    if os.getenv("SLUICE_KEEP_TMP") ~= "1" then
+      local mine = tmpdir
+      require("busted").subscribe({ "file", "end" }, function()
+        os.execute("rm -rf " .. H.shq(mine))
+        if tmpdir == mine then tmpdir = nil end
+        return nil, true
+      end)
+    end
   end
   return tmpdir
 end
@@ -269,6 +282,15 @@ if ok_busted and busted.subscribe then
         os.execute(("kill -KILL %d 2>/dev/null"):format(p.pid))
         H.wait_for(function() return H.read(p.rc_file) ~= "" end, 5)
       end
+    end
+    return nil, true
+  end)
+  -- The temporary folder goes when the run ends (its inputs and sinks reach
+  -- hundreds of MiB per run); SLUICE_KEEP_TMP=1 keeps it for a post-mortem.
+  busted.subscribe({ "suite", "end" }, function()
+    if tmpdir and (os.getenv("SLUICE_KEEP_TMP") or "") == "" then
+      os.execute("rm -rf " .. H.shq(tmpdir))
+      tmpdir = nil
     end
     return nil, true
   end)

@@ -20,8 +20,9 @@
 -- names, their check_options) on the thread that also takes sluice's
 -- signals, so one that never ends would hang `--check`, the start, or a
 -- reload together with the SIGTERM after it. It runs with the JIT off
--- (compiled code runs no hooks) under a count hook: past the limit it fails
--- with `still running after N Lua instructions (a loop that never ends?)`.
+-- (compiled code runs no hooks) under a count hook: once user code has run
+-- past the limit it fails with `still running after N Lua instructions (a
+-- loop that never ends?)`. The validation's own work is not counted.
 --
 -- Errors. On failure `load` and `validate` return nil and exactly one line:
 --
@@ -1298,23 +1299,36 @@ local bounded_depth = 0  -- > 0 while a bounded call runs (validate inside load)
 
 -- Calls fn(...) under the instruction limit (see the top of this file).
 -- Returns what fn returns, or nil, "config error: <where>: still running
--- ..." when the limit was reached. Past the limit the hook raises at every
--- instruction of code outside this file, so a pcall in user code cannot
--- swallow it, while this file's own code finishes and reports it. Other
--- errors pass through.
+-- ..." when the limit was reached. The hook fires every HOOK_STEP
+-- instructions and counts a step only when it finds code outside this file
+-- running: the validation itself, however large the configuration, is not
+-- user code and is never stopped. Past the limit the hook fires at every
+-- instruction while user code runs and raises each time, so a pcall in user
+-- code cannot swallow it; back in this file it steps again. Other errors
+-- pass through.
 local function bounded(where, limit, fn, ...)
     if bounded_depth > 0 then return fn(...) end
     local msg = format("still running after %d Lua instructions (a loop that never ends?)",
                        limit)
-    local steps, max_steps, over = 0, ceil(limit / HOOK_STEP), false
+    local steps, max_steps, over, each = 0, ceil(limit / HOOK_STEP), false, false
     local function hook()
+        if getinfo(2, "S").source == THIS_SOURCE then
+            if each then
+                each = false
+                sethook(hook, "", HOOK_STEP)
+            end
+            return
+        end
         if not over then
             steps = steps + 1
             if steps < max_steps then return end
             over = true
+        end
+        if not each then
+            each = true
             sethook(hook, "", 1)
         end
-        if getinfo(2, "S").source ~= THIS_SOURCE then error(msg, 0) end
+        error(msg, 0)
     end
     local old_hook, old_mask, old_count = gethook()
     local jit_on = jit.status()

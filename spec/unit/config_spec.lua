@@ -399,6 +399,18 @@ describe("sluice.config", function()
                                                          builtin = OPTS.builtin }))
     end)
 
+    it("does not count the validation's own work against the instruction limit", function()
+      -- 2000 listeners take the validation far more than 100000 instructions;
+      -- the stage's check_options, user code, still runs after them.
+      local ls = {}
+      for i = 1, 2000 do ls[i] = listener({ name = "l" .. i, listen = "127.0.0.1:" .. (10000 + i) }) end
+      ls[#ls + 1] = listener({ name = "last", listen = "127.0.0.1:9999",
+                               pipeline = { { "stages.checked", size = 2 } } })
+      local cfg = ok_of(conf(ls), merge(deep_copy(OPTS), { instruction_limit = 100000 }))
+      assert.are.equal(2001, #cfg.listeners)
+      assert.are.same({ size = 2 }, cfg.listeners[2001].pipeline[1].options)
+    end)
+
     it("does not let the file set globals", function()
       local cfg, err = config.load(FIX .. "/pollutes.lua")
       assert.is_nil(err)

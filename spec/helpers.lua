@@ -1,8 +1,8 @@
 -- Test helpers shared by the busted specs: free ports, temporary files,
 -- starting the real sluice binary and real peers, and stopping them by PID.
 -- Every process a spec starts is stopped by the spec; every wait is bounded.
--- Temporary files live in one folder per busted run, removed when the run
--- ends (SLUICE_KEEP_TMP=1 keeps it).
+-- Temporary files live in one folder per spec file, removed when the file
+-- ends (SLUICE_KEEP_TMP=1 keeps it; see H.tmpdir).
 local ffi = require("ffi")
 
 local H = {}
@@ -282,15 +282,6 @@ if ok_busted and busted.subscribe then
         os.execute(("kill -KILL %d 2>/dev/null"):format(p.pid))
         H.wait_for(function() return H.read(p.rc_file) ~= "" end, 5)
       end
-    end
-    return nil, true
-  end)
-  -- The temporary folder goes when the run ends (its inputs and sinks reach
-  -- hundreds of MiB per run); SLUICE_KEEP_TMP=1 keeps it for a post-mortem.
-  busted.subscribe({ "suite", "end" }, function()
-    if tmpdir and (os.getenv("SLUICE_KEEP_TMP") or "") == "" then
-      os.execute("rm -rf " .. H.shq(tmpdir))
-      tmpdir = nil
     end
     return nil, true
   end)

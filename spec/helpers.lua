@@ -1,6 +1,8 @@
 -- Test helpers shared by the busted specs: free ports, temporary files,
 -- starting the real sluice binary and real peers, and stopping them by PID.
 -- Every process a spec starts is stopped by the spec; every wait is bounded.
+-- Temporary files live in one folder per spec file, removed when the file
+-- ends (SLUICE_KEEP_TMP=1 keeps it; see H.tmpdir).
 local ffi = require("ffi")
 
 local H = {}

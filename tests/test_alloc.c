@@ -1591,7 +1591,7 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
 /* Headers parked on owned subpages now, and the blocks they carry. */
 static uint32_t parked_on_subpages(const sl_pool *p) {
   uint32_t n = 0;
-  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nparked;
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nfree - s->nbare;
   return n;
 }
 

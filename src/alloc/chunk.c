@@ -270,11 +270,11 @@ void sl_subpage_to_list(sl_subpage *s) {
     }
   }
   s->free = head;
-  s->nparked = 0;
+  s->nbare = s->nfree;
 }
 
 void sl_subpage_to_bits(sl_subpage *s) {
-  SL_ASSERT(s->nparked == 0, "owned subpage goes back with carried items");
+  SL_ASSERT(s->nbare == s->nfree, "owned subpage goes back with carried items");
   for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
   uint32_t n = 0;
   for (void *item = s->free, *next; item != NULL; item = next) {

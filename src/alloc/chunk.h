@@ -80,7 +80,9 @@ typedef struct sl_sub_owner {
  *             its first 8 bytes;
  *   carried   something of the owner's that carries the element (a pool's
  *             parked header, alloc/pool.h), untagged; the owner links and
- *             reads it, and counts it in nparked.
+ *             reads it.
+ * nbare counts the bare ones (nfree - nbare are carried), so that the
+ * owner's pushes and pops of carried items count nothing but nfree.
  * sl_subpage_to_list makes bare items only, and sl_subpage_to_bits takes
  * bare items only: the owner turns its carried items into bare ones
  * before the subpage goes back to the arena. */
@@ -97,7 +99,7 @@ struct sl_subpage {
   _Atomic(sl_sub_owner *) owner;     /* NULL: the arena's. Set and cleared under the
                                         arena's lock; its owner reads it without */
   void *free;                  /* owned: its free items (see above) */
-  uint32_t nparked;            /* owned: carried items among them */
+  uint32_t nbare;              /* owned: bare items among them */
   uint32_t nmove;              /* nelems - 2 (wrapping): a free with nfree - 1 at or
                                   above it changes the subpage's lists (it was full,
                                   or it is empty now) */
@@ -319,6 +321,7 @@ static inline void sl_subpage_debug_give(sl_subpage *s, const void *p) {
 static inline void *sl_subpage_pop_bare(sl_subpage *s, uintptr_t item) {
   void *p = (void *)(item - SL_SUB_BARE);
   s->free = *(void **)p;
+  s->nbare--;
   sl_subpage_debug_take(s, p);
   return p;
 }
@@ -332,6 +335,7 @@ static inline uint32_t sl_subpage_push(sl_subpage *s, void *p) {
   SL_UNPOISON(p, sizeof(void *));
   *(void **)p = s->free;
   s->free = (void *)((uintptr_t)p | SL_SUB_BARE);
+  s->nbare++;
   return s->nfree++;
 }
 

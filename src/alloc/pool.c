@@ -193,7 +193,7 @@ static void sl_pool_own_report_all(sl_pool *p) {
 /* Turns the parked headers on owned subpage s's free list into bare
  * blocks; the headers go to the recycler (or the overflow list). */
 static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
-  if (s->nparked == 0) return;
+  if (s->nbare == s->nfree) return;
   void **prev = &s->free;
   uintptr_t item = (uintptr_t)s->free;
   while (item != 0) {
@@ -213,7 +213,7 @@ static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
     sl_pool_header_put(p, h);
     item = (uintptr_t)next;
   }
-  s->nparked = 0;
+  s->nbare = s->nfree;
 }
 
 /* Gives owned subpage s back to the arena, its parked headers to the
@@ -462,7 +462,7 @@ static void *sl_pool_unpark(sl_pool *p) {
       *(void **)mem = *sl_pool_hdr_link(h);
       *sl_pool_hdr_link(h) = NULL;
       s->free = sl_pool_bare_item(mem);
-      s->nparked--;
+      s->nbare++;
       return h;
     }
   }
@@ -485,7 +485,7 @@ static uint64_t sl_pool_parked(const sl_pool *p) {
   uint64_t n = 0;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     for (uint32_t k = 0; k < p->bins[i].n; k++) n += !((uintptr_t)p->bins[i].items[k] & SL_BIN_BARE);
-  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nparked;
+  for (const sl_subpage *s = p->owned; s != NULL; s = s->own_next) n += s->nfree - s->nbare;
   return n;
 }
 

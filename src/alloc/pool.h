@@ -158,7 +158,7 @@ void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
 
 /* Owned subpages (see pool_types.h). Their free lists hold bare blocks
  * (tagged SL_BIN_BARE, which is chunk.h's SL_SUB_BARE) and parked headers
- * (linked through SL_HDR_LINK_OFFSET, counted in nparked). */
+ * (linked through SL_HDR_LINK_OFFSET; nfree - nbare of them). */
 _Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
 /* An element was taken off the free list of s, the first owned subpage
@@ -178,7 +178,6 @@ static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
  * The caller then calls sl_pool_own_took. */
 static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
   void **link = sl_pool_hdr_link(hdr);
-  s->nparked--;
   s->free = *link;
   *link = NULL;
   sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
@@ -192,7 +191,6 @@ static inline uint32_t sl_pool_own_push_parked(sl_subpage *s, void *hdr) {
   sl_subpage_debug_give(s, sl_pool_parked_block(hdr));
   *sl_pool_hdr_link(hdr) = s->free;
   s->free = hdr;
-  s->nparked++;
   return s->nfree++;
 }
 

@@ -37,11 +37,11 @@
  *     first owned subpage with room, and a release that finds the bin
  *     full puts its block back on its owned subpage. A subpage's free
  *     list holds items as a bin does: a root released on its worker parks
- *     there, header with block (linked through SL_HDR_LINK_OFFSET, counted
- *     in the subpage's nparked), so that a miss is set up as a hit is;
- *     other blocks are bare (SL_BIN_BARE, linked through their first 8
- *     bytes) and get a header from the recycler. Parked headers there are
- *     free headers (headers_free). Like the arena, the pool keeps at most
+ *     there, header with block (linked through SL_HDR_LINK_OFFSET; nfree
+ *     counts it, the subpage's nbare does not), so that a miss is set up
+ *     as a hit is; other blocks are bare (SL_BIN_BARE, linked through
+ *     their first 8 bytes) and get a header from the recycler. Parked
+ *     headers there are free headers (headers_free). Like the arena, the pool keeps at most
  *     one empty subpage per class: a subpage that becomes empty while
  *     others of its class have room goes back to the arena. Trimming
  *     everything (idle, out of memory, destroy) gives every owned subpage

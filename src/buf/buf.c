@@ -187,20 +187,17 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t
   return sl_buf_alloc_done(pool, b);
 }
 
-/* The fast path: a parked header from the worker cache, which brings its
- * block (a bare block gets a header from the recycler); the indexes,
- * capacities, refcount, generation and the countdown (trim, leak
- * sampling) as in the slow path. Sizes up to the lookup table's end take
- * the class from one load; sizes above max_cached go to the arena directly
- * (sl_buf_alloc_normal). */
-sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
-  if (__builtin_expect(cap > pool->lookup_max_size, 0)) {
-    if (cap <= pool->normal_max_size && max_cap <= SL_BUF_MAX_CAPACITY)
-      return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
-    return sl_buf_alloc_slow(pool, cap, max_cap);
-  }
-  if (__builtin_expect(max_cap <= cap, 1)) max_cap = cap;   /* then below the limit, as cap is */
-  else if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
+/* sl_buf_alloc's cache path, for cap up to lookup_max_size and max_cap
+ * from cap to SL_BUF_MAX_CAPACITY: a parked header from the worker cache,
+ * which brings its block (a bare block gets a header from the recycler),
+ * or from the first owned subpage with room; the indexes, capacities,
+ * refcount, generation and the countdown (trim, leak sampling) as in the
+ * slow path. The class comes from one load. exact (a constant): max_cap
+ * is cap, so both capacities are cap (the class holds at least that). */
+static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool *pool,
+                                                                        size_t cap,
+                                                                        size_t max_cap,
+                                                                        int exact) {
   _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
   sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
@@ -236,8 +233,31 @@ parked:;
   sl_buf *b = (sl_buf *)item;
   uint32_t usable = b->block_size;
   SL_UNPOISON(b->data, usable);
-  sl_buf_revive(pool, b, usable, max_cap);
+  if (exact) sl_buf_revive(pool, b, (uint32_t)cap, cap);
+  else sl_buf_revive(pool, b, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
+}
+
+/* sl_buf_alloc_binned for a max_cap above cap (a buffer that may grow). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_growable(sl_pool *pool, size_t cap,
+                                                               size_t max_cap) {
+  if (max_cap > SL_BUF_MAX_CAPACITY) return sl_buf_alloc_slow(pool, cap, max_cap);
+  return sl_buf_alloc_binned(pool, cap, max_cap, 0);
+}
+
+/* The fast path: a size up to lookup_max_size (the cache's, at most the
+ * lookup table's) with max_cap at most cap (0: cap), which is what the
+ * read loop and most callers ask; a growable buffer takes the same path
+ * with a few more instructions. Sizes above max_cached go to the arena
+ * directly (sl_buf_alloc_normal). */
+sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
+  if (__builtin_expect(cap > pool->lookup_max_size, 0)) {
+    if (cap <= pool->normal_max_size && max_cap <= SL_BUF_MAX_CAPACITY)
+      return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  }
+  if (__builtin_expect(max_cap > cap, 0)) return sl_buf_alloc_growable(pool, cap, max_cap);
+  return sl_buf_alloc_binned(pool, cap, cap, 1);
 }
 
 sl_buf *sl_buf_from(sl_pool *pool, const void *src, size_t len) {

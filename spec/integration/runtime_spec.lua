@@ -254,6 +254,28 @@ return {
     end)
   end)
 
+  it("closes a proxied connection at drain_timeout_ms as shutdown, its upstream as peer closed", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port = H.free_port()
+    local alog = H.tmpfile("access.log")
+    local p = H.start_sluice(([[
+return {
+  workers = 2, drain_timeout_ms = 300, access_log = %q,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(alog, port, echo.port))
+    local c = held_client(port, "hi\n")
+    assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+    local log = H.stop_sluice(p)
+    assert.matches("on front closed: shutdown", log, 1, true)
+    assert.matches("for front closed: peer closed", log, 1, true)
+    assert.matches('listener=front .* reason="shutdown"', H.read(alog))
+    c.release()
+    assert.are.equal(0, c.finish())
+  end)
+
   it("exits 3 on SIGTERM, naming the worker, when a Lua stage never returns", function()
     local spin_port, echo_port, admin = H.free_port(), H.free_port(), H.free_port()
     local p = H.start_sluice(([[

@@ -716,13 +716,21 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     size_t size = sl_channel_recv_size(ch);
     sl_buf *b = sl_buf_alloc(w->pool, size, size);
     if (b == NULL) {
-      /* Out of buffer memory: pause this channel and retry shortly. */
+      /* Out of buffer memory: pause this channel and retry shortly (said
+       * once, not at every retry). */
       ch->flags |= SL_CH_READ_PAUSED;
       sl_channel_update_reading(ch);
       ev_timer_set(&ch->timer, 0.05, 0.);
       ev_timer_start(w->loop, &ch->timer);
-      sl_log(SL_LOG_WARN, "%s: no buffer memory, reading paused", ch->desc);
+      if (ch->mem_retries++ == 0)
+        sl_log(SL_LOG_WARN, "%s: no buffer memory, reading paused (retried every 50 ms)",
+               ch->desc);
       break;
+    }
+    if (__builtin_expect(ch->mem_retries != 0, 0)) {
+      sl_log(SL_LOG_INFO, "%s: buffer memory again, reading resumed after %u retries", ch->desc,
+             ch->mem_retries);
+      ch->mem_retries = 0;
     }
     sl_buf_set_owner(b, &ch->owned);
     if (b->flags & SL_BUF_RECORDED) sl_channel_note_site(ch, b);

@@ -127,6 +127,8 @@ struct sl_channel {
   sl_channel *fin_next;      /* the worker's fin_list, while SL_CH_FIN_PENDING */
   sl_addr remote;
   uint8_t recv_index;        /* adaptive receive size: index in the table */
+  uint32_t mem_retries;      /* reads refused for want of buffer memory in a row (one log
+                                line when it starts, one when it ends) */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */
   sl_channel_connect_fn on_connect;
   sl_channel_close_fn on_close;

@@ -185,12 +185,18 @@ void sl_worker_request_stop(sl_worker *w) { ev_async_send(w->loop, &w->stop_watc
 void sl_worker_wake(sl_worker *w) { ev_async_send(w->loop, &w->wake_watcher); }
 
 void sl_worker_close_channels(sl_worker *w, const char *reason) {
-  /* Closing one channel may close its peer: restart from the list head. */
-  for (;;) {
-    sl_channel *ch = w->channels;
-    while (ch != NULL && sl_channel_is_closed(ch)) ch = ch->next;
-    if (ch == NULL) break;
-    sl_channel_close(ch, reason, 0);
+  /* Client connections first, so that theirs (in the log and the access
+   * log) is the reason, and their upstreams close as "peer closed"; then
+   * anything left. Closing one channel may close its peer: each pass
+   * restarts from the list head. */
+  for (int clients_only = 1; clients_only >= 0; clients_only--) {
+    for (;;) {
+      sl_channel *ch = w->channels;
+      while (ch != NULL && (sl_channel_is_closed(ch) || (clients_only && !ch->mclient)))
+        ch = ch->next;
+      if (ch == NULL) break;
+      sl_channel_close(ch, reason, 0);
+    }
   }
 }
 

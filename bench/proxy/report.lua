@@ -99,13 +99,14 @@ end
 -- reference row (a ratio is taken only between rounds that both finished).
 local function summarize(w, spec, c)
   local by, order = ok_by_round(w, c)
-  local rates, p99s, cpus, hwms, loads, errs, rounds = {}, {}, {}, {}, {}, 0, 0
+  local rates, p99s, cpus, hwms, loads, cores, errs, rounds = {}, {}, {}, {}, {}, {}, 0, 0
   for _, round in ipairs(order) do
     local r = by[round]
     rounds = rounds + 1
     rates[#rates + 1] = r.rate
     if r.p99_ms then p99s[#p99s + 1] = r.p99_ms end
     if r.load_busy_pct then loads[#loads + 1] = r.load_busy_pct end
+    if c ~= "baseline" and r.proxy_cpus_busy_pct then cores[#cores + 1] = r.proxy_cpus_busy_pct end
     if c ~= "baseline" and r.work and r.work > 0 then
       cpus[#cpus + 1] = r.cpu_s / r.work * spec.cpu_scale
       hwms[#hwms + 1] = r.hwm_kb / 1024
@@ -118,7 +119,7 @@ local function summarize(w, spec, c)
   end
   local row = { status = "ok", rounds = rounds, rate = median(rates), p99_ms = median(p99s),
                 cpu = median(cpus), peak_rss_mib = median(hwms), errors = errs,
-                load_busy_pct = median(loads),
+                load_busy_pct = median(loads), proxy_cpus_busy_pct = median(cores),
                 rates = rates }
   local ref = ok_by_round(w, ref_of(c))
   local rr, cr = {}, {}
@@ -249,18 +250,19 @@ for _, spec in ipairs(WORKLOADS) do
   if wl then
     p("")
     p("%s: %s", spec.id, spec.what)
-    p("  %-24s %10s %8s %8s %12s %8s %9s %6s %6s", "", spec.rate, "x haproxy",
+    p("  %-24s %10s %8s %8s %12s %8s %9s %6s %6s %6s", "", spec.rate, "x haproxy",
       spec.id == "http-small" and "p99 ms" or "", spec.cpu, "x CPU", "peak MiB", "errors",
-      "load%")
+      "load%", "core%")
     for _, c in ipairs(CONTENDERS) do
       local row = wl.rows[c]
       if row then
         if row.status == "ok" then
-          p("  %-24s %10s %8s %8s %12s %8s %9s %6s %6s", LABELS[c], num(row.rate, rate_fmt(spec)),
+          p("  %-24s %10s %8s %8s %12s %8s %9s %6s %6s %6s", LABELS[c], num(row.rate, rate_fmt(spec)),
             row.ratio and format("%.2fx", row.ratio) or "-",
             spec.id == "http-small" and num(row.p99_ms, "%.2f") or "",
             num(row.cpu, "%.2f"), row.cpu_ratio and format("%.2fx", row.cpu_ratio) or "-",
-            num(row.peak_rss_mib, "%.1f"), num(row.errors), num(row.load_busy_pct, "%.0f"))
+            num(row.peak_rss_mib, "%.1f"), num(row.errors), num(row.load_busy_pct, "%.0f"),
+            num(row.proxy_cpus_busy_pct, "%.0f"))
         else
           p("  %-24s %s: %s", LABELS[c], row.status, row.note)
         end

@@ -443,8 +443,10 @@ function H.held_client(port, first, second)
 end
 
 -- An admin request: GET path on 127.0.0.1:port. Returns status, headers, body.
-function H.admin_get(port, path)
-  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path), 10)
+-- timeout: seconds the answer may take (10 by default).
+function H.admin_get(port, path, timeout)
+  local out = H.exchange(port, ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):format(path),
+                         timeout or 10)
   local head, body = out:match("^(.-)\r\n\r\n(.*)$")
   return tonumber(out:match("^HTTP/1%.1 (%d%d%d) ")), head or "", body or ""
 end
@@ -461,8 +463,8 @@ function H.sample(text, name, labels)
 end
 
 -- The same, read from sluice's /metrics on the admin port.
-function H.metric(admin_port, name, labels)
-  return H.sample(select(3, H.admin_get(admin_port, "/metrics")), name, labels)
+function H.metric(admin_port, name, labels, timeout)
+  return H.sample(select(3, H.admin_get(admin_port, "/metrics", timeout)), name, labels)
 end
 
 -- Waits until sluice has read `bytes` in all from the clients of a listener

@@ -113,6 +113,13 @@ static void small_config(sl_alloc_config *cfg, size_t chunk) {
   cfg->chunk_size = chunk;
 }
 
+/* The owned-subpage tests' allocator: 4 KiB pages in 256 KiB chunks, so
+ * 1 KiB elements come 4 to a subpage, and bins of 8 that fill quickly. */
+static void owned_config(sl_alloc_config *cfg) {
+  small_config(cfg, 256 * 1024);
+  cfg->small_cache = 8;
+}
+
 static sl_alloc *new_alloc(const sl_alloc_config *cfg) {
   const char *err = NULL;
   sl_alloc *a = sl_alloc_create(cfg, &err);
@@ -1518,8 +1525,7 @@ static size_t owned_count(const sl_pool *p) {
 static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **state) {
   (void)state;
   sl_alloc_config cfg;
-  small_config(&cfg, 256 * KiB); /* 4 KiB pages: 1 KiB elements, 4 per subpage */
-  cfg.small_cache = 8;
+  owned_config(&cfg);
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
   sl_arena *ar = p->arena;
@@ -1603,8 +1609,7 @@ static uint32_t parked_on_subpages(const sl_pool *p) {
 static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **state) {
   (void)state;
   sl_alloc_config cfg;
-  small_config(&cfg, 256 * KiB); /* 4 KiB pages: 1 KiB elements, 4 per subpage */
-  cfg.small_cache = 8;
+  owned_config(&cfg);
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
   unsigned k = sl_sc_index(1024);
@@ -1711,8 +1716,7 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
 static void test_views_take_headers_parked_on_owned_subpages(void **state) {
   (void)state;
   sl_alloc_config cfg;
-  small_config(&cfg, 256 * KiB);
-  cfg.small_cache = 8;
+  owned_config(&cfg);
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
   sl_buf *b[12];
@@ -1751,8 +1755,7 @@ static void test_views_take_headers_parked_on_owned_subpages(void **state) {
 static void test_idle_tick_takes_headers_off_owned_subpages(void **state) {
   (void)state;
   sl_alloc_config cfg;
-  small_config(&cfg, 256 * KiB);
-  cfg.small_cache = 8;
+  owned_config(&cfg);
   cfg.trim_idle_ms = 50;
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);
@@ -1843,8 +1846,7 @@ static void test_foreign_frees_into_owned_subpages_come_back_to_the_owner(void *
 static void test_idle_tick_gives_back_owned_subpages(void **state) {
   (void)state;
   sl_alloc_config cfg;
-  small_config(&cfg, 256 * KiB);
-  cfg.small_cache = 8;
+  owned_config(&cfg);
   cfg.trim_idle_ms = 50;
   sl_alloc *a = new_alloc(&cfg);
   sl_pool *p = new_pool(a);

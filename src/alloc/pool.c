@@ -9,6 +9,9 @@
 #include "util/common.h"
 
 _Static_assert(offsetof(sl_pool, sub_owner) == 0, "a subpage's owner is its pool's address");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ &&
+                   offsetof(sl_pool, gen_next) == offsetof(sl_pool, gen_word) + 4,
+               "gen_next is gen_word's upper half");
 
 __thread sl_pool *sl_pool_tls;
 
@@ -50,7 +53,6 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
   p->gen_word = (uint64_t)1 << 32 | 1;   /* generation 1, refcount 1 */
-  p->gen_step = (uint64_t)2 << 32;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
   if (p->recycler == NULL || sl_retq_init(&p->retq, (size_t)cfg->return_queue_cap) != SL_OK ||

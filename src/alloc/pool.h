@@ -304,10 +304,10 @@ void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 /* Generations are odd, so never 0, without a test: odd from the start,
  * and + 2 keeps them odd. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint64_t w = p->gen_word;
-  SL_ASSERT_DEBUG((w >> 32) & 1, "generations are odd");
-  p->gen_word = w + p->gen_step;
-  return (uint32_t)(w >> 32);
+  uint32_t g = p->gen_next;
+  SL_ASSERT_DEBUG(g & 1, "generations are odd");
+  p->gen_next = g + 2;
+  return g;
 }
 
 /* Writes a new buffer's refcount (1) and its generation as the 8 bytes
@@ -316,8 +316,7 @@ static inline void sl_pool_take_refcnt_gen(sl_pool *p, void *dst) {
   uint64_t w = p->gen_word;
   SL_ASSERT_DEBUG(((w >> 32) & 1) && (uint32_t)w == 1, "generations are odd");
   memcpy(dst, &w, sizeof(w));
-  w += p->gen_step;
-  p->gen_word = w;
+  p->gen_next += 2;   /* the generation half only: one add to memory */
 }
 
 /* Foreign threads: queue an item for the owner (SL_OK or SL_AGAIN when

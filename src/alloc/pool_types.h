@@ -116,14 +116,20 @@ struct sl_pool {
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
-  uint64_t gen_word;              /* the next buffer's refcount and generation as its
-                                     header holds them (one store): 1 below, the
-                                     generation (odd, never 0) above */
-  uint64_t gen_step;              /* 2 << 32, added to gen_word from memory (x86 has no
-                                     64-bit immediate add) */
-  uint32_t countdown;             /* allocations until the next event: a count-based
-                                     trim or a leak sample (see sl_pool_event) */
+  union {
+    uint64_t gen_word;            /* the next buffer's refcount and generation as its
+                                     header holds them (one store): */
+    struct {
+      uint32_t gen_refcnt;        /* 1, */
+      uint32_t gen_next;          /* and the generation (odd, never 0): the next one is
+                                     2 more, one add to this half */
+    };
+  };
   uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
+  uint32_t countdown;             /* allocations until the next event: a count-based
+                                     trim or a leak sample (see sl_pool_event); not
+                                     next to gen_next (the compiler would add both
+                                     with one vector add) */
   uint32_t page_shift;            /* log2(page_size): a block's page in it */
   /* Per size class: the cache bin and the counters. The same array under two
    * names: bins for the cache, cls for what readers of the counters use

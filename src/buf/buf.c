@@ -3,6 +3,9 @@
 #include <errno.h>
 #include <sched.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "alloc/pool.h"
 #include "buf/leak.h"
@@ -20,6 +23,25 @@ _Static_assert(offsetof(sl_buf, max_cap) == offsetof(sl_buf, cap) + 4,
  * header's block). */
 static inline void sl_buf_set_released_by(sl_buf *b, const char *site) {
   memcpy(&b->cap, &site, sizeof(site));
+}
+
+_Static_assert(offsetof(sl_buf, refcnt) == offsetof(sl_buf, cap) + 8,
+               "cap, max_cap, refcnt, gen adjacent");
+
+/* Makes b, whose last reference went, a dead header: it keeps the
+ * generation it died with (in rd) and who released it (in cap and
+ * max_cap: sl_buf_set_released_by), and its refcount and generation are 0.
+ * The last three in one 16-byte store where the target has one. */
+static inline void sl_buf_set_dead(sl_pool *pool, sl_buf *b) {
+  b->rd = b->gen;
+#ifdef __SSE2__
+  /* The site in the low 8 bytes, zeros above: refcnt and gen. */
+  __m128i v = _mm_loadl_epi64((const __m128i *)(const void *)&pool->release_site);
+  _mm_storeu_si128((__m128i *)(void *)&b->cap, v);
+#else
+  memset(&b->refcnt, 0, sizeof(b->refcnt) + sizeof(b->gen));
+  sl_buf_set_released_by(b, pool->release_site);
+#endif
 }
 
 
@@ -43,6 +65,26 @@ static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size
   b->wr = 0;
   b->cap = usable > max ? max : usable;
   b->max_cap = max;
+  sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
+}
+
+/* sl_buf_revive for a capacity and max_cap both cap (at most the block's
+ * usable size): the indexes and capacities as one 16-byte store where the
+ * target has one (0, 0, cap, cap). */
+static inline void sl_buf_revive_exact(sl_pool *pool, sl_buf *b, uint32_t cap) {
+#ifdef __SSE2__
+  _Static_assert(offsetof(sl_buf, wr) == offsetof(sl_buf, rd) + 4 &&
+                     offsetof(sl_buf, cap) == offsetof(sl_buf, rd) + 8 &&
+                     offsetof(sl_buf, max_cap) == offsetof(sl_buf, rd) + 12,
+                 "rd, wr, cap, max_cap adjacent");
+  __m128i v = _mm_shuffle_epi32(_mm_cvtsi32_si128((int)cap), 0x05);   /* 0, 0, cap, cap */
+  _mm_storeu_si128((__m128i *)(void *)&b->rd, v);
+#else
+  b->rd = 0;
+  b->wr = 0;
+  b->cap = cap;
+  b->max_cap = cap;
+#endif
   sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
 }
 
@@ -233,7 +275,7 @@ parked:;
   sl_buf *b = (sl_buf *)item;
   uint32_t usable = b->block_size;
   SL_UNPOISON(b->data, usable);
-  if (exact) sl_buf_revive(pool, b, (uint32_t)cap, cap);
+  if (exact) sl_buf_revive_exact(pool, b, (uint32_t)cap);
   else sl_buf_revive(pool, b, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
@@ -297,9 +339,7 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
  * released it (in cap and max_cap). */
 static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
-  r->rd = r->gen;
-  memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
 }
 
 /* Parks root r (released, flags 0) on s, the owned subpage of its block
@@ -317,9 +357,7 @@ static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, 
  * it (in rd, and in cap and max_cap: sl_buf_set_released_by); it goes back to the
  * recycler. */
 static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
   sl_pool_header_put(pool, r);
 }
 
@@ -355,11 +393,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     return;
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
-  /* A dead header keeps the generation it died with and who released it
-   * (sl_buf_set_released_by). */
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, r);
@@ -430,9 +464,7 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
     return;
   }
   pool->bins[sc].frees++;
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
 }
@@ -653,9 +685,7 @@ static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   sl_buf *parent = sl_buf_parent(d);
   sl_leak_on_free_derived(pool, d, parent);
   if (d->views != NULL) sl_buf_kill_views(pool, d);
-  d->rd = d->gen;
-  d->gen = 0;
-  sl_buf_set_released_by(d, pool->release_site);
+  sl_buf_set_dead(pool, d);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
     sl_pool_header_quarantine(pool, d);

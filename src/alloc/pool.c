@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "buf/buf_types.h"
 #include "util/common.h"
 
 _Static_assert(offsetof(sl_pool, sub_owner) == 0, "a subpage's owner is its pool's address");
@@ -78,8 +79,11 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
                                                               : SL_BIN_FULL_LOCAL;
   p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
   p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
+  /* Flags 0, or SL_BUF_UNBINNED for a normal class no bin caches (its
+   * release goes straight to the arena). */
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
-    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32;   /* flags 0 */
+    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
+                      (p->bins[i].full == SL_BIN_FULL_ARENA ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;

@@ -78,7 +78,9 @@
 /* A release of a root whose bin is full (or holds nothing) goes: */
 #define SL_BIN_FULL_LOCAL 0    /* the general path */
 #define SL_BIN_FULL_OWN 1      /* to its block's owned subpage (owns) */
-#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches */
+#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches
+                                  (its headers carry SL_BUF_UNBINNED, so that their
+                                  release leaves at the flag test) */
 
 typedef struct sl_pool sl_pool;
 
@@ -91,7 +93,8 @@ typedef struct sl_cache_bin {
   uint32_t used;          /* served since the last trim */
   uint32_t own_allocs;    /* blocks taken from owned subpages, not yet in the arena's counts */
   uint64_t tail;          /* the last 8 bytes of a root header over a block of this
-                             class (block_size, sclass, flags 0): one store */
+                             class (block_size, sclass, flags: 0, or SL_BUF_UNBINNED
+                             for a normal class no bin caches): one store */
   uint64_t allocs;        /* blocks handed out by this pool */
   uint64_t frees;
   struct sl_subpage *own; /* owned subpages of this class with a free element */

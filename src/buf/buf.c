@@ -50,10 +50,11 @@ _Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) ==
                "a header's last 8 bytes are block_size, sclass, flags");
 
 /* The last 8 bytes of a root header over a block: block_size, sclass and
- * flags (0, or SL_BUF_UNBINNED for a block no bin takes). */
-static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
-  uint64_t flags = sclass < SL_SC_MAX_CLASSES ? 0 : SL_BUF_UNBINNED;
-  return usable | (uint64_t)sclass << 32 | flags << 48;
+ * flags (0, or SL_BUF_UNBINNED for a block no bin takes: huge, unpooled, a
+ * normal class above max_cached, whose bin's tail says so). */
+static inline uint64_t sl_buf_tail(const sl_pool *pool, uint32_t usable, unsigned sclass) {
+  if (sclass < SL_SC_MAX_CLASSES) return pool->bins[sclass].tail;   /* usable: its size */
+  return usable | (uint64_t)sclass << 32 | (uint64_t)SL_BUF_UNBINNED << 48;
 }
 
 /* The fields every allocation sets but data: b, over a block of usable
@@ -144,7 +145,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  sl_buf_init_root(pool, b, data, sl_buf_tail((uint32_t)usable, sclass), max_cap);
+  sl_buf_init_root(pool, b, data, sl_buf_tail(pool, (uint32_t)usable, sclass), max_cap);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -485,13 +486,7 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
     bin->frees++;
     return;
   }
-  uint32_t full = bin->full;
-  if (full == SL_BIN_FULL_ARENA) {
-    r->refcnt = 0;
-    sl_buf_free_normal(r, pool);
-    return;
-  }
-  if (full == SL_BIN_FULL_OWN) {
+  if (__builtin_expect(bin->full == SL_BIN_FULL_OWN, 1)) {
     /* The bin is full: the header parks with its block on the block's
      * owned subpage (when the pool still owns it). */
     sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
@@ -530,6 +525,10 @@ void sl_buf_free(sl_buf *r) {
     return;
   }
   r->refcnt = 0;
+  if (special == SL_BUF_UNBINNED && r->sclass < SL_SC_MAX_CLASSES) {
+    sl_buf_free_normal(r, pool);   /* a normal class no bin caches: its chunk */
+    return;
+  }
   sl_buf_free_local(r, pool);
 }
 
@@ -747,8 +746,8 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   memcpy(mem, b->data, b->wr);
   sl_pool_free_cls(pool, b->data, b->block_size, b->sclass);
   b->sclass = (uint16_t)sclass;
-  b->flags = (uint16_t)(sclass < SL_SC_MAX_CLASSES ? b->flags & ~SL_BUF_UNBINNED
-                                                   : b->flags | SL_BUF_UNBINNED);
+  b->flags = (uint16_t)((b->flags & ~SL_BUF_UNBINNED) |
+                        (sl_buf_tail(pool, (uint32_t)usable, sclass) >> 48 & SL_BUF_UNBINNED));
   if (b->owner) b->owner->bytes += usable - b->block_size;
   b->data = mem;
   b->block_size = (uint32_t)usable;

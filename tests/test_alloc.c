@@ -1594,6 +1594,90 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   finish(p, a);
 }
 
+/* Each allocation and release is counted once, in one of several
+ * counters (hits, owned-subpage misses and parks, the rest: sl_cache_bin),
+ * which trims and reports to the arena fold together. Whatever path a
+ * block takes (a hit, an owned subpage, a count-based trim or a flush to
+ * the subpages, the arena for a normal class no bin caches, a bare block
+ * without a header), the per-class counts, the totals and the bytes in use
+ * stay exactly what was done, and the arena's counts add up once
+ * everything is back. */
+#define CNT_LIVE 64
+#define CNT_OPS 6000
+static void test_class_counts_stay_exact_on_every_path(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  owned_config(&cfg);
+  cfg.trim_interval = 37;   /* count-based trims among the operations */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  static const size_t sizes[] = {100, 1000, 1000, 3000, 40000};
+  uint64_t allocs[SL_SC_MAX_CLASSES] = {0}, frees[SL_SC_MAX_CLASSES] = {0};
+  sl_buf *bufs[CNT_LIVE] = {0};
+  void *blocks[CNT_LIVE] = {0};
+  size_t block_size[CNT_LIVE] = {0};
+  uint64_t seed = 0x6a09e667f3bcc909ull, bytes = 0, hits = 0, total = 0;
+  for (int op = 0; op < CNT_OPS; op++) {
+    unsigned i = (unsigned)(rng_next(&seed) % CNT_LIVE);
+    uint64_t r = rng_next(&seed);
+    if (r % 5 == 0) {   /* a bare block, without a header */
+      if (blocks[i] != NULL) {
+        unsigned k = sl_sc_index(block_size[i]);
+        sl_pool_free(p, blocks[i], block_size[i]);
+        blocks[i] = NULL;
+        frees[k]++;
+        bytes -= block_size[i];
+      } else {
+        size_t usable;
+        assert_non_null(blocks[i] = sl_pool_alloc(p, sizes[r / 5 % 4], &usable));
+        block_size[i] = usable;
+        allocs[sl_sc_index(usable)]++;
+        bytes += usable;
+      }
+    } else if (bufs[i] != NULL) {
+      unsigned k = bufs[i]->sclass;
+      bytes -= bufs[i]->block_size;
+      sl_buf_release(bufs[i]);
+      bufs[i] = NULL;
+      frees[k]++;
+    } else {
+      assert_non_null(bufs[i] = sl_buf_alloc(p, sizes[r / 5 % 5], 0));
+      allocs[bufs[i]->sclass]++;
+      bytes += bufs[i]->block_size;
+    }
+    if (op % 1000 == 999) sl_pool_trim(p, op % 2000 == 1999);
+    total = 0;
+    for (unsigned k = 0; k < SL_SC_MAX_CLASSES; k++) {
+      assert_int_equal(sl_pool_class_allocs(p, k), allocs[k]);
+      assert_int_equal(sl_pool_class_frees(p, k), frees[k]);
+      total += allocs[k];
+    }
+    sl_pool_stats st = sl_test_stats(p);
+    assert_int_equal(st.allocs, total);
+    assert_int_equal(st.bytes_in_use, bytes);
+    assert_int_equal(st.cache_hits + st.cache_misses, st.allocs);
+    assert_true(st.cache_hits >= hits);   /* never taken back */
+    hits = st.cache_hits;
+  }
+  sl_pool_stats st = sl_test_stats(p);
+  assert_true(st.cache_hits > 0 && st.cache_misses > 0 && st.trims > 3);
+  unsigned k1 = sl_sc_index(1000);
+  assert_true(sl_pool_class_allocs(p, k1) > 1000);   /* bins of 8: owned subpages served most */
+  for (unsigned i = 0; i < CNT_LIVE; i++) {
+    if (bufs[i] != NULL) sl_buf_release(bufs[i]);
+    if (blocks[i] != NULL) sl_pool_free(p, blocks[i], block_size[i]);
+  }
+  sl_pool_trim(p, 1);
+  for (unsigned k = 0; k < SL_SC_MAX_CLASSES; k++)
+    assert_int_equal(sl_pool_class_allocs(p, k), sl_pool_class_frees(p, k));
+  /* With everything back, the arena has counted each of the pool's blocks
+   * out and in (the owned subpages' share reported at the trims). */
+  for (unsigned k = 0; k < a->nclasses; k++)
+    assert_int_equal(p->arena->cls[k].allocs, p->arena->cls[k].frees);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* Headers parked on owned subpages now, and the blocks they carry. */
 static uint32_t parked_on_subpages(const sl_pool *p) {
   uint32_t n = 0;
@@ -2547,6 +2631,7 @@ int main(void) {
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
+      cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_idle_tick_takes_headers_off_owned_subpages),

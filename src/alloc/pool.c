@@ -177,12 +177,20 @@ static void sl_pool_own_unlink(sl_cache_bin *bin, sl_subpage *s) {
   s->prev = s->next = NULL;
 }
 
+/* Class k's owned-subpage counts were added to the arena's: the pool's
+ * own counts take them too (sl_cache_bin). */
+static void sl_pool_own_fold(sl_cache_bin *bin) {
+  bin->allocs_rest += bin->own_allocs;
+  bin->frees_rest += bin->own_frees;
+  bin->own_allocs = bin->own_frees = 0;
+}
+
 /* Adds the pool's share of class k's counts to the arena's. Lock held. */
 static void sl_pool_own_report(sl_pool *p, unsigned k) {
   sl_cache_bin *bin = &p->bins[k];
   p->arena->cls[k].allocs += bin->own_allocs;
   p->arena->cls[k].frees += bin->own_frees;
-  bin->own_allocs = bin->own_frees = 0;
+  sl_pool_own_fold(bin);
 }
 
 /* The same for every class, under the lock (a trim). */
@@ -288,7 +296,7 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
   if (bin->own == NULL) {
     sl_subpage *s = sl_arena_subpage_own(p->arena, idx, &p->sub_owner, bin->own_allocs,
                                          bin->own_frees);
-    bin->own_allocs = bin->own_frees = 0;   /* the arena took them, refused or not */
+    sl_pool_own_fold(bin);   /* the arena took them, refused or not */
     if (s == NULL) return NULL;
     sl_subpage_to_list(s);
     s->own_prev = NULL;
@@ -313,10 +321,10 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
 }
 
 /* A block of class idx from the arena (an owned subpage for the classes
- * that own them). */
-static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
-  if (idx < p->alloc->nsmall && p->bins[idx].owns && size <= p->max_cached_size)
-    return sl_pool_own_alloc(p, idx);
+ * that own them, which counts it: *counted = 1). */
+static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size, int *counted) {
+  *counted = idx < p->alloc->nsmall && p->bins[idx].owns && size <= p->max_cached_size;
+  if (*counted) return sl_pool_own_alloc(p, idx);
   return sl_arena_alloc(p->arena, idx, size);
 }
 
@@ -346,13 +354,14 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
     return mem;
   }
   unsigned idx = sl_pool_class(p, size);
-  void *mem = sl_pool_arena_get(p, idx, size);
+  int counted;
+  void *mem = sl_pool_arena_get(p, idx, size, &counted);
   if (mem == NULL) {
     /* Refused (max_memory) or the OS said no: the caches are memory too.
      * Give them back, unmap what that empties, and try once more. */
     sl_pool_trim(p, 1);
     sl_arena_release_empty(p->arena, 0, 1);
-    mem = sl_pool_arena_get(p, idx, size);
+    mem = sl_pool_arena_get(p, idx, size, &counted);
   }
   if (mem == NULL) {
     p->alloc_failures++;
@@ -362,7 +371,7 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   if (idx < a->nclasses) {
     *usable = sl_sc_size(idx);
     *sclass = idx;
-    p->cls[idx].allocs++;
+    if (!counted) p->bins[idx].allocs_rest++;
     SL_UNPOISON(mem, *usable);
   } else {
     *usable = sl_alloc_huge_size(a, size);
@@ -386,6 +395,15 @@ static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsi
   return 1;
 }
 
+/* sl_pool_own_give_item for an item of a bin: its release was counted
+ * when it was cached (frees_rest), and own_frees counts it again for the
+ * arena, so frees_rest gives it back (sl_cache_bin). */
+static int sl_pool_own_give_cached(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
+  if (!sl_pool_own_give_item(p, bin, item, sclass)) return 0;
+  bin->frees_rest--;
+  return 1;
+}
+
 /* Gives the give oldest entries of bin sclass back: to the owned subpages
  * of their blocks (parked headers stay parked there), else to the arena
  * (parked headers to the recycler). */
@@ -395,7 +413,7 @@ static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   uint32_t rest = 0;
   for (uint32_t i = 0; i < give; i++) {
     void *item = bin->items[i];
-    if (bin->owns && sl_pool_own_give_item(p, bin, item, sclass)) continue;
+    if (bin->owns && sl_pool_own_give_cached(p, bin, item, sclass)) continue;
     bin->items[rest++] = sl_pool_item_block(p, item);
   }
   sl_arena_free_many(p->arena, bin->items, rest, sclass);
@@ -407,7 +425,7 @@ __attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned
   sl_cache_bin *bin = &p->bins[sclass];
   sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
   bin->items[bin->n++] = hdr;
-  bin->frees++;
+  bin->frees_rest++;
 }
 
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
@@ -418,11 +436,11 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
     return;
   }
   if (sclass != SL_SC_NONE) {
-    p->cls[sclass].frees++;
     SL_POISON(mem, usable);
     sl_cache_bin *bin = &p->bins[sclass];
+    if (bin->cap >= 8 && bin->owns && sl_pool_own_give(p, bin, mem, sclass)) return;
+    bin->frees_rest++;
     if (bin->cap >= 8) {
-      if (bin->owns && sl_pool_own_give(p, bin, mem, sclass)) return;
       /* A full bin gives its older half back in one trip, then keeps mem. */
       sl_pool_bin_give(p, sclass, bin->cap / 2);
       bin->items[bin->n++] = sl_pool_bare_item(mem);
@@ -445,7 +463,7 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
  * search found none there. */
 static void *sl_pool_unpark(sl_pool *p) {
   uint64_t frees = 0;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees_rest;
   if (frees != p->unpark_frees) {
     for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
       sl_cache_bin *bin = &p->bins[i];
@@ -612,15 +630,11 @@ __attribute__((noinline)) void sl_pool_event(sl_pool *p) {
 __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
-    if (bin->n == 0) {
-      p->cache_hits += bin->used;
-      bin->used = 0;
-      continue;
-    }
     /* What went unused since the last trim goes back: the oldest entries. */
     uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
-    sl_pool_bin_give(p, i, give);
+    if (give != 0) sl_pool_bin_give(p, i, give);
     p->cache_hits += bin->used;
+    bin->allocs_rest += bin->used;   /* sl_cache_bin */
     bin->used = 0;
   }
   if (everything) sl_pool_own_return_all(p);
@@ -655,7 +669,7 @@ static int sl_pool_reset_region(sl_pool *p) {
 int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
   memset(r, 0, sizeof(*r));
   uint64_t allocs = p->other_allocs;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) allocs += p->cls[i].allocs;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) allocs += sl_pool_class_allocs(p, i);
   if (allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
     p->allocs_at_tick = allocs;
     p->last_activity_ms = now_ms;
@@ -689,9 +703,10 @@ void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   uint64_t bytes = p->unpooled_bytes - atomic_load(&((sl_pool *)p)->remote_direct_bytes);
   uint64_t allocs = p->other_allocs, frees = p->other_frees, hits = p->cache_hits;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    bytes += (p->cls[i].allocs - p->cls[i].frees) * sl_sc_size(i);
-    allocs += p->cls[i].allocs;
-    frees += p->cls[i].frees;
+    uint64_t a = sl_pool_class_allocs(p, i), f = sl_pool_class_frees(p, i);
+    bytes += (a - f) * sl_sc_size(i);
+    allocs += a;
+    frees += f;
     hits += p->bins[i].used;
     st->cached_blocks += p->bins[i].n;
     st->cached_bytes += p->bins[i].n * sl_sc_size(i);

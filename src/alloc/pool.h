@@ -163,7 +163,7 @@ _Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blo
 
 /* An element was taken off the free list of s, the first owned subpage
  * of bin's class: one free element less; a subpage left full leaves the
- * list. The caller counts the allocation (bin->allocs). */
+ * list. Counts the allocation (own_allocs). */
 static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
   if (__builtin_expect(--s->nfree == 0, 0)) {
     bin->own = s->next;
@@ -185,8 +185,7 @@ static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
 
 /* Puts hdr, a parked header whose block is an element of s (owned by the
  * pool), on s's free list. Returns s's nfree as it was before (see
- * sl_pool_own_moves). The caller counts the free (bin->own_frees,
- * bin->frees). */
+ * sl_pool_own_moves). The caller counts the free (bin->own_frees). */
 static inline uint32_t sl_pool_own_push_parked(sl_subpage *s, void *hdr) {
   sl_subpage_debug_give(s, sl_pool_parked_block(hdr));
   *sl_pool_hdr_link(hdr) = s->free;
@@ -220,9 +219,9 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
 }
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back
- * to its subpage when p owns it: 1. Else 0, and nothing is done (the
- * caller gives it to the arena). Aborts on an element freed twice (debug
- * builds). The caller counts the free (bin->frees). */
+ * to its subpage when p owns it: 1, the free counted (own_frees). Else 0,
+ * and nothing is done (the caller gives it to the arena). Aborts on an
+ * element freed twice (debug builds). */
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
   sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
   if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;
@@ -243,8 +242,7 @@ static inline void *sl_pool_alloc_block(sl_pool *p, size_t size, size_t *usable,
     if (n > 0) {
       void *mem = sl_pool_item_block(p, bin->items[n - 1]);
       bin->n = n - 1;
-      bin->used++;
-      bin->allocs++;
+      bin->used++;   /* the hit and the allocation (sl_cache_bin) */
       *usable = sl_sc_size(idx);
       *sclass = idx;
       SL_UNPOISON(mem, *usable);
@@ -272,7 +270,7 @@ static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsign
     if (bin->n < bin->cap) {
       SL_POISON(mem, usable);
       bin->items[bin->n++] = sl_pool_bare_item(mem);
-      bin->frees++;
+      bin->frees_rest++;
       return;
     }
   }
@@ -351,5 +349,16 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r);
 void sl_pool_fail_next(sl_pool *p, unsigned n);
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *out);
+
+/* Blocks of class k this pool handed out so far, and got back (each is
+ * counted in one of several places: see sl_cache_bin). */
+static inline uint64_t sl_pool_class_allocs(const sl_pool *p, unsigned k) {
+  const sl_cache_bin *bin = &p->bins[k];
+  return bin->allocs_rest + bin->used + bin->own_allocs;
+}
+
+static inline uint64_t sl_pool_class_frees(const sl_pool *p, unsigned k) {
+  return p->bins[k].frees_rest + p->bins[k].own_frees;
+}
 
 #endif

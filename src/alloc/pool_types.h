@@ -85,18 +85,29 @@
 typedef struct sl_pool sl_pool;
 
 /* One size class of a pool: its cache bin and its counters, one cache line,
- * so that a hit reads and writes one line beside the buffer header. */
+ * so that a hit reads and writes one line beside the buffer header.
+ *
+ * Each allocation and each release is counted once, in one of these: the
+ * blocks this pool handed out are allocs_rest + used + own_allocs, those
+ * it got back frees_rest + own_frees (sl_pool_class_allocs and
+ * sl_pool_class_frees). A hit counts used (what the trim reads), a miss
+ * served by an owned subpage own_allocs, a release parked on one
+ * own_frees (what the arena is told); the trim folds used into allocs_rest,
+ * and a report to the arena (sl_pool_own_report) folds own_allocs and
+ * own_frees into allocs_rest and frees_rest. A cached block that a trim or
+ * a flush gives to its owned subpage counts in own_frees for the arena and
+ * leaves frees_rest (the pool's release was counted when it was cached). */
 typedef struct sl_cache_bin {
   void **items;
   uint32_t n;             /* cached now */
   uint32_t cap;
-  uint32_t used;          /* served since the last trim */
+  uint32_t used;          /* hits since the last trim */
   uint32_t own_allocs;    /* blocks taken from owned subpages, not yet in the arena's counts */
   uint64_t tail;          /* the last 8 bytes of a root header over a block of this
                              class (block_size, sclass, flags: 0, or SL_BUF_UNBINNED
                              for a normal class no bin caches): one store */
-  uint64_t allocs;        /* blocks handed out by this pool */
-  uint64_t frees;
+  uint64_t allocs_rest;   /* blocks handed out by this pool, but for used and own_allocs */
+  uint64_t frees_rest;    /* blocks given back to it, but for own_frees */
   struct sl_subpage *own; /* owned subpages of this class with a free element */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
   uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
@@ -134,13 +145,9 @@ struct sl_pool {
                                      next to gen_next (the compiler would add both
                                      with one vector add) */
   uint32_t page_shift;            /* log2(page_size): a block's page in it */
-  /* Per size class: the cache bin and the counters. The same array under two
-   * names: bins for the cache, cls for what readers of the counters use
-   * (cls[i].allocs, cls[i].frees). */
-  union {
-    _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
-    sl_cache_bin cls[SL_SC_MAX_CLASSES];
-  };
+  /* Per size class: the cache bin and the counters (read through
+   * sl_pool_class_allocs and sl_pool_class_frees). */
+  _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
 
   /* cold */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
@@ -152,8 +159,8 @@ struct sl_pool {
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
-  uint64_t unpark_frees;          /* the bins' frees when a search last found no parked
-                                     header in them (sl_pool_unpark) */
+  uint64_t unpark_frees;          /* the bins' frees_rest when a search last found no
+                                     parked header in them (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */

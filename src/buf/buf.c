@@ -165,7 +165,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   sl_cache_bin *bin = &pool->bins[idx];
-  bin->allocs++;
+  bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap);
   return sl_buf_alloc_done(pool, b);
@@ -186,7 +186,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   pool->rec_n = rn - 1;
   sl_buf *b = pool->recycler[rn - 1];
   sl_cache_bin *bin = &pool->bins[idx];
-  bin->allocs++;
+  bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap);
   return sl_buf_alloc_done(pool, b);
@@ -201,8 +201,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
   sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) {
     bin->items[bin->n++] = sl_pool_bare_item(data);
-    bin->used--;
-    bin->allocs--;
+    bin->used--;   /* no hit after all */
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   SL_UNPOISON(data, (uint32_t)bin->tail);
@@ -223,7 +222,6 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t
   SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
   uint8_t *data = sl_subpage_pop_bare(s, item);
   sl_pool_own_took(bin, s);
-  bin->allocs++;
   sl_buf *b = sl_pool_header_take(pool);
   SL_UNPOISON(data, (uint32_t)bin->tail);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap);
@@ -253,13 +251,11 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
       return sl_buf_alloc_miss(pool, cap, max_cap, bin);
     sl_pool_own_pop_parked(s, (void *)item);
     sl_pool_own_took(bin, s);
-    bin->allocs++;
     goto parked;
   }
   item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
-  bin->used++;
-  bin->allocs++;
+  bin->used++;   /* the hit and the allocation (sl_cache_bin) */
   if (__builtin_expect(item & SL_BIN_BARE, 0)) {
     /* A bare block: a header from the recycler or the overflow list when
      * they have one. */
@@ -349,8 +345,7 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
 static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
   sl_buf_to_parked(pool, r);
   uint32_t nfree = sl_pool_own_push_parked(s, r);
-  bin->own_frees++;
-  bin->frees++;
+  bin->own_frees++;   /* the release (sl_cache_bin) */
   if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(pool, s, nfree);
 }
 
@@ -377,7 +372,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     if (__builtin_expect(bin->n < bin->cap, 1)) {
       sl_buf_to_parked(pool, r);
       bin->items[bin->n++] = r;
-      bin->frees++;
+      bin->frees_rest++;
       return;
     }
     if (bin->owns) {
@@ -449,7 +444,7 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
 /* A normal block that no bin caches: straight back to its chunk. */
 __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
-  pool->bins[sc].frees++;
+  pool->bins[sc].frees_rest++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
 }
@@ -464,7 +459,7 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
     sl_buf_free_normal_slow(pool, r);
     return;
   }
-  pool->bins[sc].frees++;
+  pool->bins[sc].frees_rest++;
   sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
@@ -483,7 +478,7 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
     sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
     bin->items[n] = r;
     bin->n = n + 1;
-    bin->frees++;
+    bin->frees_rest++;
     return;
   }
   if (__builtin_expect(bin->full == SL_BIN_FULL_OWN, 1)) {

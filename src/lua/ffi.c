@@ -207,8 +207,8 @@ int sl_ffi_pool_stats_get(sl_ffi_pool_stats *o) {
   o->nclasses = as.nclasses;
   for (unsigned i = 0; i < as.nclasses; i++) {
     o->class_size[i] = sl_sc_size(i);
-    o->class_allocs[i] = p->cls[i].allocs;
-    o->class_frees[i] = p->cls[i].frees;
+    o->class_allocs[i] = sl_pool_class_allocs(p, i);
+    o->class_frees[i] = sl_pool_class_frees(p, i);
     o->arena_allocs[i] = as.cls[i].allocs;
     o->arena_frees[i] = as.cls[i].frees;
   }

@@ -387,7 +387,9 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
 static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
   uintptr_t v = (uintptr_t)item;
   if (v & SL_BIN_BARE) return sl_pool_own_give(p, bin, (void *)(v - SL_BIN_BARE), sclass);
-  sl_subpage *s = sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass);
+  sl_subpage *s = sl_pool_parked_subpage(item);
+  SL_ASSERT_DEBUG(s == sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass),
+                  "a parked header keeps its block's subpage");
   if (!sl_pool_owns(p, s)) return 0;
   uint32_t nfree = sl_pool_own_push_parked(s, item);
   bin->own_frees++;

@@ -173,13 +173,21 @@ static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
   bin->own_allocs++;
 }
 
+/* A parked header of a small class keeps its block's subpage in its link
+ * word (sl_buf's views, which a root without views uses so: the release
+ * reads it instead of looking the subpage up), except while it is linked
+ * on that subpage's free list. */
+static inline sl_subpage *sl_pool_parked_subpage(const void *hdr) {
+  return *(sl_subpage *const *)(const void *)((const char *)hdr + SL_HDR_LINK_OFFSET);
+}
+
 /* Takes parked header hdr, the first item of owned subpage s, off its
- * list; its link (sl_buf's views) is NULL again, as a parked header's is.
+ * list; its link (sl_buf's views) is s again (sl_pool_parked_subpage).
  * The caller then calls sl_pool_own_took. */
 static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
   void **link = sl_pool_hdr_link(hdr);
   s->free = *link;
-  *link = NULL;
+  *link = s;
   sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
 }
 

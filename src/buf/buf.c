@@ -96,13 +96,32 @@ static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uin
   sl_buf_revive(pool, b, usable, max_cap);
 }
 
+/* What a root keeps in views while it has none (SL_BUF_HAS_VIEWS clear):
+ * the subpage of its block, data, for a small class (so that its release
+ * parks it there without looking the subpage up), else NULL. */
+static inline sl_buf *sl_buf_home(const sl_pool *pool, const uint8_t *data, unsigned sclass) {
+  if (sclass >= pool->nsmall) return NULL;   /* huge and unpooled: SL_SC_NONE */
+  return (sl_buf *)(void *)sl_pool_subpage_of(pool, data, sclass);
+}
+
+/* The subpage a root without views keeps (sl_buf_home), checked against
+ * its block in debug builds. */
+static inline sl_subpage *sl_buf_subpage(const sl_pool *pool, const sl_buf *r) {
+  SL_ASSERT_DEBUG(!(r->flags & SL_BUF_HAS_VIEWS) &&
+                      r->views == sl_buf_home(pool, r->data, r->sclass),
+                  "a root without views keeps its block's subpage");
+  (void)pool;
+  return (sl_subpage *)(void *)r->views;
+}
+
 /* Makes b a live root over data: refcount 1, a new generation; tail is
- * its block_size, sclass and flags (sl_buf_tail, or a bin's copy). */
+ * its block_size, sclass and flags (sl_buf_tail, or a bin's copy), home
+ * what it keeps in views (sl_buf_home). */
 static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint64_t tail,
-                                    size_t max_cap) {
+                                    size_t max_cap, void *home) {
   sl_buf_init_live(pool, b, data, (uint32_t)tail, max_cap);
   b->root = b;
-  b->views = NULL;
+  b->views = home;
   b->owner = NULL;
   memcpy(&b->block_size, &tail, sizeof(tail));
 }
@@ -145,7 +164,8 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  sl_buf_init_root(pool, b, data, sl_buf_tail(pool, (uint32_t)usable, sclass), max_cap);
+  sl_buf_init_root(pool, b, data, sl_buf_tail(pool, (uint32_t)usable, sclass), max_cap,
+                   sl_buf_home(pool, data, sclass));
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -167,7 +187,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, NULL);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -188,16 +208,17 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, NULL);
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A bare block popped from bin: it gets a header (NULL: the block goes
- * back, and the slow path reports the failure). */
+/* A bare block popped from bin: it gets a header, from the recycler or
+ * the overflow list when they have one (NULL: the block goes back, and
+ * the slow path reports the failure). */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cache_bin *bin,
                                                            uint8_t *data, size_t cap,
                                                            size_t max_cap) {
-  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  if (!sl_pool_header_ready(pool) && sl_pool_has_returns(pool)) sl_buf_drain(pool);
   sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) {
     bin->items[bin->n++] = sl_pool_bare_item(data);
@@ -205,7 +226,8 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap,
+                   sl_buf_home(pool, data, (unsigned)(bin->tail >> 32) & 0xffffu));
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -224,7 +246,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t
   sl_pool_own_took(bin, s);
   sl_buf *b = sl_pool_header_take(pool);
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, s);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -256,16 +278,8 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
   item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
   bin->used++;   /* the hit and the allocation (sl_cache_bin) */
-  if (__builtin_expect(item & SL_BIN_BARE, 0)) {
-    /* A bare block: a header from the recycler or the overflow list when
-     * they have one. */
-    uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
-    if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
-    sl_buf *b = sl_pool_header_take(pool);
-    SL_UNPOISON(data, (uint32_t)bin->tail);
-    sl_buf_init_root(pool, b, data, bin->tail, max_cap);
-    return sl_buf_alloc_done(pool, b);
-  }
+  if (__builtin_expect(item & SL_BIN_BARE, 0))
+    return sl_buf_alloc_bare(pool, bin, (uint8_t *)(item - SL_BIN_BARE), cap, max_cap);
 parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
@@ -315,7 +329,8 @@ void sl_buf_retain(sl_buf *b) {
 
 static void sl_buf_free_derived(sl_pool *pool, sl_buf *d);
 
-/* Kills the views of refcount holder h (they die with it). */
+/* Kills the views of refcount holder h (SL_BUF_HAS_VIEWS: they die with
+ * it); h keeps what a root without views keeps (sl_buf_home). */
 static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
   sl_buf *v = h->views;
   while (v != NULL) {
@@ -325,7 +340,7 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
     sl_pool_header_put(pool, v);
     v = next;
   }
-  h->views = NULL;
+  h->views = sl_buf_home(pool, h->data, h->sclass);   /* derived: SL_SC_NONE, NULL */
   h->flags &= (uint16_t)~SL_BUF_HAS_VIEWS;
 }
 
@@ -364,7 +379,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     return;
   }
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
-  if (r->views != NULL) sl_buf_kill_views(pool, r);
+  if (r->flags & SL_BUF_HAS_VIEWS) sl_buf_kill_views(pool, r);
   r->flags &= (uint16_t)~SL_BUF_SHARED;   /* its derived buffers are gone */
   unsigned sc = r->sclass;
   if (!pool->quarantine_next && !(r->flags & SL_BUF_UNBINNED) && pool->bins[sc].cap > 0) {
@@ -378,7 +393,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     if (bin->owns) {
       /* A full bin whose class owns subpages: the header parks with its
        * block on the block's subpage (when the pool still owns it). */
-      sl_subpage *s = sl_pool_subpage_of(pool, r->data, sc);
+      sl_subpage *s = sl_buf_subpage(pool, r);
       if (sl_pool_owns(pool, s)) {
         sl_buf_park_own(pool, r, bin, s);
         return;
@@ -422,7 +437,8 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
     return;
   }
   r->gen = 0;
-  for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
+  sl_buf *views = (r->flags & SL_BUF_HAS_VIEWS) ? r->views : NULL;
+  for (sl_buf *v = views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) {
     /* Owner lists and records belong to the owner's thread: hand the whole
@@ -431,7 +447,7 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
     sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
     return;
   }
-  sl_buf *v = r->views;
+  sl_buf *v = views;
   while (v != NULL) {
     sl_buf *next = v->views;
     sl_pool_header_put_foreign(pool, v);
@@ -483,8 +499,8 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
   }
   if (__builtin_expect(bin->full == SL_BIN_FULL_OWN, 1)) {
     /* The bin is full: the header parks with its block on the block's
-     * owned subpage (when the pool still owns it). */
-    sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
+     * owned subpage (when the pool still owns it), which it keeps. */
+    sl_subpage *s = sl_buf_subpage(pool, r);
     if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
       sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
       return;
@@ -606,7 +622,7 @@ static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) 
     v->root = h;
     v->block_size = 0;
     v->flags = SL_BUF_VIEW;
-    v->views = h->views;
+    v->views = (h->flags & SL_BUF_HAS_VIEWS) ? h->views : NULL;
     h->views = v;
     h->flags |= SL_BUF_HAS_VIEWS;
     return v;
@@ -678,7 +694,7 @@ sl_buf *sl_buf_read_retained_slice(sl_buf *b, size_t len, const char **err) {
 static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   sl_buf *parent = sl_buf_parent(d);
   sl_leak_on_free_derived(pool, d, parent);
-  if (d->views != NULL) sl_buf_kill_views(pool, d);
+  if (d->flags & SL_BUF_HAS_VIEWS) sl_buf_kill_views(pool, d);
   sl_buf_set_dead(pool, d);
   if (__builtin_expect(pool->quarantine_next, 0)) {
     pool->quarantine_next = 0;
@@ -701,7 +717,7 @@ int sl_buf_may_grow(const sl_buf *b, const char **err) {
     *err = "a view cannot grow";
     return 0;
   }
-  if (b->views != NULL || sl_buf_derived_count(b) > 0) {
+  if ((b->flags & SL_BUF_HAS_VIEWS) || sl_buf_derived_count(b) > 0) {
     *err = "a buffer with views cannot grow";
     return 0;
   }
@@ -744,6 +760,7 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   b->flags = (uint16_t)((b->flags & ~SL_BUF_UNBINNED) |
                         (sl_buf_tail(pool, (uint32_t)usable, sclass) >> 48 & SL_BUF_UNBINNED));
   if (b->owner) b->owner->bytes += usable - b->block_size;
+  b->views = sl_buf_home(pool, mem, sclass);   /* it has none (sl_buf_may_grow) */
   b->data = mem;
   b->block_size = (uint32_t)usable;
   b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);

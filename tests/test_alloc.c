@@ -1545,7 +1545,7 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   }
   assert_int_equal(owned_count(p), 5);
   assert_null(ar->subpages[k]);   /* owned subpages are off the arena's lists */
-  assert_null(bin->own);          /* all five are full */
+  assert_null(sl_pool_own_first(bin));   /* all five are full */
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(st.cache_misses, 20);
   assert_int_equal(st.blocks_in_use, 20);
@@ -1565,7 +1565,7 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   assert_int_equal(st.cached_blocks, 8);
   assert_int_equal(bin->n, 8);
   assert_int_equal(owned_count(p), 3);
-  assert_ptr_equal(bin->own, s2);
+  assert_ptr_equal(sl_pool_own_first(bin), s2);
   assert_int_equal(s2->nfree, s2->nelems);
   assert_ptr_equal(ar->subpages[k], s3);
   assert_null(sl_subpage_owner(s3));
@@ -1579,14 +1579,14 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
     if (i < 8) assert_ptr_equal(b[i]->data, data[7 - i]);
     else assert_ptr_equal(subpage_of(p, b[i]->data), s2);
   }
-  assert_null(bin->own);
+  assert_null(sl_pool_own_first(bin));
   assert_int_equal(sl_test_stats(p).cache_hits, 8);
   for (int i = 0; i < 12; i++) sl_buf_release(b[i]);
 
   /* Everything back: no owned subpage, the arena's counts complete. */
   sl_pool_trim(p, 1);
   assert_null(p->owned);
-  assert_null(bin->own);
+  assert_null(sl_pool_own_first(bin));
   assert_int_equal(sl_test_stats(p).cached_blocks, 0);
   assert_int_equal(ar->cls[k].allocs, 24);
   assert_int_equal(ar->cls[k].frees, 24);

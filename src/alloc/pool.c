@@ -73,6 +73,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
     for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) sl_pool_own_set_first(&p->bins[i], NULL);
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     p->bins[i].full = p->bins[i].owns                          ? SL_BIN_FULL_OWN
                       : p->bins[i].cap == 0 && i >= a->nsmall ? SL_BIN_FULL_ARENA
@@ -163,16 +164,18 @@ unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
 
 /* ---- owned subpages (see pool_types.h) ---- */
 
+const sl_subpage sl_pool_own_none = {.free = (void *)SL_SUB_BARE};
+
 static void sl_pool_own_link(sl_cache_bin *bin, sl_subpage *s) {
   s->prev = NULL;
-  s->next = bin->own;
+  s->next = sl_pool_own_first(bin);
   if (s->next != NULL) s->next->prev = s;
   bin->own = s;
 }
 
 static void sl_pool_own_unlink(sl_cache_bin *bin, sl_subpage *s) {
   if (s->prev != NULL) s->prev->next = s->next;
-  else if (bin->own == s) bin->own = s->next;
+  else if (bin->own == s) sl_pool_own_set_first(bin, s->next);
   if (s->next != NULL) s->next->prev = s->prev;
   s->prev = s->next = NULL;
 }
@@ -291,9 +294,10 @@ static void sl_pool_own_return_all(sl_pool *p) {
  * arena. NULL when memory is refused. */
 static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
   sl_cache_bin *bin = &p->bins[idx];
-  if (bin->own == NULL && atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed))
+  if (sl_pool_own_first(bin) == NULL &&
+      atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed))
     sl_pool_own_reclaim(p, 0);
-  if (bin->own == NULL) {
+  if (sl_pool_own_first(bin) == NULL) {
     sl_subpage *s = sl_arena_subpage_own(p->arena, idx, &p->sub_owner, bin->own_allocs,
                                          bin->own_frees);
     sl_pool_own_fold(bin);   /* the arena took them, refused or not */
@@ -480,7 +484,7 @@ static void *sl_pool_unpark(sl_pool *p) {
     p->unpark_frees = frees;
   }
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    sl_subpage *s = p->bins[i].own;
+    sl_subpage *s = sl_pool_own_first(&p->bins[i]);
     void *h = s != NULL ? s->free : NULL;
     if (h != NULL && !((uintptr_t)h & SL_BIN_BARE)) {
       uint8_t *mem = sl_pool_parked_block(h);

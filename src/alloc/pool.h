@@ -161,12 +161,28 @@ void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
  * (linked through SL_HDR_LINK_OFFSET; nfree - nbare of them). */
 _Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
+/* What a bin's own points at when none of its owned subpages has room:
+ * no subpage, but its free list reads as a bare item (SL_SUB_BARE alone),
+ * so that the fast path tests one bit for "a parked header to take"
+ * (sl_buf_alloc). Never written (read-only memory). */
+extern const sl_subpage sl_pool_own_none;
+
+/* The first owned subpage with room of bin's class, or NULL. */
+static inline sl_subpage *sl_pool_own_first(const sl_cache_bin *bin) {
+  return bin->own == &sl_pool_own_none ? NULL : bin->own;
+}
+
+/* Makes s (NULL: none) the first owned subpage with room of bin's class. */
+static inline void sl_pool_own_set_first(sl_cache_bin *bin, sl_subpage *s) {
+  bin->own = s != NULL ? s : (sl_subpage *)(uintptr_t)&sl_pool_own_none;
+}
+
 /* An element was taken off the free list of s, the first owned subpage
  * of bin's class: one free element less; a subpage left full leaves the
  * list. Counts the allocation (own_allocs). */
 static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
   if (__builtin_expect(--s->nfree == 0, 0)) {
-    bin->own = s->next;
+    sl_pool_own_set_first(bin, s->next);
     if (s->next != NULL) s->next->prev = NULL;
     s->next = NULL;
   }

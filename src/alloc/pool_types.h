@@ -108,7 +108,8 @@ typedef struct sl_cache_bin {
                              for a normal class no bin caches): one store */
   uint64_t allocs_rest;   /* blocks handed out by this pool, but for used and own_allocs */
   uint64_t frees_rest;    /* blocks given back to it, but for own_frees */
-  struct sl_subpage *own; /* owned subpages of this class with a free element */
+  struct sl_subpage *own; /* owned subpages of this class with a free element, or
+                             &sl_pool_own_none (sl_pool_own_first) */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
   uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
                              bin holds 8 or more) */

@@ -238,7 +238,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
  * free header) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
-  sl_subpage *s = bin->own;
+  sl_subpage *s = sl_pool_own_first(bin);
   if (s == NULL || !sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
   uintptr_t item = (uintptr_t)s->free;
   SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
@@ -267,10 +267,10 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
   uintptr_t item;
   if (__builtin_expect(n == 0, 0)) {
     /* A miss: a header parked on the first owned subpage with room comes
-     * back as from the bin; anything else is sl_buf_alloc_miss's. */
+     * back as from the bin; anything else (a bare block, or no subpage:
+     * sl_pool_own_none) is sl_buf_alloc_miss's. */
     sl_subpage *s = bin->own;
-    if (s == NULL || ((item = (uintptr_t)s->free) & SL_BIN_BARE))
-      return sl_buf_alloc_miss(pool, cap, max_cap, bin);
+    if ((item = (uintptr_t)s->free) & SL_BIN_BARE) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
     sl_pool_own_pop_parked(s, (void *)item);
     sl_pool_own_took(bin, s);
     goto parked;

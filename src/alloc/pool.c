@@ -112,7 +112,10 @@ fail:
 
 void sl_pool_bind_thread(sl_pool *p) {
   sl_pool_tls = p;
-  if (p != NULL) p->owner_tp = __builtin_thread_pointer();
+  if (p != NULL) {
+    p->owner_tp = __builtin_thread_pointer();
+    sl_pool_quarantine_next(p, p->quarantine_next);
+  }
 }
 
 static void sl_pool_take_remote_headers(sl_pool *p) {

@@ -60,6 +60,15 @@ static inline int sl_pool_is_owner(const sl_pool *p) {
   return p->owner_tp == __builtin_thread_pointer();
 }
 
+/* Whether the next header freed on p's thread waits in the quarantine
+ * (sl_pool_header_quarantine) before it can be reused: set around
+ * releases from Lua, cleared by the free that takes it. Such a free
+ * leaves sl_buf_free's fast path at its first test. */
+static inline void sl_pool_quarantine_next(sl_pool *p, int on) {
+  p->quarantine_next = on;
+  p->free_tp = on ? NULL : p->owner_tp;
+}
+
 /* The pool a header belongs to. */
 static inline sl_pool *sl_pool_of(const void *hdr) {
   return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));

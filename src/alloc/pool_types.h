@@ -124,7 +124,9 @@ struct sl_pool {
                                      a subpage's owner compares with the pool's address
                                      (written by other threads only when they free an
                                      owned subpage's element, which is rare) */
-  void *owner_tp;                 /* thread pointer of the bound thread */
+  void *free_tp;                  /* owner_tp, or NULL while the next header freed is to
+                                     wait in the quarantine: what sl_buf_free's fast
+                                     path compares the thread pointer with */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
   size_t normal_max_size;         /* largest size a chunk serves (0: unpooled, or failing) */
@@ -151,6 +153,7 @@ struct sl_pool {
   _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
 
   /* cold */
+  void *owner_tp;                 /* thread pointer of the bound thread */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
   size_t normal_limit;            /* normal_max_size likewise */
   uint32_t trim_interval;
@@ -202,7 +205,8 @@ struct sl_pool {
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
   const char *release_site;              /* who releases now; kept in dead headers */
-  int quarantine_next;                   /* the next freed header waits its turn */
+  int quarantine_next;                   /* the next freed header waits its turn
+                                            (sl_pool_quarantine_next) */
   void *quarantine[64];                  /* headers released from Lua, oldest reused first */
   unsigned quarantine_head, quarantine_n;
   char release_ring[64][160];            /* recent release sites with file:line */

@@ -406,7 +406,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
   sl_buf_set_dead(pool, r);
   if (__builtin_expect(pool->quarantine_next, 0)) {
-    pool->quarantine_next = 0;
+    sl_pool_quarantine_next(pool, 0);
     sl_pool_header_quarantine(pool, r);
     return;
   }
@@ -486,14 +486,13 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
  * with its block in its bin (one stack push) or, the bin full, on the
  * block's owned subpage; a normal class no bin caches goes straight to
  * the arena. */
-static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
-  size_t sc = r->sclass;
+static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r, size_t sc) {
   sl_cache_bin *bin = &pool->bins[sc];
   uint32_t n = bin->n;
   if (__builtin_expect(n < bin->cap, 1)) {
     sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
     bin->items[n] = r;
-    bin->n = n + 1;
+    bin->n++;   /* an add to memory: n's register stays the index */
     bin->frees_rest++;
     return;
   }
@@ -514,23 +513,34 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
  * (a sampled buffer): the record goes back, then as in the common case. */
 __attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
   sl_leak_on_free(pool, r);
-  sl_buf_free_plain(pool, r);
+  sl_buf_free_plain(pool, r, r->sclass);
 }
+
+_Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,
+               "sclass and flags: one 32-bit word");
 
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
-  if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
+  if (__builtin_expect(pool->free_tp != __builtin_thread_pointer(), 0)) {
+    /* Another thread than the pool's, or the header that is to wait in
+     * the quarantine. */
     r->refcnt = 0;
-    sl_buf_free_foreign(r, pool);
+    if (!sl_pool_is_owner(pool)) {
+      sl_buf_free_foreign(r, pool);
+      return;
+    }
+    sl_buf_free_local(r, pool);   /* takes quarantine_next */
     return;
   }
-  uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
-                                             SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
-                     (uint32_t)pool->quarantine_next;
-  if (__builtin_expect(special == 0, 1)) {
-    sl_buf_free_plain(pool, r);
+  /* sclass, and flags above it: a root with no flag (no owner, record,
+   * views, derived buffers, and a block a bin takes) reads as its class. */
+  uint32_t word;
+  memcpy(&word, &r->sclass, sizeof(word));
+  if (__builtin_expect(word <= 0xffffu, 1)) {
+    sl_buf_free_plain(pool, r, word);
     return;
   }
+  uint32_t special = word >> 16;
   if (special == SL_BUF_RECORDED) {
     sl_buf_free_recorded(r, pool);
     return;
@@ -697,7 +707,7 @@ static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   if (d->flags & SL_BUF_HAS_VIEWS) sl_buf_kill_views(pool, d);
   sl_buf_set_dead(pool, d);
   if (__builtin_expect(pool->quarantine_next, 0)) {
-    pool->quarantine_next = 0;
+    sl_pool_quarantine_next(pool, 0);
     sl_pool_header_quarantine(pool, d);
   } else {
     sl_pool_header_put(pool, d);

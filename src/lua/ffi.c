@@ -86,9 +86,9 @@ int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
     site = "Lua code outside a stage";
   }
   sl_buf_release_site(p, site);
-  p->quarantine_next = 1;   /* a script may use its handle again by mistake */
+  sl_pool_quarantine_next(p, 1);   /* a script may use its handle again by mistake */
   int rc = sl_buf_release_n(b, n, err);
-  p->quarantine_next = 0;
+  sl_pool_quarantine_next(p, 0);
   sl_buf_release_site(p, NULL);
   return rc;
 }

@@ -85,6 +85,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
                       (p->bins[i].full == SL_BIN_FULL_ARENA ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
+  memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;

@@ -151,6 +151,9 @@ struct sl_pool {
   /* Per size class: the cache bin and the counters (read through
    * sl_pool_class_allocs and sl_pool_class_frees). */
   _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
+  /* sl_sc_lookup's copy: the table an allocation reads, addressed from the
+   * pool (no address of a table of its own to form first) */
+  uint16_t lookup[SL_SC_LOOKUP_MAX / 16 + 1];
 
   /* cold */
   void *owner_tp;                 /* thread pointer of the bound thread */

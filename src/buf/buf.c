@@ -262,7 +262,7 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
                                                                         size_t max_cap,
                                                                         int exact) {
   _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
-  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + pool->lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
   uintptr_t item;
   if (__builtin_expect(n == 0, 0)) {

@@ -274,6 +274,17 @@ void sl_subpage_to_list(sl_subpage *s) {
 }
 
 void sl_subpage_to_bits(sl_subpage *s) {
+  if (s->nfree == s->nelems) {
+    /* Empty: every element free, whatever its list holds (its owner has
+     * taken what the carried items carry). */
+    memset(s->bits, 0, s->nwords * sizeof(uint64_t));
+    if (s->nelems & 63) s->bits[s->nwords - 1] = ~0ull << (s->nelems & 63);
+    SL_POISON(s->base, (size_t)s->nelems * s->elem_size);
+    s->free = NULL;
+    s->nbare = s->nfree;
+    s->hint = 0;
+    return;
+  }
   SL_ASSERT(s->nbare == s->nfree, "owned subpage goes back with carried items");
   for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
   uint32_t n = 0;

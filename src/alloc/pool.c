@@ -237,10 +237,26 @@ static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
   s->nbare = s->nfree;
 }
 
+/* The parked headers of owned subpage s, empty and going back to the
+ * arena, to the recycler: its list is not rebuilt, as its bitmap is only
+ * cleared (sl_subpage_to_bits). */
+static void sl_pool_own_unpark_empty(sl_pool *p, sl_subpage *s) {
+  if (s->nbare == s->nfree) return;
+  for (uintptr_t item = (uintptr_t)s->free, next; item != 0; item = next) {
+    if (item & SL_BIN_BARE) {
+      next = (uintptr_t)*(void **)(item - SL_BIN_BARE);
+      continue;
+    }
+    next = (uintptr_t)*sl_pool_hdr_link((void *)item);
+    sl_pool_header_put(p, (void *)item);
+  }
+}
+
 /* Gives owned subpage s back to the arena, its parked headers to the
  * recycler first. Lock held. */
 static void sl_pool_own_disown(sl_pool *p, sl_subpage *s) {
-  sl_pool_own_unpark(p, s);
+  if (s->nfree == s->nelems) sl_pool_own_unpark_empty(p, s);
+  else sl_pool_own_unpark(p, s);
   sl_pool_own_unlink(&p->bins[s->sclass], s);
   if (s->own_prev != NULL) s->own_prev->own_next = s->own_next;
   else p->owned = s->own_next;

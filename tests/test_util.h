@@ -41,7 +41,7 @@
 
 /* Asserts that root b has no views: the flag is clear, and views holds
  * what a root without views keeps there (its block's subpage for a small
- * class, else NULL). */
+ * class, else sl_pool_own_none). */
 #define SL_TEST_ASSERT_NO_VIEWS(b)                                              \
   do {                                                                          \
     const sl_buf *nv_b_ = (b);                                                  \
@@ -51,7 +51,7 @@
       assert_ptr_equal(nv_b_->views,                                            \
                        sl_pool_subpage_of(nv_p_, nv_b_->data, nv_b_->sclass));  \
     else                                                                        \
-      assert_null(nv_b_->views);                                                \
+      assert_ptr_equal(nv_b_->views, &sl_pool_own_none);                        \
   } while (0)
 
 static inline sl_pool_stats sl_test_stats(const sl_pool *p) {

@@ -258,6 +258,18 @@ void *sl_subpage_alloc(sl_subpage *s) {
 void sl_subpage_to_list(sl_subpage *s) {
   void *head = NULL;
   size_t es = s->elem_size;
+  if (s->nfree == s->nelems) {
+    /* Every element free (a new subpage, mostly): no bits to scan. */
+    for (uint32_t i = s->nelems; i-- > 0;) {
+      void *e = s->base + (size_t)i * es;
+      SL_UNPOISON(e, sizeof(void *));
+      *(void **)e = head;
+      head = (void *)((uintptr_t)e | SL_SUB_BARE);
+    }
+    s->free = head;
+    s->nbare = s->nfree;
+    return;
+  }
   for (uint32_t w = s->nwords; w-- > 0;) {
     uint64_t free_bits = ~s->bits[w];
     while (free_bits != 0) {   /* highest first, so that the list starts low */

@@ -74,17 +74,13 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) sl_pool_own_set_first(&p->bins[i], NULL);
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
-    p->bins[i].full = p->bins[i].owns                          ? SL_BIN_FULL_OWN
-                      : p->bins[i].cap == 0 && i >= a->nsmall ? SL_BIN_FULL_ARENA
-                                                              : SL_BIN_FULL_LOCAL;
   p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
   p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
   /* Flags 0, or SL_BUF_UNBINNED for a normal class no bin caches (its
-   * release goes straight to the arena). */
+   * release leaves sl_buf_free at the flag test, straight for the arena). */
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
-                      (p->bins[i].full == SL_BIN_FULL_ARENA ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
+                      (p->bins[i].cap == 0 && i >= a->nsmall ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
   memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
@@ -633,19 +629,6 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
                                                   memory_order_relaxed));
 }
 
-void sl_pool_countdown_sync(sl_pool *p) {
-  uint32_t done = p->countdown_set - p->countdown;
-  p->trim_countdown -= done;
-  p->leak_countdown -= done;
-  p->countdown_set = p->countdown;
-}
-
-void sl_pool_countdown_arm(sl_pool *p) {
-  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
-  if (n == 0) n = 1;
-  p->countdown = p->countdown_set = n;
-}
-
 __attribute__((noinline)) void sl_pool_event(sl_pool *p) {
   sl_pool_countdown_sync(p);
   if (p->trim_countdown == 0) sl_pool_trim(p, 0);
@@ -656,6 +639,7 @@ __attribute__((noinline)) void sl_pool_event(sl_pool *p) {
 __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
+    if ((bin->n | bin->used) == 0) continue;
     /* What went unused since the last trim goes back: the oldest entries. */
     uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
     if (give != 0) sl_pool_bin_give(p, i, give);

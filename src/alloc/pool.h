@@ -91,8 +91,18 @@ void sl_pool_trim(sl_pool *p, int everything);
  * date, whichever is due runs, and sl_pool_countdown_arm sets it again.
  * Whatever changes trim_countdown or leak_countdown syncs before and arms
  * after. */
-void sl_pool_countdown_sync(sl_pool *p);
-void sl_pool_countdown_arm(sl_pool *p);
+static inline void sl_pool_countdown_sync(sl_pool *p) {
+  uint32_t done = p->countdown_set - p->countdown;
+  p->trim_countdown -= done;
+  p->leak_countdown -= done;
+  p->countdown_set = p->countdown;
+}
+
+static inline void sl_pool_countdown_arm(sl_pool *p) {
+  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
+  if (n == 0) n = 1;
+  p->countdown = p->countdown_set = n;
+}
 /* The countdown reached zero on an allocation that made no buffer: a due
  * trim runs; a due leak sample waits for the next buffer. */
 void sl_pool_event(sl_pool *p);

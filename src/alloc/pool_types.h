@@ -75,12 +75,6 @@
  * its cap and max_cap). */
 #define SL_HDR_BLOCK_OFFSET 0
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
-/* A release of a root whose bin is full (or holds nothing) goes: */
-#define SL_BIN_FULL_LOCAL 0    /* the general path */
-#define SL_BIN_FULL_OWN 1      /* to its block's owned subpage (owns) */
-#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches
-                                  (its headers carry SL_BUF_UNBINNED, so that their
-                                  release leaves at the flag test) */
 
 typedef struct sl_pool sl_pool;
 
@@ -111,9 +105,9 @@ typedef struct sl_cache_bin {
   struct sl_subpage *own; /* owned subpages of this class with a free element, or
                              &sl_pool_own_none (sl_pool_own_first) */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
-  uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
-                             bin holds 8 or more) */
-  uint16_t full;          /* what a release finds when the bin is full: SL_BIN_FULL_* */
+  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+                             bin holds 8 or more); a release into the full bin parks
+                             on its block's subpage when the pool owns that */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");

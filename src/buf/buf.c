@@ -96,11 +96,16 @@ static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uin
   sl_buf_revive(pool, b, usable, max_cap);
 }
 
+/* What a root over a block of a class without subpages (normal, huge,
+ * unpooled) keeps in views while it has none: a subpage no pool owns. */
+#define SL_BUF_NO_SUBPAGE ((sl_buf *)(uintptr_t)&sl_pool_own_none)
+
 /* What a root keeps in views while it has none (SL_BUF_HAS_VIEWS clear):
- * the subpage of its block, data, for a small class (so that its release
- * parks it there without looking the subpage up), else NULL. */
+ * the subpage of its block, data, for a small class, else
+ * SL_BUF_NO_SUBPAGE; so that a release into a full bin finds the subpage
+ * to park on, or that it has none the pool owns, in one load. */
 static inline sl_buf *sl_buf_home(const sl_pool *pool, const uint8_t *data, unsigned sclass) {
-  if (sclass >= pool->nsmall) return NULL;   /* huge and unpooled: SL_SC_NONE */
+  if (sclass >= pool->nsmall) return SL_BUF_NO_SUBPAGE;   /* huge, unpooled: SL_SC_NONE */
   return (sl_buf *)(void *)sl_pool_subpage_of(pool, data, sclass);
 }
 
@@ -187,7 +192,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap, NULL);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -208,7 +213,7 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap, NULL);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -340,7 +345,7 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
     sl_pool_header_put(pool, v);
     v = next;
   }
-  h->views = sl_buf_home(pool, h->data, h->sclass);   /* derived: SL_SC_NONE, NULL */
+  h->views = (h->flags & SL_BUF_VIEW) ? NULL : sl_buf_home(pool, h->data, h->sclass);
   h->flags &= (uint16_t)~SL_BUF_HAS_VIEWS;
 }
 
@@ -496,14 +501,13 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r, size_t sc) {
     bin->frees_rest++;
     return;
   }
-  if (__builtin_expect(bin->full == SL_BIN_FULL_OWN, 1)) {
-    /* The bin is full: the header parks with its block on the block's
-     * owned subpage (when the pool still owns it), which it keeps. */
-    sl_subpage *s = sl_buf_subpage(pool, r);
-    if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
-      sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
-      return;
-    }
+  /* The bin is full: the header parks with its block on the block's
+   * subpage, which it keeps, when the pool owns that (only classes that
+   * own subpages have such blocks). */
+  sl_subpage *s = sl_buf_subpage(pool, r);
+  if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
+    sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
+    return;
   }
   r->refcnt = 0;
   sl_buf_free_local(r, pool);

@@ -56,7 +56,8 @@ struct sl_buf {
   sl_buf *root;          /* refcount holder: self for a root or derived */
   sl_buf *views;         /* with SL_BUF_HAS_VIEWS: the first view; a view: its next
                             sibling; a root without views: its block's subpage for
-                            a small class (the release reads it), else NULL */
+                            a small class (the release reads it), else a stand-in
+                            subpage no pool owns (alloc/pool.h's sl_pool_own_none) */
   struct sl_buf_owner *owner; /* roots, derived: who answers for it (a channel) */
   union {
     uint32_t block_size; /* roots: usable size of the block */

@@ -238,18 +238,20 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cac
 
 /* A miss that sl_buf_alloc does not serve itself (it takes headers
  * parked on owned subpages): a bare block first on the first owned
- * subpage with room, with a free header (recycler or overflow list), with
- * no call but tail calls; anything else (no owned subpage with room, no
- * free header) goes to the slow path. */
+ * subpage with room, with a header from the recycler, with no call but
+ * tail calls; anything else (no owned subpage with room, no header in the
+ * recycler) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
-  sl_subpage *s = sl_pool_own_first(bin);
-  if (s == NULL || !sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  sl_subpage *s = bin->own;
+  uint32_t rn = pool->rec_n;
+  if (s == &sl_pool_own_none || rn == 0) return sl_buf_alloc_slow(pool, cap, max_cap);
   uintptr_t item = (uintptr_t)s->free;
   SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
   uint8_t *data = sl_subpage_pop_bare(s, item);
   sl_pool_own_took(bin, s);
-  sl_buf *b = sl_pool_header_take(pool);
+  pool->rec_n = rn - 1;   /* a header from the recycler (the slow path takes the rest) */
+  sl_buf *b = pool->recycler[rn - 1];
   SL_UNPOISON(data, (uint32_t)bin->tail);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap, s);
   return sl_buf_alloc_done(pool, b);

@@ -74,9 +74,11 @@
 --                     count } (each optional; the system's setting when
 --                     absent): TCP keepalive on the client and upstream
 --                     sockets; default false
---     splice          optional boolean, default true: a pass-through
---                     connection (no pipeline) moves bulk bytes socket to
---                     socket with splice(2), without copying them
+--     splice          optional boolean or "auto", default "auto": a
+--                     pass-through connection (no pipeline) moves bulk
+--                     bytes socket to socket with splice(2), without
+--                     copying them; "auto" splices only into a peer that
+--                     is not on the loopback interface
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -1182,8 +1184,8 @@ local function check_listener(l, path, ctx)
     if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
         fail(path .. ".defer_accept", "expected a boolean, got %s", show(l.defer_accept))
     end
-    if l.splice ~= nil and type(l.splice) ~= "boolean" then
-        fail(path .. ".splice", "expected a boolean, got %s", show(l.splice))
+    if l.splice ~= nil and type(l.splice) ~= "boolean" and l.splice ~= "auto" then
+        fail(path .. ".splice", 'expected a boolean or "auto", got %s', show(l.splice))
     end
     local half_close_timeout_ms = check_positive_int(l.half_close_timeout_ms,
                                                      path .. ".half_close_timeout_ms", 0)
@@ -1207,7 +1209,7 @@ local function check_listener(l, path, ctx)
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
-        splice = l.splice ~= false,
+        splice = l.splice == nil and "auto" or l.splice,
         half_close_timeout_ms = half_close_timeout_ms,
         tcp_keepalive = keepalive,
     }

@@ -117,7 +117,7 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
@@ -145,13 +145,13 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
@@ -830,6 +830,17 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ defer_accept = 1 }) })))
         assert.are.equal('config error: listeners[1].defer_accept: expected a boolean, got "yes"',
                          err_of(conf({ listener({ defer_accept = "yes" }) })))
+      end)
+
+      it('take splice as a boolean or "auto", "auto" by default', function()
+        assert.are.equal("auto", ok_of(conf({ listener({}) })).listeners[1].splice)
+        assert.are.equal("auto", ok_of(conf({ listener({ splice = "auto" }) })).listeners[1].splice)
+        assert.is_true(ok_of(conf({ listener({ splice = true }) })).listeners[1].splice)
+        assert.is_false(ok_of(conf({ listener({ splice = false }) })).listeners[1].splice)
+        assert.are.equal('config error: listeners[1].splice: expected a boolean or "auto", got "on"',
+                         err_of(conf({ listener({ splice = "on" }) })))
+        assert.are.equal('config error: listeners[1].splice: expected a boolean or "auto", got 1',
+                         err_of(conf({ listener({ splice = 1 }) })))
       end)
 
       it("take half_close_timeout_ms as a positive integer", function()

@@ -59,6 +59,12 @@ typedef struct sl_upstream_cfg {
   sl_health_cfg health;
 } sl_upstream_cfg;
 
+/* A listener's splice setting. AUTO: a connection splices its reads into
+ * a peer that is not on the loopback interface (on loopback the receiving
+ * process pays more for spliced bytes than sluice saves; see
+ * docs/operations.md#tuning). */
+typedef enum { SL_SPLICE_OFF = 0, SL_SPLICE_ON = 1, SL_SPLICE_AUTO = 2 } sl_splice_mode;
+
 typedef struct sl_listener_cfg {
   char *name;
   char *listen_text;
@@ -74,7 +80,7 @@ typedef struct sl_listener_cfg {
   double idle_timeout;         /* seconds; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
-  int splice;                  /* 1: pass-through connections may splice (io/splice.h) */
+  int splice;                  /* SL_SPLICE_*: may pass-through connections splice (io/splice.h) */
   double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
   int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
   int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the

@@ -101,6 +101,7 @@ typedef struct sl_config {
   int lua_key_first;           /* Lua stage keys are lua_key_first..+nlua_stages-1 */
   int workers;                 /* 0: one per core */
   double drain_timeout;        /* seconds a stop waits for open connections */
+  size_t lua_memory_limit;     /* bytes a worker's Lua heap may hold; 0: no limit */
   int max_pipes;               /* splice pipes open at once, all workers; -1: from the
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */

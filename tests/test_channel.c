@@ -767,7 +767,7 @@ static sl_channel *open_splicing_pair(fixture *f, sl_channel **b, int *pb) {
   sl_channel *a = open_active(f, 1 << 16, 1 << 17);
   *b = open_slow(f, 1 << 16, 1 << 17, NULL, pb);
   sl_channel_join(a, *b);
-  sl_channel_allow_splice(a, *b);
+  sl_channel_allow_splice(a);
   a->flags |= SL_CH_SPLICING;
   return a;
 }

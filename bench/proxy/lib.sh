@@ -114,7 +114,8 @@ bench_settings() {   # mode
   fi
   read -r -a workloads <<<"${WORKLOADS:-http-small redis-p16 bulk churn idle}"
   all_contenders=(baseline haproxy-1w haproxy-1w-splice haproxy-2w nginx-1w nginx-2w
-                  sluice-1w sluice-1w-lua sluice-1w-guard sluice-2w sluice-2w-lua sluice-2w-guard)
+                  sluice-1w sluice-1w-splice sluice-1w-lua sluice-1w-guard
+                  sluice-2w sluice-2w-splice sluice-2w-lua sluice-2w-guard)
   read -r -a contenders <<<"${CONTENDERS:-${all_contenders[*]}}"
   load_cpus=${LOAD_CPUS:-0}
   proxy_cpus=${PROXY_CPUS:-1}
@@ -271,7 +272,8 @@ bench_contender_workers() {
 }
 
 # Whether a contender belongs on a workload: the RESP guard rows run on
-# redis-p16 only, HAProxy with splice-auto on bulk only (where it splices).
+# redis-p16 only, the splicing rows (HAProxy with splice-auto, sluice with
+# splice = true) on bulk only (where they splice).
 bench_applies() {   # contender workload
   case $1 in
     *-guard) [ "$2" = redis-p16 ] ;;
@@ -364,7 +366,7 @@ daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 worker_rlimit_nofile $NOFILE;
-events { worker_connections $(( NOFILE - 256 )); }
+events { worker_connections $NOFILE; }   # the listening socket takes one too
 stream {
   server {
     listen 127.0.0.1:$PROXY_PORT backlog=4096$reuse;
@@ -375,10 +377,13 @@ EOF
 }
 
 bench_config_sluice() {   # file contender workers upstream-port
-  local stages="" workers=""
+  local stages="" workers="" splice=""
   case $2 in
     *-lua) stages='"bench.proxy.field_stage"' ;;
     *-guard) stages='"examples.redis_guard"' ;;
+    # Splicing on loopback too (the default, "auto", splices only toward
+    # peers off loopback, so the plain rows copy).
+    *-splice) splice=" splice = true," ;;
   esac
   [ "$SLUICE_WORKERS" = yes ] && workers="workers = $3, "
   cat >"$1" <<EOF
@@ -386,7 +391,7 @@ return {
   ${workers}log_level = "warn",
   listeners = {
     { name = "bench", listen = "127.0.0.1:$PROXY_PORT", upstream = "origin",
-      pipeline = { $stages } },
+      pipeline = { $stages },$splice },
   },
   upstreams = { origin = { servers = { "127.0.0.1:$4" } } },
 }

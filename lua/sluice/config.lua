@@ -74,9 +74,11 @@
 --                     count } (each optional; the system's setting when
 --                     absent): TCP keepalive on the client and upstream
 --                     sockets; default false
---     splice          optional boolean, default true: a pass-through
---                     connection (no pipeline) moves bulk bytes socket to
---                     socket with splice(2), without copying them
+--     splice          optional boolean or "auto", default "auto": a
+--                     pass-through connection (no pipeline) moves bulk
+--                     bytes socket to socket with splice(2), without
+--                     copying them; "auto" splices only into a peer that
+--                     is not on the loopback interface
 --     (and at least an upstream or a non-empty pipeline)
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
@@ -102,6 +104,10 @@
 --   max_pipes   optional integer 0-2^31-1: splice pipes open at once, all
 --               workers together (at most 1024 per worker); 0 turns
 --               splicing off; absent (nil): a quarter of the open-files limit
+--   lua_memory_limit optional integer: bytes each worker's Lua heap may
+--               hold, 0 (the default: no limit) or 1 MiB-2^53; an
+--               allocation past it raises "not enough memory" in the stage
+--               that asked, which closes that connection
 --   admin       optional table: the admin endpoint (/metrics, /memory,
 --               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
@@ -134,7 +140,8 @@
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
 -- the top level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin, max_pipes, upstreams (by sorted name),
+-- drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, upstreams
+-- (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
 -- listed above; for a listener, then low <= high, then high <=
@@ -145,7 +152,7 @@
 -- Normalized result (a new table; the input is never modified):
 --
 --   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
---     max_pipes (or nil: from the open-files limit),
+--     max_pipes (or nil: from the open-files limit), lua_memory_limit (0: none),
 --     admin = { listen = address, public } (or nil),
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
@@ -225,13 +232,14 @@ local DEFAULT_INSTRUCTION_LIMIT = 100000000
 local HOOK_STEP = 100000
 local MAX_WORKERS = 256
 local MAX_INT = 2147483647  -- integers must fit a C int
+local MIN_LUA_MEMORY = 1048576
 
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
                    "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
-                   "max_pipes" }
+                   "max_pipes", "lua_memory_limit" }
 local ADMIN_KEYS = { "listen", "public" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
@@ -1182,8 +1190,8 @@ local function check_listener(l, path, ctx)
     if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
         fail(path .. ".defer_accept", "expected a boolean, got %s", show(l.defer_accept))
     end
-    if l.splice ~= nil and type(l.splice) ~= "boolean" then
-        fail(path .. ".splice", "expected a boolean, got %s", show(l.splice))
+    if l.splice ~= nil and type(l.splice) ~= "boolean" and l.splice ~= "auto" then
+        fail(path .. ".splice", 'expected a boolean or "auto", got %s', show(l.splice))
     end
     local half_close_timeout_ms = check_positive_int(l.half_close_timeout_ms,
                                                      path .. ".half_close_timeout_ms", 0)
@@ -1207,7 +1215,7 @@ local function check_listener(l, path, ctx)
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
-        splice = l.splice ~= false,
+        splice = l.splice == nil and "auto" or l.splice,
         half_close_timeout_ms = half_close_timeout_ms,
         tcp_keepalive = keepalive,
     }
@@ -1249,6 +1257,11 @@ local function check_root(t, ctx)
     local access_log = check_log_target(t.access_log, "access_log", true)
     local admin = check_admin(t.admin, ctx)
     local max_pipes = check_count(t.max_pipes, "max_pipes", nil, MAX_INT)
+    local lua_memory_limit = check_count(t.lua_memory_limit, "lua_memory_limit", 0, 2 ^ 53)
+    if lua_memory_limit ~= 0 and lua_memory_limit < MIN_LUA_MEMORY then
+        fail("lua_memory_limit", "expected 0 (no limit) or at least %d (1 MiB), got %s",
+             MIN_LUA_MEMORY, show(t.lua_memory_limit))
+    end
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -1261,6 +1274,7 @@ local function check_root(t, ctx)
         access_log = access_log,
         admin = admin,
         max_pipes = max_pipes,
+        lua_memory_limit = lua_memory_limit,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

@@ -126,6 +126,9 @@ local function stage_failed(ctx, ev, arg, err)
      (arg.owner == 0 or arg.owner == ctx.sid) then
     arg:release(arg.refs)
   end
+  -- Its connection is closing: what was already queued for this stage
+  -- (the rest of a read burst) is released unread instead of raising again.
+  ctx.failed = true
   if ctx.cptr then
     local first = tostring(err):match("^[^\n]*")
     C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. first)
@@ -157,8 +160,9 @@ local function deliver(e)
     if ctx then return on_removed(ctx) end
     return
   end
-  if ctx == nil then
-    -- Delivered after the stage left: nobody can own the buffer but us.
+  if ctx == nil or (ctx.failed and (ev == READ or ev == WRITE)) then
+    -- Delivered after the stage left (or failed): nobody can own the
+    -- buffer but us.
     if e.ptr ~= nil and (ev == READ or ev == WRITE) then
       C.sl_ffi_buf_release(ffi_cast(buf_ptr_t, e.ptr), 1, errp)
     end

@@ -6,8 +6,11 @@ local H = require("helpers")
 
 local MiB = 1024 * 1024
 
--- top: more top-level keys ("max_pipes = 1"), or nil.
+-- extra: more listener keys; splice = true unless extra sets splice
+-- (every peer here is on loopback, where the default "auto" does not
+-- splice). top: more top-level keys ("max_pipes = 1"), or nil.
 local function config(port, admin_port, upstream_port, extra, log_level, top)
+  if not (extra or ""):find("splice", 1, true) then extra = "splice = true, " .. (extra or "") end
   return ([[
 return {
   %sworkers = 1,
@@ -85,6 +88,15 @@ describe("splicing", function()
     assert.are.equal(0, m.spliced)
     assert.are.equal(0, m.pipes)
     assert.are.equal(8 * MiB, m.sent)
+  end)
+
+  it('does not splice into loopback peers with splice = "auto", the default', function()
+    for _, extra in ipairs({ 'splice = "auto"', "--[[ no splice key ]]" }) do
+      local m = echo_run(extra, 8 * MiB)
+      assert.are.equal(0, m.spliced, extra)
+      assert.are.equal(0, m.pipes, extra)
+      assert.are.equal(8 * MiB, m.sent, extra)
+    end
   end)
 
   it("does not splice with max_pipes = 0", function()

@@ -111,13 +111,13 @@ describe("sluice.config", function()
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off",
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0,
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
@@ -135,7 +135,7 @@ describe("sluice.config", function()
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off",
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0,
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -145,13 +145,13 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = true,
+            max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
             half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
@@ -518,6 +518,9 @@ describe("sluice.config", function()
       assert.is_nil(ok_of(conf(nil, {})).max_pipes)
       assert.are.equal(0, ok_of(conf(nil, { max_pipes = 0 })).max_pipes)
       assert.are.equal(4096, ok_of(conf(nil, { max_pipes = 4096 })).max_pipes)
+      assert.are.equal(0, ok_of(conf(nil, {})).lua_memory_limit)
+      assert.are.equal(0, ok_of(conf(nil, { lua_memory_limit = 0 })).lua_memory_limit)
+      assert.are.equal(2 ^ 30, ok_of(conf(nil, { lua_memory_limit = 2 ^ 30 })).lua_memory_limit)
     end)
 
     it("name the key and what was expected", function()
@@ -536,6 +539,12 @@ describe("sluice.config", function()
           "config error: max_pipes: expected an integer from 0 to 2147483647, got 1.5" },
         { { max_pipes = "auto" },
           'config error: max_pipes: expected an integer from 0 to 2147483647, got "auto"' },
+        { { lua_memory_limit = 1048575 },
+          "config error: lua_memory_limit: expected 0 (no limit) or at least 1048576 (1 MiB), got 1048575" },
+        { { lua_memory_limit = "64M" },
+          'config error: lua_memory_limit: expected an integer from 0 to 9007199254740992, got "64M"' },
+        { { lua_memory_limit = -1 },
+          "config error: lua_memory_limit: expected an integer from 0 to 9007199254740992, got -1" },
         { { error_log = "off" },
           'config error: error_log: expected "stderr" or a file path, got "off"' },
         { { error_log = "" }, 'config error: error_log: expected "stderr" or a file path, got ""' },
@@ -638,11 +647,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -655,7 +664,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))
@@ -830,6 +839,17 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ defer_accept = 1 }) })))
         assert.are.equal('config error: listeners[1].defer_accept: expected a boolean, got "yes"',
                          err_of(conf({ listener({ defer_accept = "yes" }) })))
+      end)
+
+      it('take splice as a boolean or "auto", "auto" by default', function()
+        assert.are.equal("auto", ok_of(conf({ listener({}) })).listeners[1].splice)
+        assert.are.equal("auto", ok_of(conf({ listener({ splice = "auto" }) })).listeners[1].splice)
+        assert.is_true(ok_of(conf({ listener({ splice = true }) })).listeners[1].splice)
+        assert.is_false(ok_of(conf({ listener({ splice = false }) })).listeners[1].splice)
+        assert.are.equal('config error: listeners[1].splice: expected a boolean or "auto", got "on"',
+                         err_of(conf({ listener({ splice = "on" }) })))
+        assert.are.equal('config error: listeners[1].splice: expected a boolean or "auto", got 1',
+                         err_of(conf({ listener({ splice = 1 }) })))
       end)
 
       it("take half_close_timeout_ms as a positive integer", function()

@@ -27,6 +27,15 @@ int sl_addr_parse(sl_addr *a, const char *host, int port) {
   return SL_ERROR;
 }
 
+int sl_addr_is_loopback(const struct sockaddr *sa) {
+  if (sa->sa_family == AF_INET)
+    return (ntohl(((const struct sockaddr_in *)(const void *)sa)->sin_addr.s_addr) >> 24) == 127;
+  if (sa->sa_family != AF_INET6) return 0;
+  const struct in6_addr *a = &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr;
+  if (IN6_IS_ADDR_LOOPBACK(a)) return 1;
+  return IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127;
+}
+
 /* Writes v in decimal at p; returns the end. */
 static char *sl_addr_decimal(char *p, unsigned v) {
   char tmp[12];

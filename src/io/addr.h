@@ -16,4 +16,8 @@ int sl_addr_parse(sl_addr *a, const char *host, int port);
 /* Writes "1.2.3.4:80" or "[::1]:80" into out. Returns out. */
 char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen);
 
+/* Whether sa is on the loopback interface: 127.0.0.0/8, ::1 or
+ * ::ffff:127.0.0.0/104. */
+int sl_addr_is_loopback(const struct sockaddr *sa);
+
 #endif

@@ -288,10 +288,9 @@ void sl_channel_join(sl_channel *a, sl_channel *b) {
   memcpy(&b->peer_addr, &a->remote.ss, SL_MIN(sizeof(b->peer_addr), (size_t)a->remote.len));
 }
 
-void sl_channel_allow_splice(sl_channel *a, sl_channel *b) {
-  if ((a->flags | b->flags) & SL_CH_EMBEDDED) return;
-  a->flags |= SL_CH_SPLICE_OK;
-  b->flags |= SL_CH_SPLICE_OK;
+void sl_channel_allow_splice(sl_channel *src) {
+  if (src->peer == NULL || ((src->flags | src->peer->flags) & SL_CH_EMBEDDED)) return;
+  src->flags |= SL_CH_SPLICE_OK;
 }
 
 /* ---- idle timeout ---- */

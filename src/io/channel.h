@@ -156,9 +156,9 @@ struct sl_channel {
   char reason[160];          /* why it closed */
 };
 
-/* Lets a pass-through pair (joined, each with no stage but its bridge)
- * splice bulk bytes to each other (see above). */
-void sl_channel_allow_splice(sl_channel *a, sl_channel *b);
+/* Lets src, one half of a joined pass-through pair (each with no stage
+ * but its bridge), splice its bulk reads into its peer (see above). */
+void sl_channel_allow_splice(sl_channel *src);
 
 /* Wraps an accepted, non-blocking fd. Returns the channel (not yet active:
  * build its pipeline, then sl_channel_activate), or NULL on ENOMEM (the fd is

@@ -44,9 +44,52 @@ struct sl_lua_host {
   uint32_t *adhoc;        /* stages added while running: key SL_LUA_ADHOC_KEY + i */
   int nadhoc, capadhoc;
   ev_timer timer;         /* the earliest Lua timer */
+  size_t heap;            /* bytes the state's allocator holds now */
+  size_t heap_limit;      /* lua_memory_limit; 0: none */
+  size_t heap_gc_mark;    /* a drain that ends above it runs a full collection */
+  uint64_t heap_refusals; /* allocations refused at the limit */
 };
 
 static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ctx)->w->lua; }
+
+/* ---- the Lua heap ---- */
+
+/* The worker state's allocator: counts its bytes, and refuses to grow
+ * past lua_memory_limit. A refusal raises "not enough memory" in whatever
+ * runs (a stage's callback: that connection closes, as for any error).
+ * Shrinking never fails (Lua relies on it). */
+static void *sl_lua_alloc(void *ud, void *p, size_t osize, size_t nsize) {
+  sl_lua_host *h = ud;
+  if (p == NULL) osize = 0;
+  if (nsize == 0) {
+    free(p);
+    h->heap -= osize;
+    return NULL;
+  }
+  if (h->heap_limit != 0 && nsize > osize && h->heap - osize + nsize > h->heap_limit) {
+    h->heap_refusals++;
+    return NULL;
+  }
+  void *q = realloc(p, nsize);
+  if (q == NULL) return NULL;
+  h->heap = h->heap - osize + nsize;
+  return q;
+}
+
+/* With a limit, garbage must not be what reaches it: a drain that ends
+ * above three quarters of the limit collects in full, and not again until
+ * the heap has grown by an eighth of the limit (or after a refusal). */
+static void sl_lua_heap_check(sl_lua_host *h) {
+  if (h->heap_limit == 0 || h->heap <= h->heap_gc_mark) return;
+  lua_gc(h->L, LUA_GCCOLLECT, 0);
+  size_t floor = h->heap_limit / 4 * 3;
+  h->heap_gc_mark = SL_MAX(floor, h->heap + h->heap_limit / 8);
+}
+
+static void sl_lua_heap_set_limit(sl_lua_host *h, size_t limit) {
+  h->heap_limit = limit;
+  h->heap_gc_mark = limit / 4 * 3;
+}
 
 /* ---- the event queue ----
  *
@@ -127,7 +170,14 @@ void sl_lua_host_drain(sl_lua_host *h) {
      * releases what the stage was handed, closes its connection), and run()
      * goes on with the next event. */
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->run_ref);
+    uint64_t refused = h->heap_refusals;
     if (lua_pcall(L, 0, 0, tb) == 0) break;
+    /* At the memory limit: what the failed stage held is garbage now, and
+     * failed() needs room to log it. */
+    if (h->heap_refusals != refused) {
+      lua_gc(L, LUA_GCCOLLECT, 0);
+      h->heap_gc_mark = SL_MAX(h->heap_limit / 4 * 3, h->heap + h->heap_limit / 8);
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->failed_ref);
     lua_insert(L, -2);
     if (lua_pcall(L, 1, 0, 0) != 0) {
@@ -144,6 +194,7 @@ void sl_lua_host_drain(sl_lua_host *h) {
     }
   }
   lua_settop(L, tb - 1);
+  sl_lua_heap_check(h);
   sl_lua_settle(h);
   h->depth--;
 }
@@ -389,9 +440,10 @@ void sl_lua_refuse_exit(lua_State *L) {
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
+  if (h != NULL) sl_lua_heap_set_limit(h, cfg->lua_memory_limit);
   if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
-      (h->L = luaL_newstate()) == NULL) {
-    snprintf(err, errlen, "out of memory");
+      (h->L = lua_newstate(sl_lua_alloc, h)) == NULL) {
+    snprintf(err, errlen, "out of memory%s", h != NULL && h->heap_refusals ? " (lua_memory_limit)" : "");
     sl_lua_host_destroy(h);
     return NULL;
   }
@@ -407,7 +459,8 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   lua_getglobal(L, "require");
   lua_pushstring(L, "sluice.host");
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    snprintf(err, errlen, "loading sluice.host: %s", lua_tostring(L, -1));
+    snprintf(err, errlen, "loading sluice.host: %s%s", lua_tostring(L, -1),
+             h->heap_refusals ? " (lua_memory_limit is too low)" : "");
     w->lua = NULL;
     sl_lua_host_destroy(h);
     return NULL;
@@ -486,6 +539,7 @@ int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t err
     return SL_ERROR;
   }
   h->loaded_any = 1;
+  sl_lua_heap_set_limit(h, cfg->lua_memory_limit);   /* a reload's limit, once it loaded */
   return SL_OK;
 }
 
@@ -506,6 +560,14 @@ uint64_t sl_lua_host_entries(const sl_lua_host *h) { return h ? h->entries : 0; 
 size_t sl_lua_host_memory(const sl_lua_host *h) {
   if (h == NULL || h->L == NULL) return 0;
   return (size_t)lua_gc(h->L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(h->L, LUA_GCCOUNTB, 0);
+}
+
+uint64_t sl_lua_host_memory_refusals(const sl_lua_host *h) {
+  return h != NULL && h->L != NULL ? h->heap_refusals : 0;
+}
+
+size_t sl_lua_host_memory_limit(const sl_lua_host *h) {
+  return h != NULL && h->L != NULL ? h->heap_limit : 0;
 }
 
 struct sl_holder *sl_ffi_host_holders(sl_lua_host *h, uintptr_t *base) {

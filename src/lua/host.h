@@ -72,6 +72,13 @@ uint64_t sl_lua_host_entries(const sl_lua_host *h);
  * state of its own. */
 size_t sl_lua_host_memory(const sl_lua_host *h);
 
+/* Allocations the state's allocator refused at lua_memory_limit (each
+ * raised "not enough memory" in the code that asked). */
+uint64_t sl_lua_host_memory_refusals(const sl_lua_host *h);
+
+/* The limit those refusals come from (lua_memory_limit; 0: none). */
+size_t sl_lua_host_memory_limit(const sl_lua_host *h);
+
 /* A write promise completed (err NULL) or failed: queues it for Lua. */
 void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);
 

@@ -429,6 +429,13 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
   SL_EACH_SNAP(r, s) {
     if (s->has_lua) sl_prom_worker(o, "sluice_lua_memory_bytes", s->worker, s->lua_bytes);
   }
+  sl_prom_head(o, "sluice_lua_memory_refusals_total", "counter",
+               "Lua allocations refused at lua_memory_limit; each raised \"not enough memory\" "
+               "in the stage that asked, which closed its connection.");
+  SL_EACH_SNAP(r, s) {
+    if (s->has_lua)
+      sl_prom_worker(o, "sluice_lua_memory_refusals_total", s->worker, s->lua_refusals);
+  }
 }
 
 static void sl_admin_metrics_stages(sl_text *o, const sl_admin_report *r) {
@@ -560,7 +567,9 @@ void sl_admin_format_memory(sl_text *o, const sl_admin_report *r) {
   sl_text_printf(o, "\nLua heaps:\n");
   SL_EACH_SNAP(r, s) {
     if (s->has_lua)
-      sl_text_printf(o, "  worker=%d bytes=%llu\n", s->worker, (unsigned long long)s->lua_bytes);
+      sl_text_printf(o, "  worker=%d bytes=%llu limit=%llu refused=%llu\n", s->worker,
+                     (unsigned long long)s->lua_bytes, (unsigned long long)s->lua_limit,
+                     (unsigned long long)s->lua_refusals);
   }
   sl_text_printf(o, "  total=%llu\n", (unsigned long long)lua_total);
 }

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "buf/buf.h"
+#include "io/addr.h"
 #include "io/channel.h"
 #include "io/worker.h"
 #include "proxy/config.h"
@@ -25,8 +26,9 @@ static int sl_bridge_alone(const sl_pipeline *p) {
 
 /* The upstream is connected and joined to its client: it gets its own
  * bridge, and the client is read from again. A pass-through pair (no
- * stage but the bridges) may splice (sl_channel_allow_splice) unless its
- * listener says splice = false. */
+ * stage but the bridges) may splice (sl_channel_allow_splice) as its
+ * listener's splice says: each side into the other, or with "auto" each
+ * side into a peer off the loopback interface. */
 static void sl_bridge_on_connect(sl_channel *up) {
   sl_channel *client = up->peer;
   if (sl_pipeline_add_last(&up->pipe, &sl_bridge_ops, "bridge") == NULL) {
@@ -36,7 +38,13 @@ static void sl_bridge_on_connect(sl_channel *up) {
   const sl_listener_cfg *lc = client != NULL ? sl_server_listener_cfg(client) : NULL;
   if (lc != NULL) {
     sl_server_tcp_keepalive(up, lc);
-    if (lc->splice && sl_bridge_alone(&client->pipe)) sl_channel_allow_splice(client, up);
+    if (lc->splice != SL_SPLICE_OFF && sl_bridge_alone(&client->pipe)) {
+      int all = lc->splice == SL_SPLICE_ON;
+      if (all || !sl_addr_is_loopback((const struct sockaddr *)&up->remote.ss))
+        sl_channel_allow_splice(client);
+      if (all || !sl_addr_is_loopback((const struct sockaddr *)&client->remote.ss))
+        sl_channel_allow_splice(up);
+    }
   }
   sl_channel_activate(up);
   if (client && !sl_channel_is_closed(client)) sl_channel_set_autoread(client, 1);

@@ -240,7 +240,8 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->defer_accept = lua_toboolean(L, -1);
     lua_pop(L, 1);
     lua_getfield(L, lt, "splice");
-    l->splice = lua_toboolean(L, -1);
+    if (lua_type(L, -1) == LUA_TSTRING) l->splice = SL_SPLICE_AUTO;   /* "auto" (checked) */
+    else l->splice = lua_toboolean(L, -1) ? SL_SPLICE_ON : SL_SPLICE_OFF;
     lua_pop(L, 1);
     l->half_close_timeout = sl_num_field(L, lt, "half_close_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "tcp_keepalive");
@@ -331,6 +332,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->search_path = sl_strdup_field(L, cfg, "search_path");
   c->workers = (int)sl_num_field(L, cfg, "workers");
   c->drain_timeout = sl_num_field(L, cfg, "drain_timeout_ms") / 1000.0;
+  c->lua_memory_limit = (size_t)sl_num_field(L, cfg, "lua_memory_limit");
   lua_getfield(L, cfg, "max_pipes");
   c->max_pipes = lua_isnil(L, -1) ? -1 : (int)lua_tonumber(L, -1);
   lua_pop(L, 1);

@@ -59,6 +59,12 @@ typedef struct sl_upstream_cfg {
   sl_health_cfg health;
 } sl_upstream_cfg;
 
+/* A listener's splice setting. AUTO: a connection splices its reads into
+ * a peer that is not on the loopback interface (on loopback the receiving
+ * process pays more for spliced bytes than sluice saves; see
+ * docs/operations.md#tuning). */
+typedef enum { SL_SPLICE_OFF = 0, SL_SPLICE_ON = 1, SL_SPLICE_AUTO = 2 } sl_splice_mode;
+
 typedef struct sl_listener_cfg {
   char *name;
   char *listen_text;
@@ -74,7 +80,7 @@ typedef struct sl_listener_cfg {
   double idle_timeout;         /* seconds; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
-  int splice;                  /* 1: pass-through connections may splice (io/splice.h) */
+  int splice;                  /* SL_SPLICE_*: may pass-through connections splice (io/splice.h) */
   double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
   int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
   int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the
@@ -95,6 +101,7 @@ typedef struct sl_config {
   int lua_key_first;           /* Lua stage keys are lua_key_first..+nlua_stages-1 */
   int workers;                 /* 0: one per core */
   double drain_timeout;        /* seconds a stop waits for open connections */
+  size_t lua_memory_limit;     /* bytes a worker's Lua heap may hold; 0: no limit */
   int max_pipes;               /* splice pipes open at once, all workers; -1: from the
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */

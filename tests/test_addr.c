@@ -1,0 +1,55 @@
+/*
+ * io/addr: numeric hosts parse (IPv4 and IPv6, ports checked), format back
+ * for logs, and the loopback test that splice = "auto" decides by.
+ */
+#include "test_util.h"
+
+#include <netinet/in.h>
+
+#include "io/addr.h"
+#include "util/common.h"
+
+static int loopback(const char *host) {
+  sl_addr a;
+  assert_int_equal(SL_OK, sl_addr_parse(&a, host, 80));
+  return sl_addr_is_loopback((const struct sockaddr *)&a.ss);
+}
+
+static void test_parse_and_format(void **state) {
+  (void)state;
+  sl_addr a;
+  char out[64];
+  assert_int_equal(SL_OK, sl_addr_parse(&a, "127.0.0.1", 8080));
+  assert_string_equal("127.0.0.1:8080", sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)));
+  assert_int_equal(SL_OK, sl_addr_parse(&a, "::1", 443));
+  assert_string_equal("[::1]:443", sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)));
+  assert_int_equal(SL_ERROR, sl_addr_parse(&a, "localhost", 80));
+  assert_int_equal(SL_ERROR, sl_addr_parse(&a, "[::1]", 80));
+  assert_int_equal(SL_ERROR, sl_addr_parse(&a, "127.0.0.1", 65536));
+  assert_int_equal(SL_ERROR, sl_addr_parse(&a, "127.0.0.1", -1));
+}
+
+static void test_loopback(void **state) {
+  (void)state;
+  assert_true(loopback("127.0.0.1"));
+  assert_true(loopback("127.255.0.9"));
+  assert_true(loopback("::1"));
+  assert_true(loopback("::ffff:127.0.0.1"));
+  assert_false(loopback("128.0.0.1"));
+  assert_false(loopback("10.0.0.1"));
+  assert_false(loopback("0.0.0.0"));
+  assert_false(loopback("::"));
+  assert_false(loopback("::2"));
+  assert_false(loopback("::ffff:10.0.0.1"));
+  assert_false(loopback("2001:db8::1"));
+  struct sockaddr_storage un = {.ss_family = AF_UNIX};
+  assert_false(sl_addr_is_loopback((const struct sockaddr *)&un));
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_parse_and_format),
+      cmocka_unit_test(test_loopback),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}

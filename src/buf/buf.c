@@ -516,10 +516,12 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r, size_t sc) {
 }
 
 /* A root whose only difference from the common case is its leak record
- * (a sampled buffer): the record goes back, then as in the common case. */
+ * (a sampled buffer): as in the common case, then the record goes back
+ * (keyed by the header's slot, which nothing reuses in between). */
 __attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
-  sl_leak_on_free(pool, r);
+  r->flags &= (uint16_t)~SL_BUF_RECORDED;
   sl_buf_free_plain(pool, r, r->sclass);
+  sl_leak_forget(pool, r);
 }
 
 _Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,

@@ -82,6 +82,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
                       (p->bins[i].cap == 0 && i >= a->nsmall ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
   memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
+  memcpy(p->run_pages, a->run_pages, sizeof(p->run_pages));
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;

@@ -555,16 +555,17 @@ void sl_buf_free(sl_buf *r) {
     sl_buf_free_plain(pool, r, word);
     return;
   }
-  uint32_t special = word >> 16;
-  if (special == SL_BUF_RECORDED) {
+  if (word - ((uint32_t)SL_BUF_UNBINNED << 16) < SL_SC_MAX_CLASSES) {
+    /* Only SL_BUF_UNBINNED, and a class: a normal class no bin caches, its
+     * chunk (the header dies there, its refcount with it). */
+    sl_buf_free_normal(r, pool);
+    return;
+  }
+  if (word >> 16 == SL_BUF_RECORDED) {
     sl_buf_free_recorded(r, pool);
     return;
   }
   r->refcnt = 0;
-  if (special == SL_BUF_UNBINNED && r->sclass < SL_SC_MAX_CLASSES) {
-    sl_buf_free_normal(r, pool);   /* a normal class no bin caches: its chunk */
-    return;
-  }
   sl_buf_free_local(r, pool);
 }
 

@@ -21,18 +21,27 @@ return {
 }
 ]]
 
-local function config(port, admin, echo_port, limit, mod)
+-- mod: the stage module, or nil for a listener with no pipeline.
+local function config(port, admin, echo_port, limit, mod, workers)
   return ([[
 return {
-  workers = 1,
+  workers = %d,
   lua_memory_limit = %d,
   listeners = {
-    { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = { %q } },
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = { %s } },
   },
   upstreams = { back = { servers = { "127.0.0.1:%d" } } },
   admin = { listen = "127.0.0.1:%d" },
 }
-]]):format(limit, port, mod, echo_port, admin)
+]]):format(workers or 1, limit, port, mod and ("%q"):format(mod) or "", echo_port, admin)
+end
+
+-- Rewrites p's configuration file and sends SIGHUP.
+local function reload(p, text)
+  local f = assert(io.open(p.config, "w"))
+  f:write(text)
+  f:close()
+  os.execute("kill -HUP " .. p.pid)
 end
 
 describe("lua_memory_limit", function()
@@ -77,14 +86,58 @@ describe("lua_memory_limit", function()
     local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin, echo.port, 16 * MiB, mod))
-    local f = assert(io.open(p.config, "w"))
-    f:write(config(port, admin, echo.port, 32 * MiB, mod))
-    f:close()
-    os.execute("kill -HUP " .. p.pid)
+    reload(p, config(port, admin, echo.port, 32 * MiB, mod))
     assert.is_truthy(H.wait_for(function()
       local _, _, body = H.admin_get(admin, "/memory")
       return body and body:find("limit=33554432", 1, true)
     end, 10), H.read(p.log))
+    -- A configuration with no Lua stage: the state stays for the
+    -- connections of the earlier one, under the new limit.
+    reload(p, config(port, admin, echo.port, 8 * MiB, nil))
+    assert.is_truthy(H.wait_for(function()
+      local _, _, body = H.admin_get(admin, "/memory")
+      return body and body:find("limit=8388608", 1, true)
+    end, 10), H.read(p.log))
+    H.stop_sluice(p)
+  end)
+
+  it("refuses to start, naming the limit, when a stage module does not fit it", function()
+    -- 4 MiB of strings while the module loads, under a 2 MiB limit.
+    local big = H.tmpfile("big.lua", [[
+local t = {}
+for i = 1, 64 do t[i] = string.rep("y", 65536) .. i end
+return { channel_read = function(ctx, buf) ctx:fire_read(buf) end, kept = t }
+]]):match("([^/]+)%.lua$")
+    local path = H.tmpfile("sluice.lua", config(H.free_port(), H.free_port(), H.free_port(),
+                                                2 * MiB, big))
+    local out, rc = H.sh(("SLUICE_ROOT=%s %s -c %s 2>&1"):format(H.shq(H.root), H.shq(H.bin),
+                                                                  H.shq(path)))
+    assert.are.equal(1, rc, out)
+    assert.matches("sluice: cannot start: worker 0: stage " .. big
+                   .. ": not enough memory (lua_memory_limit is 2097152 bytes)", out, 1, true)
+    assert.not_matches("started with", out, 1, true)
+  end)
+
+  it("keeps every worker's limit when a reload is refused", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
+    -- Loads on worker 0, fails on worker 1: worker 0 was prepared before
+    -- the reload was refused.
+    local picky = H.tmpfile("picky.lua", [[
+if require("sluice.host").worker_id == 1 then error("not on worker 1") end
+return { channel_read = function(ctx, buf) ctx:fire_read(buf) end }
+]]):match("([^/]+)%.lua$")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, echo.port, 16 * MiB, mod, 2))
+    reload(p, config(port, admin, echo.port, 32 * MiB, picky, 2))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("reload refused", 1, true)
+    end, 10))
+    assert.matches("worker 1: stage picky_%d+: [^\n]*not on worker 1", H.read(p.log))
+    local _, _, body = H.admin_get(admin, "/memory")
+    assert.matches("worker=0 bytes=%d+ limit=16777216 ", body)
+    assert.matches("worker=1 bytes=%d+ limit=16777216 ", body)
     H.stop_sluice(p)
   end)
 end)

@@ -86,7 +86,8 @@ static void sl_lua_heap_check(sl_lua_host *h) {
   h->heap_gc_mark = SL_MAX(floor, h->heap + h->heap_limit / 8);
 }
 
-static void sl_lua_heap_set_limit(sl_lua_host *h, size_t limit) {
+void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit) {
+  if (h == NULL) return;
   h->heap_limit = limit;
   h->heap_gc_mark = limit / 4 * 3;
 }
@@ -374,8 +375,13 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, int tb_ref, const sl_
     return SL_ERROR;
   }
   lua_pushinteger(L, spec->lua_key);
+  uint64_t refused = h->heap_refusals;
   if (lua_pcall(L, 4, 2, -6) != 0) {
-    snprintf(err, errlen, "stage %s: %s", spec->module, lua_tostring(L, -1));
+    /* "not enough memory" alone reads as the machine's. */
+    char limit[64] = "";
+    if (h->heap_refusals != refused)
+      snprintf(limit, sizeof(limit), " (lua_memory_limit is %zu bytes)", h->heap_limit);
+    snprintf(err, errlen, "stage %s: %s%s", spec->module, lua_tostring(L, -1), limit);
     lua_settop(L, 0);
     return SL_ERROR;
   }
@@ -440,7 +446,7 @@ void sl_lua_refuse_exit(lua_State *L) {
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
-  if (h != NULL) sl_lua_heap_set_limit(h, cfg->lua_memory_limit);
+  sl_lua_host_set_memory_limit(h, cfg->lua_memory_limit);
   if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
       (h->L = lua_newstate(sl_lua_alloc, h)) == NULL) {
     snprintf(err, errlen, "out of memory%s", h != NULL && h->heap_refusals ? " (lua_memory_limit)" : "");
@@ -521,6 +527,11 @@ int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t err
     }
     lua_settop(L, 0);
   }
+  /* The new stages load under the larger of the two limits (none if
+   * either is none); the configuration's own applies from its commit
+   * (sl_lua_host_set_memory_limit), so a refused reload keeps the old. */
+  size_t limit = h->heap_limit;
+  if (limit != 0) h->heap_limit = cfg->lua_memory_limit == 0 ? 0 : SL_MAX(limit, cfg->lua_memory_limit);
   lua_getglobal(L, "debug");
   lua_getfield(L, -1, "traceback");
   int tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -534,12 +545,12 @@ int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t err
     }
   }
   luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
+  h->heap_limit = limit;
   if (rc != SL_OK) {
     sl_lua_host_unload(h, cfg->lua_key_first, cfg->nlua_stages);
     return SL_ERROR;
   }
   h->loaded_any = 1;
-  sl_lua_heap_set_limit(h, cfg->lua_memory_limit);   /* a reload's limit, once it loaded */
   return SL_OK;
 }
 

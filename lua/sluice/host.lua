@@ -70,6 +70,11 @@ _M.Ctx = Ctx
 
 -- What runs now, for the error handler.
 local cur_ctx, cur_ev, cur_arg = nil, nil, nil
+-- An event was popped and has not reached its stage yet: an error now is
+-- sluice's own (out of Lua memory), and the event's connection closes.
+local pending = false
+-- Resolved once: the error path may have no Lua memory to resolve it.
+local host_abandon = C.sl_ffi_host_abandon
 -- The buffer the current queued event delivered: adopted (given its
 -- finalizer) once every callback it caused is done, if a script kept it.
 local top_arg = nil
@@ -149,7 +154,9 @@ local run_timers, on_added, on_removed
 local function deliver(e)
   local ev = e.ev
   if ev == PROMISE then
-    return promise.settle(e.n, e.str ~= nil and ffi_string(e.str) or nil)
+    local err = e.str ~= nil and ffi_string(e.str) or nil
+    pending = false  -- an error in an on_complete callback closes no connection
+    return promise.settle(e.n, err)
   elseif ev == TIMER then
     return run_timers()
   elseif ev == ADDED then
@@ -192,7 +199,9 @@ local function run()
     top_arg = nil
   end
   if C.sl_ffi_host_next(host, event) == 0 then return end
+  pending = true
   deliver(event[0])
+  pending = false
   return run()
 end
 
@@ -201,9 +210,14 @@ local function failed(err)
   buf.stage, buf.stage_id = nil, 0
   local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
   cur_ctx = nil
+  local undelivered = pending
+  pending = false
   if ctx then
     stage_failed(ctx, ev, arg, err)
   else
+    -- Before anything that allocates: the event's buffer and connection
+    -- must not wait for Lua memory.
+    if undelivered then host_abandon(host, type(err) == "string" and err or "error") end
     log.error("Lua dispatch: %s", tostring(err))
   end
 end

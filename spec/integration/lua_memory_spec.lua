@@ -80,6 +80,71 @@ describe("lua_memory_limit", function()
     H.stop_sluice(p)
   end)
 
+  it("closes the connection whose event sluice's own Lua could not deliver, releasing its buffer", function()
+    -- The stage passes the first read on to the echo stage, whose write
+    -- back is queued for this stage, then fills the heap to within a few
+    -- bytes of the limit (the collector stopped, the JIT off): the next
+    -- allocation is sluice's own, delivering that write, and is refused.
+    local squeeze = H.tmpfile("squeeze.lua", [[
+local ffi = require("ffi")
+local table_new = require("table.new")
+jit.off()
+jit.flush()
+local VLA, ONE = ffi.typeof("uint8_t[?]"), ffi.typeof("uint8_t[1]")
+local done = false
+local function fill()
+  collectgarbage("stop")
+  local t, i, n = table_new(512, 0), 0, 1048576
+  while n >= 1 do
+    local ok, x = pcall(VLA, n)
+    if ok then i = i + 1; t[i] = x else n = math.floor(n / 2) end
+  end
+  while true do
+    local ok, x = pcall(ONE)
+    if not ok then break end
+    i = i + 1
+    t[i] = x
+  end
+end
+return {
+  channel_read = function(ctx, buf)
+    ctx:fire_read(buf)
+    if not done then
+      done = true
+      fill()
+    end
+  end,
+  write = function(ctx, buf, p) ctx:write(buf, p) end,
+  flush = function(ctx) ctx:flush() end,
+}
+]]):match("([^/]+)%.lua$")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  lua_memory_limit = %d,
+  listeners = { { name = "front", listen = "127.0.0.1:%d",
+                  pipeline = { %q, "sluice.stages.echo" } } },
+  admin = { listen = "127.0.0.1:%d" },
+}
+]]):format(4 * MiB, port, squeeze, admin))
+    local c = H.connect(port)
+    c.send("lost\n")
+    -- The connection closes (end of input, not a timeout): the write of
+    -- its echo could not be delivered.
+    assert.are.equal("", c.recv(5, 10))
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), H.read(p.log))
+    assert.is_true(H.metric(admin, "sluice_lua_memory_refusals_total", 'worker="0"') >= 1)
+    local log = H.read(p.log)
+    assert.matches("closed: Lua dispatch failed: not enough memory", log, 1, true)
+    -- The next connection is served.
+    assert.are.equal("next\n", H.exchange(port, "next\n", 10))
+    H.stop_sluice(p)
+  end)
+
   it("takes a new limit on SIGHUP", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo

@@ -149,6 +149,18 @@ int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out) {
 
 int sl_ffi_host_pending(sl_lua_host *h) { return h->qlen > 0 || h->has_cur; }
 
+void sl_ffi_host_abandon(sl_lua_host *h, const char *why) {
+  if (!h->has_cur) return;
+  sl_lua_event *e = &h->cur;
+  if (e->ptr && (e->ev == SL_EV_READ || e->ev == SL_EV_WRITE)) sl_buf_release(e->ptr);
+  e->ptr = NULL;
+  if (e->ch == NULL || sl_channel_is_closed(e->ch)) return;
+  char reason[128];
+  int n = (int)strcspn(why, "\n");
+  snprintf(reason, sizeof(reason), "Lua dispatch failed: %.*s", n, why);
+  sl_channel_close(e->ch, reason, 1);
+}
+
 /* Drops every pending event (the state is closing): buffers are released. */
 static void sl_lua_discard(sl_lua_host *h) {
   sl_lua_event e;

@@ -1078,7 +1078,7 @@ static void test_released_root_parks_with_its_block(void **state) {
   assert_null(sl_buf_released_by(c, gen));           /* reused since */
   assert_int_equal(c->refcnt, 1);
   assert_ptr_equal(c->root, c);
-  assert_null(c->views);
+  SL_TEST_ASSERT_NO_VIEWS(c);
   assert_null(c->owner);
   assert_int_equal(c->flags, 0);
   assert_int_equal(c->rd, 0);
@@ -1146,7 +1146,7 @@ static void test_views_take_parked_headers_and_roots_park_clean(void **state) {
   sl_buf_release(d);
   assert_int_equal(sl_buf_release(b2), 1);            /* views die, then it parks */
   assert_int_equal(b2->flags, 0);
-  assert_null(b2->views);
+  SL_TEST_ASSERT_NO_VIEWS(b2);   /* its views died; it keeps its subpage there */
   sl_buf *e = sl_buf_alloc(p, 5000, 0);
   assert_ptr_equal(e, b2);
   assert_int_equal(e->flags, 0);
@@ -1545,7 +1545,7 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   }
   assert_int_equal(owned_count(p), 5);
   assert_null(ar->subpages[k]);   /* owned subpages are off the arena's lists */
-  assert_null(bin->own);          /* all five are full */
+  assert_null(sl_pool_own_first(bin));   /* all five are full */
   sl_pool_stats st = sl_test_stats(p);
   assert_int_equal(st.cache_misses, 20);
   assert_int_equal(st.blocks_in_use, 20);
@@ -1565,7 +1565,7 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
   assert_int_equal(st.cached_blocks, 8);
   assert_int_equal(bin->n, 8);
   assert_int_equal(owned_count(p), 3);
-  assert_ptr_equal(bin->own, s2);
+  assert_ptr_equal(sl_pool_own_first(bin), s2);
   assert_int_equal(s2->nfree, s2->nelems);
   assert_ptr_equal(ar->subpages[k], s3);
   assert_null(sl_subpage_owner(s3));
@@ -1579,17 +1579,101 @@ static void test_owned_subpages_serve_misses_and_go_back_to_the_arena(void **sta
     if (i < 8) assert_ptr_equal(b[i]->data, data[7 - i]);
     else assert_ptr_equal(subpage_of(p, b[i]->data), s2);
   }
-  assert_null(bin->own);
+  assert_null(sl_pool_own_first(bin));
   assert_int_equal(sl_test_stats(p).cache_hits, 8);
   for (int i = 0; i < 12; i++) sl_buf_release(b[i]);
 
   /* Everything back: no owned subpage, the arena's counts complete. */
   sl_pool_trim(p, 1);
   assert_null(p->owned);
-  assert_null(bin->own);
+  assert_null(sl_pool_own_first(bin));
   assert_int_equal(sl_test_stats(p).cached_blocks, 0);
   assert_int_equal(ar->cls[k].allocs, 24);
   assert_int_equal(ar->cls[k].frees, 24);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+/* Each allocation and release is counted once, in one of several
+ * counters (hits, owned-subpage misses and parks, the rest: sl_cache_bin),
+ * which trims and reports to the arena fold together. Whatever path a
+ * block takes (a hit, an owned subpage, a count-based trim or a flush to
+ * the subpages, the arena for a normal class no bin caches, a bare block
+ * without a header), the per-class counts, the totals and the bytes in use
+ * stay exactly what was done, and the arena's counts add up once
+ * everything is back. */
+#define CNT_LIVE 64
+#define CNT_OPS 6000
+static void test_class_counts_stay_exact_on_every_path(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  owned_config(&cfg);
+  cfg.trim_interval = 37;   /* count-based trims among the operations */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  static const size_t sizes[] = {100, 1000, 1000, 3000, 40000};
+  uint64_t allocs[SL_SC_MAX_CLASSES] = {0}, frees[SL_SC_MAX_CLASSES] = {0};
+  sl_buf *bufs[CNT_LIVE] = {0};
+  void *blocks[CNT_LIVE] = {0};
+  size_t block_size[CNT_LIVE] = {0};
+  uint64_t seed = 0x6a09e667f3bcc909ull, bytes = 0, hits = 0, total = 0;
+  for (int op = 0; op < CNT_OPS; op++) {
+    unsigned i = (unsigned)(rng_next(&seed) % CNT_LIVE);
+    uint64_t r = rng_next(&seed);
+    if (r % 5 == 0) {   /* a bare block, without a header */
+      if (blocks[i] != NULL) {
+        unsigned k = sl_sc_index(block_size[i]);
+        sl_pool_free(p, blocks[i], block_size[i]);
+        blocks[i] = NULL;
+        frees[k]++;
+        bytes -= block_size[i];
+      } else {
+        size_t usable;
+        assert_non_null(blocks[i] = sl_pool_alloc(p, sizes[r / 5 % 4], &usable));
+        block_size[i] = usable;
+        allocs[sl_sc_index(usable)]++;
+        bytes += usable;
+      }
+    } else if (bufs[i] != NULL) {
+      unsigned k = bufs[i]->sclass;
+      bytes -= bufs[i]->block_size;
+      sl_buf_release(bufs[i]);
+      bufs[i] = NULL;
+      frees[k]++;
+    } else {
+      assert_non_null(bufs[i] = sl_buf_alloc(p, sizes[r / 5 % 5], 0));
+      allocs[bufs[i]->sclass]++;
+      bytes += bufs[i]->block_size;
+    }
+    if (op % 1000 == 999) sl_pool_trim(p, op % 2000 == 1999);
+    total = 0;
+    for (unsigned k = 0; k < SL_SC_MAX_CLASSES; k++) {
+      assert_int_equal(sl_pool_class_allocs(p, k), allocs[k]);
+      assert_int_equal(sl_pool_class_frees(p, k), frees[k]);
+      total += allocs[k];
+    }
+    sl_pool_stats st = sl_test_stats(p);
+    assert_int_equal(st.allocs, total);
+    assert_int_equal(st.bytes_in_use, bytes);
+    assert_int_equal(st.cache_hits + st.cache_misses, st.allocs);
+    assert_true(st.cache_hits >= hits);   /* never taken back */
+    hits = st.cache_hits;
+  }
+  sl_pool_stats st = sl_test_stats(p);
+  assert_true(st.cache_hits > 0 && st.cache_misses > 0 && st.trims > 3);
+  unsigned k1 = sl_sc_index(1000);
+  assert_true(sl_pool_class_allocs(p, k1) > 1000);   /* bins of 8: owned subpages served most */
+  for (unsigned i = 0; i < CNT_LIVE; i++) {
+    if (bufs[i] != NULL) sl_buf_release(bufs[i]);
+    if (blocks[i] != NULL) sl_pool_free(p, blocks[i], block_size[i]);
+  }
+  sl_pool_trim(p, 1);
+  for (unsigned k = 0; k < SL_SC_MAX_CLASSES; k++)
+    assert_int_equal(sl_pool_class_allocs(p, k), sl_pool_class_frees(p, k));
+  /* With everything back, the arena has counted each of the pool's blocks
+   * out and in (the owned subpages' share reported at the trims). */
+  for (unsigned k = 0; k < a->nclasses; k++)
+    assert_int_equal(p->arena->cls[k].allocs, p->arena->cls[k].frees);
   SL_TEST_ASSERT_POOL_CLEAN(p);
   finish(p, a);
 }
@@ -1667,7 +1751,7 @@ static void test_full_bin_parks_headers_on_owned_subpages_for_misses(void **stat
     assert_true(b[i]->gen != 0);
     assert_int_equal(b[i]->refcnt, 1);
     assert_ptr_equal(b[i]->root, b[i]);
-    assert_null(b[i]->views);
+    SL_TEST_ASSERT_NO_VIEWS(b[i]);
     assert_null(b[i]->owner);
     assert_int_equal(b[i]->flags, 0);
     assert_int_equal(b[i]->block_size, 1024);
@@ -2324,7 +2408,7 @@ static void test_random_stress_never_overlaps_or_corrupts(void **state) {
         continue;
       }
       stress_verify(lb, "release");
-      sl_buf *v = lb->b->views;
+      sl_buf *v = (lb->b->flags & SL_BUF_HAS_VIEWS) ? lb->b->views : NULL;
       assert_int_equal(sl_buf_release(lb->b), 1);
       if (v != NULL) assert_int_equal(v->gen, 0);
       live[i] = live[--nlive];
@@ -2547,6 +2631,7 @@ int main(void) {
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
+      cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_idle_tick_takes_headers_off_owned_subpages),

@@ -45,7 +45,7 @@ static void test_alloc_returns_fresh_root(void **state) {
   assert_true(b->cap >= 100);
   assert_int_equal(b->max_cap, b->cap); /* max_cap 0 means "cap" */
   assert_ptr_equal(b->root, b);
-  assert_null(b->views);
+  SL_TEST_ASSERT_NO_VIEWS(b);
   assert_int_equal(b->flags & SL_BUF_VIEW, 0);
   assert_int_equal(sl_buf_writable(b), b->cap);
 
@@ -313,7 +313,7 @@ static void test_slice_out_of_range_is_refused(void **state) {
     assert_string_equal(err, "slice out of range");
   }
   /* Nothing was taken or linked by the refusals. */
-  assert_null(root->views);
+  SL_TEST_ASSERT_NO_VIEWS(root);
   assert_int_equal(sl_test_stats(pool).headers_free, headers_free);
 
   /* The edges are in range. */

@@ -39,6 +39,21 @@
     assert_int_equal(clean_st_.headers_free, clean_st_.headers_total); \
   } while (0)
 
+/* Asserts that root b has no views: the flag is clear, and views holds
+ * what a root without views keeps there (its block's subpage for a small
+ * class, else sl_pool_own_none). */
+#define SL_TEST_ASSERT_NO_VIEWS(b)                                              \
+  do {                                                                          \
+    const sl_buf *nv_b_ = (b);                                                  \
+    const sl_pool *nv_p_ = sl_pool_of(nv_b_);                                   \
+    assert_int_equal(nv_b_->flags & SL_BUF_HAS_VIEWS, 0);                       \
+    if (nv_b_->sclass < nv_p_->nsmall)                                          \
+      assert_ptr_equal(nv_b_->views,                                            \
+                       sl_pool_subpage_of(nv_p_, nv_b_->data, nv_b_->sclass));  \
+    else                                                                        \
+      assert_ptr_equal(nv_b_->views, &sl_pool_own_none);                        \
+  } while (0)
+
 static inline sl_pool_stats sl_test_stats(const sl_pool *p) {
   sl_pool_stats st;
   sl_pool_get_stats(p, &st);

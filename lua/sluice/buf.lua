@@ -107,6 +107,12 @@ _M.where = false
 local debug_getinfo = debug.getinfo
 local traceback = debug.traceback
 local RECORDED = 2 -- SL_BUF_RECORDED
+local HAS_VIEWS = 0x20 -- SL_BUF_HAS_VIEWS (a root without views keeps other things in views)
+
+-- Whether sl_buf b has views (slices, duplicates) sharing its refcount.
+function _M.has_views(b)
+  return band(b.flags, HAS_VIEWS) ~= 0
+end
 
 -- Where a buffer made here came from, for leak reports (recorded buffers only).
 local function note_site(b, what)

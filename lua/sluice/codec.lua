@@ -29,6 +29,7 @@
 local buf = require("sluice.buf")
 
 local is_buf = buf.is_buf
+local has_views = buf.has_views
 local type, error = type, error
 
 local _M = {}
@@ -89,7 +90,7 @@ end
 local function cumulate(ctx, cum, msg)
   local n = #msg
   local b = cum.b
-  local exclusive = cum:refcnt() == 1 and b.views == nil and b.root == b
+  local exclusive = cum:refcnt() == 1 and not has_views(b) and b.root == b
   if exclusive and b.wr + n <= b.max_cap then
     local ok = cum:ensure_writable(n)
     if ok then
@@ -177,7 +178,7 @@ function _M.decoder(decode_fn, opts)
       return
     end
     st.reads = st.reads + 1
-    if st.reads >= st.discard_after and cum:refcnt() == 1 and cum.b.views == nil then
+    if st.reads >= st.discard_after and cum:refcnt() == 1 and not has_views(cum.b) then
       cum:discard_read_bytes()
       st.reads = 0
     end

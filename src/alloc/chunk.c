@@ -258,6 +258,18 @@ void *sl_subpage_alloc(sl_subpage *s) {
 void sl_subpage_to_list(sl_subpage *s) {
   void *head = NULL;
   size_t es = s->elem_size;
+  if (s->nfree == s->nelems) {
+    /* Every element free (a new subpage, mostly): no bits to scan. */
+    for (uint32_t i = s->nelems; i-- > 0;) {
+      void *e = s->base + (size_t)i * es;
+      SL_UNPOISON(e, sizeof(void *));
+      *(void **)e = head;
+      head = (void *)((uintptr_t)e | SL_SUB_BARE);
+    }
+    s->free = head;
+    s->nbare = s->nfree;
+    return;
+  }
   for (uint32_t w = s->nwords; w-- > 0;) {
     uint64_t free_bits = ~s->bits[w];
     while (free_bits != 0) {   /* highest first, so that the list starts low */
@@ -274,6 +286,17 @@ void sl_subpage_to_list(sl_subpage *s) {
 }
 
 void sl_subpage_to_bits(sl_subpage *s) {
+  if (s->nfree == s->nelems) {
+    /* Empty: every element free, whatever its list holds (its owner has
+     * taken what the carried items carry). */
+    memset(s->bits, 0, s->nwords * sizeof(uint64_t));
+    if (s->nelems & 63) s->bits[s->nwords - 1] = ~0ull << (s->nelems & 63);
+    SL_POISON(s->base, (size_t)s->nelems * s->elem_size);
+    s->free = NULL;
+    s->nbare = s->nfree;
+    s->hint = 0;
+    return;
+  }
   SL_ASSERT(s->nbare == s->nfree, "owned subpage goes back with carried items");
   for (uint32_t w = 0; w < s->nwords; w++) s->bits[w] = ~0ull;   /* past nelems: used */
   uint32_t n = 0;

@@ -262,7 +262,8 @@ static inline void sl_subpage_set_owner(sl_subpage *s, sl_sub_owner *o) {
  * list. */
 void sl_subpage_to_list(sl_subpage *s);
 /* An owned subpage goes back to the arena: its bitmap is rebuilt from the
- * free list, which empties. */
+ * free list, which empties; an empty one's bitmap is simply cleared (its
+ * list may then still hold carried items, their carriers already taken). */
 void sl_subpage_to_bits(sl_subpage *s);
 
 /* The element index of p in s (exact for runs below 16 MiB and elements

@@ -6,9 +6,13 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "buf/buf_types.h"
 #include "util/common.h"
 
 _Static_assert(offsetof(sl_pool, sub_owner) == 0, "a subpage's owner is its pool's address");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ &&
+                   offsetof(sl_pool, gen_next) == offsetof(sl_pool, gen_word) + 4,
+               "gen_next is gen_word's upper half");
 
 __thread sl_pool *sl_pool_tls;
 
@@ -50,7 +54,6 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->arena = &a->arenas[id % cfg->arenas];
   p->trim_interval = (uint32_t)(cfg->trim_interval > 0 ? cfg->trim_interval : 8192);
   p->gen_word = (uint64_t)1 << 32 | 1;   /* generation 1, refcount 1 */
-  p->gen_step = (uint64_t)2 << 32;
   p->rec_cap = (uint32_t)cfg->recycler_cap;
   p->recycler = malloc(sizeof(void *) * (p->rec_cap ? p->rec_cap : 1));
   if (p->recycler == NULL || sl_retq_init(&p->retq, (size_t)cfg->return_queue_cap) != SL_OK ||
@@ -70,14 +73,15 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->max_cached_size = nbins ? sl_sc_size(nbins - 1) : 0;
     for (unsigned i = 0; i < nbins && i < a->nsmall; i++) p->bins[i].owns = p->bins[i].cap >= 8;
   }
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
-    p->bins[i].full = p->bins[i].owns                          ? SL_BIN_FULL_OWN
-                      : p->bins[i].cap == 0 && i >= a->nsmall ? SL_BIN_FULL_ARENA
-                                                              : SL_BIN_FULL_LOCAL;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) sl_pool_own_set_first(&p->bins[i], NULL);
   p->chunk_mask = ~((uintptr_t)cfg->chunk_size - 1);
   p->page_shift = (uint32_t)__builtin_ctzll(cfg->page_size);
+  /* Flags 0, or SL_BUF_UNBINNED for a normal class no bin caches (its
+   * release leaves sl_buf_free at the flag test, straight for the arena). */
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
-    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32;   /* flags 0 */
+    p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
+                      (p->bins[i].cap == 0 && i >= a->nsmall ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
+  memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;
@@ -105,7 +109,10 @@ fail:
 
 void sl_pool_bind_thread(sl_pool *p) {
   sl_pool_tls = p;
-  if (p != NULL) p->owner_tp = __builtin_thread_pointer();
+  if (p != NULL) {
+    p->owner_tp = __builtin_thread_pointer();
+    sl_pool_quarantine_next(p, p->quarantine_next);
+  }
 }
 
 static void sl_pool_take_remote_headers(sl_pool *p) {
@@ -157,18 +164,28 @@ unsigned sl_pool_class_of(const sl_pool *p, size_t usable) {
 
 /* ---- owned subpages (see pool_types.h) ---- */
 
+const sl_subpage sl_pool_own_none = {.free = (void *)SL_SUB_BARE};
+
 static void sl_pool_own_link(sl_cache_bin *bin, sl_subpage *s) {
   s->prev = NULL;
-  s->next = bin->own;
+  s->next = sl_pool_own_first(bin);
   if (s->next != NULL) s->next->prev = s;
   bin->own = s;
 }
 
 static void sl_pool_own_unlink(sl_cache_bin *bin, sl_subpage *s) {
   if (s->prev != NULL) s->prev->next = s->next;
-  else if (bin->own == s) bin->own = s->next;
+  else if (bin->own == s) sl_pool_own_set_first(bin, s->next);
   if (s->next != NULL) s->next->prev = s->prev;
   s->prev = s->next = NULL;
+}
+
+/* Class k's owned-subpage counts were added to the arena's: the pool's
+ * own counts take them too (sl_cache_bin). */
+static void sl_pool_own_fold(sl_cache_bin *bin) {
+  bin->allocs_rest += bin->own_allocs;
+  bin->frees_rest += bin->own_frees;
+  bin->own_allocs = bin->own_frees = 0;
 }
 
 /* Adds the pool's share of class k's counts to the arena's. Lock held. */
@@ -176,7 +193,7 @@ static void sl_pool_own_report(sl_pool *p, unsigned k) {
   sl_cache_bin *bin = &p->bins[k];
   p->arena->cls[k].allocs += bin->own_allocs;
   p->arena->cls[k].frees += bin->own_frees;
-  bin->own_allocs = bin->own_frees = 0;
+  sl_pool_own_fold(bin);
 }
 
 /* The same for every class, under the lock (a trim). */
@@ -216,10 +233,26 @@ static void sl_pool_own_unpark(sl_pool *p, sl_subpage *s) {
   s->nbare = s->nfree;
 }
 
+/* The parked headers of owned subpage s, empty and going back to the
+ * arena, to the recycler: its list is not rebuilt, as its bitmap is only
+ * cleared (sl_subpage_to_bits). */
+static void sl_pool_own_unpark_empty(sl_pool *p, sl_subpage *s) {
+  if (s->nbare == s->nfree) return;
+  for (uintptr_t item = (uintptr_t)s->free, next; item != 0; item = next) {
+    if (item & SL_BIN_BARE) {
+      next = (uintptr_t)*(void **)(item - SL_BIN_BARE);
+      continue;
+    }
+    next = (uintptr_t)*sl_pool_hdr_link((void *)item);
+    sl_pool_header_put(p, (void *)item);
+  }
+}
+
 /* Gives owned subpage s back to the arena, its parked headers to the
  * recycler first. Lock held. */
 static void sl_pool_own_disown(sl_pool *p, sl_subpage *s) {
-  sl_pool_own_unpark(p, s);
+  if (s->nfree == s->nelems) sl_pool_own_unpark_empty(p, s);
+  else sl_pool_own_unpark(p, s);
   sl_pool_own_unlink(&p->bins[s->sclass], s);
   if (s->own_prev != NULL) s->own_prev->own_next = s->own_next;
   else p->owned = s->own_next;
@@ -277,12 +310,13 @@ static void sl_pool_own_return_all(sl_pool *p) {
  * arena. NULL when memory is refused. */
 static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
   sl_cache_bin *bin = &p->bins[idx];
-  if (bin->own == NULL && atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed))
+  if (sl_pool_own_first(bin) == NULL &&
+      atomic_load_explicit(&p->sub_owner.remote, memory_order_relaxed))
     sl_pool_own_reclaim(p, 0);
-  if (bin->own == NULL) {
+  if (sl_pool_own_first(bin) == NULL) {
     sl_subpage *s = sl_arena_subpage_own(p->arena, idx, &p->sub_owner, bin->own_allocs,
                                          bin->own_frees);
-    bin->own_allocs = bin->own_frees = 0;   /* the arena took them, refused or not */
+    sl_pool_own_fold(bin);   /* the arena took them, refused or not */
     if (s == NULL) return NULL;
     sl_subpage_to_list(s);
     s->own_prev = NULL;
@@ -307,10 +341,10 @@ static void *sl_pool_own_alloc(sl_pool *p, unsigned idx) {
 }
 
 /* A block of class idx from the arena (an owned subpage for the classes
- * that own them). */
-static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size) {
-  if (idx < p->alloc->nsmall && p->bins[idx].owns && size <= p->max_cached_size)
-    return sl_pool_own_alloc(p, idx);
+ * that own them, which counts it: *counted = 1). */
+static void *sl_pool_arena_get(sl_pool *p, unsigned idx, size_t size, int *counted) {
+  *counted = idx < p->alloc->nsmall && p->bins[idx].owns && size <= p->max_cached_size;
+  if (*counted) return sl_pool_own_alloc(p, idx);
   return sl_arena_alloc(p->arena, idx, size);
 }
 
@@ -340,13 +374,14 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
     return mem;
   }
   unsigned idx = sl_pool_class(p, size);
-  void *mem = sl_pool_arena_get(p, idx, size);
+  int counted;
+  void *mem = sl_pool_arena_get(p, idx, size, &counted);
   if (mem == NULL) {
     /* Refused (max_memory) or the OS said no: the caches are memory too.
      * Give them back, unmap what that empties, and try once more. */
     sl_pool_trim(p, 1);
     sl_arena_release_empty(p->arena, 0, 1);
-    mem = sl_pool_arena_get(p, idx, size);
+    mem = sl_pool_arena_get(p, idx, size, &counted);
   }
   if (mem == NULL) {
     p->alloc_failures++;
@@ -356,7 +391,7 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
   if (idx < a->nclasses) {
     *usable = sl_sc_size(idx);
     *sclass = idx;
-    p->cls[idx].allocs++;
+    if (!counted) p->bins[idx].allocs_rest++;
     SL_UNPOISON(mem, *usable);
   } else {
     *usable = sl_alloc_huge_size(a, size);
@@ -372,11 +407,22 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
 static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
   uintptr_t v = (uintptr_t)item;
   if (v & SL_BIN_BARE) return sl_pool_own_give(p, bin, (void *)(v - SL_BIN_BARE), sclass);
-  sl_subpage *s = sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass);
+  sl_subpage *s = sl_pool_parked_subpage(item);
+  SL_ASSERT_DEBUG(s == sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass),
+                  "a parked header keeps its block's subpage");
   if (!sl_pool_owns(p, s)) return 0;
   uint32_t nfree = sl_pool_own_push_parked(s, item);
   bin->own_frees++;
   if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved(p, s, nfree);
+  return 1;
+}
+
+/* sl_pool_own_give_item for an item of a bin: its release was counted
+ * when it was cached (frees_rest), and own_frees counts it again for the
+ * arena, so frees_rest gives it back (sl_cache_bin). */
+static int sl_pool_own_give_cached(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
+  if (!sl_pool_own_give_item(p, bin, item, sclass)) return 0;
+  bin->frees_rest--;
   return 1;
 }
 
@@ -389,7 +435,7 @@ static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   uint32_t rest = 0;
   for (uint32_t i = 0; i < give; i++) {
     void *item = bin->items[i];
-    if (bin->owns && sl_pool_own_give_item(p, bin, item, sclass)) continue;
+    if (bin->owns && sl_pool_own_give_cached(p, bin, item, sclass)) continue;
     bin->items[rest++] = sl_pool_item_block(p, item);
   }
   sl_arena_free_many(p->arena, bin->items, rest, sclass);
@@ -401,7 +447,7 @@ __attribute__((noinline)) void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned
   sl_cache_bin *bin = &p->bins[sclass];
   sl_pool_bin_give(p, sclass, (bin->cap + 1) / 2);   /* cap >= 1 */
   bin->items[bin->n++] = hdr;
-  bin->frees++;
+  bin->frees_rest++;
 }
 
 __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t usable, unsigned sclass) {
@@ -412,11 +458,11 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
     return;
   }
   if (sclass != SL_SC_NONE) {
-    p->cls[sclass].frees++;
     SL_POISON(mem, usable);
     sl_cache_bin *bin = &p->bins[sclass];
+    if (bin->cap >= 8 && bin->owns && sl_pool_own_give(p, bin, mem, sclass)) return;
+    bin->frees_rest++;
     if (bin->cap >= 8) {
-      if (bin->owns && sl_pool_own_give(p, bin, mem, sclass)) return;
       /* A full bin gives its older half back in one trip, then keeps mem. */
       sl_pool_bin_give(p, sclass, bin->cap / 2);
       bin->items[bin->n++] = sl_pool_bare_item(mem);
@@ -439,7 +485,7 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
  * search found none there. */
 static void *sl_pool_unpark(sl_pool *p) {
   uint64_t frees = 0;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees_rest;
   if (frees != p->unpark_frees) {
     for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
       sl_cache_bin *bin = &p->bins[i];
@@ -454,7 +500,7 @@ static void *sl_pool_unpark(sl_pool *p) {
     p->unpark_frees = frees;
   }
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    sl_subpage *s = p->bins[i].own;
+    sl_subpage *s = sl_pool_own_first(&p->bins[i]);
     void *h = s != NULL ? s->free : NULL;
     if (h != NULL && !((uintptr_t)h & SL_BIN_BARE)) {
       uint8_t *mem = sl_pool_parked_block(h);
@@ -583,19 +629,6 @@ void sl_pool_header_put_foreign(sl_pool *p, void *hdr) {
                                                   memory_order_relaxed));
 }
 
-void sl_pool_countdown_sync(sl_pool *p) {
-  uint32_t done = p->countdown_set - p->countdown;
-  p->trim_countdown -= done;
-  p->leak_countdown -= done;
-  p->countdown_set = p->countdown;
-}
-
-void sl_pool_countdown_arm(sl_pool *p) {
-  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
-  if (n == 0) n = 1;
-  p->countdown = p->countdown_set = n;
-}
-
 __attribute__((noinline)) void sl_pool_event(sl_pool *p) {
   sl_pool_countdown_sync(p);
   if (p->trim_countdown == 0) sl_pool_trim(p, 0);
@@ -606,15 +639,12 @@ __attribute__((noinline)) void sl_pool_event(sl_pool *p) {
 __attribute__((noinline)) void sl_pool_trim(sl_pool *p, int everything) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
     sl_cache_bin *bin = &p->bins[i];
-    if (bin->n == 0) {
-      p->cache_hits += bin->used;
-      bin->used = 0;
-      continue;
-    }
+    if ((bin->n | bin->used) == 0) continue;
     /* What went unused since the last trim goes back: the oldest entries. */
     uint32_t give = everything ? bin->n : (bin->n > bin->used ? bin->n - bin->used : 0);
-    sl_pool_bin_give(p, i, give);
+    if (give != 0) sl_pool_bin_give(p, i, give);
     p->cache_hits += bin->used;
+    bin->allocs_rest += bin->used;   /* sl_cache_bin */
     bin->used = 0;
   }
   if (everything) sl_pool_own_return_all(p);
@@ -649,7 +679,7 @@ static int sl_pool_reset_region(sl_pool *p) {
 int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r) {
   memset(r, 0, sizeof(*r));
   uint64_t allocs = p->other_allocs;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) allocs += p->cls[i].allocs;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) allocs += sl_pool_class_allocs(p, i);
   if (allocs != p->allocs_at_tick || p->last_activity_ms == 0) {
     p->allocs_at_tick = allocs;
     p->last_activity_ms = now_ms;
@@ -683,9 +713,10 @@ void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {
   uint64_t bytes = p->unpooled_bytes - atomic_load(&((sl_pool *)p)->remote_direct_bytes);
   uint64_t allocs = p->other_allocs, frees = p->other_frees, hits = p->cache_hits;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
-    bytes += (p->cls[i].allocs - p->cls[i].frees) * sl_sc_size(i);
-    allocs += p->cls[i].allocs;
-    frees += p->cls[i].frees;
+    uint64_t a = sl_pool_class_allocs(p, i), f = sl_pool_class_frees(p, i);
+    bytes += (a - f) * sl_sc_size(i);
+    allocs += a;
+    frees += f;
     hits += p->bins[i].used;
     st->cached_blocks += p->bins[i].n;
     st->cached_bytes += p->bins[i].n * sl_sc_size(i);

@@ -60,6 +60,15 @@ static inline int sl_pool_is_owner(const sl_pool *p) {
   return p->owner_tp == __builtin_thread_pointer();
 }
 
+/* Whether the next header freed on p's thread waits in the quarantine
+ * (sl_pool_header_quarantine) before it can be reused: set around
+ * releases from Lua, cleared by the free that takes it. Such a free
+ * leaves sl_buf_free's fast path at its first test. */
+static inline void sl_pool_quarantine_next(sl_pool *p, int on) {
+  p->quarantine_next = on;
+  p->free_tp = on ? NULL : p->owner_tp;
+}
+
 /* The pool a header belongs to. */
 static inline sl_pool *sl_pool_of(const void *hdr) {
   return *(sl_pool *const *)((uintptr_t)hdr & ~(SL_HDR_REGION_SPAN - 1));
@@ -82,8 +91,18 @@ void sl_pool_trim(sl_pool *p, int everything);
  * date, whichever is due runs, and sl_pool_countdown_arm sets it again.
  * Whatever changes trim_countdown or leak_countdown syncs before and arms
  * after. */
-void sl_pool_countdown_sync(sl_pool *p);
-void sl_pool_countdown_arm(sl_pool *p);
+static inline void sl_pool_countdown_sync(sl_pool *p) {
+  uint32_t done = p->countdown_set - p->countdown;
+  p->trim_countdown -= done;
+  p->leak_countdown -= done;
+  p->countdown_set = p->countdown;
+}
+
+static inline void sl_pool_countdown_arm(sl_pool *p) {
+  uint32_t n = SL_MIN(p->trim_countdown, p->leak_countdown);
+  if (n == 0) n = 1;
+  p->countdown = p->countdown_set = n;
+}
 /* The countdown reached zero on an allocation that made no buffer: a due
  * trim runs; a due leak sample waits for the next buffer. */
 void sl_pool_event(sl_pool *p);
@@ -161,32 +180,55 @@ void sl_pool_park_slow(sl_pool *p, void *hdr, unsigned sclass);
  * (linked through SL_HDR_LINK_OFFSET; nfree - nbare of them). */
 _Static_assert(SL_BIN_BARE == SL_SUB_BARE, "bins and owned subpages tag bare blocks alike");
 
+/* What a bin's own points at when none of its owned subpages has room:
+ * no subpage, but its free list reads as a bare item (SL_SUB_BARE alone),
+ * so that the fast path tests one bit for "a parked header to take"
+ * (sl_buf_alloc). Never written (read-only memory). */
+extern const sl_subpage sl_pool_own_none;
+
+/* The first owned subpage with room of bin's class, or NULL. */
+static inline sl_subpage *sl_pool_own_first(const sl_cache_bin *bin) {
+  return bin->own == &sl_pool_own_none ? NULL : bin->own;
+}
+
+/* Makes s (NULL: none) the first owned subpage with room of bin's class. */
+static inline void sl_pool_own_set_first(sl_cache_bin *bin, sl_subpage *s) {
+  bin->own = s != NULL ? s : (sl_subpage *)(uintptr_t)&sl_pool_own_none;
+}
+
 /* An element was taken off the free list of s, the first owned subpage
  * of bin's class: one free element less; a subpage left full leaves the
- * list. The caller counts the allocation (bin->allocs). */
+ * list. Counts the allocation (own_allocs). */
 static inline void sl_pool_own_took(sl_cache_bin *bin, sl_subpage *s) {
   if (__builtin_expect(--s->nfree == 0, 0)) {
-    bin->own = s->next;
+    sl_pool_own_set_first(bin, s->next);
     if (s->next != NULL) s->next->prev = NULL;
     s->next = NULL;
   }
   bin->own_allocs++;
 }
 
+/* A parked header of a small class keeps its block's subpage in its link
+ * word (sl_buf's views, which a root without views uses so: the release
+ * reads it instead of looking the subpage up), except while it is linked
+ * on that subpage's free list. */
+static inline sl_subpage *sl_pool_parked_subpage(const void *hdr) {
+  return *(sl_subpage *const *)(const void *)((const char *)hdr + SL_HDR_LINK_OFFSET);
+}
+
 /* Takes parked header hdr, the first item of owned subpage s, off its
- * list; its link (sl_buf's views) is NULL again, as a parked header's is.
+ * list; its link (sl_buf's views) is s again (sl_pool_parked_subpage).
  * The caller then calls sl_pool_own_took. */
 static inline void sl_pool_own_pop_parked(sl_subpage *s, void *hdr) {
   void **link = sl_pool_hdr_link(hdr);
   s->free = *link;
-  *link = NULL;
+  *link = s;
   sl_subpage_debug_take(s, sl_pool_parked_block(hdr));
 }
 
 /* Puts hdr, a parked header whose block is an element of s (owned by the
  * pool), on s's free list. Returns s's nfree as it was before (see
- * sl_pool_own_moves). The caller counts the free (bin->own_frees,
- * bin->frees). */
+ * sl_pool_own_moves). The caller counts the free (bin->own_frees). */
 static inline uint32_t sl_pool_own_push_parked(sl_subpage *s, void *hdr) {
   sl_subpage_debug_give(s, sl_pool_parked_block(hdr));
   *sl_pool_hdr_link(hdr) = s->free;
@@ -220,9 +262,9 @@ static inline int sl_pool_own_moves(const sl_subpage *s, uint32_t nfree) {
 }
 
 /* Gives mem, a block of small class sclass whose bin owns subpages, back
- * to its subpage when p owns it: 1. Else 0, and nothing is done (the
- * caller gives it to the arena). Aborts on an element freed twice (debug
- * builds). The caller counts the free (bin->frees). */
+ * to its subpage when p owns it: 1, the free counted (own_frees). Else 0,
+ * and nothing is done (the caller gives it to the arena). Aborts on an
+ * element freed twice (debug builds). */
 static inline int sl_pool_own_give(sl_pool *p, sl_cache_bin *bin, void *mem, unsigned sclass) {
   sl_subpage *s = sl_pool_subpage_of(p, mem, sclass);
   if (__builtin_expect(!sl_pool_owns(p, s), 0)) return 0;
@@ -243,8 +285,7 @@ static inline void *sl_pool_alloc_block(sl_pool *p, size_t size, size_t *usable,
     if (n > 0) {
       void *mem = sl_pool_item_block(p, bin->items[n - 1]);
       bin->n = n - 1;
-      bin->used++;
-      bin->allocs++;
+      bin->used++;   /* the hit and the allocation (sl_cache_bin) */
       *usable = sl_sc_size(idx);
       *sclass = idx;
       SL_UNPOISON(mem, *usable);
@@ -272,7 +313,7 @@ static inline void sl_pool_free_cls(sl_pool *p, void *mem, size_t usable, unsign
     if (bin->n < bin->cap) {
       SL_POISON(mem, usable);
       bin->items[bin->n++] = sl_pool_bare_item(mem);
-      bin->frees++;
+      bin->frees_rest++;
       return;
     }
   }
@@ -304,10 +345,10 @@ void sl_pool_header_quarantine(sl_pool *p, void *hdr);
 /* Generations are odd, so never 0, without a test: odd from the start,
  * and + 2 keeps them odd. */
 static inline uint32_t sl_pool_next_gen(sl_pool *p) {
-  uint64_t w = p->gen_word;
-  SL_ASSERT_DEBUG((w >> 32) & 1, "generations are odd");
-  p->gen_word = w + p->gen_step;
-  return (uint32_t)(w >> 32);
+  uint32_t g = p->gen_next;
+  SL_ASSERT_DEBUG(g & 1, "generations are odd");
+  p->gen_next = g + 2;
+  return g;
 }
 
 /* Writes a new buffer's refcount (1) and its generation as the 8 bytes
@@ -316,8 +357,7 @@ static inline void sl_pool_take_refcnt_gen(sl_pool *p, void *dst) {
   uint64_t w = p->gen_word;
   SL_ASSERT_DEBUG(((w >> 32) & 1) && (uint32_t)w == 1, "generations are odd");
   memcpy(dst, &w, sizeof(w));
-  w += p->gen_step;
-  p->gen_word = w;
+  p->gen_next += 2;   /* the generation half only: one add to memory */
 }
 
 /* Foreign threads: queue an item for the owner (SL_OK or SL_AGAIN when
@@ -352,5 +392,16 @@ int sl_pool_tick(sl_pool *p, int64_t now_ms, sl_pool_trim_report *r);
 void sl_pool_fail_next(sl_pool *p, unsigned n);
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *out);
+
+/* Blocks of class k this pool handed out so far, and got back (each is
+ * counted in one of several places: see sl_cache_bin). */
+static inline uint64_t sl_pool_class_allocs(const sl_pool *p, unsigned k) {
+  const sl_cache_bin *bin = &p->bins[k];
+  return bin->allocs_rest + bin->used + bin->own_allocs;
+}
+
+static inline uint64_t sl_pool_class_frees(const sl_pool *p, unsigned k) {
+  return p->bins[k].frees_rest + p->bins[k].own_frees;
+}
 
 #endif

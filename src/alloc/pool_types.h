@@ -75,30 +75,39 @@
  * its cap and max_cap). */
 #define SL_HDR_BLOCK_OFFSET 0
 #define SL_BIN_BARE ((uintptr_t)1)   /* a bin entry with this bit is a bare block */
-/* A release of a root whose bin is full (or holds nothing) goes: */
-#define SL_BIN_FULL_LOCAL 0    /* the general path */
-#define SL_BIN_FULL_OWN 1      /* to its block's owned subpage (owns) */
-#define SL_BIN_FULL_ARENA 2    /* straight to the arena: a normal class no bin caches */
 
 typedef struct sl_pool sl_pool;
 
 /* One size class of a pool: its cache bin and its counters, one cache line,
- * so that a hit reads and writes one line beside the buffer header. */
+ * so that a hit reads and writes one line beside the buffer header.
+ *
+ * Each allocation and each release is counted once, in one of these: the
+ * blocks this pool handed out are allocs_rest + used + own_allocs, those
+ * it got back frees_rest + own_frees (sl_pool_class_allocs and
+ * sl_pool_class_frees). A hit counts used (what the trim reads), a miss
+ * served by an owned subpage own_allocs, a release parked on one
+ * own_frees (what the arena is told); the trim folds used into allocs_rest,
+ * and a report to the arena (sl_pool_own_report) folds own_allocs and
+ * own_frees into allocs_rest and frees_rest. A cached block that a trim or
+ * a flush gives to its owned subpage counts in own_frees for the arena and
+ * leaves frees_rest (the pool's release was counted when it was cached). */
 typedef struct sl_cache_bin {
   void **items;
   uint32_t n;             /* cached now */
   uint32_t cap;
-  uint32_t used;          /* served since the last trim */
+  uint32_t used;          /* hits since the last trim */
   uint32_t own_allocs;    /* blocks taken from owned subpages, not yet in the arena's counts */
   uint64_t tail;          /* the last 8 bytes of a root header over a block of this
-                             class (block_size, sclass, flags 0): one store */
-  uint64_t allocs;        /* blocks handed out by this pool */
-  uint64_t frees;
-  struct sl_subpage *own; /* owned subpages of this class with a free element */
+                             class (block_size, sclass, flags: 0, or SL_BUF_UNBINNED
+                             for a normal class no bin caches): one store */
+  uint64_t allocs_rest;   /* blocks handed out by this pool, but for used and own_allocs */
+  uint64_t frees_rest;    /* blocks given back to it, but for own_frees */
+  struct sl_subpage *own; /* owned subpages of this class with a free element, or
+                             &sl_pool_own_none (sl_pool_own_first) */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
-  uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
-                             bin holds 8 or more) */
-  uint16_t full;          /* what a release finds when the bin is full: SL_BIN_FULL_* */
+  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+                             bin holds 8 or more); a release into the full bin parks
+                             on its block's subpage when the pool owns that */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");
@@ -109,31 +118,39 @@ struct sl_pool {
                                      a subpage's owner compares with the pool's address
                                      (written by other threads only when they free an
                                      owned subpage's element, which is rare) */
-  void *owner_tp;                 /* thread pointer of the bound thread */
+  void *free_tp;                  /* owner_tp, or NULL while the next header freed is to
+                                     wait in the quarantine: what sl_buf_free's fast
+                                     path compares the thread pointer with */
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
   size_t normal_max_size;         /* largest size a chunk serves (0: unpooled, or failing) */
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;
-  uint64_t gen_word;              /* the next buffer's refcount and generation as its
-                                     header holds them (one store): 1 below, the
-                                     generation (odd, never 0) above */
-  uint64_t gen_step;              /* 2 << 32, added to gen_word from memory (x86 has no
-                                     64-bit immediate add) */
-  uint32_t countdown;             /* allocations until the next event: a count-based
-                                     trim or a leak sample (see sl_pool_event) */
-  uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
-  uint32_t page_shift;            /* log2(page_size): a block's page in it */
-  /* Per size class: the cache bin and the counters. The same array under two
-   * names: bins for the cache, cls for what readers of the counters use
-   * (cls[i].allocs, cls[i].frees). */
   union {
-    _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
-    sl_cache_bin cls[SL_SC_MAX_CLASSES];
+    uint64_t gen_word;            /* the next buffer's refcount and generation as its
+                                     header holds them (one store): */
+    struct {
+      uint32_t gen_refcnt;        /* 1, */
+      uint32_t gen_next;          /* and the generation (odd, never 0): the next one is
+                                     2 more, one add to this half */
+    };
   };
+  uintptr_t chunk_mask;           /* ~(chunk_size - 1): a block's chunk */
+  uint32_t countdown;             /* allocations until the next event: a count-based
+                                     trim or a leak sample (see sl_pool_event); not
+                                     next to gen_next (the compiler would add both
+                                     with one vector add) */
+  uint32_t page_shift;            /* log2(page_size): a block's page in it */
+  /* Per size class: the cache bin and the counters (read through
+   * sl_pool_class_allocs and sl_pool_class_frees). */
+  _Alignas(64) sl_cache_bin bins[SL_SC_MAX_CLASSES];   /* each bin on a line of its own */
+  /* sl_sc_lookup's copy: the table an allocation reads, addressed from the
+   * pool (no address of a table of its own to form first) */
+  uint16_t lookup[SL_SC_LOOKUP_MAX / 16 + 1];
 
   /* cold */
+  void *owner_tp;                 /* thread pointer of the bound thread */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
   size_t normal_limit;            /* normal_max_size likewise */
   uint32_t trim_interval;
@@ -143,8 +160,8 @@ struct sl_pool {
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
-  uint64_t unpark_frees;          /* the bins' frees when a search last found no parked
-                                     header in them (sl_pool_unpark) */
+  uint64_t unpark_frees;          /* the bins' frees_rest when a search last found no
+                                     parked header in them (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */
@@ -185,7 +202,8 @@ struct sl_pool {
   size_t leak_map_len;
   uint64_t leaks, leaked_bytes, leak_recorded;
   const char *release_site;              /* who releases now; kept in dead headers */
-  int quarantine_next;                   /* the next freed header waits its turn */
+  int quarantine_next;                   /* the next freed header waits its turn
+                                            (sl_pool_quarantine_next) */
   void *quarantine[64];                  /* headers released from Lua, oldest reused first */
   unsigned quarantine_head, quarantine_n;
   char release_ring[64][160];            /* recent release sites with file:line */

@@ -3,6 +3,9 @@
 #include <errno.h>
 #include <sched.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "alloc/pool.h"
 #include "buf/leak.h"
@@ -22,16 +25,36 @@ static inline void sl_buf_set_released_by(sl_buf *b, const char *site) {
   memcpy(&b->cap, &site, sizeof(site));
 }
 
+_Static_assert(offsetof(sl_buf, refcnt) == offsetof(sl_buf, cap) + 8,
+               "cap, max_cap, refcnt, gen adjacent");
+
+/* Makes b, whose last reference went, a dead header: it keeps the
+ * generation it died with (in rd) and who released it (in cap and
+ * max_cap: sl_buf_set_released_by), and its refcount and generation are 0.
+ * The last three in one 16-byte store where the target has one. */
+static inline void sl_buf_set_dead(sl_pool *pool, sl_buf *b) {
+  b->rd = b->gen;
+#ifdef __SSE2__
+  /* The site in the low 8 bytes, zeros above: refcnt and gen. */
+  __m128i v = _mm_loadl_epi64((const __m128i *)(const void *)&pool->release_site);
+  _mm_storeu_si128((__m128i *)(void *)&b->cap, v);
+#else
+  memset(&b->refcnt, 0, sizeof(b->refcnt) + sizeof(b->gen));
+  sl_buf_set_released_by(b, pool->release_site);
+#endif
+}
+
 
 _Static_assert(offsetof(sl_buf, block_size) == 56 && offsetof(sl_buf, sclass) == 60 &&
                    offsetof(sl_buf, flags) == 62 && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "a header's last 8 bytes are block_size, sclass, flags");
 
 /* The last 8 bytes of a root header over a block: block_size, sclass and
- * flags (0, or SL_BUF_UNBINNED for a block no bin takes). */
-static inline uint64_t sl_buf_tail(uint32_t usable, unsigned sclass) {
-  uint64_t flags = sclass < SL_SC_MAX_CLASSES ? 0 : SL_BUF_UNBINNED;
-  return usable | (uint64_t)sclass << 32 | flags << 48;
+ * flags (0, or SL_BUF_UNBINNED for a block no bin takes: huge, unpooled, a
+ * normal class above max_cached, whose bin's tail says so). */
+static inline uint64_t sl_buf_tail(const sl_pool *pool, uint32_t usable, unsigned sclass) {
+  if (sclass < SL_SC_MAX_CLASSES) return pool->bins[sclass].tail;   /* usable: its size */
+  return usable | (uint64_t)sclass << 32 | (uint64_t)SL_BUF_UNBINNED << 48;
 }
 
 /* The fields every allocation sets but data: b, over a block of usable
@@ -46,6 +69,26 @@ static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size
   sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
 }
 
+/* sl_buf_revive for a capacity and max_cap both cap (at most the block's
+ * usable size): the indexes and capacities as one 16-byte store where the
+ * target has one (0, 0, cap, cap). */
+static inline void sl_buf_revive_exact(sl_pool *pool, sl_buf *b, uint32_t cap) {
+#ifdef __SSE2__
+  _Static_assert(offsetof(sl_buf, wr) == offsetof(sl_buf, rd) + 4 &&
+                     offsetof(sl_buf, cap) == offsetof(sl_buf, rd) + 8 &&
+                     offsetof(sl_buf, max_cap) == offsetof(sl_buf, rd) + 12,
+                 "rd, wr, cap, max_cap adjacent");
+  __m128i v = _mm_shuffle_epi32(_mm_cvtsi32_si128((int)cap), 0x05);   /* 0, 0, cap, cap */
+  _mm_storeu_si128((__m128i *)(void *)&b->rd, v);
+#else
+  b->rd = 0;
+  b->wr = 0;
+  b->cap = cap;
+  b->max_cap = cap;
+#endif
+  sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
+}
+
 /* The same over data. */
 static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uint32_t usable,
                                     size_t max_cap) {
@@ -53,13 +96,37 @@ static inline void sl_buf_init_live(sl_pool *pool, sl_buf *b, uint8_t *data, uin
   sl_buf_revive(pool, b, usable, max_cap);
 }
 
+/* What a root over a block of a class without subpages (normal, huge,
+ * unpooled) keeps in views while it has none: a subpage no pool owns. */
+#define SL_BUF_NO_SUBPAGE ((sl_buf *)(uintptr_t)&sl_pool_own_none)
+
+/* What a root keeps in views while it has none (SL_BUF_HAS_VIEWS clear):
+ * the subpage of its block, data, for a small class, else
+ * SL_BUF_NO_SUBPAGE; so that a release into a full bin finds the subpage
+ * to park on, or that it has none the pool owns, in one load. */
+static inline sl_buf *sl_buf_home(const sl_pool *pool, const uint8_t *data, unsigned sclass) {
+  if (sclass >= pool->nsmall) return SL_BUF_NO_SUBPAGE;   /* huge, unpooled: SL_SC_NONE */
+  return (sl_buf *)(void *)sl_pool_subpage_of(pool, data, sclass);
+}
+
+/* The subpage a root without views keeps (sl_buf_home), checked against
+ * its block in debug builds. */
+static inline sl_subpage *sl_buf_subpage(const sl_pool *pool, const sl_buf *r) {
+  SL_ASSERT_DEBUG(!(r->flags & SL_BUF_HAS_VIEWS) &&
+                      r->views == sl_buf_home(pool, r->data, r->sclass),
+                  "a root without views keeps its block's subpage");
+  (void)pool;
+  return (sl_subpage *)(void *)r->views;
+}
+
 /* Makes b a live root over data: refcount 1, a new generation; tail is
- * its block_size, sclass and flags (sl_buf_tail, or a bin's copy). */
+ * its block_size, sclass and flags (sl_buf_tail, or a bin's copy), home
+ * what it keeps in views (sl_buf_home). */
 static inline void sl_buf_init_root(sl_pool *pool, sl_buf *b, uint8_t *data, uint64_t tail,
-                                    size_t max_cap) {
+                                    size_t max_cap, void *home) {
   sl_buf_init_live(pool, b, data, (uint32_t)tail, max_cap);
   b->root = b;
-  b->views = NULL;
+  b->views = home;
   b->owner = NULL;
   memcpy(&b->block_size, &tail, sizeof(tail));
 }
@@ -102,7 +169,8 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_slow(sl_pool *pool, size_t
   }
   /* block_size is what the pool reported (it gets exactly that back);
    * only the capacity is limited by max_cap. */
-  sl_buf_init_root(pool, b, data, sl_buf_tail((uint32_t)usable, sclass), max_cap);
+  sl_buf_init_root(pool, b, data, sl_buf_tail(pool, (uint32_t)usable, sclass), max_cap,
+                   sl_buf_home(pool, data, sclass));
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -122,9 +190,9 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   sl_cache_bin *bin = &pool->bins[idx];
-  bin->allocs++;
+  bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -143,47 +211,49 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
   pool->rec_n = rn - 1;
   sl_buf *b = pool->recycler[rn - 1];
   sl_cache_bin *bin = &pool->bins[idx];
-  bin->allocs++;
+  bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
   return sl_buf_alloc_done(pool, b);
 }
 
-/* A bare block popped from bin: it gets a header (NULL: the block goes
- * back, and the slow path reports the failure). */
+/* A bare block popped from bin: it gets a header, from the recycler or
+ * the overflow list when they have one (NULL: the block goes back, and
+ * the slow path reports the failure). */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cache_bin *bin,
                                                            uint8_t *data, size_t cap,
                                                            size_t max_cap) {
-  if (pool->rec_n == 0 && sl_pool_has_returns(pool)) sl_buf_drain(pool);
+  if (!sl_pool_header_ready(pool) && sl_pool_has_returns(pool)) sl_buf_drain(pool);
   sl_buf *b = sl_pool_header_get(pool);
   if (b == NULL) {
     bin->items[bin->n++] = sl_pool_bare_item(data);
-    bin->used--;
-    bin->allocs--;
+    bin->used--;   /* no hit after all */
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap,
+                   sl_buf_home(pool, data, (unsigned)(bin->tail >> 32) & 0xffffu));
   return sl_buf_alloc_done(pool, b);
 }
 
 /* A miss that sl_buf_alloc does not serve itself (it takes headers
  * parked on owned subpages): a bare block first on the first owned
- * subpage with room, with a free header (recycler or overflow list), with
- * no call but tail calls; anything else (no owned subpage with room, no
- * free header) goes to the slow path. */
+ * subpage with room, with a header from the recycler, with no call but
+ * tail calls; anything else (no owned subpage with room, no header in the
+ * recycler) goes to the slow path. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_miss(sl_pool *pool, size_t cap,
                                                            size_t max_cap, sl_cache_bin *bin) {
   sl_subpage *s = bin->own;
-  if (s == NULL || !sl_pool_header_ready(pool)) return sl_buf_alloc_slow(pool, cap, max_cap);
+  uint32_t rn = pool->rec_n;
+  if (s == &sl_pool_own_none || rn == 0) return sl_buf_alloc_slow(pool, cap, max_cap);
   uintptr_t item = (uintptr_t)s->free;
   SL_ASSERT_DEBUG(item & SL_BIN_BARE, "sl_buf_alloc takes parked headers itself");
   uint8_t *data = sl_subpage_pop_bare(s, item);
   sl_pool_own_took(bin, s);
-  bin->allocs++;
-  sl_buf *b = sl_pool_header_take(pool);
+  pool->rec_n = rn - 1;   /* a header from the recycler (the slow path takes the rest) */
+  sl_buf *b = pool->recycler[rn - 1];
   SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap);
+  sl_buf_init_root(pool, b, data, bin->tail, max_cap, s);
   return sl_buf_alloc_done(pool, b);
 }
 
@@ -199,41 +269,31 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
                                                                         size_t max_cap,
                                                                         int exact) {
   _Static_assert(sizeof(sl_cache_bin) == 1u << SL_SC_LOOKUP_SHIFT, "the table holds bin offsets");
-  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + sl_sc_lookup[(cap + 15) >> 4]);
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + pool->lookup[(cap + 15) >> 4]);
   uint32_t n = bin->n;
   uintptr_t item;
   if (__builtin_expect(n == 0, 0)) {
     /* A miss: a header parked on the first owned subpage with room comes
-     * back as from the bin; anything else is sl_buf_alloc_miss's. */
+     * back as from the bin; anything else (a bare block, or no subpage:
+     * sl_pool_own_none) is sl_buf_alloc_miss's. */
     sl_subpage *s = bin->own;
-    if (s == NULL || ((item = (uintptr_t)s->free) & SL_BIN_BARE))
-      return sl_buf_alloc_miss(pool, cap, max_cap, bin);
+    if ((item = (uintptr_t)s->free) & SL_BIN_BARE) return sl_buf_alloc_miss(pool, cap, max_cap, bin);
     sl_pool_own_pop_parked(s, (void *)item);
     sl_pool_own_took(bin, s);
-    bin->allocs++;
     goto parked;
   }
   item = (uintptr_t)bin->items[n - 1];
   bin->n = n - 1;
-  bin->used++;
-  bin->allocs++;
-  if (__builtin_expect(item & SL_BIN_BARE, 0)) {
-    /* A bare block: a header from the recycler or the overflow list when
-     * they have one. */
-    uint8_t *data = (uint8_t *)(item - SL_BIN_BARE);
-    if (!sl_pool_header_ready(pool)) return sl_buf_alloc_bare(pool, bin, data, cap, max_cap);
-    sl_buf *b = sl_pool_header_take(pool);
-    SL_UNPOISON(data, (uint32_t)bin->tail);
-    sl_buf_init_root(pool, b, data, bin->tail, max_cap);
-    return sl_buf_alloc_done(pool, b);
-  }
+  bin->used++;   /* the hit and the allocation (sl_cache_bin) */
+  if (__builtin_expect(item & SL_BIN_BARE, 0))
+    return sl_buf_alloc_bare(pool, bin, (uint8_t *)(item - SL_BIN_BARE), cap, max_cap);
 parked:;
   /* A parked header: root, views, owner, block_size, sclass and flags are
    * already those of a root over its block. */
   sl_buf *b = (sl_buf *)item;
   uint32_t usable = b->block_size;
   SL_UNPOISON(b->data, usable);
-  if (exact) sl_buf_revive(pool, b, (uint32_t)cap, cap);
+  if (exact) sl_buf_revive_exact(pool, b, (uint32_t)cap);
   else sl_buf_revive(pool, b, usable, max_cap);
   return sl_buf_alloc_done(pool, b);
 }
@@ -276,7 +336,8 @@ void sl_buf_retain(sl_buf *b) {
 
 static void sl_buf_free_derived(sl_pool *pool, sl_buf *d);
 
-/* Kills the views of refcount holder h (they die with it). */
+/* Kills the views of refcount holder h (SL_BUF_HAS_VIEWS: they die with
+ * it); h keeps what a root without views keeps (sl_buf_home). */
 static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
   sl_buf *v = h->views;
   while (v != NULL) {
@@ -286,7 +347,7 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
     sl_pool_header_put(pool, v);
     v = next;
   }
-  h->views = NULL;
+  h->views = (h->flags & SL_BUF_VIEW) ? NULL : sl_buf_home(pool, h->data, h->sclass);
   h->flags &= (uint16_t)~SL_BUF_HAS_VIEWS;
 }
 
@@ -297,9 +358,7 @@ static inline void sl_buf_kill_views(sl_pool *pool, sl_buf *h) {
  * released it (in cap and max_cap). */
 static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
   SL_POISON(r->data, r->block_size);
-  r->rd = r->gen;
-  memset(&r->refcnt, 0, sizeof(r->refcnt) + sizeof(r->gen));   /* refcnt and gen: one store */
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
 }
 
 /* Parks root r (released, flags 0) on s, the owned subpage of its block
@@ -308,8 +367,7 @@ static inline void sl_buf_to_parked(sl_pool *pool, sl_buf *r) {
 static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, sl_subpage *s) {
   sl_buf_to_parked(pool, r);
   uint32_t nfree = sl_pool_own_push_parked(s, r);
-  bin->own_frees++;
-  bin->frees++;
+  bin->own_frees++;   /* the release (sl_cache_bin) */
   if (__builtin_expect(sl_pool_own_moves(s, nfree), 0)) sl_pool_own_moved(pool, s, nfree);
 }
 
@@ -317,9 +375,7 @@ static inline void sl_buf_park_own(sl_pool *pool, sl_buf *r, sl_cache_bin *bin, 
  * it (in rd, and in cap and max_cap: sl_buf_set_released_by); it goes back to the
  * recycler. */
 static inline void sl_buf_bury(sl_pool *pool, sl_buf *r) {
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
   sl_pool_header_put(pool, r);
 }
 
@@ -330,7 +386,7 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     return;
   }
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) sl_leak_on_free(pool, r);
-  if (r->views != NULL) sl_buf_kill_views(pool, r);
+  if (r->flags & SL_BUF_HAS_VIEWS) sl_buf_kill_views(pool, r);
   r->flags &= (uint16_t)~SL_BUF_SHARED;   /* its derived buffers are gone */
   unsigned sc = r->sclass;
   if (!pool->quarantine_next && !(r->flags & SL_BUF_UNBINNED) && pool->bins[sc].cap > 0) {
@@ -338,13 +394,13 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     if (__builtin_expect(bin->n < bin->cap, 1)) {
       sl_buf_to_parked(pool, r);
       bin->items[bin->n++] = r;
-      bin->frees++;
+      bin->frees_rest++;
       return;
     }
     if (bin->owns) {
       /* A full bin whose class owns subpages: the header parks with its
        * block on the block's subpage (when the pool still owns it). */
-      sl_subpage *s = sl_pool_subpage_of(pool, r->data, sc);
+      sl_subpage *s = sl_buf_subpage(pool, r);
       if (sl_pool_owns(pool, s)) {
         sl_buf_park_own(pool, r, bin, s);
         return;
@@ -355,13 +411,9 @@ static void sl_buf_free_local(sl_buf *r, sl_pool *pool) {
     return;
   }
   sl_pool_free_cls(pool, r->data, r->block_size, r->sclass);
-  /* A dead header keeps the generation it died with and who released it
-   * (sl_buf_set_released_by). */
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  sl_buf_set_dead(pool, r);
   if (__builtin_expect(pool->quarantine_next, 0)) {
-    pool->quarantine_next = 0;
+    sl_pool_quarantine_next(pool, 0);
     sl_pool_header_quarantine(pool, r);
     return;
   }
@@ -392,7 +444,8 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
     return;
   }
   r->gen = 0;
-  for (sl_buf *v = r->views; v != NULL; v = v->views) v->gen = 0;
+  sl_buf *views = (r->flags & SL_BUF_HAS_VIEWS) ? r->views : NULL;
+  for (sl_buf *v = views; v != NULL; v = v->views) v->gen = 0;
   if (sl_pool_retq_push(pool, r) == SL_OK) return;
   if (r->owner != NULL || (r->flags & SL_BUF_RECORDED)) {
     /* Owner lists and records belong to the owner's thread: hand the whole
@@ -401,7 +454,7 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
     sl_pool_remote_push(pool, r, offsetof(sl_buf, rd));
     return;
   }
-  sl_buf *v = r->views;
+  sl_buf *v = views;
   while (v != NULL) {
     sl_buf *next = v->views;
     sl_pool_header_put_foreign(pool, v);
@@ -414,7 +467,7 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
 /* A normal block that no bin caches: straight back to its chunk. */
 __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
   unsigned sc = r->sclass;
-  pool->bins[sc].frees++;
+  pool->bins[sc].frees_rest++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
 }
@@ -429,10 +482,8 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
     sl_buf_free_normal_slow(pool, r);
     return;
   }
-  pool->bins[sc].frees++;
-  r->rd = r->gen;
-  r->gen = 0;
-  sl_buf_set_released_by(r, pool->release_site);
+  pool->bins[sc].frees_rest++;
+  sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
   pool->rec_n = rn + 1;
 }
@@ -442,31 +493,23 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
  * with its block in its bin (one stack push) or, the bin full, on the
  * block's owned subpage; a normal class no bin caches goes straight to
  * the arena. */
-static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
-  size_t sc = r->sclass;
+static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r, size_t sc) {
   sl_cache_bin *bin = &pool->bins[sc];
   uint32_t n = bin->n;
   if (__builtin_expect(n < bin->cap, 1)) {
     sl_buf_to_parked(pool, r);   /* the refcount goes to 0 there */
     bin->items[n] = r;
-    bin->n = n + 1;
-    bin->frees++;
+    bin->n++;   /* an add to memory: n's register stays the index */
+    bin->frees_rest++;
     return;
   }
-  uint32_t full = bin->full;
-  if (full == SL_BIN_FULL_ARENA) {
-    r->refcnt = 0;
-    sl_buf_free_normal(r, pool);
+  /* The bin is full: the header parks with its block on the block's
+   * subpage, which it keeps, when the pool owns that (only classes that
+   * own subpages have such blocks). */
+  sl_subpage *s = sl_buf_subpage(pool, r);
+  if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
+    sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
     return;
-  }
-  if (full == SL_BIN_FULL_OWN) {
-    /* The bin is full: the header parks with its block on the block's
-     * owned subpage (when the pool still owns it). */
-    sl_subpage *s = sl_pool_subpage_of(pool, r->data, (unsigned)sc);
-    if (__builtin_expect(sl_pool_owns(pool, s), 1)) {
-      sl_buf_park_own(pool, r, bin, s);   /* the refcount goes to 0 there */
-      return;
-    }
   }
   r->refcnt = 0;
   sl_buf_free_local(r, pool);
@@ -476,28 +519,43 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r) {
  * (a sampled buffer): the record goes back, then as in the common case. */
 __attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
   sl_leak_on_free(pool, r);
-  sl_buf_free_plain(pool, r);
+  sl_buf_free_plain(pool, r, r->sclass);
 }
+
+_Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,
+               "sclass and flags: one 32-bit word");
 
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
-  if (__builtin_expect(!sl_pool_is_owner(pool), 0)) {
+  if (__builtin_expect(pool->free_tp != __builtin_thread_pointer(), 0)) {
+    /* Another thread than the pool's, or the header that is to wait in
+     * the quarantine. */
     r->refcnt = 0;
-    sl_buf_free_foreign(r, pool);
+    if (!sl_pool_is_owner(pool)) {
+      sl_buf_free_foreign(r, pool);
+      return;
+    }
+    sl_buf_free_local(r, pool);   /* takes quarantine_next */
     return;
   }
-  uint32_t special = (uint32_t)(r->flags & (SL_BUF_RECORDED | SL_BUF_VIEW | SL_BUF_OWNED |
-                                             SL_BUF_HAS_VIEWS | SL_BUF_UNBINNED | SL_BUF_SHARED)) |
-                     (uint32_t)pool->quarantine_next;
-  if (__builtin_expect(special == 0, 1)) {
-    sl_buf_free_plain(pool, r);
+  /* sclass, and flags above it: a root with no flag (no owner, record,
+   * views, derived buffers, and a block a bin takes) reads as its class. */
+  uint32_t word;
+  memcpy(&word, &r->sclass, sizeof(word));
+  if (__builtin_expect(word <= 0xffffu, 1)) {
+    sl_buf_free_plain(pool, r, word);
     return;
   }
+  uint32_t special = word >> 16;
   if (special == SL_BUF_RECORDED) {
     sl_buf_free_recorded(r, pool);
     return;
   }
   r->refcnt = 0;
+  if (special == SL_BUF_UNBINNED && r->sclass < SL_SC_MAX_CLASSES) {
+    sl_buf_free_normal(r, pool);   /* a normal class no bin caches: its chunk */
+    return;
+  }
   sl_buf_free_local(r, pool);
 }
 
@@ -580,7 +638,7 @@ static sl_buf *sl_buf_view(sl_buf *b, uint8_t *data, uint32_t cap, int derived) 
     v->root = h;
     v->block_size = 0;
     v->flags = SL_BUF_VIEW;
-    v->views = h->views;
+    v->views = (h->flags & SL_BUF_HAS_VIEWS) ? h->views : NULL;
     h->views = v;
     h->flags |= SL_BUF_HAS_VIEWS;
     return v;
@@ -652,12 +710,10 @@ sl_buf *sl_buf_read_retained_slice(sl_buf *b, size_t len, const char **err) {
 static void sl_buf_free_derived(sl_pool *pool, sl_buf *d) {
   sl_buf *parent = sl_buf_parent(d);
   sl_leak_on_free_derived(pool, d, parent);
-  if (d->views != NULL) sl_buf_kill_views(pool, d);
-  d->rd = d->gen;
-  d->gen = 0;
-  sl_buf_set_released_by(d, pool->release_site);
+  if (d->flags & SL_BUF_HAS_VIEWS) sl_buf_kill_views(pool, d);
+  sl_buf_set_dead(pool, d);
   if (__builtin_expect(pool->quarantine_next, 0)) {
-    pool->quarantine_next = 0;
+    sl_pool_quarantine_next(pool, 0);
     sl_pool_header_quarantine(pool, d);
   } else {
     sl_pool_header_put(pool, d);
@@ -677,7 +733,7 @@ int sl_buf_may_grow(const sl_buf *b, const char **err) {
     *err = "a view cannot grow";
     return 0;
   }
-  if (b->views != NULL || sl_buf_derived_count(b) > 0) {
+  if ((b->flags & SL_BUF_HAS_VIEWS) || sl_buf_derived_count(b) > 0) {
     *err = "a buffer with views cannot grow";
     return 0;
   }
@@ -717,9 +773,10 @@ int sl_buf_ensure_writable(sl_buf *b, size_t n, const char **err) {
   memcpy(mem, b->data, b->wr);
   sl_pool_free_cls(pool, b->data, b->block_size, b->sclass);
   b->sclass = (uint16_t)sclass;
-  b->flags = (uint16_t)(sclass < SL_SC_MAX_CLASSES ? b->flags & ~SL_BUF_UNBINNED
-                                                   : b->flags | SL_BUF_UNBINNED);
+  b->flags = (uint16_t)((b->flags & ~SL_BUF_UNBINNED) |
+                        (sl_buf_tail(pool, (uint32_t)usable, sclass) >> 48 & SL_BUF_UNBINNED));
   if (b->owner) b->owner->bytes += usable - b->block_size;
+  b->views = sl_buf_home(pool, mem, sclass);   /* it has none (sl_buf_may_grow) */
   b->data = mem;
   b->block_size = (uint32_t)usable;
   b->cap = (uint32_t)(usable > b->max_cap ? b->max_cap : usable);

@@ -54,7 +54,10 @@ struct sl_buf {
   uint32_t refcnt;       /* roots and derived; views use root->refcnt */
   uint32_t gen;          /* != 0 while live; handles keep a copy */
   sl_buf *root;          /* refcount holder: self for a root or derived */
-  sl_buf *views;         /* root, derived: first view; view: next sibling */
+  sl_buf *views;         /* with SL_BUF_HAS_VIEWS: the first view; a view: its next
+                            sibling; a root without views: its block's subpage for
+                            a small class (the release reads it), else a stand-in
+                            subpage no pool owns (alloc/pool.h's sl_pool_own_none) */
   struct sl_buf_owner *owner; /* roots, derived: who answers for it (a channel) */
   union {
     uint32_t block_size; /* roots: usable size of the block */
@@ -69,7 +72,9 @@ struct sl_buf {
 #define SL_BUF_DERIVED 0x4u    /* with SL_BUF_VIEW: a derived buffer */
 #define SL_BUF_SHARED 0x8u     /* derived buffers were made from it */
 /* Kept with the fields they stand for, so that a release tests one word:
- * owner != NULL, views != NULL, a block no cache bin takes (huge, unpooled). */
+ * owner != NULL, a view list in views (test the flag, not views, which a
+ * root without views uses for its block's subpage), a block no cache bin
+ * takes (huge, unpooled, a normal class above max_cached). */
 #define SL_BUF_OWNED 0x10u
 #define SL_BUF_HAS_VIEWS 0x20u
 #define SL_BUF_UNBINNED 0x40u

@@ -48,7 +48,7 @@ static int64_t sl_leak_now_us(void) {
 }
 
 static uint32_t sl_slot(const sl_pool *p, const sl_buf *b) {
-  return (uint32_t)(((const uint8_t *)b - p->hdr_base) / SL_HDR_SIZE);
+  return (uint32_t)(((uintptr_t)b - (uintptr_t)p->hdr_base) / SL_HDR_SIZE);   /* a shift */
 }
 
 static sl_buf *sl_slot_buf(const sl_pool *p, uint32_t slot) {
@@ -101,7 +101,7 @@ void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
 /* Gives a record back: what it owns is freed, and the record itself is
  * kept for the next sample while the pool keeps fewer than SL_LEAK_SPARE. */
 static void sl_leak_free_rec(sl_pool *p, sl_leak_rec *rec) {
-  free(rec->site);
+  if (rec->site != NULL) free(rec->site);   /* a sample has none: no call */
   for (uint32_t i = 0; i < SL_LEAK_TOUCHES && i < rec->ntouch; i++)
     if (!rec->touch[i].is_static) free(rec->touch[i].hint);
   if (p->leak_spare_n < SL_LEAK_SPARE) {

@@ -86,9 +86,9 @@ int sl_ffi_buf_release_by(sl_buf *b, uint32_t n, sl_ctx *by, const char *where,
     site = "Lua code outside a stage";
   }
   sl_buf_release_site(p, site);
-  p->quarantine_next = 1;   /* a script may use its handle again by mistake */
+  sl_pool_quarantine_next(p, 1);   /* a script may use its handle again by mistake */
   int rc = sl_buf_release_n(b, n, err);
-  p->quarantine_next = 0;
+  sl_pool_quarantine_next(p, 0);
   sl_buf_release_site(p, NULL);
   return rc;
 }
@@ -207,8 +207,8 @@ int sl_ffi_pool_stats_get(sl_ffi_pool_stats *o) {
   o->nclasses = as.nclasses;
   for (unsigned i = 0; i < as.nclasses; i++) {
     o->class_size[i] = sl_sc_size(i);
-    o->class_allocs[i] = p->cls[i].allocs;
-    o->class_frees[i] = p->cls[i].frees;
+    o->class_allocs[i] = sl_pool_class_allocs(p, i);
+    o->class_frees[i] = sl_pool_class_frees(p, i);
     o->arena_allocs[i] = as.cls[i].allocs;
     o->arena_frees[i] = as.cls[i].frees;
   }

@@ -44,6 +44,8 @@ struct sl_lua_host {
   uint32_t *adhoc;        /* stages added while running: key SL_LUA_ADHOC_KEY + i */
   int nadhoc, capadhoc;
   ev_timer timer;         /* the earliest Lua timer */
+  lua_Alloc base_alloc;   /* the state's own allocator, behind sl_lua_alloc */
+  void *base_ud;
   size_t heap;            /* bytes the state's allocator holds now */
   size_t heap_limit;      /* lua_memory_limit; 0: none */
   size_t heap_gc_mark;    /* a drain that ends above it runs a full collection */
@@ -54,26 +56,29 @@ static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ct
 
 /* ---- the Lua heap ---- */
 
-/* The worker state's allocator: counts its bytes, and refuses to grow
- * past lua_memory_limit. A refusal raises "not enough memory" in whatever
- * runs (a stage's callback: that connection closes, as for any error).
- * Shrinking never fails (Lua relies on it). */
+/* The worker state's allocator: LuaJIT's own (luaL_newstate's), wrapped
+ * to count its bytes and to refuse growing past lua_memory_limit. A
+ * refusal raises "not enough memory" in whatever runs (a stage's callback:
+ * that connection closes, as for any error). Shrinking and freeing never
+ * fail (Lua relies on it). */
 static void *sl_lua_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   sl_lua_host *h = ud;
   if (p == NULL) osize = 0;
-  if (nsize == 0) {
-    free(p);
-    h->heap -= osize;
-    return NULL;
-  }
   if (h->heap_limit != 0 && nsize > osize && h->heap - osize + nsize > h->heap_limit) {
     h->heap_refusals++;
     return NULL;
   }
-  void *q = realloc(p, nsize);
-  if (q == NULL) return NULL;
-  h->heap = h->heap - osize + nsize;
+  void *q = h->base_alloc(h->base_ud, p, osize, nsize);
+  if (q != NULL || nsize == 0) h->heap = h->heap - osize + nsize;
   return q;
+}
+
+/* Puts sl_lua_alloc in front of L's allocator; the heap so far is what
+ * the collector counts. */
+static void sl_lua_alloc_wrap(sl_lua_host *h, lua_State *L) {
+  h->base_alloc = lua_getallocf(L, &h->base_ud);
+  h->heap = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+  lua_setallocf(L, sl_lua_alloc, h);
 }
 
 /* With a limit, garbage must not be what reaches it: a drain that ends
@@ -460,13 +465,14 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   sl_lua_host *h = sl_lua_host_new(w);
   sl_lua_host_set_memory_limit(h, cfg->lua_memory_limit);
   if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
-      (h->L = lua_newstate(sl_lua_alloc, h)) == NULL) {
-    snprintf(err, errlen, "out of memory%s", h != NULL && h->heap_refusals ? " (lua_memory_limit)" : "");
+      (h->L = luaL_newstate()) == NULL) {
+    snprintf(err, errlen, "out of memory");
     sl_lua_host_destroy(h);
     return NULL;
   }
   w->lua = h;
   lua_State *L = h->L;
+  sl_lua_alloc_wrap(h, L);
   luaL_openlibs(L);
   sl_lua_refuse_exit(L);
   lua_getglobal(L, "package");
@@ -617,7 +623,12 @@ void sl_lua_host_destroy(sl_lua_host *h) {
   sl_lua_discard(h);
   if (h->w && h->w->loop) ev_timer_stop(h->w->loop, &h->timer);
   if (h->w && h->w->lua == h) h->w->lua = NULL;
-  if (h->L) lua_close(h->L);
+  if (h->L) {
+    /* LuaJIT releases its own allocator's memory only when it is the
+     * state's allocator at close. */
+    if (h->base_alloc != NULL) lua_setallocf(h->L, h->base_alloc, h->base_ud);
+    lua_close(h->L);
+  }
   free(h->q);
   free(h->masks);
   free(h->adhoc);

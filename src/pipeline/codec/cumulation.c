@@ -35,7 +35,7 @@ int sl_cum_add(sl_cum *c, sl_buf *in) {
   }
   size_t old = sl_buf_readable(cum), n = sl_buf_readable(in);
   /* Behind the writer index of a root of our own: frames end before it. */
-  if (!(cum->flags & SL_BUF_VIEW) && cum->views == NULL && n <= sl_buf_writable(cum)) {
+  if (!(cum->flags & (SL_BUF_VIEW | SL_BUF_HAS_VIEWS)) && n <= sl_buf_writable(cum)) {
     memcpy(sl_buf_wptr(cum), sl_buf_rptr(in), n);
     cum->wr += (uint32_t)n;
     sl_cum_release(in);
@@ -119,7 +119,7 @@ static size_t sl_cum_decode(sl_ctx *ctx, sl_cum *c, sl_cum_step_fn step) {
 
 /* Netty's discardSomeReadBytes, when nothing else holds the cumulation. */
 static void sl_cum_discard_some(sl_buf *b) {
-  if ((b->flags & SL_BUF_VIEW) || b->refcnt != 1 || b->views != NULL || b->rd == 0) return;
+  if ((b->flags & (SL_BUF_VIEW | SL_BUF_HAS_VIEWS)) || b->refcnt != 1 || b->rd == 0) return;
   if (b->rd == b->wr) {
     b->rd = b->wr = 0;
   } else if (b->rd >= b->cap / 2) {

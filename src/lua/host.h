@@ -74,8 +74,9 @@ uint64_t sl_lua_host_entries(const sl_lua_host *h);
  * state of its own. */
 size_t sl_lua_host_memory(const sl_lua_host *h);
 
-/* Allocations the state's allocator refused at lua_memory_limit (each
- * raised "not enough memory" in the code that asked). */
+/* Times lua_memory_limit stopped Lua: stages stopped between events with
+ * the heap above it, allocations refused past twice it, stage modules that
+ * did not fit (each a "not enough memory"). */
 uint64_t sl_lua_host_memory_refusals(const sl_lua_host *h);
 
 /* The limit those refusals come from (lua_memory_limit; 0: none). */

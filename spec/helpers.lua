@@ -135,11 +135,11 @@ end
 -- A client connection to 127.0.0.1:port held by the spec itself, for
 -- tests that need several connections open at once. Returns an object with
 -- send(s), recv(n, timeout_s) -> the next n bytes (fewer if the peer closed;
--- nil on timeout), close().
+-- nil on timeout), close(), and its socket fd.
 function H.connect(port)
   local fd, sa = loopback_socket(port)
   assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect() to port " .. port .. " failed")
-  local c = {}
+  local c = { fd = fd }
   function c.send(s)
     assert(ffi.C.write(fd, s, #s) == #s, "short write")
   end

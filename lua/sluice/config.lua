@@ -105,9 +105,10 @@
 --               workers together (at most 1024 per worker); 0 turns
 --               splicing off; absent (nil): a quarter of the open-files limit
 --   lua_memory_limit optional integer: bytes each worker's Lua heap may
---               hold, 0 (the default: no limit) or 1 MiB-2^53; an
---               allocation past it raises "not enough memory" in the stage
---               that asked, which closes that connection
+--               hold, 0 (the default: no limit) or 1 MiB-2^53; a stage whose
+--               event leaves the heap above it (after a full collection)
+--               fails with "not enough memory", which closes that
+--               connection; an allocation past twice it is refused
 --   admin       optional table: the admin endpoint (/metrics, /memory,
 --               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,

@@ -70,9 +70,27 @@ _M.Ctx = Ctx
 
 -- What runs now, for the error handler.
 local cur_ctx, cur_ev, cur_arg = nil, nil, nil
+-- An event was popped and has not reached its stage yet: an error now is
+-- sluice's own (out of Lua memory), and the event's connection closes.
+local pending = false
+-- Resolved once: the error path may have no Lua memory to resolve it.
+local host_abandon = C.sl_ffi_host_abandon
+-- lua_memory_limit (src/lua/host.c, sl_lua_alloc): the allocator raises
+-- heap_over[0] when the heap grows past the limit; once the event is done,
+-- over_limit() collects in full and stops the stage it was delivered to
+-- (event_ctx, event_ev) if the heap is still above. oom_waiting: stages
+-- stopped for memory whose connection has not let them go yet; what they
+-- hold is not garbage yet, so no other stage is stopped meanwhile.
+local heap_over = ffi.new("int32_t[1]")
+local event_ctx, event_ev = nil, nil
+local oom_waiting = 0
+local OOM = "not enough memory"  -- LuaJIT's message for a refused allocation
 -- The buffer the current queued event delivered: adopted (given its
--- finalizer) once every callback it caused is done, if a script kept it.
+-- finalizer) once every callback it caused is done, if a script kept it;
+-- the stage and event it was delivered to; the handle being adopted.
 local top_arg = nil
+local top_ctx, top_ev = nil, nil
+local adopting = nil
 
 local touching = false -- leak_detection advanced or paranoid: record each hop
 -- The pool's holder table (buf/holder.h) and header region start (as an
@@ -112,11 +130,16 @@ local function hop(ctx, ev, arg, p)
   if pc then buf.stage, buf.stage_id = pc.cptr, pc.sid else buf.stage, buf.stage_id = nil, 0 end
 end
 
-local function stage_failed(ctx, ev, arg, err)
+-- how: what the stage did, "raised in" unless given.
+local function stage_failed(ctx, ev, arg, err, how)
+  if err == OOM and ctx.cptr and not ctx.oom then
+    ctx.oom = true
+    oom_waiting = oom_waiting + 1
+  end
   if host ~= nil then C.sl_ffi_host_stage_error(host, ctx.name) end
   local what = CALLBACK[ev] or (ev == TIMER and "a timer") or (ev == PROMISE and "a promise callback")
                or (ev == REMOVED and "removed") or (ev == ADDED and "added") or tostring(ev)
-  log.error("stage %s raised in %s on %s: %s", ctx.name, what,
+  log.error("stage %s %s %s on %s: %s", ctx.name, how or "raised in", what,
             ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
             tostring(err))
   -- The pipeline releases what the stage was handed and still owned.
@@ -135,6 +158,28 @@ local function stage_failed(ctx, ev, arg, err)
   end
 end
 
+-- Between events: the heap grew past lua_memory_limit (heap_over). A full
+-- collection first (garbage is nobody's fault); if the heap is still above
+-- the limit, the stage the event was delivered to fails as if it had
+-- raised "not enough memory", and its connection closes.
+local function over_limit(ctx, ev)
+  heap_over[0] = 0
+  -- (No stage to stop: the collection at the end of the drain will do.)
+  if oom_waiting > 0 or ctx == nil or ctx.failed or ctx.cptr == nil then return end
+  -- A finalized cdata goes one cycle after its finalizer ran, the value of
+  -- a weak key one cycle after the key: collect again while that frees.
+  local kb = collectgarbage("count")
+  for _ = 1, 3 do
+    collectgarbage()
+    local now = collectgarbage("count")
+    if C.sl_ffi_host_heap_above(host) == 0 or now >= kb then break end
+    kb = now
+  end
+  if C.sl_ffi_host_heap_above(host) == 0 then return end
+  C.sl_ffi_host_heap_stopped(host)
+  stage_failed(ctx, ev, nil, OOM, "held more than lua_memory_limit after")
+end
+
 local function call(ctx, ev, arg, p)
   cur_ctx, cur_ev, cur_arg = ctx, ev, arg
   buf.stage, buf.stage_id = ctx.cptr, ctx.sid  -- releases in this callback name this stage
@@ -149,7 +194,9 @@ local run_timers, on_added, on_removed
 local function deliver(e)
   local ev = e.ev
   if ev == PROMISE then
-    return promise.settle(e.n, e.str ~= nil and ffi_string(e.str) or nil)
+    local err = e.str ~= nil and ffi_string(e.str) or nil
+    pending = false  -- an error in an on_complete callback closes no connection
+    return promise.settle(e.n, err)
   elseif ev == TIMER then
     return run_timers()
   elseif ev == ADDED then
@@ -172,7 +219,7 @@ local function deliver(e)
   if ev == READ or ev == WRITE then
     arg = wrap_lazy(e.ptr)
     arg.owner = ctx.sid
-    top_arg = arg
+    top_arg, top_ctx, top_ev = arg, ctx, ev
   elseif ev == WRITABILITY then
     arg = e.n ~= 0
   elseif ev == USER_EVENT then
@@ -180,6 +227,7 @@ local function deliver(e)
   elseif ev == ERROR or ev == CLOSE then
     arg = e.str ~= nil and ffi_string(e.str) or nil
   end
+  event_ctx, event_ev = ctx, ev
   return call(ctx, ev, arg, nil)
 end
 
@@ -188,11 +236,18 @@ end
 -- to event[0] would not keep it alive.
 local function run()
   if top_arg ~= nil then
-    adopt(top_arg)
+    local h = top_arg
     top_arg = nil
+    adopting = h
+    adopt(h)
+    adopting, top_ctx = nil, nil
   end
   if C.sl_ffi_host_next(host, event) == 0 then return end
+  pending = true
   deliver(event[0])
+  pending = false
+  if heap_over[0] ~= 0 then over_limit(event_ctx, event_ev) end
+  event_ctx = nil  -- (nor keep a closed connection's stage alive)
   return run()
 end
 
@@ -201,9 +256,23 @@ local function failed(err)
   buf.stage, buf.stage_id = nil, 0
   local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
   cur_ctx = nil
+  local undelivered, kept, kept_by, kept_ev = pending, adopting, top_ctx, top_ev
+  pending, adopting, top_ctx, event_ctx = false, nil, nil, nil
+  if kept ~= nil then
+    -- A handle a stage kept could not be given its finalizer (out of Lua
+    -- memory): once dropped, nothing would release its buffer, and trying
+    -- again fails again for as long as the stage holds its memory. Its
+    -- references are released now, and the stage it was delivered to fails.
+    if kept.refs > 0 and kept.b.gen == kept.gen then kept:release(kept.refs) end
+    if not kept_by.failed then stage_failed(kept_by, kept_ev, nil, err) end
+    return
+  end
   if ctx then
     stage_failed(ctx, ev, arg, err)
   else
+    -- Before anything that allocates: the event's buffer and connection
+    -- must not wait for Lua memory.
+    if undelivered then host_abandon(host, type(err) == "string" and err or "error") end
     log.error("Lua dispatch: %s", tostring(err))
   end
 end
@@ -257,6 +326,7 @@ end
 
 function on_added(id, cptr, key)
   local ctx = new_ctx(id, cptr, key)
+  event_ctx, event_ev = ctx, ADDED
   if ctx.mod.added then
     cur_ctx, cur_ev, cur_arg = ctx, ADDED, nil
     ctx.mod.added(ctx)
@@ -284,6 +354,12 @@ function on_removed(ctx)
   ctxs[ctx.id] = nil
   ctx.cptr = nil
   epoch = epoch + 1
+  if ctx.oom then
+    -- Stopped for memory, and gone: what it held is garbage now.
+    ctx.oom = nil
+    oom_waiting = oom_waiting - 1
+    C.sl_ffi_host_collect(host)
+  end
 end
 
 -- A buffer for C: handles give a reference away, strings are copied in.
@@ -782,7 +858,8 @@ function run_timers(now)
       buf.stage, buf.stage_id = ctx.cptr, ctx.sid
       local ok, err = xpcall(t.fn, traceback, ctx)
       buf.stage, buf.stage_id = nil, 0
-      if not ok then stage_failed(ctx, TIMER, nil, err) end
+      if not ok then stage_failed(ctx, TIMER, nil, err)
+      elseif heap_over[0] ~= 0 then over_limit(ctx, TIMER) end
     end
   end
   armed_at = nil
@@ -815,6 +892,7 @@ function _M.init(worker_id, h)
   jit.opt.start("recunroll=6")
   _M.worker_id = worker_id
   host = ffi_cast("sl_lua_host *", h)
+  heap_over = C.sl_ffi_host_heap_over(host)
   local base = ffi.new("uintptr_t[1]")
   local t = C.sl_ffi_host_holders(host, base)
   if t ~= nil then holders, hdr_base = t, ffi_cast(buf_ptr_t, base[0]) else holders, hdr_base = nil, nil end

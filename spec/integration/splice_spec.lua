@@ -99,6 +99,43 @@ describe("splicing", function()
     end
   end)
 
+  it('judges "auto" by the socket\'s peer, not the address a PROXY protocol header gave', function()
+    -- The header says the client is 203.0.113.7; the socket's peer is on
+    -- loopback, and it is that peer which reads what is written to it. A
+    -- Lua stage takes sluice.proxy_protocol and itself out once active, so
+    -- the pair is pass-through by the time its upstream connects.
+    local handoff = H.tmpfile("handoff.lua", [[
+return {
+  channel_active = function(ctx)
+    local p = ctx:pipeline()
+    p:remove("sluice.proxy_protocol")
+    ctx:fire_active()
+    p:remove(ctx.name)
+  end,
+  channel_read = function(ctx, buf) ctx:fire_read(buf) end,
+}
+]])
+    local mod = handoff:match("([^/]+)%.lua$")
+    local header = "PROXY TCP4 203.0.113.7 127.0.0.1 4711 80\r\n"
+    local data = random_file("pp.data", 8 * MiB)
+    local input = H.tmpfile("pp.in", header)
+    H.sh(("cat %s >> %s"):format(H.shq(data), H.shq(input)))
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, echo.port,
+      ('splice = "auto", pipeline = { "sluice.proxy_protocol", %q }'):format(mod)))
+    local _, rc, out = H.exchange(port, { file = input }, 60)
+    assert.are.equal(0, rc)
+    assert.are.equal(digest(data), digest(out))
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+    end, 10))
+    assert.are.equal(0, H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"'))
+    local log = H.stop_sluice(p)
+    assert.matches("client 203.0.113.7:4711 on front", log, 1, true)
+  end)
+
   it("does not splice with max_pipes = 0", function()
     local m = echo_run(nil, 8 * MiB, "max_pipes = 0")
     assert.are.equal(0, m.spliced)

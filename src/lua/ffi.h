@@ -199,6 +199,20 @@ SL_FFI_EXPORT int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out);
 SL_FFI_EXPORT int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask);
 /* Asks for a TIMER event after delay_ms (< 0: none). */
 SL_FFI_EXPORT void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
+/* The event last popped could not be handed to its stage (sluice's own Lua
+ * raised first, out of Lua memory): releases the buffer it carried and
+ * closes its channel with "Lua dispatch failed: " and the first line of
+ * why (borrowed). Nothing when no event is current. */
+SL_FFI_EXPORT void sl_ffi_host_abandon(sl_lua_host *h, const char *why);
+/* lua_memory_limit between events (src/lua/host.c, sl_lua_alloc): the flag
+ * the allocator raises when the heap grows past the limit (sluice.host
+ * clears it); whether the heap is above the limit now; counts a stage
+ * stopped at the limit; asks for a full collection at the end of the
+ * drain (a stage stopped at the limit has left: what it held is garbage). */
+SL_FFI_EXPORT int32_t *sl_ffi_host_heap_over(sl_lua_host *h);
+SL_FFI_EXPORT int sl_ffi_host_heap_above(sl_lua_host *h);
+SL_FFI_EXPORT void sl_ffi_host_heap_stopped(sl_lua_host *h);
+SL_FFI_EXPORT void sl_ffi_host_collect(sl_lua_host *h);
 
 /* Inserts Lua stage `key` next to ctx (after it when after != 0, else
  * before it). Returns the new context's Lua id (0 on ENOMEM) and the

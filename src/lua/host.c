@@ -49,7 +49,8 @@ struct sl_lua_host {
   size_t heap;            /* bytes the state's allocator holds now */
   size_t heap_limit;      /* lua_memory_limit; 0: none */
   size_t heap_gc_mark;    /* a drain that ends above it runs a full collection */
-  uint64_t heap_refusals; /* allocations refused at the limit */
+  uint64_t heap_refusals; /* stages stopped at the limit, allocations refused at twice it */
+  int32_t heap_over;      /* 1: the heap grew past the limit since sluice.host last looked */
 };
 
 static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ctx)->w->lua; }
@@ -57,16 +58,24 @@ static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ct
 /* ---- the Lua heap ---- */
 
 /* The worker state's allocator: LuaJIT's own (luaL_newstate's), wrapped
- * to count its bytes and to refuse growing past lua_memory_limit. A
- * refusal raises "not enough memory" in whatever runs (a stage's callback:
- * that connection closes, as for any error). Shrinking and freeing never
- * fail (Lua relies on it). */
+ * to count its bytes. lua_memory_limit is kept between events, not here:
+ * growing past it only raises heap_over, and sluice.host, once the event
+ * is done, collects in full and stops the stage whose event it was if the
+ * heap is still above the limit. A refusal inside LuaJIT is not safe: the
+ * collector allocates too (the finalizer table, the string table), also
+ * in a step run at a JIT trace's exit, where an error crashes the process.
+ * Only growth past twice the limit is refused, which raises "not enough
+ * memory" in whatever runs (a stage's callback: that connection closes).
+ * Shrinking and freeing never fail (Lua relies on it). */
 static void *sl_lua_alloc(void *ud, void *p, size_t osize, size_t nsize) {
   sl_lua_host *h = ud;
   if (p == NULL) osize = 0;
   if (h->heap_limit != 0 && nsize > osize && h->heap - osize + nsize > h->heap_limit) {
-    h->heap_refusals++;
-    return NULL;
+    if (h->heap - osize + nsize - h->heap_limit > h->heap_limit) {
+      h->heap_refusals++;
+      return NULL;
+    }
+    h->heap_over = 1;
   }
   void *q = h->base_alloc(h->base_ud, p, osize, nsize);
   if (q != NULL || nsize == 0) h->heap = h->heap - osize + nsize;
@@ -81,9 +90,10 @@ static void sl_lua_alloc_wrap(sl_lua_host *h, lua_State *L) {
   lua_setallocf(L, sl_lua_alloc, h);
 }
 
-/* With a limit, garbage must not be what reaches it: a drain that ends
- * above three quarters of the limit collects in full, and not again until
- * the heap has grown by an eighth of the limit (or after a refusal). */
+/* With a limit, garbage should rarely be what reaches it: a drain that
+ * ends above three quarters of the limit collects in full, and not again
+ * until the heap has grown by an eighth of the limit (or after a refusal,
+ * or once a stage stopped for memory has left: sl_ffi_host_collect). */
 static void sl_lua_heap_check(sl_lua_host *h) {
   if (h->heap_limit == 0 || h->heap <= h->heap_gc_mark) return;
   lua_gc(h->L, LUA_GCCOLLECT, 0);
@@ -91,10 +101,19 @@ static void sl_lua_heap_check(sl_lua_host *h) {
   h->heap_gc_mark = SL_MAX(floor, h->heap + h->heap_limit / 8);
 }
 
-static void sl_lua_heap_set_limit(sl_lua_host *h, size_t limit) {
+void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit) {
+  if (h == NULL) return;
   h->heap_limit = limit;
   h->heap_gc_mark = limit / 4 * 3;
 }
+
+int32_t *sl_ffi_host_heap_over(sl_lua_host *h) { return &h->heap_over; }
+
+int sl_ffi_host_heap_above(sl_lua_host *h) { return h->heap_limit != 0 && h->heap > h->heap_limit; }
+
+void sl_ffi_host_heap_stopped(sl_lua_host *h) { h->heap_refusals++; }
+
+void sl_ffi_host_collect(sl_lua_host *h) { h->heap_gc_mark = 0; }
 
 /* ---- the event queue ----
  *
@@ -153,6 +172,18 @@ int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out) {
 
 int sl_ffi_host_pending(sl_lua_host *h) { return h->qlen > 0 || h->has_cur; }
 
+void sl_ffi_host_abandon(sl_lua_host *h, const char *why) {
+  if (!h->has_cur) return;
+  sl_lua_event *e = &h->cur;
+  if (e->ptr && (e->ev == SL_EV_READ || e->ev == SL_EV_WRITE)) sl_buf_release(e->ptr);
+  e->ptr = NULL;
+  if (e->ch == NULL || sl_channel_is_closed(e->ch)) return;
+  char reason[128];
+  int n = (int)strcspn(why, "\n");
+  snprintf(reason, sizeof(reason), "Lua dispatch failed: %.*s", n, why);
+  sl_channel_close(e->ch, reason, 1);
+}
+
 /* Drops every pending event (the state is closing): buffers are released. */
 static void sl_lua_discard(sl_lua_host *h) {
   sl_lua_event e;
@@ -177,8 +208,8 @@ void sl_lua_host_drain(sl_lua_host *h) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->run_ref);
     uint64_t refused = h->heap_refusals;
     if (lua_pcall(L, 0, 0, tb) == 0) break;
-    /* At the memory limit: what the failed stage held is garbage now, and
-     * failed() needs room to log it. */
+    /* Refused past twice the limit: what the failed code held is garbage
+     * now, and failed() needs room to log it. */
     if (h->heap_refusals != refused) {
       lua_gc(L, LUA_GCCOLLECT, 0);
       h->heap_gc_mark = SL_MAX(h->heap_limit / 4 * 3, h->heap + h->heap_limit / 8);
@@ -379,14 +410,28 @@ static int sl_lua_load_stage(sl_lua_host *h, int load_ref, int tb_ref, const sl_
     return SL_ERROR;
   }
   lua_pushinteger(L, spec->lua_key);
+  uint64_t refused = h->heap_refusals;
   if (lua_pcall(L, 4, 2, -6) != 0) {
-    snprintf(err, errlen, "stage %s: %s", spec->module, lua_tostring(L, -1));
+    /* "not enough memory" alone reads as the machine's. */
+    char limit[64] = "";
+    if (h->heap_refusals != refused)
+      snprintf(limit, sizeof(limit), " (lua_memory_limit is %zu bytes)", h->heap_limit);
+    snprintf(err, errlen, "stage %s: %s%s", spec->module, lua_tostring(L, -1), limit);
     lua_settop(L, 0);
     return SL_ERROR;
   }
   int key = (int)lua_tointeger(L, -2);
   uint32_t mask = (uint32_t)lua_tointeger(L, -1);
   lua_settop(L, 0);
+  if (h->heap_limit != 0 && h->heap > h->heap_limit) {
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    if (h->heap > h->heap_limit) {
+      h->heap_refusals++;
+      snprintf(err, errlen, "stage %s: not enough memory (lua_memory_limit is %zu bytes)",
+               spec->module, h->heap_limit);
+      return SL_ERROR;
+    }
+  }
   SL_ASSERT(key == spec->lua_key, "Lua stage keys out of step with the config");
   h->masks[key - 1] = mask;
   return SL_OK;
@@ -445,7 +490,7 @@ void sl_lua_refuse_exit(lua_State *L) {
 sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char *err,
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
-  if (h != NULL) sl_lua_heap_set_limit(h, cfg->lua_memory_limit);
+  sl_lua_host_set_memory_limit(h, cfg->lua_memory_limit);
   if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
       (h->L = luaL_newstate()) == NULL) {
     snprintf(err, errlen, "out of memory");
@@ -527,6 +572,11 @@ int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t err
     }
     lua_settop(L, 0);
   }
+  /* The new stages load under the larger of the two limits (none if
+   * either is none); the configuration's own applies from its commit
+   * (sl_lua_host_set_memory_limit), so a refused reload keeps the old. */
+  size_t limit = h->heap_limit;
+  if (limit != 0) h->heap_limit = cfg->lua_memory_limit == 0 ? 0 : SL_MAX(limit, cfg->lua_memory_limit);
   lua_getglobal(L, "debug");
   lua_getfield(L, -1, "traceback");
   int tb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -540,12 +590,12 @@ int sl_lua_host_load(sl_lua_host *h, const sl_config *cfg, char *err, size_t err
     }
   }
   luaL_unref(L, LUA_REGISTRYINDEX, tb_ref);
+  h->heap_limit = limit;
   if (rc != SL_OK) {
     sl_lua_host_unload(h, cfg->lua_key_first, cfg->nlua_stages);
     return SL_ERROR;
   }
   h->loaded_any = 1;
-  sl_lua_heap_set_limit(h, cfg->lua_memory_limit);   /* a reload's limit, once it loaded */
   return SL_OK;
 }
 

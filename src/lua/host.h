@@ -38,8 +38,10 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const struct sl_config *cfg
 /* Loads the Lua stages of cfg (a reloaded configuration) into h's state
  * under their keys; modules loaded before are run anew, and the stages of
  * earlier configurations stay for the connections that use them. Borrows
- * cfg (its Lua state is read: one thread at a time). SL_OK, or SL_ERROR with
- * a message in err and nothing of cfg left loaded. */
+ * cfg (its Lua state is read: one thread at a time). The modules run under
+ * the larger of h's limit and cfg's lua_memory_limit (none if either is
+ * none); h's limit stays as it was. SL_OK, or SL_ERROR with a message in
+ * err and nothing of cfg left loaded. */
 int sl_lua_host_load(sl_lua_host *h, const struct sl_config *cfg, char *err, size_t errlen);
 
 /* Forgets the stages with keys first..first+n-1 (a configuration that no
@@ -72,12 +74,19 @@ uint64_t sl_lua_host_entries(const sl_lua_host *h);
  * state of its own. */
 size_t sl_lua_host_memory(const sl_lua_host *h);
 
-/* Allocations the state's allocator refused at lua_memory_limit (each
- * raised "not enough memory" in the code that asked). */
+/* Times lua_memory_limit stopped Lua: stages stopped between events with
+ * the heap above it, allocations refused past twice it, stage modules that
+ * did not fit (each a "not enough memory"). */
 uint64_t sl_lua_host_memory_refusals(const sl_lua_host *h);
 
 /* The limit those refusals come from (lua_memory_limit; 0: none). */
 size_t sl_lua_host_memory_limit(const sl_lua_host *h);
+
+/* Sets lua_memory_limit (0: none) for the state's allocations from now on:
+ * at creation, and when a reload's configuration is committed. The heap
+ * may be above it already; it then only shrinks until it is below. h may
+ * be NULL (nothing happens). */
+void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit);
 
 /* A write promise completed (err NULL) or failed: queues it for Lua. */
 void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);

@@ -430,8 +430,9 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
     if (s->has_lua) sl_prom_worker(o, "sluice_lua_memory_bytes", s->worker, s->lua_bytes);
   }
   sl_prom_head(o, "sluice_lua_memory_refusals_total", "counter",
-               "Lua allocations refused at lua_memory_limit; each raised \"not enough memory\" "
-               "in the stage that asked, which closed its connection.");
+               "Times lua_memory_limit stopped Lua: a stage whose event left the heap above "
+               "it after a full collection, or an allocation past twice it; each closed a "
+               "connection with \"not enough memory\".");
   SL_EACH_SNAP(r, s) {
     if (s->has_lua)
       sl_prom_worker(o, "sluice_lua_memory_refusals_total", s->worker, s->lua_refusals);

@@ -1,6 +1,7 @@
 #include "proxy/bridge.h"
 
 #include <string.h>
+#include <sys/socket.h>
 
 #include "buf/buf.h"
 #include "io/addr.h"
@@ -24,11 +25,23 @@ static int sl_bridge_alone(const sl_pipeline *p) {
   return first != &p->tail && first->ops == &sl_bridge_ops && first->next == &p->tail;
 }
 
+/* Whether the peer of ch's socket is on the loopback interface. The
+ * socket's own peer, not ch->remote: a PROXY protocol header replaces the
+ * client's remote with the address it advertises, but what is written to
+ * the socket is read by the process at its other end. */
+static int sl_bridge_peer_is_loopback(const sl_channel *ch) {
+  sl_addr a;
+  a.len = sizeof(a.ss);
+  if (getpeername(ch->fd, (struct sockaddr *)&a.ss, &a.len) != 0)
+    return sl_addr_is_loopback((const struct sockaddr *)&ch->remote.ss);
+  return sl_addr_is_loopback((const struct sockaddr *)&a.ss);
+}
+
 /* The upstream is connected and joined to its client: it gets its own
  * bridge, and the client is read from again. A pass-through pair (no
  * stage but the bridges) may splice (sl_channel_allow_splice) as its
  * listener's splice says: each side into the other, or with "auto" each
- * side into a peer off the loopback interface. */
+ * side into a socket whose peer is off the loopback interface. */
 static void sl_bridge_on_connect(sl_channel *up) {
   sl_channel *client = up->peer;
   if (sl_pipeline_add_last(&up->pipe, &sl_bridge_ops, "bridge") == NULL) {
@@ -40,10 +53,8 @@ static void sl_bridge_on_connect(sl_channel *up) {
     sl_server_tcp_keepalive(up, lc);
     if (lc->splice != SL_SPLICE_OFF && sl_bridge_alone(&client->pipe)) {
       int all = lc->splice == SL_SPLICE_ON;
-      if (all || !sl_addr_is_loopback((const struct sockaddr *)&up->remote.ss))
-        sl_channel_allow_splice(client);
-      if (all || !sl_addr_is_loopback((const struct sockaddr *)&client->remote.ss))
-        sl_channel_allow_splice(up);
+      if (all || !sl_bridge_peer_is_loopback(up)) sl_channel_allow_splice(client);
+      if (all || !sl_bridge_peer_is_loopback(client)) sl_channel_allow_splice(up);
     }
   }
   sl_channel_activate(up);

@@ -286,9 +286,10 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_binned(sl_pool
     sl_pool_own_took(bin, s);
     goto parked;
   }
-  item = (uintptr_t)bin->items[n - 1];
-  bin->n = n - 1;
+  n--;
+  bin->n = n;
   bin->used++;   /* the hit and the allocation (sl_cache_bin) */
+  item = (uintptr_t)bin->items[n];
   if (__builtin_expect(item & SL_BIN_BARE, 0))
     return sl_buf_alloc_bare(pool, bin, (uint8_t *)(item - SL_BIN_BARE), cap, max_cap);
 parked:;

@@ -105,6 +105,13 @@ local function touch(ctx, arg)
   end
 end
 
+-- Drops msg when the channel is gone.
+local function drop(msg, p)
+  if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
+  if p then promise.fail(p, "closed") end
+  return p
+end
+
 -- An event from a Lua stage to the next Lua stage is a direct call, as in
 -- Netty: the next stage has handled it (and whatever it caused) when
 -- fire_read returns. A stage that raises ends the whole event: the error
@@ -112,6 +119,9 @@ end
 -- A buffer handed on belongs to the receiving stage: the sender can no
 -- longer release it or pass it again (the handle records its owner).
 local function hop(ctx, ev, arg, p)
+  -- A stage that failed gets no more reads or writes: its connection is
+  -- closing (the queued ones are released in deliver).
+  if ctx.failed and (ev == READ or ev == WRITE) then return drop(arg, p) end
   local pc, pe, pa = cur_ctx, cur_ev, cur_arg
   if is_buf(arg) then
     passable(arg)
@@ -380,12 +390,6 @@ local function to_c(ctx, msg, what)
   return nil
 end
 
--- Drops msg when the channel is gone.
-local function drop(msg, p)
-  if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
-  if p then promise.fail(p, "closed") end
-  return p
-end
 
 function Ctx:fire_read(msg)
   if not self.cptr then return drop(msg) end

@@ -1678,6 +1678,49 @@ static void test_class_counts_stay_exact_on_every_path(void **state) {
   finish(p, a);
 }
 
+/* A normal class no bin caches (above max_cached) carries SL_BUF_UNBINNED
+ * from its bin's tail, so that its release leaves sl_buf_free at the flag
+ * test for its chunk (nothing cached); a release from Lua sets the
+ * quarantine, which sends the next release off the fast path (the header
+ * waits its turn) and clears itself there. */
+static void test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf_release(sl_buf_alloc(p, 100, 0));   /* the first buffer is a leak sample */
+  sl_buf *b = sl_buf_alloc(p, 40000, 0);
+  assert_non_null(b);
+  unsigned k = b->sclass;
+  assert_true(k >= a->nsmall && k < a->nclasses);
+  assert_int_equal(b->flags, SL_BUF_UNBINNED);
+  SL_TEST_ASSERT_NO_VIEWS(b);
+  uint64_t frees = p->arena->cls[k].frees;
+  assert_int_equal(sl_buf_release(b), 1);
+  assert_int_equal(b->gen, 0);
+  assert_int_equal(p->arena->cls[k].frees, frees + 1);   /* back in its chunk */
+  assert_int_equal(p->bins[k].n, 0);
+  assert_int_equal(sl_pool_class_frees(p, k), 1);
+
+  sl_buf *q = sl_buf_alloc(p, 100, 0), *r = sl_buf_alloc(p, 100, 0);
+  unsigned kq = q->sclass;
+  uint32_t cached = p->bins[kq].n;
+  sl_pool_quarantine_next(p, 1);
+  assert_null(p->free_tp);
+  sl_buf_release(q);   /* the header waits in the quarantine; its block is cached bare */
+  assert_ptr_equal(p->free_tp, p->owner_tp);
+  assert_int_equal(p->quarantine_n, 1);
+  assert_int_equal(p->bins[kq].n, cached + 1);
+  assert_true((uintptr_t)p->bins[kq].items[cached] & SL_BIN_BARE);
+  sl_buf_release(r);   /* the fast path again: parks, header and block, in its bin */
+  assert_int_equal(p->bins[kq].n, cached + 2);
+  assert_ptr_equal(p->bins[kq].items[cached + 1], r);
+  assert_int_equal(p->quarantine_n, 1);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* Headers parked on owned subpages now, and the blocks they carry. */
 static uint32_t parked_on_subpages(const sl_pool *p) {
   uint32_t n = 0;
@@ -2632,6 +2675,7 @@ int main(void) {
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
       cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
+      cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_idle_tick_takes_headers_off_owned_subpages),

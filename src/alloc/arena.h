@@ -161,9 +161,9 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
  * with a run of exactly that length (it becomes the list's head: stale
  * chunks stay on the list, for the runs freed next), the chunk staying on
  * its usage list. NULL otherwise, nothing allocated: the caller then calls
- * sl_arena_alloc_normal. */
-static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass) {
-  uint32_t n = ar->alloc->run_pages[sclass];
+ * sl_arena_alloc_normal. n is the class's run length (run_pages[sclass]),
+ * from the caller's copy. */
+static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass, uint32_t n) {
   if (n >= SL_AVAIL_LENS || !sl_spin_trylock(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
   if (c != NULL && c->bucket[n] == SL_CHUNK_NONE) {
@@ -189,16 +189,15 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass) {
  * run allocated as a block of sclass, not the chunk's last used one, its
  * length's list with runs or the chunk on the index for that length
  * already, the chunk staying on its usage list. 0 otherwise, nothing
- * changed: the caller then calls sl_arena_free_normal. */
-static inline int sl_arena_free_normal_try(sl_arena *ar, void *p, unsigned sclass) {
-  sl_alloc *a = ar->alloc;
-  sl_chunk *c = sl_chunk_of(p, a->cfg.chunk_size);
-  uint32_t page = (uint32_t)(((uint8_t *)p - c->mem) >> c->page_shift);
-  uint32_t n = a->run_pages[sclass];
+ * changed: the caller then calls sl_arena_free_normal. The caller gives
+ * the block's chunk c, its first page and n, the class's run length
+ * (run_pages[sclass], at least 1), from its own copies of the geometry. */
+static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, uint32_t page, uint32_t n,
+                                           unsigned sclass) {
   if (!sl_spin_trylock(&ar->lock)) return 0;
   uint32_t free_pages = c->free_pages + n;
   uint32_t key = n < SL_AVAIL_LENS ? n : SL_AVAIL_LENS;
-  if (__builtin_expect(c->run_len[page] != n || n == 0 || free_pages == c->usable ||
+  if (__builtin_expect(c->run_len[page] != n || free_pages == c->usable ||
                            free_pages > c->list_hi ||
                            (c->bucket[n] == SL_CHUNK_NONE && !(c->av_in & (1ull << (key - 1)))),
                        0)) {

@@ -167,10 +167,11 @@ void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
 /* Puts the free run [start, start + len) on its length's list, c being on
  * the index for that length already (or the list having runs). */
 static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {
+  uint32_t first = c->bucket[len];
   c->free_head[start] = len;
-  c->free_next[start] = c->bucket[len];
+  c->free_next[start] = first;
   c->bucket[len] = start;
-  c->nonempty[len >> 6] |= 1ull << (len & 63);
+  if (first == SL_CHUNK_NONE) c->nonempty[len >> 6] |= 1ull << (len & 63);   /* else set */
   if (len > c->max_run) c->max_run = len;
 }
 

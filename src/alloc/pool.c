@@ -82,6 +82,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
                       (p->bins[i].cap == 0 && i >= a->nsmall ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
   memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
+  memcpy(p->run_pages, a->run_pages, sizeof(p->run_pages));
   p->cached_limit = p->max_cached_size;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->nsmall = a->nsmall;
@@ -403,41 +404,48 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
 
 /* Gives bin item item of small class sclass, whose bin owns subpages, to
  * its block's subpage when p owns it, a parked header with its block: 1.
- * Else 0, nothing done. */
-static int sl_pool_own_give_item(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
+ * Else 0, nothing done. The caller counts it. */
+static int sl_pool_own_give_item(sl_pool *p, void *item, unsigned sclass) {
   uintptr_t v = (uintptr_t)item;
-  if (v & SL_BIN_BARE) return sl_pool_own_give(p, bin, (void *)(v - SL_BIN_BARE), sclass);
-  sl_subpage *s = sl_pool_parked_subpage(item);
-  SL_ASSERT_DEBUG(s == sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass),
-                  "a parked header keeps its block's subpage");
-  if (!sl_pool_owns(p, s)) return 0;
-  uint32_t nfree = sl_pool_own_push_parked(s, item);
-  bin->own_frees++;
+  sl_subpage *s;
+  uint32_t nfree;
+  if (v & SL_BIN_BARE) {
+    void *mem = (void *)(v - SL_BIN_BARE);
+    s = sl_pool_subpage_of(p, mem, sclass);
+    if (!sl_pool_owns(p, s)) return 0;
+    nfree = sl_subpage_push(s, mem);
+  } else {
+    s = sl_pool_parked_subpage(item);
+    SL_ASSERT_DEBUG(s == sl_pool_subpage_of(p, sl_pool_parked_block(item), sclass),
+                    "a parked header keeps its block's subpage");
+    if (!sl_pool_owns(p, s)) return 0;
+    nfree = sl_pool_own_push_parked(s, item);
+  }
   if (sl_pool_own_moves(s, nfree)) sl_pool_own_moved(p, s, nfree);
-  return 1;
-}
-
-/* sl_pool_own_give_item for an item of a bin: its release was counted
- * when it was cached (frees_rest), and own_frees counts it again for the
- * arena, so frees_rest gives it back (sl_cache_bin). */
-static int sl_pool_own_give_cached(sl_pool *p, sl_cache_bin *bin, void *item, unsigned sclass) {
-  if (!sl_pool_own_give_item(p, bin, item, sclass)) return 0;
-  bin->frees_rest--;
   return 1;
 }
 
 /* Gives the give oldest entries of bin sclass back: to the owned subpages
  * of their blocks (parked headers stay parked there), else to the arena
- * (parked headers to the recycler). */
+ * (parked headers to the recycler). An entry given to its owned subpage
+ * counts in own_frees for the arena and leaves frees_rest (its release
+ * was counted when it was cached: sl_cache_bin), once for all of them. */
 static void sl_pool_bin_give(sl_pool *p, unsigned sclass, uint32_t give) {
   sl_cache_bin *bin = &p->bins[sclass];
   if (give == 0) return;
-  uint32_t rest = 0;
+  uint32_t rest = 0, owned = 0;
+  void **items = bin->items;
+  int owns = bin->owns != 0;
   for (uint32_t i = 0; i < give; i++) {
-    void *item = bin->items[i];
-    if (bin->owns && sl_pool_own_give_cached(p, bin, item, sclass)) continue;
-    bin->items[rest++] = sl_pool_item_block(p, item);
+    void *item = items[i];
+    if (owns && sl_pool_own_give_item(p, item, sclass)) {
+      owned++;
+      continue;
+    }
+    items[rest++] = sl_pool_item_block(p, item);
   }
+  bin->own_frees += owned;
+  bin->frees_rest -= owned;
   sl_arena_free_many(p->arena, bin->items, rest, sclass);
   memmove(bin->items, bin->items + give, (bin->n - give) * sizeof(void *));
   bin->n -= give;

@@ -150,6 +150,7 @@ struct sl_pool {
   uint16_t lookup[SL_SC_LOOKUP_MAX / 16 + 1];
 
   /* cold */
+  uint32_t run_pages[SL_SC_MAX_CLASSES];   /* the allocator's: pages per normal block */
   void *owner_tp;                 /* thread pointer of the bound thread */
   size_t cached_limit;            /* max_cached_size when not failing on purpose */
   size_t normal_limit;            /* normal_max_size likewise */

@@ -202,15 +202,19 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
  * registers; the rest is sl_buf_alloc_normal_slow. */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
                                                              size_t max_cap) {
-  unsigned idx = sl_sc_index(cap);
+  size_t off = cap <= SL_SC_LOOKUP_MAX ? pool->lookup[(cap + 15) >> 4]
+                                       : (size_t)sl_sc_index(cap) << SL_SC_LOOKUP_SHIFT;
+  unsigned idx = (unsigned)(off >> SL_SC_LOOKUP_SHIFT);
   uint32_t rn = pool->rec_n;
-  if (idx < pool->nsmall || cap <= pool->max_cached_size || rn == 0)
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + off);
+  /* A class no bin caches is normal (its tail says so); small classes and
+   * cached ones take the slow path. */
+  if (!(bin->tail >> 48 & SL_BUF_UNBINNED) || rn == 0)
     return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, idx);
+  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, idx, pool->run_pages[idx]);
   if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
   pool->rec_n = rn - 1;
   sl_buf *b = pool->recycler[rn - 1];
-  sl_cache_bin *bin = &pool->bins[idx];
   bin->allocs_rest++;
   SL_UNPOISON(data, (uint32_t)bin->tail);
   sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
@@ -478,7 +482,10 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
   unsigned sc = r->sclass;
   SL_POISON(r->data, r->block_size);
   uint32_t rn = pool->rec_n;
-  if (rn >= pool->rec_cap || !sl_arena_free_normal_try(pool->arena, r->data, sc)) {
+  uintptr_t c = (uintptr_t)r->data & pool->chunk_mask;
+  uint32_t page = (uint32_t)(((uintptr_t)r->data - c) >> pool->page_shift);
+  if (rn >= pool->rec_cap ||
+      !sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, pool->run_pages[sc], sc)) {
     sl_buf_free_normal_slow(pool, r);
     return;
   }
@@ -516,10 +523,12 @@ static inline void sl_buf_free_plain(sl_pool *pool, sl_buf *r, size_t sc) {
 }
 
 /* A root whose only difference from the common case is its leak record
- * (a sampled buffer): the record goes back, then as in the common case. */
+ * (a sampled buffer): as in the common case, then the record goes back
+ * (keyed by the header's slot, which nothing reuses in between). */
 __attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *pool) {
-  sl_leak_on_free(pool, r);
+  r->flags &= (uint16_t)~SL_BUF_RECORDED;
   sl_buf_free_plain(pool, r, r->sclass);
+  sl_leak_forget(pool, r);
 }
 
 _Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,
@@ -546,16 +555,17 @@ void sl_buf_free(sl_buf *r) {
     sl_buf_free_plain(pool, r, word);
     return;
   }
-  uint32_t special = word >> 16;
-  if (special == SL_BUF_RECORDED) {
+  if (word - ((uint32_t)SL_BUF_UNBINNED << 16) < SL_SC_MAX_CLASSES) {
+    /* Only SL_BUF_UNBINNED, and a class: a normal class no bin caches, its
+     * chunk (the header dies there, its refcount with it). */
+    sl_buf_free_normal(r, pool);
+    return;
+  }
+  if (word >> 16 == SL_BUF_RECORDED) {
     sl_buf_free_recorded(r, pool);
     return;
   }
   r->refcnt = 0;
-  if (special == SL_BUF_UNBINNED && r->sclass < SL_SC_MAX_CLASSES) {
-    sl_buf_free_normal(r, pool);   /* a normal class no bin caches: its chunk */
-    return;
-  }
   sl_buf_free_local(r, pool);
 }
 

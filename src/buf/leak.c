@@ -56,8 +56,7 @@ static sl_buf *sl_slot_buf(const sl_pool *p, uint32_t slot) {
 }
 
 /* The side tables, mapped on first use (address space only until touched). */
-static int sl_leak_maps(sl_pool *p) {
-  if (p->leak_next != NULL) return SL_OK;
+__attribute__((noinline)) static int sl_leak_map(sl_pool *p) {
   size_t n = p->hdr_max;
   size_t len = n * (3 * sizeof(uint32_t) + sizeof(void *));
   void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -69,6 +68,11 @@ static int sl_leak_maps(sl_pool *p) {
   p->leak_derived = p->leak_prev + n;
   p->leak_map_len = len;
   return SL_OK;
+}
+
+static inline int sl_leak_maps(sl_pool *p) {
+  if (__builtin_expect(p->leak_next != NULL, 1)) return SL_OK;
+  return sl_leak_map(p);
 }
 
 void sl_buf_set_owner(sl_buf *b, sl_buf_owner *o) {
@@ -117,7 +121,7 @@ static void sl_leak_free_rec(sl_pool *p, sl_leak_rec *rec) {
 /* A record with no touches: a spare one, else a new one. NULL on ENOMEM. */
 static sl_leak_rec *sl_leak_new_rec(sl_pool *p) {
   sl_leak_rec *rec = p->leak_spare;
-  if (rec != NULL) {
+  if (__builtin_expect(rec != NULL, 1)) {
     p->leak_spare = *(void **)(void *)rec;
     p->leak_spare_n--;
   } else {
@@ -156,14 +160,18 @@ uint32_t sl_buf_derived_count(const sl_buf *b) {
   return p->leak_derived[sl_slot(p, b)];
 }
 
+void sl_leak_forget(sl_pool *p, const sl_buf *r) {
+  uint32_t s = sl_slot(p, r);
+  sl_leak_free_rec(p, p->leak_rec[s]);
+  p->leak_rec[s] = NULL;
+  p->leak_recorded--;
+}
+
 void sl_leak_on_free(sl_pool *p, sl_buf *r) {
   if (r->owner) sl_buf_set_owner(r, NULL);
   if (r->flags & SL_BUF_RECORDED) {
-    uint32_t s = sl_slot(p, r);
-    sl_leak_free_rec(p, p->leak_rec[s]);
-    p->leak_rec[s] = NULL;
-    p->leak_recorded--;
     r->flags &= (uint16_t)~SL_BUF_RECORDED;
+    sl_leak_forget(p, r);
   }
 }
 

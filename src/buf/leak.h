@@ -115,6 +115,11 @@ static inline uint32_t sl_leak_block_bytes(const sl_buf *b) {
 /* Called when a root that is owned or recorded is freed. */
 void sl_leak_on_free(sl_pool *p, sl_buf *r);
 
+/* The record of header r goes back (r, whose SL_BUF_RECORDED the caller
+ * has cleared, had one). For the release of a sampled root with no owner,
+ * after its header parked: nothing else of r is read. */
+void sl_leak_forget(sl_pool *p, const sl_buf *r);
+
 /* Records a touch (advanced and up, recorded buffers only). hint is copied
  * unless is_static. */
 void sl_leak_touch(sl_buf *b, const char *hint, int is_static);

@@ -1,6 +1,7 @@
 /*
  * io/addr: numeric hosts parse (IPv4 and IPv6, ports checked), format back
- * for logs, and the loopback test that splice = "auto" decides by.
+ * for logs, and the loopback and same-address tests that splice = "auto"
+ * decides by.
  */
 #include "test_util.h"
 
@@ -46,10 +47,29 @@ static void test_loopback(void **state) {
   assert_false(sl_addr_is_loopback((const struct sockaddr *)&un));
 }
 
+static int same(const char *x, int xp, const char *y, int yp) {
+  sl_addr a, b;
+  assert_int_equal(SL_OK, sl_addr_parse(&a, x, xp));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, y, yp));
+  return sl_addr_same_host((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss);
+}
+
+static void test_same_host(void **state) {
+  (void)state;
+  assert_true(same("192.0.2.2", 80, "192.0.2.2", 45000));
+  assert_false(same("192.0.2.2", 80, "192.0.2.3", 80));
+  assert_true(same("fd00::2", 80, "fd00::2", 1));
+  assert_false(same("fd00::2", 80, "fd00::3", 80));
+  assert_false(same("192.0.2.2", 80, "::ffff:192.0.2.2", 80));
+  struct sockaddr_storage un = {.ss_family = AF_UNIX};
+  assert_false(sl_addr_same_host((const struct sockaddr *)&un, (const struct sockaddr *)&un));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_parse_and_format),
       cmocka_unit_test(test_loopback),
+      cmocka_unit_test(test_same_host),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -78,19 +78,18 @@ local host_abandon = C.sl_ffi_host_abandon
 -- lua_memory_limit (src/lua/host.c, sl_lua_alloc): the allocator raises
 -- heap_over[0] when the heap grows past the limit; once the event is done,
 -- over_limit() collects in full and stops the stage it was delivered to
--- (event_ctx, event_ev) if the heap is still above. oom_waiting: stages
--- stopped for memory whose connection has not let them go yet; what they
--- hold is not garbage yet, so no other stage is stopped meanwhile.
+-- if the heap is still above. oom_waiting: stages stopped for memory whose
+-- connection has not let them go yet; what they hold is not garbage yet,
+-- so no other stage is stopped meanwhile.
 local heap_over = ffi.new("int32_t[1]")
-local event_ctx, event_ev = nil, nil
 local oom_waiting = 0
 local OOM = "not enough memory"  -- LuaJIT's message for a refused allocation
 -- The buffer the current queued event delivered: adopted (given its
 -- finalizer) once every callback it caused is done, if a script kept it;
--- the stage and event it was delivered to; the handle being adopted.
+-- the event it came with; true while it is being adopted.
 local top_arg = nil
-local top_ctx, top_ev = nil, nil
-local adopting = nil
+local top_ev = READ
+local adopting = false
 
 local touching = false -- leak_detection advanced or paranoid: record each hop
 -- The pool's holder table (buf/holder.h) and header region start (as an
@@ -130,6 +129,17 @@ local function hop(ctx, ev, arg, p)
   if pc then buf.stage, buf.stage_id = pc.cptr, pc.sid else buf.stage, buf.stage_id = nil, 0 end
 end
 
+-- Drops msg when the channel is gone.
+local function drop(msg, p)
+  if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
+  if p then promise.fail(p, "closed") end
+  return p
+end
+
+-- A failed stage's read and write callbacks: what a Lua stage next to it
+-- still passes on (the rest of a read burst) is dropped.
+local function dropped(_, msg, p) return drop(msg, p) end
+
 -- how: what the stage did, "raised in" unless given.
 local function stage_failed(ctx, ev, arg, err, how)
   if err == OOM and ctx.cptr and not ctx.oom then
@@ -156,6 +166,12 @@ local function stage_failed(ctx, ev, arg, err, how)
     local first = tostring(err):match("^[^\n]*")
     C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. first)
   end
+  -- Nor are the reads and writes a Lua stage next to it still passes on
+  -- (direct calls): its own callbacks for them become drops.
+  local fns = {}
+  for k, f in pairs(ctx.fns) do fns[k] = f end
+  fns[READ + 1], fns[WRITE + 1] = dropped, dropped
+  ctx.fns = fns
 end
 
 -- Between events: the heap grew past lua_memory_limit (heap_over). A full
@@ -219,7 +235,7 @@ local function deliver(e)
   if ev == READ or ev == WRITE then
     arg = wrap_lazy(e.ptr)
     arg.owner = ctx.sid
-    top_arg, top_ctx, top_ev = arg, ctx, ev
+    top_arg, top_ev = arg, ev
   elseif ev == WRITABILITY then
     arg = e.n ~= 0
   elseif ev == USER_EVENT then
@@ -227,7 +243,6 @@ local function deliver(e)
   elseif ev == ERROR or ev == CLOSE then
     arg = e.str ~= nil and ffi_string(e.str) or nil
   end
-  event_ctx, event_ev = ctx, ev
   return call(ctx, ev, arg, nil)
 end
 
@@ -236,18 +251,16 @@ end
 -- to event[0] would not keep it alive.
 local function run()
   if top_arg ~= nil then
-    local h = top_arg
-    top_arg = nil
-    adopting = h
-    adopt(h)
-    adopting, top_ctx = nil, nil
+    adopting = true
+    adopt(top_arg)
+    adopting, top_arg = false, nil
   end
   if C.sl_ffi_host_next(host, event) == 0 then return end
   pending = true
-  deliver(event[0])
+  local e = event[0]
+  deliver(e)
   pending = false
-  if heap_over[0] ~= 0 then over_limit(event_ctx, event_ev) end
-  event_ctx = nil  -- (nor keep a closed connection's stage alive)
+  if heap_over[0] ~= 0 then over_limit(ctxs[e.id], e.ev) end
   return run()
 end
 
@@ -256,15 +269,20 @@ local function failed(err)
   buf.stage, buf.stage_id = nil, 0
   local ctx, ev, arg = cur_ctx, cur_ev, cur_arg
   cur_ctx = nil
-  local undelivered, kept, kept_by, kept_ev = pending, adopting, top_ctx, top_ev
-  pending, adopting, top_ctx, event_ctx = false, nil, nil, nil
-  if kept ~= nil then
+  local undelivered, kept = pending, adopting and top_arg
+  pending, adopting = false, false
+  if kept then
     -- A handle a stage kept could not be given its finalizer (out of Lua
     -- memory): once dropped, nothing would release its buffer, and trying
     -- again fails again for as long as the stage holds its memory. Its
-    -- references are released now, and the stage it was delivered to fails.
+    -- references are released now, and the stage that owns it fails.
+    top_arg = nil
+    local owner = nil
+    for _, c in pairs(ctxs) do
+      if c.sid == kept.owner then owner = c end
+    end
     if kept.refs > 0 and kept.b.gen == kept.gen then kept:release(kept.refs) end
-    if not kept_by.failed then stage_failed(kept_by, kept_ev, nil, err) end
+    if owner and not owner.failed then stage_failed(owner, top_ev, nil, err) end
     return
   end
   if ctx then
@@ -326,7 +344,6 @@ end
 
 function on_added(id, cptr, key)
   local ctx = new_ctx(id, cptr, key)
-  event_ctx, event_ev = ctx, ADDED
   if ctx.mod.added then
     cur_ctx, cur_ev, cur_arg = ctx, ADDED, nil
     ctx.mod.added(ctx)
@@ -380,12 +397,6 @@ local function to_c(ctx, msg, what)
   return nil
 end
 
--- Drops msg when the channel is gone.
-local function drop(msg, p)
-  if is_buf(msg) and msg.refs > 0 and msg.b.gen == msg.gen then msg:release(msg.refs) end
-  if p then promise.fail(p, "closed") end
-  return p
-end
 
 function Ctx:fire_read(msg)
   if not self.cptr then return drop(msg) end

@@ -571,6 +571,40 @@ return {
     assert.not_matches("buffer used after release", log, 1, true)
   end)
 
+  it("does not hand the rest of a read burst to a failed stage behind another Lua stage", function()
+    -- The second stage fails on a read that filled its buffer, so the read
+    -- loop goes on and more reads of the same wake-up are queued for the
+    -- first stage, which passes them on: the failed stage must not get
+    -- them (nor fail again for each).
+    local m1 = H.tmpfile("passing.lua", [[
+return { channel_read = function(ctx, buf) ctx:fire_read(buf) end }
+]]):match("([^/]+)%.lua$")
+    local m2 = H.tmpfile("failing.lua", [[
+return {
+  channel_read = function(ctx, buf)
+    -- From a full read on, every read raises.
+    if buf:writable_bytes() == 0 then ctx.state.full = true end
+    if ctx.state.full then error("a full read") end
+    ctx:fire_read(buf)
+  end,
+}
+]]):match("([^/]+)%.lua$")
+    local port = H.free_port()
+    local p = H.start_sluice(([[
+return { listeners = { { name = "front", listen = "127.0.0.1:%d",
+                         pipeline = { %q, %q, "sluice.stages.echo" } } } }
+]]):format(port, m1, m2))
+    local input = H.tmpfile("burst.bin")
+    H.sh(("head -c %d /dev/zero > %s"):format(4 * 1024 * 1024, H.shq(input)))
+    H.exchange(port, { file = input }, 10)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("closed: stage " .. m2 .. " failed", 1, true)
+    end, 10))
+    local log = H.stop_sluice(p)
+    local _, raised = log:gsub("stage " .. m2 .. " raised in channel_read", "")
+    assert.are.equal(1, raised, log)
+  end)
+
   it("tells a Lua stage when its connection stops and starts being writable", function()
     local stage = H.tmpfile("watch.lua", [[
 local log = require("sluice.log")

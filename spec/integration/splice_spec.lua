@@ -99,6 +99,19 @@ describe("splicing", function()
     end
   end)
 
+  -- Sends the file input through front, checks that what comes back is
+  -- the file expect (input when nil), waits for the connection's end and
+  -- returns the bytes spliced.
+  local function exchange_spliced(port, admin, input, expect)
+    local _, rc, out = H.exchange(port, { file = input }, 60)
+    assert.are.equal(0, rc)
+    assert.are.equal(digest(expect or input), digest(out))
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+    end, 10))
+    return H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"')
+  end
+
   it('judges "auto" by the socket\'s peer, not the address a PROXY protocol header gave', function()
     -- The header says the client is 203.0.113.7; the socket's peer is on
     -- loopback, and it is that peer which reads what is written to it. A
@@ -125,15 +138,35 @@ return {
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin, echo.port,
       ('splice = "auto", pipeline = { "sluice.proxy_protocol", %q }'):format(mod)))
-    local _, rc, out = H.exchange(port, { file = input }, 60)
-    assert.are.equal(0, rc)
-    assert.are.equal(digest(data), digest(out))
-    assert.is_truthy(H.wait_for(function()
-      return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
-    end, 10))
-    assert.are.equal(0, H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"'))
+    assert.are.equal(0, exchange_spliced(port, admin, input, data))
     local log = H.stop_sluice(p)
     assert.matches("client 203.0.113.7:4711 on front", log, 1, true)
+  end)
+
+  it('counts an address of this machine as loopback under "auto"', function()
+    -- The kernel routes a connection to one of its own addresses over the
+    -- loopback interface: the peer there pays for spliced bytes as on
+    -- 127.0.0.1.
+    local host = (H.sh("hostname -I 2>/dev/null")):match("(%d+%.%d+%.%d+%.%d+)")
+    if host == nil or host:match("^127%.") then
+      pending("this machine has no IPv4 address but loopback ones")
+      return
+    end
+    local echo_port = H.free_port()
+    local echo = H.spawn(("socat TCP-LISTEN:%d,bind=%s,reuseaddr,fork EXEC:cat")
+      :format(echo_port, host), "echo")
+    peers[#peers + 1] = echo
+    assert.is_truthy(H.wait_for(function()
+      local _, rc = H.sh(("socat -T1 /dev/null TCP:%s:%d,connect-timeout=1 2>/dev/null")
+        :format(host, echo_port))
+      return rc == 0
+    end, 10))
+    local port, admin = H.free_port(), H.free_port()
+    local text = config(port, admin, echo_port, 'splice = "auto"')
+      :gsub("127%.0%.0%.1:" .. echo_port, host .. ":" .. echo_port)
+    local p = H.start_sluice(text)
+    assert.are.equal(0, exchange_spliced(port, admin, random_file("own.bin", 8 * MiB)))
+    H.stop_sluice(p)
   end)
 
   it("does not splice with max_pipes = 0", function()

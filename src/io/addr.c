@@ -36,6 +36,17 @@ int sl_addr_is_loopback(const struct sockaddr *sa) {
   return IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127;
 }
 
+int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b) {
+  if (a->sa_family != b->sa_family) return 0;
+  if (a->sa_family == AF_INET)
+    return ((const struct sockaddr_in *)(const void *)a)->sin_addr.s_addr ==
+           ((const struct sockaddr_in *)(const void *)b)->sin_addr.s_addr;
+  if (a->sa_family != AF_INET6) return 0;
+  return memcmp(&((const struct sockaddr_in6 *)(const void *)a)->sin6_addr,
+                &((const struct sockaddr_in6 *)(const void *)b)->sin6_addr,
+                sizeof(struct in6_addr)) == 0;
+}
+
 /* Writes v in decimal at p; returns the end. */
 static char *sl_addr_decimal(char *p, unsigned v) {
   char tmp[12];

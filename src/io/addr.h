@@ -20,4 +20,8 @@ char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen);
  * ::ffff:127.0.0.0/104. */
 int sl_addr_is_loopback(const struct sockaddr *sa);
 
+/* Whether a and b are the same IPv4 or IPv6 address (ports aside; an
+ * IPv4 address and its IPv4-mapped form are not the same). */
+int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b);
+
 #endif

@@ -25,16 +25,20 @@ static int sl_bridge_alone(const sl_pipeline *p) {
   return first != &p->tail && first->ops == &sl_bridge_ops && first->next == &p->tail;
 }
 
-/* Whether the peer of ch's socket is on the loopback interface. The
- * socket's own peer, not ch->remote: a PROXY protocol header replaces the
- * client's remote with the address it advertises, but what is written to
- * the socket is read by the process at its other end. */
+/* Whether the peer of ch's socket is on the loopback interface: a
+ * loopback address, or one of this machine's own (the socket's local
+ * address: the kernel routes those over loopback too). The socket's own
+ * peer, not ch->remote: a PROXY protocol header replaces the client's
+ * remote with the address it advertises, but what is written to the
+ * socket is read by the process at its other end. */
 static int sl_bridge_peer_is_loopback(const sl_channel *ch) {
-  sl_addr a;
-  a.len = sizeof(a.ss);
-  if (getpeername(ch->fd, (struct sockaddr *)&a.ss, &a.len) != 0)
+  sl_addr peer, self;
+  peer.len = self.len = sizeof(peer.ss);
+  if (getpeername(ch->fd, (struct sockaddr *)&peer.ss, &peer.len) != 0)
     return sl_addr_is_loopback((const struct sockaddr *)&ch->remote.ss);
-  return sl_addr_is_loopback((const struct sockaddr *)&a.ss);
+  if (sl_addr_is_loopback((const struct sockaddr *)&peer.ss)) return 1;
+  return getsockname(ch->fd, (struct sockaddr *)&self.ss, &self.len) == 0 &&
+         sl_addr_same_host((const struct sockaddr *)&peer.ss, (const struct sockaddr *)&self.ss);
 }
 
 /* The upstream is connected and joined to its client: it gets its own

@@ -1877,6 +1877,56 @@ static void test_views_take_headers_parked_on_owned_subpages(void **state) {
   finish(p, a);
 }
 
+/* A view's header search skips the bins while their release count has
+ * not moved since a search found no parked header there. That count must
+ * only grow: a full bin that gives entries to their owned subpages moves
+ * them from frees_rest to own_frees, and a count of frees_rest alone could
+ * come back to where the last search left it while headers have parked in
+ * the bins since (a view then took a new slot, or failed with ENOMEM once
+ * the region was used up). */
+static void test_view_header_search_sees_headers_parked_after_a_flush(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  owned_config(&cfg);
+  cfg.max_headers = 10;   /* slot 0 and the nine used below: no new slot for the last view */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  const char *err = NULL;
+  sl_buf *sample = sl_buf_alloc(p, 100, 0);   /* the first buffer is a leak sample: held */
+  sl_buf *r = sl_buf_alloc(p, 1000, 0), *fill[3];
+  for (int i = 0; i < 3; i++) assert_non_null(fill[i] = sl_buf_alloc(p, 1000, 0));
+  assert_ptr_equal(sl_pool_subpage_of(p, fill[2]->data, r->sclass),
+                   sl_pool_subpage_of(p, r->data, r->sclass));   /* r's subpage is full */
+  sl_buf *q[3];
+  for (int i = 0; i < 3; i++) assert_non_null(q[i] = sl_buf_alloc(p, 100, 0));
+  sl_pool_trim(p, 1);   /* r's subpage is no longer owned, and has no room */
+  unsigned k = r->sclass;
+  void *raw[8];
+  size_t usable;
+  for (int i = 0; i < 8; i++) assert_non_null(raw[i] = sl_pool_alloc(p, 1000, &usable));
+  for (int i = 0; i < 8; i++) sl_pool_free(p, raw[i], usable);   /* bin k: full, bare */
+  assert_int_equal(p->bins[k].n, p->bins[k].cap);
+  assert_int_equal(sl_test_stats(p).recycler_size, 0);
+  sl_buf *v = sl_buf_slice(r, 0, 10, &err);   /* searches the bins: nothing parked */
+  assert_non_null(v);
+  /* r parks in its full bin, which gives its older half to their owned
+   * subpages; then three more park. */
+  assert_int_equal(sl_buf_release(r), 1);
+  for (int i = 0; i < 3; i++) assert_int_equal(sl_buf_release(q[i]), 1);
+  sl_buf *z = sl_buf_alloc(p, 300, 0);   /* takes the view's header from the recycler */
+  assert_non_null(z);
+  assert_int_equal(sl_test_stats(p).recycler_size, 0);
+  assert_int_equal(sl_test_stats(p).headers_total, cfg.max_headers - 1);
+  sl_buf *w = sl_buf_duplicate(z);
+  assert_non_null(w);   /* a parked header */
+  assert_true(w == r || w == q[0] || w == q[1] || w == q[2]);
+  sl_buf_release(z);
+  sl_buf_release(sample);
+  for (int i = 0; i < 3; i++) sl_buf_release(fill[i]);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* An idle pool gives back every chunk and the header region although
  * headers were parked on its owned subpages. */
 static void test_idle_tick_takes_headers_off_owned_subpages(void **state) {
@@ -2678,6 +2728,7 @@ int main(void) {
       cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
+      cmocka_unit_test(test_view_header_search_sees_headers_parked_after_a_flush),
       cmocka_unit_test(test_idle_tick_takes_headers_off_owned_subpages),
       cmocka_unit_test(test_foreign_frees_into_owned_subpages_come_back_to_the_owner),
       cmocka_unit_test(test_idle_tick_gives_back_owned_subpages),

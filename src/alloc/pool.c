@@ -488,12 +488,13 @@ __attribute__((noinline)) void sl_pool_free_slow(sl_pool *p, void *mem, size_t u
  * free list of a class's first owned subpage with room (its block stays
  * there, bare), or NULL. Only the tops are looked at, so that a search
  * costs at most a few entries per class: headers park on top. A header
- * parks in a bin only with a release that the bin counts (frees): the
- * bins are not searched again while their count has not moved since a
- * search found none there. */
+ * parks in a bin only with a release that the class counts
+ * (sl_pool_class_frees, which only grows: frees_rest alone goes down when
+ * a bin gives entries to owned subpages): the bins are not searched again
+ * while that count has not moved since a search found none there. */
 static void *sl_pool_unpark(sl_pool *p) {
   uint64_t frees = 0;
-  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += p->bins[i].frees_rest;
+  for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) frees += sl_pool_class_frees(p, i);
   if (frees != p->unpark_frees) {
     for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) {
       sl_cache_bin *bin = &p->bins[i];

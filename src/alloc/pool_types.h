@@ -161,8 +161,9 @@ struct sl_pool {
   unsigned fail_next;             /* injected failures still to give */
   uint64_t other_allocs, other_frees;   /* huge and unpooled blocks */
   uint64_t cache_hits;            /* hits folded in at each trim (see bins[].used) */
-  uint64_t unpark_frees;          /* the bins' frees_rest when a search last found no
-                                     parked header in them (sl_pool_unpark) */
+  uint64_t unpark_frees;          /* the classes' frees (sl_pool_class_frees) when a
+                                     search last found no parked header in the bins
+                                     (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */

@@ -8,10 +8,12 @@
  * Each test builds its own allocator from an explicit config and ends with
  * nothing outstanding and, where it mapped chunks, none left mapped.
  *
- * Three tests guard fixed bugs (their comments say which): unmapped chunks
+ * Five tests guard fixed bugs (their comments say which): unmapped chunks
  * leaving ASan poison behind, a foreign release of a tracked buffer
- * blocking on a full return queue, and chunks above 32 MiB overflowing the
- * class arrays.
+ * blocking on a full return queue, chunks above 32 MiB overflowing the
+ * class arrays, a view's header search skipping bins with parked headers,
+ * and (under ThreadSanitizer: scripts/test --tsan) foreign releases racing
+ * the owner's releases from Lua on the quarantine's thread test.
  *
  * ASan note (see test_unmapped_chunk_leaves_no_asan_poison): the pool
  * poisons freed blocks, and nothing clears that poison when a chunk is
@@ -37,6 +39,7 @@
 #include "buf/buf.h"
 #include "buf/leak.h"
 #include "io/worker.h"
+#include "lua/ffi.h"
 #include "util/common.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -1388,6 +1391,36 @@ static void *consumer_thread(void *arg) {
   return NULL;
 }
 
+/* A consumer thread started on a new handoff, running when this returns. */
+static handoff *handoff_start(pthread_t *th) {
+  handoff *h = calloc(1, sizeof(*h));
+  assert_non_null(h);
+  pthread_mutex_init(&h->mu, NULL);
+  pthread_cond_init(&h->not_empty, NULL);
+  pthread_cond_init(&h->not_full, NULL);
+  assert_int_equal(pthread_create(th, NULL, consumer_thread, h), 0);
+  pthread_mutex_lock(&h->mu);
+  while (!h->started) pthread_cond_wait(&h->not_full, &h->mu);
+  pthread_mutex_unlock(&h->mu);
+  return h;
+}
+
+/* Closes the handoff and waits for the consumer to release what it has. */
+static void handoff_close(handoff *h, pthread_t th) {
+  pthread_mutex_lock(&h->mu);
+  h->closed = 1;
+  pthread_cond_signal(&h->not_empty);
+  pthread_mutex_unlock(&h->mu);
+  assert_int_equal(pthread_join(th, NULL), 0);
+}
+
+static void handoff_free(handoff *h) {
+  pthread_cond_destroy(&h->not_empty);
+  pthread_cond_destroy(&h->not_full);
+  pthread_mutex_destroy(&h->mu);
+  free(h);
+}
+
 static void test_cross_thread_release_keeps_memory_bounded(void **state) {
   (void)state;
   sl_alloc_config cfg;
@@ -1400,16 +1433,8 @@ static void test_cross_thread_release_keeps_memory_bounded(void **state) {
   sl_pool *p = new_pool(a);
   sl_arena *ar = p->arena;
 
-  handoff *h = calloc(1, sizeof(*h));
-  assert_non_null(h);
-  pthread_mutex_init(&h->mu, NULL);
-  pthread_cond_init(&h->not_empty, NULL);
-  pthread_cond_init(&h->not_full, NULL);
   pthread_t th;
-  assert_int_equal(pthread_create(&th, NULL, consumer_thread, h), 0);
-  pthread_mutex_lock(&h->mu);
-  while (!h->started) pthread_cond_wait(&h->not_full, &h->mu);
-  pthread_mutex_unlock(&h->mu);
+  handoff *h = handoff_start(&th);
   size_t rss_before = rss_bytes();
   double t0 = now_s();
 
@@ -1444,11 +1469,7 @@ static void test_cross_thread_release_keeps_memory_bounded(void **state) {
       sl_buf_drain(p);
     }
   }
-  pthread_mutex_lock(&h->mu);
-  h->closed = 1;
-  pthread_cond_signal(&h->not_empty);
-  pthread_mutex_unlock(&h->mu);
-  assert_int_equal(pthread_join(th, NULL), 0);
+  handoff_close(h, th);
   size_t queued = atomic_load(&p->retq.tail) - p->retq.head;
   if (queued > queue_peak) queue_peak = queued;
   sl_buf_drain(p);
@@ -1492,10 +1513,7 @@ static void test_cross_thread_release_keeps_memory_bounded(void **state) {
 
   take_back_foreign_headers(p);
   SL_TEST_ASSERT_POOL_CLEAN(p);
-  pthread_cond_destroy(&h->not_empty);
-  pthread_cond_destroy(&h->not_full);
-  pthread_mutex_destroy(&h->mu);
-  free(h);
+  handoff_free(h);
   finish(p, a);
 }
 
@@ -2105,6 +2123,86 @@ static void test_max_memory_takes_back_owned_subpages_before_refusing(void **sta
   sl_arena_stats as;
   sl_arena_get_stats(p->arena, &as);
   for (unsigned c = 0; c < SL_SC_MAX_CLASSES; c++) assert_int_equal(as.cls[c].allocs, as.cls[c].frees);
+  finish(p, a);
+}
+
+/* Buffers released on another thread while their owner releases others
+ * as a Lua stage does (the quarantine set around each release), makes
+ * views and derived buffers, drains, trims and goes idle: through the
+ * return queue and, with it full, the direct path; every byte checked,
+ * every count back at the end. Under ThreadSanitizer (scripts/test --tsan)
+ * it guards the thread test of sl_buf_free, which the owner rewrites
+ * around each release from Lua (free_tp) while foreign threads read it. */
+#define XT_TOTAL 200000
+static void test_foreign_releases_race_lua_releases_views_and_trims(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  owned_config(&cfg);
+  cfg.return_queue_cap = 4;
+  cfg.trim_interval = 97;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  pthread_t th;
+  handoff *h = handoff_start(&th);
+  static const size_t sizes[] = {16, 100, 1000, 3000, 5000, 20000, 40000, 70000};
+  uint64_t seed = 7, given = 0;
+  int64_t now = mono_ms() + 1000000;
+  const char *err = NULL;
+  for (int i = 0; i < XT_TOTAL; i++) {
+    uint64_t r = rng_next(&seed);
+    size_t size = sizes[r % 8];
+    sl_buf *b = sl_buf_alloc(p, size, (r >> 8) % 3 == 0 ? size * 2 : 0);
+    assert_non_null(b);
+    uint64_t mark = (uint64_t)(uintptr_t)b->data;
+    memcpy(b->data, &mark, 8);
+    memcpy(b->data + b->cap - 8, &mark, 8);
+    b->wr = b->cap;
+    sl_buf *give = b;
+    switch ((r >> 16) % 5) {
+    case 0: /* a view dies with its buffer on the other thread */
+      assert_non_null(sl_buf_slice(b, 0, 8, &err));
+      break;
+    case 1: { /* a derived buffer goes; its parent is released here, from Lua */
+      sl_buf *d = sl_buf_retained_duplicate(b);
+      assert_non_null(d);
+      assert_int_equal(sl_ffi_buf_release_by(b, 1, NULL, NULL, &err), 0);
+      give = d;
+      break;
+    }
+    case 2: /* released here, from Lua */
+      assert_int_equal(sl_ffi_buf_release_by(b, 1, NULL, NULL, &err), 1);
+      give = NULL;
+      break;
+    default:
+      break;
+    }
+    if (give != NULL) {
+      pthread_mutex_lock(&h->mu);
+      while (h->tail - h->head == HANDOFF_SLOTS) pthread_cond_wait(&h->not_full, &h->mu);
+      h->ring[h->tail++ % HANDOFF_SLOTS] = give;
+      given++;
+      pthread_cond_signal(&h->not_empty);
+      pthread_mutex_unlock(&h->mu);
+    }
+    if (i % 61 == 0) sl_buf_drain(p);
+    if (i % 4999 == 0) {
+      sl_pool_trim_report tr;
+      sl_pool_tick(p, now, &tr);
+      now += cfg.trim_idle_ms + 1;
+      sl_pool_tick(p, now, &tr);   /* idle: caches, owned subpages back */
+    }
+  }
+  handoff_close(h, th);
+  sl_buf_drain(p);
+  assert_int_equal(h->bad, 0);
+  assert_int_equal(h->released, given);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_true(st.remote_direct > 0 && st.remote_queued > 0 && st.remote_stacked > 0);
+  assert_int_equal(st.blocks_in_use, 0);
+  assert_int_equal(st.bytes_in_use, 0);
+  take_back_foreign_headers(p);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  handoff_free(h);
   finish(p, a);
 }
 
@@ -2723,6 +2821,7 @@ int main(void) {
       cmocka_unit_test(test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly),
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
+      cmocka_unit_test(test_foreign_releases_race_lua_releases_views_and_trims),
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
       cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
       cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),

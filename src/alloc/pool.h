@@ -66,7 +66,16 @@ static inline int sl_pool_is_owner(const sl_pool *p) {
  * leaves sl_buf_free's fast path at its first test. */
 static inline void sl_pool_quarantine_next(sl_pool *p, int on) {
   p->quarantine_next = on;
-  p->free_tp = on ? NULL : p->owner_tp;
+  /* Foreign threads read free_tp as they release (sl_pool_free_tp). */
+  __atomic_store_n(&p->free_tp, on ? NULL : p->owner_tp, __ATOMIC_RELAXED);
+}
+
+/* What sl_buf_free compares the thread pointer with: owner_tp, or NULL
+ * while the quarantine waits (never another thread's). Any thread may ask:
+ * the owner writes it around each release from Lua, so it is read as an
+ * atomic (a plain load on the targets sluice runs on). */
+static inline void *sl_pool_free_tp(const sl_pool *p) {
+  return __atomic_load_n(&p->free_tp, __ATOMIC_RELAXED);
 }
 
 /* The pool a header belongs to. */

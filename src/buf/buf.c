@@ -537,7 +537,7 @@ _Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,
 
 void sl_buf_free(sl_buf *r) {
   sl_pool *pool = sl_pool_of(r);
-  if (__builtin_expect(pool->free_tp != __builtin_thread_pointer(), 0)) {
+  if (__builtin_expect(sl_pool_free_tp(pool) != __builtin_thread_pointer(), 0)) {
     /* Another thread than the pool's, or the header that is to wait in
      * the quarantine. */
     r->refcnt = 0;

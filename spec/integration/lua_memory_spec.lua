@@ -304,6 +304,30 @@ return {
     H.stop_sluice(p)
   end)
 
+  it("counts the heap from a limit a reload sets on a state that had none", function()
+    -- Without a limit the state's allocator is LuaJIT's own, uncounted;
+    -- the first limit puts the counting one in front of it.
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin, echo.port, 0, mod))
+    reload(p, config(port, admin, echo.port, 16 * MiB, mod))
+    assert.is_truthy(H.wait_for(function()
+      local _, _, body = H.admin_get(admin, "/memory")
+      return body and body:find("limit=16777216", 1, true)
+    end, 10), H.read(p.log))
+    local input = H.tmpfile("big.bin")
+    H.sh(("head -c %d /dev/zero > %s"):format(8 * MiB, H.shq(input)))
+    local out = H.exchange(port, { file = input }, 30)
+    assert.is_true(#out < 8 * MiB, tostring(#out))
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_lua_memory_refusals_total", 'worker="0"') >= 1
+    end, 10), H.read(p.log))
+    assert.are.equal("hello\n", H.exchange(port, "hello\n", 10))
+    H.stop_sluice(p)
+  end)
+
   it("refuses to start, naming the limit, when a stage module does not fit it", function()
     -- 4 MiB of strings while the module loads, under a 2 MiB limit.
     local big = H.tmpfile("big.lua", [[

@@ -57,8 +57,8 @@ static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ct
 
 /* ---- the Lua heap ---- */
 
-/* The worker state's allocator: LuaJIT's own (luaL_newstate's), wrapped
- * to count its bytes. lua_memory_limit is kept between events, not here:
+/* The worker state's allocator once it has a limit: LuaJIT's own
+ * (luaL_newstate's), wrapped to count its bytes. lua_memory_limit is kept between events, not here:
  * growing past it only raises heap_over, and sluice.host, once the event
  * is done, collects in full and stops the stage whose event it was if the
  * heap is still above the limit. A refusal inside LuaJIT is not safe: the
@@ -103,6 +103,8 @@ static void sl_lua_heap_check(sl_lua_host *h) {
 
 void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit) {
   if (h == NULL) return;
+  /* Counted from the first limit on (a state without one pays nothing). */
+  if (limit != 0 && h->L != NULL && h->base_alloc == NULL) sl_lua_alloc_wrap(h, h->L);
   h->heap_limit = limit;
   h->heap_gc_mark = limit / 4 * 3;
 }
@@ -499,7 +501,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
   }
   w->lua = h;
   lua_State *L = h->L;
-  sl_lua_alloc_wrap(h, L);
+  if (h->heap_limit != 0) sl_lua_alloc_wrap(h, L);
   luaL_openlibs(L);
   sl_lua_refuse_exit(L);
   lua_getglobal(L, "package");

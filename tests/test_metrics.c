@@ -4,13 +4,17 @@
  * counters a worker keeps per (upstream, server), their life across
  * configurations (upstream sets made from a real configuration file), the
  * snapshot that carries them, and the sums over workers in /metrics and
- * /upstreams. The proxy path itself (real connects, real peers) is in
- * spec/integration/upstream_metrics_spec.lua.
+ * /upstreams; and the pool's bytes by size class, which come down when
+ * another thread releases a worker's buffers. The proxy path itself (real
+ * connects, real peers) is in spec/integration/upstream_metrics_spec.lua.
  */
 #include "test_util.h"
 
+#include <pthread.h>
 #include <stdio.h>
 
+#include "alloc/pool.h"
+#include "buf/buf.h"
 #include "io/channel.h"
 #include "io/worker.h"
 #include "proxy/admin_format.h"
@@ -148,6 +152,49 @@ static void test_server_counts_reach_the_snapshot(void **state) {
   s = sl_metrics_snapshot(w, 0);
   assert_int_equal(s->nservers, 0);
   sl_metrics_snap_free(s);
+}
+
+/* ---- pool by size class ---- */
+
+#define XT_BUFS 1500   /* more than the return queue takes (1024) */
+
+static void *release_all_thread(void *arg) {
+  sl_buf **b = arg;
+  for (int i = 0; i < XT_BUFS; i++) sl_buf_release(b[i]);
+  return NULL;
+}
+
+/* Buffers released on another thread come back through the return queue
+ * or, with it full, straight to the arena: either way the bytes by size
+ * class come down with the worker's total, to nothing. */
+static void test_class_bytes_come_down_after_foreign_releases(void **state) {
+  fixture *f = *state;
+  sl_worker *w = f->w;
+  sl_buf **b = calloc(XT_BUFS, sizeof(*b));
+  assert_non_null(b);
+  for (int i = 0; i < XT_BUFS; i++) assert_non_null(b[i] = sl_buf_alloc(w->pool, 1000, 0));
+  unsigned k = b[1]->sclass;
+  sl_metrics_snap *s = sl_metrics_snapshot(w, 0);
+  assert_int_equal(s->class_blocks[k], XT_BUFS);
+  sl_metrics_snap_free(s);
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, release_all_thread, b), 0);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  sl_buf_drain(w->pool);
+  sl_pool_stats st;
+  sl_pool_get_stats(w->pool, &st);
+  assert_true(st.remote_direct > 0);
+  s = sl_metrics_snapshot(w, 0);
+  assert_int_equal(s->pool.blocks_in_use, 0);
+  for (unsigned c = 0; c < SL_SC_MAX_CLASSES; c++) assert_int_equal(s->class_blocks[c], 0);
+  sl_metrics_snap_free(s);
+  free(b);
+  /* The headers the other thread gave back wait for the worker's idle
+   * timer, which this does. */
+  sl_pool_trim_report tr;
+  int64_t t = sl_alloc_now_ms() + 10000000;
+  sl_pool_tick(w->pool, t, &tr);
+  sl_pool_tick(w->pool, t + w->pool->alloc->cfg.trim_idle_ms + 1, &tr);
 }
 
 /* ---- life across configurations ---- */
@@ -340,6 +387,8 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_servers_live_while_a_configuration_lists_them,
                                       fixture_setup, fixture_teardown),
       cmocka_unit_test(test_admin_sums_servers_over_workers),
+      cmocka_unit_test_setup_teardown(test_class_bytes_come_down_after_foreign_releases,
+                                      fixture_setup, fixture_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

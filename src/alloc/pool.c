@@ -612,7 +612,10 @@ void sl_pool_free_foreign(sl_pool *p, void *mem, size_t usable) {
     return;
   }
   unsigned idx = sl_pool_class(p, usable);
-  if (idx < p->alloc->nclasses) SL_POISON(mem, usable);
+  if (idx < p->alloc->nclasses) {
+    SL_POISON(mem, usable);
+    atomic_fetch_add_explicit(&p->remote_direct_cls[idx], 1, memory_order_relaxed);
+  }
   sl_arena_free(p->arena, mem, idx, usable);
 }
 

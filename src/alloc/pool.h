@@ -413,4 +413,12 @@ static inline uint64_t sl_pool_class_frees(const sl_pool *p, unsigned k) {
   return p->bins[k].frees_rest + p->bins[k].own_frees;
 }
 
+/* Blocks of class k that other threads released straight into the arena
+ * (the return queue full): out of the pool's hands, not in its frees.
+ * Blocks of class k live now are allocs - frees - these. Any thread. */
+static inline uint64_t sl_pool_class_frees_direct(const sl_pool *p, unsigned k) {
+  return atomic_load_explicit(&((sl_pool *)(uintptr_t)p)->remote_direct_cls[k],
+                              memory_order_relaxed);
+}
+
 #endif

@@ -189,6 +189,7 @@ struct sl_pool {
   atomic_uint_fast64_t remote_queued;   /* pushed by foreign threads */
   atomic_uint_fast64_t remote_direct;   /* freed directly: queue was full */
   atomic_uint_fast64_t remote_direct_bytes;
+  atomic_uint_fast64_t remote_direct_cls[SL_SC_MAX_CLASSES];   /* of those, by class */
   atomic_uint_fast64_t remote_stacked;  /* handed over through bufs_remote */
   int64_t last_activity_ms;
   uint64_t allocs_at_tick;

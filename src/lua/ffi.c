@@ -208,7 +208,7 @@ int sl_ffi_pool_stats_get(sl_ffi_pool_stats *o) {
   for (unsigned i = 0; i < as.nclasses; i++) {
     o->class_size[i] = sl_sc_size(i);
     o->class_allocs[i] = sl_pool_class_allocs(p, i);
-    o->class_frees[i] = sl_pool_class_frees(p, i);
+    o->class_frees[i] = sl_pool_class_frees(p, i) + sl_pool_class_frees_direct(p, i);
     o->arena_allocs[i] = as.cls[i].allocs;
     o->arena_frees[i] = as.cls[i].frees;
   }

@@ -430,7 +430,8 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
   s->leaks = p->leaks;
   s->leaked_bytes = p->leaked_bytes;
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
-    s->class_blocks[i] = sl_pool_class_allocs(p, i) - sl_pool_class_frees(p, i);
+    s->class_blocks[i] = sl_pool_class_allocs(p, i) - sl_pool_class_frees(p, i) -
+                         sl_pool_class_frees_direct(p, i);
   if (w->lua) {
     s->has_lua = 1;
     s->lua_bytes = sl_lua_host_memory(w->lua);

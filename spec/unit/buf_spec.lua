@@ -659,6 +659,26 @@ describe("sluice.buf access", function()
     assert.is_true(b:release())
   end)
 
+  it("has_views is the flag, whatever a root without views keeps in the field", function()
+    for _, n in ipairs({ 100, 5000, 40000 }) do -- a small class, a cached and an uncached normal one
+      local b = buf.alloc(n, 2 * n)
+      assert.is_false(buf.has_views(b.b))
+      assert.is_true(b:ensure_writable(n + 1) == b) -- grows into another block
+      assert.is_false(buf.has_views(b.b))
+      local d = b:retained_duplicate()
+      assert.is_false(buf.has_views(b.b))
+      assert.is_false(buf.has_views(d.b))
+      local v = d:slice(0, 1)
+      assert.is_true(buf.has_views(d.b))
+      assert.is_false(buf.has_views(v.b))
+      d:release()
+      local w = b:duplicate()
+      assert.is_true(buf.has_views(b.b))
+      assert.is_false(buf.has_views(w.b))
+      b:release()
+    end
+  end)
+
   it("views die with their buffer: access through them raises", function()
     local b = buf.from("abcdef")
     local v, d = b:slice(0, 3), b:duplicate()

@@ -223,9 +223,9 @@ local function deliver(e)
     if ctx then return on_removed(ctx) end
     return
   end
-  if ctx == nil or (ctx.failed and (ev == READ or ev == WRITE)) then
-    -- Delivered after the stage left (or failed): nobody can own the
-    -- buffer but us.
+  if ctx == nil then
+    -- Delivered after the stage left: nobody can own the buffer but us.
+    -- (A failed stage's reads and writes go to its drop callbacks.)
     if e.ptr ~= nil and (ev == READ or ev == WRITE) then
       C.sl_ffi_buf_release(ffi_cast(buf_ptr_t, e.ptr), 1, errp)
     end

@@ -83,6 +83,14 @@ return {
 end
 
 -- Rewrites p's configuration file and sends SIGHUP.
+-- Waits until /memory shows worker 0's Lua heap under limit bytes.
+local function wait_limit(p, admin, limit)
+  assert.is_truthy(H.wait_for(function()
+    local _, _, body = H.admin_get(admin, "/memory")
+    return body and body:find("limit=" .. limit, 1, true)
+  end, 10), H.read(p.log))
+end
+
 local function reload(p, text)
   local f = assert(io.open(p.config, "w"))
   f:write(text)
@@ -290,17 +298,11 @@ return {
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin, echo.port, 16 * MiB, mod))
     reload(p, config(port, admin, echo.port, 32 * MiB, mod))
-    assert.is_truthy(H.wait_for(function()
-      local _, _, body = H.admin_get(admin, "/memory")
-      return body and body:find("limit=33554432", 1, true)
-    end, 10), H.read(p.log))
+    wait_limit(p, admin, 33554432)
     -- A configuration with no Lua stage: the state stays for the
     -- connections of the earlier one, under the new limit.
     reload(p, config(port, admin, echo.port, 8 * MiB, nil))
-    assert.is_truthy(H.wait_for(function()
-      local _, _, body = H.admin_get(admin, "/memory")
-      return body and body:find("limit=8388608", 1, true)
-    end, 10), H.read(p.log))
+    wait_limit(p, admin, 8388608)
     H.stop_sluice(p)
   end)
 
@@ -313,10 +315,7 @@ return {
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin, echo.port, 0, mod))
     reload(p, config(port, admin, echo.port, 16 * MiB, mod))
-    assert.is_truthy(H.wait_for(function()
-      local _, _, body = H.admin_get(admin, "/memory")
-      return body and body:find("limit=16777216", 1, true)
-    end, 10), H.read(p.log))
+    wait_limit(p, admin, 16777216)
     local input = H.tmpfile("big.bin")
     H.sh(("head -c %d /dev/zero > %s"):format(8 * MiB, H.shq(input)))
     local out = H.exchange(port, { file = input }, 30)

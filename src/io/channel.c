@@ -197,6 +197,7 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
 
 void sl_channel_set_remote(sl_channel *ch, const sl_addr *a) {
   ch->remote = *a;
+  ch->flags |= SL_CH_REMOTE_SET;
   /* "client ADDRESS on LISTENER": the listener part stays (cut short if
    * the new address is longer and the name long). */
   const char *on = strstr(ch->desc, " on ");

@@ -86,6 +86,7 @@ enum {
   SL_CH_SPLICE_FULL = 0x200000, /* its pipe holds bytes the peer's socket did not take */
   SL_CH_HAS_PIPE = 0x400000,    /* spl is a pipe from the worker's pool */
   SL_CH_HALF_CLOSED = 0x800000, /* one direction ended: half_close_timeout applies */
+  SL_CH_REMOTE_SET = 0x1000000, /* remote is not the socket's peer (sl_channel_set_remote) */
 };
 
 /* Why a write promise failed (static strings, compared by value). */

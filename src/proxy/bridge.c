@@ -31,10 +31,13 @@ static int sl_bridge_alone(const sl_pipeline *p) {
  * peer, not ch->remote: a PROXY protocol header replaces the client's
  * remote with the address it advertises, but what is written to the
  * socket is read by the process at its other end. */
-static int sl_bridge_peer_is_loopback(const sl_channel *ch, int upstream) {
-  /* An upstream's remote is the address it connected to: no call needed
+static int sl_bridge_peer_is_loopback(const sl_channel *ch) {
+  /* Remote is the socket's peer unless something set it (the address an
+   * upstream connected to, or a client's from accept): no call needed
    * when that is a loopback address. */
-  if (upstream && sl_addr_is_loopback((const struct sockaddr *)&ch->remote.ss)) return 1;
+  if (!(ch->flags & SL_CH_REMOTE_SET) &&
+      sl_addr_is_loopback((const struct sockaddr *)&ch->remote.ss))
+    return 1;
   sl_addr peer, self;
   peer.len = self.len = sizeof(peer.ss);
   if (getpeername(ch->fd, (struct sockaddr *)&peer.ss, &peer.len) != 0)
@@ -60,8 +63,8 @@ static void sl_bridge_on_connect(sl_channel *up) {
     sl_server_tcp_keepalive(up, lc);
     if (lc->splice != SL_SPLICE_OFF && sl_bridge_alone(&client->pipe)) {
       int all = lc->splice == SL_SPLICE_ON;
-      if (all || !sl_bridge_peer_is_loopback(up, 1)) sl_channel_allow_splice(client);
-      if (all || !sl_bridge_peer_is_loopback(client, 0)) sl_channel_allow_splice(up);
+      if (all || !sl_bridge_peer_is_loopback(up)) sl_channel_allow_splice(client);
+      if (all || !sl_bridge_peer_is_loopback(client)) sl_channel_allow_splice(up);
     }
   }
   sl_channel_activate(up);

@@ -101,21 +101,32 @@ end
 describe("lua_memory_limit", function()
   local peers = H.killed_after_each()
 
-  it("closes the connection whose stage reaches it, and serves the next", function()
+  -- One worker under limit, a listener through the hog stage (a module
+  -- beside the config) to an echo peer. Returns p, port, admin, echo, mod.
+  local function start_hog(limit)
     local echo = H.start_echo()
     peers[#peers + 1] = echo
-    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")   -- beside the config
+    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
     local port, admin = H.free_port(), H.free_port()
-    local p = H.start_sluice(config(port, admin, echo.port, 16 * MiB, mod))
+    return H.start_sluice(config(port, admin, echo.port, limit, mod)), port, admin, echo, mod
+  end
 
-    local _, _, body = H.admin_get(admin, "/memory")
-    assert.matches("worker=0 bytes=%d+ limit=16777216 refused=0", body)
-
-    -- 8 MiB in reads of at most 64 KiB: at least 128 chunks, 32 MiB kept.
+  -- 8 MiB through the hog, in reads of at most 64 KiB: at least 128
+  -- chunks, 32 MiB kept; its connection closes before all come back.
+  local function upload_cut_short(port)
     local input = H.tmpfile("big.bin")
     H.sh(("head -c %d /dev/zero > %s"):format(8 * MiB, H.shq(input)))
     local out = H.exchange(port, { file = input }, 30)
     assert.is_true(#out < 8 * MiB, tostring(#out))
+  end
+
+  it("closes the connection whose stage reaches it, and serves the next", function()
+    local p, port, admin = start_hog(16 * MiB)
+
+    local _, _, body = H.admin_get(admin, "/memory")
+    assert.matches("worker=0 bytes=%d+ limit=16777216 refused=0", body)
+
+    upload_cut_short(port)
     assert.is_truthy(H.wait_for(function()
       return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
     end, 10))
@@ -292,11 +303,7 @@ return {
   end)
 
   it("takes a new limit on SIGHUP", function()
-    local echo = H.start_echo()
-    peers[#peers + 1] = echo
-    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
-    local port, admin = H.free_port(), H.free_port()
-    local p = H.start_sluice(config(port, admin, echo.port, 16 * MiB, mod))
+    local p, port, admin, echo, mod = start_hog(16 * MiB)
     reload(p, config(port, admin, echo.port, 32 * MiB, mod))
     wait_limit(p, admin, 33554432)
     -- A configuration with no Lua stage: the state stays for the
@@ -309,17 +316,10 @@ return {
   it("counts the heap from a limit a reload sets on a state that had none", function()
     -- Without a limit the state's allocator is LuaJIT's own, uncounted;
     -- the first limit puts the counting one in front of it.
-    local echo = H.start_echo()
-    peers[#peers + 1] = echo
-    local mod = H.tmpfile("hog.lua", HOG):match("([^/]+)%.lua$")
-    local port, admin = H.free_port(), H.free_port()
-    local p = H.start_sluice(config(port, admin, echo.port, 0, mod))
+    local p, port, admin, echo, mod = start_hog(0)
     reload(p, config(port, admin, echo.port, 16 * MiB, mod))
     wait_limit(p, admin, 16777216)
-    local input = H.tmpfile("big.bin")
-    H.sh(("head -c %d /dev/zero > %s"):format(8 * MiB, H.shq(input)))
-    local out = H.exchange(port, { file = input }, 30)
-    assert.is_true(#out < 8 * MiB, tostring(#out))
+    upload_cut_short(port)
     assert.is_truthy(H.wait_for(function()
       return H.metric(admin, "sluice_lua_memory_refusals_total", 'worker="0"') >= 1
     end, 10), H.read(p.log))

@@ -109,6 +109,9 @@
 --               event leaves the heap above it (after a full collection)
 --               fails with "not enough memory", which closes that
 --               connection; an allocation past twice it is refused
+--   lua_timeout_ms optional integer 0-2^31-1: a Lua callback running longer
+--               is stopped (it raises, its connection closes), default 5000;
+--               0: never
 --   admin       optional table: the admin endpoint (/metrics, /memory,
 --               /upstreams, /health); off when absent:
 --     listen          required "host:port"; a loopback host (127.0.0.0/8,
@@ -141,7 +144,8 @@
 --
 -- Check order (so the first error reported is deterministic): unknown keys of
 -- the top level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, upstreams
+-- drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms,
+-- upstreams
 -- (by sorted name),
 -- listeners (in array order). Inside each table: unknown keys first (the smallest unknown key
 -- is reported, numbers before strings), then the known keys in the order
@@ -154,6 +158,7 @@
 --
 --   { log_level, search_path, workers, drain_timeout_ms, error_log, access_log,
 --     max_pipes (or nil: from the open-files limit), lua_memory_limit (0: none),
+--     lua_timeout_ms (0: none),
 --     admin = { listen = address, public } (or nil),
 --     listeners = { { name, listen = address, upstream (or nil), pipeline =
 --                     { { module, kind = "lua", file, options } or
@@ -234,13 +239,14 @@ local HOOK_STEP = 100000
 local MAX_WORKERS = 256
 local MAX_INT = 2147483647  -- integers must fit a C int
 local MIN_LUA_MEMORY = 1048576
+local DEFAULT_LUA_TIMEOUT_MS = 5000
 
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
 
 -- Known keys of each table, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
                    "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
-                   "max_pipes", "lua_memory_limit" }
+                   "max_pipes", "lua_memory_limit", "lua_timeout_ms" }
 local ADMIN_KEYS = { "listen", "public" }
 local LEAK_LEVELS = { "disabled", "simple", "advanced", "paranoid" }
 local LEAK_KEYS = { "level", "sample_rate" }
@@ -1263,6 +1269,8 @@ local function check_root(t, ctx)
         fail("lua_memory_limit", "expected 0 (no limit) or at least %d (1 MiB), got %s",
              MIN_LUA_MEMORY, show(t.lua_memory_limit))
     end
+    local lua_timeout_ms = check_count(t.lua_timeout_ms, "lua_timeout_ms",
+                                       DEFAULT_LUA_TIMEOUT_MS, MAX_INT)
     local upstreams, names = check_upstreams(t.upstreams)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -1276,6 +1284,7 @@ local function check_root(t, ctx)
         admin = admin,
         max_pipes = max_pipes,
         lua_memory_limit = lua_memory_limit,
+        lua_timeout_ms = lua_timeout_ms,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

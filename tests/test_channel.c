@@ -12,11 +12,13 @@
 #include "test_util.h"
 
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 
 #include "alloc/pool.h"
 #include "buf/buf.h"
 #include "io/channel.h"
+#include "io/listener.h"
 #include "io/worker.h"
 #include "lua/ffi.h"
 #include "pipeline/pipeline.h"
@@ -511,11 +513,95 @@ static void test_addresses_format_for_logs(void **state) {
   assert_int_equal(sl_addr_parse(&a, "255.255.255.255", 65535), SL_OK);
   assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)),
                       "255.255.255.255:65535");
+  assert_int_equal(sl_addr_parse(&a, "10.200.3.45", 8080), SL_OK);
+  assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)),
+                      "10.200.3.45:8080");
+  static const unsigned ports[] = {9, 10, 99, 100, 999, 1000, 9999, 10000, 65535};
+  for (size_t i = 0; i < sizeof(ports) / sizeof(ports[0]); i++) {
+    char want[32];
+    snprintf(want, sizeof(want), "1.20.255.0:%u", ports[i]);
+    assert_int_equal(sl_addr_parse(&a, "1.20.255.0", (int)ports[i]), SL_OK);
+    assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), want);
+  }
   assert_int_equal(sl_addr_parse(&a, "0.0.0.0", 0), SL_OK);
   assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), "0.0.0.0:0");
   assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, 4), "0.0");   /* truncated */
   assert_int_equal(sl_addr_parse(&a, "::1", 443), SL_OK);
   assert_string_equal(sl_addr_format((struct sockaddr *)&a.ss, out, sizeof(out)), "[::1]:443");
+}
+
+/* ---- what a connection costs: spare channels, TCP_NODELAY ---- */
+
+/* A freed channel is kept for the worker's next one (the same memory, all
+ * fields fresh), at most SL_CHANNEL_SPARES of them, and they go when the
+ * worker lets them go. */
+static void test_freed_channels_are_reused_up_to_the_bound(void **state) {
+  fixture *f = *state;
+  sl_channel *a = f->ch[open_channel(f, &(sl_channel_config){0})];
+  sl_channel_close(a, "first", 0);
+  f->n = 0;
+  close(f->peer[0]);
+  f->peer[0] = -1;
+  assert_int_equal(f->w->nspare_channels, 1);
+  sl_channel *b = f->ch[open_channel(f, &(sl_channel_config){0})];
+  assert_ptr_equal(a, b);
+  assert_int_equal(f->w->nspare_channels, 0);
+  assert_int_equal(b->flags & SL_CH_CLOSED, 0);
+  assert_int_equal(b->reason[0], '\0');
+  assert_int_equal(b->bytes_in, 0);
+  assert_int_equal(b->refs, 1);
+  sl_channel_close(b, "second", 0);
+  f->n = 0;
+  close(f->peer[0]);
+  f->peer[0] = -1;
+
+  /* More channels freed than are kept: the rest go back to malloc. */
+  enum { N = SL_CHANNEL_SPARES + 8 };
+  static sl_channel *chs[N];
+  sl_addr addr;
+  memset(&addr, 0, sizeof(addr));
+  for (int i = 0; i < N; i++) {
+    int sv[2];
+    sl_test_socketpair(sv);
+    close(sv[1]);
+    chs[i] = sl_channel_accepted(f->w, sv[0], &addr, &(sl_channel_config){0}, "test");
+    assert_non_null(chs[i]);
+  }
+  assert_int_equal(f->w->nspare_channels, 0);
+  for (int i = 0; i < N; i++) sl_channel_close(chs[i], "done", 0);
+  assert_int_equal(f->w->nspare_channels, SL_CHANNEL_SPARES);
+  sl_channel_spares_free(f->w);
+  assert_int_equal(f->w->nspare_channels, 0);
+  assert_null(f->w->spare_channels);
+  finish(f);
+}
+
+/* Accepted sockets get TCP_NODELAY from their listener, with no call of
+ * their own. */
+static void test_accepted_sockets_inherit_nodelay_from_the_listener(void **state) {
+  SL_UNUSED(state);
+  sl_addr a;
+  assert_int_equal(sl_addr_parse(&a, "127.0.0.1", 0), SL_OK);
+  int l = sl_listener_bind(&a, 0);
+  assert_true(l >= 0);
+  struct sockaddr_in at;
+  socklen_t len = sizeof(at);
+  assert_int_equal(getsockname(l, (struct sockaddr *)&at, &len), 0);
+  int c = socket(AF_INET, SOCK_STREAM, 0);
+  assert_int_equal(connect(c, (struct sockaddr *)&at, sizeof(at)), 0);
+  int s = -1;
+  for (int i = 0; i < 1000 && s < 0; i++) {   /* the listener is non-blocking */
+    s = accept(l, NULL, NULL);
+    if (s < 0) usleep(1000);
+  }
+  assert_true(s >= 0);
+  int v = 0;
+  len = sizeof(v);
+  assert_int_equal(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &len), 0);
+  assert_int_equal(v, 1);
+  close(s);
+  close(c);
+  close(l);
 }
 
 static void test_close_with_names_the_promise_failure(void **state) {
@@ -868,6 +954,8 @@ int main(void) {
       FIXTURE_TEST(test_a_write_flushed_while_connecting_goes_out_with_the_connect),
       FIXTURE_TEST(test_a_refused_connect_keeps_its_queue_for_the_next_try),
       cmocka_unit_test(test_addresses_format_for_logs),
+      FIXTURE_TEST(test_freed_channels_are_reused_up_to_the_bound),
+      cmocka_unit_test(test_accepted_sockets_inherit_nodelay_from_the_listener),
       FIXTURE_TEST(test_close_with_names_the_promise_failure),
       FIXTURE_TEST(test_a_completion_may_write_and_flush_inside_a_burst),
       FIXTURE_TEST(test_a_completion_may_close_the_channel_inside_a_burst),

@@ -10,6 +10,10 @@
  *   netload idle PORT N HOLD   open N connections (at most 256 connecting at a
  *                              time), print "connected=N", hold them until
  *                              SIGTERM/SIGINT or HOLD seconds, then exit 0
+ *   netload churn PORT N       N connections one after another: connect, send
+ *                              one HTTP/1.1 GET with "Connection: close", read
+ *                              to the server's close, close; prints
+ *                              "conns=N bytes=B" (bench/proxy/conn_cost)
  *
  * Every loop is bounded: sink ends on a signal, bulk on the byte count and a
  * 600 s alarm, idle on HOLD seconds. Exit 1 on any socket error, with a
@@ -245,12 +249,47 @@ static int netload_idle(int port, long long n, long long hold) {
   return 0;
 }
 
+/* One connection at a time, so that every run makes the same calls in the
+ * same order: the figure is for counting instructions, not for speed. */
+static int netload_churn(int port, long long n) {
+  static const char req[] = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  char buf[4096];
+  long long bytes = 0;
+  netload_signals();
+  alarm(NETLOAD_BULK_TIMEOUT_S);
+  struct sockaddr_in a = netload_addr(port);
+  for (long long i = 0; i < n && !netload_stop; i++) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) netload_die("socket");
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) netload_die("connect");
+    if (send(fd, req, sizeof(req) - 1, 0) != (ssize_t)(sizeof(req) - 1)) netload_die("send");
+    for (;;) {
+      ssize_t r = recv(fd, buf, sizeof(buf), 0);
+      if (r == 0) break;
+      if (r < 0) {
+        if (errno == EINTR && !netload_stop) continue;
+        netload_die("recv");
+      }
+      bytes += r;
+    }
+    close(fd);
+  }
+  if (netload_stop) {
+    fprintf(stderr, "netload: churn interrupted\n");
+    return 1;
+  }
+  printf("conns=%lld bytes=%lld\n", n, bytes);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "port") == 0) return netload_port(1);
   if (argc == 3 && strcmp(argv[1], "port") == 0) return netload_port(netload_parse_count(argv[2]));
   if (argc == 3 && strcmp(argv[1], "sink") == 0) return netload_sink(netload_parse_port(argv[2]));
   if (argc == 4 && strcmp(argv[1], "bulk") == 0)
     return netload_bulk(netload_parse_port(argv[2]), netload_parse_count(argv[3]));
+  if (argc == 4 && strcmp(argv[1], "churn") == 0)
+    return netload_churn(netload_parse_port(argv[2]), netload_parse_count(argv[3]));
   if (argc == 5 && strcmp(argv[1], "idle") == 0)
     return netload_idle(netload_parse_port(argv[2]), netload_parse_count(argv[3]),
                         netload_parse_count(argv[4]));

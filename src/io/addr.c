@@ -47,20 +47,18 @@ int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b) {
                 sizeof(struct in6_addr)) == 0;
 }
 
-/* Writes v in decimal at p; returns the end. */
+/* Writes v (below 100000: a byte or a port) in decimal at p; returns the end. */
 static char *sl_addr_decimal(char *p, unsigned v) {
-  char tmp[12];
-  int n = 0;
+  char *end = p + (v < 10 ? 1 : v < 100 ? 2 : v < 1000 ? 3 : v < 10000 ? 4 : 5);
+  char *q = end;
   do {
-    tmp[n++] = (char)('0' + v % 10);
+    *--q = (char)('0' + v % 10);
     v /= 10;
   } while (v);
-  while (n) *p++ = tmp[--n];
-  return p;
+  return end;
 }
 
 char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
-  char ip[INET6_ADDRSTRLEN] = "?";
   if (sa->sa_family == AF_INET) {
     /* By hand: this runs for every connection (inet_ntop and snprintf
      * both go through vfprintf). */
@@ -77,6 +75,7 @@ char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
     sl_str_append(out, outlen, 0, text);
   } else if (sa->sa_family == AF_INET6) {
     const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+    char ip[INET6_ADDRSTRLEN] = "?";
     inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
     snprintf(out, outlen, "[%s]:%u", ip, ntohs(in6->sin6_port));
   } else {

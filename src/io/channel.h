@@ -277,6 +277,13 @@ void sl_channel_note_unhandled(sl_channel *ch);
 void sl_channel_note_site(sl_channel *ch, sl_buf *b);
 const char *sl_channel_describe(const sl_channel *ch);
 
+/* A worker keeps up to this many freed channels for its next connections. */
+#define SL_CHANNEL_SPARES 256
+
+/* Frees the freed channels w keeps for reuse (when its pool goes idle, and
+ * before w is destroyed). Worker thread. */
+void sl_channel_spares_free(struct sl_worker *w);
+
 static inline int sl_channel_is_closed(const sl_channel *ch) { return (ch->flags & SL_CH_CLOSED) != 0; }
 
 /* Makes a the client's address (a PROXY protocol header told it): logs, the

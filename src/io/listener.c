@@ -129,6 +129,10 @@ int sl_listener_bind(const sl_addr *addr, int reuseport) {
     /* [::] means IPv6 only: 0.0.0.0 is a listener of its own. */
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
   }
+  /* Accepted sockets inherit TCP_NODELAY from their listener (Linux copies
+   * the listener's TCP options): one setsockopt here instead of one per
+   * connection. */
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   if ((reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
       bind(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 ||
       listen(fd, SL_LISTEN_BACKLOG) < 0) {

@@ -133,6 +133,7 @@ static void sl_worker_on_pool_timer(struct ev_loop *loop, ev_timer *t, int reven
   if (sl_pipe_pool_tick(&w->pipes, now_ms, w->pool->alloc->cfg.trim_idle_ms) > 0)
     w->stats.splice_pipes = w->pipes.open;
   if (sl_pool_tick(w->pool, now_ms, &r)) {
+    sl_channel_spares_free(w);
     size_t lua_before = 0, lua_after = 0;
     if (w->lua && w->lua_idle) w->lua_idle(w->lua, &lua_before, &lua_after);
     sl_log(SL_LOG_INFO,
@@ -220,6 +221,7 @@ uint64_t sl_worker_destroy(sl_worker *w) {
            (unsigned long long)(st.remote_queued + st.remote_direct + st.remote_stacked));
   }
   sl_pipe_pool_trim(&w->pipes);   /* every channel is gone: every pipe is idle */
+  sl_channel_spares_free(w);
   ev_loop_destroy(w->loop);
   sl_pool_destroy(w->pool);
   pthread_mutex_destroy(&w->call_lock);

@@ -61,6 +61,8 @@ struct sl_worker {
   void (*lua_idle)(struct sl_lua_host *h, size_t *before, size_t *after);
   struct sl_channel *channels;    /* every open or closing channel */
   uint64_t nchannels;
+  struct sl_channel *spare_channels;  /* freed channels kept for reuse (io/channel.c) */
+  uint32_t nspare_channels;
   int id;
   int stopping;                   /* 1: draining; 2: closing everything */
   int ran;                        /* sl_worker_run was called (its exit is reported) */

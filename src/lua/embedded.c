@@ -129,6 +129,7 @@ void sl_ffi_embedded_shutdown(void) {
   if (w == NULL) return;
   sl_emb_worker = NULL;
   sl_lua_host_destroy(w->lua);
+  sl_channel_spares_free(w);
   ev_loop_destroy(w->loop);
   free(w);
 }

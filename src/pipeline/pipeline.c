@@ -102,7 +102,7 @@ sl_ctx *sl_pipeline_insert(sl_pipeline *p, sl_ctx *before, const sl_stage_ops *o
                            const char *name) {
   SL_ASSERT(before != &p->head && before->pipe == p && !before->removed,
             "a stage is inserted before a live context of its own pipeline");
-  sl_ctx *ctx = calloc(1, sizeof(*ctx) + ops->state_size);
+  sl_ctx *ctx = sl_zalloc(sizeof(*ctx) + ops->state_size);
   if (ctx == NULL) return NULL;
   ctx->ops = ops;
   ctx->pipe = p;

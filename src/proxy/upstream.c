@@ -459,7 +459,7 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
     u = rt->cfg;
   }
   size_t nskip = u ? u->nservers : 0;
-  sl_attempt *a = calloc(1, sizeof(*a) + nskip);
+  sl_attempt *a = sl_zalloc(sizeof(*a) + nskip);
   if (a == NULL) {
     sl_channel_close(client, "out of memory connecting to the upstream", 1);
     return SL_ERROR;

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define SL_OK        0
 #define SL_ERROR    -1
@@ -41,12 +42,26 @@
 #define SL_ASSERT_DEBUG(cond, msg) SL_ASSERT(cond, msg)
 #endif
 
+/* A zeroed allocation for objects made per connection. glibc's calloc
+ * never takes from its per-thread cache, so every calloc went through
+ * malloc's general path (and filled the cache with frees it never used);
+ * malloc and memset take the cache. (The empty asm keeps GCC from folding
+ * the pair back into calloc.) */
+static inline void *sl_zalloc(size_t size) {
+  void *p = malloc(size);
+  if (p == NULL) return NULL;
+  __asm__ volatile("" : : "r"(p) : "memory");
+  return memset(p, 0, size);
+}
+
 /* Appends src to the string in dst (of size bytes), truncating; returns
  * the new length. Per-connection strings are built with it rather than
  * snprintf, which costs a pass through vfprintf per piece. */
 static inline size_t sl_str_append(char *dst, size_t size, size_t len, const char *src) {
   if (size == 0) return 0;
-  while (*src && len + 1 < size) dst[len++] = *src++;
+  size_t n = len + 1 < size ? strnlen(src, size - 1 - len) : 0;
+  memcpy(dst + len, src, n);
+  len += n;
   dst[len] = '\0';
   return len;
 }

@@ -7,16 +7,20 @@
 local H = require("helpers")
 
 -- Loops for ever on "spin", interpreted (the JIT is off for the module),
--- holding the buffer it was handed.
+-- holding the buffer it was handed; on "timer", in a timer once the
+-- message has been passed on.
 local SPIN = [[
 jit.off(true, true)
 local function step(n) return n + 1 end
+local function spin()
+  local n = 0
+  while true do n = step(n) end
+end
 return {
   channel_read = function(ctx, buf)
-    if buf:tostring():find("spin", 1, true) then
-      local n = 0
-      while true do n = step(n) end
-    end
+    local text = buf:tostring()
+    if text:find("spin", 1, true) then spin() end
+    if text:find("timer", 1, true) then ctx:after(0, spin) end
     ctx:fire_read(buf)
   end,
 }
@@ -69,16 +73,29 @@ describe("lua_timeout_ms", function()
     assert.are.equal("before\n", H.exchange(port, "before\n", 10))
 
     spin_closed(port)
+    -- (The close is logged once the socket is closed.)
+    local closed = "closed: stage " .. spin .. " failed: [^\n]*ran longer than lua_timeout_ms"
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find(closed) end, 10), H.read(p.log))
     local log = H.read(p.log)
     assert.matches("stage " .. spin .. " ran longer than lua_timeout_ms %(200 ms%) in channel_read on "
                    .. "client [^\n]*: [^\n]*" .. spin .. "%.lua:%d+: ran longer than lua_timeout_ms "
                    .. "%(200 ms%)\nstack traceback:", log)
-    assert.matches("closed: stage " .. spin .. " failed: [^\n]*ran longer than lua_timeout_ms", log)
     assert.not_matches("stuck", log)
 
     -- The same worker goes on.
     assert.are.equal("after\n", H.exchange(port, "after\n", 10))
-    assert.are.equal(1, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
+
+    -- A timer: echoed first, then closed.
+    local c = H.connect(port)
+    c.send("timer\n")
+    assert.are.equal("timer\n", c.recv(100, 20))
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("stage " .. spin .. " ran longer than lua_timeout_ms %(200 ms%) in "
+                                .. "a timer on client ")
+    end, 10), H.read(p.log))
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    assert.are.equal(2, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
     assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
     assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", 'worker="0"'))
     assert.are.equal(200, (H.admin_get(admin, "/health")))

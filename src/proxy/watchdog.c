@@ -36,12 +36,13 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, uint64_t
   snprintf(why, sizeof(why),
            "worker %d: stage %s has run %s for %.1f s and did not stop when interrupted at "
            "lua_timeout_ms (%d ms)", i, stage, cb, age, timeout_ms);
+  /* Before the line: whoever reads it finds the rest done. */
+  sl_watchdog_unlisten(i, sets);
+  sl_admin_set_stuck(admin, wd->nstuck, why);
   sl_log(SL_LOG_ERROR,
          "%s: a loop the JIT compiled or a C call that does not return; the worker is stuck: "
          "its listening sockets take no new connections (the other workers do), its open "
          "connections wait; restart sluice", why);
-  sl_watchdog_unlisten(i, sets);
-  sl_admin_set_stuck(admin, wd->nstuck, why);
 }
 
 void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread_t *threads,

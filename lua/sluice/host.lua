@@ -339,7 +339,8 @@ local function new_ctx(id, cptr, key)
   next_sid = next_sid < 2147483647 and next_sid + 1 or 1
   local ctx = setmetatable({
     cptr = ffi_cast(ctx_ptr_t, cptr), id = id, stage = stage, mod = stage.mod, fns = stage.fns,
-    name = stage.name, options = stage.options, state = {}, next = {}, epoch = epoch,
+    -- (next: made at the first event it passes on; epoch -1 is never current.)
+    name = stage.name, options = stage.options, state = {}, next = false, epoch = -1,
     sid = next_sid,
   }, Ctx)
   ctxs[id] = ctx
@@ -588,11 +589,16 @@ end
 ---------------------------------------------------------------------------
 -- Stages
 
+-- The events a stage handles; and HAS_ADDED when it has an added callback
+-- (without one, C lets its contexts' added events wait for the next entry
+-- into Lua).
+local HAS_ADDED = 0x40000000 -- host.c's SL_LUA_HAS_ADDED
 local function mask_of(mod)
   local mask = 0
   for ev, cb in pairs(CALLBACK) do
     if type(mod[cb]) == "function" then mask = bor(mask, lshift(1, ev)) end
   end
+  if type(mod.added) == "function" then mask = bor(mask, HAS_ADDED) end
   return mask
 end
 

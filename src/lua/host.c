@@ -22,6 +22,8 @@
 /* Event codes beyond sl_event, known to lua/sluice/host.lua. */
 #define SL_LEV_ADDED 100
 #define SL_LEV_REMOVED 101
+/* In a stage's mask from host.lua (never in a context's): it has an added callback. */
+#define SL_LUA_HAS_ADDED 0x40000000u
 #define SL_LEV_PROMISE 102
 #define SL_LEV_TIMER 103
 
@@ -413,14 +415,21 @@ void sl_lua_host_drain(sl_lua_host *h) {
   if (h->hooked) sl_lua_unhook(h);
 }
 
-static void sl_lua_call_ch(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, void *ptr, int n,
-                           const char *str) {
+/* Queues an event for Lua; with drain, delivers the queue now unless the
+ * host is held or deferred (or already in Lua). */
+static void sl_lua_post(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, void *ptr, int n,
+                        const char *str, int drain) {
   if (sl_lua_enqueue(h, ch, ctx, ev, ptr, n, str) != SL_OK) {
     if (ptr && (ev == SL_EV_READ || ev == SL_EV_WRITE)) sl_buf_release(ptr);
     sl_channel_close(ch, "out of memory queueing a Lua event", 1);
     return;
   }
-  if (!h->deferred && h->hold == 0) sl_lua_host_drain(h);
+  if (drain && !h->deferred && h->hold == 0) sl_lua_host_drain(h);
+}
+
+static void sl_lua_call_ch(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, void *ptr, int n,
+                           const char *str) {
+  sl_lua_post(h, ch, ctx, ev, ptr, n, str, 1);
 }
 
 /* A channel's read loop holds the queue, so that every read of one wake-up
@@ -523,9 +532,14 @@ sl_ctx *sl_lua_host_insert(sl_lua_host *h, sl_pipeline *p, sl_ctx *before, int k
   sl_ctx *ctx = sl_pipeline_insert(p, before, &sl_lua_stage_ops, name);
   if (ctx == NULL) return NULL;
   ctx->lua_stage = key;
-  ctx->mask = mask;
+  ctx->mask = mask & ~SL_LUA_HAS_ADDED;
   ctx->lua_id = ++h->next_id;
-  if (announce) sl_lua_call(ctx, SL_LEV_ADDED, ctx, key, NULL);
+  /* A stage without an added callback learns of its context with the
+   * next event Lua gets (which comes after this one in the queue): one
+   * entry into Lua less per connection. */
+  if (announce)
+    sl_lua_post(h, sl_ctx_channel(ctx), ctx, SL_LEV_ADDED, ctx, key, NULL,
+                (mask & SL_LUA_HAS_ADDED) != 0);
   return ctx;
 }
 

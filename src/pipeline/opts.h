@@ -13,7 +13,7 @@
  *
  * The parse helpers write errors as "<key>: expected <what>, got <value>",
  * values shown as Lua writes them (strings quoted), the same text
- * lua/sluice/config.lua gives with the key path in front.
+ * lua/sluice/config/c_stage_options.lua gives with the key path in front.
  */
 #ifndef SL_OPTS_H
 #define SL_OPTS_H

@@ -47,7 +47,7 @@ static void sl_prepender_write(sl_ctx *ctx, sl_buf *b) {
 
 static int sl_prepender_configure(void *conf, const sl_opts *o, char *err, size_t errlen) {
   static const char *const keys[] = {"length_field_length", "byte_order", "length_adjustment",
-                                     NULL}; /* the order of checks, as in config.lua */
+                                     NULL}; /* the order of checks, as in c_stage_options.lua */
   sl_prepender_conf *cf = conf;
   if (sl_opts_check_keys(o, keys, err, errlen) != SL_OK ||
       sl_length_options(o, &cf->length, &cf->big, &cf->adjustment, err, errlen) != SL_OK)

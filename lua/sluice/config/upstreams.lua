@@ -1,0 +1,192 @@
+-- sluice.config.upstreams: the `upstreams` table, the servers a listener
+-- forwards to.
+--
+--   upstreams   optional table keyed by name ([%w_%-%.]+):
+--     servers            required non-empty array of "host:port" (no wildcard)
+--                        or { "host:port", weight = 1..1000 } (weight 1)
+--     balance            optional "round_robin" (default), "least_conn",
+--                        "hash" (on the client address) or "random_two"
+--     connect_timeout_ms optional positive integer, default 5000
+--     tries              optional integer 1..#servers, default #servers
+--     max_fails          optional integer 0..2^31-1, default 1 (0: never)
+--     fail_timeout_ms    optional positive integer, default 10000
+--     send_proxy         optional "v1" or "v2": a PROXY protocol header first
+--                        on every connection to the servers (and health checks)
+--     health_check       optional table: interval_ms (2000), timeout_ms
+--                        (1000, at most interval_ms), fails (3), passes (2),
+--                        send (bytes to write once connected), expect (bytes
+--                        the answer must contain): strings, optional
+--
+-- Upstreams are checked by sorted name; inside each, the keys in the order
+-- above (servers in array order), send_proxy last.
+--
+-- Normalized: upstreams = { [name] = { name, servers = { address with
+-- weight }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
+-- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
+-- expect }, send_proxy (1, 2 or nil) } }, and the sorted list of the names.
+
+local _M = {}
+
+local type = type
+local ipairs = ipairs
+local next = next
+local format = string.format
+local concat = table.concat
+local floor = math.floor
+
+local check = require("sluice.config.check")
+local address = require("sluice.config.address")
+local fail, show, key_path, sorted_keys = check.fail, check.show, check.key_path, check.sorted_keys
+local check_keys, check_array = check.check_keys, check.check_array
+local check_positive_int, check_count = check.check_positive_int, check.check_count
+local set_of, MAX_INT = check.set_of, check.MAX_INT
+
+require("sluice.config.sandbox").exempt()
+
+local DEFAULT_CONNECT_TIMEOUT_MS = 5000
+local DEFAULT_MAX_FAILS = 1
+local DEFAULT_FAIL_TIMEOUT_MS = 10000
+local MAX_WEIGHT = 1000
+local HEALTH_DEFAULTS = { interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }
+
+local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
+                        "fail_timeout_ms", "health_check", "send_proxy" }
+local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
+local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
+
+local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n }'
+
+-- Returns the normalized server at `path`: an address with its weight.
+local function check_server(v, path)
+    local text, weight = v, 1
+    if type(v) == "table" then
+        local extra = sorted_keys(v, function(k) return k ~= 1 and k ~= "weight" end)
+        if extra[1] ~= nil then
+            fail(key_path(path, extra[1]),
+                 'unknown key (expected the address at [1] and an optional weight)')
+        end
+        weight = v.weight
+        if weight ~= nil and (type(weight) ~= "number" or weight ~= floor(weight)
+                              or weight < 1 or weight > MAX_WEIGHT) then
+            fail(path .. ".weight", "expected an integer from 1 to %d, got %s",
+                 MAX_WEIGHT, show(weight))
+        end
+        text, path, weight = v[1], path .. "[1]", weight or 1
+    elseif type(v) ~= "string" then
+        fail(path, "expected %s, got %s", SERVER_EXPECTED, show(v))
+    end
+    local addr = address.check(text, path, false)
+    addr.weight = weight
+    return addr
+end
+
+-- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
+local function check_health(h, path)
+    if h == nil then return nil end
+    if type(h) ~= "table" then
+        fail(path, "expected a table { interval_ms = n, timeout_ms = n, fails = n, passes = n }, got %s",
+             show(h))
+    end
+    check_keys(h, path, HEALTH_KEYS)
+    local interval = check_positive_int(h.interval_ms, path .. ".interval_ms",
+                                        HEALTH_DEFAULTS.interval_ms)
+    local timeout = check_positive_int(h.timeout_ms, path .. ".timeout_ms", nil)
+    if timeout == nil then
+        timeout = HEALTH_DEFAULTS.timeout_ms < interval and HEALTH_DEFAULTS.timeout_ms or interval
+    elseif timeout > interval then
+        fail(path .. ".timeout_ms", "expected at most interval_ms (%d), got %s", interval,
+             show(timeout))
+    end
+    local fails = check_positive_int(h.fails, path .. ".fails", HEALTH_DEFAULTS.fails)
+    local passes = check_positive_int(h.passes, path .. ".passes", HEALTH_DEFAULTS.passes)
+    -- send: bytes written once connected; expect: bytes the answer must
+    -- contain (within its first 4096 bytes).
+    local function bytes(key, max)
+        local v = h[key]
+        if v ~= nil and (type(v) ~= "string" or #v == 0 or #v > max) then
+            fail(path .. "." .. key, "expected a string of 1 to %d bytes, got %s", max, show(v))
+        end
+        return v
+    end
+    return {
+        interval_ms = interval,
+        timeout_ms = timeout,
+        fails = fails,
+        passes = passes,
+        send = bytes("send", 1024),
+        expect = bytes("expect", 256),
+    }
+end
+
+-- send_proxy = "v1" or "v2": the PROXY protocol header sent first on each
+-- connection to the upstream's servers. Returns 1, 2 or nil.
+local function check_send_proxy(v, path)
+    if v == nil then return nil end
+    if v == "v1" then return 1 elseif v == "v2" then return 2 end
+    fail(path, 'expected "v1" or "v2", got %s', show(v))
+end
+
+-- Returns the normalized upstream `name`.
+local function check_upstream(name, up, path)
+    if type(up) ~= "table" then
+        fail(path, "expected a table { servers = { \"host:port\", ... } }, got %s", show(up))
+    end
+    check_keys(up, path, UPSTREAM_KEYS)
+    local spath = path .. ".servers"
+    local servers = up.servers
+    if type(servers) ~= "table" or next(servers) == nil then
+        fail(spath, 'expected a non-empty array of "host:port" strings, got %s', show(servers))
+    end
+    local out = {}
+    for i = 1, check_array(servers, spath) do
+        out[i] = check_server(servers[i], format("%s[%d]", spath, i))
+    end
+    local balance = up.balance
+    if balance == nil then
+        balance = "round_robin"
+    elseif not set_of(BALANCES)[balance] then
+        fail(path .. ".balance", 'expected one of "%s", got %s', concat(BALANCES, '", "'),
+             show(balance))
+    end
+    local connect_timeout = check_positive_int(up.connect_timeout_ms,
+        path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
+    local tries = up.tries
+    if tries == nil then
+        tries = #out
+    elseif type(tries) ~= "number" or tries ~= floor(tries) or tries < 1 or tries > #out then
+        fail(path .. ".tries", "expected an integer from 1 to %d (the number of servers), got %s",
+             #out, show(tries))
+    end
+    return {
+        name = name,
+        servers = out,
+        balance = balance,
+        connect_timeout_ms = connect_timeout,
+        tries = tries,
+        max_fails = check_count(up.max_fails, path .. ".max_fails", DEFAULT_MAX_FAILS, MAX_INT),
+        fail_timeout_ms = check_positive_int(up.fail_timeout_ms, path .. ".fail_timeout_ms",
+                                             DEFAULT_FAIL_TIMEOUT_MS),
+        health_check = check_health(up.health_check, path .. ".health_check"),
+        send_proxy = check_send_proxy(up.send_proxy, path .. ".send_proxy"),
+    }
+end
+
+-- Returns the normalized upstreams table and the sorted list of their names.
+function _M.check(ups)
+    if ups == nil then return {}, {} end
+    if type(ups) ~= "table" then
+        fail("upstreams", "expected a table of upstreams keyed by name, got %s", show(ups))
+    end
+    local out, names = {}, sorted_keys(ups)
+    for _, name in ipairs(names) do
+        local path = key_path("upstreams", name)
+        if type(name) ~= "string" or not name:find("^[%w_%-%.]+$") then
+            fail(path, 'expected an upstream name made of letters, digits, "_", "-" and ".", got %s',
+                 show(name))
+        end
+        out[name] = check_upstream(name, ups[name], path)
+    end
+    return out, names
+end
+
+return _M

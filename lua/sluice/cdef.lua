@@ -111,6 +111,7 @@ int32_t *sl_ffi_host_heap_over(sl_lua_host *h);
 int sl_ffi_host_heap_above(sl_lua_host *h);
 void sl_ffi_host_heap_stopped(sl_lua_host *h);
 void sl_ffi_host_collect(sl_lua_host *h);
+void sl_ffi_host_step(sl_lua_host *h);
 double sl_ffi_ctx_insert_lua(sl_ctx *ctx, int after, int key, const char *name, sl_ctx **out);
 sl_ctx *sl_ffi_ctx_insert_c(sl_ctx *ctx, int after, const char *name, const void *conf,
                             const char **err);

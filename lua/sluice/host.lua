@@ -142,6 +142,10 @@ local function dropped(_, msg, p) return drop(msg, p) end
 
 -- how: what the stage did, "raised in" unless given.
 local function stage_failed(ctx, ev, arg, err, how)
+  -- Stopped by lua_timeout_ms (src/lua/host.c, sl_lua_timeout_hook).
+  local slow = not how and type(err) == "string" and
+               err:match("^[^\n]-(ran longer than lua_timeout_ms %(%d+ ms%))")
+  if slow then how = slow .. " in" end
   if err == OOM and ctx.cptr and not ctx.oom then
     ctx.oom = true
     oom_waiting = oom_waiting + 1
@@ -873,6 +877,7 @@ function run_timers(now)
       -- Each timer is protected on its own: one that raises closes its
       -- connection and the others still run.
       buf.stage, buf.stage_id = ctx.cptr, ctx.sid
+      if host ~= nil then C.sl_ffi_host_step(host) end -- lua_timeout_ms: per timer
       local ok, err = xpcall(t.fn, traceback, ctx)
       buf.stage, buf.stage_id = nil, 0
       if not ok then stage_failed(ctx, TIMER, nil, err)

@@ -98,6 +98,14 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
         ev_timer_start(loop, &l->retry);
         return;
       }
+      if (e == EINVAL) {
+        /* Shut down by the Lua watchdog (proxy/watchdog.h) while this
+         * worker was stuck: it is out of its group for good. */
+        sl_log(SL_LOG_WARN, "listener %s: no longer listening on this worker (taken out while it "
+               "was stuck)", l->name);
+        ev_io_stop(loop, &l->io);
+        return;
+      }
       sl_log(SL_LOG_ERROR, "listener %s: accept: %s", l->name, strerror(e));
       return;
     }

@@ -213,6 +213,9 @@ SL_FFI_EXPORT int32_t *sl_ffi_host_heap_over(sl_lua_host *h);
 SL_FFI_EXPORT int sl_ffi_host_heap_above(sl_lua_host *h);
 SL_FFI_EXPORT void sl_ffi_host_heap_stopped(sl_lua_host *h);
 SL_FFI_EXPORT void sl_ffi_host_collect(sl_lua_host *h);
+/* A callback starts that is not an event of its own (each timer of a timer
+ * event): lua_timeout_ms counts from here for it. */
+SL_FFI_EXPORT void sl_ffi_host_step(sl_lua_host *h);
 
 /* Inserts Lua stage `key` next to ctx (after it when after != 0, else
  * before it). Returns the new context's Lua id (0 on ENOMEM) and the

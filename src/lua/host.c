@@ -2,7 +2,11 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <errno.h>
 #include <lualib.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,7 +57,22 @@ struct sl_lua_host {
   size_t heap_gc_mark;    /* a drain that ends above it runs a full collection */
   uint64_t heap_refusals; /* stages stopped at the limit, allocations refused at twice it */
   int32_t heap_over;      /* 1: the heap grew past the limit since sluice.host last looked */
+  /* lua_timeout_ms. The worker writes step and depth, the watchdog (another
+   * thread) reads them: relaxed atomics (SL_LUA_BUMP), plain moves on x86. */
+  uint64_t step;          /* + 1 at each entry into Lua and each event it pops */
+  uint64_t int_step;      /* the step the watchdog asked to interrupt */
+  volatile sig_atomic_t hooked; /* the timeout hook is set (by the signal handler) */
+  int timeout_ms;         /* lua_timeout_ms, for the error text */
+  uint64_t timeouts;      /* callbacks stopped by lua_timeout_ms */
+  char lib[256];          /* source prefix of sluice's own Lua library ("@.../sluice/") */
+  size_t nlib;
+  char where[128];        /* stage and callback the interrupt found (signal handler) */
+  uint64_t where_step;    /* the step where[] is for (release store) */
 };
+
+/* Written by the worker's thread only, read by the watchdog's. */
+#define SL_LUA_BUMP(p, d) \
+  __atomic_store_n((p), __atomic_load_n((p), __ATOMIC_RELAXED) + (d), __ATOMIC_RELAXED)
 
 static sl_lua_host *sl_lua_host_of(const sl_ctx *ctx) { return sl_ctx_channel(ctx)->w->lua; }
 
@@ -119,6 +138,155 @@ void sl_ffi_host_heap_stopped(sl_lua_host *h) { h->heap_refusals++; }
 
 void sl_ffi_host_collect(sl_lua_host *h) { h->heap_gc_mark = 0; }
 
+/* ---- lua_timeout_ms ----
+ *
+ * The watchdog (proxy/watchdog.c, on the main thread) sees a worker's step
+ * stay the same while it is in Lua for longer than lua_timeout_ms and
+ * sends the worker's thread SL_LUA_SIGNAL. The handler, on the worker's
+ * thread, sets a hook on every instruction, call and return, as luajit.c
+ * does for Ctrl-C (lua_sethook is the one call the Lua manual allows
+ * asynchronously). The hook raises in the stage's own code only: sluice's
+ * library (sluice.host, sluice.buf) does bookkeeping in steps that an error
+ * between them would leave half done, so there the hook waits for the next
+ * instruction of a stage. The error then goes the way of any stage error
+ * (sluice.host: logged with its traceback, what the stage was handed
+ * released, its connection closed). Compiled traces do not run hooks: a
+ * loop the JIT compiled, or a C function that does not return, is not
+ * stopped; the watchdog then reports the worker stuck. */
+
+static _Thread_local struct sl_worker *sl_lua_thread_worker;
+
+static const char *const sl_lua_callbacks[] = {
+    "channel_active", "channel_inactive", "channel_read", "channel_read_complete",
+    "channel_writability_changed", "user_event", "error", "write", "flush", "close", "read"};
+
+static const char *sl_lua_callback_name(int ev) {
+  if (ev >= 0 && ev < (int)(sizeof(sl_lua_callbacks) / sizeof(sl_lua_callbacks[0])))
+    return sl_lua_callbacks[ev];
+  switch (ev) {
+    case SL_LEV_ADDED: return "added";
+    case SL_LEV_REMOVED: return "removed";
+    case SL_LEV_PROMISE: return "a promise callback";
+    case SL_LEV_TIMER: return "a timer";
+    default: return "an event";
+  }
+}
+
+static void sl_lua_unhook(sl_lua_host *h) {
+  lua_sethook(h->L, NULL, 0, 0);
+  h->hooked = 0;
+}
+
+static void sl_lua_timeout_hook(lua_State *L, lua_Debug *ar) {
+  SL_UNUSED(ar);
+  struct sl_worker *w = sl_lua_thread_worker;
+  sl_lua_host *h = w != NULL ? w->lua : NULL;
+  if (h == NULL || h->L != L) {
+    lua_sethook(L, NULL, 0, 0);
+    return;
+  }
+  /* The callback it was meant for has returned: nothing to stop. */
+  if (h->step != __atomic_load_n(&h->int_step, __ATOMIC_RELAXED)) {
+    sl_lua_unhook(h);
+    return;
+  }
+  lua_Debug d;
+  if (!lua_getstack(L, 0, &d) || !lua_getinfo(L, "Sl", &d)) return;
+  if (d.what[0] == 'C' || (h->nlib > 0 && strncmp(d.source, h->lib, h->nlib) == 0)) return;
+  /* Raised again every thousand instructions while the same event runs,
+   * in case the stage catches it (pcall) and carries on. */
+  lua_sethook(L, sl_lua_timeout_hook, LUA_MASKCOUNT, 1000);
+  h->timeouts++;
+  lua_pushfstring(L, "%s:%d: ran longer than lua_timeout_ms (%d ms)", d.short_src,
+                  d.currentline, h->timeout_ms);
+  lua_error(L);
+}
+
+/* Notes the stage and callback of the event being handled, for the
+ * watchdog's report (async-signal-safe: plain copies). */
+static void sl_lua_note_where(sl_lua_host *h, uint64_t step) {
+  const char *stage = "sluice", *cb = "its dispatch";
+  if (h->has_cur) {
+    atomic_signal_fence(memory_order_seq_cst);
+    if (h->cur.ctx != NULL && h->cur.ctx->name != NULL) stage = h->cur.ctx->name;
+    cb = sl_lua_callback_name(h->cur.ev);
+  }
+  size_t n = 0;
+  for (const char *p = stage; *p && n < sizeof(h->where) / 2; p++) h->where[n++] = *p;
+  h->where[n++] = '\0';
+  for (const char *p = cb; *p && n < sizeof(h->where) - 1; p++) h->where[n++] = *p;
+  h->where[n] = '\0';
+  __atomic_store_n(&h->where_step, step, __ATOMIC_RELEASE);
+}
+
+static void sl_lua_on_interrupt(int sig) {
+  SL_UNUSED(sig);
+  int saved = errno;
+  struct sl_worker *w = sl_lua_thread_worker;
+  sl_lua_host *h = w != NULL ? w->lua : NULL;
+  uint64_t step = h != NULL ? h->step : 0;
+  if (h != NULL && h->L != NULL && h->depth > 0 && !h->hooked &&
+      step == __atomic_load_n(&h->int_step, __ATOMIC_RELAXED)) {
+    sl_lua_note_where(h, step);
+    h->hooked = 1;
+    lua_sethook(h->L, sl_lua_timeout_hook, LUA_MASKCOUNT | LUA_MASKCALL | LUA_MASKRET, 1);
+  }
+  errno = saved;
+}
+
+int sl_lua_timeout_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = sl_lua_on_interrupt;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(SL_LUA_SIGNAL, &sa, NULL) == 0 ? SL_OK : SL_ERROR;
+}
+
+void sl_lua_host_bind_thread(struct sl_worker *w) { sl_lua_thread_worker = w; }
+
+void sl_lua_host_set_timeout(sl_lua_host *h, int ms) {
+  if (h != NULL) h->timeout_ms = ms;
+}
+
+uint64_t sl_lua_host_progress(const sl_lua_host *h, int *busy) {
+  *busy = h != NULL && __atomic_load_n(&h->depth, __ATOMIC_RELAXED) > 0;
+  return h != NULL ? __atomic_load_n(&h->step, __ATOMIC_RELAXED) : 0;
+}
+
+int sl_lua_host_interrupt(sl_lua_host *h, uint64_t step, pthread_t thread) {
+  __atomic_store_n(&h->int_step, step, __ATOMIC_RELAXED);
+  return pthread_kill(thread, SL_LUA_SIGNAL) == 0 ? SL_OK : SL_ERROR;
+}
+
+int sl_lua_host_where(const sl_lua_host *h, uint64_t step, char *stage, size_t slen, char *cb,
+                      size_t cblen) {
+  if (h == NULL || __atomic_load_n(&h->where_step, __ATOMIC_ACQUIRE) != step) return SL_DECLINED;
+  snprintf(stage, slen, "%s", h->where);
+  snprintf(cb, cblen, "%s", h->where + strlen(h->where) + 1);
+  return SL_OK;
+}
+
+void sl_ffi_host_step(sl_lua_host *h) { SL_LUA_BUMP(&h->step, 1); }
+
+uint64_t sl_lua_host_timeouts(const sl_lua_host *h) {
+  return h != NULL && h->L != NULL ? h->timeouts : 0;
+}
+
+/* Notes where sluice's own library lives: the folder of sluice.host's
+ * source (on the stack at idx). */
+static void sl_lua_note_lib(sl_lua_host *h, lua_State *L, int idx) {
+  lua_getfield(L, idx, "run");
+  lua_Debug d;
+  if (!lua_getinfo(L, ">S", &d) || d.source == NULL || d.source[0] != '@') return;
+  const char *slash = strrchr(d.source, '/');
+  size_t n = slash != NULL ? (size_t)(slash - d.source) + 1 : 0;
+  if (n == 0 || n >= sizeof(h->lib)) return;
+  memcpy(h->lib, d.source, n);
+  h->lib[n] = '\0';
+  h->nlib = n;
+}
+
 /* ---- the event queue ----
  *
  * Every event for a Lua stage goes through one ring. Lua pops the events
@@ -159,14 +327,17 @@ static int sl_lua_enqueue(sl_lua_host *h, sl_channel *ch, sl_ctx *ctx, int ev, v
 static void sl_lua_settle(sl_lua_host *h) {
   if (!h->has_cur) return;
   h->has_cur = 0;
+  atomic_signal_fence(memory_order_seq_cst);
   free(h->cur.str);
   if (h->cur.ch) sl_channel_unref(h->cur.ch);
 }
 
 int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out) {
   sl_lua_settle(h);
+  SL_LUA_BUMP(&h->step, 1);
   if (h->qlen == 0) return 0;
   h->cur = h->q[h->qhead];
+  atomic_signal_fence(memory_order_seq_cst); /* cur before has_cur (sl_lua_on_interrupt) */
   h->has_cur = 1;
   h->qhead = (h->qhead + 1) % h->qcap;
   h->qlen--;
@@ -200,7 +371,8 @@ static void sl_lua_discard(sl_lua_host *h) {
 void sl_lua_host_drain(sl_lua_host *h) {
   if (h == NULL || h->L == NULL || h->depth > 0 || h->qlen == 0) return;
   lua_State *L = h->L;
-  h->depth++;
+  SL_LUA_BUMP(&h->depth, 1);
+  SL_LUA_BUMP(&h->step, 1);
   h->entries++;
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->traceback_ref);
   int tb = lua_gettop(L);
@@ -236,7 +408,11 @@ void sl_lua_host_drain(sl_lua_host *h) {
   lua_settop(L, tb - 1);
   sl_lua_heap_check(h);
   sl_lua_settle(h);
-  h->depth--;
+  SL_LUA_BUMP(&h->depth, -1);
+  /* The interrupt sets the hook only while depth > 0: one that came too
+   * late for the callback it was meant for is cleared here. */
+  atomic_signal_fence(memory_order_seq_cst);
+  if (h->hooked) sl_lua_unhook(h);
 }
 
 /* Queues an event for Lua; with drain, delivers the queue now unless the
@@ -507,6 +683,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
                                 size_t errlen) {
   sl_lua_host *h = sl_lua_host_new(w);
   sl_lua_host_set_memory_limit(h, cfg->lua_memory_limit);
+  sl_lua_host_set_timeout(h, cfg->lua_timeout_ms);
   if (h == NULL || (h->masks = calloc(1, sizeof(uint32_t))) == NULL ||
       (h->L = luaL_newstate()) == NULL) {
     snprintf(err, errlen, "out of memory");
@@ -532,6 +709,7 @@ sl_lua_host *sl_lua_host_create(struct sl_worker *w, const sl_config *cfg, char 
     sl_lua_host_destroy(h);
     return NULL;
   }
+  sl_lua_note_lib(h, L, lua_gettop(L));
   lua_getfield(L, -1, "run");
   h->run_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_getfield(L, -1, "failed");

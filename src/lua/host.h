@@ -12,7 +12,10 @@
 #ifndef SL_LUA_HOST_H
 #define SL_LUA_HOST_H
 
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "lua/ffi.h"
 #include "pipeline/pipeline.h"
@@ -87,6 +90,44 @@ size_t sl_lua_host_memory_limit(const sl_lua_host *h);
  * may be above it already; it then only shrinks until it is below. h may
  * be NULL (nothing happens). */
 void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit);
+
+/* ---- lua_timeout_ms (the mechanism; the watchdog is proxy/watchdog.c) ---- */
+
+/* The signal that interrupts a worker's Lua; sluice reserves it. */
+#define SL_LUA_SIGNAL SIGUSR2
+
+/* Installs the process's handler for SL_LUA_SIGNAL (sigaction, SA_RESTART).
+ * SL_OK, or SL_ERROR with errno. A signal sent to a thread that is not in a
+ * callback the watchdog asked to stop does nothing. */
+int sl_lua_timeout_install(void);
+
+/* On a worker's thread, before its loop runs: the signal handler finds the
+ * worker's Lua state through w (borrowed for the life of the thread). */
+void sl_lua_host_bind_thread(struct sl_worker *w);
+
+/* Sets lua_timeout_ms as the error text gives it (the watchdog keeps the
+ * time). h may be NULL. */
+void sl_lua_host_set_timeout(sl_lua_host *h, int ms);
+
+/* Any thread: h's step, which changes each time the worker enters Lua and
+ * each time Lua takes the next event; *busy is 1 while the worker is in
+ * Lua. A step that stays the same while busy is one callback running. */
+uint64_t sl_lua_host_progress(const sl_lua_host *h, int *busy);
+
+/* Any thread: asks thread (h's worker) to stop the callback of step
+ * (sl_lua_host_progress) by raising an error in the stage's code at its
+ * next interpreted instruction. Nothing happens if that callback has
+ * returned meanwhile. SL_OK, or SL_ERROR (pthread_kill failed). */
+int sl_lua_host_interrupt(sl_lua_host *h, uint64_t step, pthread_t thread);
+
+/* Any thread, after sl_lua_host_interrupt(h, step): the stage the event of
+ * step was delivered to and its callback, as the signal found them. SL_OK,
+ * or SL_DECLINED when the signal has not been handled for that step. */
+int sl_lua_host_where(const sl_lua_host *h, uint64_t step, char *stage, size_t slen, char *cb,
+                      size_t cblen);
+
+/* Callbacks stopped by lua_timeout_ms (the worker's thread). */
+uint64_t sl_lua_host_timeouts(const sl_lua_host *h);
 
 /* A write promise completed (err NULL) or failed: queues it for Lua. */
 void sl_lua_host_promise_done(struct sl_channel *ch, uint32_t pid, const char *err);

@@ -47,6 +47,9 @@ struct sl_admin {
   pthread_t thread;
   int started;
   _Atomic int draining;
+  pthread_mutex_t stuck_lock;
+  int stuck;                        /* workers stuck in Lua (stuck_lock) */
+  char stuck_why[256];              /* the first one's report (stuck_lock) */
   struct sl_worker **workers;       /* borrowed */
   int nworkers;
   struct sl_alloc *alloc;           /* borrowed */
@@ -96,7 +99,13 @@ static void sl_admin_free_snaps(sl_admin *a, sl_metrics_snap **s) {
 static void sl_admin_respond(sl_admin_conn *c, const char *path) {
   sl_admin *a = c->a;
   if (strcmp(path, "/health") == 0) {
+    char why[300];
+    pthread_mutex_lock(&a->stuck_lock);
+    snprintf(why, sizeof(why), "stuck: %s\n", a->stuck_why);
+    int stuck = a->stuck;
+    pthread_mutex_unlock(&a->stuck_lock);
     if (atomic_load(&a->draining)) sl_admin_plain(c, 503, "Service Unavailable", NULL, "draining\n");
+    else if (stuck) sl_admin_plain(c, 503, "Service Unavailable", NULL, why);
     else sl_admin_plain(c, 200, "OK", NULL, "ok\n");
     return;
   }
@@ -118,7 +127,10 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
   int memory = pages[page].format == sl_admin_format_memory;
   sl_metrics_snap **snaps = sl_admin_collect(a, memory);
   sl_text body = {0};
-  sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining)};
+  pthread_mutex_lock(&a->stuck_lock);
+  int stuck = a->stuck;
+  pthread_mutex_unlock(&a->stuck_lock);
+  sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining), stuck};
   if (snaps != NULL) pages[page].format(&body, &r);
   if (snaps == NULL || body.failed) {
     sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");
@@ -310,6 +322,7 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   a->workers = workers;
   a->nworkers = n;
   a->alloc = alloc;
+  pthread_mutex_init(&a->stuck_lock, NULL);
   ev_io_init(&a->accept_io, sl_admin_on_accept, a->fd, EV_READ);
   ev_io_start(a->loop, &a->accept_io);
   ev_async_init(&a->stop_watcher, sl_admin_on_stop);
@@ -332,6 +345,14 @@ void sl_admin_set_draining(sl_admin *a) {
   if (a) atomic_store(&a->draining, 1);
 }
 
+void sl_admin_set_stuck(sl_admin *a, int n, const char *why) {
+  if (a == NULL) return;
+  pthread_mutex_lock(&a->stuck_lock);
+  if (a->stuck == 0) snprintf(a->stuck_why, sizeof(a->stuck_why), "%.*s", (int)strcspn(why, "\n"), why);
+  a->stuck = n;
+  pthread_mutex_unlock(&a->stuck_lock);
+}
+
 void sl_admin_stop(sl_admin *a) {
   if (a == NULL) return;
   if (a->started) {
@@ -342,5 +363,6 @@ void sl_admin_stop(sl_admin *a) {
   }
   ev_loop_destroy(a->loop);
   close(a->fd);
+  pthread_mutex_destroy(&a->stuck_lock);
   free(a);
 }

@@ -437,6 +437,11 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
     if (s->has_lua)
       sl_prom_worker(o, "sluice_lua_memory_refusals_total", s->worker, s->lua_refusals);
   }
+  sl_prom_head(o, "sluice_lua_timeouts_total", "counter",
+               "Lua callbacks stopped by lua_timeout_ms; each closed its connection.");
+  SL_EACH_SNAP(r, s) {
+    if (s->has_lua) sl_prom_worker(o, "sluice_lua_timeouts_total", s->worker, s->lua_timeouts);
+  }
 }
 
 static void sl_admin_metrics_stages(sl_text *o, const sl_admin_report *r) {
@@ -466,6 +471,10 @@ void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
   sl_text_printf(o, "sluice_workers_answering %d\n", answered);
   sl_prom_head(o, "sluice_draining", "gauge", "1 while stopping (after SIGTERM or SIGINT).");
   sl_text_printf(o, "sluice_draining %d\n", r->draining ? 1 : 0);
+  sl_prom_head(o, "sluice_workers_stuck", "gauge",
+               "Workers stuck in a Lua callback that lua_timeout_ms could not stop (a loop the "
+               "JIT compiled, a C call that does not return); they take no new connections.");
+  sl_text_printf(o, "sluice_workers_stuck %d\n", r->stuck);
   sl_admin_metrics_listeners(o, r);
   sl_admin_metrics_upstreams(o, r);
   sl_admin_metrics_servers(o, r);

@@ -32,6 +32,7 @@ typedef struct sl_admin_report {
   int nworkers;
   struct sl_alloc *alloc;
   int draining;
+  int stuck;                        /* workers stuck in Lua (proxy/watchdog.h) */
 } sl_admin_report;
 
 void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);

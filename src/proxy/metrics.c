@@ -437,6 +437,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     s->lua_bytes = sl_lua_host_memory(w->lua);
     s->lua_refusals = sl_lua_host_memory_refusals(w->lua);
     s->lua_limit = sl_lua_host_memory_limit(w->lua);
+    s->lua_timeouts = sl_lua_host_timeouts(w->lua);
   }
   s->channels = w->nchannels;
   s->listeners = calloc(m->nlisteners + 1, sizeof(*s->listeners));

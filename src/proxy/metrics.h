@@ -111,6 +111,7 @@ typedef struct sl_metrics_snap {
   uint64_t lua_bytes;            /* the Lua heap (0: no Lua state) */
   uint64_t lua_refusals;         /* Lua allocations refused at lua_memory_limit */
   uint64_t lua_limit;            /* lua_memory_limit (0: none) */
+  uint64_t lua_timeouts;         /* Lua callbacks stopped by lua_timeout_ms */
   int has_lua;
   uint64_t channels;             /* open or closing */
   uint64_t outq_bytes;           /* every outbound queue of the worker */

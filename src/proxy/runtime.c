@@ -20,6 +20,8 @@
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/server.h"
+#include "proxy/watchdog.h"
+#include "lua/host.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -43,6 +45,7 @@ typedef struct sl_runtime {
   int stderr_copy;             /* standard error as sluice started (access_log "stderr") */
   int access_fd;               /* the access log's descriptor, never closed while running */
   sl_admin *admin;             /* the admin endpoint, or NULL */
+  sl_watchdog watchdog;        /* lua_timeout_ms: ticks between signals */
 } sl_runtime;
 
 /* ---- logs ---- */
@@ -178,6 +181,7 @@ static int sl_runtime_sets_for(sl_runtime *rt, const sl_config *cfg, sl_listen_s
 
 static void *sl_runtime_thread(void *arg) {
   sl_worker *w = arg;
+  sl_lua_host_bind_thread(w);
   sl_worker_run(w);
   sl_metrics_gone(w);
   sl_runtime *rt = w->app;
@@ -192,6 +196,29 @@ static double sl_runtime_now(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static void sl_runtime_watch(sl_runtime *rt) {
+  if (rt->cfg == NULL || rt->cfg->lua_timeout_ms <= 0) return;
+  sl_watchdog_tick(&rt->watchdog, rt->workers, rt->threads, rt->nthreads, rt->cfg->lua_timeout_ms,
+                   sl_runtime_now(), rt->sets, rt->admin);
+}
+
+/* Waits for one of the signals in set, ticking the watchdog meanwhile.
+ * Returns the signal. */
+static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set) {
+  for (;;) {
+    double period = sl_watchdog_period(rt->cfg->lua_timeout_ms);
+    int sig = 0;
+    if (period <= 0) {
+      if (sigwait(set, &sig) == 0) return sig;
+      continue;
+    }
+    struct timespec ts = {0, (long)(period * 1e9)};
+    sig = sigtimedwait(set, NULL, &ts);
+    sl_runtime_watch(rt);
+    if (sig > 0) return sig;
+  }
+}
+
 /* Asks every worker to stop and waits for their threads; a second SIGINT
  * or SIGTERM meanwhile closes every connection at once. Returns SL_OK once
  * every thread is joined, or SL_ERROR, after logging which workers, when
@@ -203,6 +230,7 @@ static int sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
   while (atomic_load(&rt->nexited) < rt->nthreads) {
     struct timespec ts = {0, 20 * 1000 * 1000};
     int sig = sigtimedwait(set, NULL, &ts);
+    sl_runtime_watch(rt); /* a callback that runs too long while draining is stopped too */
     if (sig == SIGINT || sig == SIGTERM) {
       sl_log(SL_LOG_INFO, "%s again: closing every connection now",
              sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -254,6 +282,7 @@ static uint64_t sl_runtime_release(sl_runtime *rt) {
   }
   if (rt->alloc) sl_alloc_destroy(rt->alloc);
   rt->alloc = NULL;
+  sl_watchdog_free(&rt->watchdog);
   return leaked;
 }
 
@@ -316,6 +345,12 @@ static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
 static void sl_runtime_reload(sl_runtime *rt) {
   sl_reload_msg m;
   memset(&m, 0, sizeof(m));
+  if (rt->watchdog.nstuck > 0) {
+    /* A reload waits for every worker: it would wait for ever. */
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: %d worker%s stuck in Lua (see above); restart "
+           "sluice", rt->watchdog.nstuck, rt->watchdog.nstuck == 1 ? " is" : "s are");
+    return;
+  }
   sl_config *nc = sl_config_load(rt->cfg->path, m.err, sizeof(m.err));
   if (nc == NULL) {
     sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: %s", m.err);
@@ -514,6 +549,11 @@ int sl_runtime_run(sl_config *cfg) {
     return 1;
   }
   sl_runtime_raise_nofile();
+  if (sl_lua_timeout_install() != SL_OK) {
+    fprintf(stderr, "sluice: cannot start: sigaction: %s\n", strerror(errno));
+    sl_config_unref(cfg);
+    return 1;
+  }
   if (sl_runtime_start(rt, err, sizeof(err)) != SL_OK) {
     if (strcmp(cfg->error_log, "stderr") != 0) sl_log(SL_LOG_ERROR, "cannot start: %s", err);
     dprintf(rt->stderr_copy, "sluice: cannot start: %s\n", err);
@@ -549,8 +589,7 @@ int sl_runtime_run(sl_config *cfg) {
          cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
 
   for (;;) {
-    int sig = 0;
-    if (sigwait(&set, &sig) != 0) continue;
+    int sig = sl_runtime_wait(rt, &set);
     if (sig == SIGHUP) {
       sl_log(SL_LOG_INFO, "SIGHUP: reloading %s", rt->cfg->path);
       sl_runtime_reload(rt);

@@ -280,6 +280,7 @@ int sl_server_commit(sl_worker *w, sl_config *cfg, sl_listen_set **sets,
   }
   w->drain_timeout = cfg->drain_timeout;
   sl_lua_host_set_memory_limit(w->lua, cfg->lua_memory_limit);
+  sl_lua_host_set_timeout(w->lua, cfg->lua_timeout_ms);
   sl_worker_push_gen(w, &g->base);
   sl_server_gen_listen(w, g);
   /* Listeners that stayed may have been paused at their old limit. */

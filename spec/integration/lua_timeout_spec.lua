@@ -1,0 +1,153 @@
+-- lua_timeout_ms through the real binary: a stage whose callback runs in
+-- interpreted code for ever is stopped (its connection closes with the
+-- reason in the log, what it was handed is released, the worker serves the
+-- next connection); one stuck where the interrupt cannot reach (a loop the
+-- JIT compiled) is reported stuck, /health says so, the other worker takes
+-- the new connections, and SIGTERM still ends the process.
+local H = require("helpers")
+
+-- Loops for ever on "spin", interpreted (the JIT is off for the module),
+-- holding the buffer it was handed; on "timer", in a timer once the
+-- message has been passed on.
+local SPIN = [[
+jit.off(true, true)
+local function step(n) return n + 1 end
+local function spin()
+  local n = 0
+  while true do n = step(n) end
+end
+return {
+  channel_read = function(ctx, buf)
+    local text = buf:tostring()
+    if text:find("spin", 1, true) then spin() end
+    if text:find("timer", 1, true) then ctx:after(0, spin) end
+    ctx:fire_read(buf)
+  end,
+}
+]]
+
+-- Loops for ever on "stuck" in a loop the JIT compiles (no hook runs in a
+-- trace).
+local STUCK = [[
+return {
+  channel_read = function(ctx, buf)
+    if buf:tostring():find("stuck", 1, true) then
+      while true do end
+    end
+    ctx:fire_read(buf)
+  end,
+}
+]]
+
+local function config(port, admin, mod, workers, timeout)
+  return ([[
+return {
+  workers = %d,
+  lua_timeout_ms = %d,
+  drain_timeout_ms = 500,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } },
+  admin = { listen = "127.0.0.1:%d" },
+}
+]]):format(workers, timeout, port, mod, admin)
+end
+
+-- Starts sluice on the stage module text (written as name.lua) then the
+-- echo stage. Returns p, port, admin port, the module's name.
+local function start(name, text, workers, timeout)
+  local mod = H.tmpfile(name .. ".lua", text):match("([^/]+)%.lua$")
+  local port, admin = H.free_port(), H.free_port()
+  return H.start_sluice(config(port, admin, mod, workers, timeout)), port, admin, mod
+end
+
+-- Sends "spin" on a new connection: sluice closes it, nothing echoed.
+local function spin_closed(port)
+  local c = H.connect(port)
+  c.send("spin\n")
+  assert.are.equal("", c.recv(5, 20))
+  c.close()
+end
+
+describe("lua_timeout_ms", function()
+  it("stops a callback that runs too long, closes its connection and serves the next", function()
+    local p, port, admin, spin = start("spin", SPIN, 1, 200)
+    assert.are.equal("before\n", H.exchange(port, "before\n", 10))
+
+    spin_closed(port)
+    -- (The close is logged once the socket is closed.)
+    local closed = "closed: stage " .. spin .. " failed: [^\n]*ran longer than lua_timeout_ms"
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find(closed) end, 10), H.read(p.log))
+    local log = H.read(p.log)
+    assert.matches("stage " .. spin .. " ran longer than lua_timeout_ms %(200 ms%) in channel_read on "
+                   .. "client [^\n]*: [^\n]*" .. spin .. "%.lua:%d+: ran longer than lua_timeout_ms "
+                   .. "%(200 ms%)\nstack traceback:", log)
+    assert.not_matches("stuck", log)
+
+    -- The same worker goes on.
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+
+    -- A timer: echoed first, then closed.
+    local c = H.connect(port)
+    c.send("timer\n")
+    assert.are.equal("timer\n", c.recv(100, 20))
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("stage " .. spin .. " ran longer than lua_timeout_ms %(200 ms%) in "
+                                .. "a timer on client ")
+    end, 10), H.read(p.log))
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    assert.are.equal(2, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
+    assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
+    assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", 'worker="0"'))
+    assert.are.equal(200, (H.admin_get(admin, "/health")))
+    H.stop_sluice(p)
+  end)
+
+  it("is off at 0, and a reload changes it for the callbacks after", function()
+    local p, port, admin, spin = start("spin", SPIN, 1, 0)
+    local f = assert(io.open(p.config, "w"))
+    f:write(config(port, admin, spin, 1, 300))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    spin_closed(port)
+    assert.matches("ran longer than lua_timeout_ms %(300 ms%) in channel_read", H.read(p.log))
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    H.stop_sluice(p)
+  end)
+
+  it("reports a worker stuck in a compiled loop; the other worker takes the connections", function()
+    local p, port, admin, stuck = start("stuck", STUCK, 2, 200)
+    local c = H.connect(port)
+    c.send("stuck\n")
+    local worker = H.wait_for(function()
+      return H.read(p.log):match("worker (%d): stage " .. stuck .. " has run channel_read for "
+                                 .. "[%d.]+ s and did not stop when interrupted at lua_timeout_ms "
+                                 .. "%(200 ms%)")
+    end, 20)
+    assert.is_truthy(worker, H.read(p.log))
+    local status, _, body = H.admin_get(admin, "/health")
+    assert.are.equal(503, status)
+    assert.matches("^stuck: worker " .. worker .. ": stage " .. stuck .. " has run channel_read", body)
+    assert.are.equal(1, H.metric(admin, "sluice_workers_stuck", nil, 20))
+
+    -- Every new connection goes to the other worker.
+    for i = 1, 10 do
+      assert.are.equal("hello " .. i .. "\n", H.exchange(port, "hello " .. i .. "\n", 10))
+    end
+    local other = worker == "0" and "1" or "0"
+    assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", ('worker="%s"'):format(other), 20))
+    -- Once only.
+    local _, n = H.read(p.log):gsub("did not stop when interrupted", "")
+    assert.are.equal(1, n)
+
+    -- SIGTERM: the stuck worker never returns; sluice exits without it
+    -- after the drain deadline and its grace (exit 3).
+    assert.are.equal(3, H.stop(p, "TERM", 60))
+    local log = H.read(p.log)
+    assert.matches("worker " .. worker .. " has not stopped", log)
+    assert.matches("stopped without its stuck workers %(exit 3%)", log)
+    c.close()
+  end)
+end)

@@ -227,11 +227,18 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_bare(sl_pool *pool, sl_cache_bin *bin,
                                                            uint8_t *data, size_t cap,
                                                            size_t max_cap) {
-  if (!sl_pool_header_ready(pool) && sl_pool_has_returns(pool)) sl_buf_drain(pool);
-  sl_buf *b = sl_pool_header_get(pool);
-  if (b == NULL) {
+  if (!sl_pool_header_ready(pool) && sl_pool_has_returns(pool)) {
+    /* The block goes back first: the drain may fill its bin. The drained
+     * buffers bring headers, and the allocation starts again. */
     bin->items[bin->n++] = sl_pool_bare_item(data);
     bin->used--;   /* no hit after all */
+    sl_buf_drain(pool);
+    return sl_buf_alloc(pool, cap, max_cap);
+  }
+  sl_buf *b = sl_pool_header_get(pool);
+  if (b == NULL) {
+    bin->items[bin->n++] = sl_pool_bare_item(data);   /* nothing changed the bin since the pop */
+    bin->used--;
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   SL_UNPOISON(data, (uint32_t)bin->tail);

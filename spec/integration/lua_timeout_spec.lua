@@ -7,8 +7,8 @@
 local H = require("helpers")
 
 -- Loops for ever on "spin", interpreted (the JIT is off for the module),
--- holding the buffer it was handed; on "timer", in a timer once the
--- message has been passed on.
+-- holding the buffer it was handed; on "catch", again after catching the
+-- error once; on "timer", in a timer once the message has been passed on.
 local SPIN = [[
 jit.off(true, true)
 local function step(n) return n + 1 end
@@ -20,6 +20,7 @@ return {
   channel_read = function(ctx, buf)
     local text = buf:tostring()
     if text:find("spin", 1, true) then spin() end
+    if text:find("catch", 1, true) then pcall(spin); spin() end
     if text:find("timer", 1, true) then ctx:after(0, spin) end
     ctx:fire_read(buf)
   end,
@@ -95,7 +96,14 @@ describe("lua_timeout_ms", function()
                                 .. "a timer on client ")
     end, 10), H.read(p.log))
     assert.are.equal("after\n", H.exchange(port, "after\n", 10))
-    assert.are.equal(2, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
+
+    -- Caught with pcall, it is raised again while the event lasts.
+    local c2 = H.connect(port)
+    c2.send("catch\n")
+    assert.are.equal("", c2.recv(100, 20))
+    c2.close()
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    assert.are.equal(4, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
     assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
     assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", 'worker="0"'))
     assert.are.equal(200, (H.admin_get(admin, "/health")))

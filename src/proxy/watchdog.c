@@ -31,7 +31,6 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, uint64_t
                                 struct sl_admin *admin) {
   char stage[64] = "?", cb[64] = "?", why[256];
   sl_lua_host_where(h, step, stage, sizeof(stage), cb, sizeof(cb));
-  wd->e[i].stuck = 1;
   wd->nstuck++;
   snprintf(why, sizeof(why),
            "worker %d: stage %s has run %s for %.1f s and did not stop when interrupted at "
@@ -43,6 +42,27 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, uint64_t
          "%s: a loop the JIT compiled or a C call that does not return; the worker is stuck: "
          "its listening sockets take no new connections (the other workers do), its open "
          "connections wait; restart sluice", why);
+}
+
+int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, double now,
+                      int timeout_ms) {
+  if (e->stuck) return SL_WATCHDOG_WAIT;
+  if (!e->seen || !busy || step != e->step) {
+    e->seen = 1;
+    e->step = step;
+    e->since = now;
+    e->interrupted = 0;
+    return SL_WATCHDOG_WAIT;
+  }
+  double age = now - e->since, limit = timeout_ms / 1000.0;
+  if (timeout_ms <= 0 || age < limit) return SL_WATCHDOG_WAIT;
+  if (!e->interrupted) {
+    e->interrupted = 1;
+    return SL_WATCHDOG_INTERRUPT;
+  }
+  if (age < 2 * limit) return SL_WATCHDOG_WAIT;
+  e->stuck = 1;
+  return SL_WATCHDOG_STUCK;
 }
 
 void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread_t *threads,
@@ -58,23 +78,18 @@ void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread
   for (int i = 0; i < n; i++) {
     sl_watchdog_entry *e = &wd->e[i];
     sl_lua_host *h = workers[i] != NULL ? workers[i]->lua : NULL;
-    if (h == NULL || e->stuck) continue;
+    if (h == NULL) continue;
     int busy;
     uint64_t step = sl_lua_host_progress(h, &busy);
-    if (!busy || step != e->step) {
-      e->step = step;
-      e->since = now;
-      e->interrupted = 0;
-      continue;
-    }
-    double age = now - e->since, limit = timeout_ms / 1000.0;
-    if (timeout_ms <= 0 || age < limit) continue;
-    if (!e->interrupted) {
-      e->interrupted = 1;
-      if (sl_lua_host_interrupt(h, step, threads[i]) != SL_OK)
-        sl_log(SL_LOG_ERROR, "worker %d: cannot interrupt its Lua: pthread_kill failed", i);
-    } else if (age >= 2 * limit) {
-      sl_watchdog_declare(wd, i, h, step, timeout_ms, age, sets, admin);
+    switch (sl_watchdog_judge(e, busy, step, now, timeout_ms)) {
+      case SL_WATCHDOG_INTERRUPT:
+        if (sl_lua_host_interrupt(h, step, threads[i]) != SL_OK)
+          sl_log(SL_LOG_ERROR, "worker %d: cannot interrupt its Lua: pthread_kill failed", i);
+        break;
+      case SL_WATCHDOG_STUCK:
+        sl_watchdog_declare(wd, i, h, step, timeout_ms, now - e->since, sets, admin);
+        break;
+      default: break;
     }
   }
 }

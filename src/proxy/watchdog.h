@@ -32,6 +32,7 @@ struct sl_listen_set;
 typedef struct sl_watchdog_entry {
   uint64_t step;      /* the worker's step when last seen */
   double since;       /* when that step was first seen busy (seconds, monotonic) */
+  int seen;           /* step and since are set */
   int interrupted;    /* the interrupt was sent for step */
   int stuck;          /* declared stuck (for good) */
 } sl_watchdog_entry;
@@ -45,6 +46,16 @@ typedef struct sl_watchdog {
 /* Seconds between ticks for timeout_ms (a quarter of it, 10 ms to 250 ms);
  * 0 when timeout_ms is 0 (no watchdog). */
 double sl_watchdog_period(int timeout_ms);
+
+enum { SL_WATCHDOG_WAIT, SL_WATCHDOG_INTERRUPT, SL_WATCHDOG_STUCK };
+
+/* The rule for one worker seen at now (seconds, monotonic) with its step
+ * (sl_lua_host_progress; busy: in Lua): SL_WATCHDOG_INTERRUPT once a step
+ * has been seen busy for timeout_ms, SL_WATCHDOG_STUCK once it has been
+ * for twice that after an interrupt (then never again), else
+ * SL_WATCHDOG_WAIT. Updates e (zeroed at first). */
+int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, double now,
+                      int timeout_ms);
 
 /* Looks at every worker once at now (seconds, monotonic): interrupts the
  * callbacks older than timeout_ms, declares stuck the workers whose

@@ -14,6 +14,9 @@
  *                              one HTTP/1.1 GET with "Connection: close", read
  *                              to the server's close, close; prints
  *                              "conns=N bytes=B" (bench/proxy/conn_cost)
+ *   netload requests PORT N    one keep-alive connection, N HTTP/1.1 GETs one
+ *                              after another, each response read whole (by its
+ *                              Content-Length); prints "requests=N bytes=B"
  *
  * Every loop is bounded: sink ends on a signal, bulk on the byte count and a
  * 600 s alarm, idle on HOLD seconds. Exit 1 on any socket error, with a
@@ -282,12 +285,67 @@ static int netload_churn(int port, long long n) {
   return 0;
 }
 
+/* Reads one HTTP response (headers, then Content-Length bytes of body). */
+static long long netload_read_response(int fd) {
+  char buf[4096];
+  size_t have = 0;
+  long long body = -1, total = 0;
+  size_t head = 0;
+  for (;;) {
+    ssize_t r = recv(fd, buf + have, sizeof(buf) - 1 - have, 0);
+    if (r <= 0) {
+      if (r < 0 && errno == EINTR && !netload_stop) continue;
+      netload_die(r == 0 ? "recv (the server closed)" : "recv");
+    }
+    have += (size_t)r;
+    total += r;
+    buf[have] = '\0';
+    if (body < 0) {
+      char *end = strstr(buf, "\r\n\r\n");
+      if (end == NULL) {
+        if (have == sizeof(buf) - 1) { errno = EMSGSIZE; netload_die("response headers"); }
+        continue;
+      }
+      head = (size_t)(end + 4 - buf);
+      char *cl = strcasestr(buf, "\r\ncontent-length:");
+      if (cl == NULL || cl > end) { errno = EPROTO; netload_die("no Content-Length"); }
+      body = strtoll(cl + 18, NULL, 10);
+    }
+    if ((long long)(have - head) >= body) return total;
+  }
+}
+
+/* One keep-alive connection, one request at a time. */
+static int netload_requests(int port, long long n) {
+  static const char req[] = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+  long long bytes = 0;
+  netload_signals();
+  alarm(NETLOAD_BULK_TIMEOUT_S);
+  struct sockaddr_in a = netload_addr(port);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) netload_die("socket");
+  if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) netload_die("connect");
+  for (long long i = 0; i < n && !netload_stop; i++) {
+    if (send(fd, req, sizeof(req) - 1, 0) != (ssize_t)(sizeof(req) - 1)) netload_die("send");
+    bytes += netload_read_response(fd);
+  }
+  close(fd);
+  if (netload_stop) {
+    fprintf(stderr, "netload: requests interrupted\n");
+    return 1;
+  }
+  printf("requests=%lld bytes=%lld\n", n, bytes);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc == 2 && strcmp(argv[1], "port") == 0) return netload_port(1);
   if (argc == 3 && strcmp(argv[1], "port") == 0) return netload_port(netload_parse_count(argv[2]));
   if (argc == 3 && strcmp(argv[1], "sink") == 0) return netload_sink(netload_parse_port(argv[2]));
   if (argc == 4 && strcmp(argv[1], "bulk") == 0)
     return netload_bulk(netload_parse_port(argv[2]), netload_parse_count(argv[3]));
+  if (argc == 4 && strcmp(argv[1], "requests") == 0)
+    return netload_requests(netload_parse_port(argv[2]), netload_parse_count(argv[3]));
   if (argc == 4 && strcmp(argv[1], "churn") == 0)
     return netload_churn(netload_parse_port(argv[2]), netload_parse_count(argv[3]));
   if (argc == 5 && strcmp(argv[1], "idle") == 0)

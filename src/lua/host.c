@@ -194,8 +194,13 @@ static void sl_lua_timeout_hook(lua_State *L, lua_Debug *ar) {
   if (!lua_getstack(L, 0, &d) || !lua_getinfo(L, "Sl", &d)) return;
   if (d.what[0] == 'C' || (h->nlib > 0 && strncmp(d.source, h->lib, h->nlib) == 0)) return;
   /* Raised again every thousand instructions while the same event runs,
-   * in case the stage catches it (pcall) and carries on. */
+   * in case the stage catches it (pcall) and carries on. The containment
+   * that follows is a step of its own: the watchdog does not take it for
+   * the callback still running (and declare the worker stuck), and the
+   * hook keeps to it. */
   lua_sethook(L, sl_lua_timeout_hook, LUA_MASKCOUNT, 1000);
+  SL_LUA_BUMP(&h->step, 1);
+  __atomic_store_n(&h->int_step, h->step, __ATOMIC_RELAXED);
   h->timeouts++;
   lua_pushfstring(L, "%s:%d: ran longer than lua_timeout_ms (%d ms)", d.short_src,
                   d.currentline, h->timeout_ms);

@@ -122,7 +122,8 @@ int sl_lua_host_interrupt(sl_lua_host *h, uint64_t step, pthread_t thread);
 
 /* Any thread, after sl_lua_host_interrupt(h, step): the stage the event of
  * step was delivered to and its callback, as the signal found them. SL_OK,
- * or SL_DECLINED when the signal has not been handled for that step. */
+ * or SL_DECLINED when the signal has not been handled for that step.
+ * stage and cb may be NULL with their lengths 0 (only asking). */
 int sl_lua_host_where(const sl_lua_host *h, uint64_t step, char *stage, size_t slen, char *cb,
                       size_t cblen);
 

@@ -44,7 +44,7 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, uint64_t
          "connections wait; restart sluice", why);
 }
 
-int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, double now,
+int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, int acked, double now,
                       int timeout_ms) {
   if (e->stuck) return SL_WATCHDOG_WAIT;
   if (!e->seen || !busy || step != e->step) {
@@ -60,7 +60,8 @@ int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, double now,
     e->interrupted = 1;
     return SL_WATCHDOG_INTERRUPT;
   }
-  if (age < 2 * limit) return SL_WATCHDOG_WAIT;
+  if (age < 2 * limit || (!acked && age < 2 * limit + SL_WATCHDOG_UNACKED_S))
+    return SL_WATCHDOG_WAIT;
   e->stuck = 1;
   return SL_WATCHDOG_STUCK;
 }
@@ -81,7 +82,8 @@ void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread
     if (h == NULL) continue;
     int busy;
     uint64_t step = sl_lua_host_progress(h, &busy);
-    switch (sl_watchdog_judge(e, busy, step, now, timeout_ms)) {
+    int acked = e->interrupted && sl_lua_host_where(h, step, NULL, 0, NULL, 0) == SL_OK;
+    switch (sl_watchdog_judge(e, busy, step, acked, now, timeout_ms)) {
       case SL_WATCHDOG_INTERRUPT:
         if (sl_lua_host_interrupt(h, step, threads[i]) != SL_OK)
           sl_log(SL_LOG_ERROR, "worker %d: cannot interrupt its Lua: pthread_kill failed", i);

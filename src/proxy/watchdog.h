@@ -49,12 +49,20 @@ double sl_watchdog_period(int timeout_ms);
 
 enum { SL_WATCHDOG_WAIT, SL_WATCHDOG_INTERRUPT, SL_WATCHDOG_STUCK };
 
+/* Seconds past twice lua_timeout_ms after which a worker whose thread has
+ * not handled the interrupt signal yet is declared stuck all the same (a
+ * kernel delivers it at once; valgrind, which runs the threads in turn,
+ * can take seconds). */
+#define SL_WATCHDOG_UNACKED_S 10.0
+
 /* The rule for one worker seen at now (seconds, monotonic) with its step
- * (sl_lua_host_progress; busy: in Lua): SL_WATCHDOG_INTERRUPT once a step
- * has been seen busy for timeout_ms, SL_WATCHDOG_STUCK once it has been
- * for twice that after an interrupt (then never again), else
+ * (sl_lua_host_progress; busy: in Lua); acked: its thread has handled the
+ * interrupt for step (sl_lua_host_where). SL_WATCHDOG_INTERRUPT once a
+ * step has been seen busy for timeout_ms; SL_WATCHDOG_STUCK once it has
+ * been for twice that after an interrupt its thread handled (or
+ * SL_WATCHDOG_UNACKED_S more without), then never again; else
  * SL_WATCHDOG_WAIT. Updates e (zeroed at first). */
-int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, double now,
+int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, int acked, double now,
                       int timeout_ms);
 
 /* Looks at every worker once at now (seconds, monotonic): interrupts the

@@ -8,7 +8,8 @@ local H = require("helpers")
 
 -- Loops for ever on "spin", interpreted (the JIT is off for the module),
 -- holding the buffer it was handed; on "catch", again after catching the
--- error once; on "timer", in a timer once the message has been passed on.
+-- error once; on "timer", in a timer once the message has been passed on;
+-- on "coro", inside a coroutine.
 local SPIN = [[
 jit.off(true, true)
 local function step(n) return n + 1 end
@@ -22,6 +23,7 @@ return {
     if text:find("spin", 1, true) then spin() end
     if text:find("catch", 1, true) then pcall(spin); spin() end
     if text:find("timer", 1, true) then ctx:after(0, spin) end
+    if text:find("coro", 1, true) then coroutine.wrap(spin)() end
     ctx:fire_read(buf)
   end,
 }
@@ -103,10 +105,36 @@ describe("lua_timeout_ms", function()
     assert.are.equal("", c2.recv(100, 20))
     c2.close()
     assert.are.equal("after\n", H.exchange(port, "after\n", 10))
-    assert.are.equal(4, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
+
+    -- Inside a coroutine (the hook runs with the coroutine's state).
+    local c3 = H.connect(port)
+    c3.send("coro\n")
+    assert.are.equal("", c3.recv(100, 20))
+    c3.close()
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    assert.are.equal(5, H.metric(admin, "sluice_lua_timeouts_total", 'worker="0"'))
     assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
     assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", 'worker="0"'))
     assert.are.equal(200, (H.admin_get(admin, "/health")))
+    H.stop_sluice(p)
+  end)
+
+  it("keeps watching while a reload waits for a worker in a long callback", function()
+    local p, port, admin, spin = start("spin", SPIN, 1, 2000)
+    local c = H.connect(port)
+    c.send("spin\n")
+    -- The callback runs 2 s before it is stopped: a reload now waits for it
+    -- (without the watchdog, for ever).
+    H.sleep(0.3)
+    os.execute("kill -HUP " .. p.pid)
+    assert.are.equal("", c.recv(5, 20))
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 20), H.read(p.log))
+    assert.matches("stage " .. spin .. " ran longer than lua_timeout_ms %(2000 ms%)", H.read(p.log))
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
     H.stop_sluice(p)
   end)
 

@@ -113,11 +113,12 @@ static void sl_channel_give(sl_worker *w, sl_channel *ch) {
     free(ch);
     return;
   }
+  /* The link is written after the poison (a 0xde fill with SLUICE_POOL_DEBUG). */
+  SL_POISON(ch, sizeof(*ch));
+  SL_UNPOISON(&ch->next, sizeof(ch->next));
   ch->next = w->spare_channels;
   w->spare_channels = ch;
   w->nspare_channels++;
-  SL_POISON(ch, sizeof(*ch));
-  SL_UNPOISON(&ch->next, sizeof(ch->next));
 }
 
 void sl_channel_spares_free(sl_worker *w) {

@@ -1,6 +1,7 @@
 #include "io/worker.h"
 
 #include <stdlib.h>
+#include <time.h>
 
 #include "alloc/pool.h"
 #include "alloc/arena.h"
@@ -75,7 +76,8 @@ static void sl_worker_on_call(struct ev_loop *loop, ev_async *a, int revents) {
   pthread_mutex_unlock(&w->call_lock);
 }
 
-int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg) {
+int sl_worker_call_ticking(sl_worker *w, sl_worker_call_fn fn, void *arg, void (*tick)(void *ud),
+                           void *ud, double period) {
   pthread_mutex_lock(&w->call_lock);
   w->call_fn = fn;
   w->call_arg = arg;
@@ -83,10 +85,28 @@ int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg) {
   pthread_mutex_unlock(&w->call_lock);
   ev_async_send(w->loop, &w->call_watcher);
   pthread_mutex_lock(&w->call_lock);
-  while (!w->call_done) pthread_cond_wait(&w->call_cond, &w->call_lock);
+  while (!w->call_done) {
+    if (tick == NULL || period <= 0) {
+      pthread_cond_wait(&w->call_cond, &w->call_lock);
+      continue;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long ns = ts.tv_nsec + (long)(period * 1e9);
+    ts.tv_sec += ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    if (pthread_cond_timedwait(&w->call_cond, &w->call_lock, &ts) == 0 || w->call_done) continue;
+    pthread_mutex_unlock(&w->call_lock);
+    tick(ud);
+    pthread_mutex_lock(&w->call_lock);
+  }
   int rc = w->call_rc;
   pthread_mutex_unlock(&w->call_lock);
   return rc;
+}
+
+int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg) {
+  return sl_worker_call_ticking(w, fn, arg, NULL, NULL, 0);
 }
 
 /* Retires the older generations that have no channel left. */

@@ -122,6 +122,12 @@ void sl_worker_wake(sl_worker *w);
  * its result, blocking until then. One caller at a time. */
 int sl_worker_call(sl_worker *w, sl_worker_call_fn fn, void *arg);
 
+/* The same, calling tick(ud) every period seconds while it waits (the main
+ * thread keeps its Lua watchdog running while a reload waits for a worker
+ * that is in a long callback). period <= 0: no ticks. */
+int sl_worker_call_ticking(sl_worker *w, sl_worker_call_fn fn, void *arg, void (*tick)(void *ud),
+                           void *ud, double period);
+
 /* Closes every channel with reason (used when stopping). */
 void sl_worker_close_channels(sl_worker *w, const char *reason);
 

@@ -181,7 +181,9 @@ static void sl_lua_timeout_hook(lua_State *L, lua_Debug *ar) {
   SL_UNUSED(ar);
   struct sl_worker *w = sl_lua_thread_worker;
   sl_lua_host *h = w != NULL ? w->lua : NULL;
-  if (h == NULL || h->L != L) {
+  /* (L is the running coroutine's state, not always h->L: LuaJIT's hooks
+   * are the whole VM's, and a stage may loop inside a coroutine.) */
+  if (h == NULL || h->L == NULL) {
     lua_sethook(L, NULL, 0, 0);
     return;
   }
@@ -230,7 +232,10 @@ static void sl_lua_on_interrupt(int sig) {
   struct sl_worker *w = sl_lua_thread_worker;
   sl_lua_host *h = w != NULL ? w->lua : NULL;
   uint64_t step = h != NULL ? h->step : 0;
-  if (h != NULL && h->L != NULL && h->depth > 0 && !h->hooked &&
+  /* Also when the hook is set already (re-armed every 1000 instructions
+   * after a raise the stage caught): the watchdog learns that this thread
+   * took the interrupt, and the hook runs at every instruction again. */
+  if (h != NULL && h->L != NULL && h->depth > 0 &&
       step == __atomic_load_n(&h->int_step, __ATOMIC_RELAXED)) {
     sl_lua_note_where(h, step);
     h->hooked = 1;

@@ -202,6 +202,26 @@ static void sl_runtime_watch(sl_runtime *rt) {
                    sl_runtime_now(), rt->sets, rt->admin);
 }
 
+/* While a reload waits for a worker: the watchdog goes on, so that a
+ * callback running too long is interrupted (and the worker answers). A
+ * worker found stuck cannot answer: the reload cannot finish, and the main
+ * thread, which reads the signals, would wait for ever; sluice exits as a
+ * stop with a stuck worker does. */
+static void sl_runtime_reload_tick(void *ud) {
+  sl_runtime *rt = ud;
+  sl_runtime_watch(rt);
+  if (rt->watchdog.nstuck > 0) {
+    sl_log(SL_LOG_ERROR, "SIGHUP: a worker is stuck in Lua while the reload waits for it; "
+                         "the reload cannot finish: exiting (3)");
+    _exit(3);
+  }
+}
+
+static int sl_runtime_reload_call(sl_runtime *rt, int i, sl_worker_call_fn fn, void *arg) {
+  double period = rt->cfg ? sl_watchdog_period(rt->cfg->lua_timeout_ms) : 0;
+  return sl_worker_call_ticking(rt->workers[i], fn, arg, sl_runtime_reload_tick, rt, period);
+}
+
 /* Waits for one of the signals in set, ticking the watchdog meanwhile.
  * Returns the signal. */
 static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set) {
@@ -378,12 +398,12 @@ static void sl_runtime_reload(sl_runtime *rt) {
   m.sets = sets;
   int prepared = 0;
   for (; prepared < rt->nthreads; prepared++) {
-    if (sl_worker_call(rt->workers[prepared], sl_runtime_prepare_fn, &m) != SL_OK) break;
+    if (sl_runtime_reload_call(rt, prepared, sl_runtime_prepare_fn, &m) != SL_OK) break;
   }
   if (prepared < rt->nthreads) {
     sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: worker %d: %s",
            prepared, m.err);
-    for (int i = 0; i < prepared; i++) sl_worker_call(rt->workers[i], sl_runtime_abort_fn, &m);
+    for (int i = 0; i < prepared; i++) sl_runtime_reload_call(rt, i, sl_runtime_abort_fn, &m);
     for (size_t i = 0; i < nc->nlisteners; i++)
       if (!sl_runtime_find_set(rt->sets, sets[i]->text)) sl_runtime_free_set(sets[i]);
     goto refused;
@@ -398,7 +418,7 @@ static void sl_runtime_reload(sl_runtime *rt) {
   }
   m.dropped = dropped;
   for (int i = 0; i < rt->nthreads; i++) {
-    if (sl_worker_call(rt->workers[i], sl_runtime_commit_fn, &m) != SL_OK)
+    if (sl_runtime_reload_call(rt, i, sl_runtime_commit_fn, &m) != SL_OK)
       sl_log(SL_LOG_ERROR, "SIGHUP: worker %d: out of memory switching configurations; it "
                            "keeps the one before", i);
   }

@@ -1,8 +1,10 @@
 /*
  * The Lua watchdog's rule (src/proxy/watchdog.c, sl_watchdog_judge): when a
- * worker's callback is interrupted, when its worker is declared stuck, and
- * what starts the clock again. The signal, the hook and the stuck worker's
- * effects run through the real binary in spec/integration/lua_timeout_spec.lua.
+ * worker's callback is interrupted, when its worker is declared stuck, when
+ * it is no longer, and what starts the clock again. The signal, the hook
+ * and the stuck worker's effects (its sockets leaving their groups and
+ * coming back) run through the real binary in
+ * spec/integration/lua_timeout_spec.lua.
  */
 #include "test_util.h"
 
@@ -27,17 +29,29 @@ typedef struct look {
 #define W SL_WATCHDOG_WAIT
 #define I SL_WATCHDOG_INTERRUPT
 #define S SL_WATCHDOG_STUCK
+#define R SL_WATCHDOG_RECOVERED
 
-/* Judges the looks in order on one fresh entry, with lua_timeout_ms 200. */
-static void judge_all(const look *looks, size_t n) {
-  sl_watchdog_entry e = {0};
+/* Judges the looks in order on e, with lua_timeout_ms 200. */
+static void judge_on(sl_watchdog_entry *e, const look *looks, size_t n) {
   for (size_t i = 0; i < n; i++) {
     const look *l = &looks[i];
-    int got = sl_watchdog_judge(&e, l->busy, l->step, l->acked, l->now, 200);
+    int got = sl_watchdog_judge(e, l->busy, l->step, l->acked, l->now, 200);
     if (got != l->verdict)
       fail_msg("look %zu (at %.2f): %d, expected %d", i, l->now, got, l->verdict);
   }
 }
+
+/* The same on one fresh entry. */
+static void judge_all(const look *looks, size_t n) {
+  sl_watchdog_entry e = {0};
+  judge_on(&e, looks, n);
+}
+
+#define JUDGE_ON(e, ...)                                              \
+  do {                                                                \
+    const look looks[] = {__VA_ARGS__};                               \
+    judge_on((e), looks, sizeof(looks) / sizeof(looks[0]));           \
+  } while (0)
 
 #define JUDGE_ALL(...)                                                \
   do {                                                                \
@@ -52,13 +66,43 @@ static void test_first_look(void **state) {
 }
 
 /* A step seen busy is interrupted once timeout_ms after it was first seen,
- * declared stuck at twice that, and never judged again, even once the
- * callback has returned. */
+ * declared stuck at twice that, and then waits for as long as that step is
+ * seen busy. */
 static void test_interrupt_then_stuck(void **state) {
   (void)state;
-  JUDGE_ALL({1, 7, 1, 10.0, W}, {1, 7, 1, 10.15, W}, {1, 7, 1, 10.21, I}, {1, 7, 1, 10.25, W},
-            {1, 7, 1, 10.39, W}, {1, 7, 1, 10.41, S}, {1, 7, 1, 11.0, W}, {0, 9, 1, 12.0, W},
-            {1, 10, 1, 20.0, W});
+  sl_watchdog_entry e = {0};
+  JUDGE_ON(&e, {1, 7, 1, 10.0, W}, {1, 7, 1, 10.15, W}, {1, 7, 1, 10.21, I}, {1, 7, 1, 10.25, W},
+           {1, 7, 1, 10.39, W}, {1, 7, 1, 10.41, S});
+  assert_true(e.stuck);
+  assert_true(e.stuck_at == 10.41);
+  JUDGE_ON(&e, {1, 7, 1, 11.0, W}, {1, 7, 0, 60.0, W}, {1, 7, 1, 3600.0, W});
+  assert_true(e.stuck);
+}
+
+/* A stuck worker seen out of Lua (its C call returned, nothing else to
+ * do), or in Lua at another step (it went on to the next event, or the
+ * interrupt it had missed was raised once its code ran again): no longer
+ * stuck, once; began and stuck_at tell how long it was out; the step seen
+ * then has a clock of its own. */
+static void test_stuck_then_recovered(void **state) {
+  (void)state;
+  sl_watchdog_entry e = {0};
+  JUDGE_ON(&e, {1, 7, 1, 10.0, W}, {1, 7, 1, 10.21, I}, {1, 7, 1, 10.41, S}, {1, 7, 1, 12.0, W},
+           {0, 7, 1, 12.05, R});
+  assert_false(e.stuck);
+  assert_true(e.began == 10.0);
+  assert_true(e.stuck_at == 10.41);
+  JUDGE_ON(&e, {0, 7, 1, 12.1, W}, {1, 8, 1, 13.0, W}, {1, 8, 1, 13.21, I}, {1, 8, 1, 13.41, S},
+           {1, 8, 1, 15.0, W}, {1, 9, 1, 15.05, R});
+  assert_true(e.began == 13.0);
+  assert_true(e.stuck_at == 13.41);
+  /* The step seen when it came back is judged from then on: busy still
+   * 200 ms later, it is interrupted, and stuck again at 400 ms. */
+  JUDGE_ON(&e, {1, 9, 1, 15.2, W}, {1, 9, 1, 15.26, I}, {1, 9, 1, 15.46, S});
+  /* Stuck without its thread having taken the interrupt: the same. */
+  sl_watchdog_entry u = {0};
+  JUDGE_ON(&u, {1, 2, 0, 1.0, W}, {1, 2, 0, 1.21, I}, {1, 2, 0, 11.41, S}, {1, 2, 0, 20.0, W},
+           {1, 3, 0, 20.1, R}, {1, 3, 0, 20.2, W});
 }
 
 /* A new step, or a worker out of Lua, starts the clock again: a busy
@@ -82,6 +126,32 @@ static void test_unacked(void **state) {
   JUDGE_ALL({1, 2, 0, 1.0, W}, {1, 2, 0, 1.21, I}, {1, 2, 0, 1.5, W}, {1, 2, 1, 4.0, S});
 }
 
+/* /health shows the report of the worker stuck first among those still
+ * stuck: when it comes back, the next one's. */
+static void test_reported_is_the_first_still_stuck(void **state) {
+  (void)state;
+  sl_watchdog_entry e[3];
+  memset(e, 0, sizeof(e));
+  sl_watchdog wd = {e, 3, 0, 0};
+  assert_int_equal(sl_watchdog_reported(&wd), -1);
+  JUDGE_ON(&e[2], {1, 1, 1, 1.0, W}, {1, 1, 1, 1.21, I}, {1, 1, 1, 1.41, S});
+  assert_int_equal(sl_watchdog_reported(&wd), 2);
+  JUDGE_ON(&e[0], {1, 5, 1, 1.1, W}, {1, 5, 1, 1.31, I}, {1, 5, 1, 1.51, S});
+  JUDGE_ON(&e[1], {1, 9, 1, 1.2, W}, {1, 9, 1, 1.41, I}, {1, 9, 1, 1.61, S});
+  assert_int_equal(sl_watchdog_reported(&wd), 2);
+  JUDGE_ON(&e[2], {0, 2, 1, 2.0, R});
+  assert_int_equal(sl_watchdog_reported(&wd), 0);
+  JUDGE_ON(&e[0], {1, 6, 1, 2.0, R});
+  assert_int_equal(sl_watchdog_reported(&wd), 1);
+  /* Worker 2 stuck again: after worker 1, which stays first. */
+  JUDGE_ON(&e[2], {1, 3, 1, 3.0, W}, {1, 3, 1, 3.21, I}, {1, 3, 1, 3.41, S});
+  assert_int_equal(sl_watchdog_reported(&wd), 1);
+  JUDGE_ON(&e[1], {0, 9, 1, 4.0, R});
+  assert_int_equal(sl_watchdog_reported(&wd), 2);
+  JUDGE_ON(&e[2], {0, 3, 1, 4.0, R});
+  assert_int_equal(sl_watchdog_reported(&wd), -1);
+}
+
 /* lua_timeout_ms = 0: nothing is ever stopped. */
 static void test_off(void **state) {
   (void)state;
@@ -95,8 +165,10 @@ int main(void) {
       cmocka_unit_test(test_period),
       cmocka_unit_test(test_first_look),
       cmocka_unit_test(test_interrupt_then_stuck),
+      cmocka_unit_test(test_stuck_then_recovered),
       cmocka_unit_test(test_progress_resets),
       cmocka_unit_test(test_unacked),
+      cmocka_unit_test(test_reported_is_the_first_still_stuck),
       cmocka_unit_test(test_off),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -42,7 +42,35 @@ return {
 }
 ]]
 
-local function config(port, admin, mod, workers, timeout)
+-- On "block", waits in a blocking read(2) of a FIFO (opened read-write at
+-- load, so that the open does not wait) until the spec writes a line to
+-- it: a C call through the FFI that the interrupt cannot stop (the kernel
+-- restarts the read after the signal), and that returns when the spec
+-- says. (A sleep would not do: usleep and poll return at the signal, and
+-- the callback is stopped.)
+local BLOCK = [[
+local ffi = require("ffi")
+pcall(ffi.cdef, [=[
+int open(const char *path, int flags);
+long read(int fd, void *buf, unsigned long n);
+int close(int fd);
+]=])
+local C = ffi.C
+local fd = C.open(%q, 2) -- O_RDWR
+assert(fd >= 0, "cannot open the FIFO")
+local keep = ffi.gc(ffi.new("int[1]", fd), function(p) C.close(p[0]) end)
+local line = ffi.new("char[64]")
+return {
+  channel_read = function(ctx, buf)
+    if buf:tostring():find("block", 1, true) and keep[0] >= 0 then
+      C.read(keep[0], line, 64)
+    end
+    ctx:fire_read(buf)
+  end,
+}
+]]
+
+local function config(port, admin, mod, workers, timeout, access_log)
   return ([[
 return {
   workers = %d,
@@ -50,16 +78,29 @@ return {
   drain_timeout_ms = 500,
   listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } },
   admin = { listen = "127.0.0.1:%d" },
+  access_log = %q,
 }
-]]):format(workers, timeout, port, mod, admin)
+]]):format(workers, timeout, port, mod, admin, access_log or "off")
 end
 
 -- Starts sluice on the stage module text (written as name.lua) then the
 -- echo stage. Returns p, port, admin port, the module's name.
-local function start(name, text, workers, timeout)
+local function start(name, text, workers, timeout, access_log)
   local mod = H.tmpfile(name .. ".lua", text):match("([^/]+)%.lua$")
   local port, admin = H.free_port(), H.free_port()
-  return H.start_sluice(config(port, admin, mod, workers, timeout)), port, admin, mod
+  return H.start_sluice(config(port, admin, mod, workers, timeout, access_log)), port, admin, mod
+end
+
+-- The access log's lines by worker ("0", "1"), and those of worker w that
+-- match pattern.
+local function served(access_log, w, pattern)
+  local by, match = {}, 0
+  for line in H.read(access_log):gmatch("[^\n]+") do
+    local id = line:match(" worker=(%d+) ")
+    if id then by[id] = (by[id] or 0) + 1 end
+    if id == w and pattern and line:find(pattern) then match = match + 1 end
+  end
+  return by, match
 end
 
 -- Sends "spin" on a new connection: sluice closes it, nothing echoed.
@@ -83,7 +124,7 @@ describe("lua_timeout_ms", function()
     assert.matches("stage " .. spin .. " ran longer than lua_timeout_ms %(200 ms%) in channel_read on "
                    .. "client [^\n]*: [^\n]*" .. spin .. "%.lua:%d+: ran longer than lua_timeout_ms "
                    .. "%(200 ms%)\nstack traceback:", log)
-    assert.not_matches("stuck", log)
+    assert.not_matches("the worker is stuck", log)
 
     -- The same worker goes on.
     assert.are.equal("after\n", H.exchange(port, "after\n", 10))
@@ -185,5 +226,79 @@ describe("lua_timeout_ms", function()
     assert.matches("worker " .. worker .. " has not stopped", log)
     assert.matches("stopped without its stuck workers %(exit 3%)", log)
     c.close()
+  end)
+
+  it("takes a stuck worker back once its C call returns: health, metrics, new connections, reload",
+     function()
+    local fifo = H.tmpfile("release.fifo")
+    assert(select(2, H.sh("mkfifo " .. H.shq(fifo))) == 0, "mkfifo failed")
+    local released = false
+    local function release()
+      if released then return end
+      released = true
+      -- (Bounded: with no reader left the open would wait.)
+      H.sh("timeout 5 sh -c " .. H.shq("printf 'go\\n' > " .. H.shq(fifo)))
+    end
+    finally(release)
+    local access = H.tmpfile("access.log", "")
+    local p, port, admin, block = start("block", BLOCK:format(fifo), 2, 200, access)
+    assert.are.equal("before\n", H.exchange(port, "before\n", 10))
+
+    local c = H.connect(port)
+    c.send("block\n")
+    local worker = H.wait_for(function()
+      return H.read(p.log):match("worker (%d): stage " .. block .. " has run channel_read for "
+                                 .. "[%d.]+ s and did not stop when interrupted")
+    end, 30)
+    assert.is_truthy(worker, H.read(p.log))
+    local other = worker == "0" and "1" or "0"
+    local status, _, body = H.admin_get(admin, "/health")
+    assert.are.equal(503, status)
+    assert.matches("^stuck: worker " .. worker .. ": stage " .. block .. " has run channel_read", body)
+    assert.are.equal(1, H.metric(admin, "sluice_workers_stuck", nil, 20))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: reload refused: 1 worker is stuck in Lua", 1, true)
+    end, 10), H.read(p.log))
+
+    -- The C call returns: the worker runs again. The interrupt it missed is
+    -- raised in the stage's code once that runs: its connection closes.
+    release()
+    local back = "worker " .. worker .. " is no longer stuck: stage " .. block .. "'s channel_read "
+                 .. "came back after [%d.]+ s, [%d.]+ s of them stuck; its listening sockets take "
+                 .. "new connections again"
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find(back) end, 30), H.read(p.log))
+    assert.are.equal("", c.recv(100, 20))
+    c.close()
+    assert.matches("stage " .. block .. " ran longer than lua_timeout_ms %(200 ms%) in channel_read",
+                   H.read(p.log))
+    assert.are.equal(200, (H.admin_get(admin, "/health")))
+    assert.are.equal(0, H.metric(admin, "sluice_workers_stuck", nil, 20))
+
+    -- Both workers accept new connections (the kernel spreads them by
+    -- address: a few are enough to see both; 40 at most).
+    assert.is_truthy(H.wait_for(function()
+      return select(2, served(access, worker, 'reason="stage ' .. block .. ' failed')) == 1
+    end, 10), H.read(access))
+    local before = served(access)
+    local function both()
+      local now = served(access)
+      return (now[worker] or 0) > (before[worker] or 0) and (now[other] or 0) > (before[other] or 0)
+    end
+    for i = 1, 40 do
+      assert.are.equal("hello " .. i .. "\n", H.exchange(port, "hello " .. i .. "\n", 10))
+      if both() then break end
+    end
+    assert.is_truthy(H.wait_for(both, 5), H.read(access))
+
+    -- A reload goes through now, and the worker serves after it.
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 20), H.read(p.log))
+    assert.are.equal("after\n", H.exchange(port, "after\n", 10))
+    local _, n = H.read(p.log):gsub("is no longer stuck", "")
+    assert.are.equal(1, n)
+    H.stop_sluice(p)
   end)
 end)

@@ -62,8 +62,27 @@ static int sl_listener_pause_at_limit(sl_listener *l) {
   return 1;
 }
 
-void sl_listener_retry_gate(sl_listener *l) {
-  if (l->fd < 0 || !l->at_limit) return;
+/* Does fd listen (an OUT listener's socket put back in its group)? */
+static int sl_listener_listening(int fd) {
+  int v = 0;
+  socklen_t len = sizeof(v);
+  return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &len) == 0 && v != 0;
+}
+
+void sl_listener_retry(sl_listener *l) {
+  if (l->fd < 0) return;
+  if (l->out) {
+    /* (OUT and at_limit never meet: each has the watcher stopped, and only
+     * the watcher's callback sets either.) */
+    if (!sl_listener_listening(l->fd)) return;
+    l->out = 0;
+    sl_log(SL_LOG_INFO, "listener %s: accepting again on worker %d (its socket is back in its "
+           "group)", l->name, l->w->id);
+    /* At the gate's limit meanwhile: the first accept pauses it. */
+    if (!ev_is_active(&l->retry)) ev_io_start(l->w->loop, &l->io);
+    return;
+  }
+  if (!l->at_limit) return;
   if (!sl_listen_gate_has_room(l->gate)) {
     atomic_store(&l->gate->waiting, 1);
     if (!sl_listen_gate_has_room(l->gate)) return;
@@ -99,10 +118,13 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
         return;
       }
       if (e == EINVAL) {
-        /* Shut down by the Lua watchdog (proxy/watchdog.h) while this
-         * worker was stuck: it is out of its group for good. */
-        sl_log(SL_LOG_WARN, "listener %s: no longer listening on this worker (taken out while it "
-               "was stuck)", l->name);
+        /* Withdrawn by the Lua watchdog (proxy/watchdog.h) while this
+         * worker was stuck: OUT until the watchdog puts it back and wakes
+         * the worker (sl_listener_retry). */
+        sl_log(SL_LOG_WARN, "listener %s: not accepting on worker %d: its socket was taken out "
+               "of its group while the worker was stuck (until the worker is no longer)",
+               l->name, l->w->id);
+        l->out = 1;
         ev_io_stop(loop, &l->io);
         return;
       }
@@ -117,7 +139,7 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
 static void sl_listener_on_retry(struct ev_loop *loop, ev_timer *t, int revents) {
   SL_UNUSED(revents);
   sl_listener *l = SL_CONTAINER_OF(t, sl_listener, retry);
-  if (l->fd >= 0 && !l->at_limit) ev_io_start(loop, &l->io);
+  if (l->fd >= 0 && !l->at_limit && !l->out) ev_io_start(loop, &l->io);
 }
 
 int sl_listener_bind(const sl_addr *addr, int reuseport) {
@@ -144,6 +166,10 @@ int sl_listener_bind(const sl_addr *addr, int reuseport) {
   return fd;
 }
 
+int sl_listener_withdraw(int fd) { return shutdown(fd, SHUT_RD) == 0 ? SL_OK : SL_ERROR; }
+
+int sl_listener_rejoin(int fd) { return listen(fd, SL_LISTEN_BACKLOG) == 0 ? SL_OK : SL_ERROR; }
+
 int sl_listener_defer_accept(int fd, int on) {
   int secs = on ? 1 : 0;
   return setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs)) == 0 ? SL_OK : SL_ERROR;
@@ -158,6 +184,7 @@ void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_ga
   l->on_accept = fn;
   l->ud = ud;
   l->at_limit = 0;
+  l->out = 0;
   ev_io_init(&l->io, sl_listener_on_accept, fd, EV_READ);
   ev_timer_init(&l->retry, sl_listener_on_retry, 0., 0.);
   ev_io_start(w->loop, &l->io);

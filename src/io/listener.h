@@ -8,6 +8,12 @@
  * together and enforces its max_connections: a worker that finds the gate
  * full stops its accept watcher (connections wait in the kernel's queue) and
  * is woken when a connection of that address closes.
+ *
+ * A worker stuck in Lua (proxy/watchdog.h) has its sockets taken out of
+ * their SO_REUSEPORT groups by another thread (sl_listener_withdraw): its
+ * accept then fails with EINVAL and the listener goes OUT. Once the worker
+ * runs again, sl_listener_rejoin puts the socket back, and the worker, woken,
+ * resumes accepting (sl_listener_retry).
  */
 #ifndef SL_LISTENER_H
 #define SL_LISTENER_H
@@ -35,13 +41,15 @@ typedef struct sl_listen_gate {
 typedef void (*sl_listener_accept_fn)(sl_listener *l, int fd, const sl_addr *remote);
 
 /* States: STOPPED (fd < 0) -> ACCEPTING <-> PAUSED (at the gate's limit, or
- * out of file descriptors) -> STOPPED. */
+ * out of file descriptors) -> STOPPED; ACCEPTING <-> OUT (its socket was
+ * withdrawn from its group; back once it listens again) -> STOPPED. */
 struct sl_listener {
   ev_io io;
   ev_timer retry;            /* accepting paused after EMFILE/ENFILE */
   struct sl_worker *w;
   int fd;                    /* borrowed: the socket set owns it */
   int at_limit;              /* paused at the gate's limit */
+  int out;                   /* OUT: accept found the socket withdrawn (EINVAL) */
   sl_listen_gate *gate;      /* borrowed */
   sl_listener_accept_fn on_accept;
   void *ud;
@@ -65,9 +73,25 @@ void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_ga
 /* Stops accepting; the socket stays open (its owner closes it). */
 void sl_listener_stop(sl_listener *l);
 
-/* Resumes a listener paused at its gate's limit when there is room again
- * (called on the listener's worker after the gate's wake). */
-void sl_listener_retry_gate(sl_listener *l);
+/* On the listener's worker after a wake: resumes a listener paused at its
+ * gate's limit when there is room again, and one that is OUT once its
+ * socket listens again (sl_listener_rejoin; still withdrawn: it stays
+ * OUT). */
+void sl_listener_retry(sl_listener *l);
+
+/* Any thread: takes the listening socket fd (borrowed) out of its
+ * SO_REUSEPORT group (shutdown for reading): the kernel gives new
+ * connections to the group's other sockets, and resets those waiting in
+ * fd's queue. SL_OK, or SL_ERROR with errno. */
+int sl_listener_withdraw(int fd);
+
+/* Any thread: puts a socket that sl_listener_withdraw took out back into
+ * its group (listen again; its options stay as they were). Its port must
+ * have been given at bind (a port the kernel picked, port 0, is given back
+ * by the withdrawal and another one picked here). The worker accepting on
+ * it resumes after a wake (sl_listener_retry). SL_OK, or SL_ERROR with
+ * errno. */
+int sl_listener_rejoin(int fd);
 
 void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud);
 

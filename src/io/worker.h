@@ -69,7 +69,7 @@ struct sl_worker {
   double drain_timeout;           /* seconds a stop waits for open channels */
   sl_worker_gen *gen;             /* the current generation (NULL: none yet) */
   ev_async stop_watcher;          /* another thread asks the worker to stop */
-  ev_async wake_watcher;          /* a listener gate has room again */
+  ev_async wake_watcher;          /* a listener may accept again (gate room, socket back) */
   ev_async call_watcher;          /* a control call is waiting */
   ev_timer pool_timer;            /* drains returned buffers, trims when idle */
   ev_timer drain_timer;           /* the drain deadline */
@@ -81,7 +81,7 @@ struct sl_worker {
   int call_rc;
   int call_done;
   void (*on_stop)(sl_worker *w);  /* stops accepting */
-  void (*on_wake)(sl_worker *w);  /* retries listeners paused at their limit */
+  void (*on_wake)(sl_worker *w);  /* retries paused listeners (io/listener.h) */
   void (*on_gen_done)(sl_worker *w, sl_worker_gen *g); /* g has no channel left */
   /* Write promises of this worker's channels: err NULL (written) or an
    * SL_PROMISE_* reason. See io/channel.h. NULL: ids are dropped. */

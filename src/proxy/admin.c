@@ -49,7 +49,7 @@ struct sl_admin {
   _Atomic int draining;
   pthread_mutex_t stuck_lock;
   int stuck;                        /* workers stuck in Lua (stuck_lock) */
-  char stuck_why[256];              /* the first one's report (stuck_lock) */
+  char stuck_why[256];              /* the report /health shows (stuck_lock) */
   struct sl_worker **workers;       /* borrowed */
   int nworkers;
   struct sl_alloc *alloc;           /* borrowed */
@@ -348,7 +348,8 @@ void sl_admin_set_draining(sl_admin *a) {
 void sl_admin_set_stuck(sl_admin *a, int n, const char *why) {
   if (a == NULL) return;
   pthread_mutex_lock(&a->stuck_lock);
-  if (a->stuck == 0) snprintf(a->stuck_why, sizeof(a->stuck_why), "%.*s", (int)strcspn(why, "\n"), why);
+  if (why == NULL) why = "";
+  snprintf(a->stuck_why, sizeof(a->stuck_why), "%.*s", (int)strcspn(why, "\n"), why);
   a->stuck = n;
   pthread_mutex_unlock(&a->stuck_lock);
 }

@@ -4,7 +4,7 @@
  * connection (Connection: close), requests of at most 8 KiB:
  *
  *   /health   200 "ok" while running, 503 "draining" after SIGTERM/SIGINT,
- *             503 "stuck: ..." once a worker is stuck in Lua (proxy/watchdog.h)
+ *             503 "stuck: ..." while a worker is stuck in Lua (proxy/watchdog.h)
  *   /metrics  Prometheus text format (docs/operations.md lists the names)
  *   /memory   the memory summary: pool memory by arena and worker, the
  *             live buffers by listener and by the stage holding them, the
@@ -38,8 +38,9 @@ int sl_admin_start(sl_admin *a);
 /* Any thread: /health answers 503 "draining" from now on. */
 void sl_admin_set_draining(sl_admin *a);
 
-/* Any thread: n workers are stuck (proxy/watchdog.h); /health answers 503
- * with why (copied, one line) from now on, /metrics counts them. */
+/* Any thread: n workers are stuck (proxy/watchdog.h), n may be 0 (none
+ * any more); while n > 0 /health answers 503 with why (copied, one line;
+ * the caller picks which stuck worker's report), /metrics counts them. */
 void sl_admin_set_stuck(sl_admin *a, int n, const char *why);
 
 /* Stops the thread (closing open admin connections), frees everything.

@@ -245,6 +245,7 @@ static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set) {
  * some are still running SL_STOP_GRACE_S after the drain deadline (or
  * after a second signal): their threads are left running. */
 static int sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
+  rt->watchdog.stopping = 1; /* a stuck worker that comes back closes its sockets */
   for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
   double give_up = sl_runtime_now() + (rt->cfg ? rt->cfg->drain_timeout : 0) + SL_STOP_GRACE_S;
   while (atomic_load(&rt->nexited) < rt->nthreads) {
@@ -365,10 +366,13 @@ static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
 static void sl_runtime_reload(sl_runtime *rt) {
   sl_reload_msg m;
   memset(&m, 0, sizeof(m));
+  sl_runtime_watch(rt); /* a worker that has just come back is not refused */
   if (rt->watchdog.nstuck > 0) {
     /* A reload waits for every worker: it would wait for ever. */
-    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: %d worker%s stuck in Lua (see above); restart "
-           "sluice", rt->watchdog.nstuck, rt->watchdog.nstuck == 1 ? " is" : "s are");
+    int n = rt->watchdog.nstuck;
+    sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: %d worker%s stuck in Lua (see above); send "
+           "SIGHUP again once %s no longer, or restart sluice", n, n == 1 ? " is" : "s are",
+           n == 1 ? "it is" : "they are");
     return;
   }
   sl_config *nc = sl_config_load(rt->cfg->path, m.err, sizeof(m.err));

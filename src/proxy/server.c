@@ -227,7 +227,7 @@ static void sl_server_on_stop(sl_worker *w) {
 static void sl_server_on_wake(sl_worker *w) {
   if (w->gen == NULL) return;
   sl_server_gen *g = sl_server_gen_of(w->gen);
-  for (size_t i = 0; i < g->cfg->nlisteners; i++) sl_listener_retry_gate(&g->ls[i].l);
+  for (size_t i = 0; i < g->cfg->nlisteners; i++) sl_listener_retry(&g->ls[i].l);
 }
 
 /* ---- life cycle ---- */

@@ -2,8 +2,8 @@
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/socket.h>
 
+#include "io/listener.h"
 #include "io/worker.h"
 #include "lua/host.h"
 #include "proxy/admin.h"
@@ -16,37 +16,81 @@ double sl_watchdog_period(int timeout_ms) {
   return SL_MAX(0.01, SL_MIN(0.25, timeout_ms / 4000.0));
 }
 
-/* Takes worker i's listening sockets out of their groups: the kernel gives
- * their new connections to the other workers' sockets. The descriptors
- * stay open (the worker owns them). */
-static void sl_watchdog_unlisten(int i, struct sl_listen_set *sets) {
+/* Takes worker i's listening sockets out of their groups (out: 1) or
+ * puts them back (out: 0). The descriptors stay open (the worker owns
+ * them). */
+static void sl_watchdog_unlisten(int i, struct sl_listen_set *sets, int out) {
   for (struct sl_listen_set *s = sets; s != NULL; s = s->next) {
-    if (i < s->nfds && s->fds[i] >= 0 && shutdown(s->fds[i], SHUT_RD) != 0)
-      sl_log(SL_LOG_WARN, "worker %d: listener %s: shutdown: %m", i, s->text);
+    if (i >= s->nfds || s->fds[i] < 0) continue;
+    if ((out ? sl_listener_withdraw(s->fds[i]) : sl_listener_rejoin(s->fds[i])) != SL_OK)
+      sl_log(SL_LOG_WARN, "worker %d: listener %s: %s: %m", i, s->text,
+             out ? "shutdown" : "listen");
   }
 }
 
-static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, uint64_t step,
-                                int timeout_ms, double age, struct sl_listen_set *sets,
+int sl_watchdog_reported(const sl_watchdog *wd) {
+  int first = -1;
+  for (int i = 0; i < wd->n; i++) {
+    if (wd->e[i].stuck && (first < 0 || wd->e[i].stuck_at < wd->e[first].stuck_at)) first = i;
+  }
+  return first;
+}
+
+/* Tells admin how many workers are stuck, and which one's report to show. */
+static void sl_watchdog_report(sl_watchdog *wd, struct sl_admin *admin) {
+  int first = sl_watchdog_reported(wd);
+  sl_admin_set_stuck(admin, wd->nstuck, first >= 0 ? wd->e[first].why : NULL);
+}
+
+static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, int timeout_ms,
+                                double now, struct sl_listen_set *sets,
                                 struct sl_admin *admin) {
-  char stage[64] = "?", cb[64] = "?", why[256];
-  sl_lua_host_where(h, step, stage, sizeof(stage), cb, sizeof(cb));
+  sl_watchdog_entry *e = &wd->e[i];
+  snprintf(e->stage, sizeof(e->stage), "?");
+  snprintf(e->cb, sizeof(e->cb), "?");
+  sl_lua_host_where(h, e->step, e->stage, sizeof(e->stage), e->cb, sizeof(e->cb));
   wd->nstuck++;
-  snprintf(why, sizeof(why),
+  snprintf(e->why, sizeof(e->why),
            "worker %d: stage %s has run %s for %.1f s and did not stop when interrupted at "
-           "lua_timeout_ms (%d ms)", i, stage, cb, age, timeout_ms);
+           "lua_timeout_ms (%d ms)", i, e->stage, e->cb, now - e->since, timeout_ms);
   /* Before the line: whoever reads it finds the rest done. */
-  sl_watchdog_unlisten(i, sets);
-  sl_admin_set_stuck(admin, wd->nstuck, why);
+  sl_watchdog_unlisten(i, sets, 1);
+  sl_watchdog_report(wd, admin);
   sl_log(SL_LOG_ERROR,
          "%s: a loop the JIT compiled or a C call that does not return; the worker is stuck: "
          "its listening sockets take no new connections (the other workers do), its open "
-         "connections wait; restart sluice", why);
+         "connections wait until it runs again (a loop that never ends: restart sluice)",
+         e->why);
+}
+
+static void sl_watchdog_recover(sl_watchdog *wd, int i, sl_worker *w, double now,
+                                struct sl_listen_set *sets, struct sl_admin *admin) {
+  const sl_watchdog_entry *e = &wd->e[i];
+  wd->nstuck--;
+  /* Back in their groups before the line (as when declared); the worker
+   * resumes accepting once woken, the kernel queues for it meanwhile. */
+  if (!wd->stopping) {
+    sl_watchdog_unlisten(i, sets, 0);
+    sl_worker_wake(w);
+  }
+  sl_watchdog_report(wd, admin);
+  sl_log(SL_LOG_WARN, "worker %d is no longer stuck: stage %s's %s came back after %.1f s, "
+         "%.1f s of them stuck%s", i, e->stage, e->cb, now - e->began, now - e->stuck_at,
+         wd->stopping ? "" : "; its listening sockets take new connections again");
 }
 
 int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, int acked, double now,
                       int timeout_ms) {
-  if (e->stuck) return SL_WATCHDOG_WAIT;
+  if (e->stuck) {
+    if (busy && step == e->step) return SL_WATCHDOG_WAIT;
+    e->stuck = 0;
+    e->began = e->since;
+    e->seen = 1;
+    e->step = step;
+    e->since = now;
+    e->interrupted = 0;
+    return SL_WATCHDOG_RECOVERED;
+  }
   if (!e->seen || !busy || step != e->step) {
     e->seen = 1;
     e->step = step;
@@ -63,6 +107,7 @@ int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, int acked, 
   if (age < 2 * limit || (!acked && age < 2 * limit + SL_WATCHDOG_UNACKED_S))
     return SL_WATCHDOG_WAIT;
   e->stuck = 1;
+  e->stuck_at = now;
   return SL_WATCHDOG_STUCK;
 }
 
@@ -89,7 +134,10 @@ void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread
           sl_log(SL_LOG_ERROR, "worker %d: cannot interrupt its Lua: pthread_kill failed", i);
         break;
       case SL_WATCHDOG_STUCK:
-        sl_watchdog_declare(wd, i, h, step, timeout_ms, now - e->since, sets, admin);
+        sl_watchdog_declare(wd, i, h, timeout_ms, now, sets, admin);
+        break;
+      case SL_WATCHDOG_RECOVERED:
+        sl_watchdog_recover(wd, i, workers[i], now, sets, admin);
         break;
       default: break;
     }

@@ -18,14 +18,16 @@ double sl_watchdog_period(int timeout_ms) {
 
 /* Takes worker i's listening sockets out of their groups (out: 1) or
  * puts them back (out: 0). The descriptors stay open (the worker owns
- * them). */
-static void sl_watchdog_unlisten(int i, struct sl_listen_set *sets, int out) {
+ * them). Returns how many failed (each logged). */
+static int sl_watchdog_unlisten(int i, struct sl_listen_set *sets, int out) {
+  int failed = 0;
   for (struct sl_listen_set *s = sets; s != NULL; s = s->next) {
     if (i >= s->nfds || s->fds[i] < 0) continue;
-    if ((out ? sl_listener_withdraw(s->fds[i]) : sl_listener_rejoin(s->fds[i])) != SL_OK)
-      sl_log(SL_LOG_WARN, "worker %d: listener %s: %s: %m", i, s->text,
-             out ? "shutdown" : "listen");
+    if ((out ? sl_listener_withdraw(s->fds[i]) : sl_listener_rejoin(s->fds[i])) == SL_OK) continue;
+    sl_log(SL_LOG_WARN, "worker %d: listener %s: %s: %m", i, s->text, out ? "shutdown" : "listen");
+    failed++;
   }
+  return failed;
 }
 
 int sl_watchdog_reported(const sl_watchdog *wd) {
@@ -54,7 +56,7 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, int time
            "worker %d: stage %s has run %s for %.1f s and did not stop when interrupted at "
            "lua_timeout_ms (%d ms)", i, e->stage, e->cb, now - e->since, timeout_ms);
   /* Before the line: whoever reads it finds the rest done. */
-  sl_watchdog_unlisten(i, sets, 1);
+  (void)sl_watchdog_unlisten(i, sets, 1);
   sl_watchdog_report(wd, admin);
   sl_log(SL_LOG_ERROR,
          "%s: a loop the JIT compiled or a C call that does not return; the worker is stuck: "
@@ -66,17 +68,20 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, int time
 static void sl_watchdog_recover(sl_watchdog *wd, int i, sl_worker *w, double now,
                                 struct sl_listen_set *sets, struct sl_admin *admin) {
   const sl_watchdog_entry *e = &wd->e[i];
+  const char *sockets = "";
   wd->nstuck--;
   /* Back in their groups before the line (as when declared); the worker
    * resumes accepting once woken, the kernel queues for it meanwhile. */
   if (!wd->stopping) {
-    sl_watchdog_unlisten(i, sets, 0);
+    sockets = sl_watchdog_unlisten(i, sets, 0) == 0
+                  ? "; its listening sockets take new connections again"
+                  : "; some of its listening sockets could not rejoin their groups (see above)";
     sl_worker_wake(w);
   }
   sl_watchdog_report(wd, admin);
   sl_log(SL_LOG_WARN, "worker %d is no longer stuck: stage %s's %s came back after %.1f s, "
          "%.1f s of them stuck%s", i, e->stage, e->cb, now - e->began, now - e->stuck_at,
-         wd->stopping ? "" : "; its listening sockets take new connections again");
+         sockets);
 }
 
 int sl_watchdog_judge(sl_watchdog_entry *e, int busy, uint64_t step, int acked, double now,

@@ -157,6 +157,10 @@ function H.connect(port)
     return table.concat(got)
   end
   function c.close() ffi.C.close(fd) end
+  function c.shutdown()   -- ends the output: a FIN, the input stays open
+    pcall(ffi.cdef, "int shutdown(int fd, int how);")
+    assert(ffi.C.shutdown(fd, 1) == 0, "shutdown() failed")
+  end
   return c
 end
 

@@ -1274,6 +1274,68 @@ static void *release_all_thread(void *arg) {
   return NULL;
 }
 
+/* A bare block hit while the recycler is empty and other threads have
+ * returned buffers: the block goes back to its bin before the drain (which
+ * may fill that bin), and the allocation starts again. The buffer is sound,
+ * the hit is counted once, the returned buffer's header serves (no new
+ * slot), and the pool ends clean. */
+static void test_bare_hit_with_empty_recycler_drains_returns_first(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  small_config(&cfg, 256 * KiB);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  /* The buffer another thread will release: the same class as the bare
+   * block, so that the drain puts it on top of that bin. */
+  sl_buf *f = sl_buf_alloc(p, 100, 0);
+  sl_buf *b = sl_buf_alloc(p, 100, 0);
+  assert_non_null(f);
+  assert_non_null(b);
+  uint8_t *bare = b->data;
+  sl_buf_release(b);                                  /* parked in the bin */
+  size_t usable;
+  void *m = sl_pool_alloc(p, 100, &usable);           /* its header to the recycler */
+  assert_ptr_equal(m, bare);
+  sl_pool_free(p, m, usable);                         /* back, bare, on top of the bin */
+  sl_buf *other = sl_buf_alloc(p, 5000, 0);           /* takes the recycler's header */
+  assert_non_null(other);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.recycler_size, 0);
+  uint64_t total = st.headers_total;
+
+  release_job job = {.bufs = &f, .n = 1, .tls_seen = p};
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, release_all_thread, &job), 0);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  assert_int_equal(sl_test_stats(p).remote_queued, 1);
+  assert_true(sl_pool_has_returns(p));
+
+  uint64_t hits = sl_test_stats(p).cache_hits;
+  sl_buf *c = sl_buf_alloc(p, 100, 0);
+  assert_non_null(c);
+  assert_false(sl_pool_has_returns(p));               /* drained */
+  st = sl_test_stats(p);
+  assert_int_equal(st.cache_hits, hits + 1);          /* one allocation, one hit */
+  assert_int_equal(st.headers_total, total);          /* the returned header served */
+  assert_int_equal(c->refcnt, 1);
+  assert_ptr_equal(c->root, c);
+  assert_int_equal(c->cap, 100);
+  assert_int_equal(c->flags, 0);
+  /* Whatever the bin gave, the other block is still cached, and both
+   * blocks are distinct and usable. */
+  sl_buf *d = sl_buf_alloc(p, 100, 0);
+  assert_non_null(d);
+  assert_ptr_not_equal(c->data, d->data);
+  assert_true(c->data == bare || d->data == bare);
+  memset(c->data, 0xab, c->cap);
+  memset(d->data, 0xcd, d->cap);
+  sl_buf_release(c);
+  sl_buf_release(d);
+  sl_buf_release(other);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 static void test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly(void **state) {
   (void)state;
   sl_alloc_config cfg;
@@ -2819,7 +2881,8 @@ int main(void) {
       cmocka_unit_test(test_views_take_parked_headers_and_roots_park_clean),
       cmocka_unit_test(test_header_exhaustion_refuses_without_taking_a_block),
       cmocka_unit_test(test_released_header_has_gen_zero_and_live_gen_is_never_zero),
-      cmocka_unit_test(test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly),
+      cmocka_unit_test(test_bare_hit_with_empty_recycler_drains_returns_first),
+    cmocka_unit_test(test_foreign_release_queues_up_to_cap_and_frees_the_rest_directly),
       cmocka_unit_test(test_return_queue_is_bounded_fifo),
       cmocka_unit_test(test_cross_thread_release_keeps_memory_bounded),
       cmocka_unit_test(test_foreign_releases_race_lua_releases_views_and_trims),

@@ -114,8 +114,8 @@ bench_settings() {   # mode
   fi
   read -r -a workloads <<<"${WORKLOADS:-http-small redis-p16 bulk churn idle}"
   all_contenders=(baseline haproxy-1w haproxy-1w-splice haproxy-2w nginx-1w nginx-2w
-                  sluice-1w sluice-1w-splice sluice-1w-lua sluice-1w-guard
-                  sluice-2w sluice-2w-splice sluice-2w-lua sluice-2w-guard)
+                  sluice-1w sluice-1w-splice sluice-1w-nohc sluice-1w-lua sluice-1w-guard
+                  sluice-2w sluice-2w-splice sluice-2w-nohc sluice-2w-lua sluice-2w-guard)
   read -r -a contenders <<<"${CONTENDERS:-${all_contenders[*]}}"
   load_cpus=${LOAD_CPUS:-0}
   proxy_cpus=${PROXY_CPUS:-1}
@@ -273,11 +273,13 @@ bench_contender_workers() {
 
 # Whether a contender belongs on a workload: the RESP guard rows run on
 # redis-p16 only, the splicing rows (HAProxy with splice-auto, sluice with
-# splice = true) on bulk only (where they splice).
+# splice = true) on bulk only (where they splice), the half_close = false
+# rows on churn only (the only workload whose connections end).
 bench_applies() {   # contender workload
   case $1 in
     *-guard) [ "$2" = redis-p16 ] ;;
     *-splice) [ "$2" = bulk ] ;;
+    *-nohc) [ "$2" = churn ] ;;
     *) return 0 ;;
   esac
 }
@@ -377,13 +379,16 @@ EOF
 }
 
 bench_config_sluice() {   # file contender workers upstream-port
-  local stages="" workers="" splice=""
+  local stages="" workers="" extra=""
   case $2 in
     *-lua) stages='"bench.proxy.field_stage"' ;;
     *-guard) stages='"examples.redis_guard"' ;;
     # Splicing on loopback too (the default, "auto", splices only toward
     # peers off loopback, so the plain rows copy).
-    *-splice) splice=" splice = true," ;;
+    *-splice) extra=" splice = true," ;;
+    # The first FIN ends the connection, as nginx's stream proxy does by
+    # default (proxy_half_close off).
+    *-nohc) extra=" half_close = false," ;;
   esac
   [ "$SLUICE_WORKERS" = yes ] && workers="workers = $3, "
   cat >"$1" <<EOF
@@ -391,7 +396,7 @@ return {
   ${workers}log_level = "warn",
   listeners = {
     { name = "bench", listen = "127.0.0.1:$PROXY_PORT", upstream = "origin",
-      pipeline = { $stages },$splice },
+      pipeline = { $stages },$extra },
   },
   upstreams = { origin = { servers = { "127.0.0.1:$4" } } },
 }

@@ -22,14 +22,17 @@ local WORKLOADS = {
     rate = "conn/s", cpu = "CPU s/M conn", cpu_scale = 1e6 },
 }
 local CONTENDERS = { "baseline", "haproxy-1w", "haproxy-1w-splice", "haproxy-2w", "nginx-1w", "nginx-2w",
-                     "sluice-1w", "sluice-1w-splice", "sluice-1w-lua", "sluice-1w-guard",
-                     "sluice-2w", "sluice-2w-splice", "sluice-2w-lua", "sluice-2w-guard" }
+                     "sluice-1w", "sluice-1w-splice", "sluice-1w-nohc", "sluice-1w-lua",
+                     "sluice-1w-guard", "sluice-2w", "sluice-2w-splice", "sluice-2w-nohc",
+                     "sluice-2w-lua", "sluice-2w-guard" }
 local LABELS = {
   baseline = "no proxy", ["haproxy-1w"] = "haproxy 1w", ["haproxy-2w"] = "haproxy 2w",
   ["haproxy-1w-splice"] = "haproxy 1w splice-auto",
   ["nginx-1w"] = "nginx 1w", ["nginx-2w"] = "nginx 2w",
   ["sluice-1w"] = "sluice 1w", ["sluice-1w-splice"] = "sluice 1w splice = true",
   ["sluice-2w-splice"] = "sluice 2w splice = true",
+  ["sluice-1w-nohc"] = "sluice 1w half_close off",
+  ["sluice-2w-nohc"] = "sluice 2w half_close off",
   ["sluice-1w-lua"] = "sluice 1w + Lua stage",
   ["sluice-1w-guard"] = "sluice 1w + RESP guard",
   ["sluice-2w"] = "sluice 2w", ["sluice-2w-lua"] = "sluice 2w + Lua stage",

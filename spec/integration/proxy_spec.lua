@@ -112,6 +112,51 @@ describe("proxying", function()
     H.stop_sluice(p)
   end)
 
+  it("with half_close = false, ends the connection at the upstream's FIN", function()
+    -- The same peer as above (bye, then its output ends, and it keeps
+    -- reading for 30 s); the client keeps its side open, yet the FIN ends
+    -- both connections, with no timeout involved.
+    local peer = H.start_peer("printf bye", nil, "-t 30")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
+      'upstream = "back", half_close = false, idle_timeout_ms = 600000,')))
+    local c = H.connect(port)
+    assert.are.equal("bye", c.recv(3, 10))
+    assert.are.equal("", c.recv(1, 10))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("on front closed: peer closed", 1, true)
+    end, 10), H.read(p.log))
+    c.close()
+    local log = H.stop_sluice(p)
+    assert.matches("upstream 127%.0%.0%.1:%d+ for front closed: eof %(in 3 B, out 0 B", log)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed %(in 0 B, out 3 B", log)
+  end)
+
+  it("with half_close = false, ends the connection at the client's FIN once its bytes are delivered",
+    function()
+      -- The peer stores what it reads and never answers: with a half-close
+      -- the client would wait for it; here the client's FIN closes both
+      -- sides once "hello" reached the peer.
+      local got = H.tmpfile("got.txt")
+      local peer = H.start_peer("cat > " .. H.shq(got) .. "; sleep 30")
+      peers[#peers + 1] = peer
+      local port = H.free_port()
+      local p = H.start_sluice((proxy_config(port, peer.port, '{ "examples.stages.log_chunks" }')
+        :gsub('upstream = "back",', 'upstream = "back", half_close = false,')))
+      local c = H.connect(port)
+      c.send("hello\n")
+      c.shutdown()
+      -- The end of input (a half-close would leave the client waiting for
+      -- the peer, which answers nothing for 30 s).
+      assert.are.equal("", c.recv(1, 10))
+      c.close()
+      assert.is_truthy(H.wait_for(function() return H.read(got) == "hello\n" end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("client 127%.0%.0%.1:%d+ on front closed: eof %(in 6 B, out 0 B", log)
+      assert.matches("upstream 127%.0%.0%.1:%d+ for front closed: peer closed %(in 0 B, out 6 B", log)
+    end)
+
   it("turns TCP keepalive on for both sockets of a connection with tcp_keepalive", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo

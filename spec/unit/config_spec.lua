@@ -118,7 +118,7 @@ describe("sluice.config", function()
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
-            half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
@@ -146,13 +146,13 @@ describe("sluice.config", function()
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
-            half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, idle_timeout_ms = 0, connect_timeout_ms = 0, defer_accept = false, splice = "auto",
-            half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
@@ -709,7 +709,7 @@ describe("sluice.config", function()
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
                          .. "idle_timeout_ms, connect_timeout_ms, defer_accept, splice, "
-                         .. "half_close_timeout_ms, tcp_keepalive)",
+                         .. "half_close, half_close_timeout_ms, tcp_keepalive)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 
@@ -861,6 +861,13 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ splice = "on" }) })))
         assert.are.equal('config error: listeners[1].splice: expected a boolean or "auto", got 1',
                          err_of(conf({ listener({ splice = 1 }) })))
+      end)
+
+      it("take half_close as a boolean, true by default", function()
+        assert.is_true(ok_of(conf({ listener({}) })).listeners[1].half_close)
+        assert.is_false(ok_of(conf({ listener({ half_close = false }) })).listeners[1].half_close)
+        assert.are.equal('config error: listeners[1].half_close: expected a boolean, got "off"',
+                         err_of(conf({ listener({ half_close = "off" }) })))
       end)
 
       it("take half_close_timeout_ms as a positive integer", function()

@@ -507,6 +507,15 @@ static void sl_channel_output_done(sl_channel *ch) {
       sl_channel_close(ch, "eof", 0);
       return;
     }
+    /* half_close = false: the FIN just passed on ends the pair. Its sender
+     * closes once it has written what is queued for it ("eof"), then this
+     * side with its close() ("peer closed"); no shutdown(), and no wait
+     * for this side's own FIN. */
+    sl_channel *p = ch->peer;
+    if ((ch->flags & SL_CH_NO_HALF_CLOSE) && p != NULL && (p->flags & SL_CH_INPUT_CLOSED)) {
+      sl_channel_close_after_flush(p, "eof");
+      return;
+    }
     sl_channel_fin_later(ch);
   }
 }

@@ -87,6 +87,7 @@ enum {
   SL_CH_HAS_PIPE = 0x400000,    /* spl is a pipe from the worker's pool */
   SL_CH_HALF_CLOSED = 0x800000, /* one direction ended: half_close_timeout applies */
   SL_CH_REMOTE_SET = 0x1000000, /* remote is not the socket's peer (sl_channel_set_remote) */
+  SL_CH_NO_HALF_CLOSE = 0x2000000, /* its listener's half_close is false: a FIN ends the pair */
 };
 
 /* Why a write promise failed (static strings, compared by value). */

@@ -60,6 +60,7 @@ static void sl_bridge_on_connect(sl_channel *up) {
   }
   const sl_listener_cfg *lc = client != NULL ? sl_server_listener_cfg(client) : NULL;
   if (lc != NULL) {
+    if (!lc->half_close) up->flags |= SL_CH_NO_HALF_CLOSE;
     sl_server_tcp_keepalive(up, lc);
     if (lc->splice != SL_SPLICE_OFF && sl_bridge_alone(&client->pipe)) {
       int all = lc->splice == SL_SPLICE_ON;
@@ -123,7 +124,9 @@ static void sl_bridge_writability(sl_ctx *ctx, int writable) {
 
 static void sl_bridge_user_event(sl_ctx *ctx, int event) {
   if (event == SL_UEV_INPUT_CLOSED) {
-    /* Half-close: the FIN follows everything queued before it. */
+    /* Half-close: the FIN follows everything queued before it. A listener
+     * with half_close = false ends the pair once it is sent
+     * (sl_channel_output_done). */
     sl_channel *peer = sl_ctx_channel(ctx)->peer;
     if (peer) sl_channel_shutdown_output(peer);
     return;

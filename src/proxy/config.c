@@ -243,6 +243,9 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     if (lua_type(L, -1) == LUA_TSTRING) l->splice = SL_SPLICE_AUTO;   /* "auto" (checked) */
     else l->splice = lua_toboolean(L, -1) ? SL_SPLICE_ON : SL_SPLICE_OFF;
     lua_pop(L, 1);
+    lua_getfield(L, lt, "half_close");
+    l->half_close = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     l->half_close_timeout = sl_num_field(L, lt, "half_close_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "tcp_keepalive");
     if (lua_istable(L, -1)) {   /* milliseconds, rounded up to the seconds TCP takes */

@@ -81,6 +81,7 @@ typedef struct sl_listener_cfg {
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
   int splice;                  /* SL_SPLICE_*: may pass-through connections splice (io/splice.h) */
+  int half_close;              /* 1: a FIN is passed on; 0: the first FIN ends both sides */
   double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
   int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
   int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the

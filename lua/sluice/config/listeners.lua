@@ -38,6 +38,11 @@
 --                     bytes socket to socket with splice(2), without
 --                     copying them; "auto" splices only into a peer that
 --                     is not on the loopback interface
+--     half_close      optional boolean, default true: a FIN from either
+--                     side is passed on and the other direction goes on
+--                     (a half-close); false: the first FIN ends the
+--                     connection (each side closes once it has written
+--                     what is queued for it)
 --     half_close_timeout_ms optional positive integer: once one direction
 --                     has ended (a FIN either way), the idle timeout of the
 --                     client connection becomes this when shorter; default
@@ -57,7 +62,7 @@
 -- pipeline = { stage entries }, low_water_mark, high_water_mark,
 -- outbound_limit, write_spin_count, max_bytes_per_gathering_write (or nil:
 -- adaptive), max_connections, idle_timeout_ms, connect_timeout_ms,
--- defer_accept, splice, half_close_timeout_ms, tcp_keepalive (false or
+-- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
 -- { idle_ms, interval_ms, count }, 0: the system's) } }
 
 local _M = {}
@@ -88,7 +93,8 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
                         "max_connections", "idle_timeout_ms", "connect_timeout_ms",
-                        "defer_accept", "splice", "half_close_timeout_ms", "tcp_keepalive" }
+                        "defer_accept", "splice", "half_close", "half_close_timeout_ms",
+                        "tcp_keepalive" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
 local MAX_KEEPALIVE_MS = 32767000  -- TCP_KEEPIDLE and TCP_KEEPINTVL take up to 32767 s
 local MAX_KEEPALIVE_COUNT = 127
@@ -187,6 +193,9 @@ local function check_listener(l, path, ctx)
     if l.splice ~= nil and type(l.splice) ~= "boolean" and l.splice ~= "auto" then
         fail(path .. ".splice", 'expected a boolean or "auto", got %s', show(l.splice))
     end
+    if l.half_close ~= nil and type(l.half_close) ~= "boolean" then
+        fail(path .. ".half_close", "expected a boolean, got %s", show(l.half_close))
+    end
     local half_close_timeout_ms = check_positive_int(l.half_close_timeout_ms,
                                                      path .. ".half_close_timeout_ms", 0)
     local keepalive = check_keepalive(l.tcp_keepalive, path .. ".tcp_keepalive")
@@ -210,6 +219,7 @@ local function check_listener(l, path, ctx)
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
         splice = l.splice == nil and "auto" or l.splice,
+        half_close = l.half_close ~= false,
         half_close_timeout_ms = half_close_timeout_ms,
         tcp_keepalive = keepalive,
     }

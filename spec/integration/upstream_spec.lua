@@ -266,7 +266,7 @@ describe("upstreams", function()
     local b = peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { dead, b.port },
-      "max_fails = 0, health_check = { interval_ms = 500, timeout_ms = 500, fails = 1, passes = 2 }"))
+      "max_fails = 0, health_check = { interval_ms = 1000, timeout_ms = 1000, fails = 1, passes = 2 }"))
     local down = H.wait_for(function()
       return H.read(p.log):find("upstream back: server 127.0.0.1:" .. dead .. " is down (health check: 1 failed in a row, last: Connection refused)", 1, true)
     end, 10)

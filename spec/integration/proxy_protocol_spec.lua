@@ -235,7 +235,7 @@ return {
   workers = 1,
   listeners = { { name = "outer", listen = "127.0.0.1:%d", upstream = "inner" } },
   upstreams = { inner = { servers = { "127.0.0.1:%d" }, send_proxy = "v2",
-                          health_check = { interval_ms = 200, timeout_ms = 200, fails = 1,
+                          health_check = { interval_ms = 1000, timeout_ms = 1000, fails = 1,
                                            send = "ping\n", expect = "ping" } } },
 }
 ]]):format(front, back))

@@ -157,6 +157,24 @@ describe("proxying", function()
       assert.matches("upstream 127%.0%.0%.1:%d+ for front closed: peer closed %(in 0 B, out 6 B", log)
     end)
 
+  it("with half_close = false, delivers 16 MiB the upstream sent before its FIN", function()
+        local sent = H.tmpfile("sent.bin")
+        local peer = H.start_peer(("head -c %d /dev/urandom | tee %s"):format(16 * 1024 * 1024,
+                                                                          H.shq(sent)), nil, "-t 30")
+        peers[#peers + 1] = peer
+        local port = H.free_port()
+        local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
+          'upstream = "back", half_close = false,')))
+        local c = H.connect(port)
+        local got = c.recv(16 * 1024 * 1024 + 1, 60)   -- everything, then the end of input
+        c.close()
+        assert.are.equal(16 * 1024 * 1024, #got)
+        assert.are.equal(digest(sent), digest(H.tmpfile("got.bin", got)))
+        local log = H.stop_sluice(p)
+        assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed %(in 0 B, out 16777216 B",
+                       log)
+      end)
+
   it("turns TCP keepalive on for both sockets of a connection with tcp_keepalive", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo

@@ -86,6 +86,32 @@ describe("splicing", function()
     assert.matches(("closed: eof %%(in %d B, out %d B"):format(32 * MiB, 32 * MiB), m.log)
   end)
 
+  it("with half_close = false, ends both connections at the upstream's FIN after the last spliced byte",
+    function()
+      -- The peer sends 16 MiB and ends its output, and keeps reading; the
+      -- client keeps its own side open: the FIN alone ends the pair.
+      local sent = H.tmpfile("sent.bin")
+      local peer = H.start_peer(("head -c %d /dev/urandom | tee %s"):format(16 * MiB, H.shq(sent)),
+                                nil, "-t 30")
+      peers[#peers + 1] = peer
+      local port, admin = H.free_port(), H.free_port()
+      local p = H.start_sluice(config(port, admin, peer.port, "half_close = false"))
+      local c = H.connect(port)
+      local got = c.recv(16 * MiB + 1, 60)   -- everything, then the end of input
+      assert.are.equal(16 * MiB, #got)
+      assert.are.equal(digest(sent), digest(H.tmpfile("got.bin", got)))
+      assert.is_truthy(H.wait_for(function()
+        return H.metric(admin, "sluice_connections_open", 'listener="front"') == 0
+      end, 10))
+      local spliced = H.metric(admin, "sluice_spliced_bytes_total", 'worker="0"')
+      c.close()
+      local log = H.stop_sluice(p)
+      assert.is_true(spliced > 0 and spliced <= 16 * MiB, tostring(spliced))
+      assert.matches("upstream 127%.0%.0%.1:%d+ for front closed: eof %(in 16777216 B", log)
+      assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed %(in 0 B, out 16777216 B",
+                     log)
+    end)
+
   it("does not splice with splice = false", function()
     local m = echo_run("splice = false", 8 * MiB)
     assert.are.equal(0, m.spliced)

@@ -266,7 +266,7 @@ describe("upstreams", function()
     local b = peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { dead, b.port },
-      "max_fails = 0, health_check = { interval_ms = 500, timeout_ms = 500, fails = 1, passes = 2 }"))
+      "max_fails = 0, health_check = { interval_ms = 1000, timeout_ms = 1000, fails = 1, passes = 2 }"))
     local down = H.wait_for(function()
       return H.read(p.log):find("upstream back: server 127.0.0.1:" .. dead .. " is down (health check: 1 failed in a row, last: Connection refused)", 1, true)
     end, 10)
@@ -296,7 +296,9 @@ describe("upstreams", function()
     for _, q in ipairs({ closes, chatty, silent }) do peers[#peers + 1] = q end
     local port = H.free_port()
     local p = H.start_sluice(config(port, { redis.port, closes.port, chatty.port, silent.port },
-      [[max_fails = 0, tries = 1, health_check = { interval_ms = 500, timeout_ms = 400, fails = 1,
+      -- A timeout long enough that a loaded machine never fails the redis-server
+      -- (the silent peer sleeps longer than it).
+      [[max_fails = 0, tries = 1, health_check = { interval_ms = 2500, timeout_ms = 2000, fails = 1,
         send = "PING\r\n", expect = "+PONG" }]]))
     local function down(q, why)
       return H.wait_for(function()

@@ -138,7 +138,7 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ch->w = w;
   ch->fd = fd;
   ch->refs = 1;
-  ch->flags = SL_CH_AUTOREAD;
+  ch->flags = SL_CH_AUTOREAD | (cfg->no_half_close ? SL_CH_NO_HALF_CLOSE : 0);
   ch->owned.name = ch->desc;
   ch->started = ev_now(w->loop);
   ch->last_active = ch->started;

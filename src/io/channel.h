@@ -110,6 +110,7 @@ typedef struct sl_channel_config {
   size_t outbound_limit;           /* 0: SL_OUTQ_DEFAULT_LIMIT */
   size_t max_bytes_per_gathering_write; /* 0: adaptive, from 2 x SO_SNDBUF */
   uint32_t write_spin_count;       /* 0: SL_OUTQ_DEFAULT_SPIN */
+  int no_half_close;               /* 1: SL_CH_NO_HALF_CLOSE (a listener's half_close = false) */
 } sl_channel_config;
 
 struct sl_channel {

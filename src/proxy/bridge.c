@@ -60,7 +60,6 @@ static void sl_bridge_on_connect(sl_channel *up) {
   }
   const sl_listener_cfg *lc = client != NULL ? sl_server_listener_cfg(client) : NULL;
   if (lc != NULL) {
-    if (!lc->half_close) up->flags |= SL_CH_NO_HALF_CLOSE;
     sl_server_tcp_keepalive(up, lc);
     if (lc->splice != SL_SPLICE_OFF && sl_bridge_alone(&client->pipe)) {
       int all = lc->splice == SL_SPLICE_ON;

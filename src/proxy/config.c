@@ -422,4 +422,5 @@ void sl_listener_channel_config(const sl_listener_cfg *l, sl_channel_config *out
   out->outbound_limit = l->outbound_limit;
   out->max_bytes_per_gathering_write = l->max_bytes_per_gathering_write;
   out->write_spin_count = l->write_spin_count;
+  out->no_half_close = !l->half_close;
 }

@@ -124,7 +124,6 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   if (!sl_channel_is_closed(ch)) {
     sl_channel_set_idle_timeout(ch, lc->idle_timeout);
     sl_channel_set_half_close_timeout(ch, lc->half_close_timeout);
-    if (!lc->half_close) ch->flags |= SL_CH_NO_HALF_CLOSE;
     sl_server_tcp_keepalive(ch, lc);
     if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
     sl_channel_activate(ch);

@@ -65,11 +65,36 @@ static void test_same_host(void **state) {
   assert_false(sl_addr_same_host((const struct sockaddr *)&un, (const struct sockaddr *)&un));
 }
 
+/* The system's resolver: localhost from /etc/hosts, a numeric host as
+ * itself, each address once. (Names that do not resolve, and names of a
+ * hosts file of its own: spec/integration/resolve_spec.lua.) */
+static void test_resolve(void **state) {
+  (void)state;
+  char text[SL_ADDR_RESOLVE_MAX][46];
+  int family[SL_ADDR_RESOLVE_MAX], n = -1;
+  const char *why = NULL;
+  assert_int_equal(sl_addr_resolve("localhost", text, family, &n, &why), SL_OK);
+  assert_true(n >= 1);
+  int v4 = 0;
+  for (int i = 0; i < n; i++) {
+    if (family[i] == AF_INET && strcmp(text[i], "127.0.0.1") == 0) v4++;
+    assert_true(family[i] == AF_INET || family[i] == AF_INET6);
+    for (int j = 0; j < i; j++)
+      assert_false(family[i] == family[j] && strcmp(text[i], text[j]) == 0);
+  }
+  assert_int_equal(v4, 1);
+  assert_int_equal(sl_addr_resolve("192.0.2.7", text, family, &n, &why), SL_OK);
+  assert_int_equal(n, 1);
+  assert_int_equal(family[0], AF_INET);
+  assert_string_equal(text[0], "192.0.2.7");
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_parse_and_format),
       cmocka_unit_test(test_loopback),
       cmocka_unit_test(test_same_host),
+      cmocka_unit_test(test_resolve),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -16,6 +16,11 @@
 --   opts.builtin    set of stage names implemented in C: { [name] = true }
 --   opts.instruction_limit  Lua instructions a load or validation may run,
 --                   optional (default 100 million; see sluice.config.sandbox)
+--   opts.resolve    function(name) -> array of { host, family = "inet" or
+--                   "inet6" }, or nil, why: the addresses of a host name
+--                   given as an upstream server (sluice passes the system's
+--                   resolver, src/proxy/config.c); optional, without it
+--                   host names are refused
 --
 -- Errors. On failure `load` and `validate` return nil and exactly one line:
 --
@@ -85,6 +90,9 @@ local function check_opts(opts, level)
     if opts.builtin ~= nil and type(opts.builtin) ~= "table" then
         error("bad 'opts.builtin' argument (table expected)", level + 1)
     end
+    if opts.resolve ~= nil and type(opts.resolve) ~= "function" then
+        error("bad 'opts.resolve' argument (function expected)", level + 1)
+    end
     local limit = opts.instruction_limit
     if limit ~= nil and (type(limit) ~= "number" or limit < 1 or limit % 1 ~= 0) then
         error("bad 'opts.instruction_limit' argument (positive integer expected)", level + 1)
@@ -101,6 +109,7 @@ local function validate(tbl, opts)
     local ctx = {
         search_path = search_path,
         builtin = opts.builtin or {},
+        resolve = opts.resolve,
         modules = {},     -- module name -> { kind, file }
         names = {},       -- listener name -> path of the listener using it
         addresses = {},   -- listen text -> path of the listener using it

@@ -1090,9 +1090,92 @@ describe("sluice.config", function()
         assert.are.equal('config error: upstreams.demo.servers[2]: expected "host:port" or '
                          .. '{ "host:port", weight = n }, got 8000',
                          uerr({ demo = { servers = { "127.0.0.1:1", 8000 } } }))
-        assert.are.equal('config error: upstreams["my-up"].servers[1]: expected "host:port" with host an IPv4 '
-                         .. 'address, [IPv6 address] or localhost, got "db.internal:5432"',
-                         uerr({ ["my-up"] = { servers = { "db.internal:5432" } } }))
+        for _, bad in ipairs({ "db_internal:5432", "-db.internal:5432", "db..internal:5432",
+                               "db-.internal:5432", "1.2.3:5432", "256.1.1.1:5432",
+                               ("x"):rep(64) .. ".internal:5432" }) do
+          assert.are.equal('config error: upstreams["my-up"].servers[1]: expected "host:port" with host an '
+                           .. 'IPv4 address, [IPv6 address], localhost or a host name, got "' .. bad .. '"',
+                           uerr({ ["my-up"] = { servers = { bad } } }))
+        end
+      end)
+
+      describe("given by host name", function()
+        -- What a resolver answers here (sluice passes the system's: these
+        -- specs check what the validation makes of the answers).
+        local HOSTS = {
+          ["db.internal"] = { { host = "10.0.0.5", family = "inet" },
+                              { host = "fd00::5", family = "inet6" } },
+          ["cache"] = { { host = "10.0.0.9", family = "inet" } },
+          ["also-db."] = { { host = "10.0.0.5", family = "inet" } },
+        }
+        local asked = {}
+        local RESOLVING = {
+          config_dir = FIX, builtin = OPTS.builtin,
+          resolve = function(name)
+            asked[#asked + 1] = name
+            if HOSTS[name] then return HOSTS[name] end
+            return nil, "Name or service not known"
+          end,
+        }
+        local function ups(upstreams, opts)
+          return conf({ listener({ upstream = NONE, pipeline = { "stages.pass" } }) },
+                      { upstreams = upstreams }), opts or RESOLVING
+        end
+
+        it("become one server per address, each with the entry's weight and its name", function()
+          asked = {}
+          local cfg = ok_of(ups({ demo = { servers = { { "db.internal:5432", weight = 3 },
+                                                        "cache:6379", "10.0.0.7:5432" } } }))
+          local a, b, c = addr("10.0.0.5", 5432), addr("fd00::5", 5432, "inet6"), addr("10.0.0.9", 6379)
+          a.weight, a.name = 3, "db.internal:5432"
+          b.weight, b.name = 3, "db.internal:5432"
+          c.weight, c.name = 1, "cache:6379"
+          local d = addr("10.0.0.7", 5432)
+          d.weight = 1
+          assert.are.same({ a, b, c, d }, cfg.upstreams.demo.servers)
+          assert.are.equal(4, cfg.upstreams.demo.tries)   -- every address
+          assert.are.same({ "db.internal", "cache" }, asked)
+        end)
+
+        it("count every address for tries", function()
+          assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 2 } }))
+            .upstreams.demo.tries)
+          assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 2 (the number "
+                           .. "of servers), got 3",
+                           err_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 3 } })))
+        end)
+
+        it("fail with the resolver's message, naming the entry", function()
+          assert.are.equal('config error: upstreams.demo.servers[2]: cannot resolve "nowhere.internal": '
+                           .. "Name or service not known",
+                           err_of(ups({ demo = { servers = { "cache:1", "nowhere.internal:1" } } })))
+          assert.are.equal('config error: upstreams.demo.servers[1][1]: cannot resolve "nowhere": '
+                           .. "Name or service not known",
+                           err_of(ups({ demo = { servers = { { "nowhere:1", weight = 2 } } } })))
+        end)
+
+        it("are refused without a resolver", function()
+          assert.are.equal('config error: upstreams.demo.servers[1]: cannot resolve "cache": host names are '
+                           .. "resolved by sluice itself (this validation has no resolver)",
+                           err_of(ups({ demo = { servers = { "cache:1" } } }, OPTS)))
+        end)
+
+        it("may not give an address twice, nor may addresses", function()
+          assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
+                           .. '"also-db.:5432" (10.0.0.5:5432), which upstreams.demo.servers[1] has already',
+                           err_of(ups({ demo = { servers = { "db.internal:5432", "also-db.:5432" } } })))
+          assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
+                           .. '"127.0.0.1:1", which upstreams.demo.servers[1] has already',
+                           err_of(ups({ demo = { servers = { "localhost:1", "127.0.0.1:1" } } })))
+          -- The same address in two upstreams is fine.
+          ok_of(ups({ a = { servers = { "cache:1" } }, b = { servers = { "cache:1" } } }))
+        end)
+
+        it("are not listening addresses", function()
+          assert.are.equal('config error: listeners[1].listen: expected "host:port" with host an IPv4 '
+                           .. 'address, [IPv6 address], localhost or *, got "cache:7000"',
+                           err_of(conf({ listener({ listen = "cache:7000" }) }), RESOLVING))
+        end)
       end)
 
       it("need servers to connect to, not wildcards", function()

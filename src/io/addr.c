@@ -1,6 +1,8 @@
 #include "io/addr.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
@@ -82,4 +84,39 @@ char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
     snprintf(out, outlen, "?");
   }
   return out;
+}
+
+int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const char **why) {
+  struct addrinfo hints, *res = NULL;
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_ADDRCONFIG;
+  *n = 0;
+  int rc = getaddrinfo(name, NULL, &hints, &res);
+  if (rc != 0) {
+    *why = rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc);
+    return SL_ERROR;
+  }
+  for (struct addrinfo *ai = res; ai != NULL && *n < SL_ADDR_RESOLVE_MAX; ai = ai->ai_next) {
+    const void *a;
+    if (ai->ai_family == AF_INET) a = &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr;
+    else if (ai->ai_family == AF_INET6)
+      a = &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr;
+    else continue;
+    char text[46];
+    if (inet_ntop(ai->ai_family, a, text, sizeof(text)) == NULL) continue;
+    int dup = 0;
+    for (int i = 0; i < *n && !dup; i++) dup = family[i] == ai->ai_family && strcmp(out[i], text) == 0;
+    if (dup) continue;
+    memcpy(out[*n], text, sizeof(text));
+    family[*n] = ai->ai_family;
+    (*n)++;
+  }
+  freeaddrinfo(res);
+  if (*n == 0) {
+    *why = "no IPv4 or IPv6 address";
+    return SL_ERROR;
+  }
+  return SL_OK;
 }

@@ -24,4 +24,15 @@ int sl_addr_is_loopback(const struct sockaddr *sa);
  * IPv4 address and its IPv4-mapped form are not the same). */
 int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b);
 
+#define SL_ADDR_RESOLVE_MAX 64   /* addresses kept per name */
+
+/* The addresses of host name `name` for TCP, as the system's resolver
+ * finds them (getaddrinfo: /etc/hosts, DNS, as nsswitch.conf says), in its
+ * order, each once, IPv4 and IPv6 (AI_ADDRCONFIG: a family only when the
+ * machine has an address of it): their texts ("10.0.0.5", "fd00::5", no
+ * brackets) into out[0..*n) and their families (AF_INET, AF_INET6) into
+ * family, at most SL_ADDR_RESOLVE_MAX. Blocks until the resolver answers.
+ * SL_OK, or SL_ERROR with *why the resolver's message (static storage). */
+int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const char **why);
+
 #endif

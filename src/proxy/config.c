@@ -10,10 +10,12 @@
 #include <unistd.h>
 
 #include "buf/leak.h"
+#include "io/addr.h"
 #include "io/channel.h"
 #include "lua/host.h"
 #include "pipeline/stages.h"
 #include "util/common.h"
+#include "util/log.h"
 
 #ifndef SLUICE_ROOT_DIR
 #define SLUICE_ROOT_DIR "."
@@ -151,10 +153,12 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, siz
     u->nservers = lua_objlen(L, -1);
     u->servers = calloc(u->nservers, sizeof(*u->servers));
     u->server_text = calloc(u->nservers, sizeof(char *));
+    u->server_name = calloc(u->nservers, sizeof(char *));
     u->weights = calloc(u->nservers, sizeof(int));
     for (size_t j = 0; j < u->nservers; j++) {
       lua_rawgeti(L, -1, (int)j + 1);
       u->weights[j] = (int)sl_num_field(L, lua_gettop(L), "weight");
+      u->server_name[j] = sl_strdup_field(L, lua_gettop(L), "name");   /* NULL: an address */
       if (sl_read_addr(L, lua_gettop(L), &u->servers[j], &u->server_text[j]) != SL_OK) {
         snprintf(err, errlen, "config error: upstreams.%s.servers[%zu]: unusable address", u->name,
                  j + 1);
@@ -275,6 +279,31 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
   return SL_OK;
 }
 
+/* opts.resolve for sluice.config (lua/sluice/config.lua): the addresses of
+ * a host name given as an upstream server, as an array of { host, family =
+ * "inet" or "inet6" }, or nil and the resolver's message. */
+static int sl_config_resolve(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  char text[SL_ADDR_RESOLVE_MAX][46];
+  int family[SL_ADDR_RESOLVE_MAX], n = 0;
+  const char *why = NULL;
+  if (sl_addr_resolve(name, text, family, &n, &why) != SL_OK) {
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, text[i]);
+    lua_setfield(L, -2, "host");
+    lua_pushstring(L, family[i] == AF_INET6 ? "inet6" : "inet");
+    lua_setfield(L, -2, "family");
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
 sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   sl_config *c = calloc(1, sizeof(*c));
   lua_State *L = luaL_newstate();
@@ -321,6 +350,8 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
     lua_setfield(L, -2, *n);
   }
   lua_setfield(L, -2, "builtin");
+  lua_pushcfunction(L, sl_config_resolve);
+  lua_setfield(L, -2, "resolve");
   if (lua_pcall(L, 2, 2, 0) != 0 || lua_isnil(L, -2)) {
     snprintf(err, errlen, "%s", lua_tostring(L, -1));
     sl_config_free(c);
@@ -382,7 +413,9 @@ void sl_config_free(sl_config *c) {
   for (size_t i = 0; c->upstreams && i < c->nupstreams; i++) {
     sl_upstream_cfg *u = &c->upstreams[i];
     for (size_t j = 0; u->server_text && j < u->nservers; j++) free(u->server_text[j]);
+    for (size_t j = 0; u->server_name && j < u->nservers; j++) free(u->server_name[j]);
     free(u->server_text);
+    free(u->server_name);
     free(u->servers);
     free(u->weights);
     free(u->health.send);
@@ -423,4 +456,24 @@ void sl_listener_channel_config(const sl_listener_cfg *l, sl_channel_config *out
   out->max_bytes_per_gathering_write = l->max_bytes_per_gathering_write;
   out->write_spin_count = l->write_spin_count;
   out->no_half_close = !l->half_close;
+}
+
+void sl_config_log_resolved(const sl_config *c) {
+  for (size_t i = 0; i < c->nupstreams; i++) {
+    const sl_upstream_cfg *u = &c->upstreams[i];
+    for (size_t j = 0; j < u->nservers; j++) {
+      const char *name = u->server_name[j];
+      if (name == NULL || (j > 0 && u->server_name[j - 1] != NULL &&
+                           strcmp(u->server_name[j - 1], name) == 0))
+        continue;   /* an address, or a name already said */
+      char all[1024];
+      size_t used = 0;
+      for (size_t k = j; k < u->nservers && u->server_name[k] != NULL &&
+                         strcmp(u->server_name[k], name) == 0 && used < sizeof(all);
+           k++)
+        used += (size_t)snprintf(all + used, sizeof(all) - used, "%s%s", k > j ? ", " : "",
+                                 u->server_text[k]);
+      sl_log(SL_LOG_INFO, "upstream %s: %s is %s", u->name, name, all);
+    }
+  }
 }

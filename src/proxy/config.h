@@ -47,6 +47,7 @@ typedef struct sl_upstream_cfg {
   char *name;
   sl_addr *servers;
   char **server_text;
+  char **server_name;          /* per server: the "host:port" it was resolved from, or NULL */
   int *weights;                /* per server, >= 1 */
   size_t nservers;
   double connect_timeout;      /* seconds */
@@ -136,6 +137,10 @@ void sl_config_unref(sl_config *c);
 
 /* The channel settings of a connection accepted by l (or made for it to
  * its upstream): water marks, outbound limit, write limits. */
+/* Logs, at info, what each upstream server given as a host name resolved
+ * to ("upstream db: db.internal:6379 is 10.0.0.5:6379, 10.0.0.6:6379"). */
+void sl_config_log_resolved(const sl_config *c);
+
 void sl_listener_channel_config(const sl_listener_cfg *l, struct sl_channel_config *out);
 
 #endif

@@ -438,6 +438,7 @@ static void sl_runtime_reload(sl_runtime *rt) {
   sl_config_unref(rt->cfg);
   rt->cfg = nc;
   sl_runtime_open_logs(rt, nc, 0);
+  sl_config_log_resolved(nc);
   sl_log(SL_LOG_INFO,
          "SIGHUP: configuration reloaded from %s: %zu listener%s (%zu kept, %zu added, %zu "
          "removed); open connections keep the configuration they started with",
@@ -585,6 +586,7 @@ int sl_runtime_run(sl_config *cfg) {
     sl_config_unref(cfg);
     return 1;
   }
+  sl_config_log_resolved(cfg);
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const sl_listener_cfg *l = &cfg->listeners[i];
     sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,

@@ -3,11 +3,14 @@
 --
 --   "host:port": IPv4 (dotted quad, no leading zeros), [IPv6] (in brackets;
 --   "::" compression and an IPv4 tail allowed, no zone ids), localhost
---   (becomes 127.0.0.1), or for a listening address * / 0.0.0.0 / [::];
---   port 1-65535.
+--   (becomes 127.0.0.1), for a listening address * / 0.0.0.0 / [::], and
+--   for an address to connect to a host name (letters, digits, "-" and
+--   "." in labels of 1 to 63, 253 at most, not all digits; a final "."
+--   allowed), which sluice.config.upstreams resolves; port 1-65535.
 --
 -- Normalized: address = { host (no brackets), port, text ("h:p" or
--- "[h6]:p"), family = "inet" or "inet6" }; IPv6 hosts in RFC 5952 form.
+-- "[h6]:p"), family = "inet" or "inet6" }; IPv6 hosts in RFC 5952 form. A
+-- host name: { name, port, text = "name:port", family = "name" }.
 
 local _M = {}
 
@@ -96,6 +99,21 @@ local function parse_ipv6(s)
            .. concat(text, ":", best_at + best_len, 8)
 end
 
+-- Whether s is a host name: dot-separated labels of letters, digits and
+-- "-" (not first or last), 1 to 63 bytes each, 253 in all (a final dot
+-- aside), and not only digits and dots (that is a malformed IPv4 address).
+local function is_host_name(s)
+    local bare = s:gsub("%.$", "")
+    if #bare == 0 or #bare > 253 or not bare:find("[%a%-]") then return false end
+    for label in (bare .. "."):gmatch("([^.]*)%.") do
+        if #label == 0 or #label > 63 or label:find("[^%w%-]")
+           or label:find("^%-") or label:find("%-$") then
+            return false
+        end
+    end
+    return true
+end
+
 -- Parses a "host:port" string. `listen` allows the wildcard hosts `*` and
 -- 0.0.0.0 (and [::]); servers may not use them.
 -- Returns { host, port, text, family } or nil, <what was expected>.
@@ -125,6 +143,8 @@ local function parse_address(s, listen)
         host, family = "127.0.0.1", "inet"
     elseif host == "*" then
         host, family = "0.0.0.0", "inet"
+    elseif not listen and not parse_ipv4(host) and is_host_name(host) then
+        return { name = host, port = port, text = format("%s:%d", host, port), family = "name" }
     else
         host, family = parse_ipv4(host), "inet"
     end
@@ -133,7 +153,7 @@ local function parse_address(s, listen)
     elseif not host then
         return nil, expected .. (listen
             and " with host an IPv4 address, [IPv6 address], localhost or *"
-            or " with host an IPv4 address, [IPv6 address] or localhost")
+            or " with host an IPv4 address, [IPv6 address], localhost or a host name")
     end
     if not listen and (host == "0.0.0.0" or host == "::") then
         return nil, expected .. " with a host to connect to (not *, 0.0.0.0 or [::])"

@@ -100,7 +100,7 @@ function _M.check(t, ctx)
     end
     local lua_timeout_ms = check_count(t.lua_timeout_ms, "lua_timeout_ms",
                                        DEFAULT_LUA_TIMEOUT_MS, MAX_INT)
-    local upstreams, names = check_upstreams(t.upstreams)
+    local upstreams, names = check_upstreams(t.upstreams, ctx.resolve)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,

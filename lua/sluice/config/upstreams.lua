@@ -3,7 +3,10 @@
 --
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
---                        or { "host:port", weight = 1..1000 } (weight 1)
+--                        or { "host:port", weight = 1..1000 } (weight 1); a
+--                        host name becomes one server per address it
+--                        resolves to (ctx.resolve), each with the entry's
+--                        weight; an address may appear once per upstream
 --     balance            optional "round_robin" (default), "least_conn",
 --                        "hash" (on the client address) or "random_two"
 --     connect_timeout_ms optional positive integer, default 5000
@@ -21,7 +24,7 @@
 -- above (servers in array order), send_proxy last.
 --
 -- Normalized: upstreams = { [name] = { name, servers = { address with
--- weight }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
+-- weight, and for a resolved host name its "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
 -- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
 -- expect }, send_proxy (1, 2 or nil) } }, and the sorted list of the names.
 
@@ -56,8 +59,32 @@ local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "e
 
 local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n }'
 
--- Returns the normalized server at `path`: an address with its weight.
-local function check_server(v, path)
+-- The addresses of the host name in addr (family "name"), by
+-- resolve(name): a non-empty array of { host, family }, or nil and why.
+local function resolve_name(addr, path, resolve)
+    if resolve == nil then
+        fail(path, "cannot resolve %s: host names are resolved by sluice itself (this "
+             .. "validation has no resolver)", show(addr.name))
+    end
+    local found, why = resolve(addr.name)
+    if type(found) ~= "table" or found[1] == nil then
+        fail(path, "cannot resolve %s: %s", show(addr.name),
+             found == nil and tostring(why or "no address") or "no address")
+    end
+    local out = {}
+    for i, a in ipairs(found) do
+        local text = a.family == "inet6" and format("[%s]:%d", a.host, addr.port)
+                     or format("%s:%d", a.host, addr.port)
+        out[i] = address.check(text, path, false)
+        out[i].name = addr.text
+    end
+    return out
+end
+
+-- Appends the normalized servers of the entry at `path` to out: an address
+-- with its weight, or one per address of a host name. seen: address text ->
+-- the path of the entry that has it.
+local function check_server(v, path, out, seen, resolve)
     local text, weight = v, 1
     if type(v) == "table" then
         local extra = sorted_keys(v, function(k) return k ~= 1 and k ~= "weight" end)
@@ -76,8 +103,17 @@ local function check_server(v, path)
         fail(path, "expected %s, got %s", SERVER_EXPECTED, show(v))
     end
     local addr = address.check(text, path, false)
-    addr.weight = weight
-    return addr
+    local addrs = addr.family == "name" and resolve_name(addr, path, resolve) or { addr }
+    for _, a in ipairs(addrs) do
+        local other = seen[a.text]
+        if other then
+            fail(path, "expected each address once, got %s%s, which %s has already",
+                 show(text), a.name and (" (" .. a.text .. ")") or "", other)
+        end
+        seen[a.text] = path
+        a.weight = weight
+        out[#out + 1] = a
+    end
 end
 
 -- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
@@ -127,7 +163,7 @@ local function check_send_proxy(v, path)
 end
 
 -- Returns the normalized upstream `name`.
-local function check_upstream(name, up, path)
+local function check_upstream(name, up, path, resolve)
     if type(up) ~= "table" then
         fail(path, "expected a table { servers = { \"host:port\", ... } }, got %s", show(up))
     end
@@ -137,9 +173,9 @@ local function check_upstream(name, up, path)
     if type(servers) ~= "table" or next(servers) == nil then
         fail(spath, 'expected a non-empty array of "host:port" strings, got %s', show(servers))
     end
-    local out = {}
+    local out, seen = {}, {}
     for i = 1, check_array(servers, spath) do
-        out[i] = check_server(servers[i], format("%s[%d]", spath, i))
+        check_server(servers[i], format("%s[%d]", spath, i), out, seen, resolve)
     end
     local balance = up.balance
     if balance == nil then
@@ -172,7 +208,9 @@ local function check_upstream(name, up, path)
 end
 
 -- Returns the normalized upstreams table and the sorted list of their names.
-function _M.check(ups)
+-- resolve: the resolver for host names (sluice.config's opts.resolve), or
+-- nil (host names are then refused).
+function _M.check(ups, resolve)
     if ups == nil then return {}, {} end
     if type(ups) ~= "table" then
         fail("upstreams", "expected a table of upstreams keyed by name, got %s", show(ups))
@@ -184,7 +222,7 @@ function _M.check(ups)
             fail(path, 'expected an upstream name made of letters, digits, "_", "-" and ".", got %s',
                  show(name))
         end
-        out[name] = check_upstream(name, ups[name], path)
+        out[name] = check_upstream(name, ups[name], path, resolve)
     end
     return out, names
 end

@@ -1,0 +1,139 @@
+-- Upstream servers given by host name, through the real binary and the
+-- system's resolver (getaddrinfo). sluice runs in a mount namespace of its
+-- own (unshare) where /etc/hosts is a file of the spec's and
+-- /etc/resolv.conf names no server, so the names and their addresses are
+-- the spec's, on loopback, and nothing leaves the machine.
+local H = require("helpers")
+
+-- Whether this machine lets a process have a mount namespace of its own.
+local function namespaces_work()
+  local _, rc = H.sh("unshare -rm sh -c 'mount --bind /dev/null /etc/resolv.conf' 2>/dev/null")
+  return rc == 0
+end
+
+-- Runs `cmd` (a shell command line) with /etc/hosts from hosts_path and an
+-- empty /etc/resolv.conf; exec keeps the PID, so signals reach sluice.
+local function in_namespace(hosts_path, cmd)
+  local resolv = H.tmpfile("resolv.conf", "")
+  return ("unshare -rm sh -c %s"):format(H.shq(("mount --bind %s /etc/hosts && mount --bind %s "
+    .. "/etc/resolv.conf && exec %s"):format(H.shq(hosts_path), H.shq(resolv), cmd)))
+end
+
+local function sluice_cmd(cfg)
+  return ("env SLUICE_ROOT=%s %s %s -c %s"):format(H.shq(H.root), H.wrapper, H.shq(H.bin),
+                                                  H.shq(cfg))
+end
+
+local function start(hosts_path, config_text)
+  local cfg = H.tmpfile("sluice.lua", config_text)
+  local p = H.spawn(in_namespace(hosts_path, sluice_cmd(cfg)), "sluice")
+  assert(H.wait_for(function()
+    return H.read(p.log):find("started with", 1, true) or not H.alive(p)
+  end, 30) and H.alive(p), "sluice did not start:\n" .. H.read(p.log))
+  p.config = cfg
+  return p
+end
+
+local function config(port, servers, extra)
+  local list = {}
+  for i, s in ipairs(servers) do list[i] = ("%q"):format(s) end
+  return ([[
+return {
+  workers = 1,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { %s }, %s } },
+}
+]]):format(port, table.concat(list, ", "), extra or "")
+end
+
+describe("upstream servers given by host name", function()
+  local peers = H.killed_after_each()
+  local usable = namespaces_work()
+
+  -- A peer that answers with its name, then closes.
+  local function peer(name)
+    local p = H.start_peer("printf " .. name)
+    peers[#peers + 1] = p
+    return p
+  end
+
+  it("are resolved at start, each name's address serving in turn", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local a, b = peer("A"), peer("B")
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 alpha.sluice.test\n"
+                                     .. "127.0.0.1 beta.sluice.test\n")
+    local port = H.free_port()
+    local p = start(hosts, config(port, { "alpha.sluice.test:" .. a.port,
+                                          "beta.sluice.test:" .. b.port }))
+    local seen = {}
+    for _ = 1, 4 do
+      local out = H.exchange(port, "", 10)
+      seen[out] = (seen[out] or 0) + 1
+    end
+    local log = H.stop_sluice(p)
+    assert.are.same({ A = 2, B = 2 }, seen, log)
+    assert.matches(("upstream back: alpha.sluice.test:%d is 127.0.0.1:%d"):format(a.port, a.port),
+                   log, 1, true)
+    assert.matches(("upstream back: beta.sluice.test:%d is 127.0.0.1:%d"):format(b.port, b.port),
+                   log, 1, true)
+  end)
+
+  it("are resolved again at each reload, and a name that no longer resolves refuses it", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local a = peer("A")
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 alpha.sluice.test\n")
+    local port = H.free_port()
+    local p = start(hosts, config(port, { "alpha.sluice.test:" .. a.port }))
+    assert.are.equal("A", (H.exchange(port, "", 10)))
+    -- The name goes away: the file is rewritten in place (the mount follows
+    -- the file, not its name), and the reload is refused.
+    local f = assert(io.open(hosts, "w"))
+    f:write("127.0.0.1 localhost\n")
+    f:close()
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("reload refused", 1, true)
+    end, 10), H.read(p.log))
+    assert.matches('upstreams.back.servers[1]: cannot resolve "alpha.sluice.test"', H.read(p.log), 1,
+                   true)
+    assert.are.equal("A", (H.exchange(port, "", 10)))   -- the old configuration serves on
+    -- The name is back, for another port: the reload takes it.
+    local b = peer("B")
+    f = assert(io.open(hosts, "w"))
+    f:write("127.0.0.1 localhost\n127.0.0.1 alpha.sluice.test\n")
+    f:close()
+    local cfg = assert(io.open(p.config, "w"))
+    cfg:write(config(port, { "alpha.sluice.test:" .. b.port }))
+    cfg:close()
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.equal("B", (H.exchange(port, "", 10)))
+    local log = H.stop_sluice(p)
+    assert.matches(("upstream back: alpha.sluice.test:%d is 127.0.0.1:%d"):format(b.port, b.port),
+                   log, 1, true)
+  end)
+
+  it("that do not resolve stop the start and --check with exit 2, naming the key", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n")
+    local cfg = H.tmpfile("bad.lua", config(H.free_port(), { "127.0.0.1:1", "nowhere.sluice.test:80" }))
+    for _, flag in ipairs({ "--check", "-c" }) do
+      local out, rc = H.sh(in_namespace(hosts, ("env SLUICE_ROOT=%s %s %s %s 2>&1"):format(
+        H.shq(H.root), H.wrapper, H.shq(H.bin), flag) .. " " .. H.shq(cfg)))
+      assert.are.equal(2, rc, out)
+      assert.matches('config error: upstreams.back.servers[2]: cannot resolve "nowhere.sluice.test": ',
+                     out, 1, true)
+    end
+  end)
+end)

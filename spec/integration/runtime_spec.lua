@@ -153,6 +153,74 @@ return {
     H.stop_sluice(p)
   end)
 
+  it("closes a client's connection beyond max_connections_per_client at once, over all workers",
+    function()
+      local port, admin = H.free_port(), H.free_port()
+      local alog = H.tmpfile("access.log")
+      local function conf(limit)
+        return ([[
+return {
+  workers = 2,
+  access_log = %q,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "capped", listen = "127.0.0.1:%d", max_connections_per_client = %d,
+                  pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(alog, admin, port, limit)
+      end
+      local p = H.start_sluice(conf(2))
+      local function echoing(c, text)
+        c.send(text)
+        return c.recv(#text, 10) == text
+      end
+      -- Every connection comes from 127.0.0.1: two are served (on either
+      -- worker), the third is closed as soon as it is accepted.
+      local a, b = H.connect(port), H.connect(port)
+      assert.is_true(echoing(a, "a"))
+      assert.is_true(echoing(b, "b"))
+      for _ = 1, 3 do
+        local c = H.connect(port)
+        assert.are.equal("", c.recv(1, 10))
+        c.close()
+      end
+      assert.are.equal(3, H.metric(admin, "sluice_connections_limited_total", 'listener="capped"'))
+      assert.are.equal(2, H.metric(admin, "sluice_connections_open", 'listener="capped"'))
+      -- One leaves: there is room for one more, not two.
+      a.close()
+      assert.is_truthy(H.wait_for(function()
+        return H.metric(admin, "sluice_connections_open", 'listener="capped"') == 1
+      end, 10))
+      local c = H.connect(port)
+      assert.is_true(echoing(c, "c"))
+      local d = H.connect(port)
+      assert.are.equal("", d.recv(1, 10))
+      d.close()
+      -- A reload raises the limit: the listener keeps its counts.
+      local f = assert(io.open(p.config, "w"))
+      f:write(conf(3))
+      f:close()
+      H.sh("kill -HUP " .. p.pid)
+      assert.is_truthy(H.wait_for(function()
+        return H.read(p.log):find("configuration reloaded", 1, true)
+      end, 10), H.read(p.log))
+      local e = H.connect(port)
+      assert.is_true(echoing(e, "e"))
+      local g = H.connect(port)
+      assert.are.equal("", g.recv(1, 10))
+      g.close()
+      for _, x in ipairs({ b, c, e }) do x.close() end
+      assert.is_truthy(H.wait_for(function()
+        return H.metric(admin, "sluice_connections_open", 'listener="capped"') == 0
+      end, 10))
+      local log = H.stop_sluice(p)
+      local _, refused = log:gsub("on capped closed: max_connections_per_client %(2 open%)", "")
+      assert.are.equal(4, refused, log)
+      assert.matches("on capped closed: max_connections_per_client %(3 open%)", log)
+      local lines = H.read(alog)
+      local _, n = lines:gsub('reason="max_connections_per_client', "")
+      assert.are.equal(5, n, lines)
+    end)
+
   it("closes a connection idle for idle_timeout_ms with the reason idle_timeout", function()
     local port = H.free_port()
     local alog = H.tmpfile("access.log")

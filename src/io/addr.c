@@ -120,3 +120,20 @@ int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const
   }
   return SL_OK;
 }
+
+void sl_addr_key_of(const struct sockaddr *sa, sl_addr_key *k) {
+  memset(k, 0, sizeof(*k));
+  if (sa->sa_family == AF_INET) {
+    k->family = AF_INET;
+    memcpy(k->addr, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+  } else if (sa->sa_family == AF_INET6) {
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(a)) {
+      k->family = AF_INET;
+      memcpy(k->addr, &a->s6_addr[12], 4);
+    } else {
+      k->family = AF_INET6;
+      memcpy(k->addr, a, 16);
+    }
+  }
+}

@@ -2,6 +2,7 @@
 #ifndef SL_ADDR_H
 #define SL_ADDR_H
 
+#include <stdint.h>
 #include <sys/socket.h>
 
 typedef struct sl_addr {
@@ -23,6 +24,17 @@ int sl_addr_is_loopback(const struct sockaddr *sa);
 /* Whether a and b are the same IPv4 or IPv6 address (ports aside; an
  * IPv4 address and its IPv4-mapped form are not the same). */
 int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b);
+
+/* An IP address as a key (ports aside): family (AF_INET, AF_INET6; 0:
+ * neither) and its bytes (4 or 16, the rest zero). An IPv4-mapped IPv6
+ * address is its IPv4 one. */
+typedef struct sl_addr_key {
+  uint8_t family;
+  uint8_t addr[16];
+} sl_addr_key;
+
+/* The key of sa's address. */
+void sl_addr_key_of(const struct sockaddr *sa, sl_addr_key *k);
 
 #define SL_ADDR_RESOLVE_MAX 64   /* addresses kept per name */
 

@@ -129,6 +129,8 @@ struct sl_channel {
   sl_channel *prev, *next;   /* the worker's channel list */
   sl_channel *fin_next;      /* the worker's fin_list, while SL_CH_FIN_PENDING */
   sl_addr remote;
+  sl_addr_key limit_key;     /* the client address its listener's max_connections_per_client
+                                counted it under (family 0: not counted) */
   uint8_t recv_index;        /* adaptive receive size: index in the table */
   uint32_t mem_retries;      /* reads refused for want of buffer memory in a row (one log
                                 line when it starts, one when it ends) */

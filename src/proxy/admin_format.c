@@ -138,7 +138,7 @@ static void sl_prom_worker(sl_text *o, const char *metric, int worker, uint64_t 
     SL_EACH_SNAP(r, s) sl_prom_worker(o, name, s->worker, (expr));   \
   } while (0)
 
-enum { SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES };
+enum { SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES, SL_L_LIMITED };
 
 static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
   SL_EACH_SNAP(r, s) {
@@ -153,6 +153,7 @@ static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
       row->v[SL_L_OUTQ] += l->outq_bytes;
       row->v[SL_L_BUFS] += l->held_bufs;
       row->v[SL_L_BYTES] += l->held_bytes;
+      row->v[SL_L_LIMITED] += l->limited;
     }
   }
 }
@@ -170,6 +171,9 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
       {"sluice_outbound_queued_bytes", "gauge",
        "Bytes waiting in the outbound queues of a listener's connections (client and upstream "
        "side), with the per-entry overhead."},
+      {"sluice_connections_limited_total", "counter",
+       "Client connections closed at once because their address had "
+       "max_connections_per_client open, by listener (counted in sluice_connections_total too)."},
   };
   for (size_t k = 0; k < sizeof(m) / sizeof(m[0]); k++) {
     sl_prom_head(o, m[k].name, m[k].type, m[k].help);
@@ -179,7 +183,8 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
                    : k == 1 ? v[SL_L_OPENED]
                    : k == 2 ? v[SL_L_IN]
                    : k == 3 ? v[SL_L_OUT]
-                            : v[SL_L_OUTQ];
+                   : k == 4 ? v[SL_L_OUTQ]
+                            : v[SL_L_LIMITED];
       sl_prom_named(o, m[k].name, "listener", g.rows[i].key, x);
     }
   }

@@ -238,6 +238,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->max_bytes_per_gathering_write =
         (size_t)sl_num_field(L, lt, "max_bytes_per_gathering_write"); /* nil: 0 */
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
+    l->max_per_client = (uint32_t)sl_num_field(L, lt, "max_connections_per_client");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     l->connect_timeout = sl_num_field(L, lt, "connect_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "defer_accept");

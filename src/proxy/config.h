@@ -78,6 +78,7 @@ typedef struct sl_listener_cfg {
   size_t max_bytes_per_gathering_write; /* 0: adaptive */
   uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
+  uint32_t max_per_client;     /* max_connections_per_client, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */

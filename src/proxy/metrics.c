@@ -40,6 +40,7 @@ struct sl_metrics_server {
 typedef struct sl_metrics_lis {
   char *name;
   uint64_t opened, closed, bytes_in, bytes_out;   /* closed connections' bytes */
+  uint64_t limited;              /* closed at once by max_connections_per_client */
 } sl_metrics_lis;
 
 typedef struct sl_metrics_named {
@@ -114,6 +115,11 @@ uint16_t sl_metrics_listener(sl_worker *w, const char *name) {
 void sl_metrics_client_opened(sl_worker *w, uint16_t li) {
   sl_metrics *m = w->metrics;
   if (m && li > 0) m->listeners[li - 1].opened++;
+}
+
+void sl_metrics_client_limited(sl_worker *w, uint16_t li) {
+  sl_metrics *m = w->metrics;
+  if (m && li > 0) m->listeners[li - 1].limited++;
 }
 
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, sl_channel *ch) {
@@ -455,6 +461,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     sl_metrics_copy_name(o->name, l->name);
     o->opened = l->opened;
     o->closed = l->closed;
+    o->limited = l->limited;
     o->bytes_in = l->bytes_in;
     o->bytes_out = l->bytes_out;
   }

@@ -58,6 +58,7 @@ typedef struct sl_metrics_server sl_metrics_server;
 typedef struct sl_metrics_listener_snap {
   char name[SL_METRICS_NAME];
   uint64_t opened, closed;       /* client connections accepted, closed */
+  uint64_t limited;              /* of those, closed at once by max_connections_per_client */
   uint64_t bytes_in, bytes_out;  /* from and to clients, closed and open connections */
   uint64_t outq_bytes;           /* pending in the outbound queues of its connections */
   uint64_t held_bufs, held_bytes;/* live buffers of its connections (memory summary) */
@@ -162,6 +163,8 @@ uint16_t sl_metrics_listener(sl_worker *w, const char *name);
  * bytes are added to the listener's). */
 void sl_metrics_client_opened(sl_worker *w, uint16_t li);
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, struct sl_channel *ch);
+/* One of them was closed at once: its client had max_connections_per_client open. */
+void sl_metrics_client_limited(sl_worker *w, uint16_t li);
 
 /* The server `server` of `upstream`: returns a reference (found, or added
  * with zero counts), NULL without metrics or on ENOMEM (hooks take NULL). */

@@ -106,6 +106,7 @@ static void sl_runtime_free_set(sl_listen_set *set) {
   for (int i = 0; i < set->nfds; i++)
     if (set->fds[i] >= 0) close(set->fds[i]);
   free(set->fds);
+  sl_client_limit_free(&set->clients);
   free(set);
 }
 
@@ -128,6 +129,7 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
   set->nfds = rt->nworkers;
   for (int i = 0; i < rt->nworkers; i++) fds[i] = -1;
   sl_listen_gate_init(&set->gate, lc->max_connections, sl_runtime_wake_all, rt);
+  sl_client_limit_init(&set->clients, lc->max_per_client);
   int reuseport = rt->nworkers > 1;
   int probe = reuseport ? sl_listener_bind(&lc->addr, 0) : 0;
   if (probe >= 0 && reuseport) close(probe);

@@ -89,8 +89,29 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
 static void sl_server_on_client_close(sl_channel *ch) {
   sl_server_listener *sl = ch->ud;
   sl_listen_gate_leave(&sl->set->gate);
+  if (ch->limit_key.family != 0) sl_client_limit_leave(&sl->set->clients, &ch->limit_key);
   sl_metrics_client_closed(ch->w, ch->mlistener, ch);
   sl_server_access_log(ch, sl);
+}
+
+/* max_connections_per_client: counts ch under its client's address (the
+ * socket's peer, before any PROXY protocol header), or closes it at once
+ * when that address has the limit open already (SL_ERROR). */
+static int sl_server_client_enter(sl_server_listener *sl, sl_channel *ch, const sl_addr *remote) {
+  sl_addr_key k;
+  sl_addr_key_of((const struct sockaddr *)&remote->ss, &k);
+  switch (sl_client_limit_enter(&sl->set->clients, &k)) {
+    case SL_CLIENT_COUNTED: ch->limit_key = k; return SL_OK;
+    case SL_CLIENT_REFUSED: {
+      char why[64];
+      snprintf(why, sizeof(why), "max_connections_per_client (%u open)",
+               (unsigned)atomic_load(&sl->set->clients.max));
+      sl_metrics_client_limited(ch->w, sl->metrics);
+      sl_channel_close(ch, why, 0);
+      return SL_ERROR;
+    }
+    default: return SL_OK;   /* not counted: no limit now, or out of memory */
+  }
 }
 
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
@@ -110,6 +131,7 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   ch->mlistener = sl->metrics;
   ch->mclient = 1;
   sl_metrics_client_opened(w, sl->metrics);
+  if (lc->max_per_client > 0 && sl_server_client_enter(sl, ch, remote) != SL_OK) return;
   /* A stage's added callback may close the channel (a deny list, an error):
    * the reference keeps it alive until the build stops. */
   sl_channel_ref(ch);
@@ -189,6 +211,7 @@ static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
     sl_server_listener *sl = &g->ls[i];
     sl->metrics = sl_metrics_listener(w, sl->lc->name);
     atomic_store(&sl->set->gate.max, sl->lc->max_connections);
+    atomic_store(&sl->set->clients.max, sl->lc->max_per_client);
     sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
                       sl_server_on_accept, sl);
   }

@@ -23,6 +23,7 @@
 
 #include "io/addr.h"
 #include "io/listener.h"
+#include "proxy/client_limit.h"
 
 struct sl_worker;
 struct sl_config;
@@ -34,6 +35,7 @@ typedef struct sl_listen_set {
   int *fds;                    /* one per worker; a worker closes its own when dropped */
   int nfds;
   sl_listen_gate gate;
+  sl_client_limit clients;     /* connections per client address (max_connections_per_client) */
   struct sl_listen_set *next;  /* the runtime's list */
 } sl_listen_set;
 

@@ -24,6 +24,10 @@
 --     max_connections optional positive integer: open client connections
 --                     of this listener (all workers together) at which
 --                     accepting pauses; default 0 (no limit)
+--     max_connections_per_client optional positive integer: open client
+--                     connections of this listener from one IP address
+--                     (all workers together); one more is closed at once
+--                     ("max_connections_per_client"); default 0 (no limit)
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
@@ -61,7 +65,8 @@
 -- Normalized: listeners = { { name, listen = address, upstream (or nil),
 -- pipeline = { stage entries }, low_water_mark, high_water_mark,
 -- outbound_limit, write_spin_count, max_bytes_per_gathering_write (or nil:
--- adaptive), max_connections, idle_timeout_ms, connect_timeout_ms,
+-- adaptive), max_connections, max_connections_per_client, idle_timeout_ms,
+-- connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
 -- { idle_ms, interval_ms, count }, 0: the system's) } }
 
@@ -92,7 +97,8 @@ local DEFAULT_WRITE_SPIN_COUNT = 16
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "idle_timeout_ms", "connect_timeout_ms",
+                        "max_connections", "max_connections_per_client",
+                        "idle_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
                         "tcp_keepalive" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
@@ -183,6 +189,8 @@ local function check_listener(l, path, ctx)
 
     local max_connections = check_positive_int(l.max_connections,
                                                path .. ".max_connections", 0)
+    local per_client = check_positive_int(l.max_connections_per_client,
+                                          path .. ".max_connections_per_client", 0)
     local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
                                                path .. ".idle_timeout_ms", 0)
     local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
@@ -215,6 +223,7 @@ local function check_listener(l, path, ctx)
         write_spin_count = spin,
         max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
+        max_connections_per_client = per_client,
         idle_timeout_ms = idle_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,

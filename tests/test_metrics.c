@@ -318,7 +318,7 @@ static void test_admin_sums_servers_over_workers(void **state) {
   w1.servers = r1;
   w1.nservers = 3;
   sl_metrics_snap *snaps[3] = {&w0, &w1, NULL};
-  sl_admin_report r = {snaps, 3, NULL, 0, 0};
+  sl_admin_report r = {.snaps = snaps, .nworkers = 3};
 
   size_t n = 0;
   sl_admin_server *rows = sl_admin_servers_sum(&r, &n);

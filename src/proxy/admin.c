@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -50,6 +51,9 @@ struct sl_admin {
   pthread_mutex_t stuck_lock;
   int stuck;                        /* workers stuck in Lua (stuck_lock) */
   char stuck_why[256];              /* the report /health shows (stuck_lock) */
+  _Atomic uint64_t reloads_applied, reloads_refused;
+  _Atomic int last_reload_ok;       /* 1 at start */
+  _Atomic int64_t last_applied_ms;  /* Unix time of the start or the last applied reload */
   struct sl_worker **workers;       /* borrowed */
   int nworkers;
   struct sl_alloc *alloc;           /* borrowed */
@@ -130,7 +134,10 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
   pthread_mutex_lock(&a->stuck_lock);
   int stuck = a->stuck;
   pthread_mutex_unlock(&a->stuck_lock);
-  sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining), stuck};
+  sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining), stuck,
+                       atomic_load(&a->reloads_applied), atomic_load(&a->reloads_refused),
+                       atomic_load(&a->last_reload_ok),
+                       (double)atomic_load(&a->last_applied_ms) / 1000.0};
   if (snaps != NULL) pages[page].format(&body, &r);
   if (snaps == NULL || body.failed) {
     sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");
@@ -298,6 +305,12 @@ static void *sl_admin_thread(void *arg) {
   return NULL;
 }
 
+static int64_t sl_admin_unix_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worker **workers,
                           int n, struct sl_alloc *alloc, char *err, size_t errlen) {
   sl_admin *a = calloc(1, sizeof(*a));
@@ -323,6 +336,8 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   a->nworkers = n;
   a->alloc = alloc;
   pthread_mutex_init(&a->stuck_lock, NULL);
+  atomic_store(&a->last_reload_ok, 1);
+  atomic_store(&a->last_applied_ms, sl_admin_unix_ms());
   ev_io_init(&a->accept_io, sl_admin_on_accept, a->fd, EV_READ);
   ev_io_start(a->loop, &a->accept_io);
   ev_async_init(&a->stop_watcher, sl_admin_on_stop);
@@ -343,6 +358,13 @@ int sl_admin_start(sl_admin *a) {
 
 void sl_admin_set_draining(sl_admin *a) {
   if (a) atomic_store(&a->draining, 1);
+}
+
+void sl_admin_note_reload(sl_admin *a, int applied) {
+  if (a == NULL) return;
+  atomic_fetch_add(applied ? &a->reloads_applied : &a->reloads_refused, 1);
+  atomic_store(&a->last_reload_ok, applied ? 1 : 0);
+  if (applied) atomic_store(&a->last_applied_ms, sl_admin_unix_ms());
 }
 
 void sl_admin_set_stuck(sl_admin *a, int n, const char *why) {

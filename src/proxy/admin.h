@@ -43,6 +43,10 @@ void sl_admin_set_draining(sl_admin *a);
  * the caller picks which stuck worker's report), /metrics counts them. */
 void sl_admin_set_stuck(sl_admin *a, int n, const char *why);
 
+/* Main thread: a reload (SIGHUP) was applied (1) or refused (0), for
+ * /metrics. a may be NULL. */
+void sl_admin_note_reload(sl_admin *a, int applied);
+
 /* Stops the thread (closing open admin connections), frees everything.
  * a may be NULL. */
 void sl_admin_stop(sl_admin *a);

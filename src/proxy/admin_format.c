@@ -480,6 +480,20 @@ void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
                "Workers stuck in a Lua callback that lua_timeout_ms could not stop (a loop the "
                "JIT compiled, a C call that does not return); they take no new connections.");
   sl_text_printf(o, "sluice_workers_stuck %d\n", r->stuck);
+  sl_prom_head(o, "sluice_config_reloads_total", "counter",
+               "Reloads (SIGHUP) applied and refused (an invalid configuration, a listen address "
+               "taken, a stage that fails to load: the running configuration stays).");
+  sl_text_printf(o, "sluice_config_reloads_total{result=\"applied\"} %llu\n",
+                 (unsigned long long)r->reloads_applied);
+  sl_text_printf(o, "sluice_config_reloads_total{result=\"refused\"} %llu\n",
+                 (unsigned long long)r->reloads_refused);
+  sl_prom_head(o, "sluice_config_last_reload_successful", "gauge",
+               "1 when the last reload was applied (or none was asked yet), 0 when it was refused.");
+  sl_text_printf(o, "sluice_config_last_reload_successful %d\n", r->last_reload_ok ? 1 : 0);
+  sl_prom_head(o, "sluice_config_last_applied_timestamp_seconds", "gauge",
+               "Unix time at which the running configuration was applied (the start, or the last "
+               "applied reload).");
+  sl_text_printf(o, "sluice_config_last_applied_timestamp_seconds %.3f\n", r->last_applied);
   sl_admin_metrics_listeners(o, r);
   sl_admin_metrics_upstreams(o, r);
   sl_admin_metrics_servers(o, r);

@@ -33,6 +33,9 @@ typedef struct sl_admin_report {
   struct sl_alloc *alloc;
   int draining;
   int stuck;                        /* workers stuck in Lua (proxy/watchdog.h) */
+  uint64_t reloads_applied, reloads_refused;
+  int last_reload_ok;               /* 1 at start, then the last reload's outcome */
+  double last_applied;              /* Unix time of the start or the last applied reload */
 } sl_admin_report;
 
 void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);

@@ -19,6 +19,7 @@
 #include "proxy/admin.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
+#include "proxy/notify.h"
 #include "proxy/server.h"
 #include "proxy/watchdog.h"
 #include "lua/host.h"
@@ -365,7 +366,9 @@ static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
     sl_log(SL_LOG_WARN, "SIGHUP: admin changed: takes effect at the next start");
 }
 
-static void sl_runtime_reload(sl_runtime *rt) {
+/* SL_OK: new connections use the new configuration; SL_ERROR: refused (the
+ * running one stays), the reason in why. */
+static int sl_runtime_reload(sl_runtime *rt, char *why, size_t whylen) {
   sl_reload_msg m;
   memset(&m, 0, sizeof(m));
   sl_runtime_watch(rt); /* a worker that has just come back is not refused */
@@ -375,13 +378,15 @@ static void sl_runtime_reload(sl_runtime *rt) {
     sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: %d worker%s stuck in Lua (see above); send "
            "SIGHUP again once %s no longer, or restart sluice", n, n == 1 ? " is" : "s are",
            n == 1 ? "it is" : "they are");
-    return;
+    snprintf(why, whylen, "%d worker%s stuck in Lua", n, n == 1 ? "" : "s");
+    return SL_ERROR;
   }
   sl_config *nc = sl_config_load(rt->cfg->path, m.err, sizeof(m.err));
   if (nc == NULL) {
     sl_log(SL_LOG_ERROR, "SIGHUP: reload refused, the running configuration stays: %s", m.err);
+    snprintf(why, whylen, "%s", m.err);
     sl_runtime_open_logs(rt, rt->cfg, 0);
-    return;
+    return SL_ERROR;
   }
   sl_runtime_note_fixed(rt->cfg, nc);
   /* The environment's choices hold for the whole run. */
@@ -394,6 +399,7 @@ static void sl_runtime_reload(sl_runtime *rt) {
   sl_listen_set **dropped = calloc(ncurrent + 1, sizeof(*dropped));
   if (sets == NULL || dropped == NULL) {
     sl_log(SL_LOG_ERROR, "SIGHUP: reload refused: out of memory");
+    snprintf(m.err, sizeof(m.err), "out of memory");
     goto refused;
   }
   if (sl_runtime_sets_for(rt, nc, rt->sets, sets, m.err, sizeof(m.err)) != SL_OK) {
@@ -448,12 +454,14 @@ static void sl_runtime_reload(sl_runtime *rt) {
          nc->nlisteners - kept, ndropped);
   free(sets);
   free(dropped);
-  return;
+  return SL_OK;
 refused:
+  snprintf(why, whylen, "%s", m.err);
   free(sets);
   free(dropped);
   sl_config_unref(nc);
   sl_runtime_open_logs(rt, rt->cfg, 0);
+  return SL_ERROR;
 }
 
 /* ---- the run ---- */
@@ -558,6 +566,7 @@ int sl_runtime_run(sl_config *cfg) {
   /* Threads inherit the mask: only this thread takes the signals. */
   pthread_sigmask(SIG_BLOCK, &set, NULL);
   signal(SIGPIPE, SIG_IGN);
+  sl_notify_init();   /* before any thread: it edits the environment */
 
   static sl_runtime runtime;
   sl_runtime *rt = &runtime;
@@ -615,12 +624,21 @@ int sl_runtime_run(sl_config *cfg) {
   sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
          rt->nworkers, rt->nworkers == 1 ? "" : "s",
          cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
+  sl_notify("READY=1\nSTATUS=serving %zu listener%s with %d worker%s\nMAINPID=%d",
+            cfg->nlisteners, cfg->nlisteners == 1 ? "" : "s", rt->nworkers,
+            rt->nworkers == 1 ? "" : "s", (int)getpid());
 
   for (;;) {
     int sig = sl_runtime_wait(rt, &set);
     if (sig == SIGHUP) {
       sl_log(SL_LOG_INFO, "SIGHUP: reloading %s", rt->cfg->path);
-      sl_runtime_reload(rt);
+      sl_notify_reloading();
+      char why[1200];
+      int ok = sl_runtime_reload(rt, why, sizeof(why)) == SL_OK;
+      sl_admin_note_reload(rt->admin, ok);
+      if (ok) sl_notify("READY=1\nSTATUS=configuration reloaded from %s", rt->cfg->path);
+      else sl_notify("READY=1\nSTATUS=reload refused, the running configuration stays: %.*s",
+                     (int)strcspn(why, "\n"), why);
       continue;
     }
     if (sig == SIGUSR1) {
@@ -631,6 +649,7 @@ int sl_runtime_run(sl_config *cfg) {
     sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",
            sig == SIGINT ? "SIGINT" : "SIGTERM", rt->cfg->drain_timeout);
     sl_admin_set_draining(rt->admin);
+    sl_notify("STOPPING=1\nSTATUS=stopping: draining open connections");
     break;
   }
   if (sl_runtime_stop_workers(rt, &set) != SL_OK) {
@@ -642,6 +661,7 @@ int sl_runtime_run(sl_config *cfg) {
   }
   uint64_t leaked = sl_runtime_release(rt);
   sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
+  sl_notify_close();
   atomic_store(&sl_access_log_fd, -1);
   close(rt->access_fd);
   close(rt->stderr_copy);

@@ -11,7 +11,9 @@
 -- A pool of independent servers suits caches and read replicas: each
 -- connection stays on the server it was given, so keys are not shared
 -- between servers. SLUICE_EXAMPLE_LISTEN and SLUICE_EXAMPLE_SERVERS
--- ("host:port,host:port") change the addresses.
+-- ("host:port,host:port") change the addresses; a server may be a host
+-- name ("redis-a.internal:6379"), resolved when the configuration loads.
+-- No client address may hold more than 256 of the pool's connections.
 local servers = {}
 for s in (os.getenv("SLUICE_EXAMPLE_SERVERS") or "127.0.0.1:6379,127.0.0.1:6380"):gmatch("[^,]+") do
   servers[#servers + 1] = s
@@ -21,7 +23,7 @@ if servers[2] then servers[2] = { servers[2], weight = 2 } end
 return {
   listeners = {
     { name = "redis_pool", listen = os.getenv("SLUICE_EXAMPLE_LISTEN") or "127.0.0.1:7040",
-      upstream = "redis" },
+      upstream = "redis", max_connections_per_client = 256 },
   },
   upstreams = {
     redis = {

@@ -148,13 +148,13 @@ local function drop(msg, p)
 end
 local function dropped(_, msg, p) return drop(msg, p) end
 
--- A failed stage's callbacks, the same for every stage: its own code is
--- not called again on that connection (only its removed callback, which
--- lets go of what it holds). Reads and writes still coming to it (the rest
--- of a read burst, or what a Lua stage next to it passes on) are dropped;
--- every other event goes on to the next stage, as past a stage without
--- that callback, so that the stages after it see the connection go
--- (channel_inactive) and a close from them reaches the head.
+-- A failed stage's callbacks: its own code is not called again on that
+-- connection but for the cleanup its connection's end brings
+-- (channel_inactive, then removed: it lets go of what it holds). Reads and
+-- writes still coming to it (the rest of a read burst, or what a Lua stage
+-- next to it passes on) are dropped; every other event goes on to the next
+-- stage, as past a stage without that callback, so that a close from the
+-- stages after it reaches the head.
 local FAILED = {
   [ACTIVE + 1] = function(ctx) return ctx:fire_active() end,
   [INACTIVE + 1] = function(ctx) return ctx:fire_inactive() end,
@@ -169,6 +169,18 @@ local FAILED = {
   [READ_REQUEST + 1] = function(ctx) return ctx:read() end,
 }
 
+-- The callbacks of a stage once it failed (made at its first failure).
+local function failed_fns(stage)
+  local fns = stage.failed_fns
+  if not fns then
+    fns = {}
+    for k, f in pairs(FAILED) do fns[k] = f end
+    fns[INACTIVE + 1] = stage.fns[INACTIVE + 1] or FAILED[INACTIVE + 1]
+    stage.failed_fns = fns
+  end
+  return fns
+end
+
 -- The text of an error value, whatever it is. A string is itself. The
 -- __tostring of an error object is the stage's code, and may raise, return
 -- something else than a string, or call tostring on its own object (in
@@ -177,7 +189,8 @@ local FAILED = {
 -- tostring of the same object inside it finds none.
 local function error_text(err)
   if type(err) == "string" then return err end
-  local mt = getmetatable(err)
+  -- (Only a table's: a cdata's metatable is the FFI's own, left alone.)
+  local mt = type(err) == "table" and getmetatable(err)
   local f = type(mt) == "table" and rawget(mt, "__tostring")
   if not f then
     local ok, s = pcall(tostring, err)
@@ -236,8 +249,11 @@ local function forget(ctx)
   end
 end
 
--- how: what the stage did, "raised in" unless given.
+-- how: what the stage did, "raised in" unless given. A stage that failed
+-- already on this connection (raising again in its channel_inactive or
+-- removed) has the error logged, and counted and closed no more.
 local function stage_failed(ctx, ev, arg, err, how)
+  local again = ctx.failed
   -- First what must happen whatever the error is (converting it runs the
   -- stage's code, in its __tostring): the pipeline releases what the stage
   -- was handed and still owned. (Only while the failing stage still owns
@@ -251,7 +267,7 @@ local function stage_failed(ctx, ev, arg, err, how)
   -- what was already queued for it (the rest of a read burst) nor with what
   -- a Lua stage next to it passes on (direct calls).
   ctx.failed = true
-  ctx.fns = FAILED
+  ctx.fns = failed_fns(ctx.stage)
   local text = error_text(err)
   -- Stopped by lua_timeout_ms (src/lua/host.c, sl_lua_timeout_hook).
   local slow = not how and type(err) == "string" and
@@ -261,12 +277,12 @@ local function stage_failed(ctx, ev, arg, err, how)
     ctx.oom = true
     oom_waiting = oom_waiting + 1
   end
-  if host ~= nil then C.sl_ffi_host_stage_error(host, ctx.name) end
+  if host ~= nil and not again then C.sl_ffi_host_stage_error(host, ctx.name) end
   local what = CALLBACK[ev] or (ev == TIMER and "a timer") or (ev == PROMISE and "a promise callback")
                or (ev == REMOVED and "removed") or (ev == ADDED and "added") or tostring(ev)
   log_error(("stage %s %s %s on %s: "):format(ctx.name, how or "raised in", what,
             ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel"), text)
-  if ctx.cptr then
+  if ctx.cptr and not again then
     C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. text:match("^[^\n]*"))
   end
   -- Failed in removed: it has left all the same.

@@ -251,7 +251,8 @@ describe("sluice.config", function()
         ["[fe80:0000::0001]:7000"] = "fe80::1",
         ["[1:0:0:2:0:0:0:3]:7000"] = "1:0:0:2::3",
         ["[1:2:3:4:5:6:7::]:7000"] = "1:2:3:4:5:6:7:0",
-        ["[::ffff:192.0.2.1]:7000"] = "::ffff:c000:201",
+        ["[64:ff9b::192.0.2.1]:7000"] = "64:ff9b::c000:201",
+        ["[::ffff]:7000"] = "::ffff",
       }
       for listen, host in pairs(cases) do
         assert.are.same(addr(host, 7000, "inet6"),
@@ -787,6 +788,24 @@ describe("sluice.config", function()
           assert.are.equal('config error: listeners[1].listen: expected "host:port" with a valid IPv6 address '
                            .. 'in the brackets, got "[' .. host .. ']:7000"',
                            err_of(conf({ listener({ listen = "[" .. host .. "]:7000" }) })))
+        end
+      end)
+
+      it("refuse an IPv4-mapped IPv6 address, as admin.listen and as a server too", function()
+        local function mapped(path, given, v4)
+          return ('config error: %s: expected "host:port" with an IPv4 address written as itself, '
+                  .. 'not IPv4-mapped (write "%s"), got "%s"'):format(path, v4, given)
+        end
+        for given, v4 in pairs({ ["[::ffff:127.0.0.1]:27101"] = "127.0.0.1:27101",
+                                 ["[::FFFF:7f00:1]:80"] = "127.0.0.1:80",
+                                 ["[0:0:0:0:0:ffff:10.1.2.3]:80"] = "10.1.2.3:80",
+                                 ["[::ffff:0.0.0.0]:80"] = "0.0.0.0:80" }) do
+          assert.are.equal(mapped("listeners[1].listen", given, v4),
+                           err_of(conf({ listener({ listen = given }) })))
+          assert.are.equal(mapped("admin.listen", given, v4),
+                           err_of(conf(nil, { admin = { listen = given } })))
+          assert.are.equal(mapped("upstreams.demo.servers[1]", given, v4),
+                           err_of(conf(nil, { upstreams = { demo = { servers = { given } } } })))
         end
       end)
 

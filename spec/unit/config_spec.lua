@@ -662,6 +662,50 @@ describe("sluice.config", function()
   end)
 
   describe("errors", function()
+    describe("raised by the configuration's own code", function()
+      local SUFFIX = " (raised by the __index metamethod of a configuration table during validation)"
+
+      local function raising(v)
+        return setmetatable({}, { __index = function() error(v, 0) end })
+      end
+
+      it("come out as one line, at the file or the top level", function()
+        assert.are.same({ nil, "config error: " .. FIX .. "/raises_in_index.lua:2: no such key here"
+                               .. SUFFIX },
+                        { config.load(FIX .. "/raises_in_index.lua") })
+        assert.are.equal("config error: top level: x" .. SUFFIX, err_of(raising("x")))
+        assert.are.equal("config error: top level: raised a table" .. SUFFIX, err_of(raising({ 1 })))
+        assert.are.equal("config error: top level: two lines" .. SUFFIX, err_of(raising("two\nlines")))
+        -- In a table deeper in the configuration, and from a function the
+        -- metamethod calls.
+        local deep = setmetatable({}, { __index = function()
+          local function inner() local n = nil; return n + 1 end
+          return inner()
+        end })
+        local err = err_of(conf({ deep }))
+        assert.matches("^config error: top level: spec/unit/config_spec%.lua:%d+: attempt to perform "
+                       .. "arithmetic on local 'n' %(a nil value%)", err)
+        assert.are.equal(SUFFIX, err:sub(-#SUFFIX))
+      end)
+
+      it("come out so from a resolver given in opts", function()
+        local opts = { builtin = OPTS.builtin, resolve = function() error("resolver down", 0) end }
+        assert.are.equal("config error: top level: resolver down (raised by code outside sluice.config "
+                         .. "during validation)",
+                         err_of(conf(nil, { upstreams = { demo = { servers = { "db.internal:1" } } } }),
+                                opts))
+      end)
+
+      it("but an error of sluice.config itself is raised", function()
+        -- A resolver answering numbers where address tables belong: the
+        -- validation's own code fails on them.
+        local opts = { builtin = OPTS.builtin, resolve = function() return { 5 } end }
+        assert.has_error(function()
+          config.validate(conf(nil, { upstreams = { demo = { servers = { "db.internal:1" } } } }), opts)
+        end)
+      end)
+    end)
+
     describe("top level", function()
       it("needs a table", function()
         assert.are.equal("config error: top level: expected a table, got nil", err_of(nil))

@@ -46,6 +46,16 @@ return {
 ]]):format(port, table.concat(list, ", "), extra or "")
 end
 
+-- What n connections to port were answered, counted by answer.
+local function answers(port, n)
+  local seen = {}
+  for _ = 1, n do
+    local out = H.exchange(port, "", 10)
+    seen[out] = (seen[out] or 0) + 1
+  end
+  return seen
+end
+
 describe("upstream servers given by host name", function()
   local peers = H.killed_after_each()
   local usable = namespaces_work()
@@ -68,11 +78,7 @@ describe("upstream servers given by host name", function()
     local port = H.free_port()
     local p = start(hosts, config(port, { "alpha.sluice.test:" .. a.port,
                                           "beta.sluice.test:" .. b.port }))
-    local seen = {}
-    for _ = 1, 4 do
-      local out = H.exchange(port, "", 10)
-      seen[out] = (seen[out] or 0) + 1
-    end
+    local seen = answers(port, 4)
     local log = H.stop_sluice(p)
     assert.are.same({ A = 2, B = 2 }, seen, log)
     assert.matches(("upstream back: alpha.sluice.test:%d is 127.0.0.1:%d"):format(a.port, a.port),
@@ -104,11 +110,7 @@ describe("upstream servers given by host name", function()
       local port = H.free_port()
       local p = start(hosts, config(port, { "multi.sluice.test:" .. port_b,
                                             "other.sluice.test:" .. port_b }, "tries = 5"))
-      local seen = {}
-      for _ = 1, 4 do
-        local out = H.exchange(port, "", 10)
-        seen[out] = (seen[out] or 0) + 1
-      end
+      local seen = answers(port, 4)
       local log = H.stop_sluice(p)
       assert.are.same({ A = 2, B = 2 }, seen, log)
       assert.matches(("upstream back: multi.sluice.test:%d is 127.0.0.2:%d, 127.0.0.3:%d")

@@ -716,6 +716,27 @@ return { access_log = %q,
       assert.are.equal(1, #access_lines(alog .. ".1"))
       H.stop_sluice(p)
     end)
+
+    it("says so when SIGUSR1 cannot reopen the access log, and keeps writing where it did", function()
+      local port = H.free_port()
+      local dir = H.tmpfile("logs")
+      H.sh("mkdir -p " .. H.shq(dir))
+      local alog = dir .. "/access.log"
+      local p = H.start_sluice(([[
+return { access_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(alog, port))
+      H.sh(("mv %s %s.old"):format(H.shq(dir), H.shq(dir)))   -- its folder is gone
+      os.execute("kill -USR1 " .. p.pid)
+      assert.truthy(H.wait_for(function()
+        return H.read(p.log):find("SIGUSR1: log files reopened but for the one above", 1, true)
+      end, 10), H.read(p.log))
+      assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+      assert.truthy(H.wait_for(function() return #access_lines(dir .. ".old/access.log") == 1 end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("access_log: cannot open " .. alog, log, 1, true)
+      assert.not_matches("SIGUSR1: log files reopened\n", log, 1, true)
+    end)
   end)
 
   it("writes its log to error_log, and reopens it on SIGUSR1", function()

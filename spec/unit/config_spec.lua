@@ -1209,12 +1209,18 @@ describe("sluice.config", function()
           assert.are.same({ "db.internal", "cache" }, asked)
         end)
 
-        it("count every address for tries", function()
+        it("count every address for tries, a tries above them being all of them", function()
           assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 2 } }))
             .upstreams.demo.tries)
+          -- The name had more addresses yesterday: the reload is not refused.
+          assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 3 } }))
+            .upstreams.demo.tries)
           assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 2 (the number "
-                           .. "of servers), got 3",
-                           err_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 3 } })))
+                           .. "of servers), got 0",
+                           err_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 0 } })))
+          assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 1 (the number "
+                           .. "of servers), got 2",
+                           err_of(ups({ demo = { servers = { "127.0.0.1:1" }, tries = 2 } })))
         end)
 
         it("fail with the resolver's message, naming the entry", function()
@@ -1232,10 +1238,11 @@ describe("sluice.config", function()
                            err_of(ups({ demo = { servers = { "cache:1" } } }, OPTS)))
         end)
 
-        it("may not give an address twice, nor may addresses", function()
-          assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
-                           .. '"also-db.:5432" (10.0.0.5:5432), which upstreams.demo.servers[1] has already',
-                           err_of(ups({ demo = { servers = { "db.internal:5432", "also-db.:5432" } } })))
+        it("keep an address reached twice through names once; addresses given twice are refused", function()
+          local servers = ok_of(ups({ demo = { servers = { "db.internal:5432", "also-db.:5432",
+                                                            "10.0.0.5:5432" } } })).upstreams.demo.servers
+          assert.are.same({ "10.0.0.5:5432", "[fd00::5]:5432" }, { servers[1].text, servers[2].text })
+          assert.are.equal(2, #servers)
           assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
                            .. '"127.0.0.1:1", which upstreams.demo.servers[1] has already',
                            err_of(ups({ demo = { servers = { "localhost:1", "127.0.0.1:1" } } })))

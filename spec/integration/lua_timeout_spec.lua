@@ -3,7 +3,8 @@
 -- reason in the log, what it was handed is released, the worker serves the
 -- next connection); one stuck where the interrupt cannot reach (a loop the
 -- JIT compiled) is reported stuck, /health says so, the other worker takes
--- the new connections, and SIGTERM still ends the process.
+-- the new connections, and SIGTERM still ends the process. So is one that
+-- catches the error in a loop for ever.
 local H = require("helpers")
 
 -- Loops for ever on "spin", interpreted (the JIT is off for the module),
@@ -24,6 +25,21 @@ return {
     if text:find("catch", 1, true) then pcall(spin); spin() end
     if text:find("timer", 1, true) then ctx:after(0, spin) end
     if text:find("coro", 1, true) then coroutine.wrap(spin)() end
+    ctx:fire_read(buf)
+  end,
+}
+]]
+
+-- On "catch", catches the timeout error for ever: each raise is caught
+-- inside a loop that is itself caught in a loop (interpreted: the hook
+-- runs, and raises again and again).
+local CATCHER = [[
+jit.off(true, true)
+return {
+  channel_read = function(ctx, buf)
+    if buf:tostring():find("catch", 1, true) then
+      while true do pcall(function() while true do pcall(error) end end) end
+    end
     ctx:fire_read(buf)
   end,
 }
@@ -198,39 +214,48 @@ describe("lua_timeout_ms", function()
     H.stop_sluice(p)
   end)
 
-  it("reports a worker stuck in a compiled loop; the other worker takes the connections", function()
-    local p, port, admin, stuck = start("stuck", STUCK, 2, 200)
-    local c = H.connect(port)
-    c.send("stuck\n")
-    local worker = H.wait_for(function()
-      return H.read(p.log):match("worker (%d): stage " .. stuck .. " has run channel_read for "
-                                 .. "[%d.]+ s and did not stop when interrupted at lua_timeout_ms "
-                                 .. "%(200 ms%)")
-    end, 20)
-    assert.is_truthy(worker, H.read(p.log))
-    local status, _, body = H.admin_get(admin, "/health")
-    assert.are.equal(503, status)
-    assert.matches("^stuck: worker " .. worker .. ": stage " .. stuck .. " has run channel_read", body)
-    assert.are.equal(1, H.metric(admin, "sluice_workers_stuck", nil, 20))
+  -- A loop the JIT compiled never sees the interrupt; a stage that catches
+  -- the error for ever sees it again and again (the raises after the first
+  -- are not progress). Either never ends its event.
+  for _, case in ipairs({
+    { "in a compiled loop", "stuck", STUCK, "stuck\n" },
+    { "in a stage that catches the error for ever", "catcher", CATCHER, "catch\n" },
+  }) do
+    it("reports a worker stuck " .. case[1] .. "; the other worker takes the connections", function()
+      local p, port, admin, mod = start(case[2], case[3], 2, 200)
+      local c = H.connect(port)
+      c.send(case[4])
+      local worker = H.wait_for(function()
+        return H.read(p.log):match("worker (%d): stage " .. mod .. " has run channel_read for "
+                                   .. "[%d.]+ s and did not stop when interrupted at lua_timeout_ms "
+                                   .. "%(200 ms%)")
+      end, 20)
+      assert.is_truthy(worker, H.read(p.log))
+      local status, _, body = H.admin_get(admin, "/health")
+      assert.are.equal(503, status)
+      assert.matches("^stuck: worker " .. worker .. ": stage " .. mod .. " has run channel_read", body)
+      assert.are.equal(1, H.metric(admin, "sluice_workers_stuck", nil, 20))
 
-    -- Every new connection goes to the other worker.
-    for i = 1, 10 do
-      assert.are.equal("hello " .. i .. "\n", H.exchange(port, "hello " .. i .. "\n", 10))
-    end
-    local other = worker == "0" and "1" or "0"
-    assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", ('worker="%s"'):format(other), 20))
-    -- Once only.
-    local _, n = H.read(p.log):gsub("did not stop when interrupted", "")
-    assert.are.equal(1, n)
+      -- Every new connection goes to the other worker.
+      for i = 1, 10 do
+        assert.are.equal("hello " .. i .. "\n", H.exchange(port, "hello " .. i .. "\n", 10))
+      end
+      local other = worker == "0" and "1" or "0"
+      assert.are.equal(0, H.metric(admin, "sluice_pool_buffers", ('worker="%s"'):format(other), 20))
+      -- Once only.
+      local _, n = H.read(p.log):gsub("did not stop when interrupted", "")
+      assert.are.equal(1, n)
 
-    -- SIGTERM: the stuck worker never returns; sluice exits without it
-    -- after the drain deadline and its grace (exit 3).
-    assert.are.equal(3, H.stop(p, "TERM", 60))
-    local log = H.read(p.log)
-    assert.matches("worker " .. worker .. " has not stopped", log)
-    assert.matches("stopped without its stuck workers %(exit 3%)", log)
-    c.close()
-  end)
+      -- SIGTERM: the stuck worker never returns (no error escapes the
+      -- catching stage's pcall); sluice exits without it after the drain
+      -- deadline and its grace (exit 3).
+      assert.are.equal(3, H.stop(p, "TERM", 60))
+      local log = H.read(p.log)
+      assert.matches("worker " .. worker .. " has not stopped", log)
+      assert.matches("stopped without its stuck workers %(exit 3%)", log)
+      c.close()
+    end)
+  end
 
   it("takes a stuck worker back once its C call returns: health, metrics, new connections, reload",
      function()

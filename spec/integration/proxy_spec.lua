@@ -157,23 +157,89 @@ describe("proxying", function()
       assert.matches("upstream 127%.0%.0%.1:%d+ for front closed: peer closed %(in 0 B, out 6 B", log)
     end)
 
-  it("with half_close = false, delivers 16 MiB the upstream sent before its FIN", function()
-        local sent = H.tmpfile("sent.bin")
-        local peer = H.start_peer(("head -c %d /dev/urandom | tee %s"):format(16 * 1024 * 1024,
-                                                                          H.shq(sent)), nil, "-t 30")
-        peers[#peers + 1] = peer
-        local port = H.free_port()
-        local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
-          'upstream = "back", half_close = false,')))
-        local c = H.connect(port)
-        local got = c.recv(16 * 1024 * 1024 + 1, 60)   -- everything, then the end of input
-        c.close()
-        assert.are.equal(16 * 1024 * 1024, #got)
-        assert.are.equal(digest(sent), digest(H.tmpfile("got.bin", got)))
-        local log = H.stop_sluice(p)
-        assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed %(in 0 B, out 16777216 B",
-                       log)
-      end)
+  -- Reads from c slowly, up to limit bytes or the end of input, sending a
+  -- line after every 256 KiB (so that the connection's input is never
+  -- quiet while it closes). Returns what arrived.
+  local function read_chatting(c, limit)
+    local parts, got = {}, 0
+    while got < limit do
+      local part = c.recv(256 * 1024, 60)
+      if part == nil or part == "" then break end
+      parts[#parts + 1] = part
+      got = got + #part
+      -- (After sluice's close a write may fail: that is not what is checked.)
+      if got < limit - 256 * 1024 then pcall(c.send, "more\n") end
+      H.sleep(0.01)   -- a slow reader: sluice's socket holds unsent bytes when the pair ends
+    end
+    return table.concat(parts)
+  end
+
+  it("with half_close = false, delivers 16 MiB the upstream sent before its FIN to a client that "
+     .. "keeps sending", function()
+    -- nginx answers a GET with Connection: close with 16 MiB, ends its
+    -- output and keeps reading (its lingering close). The client sends a
+    -- line after every 256 KiB it reads: what arrives after the FIN is
+    -- dropped, and must not turn the close into a reset that loses the end
+    -- of the 16 MiB.
+    local root = H.tmpfile("www")
+    H.sh(("mkdir -p %s && head -c %d /dev/urandom > %s/big.bin"):format(H.shq(root),
+                                                                     16 * 1024 * 1024, H.shq(root)))
+    local nport = H.free_port()
+    local conf = H.tmpfile("nginx.conf", ([[
+daemon off;
+master_process off;
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/error.log warn;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path %s/body;
+  server { listen 127.0.0.1:%d; location / { root %s; } }
+}
+]]):format(root, root, root, nport, root))
+    local nginx = H.spawn(("nginx -p %s -c %s"):format(H.shq(root), H.shq(conf)), "nginx")
+    peers[#peers + 1] = nginx
+    assert(H.wait_for(function() return H.port_open(nport) end, 10), H.read(nginx.log))
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, nport):gsub('upstream = "back",',
+      'upstream = "back", half_close = false,')))
+    local c = H.connect(port)
+    c.send("GET /big.bin HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n")
+    local got = read_chatting(c, 16 * 1024 * 1024 + 512)
+    c.close()
+    local body = got:match("\r\n\r\n(.*)$") or ""
+    assert.are.equal(16 * 1024 * 1024, #body)
+    assert.are.equal(digest(root .. "/big.bin"), digest(H.tmpfile("got.bin", body)))
+    local log = H.stop_sluice(p)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed %(in %d+ B, out %d+ B",
+                   log)
+    assert.not_matches("reset", log, 1, true)
+  end)
+
+  it("with half_close = false, delivers a 16 MiB upload before the client's FIN to an upstream that "
+     .. "answers as it reads", function()
+    -- The upstream echoes what it stores: its answers keep coming after the
+    -- client's FIN, which ends the pair; they are dropped, and the upload
+    -- still arrives whole.
+    local stored = H.tmpfile("stored.bin")
+    local peer = H.start_peer("tee " .. H.shq(stored), nil, "-t 30")
+    peers[#peers + 1] = peer
+    local port = H.free_port()
+    local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',
+      'upstream = "back", half_close = false,')))
+    local input = H.tmpfile("upload.bin")
+    H.sh(("head -c %d /dev/urandom > %s"):format(16 * 1024 * 1024, H.shq(input)))
+    local _, rc = H.exchange(port, { file = input }, 60)
+    assert.are.equal(0, rc)
+    assert.is_truthy(H.wait_for(function()
+      return #H.read(stored) == 16 * 1024 * 1024
+    end, 30), tostring(#H.read(stored)))
+    assert.are.equal(digest(input), digest(stored))
+    local log = H.stop_sluice(p)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: eof %(in 16777216 B", log)
+    assert.not_matches("reset", log, 1, true)
+  end)
 
   it("turns TCP keepalive on for both sockets of a connection with tcp_keepalive", function()
     local echo = H.start_echo()

@@ -355,6 +355,82 @@ return {
     end)
   end)
 
+  -- The idle timer of lua-api.md: restarted at each read (60 s; 50 ms on
+  -- "soon"), cancelled in channel_inactive, closes its connection as "idle".
+  -- A pending Lua timer keeps no worker running once its connections are
+  -- gone, and still fires for a connection that is open while draining.
+  describe("with a pending Lua timer", function()
+    local IDLE = [[
+local function restart(ctx, ms)
+  if ctx.state.idle then ctx.state.idle:cancel() end
+  ctx.state.idle = ctx:after(ms, function(c) c:close("idle") end)
+end
+return {
+  channel_active = function(ctx) restart(ctx, 60000); ctx:fire_active() end,
+  channel_read = function(ctx, buf)
+    restart(ctx, buf:tostring():find("soon", 1, true) and 50 or 60000)
+    ctx:fire_read(buf)
+  end,
+  channel_inactive = function(ctx) ctx.state.idle:cancel(); ctx:fire_inactive() end,
+}
+]]
+    local function start(drain_ms)
+      local mod = H.tmpfile("idle_timer.lua", IDLE):match("([^/]+)%.lua$")
+      local port = H.free_port()
+      return H.start_sluice(([[
+return { workers = 1, drain_timeout_ms = %d,
+  listeners = { { name = "timed", listen = "127.0.0.1:%d", pipeline = { %q, "sluice.stages.echo" } } } }
+]]):format(drain_ms, port, mod)), port
+    end
+
+    it("stops at once after its connection closed, with the timer still armed", function()
+      -- (drain_timeout_ms is long: a worker kept running by the timer
+      -- would outlast H.stop's wait, and then exit 3.)
+      local p, port = start(60000)
+      assert.are.equal("hello\n", H.exchange(port, "hello\n", 10))
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("on timed closed: eof", 1, true) end, 10))
+      local log = H.stop_sluice(p)
+      assert.not_matches("has not stopped", log, 1, true)
+      assert.not_matches("draining", log, 1, true)
+    end)
+
+    it("closes a connection still open with its timer at drain_timeout_ms, and exits 0", function()
+      local p, port = start(300)
+      local c = held_client(port, "hi\n")
+      assert.truthy(H.wait_for(function() return H.read(c.out) == "hi\n" end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("worker 0: drain deadline: closing 1 open sockets", log, 1, true)
+      assert.matches("on timed closed: shutdown", log, 1, true)
+      assert.not_matches("closed: idle", log, 1, true)
+      c.release()
+      assert.are.equal(0, c.finish())
+    end)
+
+    it("fires a timer of a connection open while draining, which then ends the drain", function()
+      local p, port = start(60000)
+      local go, echoed = H.tmpfile("soon_go"), H.tmpfile("soon.out", "")
+      -- Sends "hi", notes its echo, sends "soon" once told, and stays open
+      -- (its sleep) until sluice closes the connection.
+      local talker = H.tmpfile("soon.sh", ("printf 'hi\\n'; read -r line; echo \"$line\" > %s; "
+                                           .. "while [ ! -e %s ]; do sleep 0.02; done; "
+                                           .. "printf 'soon\\n'; exec sleep 60\n")
+                                           :format(H.shq(echoed), H.shq(go)))
+      local client = H.spawn(("socat -T 60 EXEC:'sh %s' TCP:127.0.0.1:%d"):format(talker, port),
+                             "client")
+      finally(function() H.stop(client, "KILL") end)
+      assert.truthy(H.wait_for(function() return H.read(echoed) == "hi\n" end, 10))
+      os.execute("kill -TERM " .. p.pid)
+      assert.truthy(H.wait_for(function() return H.read(p.log):find("draining 1 open sockets", 1, true) end, 10))
+      H.sh("touch " .. H.shq(go))
+      -- The timer closes it; the worker has drained and sluice exits by itself.
+      assert.truthy(H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 20), H.read(p.log))
+      local log = H.stop_sluice(p)
+      assert.matches("on timed closed: idle", log, 1, true)
+      assert.matches("worker 0: drained", log, 1, true)
+      assert.not_matches("closed: shutdown", log, 1, true)
+    end)
+  end)
+
   it("closes a proxied connection at drain_timeout_ms as shutdown, its upstream as peer closed", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
@@ -672,6 +748,27 @@ return { access_log = %q,
       assert.truthy(H.wait_for(function() return #access_lines(alog) == 1 end, 10))
       assert.are.equal(1, #access_lines(alog .. ".1"))
       H.stop_sluice(p)
+    end)
+
+    it("says so when SIGUSR1 cannot reopen the access log, and keeps writing where it did", function()
+      local port = H.free_port()
+      local dir = H.tmpfile("logs")
+      H.sh("mkdir -p " .. H.shq(dir))
+      local alog = dir .. "/access.log"
+      local p = H.start_sluice(([[
+return { access_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(alog, port))
+      H.sh(("mv %s %s.old"):format(H.shq(dir), H.shq(dir)))   -- its folder is gone
+      os.execute("kill -USR1 " .. p.pid)
+      assert.truthy(H.wait_for(function()
+        return H.read(p.log):find("SIGUSR1: log files reopened but for the one above", 1, true)
+      end, 10), H.read(p.log))
+      assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+      assert.truthy(H.wait_for(function() return #access_lines(dir .. ".old/access.log") == 1 end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("access_log: cannot open " .. alog, log, 1, true)
+      assert.not_matches("SIGUSR1: log files reopened\n", log, 1, true)
     end)
   end)
 

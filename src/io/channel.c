@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -295,6 +297,8 @@ void sl_channel_update_reading(sl_channel *ch) {
   int want = (ch->flags & SL_CH_ACTIVE) && (ch->flags & (SL_CH_AUTOREAD | SL_CH_READ_ONCE)) &&
              !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED | SL_CH_CLOSE_PENDING |
                             SL_CH_READ_PAUSED | SL_CH_SPLICE_FULL));
+  /* A lingering channel reads (and drops) until its peer's FIN. */
+  if (ch->flags & SL_CH_LINGERING) want = !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED));
   if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
   else if (!want && ev_is_active(&ch->rio)) ev_io_stop(ch->w->loop, &ch->rio);
 }
@@ -348,6 +352,10 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents) {
   if (left > 0) {
     ev_timer_set(t, left, 0.);
     ev_timer_start(loop, t);
+    return;
+  }
+  if (ch->flags & SL_CH_LINGERING) {   /* its peer did not close in time: as it is */
+    sl_channel_close(ch, ch->reason, 0);
     return;
   }
   sl_channel_close_with(ch, SL_PROMISE_TIMEOUT,
@@ -493,8 +501,61 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   sl_channel_unref(ch); /* the open reference */
 }
 
+/* ---- lingering (half_close = false) ----
+ *
+ * With half_close = false the first FIN ends the pair: the side that did
+ * not send it (ch) gets its FIN after what was queued for it, and its own
+ * input is dropped from then on (SL_CH_DISCARD), so that the FIN sender's
+ * queue no longer grows and it closes once that is written. ch must not
+ * then simply close(): with input unread, or arriving later, the kernel
+ * answers with a reset and throws away what ch's socket has not yet
+ * delivered. So ch closes at once only when its peer has acknowledged
+ * every byte (SIOCOUTQ 0: a reset can lose nothing); else it lingers:
+ * reads and drops until its peer's FIN or an error, for at most
+ * SL_CHANNEL_LINGER_S (or half_close_timeout_ms when shorter). */
+#define SL_CHANNEL_LINGER_S 5.0
+
+/* Whether ch now lingers (1) or may close at once (0). */
+static int sl_channel_linger(sl_channel *ch) {
+  if (ch->flags & SL_CH_LINGERING) return 1;
+  if (!(ch->flags & SL_CH_DISCARD) || (ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_EMBEDDED)) ||
+      ch->fd < 0)
+    return 0;
+  int unacked = 0;
+  if (ioctl(ch->fd, SIOCOUTQ, &unacked) != 0 || unacked == 0) return 0;
+  ch->flags |= SL_CH_LINGERING;
+  double t = SL_CHANNEL_LINGER_S;
+  if (ch->half_close_timeout > 0 && ch->half_close_timeout < t) t = ch->half_close_timeout;
+  sl_channel_set_idle_timeout(ch, t);
+  sl_channel_update_reading(ch);
+  return 1;
+}
+
+/* Reads and drops what a DISCARD channel's peer sends; at its FIN a
+ * lingering channel closes. */
+static void sl_channel_discard_input(sl_channel *ch) {
+  char scratch[16384];
+  for (int i = 0; i < SL_RECV_MAX_READS; i++) {
+    ssize_t n = recv(ch->fd, scratch, sizeof(scratch), 0);
+    if (n > 0) {
+      ch->bytes_in += (uint64_t)n;
+      ch->w->stats.bytes_in += (uint64_t)n;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    /* The FIN, or an error: nothing more can arrive. */
+    ch->flags |= SL_CH_INPUT_CLOSED;
+    sl_channel_update_reading(ch);
+    if (ch->flags & (SL_CH_LINGERING | SL_CH_CLOSE_PENDING))
+      sl_channel_close(ch, ch->reason[0] ? ch->reason : "peer closed", 0);
+    return;
+  }
+}
+
 static void sl_channel_output_done(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSE_PENDING) {
+    if (sl_channel_linger(ch)) return;
     sl_channel_close(ch, ch->reason[0] ? ch->reason : "closed", 0);
     return;
   }
@@ -507,16 +568,17 @@ static void sl_channel_output_done(sl_channel *ch) {
       sl_channel_close(ch, "eof", 0);
       return;
     }
-    /* half_close = false: the FIN just passed on ends the pair. Its sender
-     * closes once it has written what is queued for it ("eof"), then this
-     * side with its close() ("peer closed"); no shutdown(), and no wait
-     * for this side's own FIN. */
+    /* half_close = false: the FIN just passed on ends the pair. This side's
+     * input is dropped from now on; its FIN goes at the end of the loop
+     * iteration (or with its close()); the FIN's sender closes once it has
+     * written what is queued for it ("eof"), then this side ("peer
+     * closed": at once, or after lingering, above). */
     sl_channel *p = ch->peer;
-    if ((ch->flags & SL_CH_NO_HALF_CLOSE) && p != NULL && (p->flags & SL_CH_INPUT_CLOSED)) {
-      sl_channel_close_after_flush(p, "eof");
-      return;
-    }
     sl_channel_fin_later(ch);
+    if ((ch->flags & SL_CH_NO_HALF_CLOSE) && p != NULL && (p->flags & SL_CH_INPUT_CLOSED)) {
+      ch->flags |= SL_CH_DISCARD;
+      sl_channel_close_after_flush(p, "eof");
+    }
   }
 }
 
@@ -717,6 +779,7 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
   sl_channel_update_reading(ch);
   sl_outq_flush(&ch->outq);
   if (ch->flags & SL_CH_CONNECTING || sl_outq_is_empty(&ch->outq)) {
+    if (!(ch->flags & SL_CH_CONNECTING) && sl_channel_linger(ch)) return;
     sl_channel_close(ch, ch->reason, 0);
     return;
   }
@@ -749,6 +812,10 @@ int sl_channel_read_error(int e, char *why, size_t len, const char **code) {
 /* One wake-up's reads: up to SL_RECV_MAX_READS while the read watcher stays
  * on; speculative (sl_channel_read_now): one read, watcher or not. */
 static void sl_channel_read(sl_channel *ch, int speculative) {
+  if (ch->flags & SL_CH_DISCARD) {
+    sl_channel_discard_input(ch);
+    return;
+  }
   if ((ch->flags & SL_CH_SPLICING) && !speculative && sl_channel_splice_read(ch) == SL_OK) return;
   sl_worker *w = ch->w;
   struct ev_loop *loop = w->loop;

@@ -88,6 +88,8 @@ enum {
   SL_CH_HALF_CLOSED = 0x800000, /* one direction ended: half_close_timeout applies */
   SL_CH_REMOTE_SET = 0x1000000, /* remote is not the socket's peer (sl_channel_set_remote) */
   SL_CH_NO_HALF_CLOSE = 0x2000000, /* its listener's half_close is false: a FIN ends the pair */
+  SL_CH_DISCARD = 0x4000000,    /* that ended it: its input is read and dropped, not passed on */
+  SL_CH_LINGERING = 0x8000000,  /* closing once its peer has what it sent (see sl_channel_linger) */
 };
 
 /* Why a write promise failed (static strings, compared by value). */

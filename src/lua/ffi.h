@@ -197,7 +197,8 @@ SL_FFI_EXPORT int sl_ffi_host_next(sl_lua_host *h, sl_lua_event *out);
 /* Registers a Lua stage that handles the events in mask; returns its key
  * (1-based), 0 on ENOMEM. */
 SL_FFI_EXPORT int sl_ffi_host_register_stage(sl_lua_host *h, uint32_t mask);
-/* Asks for a TIMER event after delay_ms (< 0: none). */
+/* Asks for a TIMER event after delay_ms (< 0: none). The timer keeps no
+ * loop running (a connection of the stage that armed it does). */
 SL_FFI_EXPORT void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms);
 /* The event last popped could not be handed to its stage (sluice's own Lua
  * raised first, out of Lua memory): releases the buffer it carried and

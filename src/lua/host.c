@@ -49,7 +49,8 @@ struct sl_lua_host {
   int loaded_any;         /* a configuration's stages were loaded before */
   uint32_t *adhoc;        /* stages added while running: key SL_LUA_ADHOC_KEY + i */
   int nadhoc, capadhoc;
-  ev_timer timer;         /* the earliest Lua timer */
+  ev_timer timer;         /* the earliest Lua timer (keeps no loop running) */
+  int timer_unref;        /* timer was started and the loop unreferenced for it */
   lua_Alloc base_alloc;   /* the state's own allocator, behind sl_lua_alloc */
   void *base_ud;
   size_t heap;            /* bytes the state's allocator holds now */
@@ -61,6 +62,7 @@ struct sl_lua_host {
    * thread) reads them: relaxed atomics (SL_LUA_BUMP), plain moves on x86. */
   uint64_t step;          /* + 1 at each entry into Lua and each event it pops */
   uint64_t int_step;      /* the step the watchdog asked to interrupt */
+  uint64_t raised_step;   /* the step after the hook's last raise */
   volatile sig_atomic_t hooked; /* the timeout hook is set (by the signal handler) */
   int timeout_ms;         /* lua_timeout_ms, for the error text */
   uint64_t timeouts;      /* callbacks stopped by lua_timeout_ms */
@@ -201,8 +203,16 @@ static void sl_lua_timeout_hook(lua_State *L, lua_Debug *ar) {
    * the callback still running (and declare the worker stuck), and the
    * hook keeps to it. */
   lua_sethook(L, sl_lua_timeout_hook, LUA_MASKCOUNT, 1000);
-  SL_LUA_BUMP(&h->step, 1);
-  __atomic_store_n(&h->int_step, h->step, __ATOMIC_RELAXED);
+  /* Only the first raise of an event is a step: raised again (the stage
+   * caught it), the step stays, so that the watchdog's clock runs on and
+   * a stage that catches the error in a loop is declared stuck at twice
+   * lua_timeout_ms like any callback that does not return; a second
+   * interrupt (for that same step) is still acknowledged. */
+  if (h->step != h->raised_step) {
+    SL_LUA_BUMP(&h->step, 1);
+    __atomic_store_n(&h->int_step, h->step, __ATOMIC_RELAXED);
+    h->raised_step = h->step;
+  }
   h->timeouts++;
   /* The loop's clock stood still for the whole callback: the close that
    * follows (its log line, the access log's duration) takes the time now. */
@@ -478,11 +488,28 @@ void sl_lua_host_promise_done(sl_channel *ch, uint32_t pid, const char *err) {
 }
 
 /* Timers: Lua keeps them (a heap per worker) and asks for one wake-up at
- * the earliest deadline. */
+ * the earliest deadline. The wake-up keeps no loop running (ev_unref once
+ * started): a worker's loop ends once its listeners and connections are
+ * gone (io/worker.h), and a timer is only ever for a connection's stage,
+ * whose open socket (or, while stopping, the drain deadline) keeps the loop
+ * running as long as the timer matters. Each ev_unref is paired with one
+ * ev_ref: before the timer is stopped, or in its callback (libev stops a
+ * timer that does not repeat before calling it). */
+static void sl_lua_timer_stop(sl_lua_host *h) {
+  if (h->timer_unref) {
+    ev_ref(h->w->loop);
+    h->timer_unref = 0;
+  }
+  ev_timer_stop(h->w->loop, &h->timer);
+}
+
 static void sl_lua_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
-  (void)loop;
   (void)revents;
   sl_lua_host *h = t->data;
+  if (h->timer_unref) {
+    ev_ref(loop);
+    h->timer_unref = 0;
+  }
   if (sl_lua_enqueue(h, NULL, NULL, SL_LEV_TIMER, NULL, 0, NULL) == SL_OK && !h->deferred &&
       h->hold == 0)
     sl_lua_host_drain(h);
@@ -490,10 +517,12 @@ static void sl_lua_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {
 
 void sl_ffi_host_arm_timer(sl_lua_host *h, double delay_ms) {
   if (h->w == NULL || h->w->loop == NULL) return;
-  ev_timer_stop(h->w->loop, &h->timer);
+  sl_lua_timer_stop(h);
   if (delay_ms < 0) return;
   ev_timer_set(&h->timer, delay_ms / 1000.0, 0.);
   ev_timer_start(h->w->loop, &h->timer);
+  ev_unref(h->w->loop);
+  h->timer_unref = 1;
 }
 
 /* ---- the Lua stage vtable ---- */
@@ -855,7 +884,7 @@ void sl_lua_host_destroy(sl_lua_host *h) {
   if (h == NULL) return;
   if (h->L) sl_lua_host_drain(h);
   sl_lua_discard(h);
-  if (h->w && h->w->loop) ev_timer_stop(h->w->loop, &h->timer);
+  if (h->w && h->w->loop) sl_lua_timer_stop(h);
   if (h->w && h->w->lua == h) h->w->lua = NULL;
   if (h->L) {
     /* LuaJIT releases its own allocator's memory only when it is the

@@ -59,7 +59,8 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, int time
   (void)sl_watchdog_unlisten(i, sets, 1);
   sl_watchdog_report(wd, admin);
   sl_log(SL_LOG_ERROR,
-         "%s: a loop the JIT compiled or a C call that does not return; the worker is stuck: "
+         "%s: a loop the JIT compiled, a C call that does not return, or a stage that catches "
+         "the error (pcall) and goes on; the worker is stuck: "
          "its listening sockets take no new connections (the other workers do), its open "
          "connections wait until it runs again (a loop that never ends: restart sluice)",
          e->why);

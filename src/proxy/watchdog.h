@@ -8,8 +8,9 @@
  *     "ran longer than lua_timeout_ms", its connection closes, the worker
  *     goes on.
  *   - One still running lua_timeout_ms after that did not see the interrupt
- *     (a loop the JIT compiled, a C call that does not return): the worker
- *     is stuck. That is logged once (worker, stage, callback, how long), its
+ *     (a loop the JIT compiled, a C call that does not return), or caught
+ *     the error and went on (pcall in a loop: raised again, the step stays,
+ *     lua/host.c): the worker is stuck. That is logged once (worker, stage, callback, how long), its
  *     listening sockets leave their SO_REUSEPORT groups (shutdown SHUT_RD:
  *     the other workers take the new connections), and the admin endpoint's
  *     /health answers 503.

@@ -118,36 +118,46 @@ static void test_grows_and_shrinks_keeping_counts(void **state) {
 
 typedef struct {
   sl_client_limit *cl;
-  uint32_t base;
-  int refused;
+  int counted, refused;
+  int over;                    /* a count seen above the limit (must stay 0) */
 } churn_job;
 
+/* Enters each of 8 clients, holds what was counted while it checks the
+ * count, then leaves: three such threads contend for 2 places each. */
 static void *churn_thread(void *arg) {
   churn_job *j = arg;
-  for (int round = 0; round < 200; round++) {
-    for (uint32_t i = 0; i < 50; i++) {
-      sl_addr_key k = key4(j->base + i);
-      int rc = sl_client_limit_enter(j->cl, &k);
-      if (rc == SL_CLIENT_REFUSED) j->refused++;
-      else sl_client_limit_leave(j->cl, &k);
+  sl_addr_key k[8];
+  int held[8];
+  for (uint32_t i = 0; i < 8; i++) k[i] = key4(0x0b000000u + i);
+  for (int round = 0; round < 3000; round++) {
+    for (int i = 0; i < 8; i++) {
+      held[i] = sl_client_limit_enter(j->cl, &k[i]) == SL_CLIENT_COUNTED;
+      if (held[i]) j->counted++;
+      else j->refused++;
+      if (sl_client_limit_open(j->cl, &k[i]) > 2) j->over++;
     }
+    for (int i = 0; i < 8; i++)
+      if (held[i]) sl_client_limit_leave(j->cl, &k[i]);
   }
   return NULL;
 }
 
-/* Two threads, as two workers, on overlapping clients: counts never go
- * wrong (a leave of what was not counted aborts) and end at zero. */
+/* Three threads, as three workers, on the same clients with a limit of
+ * 2: no count ever exceeds it (a leave of what was not counted would
+ * abort), all three threads get places, and every count ends at zero. */
 static void test_threads_enter_and_leave_at_once(void **state) {
   (void)state;
   sl_client_limit cl;
   sl_client_limit_init(&cl, 2);
-  churn_job a = {&cl, 0x0b000000u, 0}, b = {&cl, 0x0b000010u, 0};
-  pthread_t ta, tb;
-  assert_int_equal(pthread_create(&ta, NULL, churn_thread, &a), 0);
-  assert_int_equal(pthread_create(&tb, NULL, churn_thread, &b), 0);
-  pthread_join(ta, NULL);
-  pthread_join(tb, NULL);
-  assert_int_equal(a.refused + b.refused, 0);   /* at most 2 open per client at any time */
+  churn_job jobs[3] = {{&cl, 0, 0, 0}, {&cl, 0, 0, 0}, {&cl, 0, 0, 0}};
+  pthread_t th[3];
+  for (int i = 0; i < 3; i++) assert_int_equal(pthread_create(&th[i], NULL, churn_thread, &jobs[i]), 0);
+  for (int i = 0; i < 3; i++) pthread_join(th[i], NULL);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(jobs[i].over, 0);
+    assert_true(jobs[i].counted > 0);
+    assert_int_equal(jobs[i].counted + jobs[i].refused, 3000 * 8);
+  }
   assert_int_equal(cl.n, 0);
   sl_client_limit_free(&cl);
 }

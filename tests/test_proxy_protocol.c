@@ -74,9 +74,18 @@ static void test_v1_tcp4_tcp6_unknown(void **state) {
       "PROXY TCP6 2001:db8::5 2001:db8::1 6000 443\r\n",
       "PROXY UNKNOWN\r\n",
       "PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n",
+      "PROXY TCP4 0.0.0.0 255.255.255.255 0 65535\r\n",
+      "PROXY TCP6 ::ffff:10.0.0.1 ::1 65535 0\r\n",
+      /* The longest lines: 104 bytes for TCP6, 107 for UNKNOWN. */
+      "PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
+      "65535 65535\r\n",
+      "PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
+      "65535 65535\r\n",
   };
   for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
     check_every_split(*state, (const uint8_t *)lines[i], strlen(lines[i]));
+  assert_int_equal(104, strlen(lines[6]));
+  assert_int_equal(107, strlen(lines[7]));
 }
 
 static void test_v2_with_tlvs_and_local(void **state) {
@@ -110,6 +119,34 @@ static void test_bad_headers_close_with_their_reason(void **state) {
       {"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", 33, "bad PROXY protocol header (bad source port)"},
       {"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n", 32,
        "bad PROXY protocol header (bad source address)"},
+      /* The destination is checked as strictly as the source. */
+      {"PROXY TCP4 1.2.3.4 not-an-address 1000 not-a-port\r\nhello\n", 57,
+       "bad PROXY protocol header (bad destination address)"},
+      {"PROXY TCP6 ::1 5.6.7.8 1 2\r\n", 28, "bad PROXY protocol header (bad destination address)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1000 not-a-port\r\n", 44,
+       "bad PROXY protocol header (bad destination port)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n", 36,
+       "bad PROXY protocol header (bad destination port)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1 +2\r\n", 33,
+       "bad PROXY protocol header (bad destination port)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\0\r\n", 33,
+       "bad PROXY protocol header (bad destination port)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", 33, "bad PROXY protocol header (bad source port)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 100000 2\r\n", 37,
+       "bad PROXY protocol header (bad source port)"},
+      /* A bare LF does not end the line, nor is it part of one: the
+       * client's "hello" is not taken into the header. */
+      {"PROXY TCP4 1.2.3.4 127.0.0.1 1000 27162\nhello\r\nworld\n", 53,
+       "bad PROXY protocol header (v1 line not ended by CRLF)"},
+      {"PROXY UNKNOWN\nhello\r\n", 21, "bad PROXY protocol header (v1 line not ended by CRLF)"},
+      /* Single spaces only, none at the end. */
+      {"PROXY    TCP4  1.2.3.4   127.0.0.1 1000 27162\r\nhello\n", 53,
+       "bad PROXY protocol header (not one space between fields)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", 33,
+       "bad PROXY protocol header (not one space between fields)"},
+      {"PROXY TCP4 1.2.3.4 5.6.7.8\t1 2\r\n", 32, "bad PROXY protocol header (missing fields)"},
+      {"PROXYTCP4 1.2.3.4 5.6.7.8 1 2\r\n", 31, "bad PROXY protocol header (not a PROXY line)"},
+      {"PROXY UNKNOWNX\r\n", 16, "bad PROXY protocol header (unknown protocol)"},
       {"\r\n\r\n\0\r\nQUIX\n\x21\x11\0\0", 16, "bad PROXY protocol header (bad v2 signature)"},
       {"\r\n\r\n\0\r\nQUIT\n\x22\x11\0\0", 16, "bad PROXY protocol header (unknown command)"},
       {"\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x04\1\2\3\4", 20,
@@ -129,6 +166,14 @@ static void test_bad_headers_close_with_their_reason(void **state) {
   memcpy(longline, "PROXY ", 6);
   run(*state, longline, sizeof(longline), 50, out, sizeof(out), reason);
   assert_string_equal("bad PROXY protocol header (v1 line longer than 107 bytes)", reason);
+  /* 108 bytes, the CRLF one byte past the longest line. */
+  memset(longline, 'f', 106);
+  memcpy(longline, "PROXY UNKNOWN ", 14);
+  memcpy(longline + 106, "\r\n", 2);
+  for (size_t split = 0; split < 108; split++) {
+    run(*state, longline, 108, split, out, sizeof(out), reason);
+    assert_string_equal("bad PROXY protocol header (v1 line longer than 107 bytes)", reason);
+  }
 }
 
 static void addr4(sl_addr *a, const char *ip, int port) {

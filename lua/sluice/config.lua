@@ -53,10 +53,15 @@
 local _M = {}
 
 local type = type
+local tostring = tostring
 local pairs = pairs
 local ipairs = ipairs
 local pcall = pcall
+local xpcall = xpcall
 local error = error
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local getinfo = debug.getinfo
 local loadfile = loadfile
 local setfenv = setfenv
 local format = string.format
@@ -67,6 +72,7 @@ local stages = require("sluice.config.stages")
 local check_root = require("sluice.config.root").check
 local show, one_line = check.show, check.one_line
 local bounded, DEFAULT_INSTRUCTION_LIMIT = sandbox.bounded, sandbox.DEFAULT_INSTRUCTION_LIMIT
+local is_own = sandbox.is_own
 
 sandbox.exempt()
 
@@ -100,10 +106,42 @@ local function check_opts(opts, level)
     return opts
 end
 
+local UserError = {}  -- metatable of the errors user code raised during a validation
+
+-- The message handler of a validation. An error raised where user code runs
+-- (a metamethod of the configuration's tables, a resolver given in opts:
+-- the innermost Lua function is outside sluice.config's own files) becomes
+-- a UserError { err, by }, `by` naming the function sluice.config called
+-- into. Failures, and errors of sluice.config's own code (its bugs, the
+-- instruction limit's hook), are left as they are.
+local function on_error(err)
+    if check.is_failure(err) then return err end
+    local level = 2  -- 1: this handler; 2: error() or the function that failed
+    local info = getinfo(level, "S")
+    while info and info.what == "C" do
+        level = level + 1
+        info = getinfo(level, "S")
+    end
+    if not info or is_own(info.source) then return err end
+    local entry
+    repeat
+        entry = getinfo(level, "n")
+        level = level + 1
+        info = getinfo(level, "S")
+    until not info or is_own(info.source)
+    local by = "code outside sluice.config"
+    if entry.namewhat == "metamethod" then
+        by = "the " .. tostring(entry.name) .. " metamethod of a configuration table"
+    end
+    return setmetatable({ err = err, by = by }, UserError)
+end
+
 -- Validates an evaluated configuration table. Borrows tbl and never modifies
 -- it. Returns a new normalized table, or nil, "config error: ..." (one line).
--- Loads (and runs) every Lua stage module named by a pipeline.
-local function validate(tbl, opts)
+-- Loads (and runs) every Lua stage module named by a pipeline. An error that
+-- user code raises meanwhile is reported at `where` (the file, or "top
+-- level"); an error of sluice.config itself is raised.
+local function validate(tbl, opts, where)
     local search_path, err = _M.search_path(opts)
     if not search_path then return nil, err end
     local ctx = {
@@ -114,17 +152,26 @@ local function validate(tbl, opts)
         names = {},       -- listener name -> path of the listener using it
         addresses = {},   -- listen text -> path of the listener using it
     }
-    local ok, res = pcall(check_root, tbl, ctx)
+    local ok, res = xpcall(function() return check_root(tbl, ctx) end, on_error)
     if ok then return res end
     if check.is_failure(res) then return nil, res.msg end
+    if getmetatable(res) == UserError then
+        local msg = type(res.err) == "string" and res.err or "raised " .. show(res.err)
+        return nil, where(format("%s (raised by %s during validation)",
+                                 msg, res.by))
+    end
     error(res, 0)  -- a bug in sluice.config, not in the configuration
+end
+
+local function at_top_level(msg)
+    return one_line("config error: top level: " .. msg)
 end
 
 -- validate() above, under the instruction limit (sluice.config.sandbox).
 function _M.validate(tbl, opts)
     opts = check_opts(opts, 2)
     return bounded("top level", opts.instruction_limit or DEFAULT_INSTRUCTION_LIMIT,
-                   validate, tbl, opts)
+                   validate, tbl, opts, at_top_level)
 end
 
 -- Returns "config error: <path>: <msg>" for an error loading or running the
@@ -176,7 +223,7 @@ function _M.load(path, opts)
             return nil, "config error: top level: expected the file to return a table, got "
                         .. show(res)
         end
-        return validate(res, o)
+        return validate(res, o, function(msg) return file_error(path, msg) end)
     end)
 end
 

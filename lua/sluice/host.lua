@@ -24,7 +24,9 @@ local ffi_cast, ffi_string = ffi.cast, ffi.string
 local is_buf, wrap, give = buf.is_buf, buf.wrap, buf.give
 local wrap_lazy, adopt, passable = buf.wrap_lazy, buf.adopt, buf.passable
 local traceback = debug.traceback
-local xpcall, type, tostring, setmetatable, pairs = xpcall, type, tostring, setmetatable, pairs
+local xpcall, pcall, type, tostring, setmetatable, pairs = xpcall, pcall, type, tostring, setmetatable, pairs
+local getmetatable, rawget, rawset = debug.getmetatable, rawget, rawset
+local hand, hands, take = promise.hand, promise.hands, promise.take
 local floor = math.floor
 
 -- Event codes: src/pipeline/pipeline.h (sl_event) and src/lua/host.c.
@@ -122,6 +124,15 @@ local function hop(ctx, ev, arg, p)
       h.who, h.gen = ctx.cptr, r.gen
     end
   end
+  if p then
+    -- The write's promise is in this stage's hands until it passes it on.
+    local hp = ctx.promises
+    if not hp then
+      hp = hands()
+      ctx.promises = hp
+    end
+    hand(p, hp)
+  end
   cur_ctx, cur_ev, cur_arg = ctx, ev, arg
   buf.stage, buf.stage_id = ctx.cptr, ctx.sid
   ctx.fns[ev + 1](ctx, arg, p)
@@ -135,13 +146,129 @@ local function drop(msg, p)
   if p then promise.fail(p, "closed") end
   return p
 end
-
--- A failed stage's read and write callbacks: what a Lua stage next to it
--- still passes on (the rest of a read burst) is dropped.
 local function dropped(_, msg, p) return drop(msg, p) end
 
--- how: what the stage did, "raised in" unless given.
+-- A failed stage's callbacks: its own code is not called again on that
+-- connection but for the cleanup its connection's end brings
+-- (channel_inactive, then removed: it lets go of what it holds). Reads and
+-- writes still coming to it (the rest of a read burst, or what a Lua stage
+-- next to it passes on) are dropped; every other event goes on to the next
+-- stage, as past a stage without that callback, so that a close from the
+-- stages after it reaches the head.
+local FAILED = {
+  [ACTIVE + 1] = function(ctx) return ctx:fire_active() end,
+  [INACTIVE + 1] = function(ctx) return ctx:fire_inactive() end,
+  [READ + 1] = dropped,
+  [READ_COMPLETE + 1] = function(ctx) return ctx:fire_read_complete() end,
+  [WRITABILITY + 1] = function(ctx, w) return ctx:fire_writability_changed(w) end,
+  [USER_EVENT + 1] = function(ctx, name) return ctx:fire_user_event(name) end,
+  [ERROR + 1] = function(ctx, err) return ctx:fire_error(err) end,
+  [WRITE + 1] = dropped,
+  [FLUSH + 1] = function(ctx) return ctx:flush() end,
+  [CLOSE + 1] = function(ctx, reason) return ctx:close(reason) end,
+  [READ_REQUEST + 1] = function(ctx) return ctx:read() end,
+}
+
+-- The callbacks of a stage once it failed (made at its first failure).
+local function failed_fns(stage)
+  local fns = stage.failed_fns
+  if not fns then
+    fns = {}
+    for k, f in pairs(FAILED) do fns[k] = f end
+    fns[INACTIVE + 1] = stage.fns[INACTIVE + 1] or FAILED[INACTIVE + 1]
+    stage.failed_fns = fns
+  end
+  return fns
+end
+
+-- The text of an error value, whatever it is. A string is itself. The
+-- __tostring of an error object is the stage's code, and may raise, return
+-- something else than a string, or call tostring on its own object (in
+-- LuaJIT a tail call: a loop that no stack overflow ends). It is called
+-- once, protected, with its metatable's __tostring taken away meanwhile: a
+-- tostring of the same object inside it finds none.
+local function error_text(err)
+  if type(err) == "string" then return err end
+  -- (Only a table's: a cdata's metatable is the FFI's own, left alone.)
+  local mt = type(err) == "table" and getmetatable(err)
+  local f = type(mt) == "table" and rawget(mt, "__tostring")
+  if not f then
+    local ok, s = pcall(tostring, err)
+    return ok and type(s) == "string" and s or "(an error object that tostring refuses)"
+  end
+  rawset(mt, "__tostring", nil)
+  local ok, s = pcall(f, err)
+  rawset(mt, "__tostring", f)
+  if ok and type(s) == "string" then return s end
+  return ("(an error object whose __tostring failed: %s)"):format(
+    ok and "it returned a " .. type(s) or type(s) == "string" and s or "it raised a " .. type(s))
+end
+_M.error_text = error_text
+
+-- Logs an error at error level: the head and the error's message on one
+-- line, then its traceback (debug.traceback's "stack traceback:" and the
+-- lines after it) as it is.
+local TRACEBACK = "\nstack traceback:\n"
+local function log_error(head, text)
+  -- The last one: a message may quote another traceback (or forge one).
+  local at, from = nil, 1
+  while true do
+    local i = text:find(TRACEBACK, from, true)
+    if not i then break end
+    at, from = i, i + 1
+  end
+  if at then
+    log.error_traced(head .. text:sub(1, at - 1), text:sub(at))
+  else
+    log.error("%s", head .. text)
+  end
+end
+
+-- An error in a promise's on_complete callback: it closes no connection.
+local function promise_failed(err)
+  log_error("Lua dispatch: ", error_text(err))
+end
+
+-- The stage of ctx has left its pipeline (or failed in removed): forget it.
+-- The promises still in its hands, which it neither passed on nor
+-- completed, fail with "closed" (nobody else would complete them).
+local function forget(ctx)
+  ctxs[ctx.id] = nil
+  ctx.cptr = nil
+  epoch = epoch + 1
+  if ctx.oom then
+    -- Stopped for memory, and gone: what it held is garbage now.
+    ctx.oom = nil
+    oom_waiting = oom_waiting - 1
+    C.sl_ffi_host_collect(host)
+  end
+  local hp = ctx.promises
+  if hp then
+    ctx.promises = nil
+    promise.fail_all(hp, "closed", promise_failed)
+  end
+end
+
+-- how: what the stage did, "raised in" unless given. A stage that failed
+-- already on this connection (raising again in its channel_inactive or
+-- removed) has the error logged, and counted and closed no more.
 local function stage_failed(ctx, ev, arg, err, how)
+  local again = ctx.failed
+  -- First what must happen whatever the error is (converting it runs the
+  -- stage's code, in its __tostring): the pipeline releases what the stage
+  -- was handed and still owned. (Only while the failing stage still owns
+  -- it: a buffer it passed on to a Lua stage that kept it belongs to that
+  -- stage now.)
+  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and
+     (arg.owner == 0 or arg.owner == ctx.sid) then
+    arg:release(arg.refs)
+  end
+  -- Its connection is closing: from now on the stage is not called with
+  -- what was already queued for it (the rest of a read burst) nor with what
+  -- a Lua stage next to it passes on (direct calls).
+  ctx.failed = true
+  ctx.fns = failed_fns(ctx.stage)
+  local text = error_text(err)
   -- Stopped by lua_timeout_ms (src/lua/host.c, sl_lua_timeout_hook).
   local slow = not how and type(err) == "string" and
                err:match("^[^\n]-(ran longer than lua_timeout_ms %(%d+ ms%))")
@@ -150,32 +277,16 @@ local function stage_failed(ctx, ev, arg, err, how)
     ctx.oom = true
     oom_waiting = oom_waiting + 1
   end
-  if host ~= nil then C.sl_ffi_host_stage_error(host, ctx.name) end
+  if host ~= nil and not again then C.sl_ffi_host_stage_error(host, ctx.name) end
   local what = CALLBACK[ev] or (ev == TIMER and "a timer") or (ev == PROMISE and "a promise callback")
                or (ev == REMOVED and "removed") or (ev == ADDED and "added") or tostring(ev)
-  log.error("stage %s %s %s on %s: %s", ctx.name, how or "raised in", what,
-            ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel",
-            tostring(err))
-  -- The pipeline releases what the stage was handed and still owned.
-  -- (Only while the failing stage still owns it: a buffer it passed on to a
-  -- Lua stage that kept it belongs to that stage now.)
-  if is_buf(arg) and arg.refs > 0 and arg.b.gen == arg.gen and
-     (arg.owner == 0 or arg.owner == ctx.sid) then
-    arg:release(arg.refs)
+  log_error(("stage %s %s %s on %s: "):format(ctx.name, how or "raised in", what,
+            ctx.cptr and ffi_string(C.sl_ffi_ctx_describe(ctx.cptr)) or "a closed channel"), text)
+  if ctx.cptr and not again then
+    C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. text:match("^[^\n]*"))
   end
-  -- Its connection is closing: what was already queued for this stage
-  -- (the rest of a read burst) is released unread instead of raising again.
-  ctx.failed = true
-  if ctx.cptr then
-    local first = tostring(err):match("^[^\n]*")
-    C.sl_ffi_ctx_fire_text(ctx.cptr, CLOSE, "stage " .. ctx.name .. " failed: " .. first)
-  end
-  -- Nor are the reads and writes a Lua stage next to it still passes on
-  -- (direct calls): its own callbacks for them become drops.
-  local fns = {}
-  for k, f in pairs(ctx.fns) do fns[k] = f end
-  fns[READ + 1], fns[WRITE + 1] = dropped, dropped
-  ctx.fns = fns
+  -- Failed in removed: it has left all the same.
+  if ev == REMOVED then forget(ctx) end
 end
 
 -- Between events: the heap grew past lua_memory_limit (heap_over). A full
@@ -295,7 +406,7 @@ local function failed(err)
     -- Before anything that allocates: the event's buffer and connection
     -- must not wait for Lua memory.
     if undelivered then host_abandon(host, type(err) == "string" and err or "error") end
-    log.error("Lua dispatch: %s", tostring(err))
+    log_error("Lua dispatch: ", error_text(err))
   end
 end
 
@@ -365,6 +476,7 @@ function _M.added(ctx)
   if ok then cur_ctx = nil else failed(err) end
 end
 
+-- (A failed stage gets removed too: it lets go of what it holds there.)
 function on_removed(ctx)
   if ctx.mod.removed then
     cur_ctx, cur_ev, cur_arg = ctx, REMOVED, nil
@@ -373,15 +485,7 @@ function on_removed(ctx)
     buf.stage = nil
     cur_ctx = nil
   end
-  ctxs[ctx.id] = nil
-  ctx.cptr = nil
-  epoch = epoch + 1
-  if ctx.oom then
-    -- Stopped for memory, and gone: what it held is garbage now.
-    ctx.oom = nil
-    oom_waiting = oom_waiting - 1
-    C.sl_ffi_host_collect(host)
-  end
+  forget(ctx)
 end
 
 -- A buffer for C: handles give a reference away, strings are copied in.
@@ -448,6 +552,7 @@ function Ctx:write(msg, p)
            .. "socket is next"):format(type(msg)), 2)
   end
   if p and write_p then
+    take(p) -- C completes it now
     write_p(self.cptr, b, promise.id(p))
   else
     C.sl_ffi_ctx_write(self.cptr, b)
@@ -546,6 +651,10 @@ function Ctx:connect(target)
     error(("bad argument to connect (string expected, got %s)"):format(type(target)), 2)
   end
   if not self.cptr then return nil, "closed" end
+  -- (C would read the target only up to the NUL.)
+  if target:find("\0", 1, true) then
+    return nil, 'expected the name of an upstream or "host:port", not a string holding a NUL byte'
+  end
   if C.sl_ffi_ctx_connect(self.cptr, target, errp) ~= 0 then return nil, ffi_string(errp[0]) end
   return true
 end
@@ -873,7 +982,7 @@ function run_timers(now)
     now = now or (ctx.cptr and _M.clock(ctx))
     if now and t.due > now then break end
     heap_pop()
-    if ctx.cptr and C.sl_ffi_ctx_is_open(ctx.cptr) ~= 0 then
+    if ctx.cptr and not ctx.failed and C.sl_ffi_ctx_is_open(ctx.cptr) ~= 0 then
       -- Each timer is protected on its own: one that raises closes its
       -- connection and the others still run.
       buf.stage, buf.stage_id = ctx.cptr, ctx.sid

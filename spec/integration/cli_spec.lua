@@ -46,6 +46,26 @@ return { listeners = { { name = "front", listen = 7000, pipeline = { "sluice.sta
     end
   end)
 
+  it("exits 2 on what the start would refuse: an IPv4-mapped listen address, a table that raises", function()
+    local mapped = H.tmpfile("mapped.lua", [[
+return { listeners = { { name = "b", listen = "[::ffff:127.0.0.1]:27101", pipeline = { "sluice.stages.echo" } } } }
+]])
+    local raises = H.tmpfile("raises.lua", [[
+return setmetatable({}, { __index = function() error("x") end })
+]])
+    for _, flag in ipairs({ "--check", "-c" }) do
+      local out, rc = H.sh(("%s %s %s 2>&1"):format(H.shq(H.bin), flag, H.shq(mapped)))
+      assert.are.equal(2, rc)
+      assert.are.equal('config error: listeners[1].listen: expected "host:port" with an IPv4 address '
+                       .. 'written as itself, not IPv4-mapped (write "127.0.0.1:27101"), got '
+                       .. '"[::ffff:127.0.0.1]:27101"\n', out)
+      out, rc = H.sh(("%s %s %s 2>&1"):format(H.shq(H.bin), flag, H.shq(raises)))
+      assert.are.equal(2, rc)
+      assert.are.equal(("config error: %s:1: x (raised by the __index metamethod of a configuration "
+                        .. "table during validation)\n"):format(raises), out)
+    end
+  end)
+
   it("exits 2 on a defer_accept that is not a boolean, and accepts a boolean", function()
     local bad = H.tmpfile("defer.lua", [[
 return { listeners = { { name = "front", listen = "127.0.0.1:1", pipeline = { "sluice.stages.echo" },

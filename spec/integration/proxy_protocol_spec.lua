@@ -76,6 +76,11 @@ describe("sluice.proxy_protocol", function()
       { "GET / HTTP/1.1\r\n\r\n", "not a PROXY protocol header" },
       { "PROXY TCP4 999.0.0.1 10.0.0.1 1 2\r\nx", "bad source address" },
       { "PROXY TCP4 192.0.2.1 10.0.0.1 99999 2\r\nx", "bad source port" },
+      { "PROXY TCP4 1.2.3.4 not-an-address 1000 not-a-port\r\nhello\n", "bad destination address" },
+      { "PROXY TCP4 1.2.3.4 127.0.0.1 1000 not-a-port\r\nhello\n", "bad destination port" },
+      -- Not "world\n" upstream with "hello" taken into the header.
+      { "PROXY TCP4 1.2.3.4 127.0.0.1 1000 27162\nhello\r\nworld\n", "v1 line not ended by CRLF" },
+      { "PROXY    TCP4  1.2.3.4   127.0.0.1 1000 27162\r\nhello\n", "not one space between fields" },
       { "PROXY " .. ("x"):rep(120), "v1 line longer than 107 bytes" },
       { "\r\n\r\n\0\r\nQUIT\n\x31\x11\0\0", "unknown version" },
       { "PROXY TCP4 192.0.2.1", "the client closed before the header was complete" },

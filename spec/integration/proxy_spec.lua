@@ -417,6 +417,52 @@ return {
     assert.matches("closed: stage " .. mod .. " failed", log, 1, true)
   end)
 
+  it("calls a failed stage again only for its connection's end, and counts one error", function()
+    -- The stage raises when its connection stops being writable; the close
+    -- that follows releases the queue, which makes it writable again: that
+    -- change is not delivered to it, its channel_inactive is (and raises
+    -- too: logged, not counted).
+    local stage = H.tmpfile("fails_twice.lua", [[
+return {
+  channel_writability_changed = function(ctx, w) error("writability " .. tostring(w)) end,
+  channel_inactive = function(ctx) error("cleanup broke") end,
+}
+]]):match("([^/]+)%.lua$")
+    -- After it: 2 MiB queued at once, over the high water mark.
+    local flood = H.tmpfile("flood.lua", [[
+local block = string.rep("x", 256 * 1024)
+return { channel_read = function(ctx, buf)
+  buf:release()
+  for _ = 1, 8 do ctx:write(block, false) end
+  ctx:flush()
+end }
+]]):match("([^/]+)%.lua$")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1, admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "w", listen = "127.0.0.1:%d", pipeline = { %q, %q } } },
+}
+]]):format(admin, port, stage, flood))
+    for _ = 1, 3 do
+      local c = H.connect(port)
+      c.send("go")
+      c.recv(1, 10)
+      c.close()
+    end
+    assert.is_truthy(H.wait_for(function()
+      local _, n = H.read(p.log):gsub("raised in channel_inactive", "")
+      return n == 3
+    end, 10), H.read(p.log))
+    assert.are.equal(3, H.metric(admin, "sluice_stage_errors_total", ('stage="%s"'):format(stage)))
+    local log = H.stop_sluice(p)
+    local _, raised = log:gsub("raised in channel_writability_changed[^\n]*writability false", "")
+    assert.are.equal(3, raised, log)
+    assert.not_matches("writability true", log, 1, true)
+    local _, closed = log:gsub("closed: stage " .. stage .. " failed: [^\n]*writability false", "")
+    assert.are.equal(3, closed, log)
+  end)
+
   -- A stage may refuse a connection as it is added (a deny list) or fail
   -- there: that connection closes before it is active, the process serves on.
   local refusals = {

@@ -46,6 +46,16 @@ return {
 ]]):format(port, table.concat(list, ", "), extra or "")
 end
 
+-- What n connections to port were answered, counted by answer.
+local function answers(port, n)
+  local seen = {}
+  for _ = 1, n do
+    local out = H.exchange(port, "", 10)
+    seen[out] = (seen[out] or 0) + 1
+  end
+  return seen
+end
+
 describe("upstream servers given by host name", function()
   local peers = H.killed_after_each()
   local usable = namespaces_work()
@@ -68,11 +78,7 @@ describe("upstream servers given by host name", function()
     local port = H.free_port()
     local p = start(hosts, config(port, { "alpha.sluice.test:" .. a.port,
                                           "beta.sluice.test:" .. b.port }))
-    local seen = {}
-    for _ = 1, 4 do
-      local out = H.exchange(port, "", 10)
-      seen[out] = (seen[out] or 0) + 1
-    end
+    local seen = answers(port, 4)
     local log = H.stop_sluice(p)
     assert.are.same({ A = 2, B = 2 }, seen, log)
     assert.matches(("upstream back: alpha.sluice.test:%d is 127.0.0.1:%d"):format(a.port, a.port),
@@ -80,6 +86,36 @@ describe("upstream servers given by host name", function()
     assert.matches(("upstream back: beta.sluice.test:%d is 127.0.0.1:%d"):format(b.port, b.port),
                    log, 1, true)
   end)
+
+  it("become one server per address a name has, and one address reached twice is one server",
+    function()
+      if not usable then
+        pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+        return
+      end
+      -- Two peers on one port, at two loopback addresses of one name.
+      local port_b = H.free_port()
+      for _, pe in ipairs({ { "127.0.0.2", "A" }, { "127.0.0.3", "B" } }) do
+        local q = H.spawn(("socat TCP-LISTEN:%d,bind=%s,reuseaddr,fork SYSTEM:%s")
+                            :format(port_b, pe[1], H.shq("printf " .. pe[2])), "peer")
+        peers[#peers + 1] = q
+      end
+      assert(H.wait_for(function()
+        local _, a = H.sh(("socat -T1 /dev/null TCP:127.0.0.2:%d,connect-timeout=1"):format(port_b))
+        local _, b = H.sh(("socat -T1 /dev/null TCP:127.0.0.3:%d,connect-timeout=1"):format(port_b))
+        return a == 0 and b == 0
+      end, 10), "the peers did not start")
+      local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 multi.sluice.test\n"
+                                       .. "127.0.0.3 multi.sluice.test\n127.0.0.3 other.sluice.test\n")
+      local port = H.free_port()
+      local p = start(hosts, config(port, { "multi.sluice.test:" .. port_b,
+                                            "other.sluice.test:" .. port_b }, "tries = 5"))
+      local seen = answers(port, 4)
+      local log = H.stop_sluice(p)
+      assert.are.same({ A = 2, B = 2 }, seen, log)
+      assert.matches(("upstream back: multi.sluice.test:%d is 127.0.0.2:%d, 127.0.0.3:%d")
+                       :format(port_b, port_b, port_b), log, 1, true)
+    end)
 
   it("are resolved again at each reload, and a name that no longer resolves refuses it", function()
     if not usable then

@@ -98,6 +98,39 @@ return {
     end
   end)
 
+  it("keeps a stage's log record on one line, and a stage error's message on the line before its traceback",
+    function()
+    local log_port, raise_port, other = H.free_port(), H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  listeners = {
+    { name = "l", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.log_lines", how = "log", port = %d } } },
+    { name = "r", listen = "127.0.0.1:%d", pipeline = { { "spec.fixtures.stages.log_lines", how = "raise" } } },
+    { name = "o", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
+  },
+}
+]]):format(log_port, other, raise_port, other))
+    local said = "hi\n2026-01-01T00:00:00.000Z [error] forged record\r\tend\0!"
+    assert.are.equal("", (H.exchange(log_port, said, 10)))
+    assert.are.equal("", (H.exchange(raise_port, said, 10)))
+    local log = H.stop_sluice(p)
+    -- Nothing the client sent starts a line.
+    assert.not_matches("\n2026%-01%-01", log)
+    local flat = "hi 2026-01-01T00:00:00.000Z [error] forged record  end !"
+    assert.matches("%[warn%] client said: " .. flat:gsub("%p", "%%%0") .. "\n", log)
+    -- The target was refused, not cut at its NUL and connected to "o".
+    assert.matches('[info] connect with a NUL: nil, expected the name of an upstream or "host:port", '
+                   .. "not a string holding a NUL byte\n", log, 1, true)
+    assert.not_matches("for l closed", log)
+    -- A stage error: the record (the message on its line), then its
+    -- traceback. (The traceback handler reads the message up to its NUL.)
+    assert.matches("%[error%] stage spec%.fixtures%.stages%.log_lines raised in channel_read on client "
+                   .. "127%.0%.0%.1:%d+ on r: [^\n]*log_lines%.lua:%d+: bad input: "
+                   .. flat:match("^(.-) !$"):gsub("%p", "%%%0") .. "\nstack traceback:\n\t", log)
+  end)
+
   it("refuses to start, with nothing left running, when another process holds the port", function()
     local port = H.free_port()
     local cfg = ([[
@@ -714,6 +747,27 @@ return { access_log = %q,
       assert.truthy(H.wait_for(function() return #access_lines(alog) == 1 end, 10))
       assert.are.equal(1, #access_lines(alog .. ".1"))
       H.stop_sluice(p)
+    end)
+
+    it("says so when SIGUSR1 cannot reopen the access log, and keeps writing where it did", function()
+      local port = H.free_port()
+      local dir = H.tmpfile("logs")
+      H.sh("mkdir -p " .. H.shq(dir))
+      local alog = dir .. "/access.log"
+      local p = H.start_sluice(([[
+return { access_log = %q,
+  listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(alog, port))
+      H.sh(("mv %s %s.old"):format(H.shq(dir), H.shq(dir)))   -- its folder is gone
+      os.execute("kill -USR1 " .. p.pid)
+      assert.truthy(H.wait_for(function()
+        return H.read(p.log):find("SIGUSR1: log files reopened but for the one above", 1, true)
+      end, 10), H.read(p.log))
+      assert.are.equal("one\n", (H.exchange(port, "one\n", 10)))
+      assert.truthy(H.wait_for(function() return #access_lines(dir .. ".old/access.log") == 1 end, 10))
+      local log = H.stop_sluice(p)
+      assert.matches("access_log: cannot open " .. alog, log, 1, true)
+      assert.not_matches("SIGUSR1: log files reopened\n", log, 1, true)
     end)
   end)
 

@@ -285,6 +285,45 @@ describe("upstreams", function()
     assert.are.equal(2, after.B, log)
   end)
 
+  it("do not count sluice's own shortage of descriptors against a server", function()
+    local a = named_peer("A")
+    local port = H.free_port()
+    local p = H.start_sluice(config(port, { a.port }))
+    -- Room for one proxied connection (two descriptors) and one accept
+    -- more: that connection's upstream socket() fails with EMFILE. (The
+    -- limit bounds descriptor numbers: the next three free ones fit.)
+    local function open_fds()
+      local used = {}
+      for fd in H.sh(("ls /proc/%d/fd"):format(p.pid)):gmatch("%d+") do used[tonumber(fd)] = true end
+      return used
+    end
+    local used, free, n = open_fds(), 0, -1
+    while free < 3 do
+      n = n + 1
+      if not used[n] then free = free + 1 end
+    end
+    local base = 0
+    for _ in pairs(used) do base = base + 1 end
+    local _, rc = H.sh(("prlimit --pid %d --nofile=%d:%d"):format(p.pid, n + 1, n + 1))
+    assert.are.equal(0, rc)
+    local held = H.connect(port)
+    assert.are.equal("A", held.recv(1, 10))
+    local c = H.connect(port)
+    assert.are.equal("", c.recv(1, 10))   -- closed: no upstream socket
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("short of resources (Too many open files)", 1, true)
+    end, 10), H.read(p.log))
+    held.close()
+    assert.is_truthy(H.wait_for(function()
+      return tonumber((H.sh(("ls /proc/%d/fd | wc -l"):format(p.pid)))) == base
+    end, 10))
+    -- The server was not skipped: the next connection is served.
+    assert.are.equal("Ax", (H.exchange(port, "x", 10)))
+    local log = H.stop_sluice(p)
+    assert.not_matches("skipped for", log, 1, true)
+  end)
+
   it("check servers by what they answer: send and expect, as for redis PING", function()
     local redis = H.start_redis()
     peers[#peers + 1] = redis

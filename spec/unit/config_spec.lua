@@ -251,7 +251,8 @@ describe("sluice.config", function()
         ["[fe80:0000::0001]:7000"] = "fe80::1",
         ["[1:0:0:2:0:0:0:3]:7000"] = "1:0:0:2::3",
         ["[1:2:3:4:5:6:7::]:7000"] = "1:2:3:4:5:6:7:0",
-        ["[::ffff:192.0.2.1]:7000"] = "::ffff:c000:201",
+        ["[64:ff9b::192.0.2.1]:7000"] = "64:ff9b::c000:201",
+        ["[::ffff]:7000"] = "::ffff",
       }
       for listen, host in pairs(cases) do
         assert.are.same(addr(host, 7000, "inet6"),
@@ -661,6 +662,50 @@ describe("sluice.config", function()
   end)
 
   describe("errors", function()
+    describe("raised by the configuration's own code", function()
+      local SUFFIX = " (raised by the __index metamethod of a configuration table during validation)"
+
+      local function raising(v)
+        return setmetatable({}, { __index = function() error(v, 0) end })
+      end
+
+      it("come out as one line, at the file or the top level", function()
+        assert.are.same({ nil, "config error: " .. FIX .. "/raises_in_index.lua:2: no such key here"
+                               .. SUFFIX },
+                        { config.load(FIX .. "/raises_in_index.lua") })
+        assert.are.equal("config error: top level: x" .. SUFFIX, err_of(raising("x")))
+        assert.are.equal("config error: top level: raised a table" .. SUFFIX, err_of(raising({ 1 })))
+        assert.are.equal("config error: top level: two lines" .. SUFFIX, err_of(raising("two\nlines")))
+        -- In a table deeper in the configuration, and from a function the
+        -- metamethod calls.
+        local deep = setmetatable({}, { __index = function()
+          local function inner() local n = nil; return n + 1 end
+          return inner()
+        end })
+        local err = err_of(conf({ deep }))
+        assert.matches("^config error: top level: spec/unit/config_spec%.lua:%d+: attempt to perform "
+                       .. "arithmetic on local 'n' %(a nil value%)", err)
+        assert.are.equal(SUFFIX, err:sub(-#SUFFIX))
+      end)
+
+      it("come out so from a resolver given in opts", function()
+        local opts = { builtin = OPTS.builtin, resolve = function() error("resolver down", 0) end }
+        assert.are.equal("config error: top level: resolver down (raised by code outside sluice.config "
+                         .. "during validation)",
+                         err_of(conf(nil, { upstreams = { demo = { servers = { "db.internal:1" } } } }),
+                                opts))
+      end)
+
+      it("but an error of sluice.config itself is raised", function()
+        -- A resolver answering numbers where address tables belong: the
+        -- validation's own code fails on them.
+        local opts = { builtin = OPTS.builtin, resolve = function() return { 5 } end }
+        assert.has_error(function()
+          config.validate(conf(nil, { upstreams = { demo = { servers = { "db.internal:1" } } } }), opts)
+        end)
+      end)
+    end)
+
     describe("top level", function()
       it("needs a table", function()
         assert.are.equal("config error: top level: expected a table, got nil", err_of(nil))
@@ -787,6 +832,24 @@ describe("sluice.config", function()
           assert.are.equal('config error: listeners[1].listen: expected "host:port" with a valid IPv6 address '
                            .. 'in the brackets, got "[' .. host .. ']:7000"',
                            err_of(conf({ listener({ listen = "[" .. host .. "]:7000" }) })))
+        end
+      end)
+
+      it("refuse an IPv4-mapped IPv6 address, as admin.listen and as a server too", function()
+        local function mapped(path, given, v4)
+          return ('config error: %s: expected "host:port" with an IPv4 address written as itself, '
+                  .. 'not IPv4-mapped (write "%s"), got "%s"'):format(path, v4, given)
+        end
+        for given, v4 in pairs({ ["[::ffff:127.0.0.1]:27101"] = "127.0.0.1:27101",
+                                 ["[::FFFF:7f00:1]:80"] = "127.0.0.1:80",
+                                 ["[0:0:0:0:0:ffff:10.1.2.3]:80"] = "10.1.2.3:80",
+                                 ["[::ffff:0.0.0.0]:80"] = "0.0.0.0:80" }) do
+          assert.are.equal(mapped("listeners[1].listen", given, v4),
+                           err_of(conf({ listener({ listen = given }) })))
+          assert.are.equal(mapped("admin.listen", given, v4),
+                           err_of(conf(nil, { admin = { listen = given } })))
+          assert.are.equal(mapped("upstreams.demo.servers[1]", given, v4),
+                           err_of(conf(nil, { upstreams = { demo = { servers = { given } } } })))
         end
       end)
 
@@ -1146,12 +1209,18 @@ describe("sluice.config", function()
           assert.are.same({ "db.internal", "cache" }, asked)
         end)
 
-        it("count every address for tries", function()
+        it("count every address for tries, a tries above them being all of them", function()
           assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 2 } }))
             .upstreams.demo.tries)
+          -- The name had more addresses yesterday: the reload is not refused.
+          assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 3 } }))
+            .upstreams.demo.tries)
           assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 2 (the number "
-                           .. "of servers), got 3",
-                           err_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 3 } })))
+                           .. "of servers), got 0",
+                           err_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 0 } })))
+          assert.are.equal("config error: upstreams.demo.tries: expected an integer from 1 to 1 (the number "
+                           .. "of servers), got 2",
+                           err_of(ups({ demo = { servers = { "127.0.0.1:1" }, tries = 2 } })))
         end)
 
         it("fail with the resolver's message, naming the entry", function()
@@ -1169,10 +1238,11 @@ describe("sluice.config", function()
                            err_of(ups({ demo = { servers = { "cache:1" } } }, OPTS)))
         end)
 
-        it("may not give an address twice, nor may addresses", function()
-          assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
-                           .. '"also-db.:5432" (10.0.0.5:5432), which upstreams.demo.servers[1] has already',
-                           err_of(ups({ demo = { servers = { "db.internal:5432", "also-db.:5432" } } })))
+        it("keep an address reached twice through names once; addresses given twice are refused", function()
+          local servers = ok_of(ups({ demo = { servers = { "db.internal:5432", "also-db.:5432",
+                                                            "10.0.0.5:5432" } } })).upstreams.demo.servers
+          assert.are.same({ "10.0.0.5:5432", "[fd00::5]:5432" }, { servers[1].text, servers[2].text })
+          assert.are.equal(2, #servers)
           assert.are.equal('config error: upstreams.demo.servers[2]: expected each address once, got '
                            .. '"127.0.0.1:1", which upstreams.demo.servers[1] has already',
                            err_of(ups({ demo = { servers = { "localhost:1", "127.0.0.1:1" } } })))

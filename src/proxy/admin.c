@@ -20,10 +20,11 @@
 #include "util/common.h"
 #include "util/log.h"
 
-#define SL_ADMIN_MAX_REQUEST 8192
+#define SL_ADMIN_MAX_REQUEST 8192     /* bytes a request may take, its blank line included */
 #define SL_ADMIN_MAX_CONNS 32
 #define SL_ADMIN_TIMEOUT 10.0          /* seconds an admin connection may take */
 #define SL_ADMIN_WORKER_TIMEOUT 2.0    /* seconds a worker may take to answer */
+#define SL_ADMIN_ACCEPT_PAUSE 0.1      /* seconds accepting stops when out of descriptors */
 
 typedef struct sl_admin_conn sl_admin_conn;
 
@@ -34,7 +35,7 @@ struct sl_admin_conn {
   sl_admin *a;
   int fd;
   size_t n;                         /* request bytes read */
-  char req[SL_ADMIN_MAX_REQUEST];
+  char req[SL_ADMIN_MAX_REQUEST + 1]; /* + a NUL after the request line */
   sl_text out;                      /* the response, once known */
   size_t sent;
   sl_admin_conn *prev, *next;
@@ -43,6 +44,7 @@ struct sl_admin_conn {
 struct sl_admin {
   struct ev_loop *loop;
   ev_io accept_io;
+  ev_timer accept_retry;            /* restarts accept_io after a pause (out of descriptors) */
   ev_async stop_watcher;
   int fd;
   pthread_t thread;
@@ -148,21 +150,38 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
   sl_admin_free_snaps(a, snaps);
 }
 
-/* Parses the request in c->req (complete up to its blank line) and fills
- * c->out with the answer. */
+/* Is s[0..n) an HTTP token (a method): 1 to 15 visible characters? */
+static int sl_admin_is_token(const char *s, size_t n) {
+  if (n == 0 || n > 15) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (s[i] <= ' ' || s[i] >= 0x7f) return 0;
+  return 1;
+}
+
+/* Parses the request in c->req (complete up to its blank line, no NUL in
+ * it) and fills c->out with the answer. The request line must be exactly
+ * `METHOD SP /target SP HTTP/1.x` (1.0 or 1.1), ended by CRLF or LF. */
 static void sl_admin_handle(sl_admin_conn *c) {
   char *line_end = memchr(c->req, '\n', c->n);
-  char method[16], target[1024], version[16];
   if (line_end == NULL) {
     sl_admin_plain(c, 400, "Bad Request", NULL, "bad request\n");
     return;
   }
-  *line_end = '\0';
-  if (sscanf(c->req, "%15s %1023s %15s", method, target, version) != 3 ||
-      strncmp(version, "HTTP/1.", 7) != 0 || target[0] != '/') {
+  size_t len = (size_t)(line_end - c->req);
+  if (len > 0 && c->req[len - 1] == '\r') len--;
+  c->req[len] = '\0';
+  char *method = c->req;
+  char *sp1 = memchr(method, ' ', len);
+  char *target = sp1 ? sp1 + 1 : NULL;
+  char *sp2 = target ? memchr(target, ' ', len - (size_t)(target - c->req)) : NULL;
+  char *version = sp2 ? sp2 + 1 : NULL;
+  if (version == NULL || !sl_admin_is_token(method, (size_t)(sp1 - method)) ||
+      target[0] != '/' || (size_t)(sp2 - target) >= 1024 ||
+      (strcmp(version, "HTTP/1.1") != 0 && strcmp(version, "HTTP/1.0") != 0)) {
     sl_admin_plain(c, 400, "Bad Request", NULL, "bad request\n");
     return;
   }
+  *sp1 = *sp2 = '\0';
   if (strcmp(method, "GET") != 0) {
     sl_admin_plain(c, 405, "Method Not Allowed", "Allow: GET\r\n", "method not allowed: GET only\n");
     return;
@@ -228,17 +247,22 @@ static void sl_admin_on_write(struct ev_loop *loop, ev_io *io, int revents) {
 static void sl_admin_on_read(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(revents);
   sl_admin_conn *c = SL_CONTAINER_OF(io, sl_admin_conn, io);
-  ssize_t n = recv(c->fd, c->req + c->n, sizeof(c->req) - 1 - c->n, 0);
+  ssize_t n = recv(c->fd, c->req + c->n, SL_ADMIN_MAX_REQUEST - c->n, 0);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
   if (n <= 0) {
     sl_admin_conn_close(c);
     return;
   }
+  size_t before = c->n;
   c->n += (size_t)n;
-  c->req[c->n] = '\0';
-  if (strstr(c->req, "\r\n\r\n") != NULL || strstr(c->req, "\n\n") != NULL) {
+  /* The blank line may straddle two reads: look from 3 bytes back. */
+  size_t from = before > 3 ? before - 3 : 0;
+  if (memchr(c->req + before, '\0', (size_t)n) != NULL) {
+    sl_admin_plain(c, 400, "Bad Request", NULL, "bad request: a NUL byte\n");
+  } else if (memmem(c->req + from, c->n - from, "\r\n\r\n", 4) != NULL ||
+             memmem(c->req + from, c->n - from, "\n\n", 2) != NULL) {
     sl_admin_handle(c);
-  } else if (c->n >= sizeof(c->req) - 1) {
+  } else if (c->n >= SL_ADMIN_MAX_REQUEST) {
     sl_admin_plain(c, 400, "Bad Request", NULL, "bad request: larger than 8 KiB\n");
   } else {
     return;
@@ -266,9 +290,20 @@ static void sl_admin_on_accept(struct ev_loop *loop, ev_io *io, int revents) {
   for (;;) {
     int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK)
-        sl_log(SL_LOG_WARN, "admin %s: accept: %s", a->text, strerror(errno));
+      int e = errno;
+      if (e == EINTR || e == ECONNABORTED) continue;
+      if (e == EAGAIN || e == EWOULDBLOCK) return;
+      if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
+        /* The connection stays queued and the watcher (level-triggered)
+         * would fire again at once: pause, as the workers' listeners do. */
+        sl_log(SL_LOG_ERROR, "admin %s: accept: %s; pausing accepts for 100 ms", a->text,
+               strerror(e));
+        ev_io_stop(loop, &a->accept_io);
+        ev_timer_set(&a->accept_retry, SL_ADMIN_ACCEPT_PAUSE, 0.);
+        ev_timer_start(loop, &a->accept_retry);
+        return;
+      }
+      sl_log(SL_LOG_WARN, "admin %s: accept: %s", a->text, strerror(e));
       return;
     }
     sl_admin_conn *c = a->nconns < SL_ADMIN_MAX_CONNS ? calloc(1, sizeof(*c)) : NULL;
@@ -289,12 +324,19 @@ static void sl_admin_on_accept(struct ev_loop *loop, ev_io *io, int revents) {
   }
 }
 
+static void sl_admin_on_accept_retry(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(revents);
+  sl_admin *a = SL_CONTAINER_OF(t, sl_admin, accept_retry);
+  ev_io_start(loop, &a->accept_io);
+}
+
 /* ---- life cycle ---- */
 
 static void sl_admin_on_stop(struct ev_loop *loop, ev_async *w, int revents) {
   SL_UNUSED(revents);
   sl_admin *a = SL_CONTAINER_OF(w, sl_admin, stop_watcher);
   ev_io_stop(loop, &a->accept_io);
+  ev_timer_stop(loop, &a->accept_retry);
   ev_async_stop(loop, &a->stop_watcher);
   while (a->conns) sl_admin_conn_close(a->conns);
 }
@@ -340,6 +382,7 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   atomic_store(&a->last_applied_ms, sl_admin_unix_ms());
   ev_io_init(&a->accept_io, sl_admin_on_accept, a->fd, EV_READ);
   ev_io_start(a->loop, &a->accept_io);
+  ev_timer_init(&a->accept_retry, sl_admin_on_accept_retry, 0., 0.);
   ev_async_init(&a->stop_watcher, sl_admin_on_stop);
   ev_async_start(a->loop, &a->stop_watcher);
   return a;

@@ -467,14 +467,22 @@ void sl_config_log_resolved(const sl_config *c) {
       if (name == NULL || (j > 0 && u->server_name[j - 1] != NULL &&
                            strcmp(u->server_name[j - 1], name) == 0))
         continue;   /* an address, or a name already said */
-      char all[1024];
-      size_t used = 0;
+      char all[4096];
+      size_t used = 0, n = 0, shown = 0;
       for (size_t k = j; k < u->nservers && u->server_name[k] != NULL &&
-                         strcmp(u->server_name[k], name) == 0 && used < sizeof(all);
-           k++)
-        used += (size_t)snprintf(all + used, sizeof(all) - used, "%s%s", k > j ? ", " : "",
-                                 u->server_text[k]);
-      sl_log(SL_LOG_INFO, "upstream %s: %s is %s", u->name, name, all);
+                         strcmp(u->server_name[k], name) == 0;
+           k++, n++) {
+        if (shown < n) continue;   /* full already: counted only */
+        int w = snprintf(all + used, sizeof(all) - used, "%s%s", n ? ", " : "", u->server_text[k]);
+        if (w < 0 || (size_t)w >= sizeof(all) - used) {
+          all[used] = '\0';   /* whole addresses only */
+          continue;
+        }
+        used += (size_t)w;
+        shown++;
+      }
+      sl_log(SL_LOG_INFO, "upstream %s: %s is %s%s", u->name, name, all,
+             shown < n ? " (and more)" : "");
     }
   }
 }

@@ -642,8 +642,10 @@ int sl_runtime_run(sl_config *cfg) {
       continue;
     }
     if (sig == SIGUSR1) {
-      sl_runtime_open_logs(rt, rt->cfg, 0);
-      sl_log(SL_LOG_INFO, "SIGUSR1: log files reopened");
+      if (sl_runtime_open_logs(rt, rt->cfg, 0) == SL_OK)
+        sl_log(SL_LOG_INFO, "SIGUSR1: log files reopened");
+      else
+        sl_log(SL_LOG_WARN, "SIGUSR1: log files reopened but for the one above");
       continue;
     }
     sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",

@@ -385,6 +385,18 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
     a->ntried++;
     struct sl_channel *ch =
         sl_channel_connect(w, addr, timeout, &a->cc, sl_attempt_on_connect, a, a->for_name);
+    if (ch == NULL && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
+      /* sluice's own shortage (descriptors, memory), not the server's: it
+       * is not counted against the server, and no other server is tried
+       * (each would fail alike). */
+      char why[160];
+      snprintf(why, sizeof(why), "sluice is short of resources (%s), not counted against %s",
+               strerror(errno), a->up ? "the server" : "the address");
+      a->ntried = 0;
+      sl_attempt_detach(a);
+      sl_attempt_give_up(a, why);
+      return SL_ERROR;
+    }
     if (ch == NULL) {
       sl_metrics_connect_done(w, a->up ? a->up->cfg->name : "-",
                               a->up ? a->up->bal.peers[a->server].m : NULL, 0, errno);

@@ -2,7 +2,8 @@
 -- upstream servers give them.
 --
 --   "host:port": IPv4 (dotted quad, no leading zeros), [IPv6] (in brackets;
---   "::" compression and an IPv4 tail allowed, no zone ids), localhost
+--   "::" compression and an IPv4 tail allowed, no zone ids, not an
+--   IPv4-mapped address such as [::ffff:127.0.0.1]), localhost
 --   (becomes 127.0.0.1), for a listening address * / 0.0.0.0 / [::], and
 --   for an address to connect to a host name (letters, digits, "-" and
 --   "." in labels of 1 to 63, 253 at most, not all digits; a final "."
@@ -19,6 +20,7 @@ local type = type
 local tonumber = tonumber
 local format = string.format
 local concat = table.concat
+local floor = math.floor
 
 local check = require("sluice.config.check")
 local fail, show = check.fail, check.show
@@ -114,6 +116,19 @@ local function is_host_name(s)
     return true
 end
 
+-- Returns the IPv4 address (dotted quad) of an IPv4-mapped IPv6 address in
+-- canonical form ("::ffff:7f00:1" for ::ffff:127.0.0.1), or nil. sluice
+-- refuses those: listening on one fails (IPv6 listeners are IPv6-only), and
+-- connecting to one from an IPv6 socket works only while the system maps
+-- IPv4 into IPv6 (net.ipv6.bindv6only = 0), as a server apart from the
+-- same IPv4 address.
+local function v4_of_mapped(host)
+    local hi, lo = host:match("^::ffff:(%x+):(%x+)$")
+    if not hi then return nil end
+    hi, lo = tonumber(hi, 16), tonumber(lo, 16)
+    return format("%d.%d.%d.%d", floor(hi / 256), hi % 256, floor(lo / 256), lo % 256)
+end
+
 -- Parses a "host:port" string. `listen` allows the wildcard hosts `*` and
 -- 0.0.0.0 (and [::]); servers may not use them.
 -- Returns { host, port, text, family } or nil, <what was expected>.
@@ -150,6 +165,11 @@ local function parse_address(s, listen)
     end
     if not host and bracketed then
         return nil, expected .. " with a valid IPv6 address in the brackets"
+    end
+    local mapped = family == "inet6" and v4_of_mapped(host)
+    if mapped then
+        return nil, format('%s with an IPv4 address written as itself, not IPv4-mapped '
+                           .. '(write "%s:%d")', expected, mapped, port)
     elseif not host then
         return nil, expected .. (listen
             and " with host an IPv4 address, [IPv6 address], localhost or *"

@@ -47,6 +47,11 @@ function _M.exempt()
 end
 _M.exempt()
 
+-- Is `source` (debug.getinfo's) one of sluice.config's own files?
+function _M.is_own(source)
+    return own_sources[source] == true
+end
+
 local bounded_depth = 0  -- > 0 while a bounded call runs (validate inside load)
 
 -- Calls fn(...) under the instruction limit `limit`. Returns what fn

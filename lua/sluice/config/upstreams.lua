@@ -7,6 +7,9 @@
 --                        host name becomes one server per address it
 --                        resolves to (ctx.resolve), each with the entry's
 --                        weight; an address may appear once per upstream
+--                        (one reached again through a host name is
+--                        dropped); with host names, a tries above the
+--                        number of addresses is that number
 --     balance            optional "round_robin" (default), "least_conn",
 --                        "hash" (on the client address) or "random_two"
 --     connect_timeout_ms optional positive integer, default 5000
@@ -106,14 +109,20 @@ local function check_server(v, path, out, seen, resolve)
     local addrs = addr.family == "name" and resolve_name(addr, path, resolve) or { addr }
     for _, a in ipairs(addrs) do
         local other = seen[a.text]
-        if other then
-            fail(path, "expected each address once, got %s%s, which %s has already",
-                 show(text), a.name and (" (" .. a.text .. ")") or "", other)
+        if other and not a.name and not other.name then
+            fail(path, "expected each address once, got %s, which %s has already", show(text),
+                 other.path)
         end
-        seen[a.text] = path
-        a.weight = weight
-        out[#out + 1] = a
+        -- An address reached again through a host name (two names for one
+        -- server, as in a migration) is the same server: the first entry
+        -- keeps it.
+        if not other then
+            seen[a.text] = { path = path, name = a.name }
+            a.weight = weight
+            out[#out + 1] = a
+        end
     end
+    return addr.family == "name"
 end
 
 -- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
@@ -173,9 +182,9 @@ local function check_upstream(name, up, path, resolve)
     if type(servers) ~= "table" or next(servers) == nil then
         fail(spath, 'expected a non-empty array of "host:port" strings, got %s', show(servers))
     end
-    local out, seen = {}, {}
+    local out, seen, named = {}, {}, false
     for i = 1, check_array(servers, spath) do
-        check_server(servers[i], format("%s[%d]", spath, i), out, seen, resolve)
+        named = check_server(servers[i], format("%s[%d]", spath, i), out, seen, resolve) or named
     end
     local balance = up.balance
     if balance == nil then
@@ -188,6 +197,11 @@ local function check_upstream(name, up, path, resolve)
         path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
     local tries = up.tries
     if tries == nil then
+        tries = #out
+    elseif named and type(tries) == "number" and tries == floor(tries) and tries > #out then
+        -- Host names answer with as many addresses as they have today: a
+        -- tries above that tries them all (a DNS answer that shrank does
+        -- not refuse a reload).
         tries = #out
     elseif type(tries) ~= "number" or tries ~= floor(tries) or tries < 1 or tries > #out then
         fail(path .. ".tries", "expected an integer from 1 to %d (the number of servers), got %s",

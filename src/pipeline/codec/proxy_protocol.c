@@ -42,39 +42,83 @@ typedef struct sl_pp_state {
   int failed;                     /* a bad header closed the connection */
 } sl_pp_state;
 
-/* Sets the client address from a v1 line ("PROXY TCP4 a b p q\r\n").
- * NULL, or what is wrong. */
-static const char *sl_pp_v1(sl_channel *ch, char *line) {
-  char *save = NULL;
-  char *f[7];
-  int n = 0;
-  for (char *t = strtok_r(line, " ", &save); t != NULL && n < 7; t = strtok_r(NULL, " ", &save))
-    f[n++] = t;
-  if (n < 2 || strcmp(f[0], "PROXY") != 0) return "not a PROXY line";
-  if (strcmp(f[1], "UNKNOWN") == 0) return NULL;
-  int v6 = strcmp(f[1], "TCP6") == 0;
-  if (!v6 && strcmp(f[1], "TCP4") != 0) return "unknown protocol";
-  if (n != 6) return n < 6 ? "missing fields" : "too many fields";
-  char *end = NULL;
-  long port = strtol(f[4], &end, 10);
-  if (*f[4] < '0' || *f[4] > '9' || *end != '\0' || port > 65535 || (f[4][0] == '0' && f[4][1]))
-    return "bad source port";
-  sl_addr a;
-  memset(&a, 0, sizeof(a));
-  if (v6) {
-    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a.ss;
-    s6->sin6_family = AF_INET6;
-    s6->sin6_port = htons((uint16_t)port);
-    if (inet_pton(AF_INET6, f[2], &s6->sin6_addr) != 1) return "bad source address";
-    a.len = sizeof(*s6);
-  } else {
-    struct sockaddr_in *s4 = (struct sockaddr_in *)&a.ss;
-    s4->sin_family = AF_INET;
-    s4->sin_port = htons((uint16_t)port);
-    if (inet_pton(AF_INET, f[2], &s4->sin_addr) != 1) return "bad source address";
-    a.len = sizeof(*s4);
+/* One field of a v1 line: its bytes (not NUL-terminated) and length. */
+typedef struct sl_pp_field {
+  const char *p;
+  size_t len;
+} sl_pp_field;
+
+/* A port: decimal 0-65535, digits only, no leading zero (but "0"). */
+static int sl_pp_v1_port(sl_pp_field f, uint16_t *port) {
+  if (f.len == 0 || f.len > 5 || (f.p[0] == '0' && f.len > 1)) return SL_ERROR;
+  uint32_t v = 0;
+  for (size_t i = 0; i < f.len; i++) {
+    if (f.p[i] < '0' || f.p[i] > '9') return SL_ERROR;
+    v = v * 10 + (uint32_t)(f.p[i] - '0');
   }
-  if (ch != NULL) sl_channel_set_remote(ch, &a);
+  if (v > 65535) return SL_ERROR;
+  *port = (uint16_t)v;
+  return SL_OK;
+}
+
+/* An address of the family (AF_INET or AF_INET6) with a port, into a. */
+static int sl_pp_v1_addr(sl_pp_field f, int family, uint16_t port, sl_addr *a) {
+  char text[INET6_ADDRSTRLEN];
+  if (f.len == 0 || f.len >= sizeof(text)) return SL_ERROR;
+  memcpy(text, f.p, f.len);
+  text[f.len] = '\0';
+  memset(a, 0, sizeof(*a));
+  if (family == AF_INET6) {
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a->ss;
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(port);
+    if (inet_pton(AF_INET6, text, &s6->sin6_addr) != 1) return SL_ERROR;
+    a->len = sizeof(*s6);
+  } else {
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&a->ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(port);
+    if (inet_pton(AF_INET, text, &s4->sin_addr) != 1) return SL_ERROR;
+    a->len = sizeof(*s4);
+  }
+  return SL_OK;
+}
+
+/* Sets the client address from a v1 line without its CRLF, as the PROXY
+ * protocol defines it: "PROXY TCP4 src dst sport dport", fields separated
+ * by single spaces, both addresses of the family, ports 0-65535 in decimal;
+ * after "PROXY UNKNOWN" anything may follow. NULL, or what is wrong. */
+static const char *sl_pp_v1(sl_channel *ch, const char *line, size_t len) {
+  if (len < 6 || memcmp(line, "PROXY ", 6) != 0) return "not a PROXY line";
+  if (len >= 13 && memcmp(line + 6, "UNKNOWN", 7) == 0 && (len == 13 || line[13] == ' '))
+    return NULL;
+  sl_pp_field f[5]; /* protocol, source, destination, source port, destination port */
+  size_t n = 0;
+  for (size_t at = 6;;) {
+    const char *sp = memchr(line + at, ' ', len - at);
+    size_t end = sp ? (size_t)(sp - line) : len;
+    if (end == at) return "not one space between fields";
+    if (n == 5) return "too many fields";
+    f[n].p = line + at;
+    f[n].len = end - at;
+    n++;
+    if (sp == NULL) break;
+    at = end + 1;
+  }
+  int family;
+  if (f[0].len == 4 && memcmp(f[0].p, "TCP4", 4) == 0) family = AF_INET;
+  else if (f[0].len == 4 && memcmp(f[0].p, "TCP6", 4) == 0) family = AF_INET6;
+  else return "unknown protocol";
+  if (n != 5) return "missing fields";
+  uint16_t sport = 0, dport = 0;
+  int sport_ok = sl_pp_v1_port(f[3], &sport) == SL_OK;
+  int dport_ok = sl_pp_v1_port(f[4], &dport) == SL_OK;
+  sl_addr src, dst;
+  if (sl_pp_v1_addr(f[1], family, sport, &src) != SL_OK) return "bad source address";
+  if (sl_pp_v1_addr(f[2], family, dport, &dst) != SL_OK) return "bad destination address";
+  if (!sport_ok) return "bad source port";
+  if (!dport_ok) return "bad destination port";
+  if (ch != NULL) sl_channel_set_remote(ch, &src);
   return NULL;
 }
 
@@ -124,13 +168,18 @@ static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, con
     size_t take = n < SL_PP_V1_MAX - st->have ? n : SL_PP_V1_MAX - st->have;
     memcpy(st->hdr + st->have, p, take);
     st->have += (uint32_t)take;
-    for (uint32_t i = before ? (uint32_t)before - 1 : 0; i + 1 < st->have; i++) {
-      if (st->hdr[i] == '\r' && st->hdr[i + 1] == '\n') {
-        *used = i + 2 - before;
-        st->hdr[i] = '\0';
-        *why = sl_pp_v1(sl_ctx_channel(ctx), (char *)st->hdr);
-        return *why ? -1 : 1;
+    /* The line ends at its first LF, which must follow a CR: were a bare
+     * LF taken as part of the line, the client's bytes after it would be. */
+    const uint8_t *lf = memchr(st->hdr + before, '\n', st->have - before);
+    if (lf != NULL) {
+      size_t i = (size_t)(lf - st->hdr);
+      if (i == 0 || st->hdr[i - 1] != '\r') {
+        *why = "v1 line not ended by CRLF";
+        return -1;
       }
+      *used = i + 1 - before;
+      *why = sl_pp_v1(sl_ctx_channel(ctx), (const char *)st->hdr, i - 1);
+      return *why ? -1 : 1;
     }
     if (st->have == SL_PP_V1_MAX) {
       *why = "v1 line longer than 107 bytes";

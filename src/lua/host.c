@@ -212,8 +212,8 @@ static void sl_lua_timeout_hook(lua_State *L, lua_Debug *ar) {
     SL_LUA_BUMP(&h->step, 1);
     __atomic_store_n(&h->int_step, h->step, __ATOMIC_RELAXED);
     h->raised_step = h->step;
+    h->timeouts++;   /* one callback stopped, however often it is raised at */
   }
-  h->timeouts++;
   /* The loop's clock stood still for the whole callback: the close that
    * follows (its log line, the access log's duration) takes the time now. */
   if (h->w != NULL && h->w->loop != NULL) ev_now_update(h->w->loop);

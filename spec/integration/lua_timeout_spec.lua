@@ -201,11 +201,12 @@ describe("lua_timeout_ms", function()
     -- (without the watchdog, for ever).
     H.sleep(0.3)
     os.execute("kill -HUP " .. p.pid)
-    assert.are.equal("", c.recv(5, 20))
+    -- (Bounds for valgrind, where the reload's own loading is slow.)
+    assert.are.equal("", c.recv(5, 60))
     c.close()
     assert.is_truthy(H.wait_for(function()
       return H.read(p.log):find("configuration reloaded", 1, true)
-    end, 20), H.read(p.log))
+    end, 60), H.read(p.log))
     assert.matches("stage " .. spin .. " ran longer than lua_timeout_ms %(2000 ms%)", H.read(p.log))
     assert.are.equal("after\n", H.exchange(port, "after\n", 10))
     assert.are.equal(0, H.metric(admin, "sluice_workers_stuck"))
@@ -235,6 +236,13 @@ describe("lua_timeout_ms", function()
     { "in a stage that catches the error for ever", "catcher", CATCHER, "catch\n" },
   }) do
     it("reports a worker stuck " .. case[1] .. "; the other worker takes the connections", function()
+      if case[2] == "catcher" and H.wrapper ~= "" then
+        -- valgrind runs one thread at a time: a stage raising and catching
+        -- every thousand instructions starves the other worker, whose
+        -- answers this spec times.
+        pending("not under valgrind: the catching stage starves the other worker there")
+        return
+      end
       local p, port, admin, mod = start(case[2], case[3], 2, 200)
       local c = H.connect(port)
       c.send(case[4])

@@ -70,6 +70,7 @@ local check = require("sluice.config.check")
 local sandbox = require("sluice.config.sandbox")
 local stages = require("sluice.config.stages")
 local check_root = require("sluice.config.root").check
+local upstreams = require("sluice.config.upstreams")
 local show, one_line = check.show, check.one_line
 local bounded, DEFAULT_INSTRUCTION_LIMIT = sandbox.bounded, sandbox.DEFAULT_INSTRUCTION_LIMIT
 local is_own = sandbox.is_own
@@ -225,6 +226,17 @@ function _M.load(path, opts)
         end
         return validate(res, o, function(msg) return file_error(path, msg) end)
     end)
+end
+
+-- The upstreams of cfg (a table load or validate returned) with their host
+-- names resolved again by resolve (opts.resolve's shape): a new upstreams
+-- table for cfg.upstream_names, or nil, "config error: ..." (one line) when
+-- a name no longer resolves. User code does not run: cfg is sluice's own.
+function _M.reexpand(cfg, resolve)
+    local ok, res = pcall(upstreams.reexpand, cfg.upstreams, cfg.upstream_names, resolve)
+    if ok then return res end
+    if check.is_failure(res) then return nil, one_line(res.msg) end
+    error(res, 0)
 end
 
 return _M

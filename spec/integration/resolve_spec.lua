@@ -157,6 +157,107 @@ describe("upstream servers given by host name", function()
                    log, 1, true)
   end)
 
+  -- Peers on one port at two loopback addresses: each says its name, then
+  -- echoes what it gets.
+  local function named_peers(port, list)
+    for _, pe in ipairs(list) do
+      local q = H.spawn(("socat TCP-LISTEN:%d,bind=%s,reuseaddr,fork SYSTEM:%s")
+                          :format(port, pe[1], H.shq("printf " .. pe[2] .. "; exec cat")), "peer")
+      peers[#peers + 1] = q
+    end
+    assert(H.wait_for(function()
+      for _, pe in ipairs(list) do
+        local _, rc = H.sh(("socat -T1 /dev/null TCP:%s:%d,connect-timeout=1"):format(pe[1], port))
+        if rc ~= 0 then return false end
+      end
+      return true
+    end, 10), "the peers did not start")
+  end
+
+  local function rewrite(path, text)
+    local f = assert(io.open(path, "w"))   -- in place: the mount follows the file
+    f:write(text)
+    f:close()
+  end
+
+  it("are resolved again while running: new connections get the new address, open ones and "
+     .. "the Lua stages stay", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local port_b = H.free_port()
+    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test\n")
+    local port, admin = H.free_port(), H.free_port()
+    local p = start(hosts, ([[
+return {
+  workers = 1,
+  log_level = "debug",
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back",
+                  pipeline = { "examples.stages.upper" } } },
+  upstreams = { back = { servers = { "svc.sluice.test:%d" }, resolve_interval_ms = 100 } },
+}
+]]):format(admin, port, port_b))
+    assert.are.equal(0, H.metric(admin, "sluice_upstream_dns_changes_total"))
+    local held = H.connect(port)
+    assert.are.equal("A", held.recv(1))
+    held.send("ab")
+    assert.are.equal("AB", held.recv(2))
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 svc.sluice.test\n")
+    assert.is_truthy(H.wait_for(function() return H.exchange(port, "x", 5) == "BX" end, 15),
+                     H.read(p.log))
+    assert.matches(("upstream back: host names resolved again: servers 127.0.0.3:%d (were "
+                    .. "127.0.0.2:%d); new connections use them"):format(port_b, port_b),
+                   H.read(p.log), 1, true)
+    -- The connection opened before goes on to its server.
+    held.send("cd")
+    assert.are.equal("CD", held.recv(2))
+    held.close()
+    -- Its configuration is let go; the stages it shares with the new one stay.
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("has no connection left", 1, true)
+    end, 15), H.read(p.log))
+    assert.are.equal("BY", (H.exchange(port, "y", 5)))
+    -- The name goes away: a warning, and the servers keep their addresses.
+    rewrite(hosts, "127.0.0.1 localhost\n")
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("upstream host svc.sluice.test: cannot resolve it again", 1, true)
+    end, 15), H.read(p.log))
+    assert.are.equal("BZ", (H.exchange(port, "z", 5)))
+    -- It comes back with the first address, and a SIGHUP still reloads.
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test\n")
+    assert.is_truthy(H.wait_for(function() return H.exchange(port, "w", 5) == "AW" end, 15),
+                     H.read(p.log))
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.equal("AV", (H.exchange(port, "v", 5)))
+    assert.are.equal(2, H.metric(admin, "sluice_upstream_dns_changes_total"))
+    local log = H.stop_sluice(p)
+    assert.matches("upstream host svc.sluice.test: resolves again", log, 1, true)
+  end)
+
+  it("are not resolved again with resolve_interval_ms = 0", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local port_b = H.free_port()
+    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test\n")
+    local port = H.free_port()
+    local p = start(hosts, config(port, { "svc.sluice.test:" .. port_b }, "resolve_interval_ms = 0"))
+    assert.are.equal("AX", (H.exchange(port, "X", 5)))
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 svc.sluice.test\n")
+    H.sleep(1)
+    assert.are.equal("AX", (H.exchange(port, "X", 5)))
+    local log = H.stop_sluice(p)
+    assert.is_falsy(log:find("resolved again", 1, true), log)
+  end)
+
   it("that do not resolve stop the start and --check with exit 2, naming the key", function()
     if not usable then
       pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")

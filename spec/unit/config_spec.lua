@@ -70,7 +70,7 @@ end
 local function upstream_defaults(name, servers, fields)
   return merge({ name = name, servers = servers, balance = "round_robin",
                  connect_timeout_ms = 5000, tries = #servers, max_fails = 1,
-                 fail_timeout_ms = 10000 }, fields)
+                 fail_timeout_ms = 10000, resolve_interval_ms = 30000, hosts = {} }, fields)
 end
 
 local ALLOCATOR_DEFAULTS = {
@@ -1143,7 +1143,7 @@ describe("sluice.config", function()
       it("reject unknown keys", function()
         assert.are.equal("config error: upstreams.demo.server: unknown key (expected one of: servers, "
                          .. "balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms, health_check, "
-                         .. "send_proxy)",
+                         .. "send_proxy, resolve_interval_ms)",
                          uerr({ demo = { server = "127.0.0.1:1" } }))
       end)
 
@@ -1208,6 +1208,49 @@ describe("sluice.config", function()
           assert.are.equal(4, cfg.upstreams.demo.tries)   -- every address
           assert.are.same({ "db.internal", "cache" }, asked)
         end)
+
+        it("are listed once in hosts, and resolved again every resolve_interval_ms", function()
+          local u = ok_of(ups({ demo = { servers = { "db.internal:5432", "cache:6379",
+                                                     "db.internal:5433", "10.0.0.7:1" },
+                                         resolve_interval_ms = 500 } })).upstreams.demo
+          assert.are.same({ "db.internal", "cache" }, u.hosts)
+          assert.are.equal(500, u.resolve_interval_ms)
+          assert.are.equal(0, ok_of(ups({ demo = { servers = { "cache:1" }, resolve_interval_ms = 0 } }))
+            .upstreams.demo.resolve_interval_ms)
+          for _, bad in ipairs({ 99, 1, -1, 1.5, "500" }) do
+            local want = (bad == 99 or bad == 1)
+              and "expected 0 (never) or at least 100, got " .. bad
+              or "expected an integer from 0 to 2147483647, got " .. (type(bad) == "string"
+                                                                     and '"500"' or tostring(bad))
+            assert.are.equal("config error: upstreams.demo.resolve_interval_ms: " .. want,
+                             err_of(ups({ demo = { servers = { "cache:1" }, resolve_interval_ms = bad } })))
+          end
+        end)
+
+        it("get the servers of new answers from reexpand, the rest of the upstream unchanged",
+          function()
+            local cfg = ok_of(ups({ demo = { servers = { { "db.internal:5432", weight = 2 },
+                                                         "10.0.0.7:5432" }, tries = 9 },
+                                    plain = { servers = { "10.0.0.8:1" } } }))
+            local answers = { ["db.internal"] = { { host = "10.0.0.6", family = "inet" },
+                                                  { host = "10.0.0.7", family = "inet" },
+                                                  { host = "10.0.0.8", family = "inet" } } }
+            local function resolve(name) return answers[name], "gone" end
+            local out = assert(config.reexpand(cfg, resolve))
+            local a, b, c, d = addr("10.0.0.6", 5432), addr("10.0.0.7", 5432), addr("10.0.0.8", 5432),
+                               addr("10.0.0.7", 5432)
+            a.weight, a.name, b.weight, b.name, c.weight, c.name = 2, "db.internal:5432", 2,
+              "db.internal:5432", 2, "db.internal:5432"
+            d.weight = 1
+            -- The literal address the name now has too stays one server (the first entry's).
+            assert.are.same({ a, b, c }, out.demo.servers)
+            assert.are.equal(3, out.demo.tries)
+            assert.are.equal(cfg.upstreams.plain, out.plain)
+            assert.are.equal(3, #cfg.upstreams.demo.servers)   -- the running table is not touched
+            answers["db.internal"] = nil
+            assert.are.same({ nil, 'config error: upstreams.demo.servers[1][1]: cannot resolve '
+                                   .. '"db.internal": gone' }, { config.reexpand(cfg, resolve) })
+          end)
 
         it("count every address for tries, a tries above them being all of them", function()
           assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 2 } }))

@@ -93,6 +93,7 @@ int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_ADDRCONFIG;
   *n = 0;
+  uint8_t keys[SL_ADDR_RESOLVE_MAX][17];
   int rc = getaddrinfo(name, NULL, &hints, &res);
   if (rc != 0) {
     *why = rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc);
@@ -109,8 +110,20 @@ int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const
     int dup = 0;
     for (int i = 0; i < *n && !dup; i++) dup = family[i] == ai->ai_family && strcmp(out[i], text) == 0;
     if (dup) continue;
-    memcpy(out[*n], text, sizeof(text));
-    family[*n] = ai->ai_family;
+    /* In order (IPv4 first, then by address): an answer whose order
+     * rotates, as round-robin DNS does, is the same answer. */
+    uint8_t key[17] = {ai->ai_family == AF_INET ? 4 : 6};
+    memcpy(key + 1, a, ai->ai_family == AF_INET ? 4 : 16);
+    int at = *n;
+    while (at > 0 && memcmp(keys[at - 1], key, sizeof(key)) > 0) {
+      memcpy(keys[at], keys[at - 1], sizeof(key));
+      memcpy(out[at], out[at - 1], sizeof(text));
+      family[at] = family[at - 1];
+      at--;
+    }
+    memcpy(keys[at], key, sizeof(key));
+    memcpy(out[at], text, sizeof(text));
+    family[at] = ai->ai_family;
     (*n)++;
   }
   freeaddrinfo(res);

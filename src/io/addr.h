@@ -39,8 +39,10 @@ void sl_addr_key_of(const struct sockaddr *sa, sl_addr_key *k);
 #define SL_ADDR_RESOLVE_MAX 64   /* addresses kept per name */
 
 /* The addresses of host name `name` for TCP, as the system's resolver
- * finds them (getaddrinfo: /etc/hosts, DNS, as nsswitch.conf says), in its
- * order, each once, IPv4 and IPv6 (AI_ADDRCONFIG: a family only when the
+ * finds them (getaddrinfo: /etc/hosts, DNS, as nsswitch.conf says), each
+ * once, sorted (IPv4 first, then by address: an answer whose order rotates,
+ * as round-robin DNS does, comes out the same), IPv4 and IPv6 (the first
+ * SL_ADDR_RESOLVE_MAX the resolver gives; AI_ADDRCONFIG: a family only when the
  * machine has an address of it): their texts ("10.0.0.5", "fd00::5", no
  * brackets) into out[0..*n) and their families (AF_INET, AF_INET6) into
  * family, at most SL_ADDR_RESOLVE_MAX. Blocks until the resolver answers.

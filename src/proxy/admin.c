@@ -54,6 +54,7 @@ struct sl_admin {
   int stuck;                        /* workers stuck in Lua (stuck_lock) */
   char stuck_why[256];              /* the report /health shows (stuck_lock) */
   _Atomic uint64_t reloads_applied, reloads_refused;
+  _Atomic uint64_t dns_changes;     /* host names resolved again to other servers */
   _Atomic int last_reload_ok;       /* 1 at start */
   _Atomic int64_t last_applied_ms;  /* Unix time of the start or the last applied reload */
   struct sl_worker **workers;       /* borrowed */
@@ -139,7 +140,8 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
   sl_admin_report r = {snaps, a->nworkers, a->alloc, atomic_load(&a->draining), stuck,
                        atomic_load(&a->reloads_applied), atomic_load(&a->reloads_refused),
                        atomic_load(&a->last_reload_ok),
-                       (double)atomic_load(&a->last_applied_ms) / 1000.0};
+                       (double)atomic_load(&a->last_applied_ms) / 1000.0,
+                       atomic_load(&a->dns_changes)};
   if (snaps != NULL) pages[page].format(&body, &r);
   if (snaps == NULL || body.failed) {
     sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");
@@ -408,6 +410,10 @@ void sl_admin_note_reload(sl_admin *a, int applied) {
   atomic_fetch_add(applied ? &a->reloads_applied : &a->reloads_refused, 1);
   atomic_store(&a->last_reload_ok, applied ? 1 : 0);
   if (applied) atomic_store(&a->last_applied_ms, sl_admin_unix_ms());
+}
+
+void sl_admin_note_dns_change(sl_admin *a) {
+  if (a) atomic_fetch_add(&a->dns_changes, 1);
 }
 
 void sl_admin_set_stuck(sl_admin *a, int n, const char *why) {

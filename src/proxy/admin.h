@@ -47,6 +47,10 @@ void sl_admin_set_stuck(sl_admin *a, int n, const char *why);
  * /metrics. a may be NULL. */
 void sl_admin_note_reload(sl_admin *a, int applied);
 
+/* Main thread: new connections got other servers because host names
+ * answered differently (resolve_interval_ms), for /metrics. a may be NULL. */
+void sl_admin_note_dns_change(sl_admin *a);
+
 /* Stops the thread (closing open admin connections), frees everything.
  * a may be NULL. */
 void sl_admin_stop(sl_admin *a);

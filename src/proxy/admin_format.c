@@ -487,6 +487,11 @@ void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
                  (unsigned long long)r->reloads_applied);
   sl_text_printf(o, "sluice_config_reloads_total{result=\"refused\"} %llu\n",
                  (unsigned long long)r->reloads_refused);
+  sl_prom_head(o, "sluice_upstream_dns_changes_total", "counter",
+               "Times new connections got other upstream servers because host names among them "
+               "answered differently while running (resolve_interval_ms).");
+  sl_text_printf(o, "sluice_upstream_dns_changes_total %llu\n",
+                 (unsigned long long)r->dns_changes);
   sl_prom_head(o, "sluice_config_last_reload_successful", "gauge",
                "1 when the last reload was applied (or none was asked yet), 0 when it was refused.");
   sl_text_printf(o, "sluice_config_last_reload_successful %d\n", r->last_reload_ok ? 1 : 0);

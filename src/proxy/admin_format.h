@@ -36,6 +36,7 @@ typedef struct sl_admin_report {
   uint64_t reloads_applied, reloads_refused;
   int last_reload_ok;               /* 1 at start, then the last reload's outcome */
   double last_applied;              /* Unix time of the start or the last applied reload */
+  uint64_t dns_changes;             /* server sets changed by host names resolved again */
 } sl_admin_report;
 
 void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);

@@ -117,11 +117,17 @@ static void sl_read_allocator(sl_config *c, lua_State *L, int cfg) {
   lua_pop(L, 1);
 }
 
-static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, size_t errlen) {
-  lua_getfield(L, cfg, "upstream_names");
-  c->nupstreams = lua_objlen(L, -1);
+/* c's upstreams from the normalized table ups (at the top of L's stack)
+ * in the order of the array of names below it (both popped). */
+static int sl_read_upstreams(sl_config *c, lua_State *L, char *err, size_t errlen) {
+  c->nupstreams = lua_objlen(L, -2);
   c->upstreams = calloc(c->nupstreams + 1, sizeof(*c->upstreams));
-  lua_getfield(L, cfg, "upstreams");
+  if (c->upstreams == NULL) {
+    c->nupstreams = 0;
+    lua_pop(L, 2);
+    snprintf(err, errlen, "config error: out of memory");
+    return SL_ERROR;
+  }
   for (size_t i = 0; i < c->nupstreams; i++) {
     sl_upstream_cfg *u = &c->upstreams[i];
     lua_rawgeti(L, -2, (int)i + 1);
@@ -133,6 +139,17 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, int cfg, char *err, siz
     u->max_fails = (int)sl_num_field(L, ut, "max_fails");
     u->fail_timeout = sl_num_field(L, ut, "fail_timeout_ms") / 1000.0;
     u->send_proxy = (int)sl_num_field(L, ut, "send_proxy");
+    u->resolve_interval_ms = (int)sl_num_field(L, ut, "resolve_interval_ms");
+    lua_getfield(L, ut, "hosts");
+    u->nhosts = lua_objlen(L, -1);
+    u->hosts = calloc(u->nhosts + 1, sizeof(char *));
+    for (size_t j = 0; u->hosts && j < u->nhosts; j++) {
+      lua_rawgeti(L, -1, (int)j + 1);
+      u->hosts[j] = strdup(lua_tostring(L, -1));
+      lua_pop(L, 1);
+    }
+    if (u->hosts == NULL) u->nhosts = 0;
+    lua_pop(L, 1);
     char *balance = sl_strdup_field(L, ut, "balance");
     int bad_balance = balance == NULL || sl_balance_parse(balance, &u->balance) != SL_OK;
     free(balance);
@@ -293,6 +310,11 @@ static int sl_config_resolve(lua_State *L) {
     lua_pushstring(L, why);
     return 2;
   }
+  sl_config_push_addresses(L, text, family, n);
+  return 1;
+}
+
+void sl_config_push_addresses(lua_State *L, char text[][46], const int *family, int n) {
   lua_createtable(L, n, 0);
   for (int i = 0; i < n; i++) {
     lua_createtable(L, 0, 2);
@@ -302,7 +324,6 @@ static int sl_config_resolve(lua_State *L) {
     lua_setfield(L, -2, "family");
     lua_rawseti(L, -2, i + 1);
   }
-  return 1;
 }
 
 sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
@@ -388,17 +409,116 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  if (sl_read_upstreams(c, L, cfg, err, errlen) != SL_OK ||
+  lua_getfield(L, cfg, "upstream_names");
+  lua_getfield(L, cfg, "upstreams");
+  if (sl_read_upstreams(c, L, err, errlen) != SL_OK ||
       sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
     sl_config_free(c);
     return NULL;
   }
+  lua_pushvalue(L, cfg);
+  c->norm_ref = luaL_ref(L, LUA_REGISTRYINDEX);   /* for sl_config_derive */
   lua_settop(L, 0);
   return c;
 }
 
+/* ---- configurations derived from another (host names resolved again) ---- */
+
+static void sl_free_upstreams(sl_upstream_cfg *ups, size_t n) {
+  for (size_t i = 0; ups && i < n; i++) {
+    sl_upstream_cfg *u = &ups[i];
+    for (size_t j = 0; u->server_text && j < u->nservers; j++) free(u->server_text[j]);
+    for (size_t j = 0; u->server_name && j < u->nservers; j++) free(u->server_name[j]);
+    for (size_t j = 0; u->hosts && j < u->nhosts; j++) free(u->hosts[j]);
+    free(u->hosts);
+    free(u->server_text);
+    free(u->server_name);
+    free(u->servers);
+    free(u->weights);
+    free(u->health.send);
+    free(u->health.expect);
+    free(u->name);
+  }
+  free(ups);
+}
+
+sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, char *err,
+                            size_t errlen) {
+  sl_config *owner = (sl_config *)sl_config_owner(cur);
+  lua_State *L = owner->L;
+  int top = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushstring(L, "sluice.config");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    snprintf(err, errlen, "config error: %s", lua_tostring(L, -1));
+    lua_settop(L, top);
+    return NULL;
+  }
+  lua_getfield(L, -1, "reexpand");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, owner->norm_ref);
+  lua_pushlightuserdata(L, ud);
+  lua_pushcclosure(L, resolve, 1);
+  if (lua_pcall(L, 2, 2, 0) != 0 || lua_isnil(L, -2)) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    lua_settop(L, top);
+    return NULL;
+  }
+  lua_pop(L, 1);                                  /* the new upstreams on top */
+  sl_config *d = calloc(1, sizeof(*d));
+  sl_listener_cfg *ls = calloc(cur->nlisteners + 1, sizeof(*ls));
+  if (d == NULL || ls == NULL) {
+    free(d);
+    free(ls);
+    lua_settop(L, top);
+    snprintf(err, errlen, "config error: out of memory");
+    return NULL;
+  }
+  memcpy(d, cur, sizeof(*d));
+  atomic_init(&d->refs, 1);
+  d->base = owner;
+  sl_config_ref(owner);
+  d->listeners = ls;
+  d->upstreams = NULL;
+  d->nupstreams = 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, owner->norm_ref);
+  lua_getfield(L, -1, "upstream_names");
+  lua_pushvalue(L, -3);
+  int rc = sl_read_upstreams(d, L, err, errlen);
+  lua_settop(L, top);
+  if (rc != SL_OK || d->nupstreams != cur->nupstreams) {
+    if (rc == SL_OK) snprintf(err, errlen, "config error: the upstreams changed");
+    sl_config_unref(d);
+    return NULL;
+  }
+  for (size_t i = 0; i < cur->nlisteners; i++) {
+    ls[i] = cur->listeners[i];   /* strings and stages stay the owner's */
+    if (ls[i].upstream) ls[i].upstream = &d->upstreams[ls[i].upstream - cur->upstreams];
+  }
+  return d;
+}
+
+int sl_config_same_servers(const sl_config *a, const sl_config *b) {
+  if (a->nupstreams != b->nupstreams) return 0;
+  for (size_t i = 0; i < a->nupstreams; i++) {
+    const sl_upstream_cfg *x = &a->upstreams[i], *y = &b->upstreams[i];
+    if (x->nservers != y->nservers || x->tries != y->tries || strcmp(x->name, y->name) != 0)
+      return 0;
+    for (size_t j = 0; j < x->nservers; j++)
+      if (x->weights[j] != y->weights[j] || strcmp(x->server_text[j], y->server_text[j]) != 0)
+        return 0;
+  }
+  return 1;
+}
+
 void sl_config_free(sl_config *c) {
   if (c == NULL) return;
+  sl_free_upstreams(c->upstreams, c->nupstreams);
+  if (c->base) {   /* only the listener array is its own */
+    free(c->listeners);
+    sl_config_unref(c->base);
+    free(c);
+    return;
+  }
   for (size_t i = 0; c->listeners && i < c->nlisteners; i++) {
     sl_listener_cfg *l = &c->listeners[i];
     for (size_t j = 0; l->stages && j < l->nstages; j++) {
@@ -411,19 +531,6 @@ void sl_config_free(sl_config *c) {
     free(l->listen_text);
   }
   free(c->listeners);
-  for (size_t i = 0; c->upstreams && i < c->nupstreams; i++) {
-    sl_upstream_cfg *u = &c->upstreams[i];
-    for (size_t j = 0; u->server_text && j < u->nservers; j++) free(u->server_text[j]);
-    for (size_t j = 0; u->server_name && j < u->nservers; j++) free(u->server_name[j]);
-    free(u->server_text);
-    free(u->server_name);
-    free(u->servers);
-    free(u->weights);
-    free(u->health.send);
-    free(u->health.expect);
-    free(u->name);
-  }
-  free(c->upstreams);
   free(c->search_path);
   free(c->error_log);
   free(c->access_log);

@@ -18,6 +18,7 @@
 #include "util/log.h"
 
 typedef struct lua_State lua_State;
+typedef int (*sl_lua_cfunction)(lua_State *L);   /* lua_CFunction */
 struct sl_channel_config;
 
 typedef struct sl_stage_spec {
@@ -58,6 +59,9 @@ typedef struct sl_upstream_cfg {
   int send_proxy;              /* PROXY protocol version sent first (1, 2), or 0 */
   int has_health_check;        /* 1: health below runs */
   sl_health_cfg health;
+  int resolve_interval_ms;     /* host names among servers resolved again this often; 0: never */
+  char **hosts;                /* those host names, each once */
+  size_t nhosts;
 } sl_upstream_cfg;
 
 /* A listener's splice setting. AUTO: a connection splices its reads into
@@ -113,7 +117,12 @@ typedef struct sl_config {
   char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */
   sl_addr admin_addr;
   _Atomic uint32_t refs;       /* the running process and each worker still using it */
-  lua_State *L;
+  lua_State *L;                /* the loader's state (stage options, the normalized table) */
+  int norm_ref;                /* the normalized table in L's registry */
+  /* A configuration sl_config_derive made: its own upstreams and listener
+   * array; everything else (strings, stages, L) belongs to base, which it
+   * holds a reference on. NULL for a loaded configuration. */
+  struct sl_config *base;
 } sl_config;
 
 /* sluice's own folder, whose lua/ holds its Lua library: $SLUICE_ROOT;
@@ -126,6 +135,30 @@ const char *sl_config_root(void);
 sl_config *sl_config_load(const char *path, char *err, size_t errlen);
 
 void sl_config_free(sl_config *c);
+
+/* The configuration whose stages and Lua state c uses: c->base, or c. Two
+ * configurations with the same owner have the same Lua stages (keys). */
+static inline const sl_config *sl_config_owner(const sl_config *c) {
+  return c->base ? c->base : c;
+}
+
+/* Main thread only (it uses the owner's Lua state). A copy of cur whose
+ * upstreams with host names have the servers resolve gives for them now:
+ * resolve is called as opts.resolve is at load (name -> array of { host,
+ * family } or nil, why), with ud as its only upvalue (lua_upvalueindex(1),
+ * a light userdata). Listeners, stages and every other setting are cur's.
+ * Returns it (one reference), or NULL with the message in err ("config
+ * error: upstreams.NAME.servers[1]: cannot resolve ...", or out of memory). */
+sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, char *err,
+                            size_t errlen);
+
+/* Pushes the answer of a resolver as opts.resolve gives it: { { host =
+ * text[i], family = "inet" or "inet6" }, ... } for i < n. */
+void sl_config_push_addresses(lua_State *L, char text[][46], const int *family, int n);
+
+/* 1 when a and b have the same upstreams with the same servers, weights
+ * and tries (a derived configuration that changes nothing). */
+int sl_config_same_servers(const sl_config *a, const sl_config *b);
 
 /* Gives c's Lua stages the keys after those of prev (a reload: the workers'
  * Lua states keep prev's stages for the connections still using them). */

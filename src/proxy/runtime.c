@@ -20,6 +20,7 @@
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/notify.h"
+#include "proxy/resolver.h"
 #include "proxy/server.h"
 #include "proxy/watchdog.h"
 #include "lua/host.h"
@@ -47,6 +48,8 @@ typedef struct sl_runtime {
   int access_fd;               /* the access log's descriptor, never closed while running */
   sl_admin *admin;             /* the admin endpoint, or NULL */
   sl_watchdog watchdog;        /* lua_timeout_ms: ticks between signals */
+  sl_resolver *resolver;       /* upstream host names resolved again, or NULL */
+  int resolve_pending;         /* 1: new answers wait for a stuck worker */
 } sl_runtime;
 
 /* ---- logs ---- */
@@ -229,6 +232,7 @@ static int sl_runtime_reload_call(sl_runtime *rt, int i, sl_worker_call_fn fn, v
  * Returns the signal. */
 static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set) {
   for (;;) {
+    if (rt->resolve_pending && rt->watchdog.nstuck == 0) return SL_SIG_RESOLVED;
     double period = sl_watchdog_period(rt->cfg->lua_timeout_ms);
     int sig = 0;
     if (period <= 0) {
@@ -445,6 +449,8 @@ static int sl_runtime_reload(sl_runtime *rt, char *why, size_t whylen) {
   }
   sl_config_unref(rt->cfg);
   rt->cfg = nc;
+  rt->resolve_pending = 0;   /* nc's names were resolved just now */
+  if (rt->resolver) sl_resolver_watch(rt->resolver, nc);
   sl_runtime_open_logs(rt, nc, 0);
   sl_config_log_resolved(nc);
   sl_log(SL_LOG_INFO,
@@ -462,6 +468,71 @@ refused:
   sl_config_unref(nc);
   sl_runtime_open_logs(rt, rt->cfg, 0);
   return SL_ERROR;
+}
+
+/* ---- host names resolved again ---- */
+
+/* Logs what changed in upstream u (of the running configuration) to n. */
+static void sl_runtime_log_servers(const sl_upstream_cfg *was, const sl_upstream_cfg *now) {
+  char list[2][900];
+  const sl_upstream_cfg *u[2] = {now, was};
+  for (int k = 0; k < 2; k++) {
+    size_t len = 0;
+    list[k][0] = '\0';
+    for (size_t j = 0; j < u[k]->nservers && len < sizeof(list[k]) - 64; j++)
+      len += (size_t)snprintf(list[k] + len, sizeof(list[k]) - len, "%s%s", j ? ", " : "",
+                              u[k]->server_text[j]);
+  }
+  sl_log(SL_LOG_INFO, "upstream %s: host names resolved again: servers %s (were %s); new "
+         "connections use them", now->name, list[0], list[1]);
+}
+
+/* The resolver's answers changed: new connections get a configuration
+ * derived from the running one with the servers those answers give, when
+ * any changed. Waits (resolve_pending) while a worker is stuck in Lua. */
+static void sl_runtime_reresolve(sl_runtime *rt) {
+  rt->resolve_pending = 0;
+  if (rt->watchdog.nstuck > 0) {
+    rt->resolve_pending = 1;
+    return;
+  }
+  char err[1200];
+  sl_config *d = sl_config_derive(rt->cfg, sl_resolver_lookup, rt->resolver, err, sizeof(err));
+  if (d == NULL) {
+    sl_log(SL_LOG_WARN, "upstream host names: new answers not used: %s", err);
+    return;
+  }
+  if (sl_config_same_servers(rt->cfg, d)) {
+    sl_config_unref(d);
+    return;
+  }
+  sl_listen_set **sets = calloc(d->nlisteners + 1, sizeof(*sets));
+  sl_listen_set *none = NULL;
+  if (sets == NULL) {
+    sl_log(SL_LOG_ERROR, "upstream host names: new answers not used: out of memory");
+    sl_config_unref(d);
+    return;
+  }
+  for (size_t i = 0; i < d->nlisteners; i++)
+    sets[i] = sl_runtime_find_set(rt->sets, d->listeners[i].listen_text);
+  sl_reload_msg m = {.cfg = d, .sets = sets, .dropped = &none};
+  for (int i = 0; i < rt->nthreads; i++) {
+    if (sl_runtime_reload_call(rt, i, sl_runtime_commit_fn, &m) != SL_OK)
+      sl_log(SL_LOG_ERROR, "upstream host names: worker %d: out of memory switching to the new "
+             "servers; it keeps the ones before", i);
+  }
+  free(sets);
+  for (size_t i = 0; i < d->nupstreams; i++) {
+    const sl_upstream_cfg *was = &rt->cfg->upstreams[i], *now = &d->upstreams[i];
+    int same = was->nservers == now->nservers;
+    for (size_t j = 0; same && j < now->nservers; j++)
+      same = strcmp(was->server_text[j], now->server_text[j]) == 0 &&
+             was->weights[j] == now->weights[j];
+    if (!same) sl_runtime_log_servers(was, now);
+  }
+  sl_config_unref(rt->cfg);
+  rt->cfg = d;
+  sl_admin_note_dns_change(rt->admin);
 }
 
 /* ---- the run ---- */
@@ -563,6 +634,7 @@ int sl_runtime_run(sl_config *cfg) {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGHUP);
   sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SL_SIG_RESOLVED);
   /* Threads inherit the mask: only this thread takes the signals. */
   pthread_sigmask(SIG_BLOCK, &set, NULL);
   signal(SIGPIPE, SIG_IGN);
@@ -628,8 +700,14 @@ int sl_runtime_run(sl_config *cfg) {
             cfg->nlisteners, cfg->nlisteners == 1 ? "" : "s", rt->nworkers,
             rt->nworkers == 1 ? "" : "s", (int)getpid());
 
+  rt->resolver = sl_resolver_create(pthread_self(), SL_SIG_RESOLVED);
+  if (rt->resolver) sl_resolver_watch(rt->resolver, rt->cfg);
   for (;;) {
     int sig = sl_runtime_wait(rt, &set);
+    if (sig == SL_SIG_RESOLVED) {
+      sl_runtime_reresolve(rt);
+      continue;
+    }
     if (sig == SIGHUP) {
       sl_log(SL_LOG_INFO, "SIGHUP: reloading %s", rt->cfg->path);
       sl_notify_reloading();
@@ -654,6 +732,7 @@ int sl_runtime_run(sl_config *cfg) {
     sl_notify("STOPPING=1\nSTATUS=stopping: draining open connections");
     break;
   }
+  if (sl_resolver_destroy(rt->resolver) == SL_OK) rt->resolver = NULL;
   if (sl_runtime_stop_workers(rt, &set) != SL_OK) {
     /* A stuck thread still uses its pool, its Lua state and the arenas:
      * nothing can be freed or checked, and exit handlers must not run

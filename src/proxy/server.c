@@ -225,7 +225,12 @@ static void sl_server_gen_stop(sl_server_gen *g) {
 /* A configuration no connection of w uses any more. */
 static void sl_server_on_gen_done(sl_worker *w, sl_worker_gen *wg) {
   sl_server_gen *g = sl_server_gen_of(wg);
-  if (w->lua && g->cfg->nlua_stages > 0)
+  /* A configuration derived from this one's owner (host names resolved
+   * again) runs the same stages: they stay while one of its generations does. */
+  int shared = 0;
+  for (sl_worker_gen *o = w->gen; o != NULL && !shared; o = o->older)
+    shared = o != wg && sl_config_owner(sl_server_gen_of(o)->cfg) == sl_config_owner(g->cfg);
+  if (w->lua && g->cfg->nlua_stages > 0 && !shared)
     sl_lua_host_unload(w->lua, g->cfg->lua_key_first, g->cfg->nlua_stages);
   sl_log(SL_LOG_DEBUG, "worker %d: the configuration before a reload has no connection left",
          w->id);

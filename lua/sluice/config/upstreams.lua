@@ -22,19 +22,25 @@
 --                        (1000, at most interval_ms), fails (3), passes (2),
 --                        send (bytes to write once connected), expect (bytes
 --                        the answer must contain): strings, optional
+--     resolve_interval_ms optional 0 or 100..2^31-1, default 30000: how
+--                        often host names among servers are resolved again
+--                        while running (0: at start and at reloads only)
 --
 -- Upstreams are checked by sorted name; inside each, the keys in the order
--- above (servers in array order), send_proxy last.
+-- above (servers in array order), send_proxy and resolve_interval_ms last.
 --
 -- Normalized: upstreams = { [name] = { name, servers = { address with
 -- weight, and for a resolved host name its "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
 -- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
--- expect }, send_proxy (1, 2 or nil) } }, and the sorted list of the names.
+-- expect }, send_proxy (1, 2 or nil), resolve_interval_ms, hosts (the host
+-- names among servers, each once) } }, and the sorted list of the names.
 
 local _M = {}
 
 local type = type
 local ipairs = ipairs
+local pairs = pairs
+local setmetatable = setmetatable
 local next = next
 local format = string.format
 local concat = table.concat
@@ -53,10 +59,12 @@ local DEFAULT_CONNECT_TIMEOUT_MS = 5000
 local DEFAULT_MAX_FAILS = 1
 local DEFAULT_FAIL_TIMEOUT_MS = 10000
 local MAX_WEIGHT = 1000
+local DEFAULT_RESOLVE_INTERVAL_MS = 30000
+local MIN_RESOLVE_INTERVAL_MS = 100
 local HEALTH_DEFAULTS = { interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }
 
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
-                        "fail_timeout_ms", "health_check", "send_proxy" }
+                        "fail_timeout_ms", "health_check", "send_proxy", "resolve_interval_ms" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
 local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
@@ -84,10 +92,9 @@ local function resolve_name(addr, path, resolve)
     return out
 end
 
--- Appends the normalized servers of the entry at `path` to out: an address
--- with its weight, or one per address of a host name. seen: address text ->
--- the path of the entry that has it.
-local function check_server(v, path, out, seen, resolve)
+-- The entry at `path`: { addr = its normalized address (a host name has
+-- family "name"), weight, path }.
+local function parse_server(v, path)
     local text, weight = v, 1
     if type(v) == "table" then
         local extra = sorted_keys(v, function(k) return k ~= 1 and k ~= "weight" end)
@@ -105,24 +112,52 @@ local function check_server(v, path, out, seen, resolve)
     elseif type(v) ~= "string" then
         fail(path, "expected %s, got %s", SERVER_EXPECTED, show(v))
     end
-    local addr = address.check(text, path, false)
-    local addrs = addr.family == "name" and resolve_name(addr, path, resolve) or { addr }
+    return { addr = address.check(text, path, false), weight = weight, path = path, text = text }
+end
+
+-- Appends the normalized servers of entry e (parse_server) to out: its
+-- address with its weight, or one per address of a host name. seen:
+-- address text -> the path of the entry that has it.
+local function add_server(e, out, seen, resolve)
+    local addr = e.addr
+    local addrs = addr.family == "name" and resolve_name(addr, e.path, resolve) or { addr }
     for _, a in ipairs(addrs) do
         local other = seen[a.text]
         if other and not a.name and not other.name then
-            fail(path, "expected each address once, got %s, which %s has already", show(text),
+            fail(e.path, "expected each address once, got %s, which %s has already", show(e.text),
                  other.path)
         end
         -- An address reached again through a host name (two names for one
         -- server, as in a migration) is the same server: the first entry
         -- keeps it.
         if not other then
-            seen[a.text] = { path = path, name = a.name }
-            a.weight = weight
+            seen[a.text] = { path = e.path, name = a.name }
+            a.weight = e.weight
             out[#out + 1] = a
         end
     end
-    return addr.family == "name"
+end
+
+-- The servers of an upstream's entries and its tries (`tries` as given,
+-- nil for the default), resolving host names with resolve.
+local function expand(entries, tries, path, resolve)
+    local out, seen, named = {}, {}, false
+    for _, e in ipairs(entries) do
+        add_server(e, out, seen, resolve)
+        named = named or e.addr.family == "name"
+    end
+    if tries == nil then
+        tries = #out
+    elseif named and type(tries) == "number" and tries == floor(tries) and tries > #out then
+        -- Host names answer with as many addresses as they have today: a
+        -- tries above that tries them all (a DNS answer that shrank does
+        -- not refuse a reload).
+        tries = #out
+    elseif type(tries) ~= "number" or tries ~= floor(tries) or tries < 1 or tries > #out then
+        fail(path .. ".tries", "expected an integer from 1 to %d (the number of servers), got %s",
+             #out, show(tries))
+    end
+    return out, tries
 end
 
 -- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
@@ -171,6 +206,19 @@ local function check_send_proxy(v, path)
     fail(path, 'expected "v1" or "v2", got %s', show(v))
 end
 
+-- resolve_interval_ms: 0 (never while running) or at least 100 ms.
+local function check_resolve_interval(v, path)
+    v = check_count(v, path, DEFAULT_RESOLVE_INTERVAL_MS, MAX_INT)
+    if v ~= 0 and v < MIN_RESOLVE_INTERVAL_MS then
+        fail(path, "expected 0 (never) or at least %d, got %s", MIN_RESOLVE_INTERVAL_MS, show(v))
+    end
+    return v
+end
+
+-- What reexpand needs of a normalized upstream (kept beside it, out of
+-- the table the loader returns): its parsed entries, tries as given, path.
+local sources = setmetatable({}, { __mode = "k" })
+
 -- Returns the normalized upstream `name`.
 local function check_upstream(name, up, path, resolve)
     if type(up) ~= "table" then
@@ -182,10 +230,17 @@ local function check_upstream(name, up, path, resolve)
     if type(servers) ~= "table" or next(servers) == nil then
         fail(spath, 'expected a non-empty array of "host:port" strings, got %s', show(servers))
     end
-    local out, seen, named = {}, {}, false
+    local entries, hosts, seen_host = {}, {}, {}
     for i = 1, check_array(servers, spath) do
-        named = check_server(servers[i], format("%s[%d]", spath, i), out, seen, resolve) or named
+        local e = parse_server(servers[i], format("%s[%d]", spath, i))
+        entries[i] = e
+        local host = e.addr.family == "name" and e.addr.name
+        if host and not seen_host[host] then
+            seen_host[host] = true
+            hosts[#hosts + 1] = host
+        end
     end
+    local out, tries = expand(entries, up.tries, path, resolve)
     local balance = up.balance
     if balance == nil then
         balance = "round_robin"
@@ -195,19 +250,7 @@ local function check_upstream(name, up, path, resolve)
     end
     local connect_timeout = check_positive_int(up.connect_timeout_ms,
         path .. ".connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS)
-    local tries = up.tries
-    if tries == nil then
-        tries = #out
-    elseif named and type(tries) == "number" and tries == floor(tries) and tries > #out then
-        -- Host names answer with as many addresses as they have today: a
-        -- tries above that tries them all (a DNS answer that shrank does
-        -- not refuse a reload).
-        tries = #out
-    elseif type(tries) ~= "number" or tries ~= floor(tries) or tries < 1 or tries > #out then
-        fail(path .. ".tries", "expected an integer from 1 to %d (the number of servers), got %s",
-             #out, show(tries))
-    end
-    return {
+    local u = {
         name = name,
         servers = out,
         balance = balance,
@@ -218,7 +261,12 @@ local function check_upstream(name, up, path, resolve)
                                              DEFAULT_FAIL_TIMEOUT_MS),
         health_check = check_health(up.health_check, path .. ".health_check"),
         send_proxy = check_send_proxy(up.send_proxy, path .. ".send_proxy"),
+        resolve_interval_ms = check_resolve_interval(up.resolve_interval_ms,
+                                                     path .. ".resolve_interval_ms"),
+        hosts = hosts,
     }
+    sources[u] = { entries = entries, tries = up.tries, path = path }
+    return u
 end
 
 -- Returns the normalized upstreams table and the sorted list of their names.
@@ -239,6 +287,26 @@ function _M.check(ups, resolve)
         out[name] = check_upstream(name, ups[name], path, resolve)
     end
     return out, names
+end
+
+-- The upstreams ups (normalized by check, names their sorted names) with
+-- the servers their host names have now by resolve (the running process's
+-- cached answers): a copy of each upstream that has host names, with its
+-- servers and tries expanded again; the others as they are. Raises as
+-- check does (a name that no longer resolves).
+function _M.reexpand(ups, names, resolve)
+    local out = {}
+    for _, name in ipairs(names) do
+        local u = ups[name]
+        if u.hosts[1] ~= nil then
+            local src, c = sources[u], {}
+            for k, v in pairs(u) do c[k] = v end
+            c.servers, c.tries = expand(src.entries, src.tries, src.path, resolve)
+            u = c
+        end
+        out[name] = u
+    end
+    return out
 end
 
 return _M

@@ -1,0 +1,281 @@
+#include "proxy/resolver.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "io/addr.h"
+#include "proxy/config.h"
+#include "util/common.h"
+#include "util/log.h"
+
+/* One watched host name and its latest answer. */
+typedef struct sl_resolved {
+  char *host;
+  int interval_ms;             /* the smallest of the upstreams naming it */
+  double due;                  /* monotonic seconds of its next resolution */
+  int have;                    /* 1 once an answer is kept */
+  int failing;                 /* 1 while its resolutions fail (warned once) */
+  int n;
+  char text[SL_ADDR_RESOLVE_MAX][46];
+  int family[SL_ADDR_RESOLVE_MAX];
+} sl_resolved;
+
+struct sl_resolver {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;           /* watch list changed, or stop */
+  pthread_t thread;
+  int started, stop;
+  pthread_t notify;
+  int signo;
+  sl_resolved *names;          /* under mu */
+  size_t nnames;
+};
+
+static double sl_resolver_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static sl_resolved *sl_resolver_find(sl_resolver *r, const char *host) {
+  for (size_t i = 0; i < r->nnames; i++)
+    if (strcmp(r->names[i].host, host) == 0) return &r->names[i];
+  return NULL;
+}
+
+/* Resolves the names that are due, the lock released around each call.
+ * Returns 1 when an answer changed (or came first). Called with r->mu. */
+static int sl_resolver_round(sl_resolver *r) {
+  int changed = 0;
+  for (;;) {
+    double now = sl_resolver_now();
+    sl_resolved *due = NULL;
+    for (size_t i = 0; i < r->nnames && due == NULL; i++)
+      if (r->names[i].due <= now) due = &r->names[i];
+    if (due == NULL || r->stop) return changed;
+    char *host = strdup(due->host);
+    if (host == NULL) return changed;
+    pthread_mutex_unlock(&r->mu);
+    char text[SL_ADDR_RESOLVE_MAX][46];
+    int family[SL_ADDR_RESOLVE_MAX], n = 0;
+    const char *why = NULL;
+    int rc = sl_addr_resolve(host, text, family, &n, &why);
+    pthread_mutex_lock(&r->mu);
+    sl_resolved *e = sl_resolver_find(r, host);   /* the list may have been replaced */
+    if (e != NULL) {
+      e->due = sl_resolver_now() + e->interval_ms / 1000.0;
+      if (rc != SL_OK) {
+        if (!e->failing)
+          sl_log(SL_LOG_WARN, "upstream host %s: cannot resolve it again: %s; its servers keep "
+                 "the addresses they have", host, why);
+        e->failing = 1;
+      } else {
+        if (e->failing) sl_log(SL_LOG_INFO, "upstream host %s: resolves again", host);
+        e->failing = 0;
+        int same = e->have && e->n == n;
+        for (int i = 0; same && i < n; i++)
+          same = e->family[i] == family[i] && strcmp(e->text[i], text[i]) == 0;
+        if (!same) {
+          memcpy(e->text, text, sizeof(text[0]) * (size_t)n);
+          memcpy(e->family, family, sizeof(family[0]) * (size_t)n);
+          e->n = n;
+          e->have = 1;
+          changed = 1;
+        }
+      }
+    }
+    free(host);
+  }
+}
+
+static void *sl_resolver_main(void *arg) {
+  sl_resolver *r = arg;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
+  pthread_mutex_lock(&r->mu);
+  while (!r->stop) {
+    if (sl_resolver_round(r)) {
+      pthread_mutex_unlock(&r->mu);
+      pthread_kill(r->notify, r->signo);
+      pthread_mutex_lock(&r->mu);
+      continue;
+    }
+    if (r->stop) break;
+    double next = -1;
+    for (size_t i = 0; i < r->nnames; i++)
+      if (next < 0 || r->names[i].due < next) next = r->names[i].due;
+    if (next < 0) {
+      pthread_cond_wait(&r->cv, &r->mu);
+      continue;
+    }
+    struct timespec ts;
+    ts.tv_sec = (time_t)next;
+    ts.tv_nsec = (long)((next - (double)ts.tv_sec) * 1e9);
+    pthread_cond_timedwait(&r->cv, &r->mu, &ts);
+  }
+  pthread_mutex_unlock(&r->mu);
+  return NULL;
+}
+
+sl_resolver *sl_resolver_create(pthread_t thread, int signo) {
+  sl_resolver *r = calloc(1, sizeof(*r));
+  if (r == NULL) return NULL;
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_mutex_init(&r->mu, NULL);
+  pthread_cond_init(&r->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  r->notify = thread;
+  r->signo = signo;
+  return r;
+}
+
+/* Adds host to list (n entries) with interval, or lowers the interval of
+ * the entry it has. SL_ERROR on ENOMEM. */
+static int sl_resolver_add(sl_resolved **list, size_t *n, const char *host, int interval) {
+  for (size_t i = 0; i < *n; i++) {
+    if (strcmp((*list)[i].host, host) == 0) {
+      if (interval < (*list)[i].interval_ms) (*list)[i].interval_ms = interval;
+      return SL_OK;
+    }
+  }
+  sl_resolved *grown = realloc(*list, (*n + 1) * sizeof(**list));
+  if (grown == NULL) return SL_ERROR;
+  *list = grown;
+  sl_resolved *e = &grown[*n];
+  memset(e, 0, sizeof(*e));
+  e->host = strdup(host);
+  if (e->host == NULL) return SL_ERROR;
+  e->interval_ms = interval;
+  (*n)++;
+  return SL_OK;
+}
+
+/* e's answer from the servers cfg has for its host name (those an entry
+ * "host:port" gave). */
+static void sl_resolver_seed(sl_resolved *e, const sl_config *cfg) {
+  size_t hl = strlen(e->host);
+  for (size_t i = 0; i < cfg->nupstreams; i++) {
+    const sl_upstream_cfg *u = &cfg->upstreams[i];
+    for (size_t j = 0; j < u->nservers && e->n < SL_ADDR_RESOLVE_MAX; j++) {
+      const char *name = u->server_name[j];
+      if (name == NULL || strncmp(name, e->host, hl) != 0 || name[hl] != ':') continue;
+      const struct sockaddr *sa = (const struct sockaddr *)&u->servers[j].ss;
+      const void *bytes =
+          sa->sa_family == AF_INET6
+              ? (const void *)&((const struct sockaddr_in6 *)(const void *)sa)->sin6_addr
+              : (const void *)&((const struct sockaddr_in *)(const void *)sa)->sin_addr;
+      char text[46];
+      if (inet_ntop(sa->sa_family, bytes, text, sizeof(text)) == NULL) continue;
+      int dup = 0;
+      for (int k = 0; k < e->n && !dup; k++) dup = strcmp(e->text[k], text) == 0;
+      if (dup) continue;
+      memcpy(e->text[e->n], text, sizeof(text));
+      e->family[e->n++] = sa->sa_family;
+    }
+  }
+  e->have = e->n > 0;
+}
+
+static void sl_resolver_free_list(sl_resolved *list, size_t n) {
+  for (size_t i = 0; i < n; i++) free(list[i].host);
+  free(list);
+}
+
+int sl_resolver_watch(sl_resolver *r, const sl_config *cfg) {
+  sl_resolved *list = NULL;
+  size_t n = 0;
+  for (size_t i = 0; i < cfg->nupstreams; i++) {
+    const sl_upstream_cfg *u = &cfg->upstreams[i];
+    for (size_t j = 0; u->resolve_interval_ms > 0 && j < u->nhosts; j++) {
+      if (sl_resolver_add(&list, &n, u->hosts[j], u->resolve_interval_ms) != SL_OK) {
+        sl_resolver_free_list(list, n);
+        sl_log(SL_LOG_ERROR, "upstream host names: out of memory; they are not resolved again");
+        return SL_ERROR;
+      }
+    }
+  }
+  pthread_mutex_lock(&r->mu);
+  double now = sl_resolver_now();
+  for (size_t i = 0; i < n; i++) {
+    sl_resolved *old = sl_resolver_find(r, list[i].host);
+    char *host = list[i].host;
+    int interval = list[i].interval_ms;
+    if (old != NULL) {   /* its answer and schedule go on */
+      list[i] = *old;
+      list[i].host = host;   /* old's own goes with the old list */
+      if (interval < list[i].interval_ms) list[i].due -= (list[i].interval_ms - interval) / 1000.0;
+      list[i].interval_ms = interval;
+    } else {
+      /* A new name: the addresses cfg has for it until its first answer,
+       * which is asked for at once. */
+      sl_resolver_seed(&list[i], cfg);
+      list[i].due = now;
+    }
+  }
+  sl_resolver_free_list(r->names, r->nnames);
+  r->names = list;
+  r->nnames = n;
+  int rc = SL_OK;
+  if (n > 0 && !r->started) {
+    int e = pthread_create(&r->thread, NULL, sl_resolver_main, r);
+    if (e == 0) {
+      r->started = 1;
+    } else {
+      sl_log(SL_LOG_ERROR, "upstream host names: cannot start the resolver's thread: %s; they "
+             "are not resolved again", strerror(e));
+      rc = SL_ERROR;
+    }
+  }
+  pthread_cond_signal(&r->cv);
+  pthread_mutex_unlock(&r->mu);
+  return rc;
+}
+
+int sl_resolver_lookup(lua_State *L) {
+  sl_resolver *r = lua_touserdata(L, lua_upvalueindex(1));
+  const char *host = luaL_checkstring(L, 1);
+  pthread_mutex_lock(&r->mu);
+  sl_resolved *e = sl_resolver_find(r, host);
+  if (e == NULL || !e->have) {
+    pthread_mutex_unlock(&r->mu);
+    lua_pushnil(L);
+    lua_pushstring(L, "not resolved yet");
+    return 2;
+  }
+  int n = e->n;
+  char text[SL_ADDR_RESOLVE_MAX][46];
+  int family[SL_ADDR_RESOLVE_MAX];
+  memcpy(text, e->text, sizeof(text[0]) * (size_t)n);
+  memcpy(family, e->family, sizeof(family[0]) * (size_t)n);
+  pthread_mutex_unlock(&r->mu);
+  sl_config_push_addresses(L, text, family, n);
+  return 1;
+}
+
+int sl_resolver_destroy(sl_resolver *r) {
+  if (r == NULL) return SL_OK;
+  pthread_mutex_lock(&r->mu);
+  r->stop = 1;
+  pthread_cond_signal(&r->cv);
+  pthread_mutex_unlock(&r->mu);
+  if (r->started) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 1;
+    if (pthread_timedjoin_np(r->thread, NULL, &until) != 0) return SL_ERROR;
+  }
+  sl_resolver_free_list(r->names, r->nnames);
+  pthread_cond_destroy(&r->cv);
+  pthread_mutex_destroy(&r->mu);
+  free(r);
+  return SL_OK;
+}

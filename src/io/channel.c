@@ -171,7 +171,7 @@ static void sl_channel_free(sl_channel *ch) {
    * was leaked (held by a script or a stage). Report it and take it back. */
   if (ch->owned.count > 0) {
     char why[200];
-    snprintf(why, sizeof(why), "its connection was closed (%s)", ch->desc);
+    snprintf(why, sizeof(why), "its connection was closed (%s)", sl_channel_describe(ch));
     sl_leak_reclaim_owner(w->pool, &ch->owned, why);
   }
   if (ch->prev) ch->prev->next = ch->next;
@@ -190,11 +190,28 @@ void sl_channel_unref(sl_channel *ch) {
   if (--ch->refs == 0) sl_channel_free(ch);
 }
 
-const char *sl_channel_describe(const sl_channel *ch) { return ch->desc; }
+/* desc_pending: what desc holds is the name after "on" or "for". */
+enum { SL_DESC_READY = 0, SL_DESC_CLIENT = 1, SL_DESC_UPSTREAM = 2 };
+
+const char *sl_channel_describe(const sl_channel *cch) {
+  sl_channel *ch = (sl_channel *)cch;   /* the text is made on first use */
+  if (ch->desc_pending != SL_DESC_READY) {
+    int client = ch->desc_pending == SL_DESC_CLIENT;
+    char name[sizeof(ch->desc)], a[64];
+    memcpy(name, ch->desc, sizeof(name));
+    size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, client ? "client " : "upstream ");
+    n = sl_str_append(ch->desc, sizeof(ch->desc), n,
+                      sl_addr_format((const struct sockaddr *)&ch->remote.ss, a, sizeof(a)));
+    n = sl_str_append(ch->desc, sizeof(ch->desc), n, client ? " on " : " for ");
+    sl_str_append(ch->desc, sizeof(ch->desc), n, name);
+    ch->desc_pending = SL_DESC_READY;
+  }
+  return ch->desc;
+}
 
 void sl_channel_note_site(sl_channel *ch, sl_buf *b) {
   char site[160];
-  snprintf(site, sizeof(site), "read from %s (src/io/channel.c)", ch->desc);
+  snprintf(site, sizeof(site), "read from %s (src/io/channel.c)", sl_channel_describe(ch));
   sl_leak_set_site(b, site);
 }
 
@@ -230,18 +247,15 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
   }
   /* (TCP_NODELAY comes from the listening socket: sl_listener_bind.) */
   ch->remote = *remote;
-  char a[64];
-  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "client ");
-  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
-                    sl_addr_format((const struct sockaddr *)&remote->ss, a, sizeof(a)));
-  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " on ");
-  sl_str_append(ch->desc, sizeof(ch->desc), n, listener);
+  sl_str_append(ch->desc, sizeof(ch->desc), 0, listener);
+  ch->desc_pending = SL_DESC_CLIENT;
   return ch;
 }
 
 void sl_channel_set_remote(sl_channel *ch, const sl_addr *a) {
   ch->remote = *a;
   ch->flags |= SL_CH_REMOTE_SET;
+  if (ch->desc_pending != SL_DESC_READY) return;   /* described from remote when asked */
   /* "client ADDRESS on LISTENER": the listener part stays (cut short if
    * the new address is longer and the name long). */
   const char *on = strstr(ch->desc, " on ");
@@ -280,12 +294,8 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
   ch->on_connect = on_connect;
   ch->ud = ud;
   ch->flags |= SL_CH_CONNECTING;
-  char a[64];
-  size_t n = sl_str_append(ch->desc, sizeof(ch->desc), 0, "upstream ");
-  n = sl_str_append(ch->desc, sizeof(ch->desc), n,
-                    sl_addr_format((const struct sockaddr *)&addr->ss, a, sizeof(a)));
-  n = sl_str_append(ch->desc, sizeof(ch->desc), n, " for ");
-  sl_str_append(ch->desc, sizeof(ch->desc), n, for_name);
+  sl_str_append(ch->desc, sizeof(ch->desc), 0, for_name);
+  ch->desc_pending = SL_DESC_UPSTREAM;
   ev_io_start(w->loop, &ch->wio);
   ev_timer_set(&ch->timer, timeout, 0.);
   ev_timer_start(w->loop, &ch->timer);
@@ -487,12 +497,13 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   size_t dropped = sl_outq_release_all(&ch->outq,
                                        ch->promise_err ? ch->promise_err : SL_PROMISE_CLOSED);
   w->stats.channels_closed++;
-  sl_log(is_error ? SL_LOG_WARN : SL_LOG_INFO,
-         "%s closed: %s (in %llu B, out %llu B, peak queue %zu B, %.0f ms%s)", ch->desc,
-         ch->reason, (unsigned long long)ch->bytes_in, (unsigned long long)ch->bytes_out,
-         ch->outq.peak,
-         (ev_now(w->loop) - ch->started) * 1000.0,
-         dropped || pipe_dropped ? ", unsent data dropped" : "");
+  sl_log_level level = is_error ? SL_LOG_WARN : SL_LOG_INFO;
+  if (sl_log_enabled(level))   /* its description is made only for a line that is written */
+    sl_log(level, "%s closed: %s (in %llu B, out %llu B, peak queue %zu B, %.0f ms%s)",
+           sl_channel_describe(ch), ch->reason, (unsigned long long)ch->bytes_in,
+           (unsigned long long)ch->bytes_out, ch->outq.peak,
+           (ev_now(w->loop) - ch->started) * 1000.0,
+           dropped || pipe_dropped ? ", unsent data dropped" : "");
   if (ch->on_close) ch->on_close(ch);
   sl_channel_close_peer(ch);
   if (ch->flags & SL_CH_ACTIVE) sl_pipeline_fire_inactive(&ch->pipe);

@@ -137,6 +137,9 @@ struct sl_channel {
   uint32_t mem_retries;      /* reads refused for want of buffer memory in a row (one log
                                 line when it starts, one when it ends) */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */
+  uint8_t desc_pending;      /* SL_DESC_*: desc holds the listener's name alone; the rest is
+                                written by the first sl_channel_describe (most connections
+                                never log a line) */
   sl_channel_connect_fn on_connect;
   sl_channel_close_fn on_close;
   void *ud;                  /* owner's data (the proxy's listener or upstream) */
@@ -159,7 +162,8 @@ struct sl_channel {
   uint64_t last_seq;         /* queue number of the last write queued */
   sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
   uint32_t spl_len;          /* bytes in spl, not yet taken by the peer's socket */
-  char desc[112];            /* "client 127.0.0.1:5000 on front" for logs */
+  char desc[112];            /* "client 127.0.0.1:5000 on front" for logs: read it through
+                                sl_channel_describe */
   char reason[160];          /* why it closed */
 };
 
@@ -281,6 +285,8 @@ void sl_channel_note_unhandled(sl_channel *ch);
 
 /* Records b's creation site as "read from <channel>" (recorded buffers). */
 void sl_channel_note_site(sl_channel *ch, sl_buf *b);
+/* "client 127.0.0.1:5000 on front", "upstream 127.0.0.1:6379 for front": made
+ * on the first call (a channel that never logs never formats its address). */
 const char *sl_channel_describe(const sl_channel *ch);
 
 /* A worker keeps up to this many freed channels for its next connections. */

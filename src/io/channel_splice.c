@@ -82,8 +82,8 @@ int sl_channel_splice_drain(sl_channel *src) {
         src->flags |= SL_CH_SPLICE_FULL;
         sl_channel_update_reading(src);
         if (sl_log_enabled(SL_LOG_DEBUG))
-          sl_log(SL_LOG_DEBUG, "%s: paused reading from %s (%u bytes in its pipe)", dst->desc,
-                 src->desc, src->spl_len);
+          sl_log(SL_LOG_DEBUG, "%s: paused reading from %s (%u bytes in its pipe)",
+                 sl_channel_describe(dst), sl_channel_describe(src), src->spl_len);
       }
       if (!ev_is_active(&dst->wio)) ev_io_start(w->loop, &dst->wio);
       return SL_AGAIN;
@@ -98,7 +98,8 @@ int sl_channel_splice_drain(sl_channel *src) {
   if (was_full) {
     sl_channel_update_reading(src);
     if (sl_log_enabled(SL_LOG_DEBUG))
-      sl_log(SL_LOG_DEBUG, "%s: resumed reading from %s (its pipe is empty)", dst->desc, src->desc);
+      sl_log(SL_LOG_DEBUG, "%s: resumed reading from %s (its pipe is empty)",
+                 sl_channel_describe(dst), sl_channel_describe(src));
   }
   return SL_OK;
 }

@@ -114,8 +114,9 @@ static void sl_bridge_writability(sl_ctx *ctx, int writable) {
   sl_channel *peer = ch->peer;
   if (peer) {
     if (sl_log_enabled(SL_LOG_DEBUG))
-      sl_log(SL_LOG_DEBUG, "%s: %s reading from %s (queue %zu bytes)", ch->desc,
-             writable ? "resumed" : "paused", peer->desc, ch->outq.pending);
+      sl_log(SL_LOG_DEBUG, "%s: %s reading from %s (queue %zu bytes)",
+             sl_channel_describe(ch), writable ? "resumed" : "paused", sl_channel_describe(peer),
+             ch->outq.pending);
     sl_channel_set_autoread(peer, writable);
   }
   sl_ctx_fire_writability(ctx, writable);

@@ -222,7 +222,7 @@ static void sl_pp_fail(sl_ctx *ctx, const char *why) {
   sl_channel *ch = sl_ctx_channel(ctx);
   char reason[128];
   snprintf(reason, sizeof(reason), "bad PROXY protocol header (%s)", why);
-  sl_log(SL_LOG_WARN, "%s: %s", ch ? ch->desc : "a connection", reason);
+  sl_log(SL_LOG_WARN, "%s: %s", ch ? sl_channel_describe(ch) : "a connection", reason);
   sl_ctx_close(ctx, reason);
 }
 

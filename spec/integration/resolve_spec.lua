@@ -105,8 +105,10 @@ describe("upstream servers given by host name", function()
         local _, b = H.sh(("socat -T1 /dev/null TCP:127.0.0.3:%d,connect-timeout=1"):format(port_b))
         return a == 0 and b == 0
       end, 10), "the peers did not start")
-      local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 multi.sluice.test\n"
-                                       .. "127.0.0.3 multi.sluice.test\n127.0.0.3 other.sluice.test\n")
+      -- The name's addresses in the file out of order: servers are in
+      -- address order (an answer whose order rotates is the same answer).
+      local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.3 multi.sluice.test\n"
+                                       .. "127.0.0.2 multi.sluice.test\n127.0.0.3 other.sluice.test\n")
       local port = H.free_port()
       local p = start(hosts, config(port, { "multi.sluice.test:" .. port_b,
                                             "other.sluice.test:" .. port_b }, "tries = 5"))
@@ -238,6 +240,68 @@ return {
     assert.are.equal(2, H.metric(admin, "sluice_upstream_dns_changes_total"))
     local log = H.stop_sluice(p)
     assert.matches("upstream host svc.sluice.test: resolves again", log, 1, true)
+  end)
+
+  it("are resolved again per upstream, keep what a reload resolved, and leave other servers' "
+     .. "health alone", function()
+    if not usable then
+      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+      return
+    end
+    local port_b, dead = H.free_port(), H.free_port()
+    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 x.sluice.test y.sluice.test "
+                                     .. "z.sluice.test\n")
+    local pa, pb, pc, admin = H.free_port(), H.free_port(), H.free_port(), H.free_port()
+    local p = start(hosts, ([[
+return {
+  workers = 1,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = {
+    { name = "fa", listen = "127.0.0.1:%d", upstream = "a" },
+    { name = "fb", listen = "127.0.0.1:%d", upstream = "b" },
+    { name = "fc", listen = "127.0.0.1:%d", upstream = "c" },
+  },
+  upstreams = {
+    a = { servers = { "x.sluice.test:%d" }, resolve_interval_ms = 0 },
+    b = { servers = { "y.sluice.test:%d" }, resolve_interval_ms = 100 },
+    c = { servers = { "z.sluice.test:%d", "127.0.0.1:%d" }, resolve_interval_ms = 600000,
+          max_fails = 1, fail_timeout_ms = 600000 },
+  },
+}
+]]):format(admin, pa, pb, pc, port_b, port_b, port_b, dead))
+    local function failures()
+      return H.metric(admin, "sluice_upstream_server_connect_failures_total",
+                      ('upstream="c",server="127.0.0.1:%d",reason="refused"'):format(dead)) or 0
+    end
+    -- c's closed port fails once and is skipped from then on.
+    assert.are.same({ "Aq", "Aq" }, { (H.exchange(pc, "q", 5)), (H.exchange(pc, "q", 5)) })
+    assert.are.equal(1, failures())
+    -- x (never again while running) and y (every 100 ms) move.
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 x.sluice.test y.sluice.test\n"
+                   .. "127.0.0.2 z.sluice.test\n")
+    assert.is_truthy(H.wait_for(function() return H.exchange(pb, "q", 5) == "Bq" end, 15),
+                     H.read(p.log))
+    assert.are.equal("Aq", (H.exchange(pa, "q", 5)))
+    -- c's closed port is still skipped under the new servers.
+    assert.are.same({ "Aq", "Aq" }, { (H.exchange(pc, "q", 5)), (H.exchange(pc, "q", 5)) })
+    assert.are.equal(1, failures())
+    -- A reload resolves z (and x) now; y's next change must not bring z's
+    -- answer from before the reload back.
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 x.sluice.test y.sluice.test z.sluice.test\n")
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.same({ "Bq", "Bq" }, { (H.exchange(pa, "q", 5)), (H.exchange(pc, "q", 5)) })
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 x.sluice.test z.sluice.test\n"
+                   .. "127.0.0.2 y.sluice.test\n")
+    assert.is_truthy(H.wait_for(function() return H.exchange(pb, "q", 5) == "Aq" end, 15),
+                     H.read(p.log))
+    assert.are.same({ "Bq", "Bq", "Bq" },
+                    { (H.exchange(pc, "q", 5)), (H.exchange(pc, "q", 5)), (H.exchange(pa, "q", 5)) })
+    local log = H.stop_sluice(p)
+    assert.is_falsy(log:find("new answers not used", 1, true), log)
   end)
 
   it("are not resolved again with resolve_interval_ms = 0", function()

@@ -35,6 +35,7 @@ struct sl_resolver {
   int signo;
   sl_resolved *names;          /* under mu */
   size_t nnames;
+  unsigned gen;                /* bumped by each sl_resolver_watch (under mu) */
 };
 
 static double sl_resolver_now(void) {
@@ -60,14 +61,19 @@ static int sl_resolver_round(sl_resolver *r) {
       if (r->names[i].due <= now) due = &r->names[i];
     if (due == NULL || r->stop) return changed;
     char *host = strdup(due->host);
-    if (host == NULL) return changed;
+    if (host == NULL) {   /* tried again at its next time */
+      due->due = now + due->interval_ms / 1000.0;
+      continue;
+    }
+    unsigned gen = r->gen;
     pthread_mutex_unlock(&r->mu);
     char text[SL_ADDR_RESOLVE_MAX][46];
     int family[SL_ADDR_RESOLVE_MAX], n = 0;
     const char *why = NULL;
     int rc = sl_addr_resolve(host, text, family, &n, &why);
     pthread_mutex_lock(&r->mu);
-    sl_resolved *e = sl_resolver_find(r, host);   /* the list may have been replaced */
+    /* A list replaced meanwhile (a reload) has answers as fresh as this one. */
+    sl_resolved *e = r->gen == gen && !r->stop ? sl_resolver_find(r, host) : NULL;
     if (e != NULL) {
       e->due = sl_resolver_now() + e->interval_ms / 1000.0;
       if (rc != SL_OK) {
@@ -101,10 +107,8 @@ static void *sl_resolver_main(void *arg) {
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   pthread_mutex_lock(&r->mu);
   while (!r->stop) {
-    if (sl_resolver_round(r)) {
-      pthread_mutex_unlock(&r->mu);
-      pthread_kill(r->notify, r->signo);
-      pthread_mutex_lock(&r->mu);
+    if (sl_resolver_round(r) && !r->stop) {
+      pthread_kill(r->notify, r->signo);   /* blocked there: pending until its sigwait */
       continue;
     }
     if (r->stop) break;
@@ -209,21 +213,23 @@ int sl_resolver_watch(sl_resolver *r, const sl_config *cfg) {
     sl_resolved *old = sl_resolver_find(r, list[i].host);
     char *host = list[i].host;
     int interval = list[i].interval_ms;
-    if (old != NULL) {   /* its answer and schedule go on */
-      list[i] = *old;
-      list[i].host = host;   /* old's own goes with the old list */
-      if (interval < list[i].interval_ms) list[i].due -= (list[i].interval_ms - interval) / 1000.0;
-      list[i].interval_ms = interval;
-    } else {
-      /* A new name: the addresses cfg has for it until its first answer,
-       * which is asked for at once. */
-      sl_resolver_seed(&list[i], cfg);
-      list[i].due = now;
+    /* Its answer: the addresses cfg has for it, resolved when cfg was
+     * loaded. A new name is resolved again at once (its answer may have
+     * changed since), one kept at its time. */
+    sl_resolver_seed(&list[i], cfg);
+    list[i].due = now;
+    if (old != NULL) {
+      list[i].due = old->due;
+      if (interval < old->interval_ms) list[i].due -= (old->interval_ms - interval) / 1000.0;
+      list[i].failing = old->failing;
     }
+    list[i].host = host;
+    list[i].interval_ms = interval;
   }
   sl_resolver_free_list(r->names, r->nnames);
   r->names = list;
   r->nnames = n;
+  r->gen++;
   int rc = SL_OK;
   if (n > 0 && !r->started) {
     int e = pthread_create(&r->thread, NULL, sl_resolver_main, r);
@@ -261,12 +267,17 @@ int sl_resolver_lookup(lua_State *L) {
   return 1;
 }
 
-int sl_resolver_destroy(sl_resolver *r) {
-  if (r == NULL) return SL_OK;
+void sl_resolver_stop(sl_resolver *r) {
+  if (r == NULL) return;
   pthread_mutex_lock(&r->mu);
   r->stop = 1;
   pthread_cond_signal(&r->cv);
   pthread_mutex_unlock(&r->mu);
+}
+
+int sl_resolver_destroy(sl_resolver *r) {
+  if (r == NULL) return SL_OK;
+  sl_resolver_stop(r);
   if (r->started) {
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);

@@ -33,8 +33,10 @@ typedef struct sl_resolver sl_resolver;
 sl_resolver *sl_resolver_create(pthread_t thread, int signo);
 
 /* Watches the host names of cfg's upstreams whose resolve_interval_ms is
- * not 0, instead of those watched before (a name kept keeps its answer and
- * schedule). SL_OK, or SL_ERROR when the thread cannot start or memory is
+ * not 0, instead of those watched before: each name's answer becomes the
+ * addresses cfg has for it (cfg was just loaded: resolved), a name kept
+ * keeps its schedule, a new one is resolved at once, and a resolution
+ * under way for the list before is dropped. SL_OK, or SL_ERROR when the thread cannot start or memory is
  * short (logged; names are then not resolved again). */
 int sl_resolver_watch(sl_resolver *r, const struct sl_config *cfg);
 
@@ -42,6 +44,10 @@ int sl_resolver_watch(sl_resolver *r, const struct sl_config *cfg);
  * the kept answer of a watched name, { { host, family }, ... }, or nil and
  * why when there is none. */
 int sl_resolver_lookup(lua_State *L);
+
+/* Asks the thread to stop (no more resolutions or signals), without
+ * waiting for it. NULL is fine. */
+void sl_resolver_stop(sl_resolver *r);
 
 /* Stops the thread and frees r: SL_OK (NULL is fine). SL_ERROR when the
  * thread is still waiting for the system's resolver after a second: it is

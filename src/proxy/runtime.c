@@ -50,6 +50,8 @@ typedef struct sl_runtime {
   sl_watchdog watchdog;        /* lua_timeout_ms: ticks between signals */
   sl_resolver *resolver;       /* upstream host names resolved again, or NULL */
   int resolve_pending;         /* 1: new answers wait for a stuck worker */
+  const char *changing;        /* what a change of configuration under way is, for its log
+                                  lines: "SIGHUP", "upstream host names" */
 } sl_runtime;
 
 /* ---- logs ---- */
@@ -217,8 +219,9 @@ static void sl_runtime_reload_tick(void *ud) {
   sl_runtime *rt = ud;
   sl_runtime_watch(rt);
   if (rt->watchdog.nstuck > 0) {
-    sl_log(SL_LOG_ERROR, "SIGHUP: a worker is stuck in Lua while the reload waits for it; "
-                         "the reload cannot finish: exiting (3)");
+    sl_log(SL_LOG_ERROR, "%s: a worker is stuck in Lua while the change waits for it; the "
+                         "change cannot finish: exiting (3)",
+           rt->changing ? rt->changing : "SIGHUP");
     _exit(3);
   }
 }
@@ -472,7 +475,8 @@ refused:
 
 /* ---- host names resolved again ---- */
 
-/* Logs what changed in upstream u (of the running configuration) to n. */
+/* Logs the servers of an upstream that host names changed: was (the
+ * running configuration's) and now (the new one's). */
 static void sl_runtime_log_servers(const sl_upstream_cfg *was, const sl_upstream_cfg *now) {
   char list[2][900];
   const sl_upstream_cfg *u[2] = {now, was};
@@ -492,6 +496,7 @@ static void sl_runtime_log_servers(const sl_upstream_cfg *was, const sl_upstream
  * any changed. Waits (resolve_pending) while a worker is stuck in Lua. */
 static void sl_runtime_reresolve(sl_runtime *rt) {
   rt->resolve_pending = 0;
+  sl_runtime_watch(rt);   /* the stuck count is fresh */
   if (rt->watchdog.nstuck > 0) {
     rt->resolve_pending = 1;
     return;
@@ -516,11 +521,15 @@ static void sl_runtime_reresolve(sl_runtime *rt) {
   for (size_t i = 0; i < d->nlisteners; i++)
     sets[i] = sl_runtime_find_set(rt->sets, d->listeners[i].listen_text);
   sl_reload_msg m = {.cfg = d, .sets = sets, .dropped = &none};
+  int failed = 0;
+  rt->changing = "upstream host names";
   for (int i = 0; i < rt->nthreads; i++) {
-    if (sl_runtime_reload_call(rt, i, sl_runtime_commit_fn, &m) != SL_OK)
-      sl_log(SL_LOG_ERROR, "upstream host names: worker %d: out of memory switching to the new "
-             "servers; it keeps the ones before", i);
+    if (sl_runtime_reload_call(rt, i, sl_runtime_commit_fn, &m) == SL_OK) continue;
+    sl_log(SL_LOG_ERROR, "upstream host names: worker %d: out of memory switching to the new "
+           "servers; it keeps the ones before", i);
+    failed = 1;
   }
+  rt->changing = NULL;
   free(sets);
   for (size_t i = 0; i < d->nupstreams; i++) {
     const sl_upstream_cfg *was = &rt->cfg->upstreams[i], *now = &d->upstreams[i];
@@ -532,7 +541,7 @@ static void sl_runtime_reresolve(sl_runtime *rt) {
   }
   sl_config_unref(rt->cfg);
   rt->cfg = d;
-  sl_admin_note_dns_change(rt->admin);
+  if (!failed) sl_admin_note_dns_change(rt->admin);
 }
 
 /* ---- the run ---- */
@@ -732,14 +741,15 @@ int sl_runtime_run(sl_config *cfg) {
     sl_notify("STOPPING=1\nSTATUS=stopping: draining open connections");
     break;
   }
-  if (sl_resolver_destroy(rt->resolver) == SL_OK) rt->resolver = NULL;
+  sl_resolver_stop(rt->resolver);   /* no new answers; its thread is joined after the drain */
   if (sl_runtime_stop_workers(rt, &set) != SL_OK) {
     /* A stuck thread still uses its pool, its Lua state and the arenas:
      * nothing can be freed or checked, and exit handlers must not run
      * beside it. */
     sl_log(SL_LOG_ERROR, "stopped without its stuck workers (exit 3)");
     _exit(3);
-  }
+  }  if (sl_resolver_destroy(rt->resolver) == SL_OK) rt->resolver = NULL;
+
   uint64_t leaked = sl_runtime_release(rt);
   sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");
   sl_notify_close();

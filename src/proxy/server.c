@@ -298,7 +298,12 @@ int sl_server_commit(sl_worker *w, sl_config *cfg, sl_listen_set **sets,
                      sl_listen_set **dropped) {
   sl_server_gen *g = sl_server_gen_new(w, cfg, sets);
   if (g == NULL) return SL_ERROR;
-  if (w->gen) sl_server_gen_stop(sl_server_gen_of(w->gen));
+  if (w->gen) {
+    sl_server_gen *was = sl_server_gen_of(w->gen);
+    /* Host names resolved again: servers that stay keep their health. */
+    if (sl_config_owner(was->cfg) == sl_config_owner(cfg)) sl_upstreams_inherit(g->ups, was->ups);
+    sl_server_gen_stop(was);
+  }
   for (; *dropped; dropped++) {
     sl_listen_set *set = *dropped;
     if (set->fds[w->id] >= 0) {

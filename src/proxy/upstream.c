@@ -128,6 +128,24 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
   return s;
 }
 
+void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from) {
+  for (size_t i = 0; s && from && i < s->n; i++) {
+    sl_upstream_rt *rt = &s->ups[i];
+    const sl_upstream_rt *was = NULL;
+    for (size_t k = 0; k < from->n && was == NULL; k++)
+      if (strcmp(from->ups[k].cfg->name, rt->cfg->name) == 0) was = &from->ups[k];
+    for (size_t j = 0; was && j < rt->bal.n; j++) {
+      for (size_t k = 0; k < was->bal.n; k++) {
+        if (strcmp(was->cfg->server_text[k], rt->cfg->server_text[j]) != 0) continue;
+        rt->bal.peers[j].fails = was->bal.peers[k].fails;
+        rt->bal.peers[j].down_until = was->bal.peers[k].down_until;
+        rt->bal.peers[j].check_down = was->bal.peers[k].check_down;
+        break;
+      }
+    }
+  }
+}
+
 void sl_upstreams_stop_checks(sl_upstreams *s) {
   if (s == NULL) return;
   for (size_t i = 0; i < s->n; i++) {

@@ -42,6 +42,13 @@ typedef void (*sl_upstream_ready_fn)(struct sl_channel *up);
  * must outlive the set. NULL on ENOMEM. */
 sl_upstreams *sl_upstreams_create(struct sl_worker *w, const struct sl_config *cfg);
 
+/* Gives the servers of s that from has too (same upstream name, same
+ * address) from's health: failed connects in a row, a passive mark, a
+ * health check holding it down. For a configuration that replaces from's
+ * only because host names answered differently: a server that stays keeps
+ * its state. Either may be NULL. */
+void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from);
+
 /* Stops the health checks (a configuration that new connections no longer
  * use); servers they held down count as up again. NULL is fine. */
 void sl_upstreams_stop_checks(sl_upstreams *s);

@@ -208,9 +208,11 @@ end
 
 -- resolve_interval_ms: 0 (never while running) or at least 100 ms.
 local function check_resolve_interval(v, path)
-    v = check_count(v, path, DEFAULT_RESOLVE_INTERVAL_MS, MAX_INT)
-    if v ~= 0 and v < MIN_RESOLVE_INTERVAL_MS then
-        fail(path, "expected 0 (never) or at least %d, got %s", MIN_RESOLVE_INTERVAL_MS, show(v))
+    if v == nil then return DEFAULT_RESOLVE_INTERVAL_MS end
+    if type(v) ~= "number" or v ~= floor(v) or v > MAX_INT
+       or (v ~= 0 and v < MIN_RESOLVE_INTERVAL_MS) then
+        fail(path, "expected 0 (never) or an integer from %d to %d, got %s",
+             MIN_RESOLVE_INTERVAL_MS, MAX_INT, show(v))
     end
     return v
 end
@@ -291,14 +293,16 @@ end
 
 -- The upstreams ups (normalized by check, names their sorted names) with
 -- the servers their host names have now by resolve (the running process's
--- cached answers): a copy of each upstream that has host names, with its
--- servers and tries expanded again; the others as they are. Raises as
+-- cached answers): a copy of each upstream that has host names and a
+-- resolve_interval_ms, with its servers and tries expanded again; the
+-- others as they are (resolve_interval_ms = 0: never while running, even
+-- for a name another upstream shares). Raises as
 -- check does (a name that no longer resolves).
 function _M.reexpand(ups, names, resolve)
     local out = {}
     for _, name in ipairs(names) do
         local u = ups[name]
-        if u.hosts[1] ~= nil then
+        if u.hosts[1] ~= nil and u.resolve_interval_ms > 0 then
             local src, c = sources[u], {}
             for k, v in pairs(u) do c[k] = v end
             c.servers, c.tries = expand(src.entries, src.tries, src.path, resolve)

@@ -748,7 +748,8 @@ int sl_runtime_run(sl_config *cfg) {
      * beside it. */
     sl_log(SL_LOG_ERROR, "stopped without its stuck workers (exit 3)");
     _exit(3);
-  }  if (sl_resolver_destroy(rt->resolver) == SL_OK) rt->resolver = NULL;
+  }
+  if (sl_resolver_destroy(rt->resolver) == SL_OK) rt->resolver = NULL;
 
   uint64_t leaked = sl_runtime_release(rt);
   sl_log(SL_LOG_INFO, "stopped%s", leaked ? " with leaked buffers" : "");

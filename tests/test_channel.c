@@ -582,7 +582,7 @@ static void test_accepted_sockets_inherit_nodelay_from_the_listener(void **state
   SL_UNUSED(state);
   sl_addr a;
   assert_int_equal(sl_addr_parse(&a, "127.0.0.1", 0), SL_OK);
-  int l = sl_listener_bind(&a, 0);
+  int l = sl_listener_bind(&a, 0, 511);
   assert_true(l >= 0);
   struct sockaddr_in at;
   socklen_t len = sizeof(at);

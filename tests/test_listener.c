@@ -4,7 +4,7 @@
  * listener) and another the test accepts on by hand ("theirs", as another
  * worker would). What the Lua watchdog does to a stuck worker's sockets
  * (sl_listener_withdraw: new connections go to theirs, our accept fails,
- * the listener goes OUT) and undoes (sl_listener_rejoin, then the worker's
+ * the listener goes OUT) and undoes (sl_listener_listen, then the worker's
  * wake: ours accepts again), and how that meets the gate's max_connections
  * (a listener paused at the limit stays paused until there is room).
  */
@@ -53,13 +53,13 @@ static int fixture_setup(void **state) {
    * back a port it chose at bind (port 0) when the socket is withdrawn. */
   sl_addr a;
   if (sl_addr_parse(&a, "127.0.0.1", 0) != SL_OK) return -1;
-  int probe = sl_listener_bind(&a, 0);
+  int probe = sl_listener_bind(&a, 0, 511);
   socklen_t len = sizeof(f->at);
   if (probe < 0 || getsockname(probe, (struct sockaddr *)&f->at, &len) != 0) return -1;
   close(probe);
   if (sl_addr_parse(&a, "127.0.0.1", ntohs(f->at.sin_port)) != SL_OK) return -1;
-  f->ours = sl_listener_bind(&a, 1);
-  f->theirs = sl_listener_bind(&a, 1);
+  f->ours = sl_listener_bind(&a, 1, 511);
+  f->theirs = sl_listener_bind(&a, 1, 511);
   if (f->ours < 0 || f->theirs < 0) return -1;
   sl_listen_gate_init(&f->gate, 0, on_gate_wake, f);
   sl_listener_start(&f->l, f->w, f->ours, &f->gate, "front", on_accept, f);
@@ -159,7 +159,7 @@ static void test_a_withdrawn_listener_goes_out_and_comes_back(void **state) {
     assert_true(f->l.out);
     assert_false(ev_is_active(&f->l.io));
 
-    assert_int_equal(sl_listener_rejoin(f->ours), SL_OK);
+    assert_int_equal(sl_listener_listen(f->ours, 511), SL_OK);
     sl_listener_retry(&f->l);
     assert_false(f->l.out);
     assert_true(ev_is_active(&f->l.io));
@@ -173,7 +173,7 @@ static void test_a_withdrawn_listener_goes_out_and_comes_back(void **state) {
 static void test_a_listener_put_back_before_it_noticed_goes_on(void **state) {
   fixture *f = *state;
   assert_int_equal(sl_listener_withdraw(f->ours), SL_OK);
-  assert_int_equal(sl_listener_rejoin(f->ours), SL_OK);
+  assert_int_equal(sl_listener_listen(f->ours, 511), SL_OK);
   connect_until_ours(f, 2);
   assert_false(f->l.out);
   sl_listener_retry(&f->l);
@@ -194,7 +194,7 @@ static void test_paused_at_the_limit_stays_paused_across_a_withdrawal(void **sta
   /* The connection waiting in our queue is reset. */
   assert_int_equal(sl_listener_withdraw(f->ours), SL_OK);
   f->lost++;
-  assert_int_equal(sl_listener_rejoin(f->ours), SL_OK);
+  assert_int_equal(sl_listener_listen(f->ours, 511), SL_OK);
   sl_listener_retry(&f->l);
   assert_true(f->l.at_limit);
   assert_false(f->l.out);
@@ -227,7 +227,7 @@ static void test_out_then_full_pauses_at_the_limit(void **state) {
   /* Other workers' connections fill it meanwhile. */
   atomic_store(&f->gate.max, 3);
   atomic_store(&f->gate.open, 3);
-  assert_int_equal(sl_listener_rejoin(f->ours), SL_OK);
+  assert_int_equal(sl_listener_listen(f->ours, 511), SL_OK);
   sl_listener_retry(&f->l);
   assert_false(f->l.out);
   connect_until_paused(f);

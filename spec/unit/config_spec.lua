@@ -119,7 +119,7 @@ describe("sluice.config", function()
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
-            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 8000) }),
@@ -148,14 +148,14 @@ describe("sluice.config", function()
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
-            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
             max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
-            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false },
+            half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
         upstreams = {
           demo = upstream_defaults("demo", { server("127.0.0.1", 7001) }),
@@ -763,7 +763,7 @@ describe("sluice.config", function()
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
                          .. "max_connections_per_client, idle_timeout_ms, connect_timeout_ms, "
-                         .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive)",
+                         .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 
@@ -913,6 +913,17 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ high_water_mark = 2 ^ 32 }) })))
         assert.are.equal("config error: listeners[1].low_water_mark: expected a positive integer, got nan",
                          err_of(conf({ listener({ low_water_mark = 0 / 0 }) })):gsub("%-nan$", "nan"))
+      end)
+
+      it("take backlog from 1 to 65535, 511 by default", function()
+        assert.are.equal(511, ok_of(conf({ listener() })).listeners[1].backlog)
+        assert.are.equal(4096, ok_of(conf({ listener({ backlog = 4096 }) })).listeners[1].backlog)
+        assert.are.equal("config error: listeners[1].backlog: expected an integer from 1 to 65535, got 65536",
+                         err_of(conf({ listener({ backlog = 65536 }) })))
+        assert.are.equal("config error: listeners[1].backlog: expected a positive integer, got 0",
+                         err_of(conf({ listener({ backlog = 0 }) })))
+        assert.are.equal('config error: listeners[1].backlog: expected a positive integer, got "128"',
+                         err_of(conf({ listener({ backlog = "128" }) })))
       end)
 
       it("take defer_accept as a boolean", function()

@@ -12,7 +12,6 @@
 #include "util/log.h"
 
 #define SL_ACCEPTS_PER_WAKEUP 16
-#define SL_LISTEN_BACKLOG 511
 
 /* ---- the gate ---- */
 
@@ -142,7 +141,7 @@ static void sl_listener_on_retry(struct ev_loop *loop, ev_timer *t, int revents)
   if (l->fd >= 0 && !l->at_limit && !l->out) ev_io_start(loop, &l->io);
 }
 
-int sl_listener_bind(const sl_addr *addr, int reuseport) {
+int sl_listener_bind(const sl_addr *addr, int reuseport, int backlog) {
   int fd = socket(addr->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
   int one = 1;
@@ -157,7 +156,7 @@ int sl_listener_bind(const sl_addr *addr, int reuseport) {
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   if ((reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
       bind(fd, (const struct sockaddr *)&addr->ss, addr->len) < 0 ||
-      listen(fd, SL_LISTEN_BACKLOG) < 0) {
+      listen(fd, backlog) < 0) {
     int e = errno;
     close(fd);
     errno = e;
@@ -168,7 +167,7 @@ int sl_listener_bind(const sl_addr *addr, int reuseport) {
 
 int sl_listener_withdraw(int fd) { return shutdown(fd, SHUT_RD) == 0 ? SL_OK : SL_ERROR; }
 
-int sl_listener_rejoin(int fd) { return listen(fd, SL_LISTEN_BACKLOG) == 0 ? SL_OK : SL_ERROR; }
+int sl_listener_listen(int fd, int backlog) { return listen(fd, backlog) == 0 ? SL_OK : SL_ERROR; }
 
 int sl_listener_defer_accept(int fd, int on) {
   int secs = on ? 1 : 0;

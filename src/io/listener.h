@@ -12,7 +12,7 @@
  * A worker stuck in Lua (proxy/watchdog.h) has its sockets taken out of
  * their SO_REUSEPORT groups by another thread (sl_listener_withdraw): its
  * accept then fails with EINVAL and the listener goes OUT. Once the worker
- * runs again, sl_listener_rejoin puts the socket back, and the worker, woken,
+ * runs again, sl_listener_listen puts the socket back, and the worker, woken,
  * resumes accepting (sl_listener_retry).
  */
 #ifndef SL_LISTENER_H
@@ -57,8 +57,9 @@ struct sl_listener {
 };
 
 /* Opens a listening socket on addr (SO_REUSEADDR, and SO_REUSEPORT when
- * reuseport is set). Returns the fd, or -1 with errno set. */
-int sl_listener_bind(const sl_addr *addr, int reuseport);
+ * reuseport is set) with a queue of backlog connections. Returns the fd, or
+ * -1 with errno set. */
+int sl_listener_bind(const sl_addr *addr, int reuseport, int backlog);
 
 /* Turns TCP_DEFER_ACCEPT on (1 s: the kernel hands a connection to accept
  * once its client has sent data) or off on the listening socket fd.
@@ -75,7 +76,7 @@ void sl_listener_stop(sl_listener *l);
 
 /* On the listener's worker after a wake: resumes a listener paused at its
  * gate's limit when there is room again, and one that is OUT once its
- * socket listens again (sl_listener_rejoin; still withdrawn: it stays
+ * socket listens again (sl_listener_listen; still withdrawn: it stays
  * OUT). */
 void sl_listener_retry(sl_listener *l);
 
@@ -85,13 +86,14 @@ void sl_listener_retry(sl_listener *l);
  * fd's queue. SL_OK, or SL_ERROR with errno. */
 int sl_listener_withdraw(int fd);
 
-/* Any thread: puts a socket that sl_listener_withdraw took out back into
- * its group (listen again; its options stay as they were). Its port must
- * have been given at bind (a port the kernel picked, port 0, is given back
- * by the withdrawal and another one picked here). The worker accepting on
- * it resumes after a wake (sl_listener_retry). SL_OK, or SL_ERROR with
- * errno. */
-int sl_listener_rejoin(int fd);
+/* Any thread: listen(2) again on fd with backlog. It puts a socket that
+ * sl_listener_withdraw took out back into its group (its options stay as
+ * they were; its port must have been given at bind: a port the kernel
+ * picked, port 0, is given back by the withdrawal and another one picked
+ * here; the worker accepting on it resumes after a wake,
+ * sl_listener_retry), and gives a listening socket a new backlog. SL_OK, or
+ * SL_ERROR with errno. */
+int sl_listener_listen(int fd, int backlog);
 
 void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud);
 

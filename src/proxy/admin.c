@@ -363,7 +363,7 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
     return NULL;
   }
   snprintf(a->text, sizeof(a->text), "%s", text);
-  a->fd = sl_listener_bind(addr, 0);
+  a->fd = sl_listener_bind(addr, 0, 511);
   if (a->fd < 0) {
     snprintf(err, errlen, "admin.listen: cannot listen on %s: %s", text, strerror(errno));
     free(a);

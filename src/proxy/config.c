@@ -269,6 +269,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->half_close = lua_toboolean(L, -1);
     lua_pop(L, 1);
     l->half_close_timeout = sl_num_field(L, lt, "half_close_timeout_ms") / 1000.0;
+    l->backlog = (int)sl_num_field(L, lt, "backlog");
     lua_getfield(L, lt, "tcp_keepalive");
     if (lua_istable(L, -1)) {   /* milliseconds, rounded up to the seconds TCP takes */
       int kt = lua_gettop(L);

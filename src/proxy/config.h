@@ -89,6 +89,7 @@ typedef struct sl_listener_cfg {
   int splice;                  /* SL_SPLICE_*: may pass-through connections splice (io/splice.h) */
   int half_close;              /* 1: a FIN is passed on; 0: the first FIN ends both sides */
   double half_close_timeout;   /* seconds once one direction has ended; 0: idle_timeout */
+  int backlog;                 /* listen(2) queue length */
   int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
   int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the
                                                                 system's */

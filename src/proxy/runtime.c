@@ -136,11 +136,12 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
   for (int i = 0; i < rt->nworkers; i++) fds[i] = -1;
   sl_listen_gate_init(&set->gate, lc->max_connections, sl_runtime_wake_all, rt);
   sl_client_limit_init(&set->clients, lc->max_per_client);
+  atomic_init(&set->backlog, lc->backlog);
   int reuseport = rt->nworkers > 1;
-  int probe = reuseport ? sl_listener_bind(&lc->addr, 0) : 0;
+  int probe = reuseport ? sl_listener_bind(&lc->addr, 0, lc->backlog) : 0;
   if (probe >= 0 && reuseport) close(probe);
   for (int i = 0; probe >= 0 && i < rt->nworkers; i++) {
-    fds[i] = sl_listener_bind(&lc->addr, reuseport);
+    fds[i] = sl_listener_bind(&lc->addr, reuseport, lc->backlog);
     if (fds[i] < 0) probe = -1;
   }
   if (probe < 0) {
@@ -150,6 +151,18 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
     return NULL;
   }
   return set;
+}
+
+/* A kept listen address whose backlog a reload changed: listen(2) again on
+ * each of its sockets (a new length for the queue; nothing queued is lost). */
+static void sl_runtime_set_backlog(sl_listen_set *set, const sl_listener_cfg *lc) {
+  if (atomic_load(&set->backlog) == lc->backlog) return;
+  atomic_store(&set->backlog, lc->backlog);
+  for (int k = 0; k < set->nfds; k++) {
+    if (set->fds[k] >= 0 && sl_listener_listen(set->fds[k], lc->backlog) != SL_OK)
+      sl_log(SL_LOG_WARN, "listener %s: cannot set backlog %d on %s: %s", lc->name, lc->backlog,
+             lc->listen_text, strerror(errno));
+  }
 }
 
 static sl_listen_set *sl_runtime_find_set(sl_listen_set *list, const char *text) {
@@ -441,6 +454,7 @@ static int sl_runtime_reload(sl_runtime *rt, char *why, size_t whylen) {
       sl_log(SL_LOG_ERROR, "SIGHUP: worker %d: out of memory switching configurations; it "
                            "keeps the one before", i);
   }
+  for (size_t i = 0; i < nc->nlisteners; i++) sl_runtime_set_backlog(sets[i], &nc->listeners[i]);
   for (size_t i = 0; i < ndropped; i++) {
     dropped[i]->next = rt->retired;
     rt->retired = dropped[i];

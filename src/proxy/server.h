@@ -36,6 +36,7 @@ typedef struct sl_listen_set {
   int nfds;
   sl_listen_gate gate;
   sl_client_limit clients;     /* connections per client address (max_connections_per_client) */
+  _Atomic int backlog;         /* its sockets' listen(2) queue length (a reload may change it) */
   struct sl_listen_set *next;  /* the runtime's list */
 } sl_listen_set;
 

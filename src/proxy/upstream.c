@@ -501,7 +501,8 @@ int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, con
   a->client = client;
   a->ready = ready;
   a->server = -1;
-  a->key = sl_upstream_addr_hash(&client->remote);
+  /* Only hash balancing uses the client's key. */
+  a->key = rt && rt->bal.kind == SL_BALANCE_HASH ? sl_upstream_addr_hash(&client->remote) : 0;
   a->cc = *cc;
   sl_str_append(a->for_name, sizeof(a->for_name), 0, for_name);
   /* Nothing is read from the client until the upstream is there. */

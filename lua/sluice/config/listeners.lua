@@ -55,6 +55,10 @@
 --                     count } (each optional; the system's setting when
 --                     absent): TCP keepalive on the client and upstream
 --                     sockets; default false
+--     backlog         optional integer 1..65535, default 511: the length of
+--                     the queue of connections the kernel has completed
+--                     and sluice has not accepted yet (listen(2); the
+--                     kernel caps it at net.core.somaxconn)
 --     (and at least an upstream or a non-empty pipeline)
 --
 -- Listeners are checked in array order; inside each, the keys in the order
@@ -68,7 +72,7 @@
 -- adaptive), max_connections, max_connections_per_client, idle_timeout_ms,
 -- connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
--- { idle_ms, interval_ms, count }, 0: the system's) } }
+-- { idle_ms, interval_ms, count }, 0: the system's), backlog } }
 
 local _M = {}
 
@@ -100,8 +104,10 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "max_connections", "max_connections_per_client",
                         "idle_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
-                        "tcp_keepalive" }
+                        "tcp_keepalive", "backlog" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
+local DEFAULT_BACKLOG = 511   -- nginx's on Linux
+local MAX_BACKLOG = 65535
 local MAX_KEEPALIVE_MS = 32767000  -- TCP_KEEPIDLE and TCP_KEEPINTVL take up to 32767 s
 local MAX_KEEPALIVE_COUNT = 127
 
@@ -207,6 +213,11 @@ local function check_listener(l, path, ctx)
     local half_close_timeout_ms = check_positive_int(l.half_close_timeout_ms,
                                                      path .. ".half_close_timeout_ms", 0)
     local keepalive = check_keepalive(l.tcp_keepalive, path .. ".tcp_keepalive")
+    local backlog = check_positive_int(l.backlog, path .. ".backlog", DEFAULT_BACKLOG)
+    if backlog > MAX_BACKLOG then
+        fail(path .. ".backlog", "expected an integer from 1 to %d, got %s", MAX_BACKLOG,
+             show(l.backlog))
+    end
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -231,6 +242,7 @@ local function check_listener(l, path, ctx)
         half_close = l.half_close ~= false,
         half_close_timeout_ms = half_close_timeout_ms,
         tcp_keepalive = keepalive,
+        backlog = backlog,
     }
 end
 

@@ -68,6 +68,27 @@ static void test_same_host(void **state) {
 /* The system's resolver: localhost from /etc/hosts, a numeric host as
  * itself, each address once. (Names that do not resolve, and names of a
  * hosts file of its own: spec/integration/resolve_spec.lua.) */
+static void test_host_name(void **state) {
+  (void)state;
+  const char *good[] = {"db", "db.internal", "db.internal.", "a-b.c", "x1", "1x", "1-2.example"};
+  for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+    assert_true(sl_addr_is_host_name(good[i]));
+  char label63[64], label64[65], long254[255];
+  memset(label63, 'a', 63);
+  label63[63] = '\0';
+  memset(label64, 'a', 64);
+  label64[64] = '\0';
+  memset(long254, 'a', 254);
+  for (int i = 63; i < 254; i += 64) long254[i] = '.';
+  long254[254] = '\0';
+  assert_true(sl_addr_is_host_name(label63));
+  const char *bad[] = {"", ".", "a..b", ".a", "-a", "a-", "a-.b", "a_b", "a b", "10.0.0.1",
+                       "1.2.3", "[::1]", "a:b", label64, long254};
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    if (sl_addr_is_host_name(bad[i])) fail_msg("taken as a host name: \"%s\"", bad[i]);
+  }
+}
+
 static void test_resolve(void **state) {
   (void)state;
   char text[SL_ADDR_RESOLVE_MAX][46];
@@ -94,6 +115,7 @@ int main(void) {
       cmocka_unit_test(test_parse_and_format),
       cmocka_unit_test(test_loopback),
       cmocka_unit_test(test_same_host),
+      cmocka_unit_test(test_host_name),
       cmocka_unit_test(test_resolve),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -60,6 +60,14 @@ describe("upstream servers given by host name", function()
   local peers = H.killed_after_each()
   local usable = namespaces_work()
 
+  -- Whether this test cannot run here (it is then pending).
+  local function skipped()
+    if usable then return false end
+    pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+    return true
+  end
+
+
   -- A peer that answers with its name, then closes.
   local function peer(name)
     local p = H.start_peer("printf " .. name)
@@ -68,10 +76,7 @@ describe("upstream servers given by host name", function()
   end
 
   it("are resolved at start, each name's address serving in turn", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-      return
-    end
+    if skipped() then return end
     local a, b = peer("A"), peer("B")
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 alpha.sluice.test\n"
                                      .. "127.0.0.1 beta.sluice.test\n")
@@ -89,10 +94,7 @@ describe("upstream servers given by host name", function()
 
   it("become one server per address a name has, and one address reached twice is one server",
     function()
-      if not usable then
-        pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-        return
-      end
+      if skipped() then return end
       -- Two peers on one port, at two loopback addresses of one name.
       local port_b = H.free_port()
       for _, pe in ipairs({ { "127.0.0.2", "A" }, { "127.0.0.3", "B" } }) do
@@ -120,10 +122,7 @@ describe("upstream servers given by host name", function()
     end)
 
   it("are resolved again at each reload, and a name that no longer resolves refuses it", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-      return
-    end
+    if skipped() then return end
     local a = peer("A")
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 alpha.sluice.test\n")
     local port = H.free_port()
@@ -176,6 +175,13 @@ describe("upstream servers given by host name", function()
     end, 10), "the peers did not start")
   end
 
+  -- Peers A on 127.0.0.2 and B on 127.0.0.3, on one port (returned).
+  local function peers_ab()
+    local port_b = H.free_port()
+    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    return port_b
+  end
+
   local function rewrite(path, text)
     local f = assert(io.open(path, "w"))   -- in place: the mount follows the file
     f:write(text)
@@ -184,12 +190,8 @@ describe("upstream servers given by host name", function()
 
   it("are resolved again while running: new connections get the new address, open ones and "
      .. "the Lua stages stay", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-      return
-    end
-    local port_b = H.free_port()
-    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    if skipped() then return end
+    local port_b = peers_ab()
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test\n")
     local port, admin = H.free_port(), H.free_port()
     local p = start(hosts, ([[
@@ -244,10 +246,7 @@ return {
 
   it("are resolved again per upstream, keep what a reload resolved, and leave other servers' "
      .. "health alone", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-      return
-    end
+    if skipped() then return end
     local port_b, dead = H.free_port(), H.free_port()
     named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 x.sluice.test y.sluice.test "
@@ -305,12 +304,8 @@ return {
   end)
 
   it("are not resolved again with resolve_interval_ms = 0", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
-      return
-    end
-    local port_b = H.free_port()
-    named_peers(port_b, { { "127.0.0.2", "A" }, { "127.0.0.3", "B" } })
+    if skipped() then return end
+    local port_b = peers_ab()
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test\n")
     local port = H.free_port()
     local p = start(hosts, config(port, { "svc.sluice.test:" .. port_b }, "resolve_interval_ms = 0"))
@@ -322,11 +317,101 @@ return {
     assert.is_falsy(log:find("resolved again", 1, true), log)
   end)
 
-  it("that do not resolve stop the start and --check with exit 2, naming the key", function()
-    if not usable then
-      pending("unshare -rm is not permitted here: no mount namespace for a hosts file of the spec's")
+  it("also work in ctx:connect: looked up off the worker, their answers kept for "
+     .. "resolve_cache_ms", function()
+    if skipped() then return end
+    local port_b = peers_ab()
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 svc.sluice.test "
+                                     .. "multi.sluice.test\n127.0.0.3 multi.sluice.test\n")
+    local port = H.free_port()
+    local p = start(hosts, ([[
+return {
+  workers = 1,
+  resolve_cache_ms = 600000,
+  listeners = { { name = "front", listen = "127.0.0.1:%d",
+                  pipeline = { { "spec.fixtures.upstream.router",
+                                 routes = { s = "svc.sluice.test:%d", m = "multi.sluice.test:%d",
+                                            x = "nowhere.sluice.test:%d" } } } } },
+}
+]]):format(port, port_b, port_b, port_b))
+    -- The router connects from channel_read: the bytes it passes on wait
+    -- in the bridge for the lookup, then go out.
+    assert.are.equal("As1", (H.exchange(port, "s1", 5)))
+    -- A name with two addresses: its connects take them in turn.
+    assert.are.same({ "Am1", "Bm2", "Am3" },
+                    { (H.exchange(port, "m1", 5)), (H.exchange(port, "m2", 5)),
+                      (H.exchange(port, "m3", 5)) })
+    -- One that does not resolve closes its client.
+    assert.are.equal("", (H.exchange(port, "x1", 5)))
+    -- Kept: a new answer is not asked for until resolve_cache_ms has passed,
+    -- or a reload.
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 svc.sluice.test\n")
+    assert.are.equal("As2", (H.exchange(port, "s2", 5)))
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.equal("Bs3", (H.exchange(port, "s3", 5)))
+    local log = H.stop_sluice(p)
+    assert.matches("ctx:connect: cannot resolve nowhere.sluice.test: ", log, 1, true)
+    assert.matches('routed "s" to svc.sluice.test:' .. port_b, log, 1, true)
+  end)
+
+  it("in ctx:connect: a client closed during its lookup, and a stop during one, lose nothing",
+    function()
+    -- A network namespace of the spec's own, with a DNS server on 127.0.0.1
+    -- that never answers: lookups wait for the resolver's timeout (2 s).
+    -- Everything, clients included, runs in it, from one script.
+    local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
+                       .. "/etc/resolv.conf' 2>/dev/null")
+    if rc ~= 0 then
+      pending("unshare -rmn is not permitted here: no network namespace for a silent DNS server")
       return
     end
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n")
+    local resolv = H.tmpfile("resolv.conf", "nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
+    local nss = H.tmpfile("nsswitch.conf", "hosts: files dns\n")
+    local log = H.tmpfile("sluice.log", "")
+    local cfg = H.tmpfile("sluice.lua", [[
+local router = { "spec.fixtures.upstream.router", routes = { s = "silent.sluice.test:7001" } }
+return {
+  workers = 1,
+  listeners = {
+    { name = "front", listen = "127.0.0.1:7000", idle_timeout_ms = 300, pipeline = { router } },
+    { name = "held", listen = "127.0.0.1:7002", pipeline = { router } },
+  },
+}
+]])
+    local script = ([[
+ip link set lo up || exit 90
+mount --bind %s /etc/hosts && mount --bind %s /etc/resolv.conf && mount --bind %s /etc/nsswitch.conf || exit 91
+socat -u UDP-RECV:53,bind=127.0.0.1 /dev/null & DNS=$!
+env SLUICE_ROOT=%s %s %s -c %s 2>%s & SL=$!
+i=0; until grep -q "started with" %s; do i=$((i+1)); [ $i -gt 300 ] && exit 92; sleep 0.1; done
+# One client is closed by its idle timeout while its lookup waits; the
+# other is open at the stop, which waits for its answer.
+(printf s1; sleep 5) | timeout 10 socat - TCP:127.0.0.1:7000 & A=$!
+sleep 0.1
+(printf s2; sleep 5) | timeout 10 socat - TCP:127.0.0.1:7002 & B=$!
+sleep 0.8
+kill -TERM $SL; wait $SL; echo "exit=$?"
+kill $A $B $DNS 2>/dev/null
+]]):format(H.shq(hosts), H.shq(resolv), H.shq(nss), H.shq(H.root), H.wrapper, H.shq(H.bin),
+           H.shq(cfg), H.shq(log), H.shq(log))
+    local out = H.sh(("timeout 60 unshare -rmn sh -c %s 2>&1"):format(H.shq(script)))
+    local text = H.read(log)
+    assert.matches("exit=0", out, 1, true)
+    assert.matches("on front closed: idle_timeout", text, 1, true)
+    assert.matches("on held: ctx:connect: cannot resolve silent.sluice.test: ", text, 1, true)
+    assert.matches("on held closed: upstream_unavailable", text, 1, true)
+    assert.is_falsy(text:find("on front: ctx:connect", 1, true), text)   -- its answer found no one
+    assert.matches("worker 0: pool clean at exit", text, 1, true)
+    assert.is_falsy(text:find("LEAK", 1, true), text)
+    assert.matches("%] stopped\n?$", text)
+  end)
+
+  it("that do not resolve stop the start and --check with exit 2, naming the key", function()
+    if skipped() then return end
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n")
     local cfg = H.tmpfile("bad.lua", config(H.free_port(), { "127.0.0.1:1", "nowhere.sluice.test:80" }))
     for _, flag in ipairs({ "--check", "-c" }) do

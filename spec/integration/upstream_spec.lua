@@ -428,7 +428,7 @@ return {
   workers = 1,
   listeners = { { name = "front", listen = "127.0.0.1:%d",
                   pipeline = { { "spec.fixtures.upstream.router",
-                                 routes = { a = "alpha", b = "127.0.0.1:%d", z = "db.internal:80" } } } } },
+                                 routes = { a = "alpha", b = "127.0.0.1:%d", z = "db_internal:80" } } } } },
   upstreams = { alpha = { servers = { "127.0.0.1:%d" } } },
 }
 ]]):format(port, b.port, a.port))
@@ -444,8 +444,8 @@ return {
       assert.are.equal("", out_z)
       assert.are.equal("", out_q)
       assert.matches('routed "b" to 127.0.0.1:' .. b.port, log, 1, true)
-      assert.matches('no route for "z": expected the name of an upstream or "host:port" with a numeric host',
-                     log, 1, true)
+      assert.matches('no route for "z": expected the name of an upstream or "host:port" (a numeric '
+                     .. 'IPv4 host, an IPv6 host in brackets or a host name)', log, 1, true)
       assert.matches('no route for "q": expected the name of an upstream or "host:port"', log, 1, true)
       assert.matches("upstream 127.0.0.1:" .. b.port .. " for front closed", log, 1, true)
     end)

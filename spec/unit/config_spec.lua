@@ -111,7 +111,7 @@ describe("sluice.config", function()
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -136,7 +136,7 @@ describe("sluice.config", function()
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -528,6 +528,8 @@ describe("sluice.config", function()
       assert.are.equal(5000, ok_of(conf(nil, {})).lua_timeout_ms)
       assert.are.equal(0, ok_of(conf(nil, { lua_timeout_ms = 0 })).lua_timeout_ms)
       assert.are.equal(200, ok_of(conf(nil, { lua_timeout_ms = 200 })).lua_timeout_ms)
+      assert.are.equal(30000, ok_of(conf(nil, {})).resolve_cache_ms)
+      assert.are.equal(0, ok_of(conf(nil, { resolve_cache_ms = 0 })).resolve_cache_ms)
     end)
 
     it("name the key and what was expected", function()
@@ -560,6 +562,10 @@ describe("sluice.config", function()
           'config error: lua_timeout_ms: expected an integer from 0 to 2147483647, got "5s"' },
         { { lua_timeout_ms = 2 ^ 31 },
           "config error: lua_timeout_ms: expected an integer from 0 to 2147483647, got 2147483648" },
+        { { resolve_cache_ms = -1 },
+          "config error: resolve_cache_ms: expected an integer from 0 to 2147483647, got -1" },
+        { { resolve_cache_ms = "30s" },
+          'config error: resolve_cache_ms: expected an integer from 0 to 2147483647, got "30s"' },
         { { error_log = "off" },
           'config error: error_log: expected "stderr" or a file path, got "off"' },
         { { error_log = "" }, 'config error: error_log: expected "stderr" or a file path, got ""' },
@@ -712,11 +718,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -729,7 +735,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

@@ -134,6 +134,28 @@ int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const
   return SL_OK;
 }
 
+int sl_addr_is_host_name(const char *s) {
+  size_t len = strlen(s);
+  if (len > 0 && s[len - 1] == '.') len--;   /* a final dot */
+  if (len == 0 || len > 253) return 0;
+  int letter = 0;
+  size_t label = 0;
+  for (size_t i = 0; i <= len; i++) {
+    char c = i < len ? s[i] : '.';
+    if (c == '.') {
+      if (label == 0 || label > 63 || s[i - 1] == '-') return 0;
+      label = 0;
+      continue;
+    }
+    int alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+    if (!alpha && !(c >= '0' && c <= '9') && c != '-') return 0;
+    if (c == '-' && label == 0) return 0;
+    letter |= alpha || c == '-';
+    label++;
+  }
+  return letter;   /* only digits and dots: a malformed IPv4 address */
+}
+
 void sl_addr_key_of(const struct sockaddr *sa, sl_addr_key *k) {
   memset(k, 0, sizeof(*k));
   if (sa->sa_family == AF_INET) {

@@ -36,6 +36,11 @@ typedef struct sl_addr_key {
 /* The key of sa's address. */
 void sl_addr_key_of(const struct sockaddr *sa, sl_addr_key *k);
 
+/* Whether s is a host name, as the configuration takes them: dot-separated
+ * labels of letters, digits and "-" (not first or last), 1 to 63 bytes
+ * each, 253 in all (a final dot aside), not only digits and dots. */
+int sl_addr_is_host_name(const char *s);
+
 #define SL_ADDR_RESOLVE_MAX 64   /* addresses kept per name */
 
 /* The addresses of host name `name` for TCP, as the system's resolver

@@ -58,6 +58,35 @@ static void sl_worker_on_wake(struct ev_loop *loop, ev_async *a, int revents) {
   if (w->on_wake && !w->stopping) w->on_wake(w);
 }
 
+/* Takes every waiting post, oldest first. */
+static sl_worker_msg *sl_worker_take_posts(sl_worker *w) {
+  pthread_mutex_lock(&w->post_lock);
+  sl_worker_msg *p = w->posts;
+  w->posts = NULL;
+  w->posts_tail = &w->posts;
+  pthread_mutex_unlock(&w->post_lock);
+  return p;
+}
+
+static void sl_worker_on_post(struct ev_loop *loop, ev_async *a, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_worker *w = SL_CONTAINER_OF(a, sl_worker, post_watcher);
+  for (sl_worker_msg *p = sl_worker_take_posts(w), *next; p != NULL; p = next) {
+    next = p->next;
+    p->fn(w, p);
+  }
+}
+
+void sl_worker_post(sl_worker *w, sl_worker_msg *p) {
+  p->next = NULL;
+  pthread_mutex_lock(&w->post_lock);
+  *w->posts_tail = p;
+  w->posts_tail = &p->next;
+  pthread_mutex_unlock(&w->post_lock);
+  ev_async_send(w->loop, &w->post_watcher);
+}
+
 static void sl_worker_on_call(struct ev_loop *loop, ev_async *a, int revents) {
   SL_UNUSED(loop);
   SL_UNUSED(revents);
@@ -185,6 +214,11 @@ sl_worker *sl_worker_create(int id, struct sl_alloc *alloc) {
   ev_async_start(w->loop, &w->wake_watcher);
   ev_async_init(&w->call_watcher, sl_worker_on_call);
   ev_async_start(w->loop, &w->call_watcher);
+  pthread_mutex_init(&w->post_lock, NULL);
+  w->posts_tail = &w->posts;
+  ev_async_init(&w->post_watcher, sl_worker_on_post);
+  ev_async_start(w->loop, &w->post_watcher);
+  ev_unref(w->loop); /* a post is for a channel, which keeps the loop running itself */
   ev_timer_init(&w->drain_timer, sl_worker_on_drain_deadline, 0., 0.);
   ev_timer_init(&w->gen_timer, sl_worker_on_gen_timer, 0., 0.);
   /* Often enough to notice trim_idle_ms of idleness, at most once a second. */
@@ -240,6 +274,11 @@ uint64_t sl_worker_destroy(sl_worker *w) {
            w->id, (unsigned long long)st.allocs,
            (unsigned long long)(st.remote_queued + st.remote_direct + st.remote_stacked));
   }
+  for (sl_worker_msg *p = sl_worker_take_posts(w), *next; p != NULL; p = next) {
+    next = p->next;
+    p->fn(NULL, p);   /* never ran: its poster frees it */
+  }
+  pthread_mutex_destroy(&w->post_lock);
   sl_pipe_pool_trim(&w->pipes);   /* every channel is gone: every pipe is idle */
   sl_channel_spares_free(w);
   ev_loop_destroy(w->loop);

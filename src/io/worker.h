@@ -4,9 +4,11 @@
  * client connection and its upstream connection stay on one worker.
  *
  * Other threads reach a worker only through its ev_async watchers: stop
- * (drain, then close), wake (a listener may accept again), and a control
- * call (sl_worker_call: run a function on the worker's thread and wait for
- * its result, used by reloads). None of them is on the data path.
+ * (drain, then close), wake (a listener may accept again), a control call
+ * (sl_worker_call: run a function on the worker's thread and wait for its
+ * result, used by reloads), and posts (sl_worker_post: a function the
+ * worker runs soon, without the poster waiting: host name lookups that
+ * finished). None of them is on the data path.
  *
  * Generations: each configuration a worker runs is a generation. A channel
  * belongs to the generation that was current when it was created; once an
@@ -51,6 +53,15 @@ typedef struct sl_worker_gen {
 
 typedef int (*sl_worker_call_fn)(sl_worker *w, void *arg);
 
+/* Something another thread hands a worker (sl_worker_post), embedded in
+ * the poster's own structure: fn runs once on the worker's thread with w,
+ * or with w NULL when the worker is destroyed before it ran (fn then only
+ * frees what it must). */
+typedef struct sl_worker_msg {
+  void (*fn)(sl_worker *w, struct sl_worker_msg *p);
+  struct sl_worker_msg *next;
+} sl_worker_msg;
+
 struct sl_worker {
   struct ev_loop *loop;
   struct sl_pool *pool;
@@ -71,6 +82,10 @@ struct sl_worker {
   ev_async stop_watcher;          /* another thread asks the worker to stop */
   ev_async wake_watcher;          /* a listener may accept again (gate room, socket back) */
   ev_async call_watcher;          /* a control call is waiting */
+  ev_async post_watcher;          /* posts are waiting (it keeps no loop running) */
+  pthread_mutex_t post_lock;
+  sl_worker_msg *posts;          /* post_lock: oldest first */
+  sl_worker_msg **posts_tail;
   ev_timer pool_timer;            /* drains returned buffers, trims when idle */
   ev_timer drain_timer;           /* the drain deadline */
   ev_timer gen_timer;             /* retires generations that became unused */
@@ -117,6 +132,12 @@ void sl_worker_request_stop(sl_worker *w);
 
 /* Thread-safe: the worker calls on_wake soon. */
 void sl_worker_wake(sl_worker *w);
+
+/* Thread-safe: the worker runs p->fn(w, p) soon on its thread, in the order
+ * posted (even while it drains); one destroyed first runs p->fn(NULL, p).
+ * p (the caller's) must stay valid until then. The caller must not post
+ * once sl_worker_destroy may have begun. */
+void sl_worker_post(sl_worker *w, sl_worker_msg *p);
 
 /* From another thread: runs fn(w, arg) on the worker's thread and returns
  * its result, blocking until then. One caller at a time. */

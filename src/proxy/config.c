@@ -391,6 +391,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->drain_timeout = sl_num_field(L, cfg, "drain_timeout_ms") / 1000.0;
   c->lua_memory_limit = (size_t)sl_num_field(L, cfg, "lua_memory_limit");
   c->lua_timeout_ms = (int)sl_num_field(L, cfg, "lua_timeout_ms");
+  c->resolve_cache_ms = (int)sl_num_field(L, cfg, "resolve_cache_ms");
   lua_getfield(L, cfg, "max_pipes");
   c->max_pipes = lua_isnil(L, -1) ? -1 : (int)lua_tonumber(L, -1);
   lua_pop(L, 1);

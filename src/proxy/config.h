@@ -111,6 +111,7 @@ typedef struct sl_config {
   double drain_timeout;        /* seconds a stop waits for open connections */
   size_t lua_memory_limit;     /* bytes a worker's Lua heap may hold; 0: no limit */
   int lua_timeout_ms;          /* a Lua callback running longer is stopped; 0: never */
+  int resolve_cache_ms;        /* ctx:connect host names: answers kept this long; 0: none */
   int max_pipes;               /* splice pipes open at once, all workers; -1: from the
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -26,6 +27,18 @@ typedef struct sl_resolved {
   int family[SL_ADDR_RESOLVE_MAX];
 } sl_resolved;
 
+/* A cached answer for lookups. */
+typedef struct sl_cached {
+  char host[256];
+  double expires;              /* monotonic seconds; 0: a free slot */
+  unsigned next;               /* the address the next connect takes */
+  int n;
+  char text[SL_ADDR_RESOLVE_MAX][46];
+  int family[SL_ADDR_RESOLVE_MAX];
+} sl_cached;
+
+#define SL_RESOLVER_CACHE 256   /* names whose answers are kept */
+
 struct sl_resolver {
   pthread_mutex_t mu;
   pthread_cond_t cv;           /* watch list changed, or stop */
@@ -36,7 +49,18 @@ struct sl_resolver {
   sl_resolved *names;          /* under mu */
   size_t nnames;
   unsigned gen;                /* bumped by each sl_resolver_watch (under mu) */
+  sl_lookup *lookups;          /* under mu: queued, oldest first */
+  sl_lookup **lookups_tail;
+  unsigned nlookups;
+  int cache_ms;                /* resolve_cache_ms (under mu) */
+  sl_cached *cache;            /* SL_RESOLVER_CACHE slots, made at the first answer */
 };
+
+static sl_resolver *_Atomic sl_resolver_the;
+
+sl_resolver *sl_resolver_shared(void) { return atomic_load(&sl_resolver_the); }
+
+void sl_resolver_share(sl_resolver *r) { atomic_store(&sl_resolver_the, r); }
 
 static double sl_resolver_now(void) {
   struct timespec ts;
@@ -100,6 +124,92 @@ static int sl_resolver_round(sl_resolver *r) {
   }
 }
 
+/* Keeps an answer for host (called with mu). */
+static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *a, double now) {
+  if (r->cache_ms <= 0) return;
+  if (r->cache == NULL && (r->cache = calloc(SL_RESOLVER_CACHE, sizeof(*r->cache))) == NULL) return;
+  sl_cached *slot = &r->cache[0];
+  for (int i = 0; i < SL_RESOLVER_CACHE; i++) {   /* its own, else the one expiring first */
+    sl_cached *c = &r->cache[i];
+    if (c->expires > 0 && strcmp(c->host, host) == 0) {
+      slot = c;
+      break;
+    }
+    if (c->expires < slot->expires) slot = c;
+  }
+  snprintf(slot->host, sizeof(slot->host), "%s", host);
+  slot->expires = now + r->cache_ms / 1000.0;
+  slot->next = 1;   /* the lookups answered now take the first address */
+  slot->n = a->n;
+  memcpy(slot->text, a->text, sizeof(a->text[0]) * (size_t)a->n);
+  memcpy(slot->family, a->family, sizeof(a->family[0]) * (size_t)a->n);
+}
+
+/* Answers the oldest queued lookup and every other one of the same name,
+ * the lock released around the resolver's call (called with mu). */
+static void sl_resolver_serve(sl_resolver *r) {
+  char host[256];
+  snprintf(host, sizeof(host), "%s", r->lookups->host);
+  pthread_mutex_unlock(&r->mu);
+  sl_lookup a;
+  a.why = NULL;
+  a.rc = sl_addr_resolve(host, a.text, a.family, &a.n, &a.why);
+  pthread_mutex_lock(&r->mu);
+  if (r->stop) return;   /* sl_resolver_destroy ends the queue */
+  if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, sl_resolver_now());
+  for (sl_lookup **pp = &r->lookups; *pp != NULL;) {
+    sl_lookup *l = *pp;
+    if (strcmp(l->host, host) != 0) {
+      pp = &l->next;
+      continue;
+    }
+    *pp = l->next;
+    if (*pp == NULL) r->lookups_tail = pp;
+    r->nlookups--;
+    l->rc = a.rc;
+    l->why = a.why;
+    l->n = a.rc == SL_OK ? a.n : 0;
+    memcpy(l->text, a.text, sizeof(a.text[0]) * (size_t)l->n);
+    memcpy(l->family, a.family, sizeof(a.family[0]) * (size_t)l->n);
+    sl_worker_post(l->w, &l->msg);   /* mu held: destroy cannot pass meanwhile */
+  }
+}
+
+int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *family) {
+  int rc = SL_ERROR;
+  pthread_mutex_lock(&r->mu);
+  double now = r->cache ? sl_resolver_now() : 0;
+  for (int i = 0; r->cache && i < SL_RESOLVER_CACHE; i++) {
+    sl_cached *c = &r->cache[i];
+    if (c->expires <= now || strcmp(c->host, host) != 0) continue;
+    unsigned k = c->next++ % (unsigned)c->n;
+    memcpy(text, c->text[k], 46);
+    *family = c->family[k];
+    rc = SL_OK;
+    break;
+  }
+  pthread_mutex_unlock(&r->mu);
+  return rc;
+}
+
+/* Starts the thread if it is not running (called with mu). */
+static int sl_resolver_start_thread(sl_resolver *r);
+
+int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l) {
+  pthread_mutex_lock(&r->mu);
+  if (r->stop || r->nlookups >= SL_RESOLVER_MAX_LOOKUPS || sl_resolver_start_thread(r) != SL_OK) {
+    pthread_mutex_unlock(&r->mu);
+    return SL_ERROR;
+  }
+  l->next = NULL;
+  *r->lookups_tail = l;
+  r->lookups_tail = &l->next;
+  r->nlookups++;
+  pthread_cond_signal(&r->cv);
+  pthread_mutex_unlock(&r->mu);
+  return SL_OK;
+}
+
 static void *sl_resolver_main(void *arg) {
   sl_resolver *r = arg;
   sigset_t all;
@@ -107,6 +217,10 @@ static void *sl_resolver_main(void *arg) {
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   pthread_mutex_lock(&r->mu);
   while (!r->stop) {
+    if (r->lookups != NULL) {
+      sl_resolver_serve(r);
+      continue;
+    }
     if (sl_resolver_round(r) && !r->stop) {
       pthread_kill(r->notify, r->signo);   /* blocked there: pending until its sigwait */
       continue;
@@ -115,6 +229,7 @@ static void *sl_resolver_main(void *arg) {
     double next = -1;
     for (size_t i = 0; i < r->nnames; i++)
       if (next < 0 || r->names[i].due < next) next = r->names[i].due;
+    if (r->lookups != NULL) continue;   /* queued during the round */
     if (next < 0) {
       pthread_cond_wait(&r->cv, &r->mu);
       continue;
@@ -139,6 +254,7 @@ sl_resolver *sl_resolver_create(pthread_t thread, int signo) {
   pthread_condattr_destroy(&ca);
   r->notify = thread;
   r->signo = signo;
+  r->lookups_tail = &r->lookups;
   return r;
 }
 
@@ -230,20 +346,24 @@ int sl_resolver_watch(sl_resolver *r, const sl_config *cfg) {
   r->names = list;
   r->nnames = n;
   r->gen++;
-  int rc = SL_OK;
-  if (n > 0 && !r->started) {
-    int e = pthread_create(&r->thread, NULL, sl_resolver_main, r);
-    if (e == 0) {
-      r->started = 1;
-    } else {
-      sl_log(SL_LOG_ERROR, "upstream host names: cannot start the resolver's thread: %s; they "
-             "are not resolved again", strerror(e));
-      rc = SL_ERROR;
-    }
-  }
+  r->cache_ms = cfg->resolve_cache_ms;
+  if (r->cache) memset(r->cache, 0, SL_RESOLVER_CACHE * sizeof(*r->cache));   /* asked anew */
+  int rc = n > 0 ? sl_resolver_start_thread(r) : SL_OK;
   pthread_cond_signal(&r->cv);
   pthread_mutex_unlock(&r->mu);
   return rc;
+}
+
+static int sl_resolver_start_thread(sl_resolver *r) {
+  if (r->started) return SL_OK;
+  int e = pthread_create(&r->thread, NULL, sl_resolver_main, r);
+  if (e != 0) {
+    sl_log(SL_LOG_ERROR, "cannot start the resolver's thread: %s; host names are not resolved "
+           "again, and ctx:connect cannot take them", strerror(e));
+    return SL_ERROR;
+  }
+  r->started = 1;
+  return SL_OK;
 }
 
 int sl_resolver_lookup(lua_State *L) {
@@ -277,7 +397,21 @@ void sl_resolver_stop(sl_resolver *r) {
 
 int sl_resolver_destroy(sl_resolver *r) {
   if (r == NULL) return SL_OK;
+  if (sl_resolver_shared() == r) sl_resolver_share(NULL);
   sl_resolver_stop(r);
+  /* The workers are gone: what they queued ends here, under the lock the
+   * thread takes before it posts anything. */
+  pthread_mutex_lock(&r->mu);
+  sl_lookup *l = r->lookups;
+  r->lookups = NULL;
+  r->lookups_tail = &r->lookups;
+  r->nlookups = 0;
+  pthread_mutex_unlock(&r->mu);
+  while (l != NULL) {
+    sl_lookup *next = l->next;
+    l->msg.fn(NULL, &l->msg);
+    l = next;
+  }
   if (r->started) {
     struct timespec until;
     clock_gettime(CLOCK_REALTIME, &until);
@@ -285,6 +419,7 @@ int sl_resolver_destroy(sl_resolver *r) {
     if (pthread_timedjoin_np(r->thread, NULL, &until) != 0) return SL_ERROR;
   }
   sl_resolver_free_list(r->names, r->nnames);
+  free(r->cache);
   pthread_cond_destroy(&r->cv);
   pthread_mutex_destroy(&r->mu);
   free(r);

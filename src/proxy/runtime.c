@@ -693,6 +693,10 @@ int sl_runtime_run(sl_config *cfg) {
     return 1;
   }
   sl_config_log_resolved(cfg);
+  /* Before the workers: ctx:connect may look host names up at once. */
+  rt->resolver = sl_resolver_create(pthread_self(), SL_SIG_RESOLVED);
+  if (rt->resolver) sl_resolver_watch(rt->resolver, cfg);
+  sl_resolver_share(rt->resolver);
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const sl_listener_cfg *l = &cfg->listeners[i];
     sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,
@@ -703,6 +707,7 @@ int sl_runtime_run(sl_config *cfg) {
       fprintf(stderr, "sluice: cannot start: worker %d: cannot create its thread: %s\n", i,
               strerror(errno));
       (void)sl_runtime_stop_workers(rt, &set);
+      (void)sl_resolver_destroy(rt->resolver);
       sl_runtime_release(rt);
       sl_config_unref(rt->cfg);
       return 1;
@@ -712,6 +717,7 @@ int sl_runtime_run(sl_config *cfg) {
   if (rt->admin && sl_admin_start(rt->admin) != SL_OK) {
     fprintf(stderr, "sluice: cannot start: admin: cannot create its thread: %s\n", strerror(errno));
     (void)sl_runtime_stop_workers(rt, &set);
+    (void)sl_resolver_destroy(rt->resolver);
     sl_runtime_release(rt);
     sl_config_unref(rt->cfg);
     return 1;
@@ -723,8 +729,6 @@ int sl_runtime_run(sl_config *cfg) {
             cfg->nlisteners, cfg->nlisteners == 1 ? "" : "s", rt->nworkers,
             rt->nworkers == 1 ? "" : "s", (int)getpid());
 
-  rt->resolver = sl_resolver_create(pthread_self(), SL_SIG_RESOLVED);
-  if (rt->resolver) sl_resolver_watch(rt->resolver, rt->cfg);
   for (;;) {
     int sig = sl_runtime_wait(rt, &set);
     if (sig == SL_SIG_RESOLVED) {
@@ -755,7 +759,6 @@ int sl_runtime_run(sl_config *cfg) {
     sl_notify("STOPPING=1\nSTATUS=stopping: draining open connections");
     break;
   }
-  sl_resolver_stop(rt->resolver);   /* no new answers; its thread is joined after the drain */
   if (sl_runtime_stop_workers(rt, &set) != SL_OK) {
     /* A stuck thread still uses its pool, its Lua state and the arenas:
      * nothing can be freed or checked, and exit handlers must not run

@@ -164,7 +164,8 @@ void sl_upstreams_destroy(sl_upstreams *s) {
 }
 
 int sl_upstream_resolve(const struct sl_channel *client, const char *target,
-                        const sl_upstream_cfg **u, sl_addr *addr, const char **err) {
+                        const sl_upstream_cfg **u, sl_addr *addr, char *host_name, int *port_out,
+                        const char **err) {
   sl_upstreams *s = sl_server_upstreams(client);
   *u = NULL;
   for (size_t i = 0; s && i < s->n; i++) {
@@ -173,8 +174,8 @@ int sl_upstream_resolve(const struct sl_channel *client, const char *target,
       return SL_OK;
     }
   }
-  /* "host:port", "[v6]:port" or "localhost:port". */
-  char host[64];
+  /* "host:port", "[v6]:port", "localhost:port" or "name:port". */
+  char host[256];
   const char *colon = strrchr(target, ':');
   size_t hlen = colon ? (size_t)(colon - target) : 0;
   char *end = NULL;
@@ -196,11 +197,15 @@ int sl_upstream_resolve(const struct sl_channel *client, const char *target,
   } else if (strcmp(host, "localhost") == 0) {
     h = "127.0.0.1";
   }
-  if (sl_addr_parse(addr, h, (int)port) != SL_OK) {
-    *err = "expected the name of an upstream or \"host:port\" with a numeric host";
-    return SL_ERROR;
+  if (sl_addr_parse(addr, h, (int)port) == SL_OK) return SL_OK;
+  if (h == host && sl_addr_is_host_name(host)) {
+    memcpy(host_name, host, hlen + 1);
+    *port_out = (int)port;
+    return SL_UPSTREAM_HOST_NAME;
   }
-  return SL_OK;
+  *err = "expected the name of an upstream or \"host:port\" (a numeric IPv4 host, an IPv6 host "
+         "in brackets or a host name)";
+  return SL_ERROR;
 }
 
 /* A connection to the server of p closed, or a try of it ended. */

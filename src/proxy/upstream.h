@@ -56,12 +56,18 @@ void sl_upstreams_stop_checks(sl_upstreams *s);
 /* Stops the health checks and drops the creator's reference. NULL is fine. */
 void sl_upstreams_destroy(sl_upstreams *s);
 
+/* What sl_upstream_resolve returns for "name:port" with a host name. */
+#define SL_UPSTREAM_HOST_NAME 1
+
 /* Resolves a ctx:connect target for client: the name of an upstream of the
  * configuration the client started with (*u set), or "host:port" with a
  * numeric IPv4 host, an IPv6 host in brackets or localhost (*u NULL, *addr
- * filled). SL_OK, or SL_ERROR with *err. */
+ * filled): SL_OK. Or "name:port" with a host name (sl_addr_is_host_name):
+ * SL_UPSTREAM_HOST_NAME with the name in host (256 bytes) and *port; the
+ * caller looks it up. SL_ERROR with *err otherwise. */
 int sl_upstream_resolve(const struct sl_channel *client, const char *target,
-                        const struct sl_upstream_cfg **u, sl_addr *addr, const char **err);
+                        const struct sl_upstream_cfg **u, sl_addr *addr, char *host, int *port,
+                        const char **err);
 
 /* Connects client to upstream u (balanced, retried, with passive health,
  * using the upstream state of the client's configuration) or,

@@ -21,18 +21,21 @@
 --   lua_timeout_ms optional integer 0-2^31-1: a Lua callback running longer
 --               is stopped (it raises, its connection closes), default 5000;
 --               0: never
+--   resolve_cache_ms optional integer 0-2^31-1: how long the addresses of a
+--               host name given to ctx:connect are used before it is
+--               resolved again, default 30000; 0: every connect resolves
 --
 -- Check order (so the first error reported is deterministic): a stage
 -- module given where the configuration belongs, unknown keys of the top
 -- level, then log_level, allocator, leak_detection, workers,
 -- drain_timeout_ms, error_log, access_log, admin, max_pipes,
--- lua_memory_limit, lua_timeout_ms, upstreams (by sorted name), listeners
--- (in array order).
+-- lua_memory_limit, lua_timeout_ms, resolve_cache_ms, upstreams (by sorted
+-- name), listeners (in array order).
 --
 -- Normalized: { log_level, allocator, leak_detection, workers,
 -- drain_timeout_ms, error_log, access_log, admin (or nil), max_pipes (or
 -- nil: from the open-files limit), lua_memory_limit (0: none),
--- lua_timeout_ms (0: none), search_path,
+-- lua_timeout_ms (0: none), resolve_cache_ms, search_path,
 -- listeners, upstreams, upstream_names = { sorted names } }.
 
 local _M = {}
@@ -59,11 +62,12 @@ local DEFAULT_DRAIN_TIMEOUT_MS = 10000
 local MAX_WORKERS = 256
 local MIN_LUA_MEMORY = 1048576
 local DEFAULT_LUA_TIMEOUT_MS = 5000
+local DEFAULT_RESOLVE_CACHE_MS = 30000
 
 -- Known keys of the top level, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
                    "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
-                   "max_pipes", "lua_memory_limit", "lua_timeout_ms" }
+                   "max_pipes", "lua_memory_limit", "lua_timeout_ms", "resolve_cache_ms" }
 
 -- Returns the normalized configuration for table t. ctx holds the search
 -- path, the built-in stages and what the checks record as they go (see
@@ -100,6 +104,8 @@ function _M.check(t, ctx)
     end
     local lua_timeout_ms = check_count(t.lua_timeout_ms, "lua_timeout_ms",
                                        DEFAULT_LUA_TIMEOUT_MS, MAX_INT)
+    local resolve_cache_ms = check_count(t.resolve_cache_ms, "resolve_cache_ms",
+                                         DEFAULT_RESOLVE_CACHE_MS, MAX_INT)
     local upstreams, names = check_upstreams(t.upstreams, ctx.resolve)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
@@ -114,6 +120,7 @@ function _M.check(t, ctx)
         max_pipes = max_pipes,
         lua_memory_limit = lua_memory_limit,
         lua_timeout_ms = lua_timeout_ms,
+        resolve_cache_ms = resolve_cache_ms,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

@@ -83,7 +83,8 @@ static int sl_resolver_round(sl_resolver *r) {
     sl_resolved *due = NULL;
     for (size_t i = 0; i < r->nnames && due == NULL; i++)
       if (r->names[i].due <= now) due = &r->names[i];
-    if (due == NULL || r->stop) return changed;
+    /* Lookups first: a client waits on each. The round goes on after. */
+    if (due == NULL || r->stop || r->lookups != NULL) return changed;
     char *host = strdup(due->host);
     if (host == NULL) {   /* tried again at its next time */
       due->due = now + due->interval_ms / 1000.0;

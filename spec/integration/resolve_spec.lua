@@ -360,7 +360,7 @@ return {
   it("in ctx:connect: a client closed during its lookup, and a stop during one, lose nothing",
     function()
     -- A network namespace of the spec's own, with a DNS server on 127.0.0.1
-    -- that never answers: lookups wait for the resolver's timeout (2 s).
+    -- that never answers: lookups wait for the resolver's timeout (3 s).
     -- Everything, clients included, runs in it, from one script.
     local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
                        .. "/etc/resolv.conf' 2>/dev/null")
@@ -369,7 +369,7 @@ return {
       return
     end
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n")
-    local resolv = H.tmpfile("resolv.conf", "nameserver 127.0.0.1\noptions timeout:2 attempts:1\n")
+    local resolv = H.tmpfile("resolv.conf", "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n")
     local nss = H.tmpfile("nsswitch.conf", "hosts: files dns\n")
     local log = H.tmpfile("sluice.log", "")
     local cfg = H.tmpfile("sluice.lua", [[
@@ -390,15 +390,16 @@ env SLUICE_ROOT=%s %s %s -c %s 2>%s & SL=$!
 i=0; until grep -q "started with" %s; do i=$((i+1)); [ $i -gt 300 ] && exit 92; sleep 0.1; done
 # One client is closed by its idle timeout while its lookup waits; the
 # other is open at the stop, which waits for its answer.
-(printf s1; sleep 5) | timeout 10 socat - TCP:127.0.0.1:7000 & A=$!
-sleep 0.1
-(printf s2; sleep 5) | timeout 10 socat - TCP:127.0.0.1:7002 & B=$!
-sleep 0.8
+(printf s1; sleep 30) | timeout 40 socat - TCP:127.0.0.1:7000 & A=$!
+(printf s2; sleep 30) | timeout 40 socat - TCP:127.0.0.1:7002 & B=$!
+i=0; until grep -q "on held: routed" %s && grep -q "on front closed: idle_timeout" %s; do
+  i=$((i+1)); [ $i -gt 300 ] && exit 93; sleep 0.1
+done
 kill -TERM $SL; wait $SL; echo "exit=$?"
 kill $A $B $DNS 2>/dev/null
 ]]):format(H.shq(hosts), H.shq(resolv), H.shq(nss), H.shq(H.root), H.wrapper, H.shq(H.bin),
-           H.shq(cfg), H.shq(log), H.shq(log))
-    local out = H.sh(("timeout 60 unshare -rmn sh -c %s 2>&1"):format(H.shq(script)))
+           H.shq(cfg), H.shq(log), H.shq(log), H.shq(log), H.shq(log))
+    local out = H.sh(("timeout 90 unshare -rmn sh -c %s 2>&1"):format(H.shq(script)))
     local text = H.read(log)
     assert.matches("exit=0", out, 1, true)
     assert.matches("on front closed: idle_timeout", text, 1, true)

@@ -131,7 +131,6 @@ static inline int sl_ch_open(sl_ch *h, sl_pool *pool, const char *module, const 
                              char *err, size_t errlen) {
   memset(h, 0, sizeof(*h));
   h->pool = pool;
-  h->owner.name = "codec harness";
   h->ops = sl_stage_builtin(module);
   if (h->ops == NULL) {
     snprintf(err, errlen, "no C stage %s", module);

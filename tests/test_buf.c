@@ -502,7 +502,7 @@ static void test_dead_derived_says_who_released_it(void **state) {
 static void test_reclaim_leaves_references_held_by_derived(void **state) {
   sl_pool *pool = *state;
   const char *err = NULL;
-  sl_buf_owner a = {.name = "a"}, b = {.name = "b"};
+  sl_buf_owner a = {0}, b = {0};
   sl_buf *root = patterned(pool, 128, 0);
   sl_buf_set_owner(root, &a);
   sl_buf *d1 = sl_buf_retained_slice(root, 0, 10, &err);
@@ -531,7 +531,7 @@ static void test_reclaim_leaves_references_held_by_derived(void **state) {
 static void test_reclaim_of_leaked_root_with_derived(void **state) {
   sl_pool *pool = *state;
   const char *err = NULL;
-  sl_buf_owner a = {.name = "a"}, b = {.name = "b"};
+  sl_buf_owner a = {0}, b = {0};
   sl_buf *root = patterned(pool, 128, 0);
   sl_buf_set_owner(root, &a);
   sl_buf *d = sl_buf_retained_slice(root, 0, 10, &err);

@@ -85,7 +85,6 @@ typedef struct sl_buf_owner {
   uint32_t head;         /* first buffer's header slot, 0: none */
   uint32_t count;        /* buffers owned now */
   uint64_t bytes;        /* their block bytes */
-  const char *name;      /* for leak reports: "client 127.0.0.1:5000 on front" */
 } sl_buf_owner;
 
 /* A Lua handle: what a script holds. refs is the number of references this

@@ -141,7 +141,6 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ch->fd = fd;
   ch->refs = 1;
   ch->flags = SL_CH_AUTOREAD | (cfg->no_half_close ? SL_CH_NO_HALF_CLOSE : 0);
-  ch->owned.name = ch->desc;
   ch->started = ev_now(w->loop);
   ch->last_active = ch->started;
   ch->gen = w->gen;
@@ -664,7 +663,7 @@ int sl_channel_write(sl_channel *ch, sl_buf *b) {
   if (ch->flags & (SL_CH_CLOSED | SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING)) {
     if (sl_log_enabled(SL_LOG_DEBUG))
       sl_log(SL_LOG_DEBUG, "%s: write of %zu bytes after close or shutdown dropped",
-             ch->desc, sl_buf_readable(b));
+             sl_channel_describe(ch), sl_buf_readable(b));
     sl_channel_drop_write(ch, b, "a write on a closed connection");
     return SL_ERROR;
   }
@@ -853,12 +852,12 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       ev_timer_start(w->loop, &ch->timer);
       if (ch->mem_retries++ == 0)
         sl_log(SL_LOG_WARN, "%s: no buffer memory, reading paused (retried every 50 ms)",
-               ch->desc);
+               sl_channel_describe(ch));
       break;
     }
     if (__builtin_expect(ch->mem_retries != 0, 0)) {
-      sl_log(SL_LOG_INFO, "%s: buffer memory again, reading resumed after %u retries", ch->desc,
-             ch->mem_retries);
+      sl_log(SL_LOG_INFO, "%s: buffer memory again, reading resumed after %u retries",
+             sl_channel_describe(ch), ch->mem_retries);
       ch->mem_retries = 0;
     }
     sl_buf_set_owner(b, &ch->owned);

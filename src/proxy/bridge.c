@@ -26,6 +26,7 @@ typedef struct sl_bridge {
   sl_bridge_lookup *lookup;
   sl_buf **held;
   uint32_t nheld, cap;
+  size_t held_bytes;
   int fin_held;
 } sl_bridge;
 
@@ -88,7 +89,11 @@ static void sl_bridge_on_connect(sl_channel *up) {
     }
   }
   sl_channel_activate(up);
-  if (client && !sl_channel_is_closed(client)) sl_channel_set_autoread(client, 1);
+  /* Reading resumes unless what the client sent meanwhile filled the
+   * upstream's queue past its high mark already (its writability brings
+   * reading back). */
+  if (client && !sl_channel_is_closed(client) && sl_channel_is_writable(up))
+    sl_channel_set_autoread(client, 1);
 }
 
 static void sl_bridge_active(sl_ctx *ctx) {
@@ -122,6 +127,11 @@ static void sl_bridge_hold(sl_ctx *ctx, sl_bridge *br, sl_buf *b) {
     br->cap = cap;
   }
   br->held[br->nheld++] = b;
+  /* A stage that turned reading on again during the lookup: no more than
+   * a high water mark waits here. */
+  br->held_bytes += sl_buf_readable(b);
+  sl_channel *ch = sl_ctx_channel(ctx);
+  if (br->held_bytes > ch->outq.high) sl_channel_set_autoread(ch, 0);   /* the listener's mark */
 }
 
 /* Releases what the bridge holds (the client closed, or its lookup failed). */
@@ -130,6 +140,7 @@ static void sl_bridge_drop_held(sl_bridge *br) {
   free(br->held);
   br->held = NULL;
   br->nheld = br->cap = 0;
+  br->held_bytes = 0;
   br->fin_held = 0;
 }
 
@@ -222,10 +233,8 @@ static int sl_bridge_connect_to(sl_channel *client, sl_bridge *br, const sl_upst
   sl_channel_config cc;
   sl_listener_channel_config(lc, &cc);
   if (sl_upstream_connect(client, u, u ? NULL : addr, &cc, lc->name, sl_bridge_on_connect) !=
-      SL_OK) {
-    sl_bridge_drop_held(br);
-    return SL_ERROR;
-  }
+      SL_OK)
+    return SL_ERROR;   /* client closed: its bridge (br) let go of what it held */
   sl_channel *peer = client->peer;
   uint32_t n = br->nheld;
   for (uint32_t i = 0; i < n; i++) sl_pipeline_write(&peer->pipe, br->held[i]);
@@ -247,15 +256,17 @@ static void sl_bridge_lookup_done(sl_worker *w, sl_worker_msg *msg) {
     return;
   }
   br->lookup = NULL;
+  sl_channel_ref(client);   /* a close below must not free it under us */
   sl_addr addr;
-  if (lk->l.rc != SL_OK || sl_addr_parse(&addr, lk->l.text[0], lk->port) != SL_OK) {
+  if (lk->l.rc != SL_OK ||
+      sl_addr_parse(&addr, lk->l.text[lk->l.pick], lk->port) != SL_OK) {
     sl_log(SL_LOG_WARN, "%s: ctx:connect: cannot resolve %s: %s", sl_channel_describe(client),
            lk->l.host, lk->l.rc != SL_OK && lk->l.why ? lk->l.why : "no usable address");
-    sl_bridge_drop_held(br);
-    sl_channel_close(client, "upstream_unavailable", 1);
+    sl_channel_close(client, "upstream_unavailable", 1);   /* the bridge drops what it held */
   } else {
     sl_bridge_connect_to(client, br, NULL, &addr);
   }
+  sl_channel_unref(client);
   free(lk);
 }
 
@@ -287,9 +298,8 @@ static int sl_bridge_look_up(sl_channel *client, sl_bridge *br, const char *host
   snprintf(lk->l.host, sizeof(lk->l.host), "%s", host);
   lk->client = client;
   lk->port = port;
-  if (sl_resolver_start_lookup(r, &lk->l) != SL_OK) {
+  if (sl_resolver_start_lookup(r, &lk->l, err) != SL_OK) {
     free(lk);
-    *err = "too many host names being resolved";
     return SL_ERROR;
   }
   br->lookup = lk;

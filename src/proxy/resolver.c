@@ -38,6 +38,7 @@ typedef struct sl_cached {
 } sl_cached;
 
 #define SL_RESOLVER_CACHE 256   /* names whose answers are kept */
+#define SL_RESOLVER_BURST 16    /* lookups answered in a row while periodic names are due */
 
 struct sl_resolver {
   pthread_mutex_t mu;
@@ -53,6 +54,8 @@ struct sl_resolver {
   sl_lookup **lookups_tail;
   unsigned nlookups;
   int cache_ms;                /* resolve_cache_ms (under mu) */
+  unsigned turn;               /* the next address a lookup's connect takes, modulo its count */
+  unsigned served;             /* lookups answered since the last periodic step */
   sl_cached *cache;            /* SL_RESOLVER_CACHE slots, made at the first answer */
 };
 
@@ -83,8 +86,7 @@ static int sl_resolver_round(sl_resolver *r) {
     sl_resolved *due = NULL;
     for (size_t i = 0; i < r->nnames && due == NULL; i++)
       if (r->names[i].due <= now) due = &r->names[i];
-    /* Lookups first: a client waits on each. The round goes on after. */
-    if (due == NULL || r->stop || r->lookups != NULL) return changed;
+    if (due == NULL || r->stop) return changed;
     char *host = strdup(due->host);
     if (host == NULL) {   /* tried again at its next time */
       due->due = now + due->interval_ms / 1000.0;
@@ -122,6 +124,7 @@ static int sl_resolver_round(sl_resolver *r) {
       }
     }
     free(host);
+    if (r->lookups != NULL) return changed;   /* one name, then the lookups waiting */
   }
 }
 
@@ -140,7 +143,7 @@ static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *
   }
   snprintf(slot->host, sizeof(slot->host), "%s", host);
   slot->expires = now + r->cache_ms / 1000.0;
-  slot->next = 1;   /* the lookups answered now take the first address */
+  slot->next = r->turn;   /* the turn goes on from the lookups answered now */
   slot->n = a->n;
   memcpy(slot->text, a->text, sizeof(a->text[0]) * (size_t)a->n);
   memcpy(slot->family, a->family, sizeof(a->family[0]) * (size_t)a->n);
@@ -157,7 +160,6 @@ static void sl_resolver_serve(sl_resolver *r) {
   a.rc = sl_addr_resolve(host, a.text, a.family, &a.n, &a.why);
   pthread_mutex_lock(&r->mu);
   if (r->stop) return;   /* sl_resolver_destroy ends the queue */
-  if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, sl_resolver_now());
   for (sl_lookup **pp = &r->lookups; *pp != NULL;) {
     sl_lookup *l = *pp;
     if (strcmp(l->host, host) != 0) {
@@ -170,10 +172,12 @@ static void sl_resolver_serve(sl_resolver *r) {
     l->rc = a.rc;
     l->why = a.why;
     l->n = a.rc == SL_OK ? a.n : 0;
+    l->pick = l->n > 0 ? (int)(r->turn++ % (unsigned)l->n) : 0;   /* in turn, cache or not */
     memcpy(l->text, a.text, sizeof(a.text[0]) * (size_t)l->n);
     memcpy(l->family, a.family, sizeof(a.family[0]) * (size_t)l->n);
     sl_worker_post(l->w, &l->msg);   /* mu held: destroy cannot pass meanwhile */
   }
+  if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, sl_resolver_now());
 }
 
 int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *family) {
@@ -196,9 +200,13 @@ int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *fam
 /* Starts the thread if it is not running (called with mu). */
 static int sl_resolver_start_thread(sl_resolver *r);
 
-int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l) {
+int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l, const char **why) {
   pthread_mutex_lock(&r->mu);
-  if (r->stop || r->nlookups >= SL_RESOLVER_MAX_LOOKUPS || sl_resolver_start_thread(r) != SL_OK) {
+  *why = r->stop ? "sluice is stopping"
+         : r->nlookups >= SL_RESOLVER_MAX_LOOKUPS ? "too many host names being resolved"
+         : sl_resolver_start_thread(r) != SL_OK ? "the resolver's thread cannot start"
+         : NULL;
+  if (*why != NULL) {
     pthread_mutex_unlock(&r->mu);
     return SL_ERROR;
   }
@@ -218,10 +226,14 @@ static void *sl_resolver_main(void *arg) {
   pthread_sigmask(SIG_BLOCK, &all, NULL);
   pthread_mutex_lock(&r->mu);
   while (!r->stop) {
-    if (r->lookups != NULL) {
+    /* Lookups first (a client waits on each), but a periodic name that is
+     * due gets its turn after every SL_RESOLVER_BURST of them. */
+    if (r->lookups != NULL && r->served < SL_RESOLVER_BURST) {
       sl_resolver_serve(r);
+      r->served++;
       continue;
     }
+    r->served = 0;
     if (sl_resolver_round(r) && !r->stop) {
       pthread_kill(r->notify, r->signo);   /* blocked there: pending until its sigwait */
       continue;

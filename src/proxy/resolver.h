@@ -52,6 +52,7 @@ typedef struct sl_lookup {
   char host[256];
   int rc;
   const char *why;             /* static storage */
+  int pick;                    /* the address this lookup's connect takes (in turn) */
   int n;
   char text[SL_ADDR_RESOLVE_MAX][46];
   int family[SL_ADDR_RESOLVE_MAX];
@@ -81,9 +82,9 @@ int sl_resolver_lookup(lua_State *L);
  * SL_OK, or SL_ERROR when there is none. */
 int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *family);
 
-/* Any worker: queues l. SL_OK, or SL_ERROR (l untouched) when r stops or
- * SL_RESOLVER_MAX_LOOKUPS wait already. */
-int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l);
+/* Any worker: queues l. SL_OK, or SL_ERROR (l untouched) with *why: r
+ * stops, SL_RESOLVER_MAX_LOOKUPS wait already, or its thread cannot start. */
+int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l, const char **why);
 
 /* The resolver ctx:connect asks (the running process's), or NULL. */
 sl_resolver *sl_resolver_shared(void);

@@ -281,7 +281,8 @@ static int sl_bridge_look_up(sl_channel *client, sl_bridge *br, const char *host
   char text[46];
   int family;
   sl_addr addr;
-  if (sl_resolver_cached(r, host, text, &family) == SL_OK && sl_addr_parse(&addr, text, port) == SL_OK) {
+  if (sl_resolver_cached(r, host, text, &family) == SL_OK &&
+      sl_addr_parse(&addr, text, port) == SL_OK) {
     if (sl_bridge_connect_to(client, br, NULL, &addr) != SL_OK) {
       *err = "upstream unavailable";
       return SL_ERROR;

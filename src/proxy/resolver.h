@@ -68,8 +68,9 @@ sl_resolver *sl_resolver_create(pthread_t thread, int signo);
  * addresses cfg has for it (cfg was just loaded: resolved), a name kept
  * keeps its schedule, a new one is resolved at once, and a resolution
  * under way for the list before is dropped. Lookups forget their cached
- * answers, and cfg's resolve_cache_ms holds for them from then on. SL_OK, or SL_ERROR when the thread cannot
- * start or memory is short (logged; names are then not resolved again). */
+ * answers, and cfg's resolve_cache_ms holds for them from then on. SL_OK,
+ * or SL_ERROR when the thread cannot start or memory is short (logged;
+ * names are then not resolved again). */
 int sl_resolver_watch(sl_resolver *r, const struct sl_config *cfg);
 
 /* A resolve function for sl_config_derive (its upvalue: the sl_resolver):

@@ -499,16 +499,19 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
   return d;
 }
 
+int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y) {
+  if (x->nservers != y->nservers || x->tries != y->tries || strcmp(x->name, y->name) != 0)
+    return 0;
+  for (size_t j = 0; j < x->nservers; j++)
+    if (x->weights[j] != y->weights[j] || strcmp(x->server_text[j], y->server_text[j]) != 0)
+      return 0;
+  return 1;
+}
+
 int sl_config_same_servers(const sl_config *a, const sl_config *b) {
   if (a->nupstreams != b->nupstreams) return 0;
-  for (size_t i = 0; i < a->nupstreams; i++) {
-    const sl_upstream_cfg *x = &a->upstreams[i], *y = &b->upstreams[i];
-    if (x->nservers != y->nservers || x->tries != y->tries || strcmp(x->name, y->name) != 0)
-      return 0;
-    for (size_t j = 0; j < x->nservers; j++)
-      if (x->weights[j] != y->weights[j] || strcmp(x->server_text[j], y->server_text[j]) != 0)
-        return 0;
-  }
+  for (size_t i = 0; i < a->nupstreams; i++)
+    if (!sl_upstream_same_servers(&a->upstreams[i], &b->upstreams[i])) return 0;
   return 1;
 }
 

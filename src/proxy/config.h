@@ -158,6 +158,9 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
  * text[i], family = "inet" or "inet6" }, ... } for i < n. */
 void sl_config_push_addresses(lua_State *L, char text[][46], const int *family, int n);
 
+/* 1 when upstreams x and y have the same name, servers, weights and tries. */
+int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y);
+
 /* 1 when a and b have the same upstreams with the same servers, weights
  * and tries (a derived configuration that changes nothing). */
 int sl_config_same_servers(const sl_config *a, const sl_config *b);

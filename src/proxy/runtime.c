@@ -547,11 +547,7 @@ static void sl_runtime_reresolve(sl_runtime *rt) {
   free(sets);
   for (size_t i = 0; i < d->nupstreams; i++) {
     const sl_upstream_cfg *was = &rt->cfg->upstreams[i], *now = &d->upstreams[i];
-    int same = was->nservers == now->nservers;
-    for (size_t j = 0; same && j < now->nservers; j++)
-      same = strcmp(was->server_text[j], now->server_text[j]) == 0 &&
-             was->weights[j] == now->weights[j];
-    if (!same) sl_runtime_log_servers(was, now);
+    if (!sl_upstream_same_servers(was, now)) sl_runtime_log_servers(was, now);
   }
   sl_config_unref(rt->cfg);
   rt->cfg = d;

@@ -313,6 +313,7 @@ static void test_admin_sums_servers_over_workers(void **state) {
   r1[0].down_until = 1795000000.5;
   r1[0].now = 1795000000.0;
   r0[1].open = 1;                         /* an old connection keeps old:9 */
+  r0[0].backup = r1[1].backup = 1;        /* b:2 is a backup server */
   w0.servers = r0;
   w0.nservers = 3;
   w1.servers = r1;
@@ -341,7 +342,7 @@ static void test_admin_sums_servers_over_workers(void **state) {
       "{\"workers\": 3, \"workers_answering\": 2, \"upstreams\": [",
       "{\"name\": \"back\", \"balance\": \"least_conn\", \"retired\": false,",
       "{\"name\": \"gone\", \"balance\": \"least_conn\", \"retired\": true,",
-      "{\"address\": \"a:1\", \"weight\": 1, \"state\": \"down\", \"down\": "
+      "{\"address\": \"a:1\", \"weight\": 1, \"backup\": false, \"state\": \"down\", \"down\": "
        "[{\"worker\": 1, \"cause\": \"passive\", \"until\": "
        "\"2026-11-18T11:06:40.500Z\", \"remaining_ms\": 500}], "
        "\"retired\": false,",
@@ -349,9 +350,10 @@ static void test_admin_sums_servers_over_workers(void **state) {
        "\"timeout\": 0, \"other\": 0},",
       "\"sent_bytes\": 150, \"received_bytes\": 10, \"marked_down\": "
        "{\"passive\": 1, \"health_check\": 0}}",
-      "{\"address\": \"b:2\", \"weight\": 1, \"state\": \"up\", \"down\": [], "
+      "{\"address\": \"b:2\", \"weight\": 1, \"backup\": true, \"state\": \"up\", \"down\": [], "
        "\"retired\": false,",
-      "{\"address\": \"old:9\", \"weight\": 1, \"state\": \"up\", \"down\": [], "
+      "{\"address\": \"old:9\", \"weight\": 1, \"backup\": false, \"state\": \"up\", "
+       "\"down\": [], "
        "\"retired\": true,",
   };
   assert_contains_all(t.p, json, sizeof(json) / sizeof(json[0]));
@@ -368,6 +370,8 @@ static void test_admin_sums_servers_over_workers(void **state) {
       "sluice_upstream_server_received_bytes_total{upstream=\"back\",server=\"a:1\"} 10\n",
       "sluice_upstream_server_up{upstream=\"back\",server=\"a:1\"} 0\n",
       "sluice_upstream_server_up{upstream=\"back\",server=\"b:2\"} 1\n",
+      "sluice_upstream_server_backup{upstream=\"back\",server=\"a:1\"} 0\n",
+      "sluice_upstream_server_backup{upstream=\"back\",server=\"b:2\"} 1\n",
       "sluice_upstream_server_connect_failures_total{upstream=\"back\","
        "server=\"a:1\",reason=\"refused\"} 1\n",
       "sluice_upstream_server_marked_down_total{upstream=\"back\","

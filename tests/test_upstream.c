@@ -393,6 +393,141 @@ static void test_random_two_retry_skips_tried(void **state) {
   }
 }
 
+/* ---- backup servers ---- */
+
+/* What a pick of every method gives over many clients at now: the set of
+ * servers it chose, as bits. */
+static unsigned picks_of(bal_fixture *f, double now) {
+  unsigned seen = 0;
+  for (uint32_t c = 0; c < 200; c++) {
+    int i = sl_balance_pick(&f->b, key_of(c), NULL, now);
+    assert_true(i >= 0 && i < (int)f->b.n);
+    seen |= 1u << i;
+  }
+  return seen;
+}
+
+static void test_backup_only_while_no_primary_is_available(void **state) {
+  SL_UNUSED(state);
+  for (int k = 0; k < 4; k++) {
+    bal_fixture f;
+    bal_init(&f, (sl_balance)k, NULL, 4);     /* 0, 1 primaries; 2, 3 backups */
+    f.peers[2].backup = f.peers[3].backup = 1;
+    /* Idle backups, busy primaries: the load-aware methods keep to the primaries too. */
+    f.peers[0].active = f.peers[1].active = 50;
+    assert_int_equal(picks_of(&f, 100.0), 0x3u);
+    assert_int_equal(f.b.on_backups, 0);
+    /* One primary failed: the other one takes everything. */
+    assert_int_equal(sl_balance_report(&f.b, 0, 0, 100.0), 1);
+    assert_int_equal(picks_of(&f, 100.0), 0x2u);
+    assert_int_equal(f.b.on_backups, 0);
+    /* Both failed: the backups, by the same method. */
+    assert_int_equal(sl_balance_report(&f.b, 1, 0, 100.0), 1);
+    assert_int_equal(picks_of(&f, 100.0), 0xcu);
+    assert_int_equal(f.b.on_backups, 1);
+    /* Primary 1's fail_timeout is over (0's is too, then a health check
+     * holds 0 down): back to 1 only, at the first pick. */
+    f.peers[0].check_down = 1;
+    assert_int_equal(sl_balance_pick(&f.b, key_of(7), NULL, 110.5), 1);
+    assert_int_equal(f.b.on_backups, 0);
+    assert_int_equal(picks_of(&f, 110.5), 0x2u);
+    /* A backup held down by its health check is skipped among the backups. */
+    f.peers[1].check_down = 1;
+    f.peers[3].check_down = 1;
+    assert_int_equal(picks_of(&f, 110.5), 0x4u);
+    assert_int_equal(f.b.on_backups, 1);
+    f.peers[0].check_down = 0;
+    assert_int_equal(picks_of(&f, 110.5), 0x1u);
+    assert_int_equal(f.b.on_backups, 0);
+  }
+}
+
+static void test_backups_follow_their_weights(void **state) {
+  SL_UNUSED(state);
+  bal_fixture f;
+  int w[] = {1, 3, 1};
+  bal_init(&f, SL_BALANCE_ROUND_ROBIN, w, 3);
+  f.peers[1].backup = f.peers[2].backup = 1;
+  f.peers[0].check_down = 1;
+  int count[3] = {0};
+  for (int i = 0; i < 400; i++) count[sl_balance_pick(&f.b, 0, NULL, 0)]++;
+  assert_int_equal(count[0], 0);
+  assert_int_equal(count[1], 300);
+  assert_int_equal(count[2], 100);
+}
+
+static void test_backup_retry_order_is_primaries_then_backups(void **state) {
+  SL_UNUSED(state);
+  for (int k = 0; k < 4; k++) {
+    for (uint32_t c = 0; c < 20; c++) {
+      bal_fixture f;
+      bal_init(&f, (sl_balance)k, NULL, 5);  /* 1, 3 backups; 0, 2, 4 primaries */
+      f.peers[1].backup = f.peers[3].backup = 1;
+      uint8_t skip[5] = {0};
+      for (int t = 0; t < 5; t++) {
+        int i = sl_balance_pick(&f.b, key_of(c), skip, 0);
+        assert_true(i >= 0 && i < 5);
+        assert_false(skip[i]);
+        /* Three tries of primaries first, then the two backups. */
+        assert_int_equal(f.peers[i].backup, t >= 3);
+        skip[i] = 1;
+        /* Primaries are up, only tried: that is no switch to the backups. */
+        assert_int_equal(f.b.on_backups, 0);
+      }
+      assert_int_equal(sl_balance_pick(&f.b, key_of(c), skip, 0), -1);
+    }
+  }
+}
+
+static void test_backup_retry_when_primaries_are_down(void **state) {
+  SL_UNUSED(state);
+  for (int k = 0; k < 4; k++) {
+    bal_fixture f;
+    bal_init(&f, (sl_balance)k, NULL, 3);     /* 0 primary; 1, 2 backups */
+    f.peers[1].backup = f.peers[2].backup = 1;
+    /* The one primary fails its connect: marked (it is not the only
+     * server), and the retry goes to a backup, then the other backup. */
+    uint8_t skip[3] = {0};
+    assert_int_equal(sl_balance_pick(&f.b, key_of(3), skip, 1.0), 0);
+    skip[0] = 1;
+    assert_int_equal(sl_balance_report(&f.b, 0, 0, 1.0), 1);
+    int b1 = sl_balance_pick(&f.b, key_of(3), skip, 1.0);
+    assert_true(b1 == 1 || b1 == 2);
+    assert_int_equal(f.b.on_backups, 1);
+    skip[b1] = 1;
+    assert_int_equal(sl_balance_pick(&f.b, key_of(3), skip, 1.0), 3 - b1);
+    /* Everything down: nothing, and the passive reset brings the primary back. */
+    sl_balance_report(&f.b, 1, 0, 1.0);
+    sl_balance_report(&f.b, 2, 0, 1.0);
+    assert_int_equal(sl_balance_pick(&f.b, key_of(3), NULL, 2.0), -1);
+    assert_int_equal(sl_balance_reset_passive(&f.b), 3);
+    assert_int_equal(sl_balance_pick(&f.b, key_of(3), NULL, 2.0), 0);
+    assert_int_equal(f.b.on_backups, 0);
+  }
+}
+
+static void test_backup_hash_keeps_clients_on_their_backup(void **state) {
+  SL_UNUSED(state);
+  /* With the primaries down, hash spreads clients over the backups by
+   * their key, the same backup each time; back on the primaries, each
+   * client has the primary it had before. */
+  bal_fixture f;
+  bal_init(&f, SL_BALANCE_HASH, NULL, 4);
+  f.peers[2].backup = f.peers[3].backup = 1;
+  int before[100], on_backup[100];
+  for (uint32_t c = 0; c < 100; c++) before[c] = sl_balance_pick(&f.b, key_of(c), NULL, 0);
+  f.peers[0].check_down = f.peers[1].check_down = 1;
+  int count[4] = {0};
+  for (uint32_t c = 0; c < 100; c++) {
+    on_backup[c] = sl_balance_pick(&f.b, key_of(c), NULL, 0);
+    count[on_backup[c]]++;
+  }
+  assert_true(count[2] > 0 && count[3] > 0);
+  for (uint32_t c = 0; c < 100; c++) assert_int_equal(sl_balance_pick(&f.b, key_of(c), NULL, 0), on_backup[c]);
+  f.peers[0].check_down = f.peers[1].check_down = 0;
+  for (uint32_t c = 0; c < 100; c++) assert_int_equal(sl_balance_pick(&f.b, key_of(c), NULL, 0), before[c]);
+}
+
 static void test_many_servers(void **state) {
   SL_UNUSED(state);
   /* More servers than the pick's on-stack candidate set. */
@@ -430,6 +565,11 @@ int main(void) {
       cmocka_unit_test(test_random_two_spreads_by_weight_when_idle),
       cmocka_unit_test(test_random_two_with_connections_kept_open_evens_load),
       cmocka_unit_test(test_random_two_retry_skips_tried),
+      cmocka_unit_test(test_backup_only_while_no_primary_is_available),
+      cmocka_unit_test(test_backups_follow_their_weights),
+      cmocka_unit_test(test_backup_retry_order_is_primaries_then_backups),
+      cmocka_unit_test(test_backup_retry_when_primaries_are_down),
+      cmocka_unit_test(test_backup_hash_keeps_clients_on_their_backup),
       cmocka_unit_test(test_many_servers),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1177,7 +1177,7 @@ describe("sluice.config", function()
 
       it("need host:port servers", function()
         assert.are.equal('config error: upstreams.demo.servers[2]: expected "host:port" or '
-                         .. '{ "host:port", weight = n }, got 8000',
+                         .. '{ "host:port", weight = n, backup = true }, got 8000',
                          uerr({ demo = { servers = { "127.0.0.1:1", 8000 } } }))
         for _, bad in ipairs({ "db_internal:5432", "-db.internal:5432", "db..internal:5432",
                                "db-.internal:5432", "1.2.3:5432", "256.1.1.1:5432",
@@ -1269,6 +1269,34 @@ describe("sluice.config", function()
                                    .. '"db.internal": gone' }, { config.reexpand(cfg, resolve) })
           end)
 
+        it("make every address of a name given with backup = true a backup, again in reexpand",
+          function()
+            local cfg = ok_of(ups({ demo = { servers = { "cache:6379",
+                                                         { "db.internal:5432", backup = true } } } }))
+            local a, b, c = addr("10.0.0.9", 6379), addr("10.0.0.5", 5432), addr("fd00::5", 5432, "inet6")
+            a.weight, a.name = 1, "cache:6379"
+            b.weight, b.name, b.backup = 1, "db.internal:5432", true
+            c.weight, c.name, c.backup = 1, "db.internal:5432", true
+            assert.are.same({ a, b, c }, cfg.upstreams.demo.servers)
+            local answers = { cache = { { host = "10.0.0.10", family = "inet" } },
+                              ["db.internal"] = { { host = "10.0.0.6", family = "inet" } } }
+            local function resolve(name) return answers[name], "gone" end
+            local out = assert(config.reexpand(cfg, resolve))
+            local d, e = addr("10.0.0.10", 6379), addr("10.0.0.6", 5432)
+            d.weight, d.name = 1, "cache:6379"
+            e.weight, e.name, e.backup = 1, "db.internal:5432", true
+            assert.are.same({ d, e }, out.demo.servers)
+            -- The primary's address now answered for the backup's name
+            -- first: no primary would be left, so the answers are not used.
+            local both = ok_of(ups({ demo = { servers = { { "db.internal:6379", backup = true },
+                                                          "cache:6379" } } }))
+            answers = { cache = { { host = "10.0.0.6", family = "inet" } },
+                        ["db.internal"] = { { host = "10.0.0.6", family = "inet" } } }
+            assert.are.same({ nil, "config error: upstreams.demo.servers: expected at least one "
+                                   .. "server without backup = true, got 1 backup server only" },
+                            { config.reexpand(both, resolve) })
+          end)
+
         it("count every address for tries, a tries above them being all of them", function()
           assert.are.equal(2, ok_of(ups({ demo = { servers = { "db.internal:5432" }, tries = 2 } }))
             .upstreams.demo.tries)
@@ -1336,15 +1364,49 @@ describe("sluice.config", function()
         assert.are.equal('config error: upstreams.demo.servers[2][1]: expected "host:port" with a port from '
                          .. '1 to 65535, got "127.0.0.1:0"', serr({ "127.0.0.1:0" }))
         assert.are.equal("config error: upstreams.demo.servers[2].wieght: unknown key (expected the address "
-                         .. "at [1] and an optional weight)", serr({ "127.0.0.1:2", wieght = 2 }))
+                         .. "at [1], an optional weight and an optional backup)",
+                         serr({ "127.0.0.1:2", wieght = 2 }))
         assert.are.equal("config error: upstreams.demo.servers[2][2]: unknown key (expected the address "
-                         .. "at [1] and an optional weight)", serr({ "127.0.0.1:2", "127.0.0.1:3" }))
+                         .. "at [1], an optional weight and an optional backup)",
+                         serr({ "127.0.0.1:2", "127.0.0.1:3" }))
         for _, w in ipairs({ 0, 1.5, 1001, -1 }) do
           assert.are.equal("config error: upstreams.demo.servers[2].weight: expected an integer from 1 "
                            .. "to 1000, got " .. tostring(w), serr({ "127.0.0.1:2", weight = w }))
         end
         assert.are.equal('config error: upstreams.demo.servers[2].weight: expected an integer from 1 '
                          .. 'to 1000, got "2"', serr({ "127.0.0.1:2", weight = "2" }))
+      end)
+
+      it("mark backup servers with backup = true, a boolean", function()
+        local cfg = ok_of(conf({ listener({ upstream = NONE, pipeline = { "stages.pass" } }) },
+          { upstreams = { demo = { servers = { "127.0.0.1:1", { "127.0.0.1:2", backup = false },
+                                               { "127.0.0.1:3", weight = 2, backup = true } } } } }))
+        local a, b, c = addr("127.0.0.1", 1), addr("127.0.0.1", 2), addr("127.0.0.1", 3)
+        a.weight, b.weight, c.weight, c.backup = 1, 1, 2, true
+        assert.are.same({ a, b, c }, cfg.upstreams.demo.servers)
+        assert.are.equal(3, cfg.upstreams.demo.tries)   -- backups count for tries
+        local function serr(entry)
+          return uerr({ demo = { servers = { "127.0.0.1:1", entry } } })
+        end
+        for _, bad in ipairs({ '"yes"', "1", "0", "{}" }) do
+          local v = assert(loadstring("return " .. bad))()
+          assert.are.equal("config error: upstreams.demo.servers[2].backup: expected a boolean, got "
+                           .. (bad == "{}" and "an empty table" or bad),
+                           serr({ "127.0.0.1:2", backup = v }))
+        end
+        assert.are.equal("config error: upstreams.demo.servers[1].bakup: unknown key (expected the address "
+                         .. "at [1], an optional weight and an optional backup)",
+                         uerr({ demo = { servers = { { "127.0.0.1:2", bakup = true } } } }))
+      end)
+
+      it("refuse an upstream whose servers are all backups", function()
+        assert.are.equal("config error: upstreams.demo.servers: expected at least one server without "
+                         .. "backup = true, got 2 backup servers only",
+                         uerr({ demo = { servers = { { "127.0.0.1:1", backup = true },
+                                                     { "127.0.0.1:2", backup = true } } } }))
+        assert.are.equal("config error: upstreams.demo.servers: expected at least one server without "
+                         .. "backup = true, got 1 backup server only",
+                         uerr({ demo = { servers = { { "127.0.0.1:1", backup = true } } } }))
       end)
 
       it("need a known balance", function()

@@ -316,6 +316,9 @@ static void sl_admin_metrics_servers(sl_text *o, const sl_admin_report *r) {
   SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_received_bytes_total", "counter",
                      "Bytes read from a server (open connections included).",
                      x->sum.bytes_from);
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_backup", "gauge",
+                     "1 for a backup server (used only while no primary server of its "
+                     "upstream is available), 0 for a primary.", x->sum.backup);
   SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_up", "gauge",
                      "1 when no worker holds a server down, 0 when a passive mark or a health "
                      "check does on at least one worker.", x->ndown == 0);

@@ -40,6 +40,7 @@ static void sl_admin_server_add(sl_admin_server *row, const sl_metrics_server_sn
     s->retired = 0;
     s->balance = x->balance;
     s->weight = x->weight;
+    s->backup = x->backup;
     s->uindex = x->uindex;
     s->index = x->index;
   }
@@ -159,7 +160,8 @@ static void sl_admin_json_server(sl_text *o, const sl_admin_report *r, const sl_
   const sl_metrics_server_snap *s = &row->sum;
   sl_text_printf(o, "        {\"address\": ");
   sl_json_string(o, s->server);
-  sl_text_printf(o, ", \"weight\": %d, \"state\": \"%s\", ", s->weight, row->ndown ? "down" : "up");
+  sl_text_printf(o, ", \"weight\": %d, \"backup\": %s, \"state\": \"%s\", ", s->weight,
+                 s->backup ? "true" : "false", row->ndown ? "down" : "up");
   sl_admin_json_down(o, r, row);
   sl_text_printf(o,
                  ", \"retired\": %s,\n         \"active\": %llu, \"connections\": %llu, "

@@ -42,16 +42,17 @@ int sl_balance_available(const sl_balancer *b, size_t i, double now) {
   return !p->check_down && now >= p->down_until;
 }
 
-static int sl_balance_candidate(const sl_balancer *b, size_t i, const uint8_t *skip, double now) {
-  return (skip == NULL || !skip[i]) && sl_balance_available(b, i, now);
-}
+/* What server i is to a pick (cand[i]): not a candidate (unavailable or
+ * tried), or a candidate of its class. A pick takes the primaries when
+ * there is one, else the backups: `want` below. */
+enum { SL_CAND_NONE = 0, SL_CAND_PRIMARY = 1, SL_CAND_BACKUP = 2 };
 
-/* Smooth weighted round robin over the peers with cand[i] set. */
-static int sl_balance_smooth(sl_balancer *b, const uint8_t *cand) {
+/* Smooth weighted round robin over the peers with cand[i] == want. */
+static int sl_balance_smooth(sl_balancer *b, const uint8_t *cand, uint8_t want) {
   int best = -1;
   int total = 0;
   for (size_t i = 0; i < b->n; i++) {
-    if (!cand[i]) continue;
+    if (cand[i] != want) continue;
     sl_peer *p = &b->peers[i];
     p->current += p->weight;
     total += p->weight;
@@ -80,15 +81,16 @@ static uint64_t sl_balance_random(sl_balancer *b) {
   return x * 0x2545f4914f6cdd1dULL;
 }
 
-/* A candidate drawn at random in proportion to weight, other than not. */
-static int sl_balance_draw(sl_balancer *b, const uint8_t *cand, int not) {
+/* A candidate (cand[i] == want) drawn at random in proportion to weight,
+ * other than not. */
+static int sl_balance_draw(sl_balancer *b, const uint8_t *cand, uint8_t want, int not) {
   uint64_t total = 0;
   for (size_t i = 0; i < b->n; i++)
-    if (cand[i] && (int)i != not) total += (uint64_t)b->peers[i].weight;
+    if (cand[i] == want && (int)i != not) total += (uint64_t)b->peers[i].weight;
   if (total == 0) return -1;
   uint64_t r = (sl_balance_random(b) >> 11) % total;
   for (size_t i = 0; i < b->n; i++) {
-    if (!cand[i] || (int)i == not) continue;
+    if (cand[i] != want || (int)i == not) continue;
     if (r < (uint64_t)b->peers[i].weight) return (int)i;
     r -= (uint64_t)b->peers[i].weight;
   }
@@ -105,36 +107,43 @@ int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double no
   uint8_t cand_small[64];
   uint8_t *cand = b->n <= sizeof(cand_small) ? cand_small : malloc(b->n);
   if (cand == NULL) return -1;
-  size_t ncand = 0;
-  int only = -1;
+  size_t ncand[3] = {0, 0, 0};
+  int only[3] = {-1, -1, -1};
+  int primary_up = 0;
   for (size_t i = 0; i < b->n; i++) {
-    cand[i] = (uint8_t)sl_balance_candidate(b, i, skip, now);
-    if (cand[i]) {
-      ncand++;
-      only = (int)i;
-    }
+    const sl_peer *p = &b->peers[i];
+    int up = sl_balance_available(b, i, now);
+    primary_up |= up && !p->backup;
+    uint8_t c = !up || (skip != NULL && skip[i]) ? SL_CAND_NONE
+                : p->backup                      ? SL_CAND_BACKUP
+                                                 : SL_CAND_PRIMARY;
+    cand[i] = c;
+    ncand[c]++;
+    only[c] = (int)i;
   }
+  uint8_t want = ncand[SL_CAND_PRIMARY] ? SL_CAND_PRIMARY : SL_CAND_BACKUP;
   int pick = -1;
-  if (ncand <= 1) {
-    pick = only;
+  if (ncand[want] <= 1) {
+    pick = only[want];
   } else {
     switch (b->kind) {
-      case SL_BALANCE_ROUND_ROBIN: pick = sl_balance_smooth(b, cand); break;
+      case SL_BALANCE_ROUND_ROBIN: pick = sl_balance_smooth(b, cand, want); break;
       case SL_BALANCE_LEAST_CONN: {
         int best = -1;
         for (size_t i = 0; i < b->n; i++)
-          if (cand[i] && (best < 0 || sl_balance_lighter(&b->peers[i], &b->peers[best])))
+          if (cand[i] == want && (best < 0 || sl_balance_lighter(&b->peers[i], &b->peers[best])))
             best = (int)i;
         /* Only the least loaded take part in the round robin. */
         for (size_t i = 0; i < b->n; i++)
-          if (cand[i] && !sl_balance_same_load(&b->peers[i], &b->peers[best])) cand[i] = 0;
-        pick = sl_balance_smooth(b, cand);
+          if (cand[i] == want && !sl_balance_same_load(&b->peers[i], &b->peers[best]))
+            cand[i] = SL_CAND_NONE;
+        pick = sl_balance_smooth(b, cand, want);
         break;
       }
       case SL_BALANCE_HASH: {
         double best_score = -1.0;
         for (size_t i = 0; i < b->n; i++) {
-          if (!cand[i]) continue;
+          if (cand[i] != want) continue;
           double s = sl_balance_score(&b->peers[i], key);
           if (s > best_score) {
             best_score = s;
@@ -144,14 +153,18 @@ int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double no
         break;
       }
       case SL_BALANCE_RANDOM_TWO: {
-        int x = sl_balance_draw(b, cand, -1);
-        int y = sl_balance_draw(b, cand, x);
+        int x = sl_balance_draw(b, cand, want, -1);
+        int y = sl_balance_draw(b, cand, want, x);
         pick = sl_balance_lighter(&b->peers[y], &b->peers[x]) ? y : x;
         break;
       }
     }
   }
   if (cand != cand_small) free(cand);
+  /* A backup taken only because this connection tried the primaries that
+   * are up is not a switch to the backups. */
+  if (primary_up) b->on_backups = 0;
+  else if (pick >= 0) b->on_backups = 1;
   return pick;
 }
 

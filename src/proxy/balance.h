@@ -8,6 +8,12 @@
  * (passive health). A pick never returns an unavailable server, nor one
  * marked in skip (the servers this connection already tried).
  *
+ * Backup servers (nginx's and HAProxy's `backup`): a pick chooses among
+ * the primary (non-backup) candidates; only when no primary is a candidate
+ * (none available, or this connection tried every one) does it choose
+ * among the backup candidates, with the same algorithm. The classes are
+ * told apart in the one pass over the servers a pick already makes.
+ *
  * Algorithms:
  *   ROUND_ROBIN  smooth weighted round robin (nginx's): every pick adds each
  *                candidate's weight to its current value, takes the largest
@@ -45,6 +51,7 @@ typedef struct sl_peer {
   uint32_t fails;        /* failed connects in a row */
   double down_until;     /* passive health: skipped while now < down_until */
   int check_down;        /* active health check: 1 while it holds it down */
+  int backup;            /* 1: a backup server, picked only when no primary is available */
   uint64_t id;           /* hash of the server's address (HASH) */
   struct sl_metrics_server *m; /* its counters (proxy/metrics.h), one reference; NULL: none */
 } sl_peer;
@@ -56,6 +63,8 @@ typedef struct sl_balancer {
   int max_fails;         /* 0: passive health off */
   double fail_timeout;   /* seconds a server is skipped after max_fails */
   uint64_t rng;          /* RANDOM_TWO: xorshift64* state, never 0 */
+  int on_backups;        /* 1 from a pick that found no primary available and took a
+                            backup, until a pick finds a primary available again */
 } sl_balancer;
 
 /* Parses "round_robin", "least_conn", "hash" or "random_two". SL_OK or SL_ERROR. */
@@ -70,8 +79,10 @@ int sl_balance_available(const sl_balancer *b, size_t i, double now);
 
 /* The index of the server to try next for a connection with key (HASH uses
  * it), skipping the peers whose skip[i] is non-zero (skip may be NULL), or
- * -1 when no server is left. Updates the round robin state and the random
- * generator; does not count the connection (the caller adds to active). */
+ * -1 when no server is left: a primary when one is a candidate, else a
+ * backup. Updates the round robin state, the random generator and
+ * on_backups (the caller compares it before and after to notice a
+ * switch); does not count the connection (the caller adds to active). */
 int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double now);
 
 /* Records the outcome of a connect to peer i. A failure that makes

@@ -172,9 +172,17 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, char *err, size_t errle
     u->server_text = calloc(u->nservers, sizeof(char *));
     u->server_name = calloc(u->nservers, sizeof(char *));
     u->weights = calloc(u->nservers, sizeof(int));
+    u->backups = calloc(u->nservers, sizeof(int));
+    if (!u->servers || !u->server_text || !u->server_name || !u->weights || !u->backups) {
+      snprintf(err, errlen, "config error: out of memory");
+      return SL_ERROR;
+    }
     for (size_t j = 0; j < u->nservers; j++) {
       lua_rawgeti(L, -1, (int)j + 1);
       u->weights[j] = (int)sl_num_field(L, lua_gettop(L), "weight");
+      lua_getfield(L, -1, "backup");
+      u->backups[j] = lua_toboolean(L, -1);
+      lua_pop(L, 1);
       u->server_name[j] = sl_strdup_field(L, lua_gettop(L), "name");   /* NULL: an address */
       if (sl_read_addr(L, lua_gettop(L), &u->servers[j], &u->server_text[j]) != SL_OK) {
         snprintf(err, errlen, "config error: upstreams.%s.servers[%zu]: unusable address", u->name,
@@ -437,6 +445,7 @@ static void sl_free_upstreams(sl_upstream_cfg *ups, size_t n) {
     free(u->server_name);
     free(u->servers);
     free(u->weights);
+    free(u->backups);
     free(u->health.send);
     free(u->health.expect);
     free(u->name);
@@ -503,7 +512,8 @@ int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y)
   if (x->nservers != y->nservers || x->tries != y->tries || strcmp(x->name, y->name) != 0)
     return 0;
   for (size_t j = 0; j < x->nservers; j++)
-    if (x->weights[j] != y->weights[j] || strcmp(x->server_text[j], y->server_text[j]) != 0)
+    if (x->weights[j] != y->weights[j] || x->backups[j] != y->backups[j] ||
+        strcmp(x->server_text[j], y->server_text[j]) != 0)
       return 0;
   return 1;
 }

@@ -50,6 +50,8 @@ typedef struct sl_upstream_cfg {
   char **server_text;
   char **server_name;          /* per server: the "host:port" it was resolved from, or NULL */
   int *weights;                /* per server, >= 1 */
+  int *backups;                /* per server: 1 a backup (balance.h), 0 a primary; never
+                                  all 1 */
   size_t nservers;
   double connect_timeout;      /* seconds */
   sl_balance balance;
@@ -158,11 +160,12 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
  * text[i], family = "inet" or "inet6" }, ... } for i < n. */
 void sl_config_push_addresses(lua_State *L, char text[][46], const int *family, int n);
 
-/* 1 when upstreams x and y have the same name, servers, weights and tries. */
+/* 1 when upstreams x and y have the same name, servers, weights, backup
+ * flags and tries. */
 int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y);
 
-/* 1 when a and b have the same upstreams with the same servers, weights
- * and tries (a derived configuration that changes nothing). */
+/* 1 when a and b have the same upstreams with the same servers, weights,
+ * backup flags and tries (a derived configuration that changes nothing). */
 int sl_config_same_servers(const sl_config *a, const sl_config *b);
 
 /* Gives c's Lua stages the keys after those of prev (a reload: the workers'

@@ -383,6 +383,7 @@ static void sl_metrics_note_peer(void *ud, const sl_upstream_cfg *u, size_t ui, 
   o->balance = (int)u->balance;
   o->retired = !n->current;
   o->weight = p->weight;
+  o->backup = p->backup;
   o->uindex = (unsigned)ui;
   o->index = (unsigned)index;
   o->down_until = p->down_until;

@@ -79,6 +79,7 @@ typedef struct sl_metrics_server_snap {
   int balance;                   /* sl_balance of its upstream */
   int retired;                   /* 1: not in the configuration new connections use */
   int weight;
+  int backup;                    /* 1: a backup server (balance.h) */
   unsigned uindex, index;        /* its upstream's index in the configuration, its own */
   int down;                      /* 0: available, else SL_METRICS_DOWN_* + 1 */
   double down_until, now;        /* passive: skipped until (Unix time); the worker's now */

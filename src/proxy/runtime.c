@@ -513,8 +513,8 @@ static void sl_runtime_log_servers(const sl_upstream_cfg *was, const sl_upstream
     size_t len = 0;
     list[k][0] = '\0';
     for (size_t j = 0; j < u[k]->nservers && len < sizeof(list[k]) - 64; j++)
-      len += (size_t)snprintf(list[k] + len, sizeof(list[k]) - len, "%s%s", j ? ", " : "",
-                              u[k]->server_text[j]);
+      len += (size_t)snprintf(list[k] + len, sizeof(list[k]) - len, "%s%s%s", j ? ", " : "",
+                              u[k]->server_text[j], u[k]->backups[j] ? " (backup)" : "");
   }
   sl_log(SL_LOG_INFO, "upstream %s: host names resolved again: servers %s (were %s); new "
          "connections use them", now->name, list[0], list[1]);

@@ -117,6 +117,7 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
     }
     for (size_t j = 0; j < u->nservers; j++) {
       rt->bal.peers[j].weight = u->weights ? u->weights[j] : 1;
+      rt->bal.peers[j].backup = u->backups ? u->backups[j] : 0;
       rt->bal.peers[j].id = sl_balance_hash(u->server_text[j], strlen(u->server_text[j]));
       rt->bal.peers[j].m = sl_metrics_server_ref(w, u->name, u->server_text[j]);
     }
@@ -134,6 +135,8 @@ void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from) {
     const sl_upstream_rt *was = NULL;
     for (size_t k = 0; k < from->n && was == NULL; k++)
       if (strcmp(from->ups[k].cfg->name, rt->cfg->name) == 0) was = &from->ups[k];
+    /* The next pick says so when the switch to the backups no longer holds. */
+    if (was) rt->bal.on_backups = was->bal.on_backups;
     for (size_t j = 0; was && j < rt->bal.n; j++) {
       for (size_t k = 0; k < was->bal.n; k++) {
         if (strcmp(was->cfg->server_text[k], rt->cfg->server_text[j]) != 0) continue;
@@ -368,6 +371,36 @@ static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
   if (sl_channel_write(ch, b) == SL_OK) sl_channel_flush(ch);
 }
 
+/* The servers of u of one class (backup 0: the primaries) that are
+ * available (up 1) or not (up 0) at now, as "a, b" in buf. */
+static void sl_upstream_list(const sl_upstream_rt *up, int backup, int up_now, double now,
+                             char *buf, size_t len) {
+  size_t used = 0;
+  buf[0] = '\0';
+  for (size_t j = 0; j < up->bal.n && used < len; j++) {
+    if (up->bal.peers[j].backup != backup || sl_balance_available(&up->bal, j, now) != up_now)
+      continue;
+    int n = snprintf(buf + used, len - used, "%s%s", used ? ", " : "", up->cfg->server_text[j]);
+    if (n > 0) used += (size_t)n;
+  }
+}
+
+/* A pick switched upstream up to its backups (no primary available) or
+ * back to its primaries: said once per switch, on the worker that saw it. */
+static void sl_upstream_log_switch(const sl_worker *w, const sl_upstream_rt *up) {
+  char list[240];
+  double now = ev_now(w->loop);
+  if (up->bal.on_backups) {
+    sl_upstream_list(up, 0, 0, now, list, sizeof(list));
+    sl_log(SL_LOG_WARN, "worker %d: upstream %s: no primary server available (down: %s); new "
+           "connections go to its backup servers", w->id, up->cfg->name, list);
+  } else {
+    sl_upstream_list(up, 0, 1, now, list, sizeof(list));
+    sl_log(SL_LOG_INFO, "worker %d: upstream %s: a primary server is available again (%s); "
+           "new connections go to its primary servers", w->id, up->cfg->name, list);
+  }
+}
+
 /* Starts the next try, or gives up. SL_OK while a try is under way. What
  * carry (a failed try's channel, or NULL) has queued goes to the new try. */
 static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
@@ -381,7 +414,9 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
     if (a->up) {
       const sl_upstream_cfg *u = a->up->cfg;
       if (a->ntried >= u->tries) break;
+      int on_backups = a->up->bal.on_backups;
       int i = sl_balance_pick(&a->up->bal, a->key, a->skip, ev_now(w->loop));
+      if (a->up->bal.on_backups != on_backups) sl_upstream_log_switch(w, a->up);
       if (i < 0) {
         if (a->ntried > 0) break;
         /* Nothing available at all: this client fails at once, and the

@@ -3,13 +3,16 @@
 --
 --   upstreams   optional table keyed by name ([%w_%-%.]+):
 --     servers            required non-empty array of "host:port" (no wildcard)
---                        or { "host:port", weight = 1..1000 } (weight 1); a
---                        host name becomes one server per address it
---                        resolves to (ctx.resolve), each with the entry's
---                        weight; an address may appear once per upstream
---                        (one reached again through a host name is
---                        dropped); with host names, a tries above the
---                        number of addresses is that number
+--                        or { "host:port", weight = 1..1000, backup = boolean }
+--                        (weight 1, backup false); a host name becomes one
+--                        server per address it resolves to (ctx.resolve),
+--                        each with the entry's weight and backup flag; an
+--                        address may appear once per upstream (one reached
+--                        again through a host name is dropped); at least
+--                        one server is not a backup (checked after host
+--                        names are resolved, again at each new answer);
+--                        with host names, a tries above the number of
+--                        addresses is that number
 --     balance            optional "round_robin" (default), "least_conn",
 --                        "hash" (on the client address) or "random_two"
 --     connect_timeout_ms optional positive integer, default 5000
@@ -30,7 +33,8 @@
 -- above (servers in array order), send_proxy and resolve_interval_ms last.
 --
 -- Normalized: upstreams = { [name] = { name, servers = { address with
--- weight, and for a resolved host name its "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
+-- weight, backup (true or nil), and for a resolved host name its
+-- "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
 -- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
 -- expect }, send_proxy (1, 2 or nil), resolve_interval_ms, hosts (the host
 -- names among servers, each once) } }, and the sorted list of the names.
@@ -68,7 +72,7 @@ local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "ma
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
 local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
-local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n }'
+local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n, backup = true }'
 
 -- The addresses of the host name in addr (family "name"), by
 -- resolve(name): a non-empty array of { host, family }, or nil and why.
@@ -93,14 +97,17 @@ local function resolve_name(addr, path, resolve)
 end
 
 -- The entry at `path`: { addr = its normalized address (a host name has
--- family "name"), weight, path }.
+-- family "name"), weight, backup (true or nil), path }.
 local function parse_server(v, path)
-    local text, weight = v, 1
+    local text, weight, backup = v, 1, nil
     if type(v) == "table" then
-        local extra = sorted_keys(v, function(k) return k ~= 1 and k ~= "weight" end)
+        local extra = sorted_keys(v, function(k)
+            return k ~= 1 and k ~= "weight" and k ~= "backup"
+        end)
         if extra[1] ~= nil then
             fail(key_path(path, extra[1]),
-                 'unknown key (expected the address at [1] and an optional weight)')
+                 'unknown key (expected the address at [1], an optional weight and an '
+                 .. 'optional backup)')
         end
         weight = v.weight
         if weight ~= nil and (type(weight) ~= "number" or weight ~= floor(weight)
@@ -108,11 +115,16 @@ local function parse_server(v, path)
             fail(path .. ".weight", "expected an integer from 1 to %d, got %s",
                  MAX_WEIGHT, show(weight))
         end
-        text, path, weight = v[1], path .. "[1]", weight or 1
+        backup = v.backup
+        if backup ~= nil and type(backup) ~= "boolean" then
+            fail(path .. ".backup", "expected a boolean, got %s", show(backup))
+        end
+        text, path, weight, backup = v[1], path .. "[1]", weight or 1, backup or nil
     elseif type(v) ~= "string" then
         fail(path, "expected %s, got %s", SERVER_EXPECTED, show(v))
     end
-    return { addr = address.check(text, path, false), weight = weight, path = path, text = text }
+    return { addr = address.check(text, path, false), weight = weight, backup = backup,
+             path = path, text = text }
 end
 
 -- Appends the normalized servers of entry e (parse_server) to out: its
@@ -133,6 +145,7 @@ local function add_server(e, out, seen, resolve)
         if not other then
             seen[a.text] = { path = e.path, name = a.name }
             a.weight = e.weight
+            a.backup = e.backup
             out[#out + 1] = a
         end
     end
@@ -141,10 +154,19 @@ end
 -- The servers of an upstream's entries and its tries (`tries` as given,
 -- nil for the default), resolving host names with resolve.
 local function expand(entries, tries, path, resolve)
-    local out, seen, named = {}, {}, false
+    local out, seen, named, primaries = {}, {}, false, 0
     for _, e in ipairs(entries) do
         add_server(e, out, seen, resolve)
         named = named or e.addr.family == "name"
+    end
+    for _, a in ipairs(out) do
+        if not a.backup then primaries = primaries + 1 end
+    end
+    if primaries == 0 then
+        -- Backups serve only while no primary is available: an upstream
+        -- of backups alone would never be used as configured.
+        fail(path .. ".servers", "expected at least one server without backup = true, got "
+             .. "%d backup server%s only", #out, #out == 1 and "" or "s")
     end
     if tries == nil then
         tries = #out

@@ -426,18 +426,25 @@ static void test_backup_only_while_no_primary_is_available(void **state) {
     assert_int_equal(picks_of(&f, 100.0), 0xcu);
     assert_int_equal(f.b.on_backups, 1);
     /* Primary 1's fail_timeout is over (0's is too, then a health check
-     * holds 0 down): back to 1 only, at the first pick. */
+     * holds 0 down): back to 1 only, from the first pick; the switch back
+     * is its first connect that succeeds. */
     f.peers[0].check_down = 1;
     assert_int_equal(sl_balance_pick(&f.b, key_of(7), NULL, 110.5), 1);
+    assert_int_equal(f.b.on_backups, 1);
+    assert_int_equal(sl_balance_report(&f.b, 1, 1, 110.5), 0);
     assert_int_equal(f.b.on_backups, 0);
     assert_int_equal(picks_of(&f, 110.5), 0x2u);
-    /* A backup held down by its health check is skipped among the backups. */
+    /* A backup held down by its health check is skipped among the backups;
+     * a backup's connects do not end the switch. */
     f.peers[1].check_down = 1;
     f.peers[3].check_down = 1;
     assert_int_equal(picks_of(&f, 110.5), 0x4u);
     assert_int_equal(f.b.on_backups, 1);
+    sl_balance_report(&f.b, 2, 1, 110.5);
+    assert_int_equal(f.b.on_backups, 1);
     f.peers[0].check_down = 0;
     assert_int_equal(picks_of(&f, 110.5), 0x1u);
+    sl_balance_report(&f.b, 0, 1, 110.5);
     assert_int_equal(f.b.on_backups, 0);
   }
 }
@@ -502,6 +509,8 @@ static void test_backup_retry_when_primaries_are_down(void **state) {
     assert_int_equal(sl_balance_pick(&f.b, key_of(3), NULL, 2.0), -1);
     assert_int_equal(sl_balance_reset_passive(&f.b), 3);
     assert_int_equal(sl_balance_pick(&f.b, key_of(3), NULL, 2.0), 0);
+    assert_int_equal(f.b.on_backups, 1);
+    sl_balance_report(&f.b, 0, 1, 2.0);
     assert_int_equal(f.b.on_backups, 0);
   }
 }

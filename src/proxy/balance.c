@@ -163,8 +163,7 @@ int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double no
   if (cand != cand_small) free(cand);
   /* A backup taken only because this connection tried the primaries that
    * are up is not a switch to the backups. */
-  if (primary_up) b->on_backups = 0;
-  else if (pick >= 0) b->on_backups = 1;
+  if (!primary_up && pick >= 0) b->on_backups = 1;
   return pick;
 }
 
@@ -172,6 +171,7 @@ int sl_balance_report(sl_balancer *b, size_t i, int ok, double now) {
   sl_peer *p = &b->peers[i];
   if (ok) {
     p->fails = 0;
+    if (!p->backup) b->on_backups = 0;
     return 0;
   }
   p->fails++;

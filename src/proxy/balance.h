@@ -64,7 +64,8 @@ typedef struct sl_balancer {
   double fail_timeout;   /* seconds a server is skipped after max_fails */
   uint64_t rng;          /* RANDOM_TWO: xorshift64* state, never 0 */
   int on_backups;        /* 1 from a pick that found no primary available and took a
-                            backup, until a pick finds a primary available again */
+                            backup, until a connect to a primary succeeds (a primary
+                            whose passive mark merely ran out is not back yet) */
 } sl_balancer;
 
 /* Parses "round_robin", "least_conn", "hash" or "random_two". SL_OK or SL_ERROR. */
@@ -81,14 +82,16 @@ int sl_balance_available(const sl_balancer *b, size_t i, double now);
  * it), skipping the peers whose skip[i] is non-zero (skip may be NULL), or
  * -1 when no server is left: a primary when one is a candidate, else a
  * backup. Updates the round robin state, the random generator and
- * on_backups (the caller compares it before and after to notice a
- * switch); does not count the connection (the caller adds to active). */
+ * on_backups (the caller compares it before and after to notice a switch
+ * to the backups); does not count the connection (the caller adds to
+ * active). */
 int sl_balance_pick(sl_balancer *b, uint64_t key, const uint8_t *skip, double now);
 
 /* Records the outcome of a connect to peer i. A failure that makes
  * max_fails in a row marks the server down until now + fail_timeout (never
- * the only server of an upstream); a success clears the count. Returns 1
- * when this failure marked the server down, else 0. */
+ * the only server of an upstream); a success clears the count, and on a
+ * primary clears on_backups. Returns 1 when this failure marked the server
+ * down, else 0. */
 int sl_balance_report(sl_balancer *b, size_t i, int ok, double now);
 
 /* Clears every passive mark (used when no server at all was available, so

@@ -371,33 +371,30 @@ static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
   if (sl_channel_write(ch, b) == SL_OK) sl_channel_flush(ch);
 }
 
-/* The servers of u of one class (backup 0: the primaries) that are
- * available (up 1) or not (up 0) at now, as "a, b" in buf. */
-static void sl_upstream_list(const sl_upstream_rt *up, int backup, int up_now, double now,
-                             char *buf, size_t len) {
+/* The primary servers of up as "a, b" in buf. */
+static void sl_upstream_primaries(const sl_upstream_rt *up, char *buf, size_t len) {
   size_t used = 0;
   buf[0] = '\0';
   for (size_t j = 0; j < up->bal.n && used < len; j++) {
-    if (up->bal.peers[j].backup != backup || sl_balance_available(&up->bal, j, now) != up_now)
-      continue;
+    if (up->bal.peers[j].backup) continue;
     int n = snprintf(buf + used, len - used, "%s%s", used ? ", " : "", up->cfg->server_text[j]);
     if (n > 0) used += (size_t)n;
   }
 }
 
-/* A pick switched upstream up to its backups (no primary available) or
- * back to its primaries: said once per switch, on the worker that saw it. */
-static void sl_upstream_log_switch(const sl_worker *w, const sl_upstream_rt *up) {
-  char list[240];
-  double now = ev_now(w->loop);
+/* Upstream up switched to its backups (a pick found no primary available)
+ * or back to its primaries (server i, a primary, took a connection): said
+ * once per switch, on the worker that saw it. */
+static void sl_upstream_log_switch(const sl_worker *w, const sl_upstream_rt *up, size_t i) {
   if (up->bal.on_backups) {
-    sl_upstream_list(up, 0, 0, now, list, sizeof(list));
+    char list[240];
+    sl_upstream_primaries(up, list, sizeof(list));   /* none is available */
     sl_log(SL_LOG_WARN, "worker %d: upstream %s: no primary server available (down: %s); new "
            "connections go to its backup servers", w->id, up->cfg->name, list);
   } else {
-    sl_upstream_list(up, 0, 1, now, list, sizeof(list));
-    sl_log(SL_LOG_INFO, "worker %d: upstream %s: a primary server is available again (%s); "
-           "new connections go to its primary servers", w->id, up->cfg->name, list);
+    sl_log(SL_LOG_INFO, "worker %d: upstream %s: primary server %s is available again; new "
+           "connections go to its primary servers", w->id, up->cfg->name,
+           up->cfg->server_text[i]);
   }
 }
 
@@ -416,7 +413,7 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
       if (a->ntried >= u->tries) break;
       int on_backups = a->up->bal.on_backups;
       int i = sl_balance_pick(&a->up->bal, a->key, a->skip, ev_now(w->loop));
-      if (a->up->bal.on_backups != on_backups) sl_upstream_log_switch(w, a->up);
+      if (a->up->bal.on_backups != on_backups) sl_upstream_log_switch(w, a->up, (size_t)i);
       if (i < 0) {
         if (a->ntried > 0) break;
         /* Nothing available at all: this client fails at once, and the
@@ -495,7 +492,12 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
     if (failed) sl_channel_close(failed, failed->reason, 1);
     return;
   }
-  if (a->up) sl_balance_report(&a->up->bal, (size_t)a->server, 1, ev_now(a->set->w->loop));
+  if (a->up) {
+    int on_backups = a->up->bal.on_backups;
+    sl_balance_report(&a->up->bal, (size_t)a->server, 1, ev_now(a->set->w->loop));
+    if (a->up->bal.on_backups != on_backups)
+      sl_upstream_log_switch(a->set->w, a->up, (size_t)a->server);
+  }
   /* The lease keeps the set and the server's active count from now on. */
   sl_lease *l = a->lease->state;
   l->attempt = NULL;

@@ -303,6 +303,49 @@ return {
     assert.is_falsy(log:find("new answers not used", 1, true), log)
   end)
 
+  it("given with backup = true are backups at every address, resolved again or reloaded",
+     function()
+    if skipped() then return end
+    local port_b = peers_ab()
+    local primary = H.start_peer("printf P; exec cat")
+    peers[#peers + 1] = primary
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.2 bk.sluice.test\n")
+    local port = H.free_port()
+    local p = start(hosts, ([[
+return {
+  workers = 1,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:%d", { "bk.sluice.test:%d", backup = true } },
+                         resolve_interval_ms = 100 } },
+}
+]]):format(port, primary.port, port_b))
+    local function replies(n)
+      local out = {}
+      for i = 1, n do out[i] = (H.exchange(port, "x", 5)) end
+      return table.concat(out, " ")
+    end
+    assert.are.equal("Px Px Px Px", replies(4))
+    rewrite(hosts, "127.0.0.1 localhost\n127.0.0.3 bk.sluice.test\n")
+    local changed = ("upstream back: host names resolved again: servers 127.0.0.1:%d, "
+                     .. "127.0.0.3:%d (backup) (were 127.0.0.1:%d, 127.0.0.2:%d (backup)); new "
+                     .. "connections use them"):format(primary.port, port_b, primary.port, port_b)
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find(changed, 1, true) end, 15),
+                     H.read(p.log))
+    -- The new address is a backup too: the primary still takes everything.
+    assert.are.equal("Px Px Px Px", replies(4))
+    H.sh("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    assert.are.equal("Px Px Px Px", replies(4))
+    -- Without the primary, the backup at the new address answers.
+    H.stop(primary, "KILL")
+    assert.are.equal("Bx Bx", replies(2))
+    local log = H.stop_sluice(p)
+    assert.matches("no primary server available (down: 127.0.0.1:" .. primary.port .. ")", log, 1,
+                   true)
+  end)
+
   it("are not resolved again with resolve_interval_ms = 0", function()
     if skipped() then return end
     local port_b = peers_ab()

@@ -1,9 +1,9 @@
 /*
  * Balancing (src/proxy/balance.c): which server each algorithm picks, with
- * weights, active connections, passive health marks, health-check marks and
- * the servers a connection already tried. No sockets: the balancer is a pure
- * function of its state, so every count below is exact or a fixed bound on
- * a deterministic hash.
+ * weights, active connections, passive health marks, health-check marks,
+ * backup servers and the servers a connection already tried. No sockets:
+ * the balancer is a pure function of its state, so every count below is
+ * exact or a fixed bound on a deterministic hash.
  */
 #include "test_util.h"
 
@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "proxy/balance.h"
+#include "proxy/config.h"
 #include "util/common.h"
 
 #define MAXP 16
@@ -537,6 +538,19 @@ static void test_backup_hash_keeps_clients_on_their_backup(void **state) {
   for (uint32_t c = 0; c < 100; c++) assert_int_equal(sl_balance_pick(&f.b, key_of(c), NULL, 0), before[c]);
 }
 
+static void test_same_servers_sees_a_backup_flag_change(void **state) {
+  SL_UNUSED(state);
+  /* What decides whether host names resolved again changed an upstream. */
+  char *text[] = {"127.0.0.1:1", "127.0.0.1:2"};
+  int weights[] = {1, 1}, primaries[] = {0, 0}, one_backup[] = {0, 1};
+  sl_upstream_cfg x = {.name = "back", .server_text = text, .weights = weights,
+                       .backups = primaries, .nservers = 2, .tries = 2};
+  sl_upstream_cfg y = x;
+  assert_true(sl_upstream_same_servers(&x, &y));
+  y.backups = one_backup;
+  assert_false(sl_upstream_same_servers(&x, &y));
+}
+
 static void test_many_servers(void **state) {
   SL_UNUSED(state);
   /* More servers than the pick's on-stack candidate set. */
@@ -579,6 +593,7 @@ int main(void) {
       cmocka_unit_test(test_backup_retry_order_is_primaries_then_backups),
       cmocka_unit_test(test_backup_retry_when_primaries_are_down),
       cmocka_unit_test(test_backup_hash_keeps_clients_on_their_backup),
+      cmocka_unit_test(test_same_servers_sees_a_backup_flag_change),
       cmocka_unit_test(test_many_servers),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

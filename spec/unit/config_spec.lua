@@ -117,7 +117,7 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -146,14 +146,14 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -633,13 +633,14 @@ describe("sluice.config", function()
   end)
 
   describe("listener limits", function()
-    it("take max_connections, idle_timeout_ms and connect_timeout_ms", function()
+    it("take max_connections, idle_timeout_ms, write_timeout_ms and connect_timeout_ms", function()
       local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000,
-                                        connect_timeout_ms = 250,
+                                        write_timeout_ms = 5000, connect_timeout_ms = 250,
                                         max_connections_per_client = 8 }) })).listeners[1]
       assert.are.equal(100, l.max_connections)
       assert.are.equal(8, l.max_connections_per_client)
       assert.are.equal(30000, l.idle_timeout_ms)
+      assert.are.equal(5000, l.write_timeout_ms)
       assert.are.equal(250, l.connect_timeout_ms)
     end)
 
@@ -657,6 +658,16 @@ describe("sluice.config", function()
           "config error: listeners[1].idle_timeout_ms: expected a positive integer, got -5" },
         { { connect_timeout_ms = 0 },
           "config error: listeners[1].connect_timeout_ms: expected a positive integer, got 0" },
+        { { write_timeout_ms = 0 },
+          "config error: listeners[1].write_timeout_ms: expected a positive integer, got 0" },
+        { { write_timeout_ms = -1000 },
+          "config error: listeners[1].write_timeout_ms: expected a positive integer, got -1000" },
+        { { write_timeout_ms = 2.5 },
+          "config error: listeners[1].write_timeout_ms: expected a positive integer, got 2.5" },
+        { { write_timeout_ms = "5s" },
+          'config error: listeners[1].write_timeout_ms: expected a positive integer, got "5s"' },
+        { { write_timeout_ms = true },
+          "config error: listeners[1].write_timeout_ms: expected a positive integer, got true" },
         { { idle_timeout_ms = 1e10 },
           "config error: listeners[1].idle_timeout_ms: expected a positive integer no larger than "
           .. "2147483647, got 10000000000" },
@@ -768,7 +779,8 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "max_connections_per_client, idle_timeout_ms, connect_timeout_ms, "
+                         .. "max_connections_per_client, idle_timeout_ms, write_timeout_ms, "
+                         .. "connect_timeout_ms, "
                          .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)

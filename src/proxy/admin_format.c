@@ -416,6 +416,9 @@ static void sl_admin_metrics_workers(sl_text *o, const sl_admin_report *r) {
   SL_PROM_PER_WORKER(o, r, "sluice_writability_changes_total", "counter",
                      "Outbound queues crossing a water mark (unwritable above high, writable "
                      "again below low).", s->stats.writability_changes);
+  SL_PROM_PER_WORKER(o, r, "sluice_write_timeouts_total", "counter",
+                     "Connections (client or upstream side) closed by write_timeout_ms: bytes "
+                     "waited that long without the peer taking one.", s->stats.write_timeouts);
   SL_PROM_PER_WORKER(o, r, "sluice_spliced_bytes_total", "counter",
                      "Bytes of pass-through connections moved socket to socket through a "
                      "kernel pipe (splice), never copied into sluice; part of the sent bytes.",

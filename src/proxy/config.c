@@ -257,6 +257,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->max_per_client = (uint32_t)sl_num_field(L, lt, "max_connections_per_client");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
+    l->write_timeout = sl_num_field(L, lt, "write_timeout_ms") / 1000.0;
     l->connect_timeout = sl_num_field(L, lt, "connect_timeout_ms") / 1000.0;
     lua_getfield(L, lt, "defer_accept");
     l->defer_accept = lua_toboolean(L, -1);
@@ -569,6 +570,7 @@ void sl_listener_channel_config(const sl_listener_cfg *l, sl_channel_config *out
   out->max_bytes_per_gathering_write = l->max_bytes_per_gathering_write;
   out->write_spin_count = l->write_spin_count;
   out->no_half_close = !l->half_close;
+  out->write_timeout = l->write_timeout;
 }
 
 void sl_config_log_resolved(const sl_config *c) {

@@ -84,6 +84,8 @@ typedef struct sl_listener_cfg {
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   uint32_t max_per_client;     /* max_connections_per_client, all workers; 0: no limit */
   double idle_timeout;         /* seconds; 0: none */
+  double write_timeout;        /* seconds bytes may wait for a socket, client or upstream
+                                  side; 0: none */
   double connect_timeout;      /* seconds; 0: the upstream's */
   int defer_accept;            /* 1: TCP_DEFER_ACCEPT on its sockets */
   int splice;                  /* SL_SPLICE_*: may pass-through connections splice (io/splice.h) */

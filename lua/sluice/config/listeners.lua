@@ -31,6 +31,10 @@
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
+--     write_timeout_ms optional positive integer: a connection (client or
+--                     upstream side) whose flushed bytes wait this long for
+--                     its socket without one being taken is closed (reason
+--                     write_timeout); default 0 (none)
 --     connect_timeout_ms optional positive integer: overrides the upstream's
 --                     connect timeout for this listener's connections
 --     defer_accept    optional boolean, default false: TCP_DEFER_ACCEPT
@@ -70,7 +74,7 @@
 -- pipeline = { stage entries }, low_water_mark, high_water_mark,
 -- outbound_limit, write_spin_count, max_bytes_per_gathering_write (or nil:
 -- adaptive), max_connections, max_connections_per_client, idle_timeout_ms,
--- connect_timeout_ms,
+-- write_timeout_ms, connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
 -- { idle_ms, interval_ms, count }, 0: the system's), backlog } }
 
@@ -102,7 +106,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
                         "max_connections", "max_connections_per_client",
-                        "idle_timeout_ms", "connect_timeout_ms",
+                        "idle_timeout_ms", "write_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
                         "tcp_keepalive", "backlog" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
@@ -199,6 +203,8 @@ local function check_listener(l, path, ctx)
                                           path .. ".max_connections_per_client", 0)
     local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
                                                path .. ".idle_timeout_ms", 0)
+    local write_timeout_ms = check_positive_int(l.write_timeout_ms,
+                                                path .. ".write_timeout_ms", 0)
     local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
                                                   path .. ".connect_timeout_ms", 0)
     if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
@@ -236,6 +242,7 @@ local function check_listener(l, path, ctx)
         max_connections = max_connections,
         max_connections_per_client = per_client,
         idle_timeout_ms = idle_timeout_ms,
+        write_timeout_ms = write_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
         splice = l.splice == nil and "auto" or l.splice,

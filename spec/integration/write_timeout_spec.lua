@@ -144,4 +144,38 @@ describe("write_timeout_ms", function()
     up.close()
     H.stop_sluice(p)
   end)
+
+  it("takes a new value on SIGHUP for new connections; open ones keep theirs", function()
+    local up = H.start_peer("head -c 1 >/dev/null; head -c 67108864 /dev/zero")
+    peers[#peers + 1] = up
+    local p, port, admin, access = start(up.port, "write_timeout_ms = 600000")
+    -- A client that reads nothing, under the first value (10 minutes): its
+    -- bytes wait in sluice's queue.
+    local old = H.connect(port, { rcvbuf = 4096 })
+    old.send("x")
+    assert.is_truthy(H.wait_for(function()
+      return (H.metric(admin, "sluice_outbound_queued_bytes", 'listener="front"') or 0) > 0
+    end, 10))
+    local f = assert(io.open(p.config, "w"))
+    f:write(config(port, admin, up.port, access, "write_timeout_ms = 300"))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("configuration reloaded", 1, true)
+    end, 10), H.read(p.log))
+    -- The same kind of client after the reload is closed at the new value.
+    local new = H.connect(port, { rcvbuf = 4096 })
+    new.send("x")
+    local line = access_line(access)
+    assert.is_truthy(line, H.read(p.log))
+    assert.matches('reason="write_timeout"$', line)
+    -- The first one is still open (one access log line, one connection).
+    assert.are.equal(1, select(2, H.read(access):gsub("\n", "")))
+    assert.are.equal(1, H.metric(admin, "sluice_connections_open", 'listener="front"'))
+    assert.are.equal(1, H.metric(admin, "sluice_write_timeouts_total", 'worker="0"'))
+    new.close()
+    H.stop_sluice(p)   -- the first one closes at the drain deadline
+    assert.matches('reason="shutdown"', H.read(access):match("[^\n]*\n?$"))
+    old.close()
+  end)
 end)

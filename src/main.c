@@ -14,6 +14,7 @@
 #include "buf/leak.h"
 #include "proxy/config.h"
 #include "proxy/runtime.h"
+#include "proxy/upgrade.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -27,7 +28,9 @@ static void sl_usage(FILE *out) {
           "\n"
           "Signals: SIGINT and SIGTERM stop accepting, let open connections finish for\n"
           "         drain_timeout_ms, close the rest and exit 0 (a second one closes at once);\n"
-          "         SIGHUP reloads FILE and reopens the log files; SIGUSR1 reopens the log files.\n"
+          "         SIGHUP reloads FILE and reopens the log files; SIGUSR1 reopens the log files;\n"
+          "         SIGUSR2 starts a new sluice (the executable's file as it is now) that takes\n"
+          "         over the listening sockets, and this one then drains and exits.\n"
           "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL,\n"
           "             SLUICE_ALLOCATOR (pooled or unpooled),\n"
           "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid).\n");
@@ -107,5 +110,6 @@ int main(int argc, char **argv) {
     sl_config_free(cfg);
     return 0;
   }
+  sl_upgrade_init(argc, argv);
   return sl_runtime_run(cfg);
 }

@@ -65,6 +65,27 @@ static void test_same_host(void **state) {
   assert_false(sl_addr_same_host((const struct sockaddr *)&un, (const struct sockaddr *)&un));
 }
 
+/* With ports: an inherited listening socket is matched to a listener by
+ * its bound address (proxy/upgrade.h). */
+static void test_same(void **state) {
+  (void)state;
+  sl_addr a, b;
+  assert_int_equal(SL_OK, sl_addr_parse(&a, "127.0.0.1", 7000));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, "127.0.0.1", 7000));
+  assert_true(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, "127.0.0.1", 7001));
+  assert_false(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, "127.0.0.2", 7000));
+  assert_false(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+  assert_int_equal(SL_OK, sl_addr_parse(&a, "::1", 7000));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, "::1", 7000));
+  assert_true(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+  ((struct sockaddr_in6 *)(void *)&b.ss)->sin6_scope_id = 2;
+  assert_false(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+  assert_int_equal(SL_OK, sl_addr_parse(&b, "::1", 7001));
+  assert_false(sl_addr_same((const struct sockaddr *)&a.ss, (const struct sockaddr *)&b.ss));
+}
+
 /* The system's resolver: localhost from /etc/hosts, a numeric host as
  * itself, each address once. (Names that do not resolve, and names of a
  * hosts file of its own: spec/integration/resolve_spec.lua.) */
@@ -115,6 +136,7 @@ int main(void) {
       cmocka_unit_test(test_parse_and_format),
       cmocka_unit_test(test_loopback),
       cmocka_unit_test(test_same_host),
+      cmocka_unit_test(test_same),
       cmocka_unit_test(test_host_name),
       cmocka_unit_test(test_resolve),
   };

@@ -132,7 +132,7 @@ static void test_reported_is_the_first_still_stuck(void **state) {
   (void)state;
   sl_watchdog_entry e[3];
   memset(e, 0, sizeof(e));
-  sl_watchdog wd = {e, 3, 0, 0};
+  sl_watchdog wd = {.e = e, .n = 3};
   assert_int_equal(sl_watchdog_reported(&wd), -1);
   JUDGE_ON(&e[2], {1, 1, 1, 1.0, W}, {1, 1, 1, 1.21, I}, {1, 1, 1, 1.41, S});
   assert_int_equal(sl_watchdog_reported(&wd), 2);

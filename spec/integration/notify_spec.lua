@@ -87,6 +87,31 @@ describe("NOTIFY_SOCKET", function()
     end)
   end
 
+  it("is handed to the new sluice of a binary upgrade, which says it is the main process", function()
+    local path = H.tmpdir() .. "/notify-upgrade.sock"
+    local sock = notify_socket(path)
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(port, admin), "NOTIFY_SOCKET=" .. path)
+    assert.are.equal(("READY=1\nSTATUS=serving 1 listener with 1 worker\nMAINPID=%d"):format(p.pid),
+                     sock.next())
+    H.sh("kill -USR2 " .. p.pid)
+    local ready = sock.next()
+    local new_pid = tonumber((ready or ""):match("^READY=1\nSTATUS=serving 1 listener with 1 worker\nMAINPID=(%d+)$"))
+    assert.is_not_nil(new_pid, tostring(ready))
+    finally(function() os.execute(("kill -KILL %d 2>/dev/null"):format(new_pid)) end)
+    assert.are_not.equal(p.pid, new_pid)
+    -- The old one drains and exits without saying the service stops.
+    assert.are.equal(0, H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 30))
+    assert.is_nil(sock.next(0.5))
+    assert.are.equal("x", (H.exchange(port, "x", 10)))
+    H.sh("kill -TERM " .. new_pid)
+    assert.matches("^STOPPING=1\n", sock.next())
+    sock.close()
+    assert.is_truthy(H.wait_for(function()
+      return select(2, H.read(p.log):gsub("%] stopped\n", "")) == 2
+    end, 30), H.read(p.log))
+  end)
+
   it("is ignored when unset, and said to be unusable when it is not a socket path", function()
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin), "NOTIFY_SOCKET=relative/notify.sock")

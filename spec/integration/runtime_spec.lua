@@ -476,7 +476,12 @@ return {
     -- spinning one makes everything else slow: the answer may take longer.)
     assert.are.equal(0, H.metric(admin, "sluice_workers_answering", nil, 120))
     assert.matches("admin: worker 0 did not answer within 2 s: it is not returning to its event "
-                   .. "loop (a Lua stage that never returns?)", H.read(p.log), 1, true)
+                   .. "loop (a Lua stage that never returns?); not waited for again until it "
+                   .. "answers", H.read(p.log), 1, true)
+    -- The next scrape leaves it out without asking it again (no second
+    -- wait, no second line).
+    assert.are.equal(0, H.metric(admin, "sluice_workers_answering", nil, 120))
+    assert.are.equal(1, select(2, H.read(p.log):gsub("did not answer within 2 s", "")))
     local rc = H.stop(p, "TERM", 60)
     H.stop(client, "TERM")
     assert.are.equal(3, rc)

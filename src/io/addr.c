@@ -49,6 +49,15 @@ int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b) {
                 sizeof(struct in6_addr)) == 0;
 }
 
+int sl_addr_same(const struct sockaddr *a, const struct sockaddr *b) {
+  if (!sl_addr_same_host(a, b)) return 0;
+  if (a->sa_family == AF_INET)
+    return ((const struct sockaddr_in *)(const void *)a)->sin_port ==
+           ((const struct sockaddr_in *)(const void *)b)->sin_port;
+  const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+  return x->sin6_port == y->sin6_port && x->sin6_scope_id == y->sin6_scope_id;
+}
+
 /* Writes v (below 100000: a byte or a port) in decimal at p; returns the end. */
 static char *sl_addr_decimal(char *p, unsigned v) {
   char *end = p + (v < 10 ? 1 : v < 100 ? 2 : v < 1000 ? 3 : v < 10000 ? 4 : 5);

@@ -25,6 +25,10 @@ int sl_addr_is_loopback(const struct sockaddr *sa);
  * IPv4 address and its IPv4-mapped form are not the same). */
 int sl_addr_same_host(const struct sockaddr *a, const struct sockaddr *b);
 
+/* Whether a and b are the same IPv4 or IPv6 socket address: the address
+ * (as sl_addr_same_host), the port and an IPv6 scope id. */
+int sl_addr_same(const struct sockaddr *a, const struct sockaddr *b);
+
 /* An IP address as a key (ports aside): family (AF_INET, AF_INET6; 0:
  * neither) and its bytes (4 or 16, the rest zero). An IPv4-mapped IPv6
  * address is its IPv4 one. */

@@ -93,8 +93,10 @@ void sl_lua_host_set_memory_limit(sl_lua_host *h, size_t limit);
 
 /* ---- lua_timeout_ms (the mechanism; the watchdog is proxy/watchdog.c) ---- */
 
-/* The signal that interrupts a worker's Lua; sluice reserves it. */
-#define SL_LUA_SIGNAL SIGUSR2
+/* The signal that interrupts a worker's Lua; sluice reserves it (a
+ * realtime one: SIGUSR2 is the binary upgrade's, proxy/upgrade.h; the one
+ * before it is proxy/resolver.h's). */
+#define SL_LUA_SIGNAL (SIGRTMIN + 1)
 
 /* Installs the process's handler for SL_LUA_SIGNAL (sigaction, SA_RESTART).
  * SL_OK, or SL_ERROR with errno. A signal sent to a thread that is not in a

@@ -17,6 +17,7 @@
 #include "io/worker.h"
 #include "proxy/admin_format.h"
 #include "proxy/metrics.h"
+#include "proxy/upgrade.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -46,6 +47,7 @@ struct sl_admin {
   ev_io accept_io;
   ev_timer accept_retry;            /* restarts accept_io after a pause (out of descriptors) */
   ev_async stop_watcher;
+  ev_async handover_watcher;        /* a new sluice answers from now on (proxy/upgrade.h) */
   int fd;
   pthread_t thread;
   int started;
@@ -86,14 +88,25 @@ static void sl_admin_plain(sl_admin_conn *c, int status, const char *reason, con
 static sl_metrics_snap **sl_admin_collect(sl_admin *a, int memory) {
   sl_metrics_snap **s = calloc((size_t)a->nworkers + 1, sizeof(*s));
   if (s == NULL) return NULL;
-  for (int i = 0; i < a->nworkers; i++) {
-    s[i] = sl_metrics_collect(a->workers[i], memory, SL_ADMIN_WORKER_TIMEOUT);
-    /* While running, a worker that does not answer is not returning to its
-     * event loop: it serves none of its connections either. */
-    if (s[i] == NULL && !atomic_load(&a->draining))
-      sl_log(SL_LOG_WARN, "admin: worker %d did not answer within %.0f s: it is not returning to "
-             "its event loop (a Lua stage that never returns?)", i, SL_ADMIN_WORKER_TIMEOUT);
+  uint64_t *tickets = calloc((size_t)a->nworkers + 1, sizeof(*tickets));
+  if (tickets == NULL) {
+    free(s);
+    return NULL;
   }
+  for (int i = 0; i < a->nworkers; i++) tickets[i] = sl_metrics_ask(a->workers[i], memory);
+  struct timespec until;
+  sl_metrics_deadline(SL_ADMIN_WORKER_TIMEOUT, &until);
+  for (int i = 0; i < a->nworkers; i++) {
+    s[i] = sl_metrics_wait(a->workers[i], tickets[i], &until);
+    /* While running, a worker that does not answer is not returning to its
+     * event loop: it serves none of its connections either. (Said once: it
+     * is not asked again until it has answered.) */
+    if (s[i] == NULL && tickets[i] != 0 && !atomic_load(&a->draining))
+      sl_log(SL_LOG_WARN, "admin: worker %d did not answer within %.0f s: it is not returning to "
+             "its event loop (a Lua stage that never returns?); not waited for again until it "
+             "answers", i, SL_ADMIN_WORKER_TIMEOUT);
+  }
+  free(tickets);
   return s;
 }
 
@@ -340,7 +353,18 @@ static void sl_admin_on_stop(struct ev_loop *loop, ev_async *w, int revents) {
   ev_io_stop(loop, &a->accept_io);
   ev_timer_stop(loop, &a->accept_retry);
   ev_async_stop(loop, &a->stop_watcher);
+  ev_async_stop(loop, &a->handover_watcher);
   while (a->conns) sl_admin_conn_close(a->conns);
+}
+
+static void sl_admin_on_handover(struct ev_loop *loop, ev_async *w, int revents) {
+  SL_UNUSED(revents);
+  sl_admin *a = SL_CONTAINER_OF(w, sl_admin, handover_watcher);
+  /* The socket stays open (closed at the stop): the new sluice holds the
+   * same one, and what is queued in it is the new one's to accept. */
+  ev_io_stop(loop, &a->accept_io);
+  ev_timer_stop(loop, &a->accept_retry);
+  ev_async_stop(loop, &a->handover_watcher);
 }
 
 static void *sl_admin_thread(void *arg) {
@@ -363,7 +387,14 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
     return NULL;
   }
   snprintf(a->text, sizeof(a->text), "%s", text);
-  a->fd = sl_listener_bind(addr, 0, 511);
+  char why[256];
+  int inherited = sl_upgrade_take(addr, &a->fd, 1, 511, why, sizeof(why));
+  if (inherited < 0) {
+    snprintf(err, errlen, "admin.listen: %s: %s", text, why);
+    free(a);
+    return NULL;
+  }
+  if (inherited == 0) a->fd = sl_listener_bind(addr, 0, 511);
   if (a->fd < 0) {
     snprintf(err, errlen, "admin.listen: cannot listen on %s: %s", text, strerror(errno));
     free(a);
@@ -387,6 +418,8 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   ev_timer_init(&a->accept_retry, sl_admin_on_accept_retry, 0., 0.);
   ev_async_init(&a->stop_watcher, sl_admin_on_stop);
   ev_async_start(a->loop, &a->stop_watcher);
+  ev_async_init(&a->handover_watcher, sl_admin_on_handover);
+  ev_async_start(a->loop, &a->handover_watcher);
   return a;
 }
 
@@ -403,6 +436,13 @@ int sl_admin_start(sl_admin *a) {
 
 void sl_admin_set_draining(sl_admin *a) {
   if (a) atomic_store(&a->draining, 1);
+}
+
+int sl_admin_fd(const sl_admin *a) { return a->fd; }
+
+void sl_admin_hand_over(sl_admin *a) {
+  if (a == NULL) return;
+  if (a->started) ev_async_send(a->loop, &a->handover_watcher);
 }
 
 void sl_admin_note_reload(sl_admin *a, int applied) {

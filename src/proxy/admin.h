@@ -35,6 +35,15 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
 /* Starts the endpoint's thread. SL_OK or SL_ERROR (errno). */
 int sl_admin_start(sl_admin *a);
 
+/* The endpoint's listening socket (borrowed), for a new sluice to inherit
+ * (proxy/upgrade.h). */
+int sl_admin_fd(const sl_admin *a);
+
+/* Any thread: a new sluice has taken over the listening sockets: this one
+ * stops accepting admin connections (those open are answered), so that
+ * every request goes to the new one. The socket stays open. */
+void sl_admin_hand_over(sl_admin *a);
+
 /* Any thread: /health answers 503 "draining" from now on. */
 void sl_admin_set_draining(sl_admin *a);
 

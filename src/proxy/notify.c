@@ -16,6 +16,7 @@
 static int sl_notify_fd = -1;
 static struct sockaddr_un sl_notify_addr;
 static socklen_t sl_notify_len;
+static char sl_notify_path[sizeof(sl_notify_addr.sun_path)];   /* as NOTIFY_SOCKET gave it */
 
 void sl_notify_init(void) {
   const char *path = getenv("NOTIFY_SOCKET");
@@ -29,6 +30,7 @@ void sl_notify_init(void) {
   memset(&sl_notify_addr, 0, sizeof(sl_notify_addr));
   sl_notify_addr.sun_family = AF_UNIX;
   memcpy(sl_notify_addr.sun_path, path, n);
+  memcpy(sl_notify_path, path, n + 1);
   if (path[0] == '@') sl_notify_addr.sun_path[0] = '\0';   /* the abstract namespace */
   sl_notify_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + (path[0] == '/'));
   sl_notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -57,6 +59,10 @@ void sl_notify_reloading(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   sl_notify("RELOADING=1\nMONOTONIC_USEC=%llu",
             (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000u);
+}
+
+const char *sl_notify_socket(void) {
+  return sl_notify_fd >= 0 ? sl_notify_path : NULL;
 }
 
 void sl_notify_close(void) {

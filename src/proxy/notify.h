@@ -20,6 +20,10 @@ void sl_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* RELOADING=1 with MONOTONIC_USEC, as Type=notify-reload wants it. */
 void sl_notify_reloading(void);
 
+/* NOTIFY_SOCKET as sluice started with it, or NULL (none, or not usable):
+ * a sluice started for a binary upgrade gets it (proxy/upgrade.h). */
+const char *sl_notify_socket(void);
+
 /* Closes the socket. */
 void sl_notify_close(void);
 

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@
 #include "proxy/notify.h"
 #include "proxy/resolver.h"
 #include "proxy/server.h"
+#include "proxy/upgrade.h"
 #include "proxy/watchdog.h"
 #include "lua/host.h"
 #include "util/common.h"
@@ -52,6 +54,7 @@ typedef struct sl_runtime {
   int resolve_pending;         /* 1: new answers wait for a stuck worker */
   const char *changing;        /* what a change of configuration under way is, for its log
                                   lines: "SIGHUP", "upstream host names" */
+  pid_t successor;             /* a new sluice started by SIGUSR2 (proxy/upgrade.h), or 0 */
 } sl_runtime;
 
 /* ---- logs ---- */
@@ -137,6 +140,15 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
   sl_listen_gate_init(&set->gate, lc->max_connections, sl_runtime_wake_all, rt);
   sl_client_limit_init(&set->clients, lc->max_per_client);
   atomic_init(&set->backlog, lc->backlog);
+  char why[256];
+  int inherited = sl_upgrade_take(&lc->addr, fds, rt->nworkers, lc->backlog, why, sizeof(why));
+  if (inherited != 0) {
+    if (inherited > 0) return set;
+    snprintf(err, errlen, "listeners[%zu] (%s): %s: %s", index + 1, lc->name, lc->listen_text,
+             why);
+    sl_runtime_free_set(set);
+    return NULL;
+  }
   int reuseport = rt->nworkers > 1;
   int probe = reuseport ? sl_listener_bind(&lc->addr, 0, lc->backlog) : 0;
   if (probe >= 0 && reuseport) close(probe);
@@ -245,18 +257,20 @@ static int sl_runtime_reload_call(sl_runtime *rt, int i, sl_worker_call_fn fn, v
 }
 
 /* Waits for one of the signals in set, ticking the watchdog meanwhile.
- * Returns the signal. */
-static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set) {
+ * Returns the signal, and who sent it in info. */
+static int sl_runtime_wait(sl_runtime *rt, const sigset_t *set, siginfo_t *info) {
   for (;;) {
+    memset(info, 0, sizeof(*info));
     if (rt->resolve_pending && rt->watchdog.nstuck == 0) return SL_SIG_RESOLVED;
     double period = sl_watchdog_period(rt->cfg->lua_timeout_ms);
     int sig = 0;
     if (period <= 0) {
-      if (sigwait(set, &sig) == 0) return sig;
+      sig = sigwaitinfo(set, info);
+      if (sig > 0) return sig;
       continue;
     }
     struct timespec ts = {0, (long)(period * 1e9)};
-    sig = sigtimedwait(set, NULL, &ts);
+    sig = sigtimedwait(set, info, &ts);
     sl_runtime_watch(rt);
     if (sig > 0) return sig;
   }
@@ -280,8 +294,9 @@ static int sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
              sig == SIGINT ? "SIGINT" : "SIGTERM");
       for (int i = 0; i < rt->nthreads; i++) sl_worker_request_stop(rt->workers[i]);
       if (sl_runtime_now() + SL_STOP_GRACE_S < give_up) give_up = sl_runtime_now() + SL_STOP_GRACE_S;
-    } else if (sig == SIGHUP || sig == SIGUSR1) {
-      sl_log(SL_LOG_INFO, "%s: stopping; ignored", sig == SIGHUP ? "SIGHUP" : "SIGUSR1");
+    } else if (sig == SIGHUP || sig == SIGUSR1 || sig == SIGUSR2) {
+      sl_log(SL_LOG_INFO, "%s: stopping; ignored",
+             sig == SIGHUP ? "SIGHUP" : sig == SIGUSR1 ? "SIGUSR1" : "SIGUSR2");
     }
     if (atomic_load(&rt->nexited) < rt->nthreads && sl_runtime_now() >= give_up) {
       for (int i = 0; i < rt->nthreads; i++) {
@@ -554,6 +569,74 @@ static void sl_runtime_reresolve(sl_runtime *rt) {
   if (!failed) sl_admin_note_dns_change(rt->admin);
 }
 
+/* ---- binary upgrade (proxy/upgrade.h) ---- */
+
+/* SIGUSR2: starts a new sluice that inherits the listening sockets. This
+ * one serves on until the new one takes over (its SIGTERM), or goes on
+ * when the new one exits first (sl_runtime_reap). */
+static void sl_runtime_upgrade(sl_runtime *rt) {
+  if (rt->successor > 0) {
+    sl_log(SL_LOG_WARN, "SIGUSR2: the new sluice (pid %d) has not taken over yet; ignored",
+           (int)rt->successor);
+    return;
+  }
+  int n = rt->admin ? 1 : 0;
+  for (sl_listen_set *s = rt->sets; s; s = s->next) n += s->nfds;
+  int *fds = calloc((size_t)n + 1, sizeof(*fds));
+  if (fds == NULL) {
+    sl_log(SL_LOG_ERROR, "SIGUSR2: cannot start a new sluice: out of memory; this one goes on");
+    return;
+  }
+  int k = 0;
+  for (sl_listen_set *s = rt->sets; s; s = s->next)
+    for (int i = 0; i < s->nfds; i++)
+      if (s->fds[i] >= 0) fds[k++] = s->fds[i];
+  if (rt->admin) fds[k++] = sl_admin_fd(rt->admin);
+  char err[256];
+  pid_t pid = sl_upgrade_spawn(fds, k, rt->stderr_copy, sl_notify_socket(), err, sizeof(err));
+  free(fds);
+  if (pid < 0) {
+    sl_log(SL_LOG_ERROR, "SIGUSR2: cannot start a new sluice: %s; this one goes on", err);
+    return;
+  }
+  rt->successor = pid;
+  rt->watchdog.shared = 1;
+  sl_log(SL_LOG_INFO, "SIGUSR2: started a new sluice (pid %d) with this one's %d listening "
+         "socket%s; this one (pid %d) serves until it takes over", (int)pid, k,
+         k == 1 ? "" : "s", (int)getpid());
+}
+
+/* SIGCHLD: a new sluice that exits before it took over failed to start
+ * (its own lines say why): this one goes on. */
+static void sl_runtime_reap(sl_runtime *rt) {
+  int status = 0;
+  if (rt->successor <= 0 || waitpid(rt->successor, &status, WNOHANG) != rt->successor) return;
+  char how[64];
+  if (WIFEXITED(status))
+    snprintf(how, sizeof(how), "exited with status %d%s", WEXITSTATUS(status),
+             WEXITSTATUS(status) == 127 ? " (it could not be run)" : "");
+  else
+    snprintf(how, sizeof(how), "was killed by signal %d", WTERMSIG(status));
+  sl_log(SL_LOG_ERROR, "SIGUSR2: the new sluice (pid %d) %s before it took over; this one "
+         "goes on serving", (int)rt->successor, how);
+  rt->successor = 0;
+  rt->watchdog.shared = 0;
+}
+
+/* A sluice started for an upgrade, once its workers run: the one it
+ * replaces drains its connections and exits. */
+static void sl_runtime_take_over(void) {
+  pid_t old = sl_upgrade_predecessor();
+  if (old <= 0) return;
+  if (kill(old, SIGTERM) != 0) {
+    sl_log(SL_LOG_WARN, "upgrade: cannot tell the sluice this one replaces (pid %d) to stop: "
+           "%s", (int)old, strerror(errno));
+    return;
+  }
+  sl_log(SL_LOG_INFO, "upgrade: this sluice (pid %d) serves the listening sockets of pid %d "
+         "now, which drains its connections (SIGTERM)", (int)getpid(), (int)old);
+}
+
 /* ---- the run ---- */
 
 static int sl_runtime_workers(const sl_config *cfg) {
@@ -653,6 +736,8 @@ int sl_runtime_run(sl_config *cfg) {
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGHUP);
   sigaddset(&set, SIGUSR1);
+  sigaddset(&set, SIGUSR2);
+  sigaddset(&set, SIGCHLD);
   sigaddset(&set, SL_SIG_RESOLVED);
   /* Threads inherit the mask: only this thread takes the signals. */
   pthread_sigmask(SIG_BLOCK, &set, NULL);
@@ -688,6 +773,10 @@ int sl_runtime_run(sl_config *cfg) {
     sl_config_unref(cfg);
     return 1;
   }
+  int unused = sl_upgrade_close_rest();
+  if (unused > 0)
+    sl_log(SL_LOG_INFO, "upgrade: %d inherited listening socket%s on addresses this "
+           "configuration does not listen on: closed", unused, unused == 1 ? "" : "s");
   sl_config_log_resolved(cfg);
   /* Before the workers: ctx:connect may look host names up at once. */
   rt->resolver = sl_resolver_create(pthread_self(), SL_SIG_RESOLVED);
@@ -718,15 +807,17 @@ int sl_runtime_run(sl_config *cfg) {
     sl_config_unref(rt->cfg);
     return 1;
   }
-  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s)", SL_VERSION,
-         rt->nworkers, rt->nworkers == 1 ? "" : "s",
-         cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path);
+  sl_log(SL_LOG_INFO, "sluice %s started with %d worker%s, %s allocator (config %s, pid %d)",
+         SL_VERSION, rt->nworkers, rt->nworkers == 1 ? "" : "s",
+         cfg->alloc.type == SL_ALLOC_UNPOOLED ? "unpooled" : "pooled", cfg->path, (int)getpid());
   sl_notify("READY=1\nSTATUS=serving %zu listener%s with %d worker%s\nMAINPID=%d",
             cfg->nlisteners, cfg->nlisteners == 1 ? "" : "s", rt->nworkers,
             rt->nworkers == 1 ? "" : "s", (int)getpid());
+  sl_runtime_take_over();
 
   for (;;) {
-    int sig = sl_runtime_wait(rt, &set);
+    siginfo_t info;
+    int sig = sl_runtime_wait(rt, &set, &info);
     if (sig == SL_SIG_RESOLVED) {
       sl_runtime_reresolve(rt);
       continue;
@@ -742,12 +833,30 @@ int sl_runtime_run(sl_config *cfg) {
                      (int)strcspn(why, "\n"), why);
       continue;
     }
+    if (sig == SIGUSR2) {
+      sl_runtime_upgrade(rt);
+      continue;
+    }
+    if (sig == SIGCHLD) {
+      sl_runtime_reap(rt);
+      continue;
+    }
     if (sig == SIGUSR1) {
       if (sl_runtime_open_logs(rt, rt->cfg, 0) == SL_OK)
         sl_log(SL_LOG_INFO, "SIGUSR1: log files reopened");
       else
         sl_log(SL_LOG_WARN, "SIGUSR1: log files reopened but for the one above");
       continue;
+    }
+    int handed_over = sig == SIGTERM && rt->successor > 0 && info.si_pid == rt->successor;
+    if (handed_over) {
+      /* The new sluice serves the sockets (admin's too) and told systemd
+       * it is the service's main process: nothing says stopping. */
+      sl_log(SL_LOG_INFO, "SIGTERM from the new sluice (pid %d), which serves the listening "
+             "sockets now: no new connections here; open ones have %.3g s to finish",
+             (int)rt->successor, rt->cfg->drain_timeout);
+      sl_admin_hand_over(rt->admin);
+      break;
     }
     sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",
            sig == SIGINT ? "SIGINT" : "SIGTERM", rt->cfg->drain_timeout);

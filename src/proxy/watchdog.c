@@ -56,14 +56,15 @@ static void sl_watchdog_declare(sl_watchdog *wd, int i, sl_lua_host *h, int time
            "worker %d: stage %s has run %s for %.1f s and did not stop when interrupted at "
            "lua_timeout_ms (%d ms)", i, e->stage, e->cb, now - e->since, timeout_ms);
   /* Before the line: whoever reads it finds the rest done. */
-  (void)sl_watchdog_unlisten(i, sets, 1);
+  if (!wd->shared) (void)sl_watchdog_unlisten(i, sets, 1);
   sl_watchdog_report(wd, admin);
   sl_log(SL_LOG_ERROR,
          "%s: a loop the JIT compiled, a C call that does not return, or a stage that catches "
-         "the error (pcall) and goes on; the worker is stuck: "
-         "its listening sockets take no new connections (the other workers do), its open "
+         "the error (pcall) and goes on; the worker is stuck: %s, its open "
          "connections wait until it runs again (a loop that never ends: restart sluice)",
-         e->why);
+         e->why, wd->shared ? "the new sluice's workers accept on its listening sockets"
+                            : "its listening sockets take no new connections (the other "
+                              "workers do)");
 }
 
 static void sl_watchdog_recover(sl_watchdog *wd, int i, sl_worker *w, double now,

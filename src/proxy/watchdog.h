@@ -59,6 +59,9 @@ typedef struct sl_watchdog {
   int nstuck;                   /* entries with stuck set */
   int stopping;                 /* the workers were asked to stop: one that runs
                                    again keeps its sockets out (it closes them) */
+  int shared;                   /* the listening sockets are shared with a new sluice
+                                   (proxy/upgrade.h): a stuck worker's stay in their
+                                   groups, the new one's workers accept on them */
 } sl_watchdog;
 
 /* Seconds between ticks for timeout_ms (a quarter of it, 10 ms to 250 ms);

@@ -1,0 +1,57 @@
+/*
+ * Binary upgrades without a gap (SIGUSR2), as nginx and HAProxy do them:
+ * the running sluice starts a new one from the same executable path and
+ * command line, which inherits every listening socket (the listeners' and
+ * the admin endpoint's) instead of binding its own. The sockets are the
+ * same ones, so their accept queues are shared: while both run, either
+ * accepts, and nothing queued is lost when the old one closes its copies.
+ *
+ * The new sluice reads the configuration file as any start does. Once its
+ * workers run, it sends SIGTERM to the old one, which drains as on any
+ * SIGTERM. A new sluice that cannot start (a bad configuration, a port it
+ * cannot bind, another number of workers) exits, and the old one, which
+ * waits for it (SIGCHLD), logs its status and goes on serving.
+ *
+ * Between the two, in the environment: SLUICE_LISTEN_FDS, the inherited
+ * descriptors ("5,6,9"), and SLUICE_UPGRADE_FROM, the old one's pid. A
+ * socket is matched to a listener by the address it is bound to.
+ */
+#ifndef SL_UPGRADE_H
+#define SL_UPGRADE_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#include "io/addr.h"
+
+/* Main thread, before any other thread: keeps argv (borrowed for the whole
+ * run: the command line a new sluice gets) and the executable's path, and
+ * takes the inherited sockets out of the environment. A descriptor there
+ * that is not a bound TCP socket is left alone, with a warning. */
+void sl_upgrade_init(int argc, char **argv);
+
+/* The inherited sockets bound to addr: n of them go into fds (they are
+ * the caller's now), listening again with backlog. Returns n; 0 when none
+ * is bound to addr (fds untouched); -1 with a message in err when some are
+ * but not n (the old sluice ran another number of workers) or listen(2)
+ * fails. */
+int sl_upgrade_take(const sl_addr *addr, int *fds, int n, int backlog, char *err,
+                    size_t errlen);
+
+/* Closes the inherited sockets nothing took (addresses the new
+ * configuration does not listen on). Returns how many. */
+int sl_upgrade_close_rest(void);
+
+/* The pid of the sluice this one replaces, when it started this one for
+ * an upgrade and is still its parent; else 0. */
+pid_t sl_upgrade_predecessor(void);
+
+/* Starts a new sluice from the executable's path with the same command
+ * line and environment, which inherits fds[0..nfds) (borrowed: they stay
+ * open here) as its listening sockets, stderr_fd as its standard error, and
+ * NOTIFY_SOCKET=notify_socket when that is not NULL. Returns its pid, or
+ * -1 with a message in err. */
+pid_t sl_upgrade_spawn(const int *fds, int nfds, int stderr_fd, const char *notify_socket,
+                       char *err, size_t errlen);
+
+#endif

@@ -98,6 +98,62 @@ return {
     end
   end)
 
+  it("writes JSON lines with access_log_format = \"json\", and a reload switches the format", function()
+    local json = require("dkjson")
+    local echo = echo_peer()
+    local front, close_port = H.free_port(), H.free_port()
+    local alog = H.tmpfile("access.log")
+    local function config(format)
+      return ([[
+return {
+  workers = 1, access_log = %q, access_log_format = %q,
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back" },
+    { name = "c", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.close_lines", how = "close" } } },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(alog, format, front, close_port, echo.port)
+    end
+    local p = H.start_sluice(config("json"))
+    assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
+    assert.are.equal("", (H.exchange(close_port, "hello\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 2 end, 10))
+    local lines = access_lines(alog)
+    local a, b = json.decode(lines[1], 1, json.null), json.decode(lines[2], 1, json.null)
+    assert.is_table(a, lines[1])
+    assert.is_table(b, lines[2])
+    if a.listener ~= "front" then a, b = b, a end
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", a.time)
+    assert.matches("^127%.0%.0%.1:%d+$", a.client)
+    assert.are.equal("front", a.listener)
+    assert.are.equal("127.0.0.1:" .. echo.port, a.upstream)
+    assert.are.equal(0, a.worker)
+    assert.are.equal(6, a.bytes_in)
+    assert.are.equal(6, a.bytes_out)
+    assert.is_number(a.duration_ms)
+    assert.are.equal("eof", a.reason)
+    -- No upstream: null. A reason with quotes and what looked like a
+    -- record comes back as the stage gave it (control characters as spaces).
+    assert.are.equal("c", b.listener)
+    assert.are.equal(json.null, b.upstream)
+    assert.are.equal('said "bye" 2026-01-01T00:00:00.000Z [info] forged record  end', b.reason)
+
+    local f = assert(io.open(p.config, "w"))
+    f:write(config("logfmt"))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 10))
+    assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 3 end, 10))
+    assert.matches(" listener=front upstream=127%.0%.0%.1:%d+ worker=0 bytes_in=6 bytes_out=6 ",
+                   access_lines(alog)[3])
+    H.stop_sluice(p)
+  end)
+
   it("keeps a stage's log record on one line, and a stage error's message on the line before its traceback",
     function()
     local log_port, raise_port, other = H.free_port(), H.free_port(), H.free_port()

@@ -111,7 +111,7 @@ describe("sluice.config", function()
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", access_log_format = "logfmt", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -136,7 +136,7 @@ describe("sluice.config", function()
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", access_log_format = "logfmt", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -519,6 +519,8 @@ describe("sluice.config", function()
       assert.are.equal("stderr", cfg.access_log)
       assert.are.equal("off", ok_of(conf(nil, { access_log = "off" })).access_log)
       assert.are.equal("access.log", ok_of(conf(nil, { access_log = "access.log" })).access_log)
+      assert.are.equal("json", ok_of(conf(nil, { access_log_format = "json" })).access_log_format)
+      assert.are.equal("logfmt", ok_of(conf(nil, { access_log_format = "logfmt" })).access_log_format)
       assert.is_nil(ok_of(conf(nil, {})).max_pipes)
       assert.are.equal(0, ok_of(conf(nil, { max_pipes = 0 })).max_pipes)
       assert.are.equal(4096, ok_of(conf(nil, { max_pipes = 4096 })).max_pipes)
@@ -538,6 +540,10 @@ describe("sluice.config", function()
         { { workers = 2.5 }, "config error: workers: expected a positive integer, got 2.5" },
         { { workers = "auto" }, 'config error: workers: expected a positive integer, got "auto"' },
         { { workers = 257 }, "config error: workers: expected at most 256, got 257" },
+        { { access_log_format = "JSON" },
+          'config error: access_log_format: expected one of "logfmt", "json", got "JSON"' },
+        { { access_log_format = true },
+          'config error: access_log_format: expected one of "logfmt", "json", got true' },
         { { drain_timeout_ms = -1 },
           "config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got -1" },
         { { drain_timeout_ms = "10s" },
@@ -729,11 +735,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -746,7 +752,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

@@ -398,6 +398,9 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   lua_pop(L, 1);
   c->error_log = sl_strdup_field(L, cfg, "error_log");
   c->access_log = sl_strdup_field(L, cfg, "access_log");
+  lua_getfield(L, cfg, "access_log_format");
+  c->access_log_json = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "json") == 0;
+  lua_pop(L, 1);
   c->lua_key_first = 1;
   atomic_init(&c->refs, 1);
   sl_read_allocator(c, L, cfg);

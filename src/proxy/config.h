@@ -118,6 +118,7 @@ typedef struct sl_config {
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */
   char *access_log;            /* "off", "stderr" or a path */
+  int access_log_json;         /* access_log_format: 1 "json", 0 "logfmt" */
   char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */
   sl_addr admin_addr;
   _Atomic uint32_t refs;       /* the running process and each worker still using it */

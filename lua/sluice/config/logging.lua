@@ -3,6 +3,7 @@
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
+--   access_log_format  optional "logfmt" or "json", default "logfmt"
 --
 -- Normalized: the same strings, defaults filled in.
 
@@ -25,6 +26,18 @@ function _M.check_level(v)
     if not LOG_LEVEL_SET[v] then
         fail("log_level", 'expected one of "%s", got %s',
              concat(LOG_LEVELS, '", "'), show(v))
+    end
+    return v
+end
+
+local ACCESS_FORMATS = { "logfmt", "json" }
+local ACCESS_FORMAT_SET = check.set_of(ACCESS_FORMATS)
+
+function _M.check_access_format(v)
+    if v == nil then return "logfmt" end
+    if not ACCESS_FORMAT_SET[v] then
+        fail("access_log_format", 'expected one of "%s", got %s',
+             concat(ACCESS_FORMATS, '", "'), show(v))
     end
     return v
 end

@@ -10,36 +10,21 @@
 local _M = {}
 
 local type = type
-local concat = table.concat
 
 local check = require("sluice.config.check")
 local fail, show = check.fail, check.show
 
 require("sluice.config.sandbox").exempt()
 
-local DEFAULT_LOG_LEVEL = "info"
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
-local LOG_LEVEL_SET = check.set_of(LOG_LEVELS)
+local ACCESS_FORMATS = { "logfmt", "json" }
 
 function _M.check_level(v)
-    if v == nil then return DEFAULT_LOG_LEVEL end
-    if not LOG_LEVEL_SET[v] then
-        fail("log_level", 'expected one of "%s", got %s',
-             concat(LOG_LEVELS, '", "'), show(v))
-    end
-    return v
+    return check.check_one_of(v, "log_level", LOG_LEVELS, "info")
 end
 
-local ACCESS_FORMATS = { "logfmt", "json" }
-local ACCESS_FORMAT_SET = check.set_of(ACCESS_FORMATS)
-
 function _M.check_access_format(v)
-    if v == nil then return "logfmt" end
-    if not ACCESS_FORMAT_SET[v] then
-        fail("access_log_format", 'expected one of "%s", got %s',
-             concat(ACCESS_FORMATS, '", "'), show(v))
-    end
-    return v
+    return check.check_one_of(v, "access_log_format", ACCESS_FORMATS, "logfmt")
 end
 
 -- A log destination: "stderr", "off" (when allowed) or a file path, which

@@ -117,7 +117,7 @@ describe("sluice.config", function()
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -146,14 +146,14 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -660,6 +660,12 @@ describe("sluice.config", function()
           "config error: listeners[1].max_connections_per_client: expected a positive integer, got 0" },
         { { max_connections_per_client = 1.5 },
           "config error: listeners[1].max_connections_per_client: expected a positive integer, got 1.5" },
+        { { max_connection_rate = 0 },
+          "config error: listeners[1].max_connection_rate: expected a positive integer, got 0" },
+        { { max_connection_rate = 2.5 },
+          "config error: listeners[1].max_connection_rate: expected a positive integer, got 2.5" },
+        { { max_connection_rate = 1000001 },
+          "config error: listeners[1].max_connection_rate: expected an integer from 1 to 1000000, got 1000001" },
         { { idle_timeout_ms = -5 },
           "config error: listeners[1].idle_timeout_ms: expected a positive integer, got -5" },
         { { connect_timeout_ms = 0 },
@@ -785,7 +791,7 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "max_connections_per_client, idle_timeout_ms, write_timeout_ms, "
+                         .. "max_connections_per_client, max_connection_rate, idle_timeout_ms, write_timeout_ms, "
                          .. "connect_timeout_ms, "
                          .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))

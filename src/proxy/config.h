@@ -83,6 +83,7 @@ typedef struct sl_listener_cfg {
   uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   uint32_t max_per_client;     /* max_connections_per_client, all workers; 0: no limit */
+  uint32_t max_rate;           /* max_connection_rate: accepts per second, all workers; 0: none */
   double idle_timeout;         /* seconds; 0: none */
   double write_timeout;        /* seconds bytes may wait for a socket, client or upstream
                                   side; 0: none */

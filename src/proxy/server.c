@@ -153,6 +153,11 @@ static int sl_server_client_enter(sl_server_listener *sl, sl_channel *ch, const 
   }
 }
 
+static void sl_server_on_rate_pause(sl_listener *l) {
+  sl_server_listener *sl = l->ud;
+  sl_metrics_rate_paused(l->w, sl->metrics);
+}
+
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   sl_server_listener *sl = l->ud;
@@ -251,8 +256,10 @@ static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
     sl->metrics = sl_metrics_listener(w, sl->lc->name);
     atomic_store(&sl->set->gate.max, sl->lc->max_connections);
     atomic_store(&sl->set->clients.max, sl->lc->max_per_client);
+    atomic_store(&sl->set->gate.rate, sl->lc->max_rate);
     sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
                       sl_server_on_accept, sl);
+    sl->l.on_rate_pause = sl_server_on_rate_pause;
   }
 }
 

@@ -135,9 +135,15 @@ end
 -- A client connection to 127.0.0.1:port held by the spec itself, for
 -- tests that need several connections open at once. Returns an object with
 -- send(s), recv(n, timeout_s) -> the next n bytes (fewer if the peer closed;
--- nil on timeout), close(), and its socket fd.
-function H.connect(port)
+-- nil on timeout), close(), and its socket fd. opts.rcvbuf: SO_RCVBUF in
+-- bytes, set before the connect (a small window: a client that reads
+-- little stalls its sender soon).
+function H.connect(port, opts)
   local fd, sa = loopback_socket(port)
+  if opts and opts.rcvbuf then
+    local v = ffi.new("int[1]", opts.rcvbuf)
+    assert(ffi.C.setsockopt(fd, 1, 8, v, 4) == 0, "SO_RCVBUF refused")  -- SOL_SOCKET, SO_RCVBUF
+  end
   assert(ffi.C.connect(fd, sa, ffi.sizeof(sa)) == 0, "connect() to port " .. port .. " failed")
   local c = { fd = fd }
   function c.send(s)

@@ -6,7 +6,8 @@
  * other channels (the spin count), writability events on every
  * crossing of the water marks, and kernel splicing between a joined pair
  * (the worker's pipe pool, a pipe the peer does not empty pausing reads,
- * order kept). Channels wrap one end of an AF_UNIX
+ * order kept), and the write timeout (a peer that stops reading, a wait
+ * that ends, a loop that ran late). Channels wrap one end of an AF_UNIX
  * socketpair; the test holds the other end ("peer").
  */
 #include "test_util.h"
@@ -938,6 +939,118 @@ static void test_a_clean_close_hands_its_pipe_on_before_the_fin(void **state) {
   finish(f);
 }
 
+/* ---- write timeout ---- */
+
+/* A pair whose channel a has small socket buffers and the write timeout
+ * given; the test holds a's peer socket (*peer) and reads it, or not. */
+static sl_channel *open_timed_pair(fixture *f, double timeout, sl_channel **b, int *peer) {
+  sl_channel_config cfg = {.low_water_mark = 1 << 20, .high_water_mark = 1 << 21,
+                           .write_timeout = timeout};
+  int i = open_channel(f, &cfg);
+  sl_channel *a = f->ch[i];
+  *b = f->ch[open_channel(f, &cfg)];
+  sl_test_small_buffers(a->fd, f->peer[i], 4096);
+  *peer = f->peer[i];
+  sl_channel_join(a, *b);
+  sl_channel_activate(a);
+  sl_channel_activate(*b);
+  return a;
+}
+
+static void test_write_timeout_closes_a_pair_whose_peer_stops_reading(void **state) {
+  fixture *f = *state;
+  sl_channel *b;
+  int peer;
+  sl_channel *a = open_timed_pair(f, 0.02, &b, &peer);
+  sl_channel_ref(a);
+  sl_channel_ref(b);
+  write_p(a, pattern_buf(f->w->pool, 200000, 0), 1);
+  write_p(b, pattern_buf(f->w->pool, 10, 0), 2);   /* b's socket takes it: written */
+  sl_pipeline_flush(&a->pipe);
+  sl_pipeline_flush(&b->pipe);
+  assert_true(ev_is_active(&a->wtimer));   /* a waits for its socket */
+  assert_false(ev_is_active(&b->wtimer));  /* b wrote everything: no timer */
+  for (int k = 0; k < 1000 && !sl_channel_is_closed(a); k++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_true(sl_channel_is_closed(a));
+  assert_string_equal(a->reason, "write_timeout");
+  assert_true(a->flags & SL_CH_ERROR);
+  assert_true(sl_channel_is_closed(b));
+  assert_string_equal(b->reason, "peer closed: write_timeout");
+  assert_int_equal(plog.n, 2);
+  assert_int_equal(plog.pid[0], 2);
+  assert_string_equal(plog.err[0], "");
+  assert_int_equal(plog.pid[1], 1);
+  assert_string_equal(plog.err[1], "timeout");
+  assert_int_equal(f->w->stats.write_timeouts, 1);
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(a);
+  sl_channel_unref(b);
+  finish(f);
+}
+
+static void test_write_timeout_stops_with_the_wait(void **state) {
+  fixture *f = *state;
+  sl_channel *b;
+  int peer;
+  sl_channel *a = open_timed_pair(f, 0.02, &b, &peer);
+  /* Taken at once: nothing waits, no timer runs. */
+  write_p(a, pattern_buf(f->w->pool, 100, 0), 1);
+  sl_pipeline_flush(&a->pipe);
+  assert_false(ev_is_active(&a->wio));
+  assert_false(ev_is_active(&a->wtimer));
+  /* More than the socket takes: the timer runs; the peer reads it all
+   * before the timeout, and the queue empties. */
+  static uint8_t sink[200200];
+  size_t got = 0;
+  write_p(a, pattern_buf(f->w->pool, 200000, 100), 2);
+  sl_pipeline_flush(&a->pipe);
+  assert_true(ev_is_active(&a->wtimer));
+  PUMP_UNTIL(f, peer, sink, sizeof(sink), got, got == 200100);
+  assert_true(sl_outq_is_empty(&a->outq));
+  assert_false(ev_is_active(&a->wio));
+  /* The timer, left running (no stop on the hot path), finds no wait when
+   * it fires and stops without a close. */
+  for (int k = 0; k < 1000 && ev_is_active(&a->wtimer); k++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_false(ev_is_active(&a->wtimer));
+  assert_false(sl_channel_is_closed(a));
+  assert_int_equal(plog.n, 2);
+  assert_string_equal(plog.err[1], "");
+  assert_int_equal(f->w->stats.write_timeouts, 0);
+  assert_int_equal(sl_test_pattern_mismatch(sink, 100, 0), 100);
+  assert_int_equal(sl_test_pattern_mismatch(sink + 100, 200000, 100), 200000);
+  finish(f);
+}
+
+static void test_write_timeout_takes_a_late_loop_for_no_stalled_peer(void **state) {
+  fixture *f = *state;
+  sl_channel *b;
+  int peer;
+  sl_channel *a = open_timed_pair(f, 0.02, &b, &peer);
+  sl_channel_ref(a);
+  write_p(a, pattern_buf(f->w->pool, 200000, 0), 1);
+  sl_pipeline_flush(&a->pipe);
+  assert_true(ev_is_active(&a->wtimer));
+  uint64_t out = a->bytes_out;
+  /* The peer reads while the loop is busy elsewhere for longer than the
+   * timeout: when the loop runs again, the expired timer comes before the
+   * EV_WRITE that shows the peer's progress. */
+  static uint8_t sink[200000];
+  size_t got = sl_test_read_available(peer, sink, sizeof(sink));
+  assert_true(got > 0);
+  usleep(100000);
+  ev_run(f->w->loop, EVRUN_NOWAIT);
+  assert_false(sl_channel_is_closed(a));
+  assert_true(a->bytes_out > out);
+  assert_int_equal(f->w->stats.write_timeouts, 0);
+  /* A peer that then stops reading is closed after all. */
+  for (int k = 0; k < 1000 && !sl_channel_is_closed(a); k++) ev_run(f->w->loop, EVRUN_ONCE);
+  assert_string_equal(a->reason, "write_timeout");
+  assert_int_equal(f->w->stats.write_timeouts, 1);
+  assert_int_equal(bufs_active(f), 0);
+  sl_channel_unref(a);
+  finish(f);
+}
+
 #define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
 
 int main(void) {
@@ -966,6 +1079,9 @@ int main(void) {
       cmocka_unit_test(test_pipe_pool_reuses_empty_pipes_and_keeps_its_bounds),
       FIXTURE_TEST(test_a_splicing_pair_pauses_for_a_full_peer_and_keeps_order),
       FIXTURE_TEST(test_a_clean_close_hands_its_pipe_on_before_the_fin),
+      FIXTURE_TEST(test_write_timeout_closes_a_pair_whose_peer_stops_reading),
+      FIXTURE_TEST(test_write_timeout_stops_with_the_wait),
+      FIXTURE_TEST(test_write_timeout_takes_a_late_loop_for_no_stalled_peer),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

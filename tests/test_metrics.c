@@ -66,6 +66,30 @@ static void test_failure_reasons(void **state) {
   assert_string_equal(sl_metrics_causes[SL_METRICS_DOWN_CHECK], "health_check");
 }
 
+/* ---- collecting ---- */
+
+/* A worker that does not come back to its loop (stuck in Lua) is waited
+ * for once; it is asked again only after it has answered. The fixture's
+ * loop runs only when the test runs it. */
+static void test_a_worker_that_does_not_answer_is_waited_for_once(void **state) {
+  fixture *f = *state;
+  uint64_t t = sl_metrics_ask(f->w, 0);
+  assert_true(t != 0);
+  struct timespec until;
+  sl_metrics_deadline(0.01, &until);
+  assert_null(sl_metrics_wait(f->w, t, &until));
+  assert_int_equal(sl_metrics_ask(f->w, 0), 0);
+  assert_null(sl_metrics_wait(f->w, 0, &until));
+  ev_run(f->w->loop, EVRUN_NOWAIT);   /* back: it answers the open question */
+  uint64_t t2 = sl_metrics_ask(f->w, 1);
+  assert_true(t2 > t);
+  ev_run(f->w->loop, EVRUN_NOWAIT);
+  sl_metrics_deadline(10, &until);
+  sl_metrics_snap *s = sl_metrics_wait(f->w, t2, &until);
+  assert_non_null(s);
+  sl_metrics_snap_free(s);
+}
+
 /* ---- counters ---- */
 
 static void test_server_counts_reach_the_snapshot(void **state) {
@@ -386,6 +410,8 @@ static void test_admin_sums_servers_over_workers(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_failure_reasons),
+      cmocka_unit_test_setup_teardown(test_a_worker_that_does_not_answer_is_waited_for_once,
+                                      fixture_setup, fixture_teardown),
       cmocka_unit_test_setup_teardown(test_server_counts_reach_the_snapshot, fixture_setup,
                                       fixture_teardown),
       cmocka_unit_test_setup_teardown(test_servers_live_while_a_configuration_lists_them,

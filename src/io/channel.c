@@ -60,6 +60,8 @@ static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents)
 static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents);
 static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents);
+static void sl_channel_on_write_timeout(struct ev_loop *loop, ev_timer *t, int revents);
+static void sl_channel_write_waiting(sl_channel *ch);
 
 static void sl_channel_writability(void *ud, int writable) {
   sl_channel *ch = ud;
@@ -154,6 +156,8 @@ static sl_channel *sl_channel_new(struct sl_worker *w, int fd, const sl_channel_
   ev_io_init(&ch->wio, sl_channel_on_writable, fd, EV_WRITE);
   ev_init(&ch->timer, sl_channel_on_timer);
   ev_init(&ch->idle, sl_channel_on_idle);
+  ev_init(&ch->wtimer, sl_channel_on_write_timeout);
+  ch->write_timeout = cfg->write_timeout;
   ch->next = w->channels;
   if (w->channels) w->channels->prev = ch;
   w->channels = ch;
@@ -393,6 +397,51 @@ static void sl_channel_half_closed(sl_channel *ch) {
   if (ch->idle_timeout <= 0 || t < ch->idle_timeout) sl_channel_set_idle_timeout(ch, t);
 }
 
+/* ---- write timeout ---- */
+
+/* (channel_internal.h) */
+void sl_channel_wait_writable(sl_channel *ch) {
+  struct ev_loop *loop = ch->w->loop;
+  if (ev_is_active(&ch->wio)) return;
+  ev_io_start(loop, &ch->wio);
+  if (ch->write_timeout <= 0) return;
+  ch->last_written = ev_now(loop);   /* the wait begins */
+  if (ev_is_active(&ch->wtimer)) return;   /* from an earlier wait: it re-arms when early */
+  ev_timer_set(&ch->wtimer, ch->write_timeout, 0.);
+  ev_timer_start(loop, &ch->wtimer);
+}
+
+/* Bytes wait for the socket while its EV_WRITE watcher runs (the
+ * connect's aside). */
+static int sl_channel_waits_to_write(const sl_channel *ch) {
+  return ev_is_active(&ch->wio) && !(ch->flags & (SL_CH_CONNECTING | SL_CH_CLOSED));
+}
+
+/* As the idle timer: progress only notes the loop time; an early expiry
+ * re-arms for the time left, one after the wait ended stops. */
+static void sl_channel_on_write_timeout(struct ev_loop *loop, ev_timer *t, int revents) {
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(t, sl_channel, wtimer);
+  if (!sl_channel_waits_to_write(ch)) return;
+  ev_tstamp left = ch->last_written + ch->write_timeout - ev_now(loop);
+  if (left <= 0) {
+    /* One more try: the loop may have run late (its EV_WRITE not yet
+     * seen), and a socket that takes bytes now is a peer that reads. */
+    sl_channel_ref(ch);
+    sl_channel_write_waiting(ch);
+    int waits = sl_channel_waits_to_write(ch);
+    left = ch->last_written + ch->write_timeout - ev_now(loop);
+    if (waits && left <= 0) {
+      ch->w->stats.write_timeouts++;
+      sl_channel_close_with(ch, SL_PROMISE_TIMEOUT, "write_timeout", 1);
+    }
+    sl_channel_unref(ch);
+    if (!waits || left <= 0 || ev_is_active(t)) return;   /* (a new wait may have armed it) */
+  }
+  ev_timer_set(t, left, 0.);
+  ev_timer_start(loop, t);
+}
+
 int sl_channel_set_keepalive(sl_channel *ch, int idle_s, int interval_s, int count) {
   int on = 1;
   if (setsockopt(ch->fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) != 0) return SL_ERROR;
@@ -480,6 +529,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_io_stop(w->loop, &ch->wio);
   ev_timer_stop(w->loop, &ch->timer);
   ev_timer_stop(w->loop, &ch->idle);
+  ev_timer_stop(w->loop, &ch->wtimer);
   if (ch->flags & SL_CH_FIN_PENDING) sl_channel_fin_drop(ch);
   size_t pipe_dropped = 0;
   if (ch->flags & SL_CH_HAS_PIPE) {
@@ -608,7 +658,7 @@ static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
   int rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
   *e = errno;
   ch->flags &= ~(uint32_t)SL_CH_WRITING;
-  if (*n > 0) ch->last_active = ev_now(ch->w->loop);
+  if (*n > 0) ch->last_active = ch->last_written = ev_now(ch->w->loop);
   ch->bytes_out += *n;
   ch->w->stats.bytes_out += *n;
   return rc;
@@ -641,7 +691,7 @@ static int sl_channel_do_write(sl_channel *ch) {
     sl_channel_write_failed(ch, e);
   } else if (rc != SL_OK || sl_outq_has_flushed(&ch->outq)) {
     rc = SL_AGAIN;
-    if (!ev_is_active(&ch->wio)) ev_io_start(ch->w->loop, &ch->wio);
+    sl_channel_wait_writable(ch);
   } else {
     if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
     if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
@@ -937,19 +987,10 @@ static void sl_channel_connected(sl_channel *ch, int err) {
   sl_channel_unref(ch);
 }
 
-static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents) {
-  SL_UNUSED(loop);
-  SL_UNUSED(revents);
-  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, wio);
-  if (ch->flags & SL_CH_CONNECTING) {
-    int err = 0;
-    socklen_t len = sizeof(err);
-    if (getsockopt(ch->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-    sl_channel_connected(ch, err);
-    return;
-  }
+/* Writes what waits for ch's socket: its peer's spliced bytes first (its
+ * queue waits behind them), then its queue. */
+static void sl_channel_write_waiting(sl_channel *ch) {
   sl_channel_ref(ch);
-  /* Bytes the peer spliced go first: its queue waits behind them. */
   sl_channel *src = ch->peer;
   if (src != NULL && src->spl_len > 0) {
     sl_channel_ref(src);
@@ -962,6 +1003,20 @@ static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents)
   }
   sl_channel_do_write(ch);
   sl_channel_unref(ch);
+}
+
+static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents) {
+  SL_UNUSED(loop);
+  SL_UNUSED(revents);
+  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, wio);
+  if (ch->flags & SL_CH_CONNECTING) {
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(ch->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    sl_channel_connected(ch, err);
+    return;
+  }
+  sl_channel_write_waiting(ch);
 }
 
 static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents) {

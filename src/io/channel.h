@@ -38,6 +38,18 @@
  * interactive exchange) turns the channel back to buffers. A clean close
  * (an idle timeout) with bytes in the pipe hands them to the peer's queue.
  *
+ * Write timeout (sl_channel_config.write_timeout): once bytes have waited
+ * for the socket (a flushed queue, or the peer's splice pipe) that long
+ * without one of them being taken, the channel closes with reason
+ * "write_timeout", as an error (its peer closes at once; queued promises
+ * fail with "timeout"). Bytes taken restart the clock; an empty queue
+ * stops it. When the time is up the channel tries its socket once more, so
+ * that a loop that ran late (a long callback elsewhere on the worker) is
+ * not taken for a peer that stopped reading. The timer starts only when a
+ * write leaves bytes waiting (the channel starts its EV_WRITE watcher), and
+ * only notes times while they keep moving: it fires at most once per
+ * timeout, and re-arms for the time left (libev's lazy timeout).
+ *
  * Write promises: a write may carry a promise id (sl_channel_promise_mark /
  * sl_channel_promise_attach). Each id is reported exactly once through the
  * worker's promise_done hook: err NULL once the bytes of its write are all
@@ -113,6 +125,7 @@ typedef struct sl_channel_config {
   size_t max_bytes_per_gathering_write; /* 0: adaptive, from 2 x SO_SNDBUF */
   uint32_t write_spin_count;       /* 0: SL_OUTQ_DEFAULT_SPIN */
   int no_half_close;               /* 1: SL_CH_NO_HALF_CLOSE (a listener's half_close = false) */
+  double write_timeout;            /* seconds; 0: none (see "Write timeout" above) */
 } sl_channel_config;
 
 struct sl_channel {
@@ -120,6 +133,7 @@ struct sl_channel {
   ev_io wio;                 /* writable: queue waiting, or connect pending */
   ev_timer timer;            /* connect timeout, read retry */
   ev_timer idle;             /* idle timeout (client channels that have one) */
+  ev_timer wtimer;           /* write timeout: started by the first wait for EV_WRITE, lazy */
   struct sl_worker *w;
   struct sl_worker_gen *gen; /* the worker's generation it was created in */
   int fd;
@@ -147,6 +161,9 @@ struct sl_channel {
   ev_tstamp last_active;     /* loop time of the last bytes read or written */
   double idle_timeout;       /* seconds; 0: none */
   double half_close_timeout; /* seconds, once one direction has ended; 0: idle_timeout */
+  double write_timeout;      /* seconds; 0: none */
+  ev_tstamp last_written;    /* loop time its wait for EV_WRITE began, or of the last bytes
+                                written since (the write timeout counts from it) */
   union {                    /* the joined channel's address, kept after unjoin; */
     struct sockaddr sa;      /* sa_family AF_UNSPEC until joined */
     struct sockaddr_in in4;

@@ -13,6 +13,9 @@
 
 /* Starts or stops the read watcher as the flags say. */
 void sl_channel_update_reading(sl_channel *ch);
+/* Starts ch's EV_WRITE watcher for bytes that wait for its socket (its
+ * queue, or its peer's pipe), and the write timeout's clock with it. */
+void sl_channel_wait_writable(sl_channel *ch);
 /* Closes ch after a failed write (errno e), with the reason. */
 void sl_channel_write_failed(sl_channel *ch, int e);
 /* The socket's input ended (EOF): the pipeline hears of it; a channel whose

@@ -55,7 +55,7 @@ static void sl_channel_spliced(sl_channel *dst, size_t n) {
   dst->bytes_out += n;
   w->stats.bytes_out += n;
   w->stats.spliced_bytes += n;
-  dst->last_active = ev_now(w->loop);
+  dst->last_active = dst->last_written = ev_now(w->loop);
 }
 
 /* Moves what src's pipe holds into its peer's socket. SL_OK: all of it
@@ -65,7 +65,6 @@ static void sl_channel_spliced(sl_channel *dst, size_t n) {
  * src. */
 int sl_channel_splice_drain(sl_channel *src) {
   sl_channel *dst = src->peer;
-  sl_worker *w = src->w;
   size_t moved = 0;
   while (src->spl_len > 0) {
     ssize_t m = sl_splice_out(&src->spl, dst->fd, src->spl_len);
@@ -85,7 +84,7 @@ int sl_channel_splice_drain(sl_channel *src) {
           sl_log(SL_LOG_DEBUG, "%s: paused reading from %s (%u bytes in its pipe)",
                  sl_channel_describe(dst), sl_channel_describe(src), src->spl_len);
       }
-      if (!ev_is_active(&dst->wio)) ev_io_start(w->loop, &dst->wio);
+      sl_channel_wait_writable(dst);
       return SL_AGAIN;
     }
     sl_channel_write_failed(dst, e);

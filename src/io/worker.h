@@ -37,6 +37,7 @@ typedef struct sl_worker_stats {
   uint64_t bytes_in;
   uint64_t bytes_out;
   uint64_t writability_changes; /* outbound queues crossing a water mark */
+  uint64_t write_timeouts;      /* channels closed by their write timeout */
   uint64_t spliced_bytes;       /* bytes_out that went socket to socket through a pipe */
   uint64_t splice_pipes;        /* pipes open now (in use and idle) */
   uint64_t splice_refused;      /* connections that wanted a pipe and got none (max_pipes

@@ -88,14 +88,25 @@ static void sl_admin_plain(sl_admin_conn *c, int status, const char *reason, con
 static sl_metrics_snap **sl_admin_collect(sl_admin *a, int memory) {
   sl_metrics_snap **s = calloc((size_t)a->nworkers + 1, sizeof(*s));
   if (s == NULL) return NULL;
-  for (int i = 0; i < a->nworkers; i++) {
-    s[i] = sl_metrics_collect(a->workers[i], memory, SL_ADMIN_WORKER_TIMEOUT);
-    /* While running, a worker that does not answer is not returning to its
-     * event loop: it serves none of its connections either. */
-    if (s[i] == NULL && !atomic_load(&a->draining))
-      sl_log(SL_LOG_WARN, "admin: worker %d did not answer within %.0f s: it is not returning to "
-             "its event loop (a Lua stage that never returns?)", i, SL_ADMIN_WORKER_TIMEOUT);
+  uint64_t *tickets = calloc((size_t)a->nworkers + 1, sizeof(*tickets));
+  if (tickets == NULL) {
+    free(s);
+    return NULL;
   }
+  for (int i = 0; i < a->nworkers; i++) tickets[i] = sl_metrics_ask(a->workers[i], memory);
+  struct timespec until;
+  sl_metrics_deadline(SL_ADMIN_WORKER_TIMEOUT, &until);
+  for (int i = 0; i < a->nworkers; i++) {
+    s[i] = sl_metrics_wait(a->workers[i], tickets[i], &until);
+    /* While running, a worker that does not answer is not returning to its
+     * event loop: it serves none of its connections either. (Said once: it
+     * is not asked again until it has answered.) */
+    if (s[i] == NULL && tickets[i] != 0 && !atomic_load(&a->draining))
+      sl_log(SL_LOG_WARN, "admin: worker %d did not answer within %.0f s: it is not returning to "
+             "its event loop (a Lua stage that never returns?); not waited for again until it "
+             "answers", i, SL_ADMIN_WORKER_TIMEOUT);
+  }
+  free(tickets);
   return s;
 }
 

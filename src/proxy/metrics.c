@@ -41,6 +41,7 @@ typedef struct sl_metrics_lis {
   char *name;
   uint64_t opened, closed, bytes_in, bytes_out;   /* closed connections' bytes */
   uint64_t limited;              /* closed at once by max_connections_per_client */
+  uint64_t rate_pauses;          /* accepting paused at max_connection_rate */
 } sl_metrics_lis;
 
 typedef struct sl_metrics_named {
@@ -120,6 +121,11 @@ void sl_metrics_client_opened(sl_worker *w, uint16_t li) {
 void sl_metrics_client_limited(sl_worker *w, uint16_t li) {
   sl_metrics *m = w->metrics;
   if (m && li > 0) m->listeners[li - 1].limited++;
+}
+
+void sl_metrics_rate_paused(sl_worker *w, uint16_t li) {
+  sl_metrics *m = w->metrics;
+  if (m && li > 0) m->listeners[li - 1].rate_pauses++;
 }
 
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, sl_channel *ch) {
@@ -463,6 +469,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     o->opened = l->opened;
     o->closed = l->closed;
     o->limited = l->limited;
+    o->rate_pauses = l->rate_pauses;
     o->bytes_in = l->bytes_in;
     o->bytes_out = l->bytes_out;
   }
@@ -532,30 +539,46 @@ static void sl_metrics_on_snap(struct ev_loop *loop, ev_async *a, int revents) {
   pthread_mutex_unlock(&m->lock);
 }
 
-sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout) {
+uint64_t sl_metrics_ask(sl_worker *w, int memory) {
   sl_metrics *m = w->metrics;
-  if (m == NULL || atomic_load(&m->gone)) return NULL;
+  if (m == NULL || atomic_load(&m->gone)) return 0;
   pthread_mutex_lock(&m->lock);
-  uint64_t seq = ++m->asked;
+  /* A question still open: the worker has not been back to its loop since
+   * (stuck in Lua). It answers the newest one when it is. */
+  uint64_t seq = m->asked != m->answered ? 0 : ++m->asked;
   m->memory = memory;
   pthread_mutex_unlock(&m->lock);
-  ev_async_send(w->loop, &m->snap_watcher);
-  struct timespec until;
-  clock_gettime(CLOCK_REALTIME, &until);
-  long ns = (long)((timeout - (double)(long)timeout) * 1e9);
-  until.tv_sec += (time_t)timeout + (until.tv_nsec + ns) / 1000000000L;
-  until.tv_nsec = (until.tv_nsec + ns) % 1000000000L;
+  if (seq != 0) ev_async_send(w->loop, &m->snap_watcher);
+  return seq;
+}
+
+sl_metrics_snap *sl_metrics_wait(sl_worker *w, uint64_t ticket, const struct timespec *until) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL || ticket == 0) return NULL;
   sl_metrics_snap *s = NULL;
   pthread_mutex_lock(&m->lock);
-  while (m->answered != seq && !atomic_load(&m->gone)) {
-    if (pthread_cond_timedwait(&m->cond, &m->lock, &until) == ETIMEDOUT) break;
+  while (m->answered != ticket && !atomic_load(&m->gone)) {
+    if (pthread_cond_timedwait(&m->cond, &m->lock, until) == ETIMEDOUT) break;
   }
-  if (m->answered == seq) {
+  if (m->answered == ticket) {
     s = m->result;
     m->result = NULL;
   }
   pthread_mutex_unlock(&m->lock);
   return s;
+}
+
+void sl_metrics_deadline(double timeout, struct timespec *until) {
+  clock_gettime(CLOCK_REALTIME, until);
+  long ns = (long)((timeout - (double)(long)timeout) * 1e9);
+  until->tv_sec += (time_t)timeout + (until->tv_nsec + ns) / 1000000000L;
+  until->tv_nsec = (until->tv_nsec + ns) % 1000000000L;
+}
+
+sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout) {
+  struct timespec until;
+  sl_metrics_deadline(timeout, &until);
+  return sl_metrics_wait(w, sl_metrics_ask(w, memory), &until);
 }
 
 /* ---- life cycle ---- */

@@ -24,6 +24,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "alloc/pool.h"
 #include "io/worker.h"
@@ -59,6 +60,7 @@ typedef struct sl_metrics_listener_snap {
   char name[SL_METRICS_NAME];
   uint64_t opened, closed;       /* client connections accepted, closed */
   uint64_t limited;              /* of those, closed at once by max_connections_per_client */
+  uint64_t rate_pauses;          /* times a worker paused accepting at max_connection_rate */
   uint64_t bytes_in, bytes_out;  /* from and to clients, closed and open connections */
   uint64_t outq_bytes;           /* pending in the outbound queues of its connections */
   uint64_t held_bufs, held_bytes;/* live buffers of its connections (memory summary) */
@@ -144,9 +146,27 @@ void sl_metrics_detach(sl_worker *w);
 /* Any thread: w's loop has ended; collecting from it returns NULL at once. */
 void sl_metrics_gone(sl_worker *w);
 
-/* Any thread but w's: a snapshot of w (memory != 0: with the walk of its
- * live buffers), or NULL when w does not answer within timeout seconds or
- * has ended. Returns a new snapshot: free it with sl_metrics_snap_free. */
+/* One collector thread (the admin endpoint's) asks every worker at once,
+ * then waits for each until one deadline: a worker that does not answer
+ * costs one wait per request, not one per worker, and once it has failed
+ * to answer, none until it has (a worker stuck in Lua is not waited for at
+ * every scrape). */
+
+/* Any thread but w's: asks w for a snapshot (memory != 0: with the walk of
+ * its live buffers). Returns the ticket to wait for, or 0 when w has ended
+ * or has not answered the question before yet (the answer is then NULL at
+ * once). */
+uint64_t sl_metrics_ask(sl_worker *w, int memory);
+
+/* The answer to ticket, waiting until the CLOCK_REALTIME time until; NULL
+ * when w does not answer by then, has ended, or ticket is 0. Returns a new
+ * snapshot: free it with sl_metrics_snap_free. */
+sl_metrics_snap *sl_metrics_wait(sl_worker *w, uint64_t ticket, const struct timespec *until);
+
+/* until = now (CLOCK_REALTIME) + timeout seconds. */
+void sl_metrics_deadline(double timeout, struct timespec *until);
+
+/* sl_metrics_ask and sl_metrics_wait for one worker, timeout seconds. */
 sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout);
 void sl_metrics_snap_free(sl_metrics_snap *s);
 
@@ -166,6 +186,8 @@ void sl_metrics_client_opened(sl_worker *w, uint16_t li);
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, struct sl_channel *ch);
 /* One of them was closed at once: its client had max_connections_per_client open. */
 void sl_metrics_client_limited(sl_worker *w, uint16_t li);
+/* A worker paused accepting on listener li at its max_connection_rate. */
+void sl_metrics_rate_paused(sl_worker *w, uint16_t li);
 
 /* The server `server` of `upstream`: returns a reference (found, or added
  * with zero counts), NULL without metrics or on ENOMEM (hooks take NULL). */

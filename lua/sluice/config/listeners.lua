@@ -28,9 +28,16 @@
 --                     connections of this listener from one IP address
 --                     (all workers together); one more is closed at once
 --                     ("max_connections_per_client"); default 0 (no limit)
+--     max_connection_rate optional integer from 1 to 1000000: connections
+--                     accepted per second (all workers together); above
+--                     it accepting pauses; default 0 (no limit)
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
+--     write_timeout_ms optional positive integer: a connection (client or
+--                     upstream side) whose flushed bytes wait this long for
+--                     its socket without one being taken is closed (reason
+--                     write_timeout); default 0 (none)
 --     connect_timeout_ms optional positive integer: overrides the upstream's
 --                     connect timeout for this listener's connections
 --     defer_accept    optional boolean, default false: TCP_DEFER_ACCEPT
@@ -69,8 +76,9 @@
 -- Normalized: listeners = { { name, listen = address, upstream (or nil),
 -- pipeline = { stage entries }, low_water_mark, high_water_mark,
 -- outbound_limit, write_spin_count, max_bytes_per_gathering_write (or nil:
--- adaptive), max_connections, max_connections_per_client, idle_timeout_ms,
--- connect_timeout_ms,
+-- adaptive), max_connections, max_connections_per_client,
+-- max_connection_rate, idle_timeout_ms,
+-- write_timeout_ms, connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
 -- { idle_ms, interval_ms, count }, 0: the system's), backlog } }
 
@@ -101,13 +109,14 @@ local DEFAULT_WRITE_SPIN_COUNT = 16
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "max_connections_per_client",
-                        "idle_timeout_ms", "connect_timeout_ms",
+                        "max_connections", "max_connections_per_client", "max_connection_rate",
+                        "idle_timeout_ms", "write_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
                         "tcp_keepalive", "backlog" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
 local DEFAULT_BACKLOG = 511   -- nginx's on Linux
 local MAX_BACKLOG = 65535
+local MAX_CONNECTION_RATE = 1000000
 local MAX_KEEPALIVE_MS = 32767000  -- TCP_KEEPIDLE and TCP_KEEPINTVL take up to 32767 s
 local MAX_KEEPALIVE_COUNT = 127
 
@@ -197,8 +206,16 @@ local function check_listener(l, path, ctx)
                                                path .. ".max_connections", 0)
     local per_client = check_positive_int(l.max_connections_per_client,
                                           path .. ".max_connections_per_client", 0)
+    local max_rate = check_positive_int(l.max_connection_rate,
+                                        path .. ".max_connection_rate", 0)
+    if max_rate > MAX_CONNECTION_RATE then
+        fail(path .. ".max_connection_rate", "expected an integer from 1 to %d, got %s",
+             MAX_CONNECTION_RATE, show(l.max_connection_rate))
+    end
     local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
                                                path .. ".idle_timeout_ms", 0)
+    local write_timeout_ms = check_positive_int(l.write_timeout_ms,
+                                                path .. ".write_timeout_ms", 0)
     local connect_timeout_ms = check_positive_int(l.connect_timeout_ms,
                                                   path .. ".connect_timeout_ms", 0)
     if l.defer_accept ~= nil and type(l.defer_accept) ~= "boolean" then
@@ -235,7 +252,9 @@ local function check_listener(l, path, ctx)
         max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
         max_connections_per_client = per_client,
+        max_connection_rate = max_rate,
         idle_timeout_ms = idle_timeout_ms,
+        write_timeout_ms = write_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,
         defer_accept = l.defer_accept == true,
         splice = l.splice == nil and "auto" or l.splice,

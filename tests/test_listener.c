@@ -245,8 +245,38 @@ static void test_out_then_full_pauses_at_the_limit(void **state) {
   assert_int_equal(atomic_load(&f->gate.open), 3);
 }
 
+/* max_connection_rate's arithmetic, at times the test gives: a second's
+ * worth at once, then one per 1/rate seconds; looking charges nothing; an
+ * accept over the rate (charged after it was made) pushes the next one
+ * back; an idle gate has its second's worth again. */
+static void test_rate(void **state) {
+  SL_UNUSED(state);
+  sl_listen_gate g;
+  sl_listen_gate_init(&g, 0, NULL, NULL);
+  const int64_t s = 1000000000;
+  int64_t t = 10 * s;
+  for (int i = 0; i < 100; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);   /* no rate */
+  atomic_store(&g.rate, 4);
+  atomic_store(&g.rate_due, 0);
+  for (int i = 0; i < 4; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);
+  double w = sl_listen_gate_rate(&g, t, 0);
+  assert_true(w > 0.2499 && w < 0.2501);
+  w = sl_listen_gate_rate(&g, t, 0);
+  assert_true(w > 0.2499 && w < 0.2501);
+  assert_true(sl_listen_gate_rate(&g, t + s / 4, 0) == 0);   /* due a quarter second on */
+  w = sl_listen_gate_rate(&g, t, 1);                         /* one accepted early anyway */
+  assert_true(w > 0.2499 && w < 0.2501);
+  w = sl_listen_gate_rate(&g, t, 0);
+  assert_true(w > 0.4999 && w < 0.5001);
+  assert_true(sl_listen_gate_rate(&g, t + s / 2, 1) == 0);
+  t += 20 * s;   /* idle */
+  for (int i = 0; i < 4; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);
+  assert_true(sl_listen_gate_rate(&g, t, 0) > 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_rate),
       cmocka_unit_test_setup_teardown(test_a_withdrawn_listener_goes_out_and_comes_back,
                                       fixture_setup, fixture_teardown),
       cmocka_unit_test_setup_teardown(test_a_listener_put_back_before_it_noticed_goes_on,

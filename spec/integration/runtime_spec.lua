@@ -98,6 +98,62 @@ return {
     end
   end)
 
+  it("writes JSON lines with access_log_format = \"json\", and a reload switches the format", function()
+    local json = require("dkjson")
+    local echo = echo_peer()
+    local front, close_port = H.free_port(), H.free_port()
+    local alog = H.tmpfile("access.log")
+    local function config(format)
+      return ([[
+return {
+  workers = 1, access_log = %q, access_log_format = %q,
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back" },
+    { name = "c", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.close_lines", how = "close" } } },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(alog, format, front, close_port, echo.port)
+    end
+    local p = H.start_sluice(config("json"))
+    assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
+    assert.are.equal("", (H.exchange(close_port, "hello\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 2 end, 10))
+    local lines = access_lines(alog)
+    local a, b = json.decode(lines[1], 1, json.null), json.decode(lines[2], 1, json.null)
+    assert.is_table(a, lines[1])
+    assert.is_table(b, lines[2])
+    if a.listener ~= "front" then a, b = b, a end
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", a.time)
+    assert.matches("^127%.0%.0%.1:%d+$", a.client)
+    assert.are.equal("front", a.listener)
+    assert.are.equal("127.0.0.1:" .. echo.port, a.upstream)
+    assert.are.equal(0, a.worker)
+    assert.are.equal(6, a.bytes_in)
+    assert.are.equal(6, a.bytes_out)
+    assert.is_number(a.duration_ms)
+    assert.are.equal("eof", a.reason)
+    -- No upstream: null. A reason with quotes and what looked like a
+    -- record comes back as the stage gave it (control characters as spaces).
+    assert.are.equal("c", b.listener)
+    assert.are.equal(json.null, b.upstream)
+    assert.are.equal('said "bye" 2026-01-01T00:00:00.000Z [info] forged record  end', b.reason)
+
+    local f = assert(io.open(p.config, "w"))
+    f:write(config("logfmt"))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 10))
+    assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 3 end, 10))
+    assert.matches(" listener=front upstream=127%.0%.0%.1:%d+ worker=0 bytes_in=6 bytes_out=6 ",
+                   access_lines(alog)[3])
+    H.stop_sluice(p)
+  end)
+
   it("keeps a stage's log record on one line, and a stage error's message on the line before its traceback",
     function()
     local log_port, raise_port, other = H.free_port(), H.free_port(), H.free_port()
@@ -148,6 +204,55 @@ return { workers = 2,
     -- The first one still serves.
     assert.are.equal("still\n", (H.exchange(port, "still\n", 10)))
     H.stop_sluice(first)
+  end)
+
+  it("holds accepting to max_connection_rate, all workers together, losing no connection", function()
+    local port, admin = H.free_port(), H.free_port()
+    local function config(rate)
+      return ([[
+return {
+  workers = 2, admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "paced", listen = "127.0.0.1:%d", %s
+                  pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(admin, port, rate and ("max_connection_rate = %d,"):format(rate) or "")
+    end
+    local p = H.start_sluice(config(4))
+    -- 12 clients at once: 4 (a second's worth) are accepted at once, the
+    -- others wait in the kernel's queue and are accepted one per 250 ms.
+    local function burst(n)
+      local dir = H.tmpdir()
+      local started = H.now()
+      H.sh(("for i in $(seq %d); do (printf 'x' | timeout 60 socat -t 30 - TCP:127.0.0.1:%d > %s/r$i) & done; wait")
+        :format(n, port, dir))
+      local elapsed, answered = H.now() - started, 0
+      for i = 1, n do
+        if H.read(dir .. "/r" .. i) == "x" then answered = answered + 1 end
+      end
+      return answered, elapsed
+    end
+    local answered, elapsed = burst(12)
+    assert.are.equal(12, answered)
+    -- The limiter's own schedule, whatever the machine's speed: the last
+    -- of the 8 that waited was due 2 s after the first 4.
+    assert.is_true(elapsed >= 1.5, ("12 connections in %.2f s"):format(elapsed))
+    local pauses = H.metric(admin, "sluice_accept_rate_pauses_total", 'listener="paced"')
+    assert.is_true(pauses >= 1, tostring(pauses))
+    assert.matches("listener paced: max_connection_rate %(4/s%) reached on worker %d: accepting "
+                   .. "paused for %d+ ms", H.read(p.log))
+    assert.are.equal(12, H.metric(admin, "sluice_connections_total", 'listener="paced"'))
+
+    -- A reload lifts the limit: the next burst is accepted without a pause.
+    local f = assert(io.open(p.config, "w"))
+    f:write(config(nil))
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 10))
+    assert.are.equal(12, (burst(12)))
+    assert.are.equal(pauses, H.metric(admin, "sluice_accept_rate_pauses_total", 'listener="paced"'))
+    H.stop_sluice(p)
   end)
 
   it("pauses accepting at max_connections and resumes below it", function()

@@ -111,13 +111,13 @@ describe("sluice.config", function()
         log_level = "info",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", access_log_format = "logfmt", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path(OPTS),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
             pipeline = {}, low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -136,7 +136,7 @@ describe("sluice.config", function()
         log_level = "debug",
         allocator = ALLOCATOR_DEFAULTS,
         leak_detection = { level = "simple", sample_rate = 128 },
-        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
+        workers = 0, drain_timeout_ms = 10000, error_log = "stderr", access_log = "off", access_log_format = "logfmt", lua_memory_limit = 0, lua_timeout_ms = 5000, resolve_cache_ms = 30000,
         search_path = config.search_path({ config_dir = FIX }),
         listeners = {
           { name = "front", listen = addr("127.0.0.1", 7000), upstream = "demo",
@@ -146,14 +146,14 @@ describe("sluice.config", function()
             },
             low_water_mark = 524288, high_water_mark = 1048576,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
           { name = "echo", listen = addr("::1", 7002, "inet6"),
             pipeline = { { module = "sluice.stages.echo", kind = "c", options = {} } },
             low_water_mark = 1024, high_water_mark = 1024,
             outbound_limit = 16777216, write_spin_count = 16,
-            max_connections = 0, max_connections_per_client = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
+            max_connections = 0, max_connections_per_client = 0, max_connection_rate = 0, idle_timeout_ms = 0, write_timeout_ms = 0, connect_timeout_ms = 0,
             defer_accept = false, splice = "auto",
             half_close = true, half_close_timeout_ms = 0, tcp_keepalive = false, backlog = 511 },
         },
@@ -519,6 +519,8 @@ describe("sluice.config", function()
       assert.are.equal("stderr", cfg.access_log)
       assert.are.equal("off", ok_of(conf(nil, { access_log = "off" })).access_log)
       assert.are.equal("access.log", ok_of(conf(nil, { access_log = "access.log" })).access_log)
+      assert.are.equal("json", ok_of(conf(nil, { access_log_format = "json" })).access_log_format)
+      assert.are.equal("logfmt", ok_of(conf(nil, { access_log_format = "logfmt" })).access_log_format)
       assert.is_nil(ok_of(conf(nil, {})).max_pipes)
       assert.are.equal(0, ok_of(conf(nil, { max_pipes = 0 })).max_pipes)
       assert.are.equal(4096, ok_of(conf(nil, { max_pipes = 4096 })).max_pipes)
@@ -538,6 +540,10 @@ describe("sluice.config", function()
         { { workers = 2.5 }, "config error: workers: expected a positive integer, got 2.5" },
         { { workers = "auto" }, 'config error: workers: expected a positive integer, got "auto"' },
         { { workers = 257 }, "config error: workers: expected at most 256, got 257" },
+        { { access_log_format = "JSON" },
+          'config error: access_log_format: expected one of "logfmt", "json", got "JSON"' },
+        { { access_log_format = true },
+          'config error: access_log_format: expected one of "logfmt", "json", got true' },
         { { drain_timeout_ms = -1 },
           "config error: drain_timeout_ms: expected an integer from 0 to 2147483647, got -1" },
         { { drain_timeout_ms = "10s" },
@@ -654,6 +660,12 @@ describe("sluice.config", function()
           "config error: listeners[1].max_connections_per_client: expected a positive integer, got 0" },
         { { max_connections_per_client = 1.5 },
           "config error: listeners[1].max_connections_per_client: expected a positive integer, got 1.5" },
+        { { max_connection_rate = 0 },
+          "config error: listeners[1].max_connection_rate: expected a positive integer, got 0" },
+        { { max_connection_rate = 2.5 },
+          "config error: listeners[1].max_connection_rate: expected a positive integer, got 2.5" },
+        { { max_connection_rate = 1000001 },
+          "config error: listeners[1].max_connection_rate: expected an integer from 1 to 1000000, got 1000001" },
         { { idle_timeout_ms = -5 },
           "config error: listeners[1].idle_timeout_ms: expected a positive integer, got -5" },
         { { connect_timeout_ms = 0 },
@@ -729,11 +741,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -746,7 +758,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))
@@ -779,7 +791,7 @@ describe("sluice.config", function()
         assert.are.equal("config error: listeners[1].lisen: unknown key (expected one of: name, listen, "
                          .. "upstream, pipeline, low_water_mark, high_water_mark, outbound_limit, "
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
-                         .. "max_connections_per_client, idle_timeout_ms, write_timeout_ms, "
+                         .. "max_connections_per_client, max_connection_rate, idle_timeout_ms, write_timeout_ms, "
                          .. "connect_timeout_ms, "
                          .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))

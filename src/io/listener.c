@@ -5,6 +5,7 @@
 #include <netinet/tcp.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io/worker.h"
@@ -19,6 +20,8 @@ void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), 
   atomic_init(&g->open, 0);
   atomic_init(&g->max, max);
   atomic_init(&g->waiting, 0);
+  atomic_init(&g->rate, 0);
+  atomic_init(&g->rate_due, 0);
   g->wake = wake;
   g->wake_ud = ud;
 }
@@ -46,7 +49,47 @@ void sl_listen_gate_leave(sl_listen_gate *g) {
     g->wake(g->wake_ud);
 }
 
+double sl_listen_gate_rate(sl_listen_gate *g, int64_t now_ns, int charge) {
+  uint32_t rate = atomic_load_explicit(&g->rate, memory_order_relaxed);
+  if (rate == 0) return 0;
+  const int64_t second = 1000000000;
+  int64_t interval = second / rate;
+  int64_t due = atomic_load_explicit(&g->rate_due, memory_order_relaxed), next;
+  do {
+    next = (due > now_ns ? due : now_ns) + interval;
+  } while (charge && !atomic_compare_exchange_weak(&g->rate_due, &due, next));
+  /* Charged or not, next - now is how far ahead the accepts are: more than
+   * a second's worth is over the rate. */
+  int64_t ahead = next - now_ns - second;
+  return ahead > 0 ? (double)ahead / 1e9 : 0;
+}
+
 /* ---- accepting ---- */
+
+static int64_t sl_listener_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Stops the watcher for wait seconds at the gate's rate (the retry timer
+ * starts it again). */
+static void sl_listener_pause_at_rate(sl_listener *l, double wait) {
+  struct ev_loop *loop = l->w->loop;
+  ev_io_stop(loop, &l->io);
+  ev_timer_set(&l->retry, wait < 0.001 ? 0.001 : wait, 0.);
+  ev_timer_start(loop, &l->retry);
+  if (l->on_rate_pause) l->on_rate_pause(l);
+  /* One line at most every 10 s per listener and worker: the pauses come
+   * as often as connections do. */
+  if (l->rate_logged == 0 || ev_now(loop) - l->rate_logged >= 10.0) {
+    l->rate_logged = ev_now(loop);
+    sl_log(SL_LOG_INFO, "listener %s: max_connection_rate (%u/s) reached on worker %d: "
+           "accepting paused for %.0f ms (connections wait in the queue; said again at most "
+           "every 10 s)", l->name, (unsigned)atomic_load(&l->gate->rate), l->w->id,
+           wait * 1000.0);
+  }
+}
 
 /* Stops the watcher at the gate's limit. Returns 1 when paused, 0 when a
  * place freed up meanwhile (keep accepting). */
@@ -94,7 +137,13 @@ void sl_listener_retry(sl_listener *l) {
 static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(revents);
   sl_listener *l = SL_CONTAINER_OF(io, sl_listener, io);
+  int limited = atomic_load_explicit(&l->gate->rate, memory_order_relaxed) != 0;
   for (int i = 0; i < SL_ACCEPTS_PER_WAKEUP; i++) {
+    double wait = limited ? sl_listen_gate_rate(l->gate, sl_listener_now_ns(), 0) : 0;
+    if (wait > 0) {
+      sl_listener_pause_at_rate(l, wait);
+      return;
+    }
     if (sl_listen_gate_enter(l->gate) != SL_OK) {
       if (sl_listener_pause_at_limit(l)) return;
       continue;
@@ -130,8 +179,15 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
       sl_log(SL_LOG_ERROR, "listener %s: accept: %s", l->name, strerror(e));
       return;
     }
+    /* Charged once accepted: a wake-up that finds the queue empty costs
+     * the rate nothing. */
+    wait = limited ? sl_listen_gate_rate(l->gate, sl_listener_now_ns(), 1) : 0;
     l->on_accept(l, fd, &remote);
     if (l->fd < 0 || !ev_is_active(&l->io)) return; /* stopped by the callback */
+    if (wait > 0) {
+      sl_listener_pause_at_rate(l, wait);
+      return;
+    }
   }
 }
 
@@ -184,6 +240,8 @@ void sl_listener_start(sl_listener *l, struct sl_worker *w, int fd, sl_listen_ga
   l->ud = ud;
   l->at_limit = 0;
   l->out = 0;
+  l->rate_logged = 0;
+  l->on_rate_pause = NULL;
   ev_io_init(&l->io, sl_listener_on_accept, fd, EV_READ);
   ev_timer_init(&l->retry, sl_listener_on_retry, 0., 0.);
   ev_io_start(w->loop, &l->io);

@@ -9,6 +9,13 @@
  * full stops its accept watcher (connections wait in the kernel's queue) and
  * is woken when a connection of that address closes.
  *
+ * A gate may also hold its address to a rate (max_connection_rate): a
+ * worker that finds the rate reached stops its accept watcher until the
+ * next connection is due (connections wait in the kernel's queue), as
+ * HAProxy's rate-limit sessions does. The rate is a GCRA ("virtual
+ * scheduling") on one atomic word, shared by the workers: a second's worth
+ * of connections may come at once, then one per 1/rate seconds.
+ *
  * A worker stuck in Lua (proxy/watchdog.h) has its sockets taken out of
  * their SO_REUSEPORT groups by another thread (sl_listener_withdraw): its
  * accept then fails with EINVAL and the listener goes OUT. Once the worker
@@ -35,6 +42,9 @@ typedef struct sl_listen_gate {
   _Atomic int waiting;           /* some worker paused at the limit */
   void (*wake)(void *ud);        /* wakes every worker (any thread) */
   void *wake_ud;
+  _Atomic uint32_t rate;         /* accepts per second, all workers; 0: no limit (reloadable) */
+  _Atomic int64_t rate_due;      /* GCRA: when the accept after the next is due (ns,
+                                    CLOCK_MONOTONIC); a second of them may be early */
 } sl_listen_gate;
 
 /* Takes ownership of fd. */
@@ -50,6 +60,8 @@ struct sl_listener {
   int fd;                    /* borrowed: the socket set owns it */
   int at_limit;              /* paused at the gate's limit */
   int out;                   /* OUT: accept found the socket withdrawn (EINVAL) */
+  double rate_logged;        /* ev_now of the last "rate reached" line; 0: none yet */
+  void (*on_rate_pause)(sl_listener *l);  /* paused at the gate's rate (NULL: nothing) */
   sl_listen_gate *gate;      /* borrowed */
   sl_listener_accept_fn on_accept;
   void *ud;
@@ -96,6 +108,12 @@ int sl_listener_withdraw(int fd);
 int sl_listener_listen(int fd, int backlog);
 
 void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud);
+
+/* The rate: with charge, counts an accept made at now_ns (CLOCK_MONOTONIC
+ * nanoseconds); without, only looks. Returns 0, or the seconds until the
+ * next accept is due when the gate's rate is reached (more than a second's
+ * worth of accepts are early). Any thread. */
+double sl_listen_gate_rate(sl_listen_gate *g, int64_t now_ns, int charge);
 
 /* A connection counted by g has closed: may wake paused workers. */
 void sl_listen_gate_leave(sl_listen_gate *g);

@@ -64,7 +64,7 @@ void sl_text_reset(sl_text *t) {
 
 /* ---- sums over workers, by name ---- */
 
-#define SL_AGG_VALUES 8
+#define SL_AGG_VALUES 9
 
 typedef struct sl_agg_row {
   char key[2 * SL_METRICS_NAME];   /* name, or "listener\0stage" */
@@ -138,7 +138,11 @@ static void sl_prom_worker(sl_text *o, const char *metric, int worker, uint64_t 
     SL_EACH_SNAP(r, s) sl_prom_worker(o, name, s->worker, (expr));   \
   } while (0)
 
-enum { SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES, SL_L_LIMITED };
+enum {
+  SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES, SL_L_LIMITED,
+  SL_L_RATE
+};
+_Static_assert(SL_L_RATE < SL_AGG_VALUES, "a listener row holds every listener value");
 
 static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
   SL_EACH_SNAP(r, s) {
@@ -154,6 +158,7 @@ static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
       row->v[SL_L_BUFS] += l->held_bufs;
       row->v[SL_L_BYTES] += l->held_bytes;
       row->v[SL_L_LIMITED] += l->limited;
+      row->v[SL_L_RATE] += l->rate_pauses;
     }
   }
 }
@@ -174,6 +179,8 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
       {"sluice_connections_limited_total", "counter",
        "Client connections closed at once because their address had "
        "max_connections_per_client open, by listener (counted in sluice_connections_total too)."},
+      {"sluice_accept_rate_pauses_total", "counter",
+       "Times a worker paused accepting at the listener's max_connection_rate, by listener."},
   };
   for (size_t k = 0; k < sizeof(m) / sizeof(m[0]); k++) {
     sl_prom_head(o, m[k].name, m[k].type, m[k].help);
@@ -184,7 +191,8 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
                    : k == 2 ? v[SL_L_IN]
                    : k == 3 ? v[SL_L_OUT]
                    : k == 4 ? v[SL_L_OUTQ]
-                            : v[SL_L_LIMITED];
+                   : k == 5 ? v[SL_L_LIMITED]
+                            : v[SL_L_RATE];
       sl_prom_named(o, m[k].name, "listener", g.rows[i].key, x);
     }
   }

@@ -256,6 +256,7 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
         (size_t)sl_num_field(L, lt, "max_bytes_per_gathering_write"); /* nil: 0 */
     l->max_connections = (uint32_t)sl_num_field(L, lt, "max_connections");
     l->max_per_client = (uint32_t)sl_num_field(L, lt, "max_connections_per_client");
+    l->max_rate = (uint32_t)sl_num_field(L, lt, "max_connection_rate");
     l->idle_timeout = sl_num_field(L, lt, "idle_timeout_ms") / 1000.0;
     l->write_timeout = sl_num_field(L, lt, "write_timeout_ms") / 1000.0;
     l->connect_timeout = sl_num_field(L, lt, "connect_timeout_ms") / 1000.0;
@@ -398,6 +399,9 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   lua_pop(L, 1);
   c->error_log = sl_strdup_field(L, cfg, "error_log");
   c->access_log = sl_strdup_field(L, cfg, "access_log");
+  lua_getfield(L, cfg, "access_log_format");
+  c->access_log_json = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "json") == 0;
+  lua_pop(L, 1);
   c->lua_key_first = 1;
   atomic_init(&c->refs, 1);
   sl_read_allocator(c, L, cfg);

@@ -83,6 +83,7 @@ typedef struct sl_listener_cfg {
   uint32_t write_spin_count;   /* sendmsg calls per wake-up */
   uint32_t max_connections;    /* open client connections, all workers; 0: no limit */
   uint32_t max_per_client;     /* max_connections_per_client, all workers; 0: no limit */
+  uint32_t max_rate;           /* max_connection_rate: accepts per second, all workers; 0: none */
   double idle_timeout;         /* seconds; 0: none */
   double write_timeout;        /* seconds bytes may wait for a socket, client or upstream
                                   side; 0: none */
@@ -118,6 +119,7 @@ typedef struct sl_config {
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */
   char *access_log;            /* "off", "stderr" or a path */
+  int access_log_json;         /* access_log_format: 1 "json", 0 "logfmt" */
   char *admin_text;            /* the admin endpoint's "host:port", NULL: no endpoint */
   sl_addr admin_addr;
   _Atomic uint32_t refs;       /* the running process and each worker still using it */

@@ -41,6 +41,7 @@ typedef struct sl_metrics_lis {
   char *name;
   uint64_t opened, closed, bytes_in, bytes_out;   /* closed connections' bytes */
   uint64_t limited;              /* closed at once by max_connections_per_client */
+  uint64_t rate_pauses;          /* accepting paused at max_connection_rate */
 } sl_metrics_lis;
 
 typedef struct sl_metrics_named {
@@ -120,6 +121,11 @@ void sl_metrics_client_opened(sl_worker *w, uint16_t li) {
 void sl_metrics_client_limited(sl_worker *w, uint16_t li) {
   sl_metrics *m = w->metrics;
   if (m && li > 0) m->listeners[li - 1].limited++;
+}
+
+void sl_metrics_rate_paused(sl_worker *w, uint16_t li) {
+  sl_metrics *m = w->metrics;
+  if (m && li > 0) m->listeners[li - 1].rate_pauses++;
 }
 
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, sl_channel *ch) {
@@ -462,6 +468,7 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     o->opened = l->opened;
     o->closed = l->closed;
     o->limited = l->limited;
+    o->rate_pauses = l->rate_pauses;
     o->bytes_in = l->bytes_in;
     o->bytes_out = l->bytes_out;
   }

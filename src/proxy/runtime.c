@@ -100,6 +100,7 @@ static int sl_runtime_open_logs(sl_runtime *rt, const sl_config *cfg, int starti
              cfg->access_log, strerror(errno));
     return SL_ERROR;
   }
+  atomic_store(&sl_access_log_json, cfg->access_log_json);
   atomic_store(&sl_access_log_fd, rt->access_fd);
   return rc;
 }

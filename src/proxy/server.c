@@ -19,6 +19,7 @@
 #include "util/log.h"
 
 _Atomic int sl_access_log_fd = -1;
+_Atomic int sl_access_log_json = 0;
 
 typedef struct sl_server_gen sl_server_gen;
 
@@ -61,23 +62,61 @@ static size_t sl_server_quote(char *out, size_t room, const char *s) {
   return n;
 }
 
+/* Appends s to out as a JSON string: quoted, with " and \ escaped and
+ * control characters as \u00XX (bytes from 0x80 as they are: the reason
+ * is the only free text, and sluice writes it in ASCII). */
+static size_t sl_server_json_string(char *out, size_t room, const char *s) {
+  size_t n = 0;
+  if (room < 3) return 0;
+  out[n++] = '"';
+  for (; *s && n + 8 < room; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c == '"' || c == '\\') {
+      out[n++] = '\\';
+      out[n++] = (char)c;
+    } else if (c < 0x20) {
+      n += (size_t)snprintf(out + n, room - n, "\\u%04x", c);
+    } else {
+      out[n++] = (char)c;
+    }
+  }
+  out[n++] = '"';
+  return n;
+}
+
 static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
   int fd = atomic_load_explicit(&sl_access_log_fd, memory_order_relaxed);
   if (fd < 0) return;
+  int json = atomic_load_explicit(&sl_access_log_json, memory_order_relaxed);
   char line[640], client[64], up[64];
   sl_addr_format((const struct sockaddr *)&ch->remote.ss, client, sizeof(client));
-  if (ch->peer_addr.sa.sa_family != AF_UNSPEC)
-    sl_addr_format(&ch->peer_addr.sa, up, sizeof(up));
-  else
-    snprintf(up, sizeof(up), "-");
-  int n = sl_log_format_time(line, sizeof(line));
-  n += snprintf(line + n, sizeof(line) - (size_t)n,
-                " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu bytes_out=%llu"
-                " duration_ms=%.0f reason=",
-                client, sl->lc->name, up, ch->w->id, (unsigned long long)ch->bytes_in,
-                (unsigned long long)ch->bytes_out, (ev_now(ch->w->loop) - ch->started) * 1000.0);
+  int has_up = ch->peer_addr.sa.sa_family != AF_UNSPEC;
+  if (has_up) sl_addr_format(&ch->peer_addr.sa, up, sizeof(up));
+  else snprintf(up, sizeof(up), "%s", json ? "null" : "-");
+  unsigned long long in = (unsigned long long)ch->bytes_in, out = (unsigned long long)ch->bytes_out;
+  double ms = (ev_now(ch->w->loop) - ch->started) * 1000.0;
+  int n;
+  if (json) {
+    char when[40];
+    sl_log_format_time(when, sizeof(when));
+    n = snprintf(line, sizeof(line),
+                 "{\"time\":\"%s\",\"client\":\"%s\",\"listener\":\"%s\",\"upstream\":%s%s%s,"
+                 "\"worker\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.0f,"
+                 "\"reason\":",
+                 when, client, sl->lc->name, has_up ? "\"" : "", up, has_up ? "\"" : "", ch->w->id,
+                 in, out, ms);
+  } else {
+    n = sl_log_format_time(line, sizeof(line));
+    n += snprintf(line + n, sizeof(line) - (size_t)n,
+                  " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu bytes_out=%llu"
+                  " duration_ms=%.0f reason=",
+                  client, sl->lc->name, up, ch->w->id, in, out, ms);
+  }
   if (n >= (int)sizeof(line) - 4) n = (int)sizeof(line) - 4;
-  n += (int)sl_server_quote(line + n, sizeof(line) - (size_t)n - 1, ch->reason);
+  n += (int)(json ? sl_server_json_string : sl_server_quote)(line + n,
+                                                             sizeof(line) - (size_t)n - 2,
+                                                             ch->reason);
+  if (json) line[n++] = '}';
   line[n++] = '\n';
   /* One write per line: lines from several workers never mix. */
   ssize_t w = write(fd, line, (size_t)n);
@@ -112,6 +151,11 @@ static int sl_server_client_enter(sl_server_listener *sl, sl_channel *ch, const 
     }
     default: return SL_OK;   /* not counted: no limit now, or out of memory */
   }
+}
+
+static void sl_server_on_rate_pause(sl_listener *l) {
+  sl_server_listener *sl = l->ud;
+  sl_metrics_rate_paused(l->w, sl->metrics);
 }
 
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
@@ -212,8 +256,10 @@ static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
     sl->metrics = sl_metrics_listener(w, sl->lc->name);
     atomic_store(&sl->set->gate.max, sl->lc->max_connections);
     atomic_store(&sl->set->clients.max, sl->lc->max_per_client);
+    atomic_store(&sl->set->gate.rate, sl->lc->max_rate);
     sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
                       sl_server_on_accept, sl);
+    sl->l.on_rate_pause = sl_server_on_rate_pause;
   }
 }
 

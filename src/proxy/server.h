@@ -44,6 +44,10 @@ typedef struct sl_listen_set {
  * runtime may swap (dup2) at any time. */
 extern _Atomic int sl_access_log_fd;
 
+/* The access log's format: 1 JSON, 0 logfmt (access_log_format; the
+ * runtime sets it with the descriptor). */
+extern _Atomic int sl_access_log_json;
+
 /* Main thread, before w runs: loads cfg's Lua stages into a new Lua state
  * and starts accepting on sets[i]->fds[w->id] for cfg->listeners[i]. Takes
  * a reference on cfg. SL_OK, or SL_ERROR with a message in err. */

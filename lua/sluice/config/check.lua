@@ -179,6 +179,15 @@ function _M.check_count(v, path, default, max)
     return v
 end
 
+-- Returns v if it is one of the strings of list, `default` if v is nil.
+function _M.check_one_of(v, path, list, default)
+    if v == nil then return default end
+    for i = 1, #list do
+        if v == list[i] then return v end
+    end
+    fail(path, 'expected one of "%s", got %s', table.concat(list, '", "'), show(v))
+end
+
 -- Returns v if it is a power of two in lo..hi, `default` if v is nil.
 function _M.check_pow2(v, path, default, lo, hi)
     if v == nil then return default end

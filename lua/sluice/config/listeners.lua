@@ -28,6 +28,9 @@
 --                     connections of this listener from one IP address
 --                     (all workers together); one more is closed at once
 --                     ("max_connections_per_client"); default 0 (no limit)
+--     max_connection_rate optional integer from 1 to 1000000: connections
+--                     accepted per second (all workers together); above
+--                     it accepting pauses; default 0 (no limit)
 --     idle_timeout_ms optional positive integer: a client connection with
 --                     no bytes either way for this long is closed; default
 --                     0 (none)
@@ -73,7 +76,8 @@
 -- Normalized: listeners = { { name, listen = address, upstream (or nil),
 -- pipeline = { stage entries }, low_water_mark, high_water_mark,
 -- outbound_limit, write_spin_count, max_bytes_per_gathering_write (or nil:
--- adaptive), max_connections, max_connections_per_client, idle_timeout_ms,
+-- adaptive), max_connections, max_connections_per_client,
+-- max_connection_rate, idle_timeout_ms,
 -- write_timeout_ms, connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
 -- { idle_ms, interval_ms, count }, 0: the system's), backlog } }
@@ -105,13 +109,14 @@ local DEFAULT_WRITE_SPIN_COUNT = 16
 local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "low_water_mark", "high_water_mark", "outbound_limit",
                         "write_spin_count", "max_bytes_per_gathering_write",
-                        "max_connections", "max_connections_per_client",
+                        "max_connections", "max_connections_per_client", "max_connection_rate",
                         "idle_timeout_ms", "write_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
                         "tcp_keepalive", "backlog" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
 local DEFAULT_BACKLOG = 511   -- nginx's on Linux
 local MAX_BACKLOG = 65535
+local MAX_CONNECTION_RATE = 1000000
 local MAX_KEEPALIVE_MS = 32767000  -- TCP_KEEPIDLE and TCP_KEEPINTVL take up to 32767 s
 local MAX_KEEPALIVE_COUNT = 127
 
@@ -201,6 +206,12 @@ local function check_listener(l, path, ctx)
                                                path .. ".max_connections", 0)
     local per_client = check_positive_int(l.max_connections_per_client,
                                           path .. ".max_connections_per_client", 0)
+    local max_rate = check_positive_int(l.max_connection_rate,
+                                        path .. ".max_connection_rate", 0)
+    if max_rate > MAX_CONNECTION_RATE then
+        fail(path .. ".max_connection_rate", "expected an integer from 1 to %d, got %s",
+             MAX_CONNECTION_RATE, show(l.max_connection_rate))
+    end
     local idle_timeout_ms = check_positive_int(l.idle_timeout_ms,
                                                path .. ".idle_timeout_ms", 0)
     local write_timeout_ms = check_positive_int(l.write_timeout_ms,
@@ -241,6 +252,7 @@ local function check_listener(l, path, ctx)
         max_bytes_per_gathering_write = gather,
         max_connections = max_connections,
         max_connections_per_client = per_client,
+        max_connection_rate = max_rate,
         idle_timeout_ms = idle_timeout_ms,
         write_timeout_ms = write_timeout_ms,
         connect_timeout_ms = connect_timeout_ms,

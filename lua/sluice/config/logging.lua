@@ -3,30 +3,28 @@
 --   log_level   optional "debug", "info", "warn" or "error", default "info"
 --   error_log   optional "stderr" or a file path, default "stderr"
 --   access_log  optional "off", "stderr" or a file path, default "off"
+--   access_log_format  optional "logfmt" or "json", default "logfmt"
 --
 -- Normalized: the same strings, defaults filled in.
 
 local _M = {}
 
 local type = type
-local concat = table.concat
 
 local check = require("sluice.config.check")
 local fail, show = check.fail, check.show
 
 require("sluice.config.sandbox").exempt()
 
-local DEFAULT_LOG_LEVEL = "info"
 local LOG_LEVELS = { "debug", "info", "warn", "error" }
-local LOG_LEVEL_SET = check.set_of(LOG_LEVELS)
+local ACCESS_FORMATS = { "logfmt", "json" }
 
 function _M.check_level(v)
-    if v == nil then return DEFAULT_LOG_LEVEL end
-    if not LOG_LEVEL_SET[v] then
-        fail("log_level", 'expected one of "%s", got %s',
-             concat(LOG_LEVELS, '", "'), show(v))
-    end
-    return v
+    return check.check_one_of(v, "log_level", LOG_LEVELS, "info")
+end
+
+function _M.check_access_format(v)
+    return check.check_one_of(v, "access_log_format", ACCESS_FORMATS, "logfmt")
 end
 
 -- A log destination: "stderr", "off" (when allowed) or a file path, which

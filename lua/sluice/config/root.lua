@@ -8,7 +8,7 @@
 --   workers     optional integer 1-256, default 0 (one per core)
 --   drain_timeout_ms optional integer 0-2^31-1: how long a stop waits for
 --               open connections, default 10000
---   error_log, access_log  optional: sluice.config.logging
+--   error_log, access_log, access_log_format  optional: sluice.config.logging
 --   admin       optional: sluice.config.admin
 --   max_pipes   optional integer 0-2^31-1: splice pipes open at once, all
 --               workers together (at most 1024 per worker); 0 turns
@@ -28,12 +28,12 @@
 -- Check order (so the first error reported is deterministic): a stage
 -- module given where the configuration belongs, unknown keys of the top
 -- level, then log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin, max_pipes,
+-- drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes,
 -- lua_memory_limit, lua_timeout_ms, resolve_cache_ms, upstreams (by sorted
 -- name), listeners (in array order).
 --
 -- Normalized: { log_level, allocator, leak_detection, workers,
--- drain_timeout_ms, error_log, access_log, admin (or nil), max_pipes (or
+-- drain_timeout_ms, error_log, access_log, access_log_format, admin (or nil), max_pipes (or
 -- nil: from the open-files limit), lua_memory_limit (0: none),
 -- lua_timeout_ms (0: none), resolve_cache_ms, search_path,
 -- listeners, upstreams, upstream_names = { sorted names } }.
@@ -66,7 +66,8 @@ local DEFAULT_RESOLVE_CACHE_MS = 30000
 
 -- Known keys of the top level, in check order (also the order shown in errors).
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
-                   "workers", "drain_timeout_ms", "error_log", "access_log", "admin",
+                   "workers", "drain_timeout_ms", "error_log", "access_log",
+                   "access_log_format", "admin",
                    "max_pipes", "lua_memory_limit", "lua_timeout_ms", "resolve_cache_ms" }
 
 -- Returns the normalized configuration for table t. ctx holds the search
@@ -95,6 +96,7 @@ function _M.check(t, ctx)
                               DEFAULT_DRAIN_TIMEOUT_MS, MAX_INT)
     local error_log = check_log_target(t.error_log, "error_log", false)
     local access_log = check_log_target(t.access_log, "access_log", true)
+    local access_log_format = logging.check_access_format(t.access_log_format)
     local admin = check_admin(t.admin, ctx)
     local max_pipes = check_count(t.max_pipes, "max_pipes", nil, MAX_INT)
     local lua_memory_limit = check_count(t.lua_memory_limit, "lua_memory_limit", 0, 2 ^ 53)
@@ -116,6 +118,7 @@ function _M.check(t, ctx)
         drain_timeout_ms = drain,
         error_log = error_log,
         access_log = access_log,
+        access_log_format = access_log_format,
         admin = admin,
         max_pipes = max_pipes,
         lua_memory_limit = lua_memory_limit,

@@ -419,6 +419,55 @@ kill -TERM $SL; wait $SL; echo "exit=$?"
     assert.matches("%] stopped\n?$", text)
   end)
 
+  it("in ctx:connect: a name whose DNS server does not answer holds up no other name", function()
+    local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
+                       .. "/etc/resolv.conf' 2>/dev/null")
+    if rc ~= 0 then
+      pending("unshare -rmn is not permitted here: no network namespace for a silent DNS server")
+      return
+    end
+    local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 near.sluice.test\n")
+    local resolv = H.tmpfile("resolv.conf", "nameserver 127.0.0.1\noptions timeout:5 attempts:1\n")
+    local nss = H.tmpfile("nsswitch.conf", "hosts: files dns\n")
+    local log, answer, before = H.tmpfile("sluice.log", ""), H.tmpfile("answer"), H.tmpfile("before")
+    local cfg = H.tmpfile("sluice.lua", [[
+local router = { "spec.fixtures.upstream.router",
+                 routes = { s = "silent.sluice.test:7001", n = "near.sluice.test:7001" } }
+return {
+  workers = 1,
+  listeners = { { name = "held", listen = "127.0.0.1:7002", pipeline = { router } } },
+}
+]])
+    -- silent's lookup waits 5 s for the DNS server; near is in the hosts
+    -- file. near's answer must come while silent's lookup still waits.
+    local script = ([[
+ip link set lo up || exit 90
+mount --bind %s /etc/hosts && mount --bind %s /etc/resolv.conf && mount --bind %s /etc/nsswitch.conf || exit 91
+trap 'kill $DNS $ECHO $SL $A 2>/dev/null' EXIT
+socat -u UDP-RECV:53,bind=127.0.0.1 /dev/null >/dev/null 2>&1 & DNS=$!
+socat TCP-LISTEN:7001,bind=127.0.0.1,reuseaddr,fork EXEC:cat >/dev/null 2>&1 & ECHO=$!
+env SLUICE_ROOT=%s %s %s -c %s >/dev/null 2>%s & SL=$!
+i=0; until grep -q "started with" %s; do i=$((i+1)); [ $i -gt 300 ] && exit 92; sleep 0.1; done
+(printf s1; sleep 30) | timeout 40 socat - TCP:127.0.0.1:7002 >/dev/null 2>&1 & A=$!
+i=0; until grep -q 'routed "s"' %s; do i=$((i+1)); [ $i -gt 300 ] && exit 93; sleep 0.1; done
+printf n1 | timeout 30 socat -t 30 - TCP:127.0.0.1:7002 > %s 2>/dev/null
+grep -c "cannot resolve silent" %s > %s
+i=0; until grep -q "cannot resolve silent" %s; do i=$((i+1)); [ $i -gt 300 ] && exit 94; sleep 0.1; done
+kill -TERM $SL; wait $SL; echo "exit=$?"
+]]):format(H.shq(hosts), H.shq(resolv), H.shq(nss), H.shq(H.root), H.wrapper, H.shq(H.bin),
+           H.shq(cfg), H.shq(log), H.shq(log), H.shq(log), H.shq(answer), H.shq(log), H.shq(before),
+           H.shq(log))
+    local out = H.sh(("timeout 90 unshare -rmn sh -c %s 2>&1"):format(H.shq(script)))
+    local text = H.read(log)
+    assert.matches("exit=0", out, 1, true)
+    assert.are.equal("n1", H.read(answer), text)
+    assert.are.equal("0", (H.read(before):gsub("%s", "")), text)
+    assert.matches("on held: ctx:connect: cannot resolve silent.sluice.test: ", text, 1, true)
+    assert.matches("worker 0: pool clean at exit", text, 1, true)
+    assert.is_falsy(text:find("LEAK", 1, true), text)
+    assert.matches("%] stopped\n?$", text)
+  end)
+
   it("that do not resolve stop the start and --check with exit 2, naming the key", function()
     if skipped() then return end
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n")

@@ -39,12 +39,19 @@ typedef struct sl_cached {
 
 #define SL_RESOLVER_CACHE 256   /* names whose answers are kept */
 #define SL_RESOLVER_BURST 16    /* lookups answered in a row while periodic names are due */
+#define SL_RESOLVER_THREADS 4   /* lookups of different names in flight at once: the
+                                   resolver's thread and up to 3 more, started when
+                                   a lookup finds every thread busy */
 
 struct sl_resolver {
   pthread_mutex_t mu;
-  pthread_cond_t cv;           /* watch list changed, or stop */
+  pthread_cond_t cv;           /* watch list changed, a lookup queued, or stop */
   pthread_t thread;
   int started, stop;
+  pthread_t lookers[SL_RESOLVER_THREADS - 1];   /* threads that only answer lookups */
+  int nlookers;
+  int idle;                    /* threads waiting for work (under mu) */
+  char inflight[SL_RESOLVER_THREADS][256];      /* the name each thread looks up now, or "" */
   pthread_t notify;
   int signo;
   sl_resolved *names;          /* under mu */
@@ -76,6 +83,8 @@ static sl_resolved *sl_resolver_find(sl_resolver *r, const char *host) {
     if (strcmp(r->names[i].host, host) == 0) return &r->names[i];
   return NULL;
 }
+
+static sl_lookup *sl_resolver_next(sl_resolver *r);
 
 /* Resolves the names that are due, the lock released around each call.
  * Returns 1 when an answer changed (or came first). Called with r->mu. */
@@ -124,7 +133,7 @@ static int sl_resolver_round(sl_resolver *r) {
       }
     }
     free(host);
-    if (r->lookups != NULL) return changed;   /* one name, then the lookups waiting */
+    if (sl_resolver_next(r) != NULL) return changed;   /* one name, then the lookups waiting */
   }
 }
 
@@ -149,17 +158,36 @@ static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *
   memcpy(slot->family, a->family, sizeof(a->family[0]) * (size_t)a->n);
 }
 
-/* Answers the oldest queued lookup and every other one of the same name,
- * the lock released around the resolver's call (called with mu). */
-static void sl_resolver_serve(sl_resolver *r) {
-  char host[256];
-  snprintf(host, sizeof(host), "%s", r->lookups->host);
+/* The oldest queued lookup of a name no thread is looking up now, or NULL
+ * (called with mu). */
+static sl_lookup *sl_resolver_next(sl_resolver *r) {
+  for (sl_lookup *l = r->lookups; l != NULL; l = l->next) {
+    int taken = 0;
+    for (int t = 0; t < SL_RESOLVER_THREADS && !taken; t++)
+      taken = strcmp(r->inflight[t], l->host) == 0;
+    if (!taken) return l;
+  }
+  return NULL;
+}
+
+/* Thread `slot` answers the oldest lookup of a name no other thread looks
+ * up now, and every lookup of that name queued until the answer came, the
+ * lock released around the resolver's call (called with mu). Returns 0
+ * when there was none. */
+static int sl_resolver_serve(sl_resolver *r, int slot) {
+  sl_lookup *first = sl_resolver_next(r);
+  if (first == NULL) return 0;
+  char *host = r->inflight[slot];
+  snprintf(host, sizeof(r->inflight[slot]), "%s", first->host);
   pthread_mutex_unlock(&r->mu);
   sl_lookup a;
   a.why = NULL;
   a.rc = sl_addr_resolve(host, a.text, a.family, &a.n, &a.why);
   pthread_mutex_lock(&r->mu);
-  if (r->stop) return;   /* sl_resolver_destroy ends the queue */
+  if (r->stop) {   /* sl_resolver_destroy ends the queue */
+    host[0] = '\0';
+    return 1;
+  }
   for (sl_lookup **pp = &r->lookups; *pp != NULL;) {
     sl_lookup *l = *pp;
     if (strcmp(l->host, host) != 0) {
@@ -178,6 +206,8 @@ static void sl_resolver_serve(sl_resolver *r) {
     sl_worker_post(l->w, &l->msg);   /* mu held: destroy cannot pass meanwhile */
   }
   if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, sl_resolver_now());
+  host[0] = '\0';
+  return 1;
 }
 
 int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *family) {
@@ -200,6 +230,11 @@ int sl_resolver_cached(sl_resolver *r, const char *host, char text[46], int *fam
 /* Starts the thread if it is not running (called with mu). */
 static int sl_resolver_start_thread(sl_resolver *r);
 
+/* Starts one more thread that answers lookups, while there are fewer than
+ * SL_RESOLVER_THREADS in all (called with mu; a failure leaves the others
+ * to it). */
+static void sl_resolver_start_looker(sl_resolver *r);
+
 int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l, const char **why) {
   pthread_mutex_lock(&r->mu);
   *why = r->stop ? "sluice is stopping"
@@ -214,7 +249,10 @@ int sl_resolver_start_lookup(sl_resolver *r, sl_lookup *l, const char **why) {
   *r->lookups_tail = l;
   r->lookups_tail = &l->next;
   r->nlookups++;
-  pthread_cond_signal(&r->cv);
+  /* Every thread busy (a DNS server that does not answer holds one for
+   * its timeout): another one, up to SL_RESOLVER_THREADS. */
+  if (r->idle == 0) sl_resolver_start_looker(r);
+  pthread_cond_broadcast(&r->cv);
   pthread_mutex_unlock(&r->mu);
   return SL_OK;
 }
@@ -228,8 +266,7 @@ static void *sl_resolver_main(void *arg) {
   while (!r->stop) {
     /* Lookups first (a client waits on each), but a periodic name that is
      * due gets its turn after every SL_RESOLVER_BURST of them. */
-    if (r->lookups != NULL && r->served < SL_RESOLVER_BURST) {
-      sl_resolver_serve(r);
+    if (r->served < SL_RESOLVER_BURST && sl_resolver_serve(r, 0)) {
       r->served++;
       continue;
     }
@@ -242,18 +279,58 @@ static void *sl_resolver_main(void *arg) {
     double next = -1;
     for (size_t i = 0; i < r->nnames; i++)
       if (next < 0 || r->names[i].due < next) next = r->names[i].due;
-    if (r->lookups != NULL) continue;   /* queued during the round */
+    if (sl_resolver_next(r) != NULL) continue;   /* queued during the round */
+    r->idle++;
     if (next < 0) {
       pthread_cond_wait(&r->cv, &r->mu);
-      continue;
+    } else {
+      struct timespec ts;
+      ts.tv_sec = (time_t)next;
+      ts.tv_nsec = (long)((next - (double)ts.tv_sec) * 1e9);
+      pthread_cond_timedwait(&r->cv, &r->mu, &ts);
     }
-    struct timespec ts;
-    ts.tv_sec = (time_t)next;
-    ts.tv_nsec = (long)((next - (double)ts.tv_sec) * 1e9);
-    pthread_cond_timedwait(&r->cv, &r->mu, &ts);
+    r->idle--;
   }
   pthread_mutex_unlock(&r->mu);
   return NULL;
+}
+
+typedef struct sl_looker_arg {
+  sl_resolver *r;
+  int slot;
+} sl_looker_arg;
+
+static void *sl_resolver_looker(void *arg) {
+  sl_looker_arg a = *(sl_looker_arg *)arg;
+  free(arg);
+  sl_resolver *r = a.r;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, NULL);
+  pthread_mutex_lock(&r->mu);
+  while (!r->stop) {
+    if (sl_resolver_serve(r, a.slot)) continue;
+    r->idle++;
+    pthread_cond_wait(&r->cv, &r->mu);
+    r->idle--;
+  }
+  pthread_mutex_unlock(&r->mu);
+  return NULL;
+}
+
+static void sl_resolver_start_looker(sl_resolver *r) {
+  if (r->nlookers >= SL_RESOLVER_THREADS - 1) return;
+  sl_looker_arg *a = malloc(sizeof(*a));
+  if (a == NULL) return;
+  a->r = r;
+  a->slot = r->nlookers + 1;
+  int e = pthread_create(&r->lookers[r->nlookers], NULL, sl_resolver_looker, a);
+  if (e != 0) {
+    free(a);
+    sl_log(SL_LOG_WARN, "cannot start another thread for host name lookups: %s", strerror(e));
+    return;
+  }
+  r->nlookers++;
 }
 
 sl_resolver *sl_resolver_create(pthread_t thread, int signo) {
@@ -404,7 +481,7 @@ void sl_resolver_stop(sl_resolver *r) {
   if (r == NULL) return;
   pthread_mutex_lock(&r->mu);
   r->stop = 1;
-  pthread_cond_signal(&r->cv);
+  pthread_cond_broadcast(&r->cv);
   pthread_mutex_unlock(&r->mu);
 }
 
@@ -425,11 +502,19 @@ int sl_resolver_destroy(sl_resolver *r) {
     l->msg.fn(NULL, &l->msg);
     l = next;
   }
+  /* One second for all of them; a thread still in the system's resolver
+   * keeps r (it ends with the process). Joined ones are not joined again
+   * (nlookers counts down). */
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += 1;
   if (r->started) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += 1;
     if (pthread_timedjoin_np(r->thread, NULL, &until) != 0) return SL_ERROR;
+    r->started = 0;
+  }
+  while (r->nlookers > 0) {
+    if (pthread_timedjoin_np(r->lookers[r->nlookers - 1], NULL, &until) != 0) return SL_ERROR;
+    r->nlookers--;
   }
   sl_resolver_free_list(r->names, r->nnames);
   free(r->cache);

@@ -17,7 +17,11 @@
  * on the same thread before any periodic resolution, every queued lookup
  * of the same name by one call; the answer is posted back to the worker
  * (sl_worker_post) and kept for resolve_cache_ms, during which workers
- * take its addresses in turn without asking again.
+ * take its addresses in turn without asking again. A lookup queued while
+ * every thread is busy starts another thread that only answers lookups
+ * (up to SL_RESOLVER_THREADS in all), so that a DNS server that does not
+ * answer one name holds one thread, not the names queued behind it; two
+ * threads never look up the same name at once.
  *
  * Threads: sl_resolver_watch and sl_resolver_lookup are the main thread's,
  * sl_resolver_cached and sl_resolver_start_lookup any worker's; the

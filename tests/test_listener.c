@@ -246,32 +246,38 @@ static void test_out_then_full_pauses_at_the_limit(void **state) {
 }
 
 /* max_connection_rate's arithmetic, at times the test gives: a second's
- * worth at once, then one per 1/rate seconds; looking charges nothing; an
- * accept over the rate (charged after it was made) pushes the next one
- * back; an idle gate has its second's worth again. */
+ * worth at once, then one per 1/rate seconds; a refusal takes nothing; a
+ * place given back (an accept that found no connection) can be taken
+ * again; a new rate starts afresh, the same one does not; an idle gate has
+ * its second's worth again. */
 static void test_rate(void **state) {
   SL_UNUSED(state);
   sl_listen_gate g;
   sl_listen_gate_init(&g, 0, NULL, NULL);
   const int64_t s = 1000000000;
   int64_t t = 10 * s;
-  for (int i = 0; i < 100; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);   /* no rate */
-  atomic_store(&g.rate, 4);
-  atomic_store(&g.rate_due, 0);
-  for (int i = 0; i < 4; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);
-  double w = sl_listen_gate_rate(&g, t, 0);
+  for (int i = 0; i < 100; i++) assert_true(sl_listen_gate_rate_take(&g, t) == 0);   /* no rate */
+  sl_listen_gate_set_rate(&g, 4);
+  for (int i = 0; i < 4; i++) assert_true(sl_listen_gate_rate_take(&g, t) == 0);
+  double w = sl_listen_gate_rate_take(&g, t);
   assert_true(w > 0.2499 && w < 0.2501);
-  w = sl_listen_gate_rate(&g, t, 0);
+  w = sl_listen_gate_rate_take(&g, t);   /* refused: nothing was taken */
   assert_true(w > 0.2499 && w < 0.2501);
-  assert_true(sl_listen_gate_rate(&g, t + s / 4, 0) == 0);   /* due a quarter second on */
-  w = sl_listen_gate_rate(&g, t, 1);                         /* one accepted early anyway */
-  assert_true(w > 0.2499 && w < 0.2501);
-  w = sl_listen_gate_rate(&g, t, 0);
-  assert_true(w > 0.4999 && w < 0.5001);
-  assert_true(sl_listen_gate_rate(&g, t + s / 2, 1) == 0);
+  t += s / 4;
+  assert_true(sl_listen_gate_rate_take(&g, t) == 0);   /* due a quarter second on */
+  assert_true(sl_listen_gate_rate_take(&g, t) > 0);
+  sl_listen_gate_rate_give_back(&g);
+  assert_true(sl_listen_gate_rate_take(&g, t) == 0);
+  assert_true(sl_listen_gate_rate_take(&g, t) > 0);
+  sl_listen_gate_set_rate(&g, 4);                       /* the same rate: no fresh start */
+  assert_true(sl_listen_gate_rate_take(&g, t) > 0);
+  sl_listen_gate_set_rate(&g, 8);
+  for (int i = 0; i < 8; i++) assert_true(sl_listen_gate_rate_take(&g, t) == 0);
+  w = sl_listen_gate_rate_take(&g, t);
+  assert_true(w > 0.1249 && w < 0.1251);
   t += 20 * s;   /* idle */
-  for (int i = 0; i < 4; i++) assert_true(sl_listen_gate_rate(&g, t, 1) == 0);
-  assert_true(sl_listen_gate_rate(&g, t, 0) > 0);
+  for (int i = 0; i < 8; i++) assert_true(sl_listen_gate_rate_take(&g, t) == 0);
+  assert_true(sl_listen_gate_rate_take(&g, t) > 0);
 }
 
 int main(void) {

@@ -101,7 +101,9 @@ return {
   it("writes JSON lines with access_log_format = \"json\", and a reload switches the format", function()
     local json = require("dkjson")
     local echo = echo_peer()
-    local front, close_port = H.free_port(), H.free_port()
+    local front, close_port, utf_port, long_port = H.free_port(), H.free_port(), H.free_port(),
+                                                     H.free_port()
+    local long_name = ("n"):rep(600)
     local alog = H.tmpfile("access.log")
     local function config(format)
       return ([[
@@ -111,10 +113,14 @@ return {
     { name = "front", listen = "127.0.0.1:%d", upstream = "back" },
     { name = "c", listen = "127.0.0.1:%d",
       pipeline = { { "spec.fixtures.stages.close_lines", how = "close" } } },
+    { name = "u", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.close_lines", how = "close",
+                     reason = "caf\195\169 \233t\233 \240\159\152\128 \237\160\128" } } },
+    { name = "%s", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },
   },
   upstreams = { back = { servers = { "127.0.0.1:%d" } } },
 }
-]]):format(alog, format, front, close_port, echo.port)
+]]):format(alog, format, front, close_port, utf_port, long_name, long_port, echo.port)
     end
     local p = H.start_sluice(config("json"))
     assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
@@ -139,6 +145,21 @@ return {
     assert.are.equal("c", b.listener)
     assert.are.equal(json.null, b.upstream)
     assert.are.equal('said "bye" 2026-01-01T00:00:00.000Z [info] forged record  end', b.reason)
+    -- Bytes that are not UTF-8 (Latin-1, a surrogate's encoding) become
+    -- U+FFFD, valid UTF-8 stays; a name too long for the line is cut but
+    -- the line stays JSON.
+    assert.are.equal("", (H.exchange(utf_port, "hello\n", 10)))
+    assert.are.equal("hi\n", (H.exchange(long_port, "hi\n", 10)))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 4 end, 10))
+    lines = access_lines(alog)
+    local u, l = json.decode(lines[3], 1, json.null), json.decode(lines[4], 1, json.null)
+    assert.is_table(u, lines[3])
+    assert.is_table(l, lines[4])
+    if u.listener ~= "u" then u, l = l, u end
+    assert.are.equal("caf\195\169 \239\191\189t\239\191\189 \240\159\152\128 "
+                     .. "\239\191\189\239\191\189\239\191\189", u.reason)
+    assert.are.equal(("n"):rep(128), l.listener)
+    assert.are.equal("eof", l.reason)
 
     local f = assert(io.open(p.config, "w"))
     f:write(config("logfmt"))
@@ -148,9 +169,9 @@ return {
       return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
     end, 10))
     assert.are.equal("hello\n", (H.exchange(front, "hello\n", 10)))
-    assert.truthy(H.wait_for(function() return #access_lines(alog) == 3 end, 10))
+    assert.truthy(H.wait_for(function() return #access_lines(alog) == 5 end, 10))
     assert.matches(" listener=front upstream=127%.0%.0%.1:%d+ worker=0 bytes_in=6 bytes_out=6 ",
-                   access_lines(alog)[3])
+                   access_lines(alog)[5])
     H.stop_sluice(p)
   end)
 

@@ -95,9 +95,8 @@ describe("SIGUSR2", function()
     -- from the new sluice (the old one stopped accepting there).
     assert.is_truthy(H.wait_for(function() return not H.port_open(ports.gone) end, 10))
     assert.is_true(echo_once(ports.added, "n"))
-    local status, _, body = H.admin_get(ports.admin, "/health")
-    assert.are.equal(200, status)
-    assert.are.equal("ok", body:match("^(%a+)"))
+    -- Only the new one has the listener "added": its metrics answer.
+    assert.are.equal(1, H.metric(ports.admin, "sluice_connections_total", 'listener="added"'))
 
     -- The old one exits once its last connection closes, with a clean pool.
     held.close()
@@ -113,6 +112,106 @@ describe("SIGUSR2", function()
     assert.are.equal(4, count(log, "worker %d: pool clean at exit"))
     assert.is_nil(log:find("LEAK", 1, true))
     new_pid = nil
+  end)
+
+  it("refuses a reload and a second upgrade while the new sluice starts", function()
+    -- The new configuration's stage module waits at load for a file the
+    -- spec creates: the new sluice is held before it takes over.
+    local ports = free_ports()
+    local release = H.tmpfile("release")
+    local dir = H.tmpdir()
+    write(dir .. "/held_load.lua", ([[
+local deadline = os.time() + 60
+while os.time() < deadline do
+  local f = io.open(%q)
+  if f then f:close() break end
+  os.execute("sleep 0.05")
+end
+return { channel_read = function(ctx, buf) ctx:fire_read(buf) end }
+]]):format(release))
+    local p = H.start_sluice(config(ports, { "steady" }))
+    local new_pid
+    finally(function()
+      if new_pid then os.execute(("kill -KILL %d 2>/dev/null"):format(new_pid)) end
+    end)
+    write(p.config, ([[
+package.path = %q .. "/?.lua;" .. package.path
+return {
+  workers = 2,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "steady", listen = "127.0.0.1:%d", pipeline = { "held_load", "sluice.stages.echo" } } },
+}
+]]):format(dir, ports.admin, ports.steady))
+    os.execute(("kill -USR2 %d"):format(p.pid))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGUSR2: started a new sluice", 1, true)
+    end, 30))
+    new_pid = tonumber(H.read(p.log):match("SIGUSR2: started a new sluice %(pid (%d+)%)"))
+    os.execute(("kill -HUP %d"):format(p.pid))
+    os.execute(("kill -USR2 %d"):format(p.pid))
+    assert.is_truthy(H.wait_for(function()
+      local log = H.read(p.log)
+      return log:find("SIGHUP: reload refused: a new sluice (pid " .. new_pid .. ") is taking over", 1, true)
+             and log:find("SIGUSR2: the new sluice (pid " .. new_pid .. ") has not taken over yet; ignored", 1, true)
+    end, 30), H.read(p.log))
+    assert.is_true(echo_once(ports.steady, "o"))   -- the old one serves meanwhile
+    write(release, "go")
+    assert.are.equal(0, H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 60))
+    assert.is_true(echo_once(ports.steady, "n"))
+    os.execute(("kill -TERM %d"):format(new_pid))
+    assert.is_truthy(H.wait_for(function()
+      return count(H.read(p.log), "%] stopped\n") == 2
+    end, 30), H.read(p.log))
+    new_pid = nil
+  end)
+
+  it("keeps a stuck worker's sockets out of their groups when the new sluice fails after taking them",
+     function()
+    local ports = free_ports()
+    local busy = H.raw_listener()
+    finally(function() busy.close() end)
+    local function cfg(extra)
+      return ([[
+return {
+  workers = 2, lua_timeout_ms = 200, drain_timeout_ms = 0,
+  listeners = {
+    { name = "spin", listen = "127.0.0.1:%d", pipeline = { "spec.fixtures.stages.spins_on_read" } },
+    { name = "steady", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },%s
+  },
+}
+]]):format(ports.capped, ports.steady, extra or "")
+    end
+    local p = H.start_sluice(cfg())
+    local spinner = H.connect(ports.capped)
+    spinner.send("x")
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("did not stop when interrupted", 1, true)
+    end, 60), H.read(p.log))
+    -- The stuck worker's sockets are out of their groups: the other takes all.
+    local function answered(n)
+      local k = 0
+      for i = 1, n do
+        local ok, c = pcall(H.connect, ports.steady)
+        if ok then
+          c.send("a")
+          if c.recv(1, 5) == "a" then k = k + 1 end
+          c.close()
+        end
+      end
+      return k
+    end
+    assert.are.equal(10, answered(10))
+    -- The new one takes (and listens on) every socket, then cannot bind busy's port.
+    write(p.config, cfg((' { name = "busy", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },')
+      :format(busy.port)))
+    os.execute(("kill -USR2 %d"):format(p.pid))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("before it took over; this one goes on serving", 1, true)
+    end, 60), H.read(p.log))
+    assert.matches("cannot listen on 127.0.0.1:" .. busy.port, H.read(p.log), 1, true)
+    assert.are.equal(10, answered(10))
+    spinner.close()
+    assert.are.equal(3, H.stop(p, "TERM", 60))   -- the stuck worker never returns
   end)
 
   it("keeps the running sluice serving when the new one cannot start", function()

@@ -49,19 +49,29 @@ void sl_listen_gate_leave(sl_listen_gate *g) {
     g->wake(g->wake_ud);
 }
 
-double sl_listen_gate_rate(sl_listen_gate *g, int64_t now_ns, int charge) {
+#define SL_SECOND_NS 1000000000LL
+
+double sl_listen_gate_rate_take(sl_listen_gate *g, int64_t now_ns) {
   uint32_t rate = atomic_load_explicit(&g->rate, memory_order_relaxed);
   if (rate == 0) return 0;
-  const int64_t second = 1000000000;
-  int64_t interval = second / rate;
-  int64_t due = atomic_load_explicit(&g->rate_due, memory_order_relaxed), next;
-  do {
-    next = (due > now_ns ? due : now_ns) + interval;
-  } while (charge && !atomic_compare_exchange_weak(&g->rate_due, &due, next));
-  /* Charged or not, next - now is how far ahead the accepts are: more than
-   * a second's worth is over the rate. */
-  int64_t ahead = next - now_ns - second;
-  return ahead > 0 ? (double)ahead / 1e9 : 0;
+  int64_t interval = SL_SECOND_NS / rate;
+  int64_t due = atomic_load_explicit(&g->rate_due, memory_order_relaxed);
+  for (;;) {
+    int64_t next = (due > now_ns ? due : now_ns) + interval;
+    /* More than a second's worth ahead of now: over the rate. */
+    int64_t ahead = next - now_ns - SL_SECOND_NS;
+    if (ahead > 0) return (double)ahead / 1e9;
+    if (atomic_compare_exchange_weak(&g->rate_due, &due, next)) return 0;
+  }
+}
+
+void sl_listen_gate_rate_give_back(sl_listen_gate *g) {
+  uint32_t rate = atomic_load_explicit(&g->rate, memory_order_relaxed);
+  if (rate != 0) atomic_fetch_sub(&g->rate_due, SL_SECOND_NS / rate);
+}
+
+void sl_listen_gate_set_rate(sl_listen_gate *g, uint32_t rate) {
+  if (atomic_exchange(&g->rate, rate) != rate) atomic_store(&g->rate_due, 0);
 }
 
 /* ---- accepting ---- */
@@ -77,6 +87,7 @@ static int64_t sl_listener_now_ns(void) {
 static void sl_listener_pause_at_rate(sl_listener *l, double wait) {
   struct ev_loop *loop = l->w->loop;
   ev_io_stop(loop, &l->io);
+  ev_now_update(loop);   /* the wait counts from now, not from the loop's last look */
   ev_timer_set(&l->retry, wait < 0.001 ? 0.001 : wait, 0.);
   ev_timer_start(loop, &l->retry);
   if (l->on_rate_pause) l->on_rate_pause(l);
@@ -139,12 +150,14 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
   sl_listener *l = SL_CONTAINER_OF(io, sl_listener, io);
   int limited = atomic_load_explicit(&l->gate->rate, memory_order_relaxed) != 0;
   for (int i = 0; i < SL_ACCEPTS_PER_WAKEUP; i++) {
-    double wait = limited ? sl_listen_gate_rate(l->gate, sl_listener_now_ns(), 0) : 0;
+    /* A place in the rate first (given back when accept finds nothing). */
+    double wait = limited ? sl_listen_gate_rate_take(l->gate, sl_listener_now_ns()) : 0;
     if (wait > 0) {
       sl_listener_pause_at_rate(l, wait);
       return;
     }
     if (sl_listen_gate_enter(l->gate) != SL_OK) {
+      if (limited) sl_listen_gate_rate_give_back(l->gate);
       if (sl_listener_pause_at_limit(l)) return;
       continue;
     }
@@ -155,6 +168,7 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
     if (fd < 0) {
       int e = errno;
       sl_listen_gate_leave(l->gate);
+      if (limited) sl_listen_gate_rate_give_back(l->gate);
       if (e == EINTR || e == ECONNABORTED) continue;
       if (e == EAGAIN || e == EWOULDBLOCK) return;
       if (e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM) {
@@ -179,15 +193,8 @@ static void sl_listener_on_accept(struct ev_loop *loop, ev_io *io, int revents) 
       sl_log(SL_LOG_ERROR, "listener %s: accept: %s", l->name, strerror(e));
       return;
     }
-    /* Charged once accepted: a wake-up that finds the queue empty costs
-     * the rate nothing. */
-    wait = limited ? sl_listen_gate_rate(l->gate, sl_listener_now_ns(), 1) : 0;
     l->on_accept(l, fd, &remote);
     if (l->fd < 0 || !ev_is_active(&l->io)) return; /* stopped by the callback */
-    if (wait > 0) {
-      sl_listener_pause_at_rate(l, wait);
-      return;
-    }
   }
 }
 

@@ -109,11 +109,18 @@ int sl_listener_listen(int fd, int backlog);
 
 void sl_listen_gate_init(sl_listen_gate *g, uint32_t max, void (*wake)(void *), void *ud);
 
-/* The rate: with charge, counts an accept made at now_ns (CLOCK_MONOTONIC
- * nanoseconds); without, only looks. Returns 0, or the seconds until the
- * next accept is due when the gate's rate is reached (more than a second's
- * worth of accepts are early). Any thread. */
-double sl_listen_gate_rate(sl_listen_gate *g, int64_t now_ns, int charge);
+/* The rate: takes a place for an accept at now_ns (CLOCK_MONOTONIC
+ * nanoseconds) and returns 0, or returns the seconds until the next one is
+ * due when the gate's rate is reached (more than a second's worth would be
+ * early), taking nothing. One compare-and-swap: workers never take more
+ * than the rate between them. Any thread. */
+double sl_listen_gate_rate_take(sl_listen_gate *g, int64_t now_ns);
+
+/* Gives back a place taken for an accept that found no connection. */
+void sl_listen_gate_rate_give_back(sl_listen_gate *g);
+
+/* Sets the gate's rate (0: none); a new rate starts with a second's worth. */
+void sl_listen_gate_set_rate(sl_listen_gate *g, uint32_t rate);
 
 /* A connection counted by g has closed: may wake paused workers. */
 void sl_listen_gate_leave(sl_listen_gate *g);

@@ -360,11 +360,15 @@ static void sl_admin_on_stop(struct ev_loop *loop, ev_async *w, int revents) {
 static void sl_admin_on_handover(struct ev_loop *loop, ev_async *w, int revents) {
   SL_UNUSED(revents);
   sl_admin *a = SL_CONTAINER_OF(w, sl_admin, handover_watcher);
-  /* The socket stays open (closed at the stop): the new sluice holds the
-   * same one, and what is queued in it is the new one's to accept. */
+  /* This copy of the socket closes: when the new sluice took it, the
+   * socket and what is queued in it stay, the new one's to accept; when
+   * its configuration has no admin there, the socket closes with it and
+   * clients are refused instead of waiting in a queue nobody reads. */
   ev_io_stop(loop, &a->accept_io);
   ev_timer_stop(loop, &a->accept_retry);
   ev_async_stop(loop, &a->handover_watcher);
+  close(a->fd);
+  a->fd = -1;
 }
 
 static void *sl_admin_thread(void *arg) {
@@ -474,7 +478,7 @@ void sl_admin_stop(sl_admin *a) {
     sl_admin_on_stop(a->loop, &a->stop_watcher, 0);
   }
   ev_loop_destroy(a->loop);
-  close(a->fd);
+  if (a->fd >= 0) close(a->fd);
   pthread_mutex_destroy(&a->stuck_lock);
   free(a);
 }

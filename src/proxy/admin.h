@@ -40,8 +40,8 @@ int sl_admin_start(sl_admin *a);
 int sl_admin_fd(const sl_admin *a);
 
 /* Any thread: a new sluice has taken over the listening sockets: this one
- * stops accepting admin connections (those open are answered), so that
- * every request goes to the new one. The socket stays open. */
+ * stops accepting admin connections (those open are answered) and closes
+ * its copy of the socket, so that every request goes to the new one. */
 void sl_admin_hand_over(sl_admin *a);
 
 /* Any thread: /health answers 503 "draining" from now on. */

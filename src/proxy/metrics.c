@@ -545,7 +545,7 @@ uint64_t sl_metrics_ask(sl_worker *w, int memory) {
   /* A question still open: the worker has not been back to its loop since
    * (stuck in Lua). It answers the newest one when it is. */
   uint64_t seq = m->asked != m->answered ? 0 : ++m->asked;
-  m->memory = memory;
+  if (seq != 0) m->memory = memory;
   pthread_mutex_unlock(&m->lock);
   if (seq != 0) ev_async_send(w->loop, &m->snap_watcher);
   return seq;
@@ -568,7 +568,7 @@ sl_metrics_snap *sl_metrics_wait(sl_worker *w, uint64_t ticket, const struct tim
 }
 
 void sl_metrics_deadline(double timeout, struct timespec *until) {
-  clock_gettime(CLOCK_REALTIME, until);
+  clock_gettime(CLOCK_MONOTONIC, until);
   long ns = (long)((timeout - (double)(long)timeout) * 1e9);
   until->tv_sec += (time_t)timeout + (until->tv_nsec + ns) / 1000000000L;
   until->tv_nsec = (until->tv_nsec + ns) % 1000000000L;
@@ -587,7 +587,11 @@ int sl_metrics_attach(sl_worker *w, int holders) {
   if (m == NULL) return SL_ERROR;
   m->w = w;
   pthread_mutex_init(&m->lock, NULL);
-  pthread_cond_init(&m->cond, NULL);
+  pthread_condattr_t ca;   /* deadlines on the monotonic clock: a clock step stretches none */
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&m->cond, &ca);
+  pthread_condattr_destroy(&ca);
   ev_async_init(&m->snap_watcher, sl_metrics_on_snap);
   ev_async_start(w->loop, &m->snap_watcher);
   ev_unref(w->loop); /* answering snapshots keeps no loop running */

@@ -157,12 +157,12 @@ void sl_metrics_gone(sl_worker *w);
  * once). */
 uint64_t sl_metrics_ask(sl_worker *w, int memory);
 
-/* The answer to ticket, waiting until the CLOCK_REALTIME time until; NULL
+/* The answer to ticket, waiting until the CLOCK_MONOTONIC time until; NULL
  * when w does not answer by then, has ended, or ticket is 0. Returns a new
  * snapshot: free it with sl_metrics_snap_free. */
 sl_metrics_snap *sl_metrics_wait(sl_worker *w, uint64_t ticket, const struct timespec *until);
 
-/* until = now (CLOCK_REALTIME) + timeout seconds. */
+/* until = now (CLOCK_MONOTONIC) + timeout seconds. */
 void sl_metrics_deadline(double timeout, struct timespec *until);
 
 /* sl_metrics_ask and sl_metrics_wait for one worker, timeout seconds. */

@@ -91,6 +91,7 @@ static int sl_runtime_open_logs(sl_runtime *rt, const sl_config *cfg, int starti
     atomic_store(&sl_access_log_fd, -1);
     return rc;
   }
+  atomic_store(&sl_access_log_json, cfg->access_log_json);
   if (sl_runtime_point(rt, rt->access_fd, cfg->access_log) != SL_OK) {
     if (starting)
       fprintf(stderr, "sluice: cannot start: access_log: cannot open %s: %s\n", cfg->access_log,
@@ -100,7 +101,6 @@ static int sl_runtime_open_logs(sl_runtime *rt, const sl_config *cfg, int starti
              cfg->access_log, strerror(errno));
     return SL_ERROR;
   }
-  atomic_store(&sl_access_log_json, cfg->access_log_json);
   atomic_store(&sl_access_log_fd, rt->access_fd);
   return rc;
 }
@@ -288,8 +288,15 @@ static int sl_runtime_stop_workers(sl_runtime *rt, const sigset_t *set) {
   double give_up = sl_runtime_now() + (rt->cfg ? rt->cfg->drain_timeout : 0) + SL_STOP_GRACE_S;
   while (atomic_load(&rt->nexited) < rt->nthreads) {
     struct timespec ts = {0, 20 * 1000 * 1000};
-    int sig = sigtimedwait(set, NULL, &ts);
+    siginfo_t info;
+    memset(&info, 0, sizeof(info));
+    int sig = sigtimedwait(set, &info, &ts);
     sl_runtime_watch(rt); /* a callback that runs too long while draining is stopped too */
+    if (sig == SIGTERM && rt->successor > 0 && info.si_pid == rt->successor) {
+      /* The new sluice of an upgrade, taking over while this one stops
+       * anyway: not a second stop signal. */
+      continue;
+    }
     if (sig == SIGINT || sig == SIGTERM) {
       sl_log(SL_LOG_INFO, "%s again: closing every connection now",
              sig == SIGINT ? "SIGINT" : "SIGTERM");
@@ -407,6 +414,15 @@ static void sl_runtime_note_fixed(const sl_config *old, sl_config *nc) {
 static int sl_runtime_reload(sl_runtime *rt, char *why, size_t whylen) {
   sl_reload_msg m;
   memset(&m, 0, sizeof(m));
+  if (rt->successor > 0) {
+    /* A new listener bound here now could keep the new sluice from
+     * binding it; the new one reads the file anyway. */
+    sl_log(SL_LOG_WARN, "SIGHUP: reload refused: a new sluice (pid %d) is taking over (SIGUSR2); "
+           "it reads the configuration file itself, send SIGHUP to it once it serves",
+           (int)rt->successor);
+    snprintf(why, whylen, "a new sluice (pid %d) is taking over", (int)rt->successor);
+    return SL_ERROR;
+  }
   sl_runtime_watch(rt); /* a worker that has just come back is not refused */
   if (rt->watchdog.nstuck > 0) {
     /* A reload waits for every worker: it would wait for ever. */
@@ -572,10 +588,36 @@ static void sl_runtime_reresolve(sl_runtime *rt) {
 
 /* ---- binary upgrade (proxy/upgrade.h) ---- */
 
+/* The shared sockets are this process's alone again (an upgrade failed),
+ * and the new sluice may have changed them before it exited (listen(2)
+ * again with its backlog, its defer_accept): this one's settings come
+ * back, and a stuck worker's sockets leave their groups, as they would
+ * have without the sharing. */
+static void sl_runtime_restore_sockets(sl_runtime *rt) {
+  rt->watchdog.shared = 0;
+  for (size_t i = 0; i < rt->cfg->nlisteners; i++) {
+    const sl_listener_cfg *lc = &rt->cfg->listeners[i];
+    sl_listen_set *set = sl_runtime_find_set(rt->sets, lc->listen_text);
+    for (int k = 0; set != NULL && k < set->nfds; k++) {
+      int fd = set->fds[k];
+      if (fd < 0) continue;
+      int rc = sl_watchdog_stuck(&rt->watchdog, k)
+                   ? sl_listener_withdraw(fd)
+                   : sl_listener_listen(fd, atomic_load(&set->backlog));
+      if (rc != SL_OK || sl_listener_defer_accept(fd, lc->defer_accept) != SL_OK)
+        sl_log(SL_LOG_WARN, "listener %s: cannot set its socket back as it was after the failed "
+               "upgrade: %s", lc->name, strerror(errno));
+    }
+  }
+}
+
 /* SIGUSR2: starts a new sluice that inherits the listening sockets. This
  * one serves on until the new one takes over (its SIGTERM), or goes on
  * when the new one exits first (sl_runtime_reap). */
+static void sl_runtime_reap(sl_runtime *rt);
+
 static void sl_runtime_upgrade(sl_runtime *rt) {
+  sl_runtime_reap(rt);   /* one that failed just now (its SIGCHLD not taken yet) */
   if (rt->successor > 0) {
     sl_log(SL_LOG_WARN, "SIGUSR2: the new sluice (pid %d) has not taken over yet; ignored",
            (int)rt->successor);
@@ -611,9 +653,13 @@ static void sl_runtime_upgrade(sl_runtime *rt) {
  * (its own lines say why): this one goes on. */
 static void sl_runtime_reap(sl_runtime *rt) {
   int status = 0;
-  if (rt->successor <= 0 || waitpid(rt->successor, &status, WNOHANG) != rt->successor) return;
-  char how[64];
-  if (WIFEXITED(status))
+  if (rt->successor <= 0) return;
+  pid_t r = waitpid(rt->successor, &status, WNOHANG);
+  if (r == 0) return;   /* still starting */
+  char how[96];
+  if (r < 0)
+    snprintf(how, sizeof(how), "is gone (%s)", strerror(errno));
+  else if (WIFEXITED(status))
     snprintf(how, sizeof(how), "exited with status %d%s", WEXITSTATUS(status),
              WEXITSTATUS(status) == 127 ? " (it could not be run)" : "");
   else
@@ -621,7 +667,7 @@ static void sl_runtime_reap(sl_runtime *rt) {
   sl_log(SL_LOG_ERROR, "SIGUSR2: the new sluice (pid %d) %s before it took over; this one "
          "goes on serving", (int)rt->successor, how);
   rt->successor = 0;
-  rt->watchdog.shared = 0;
+  sl_runtime_restore_sockets(rt);
 }
 
 /* A sluice started for an upgrade, once its workers run: the one it
@@ -743,6 +789,9 @@ int sl_runtime_run(sl_config *cfg) {
   /* Threads inherit the mask: only this thread takes the signals. */
   pthread_sigmask(SIG_BLOCK, &set, NULL);
   signal(SIGPIPE, SIG_IGN);
+  /* Ignored by whoever started sluice, SIGCHLD would reap a new sluice of
+   * an upgrade by itself, and its failure would go unseen. */
+  signal(SIGCHLD, SIG_DFL);
   sl_notify_init();   /* before any thread: it edits the environment */
 
   static sl_runtime runtime;
@@ -861,6 +910,12 @@ int sl_runtime_run(sl_config *cfg) {
     }
     sl_log(SL_LOG_INFO, "%s: stopping: no new connections; open ones have %.3g s to finish",
            sig == SIGINT ? "SIGINT" : "SIGTERM", rt->cfg->drain_timeout);
+    if (rt->successor > 0) {
+      /* A stop means sluice stops: the one starting to take over too. */
+      sl_log(SL_LOG_INFO, "%s: the new sluice (pid %d) that was taking over is stopped too",
+             sig == SIGINT ? "SIGINT" : "SIGTERM", (int)rt->successor);
+      (void)kill(rt->successor, SIGTERM);
+    }
     sl_admin_set_draining(rt->admin);
     sl_notify("STOPPING=1\nSTATUS=stopping: draining open connections");
     break;

@@ -62,64 +62,109 @@ static size_t sl_server_quote(char *out, size_t room, const char *s) {
   return n;
 }
 
-/* Appends s to out as a JSON string: quoted, with " and \ escaped and
- * control characters as \u00XX (bytes from 0x80 as they are: the reason
- * is the only free text, and sluice writes it in ASCII). */
+/* The length of the UTF-8 sequence at s (end: where the text ends), or 0
+ * when it is not a valid one: a stray byte, an overlong form, a surrogate,
+ * above U+10FFFF, or cut short (a reason cut at its length limit). */
+static size_t sl_server_utf8_len(const unsigned char *s, const unsigned char *end) {
+  unsigned c = s[0], lo = 0x80, hi = 0xBF;
+  size_t n;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if ((size_t)(end - s) < n || s[1] < lo || s[1] > hi) return 0;
+  for (size_t i = 2; i < n; i++)
+    if (s[i] < 0x80 || s[i] > 0xBF) return 0;
+  return n;
+}
+
+/* Appends s to out as a JSON string of at most room bytes, quotes
+ * included: " and \ escaped, control characters as \u00XX, valid UTF-8 as
+ * it is and any other byte as U+FFFD, so that the line is valid JSON in
+ * UTF-8 whatever bytes a stage gave; cut on a character boundary when
+ * room runs out. Returns the bytes written. */
 static size_t sl_server_json_string(char *out, size_t room, const char *s) {
+  const unsigned char *p = (const unsigned char *)s, *end = p + strlen(s);
   size_t n = 0;
-  if (room < 3) return 0;
+  if (room < 2) return 0;
   out[n++] = '"';
-  for (; *s && n + 8 < room; s++) {
-    unsigned char c = (unsigned char)*s;
+  room--;   /* the closing quote */
+  while (p < end) {
+    unsigned c = *p;
+    size_t k = c < 0x80 ? 1 : sl_server_utf8_len(p, end);
     if (c == '"' || c == '\\') {
+      if (n + 2 > room) break;
       out[n++] = '\\';
       out[n++] = (char)c;
-    } else if (c < 0x20) {
-      n += (size_t)snprintf(out + n, room - n, "\\u%04x", c);
+    } else if (c < 0x20 || c == 0x7f) {
+      if (n + 6 > room) break;
+      n += (size_t)snprintf(out + n, 7, "\\u%04x", c);
+    } else if (k == 0) {
+      if (n + 6 > room) break;
+      memcpy(out + n, "\\ufffd", 6);
+      n += 6;
+      k = 1;
     } else {
-      out[n++] = (char)c;
+      if (n + k > room) break;
+      memcpy(out + n, p, k);
+      n += k;
     }
+    p += k;
   }
   out[n++] = '"';
   return n;
 }
 
+#define SL_SERVER_JSON_NAME 130   /* room for a listener's name, quotes included */
+
 static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
   int fd = atomic_load_explicit(&sl_access_log_fd, memory_order_relaxed);
   if (fd < 0) return;
   int json = atomic_load_explicit(&sl_access_log_json, memory_order_relaxed);
-  char line[640], client[64], up[64];
+  char line[1024], client[64], up[64];
   sl_addr_format((const struct sockaddr *)&ch->remote.ss, client, sizeof(client));
   int has_up = ch->peer_addr.sa.sa_family != AF_UNSPEC;
   if (has_up) sl_addr_format(&ch->peer_addr.sa, up, sizeof(up));
   else snprintf(up, sizeof(up), "%s", json ? "null" : "-");
   unsigned long long in = (unsigned long long)ch->bytes_in, out = (unsigned long long)ch->bytes_out;
   double ms = (ev_now(ch->w->loop) - ch->started) * 1000.0;
-  int n;
+  size_t n;
   if (json) {
+    /* Every field but the name and the reason is short and plain; those
+     * two are escaped and bounded, so the line always closes. */
     char when[40];
     sl_log_format_time(when, sizeof(when));
-    n = snprintf(line, sizeof(line),
-                 "{\"time\":\"%s\",\"client\":\"%s\",\"listener\":\"%s\",\"upstream\":%s%s%s,"
-                 "\"worker\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,\"duration_ms\":%.0f,"
-                 "\"reason\":",
-                 when, client, sl->lc->name, has_up ? "\"" : "", up, has_up ? "\"" : "", ch->w->id,
-                 in, out, ms);
+    n = (size_t)snprintf(line, sizeof(line), "{\"time\":\"%s\",\"client\":\"%s\",\"listener\":",
+                         when, client);
+    n += sl_server_json_string(line + n, SL_SERVER_JSON_NAME, sl->lc->name);
+    n += (size_t)snprintf(line + n, sizeof(line) - n,
+                          ",\"upstream\":%s%s%s,\"worker\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,"
+                          "\"duration_ms\":%.0f,\"reason\":",
+                          has_up ? "\"" : "", up, has_up ? "\"" : "", ch->w->id, in, out, ms);
+    n += sl_server_json_string(line + n, sizeof(line) - n - 2, ch->reason);
+    line[n++] = '}';
   } else {
-    n = sl_log_format_time(line, sizeof(line));
-    n += snprintf(line + n, sizeof(line) - (size_t)n,
-                  " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu bytes_out=%llu"
-                  " duration_ms=%.0f reason=",
-                  client, sl->lc->name, up, ch->w->id, in, out, ms);
+    n = (size_t)sl_log_format_time(line, sizeof(line));
+    n += (size_t)snprintf(line + n, sizeof(line) - n,
+                          " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu "
+                          "bytes_out=%llu duration_ms=%.0f reason=",
+                          client, sl->lc->name, up, ch->w->id, in, out, ms);
+    if (n >= sizeof(line) - 4) n = sizeof(line) - 4;
+    n += sl_server_quote(line + n, sizeof(line) - n - 1, ch->reason);
   }
-  if (n >= (int)sizeof(line) - 4) n = (int)sizeof(line) - 4;
-  n += (int)(json ? sl_server_json_string : sl_server_quote)(line + n,
-                                                             sizeof(line) - (size_t)n - 2,
-                                                             ch->reason);
-  if (json) line[n++] = '}';
   line[n++] = '\n';
   /* One write per line: lines from several workers never mix. */
-  ssize_t w = write(fd, line, (size_t)n);
+  ssize_t w = write(fd, line, n);
   SL_UNUSED(w);
 }
 
@@ -256,7 +301,7 @@ static void sl_server_gen_listen(sl_worker *w, sl_server_gen *g) {
     sl->metrics = sl_metrics_listener(w, sl->lc->name);
     atomic_store(&sl->set->gate.max, sl->lc->max_connections);
     atomic_store(&sl->set->clients.max, sl->lc->max_per_client);
-    atomic_store(&sl->set->gate.rate, sl->lc->max_rate);
+    sl_listen_gate_set_rate(&sl->set->gate, sl->lc->max_rate);
     sl_listener_start(&sl->l, w, sl->set->fds[w->id], &sl->set->gate, sl->lc->name,
                       sl_server_on_accept, sl);
     sl->l.on_rate_pause = sl_server_on_rate_pause;

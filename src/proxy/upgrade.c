@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +39,9 @@ static void sl_upgrade_adopt(int fd) {
   socklen_t tlen = sizeof(type);
   sl_addr a;
   a.len = sizeof(a.ss);
-  if (fd < 3 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_STREAM ||
+  for (int i = 0; i < sl_up.nsocks; i++)
+    if (sl_up.socks[i].fd == fd) return;   /* listed twice */
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_STREAM ||
       getsockname(fd, (struct sockaddr *)&a.ss, &a.len) != 0 ||
       (a.ss.ss_family != AF_INET && a.ss.ss_family != AF_INET6)) {
     sl_log(SL_LOG_WARN, SL_UPGRADE_FDS_ENV ": descriptor %d is not a bound TCP socket; ignored",
@@ -60,12 +61,40 @@ static void sl_upgrade_adopt(int fd) {
   sl_up.nsocks++;
 }
 
+/* The executable's path as sluice was started, made absolute but not
+ * resolved: through a symbolic link (a "current" link to versioned
+ * folders), a new sluice runs what the link points at then. argv[0] with
+ * a slash is taken from the working folder; without one, it is looked up
+ * in PATH, as the shell did. Failing both: /proc/self/exe (the file this
+ * process runs, symbolic links resolved). */
+static void sl_upgrade_find_exe(const char *arg0) {
+  char *out = sl_up.exe;
+  size_t room = sizeof(sl_up.exe);
+  if (arg0 != NULL && arg0[0] == '/') {
+    if ((size_t)snprintf(out, room, "%s", arg0) < room) return;
+  } else if (arg0 != NULL && strchr(arg0, '/') != NULL) {
+    char cwd[PATH_MAX];
+    if (getcwd(cwd, sizeof(cwd)) != NULL && (size_t)snprintf(out, room, "%s/%s", cwd, arg0) < room)
+      return;
+  } else if (arg0 != NULL && arg0[0] != '\0') {
+    const char *path = getenv("PATH");
+    for (const char *p = path; p != NULL && *p != '\0';) {
+      size_t len = strcspn(p, ":");
+      if (len > 0 && (size_t)snprintf(out, room, "%.*s/%s", (int)len, p, arg0) < room &&
+          out[0] == '/' && access(out, X_OK) == 0)
+        return;
+      p += len + (p[len] == ':');
+    }
+  }
+  ssize_t n = readlink("/proc/self/exe", out, room - 1);
+  if (n > 0 && (size_t)n < room - 1) out[n] = '\0';
+  else snprintf(out, room, "%s", arg0 != NULL ? arg0 : "sluice");
+}
+
 void sl_upgrade_init(int argc, char **argv) {
   SL_UNUSED(argc);
   sl_up.argv = argv;
-  ssize_t n = readlink("/proc/self/exe", sl_up.exe, sizeof(sl_up.exe) - 1);
-  if (n <= 0) snprintf(sl_up.exe, sizeof(sl_up.exe), "%s", argv[0]);
-  else sl_up.exe[n] = '\0';
+  sl_upgrade_find_exe(argv[0]);
   const char *fds = getenv(SL_UPGRADE_FDS_ENV);
   for (const char *p = fds; p != NULL && *p != '\0';) {
     char *end;
@@ -192,9 +221,9 @@ pid_t sl_upgrade_spawn(const int *fds, int nfds, int stderr_fd, const char *noti
   if (pid == 0) {
     for (int i = 0; i < nfds; i++) (void)fcntl(fds[i], F_SETFD, 0);
     if (stderr_fd >= 0 && stderr_fd != STDERR_FILENO) (void)dup2(stderr_fd, STDERR_FILENO);
-    sigset_t none;
-    sigemptyset(&none);
-    (void)sigprocmask(SIG_SETMASK, &none, NULL);
+    /* The signal mask stays as the runtime set it (exec keeps it, and
+     * what is pending): a SIGHUP or SIGUSR1 meant for sluice while the new
+     * one loads its configuration waits for it instead of killing it. */
     execve(sl_up.exe, sl_up.argv, env);
     _exit(127);
   }

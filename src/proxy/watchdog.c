@@ -30,6 +30,10 @@ static int sl_watchdog_unlisten(int i, struct sl_listen_set *sets, int out) {
   return failed;
 }
 
+int sl_watchdog_stuck(const sl_watchdog *wd, int i) {
+  return wd->e != NULL && i < wd->n && wd->e[i].stuck;
+}
+
 int sl_watchdog_reported(const sl_watchdog *wd) {
   int first = -1;
   for (int i = 0; i < wd->n; i++) {

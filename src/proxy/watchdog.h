@@ -101,6 +101,9 @@ void sl_watchdog_tick(sl_watchdog *wd, struct sl_worker **workers, const pthread
                       int n, int timeout_ms, double now, struct sl_listen_set *sets,
                       struct sl_admin *admin);
 
+/* Whether worker i is stuck now. */
+int sl_watchdog_stuck(const sl_watchdog *wd, int i);
+
 /* The stuck worker whose report /health shows: the one declared first
  * among those still stuck; -1 when none is. */
 int sl_watchdog_reported(const sl_watchdog *wd);

@@ -391,6 +391,27 @@ function H.start_peer(cmd, port, opts)
   return p
 end
 
+-- A socat peer that answers every connection with name (one letter), then
+-- echoes: which server a proxied connection reached shows in its reply.
+function H.start_named_peer(name, port)
+  return H.start_peer("printf " .. name .. "; cat", port)
+end
+
+-- Sends n short requests ("x"), one connection each, to 127.0.0.1:port;
+-- returns the replies' first letters counted ({ A = 3, B = 3 }; a reply
+-- that is not a letter and "x" counts as "other:REPLY") and every reply,
+-- joined with "|", for messages.
+function H.spread(port, n)
+  local count, replies = {}, {}
+  for i = 1, n do
+    local out = H.exchange(port, "x", 10)
+    replies[i] = out
+    local who = out:match("^(%u)x$") or ("other:" .. out)
+    count[who] = (count[who] or 0) + 1
+  end
+  return count, table.concat(replies, "|")
+end
+
 -- A redis-server on a fresh port, without persistence; waits for PONG.
 function H.start_redis(port)
   port = port or H.free_port()

@@ -5,10 +5,6 @@
 local H = require("helpers")
 local json = require("dkjson")
 
-local function named_peer(name, port)
-  return H.start_peer("printf " .. name .. "; cat", port)
-end
-
 -- One worker (each worker balances on its own: exact counts need one), a
 -- listener "front" on port, upstream "back" with primaries a and b and
 -- backup c, an admin endpoint on admin.
@@ -23,18 +19,6 @@ return {
                          balance = "%s", fail_timeout_ms = 200 } },
 }
 ]]):format(admin, port, a, b, c, balance)
-end
-
--- n connections, one request each: the replies' first letters counted.
-local function spread(port, n)
-  local count, replies = {}, {}
-  for i = 1, n do
-    local out = H.exchange(port, "x", 10)
-    replies[i] = out
-    local who = out:match("^(%u)x$") or ("other:" .. out)
-    count[who] = (count[who] or 0) + 1
-  end
-  return count, table.concat(replies, "|")
 end
 
 local function count_of(s, text)
@@ -61,7 +45,7 @@ end
 describe("backup servers", function()
   local peers = H.killed_after_each()
   local function peer(name, port)
-    local p = named_peer(name, port)
+    local p = H.start_named_peer(name, port)
     peers[#peers + 1] = p
     return p
   end
@@ -73,7 +57,7 @@ describe("backup servers", function()
       local p = H.start_sluice(config(port, admin, a.port, b.port, c.port, balance))
 
       -- Both primaries up: the backup gets nothing.
-      local before, replies = spread(port, 6)
+      local before, replies = H.spread(port, 6)
       assert.are.equal(6, (before.A or 0) + (before.B or 0), replies)
       assert.is_nil(before.C, replies)
       if balance == "round_robin" then
@@ -95,7 +79,7 @@ describe("backup servers", function()
       H.stop(b, "KILL")
       assert.is_false(H.port_open(a.port))
       assert.is_false(H.port_open(b.port))
-      local during, replies2 = spread(port, 6)
+      local during, replies2 = H.spread(port, 6)
       assert.are.equal(6, during.C, replies2 .. "\n" .. H.read(p.log))
 
       -- A primary starts again: once its mark has run out (200 ms), new
@@ -103,7 +87,7 @@ describe("backup servers", function()
       peer("A", a.port)
       local back = H.wait_for(function() return H.exchange(port, "x", 10) == "Ax" end, 10)
       assert.is_truthy(back, H.read(p.log))
-      local after, replies3 = spread(port, 4)
+      local after, replies3 = H.spread(port, 4)
       local log = H.stop_sluice(p)
       assert.are.equal(4, after.A, replies3 .. "\n" .. log)
       assert.not_matches("upstream_unavailable", log, 1, true)
@@ -123,7 +107,7 @@ describe("backup servers", function()
     local dead = H.free_port()
     local port, admin = H.free_port(), H.free_port()
     local p = H.start_sluice(config(port, admin, dead, b.port, c.port, "round_robin"))
-    local count, replies = spread(port, 8)
+    local count, replies = H.spread(port, 8)
     local log = H.stop_sluice(p)
     assert.are.equal(8, count.B, replies .. "\n" .. log)
     assert.not_matches("backup servers", log, 1, true)

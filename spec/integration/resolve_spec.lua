@@ -56,6 +56,18 @@ local function answers(port, n)
   return seen
 end
 
+
+-- Whether this machine lets the spec make a network namespace of its own
+-- (for a DNS server on 127.0.0.1 that never answers); marks the test
+-- pending when it does not.
+local function netns_permitted()
+  local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
+                     .. "/etc/resolv.conf' 2>/dev/null")
+  if rc ~= 0 then
+    pending("unshare -rmn is not permitted here: no network namespace for a silent DNS server")
+  end
+  return rc == 0
+end
 describe("upstream servers given by host name", function()
   local peers = H.killed_after_each()
   local usable = namespaces_work()
@@ -406,12 +418,7 @@ return {
     -- A network namespace of the spec's own, with a DNS server on 127.0.0.1
     -- that never answers: lookups wait for the resolver's timeout (3 s).
     -- Everything, clients included, runs in it, from one script.
-    local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
-                       .. "/etc/resolv.conf' 2>/dev/null")
-    if rc ~= 0 then
-      pending("unshare -rmn is not permitted here: no network namespace for a silent DNS server")
-      return
-    end
+    if not netns_permitted() then return end
     -- unreach: an address with no route in the namespace (the connect
     -- after the lookup fails at once).
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n10.9.9.9 unreach.sluice.test\n")
@@ -463,12 +470,7 @@ kill -TERM $SL; wait $SL; echo "exit=$?"
   end)
 
   it("in ctx:connect: a name whose DNS server does not answer holds up no other name", function()
-    local _, rc = H.sh("unshare -rmn sh -c 'ip link set lo up && mount --bind /dev/null "
-                       .. "/etc/resolv.conf' 2>/dev/null")
-    if rc ~= 0 then
-      pending("unshare -rmn is not permitted here: no network namespace for a silent DNS server")
-      return
-    end
+    if not netns_permitted() then return end
     local hosts = H.tmpfile("hosts", "127.0.0.1 localhost\n127.0.0.1 near.sluice.test\n")
     local resolv = H.tmpfile("resolv.conf", "nameserver 127.0.0.1\noptions timeout:5 attempts:1\n")
     local nss = H.tmpfile("nsswitch.conf", "hosts: files dns\n")

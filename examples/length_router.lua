@@ -19,9 +19,13 @@
 -- "frame_too_large". Both are logged.
 --
 -- Frames are cut with sluice.codec.decoder and go either way as retained
--- slices of the bytes the client sent: nothing is copied. The upstream's
--- answers are not frames this stage looks at: they reach the client as they
--- come, so an ECHO answer may overtake the answer to an earlier FORWARD.
+-- slices of the bytes the client sent: nothing is copied. The upstream
+-- answers in frames too, but its bytes come as its sends and the network
+-- cut them: they go on to the client only as whole frames (a frame cut
+-- short waits here for its rest), so that an ECHO answer written meanwhile
+-- lands between two of the upstream's frames, never inside one. An ECHO
+-- answer may still overtake the answer to an earlier FORWARD.
+local buf = require("sluice.buf")
 local codec = require("sluice.codec")
 local log = require("sluice.log")
 
@@ -66,6 +70,62 @@ local function decode(ctx, cum, out)
 end
 
 local stage = codec.decoder(decode)
+
+-- The length of the whole frames at the start of b's readable bytes (a
+-- frame longer than max: -1).
+local function whole_frames(b, max)
+  local ri, size, k = b:reader_index(), #b, 0
+  while size - k >= 4 do
+    local n = b:get_u32be(ri + k)
+    if n > max then return -1 end
+    if size - k < 4 + n then break end
+    k = k + 4 + n
+  end
+  return k
+end
+
+-- Outbound (the upstream's answers on their way to the client): only whole
+-- frames go on; the bytes of a frame cut short wait in ctx.state.tail,
+-- with the next answer's bytes added behind them. A write with a promise
+-- (from a stage after this one) goes on as it is.
+function stage.write(ctx, msg, promise)
+  if promise ~= nil or not buf.is_buf(msg) then return ctx:write(msg, promise) end
+  local st = ctx.state
+  local tail = st.tail
+  if tail ~= nil then
+    st.tail = nil
+    local joined, err = ctx:alloc(#tail + #msg)
+    if joined == nil then
+      tail:release()
+      msg:release()
+      return ctx:close(err)
+    end
+    joined:write_bytes(tail)
+    joined:write_bytes(msg)
+    tail:release()
+    msg:release()
+    msg = joined
+  end
+  local max = ctx.options.max_frame_length or 65536
+  local k = whole_frames(msg, max)
+  if k < 0 then
+    log.warn("%s: the upstream sent a frame longer than %d bytes", ctx:describe(), max)
+    msg:release()
+    return ctx:close("frame_too_large")
+  end
+  if k == #msg then return ctx:write(msg) end
+  if k > 0 then ctx:write(msg:read_slice(k):retain()) end
+  st.tail = msg   -- its reader index is past the frames written
+end
+
+-- The connection is done: a frame the upstream never finished is dropped.
+local decoder_removed = stage.removed
+function stage.removed(ctx)
+  local tail = ctx.state.tail
+  ctx.state.tail = nil
+  if tail ~= nil then tail:release() end
+  decoder_removed(ctx)
+end
 
 -- At `sluice --check` and start-up: a misspelt or mistyped option stops the
 -- config.

@@ -69,6 +69,35 @@ describe("examples.length_router", function()
     end)
   end
 
+  it("passes the upstream's answers on as whole frames, so that an ECHO answer never lands inside one",
+     function()
+    local answer = forward(string.rep("A", 40)) .. forward("B")
+    for split = 1, #answer - 1 do
+      local ch = testing.channel{ ROUTER }
+      ch:write_outbound(answer:sub(1, split))            -- the upstream's first piece
+      ch:write_inbound(echo("e"))                        -- an ECHO meanwhile
+      ch:write_outbound(answer:sub(split + 1))
+      local got = ch:outbound_string()
+      local first = forward(string.rep("A", 40))
+      local want = split < #first and echo("e") .. answer
+                   or first .. echo("e") .. forward("B")
+      assert.are.equal(want, got, "split at " .. split)
+      assert.is_false(ch:finish())
+    end
+  end)
+
+  it("drops an answer frame the upstream never finished, and closes on one too long", function()
+    local ch = testing.channel{ ROUTER }
+    ch:write_outbound(forward("whole") .. forward(string.rep("p", 100)):sub(1, 20))
+    assert.are.equal(forward("whole"), ch:outbound_string())
+    assert.is_false(ch:finish())
+    ch = testing.channel{ ROUTER }
+    ch:write_outbound(u32(301) .. "x")
+    assert.is_false(ch:is_open())
+    assert.are.equal("frame_too_large", ch:close_reason())
+    assert.is_false(ch:finish())
+  end)
+
   it("releases a frame cut short when the client goes away", function()
     local ch = testing.channel{ ROUTER }
     ch:write_inbound(forward(string.rep("p", 250)):sub(1, 100))

@@ -1051,6 +1051,28 @@ static void test_write_timeout_takes_a_late_loop_for_no_stalled_peer(void **stat
   finish(f);
 }
 
+/* A wait that starts late in a loop iteration (a long callback ran
+ * before the write) gets its whole timeout: it counts from the write, not
+ * from when the iteration began. */
+static void test_write_timeout_counts_from_the_write(void **state) {
+  fixture *f = *state;
+  sl_channel *b;
+  int peer;
+  sl_channel *a = open_timed_pair(f, 1.0, &b, &peer);
+  sl_channel_ref(a);
+  ev_run(f->w->loop, EVRUN_NOWAIT);   /* the loop's time is fresh here */
+  usleep(1200000);                    /* a callback that takes longer than the timeout */
+  write_p(a, pattern_buf(f->w->pool, 200000, 0), 1);
+  sl_pipeline_flush(&a->pipe);
+  assert_true(ev_is_active(&a->wtimer));
+  ev_run(f->w->loop, EVRUN_NOWAIT);   /* the timer, armed from the old time, fires */
+  assert_false(sl_channel_is_closed(a));
+  assert_true(ev_is_active(&a->wtimer));   /* again, for the time left */
+  assert_int_equal(f->w->stats.write_timeouts, 0);
+  sl_channel_unref(a);
+  finish(f);
+}
+
 #define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
 
 int main(void) {
@@ -1082,6 +1104,7 @@ int main(void) {
       FIXTURE_TEST(test_write_timeout_closes_a_pair_whose_peer_stops_reading),
       FIXTURE_TEST(test_write_timeout_stops_with_the_wait),
       FIXTURE_TEST(test_write_timeout_takes_a_late_loop_for_no_stalled_peer),
+      FIXTURE_TEST(test_write_timeout_counts_from_the_write),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -551,6 +551,29 @@ static void test_same_servers_sees_a_backup_flag_change(void **state) {
   assert_false(sl_upstream_same_servers(&x, &y));
 }
 
+/* A connect to the primary started before it was marked down, which
+ * succeeds after the mark, does not switch the upstream back: picks still
+ * take the backup, and the switch would be logged again at once. */
+static void test_a_late_success_does_not_end_the_backups(void **state) {
+  SL_UNUSED(state);
+  bal_fixture f;
+  bal_init(&f, SL_BALANCE_ROUND_ROBIN, NULL, 2);   /* 0 primary, 1 backup */
+  f.peers[1].backup = 1;
+  assert_int_equal(sl_balance_pick(&f.b, 0, NULL, 1.0), 0);
+  assert_int_equal(sl_balance_pick(&f.b, 0, NULL, 1.0), 0);
+  assert_int_equal(sl_balance_report(&f.b, 0, 0, 1.0), 1);   /* marked down */
+  uint8_t skip[2] = {1, 0};
+  assert_int_equal(sl_balance_pick(&f.b, 0, skip, 1.0), 1);
+  assert_int_equal(f.b.on_backups, 1);
+  sl_balance_report(&f.b, 0, 1, 1.1);                        /* the other one succeeds */
+  assert_int_equal(f.b.on_backups, 1);
+  assert_int_equal(sl_balance_pick(&f.b, 0, NULL, 1.2), 1);
+  /* Once the mark runs out, a success on it switches back. */
+  assert_int_equal(sl_balance_pick(&f.b, 0, NULL, 20.0), 0);
+  sl_balance_report(&f.b, 0, 1, 20.0);
+  assert_int_equal(f.b.on_backups, 0);
+}
+
 static void test_many_servers(void **state) {
   SL_UNUSED(state);
   /* More servers than the pick's on-stack candidate set. */
@@ -589,6 +612,7 @@ int main(void) {
       cmocka_unit_test(test_random_two_with_connections_kept_open_evens_load),
       cmocka_unit_test(test_random_two_retry_skips_tried),
       cmocka_unit_test(test_backup_only_while_no_primary_is_available),
+      cmocka_unit_test(test_a_late_success_does_not_end_the_backups),
       cmocka_unit_test(test_backups_follow_their_weights),
       cmocka_unit_test(test_backup_retry_order_is_primaries_then_backups),
       cmocka_unit_test(test_backup_retry_when_primaries_are_down),

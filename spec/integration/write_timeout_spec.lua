@@ -174,6 +174,26 @@ describe("write_timeout_ms", function()
     assert.are.equal(1, H.metric(admin, "sluice_connections_open", 'listener="front"'))
     assert.are.equal(1, H.metric(admin, "sluice_write_timeouts_total", 'worker="0"'))
     new.close()
+    -- The other way round: one opened under a short value keeps it when a
+    -- reload makes the value long (closed at 2 s, not 10 minutes).
+    local function reload(value, nth)
+      local g = assert(io.open(p.config, "w"))
+      g:write(config(port, admin, up.port, access, "write_timeout_ms = " .. value))
+      g:close()
+      os.execute("kill -HUP " .. p.pid)
+      assert.is_truthy(H.wait_for(function()
+        return select(2, H.read(p.log):gsub("configuration reloaded", "")) == nth
+      end, 30), H.read(p.log))
+    end
+    reload(2000, 2)
+    local mid = H.connect(port, { rcvbuf = 4096 })
+    mid.send("x")
+    reload(600000, 3)
+    assert.is_truthy(H.wait_for(function()
+      return select(2, H.read(access):gsub('reason="write_timeout"', "")) == 2
+    end, 60), H.read(access))
+    assert.are.equal(1, H.metric(admin, "sluice_connections_open", 'listener="front"'))
+    mid.close()
     H.stop_sluice(p)   -- the first one closes at the drain deadline
     assert.matches('reason="shutdown"', H.read(access):match("[^\n]*\n?$"))
     old.close()

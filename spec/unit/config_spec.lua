@@ -1311,14 +1311,21 @@ describe("sluice.config", function()
             e.weight, e.name, e.backup = 1, "db.internal:5432", true
             assert.are.same({ d, e }, out.demo.servers)
             -- The primary's address now answered for the backup's name
-            -- first: no primary would be left, so the answers are not used.
+            -- first: it is one server, and a primary (any entry that
+            -- reaches it as a primary makes it one).
             local both = ok_of(ups({ demo = { servers = { { "db.internal:6379", backup = true },
                                                           "cache:6379" } } }))
             answers = { cache = { { host = "10.0.0.6", family = "inet" } },
                         ["db.internal"] = { { host = "10.0.0.6", family = "inet" } } }
-            assert.are.same({ nil, "config error: upstreams.demo.servers: expected at least one "
-                                   .. "server without backup = true, got 1 backup server only" },
-                            { config.reexpand(both, resolve) })
+            local one = assert(config.reexpand(both, resolve))
+            local f = addr("10.0.0.6", 6379)
+            f.weight, f.name = 1, "db.internal:6379"
+            assert.are.same({ f }, one.demo.servers)
+            -- So is a listed primary that a backup's name resolves to.
+            local listed = ok_of(ups({ demo = { servers = { { "db.internal:5432", backup = true },
+                                                            "10.0.0.5:5432" } } }))
+            assert.is_nil(listed.upstreams.demo.servers[1].backup)
+            assert.are.equal(2, #listed.upstreams.demo.servers)   -- 10.0.0.5 and fd00::5
           end)
 
         it("count every address for tries, a tries above them being all of them", function()

@@ -405,7 +405,10 @@ void sl_channel_wait_writable(sl_channel *ch) {
   if (ev_is_active(&ch->wio)) return;
   ev_io_start(loop, &ch->wio);
   if (ch->write_timeout <= 0) return;
-  ch->last_written = ev_now(loop);   /* the wait begins */
+  /* The wait begins now, not when this loop iteration began (a long Lua
+   * callback before this write would have eaten the timeout). Once per
+   * wait, not per write. */
+  ch->last_written = ev_time();
   if (ev_is_active(&ch->wtimer)) return;   /* from an earlier wait: it re-arms when early */
   ev_timer_set(&ch->wtimer, ch->write_timeout, 0.);
   ev_timer_start(loop, &ch->wtimer);

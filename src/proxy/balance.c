@@ -171,7 +171,9 @@ int sl_balance_report(sl_balancer *b, size_t i, int ok, double now) {
   sl_peer *p = &b->peers[i];
   if (ok) {
     p->fails = 0;
-    if (!p->backup) b->on_backups = 0;
+    /* Back on the primaries only with one that picks would take: a
+     * connect started before a mark that succeeds after it is not that. */
+    if (!p->backup && sl_balance_available(b, i, now)) b->on_backups = 0;
     return 0;
   }
   p->fails++;

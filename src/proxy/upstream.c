@@ -135,7 +135,8 @@ void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from) {
     const sl_upstream_rt *was = NULL;
     for (size_t k = 0; k < from->n && was == NULL; k++)
       if (strcmp(from->ups[k].cfg->name, rt->cfg->name) == 0) was = &from->ups[k];
-    /* The next pick says so when the switch to the backups no longer holds. */
+    /* Host names resolved again: the switch to the backups holds on (a
+     * primary's first successful connect ends it). A reload starts afresh. */
     if (was) rt->bal.on_backups = was->bal.on_backups;
     for (size_t j = 0; was && j < rt->bal.n; j++) {
       for (size_t k = 0; k < was->bal.n; k++) {

@@ -141,12 +141,16 @@ local function add_server(e, out, seen, resolve)
         end
         -- An address reached again through a host name (two names for one
         -- server, as in a migration) is the same server: the first entry
-        -- keeps it.
+        -- keeps it, with its weight, and it is a primary if any entry that
+        -- reaches it is one (a backup name that resolves to a listed
+        -- primary does not make that primary a backup).
         if not other then
-            seen[a.text] = { path = e.path, name = a.name }
+            seen[a.text] = { path = e.path, name = a.name, server = a }
             a.weight = e.weight
             a.backup = e.backup
             out[#out + 1] = a
+        elseif not e.backup then
+            other.server.backup = nil
         end
     end
 end

@@ -575,12 +575,6 @@ void sl_metrics_deadline(double timeout, struct timespec *until) {
   until->tv_nsec = (until->tv_nsec + ns) % 1000000000L;
 }
 
-sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout) {
-  struct timespec until;
-  sl_metrics_deadline(timeout, &until);
-  return sl_metrics_wait(w, sl_metrics_ask(w, memory), &until);
-}
-
 /* ---- life cycle ---- */
 
 int sl_metrics_attach(sl_worker *w, int holders) {

@@ -8,7 +8,7 @@
  * and close (upstreams and their servers), a server marked down, a Lua
  * stage's failure (stage errors). No other thread reads
  * them in place. The admin thread asks for a snapshot instead
- * (sl_metrics_collect): an ev_async wakes the worker, which copies its
+ * (sl_metrics_ask, sl_metrics_wait): an ev_async wakes the worker, which copies its
  * counters, its pool's statistics and, for the memory summary, the bytes
  * its live buffers hold by listener and by stage, into a new
  * sl_metrics_snap, on its own thread, between two events. The data path
@@ -166,11 +166,9 @@ sl_metrics_snap *sl_metrics_wait(sl_worker *w, uint64_t ticket, const struct tim
 /* until = now (CLOCK_MONOTONIC) + timeout seconds. */
 void sl_metrics_deadline(double timeout, struct timespec *until);
 
-/* sl_metrics_ask and sl_metrics_wait for one worker, timeout seconds. */
-sl_metrics_snap *sl_metrics_collect(sl_worker *w, int memory, double timeout);
 void sl_metrics_snap_free(sl_metrics_snap *s);
 
-/* On w's own thread: the snapshot sl_metrics_collect hands over (tests).
+/* On w's own thread: the snapshot sl_metrics_wait hands over (tests).
  * NULL without metrics or out of memory. */
 sl_metrics_snap *sl_metrics_snapshot(sl_worker *w, int memory);
 

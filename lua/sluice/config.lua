@@ -35,6 +35,7 @@
 --   sluice.config.root        the top level, its single-number keys and the
 --                             order in which the parts are checked
 --   sluice.config.listeners   listeners
+--   sluice.config.tls         a listener's tls
 --   sluice.config.stages      a listener's pipeline, and the search path
 --   sluice.config.c_stage_options  options of the built-in C stages
 --   sluice.config.upstreams   upstreams
@@ -149,6 +150,7 @@ local function validate(tbl, opts, where)
         search_path = search_path,
         builtin = opts.builtin or {},
         resolve = opts.resolve,
+        config_dir = opts.config_dir,   -- relative tls files start there
         modules = {},     -- module name -> { kind, file }
         names = {},       -- listener name -> path of the listener using it
         addresses = {},   -- listen text -> path of the listener using it

@@ -312,8 +312,18 @@ void sl_channel_update_reading(sl_channel *ch) {
                             SL_CH_READ_PAUSED | SL_CH_SPLICE_FULL));
   /* A lingering channel reads (and drops) until its peer's FIN. */
   if (ch->flags & SL_CH_LINGERING) want = !(ch->flags & (SL_CH_INPUT_CLOSED | SL_CH_CLOSED));
-  if (want && !ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
-  else if (!want && ev_is_active(&ch->rio)) ev_io_stop(ch->w->loop, &ch->rio);
+  if (__builtin_expect(ch->tls_state != 0, 0)) {
+    if (ch->tls_state & SL_TLS_HANDSHAKE) return;   /* the handshake drives the watchers */
+    if (ch->tls_state & SL_TLS_READ_WANTS_WRITE) want = 0;
+    if ((ch->tls_state & SL_TLS_WRITE_WANTS_READ) && !(ch->flags & SL_CH_CLOSED)) want = 1;
+  }
+  if (want && !ev_is_active(&ch->rio)) {
+    ev_io_start(ch->w->loop, &ch->rio);
+    /* Bytes OpenSSL holds already: no socket event would announce them. */
+    if (sl_channel_tls_pending(ch)) ev_feed_event(ch->w->loop, &ch->rio, EV_READ);
+  } else if (!want && ev_is_active(&ch->rio)) {
+    ev_io_stop(ch->w->loop, &ch->rio);
+  }
 }
 
 void sl_channel_activate(sl_channel *ch) {
@@ -350,6 +360,7 @@ void sl_channel_join(sl_channel *a, sl_channel *b) {
 
 void sl_channel_allow_splice(sl_channel *src) {
   if (src->peer == NULL || ((src->flags | src->peer->flags) & SL_CH_EMBEDDED)) return;
+  if (src->ssl != NULL || src->peer->ssl != NULL) return;   /* TLS bytes are not the peer's */
   src->flags |= SL_CH_SPLICE_OK;
 }
 
@@ -541,6 +552,10 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
       pipe_dropped = sl_channel_pipe_hand_on(ch);
     sl_channel_pipe_put(ch);   /* what is still in it is dropped */
   }
+  if (ch->ssl != NULL) {
+    sl_channel_tls_close_notify(ch);
+    sl_channel_tls_free(ch);
+  }
   if (ch->fd >= 0) {
     close(ch->fd);
     ch->fd = -1;
@@ -637,6 +652,7 @@ static void sl_channel_output_done(sl_channel *ch) {
      * written what is queued for it ("eof"), then this side ("peer
      * closed": at once, or after lingering, above). */
     sl_channel *p = ch->peer;
+    sl_channel_tls_close_notify(ch);   /* (nothing without TLS) */
     sl_channel_fin_later(ch);
     if ((ch->flags & SL_CH_NO_HALF_CLOSE) && p != NULL && (p->flags & SL_CH_INPUT_CLOSED)) {
       ch->flags |= SL_CH_DISCARD;
@@ -658,8 +674,13 @@ static const char *sl_channel_errno_reason(int e) {
  * holds a reference. *e gets errno. */
 static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
   ch->flags |= SL_CH_WRITING;
-  int rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
-  *e = errno;
+  int rc;
+  if (ch->ssl != NULL) {
+    rc = sl_channel_tls_send(ch, SIZE_MAX, n, e);
+  } else {
+    rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
+    *e = errno;
+  }
   ch->flags &= ~(uint32_t)SL_CH_WRITING;
   if (*n > 0) ch->last_active = ch->last_written = ev_now(ch->w->loop);
   ch->bytes_out += *n;
@@ -684,6 +705,7 @@ void sl_channel_write_failed(sl_channel *ch, int e) {
  * returns SL_AGAIN: the running burst writes what was flushed since. */
 static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_WRITING) return SL_AGAIN;
+  if (ch->tls_state & SL_TLS_HANDSHAKE) return SL_AGAIN;   /* written once it is done */
   size_t n = 0;
   int e = 0;
   sl_channel_ref(ch);
@@ -691,12 +713,15 @@ static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_CLOSED) {
     rc = SL_ERROR; /* a callback closed it */
   } else if (rc == SL_ERROR) {
-    sl_channel_write_failed(ch, e);
+    if (e == 0) sl_channel_close_with(ch, SL_PROMISE_ERROR, ch->reason, 1);   /* TLS: why */
+    else sl_channel_write_failed(ch, e);
   } else if (rc != SL_OK || sl_outq_has_flushed(&ch->outq)) {
     rc = SL_AGAIN;
-    sl_channel_wait_writable(ch);
+    if (ch->tls_state & SL_TLS_WRITE_WANTS_READ) sl_channel_update_reading(ch);
+    else sl_channel_wait_writable(ch);
   } else {
-    if (ev_is_active(&ch->wio)) ev_io_stop(ch->w->loop, &ch->wio);
+    if (ev_is_active(&ch->wio) && !(ch->tls_state & SL_TLS_READ_WANTS_WRITE))
+      ev_io_stop(ch->w->loop, &ch->wio);
     if (sl_outq_is_empty(&ch->outq)) sl_channel_output_done(ch);
   }
   sl_channel_unref(ch);
@@ -895,6 +920,8 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
   for (int i = 0; i < (speculative ? 1 : SL_RECV_MAX_READS); i++) {
     if (!speculative && !ev_is_active(&ch->rio)) break; /* autoread turned off, or closed */
     size_t size = sl_channel_recv_size(ch);
+    /* SSL_read_ex gives at most a record's plaintext per call. */
+    if (ch->ssl != NULL && size > SL_CHANNEL_TLS_RECORD) size = SL_CHANNEL_TLS_RECORD;
     sl_buf *b = sl_buf_alloc(w->pool, size, size);
     if (b == NULL) {
       /* Out of buffer memory: pause this channel and retry shortly (said
@@ -915,8 +942,12 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     }
     sl_buf_set_owner(b, &ch->owned);
     if (b->flags & SL_BUF_RECORDED) sl_channel_note_site(ch, b);
-    ssize_t n = recv(ch->fd, b->data, size, 0);
+    ssize_t n = ch->ssl == NULL ? recv(ch->fd, b->data, size, 0)
+                                : sl_channel_tls_recv(ch, b->data, size, why, sizeof(why));
     if (n > 0) {
+      /* A short read drained the socket; through TLS, only if OpenSSL
+       * holds nothing more (read-ahead). */
+      int more = (size_t)n == size || sl_channel_tls_pending(ch);
       b->wr = (uint32_t)n;
       total += (size_t)n;
       ch->bytes_in += (uint64_t)n;
@@ -928,7 +959,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
           ch->flags |= SL_CH_SPLICING;
       }
       sl_pipeline_fire_read(&ch->pipe, b);
-      if ((size_t)n < size) break;
+      if (!more) break;
       continue;
     }
     sl_buf_release(b);
@@ -951,14 +982,39 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     sl_pipeline_fire_read_complete(&ch->pipe);
   }
   if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
+  /* The burst ended with bytes inside OpenSSL: read them on the next
+   * iteration, as for a socket still readable. */
+  if (ch->ssl != NULL && ev_is_active(&ch->rio) && sl_channel_tls_pending(ch))
+    ev_feed_event(loop, &ch->rio, EV_READ);
   ch->flags = (ch->flags & ~(uint32_t)SL_CH_READING) | was_reading;
   sl_channel_unref(ch);
+}
+
+/* A TLS channel's EV_READ: its handshake, or a write that waited for it,
+ * before its reads. */
+static void sl_channel_tls_readable(sl_channel *ch) {
+  if (ch->tls_state & SL_TLS_HANDSHAKE) {
+    sl_channel_tls_handshake(ch);
+    return;
+  }
+  if (ch->tls_state & SL_TLS_WRITE_WANTS_READ) {
+    ch->tls_state &= (uint8_t)~SL_TLS_WRITE_WANTS_READ;
+    sl_channel_ref(ch);
+    sl_channel_update_reading(ch);
+    sl_channel_write_waiting(ch);
+    int closed = (ch->flags & SL_CH_CLOSED) != 0;
+    sl_channel_unref(ch);
+    if (closed) return;
+  }
+  sl_channel_read(ch, 0);
 }
 
 static void sl_channel_on_readable(struct ev_loop *loop, ev_io *io, int revents) {
   SL_UNUSED(loop);
   SL_UNUSED(revents);
-  sl_channel_read(SL_CONTAINER_OF(io, sl_channel, rio), 0);
+  sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, rio);
+  if (__builtin_expect(ch->tls_state != 0, 0)) sl_channel_tls_readable(ch);
+  else sl_channel_read(ch, 0);
 }
 
 void sl_channel_read_now(sl_channel *ch) {
@@ -1012,6 +1068,22 @@ static void sl_channel_on_writable(struct ev_loop *loop, ev_io *io, int revents)
   SL_UNUSED(loop);
   SL_UNUSED(revents);
   sl_channel *ch = SL_CONTAINER_OF(io, sl_channel, wio);
+  if (__builtin_expect(ch->tls_state != 0, 0)) {
+    if (ch->tls_state & SL_TLS_HANDSHAKE) {
+      sl_channel_tls_handshake(ch);
+      return;
+    }
+    if (ch->tls_state & SL_TLS_READ_WANTS_WRITE) {   /* the read that waited goes first */
+      ch->tls_state &= (uint8_t)~SL_TLS_READ_WANTS_WRITE;
+      sl_channel_ref(ch);
+      if (!sl_outq_has_flushed(&ch->outq)) ev_io_stop(loop, &ch->wio);
+      sl_channel_update_reading(ch);
+      if (ev_is_active(&ch->rio)) sl_channel_read(ch, 0);
+      int done = (ch->flags & SL_CH_CLOSED) || !ev_is_active(&ch->wio);
+      sl_channel_unref(ch);
+      if (done) return;
+    }
+  }
   if (ch->flags & SL_CH_CONNECTING) {
     int err = 0;
     socklen_t len = sizeof(err);
@@ -1028,6 +1100,10 @@ static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents) 
   sl_channel *ch = SL_CONTAINER_OF(t, sl_channel, timer);
   if (ch->flags & SL_CH_CONNECTING) {
     sl_channel_connected(ch, ETIMEDOUT);
+    return;
+  }
+  if (ch->tls_state & SL_TLS_HANDSHAKE) {
+    sl_channel_tls_timeout(ch);
     return;
   }
   if (ch->flags & SL_CH_READ_PAUSED) {

@@ -50,6 +50,22 @@
  * only notes times while they keep moving: it fires at most once per
  * timeout, and re-arms for the time left (libev's lazy timeout).
  *
+ * TLS (sl_channel_tls_accept, the client side of a listener with tls): the
+ * channel is not active until its handshake is done; the handshake runs
+ * on the read and write watchers as OpenSSL asks (WANT_READ, WANT_WRITE),
+ * under a timeout on the channel's timer. Then reads go through
+ * SSL_read_ex into the pooled buffer itself and writes through
+ * SSL_write_ex from the queued buffers (a record at most per call; short
+ * entries copied together into one record); a read that OpenSSL holds
+ * data for (read-ahead) goes on without waiting for the socket. A read
+ * that needs a write first waits for EV_WRITE, a write that needs a read
+ * for EV_READ. Output closed (half-close) or a clean close sends
+ * close_notify first; a close_notify received, or a TCP end without one,
+ * is the input's end. A failed handshake or a bad record closes the
+ * channel as an error with reason "tls_error (what OpenSSL said)"; a
+ * handshake that does not finish in time, "tls_handshake_timeout". A TLS
+ * channel never splices.
+ *
  * Write promises: a write may carry a promise id (sl_channel_promise_mark /
  * sl_channel_promise_attach). Each id is reported exactly once through the
  * worker's promise_done hook: err NULL once the bytes of its write are all
@@ -69,6 +85,9 @@
 #include "io/outq.h"
 #include "io/splice.h"
 #include "pipeline/pipeline.h"
+
+struct ssl_st;
+struct ssl_ctx_st;
 
 struct sl_worker;
 typedef struct sl_channel sl_channel;
@@ -102,6 +121,14 @@ enum {
   SL_CH_NO_HALF_CLOSE = 0x2000000, /* its listener's half_close is false: a FIN ends the pair */
   SL_CH_DISCARD = 0x4000000,    /* that ended it: its input is read and dropped, not passed on */
   SL_CH_LINGERING = 0x8000000,  /* closing once its peer has what it sent (see sl_channel_linger) */
+};
+
+/* tls_state bits */
+enum {
+  SL_TLS_HANDSHAKE = 0x1,        /* the handshake runs: not active yet */
+  SL_TLS_READ_WANTS_WRITE = 0x2, /* SSL_read_ex asked for EV_WRITE */
+  SL_TLS_WRITE_WANTS_READ = 0x4, /* SSL_write_ex asked for EV_READ */
+  SL_TLS_FAILED = 0x8,           /* a fatal TLS error: no close_notify */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -151,6 +178,7 @@ struct sl_channel {
   uint32_t mem_retries;      /* reads refused for want of buffer memory in a row (one log
                                 line when it starts, one when it ends) */
   uint8_t recv_shrink_armed; /* one small read seen; the next shrinks */
+  uint8_t tls_state;         /* SL_TLS_*, with ssl */
   uint8_t desc_pending;      /* SL_DESC_*: desc holds the listener's name alone; the rest is
                                 written by the first sl_channel_describe (most connections
                                 never log a line) */
@@ -177,6 +205,7 @@ struct sl_channel {
   uint64_t writes;           /* sl_channel_write calls */
   uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
+  struct ssl_st *ssl;        /* TLS on its socket (sl_channel_tls_accept), or NULL */
   sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
   uint32_t spl_len;          /* bytes in spl, not yet taken by the peer's socket */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs: read it through
@@ -208,6 +237,18 @@ void sl_channel_set_writable(sl_channel *ch, int on);
 sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double timeout,
                                const sl_channel_config *cfg, sl_channel_connect_fn on_connect,
                                void *ud, const char *for_name);
+
+/* Starts TLS on ch, an accepted channel not yet active (its pipeline
+ * built), as the server of ctx: the handshake runs (with at most timeout
+ * seconds), then done(ch, 0) runs, which activates it; on a failure or
+ * the timeout done(ch, errno value) runs (counting, not closing), then ch
+ * closes with the reason. SL_OK, or SL_ERROR when out of memory (nothing
+ * started). */
+int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
+                          sl_channel_connect_fn done);
+
+/* The TLS version ch negotiated ("TLSv1.3"), or NULL (no TLS, or not yet). */
+const char *sl_channel_tls_version(const sl_channel *ch);
 
 /* Fires channel_active and starts reading when autoread is on. */
 void sl_channel_activate(sl_channel *ch);

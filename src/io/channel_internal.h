@@ -6,6 +6,7 @@
 #define SL_CHANNEL_INTERNAL_H
 
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "io/channel.h"
 
@@ -40,5 +41,29 @@ int sl_channel_splice_drain(sl_channel *src);
 /* One wake-up's reads through the pipe: SL_OK, or SL_DECLINED when the
  * caller must read into buffers instead. */
 int sl_channel_splice_read(sl_channel *ch);
+
+/* channel_tls.c */
+
+/* The most plaintext a TLS record carries (SSL3_RT_MAX_PLAIN_LENGTH): the
+ * largest read and the largest write through TLS. */
+#define SL_CHANNEL_TLS_RECORD 16384
+
+/* One handshake step, as its watcher or the accept asks. */
+void sl_channel_tls_handshake(sl_channel *ch);
+/* The handshake's time is up: ch closes. */
+void sl_channel_tls_timeout(sl_channel *ch);
+/* recv through TLS: bytes read, 0 at the input's end, -1 with errno
+ * (EAGAIN: nothing now, or a TLS failure whose "tls_error (...)" is in
+ * why; another: a socket error). */
+ssize_t sl_channel_tls_recv(sl_channel *ch, void *p, size_t len, char *why, size_t wlen);
+/* 1 when OpenSSL holds bytes not yet read (the socket may be empty). */
+int sl_channel_tls_pending(const sl_channel *ch);
+/* sl_outq_write through TLS. SL_ERROR: *e the errno value, or 0 when a TLS
+ * failure's text is in ch->reason. */
+int sl_channel_tls_send(sl_channel *ch, size_t budget, size_t *n, int *e);
+/* Sends close_notify when the session is up and has not sent it. */
+void sl_channel_tls_close_notify(sl_channel *ch);
+/* Frees ch's SSL (its close). */
+void sl_channel_tls_free(sl_channel *ch);
 
 #endif

@@ -181,7 +181,16 @@ static void sl_outq_adapt_gather(sl_outq *q, size_t attempted, size_t written) {
   }
 }
 
-int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
+/* sendmsg rather than writev: MSG_NOSIGNAL turns SIGPIPE into EPIPE. */
+static ssize_t sl_outq_sendmsg(void *ud, const struct iovec *iov, int n) {
+  struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
+  return sendmsg(*(int *)ud, &msg, MSG_NOSIGNAL);
+}
+
+/* The write loop of sl_outq_write and sl_outq_write_via; max > 0: a fixed
+ * bound per call instead of the (adaptive) gather. */
+static int sl_outq_write_loop(sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max,
+                              size_t budget, size_t *written) {
   *written = 0;
   int max_iov = SL_MIN(SL_OUTQ_MAX_IOV, IOV_MAX);
   struct iovec iov[SL_OUTQ_MAX_IOV];
@@ -194,7 +203,7 @@ int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
     }
     int n = 0;
     size_t bytes = 0;
-    size_t limit = SL_MIN(budget, q->gather);
+    size_t limit = SL_MIN(budget, max ? max : q->gather);
     for (uint32_t i = 0; i < q->nflushed && n < max_iov && bytes < limit; i++) {
       sl_buf *b = q->ring[(q->head + i) & q->mask].buf;
       size_t len = b ? sl_buf_readable(b) : 0;
@@ -209,11 +218,9 @@ int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
       sl_outq_consume(q, 0);
       continue;
     }
-    /* sendmsg rather than writev: MSG_NOSIGNAL turns SIGPIPE into EPIPE. */
-    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
     calls++;
     q->sendmsg_calls++;
-    ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    ssize_t w = fn(ud, iov, n);
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) return SL_AGAIN;
@@ -221,11 +228,20 @@ int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
     }
     *written += (size_t)w;
     budget -= SL_MIN(budget, (size_t)w);
-    sl_outq_adapt_gather(q, bytes, (size_t)w);
+    if (max == 0) sl_outq_adapt_gather(q, bytes, (size_t)w);
     sl_outq_consume(q, (size_t)w);
     if ((size_t)w < bytes) return SL_AGAIN; /* the socket took less: it is full */
   }
   return SL_OK;
+}
+
+int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
+  return sl_outq_write_loop(q, sl_outq_sendmsg, &fd, 0, budget, written);
+}
+
+int sl_outq_write_via(sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max, size_t budget,
+                      size_t *written) {
+  return sl_outq_write_loop(q, fn, ud, max, budget, written);
 }
 
 int sl_outq_move(sl_outq *from, sl_outq *to, void (*adopt)(void *ud, sl_buf *b), void *ud) {

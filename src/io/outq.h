@@ -31,6 +31,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "buf/buf_types.h"
 
@@ -120,6 +121,16 @@ void sl_outq_flush(sl_outq *q);
  * socket still took everything offered: call again soon), SL_ERROR (errno
  * kept) on a write error. *written gets the bytes written. */
 int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written);
+
+/* Writes one span of flushed bytes somewhere (a TLS connection): as
+ * writev, bytes taken, or -1 with errno (EAGAIN: nothing taken now). */
+struct iovec;
+typedef ssize_t (*sl_outq_writev_fn)(void *ud, const struct iovec *iov, int n);
+
+/* sl_outq_write through fn instead of sendmsg, at most max bytes offered
+ * per call (no adaptive gather). Same returns; an error keeps fn's errno. */
+int sl_outq_write_via(sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max, size_t budget,
+                      size_t *written);
 
 /* Takes the first flushed buffer out of the queue, as if it had been
  * written (the in-memory channel of sluice.testing): its promise, and those

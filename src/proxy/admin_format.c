@@ -64,7 +64,7 @@ void sl_text_reset(sl_text *t) {
 
 /* ---- sums over workers, by name ---- */
 
-#define SL_AGG_VALUES 9
+#define SL_AGG_VALUES 11
 
 typedef struct sl_agg_row {
   char key[2 * SL_METRICS_NAME];   /* name, or "listener\0stage" */
@@ -140,9 +140,9 @@ static void sl_prom_worker(sl_text *o, const char *metric, int worker, uint64_t 
 
 enum {
   SL_L_OPENED, SL_L_CLOSED, SL_L_IN, SL_L_OUT, SL_L_OUTQ, SL_L_BUFS, SL_L_BYTES, SL_L_LIMITED,
-  SL_L_RATE
+  SL_L_RATE, SL_L_TLS_DONE, SL_L_TLS_FAILED
 };
-_Static_assert(SL_L_RATE < SL_AGG_VALUES, "a listener row holds every listener value");
+_Static_assert(SL_L_TLS_FAILED < SL_AGG_VALUES, "a listener row holds every listener value");
 
 static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
   SL_EACH_SNAP(r, s) {
@@ -159,6 +159,8 @@ static void sl_admin_sum_listeners(const sl_admin_report *r, sl_agg *g) {
       row->v[SL_L_BYTES] += l->held_bytes;
       row->v[SL_L_LIMITED] += l->limited;
       row->v[SL_L_RATE] += l->rate_pauses;
+      row->v[SL_L_TLS_DONE] += l->tls_done;
+      row->v[SL_L_TLS_FAILED] += l->tls_failed;
     }
   }
 }
@@ -181,6 +183,11 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
        "max_connections_per_client open, by listener (counted in sluice_connections_total too)."},
       {"sluice_accept_rate_pauses_total", "counter",
        "Times a worker paused accepting at the listener's max_connection_rate, by listener."},
+      {"sluice_tls_handshakes_total", "counter",
+       "TLS handshakes done with clients, by listener (listeners with tls)."},
+      {"sluice_tls_handshake_failures_total", "counter",
+       "TLS handshakes with clients that failed or timed out, by listener (listeners with "
+       "tls)."},
   };
   for (size_t k = 0; k < sizeof(m) / sizeof(m[0]); k++) {
     sl_prom_head(o, m[k].name, m[k].type, m[k].help);
@@ -192,7 +199,9 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
                    : k == 3 ? v[SL_L_OUT]
                    : k == 4 ? v[SL_L_OUTQ]
                    : k == 5 ? v[SL_L_LIMITED]
-                            : v[SL_L_RATE];
+                   : k == 6 ? v[SL_L_RATE]
+                   : k == 7 ? v[SL_L_TLS_DONE]
+                            : v[SL_L_TLS_FAILED];
       sl_prom_named(o, m[k].name, "listener", g.rows[i].key, x);
     }
   }

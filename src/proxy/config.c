@@ -247,6 +247,55 @@ static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg 
   return SL_OK;
 }
 
+/* A listener's normalized tls table (at tt) into l, and its context built;
+ * a failure names the key (listeners[li].tls.certificate). */
+static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char *err,
+                       size_t errlen) {
+  sl_tls_opts *o = &l->tls_opts;
+  o->certificate = sl_strdup_field(L, tt, "certificate");
+  o->key = sl_strdup_field(L, tt, "key");
+  o->ciphers = sl_strdup_field(L, tt, "ciphers");
+  o->ciphersuites = sl_strdup_field(L, tt, "ciphersuites");
+  char *v = sl_strdup_field(L, tt, "min_version");
+  o->min_version = v && strcmp(v, "TLSv1.3") == 0 ? SL_TLS_1_3 : SL_TLS_1_2;
+  free(v);
+  l->tls_handshake_timeout = sl_num_field(L, tt, "handshake_timeout_ms") / 1000.0;
+  lua_getfield(L, tt, "alpn");
+  if (lua_istable(L, -1)) {   /* wire format: a length byte before each name */
+    size_t n = lua_objlen(L, -1), total = 0;
+    for (size_t j = 1; j <= n; j++) {
+      lua_rawgeti(L, -1, (int)j);
+      total += 1 + lua_objlen(L, -1);
+      lua_pop(L, 1);
+    }
+    unsigned char *w = malloc(total ? total : 1);
+    size_t at = 0;
+    for (size_t j = 1; w && j <= n; j++) {
+      lua_rawgeti(L, -1, (int)j);
+      size_t len = 0;
+      const char *p = lua_tolstring(L, -1, &len);
+      w[at++] = (unsigned char)len;
+      memcpy(w + at, p, len);
+      at += len;
+      lua_pop(L, 1);
+    }
+    o->alpn = w;
+    o->alpn_len = w ? total : 0;
+  }
+  lua_pop(L, 1);
+  if (o->certificate == NULL || o->key == NULL || (o->alpn == NULL && o->alpn_len != 0)) {
+    snprintf(err, errlen, "config error: out of memory");
+    return SL_ERROR;
+  }
+  char why[1024];
+  l->tls = sl_tls_ctx_new(o, why, sizeof(why));
+  if (l->tls == NULL) {
+    snprintf(err, errlen, "config error: listeners[%zu].tls.%s", li, why);
+    return SL_ERROR;
+  }
+  return SL_OK;
+}
+
 static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, size_t errlen) {
   lua_getfield(L, cfg, "listeners");
   c->nlisteners = lua_objlen(L, -1);
@@ -288,6 +337,10 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
       l->keepalive_interval = (int)((sl_num_field(L, kt, "interval_ms") + 999) / 1000);
       l->keepalive_count = (int)sl_num_field(L, kt, "count");
     }
+    lua_pop(L, 1);
+    lua_getfield(L, lt, "tls");
+    if (lua_istable(L, -1) && sl_read_tls(L, lua_gettop(L), l, i + 1, err, errlen) != SL_OK)
+      return SL_ERROR;
     lua_pop(L, 1);
     lua_getfield(L, lt, "listen");
     if (sl_read_addr(L, lua_gettop(L), &l->addr, &l->listen_text) != SL_OK) {
@@ -549,6 +602,12 @@ void sl_config_free(sl_config *c) {
     free(l->stages);
     free(l->name);
     free(l->listen_text);
+    sl_tls_ctx_free(l->tls);
+    free((char *)l->tls_opts.certificate);
+    free((char *)l->tls_opts.key);
+    free((char *)l->tls_opts.ciphers);
+    free((char *)l->tls_opts.ciphersuites);
+    free((unsigned char *)l->tls_opts.alpn);
   }
   free(c->listeners);
   free(c->search_path);

@@ -13,6 +13,7 @@
 
 #include "alloc/arena.h"
 #include "io/addr.h"
+#include "io/tls.h"
 #include "pipeline/pipeline.h"
 #include "proxy/balance.h"
 #include "util/log.h"
@@ -98,6 +99,9 @@ typedef struct sl_listener_cfg {
   int keepalive;               /* 1: TCP keepalive on client and upstream sockets */
   int keepalive_idle, keepalive_interval, keepalive_count;   /* seconds, probes; 0: the
                                                                 system's */
+  struct ssl_ctx_st *tls;      /* TLS on its client side (built at load), or NULL: plain */
+  sl_tls_opts tls_opts;        /* what tls was built from (strings and alpn owned here) */
+  double tls_handshake_timeout; /* seconds */
 } sl_listener_cfg;
 
 typedef struct sl_config {

@@ -42,6 +42,7 @@ typedef struct sl_metrics_lis {
   uint64_t opened, closed, bytes_in, bytes_out;   /* closed connections' bytes */
   uint64_t limited;              /* closed at once by max_connections_per_client */
   uint64_t rate_pauses;          /* accepting paused at max_connection_rate */
+  uint64_t tls_done, tls_failed; /* TLS handshakes */
 } sl_metrics_lis;
 
 typedef struct sl_metrics_named {
@@ -121,6 +122,13 @@ void sl_metrics_client_opened(sl_worker *w, uint16_t li) {
 void sl_metrics_client_limited(sl_worker *w, uint16_t li) {
   sl_metrics *m = w->metrics;
   if (m && li > 0) m->listeners[li - 1].limited++;
+}
+
+void sl_metrics_tls_handshake(sl_worker *w, uint16_t li, int ok) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL || li == 0) return;
+  if (ok) m->listeners[li - 1].tls_done++;
+  else m->listeners[li - 1].tls_failed++;
 }
 
 void sl_metrics_rate_paused(sl_worker *w, uint16_t li) {
@@ -470,6 +478,8 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     o->closed = l->closed;
     o->limited = l->limited;
     o->rate_pauses = l->rate_pauses;
+    o->tls_done = l->tls_done;
+    o->tls_failed = l->tls_failed;
     o->bytes_in = l->bytes_in;
     o->bytes_out = l->bytes_out;
   }

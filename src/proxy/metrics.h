@@ -61,6 +61,7 @@ typedef struct sl_metrics_listener_snap {
   uint64_t opened, closed;       /* client connections accepted, closed */
   uint64_t limited;              /* of those, closed at once by max_connections_per_client */
   uint64_t rate_pauses;          /* times a worker paused accepting at max_connection_rate */
+  uint64_t tls_done, tls_failed; /* TLS handshakes done, failed */
   uint64_t bytes_in, bytes_out;  /* from and to clients, closed and open connections */
   uint64_t outq_bytes;           /* pending in the outbound queues of its connections */
   uint64_t held_bufs, held_bytes;/* live buffers of its connections (memory summary) */
@@ -184,6 +185,9 @@ void sl_metrics_client_opened(sl_worker *w, uint16_t li);
 void sl_metrics_client_closed(sl_worker *w, uint16_t li, struct sl_channel *ch);
 /* One of them was closed at once: its client had max_connections_per_client open. */
 void sl_metrics_client_limited(sl_worker *w, uint16_t li);
+/* A TLS handshake on a client connection of listener li ended: done (ok
+ * 1) or failed (a bad or plain-text client, a timeout). */
+void sl_metrics_tls_handshake(sl_worker *w, uint16_t li, int ok);
 /* A worker paused accepting on listener li at its max_connection_rate. */
 void sl_metrics_rate_paused(sl_worker *w, uint16_t li);
 

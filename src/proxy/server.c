@@ -203,6 +203,13 @@ static void sl_server_on_rate_pause(sl_listener *l) {
   sl_metrics_rate_paused(l->w, sl->metrics);
 }
 
+/* The TLS handshake of a client channel ended (err 0: done). */
+static void sl_server_on_handshake(sl_channel *ch, int err) {
+  sl_server_listener *sl = ch->ud;
+  sl_metrics_tls_handshake(ch->w, sl->metrics, err == 0);
+  if (err == 0) sl_channel_activate(ch);
+}
+
 static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
   sl_worker *w = l->w;
   sl_server_listener *sl = l->ud;
@@ -237,7 +244,12 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
     sl_channel_set_half_close_timeout(ch, lc->half_close_timeout);
     sl_server_tcp_keepalive(ch, lc);
     if (sl_log_enabled(SL_LOG_DEBUG)) sl_log(SL_LOG_DEBUG, "%s accepted", sl_channel_describe(ch));
-    sl_channel_activate(ch);
+    if (lc->tls == NULL) {
+      sl_channel_activate(ch);
+    } else if (sl_channel_tls_accept(ch, lc->tls, lc->tls_handshake_timeout,
+                                     sl_server_on_handshake) != SL_OK) {
+      sl_channel_close(ch, "out of memory starting TLS", 1);
+    }
   }
   sl_channel_unref(ch);
 }

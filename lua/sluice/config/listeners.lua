@@ -66,6 +66,8 @@
 --                     the queue of connections the kernel has completed
 --                     and sluice has not accepted yet (listen(2); the
 --                     kernel caps it at net.core.somaxconn)
+--     tls             optional table (sluice.config.tls): TLS on the client
+--                     side of this listener's connections
 --     (and at least an upstream or a non-empty pipeline)
 --
 -- Listeners are checked in array order; inside each, the keys in the order
@@ -80,7 +82,7 @@
 -- max_connection_rate, idle_timeout_ms,
 -- write_timeout_ms, connect_timeout_ms,
 -- defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive (false or
--- { idle_ms, interval_ms, count }, 0: the system's), backlog } }
+-- { idle_ms, interval_ms, count }, 0: the system's), backlog, tls (or nil) } }
 
 local _M = {}
 
@@ -93,6 +95,7 @@ local concat = table.concat
 local check = require("sluice.config.check")
 local address = require("sluice.config.address")
 local stages = require("sluice.config.stages")
+local tls = require("sluice.config.tls")
 local fail, show = check.fail, check.show
 local check_keys, check_array, check_positive_int =
     check.check_keys, check.check_array, check.check_positive_int
@@ -112,7 +115,7 @@ local LISTENER_KEYS = { "name", "listen", "upstream", "pipeline",
                         "max_connections", "max_connections_per_client", "max_connection_rate",
                         "idle_timeout_ms", "write_timeout_ms", "connect_timeout_ms",
                         "defer_accept", "splice", "half_close", "half_close_timeout_ms",
-                        "tcp_keepalive", "backlog" }
+                        "tcp_keepalive", "backlog", "tls" }
 local KEEPALIVE_KEYS = { "idle_ms", "interval_ms", "count" }
 local DEFAULT_BACKLOG = 511   -- nginx's on Linux
 local MAX_BACKLOG = 65535
@@ -235,6 +238,7 @@ local function check_listener(l, path, ctx)
         fail(path .. ".backlog", "expected an integer from 1 to %d, got %s", MAX_BACKLOG,
              show(l.backlog))
     end
+    local tls_cfg = tls.check(l.tls, path .. ".tls", ctx.config_dir)
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")
@@ -262,6 +266,7 @@ local function check_listener(l, path, ctx)
         half_close_timeout_ms = half_close_timeout_ms,
         tcp_keepalive = keepalive,
         backlog = backlog,
+        tls = tls_cfg,
     }
 end
 

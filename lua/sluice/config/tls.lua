@@ -1,0 +1,100 @@
+-- sluice.config.tls: a listener's `tls` table, TLS termination on the
+-- client side (the upstream side stays plain TCP).
+--
+--   tls                   optional table:
+--     certificate         required non-empty string: a PEM file holding the
+--                         certificate, then its chain; relative to the
+--                         configuration file's folder
+--     key                 required non-empty string: a PEM file holding its
+--                         private key (no passphrase); relative as above
+--     ciphers             optional non-empty string: TLS 1.2 ciphers, in
+--                         OpenSSL's cipher list syntax; default OpenSSL's
+--     ciphersuites        optional non-empty string: TLS 1.3 suites, in
+--                         OpenSSL's syntax ("TLS_AES_128_GCM_SHA256:...");
+--                         default OpenSSL's
+--     min_version         optional "TLSv1.2" or "TLSv1.3", default "TLSv1.2"
+--     alpn                optional non-empty array of protocol names (1 to
+--                         255 bytes each, e.g. "h2", "http/1.1"): the first
+--                         of them, in this order, that a client offers is
+--                         selected; none in common, none is
+--     handshake_timeout_ms optional positive integer, default 10000: a
+--                         handshake not done by then closes the connection
+--                         (reason tls_handshake_timeout)
+--
+-- Checked in the order above. That the files can be read, that the key
+-- belongs to the certificate and that OpenSSL takes the cipher lists is
+-- checked by the core when it builds the TLS context (src/io/tls.c), with
+-- the error at listeners[N].tls.KEY as well.
+--
+-- Normalized: nil, or { certificate, key (paths made absolute against the
+-- configuration's folder when relative), ciphers (or nil), ciphersuites (or
+-- nil), min_version, alpn (array, or nil), handshake_timeout_ms }.
+
+local _M = {}
+
+local type = type
+local check = require("sluice.config.check")
+local fail, show = check.fail, check.show
+local check_keys, check_array, check_positive_int, check_one_of =
+    check.check_keys, check.check_array, check.check_positive_int, check.check_one_of
+
+require("sluice.config.sandbox").exempt()
+
+local TLS_KEYS = { "certificate", "key", "ciphers", "ciphersuites", "min_version", "alpn",
+                   "handshake_timeout_ms" }
+local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
+
+local function check_string(v, path, required)
+    if v == nil and not required then return nil end
+    if type(v) ~= "string" or v == "" then
+        fail(path, "expected a non-empty string, got %s", show(v))
+    end
+    return v
+end
+
+local function absolute(p, dir)
+    if p:sub(1, 1) == "/" or dir == nil then return p end
+    return (dir:gsub("/$", "")) .. "/" .. p
+end
+
+local function check_alpn(v, path)
+    if v == nil then return nil end
+    if type(v) ~= "table" or v[1] == nil then
+        fail(path, "expected a non-empty array of protocol names, got %s", show(v))
+    end
+    local out = {}
+    for i = 1, check_array(v, path) do
+        local p = v[i]
+        if type(p) ~= "string" or #p < 1 or #p > 255 then
+            fail(path .. "[" .. i .. "]", "expected a string of 1 to 255 bytes, got %s", show(p))
+        end
+        out[i] = p
+    end
+    return out
+end
+
+-- Returns the normalized tls table of a listener (nil when absent).
+-- config_dir: the configuration's folder (relative paths start there).
+function _M.check(t, path, config_dir)
+    if t == nil then return nil end
+    if type(t) ~= "table" then
+        fail(path, "expected a table { certificate, key, ... }, got %s", show(t))
+    end
+    check_keys(t, path, TLS_KEYS)
+    local cert = check_string(t.certificate, path .. ".certificate", true)
+    local key = check_string(t.key, path .. ".key", true)
+    return {
+        certificate = absolute(cert, config_dir),
+        key = absolute(key, config_dir),
+        ciphers = check_string(t.ciphers, path .. ".ciphers", false),
+        ciphersuites = check_string(t.ciphersuites, path .. ".ciphersuites", false),
+        min_version = check_one_of(t.min_version, path .. ".min_version",
+                                   { "TLSv1.2", "TLSv1.3" }, "TLSv1.2"),
+        alpn = check_alpn(t.alpn, path .. ".alpn"),
+        handshake_timeout_ms = check_positive_int(t.handshake_timeout_ms,
+                                                  path .. ".handshake_timeout_ms",
+                                                  DEFAULT_HANDSHAKE_TIMEOUT_MS),
+    }
+end
+
+return _M

@@ -1,0 +1,378 @@
+-- TLS on a listener's client side, through the real binary: socat and
+-- openssl s_client speak TLS to sluice, which speaks plain TCP to real
+-- peers. Certificates are made with the openssl command in the spec's own
+-- folder when it runs.
+local H = require("helpers")
+
+local MiB = 1024 * 1024
+
+-- A self-signed certificate for CN=name and its key (EC P-256, made now).
+local function make_cert(dir, name)
+  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
+  local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-keyout %s -out %s -days 2 -subj /CN=%s 2>/dev/null"):format(H.shq(key), H.shq(cert), name))
+  assert(rc == 0, "openssl req failed")
+  return cert, key
+end
+
+local dir
+local function certs_dir()
+  if not dir then
+    dir = H.tmpdir() .. "/certs"
+    H.sh("mkdir -p " .. H.shq(dir))
+    make_cert(dir, "alpha.test")
+    make_cert(dir, "beta.test")
+  end
+  return dir
+end
+
+local function config(o)
+  return ([[
+return {
+  workers = 1,
+  drain_timeout_ms = 100,
+  access_log = %q,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = {
+    { name = "secure", listen = "127.0.0.1:%d", %s %s
+      tls = { certificate = %q, key = %q, %s } },
+  },
+  %s
+}
+]]):format(o.access, o.admin, o.port,
+           o.upstream_port and 'upstream = "back",' or "", o.listener or "",
+           o.cert, o.key, o.tls or "",
+           o.upstream_port and ('upstreams = { back = { servers = { "127.0.0.1:%d" } } },')
+             :format(o.upstream_port) or "")
+end
+
+-- Starts sluice with a TLS listener; returns p and the settings (port, admin, access).
+local function start(o)
+  local d = certs_dir()
+  o.port, o.admin = H.free_port(), H.free_port()
+  o.access = H.tmpfile("access.log", "")
+  o.cert = o.cert or d .. "/alpha.test.crt"
+  o.key = o.key or d .. "/alpha.test.key"
+  local p = H.start_sluice(config(o))
+  return p, o
+end
+
+-- What the worker's pool holds now: live buffers and their bytes.
+local function held(admin)
+  return { H.metric(admin, "sluice_pool_buffers", 'worker="0"'),
+           H.metric(admin, "sluice_pool_in_use_bytes", 'worker="0"') }
+end
+
+local function pool_back(admin, base)
+  return H.wait_for(function()
+    local now = held(admin)
+    return now[1] == base[1] and now[2] == base[2]
+  end, 20)
+end
+
+-- Sends the file `input` over TLS to port, half-closes, and returns what
+-- came back (until sluice closes) and socat's exit status. reader: a shell
+-- command the received bytes go through (default cat).
+local function tls_exchange(port, input, reader)
+  local out = H.tmpfile("tls.out")
+  local _, rc = H.sh(("timeout 60 sh -c %s"):format(H.shq(
+    ("socat -t 30 -T 50 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0 <%s 2>%s | %s >%s")
+      :format(port, H.shq(input), H.shq(out .. ".err"), reader or "cat", H.shq(out)))))
+  return H.read(out), rc
+end
+
+local function sha256(path)
+  return (H.sh("sha256sum " .. H.shq(path))):match("^(%x+)")
+end
+
+-- The access log's lines.
+local function access_lines(access, n)
+  return H.wait_for(function()
+    local lines = {}
+    for l in H.read(access):gmatch("[^\n]+") do lines[#lines + 1] = l end
+    return #lines >= n and lines
+  end, 30) or {}
+end
+
+-- A clean end: the client's close ("eof"), or its upstream's first ("peer
+-- closed"), as the two FINs happened to cross.
+local function clean_end(line)
+  return line:match('reason="eof"$') or line:match('reason="peer closed"$')
+end
+
+-- The subject of the certificate sluice shows on port (openssl s_client).
+local function subject(port)
+  local out = H.sh(("timeout 20 openssl s_client -connect 127.0.0.1:%d </dev/null 2>/dev/null")
+    :format(port))
+  return out:match("subject=([^\n]*)")
+end
+
+describe("tls", function()
+  local peers = H.killed_after_each()
+
+  it("carries a small exchange to a plain upstream and back", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port })
+    local base = held(o.admin)
+    local out, rc = tls_exchange(o.port, H.tmpfile("in", "hello over tls\n"))
+    assert.are.equal(0, rc)
+    assert.are.equal("hello over tls\n", out)
+    local line = access_lines(o.access, 1)[1]
+    assert.is_truthy(clean_end(line), line)
+    assert.matches("bytes_in=15 bytes_out=15 ", line, 1, true)   -- plaintext bytes
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
+    assert.are.equal(0, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("moves several MiB both ways to a client that reads late, checksums equal", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port })
+    local base = held(o.admin)
+    local input = H.tmpfile("big")
+    H.sh(("head -c %d /dev/urandom >%s"):format(12 * MiB, H.shq(input)))
+    -- The client's reader waits a second: its socket and sluice's outbound
+    -- queue fill (SSL_write_ex has to wait for EV_WRITE), then it drains.
+    local out = H.tmpfile("big.out")
+    local _, rc = H.sh(("timeout 120 sh -c %s"):format(H.shq(
+      ("socat -t 30 -T 60 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0 <%s 2>/dev/null | "
+       .. "(sleep 1; cat >%s)"):format(o.port, H.shq(input), H.shq(out)))))
+    assert.are.equal(0, rc)
+    assert.are.equal(sha256(input), sha256(out))
+    local line = access_lines(o.access, 1)[1]
+    assert.matches(("bytes_in=%d bytes_out=%d "):format(12 * MiB, 12 * MiB), line, 1, true)
+    assert.is_truthy(clean_end(line), line)
+    local log = H.read(p.log)
+    -- The outbound queue to the client did fill: its peak is in the close line.
+    local peak = tonumber(log:match("client [%d.:]+ on secure closed: [%a ]+ %(in %d+ B, "
+                                    .. "out %d+ B, peak queue (%d+) B"))
+    assert.is_truthy(peak and peak > 65536, log)
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("writes many small buffers to a slow client as whole records, every byte in order",
+     function()
+    -- Each line is a buffer of its own on the way back (a line codec, then
+    -- echo): short entries are copied together into records, and a write
+    -- OpenSSL must repeat (the socket full) is repeated with the same bytes.
+    local p, o = start({ listener = 'write_spin_count = 1, pipeline = { { "sluice.codec.line", '
+                                   .. 'max_length = 1024, strip_delimiter = false }, '
+                                   .. '"sluice.stages.echo" },' })
+    local base = held(o.admin)
+    local input = H.tmpfile("lines")
+    H.sh(("seq 1 300000 >%s"):format(H.shq(input)))
+    local outs = {}
+    for i = 1, 3 do   -- at once, each reader late
+      outs[i] = H.tmpfile("lines.out")
+      H.spawn(("sh -c %s"):format(H.shq(
+        ("socat -t 30 -T 60 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0 <%s 2>/dev/null | "
+         .. "(sleep 1; cat >%s)"):format(o.port, H.shq(input), H.shq(outs[i])))), "lines")
+    end
+    local lines = access_lines(o.access, 3)
+    assert.are.equal(3, #lines, H.read(p.log))
+    local want = sha256(input)
+    for i = 1, 3 do
+      assert.is_truthy(clean_end(lines[i]), lines[i])
+      assert.is_truthy(H.wait_for(function() return sha256(outs[i]) == want end, 30))
+    end
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("keeps to min_version and selects an ALPN protocol", function()
+    local p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                         tls = 'min_version = "TLSv1.3", alpn = { "h2", "http/1.1" },' })
+    local base = held(o.admin)
+    local s_client = "timeout 20 openssl s_client -connect 127.0.0.1:%d %s </dev/null 2>&1"
+    local out = H.sh(s_client:format(o.port, "-alpn http/1.1,h2"))
+    assert.matches("ALPN protocol: h2", out, 1, true)
+    assert.matches("TLSv1.3", out, 1, true)
+    out = H.sh(s_client:format(o.port, "-alpn spdy/1"))
+    assert.matches("No ALPN negotiated", out, 1, true)
+    H.sh(s_client:format(o.port, "-tls1_2"))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("on secure closed: tls_error %(unsupported protocol%)")
+    end, 20), H.read(p.log))
+    assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("closes a client that sends plain bytes with the reason, while a TLS client carries on",
+     function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port })
+    local base = held(o.admin)
+    -- A TLS client held open mid-conversation.
+    local go, out = H.tmpfile("go"), H.tmpfile("held.out", "")
+    local script = ("printf 'first\\n'; while [ ! -e %s ]; do sleep 0.02; done; printf 'second\\n'")
+      :format(H.shq(go))
+    local c = H.spawn(("sh -c %s"):format(H.shq(
+      ("(%s) | socat -t 10 - OPENSSL:127.0.0.1:%d,verify=0 >%s"):format(script, o.port, H.shq(out)))),
+      "held")
+    assert.is_truthy(H.wait_for(function() return H.read(out) == "first\n" end, 30), H.read(p.log))
+    -- Plain text, then random bytes, to the TLS port: each closed, nothing echoed.
+    local reply = H.exchange(o.port, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 20)
+    assert.are.equal("", reply)
+    local junk = H.tmpfile("junk")
+    H.sh(("head -c 4096 /dev/urandom >%s"):format(H.shq(junk)))
+    assert.are.equal("", (H.exchange(o.port, { file = junk }, 20)))
+    local log = H.read(p.log)
+    assert.matches("client 127%.0%.0%.1:%d+ on secure closed: tls_error %(http request%)", log)
+    local lines = access_lines(o.access, 2)
+    assert.matches('reason="tls_error %(http request%)"$', lines[1])
+    assert.matches('reason="tls_error %(', lines[2])
+    assert.matches("upstream=- ", lines[1], 1, true)   -- no upstream connection was made
+    -- The held client goes on.
+    H.sh("touch " .. H.shq(go))
+    assert.is_truthy(H.wait_for(function() return tonumber(H.read(c.rc_file)) end, 30))
+    assert.are.equal("first\nsecond\n", H.read(out))
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
+    assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("closes a client that never finishes its handshake (tls_handshake_timeout)", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port, tls = "handshake_timeout_ms = 300," })
+    local base = held(o.admin)
+    -- Connects and sends nothing: sluice closes it (the read sees the end).
+    local c = H.connect(o.port)
+    assert.are.equal("", c.recv(1, 30))
+    c.close()
+    local line = access_lines(o.access, 1)[1]
+    assert.matches('reason="tls_handshake_timeout"$', line)
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("passes a client's half-close on and brings the upstream's answer back over TLS",
+     function()
+    -- The upstream answers only once its input has ended.
+    local up = H.start_peer("sha256sum | cut -c1-64")
+    peers[#peers + 1] = up
+    local p, o = start({ upstream_port = up.port })
+    local base = held(o.admin)
+    local input = H.tmpfile("half")
+    H.sh(("head -c %d /dev/urandom >%s"):format(3 * MiB, H.shq(input)))
+    local out, rc = tls_exchange(o.port, input)
+    assert.are.equal(0, rc)
+    assert.are.equal(sha256(input) .. "\n", out)
+    local line = access_lines(o.access, 1)[1]
+    assert.is_truthy(clean_end(line), line)
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("gives a pipeline's Lua stage the plaintext", function()
+    local p, o = start({ listener = 'pipeline = { "examples.stages.upper", "sluice.stages.echo" },' })
+    local base = held(o.admin)
+    local out, rc = tls_exchange(o.port, H.tmpfile("in", "quiet words\nmore\n"))
+    assert.are.equal(0, rc)
+    assert.are.equal("QUIET WORDS\nMORE\n", out)
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  describe("configuration", function()
+    local function check(tls_text)
+      local d = certs_dir()
+      local cfg = H.tmpfile("bad.lua", ([[
+return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" },
+  tls = { %s } } } }
+]]):format(H.free_port(), tls_text:gsub("DIR", d)))
+      local out, rc = H.sh(("%s %s --check %s 2>&1"):format(H.wrapper, H.shq(H.bin), H.shq(cfg)))
+      local out2, rc2 = H.sh(("%s %s -c %s 2>&1"):format(H.wrapper, H.shq(H.bin), H.shq(cfg)))
+      return out, rc, out2, rc2
+    end
+
+    it("refuses a certificate file that cannot be read, naming the key (exit 2)", function()
+      local out, rc, out2, rc2 = check('certificate = "DIR/none.crt", key = "DIR/alpha.test.key"')
+      assert.are.equal(2, rc)
+      assert.matches("config error: listeners[1].tls.certificate: cannot read "
+                     .. certs_dir() .. "/none.crt (No such file or directory)", out, 1, true)
+      assert.are.equal(2, rc2)   -- and nothing starts
+      assert.matches("listeners[1].tls.certificate", out2, 1, true)
+      assert.not_matches("started with", out2, 1, true)
+    end)
+
+    it("refuses a key that does not belong to the certificate (exit 2)", function()
+      local out, rc = check('certificate = "DIR/alpha.test.crt", key = "DIR/beta.test.key"')
+      assert.are.equal(2, rc)
+      assert.matches("config error: listeners[1].tls.key: " .. certs_dir()
+                     .. "/beta.test.key does not match the certificate", out, 1, true)
+    end)
+
+    it("refuses a cipher list OpenSSL has nothing for, and unknown keys (exit 2)", function()
+      local out, rc = check('certificate = "DIR/alpha.test.crt", key = "DIR/alpha.test.key", '
+                            .. 'ciphers = "NO-SUCH-CIPHER"')
+      assert.are.equal(2, rc)
+      assert.matches('config error: listeners[1].tls.ciphers: no usable cipher in "NO-SUCH-CIPHER"',
+                     out, 1, true)
+      out, rc = check('certificate = "DIR/alpha.test.crt", key = "DIR/alpha.test.key", '
+                      .. 'min_version = "TLSv1.1"')
+      assert.are.equal(2, rc)
+      assert.matches('listeners[1].tls.min_version: expected one of "TLSv1.2", "TLSv1.3"', out, 1,
+                     true)
+      out, rc = check('certificate = "DIR/alpha.test.crt", key = "DIR/alpha.test.key", cert = 1')
+      assert.are.equal(2, rc)
+      assert.matches("listeners[1].tls.cert: unknown key", out, 1, true)
+    end)
+  end)
+
+  it("takes new certificate files on a reload for new connections; open ones keep theirs",
+     function()
+    local d = certs_dir()
+    local live = H.tmpdir() .. "/live_" .. H.free_port()
+    H.sh(("mkdir -p %s && cp %s/alpha.test.crt %s/site.crt && cp %s/alpha.test.key %s/site.key")
+      :format(H.shq(live), H.shq(d), H.shq(live), H.shq(d), H.shq(live)))
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port, cert = live .. "/site.crt",
+                         key = live .. "/site.key" })
+    local base = held(o.admin)
+    assert.matches("CN ?= ?alpha%.test", subject(o.port))
+    -- A connection opened before the reload.
+    local go, out = H.tmpfile("go"), H.tmpfile("held.out", "")
+    local script = ("printf 'one\\n'; while [ ! -e %s ]; do sleep 0.02; done; printf 'two\\n'")
+      :format(H.shq(go))
+    local c = H.spawn(("sh -c %s"):format(H.shq(
+      ("(%s) | socat -t 10 - OPENSSL:127.0.0.1:%d,verify=0 >%s"):format(script, o.port, H.shq(out)))),
+      "held")
+    assert.is_truthy(H.wait_for(function() return H.read(out) == "one\n" end, 30))
+    -- A key that does not match: the reload is refused, alpha stays.
+    H.sh(("cp %s/beta.test.key %s/site.key"):format(H.shq(d), H.shq(live)))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function() return H.read(p.log):find("reload refused", 1, true) end,
+                                30))
+    assert.matches("reload refused, the running configuration stays: config error: "
+                   .. "listeners[1].tls.key: ", H.read(p.log), 1, true)
+    assert.matches("CN ?= ?alpha%.test", subject(o.port))
+    -- Both files new: new connections see beta.
+    H.sh(("cp %s/beta.test.crt %s/site.crt"):format(H.shq(d), H.shq(live)))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 30), H.read(p.log))
+    assert.matches("CN ?= ?beta%.test", subject(o.port))
+    -- The connection from before goes on.
+    H.sh("touch " .. H.shq(go))
+    assert.is_truthy(H.wait_for(function() return tonumber(H.read(c.rc_file)) end, 30))
+    assert.are.equal("one\ntwo\n", H.read(out))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+end)

@@ -793,7 +793,8 @@ describe("sluice.config", function()
                          .. "write_spin_count, max_bytes_per_gathering_write, max_connections, "
                          .. "max_connections_per_client, max_connection_rate, idle_timeout_ms, write_timeout_ms, "
                          .. "connect_timeout_ms, "
-                         .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog)",
+                         .. "defer_accept, splice, half_close, half_close_timeout_ms, tcp_keepalive, backlog, "
+                         .. "tls)",
                          err_of(conf({ listener({ lisen = "127.0.0.1:7000" }) })))
       end)
 
@@ -990,6 +991,41 @@ describe("sluice.config", function()
                          err_of(conf({ listener({ half_close_timeout_ms = 0 }) })))
         assert.are.equal('config error: listeners[1].half_close_timeout_ms: expected a positive integer, got "5s"',
                          err_of(conf({ listener({ half_close_timeout_ms = "5s" }) })))
+      end)
+
+      it("take tls as a table: files made absolute from the config's folder, defaults filled", function()
+        local function t(v) return ok_of(conf({ listener({ tls = v }) })).listeners[1].tls end
+        assert.is_nil(t(nil))
+        assert.are.same({ certificate = FIX .. "/site.crt", key = "/etc/site.key",
+                          min_version = "TLSv1.2", handshake_timeout_ms = 10000 },
+                        t({ certificate = "site.crt", key = "/etc/site.key" }))
+        assert.are.same({ certificate = "/a.crt", key = "/a.key", ciphers = "HIGH",
+                          ciphersuites = "TLS_AES_128_GCM_SHA256", min_version = "TLSv1.3",
+                          alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500 },
+                        t({ certificate = "/a.crt", key = "/a.key", ciphers = "HIGH",
+                            ciphersuites = "TLS_AES_128_GCM_SHA256", min_version = "TLSv1.3",
+                            alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500 }))
+        local function bad(v) return err_of(conf({ listener({ tls = v }) })) end
+        assert.are.equal('config error: listeners[1].tls: expected a table { certificate, key, ... }, '
+                         .. 'got true', bad(true))
+        assert.are.equal("config error: listeners[1].tls.certificate: expected a non-empty string, "
+                         .. "got nil", bad({ key = "/a.key" }))
+        assert.are.equal('config error: listeners[1].tls.key: expected a non-empty string, got ""',
+                         bad({ certificate = "/a.crt", key = "" }))
+        assert.are.equal("config error: listeners[1].tls.crt: unknown key (expected one of: "
+                         .. "certificate, key, ciphers, ciphersuites, min_version, alpn, "
+                         .. "handshake_timeout_ms)", bad({ crt = "/a.crt" }))
+        assert.are.equal('config error: listeners[1].tls.min_version: expected one of "TLSv1.2", '
+                         .. '"TLSv1.3", got "SSLv3"',
+                         bad({ certificate = "/a", key = "/b", min_version = "SSLv3" }))
+        assert.are.equal("config error: listeners[1].tls.alpn: expected a non-empty array of "
+                         .. "protocol names, got an empty table",
+                         bad({ certificate = "/a", key = "/b", alpn = {} }))
+        assert.are.equal("config error: listeners[1].tls.alpn[2]: expected a string of 1 to 255 "
+                         .. "bytes, got 42", bad({ certificate = "/a", key = "/b", alpn = { "h2", 42 } }))
+        assert.are.equal("config error: listeners[1].tls.handshake_timeout_ms: expected a positive "
+                         .. "integer, got 0",
+                         bad({ certificate = "/a", key = "/b", handshake_timeout_ms = 0 }))
       end)
 
       it("take tcp_keepalive as a boolean or a table of idle_ms, interval_ms and count", function()

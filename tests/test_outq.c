@@ -924,6 +924,73 @@ static void test_over_limit_counts_bytes_and_overhead(void **state) {
   SL_TEST_ASSERT_POOL_CLEAN(f->pool);
 }
 
+/* sl_outq_write_via's writer for the test: records what each call offered,
+ * refuses (EAGAIN) while refuse > 0, then takes at most take bytes of it,
+ * checking they continue the pattern. */
+typedef struct via_log {
+  size_t offered[16];
+  int calls;
+  int refuse;
+  size_t take;
+  size_t offset;               /* of the stream, for the pattern check */
+} via_log;
+
+static ssize_t via_writer(void *ud, const struct iovec *iov, int n) {
+  via_log *v = ud;
+  size_t len = 0;
+  for (int i = 0; i < n; i++) len += iov[i].iov_len;
+  if (v->calls < 16) v->offered[v->calls] = len;
+  v->calls++;
+  if (v->refuse > 0) {
+    v->refuse--;
+    errno = EAGAIN;
+    return -1;
+  }
+  size_t want = SL_MIN(len, v->take), done = 0;
+  for (int i = 0; i < n && done < want; i++) {
+    size_t k = SL_MIN(iov[i].iov_len, want - done);
+    size_t bad = sl_test_pattern_mismatch(iov[i].iov_base, k, v->offset + done);
+    if (bad != k) fail_msg("byte %zu offered differs", v->offset + done + bad);
+    done += k;
+  }
+  v->offset += done;
+  return (ssize_t)done;
+}
+
+/* The TLS writer's contract: at most max bytes offered per call, none
+ * adaptive; a call refused is offered again from the same head with at
+ * least as many bytes (OpenSSL's rule for repeating SSL_write_ex), even
+ * once more entries are queued; bytes taken are consumed in order. */
+static void test_write_via_bounds_calls_and_repeats_with_no_fewer_bytes(void **state) {
+  fixture *f = *state;
+  sl_outq q;
+  sl_outq_init(&q, 1 << 20, 1 << 21, NULL, NULL);
+  size_t offset = 0;
+  const size_t small[] = {100, 200, 300};
+  add_pattern(&q, f->pool, small, 3, &offset);
+  sl_outq_flush(&q);
+  via_log v = {.refuse = 1, .take = SIZE_MAX};
+  size_t written = 0;
+  assert_int_equal(sl_outq_write_via(&q, via_writer, &v, 16384, SIZE_MAX, &written), SL_AGAIN);
+  assert_int_equal(written, 0);
+  assert_int_equal(v.offered[0], 600);
+  /* More queued meanwhile: the repeat offers the same head, and more. */
+  const size_t big[] = {40000};
+  add_pattern(&q, f->pool, big, 1, &offset);
+  sl_outq_flush(&q);
+  v.take = 16384;
+  assert_int_equal(sl_outq_write_via(&q, via_writer, &v, 16384, SIZE_MAX, &written), SL_OK);
+  assert_int_equal(written, 40600);
+  assert_true(v.offered[1] >= v.offered[0]);
+  for (int i = 1; i < v.calls; i++) assert_true(v.offered[i] <= 16384);
+  assert_int_equal(v.calls, 1 + 3);   /* 16384 + 16384 + 7832 */
+  assert_int_equal(v.offset, offset);
+  assert_true(sl_outq_is_empty(&q));
+  assert_int_equal(q.gather, SL_MAX((size_t)SL_OUTQ_GATHER_INITIAL, (size_t)SL_OUTQ_GATHER_MIN));
+  sl_outq_destroy(&q);
+  assert_int_equal(sl_test_stats(f->pool).blocks_in_use, 0);
+}
+
 #define FIXTURE_TEST(fn) cmocka_unit_test_setup_teardown(fn, fixture_setup, fixture_teardown)
 
 int main(void) {
@@ -954,6 +1021,7 @@ int main(void) {
       FIXTURE_TEST(test_entries_added_inside_a_completion_go_out_in_order),
       FIXTURE_TEST(test_take_completes_promises_as_if_written),
       FIXTURE_TEST(test_over_limit_counts_bytes_and_overhead),
+      FIXTURE_TEST(test_write_via_bounds_calls_and_repeats_with_no_fewer_bytes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -121,6 +121,7 @@ describe("tls", function()
     local line = access_lines(o.access, 1)[1]
     assert.is_truthy(clean_end(line), line)
     assert.matches("bytes_in=15 bytes_out=15 ", line, 1, true)   -- plaintext bytes
+    assert.matches(" tls=TLSv1.3 reason=", line, 1, true)
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(0, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
@@ -231,6 +232,7 @@ describe("tls", function()
     assert.matches('reason="tls_error %(http request%)"$', lines[1])
     assert.matches('reason="tls_error %(', lines[2])
     assert.matches("upstream=- ", lines[1], 1, true)   -- no upstream connection was made
+    assert.matches(" tls=- reason=", lines[1], 1, true)  -- no handshake done
     -- The held client goes on.
     H.sh("touch " .. H.shq(go))
     assert.is_truthy(H.wait_for(function() return tonumber(H.read(c.rc_file)) end, 30))

@@ -206,6 +206,7 @@ struct sl_channel {
   uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
   struct ssl_st *ssl;        /* TLS on its socket (sl_channel_tls_accept), or NULL */
+  const char *tls_version;   /* its handshake's version ("TLSv1.3", static), kept after close */
   sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
   uint32_t spl_len;          /* bytes in spl, not yet taken by the peer's socket */
   char desc[112];            /* "client 127.0.0.1:5000 on front" for logs: read it through
@@ -247,8 +248,9 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
 int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
                           sl_channel_connect_fn done);
 
-/* The TLS version ch negotiated ("TLSv1.3"), or NULL (no TLS, or not yet). */
-const char *sl_channel_tls_version(const sl_channel *ch);
+/* The TLS version ch negotiated ("TLSv1.3"), also once closed; NULL: no
+ * TLS, or no handshake done. */
+static inline const char *sl_channel_tls_version(const sl_channel *ch) { return ch->tls_version; }
 
 /* Fires channel_active and starts reading when autoread is on. */
 void sl_channel_activate(sl_channel *ch);

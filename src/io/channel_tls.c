@@ -80,6 +80,7 @@ void sl_channel_tls_handshake(sl_channel *ch) {
     if (sl_log_enabled(SL_LOG_DEBUG))
       sl_log(SL_LOG_DEBUG, "%s: %s handshake done (%s)", sl_channel_describe(ch),
              SSL_get_version(ch->ssl), SSL_get_cipher_name(ch->ssl));
+    ch->tls_version = SSL_get_version(ch->ssl);   /* a static string */
     sl_channel_tls_done(ch, 0, NULL);
     return;
   }
@@ -194,8 +195,4 @@ void sl_channel_tls_free(sl_channel *ch) {
   if (ch->ssl == NULL) return;
   SSL_free(ch->ssl);
   ch->ssl = NULL;
-}
-
-const char *sl_channel_tls_version(const sl_channel *ch) {
-  return ch->ssl != NULL && !(ch->tls_state & SL_TLS_HANDSHAKE) ? SSL_get_version(ch->ssl) : NULL;
 }

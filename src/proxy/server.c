@@ -138,6 +138,9 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
   else snprintf(up, sizeof(up), "%s", json ? "null" : "-");
   unsigned long long in = (unsigned long long)ch->bytes_in, out = (unsigned long long)ch->bytes_out;
   double ms = (ev_now(ch->w->loop) - ch->started) * 1000.0;
+  /* A TLS listener's lines say the version (none: no handshake done). */
+  const char *tls = sl->lc->tls ? sl_channel_tls_version(ch) : NULL;
+  int has_tls = sl->lc->tls != NULL;
   size_t n;
   if (json) {
     /* Every field but the name and the reason is short and plain; those
@@ -149,16 +152,19 @@ static void sl_server_access_log(sl_channel *ch, const sl_server_listener *sl) {
     n += sl_server_json_string(line + n, SL_SERVER_JSON_NAME, sl->lc->name);
     n += (size_t)snprintf(line + n, sizeof(line) - n,
                           ",\"upstream\":%s%s%s,\"worker\":%d,\"bytes_in\":%llu,\"bytes_out\":%llu,"
-                          "\"duration_ms\":%.0f,\"reason\":",
-                          has_up ? "\"" : "", up, has_up ? "\"" : "", ch->w->id, in, out, ms);
+                          "\"duration_ms\":%.0f,%s%s%s%s\"reason\":",
+                          has_up ? "\"" : "", up, has_up ? "\"" : "", ch->w->id, in, out, ms,
+                          has_tls ? "\"tls\":" : "", tls ? "\"" : "",
+                          has_tls ? (tls ? tls : "null") : "", has_tls ? (tls ? "\"," : ",") : "");
     n += sl_server_json_string(line + n, sizeof(line) - n - 2, ch->reason);
     line[n++] = '}';
   } else {
     n = (size_t)sl_log_format_time(line, sizeof(line));
     n += (size_t)snprintf(line + n, sizeof(line) - n,
                           " client=%s listener=%s upstream=%s worker=%d bytes_in=%llu "
-                          "bytes_out=%llu duration_ms=%.0f reason=",
-                          client, sl->lc->name, up, ch->w->id, in, out, ms);
+                          "bytes_out=%llu duration_ms=%.0f %s%s%sreason=",
+                          client, sl->lc->name, up, ch->w->id, in, out, ms, has_tls ? "tls=" : "",
+                          has_tls ? (tls ? tls : "-") : "", has_tls ? " " : "");
     if (n >= sizeof(line) - 4) n = sizeof(line) - 4;
     n += sl_server_quote(line + n, sizeof(line) - n - 1, ch->reason);
   }

@@ -717,8 +717,13 @@ static int sl_channel_do_write(sl_channel *ch) {
     else sl_channel_write_failed(ch, e);
   } else if (rc != SL_OK || sl_outq_has_flushed(&ch->outq)) {
     rc = SL_AGAIN;
-    if (ch->tls_state & SL_TLS_WRITE_WANTS_READ) sl_channel_update_reading(ch);
-    else sl_channel_wait_writable(ch);
+    if (ch->tls_state & SL_TLS_WRITE_WANTS_READ) {   /* EV_READ brings it back, not EV_WRITE */
+      if (ev_is_active(&ch->wio) && !(ch->tls_state & SL_TLS_READ_WANTS_WRITE))
+        ev_io_stop(ch->w->loop, &ch->wio);
+      sl_channel_update_reading(ch);
+    } else {
+      sl_channel_wait_writable(ch);
+    }
   } else {
     if (ev_is_active(&ch->wio) && !(ch->tls_state & SL_TLS_READ_WANTS_WRITE))
       ev_io_stop(ch->w->loop, &ch->wio);
@@ -909,6 +914,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
   struct ev_loop *loop = w->loop;
   size_t total = 0;
   int eof = 0;
+  int drained = 0;   /* the last read found nothing (EAGAIN: OpenSSL wants the socket) */
   char why[128];
   const char *why_code = NULL;
   why[0] = '\0';
@@ -968,6 +974,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       break;
     }
     if (sl_channel_read_error(errno, why, sizeof(why), &why_code)) continue;
+    drained = 1;
     break;
   }
   if (w->lua) w->lua_hold(w->lua, 0);
@@ -982,9 +989,11 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     sl_pipeline_fire_read_complete(&ch->pipe);
   }
   if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
-  /* The burst ended with bytes inside OpenSSL: read them on the next
-   * iteration, as for a socket still readable. */
-  if (ch->ssl != NULL && ev_is_active(&ch->rio) && sl_channel_tls_pending(ch))
+  /* The burst ended (its read count spent) with bytes inside OpenSSL:
+   * read them on the next iteration, as for a socket still readable. Not
+   * when OpenSSL asked for the socket: what it holds is then a record's
+   * beginning, and the socket's own event brings the rest. */
+  if (ch->ssl != NULL && !drained && ev_is_active(&ch->rio) && sl_channel_tls_pending(ch))
     ev_feed_event(loop, &ch->rio, EV_READ);
   ch->flags = (ch->flags & ~(uint32_t)SL_CH_READING) | was_reading;
   sl_channel_unref(ch);

@@ -320,7 +320,8 @@ void sl_channel_update_reading(sl_channel *ch) {
   if (want && !ev_is_active(&ch->rio)) {
     ev_io_start(ch->w->loop, &ch->rio);
     /* Bytes OpenSSL holds already: no socket event would announce them. */
-    if (sl_channel_tls_pending(ch)) ev_feed_event(ch->w->loop, &ch->rio, EV_READ);
+    if (ch->ssl != NULL && sl_channel_tls_pending(ch))
+      ev_feed_event(ch->w->loop, &ch->rio, EV_READ);
   } else if (!want && ev_is_active(&ch->rio)) {
     ev_io_stop(ch->w->loop, &ch->rio);
   }
@@ -953,7 +954,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     if (n > 0) {
       /* A short read drained the socket; through TLS, only if OpenSSL
        * holds nothing more (read-ahead). */
-      int more = (size_t)n == size || sl_channel_tls_pending(ch);
+      int more = (size_t)n == size || (ch->ssl != NULL && sl_channel_tls_pending(ch));
       b->wr = (uint32_t)n;
       total += (size_t)n;
       ch->bytes_in += (uint64_t)n;

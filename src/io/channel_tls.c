@@ -22,9 +22,9 @@
  * become a record of their own. */
 #define SL_TLS_RECORD SL_CHANNEL_TLS_RECORD
 
-/* What a failed SSL call (r, its SSL_get_error e) means, as "tls_error
- * (...)" in why; *code and the return tell the caller: an errno value for a
- * plain socket error (the caller words it), or 0 (why is set). */
+/* A failed SSL call (e: its SSL_get_error) is fatal for ch's session.
+ * Returns the errno value of a plain socket error (the caller words it),
+ * or 0 with "tls_error (what OpenSSL said)" in why. */
 static int sl_channel_tls_failure(sl_channel *ch, int e, char *why, size_t len) {
   char text[200];
   ch->tls_state |= SL_TLS_FAILED;   /* no close_notify after a fatal error */

@@ -279,6 +279,33 @@ describe("tls", function()
     H.stop_sluice(p)
   end)
 
+  it("passes the upstream's half-close on, and the client's bytes after it still go up",
+     function()
+    -- The upstream says "hi", ends its output (pipes: its stdout apart from
+    -- its stdin), then counts what it reads until its input ends.
+    local count = H.tmpfile("count")
+    local port = H.free_port()
+    peers[#peers + 1] = H.spawn(("socat TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr SYSTEM:%s,pipes")
+      :format(port, H.shq(("printf hi; exec 1>&-; wc -c >%s"):format(H.shq(count)))), "peer")
+    assert.is_truthy(H.wait_for(function()   -- (ss: a probe connection would be its only one)
+      return (H.sh("ss -ltn")):find("127.0.0.1:" .. port, 1, true)
+    end, 10))
+    local p, o = start({ upstream_port = port })
+    local base = held(o.admin)
+    -- The client sends only after sluice has passed the upstream's end on.
+    local out = H.tmpfile("half.out")
+    local _, rc = H.sh(("timeout 60 sh -c %s"):format(H.shq(
+      ("(sleep 1; head -c 5000 /dev/zero) | socat -t 10 - OPENSSL:127.0.0.1:%d,verify=0 >%s "
+       .. "2>/dev/null"):format(o.port, H.shq(out)))))
+    assert.are.equal(0, rc)
+    assert.are.equal("hi", H.read(out))
+    assert.is_truthy(H.wait_for(function() return H.read(count):match("^%s*5000%s*$") end, 20),
+                     H.read(p.log))
+    assert.is_truthy(clean_end(access_lines(o.access, 1)[1]))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
   it("gives a pipeline's Lua stage the plaintext", function()
     local p, o = start({ listener = 'pipeline = { "examples.stages.upper", "sluice.stages.echo" },' })
     local base = held(o.admin)

@@ -694,6 +694,11 @@ function Channel:local_address()
   local c = self.ctx.cptr
   return c and ffi_string(C.sl_ffi_ctx_address(c, 0)) or nil
 end
+function Channel:tls_version()
+  local c = self.ctx.cptr
+  local v = c and C.sl_ffi_ctx_tls_version(c)
+  return v ~= nil and ffi_string(v) or nil
+end
 
 ---------------------------------------------------------------------------
 -- Stages

@@ -307,11 +307,24 @@ describe("tls", function()
   end)
 
   it("gives a pipeline's Lua stage the plaintext", function()
-    local p, o = start({ listener = 'pipeline = { "examples.stages.upper", "sluice.stages.echo" },' })
+    -- A stage that says what its channel knows of TLS when it becomes active.
+    local stage = H.tmpfile("tls_seen.lua", [[
+local log = require("sluice.log")
+return {
+  channel_active = function(ctx)
+    log.info("active over %s", tostring(ctx:channel():tls_version()))
+    ctx:fire_active()
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    local p, o = start({ listener = ('pipeline = { %q, "examples.stages.upper", '
+                                     .. '"sluice.stages.echo" },'):format(mod) })
     local base = held(o.admin)
     local out, rc = tls_exchange(o.port, H.tmpfile("in", "quiet words\nmore\n"))
     assert.are.equal(0, rc)
     assert.are.equal("QUIET WORDS\nMORE\n", out)
+    assert.matches("active over TLSv1.3", H.read(p.log), 1, true)
     assert.is_truthy(pool_back(o.admin, base))
     H.stop_sluice(p)
   end)

@@ -342,6 +342,10 @@ const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote) {
   return text;
 }
 
+const char *sl_ffi_ctx_tls_version(sl_ctx *ctx) {
+  return sl_channel_tls_version(sl_ctx_channel(ctx));
+}
+
 double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }
 
 int sl_ffi_ctx_is_open(sl_ctx *ctx) { return !sl_channel_is_closed(sl_ctx_channel(ctx)); }

@@ -237,6 +237,8 @@ SL_FFI_EXPORT void sl_ffi_ctx_remove(sl_ctx *ctx);
 SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 /* The channel's addresses as "host:port" text ("" when unknown). */
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
+/* The TLS version ctx's channel agreed on ("TLSv1.3"), or NULL: no TLS. */
+SL_FFI_EXPORT const char *sl_ffi_ctx_tls_version(sl_ctx *ctx);
 /* 1 while ctx's channel is open (not closed, though perhaps closing). */
 SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */

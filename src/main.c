@@ -3,7 +3,8 @@
  * environment's overrides, and hand over to the runtime (src/proxy/runtime.c).
  *
  * Exit codes: 0 after a clean stop or a good --check, 1 when start-up fails
- * (a port in use), 2 on a bad command line or a bad config.
+ * (a port in use), 2 on a bad command line, a bad config or a bad
+ * environment (systemd's LISTEN_FDS included).
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -33,7 +34,9 @@ static void sl_usage(FILE *out) {
           "         over the listening sockets, and this one then drains and exits.\n"
           "Environment: SLUICE_ROOT (sluice's own Lua library), SLUICE_LOG_LEVEL,\n"
           "             SLUICE_ALLOCATOR (pooled or unpooled),\n"
-          "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid).\n");
+          "             SLUICE_LEAK_DETECTION (disabled, simple, advanced, paranoid);\n"
+          "             LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES: listening sockets from\n"
+          "             systemd (socket activation), taken by the listeners on their addresses.\n");
 }
 
 /* Applies SLUICE_LOG_LEVEL, SLUICE_ALLOCATOR and SLUICE_LEAK_DETECTION to cfg
@@ -110,6 +113,10 @@ int main(int argc, char **argv) {
     sl_config_free(cfg);
     return 0;
   }
-  sl_upgrade_init(argc, argv);
+  if (sl_upgrade_init(argc, argv, err, sizeof(err)) != SL_OK) {
+    fprintf(stderr, "sluice: %s\n", err);
+    sl_config_free(cfg);
+    return 2;
+  }
   return sl_runtime_run(cfg);
 }

@@ -392,7 +392,7 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   }
   snprintf(a->text, sizeof(a->text), "%s", text);
   char why[256];
-  int inherited = sl_upgrade_take(addr, &a->fd, 1, 511, why, sizeof(why));
+  int inherited = sl_upgrade_take(addr, &a->fd, 1, 511, NULL, why, sizeof(why));
   if (inherited < 0) {
     snprintf(err, errlen, "admin.listen: %s: %s", text, why);
     free(a);

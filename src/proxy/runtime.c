@@ -142,7 +142,8 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
   sl_client_limit_init(&set->clients, lc->max_per_client);
   atomic_init(&set->backlog, lc->backlog);
   char why[256];
-  int inherited = sl_upgrade_take(&lc->addr, fds, rt->nworkers, lc->backlog, why, sizeof(why));
+  int inherited = sl_upgrade_take(&lc->addr, fds, rt->nworkers, lc->backlog, &set->shared, why,
+                                  sizeof(why));
   if (inherited != 0) {
     if (inherited > 0) return set;
     snprintf(err, errlen, "listeners[%zu] (%s): %s: %s", index + 1, lc->name, lc->listen_text,
@@ -601,7 +602,7 @@ static void sl_runtime_restore_sockets(sl_runtime *rt) {
     for (int k = 0; set != NULL && k < set->nfds; k++) {
       int fd = set->fds[k];
       if (fd < 0) continue;
-      int rc = sl_watchdog_stuck(&rt->watchdog, k)
+      int rc = sl_watchdog_stuck(&rt->watchdog, k) && !set->shared
                    ? sl_listener_withdraw(fd)
                    : sl_listener_listen(fd, atomic_load(&set->backlog));
       if (rc != SL_OK || sl_listener_defer_accept(fd, lc->defer_accept) != SL_OK)
@@ -625,19 +626,28 @@ static void sl_runtime_upgrade(sl_runtime *rt) {
   }
   int n = rt->admin ? 1 : 0;
   for (sl_listen_set *s = rt->sets; s; s = s->next) n += s->nfds;
-  int *fds = calloc((size_t)n + 1, sizeof(*fds));
-  if (fds == NULL) {
+  int *fds = calloc((size_t)n + 1, sizeof(*fds)), *shared = calloc((size_t)n + 1, sizeof(*shared));
+  if (fds == NULL || shared == NULL) {
+    free(fds);
+    free(shared);
     sl_log(SL_LOG_ERROR, "SIGUSR2: cannot start a new sluice: out of memory; this one goes on");
     return;
   }
   int k = 0;
-  for (sl_listen_set *s = rt->sets; s; s = s->next)
-    for (int i = 0; i < s->nfds; i++)
-      if (s->fds[i] >= 0) fds[k++] = s->fds[i];
+  for (sl_listen_set *s = rt->sets; s; s = s->next) {
+    for (int i = 0; i < s->nfds; i++) {
+      if (s->fds[i] < 0) continue;
+      shared[k] = s->shared;
+      fds[k++] = s->fds[i];
+      if (s->shared) break;   /* systemd's socket: once (the others are duplicates) */
+    }
+  }
   if (rt->admin) fds[k++] = sl_admin_fd(rt->admin);
   char err[256];
-  pid_t pid = sl_upgrade_spawn(fds, k, rt->stderr_copy, sl_notify_socket(), err, sizeof(err));
+  pid_t pid = sl_upgrade_spawn(fds, shared, k, rt->stderr_copy, sl_notify_socket(), err,
+                               sizeof(err));
   free(fds);
+  free(shared);
   if (pid < 0) {
     sl_log(SL_LOG_ERROR, "SIGUSR2: cannot start a new sluice: %s; this one goes on", err);
     return;
@@ -823,10 +833,7 @@ int sl_runtime_run(sl_config *cfg) {
     sl_config_unref(cfg);
     return 1;
   }
-  int unused = sl_upgrade_close_rest();
-  if (unused > 0)
-    sl_log(SL_LOG_INFO, "upgrade: %d inherited listening socket%s on addresses this "
-           "configuration does not listen on: closed", unused, unused == 1 ? "" : "s");
+  (void)sl_upgrade_close_rest();
   sl_config_log_resolved(cfg);
   /* Before the workers: ctx:connect may look host names up at once. */
   rt->resolver = sl_resolver_create(pthread_self(), SL_SIG_RESOLVED);
@@ -834,8 +841,11 @@ int sl_runtime_run(sl_config *cfg) {
   sl_resolver_share(rt->resolver);
   for (size_t i = 0; i < cfg->nlisteners; i++) {
     const sl_listener_cfg *l = &cfg->listeners[i];
-    sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)", l->name, l->listen_text,
-           l->upstream ? l->upstream->name : "pipeline", l->nstages, l->nstages == 1 ? "" : "s");
+    const sl_listen_set *ls = sl_runtime_find_set(rt->sets, l->listen_text);
+    sl_log(SL_LOG_INFO, "listener %s on %s -> %s (%zu stage%s)%s", l->name, l->listen_text,
+           l->upstream ? l->upstream->name : "pipeline", l->nstages, l->nstages == 1 ? "" : "s",
+           ls != NULL && ls->shared ? ", on the socket systemd passed (LISTEN_FDS), which the "
+                                      "workers share" : "");
   }
   for (int i = 0; i < rt->nworkers; i++) {
     if (pthread_create(&rt->threads[i], NULL, sl_runtime_thread, rt->workers[i]) != 0) {

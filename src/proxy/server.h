@@ -34,6 +34,8 @@ typedef struct sl_listen_set {
   char text[64];               /* "127.0.0.1:7000" */
   int *fds;                    /* one per worker; a worker closes its own when dropped */
   int nfds;
+  int shared;                  /* 1: fds are descriptors of one socket (systemd's, shared
+                                  by the workers), not one SO_REUSEPORT socket each */
   sl_listen_gate gate;
   sl_client_limit clients;     /* connections per client address (max_connections_per_client) */
   _Atomic int backlog;         /* its sockets' listen(2) queue length (a reload may change it) */

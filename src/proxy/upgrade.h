@@ -13,8 +13,17 @@
  * waits for it (SIGCHLD), logs its status and goes on serving.
  *
  * Between the two, in the environment: SLUICE_LISTEN_FDS, the inherited
- * descriptors ("5,6,9"), and SLUICE_UPGRADE_FROM, the old one's pid. A
- * socket is matched to a listener by the address it is bound to.
+ * descriptors ("5,6,9"), SLUICE_LISTEN_SHARED, those of them that are one
+ * socket for every worker (systemd's, below), and SLUICE_UPGRADE_FROM, the
+ * old one's pid. A socket is matched to a listener by the address it is
+ * bound to.
+ *
+ * The sockets systemd passes (socket activation, proxy/activation.h) are
+ * taken the same way, matched by address: one socket per address, which
+ * every worker of its listener accepts on (their descriptors are
+ * duplicates of it), instead of one SO_REUSEPORT socket per worker. Its
+ * accept queue is systemd's: connections wait in it while sluice starts,
+ * restarts or upgrades.
  */
 #ifndef SL_UPGRADE_H
 #define SL_UPGRADE_H
@@ -26,20 +35,28 @@
 
 /* Main thread, before any other thread: keeps argv (borrowed for the whole
  * run: the command line a new sluice gets) and the executable's path, and
- * takes the inherited sockets out of the environment. A descriptor there
- * that is not a bound TCP socket is left alone, with a warning. */
-void sl_upgrade_init(int argc, char **argv);
+ * takes the inherited sockets out of the environment (SLUICE_LISTEN_FDS,
+ * and systemd's LISTEN_FDS when LISTEN_PID is this process; every one of
+ * these variables is removed, so that no child sees them). A descriptor
+ * of SLUICE_LISTEN_FDS that is not a bound TCP socket is left alone, with
+ * a warning. Returns SL_OK, or SL_ERROR with a message in err when the
+ * LISTEN_ variables are malformed or a descriptor of LISTEN_FDS is not a
+ * listening TCP socket (IPv4 or IPv6). */
+int sl_upgrade_init(int argc, char **argv, char *err, size_t errlen);
 
-/* The inherited sockets bound to addr: n of them go into fds (they are
- * the caller's now), listening again with backlog. Returns n; 0 when none
- * is bound to addr (fds untouched); -1 with a message in err when some are
- * but not n (the old sluice ran another number of workers) or listen(2)
- * fails. */
-int sl_upgrade_take(const sl_addr *addr, int *fds, int n, int backlog, char *err,
+/* The inherited sockets bound to addr: n descriptors go into fds (they are
+ * the caller's now), listening again with backlog. One per worker from a
+ * sluice that ran n workers; or, for a socket of systemd's (*shared set
+ * to 1; else 0; shared may be NULL), that socket in fds[0] and duplicates
+ * of it in the others. Returns n; 0 when none is bound to addr (fds
+ * untouched); -1 with a message in err when some are but not n (the old
+ * sluice ran another number of workers), or listen(2) or dup fails. */
+int sl_upgrade_take(const sl_addr *addr, int *fds, int n, int backlog, int *shared, char *err,
                     size_t errlen);
 
 /* Closes the inherited sockets nothing took (addresses the new
- * configuration does not listen on). Returns how many. */
+ * configuration does not listen on), with a warning for each of
+ * systemd's. Returns how many. */
 int sl_upgrade_close_rest(void);
 
 /* The pid of the sluice this one replaces, when it started this one for
@@ -48,10 +65,11 @@ pid_t sl_upgrade_predecessor(void);
 
 /* Starts a new sluice from the executable's path with the same command
  * line and environment, which inherits fds[0..nfds) (borrowed: they stay
- * open here) as its listening sockets, stderr_fd as its standard error, and
- * NOTIFY_SOCKET=notify_socket when that is not NULL. Returns its pid, or
- * -1 with a message in err. */
-pid_t sl_upgrade_spawn(const int *fds, int nfds, int stderr_fd, const char *notify_socket,
-                       char *err, size_t errlen);
+ * open here) as its listening sockets (shared[i] set: fds[i] is a socket
+ * for every worker, systemd's; shared may be NULL), stderr_fd as its
+ * standard error, and NOTIFY_SOCKET=notify_socket when that is not NULL.
+ * Returns its pid, or -1 with a message in err. */
+pid_t sl_upgrade_spawn(const int *fds, const int *shared, int nfds, int stderr_fd,
+                       const char *notify_socket, char *err, size_t errlen);
 
 #endif

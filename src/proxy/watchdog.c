@@ -22,7 +22,9 @@ double sl_watchdog_period(int timeout_ms) {
 static int sl_watchdog_unlisten(int i, struct sl_listen_set *sets, int out) {
   int failed = 0;
   for (struct sl_listen_set *s = sets; s != NULL; s = s->next) {
-    if (i >= s->nfds || s->fds[i] < 0) continue;
+    /* systemd's socket is every worker's: a shutdown would take it from
+     * them all, and the others accept from its one queue anyway. */
+    if (i >= s->nfds || s->fds[i] < 0 || s->shared) continue;
     if ((out ? sl_listener_withdraw(s->fds[i]) : sl_listener_listen(s->fds[i], atomic_load(&s->backlog))) == SL_OK) continue;
     sl_log(SL_LOG_WARN, "worker %d: listener %s: %s: %m", i, s->text, out ? "shutdown" : "listen");
     failed++;

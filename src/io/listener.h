@@ -2,7 +2,9 @@
  * Listening sockets. Each worker accepts on a socket of its own: every
  * listen address has one SO_REUSEPORT socket per worker, opened by the main
  * thread before the workers start (so a bind error stops the start-up with
- * nothing running), and the kernel spreads new connections over them.
+ * nothing running), and the kernel spreads new connections over them. (A
+ * socket systemd passes is one for every worker instead: each watches it
+ * through a duplicate descriptor, proxy/upgrade.h.)
  *
  * A gate counts the connections accepted on an address by all workers
  * together and enforces its max_connections: a worker that finds the gate

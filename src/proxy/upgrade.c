@@ -123,8 +123,8 @@ static int sl_upgrade_activated(int fd, const char *name, char *err, size_t errl
   return SL_OK;
 }
 
-/* Descriptors separated by commas in the variable env, each given to fn. */
-static void sl_upgrade_each(const char *env, void (*fn)(int fd, int shared), int shared) {
+/* Adopts the descriptors separated by commas in the variable env. */
+static void sl_upgrade_adopt_list(const char *env, int shared) {
   const char *fds = getenv(env);
   for (const char *p = fds; p != NULL && *p != '\0';) {
     char *end;
@@ -134,7 +134,7 @@ static void sl_upgrade_each(const char *env, void (*fn)(int fd, int shared), int
              env, fds);
       break;
     }
-    fn((int)fd, shared);
+    sl_upgrade_adopt((int)fd, shared);
     p = *end == ',' ? end + 1 : end;
   }
 }
@@ -195,8 +195,8 @@ int sl_upgrade_init(int argc, char **argv, char *err, size_t errlen) {
   sl_upgrade_find_exe(argv[0]);
   int rc = sl_upgrade_systemd(err, errlen);
   /* The shared ones first: they are listed in both. */
-  if (rc == SL_OK) sl_upgrade_each(SL_UPGRADE_SHARED_ENV, sl_upgrade_adopt, 1);
-  if (rc == SL_OK) sl_upgrade_each(SL_UPGRADE_FDS_ENV, sl_upgrade_adopt, 0);
+  if (rc == SL_OK) sl_upgrade_adopt_list(SL_UPGRADE_SHARED_ENV, 1);
+  if (rc == SL_OK) sl_upgrade_adopt_list(SL_UPGRADE_FDS_ENV, 0);
   const char *from = getenv(SL_UPGRADE_FROM_ENV);
   if (from != NULL && *from != '\0') {
     long pid = strtol(from, NULL, 10);

@@ -261,6 +261,25 @@ describe("tls", function()
     H.stop_sluice(p)
   end)
 
+  it("counts a handshake that something else ended (the idle timeout) as failed", function()
+    local echo = H.start_echo()
+    peers[#peers + 1] = echo
+    local p, o = start({ upstream_port = echo.port, listener = "idle_timeout_ms = 300,",
+                         tls = "handshake_timeout_ms = 60000," })
+    local base = held(o.admin)
+    -- Connects and sends nothing: the idle timeout closes it first.
+    local c = H.connect(o.port)
+    assert.are.equal("", c.recv(1, 30))
+    c.close()
+    local line = access_lines(o.access, 1)[1]
+    assert.matches(' tls=%- reason="idle_timeout"$', line)
+    assert.are.equal(0, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
   it("passes a client's half-close on and brings the upstream's answer back over TLS",
      function()
     -- The upstream answers only once its input has ended.

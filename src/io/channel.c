@@ -554,6 +554,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
     sl_channel_pipe_put(ch);   /* what is still in it is dropped */
   }
   if (ch->ssl != NULL) {
+    if (ch->tls_state & SL_TLS_HANDSHAKE) sl_channel_tls_abandon(ch);   /* counted as failed */
     sl_channel_tls_close_notify(ch);
     sl_channel_tls_free(ch);
   }

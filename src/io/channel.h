@@ -243,8 +243,10 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
  * built), as the server of ctx: the handshake runs (with at most timeout
  * seconds), then done(ch, 0) runs, which activates it; on a failure or
  * the timeout done(ch, errno value) runs (counting, not closing), then ch
- * closes with the reason. SL_OK, or SL_ERROR when out of memory (nothing
- * started). */
+ * closes with the reason. A close before the handshake ended (the idle
+ * timeout, a stage, a stop) runs done(ch, ECONNABORTED) from inside the
+ * close: every handshake is heard of once. SL_OK, or SL_ERROR when out of
+ * memory (nothing started). */
 int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
                           sl_channel_connect_fn done);
 

@@ -50,6 +50,9 @@ int sl_channel_splice_read(sl_channel *ch);
 
 /* One handshake step, as its watcher or the accept asks. */
 void sl_channel_tls_handshake(sl_channel *ch);
+/* ch closes (an idle timeout, a stage, a stop) before its handshake ended:
+ * the accept's done(ch, ECONNABORTED) hears of it, from inside the close. */
+void sl_channel_tls_abandon(sl_channel *ch);
 /* The handshake's time is up: ch closes. */
 void sl_channel_tls_timeout(sl_channel *ch);
 /* recv through TLS: bytes read, 0 at the input's end, -1 with errno

@@ -98,6 +98,13 @@ void sl_channel_tls_handshake(sl_channel *ch) {
   sl_channel_tls_done(ch, sys ? sys : EPROTO, why);
 }
 
+void sl_channel_tls_abandon(sl_channel *ch) {
+  sl_channel_connect_fn fn = ch->on_connect;
+  ch->on_connect = NULL;
+  ch->tls_state = (uint8_t)((ch->tls_state & ~SL_TLS_HANDSHAKE) | SL_TLS_FAILED);
+  if (fn) fn(ch, ECONNABORTED);
+}
+
 void sl_channel_tls_timeout(sl_channel *ch) {
   ch->tls_state |= SL_TLS_FAILED;
   sl_channel_tls_done(ch, ETIMEDOUT, "tls_handshake_timeout");

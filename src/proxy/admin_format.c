@@ -186,8 +186,8 @@ static void sl_admin_metrics_listeners(sl_text *o, const sl_admin_report *r) {
       {"sluice_tls_handshakes_total", "counter",
        "TLS handshakes done with clients, by listener (listeners with tls)."},
       {"sluice_tls_handshake_failures_total", "counter",
-       "TLS handshakes with clients that failed or timed out, by listener (listeners with "
-       "tls)."},
+       "TLS handshakes with clients that failed, timed out or were cut short by a close, by "
+       "listener (listeners with tls)."},
   };
   for (size_t k = 0; k < sizeof(m) / sizeof(m[0]); k++) {
     sl_prom_head(o, m[k].name, m[k].type, m[k].help);

@@ -3,6 +3,7 @@
 -- peers. Certificates are made with the openssl command in the spec's own
 -- folder when it runs.
 local H = require("helpers")
+local ffi = require("ffi")
 
 local MiB = 1024 * 1024
 
@@ -321,6 +322,46 @@ describe("tls", function()
     assert.is_truthy(H.wait_for(function() return H.read(count):match("^%s*5000%s*$") end, 20),
                      H.read(p.log))
     assert.is_truthy(clean_end(access_lines(o.access, 1)[1]))
+    assert.is_truthy(pool_back(o.admin, base))
+    H.stop_sluice(p)
+  end)
+
+  it("ends with close_notify after the upstream's FIN, not after its reset (a cut answer)",
+     function()
+    local up = H.raw_listener()
+    local p, o = start({ upstream_port = up.port })
+    local base = held(o.admin)
+    -- s_client says "closed" for a close_notify, an error for a TCP end
+    -- without one.
+    local function client()
+      local c = H.spawn(("timeout 30 openssl s_client -connect 127.0.0.1:%d -ign_eof </dev/null")
+                        :format(o.port), "s_client")
+      local fd = up.accept(30)
+      assert.is_truthy(fd, H.read(p.log))
+      local answer = "the first part of an answer\n"
+      assert.are.equal(#answer, tonumber(ffi.C.write(fd, answer, #answer)))
+      return c, c.log, fd
+    end
+    local function ended(c, out)
+      assert.is_truthy(H.wait_for(function() return tonumber(H.read(c.rc_file)) end, 40))
+      local text = H.read(out)
+      assert.matches("the first part of an answer\n", text, 1, true)
+      return text
+    end
+    -- The upstream ends cleanly: the client gets close_notify.
+    local c, out, fd = client()
+    ffi.C.close(fd)
+    assert.matches("\nclosed\n", ended(c, out), 1, true)
+    -- The upstream resets mid-answer: the client must not be told the
+    -- stream ended cleanly.
+    c, out, fd = client()
+    up.reset(fd)
+    local text = ended(c, out)
+    assert.not_matches("\nclosed\n", text, 1, true)
+    assert.matches("unexpected eof", text, 1, true)
+    local lines = access_lines(o.access, 2)
+    assert.matches('reason="peer closed: reset', lines[2], 1, true)
+    up.close()
     assert.is_truthy(pool_back(o.admin, base))
     H.stop_sluice(p)
   end)

@@ -555,7 +555,9 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   }
   if (ch->ssl != NULL) {
     if (ch->tls_state & SL_TLS_HANDSHAKE) sl_channel_tls_abandon(ch);   /* counted as failed */
-    sl_channel_tls_close_notify(ch);
+    /* close_notify says the stream ended whole: not after an error (the
+     * upstream's reset, a timeout), nor with queued bytes dropped. */
+    if (!is_error && sl_outq_is_empty(&ch->outq)) sl_channel_tls_close_notify(ch);
     sl_channel_tls_free(ch);
   }
   if (ch->fd >= 0) {

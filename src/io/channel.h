@@ -59,8 +59,10 @@
  * entries copied together into one record); a read that OpenSSL holds
  * data for (read-ahead) goes on without waiting for the socket. A read
  * that needs a write first waits for EV_WRITE, a write that needs a read
- * for EV_READ. Output closed (half-close) or a clean close sends
- * close_notify first; a close_notify received, or a TCP end without one,
+ * for EV_READ. Output closed (half-close) or a clean close (no error,
+ * nothing queued dropped) sends close_notify first; an error close sends
+ * none, so that the client sees the stream cut, not ended; a close_notify
+ * received, or a TCP end without one,
  * is the input's end. A failed handshake or a bad record closes the
  * channel as an error with reason "tls_error (what OpenSSL said)"; a
  * handshake that does not finish in time, "tls_handshake_timeout". A TLS

@@ -620,8 +620,12 @@ static void sl_channel_discard_input(sl_channel *ch) {
   for (int i = 0; i < SL_RECV_MAX_READS; i++) {
     ssize_t n = recv(ch->fd, scratch, sizeof(scratch), 0);
     if (n > 0) {
-      ch->bytes_in += (uint64_t)n;
-      ch->w->stats.bytes_in += (uint64_t)n;
+      /* Counted as bytes in, unless they are TLS records: bytes_in counts
+       * plaintext, and these are never decrypted. */
+      if (ch->ssl == NULL) {
+        ch->bytes_in += (uint64_t)n;
+        ch->w->stats.bytes_in += (uint64_t)n;
+      }
       continue;
     }
     if (n < 0 && errno == EINTR) continue;

@@ -161,54 +161,76 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
  * with a run of exactly that length (it becomes the list's head: stale
  * chunks stay on the list, for the runs freed next), the chunk staying on
  * its usage list. NULL otherwise, nothing allocated: the caller then calls
- * sl_arena_alloc_normal. n is the class's run length (run_pages[sclass]),
- * from the caller's copy. */
-static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass, uint32_t n) {
-  if (n >= SL_AVAIL_LENS || !sl_spin_trylock(&ar->lock)) return NULL;
+ * sl_arena_alloc_normal. n is the class's run length, 1 to SL_AVAIL_LENS
+ * - 1 (a pool's bins[sclass].normal_pages). A chunk whose list of that
+ * length the pop empties hands the index's head to the next chunk on it,
+ * so that the next allocation seldom meets a stale head. */
+static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass, size_t n) {
+  if (!sl_spin_trylock(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
-  if (c != NULL && c->bucket[n] == SL_CHUNK_NONE) {
+  if (__builtin_expect(c == NULL, 0)) goto fail;
+  uint32_t start = c->bucket[n];
+  if (__builtin_expect(start == SL_CHUNK_NONE, 0)) {
     /* Stale (chunks leave lazily): the next few on the list may have one;
      * the first that has becomes the head. */
     sl_chunk *h = c;
     for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket[n] == SL_CHUNK_NONE; k++) {
     }
-    if (c == h || c->bucket[n] == SL_CHUNK_NONE) c = NULL;
-    else ar->avail.head[n] = c;
+    if (c == h || (start = c->bucket[n]) == SL_CHUNK_NONE) goto fail;
+    ar->avail.head[n] = c;
   }
-  if (__builtin_expect(c == NULL || c->free_pages - n < c->list_lo, 0)) {
-    sl_spin_unlock(&ar->lock);
-    return NULL;
+  if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
+  uint32_t next = c->free_next[start];
+  c->bucket[n] = next;
+  if (__builtin_expect(next == SL_CHUNK_NONE, 0)) {
+    c->nonempty[0] &= ~(1ull << n);   /* n < 64: the first word */
+    ar->avail.head[n] = c->av_next[n];
   }
-  uint32_t page = sl_chunk_run_take_exact(c, n);
+  c->free_head[start] = 0;
+  c->run_len[start] = (uint32_t)n;
+  c->free_pages -= (uint32_t)n;
   ar->cls[sclass].allocs++;
   sl_spin_unlock(&ar->lock);
-  return c->mem + ((size_t)page << c->page_shift);
+  return (uint8_t *)c + ((size_t)start << c->page_shift);   /* c->mem is c */
+fail:
+  sl_spin_unlock(&ar->lock);
+  return NULL;
 }
 
 /* sl_arena_free_normal's common case alone, likewise: the lock free, the
- * run allocated as a block of sclass, not the chunk's last used one, its
- * length's list with runs or the chunk on the index for that length
- * already, the chunk staying on its usage list. 0 otherwise, nothing
- * changed: the caller then calls sl_arena_free_normal. The caller gives
- * the block's chunk c, its first page and n, the class's run length
- * (run_pages[sclass], at least 1), from its own copies of the geometry. */
-static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, uint32_t page, uint32_t n,
+ * run allocated as a block of sclass, its length's list with runs or the
+ * chunk on the index for that length already, the chunk staying on its
+ * usage list. 0 otherwise, nothing changed: the caller then calls
+ * sl_arena_free_normal. The caller gives the block's chunk c, its first
+ * page and n, the class's run length (1 to SL_AVAIL_LENS - 1: a pool's
+ * bins[sclass].normal_pages), from its own copies of the geometry. The
+ * chunk's last used run is not freed here: a chunk with a run in use is
+ * on a usage list other than the empty one (every allocation relists),
+ * whose list_hi is below usable, so that the last run fails the usage
+ * test. */
+static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t page, size_t n,
                                            unsigned sclass) {
   if (!sl_spin_trylock(&ar->lock)) return 0;
-  uint32_t free_pages = c->free_pages + n;
-  uint32_t key = n < SL_AVAIL_LENS ? n : SL_AVAIL_LENS;
-  if (__builtin_expect(c->run_len[page] != n || free_pages == c->usable ||
-                           free_pages > c->list_hi ||
-                           (c->bucket[n] == SL_CHUNK_NONE && !(c->av_in & (1ull << (key - 1)))),
+  uint32_t first = c->bucket[n];
+  if (__builtin_expect(c->run_len[page] != n || c->free_pages + (uint32_t)n > c->list_hi ||
+                           (first == SL_CHUNK_NONE && !(c->av_in & (1ull << (n - 1)))),
                        0)) {
     sl_spin_unlock(&ar->lock);
     return 0;
   }
-  ar->cls[sclass].frees++;
   c->run_len[page] = 0;
-  c->free_pages = free_pages;
-  sl_chunk_free_push_listed(c, page, n);
+  c->free_pages += (uint32_t)n;
+  c->free_head[page] = (uint32_t)n;
+  c->free_next[page] = first;
+  c->bucket[n] = (uint32_t)page;
+  if (__builtin_expect(first == SL_CHUNK_NONE, 0)) {
+    /* The list was empty: it has a run now, and max_run may be below n
+     * (a listed run of n already keeps it at n or more). */
+    c->nonempty[0] |= 1ull << n;
+    if ((uint32_t)n > c->max_run) c->max_run = (uint32_t)n;
+  }
   c->unmerged++;
+  ar->cls[sclass].frees++;
   sl_spin_unlock(&ar->lock);
   return 1;
 }

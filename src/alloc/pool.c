@@ -81,6 +81,9 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++)
     p->bins[i].tail = sl_sc_sizes[i] | (uint64_t)i << 32 |
                       (p->bins[i].cap == 0 && i >= a->nsmall ? (uint64_t)SL_BUF_UNBINNED << 48 : 0);
+  for (unsigned i = a->nsmall; i < a->nclasses && cfg->type == SL_ALLOC_POOLED; i++)
+    if (p->bins[i].cap == 0 && a->run_pages[i] < SL_AVAIL_LENS)
+      p->bins[i].normal_pages = (uint16_t)a->run_pages[i];
   memcpy(p->lookup, sl_sc_lookup, sizeof(p->lookup));
   memcpy(p->run_pages, a->run_pages, sizeof(p->run_pages));
   p->cached_limit = p->max_cached_size;

@@ -105,9 +105,12 @@ typedef struct sl_cache_bin {
   struct sl_subpage *own; /* owned subpages of this class with a free element, or
                              &sl_pool_own_none (sl_pool_own_first) */
   uint32_t own_frees;     /* blocks given back to owned subpages, likewise */
-  uint32_t owns;          /* 1: a miss takes from owned subpages (a small class whose
+  uint16_t owns;          /* 1: a miss takes from owned subpages (a small class whose
                              bin holds 8 or more); a release into the full bin parks
                              on its block's subpage when the pool owns that */
+  uint16_t normal_pages;  /* a normal class no bin caches, of runs shorter than
+                             SL_AVAIL_LENS pages: its run length (the arena's fast
+                             paths, sl_arena_alloc_normal_try); else 0 */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");

@@ -199,26 +199,50 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
 /* A normal size above max_cached: a run straight from the arena (O(1)
  * there in the common case), the header from the recycler. Only that
  * common case is here, with no call but tail calls, so that it keeps no
- * registers; the rest is sl_buf_alloc_normal_slow. */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap,
-                                                             size_t max_cap) {
+ * registers; the rest is sl_buf_alloc_normal_slow. exact (a constant):
+ * max_cap is cap, so both capacities are cap (the class holds at least
+ * that), as in sl_buf_alloc_binned. */
+static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(sl_pool *pool,
+                                                                               size_t cap,
+                                                                               size_t max_cap,
+                                                                               int exact) {
   size_t off = cap <= SL_SC_LOOKUP_MAX ? pool->lookup[(cap + 15) >> 4]
                                        : (size_t)sl_sc_index(cap) << SL_SC_LOOKUP_SHIFT;
-  unsigned idx = (unsigned)(off >> SL_SC_LOOKUP_SHIFT);
-  uint32_t rn = pool->rec_n;
   sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + off);
-  /* A class no bin caches is normal (its tail says so); small classes and
-   * cached ones take the slow path. */
-  if (!(bin->tail >> 48 & SL_BUF_UNBINNED) || rn == 0)
-    return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, idx, pool->run_pages[idx]);
+  /* A class no bin caches with runs the index lists exactly (small
+   * classes, cached ones and longer runs take the slow path). */
+  size_t n = bin->normal_pages;
+  if (n == 0 || pool->rec_n == 0) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  size_t idx = off >> SL_SC_LOOKUP_SHIFT;
+  SL_OPAQUE(idx);   /* the bin found again from idx: one register less in the lock */
+  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, (unsigned)idx, n);
   if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  pool->rec_n = rn - 1;
-  sl_buf *b = pool->recycler[rn - 1];
+  bin = &pool->bins[idx];
+  uint32_t rn = pool->rec_n - 1;
+  pool->rec_n = rn;
+  sl_buf *b = pool->recycler[rn];
   bin->allocs_rest++;
-  SL_UNPOISON(data, (uint32_t)bin->tail);
-  sl_buf_init_root(pool, b, data, bin->tail, max_cap, SL_BUF_NO_SUBPAGE);
+  uint64_t tail = bin->tail;
+  SL_UNPOISON(data, (uint32_t)tail);
+  b->data = data;
+  if (exact) sl_buf_revive_exact(pool, b, (uint32_t)cap);
+  else sl_buf_revive(pool, b, (uint32_t)tail, max_cap);
+  b->root = b;
+  b->views = SL_BUF_NO_SUBPAGE;
+  b->owner = NULL;
+  memcpy(&b->block_size, &tail, sizeof(tail));
   return sl_buf_alloc_done(pool, b);
+}
+
+/* sl_buf_alloc_normal_common for max_cap at most cap (the common case). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap) {
+  return sl_buf_alloc_normal_common(pool, cap, cap, 1);
+}
+
+/* The same for a max_cap above cap (at most SL_BUF_MAX_CAPACITY). */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_growable(sl_pool *pool, size_t cap,
+                                                                      size_t max_cap) {
+  return sl_buf_alloc_normal_common(pool, cap, max_cap, 0);
 }
 
 /* A bare block popped from bin: it gets a header, from the recycler or
@@ -324,8 +348,10 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_growable(sl_pool *pool, si
  * directly (sl_buf_alloc_normal). */
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (__builtin_expect(cap > pool->lookup_max_size, 0)) {
-    if (cap <= pool->normal_max_size && max_cap <= SL_BUF_MAX_CAPACITY)
-      return sl_buf_alloc_normal(pool, cap, max_cap < cap ? cap : max_cap);
+    if (cap <= pool->normal_max_size) {
+      if (max_cap <= cap) return sl_buf_alloc_normal(pool, cap);
+      if (max_cap <= SL_BUF_MAX_CAPACITY) return sl_buf_alloc_normal_growable(pool, cap, max_cap);
+    }
     return sl_buf_alloc_slow(pool, cap, max_cap);
   }
   if (__builtin_expect(max_cap > cap, 0)) return sl_buf_alloc_growable(pool, cap, max_cap);
@@ -477,30 +503,44 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
 }
 
 /* A normal block that no bin caches: straight back to its chunk. */
-__attribute__((noinline)) static void sl_buf_free_normal_slow(sl_pool *pool, sl_buf *r) {
+__attribute__((noinline)) static void sl_buf_free_normal_slow(sl_buf *r, sl_pool *pool) {
   unsigned sc = r->sclass;
   pool->bins[sc].frees_rest++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);
 }
 
+/* The same for r already dead and counted (sl_buf_free_normal). */
+__attribute__((noinline)) static void sl_buf_free_normal_dead(sl_buf *r, sl_pool *pool) {
+  sl_arena_free_normal(pool->arena, r->data, r->sclass);
+  sl_pool_header_put(pool, r);
+}
+
 /* The common case of that with no call but tail calls (see
- * sl_buf_alloc_normal); the rest is sl_buf_free_normal_slow. */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool) {
-  unsigned sc = r->sclass;
-  SL_POISON(r->data, r->block_size);
+ * sl_buf_alloc_normal), for r of normal class sc: r dies first, into the
+ * recycler's next slot, which it takes once its run is back in its chunk;
+ * the rest is sl_buf_free_normal_slow (sl_buf_free_normal_dead once r is
+ * dead). */
+__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool, unsigned sc) {
+  sl_cache_bin *bin = &pool->bins[sc];
+  size_t n = bin->normal_pages;
   uint32_t rn = pool->rec_n;
-  uintptr_t c = (uintptr_t)r->data & pool->chunk_mask;
-  uint32_t page = (uint32_t)(((uintptr_t)r->data - c) >> pool->page_shift);
-  if (rn >= pool->rec_cap ||
-      !sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, pool->run_pages[sc], sc)) {
-    sl_buf_free_normal_slow(pool, r);
+  if (n == 0 || rn >= pool->rec_cap) {
+    sl_buf_free_normal_slow(r, pool);
     return;
   }
-  pool->bins[sc].frees_rest++;
+  uint8_t *data = r->data;
+  SL_POISON(data, r->block_size);
+  uintptr_t c = (uintptr_t)data & pool->chunk_mask;
+  size_t page = ((uintptr_t)data - c) >> pool->page_shift;
+  bin->frees_rest++;
   sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
-  pool->rec_n = rn + 1;
+  if (!sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, n, sc)) {
+    sl_buf_free_normal_dead(r, pool);
+    return;
+  }
+  pool->rec_n++;   /* after the lock: read again, one add to memory */
 }
 
 /* sl_buf_free's common case, r being a root on its worker with no owner,
@@ -566,7 +606,7 @@ void sl_buf_free(sl_buf *r) {
   if (word - ((uint32_t)SL_BUF_UNBINNED << 16) < SL_SC_MAX_CLASSES) {
     /* Only SL_BUF_UNBINNED, and a class: a normal class no bin caches, its
      * chunk (the header dies there, its refcount with it). */
-    sl_buf_free_normal(r, pool);
+    sl_buf_free_normal(r, pool, word - ((uint32_t)SL_BUF_UNBINNED << 16));
     return;
   }
   if (word >> 16 == SL_BUF_RECORDED) {

@@ -212,7 +212,7 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
                                            unsigned sclass) {
   if (!sl_spin_trylock(&ar->lock)) return 0;
   uint32_t first = c->bucket[n];
-  if (__builtin_expect(c->run_len[page] != n || c->free_pages + (uint32_t)n > c->list_hi ||
+  if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi ||
                            (first == SL_CHUNK_NONE && !(c->av_in & (1ull << (n - 1)))),
                        0)) {
     sl_spin_unlock(&ar->lock);

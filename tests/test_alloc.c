@@ -1758,6 +1758,57 @@ static void test_class_counts_stay_exact_on_every_path(void **state) {
   finish(p, a);
 }
 
+/* The runs that the fast paths of pools take from their arena and give
+ * back (a normal class no bin caches) count in each pool's share of the
+ * arena's counts, under the arena's lock: sl_arena_get_stats sums them
+ * with the arena's own at once, for every pool on the arena, and keeps
+ * them when a trim reports a pool's share and when a pool goes. */
+static void test_arena_counts_take_the_pools_fast_normal_runs(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *q = sl_pool_create(a, 1), *p = new_pool(a);   /* one arena for both */
+  assert_non_null(q);
+  assert_ptr_equal(p->arena, q->arena);
+  unsigned k = sl_sc_index(40000);
+  assert_true(p->bins[k].normal_pages != 0 && q->bins[k].normal_pages != 0);
+  /* Runs of that length get listed (the first ones split a chunk's free
+   * run: the arena's general path), then both pools take and give them
+   * back on their fast paths. */
+  sl_buf *b[12];
+  for (int i = 0; i < 12; i++) assert_non_null(b[i] = sl_buf_alloc(i % 2 ? q : p, 40000, 0));
+  sl_buf *keep = sl_buf_alloc(p, 40000, 0);   /* the chunk stays in use */
+  for (int i = 0; i < 12; i++) sl_buf_release(b[i]);
+  for (int i = 0; i < 8; i++) assert_non_null(b[i] = sl_buf_alloc(i % 2 ? q : p, 40000, 0));
+  for (int i = 0; i < 3; i++) sl_buf_release(b[i]);
+  assert_true(p->bins[k].own_allocs > 0 && p->bins[k].own_frees > 0);
+  assert_true(q->bins[k].own_allocs > 0 && q->bins[k].own_frees > 0);
+  sl_arena_stats as;
+  sl_arena_get_stats(p->arena, &as);
+  assert_int_equal(as.cls[k].allocs, 21);
+  assert_int_equal(as.cls[k].frees, 15);
+  assert_int_equal(sl_pool_class_allocs(p, k) + sl_pool_class_allocs(q, k), 21);
+  assert_int_equal(sl_pool_class_frees(p, k) + sl_pool_class_frees(q, k), 15);
+  /* A trim moves p's share into the arena's counts: the sums stay. */
+  sl_pool_trim(p, 0);
+  assert_int_equal(p->bins[k].own_allocs, 0);
+  assert_int_equal(p->bins[k].own_frees, 0);
+  assert_int_equal(sl_pool_class_allocs(p, k) + sl_pool_class_allocs(q, k), 21);
+  sl_arena_get_stats(p->arena, &as);
+  assert_int_equal(as.cls[k].allocs, 21);
+  assert_int_equal(as.cls[k].frees, 15);
+  for (int i = 3; i < 8; i++) sl_buf_release(b[i]);
+  sl_buf_release(keep);
+  /* q goes: its share stays in the arena's counts. */
+  sl_pool_destroy(q);
+  sl_arena_get_stats(p->arena, &as);
+  assert_int_equal(as.cls[k].allocs, 21);
+  assert_int_equal(as.cls[k].frees, 21);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* A normal class no bin caches (above max_cached) carries SL_BUF_UNBINNED
  * from its bin's tail, so that its release leaves sl_buf_free at the flag
  * test for its chunk (nothing cached); a release from Lua sets the
@@ -1776,10 +1827,13 @@ static void test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_head
   assert_true(k >= a->nsmall && k < a->nclasses);
   assert_int_equal(b->flags, SL_BUF_UNBINNED);
   SL_TEST_ASSERT_NO_VIEWS(b);
-  uint64_t frees = p->arena->cls[k].frees;
+  sl_arena_stats as;
+  sl_arena_get_stats(p->arena, &as);
+  uint64_t frees = as.cls[k].frees;
   assert_int_equal(sl_buf_release(b), 1);
   assert_int_equal(b->gen, 0);
-  assert_int_equal(p->arena->cls[k].frees, frees + 1);   /* back in its chunk */
+  sl_arena_get_stats(p->arena, &as);
+  assert_int_equal(as.cls[k].frees, frees + 1);   /* back in its chunk */
   assert_int_equal(p->bins[k].n, 0);
   assert_int_equal(sl_pool_class_frees(p, k), 1);
 
@@ -2889,6 +2943,7 @@ int main(void) {
       cmocka_unit_test(test_owned_subpages_serve_misses_and_go_back_to_the_arena),
       cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
       cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),
+      cmocka_unit_test(test_arena_counts_take_the_pools_fast_normal_runs),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_view_header_search_sees_headers_parked_after_a_flush),

@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 
 #include "alloc/poison.h"
+#include "alloc/pool.h"
 #include "util/common.h"
 
 /* Usage lists: allocation tries the fullest chunks first, so that the
@@ -531,5 +532,7 @@ void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *st) {
   st->huge_bytes = ar->huge_bytes;
   st->nclasses = a->nclasses;
   memcpy(st->cls, ar->cls, sizeof(st->cls));
+  for (struct sl_pool *p = ar->pools; p != NULL; p = sl_pool_arena_share(p, st->cls)) {
+  }
   sl_spin_unlock(&ar->lock);
 }

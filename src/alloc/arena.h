@@ -44,6 +44,8 @@ typedef struct sl_alloc_config {
 /* Fills cfg with the defaults above (arenas = 1). */
 void sl_alloc_config_defaults(sl_alloc_config *cfg);
 
+struct sl_pool;
+
 /* Per class counters of one arena (blocks served to and taken back from
  * worker caches and callers). */
 typedef struct sl_class_stats {
@@ -59,7 +61,13 @@ typedef struct sl_arena {
   unsigned list_mask;                       /* bit q: lists[q] is not empty */
   sl_chunk_avail avail;                     /* chunks by the free runs they list */
   sl_subpage *subpages[SL_SC_MAX_CLASSES];  /* small classes: subpages with room */
-  sl_class_stats cls[SL_SC_MAX_CLASSES];
+  sl_class_stats cls[SL_SC_MAX_CLASSES];     /* but for the pools' shares below */
+  struct sl_pool *pools;                    /* the pools using it (linked through
+                                               their arena_next): each counts the
+                                               normal blocks its fast paths take
+                                               and free here under the lock, in
+                                               counts of its own that
+                                               sl_arena_get_stats adds to cls */
   uint64_t chunks_created, chunks_released;
   uint64_t chunks;                          /* mapped now */
   uint64_t huge_allocs, huge_frees;
@@ -164,8 +172,10 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
  * sl_arena_alloc_normal. n is the class's run length, 1 to SL_AVAIL_LENS
  * - 1 (a pool's bins[sclass].normal_pages). A chunk whose list of that
  * length the pop empties hands the index's head to the next chunk on it,
- * so that the next allocation seldom meets a stale head. */
-static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass, size_t n) {
+ * so that the next allocation seldom meets a stale head. The allocation
+ * is counted in *count, under the lock: the calling pool's share of the
+ * class's count (see sl_arena's pools), not in cls. */
+static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, size_t n) {
   if (!sl_spin_trylock(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
   if (__builtin_expect(c == NULL, 0)) goto fail;
@@ -189,7 +199,7 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, unsigned sclass, siz
   c->free_head[start] = 0;
   c->run_len[start] = (uint32_t)n;
   c->free_pages -= (uint32_t)n;
-  ar->cls[sclass].allocs++;
+  ++*count;
   sl_spin_unlock(&ar->lock);
   return (uint8_t *)c + ((size_t)start << c->page_shift);   /* c->mem is c */
 fail:
@@ -207,9 +217,9 @@ fail:
  * chunk's last used run is not freed here: a chunk with a run in use is
  * on a usage list other than the empty one (every allocation relists),
  * whose list_hi is below usable, so that the last run fails the usage
- * test. */
+ * test. The free is counted in *count, likewise. */
 static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t page, size_t n,
-                                           unsigned sclass) {
+                                           uint32_t *count) {
   if (!sl_spin_trylock(&ar->lock)) return 0;
   uint32_t first = c->bucket[n];
   if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi ||
@@ -230,7 +240,7 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
     if ((uint32_t)n > c->max_run) c->max_run = (uint32_t)n;
   }
   c->unmerged++;
-  ar->cls[sclass].frees++;
+  ++*count;
   sl_spin_unlock(&ar->lock);
   return 1;
 }
@@ -248,7 +258,8 @@ typedef struct sl_arena_stats {
   sl_class_stats cls[SL_SC_MAX_CLASSES];
 } sl_arena_stats;
 
-/* A consistent copy of ar's counters (takes the lock). */
+/* A consistent copy of ar's counters (takes the lock): cls with the
+ * shares of the pools using it (sl_pool_arena_share). */
 void sl_arena_get_stats(sl_arena *ar, sl_arena_stats *out);
 
 /* The allocator's clock: CLOCK_MONOTONIC in milliseconds. sl_pool_tick and

@@ -97,6 +97,10 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->trim_countdown = p->trim_interval;
   sl_pool_countdown_arm(p);
   p->release_site = "the core";
+  sl_arena_lock(p->arena);   /* its fast paths' counts join the arena's */
+  p->arena_next = p->arena->pools;
+  p->arena->pools = p;
+  sl_arena_unlock(p->arena);
   sl_pool_bind_thread(p);
   return p;
 fail:
@@ -142,7 +146,12 @@ static void sl_pool_free_spare_records(sl_pool *p) {
 
 void sl_pool_destroy(sl_pool *p) {
   if (p == NULL) return;
-  sl_pool_trim(p, 1);
+  sl_pool_trim(p, 1);   /* reports every count to the arena */
+  sl_arena_lock(p->arena);
+  sl_pool **link = &p->arena->pools;
+  while (*link != p) link = &(*link)->arena_next;
+  *link = p->arena_next;
+  sl_arena_unlock(p->arena);
   sl_arena_release_empty(p->arena, 0, 1);
   for (unsigned i = 0; i < SL_SC_MAX_CLASSES; i++) free(p->bins[i].items);
   free(p->recycler);
@@ -200,15 +209,25 @@ static void sl_pool_own_report(sl_pool *p, unsigned k) {
   sl_pool_own_fold(bin);
 }
 
-/* The same for every class, under the lock (a trim). */
+/* The same for every class, under the lock (a trim): the normal classes'
+ * shares too (sl_cache_bin), before their 32-bit counts could wrap. */
 static void sl_pool_own_report_all(sl_pool *p) {
+  unsigned n = p->alloc->nclasses;
   int any = 0;
-  for (unsigned k = 0; k < p->nsmall && !any; k++)
+  for (unsigned k = 0; k < n && !any; k++)
     any = p->bins[k].own_allocs != 0 || p->bins[k].own_frees != 0;
   if (!any) return;
   sl_arena_lock(p->arena);
-  for (unsigned k = 0; k < p->nsmall; k++) sl_pool_own_report(p, k);
+  for (unsigned k = 0; k < n; k++) sl_pool_own_report(p, k);
   sl_arena_unlock(p->arena);
+}
+
+sl_pool *sl_pool_arena_share(const sl_pool *p, sl_class_stats *cls) {
+  for (unsigned k = p->nsmall; k < p->alloc->nclasses; k++) {
+    cls[k].allocs += p->bins[k].own_allocs;
+    cls[k].frees += p->bins[k].own_frees;
+  }
+  return p->arena_next;
 }
 
 /* Turns the parked headers on owned subpage s's free list into bare

@@ -402,6 +402,11 @@ void sl_pool_fail_next(sl_pool *p, unsigned n);
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *out);
 
+/* Adds p's share of its arena's normal class counts (the fast paths' runs
+ * not reported yet: sl_cache_bin) to cls; returns the next pool using the
+ * arena. The arena's lock held (sl_arena_get_stats). */
+sl_pool *sl_pool_arena_share(const sl_pool *p, sl_class_stats *cls);
+
 /* Blocks of class k this pool handed out so far, and got back (each is
  * counted in one of several places: see sl_cache_bin). */
 static inline uint64_t sl_pool_class_allocs(const sl_pool *p, unsigned k) {

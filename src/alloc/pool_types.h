@@ -88,7 +88,11 @@ typedef struct sl_pool sl_pool;
  * served by an owned subpage own_allocs, a release parked on one
  * own_frees (what the arena is told); the trim folds used into allocs_rest,
  * and a report to the arena (sl_pool_own_report) folds own_allocs and
- * own_frees into allocs_rest and frees_rest. A cached block that a trim or
+ * own_frees into allocs_rest and frees_rest. A normal class no bin caches
+ * (normal_pages set) counts the runs its fast paths take from the arena
+ * and give back in own_allocs and own_frees, under the arena's lock: the
+ * arena's readers add them to its counts (sl_pool_arena_share) until a
+ * report moves them into the arena's counts, under the same lock. A cached block that a trim or
  * a flush gives to its owned subpage counts in own_frees for the arena and
  * leaves frees_rest (the pool's release was counted when it was cached). */
 typedef struct sl_cache_bin {
@@ -96,7 +100,9 @@ typedef struct sl_cache_bin {
   uint32_t n;             /* cached now */
   uint32_t cap;
   uint32_t used;          /* hits since the last trim */
-  uint32_t own_allocs;    /* blocks taken from owned subpages, not yet in the arena's counts */
+  uint32_t own_allocs;    /* blocks taken from owned subpages (a normal class: runs
+                             from the arena's fast path), not yet in the arena's
+                             counts */
   uint64_t tail;          /* the last 8 bytes of a root header over a block of this
                              class (block_size, sclass, flags: 0, or SL_BUF_UNBINNED
                              for a normal class no bin caches): one store */
@@ -169,6 +175,7 @@ struct sl_pool {
                                      (sl_pool_unpark) */
   sl_alloc *alloc;
   sl_arena *arena;
+  sl_pool *arena_next;            /* the next pool using arena (its pools list) */
   struct sl_subpage *owned;       /* every subpage it owns (own_prev, own_next) */
   int own_alloc;                  /* created with the pool (tests) */
   int id;

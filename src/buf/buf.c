@@ -213,15 +213,11 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(
    * classes, cached ones and longer runs take the slow path). */
   size_t n = bin->normal_pages;
   if (n == 0 || pool->rec_n == 0) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  size_t idx = off >> SL_SC_LOOKUP_SHIFT;
-  SL_OPAQUE(idx);   /* the bin found again from idx: one register less in the lock */
-  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, (unsigned)idx, n);
+  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, &bin->own_allocs, n);
   if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  bin = &pool->bins[idx];
   uint32_t rn = pool->rec_n - 1;
   pool->rec_n = rn;
   sl_buf *b = pool->recycler[rn];
-  bin->allocs_rest++;
   uint64_t tail = bin->tail;
   SL_UNPOISON(data, (uint32_t)tail);
   b->data = data;
@@ -510,9 +506,11 @@ __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_buf *r, sl_pool
   sl_buf_bury(pool, r);
 }
 
-/* The same for r already dead and counted (sl_buf_free_normal). */
+/* The same for r already dead (sl_buf_free_normal). */
 __attribute__((noinline)) static void sl_buf_free_normal_dead(sl_buf *r, sl_pool *pool) {
-  sl_arena_free_normal(pool->arena, r->data, r->sclass);
+  unsigned sc = r->sclass;
+  pool->bins[sc].frees_rest++;
+  sl_arena_free_normal(pool->arena, r->data, sc);
   sl_pool_header_put(pool, r);
 }
 
@@ -533,10 +531,9 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
   SL_POISON(data, r->block_size);
   uintptr_t c = (uintptr_t)data & pool->chunk_mask;
   size_t page = ((uintptr_t)data - c) >> pool->page_shift;
-  bin->frees_rest++;
   sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
-  if (!sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, n, sc)) {
+  if (!sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, n, &bin->own_frees)) {
     sl_buf_free_normal_dead(r, pool);
     return;
   }

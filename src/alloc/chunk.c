@@ -23,23 +23,8 @@ uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
 static inline uint32_t sl_avail_key(uint32_t len) { return len < SL_AVAIL_LENS ? len : SL_AVAIL_LENS; }
 
 void sl_chunk_avail_join(sl_chunk *c, uint32_t k) {
-  uint64_t bit = 1ull << (k - 1);
-  sl_chunk_avail *av = c->avail;
-  if (av == NULL || (c->av_in & bit)) return;
-  sl_chunk *h = av->head[k];
-  c->av_in |= bit;
-  if (h == NULL) {
-    c->av_next[k] = c->av_prev[k] = c;
-    av->head[k] = c;
-    av->mask |= bit;
-    return;
-  }
-  sl_chunk *t = h->av_prev[k];   /* insert between the tail and the head */
-  c->av_next[k] = h;
-  c->av_prev[k] = t;
-  t->av_next[k] = c;
-  h->av_prev[k] = c;
-  if (c->free_pages <= h->free_pages) av->head[k] = c;   /* fuller: first */
+  if (c->avail == NULL || (c->av_in & (1ull << (k - 1)))) return;
+  sl_chunk_avail_link(c, c->avail, k);
 }
 
 void sl_chunk_avail_leave(sl_chunk *c, uint32_t k) {

@@ -164,6 +164,26 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *avail, uint32_t n);
  * no index. */
 void sl_chunk_avail_join(sl_chunk *c, uint32_t k);
 
+/* Puts c on its index av's list for key k, c not being on it: at the
+ * head when it is at least as full as the chunk there, else at the tail
+ * (sl_chunk_avail_join checks first; the arena's fast path knows). */
+static inline void sl_chunk_avail_link(sl_chunk *c, sl_chunk_avail *av, uint32_t k) {
+  sl_chunk *h = av->head[k];
+  c->av_in |= 1ull << (k - 1);
+  if (h == NULL) {
+    c->av_next[k] = c->av_prev[k] = c;
+    av->head[k] = c;
+    av->mask |= 1ull << (k - 1);
+    return;
+  }
+  sl_chunk *t = h->av_prev[k];   /* insert between the tail and the head */
+  c->av_next[k] = h;
+  c->av_prev[k] = t;
+  t->av_next[k] = c;
+  h->av_prev[k] = c;
+  if (c->free_pages <= h->free_pages) av->head[k] = c;   /* fuller: first */
+}
+
 /* Puts the free run [start, start + len) on its length's list, c being on
  * the index for that length already (or the list having runs). */
 static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {

@@ -208,9 +208,9 @@ fail:
 }
 
 /* sl_arena_free_normal's common case alone, likewise: the lock free, the
- * run allocated as a block of sclass, its length's list with runs or the
- * chunk on the index for that length already, the chunk staying on its
- * usage list. 0 otherwise, nothing changed: the caller then calls
+ * run allocated as a block of sclass, the chunk staying on its usage list
+ * (a chunk that left the index for the run's length joins it again). 0
+ * otherwise, nothing changed: the caller then calls
  * sl_arena_free_normal. The caller gives the block's chunk c, its first
  * page and n, the class's run length (1 to SL_AVAIL_LENS - 1: a pool's
  * bins[sclass].normal_pages), from its own copies of the geometry. The
@@ -222,8 +222,7 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
                                            uint32_t *count) {
   if (!sl_spin_trylock(&ar->lock)) return 0;
   uint32_t first = c->bucket[n];
-  if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi ||
-                           (first == SL_CHUNK_NONE && !(c->av_in & (1ull << (n - 1)))),
+  if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
                        0)) {
     sl_spin_unlock(&ar->lock);
     return 0;
@@ -238,6 +237,7 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
      * (a listed run of n already keeps it at n or more). */
     c->nonempty[0] |= 1ull << n;
     if ((uint32_t)n > c->max_run) c->max_run = (uint32_t)n;
+    if (!(c->av_in & (1ull << (n - 1)))) sl_chunk_avail_link(c, &ar->avail, (uint32_t)n);
   }
   c->unmerged++;
   ++*count;

@@ -519,7 +519,7 @@ __attribute__((noinline)) static void sl_buf_free_normal_dead(sl_buf *r, sl_pool
  * recycler's next slot, which it takes once its run is back in its chunk;
  * the rest is sl_buf_free_normal_slow (sl_buf_free_normal_dead once r is
  * dead). */
-__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool, unsigned sc) {
+__attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool, size_t sc) {
   sl_cache_bin *bin = &pool->bins[sc];
   size_t n = bin->normal_pages;
   uint32_t rn = pool->rec_n;

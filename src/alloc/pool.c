@@ -91,6 +91,7 @@ sl_pool *sl_pool_create(sl_alloc *a, int id) {
   p->nsmall = a->nsmall;
   p->normal_limit = cfg->type == SL_ALLOC_POOLED ? a->max_class_size : 0;
   p->normal_max_size = p->normal_limit;
+  p->normal_lookup_max = SL_MIN(p->normal_limit, SL_SC_LOOKUP_MAX);
   p->leak_level = cfg->leak_level;
   p->leak_sample = cfg->leak_sample ? cfg->leak_sample : 128;
   p->leak_countdown = 1;   /* the first buffer is recorded: a leak early on shows where */
@@ -377,6 +378,7 @@ __attribute__((noinline)) void *sl_pool_alloc_slow(sl_pool *p, size_t size, size
       p->max_cached_size = p->cached_limit;
       p->lookup_max_size = SL_MIN(p->cached_limit, SL_SC_LOOKUP_MAX);
       p->normal_max_size = p->normal_limit;
+      p->normal_lookup_max = SL_MIN(p->normal_limit, SL_SC_LOOKUP_MAX);
     }
     p->alloc_failures++;
     errno = ENOMEM;
@@ -739,6 +741,7 @@ void sl_pool_fail_next(sl_pool *p, unsigned n) {
   p->max_cached_size = n ? 0 : p->cached_limit;
   p->lookup_max_size = SL_MIN(p->max_cached_size, SL_SC_LOOKUP_MAX);
   p->normal_max_size = n ? 0 : p->normal_limit;
+  p->normal_lookup_max = SL_MIN(p->normal_max_size, SL_SC_LOOKUP_MAX);
 }
 
 void sl_pool_get_stats(const sl_pool *p, sl_pool_stats *st) {

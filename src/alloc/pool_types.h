@@ -133,6 +133,7 @@ struct sl_pool {
   size_t max_cached_size;         /* largest size the bins serve (0: none, or failing) */
   size_t lookup_max_size;         /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
   size_t normal_max_size;         /* largest size a chunk serves (0: unpooled, or failing) */
+  size_t normal_lookup_max;       /* the same, at most SL_SC_LOOKUP_MAX (one table load) */
   uint32_t nsmall;                /* classes below this are small (subpages) */
   uint32_t rec_n, rec_cap;        /* recycler stack */
   void **recycler;

@@ -200,14 +200,16 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
  * there in the common case), the header from the recycler. Only that
  * common case is here, with no call but tail calls, so that it keeps no
  * registers; the rest is sl_buf_alloc_normal_slow. exact (a constant):
- * max_cap is cap, so both capacities are cap (the class holds at least
- * that), as in sl_buf_alloc_binned. */
+ * cap is at most SL_SC_LOOKUP_MAX (the class from the table) and max_cap
+ * is cap, so both capacities are cap (the class holds at least that), as
+ * in sl_buf_alloc_binned. */
 static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(sl_pool *pool,
                                                                                size_t cap,
                                                                                size_t max_cap,
                                                                                int exact) {
-  size_t off = cap <= SL_SC_LOOKUP_MAX ? pool->lookup[(cap + 15) >> 4]
-                                       : (size_t)sl_sc_index(cap) << SL_SC_LOOKUP_SHIFT;
+  size_t off = exact || cap <= SL_SC_LOOKUP_MAX
+                   ? pool->lookup[(cap + 15) >> 4]
+                   : (size_t)sl_sc_index(cap) << SL_SC_LOOKUP_SHIFT;
   sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + off);
   /* A class no bin caches with runs the index lists exactly (small
    * classes, cached ones and longer runs take the slow path). */
@@ -230,15 +232,21 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(
   return sl_buf_alloc_done(pool, b);
 }
 
-/* sl_buf_alloc_normal_common for max_cap at most cap (the common case). */
+/* sl_buf_alloc_normal_common for a size up to normal_lookup_max and a
+ * max_cap at most cap (the common case). */
 __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal(sl_pool *pool, size_t cap) {
   return sl_buf_alloc_normal_common(pool, cap, cap, 1);
 }
 
-/* The same for a max_cap above cap (at most SL_BUF_MAX_CAPACITY). */
-__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_growable(sl_pool *pool, size_t cap,
-                                                                      size_t max_cap) {
-  return sl_buf_alloc_normal_common(pool, cap, max_cap, 0);
+/* Any other size above lookup_max_size: a normal size above the table's
+ * or with a max_cap above cap (at most SL_BUF_MAX_CAPACITY) the same way,
+ * the rest (huge, unpooled, failing on purpose, bad arguments) through
+ * the slow path. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_large(sl_pool *pool, size_t cap,
+                                                            size_t max_cap) {
+  if (cap > pool->normal_max_size || max_cap > SL_BUF_MAX_CAPACITY)
+    return sl_buf_alloc_slow(pool, cap, max_cap);
+  return sl_buf_alloc_normal_common(pool, cap, max_cap < cap ? cap : max_cap, 0);
 }
 
 /* A bare block popped from bin: it gets a header, from the recycler or
@@ -341,14 +349,12 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_growable(sl_pool *pool, si
  * lookup table's) with max_cap at most cap (0: cap), which is what the
  * read loop and most callers ask; a growable buffer takes the same path
  * with a few more instructions. Sizes above max_cached go to the arena
- * directly (sl_buf_alloc_normal). */
+ * directly (sl_buf_alloc_normal; above the table's, or growable:
+ * sl_buf_alloc_large). */
 sl_buf *sl_buf_alloc(sl_pool *pool, size_t cap, size_t max_cap) {
   if (__builtin_expect(cap > pool->lookup_max_size, 0)) {
-    if (cap <= pool->normal_max_size) {
-      if (max_cap <= cap) return sl_buf_alloc_normal(pool, cap);
-      if (max_cap <= SL_BUF_MAX_CAPACITY) return sl_buf_alloc_normal_growable(pool, cap, max_cap);
-    }
-    return sl_buf_alloc_slow(pool, cap, max_cap);
+    if (cap <= pool->normal_lookup_max && max_cap <= cap) return sl_buf_alloc_normal(pool, cap);
+    return sl_buf_alloc_large(pool, cap, max_cap);
   }
   if (__builtin_expect(max_cap > cap, 0)) return sl_buf_alloc_growable(pool, cap, max_cap);
   return sl_buf_alloc_binned(pool, cap, cap, 1);

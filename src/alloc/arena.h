@@ -176,7 +176,7 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
  * is counted in *count, under the lock: the calling pool's share of the
  * class's count (see sl_arena's pools), not in cls. */
 static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, size_t n) {
-  if (!sl_spin_trylock(&ar->lock)) return NULL;
+  if (sl_spin_trylock_busy(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
   if (__builtin_expect(c == NULL, 0)) goto fail;
   uint32_t start = c->bucket[n];
@@ -220,7 +220,7 @@ fail:
  * test. The free is counted in *count, likewise. */
 static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t page, size_t n,
                                            uint32_t *count) {
-  if (!sl_spin_trylock(&ar->lock)) return 0;
+  if (sl_spin_trylock_busy(&ar->lock)) return 0;
   uint32_t first = c->bucket[n];
   if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
                        0)) {

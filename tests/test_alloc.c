@@ -488,8 +488,8 @@ static void test_chunk_defers_coalescing_until_a_run_does_not_fit(void **state) 
   assert_int_equal(c->free_pages, u - 1);
   assert_int_equal(c->unmerged, u - 1);
   assert_int_equal(c->sweeps, 0);
-  assert_int_not_equal(c->bucket[1], SL_CHUNK_NONE);
-  assert_int_equal(c->bucket[u - 1], SL_CHUNK_NONE);
+  assert_int_not_equal(*sl_chunk_bucket(c, 1), SL_CHUNK_NONE);
+  assert_int_equal(*sl_chunk_bucket(c, u - 1), SL_CHUNK_NONE);
 
   /* A one-page run comes straight off its list: the last freed. */
   assert_int_equal(sl_chunk_run_take(c, 1), m);
@@ -512,8 +512,8 @@ static void test_chunk_defers_coalescing_until_a_run_does_not_fit(void **state) 
   sl_chunk_run_free(c, m + u - 1, 1);
   assert_int_equal(c->free_pages, u);
   assert_int_equal(c->unmerged, 0);
-  assert_int_equal(c->bucket[u], m);
-  assert_int_equal(c->bucket[1], SL_CHUNK_NONE);
+  assert_int_equal(*sl_chunk_bucket(c, u), m);
+  assert_int_equal(*sl_chunk_bucket(c, 1), SL_CHUNK_NONE);
   assert_int_equal(sl_chunk_run_alloc(c, u), m);
   assert_int_equal(c->sweeps, 1);
   sl_chunk_run_free(c, m, u);
@@ -746,7 +746,7 @@ static void test_empty_chunk_with_unmerged_frees_is_released_after_idle(void **s
   int64_t emptied = mono_ms();
   assert_int_equal(arena_list_of(ar, c), 0);
   assert_int_equal(c->free_pages, sl_chunk_usable_pages(c));
-  assert_int_equal(c->bucket[sl_chunk_usable_pages(c)], c->meta_pages);
+  assert_int_equal(*sl_chunk_bucket(c, sl_chunk_usable_pages(c)), c->meta_pages);
   assert_int_equal(c->unmerged, 0);
   assert_int_equal(release_chunks(ar, emptied, 0), 0);
   assert_true(is_mapped(c));

@@ -311,7 +311,7 @@ void *sl_arena_alloc_normal_slow(sl_arena *ar, unsigned sclass) {
     /* The index's first chunk for n had no run of n left (chunks leave
      * lazily): the next one on that list may have one. */
     sl_chunk *c;
-    while ((c = ar->avail.head[n]) != NULL && c->bucket[n] == SL_CHUNK_NONE)
+    while ((c = ar->avail.head[n]) != NULL && c->bucket_lo[n] == SL_CHUNK_NONE)
       sl_chunk_avail_leave(c, n);
     if (c != NULL) {
       uint32_t page = sl_chunk_run_take_exact(c, n);

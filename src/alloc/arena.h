@@ -140,7 +140,7 @@ static inline void *sl_arena_alloc_normal(sl_arena *ar, unsigned sclass) {
   uint32_t n = ar->alloc->run_pages[sclass];
   sl_spin_lock(&ar->lock);
   sl_chunk *c = n < SL_AVAIL_LENS ? ar->avail.head[n] : NULL;
-  if (__builtin_expect(c == NULL || c->bucket[n] == SL_CHUNK_NONE, 0))
+  if (__builtin_expect(c == NULL || c->bucket_lo[n] == SL_CHUNK_NONE, 0))
     return sl_arena_alloc_normal_slow(ar, sclass);
   uint32_t page = sl_chunk_run_take_exact(c, n);
   sl_arena_relist(ar, c);
@@ -179,19 +179,19 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, siz
   if (sl_spin_trylock_busy(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
   if (__builtin_expect(c == NULL, 0)) goto fail;
-  uint32_t start = c->bucket[n];
+  uint32_t start = c->bucket_lo[n];
   if (__builtin_expect(start == SL_CHUNK_NONE, 0)) {
     /* Stale (chunks leave lazily): the next few on the list may have one;
      * the first that has becomes the head. */
     sl_chunk *h = c;
-    for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket[n] == SL_CHUNK_NONE; k++) {
+    for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket_lo[n] == SL_CHUNK_NONE; k++) {
     }
-    if (c == h || (start = c->bucket[n]) == SL_CHUNK_NONE) goto fail;
+    if (c == h || (start = c->bucket_lo[n]) == SL_CHUNK_NONE) goto fail;
     ar->avail.head[n] = c;
   }
   if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
   uint32_t next = c->free_next[start];
-  c->bucket[n] = next;
+  c->bucket_lo[n] = next;
   if (__builtin_expect(next == SL_CHUNK_NONE, 0)) {
     c->nonempty[0] &= ~(1ull << n);   /* n < 64: the first word */
     ar->avail.head[n] = c->av_next[n];
@@ -221,7 +221,7 @@ fail:
 static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t page, size_t n,
                                            uint32_t *count) {
   if (sl_spin_trylock_busy(&ar->lock)) return 0;
-  uint32_t first = c->bucket[n];
+  uint32_t first = c->bucket_lo[n];
   if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
                        0)) {
     sl_spin_unlock(&ar->lock);
@@ -231,7 +231,7 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
   c->free_pages += (uint32_t)n;
   c->free_head[page] = (uint32_t)n;
   c->free_next[page] = first;
-  c->bucket[n] = (uint32_t)page;
+  c->bucket_lo[n] = (uint32_t)page;
   if (__builtin_expect(first == SL_CHUNK_NONE, 0)) {
     /* The list was empty: it has a run now, and max_run may be below n
      * (a listed run of n already keeps it at n or more). */

@@ -9,10 +9,15 @@
 
 
 
+/* Entries of bucket_hi: lengths SL_AVAIL_LENS to npages. */
+static uint32_t sl_chunk_bucket_hi_len(uint32_t npages) {
+  return npages + 1 > SL_AVAIL_LENS ? npages + 1 - SL_AVAIL_LENS : 0;
+}
+
 static size_t sl_chunk_meta_bytes(uint32_t npages) {
   size_t words = (npages + 1 + 63) / 64;
-  return sizeof(sl_chunk) + (4 * (size_t)npages + 1) * sizeof(uint32_t) + 8 + words * 8 +
-         (size_t)npages * sizeof(sl_subpage *);
+  return sizeof(sl_chunk) + (3 * (size_t)npages + sl_chunk_bucket_hi_len(npages)) * sizeof(uint32_t) +
+         8 + words * 8 + (size_t)npages * sizeof(sl_subpage *);
 }
 
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
@@ -52,7 +57,7 @@ static int sl_free_has_long(const sl_chunk *c) {
 
 /* Whether c (on the index under key k) still lists a run for that key. */
 static int sl_avail_valid(const sl_chunk *c, uint32_t k) {
-  return k < SL_AVAIL_LENS ? c->bucket[k] != SL_CHUNK_NONE : sl_free_has_long(c);
+  return k < SL_AVAIL_LENS ? c->bucket_lo[k] != SL_CHUNK_NONE : sl_free_has_long(c);
 }
 
 sl_chunk *sl_chunk_avail_find(sl_chunk_avail *av, uint32_t n) {
@@ -100,9 +105,10 @@ static void sl_free_clear_lists(sl_chunk *c, int unmark) {
       uint32_t len = (w << 6) + (uint32_t)__builtin_ctzll(bits);
       bits &= bits - 1;
       if (c->avail != NULL) sl_chunk_avail_leave(c, sl_avail_key(len));
+      uint32_t *bucket = sl_chunk_bucket(c, len);
       if (unmark)
-        for (uint32_t r = c->bucket[len]; r != SL_CHUNK_NONE; r = c->free_next[r]) c->free_head[r] = 0;
-      c->bucket[len] = SL_CHUNK_NONE;
+        for (uint32_t r = *bucket; r != SL_CHUNK_NONE; r = c->free_next[r]) c->free_head[r] = 0;
+      *bucket = SL_CHUNK_NONE;
     }
     c->nonempty[w] = 0;
   }
@@ -134,9 +140,11 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chu
   c->run_len = u;
   c->free_head = u + npages;
   c->free_next = u + 2 * npages;
-  c->bucket = u + 3 * npages;                  /* npages + 1 entries */
-  c->nonempty = (uint64_t *)(void *)(((uintptr_t)(u + 4 * npages + 1) + 7) & ~(uintptr_t)7);
-  memset(c->bucket, 0xff, (npages + 1) * sizeof(uint32_t));
+  c->bucket_hi = u + 3 * npages;               /* lengths SL_AVAIL_LENS..npages */
+  uint32_t nhi = sl_chunk_bucket_hi_len(npages);
+  c->nonempty = (uint64_t *)(void *)(((uintptr_t)(c->bucket_hi + nhi) + 7) & ~(uintptr_t)7);
+  memset(c->bucket_lo, 0xff, sizeof(c->bucket_lo));
+  memset(c->bucket_hi, 0xff, nhi * sizeof(uint32_t));
   c->free_pages = c->usable;
   sl_chunk_free_push(c, c->meta_pages, c->usable);
   return c;

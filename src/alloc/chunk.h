@@ -130,13 +130,22 @@ struct sl_chunk {
                                   (0 for a subpage run: see sub[]) */
   uint32_t *free_head;         /* at a free run's first page: its length, else 0 */
   uint32_t *free_next;         /* at a free run's first page: next run of its list */
-  uint32_t *bucket;            /* per length 0..npages: first free run, or NONE */
+  uint32_t *bucket_hi;         /* per length SL_AVAIL_LENS..npages: first free run, or
+                                  NONE (bucket_lo below for the shorter ones) */
   uint64_t *nonempty;          /* bit per length: its list has a run */
   sl_subpage **sub;            /* per page of a subpage run: the subpage (right
                                   after this struct: sl_chunk_sub) */
   uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
   sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];
+  uint32_t bucket_lo[SL_AVAIL_LENS];   /* per length below SL_AVAIL_LENS: first free
+                                          run, or NONE (in the struct: the arena's fast
+                                          paths find it from the chunk's address) */
 };
+
+/* The first free run of length len's list (sl_chunk's bucket_lo, bucket_hi). */
+static inline uint32_t *sl_chunk_bucket(sl_chunk *c, uint32_t len) {
+  return len < SL_AVAIL_LENS ? &c->bucket_lo[len] : &c->bucket_hi[len - SL_AVAIL_LENS];
+}
 
 /* c->sub, from c's address alone: the map of subpages follows the struct
  * (one load less on the owner's release path). */
@@ -187,10 +196,11 @@ static inline void sl_chunk_avail_link(sl_chunk *c, sl_chunk_avail *av, uint32_t
 /* Puts the free run [start, start + len) on its length's list, c being on
  * the index for that length already (or the list having runs). */
 static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {
-  uint32_t first = c->bucket[len];
+  uint32_t *bucket = sl_chunk_bucket(c, len);
+  uint32_t first = *bucket;
   c->free_head[start] = len;
   c->free_next[start] = first;
-  c->bucket[len] = start;
+  *bucket = start;
   if (first == SL_CHUNK_NONE) c->nonempty[len >> 6] |= 1ull << (len & 63);   /* else set */
   if (len > c->max_run) c->max_run = len;
 }
@@ -198,10 +208,11 @@ static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32
 /* Puts the free run [start, start + len) on its length's list (and c on
  * the index for it). */
 static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len) {
-  uint32_t first = c->bucket[len];
+  uint32_t *bucket = sl_chunk_bucket(c, len);
+  uint32_t first = *bucket;
   c->free_head[start] = len;
   c->free_next[start] = first;
-  c->bucket[len] = start;
+  *bucket = start;
   c->nonempty[len >> 6] |= 1ull << (len & 63);
   if (len > c->max_run) c->max_run = len;
   if (first == SL_CHUNK_NONE) {
@@ -215,9 +226,10 @@ void sl_chunk_avail_leave(sl_chunk *c, uint32_t k);
 
 /* Takes the first run off the (non-empty) list of length len. */
 static inline uint32_t sl_chunk_free_pop(sl_chunk *c, uint32_t len) {
-  uint32_t start = c->bucket[len];
+  uint32_t *bucket = sl_chunk_bucket(c, len);
+  uint32_t start = *bucket;
   uint32_t next = c->free_next[start];
-  c->bucket[len] = next;
+  *bucket = next;
   c->free_head[start] = 0;
   if (next == SL_CHUNK_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
   return start;

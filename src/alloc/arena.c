@@ -283,7 +283,7 @@ static sl_subpage *sl_arena_subpage(sl_arena *ar, unsigned sclass) {
       sl_arena_relist(ar, c);
       return NULL;
     }
-    c->run_len[page] = 0; /* a subpage run, found through sub[] */
+    sl_chunk_pages(c)[page].run_len = 0; /* a subpage run, found through sub[] */
     sl_arena_relist(ar, c);
     ar->subpages[sclass] = s;
   }
@@ -470,7 +470,7 @@ static void sl_subpage_release(sl_arena *ar, sl_subpage *s) {
   else ar->subpages[s->sclass] = s->next;
   if (s->next) s->next->prev = s->prev;
   for (uint32_t q = s->first_page; q < s->first_page + s->npages; q++) c->sub[q] = NULL;
-  c->run_len[s->first_page] = s->npages;
+  sl_chunk_pages(c)[s->first_page].run_len = s->npages;
   sl_chunk_run_free(c, s->first_page, s->npages);
   free(s);
   sl_arena_relist(ar, c);

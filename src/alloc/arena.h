@@ -190,14 +190,14 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, siz
     ar->avail.head[n] = c;
   }
   if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
-  uint32_t next = c->free_next[start];
+  uint32_t next = sl_chunk_pages(c)[start].free_next;
   c->bucket_lo[n] = next;
   if (__builtin_expect(next == SL_CHUNK_NONE, 0)) {
     c->nonempty[0] &= ~(1ull << n);   /* n < 64: the first word */
     ar->avail.head[n] = c->av_next[n];
   }
-  c->free_head[start] = 0;
-  c->run_len[start] = (uint32_t)n;
+  sl_chunk_pages(c)[start].free_head = 0;
+  sl_chunk_pages(c)[start].run_len = (uint32_t)n;
   c->free_pages -= (uint32_t)n;
   ++*count;
   sl_spin_unlock(&ar->lock);
@@ -222,15 +222,15 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
                                            uint32_t *count) {
   if (sl_spin_trylock_busy(&ar->lock)) return 0;
   uint32_t first = c->bucket_lo[n];
-  if (__builtin_expect(c->run_len[page] != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
+  if (__builtin_expect(sl_chunk_pages(c)[page].run_len != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
                        0)) {
     sl_spin_unlock(&ar->lock);
     return 0;
   }
-  c->run_len[page] = 0;
+  sl_chunk_pages(c)[page].run_len = 0;
   c->free_pages += (uint32_t)n;
-  c->free_head[page] = (uint32_t)n;
-  c->free_next[page] = first;
+  sl_chunk_pages(c)[page].free_head = (uint32_t)n;
+  sl_chunk_pages(c)[page].free_next = first;
   c->bucket_lo[n] = (uint32_t)page;
   if (__builtin_expect(first == SL_CHUNK_NONE, 0)) {
     /* The list was empty: it has a run now, and max_run may be below n

@@ -16,8 +16,9 @@ static uint32_t sl_chunk_bucket_hi_len(uint32_t npages) {
 
 static size_t sl_chunk_meta_bytes(uint32_t npages) {
   size_t words = (npages + 1 + 63) / 64;
-  return sizeof(sl_chunk) + (3 * (size_t)npages + sl_chunk_bucket_hi_len(npages)) * sizeof(uint32_t) +
-         8 + words * 8 + (size_t)npages * sizeof(sl_subpage *);
+  return sizeof(sl_chunk) + (size_t)npages * sizeof(sl_chunk_page) +
+         sl_chunk_bucket_hi_len(npages) * sizeof(uint32_t) + 8 + words * 8 +
+         (size_t)npages * sizeof(sl_subpage *);
 }
 
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size) {
@@ -107,7 +108,7 @@ static void sl_free_clear_lists(sl_chunk *c, int unmark) {
       if (c->avail != NULL) sl_chunk_avail_leave(c, sl_avail_key(len));
       uint32_t *bucket = sl_chunk_bucket(c, len);
       if (unmark)
-        for (uint32_t r = *bucket; r != SL_CHUNK_NONE; r = c->free_next[r]) c->free_head[r] = 0;
+        for (uint32_t r = *bucket; r != SL_CHUNK_NONE; r = sl_chunk_pages(c)[r].free_next) sl_chunk_pages(c)[r].free_head = 0;
       *bucket = SL_CHUNK_NONE;
     }
     c->nonempty[w] = 0;
@@ -135,12 +136,10 @@ sl_chunk *sl_chunk_new(struct sl_arena *arena, sl_chunk_avail *avail, size_t chu
   c->meta_pages = sl_chunk_meta_pages(chunk_size, page_size);
   c->usable = npages - c->meta_pages;
   c->page_shift = (uint32_t)__builtin_ctzll(page_size);
-  c->sub = sl_chunk_sub(c);                    /* fresh mmap: all zero */
-  uint32_t *u = (uint32_t *)(void *)(c->sub + npages);
-  c->run_len = u;
-  c->free_head = u + npages;
-  c->free_next = u + 2 * npages;
-  c->bucket_hi = u + 3 * npages;               /* lengths SL_AVAIL_LENS..npages */
+  /* After the struct (a fresh mmap: all zero): the pages' map, the
+   * subpages', then the longer runs' lists. */
+  c->sub = (sl_subpage **)(void *)(sl_chunk_pages(c) + npages);
+  c->bucket_hi = (uint32_t *)(void *)(c->sub + npages);   /* lengths SL_AVAIL_LENS..npages */
   uint32_t nhi = sl_chunk_bucket_hi_len(npages);
   c->nonempty = (uint64_t *)(void *)(((uintptr_t)(c->bucket_hi + nhi) + 7) & ~(uintptr_t)7);
   memset(c->bucket_lo, 0xff, sizeof(c->bucket_lo));
@@ -161,17 +160,17 @@ void sl_chunk_coalesce(sl_chunk *c) {
   c->max_run = 0;
   uint32_t p = c->meta_pages;
   while (p < c->npages) {
-    if (c->free_head[p]) {
+    if (sl_chunk_pages(c)[p].free_head) {
       uint32_t start = p;
-      while (p < c->npages && c->free_head[p]) {
-        uint32_t len = c->free_head[p];
-        c->free_head[p] = 0;
+      while (p < c->npages && sl_chunk_pages(c)[p].free_head) {
+        uint32_t len = sl_chunk_pages(c)[p].free_head;
+        sl_chunk_pages(c)[p].free_head = 0;
         p += len;
       }
       sl_chunk_free_push(c, start, p - start);
       continue;
     }
-    uint32_t step = c->run_len[p] ? c->run_len[p] : c->sub[p] ? c->sub[p]->npages : 0;
+    uint32_t step = sl_chunk_pages(c)[p].run_len ? sl_chunk_pages(c)[p].run_len : c->sub[p] ? c->sub[p]->npages : 0;
     SL_ASSERT(step > 0, "chunk page map has a hole");
     p += step;
   }
@@ -188,7 +187,7 @@ int sl_chunk_run_take(sl_chunk *c, uint32_t n) {
   }
   uint32_t start = sl_chunk_free_pop(c, len);
   if (len > n) sl_chunk_free_push(c, start + n, len - n);
-  c->run_len[start] = n;
+  sl_chunk_pages(c)[start].run_len = n;
   c->free_pages -= n;
   return (int)start;
 }

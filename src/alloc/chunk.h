@@ -107,6 +107,16 @@ struct sl_subpage {
   uint64_t bits[];             /* 1 = element in use */
 };
 
+/* What a chunk keeps per page, at the first page of each run (zero
+ * elsewhere), in one map right after its struct (sl_chunk_pages), so that
+ * a run's fields share one address, found from the chunk's. */
+typedef struct sl_chunk_page {
+  uint32_t run_len;            /* an allocated run: its length (0 for a subpage
+                                  run: see sub[]) */
+  uint32_t free_head;          /* a free run: its length, else 0 */
+  uint32_t free_next;          /* a free run: the next run of its list */
+} sl_chunk_page;
+
 struct sl_chunk {
   struct sl_arena *arena;
   sl_chunk_avail *avail;       /* the arena's index (NULL: a chunk on its own) */
@@ -126,15 +136,10 @@ struct sl_chunk {
   int64_t empty_since_ms;      /* when it last became empty */
   uint32_t page_shift;
   uint32_t sweeps;             /* coalescing sweeps so far */
-  uint32_t *run_len;           /* at an allocated run's first page: its length
-                                  (0 for a subpage run: see sub[]) */
-  uint32_t *free_head;         /* at a free run's first page: its length, else 0 */
-  uint32_t *free_next;         /* at a free run's first page: next run of its list */
   uint32_t *bucket_hi;         /* per length SL_AVAIL_LENS..npages: first free run, or
                                   NONE (bucket_lo below for the shorter ones) */
   uint64_t *nonempty;          /* bit per length: its list has a run */
-  sl_subpage **sub;            /* per page of a subpage run: the subpage (right
-                                  after this struct: sl_chunk_sub) */
+  sl_subpage **sub;            /* per page of a subpage run: the subpage */
   uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
   sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];
   uint32_t bucket_lo[SL_AVAIL_LENS];   /* per length below SL_AVAIL_LENS: first free
@@ -147,9 +152,11 @@ static inline uint32_t *sl_chunk_bucket(sl_chunk *c, uint32_t len) {
   return len < SL_AVAIL_LENS ? &c->bucket_lo[len] : &c->bucket_hi[len - SL_AVAIL_LENS];
 }
 
-/* c->sub, from c's address alone: the map of subpages follows the struct
- * (one load less on the owner's release path). */
-static inline sl_subpage **sl_chunk_sub(sl_chunk *c) { return (sl_subpage **)(void *)(c + 1); }
+/* c's map of its pages (sl_chunk_page), from c's address alone: it
+ * follows the struct (no load on the arena's normal-size paths). */
+static inline sl_chunk_page *sl_chunk_pages(sl_chunk *c) {
+  return (sl_chunk_page *)(void *)(c + 1);
+}
 
 /* Pages a chunk of this geometry spends on its own metadata. */
 uint32_t sl_chunk_meta_pages(size_t chunk_size, size_t page_size);
@@ -198,8 +205,8 @@ static inline void sl_chunk_avail_link(sl_chunk *c, sl_chunk_avail *av, uint32_t
 static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32_t len) {
   uint32_t *bucket = sl_chunk_bucket(c, len);
   uint32_t first = *bucket;
-  c->free_head[start] = len;
-  c->free_next[start] = first;
+  sl_chunk_pages(c)[start].free_head = len;
+  sl_chunk_pages(c)[start].free_next = first;
   *bucket = start;
   if (first == SL_CHUNK_NONE) c->nonempty[len >> 6] |= 1ull << (len & 63);   /* else set */
   if (len > c->max_run) c->max_run = len;
@@ -210,8 +217,8 @@ static inline void sl_chunk_free_push_listed(sl_chunk *c, uint32_t start, uint32
 static inline void sl_chunk_free_push(sl_chunk *c, uint32_t start, uint32_t len) {
   uint32_t *bucket = sl_chunk_bucket(c, len);
   uint32_t first = *bucket;
-  c->free_head[start] = len;
-  c->free_next[start] = first;
+  sl_chunk_pages(c)[start].free_head = len;
+  sl_chunk_pages(c)[start].free_next = first;
   *bucket = start;
   c->nonempty[len >> 6] |= 1ull << (len & 63);
   if (len > c->max_run) c->max_run = len;
@@ -228,9 +235,9 @@ void sl_chunk_avail_leave(sl_chunk *c, uint32_t k);
 static inline uint32_t sl_chunk_free_pop(sl_chunk *c, uint32_t len) {
   uint32_t *bucket = sl_chunk_bucket(c, len);
   uint32_t start = *bucket;
-  uint32_t next = c->free_next[start];
+  uint32_t next = sl_chunk_pages(c)[start].free_next;
   *bucket = next;
-  c->free_head[start] = 0;
+  sl_chunk_pages(c)[start].free_head = 0;
   if (next == SL_CHUNK_NONE) c->nonempty[len >> 6] &= ~(1ull << (len & 63));
   return start;
 }
@@ -238,7 +245,7 @@ static inline uint32_t sl_chunk_free_pop(sl_chunk *c, uint32_t len) {
 /* Allocates the first run of the (non-empty) list of length n, whole. */
 static inline uint32_t sl_chunk_run_take_exact(sl_chunk *c, uint32_t n) {
   uint32_t start = sl_chunk_free_pop(c, n);
-  c->run_len[start] = n;
+  sl_chunk_pages(c)[start].run_len = n;
   c->free_pages -= n;
   return start;
 }
@@ -248,10 +255,10 @@ void sl_chunk_reset(sl_chunk *c);
 
 /* sl_chunk_run_free, inline for the arena's normal-size path. Aborts when
  * page does not start an allocated run of n pages (page lies in the chunk,
- * as it comes from a block's address; a meta page has run_len 0). */
+ * as it comes from a block's address; a meta page's run_len is 0). */
 static inline void sl_chunk_run_free_inline(sl_chunk *c, uint32_t page, uint32_t n) {
-  SL_ASSERT(c->run_len[page] == n && n != 0, "run freed that is not allocated");
-  c->run_len[page] = 0;
+  SL_ASSERT(sl_chunk_pages(c)[page].run_len == n && n != 0, "run freed that is not allocated");
+  sl_chunk_pages(c)[page].run_len = 0;
   c->free_pages += n;
   if (__builtin_expect(c->free_pages == c->usable, 0)) {
     sl_chunk_reset(c);   /* the last used run: one free run again */

@@ -253,7 +253,7 @@ void sl_pool_own_moved(sl_pool *p, sl_subpage *s, uint32_t nfree);
 /* The subpage of mem, a block of small class sclass. */
 static inline sl_subpage *sl_pool_subpage_of(const sl_pool *p, const void *mem, unsigned sclass) {
   uintptr_t c = (uintptr_t)mem & p->chunk_mask;
-  sl_subpage *s = sl_chunk_sub((sl_chunk *)c)[((uintptr_t)mem - c) >> p->page_shift];
+  sl_subpage *s = ((sl_chunk *)c)->sub[((uintptr_t)mem - c) >> p->page_shift];
   SL_ASSERT_DEBUG(s != NULL && s->sclass == sclass, "small block freed with the wrong class");
   (void)sclass;
   return s;

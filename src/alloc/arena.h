@@ -170,10 +170,9 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
  * chunks stay on the list, for the runs freed next), the chunk staying on
  * its usage list. NULL otherwise, nothing allocated: the caller then calls
  * sl_arena_alloc_normal. n is the class's run length, 1 to SL_AVAIL_LENS
- * - 1 (a pool's bins[sclass].normal_pages). A chunk whose list of that
- * length the pop empties hands the index's head to the next chunk on it,
- * so that the next allocation seldom meets a stale head. The allocation
- * is counted in *count, under the lock: the calling pool's share of the
+ * - 1 (a pool's bins[sclass].normal_pages). A list that the pop empties
+ * keeps its bit in the chunk's nonempty (chunk.h). The allocation is
+ * counted in *count, under the lock: the calling pool's share of the
  * class's count (see sl_arena's pools), not in cls. */
 static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, size_t n) {
   if (sl_spin_trylock_busy(&ar->lock)) return NULL;
@@ -191,11 +190,7 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, siz
   }
   if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
   uint32_t next = sl_chunk_pages(c)[start].free_next;
-  c->bucket_lo[n] = next;
-  if (__builtin_expect(next == SL_CHUNK_NONE, 0)) {
-    c->nonempty[0] &= ~(1ull << n);   /* n < 64: the first word */
-    ar->avail.head[n] = c->av_next[n];
-  }
+  c->bucket_lo[n] = next;   /* emptied, its bit in nonempty stays (chunk.h) */
   sl_chunk_pages(c)[start].free_head = 0;
   sl_chunk_pages(c)[start].run_len = (uint32_t)n;
   c->free_pages -= (uint32_t)n;

@@ -84,13 +84,20 @@ sl_chunk *sl_chunk_avail_find(sl_chunk_avail *av, uint32_t n) {
   return NULL;
 }
 
-/* The smallest length >= n whose list has a run, or 0. */
-static inline uint32_t sl_free_fit(const sl_chunk *c, uint32_t n) {
+/* The smallest length >= n whose list has a run, or 0. A bit found set
+ * over an empty list (the arena's fast path leaves them: chunk.h) is
+ * cleared on the way. */
+static inline uint32_t sl_free_fit(sl_chunk *c, uint32_t n) {
   uint32_t words = (c->npages + 1 + 63) / 64;
   uint32_t w = n >> 6;
   uint64_t bits = c->nonempty[w] & (~0ull << (n & 63));
   for (;;) {
-    if (bits) return (w << 6) + (uint32_t)__builtin_ctzll(bits);
+    while (bits) {
+      uint32_t len = (w << 6) + (uint32_t)__builtin_ctzll(bits);
+      if (*sl_chunk_bucket(c, len) != SL_CHUNK_NONE) return len;
+      c->nonempty[w] &= ~(1ull << (len & 63));
+      bits &= bits - 1;
+    }
     if (++w >= words) return 0;
     bits = c->nonempty[w];
   }

@@ -4,7 +4,7 @@
  * block is found by masking the block's address.
  *
  * Pages are handed out in runs. Free runs sit on one list per exact length
- * (a bitmap says which lists are non-empty), so an allocation pops a run of
+ * (a bitmap says which lists may have runs), so an allocation pops a run of
  * exactly the length it needs, or else splits the shortest longer one, and
  * a free pushes the run on its length's list: both O(1). Coalescing is
  * deferred: neighbouring free runs are merged, in one sweep over the
@@ -138,7 +138,10 @@ struct sl_chunk {
   uint32_t sweeps;             /* coalescing sweeps so far */
   uint32_t *bucket_hi;         /* per length SL_AVAIL_LENS..npages: first free run, or
                                   NONE (bucket_lo below for the shorter ones) */
-  uint64_t *nonempty;          /* bit per length: its list has a run */
+  uint64_t *nonempty;          /* bit per length: its list may have a run (clear:
+                                  it has none; a length below SL_AVAIL_LENS whose
+                                  list the arena's fast path empties keeps its bit
+                                  until a search finds the list empty) */
   sl_subpage **sub;            /* per page of a subpage run: the subpage */
   uint64_t av_in;              /* bit k-1: on avail->head[k]'s list */
   sl_chunk *av_next[SL_AVAIL_LENS + 1], *av_prev[SL_AVAIL_LENS + 1];

@@ -526,7 +526,8 @@ __attribute__((noinline)) static void sl_buf_free_normal_dead(sl_buf *r, sl_pool
  * the rest is sl_buf_free_normal_slow (sl_buf_free_normal_dead once r is
  * dead). */
 __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *pool, size_t sc) {
-  sl_cache_bin *bin = &pool->bins[sc];
+  sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + (sc << SL_SC_LOOKUP_SHIFT));
+  SL_OPAQUE(bin);   /* one register for the bin's fields (GCC would keep sc apart) */
   size_t n = bin->normal_pages;
   uint32_t rn = pool->rec_n;
   if (n == 0 || rn >= pool->rec_cap) {

@@ -583,6 +583,13 @@ __attribute__((noinline)) static void sl_buf_free_recorded(sl_buf *r, sl_pool *p
   sl_leak_forget(pool, r);
 }
 
+/* The same for a sampled root of a normal class no bin caches. */
+__attribute__((noinline)) static void sl_buf_free_normal_recorded(sl_buf *r, sl_pool *pool) {
+  r->flags &= (uint16_t)~SL_BUF_RECORDED;
+  sl_buf_free_normal(r, pool, r->sclass);
+  sl_leak_forget(pool, r);
+}
+
 _Static_assert(offsetof(sl_buf, flags) == offsetof(sl_buf, sclass) + 2,
                "sclass and flags: one 32-bit word");
 
@@ -615,6 +622,10 @@ void sl_buf_free(sl_buf *r) {
   }
   if (word >> 16 == SL_BUF_RECORDED) {
     sl_buf_free_recorded(r, pool);
+    return;
+  }
+  if (word - ((uint32_t)(SL_BUF_UNBINNED | SL_BUF_RECORDED) << 16) < SL_SC_MAX_CLASSES) {
+    sl_buf_free_normal_recorded(r, pool);
     return;
   }
   r->refcnt = 0;

@@ -196,6 +196,15 @@ __attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_slow(sl_pool *pool,
   return sl_buf_alloc_done(pool, b);
 }
 
+/* What a new root over a block without a subpage has in views and owner
+ * (SL_BUF_NO_SUBPAGE, NULL), as they lie in the header: one copy. */
+_Static_assert(offsetof(sl_buf, owner) == offsetof(sl_buf, views) + sizeof(void *),
+               "views, owner adjacent");
+static const struct {
+  void *views;
+  void *owner;
+} sl_buf_normal_views_owner = {SL_BUF_NO_SUBPAGE, NULL};
+
 /* A normal size above max_cached: a run straight from the arena (O(1)
  * there in the common case), the header from the recycler. Only that
  * common case is here, with no call but tail calls, so that it keeps no
@@ -226,8 +235,7 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(
   if (exact) sl_buf_revive_exact(pool, b, (uint32_t)cap);
   else sl_buf_revive(pool, b, (uint32_t)tail, max_cap);
   b->root = b;
-  b->views = SL_BUF_NO_SUBPAGE;
-  b->owner = NULL;
+  memcpy(&b->views, &sl_buf_normal_views_owner, sizeof(sl_buf_normal_views_owner));
   memcpy(&b->block_size, &tail, sizeof(tail));
   return sl_buf_alloc_done(pool, b);
 }

@@ -189,10 +189,10 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, siz
     ar->avail.head[n] = c;
   }
   if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
-  uint32_t next = sl_chunk_pages(c)[start].free_next;
-  c->bucket_lo[n] = next;   /* emptied, its bit in nonempty stays (chunk.h) */
-  sl_chunk_pages(c)[start].free_head = 0;
-  sl_chunk_pages(c)[start].run_len = (uint32_t)n;
+  sl_chunk_page *e = &sl_chunk_pages(c)[start];
+  c->bucket_lo[n] = e->free_next;   /* emptied, its bit in nonempty stays (chunk.h) */
+  e->free_head = 0;
+  e->run_len = (uint32_t)n;
   c->free_pages -= (uint32_t)n;
   ++*count;
   sl_spin_unlock(&ar->lock);
@@ -217,15 +217,15 @@ static inline int sl_arena_free_normal_try(sl_arena *ar, sl_chunk *c, size_t pag
                                            uint32_t *count) {
   if (sl_spin_trylock_busy(&ar->lock)) return 0;
   uint32_t first = c->bucket_lo[n];
-  if (__builtin_expect(sl_chunk_pages(c)[page].run_len != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi,
-                       0)) {
+  sl_chunk_page *e = &sl_chunk_pages(c)[page];
+  if (__builtin_expect(e->run_len != (uint32_t)n || c->free_pages + (uint32_t)n > c->list_hi, 0)) {
     sl_spin_unlock(&ar->lock);
     return 0;
   }
-  sl_chunk_pages(c)[page].run_len = 0;
+  e->run_len = 0;
+  e->free_head = (uint32_t)n;
+  e->free_next = first;
   c->free_pages += (uint32_t)n;
-  sl_chunk_pages(c)[page].free_head = (uint32_t)n;
-  sl_chunk_pages(c)[page].free_next = first;
   c->bucket_lo[n] = (uint32_t)page;
   if (__builtin_expect(first == SL_CHUNK_NONE, 0)) {
     /* The list was empty: it has a run now, and max_run may be below n

@@ -114,8 +114,9 @@ static void sl_free_clear_lists(sl_chunk *c, int unmark) {
       bits &= bits - 1;
       if (c->avail != NULL) sl_chunk_avail_leave(c, sl_avail_key(len));
       uint32_t *bucket = sl_chunk_bucket(c, len);
+      sl_chunk_page *pg = sl_chunk_pages(c);
       if (unmark)
-        for (uint32_t r = *bucket; r != SL_CHUNK_NONE; r = sl_chunk_pages(c)[r].free_next) sl_chunk_pages(c)[r].free_head = 0;
+        for (uint32_t r = *bucket; r != SL_CHUNK_NONE; r = pg[r].free_next) pg[r].free_head = 0;
       *bucket = SL_CHUNK_NONE;
     }
     c->nonempty[w] = 0;
@@ -165,19 +166,20 @@ void sl_chunk_delete(sl_chunk *c, size_t chunk_size) {
 void sl_chunk_coalesce(sl_chunk *c) {
   sl_free_clear_lists(c, 0);
   c->max_run = 0;
+  sl_chunk_page *pg = sl_chunk_pages(c);
   uint32_t p = c->meta_pages;
   while (p < c->npages) {
-    if (sl_chunk_pages(c)[p].free_head) {
+    if (pg[p].free_head) {
       uint32_t start = p;
-      while (p < c->npages && sl_chunk_pages(c)[p].free_head) {
-        uint32_t len = sl_chunk_pages(c)[p].free_head;
-        sl_chunk_pages(c)[p].free_head = 0;
+      while (p < c->npages && pg[p].free_head) {
+        uint32_t len = pg[p].free_head;
+        pg[p].free_head = 0;
         p += len;
       }
       sl_chunk_free_push(c, start, p - start);
       continue;
     }
-    uint32_t step = sl_chunk_pages(c)[p].run_len ? sl_chunk_pages(c)[p].run_len : c->sub[p] ? c->sub[p]->npages : 0;
+    uint32_t step = pg[p].run_len ? pg[p].run_len : c->sub[p] ? c->sub[p]->npages : 0;
     SL_ASSERT(step > 0, "chunk page map has a hole");
     p += step;
   }

@@ -1758,6 +1758,61 @@ static void test_class_counts_stay_exact_on_every_path(void **state) {
   finish(p, a);
 }
 
+/* Another thread reads the arena's counts while the pool's fast paths
+ * take and give back normal runs: every copy is consistent (frees never
+ * above allocs, both never going back), and the last one exact. */
+typedef struct stats_reader {
+  sl_arena *ar;
+  unsigned k;
+  atomic_int stop;
+  unsigned reads, bad;
+} stats_reader;
+
+static void *stats_reader_thread(void *arg) {
+  stats_reader *sr = arg;
+  uint64_t allocs = 0, frees = 0;
+  while (!atomic_load(&sr->stop) || sr->reads < 100) {
+    sl_arena_stats as;
+    sl_arena_get_stats(sr->ar, &as);
+    uint64_t a = as.cls[sr->k].allocs, f = as.cls[sr->k].frees;
+    if (f > a || a < allocs || f < frees) sr->bad++;
+    allocs = a;
+    frees = f;
+    sr->reads++;
+  }
+  return NULL;
+}
+
+static void test_arena_counts_read_from_another_thread(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  unsigned k = sl_sc_index(40000);
+  stats_reader sr = {.ar = p->arena, .k = k};
+  atomic_init(&sr.stop, 0);
+  pthread_t th;
+  assert_int_equal(pthread_create(&th, NULL, stats_reader_thread, &sr), 0);
+  sl_buf *keep = sl_buf_alloc(p, 40000, 0);   /* the chunk stays in use */
+  sl_buf *b[16];
+  for (int round = 0; round < 200; round++) {
+    for (int i = 0; i < 16; i++) assert_non_null(b[i] = sl_buf_alloc(p, 40000, 0));
+    for (int i = 0; i < 16; i++) sl_buf_release(b[i]);
+  }
+  assert_true(p->bins[k].own_allocs > 0 && p->bins[k].own_frees > 0);   /* fast paths */
+  sl_buf_release(keep);
+  atomic_store(&sr.stop, 1);
+  assert_int_equal(pthread_join(th, NULL), 0);
+  assert_int_equal(sr.bad, 0);
+  sl_arena_stats as;
+  sl_arena_get_stats(p->arena, &as);
+  assert_int_equal(as.cls[k].allocs, 3201);
+  assert_int_equal(as.cls[k].frees, 3201);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 /* The runs that the fast paths of pools take from their arena and give
  * back (a normal class no bin caches) count in each pool's share of the
  * arena's counts, under the arena's lock: sl_arena_get_stats sums them
@@ -2944,6 +2999,7 @@ int main(void) {
       cmocka_unit_test(test_class_counts_stay_exact_on_every_path),
       cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),
       cmocka_unit_test(test_arena_counts_take_the_pools_fast_normal_runs),
+      cmocka_unit_test(test_arena_counts_read_from_another_thread),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_view_header_search_sees_headers_parked_after_a_flush),

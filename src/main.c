@@ -77,6 +77,7 @@ int main(int argc, char **argv) {
       {"help", no_argument, NULL, 'h'},
       {NULL, 0, NULL, 0},
   };
+  sl_upgrade_cloexec();   /* before the configuration's Lua can start a process */
   const char *path = NULL;
   int check_only = 0;
   int opt;

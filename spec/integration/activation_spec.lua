@@ -164,6 +164,50 @@ describe("socket activation", function()
     assert.is_nil(log:find("==%d+== "))   -- under valgrind: nothing from the new sluice either
   end)
 
+  it("passes no listening socket on to what its Lua starts, from the configuration's first line on",
+     function()
+    -- What os.execute starts while the configuration loads (a secret read
+    -- through a command, a helper started), in the sluice systemd started
+    -- and in the new sluice of an upgrade, and what a stage starts: none
+    -- holds a listening socket, which would otherwise outlive sluice.
+    local ports = { front = H.free_port(), admin = H.free_port() }
+    local at_load, in_stage = H.tmpfile("at_load.txt", ""), H.tmpfile("in_stage.txt", "")
+    local text = ([[
+os.execute("ls -l /proc/$$/fd >> %s 2>&1; echo -- >> %s")
+return {
+  workers = 2,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d",
+      pipeline = { { "spec.fixtures.stages.lists_fds", out = %q }, "sluice.stages.echo" } },
+  },
+}
+]]):format(at_load, at_load, ports.admin, ports.front, in_stage)
+    local p = activate(text, { { name = "front", port = ports.front },
+                               { name = "admin", port = ports.admin } })
+    local new_pid
+    finally(function()
+      if new_pid then os.execute(("kill -KILL %d 2>/dev/null"):format(new_pid)) end
+    end)
+    assert.is_true(echo_once(ports.front, "a"))
+    started(p)
+    os.execute(("kill -USR2 %d"):format(p.pid))
+    assert.are.equal(0, H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 60),
+                     H.read(p.log))
+    new_pid = tonumber(H.read(p.log):match("SIGUSR2: started a new sluice %(pid (%d+)%)"))
+    assert.is_true(echo_once(ports.front, "b"))
+    os.execute(("kill -TERM %d"):format(new_pid))
+    assert.is_truthy(H.wait_for(function()
+      return count(H.read(p.log), "%] stopped\n") == 2
+    end, 30), "the new sluice did not stop:\n" .. H.read(p.log))
+    new_pid = nil
+    local loads, stages = H.read(at_load), H.read(in_stage)
+    assert.are.equal(2, count(loads, "--\n", true), loads)
+    assert.are.equal(2, count(stages, "--\n", true), stages)
+    assert.is_nil(loads:find("socket:", 1, true), loads)
+    assert.is_nil(stages:find("socket:", 1, true), stages)
+  end)
+
   it("keeps systemd's socket listening for the other workers while one is stuck in Lua", function()
     if H.wrapper ~= "" then
       pending("not under valgrind: the spinning worker starves the other one there")

@@ -123,20 +123,49 @@ static int sl_upgrade_activated(int fd, const char *name, char *err, size_t errl
   return SL_OK;
 }
 
-/* Adopts the descriptors separated by commas in the variable env. */
-static void sl_upgrade_adopt_list(const char *env, int shared) {
+/* Calls fn(fd, arg) for each descriptor separated by commas in the
+ * variable env. A malformed list ends there, with a warning when warn is
+ * set. */
+static void sl_upgrade_each(const char *env, void (*fn)(int, int), int arg, int warn) {
   const char *fds = getenv(env);
   for (const char *p = fds; p != NULL && *p != '\0';) {
     char *end;
     long fd = strtol(p, &end, 10);
     if (end == p || fd < 0 || fd > INT_MAX || (*end != ',' && *end != '\0')) {
-      sl_log(SL_LOG_WARN, "%s=%s: expected descriptors separated by commas; the rest ignored",
-             env, fds);
+      if (warn)
+        sl_log(SL_LOG_WARN, "%s=%s: expected descriptors separated by commas; the rest ignored",
+               env, fds);
       break;
     }
-    sl_upgrade_adopt((int)fd, shared);
+    fn((int)fd, arg);
     p = *end == ',' ? end + 1 : end;
   }
+}
+
+/* Marks fd close on exec when it is a socket (what is not one is left
+ * alone, as sl_upgrade_adopt leaves it). */
+static void sl_upgrade_mark(int fd, int unused) {
+  SL_UNUSED(unused);
+  int type = 0;
+  socklen_t len = sizeof(type);
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0) (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
+void sl_upgrade_cloexec(void) {
+  int n = 0;
+  char err[8];
+  /* The count only: the names, and what the descriptors are, are
+   * sl_upgrade_init's to check. */
+  if (sl_activation_parse(getenv("LISTEN_PID"), getenv("LISTEN_FDS"), NULL, getpid(), &n, err,
+                          sizeof(err)) == SL_OK) {
+    for (int i = 0; i < n; i++) {
+      int fd = SL_ACTIVATION_FDS_START + i;
+      int flags = fcntl(fd, F_GETFD);
+      if (flags < 0) break;   /* not open: sl_upgrade_init refuses the variables */
+      (void)fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+    }
+  }
+  sl_upgrade_each(SL_UPGRADE_FDS_ENV, sl_upgrade_mark, 0, 0);
 }
 
 /* The executable's path as sluice was started, made absolute but not
@@ -195,8 +224,8 @@ int sl_upgrade_init(int argc, char **argv, char *err, size_t errlen) {
   sl_upgrade_find_exe(argv[0]);
   int rc = sl_upgrade_systemd(err, errlen);
   /* The shared ones first: they are listed in both. */
-  if (rc == SL_OK) sl_upgrade_adopt_list(SL_UPGRADE_SHARED_ENV, 1);
-  if (rc == SL_OK) sl_upgrade_adopt_list(SL_UPGRADE_FDS_ENV, 0);
+  if (rc == SL_OK) sl_upgrade_each(SL_UPGRADE_SHARED_ENV, sl_upgrade_adopt, 1, 1);
+  if (rc == SL_OK) sl_upgrade_each(SL_UPGRADE_FDS_ENV, sl_upgrade_adopt, 0, 1);
   const char *from = getenv(SL_UPGRADE_FROM_ENV);
   if (from != NULL && *from != '\0') {
     long pid = strtol(from, NULL, 10);

@@ -33,6 +33,15 @@
 
 #include "io/addr.h"
 
+/* Main thread, first of all: before the configuration's Lua runs, which
+ * may start processes (os.execute, io.popen) that would otherwise hold the
+ * listening sockets as long as they live, marks close on exec the
+ * descriptors the environment passes, as sd_listen_fds(3) does at once:
+ * systemd's (LISTEN_FDS, when LISTEN_PID is this process) and the sockets
+ * of SLUICE_LISTEN_FDS. Nothing else: sl_upgrade_init checks and takes
+ * them. */
+void sl_upgrade_cloexec(void);
+
 /* Main thread, before any other thread: keeps argv (borrowed for the whole
  * run: the command line a new sluice gets) and the executable's path, and
  * takes the inherited sockets out of the environment (SLUICE_LISTEN_FDS,

@@ -208,6 +208,83 @@ return {
     assert.is_nil(stages:find("socket:", 1, true), stages)
   end)
 
+  it("leaves the connections that come while it stops in systemd's queue, for the next sluice",
+     function()
+    -- systemd keeps its sockets across the service's restarts: here a
+    -- shell that systemd-socket-activate starts plays that part, holding
+    -- the socket while it runs sluice twice (LISTEN_PID=$$ of the shell
+    -- that execs it), the second time once told to.
+    local port = H.free_port()
+    local go = H.tmpdir() .. "/go"
+    local cfg = H.tmpfile("sluice.lua", ([[
+return {
+  workers = 2,
+  listeners = { { name = "front", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } } },
+}
+]]):format(port))
+    local run = ("sh -c 'LISTEN_PID=$$ exec env SLUICE_ROOT=%s %s %s -c %s'"):format(
+      H.shq(H.root), H.wrapper, H.shq(H.bin), H.shq(cfg))
+    local holder = ("%s; echo \"run 1 exited $?\"; i=0; while [ ! -e %s ] && [ $i -lt 600 ]; "
+                    .. "do sleep 0.1; i=$((i+1)); done; %s"):format(run, H.shq(go), run)
+    local p = H.spawn(("%s -l 127.0.0.1:%d --fdname=front sh -c %s"):format(ACTIVATE, port,
+                                                                           H.shq(holder)), "held")
+    assert(H.wait_for(function()
+      return H.read(p.log):find("Listening on 127.0.0.1:" .. port, 1, true) or not H.alive(p)
+    end, 30), "systemd-socket-activate did not listen:\n" .. H.read(p.log))
+    local pids = {}
+    finally(function()
+      for _, pid in ipairs(pids) do os.execute(("kill -KILL %d 2>/dev/null"):format(pid)) end
+    end)
+    local function started_run(n)
+      assert(H.wait_for(function()
+        return count(H.read(p.log), "started with 2 workers") >= n or not H.alive(p)
+      end, 60), "sluice did not start:\n" .. H.read(p.log))
+      local pid
+      for found in H.read(p.log):gmatch("started with 2 workers[^\n]*pid (%d+)%)") do pid = found end
+      pids[n] = tonumber(pid)
+    end
+    assert.is_true(echo_once(port, "a"))
+    started_run(1)
+    -- A connection open while the first sluice drains, and one that comes
+    -- meanwhile: no worker accepts it, it waits in the socket's queue.
+    local open = H.connect(port)
+    open.send("o")
+    assert.are.equal("o", open.recv(1, 30))
+    -- The socket, as the holder has it, and whether the first sluice
+    -- still has a descriptor of it (a worker that could accept).
+    local socket = H.sh(("readlink /proc/%d/fd/3"):format(p.pid)):match("socket:%[%d+%]")
+    assert.is_not_nil(socket)
+    local function holds(pid)
+      local out = H.sh(("ls -l /proc/%d/fd 2>/dev/null"):format(pid))
+      return out:find(socket, 1, true) ~= nil
+    end
+    assert.is_true(holds(pids[1]))
+    os.execute(("kill -TERM %d"):format(pids[1]))
+    assert.is_truthy(H.wait_for(function() return not holds(pids[1]) end, 30), H.read(p.log))
+    assert.matches("SIGTERM: stopping", H.read(p.log), 1, true)
+    local queued = H.connect(port)
+    queued.send("q")
+    open.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("run 1 exited 0", 1, true)
+    end, 30), H.read(p.log))
+    -- Nothing of the first sluice is left: the queued connection is the
+    -- second one's, which starts on the same socket.
+    H.sh("touch " .. H.shq(go))
+    started_run(2)
+    assert.are.equal("q", queued.recv(1, 30), H.read(p.log))
+    queued.close()
+    assert.is_true(echo_once(port, "b"))
+    os.execute(("kill -TERM %d"):format(pids[2]))
+    assert.are.equal(0, H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 30),
+                     H.read(p.log))
+    pids = {}
+    local log = H.read(p.log)
+    assert.are.equal(4, count(log, "worker %d: pool clean at exit"))
+    assert.is_nil(log:find("[error]", 1, true))
+    assert.is_nil(log:find("==%d+== "))
+  end)
+
   it("keeps systemd's socket listening for the other workers while one is stuck in Lua", function()
     if H.wrapper ~= "" then
       pending("not under valgrind: the spinning worker starves the other one there")

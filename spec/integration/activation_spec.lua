@@ -357,6 +357,20 @@ return { listeners = { { name = "e", listen = "127.0.0.1:%d", pipeline = { "slui
                      H.read(p.log))
     assert.matches('LISTEN_FDS: descriptor 3 ("dgram") is a datagram (UDP) socket', H.read(p.log), 1, true)
 
+    -- A listener on another address with systemd's port cannot bind while
+    -- systemd's socket listens: the error says which socket holds it (the
+    -- listener's 0.0.0.0 is never bound; systemd's socket is 127.0.0.1's).
+    local wide = activate(([[
+return { workers = 2, listeners = { { name = "wide", listen = "0.0.0.0:%d", pipeline = { "sluice.stages.echo" } } } }
+]]):format(port), { { name = "front", port = port } })
+    pcall(H.connect, port)
+    assert.are.equal(1, H.wait_for(function() return tonumber(H.read(wide.rc_file)) end, 30),
+                     H.read(wide.log))
+    assert.matches(("sluice: cannot start: listeners[1] (wide): cannot listen on 0.0.0.0:%d: Address "
+                    .. 'already in use (the socket systemd passed on 127.0.0.1:%d, descriptor 3 "front", '
+                    .. "holds this port: a listener takes it when its listen is that same address)")
+                   :format(port, port), H.read(wide.log), 1, true)
+
     -- Another process's sockets are not taken: sluice binds its own.
     local q = H.start_sluice(H.read(cfg), "LISTEN_PID=1 LISTEN_FDS=1")
     assert.is_true(echo_once(port, "o"))

@@ -400,7 +400,10 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   }
   if (inherited == 0) a->fd = sl_listener_bind(addr, 0, 511);
   if (a->fd < 0) {
-    snprintf(err, errlen, "admin.listen: cannot listen on %s: %s", text, strerror(errno));
+    int e = errno;
+    char note[256] = "";
+    if (e == EADDRINUSE) sl_upgrade_explain_in_use(addr, note, sizeof(note));
+    snprintf(err, errlen, "admin.listen: cannot listen on %s: %s%s", text, strerror(e), note);
     free(a);
     return NULL;
   }

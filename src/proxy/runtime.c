@@ -159,8 +159,11 @@ static sl_listen_set *sl_runtime_bind(sl_runtime *rt, const sl_listener_cfg *lc,
     if (fds[i] < 0) probe = -1;
   }
   if (probe < 0) {
-    snprintf(err, errlen, "listeners[%zu] (%s): cannot listen on %s: %s", index + 1, lc->name,
-             lc->listen_text, strerror(errno));
+    int e = errno;
+    char note[256] = "";
+    if (e == EADDRINUSE) sl_upgrade_explain_in_use(&lc->addr, note, sizeof(note));
+    snprintf(err, errlen, "listeners[%zu] (%s): cannot listen on %s: %s%s", index + 1, lc->name,
+             lc->listen_text, strerror(e), note);
     sl_runtime_free_set(set);
     return NULL;
   }

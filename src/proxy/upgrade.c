@@ -307,6 +307,53 @@ int sl_upgrade_take(const sl_addr *addr, int *fds, int n, int backlog, int *shar
   return n;
 }
 
+/* The port of an IPv4 or IPv6 address, or -1. */
+static int sl_upgrade_port(const struct sockaddr_storage *ss) {
+  if (ss->ss_family == AF_INET) return ntohs(((const struct sockaddr_in *)(const void *)ss)->sin_port);
+  if (ss->ss_family == AF_INET6)
+    return ntohs(((const struct sockaddr_in6 *)(const void *)ss)->sin6_port);
+  return -1;
+}
+
+/* Whether the host of an IPv4 or IPv6 address is the wildcard one. */
+static int sl_upgrade_wildcard(const struct sockaddr_storage *ss) {
+  if (ss->ss_family == AF_INET)
+    return ((const struct sockaddr_in *)(const void *)ss)->sin_addr.s_addr == htonl(INADDR_ANY);
+  const struct in6_addr *a = &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
+  return IN6_IS_ADDR_UNSPECIFIED(a);
+}
+
+/* Whether the listening socket s takes addr's port on addr's host: the
+ * same port, and the same host or a wildcard one; across families, an
+ * IPv6 wildcard socket that takes IPv4 too (not IPV6_V6ONLY). */
+static int sl_upgrade_holds(const sl_inherited *s, const sl_addr *addr) {
+  const struct sockaddr_storage *a = &addr->ss, *b = &s->addr.ss;
+  if (sl_upgrade_port(a) < 0 || sl_upgrade_port(a) != sl_upgrade_port(b)) return 0;
+  if (a->ss_family == b->ss_family)
+    return sl_upgrade_wildcard(a) || sl_upgrade_wildcard(b) ||
+           sl_addr_same_host((const struct sockaddr *)a, (const struct sockaddr *)b);
+  int v6only = 1;
+  socklen_t len = sizeof(v6only);
+  return b->ss_family == AF_INET6 && sl_upgrade_wildcard(b) &&
+         getsockopt(s->fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, &len) == 0 && !v6only;
+}
+
+char *sl_upgrade_explain_in_use(const sl_addr *addr, char *out, size_t outlen) {
+  if (outlen == 0) return out;
+  out[0] = '\0';
+  for (int i = 0; i < sl_up.nsocks; i++) {
+    const sl_inherited *s = &sl_up.socks[i];
+    if (s->fd < 0 || !s->shared || !sl_upgrade_holds(s, addr)) continue;
+    char where[64];
+    sl_addr_format((const struct sockaddr *)&s->addr.ss, where, sizeof(where));
+    snprintf(out, outlen, " (the socket systemd passed on %s, descriptor %d%s%s%s, holds this "
+             "port: a listener takes it when its listen is that same address)", where, s->fd,
+             s->name[0] ? " \"" : "", s->name, s->name[0] ? "\"" : "");
+    break;
+  }
+  return out;
+}
+
 int sl_upgrade_close_rest(void) {
   int closed = 0, inherited = 0;
   for (int i = 0; i < sl_up.nsocks; i++) {

@@ -63,6 +63,13 @@ int sl_upgrade_init(int argc, char **argv, char *err, size_t errlen);
 int sl_upgrade_take(const sl_addr *addr, int *fds, int n, int backlog, int *shared, char *err,
                     size_t errlen);
 
+/* When bind(2) on addr failed with EADDRINUSE: if a socket of systemd's
+ * that nothing took holds addr's port on addr's host (the same port, and
+ * the same host or a wildcard one, [::] taking IPv4 too), a note for the
+ * error message saying so, into out, starting with a space; else "".
+ * Returns out. */
+char *sl_upgrade_explain_in_use(const sl_addr *addr, char *out, size_t outlen);
+
 /* Closes the inherited sockets nothing took (addresses the new
  * configuration does not listen on), with a warning for each of
  * systemd's. Returns how many. */

@@ -285,6 +285,59 @@ return {
     assert.is_nil(log:find("==%d+== "))
   end)
 
+  it("warns of systemd's sockets a new sluice of an upgrade does not listen on, as a start does",
+     function()
+    local ports = { front = H.free_port(), old = H.free_port(), admin = H.free_port() }
+    local function text(with_old)
+      return ([[
+return {
+  workers = 2,%s
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", pipeline = { "sluice.stages.echo" } },%s
+  },
+}
+]]):format(with_old and ("\n  admin = { listen = \"127.0.0.1:%d\" },"):format(ports.admin) or "",
+           ports.front, with_old and ("\n    { name = \"old\", listen = \"127.0.0.1:%d\", "
+             .. "pipeline = { \"sluice.stages.echo\" } },"):format(ports.old) or "")
+    end
+    local p = activate(text(true), { { name = "front", port = ports.front },
+                                     { name = "old", port = ports.old },
+                                     { name = "admin", port = ports.admin } })
+    local new_pid
+    finally(function()
+      if new_pid then os.execute(("kill -KILL %d 2>/dev/null"):format(new_pid)) end
+    end)
+    assert.is_true(echo_once(ports.front, "a"))
+    started(p)
+    -- The new sluice has neither the listener "old" nor the admin
+    -- endpoint: systemd's sockets there keep listening in systemd, with
+    -- no one to accept (here systemd-socket-activate holds none: they
+    -- close with the old sluice).
+    write(p.config, text(false))
+    os.execute(("kill -USR2 %d"):format(p.pid))
+    assert.are.equal(0, H.wait_for(function() return tonumber(H.read(p.rc_file)) end, 60),
+                     H.read(p.log))
+    local log = H.read(p.log)
+    new_pid = tonumber(log:match("SIGUSR2: started a new sluice %(pid (%d+)%)"))
+    assert.is_true(echo_once(ports.front, "b"))
+    for _, port in ipairs({ ports.old, ports.admin }) do
+      local said = false
+      for line in log:gmatch("[^\n]+") do
+        said = said or (line:find("[warn] upgrade: a socket systemd passed (descriptor ", 1, true)
+          and line:find(("here), on 127.0.0.1:%d, is on no listener's address nor admin.listen: "
+                         .. "closed here (systemd keeps it listening: connections to it wait "
+                         .. "until a sluice listens there)"):format(port), 1, true)) ~= nil
+      end
+      assert.is_true(said, log)
+    end
+    assert.is_nil(log:find("inherited listening socket", 1, true), log)
+    os.execute(("kill -TERM %d"):format(new_pid))
+    assert.is_truthy(H.wait_for(function()
+      return count(H.read(p.log), "%] stopped\n") == 2
+    end, 30), "the new sluice did not stop:\n" .. H.read(p.log))
+    new_pid = nil
+  end)
+
   it("keeps systemd's socket listening for the other workers while one is stuck in Lua", function()
     if H.wrapper ~= "" then
       pending("not under valgrind: the spinning worker starves the other one there")

@@ -49,6 +49,7 @@ struct sl_admin {
   ev_async stop_watcher;
   ev_async handover_watcher;        /* a new sluice answers from now on (proxy/upgrade.h) */
   int fd;
+  int shared;                       /* 1: fd is a socket systemd passed (proxy/upgrade.h) */
   pthread_t thread;
   int started;
   _Atomic int draining;
@@ -392,7 +393,7 @@ sl_admin *sl_admin_create(const sl_addr *addr, const char *text, struct sl_worke
   }
   snprintf(a->text, sizeof(a->text), "%s", text);
   char why[256];
-  int inherited = sl_upgrade_take(addr, &a->fd, 1, 511, NULL, why, sizeof(why));
+  int inherited = sl_upgrade_take(addr, &a->fd, 1, 511, &a->shared, why, sizeof(why));
   if (inherited < 0) {
     snprintf(err, errlen, "admin.listen: %s: %s", text, why);
     free(a);
@@ -446,6 +447,8 @@ void sl_admin_set_draining(sl_admin *a) {
 }
 
 int sl_admin_fd(const sl_admin *a) { return a->fd; }
+
+int sl_admin_shared(const sl_admin *a) { return a->shared; }
 
 void sl_admin_hand_over(sl_admin *a) {
   if (a == NULL) return;

@@ -39,6 +39,10 @@ int sl_admin_start(sl_admin *a);
  * (proxy/upgrade.h). */
 int sl_admin_fd(const sl_admin *a);
 
+/* 1 when that socket is one systemd passed (socket activation, passed on
+ * as such to a new sluice), else 0. */
+int sl_admin_shared(const sl_admin *a);
+
 /* Any thread: a new sluice has taken over the listening sockets: this one
  * stops accepting admin connections (those open are answered) and closes
  * its copy of the socket, so that every request goes to the new one. */

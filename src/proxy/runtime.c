@@ -645,7 +645,10 @@ static void sl_runtime_upgrade(sl_runtime *rt) {
       if (s->shared) break;   /* systemd's socket: once (the others are duplicates) */
     }
   }
-  if (rt->admin) fds[k++] = sl_admin_fd(rt->admin);
+  if (rt->admin) {
+    shared[k] = sl_admin_shared(rt->admin);
+    fds[k++] = sl_admin_fd(rt->admin);
+  }
   char err[256];
   pid_t pid = sl_upgrade_spawn(fds, shared, k, rt->stderr_copy, sl_notify_socket(), err,
                                sizeof(err));

@@ -359,13 +359,19 @@ int sl_upgrade_close_rest(void) {
   for (int i = 0; i < sl_up.nsocks; i++) {
     sl_inherited *s = &sl_up.socks[i];
     if (s->fd < 0) continue;
-    if (s->activated) {
-      char where[64];
-      sl_log(SL_LOG_WARN, "LISTEN_FDS: the socket systemd passed as descriptor %d%s%s%s, on %s, "
-             "is on no listener's address nor admin.listen: closed here (systemd keeps it "
-             "listening: connections to it wait until a sluice listens there)", s->fd,
-             s->name[0] ? " (\"" : "", s->name, s->name[0] ? "\")" : "",
-             sl_addr_format((const struct sockaddr *)&s->addr.ss, where, sizeof(where)));
+    if (s->shared) {
+      /* systemd's, from systemd itself or through an upgrade: it stays
+       * open there, and connections wait in it instead of being refused. */
+      char where[64], which[128];
+      if (s->activated)
+        snprintf(which, sizeof(which), "LISTEN_FDS: the socket systemd passed as descriptor %d%s%s%s",
+                 s->fd, s->name[0] ? " (\"" : "", s->name, s->name[0] ? "\")" : "");
+      else
+        snprintf(which, sizeof(which), "upgrade: a socket systemd passed (descriptor %d here)",
+                 s->fd);
+      sl_log(SL_LOG_WARN, "%s, on %s, is on no listener's address nor admin.listen: closed here "
+             "(systemd keeps it listening: connections to it wait until a sluice listens there)",
+             which, sl_addr_format((const struct sockaddr *)&s->addr.ss, where, sizeof(where)));
     } else {
       inherited++;
     }

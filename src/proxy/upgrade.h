@@ -13,8 +13,9 @@
  * waits for it (SIGCHLD), logs its status and goes on serving.
  *
  * Between the two, in the environment: SLUICE_LISTEN_FDS, the inherited
- * descriptors ("5,6,9"), SLUICE_LISTEN_SHARED, those of them that are one
- * socket for every worker (systemd's, below), and SLUICE_UPGRADE_FROM, the
+ * descriptors ("5,6,9"), SLUICE_LISTEN_SHARED, those of them that are
+ * systemd's (a listener's: one socket for every worker, below; or the admin
+ * endpoint's), and SLUICE_UPGRADE_FROM, the
  * old one's pid. A socket is matched to a listener by the address it is
  * bound to.
  *

@@ -164,31 +164,54 @@ static inline void sl_arena_free_normal(sl_arena *ar, void *p, unsigned sclass) 
 }
 
 /* sl_arena_alloc_normal's common case alone, without waiting and without
- * calling anything (so that callers keep no registers for it): the lock
- * free, one of the first chunks on the index's list for the run's length
- * with a run of exactly that length (it becomes the list's head: stale
- * chunks stay on the list, for the runs freed next), the chunk staying on
- * its usage list. NULL otherwise, nothing allocated: the caller then calls
- * sl_arena_alloc_normal. n is the class's run length, 1 to SL_AVAIL_LENS
- * - 1 (a pool's bins[sclass].normal_pages). A list that the pop empties
- * keeps its bit in the chunk's nonempty (chunk.h). The allocation is
- * counted in *count, under the lock: the calling pool's share of the
- * class's count (see sl_arena's pools), not in cls. */
-static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, size_t n) {
+ * calling anything (so that callers keep no registers for it), in steps
+ * so that a caller can keep the rarer walk out of line: the lock free,
+ * one of the first chunks on the index's list for the run's length with
+ * a run of exactly that length (it becomes the list's head: stale chunks
+ * stay on the list, for the runs freed next), the chunk staying on its
+ * usage list. When a step fails nothing is allocated and the lock is not
+ * held: the caller then calls sl_arena_alloc_normal. n is the class's run
+ * length, 1 to SL_AVAIL_LENS - 1 (a pool's bins[sclass].normal_pages). A
+ * list that the pop empties keeps its bit in the chunk's nonempty
+ * (chunk.h). The allocation is counted in *count, under the lock: the
+ * calling pool's share of the class's count (see sl_arena's pools), not
+ * in cls.
+ *
+ * First step: the lock and the head of the index's list for n (NULL: the
+ * lock busy or the list empty). Its first run of n pages is
+ * c->bucket_lo[n]: SL_CHUNK_NONE if the head is stale (chunks leave
+ * lazily), then sl_arena_normal_walk, else sl_arena_normal_take. */
+static inline sl_chunk *sl_arena_normal_head(sl_arena *ar, size_t n) {
   if (sl_spin_trylock_busy(&ar->lock)) return NULL;
   sl_chunk *c = ar->avail.head[n];
-  if (__builtin_expect(c == NULL, 0)) goto fail;
-  uint32_t start = c->bucket_lo[n];
-  if (__builtin_expect(start == SL_CHUNK_NONE, 0)) {
-    /* Stale (chunks leave lazily): the next few on the list may have one;
-     * the first that has becomes the head. */
-    sl_chunk *h = c;
-    for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket_lo[n] == SL_CHUNK_NONE; k++) {
-    }
-    if (c == h || (start = c->bucket_lo[n]) == SL_CHUNK_NONE) goto fail;
-    ar->avail.head[n] = c;
+  if (__builtin_expect(c == NULL, 0)) sl_spin_unlock(&ar->lock);
+  return c;
+}
+
+/* The head h was stale: the next few chunks on the list may have a run;
+ * the first that has becomes the head and is returned (then
+ * sl_arena_normal_take), else NULL (the lock released). */
+static inline sl_chunk *sl_arena_normal_walk(sl_arena *ar, sl_chunk *h, size_t n) {
+  sl_chunk *c = h;
+  for (int k = 0; k < 4 && (c = c->av_next[n]) != h && c->bucket_lo[n] == SL_CHUNK_NONE; k++) {
   }
-  if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) goto fail;   /* relist */
+  if (c == h || c->bucket_lo[n] == SL_CHUNK_NONE) {
+    sl_spin_unlock(&ar->lock);
+    return NULL;
+  }
+  ar->avail.head[n] = c;
+  return c;
+}
+
+/* The last step: takes run start (c->bucket_lo[n]) of c unless the chunk
+ * would leave its usage list, and releases the lock. Returns the block,
+ * or NULL. */
+static inline void *sl_arena_normal_take(sl_arena *ar, sl_chunk *c, uint32_t start,
+                                         uint32_t *count, size_t n) {
+  if (__builtin_expect(c->free_pages - (uint32_t)n < c->list_lo, 0)) {   /* relist */
+    sl_spin_unlock(&ar->lock);
+    return NULL;
+  }
   sl_chunk_page *e = &sl_chunk_pages(c)[start];
   c->bucket_lo[n] = e->free_next;   /* emptied, its bit in nonempty stays (chunk.h) */
   e->free_head = 0;
@@ -197,9 +220,6 @@ static inline void *sl_arena_alloc_normal_try(sl_arena *ar, uint32_t *count, siz
   ++*count;
   sl_spin_unlock(&ar->lock);
   return (uint8_t *)c + ((size_t)start << c->page_shift);   /* c->mem is c */
-fail:
-  sl_spin_unlock(&ar->lock);
-  return NULL;
 }
 
 /* sl_arena_free_normal's common case alone, likewise: the lock free, the

@@ -116,7 +116,7 @@ typedef struct sl_cache_bin {
                              on its block's subpage when the pool owns that */
   uint16_t normal_pages;  /* a normal class no bin caches, of runs shorter than
                              SL_AVAIL_LENS pages: its run length (the arena's fast
-                             paths, sl_arena_alloc_normal_try); else 0 */
+                             paths, sl_arena_normal_head); else 0 */
 } sl_cache_bin;
 
 _Static_assert(sizeof(sl_cache_bin) == 64, "a class is one cache line");

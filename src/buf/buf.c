@@ -69,24 +69,45 @@ static inline void sl_buf_revive(sl_pool *pool, sl_buf *b, uint32_t usable, size
   sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
 }
 
+/* The indexes and capacities of a buffer of capacity and max_cap cap: 0,
+ * 0, cap, cap, in one register where the target has a 16-byte store (so
+ * that a caller can hold them there rather than cap). */
+#ifdef __SSE2__
+typedef __m128i sl_buf_caps;
+static inline sl_buf_caps sl_buf_caps_of(uint32_t cap) {
+  return _mm_shuffle_epi32(_mm_cvtsi32_si128((int)cap), 0x05);   /* 0, 0, cap, cap */
+}
+static inline uint32_t sl_buf_caps_cap(sl_buf_caps v) {
+  return (uint32_t)_mm_cvtsi128_si32(_mm_srli_si128(v, 8));
+}
+#else
+typedef uint32_t sl_buf_caps;
+static inline sl_buf_caps sl_buf_caps_of(uint32_t cap) { return cap; }
+static inline uint32_t sl_buf_caps_cap(sl_buf_caps v) { return v; }
+#endif
+
 /* sl_buf_revive for a capacity and max_cap both cap (at most the block's
- * usable size): the indexes and capacities as one 16-byte store where the
- * target has one (0, 0, cap, cap). */
-static inline void sl_buf_revive_exact(sl_pool *pool, sl_buf *b, uint32_t cap) {
+ * usable size), given as sl_buf_caps_of(cap): the indexes and capacities
+ * as one 16-byte store where the target has one. */
+static inline void sl_buf_revive_caps(sl_pool *pool, sl_buf *b, sl_buf_caps v) {
 #ifdef __SSE2__
   _Static_assert(offsetof(sl_buf, wr) == offsetof(sl_buf, rd) + 4 &&
                      offsetof(sl_buf, cap) == offsetof(sl_buf, rd) + 8 &&
                      offsetof(sl_buf, max_cap) == offsetof(sl_buf, rd) + 12,
                  "rd, wr, cap, max_cap adjacent");
-  __m128i v = _mm_shuffle_epi32(_mm_cvtsi32_si128((int)cap), 0x05);   /* 0, 0, cap, cap */
   _mm_storeu_si128((__m128i *)(void *)&b->rd, v);
 #else
   b->rd = 0;
   b->wr = 0;
-  b->cap = cap;
-  b->max_cap = cap;
+  b->cap = v;
+  b->max_cap = v;
 #endif
   sl_pool_take_refcnt_gen(pool, &b->refcnt);   /* refcount 1, a new generation */
+}
+
+/* The same from cap. */
+static inline void sl_buf_revive_exact(sl_pool *pool, sl_buf *b, uint32_t cap) {
+  sl_buf_revive_caps(pool, b, sl_buf_caps_of(cap));
 }
 
 /* The same over data. */
@@ -205,13 +226,56 @@ static const struct {
   void *owner;
 } sl_buf_normal_views_owner = {SL_BUF_NO_SUBPAGE, NULL};
 
+/* A normal size above max_cached, once the arena's lock is held and c
+ * has run start of the class's n pages (sl_arena_normal_head): the run,
+ * the header from the recycler. exact (a constant): cap is at most
+ * SL_SC_LOOKUP_MAX (the class from the table) and max_cap is cap, so both
+ * capacities are cap (the class holds at least that), as in
+ * sl_buf_alloc_binned. */
+static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_take(
+    sl_pool *pool, size_t cap, size_t max_cap, int exact, sl_cache_bin *bin, sl_chunk *c,
+    uint32_t start, size_t n) {
+  /* exact: cap is held in its vector from here (one register less) */
+  sl_buf_caps v = sl_buf_caps_of((uint32_t)cap);
+  uint8_t *data = sl_arena_normal_take(pool->arena, c, start, &bin->own_allocs, n);
+  if (data == NULL) {
+    if (exact) cap = max_cap = sl_buf_caps_cap(v);
+    return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  }
+  uint32_t rn = pool->rec_n - 1;
+  pool->rec_n = rn;
+  sl_buf *b = pool->recycler[rn];
+  uint64_t tail = bin->tail;
+  SL_UNPOISON(data, (uint32_t)tail);
+  b->data = data;
+  if (exact) sl_buf_revive_caps(pool, b, v);
+  else sl_buf_revive(pool, b, (uint32_t)tail, max_cap);
+  b->root = b;
+  memcpy(&b->views, &sl_buf_normal_views_owner, sizeof(sl_buf_normal_views_owner));
+  memcpy(&b->block_size, &tail, sizeof(tail));
+  return sl_buf_alloc_done(pool, b);
+}
+
+/* The same when the index's head for the class was stale (about one
+ * allocation in seven in a steady mix): the walk past it, out of line so
+ * that the common case keeps no registers for it. max_cap at most
+ * SL_BUF_MAX_CAPACITY, cap to the class's size. */
+__attribute__((noinline)) static sl_buf *sl_buf_alloc_normal_stale(sl_pool *pool, size_t cap,
+                                                                   size_t max_cap,
+                                                                   sl_cache_bin *bin,
+                                                                   sl_chunk *c) {
+  size_t n = bin->normal_pages;
+  SL_OPAQUE(n);   /* a full register: GCC would zero-extend copies of it again */
+  c = sl_arena_normal_walk(pool->arena, c, n);
+  if (c == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  return sl_buf_alloc_normal_take(pool, cap, max_cap, 0, bin, c, c->bucket_lo[n], n);
+}
+
 /* A normal size above max_cached: a run straight from the arena (O(1)
  * there in the common case), the header from the recycler. Only that
  * common case is here, with no call but tail calls, so that it keeps no
- * registers; the rest is sl_buf_alloc_normal_slow. exact (a constant):
- * cap is at most SL_SC_LOOKUP_MAX (the class from the table) and max_cap
- * is cap, so both capacities are cap (the class holds at least that), as
- * in sl_buf_alloc_binned. */
+ * registers; a stale head is sl_buf_alloc_normal_stale's, the rest
+ * sl_buf_alloc_normal_slow's. exact: as in sl_buf_alloc_normal_take. */
 static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(sl_pool *pool,
                                                                                size_t cap,
                                                                                size_t max_cap,
@@ -223,21 +287,14 @@ static inline __attribute__((always_inline)) sl_buf *sl_buf_alloc_normal_common(
   /* A class no bin caches with runs the index lists exactly (small
    * classes, cached ones and longer runs take the slow path). */
   size_t n = bin->normal_pages;
+  SL_OPAQUE(n);   /* a full register: GCC would zero-extend copies of it again */
   if (n == 0 || pool->rec_n == 0) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  uint8_t *data = sl_arena_alloc_normal_try(pool->arena, &bin->own_allocs, n);
-  if (data == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
-  uint32_t rn = pool->rec_n - 1;
-  pool->rec_n = rn;
-  sl_buf *b = pool->recycler[rn];
-  uint64_t tail = bin->tail;
-  SL_UNPOISON(data, (uint32_t)tail);
-  b->data = data;
-  if (exact) sl_buf_revive_exact(pool, b, (uint32_t)cap);
-  else sl_buf_revive(pool, b, (uint32_t)tail, max_cap);
-  b->root = b;
-  memcpy(&b->views, &sl_buf_normal_views_owner, sizeof(sl_buf_normal_views_owner));
-  memcpy(&b->block_size, &tail, sizeof(tail));
-  return sl_buf_alloc_done(pool, b);
+  sl_chunk *c = sl_arena_normal_head(pool->arena, n);
+  if (c == NULL) return sl_buf_alloc_normal_slow(pool, cap, max_cap);
+  uint32_t start = c->bucket_lo[n];
+  if (__builtin_expect(start == SL_CHUNK_NONE, 0))
+    return sl_buf_alloc_normal_stale(pool, cap, max_cap, bin, c);
+  return sl_buf_alloc_normal_take(pool, cap, max_cap, exact, bin, c, start, n);
 }
 
 /* sl_buf_alloc_normal_common for a size up to normal_lookup_max and a
@@ -520,8 +577,10 @@ __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_buf *r, sl_pool
   sl_buf_bury(pool, r);
 }
 
-/* The same for r already dead (sl_buf_free_normal). */
-__attribute__((noinline)) static void sl_buf_free_normal_dead(sl_buf *r, sl_pool *pool) {
+/* The same for the header already dead in the recycler's next slot
+ * (sl_buf_free_normal: no register keeps it through the lock). */
+__attribute__((noinline)) static void sl_buf_free_normal_dead(sl_pool *pool) {
+  sl_buf *r = pool->recycler[pool->rec_n];
   unsigned sc = r->sclass;
   pool->bins[sc].frees_rest++;
   sl_arena_free_normal(pool->arena, r->data, sc);
@@ -537,6 +596,7 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
   sl_cache_bin *bin = (sl_cache_bin *)(void *)((char *)pool->bins + (sc << SL_SC_LOOKUP_SHIFT));
   SL_OPAQUE(bin);   /* one register for the bin's fields (GCC would keep sc apart) */
   size_t n = bin->normal_pages;
+  SL_OPAQUE(n);   /* a full register: GCC would zero-extend copies of it again */
   uint32_t rn = pool->rec_n;
   if (n == 0 || rn >= pool->rec_cap) {
     sl_buf_free_normal_slow(r, pool);
@@ -546,10 +606,11 @@ __attribute__((noinline)) static void sl_buf_free_normal(sl_buf *r, sl_pool *poo
   SL_POISON(data, r->block_size);
   uintptr_t c = (uintptr_t)data & pool->chunk_mask;
   size_t page = ((uintptr_t)data - c) >> pool->page_shift;
+  SL_OPAQUE(page);   /* here, before the lock: the shift frees its count register */
   sl_buf_set_dead(pool, r);
   pool->recycler[rn] = r;
   if (!sl_arena_free_normal_try(pool->arena, (sl_chunk *)c, page, n, &bin->own_frees)) {
-    sl_buf_free_normal_dead(r, pool);
+    sl_buf_free_normal_dead(pool);
     return;
   }
   pool->rec_n++;   /* after the lock: read again, one add to memory */

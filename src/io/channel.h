@@ -65,8 +65,11 @@
  * received, or a TCP end without one,
  * is the input's end. A failed handshake or a bad record closes the
  * channel as an error with reason "tls_error (what OpenSSL said)"; a
- * handshake that does not finish in time, "tls_handshake_timeout". A TLS
- * channel never splices.
+ * handshake that does not finish in time, "tls_handshake_timeout". A
+ * listener with tls.proxy_protocol reads a PROXY protocol header off the
+ * socket first (peeked at, then exactly its bytes read, the TLS bytes
+ * after it left to OpenSSL), as part of the handshake. A TLS channel never
+ * splices.
  *
  * Write promises: a write may carry a promise id (sl_channel_promise_mark /
  * sl_channel_promise_attach). Each id is reported exactly once through the
@@ -131,6 +134,7 @@ enum {
   SL_TLS_READ_WANTS_WRITE = 0x2, /* SSL_read_ex asked for EV_WRITE */
   SL_TLS_WRITE_WANTS_READ = 0x4, /* SSL_write_ex asked for EV_READ */
   SL_TLS_FAILED = 0x8,           /* a fatal TLS error: no close_notify */
+  SL_TLS_PROXY_HEADER = 0x10,    /* with SL_TLS_HANDSHAKE: the PROXY protocol header first */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -208,6 +212,7 @@ struct sl_channel {
   uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
   struct ssl_st *ssl;        /* TLS on its socket (sl_channel_tls_accept), or NULL */
+  struct sl_proxy_parser *pp; /* SL_TLS_PROXY_HEADER: the header read so far, else NULL */
   const char *tls_version;   /* its handshake's version ("TLSv1.3", static), kept after close */
   sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
   uint32_t spl_len;          /* bytes in spl, not yet taken by the peer's socket */
@@ -247,10 +252,14 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
  * the timeout done(ch, errno value) runs (counting, not closing), then ch
  * closes with the reason. A close before the handshake ended (the idle
  * timeout, a stage, a stop) runs done(ch, ECONNABORTED) from inside the
- * close: every handshake is heard of once. SL_OK, or SL_ERROR when out of
- * memory (nothing started). */
+ * close: every handshake is heard of once. proxy_protocol 1: a PROXY
+ * protocol header (v1 or v2) comes first on the socket, before the TLS
+ * bytes; it is read within the same timeout and its address becomes ch's
+ * remote one (sl_channel_set_remote), as sluice.proxy_protocol does; a bad
+ * header fails the handshake with reason "bad PROXY protocol header
+ * (...)". SL_OK, or SL_ERROR when out of memory (nothing started). */
 int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
-                          sl_channel_connect_fn done);
+                          int proxy_protocol, sl_channel_connect_fn done);
 
 /* The TLS version ch negotiated ("TLSv1.3"), also once closed; NULL: no
  * TLS, or no handshake done. */

@@ -6,7 +6,9 @@
 #include <errno.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include "buf/buf.h"
@@ -14,6 +16,7 @@
 #include "io/channel_internal.h"
 #include "io/tls.h"
 #include "io/worker.h"
+#include "pipeline/codec/proxy_protocol.h"
 #include "util/common.h"
 #include "util/log.h"
 
@@ -37,17 +40,21 @@ static int sl_channel_tls_failure(sl_channel *ch, int e, char *why, size_t len) 
 }
 
 int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
-                          sl_channel_connect_fn done) {
+                          int proxy_protocol, sl_channel_connect_fn done) {
+  sl_proxy_parser *pp = NULL;
+  if (proxy_protocol && (pp = calloc(1, sizeof(*pp))) == NULL) return SL_ERROR;
   ERR_clear_error();
   SSL *ssl = SSL_new(ctx);
   if (ssl == NULL || SSL_set_fd(ssl, ch->fd) != 1) {
     SSL_free(ssl);
+    free(pp);
     ERR_clear_error();
     return SL_ERROR;
   }
   SSL_set_accept_state(ssl);
   ch->ssl = ssl;
-  ch->tls_state = SL_TLS_HANDSHAKE;
+  ch->pp = pp;
+  ch->tls_state = pp ? SL_TLS_HANDSHAKE | SL_TLS_PROXY_HEADER : SL_TLS_HANDSHAKE;
   ch->on_connect = done;
   ev_timer_set(&ch->timer, timeout, 0.);
   ev_timer_start(ch->w->loop, &ch->timer);
@@ -61,7 +68,9 @@ static void sl_channel_tls_done(sl_channel *ch, int err, const char *why) {
   struct ev_loop *loop = ch->w->loop;
   sl_channel_connect_fn fn = ch->on_connect;
   ch->on_connect = NULL;
-  ch->tls_state &= (uint8_t)~SL_TLS_HANDSHAKE;
+  ch->tls_state &= (uint8_t)~(SL_TLS_HANDSHAKE | SL_TLS_PROXY_HEADER);
+  free(ch->pp);
+  ch->pp = NULL;
   ev_timer_stop(loop, &ch->timer);
   ev_io_stop(loop, &ch->rio);
   ev_io_stop(loop, &ch->wio);
@@ -72,8 +81,70 @@ static void sl_channel_tls_done(sl_channel *ch, int err, const char *why) {
   sl_channel_unref(ch);
 }
 
+/* A PROXY protocol header that cannot be read ends the handshake: logged
+ * as the stage sluice.proxy_protocol logs it, with the same reason. */
+static void sl_channel_tls_proxy_failed(sl_channel *ch, int err, const char *what) {
+  char why[160];
+  snprintf(why, sizeof(why), "bad PROXY protocol header (%s)", what);
+  sl_log(SL_LOG_WARN, "%s: %s", sl_channel_describe(ch), why);
+  ch->tls_state |= SL_TLS_FAILED;
+  sl_channel_tls_done(ch, err, why);
+}
+
+/* Reads the PROXY protocol header off the socket before OpenSSL sees it:
+ * what is there is peeked at, and only the bytes the parser takes as the
+ * header's are read, so that the client's first TLS bytes stay in the
+ * socket. SL_OK: the header is read (its address is the channel's);
+ * SL_AGAIN: waiting for EV_READ; SL_ERROR: ch's handshake failed. */
+static int sl_channel_tls_proxy_header(sl_channel *ch) {
+  uint8_t peek[512];
+  for (;;) {
+    ssize_t n = recv(ch->fd, peek, sizeof(peek), MSG_PEEK);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      ev_io_stop(ch->w->loop, &ch->wio);
+      if (!ev_is_active(&ch->rio)) ev_io_start(ch->w->loop, &ch->rio);
+      return SL_AGAIN;
+    }
+    if (n < 0) {
+      int e = errno;
+      sl_channel_tls_proxy_failed(ch, e, strerror(e));
+      return SL_ERROR;
+    }
+    if (n == 0) {
+      sl_channel_tls_proxy_failed(ch, ECONNRESET,
+                                  "the client closed before the header was complete");
+      return SL_ERROR;
+    }
+    size_t used = 0;
+    const char *why = NULL;
+    sl_addr client;
+    int r = sl_proxy_parse(ch->pp, peek, (size_t)n, &used, &client, &why);
+    if (r < 0) {
+      sl_channel_tls_proxy_failed(ch, EPROTO, why);
+      return SL_ERROR;
+    }
+    /* The bytes were peeked at: they are there to be read, all of them. */
+    ssize_t got;
+    do got = recv(ch->fd, peek, used, 0);
+    while (got < 0 && errno == EINTR);
+    if (got != (ssize_t)used) {
+      int e = got < 0 ? errno : EIO;
+      sl_channel_tls_proxy_failed(ch, e, got < 0 ? strerror(e) : "short read");
+      return SL_ERROR;
+    }
+    if (r == 0) continue;   /* (the header is not counted as bytes in) */
+    if (client.len > 0) sl_channel_set_remote(ch, &client);
+    ch->tls_state &= (uint8_t)~SL_TLS_PROXY_HEADER;
+    free(ch->pp);
+    ch->pp = NULL;
+    return SL_OK;
+  }
+}
+
 void sl_channel_tls_handshake(sl_channel *ch) {
   struct ev_loop *loop = ch->w->loop;
+  if ((ch->tls_state & SL_TLS_PROXY_HEADER) && sl_channel_tls_proxy_header(ch) != SL_OK) return;
   ERR_clear_error();
   int r = SSL_do_handshake(ch->ssl);
   if (r == 1) {
@@ -101,7 +172,8 @@ void sl_channel_tls_handshake(sl_channel *ch) {
 void sl_channel_tls_abandon(sl_channel *ch) {
   sl_channel_connect_fn fn = ch->on_connect;
   ch->on_connect = NULL;
-  ch->tls_state = (uint8_t)((ch->tls_state & ~SL_TLS_HANDSHAKE) | SL_TLS_FAILED);
+  ch->tls_state = (uint8_t)((ch->tls_state & ~(SL_TLS_HANDSHAKE | SL_TLS_PROXY_HEADER)) |
+                            SL_TLS_FAILED);
   if (fn) fn(ch, ECONNABORTED);
 }
 
@@ -199,6 +271,8 @@ void sl_channel_tls_close_notify(sl_channel *ch) {
 }
 
 void sl_channel_tls_free(sl_channel *ch) {
+  free(ch->pp);
+  ch->pp = NULL;
   if (ch->ssl == NULL) return;
   SSL_free(ch->ssl);
   ch->ssl = NULL;

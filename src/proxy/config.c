@@ -260,6 +260,9 @@ static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char
   o->min_version = v && strcmp(v, "TLSv1.3") == 0 ? SL_TLS_1_3 : SL_TLS_1_2;
   free(v);
   l->tls_handshake_timeout = sl_num_field(L, tt, "handshake_timeout_ms") / 1000.0;
+  lua_getfield(L, tt, "proxy_protocol");
+  l->tls_proxy_protocol = lua_toboolean(L, -1);
+  lua_pop(L, 1);
   lua_getfield(L, tt, "alpn");
   if (lua_istable(L, -1)) {   /* wire format: a length byte before each name */
     size_t n = lua_objlen(L, -1), total = 0;

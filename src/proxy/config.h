@@ -102,6 +102,7 @@ typedef struct sl_listener_cfg {
   struct ssl_ctx_st *tls;      /* TLS on its client side (built at load), or NULL: plain */
   sl_tls_opts tls_opts;        /* what tls was built from (strings and alpn owned here) */
   double tls_handshake_timeout; /* seconds */
+  int tls_proxy_protocol;      /* 1: a PROXY protocol header before the TLS bytes */
 } sl_listener_cfg;
 
 typedef struct sl_config {

@@ -253,7 +253,7 @@ static void sl_server_on_accept(sl_listener *l, int fd, const sl_addr *remote) {
     if (lc->tls == NULL) {
       sl_channel_activate(ch);
     } else if (sl_channel_tls_accept(ch, lc->tls, lc->tls_handshake_timeout,
-                                     sl_server_on_handshake) != SL_OK) {
+                                     lc->tls_proxy_protocol, sl_server_on_handshake) != SL_OK) {
       sl_channel_close(ch, "out of memory starting TLS", 1);
     }
   }

@@ -239,6 +239,12 @@ local function check_listener(l, path, ctx)
              show(l.backlog))
     end
     local tls_cfg = tls.check(l.tls, path .. ".tls", ctx.config_dir)
+    -- One header: the one before the TLS bytes, or one inside them.
+    if tls_cfg and tls_cfg.proxy_protocol and pipeline[1]
+        and pipeline[1].module == "sluice.proxy_protocol" then
+        fail(path .. ".tls.proxy_protocol", 'expected no stage "sluice.proxy_protocol" in the '
+             .. "pipeline with it (the header is read before the TLS handshake), got both")
+    end
 
     if upstream == nil and #pipeline == 0 then
         fail(path, "expected an upstream or a pipeline")

@@ -20,6 +20,14 @@
 --     handshake_timeout_ms optional positive integer, default 10000: a
 --                         handshake not done by then closes the connection
 --                         (reason tls_handshake_timeout)
+--     proxy_protocol      optional boolean, default false: a PROXY protocol
+--                         header (v1 or v2) comes first on each connection,
+--                         before the client's TLS bytes (a load balancer
+--                         that passes TLS through); read with the parser of
+--                         sluice.proxy_protocol, within handshake_timeout_ms,
+--                         its address becomes the client's. Not with the
+--                         stage sluice.proxy_protocol in the same listener
+--                         (listeners.lua refuses that).
 --
 -- Checked in the order above. That the files can be read, that the key
 -- belongs to the certificate and that OpenSSL takes the cipher lists is
@@ -28,7 +36,8 @@
 --
 -- Normalized: nil, or { certificate, key (paths made absolute against the
 -- configuration's folder when relative), ciphers (or nil), ciphersuites (or
--- nil), min_version, alpn (array, or nil), handshake_timeout_ms }.
+-- nil), min_version, alpn (array, or nil), handshake_timeout_ms,
+-- proxy_protocol }.
 
 local _M = {}
 
@@ -41,7 +50,7 @@ local check_keys, check_array, check_positive_int, check_one_of =
 require("sluice.config.sandbox").exempt()
 
 local TLS_KEYS = { "certificate", "key", "ciphers", "ciphersuites", "min_version", "alpn",
-                   "handshake_timeout_ms" }
+                   "handshake_timeout_ms", "proxy_protocol" }
 local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
 
 local function check_string(v, path, required)
@@ -83,7 +92,7 @@ function _M.check(t, path, config_dir)
     check_keys(t, path, TLS_KEYS)
     local cert = check_string(t.certificate, path .. ".certificate", true)
     local key = check_string(t.key, path .. ".key", true)
-    return {
+    local out = {
         certificate = absolute(cert, config_dir),
         key = absolute(key, config_dir),
         ciphers = check_string(t.ciphers, path .. ".ciphers", false),
@@ -95,6 +104,11 @@ function _M.check(t, path, config_dir)
                                                   path .. ".handshake_timeout_ms",
                                                   DEFAULT_HANDSHAKE_TIMEOUT_MS),
     }
+    if t.proxy_protocol ~= nil and type(t.proxy_protocol) ~= "boolean" then
+        fail(path .. ".proxy_protocol", "expected a boolean, got %s", show(t.proxy_protocol))
+    end
+    out.proxy_protocol = t.proxy_protocol == true
+    return out
 end
 
 return _M

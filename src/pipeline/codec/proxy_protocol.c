@@ -27,17 +27,11 @@
 #include "util/common.h"
 #include "util/log.h"
 
-#define SL_PP_V1_MAX 107   /* the longest v1 line, "\r\n" included */
-#define SL_PP_V2_FIXED 16  /* signature, version and command, family, length */
-
 static const uint8_t sl_pp_v2_sig[12] = {0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d,
                                          0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a};
 
 typedef struct sl_pp_state {
-  uint8_t hdr[SL_PP_V1_MAX + 1];  /* the header's first bytes */
-  uint32_t have;                  /* bytes in hdr */
-  uint32_t total;                 /* v2: the header's whole length, once known */
-  uint32_t consumed;              /* v2: bytes of the header seen (TLVs are skipped) */
+  sl_proxy_parser parser;         /* the header, until done */
   int done;                       /* the header went by: reads pass through */
   int failed;                     /* a bad header closed the connection */
 } sl_pp_state;
@@ -84,11 +78,12 @@ static int sl_pp_v1_addr(sl_pp_field f, int family, uint16_t port, sl_addr *a) {
   return SL_OK;
 }
 
-/* Sets the client address from a v1 line without its CRLF, as the PROXY
- * protocol defines it: "PROXY TCP4 src dst sport dport", fields separated
- * by single spaces, both addresses of the family, ports 0-65535 in decimal;
- * after "PROXY UNKNOWN" anything may follow. NULL, or what is wrong. */
-static const char *sl_pp_v1(sl_channel *ch, const char *line, size_t len) {
+/* The client address of a v1 line without its CRLF, into *client, as the
+ * PROXY protocol defines it: "PROXY TCP4 src dst sport dport", fields
+ * separated by single spaces, both addresses of the family, ports 0-65535
+ * in decimal; after "PROXY UNKNOWN" anything may follow (and *client stays
+ * without an address). NULL, or what is wrong. */
+static const char *sl_pp_v1(sl_addr *client, const char *line, size_t len) {
   if (len < 6 || memcmp(line, "PROXY ", 6) != 0) return "not a PROXY line";
   if (len >= 13 && memcmp(line + 6, "UNKNOWN", 7) == 0 && (len == 13 || line[13] == ' '))
     return NULL;
@@ -118,12 +113,13 @@ static const char *sl_pp_v1(sl_channel *ch, const char *line, size_t len) {
   if (sl_pp_v1_addr(f[2], family, dport, &dst) != SL_OK) return "bad destination address";
   if (!sport_ok) return "bad source port";
   if (!dport_ok) return "bad destination port";
-  if (ch != NULL) sl_channel_set_remote(ch, &src);
+  *client = src;
   return NULL;
 }
 
-/* Sets the client address from a complete v2 header's first bytes. */
-static const char *sl_pp_v2(sl_channel *ch, const uint8_t *h, uint32_t total) {
+/* The client address of a complete v2 header's first bytes, into *client
+ * (left without one for LOCAL, UNSPEC and UNIX). */
+static const char *sl_pp_v2(sl_addr *client, const uint8_t *h, uint32_t total) {
   if ((h[12] >> 4) != 2) return "unknown version";
   int cmd = h[12] & 0x0f;
   if (cmd == 0) return NULL; /* LOCAL: the balancer's own connection */
@@ -148,15 +144,12 @@ static const char *sl_pp_v2(sl_channel *ch, const uint8_t *h, uint32_t total) {
   } else {
     return NULL; /* UNSPEC or UNIX: nothing sluice can use */
   }
-  if (ch != NULL) sl_channel_set_remote(ch, &a);
+  *client = a;
   return NULL;
 }
 
-/* Takes header bytes from p. Returns 1 when the header is complete (*used:
- * the bytes of p it took), 0 when it needs more (all of p taken), or -1
- * with *why set. */
-static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, const char **why) {
-  sl_pp_state *st = ctx->state;
+int sl_proxy_parse(sl_proxy_parser *st, const uint8_t *p, size_t n, size_t *used,
+                   sl_addr *client, const char **why) {
   size_t before = st->have;
   *used = 0;
   if (n == 0) return 0;
@@ -178,7 +171,8 @@ static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, con
         return -1;
       }
       *used = i + 1 - before;
-      *why = sl_pp_v1(sl_ctx_channel(ctx), (const char *)st->hdr, i - 1);
+      memset(client, 0, sizeof(*client));
+      *why = sl_pp_v1(client, (const char *)st->hdr, i - 1);
       return *why ? -1 : 1;
     }
     if (st->have == SL_PP_V1_MAX) {
@@ -213,7 +207,8 @@ static int sl_pp_feed(sl_ctx *ctx, const uint8_t *p, size_t n, size_t *used, con
     taken += chunk;
   }
   *used = taken;
-  *why = sl_pp_v2(sl_ctx_channel(ctx), st->hdr, st->total);
+  memset(client, 0, sizeof(*client));
+  *why = sl_pp_v2(client, st->hdr, st->total);
   return *why ? -1 : 1;
 }
 
@@ -242,7 +237,8 @@ static void sl_pp_read(sl_ctx *ctx, sl_buf *b) {
   }
   size_t used = 0;
   const char *why = NULL;
-  int r = sl_pp_feed(ctx, sl_buf_rptr(b), sl_buf_readable(b), &used, &why);
+  sl_addr client;
+  int r = sl_proxy_parse(&st->parser, sl_buf_rptr(b), sl_buf_readable(b), &used, &client, &why);
   if (r < 0) {
     sl_buf_release(b);
     sl_pp_fail(ctx, why);
@@ -255,6 +251,7 @@ static void sl_pp_read(sl_ctx *ctx, sl_buf *b) {
   st->done = 1;
   b->rd += (uint32_t)used;
   sl_channel *ch = sl_ctx_channel(ctx); /* NULL in a pipeline without one (tests) */
+  if (ch && client.len > 0) sl_channel_set_remote(ch, &client);
   if (ch) sl_channel_ref(ch);
   sl_ctx_fire_active(ctx);
   if (sl_buf_readable(b) > 0 && !(ch && sl_channel_is_closed(ch))) sl_ctx_fire_read(ctx, b);

@@ -997,24 +997,30 @@ describe("sluice.config", function()
         local function t(v) return ok_of(conf({ listener({ tls = v }) })).listeners[1].tls end
         assert.is_nil(t(nil))
         assert.are.same({ certificate = FIX .. "/site.crt", key = "/etc/site.key",
-                          min_version = "TLSv1.2", handshake_timeout_ms = 10000 },
+                          min_version = "TLSv1.2", handshake_timeout_ms = 10000,
+                          proxy_protocol = false },
                         t({ certificate = "site.crt", key = "/etc/site.key" }))
         assert.are.same({ certificate = "/a.crt", key = "/a.key", ciphers = "HIGH",
                           ciphersuites = "TLS_AES_128_GCM_SHA256", min_version = "TLSv1.3",
-                          alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500 },
+                          alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500,
+                          proxy_protocol = true },
                         t({ certificate = "/a.crt", key = "/a.key", ciphers = "HIGH",
                             ciphersuites = "TLS_AES_128_GCM_SHA256", min_version = "TLSv1.3",
-                            alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500 }))
+                            alpn = { "h2", "http/1.1" }, handshake_timeout_ms = 500,
+                            proxy_protocol = true }))
         local function bad(v) return err_of(conf({ listener({ tls = v }) })) end
         assert.are.equal('config error: listeners[1].tls: expected a table { certificate, key, ... }, '
                          .. 'got true', bad(true))
+        assert.are.equal('config error: listeners[1].tls.proxy_protocol: expected a boolean, '
+                         .. 'got "v2"', bad({ certificate = "/a.crt", key = "/a.key",
+                                              proxy_protocol = "v2" }))
         assert.are.equal("config error: listeners[1].tls.certificate: expected a non-empty string, "
                          .. "got nil", bad({ key = "/a.key" }))
         assert.are.equal('config error: listeners[1].tls.key: expected a non-empty string, got ""',
                          bad({ certificate = "/a.crt", key = "" }))
         assert.are.equal("config error: listeners[1].tls.crt: unknown key (expected one of: "
                          .. "certificate, key, ciphers, ciphersuites, min_version, alpn, "
-                         .. "handshake_timeout_ms)", bad({ crt = "/a.crt" }))
+                         .. "handshake_timeout_ms, proxy_protocol)", bad({ crt = "/a.crt" }))
         assert.are.equal('config error: listeners[1].tls.min_version: expected one of "TLSv1.2", '
                          .. '"TLSv1.3", got "SSLv3"',
                          bad({ certificate = "/a", key = "/b", min_version = "SSLv3" }))

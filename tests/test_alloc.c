@@ -2969,6 +2969,331 @@ static void test_chunk_above_32mib_is_refused_not_overflowed(void **state) {
              code & 4 ? " a 100-byte allocation refused under a 1 GiB max_memory" : "");
 }
 
+/* Normal sizes above max_cached in a random mix, with trims and forced
+ * releases of empty chunks between, over several geometries (page 4096
+ * and chunk 64 KiB or 1 MiB: runs of 64 pages and more), max_cached 0 and
+ * 65536: every buffer keeps its bytes (no run handed out twice), and the
+ * arena's counts are exact at the end. */
+static void normal_mix_run(size_t page, size_t chunk, size_t max_cached, uint64_t seed) {
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  cfg.page_size = page;
+  cfg.chunk_size = chunk;
+  cfg.max_cached = max_cached;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  size_t lo = 32768 + 1, hi = a->max_class_size;
+  enum { LIVE = 96 };
+  sl_buf *live[LIVE] = {0};
+  uint64_t key[LIVE] = {0};
+  uint64_t s = seed, allocs = 0;
+  for (int op = 0; op < 20000; op++) {
+    unsigned i = (unsigned)(rng_next(&s) % LIVE);
+    if (live[i] == NULL) {
+      size_t sz = lo + rng_next(&s) % (hi - lo + 1);
+      live[i] = sl_buf_alloc(p, sz, (rng_next(&s) & 7) == 0 ? sz + 100 : 0);
+      assert_non_null(live[i]);
+      allocs++;
+      key[i] = rng_next(&s);
+      uint8_t *d = live[i]->data;
+      size_t cap = live[i]->cap;
+      memcpy(d, &key[i], 8);
+      memcpy(d + cap - 8, &key[i], 8);
+    } else {
+      uint64_t k1, k2;
+      memcpy(&k1, live[i]->data, 8);
+      memcpy(&k2, live[i]->data + live[i]->cap - 8, 8);
+      assert_true(k1 == key[i] && k2 == key[i]);
+      sl_buf_release(live[i]);
+      live[i] = NULL;
+    }
+    if (op % 997 == 0) sl_pool_trim(p, 0);
+    if (op % 2503 == 0) release_chunks(p->arena, 0, 1);
+  }
+  for (unsigned i = 0; i < LIVE; i++)
+    if (live[i] != NULL) sl_buf_release(live[i]);
+  sl_pool_trim(p, 1);
+  sl_arena_stats as;
+  sl_arena_get_stats(p->arena, &as);
+  uint64_t ta = 0, tf = 0;
+  for (unsigned k = a->nsmall; k < a->nclasses; k++) {
+    ta += as.cls[k].allocs;
+    tf += as.cls[k].frees;
+  }
+  assert_int_equal(ta, tf);
+  if (max_cached < lo) assert_int_equal(ta, allocs);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+static void test_normal_mix_over_geometries(void **state) {
+  (void)state;
+  normal_mix_run(8192, 4u << 20, 0, 1);
+  normal_mix_run(8192, 4u << 20, 65536, 2);
+  normal_mix_run(4096, 65536, 0, 3);
+  normal_mix_run(4096, 1u << 20, 0, 4);
+  normal_mix_run(4096, 1u << 20, 32768, 5);
+}
+
+/* Two pools on two threads share one arena (arenas below workers): each
+ * takes and frees normal runs above max_cached on its fast paths, hands
+ * some buffers to the other to release (foreign frees on the same
+ * chunks), while a third thread reads the arena's counts; the pools end
+ * while it reads. Every buffer keeps its bytes, the counts stay
+ * consistent and are exact at the end. */
+typedef struct mix_worker {
+  sl_alloc *a;
+  _Atomic(sl_buf *) *give, *take;   /* one slot each way */
+  atomic_int *done, *quit;
+  uint64_t seed, allocs;
+} mix_worker;
+
+static int buf_keyed(const sl_buf *b) {
+  uint64_t k1, k2;
+  memcpy(&k1, b->data, 8);
+  memcpy(&k2, b->data + b->cap - 8, 8);
+  return k1 == k2;
+}
+
+static void buf_key(sl_buf *b, uint64_t k) {
+  memcpy(b->data, &k, 8);
+  memcpy(b->data + b->cap - 8, &k, 8);
+}
+
+static void *mix_worker_thread(void *arg) {
+  mix_worker *w = arg;
+  sl_pool *p = sl_pool_create(w->a, 0);
+  if (p == NULL) return (void *)1;
+  enum { LIVE = 48 };
+  sl_buf *live[LIVE] = {0};
+  uint64_t s = w->seed;
+  size_t lo = 32768 + 1, hi = 32768 * 4;
+  int bad = 0;
+  for (int op = 0; op < 40000; op++) {
+    unsigned i = (unsigned)(rng_next(&s) % LIVE);
+    sl_buf *f = atomic_exchange(w->take, NULL);
+    if (f != NULL) {
+      bad |= !buf_keyed(f);
+      sl_buf_release(f);   /* a foreign free */
+    }
+    if (live[i] == NULL) {
+      size_t sz = lo + rng_next(&s) % (hi - lo + 1);
+      live[i] = sl_buf_alloc(p, sz, 0);
+      if (live[i] == NULL) return (void *)2;
+      w->allocs++;
+      buf_key(live[i], rng_next(&s));
+    } else {
+      bad |= !buf_keyed(live[i]);
+      sl_buf *expect = NULL;
+      if ((rng_next(&s) & 3) == 0 && atomic_compare_exchange_strong(w->give, &expect, live[i])) {
+      } else {
+        sl_buf_release(live[i]);
+      }
+      live[i] = NULL;
+    }
+    if (op % 512 == 0) sl_buf_drain(p);
+  }
+  for (unsigned i = 0; i < LIVE; i++)
+    if (live[i] != NULL) sl_buf_release(live[i]);
+  atomic_fetch_add(w->done, 1);
+  while (atomic_load(w->done) < 2 || atomic_load(w->take) != NULL) {
+    sl_buf *f = atomic_exchange(w->take, NULL);
+    if (f != NULL) {
+      bad |= !buf_keyed(f);
+      sl_buf_release(f);
+    }
+    sl_buf_drain(p);
+  }
+  atomic_fetch_add(w->quit, 1);
+  while (atomic_load(w->quit) < 2 || atomic_load(w->give) != NULL) sl_buf_drain(p);
+  sl_buf_drain(p);
+  sl_pool_trim(p, 1);
+  sl_pool_stats st = sl_test_stats(p);
+  if (st.blocks_in_use != 0 || st.bufs_active != 0) bad |= 4;
+  sl_pool_destroy(p);
+  return (void *)(intptr_t)bad;
+}
+
+static void pools_race_run(size_t page, size_t chunk, int retq_cap) {
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  cfg.max_cached = 0;
+  cfg.arenas = 1;
+  cfg.page_size = page;
+  cfg.chunk_size = chunk;
+  cfg.return_queue_cap = retq_cap;
+  sl_alloc *a = new_alloc(&cfg);
+  _Atomic(sl_buf *) slot[2];
+  atomic_init(&slot[0], NULL);
+  atomic_init(&slot[1], NULL);
+  atomic_int done, quit;
+  atomic_init(&done, 0);
+  atomic_init(&quit, 0);
+  mix_worker w[2] = {
+      {.a = a, .give = &slot[0], .take = &slot[1], .done = &done, .quit = &quit, .seed = 11},
+      {.a = a, .give = &slot[1], .take = &slot[0], .done = &done, .quit = &quit, .seed = 12}};
+  stats_reader sr = {.ar = &a->arenas[0], .k = sl_sc_index(40000)};
+  atomic_init(&sr.stop, 0);
+  pthread_t th[3];
+  assert_int_equal(pthread_create(&th[2], NULL, stats_reader_thread, &sr), 0);
+  for (int i = 0; i < 2; i++)
+    assert_int_equal(pthread_create(&th[i], NULL, mix_worker_thread, &w[i]), 0);
+  for (int i = 0; i < 2; i++) {
+    void *r;
+    assert_int_equal(pthread_join(th[i], &r), 0);
+    assert_int_equal((intptr_t)r, 0);
+  }
+  atomic_store(&sr.stop, 1);
+  assert_int_equal(pthread_join(th[2], NULL), 0);
+  assert_int_equal(sr.bad, 0);
+  sl_arena_stats as;
+  sl_arena_get_stats(&a->arenas[0], &as);
+  uint64_t ta = 0, tf = 0;
+  for (unsigned k = a->nsmall; k < a->nclasses; k++) {
+    ta += as.cls[k].allocs;
+    tf += as.cls[k].frees;
+  }
+  assert_int_equal(ta, w[0].allocs + w[1].allocs);
+  assert_int_equal(tf, ta);
+  finish(NULL, a);
+}
+
+static void test_pools_sharing_an_arena_race_on_normal_fast_paths(void **state) {
+  (void)state;
+  pools_race_run(8192, 4u << 20, 1024);
+  pools_race_run(4096, 256 * KiB, 2);   /* foreign frees straight to the arena */
+}
+
+/* Normal sizes above max_cached, every buffer recorded (leak_sample 1),
+ * pooled and unpooled, with max_memory refusing and injected failures in
+ * between: a refused or failed allocation leaves no header out and no
+ * count bumped, and the pool is back where it started. */
+static void normal_edges_run(int type, int level) {
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  cfg.type = type;
+  cfg.max_cached = 0;
+  cfg.leak_level = level;
+  cfg.leak_sample = 1;
+  cfg.page_size = 4096;
+  cfg.chunk_size = 256 * KiB;
+  cfg.max_memory = 512 * KiB;   /* two chunks */
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  sl_buf *b[64] = {0};
+  unsigned n = 0, refused = 0;
+  size_t sz = 40000;
+  unsigned k = sl_sc_index(sz);
+  for (int round = 0; round < 6; round++) {
+    while (n < 64) {
+      if (n % 5 == 2) {
+        sl_pool_stats before = sl_test_stats(p);
+        sl_pool_fail_next(p, 1);
+        assert_null(sl_buf_alloc(p, sz, 0));
+        sl_pool_stats after = sl_test_stats(p);
+        assert_int_equal(after.headers_total - after.headers_free,
+                         before.headers_total - before.headers_free);
+        assert_int_equal(after.allocs, before.allocs);
+        assert_int_equal(after.bufs_active, before.bufs_active);
+      }
+      sl_buf *x = sl_buf_alloc(p, sz, 0);
+      if (x == NULL) {
+        refused++;
+        break;
+      }
+      memset(x->data, (int)n, x->cap);
+      b[n++] = x;
+    }
+    /* free every other one (fast frees into a used chunk), then refill */
+    for (unsigned i = 0; i < n; i += 2) {
+      if (b[i] == NULL) continue;
+      for (size_t j = 0; j < b[i]->cap; j += 4096) assert_int_equal(b[i]->data[j], (uint8_t)i);
+      sl_buf_release(b[i]);
+      b[i] = NULL;
+    }
+    unsigned m = 0;
+    for (unsigned i = 0; i < n; i++)
+      if (b[i] != NULL) b[m++] = b[i];
+    n = m;
+    for (unsigned i = 0; i < n; i++) memset(b[i]->data, (int)i, b[i]->cap);
+  }
+  for (unsigned i = 0; i < n; i++) sl_buf_release(b[i]);
+  if (type == SL_ALLOC_POOLED) assert_true(refused > 0);
+  sl_pool_trim(p, 1);
+  sl_pool_stats st = sl_test_stats(p);
+  assert_int_equal(st.allocs, st.frees);
+  if (type == SL_ALLOC_POOLED) {
+    sl_arena_stats as;
+    sl_arena_get_stats(p->arena, &as);
+    assert_int_equal(as.cls[k].allocs, as.cls[k].frees);
+    assert_int_equal(as.cls[k].allocs, sl_pool_class_allocs(p, k));
+  }
+  assert_int_equal(p->leak_recorded, 0);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
+static void test_normal_fast_paths_recorded_refused_and_failing(void **state) {
+  (void)state;
+  normal_edges_run(SL_ALLOC_POOLED, 1);
+  normal_edges_run(SL_ALLOC_POOLED, 3);
+  normal_edges_run(SL_ALLOC_UNPOOLED, 1);
+  normal_edges_run(SL_ALLOC_UNPOOLED, 3);
+}
+
+/* Whether a freed block's first and last bytes are poisoned (ASan) or
+ * filled with 0xde (SLUICE_POOL_DEBUG); -1 when the build does neither. */
+static int freed_block_poisoned(const uint8_t *d, size_t n) {
+#if TEST_ASAN
+  return __asan_address_is_poisoned(d) && __asan_address_is_poisoned(d + n - 1);
+#elif defined(SLUICE_POOL_DEBUG)
+  return d[0] == 0xde && d[n - 1] == 0xde;
+#else
+  (void)d;
+  (void)n;
+  return -1;
+#endif
+}
+
+/* A normal block that no bin caches is poisoned when it is freed, on
+ * every way back to its chunk: the fast path, a class whose runs are too
+ * long for it (64 pages or more), and a full recycler. */
+static void test_uncached_normal_free_poisons_on_every_path(void **state) {
+  (void)state;
+  sl_alloc_config cfg;
+  sl_alloc_config_defaults(&cfg);
+  cfg.max_cached = 0;
+  cfg.recycler_cap = 1;
+  sl_alloc *a = new_alloc(&cfg);
+  sl_pool *p = new_pool(a);
+  assert_true(a->run_pages[sl_sc_index(600 * KiB)] >= 64);
+  assert_int_equal(p->bins[sl_sc_index(600 * KiB)].normal_pages, 0);
+  sl_buf *keep = sl_buf_alloc(p, 40000, 0);   /* the chunk stays in use */
+  assert_non_null(keep);
+  const size_t sizes[] = {40000, 600 * KiB};
+  for (unsigned i = 0; i < 2; i++) {
+    sl_buf *x = sl_buf_alloc(p, sizes[i], 0);
+    sl_buf *y = sl_buf_alloc(p, sizes[i], 0);
+    assert_non_null(x);
+    assert_non_null(y);
+    memset(x->data, 1, x->cap);
+    memset(y->data, 1, y->cap);
+    uint8_t *dx = x->data, *dy = y->data;
+    size_t nx = x->block_size, ny = y->block_size;
+    assert_true(p->rec_n < p->rec_cap);
+    sl_buf_release(x);   /* into the recycler's one slot */
+    assert_int_equal(p->rec_n, p->rec_cap);
+    sl_buf_release(y);   /* the recycler full */
+    int px = freed_block_poisoned(dx, nx), py = freed_block_poisoned(dy, ny);
+    if (px < 0) break;
+    if (!px) fail_msg("freed %zu-byte block %p not poisoned (recycler with room)", sizes[i], dx);
+    if (!py) fail_msg("freed %zu-byte block %p not poisoned (recycler full)", sizes[i], dy);
+  }
+  sl_buf_release(keep);
+  SL_TEST_ASSERT_POOL_CLEAN(p);
+  finish(p, a);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_size_class_of_every_size_is_smallest_that_fits),
@@ -3000,6 +3325,10 @@ int main(void) {
       cmocka_unit_test(test_uncached_normal_goes_to_its_chunk_and_quarantine_takes_one_header),
       cmocka_unit_test(test_arena_counts_take_the_pools_fast_normal_runs),
       cmocka_unit_test(test_arena_counts_read_from_another_thread),
+      cmocka_unit_test(test_normal_mix_over_geometries),
+      cmocka_unit_test(test_uncached_normal_free_poisons_on_every_path),
+      cmocka_unit_test(test_normal_fast_paths_recorded_refused_and_failing),
+      cmocka_unit_test(test_pools_sharing_an_arena_race_on_normal_fast_paths),
       cmocka_unit_test(test_full_bin_parks_headers_on_owned_subpages_for_misses),
       cmocka_unit_test(test_views_take_headers_parked_on_owned_subpages),
       cmocka_unit_test(test_view_header_search_sees_headers_parked_after_a_flush),

@@ -569,9 +569,11 @@ __attribute__((noinline)) static void sl_buf_free_foreign(sl_buf *r, sl_pool *po
   sl_pool_header_put_foreign(pool, r);
 }
 
-/* A normal block that no bin caches: straight back to its chunk. */
+/* A normal block that no bin caches: straight back to its chunk (poisoned
+ * first, as on the fast path). */
 __attribute__((noinline)) static void sl_buf_free_normal_slow(sl_buf *r, sl_pool *pool) {
   unsigned sc = r->sclass;
+  SL_POISON(r->data, r->block_size);
   pool->bins[sc].frees_rest++;
   sl_arena_free_normal(pool->arena, r->data, sc);
   sl_buf_bury(pool, r);

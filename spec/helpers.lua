@@ -524,4 +524,39 @@ function H.exchange(port, input, timeout)
   return H.read(out), rc, out
 end
 
+-- What worker 0's pool holds now, read from /metrics: { live buffers, bytes }.
+function H.pool_held(admin_port)
+  return { H.metric(admin_port, "sluice_pool_buffers", 'worker="0"'),
+           H.metric(admin_port, "sluice_pool_in_use_bytes", 'worker="0"') }
+end
+
+-- Waits until worker 0's pool holds what it held at `base` (H.pool_held).
+-- True when it does.
+function H.pool_back(admin_port, base)
+  return H.wait_for(function()
+    local now = H.pool_held(admin_port)
+    return now[1] == base[1] and now[2] == base[2]
+  end, 20)
+end
+
+-- Waits until the file at path has at least n lines; returns them (a
+-- table, empty when it never had n).
+function H.log_lines(path, n)
+  return H.wait_for(function()
+    local lines = {}
+    for l in H.read(path):gmatch("[^\n]+") do lines[#lines + 1] = l end
+    return #lines >= n and lines
+  end, 30) or {}
+end
+
+-- A self-signed certificate for CN=name and its key (EC P-256), made now
+-- with the openssl command in dir; returns their paths.
+function H.make_cert(dir, name)
+  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
+  local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-keyout %s -out %s -days 2 -subj /CN=%s 2>/dev/null"):format(H.shq(key), H.shq(cert), name))
+  assert(rc == 0, "openssl req failed")
+  return cert, key
+end
+
 return H

@@ -6,20 +6,13 @@
 -- through them; sluice speaks plain TCP to an echo peer.
 local H = require("helpers")
 
-local function make_cert(dir, name)
-  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
-  local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-    .. "-keyout %s -out %s -days 2 -subj /CN=%s 2>/dev/null"):format(H.shq(key), H.shq(cert), name))
-  assert(rc == 0, "openssl req failed")
-  return cert, key
-end
 
 local cert, key
 local function certs()
   if not cert then
     local d = H.tmpdir() .. "/certs"
     H.sh("mkdir -p " .. H.shq(d))
-    cert, key = make_cert(d, "alpha.test")
+    cert, key = H.make_cert(d, "alpha.test")
   end
   return cert, key
 end
@@ -45,29 +38,12 @@ return {
   return p, o
 end
 
-local function held(admin)
-  return { H.metric(admin, "sluice_pool_buffers", 'worker="0"'),
-           H.metric(admin, "sluice_pool_in_use_bytes", 'worker="0"') }
-end
 
-local function pool_back(admin, base)
-  return H.wait_for(function()
-    local now = held(admin)
-    return now[1] == base[1] and now[2] == base[2]
-  end, 20)
-end
 
-local function access_lines(access, n)
-  return H.wait_for(function()
-    local lines = {}
-    for l in H.read(access):gmatch("[^\n]+") do lines[#lines + 1] = l end
-    return #lines >= n and lines
-  end, 30) or {}
-end
 
 -- Waits until the access log has n lines; returns them.
 local function settle(access, n)
-  local lines = access_lines(access, n)
+  local lines = H.log_lines(access, n)
   assert(#lines == n, "expected " .. n .. " access log lines:\n" .. H.read(access))
   return lines
 end
@@ -129,7 +105,7 @@ describe("tls proxy_protocol", function()
     local p, o = start(echo.port)
     local r = relay("PROXY TCP4 203.0.113.7 127.0.0.1 5555 443\\r\\n", o.port, o.access, 0)
     peers[#peers + 1] = r
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local fails = H.metric(o.admin, "sluice_tls_handshake_failures_total", 'listener="secure"')
     local out, rc = tls_exchange(r.port, "hello through a balancer\n")
     assert.are.equal(0, rc)
@@ -141,7 +117,7 @@ describe("tls proxy_protocol", function()
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(fails, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                      'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -149,7 +125,7 @@ describe("tls proxy_protocol", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local p, o = start(echo.port)
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     for _, send in ipairs({ "send-proxy", "send-proxy-v2" }) do
       local hp = haproxy(send, o.port)
       peers[#peers + 1] = hp
@@ -168,7 +144,7 @@ describe("tls proxy_protocol", function()
       assert.matches(" tls=TLSv1.3 reason=", line, 1, true)
       H.stop(hp, "KILL")
     end
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     local log = H.stop_sluice(p)
     assert.not_matches("bad PROXY protocol header", log, 1, true)
   end)
@@ -180,13 +156,13 @@ describe("tls proxy_protocol", function()
     -- Signature, version 2 LOCAL, UNSPEC, no address block.
     local r = relay("\\r\\n\\r\\n\\000\\r\\nQUIT\\n\\040\\000\\000\\000", o.port, o.access, 0)
     peers[#peers + 1] = r
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local out, rc = tls_exchange(r.port, "ping\n")
     assert.are.equal(0, rc)
     assert.are.equal("ping\n", out)
     local line = settle(o.access, 2)[2]
     assert.matches(" client=127%.0%.0%.1:%d+ listener=secure ", line)
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -196,7 +172,7 @@ describe("tls proxy_protocol", function()
     local p, o = start(echo.port)
     local r = relay("PROXY TCP4 198.51.100.4 127.0.0.1 4444 443\\r\\n", o.port, o.access, 0)
     peers[#peers + 1] = r
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local fails = H.metric(o.admin, "sluice_tls_handshake_failures_total", 'listener="secure"')
     -- A TLS client through the relay that sends, waits, then sends again.
     local go, hout = H.tmpfile("go"), H.tmpfile("held.out", "")
@@ -233,7 +209,7 @@ describe("tls proxy_protocol", function()
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(fails + #bad, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                             'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     local log = H.stop_sluice(p)
     for i, b in ipairs(bad) do
       assert.matches("closed: bad PROXY protocol header (" .. b.why .. ")", log, 1, true)

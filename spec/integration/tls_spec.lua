@@ -7,22 +7,14 @@ local ffi = require("ffi")
 
 local MiB = 1024 * 1024
 
--- A self-signed certificate for CN=name and its key (EC P-256, made now).
-local function make_cert(dir, name)
-  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
-  local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-    .. "-keyout %s -out %s -days 2 -subj /CN=%s 2>/dev/null"):format(H.shq(key), H.shq(cert), name))
-  assert(rc == 0, "openssl req failed")
-  return cert, key
-end
 
 local dir
 local function certs_dir()
   if not dir then
     dir = H.tmpdir() .. "/certs"
     H.sh("mkdir -p " .. H.shq(dir))
-    make_cert(dir, "alpha.test")
-    make_cert(dir, "beta.test")
+    H.make_cert(dir, "alpha.test")
+    H.make_cert(dir, "beta.test")
   end
   return dir
 end
@@ -58,18 +50,7 @@ local function start(o)
   return p, o
 end
 
--- What the worker's pool holds now: live buffers and their bytes.
-local function held(admin)
-  return { H.metric(admin, "sluice_pool_buffers", 'worker="0"'),
-           H.metric(admin, "sluice_pool_in_use_bytes", 'worker="0"') }
-end
 
-local function pool_back(admin, base)
-  return H.wait_for(function()
-    local now = held(admin)
-    return now[1] == base[1] and now[2] == base[2]
-  end, 20)
-end
 
 -- Sends the file `input` over TLS to port, half-closes, and returns what
 -- came back (until sluice closes) and socat's exit status. reader: a shell
@@ -86,14 +67,6 @@ local function sha256(path)
   return (H.sh("sha256sum " .. H.shq(path))):match("^(%x+)")
 end
 
--- The access log's lines.
-local function access_lines(access, n)
-  return H.wait_for(function()
-    local lines = {}
-    for l in H.read(access):gmatch("[^\n]+") do lines[#lines + 1] = l end
-    return #lines >= n and lines
-  end, 30) or {}
-end
 
 -- A clean end: the client's close ("eof"), or its upstream's first ("peer
 -- closed"), as the two FINs happened to cross.
@@ -115,18 +88,18 @@ describe("tls", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local out, rc = tls_exchange(o.port, H.tmpfile("in", "hello over tls\n"))
     assert.are.equal(0, rc)
     assert.are.equal("hello over tls\n", out)
-    local line = access_lines(o.access, 1)[1]
+    local line = H.log_lines(o.access, 1)[1]
     assert.is_truthy(clean_end(line), line)
     assert.matches("bytes_in=15 bytes_out=15 ", line, 1, true)   -- plaintext bytes
     assert.matches(" tls=TLSv1.3 reason=", line, 1, true)
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(0, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -134,7 +107,7 @@ describe("tls", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local input = H.tmpfile("big")
     H.sh(("head -c %d /dev/urandom >%s"):format(12 * MiB, H.shq(input)))
     -- The client's reader waits a second: its socket and sluice's outbound
@@ -145,7 +118,7 @@ describe("tls", function()
        .. "(sleep 1; cat >%s)"):format(o.port, H.shq(input), H.shq(out)))))
     assert.are.equal(0, rc)
     assert.are.equal(sha256(input), sha256(out))
-    local line = access_lines(o.access, 1)[1]
+    local line = H.log_lines(o.access, 1)[1]
     assert.matches(("bytes_in=%d bytes_out=%d "):format(12 * MiB, 12 * MiB), line, 1, true)
     assert.is_truthy(clean_end(line), line)
     local log = H.read(p.log)
@@ -153,7 +126,7 @@ describe("tls", function()
     local peak = tonumber(log:match("client [%d.:]+ on secure closed: [%a ]+ %(in %d+ B, "
                                     .. "out %d+ B, peak queue (%d+) B"))
     assert.is_truthy(peak and peak > 65536, log)
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -165,7 +138,7 @@ describe("tls", function()
     local p, o = start({ listener = 'write_spin_count = 1, pipeline = { { "sluice.codec.line", '
                                    .. 'max_length = 1024, strip_delimiter = false }, '
                                    .. '"sluice.stages.echo" },' })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local input = H.tmpfile("lines")
     H.sh(("seq 1 300000 >%s"):format(H.shq(input)))
     local outs = {}
@@ -175,21 +148,21 @@ describe("tls", function()
         ("socat -t 30 -T 60 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0 <%s 2>/dev/null | "
          .. "(sleep 1; cat >%s)"):format(o.port, H.shq(input), H.shq(outs[i])))), "lines")
     end
-    local lines = access_lines(o.access, 3)
+    local lines = H.log_lines(o.access, 3)
     assert.are.equal(3, #lines, H.read(p.log))
     local want = sha256(input)
     for i = 1, 3 do
       assert.is_truthy(clean_end(lines[i]), lines[i])
       assert.is_truthy(H.wait_for(function() return sha256(outs[i]) == want end, 30))
     end
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
   it("keeps to min_version and selects an ALPN protocol", function()
     local p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },',
                          tls = 'min_version = "TLSv1.3", alpn = { "h2", "http/1.1" },' })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local s_client = "timeout 20 openssl s_client -connect 127.0.0.1:%d %s </dev/null 2>&1"
     local out = H.sh(s_client:format(o.port, "-alpn http/1.1,h2"))
     assert.matches("ALPN protocol: h2", out, 1, true)
@@ -203,7 +176,7 @@ describe("tls", function()
     assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -212,7 +185,7 @@ describe("tls", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     -- A TLS client held open mid-conversation.
     local go, out = H.tmpfile("go"), H.tmpfile("held.out", "")
     local script = ("printf 'first\\n'; while [ ! -e %s ]; do sleep 0.02; done; printf 'second\\n'")
@@ -229,7 +202,7 @@ describe("tls", function()
     assert.are.equal("", (H.exchange(o.port, { file = junk }, 20)))
     local log = H.read(p.log)
     assert.matches("client 127%.0%.0%.1:%d+ on secure closed: tls_error %(http request%)", log)
-    local lines = access_lines(o.access, 2)
+    local lines = H.log_lines(o.access, 2)
     assert.matches('reason="tls_error %(http request%)"$', lines[1])
     assert.matches('reason="tls_error %(', lines[2])
     assert.matches("upstream=- ", lines[1], 1, true)   -- no upstream connection was made
@@ -241,7 +214,7 @@ describe("tls", function()
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -249,16 +222,16 @@ describe("tls", function()
     local echo = H.start_echo()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port, tls = "handshake_timeout_ms = 300," })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     -- Connects and sends nothing: sluice closes it (the read sees the end).
     local c = H.connect(o.port)
     assert.are.equal("", c.recv(1, 30))
     c.close()
-    local line = access_lines(o.access, 1)[1]
+    local line = H.log_lines(o.access, 1)[1]
     assert.matches('reason="tls_handshake_timeout"$', line)
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -267,17 +240,17 @@ describe("tls", function()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port, listener = "idle_timeout_ms = 300,",
                          tls = "handshake_timeout_ms = 60000," })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     -- Connects and sends nothing: the idle timeout closes it first.
     local c = H.connect(o.port)
     assert.are.equal("", c.recv(1, 30))
     c.close()
-    local line = access_lines(o.access, 1)[1]
+    local line = H.log_lines(o.access, 1)[1]
     assert.matches(' tls=%- reason="idle_timeout"$', line)
     assert.are.equal(0, H.metric(o.admin, "sluice_tls_handshakes_total", 'listener="secure"'))
     assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
                                  'listener="secure"'))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -287,15 +260,15 @@ describe("tls", function()
     local up = H.start_peer("sha256sum | cut -c1-64")
     peers[#peers + 1] = up
     local p, o = start({ upstream_port = up.port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local input = H.tmpfile("half")
     H.sh(("head -c %d /dev/urandom >%s"):format(3 * MiB, H.shq(input)))
     local out, rc = tls_exchange(o.port, input)
     assert.are.equal(0, rc)
     assert.are.equal(sha256(input) .. "\n", out)
-    local line = access_lines(o.access, 1)[1]
+    local line = H.log_lines(o.access, 1)[1]
     assert.is_truthy(clean_end(line), line)
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -311,7 +284,7 @@ describe("tls", function()
       return (H.sh("ss -ltn")):find("127.0.0.1:" .. port, 1, true)
     end, 10))
     local p, o = start({ upstream_port = port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     -- The client sends only after sluice has passed the upstream's end on.
     local out = H.tmpfile("half.out")
     local _, rc = H.sh(("timeout 60 sh -c %s"):format(H.shq(
@@ -321,8 +294,8 @@ describe("tls", function()
     assert.are.equal("hi", H.read(out))
     assert.is_truthy(H.wait_for(function() return H.read(count):match("^%s*5000%s*$") end, 20),
                      H.read(p.log))
-    assert.is_truthy(clean_end(access_lines(o.access, 1)[1]))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(clean_end(H.log_lines(o.access, 1)[1]))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -330,7 +303,7 @@ describe("tls", function()
      function()
     local up = H.raw_listener()
     local p, o = start({ upstream_port = up.port })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     -- s_client says "closed" for a close_notify, an error for a TCP end
     -- without one.
     local function client()
@@ -365,10 +338,10 @@ describe("tls", function()
     local text = ended(c, out)
     assert.not_matches("\nclosed\n", text, 1, true)
     assert.matches("unexpected eof", text, 1, true)
-    local lines = access_lines(o.access, 2)
+    local lines = H.log_lines(o.access, 2)
     assert.matches('reason="peer closed: reset', lines[2], 1, true)
     up.close()
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -386,12 +359,12 @@ return {
     local mod = stage:match("([^/]+)%.lua$")
     local p, o = start({ listener = ('pipeline = { %q, "examples.stages.upper", '
                                      .. '"sluice.stages.echo" },'):format(mod) })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     local out, rc = tls_exchange(o.port, H.tmpfile("in", "quiet words\nmore\n"))
     assert.are.equal(0, rc)
     assert.are.equal("QUIET WORDS\nMORE\n", out)
     assert.matches("active over TLSv1.3", H.read(p.log), 1, true)
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 
@@ -451,7 +424,7 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port, cert = live .. "/site.crt",
                          key = live .. "/site.key" })
-    local base = held(o.admin)
+    local base = H.pool_held(o.admin)
     assert.matches("CN ?= ?alpha%.test", subject(o.port))
     -- A connection opened before the reload.
     local go, out = H.tmpfile("go"), H.tmpfile("held.out", "")
@@ -480,7 +453,7 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
     H.sh("touch " .. H.shq(go))
     assert.is_truthy(H.wait_for(function() return tonumber(H.read(c.rc_file)) end, 30))
     assert.are.equal("one\ntwo\n", H.read(out))
-    assert.is_truthy(pool_back(o.admin, base))
+    assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
   end)
 end)

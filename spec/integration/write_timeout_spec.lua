@@ -28,11 +28,6 @@ local function start(upstream_port, extra)
   return p, port, admin, access
 end
 
--- What the worker's pool holds now: live buffers and their bytes.
-local function held(admin)
-  return { H.metric(admin, "sluice_pool_buffers", 'worker="0"'),
-           H.metric(admin, "sluice_pool_in_use_bytes", 'worker="0"') }
-end
 
 -- The access log's line for the one connection, once it is there.
 local function access_line(access)
@@ -51,7 +46,7 @@ describe("write_timeout_ms", function()
       peers[#peers + 1] = up
       local p, port, admin, access = start(up.port, ("splice = %s, idle_timeout_ms = 1000, "
         .. "write_timeout_ms = 2000"):format(tostring(splice)))
-      local base = held(admin)
+      local base = H.pool_held(admin)
       local c = H.connect(port, { rcvbuf = 4096 })
       c.send("x")
       -- A line every 50 ms: bytes keep moving from the client, so the idle
@@ -71,7 +66,7 @@ describe("write_timeout_ms", function()
       assert.not_matches("idle_timeout", log, 1, true)
       -- Every buffer either side held is back in the pool, at once.
       assert.is_truthy(H.wait_for(function()
-        local now = held(admin)
+        local now = H.pool_held(admin)
         return now[1] == base[1] and now[2] == base[2]
       end, 10), H.read(p.log))
       assert.are.equal(0, H.metric(admin, "sluice_outbound_queued_bytes", 'listener="front"'))
@@ -94,7 +89,7 @@ describe("write_timeout_ms", function()
     peers[#peers + 1] = up
     local p, port, admin, access = start(up.port, "write_timeout_ms = 500, "
       .. "high_water_mark = 8388608, low_water_mark = 4194304")
-    local base = held(admin)
+    local base = H.pool_held(admin)
     local c = H.connect(port, { rcvbuf = 131072 })
     c.send("x")
     local got, deadline = 0, H.now() + 120
@@ -114,7 +109,7 @@ describe("write_timeout_ms", function()
     -- It lasted well beyond write_timeout_ms: progress restarted the clock.
     assert.is_true(tonumber(line:match("duration_ms=(%d+)")) > 1500, line)
     assert.is_truthy(H.wait_for(function()
-      local now = held(admin)
+      local now = H.pool_held(admin)
       return now[1] == base[1] and now[2] == base[2]
     end, 10))
     assert.are.equal(0, H.metric(admin, "sluice_write_timeouts_total", 'worker="0"'))
@@ -126,7 +121,7 @@ describe("write_timeout_ms", function()
     -- The upstream's kernel completes the connect and nothing ever reads it.
     local up = H.raw_listener()
     local p, port, admin, access = start(up.port, "write_timeout_ms = 500")
-    local base = held(admin)
+    local base = H.pool_held(admin)
     local flood = H.spawn(("head -c 67108864 /dev/zero | socat -u - TCP:127.0.0.1:%d"):format(port),
                           "flood")
     local line = access_line(access)
@@ -136,7 +131,7 @@ describe("write_timeout_ms", function()
     assert.matches("upstream 127%.0%.0%.1:" .. up.port .. " for front closed: write_timeout %(", log)
     assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed: write_timeout %(", log)
     assert.is_truthy(H.wait_for(function()
-      local now = held(admin)
+      local now = H.pool_held(admin)
       return now[1] == base[1] and now[2] == base[2]
     end, 10), H.read(p.log))
     assert.are.equal(1, H.metric(admin, "sluice_write_timeouts_total", 'worker="0"'))

@@ -2987,7 +2987,8 @@ static void normal_mix_run(size_t page, size_t chunk, size_t max_cached, uint64_
   sl_buf *live[LIVE] = {0};
   uint64_t key[LIVE] = {0};
   uint64_t s = seed, allocs = 0;
-  for (int op = 0; op < 20000; op++) {
+  int ops = TEST_UNDER_VALGRIND() ? 4000 : 20000;
+  for (int op = 0; op < ops; op++) {
     unsigned i = (unsigned)(rng_next(&s) % LIVE);
     if (live[i] == NULL) {
       size_t sz = lo + rng_next(&s) % (hi - lo + 1);
@@ -3069,7 +3070,9 @@ static void *mix_worker_thread(void *arg) {
   uint64_t s = w->seed;
   size_t lo = 32768 + 1, hi = 32768 * 4;
   int bad = 0;
-  for (int op = 0; op < 40000; op++) {
+  /* Under valgrind the threads take turns: a tenth of the operations. */
+  int ops = TEST_UNDER_VALGRIND() ? 4000 : 40000;
+  for (int op = 0; op < ops; op++) {
     unsigned i = (unsigned)(rng_next(&s) % LIVE);
     sl_buf *f = atomic_exchange(w->take, NULL);
     if (f != NULL) {

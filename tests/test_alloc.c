@@ -26,6 +26,7 @@
 
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/wait.h>
@@ -1768,10 +1769,18 @@ typedef struct stats_reader {
   unsigned reads, bad;
 } stats_reader;
 
+/* In a loop that waits for other threads: under valgrind, which runs one
+ * thread at a time, the waiting thread gives the others its turn (else it
+ * spins through whole time slices while they wait to run). */
+static void spin_pause(void) {
+  if (TEST_UNDER_VALGRIND()) sched_yield();
+}
+
 static void *stats_reader_thread(void *arg) {
   stats_reader *sr = arg;
   uint64_t allocs = 0, frees = 0;
   while (!atomic_load(&sr->stop) || sr->reads < 100) {
+    spin_pause();
     sl_arena_stats as;
     sl_arena_get_stats(sr->ar, &as);
     uint64_t a = as.cls[sr->k].allocs, f = as.cls[sr->k].frees;
@@ -3100,6 +3109,7 @@ static void *mix_worker_thread(void *arg) {
     if (live[i] != NULL) sl_buf_release(live[i]);
   atomic_fetch_add(w->done, 1);
   while (atomic_load(w->done) < 2 || atomic_load(w->take) != NULL) {
+    spin_pause();
     sl_buf *f = atomic_exchange(w->take, NULL);
     if (f != NULL) {
       bad |= !buf_keyed(f);
@@ -3108,7 +3118,10 @@ static void *mix_worker_thread(void *arg) {
     sl_buf_drain(p);
   }
   atomic_fetch_add(w->quit, 1);
-  while (atomic_load(w->quit) < 2 || atomic_load(w->give) != NULL) sl_buf_drain(p);
+  while (atomic_load(w->quit) < 2 || atomic_load(w->give) != NULL) {
+    spin_pause();
+    sl_buf_drain(p);
+  }
   sl_buf_drain(p);
   sl_pool_trim(p, 1);
   sl_pool_stats st = sl_test_stats(p);

@@ -680,7 +680,8 @@ static const char *sl_channel_errno_reason(int e) {
 
 /* sl_outq_write under SL_CH_WRITING, counting what went out; the caller
  * holds a reference. *e gets errno. */
-static int sl_channel_send(sl_channel *ch, size_t *n, int *e) {
+static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch, size_t *n,
+                                                                 int *e) {
   ch->flags |= SL_CH_WRITING;
   int rc;
   if (ch->ssl != NULL) {

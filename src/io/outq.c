@@ -188,9 +188,10 @@ static ssize_t sl_outq_sendmsg(void *ud, const struct iovec *iov, int n) {
 }
 
 /* The write loop of sl_outq_write and sl_outq_write_via; max > 0: a fixed
- * bound per call instead of the (adaptive) gather. */
-static int sl_outq_write_loop(sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max,
-                              size_t budget, size_t *written) {
+ * bound per call instead of the (adaptive) gather. Inlined into each, so
+ * that sl_outq_write calls sendmsg directly. */
+static inline __attribute__((always_inline)) int sl_outq_write_loop(
+    sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max, size_t budget, size_t *written) {
   *written = 0;
   int max_iov = SL_MIN(SL_OUTQ_MAX_IOV, IOV_MAX);
   struct iovec iov[SL_OUTQ_MAX_IOV];

@@ -559,4 +559,17 @@ function H.make_cert(dir, name)
   return cert, key
 end
 
+-- Sends the file at input over TLS (socat OPENSSL, no verification) to
+-- 127.0.0.1:port, half-closes, and returns what came back until the server
+-- closed, and socat's exit status. opts.bind: the client's own
+-- "address:port".
+function H.tls_exchange(port, input, opts)
+  opts = opts or {}
+  local out = H.tmpfile("tls.out")
+  local _, rc = H.sh(("timeout 60 socat -t 30 -T 50 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0%s "
+    .. "<%s >%s 2>%s"):format(port, opts.bind and (",bind=" .. opts.bind) or "", H.shq(input),
+                              H.shq(out), H.shq(out .. ".err")))
+  return H.read(out), rc
+end
+
 return H

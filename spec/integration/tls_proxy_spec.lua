@@ -86,15 +86,6 @@ backend b
   return p
 end
 
--- Sends input over TLS to port, half-closes, returns what came back and
--- socat's status. bind: the client's own "address:port", or nil.
-local function tls_exchange(port, input, bind)
-  local out = H.tmpfile("tls.out")
-  local _, rc = H.sh(("timeout 60 socat -t 30 -T 50 - OPENSSL:127.0.0.1:%d,verify=0%s <%s >%s 2>%s")
-    :format(port, bind and (",bind=" .. bind) or "", H.shq(H.tmpfile("in", input)), H.shq(out),
-            H.shq(out .. ".err")))
-  return H.read(out), rc
-end
 
 describe("tls proxy_protocol", function()
   local peers = H.killed_after_each()
@@ -107,7 +98,7 @@ describe("tls proxy_protocol", function()
     peers[#peers + 1] = r
     local base = H.pool_held(o.admin)
     local fails = H.metric(o.admin, "sluice_tls_handshake_failures_total", 'listener="secure"')
-    local out, rc = tls_exchange(r.port, "hello through a balancer\n")
+    local out, rc = H.tls_exchange(r.port, H.tmpfile("in", "hello through a balancer\n"))
     assert.are.equal(0, rc)
     assert.are.equal("hello through a balancer\n", out)
     local line = settle(o.access, 2)[2]
@@ -131,7 +122,8 @@ describe("tls proxy_protocol", function()
       peers[#peers + 1] = hp
       -- The client comes from 127.0.0.2; HAProxy connects to sluice from 127.0.0.1.
       local sport = H.free_port()
-      local out, rc = tls_exchange(hp.port, send .. " says hi\n", "127.0.0.2:" .. sport)
+      local out, rc = H.tls_exchange(hp.port, H.tmpfile("in", send .. " says hi\n"),
+                                     { bind = "127.0.0.2:" .. sport })
       assert.are.equal(0, rc)
       assert.are.equal(send .. " says hi\n", out)
       local want = (" client=127.0.0.2:%d listener=secure "):format(sport)
@@ -157,7 +149,7 @@ describe("tls proxy_protocol", function()
     local r = relay("\\r\\n\\r\\n\\000\\r\\nQUIT\\n\\040\\000\\000\\000", o.port, o.access, 0)
     peers[#peers + 1] = r
     local base = H.pool_held(o.admin)
-    local out, rc = tls_exchange(r.port, "ping\n")
+    local out, rc = H.tls_exchange(r.port, H.tmpfile("in", "ping\n"))
     assert.are.equal(0, rc)
     assert.are.equal("ping\n", out)
     local line = settle(o.access, 2)[2]
@@ -192,7 +184,7 @@ describe("tls proxy_protocol", function()
     }
     for _, b in ipairs(bad) do
       if b.tls then
-        local out, rc = tls_exchange(o.port, "never seen\n")
+        local out, rc = H.tls_exchange(o.port, H.tmpfile("in", "never seen\n"))
         assert.are_not.equal(0, rc)
         assert.are.equal("", out)
       else

@@ -52,16 +52,6 @@ end
 
 
 
--- Sends the file `input` over TLS to port, half-closes, and returns what
--- came back (until sluice closes) and socat's exit status. reader: a shell
--- command the received bytes go through (default cat).
-local function tls_exchange(port, input, reader)
-  local out = H.tmpfile("tls.out")
-  local _, rc = H.sh(("timeout 60 sh -c %s"):format(H.shq(
-    ("socat -t 30 -T 50 -b 65536 - OPENSSL:127.0.0.1:%d,verify=0 <%s 2>%s | %s >%s")
-      :format(port, H.shq(input), H.shq(out .. ".err"), reader or "cat", H.shq(out)))))
-  return H.read(out), rc
-end
 
 local function sha256(path)
   return (H.sh("sha256sum " .. H.shq(path))):match("^(%x+)")
@@ -89,7 +79,7 @@ describe("tls", function()
     peers[#peers + 1] = echo
     local p, o = start({ upstream_port = echo.port })
     local base = H.pool_held(o.admin)
-    local out, rc = tls_exchange(o.port, H.tmpfile("in", "hello over tls\n"))
+    local out, rc = H.tls_exchange(o.port, H.tmpfile("in", "hello over tls\n"))
     assert.are.equal(0, rc)
     assert.are.equal("hello over tls\n", out)
     local line = H.log_lines(o.access, 1)[1]
@@ -263,7 +253,7 @@ describe("tls", function()
     local base = H.pool_held(o.admin)
     local input = H.tmpfile("half")
     H.sh(("head -c %d /dev/urandom >%s"):format(3 * MiB, H.shq(input)))
-    local out, rc = tls_exchange(o.port, input)
+    local out, rc = H.tls_exchange(o.port, input)
     assert.are.equal(0, rc)
     assert.are.equal(sha256(input) .. "\n", out)
     local line = H.log_lines(o.access, 1)[1]
@@ -360,7 +350,7 @@ return {
     local p, o = start({ listener = ('pipeline = { %q, "examples.stages.upper", '
                                      .. '"sluice.stages.echo" },'):format(mod) })
     local base = H.pool_held(o.admin)
-    local out, rc = tls_exchange(o.port, H.tmpfile("in", "quiet words\nmore\n"))
+    local out, rc = H.tls_exchange(o.port, H.tmpfile("in", "quiet words\nmore\n"))
     assert.are.equal(0, rc)
     assert.are.equal("QUIET WORDS\nMORE\n", out)
     assert.matches("active over TLSv1.3", H.read(p.log), 1, true)

@@ -362,7 +362,7 @@ int sl_upgrade_close_rest(void) {
     if (s->shared) {
       /* systemd's, from systemd itself or through an upgrade: it stays
        * open there, and connections wait in it instead of being refused. */
-      char where[64], which[128];
+      char where[64], which[192];
       if (s->activated)
         snprintf(which, sizeof(which), "LISTEN_FDS: the socket systemd passed as descriptor %d%s%s%s",
                  s->fd, s->name[0] ? " (\"" : "", s->name, s->name[0] ? "\")" : "");

@@ -62,6 +62,7 @@ static void sl_channel_on_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_on_write_timeout(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_write_waiting(sl_channel *ch);
+static int sl_channel_do_write(sl_channel *ch);
 
 static void sl_channel_writability(void *ud, int writable) {
   sl_channel *ch = ud;
@@ -220,9 +221,19 @@ void sl_channel_note_site(sl_channel *ch, sl_buf *b) {
 
 void sl_channel_note_unhandled(sl_channel *ch) { ch->w->stats.unhandled_inbound++; }
 
+/* An upstream socket: TCP_NODELAY, and the handshake's last ACK held for
+ * the first bytes sluice sends (the client's, usually there by then): one
+ * packet fewer per connection. TCP_DEFER_ACCEPT on a connecting socket
+ * does only that (the kernel checks it when the SYN-ACK arrives); later
+ * ACKs keep the kernel's quick start, so a server that writes an answer in
+ * small pieces without TCP_NODELAY is not slowed by delayed ACKs, as it
+ * would be with TCP_QUICKACK 0. A connect that completes with nothing to
+ * send lets the ACK go at once (sl_channel_connected), so a server that
+ * speaks first is not kept waiting for it. */
 static void sl_socket_tune(int fd) {
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof(one));
 }
 
 sl_channel *sl_channel_embedded(struct sl_worker *w, const sl_channel_config *cfg,
@@ -248,7 +259,11 @@ sl_channel *sl_channel_accepted(struct sl_worker *w, int fd, const sl_addr *remo
     close(fd);
     return NULL;
   }
-  /* (TCP_NODELAY comes from the listening socket: sl_listener_bind.) */
+  /* (TCP_NODELAY comes from the listening socket: sl_listener_bind.)
+   * No read after its first short one (see sl_channel_read): a client
+   * seldom sends its FIN with its request, and the read would cost a
+   * syscall per connection for nothing. */
+  ch->flags |= SL_CH_PROBED;
   ch->remote = *remote;
   sl_str_append(ch->desc, sizeof(ch->desc), 0, listener);
   ch->desc_pending = SL_DESC_CLIENT;
@@ -510,6 +525,36 @@ static void sl_channel_fin_drop(sl_channel *ch) {
   ch->flags &= ~(uint32_t)SL_CH_FIN_PENDING;
 }
 
+/* ---- writes held until a read burst's FIN is passed on ----
+ *
+ * A burst that ends at the peer's FIN (the last short read is followed by
+ * one more, which finds the FIN: see sl_channel_read) fires read_complete
+ * and then input_closed. The writes these ask for wait until both have
+ * run: when a stage passes the FIN on (the bridge does), the other side's
+ * last bytes then go with its FIN in one segment (MSG_MORE, then
+ * shutdown()), and its peer answers both with one ACK, or with its own
+ * FIN. Two packets fewer per proxied connection that the server closes. */
+static void sl_channel_hold_write(sl_channel *ch) {
+  if (ch->flags & SL_CH_WRITE_HELD) return;
+  ch->flags |= SL_CH_WRITE_HELD;
+  sl_channel_ref(ch);
+  ch->held_next = ch->w->held_list;
+  ch->w->held_list = ch;
+}
+
+static void sl_channel_release_writes(sl_worker *w) {
+  w->write_hold = 0;
+  while (w->held_list != NULL) {
+    sl_channel *ch = w->held_list;
+    w->held_list = ch->held_next;
+    ch->held_next = NULL;
+    ch->flags &= ~(uint32_t)SL_CH_WRITE_HELD;
+    if (!(ch->flags & (SL_CH_CLOSED | SL_CH_CONNECTING)) && !ev_is_active(&ch->wio))
+      sl_channel_do_write(ch);
+    sl_channel_unref(ch);
+  }
+}
+
 /* ---- closing ---- */
 
 static void sl_channel_close_peer(sl_channel *ch) {
@@ -521,6 +566,12 @@ static void sl_channel_close_peer(sl_channel *ch) {
   if (ch->flags & SL_CH_ERROR) {
     snprintf(why, sizeof(why), "peer closed: %s", ch->reason);
     sl_channel_close(p, why, 1);
+  } else if ((p->flags & SL_CH_INPUT_CLOSED) &&
+             (p->flags & (SL_CH_OUTPUT_CLOSED | SL_CH_SHUTDOWN_PENDING))) {
+    /* Both of p's directions had ended (its FIN passed on may still wait
+     * behind its last bytes): it is done on its own account, whichever of
+     * the two FINs came first. */
+    sl_channel_close_after_flush(p, "eof");
   } else {
     sl_channel_close_after_flush(p, "peer closed");
   }
@@ -687,7 +738,12 @@ static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch,
   if (ch->ssl != NULL) {
     rc = sl_channel_tls_send(ch, SIZE_MAX, n, e);
   } else {
-    rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
+    /* Passing a FIN on: it joins the last segment (sl_channel_output_done
+     * shuts the socket down once the queue is empty). */
+    if (__builtin_expect((ch->flags & SL_CH_SHUTDOWN_PENDING) != 0, 0))
+      rc = sl_outq_write_before_fin(&ch->outq, ch->fd, SIZE_MAX, n);
+    else
+      rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);
     *e = errno;
   }
   ch->flags &= ~(uint32_t)SL_CH_WRITING;
@@ -714,6 +770,10 @@ void sl_channel_write_failed(sl_channel *ch, int e) {
  * returns SL_AGAIN: the running burst writes what was flushed since. */
 static int sl_channel_do_write(sl_channel *ch) {
   if (ch->flags & SL_CH_WRITING) return SL_AGAIN;
+  if (__builtin_expect(ch->w->write_hold != 0, 0)) {
+    sl_channel_hold_write(ch);
+    return SL_AGAIN;
+  }
   if (ch->tls_state & SL_TLS_HANDSHAKE) return SL_AGAIN;   /* written once it is done */
   size_t n = 0;
   int e = 0;
@@ -924,6 +984,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
   size_t total = 0;
   int eof = 0;
   int drained = 0;   /* the last read found nothing (EAGAIN: OpenSSL wants the socket) */
+  int probing = 0;   /* this read follows a short one */
   char why[128];
   const char *why_code = NULL;
   why[0] = '\0';
@@ -974,7 +1035,14 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
           ch->flags |= SL_CH_SPLICING;
       }
       sl_pipeline_fire_read(&ch->pipe, b);
-      if (!more) break;
+      if (more) continue;
+      /* Drained. Once per connection, read again anyway: a peer that ends
+       * its stream with its last bytes (an HTTP/1.0 server, a client's
+       * request and its FIN) has often sent its FIN with them, and finding
+       * it now lets the FIN passed on go with those bytes (see "writes
+       * held" above). The first read that finds nothing ends the tries. */
+      if (speculative || (ch->flags & SL_CH_PROBED) || ch->ssl != NULL) break;
+      probing = 1;
       continue;
     }
     sl_buf_release(b);
@@ -983,6 +1051,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       break;
     }
     if (sl_channel_read_error(errno, why, sizeof(why), &why_code)) continue;
+    if (probing) ch->flags |= SL_CH_PROBED;
     drained = 1;
     break;
   }
@@ -993,11 +1062,15 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     sl_channel_update_reading(ch);
   }
   if (total > 0) ch->last_active = ev_now(loop);
+  /* Bytes and the FIN in one burst: writes wait until both are handled. */
+  int hold = eof && total > 0 && !w->write_hold;
+  if (hold) w->write_hold = 1;
   if (total > 0 && !(ch->flags & SL_CH_CLOSED)) {
     sl_channel_recv_record(ch, total);
     sl_pipeline_fire_read_complete(&ch->pipe);
   }
   if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
+  if (hold) sl_channel_release_writes(w);
   /* The burst ended (its read count spent) with bytes inside OpenSSL:
    * read them on the next iteration, as for a socket still readable. Not
    * when OpenSSL asked for the socket: what it holds is then a record's
@@ -1061,6 +1134,12 @@ static void sl_channel_connected(sl_channel *ch, int err) {
   else if (!err && !(ch->flags & SL_CH_CLOSED) && sl_outq_is_empty(&ch->outq) &&
            (ch->flags & (SL_CH_SHUTDOWN_PENDING | SL_CH_CLOSE_PENDING)))
     sl_channel_output_done(ch);
+  /* Nothing sent with the handshake's ACK: send it alone now (see
+   * sl_socket_tune). */
+  if (!err && ch->bytes_out == 0 && !(ch->flags & SL_CH_CLOSED) && ch->fd >= 0) {
+    int one = 1;
+    setsockopt(ch->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
+  }
   sl_channel_unref(ch);
 }
 

@@ -126,6 +126,8 @@ enum {
   SL_CH_NO_HALF_CLOSE = 0x2000000, /* its listener's half_close is false: a FIN ends the pair */
   SL_CH_DISCARD = 0x4000000,    /* that ended it: its input is read and dropped, not passed on */
   SL_CH_LINGERING = 0x8000000,  /* closing once its peer has what it sent (see sl_channel_linger) */
+  SL_CH_PROBED = 0x10000000,    /* a read after a short read found nothing: no more such reads */
+  SL_CH_WRITE_HELD = 0x20000000, /* on the worker's held list (a FIN may join the bytes) */
 };
 
 /* tls_state bits */
@@ -177,6 +179,7 @@ struct sl_channel {
   sl_channel *peer;          /* joined channel, or NULL */
   sl_channel *prev, *next;   /* the worker's channel list */
   sl_channel *fin_next;      /* the worker's fin_list, while SL_CH_FIN_PENDING */
+  sl_channel *held_next;     /* the worker's held list, while SL_CH_WRITE_HELD */
   sl_addr remote;
   sl_addr_key limit_key;     /* the client address its listener's max_connections_per_client
                                 counted it under (family 0: not counted) */

@@ -181,10 +181,22 @@ static void sl_outq_adapt_gather(sl_outq *q, size_t attempted, size_t written) {
   }
 }
 
-/* sendmsg rather than writev: MSG_NOSIGNAL turns SIGPIPE into EPIPE. */
-static ssize_t sl_outq_sendmsg(void *ud, const struct iovec *iov, int n) {
+/* sendmsg rather than writev: MSG_NOSIGNAL turns SIGPIPE into EPIPE. One
+ * span (most writes of a request and its answer) goes with send(), which
+ * spares the kernel the message header's and the vector's copy. */
+static inline __attribute__((always_inline)) ssize_t sl_outq_send(int fd, const struct iovec *iov,
+                                                                  int n, int flags) {
+  if (n == 1) return send(fd, iov[0].iov_base, iov[0].iov_len, flags);
   struct msghdr msg = {.msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n};
-  return sendmsg(*(int *)ud, &msg, MSG_NOSIGNAL);
+  return sendmsg(fd, &msg, flags);
+}
+
+static ssize_t sl_outq_sendmsg(void *ud, const struct iovec *iov, int n) {
+  return sl_outq_send(*(int *)ud, iov, n, MSG_NOSIGNAL);
+}
+
+static ssize_t sl_outq_sendmsg_more(void *ud, const struct iovec *iov, int n) {
+  return sl_outq_send(*(int *)ud, iov, n, MSG_NOSIGNAL | MSG_MORE);
 }
 
 /* The write loop of sl_outq_write and sl_outq_write_via; max > 0: a fixed
@@ -238,6 +250,10 @@ static inline __attribute__((always_inline)) int sl_outq_write_loop(
 
 int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written) {
   return sl_outq_write_loop(q, sl_outq_sendmsg, &fd, 0, budget, written);
+}
+
+int sl_outq_write_before_fin(sl_outq *q, int fd, size_t budget, size_t *written) {
+  return sl_outq_write_loop(q, sl_outq_sendmsg_more, &fd, 0, budget, written);
 }
 
 int sl_outq_write_via(sl_outq *q, sl_outq_writev_fn fn, void *ud, size_t max, size_t budget,

@@ -122,6 +122,11 @@ void sl_outq_flush(sl_outq *q);
  * kept) on a write error. *written gets the bytes written. */
 int sl_outq_write(sl_outq *q, int fd, size_t budget, size_t *written);
 
+/* sl_outq_write for the last bytes before a FIN: sendmsg with MSG_MORE, so
+ * that the kernel holds back a short last segment until the caller's
+ * shutdown() or close(), which must follow, adds the FIN to it. */
+int sl_outq_write_before_fin(sl_outq *q, int fd, size_t budget, size_t *written);
+
 /* Writes one span of flushed bytes somewhere (a TLS connection): as
  * writev, bytes taken, or -1 with errno (EAGAIN: nothing taken now). */
 struct iovec;

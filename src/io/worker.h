@@ -112,6 +112,11 @@ struct sl_worker {
    * prepare watcher sends them before the loop polls again. */
   struct sl_channel *fin_list;
   ev_prepare fin_watcher;
+  /* A read burst that ends at its peer's FIN holds the writes its
+   * read_complete and input_closed ask for, so that a FIN passed on leaves
+   * with the last bytes in one segment (channel.c, sl_channel_read). */
+  int write_hold;
+  struct sl_channel *held_list;   /* linked through held_next */
   sl_pipe_pool pipes;             /* kernel pipes for splicing (io/splice.h) */
   struct sl_metrics *metrics;     /* the admin endpoint's counters (proxy/metrics.h), or NULL */
   /* Counts an error raised by the named stage (set with metrics). */

@@ -1,0 +1,135 @@
+-- What sluice puts on the wire for a short connection, counted by the
+-- kernel's own TCP_INFO on the spec's sockets: a FIN passed on leaves with
+-- the last bytes, and an upstream's handshake ACK goes with the first bytes
+-- (or at once, when there are none). Real sockets on 127.0.0.1; the upstream
+-- is driven from the spec so that it can send its FIN with its bytes or
+-- after them.
+local H = require("helpers")
+local ffi = require("ffi")
+
+pcall(ffi.cdef, "long send(int fd, const void *buf, unsigned long n, int flags);")
+pcall(ffi.cdef, "int shutdown(int fd, int how);")
+pcall(ffi.cdef, "int getsockopt(int fd, int level, int name, void *val, unsigned int *len);")
+
+local MSG_MORE, MSG_NOSIGNAL = 0x8000, 0x4000
+
+-- Segments received on fd so far (struct tcp_info's tcpi_segs_in).
+local function segs_in(fd)
+  local info = ffi.new("uint8_t[232]")
+  local len = ffi.new("unsigned int[1]", 232)
+  assert(ffi.C.getsockopt(fd, 6, 11, info, len) == 0, "TCP_INFO refused") -- IPPROTO_TCP, TCP_INFO
+  assert(len[0] >= 144, "TCP_INFO without tcpi_segs_in")
+  return ffi.cast("uint32_t *", info + 140)[0]
+end
+
+local function config(port, deferred_port, upstream_port, admin, pipeline)
+  -- "deferred" (defer_accept): sluice takes a client once its first bytes
+  -- are there, so that they are there when it connects upstream.
+  return ([[
+return {
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = {
+    { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = %s },
+    { name = "deferred", listen = "127.0.0.1:%d", upstream = "back", defer_accept = true },
+  },
+  upstreams = { back = { servers = { "127.0.0.1:%d" } } },
+}
+]]):format(admin, port, pipeline or "{}", deferred_port, upstream_port)
+end
+
+describe("segments on the wire", function()
+  local up, p, admin, base
+
+  local function start(pipeline)
+    up = H.raw_listener()
+    local port, deferred
+    port, deferred, admin = H.free_port(), H.free_port(), H.free_port()
+    p = H.start_sluice(config(port, deferred, up.port, admin, pipeline))
+    base = H.pool_held(admin)
+    return port, deferred
+  end
+
+  after_each(function()
+    if up then up.close() end
+    if p then
+      assert.is_truthy(H.pool_back(admin, base), "the pool is back where it started")
+      H.stop_sluice(p)
+    end
+    up, p = nil, nil
+  end)
+
+  -- One request and its answer, the upstream ending the connection; joined:
+  -- the upstream sends its answer and its FIN in one segment, else the FIN
+  -- once the client has the answer. Returns the segments the client got.
+  local function one_exchange(port, joined)
+    local c = H.connect(port)
+    c.send("ask")
+    local s = assert(up.accept(10), "sluice connected upstream")
+    assert.are.equal("ask", up.read(s, 10))
+    if joined then
+      assert(ffi.C.send(s, "answer", 6, MSG_MORE + MSG_NOSIGNAL) == 6)
+      ffi.C.shutdown(s, 1)
+      assert.are.equal("answer", c.recv(6, 10))
+    else
+      assert(ffi.C.send(s, "answer", 6, MSG_NOSIGNAL) == 6)
+      assert.are.equal("answer", c.recv(6, 10))
+      ffi.C.shutdown(s, 1)
+    end
+    assert.are.equal("", c.recv(1, 10))   -- the FIN sluice passed on
+    local n = segs_in(c.fd)
+    c.close()
+    ffi.C.close(s)
+    return n
+  end
+
+  for _, pipeline in ipairs({ "{}", '{ "examples.stages.log_chunks" }' }) do
+    it("passes an upstream's FIN on with its last bytes in one segment, pipeline " .. pipeline,
+      function()
+        local port = start(pipeline)
+        local apart = one_exchange(port, false)
+        local joined = one_exchange(port, true)
+        -- Apart: the answer and the FIN in two segments; joined, in one.
+        assert.are.equal(apart - 1, joined)
+      end)
+  end
+
+  it("sends an upstream's handshake ACK with the client's first bytes", function()
+    local port, deferred = start()
+    -- Early: the client's bytes are there when sluice connects upstream.
+    local c = H.connect(deferred)
+    c.send("ask")
+    local s = assert(up.accept(10))
+    assert.are.equal("ask", up.read(s, 10))
+    local early = segs_in(s)
+    c.close()
+    ffi.C.close(s)
+    -- Late: they come once the upstream's connection is established, so
+    -- its ACK has gone alone.
+    c = H.connect(port)
+    s = assert(up.accept(10))
+    c.send("ask")
+    assert.are.equal("ask", up.read(s, 10))
+    local late = segs_in(s)
+    c.close()
+    ffi.C.close(s)
+    assert.are.equal(late - 1, early)
+  end)
+
+  it("lets the handshake's ACK go at once to an upstream that speaks first", function()
+    local port = start()
+    -- The client says nothing: sluice has nothing to send with the ACK.
+    local c = H.connect(port)
+    assert.is_truthy(H.wait_for(function()
+      return H.metric(admin, "sluice_upstream_connects_total", 'upstream="back"') == 1
+    end, 10))
+    -- sluice answered /metrics after its connect callback: the ACK is out, so
+    -- the upstream's side is established and accepted at once (not held
+    -- half-open for the 200 ms of a delayed ACK).
+    local s = up.accept(0)
+    assert.is_not_nil(s, "the upstream's connection is still half-open")
+    assert(ffi.C.send(s, "hello", 5, MSG_NOSIGNAL) == 5)
+    assert.are.equal("hello", c.recv(5, 10))
+    c.close()
+    ffi.C.close(s)
+  end)
+end)

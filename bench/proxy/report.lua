@@ -207,9 +207,13 @@ for _, n in ipairs({ 1, 2 }) do
     if wl then
       local pass, lua = ok(wl.rows[s]), ok(wl.rows[s .. "-lua"])
       local judged = pass and pass.ratio and pass.cpu_ratio
+      -- The no-proxy baseline's ratio to HAProxy 1w: the most any proxy's
+      -- rate can reach with this load side (shown when it is under 1.1x).
+      local base = ok(wl.rows.baseline)
       target({ target = format("pass-through >= 1.1x %s at no more CPU per unit", h),
                workload = spec.id, row = s },
-             judged and { ratio = pass.ratio, cpu_ratio = pass.cpu_ratio },
+             judged and { ratio = pass.ratio, cpu_ratio = pass.cpu_ratio,
+                          ceiling = n == 1 and base and base.ratio or nil },
              judged and pass.ratio >= 1.1 and pass.cpu_ratio <= 1.0)
       judged = lua and lua.ratio
       target({ target = format("Lua stage >= 0.9x %s pass-through", h), workload = spec.id,
@@ -319,6 +323,9 @@ for _, t in ipairs(targets) do
   local fig = ""
   if t.ratio and t.cpu_ratio then
     fig = format("%.2fx, CPU %.2fx", t.ratio, t.cpu_ratio)
+    if t.verdict == "unmet" and t.ceiling and t.ceiling < 1.1 then
+      fig = fig .. format(" (no proxy: %.2fx, the load side's limit)", t.ceiling)
+    end
   elseif t.ratio then
     fig = format("%.2fx", t.ratio)
   elseif t.rss_mib then

@@ -1036,11 +1036,11 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
       }
       sl_pipeline_fire_read(&ch->pipe, b);
       if (more) continue;
-      /* Drained. Once per connection, read again anyway: a peer that ends
-       * its stream with its last bytes (an HTTP/1.0 server, a client's
-       * request and its FIN) has often sent its FIN with them, and finding
-       * it now lets the FIN passed on go with those bytes (see "writes
-       * held" above). The first read that finds nothing ends the tries. */
+      /* Drained. Read again anyway while no such read has found nothing
+       * (upstream channels: sl_channel_accepted marks clients PROBED): a
+       * server that closes after its answer (HTTP/1.0, Connection: close)
+       * has often sent its FIN with it, and finding it now lets the FIN
+       * passed on go with those bytes (see "writes held" above). */
       if (speculative || (ch->flags & SL_CH_PROBED) || ch->ssl != NULL) break;
       probing = 1;
       continue;

@@ -22,19 +22,21 @@ local function segs_in(fd)
   return ffi.cast("uint32_t *", info + 140)[0]
 end
 
-local function config(port, deferred_port, upstream_port, admin, pipeline)
+local function config(port, deferred_port, abrupt_port, upstream_port, admin, pipeline)
   -- "deferred" (defer_accept): sluice takes a client once its first bytes
-  -- are there, so that they are there when it connects upstream.
+  -- are there, so that they are there when it connects upstream. "abrupt"
+  -- (half_close = false): the first FIN ends the pair.
   return ([[
 return {
   admin = { listen = "127.0.0.1:%d" },
   listeners = {
     { name = "front", listen = "127.0.0.1:%d", upstream = "back", pipeline = %s },
     { name = "deferred", listen = "127.0.0.1:%d", upstream = "back", defer_accept = true },
+    { name = "abrupt", listen = "127.0.0.1:%d", upstream = "back", half_close = false },
   },
   upstreams = { back = { servers = { "127.0.0.1:%d" } } },
 }
-]]):format(admin, port, pipeline or "{}", deferred_port, upstream_port)
+]]):format(admin, port, pipeline or "{}", deferred_port, abrupt_port, upstream_port)
 end
 
 describe("segments on the wire", function()
@@ -42,11 +44,11 @@ describe("segments on the wire", function()
 
   local function start(pipeline)
     up = H.raw_listener()
-    local port, deferred
-    port, deferred, admin = H.free_port(), H.free_port(), H.free_port()
-    p = H.start_sluice(config(port, deferred, up.port, admin, pipeline))
+    local port, deferred, abrupt
+    port, deferred, abrupt, admin = H.free_port(), H.free_port(), H.free_port(), H.free_port()
+    p = H.start_sluice(config(port, deferred, abrupt, up.port, admin, pipeline))
     base = H.pool_held(admin)
-    return port, deferred
+    return port, deferred, abrupt
   end
 
   after_each(function()
@@ -60,8 +62,9 @@ describe("segments on the wire", function()
 
   -- One request and its answer, the upstream ending the connection; joined:
   -- the upstream sends its answer and its FIN in one segment, else the FIN
-  -- once the client has the answer. Returns the segments the client got.
-  local function one_exchange(port, joined)
+  -- once the client has the answer. Returns the segments the client got,
+  -- the client's connection (still open) and the upstream's socket.
+  local function exchange_open(port, joined)
     local c = H.connect(port)
     c.send("ask")
     local s = assert(up.accept(10), "sluice connected upstream")
@@ -76,7 +79,11 @@ describe("segments on the wire", function()
       ffi.C.shutdown(s, 1)
     end
     assert.are.equal("", c.recv(1, 10))   -- the FIN sluice passed on
-    local n = segs_in(c.fd)
+    return segs_in(c.fd), c, s
+  end
+
+  local function one_exchange(port, joined)
+    local n, c, s = exchange_open(port, joined)
     c.close()
     ffi.C.close(s)
     return n
@@ -92,6 +99,34 @@ describe("segments on the wire", function()
         assert.are.equal(apart - 1, joined)
       end)
   end
+
+  it("with half_close = false, closes the client at an upstream's FIN that came with its last bytes",
+    function()
+      local _, _, abrupt = start()
+      -- The n-th line of sluice's log that matches pattern, or nil.
+      local function nth(pattern, n)
+        local k = 0
+        for line in H.read(p.log):gmatch("[^\n]+") do
+          if line:find(pattern) then
+            k = k + 1
+            if k == n then return line end
+          end
+        end
+      end
+      for n, joined in ipairs({ false, true }) do
+        local _, c, s = exchange_open(abrupt, joined)
+        -- The upstream's side is closed ("eof"); the client's closes with
+        -- it once the client has acknowledged its bytes, without waiting for
+        -- the client's FIN: a byte the client sends now is not read (it
+        -- would be, and dropped, by a connection lingering for that FIN).
+        assert.is_truthy(H.wait_for(function() return nth("for abrupt closed: eof", n) end, 10))
+        c.send("x")
+        c.close()
+        ffi.C.close(s)
+        local line = H.wait_for(function() return nth("on abrupt closed: ", n) end, 10)
+        assert.matches("peer closed %(in 3 B, out 6 B", line)
+      end
+    end)
 
   it("sends an upstream's handshake ACK with the client's first bytes", function()
     local port, deferred = start()

@@ -739,8 +739,13 @@ static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch,
     rc = sl_channel_tls_send(ch, SIZE_MAX, n, e);
   } else {
     /* Passing a FIN on: it joins the last segment (sl_channel_output_done
-     * shuts the socket down once the queue is empty). */
-    if (__builtin_expect((ch->flags & SL_CH_SHUTDOWN_PENDING) != 0, 0))
+     * shuts the socket down once the queue is empty). Not when that FIN
+     * ends the pair while this side's input is open (half_close = false):
+     * the channel then closes without lingering only if its peer has
+     * acknowledged every byte (sl_channel_linger), which bytes held back
+     * for the FIN never are by then. */
+    if (__builtin_expect((ch->flags & SL_CH_SHUTDOWN_PENDING) != 0, 0) &&
+        (ch->flags & (SL_CH_NO_HALF_CLOSE | SL_CH_INPUT_CLOSED)) != SL_CH_NO_HALF_CLOSE)
       rc = sl_outq_write_before_fin(&ch->outq, ch->fd, SIZE_MAX, n);
     else
       rc = sl_outq_write(&ch->outq, ch->fd, SIZE_MAX, n);

@@ -562,6 +562,33 @@ return {
                    log, 1, true)
   end)
 
+  it("passes on what the upstream sent before its reset, when sluice reads both at once", function()
+    local up = H.raw_listener()
+    local port = H.free_port()
+    local p = H.start_sluice(proxy_config(port, up.port))
+    local c = H.connect(port)
+    c.send("ask")
+    local conn = up.accept(10)
+    assert.is_not_nil(conn)
+    assert.are.equal("ask", up.read(conn, 10))
+    -- sluice stopped meanwhile: the answer and the reset wait in its socket
+    -- together, and its first read finds both.
+    H.sh("kill -STOP " .. p.pid)
+    local ffi = require("ffi")
+    pcall(ffi.cdef, "long send(int fd, const void *buf, unsigned long n, int flags);")
+    assert(ffi.C.send(conn, "answer", 6, 0x4000) == 6)   -- MSG_NOSIGNAL
+    up.reset(conn)
+    up.close()
+    H.sh("kill -CONT " .. p.pid)
+    assert.are.equal("answer", c.recv(6, 10))
+    assert.are.equal("", c.recv(1, 10))
+    c.close()
+    local log = H.stop_sluice(p)
+    assert.matches("upstream 127.0.0.1:" .. up.port .. " for front closed: reset (Connection reset by peer)",
+                   log, 1, true)
+    assert.matches("client 127%.0%.0%.1:%d+ on front closed: peer closed: reset [^\n]*out 6 B", log)
+  end)
+
   it("pauses reading at allocator.max_memory and carries on: nothing is lost", function()
     local sink = H.tmpfile("sink.bin")
     -- A slow upstream: what the client sends piles up in sluice first.

@@ -1061,7 +1061,12 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
     break;
   }
   if (w->lua) w->lua_hold(w->lua, 0);
-  if (why[0] != '\0' && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
+  /* An error found by a read after a short one (a reset right after the
+   * last bytes) closes once read_complete has passed those bytes on: the
+   * close drops what the peer's queue holds unflushed. */
+  int error_after = probing && why[0] != '\0';
+  if (why[0] != '\0' && !error_after && !(ch->flags & SL_CH_CLOSED))
+    sl_channel_close_with(ch, why_code, why, 1);
   if (!speculative && (ch->flags & SL_CH_READ_ONCE)) {
     ch->flags &= ~(uint32_t)SL_CH_READ_ONCE; /* one wake-up's reads were asked for */
     sl_channel_update_reading(ch);
@@ -1076,6 +1081,7 @@ static void sl_channel_read(sl_channel *ch, int speculative) {
   }
   if (eof && !(ch->flags & SL_CH_CLOSED)) sl_channel_input_closed(ch);
   if (hold) sl_channel_release_writes(w);
+  if (error_after && !(ch->flags & SL_CH_CLOSED)) sl_channel_close_with(ch, why_code, why, 1);
   /* The burst ended (its read count spent) with bytes inside OpenSSL:
    * read them on the next iteration, as for a socket still readable. Not
    * when OpenSSL asked for the socket: what it holds is then a record's

@@ -128,6 +128,44 @@ describe("segments on the wire", function()
       end
     end)
 
+  it("writes what a stage flushes at the end of input before the stage's close", function()
+    -- The stage answers the client's FIN and closes. Its bytes and its FIN
+    -- wait in sluice's socket together (sluice stopped meanwhile), so that
+    -- one read burst finds both: its writes are held until the FIN has been
+    -- handled, and the close must not drop them.
+    local stage = H.tmpfile("answers_at_end.lua", [[
+return {
+  channel_read = function(ctx, buf) buf:release() end,
+  user_event = function(ctx, name)
+    if name == "input_closed" then
+      ctx:write_and_flush("bye\n")
+      ctx:close("answered")
+    end
+  end,
+}
+]])
+    local port = H.free_port()
+    admin = H.free_port()
+    p = H.start_sluice(([[
+return {
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "svc", listen = "127.0.0.1:%d", pipeline = { %q } } },
+}
+]]):format(admin, port, stage:match("([^/]+)%.lua$")))
+    base = H.pool_held(admin)
+    H.sh("kill -STOP " .. p.pid)
+    local c = H.connect(port)
+    c.send(("a"):rep(2048))   -- one full read (the first read's size), then the FIN
+    c.shutdown()
+    H.sh("kill -CONT " .. p.pid)
+    assert.are.equal("bye\n", c.recv(4, 10))
+    assert.are.equal("", c.recv(1, 10))
+    c.close()
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):match("on svc closed: answered %(in 2048 B, out 4 B, [^\n]*%)\n")
+    end, 10), H.read(p.log))
+  end)
+
   it("sends an upstream's handshake ACK with the client's first bytes", function()
     local port, deferred = start()
     -- Early: the client's bytes are there when sluice connects upstream.

@@ -63,6 +63,7 @@ static void sl_channel_on_idle(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_on_write_timeout(struct ev_loop *loop, ev_timer *t, int revents);
 static void sl_channel_write_waiting(sl_channel *ch);
 static int sl_channel_do_write(sl_channel *ch);
+static void sl_channel_write_held(sl_channel *ch);
 
 static void sl_channel_writability(void *ud, int writable) {
   sl_channel *ch = ud;
@@ -597,6 +598,7 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error) {
   ev_timer_stop(w->loop, &ch->idle);
   ev_timer_stop(w->loop, &ch->wtimer);
   if (ch->flags & SL_CH_FIN_PENDING) sl_channel_fin_drop(ch);
+  if (ch->flags & SL_CH_WRITE_HELD) sl_channel_write_held(ch);
   size_t pipe_dropped = 0;
   if (ch->flags & SL_CH_HAS_PIPE) {
     pipe_dropped = ch->spl_len;
@@ -756,6 +758,18 @@ static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch,
   ch->bytes_out += *n;
   ch->w->stats.bytes_out += *n;
   return rc;
+}
+
+/* A channel closing while a read burst holds its writes (a stage that
+ * answers and closes at the end of input): what it flushed goes now, as
+ * the flush would have written it. Errors are the close's to ignore. */
+static void sl_channel_write_held(sl_channel *ch) {
+  if (ch->fd < 0 || (ch->flags & (SL_CH_CONNECTING | SL_CH_WRITING)) ||
+      (ch->tls_state & SL_TLS_HANDSHAKE) || !sl_outq_has_flushed(&ch->outq))
+    return;
+  size_t n = 0;
+  int e = 0;
+  sl_channel_send(ch, &n, &e);
 }
 
 /* A write (sendmsg or splice) failed with errno e: closes ch as an error. */

@@ -221,9 +221,13 @@ http {
      .. "answers as it reads", function()
     -- The upstream echoes what it stores: its answers keep coming after the
     -- client's FIN, which ends the pair; they are dropped, and the upload
-    -- still arrives whole.
+    -- still arrives whole. sluice closes its side once the upstream's kernel
+    -- has every byte; with the upstream's answers unread, that close is a
+    -- reset, and socat, whose next write then fails, would quit with the
+    -- last bytes unread in its socket (-s: it carries on, as a server that
+    -- reads its input to the end does).
     local stored = H.tmpfile("stored.bin")
-    local peer = H.start_peer("tee " .. H.shq(stored), nil, "-t 30")
+    local peer = H.start_peer("tee " .. H.shq(stored), nil, "-s -t 30")
     peers[#peers + 1] = peer
     local port = H.free_port()
     local p = H.start_sluice((proxy_config(port, peer.port):gsub('upstream = "back",',

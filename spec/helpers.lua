@@ -559,6 +559,36 @@ function H.make_cert(dir, name)
   return cert, key
 end
 
+-- A certificate authority in dir: its certificate and key (name.crt,
+-- name.key).
+function H.make_ca(dir, name)
+  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
+  local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-keyout %s -out %s -days 2 -subj /CN=%s -addext basicConstraints=critical,CA:TRUE "
+    .. "-addext keyUsage=critical,keyCertSign 2>/dev/null")
+    :format(H.shq(key), H.shq(cert), H.shq(name)))
+  assert(rc == 0, "openssl req (CA) failed")
+  return cert, key
+end
+
+-- A certificate for name signed by the CA (make_ca's files ca_cert,
+-- ca_key), with the subject alternative names san ("DNS:x,IP:127.0.0.1";
+-- default DNS:name). Returns its files (name.crt, name.key in dir).
+function H.make_signed_cert(dir, name, ca_cert, ca_key, san)
+  local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
+  local csr, ext = dir .. "/" .. name .. ".csr", dir .. "/" .. name .. ".ext"
+  local f = assert(io.open(ext, "wb"))
+  f:write("subjectAltName=" .. (san or ("DNS:" .. name)) .. "\n")
+  f:close()
+  local _, rc = H.sh(("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-keyout %s -out %s -subj /CN=%s 2>/dev/null && openssl x509 -req -in %s -CA %s "
+    .. "-CAkey %s -CAcreateserial -days 2 -extfile %s -out %s 2>/dev/null")
+    :format(H.shq(key), H.shq(csr), H.shq(name), H.shq(csr), H.shq(ca_cert), H.shq(ca_key),
+            H.shq(ext), H.shq(cert)))
+  assert(rc == 0, "openssl x509 -req failed")
+  return cert, key
+end
+
 -- Sends the file at input over TLS (socat OPENSSL, no verification) to
 -- 127.0.0.1:port, half-closes, and returns what came back until the server
 -- closed, and socat's exit status. opts.bind: the client's own

@@ -765,7 +765,7 @@ static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch,
  * the flush would have written it. Errors are the close's to ignore. */
 static void sl_channel_write_held(sl_channel *ch) {
   if (ch->fd < 0 || (ch->flags & (SL_CH_CONNECTING | SL_CH_WRITING)) ||
-      (ch->tls_state & SL_TLS_HANDSHAKE) || !sl_outq_has_flushed(&ch->outq))
+      (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT)) || !sl_outq_has_flushed(&ch->outq))
     return;
   size_t n = 0;
   int e = 0;
@@ -793,7 +793,8 @@ static int sl_channel_do_write(sl_channel *ch) {
     sl_channel_hold_write(ch);
     return SL_AGAIN;
   }
-  if (ch->tls_state & SL_TLS_HANDSHAKE) return SL_AGAIN;   /* written once it is done */
+  if (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT))
+    return SL_AGAIN;   /* written once it is done */
   size_t n = 0;
   int e = 0;
   sl_channel_ref(ch);
@@ -899,6 +900,7 @@ static void sl_channel_connected(sl_channel *ch, int err);
  * what is queued stays queued (sl_channel_move_queue hands it to a retry). */
 static void sl_channel_write_early(sl_channel *ch) {
   if (ch->flags & (SL_CH_SPECULATED | SL_CH_WRITING) || !sl_outq_has_flushed(&ch->outq)) return;
+  if (ch->ssl != NULL) return;   /* TLS: the handshake goes first */
   ch->flags |= SL_CH_SPECULATED;
   size_t n = 0;
   int e = 0;
@@ -1160,8 +1162,9 @@ static void sl_channel_connected(sl_channel *ch, int err) {
            (ch->flags & (SL_CH_SHUTDOWN_PENDING | SL_CH_CLOSE_PENDING)))
     sl_channel_output_done(ch);
   /* Nothing sent with the handshake's ACK: send it alone now (see
-   * sl_socket_tune). */
-  if (!err && ch->bytes_out == 0 && !(ch->flags & SL_CH_CLOSED) && ch->fd >= 0) {
+   * sl_socket_tune). (A TLS client's ClientHello has taken it.) */
+  if (!err && ch->bytes_out == 0 && !(ch->flags & SL_CH_CLOSED) && ch->fd >= 0 &&
+      ch->ssl == NULL) {
     int one = 1;
     setsockopt(ch->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
   }

@@ -50,8 +50,11 @@
  * only notes times while they keep moving: it fires at most once per
  * timeout, and re-arms for the time left (libev's lazy timeout).
  *
- * TLS (sl_channel_tls_accept, the client side of a listener with tls): the
- * channel is not active until its handshake is done; the handshake runs
+ * TLS (sl_channel_tls_accept, the client side of a listener with tls; or
+ * sl_channel_tls_client and sl_channel_tls_start, the upstream side of an
+ * upstream with tls, where sluice is the TLS client and the handshake
+ * follows the connect): the channel is not active until its handshake is
+ * done; the handshake runs
  * on the read and write watchers as OpenSSL asks (WANT_READ, WANT_WRITE),
  * under a timeout on the channel's timer. Then reads go through
  * SSL_read_ex into the pooled buffer itself and writes through
@@ -137,6 +140,8 @@ enum {
   SL_TLS_WRITE_WANTS_READ = 0x4, /* SSL_write_ex asked for EV_READ */
   SL_TLS_FAILED = 0x8,           /* a fatal TLS error: no close_notify */
   SL_TLS_PROXY_HEADER = 0x10,    /* with SL_TLS_HANDSHAKE: the PROXY protocol header first */
+  SL_TLS_CLIENT = 0x20,          /* the client end (an upstream's): it verifies the server */
+  SL_TLS_WAIT_CONNECT = 0x40,    /* a client whose connect is under way: nothing is written */
 };
 
 /* Why a write promise failed (static strings, compared by value). */
@@ -214,7 +219,7 @@ struct sl_channel {
   uint64_t writes;           /* sl_channel_write calls */
   uint64_t writes_at_close;  /* writes when it closed */
   uint64_t last_seq;         /* queue number of the last write queued */
-  struct ssl_st *ssl;        /* TLS on its socket (sl_channel_tls_accept), or NULL */
+  struct ssl_st *ssl;        /* TLS on its socket (sl_channel_tls_accept or _client), or NULL */
   struct sl_proxy_parser *pp; /* SL_TLS_PROXY_HEADER: the header read so far, else NULL */
   const char *tls_version;   /* its handshake's version ("TLSv1.3", static), kept after close */
   sl_pipe spl;               /* SL_CH_HAS_PIPE: the pipe its reads splice into */
@@ -263,6 +268,32 @@ sl_channel *sl_channel_connect(struct sl_worker *w, const sl_addr *addr, double 
  * (...)". SL_OK, or SL_ERROR when out of memory (nothing started). */
 int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout,
                           int proxy_protocol, sl_channel_connect_fn done);
+
+/* Makes ch, a channel sl_channel_connect has just returned, a TLS client
+ * of ctx (a client context, tls.h): nothing queued on it is written before
+ * its handshake is done, not even speculatively. server_name goes in the
+ * ClientHello (SNI; NULL: none, as for an address); verify_name is the
+ * host name or address the server's certificate must be for when ctx
+ * verifies (NULL: any). session_slot (NULL: none): the session the
+ * handshake resumes, which the server's new sessions replace (the slot
+ * must outlive ch). When the connect completes, on_connect runs as usual;
+ * with err 0 it must start the handshake (sl_channel_tls_start) or close
+ * ch. SL_OK, or SL_ERROR when out of memory (ch unchanged). */
+struct ssl_session_st;
+int sl_channel_tls_client(sl_channel *ch, struct ssl_ctx_st *ctx, const char *server_name,
+                          const char *verify_name, struct ssl_session_st **session_slot);
+
+/* Starts the handshake of ch, a TLS client whose connect has completed:
+ * n bytes of prelude first in the clear (a PROXY protocol header; NULL,
+ * 0: none), then the ClientHello. The handshake runs as an accepted one
+ * does (at most timeout seconds; done(ch, 0), or done(ch, errno value)
+ * with the reason in ch->reason, "tls_error (certificate verify failed:
+ * hostname mismatch)" or "tls_handshake_timeout", then ch closes unless
+ * done closed it; a close before the end runs done(ch, ECONNABORTED)).
+ * Returns 0, or the errno value of a prelude the socket did not take
+ * whole (nothing started, done never runs). */
+int sl_channel_tls_start(sl_channel *ch, double timeout, const void *prelude, size_t n,
+                         sl_channel_connect_fn done);
 
 /* The TLS version ch negotiated ("TLSv1.3"), also once closed; NULL: no
  * TLS, or no handshake done. */

@@ -1,11 +1,13 @@
 /*
- * TLS on a channel's socket (the client side of a listener with tls): the
- * handshake after accept, then reads and writes through the SSL object
- * instead of recv and sendmsg (see channel.h, "TLS").
+ * TLS on a channel's socket: the client side of a listener with tls (the
+ * handshake after accept) and the upstream side of an upstream with tls
+ * (the handshake after connect), then reads and writes through the SSL
+ * object instead of recv and sendmsg (see channel.h, "TLS").
  */
 #include <errno.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -35,7 +37,12 @@ static int sl_channel_tls_failure(sl_channel *ch, int e, char *why, size_t len) 
   const char *t = sl_tls_error_text(text, sizeof(text),
                                     e == SSL_ERROR_ZERO_RETURN || e == SSL_ERROR_SYSCALL
                                         ? "eof" : "error");
-  snprintf(why, len, "tls_error (%s)", t);
+  /* A server certificate refused: what was wrong with it. */
+  long v = (ch->tls_state & SL_TLS_CLIENT) ? SSL_get_verify_result(ch->ssl) : X509_V_OK;
+  if (v != X509_V_OK)
+    snprintf(why, len, "tls_error (%s: %s)", t, X509_verify_cert_error_string(v));
+  else
+    snprintf(why, len, "tls_error (%s)", t);
   return 0;
 }
 
@@ -63,15 +70,62 @@ int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout
   return SL_OK;
 }
 
-/* The handshake ended: done(ch, err) hears of it; a failure closes ch. */
+int sl_channel_tls_client(sl_channel *ch, struct ssl_ctx_st *ctx, const char *server_name,
+                          const char *verify_name, SSL_SESSION **session_slot) {
+  ERR_clear_error();
+  SSL *ssl = SSL_new(ctx);
+  int ok = ssl != NULL && SSL_set_fd(ssl, ch->fd) == 1;
+  /* SNI names a host, never an address (RFC 6066). */
+  if (ok && server_name) ok = SSL_set_tlsext_host_name(ssl, server_name) == 1;
+  /* An address is checked against the certificate's IP entries. */
+  if (ok && verify_name) ok = SSL_set1_host(ssl, verify_name) == 1;
+  if (ok && session_slot) {
+    sl_tls_session_slot(ssl, session_slot);
+    if (*session_slot) SSL_set_session(ssl, *session_slot);   /* a stale one: a full handshake */
+  }
+  if (!ok) {
+    SSL_free(ssl);
+    ERR_clear_error();
+    return SL_ERROR;
+  }
+  SSL_set_connect_state(ssl);
+  ch->ssl = ssl;
+  ch->tls_state = SL_TLS_CLIENT | SL_TLS_WAIT_CONNECT;
+  return SL_OK;
+}
+
+int sl_channel_tls_start(sl_channel *ch, double timeout, const void *prelude, size_t n,
+                         sl_channel_connect_fn done) {
+  SL_ASSERT(ch->tls_state & SL_TLS_WAIT_CONNECT, "TLS client handshake started twice");
+  ch->tls_state = (uint8_t)((ch->tls_state & ~SL_TLS_WAIT_CONNECT) | SL_TLS_HANDSHAKE);
+  ch->on_connect = done;
+  /* A fresh socket's buffer takes a PROXY header whole (at most 232 bytes). */
+  ssize_t sent = 0;
+  while (n > 0 && (sent = send(ch->fd, prelude, n, MSG_NOSIGNAL)) < 0 && errno == EINTR) {}
+  if (n > 0 && sent != (ssize_t)n) {
+    int e = sent < 0 ? errno : EAGAIN;
+    ch->on_connect = NULL;
+    ch->tls_state = (uint8_t)((ch->tls_state & ~SL_TLS_HANDSHAKE) | SL_TLS_FAILED);
+    return e;
+  }
+  ev_timer_set(&ch->timer, timeout, 0.);
+  ev_timer_start(ch->w->loop, &ch->timer);
+  sl_channel_tls_handshake(ch);   /* the ClientHello goes now */
+  return 0;
+}
+
+/* The handshake ended: done(ch, err) hears of it (with why in ch->reason
+ * on a failure); a failure closes ch. */
 static void sl_channel_tls_done(sl_channel *ch, int err, const char *why) {
   struct ev_loop *loop = ch->w->loop;
   sl_channel_connect_fn fn = ch->on_connect;
   ch->on_connect = NULL;
+  if (err && why && why != ch->reason) sl_str_append(ch->reason, sizeof(ch->reason), 0, why);
   ch->tls_state &= (uint8_t)~(SL_TLS_HANDSHAKE | SL_TLS_PROXY_HEADER);
   free(ch->pp);
   ch->pp = NULL;
   ev_timer_stop(loop, &ch->timer);
+  why = err ? ch->reason : why;
   ev_io_stop(loop, &ch->rio);
   ev_io_stop(loop, &ch->wio);
   sl_channel_ref(ch);
@@ -261,7 +315,8 @@ int sl_channel_tls_send(sl_channel *ch, size_t budget, size_t *n, int *e) {
 }
 
 void sl_channel_tls_close_notify(sl_channel *ch) {
-  if (ch->ssl == NULL || (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_FAILED)) ||
+  if (ch->ssl == NULL ||
+      (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_FAILED | SL_TLS_WAIT_CONNECT)) ||
       (SSL_get_shutdown(ch->ssl) & SSL_SENT_SHUTDOWN))
     return;
   /* Best effort: a socket too full for the alert gets the FIN alone. */

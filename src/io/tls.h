@@ -1,9 +1,9 @@
 /*
- * TLS contexts (OpenSSL 3) for listeners that terminate TLS: one SSL_CTX
- * per listener of a configuration, built when the configuration loads (a
- * start, --check, a reload), so that an unreadable file, a key that does
- * not belong to its certificate or a cipher list OpenSSL rejects is a
- * configuration error. Connections take their SSL from it (SSL_new holds
+ * TLS contexts (OpenSSL 3): a server context per listener that terminates
+ * TLS, a client context per upstream that speaks TLS to its servers. Each
+ * is built when the configuration loads (a start, --check, a reload), so
+ * that an unreadable file, a key that does not belong to its certificate
+ * or a cipher list OpenSSL rejects is a configuration error. Connections take their SSL from it (SSL_new holds
  * a reference on the context): a reload builds new contexts, open
  * connections keep theirs.
  *
@@ -20,9 +20,12 @@
 #include <stddef.h>
 
 struct ssl_ctx_st;
+struct ssl_st;
+struct ssl_session_st;
 
 typedef struct sl_tls_opts {
-  const char *certificate;     /* PEM file: the certificate, then its chain */
+  const char *certificate;     /* PEM file: the certificate, then its chain (a client
+                                  context: NULL, or the client certificate it shows) */
   const char *key;             /* PEM file: its private key (no passphrase) */
   const char *ciphers;         /* TLS 1.2 cipher list (OpenSSL's syntax), NULL: OpenSSL's */
   const char *ciphersuites;    /* TLS 1.3 suites, NULL: OpenSSL's */
@@ -30,6 +33,10 @@ typedef struct sl_tls_opts {
   const unsigned char *alpn;   /* protocols in wire format (length-prefixed), NULL: none;
                                   borrowed for the context's life */
   size_t alpn_len;
+  /* Client contexts only. */
+  int verify;                  /* 1: the server's certificate is verified (chain and name) */
+  const char *ca;              /* PEM file of trusted certificates; NULL: the system's */
+  int session_reuse;           /* 1: sessions are resumed (sl_tls_session_slot) */
 } sl_tls_opts;
 
 #define SL_TLS_1_2 0x0303      /* TLS1_2_VERSION */
@@ -39,6 +46,25 @@ typedef struct sl_tls_opts {
  * message in err, starting with the key at fault: "certificate: cannot
  * read /etc/x.pem (No such file or directory)". */
 struct ssl_ctx_st *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen);
+
+/* A client context for o (an upstream's tls): the same options, where a
+ * certificate is the client certificate shown to servers that ask for
+ * one, plus verify, ca and session_reuse. Same errors as sl_tls_ctx_new,
+ * the key at fault first ("ca: cannot read ..."). */
+struct ssl_ctx_st *sl_tls_client_ctx_new(const sl_tls_opts *o, char *err, size_t errlen);
+
+/* Session resumption for a client context with session_reuse: ssl, a
+ * client SSL of such a context, gives every session the server issues it
+ * (after the handshake, or in TLS 1.3 tickets read later) to *slot, which
+ * then holds one reference (dropping the one it held). The slot must
+ * outlive ssl. The caller resumes with SSL_set_session(ssl, *slot) before
+ * the handshake and frees the slot's session with sl_tls_session_free. */
+void sl_tls_session_slot(struct ssl_st *ssl, struct ssl_session_st **slot);
+void sl_tls_session_free(struct ssl_session_st **slot);
+
+/* Takes one more reference on ctx (a configuration derived from another
+ * shares its contexts); returns ctx. */
+struct ssl_ctx_st *sl_tls_ctx_ref(struct ssl_ctx_st *ctx);
 
 /* Drops the reference sl_tls_ctx_new returned (connections keep theirs).
  * NULL is fine. */

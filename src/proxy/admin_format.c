@@ -318,11 +318,16 @@ static void sl_admin_metrics_servers(sl_text *o, const sl_admin_report *r) {
   SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_connections_open", "gauge",
                      "Connections open to a server now.", x->sum.open);
   sl_prom_servers_by(o, rows, n, "sluice_upstream_server_connect_failures_total",
-                     "Connects to a server that failed, by reason: refused, timeout, other.",
+                     "Connects to a server that failed, by reason: refused, timeout, tls (a "
+                     "TLS handshake that failed), other.",
                      "reason", sl_metrics_reasons, SL_METRICS_NREASONS,
                      offsetof(sl_metrics_server_snap, failures));
+  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_tls_resumed_total", "counter",
+                     "Connections to a server (of an upstream with tls) whose handshake "
+                     "resumed a TLS session.", x->sum.tls_resumed);
   sl_prom_head(o, "sluice_upstream_server_connect_seconds", "histogram",
-               "Time from starting a connect to a server to its completion.");
+               "Time from starting a connect to a server to its completion (with tls, "
+               "to the end of the TLS handshake).");
   for (size_t i = 0; i < n; i++)
     sl_prom_histogram(o, "sluice_upstream_server_connect_seconds", rows[i].sum.upstream,
                       rows[i].sum.server, rows[i].sum.buckets, rows[i].sum.opened,

@@ -35,6 +35,7 @@ static void sl_admin_server_add(sl_admin_server *row, const sl_metrics_server_sn
   s->bytes_to += x->bytes_to;
   s->bytes_from += x->bytes_from;
   for (int k = 0; k < SL_METRICS_NCAUSES; k++) s->downs[k] += x->downs[k];
+  s->tls_resumed += x->tls_resumed;
   /* Current on one worker is current (workers switch one after the other). */
   if (!x->retired && s->retired) {
     s->retired = 0;
@@ -77,6 +78,7 @@ sl_admin_server *sl_admin_servers_sum(const sl_admin_report *r, size_t *n) {
         memset(row->sum.buckets, 0, sizeof(row->sum.buckets));
         memset(row->sum.downs, 0, sizeof(row->sum.downs));
         row->sum.opened = row->sum.open = row->sum.bytes_to = row->sum.bytes_from = 0;
+        row->sum.tls_resumed = 0;
         row->sum.seconds = 0;
         row->sum.retired = 1;
         row->sum.down = 0;
@@ -165,7 +167,8 @@ static void sl_admin_json_server(sl_text *o, const sl_admin_report *r, const sl_
   sl_admin_json_down(o, r, row);
   sl_text_printf(o,
                  ", \"retired\": %s,\n         \"active\": %llu, \"connections\": %llu, "
-                 "\"failures\": {\"refused\": %llu, \"timeout\": %llu, \"other\": %llu},\n"
+                 "\"failures\": {\"refused\": %llu, \"timeout\": %llu, \"other\": %llu, "
+                 "\"tls\": %llu},\n"
                  "         \"sent_bytes\": %llu, \"received_bytes\": %llu, "
                  "\"marked_down\": {\"passive\": %llu, \"health_check\": %llu}}",
                  s->retired ? "true" : "false", (unsigned long long)s->open,
@@ -173,6 +176,7 @@ static void sl_admin_json_server(sl_text *o, const sl_admin_report *r, const sl_
                  (unsigned long long)s->failures[SL_METRICS_REFUSED],
                  (unsigned long long)s->failures[SL_METRICS_TIMEOUT],
                  (unsigned long long)s->failures[SL_METRICS_OTHER],
+                 (unsigned long long)s->failures[SL_METRICS_TLS],
                  (unsigned long long)s->bytes_to, (unsigned long long)s->bytes_from,
                  (unsigned long long)s->downs[SL_METRICS_DOWN_PASSIVE],
                  (unsigned long long)s->downs[SL_METRICS_DOWN_CHECK]);

@@ -117,9 +117,93 @@ static void sl_read_allocator(sl_config *c, lua_State *L, int cfg) {
   lua_pop(L, 1);
 }
 
+/* The wire format of ALPN (a length byte before each name) of the array at
+ * the top of L's stack into o (NULL: none). SL_ERROR when out of memory. */
+static int sl_read_alpn(lua_State *L, sl_tls_opts *o) {
+  if (!lua_istable(L, -1)) return SL_OK;
+  size_t n = lua_objlen(L, -1), total = 0;
+  for (size_t j = 1; j <= n; j++) {
+    lua_rawgeti(L, -1, (int)j);
+    total += 1 + lua_objlen(L, -1);
+    lua_pop(L, 1);
+  }
+  unsigned char *w = malloc(total ? total : 1);
+  size_t at = 0;
+  for (size_t j = 1; w && j <= n; j++) {
+    lua_rawgeti(L, -1, (int)j);
+    size_t len = 0;
+    const char *p = lua_tolstring(L, -1, &len);
+    w[at++] = (unsigned char)len;
+    memcpy(w + at, p, len);
+    at += len;
+    lua_pop(L, 1);
+  }
+  o->alpn = w;
+  o->alpn_len = w ? total : 0;
+  return w ? SL_OK : SL_ERROR;
+}
+
+/* The options of a normalized tls table at tt that listeners and upstreams
+ * share. */
+static void sl_read_tls_common(lua_State *L, int tt, sl_tls_opts *o) {
+  o->certificate = sl_strdup_field(L, tt, "certificate");
+  o->key = sl_strdup_field(L, tt, "key");
+  o->ciphers = sl_strdup_field(L, tt, "ciphers");
+  o->ciphersuites = sl_strdup_field(L, tt, "ciphersuites");
+  char *v = sl_strdup_field(L, tt, "min_version");
+  o->min_version = v && strcmp(v, "TLSv1.3") == 0 ? SL_TLS_1_3 : SL_TLS_1_2;
+  free(v);
+}
+
+static void sl_tls_opts_free(sl_tls_opts *o) {
+  free((char *)o->certificate);
+  free((char *)o->key);
+  free((char *)o->ciphers);
+  free((char *)o->ciphersuites);
+  free((unsigned char *)o->alpn);
+  free((char *)o->ca);
+  memset(o, 0, sizeof(*o));
+}
+
+/* An upstream's normalized tls table (at tt) into u: its client context,
+ * built (share NULL) or shared with share, the same upstream of the
+ * configuration a derived one comes from. A failure names the key
+ * (upstreams.NAME.tls.ca). */
+static int sl_read_upstream_tls(lua_State *L, int tt, sl_upstream_cfg *u,
+                                const sl_upstream_cfg *share, char *err, size_t errlen) {
+  u->tls_server_name = sl_strdup_field(L, tt, "server_name");
+  if (share != NULL) {
+    u->tls = sl_tls_ctx_ref(share->tls);
+    return SL_OK;
+  }
+  sl_tls_opts o = {0};
+  sl_read_tls_common(L, tt, &o);
+  o.ca = sl_strdup_field(L, tt, "ca");
+  lua_getfield(L, tt, "verify");
+  o.verify = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, tt, "session_reuse");
+  o.session_reuse = lua_toboolean(L, -1);
+  lua_getfield(L, tt, "alpn");
+  int rc = sl_read_alpn(L, &o);
+  lua_pop(L, 2);
+  char why[1024];
+  if (rc == SL_OK) u->tls = sl_tls_client_ctx_new(&o, why, sizeof(why));
+  else snprintf(why, sizeof(why), "alpn: out of memory");
+  sl_tls_opts_free(&o);   /* the context has its own copies */
+  if (u->tls == NULL) {
+    snprintf(err, errlen, "config error: upstreams.%s.tls.%s", u->name, why);
+    return SL_ERROR;
+  }
+  return SL_OK;
+}
+
 /* c's upstreams from the normalized table ups (at the top of L's stack)
- * in the order of the array of names below it (both popped). */
-static int sl_read_upstreams(sl_config *c, lua_State *L, char *err, size_t errlen) {
+ * in the order of the array of names below it (both popped). share: the
+ * configuration c derives from (its upstreams' TLS contexts are shared,
+ * not built again), or NULL. */
+static int sl_read_upstreams(sl_config *c, lua_State *L, const sl_config *share, char *err,
+                             size_t errlen) {
   c->nupstreams = lua_objlen(L, -2);
   c->upstreams = calloc(c->nupstreams + 1, sizeof(*c->upstreams));
   if (c->upstreams == NULL) {
@@ -149,6 +233,15 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, char *err, size_t errle
       lua_pop(L, 1);
     }
     if (u->hosts == NULL) u->nhosts = 0;
+    lua_pop(L, 1);
+    lua_getfield(L, ut, "tls");
+    const sl_upstream_cfg *same = share && i < share->nupstreams && share->upstreams[i].tls &&
+                                          strcmp(share->upstreams[i].name, u->name) == 0
+                                      ? &share->upstreams[i]
+                                      : NULL;
+    if (lua_istable(L, -1) &&
+        sl_read_upstream_tls(L, lua_gettop(L), u, same, err, errlen) != SL_OK)
+      return SL_ERROR;
     lua_pop(L, 1);
     char *balance = sl_strdup_field(L, ut, "balance");
     int bad_balance = balance == NULL || sl_balance_parse(balance, &u->balance) != SL_OK;
@@ -252,39 +345,13 @@ static int sl_read_pipeline(sl_config *c, lua_State *L, int lt, sl_listener_cfg 
 static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char *err,
                        size_t errlen) {
   sl_tls_opts *o = &l->tls_opts;
-  o->certificate = sl_strdup_field(L, tt, "certificate");
-  o->key = sl_strdup_field(L, tt, "key");
-  o->ciphers = sl_strdup_field(L, tt, "ciphers");
-  o->ciphersuites = sl_strdup_field(L, tt, "ciphersuites");
-  char *v = sl_strdup_field(L, tt, "min_version");
-  o->min_version = v && strcmp(v, "TLSv1.3") == 0 ? SL_TLS_1_3 : SL_TLS_1_2;
-  free(v);
+  sl_read_tls_common(L, tt, o);
   l->tls_handshake_timeout = sl_num_field(L, tt, "handshake_timeout_ms") / 1000.0;
   lua_getfield(L, tt, "proxy_protocol");
   l->tls_proxy_protocol = lua_toboolean(L, -1);
   lua_pop(L, 1);
   lua_getfield(L, tt, "alpn");
-  if (lua_istable(L, -1)) {   /* wire format: a length byte before each name */
-    size_t n = lua_objlen(L, -1), total = 0;
-    for (size_t j = 1; j <= n; j++) {
-      lua_rawgeti(L, -1, (int)j);
-      total += 1 + lua_objlen(L, -1);
-      lua_pop(L, 1);
-    }
-    unsigned char *w = malloc(total ? total : 1);
-    size_t at = 0;
-    for (size_t j = 1; w && j <= n; j++) {
-      lua_rawgeti(L, -1, (int)j);
-      size_t len = 0;
-      const char *p = lua_tolstring(L, -1, &len);
-      w[at++] = (unsigned char)len;
-      memcpy(w + at, p, len);
-      at += len;
-      lua_pop(L, 1);
-    }
-    o->alpn = w;
-    o->alpn_len = w ? total : 0;
-  }
+  if (sl_read_alpn(L, o) != SL_OK) o->alpn_len = 1;   /* reported below */
   lua_pop(L, 1);
   if (o->certificate == NULL || o->key == NULL || (o->alpn == NULL && o->alpn_len != 0)) {
     snprintf(err, errlen, "config error: out of memory");
@@ -482,7 +549,7 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   lua_pop(L, 1);
   lua_getfield(L, cfg, "upstream_names");
   lua_getfield(L, cfg, "upstreams");
-  if (sl_read_upstreams(c, L, err, errlen) != SL_OK ||
+  if (sl_read_upstreams(c, L, NULL, err, errlen) != SL_OK ||
       sl_read_listeners(c, L, cfg, err, errlen) != SL_OK) {
     sl_config_free(c);
     return NULL;
@@ -510,6 +577,8 @@ static void sl_free_upstreams(sl_upstream_cfg *ups, size_t n) {
     free(u->health.send);
     free(u->health.expect);
     free(u->name);
+    free(u->tls_server_name);
+    sl_tls_ctx_free(u->tls);
   }
   free(ups);
 }
@@ -555,7 +624,7 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
   lua_rawgeti(L, LUA_REGISTRYINDEX, owner->norm_ref);
   lua_getfield(L, -1, "upstream_names");
   lua_pushvalue(L, -3);
-  int rc = sl_read_upstreams(d, L, err, errlen);
+  int rc = sl_read_upstreams(d, L, cur, err, errlen);
   lua_settop(L, top);
   if (rc != SL_OK || d->nupstreams != cur->nupstreams) {
     if (rc == SL_OK) snprintf(err, errlen, "config error: the upstreams changed");

@@ -65,6 +65,9 @@ typedef struct sl_upstream_cfg {
   int resolve_interval_ms;     /* host names among servers resolved again this often; 0: never */
   char **hosts;                /* those host names, each once */
   size_t nhosts;
+  struct ssl_ctx_st *tls;      /* tls: a client context (io/tls.h), shared by the
+                                  configurations derived from this one; NULL: plain TCP */
+  char *tls_server_name;       /* tls.server_name, or NULL (each server's own name) */
 } sl_upstream_cfg;
 
 /* A listener's splice setting. AUTO: a connection splices its reads into

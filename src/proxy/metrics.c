@@ -21,7 +21,8 @@ const double sl_metrics_buckets[SL_METRICS_NBUCKETS] = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
 };
 
-const char *const sl_metrics_reasons[SL_METRICS_NREASONS] = {"refused", "timeout", "other"};
+const char *const sl_metrics_reasons[SL_METRICS_NREASONS] = {"refused", "timeout", "other",
+                                                               "tls"};
 const char *const sl_metrics_causes[SL_METRICS_NCAUSES] = {"passive", "health_check"};
 
 struct sl_metrics_server {
@@ -33,6 +34,7 @@ struct sl_metrics_server {
   double seconds;
   uint64_t bytes_to, bytes_from; /* closed connections' bytes */
   uint64_t downs[SL_METRICS_NCAUSES];
+  uint64_t tls_resumed;
   size_t row;                    /* while a snapshot is built: its row */
   uint64_t noted;                /* the snapshot whose row has its state */
 };
@@ -158,6 +160,7 @@ static void sl_metrics_observe(uint64_t *buckets, double seconds) {
 int sl_metrics_failure_reason(int err) {
   if (err == ECONNREFUSED) return SL_METRICS_REFUSED;
   if (err == ETIMEDOUT) return SL_METRICS_TIMEOUT;
+  if (err == EPROTO) return SL_METRICS_TLS;
   return SL_METRICS_OTHER;
 }
 
@@ -241,6 +244,10 @@ void sl_metrics_server_closed(sl_metrics_server *e, const sl_channel *ch) {
   e->open--;
   e->bytes_to += ch->bytes_out;
   e->bytes_from += ch->bytes_in;
+}
+
+void sl_metrics_server_tls_resumed(sl_metrics_server *e) {
+  if (e) e->tls_resumed++;
 }
 
 void sl_metrics_server_down(sl_metrics_server *e, int cause) {
@@ -424,6 +431,7 @@ static void sl_metrics_build_servers(sl_worker *w, sl_metrics_snap *s) {
     o->bytes_to = e->bytes_to;
     o->bytes_from = e->bytes_from;
     memcpy(o->downs, e->downs, sizeof(o->downs));
+    o->tls_resumed = e->tls_resumed;
   }
   /* Open connections: their bytes so far. */
   for (sl_channel *ch = w->channels; ch != NULL; ch = ch->next) {

@@ -39,7 +39,8 @@ extern const double sl_metrics_buckets[SL_METRICS_NBUCKETS];
 typedef struct sl_metrics sl_metrics;
 
 /* Why a connect to a server failed (sluice_upstream_server_connect_failures_total). */
-enum { SL_METRICS_REFUSED, SL_METRICS_TIMEOUT, SL_METRICS_OTHER, SL_METRICS_NREASONS };
+enum { SL_METRICS_REFUSED, SL_METRICS_TIMEOUT, SL_METRICS_OTHER, SL_METRICS_TLS,
+       SL_METRICS_NREASONS };
 extern const char *const sl_metrics_reasons[SL_METRICS_NREASONS];
 
 /* What marked a server down. */
@@ -92,6 +93,7 @@ typedef struct sl_metrics_server_snap {
   double seconds;                /* sum of connect times */
   uint64_t bytes_to, bytes_from; /* written to it, read from it (open connections too) */
   uint64_t downs[SL_METRICS_NCAUSES]; /* times marked down */
+  uint64_t tls_resumed;          /* of opened, TLS handshakes that resumed a session */
 } sl_metrics_server_snap;
 
 typedef struct sl_metrics_stage_snap {
@@ -205,12 +207,17 @@ void sl_metrics_server_unref(sl_worker *w, sl_metrics_server *e);
 void sl_metrics_connect_done(sl_worker *w, const char *upstream, sl_metrics_server *e,
                              double seconds, int err);
 
-/* SL_METRICS_REFUSED, _TIMEOUT or _OTHER for a connect's errno value. */
+/* SL_METRICS_REFUSED, _TIMEOUT, _TLS (EPROTO: a TLS handshake that
+ * failed) or _OTHER for a connect's errno value. */
 int sl_metrics_failure_reason(int err);
 
 /* A connection of e has closed: its bytes (bytes_out went to the server,
  * bytes_in came from it) join e's, and it is open no more. e may be NULL. */
 void sl_metrics_server_closed(sl_metrics_server *e, const struct sl_channel *ch);
+
+/* A connection to e (an upstream with tls) resumed a TLS session. e may
+ * be NULL. */
+void sl_metrics_server_tls_resumed(sl_metrics_server *e);
 
 /* e was marked down (cause SL_METRICS_DOWN_*). e may be NULL. */
 void sl_metrics_server_down(sl_metrics_server *e, int cause);

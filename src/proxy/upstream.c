@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <openssl/ssl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +11,7 @@
 #include "buf/buf.h"
 #include "buf/leak.h"
 #include "io/channel.h"
+#include "io/tls.h"
 #include "io/worker.h"
 #include "pipeline/codec/proxy_protocol.h"
 #include "proxy/balance.h"
@@ -25,6 +27,7 @@ typedef struct sl_upstream_rt {
   const sl_upstream_cfg *cfg;
   sl_balancer bal;
   sl_health *health;          /* NULL without health_check */
+  SSL_SESSION **sessions;     /* with tls: per server, the last TLS session it issued (or NULL) */
 } sl_upstream_rt;
 
 struct sl_upstreams {
@@ -89,6 +92,9 @@ static void sl_upstreams_unref(sl_upstreams *s) {
     for (size_t j = 0; s->ups[i].bal.peers && j < s->ups[i].bal.n; j++)
       sl_metrics_server_unref(s->w, s->ups[i].bal.peers[j].m);
     free(s->ups[i].bal.peers);
+    for (size_t j = 0; s->ups[i].sessions && j < s->ups[i].bal.n; j++)
+      sl_tls_session_free(&s->ups[i].sessions[j]);
+    free(s->ups[i].sessions);
   }
   free(s);
 }
@@ -111,7 +117,8 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const sl_config *cfg) {
     rt->bal.fail_timeout = u->fail_timeout;
     rt->bal.rng = seed + 0x9e3779b97f4a7c15ULL * (i + 1);
     rt->bal.peers = calloc(u->nservers, sizeof(sl_peer));
-    if (rt->bal.peers == NULL) {
+    if (u->tls) rt->sessions = calloc(u->nservers, sizeof(SSL_SESSION *));
+    if (rt->bal.peers == NULL || (u->tls && rt->sessions == NULL)) {
       sl_upstreams_destroy(s);
       return NULL;
     }
@@ -350,17 +357,22 @@ static void sl_attempt_failed(sl_attempt *a, const char *why) { sl_attempt_faile
 
 static void sl_attempt_on_connect(struct sl_channel *ch, int err);
 
-/* Queues the PROXY protocol header first on the upstream channel: the
- * client's address and the address it connected to. A try that fails
- * hands it on with the client's bytes (sl_channel_move_queue). */
-static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
+/* The PROXY protocol header for a's client: its address and the address
+ * it connected to. Its length. */
+static size_t sl_upstream_proxy_header(const sl_attempt *a, uint8_t *hdr) {
   sl_addr local;
   local.len = sizeof(local.ss);
   const sl_addr *dst = getsockname(a->client->fd, (struct sockaddr *)&local.ss, &local.len) == 0
                            ? &local
                            : NULL;
+  return sl_proxy_header(a->up->cfg->send_proxy, &a->client->remote, dst, hdr);
+}
+
+/* Queues the PROXY protocol header first on the upstream channel. A try
+ * that fails hands it on with the client's bytes (sl_channel_move_queue). */
+static void sl_upstream_send_proxy(sl_attempt *a, struct sl_channel *ch) {
   uint8_t hdr[SL_PROXY_HEADER_MAX];
-  size_t n = sl_proxy_header(a->up->cfg->send_proxy, &a->client->remote, dst, hdr);
+  size_t n = sl_upstream_proxy_header(a, hdr);
   sl_buf *b = sl_buf_from(ch->w->pool, hdr, n);
   if (b == NULL) {
     sl_channel_close(ch, "out of buffer memory for the PROXY header", 1);
@@ -399,16 +411,49 @@ static void sl_upstream_log_switch(const sl_worker *w, const sl_upstream_rt *up,
   }
 }
 
+/* The connect timeout of a's tries (and of their TLS handshakes): the
+ * listener's when it sets one, else the upstream's. */
+static double sl_attempt_timeout(const sl_attempt *a) {
+  const sl_listener_cfg *lc = sl_server_listener_cfg(a->client);
+  if (lc && lc->connect_timeout > 0) return lc->connect_timeout;
+  return a->up ? a->up->cfg->connect_timeout : SL_UPSTREAM_ADDRESS_TIMEOUT;
+}
+
+/* The host of "host:port" or "[v6]:port" in buf. */
+static const char *sl_host_of(const char *text, char *buf, size_t len) {
+  const char *colon = strrchr(text, ':');
+  size_t n = colon ? (size_t)(colon - text) : strlen(text);
+  if (n >= 2 && text[0] == '[' && text[n - 1] == ']') {
+    text++;
+    n -= 2;
+  }
+  if (n >= len) n = len - 1;
+  memcpy(buf, text, n);
+  buf[n] = '\0';
+  return buf;
+}
+
+/* Makes ch, the channel of a's current try, a TLS client of its server:
+ * SNI and the certificate's name are tls.server_name, else the host name
+ * the server was resolved from; a server given as an address gets no SNI
+ * and its certificate must be for that address. */
+static int sl_attempt_tls(sl_attempt *a, struct sl_channel *ch) {
+  const sl_upstream_cfg *u = a->up->cfg;
+  char host[256], addr[64];
+  const char *name = u->tls_server_name;
+  if (name == NULL && u->server_name[a->server] != NULL)
+    name = sl_host_of(u->server_name[a->server], host, sizeof(host));
+  const char *verify = name ? name : sl_host_of(u->server_text[a->server], addr, sizeof(addr));
+  return sl_channel_tls_client(ch, u->tls, name, verify, &a->up->sessions[a->server]);
+}
+
 /* Starts the next try, or gives up. SL_OK while a try is under way. What
  * carry (a failed try's channel, or NULL) has queued goes to the new try. */
 static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
   sl_worker *w = a->set->w;
   for (;;) {
     const sl_addr *addr = &a->addr;
-    /* The listener's connect timeout, when it sets one, overrides. */
-    const sl_listener_cfg *lc = sl_server_listener_cfg(a->client);
-    double timeout = lc && lc->connect_timeout > 0 ? lc->connect_timeout
-                                                   : SL_UPSTREAM_ADDRESS_TIMEOUT;
+    double timeout = sl_attempt_timeout(a);
     if (a->up) {
       const sl_upstream_cfg *u = a->up->cfg;
       if (a->ntried >= u->tries) break;
@@ -434,7 +479,6 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
       a->skip[i] = 1;
       a->up->bal.peers[i].active++;
       addr = &u->servers[i];
-      if (!(lc && lc->connect_timeout > 0)) timeout = u->connect_timeout;
     } else if (a->ntried >= 1) {
       break;
     }
@@ -467,26 +511,34 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
       continue;
     }
     ((sl_lease *)a->lease->state)->attempt = a;
+    if (a->up && a->up->cfg->tls && sl_attempt_tls(a, ch) != SL_OK) {
+      sl_attempt_failed(a, "out of memory");   /* closes ch */
+      continue;
+    }
     sl_channel_join(a->client, ch);
     /* The client's bytes a failed try took (read while it connected) are
-     * this try's to write, after the PROXY header it queued first. */
+     * this try's to write, after the PROXY header it queued first (with
+     * tls, the header goes before the handshake: sl_attempt_on_connect). */
     if (carry) sl_channel_move_queue(carry, ch);
-    else if (a->up && a->up->cfg->send_proxy) sl_upstream_send_proxy(a, ch);
+    else if (a->up && a->up->cfg->send_proxy && !a->up->cfg->tls) sl_upstream_send_proxy(a, ch);
     return SL_OK;
   }
   sl_attempt_give_up(a, "");
   return SL_ERROR;
 }
 
-static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
+/* A try ended: connected (err 0: the connect completed, and with tls the
+ * handshake too) or failed (why: what failed, NULL for the errno value's
+ * text). */
+static void sl_attempt_done(struct sl_channel *ch, int err, const char *why) {
   sl_attempt *a = ch->ud;
   SL_ASSERT(a != NULL && a->ch == ch, "connect completion for a channel its attempt left");
   sl_metrics_connect_done(ch->w, a->up ? a->up->cfg->name : "-",
                           a->up ? a->up->bal.peers[a->server].m : NULL,
                           ev_now(ch->w->loop) - ch->started, err);
   if (err) {
-    struct sl_channel *failed =
-        sl_attempt_failed_keep(a, err == ETIMEDOUT ? "timed out" : strerror(err), 1);
+    if (why == NULL) why = err == ETIMEDOUT ? "timed out" : strerror(err);
+    struct sl_channel *failed = sl_attempt_failed_keep(a, why, 1);
     sl_attempt_next(a, failed);
     /* Closed after the next try took its bytes (or with them, when none
      * could); a is gone if that try gave up. */
@@ -504,11 +556,41 @@ static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
   l->attempt = NULL;
   l->set = a->set;
   l->peer = a->up ? &a->up->bal.peers[a->server] : NULL;
+  if (ch->ssl != NULL && SSL_session_reused(ch->ssl)) sl_metrics_server_tls_resumed(l->peer->m);
   ch->ud = l;
   ch->on_close = sl_upstream_on_close;
   sl_upstream_ready_fn ready = a->ready;
   free(a);
   ready(ch);
+}
+
+/* The TLS handshake of a try ended. */
+static void sl_attempt_on_handshake(struct sl_channel *ch, int err) {
+  sl_attempt *a = ch->ud;
+  /* Closed meanwhile (its client went away, sluice stops): the lease's
+   * removal ends the attempt. */
+  if (sl_channel_is_closed(ch)) return;
+  char why[sizeof(ch->reason)];
+  if (err) {
+    /* A session the server refused or a certificate it changed: the next
+     * connection starts afresh. */
+    sl_tls_session_free(&a->up->sessions[a->server]);
+    snprintf(why, sizeof(why), "%s", err == ETIMEDOUT ? "TLS handshake timed out" : ch->reason);
+  }
+  sl_attempt_done(ch, err, err ? why : NULL);
+}
+
+static void sl_attempt_on_connect(struct sl_channel *ch, int err) {
+  sl_attempt *a = ch->ud;
+  if (!err && ch->ssl != NULL) {
+    /* TLS: the try goes on with the handshake, a PROXY header before it. */
+    uint8_t hdr[SL_PROXY_HEADER_MAX];
+    size_t n = a->up->cfg->send_proxy ? sl_upstream_proxy_header(a, hdr) : 0;
+    err = sl_channel_tls_start(ch, sl_attempt_timeout(a), n ? hdr : NULL, n,
+                               sl_attempt_on_handshake);
+    if (!err) return;
+  }
+  sl_attempt_done(ch, err, NULL);
 }
 
 int sl_upstream_connect(struct sl_channel *client, const sl_upstream_cfg *u, const sl_addr *addr,

@@ -108,7 +108,7 @@ function _M.check(t, ctx)
                                        DEFAULT_LUA_TIMEOUT_MS, MAX_INT)
     local resolve_cache_ms = check_count(t.resolve_cache_ms, "resolve_cache_ms",
                                          DEFAULT_RESOLVE_CACHE_MS, MAX_INT)
-    local upstreams, names = check_upstreams(t.upstreams, ctx.resolve)
+    local upstreams, names = check_upstreams(t.upstreams, ctx.resolve, ctx.config_dir)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,

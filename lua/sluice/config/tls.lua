@@ -1,5 +1,6 @@
 -- sluice.config.tls: a listener's `tls` table, TLS termination on the
--- client side (the upstream side stays plain TCP).
+-- client side (_M.check), and an upstream's `tls` table, TLS from sluice
+-- to the upstream's servers (_M.check_client, below).
 --
 --   tls                   optional table:
 --     certificate         required non-empty string: a PEM file holding the
@@ -39,6 +40,36 @@
 -- nil), min_version, alpn (array, or nil), handshake_timeout_ms,
 -- proxy_protocol }.
 
+-- An upstream's tls (_M.check_client): sluice is the TLS client.
+--
+--   tls                   optional: true (every default) or a table:
+--     server_name         optional non-empty string: the host name sent in
+--                         the ClientHello (SNI) and the name the servers'
+--                         certificates must be for; default: for a server
+--                         given as a host name, that name; for an address,
+--                         no SNI and the address itself (an IP entry of
+--                         the certificate)
+--     verify              optional boolean, default true: the servers'
+--                         certificates are verified (chain and name); false
+--                         takes any certificate (encryption without
+--                         authentication)
+--     ca                  optional non-empty string: a PEM file of the
+--                         certificates to trust; default the system's
+--                         (/etc/ssl/certs, Debian's ca-certificates);
+--                         relative to the configuration file's folder; not
+--                         with verify = false
+--     certificate, key    optional non-empty strings, both or neither: the
+--                         client certificate (then its chain) and its key,
+--                         shown to servers that ask for one (mutual TLS)
+--     ciphers, ciphersuites, min_version, alpn   as for a listener (alpn:
+--                         the protocols offered, in this order)
+--     session_reuse       optional boolean, default true: each worker keeps
+--                         the last session of each server and resumes it
+--
+-- Checked in the order above. Normalized: nil, or { server_name (or nil),
+-- verify, ca (absolute, or nil), certificate, key (absolute, or nil),
+-- ciphers, ciphersuites, min_version, alpn, session_reuse }.
+
 local _M = {}
 
 local type = type
@@ -51,6 +82,8 @@ require("sluice.config.sandbox").exempt()
 
 local TLS_KEYS = { "certificate", "key", "ciphers", "ciphersuites", "min_version", "alpn",
                    "handshake_timeout_ms", "proxy_protocol" }
+local CLIENT_KEYS = { "server_name", "verify", "ca", "certificate", "key", "ciphers",
+                      "ciphersuites", "min_version", "alpn", "session_reuse" }
 local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
 
 local function check_string(v, path, required)
@@ -109,6 +142,51 @@ function _M.check(t, path, config_dir)
     end
     out.proxy_protocol = t.proxy_protocol == true
     return out
+end
+
+local function check_boolean(v, path, default)
+    if v == nil then return default end
+    if type(v) ~= "boolean" then fail(path, "expected a boolean, got %s", show(v)) end
+    return v
+end
+
+-- Returns the normalized tls table of an upstream (nil when absent).
+-- config_dir: the configuration's folder (relative paths start there).
+function _M.check_client(t, path, config_dir)
+    if t == nil or t == false then return nil end
+    if t == true then t = {} end
+    if type(t) ~= "table" then
+        fail(path, "expected true or a table { server_name, ca, ... }, got %s", show(t))
+    end
+    check_keys(t, path, CLIENT_KEYS)
+    local name = check_string(t.server_name, path .. ".server_name", false)
+    if name and (#name > 253 or not name:find("^[%w_%-%.]+$")) then
+        fail(path .. ".server_name", "expected a host name, got %s", show(name))
+    end
+    local verify = check_boolean(t.verify, path .. ".verify", true)
+    local ca = check_string(t.ca, path .. ".ca", false)
+    if ca and not verify then
+        fail(path .. ".ca", "expected no ca with verify = false (nothing is verified), got %s",
+             show(ca))
+    end
+    local cert = check_string(t.certificate, path .. ".certificate", false)
+    local key = check_string(t.key, path .. ".key", cert ~= nil)
+    if key and not cert then
+        fail(path .. ".certificate", "expected the client certificate that goes with key, got nil")
+    end
+    return {
+        server_name = name,
+        verify = verify,
+        ca = ca and absolute(ca, config_dir),
+        certificate = cert and absolute(cert, config_dir),
+        key = key and absolute(key, config_dir),
+        ciphers = check_string(t.ciphers, path .. ".ciphers", false),
+        ciphersuites = check_string(t.ciphersuites, path .. ".ciphersuites", false),
+        min_version = check_one_of(t.min_version, path .. ".min_version",
+                                   { "TLSv1.2", "TLSv1.3" }, "TLSv1.2"),
+        alpn = check_alpn(t.alpn, path .. ".alpn"),
+        session_reuse = check_boolean(t.session_reuse, path .. ".session_reuse", true),
+    }
 end
 
 return _M

@@ -28,16 +28,21 @@
 --     resolve_interval_ms optional 0 or 100..2^31-1, default 30000: how
 --                        often host names among servers are resolved again
 --                        while running (0: at start and at reloads only)
+--     tls                optional true or table (sluice.config.tls's
+--                        check_client): sluice speaks TLS to the servers;
+--                        its health checks stay TCP connects (no send or
+--                        expect with tls)
 --
 -- Upstreams are checked by sorted name; inside each, the keys in the order
--- above (servers in array order), send_proxy and resolve_interval_ms last.
+-- above (servers in array order), send_proxy, resolve_interval_ms and tls last.
 --
 -- Normalized: upstreams = { [name] = { name, servers = { address with
 -- weight, backup (true or nil), and for a resolved host name its
 -- "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
 -- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
--- expect }, send_proxy (1, 2 or nil), resolve_interval_ms, hosts (the host
--- names among servers, each once) } }, and the sorted list of the names.
+-- expect }, send_proxy (1, 2 or nil), resolve_interval_ms, tls (or nil),
+-- hosts (the host names among servers, each once) } }, and the sorted list
+-- of the names.
 
 local _M = {}
 
@@ -52,6 +57,7 @@ local floor = math.floor
 
 local check = require("sluice.config.check")
 local address = require("sluice.config.address")
+local check_tls = require("sluice.config.tls").check_client
 local fail, show, key_path, sorted_keys = check.fail, check.show, check.key_path, check.sorted_keys
 local check_keys, check_array = check.check_keys, check.check_array
 local check_positive_int, check_count = check.check_positive_int, check.check_count
@@ -68,7 +74,8 @@ local MIN_RESOLVE_INTERVAL_MS = 100
 local HEALTH_DEFAULTS = { interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2 }
 
 local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "max_fails",
-                        "fail_timeout_ms", "health_check", "send_proxy", "resolve_interval_ms" }
+                        "fail_timeout_ms", "health_check", "send_proxy", "resolve_interval_ms",
+                        "tls" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
 local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
 
@@ -248,7 +255,7 @@ end
 local sources = setmetatable({}, { __mode = "k" })
 
 -- Returns the normalized upstream `name`.
-local function check_upstream(name, up, path, resolve)
+local function check_upstream(name, up, path, resolve, config_dir)
     if type(up) ~= "table" then
         fail(path, "expected a table { servers = { \"host:port\", ... } }, got %s", show(up))
     end
@@ -291,16 +298,26 @@ local function check_upstream(name, up, path, resolve)
         send_proxy = check_send_proxy(up.send_proxy, path .. ".send_proxy"),
         resolve_interval_ms = check_resolve_interval(up.resolve_interval_ms,
                                                      path .. ".resolve_interval_ms"),
+        tls = check_tls(up.tls, path .. ".tls", config_dir),
         hosts = hosts,
     }
+    local h = u.health_check
+    if u.tls and h and (h.send or h.expect) then
+        -- A check is a TCP connect: its bytes would go in the clear to a
+        -- server that expects a ClientHello.
+        fail(path .. ".health_check." .. (h.send and "send" or "expect"),
+             "expected no %s with tls (health checks are TCP connects, they do not speak TLS)",
+             h.send and "send" or "expect")
+    end
     sources[u] = { entries = entries, tries = up.tries, path = path }
     return u
 end
 
 -- Returns the normalized upstreams table and the sorted list of their names.
 -- resolve: the resolver for host names (sluice.config's opts.resolve), or
--- nil (host names are then refused).
-function _M.check(ups, resolve)
+-- nil (host names are then refused). config_dir: the configuration's
+-- folder (relative tls files start there), or nil.
+function _M.check(ups, resolve, config_dir)
     if ups == nil then return {}, {} end
     if type(ups) ~= "table" then
         fail("upstreams", "expected a table of upstreams keyed by name, got %s", show(ups))
@@ -312,7 +329,7 @@ function _M.check(ups, resolve)
             fail(path, 'expected an upstream name made of letters, digits, "_", "-" and ".", got %s',
                  show(name))
         end
-        out[name] = check_upstream(name, ups[name], path, resolve)
+        out[name] = check_upstream(name, ups[name], path, resolve, config_dir)
     end
     return out, names
 end

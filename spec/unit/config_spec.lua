@@ -1226,8 +1226,62 @@ describe("sluice.config", function()
       it("reject unknown keys", function()
         assert.are.equal("config error: upstreams.demo.server: unknown key (expected one of: servers, "
                          .. "balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms, health_check, "
-                         .. "send_proxy, resolve_interval_ms)",
+                         .. "send_proxy, resolve_interval_ms, tls)",
                          uerr({ demo = { server = "127.0.0.1:1" } }))
+      end)
+
+      it("take tls as true or a table: files made absolute from the config's folder, defaults filled",
+         function()
+        local function t(v)
+          return ok_of(conf(nil, { upstreams = { demo = { servers = { "127.0.0.1:1" }, tls = v } } }))
+            .upstreams.demo.tls
+        end
+        local defaults = { verify = true, min_version = "TLSv1.2", session_reuse = true }
+        assert.is_nil(t(nil))
+        assert.is_nil(t(false))
+        assert.are.same(defaults, t(true))
+        assert.are.same(defaults, t({}))
+        assert.are.same({ server_name = "api.example.com", verify = true, ca = FIX .. "/ca.pem",
+                          certificate = FIX .. "/client.crt", key = "/etc/client.key",
+                          ciphers = "HIGH", ciphersuites = "TLS_AES_128_GCM_SHA256",
+                          min_version = "TLSv1.3", alpn = { "http/1.1" }, session_reuse = false },
+                        t({ server_name = "api.example.com", ca = "ca.pem", certificate = "client.crt",
+                            key = "/etc/client.key", ciphers = "HIGH",
+                            ciphersuites = "TLS_AES_128_GCM_SHA256", min_version = "TLSv1.3",
+                            alpn = { "http/1.1" }, session_reuse = false }))
+        assert.are.same({ verify = false, min_version = "TLSv1.2", session_reuse = true },
+                        t({ verify = false }))
+      end)
+
+      it("refuse a tls table that cannot work, naming the key", function()
+        local function bad(v, extra)
+          local u = { servers = { "127.0.0.1:1" }, tls = v }
+          for k, x in pairs(extra or {}) do u[k] = x end
+          return uerr({ demo = u })
+        end
+        assert.are.equal('config error: upstreams.demo.tls: expected true or a table { server_name, '
+                         .. 'ca, ... }, got "yes"', bad("yes"))
+        assert.are.equal("config error: upstreams.demo.tls.sni: unknown key (expected one of: "
+                         .. "server_name, verify, ca, certificate, key, ciphers, ciphersuites, "
+                         .. "min_version, alpn, session_reuse)", bad({ sni = "a.test" }))
+        assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name, '
+                         .. 'got "a b"', bad({ server_name = "a b" }))
+        assert.are.equal('config error: upstreams.demo.tls.verify: expected a boolean, got "no"',
+                         bad({ verify = "no" }))
+        assert.are.equal('config error: upstreams.demo.tls.ca: expected no ca with verify = false '
+                         .. '(nothing is verified), got "ca.pem"', bad({ verify = false, ca = "ca.pem" }))
+        assert.are.equal("config error: upstreams.demo.tls.key: expected a non-empty string, got nil",
+                         bad({ certificate = "c.crt" }))
+        assert.are.equal("config error: upstreams.demo.tls.certificate: expected the client "
+                         .. "certificate that goes with key, got nil", bad({ key = "c.key" }))
+        assert.are.equal("config error: upstreams.demo.health_check.send: expected no send with "
+                         .. "tls (health checks are TCP connects, they do not speak TLS)",
+                         bad(true, { health_check = { send = "PING\r\n" } }))
+        assert.are.equal("config error: upstreams.demo.health_check.expect: expected no expect "
+                         .. "with tls (health checks are TCP connects, they do not speak TLS)",
+                         bad(true, { health_check = { expect = "+PONG" } }))
+        assert.are.equal('config error: upstreams.demo.tls.session_reuse: expected a boolean, '
+                         .. 'got 1', bad({ session_reuse = 1 }))
       end)
 
       it("need servers", function()

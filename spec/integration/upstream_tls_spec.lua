@@ -1,0 +1,282 @@
+-- Upstreams with tls: sluice speaks TLS to real TLS servers (socat
+-- OPENSSL-LISTEN, openssl s_server, and a TLS listener of sluice itself)
+-- while its clients speak plain TCP. Certificates come from a CA the spec
+-- makes with the openssl command. Every wait is bounded.
+local H = require("helpers")
+
+local certs
+-- The spec's CA and certificates, made once: backend.test (for DNS
+-- backend.test and IP 127.0.0.1), other.test, a self-signed one, and a
+-- client certificate, all but the self-signed one from the CA.
+local function pki()
+  if certs then return certs end
+  local d = H.tmpdir() .. "/pki"
+  H.sh("mkdir -p " .. H.shq(d))
+  local c = { dir = d }
+  c.ca, c.ca_key = H.make_ca(d, "spec-ca")
+  c.backend, c.backend_key = H.make_signed_cert(d, "backend.test", c.ca, c.ca_key,
+                                                "DNS:backend.test,IP:127.0.0.1")
+  c.other, c.other_key = H.make_signed_cert(d, "other.test", c.ca, c.ca_key)
+  c.client, c.client_key = H.make_signed_cert(d, "client.test", c.ca, c.ca_key)
+  c.selfsigned, c.selfsigned_key = H.make_cert(d, "self.test")
+  certs = c
+  return c
+end
+
+-- A TLS echo server (socat, a process per connection) on a fresh port with
+-- certificate cert; opts: socat's extra OPENSSL-LISTEN options
+-- (",verify=1,cafile=...").
+local function tls_echo(cert, key, opts)
+  local port = H.free_port()
+  local p = H.spawn(("socat OPENSSL-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,cert=%s,key=%s%s "
+    .. "EXEC:cat"):format(port, H.shq(cert), H.shq(key), opts or ",verify=0"), "tls-echo")
+  assert(H.wait_for(function() return H.port_open(port) end, 10), "TLS echo did not start")
+  p.port = port
+  return p
+end
+
+-- sluice with listener "front" to upstream "back" (servers: ports or
+-- strings, up: the rest of its table, as Lua text) and an admin port.
+local function start(servers, up, extra)
+  local list = {}
+  for i, s in ipairs(servers) do
+    list[i] = type(s) == "number" and ('"127.0.0.1:%d"'):format(s) or s
+  end
+  local o = { port = H.free_port(), admin = H.free_port() }
+  o.p = H.start_sluice(([[
+return {
+  workers = 1,
+  drain_timeout_ms = 100,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  upstreams = { back = { servers = { %s }, %s } },
+  %s
+}
+]]):format(o.admin, o.port, table.concat(list, ", "), up, extra or ""))
+  o.base = H.pool_held(o.admin)
+  return o
+end
+
+local function server_metric(o, name, server_port, extra)
+  return H.metric(o.admin, name, ('upstream="back",server="127.0.0.1:%d"%s')
+    :format(server_port, extra or ""))
+end
+
+describe("upstreams with tls", function()
+  local peers = H.killed_after_each()
+  local function keep(p)
+    peers[#peers + 1] = p
+    return p
+  end
+
+  it("carry bytes both ways to a server whose certificate they verify (its address in it)",
+     function()
+    local c = pki()
+    local s = keep(tls_echo(c.backend, c.backend_key))
+    local o = start({ s.port }, ("tls = { ca = %q }"):format(c.ca))
+    -- 1 MiB of random bytes: many TLS records each way.
+    local input = H.tmpfile("in.bin")
+    H.sh(("head -c 1048576 /dev/urandom > %s"):format(H.shq(input)))
+    local out = H.exchange(o.port, { file = input }, 30)
+    assert.are.equal(1048576, #out)
+    assert.is_true(out == H.read(input), "the echo differs from what was sent")
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connections_total", s.port))
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    assert.not_matches("connect failed", log, 1, true)
+  end)
+
+  it("send server_name in the ClientHello (SNI) and verify the certificate for it", function()
+    local c = pki()
+    -- s_server shows other.test's certificate unless the client asks for
+    -- backend.test by SNI; -rev answers each line reversed.
+    local port = H.free_port()
+    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -cert2 %s -key2 %s "
+      .. "-servername backend.test -rev -quiet"):format(port, H.shq(c.other), H.shq(c.other_key),
+      H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
+    assert(H.wait_for(function() return H.port_open(port) end, 10), "s_server did not start")
+    local o = start({ port }, ("tls = { ca = %q, server_name = \"backend.test\" }"):format(c.ca))
+    local out = H.exchange(o.port, "hello sni\n", 10)
+    assert.are.equal("ins olleh\n", out)
+    local log = H.stop_sluice(o.p)
+    assert.not_matches("connect failed", log, 1, true)
+  end)
+
+  it("refuse a server whose certificate they cannot verify and try the next server", function()
+    local c = pki()
+    local untrusted = keep(tls_echo(c.selfsigned, c.selfsigned_key))
+    local wrong_name = keep(tls_echo(c.other, c.other_key))   -- for other.test, not 127.0.0.1
+    local good = keep(tls_echo(c.backend, c.backend_key))
+    local o = start({ untrusted.port, wrong_name.port, good.port },
+                    ("tls = { ca = %q }, fail_timeout_ms = 60000"):format(c.ca))
+    for i = 1, 4 do
+      assert.are.equal("ping " .. i, H.exchange(o.port, "ping " .. i, 10))
+    end
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total",
+                                      untrusted.port, ',reason="tls"'))
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total",
+                                      wrong_name.port, ',reason="tls"'))
+    assert.are.equal(4, server_metric(o, "sluice_upstream_server_connections_total", good.port))
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    -- A server given as an address must have it in its certificate.
+    assert.matches(("upstream 127.0.0.1:%d for front closed: connect failed: tls_error "
+                    .. "(certificate verify failed: self-signed certificate)")
+                   :format(untrusted.port), log, 1, true)
+    assert.matches(("upstream 127.0.0.1:%d for front closed: connect failed: tls_error "
+                    .. "(certificate verify failed: IP address mismatch)")
+                   :format(wrong_name.port), log, 1, true)
+  end)
+
+  it("close the client as upstream_unavailable when no server passes, and count why", function()
+    local c = pki()
+    local s = keep(tls_echo(c.selfsigned, c.selfsigned_key))
+    local o = start({ s.port }, ("tls = { ca = %q }"):format(c.ca))
+    assert.are.equal("", H.exchange(o.port, "lost", 10))
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total", s.port,
+                                      ',reason="tls"'))
+    assert.are.equal(0, server_metric(o, "sluice_upstream_server_connections_total", s.port))
+    local _, _, body = H.admin_get(o.admin, "/upstreams")
+    assert.matches('"tls": 1', body, 1, true)
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    assert.matches("closed: upstream_unavailable", log, 1, true)
+  end)
+
+  it("take any certificate with verify = false", function()
+    local c = pki()
+    local s = keep(tls_echo(c.selfsigned, c.selfsigned_key))
+    local o = start({ s.port }, "tls = { verify = false }")
+    assert.are.equal("unverified", H.exchange(o.port, "unverified", 10))
+    H.stop_sluice(o.p)
+  end)
+
+  it("show their client certificate to a server that asks for one (mutual TLS)", function()
+    local c = pki()
+    local s = keep(tls_echo(c.backend, c.backend_key, (",verify=1,cafile=%s"):format(H.shq(c.ca))))
+    local o = start({ s.port }, ("tls = { ca = %q, certificate = %q, key = %q }")
+      :format(c.ca, c.client, c.client_key))
+    assert.are.equal("mutual", H.exchange(o.port, "mutual", 10))
+    H.stop_sluice(o.p)
+    -- Without it, the server refuses the session. (In TLS 1.3 the server
+    -- checks the client's certificate after the client's handshake is
+    -- done: the refusal comes as an alert on the connection.)
+    o = start({ s.port }, ("tls = { ca = %q }"):format(c.ca))
+    assert.are.equal("", H.exchange(o.port, "anonymous", 10))
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    assert.matches(("upstream 127.0.0.1:%d for front closed: tls_error (tlsv13 alert certificate "
+                    .. "required)"):format(s.port), log, 1, true)
+  end)
+
+  it("resume the server's session on the next connection, unless session_reuse = false", function()
+    local c = pki()
+    -- s_server -www answers GET / with a page that says whether the
+    -- session was New or Reused.
+    local port = H.free_port()
+    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -www -quiet")
+      :format(port, H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
+    assert(H.wait_for(function() return H.port_open(port) end, 10), "s_server did not start")
+    local function pages(o, n)
+      local seen = {}
+      for i = 1, n do
+        local page = H.exchange(o.port, "GET / HTTP/1.0\r\n\r\n", 10)
+        seen[i] = page:match("\n(%a+), TLSv1%.[23]") or ("no status in: " .. page)
+      end
+      return seen
+    end
+    local o = start({ port }, ("tls = { ca = %q }"):format(c.ca))
+    assert.are.same({ "New", "Reused", "Reused" }, pages(o, 3))
+    assert.are.equal(3, server_metric(o, "sluice_upstream_server_connections_total", port))
+    assert.are.equal(2, server_metric(o, "sluice_upstream_server_tls_resumed_total", port))
+    H.stop_sluice(o.p)
+    o = start({ port }, ("tls = { ca = %q, session_reuse = false }"):format(c.ca))
+    assert.are.same({ "New", "New" }, pages(o, 2))
+    assert.are.equal(0, server_metric(o, "sluice_upstream_server_tls_resumed_total", port))
+    H.stop_sluice(o.p)
+  end)
+
+  it("send the PROXY protocol header in the clear before the handshake", function()
+    -- The server is a TLS listener of the same sluice that reads a PROXY
+    -- header first (tls.proxy_protocol), then echoes through "echo".
+    local c = pki()
+    local echo = keep(H.start_echo())
+    local inner = H.free_port()
+    local access = H.tmpfile("access.log", "")
+    local o = start({ inner }, ('tls = { ca = %q }, send_proxy = "v2"'):format(c.ca), ([[
+  access_log = %q,
+  access_log_format = "json",
+]]):format(access))
+    -- The inner listener joins by a reload (its port is known only now).
+    local text = H.read(o.p.config):gsub('listeners = {', ([[listeners = {
+    { name = "inner", listen = "127.0.0.1:%d", upstream = "echo",
+      tls = { certificate = %q, key = %q, proxy_protocol = true } },]])
+      :format(inner, c.backend, c.backend_key), 1)
+      :gsub('upstreams = {', ('upstreams = { echo = { servers = { "127.0.0.1:%d" } },')
+      :format(echo.port), 1)
+    local f = assert(io.open(o.p.config, "wb"))
+    f:write(text)
+    f:close()
+    os.execute(("kill -HUP %d"):format(o.p.pid))
+    assert(H.wait_for(function()
+      return H.read(o.p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 20), "no reload:\n" .. H.read(o.p.log))
+    -- (listening once the reload is logged; a probe would be a connection
+    -- of its own in the access log)
+    assert.are.equal("through two", H.exchange(o.port, "through two", 10))
+    local lines = H.log_lines(access, 2)
+    assert.are.equal(2, #lines, H.read(access))
+    local by = {}
+    for _, l in ipairs(lines) do by[l:match('"listener":"(%w+)"')] = l end
+    -- The inner listener saw the front client's own address.
+    local client = by.front:match('"client":"([^"]+)"')
+    assert.are.equal(client, by.inner:match('"client":"([^"]+)"'), H.read(access))
+    assert.matches('"tls":"TLSv1.3"', by.inner, 1, true)
+    H.stop_sluice(o.p)
+  end)
+
+  it("give the handshake connect_timeout_ms, and drop a try whose client went away", function()
+    -- A server that accepts and never answers the ClientHello.
+    local raw = H.raw_listener()
+    local o = start({ raw.port }, "tls = { verify = false }, connect_timeout_ms = 300")
+    local t0 = H.now()
+    assert.are.equal("", H.exchange(o.port, "waits", 10))
+    assert.is_true(H.now() - t0 < 9, "the handshake was not timed out")
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total", raw.port,
+                                      ',reason="timeout"'))
+    -- A client that leaves while the handshake waits: the try ends with it.
+    local cl = H.connect(o.port)
+    cl.send("gone")
+    assert(raw.accept(10), "sluice did not connect")
+    cl.close()
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    raw.close()
+    assert.matches("TLS handshake timed out", log, 1, true)
+  end)
+
+  it("refuse a configuration whose tls files cannot be used, naming the key (exit 2)", function()
+    local c = pki()
+    local function check(tls)
+      local cfg = H.tmpfile("bad.lua", ([[
+return {
+  listeners = { { name = "front", listen = "127.0.0.1:1", upstream = "back" } },
+  upstreams = { back = { servers = { "127.0.0.1:2" }, tls = %s } },
+}
+]]):format(tls))
+      return H.sh(("%s %s --check %s 2>&1"):format(H.wrapper, H.shq(H.bin), H.shq(cfg)))
+    end
+    local out, rc = check(('{ ca = "%s/none.pem" }'):format(c.dir))
+    assert.are.equal(2, rc, out)
+    assert.matches(("config error: upstreams.back.tls.ca: cannot read %s/none.pem (No such file "
+                    .. "or directory)"):format(c.dir), out, 1, true)
+    out, rc = check(("{ ca = %q, certificate = %q, key = %q }"):format(c.ca, c.client, c.other_key))
+    assert.are.equal(2, rc, out)
+    assert.matches(("config error: upstreams.back.tls.key: %s does not match the certificate %s")
+                   :format(c.other_key, c.client), out, 1, true)
+    out, rc = check('{ ciphers = "RC4" }')
+    assert.are.equal(2, rc, out)
+    assert.matches('config error: upstreams.back.tls.ciphers: no usable cipher in "RC4"', out, 1,
+                   true)
+  end)
+end)

@@ -78,6 +78,41 @@ describe("examples through the binary", function()
     end)
   end
 
+  describe("redis_tls: plain RESP in, TLS with a client certificate to redis-server", function()
+    it("serves redis through sluice to a redis-server that speaks only TLS", function()
+      local d = H.tmpdir() .. "/redis-tls"
+      H.sh("mkdir -p " .. H.shq(d))
+      local ca, ca_key = H.make_ca(d, "ca")
+      local crt, key = H.make_signed_cert(d, "redis", ca, ca_key, "IP:127.0.0.1")
+      H.make_signed_cert(d, "sluice", ca, ca_key, "IP:127.0.0.1")
+      local rport = H.free_port()
+      local redis = H.spawn(("redis-server --port 0 --bind 127.0.0.1 --tls-port %d "
+        .. "--tls-cert-file %s --tls-key-file %s --tls-ca-cert-file %s --save '' --appendonly no")
+        :format(rport, H.shq(crt), H.shq(key), H.shq(ca)), "redis-tls")
+      assert(H.wait_for(function() return H.port_open(rport) end, 10),
+             "redis-server did not start:\n" .. H.read(redis.log))
+      local port = H.free_port()
+      local p = H.start_sluice(H.read(config_path("redis_tls")),
+        ("SLUICE_EXAMPLE_LISTEN=127.0.0.1:%d SLUICE_EXAMPLE_UPSTREAM=127.0.0.1:%d "
+         .. "SLUICE_EXAMPLE_TLS_DIR=%s"):format(port, rport, H.shq(d)))
+      assert.are.equal("OK", cli(port, "SET k v"))
+      assert.are.equal("v", cli(port, "GET k"))
+      assert.matches("not allowed", cli(port, "FLUSHALL"), 1, true)
+      -- A bounded redis-benchmark run: every request answered.
+      local out, rc = H.sh(("timeout 60 redis-benchmark -p %d -n 2000 -c 4 -P 16 -t set,get -q "
+        .. "2>&1"):format(port))
+      assert.are.equal(0, rc, out)
+      assert.matches("SET: ", out, 1, true)
+      assert.matches("GET: ", out, 1, true)
+      assert.not_matches("[Ee]rror", out)
+      -- Without sluice, a plain client gets nothing from this server.
+      local plain = H.sh(("timeout 5 redis-cli -p %d PING 2>&1"):format(rport))
+      assert.not_matches("PONG", plain, 1, true)
+      H.stop_sluice(p)
+      H.stop(redis)
+    end)
+  end)
+
   describe("behind_balancer: the PROXY protocol from edge to inner, then redis", function()
     it("serves redis through both, and inner logs the client edge saw", function()
       local redis = H.start_redis()

@@ -62,6 +62,8 @@ static void test_failure_reasons(void **state) {
   assert_int_equal(sl_metrics_failure_reason(ETIMEDOUT), SL_METRICS_TIMEOUT);
   assert_int_equal(sl_metrics_failure_reason(EHOSTUNREACH), SL_METRICS_OTHER);
   assert_int_equal(sl_metrics_failure_reason(ENETUNREACH), SL_METRICS_OTHER);
+  assert_int_equal(sl_metrics_failure_reason(EPROTO), SL_METRICS_TLS);
+  assert_string_equal(sl_metrics_reasons[SL_METRICS_TLS], "tls");
   assert_string_equal(sl_metrics_reasons[SL_METRICS_TIMEOUT], "timeout");
   assert_string_equal(sl_metrics_causes[SL_METRICS_DOWN_CHECK], "health_check");
 }
@@ -332,6 +334,9 @@ static void test_admin_sums_servers_over_workers(void **state) {
   r1[0].bytes_to = 50;
   r1[0].bytes_from = 3;
   r1[0].failures[SL_METRICS_REFUSED] = 1;
+  r0[2].failures[SL_METRICS_TLS] = 2;
+  r0[2].tls_resumed = 2;
+  r1[0].tls_resumed = 1;
   r1[0].downs[SL_METRICS_DOWN_PASSIVE] = 1;
   r1[0].down = SL_METRICS_DOWN_PASSIVE + 1;
   r1[0].down_until = 1795000000.5;
@@ -355,6 +360,8 @@ static void test_admin_sums_servers_over_workers(void **state) {
   assert_int_equal(rows[0].sum.open, 1);
   assert_int_equal(rows[0].sum.bytes_to, 150);
   assert_int_equal(rows[0].sum.bytes_from, 10);
+  assert_int_equal(rows[0].sum.tls_resumed, 3);
+  assert_int_equal(rows[0].sum.failures[SL_METRICS_TLS], 2);
   assert_int_equal(rows[0].ndown, 1);
   assert_int_equal(rows[1].ndown, 0);
   free(rows);
@@ -371,7 +378,7 @@ static void test_admin_sums_servers_over_workers(void **state) {
        "\"2026-11-18T11:06:40.500Z\", \"remaining_ms\": 500}], "
        "\"retired\": false,",
       "\"active\": 1, \"connections\": 5, \"failures\": {\"refused\": 1, "
-       "\"timeout\": 0, \"other\": 0},",
+       "\"timeout\": 0, \"other\": 0, \"tls\": 2},",
       "\"sent_bytes\": 150, \"received_bytes\": 10, \"marked_down\": "
        "{\"passive\": 1, \"health_check\": 0}}",
       "{\"address\": \"b:2\", \"weight\": 1, \"backup\": true, \"state\": \"up\", \"down\": [], "
@@ -398,6 +405,9 @@ static void test_admin_sums_servers_over_workers(void **state) {
       "sluice_upstream_server_backup{upstream=\"back\",server=\"b:2\"} 1\n",
       "sluice_upstream_server_connect_failures_total{upstream=\"back\","
        "server=\"a:1\",reason=\"refused\"} 1\n",
+      "sluice_upstream_server_connect_failures_total{upstream=\"back\","
+       "server=\"a:1\",reason=\"tls\"} 2\n",
+      "sluice_upstream_server_tls_resumed_total{upstream=\"back\",server=\"a:1\"} 3\n",
       "sluice_upstream_server_marked_down_total{upstream=\"back\","
        "server=\"a:1\",cause=\"passive\"} 1\n",
       "sluice_upstream_server_connect_seconds_count{upstream=\"back\","

@@ -38,7 +38,9 @@ static int sl_channel_tls_failure(sl_channel *ch, int e, char *why, size_t len) 
                                     e == SSL_ERROR_ZERO_RETURN || e == SSL_ERROR_SYSCALL
                                         ? "eof" : "error");
   /* A server certificate refused: what was wrong with it. */
-  long v = (ch->tls_state & SL_TLS_CLIENT) ? SSL_get_verify_result(ch->ssl) : X509_V_OK;
+  long v = (ch->tls_state & SL_TLS_CLIENT) && (SSL_get_verify_mode(ch->ssl) & SSL_VERIFY_PEER)
+               ? SSL_get_verify_result(ch->ssl)
+               : X509_V_OK;
   if (v != X509_V_OK)
     snprintf(why, len, "tls_error (%s: %s)", t, X509_verify_cert_error_string(v));
   else
@@ -78,7 +80,8 @@ int sl_channel_tls_client(sl_channel *ch, struct ssl_ctx_st *ctx, const char *se
   /* SNI names a host, never an address (RFC 6066). */
   if (ok && server_name) ok = SSL_set_tlsext_host_name(ssl, server_name) == 1;
   /* An address is checked against the certificate's IP entries. */
-  if (ok && verify_name) ok = SSL_set1_host(ssl, verify_name) == 1;
+  if (ok && verify_name && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER))
+    ok = SSL_set1_host(ssl, verify_name) == 1;
   if (ok && session_slot) {
     sl_tls_session_slot(ssl, session_slot);
     if (*session_slot) SSL_set_session(ssl, *session_slot);   /* a stale one: a full handshake */

@@ -151,6 +151,11 @@ void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from) {
         rt->bal.peers[j].fails = was->bal.peers[k].fails;
         rt->bal.peers[j].down_until = was->bal.peers[k].down_until;
         rt->bal.peers[j].check_down = was->bal.peers[k].check_down;
+        /* The same TLS context (shared by the derived configuration): its
+         * sessions resume as before. */
+        if (rt->sessions && was->sessions && rt->cfg->tls == was->cfg->tls &&
+            was->sessions[k] != NULL && SSL_SESSION_up_ref(was->sessions[k]) == 1)
+          rt->sessions[j] = was->sessions[k];
         break;
       }
     }

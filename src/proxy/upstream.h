@@ -44,7 +44,8 @@ sl_upstreams *sl_upstreams_create(struct sl_worker *w, const struct sl_config *c
 
 /* Gives the servers of s that from has too (same upstream name, same
  * address) from's health: failed connects in a row, a passive mark, a
- * health check holding it down. For a configuration that replaces from's
+ * health check holding it down, and the TLS session to resume (same TLS
+ * context). For a configuration that replaces from's
  * only because host names answered differently: a server that stays keeps
  * its state. Either may be NULL. */
 void sl_upstreams_inherit(sl_upstreams *s, const sl_upstreams *from);

@@ -699,6 +699,11 @@ function Channel:tls_version()
   local v = c and C.sl_ffi_ctx_tls_version(c)
   return v ~= nil and ffi_string(v) or nil
 end
+function Channel:tls_server_name()
+  local c = self.ctx.cptr
+  local v = c and C.sl_ffi_ctx_tls_server_name(c)
+  return v ~= nil and ffi_string(v) or nil
+end
 
 ---------------------------------------------------------------------------
 -- Stages

@@ -358,6 +358,44 @@ return {
     H.stop_sluice(p)
   end)
 
+  it("shows the certificate the client names by SNI, and tells a Lua stage the name", function()
+    local d = certs_dir()
+    local ca, ca_key = H.make_ca(d, "sni-ca")
+    H.make_signed_cert(d, "wild", ca, ca_key, "DNS:*.wild.test,DNS:wild.test")
+    local stage = H.tmpfile("sni_seen.lua", [[
+local log = require("sluice.log")
+return {
+  channel_active = function(ctx)
+    log.info("active for %s", tostring(ctx:channel():tls_server_name()))
+    ctx:fire_active()
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    local p, o = start({
+      listener = ('pipeline = { %q, "sluice.stages.echo" },'):format(mod),
+      tls = ('certificates = { { certificate = "%s/beta.test.crt", key = "%s/beta.test.key" }, '
+             .. '{ certificate = "%s/wild.crt", key = "%s/wild.key" } },'):format(d, d, d, d),
+    })
+    local function subject_for(name)
+      local out = H.sh(("timeout 20 openssl s_client -connect 127.0.0.1:%d %s </dev/null 2>/dev/null")
+        :format(o.port, name and ("-servername " .. name) or "-noservername"))
+      return out:match("subject=([^\n]*)")
+    end
+    assert.are.equal("CN = beta.test", subject_for("beta.test"))
+    assert.are.equal("CN = beta.test", subject_for("BETA.test"))
+    assert.are.equal("CN = wild", subject_for("api.wild.test"))
+    assert.are.equal("CN = wild", subject_for("wild.test"))
+    -- One label only, and any other name or none: the listener's certificate.
+    assert.are.equal("CN = alpha.test", subject_for("a.b.wild.test"))
+    assert.are.equal("CN = alpha.test", subject_for("gamma.test"))
+    assert.are.equal("CN = alpha.test", subject_for(nil))
+    local log = H.stop_sluice(p)
+    assert.matches("active for beta.test", log, 1, true)
+    assert.matches("active for api.wild.test", log, 1, true)
+    assert.matches("active for nil", log, 1, true)
+  end)
+
   describe("configuration", function()
     local function check(tls_text)
       local d = certs_dir()
@@ -385,6 +423,25 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
       assert.are.equal(2, rc)
       assert.matches("config error: listeners[1].tls.key: " .. certs_dir()
                      .. "/beta.test.key does not match the certificate", out, 1, true)
+    end)
+
+    it("refuses SNI certificates that cannot be used or name a host twice (exit 2)", function()
+      local base = 'certificate = "DIR/alpha.test.crt", key = "DIR/alpha.test.key", '
+      local out, rc = check(base .. 'certificates = { { certificate = "DIR/beta.test.crt", '
+                            .. 'key = "DIR/alpha.test.key" } }')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.certificates[1].key: " .. certs_dir()
+                     .. "/alpha.test.key does not match the certificate", out, 1, true)
+      out, rc = check(base .. 'certificates = { { certificate = "DIR/beta.test.crt", '
+                      .. 'key = "DIR/beta.test.key" }, { certificate = "DIR/beta.test.crt", '
+                      .. 'key = "DIR/beta.test.key" } }')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.certificates[2].certificate: " .. certs_dir()
+                     .. "/beta.test.crt names beta.test, as certificates[1] does", out, 1, true)
+      out, rc = check(base .. 'certificates = { { certificate = "DIR/none.crt", key = "x" } }')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.certificates[1].certificate: cannot read "
+                     .. certs_dir() .. "/none.crt", out, 1, true)
     end)
 
     it("refuses a cipher list OpenSSL has nothing for, and unknown keys (exit 2)", function()

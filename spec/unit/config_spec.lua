@@ -1019,8 +1019,24 @@ describe("sluice.config", function()
         assert.are.equal('config error: listeners[1].tls.key: expected a non-empty string, got ""',
                          bad({ certificate = "/a.crt", key = "" }))
         assert.are.equal("config error: listeners[1].tls.crt: unknown key (expected one of: "
-                         .. "certificate, key, ciphers, ciphersuites, min_version, alpn, "
-                         .. "handshake_timeout_ms, proxy_protocol)", bad({ crt = "/a.crt" }))
+                         .. "certificate, key, certificates, ciphers, ciphersuites, min_version, "
+                         .. "alpn, handshake_timeout_ms, proxy_protocol)", bad({ crt = "/a.crt" }))
+        assert.are.same({ { certificate = FIX .. "/b.crt", key = "/b.key" } },
+                        t({ certificate = "/a.crt", key = "/a.key",
+                            certificates = { { certificate = "b.crt", key = "/b.key" } } })
+                          .certificates)
+        assert.are.equal("config error: listeners[1].tls.certificates: expected a non-empty array "
+                         .. "of { certificate = file, key = file }, got an empty table",
+                         bad({ certificate = "/a", key = "/b", certificates = {} }))
+        assert.are.equal('config error: listeners[1].tls.certificates[1]: expected a table '
+                         .. '{ certificate = file, key = file }, got "/c.crt"',
+                         bad({ certificate = "/a", key = "/b", certificates = { "/c.crt" } }))
+        assert.are.equal("config error: listeners[1].tls.certificates[1].key: expected a "
+                         .. "non-empty string, got nil",
+                         bad({ certificate = "/a", key = "/b", certificates = { { certificate = "/c" } } }))
+        assert.are.equal("config error: listeners[1].tls.certificates[1].crt: unknown key "
+                         .. "(expected one of: certificate, key)",
+                         bad({ certificate = "/a", key = "/b", certificates = { { crt = "/c" } } }))
         assert.are.equal('config error: listeners[1].tls.min_version: expected one of "TLSv1.2", '
                          .. '"TLSv1.3", got "SSLv3"',
                          bad({ certificate = "/a", key = "/b", min_version = "SSLv3" }))

@@ -1,12 +1,15 @@
 #include "io/tls.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "util/common.h"
@@ -118,10 +121,15 @@ static SSL_CTX *sl_tls_ctx_alloc(const SSL_METHOD *method, char *err, size_t err
   return ctx;
 }
 
-SSL_CTX *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
+/* A server context for o with the certificate and key of c. */
+static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, char *err,
+                                  size_t errlen) {
   SSL_CTX *ctx = sl_tls_ctx_alloc(TLS_server_method(), err, errlen);
   if (ctx == NULL) return NULL;
-  if (sl_tls_ctx_setup(ctx, o, err, errlen) != SL_OK) {
+  sl_tls_opts one = *o;
+  one.certificate = c->certificate;
+  one.key = c->key;
+  if (sl_tls_ctx_setup(ctx, &one, err, errlen) != SL_OK) {
     SSL_CTX_free(ctx);
     ERR_clear_error();
     return NULL;
@@ -130,6 +138,176 @@ SSL_CTX *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
   if (o->alpn) SSL_CTX_set_alpn_select_cb(ctx, sl_tls_alpn_select, (void *)o);
   ERR_clear_error();
   return ctx;
+}
+
+/* ---- several certificates, chosen by SNI ---- */
+
+/* One name a certificate is for, lowercase ("api.example.com",
+ * "*.example.com"), and the context that shows it. */
+typedef struct sl_sni_name {
+  char *name;
+  SSL_CTX *ctx;
+  size_t cert;                 /* its index in o->sni */
+} sl_sni_name;
+
+typedef struct sl_sni_table {
+  size_t n;
+  sl_sni_name *names;
+  size_t nctx;
+  SSL_CTX **ctxs;              /* one reference each */
+} sl_sni_table;
+
+static int sl_tls_sni_index = -1;
+static pthread_once_t sl_tls_sni_once = PTHREAD_ONCE_INIT;
+
+static void sl_sni_table_free(sl_sni_table *t) {
+  if (t == NULL) return;
+  for (size_t i = 0; i < t->n; i++) free(t->names[i].name);
+  for (size_t i = 0; i < t->nctx; i++) SSL_CTX_free(t->ctxs[i]);
+  free(t->names);
+  free(t->ctxs);
+  free(t);
+}
+
+/* The table goes with the default context's last reference. */
+static void sl_tls_sni_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                            void *argp) {
+  SL_UNUSED(parent);
+  SL_UNUSED(ad);
+  SL_UNUSED(idx);
+  SL_UNUSED(argl);
+  SL_UNUSED(argp);
+  sl_sni_table_free(ptr);
+}
+
+static void sl_tls_sni_init(void) {
+  sl_tls_sni_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, sl_tls_sni_free);
+}
+
+/* The entry of t for host (exact first, then a wildcard for its first
+ * label), or NULL. */
+static const sl_sni_name *sl_sni_find(const sl_sni_table *t, const char *host) {
+  for (size_t i = 0; i < t->n; i++)
+    if (strcasecmp(t->names[i].name, host) == 0) return &t->names[i];
+  const char *dot = strchr(host, '.');
+  if (dot == NULL || dot == host) return NULL;
+  for (size_t i = 0; i < t->n; i++)
+    if (t->names[i].name[0] == '*' && strcasecmp(t->names[i].name + 1, dot) == 0)
+      return &t->names[i];
+  return NULL;
+}
+
+/* OpenSSL's servername callback on the default context: a name that one
+ * of the other certificates is for switches the connection to its
+ * context; any other (or none) keeps the default certificate. */
+static int sl_tls_sni_select(SSL *ssl, int *alert, void *arg) {
+  SL_UNUSED(alert);
+  const sl_sni_table *t = arg;
+  const char *host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+  const sl_sni_name *e = host ? sl_sni_find(t, host) : NULL;
+  if (e != NULL) SSL_set_SSL_CTX(ssl, e->ctx);
+  return SSL_TLSEXT_ERR_OK;
+}
+
+/* Appends the DNS names of ctx's certificate (subject alternative names,
+ * else its common name) to t, for certificate i. SL_ERROR with err when
+ * it names none, or a name an earlier certificate has. */
+static int sl_sni_add_names(sl_sni_table *t, SSL_CTX *ctx, size_t i, const sl_tls_cert *c,
+                            char *err, size_t errlen) {
+  X509 *x = SSL_CTX_get0_certificate(ctx);
+  const char *found[64];
+  size_t nfound = 0;
+  char cn[256];
+  GENERAL_NAMES *gens = x ? X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL) : NULL;
+  for (int k = 0; gens && k < sk_GENERAL_NAME_num(gens) && nfound < 64; k++) {
+    const GENERAL_NAME *g = sk_GENERAL_NAME_value(gens, k);
+    if (g->type == GEN_DNS) found[nfound++] = (const char *)ASN1_STRING_get0_data(g->d.dNSName);
+  }
+  if (nfound == 0 && x &&
+      X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn)) > 0)
+    found[nfound++] = cn;
+  if (nfound == 0) {
+    GENERAL_NAMES_free(gens);
+    snprintf(err, errlen, "certificates[%zu].certificate: %s names no host (no DNS subject "
+             "alternative name, no common name)", i + 1, c->certificate);
+    return SL_ERROR;
+  }
+  sl_sni_name *grown = realloc(t->names, (t->n + nfound) * sizeof(*grown));
+  if (grown == NULL) {
+    GENERAL_NAMES_free(gens);
+    snprintf(err, errlen, "certificates[%zu].certificate: out of memory", i + 1);
+    return SL_ERROR;
+  }
+  t->names = grown;
+  int rc = SL_OK;
+  for (size_t k = 0; k < nfound && rc == SL_OK; k++) {
+    for (size_t j = 0; j < t->n; j++) {
+      if (strcasecmp(t->names[j].name, found[k]) != 0 || t->names[j].cert == i) continue;
+      snprintf(err, errlen, "certificates[%zu].certificate: %s names %s, as certificates[%zu] "
+               "does (expected each host name in one certificate)", i + 1, c->certificate,
+               found[k], t->names[j].cert + 1);
+      rc = SL_ERROR;
+      break;
+    }
+    char *name = rc == SL_OK ? strdup(found[k]) : NULL;
+    if (rc == SL_OK && name == NULL) {
+      snprintf(err, errlen, "certificates[%zu].certificate: out of memory", i + 1);
+      rc = SL_ERROR;
+    }
+    if (rc != SL_OK) break;
+    for (char *p = name; *p; p++) *p = (char)tolower((unsigned char)*p);
+    t->names[t->n++] = (sl_sni_name){.name = name, .ctx = ctx, .cert = i};
+  }
+  GENERAL_NAMES_free(gens);
+  return rc;
+}
+
+/* Builds the contexts of o->sni and hangs their table on ctx. */
+static int sl_tls_sni_attach(SSL_CTX *ctx, const sl_tls_opts *o, char *err, size_t errlen) {
+  pthread_once(&sl_tls_sni_once, sl_tls_sni_init);
+  sl_sni_table *t = calloc(1, sizeof(*t));
+  if (t == NULL || (t->ctxs = calloc(o->nsni, sizeof(SSL_CTX *))) == NULL) {
+    free(t);
+    snprintf(err, errlen, "certificates: out of memory");
+    return SL_ERROR;
+  }
+  for (size_t i = 0; i < o->nsni; i++) {
+    char why[1024];
+    SSL_CTX *c = sl_tls_server_ctx(o, &o->sni[i], why, sizeof(why));
+    if (c == NULL) {
+      snprintf(err, errlen, "certificates[%zu].%s", i + 1, why);
+      sl_sni_table_free(t);
+      return SL_ERROR;
+    }
+    t->ctxs[t->nctx++] = c;
+    if (sl_sni_add_names(t, c, i, &o->sni[i], err, errlen) != SL_OK) {
+      sl_sni_table_free(t);
+      return SL_ERROR;
+    }
+  }
+  if (sl_tls_sni_index < 0 || SSL_CTX_set_ex_data(ctx, sl_tls_sni_index, t) != 1) {
+    sl_sni_table_free(t);
+    snprintf(err, errlen, "certificates: out of memory");
+    return SL_ERROR;
+  }
+  SSL_CTX_set_tlsext_servername_callback(ctx, sl_tls_sni_select);
+  SSL_CTX_set_tlsext_servername_arg(ctx, t);
+  return SL_OK;
+}
+
+SSL_CTX *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
+  sl_tls_cert main = {o->certificate, o->key};
+  SSL_CTX *ctx = sl_tls_server_ctx(o, &main, err, errlen);
+  if (ctx != NULL && o->nsni > 0 && sl_tls_sni_attach(ctx, o, err, errlen) != SL_OK) {
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return NULL;
+  }
+  return ctx;
+}
+
+const char *sl_tls_server_name(const SSL *ssl) {
+  return ssl ? SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name) : NULL;
 }
 
 /* ---- client contexts (upstreams) ---- */

@@ -23,6 +23,12 @@ struct ssl_ctx_st;
 struct ssl_st;
 struct ssl_session_st;
 
+/* A certificate and its key (PEM files). */
+typedef struct sl_tls_cert {
+  const char *certificate;
+  const char *key;
+} sl_tls_cert;
+
 typedef struct sl_tls_opts {
   const char *certificate;     /* PEM file: the certificate, then its chain (a client
                                   context: NULL, or the client certificate it shows) */
@@ -33,6 +39,12 @@ typedef struct sl_tls_opts {
   const unsigned char *alpn;   /* protocols in wire format (length-prefixed), NULL: none;
                                   borrowed for the context's life */
   size_t alpn_len;
+  /* Server contexts only: more certificates, each chosen for a client whose
+   * ClientHello names (SNI) one of its DNS names (subject alternative
+   * names, else its common name; "*.example.com" covers one label). Any
+   * other client gets certificate. */
+  const sl_tls_cert *sni;
+  size_t nsni;
   /* Client contexts only. */
   int verify;                  /* 1: the server's certificate is verified (chain and name) */
   const char *ca;              /* PEM file of trusted certificates; NULL: the system's */
@@ -44,7 +56,9 @@ typedef struct sl_tls_opts {
 
 /* A server context for o. Returns it (one reference), or NULL with the
  * message in err, starting with the key at fault: "certificate: cannot
- * read /etc/x.pem (No such file or directory)". */
+ * read /etc/x.pem (No such file or directory)", "certificates[2].key:
+ * ...", or "certificates[2].certificate: ... names api.example.com, as
+ * certificates[1] does" (each name may be chosen by one certificate). */
 struct ssl_ctx_st *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen);
 
 /* A client context for o (an upstream's tls): the same options, where a
@@ -69,6 +83,10 @@ struct ssl_ctx_st *sl_tls_ctx_ref(struct ssl_ctx_st *ctx);
 /* Drops the reference sl_tls_ctx_new returned (connections keep theirs).
  * NULL is fine. */
 void sl_tls_ctx_free(struct ssl_ctx_st *ctx);
+
+/* The host name a client asked for by SNI on ssl (a server's SSL), or
+ * the one a client SSL sent; NULL when none. Borrowed from ssl. */
+const char *sl_tls_server_name(const struct ssl_st *ssl);
 
 /* The text of OpenSSL's first queued error on this thread ("wrong version number"),
  * or fallback when there is none; the thread's error queue is emptied. */

@@ -9,6 +9,7 @@
 #include "buf/buf.h"
 #include "buf/leak.h"
 #include "io/channel.h"
+#include "io/tls.h"
 #include "io/worker.h"
 #include "lua/host.h"
 #include "pipeline/stages.h"
@@ -344,6 +345,10 @@ const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote) {
 
 const char *sl_ffi_ctx_tls_version(sl_ctx *ctx) {
   return sl_channel_tls_version(sl_ctx_channel(ctx));
+}
+
+const char *sl_ffi_ctx_tls_server_name(sl_ctx *ctx) {
+  return sl_tls_server_name(sl_ctx_channel(ctx)->ssl);
 }
 
 double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }

@@ -239,6 +239,10 @@ SL_FFI_EXPORT int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ct
 SL_FFI_EXPORT const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
 /* The TLS version ctx's channel agreed on ("TLSv1.3"), or NULL: no TLS. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_tls_version(sl_ctx *ctx);
+/* The host name of the TLS session's SNI (the one the client asked for;
+ * on an upstream channel, the one sluice sent), or NULL: none, no TLS, or
+ * the channel closed. */
+SL_FFI_EXPORT const char *sl_ffi_ctx_tls_server_name(sl_ctx *ctx);
 /* 1 while ctx's channel is open (not closed, though perhaps closing). */
 SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */

@@ -162,6 +162,11 @@ static void sl_tls_opts_free(sl_tls_opts *o) {
   free((char *)o->ciphersuites);
   free((unsigned char *)o->alpn);
   free((char *)o->ca);
+  for (size_t i = 0; o->sni && i < o->nsni; i++) {
+    free((char *)o->sni[i].certificate);
+    free((char *)o->sni[i].key);
+  }
+  free((sl_tls_cert *)o->sni);
   memset(o, 0, sizeof(*o));
 }
 
@@ -353,7 +358,25 @@ static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char
   lua_getfield(L, tt, "alpn");
   if (sl_read_alpn(L, o) != SL_OK) o->alpn_len = 1;   /* reported below */
   lua_pop(L, 1);
-  if (o->certificate == NULL || o->key == NULL || (o->alpn == NULL && o->alpn_len != 0)) {
+  int short_of_memory = 0;
+  lua_getfield(L, tt, "certificates");
+  if (lua_istable(L, -1)) {
+    size_t n = lua_objlen(L, -1);
+    sl_tls_cert *more = calloc(n, sizeof(*more));
+    for (size_t j = 0; more && j < n; j++) {
+      lua_rawgeti(L, -1, (int)j + 1);
+      more[j].certificate = sl_strdup_field(L, lua_gettop(L), "certificate");
+      more[j].key = sl_strdup_field(L, lua_gettop(L), "key");
+      short_of_memory |= more[j].certificate == NULL || more[j].key == NULL;
+      lua_pop(L, 1);
+    }
+    o->sni = more;
+    o->nsni = more ? n : 0;
+    short_of_memory |= more == NULL;
+  }
+  lua_pop(L, 1);
+  if (o->certificate == NULL || o->key == NULL || (o->alpn == NULL && o->alpn_len != 0) ||
+      short_of_memory) {
     snprintf(err, errlen, "config error: out of memory");
     return SL_ERROR;
   }
@@ -675,11 +698,7 @@ void sl_config_free(sl_config *c) {
     free(l->name);
     free(l->listen_text);
     sl_tls_ctx_free(l->tls);
-    free((char *)l->tls_opts.certificate);
-    free((char *)l->tls_opts.key);
-    free((char *)l->tls_opts.ciphers);
-    free((char *)l->tls_opts.ciphersuites);
-    free((unsigned char *)l->tls_opts.alpn);
+    sl_tls_opts_free(&l->tls_opts);
   }
   free(c->listeners);
   free(c->search_path);

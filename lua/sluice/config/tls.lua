@@ -8,6 +8,10 @@
 --                         configuration file's folder
 --     key                 required non-empty string: a PEM file holding its
 --                         private key (no passphrase); relative as above
+--     certificates        optional non-empty array of { certificate, key }
+--                         (the same rules): more certificates, each shown to
+--                         the clients whose SNI names one of its DNS names;
+--                         the others get certificate
 --     ciphers             optional non-empty string: TLS 1.2 ciphers, in
 --                         OpenSSL's cipher list syntax; default OpenSSL's
 --     ciphersuites        optional non-empty string: TLS 1.3 suites, in
@@ -36,7 +40,8 @@
 -- the error at listeners[N].tls.KEY as well.
 --
 -- Normalized: nil, or { certificate, key (paths made absolute against the
--- configuration's folder when relative), ciphers (or nil), ciphersuites (or
+-- configuration's folder when relative), certificates (or nil: an array of
+-- { certificate, key }, absolute), ciphers (or nil), ciphersuites (or
 -- nil), min_version, alpn (array, or nil), handshake_timeout_ms,
 -- proxy_protocol }.
 
@@ -80,8 +85,8 @@ local check_keys, check_array, check_positive_int, check_one_of =
 
 require("sluice.config.sandbox").exempt()
 
-local TLS_KEYS = { "certificate", "key", "ciphers", "ciphersuites", "min_version", "alpn",
-                   "handshake_timeout_ms", "proxy_protocol" }
+local TLS_KEYS = { "certificate", "key", "certificates", "ciphers", "ciphersuites", "min_version",
+                   "alpn", "handshake_timeout_ms", "proxy_protocol" }
 local CLIENT_KEYS = { "server_name", "verify", "ca", "certificate", "key", "ciphers",
                       "ciphersuites", "min_version", "alpn", "session_reuse" }
 local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
@@ -115,6 +120,28 @@ local function check_alpn(v, path)
     return out
 end
 
+local function check_certificates(v, path, config_dir)
+    if v == nil then return nil end
+    if type(v) ~= "table" or v[1] == nil then
+        fail(path, "expected a non-empty array of { certificate = file, key = file }, got %s",
+             show(v))
+    end
+    local out = {}
+    for i = 1, check_array(v, path) do
+        local e, epath = v[i], path .. "[" .. i .. "]"
+        if type(e) ~= "table" then
+            fail(epath, "expected a table { certificate = file, key = file }, got %s", show(e))
+        end
+        check_keys(e, epath, { "certificate", "key" })
+        out[i] = {
+            certificate = absolute(check_string(e.certificate, epath .. ".certificate", true),
+                                   config_dir),
+            key = absolute(check_string(e.key, epath .. ".key", true), config_dir),
+        }
+    end
+    return out
+end
+
 -- Returns the normalized tls table of a listener (nil when absent).
 -- config_dir: the configuration's folder (relative paths start there).
 function _M.check(t, path, config_dir)
@@ -128,6 +155,7 @@ function _M.check(t, path, config_dir)
     local out = {
         certificate = absolute(cert, config_dir),
         key = absolute(key, config_dir),
+        certificates = check_certificates(t.certificates, path .. ".certificates", config_dir),
         ciphers = check_string(t.ciphers, path .. ".ciphers", false),
         ciphersuites = check_string(t.ciphersuites, path .. ".ciphersuites", false),
         min_version = check_one_of(t.min_version, path .. ".min_version",

@@ -120,6 +120,7 @@ int sl_ffi_ctx_stages(sl_ctx *ctx, const char **names, sl_ctx **ctxs, int max);
 const char *sl_ffi_ctx_address(sl_ctx *ctx, int remote);
 const char *sl_ffi_ctx_tls_version(sl_ctx *ctx);
 const char *sl_ffi_ctx_tls_server_name(sl_ctx *ctx);
+const char *sl_ffi_ctx_tls_peer_subject(sl_ctx *ctx);
 void sl_ffi_ctx_unhandled(sl_ctx *ctx);
 int sl_ffi_ctx_is_open(sl_ctx *ctx);
 double sl_ffi_ctx_now(sl_ctx *ctx);

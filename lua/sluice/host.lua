@@ -704,6 +704,11 @@ function Channel:tls_server_name()
   local v = c and C.sl_ffi_ctx_tls_server_name(c)
   return v ~= nil and ffi_string(v) or nil
 end
+function Channel:tls_peer_subject()
+  local c = self.ctx.cptr
+  local v = c and C.sl_ffi_ctx_tls_peer_subject(c)
+  return v ~= nil and ffi_string(v) or nil
+end
 
 ---------------------------------------------------------------------------
 -- Stages

@@ -396,6 +396,51 @@ return {
     assert.matches("active for nil", log, 1, true)
   end)
 
+  it("asks clients for a certificate from client_ca, refuses the others, and names it to a stage",
+     function()
+    local d = certs_dir()
+    local ca, ca_key = H.make_ca(d, "clients-ca")
+    local ccert, ckey = H.make_signed_cert(d, "client.test", ca, ca_key)
+    local stage = H.tmpfile("peer_seen.lua", [[
+local log = require("sluice.log")
+return {
+  channel_active = function(ctx)
+    log.info("client certificate %s", tostring(ctx:channel():tls_peer_subject()))
+    ctx:fire_active()
+  end,
+}
+]])
+    local mod = stage:match("([^/]+)%.lua$")
+    -- socat as a TLS client with the certificate (or none): what came back.
+    local function send(o, what, cert, key)
+      local out = H.tmpfile("mtls.out")
+      H.sh(("printf %s | timeout 20 socat -t 5 - OPENSSL:127.0.0.1:%d,verify=0%s >%s 2>/dev/null")
+        :format(H.shq(what), o.port,
+                cert and (",cert=%s,key=%s"):format(H.shq(cert), H.shq(key)) or "", H.shq(out)))
+      return H.read(out)
+    end
+    local p, o = start({ listener = ('pipeline = { %q, "sluice.stages.echo" },'):format(mod),
+                         tls = ("client_ca = %q,"):format(ca) })
+    local base = H.pool_held(o.admin)
+    assert.are.equal("with one", send(o, "with one", ccert, ckey))
+    assert.are.equal("", send(o, "without", nil))
+    assert.are.equal("", send(o, "self-signed", d .. "/beta.test.crt", d .. "/beta.test.key"))
+    assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(H.pool_back(o.admin, base))
+    local log = H.stop_sluice(p)
+    assert.matches("client certificate CN=client.test", log, 1, true)
+    assert.matches("tls_error (peer did not return a certificate)", log, 1, true)
+    assert.matches("tls_error (certificate verify failed: self-signed certificate)", log, 1, true)
+    -- optional: a client without one is let in, one with a bad one is not.
+    p, o = start({ listener = ('pipeline = { %q, "sluice.stages.echo" },'):format(mod),
+                   tls = ('client_ca = %q, client_certificate = "optional",'):format(ca) })
+    assert.are.equal("anonymous", send(o, "anonymous", nil))
+    assert.are.equal("", send(o, "self-signed", d .. "/beta.test.crt", d .. "/beta.test.key"))
+    log = H.stop_sluice(p)
+    assert.matches("client certificate nil", log, 1, true)
+  end)
+
   describe("configuration", function()
     local function check(tls_text)
       local d = certs_dir()
@@ -438,6 +483,10 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
       assert.are.equal(2, rc, out)
       assert.matches("config error: listeners[1].tls.certificates[2].certificate: " .. certs_dir()
                      .. "/beta.test.crt names beta.test, as certificates[1] does", out, 1, true)
+      out, rc = check(base .. 'client_ca = "DIR/no-ca.pem"')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.client_ca: cannot read " .. certs_dir()
+                     .. "/no-ca.pem (No such file or directory)", out, 1, true)
       out, rc = check(base .. 'certificates = { { certificate = "DIR/none.crt", key = "x" } }')
       assert.are.equal(2, rc, out)
       assert.matches("config error: listeners[1].tls.certificates[1].certificate: cannot read "

@@ -1019,8 +1019,24 @@ describe("sluice.config", function()
         assert.are.equal('config error: listeners[1].tls.key: expected a non-empty string, got ""',
                          bad({ certificate = "/a.crt", key = "" }))
         assert.are.equal("config error: listeners[1].tls.crt: unknown key (expected one of: "
-                         .. "certificate, key, certificates, ciphers, ciphersuites, min_version, "
-                         .. "alpn, handshake_timeout_ms, proxy_protocol)", bad({ crt = "/a.crt" }))
+                         .. "certificate, key, certificates, client_ca, client_certificate, "
+                         .. "ciphers, ciphersuites, min_version, alpn, handshake_timeout_ms, "
+                         .. "proxy_protocol)", bad({ crt = "/a.crt" }))
+        assert.are.same({ "/ca.pem", "optional" }, (function(v)
+          return { v.client_ca, v.client_certificate }
+        end)(t({ certificate = "/a", key = "/b", client_ca = "/ca.pem",
+                 client_certificate = "optional" })))
+        assert.are.equal("required", t({ certificate = "/a", key = "/b", client_ca = "ca.pem" })
+          .client_certificate)
+        assert.are.equal(FIX .. "/ca.pem", t({ certificate = "/a", key = "/b", client_ca = "ca.pem" })
+          .client_ca)
+        assert.are.equal('config error: listeners[1].tls.client_certificate: expected it only '
+                         .. 'with client_ca (the CAs that issue client certificates), got "optional"',
+                         bad({ certificate = "/a", key = "/b", client_certificate = "optional" }))
+        assert.are.equal('config error: listeners[1].tls.client_certificate: expected one of '
+                         .. '"required", "optional", got "yes"',
+                         bad({ certificate = "/a", key = "/b", client_ca = "/c",
+                               client_certificate = "yes" }))
         assert.are.same({ { certificate = FIX .. "/b.crt", key = "/b.key" } },
                         t({ certificate = "/a.crt", key = "/a.key",
                             certificates = { { certificate = "b.crt", key = "/b.key" } } })

@@ -37,8 +37,9 @@ static int sl_channel_tls_failure(sl_channel *ch, int e, char *why, size_t len) 
   const char *t = sl_tls_error_text(text, sizeof(text),
                                     e == SSL_ERROR_ZERO_RETURN || e == SSL_ERROR_SYSCALL
                                         ? "eof" : "error");
-  /* A server certificate refused: what was wrong with it. */
-  long v = (ch->tls_state & SL_TLS_CLIENT) && (SSL_get_verify_mode(ch->ssl) & SSL_VERIFY_PEER)
+  /* A certificate refused (a server's, or a client's with client_ca):
+   * what was wrong with it. */
+  long v = (SSL_get_verify_mode(ch->ssl) & SSL_VERIFY_PEER)
                ? SSL_get_verify_result(ch->ssl)
                : X509_V_OK;
   if (v != X509_V_OK)

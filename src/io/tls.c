@@ -121,6 +121,33 @@ static SSL_CTX *sl_tls_ctx_alloc(const SSL_METHOD *method, char *err, size_t err
   return ctx;
 }
 
+/* Asks clients of ctx for a certificate issued by one of o->client_ca's. */
+static int sl_tls_client_ca(SSL_CTX *ctx, const sl_tls_opts *o, char *err, size_t errlen) {
+  STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(o->client_ca);
+  if (names == NULL || SSL_CTX_load_verify_locations(ctx, o->client_ca, NULL) != 1) {
+    sk_X509_NAME_pop_free(names, X509_NAME_free);
+    sl_tls_file_error(err, errlen, "client_ca", o->client_ca, "a PEM file of certificates");
+    return SL_ERROR;
+  }
+  SSL_CTX_set_client_CA_list(ctx, names);   /* named in the CertificateRequest */
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (o->client_optional ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT),
+                     NULL);
+  return SL_OK;
+}
+
+const char *sl_tls_peer_subject(const SSL *ssl) {
+  static __thread char text[256];
+  X509 *x = ssl ? SSL_get0_peer_certificate(ssl) : NULL;
+  if (x == NULL) return NULL;
+  BIO *b = BIO_new(BIO_s_mem());
+  if (b == NULL) return NULL;
+  int n = X509_NAME_print_ex(b, X509_get_subject_name(x), 0, XN_FLAG_RFC2253);
+  int got = n > 0 ? BIO_read(b, text, (int)sizeof(text) - 1) : 0;
+  BIO_free(b);
+  text[got > 0 ? got : 0] = '\0';
+  return text;
+}
+
 /* A server context for o with the certificate and key of c. */
 static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, char *err,
                                   size_t errlen) {
@@ -136,6 +163,15 @@ static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, ch
   }
   SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
   if (o->alpn) SSL_CTX_set_alpn_select_cb(ctx, sl_tls_alpn_select, (void *)o);
+  /* Sessions resume only in the context that made them (and OpenSSL
+   * refuses to resume without one when it verifies clients). */
+  static const unsigned char sid[] = "sluice";
+  SSL_CTX_set_session_id_context(ctx, sid, sizeof(sid) - 1);
+  if (o->client_ca && sl_tls_client_ca(ctx, o, err, errlen) != SL_OK) {
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return NULL;
+  }
   ERR_clear_error();
   return ctx;
 }

@@ -45,6 +45,12 @@ typedef struct sl_tls_opts {
    * other client gets certificate. */
   const sl_tls_cert *sni;
   size_t nsni;
+  /* Server contexts only: client certificates (mutual TLS). client_ca: a
+   * PEM file of the CAs that issue them, NULL: none asked for; with
+   * client_optional a client without one is let in (one with a bad one
+   * is not). */
+  const char *client_ca;
+  int client_optional;
   /* Client contexts only. */
   int verify;                  /* 1: the server's certificate is verified (chain and name) */
   const char *ca;              /* PEM file of trusted certificates; NULL: the system's */
@@ -83,6 +89,11 @@ struct ssl_ctx_st *sl_tls_ctx_ref(struct ssl_ctx_st *ctx);
 /* Drops the reference sl_tls_ctx_new returned (connections keep theirs).
  * NULL is fine. */
 void sl_tls_ctx_free(struct ssl_ctx_st *ctx);
+
+/* The subject of the certificate the peer of ssl showed, verified (RFC
+ * 2253: "CN=client.test,O=Example"), in a buffer of the calling thread's
+ * that the next call overwrites; NULL when it showed none. */
+const char *sl_tls_peer_subject(const struct ssl_st *ssl);
 
 /* The host name a client asked for by SNI on ssl (a server's SSL), or
  * the one a client SSL sent; NULL when none. Borrowed from ssl. */

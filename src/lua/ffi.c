@@ -351,6 +351,10 @@ const char *sl_ffi_ctx_tls_server_name(sl_ctx *ctx) {
   return sl_tls_server_name(sl_ctx_channel(ctx)->ssl);
 }
 
+const char *sl_ffi_ctx_tls_peer_subject(sl_ctx *ctx) {
+  return sl_tls_peer_subject(sl_ctx_channel(ctx)->ssl);
+}
+
 double sl_ffi_ctx_now(sl_ctx *ctx) { return ev_now(sl_ctx_channel(ctx)->w->loop) * 1000.0; }
 
 int sl_ffi_ctx_is_open(sl_ctx *ctx) { return !sl_channel_is_closed(sl_ctx_channel(ctx)); }

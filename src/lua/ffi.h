@@ -243,6 +243,9 @@ SL_FFI_EXPORT const char *sl_ffi_ctx_tls_version(sl_ctx *ctx);
  * on an upstream channel, the one sluice sent), or NULL: none, no TLS, or
  * the channel closed. */
 SL_FFI_EXPORT const char *sl_ffi_ctx_tls_server_name(sl_ctx *ctx);
+/* The subject of the certificate the channel's TLS peer showed (RFC 2253
+ * text, copied at once by the caller), or NULL: none, no TLS, closed. */
+SL_FFI_EXPORT const char *sl_ffi_ctx_tls_peer_subject(sl_ctx *ctx);
 /* 1 while ctx's channel is open (not closed, though perhaps closing). */
 SL_FFI_EXPORT int sl_ffi_ctx_is_open(sl_ctx *ctx);
 /* Counts a message that no stage handled (the tail's counter). */

@@ -162,6 +162,7 @@ static void sl_tls_opts_free(sl_tls_opts *o) {
   free((char *)o->ciphersuites);
   free((unsigned char *)o->alpn);
   free((char *)o->ca);
+  free((char *)o->client_ca);
   for (size_t i = 0; o->sni && i < o->nsni; i++) {
     free((char *)o->sni[i].certificate);
     free((char *)o->sni[i].key);
@@ -358,6 +359,10 @@ static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char
   lua_getfield(L, tt, "alpn");
   if (sl_read_alpn(L, o) != SL_OK) o->alpn_len = 1;   /* reported below */
   lua_pop(L, 1);
+  o->client_ca = sl_strdup_field(L, tt, "client_ca");
+  char *cc = sl_strdup_field(L, tt, "client_certificate");
+  o->client_optional = cc && strcmp(cc, "optional") == 0;
+  free(cc);
   int short_of_memory = 0;
   lua_getfield(L, tt, "certificates");
   if (lua_istable(L, -1)) {

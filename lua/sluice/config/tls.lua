@@ -12,6 +12,12 @@
 --                         (the same rules): more certificates, each shown to
 --                         the clients whose SNI names one of its DNS names;
 --                         the others get certificate
+--     client_ca           optional non-empty string: a PEM file of the CAs
+--                         whose client certificates are accepted (mutual
+--                         TLS); relative as above
+--     client_certificate  optional "required" (default) or "optional", only
+--                         with client_ca: whether a client without a
+--                         certificate is let in
 --     ciphers             optional non-empty string: TLS 1.2 ciphers, in
 --                         OpenSSL's cipher list syntax; default OpenSSL's
 --     ciphersuites        optional non-empty string: TLS 1.3 suites, in
@@ -41,7 +47,8 @@
 --
 -- Normalized: nil, or { certificate, key (paths made absolute against the
 -- configuration's folder when relative), certificates (or nil: an array of
--- { certificate, key }, absolute), ciphers (or nil), ciphersuites (or
+-- { certificate, key }, absolute), client_ca (absolute, or nil),
+-- client_certificate ("required", "optional", or nil without client_ca), ciphers (or nil), ciphersuites (or
 -- nil), min_version, alpn (array, or nil), handshake_timeout_ms,
 -- proxy_protocol }.
 
@@ -85,8 +92,9 @@ local check_keys, check_array, check_positive_int, check_one_of =
 
 require("sluice.config.sandbox").exempt()
 
-local TLS_KEYS = { "certificate", "key", "certificates", "ciphers", "ciphersuites", "min_version",
-                   "alpn", "handshake_timeout_ms", "proxy_protocol" }
+local TLS_KEYS = { "certificate", "key", "certificates", "client_ca", "client_certificate",
+                   "ciphers", "ciphersuites", "min_version", "alpn", "handshake_timeout_ms",
+                   "proxy_protocol" }
 local CLIENT_KEYS = { "server_name", "verify", "ca", "certificate", "key", "ciphers",
                       "ciphersuites", "min_version", "alpn", "session_reuse" }
 local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
@@ -156,6 +164,7 @@ function _M.check(t, path, config_dir)
         certificate = absolute(cert, config_dir),
         key = absolute(key, config_dir),
         certificates = check_certificates(t.certificates, path .. ".certificates", config_dir),
+        client_ca = check_string(t.client_ca, path .. ".client_ca", false),
         ciphers = check_string(t.ciphers, path .. ".ciphers", false),
         ciphersuites = check_string(t.ciphersuites, path .. ".ciphersuites", false),
         min_version = check_one_of(t.min_version, path .. ".min_version",
@@ -169,6 +178,14 @@ function _M.check(t, path, config_dir)
         fail(path .. ".proxy_protocol", "expected a boolean, got %s", show(t.proxy_protocol))
     end
     out.proxy_protocol = t.proxy_protocol == true
+    if out.client_ca then
+        out.client_ca = absolute(out.client_ca, config_dir)
+        out.client_certificate = check_one_of(t.client_certificate, path .. ".client_certificate",
+                                              { "required", "optional" }, "required")
+    elseif t.client_certificate ~= nil then
+        fail(path .. ".client_certificate", "expected it only with client_ca (the CAs that "
+             .. "issue client certificates), got %s", show(t.client_certificate))
+    end
     return out
 end
 

@@ -165,8 +165,12 @@ describe("upstreams with tls", function()
     assert.are.equal("", H.exchange(o.port, "anonymous", 10))
     assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
     local log = H.stop_sluice(o.p)
-    assert.matches(("upstream 127.0.0.1:%d for front closed: tls_error (tlsv13 alert certificate "
-                    .. "required)"):format(s.port), log, 1, true)
+    -- The alert, or (when sluice's write reached the server after it had
+    -- closed) the reset that drops it.
+    local closed = log:match(("upstream 127%%.0%%.0%%.1:%d for front closed: ([^\n]*)")
+      :format(s.port)) or ""
+    assert.is_truthy(closed:find("tls_error (tlsv13 alert certificate required)", 1, true)
+                     or closed:find("reset (Connection reset by peer)", 1, true), log)
   end)
 
   it("resume the server's session on the next connection, unless session_reuse = false", function()

@@ -259,6 +259,47 @@ describe("upstreams with tls", function()
     assert.matches("TLS handshake timed out", log, 1, true)
   end)
 
+  it("check their servers over TLS: a certificate that fails marks its server down", function()
+    local c = pki()
+    local good = keep(tls_echo(c.backend, c.backend_key))
+    local untrusted = keep(tls_echo(c.selfsigned, c.selfsigned_key))
+    local o = start({ good.port, untrusted.port }, ("tls = { ca = %q }, max_fails = 0, "
+      .. "health_check = { interval_ms = 200, timeout_ms = 200, fails = 1, passes = 1 }")
+      :format(c.ca))
+    local down = ("server 127.0.0.1:%d is down (health check: 1 failed in a row, last: tls_error "
+                  .. "(certificate verify failed: self-signed certificate))"):format(untrusted.port)
+    assert(H.wait_for(function() return H.read(o.p.log):find(down, 1, true) end, 20),
+           "no health check line:\n" .. H.read(o.p.log))
+    assert.are.equal(0, server_metric(o, "sluice_upstream_server_up", untrusted.port))
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_up", good.port))
+    for i = 1, 4 do assert.are.equal("via " .. i, H.exchange(o.port, "via " .. i, 10)) end
+    assert.are.equal(4, server_metric(o, "sluice_upstream_server_connections_total", good.port))
+    local log = H.stop_sluice(o.p)
+    assert.not_matches(("server 127.0.0.1:%d is down"):format(good.port), log, 1, true)
+  end)
+
+  it("send and expect a health check's bytes through TLS", function()
+    local c = pki()
+    -- s_server -www answers "GET /" with "HTTP/1.0 200 ok" and a page; a
+    -- TLS echo sends the request back, which has no "200 ok".
+    local www = H.free_port()
+    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -www -quiet")
+      :format(www, H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
+    assert(H.wait_for(function() return H.port_open(www) end, 10), "s_server did not start")
+    local echo = keep(tls_echo(c.backend, c.backend_key))
+    local o = start({ www, echo.port }, ("tls = { ca = %q }, health_check = { interval_ms = 300, "
+      .. "timeout_ms = 300, fails = 1, passes = 1, send = \"GET / HTTP/1.0\\r\\n\\r\\n\", "
+      .. "expect = \"200 ok\" }"):format(c.ca))
+    local down = ("server 127.0.0.1:%d is down (health check: 1 failed in a row"):format(echo.port)
+    assert(H.wait_for(function() return H.read(o.p.log):find(down, 1, true) end, 20),
+           "no health check line:\n" .. H.read(o.p.log))
+    -- A few more rounds: the server that answers stays up.
+    H.sleep(1)
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_up", www))
+    local log = H.stop_sluice(o.p)
+    assert.not_matches(("server 127.0.0.1:%d is down"):format(www), log, 1, true)
+  end)
+
   it("refuse a configuration whose tls files cannot be used, naming the key (exit 2)", function()
     local c = pki()
     local function check(tls)

@@ -1306,12 +1306,6 @@ describe("sluice.config", function()
                          bad({ certificate = "c.crt" }))
         assert.are.equal("config error: upstreams.demo.tls.certificate: expected the client "
                          .. "certificate that goes with key, got nil", bad({ key = "c.key" }))
-        assert.are.equal("config error: upstreams.demo.health_check.send: expected no send with "
-                         .. "tls (health checks are TCP connects, they do not speak TLS)",
-                         bad(true, { health_check = { send = "PING\r\n" } }))
-        assert.are.equal("config error: upstreams.demo.health_check.expect: expected no expect "
-                         .. "with tls (health checks are TCP connects, they do not speak TLS)",
-                         bad(true, { health_check = { expect = "+PONG" } }))
         assert.are.equal('config error: upstreams.demo.tls.session_reuse: expected a boolean, '
                          .. 'got 1', bad({ session_reuse = 1 }))
       end)

@@ -666,6 +666,28 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
   return d;
 }
 
+/* The host of "host:port" or "[v6]:port" in buf. */
+static const char *sl_host_of(const char *text, char *buf, size_t len) {
+  const char *colon = strrchr(text, ':');
+  size_t n = colon ? (size_t)(colon - text) : strlen(text);
+  if (n >= 2 && text[0] == '[' && text[n - 1] == ']') {
+    text++;
+    n -= 2;
+  }
+  if (n >= len) n = len - 1;
+  memcpy(buf, text, n);
+  buf[n] = '\0';
+  return buf;
+}
+
+void sl_upstream_tls_names(const sl_upstream_cfg *u, size_t i, char *host, char *addr,
+                           const char **sni, const char **verify) {
+  const char *name = u->tls_server_name;
+  if (name == NULL && u->server_name[i] != NULL) name = sl_host_of(u->server_name[i], host, 256);
+  *sni = name;
+  *verify = name ? name : sl_host_of(u->server_text[i], addr, 64);
+}
+
 int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y) {
   if (x->nservers != y->nservers || x->tries != y->tries || strcmp(x->name, y->name) != 0)
     return 0;

@@ -172,6 +172,14 @@ sl_config *sl_config_derive(sl_config *cur, sl_lua_cfunction resolve, void *ud, 
  * text[i], family = "inet" or "inet6" }, ... } for i < n. */
 void sl_config_push_addresses(lua_State *L, char text[][46], const int *family, int n);
 
+/* The names TLS uses with server i of u (an upstream with tls): *sni, sent
+ * in the ClientHello (tls.server_name, else the host name the server was
+ * resolved from, else NULL: an address gets none), and *verify, the name
+ * or address its certificate must be for (*sni, else the server's
+ * address). host (256 bytes) and addr (64) hold what they point into. */
+void sl_upstream_tls_names(const sl_upstream_cfg *u, size_t i, char *host, char *addr,
+                           const char **sni, const char **verify);
+
 /* 1 when upstreams x and y have the same name, servers, weights, backup
  * flags and tries. */
 int sl_upstream_same_servers(const sl_upstream_cfg *x, const sl_upstream_cfg *y);

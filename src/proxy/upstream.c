@@ -424,32 +424,14 @@ static double sl_attempt_timeout(const sl_attempt *a) {
   return a->up ? a->up->cfg->connect_timeout : SL_UPSTREAM_ADDRESS_TIMEOUT;
 }
 
-/* The host of "host:port" or "[v6]:port" in buf. */
-static const char *sl_host_of(const char *text, char *buf, size_t len) {
-  const char *colon = strrchr(text, ':');
-  size_t n = colon ? (size_t)(colon - text) : strlen(text);
-  if (n >= 2 && text[0] == '[' && text[n - 1] == ']') {
-    text++;
-    n -= 2;
-  }
-  if (n >= len) n = len - 1;
-  memcpy(buf, text, n);
-  buf[n] = '\0';
-  return buf;
-}
-
-/* Makes ch, the channel of a's current try, a TLS client of its server:
- * SNI and the certificate's name are tls.server_name, else the host name
- * the server was resolved from; a server given as an address gets no SNI
- * and its certificate must be for that address. */
+/* Makes ch, the channel of a's current try, a TLS client of its server
+ * (names: sl_upstream_tls_names). */
 static int sl_attempt_tls(sl_attempt *a, struct sl_channel *ch) {
   const sl_upstream_cfg *u = a->up->cfg;
   char host[256], addr[64];
-  const char *name = u->tls_server_name;
-  if (name == NULL && u->server_name[a->server] != NULL)
-    name = sl_host_of(u->server_name[a->server], host, sizeof(host));
-  const char *verify = name ? name : sl_host_of(u->server_text[a->server], addr, sizeof(addr));
-  return sl_channel_tls_client(ch, u->tls, name, verify, &a->up->sessions[a->server]);
+  const char *sni, *verify;
+  sl_upstream_tls_names(u, (size_t)a->server, host, addr, &sni, &verify);
+  return sl_channel_tls_client(ch, u->tls, sni, verify, &a->up->sessions[a->server]);
 }
 
 /* Starts the next try, or gives up. SL_OK while a try is under way. What

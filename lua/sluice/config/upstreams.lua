@@ -29,9 +29,9 @@
 --                        often host names among servers are resolved again
 --                        while running (0: at start and at reloads only)
 --     tls                optional true or table (sluice.config.tls's
---                        check_client): sluice speaks TLS to the servers;
---                        its health checks stay TCP connects (no send or
---                        expect with tls)
+--                        check_client): sluice speaks TLS to the servers,
+--                        and so do the health checks (send and expect go
+--                        through TLS)
 --
 -- Upstreams are checked by sorted name; inside each, the keys in the order
 -- above (servers in array order), send_proxy, resolve_interval_ms and tls last.
@@ -301,14 +301,7 @@ local function check_upstream(name, up, path, resolve, config_dir)
         tls = check_tls(up.tls, path .. ".tls", config_dir),
         hosts = hosts,
     }
-    local h = u.health_check
-    if u.tls and h and (h.send or h.expect) then
-        -- A check is a TCP connect: its bytes would go in the clear to a
-        -- server that expects a ClientHello.
-        fail(path .. ".health_check." .. (h.send and "send" or "expect"),
-             "expected no %s with tls (health checks are TCP connects, they do not speak TLS)",
-             h.send and "send" or "expect")
-    end
+
     sources[u] = { entries = entries, tries = up.tries, path = path }
     return u
 end

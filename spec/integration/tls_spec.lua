@@ -510,6 +510,26 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
     end)
   end)
 
+  it("resumes a client's session after a reload (the process keeps its ticket keys)", function()
+    local p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },' })
+    local sess = H.tmpfile("session.pem")
+    local function connect(arg)
+      -- (stdin stays open a moment: the session's ticket comes after the
+      -- handshake, and s_client saves the session it has when it quits)
+      local out = H.sh(("(printf 'hi\\n'; sleep 0.5) | timeout 20 openssl s_client -connect "
+        .. "127.0.0.1:%d %s %s 2>&1"):format(o.port, arg, H.shq(sess)))
+      return out:match("\n(%a+), TLSv1%.3") or ("no session line in: " .. out)
+    end
+    assert.are.equal("New", connect("-sess_out"))
+    assert.are.equal("Reused", connect("-sess_in"))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 30), H.read(p.log))
+    assert.are.equal("Reused", connect("-sess_in"))
+    H.stop_sluice(p)
+  end)
+
   it("takes new certificate files on a reload for new connections; open ones keep theirs",
      function()
     local d = certs_dir()

@@ -3,6 +3,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <openssl/err.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -148,6 +149,18 @@ const char *sl_tls_peer_subject(const SSL *ssl) {
   return text;
 }
 
+/* Session ticket keys (a name, an HMAC key and an AES key: OpenSSL's 80
+ * bytes), drawn once per process: every server context uses them, so a
+ * ticket a client got before a reload still resumes after it. A new
+ * process (a restart, a binary upgrade) draws new ones. */
+static unsigned char sl_tls_ticket_keys[80];
+static int sl_tls_ticket_ok;
+static pthread_once_t sl_tls_ticket_once = PTHREAD_ONCE_INIT;
+
+static void sl_tls_ticket_init(void) {
+  sl_tls_ticket_ok = RAND_priv_bytes(sl_tls_ticket_keys, sizeof(sl_tls_ticket_keys)) == 1;
+}
+
 /* A server context for o with the certificate and key of c. */
 static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, char *err,
                                   size_t errlen) {
@@ -167,6 +180,9 @@ static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, ch
    * refuses to resume without one when it verifies clients). */
   static const unsigned char sid[] = "sluice";
   SSL_CTX_set_session_id_context(ctx, sid, sizeof(sid) - 1);
+  pthread_once(&sl_tls_ticket_once, sl_tls_ticket_init);
+  if (sl_tls_ticket_ok)   /* else OpenSSL's own, per context */
+    SSL_CTX_set_tlsext_ticket_keys(ctx, sl_tls_ticket_keys, sizeof(sl_tls_ticket_keys));
   if (o->client_ca && sl_tls_client_ca(ctx, o, err, errlen) != SL_OK) {
     SSL_CTX_free(ctx);
     ERR_clear_error();

@@ -35,6 +35,17 @@ local function tls_echo(cert, key, opts)
   return p
 end
 
+-- openssl s_server on a fresh port with certificate cert and the extra
+-- options args ("-www", "-rev"); returns the process, its port in .port.
+local function s_server(cert, key, args)
+  local port = H.free_port()
+  local p = H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s %s -quiet")
+    :format(port, H.shq(cert), H.shq(key), args), "s_server")
+  assert(H.wait_for(function() return H.port_open(port) end, 10), "s_server did not start")
+  p.port = port
+  return p
+end
+
 -- sluice with listener "front" to upstream "back" (servers: ports or
 -- strings, up: the rest of its table, as Lua text) and an admin port.
 local function start(servers, up, extra)
@@ -90,11 +101,8 @@ describe("upstreams with tls", function()
     local c = pki()
     -- s_server shows other.test's certificate unless the client asks for
     -- backend.test by SNI; -rev answers each line reversed.
-    local port = H.free_port()
-    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -cert2 %s -key2 %s "
-      .. "-servername backend.test -rev -quiet"):format(port, H.shq(c.other), H.shq(c.other_key),
-      H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
-    assert(H.wait_for(function() return H.port_open(port) end, 10), "s_server did not start")
+    local port = keep(s_server(c.other, c.other_key, ("-cert2 %s -key2 %s -servername "
+      .. "backend.test -rev"):format(H.shq(c.backend), H.shq(c.backend_key)))).port
     local o = start({ port }, ("tls = { ca = %q, server_name = \"backend.test\" }"):format(c.ca))
     local out = H.exchange(o.port, "hello sni\n", 10)
     assert.are.equal("ins olleh\n", out)
@@ -177,10 +185,7 @@ describe("upstreams with tls", function()
     local c = pki()
     -- s_server -www answers GET / with a page that says whether the
     -- session was New or Reused.
-    local port = H.free_port()
-    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -www -quiet")
-      :format(port, H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
-    assert(H.wait_for(function() return H.port_open(port) end, 10), "s_server did not start")
+    local port = keep(s_server(c.backend, c.backend_key, "-www")).port
     local function pages(o, n)
       local seen = {}
       for i = 1, n do
@@ -282,10 +287,7 @@ describe("upstreams with tls", function()
     local c = pki()
     -- s_server -www answers "GET /" with "HTTP/1.0 200 ok" and a page; a
     -- TLS echo sends the request back, which has no "200 ok".
-    local www = H.free_port()
-    keep(H.spawn(("openssl s_server -accept 127.0.0.1:%d -cert %s -key %s -www -quiet")
-      :format(www, H.shq(c.backend), H.shq(c.backend_key)), "s_server"))
-    assert(H.wait_for(function() return H.port_open(www) end, 10), "s_server did not start")
+    local www = keep(s_server(c.backend, c.backend_key, "-www")).port
     local echo = keep(tls_echo(c.backend, c.backend_key))
     local o = start({ www, echo.port }, ("tls = { ca = %q }, health_check = { interval_ms = 300, "
       .. "timeout_ms = 300, fails = 1, passes = 1, send = \"GET / HTTP/1.0\\r\\n\\r\\n\", "

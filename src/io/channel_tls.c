@@ -75,24 +75,8 @@ int sl_channel_tls_accept(sl_channel *ch, struct ssl_ctx_st *ctx, double timeout
 
 int sl_channel_tls_client(sl_channel *ch, struct ssl_ctx_st *ctx, const char *server_name,
                           const char *verify_name, SSL_SESSION **session_slot) {
-  ERR_clear_error();
-  SSL *ssl = SSL_new(ctx);
-  int ok = ssl != NULL && SSL_set_fd(ssl, ch->fd) == 1;
-  /* SNI names a host, never an address (RFC 6066). */
-  if (ok && server_name) ok = SSL_set_tlsext_host_name(ssl, server_name) == 1;
-  /* An address is checked against the certificate's IP entries. */
-  if (ok && verify_name && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER))
-    ok = SSL_set1_host(ssl, verify_name) == 1;
-  if (ok && session_slot) {
-    sl_tls_session_slot(ssl, session_slot);
-    if (*session_slot) SSL_set_session(ssl, *session_slot);   /* a stale one: a full handshake */
-  }
-  if (!ok) {
-    SSL_free(ssl);
-    ERR_clear_error();
-    return SL_ERROR;
-  }
-  SSL_set_connect_state(ssl);
+  SSL *ssl = sl_tls_client_new(ctx, ch->fd, server_name, verify_name, session_slot);
+  if (ssl == NULL) return SL_ERROR;
   ch->ssl = ssl;
   ch->tls_state = SL_TLS_CLIENT | SL_TLS_WAIT_CONNECT;
   return SL_OK;

@@ -392,6 +392,29 @@ void sl_tls_session_free(SSL_SESSION **slot) {
   *slot = NULL;
 }
 
+SSL *sl_tls_client_new(SSL_CTX *ctx, int fd, const char *server_name, const char *verify_name,
+                       SSL_SESSION **session_slot) {
+  ERR_clear_error();
+  SSL *ssl = SSL_new(ctx);
+  int ok = ssl != NULL && SSL_set_fd(ssl, fd) == 1;
+  /* SNI names a host, never an address (RFC 6066). */
+  if (ok && server_name) ok = SSL_set_tlsext_host_name(ssl, server_name) == 1;
+  /* An address is checked against the certificate's IP entries. */
+  if (ok && verify_name && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER))
+    ok = SSL_set1_host(ssl, verify_name) == 1;
+  if (ok && session_slot) {
+    sl_tls_session_slot(ssl, session_slot);
+    if (*session_slot) SSL_set_session(ssl, *session_slot);   /* a stale one: a full handshake */
+  }
+  if (!ok) {
+    SSL_free(ssl);
+    ERR_clear_error();
+    return NULL;
+  }
+  SSL_set_connect_state(ssl);
+  return ssl;
+}
+
 SSL_CTX *sl_tls_client_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
   char why[256];
   SSL_CTX *ctx = sl_tls_ctx_alloc(TLS_client_method(), err, errlen);

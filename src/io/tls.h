@@ -73,6 +73,15 @@ struct ssl_ctx_st *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen
  * the key at fault first ("ca: cannot read ..."). */
 struct ssl_ctx_st *sl_tls_client_ctx_new(const sl_tls_opts *o, char *err, size_t errlen);
 
+/* A client SSL of ctx (a client context) on the socket fd, in connect
+ * state: server_name goes in the ClientHello (SNI; NULL: none),
+ * verify_name is the host name or address the server's certificate must
+ * be for when ctx verifies, and session_slot (NULL: none) is resumed from
+ * and given the new sessions (sl_tls_session_slot). NULL when out of
+ * memory. */
+struct ssl_st *sl_tls_client_new(struct ssl_ctx_st *ctx, int fd, const char *server_name,
+                                 const char *verify_name, struct ssl_session_st **session_slot);
+
 /* Session resumption for a client context with session_reuse: ssl, a
  * client SSL of such a context, gives every session the server issues it
  * (after the handshake, or in TLS 1.3 tickets read later) to *slot, which

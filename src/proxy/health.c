@@ -285,19 +285,8 @@ static int sl_health_tls(sl_health *h, sl_health_check *c) {
   char host[256], addr[64];
   const char *sni, *verify;
   sl_upstream_tls_names(h->u, c->index, host, addr, &sni, &verify);
-  ERR_clear_error();
-  SSL *ssl = SSL_new(h->u->tls);
-  int ok = ssl != NULL && SSL_set_fd(ssl, c->fd) == 1;
-  if (ok && sni) ok = SSL_set_tlsext_host_name(ssl, sni) == 1;
-  if (ok && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER)) ok = SSL_set1_host(ssl, verify) == 1;
-  if (!ok) {
-    SSL_free(ssl);
-    ERR_clear_error();
-    return SL_ERROR;
-  }
-  SSL_set_connect_state(ssl);
-  c->ssl = ssl;
-  return SL_OK;
+  c->ssl = sl_tls_client_new(h->u->tls, c->fd, sni, verify, NULL);
+  return c->ssl ? SL_OK : SL_ERROR;
 }
 
 static void sl_health_begin(sl_health *h, sl_health_check *c) {

@@ -25,11 +25,13 @@ end
 
 -- A TLS echo server (socat, a process per connection) on a fresh port with
 -- certificate cert; opts: socat's extra OPENSSL-LISTEN options
--- (",verify=1,cafile=...").
-local function tls_echo(cert, key, opts)
+-- (",verify=1,cafile=..."); cmd: a shell command to run per connection
+-- instead of cat.
+local function tls_echo(cert, key, opts, cmd)
   local port = H.free_port()
-  local p = H.spawn(("socat OPENSSL-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,cert=%s,key=%s%s "
-    .. "EXEC:cat"):format(port, H.shq(cert), H.shq(key), opts or ",verify=0"), "tls-echo")
+  local p = H.spawn(("socat OPENSSL-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,cert=%s,key=%s%s %s")
+    :format(port, H.shq(cert), H.shq(key), opts or ",verify=0",
+            cmd and ("SYSTEM:" .. H.shq(cmd)) or "EXEC:cat"), "tls-echo")
   assert(H.wait_for(function() return H.port_open(port) end, 10), "TLS echo did not start")
   p.port = port
   return p
@@ -47,8 +49,9 @@ local function s_server(cert, key, args)
 end
 
 -- sluice with listener "front" to upstream "back" (servers: ports or
--- strings, up: the rest of its table, as Lua text) and an admin port.
-local function start(servers, up, extra)
+-- strings, up: the rest of its table, as Lua text; front: more keys of the
+-- listener, as Lua text) and an admin port.
+local function start(servers, up, extra, front)
   local list = {}
   for i, s in ipairs(servers) do
     list[i] = type(s) == "number" and ('"127.0.0.1:%d"'):format(s) or s
@@ -59,11 +62,11 @@ return {
   workers = 1,
   drain_timeout_ms = 100,
   admin = { listen = "127.0.0.1:%d" },
-  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back" } },
+  listeners = { { name = "front", listen = "127.0.0.1:%d", upstream = "back", %s } },
   upstreams = { back = { servers = { %s }, %s } },
   %s
 }
-]]):format(o.admin, o.port, table.concat(list, ", "), up, extra or ""))
+]]):format(o.admin, o.port, front or "", table.concat(list, ", "), up, extra or ""))
   o.base = H.pool_held(o.admin)
   return o
 end
@@ -300,6 +303,70 @@ describe("upstreams with tls", function()
     assert.are.equal(1, server_metric(o, "sluice_upstream_server_up", www))
     local log = H.stop_sluice(o.p)
     assert.not_matches(("server 127.0.0.1:%d is down"):format(www), log, 1, true)
+  end)
+
+  it("pass on a client's FIN that came before the handshake once it is done, not inside it",
+     function()
+    local c = pki()
+    -- A server that speaks first, then echoes until the client's end.
+    local s = keep(tls_echo(c.backend, c.backend_key, nil, "echo banner; cat; echo done"))
+    -- The stage connects at the client's FIN: the connect starts with the
+    -- FIN passed on already, and with nothing queued before it.
+    local o = start({ s.port }, ("tls = { ca = %q }"):format(c.ca), nil,
+                    'pipeline = { { "spec.fixtures.upstream.at_end", target = "back" } }')
+    assert.are.equal("banner\ndone\n", H.exchange(o.port, "", 10))
+    assert.are.equal("banner\nhello\ndone\n", H.exchange(o.port, "hello\n", 10))
+    for _, reason in ipairs({ "refused", "timeout", "other", "tls" }) do
+      assert.are.equal(0, server_metric(o, "sluice_upstream_server_connect_failures_total", s.port,
+                                        (',reason="%s"'):format(reason)), reason)
+    end
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    assert.not_matches("connect failed", log, 1, true)
+    -- Without a stage: a client that sends nothing and half-closes at once
+    -- (its FIN often there when its connection is accepted).
+    o = start({ s.port }, ("tls = { ca = %q }"):format(c.ca))
+    for _ = 1, 3 do assert.are.equal("banner\ndone\n", H.exchange(o.port, "", 10)) end
+    log = H.stop_sluice(o.p)
+    assert.not_matches("connect failed", log, 1, true)
+  end)
+
+  it("carry a client's FIN to the next server when a handshake fails", function()
+    local c = pki()
+    local untrusted = keep(tls_echo(c.selfsigned, c.selfsigned_key))
+    local good = keep(tls_echo(c.backend, c.backend_key, nil, "echo banner; cat; echo done"))
+    local o = start({ untrusted.port, good.port },
+                    ("tls = { ca = %q }, tries = 2, fail_timeout_ms = 60000"):format(c.ca), nil,
+                    'pipeline = { { "spec.fixtures.upstream.at_end", target = "back" } }')
+    -- The first try (the untrusted server) had the FIN; the second gets it.
+    assert.are.equal("banner\ndone\n", H.exchange(o.port, "", 5))
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total",
+                                      untrusted.port, ',reason="tls"'))
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    H.stop_sluice(o.p)
+  end)
+
+  it("end a try at once when its client closes during the handshake", function()
+    -- A server that accepts and never answers the ClientHello; the client
+    -- is closed by its idle timeout while the handshake waits, with bytes
+    -- queued for the server (read at the accept: defer_accept).
+    local raw = H.raw_listener()
+    local o = start({ raw.port }, "tls = { verify = false }, connect_timeout_ms = 1000", nil,
+                    "defer_accept = true, idle_timeout_ms = 200")
+    local cl = H.connect(o.port)
+    cl.send("gone")
+    assert(raw.accept(10), "sluice did not connect")
+    assert(H.wait_for(function()
+      return H.read(o.p.log):find(("upstream 127.0.0.1:%d for front closed: peer closed")
+                                  :format(raw.port), 1, true)
+    end, 10), "the try outlived its client:\n" .. H.read(o.p.log))
+    assert.are.equal("", cl.recv(1, 10))
+    cl.close()
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    raw.close()
+    assert.matches("closed: idle_timeout", log, 1, true)
+    assert.not_matches("TLS handshake timed out", log, 1, true)
   end)
 
   it("refuse a configuration whose tls files cannot be used, naming the key (exit 2)", function()

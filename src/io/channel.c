@@ -699,6 +699,10 @@ static void sl_channel_output_done(sl_channel *ch) {
     return;
   }
   if (ch->flags & SL_CH_SHUTDOWN_PENDING) {
+    /* A TLS client's handshake under way: a FIN now would cut it short
+     * (OpenSSL still has records to send); it goes once the handshake is
+     * done (sl_channel_tls_done flushes). */
+    if (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT)) return;
     ch->flags &= ~(uint32_t)SL_CH_SHUTDOWN_PENDING;
     ch->flags |= SL_CH_OUTPUT_CLOSED;
     /* Both ways done: close() sends the FIN itself (the input is at EOF, so
@@ -961,8 +965,13 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
   ch->flags |= SL_CH_CLOSE_PENDING;
   sl_channel_update_reading(ch);
   sl_outq_flush(&ch->outq);
-  if (ch->flags & SL_CH_CONNECTING || sl_outq_is_empty(&ch->outq)) {
-    if (!(ch->flags & SL_CH_CONNECTING) && sl_channel_linger(ch)) return;
+  /* Still connecting, or in a TLS client's handshake: nothing queued has
+   * been written, and the peer that queued it is gone; the try ends now
+   * (the connect's callback, which still holds that peer, runs no more). */
+  int unsent = (ch->flags & SL_CH_CONNECTING) ||
+               (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT));
+  if (unsent || sl_outq_is_empty(&ch->outq)) {
+    if (!unsent && sl_channel_linger(ch)) return;
     sl_channel_close(ch, ch->reason, 0);
     return;
   }

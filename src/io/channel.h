@@ -355,10 +355,12 @@ void sl_channel_close(sl_channel *ch, const char *reason, int is_error);
 void sl_channel_close_with(sl_channel *ch, const char *promise_err, const char *reason,
                            int is_error);
 
-/* Sends FIN once everything queued is written. */
+/* Sends FIN once everything queued is written (and a TLS client's
+ * handshake is done). */
 void sl_channel_shutdown_output(sl_channel *ch);
 
-/* Stops reading and closes once everything queued is written. */
+/* Stops reading and closes once everything queued is written; a channel
+ * still connecting or in a TLS client's handshake closes now. */
 void sl_channel_close_after_flush(sl_channel *ch, const char *reason);
 
 void sl_channel_set_autoread(sl_channel *ch, int on);

@@ -506,8 +506,11 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
     /* The client's bytes a failed try took (read while it connected) are
      * this try's to write, after the PROXY header it queued first (with
      * tls, the header goes before the handshake: sl_attempt_on_connect). */
-    if (carry) sl_channel_move_queue(carry, ch);
-    else if (a->up && a->up->cfg->send_proxy && !a->up->cfg->tls) sl_upstream_send_proxy(a, ch);
+    if (carry) {
+      sl_channel_move_queue(carry, ch);
+      /* So does the client's FIN, passed on while that try was under way. */
+      if (carry->flags & SL_CH_SHUTDOWN_PENDING) sl_channel_shutdown_output(ch);
+    } else if (a->up && a->up->cfg->send_proxy && !a->up->cfg->tls) sl_upstream_send_proxy(a, ch);
     return SL_OK;
   }
   sl_attempt_give_up(a, "");

@@ -778,8 +778,14 @@ static void sl_channel_write_held(sl_channel *ch) {
 
 /* A write (sendmsg or splice) failed with errno e: closes ch as an error. */
 void sl_channel_write_failed(sl_channel *ch, int e) {
-  char why[128];
+  char why[240];
   const char *code = sl_channel_errno_reason(e);
+  /* Through TLS, a reset may follow an alert that says why. */
+  if (ch->ssl != NULL && (e == ECONNRESET || e == EPIPE) &&
+      sl_channel_tls_reset_alert(ch, why, sizeof(why))) {
+    sl_channel_close_with(ch, code, why, 1);
+    return;
+  }
   snprintf(why, sizeof(why), "%s (%s)", strcmp(code, SL_PROMISE_ERROR) == 0 ? "write error" : code,
            strerror(e));
   sl_channel_close_with(ch, code, why, 1);

@@ -64,6 +64,11 @@ int sl_channel_tls_pending(const sl_channel *ch);
 /* sl_outq_write through TLS. SL_ERROR: *e the errno value, or 0 when a TLS
  * failure's text is in ch->reason. */
 int sl_channel_tls_send(sl_channel *ch, size_t budget, size_t *n, int *e);
+/* A write to ch's socket found a reset: 1 with "tls_error (...)" in why
+ * when an alert the peer sent before it is still to be read (a TLS 1.3
+ * server that refuses the client's certificate once the client's side of
+ * the handshake is done), else 0. */
+int sl_channel_tls_reset_alert(sl_channel *ch, char *why, size_t len);
 /* Sends close_notify when the session is up and has not sent it. */
 void sl_channel_tls_close_notify(sl_channel *ch);
 /* Frees ch's SSL (its close). */

@@ -302,6 +302,24 @@ int sl_channel_tls_send(sl_channel *ch, size_t budget, size_t *n, int *e) {
   return rc;
 }
 
+int sl_channel_tls_reset_alert(sl_channel *ch, char *why, size_t len) {
+  /* The records before the alert are read and dropped, as the close that
+   * follows would drop them; nothing more in the socket: no alert. */
+  unsigned char scratch[SL_TLS_RECORD];
+  for (int i = 0; i < 8; i++) {
+    size_t n = 0;
+    ERR_clear_error();
+    int r = SSL_read_ex(ch->ssl, scratch, sizeof(scratch), &n);
+    if (r == 1) continue;
+    int e = SSL_get_error(ch->ssl, r);
+    if (e != SSL_ERROR_SSL) break;
+    sl_channel_tls_failure(ch, e, why, len);
+    return 1;
+  }
+  ERR_clear_error();
+  return 0;
+}
+
 void sl_channel_tls_close_notify(sl_channel *ch) {
   if (ch->ssl == NULL ||
       (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_FAILED | SL_TLS_WAIT_CONNECT)) ||

@@ -112,6 +112,7 @@ bench_settings() {   # mode
     rounds=${ROUNDS:-3} duration=${DURATION:-10} redis_requests=${REDIS_REQUESTS:-2000000}
     bulk_bytes=${BULK_BYTES:-4294967296} idle_conns=${IDLE_CONNS:-10000}
   fi
+  # https-small and https-churn (TLS from the proxy to the origin) are opt-in.
   read -r -a workloads <<<"${WORKLOADS:-http-small redis-p16 bulk churn idle}"
   all_contenders=(baseline haproxy-1w haproxy-1w-splice haproxy-2w nginx-1w nginx-2w
                   sluice-1w sluice-1w-splice sluice-1w-nohc sluice-1w-lua sluice-1w-guard
@@ -122,7 +123,10 @@ bench_settings() {   # mode
   all_cpus=${ALL_CPUS:-0-$(( $(nproc) - 1 ))}
 
   for w in "${workloads[@]}"; do
-    case $w in http-small | redis-p16 | bulk | churn | idle) ;; *) die "unknown workload $w" ;; esac
+    case $w in
+      http-small | redis-p16 | bulk | churn | idle | https-small | https-churn) ;;
+      *) die "unknown workload $w" ;;
+    esac
   done
   for c in "${contenders[@]}"; do
     [[ " ${all_contenders[*]} " == *" $c "* ]] || die "unknown contender $c"
@@ -141,7 +145,7 @@ bench_prepare() {
     SLUICE_SETUP_BENCH=1 "$root/scripts/setup"
   fi
   local missing=() t
-  for t in haproxy nginx wrk redis-server redis-benchmark taskset gcc cmake luajit timeout; do
+  for t in haproxy nginx wrk redis-server redis-benchmark taskset gcc cmake luajit timeout openssl; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
   done
   [ -f "$nginx_stream_module" ] || missing+=("$nginx_stream_module (libnginx-mod-stream)")
@@ -162,6 +166,20 @@ bench_prepare() {
     die "building sluice failed"
   fi
   gcc -O2 -std=gnu11 -Wall -Wextra "$here/netload.c" -o "$netload" || die "building netload failed"
+  bench_make_cert
+}
+
+# The TLS origin's certificate: self-signed, EC P-256, for 127.0.0.1 (every
+# proxy connects with verification off, so only the key type matters: it
+# sets the cost of the origin's signature in each full handshake).
+origin_cert="$work/origin-cert.pem"
+origin_key="$work/origin-key.pem"
+bench_make_cert() {
+  [ -s "$origin_cert" ] && [ -s "$origin_key" ] && return 0
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$origin_key" -out "$origin_cert" >"$work/openssl.log" 2>&1 ||
+    { cat "$work/openssl.log" >&2; die "making the origin's certificate failed"; }
 }
 
 nginx_stream_module=/usr/lib/nginx/modules/ngx_stream_module.so
@@ -181,15 +199,19 @@ bench_raise_nofile() {
   if [ "$IDLE_N" -gt "$fit" ]; then IDLE_N=$(( fit / 2 * 2 )); fi
 }
 
-# --- the origins: nginx (HTTP, 100-byte body), redis-server, netload sink ---
+# --- the origins: nginx (HTTP and HTTPS, 100-byte body), redis-server, netload sink ---
 
 body100=$(printf '%0100d' 0)
 
 bench_start_origins() {
   local ports d="$work/origin"
   mkdir -p "$d/tmp"
-  mapfile -t ports < <(bench_free_ports 3)
-  HTTP_PORT=${ports[0]} REDIS_PORT=${ports[1]} SINK_PORT=${ports[2]}
+  mapfile -t ports < <(bench_free_ports 4)
+  HTTP_PORT=${ports[0]} REDIS_PORT=${ports[1]} SINK_PORT=${ports[2]} HTTPS_PORT=${ports[3]}
+  # The TLS server logs whether each connection's handshake was resumed
+  # ("r" or "."), on its first request only: one line per connection.
+  TLS_SESSIONS_LOG=$d/tls-sessions.log
+  : >"$TLS_SESSIONS_LOG"
   cat >"$d/nginx.conf" <<EOF
 worker_processes 1;
 master_process off;
@@ -211,6 +233,16 @@ http {
     listen 127.0.0.1:$HTTP_PORT backlog=4096;
     location / { default_type text/plain; return 200 "$body100"; }
   }
+  map \$connection_requests \$first_request { 1 1; default 0; }
+  log_format session '\$ssl_session_reused';
+  server {
+    listen 127.0.0.1:$HTTPS_PORT ssl backlog=4096;
+    ssl_certificate $origin_cert;
+    ssl_certificate_key $origin_key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    access_log $TLS_SESSIONS_LOG session if=\$first_request;
+    location / { default_type text/plain; return 200 "$body100"; }
+  }
 }
 EOF
   bench_spawn "$d/nginx.out" "$load_cpus" nginx -p "$d/" -e "$d/nginx-error.log" -c "$d/nginx.conf"
@@ -225,12 +257,14 @@ EOF
   bench_spawn "$d/sink.out" "$load_cpus" "$netload" sink "$SINK_PORT"
   SINK_PID=$SPAWNED
   bench_wait_port "$SINK_PORT" "$SINK_PID" "$d/sink.out" || die "the sink did not start"
-  say "origins: nginx :$HTTP_PORT, redis-server :$REDIS_PORT, sink :$SINK_PORT (CPUs $load_cpus)"
+  bench_wait_port "$HTTPS_PORT" "$HTTP_PID" "$d/nginx.out" || die "the nginx origin's TLS port did not open"
+  say "origins: nginx :$HTTP_PORT (TLS :$HTTPS_PORT), redis-server :$REDIS_PORT, sink :$SINK_PORT (CPUs $load_cpus)"
 }
 
 bench_origin_port() {   # workload -> the port the proxy forwards to
   case $1 in
     http-small | churn) echo "$HTTP_PORT" ;;
+    https-small | https-churn) echo "$HTTPS_PORT" ;;
     redis-p16) echo "$REDIS_PORT" ;;
     bulk | idle) echo "$SINK_PORT" ;;
   esac
@@ -274,7 +308,9 @@ bench_contender_workers() {
 # Whether a contender belongs on a workload: the RESP guard rows run on
 # redis-p16 only, the splicing rows (HAProxy with splice-auto, sluice with
 # splice = true) on bulk only (where they splice), the half_close = false
-# rows on churn only (the only workload whose connections end).
+# rows on churn only (the only workload whose connections end). The https
+# workloads take the rows of http-small and churn: proxies with 1 and 2
+# workers and the Lua stage rows.
 bench_applies() {   # contender workload
   case $1 in
     *-guard) [ "$2" = redis-p16 ] ;;
@@ -288,7 +324,12 @@ bench_applies() {   # contender workload
 bench_unavailable() {   # contender workload
   local c=$1 w=$2
   case $c in
-    baseline) [ "$w" != idle ] || { echo "no proxy to measure"; return; } ;;
+    baseline)
+      [ "$w" != idle ] || { echo "no proxy to measure"; return; }
+      case $w in https-*)
+        echo "clients speak plain HTTP to the proxy; without one there is no TLS hop (the no-proxy rows of http-small and churn show the load side's limit)"
+        return ;;
+      esac ;;
   esac
   case $c in
     *-guard) [ "$SLUICE_GUARD" = yes ] || { echo "$SLUICE_GUARD_NOTE"; return; } ;;
@@ -315,11 +356,11 @@ bench_start_proxy() {
     local d="$work/run/$c"
     mkdir -p "$d"
     case $c in
-      haproxy-*) bench_config_haproxy "$d/haproxy.cfg" "$n" "$up" "$c"
+      haproxy-*) bench_config_haproxy "$d/haproxy.cfg" "$n" "$up" "$c" "$w"
                  bench_spawn "$d/out.log" "$cpus" haproxy -db -f "$d/haproxy.cfg" ;;
-      nginx-*)   bench_config_nginx "$d" "$n" "$up"
+      nginx-*)   bench_config_nginx "$d" "$n" "$up" "$w"
                  bench_spawn "$d/out.log" "$cpus" nginx -p "$d/" -e "$d/error.log" -c "$d/nginx.conf" ;;
-      sluice-*)  bench_config_sluice "$d/sluice.lua" "$c" "$n" "$up"
+      sluice-*)  bench_config_sluice "$d/sluice.lua" "$c" "$n" "$up" "$w"
                  bench_spawn "$d/out.log" "$cpus" env SLUICE_ROOT="$root" "$sluice" -c "$d/sluice.lua" ;;
       *) die "unknown contender $c" ;;
     esac
@@ -335,8 +376,16 @@ bench_stop_proxy() {
   PROXY_PID=""
 }
 
-bench_config_haproxy() {   # file workers upstream-port contender
-  local splice="" per_conn=2
+# The https workloads: every proxy speaks TLS to the origin and verifies
+# nothing (HAProxy `ssl verify none`, nginx `proxy_ssl on` with its default
+# `proxy_ssl_verify off`, sluice `tls = { verify = false }`), sends no SNI,
+# offers TLS 1.2 and 1.3 (so 1.3 is spoken) and resumes sessions as it
+# does by default.
+bench_is_tls() { case $1 in https-*) return 0 ;; *) return 1 ;; esac; }
+
+bench_config_haproxy() {   # file workers upstream-port contender workload
+  local splice="" per_conn=2 ssl=""
+  bench_is_tls "$5" && ssl=" ssl verify none"
   # HAProxy splices only when told to; sluice splices pass-through by default.
   # Its pipes (up to maxconn / 4 of them) take descriptors too.
   case $4 in *-splice) splice="
@@ -354,13 +403,17 @@ frontend bench
   bind 127.0.0.1:$PROXY_PORT
   default_backend origin
 backend origin
-  server s1 127.0.0.1:$3
+  server s1 127.0.0.1:$3$ssl
 EOF
 }
 
-bench_config_nginx() {   # dir workers upstream-port
-  local reuse=""
+bench_config_nginx() {   # dir workers upstream-port workload
+  local reuse="" ssl=""
   [ "$2" -gt 1 ] && reuse=" reuseport"
+  # nginx 1.22 offers TLS 1.2 at most unless told (proxy_ssl_protocols).
+  bench_is_tls "$4" && ssl="
+    proxy_ssl on;
+    proxy_ssl_protocols TLSv1.2 TLSv1.3;"
   cat >"$1/nginx.conf" <<EOF
 load_module $nginx_stream_module;
 worker_processes $2;
@@ -372,14 +425,15 @@ events { worker_connections $NOFILE; }   # the listening socket takes one too
 stream {
   server {
     listen 127.0.0.1:$PROXY_PORT backlog=4096$reuse;
-    proxy_pass 127.0.0.1:$3;
+    proxy_pass 127.0.0.1:$3;$ssl
   }
 }
 EOF
 }
 
-bench_config_sluice() {   # file contender workers upstream-port
-  local stages="" workers="" extra=""
+bench_config_sluice() {   # file contender workers upstream-port workload
+  local stages="" workers="" extra="" tls=""
+  bench_is_tls "$5" && tls=", tls = { verify = false }"
   case $2 in
     *-lua) stages='"bench.proxy.field_stage"' ;;
     *-guard) stages='"examples.redis_guard"' ;;
@@ -398,7 +452,7 @@ return {
     { name = "bench", listen = "127.0.0.1:$PROXY_PORT", upstream = "origin",
       pipeline = { $stages },$extra },
   },
-  upstreams = { origin = { servers = { "127.0.0.1:$4" } } },
+  upstreams = { origin = { servers = { "127.0.0.1:$4" }$tls } },
 }
 EOF
 }
@@ -444,6 +498,20 @@ bench_work_wrk() {   # port log extra-wrk-args...
 
 bench_work_http_small() { bench_work_wrk "$1" "$2"; }
 bench_work_churn() { bench_work_wrk "$1" "$2" -H "Connection: close"; }
+
+# The https workloads: as http-small and churn, and the TLS origin's count
+# of the proxy's handshakes in the run, and of those resumed (from its
+# log: one line per connection, written as each connection's first
+# request is answered).
+bench_work_https() {   # port log extra-wrk-args...
+  local s0 s1 counts
+  s0=$(stat -c %s "$TLS_SESSIONS_LOG")
+  bench_work_wrk "$@" || return 1
+  s1=$(stat -c %s "$TLS_SESSIONS_LOG")
+  counts=$(tail -c +$((s0 + 1)) "$TLS_SESSIONS_LOG" | head -c $((s1 - s0)) |
+    awk '$1 == "r" { r++ } { n++ } END { printf "handshakes=%d resumed=%d", n, r }')
+  M="$M $counts"
+}
 
 bench_work_redis() {   # port log
   bench_load "$2" timeout 600 redis-benchmark -h 127.0.0.1 -p "$1" -P 16 -c 50 -t set,get \
@@ -510,6 +578,8 @@ bench_workload() {   # workload port log
   case $1 in
     http-small) bench_work_http_small "$2" "$3" ;;
     churn) bench_work_churn "$2" "$3" ;;
+    https-small) bench_work_https "$2" "$3" ;;
+    https-churn) bench_work_https "$2" "$3" -H "Connection: close" ;;
     redis-p16) bench_work_redis "$2" "$3" ;;
     bulk) bench_work_bulk "$2" "$3" ;;
     idle) bench_work_idle "$2" "$3" ;;

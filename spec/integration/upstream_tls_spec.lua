@@ -270,7 +270,7 @@ describe("upstreams with tls", function()
     local good = keep(tls_echo(c.backend, c.backend_key))
     local untrusted = keep(tls_echo(c.selfsigned, c.selfsigned_key))
     local o = start({ good.port, untrusted.port }, ("tls = { ca = %q }, max_fails = 0, "
-      .. "health_check = { interval_ms = 200, timeout_ms = 200, fails = 1, passes = 1 }")
+      .. "health_check = { interval_ms = 2000, timeout_ms = 2000, fails = 1, passes = 1 }")
       :format(c.ca))
     local down = ("server 127.0.0.1:%d is down (health check: 1 failed in a row, last: tls_error "
                   .. "(certificate verify failed: self-signed certificate))"):format(untrusted.port)
@@ -290,14 +290,15 @@ describe("upstreams with tls", function()
     -- TLS echo sends the request back, which has no "200 ok".
     local www = keep(s_server(c.backend, c.backend_key, "-www")).port
     local echo = keep(tls_echo(c.backend, c.backend_key))
-    local o = start({ www, echo.port }, ("tls = { ca = %q }, health_check = { interval_ms = 300, "
-      .. "timeout_ms = 300, fails = 1, passes = 1, send = \"GET / HTTP/1.0\\r\\n\\r\\n\", "
+    local o = start({ www, echo.port }, ("tls = { ca = %q }, health_check = { interval_ms = 2000, "
+      .. "timeout_ms = 2000, fails = 1, passes = 1, send = \"GET / HTTP/1.0\\r\\n\\r\\n\", "
       .. "expect = \"200 ok\" }"):format(c.ca))
     local down = ("server 127.0.0.1:%d is down (health check: 1 failed in a row"):format(echo.port)
     assert(H.wait_for(function() return H.read(o.p.log):find(down, 1, true) end, 20),
            "no health check line:\n" .. H.read(o.p.log))
-    -- A few more rounds: the server that answers stays up.
-    H.sleep(1)
+    -- Another round: the server that answers stays up. (Timeouts of 2 s:
+    -- a verified handshake takes long under valgrind.)
+    H.sleep(2.5)
     assert.are.equal(1, server_metric(o, "sluice_upstream_server_up", www))
     local log = H.stop_sluice(o.p)
     assert.not_matches(("server 127.0.0.1:%d is down"):format(www), log, 1, true)

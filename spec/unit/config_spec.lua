@@ -1296,8 +1296,10 @@ describe("sluice.config", function()
         assert.are.equal("config error: upstreams.demo.tls.sni: unknown key (expected one of: "
                          .. "server_name, verify, ca, certificate, key, ciphers, ciphersuites, "
                          .. "min_version, alpn, session_reuse)", bad({ sni = "a.test" }))
-        assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name, '
-                         .. 'got "a b"', bad({ server_name = "a b" }))
+        assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name '
+                         .. '(not an address), got "a b"', bad({ server_name = "a b" }))
+        assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name '
+                         .. '(not an address), got "10.0.0.7"', bad({ server_name = "10.0.0.7" }))
         assert.are.equal('config error: upstreams.demo.tls.verify: expected a boolean, got "no"',
                          bad({ verify = "no" }))
         assert.are.equal('config error: upstreams.demo.tls.ca: expected no ca with verify = false '

@@ -205,8 +205,10 @@ function _M.check_client(t, path, config_dir)
     end
     check_keys(t, path, CLIENT_KEYS)
     local name = check_string(t.server_name, path .. ".server_name", false)
-    if name and (#name > 253 or not name:find("^[%w_%-%.]+$")) then
-        fail(path .. ".server_name", "expected a host name, got %s", show(name))
+    -- A host name: SNI never carries an address (RFC 6066); a server
+    -- given as an address is verified against it without server_name.
+    if name and (#name > 253 or not name:find("^[%w_%-%.]+$") or name:find("^[%d%.]+$")) then
+        fail(path .. ".server_name", "expected a host name (not an address), got %s", show(name))
     end
     local verify = check_boolean(t.verify, path .. ".verify", true)
     local ca = check_string(t.ca, path .. ".ca", false)

@@ -242,6 +242,9 @@ describe("upstreams with tls", function()
     local client = by.front:match('"client":"([^"]+)"')
     assert.are.equal(client, by.inner:match('"client":"([^"]+)"'), H.read(access))
     assert.matches('"tls":"TLSv1.3"', by.inner, 1, true)
+    -- Sent to the server: the v2 header (28 bytes for IPv4) and the
+    -- client's 11, as on a plain upstream.
+    assert.are.equal(28 + 11, server_metric(o, "sluice_upstream_server_sent_bytes_total", inner))
     H.stop_sluice(o.p)
   end)
 

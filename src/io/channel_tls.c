@@ -96,6 +96,9 @@ int sl_channel_tls_start(sl_channel *ch, double timeout, const void *prelude, si
     ch->tls_state = (uint8_t)((ch->tls_state & ~SL_TLS_HANDSHAKE) | SL_TLS_FAILED);
     return e;
   }
+  /* Counted as a queued header is on a plain channel. */
+  ch->bytes_out += n;
+  ch->w->stats.bytes_out += n;
   ev_timer_set(&ch->timer, timeout, 0.);
   ev_timer_start(ch->w->loop, &ch->timer);
   sl_channel_tls_handshake(ch);   /* the ClientHello goes now */

@@ -702,7 +702,7 @@ static void sl_channel_output_done(sl_channel *ch) {
     /* A TLS client's handshake under way: a FIN now would cut it short
      * (OpenSSL still has records to send); it goes once the handshake is
      * done (sl_channel_tls_done flushes). */
-    if (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT)) return;
+    if (ch->tls_state & SL_TLS_UNREADY) return;
     ch->flags &= ~(uint32_t)SL_CH_SHUTDOWN_PENDING;
     ch->flags |= SL_CH_OUTPUT_CLOSED;
     /* Both ways done: close() sends the FIN itself (the input is at EOF, so
@@ -769,7 +769,7 @@ static inline __attribute__((always_inline)) int sl_channel_send(sl_channel *ch,
  * the flush would have written it. Errors are the close's to ignore. */
 static void sl_channel_write_held(sl_channel *ch) {
   if (ch->fd < 0 || (ch->flags & (SL_CH_CONNECTING | SL_CH_WRITING)) ||
-      (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT)) || !sl_outq_has_flushed(&ch->outq))
+      (ch->tls_state & SL_TLS_UNREADY) || !sl_outq_has_flushed(&ch->outq))
     return;
   size_t n = 0;
   int e = 0;
@@ -803,8 +803,7 @@ static int sl_channel_do_write(sl_channel *ch) {
     sl_channel_hold_write(ch);
     return SL_AGAIN;
   }
-  if (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT))
-    return SL_AGAIN;   /* written once it is done */
+  if (ch->tls_state & SL_TLS_UNREADY) return SL_AGAIN;   /* written once it is done */
   size_t n = 0;
   int e = 0;
   sl_channel_ref(ch);
@@ -975,7 +974,7 @@ void sl_channel_close_after_flush(sl_channel *ch, const char *reason) {
    * been written, and the peer that queued it is gone; the try ends now
    * (the connect's callback, which still holds that peer, runs no more). */
   int unsent = (ch->flags & SL_CH_CONNECTING) ||
-               (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT));
+               (ch->tls_state & SL_TLS_UNREADY);
   if (unsent || sl_outq_is_empty(&ch->outq)) {
     if (!unsent && sl_channel_linger(ch)) return;
     sl_channel_close(ch, ch->reason, 0);

@@ -142,6 +142,7 @@ enum {
   SL_TLS_PROXY_HEADER = 0x10,    /* with SL_TLS_HANDSHAKE: the PROXY protocol header first */
   SL_TLS_CLIENT = 0x20,          /* the client end (an upstream's): it verifies the server */
   SL_TLS_WAIT_CONNECT = 0x40,    /* a client whose connect is under way: nothing is written */
+  SL_TLS_UNREADY = SL_TLS_HANDSHAKE | SL_TLS_WAIT_CONNECT, /* either: no byte may go yet */
 };
 
 /* Why a write promise failed (static strings, compared by value). */

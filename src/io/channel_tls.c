@@ -325,7 +325,7 @@ int sl_channel_tls_reset_alert(sl_channel *ch, char *why, size_t len) {
 
 void sl_channel_tls_close_notify(sl_channel *ch) {
   if (ch->ssl == NULL ||
-      (ch->tls_state & (SL_TLS_HANDSHAKE | SL_TLS_FAILED | SL_TLS_WAIT_CONNECT)) ||
+      (ch->tls_state & (SL_TLS_UNREADY | SL_TLS_FAILED)) ||
       (SSL_get_shutdown(ch->ssl) & SSL_SENT_SHUTDOWN))
     return;
   /* Best effort: a socket too full for the alert gets the FIN alone. */

@@ -559,13 +559,13 @@ function H.make_cert(dir, name)
   return cert, key
 end
 
--- A certificate authority in dir: its certificate and key (name.crt,
--- name.key).
+-- A certificate authority in dir (it signs certificates and CRLs): its
+-- certificate and key (name.crt, name.key).
 function H.make_ca(dir, name)
   local cert, key = dir .. "/" .. name .. ".crt", dir .. "/" .. name .. ".key"
   local _, rc = H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
     .. "-keyout %s -out %s -days 2 -subj /CN=%s -addext basicConstraints=critical,CA:TRUE "
-    .. "-addext keyUsage=critical,keyCertSign 2>/dev/null")
+    .. "-addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null")
     :format(H.shq(key), H.shq(cert), H.shq(name)))
   assert(rc == 0, "openssl req (CA) failed")
   return cert, key
@@ -587,6 +587,68 @@ function H.make_signed_cert(dir, name, ca_cert, ca_key, san)
             H.shq(ext), H.shq(cert)))
   assert(rc == 0, "openssl x509 -req failed")
   return cert, key
+end
+
+-- The index of a CA's certificates (openssl ca's index.txt) in a fresh
+-- folder of dir: each of certs as valid, each of revoked as revoked; and
+-- an openssl ca configuration over it. Returns the configuration's path.
+local ca_seq = 0
+local function ca_db(dir, ca_cert, ca_key, certs, revoked)
+  ca_seq = ca_seq + 1
+  local db = ("%s/cadb_%d"):format(dir, ca_seq)
+  H.sh("mkdir -p " .. H.shq(db))
+  local lines = {}
+  local function add(cert, status)
+    local serial = H.sh("openssl x509 -noout -serial -in " .. H.shq(cert)):match("serial=(%x+)")
+    local subject = H.sh("openssl x509 -noout -subject -nameopt compat -in " .. H.shq(cert))
+      :match("subject=%s*([^\n]+)"):gsub("%s+$", "")
+    lines[#lines + 1] = table.concat({ status, "301231235959Z",
+      status == "R" and "240101000000Z" or "", serial, "unknown", subject }, "\t")
+  end
+  for _, c in ipairs(certs or {}) do add(c, "V") end
+  for _, c in ipairs(revoked or {}) do add(c, "R") end
+  local f = assert(io.open(db .. "/index.txt", "wb"))
+  f:write(table.concat(lines, "\n") .. (#lines > 0 and "\n" or ""))
+  f:close()
+  f = assert(io.open(db .. "/index.txt.attr", "wb"))
+  f:write("unique_subject = no\n")
+  f:close()
+  local cnf = db .. "/ca.cnf"
+  f = assert(io.open(cnf, "wb"))
+  f:write(("[ca]\ndefault_ca = d\n[d]\ndatabase = %s/index.txt\ncertificate = %s\n"
+    .. "private_key = %s\ncrlnumber = %s/crlnumber\ndefault_md = sha256\n"
+    .. "default_crl_days = 1\n"):format(db, ca_cert, ca_key, db))
+  f:close()
+  f = assert(io.open(db .. "/crlnumber", "wb"))
+  f:write("01\n")
+  f:close()
+  return cnf, db
+end
+
+-- A CRL of the CA (make_ca's files) that revokes the certificates in the
+-- array revoked (may be empty), made with openssl ca -gencrl. Returns its
+-- path (PEM).
+function H.make_crl(dir, ca_cert, ca_key, revoked)
+  local cnf, db = ca_db(dir, ca_cert, ca_key, {}, revoked)
+  local crl = db .. "/ca.crl"
+  local out, rc = H.sh(("openssl ca -config %s -gencrl -out %s 2>&1")
+    :format(H.shq(cnf), H.shq(crl)))
+  assert(rc == 0, "openssl ca -gencrl failed: " .. out)
+  return crl
+end
+
+-- An OCSP response (DER) the CA signs for cert: good, or revoked when
+-- opts.revoked; valid for a day. Returns its path.
+function H.make_ocsp(dir, ca_cert, ca_key, cert, opts)
+  opts = opts or {}
+  local cnf, db = ca_db(dir, ca_cert, ca_key, not opts.revoked and { cert } or {},
+                        opts.revoked and { cert } or {})
+  local resp = db .. "/resp.der"
+  local out, rc = H.sh(("openssl ocsp -index %s -rsigner %s -rkey %s -CA %s -issuer %s -cert %s "
+    .. "-respout %s -ndays 1 2>&1"):format(H.shq(db .. "/index.txt"), H.shq(ca_cert),
+      H.shq(ca_key), H.shq(ca_cert), H.shq(ca_cert), H.shq(cert), H.shq(resp)))
+  assert(rc == 0, "openssl ocsp failed: " .. out)
+  return resp
 end
 
 -- Sends the file at input over TLS (socat OPENSSL, no verification) to

@@ -386,6 +386,27 @@ describe("upstreams with tls", function()
     assert.are.equal(10, alerts, log)
   end)
 
+  it("refuse a server whose certificate the crl revokes and try the next server", function()
+    local c = pki()
+    local revoked = H.make_signed_cert(c.dir, "revoked.test", c.ca, c.ca_key, "IP:127.0.0.1")
+    local bad = keep(tls_echo(revoked, c.dir .. "/revoked.test.key"))
+    local good = keep(tls_echo(c.backend, c.backend_key))
+    local crl = H.make_crl(c.dir, c.ca, c.ca_key, { revoked })
+    local o = start({ bad.port, good.port },
+                    ("tls = { ca = %q, crl = %q }, fail_timeout_ms = 60000"):format(c.ca, crl))
+    for i = 1, 3 do
+      assert.are.equal("crl " .. i, H.exchange(o.port, "crl " .. i, 10))
+    end
+    assert.are.equal(1, server_metric(o, "sluice_upstream_server_connect_failures_total",
+                                      bad.port, ',reason="tls"'))
+    assert.are.equal(3, server_metric(o, "sluice_upstream_server_connections_total", good.port))
+    assert.is_true(H.pool_back(o.admin, o.base), "pool not back to where it started")
+    local log = H.stop_sluice(o.p)
+    assert.matches(("upstream 127.0.0.1:%d for front closed: connect failed: tls_error "
+                    .. "(certificate verify failed: certificate revoked)"):format(bad.port), log, 1,
+                   true)
+  end)
+
   it("refuse a configuration whose tls files cannot be used, naming the key (exit 2)", function()
     local c = pki()
     local function check(tls)
@@ -409,5 +430,16 @@ return {
     assert.are.equal(2, rc, out)
     assert.matches('config error: upstreams.back.tls.ciphers: no usable cipher in "RC4"', out, 1,
                    true)
+    out, rc = check(("{ ca = %q, crl = %q }"):format(c.ca, c.ca))
+    assert.are.equal(2, rc, out)
+    assert.matches(("config error: upstreams.back.tls.crl: %s holds no CRL"):format(c.ca), out, 1,
+                   true)
+    out, rc = check(('{ ca = %q, crl = "%s/none.crl" }'):format(c.ca, c.dir))
+    assert.are.equal(2, rc, out)
+    assert.matches(("config error: upstreams.back.tls.crl: cannot read %s/none.crl"):format(c.dir),
+                   out, 1, true)
+    out, rc = check(('{ verify = false, crl = "%s/none.crl" }'):format(c.dir))
+    assert.are.equal(2, rc, out)
+    assert.matches("upstreams.back.tls.crl: expected no crl with verify = false", out, 1, true)
   end)
 end)

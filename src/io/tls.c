@@ -13,6 +13,10 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "io/tls_crl.h"
+#include "io/tls_internal.h"
+#include "io/tls_ocsp.h"
+#include "io/tls_tickets.h"
 #include "util/common.h"
 
 const char *sl_tls_error_text(char *buf, size_t len, const char *fallback) {
@@ -55,10 +59,8 @@ static int sl_tls_alpn_select(SSL *ssl, const unsigned char **out, unsigned char
   return SSL_TLSEXT_ERR_OK;
 }
 
-/* "cannot read PATH (strerror)" when the file is not readable, else what
- * OpenSSL said about its content. */
-static void sl_tls_file_error(char *err, size_t errlen, const char *key, const char *path,
-                              const char *what) {
+void sl_tls_file_error(char *err, size_t errlen, const char *key, const char *path,
+                       const char *what) {
   char why[256];
   if (access(path, R_OK) != 0) {
     ERR_clear_error();
@@ -67,6 +69,22 @@ static void sl_tls_file_error(char *err, size_t errlen, const char *key, const c
   }
   snprintf(err, errlen, "%s: %s is not %s (%s)", key, path, what,
            sl_tls_error_text(why, sizeof(why), "unknown error"));
+}
+
+unsigned char *sl_tls_read_file(const char *path, size_t max, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (f == NULL) return NULL;
+  unsigned char *b = malloc(max + 1);
+  size_t n = b ? fread(b, 1, max + 1, f) : 0;
+  int e = b == NULL ? ENOMEM : ferror(f) ? EIO : n > max ? EFBIG : 0;
+  fclose(f);
+  if (e != 0) {
+    free(b);
+    errno = e;
+    return NULL;
+  }
+  *len = n;
+  return b;
 }
 
 /* What server and client contexts share: the options set for every
@@ -131,6 +149,7 @@ static int sl_tls_client_ca(SSL_CTX *ctx, const sl_tls_opts *o, char *err, size_
     return SL_ERROR;
   }
   SSL_CTX_set_client_CA_list(ctx, names);   /* named in the CertificateRequest */
+  if (o->crl && sl_tls_crl_load(ctx, o->crl, err, errlen) != SL_OK) return SL_ERROR;
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (o->client_optional ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT),
                      NULL);
   return SL_OK;
@@ -150,9 +169,10 @@ const char *sl_tls_peer_subject(const SSL *ssl) {
 }
 
 /* Session ticket keys (a name, an HMAC key and an AES key: OpenSSL's 80
- * bytes), drawn once per process: every server context uses them, so a
- * ticket a client got before a reload still resumes after it. A new
- * process (a restart, a binary upgrade) draws new ones. */
+ * bytes), drawn once per process: every server context without
+ * ticket_keys uses them, so a ticket a client got before a reload still
+ * resumes after it. A new process (a restart, a binary upgrade) draws new
+ * ones; ticket_keys (tls_tickets.h) are what outlives it. */
 static unsigned char sl_tls_ticket_keys[80];
 static int sl_tls_ticket_ok;
 static pthread_once_t sl_tls_ticket_once = PTHREAD_ONCE_INIT;
@@ -169,6 +189,7 @@ static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, ch
   sl_tls_opts one = *o;
   one.certificate = c->certificate;
   one.key = c->key;
+  one.ocsp_response = c->ocsp_response;
   if (sl_tls_ctx_setup(ctx, &one, err, errlen) != SL_OK) {
     SSL_CTX_free(ctx);
     ERR_clear_error();
@@ -180,10 +201,18 @@ static SSL_CTX *sl_tls_server_ctx(const sl_tls_opts *o, const sl_tls_cert *c, ch
    * refuses to resume without one when it verifies clients). */
   static const unsigned char sid[] = "sluice";
   SSL_CTX_set_session_id_context(ctx, sid, sizeof(sid) - 1);
-  pthread_once(&sl_tls_ticket_once, sl_tls_ticket_init);
-  if (sl_tls_ticket_ok)   /* else OpenSSL's own, per context */
-    SSL_CTX_set_tlsext_ticket_keys(ctx, sl_tls_ticket_keys, sizeof(sl_tls_ticket_keys));
-  if (o->client_ca && sl_tls_client_ca(ctx, o, err, errlen) != SL_OK) {
+  int rc = SL_OK;
+  if (o->nticket_keys > 0) {
+    rc = sl_tls_tickets_attach(ctx, o->ticket_keys, o->nticket_keys, err, errlen);
+  } else {
+    pthread_once(&sl_tls_ticket_once, sl_tls_ticket_init);
+    if (sl_tls_ticket_ok)   /* else OpenSSL's own, per context */
+      SSL_CTX_set_tlsext_ticket_keys(ctx, sl_tls_ticket_keys, sizeof(sl_tls_ticket_keys));
+  }
+  if (rc == SL_OK && c->ocsp_response)
+    rc = sl_tls_ocsp_attach(ctx, c->ocsp_response, c->certificate, err, errlen);
+  if (rc == SL_OK && o->client_ca) rc = sl_tls_client_ca(ctx, o, err, errlen);
+  if (rc != SL_OK) {
     SSL_CTX_free(ctx);
     ERR_clear_error();
     return NULL;
@@ -348,7 +377,7 @@ static int sl_tls_sni_attach(SSL_CTX *ctx, const sl_tls_opts *o, char *err, size
 }
 
 SSL_CTX *sl_tls_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
-  sl_tls_cert main = {o->certificate, o->key};
+  sl_tls_cert main = {o->certificate, o->key, o->ocsp_response};
   SSL_CTX *ctx = sl_tls_server_ctx(o, &main, err, errlen);
   if (ctx != NULL && o->nsni > 0 && sl_tls_sni_attach(ctx, o, err, errlen) != SL_OK) {
     SSL_CTX_free(ctx);
@@ -431,6 +460,7 @@ SSL_CTX *sl_tls_client_ctx_new(const sl_tls_opts *o, char *err, size_t errlen) {
                sl_tls_error_text(why, sizeof(why), "unknown error"));
       goto fail;
     }
+    if (o->crl && sl_tls_crl_load(ctx, o->crl, err, errlen) != SL_OK) goto fail;
   } else {
     SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
   }

@@ -23,10 +23,12 @@ struct ssl_ctx_st;
 struct ssl_st;
 struct ssl_session_st;
 
-/* A certificate and its key (PEM files). */
+/* A certificate and its key (PEM files), and the OCSP response stapled
+ * with it (a DER file, NULL: none; tls_ocsp.h). */
 typedef struct sl_tls_cert {
   const char *certificate;
   const char *key;
+  const char *ocsp_response;
 } sl_tls_cert;
 
 typedef struct sl_tls_opts {
@@ -51,6 +53,16 @@ typedef struct sl_tls_opts {
    * is not). */
   const char *client_ca;
   int client_optional;
+  /* Server contexts only: the OCSP response of certificate (NULL: none),
+   * and the files of the session ticket keys (tls_tickets.h; none: the
+   * process's own keys, drawn once). */
+  const char *ocsp_response;
+  const char *const *ticket_keys;
+  size_t nticket_keys;
+  /* A PEM file of CRLs the peer's certificate is checked against (with
+   * client_ca on a server context, with verify on a client one; NULL:
+   * none; tls_crl.h). */
+  const char *crl;
   /* Client contexts only. */
   int verify;                  /* 1: the server's certificate is verified (chain and name) */
   const char *ca;              /* PEM file of trusted certificates; NULL: the system's */

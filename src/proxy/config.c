@@ -163,9 +163,14 @@ static void sl_tls_opts_free(sl_tls_opts *o) {
   free((unsigned char *)o->alpn);
   free((char *)o->ca);
   free((char *)o->client_ca);
+  free((char *)o->crl);
+  free((char *)o->ocsp_response);
+  for (size_t i = 0; o->ticket_keys && i < o->nticket_keys; i++) free((char *)o->ticket_keys[i]);
+  free((char **)o->ticket_keys);
   for (size_t i = 0; o->sni && i < o->nsni; i++) {
     free((char *)o->sni[i].certificate);
     free((char *)o->sni[i].key);
+    free((char *)o->sni[i].ocsp_response);
   }
   free((sl_tls_cert *)o->sni);
   memset(o, 0, sizeof(*o));
@@ -185,6 +190,7 @@ static int sl_read_upstream_tls(lua_State *L, int tt, sl_upstream_cfg *u,
   sl_tls_opts o = {0};
   sl_read_tls_common(L, tt, &o);
   o.ca = sl_strdup_field(L, tt, "ca");
+  o.crl = sl_strdup_field(L, tt, "crl");
   lua_getfield(L, tt, "verify");
   o.verify = lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -363,7 +369,24 @@ static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char
   char *cc = sl_strdup_field(L, tt, "client_certificate");
   o->client_optional = cc && strcmp(cc, "optional") == 0;
   free(cc);
+  o->crl = sl_strdup_field(L, tt, "crl");
+  o->ocsp_response = sl_strdup_field(L, tt, "ocsp_response");
   int short_of_memory = 0;
+  lua_getfield(L, tt, "ticket_keys");
+  if (lua_istable(L, -1)) {
+    size_t n = lua_objlen(L, -1);
+    char **keys = calloc(n, sizeof(*keys));
+    for (size_t j = 0; keys && j < n; j++) {
+      lua_rawgeti(L, -1, (int)j + 1);
+      keys[j] = strdup(lua_tostring(L, -1));
+      short_of_memory |= keys[j] == NULL;
+      lua_pop(L, 1);
+    }
+    o->ticket_keys = (const char *const *)keys;
+    o->nticket_keys = keys ? n : 0;
+    short_of_memory |= keys == NULL;
+  }
+  lua_pop(L, 1);
   lua_getfield(L, tt, "certificates");
   if (lua_istable(L, -1)) {
     size_t n = lua_objlen(L, -1);
@@ -372,6 +395,7 @@ static int sl_read_tls(lua_State *L, int tt, sl_listener_cfg *l, size_t li, char
       lua_rawgeti(L, -1, (int)j + 1);
       more[j].certificate = sl_strdup_field(L, lua_gettop(L), "certificate");
       more[j].key = sl_strdup_field(L, lua_gettop(L), "key");
+      more[j].ocsp_response = sl_strdup_field(L, lua_gettop(L), "ocsp_response");
       short_of_memory |= more[j].certificate == NULL || more[j].key == NULL;
       lua_pop(L, 1);
     }

@@ -8,16 +8,29 @@
 --                         configuration file's folder
 --     key                 required non-empty string: a PEM file holding its
 --                         private key (no passphrase); relative as above
---     certificates        optional non-empty array of { certificate, key }
---                         (the same rules): more certificates, each shown to
---                         the clients whose SNI names one of its DNS names;
---                         the others get certificate
+--     ocsp_response       optional non-empty string: a DER file holding
+--                         an OCSP response for certificate, stapled for
+--                         clients that ask (status_request); relative as
+--                         above
+--     certificates        optional non-empty array of { certificate, key,
+--                         ocsp_response } (the same rules): more
+--                         certificates, each shown to the clients whose SNI
+--                         names one of its DNS names; the others get
+--                         certificate
 --     client_ca           optional non-empty string: a PEM file of the CAs
 --                         whose client certificates are accepted (mutual
 --                         TLS); relative as above
 --     client_certificate  optional "required" (default) or "optional", only
 --                         with client_ca: whether a client without a
 --                         certificate is let in
+--     crl                 optional non-empty string, only with client_ca: a
+--                         PEM file of certificate revocation lists the
+--                         client certificates are checked against;
+--                         relative as above
+--     ticket_keys         optional non-empty array of non-empty strings:
+--                         files of session ticket keys (80 or 48 bytes,
+--                         nginx's ssl_session_ticket_key format), the first
+--                         encrypts, all decrypt; relative as above
 --     ciphers             optional non-empty string: TLS 1.2 ciphers, in
 --                         OpenSSL's cipher list syntax; default OpenSSL's
 --     ciphersuites        optional non-empty string: TLS 1.3 suites, in
@@ -46,11 +59,13 @@
 -- the error at listeners[N].tls.KEY as well.
 --
 -- Normalized: nil, or { certificate, key (paths made absolute against the
--- configuration's folder when relative), certificates (or nil: an array of
--- { certificate, key }, absolute), client_ca (absolute, or nil),
--- client_certificate ("required", "optional", or nil without client_ca), ciphers (or nil), ciphersuites (or
--- nil), min_version, alpn (array, or nil), handshake_timeout_ms,
--- proxy_protocol }.
+-- configuration's folder when relative), ocsp_response (absolute, or nil),
+-- certificates (or nil: an array of { certificate, key, ocsp_response },
+-- absolute), client_ca (absolute, or nil), client_certificate ("required",
+-- "optional", or nil without client_ca), crl (absolute, or nil),
+-- ticket_keys (array of absolute paths, or nil), ciphers (or nil),
+-- ciphersuites (or nil), min_version, alpn (array, or nil),
+-- handshake_timeout_ms, proxy_protocol }.
 
 -- An upstream's tls (_M.check_client): sluice is the TLS client.
 --
@@ -70,6 +85,10 @@
 --                         (/etc/ssl/certs, Debian's ca-certificates);
 --                         relative to the configuration file's folder; not
 --                         with verify = false
+--     crl                 optional non-empty string: a PEM file of
+--                         certificate revocation lists the servers'
+--                         certificates are checked against; relative as
+--                         ca; not with verify = false
 --     certificate, key    optional non-empty strings, both or neither: the
 --                         client certificate (then its chain) and its key,
 --                         shown to servers that ask for one (mutual TLS)
@@ -79,7 +98,7 @@
 --                         the last session of each server and resumes it
 --
 -- Checked in the order above. Normalized: nil, or { server_name (or nil),
--- verify, ca (absolute, or nil), certificate, key (absolute, or nil),
+-- verify, ca (absolute, or nil), crl (absolute, or nil), certificate, key (absolute, or nil),
 -- ciphers, ciphersuites, min_version, alpn, session_reuse }.
 
 local _M = {}
@@ -92,10 +111,10 @@ local check_keys, check_array, check_positive_int, check_one_of =
 
 require("sluice.config.sandbox").exempt()
 
-local TLS_KEYS = { "certificate", "key", "certificates", "client_ca", "client_certificate",
-                   "ciphers", "ciphersuites", "min_version", "alpn", "handshake_timeout_ms",
-                   "proxy_protocol" }
-local CLIENT_KEYS = { "server_name", "verify", "ca", "certificate", "key", "ciphers",
+local TLS_KEYS = { "certificate", "key", "ocsp_response", "certificates", "client_ca",
+                   "client_certificate", "crl", "ticket_keys", "ciphers", "ciphersuites",
+                   "min_version", "alpn", "handshake_timeout_ms", "proxy_protocol" }
+local CLIENT_KEYS = { "server_name", "verify", "ca", "crl", "certificate", "key", "ciphers",
                       "ciphersuites", "min_version", "alpn", "session_reuse" }
 local DEFAULT_HANDSHAKE_TIMEOUT_MS = 10000
 
@@ -140,12 +159,27 @@ local function check_certificates(v, path, config_dir)
         if type(e) ~= "table" then
             fail(epath, "expected a table { certificate = file, key = file }, got %s", show(e))
         end
-        check_keys(e, epath, { "certificate", "key" })
+        check_keys(e, epath, { "certificate", "key", "ocsp_response" })
+        local ocsp = check_string(e.ocsp_response, epath .. ".ocsp_response", false)
         out[i] = {
             certificate = absolute(check_string(e.certificate, epath .. ".certificate", true),
                                    config_dir),
             key = absolute(check_string(e.key, epath .. ".key", true), config_dir),
+            ocsp_response = ocsp and absolute(ocsp, config_dir),
         }
+    end
+    return out
+end
+
+local function check_ticket_keys(v, path, config_dir)
+    if v == nil then return nil end
+    if type(v) ~= "table" or v[1] == nil then
+        fail(path, "expected a non-empty array of key files (the first encrypts), got %s",
+             show(v))
+    end
+    local out = {}
+    for i = 1, check_array(v, path) do
+        out[i] = absolute(check_string(v[i], path .. "[" .. i .. "]", true), config_dir)
     end
     return out
 end
@@ -160,9 +194,11 @@ function _M.check(t, path, config_dir)
     check_keys(t, path, TLS_KEYS)
     local cert = check_string(t.certificate, path .. ".certificate", true)
     local key = check_string(t.key, path .. ".key", true)
+    local ocsp = check_string(t.ocsp_response, path .. ".ocsp_response", false)
     local out = {
         certificate = absolute(cert, config_dir),
         key = absolute(key, config_dir),
+        ocsp_response = ocsp and absolute(ocsp, config_dir),
         certificates = check_certificates(t.certificates, path .. ".certificates", config_dir),
         client_ca = check_string(t.client_ca, path .. ".client_ca", false),
         ciphers = check_string(t.ciphers, path .. ".ciphers", false),
@@ -186,6 +222,13 @@ function _M.check(t, path, config_dir)
         fail(path .. ".client_certificate", "expected it only with client_ca (the CAs that "
              .. "issue client certificates), got %s", show(t.client_certificate))
     end
+    local crl = check_string(t.crl, path .. ".crl", false)
+    if crl and not out.client_ca then
+        fail(path .. ".crl", "expected it only with client_ca (it revokes client "
+             .. "certificates), got %s", show(crl))
+    end
+    out.crl = crl and absolute(crl, config_dir)
+    out.ticket_keys = check_ticket_keys(t.ticket_keys, path .. ".ticket_keys", config_dir)
     return out
 end
 
@@ -216,6 +259,11 @@ function _M.check_client(t, path, config_dir)
         fail(path .. ".ca", "expected no ca with verify = false (nothing is verified), got %s",
              show(ca))
     end
+    local crl = check_string(t.crl, path .. ".crl", false)
+    if crl and not verify then
+        fail(path .. ".crl", "expected no crl with verify = false (nothing is verified), got %s",
+             show(crl))
+    end
     local cert = check_string(t.certificate, path .. ".certificate", false)
     local key = check_string(t.key, path .. ".key", cert ~= nil)
     if key and not cert then
@@ -225,6 +273,7 @@ function _M.check_client(t, path, config_dir)
         server_name = name,
         verify = verify,
         ca = ca and absolute(ca, config_dir),
+        crl = crl and absolute(crl, config_dir),
         certificate = cert and absolute(cert, config_dir),
         key = key and absolute(key, config_dir),
         ciphers = check_string(t.ciphers, path .. ".ciphers", false),

@@ -508,6 +508,59 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
       assert.are.equal(2, rc)
       assert.matches("listeners[1].tls.cert: unknown key", out, 1, true)
     end)
+
+    it("refuses a crl, an ocsp_response or ticket_keys it cannot use, naming the key (exit 2)",
+       function()
+      local d = certs_dir()
+      local base = 'certificate = "DIR/alpha.test.crt", key = "DIR/alpha.test.key", '
+      local out, rc = check(base .. 'crl = "DIR/alpha.test.crt"')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.crl: expected it only with client_ca", out,
+                     1, true)
+      out, rc = check(base .. 'client_ca = "DIR/beta.test.crt", crl = "DIR/beta.test.crt"')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.crl: " .. d .. "/beta.test.crt holds no CRL",
+                     out, 1, true)
+      out, rc = check(base .. 'client_ca = "DIR/beta.test.crt", crl = "DIR/none.crl"')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.crl: cannot read " .. d .. "/none.crl", out,
+                     1, true)
+      out, rc = check(base .. 'ocsp_response = "DIR/alpha.test.crt"')
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.ocsp_response: " .. d
+                     .. "/alpha.test.crt is not an OCSP response", out, 1, true)
+      -- A response for another certificate of the same CA.
+      local ca, ca_key = H.make_ca(d, "wrong-ca")
+      local one, one_key = H.make_signed_cert(d, "one.test", ca, ca_key)
+      local two = H.make_signed_cert(d, "two.test", ca, ca_key)
+      H.sh(("cat %s %s >%s/one-chain.crt"):format(H.shq(one), H.shq(ca), H.shq(d)))
+      local resp = H.make_ocsp(d, ca, ca_key, two)
+      out, rc = check(('certificate = "DIR/one-chain.crt", key = %q, ocsp_response = %q')
+        :format(one_key, resp))
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.ocsp_response: " .. resp
+                     .. " is not for the certificate " .. d .. "/one-chain.crt", out, 1, true)
+      -- The issuer missing from the certificate's file.
+      out, rc = check(('certificate = %q, key = %q, ocsp_response = %q')
+        :format(one, one_key, H.make_ocsp(d, ca, ca_key, one)))
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.ocsp_response: the issuer of the "
+                     .. "certificate is not in " .. one, out, 1, true)
+      out, rc = check(base .. ('certificates = { { certificate = "DIR/beta.test.crt", '
+                      .. 'key = "DIR/beta.test.key", ocsp_response = %q } }'):format(resp))
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.certificates[1].ocsp_response: ", out, 1,
+                     true)
+      local short = H.tmpfile("short.key", ("k"):rep(32))
+      out, rc = check(base .. ('ticket_keys = { "DIR/none.key", %q }'):format(short))
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.ticket_keys[1]: cannot read " .. d
+                     .. "/none.key (No such file or directory)", out, 1, true)
+      out, rc = check(base .. ('ticket_keys = { %q }'):format(short))
+      assert.are.equal(2, rc, out)
+      assert.matches("config error: listeners[1].tls.ticket_keys[1]: " .. short
+                     .. " is 32 bytes (expected 80", out, 1, true)
+    end)
   end)
 
   it("resumes a client's session after a reload (the process keeps its ticket keys)", function()
@@ -571,5 +624,135 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
     assert.are.equal("one\ntwo\n", H.read(out))
     assert.is_truthy(H.pool_back(o.admin, base))
     H.stop_sluice(p)
+  end)
+  it("refuses a client certificate its crl revokes, and a reload takes a new crl", function()
+    local d = certs_dir()
+    local ca, ca_key = H.make_ca(d, "crl-ca")
+    local good, good_key = H.make_signed_cert(d, "good.client", ca, ca_key)
+    local bad, bad_key = H.make_signed_cert(d, "bad.client", ca, ca_key)
+    local live = H.tmpdir() .. "/live.crl"
+    H.sh(("cp %s %s"):format(H.shq(H.make_crl(d, ca, ca_key, { bad })), H.shq(live)))
+    local function send(o, what, cert, key)
+      local out = H.tmpfile("crl.out")
+      H.sh(("printf %s | timeout 20 socat -t 5 - OPENSSL:127.0.0.1:%d,verify=0,cert=%s,key=%s "
+            .. ">%s 2>/dev/null"):format(H.shq(what), o.port, H.shq(cert), H.shq(key), H.shq(out)))
+      return H.read(out)
+    end
+    local p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                         tls = ("client_ca = %q, crl = %q,"):format(ca, live) })
+    local base = H.pool_held(o.admin)
+    assert.are.equal("not revoked", send(o, "not revoked", good, good_key))
+    assert.are.equal("", send(o, "revoked", bad, bad_key))
+    assert.are.equal(1, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    -- A new CRL revokes the other one too: new connections see it.
+    H.sh(("cp %s %s"):format(H.shq(H.make_crl(d, ca, ca_key, { bad, good })), H.shq(live)))
+    os.execute("kill -HUP " .. p.pid)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find("SIGHUP: configuration reloaded", 1, true)
+    end, 30), H.read(p.log))
+    assert.are.equal("", send(o, "revoked now", good, good_key))
+    assert.are.equal(2, H.metric(o.admin, "sluice_tls_handshake_failures_total",
+                                 'listener="secure"'))
+    assert.is_truthy(H.pool_back(o.admin, base))
+    local log = H.stop_sluice(p)
+    local _, n = log:gsub("tls_error %(certificate verify failed: certificate revoked%)", "")
+    assert.are.equal(2, n, log)
+  end)
+
+  it("staples the OCSP response of the certificate to clients that ask for it", function()
+    local d = certs_dir()
+    local ca, ca_key = H.make_ca(d, "ocsp-ca")
+    local leaf, leaf_key = H.make_signed_cert(d, "stapled.test", ca, ca_key)
+    local chain = d .. "/stapled-chain.crt"
+    H.sh(("cat %s %s >%s"):format(H.shq(leaf), H.shq(ca), H.shq(chain)))
+    local resp = H.make_ocsp(d, ca, ca_key, leaf)
+    local function status(o)
+      return H.sh(("timeout 20 openssl s_client -connect 127.0.0.1:%d -status </dev/null 2>&1")
+        :format(o.port))
+    end
+    local p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },', cert = chain,
+                         key = leaf_key, tls = ("ocsp_response = %q,"):format(resp) })
+    local out = status(o)
+    assert.matches("OCSP Response Status: successful", out, 1, true)
+    assert.matches("Cert Status: good", out, 1, true)
+    H.stop_sluice(p)
+    -- Without the key: no staple.
+    p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },', cert = chain,
+                   key = leaf_key })
+    out = status(o)
+    assert.matches("OCSP response: no response sent", out, 1, true)
+    assert.not_matches("Cert Status", out, 1, true)
+    H.stop_sluice(p)
+    -- In a certificates entry: stapled for the clients that name it.
+    p, o = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                   tls = ("certificates = { { certificate = %q, key = %q, ocsp_response = %q } },")
+                     :format(chain, leaf_key, resp) })
+    out = H.sh(("timeout 20 openssl s_client -connect 127.0.0.1:%d -servername stapled.test "
+                .. "-status </dev/null 2>&1"):format(o.port))
+    assert.matches("Cert Status: good", out, 1, true)
+    assert.matches("OCSP response: no response sent", status(o), 1, true)   -- alpha.test's
+    H.stop_sluice(p)
+  end)
+
+  describe("ticket_keys", function()
+    local function key_file(name)
+      local path = H.tmpdir() .. "/" .. name
+      H.sh(("openssl rand 80 >%s"):format(H.shq(path)))
+      return path
+    end
+    local function connect(o, sess, arg)
+      local out = H.sh(("(printf 'hi\\n'; sleep 0.5) | timeout 20 openssl s_client -connect "
+        .. "127.0.0.1:%d %s %s 2>&1"):format(o.port, arg, H.shq(sess)))
+      return out:match("\n(%a+), TLSv1%.3") or ("no session line in: " .. out)
+    end
+    local function tls_keys(list)
+      local q = {}
+      for i, k in ipairs(list) do q[i] = ("%q"):format(k) end
+      return "ticket_keys = { " .. table.concat(q, ", ") .. " },"
+    end
+
+    it("resume a session in another sluice process with the same key file", function()
+      local k = key_file("shared.key")
+      local sess = H.tmpfile("session.pem")
+      local p1, o1 = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                             tls = tls_keys({ k }) })
+      assert.are.equal("New", connect(o1, sess, "-sess_out"))
+      H.stop_sluice(p1)
+      local p2, o2 = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                             tls = tls_keys({ k }) })
+      assert.are.equal("Reused", connect(o2, sess, "-sess_in"))
+      H.stop_sluice(p2)
+      -- A process with another key: a full handshake.
+      local p3, o3 = start({ listener = 'pipeline = { "sluice.stages.echo" },',
+                             tls = tls_keys({ key_file("other.key") }) })
+      assert.are.equal("New", connect(o3, sess, "-sess_in"))
+      H.stop_sluice(p3)
+    end)
+
+    it("rotate: an old key decrypts while listed after the new first one, not once dropped",
+       function()
+      local old, new = key_file("old.key"), key_file("new.key")
+      local cfg_old = { listener = 'pipeline = { "sluice.stages.echo" },', tls = tls_keys({ old }) }
+      local p, o = start(cfg_old)
+      local sess = H.tmpfile("session.pem")
+      assert.are.equal("New", connect(o, sess, "-sess_out"))
+      local function reload(keys)
+        local text = H.read(p.config):gsub("ticket_keys = {[^}]*},", tls_keys(keys))
+        local f = assert(io.open(p.config, "wb"))
+        f:write(text)
+        f:close()
+        local before = select(2, H.read(p.log):gsub("SIGHUP: configuration reloaded", ""))
+        os.execute("kill -HUP " .. p.pid)
+        assert.is_truthy(H.wait_for(function()
+          return select(2, H.read(p.log):gsub("SIGHUP: configuration reloaded", "")) > before
+        end, 30), H.read(p.log))
+      end
+      reload({ new, old })
+      assert.are.equal("Reused", connect(o, sess, "-sess_in"))
+      reload({ new })
+      assert.are.equal("New", connect(o, sess, "-sess_in"))
+      H.stop_sluice(p)
+    end)
   end)
 end)

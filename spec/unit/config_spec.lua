@@ -1019,9 +1019,30 @@ describe("sluice.config", function()
         assert.are.equal('config error: listeners[1].tls.key: expected a non-empty string, got ""',
                          bad({ certificate = "/a.crt", key = "" }))
         assert.are.equal("config error: listeners[1].tls.crt: unknown key (expected one of: "
-                         .. "certificate, key, certificates, client_ca, client_certificate, "
-                         .. "ciphers, ciphersuites, min_version, alpn, handshake_timeout_ms, "
-                         .. "proxy_protocol)", bad({ crt = "/a.crt" }))
+                         .. "certificate, key, ocsp_response, certificates, client_ca, "
+                         .. "client_certificate, crl, ticket_keys, ciphers, ciphersuites, "
+                         .. "min_version, alpn, handshake_timeout_ms, proxy_protocol)",
+                         bad({ crt = "/a.crt" }))
+        assert.are.equal('config error: listeners[1].tls.crl: expected it only with client_ca '
+                         .. '(it revokes client certificates), got "c.crl"',
+                         bad({ certificate = "/a.crt", key = "/a.key", crl = "c.crl" }))
+        assert.are.equal("config error: listeners[1].tls.ticket_keys: expected a non-empty array "
+                         .. "of key files (the first encrypts), got an empty table",
+                         bad({ certificate = "/a.crt", key = "/a.key", ticket_keys = {} }))
+        assert.are.equal("config error: listeners[1].tls.ticket_keys[2]: expected a non-empty "
+                         .. "string, got 7",
+                         bad({ certificate = "/a.crt", key = "/a.key", ticket_keys = { "k", 7 } }))
+        assert.are.same({ crl = FIX .. "/c.crl", ocsp_response = FIX .. "/a.ocsp",
+                          ticket_keys = { FIX .. "/t1.key", "/t2.key" },
+                          certificates = { { certificate = "/b.crt", key = "/b.key",
+                                             ocsp_response = FIX .. "/b.ocsp" } } },
+                        (function(v)
+          return { crl = v.crl, ocsp_response = v.ocsp_response, ticket_keys = v.ticket_keys,
+                   certificates = v.certificates }
+        end)(t({ certificate = "/a", key = "/b", client_ca = "/ca.pem", crl = "c.crl",
+                 ocsp_response = "a.ocsp", ticket_keys = { "t1.key", "/t2.key" },
+                 certificates = { { certificate = "/b.crt", key = "/b.key",
+                                    ocsp_response = "b.ocsp" } } })))
         assert.are.same({ "/ca.pem", "optional" }, (function(v)
           return { v.client_ca, v.client_certificate }
         end)(t({ certificate = "/a", key = "/b", client_ca = "/ca.pem",
@@ -1051,7 +1072,7 @@ describe("sluice.config", function()
                          .. "non-empty string, got nil",
                          bad({ certificate = "/a", key = "/b", certificates = { { certificate = "/c" } } }))
         assert.are.equal("config error: listeners[1].tls.certificates[1].crt: unknown key "
-                         .. "(expected one of: certificate, key)",
+                         .. "(expected one of: certificate, key, ocsp_response)",
                          bad({ certificate = "/a", key = "/b", certificates = { { crt = "/c" } } }))
         assert.are.equal('config error: listeners[1].tls.min_version: expected one of "TLSv1.2", '
                          .. '"TLSv1.3", got "SSLv3"',
@@ -1294,8 +1315,12 @@ describe("sluice.config", function()
         assert.are.equal('config error: upstreams.demo.tls: expected true or a table { server_name, '
                          .. 'ca, ... }, got "yes"', bad("yes"))
         assert.are.equal("config error: upstreams.demo.tls.sni: unknown key (expected one of: "
-                         .. "server_name, verify, ca, certificate, key, ciphers, ciphersuites, "
-                         .. "min_version, alpn, session_reuse)", bad({ sni = "a.test" }))
+                         .. "server_name, verify, ca, crl, certificate, key, ciphers, "
+                         .. "ciphersuites, min_version, alpn, session_reuse)",
+                         bad({ sni = "a.test" }))
+        assert.are.equal('config error: upstreams.demo.tls.crl: expected no crl with verify = '
+                         .. 'false (nothing is verified), got "c.crl"',
+                         bad({ verify = false, crl = "c.crl" }))
         assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name '
                          .. '(not an address), got "a b"', bad({ server_name = "a b" }))
         assert.are.equal('config error: upstreams.demo.tls.server_name: expected a host name '

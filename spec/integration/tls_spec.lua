@@ -701,9 +701,15 @@ return { listeners = { { name = "s", listen = "127.0.0.1:%d", pipeline = { "slui
       H.sh(("openssl rand 80 >%s"):format(H.shq(path)))
       return path
     end
+    -- s_client's stdin stays open until the echo of its line is back: the
+    -- session's ticket came before it (s_client saves each it gets).
     local function connect(o, sess, arg)
-      local out = H.sh(("(printf 'hi\\n'; sleep 0.5) | timeout 20 openssl s_client -connect "
-        .. "127.0.0.1:%d %s %s 2>&1"):format(o.port, arg, H.shq(sess)))
+      local log = H.tmpfile("s_client.out", "")
+      local input = ("printf 'hi\\n'; i=0; while ! grep -q '^hi$' %s && [ $i -lt 1200 ]; do "
+                     .. "sleep 0.05; i=$((i+1)); done"):format(H.shq(log))
+      H.sh(("(%s) | timeout 90 openssl s_client -connect 127.0.0.1:%d %s %s >%s 2>&1")
+        :format(input, o.port, arg, H.shq(sess), H.shq(log)))
+      local out = H.read(log)
       return out:match("\n(%a+), TLSv1%.3") or ("no session line in: " .. out)
     end
     local function tls_keys(list)

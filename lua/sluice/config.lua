@@ -16,10 +16,12 @@
 --   opts.builtin    set of stage names implemented in C: { [name] = true }
 --   opts.instruction_limit  Lua instructions a load or validation may run,
 --                   optional (default 100 million; see sluice.config.sandbox)
---   opts.resolve    function(name) -> array of { host, family = "inet" or
---                   "inet6" }, or nil, why: the addresses of a host name
---                   given as an upstream server (sluice passes the system's
---                   resolver, src/proxy/config.c); optional, without it
+--   opts.resolve    function(name, resolver) -> array of { host, family =
+--                   "inet" or "inet6" }, or nil, why: the addresses of a
+--                   host name given as an upstream server, looked up on the
+--                   servers of `resolver` (the normalized `resolver` table,
+--                   nil when the configuration has none: the system's
+--                   resolver; src/proxy/config.c); optional, without it
 --                   host names are refused
 --
 -- Errors. On failure `load` and `validate` return nil and exactly one line:

@@ -95,6 +95,31 @@ char *sl_addr_format(const struct sockaddr *sa, char *out, size_t outlen) {
   return out;
 }
 
+int sl_addr_insert(char out[][46], int *family, uint8_t keys[][17], int *n, int fam,
+                   const void *bytes) {
+  if (*n >= SL_ADDR_RESOLVE_MAX || (fam != AF_INET && fam != AF_INET6)) return 0;
+  char text[46];
+  if (inet_ntop(fam, bytes, text, sizeof(text)) == NULL) return 0;
+  for (int i = 0; i < *n; i++)
+    if (family[i] == fam && strcmp(out[i], text) == 0) return 0;
+  /* In order (IPv4 first, then by address): an answer whose order
+   * rotates, as round-robin DNS does, is the same answer. */
+  uint8_t key[17] = {fam == AF_INET ? 4 : 6};
+  memcpy(key + 1, bytes, fam == AF_INET ? 4 : 16);
+  int at = *n;
+  while (at > 0 && memcmp(keys[at - 1], key, sizeof(key)) > 0) {
+    memcpy(keys[at], keys[at - 1], sizeof(key));
+    memcpy(out[at], out[at - 1], sizeof(text));
+    family[at] = family[at - 1];
+    at--;
+  }
+  memcpy(keys[at], key, sizeof(key));
+  memcpy(out[at], text, sizeof(text));
+  family[at] = fam;
+  (*n)++;
+  return 1;
+}
+
 int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const char **why) {
   struct addrinfo hints, *res = NULL;
   memset(&hints, 0, sizeof(hints));
@@ -109,31 +134,12 @@ int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const
     return SL_ERROR;
   }
   for (struct addrinfo *ai = res; ai != NULL && *n < SL_ADDR_RESOLVE_MAX; ai = ai->ai_next) {
-    const void *a;
-    if (ai->ai_family == AF_INET) a = &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr;
+    if (ai->ai_family == AF_INET)
+      sl_addr_insert(out, family, keys, n, AF_INET,
+                     &((const struct sockaddr_in *)(const void *)ai->ai_addr)->sin_addr);
     else if (ai->ai_family == AF_INET6)
-      a = &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr;
-    else continue;
-    char text[46];
-    if (inet_ntop(ai->ai_family, a, text, sizeof(text)) == NULL) continue;
-    int dup = 0;
-    for (int i = 0; i < *n && !dup; i++) dup = family[i] == ai->ai_family && strcmp(out[i], text) == 0;
-    if (dup) continue;
-    /* In order (IPv4 first, then by address): an answer whose order
-     * rotates, as round-robin DNS does, is the same answer. */
-    uint8_t key[17] = {ai->ai_family == AF_INET ? 4 : 6};
-    memcpy(key + 1, a, ai->ai_family == AF_INET ? 4 : 16);
-    int at = *n;
-    while (at > 0 && memcmp(keys[at - 1], key, sizeof(key)) > 0) {
-      memcpy(keys[at], keys[at - 1], sizeof(key));
-      memcpy(out[at], out[at - 1], sizeof(text));
-      family[at] = family[at - 1];
-      at--;
-    }
-    memcpy(keys[at], key, sizeof(key));
-    memcpy(out[at], text, sizeof(text));
-    family[at] = ai->ai_family;
-    (*n)++;
+      sl_addr_insert(out, family, keys, n, AF_INET6,
+                     &((const struct sockaddr_in6 *)(const void *)ai->ai_addr)->sin6_addr);
   }
   freeaddrinfo(res);
   if (*n == 0) {

@@ -58,4 +58,10 @@ int sl_addr_is_host_name(const char *s);
  * SL_OK, or SL_ERROR with *why the resolver's message (static storage). */
 int sl_addr_resolve(const char *name, char out[][46], int *family, int *n, const char **why);
 
+/* Adds the address bytes (4 or 16 of family fam) to the n in out, family
+ * and keys (the sort keys of those n), in sl_addr_resolve's order, unless
+ * it is there already or SL_ADDR_RESOLVE_MAX are. Returns 1 when added. */
+int sl_addr_insert(char out[][46], int *family, uint8_t keys[][17], int *n, int fam,
+                   const void *bytes);
+
 #endif

@@ -483,15 +483,31 @@ static int sl_read_listeners(sl_config *c, lua_State *L, int cfg, char *err, siz
   return SL_OK;
 }
 
+/* The normalized `resolver` table at idx (sluice.config.resolver), or
+ * nil: the system's resolver. */
+static void sl_read_resolver(lua_State *L, int idx, sl_dns *d) {
+  memset(d, 0, sizeof(*d));
+  if (!lua_istable(L, idx)) return;
+  lua_getfield(L, idx, "servers");
+  const char *servers = lua_tostring(L, -1);
+  if (servers != NULL) snprintf(d->servers, sizeof(d->servers), "%s", servers);
+  lua_pop(L, 1);
+  d->timeout_ms = (int)sl_num_field(L, idx, "timeout_ms");
+  d->tries = (int)sl_num_field(L, idx, "tries");
+  d->valid_ms = (int)sl_num_field(L, idx, "valid_ms");
+}
+
 /* opts.resolve for sluice.config (lua/sluice/config.lua): the addresses of
  * a host name given as an upstream server, as an array of { host, family =
  * "inet" or "inet6" }, or nil and the resolver's message. */
 static int sl_config_resolve(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
+  sl_dns dns;
+  sl_read_resolver(L, 2, &dns);
   char text[SL_ADDR_RESOLVE_MAX][46];
-  int family[SL_ADDR_RESOLVE_MAX], n = 0;
+  int family[SL_ADDR_RESOLVE_MAX], n = 0, ttl_ms;
   const char *why = NULL;
-  if (sl_addr_resolve(name, text, family, &n, &why) != SL_OK) {
+  if (sl_dns_resolve(&dns, name, text, family, &n, &ttl_ms, &why) != SL_OK) {
     lua_pushnil(L);
     lua_pushstring(L, why);
     return 2;
@@ -577,6 +593,9 @@ sl_config *sl_config_load(const char *path, char *err, size_t errlen) {
   c->lua_memory_limit = (size_t)sl_num_field(L, cfg, "lua_memory_limit");
   c->lua_timeout_ms = (int)sl_num_field(L, cfg, "lua_timeout_ms");
   c->resolve_cache_ms = (int)sl_num_field(L, cfg, "resolve_cache_ms");
+  lua_getfield(L, cfg, "resolver");
+  sl_read_resolver(L, lua_gettop(L), &c->dns);
+  lua_pop(L, 1);
   lua_getfield(L, cfg, "max_pipes");
   c->max_pipes = lua_isnil(L, -1) ? -1 : (int)lua_tonumber(L, -1);
   lua_pop(L, 1);

@@ -13,6 +13,7 @@
 
 #include "alloc/arena.h"
 #include "io/addr.h"
+#include "io/dns.h"
 #include "io/tls.h"
 #include "pipeline/pipeline.h"
 #include "proxy/balance.h"
@@ -125,6 +126,8 @@ typedef struct sl_config {
   size_t lua_memory_limit;     /* bytes a worker's Lua heap may hold; 0: no limit */
   int lua_timeout_ms;          /* a Lua callback running longer is stopped; 0: never */
   int resolve_cache_ms;        /* ctx:connect host names: answers kept this long; 0: none */
+  sl_dns dns;                  /* the DNS servers names are looked up on (resolver);
+                                  servers "": the system's resolver */
   int max_pipes;               /* splice pipes open at once, all workers; -1: from the
                                   open-files limit (sl_runtime) */
   char *error_log;             /* "stderr" or a path */

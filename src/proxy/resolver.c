@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "io/addr.h"
+#include "io/dns.h"
 #include "proxy/config.h"
 #include "util/common.h"
 #include "util/log.h"
@@ -61,6 +62,8 @@ struct sl_resolver {
   sl_lookup **lookups_tail;
   unsigned nlookups;
   int cache_ms;                /* resolve_cache_ms (under mu) */
+  sl_dns dns;                  /* the configuration's resolver (under mu; copied out
+                                  for each lookup) */
   unsigned turn;               /* the next address a lookup's connect takes, modulo its count */
   unsigned served;             /* lookups answered since the last periodic step */
   sl_cached *cache;            /* SL_RESOLVER_CACHE slots, made at the first answer */
@@ -102,16 +105,20 @@ static int sl_resolver_round(sl_resolver *r) {
       continue;
     }
     unsigned gen = r->gen;
+    sl_dns dns = r->dns;
     pthread_mutex_unlock(&r->mu);
     char text[SL_ADDR_RESOLVE_MAX][46];
-    int family[SL_ADDR_RESOLVE_MAX], n = 0;
+    int family[SL_ADDR_RESOLVE_MAX], n = 0, ttl_ms;
     const char *why = NULL;
-    int rc = sl_addr_resolve(host, text, family, &n, &why);
+    int rc = sl_dns_resolve(&dns, host, text, family, &n, &ttl_ms, &why);
     pthread_mutex_lock(&r->mu);
     /* A list replaced meanwhile (a reload) has answers as fresh as this one. */
     sl_resolved *e = r->gen == gen && !r->stop ? sl_resolver_find(r, host) : NULL;
     if (e != NULL) {
-      e->due = sl_resolver_now() + e->interval_ms / 1000.0;
+      /* Again at the interval, or when the answer's TTL runs out first. */
+      int wait_ms = rc == SL_OK && ttl_ms >= 0 && ttl_ms < e->interval_ms ? ttl_ms
+                                                                          : e->interval_ms;
+      e->due = sl_resolver_now() + wait_ms / 1000.0;
       if (rc != SL_OK) {
         if (!e->failing)
           sl_log(SL_LOG_WARN, "upstream host %s: cannot resolve it again: %s; its servers keep "
@@ -137,9 +144,12 @@ static int sl_resolver_round(sl_resolver *r) {
   }
 }
 
-/* Keeps an answer for host (called with mu). */
-static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *a, double now) {
+/* Keeps an answer for host for resolve_cache_ms, or its TTL when that is
+ * shorter (ttl_ms -1: none known) (called with mu). */
+static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *a, int ttl_ms,
+                             double now) {
   if (r->cache_ms <= 0) return;
+  int keep_ms = ttl_ms >= 0 && ttl_ms < r->cache_ms ? ttl_ms : r->cache_ms;
   if (r->cache == NULL && (r->cache = calloc(SL_RESOLVER_CACHE, sizeof(*r->cache))) == NULL) return;
   sl_cached *slot = &r->cache[0];
   for (int i = 0; i < SL_RESOLVER_CACHE; i++) {   /* its own, else the one expiring first */
@@ -151,7 +161,7 @@ static void sl_resolver_keep(sl_resolver *r, const char *host, const sl_lookup *
     if (c->expires < slot->expires) slot = c;
   }
   snprintf(slot->host, sizeof(slot->host), "%s", host);
-  slot->expires = now + r->cache_ms / 1000.0;
+  slot->expires = now + keep_ms / 1000.0;
   slot->next = r->turn;   /* the turn goes on from the lookups answered now */
   slot->n = a->n;
   memcpy(slot->text, a->text, sizeof(a->text[0]) * (size_t)a->n);
@@ -179,10 +189,12 @@ static int sl_resolver_serve(sl_resolver *r, int slot) {
   if (first == NULL) return 0;
   char *host = r->inflight[slot];
   snprintf(host, sizeof(r->inflight[slot]), "%s", first->host);
+  sl_dns dns = r->dns;
   pthread_mutex_unlock(&r->mu);
   sl_lookup a;
   a.why = NULL;
-  a.rc = sl_addr_resolve(host, a.text, a.family, &a.n, &a.why);
+  int ttl_ms;
+  a.rc = sl_dns_resolve(&dns, host, a.text, a.family, &a.n, &ttl_ms, &a.why);
   pthread_mutex_lock(&r->mu);
   if (r->stop) {   /* sl_resolver_destroy ends the queue */
     host[0] = '\0';
@@ -205,7 +217,7 @@ static int sl_resolver_serve(sl_resolver *r, int slot) {
     memcpy(l->family, a.family, sizeof(a.family[0]) * (size_t)l->n);
     sl_worker_post(l->w, &l->msg);   /* mu held: destroy cannot pass meanwhile */
   }
-  if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, sl_resolver_now());
+  if (a.rc == SL_OK) sl_resolver_keep(r, host, &a, ttl_ms, sl_resolver_now());
   host[0] = '\0';
   return 1;
 }
@@ -437,6 +449,7 @@ int sl_resolver_watch(sl_resolver *r, const sl_config *cfg) {
   r->nnames = n;
   r->gen++;
   r->cache_ms = cfg->resolve_cache_ms;
+  r->dns = sl_config_owner(cfg)->dns;
   if (r->cache) memset(r->cache, 0, SL_RESOLVER_CACHE * sizeof(*r->cache));   /* asked anew */
   int rc = n > 0 ? sl_resolver_start_thread(r) : SL_OK;
   pthread_cond_signal(&r->cv);

@@ -3,10 +3,12 @@
  * again while sluice runs (resolve_interval_ms), and host names given to
  * ctx:connect (lookups, with answers cached for resolve_cache_ms).
  *
- * One thread of its own calls the system's resolver (getaddrinfo, which
- * blocks for as long as DNS takes) for each host name the running
- * configuration's upstreams have, every resolve_interval_ms (the smallest of
- * the upstreams that name it), and keeps the latest answer of each. When an
+ * One thread of its own looks up each host name the running
+ * configuration's upstreams have (sl_dns_resolve: on the configuration's
+ * resolver servers, else the system's resolver; it blocks for as long as
+ * DNS takes) every resolve_interval_ms (the smallest of the upstreams that
+ * name it), or when the answer's TTL runs out first (a resolver's answers
+ * only), and keeps the latest answer of each. When an
  * answer differs from the one before, or is a name's first, it sends a
  * signal to the main thread, which builds a configuration with the new
  * servers from the kept answers (sl_config_derive, no resolving there) and
@@ -16,7 +18,8 @@
  * A lookup (ctx:connect("name:port")) is queued by a worker and answered
  * on the same thread before any periodic resolution, every queued lookup
  * of the same name by one call; the answer is posted back to the worker
- * (sl_worker_post) and kept for resolve_cache_ms, during which workers
+ * (sl_worker_post) and kept for resolve_cache_ms (or its TTL, when
+ * shorter), during which workers
  * take its addresses in turn without asking again. A lookup queued while
  * every thread is busy starts another thread that only answers lookups
  * (up to SL_RESOLVER_THREADS in all), so that a DNS server that does not

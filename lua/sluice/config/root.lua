@@ -24,18 +24,20 @@
 --   resolve_cache_ms optional integer 0-2^31-1: how long the addresses of a
 --               host name given to ctx:connect are used before it is
 --               resolved again, default 30000; 0: every connect resolves
+--               (with a resolver: the answer's TTL when that is shorter)
+--   resolver    optional: sluice.config.resolver (DNS servers, TTLs)
 --
 -- Check order (so the first error reported is deterministic): a stage
 -- module given where the configuration belongs, unknown keys of the top
 -- level, then log_level, allocator, leak_detection, workers,
 -- drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes,
--- lua_memory_limit, lua_timeout_ms, resolve_cache_ms, upstreams (by sorted
+-- lua_memory_limit, lua_timeout_ms, resolve_cache_ms, resolver, upstreams (by sorted
 -- name), listeners (in array order).
 --
 -- Normalized: { log_level, allocator, leak_detection, workers,
 -- drain_timeout_ms, error_log, access_log, access_log_format, admin (or nil), max_pipes (or
 -- nil: from the open-files limit), lua_memory_limit (0: none),
--- lua_timeout_ms (0: none), resolve_cache_ms, search_path,
+-- lua_timeout_ms (0: none), resolve_cache_ms, resolver (or nil), search_path,
 -- listeners, upstreams, upstream_names = { sorted names } }.
 
 local _M = {}
@@ -49,6 +51,7 @@ local allocator = require("sluice.config.allocator")
 local check_log_level, check_log_target = logging.check_level, logging.check_target
 local check_allocator, check_leak_detection = allocator.check, allocator.check_leak_detection
 local check_admin = require("sluice.config.admin").check
+local check_resolver = require("sluice.config.resolver").check
 local check_upstreams = require("sluice.config.upstreams").check
 local check_listeners = require("sluice.config.listeners").check
 local CALLBACKS = require("sluice.config.stages").CALLBACKS
@@ -68,7 +71,8 @@ local DEFAULT_RESOLVE_CACHE_MS = 30000
 local TOP_KEYS = { "listeners", "upstreams", "log_level", "allocator", "leak_detection",
                    "workers", "drain_timeout_ms", "error_log", "access_log",
                    "access_log_format", "admin",
-                   "max_pipes", "lua_memory_limit", "lua_timeout_ms", "resolve_cache_ms" }
+                   "max_pipes", "lua_memory_limit", "lua_timeout_ms", "resolve_cache_ms",
+                   "resolver" }
 
 -- Returns the normalized configuration for table t. ctx holds the search
 -- path, the built-in stages and what the checks record as they go (see
@@ -108,7 +112,15 @@ function _M.check(t, ctx)
                                        DEFAULT_LUA_TIMEOUT_MS, MAX_INT)
     local resolve_cache_ms = check_count(t.resolve_cache_ms, "resolve_cache_ms",
                                          DEFAULT_RESOLVE_CACHE_MS, MAX_INT)
-    local upstreams, names = check_upstreams(t.upstreams, ctx.resolve, ctx.config_dir)
+    local resolver = check_resolver(t.resolver)
+    -- Host names are looked up on the resolver's servers when it names
+    -- some: opts.resolve takes it as its second argument.
+    local resolve = ctx.resolve
+    if resolve ~= nil and resolver ~= nil then
+        local given = resolve
+        resolve = function(name) return given(name, resolver) end
+    end
+    local upstreams, names = check_upstreams(t.upstreams, resolve, ctx.config_dir)
     ctx.upstreams, ctx.upstream_names = upstreams, names
     return {
         log_level = log_level,
@@ -124,6 +136,7 @@ function _M.check(t, ctx)
         lua_memory_limit = lua_memory_limit,
         lua_timeout_ms = lua_timeout_ms,
         resolve_cache_ms = resolve_cache_ms,
+        resolver = resolver,
         search_path = ctx.search_path,
         listeners = check_listeners(t.listeners, ctx),
         upstreams = upstreams,

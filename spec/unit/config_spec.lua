@@ -638,6 +638,67 @@ describe("sluice.config", function()
     end)
   end)
 
+  describe("resolver", function()
+    it("is absent unless given: the system's resolver", function()
+      assert.is_nil(ok_of(conf()).resolver)
+    end)
+
+    it("normalizes its servers to c-ares' list, port 53 when none is given", function()
+      assert.are.same({ servers = "10.0.0.2:53,10.0.0.3:5353,[fd00::2]:53,[::1]:5300",
+                        list = { "10.0.0.2:53", "10.0.0.3:5353", "[fd00::2]:53", "[::1]:5300" },
+                        timeout_ms = 1000, tries = 2, valid_ms = 0 },
+                      ok_of(conf(nil, { resolver = {
+                        servers = { "10.0.0.2", "10.0.0.3:5353", "[fd00::2]", "[::1]:5300" } } }))
+                        .resolver)
+      assert.are.same({ servers = "127.0.0.1:53", list = { "127.0.0.1:53" }, timeout_ms = 250,
+                        tries = 1, valid_ms = 5000 },
+                      ok_of(conf(nil, { resolver = { servers = { "127.0.0.1:53" }, timeout_ms = 250,
+                                                     tries = 1, valid_ms = 5000 } })).resolver)
+    end)
+
+    it("passes itself to opts.resolve for upstream host names", function()
+      local seen
+      local opts = { builtin = OPTS.builtin, resolve = function(name, r)
+        seen = { name, r and r.servers }
+        return { { host = "10.0.0.5", family = "inet" } }
+      end }
+      ok_of(conf(nil, { resolver = { servers = { "10.0.0.2" } },
+                        upstreams = { demo = { servers = { "db.internal:5432" } } } }), opts)
+      assert.are.same({ "db.internal", "10.0.0.2:53" }, seen)
+      ok_of(conf(nil, { upstreams = { demo = { servers = { "db.internal:5432" } } } }), opts)
+      assert.are.same({ "db.internal" }, seen)
+    end)
+
+    it("names the key and what was expected", function()
+      local cases = {
+        { "10.0.0.2", 'config error: resolver: expected a table { servers = { "127.0.0.1:53" } }, '
+                      .. 'got "10.0.0.2"' },
+        { {}, 'config error: resolver.servers: expected an array of DNS server addresses '
+              .. '{ "10.0.0.2", "10.0.0.3:53" }, got nil' },
+        { { servers = {} }, "config error: resolver.servers: expected 1 to 8 addresses, got 0" },
+        { { servers = { "dns.internal:53" } }, "config error: resolver.servers[1]: expected an IP "
+          .. 'address (a DNS server is not found by name), got "dns.internal:53"' },
+        { { servers = { "10.0.0.2", "10.0.0.2:53" } }, "config error: resolver.servers[2]: "
+          .. 'expected a unique address, got "10.0.0.2:53" (also resolver.servers[1])' },
+        { { servers = { "10.0.0.2:0" } }, 'config error: resolver.servers[1]: expected "host:port" '
+          .. 'with a port from 1 to 65535, got "10.0.0.2:0"' },
+        { { servers = { 53 } }, 'config error: resolver.servers[1]: expected an address "ip" or '
+          .. '"ip:port" ([ip6] in brackets), got 53' },
+        { { servers = { "10.0.0.2" }, timeout_ms = 50 },
+          "config error: resolver.timeout_ms: expected an integer from 100 to 60000, got 50" },
+        { { servers = { "10.0.0.2" }, tries = 0 },
+          "config error: resolver.tries: expected an integer from 1 to 10, got 0" },
+        { { servers = { "10.0.0.2" }, valid_ms = 10 },
+          "config error: resolver.valid_ms: expected an integer from 1000 to 2147483647, got 10" },
+        { { servers = { "10.0.0.2" }, ttl = 5 }, "config error: resolver.ttl: unknown key "
+          .. "(expected one of: servers, timeout_ms, tries, valid_ms)" },
+      }
+      for _, c in ipairs(cases) do
+        assert.are.equal(c[2], err_of(conf(nil, { resolver = c[1] })))
+      end
+    end)
+  end)
+
   describe("listener limits", function()
     it("take max_connections, idle_timeout_ms, write_timeout_ms and connect_timeout_ms", function()
       local l = ok_of(conf({ listener({ max_connections = 100, idle_timeout_ms = 30000,
@@ -741,11 +802,11 @@ describe("sluice.config", function()
       end)
 
       it("rejects unknown keys", function()
-        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: listener: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms, resolver)",
                          err_of(conf(nil, { listener = {}, zzz = 1 })))
-        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: [1]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms, resolver)',
                          err_of(conf(nil, { [1] = "x" })))
-        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)',
+        assert.are.equal('config error: ["log level"]: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms, resolver)',
                          err_of(conf(nil, { ["log level"] = "x" })))
       end)
 
@@ -758,7 +819,7 @@ describe("sluice.config", function()
 
       it("checks in a fixed order: keys, log_level, upstreams, listeners", function()
         local bad = { listeners = 1, upstreams = 1, log_level = 1 }
-        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms)",
+        assert.are.equal("config error: bogus: unknown key (expected one of: listeners, upstreams, log_level, allocator, leak_detection, workers, drain_timeout_ms, error_log, access_log, access_log_format, admin, max_pipes, lua_memory_limit, lua_timeout_ms, resolve_cache_ms, resolver)",
                          err_of(merge(deep_copy(bad), { bogus = 1 })))
         assert.matches("^config error: log_level:", err_of(deep_copy(bad)))
         assert.matches("^config error: upstreams:", err_of(merge(deep_copy(bad), { log_level = NONE })))

@@ -46,6 +46,13 @@ static int fixture_teardown(void **state) {
   return 0;
 }
 
+static const sl_metrics_upstream_snap *find_upstream(const sl_metrics_snap *s,
+                                                    const char *name) {
+  for (size_t i = 0; i < s->nupstreams; i++)
+    if (strcmp(s->upstreams[i].name, name) == 0) return &s->upstreams[i];
+  return NULL;
+}
+
 static const sl_metrics_server_snap *find_row(const sl_metrics_snap *s, const char *upstream,
                                               const char *server) {
   for (size_t i = 0; i < s->nservers; i++)
@@ -144,17 +151,30 @@ static void test_server_counts_reach_the_snapshot(void **state) {
   assert_int_equal(rb->bytes_from, 25);
   /* No configuration lists them: nothing new connections use. */
   assert_int_equal(ra->retired, 1);
-  /* The upstream's own series go on as before: the sum over its servers. */
-  assert_int_equal(s->nupstreams, 1);
-  assert_string_equal(s->upstreams[0].name, "back");
-  assert_int_equal(s->upstreams[0].connects, 3);
-  assert_int_equal(s->upstreams[0].failures, 3);
+  /* The upstream's own series: the sum over its servers (every upstream
+   * named by a server is listed, "other" with nothing counted yet). */
+  assert_int_equal(s->nupstreams, 2);
+  const sl_metrics_upstream_snap *u = find_upstream(s, "back");
+  assert_non_null(u);
+  assert_int_equal(u->connects, 3);
+  assert_int_equal(u->failures, 3);
+  assert_int_equal(u->reasons[SL_METRICS_REFUSED], 1);
+  assert_int_equal(u->reasons[SL_METRICS_TIMEOUT], 1);
+  assert_int_equal(u->reasons[SL_METRICS_OTHER], 1);
+  assert_int_equal(u->open, ra->open + rb->open);
+  assert_int_equal(u->open, 2);
+  assert_int_equal(u->bytes_to, ra->bytes_to + rb->bytes_to);
+  assert_int_equal(u->bytes_from, 25);
+  assert_int_equal(find_upstream(s, "other")->connects, 0);
   sl_metrics_snap_free(s);
 
   /* a's two references, then the rest: each goes with its last one. */
   sl_metrics_connect_done(w, "back", a, 0, ECONNREFUSED);
   sl_channel *cha = sl_channel_embedded(w, &cc, "a");
   sl_channel *chb = sl_channel_embedded(w, &cc, "b");
+  cha->bytes_out = 7;
+  cha->bytes_in = 3;
+  sl_metrics_server_tls_resumed(a);
   sl_metrics_server_closed(a, cha);
   sl_metrics_server_closed(b, chb);
   sl_channel_close(cha, "done", 0);
@@ -169,7 +189,14 @@ static void test_server_counts_reach_the_snapshot(void **state) {
   s = sl_metrics_snapshot(w, 0);
   assert_int_equal(s->nservers, 1);
   assert_non_null(find_row(s, "other", "127.0.0.1:7001"));
-  assert_int_equal(s->upstreams[0].failures, 4);
+  /* The dropped servers' counts stay in their upstream's: nothing goes down. */
+  u = find_upstream(s, "back");
+  assert_int_equal(u->failures, 4);
+  assert_int_equal(u->connects, 3);
+  assert_int_equal(u->open, 0);
+  assert_int_equal(u->bytes_to, 17);
+  assert_int_equal(u->bytes_from, 28);
+  assert_int_equal(u->tls_resumed, 1);
   sl_metrics_snap_free(s);
   sl_metrics_server *o = sl_metrics_server_ref(w, "other", "127.0.0.1:7001");
   sl_metrics_server_unref(w, o);
@@ -178,6 +205,65 @@ static void test_server_counts_reach_the_snapshot(void **state) {
   s = sl_metrics_snapshot(w, 0);
   assert_int_equal(s->nservers, 0);
   sl_metrics_snap_free(s);
+}
+
+/* The addresses of ctx:connect: one server each under SL_METRICS_DIRECT,
+ * up to SL_METRICS_MAX_DIRECT of them, the rest counted together. */
+static void test_direct_addresses_are_capped(void **state) {
+  fixture *f = *state;
+  sl_worker *w = f->w;
+  sl_metrics_server *conf = sl_metrics_server_ref(w, "back", "127.0.0.1:10000");
+  sl_metrics_server *first = NULL;
+  char addr[64];
+  for (int i = 0; i < SL_METRICS_MAX_DIRECT; i++) {
+    snprintf(addr, sizeof(addr), "127.0.0.1:%d", 10000 + i);
+    sl_metrics_server *d = sl_metrics_direct(w, addr);
+    assert_non_null(d);
+    assert_ptr_not_equal(d, conf);     /* the same address in an upstream is another server */
+    if (i == 0) first = d;
+  }
+  assert_ptr_equal(sl_metrics_direct(w, "127.0.0.1:10000"), first);
+  sl_metrics_server *other = sl_metrics_direct(w, "127.0.0.1:9999");
+  assert_non_null(other);
+  assert_ptr_equal(sl_metrics_direct(w, "[::1]:80"), other);
+  assert_ptr_equal(sl_metrics_direct(w, "127.0.0.1:10000"), first);
+  sl_metrics_connect_done(w, SL_METRICS_DIRECT, first, 0.002, 0);
+  sl_metrics_connect_done(w, SL_METRICS_DIRECT, other, 0.002, 0);
+  sl_metrics_connect_done(w, SL_METRICS_DIRECT, other, 0, ECONNREFUSED);
+  sl_channel_config cc = {0};
+  sl_channel *ch = sl_channel_embedded(w, &cc, "test");
+  ch->bytes_out = 40;
+  ch->bytes_in = 2;
+  sl_metrics_server_closed(other, ch);
+  sl_channel_close(ch, "done", 0);
+
+  sl_metrics_snap *s = sl_metrics_snapshot(w, 0);
+  assert_int_equal(s->nservers, 1 + SL_METRICS_MAX_DIRECT + 1);
+  const sl_metrics_server_snap *o = find_row(s, SL_METRICS_DIRECT, SL_METRICS_DIRECT_OTHER);
+  assert_non_null(o);
+  assert_int_equal(o->direct, 1);
+  assert_int_equal(o->opened, 1);
+  assert_int_equal(o->failures[SL_METRICS_REFUSED], 1);
+  assert_int_equal(o->bytes_to, 40);
+  assert_null(find_row(s, SL_METRICS_DIRECT, "127.0.0.1:9999"));
+  const sl_metrics_server_snap *d = find_row(s, SL_METRICS_DIRECT, "127.0.0.1:10000");
+  assert_non_null(d);
+  assert_int_equal(d->direct, 1);
+  assert_int_equal(d->open, 1);
+  assert_int_equal(find_row(s, "back", "127.0.0.1:10000")->direct, 0);
+  const sl_metrics_upstream_snap *u = find_upstream(s, SL_METRICS_DIRECT);
+  assert_non_null(u);
+  assert_int_equal(u->connects, 2);
+  assert_int_equal(u->failures, 1);
+  assert_int_equal(u->open, 1);
+  assert_int_equal(u->bytes_to, 40);
+  assert_int_equal(u->bytes_from, 2);
+  sl_metrics_snap_free(s);
+  /* Closed, as the worker's connections are before its metrics go. */
+  ch = sl_channel_embedded(w, &cc, "test");
+  sl_metrics_server_closed(first, ch);
+  sl_channel_close(ch, "done", 0);
+  sl_metrics_server_unref(w, conf);
 }
 
 /* ---- pool by size class ---- */
@@ -324,8 +410,13 @@ static void test_admin_sums_servers_over_workers(void **state) {
   /* Worker 0 lists them in another order than the configuration. */
   sl_metrics_server_snap r0[3] = {row("back", "b:2", 0, 1, 0), row("back", "old:9", 0, 5, 1),
                                   row("back", "a:1", 0, 0, 0)};
-  sl_metrics_server_snap r1[3] = {row("back", "a:1", 0, 0, 0), row("back", "b:2", 0, 1, 0),
+  sl_metrics_server_snap r1[4] = {row("back", "a:1", 0, 0, 0), row("back", "b:2", 0, 1, 0),
+                                  row(SL_METRICS_DIRECT, "127.0.0.1:7", 0, 0, 1),
                                   row("gone", "g:1", 3, 0, 1)};
+  r1[2].direct = 1;
+  r1[2].opened = 4;
+  r1[2].bytes_to = 11;
+  r1[2].failures[SL_METRICS_REFUSED] = 2;
   r0[2].opened = 3;
   r0[2].bytes_to = 100;
   r0[2].bytes_from = 7;
@@ -346,15 +437,41 @@ static void test_admin_sums_servers_over_workers(void **state) {
   w0.servers = r0;
   w0.nservers = 3;
   w1.servers = r1;
-  w1.nservers = 3;
+  w1.nservers = 4;
+  /* The upstreams' totals: worker 0 dropped a server of back that had
+   * sent 1000 bytes (in its row, not in a server's). */
+  sl_metrics_upstream_snap u0[1], u1[2];
+  memset(u0, 0, sizeof(u0));
+  memset(u1, 0, sizeof(u1));
+  snprintf(u0[0].name, sizeof(u0[0].name), "back");
+  u0[0].connects = 3;
+  u0[0].open = 1;
+  u0[0].bytes_to = 1100;
+  u0[0].bytes_from = 7;
+  u0[0].reasons[SL_METRICS_TLS] = 2;
+  snprintf(u1[0].name, sizeof(u1[0].name), SL_METRICS_DIRECT);
+  u1[0].connects = 4;
+  u1[0].bytes_to = 11;
+  u1[0].reasons[SL_METRICS_REFUSED] = 2;
+  snprintf(u1[1].name, sizeof(u1[1].name), "back");
+  u1[1].connects = 2;
+  u1[1].open = 1;
+  u1[1].bytes_to = 50;
+  u1[1].bytes_from = 3;
+  u1[1].reasons[SL_METRICS_REFUSED] = 1;
+  u1[1].tls_resumed = 1;
+  w0.upstreams = u0;
+  w0.nupstreams = 1;
+  w1.upstreams = u1;
+  w1.nupstreams = 2;
   sl_metrics_snap *snaps[3] = {&w0, &w1, NULL};
   sl_admin_report r = {.snaps = snaps, .nworkers = 3};
 
   size_t n = 0;
   sl_admin_server *rows = sl_admin_servers_sum(&r, &n);
   assert_non_null(rows);
-  assert_int_equal(n, 4);
-  const char *order[] = {"a:1", "b:2", "old:9", "g:1"};
+  assert_int_equal(n, 5);
+  const char *order[] = {"a:1", "b:2", "old:9", "g:1", "127.0.0.1:7"};
   for (size_t i = 0; i < n; i++) assert_string_equal(rows[i].sum.server, order[i]);
   assert_int_equal(rows[0].sum.opened, 5);
   assert_int_equal(rows[0].sum.open, 1);
@@ -364,14 +481,29 @@ static void test_admin_sums_servers_over_workers(void **state) {
   assert_int_equal(rows[0].sum.failures[SL_METRICS_TLS], 2);
   assert_int_equal(rows[0].ndown, 1);
   assert_int_equal(rows[1].ndown, 0);
+  assert_int_equal(rows[4].sum.direct, 1);
   free(rows);
+  sl_metrics_upstream_snap *ups = sl_admin_upstreams_sum(&r, &n);
+  assert_non_null(ups);
+  assert_int_equal(n, 2);
+  assert_string_equal(ups[0].name, "back");
+  assert_int_equal(ups[0].bytes_to, 1150);
+  assert_string_equal(ups[1].name, SL_METRICS_DIRECT);
+  free(ups);
 
   sl_text t = {0};
   sl_admin_format_upstreams(&t, &r);
   assert_false(t.failed);
   static const char *const json[] = {
       "{\"workers\": 3, \"workers_answering\": 2, \"upstreams\": [",
-      "{\"name\": \"back\", \"balance\": \"least_conn\", \"retired\": false,",
+      "{\"name\": \"back\", \"balance\": \"least_conn\", \"retired\": false,\n"
+       "      \"active\": 2, \"connections\": 5, \"failures\": {\"refused\": 1, "
+       "\"timeout\": 0, \"other\": 0, \"tls\": 2},\n"
+       "         \"sent_bytes\": 1150, \"received_bytes\": 10,\n      \"servers\": [",
+      "{\"name\": \"(direct)\",\n      \"active\": 0, \"connections\": 4, ",
+      "{\"address\": \"127.0.0.1:7\",\n         \"active\": 0, \"connections\": 4, "
+       "\"failures\": {\"refused\": 2, \"timeout\": 0, \"other\": 0, \"tls\": 0},\n"
+       "         \"sent_bytes\": 11, \"received_bytes\": 0}",
       "{\"name\": \"gone\", \"balance\": \"least_conn\", \"retired\": true,",
       "{\"address\": \"a:1\", \"weight\": 1, \"backup\": false, \"state\": \"down\", \"down\": "
        "[{\"worker\": 1, \"cause\": \"passive\", \"until\": "
@@ -390,6 +522,7 @@ static void test_admin_sums_servers_over_workers(void **state) {
   assert_contains_all(t.p, json, sizeof(json) / sizeof(json[0]));
   assert_true(strstr(t.p, "\"back\"") < strstr(t.p, "\"gone\""));
   assert_true(strstr(t.p, "\"b:2\"") < strstr(t.p, "\"old:9\""));
+  assert_true(strstr(t.p, "\"gone\"") < strstr(t.p, "\"(direct)\""));
   sl_text_reset(&t);
 
   sl_admin_format_metrics(&t, &r);
@@ -412,8 +545,23 @@ static void test_admin_sums_servers_over_workers(void **state) {
        "server=\"a:1\",cause=\"passive\"} 1\n",
       "sluice_upstream_server_connect_seconds_count{upstream=\"back\","
        "server=\"a:1\"} 5\n",
+      "sluice_upstream_server_sent_bytes_total{upstream=\"(direct)\",server=\"127.0.0.1:7\"} 11\n",
+      "sluice_upstream_server_connect_failures_total{upstream=\"(direct)\","
+       "server=\"127.0.0.1:7\",reason=\"refused\"} 2\n",
+      "sluice_upstream_connects_total{upstream=\"back\"} 5\n",
+      "sluice_upstream_connects_total{upstream=\"(direct)\"} 4\n",
+      "sluice_upstream_connections_open{upstream=\"back\"} 2\n",
+      "sluice_upstream_sent_bytes_total{upstream=\"back\"} 1150\n",
+      "sluice_upstream_received_bytes_total{upstream=\"back\"} 10\n",
+      "sluice_upstream_sent_bytes_total{upstream=\"(direct)\"} 11\n",
+      "sluice_upstream_tls_resumed_total{upstream=\"back\"} 1\n",
   };
   assert_contains_all(t.p, prom, sizeof(prom) / sizeof(prom[0]));
+  /* An address of ctx:connect has no state, role or TLS. */
+  assert_null(strstr(t.p, "sluice_upstream_server_up{upstream=\"(direct)\""));
+  assert_null(strstr(t.p, "sluice_upstream_server_backup{upstream=\"(direct)\""));
+  assert_null(strstr(t.p, "sluice_upstream_server_marked_down_total{upstream=\"(direct)\""));
+  assert_null(strstr(t.p, "sluice_upstream_server_tls_resumed_total{upstream=\"(direct)\""));
   sl_text_reset(&t);
 }
 
@@ -426,6 +574,8 @@ int main(void) {
                                       fixture_teardown),
       cmocka_unit_test_setup_teardown(test_servers_live_while_a_configuration_lists_them,
                                       fixture_setup, fixture_teardown),
+      cmocka_unit_test_setup_teardown(test_direct_addresses_are_capped, fixture_setup,
+                                      fixture_teardown),
       cmocka_unit_test(test_admin_sums_servers_over_workers),
       cmocka_unit_test_setup_teardown(test_class_bytes_come_down_after_foreign_releases,
                                       fixture_setup, fixture_teardown),

@@ -244,43 +244,57 @@ static void sl_prom_histogram(sl_text *o, const char *name, const char *upstream
   sl_text_printf(o, " %llu\n", (unsigned long long)count);
 }
 
+/* One sample per upstream: name{upstream} value. */
+#define SL_PROM_PER_UPSTREAM(o, rows, n, metric, type, help, expr)               \
+  do {                                                                          \
+    sl_prom_head(o, metric, type, help);                                        \
+    for (size_t k_ = 0; k_ < (n); k_++) {                                       \
+      const sl_metrics_upstream_snap *x = &(rows)[k_];                          \
+      sl_prom_named(o, metric, "upstream", x->name, (expr));                    \
+    }                                                                           \
+  } while (0)
+
 static void sl_admin_metrics_upstreams(sl_text *o, const sl_admin_report *r) {
-  sl_agg g = {0};
-  SL_EACH_SNAP(r, s) {
-    for (size_t i = 0; i < s->nupstreams; i++) {
-      const sl_metrics_upstream_snap *u = &s->upstreams[i];
-      sl_agg_row *row = sl_agg_get(&g, u->name, NULL);
-      if (row == NULL) break;
-      row->v[0] += u->connects;
-      row->v[1] += u->failures;
-      for (int b = 0; b < SL_METRICS_NBUCKETS; b++) row->buckets[b] += u->buckets[b];
-      row->seconds += u->seconds;
-    }
+  size_t n = 0;
+  sl_metrics_upstream_snap *rows = sl_admin_upstreams_sum(r, &n);
+  if (rows == NULL) {
+    o->failed = 1;
+    return;
   }
-  sl_prom_head(o, "sluice_upstream_connects_total", "counter",
-               "Connects to an upstream's servers that completed.");
-  for (size_t i = 0; i < g.n; i++)
-    sl_prom_named(o, "sluice_upstream_connects_total", "upstream", g.rows[i].key, g.rows[i].v[0]);
-  sl_prom_head(o, "sluice_upstream_connect_failures_total", "counter",
-               "Connects to an upstream's servers that failed or timed out.");
-  for (size_t i = 0; i < g.n; i++)
-    sl_prom_named(o, "sluice_upstream_connect_failures_total", "upstream", g.rows[i].key,
-                  g.rows[i].v[1]);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_connects_total", "counter",
+                       "Connects to an upstream's servers that completed (connections opened).",
+                       x->connects);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_connect_failures_total", "counter",
+                       "Connects to an upstream's servers that failed or timed out.",
+                       x->failures);
   sl_prom_head(o, "sluice_upstream_connect_seconds", "histogram",
                "Time from starting a connect to an upstream's server to its completion.");
-  for (size_t i = 0; i < g.n; i++)
-    sl_prom_histogram(o, "sluice_upstream_connect_seconds", g.rows[i].key, NULL,
-                      g.rows[i].buckets, g.rows[i].v[0], g.rows[i].seconds);
-  if (g.failed) o->failed = 1;
-  free(g.rows);
+  for (size_t i = 0; i < n; i++)
+    sl_prom_histogram(o, "sluice_upstream_connect_seconds", rows[i].name, NULL, rows[i].buckets,
+                      rows[i].connects, rows[i].seconds);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_connections_open", "gauge",
+                       "Connections open to an upstream's servers now.", x->open);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_sent_bytes_total", "counter",
+                       "Bytes written to an upstream's servers (open connections included, and "
+                       "servers no longer reported).", x->bytes_to);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_received_bytes_total", "counter",
+                       "Bytes read from an upstream's servers (open connections included, and "
+                       "servers no longer reported).", x->bytes_from);
+  SL_PROM_PER_UPSTREAM(o, rows, n, "sluice_upstream_tls_resumed_total", "counter",
+                       "Connections to an upstream's servers whose TLS handshake resumed a "
+                       "session.", x->tls_resumed);
+  free(rows);
 }
 
-/* One sample per server: name{upstream,server} value. */
-#define SL_PROM_PER_SERVER(o, rows, n, name, type, help, expr)                   \
+/* One sample per server: name{upstream,server} value. With configured, only
+ * for the servers of a configuration (not the addresses of ctx:connect,
+ * which have no state, weight or TLS). */
+#define SL_PROM_PER_SERVER(o, rows, n, configured, name, type, help, expr)       \
   do {                                                                          \
     sl_prom_head(o, name, type, help);                                          \
     for (size_t k_ = 0; k_ < (n); k_++) {                                       \
       const sl_admin_server *x = &(rows)[k_];                                   \
+      if ((configured) && x->sum.direct) continue;                              \
       sl_text_printf(o, "%s", name);                                            \
       sl_prom_labels(o, x->sum.upstream, x->sum.server, "");                    \
       sl_text_printf(o, " %llu\n", (unsigned long long)(expr));                 \
@@ -289,11 +303,12 @@ static void sl_admin_metrics_upstreams(sl_text *o, const sl_admin_report *r) {
 
 /* A counter per server and value of label (one of nvalues), read from the
  * array of nvalues counters at offset `at` in each row's sums. */
-static void sl_prom_servers_by(sl_text *o, const sl_admin_server *rows, size_t n,
+static void sl_prom_servers_by(sl_text *o, const sl_admin_server *rows, size_t n, int configured,
                                const char *name, const char *help, const char *label,
                                const char *const *values, int nvalues, size_t at) {
   sl_prom_head(o, name, "counter", help);
   for (size_t i = 0; i < n; i++) {
+    if (configured && rows[i].sum.direct) continue;
     const uint64_t *v = (const uint64_t *)(const void *)((const char *)&rows[i].sum + at);
     for (int k = 0; k < nvalues; k++) {
       char extra[64];
@@ -312,17 +327,17 @@ static void sl_admin_metrics_servers(sl_text *o, const sl_admin_report *r) {
     o->failed = 1;
     return;
   }
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_connections_total", "counter",
+  SL_PROM_PER_SERVER(o, rows, n, 0, "sluice_upstream_server_connections_total", "counter",
                      "Connections opened to a server (connects that completed).",
                      x->sum.opened);
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_connections_open", "gauge",
+  SL_PROM_PER_SERVER(o, rows, n, 0, "sluice_upstream_server_connections_open", "gauge",
                      "Connections open to a server now.", x->sum.open);
-  sl_prom_servers_by(o, rows, n, "sluice_upstream_server_connect_failures_total",
+  sl_prom_servers_by(o, rows, n, 0, "sluice_upstream_server_connect_failures_total",
                      "Connects to a server that failed, by reason: refused, timeout, tls (a "
                      "TLS handshake that failed), other.",
                      "reason", sl_metrics_reasons, SL_METRICS_NREASONS,
                      offsetof(sl_metrics_server_snap, failures));
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_tls_resumed_total", "counter",
+  SL_PROM_PER_SERVER(o, rows, n, 1, "sluice_upstream_server_tls_resumed_total", "counter",
                      "Connections to a server (of an upstream with tls) whose handshake "
                      "resumed a TLS session.", x->sum.tls_resumed);
   sl_prom_head(o, "sluice_upstream_server_connect_seconds", "histogram",
@@ -332,19 +347,19 @@ static void sl_admin_metrics_servers(sl_text *o, const sl_admin_report *r) {
     sl_prom_histogram(o, "sluice_upstream_server_connect_seconds", rows[i].sum.upstream,
                       rows[i].sum.server, rows[i].sum.buckets, rows[i].sum.opened,
                       rows[i].sum.seconds);
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_sent_bytes_total", "counter",
+  SL_PROM_PER_SERVER(o, rows, n, 0, "sluice_upstream_server_sent_bytes_total", "counter",
                      "Bytes written to a server (open connections included).",
                      x->sum.bytes_to);
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_received_bytes_total", "counter",
+  SL_PROM_PER_SERVER(o, rows, n, 0, "sluice_upstream_server_received_bytes_total", "counter",
                      "Bytes read from a server (open connections included).",
                      x->sum.bytes_from);
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_backup", "gauge",
+  SL_PROM_PER_SERVER(o, rows, n, 1, "sluice_upstream_server_backup", "gauge",
                      "1 for a backup server (used only while no primary server of its "
                      "upstream is available), 0 for a primary.", x->sum.backup);
-  SL_PROM_PER_SERVER(o, rows, n, "sluice_upstream_server_up", "gauge",
+  SL_PROM_PER_SERVER(o, rows, n, 1, "sluice_upstream_server_up", "gauge",
                      "1 when no worker holds a server down, 0 when a passive mark or a health "
                      "check does on at least one worker.", x->ndown == 0);
-  sl_prom_servers_by(o, rows, n, "sluice_upstream_server_marked_down_total",
+  sl_prom_servers_by(o, rows, n, 1, "sluice_upstream_server_marked_down_total",
                      "Times a server went down, by cause: passive (failed connects), "
                      "health_check.",
                      "cause", sl_metrics_causes, SL_METRICS_NCAUSES,

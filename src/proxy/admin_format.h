@@ -53,8 +53,14 @@ typedef struct sl_admin_server {
 } sl_admin_server;
 
 /* The servers of r's snapshots summed by (upstream, server), in the
- * configuration's order (those only old connections still use after).
- * Returns a new array of *n rows (free it), or NULL out of memory. */
+ * configuration's order (those only old connections still use after, the
+ * addresses of ctx:connect last). Returns a new array of *n rows (free
+ * it), or NULL out of memory. */
 sl_admin_server *sl_admin_servers_sum(const sl_admin_report *r, size_t *n);
+
+/* The upstreams of r's snapshots summed by name, in the order they first
+ * appear, worker by worker. Returns a new array of *n rows (free it),
+ * or NULL out of memory. */
+sl_metrics_upstream_snap *sl_admin_upstreams_sum(const sl_admin_report *r, size_t *n);
 
 #endif

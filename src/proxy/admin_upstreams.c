@@ -1,7 +1,7 @@
 /*
- * The upstreams' servers as the admin endpoint shows them: the workers'
- * per-server rows summed by (upstream, server), and the /upstreams JSON
- * document. docs/operations.md describes both.
+ * The upstreams and their servers as the admin endpoint shows them: the
+ * workers' per-upstream and per-server rows summed by name, and the
+ * /upstreams JSON document. docs/operations.md describes them.
  */
 #include <math.h>
 #include <stdio.h>
@@ -87,10 +87,15 @@ sl_admin_server *sl_admin_servers_sum(const sl_admin_report *r, size_t *n) {
     }
   }
   /* An upstream's rank: its index in the configuration, or after every
-   * current upstream when no server of it is current. */
+   * current upstream when no server of it is current; the addresses of
+   * ctx:connect after all. */
   for (size_t i = 0; i < *n; i++) {
     sl_admin_server *row = &rows[i];
     row->rank = (uint64_t)1 << 32 | i;
+    if (row->sum.direct) {
+      row->rank = (uint64_t)1 << 33;
+      continue;
+    }
     for (size_t j = 0; j < *n; j++) {
       if (strcmp(rows[j].sum.upstream, row->sum.upstream) != 0) continue;
       if (!rows[j].sum.retired) {
@@ -101,6 +106,38 @@ sl_admin_server *sl_admin_servers_sum(const sl_admin_report *r, size_t *n) {
     }
   }
   qsort(rows, *n, sizeof(*rows), sl_admin_server_cmp);
+  return rows;
+}
+
+sl_metrics_upstream_snap *sl_admin_upstreams_sum(const sl_admin_report *r, size_t *n) {
+  size_t cap = 1;
+  for (int i = 0; i < r->nworkers; i++)
+    if (r->snaps[i]) cap += r->snaps[i]->nupstreams;
+  sl_metrics_upstream_snap *rows = calloc(cap, sizeof(*rows));
+  *n = 0;
+  if (rows == NULL) return NULL;
+  for (int i = 0; i < r->nworkers; i++) {
+    const sl_metrics_snap *s = r->snaps[i];
+    for (size_t j = 0; s && j < s->nupstreams; j++) {
+      const sl_metrics_upstream_snap *x = &s->upstreams[j];
+      sl_metrics_upstream_snap *u = NULL;
+      for (size_t k = 0; k < *n && u == NULL; k++)
+        if (strcmp(rows[k].name, x->name) == 0) u = &rows[k];
+      if (u == NULL) {
+        u = &rows[(*n)++];
+        memcpy(u->name, x->name, sizeof(u->name));
+      }
+      u->connects += x->connects;
+      u->failures += x->failures;
+      for (int k = 0; k < SL_METRICS_NREASONS; k++) u->reasons[k] += x->reasons[k];
+      for (int b = 0; b < SL_METRICS_NBUCKETS; b++) u->buckets[b] += x->buckets[b];
+      u->seconds += x->seconds;
+      u->open += x->open;
+      u->bytes_to += x->bytes_to;
+      u->bytes_from += x->bytes_from;
+      u->tls_resumed += x->tls_resumed;
+    }
+  }
   return rows;
 }
 
@@ -158,34 +195,70 @@ static void sl_admin_json_down(sl_text *o, const sl_admin_report *r, const sl_ad
   sl_text_printf(o, "]");
 }
 
+/* The counters of a server or an upstream: "active", "connections",
+ * "failures", "sent_bytes", "received_bytes". */
+static void sl_admin_json_counts(sl_text *o, uint64_t open, uint64_t opened,
+                                 const uint64_t *failures, uint64_t to, uint64_t from) {
+  sl_text_printf(o,
+                 "\"active\": %llu, \"connections\": %llu, "
+                 "\"failures\": {\"refused\": %llu, \"timeout\": %llu, \"other\": %llu, "
+                 "\"tls\": %llu},\n"
+                 "         \"sent_bytes\": %llu, \"received_bytes\": %llu",
+                 (unsigned long long)open, (unsigned long long)opened,
+                 (unsigned long long)failures[SL_METRICS_REFUSED],
+                 (unsigned long long)failures[SL_METRICS_TIMEOUT],
+                 (unsigned long long)failures[SL_METRICS_OTHER],
+                 (unsigned long long)failures[SL_METRICS_TLS], (unsigned long long)to,
+                 (unsigned long long)from);
+}
+
 static void sl_admin_json_server(sl_text *o, const sl_admin_report *r, const sl_admin_server *row) {
   const sl_metrics_server_snap *s = &row->sum;
   sl_text_printf(o, "        {\"address\": ");
   sl_json_string(o, s->server);
+  if (s->direct) {
+    /* An address of ctx:connect: counters only. */
+    sl_text_printf(o, ",\n         ");
+    sl_admin_json_counts(o, s->open, s->opened, s->failures, s->bytes_to, s->bytes_from);
+    sl_text_printf(o, "}");
+    return;
+  }
   sl_text_printf(o, ", \"weight\": %d, \"backup\": %s, \"state\": \"%s\", ", s->weight,
                  s->backup ? "true" : "false", row->ndown ? "down" : "up");
   sl_admin_json_down(o, r, row);
-  sl_text_printf(o,
-                 ", \"retired\": %s,\n         \"active\": %llu, \"connections\": %llu, "
-                 "\"failures\": {\"refused\": %llu, \"timeout\": %llu, \"other\": %llu, "
-                 "\"tls\": %llu},\n"
-                 "         \"sent_bytes\": %llu, \"received_bytes\": %llu, "
-                 "\"marked_down\": {\"passive\": %llu, \"health_check\": %llu}}",
-                 s->retired ? "true" : "false", (unsigned long long)s->open,
-                 (unsigned long long)s->opened,
-                 (unsigned long long)s->failures[SL_METRICS_REFUSED],
-                 (unsigned long long)s->failures[SL_METRICS_TIMEOUT],
-                 (unsigned long long)s->failures[SL_METRICS_OTHER],
-                 (unsigned long long)s->failures[SL_METRICS_TLS],
-                 (unsigned long long)s->bytes_to, (unsigned long long)s->bytes_from,
+  sl_text_printf(o, ", \"retired\": %s,\n         ", s->retired ? "true" : "false");
+  sl_admin_json_counts(o, s->open, s->opened, s->failures, s->bytes_to, s->bytes_from);
+  sl_text_printf(o, ", \"marked_down\": {\"passive\": %llu, \"health_check\": %llu}}",
                  (unsigned long long)s->downs[SL_METRICS_DOWN_PASSIVE],
                  (unsigned long long)s->downs[SL_METRICS_DOWN_CHECK]);
 }
 
+/* The head of an upstream's object, up to its servers: its name, balance
+ * and state (for one of the configuration), and its totals (u, NULL when
+ * no worker counted it). */
+static void sl_admin_json_upstream(sl_text *o, const sl_admin_server *first,
+                                   const sl_metrics_upstream_snap *u) {
+  static const uint64_t none[SL_METRICS_NREASONS];
+  sl_text_printf(o, "\n    {\"name\": ");
+  sl_json_string(o, first->sum.upstream);
+  /* The first row of an upstream is current when any of its servers is. */
+  if (!first->sum.direct)
+    sl_text_printf(o, ", \"balance\": \"%s\", \"retired\": %s",
+                   sl_balance_name((sl_balance)first->sum.balance),
+                   first->sum.retired ? "true" : "false");
+  sl_text_printf(o, ",\n      ");
+  sl_admin_json_counts(o, u ? u->open : 0, u ? u->connects : 0, u ? u->reasons : none,
+                       u ? u->bytes_to : 0, u ? u->bytes_from : 0);
+  sl_text_printf(o, ",\n      \"servers\": [\n");
+}
+
 void sl_admin_format_upstreams(sl_text *o, const sl_admin_report *r) {
-  size_t n = 0;
+  size_t n = 0, nups = 0;
   sl_admin_server *rows = sl_admin_servers_sum(r, &n);
-  if (rows == NULL) {
+  sl_metrics_upstream_snap *ups = sl_admin_upstreams_sum(r, &nups);
+  if (rows == NULL || ups == NULL) {
+    free(rows);
+    free(ups);
     o->failed = 1;
     return;
   }
@@ -198,16 +271,16 @@ void sl_admin_format_upstreams(sl_text *o, const sl_admin_report *r) {
     int starts = i == 0 || strcmp(rows[i - 1].sum.upstream, row->sum.upstream) != 0;
     int ends = i + 1 == n || strcmp(rows[i + 1].sum.upstream, row->sum.upstream) != 0;
     if (starts) {
-      sl_text_printf(o, "%s\n    {\"name\": ", i ? "," : "");
-      sl_json_string(o, row->sum.upstream);
-      /* The first row of an upstream is current when any of its servers is. */
-      sl_text_printf(o, ", \"balance\": \"%s\", \"retired\": %s,\n      \"servers\": [\n",
-                     sl_balance_name((sl_balance)row->sum.balance),
-                     row->sum.retired ? "true" : "false");
+      const sl_metrics_upstream_snap *u = NULL;
+      for (size_t k = 0; k < nups && u == NULL; k++)
+        if (strcmp(ups[k].name, row->sum.upstream) == 0) u = &ups[k];
+      sl_text_printf(o, "%s", i ? "," : "");
+      sl_admin_json_upstream(o, row, u);
     }
     sl_admin_json_server(o, r, row);
     sl_text_printf(o, "%s", ends ? "\n      ]}" : ",\n");
   }
   sl_text_printf(o, "%s]}\n", n ? "\n  " : "");
   free(rows);
+  free(ups);
 }

@@ -27,6 +27,8 @@ const char *const sl_metrics_causes[SL_METRICS_NCAUSES] = {"passive", "health_ch
 
 struct sl_metrics_server {
   char *upstream, *server;
+  size_t uidx;                   /* its upstream's entry in sl_metrics.upstreams */
+  int direct;                    /* an address of ctx:connect: no generation lists it */
   uint32_t refs;                 /* generations (upstream sets) that list it */
   uint64_t opened, open;
   uint64_t failures[SL_METRICS_NREASONS];
@@ -52,6 +54,10 @@ typedef struct sl_metrics_named {
   uint64_t n, failures;
   uint64_t buckets[SL_METRICS_NBUCKETS];
   double seconds;
+  /* Upstreams only: failures by reason, and what its servers dropped so
+   * far (sl_metrics_server_unref) had counted; a snapshot adds the rest. */
+  uint64_t reasons[SL_METRICS_NREASONS];
+  uint64_t bytes_to, bytes_from, tls_resumed;
 } sl_metrics_named;
 
 /* One worker's counters (written by its thread only) and its side of the
@@ -66,6 +72,8 @@ struct sl_metrics {
   size_t nstages;
   sl_metrics_server **servers;   /* in the order they were first listed */
   size_t nservers;
+  size_t ndirect;                /* of those, addresses of ctx:connect (other excluded) */
+  sl_metrics_server *direct_other; /* the addresses past SL_METRICS_MAX_DIRECT */
   uint64_t builds;               /* snapshots built */
   ev_async snap_watcher;         /* a snapshot was asked for */
   pthread_mutex_t lock;
@@ -182,6 +190,7 @@ void sl_metrics_connect_done(sl_worker *w, const char *upstream, sl_metrics_serv
   if (u == NULL) return;
   if (err) {
     u->failures++;
+    u->reasons[sl_metrics_failure_reason(err)]++;
     return;
   }
   u->n++;
@@ -197,16 +206,12 @@ static void sl_metrics_server_free(sl_metrics_server *e) {
   free(e);
 }
 
-sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, const char *server) {
-  sl_metrics *m = w->metrics;
-  if (m == NULL) return NULL;
-  for (size_t i = 0; i < m->nservers; i++) {
-    sl_metrics_server *e = m->servers[i];
-    if (strcmp(e->upstream, upstream) == 0 && strcmp(e->server, server) == 0) {
-      e->refs++;
-      return e;
-    }
-  }
+/* A new server of upstream (whose entry it gets, added when missing),
+ * appended to m's list with zero counts and no reference; NULL on ENOMEM. */
+static sl_metrics_server *sl_metrics_server_add(sl_metrics *m, const char *upstream,
+                                                const char *server) {
+  sl_metrics_named *u = sl_metrics_find(&m->upstreams, &m->nupstreams, upstream);
+  if (u == NULL) return NULL;
   sl_metrics_server **t = realloc(m->servers, (m->nservers + 1) * sizeof(*t));
   if (t == NULL) return NULL;
   m->servers = t;
@@ -218,8 +223,41 @@ sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, con
     sl_metrics_server_free(e);
     return NULL;
   }
-  e->refs = 1;
+  e->uidx = (size_t)(u - m->upstreams);
   m->servers[m->nservers++] = e;
+  return e;
+}
+
+sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, const char *server) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return NULL;
+  for (size_t i = 0; i < m->nservers; i++) {
+    sl_metrics_server *e = m->servers[i];
+    if (!e->direct && strcmp(e->upstream, upstream) == 0 && strcmp(e->server, server) == 0) {
+      e->refs++;
+      return e;
+    }
+  }
+  sl_metrics_server *e = sl_metrics_server_add(m, upstream, server);
+  if (e) e->refs = 1;
+  return e;
+}
+
+sl_metrics_server *sl_metrics_direct(sl_worker *w, const char *address) {
+  sl_metrics *m = w->metrics;
+  if (m == NULL) return NULL;
+  for (size_t i = 0; i < m->nservers; i++) {
+    sl_metrics_server *e = m->servers[i];
+    if (e->direct && e != m->direct_other && strcmp(e->server, address) == 0) return e;
+  }
+  int over = m->ndirect >= SL_METRICS_MAX_DIRECT;
+  if (over && m->direct_other != NULL) return m->direct_other;
+  sl_metrics_server *e =
+      sl_metrics_server_add(m, SL_METRICS_DIRECT, over ? SL_METRICS_DIRECT_OTHER : address);
+  if (e == NULL) return NULL;
+  e->direct = 1;
+  if (over) m->direct_other = e;
+  else m->ndirect++;
   return e;
 }
 
@@ -229,6 +267,12 @@ void sl_metrics_server_unref(sl_worker *w, sl_metrics_server *e) {
   SL_ASSERT(e->refs > 0, "server metrics reference count underflow");
   if (--e->refs > 0) return;
   SL_ASSERT(e->open == 0, "server metrics dropped while a connection of it is open");
+  SL_ASSERT(!e->direct, "a plain address's server metrics dropped");
+  /* Its upstream's totals keep what it counted. */
+  sl_metrics_named *u = &m->upstreams[e->uidx];
+  u->bytes_to += e->bytes_to;
+  u->bytes_from += e->bytes_from;
+  u->tls_resumed += e->tls_resumed;
   for (size_t i = 0; i < m->nservers; i++) {
     if (m->servers[i] != e) continue;
     memmove(&m->servers[i], &m->servers[i + 1], (m->nservers - i - 1) * sizeof(*m->servers));
@@ -422,6 +466,7 @@ static void sl_metrics_build_servers(sl_worker *w, sl_metrics_snap *s) {
     e->row = i;
     sl_metrics_copy_name(o->upstream, e->upstream);
     sl_metrics_copy_name(o->server, e->server);
+    o->direct = e->direct;
     o->retired = 1;
     o->opened = e->opened;
     o->open = e->open;
@@ -439,6 +484,16 @@ static void sl_metrics_build_servers(sl_worker *w, sl_metrics_snap *s) {
     if (e == NULL) continue;
     s->servers[e->row].bytes_to += ch->bytes_out;
     s->servers[e->row].bytes_from += ch->bytes_in;
+  }
+  /* Each upstream's totals: what its dropped servers counted (there
+   * already), and its servers' rows. */
+  for (size_t i = 0; i < m->nservers; i++) {
+    const sl_metrics_server_snap *o = &s->servers[i];
+    sl_metrics_upstream_snap *u = &s->upstreams[m->servers[i]->uidx];
+    u->open += o->open;
+    u->bytes_to += o->bytes_to;
+    u->bytes_from += o->bytes_from;
+    u->tls_resumed += o->tls_resumed;
   }
   sl_metrics_noting n = {s, ++m->builds, 0, ev_now(w->loop)};
   for (sl_worker_gen *g = w->gen; g != NULL; g = g->older) {
@@ -511,8 +566,12 @@ static sl_metrics_snap *sl_metrics_build(sl_worker *w, int memory) {
     sl_metrics_copy_name(o->name, u->name);
     o->connects = u->n;
     o->failures = u->failures;
+    memcpy(o->reasons, u->reasons, sizeof(o->reasons));
     memcpy(o->buckets, u->buckets, sizeof(o->buckets));
     o->seconds = u->seconds;
+    o->bytes_to = u->bytes_to;
+    o->bytes_from = u->bytes_from;
+    o->tls_resumed = u->tls_resumed;
   }
   sl_metrics_build_servers(w, s);
   s->nstages = m->nstages;

@@ -43,6 +43,15 @@ enum { SL_METRICS_REFUSED, SL_METRICS_TIMEOUT, SL_METRICS_OTHER, SL_METRICS_TLS,
        SL_METRICS_NREASONS };
 extern const char *const sl_metrics_reasons[SL_METRICS_NREASONS];
 
+/* The upstream label of connections that ctx:connect("host:port") makes
+ * to a plain address (no upstream of the configuration): parentheses are
+ * not allowed in upstream names, so it cannot name one. Its servers are
+ * the addresses connected to, up to SL_METRICS_MAX_DIRECT per worker; the
+ * addresses past those are counted together as SL_METRICS_DIRECT_OTHER. */
+#define SL_METRICS_DIRECT "(direct)"
+#define SL_METRICS_DIRECT_OTHER "other"
+#define SL_METRICS_MAX_DIRECT 256
+
 /* What marked a server down. */
 enum { SL_METRICS_DOWN_PASSIVE, SL_METRICS_DOWN_CHECK, SL_METRICS_NCAUSES };
 extern const char *const sl_metrics_causes[SL_METRICS_NCAUSES];
@@ -53,7 +62,10 @@ extern const char *const sl_metrics_causes[SL_METRICS_NCAUSES];
  * reference (sl_upstreams, through sl_peer.m), so its counters go on across
  * reloads that keep it, and it is dropped, its series with it, once no
  * generation that lists it is left (a removed server: once the last
- * connection of the old generation has closed).
+ * connection of the old generation has closed). Its bytes and resumed
+ * sessions then stay in its upstream's totals, which never go down. A
+ * plain address of ctx:connect (SL_METRICS_DIRECT) is a server that no
+ * configuration lists: it lives as long as the worker's metrics.
  */
 typedef struct sl_metrics_server sl_metrics_server;
 
@@ -68,11 +80,17 @@ typedef struct sl_metrics_listener_snap {
   uint64_t held_bufs, held_bytes;/* live buffers of its connections (memory summary) */
 } sl_metrics_listener_snap;
 
+/* One upstream as one worker sees it: its counters are the sums over its
+ * servers, those dropped since included (the servers' rows without them). */
 typedef struct sl_metrics_upstream_snap {
   char name[SL_METRICS_NAME];
   uint64_t connects, failures;
+  uint64_t reasons[SL_METRICS_NREASONS]; /* failures by reason */
   uint64_t buckets[SL_METRICS_NBUCKETS]; /* connects at most that long (not cumulative) */
   double seconds;                /* sum of connect times */
+  uint64_t open;                 /* connections open now */
+  uint64_t bytes_to, bytes_from; /* written to its servers, read from them (open connections too) */
+  uint64_t tls_resumed;
 } sl_metrics_upstream_snap;
 
 /* One server as one worker sees it. The state comes from the newest
@@ -80,6 +98,7 @@ typedef struct sl_metrics_upstream_snap {
 typedef struct sl_metrics_server_snap {
   char upstream[SL_METRICS_NAME];
   char server[SL_METRICS_NAME];  /* its address as the configuration writes it */
+  int direct;                    /* 1: an address of ctx:connect (SL_METRICS_DIRECT) */
   int balance;                   /* sl_balance of its upstream */
   int retired;                   /* 1: not in the configuration new connections use */
   int weight;
@@ -197,11 +216,19 @@ void sl_metrics_rate_paused(sl_worker *w, uint16_t li);
  * with zero counts), NULL without metrics or on ENOMEM (hooks take NULL). */
 sl_metrics_server *sl_metrics_server_ref(sl_worker *w, const char *upstream, const char *server);
 
-/* Drops a reference; at the last one the server and its series are gone.
- * NULL is fine. */
+/* Drops a reference; at the last one the server and its series are gone
+ * (its bytes and resumed sessions stay in its upstream's totals). NULL is
+ * fine. */
 void sl_metrics_server_unref(sl_worker *w, sl_metrics_server *e);
 
-/* A connect to upstream `name` (its server e, NULL for a plain address)
+/* The server of SL_METRICS_DIRECT for the plain address `address`
+ * ("127.0.0.1:7001"): found, or added with zero counts while the worker
+ * tracks fewer than SL_METRICS_MAX_DIRECT addresses, else the one of
+ * SL_METRICS_DIRECT_OTHER. Borrowed: it lives as long as w's metrics. NULL
+ * without metrics or on ENOMEM. A lookup per connect, none per byte. */
+sl_metrics_server *sl_metrics_direct(sl_worker *w, const char *address);
+
+/* A connect to upstream `name` (its server e, NULL when none is known)
  * completed after seconds (err 0: a connection of e is open from now on)
  * or failed with errno value err. */
 void sl_metrics_connect_done(sl_worker *w, const char *upstream, sl_metrics_server *e,

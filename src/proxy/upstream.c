@@ -55,6 +55,7 @@ typedef struct sl_attempt {
   sl_ctx *lease;              /* ch's lease stage */
   sl_upstream_ready_fn ready;
   int server;                 /* index of the current try's server, -1 for an address */
+  struct sl_metrics_server *direct; /* an address's counters (borrowed; NULL without metrics) */
   int ntried;
   uint64_t key;               /* hash of the client's address */
   sl_channel_config cc;       /* for the upstream channel */
@@ -69,6 +70,7 @@ typedef struct sl_lease {
   sl_attempt *attempt;        /* while connecting */
   sl_upstreams *set;          /* once connected: referenced */
   sl_peer *peer;              /* once connected: its server's state (NULL: an address) */
+  struct sl_metrics_server *m; /* once connected: its server's counters (or the address's) */
 } sl_lease;
 
 /* ---- the set ---- */
@@ -237,13 +239,13 @@ static void sl_upstream_peer_done(sl_peer *p) {
 static void sl_upstream_on_close(struct sl_channel *ch) {
   sl_lease *l = ch->ud;
   ch->ud = NULL;   /* counted: snapshots no longer add its bytes */
-  if (l && l->peer) sl_metrics_server_closed(l->peer->m, ch);
+  if (l) sl_metrics_server_closed(l->m, ch);
 }
 
 sl_metrics_server *sl_upstream_metrics_of(const struct sl_channel *ch) {
   if (ch->on_close != sl_upstream_on_close || ch->ud == NULL) return NULL;
   const sl_lease *l = ch->ud;
-  return l->peer ? l->peer->m : NULL;
+  return l->m;
 }
 
 void sl_upstreams_each(const sl_upstreams *s, sl_upstreams_peer_fn fn, void *ud) {
@@ -416,6 +418,16 @@ static void sl_upstream_log_switch(const sl_worker *w, const sl_upstream_rt *up,
   }
 }
 
+/* The counters of a's current try: its server's, or its address's. */
+static struct sl_metrics_server *sl_attempt_metrics(const sl_attempt *a) {
+  return a->up ? a->up->bal.peers[a->server].m : a->direct;
+}
+
+/* The upstream label of a's counters. */
+static const char *sl_attempt_upstream_name(const sl_attempt *a) {
+  return a->up ? a->up->cfg->name : SL_METRICS_DIRECT;
+}
+
 /* The connect timeout of a's tries (and of their TLS handshakes): the
  * listener's when it sets one, else the upstream's. */
 static double sl_attempt_timeout(const sl_attempt *a) {
@@ -468,6 +480,10 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
       addr = &u->servers[i];
     } else if (a->ntried >= 1) {
       break;
+    } else {
+      char text[64];
+      a->direct = sl_metrics_direct(w, sl_addr_format((const struct sockaddr *)&addr->ss, text,
+                                                      sizeof(text)));
     }
     a->ntried++;
     struct sl_channel *ch =
@@ -485,8 +501,7 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
       return SL_ERROR;
     }
     if (ch == NULL) {
-      sl_metrics_connect_done(w, a->up ? a->up->cfg->name : "-",
-                              a->up ? a->up->bal.peers[a->server].m : NULL, 0, errno);
+      sl_metrics_connect_done(w, sl_attempt_upstream_name(a), sl_attempt_metrics(a), 0, errno);
       sl_attempt_failed(a, strerror(errno));
       continue;
     }
@@ -523,8 +538,7 @@ static int sl_attempt_next(sl_attempt *a, struct sl_channel *carry) {
 static void sl_attempt_done(struct sl_channel *ch, int err, const char *why) {
   sl_attempt *a = ch->ud;
   SL_ASSERT(a != NULL && a->ch == ch, "connect completion for a channel its attempt left");
-  sl_metrics_connect_done(ch->w, a->up ? a->up->cfg->name : "-",
-                          a->up ? a->up->bal.peers[a->server].m : NULL,
+  sl_metrics_connect_done(ch->w, sl_attempt_upstream_name(a), sl_attempt_metrics(a),
                           ev_now(ch->w->loop) - ch->started, err);
   if (err) {
     if (why == NULL) why = err == ETIMEDOUT ? "timed out" : strerror(err);
@@ -546,7 +560,8 @@ static void sl_attempt_done(struct sl_channel *ch, int err, const char *why) {
   l->attempt = NULL;
   l->set = a->set;
   l->peer = a->up ? &a->up->bal.peers[a->server] : NULL;
-  if (ch->ssl != NULL && SSL_session_reused(ch->ssl)) sl_metrics_server_tls_resumed(l->peer->m);
+  l->m = sl_attempt_metrics(a);
+  if (ch->ssl != NULL && SSL_session_reused(ch->ssl)) sl_metrics_server_tls_resumed(l->m);
   ch->ud = l;
   ch->on_close = sl_upstream_on_close;
   sl_upstream_ready_fn ready = a->ready;

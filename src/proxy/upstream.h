@@ -83,9 +83,9 @@ int sl_upstream_connect(struct sl_channel *client, const struct sl_upstream_cfg 
                         const sl_addr *addr, const struct sl_channel_config *cc,
                         const char *for_name, sl_upstream_ready_fn ready);
 
-/* The server counters of a connected upstream channel, until its close has
- * added its bytes to them; NULL for any other channel (a plain address, a
- * client, one still connecting). Borrowed. */
+/* The server counters of a connected upstream channel (a plain address's
+ * under SL_METRICS_DIRECT), until its close has added its bytes to them;
+ * NULL for any other channel (a client, one still connecting). Borrowed. */
 struct sl_metrics_server *sl_upstream_metrics_of(const struct sl_channel *ch);
 
 /* Calls fn for every server of every upstream of s (NULL: none), with its

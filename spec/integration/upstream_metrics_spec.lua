@@ -285,4 +285,253 @@ describe("per-server upstream metrics", function()
     assert.is_nil(server_of(upstreams(admin), a.port))
     H.stop_sluice(p)
   end)
+
+  -- The upstream's own series of name ("sent_bytes_total", ...).
+  local function up(text, name, upstream)
+    return sample(text, "sluice_upstream_" .. name, ('upstream="%s"'):format(upstream or "back"))
+  end
+
+  -- Writes cfg over p's configuration, sends SIGHUP and waits for the
+  -- reload's line (the n-th of the log).
+  local function reload(p, cfg, n)
+    local f = assert(io.open(p.config, "w"))
+    f:write(cfg)
+    f:close()
+    os.execute("kill -HUP " .. p.pid)
+    assert.truthy(H.wait_for(function()
+      local _, k = H.read(p.log):gsub("configuration reloaded", "")
+      return k >= n
+    end, 10), H.read(p.log))
+  end
+
+  local UPSTREAM_SERIES = { "connects_total", "connect_failures_total", "connect_seconds_count",
+                            "sent_bytes_total", "received_bytes_total", "tls_resumed_total",
+                            "connections_open" }
+
+  local function upstream_row(text)
+    local row = {}
+    for _, name in ipairs(UPSTREAM_SERIES) do row[name] = up(text, name) end
+    return row
+  end
+
+  it("add up an upstream's servers into its own series, across reloads", function()
+    local a, b = peer("A"), peer("B")
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(config(2, admin, port, { a.port, b.port }))
+    local text = metrics(admin)
+    for _, name in ipairs(UPSTREAM_SERIES) do assert.are.equal(0, up(text, name), name) end
+    local sent, got = {}, {}
+    local payloads = {}
+    for i = 1, 8 do payloads[i] = ("u"):rep(37 * i) end
+    traffic(port, payloads, sent, got)
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), text)
+    local total_sent, total_got = (sent.A or 0) + (sent.B or 0), (got.A or 0) + (got.B or 0)
+    assert.are.equal(37 * 36, total_sent)
+    -- The upstream's row is the sum of its servers' rows, and what the spec sent.
+    assert.are.equal(total_sent, up(text, "sent_bytes_total"), text)
+    assert.are.equal(total_sent, srv(text, "sent_bytes_total", a.port) + srv(text, "sent_bytes_total", b.port))
+    assert.are.equal(total_got, up(text, "received_bytes_total"))
+    assert.are.equal(total_got, srv(text, "received_bytes_total", a.port) + srv(text, "received_bytes_total", b.port))
+    assert.are.equal(8, up(text, "connects_total"))
+    assert.are.equal(8, srv(text, "connections_total", a.port) + srv(text, "connections_total", b.port))
+    assert.are.equal(0, up(text, "connections_open"))
+
+    -- A connection held open counts at once: open, and its bytes so far.
+    local c = held_client(port, "held!")
+    assert.truthy(H.wait_for(function() return #H.read(c.out) == 6 end, 10))
+    local who = H.read(c.out):sub(1, 1)
+    sent[who], got[who] = sent[who] + 5, got[who] + 6
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return up(text, "received_bytes_total") == total_got + 6
+    end, 10), text)
+    assert.are.equal(1, up(text, "connections_open"))
+    assert.are.equal(total_sent + 5, up(text, "sent_bytes_total"))
+    c.release()
+    assert.are.equal(0, c.finish())
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return up(text, "connections_open") == 0
+    end, 10), text)
+    local before = upstream_row(text)
+    local b_sent, b_got = srv(text, "sent_bytes_total", b.port), srv(text, "received_bytes_total", b.port)
+    assert.are.equal(sent.B, b_sent)
+
+    -- B is removed: its series go, the upstream's keep what it counted.
+    reload(p, config(2, admin, port, { a.port }), 1)
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return srv(text, "connections_total", b.port) == nil
+    end, 10), text)
+    assert.are.same(before, upstream_row(text))
+    assert.are.equal(srv(text, "sent_bytes_total", a.port) + b_sent, up(text, "sent_bytes_total"))
+    assert.are.equal(srv(text, "received_bytes_total", a.port) + b_got, up(text, "received_bytes_total"))
+    -- New traffic goes to A and adds to both.
+    assert.are.same({ "A", "A" }, traffic(port, { ("v"):rep(11), ("w"):rep(13) }, sent, got))
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), text)
+    assert.are.equal(before.sent_bytes_total + 24, up(text, "sent_bytes_total"))
+    assert.are.equal(before.received_bytes_total + 26, up(text, "received_bytes_total"))
+    assert.are.equal(before.connects_total + 2, up(text, "connects_total"))
+    assert.are.equal(sent.A, srv(text, "sent_bytes_total", a.port))
+    assert.are.equal(sent.A + sent.B, up(text, "sent_bytes_total"))
+    local after = upstream_row(text)
+
+    -- B comes back: its series start from zero, the upstream's go on.
+    reload(p, config(2, admin, port, { a.port, b.port }), 2)
+    text = metrics(admin)
+    assert.are.equal(0, srv(text, "sent_bytes_total", b.port), text)
+    assert.are.same(after, upstream_row(text))
+    local doc = upstreams(admin)
+    local _, u = server_of(doc, a.port)
+    assert.are.equal(after.sent_bytes_total, u.sent_bytes)
+    assert.are.equal(after.received_bytes_total, u.received_bytes)
+    assert.are.equal(after.connects_total, u.connections)
+    assert.are.equal(0, u.active)
+    assert.are.same({ refused = 0, timeout = 0, other = 0, tls = 0 }, u.failures)
+    H.stop_sluice(p)
+  end)
+
+  local function router_config(workers, admin, port)
+    return ([[
+return {
+  workers = %d,
+  admin = { listen = "127.0.0.1:%d" },
+  listeners = { { name = "front", listen = "127.0.0.1:%d",
+                  pipeline = { "spec.fixtures.upstream.line_router" } } },
+}
+]]):format(workers, admin, port)
+  end
+
+  local function direct(text, name, server, extra)
+    return sample(text, "sluice_upstream_server_" .. name,
+                  ('upstream="(direct)",server="%s"%s'):format(server, extra or ""))
+  end
+
+  it("count ctx:connect to a plain address as a server of (direct)", function()
+    local a, b = peer("A"), peer("B")
+    local dead = H.free_port()
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(router_config(1, admin, port))
+    local sent, got = {}, {}
+    local function send(target, data, who)
+      local input = target .. "\n" .. data
+      local out, rc = H.exchange(port, input, 10)
+      assert.are.equal(0, rc)
+      assert.are.equal(who .. input, out)
+      sent[who] = (sent[who] or 0) + #input
+      got[who] = (got[who] or 0) + #out
+    end
+    send("127.0.0.1:" .. a.port, ("1"):rep(100), "A")
+    send("127.0.0.1:" .. b.port, ("2"):rep(2000), "B")
+    send("localhost:" .. a.port, ("3"):rep(10), "A")   -- the same address
+    assert.are.equal("", (H.exchange(port, "127.0.0.1:" .. dead .. "\nlost", 10)))
+    local text
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+    end, 10), text)
+    local sa, sb = "127.0.0.1:" .. a.port, "127.0.0.1:" .. b.port
+    assert.are.equal(2, direct(text, "connections_total", sa), text)
+    assert.are.equal(1, direct(text, "connections_total", sb))
+    assert.are.equal(0, direct(text, "connections_open", sa))
+    assert.are.equal(sent.A, direct(text, "sent_bytes_total", sa))
+    assert.are.equal(got.A, direct(text, "received_bytes_total", sa))
+    assert.are.equal(sent.B, direct(text, "sent_bytes_total", sb))
+    assert.are.equal(got.B, direct(text, "received_bytes_total", sb))
+    assert.are.equal(2, direct(text, "connect_seconds_count", sa))
+    assert.are.equal(2, direct(text, "connect_seconds_bucket", sa, ',le="+Inf"'))
+    local sd = "127.0.0.1:" .. dead
+    assert.are.equal(1, direct(text, "connect_failures_total", sd, ',reason="refused"'))
+    assert.are.equal(0, direct(text, "connect_failures_total", sd, ',reason="timeout"'))
+    assert.are.equal(0, direct(text, "connections_total", sd))
+    assert.are.equal(0, direct(text, "sent_bytes_total", sd))
+    -- No state, role or TLS for an address.
+    assert.is_nil(direct(text, "up", sa))
+    assert.is_nil(direct(text, "backup", sa))
+    -- The upstream's row: the sum.
+    assert.are.equal(3, up(text, "connects_total", "(direct)"))
+    assert.are.equal(1, up(text, "connect_failures_total", "(direct)"))
+    assert.are.equal(sent.A + sent.B, up(text, "sent_bytes_total", "(direct)"))
+    assert.are.equal(got.A + got.B, up(text, "received_bytes_total", "(direct)"))
+    assert.are.equal(0, up(text, "connections_open", "(direct)"))
+
+    local doc = upstreams(admin)
+    local d
+    for _, u in ipairs(doc.upstreams) do if u.name == "(direct)" then d = u end end
+    assert.truthy(d, json.encode(doc))
+    assert.is_nil(d.balance)
+    assert.are.equal(3, d.connections)
+    assert.are.equal(sent.A + sent.B, d.sent_bytes)
+    assert.are.same({ refused = 1, timeout = 0, other = 0, tls = 0 }, d.failures)
+    local by = {}
+    for _, s in ipairs(d.servers) do by[s.address] = s end
+    assert.are.equal(sent.A, by[sa].sent_bytes)
+    assert.are.equal(got.B, by[sb].received_bytes)
+    assert.are.equal(1, by[sd].failures.refused)
+    assert.is_nil(by[sa].state)
+    H.stop_sluice(p)
+  end)
+
+  it("track at most 256 addresses of ctx:connect per worker, the rest as other", function()
+    local port, admin = H.free_port(), H.free_port()
+    local p = H.start_sluice(router_config(1, admin, port))
+    -- 257 listeners of the spec's own: the connects complete in their
+    -- accept queues, and the spec reads each connection's bytes.
+    local listeners, sent = {}, {}
+    local ok, err = pcall(function()
+      for i = 1, 257 do
+        local L = H.raw_listener()
+        listeners[i] = L
+        local input = ("127.0.0.1:%d\n%s"):format(L.port, ("y"):rep(i))
+        local c = H.connect(port)
+        c.send(input)
+        local fd = assert(L.accept(10), "no connection from sluice")
+        local have = ""
+        while #have < #input do
+          local more = L.read(fd, 10)
+          assert(more and #more > 0, "short read: " .. have)
+          have = have .. more
+        end
+        assert.are.equal(input, have)
+        sent[i] = #input
+        L.reset(fd)
+        c.close()
+      end
+    end)
+    for _, L in ipairs(listeners) do L.close() end
+    assert(ok, err)
+    local text
+    assert.truthy(H.wait_for(function()
+      text = metrics(admin)
+      return sample(text, "sluice_connections_open", 'listener="front"') == 0
+         and up(text, "connections_open", "(direct)") == 0
+    end, 10), text)
+    local rows, total = 0, 0
+    for server, v in text:gmatch('sluice_upstream_server_sent_bytes_total{upstream="%(direct%)",server="([^"]+)"} (%d+)') do
+      rows = rows + 1
+      total = total + tonumber(v)
+      assert.truthy(server == "other" or server:match("^127%.0%.0%.1:%d+$"), server)
+    end
+    assert.are.equal(257, rows)   -- 256 addresses and other
+    for i = 1, 256 do
+      local s = "127.0.0.1:" .. listeners[i].port
+      assert.are.equal(sent[i], direct(text, "sent_bytes_total", s), s)
+      assert.are.equal(1, direct(text, "connections_total", s))
+    end
+    assert.is_nil(direct(text, "sent_bytes_total", "127.0.0.1:" .. listeners[257].port))
+    assert.are.equal(sent[257], direct(text, "sent_bytes_total", "other"))
+    assert.are.equal(1, direct(text, "connections_total", "other"))
+    local all = 0
+    for i = 1, 257 do all = all + sent[i] end
+    assert.are.equal(all, total)
+    assert.are.equal(all, up(text, "sent_bytes_total", "(direct)"))
+    assert.are.equal(257, up(text, "connects_total", "(direct)"))
+    H.stop_sluice(p)
+  end)
 end)

@@ -166,8 +166,8 @@ return {
 
   local function check(config_text)
     local cfg = H.tmpfile("sluice.lua", config_text)
-    return H.sh(("SLUICE_ROOT=%s %s --check %s 2>&1"):format(H.shq(H.root), H.shq(H.bin),
-                                                            H.shq(cfg)))
+    return H.sh(("SLUICE_ROOT=%s %s %s --check %s 2>&1"):format(H.shq(H.root), H.wrapper,
+                                                               H.shq(H.bin), H.shq(cfg)))
   end
 
   it("refuses a configuration whose name the server does not know, naming the entry", function()

@@ -138,17 +138,19 @@ return {
       local port_b = peers_ab()
       local dns = start_dns("127.0.0.2 svc.sluice.test\n", 1)
       local port = H.free_port()
+      local admin = H.free_port()
       local p = H.start_sluice(([[
 return {
   workers = 1,
   resolve_cache_ms = 600000,
+  admin = { listen = "127.0.0.1:%d" },
   resolver = { servers = { "127.0.0.1:%d" } },
   listeners = { { name = "front", listen = "127.0.0.1:%d",
                   pipeline = { { "spec.fixtures.upstream.router",
                                  routes = { s = "svc.sluice.test:%d",
                                             x = "nowhere.sluice.test:%d" } } } } },
 }
-]]):format(dns.port, port, port_b, port_b))
+]]):format(admin, dns.port, port, port_b, port_b))
       assert.are.equal("As1", (H.exchange(port, "s1", 5)))
       rewrite(dns, "127.0.0.3 svc.sluice.test\n")
       local got
@@ -158,10 +160,22 @@ return {
       end, 20)
       -- A name the server does not know closes its client, with the reason.
       assert.are.equal("", (H.exchange(port, "x1", 5)))
+      -- Counted: the lookups of svc (at least the first and the one after
+      -- the change) and the one of nowhere.
+      local text = select(3, H.admin_get(admin, "/metrics"))
+      local ok_n = H.sample(text, "sluice_dns_lookups_total", 'result="ok"')
+      local nf = H.sample(text, "sluice_dns_lookups_total", 'result="not_found"')
+      local timeouts = H.sample(text, "sluice_dns_lookups_total", 'result="timeout"')
+      local seconds = H.sample(text, "sluice_dns_lookup_seconds_total")
       local log = H.stop_sluice(p)
       assert.is_true(ok, "still " .. tostring(got) .. ":\n" .. log)
       assert.matches("ctx:connect: cannot resolve nowhere.sluice.test: Domain name not found",
                      log, 1, true)
+      local svc_queries = select(2, H.read(dns.log):gsub("query%[A%] svc", ""))
+      assert.are.equal(svc_queries, ok_n, text)
+      assert.are.equal(1, nf, text)
+      assert.are.equal(0, timeouts, text)
+      assert.is_true(seconds > 0, text)
     end)
 
   local function check(config_text)

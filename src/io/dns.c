@@ -5,10 +5,54 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <netdb.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 #include "util/common.h"
+
+const char *const sl_dns_result_names[SL_DNS_NRESULTS] = {"ok", "not_found", "timeout",
+                                                          "failed"};
+static _Atomic uint64_t sl_dns_counts[SL_DNS_NRESULTS];
+static _Atomic uint64_t sl_dns_nanos;
+
+void sl_dns_stats_get(sl_dns_stats *out) {
+  for (int i = 0; i < SL_DNS_NRESULTS; i++) out->lookups[i] = atomic_load(&sl_dns_counts[i]);
+  out->seconds = (double)atomic_load(&sl_dns_nanos) / 1e9;
+}
+
+static uint64_t sl_dns_clock(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Counts one lookup that began at start (sl_dns_clock) and came to r. */
+static void sl_dns_count(sl_dns_result r, uint64_t start) {
+  atomic_fetch_add(&sl_dns_counts[r], 1);
+  atomic_fetch_add(&sl_dns_nanos, sl_dns_clock() - start);
+}
+
+/* The result of the system resolver's failure, from its message (static
+ * strings: gai_strerror's own, or sl_addr_resolve's). */
+static sl_dns_result sl_dns_system_result(const char *why) {
+  if (why == gai_strerror(EAI_NONAME) || why == gai_strerror(EAI_NODATA) ||
+      strcmp(why, "no IPv4 or IPv6 address") == 0)
+    return SL_DNS_NOT_FOUND;
+  return why == gai_strerror(EAI_AGAIN) ? SL_DNS_TIMEOUT : SL_DNS_FAILED;
+}
+
+static sl_dns_result sl_dns_ares_result(int status) {
+  switch (status) {
+  case ARES_SUCCESS: return SL_DNS_OK;
+  case ARES_ENOTFOUND:
+  case ARES_ENODATA: return SL_DNS_NOT_FOUND;
+  case ARES_ETIMEOUT: return SL_DNS_TIMEOUT;
+  default: return SL_DNS_FAILED;
+  }
+}
 
 static pthread_once_t sl_dns_once = PTHREAD_ONCE_INIT;
 static int sl_dns_init_rc = ARES_SUCCESS;
@@ -88,10 +132,16 @@ int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *famil
                    int *ttl_ms, const char **why) {
   *n = 0;
   *ttl_ms = -1;
-  if (d == NULL || d->servers[0] == '\0') return sl_addr_resolve(name, out, family, n, why);
+  uint64_t start = sl_dns_clock();
+  if (d == NULL || d->servers[0] == '\0') {
+    int rc = sl_addr_resolve(name, out, family, n, why);
+    sl_dns_count(rc == SL_OK ? SL_DNS_OK : sl_dns_system_result(*why), start);
+    return rc;
+  }
   pthread_once(&sl_dns_once, sl_dns_init);
   if (sl_dns_init_rc != ARES_SUCCESS) {
     *why = ares_strerror(sl_dns_init_rc);
+    sl_dns_count(SL_DNS_FAILED, start);
     return SL_ERROR;
   }
   /* Only the named servers: no /etc/hosts ("b": DNS), no search domains. */
@@ -109,12 +159,14 @@ int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *famil
   int rc = ares_init_options(&ch, &o, mask);
   if (rc != ARES_SUCCESS) {
     *why = ares_strerror(rc);
+    sl_dns_count(SL_DNS_FAILED, start);
     return SL_ERROR;
   }
   rc = ares_set_servers_ports_csv(ch, d->servers);
   if (rc != ARES_SUCCESS) {
     ares_destroy(ch);
     *why = ares_strerror(rc);
+    sl_dns_count(SL_DNS_FAILED, start);
     return SL_ERROR;
   }
   sl_dns_answer a;
@@ -133,12 +185,15 @@ int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *famil
   if (a.status != ARES_SUCCESS) {
     *n = 0;
     *why = ares_strerror(a.status);
+    sl_dns_count(sl_dns_ares_result(a.status), start);
     return SL_ERROR;
   }
   if (*n == 0) {
     *why = "no IPv4 or IPv6 address";
+    sl_dns_count(SL_DNS_NOT_FOUND, start);
     return SL_ERROR;
   }
+  sl_dns_count(SL_DNS_OK, start);
   long ms = d->valid_ms > 0 ? d->valid_ms
             : a.ttl == INT_MAX ? SL_DNS_MIN_TTL_MS
             : (long)a.ttl * 1000;

@@ -32,4 +32,23 @@ typedef struct sl_dns {
 int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *family, int *n,
                    int *ttl_ms, const char **why);
 
+/* What the lookups of the process came to (sluice_dns_lookups_total). */
+typedef enum sl_dns_result {
+  SL_DNS_OK,
+  SL_DNS_NOT_FOUND,            /* no such name, or no address for it */
+  SL_DNS_TIMEOUT,              /* no answer in time (EAI_AGAIN: the system's resolver gave up) */
+  SL_DNS_FAILED,               /* anything else (refused, malformed, out of memory) */
+  SL_DNS_NRESULTS
+} sl_dns_result;
+
+extern const char *const sl_dns_result_names[SL_DNS_NRESULTS];   /* "ok", "not_found", ... */
+
+typedef struct sl_dns_stats {
+  uint64_t lookups[SL_DNS_NRESULTS];
+  double seconds;              /* spent in lookups, all threads */
+} sl_dns_stats;
+
+/* The counts since the process started (every sl_dns_resolve). */
+void sl_dns_stats_get(sl_dns_stats *out);
+
 #endif

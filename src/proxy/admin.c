@@ -155,7 +155,8 @@ static void sl_admin_respond(sl_admin_conn *c, const char *path) {
                        atomic_load(&a->reloads_applied), atomic_load(&a->reloads_refused),
                        atomic_load(&a->last_reload_ok),
                        (double)atomic_load(&a->last_applied_ms) / 1000.0,
-                       atomic_load(&a->dns_changes)};
+                       atomic_load(&a->dns_changes), {{0}, 0}};
+  sl_dns_stats_get(&r.dns);
   if (snaps != NULL) pages[page].format(&body, &r);
   if (snaps == NULL || body.failed) {
     sl_admin_plain(c, 500, "Internal Server Error", NULL, "out of memory\n");

@@ -535,6 +535,15 @@ void sl_admin_format_metrics(sl_text *o, const sl_admin_report *r) {
                "answered differently while running (resolve_interval_ms).");
   sl_text_printf(o, "sluice_upstream_dns_changes_total %llu\n",
                  (unsigned long long)r->dns_changes);
+  sl_prom_head(o, "sluice_dns_lookups_total", "counter",
+               "Host name lookups (upstream servers' names at loads and while running, "
+               "ctx:connect's names), by result.");
+  for (int i = 0; i < SL_DNS_NRESULTS; i++)
+    sl_text_printf(o, "sluice_dns_lookups_total{result=\"%s\"} %llu\n", sl_dns_result_names[i],
+                   (unsigned long long)r->dns.lookups[i]);
+  sl_prom_head(o, "sluice_dns_lookup_seconds_total", "counter",
+               "Time spent waiting for lookups, all of the resolver's threads and the loads.");
+  sl_text_printf(o, "sluice_dns_lookup_seconds_total %.6f\n", r->dns.seconds);
   sl_prom_head(o, "sluice_config_last_reload_successful", "gauge",
                "1 when the last reload was applied (or none was asked yet), 0 when it was refused.");
   sl_text_printf(o, "sluice_config_last_reload_successful %d\n", r->last_reload_ok ? 1 : 0);

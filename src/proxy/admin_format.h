@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "io/dns.h"
 #include "proxy/metrics.h"
 
 struct sl_alloc;
@@ -37,6 +38,7 @@ typedef struct sl_admin_report {
   int last_reload_ok;               /* 1 at start, then the last reload's outcome */
   double last_applied;              /* Unix time of the start or the last applied reload */
   uint64_t dns_changes;             /* server sets changed by host names resolved again */
+  sl_dns_stats dns;                 /* the process's host name lookups */
 } sl_admin_report;
 
 void sl_admin_format_metrics(sl_text *out, const sl_admin_report *r);

@@ -204,5 +204,25 @@ return {
     assert.are.equal(2, rc, out)
     assert.matches('cannot resolve "svc.sluice.test": Timeout while contacting DNS servers',
                    out, 1, true)
+    -- Running: a ctx:connect whose lookup times out closes its client, and
+    -- is counted as a timeout.
+    local admin, front = H.free_port(), H.free_port()
+    local p = H.start_sluice(([[
+return {
+  workers = 1,
+  admin = { listen = "127.0.0.1:%d" },
+  resolver = { servers = { "127.0.0.1:%d" }, timeout_ms = 200, tries = 1 },
+  listeners = { { name = "front", listen = "127.0.0.1:%d",
+                  pipeline = { { "spec.fixtures.upstream.router",
+                                 routes = { s = "svc.sluice.test:80" } } } } },
+}
+]]):format(admin, port, front))
+    assert.are.equal("", (H.exchange(front, "s1", 10)))
+    local text = select(3, H.admin_get(admin, "/metrics"))
+    local log = H.stop_sluice(p)
+    assert.matches("ctx:connect: cannot resolve svc.sluice.test: Timeout while contacting DNS "
+                   .. "servers", log, 1, true)
+    assert.are.equal(1, H.sample(text, "sluice_dns_lookups_total", 'result="timeout"'), text)
+    assert.are.equal(0, H.sample(text, "sluice_dns_lookups_total", 'result="ok"'), text)
   end)
 end)

@@ -309,10 +309,10 @@ describe("upstreams", function()
   it("check servers by what they answer: send and expect, as for redis PING", function()
     local redis = H.start_redis()
     peers[#peers + 1] = redis
-    -- Each wrong in its own way: an error then a close; 5000 bytes of
-    -- something else; silence.
+    -- Each wrong in its own way: an error then a close; 20000 bytes of
+    -- something else (more than a check reads); silence.
     local closes = H.start_peer([[printf '%s\r\n' '-ERR nope']])
-    local chatty = H.start_peer("head -c 5000 /dev/zero; sleep 5")
+    local chatty = H.start_peer("head -c 20000 /dev/zero; sleep 5")
     local silent = H.start_peer("sleep 5")
     for _, q in ipairs({ closes, chatty, silent }) do peers[#peers + 1] = q end
     local port = H.free_port()
@@ -327,9 +327,15 @@ describe("upstreams", function()
                                    .. "in a row, last: %s)"):format(q.port, why), 1, true)
       end, 10)
     end
-    assert.is_truthy(down(closes, "closed before the expected answer"), H.read(p.log))
-    assert.is_truthy(down(chatty, "the answer did not contain the expected bytes"), H.read(p.log))
-    assert.is_truthy(down(silent, "timed out"), H.read(p.log))
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find(("server 127.0.0.1:%d is down %%(health check: 1 failed in a row, last: "
+                                 .. 'step 2: expected "%%+PONG" not found in %%d+ bytes? read %%(the server '
+                                 .. "closed%%)%%)"):format(closes.port))
+    end, 10), H.read(p.log))
+    assert.is_truthy(down(chatty, 'step 2: expected "+PONG" not found in 16384 bytes read (the read '
+                                  .. "limit of 16384 bytes per check)"), H.read(p.log))
+    assert.is_truthy(down(silent, 'step 2: expected "+PONG" not found in 0 bytes read (timed out)'),
+                     H.read(p.log))
     -- Only the redis-server is left to serve: every client gets PONG.
     for _ = 1, 6 do
       local out, rc = H.sh(("redis-cli -p %d PING"):format(port))

@@ -214,6 +214,11 @@ describe("sluice.config", function()
                         send = "PING\r\n", expect = "+PONG" },
                       hc({ send = "PING\r\n", expect = "+PONG" }))
       assert.is_nil(hc(nil))
+      assert.are.same({ interval_ms = 2000, timeout_ms = 1000, fails = 3, passes = 2,
+                        steps = { { send = "PING\r\n" }, { expect = "+PONG" },
+                                  { expect_regex = "^role:master" } } },
+                      hc({ steps = { { send = "PING\r\n" }, { expect = "+PONG" },
+                                     { expect_regex = "^role:master" } } }))
     end)
 
     it("accepts every balance name, and max_fails 0", function()
@@ -1685,7 +1690,8 @@ describe("sluice.config", function()
         assert.are.equal("config error: upstreams.demo.health_check: expected a table { interval_ms = n, "
                          .. "timeout_ms = n, fails = n, passes = n }, got true", herr(true))
         assert.are.equal("config error: upstreams.demo.health_check.interval: unknown key (expected one of: "
-                         .. "interval_ms, timeout_ms, fails, passes, send, expect)", herr({ interval = 1 }))
+                         .. "interval_ms, timeout_ms, fails, passes, send, expect, steps)",
+                         herr({ interval = 1 }))
         assert.are.equal("config error: upstreams.demo.health_check.send: expected a string of 1 to 1024 "
                          .. "bytes, got 42", herr({ send = 42 }))
         assert.are.equal("config error: upstreams.demo.health_check.expect: expected a string of 1 to 256 "
@@ -1704,6 +1710,45 @@ describe("sluice.config", function()
                          .. "integer, got 0", herr({ fails = 0 }))
         assert.are.equal("config error: upstreams.demo.health_check.passes: expected a positive "
                          .. "integer, got 2.5", herr({ passes = 2.5 }))
+      end)
+
+      it("need health_check.steps as an array of steps, each with one kind, and not with send/expect",
+         function()
+        local function serr(steps, extra)
+          local h = { steps = steps }
+          for k, v in pairs(extra or {}) do h[k] = v end
+          return uerr({ demo = { servers = { "127.0.0.1:1" }, health_check = h } })
+        end
+        local P = "config error: upstreams.demo.health_check.steps"
+        assert.are.equal(P .. ': expected a non-empty array of steps ({ send = "..." }, { expect = "..." }, '
+                         .. '{ expect_regex = "..." }), got an empty table', serr({}))
+        assert.are.equal(P .. ': expected a non-empty array of steps ({ send = "..." }, { expect = "..." }, '
+                         .. '{ expect_regex = "..." }), got "PING"', serr("PING"))
+        assert.are.equal(P .. "[3]: unknown key (expected an array: keys 1, 2, ... without gaps)",
+                         serr({ { send = "a" }, [3] = { expect = "b" } }))
+        local many = {}
+        for i = 1, 33 do many[i] = { send = "x" } end
+        assert.are.equal(P .. ": expected at most 32 steps, got 33", serr(many))
+        assert.are.equal(P .. '[2]: expected a table { send = "..." }, { expect = "..." } or '
+                         .. '{ expect_regex = "..." }, got "+PONG"', serr({ { send = "PING\r\n" }, "+PONG" }))
+        assert.are.equal(P .. "[1]: expected exactly one of send, expect, expect_regex, got none",
+                         serr({ {} }))
+        assert.are.equal(P .. "[2]: expected exactly one of send, expect, expect_regex, got send and expect",
+                         serr({ { send = "a" }, { send = "b", expect = "c" } }))
+        assert.are.equal(P .. "[1].expct: unknown key (expected one of: send, expect, expect_regex)",
+                         serr({ { expct = "+PONG" } }))
+        assert.are.equal(P .. "[1].send: expected a string of 1 to 1024 bytes, got 42", serr({ { send = 42 } }))
+        assert.are.equal(P .. '[2].expect: expected a string of 1 to 256 bytes, got ""',
+                         serr({ { send = "a" }, { expect = "" } }))
+        assert.are.equal(P .. "[1].expect_regex: expected a string of 1 to 256 bytes, got true",
+                         serr({ { expect_regex = true } }))
+        assert.are.equal(P .. '[1].expect_regex: expected a regular expression without NUL bytes, got "a\\000"',
+                         serr({ { expect_regex = "a\0" } }))
+        assert.are.equal("config error: upstreams.demo.health_check.send: expected no send with steps (make "
+                         .. 'it a step: { send = ... }), got "PING"', serr({ { expect = "+PONG" } }, { send = "PING" }))
+        assert.are.equal("config error: upstreams.demo.health_check.expect: expected no expect with steps "
+                         .. '(make it a step: { expect = ... }), got "+PONG"',
+                         serr({ { send = "PING" } }, { expect = "+PONG" }))
       end)
 
       it("need a positive integer connect_timeout_ms", function()

@@ -210,6 +210,88 @@ static int sl_read_upstream_tls(lua_State *L, int tt, sl_upstream_cfg *u,
   return SL_OK;
 }
 
+/* Step i of u's health check from the table at st: `send`, `expect` or
+ * `expect_regex` (validated: exactly one, a non-empty string). A regex
+ * that does not compile fails, naming the key and regerror's text. */
+static int sl_read_health_step(lua_State *L, int st, sl_upstream_cfg *u, size_t i, char *err,
+                               size_t errlen) {
+  static const char *const keys[] = {"send", "expect", "expect_regex"};
+  sl_health_step *s = &u->health.steps[i];
+  for (int k = 0; k < 3 && s->bytes == NULL; k++) {
+    s->bytes = sl_bytes_field(L, st, keys[k], &s->len);
+    s->kind = (sl_health_step_kind)k;
+  }
+  if (s->bytes == NULL) {
+    snprintf(err, errlen, "config error: out of memory");
+    return SL_ERROR;
+  }
+  if (s->kind != SL_HEALTH_STEP_SEND) u->health.expects = 1;
+  if (s->kind != SL_HEALTH_STEP_EXPECT_REGEX) return SL_OK;
+  regex_t *re = malloc(sizeof(*re));
+  int rc = re ? regcomp(re, s->bytes, REG_EXTENDED | REG_NEWLINE) : REG_ESPACE;
+  if (rc != 0) {
+    char why[256] = "out of memory";
+    if (re) regerror(rc, re, why, sizeof(why));
+    free(re);
+    snprintf(err, errlen,
+             "config error: upstreams.%s.health_check.steps[%zu].expect_regex: expected a POSIX "
+             "extended regular expression, got an invalid one (%s)",
+             u->name, i + 1, why);
+    return SL_ERROR;
+  }
+  s->re = re;
+  return SL_OK;
+}
+
+/* u's health check steps from its normalized health_check table at ht:
+ * `steps`, or the shorthand `send` then `expect`. */
+static int sl_read_health_steps(lua_State *L, int ht, sl_upstream_cfg *u, char *err,
+                                size_t errlen) {
+  sl_health_cfg *hc = &u->health;
+  lua_getfield(L, ht, "steps");
+  int given = lua_istable(L, -1);
+  size_t n = given ? lua_objlen(L, -1) : 0;
+  if (!given) {
+    lua_getfield(L, ht, "send");
+    n += !lua_isnil(L, -1);
+    lua_getfield(L, ht, "expect");
+    n += !lua_isnil(L, -1);
+    lua_pop(L, 2);
+  }
+  hc->nsteps = 0;
+  if (n == 0) {
+    lua_pop(L, 1);
+    return SL_OK;
+  }
+  hc->steps = calloc(n, sizeof(*hc->steps));
+  if (hc->steps == NULL) {
+    lua_pop(L, 1);
+    snprintf(err, errlen, "config error: out of memory");
+    return SL_ERROR;
+  }
+  hc->nsteps = n;   /* sl_free_upstreams frees what was read of them */
+  int rc = SL_OK;
+  if (given) {
+    for (size_t i = 0; i < n && rc == SL_OK; i++) {
+      lua_rawgeti(L, -1, (int)i + 1);
+      rc = sl_read_health_step(L, lua_gettop(L), u, i, err, errlen);
+      lua_pop(L, 1);
+    }
+  } else {
+    /* The shorthand: { send }, then { expect }, each when given. */
+    size_t len = 0;
+    char *send = sl_bytes_field(L, ht, "send", &len);
+    if (send != NULL) *hc->steps = (sl_health_step){SL_HEALTH_STEP_SEND, send, len, NULL};
+    char *expect = sl_bytes_field(L, ht, "expect", &len);
+    if (expect != NULL) {
+      hc->steps[n - 1] = (sl_health_step){SL_HEALTH_STEP_EXPECT, expect, len, NULL};
+      hc->expects = 1;
+    }
+  }
+  lua_pop(L, 1);
+  return rc;
+}
+
 /* c's upstreams from the normalized table ups (at the top of L's stack)
  * in the order of the array of names below it (both popped). share: the
  * configuration c derives from (its upstreams' TLS contexts are shared,
@@ -267,8 +349,7 @@ static int sl_read_upstreams(sl_config *c, lua_State *L, const sl_config *share,
       u->health.timeout = sl_num_field(L, ht, "timeout_ms") / 1000.0;
       u->health.fails = (int)sl_num_field(L, ht, "fails");
       u->health.passes = (int)sl_num_field(L, ht, "passes");
-      u->health.send = sl_bytes_field(L, ht, "send", &u->health.send_len);
-      u->health.expect = sl_bytes_field(L, ht, "expect", &u->health.expect_len);
+      if (sl_read_health_steps(L, ht, u, err, errlen) != SL_OK) return SL_ERROR;
     }
     lua_pop(L, 1);
     lua_getfield(L, ut, "servers");
@@ -645,8 +726,13 @@ static void sl_free_upstreams(sl_upstream_cfg *ups, size_t n) {
     free(u->servers);
     free(u->weights);
     free(u->backups);
-    free(u->health.send);
-    free(u->health.expect);
+    for (size_t j = 0; u->health.steps && j < u->health.nsteps; j++) {
+      sl_health_step *st = &u->health.steps[j];
+      if (st->re) regfree(st->re);
+      free(st->re);
+      free(st->bytes);
+    }
+    free(u->health.steps);
     free(u->name);
     free(u->tls_server_name);
     sl_tls_ctx_free(u->tls);

@@ -7,6 +7,7 @@
 #ifndef SL_CONFIG_H
 #define SL_CONFIG_H
 
+#include <regex.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,16 +35,31 @@ typedef struct sl_stage_spec {
                                   keys follow its predecessor's, see sl_config_rebase) */
 } sl_stage_spec;
 
-/* Active TCP health checks of an upstream's servers (health_check). */
+/* What one step of a health check does (health_check.steps). */
+typedef enum sl_health_step_kind {
+  SL_HEALTH_STEP_SEND,         /* write `bytes` */
+  SL_HEALTH_STEP_EXPECT,       /* read until the bytes since the last match contain `bytes` */
+  SL_HEALTH_STEP_EXPECT_REGEX  /* read until they match `re` */
+} sl_health_step_kind;
+
+typedef struct sl_health_step {
+  sl_health_step_kind kind;
+  char *bytes;                 /* what is written or expected, or the regex's source */
+  size_t len;
+  regex_t *re;                 /* SL_HEALTH_STEP_EXPECT_REGEX: compiled with REG_EXTENDED |
+                                  REG_NEWLINE; NULL otherwise */
+} sl_health_step;
+
+/* Active TCP health checks of an upstream's servers (health_check). The
+ * shorthand send/expect is read as the steps { send }, { expect }. */
 typedef struct sl_health_cfg {
   double interval;             /* seconds between checks of a server */
   double timeout;              /* seconds a check's connect may take */
   int fails;                   /* failed checks in a row that mark a server down */
   int passes;                  /* passed checks in a row that mark it up again */
-  char *send;                  /* bytes written once connected, or NULL */
-  size_t send_len;
-  char *expect;                /* bytes the answer must contain, or NULL */
-  size_t expect_len;
+  sl_health_step *steps;       /* in order, once connected (and shaken hands); NULL: none */
+  size_t nsteps;
+  int expects;                 /* 1 when a step reads (the checks get an answer buffer) */
 } sl_health_cfg;
 
 typedef struct sl_upstream_cfg {

@@ -24,7 +24,8 @@
 --     health_check       optional table: interval_ms (2000), timeout_ms
 --                        (1000, at most interval_ms), fails (3), passes (2),
 --                        send (bytes to write once connected), expect (bytes
---                        the answer must contain): strings, optional
+--                        the answer must contain): strings, optional; or
+--                        steps (check_steps below) instead of send/expect
 --     resolve_interval_ms optional 0 or 100..2^31-1, default 30000: how
 --                        often host names among servers are resolved again
 --                        while running (0: at start and at reloads only)
@@ -40,7 +41,7 @@
 -- weight, backup (true or nil), and for a resolved host name its
 -- "name:port" as `name` }, balance, connect_timeout_ms, tries, max_fails, fail_timeout_ms,
 -- health_check (or nil) = { interval_ms, timeout_ms, fails, passes, send,
--- expect }, send_proxy (1, 2 or nil), resolve_interval_ms, tls (or nil),
+-- expect, steps (or nil) = { { send | expect | expect_regex = string } } }, send_proxy (1, 2 or nil), resolve_interval_ms, tls (or nil),
 -- hosts (the host names among servers, each once) } }, and the sorted list
 -- of the names.
 
@@ -77,7 +78,10 @@ local UPSTREAM_KEYS = { "servers", "balance", "connect_timeout_ms", "tries", "ma
                         "fail_timeout_ms", "health_check", "send_proxy", "resolve_interval_ms",
                         "tls" }
 local BALANCES = { "round_robin", "least_conn", "hash", "random_two" }
-local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect" }
+local HEALTH_KEYS = { "interval_ms", "timeout_ms", "fails", "passes", "send", "expect", "steps" }
+local STEP_KINDS = { "send", "expect", "expect_regex" }
+local STEP_MAX = { send = 1024, expect = 256, expect_regex = 256 }
+local MAX_STEPS = 32
 
 local SERVER_EXPECTED = '"host:port" or { "host:port", weight = n, backup = true }'
 
@@ -193,7 +197,51 @@ local function expand(entries, tries, path, resolve)
     return out, tries
 end
 
--- health_check = { interval_ms, timeout_ms, fails, passes, send, expect }: all optional.
+-- health_check.steps: nil, or a non-empty array of at most MAX_STEPS
+-- tables, each with exactly one of send (1 to 1024 bytes), expect (1 to 256
+-- bytes) or expect_regex (1 to 256 bytes; compiled when the configuration
+-- is loaded, where a bad one is refused). Returns a copy.
+local function check_steps(steps, path)
+    if steps == nil then return nil end
+    if type(steps) ~= "table" or next(steps) == nil then
+        fail(path, 'expected a non-empty array of steps ({ send = "..." }, { expect = "..." }, '
+             .. '{ expect_regex = "..." }), got %s', show(steps))
+    end
+    local n = check_array(steps, path)
+    if n > MAX_STEPS then
+        fail(path, "expected at most %d steps, got %d", MAX_STEPS, n)
+    end
+    local out = {}
+    for i = 1, n do
+        local st, spath = steps[i], format("%s[%d]", path, i)
+        if type(st) ~= "table" then
+            fail(spath, 'expected a table { send = "..." }, { expect = "..." } or '
+                 .. '{ expect_regex = "..." }, got %s', show(st))
+        end
+        check_keys(st, spath, STEP_KINDS)
+        local kinds = {}
+        for _, k in ipairs(STEP_KINDS) do
+            if st[k] ~= nil then kinds[#kinds + 1] = k end
+        end
+        if #kinds ~= 1 then
+            fail(spath, "expected exactly one of send, expect, expect_regex, got %s",
+                 #kinds == 0 and "none" or concat(kinds, " and "))
+        end
+        local k = kinds[1]
+        local v = st[k]
+        if type(v) ~= "string" or #v == 0 or #v > STEP_MAX[k] then
+            fail(spath .. "." .. k, "expected a string of 1 to %d bytes, got %s", STEP_MAX[k], show(v))
+        end
+        if k == "expect_regex" and v:find("\0", 1, true) then
+            fail(spath .. "." .. k, "expected a regular expression without NUL bytes, got %s", show(v))
+        end
+        out[i] = { [k] = v }
+    end
+    return out
+end
+
+-- health_check = { interval_ms, timeout_ms, fails, passes, send, expect,
+-- steps }: all optional; steps and send/expect exclude each other.
 local function check_health(h, path)
     if h == nil then return nil end
     if type(h) ~= "table" then
@@ -221,13 +269,21 @@ local function check_health(h, path)
         end
         return v
     end
+    local send, expect = bytes("send", 1024), bytes("expect", 256)
+    local steps = check_steps(h.steps, path .. ".steps")
+    if steps and (send or expect) then
+        local key = send and "send" or "expect"
+        fail(path .. "." .. key, "expected no %s with steps (make it a step: { %s = ... }), got %s",
+             key, key, show(h[key]))
+    end
     return {
         interval_ms = interval,
         timeout_ms = timeout,
         fails = fails,
         passes = passes,
-        send = bytes("send", 1024),
-        expect = bytes("expect", 256),
+        send = send,
+        expect = expect,
+        steps = steps,
     }
 end
 

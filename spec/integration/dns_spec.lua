@@ -225,4 +225,46 @@ return {
     assert.are.equal(1, H.sample(text, "sluice_dns_lookups_total", 'result="timeout"'), text)
     assert.are.equal(0, H.sample(text, "sluice_dns_lookups_total", 'result="ok"'), text)
   end)
+
+  it("waits timeout_ms at each try of a silent server, the last try as the first", function()
+    -- A UDP socket of the spec's that notes when each query comes and never
+    -- answers. Each try asks A and AAAA at once: tries pairs of queries,
+    -- timeout_ms apart (not twice as long at each try: 5 tries would then
+    -- wait 31 x timeout_ms).
+    local ffi = require("ffi")
+    local port = H.free_port()
+    local fd = ffi.C.socket(2, 2, 0) -- AF_INET, SOCK_DGRAM
+    assert(fd >= 0, "socket() failed")
+    local sa = ffi.new("struct sl_spec_sockaddr_in")
+    sa.family = 2
+    sa.addr = 0x0100007f
+    sa.port = bit.bor(bit.lshift(bit.band(port, 0xff), 8), bit.rshift(port, 8))
+    assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0, "bind() failed")
+    local cfg = H.tmpfile("sluice.lua", proxy_config(H.free_port(), port, "svc.sluice.test:80",
+                                                      ", tries = 5"):gsub("timeout_ms = 500",
+                                                                          "timeout_ms = 200"))
+    local p = H.spawn(("SLUICE_ROOT=%s %s %s --check %s"):format(H.shq(H.root), H.wrapper,
+                                                                H.shq(H.bin), H.shq(cfg)), "check")
+    peers[#peers + 1] = p
+    local at, buf = {}, ffi.new("uint8_t[512]")
+    local pfd = ffi.new("struct sl_spec_pollfd[1]")
+    pfd[0].fd, pfd[0].events = fd, 1 -- POLLIN
+    local function take(ms)
+      while ffi.C.poll(pfd, 1, ms) > 0 and ffi.C.read(fd, buf, 512) > 0 do at[#at + 1] = H.now() end
+    end
+    -- Until --check exits (bounded: 31 x 200 ms and the start, many times over).
+    H.wait_for(function()
+      take(20)
+      return H.read(p.rc_file) ~= ""
+    end, 120)
+    take(0)
+    ffi.C.close(fd)
+    assert.are.equal("2", (H.read(p.rc_file):gsub("%s+$", "")), H.read(p.log))
+    assert.matches('cannot resolve "svc.sluice.test": Timeout while contacting DNS servers',
+                   H.read(p.log), 1, true)
+    assert.are.equal(10, #at, "queries: " .. #at)
+    local first, last = at[3] - at[1], at[9] - at[7]
+    assert.is_true(last < 3 * first, ("the last try waited %.3f s, the first %.3f s")
+      :format(last, first))
+  end)
 end)

@@ -147,8 +147,11 @@ int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *famil
   /* Only the named servers: no /etc/hosts ("b": DNS), no search domains. */
   struct ares_options o;
   memset(&o, 0, sizeof(o));
+  /* One try of each server per round, d->tries rounds (below): c-ares'
+   * own tries double the wait at each round (timeout_ms, then 2x, 4x...),
+   * so that tries = 10 would wait 1023 x timeout_ms. */
   o.timeout = d->timeout_ms;
-  o.tries = d->tries;
+  o.tries = 1;
   o.flags = ARES_FLAG_NOSEARCH;
   o.lookups = (char *)"b";
   o.ndomains = 0;
@@ -170,17 +173,26 @@ int sl_dns_resolve(const sl_dns *d, const char *name, char out[][46], int *famil
     return SL_ERROR;
   }
   sl_dns_answer a;
-  memset(&a, 0, sizeof(a));
-  a.ttl = INT_MAX;
-  a.out = out;
-  a.family = family;
-  a.n = n;
   struct ares_addrinfo_hints h;
   memset(&h, 0, sizeof(h));
   h.ai_family = AF_UNSPEC;
   h.ai_flags = ARES_AI_NOSORT;   /* sorted here; c-ares' sort connects a UDP socket per address */
-  ares_getaddrinfo(ch, name, NULL, &h, sl_dns_done, &a);
-  sl_dns_wait(ch, &a);
+  for (int round = 0; round < (d->tries > 0 ? d->tries : 1); round++) {
+    memset(&a, 0, sizeof(a));
+    a.ttl = INT_MAX;
+    a.out = out;
+    a.family = family;
+    a.n = n;
+    *n = 0;
+    ares_getaddrinfo(ch, name, NULL, &h, sl_dns_done, &a);
+    sl_dns_wait(ch, &a);
+    /* No server answered this round, or each failed as c-ares tries the
+     * next server for (SERVFAIL, REFUSED, NOTIMP): the next round. */
+    if (!a.done || (a.status != ARES_ETIMEOUT && a.status != ARES_ECONNREFUSED &&
+                    a.status != ARES_ESERVFAIL && a.status != ARES_EREFUSED &&
+                    a.status != ARES_ENOTIMP))
+      break;
+  }
   ares_destroy(ch);   /* a lookup still open ends here (ARES_EDESTRUCTION) */
   if (a.status != ARES_SUCCESS) {
     *n = 0;

@@ -111,8 +111,10 @@ describe("health check steps", function()
     assert.is_truthy(log:find(("upstream back: health check of 127.0.0.1:%d failed (1 of 2 in a row): %s")
                               :format(endless.port, why), 1, true), log)
     -- The named peer sends "A" only: its check times out in step 2.
-    assert.is_truthy(log:find(('health check of 127.0.0.1:%d failed (1 of 2 in a row): step 2: expected '
-                               .. '"never" not found in 4 bytes read (timed out)'):format(quiet.port), 1, true), log)
+    assert.is_truthy(H.wait_for(function()
+      return H.read(p.log):find(('health check of 127.0.0.1:%d failed (1 of 2 in a row): step 2: expected '
+                                 .. '"never" not found in 4 bytes read (timed out)'):format(quiet.port), 1, true)
+    end, 20), H.read(p.log))
     H.stop_sluice(p)
   end)
 
